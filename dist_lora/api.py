@@ -1,0 +1,243 @@
+"""save_checkpoint / load_checkpoint / load_model: the two collectives the trainer uses, for any training loop.
+
+Both are collectives when torch.distributed is initialized: every rank calls them, rank 0 does the I/O, and an
+error on rank 0 is raised on every rank (never a hang). With one process they are plain function calls.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from dist_lora.backends import Backend, attach
+from dist_lora.checkpoint import (
+    CheckpointError,
+    LoadedStep,
+    StepMeta,
+    is_step_url,
+    newest_verified_step,
+    read_manifest,
+    read_step,
+    read_verified,
+    serialize_step,
+    write_step,
+)
+from dist_lora.constants import ADAPTER_CONFIG_NAME, OPTIM_TENSOR_FIELDS, WEIGHT_FIELD
+from dist_lora.gather import broadcast_adapter, broadcast_json, gather_adapter
+from dist_lora.lora import (
+    AdapterError,
+    adapter_config_dict,
+    adapter_parameters,
+    base_fingerprint,
+    check_bias_mode,
+    compare_fingerprints,
+    full_shape,
+    infer_bias_mode,
+    mark_only_lora_as_trainable,
+)
+from dist_lora.storage import Storage
+
+log = logging.getLogger(__name__)
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def _raise_everywhere(result: dict[str, Any], local_error: BaseException | None) -> None:
+    if result.get("ok"):
+        return
+    if local_error is not None:
+        raise local_error
+    raise CheckpointError(f"rank 0 failed: {result.get('error')}")
+
+
+def save_checkpoint(
+    model: nn.Module,
+    dir: str,
+    *,
+    step: int,
+    optimizer: torch.optim.Optimizer | None = None,
+    trainer_state: dict[str, Any] | None = None,
+    keep_last: int | None = None,
+    storage_options: dict[str, Any] | None = None,
+    bucket_mb: float = 32.0,
+    backend: Backend | None = None,
+) -> str:
+    """Save the adapter (and optimizer state) as ``<dir>/step-<step>/``; returns the step's URL.
+
+    Collective: every rank must call. Only the adapter tensors and their Adam state are gathered to rank 0, in
+    buckets; rank 0 writes and commits the step; one broadcast reports the outcome to every rank.
+    """
+    t0 = time.perf_counter()
+    if backend is None:
+        backend = attach(model, optimizer, infer_bias_mode(model))
+    state = gather_adapter(backend, int(bucket_mb * 2**20))
+    t_gather = time.perf_counter() - t0
+    result: dict[str, Any] = {"ok": True}
+    error: BaseException | None = None
+    if _rank() == 0:
+        assert state is not None
+        try:
+            meta = StepMeta(
+                step=step,
+                bias=backend.bias,
+                adapter_config=adapter_config_dict(backend.model, backend.bias),
+                fingerprint=base_fingerprint(backend.model),
+                trainer_state=dict(trainer_state or {}),
+                world_size=backend.world_size,
+                backend=backend.name,
+            )
+            files = serialize_step(state, meta)
+            result["url"] = write_step(Storage(dir, storage_options), files, step, keep_last)
+            result["bytes"] = sum(len(b) for b in files.values())
+        except Exception as e:
+            error = e
+            result = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+    result = broadcast_json(result)
+    _raise_everywhere(result, error)
+    log.info(
+        "saved %s (%.2f MB) in %.3f s (gather %.3f s)",
+        result["url"], result["bytes"] / 1e6, time.perf_counter() - t0, t_gather,
+    )
+    return str(result["url"])
+
+
+def _check_step_fits(loaded: LoadedStep, backend: Backend, with_optimizer: bool) -> dict[str, Any]:
+    """Strict checks of a verified step against the model; returns the broadcast header. Rank 0 only."""
+    manifest, state = loaded.manifest, loaded.state
+    bias = manifest.get("bias")
+    check_bias_mode(backend.model, bias)
+    diffs = compare_fingerprints(manifest.get("base_fingerprint", {}), base_fingerprint(backend.model))
+    if diffs:
+        raise AdapterError(
+            f"{loaded.url} was saved for another base model; differences:\n  " + "\n  ".join(diffs)
+            + "\nload the base the adapter was trained on (adapter_config.json names it)"
+        )
+    expected = {k: full_shape(p) for k, p in adapter_parameters(backend.model, bias).items()}
+    got = {k: t.shape for k, t in state.weights.items()}
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    shapes = [f"{k}: checkpoint {list(got[k])}, model {list(expected[k])}"
+              for k in sorted(set(got) & set(expected)) if got[k] != expected[k]]
+    if missing or unexpected or shapes:
+        lines = [f"{loaded.url} does not match the model's adapter (bias={bias!r}):"]
+        lines += [f"  missing in checkpoint: {missing}"] if missing else []
+        lines += [f"  unexpected in checkpoint: {unexpected}"] if unexpected else []
+        lines += [f"  shape mismatch: {s}" for s in shapes]
+        lines.append("  check lora.r, lora.target_modules and lora.bias against the checkpoint's adapter_config.json")
+        raise AdapterError("\n".join(lines))
+    fields = [WEIGHT_FIELD]
+    steps: dict[str, float] = {}
+    if with_optimizer:
+        if not state.optim:
+            raise CheckpointError(
+                f"{loaded.url} holds no optimizer state (optimizer.safetensors); load it without an optimizer"
+            )
+        for k, shape in expected.items():
+            entry = state.optim.get(k, {})
+            bad = [f for f in OPTIM_TENSOR_FIELDS if f not in entry or entry[f].shape != shape]
+            if bad or "step" not in entry:
+                raise CheckpointError(
+                    f"{loaded.url}: optimizer state of {k} lacks or misshapes {bad or ['step']} "
+                    f"(expected shape {list(shape)})"
+                )
+            steps[k] = float(entry["step"])
+        fields += list(OPTIM_TENSOR_FIELDS)
+    return {
+        "ok": True,
+        "url": loaded.url,
+        "bias": bias,
+        "keys": list(expected),
+        "shapes": {k: list(s) for k, s in expected.items()},
+        "fields": fields,
+        "steps": steps,
+        "trainer_state": loaded.trainer_state,
+    }
+
+
+def resolve_step(path: str, storage_options: dict[str, Any] | None = None) -> Storage:
+    """A step URL as given, or the newest committed and verified step of a checkpoint dir."""
+    storage = Storage(path, storage_options)
+    if is_step_url(storage):
+        return storage
+    step = newest_verified_step(storage)
+    if step is None:
+        raise CheckpointError(f"no committed, verified step under {path}")
+    return step
+
+
+def load_checkpoint(
+    model: nn.Module,
+    path: str,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    storage_options: dict[str, Any] | None = None,
+    bucket_mb: float = 32.0,
+    backend: Backend | None = None,
+) -> dict[str, Any]:
+    """Load a step (or a checkpoint dir's newest verified step) into the model, and the optimizer if given.
+
+    Collective: every rank must call. Rank 0 reads the step, checks every sha256, the base fingerprint, the bias
+    mode and every key and shape (strictly: nothing missing, nothing extra); then the tensors are broadcast in
+    buckets and each rank keeps its shard. Returns the trainer state, plus ``checkpoint_url``.
+    """
+    with_optimizer = optimizer is not None
+    if backend is None:
+        backend = attach(model, optimizer, infer_bias_mode(model))
+    loaded: LoadedStep | None = None
+    error: BaseException | None = None
+    header: dict[str, Any] = {"ok": False}
+    if _rank() == 0:
+        try:
+            loaded = read_step(resolve_step(path, storage_options))
+            header = _check_step_fits(loaded, backend, with_optimizer)
+        except Exception as e:
+            error = e
+            header = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+    header = broadcast_json(header)
+    _raise_everywhere(header, error)
+    backend.bias = header["bias"]
+    backend.prepare_load(with_optimizer)
+    broadcast_adapter(backend, loaded.state if loaded else None, header)
+    backend.finish_load()
+    log.info("loaded %s", header["url"])
+    return {**header["trainer_state"], "checkpoint_url": header["url"]}
+
+
+def load_model(
+    path: str,
+    *,
+    base: str | None = None,
+    dtype: torch.dtype | None = None,
+    is_trainable: bool = False,
+    storage_options: dict[str, Any] | None = None,
+) -> nn.Module:
+    """A fresh base from ``from_pretrained``, LoRA applied from the step's adapter_config.json, then the adapter.
+
+    ``base`` overrides the base model path the checkpoint names. Single process.
+    """
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    step_store = resolve_step(path, storage_options)
+    manifest = read_manifest(step_store)
+    adapter_config = json.loads(read_verified(step_store, manifest, [ADAPTER_CONFIG_NAME])[ADAPTER_CONFIG_NAME])
+    base = base or adapter_config.get("base_model_name_or_path")
+    if not base:
+        raise CheckpointError(f"{step_store.url} names no base model; pass base=...")
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+    adapter_config["inference_mode"] = False
+    config = peft.PeftConfig.from_peft_type(**adapter_config)
+    model = peft.get_peft_model(model, config)
+    mark_only_lora_as_trainable(model, manifest["bias"])
+    load_checkpoint(model, step_store.url, storage_options=storage_options)
+    if not is_trainable:
+        model.eval()
+        model.requires_grad_(False)
+    return model

@@ -1,0 +1,30 @@
+"""One process, no sharding: the model and optimizer as the user built them."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dist_lora.backends.base import Backend, LocalPiece, full_pieces, load_torch_optim_state
+
+
+class SingleBackend(Backend):
+    name = "single"
+
+    def backward(self, loss: torch.Tensor, *, grad_accum: int, last_micro: bool) -> None:
+        (loss / grad_accum).backward()
+
+    def step(self, lr: float) -> None:
+        assert self.optimizer is not None
+        self.set_lr(lr)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def local_pieces(self) -> list[LocalPiece]:
+        return full_pieces(self, owner=self.rank == 0)
+
+    def load_full(self, p: nn.Parameter, full: dict[str, torch.Tensor], step: float | None) -> None:
+        with torch.no_grad():
+            p.copy_(full["weight"].view_as(p))
+        if self.optimizer is not None:
+            load_torch_optim_state(self.optimizer, p, full, step, lambda t: t.view_as(p).to(p).clone())

@@ -1,0 +1,388 @@
+"""The checkpoint format: write a step, commit it, list, verify and retire steps.
+
+One step is a directory (or URL prefix) ``<dir>/step-XXXXXXXX/`` holding::
+
+    adapter_model.safetensors  the adapter, PEFT key names (PeftModel.from_pretrained and vLLM load it)
+    adapter_config.json        PEFT's LoraConfig JSON with the base model's name or path
+    optimizer.safetensors      optimizer state of the adapter tensors, unsharded: "<key>.exp_avg", ... "<key>.step"
+    trainer_state.json         step, samples seen, schedule, seeds, world size and backend that wrote it
+    manifest.json              written LAST: format, each file's size and sha256, bias mode, base fingerprint
+
+A step without a manifest does not exist for readers. Only safetensors and JSON: nothing is ever unpickled.
+This layer does not know which backend made the tensors, and the storage does not know what a step is.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from dist_lora import __version__
+from dist_lora.constants import (
+    ADAPTER_CONFIG_NAME,
+    ADAPTER_WEIGHTS_NAME,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    LATEST_NAME,
+    MANIFEST_NAME,
+    OPTIMIZER_NAME,
+    REQUIRED_FILES,
+    STEP_DIGITS,
+    STEP_PREFIX,
+    TRAINER_STATE_NAME,
+)
+from dist_lora.storage import Storage, StorageError
+
+log = logging.getLogger(__name__)
+
+STEP_RE = re.compile(rf"^{STEP_PREFIX}(\d{{{STEP_DIGITS},}})$")
+SAFE_FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+MAX_JSON_BYTES = 64 * 2**20
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, incomplete, corrupt or does not fit the model; the message names the file."""
+
+
+def step_name(step: int) -> str:
+    return f"{STEP_PREFIX}{step:0{STEP_DIGITS}d}"
+
+
+def parse_step_name(name: str) -> int | None:
+    m = STEP_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
+# ---------------------------------------------------------------------------------------------- content
+
+
+@dataclass
+class AdapterState:
+    """One full (unsharded) adapter with its optimizer state, as rank 0 holds it after a gather."""
+
+    weights: dict[str, torch.Tensor]
+    """checkpoint key -> tensor (CPU)."""
+    optim: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    """checkpoint key -> {"exp_avg": ..., "exp_avg_sq": ..., "step": 0-d tensor}; empty without optimizer."""
+
+    def nbytes(self) -> int:
+        tensors = [*self.weights.values(), *(t for d in self.optim.values() for t in d.values())]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@dataclass
+class StepMeta:
+    """Everything a step records besides tensors."""
+
+    step: int
+    bias: str
+    adapter_config: dict[str, Any]
+    fingerprint: dict[str, Any]
+    trainer_state: dict[str, Any]
+    world_size: int = 1
+    backend: str = "single"
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode()
+
+
+def _optim_flat(optim: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {f"{k}.{field_}": t.contiguous() for k, d in optim.items() for field_, t in d.items()}
+
+
+def _optim_nested(flat: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    nested: dict[str, dict[str, torch.Tensor]] = {}
+    for k, t in flat.items():
+        key, field_ = k.rsplit(".", 1)
+        nested.setdefault(key, {})[field_] = t
+    return nested
+
+
+def serialize_step(state: AdapterState, meta: StepMeta) -> dict[str, bytes]:
+    """The data files of a step as bytes, and the manifest that commits them (under MANIFEST_NAME)."""
+    weights = {k: t.detach().contiguous() for k, t in state.weights.items()}
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in weights.values()})
+    trainer_state = {
+        **meta.trainer_state,
+        "step": meta.step,
+        "world_size": meta.world_size,
+        "backend": meta.backend,
+        "dist_lora_version": __version__,
+    }
+    files = {
+        ADAPTER_WEIGHTS_NAME: st_save(weights, metadata={"format": "pt"}),
+        ADAPTER_CONFIG_NAME: _json_bytes(meta.adapter_config),
+        TRAINER_STATE_NAME: _json_bytes(trainer_state),
+    }
+    if state.optim:
+        files[OPTIMIZER_NAME] = st_save(_optim_flat(state.optim), metadata={"format": "pt"})
+    manifest = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "dist_lora_version": __version__,
+        "step": meta.step,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "bias": meta.bias,
+        "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
+        "num_adapter_elements": sum(t.numel() for t in weights.values()),
+        "world_size": meta.world_size,
+        "backend": meta.backend,
+        "base_fingerprint": meta.fingerprint,
+        "files": {
+            name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()} for name, data in files.items()
+        },
+    }
+    files[MANIFEST_NAME] = _json_bytes(manifest)
+    return files
+
+
+# ---------------------------------------------------------------------------------------------- write
+
+
+def write_step(storage: Storage, files: dict[str, bytes], step: int, keep_last: int | None = None) -> str:
+    """Write a serialized step and commit it; returns the step's URL.
+
+    Data files first, each atomically; the manifest last, exclusively (a committed step is never overwritten);
+    then the ``latest`` hint, then retention. Rank 0 only.
+    """
+    name = step_name(step)
+    step_store = storage.child(name)
+    if step_store.exists(MANIFEST_NAME):
+        raise CheckpointError(
+            f"{step_store.url_of(MANIFEST_NAME)} already exists: step {step} is committed and will not be "
+            "overwritten; resume from it or save to another checkpoint.dir"
+        )
+    for fname, data in files.items():
+        if fname != MANIFEST_NAME:
+            step_store.write(fname, data)
+    step_store.write(MANIFEST_NAME, files[MANIFEST_NAME], exclusive=True)
+    storage.write(LATEST_NAME, (name + "\n").encode())
+    if keep_last is not None:
+        apply_retention(storage, keep_last)
+    return step_store.url
+
+
+# ---------------------------------------------------------------------------------------------- read
+
+
+def _parse_json(data: bytes, what: str) -> Any:
+    if len(data) > MAX_JSON_BYTES:
+        raise CheckpointError(f"{what} is {len(data)} bytes; refusing JSON over {MAX_JSON_BYTES} bytes")
+    try:
+        return json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{what} is not valid JSON: {e}") from e
+
+
+def read_manifest(step_store: Storage) -> dict[str, Any]:
+    """Read and check a step's manifest. Raises CheckpointError naming the problem (missing = not committed)."""
+    what = step_store.url_of(MANIFEST_NAME)
+    try:
+        manifest = _parse_json(step_store.read(MANIFEST_NAME), what)
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{what} is missing: the step was never committed (incomplete save)") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise CheckpointError(f"{what} is not a dist_lora manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{what} has format_version {manifest.get('format_version')!r}; this dist_lora "
+            f"({__version__}) reads version {FORMAT_VERSION}"
+        )
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise CheckpointError(f"{what} has no 'files' table")
+    for fname, entry in files.items():
+        if not isinstance(fname, str) or not SAFE_FILE_RE.match(fname) or ".." in fname:
+            raise CheckpointError(
+                f"{what} names {fname!r}, a path outside its step directory; refusing to read it"
+            )
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("size"), int)
+            or not isinstance(entry.get("sha256"), str)
+        ):
+            raise CheckpointError(f"{what}: entry for {fname} needs an integer size and a sha256 string")
+    missing = [f for f in REQUIRED_FILES if f not in files]
+    if missing:
+        raise CheckpointError(f"{what} does not list {missing}")
+    return manifest
+
+
+def read_verified(step_store: Storage, manifest: dict[str, Any], names: list[str] | None = None) -> dict[str, bytes]:
+    """Read files of a step and check each one's size and sha256 against the manifest before it is used."""
+    out = {}
+    for fname in names if names is not None else list(manifest["files"]):
+        entry = manifest["files"].get(fname)
+        if entry is None:
+            raise CheckpointError(f"{step_store.url_of(fname)} is not listed in the step's manifest")
+        try:
+            data = step_store.read(fname)
+        except FileNotFoundError as e:
+            raise CheckpointError(f"{step_store.url_of(fname)} is missing (listed in the manifest)") from e
+        if len(data) != entry["size"]:
+            raise CheckpointError(
+                f"{step_store.url_of(fname)} is {len(data)} bytes, the manifest says {entry['size']}: "
+                "truncated or corrupt"
+            )
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != entry["sha256"]:
+            raise CheckpointError(
+                f"{step_store.url_of(fname)} fails its sha256 check (got {digest[:16]}..., manifest "
+                f"{entry['sha256'][:16]}...): the file is corrupt"
+            )
+        out[fname] = data
+    return out
+
+
+def _load_tensors(data: bytes, what: str) -> dict[str, torch.Tensor]:
+    try:
+        return st_load(data)
+    except Exception as e:  # safetensors raises its own error types for bad headers
+        raise CheckpointError(f"{what} is not a valid safetensors file: {e}") from e
+
+
+@dataclass
+class LoadedStep:
+    url: str
+    manifest: dict[str, Any]
+    state: AdapterState
+    adapter_config: dict[str, Any]
+    trainer_state: dict[str, Any]
+
+
+def read_step(step_store: Storage) -> LoadedStep:
+    """Read, verify and decode one committed step (rank 0 only)."""
+    manifest = read_manifest(step_store)
+    files = read_verified(step_store, manifest)
+    weights = _load_tensors(files[ADAPTER_WEIGHTS_NAME], step_store.url_of(ADAPTER_WEIGHTS_NAME))
+    optim = {}
+    if OPTIMIZER_NAME in files:
+        optim = _optim_nested(_load_tensors(files[OPTIMIZER_NAME], step_store.url_of(OPTIMIZER_NAME)))
+    adapter_config = _parse_json(files[ADAPTER_CONFIG_NAME], step_store.url_of(ADAPTER_CONFIG_NAME))
+    trainer_state = _parse_json(files[TRAINER_STATE_NAME], step_store.url_of(TRAINER_STATE_NAME))
+    return LoadedStep(step_store.url, manifest, AdapterState(weights, optim), adapter_config, trainer_state)
+
+
+# ---------------------------------------------------------------------------------------------- list
+
+
+@dataclass
+class StepInfo:
+    name: str
+    step: int
+    url: str
+    status: str  # committed | incomplete | corrupt
+    bytes: int = 0
+    created: str | None = None
+    world_size: int | None = None
+    backend: str | None = None
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def inspect_step(storage: Storage, name: str, verify: bool = True) -> StepInfo:
+    """Status of one step: committed (manifest and every file check out), incomplete (no manifest) or corrupt."""
+    step = parse_step_name(name)
+    step_store = storage.child(name)
+    info = StepInfo(name, step if step is not None else -1, step_store.url, "incomplete")
+    listing = step_store.listdir()
+    info.bytes = sum(e["size"] for e in listing.values())
+    if MANIFEST_NAME not in listing:
+        info.error = "no manifest (the save never committed)"
+        return info
+    try:
+        manifest = read_manifest(step_store)
+        info.created = manifest.get("created")
+        info.world_size, info.backend = manifest.get("world_size"), manifest.get("backend")
+        if verify:
+            read_verified(step_store, manifest)
+        else:
+            for fname, entry in manifest["files"].items():
+                size = listing.get(fname, {}).get("size")
+                if size != entry["size"]:
+                    raise CheckpointError(f"{step_store.url_of(fname)}: size {size}, manifest {entry['size']}")
+        info.status = "committed"
+    except (CheckpointError, StorageError) as e:
+        info.status, info.error = "corrupt", str(e)
+    return info
+
+
+def list_steps(storage: Storage, verify: bool = True) -> list[StepInfo]:
+    """Every step directory under a checkpoint dir, oldest first, with its status."""
+    names = [n for n, e in storage.listdir().items() if parse_step_name(n) is not None]
+    return sorted((inspect_step(storage, n, verify) for n in names), key=lambda s: s.step)
+
+
+def is_step_url(storage: Storage) -> bool:
+    """A URL names one step when its last component looks like step-XXXXXXXX or it holds a manifest."""
+    return parse_step_name(storage.url.rsplit("/", 1)[-1]) is not None or storage.exists(MANIFEST_NAME)
+
+
+def newest_verified_step(storage: Storage) -> Storage | None:
+    """The newest step that is committed and verifies; corrupt or incomplete newer ones are skipped, with a warning.
+
+    Listing is the truth; the ``latest`` hint is only checked, and a hint that names no step is reported.
+    """
+    names = sorted((n for n in storage.listdir() if parse_step_name(n) is not None), key=parse_step_name)
+    try:
+        hint = storage.read(LATEST_NAME).decode().strip()
+    except (FileNotFoundError, StorageError, UnicodeDecodeError):
+        hint = None
+    if hint is not None and hint not in names:
+        log.warning("%s names %r, which does not exist; using the listing", storage.url_of(LATEST_NAME), hint)
+    for name in reversed(names):
+        info = inspect_step(storage, name, verify=True)
+        if info.status == "committed":
+            return storage.child(name)
+        log.warning("skipping %s: %s (%s)", info.url, info.status, info.error)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- retention
+
+
+def delete_step(storage: Storage, name: str) -> None:
+    """Retire one committed step: the manifest goes first (the step stops existing for readers), then the files
+    it lists. Files the manifest does not list are left alone: dist_lora deletes only what it wrote."""
+    step_store = storage.child(name)
+    manifest = read_manifest(step_store)
+    step_store.delete(MANIFEST_NAME)
+    for fname in manifest["files"]:
+        step_store.delete(fname)
+    step_store.remove_empty_dir("")
+
+
+def apply_retention(storage: Storage, keep_last: int) -> list[str]:
+    """Delete committed steps older than the newest ``keep_last`` committed ones. Returns the deleted names.
+
+    Never deletes the newest verified step, incomplete steps, or anything that is not a dist_lora step.
+    """
+    if keep_last < 1:
+        raise CheckpointError(f"keep_last must be >= 1 (got {keep_last})")
+    steps = [s for s in list_steps(storage, verify=False) if s.status == "committed"]
+    if len(steps) <= keep_last:
+        return []
+    newest = newest_verified_step(storage)
+    keep = {s.name for s in steps[-keep_last:]}
+    if newest is not None:
+        keep.add(newest.url.rsplit("/", 1)[-1])
+    deleted = []
+    for s in steps:
+        if s.name not in keep:
+            delete_step(storage, s.name)
+            deleted.append(s.name)
+    if deleted:
+        log.info("retention (keep_last=%d) deleted %s", keep_last, ", ".join(deleted))
+    return deleted

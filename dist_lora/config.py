@@ -1,0 +1,252 @@
+"""Typed run configuration: dataclasses, YAML loading, dotted overrides and validation.
+
+A run is described by one YAML file whose top-level sections map onto the dataclasses below. Overrides on the
+command line use dotted keys (``train.lr=3e-4``), torchtune style. Unknown keys are errors that list the valid
+ones, and validation collects every problem into one error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+BIAS_MODES = ("none", "all", "lora_only")
+BACKENDS = ("fsdp", "deepspeed", "ddp", "single")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names every offending dotted key."""
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = ""
+    """Base model: a local directory written by save_pretrained, or a hub id."""
+    dtype: str = "float32"
+    """Dtype the base is loaded in: float32 | bfloat16 | float16."""
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    """LoRA rank."""
+    alpha: int = 16
+    """LoRA scaling numerator: updates are scaled by alpha / r."""
+    dropout: float = 0.0
+    """Dropout on the LoRA input path."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    """Module names (suffixes) that get adapters, e.g. [q_proj, v_proj] or [c_attn]."""
+    bias: str = "none"
+    """Which biases train and are saved: none | all | lora_only (loralib's semantics)."""
+
+
+@dataclass
+class DataConfig:
+    path: str = ""
+    """A UTF-8 text file, or a .jsonl file with a "text" field per line."""
+    seq_len: int = 128
+    """Tokens per training sample."""
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 100
+    """Optimizer steps in the whole run (the schedule's length)."""
+    global_batch_size: int = 8
+    """Samples per optimizer step, over all ranks; fixed whatever the world size."""
+    micro_batch_size: int = 1
+    """Samples per forward pass on one rank."""
+    lr: float = 3e-4
+    """Peak learning rate (AdamW)."""
+    warmup_steps: int = 0
+    """Linear warm-up steps, then cosine decay to 10% of lr."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    seed: int = 0
+    """Seeds LoRA init and the sample order (which depends only on seed and step)."""
+    stop_at_step: int | None = None
+    """Stop (with a checkpoint) after this step, as if preempted; the schedule still spans max_steps."""
+
+
+@dataclass
+class ParallelConfig:
+    backend: str = "single"
+    """fsdp | deepspeed | ddp | single."""
+    zero_stage: int = 3
+    """DeepSpeed ZeRO stage (1, 2 or 3); used with backend=deepspeed."""
+    mixed_precision: str = "none"
+    """none | bf16: FSDP2 MixedPrecisionPolicy / DeepSpeed bf16 with fp32 master weights."""
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = ""
+    """Where steps go: a local path or any fsspec URL (file://, s3://bucket/prefix, memory://)."""
+    every_steps: int = 0
+    """Save every N steps (0: only at the end)."""
+    keep_last: int | None = None
+    """Keep the newest N committed steps, delete older ones that dist_lora wrote (None: keep all)."""
+    resume: str = "auto"
+    """auto (newest verified step in dir, if any) | none | the URL of one step."""
+    bucket_mb: float = 32.0
+    """Size of one gather/broadcast bucket; one collective per bucket."""
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    """Passed to fsspec, e.g. {endpoint_url: ..., key: ..., secret: ...} for s3fs; else AWS env vars apply."""
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, arg) for arg in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _build(cls: type, data: Any, prefix: str, errors: list[str]) -> Any:
+    if not isinstance(data, dict):
+        errors.append(f"{prefix.rstrip('.') or 'config'} must be a mapping (got {data!r})")
+        return cls()
+    types_ = _field_types(cls)
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in types_:
+            errors.append(f"unknown key {prefix}{key}; valid keys: {', '.join(sorted(types_))}")
+            continue
+        tp = types_[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, f"{prefix}{key}.", errors)
+        elif not _type_ok(value, tp):
+            errors.append(f"{prefix}{key} must be {_type_name(tp)} (got {value!r})")
+        else:
+            kwargs[key] = float(value) if tp is float else value
+    return cls(**kwargs)
+
+
+def _validate(cfg: RunConfig, errors: list[str]) -> None:
+    def check(ok: bool, msg: str) -> None:
+        if not ok:
+            errors.append(msg)
+
+    check(bool(cfg.model.name_or_path), "model.name_or_path is required (a save_pretrained dir or hub id)")
+    check(cfg.model.dtype in DTYPES, f"model.dtype must be one of {DTYPES} (got {cfg.model.dtype!r})")
+    check(cfg.lora.r >= 1, f"lora.r must be >= 1 (got {cfg.lora.r})")
+    check(cfg.lora.alpha > 0, f"lora.alpha must be > 0 (got {cfg.lora.alpha})")
+    check(0.0 <= cfg.lora.dropout < 1.0, f"lora.dropout must be in [0, 1) (got {cfg.lora.dropout})")
+    check(bool(cfg.lora.target_modules), "lora.target_modules must name at least one module")
+    check(cfg.lora.bias in BIAS_MODES, f"lora.bias must be one of {BIAS_MODES} (got {cfg.lora.bias!r})")
+    check(bool(cfg.data.path), "data.path is required (a .txt file or a .jsonl with a 'text' field)")
+    check(cfg.data.seq_len >= 2, f"data.seq_len must be >= 2 (got {cfg.data.seq_len})")
+    t = cfg.train
+    check(t.max_steps >= 1, f"train.max_steps must be >= 1 (got {t.max_steps})")
+    check(t.micro_batch_size >= 1, f"train.micro_batch_size must be >= 1 (got {t.micro_batch_size})")
+    check(
+        t.global_batch_size >= t.micro_batch_size,
+        f"train.global_batch_size must be >= train.micro_batch_size (got {t.global_batch_size} < "
+        f"{t.micro_batch_size})",
+    )
+    check(t.lr > 0, f"train.lr must be > 0 (got {t.lr})")
+    check(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0 (got {t.warmup_steps})")
+    check(
+        t.stop_at_step is None or 1 <= t.stop_at_step <= t.max_steps,
+        f"train.stop_at_step must be in [1, train.max_steps={t.max_steps}] (got {t.stop_at_step})",
+    )
+    p = cfg.parallel
+    check(p.backend in BACKENDS, f"parallel.backend must be one of {BACKENDS} (got {p.backend!r})")
+    check(p.zero_stage in (1, 2, 3), f"parallel.zero_stage must be 1, 2 or 3 (got {p.zero_stage})")
+    check(
+        p.mixed_precision in ("none", "bf16"),
+        f"parallel.mixed_precision must be none or bf16 (got {p.mixed_precision!r})",
+    )
+    c = cfg.checkpoint
+    check(bool(c.dir), "checkpoint.dir is required (a local path or an fsspec URL such as s3://bucket/run)")
+    check(c.every_steps >= 0, f"checkpoint.every_steps must be >= 0 (got {c.every_steps})")
+    check(c.keep_last is None or c.keep_last >= 1, f"checkpoint.keep_last must be >= 1 (got {c.keep_last})")
+    check(c.bucket_mb > 0, f"checkpoint.bucket_mb must be > 0 (got {c.bucket_mb})")
+    check(bool(c.resume), "checkpoint.resume must be auto, none or the URL of one step")
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b=value`` -> (["a", "b"], value), the value typed by YAML (``3e-4`` -> float, ``[a, b]`` -> list)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.lr=3e-4")
+    key, raw = item.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    """Build and validate a RunConfig; raises ConfigError listing every problem at once."""
+    errors: list[str] = []
+    cfg = _build(RunConfig, data or {}, "", errors)
+    if not errors:
+        _validate(cfg, errors)
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config, apply dotted ``key=value`` overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections (model, lora, data, ...)")
+    return config_from_dict(apply_overrides(data, overrides or []))
+
+
+def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

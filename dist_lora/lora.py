@@ -1,0 +1,278 @@
+"""Which tensors are the adapter.
+
+LoRA layers come from PEFT (or loralib); this module decides, by the module that owns each parameter, which
+tensors form the adapter for a bias mode, and what they are called on disk. Every save and load goes through
+:func:`adapter_parameters`, so the selection and the key names live here and nowhere else.
+
+Bias modes follow loralib: ``none`` (LoRA tensors only), ``all`` (plus every bias in the model) and ``lora_only``
+(plus the biases of the layers that carry LoRA).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from dist_lora.config import BIAS_MODES, LoraConfig
+from dist_lora.constants import WRAPPER_PREFIXES
+
+
+class AdapterError(ValueError):
+    """The model's adapter and a checkpoint (or a request) do not fit; the message says how."""
+
+
+# ---------------------------------------------------------------------------------------------- names
+
+
+def canonical_name(name: str) -> str:
+    """Strip the wrapper prefixes (``module.``, ``_fsdp_wrapped_module.``, ...) that engines add to names."""
+    for prefix in WRAPPER_PREFIXES:
+        if prefix == "module.":
+            while name.startswith(prefix):
+                name = name[len(prefix) :]
+        else:
+            name = name.replace(prefix, "")
+    return name
+
+
+def full_shape(p: torch.Tensor) -> torch.Size:
+    """A parameter's logical shape: ZeRO-3 keeps it in ``ds_shape``; a DTensor's ``shape`` is already global."""
+    return torch.Size(getattr(p, "ds_shape", p.shape))
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module inside DDP / DeepSpeedEngine / torch.compile wrappers."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+# ---------------------------------------------------------------------------------------------- selection
+
+
+def _lora_layer_types() -> tuple[tuple[type, str], ...]:
+    from peft.tuners.lora import LoraLayer
+
+    kinds: list[tuple[type, str]] = [(LoraLayer, "peft")]
+    loralib = sys.modules.get("loralib")  # only a model built with loralib can hold its layers
+    if loralib is not None:
+        kinds.append((loralib.LoRALayer, "loralib"))
+    return tuple(kinds)
+
+
+def _lora_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
+    kinds = _lora_layer_types()
+    for name, module in model.named_modules():
+        for cls, flavor in kinds:
+            if isinstance(module, cls):
+                yield canonical_name(name), module, flavor
+                break
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _active_adapter(model: nn.Module) -> str:
+    name = getattr(unwrap(model), "active_adapter", "default")
+    if isinstance(name, (list, tuple)):
+        if len(name) != 1:
+            raise AdapterError(f"several adapters are active ({name}); activate one with set_adapter() first")
+        name = name[0]
+    return str(name)
+
+
+def adapter_parameters(model: nn.Module, bias: str = "none") -> dict[str, nn.Parameter]:
+    """The adapter's parameters for a bias mode, keyed by their checkpoint key (PEFT's names, adapter name removed).
+
+    The order is the model's parameter order, so every rank of a job sees the same list. Works on the model in
+    any wrapper (DDP, DeepSpeedEngine, FSDP2, torch.compile); under ZeRO-3 the parameters may be empty partitions.
+    """
+    if bias not in BIAS_MODES:
+        raise AdapterError(f"bias must be one of {BIAS_MODES} (got {bias!r})")
+    adapter = _active_adapter(model)
+    owned: dict[int, str] = {}
+    lora_biases: set[int] = set()
+    flavors: set[str] = set()
+    for mod_name, module, flavor in _lora_modules(model):
+        flavors.add(flavor)
+        for rel, p in module.named_parameters(recurse=True):
+            parts = rel.split(".")
+            if flavor == "peft":
+                if parts[0] == "base_layer":
+                    continue
+                if len(parts) >= 2 and parts[1] != adapter:
+                    continue  # another adapter of a multi-adapter model
+                if parts[0] == "lora_magnitude_vector":
+                    raise AdapterError("DoRA (use_dora=True) adapters are not supported by dist_lora")
+                key = _join(mod_name, ".".join([parts[0], *parts[2:]]))
+                owned[id(p)] = key
+            elif parts[0].startswith("lora_"):
+                owned[id(p)] = _join(mod_name, rel)
+        base = getattr(module, "base_layer", module) if flavor == "peft" else module
+        b = getattr(base, "bias", None)
+        if isinstance(b, nn.Parameter):
+            lora_biases.add(id(b))
+    if not flavors:
+        raise AdapterError(
+            "the model has no LoRA layers: apply LoRA first (dist_lora.apply_lora or peft.get_peft_model)"
+        )
+    loralib_rules = flavors == {"loralib"}
+    selected: dict[str, nn.Parameter] = {}
+    for name, p in model.named_parameters():
+        if id(p) in owned:
+            selected[owned[id(p)]] = p
+            continue
+        key = canonical_name(name)
+        if bias == "all":
+            # loralib matches 'bias' anywhere in the name; PEFT matches a trailing '.bias'
+            is_bias = "bias" in key if loralib_rules else key == "bias" or key.endswith(".bias")
+            if is_bias:
+                selected[key] = p
+        elif bias == "lora_only" and id(p) in lora_biases:
+            selected[key] = p
+    return selected
+
+
+def lora_state_dict(model: nn.Module, bias: str = "none") -> dict[str, torch.Tensor]:
+    """loralib's ``lora_state_dict``: the adapter tensors (and biases per mode), detached, by checkpoint key.
+
+    On a loralib model the keys are loralib's; on a PEFT model they are ``get_peft_model_state_dict``'s.
+    Single-process view: under ZeRO-3 or FSDP2 use :func:`dist_lora.save_checkpoint`, which gathers shards.
+    """
+    return {k: p.detach() for k, p in adapter_parameters(model, bias).items()}
+
+
+def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
+    """loralib's ``mark_only_lora_as_trainable``: freeze everything but the adapter and the biases of the mode."""
+    keep = {id(p) for p in adapter_parameters(model, bias).values()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep)
+
+
+def _bias_sets(model: nn.Module) -> dict[str, set[int]]:
+    lora = {id(p) for p in adapter_parameters(model, "none").values()}
+    return {m: {id(p) for p in adapter_parameters(model, m).values()} - lora for m in ("all", "lora_only")}
+
+
+def infer_bias_mode(model: nn.Module) -> str:
+    """The bias mode the model trains with, read from which biases require grad (PEFT's config breaks ties)."""
+    sets = _bias_sets(model)
+    trainable = {id(p) for p in model.parameters() if p.requires_grad} & sets["all"]
+    peft_config = getattr(unwrap(model), "peft_config", None) or {}
+    preferred = getattr(peft_config.get(_active_adapter(model)), "bias", None) if peft_config else None
+    for mode in (preferred, "none", "lora_only", "all"):
+        if mode in BIAS_MODES and trainable == (set() if mode == "none" else sets[mode]):
+            return mode
+    raise AdapterError(
+        f"{len(trainable)} trainable biases match no bias mode (none: 0, lora_only: {len(sets['lora_only'])}, "
+        f"all: {len(sets['all'])}); call mark_only_lora_as_trainable(model, bias=...) first"
+    )
+
+
+def check_bias_mode(model: nn.Module, saved: str) -> None:
+    """Raise unless the biases the model trains are exactly the ones a checkpoint saved with ``saved`` holds."""
+    sets = _bias_sets(model)
+    trainable = {id(p) for p in model.parameters() if p.requires_grad} & sets["all"]
+    wanted = set() if saved == "none" else sets[saved]
+    if trainable == wanted:
+        return
+    modes = [m for m, s in (("none", set()), ("lora_only", sets["lora_only"]), ("all", sets["all"])) if s == trainable]
+    found = modes[0] if modes else f"a custom set of {len(trainable)} trainable biases"
+    raise AdapterError(
+        f"bias mode mismatch: the checkpoint was saved with bias={saved!r} but the model trains biases as "
+        f"{found!r}; apply LoRA with bias={saved!r} (or mark_only_lora_as_trainable(model, bias={saved!r}))"
+    )
+
+
+# ---------------------------------------------------------------------------------------------- PEFT config
+
+
+def peft_lora_config(cfg: LoraConfig, base_model_name_or_path: str | None = None) -> Any:
+    import peft
+
+    return peft.LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=list(cfg.target_modules),
+        bias=cfg.bias,
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base_model_name_or_path,
+    )
+
+
+def apply_lora(model: nn.Module, cfg: LoraConfig, base_model_name_or_path: str | None = None) -> nn.Module:
+    """Wrap a causal LM in PEFT LoRA from a ``lora:`` config block; only the adapter (and biases per mode) train."""
+    import peft
+
+    name = base_model_name_or_path or getattr(getattr(model, "config", None), "name_or_path", None)
+    try:
+        peft_model = peft.get_peft_model(model, peft_lora_config(cfg, name))
+    except ValueError as e:
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise AdapterError(f"{e}\nlinear-like module names in this model include: {names[:20]}") from e
+    mark_only_lora_as_trainable(peft_model, cfg.bias)
+    return peft_model
+
+
+def adapter_config_dict(model: nn.Module, bias: str) -> dict[str, Any]:
+    """PEFT's adapter_config.json content for the model's active adapter, with the bias mode that was saved."""
+    inner = unwrap(model)
+    peft_config = getattr(inner, "peft_config", None)
+    if not peft_config:
+        raise AdapterError("adapter_config.json needs a PEFT model (peft.get_peft_model / dist_lora.apply_lora)")
+    conf = peft_config[_active_adapter(model)]
+    out = conf.to_dict()
+    for k, v in list(out.items()):
+        if isinstance(v, set):
+            out[k] = sorted(v)
+    out["bias"] = bias
+    out["inference_mode"] = True
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- fingerprint
+
+
+def _base_key(name: str) -> str:
+    key = canonical_name(name)
+    key = key.removeprefix("base_model.model.")
+    return key.replace(".base_layer.", ".")
+
+
+def base_fingerprint(model: nn.Module) -> dict[str, Any]:
+    """Architecture and every base parameter's shape: a checkpoint only loads over a base that matches."""
+    lora_ids = {id(p) for p in adapter_parameters(model, "none").values()}
+    shapes = {
+        _base_key(n): list(full_shape(p)) for n, p in model.named_parameters() if id(p) not in lora_ids
+    }
+    config = getattr(unwrap(model), "config", None)
+    if config is None:
+        config = getattr(getattr(unwrap(model), "base_model", None), "config", None)
+    return {
+        "model_type": getattr(config, "model_type", None) or type(unwrap(model)).__name__,
+        "num_parameters": sum(math.prod(s) for s in shapes.values()),
+        "shapes": shapes,
+    }
+
+
+def compare_fingerprints(saved: dict[str, Any], model: dict[str, Any], limit: int = 8) -> list[str]:
+    """Human-readable differences between two fingerprints; empty when they match."""
+    diffs: list[str] = []
+    if saved.get("model_type") != model.get("model_type"):
+        diffs.append(f"model_type: checkpoint {saved.get('model_type')!r}, model {model.get('model_type')!r}")
+    a, b = saved.get("shapes", {}), model.get("shapes", {})
+    for k in sorted(set(a) | set(b)):
+        if a.get(k) != b.get(k):
+            diffs.append(f"{k}: checkpoint {a.get(k, 'absent')}, model {b.get(k, 'absent')}")
+    if len(diffs) > limit:
+        diffs = [*diffs[:limit], f"... and {len(diffs) - limit} more"]
+    return diffs
