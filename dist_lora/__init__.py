@@ -2,8 +2,8 @@
 
 __version__ = "0.1.0"
 
-from dist_lora.api import load_checkpoint, load_model, save_checkpoint  # noqa: E402
-from dist_lora.lora import apply_lora, lora_state_dict, mark_only_lora_as_trainable  # noqa: E402
+from dist_lora.api import load_checkpoint, load_model, save_checkpoint
+from dist_lora.lora import apply_lora, lora_state_dict, mark_only_lora_as_trainable
 
 __all__ = [
     "__version__",

@@ -103,7 +103,10 @@ def save_checkpoint(
     _raise_everywhere(result, error)
     log.info(
         "saved %s (%.2f MB) in %.3f s (gather %.3f s)",
-        result["url"], result["bytes"] / 1e6, time.perf_counter() - t0, t_gather,
+        result["url"],
+        result["bytes"] / 1e6,
+        time.perf_counter() - t0,
+        t_gather,
     )
     return str(result["url"])
 
@@ -111,20 +114,24 @@ def save_checkpoint(
 def _check_step_fits(loaded: LoadedStep, backend: Backend, with_optimizer: bool) -> dict[str, Any]:
     """Strict checks of a verified step against the model; returns the broadcast header. Rank 0 only."""
     manifest, state = loaded.manifest, loaded.state
-    bias = manifest.get("bias")
+    bias = str(manifest.get("bias"))
     check_bias_mode(backend.model, bias)
     diffs = compare_fingerprints(manifest.get("base_fingerprint", {}), base_fingerprint(backend.model))
     if diffs:
         raise AdapterError(
-            f"{loaded.url} was saved for another base model; differences:\n  " + "\n  ".join(diffs)
+            f"{loaded.url} was saved for another base model; differences:\n  "
+            + "\n  ".join(diffs)
             + "\nload the base the adapter was trained on (adapter_config.json names it)"
         )
     expected = {k: full_shape(p) for k, p in adapter_parameters(backend.model, bias).items()}
     got = {k: t.shape for k, t in state.weights.items()}
     missing = sorted(set(expected) - set(got))
     unexpected = sorted(set(got) - set(expected))
-    shapes = [f"{k}: checkpoint {list(got[k])}, model {list(expected[k])}"
-              for k in sorted(set(got) & set(expected)) if got[k] != expected[k]]
+    shapes = [
+        f"{k}: checkpoint {list(got[k])}, model {list(expected[k])}"
+        for k in sorted(set(got) & set(expected))
+        if got[k] != expected[k]
+    ]
     if missing or unexpected or shapes:
         lines = [f"{loaded.url} does not match the model's adapter (bias={bias!r}):"]
         lines += [f"  missing in checkpoint: {missing}"] if missing else []

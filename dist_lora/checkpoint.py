@@ -203,9 +203,7 @@ def read_manifest(step_store: Storage) -> dict[str, Any]:
         raise CheckpointError(f"{what} has no 'files' table")
     for fname, entry in files.items():
         if not isinstance(fname, str) or not SAFE_FILE_RE.match(fname) or ".." in fname:
-            raise CheckpointError(
-                f"{what} names {fname!r}, a path outside its step directory; refusing to read it"
-            )
+            raise CheckpointError(f"{what} names {fname!r}, a path outside its step directory; refusing to read it")
         if (
             not isinstance(entry, dict)
             or not isinstance(entry.get("size"), int)
@@ -335,7 +333,9 @@ def newest_verified_step(storage: Storage) -> Storage | None:
 
     Listing is the truth; the ``latest`` hint is only checked, and a hint that names no step is reported.
     """
-    names = sorted((n for n in storage.listdir() if parse_step_name(n) is not None), key=parse_step_name)
+    names = sorted(
+        (n for n in storage.listdir() if parse_step_name(n) is not None), key=lambda n: parse_step_name(n) or 0
+    )
     try:
         hint = storage.read(LATEST_NAME).decode().strip()
     except (FileNotFoundError, StorageError, UnicodeDecodeError):

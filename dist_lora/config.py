@@ -73,6 +73,8 @@ class TrainConfig:
     """Seeds LoRA init and the sample order (which depends only on seed and step)."""
     stop_at_step: int | None = None
     """Stop (with a checkpoint) after this step, as if preempted; the schedule still spans max_steps."""
+    metrics_file: str | None = None
+    """Append each step's loss, lr and seconds as JSON lines to this local file (rank 0)."""
 
 
 @dataclass
@@ -138,7 +140,7 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _build(cls: type, data: Any, prefix: str, errors: list[str]) -> Any:
+def _build(cls: Any, data: Any, prefix: str, errors: list[str]) -> Any:
     if not isinstance(data, dict):
         errors.append(f"{prefix.rstrip('.') or 'config'} must be a mapping (got {data!r})")
         return cls()
@@ -177,8 +179,7 @@ def _validate(cfg: RunConfig, errors: list[str]) -> None:
     check(t.micro_batch_size >= 1, f"train.micro_batch_size must be >= 1 (got {t.micro_batch_size})")
     check(
         t.global_batch_size >= t.micro_batch_size,
-        f"train.global_batch_size must be >= train.micro_batch_size (got {t.global_batch_size} < "
-        f"{t.micro_batch_size})",
+        f"train.global_batch_size must be >= train.micro_batch_size (got {t.global_batch_size} < {t.micro_batch_size})",
     )
     check(t.lr > 0, f"train.lr must be > 0 (got {t.lr})")
     check(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0 (got {t.warmup_steps})")

@@ -67,7 +67,7 @@ def _lora_layer_types() -> tuple[tuple[type, str], ...]:
     return tuple(kinds)
 
 
-def _lora_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
+def _lora_modules(model: nn.Module) -> Iterator[tuple[str, Any, str]]:
     kinds = _lora_layer_types()
     for name, module in model.named_modules():
         for cls, flavor in kinds:
@@ -203,7 +203,7 @@ def peft_lora_config(cfg: LoraConfig, base_model_name_or_path: str | None = None
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
         target_modules=list(cfg.target_modules),
-        bias=cfg.bias,
+        bias=cfg.bias,  # type: ignore[arg-type]  # validated against BIAS_MODES
         task_type="CAUSAL_LM",
         base_model_name_or_path=base_model_name_or_path,
     )
@@ -251,9 +251,7 @@ def _base_key(name: str) -> str:
 def base_fingerprint(model: nn.Module) -> dict[str, Any]:
     """Architecture and every base parameter's shape: a checkpoint only loads over a base that matches."""
     lora_ids = {id(p) for p in adapter_parameters(model, "none").values()}
-    shapes = {
-        _base_key(n): list(full_shape(p)) for n, p in model.named_parameters() if id(p) not in lora_ids
-    }
+    shapes = {_base_key(n): list(full_shape(p)) for n, p in model.named_parameters() if id(p) not in lora_ids}
     config = getattr(unwrap(model), "config", None)
     if config is None:
         config = getattr(getattr(unwrap(model), "base_model", None), "config", None)

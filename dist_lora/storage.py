@@ -8,6 +8,7 @@ The storage does not know what a checkpoint is; it only moves bytes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import uuid
@@ -183,10 +184,8 @@ class Storage:
     def remove_empty_dir(self, rel: str) -> None:
         """Remove a local directory if nothing is left in it (object stores have no directories)."""
         if self.is_local:
-            try:
+            with contextlib.suppress(OSError):
                 os.rmdir(self.path(rel))
-            except OSError:
-                pass
 
 
 def _fsync_dir(directory: str) -> None:

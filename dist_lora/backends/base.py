@@ -8,7 +8,9 @@ pieces to rank 0 in buckets, and on load each backend cuts its own range out of 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -41,7 +43,7 @@ class Backend(ABC):
     name: str = "base"
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, bias: str):
-        self.model = model
+        self.model: Any = model  # the wrapped module: DDP, DeepSpeedEngine, FSDP2 module or plain
         self.optimizer = optimizer
         self.bias = bias
 
@@ -67,7 +69,8 @@ class Backend(ABC):
 
     # ------------------------------------------------------------------------------------------ training
 
-    def forward(self, **batch: torch.Tensor) -> torch.Tensor:
+    def forward(self, batch: dict[str, torch.Tensor], *, last_micro: bool = True) -> torch.Tensor:
+        """Mean loss of one micro-batch; ``last_micro`` says whether gradients sync after its backward."""
         return self.model(**batch).loss
 
     @abstractmethod
@@ -133,8 +136,11 @@ def full_pieces(backend: Backend, owner: bool) -> list[LocalPiece]:
 
 
 def load_torch_optim_state(
-    optimizer: torch.optim.Optimizer, p: torch.Tensor, full: dict[str, torch.Tensor], step: float | None,
-    to_param: callable,  # type: ignore[valid-type]
+    optimizer: torch.optim.Optimizer,
+    p: torch.Tensor,
+    full: dict[str, torch.Tensor],
+    step: float | None,
+    to_param: Callable[[torch.Tensor], torch.Tensor],
 ) -> None:
     """Create or overwrite the Adam state of ``p`` from full tensors; ``to_param`` shapes them like ``p``."""
     if not any(k in full for k in OPTIM_TENSOR_FIELDS):

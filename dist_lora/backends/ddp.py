@@ -1,0 +1,24 @@
+"""DistributedDataParallel: every rank holds the whole adapter; rank 0's copy is the one saved."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dist_lora.backends.single import SingleBackend
+
+
+class DDPBackend(SingleBackend):
+    name = "ddp"
+
+    @classmethod
+    def wrap(cls, model: nn.Module, make_optimizer, bias: str) -> DDPBackend:  # type: ignore[no-untyped-def]
+        device_ids = [torch.cuda.current_device()] if torch.cuda.is_available() else None
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        params = [p for p in ddp.parameters() if p.requires_grad]
+        return cls(ddp, make_optimizer(params), bias)
+
+    def forward(self, batch: dict[str, torch.Tensor], *, last_micro: bool = True) -> torch.Tensor:
+        # DDP decides at forward time whether this backward all-reduces; only the last micro-batch does.
+        self.model.require_backward_grad_sync = last_micro
+        return self.model(**batch).loss

@@ -1,0 +1,199 @@
+"""DeepSpeed ZeRO 1, 2 and 3 with a client torch AdamW.
+
+Where the adapter lives (see shared RESHARD-NOTES):
+- ZeRO-3: each parameter is partitioned on its own; rank r holds elements [r*s, (r+1)*s) of the flattened tensor,
+  s = ceil(numel / world), zero-padded at the end. The fp32 master and Adam moments are ranges of the flat group
+  tensors (``fp32_partitioned_groups_flat``), found through ``grad_position``; the model's copy is ``ds_tensor``.
+- ZeRO-1/2: parameters are replicated; the fp32 master and moments are partitioned over flat groups, and each
+  parameter's range on this rank is ``_hp_mapping.lp_fragment_address``.
+Adam's ``step`` lives once per flat group. Optimizer state is lazy: a fresh engine has none until its first step,
+so loading creates it first. Only this module imports deepspeed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from dist_lora.backends.base import Backend, LocalPiece
+from dist_lora.constants import OPTIM_TENSOR_FIELDS, WEIGHT_FIELD
+
+
+def ds_config(*, zero_stage: int, micro_batch_size: int, grad_accum: int, bf16: bool = False) -> dict[str, Any]:
+    """The DeepSpeed JSON config dist_lora uses (the launcher needs no file of its own)."""
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "zero_optimization": {"stage": zero_stage, "stage3_param_persistence_threshold": 0},
+        "bf16": {"enabled": bf16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31,
+        "wall_clock_breakdown": False,
+    }
+
+
+def import_deepspeed() -> Any:
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        import deepspeed
+    except ImportError as e:
+        raise ImportError(
+            "parallel.backend=deepspeed needs DeepSpeed: pip install 'dist-lora[deepspeed]' "
+            "(on CPU: DS_ACCELERATOR=cpu DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 pip install deepspeed)"
+        ) from e
+    return deepspeed
+
+
+class DeepSpeedBackend(Backend):
+    name = "deepspeed"
+
+    def __init__(self, engine: Any, optimizer: Any, bias: str):
+        super().__init__(engine, optimizer, bias)
+        self.stage = int(engine.zero_optimization_stage())
+        if self.stage not in (1, 2, 3):
+            raise NotImplementedError(f"dist_lora supports ZeRO stages 1, 2 and 3 (this engine runs {self.stage})")
+        self.zero: Any = engine.optimizer
+        for attr in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups"):
+            if hasattr(self.zero, attr):
+                break
+        else:
+            raise NotImplementedError(
+                f"unsupported DeepSpeed optimizer wrapper {type(self.zero).__name__}; dist_lora handles "
+                "DeepSpeedZeroOptimizer (ZeRO-1/2) and DeepSpeedZeroOptimizer_Stage3"
+            )
+
+    @classmethod
+    def wrap(  # type: ignore[no-untyped-def]
+        cls,
+        model: nn.Module,
+        make_optimizer,
+        bias: str,
+        *,
+        zero_stage: int,
+        micro_batch_size: int,
+        grad_accum: int,
+        bf16: bool = False,
+    ) -> DeepSpeedBackend:
+        deepspeed = import_deepspeed()
+        params = [p for p in model.parameters() if p.requires_grad]
+        config = ds_config(zero_stage=zero_stage, micro_batch_size=micro_batch_size, grad_accum=grad_accum, bf16=bf16)
+        engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=make_optimizer(params), config=config)
+        return cls(engine, optimizer, bias)
+
+    # ------------------------------------------------------------------------------------------ training
+
+    def backward(self, loss: torch.Tensor, *, grad_accum: int, last_micro: bool) -> None:
+        self.model.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps itself
+        if not last_micro:
+            self.model.step()  # not a boundary: DeepSpeed only counts the micro-step
+
+    def step(self, lr: float) -> None:
+        self.set_lr(lr)
+        self.model.step()
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.zero.param_groups:
+            group["lr"] = lr
+
+    # ------------------------------------------------------------------------------------------ layout
+
+    @property
+    def _inner(self) -> torch.optim.Optimizer:
+        return self.zero.optimizer
+
+    def _flat_groups(self) -> list[torch.Tensor]:
+        if self.stage == 3:
+            return list(self.zero.fp32_partitioned_groups_flat)
+        return list(self.zero.single_partition_of_fp32_groups)
+
+    def _group_of(self, p: Any) -> int:
+        if self.stage == 3:
+            return int(self.zero.grad_position[self.zero.get_param_id(p)][0])
+        if not hasattr(self, "_groups"):
+            self._groups = {id(q): i for i, group in enumerate(self.zero.bit16_groups) for q in group}
+        return self._groups[id(p)]
+
+    def _range(self, p: Any) -> tuple[int, int, int]:
+        """(offset into the flattened full tensor, numel held here, offset into the flat group tensor)."""
+        if self.stage == 3:
+            _, dest, part = (int(x) for x in self.zero.grad_position[self.zero.get_param_id(p)])
+            offset = self.rank * part
+            return offset, max(0, min(part, p.ds_numel - offset)), dest
+        m = p._hp_mapping
+        if m is None:
+            return 0, 0, 0
+        return (
+            int(m.lp_fragment_address.start),
+            int(m.lp_fragment_address.numel),
+            int(m.hp_fragment_address.start),
+        )
+
+    def _state(self, group: int) -> dict[str, torch.Tensor]:
+        return self._inner.state.get(self._flat_groups()[group], {})
+
+    # ------------------------------------------------------------------------------------------ save
+
+    def local_pieces(self) -> list[LocalPiece]:
+        flats = self._flat_groups()
+        pieces = []
+        params: dict[str, Any] = self.adapter()
+        for key, p in params.items():
+            g = self._group_of(p)
+            offset, numel, dest = self._range(p)
+            fields = {WEIGHT_FIELD: flats[g].narrow(0, dest, numel).detach().float()}
+            state = self._state(g)
+            step = None
+            if state:
+                for name in OPTIM_TENSOR_FIELDS:
+                    fields[name] = state[name].narrow(0, dest, numel).detach().float()
+                step = float(state["step"])
+            shape = torch.Size(p.ds_shape) if self.stage == 3 else p.shape
+            pieces.append(LocalPiece(key, shape, offset, fields, step))
+        return pieces
+
+    # ------------------------------------------------------------------------------------------ load
+
+    def prepare_load(self, with_optimizer: bool) -> None:
+        if not with_optimizer:
+            return
+        created = False
+        for flat in self._flat_groups():
+            state = self._inner.state[flat]
+            if not state:
+                state["step"] = torch.tensor(0.0)
+                for name in OPTIM_TENSOR_FIELDS:
+                    state[name] = torch.zeros_like(flat)
+                created = True
+        if created and self.stage in (1, 2):
+            # re-link each parameter's fragment views to the state tensors just created
+            self.zero._hp_optimizer_states_linked = False
+            self.zero._lazy_init_hp_params_optimizer_state()
+
+    def load_full(self, p: Any, full: dict[str, torch.Tensor], step: float | None) -> None:
+        g = self._group_of(p)
+        offset, numel, dest = self._range(p)
+        flat = self._flat_groups()[g]
+        state = self._state(g)
+        with torch.no_grad():
+            for name, value in full.items():
+                target = flat if name == WEIGHT_FIELD else state[name]
+                piece = value.reshape(-1).narrow(0, offset, numel)
+                target.narrow(0, dest, numel).copy_(piece.to(target))
+            if step is not None and state:
+                state["step"].fill_(step)
+            # the model's own copy of the weights is separate from the fp32 master
+            weight = full[WEIGHT_FIELD]
+            if self.stage == 3:
+                part = p.ds_tensor.numel()
+                padded = torch.zeros(part * self.world_size, dtype=weight.dtype)
+                padded[: weight.numel()] = weight.reshape(-1)
+                p.ds_tensor.copy_(padded.narrow(0, self.rank * part, part).to(p.ds_tensor))
+                if p.numel() == math.prod(p.ds_shape):  # currently gathered (persistent): keep it in step
+                    p.data.copy_(weight.view(p.ds_shape).to(p.data))
+            else:
+                p.data.copy_(weight.view_as(p).to(p.data))

@@ -1,0 +1,99 @@
+"""FSDP2 (``fully_shard``): every parameter is a DTensor sharded on dim 0 across the ranks.
+
+Rank r holds rows [r*c, min((r+1)*c, dim0)) of each tensor, c = ceil(dim0 / world) (torch.chunk), so its piece
+of the flattened tensor is one contiguous range. Adam's moments are DTensors with the same placement.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+from dist_lora.backends.base import Backend, LocalPiece, load_torch_optim_state, torch_optim_fields
+from dist_lora.constants import WEIGHT_FIELD
+from dist_lora.lora import unwrap
+
+
+def _block_classes(model: nn.Module) -> set[str]:
+    """Transformer block class names to shard one by one (HF lists them in ``_no_split_modules``)."""
+    for m in unwrap(model).modules():
+        names = getattr(m, "_no_split_modules", None)
+        if names:
+            return set(names)
+    return set()
+
+
+class FSDPBackend(Backend):
+    name = "fsdp"
+
+    @classmethod
+    def wrap(cls, model: nn.Module, make_optimizer, bias: str, mixed_precision: str = "none") -> FSDPBackend:  # type: ignore[no-untyped-def]
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        kwargs: dict[str, Any] = {}
+        if mixed_precision == "bf16":
+            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        blocks = _block_classes(model)
+        for module in model.modules():
+            if type(module).__name__ in blocks:
+                fully_shard(module, **kwargs)
+        fully_shard(model, **kwargs)
+        params = [p for p in model.parameters() if p.requires_grad]
+        return cls(model, make_optimizer(params), bias)
+
+    def forward(self, batch: dict[str, torch.Tensor], *, last_micro: bool = True) -> torch.Tensor:
+        if hasattr(self.model, "set_requires_gradient_sync"):
+            self.model.set_requires_gradient_sync(last_micro)
+        return self.model(**batch).loss
+
+    def backward(self, loss: torch.Tensor, *, grad_accum: int, last_micro: bool) -> None:
+        (loss / grad_accum).backward()
+
+    def step(self, lr: float) -> None:
+        assert self.optimizer is not None
+        self.set_lr(lr)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    @staticmethod
+    def _row_offset(p: DTensor) -> int:
+        if tuple(p.placements) != (Shard(0),):
+            raise NotImplementedError(f"dist_lora gathers FSDP2 params sharded as (Shard(0),), got {p.placements}")
+        chunk = math.ceil(p.shape[0] / p.device_mesh.size())
+        return min(chunk * p.device_mesh.get_local_rank(), p.shape[0])
+
+    def local_pieces(self) -> list[LocalPiece]:
+        pieces = []
+        params: dict[str, Any] = self.adapter()
+        for key, p in params.items():
+            if not isinstance(p, DTensor):  # a parameter left unsharded: replicated, rank 0 owns it
+                local, offset = (p.detach().reshape(-1) if self.rank == 0 else p.detach().reshape(-1)[:0]), 0
+            else:
+                local = p.to_local().detach().reshape(-1)
+                offset = self._row_offset(p) * math.prod(p.shape[1:])
+            optim, step = torch_optim_fields(self.optimizer, p)
+            if not isinstance(p, DTensor) and self.rank != 0:
+                optim = {k: v[:0] for k, v in optim.items()}
+            fields = {WEIGHT_FIELD: local.float(), **optim}
+            pieces.append(LocalPiece(key, p.shape, offset, fields, step))
+        return pieces
+
+    def load_full(self, p: Any, full: dict[str, torch.Tensor], step: float | None) -> None:
+        def shard(t: torch.Tensor) -> torch.Tensor:
+            t = t.to(p.device if not isinstance(p, DTensor) else p.to_local().device, p.dtype)
+            if isinstance(p, DTensor):  # every rank has the full tensor: cut locally, no communication
+                return distribute_tensor(t.view(p.shape), p.device_mesh, p.placements, src_data_rank=None)
+            return t.view_as(p).clone()
+
+        with torch.no_grad():
+            value: Any = shard(full[WEIGHT_FIELD])
+            if isinstance(p, DTensor):
+                p.to_local().copy_(value.to_local())
+            else:
+                p.copy_(value)
+        if self.optimizer is not None:
+            load_torch_optim_state(self.optimizer, p, full, step, shard)

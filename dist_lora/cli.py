@@ -1,0 +1,129 @@
+"""The ``dist-lora`` command (also ``python -m dist_lora``): train, demo, ls, verify."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+from dist_lora.checkpoint import CheckpointError, inspect_step, is_step_url, list_steps
+from dist_lora.storage import Storage, StorageError
+
+
+def _storage_options(args: argparse.Namespace) -> dict[str, Any]:
+    return json.loads(args.storage_options) if getattr(args, "storage_options", None) else {}
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000  # type: ignore[assignment]
+    return str(n)
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    storage = Storage(args.url, _storage_options(args))
+    steps = list_steps(storage, verify=not args.fast)
+    if args.json:
+        print(json.dumps([s.to_json() for s in steps], indent=2))
+        return 0
+    if not steps:
+        print(f"no steps under {storage.url}")
+        return 0
+    print(f"{'step':<16}{'status':<12}{'bytes':>10}  {'created':<26}{'world':>6}  backend")
+    for s in steps:
+        print(
+            f"{s.name:<16}{s.status:<12}{_human(s.bytes):>10}  {s.created or '-':<26}"
+            f"{s.world_size if s.world_size is not None else '-':>6}  {s.backend or '-'}"
+        )
+        if s.error and args.verbose:
+            print(f"    {s.error}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    storage = Storage(args.url, _storage_options(args))
+    if is_step_url(storage):
+        parent_url, name = storage.url.rsplit("/", 1)
+        steps = [inspect_step(Storage(parent_url, _storage_options(args)), name)]
+    else:
+        steps = list_steps(storage)
+        if not steps:
+            print(f"no steps under {storage.url}", file=sys.stderr)
+            return 1
+    bad = 0
+    for s in steps:
+        if s.status == "committed":
+            print(f"ok          {s.url}")
+        elif s.status == "incomplete":
+            print(f"incomplete  {s.url}: {s.error}")
+            bad += len(steps) == 1  # asked for this one step: it is not a checkpoint
+        else:
+            print(f"CORRUPT     {s.url}: {s.error}")
+            bad += 1
+    return 1 if bad else 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from dist_lora.config import load_config
+    from dist_lora.train import train
+
+    cfg = load_config(args.config, args.overrides)
+    train(cfg)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from dist_lora.demo import run_demo
+
+    return run_demo(args.run_dir, nproc=args.nproc, steps=args.steps)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dist-lora", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on every rank")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train LoRA from a YAML config (under torchrun, deepspeed, or alone)")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=1e-4")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("demo", help="tiny CPU demo: build a base, train on 2 processes (FSDP2), resume on 1")
+    p.add_argument("--run-dir", default="runs/demo")
+    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--steps", type=int, default=40)
+    p.set_defaults(func=cmd_demo)
+
+    for name, func, text in (
+        ("ls", cmd_ls, "list the steps of a checkpoint dir with their status"),
+        ("verify", cmd_verify, "check every file's sha256 of a step, or of every step in a dir"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("url", help="local path or fsspec URL (s3://bucket/prefix, ...)")
+        p.add_argument("--storage-options", help='JSON passed to fsspec, e.g. {"endpoint_url": "http://..."}')
+        if name == "ls":
+            p.add_argument("--json", action="store_true", help="machine-readable output")
+            p.add_argument("--fast", action="store_true", help="check sizes only, not sha256")
+        p.set_defaults(func=func)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from dist_lora.logs import setup_logging
+
+    setup_logging(args.verbose)
+    try:
+        return int(args.func(args) or 0)
+    except (CheckpointError, StorageError, ValueError) as e:
+        logging.getLogger("dist_lora").debug("error", exc_info=True)
+        print(f"dist-lora {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""The training loop: build, wrap, (resume), loop, save. Backend-agnostic; reads top to bottom."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dist_lora import backends
+from dist_lora.api import load_checkpoint, save_checkpoint
+from dist_lora.checkpoint import newest_verified_step
+from dist_lora.config import ConfigError, RunConfig, TrainConfig, config_to_dict
+from dist_lora.data import TokenBlocks
+from dist_lora.distributed import init_distributed, mean_across_ranks, shutdown
+from dist_lora.gather import broadcast_json
+from dist_lora.lora import apply_lora
+from dist_lora.storage import Storage
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def lr_at(step: int, t: TrainConfig) -> float:
+    """Linear warm-up to ``lr`` over ``warmup_steps``, then cosine decay to 10% of it at ``max_steps``."""
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    progress = (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps)
+    return t.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def grad_accum_steps(t: TrainConfig, world: int) -> int:
+    per_step = t.micro_batch_size * world
+    if t.global_batch_size % per_step:
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} is not divisible by train.micro_batch_size="
+            f"{t.micro_batch_size} x world size {world} = {per_step}; pick a global batch that is a multiple of "
+            f"{per_step}, or change micro_batch_size"
+        )
+    return t.global_batch_size // per_step
+
+
+def resume_url(cfg: RunConfig) -> str | None:
+    """The step to resume from: none, an explicit URL, or (auto) the newest verified step. Collective."""
+    choice = cfg.checkpoint.resume
+    if choice == "none":
+        return None
+    if choice != "auto":
+        return choice
+    found = None
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        step = newest_verified_step(Storage(cfg.checkpoint.dir, cfg.checkpoint.storage_options))
+        found = step.url if step is not None else None
+    return broadcast_json({"url": found})["url"]
+
+
+def train(cfg: RunConfig) -> list[dict[str, Any]]:
+    """Run (or resume) a LoRA fine-tune as configured; returns the per-step metrics (on every rank)."""
+    init_distributed()
+    try:
+        trainer = Trainer(cfg)
+        trainer.resume(resume_url(cfg))
+        return trainer.fit()
+    finally:
+        shutdown()
+
+
+class Trainer:
+    """Build and wrap the model, then step, save and resume. The backend hides how the model is sharded."""
+
+    def __init__(self, cfg: RunConfig):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.cfg = cfg
+        t = cfg.train
+        self.rank, self.world, self.device = init_distributed()
+        self.grad_accum = grad_accum_steps(t, self.world)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path)
+        self.data = TokenBlocks(cfg.data.path, tokenizer, cfg.data.seq_len)
+        torch.manual_seed(t.seed)  # LoRA init is the same on every rank and at every world size
+        base: Any = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, dtype=DTYPES[cfg.model.dtype])
+        model = apply_lora(base.to(self.device), cfg.lora, cfg.model.name_or_path)
+
+        def make_optimizer(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+            return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+
+        self.backend = backends.build(
+            cfg.parallel,
+            model,
+            make_optimizer,
+            bias=cfg.lora.bias,
+            micro_batch_size=t.micro_batch_size,
+            grad_accum=self.grad_accum,
+        )
+        self.step = 0
+        self.last_saved: int | None = None
+        self.metrics: list[dict[str, Any]] = []
+
+    def resume(self, url: str | None) -> None:
+        """Load a step's adapter and optimizer state into the shards (collective); no-op for None."""
+        if url is None:
+            return
+        ck, t = self.cfg.checkpoint, self.cfg.train
+        state = load_checkpoint(
+            self.backend.model,
+            url,
+            optimizer=self.backend.optimizer,
+            storage_options=ck.storage_options,
+            bucket_mb=ck.bucket_mb,
+            backend=self.backend,
+        )
+        self.step = self.last_saved = int(state["step"])
+        if state.get("global_batch_size") not in (None, t.global_batch_size) or state.get("seed") not in (
+            None,
+            t.seed,
+        ):
+            log.warning("resuming with another global batch or seed than the checkpoint: the sample order changes")
+        log.info(
+            "resumed from %s at step %d (saved by %s at world size %s; now %s at world size %d)",
+            url,
+            self.step,
+            state.get("backend"),
+            state.get("world_size"),
+            self.backend.name,
+            self.world,
+        )
+
+    def train_step(self) -> float:
+        """One optimizer step over the global batch; returns the loss averaged over it."""
+        t = self.cfg.train
+        lr = lr_at(self.step, t)
+        total = 0.0
+        for m in range(self.grad_accum):
+            batch = self.data.micro_batch(
+                seed=t.seed,
+                step=self.step,
+                global_batch=t.global_batch_size,
+                micro=t.micro_batch_size,
+                world=self.world,
+                rank=self.rank,
+                index=m,
+            )
+            last = m == self.grad_accum - 1
+            loss = self.backend.forward({k: v.to(self.device) for k, v in batch.items()}, last_micro=last)
+            self.backend.backward(loss, grad_accum=self.grad_accum, last_micro=last)
+            total += float(loss.detach())
+        self.backend.step(lr)
+        self.step += 1
+        return mean_across_ranks(total / self.grad_accum)
+
+    def save(self) -> str:
+        """Save the current step (collective); returns its URL."""
+        t, ck = self.cfg.train, self.cfg.checkpoint
+        trainer_state = {
+            "samples_seen": self.step * t.global_batch_size,
+            "global_batch_size": t.global_batch_size,
+            "seed": t.seed,
+            "lr_schedule": {
+                "name": "warmup_cosine",
+                "lr": t.lr,
+                "warmup_steps": t.warmup_steps,
+                "max_steps": t.max_steps,
+                "last_lr": lr_at(max(self.step - 1, 0), t),
+            },
+            "config": config_to_dict(self.cfg),
+        }
+        url = save_checkpoint(
+            self.backend.model,
+            ck.dir,
+            step=self.step,
+            optimizer=self.backend.optimizer,
+            trainer_state=trainer_state,
+            keep_last=ck.keep_last,
+            storage_options=ck.storage_options,
+            bucket_mb=ck.bucket_mb,
+            backend=self.backend,
+        )
+        self.last_saved = self.step
+        return url
+
+    def fit(self) -> list[dict[str, Any]]:
+        """Train to ``stop_at_step`` (or ``max_steps``), saving every ``every_steps`` and at the end."""
+        from tqdm import tqdm
+
+        t, ck = self.cfg.train, self.cfg.checkpoint
+        stop = t.stop_at_step or t.max_steps
+        log.info(
+            "training %s on %d rank(s), backend %s, grad_accum %d, steps %d..%d",
+            self.cfg.model.name_or_path,
+            self.world,
+            self.backend.name,
+            self.grad_accum,
+            self.step + 1,
+            stop,
+        )
+        metrics_file = Path(t.metrics_file) if t.metrics_file and self.rank == 0 else None
+        bar = tqdm(total=stop, initial=self.step, disable=self.rank != 0, desc="train", dynamic_ncols=True)
+        while self.step < stop:
+            t0 = time.perf_counter()
+            lr = lr_at(self.step, t)
+            loss = self.train_step()
+            row = {
+                "step": self.step,
+                "loss": loss,
+                "lr": lr,
+                "seconds": round(time.perf_counter() - t0, 4),
+                "world_size": self.world,
+                "backend": self.backend.name,
+            }
+            self.metrics.append(row)
+            if metrics_file is not None:
+                with metrics_file.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+            log.debug("step %d loss %.6f lr %.3e", self.step, loss, lr)
+            if ck.every_steps and self.step % ck.every_steps == 0:
+                self.save()
+        if self.last_saved != self.step:
+            self.save()
+        bar.close()
+        log.info(
+            "finished at step %d, loss %.4f",
+            self.step,
+            self.metrics[-1]["loss"] if self.metrics else float("nan"),
+        )
+        return self.metrics
