@@ -320,7 +320,10 @@ def inspect_step(storage: Storage, name: str, verify: bool = True) -> StepInfo:
 def list_steps(storage: Storage, verify: bool = True) -> list[StepInfo]:
     """Every step directory under a checkpoint dir, oldest first, with its status."""
     names = [n for n, e in storage.listdir().items() if parse_step_name(n) is not None]
-    return sorted((inspect_step(storage, n, verify) for n in names), key=lambda s: s.step)
+    infos = [inspect_step(storage, n, verify) for n in names]
+    # object stores may keep an empty "directory" after retention deleted every file in it: nothing is there
+    infos = [s for s in infos if s.status != "incomplete" or s.bytes or storage.child(s.name).listdir()]
+    return sorted(infos, key=lambda s: s.step)
 
 
 def is_step_url(storage: Storage) -> bool:

@@ -137,7 +137,17 @@ def _type_ok(value: Any, tp: Any) -> bool:
 
 
 def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+    if typing.get_origin(tp) is not None:
+        return str(tp).replace("typing.", "")
+    return getattr(tp, "__name__", str(tp))
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _build(cls: Any, data: Any, prefix: str, errors: list[str]) -> Any:
@@ -153,6 +163,8 @@ def _build(cls: Any, data: Any, prefix: str, errors: list[str]) -> Any:
         tp = types_[key]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value, f"{prefix}{key}.", errors)
+        elif tp is float and isinstance(value, str) and _is_float(value):
+            kwargs[key] = float(value)  # PyYAML reads 1e-4 (no dot) as a string
         elif not _type_ok(value, tp):
             errors.append(f"{prefix}{key} must be {_type_name(tp)} (got {value!r})")
         else:

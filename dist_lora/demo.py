@@ -54,6 +54,10 @@ def build_tiny_base(out_dir: str | Path, arch: str = "gpt2", seed: int = 0) -> P
             n_embd=64,
             n_layer=2,
             n_head=4,
+            # no dropout: runs at different world sizes, and resumed runs, must agree step by step
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
             bos_token_id=eos,
             eos_token_id=eos,
         )

