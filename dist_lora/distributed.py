@@ -3,21 +3,36 @@
 from __future__ import annotations
 
 import os
+import socket
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 
-def init_distributed(timeout_s: float = 1800) -> tuple[int, int, torch.device]:
-    """Join the process group when launched with WORLD_SIZE > 1; returns (rank, world size, device)."""
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def init_distributed(timeout_s: float = 1800, *, need_group: bool = False) -> tuple[int, int, torch.device]:
+    """Join the process group set up by the launcher; returns (rank, world size, device).
+
+    ``need_group``: sharding engines (FSDP2, DeepSpeed) need a process group even alone; a process started
+    without a launcher then gets a one-rank group on a free local port.
+    """
+    if need_group and "WORLD_SIZE" not in os.environ:
+        os.environ.update(
+            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
+        )
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cpu")
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
-    if world > 1 and not dist.is_initialized():
+    if (world > 1 or need_group) and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
     rank = dist.get_rank() if dist.is_initialized() else 0

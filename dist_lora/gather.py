@@ -1,9 +1,9 @@
 """Shards <-> one full adapter on rank 0, in bucketed collectives.
 
-Save (:func:`gather_adapter`): every rank packs its pieces of a bucket of adapter tensors (weights and Adam
-moments) into one flat buffer, and one ``gather`` per bucket brings them to rank 0, which writes them into the
-full tensors. Two small collectives per save agree on bucket sizes and piece offsets. Only adapter tensors move;
-rank 0 holds the full adapter plus one bucket per rank, other ranks hold one bucket.
+Save (:func:`gather_adapter`): every rank lays its pieces of the adapter tensors (weights and Adam moments) end to
+end, and one ``gather`` per bucket-sized chunk of that stream brings them to rank 0, which copies them into the
+full tensors. Two small collectives per save agree on sizes and piece offsets. Only adapter tensors move; rank 0
+holds the full adapter plus one chunk per rank, other ranks hold one chunk.
 
 Load (:func:`broadcast_adapter`): rank 0 holds a verified step; one ``broadcast`` per bucket sends the full
 tensors, and each rank's backend keeps its own range.
@@ -74,41 +74,58 @@ def buckets_by_size(sizes: list[int], bucket_bytes: int) -> list[list[int]]:
 # ---------------------------------------------------------------------------------------------- save
 
 
-def _field_names(pieces: list[LocalPiece], with_state: bool) -> list[str]:
-    return [WEIGHT_FIELD, *OPTIM_TENSOR_FIELDS] if with_state else [WEIGHT_FIELD]
-
-
 def _piece_field(piece: LocalPiece, name: str) -> torch.Tensor:
     t = piece.fields.get(name)
     return t if t is not None else torch.zeros(piece.numel)  # Adam state not created yet == zeros
 
 
+class _Stream:
+    """A rank's pieces laid end to end (piece by piece, field by field), read or written in consecutive chunks.
+
+    Sender and rank 0 walk the same layout: the sender copies its pieces into each chunk; rank 0 copies each
+    received chunk into the full tensors. Neither side ever materializes the whole stream.
+    """
+
+    def __init__(self, numels: list[int], n_fields: int):
+        self.segments = [(i, j, n) for i, n in enumerate(numels) if n for j in range(n_fields)]
+        self.index = 0  # current segment
+        self.done = 0  # elements of the current segment already consumed
+
+    def walk(self, length: int):
+        """Yield (piece, field, start within the piece's field, start within the chunk, n) covering ``length``."""
+        pos = 0
+        while pos < length and self.index < len(self.segments):
+            i, j, n = self.segments[self.index]
+            take = min(n - self.done, length - pos)
+            yield i, j, self.done, pos, take
+            pos += take
+            self.done += take
+            if self.done == n:
+                self.index, self.done = self.index + 1, 0
+
+
 def gather_adapter(backend: Backend, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> AdapterState | None:
     """Collective: every rank must call. Returns the full adapter (and its Adam state) on rank 0, None elsewhere.
 
-    Moves only adapter bytes: one ``gather`` per bucket, plus one tiny ``all_reduce`` and one tiny ``gather`` of
-    piece offsets. Rank 0's extra memory is the adapter plus one bucket per rank; other ranks', one bucket.
+    Each rank lays its pieces end to end and the streams are gathered to rank 0 in chunks of ``bucket_bytes``:
+    one ``gather`` per chunk, plus one tiny ``all_reduce`` (agree on sizes) and one tiny ``gather`` (piece offsets).
+    Only adapter bytes move. Rank 0's extra memory is the adapter plus one chunk per rank; other ranks', one chunk.
     """
     rank, world = _dist()
     pieces = backend.local_pieces()
     has_state = any(p.step is not None for p in pieces)
     device = backend.device
     n = len(pieces)
-
-    full_bytes = [math.prod(p.shape) * 4 for p in pieces]
-    buckets = buckets_by_size(full_bytes, bucket_bytes)
-
     if world > 1:
-        # Agree on: whether any rank has optimizer state, the piece count, and each bucket's padded size.
-        contrib = [sum(pieces[i].numel for i in b) if rank != 0 else 0 for b in buckets]
-        agree = torch.tensor([int(has_state), n, -n, *contrib], dtype=torch.int64, device=device)
+        # Agree on: whether any rank has optimizer state, the piece count, and the longest stream (ranks != 0).
+        local_len = sum(p.numel for p in pieces) if rank != 0 else 0
+        agree = torch.tensor([int(has_state), n, -n, local_len], dtype=torch.int64, device=device)
         _record("all_reduce", agree)
         dist.all_reduce(agree, op=dist.ReduceOp.MAX)
-        has_state, n_max, n_min = bool(agree[0]), int(agree[1]), -int(agree[2])
+        has_state, n_max, n_min, longest = bool(agree[0]), int(agree[1]), -int(agree[2]), int(agree[3])
         if n_max != n or n_min != n:
             raise RuntimeError(f"ranks disagree on the adapter: {n} tensors here, {n_min}..{n_max} elsewhere")
-        padded = [int(x) for x in agree[3:]]
-    fields = _field_names(pieces, has_state)
+    fields = [WEIGHT_FIELD, *OPTIM_TENSOR_FIELDS] if has_state else [WEIGHT_FIELD]
     nf = len(fields)
 
     # Rank 0 allocates the full result and fills in its own pieces without any communication.
@@ -116,42 +133,45 @@ def gather_adapter(backend: Backend, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -
     optim: dict[str, dict[str, torch.Tensor]] = {}
     if rank == 0:
         for p in pieces:
-            weights[p.key] = torch.empty(math.prod(p.shape), dtype=torch.float32)
+            numel = math.prod(p.shape)
+            weights[p.key] = torch.empty(numel, dtype=torch.float32)
             if has_state:
-                optim[p.key] = {f: torch.zeros(math.prod(p.shape), dtype=torch.float32) for f in fields[1:]}
+                optim[p.key] = {f: torch.zeros(numel, dtype=torch.float32) for f in fields[1:]}
                 optim[p.key]["step"] = torch.tensor(p.step if p.step is not None else 0.0, dtype=torch.float32)
         for p in pieces:
-            _place(weights, optim, p.key, p.offset, {f: _piece_field(p, f) for f in fields})
+            for f in fields:
+                _target(weights, optim, p.key, f)[p.offset : p.offset + p.numel] = _piece_field(p, f)
 
-    if world > 1:
+    if world > 1 and longest > 0:
         meta = torch.tensor([[p.offset, p.numel] for p in pieces], dtype=torch.int64, device=device).reshape(-1, 2)
-        all_meta = [torch.empty_like(meta) for _ in range(world)] if rank == 0 else None
+        all_meta = [torch.empty_like(meta) for _ in range(world)] if rank == 0 else []
         _record("gather", meta)
-        dist.gather(meta, all_meta, dst=0)
-        for bucket, size in zip(buckets, padded):
-            if size == 0:
-                continue
-            buf = torch.zeros(size * nf, dtype=torch.float32, device=device)
+        dist.gather(meta, all_meta if rank == 0 else None, dst=0)
+        total = longest * nf
+        chunk = max(1, bucket_bytes // 4)
+        streams = (
+            {r: _Stream([int(x) for x in all_meta[r][:, 1]], nf) for r in range(1, world)}
+            if rank == 0
+            else {rank: _Stream([p.numel for p in pieces], nf)}
+        )
+        for start in range(0, total, chunk):
+            size = min(chunk, total - start)
+            buf = torch.zeros(size, dtype=torch.float32, device=device)
             if rank != 0:
-                pos = 0
-                for i in bucket:
-                    for f in fields:
-                        t = _piece_field(pieces[i], f)
-                        buf[pos : pos + t.numel()] = t
-                        pos += t.numel()
+                for i, j, src, dst, take in streams[rank].walk(size):
+                    buf[dst : dst + take] = _piece_field(pieces[i], fields[j])[src : src + take]
             recv = [torch.empty_like(buf) for _ in range(world)] if rank == 0 else None
             _record("gather", buf)
             dist.gather(buf, recv, dst=0)
             if rank == 0:
-                assert recv is not None and all_meta is not None
+                assert recv is not None
                 for r in range(1, world):
                     data = recv[r].cpu()
-                    pos = 0
-                    for i in bucket:
-                        offset, numel = (int(x) for x in all_meta[r][i])
-                        chunk = {f: data[pos + j * numel : pos + (j + 1) * numel] for j, f in enumerate(fields)}
-                        pos += numel * nf
-                        _place(weights, optim, pieces[i].key, offset, chunk)
+                    for i, j, src, dst, take in streams[r].walk(size):
+                        offset = int(all_meta[r][i][0]) + src
+                        _target(weights, optim, pieces[i].key, fields[j])[offset : offset + take] = data[
+                            dst : dst + take
+                        ]
                 del recv
     if rank != 0:
         return None
@@ -161,14 +181,8 @@ def gather_adapter(backend: Backend, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -
     return AdapterState(weights, optim)
 
 
-def _place(weights: dict, optim: dict, key: str, offset: int, chunk: dict[str, torch.Tensor]) -> None:
-    numel = chunk[WEIGHT_FIELD].numel()
-    if numel == 0:
-        return
-    weights[key][offset : offset + numel] = chunk[WEIGHT_FIELD]
-    for f, t in chunk.items():
-        if f != WEIGHT_FIELD:
-            optim[key][f][offset : offset + numel] = t
+def _target(weights: dict, optim: dict, key: str, field: str) -> torch.Tensor:
+    return weights[key] if field == WEIGHT_FIELD else optim[key][field]
 
 
 # ---------------------------------------------------------------------------------------------- load

@@ -61,7 +61,7 @@ def resume_url(cfg: RunConfig) -> str | None:
 
 def train(cfg: RunConfig) -> list[dict[str, Any]]:
     """Run (or resume) a LoRA fine-tune as configured; returns the per-step metrics (on every rank)."""
-    init_distributed()
+    init_distributed(need_group=cfg.parallel.backend != "single")
     try:
         trainer = Trainer(cfg)
         trainer.resume(resume_url(cfg))
@@ -78,7 +78,7 @@ class Trainer:
 
         self.cfg = cfg
         t = cfg.train
-        self.rank, self.world, self.device = init_distributed()
+        self.rank, self.world, self.device = init_distributed(need_group=cfg.parallel.backend != "single")
         self.grad_accum = grad_accum_steps(t, self.world)
         tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path)
         self.data = TokenBlocks(cfg.data.path, tokenizer, cfg.data.seq_len)

@@ -1,0 +1,54 @@
+"""Launch multi-process CPU/gloo test runs with torchrun (a free rendezvous port each time)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).resolve().parent / "workers" / "run_worker.py"
+
+
+def launch_env() -> dict[str, str]:
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "GLOO_SOCKET_IFNAME": "lo",
+        "HF_HUB_OFFLINE": "1",
+        "DS_ACCELERATOR": "cpu",
+        "TOKENIZERS_PARALLELISM": "false",
+        "TRANSFORMERS_VERBOSITY": "error",
+        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
+
+
+def torchrun(nproc: int, argv: list[str], timeout: float = 420, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run ``torchrun --standalone --nproc_per_node=N argv...``; raise with the output tail if it fails."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *argv]
+    proc = subprocess.run(cmd, env=launch_env(), capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    if proc.returncode != 0:
+        raise AssertionError(f"torchrun {nproc} x {argv[:3]} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-6000:]}")
+    return proc
+
+
+def run_worker(nproc: int, spec: dict) -> Path:
+    torchrun(nproc, [str(WORKER), json.dumps(spec)])
+    return Path(spec["out"])
+
+
+def load_step(step_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    weights = load_file(str(step_dir / "adapter_model.safetensors"))
+    optim = load_file(str(step_dir / "optimizer.safetensors"))
+    return weights, optim
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    scale = max(a.abs().max().item(), b.abs().max().item(), 1e-30)
+    return (a - b).abs().max().item() / scale

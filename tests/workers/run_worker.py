@@ -1,0 +1,94 @@
+"""One rank of a multi-process test run (launched by torchrun from tests/dist_utils.py).
+
+argv[1] is JSON: {"config": {...}, "out": dir, "resume": url|null, "phases": ["train:3", "save_traced", ...]}.
+Phases: train:N (N optimizer steps), save, save_traced (save while recording every collective, and dump this
+rank's local pieces), logits (rank 0 writes the logits of a fixed batch). Rank 0 writes out/losses.json.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+
+from dist_lora.config import config_from_dict
+from dist_lora.distributed import shutdown
+from dist_lora.train import Trainer
+
+COLLECTIVES = ["all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "gather", "scatter", "reduce",
+               "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "all_to_all_single", "send", "recv",
+               "isend", "irecv", "_all_gather_base", "_reduce_scatter_base"]
+
+
+def traced(record: list):
+    """Wrap every torch.distributed collective to record (op, bytes of the tensor this rank passes in)."""
+    originals = {}
+    for name in COLLECTIVES:
+        fn = getattr(dist, name, None)
+        if fn is None:
+            continue
+        originals[name] = fn
+
+        def wrapper(*args, _fn=fn, _name=name, **kwargs):
+            tensors = [a for a in args if isinstance(a, torch.Tensor)] or [
+                v for v in kwargs.values() if isinstance(v, torch.Tensor)]
+            nbytes = tensors[0].numel() * tensors[0].element_size() if tensors else 0
+            if isinstance(args[0] if args else None, list):  # all_gather(list, tensor)
+                nbytes = tensors[0].numel() * tensors[0].element_size() if tensors else 0
+            record.append([_name, int(nbytes), int(tensors[0].numel()) if tensors else 0])
+            return _fn(*args, **kwargs)
+
+        setattr(dist, name, wrapper)
+    return originals
+
+
+def main() -> None:
+    args = json.loads(sys.argv[1])
+    out = Path(args["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(config_from_dict(args["config"]))
+    rank = trainer.rank
+    if args.get("resume"):
+        trainer.resume(args["resume"])
+    losses = {}
+    for phase in args["phases"]:
+        if phase.startswith("train:"):
+            for _ in range(int(phase.split(":")[1])):
+                loss = trainer.train_step()
+                losses[trainer.step] = loss
+        elif phase == "save":
+            trainer.save()
+        elif phase == "save_traced":
+            record: list = []
+            originals = traced(record)
+            try:
+                trainer.save()
+            finally:
+                for name, fn in originals.items():
+                    setattr(dist, name, fn)
+            pieces = {}
+            for p in trainer.backend.local_pieces():
+                for field, t in p.fields.items():
+                    pieces[f"{p.key}::{field}::{p.offset}"] = t.detach().cpu().contiguous()
+            save_file(pieces, str(out / f"pieces-rank{rank}.safetensors"))
+            (out / f"comm-rank{rank}.json").write_text(json.dumps(record))
+        elif phase == "logits":
+            vocab = trainer.data.blocks.max().item() + 1
+            x = (torch.arange(2 * 16).view(2, 16) * 7 % vocab).to(trainer.device)
+            with torch.no_grad():
+                logits = trainer.backend.model(input_ids=x).logits.float().cpu()
+            if rank == 0:
+                save_file({"logits": logits.contiguous()}, str(out / f"logits-{trainer.step}.safetensors"))
+        else:
+            raise ValueError(phase)
+    if rank == 0:
+        (out / "losses.json").write_text(json.dumps(losses))
+    shutdown()
+
+
+if __name__ == "__main__":
+    main()
