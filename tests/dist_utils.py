@@ -33,8 +33,9 @@ def torchrun(nproc: int, argv: list[str], timeout: float = 420, cwd: Path | None
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *argv]
     proc = subprocess.run(cmd, env=launch_env(), capture_output=True, text=True, timeout=timeout, cwd=cwd)
     if proc.returncode != 0:
-        raise AssertionError(f"torchrun {nproc} x {argv[:3]} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                             f"{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"torchrun {nproc} x {argv[:3]} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 

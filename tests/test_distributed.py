@@ -55,17 +55,34 @@ def source(kind: str, world: int, base: Path, workdir: Path) -> Path:
     if key not in _runs:
         backend, stage = parse(kind)
         out = workdir / f"src-{kind}-{world}"
-        _runs[key] = run_worker(world, {"config": config(base, out / "ckpt", backend, stage), "out": str(out),
-                                        "phases": SOURCE_PHASES})
+        _runs[key] = run_worker(
+            world, {"config": config(base, out / "ckpt", backend, stage), "out": str(out), "phases": SOURCE_PHASES}
+        )
     return _runs[key]
 
 
 def load_run(src: Path, kind: str, world: int, base: Path, workdir: Path) -> Path:
     backend, stage = parse(kind)
     out = workdir / f"load-{src.name}-to-{kind}-{world}"
-    spec = {"config": config(base, out / "ckpt", backend, stage), "out": str(out),
-            "resume": str(src / "ckpt" / step_name(3)), "phases": LOAD_PHASES}
+    spec = {
+        "config": config(base, out / "ckpt", backend, stage),
+        "out": str(out),
+        "resume": str(src / "ckpt" / step_name(3)),
+        "phases": LOAD_PHASES,
+    }
     return run_worker(world, spec)
+
+
+def comparable(key: str, t: torch.Tensor) -> torch.Tensor:
+    """``t`` without GPT-2's attention *key* bias (c_attn.bias[64:128] at n_embd=64) when comparing two runs.
+
+    Its gradient is identically zero (softmax ignores a shift shared by all keys), so what the backward computes
+    is rounding noise, and Adam's g/(|g|+eps) turns that noise into lr-sized steps that depend on the reduction
+    order of the world size. Measured: up to 1e-5 there, under 5e-8 everywhere else. Bit-exact checks keep it.
+    """
+    if ".attn.c_attn.base_layer.bias" in key:
+        return torch.cat([t[:64], t[128:]])
+    return t
 
 
 def assemble(out: Path, world: int) -> tuple[dict[str, dict[str, torch.Tensor]], dict[int, int]]:
@@ -91,8 +108,20 @@ def assemble(out: Path, world: int) -> tuple[dict[str, dict[str, torch.Tensor]],
     return full, rank_bytes
 
 
-GATHER_CASES = [("ddp", 1), ("ddp", 2), ("ddp", 4), ("fsdp", 1), ("fsdp", 2), ("fsdp", 4),
-                ("zero3", 1), ("zero3", 2), ("zero3", 4), ("zero1", 2), ("zero2", 2), ("zero2", 4)]
+GATHER_CASES = [
+    ("ddp", 1),
+    ("ddp", 2),
+    ("ddp", 4),
+    ("fsdp", 1),
+    ("fsdp", 2),
+    ("fsdp", 4),
+    ("zero3", 1),
+    ("zero3", 2),
+    ("zero3", 4),
+    ("zero1", 2),
+    ("zero2", 2),
+    ("zero2", 4),
+]
 
 
 @pytest.mark.parametrize(("kind", "world"), GATHER_CASES, ids=[f"{k}-w{w}" for k, w in GATHER_CASES])
@@ -128,27 +157,34 @@ def test_gather_is_bit_exact_moves_only_the_adapter_and_matches_unsharded(kind, 
     if kind == "ddp":
         assert all(sent[r] == 0 for r in range(1, world))  # rank 0 already holds everything
 
-    # 3. the same model trained unsharded: within 1e-5. One slice is left out: GPT-2's attention *key* bias
-    #    (c_attn.bias[64:128] here) has an identically zero gradient (softmax ignores a shift shared by all keys),
-    #    so its gradient is pure rounding noise and Adam's g/(|g|+eps) turns that noise into lr-sized steps that
-    #    differ with the reduction order. Measured: 1e-5 absolute there, < 5e-8 everywhere else.
+    # 3. the same model trained unsharded: within 1e-5
     ref, _ = load_step(source("ddp", 1, gpt2_base, workdir) / "ckpt" / step_name(3))
     for key in ref:
-        a, b = weights[key], ref[key]
-        if key.endswith("attn.c_attn.base_layer.bias"):
-            a, b = torch.cat([a[:64], a[128:]]), torch.cat([b[:64], b[128:]])
+        a, b = comparable(key, weights[key]), comparable(key, ref[key])
         assert rel_err(a, b) < 1e-5, (key, rel_err(a, b))
 
 
 RESHARD_CASES = [
-    ("fsdp", 2, "fsdp", 1), ("fsdp", 2, "fsdp", 3), ("fsdp", 2, "fsdp", 4), ("fsdp", 2, "zero3", 2),
-    ("fsdp", 2, "zero2", 3), ("zero3", 2, "zero3", 1), ("zero3", 2, "zero3", 3), ("zero3", 2, "zero3", 4),
-    ("zero3", 2, "fsdp", 3), ("zero3", 2, "zero1", 4), ("zero2", 2, "ddp", 3), ("zero2", 2, "zero3", 3),
+    ("fsdp", 2, "fsdp", 1),
+    ("fsdp", 2, "fsdp", 3),
+    ("fsdp", 2, "fsdp", 4),
+    ("fsdp", 2, "zero3", 2),
+    ("fsdp", 2, "zero2", 3),
+    ("zero3", 2, "zero3", 1),
+    ("zero3", 2, "zero3", 3),
+    ("zero3", 2, "zero3", 4),
+    ("zero3", 2, "fsdp", 3),
+    ("zero3", 2, "zero1", 4),
+    ("zero2", 2, "ddp", 3),
+    ("zero2", 2, "zero3", 3),
 ]
 
 
-@pytest.mark.parametrize(("src_kind", "src_world", "kind", "world"), RESHARD_CASES,
-                         ids=[f"{a}-w{b}-to-{c}-w{d}" for a, b, c, d in RESHARD_CASES])
+@pytest.mark.parametrize(
+    ("src_kind", "src_world", "kind", "world"),
+    RESHARD_CASES,
+    ids=[f"{a}-w{b}-to-{c}-w{d}" for a, b, c, d in RESHARD_CASES],
+)
 def test_reshard_and_resume(src_kind, src_world, kind, world, gpt2_base, workdir):
     src = source(src_kind, src_world, gpt2_base, workdir)
     out = load_run(src, kind, world, gpt2_base, workdir)
@@ -163,12 +199,12 @@ def test_reshard_and_resume(src_kind, src_world, kind, world, gpt2_base, workdir
     w_new, o_new = load_step(out / "ckpt" / step_name(4))
     assert set(w_src) == set(w_new) and set(o_src) == set(o_new)
     for key in w_src:
-        assert (w_src[key] - w_new[key]).abs().max().item() <= 1e-6, key
+        assert (comparable(key, w_src[key]) - comparable(key, w_new[key])).abs().max().item() <= 1e-6, key
     for key in o_src:
         if key.endswith(".step"):
             assert float(o_src[key]) == float(o_new[key]) == 4.0
         else:
-            assert rel_err(o_src[key], o_new[key]) <= 1e-5, key
+            assert rel_err(comparable(key, o_src[key]), comparable(key, o_new[key])) <= 1e-5, key
 
     # resume fidelity: every later step's loss matches the uninterrupted run's within 1e-4 relative
     src_losses = json.loads((src / "losses.json").read_text())

@@ -19,9 +19,25 @@ from dist_lora.config import config_from_dict
 from dist_lora.distributed import shutdown
 from dist_lora.train import Trainer
 
-COLLECTIVES = ["all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "gather", "scatter", "reduce",
-               "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "all_to_all_single", "send", "recv",
-               "isend", "irecv", "_all_gather_base", "_reduce_scatter_base"]
+COLLECTIVES = [
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "broadcast",
+    "gather",
+    "scatter",
+    "reduce",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "all_to_all",
+    "all_to_all_single",
+    "send",
+    "recv",
+    "isend",
+    "irecv",
+    "_all_gather_base",
+    "_reduce_scatter_base",
+]
 
 
 def traced(record: list):
@@ -35,7 +51,8 @@ def traced(record: list):
 
         def wrapper(*args, _fn=fn, _name=name, **kwargs):
             tensors = [a for a in args if isinstance(a, torch.Tensor)] or [
-                v for v in kwargs.values() if isinstance(v, torch.Tensor)]
+                v for v in kwargs.values() if isinstance(v, torch.Tensor)
+            ]
             nbytes = tensors[0].numel() * tensors[0].element_size() if tensors else 0
             if isinstance(args[0] if args else None, list):  # all_gather(list, tensor)
                 nbytes = tensors[0].numel() * tensors[0].element_size() if tensors else 0
