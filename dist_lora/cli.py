@@ -85,6 +85,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dist-lora", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on every rank")
+    # the deepspeed launcher passes --local_rank=N (it also sets LOCAL_RANK, which is what dist_lora reads)
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train LoRA from a YAML config (under torchrun, deepspeed, or alone)")

@@ -133,9 +133,9 @@ def run_demo(run_dir: str, nproc: int = 2, steps: int = 40) -> int:
 
 TINY_YAML = """\
 model: {name_or_path: base, dtype: float32}
-lora: {r: 8, alpha: 16, dropout: 0.0, target_modules: [c_attn], bias: none}
+lora: {r: 8, alpha: 16, dropout: 0.0, target_modules: [c_attn, c_fc], bias: none}
 data: {path: corpus.txt, seq_len: 64}
-train: {max_steps: 40, global_batch_size: 8, micro_batch_size: 2, lr: 0.003, warmup_steps: 4, seed: 0}
+train: {max_steps: 40, global_batch_size: 8, micro_batch_size: 2, lr: 0.02, warmup_steps: 4, seed: 0}
 parallel: {backend: fsdp}
 checkpoint: {dir: checkpoints, every_steps: 10, keep_last: 3, resume: auto}
 """

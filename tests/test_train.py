@@ -1,0 +1,178 @@
+"""The trainer end to end: CLI, launchers (none, torchrun, deepspeed), resume auto across backends, the demo."""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dist_lora.config import TrainConfig
+from dist_lora.data import TokenBlocks
+from dist_lora.demo import corpus_path
+from dist_lora.train import lr_at
+from tests.dist_utils import ROOT, launch_env, torchrun
+
+TINY = ROOT / "configs" / "tiny.yaml"
+
+
+def overrides(base: Path, ckpt: Path, metrics: Path, *extra: str) -> list[str]:
+    return [
+        f"model.name_or_path={base}",
+        f"data.path={corpus_path()}",
+        f"checkpoint.dir={ckpt}",
+        f"train.metrics_file={metrics}",
+        "train.max_steps=6",
+        "train.global_batch_size=4",
+        "train.micro_batch_size=1",
+        "checkpoint.every_steps=3",
+        "checkpoint.resume=auto",
+        *extra,
+    ]
+
+
+def losses(path: Path) -> dict[int, float]:
+    return {row["step"]: row["loss"] for row in map(json.loads, path.read_text().splitlines())}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(600)
+def test_stop_on_deepspeed_resume_on_fsdp_matches_uninterrupted(gpt2_base, tmp_path):
+    env = launch_env()
+    # uninterrupted, one process, no launcher
+    ref = tmp_path / "ref.jsonl"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dist_lora",
+            "train",
+            str(TINY),
+            *overrides(gpt2_base, tmp_path / "ref", ref, "parallel.backend=single"),
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    # steps 1..3 on 2 ranks under the deepspeed launcher (ZeRO-3), stopped as if preempted
+    run = tmp_path / "run.jsonl"
+    ckpt = tmp_path / "ckpt"
+    cmd = [
+        "deepspeed",
+        "--num_nodes",
+        "1",
+        "--num_gpus",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        "--module",
+        "dist_lora",
+        "train",
+        str(TINY),
+        *overrides(gpt2_base, ckpt, run, "parallel.backend=deepspeed", "parallel.zero_stage=3", "train.stop_at_step=3"),
+    ]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    # steps 4..6 on 1 rank under torchrun with FSDP2, resume: auto
+    torchrun(1, ["-m", "dist_lora", "train", str(TINY), *overrides(gpt2_base, ckpt, run, "parallel.backend=fsdp")])
+
+    want, got = losses(ref), losses(run)
+    assert sorted(got) == [1, 2, 3, 4, 5, 6]
+    for step in range(1, 7):
+        assert math.isclose(got[step], want[step], rel_tol=1e-4), (step, got[step], want[step])
+    listing = subprocess.run(
+        [sys.executable, "-m", "dist_lora", "ls", str(ckpt), "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    rows = {r["step"]: r for r in json.loads(listing.stdout)}
+    assert rows[3]["status"] == rows[6]["status"] == "committed"
+    assert (rows[3]["world_size"], rows[3]["backend"]) == (2, "deepspeed")
+    assert (rows[6]["world_size"], rows[6]["backend"]) == (1, "fsdp")
+
+
+def test_config_errors_stop_before_any_step(gpt2_base, tmp_path):
+    base = [
+        sys.executable,
+        "-m",
+        "dist_lora",
+        "train",
+        str(TINY),
+        f"model.name_or_path={gpt2_base}",
+        f"data.path={corpus_path()}",
+        f"checkpoint.dir={tmp_path}",
+    ]
+    out = subprocess.run(
+        [*base, "train.global_batch_size=3", "train.micro_batch_size=2"],
+        env=launch_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 2
+    assert "train.global_batch_size=3 is not divisible by train.micro_batch_size=2 x world size 1" in out.stderr
+    out = subprocess.run([*base, "lora.rank=4"], env=launch_env(), capture_output=True, text=True)
+    assert (
+        out.returncode == 2
+        and "unknown key lora.rank; valid keys: alpha, bias, dropout, r, target_modules" in out.stderr
+    )
+    assert not list(tmp_path.iterdir())  # nothing was trained or saved
+
+
+@pytest.mark.timeout(300)
+def test_demo_command(tmp_path):
+    """The README's first command: 2 processes (FSDP2), then resume on 1, loss falls, checkpoints committed."""
+    out = subprocess.run(
+        [sys.executable, "-m", "dist_lora", "demo", "--run-dir", str(tmp_path)],
+        env=launch_env(),
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    rows = losses(tmp_path / "metrics.jsonl")
+    assert sorted(rows) == list(range(1, 41))
+    assert rows[40] < rows[1] - 0.3
+    assert {r["world_size"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())} == {1, 2}
+    assert "step-00000040   committed" in out.stdout
+
+
+def test_sample_order_does_not_depend_on_world_size(gpt2_base):
+    from transformers import AutoTokenizer
+
+    data = TokenBlocks(str(corpus_path()), AutoTokenizer.from_pretrained(gpt2_base), 32)
+    for step in (0, 5, 40):  # 40 * 12 samples wraps into later epochs
+        seen = {}
+        for world, micro in ((1, 1), (2, 3), (3, 2), (4, 1)):
+            accum = 12 // (world * micro)
+            rows = [
+                data.micro_batch(seed=3, step=step, global_batch=12, micro=micro, world=world, rank=r, index=m)[
+                    "input_ids"
+                ]
+                for r in range(world)
+                for m in range(accum)
+            ]
+            seen[world] = sorted(tuple(x.tolist()) for batch in rows for x in batch)
+        assert seen[1] == seen[2] == seen[3] == seen[4]
+    a = data.micro_batch(seed=3, step=1, global_batch=12, micro=12, world=1, rank=0, index=0)["input_ids"]
+    b = data.micro_batch(seed=4, step=1, global_batch=12, micro=12, world=1, rank=0, index=0)["input_ids"]
+    assert not (a == b).all()
+
+
+def test_lr_schedule():
+    t = TrainConfig(max_steps=10, lr=1.0, warmup_steps=2)
+    assert [round(lr_at(s, t), 4) for s in (0, 1, 2)] == [0.5, 1.0, 1.0]
+    assert math.isclose(lr_at(10, t), 0.1) and lr_at(6, t) < lr_at(3, t)
