@@ -44,9 +44,10 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def mean_across_ranks(value: float) -> float:
+def step_consensus(loss: float, stop: bool) -> tuple[float, bool]:
+    """Collective: the loss averaged over ranks, and whether any rank wants to stop (one tiny all-reduce)."""
     if not dist.is_initialized():
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        return loss, stop
+    t = torch.tensor([loss, float(stop)], dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(t)
-    return float(t.item()) / dist.get_world_size()
+    return float(t[0].item()) / dist.get_world_size(), bool(t[1].item() > 0)

@@ -16,9 +16,10 @@ from dist_lora.api import load_checkpoint, save_checkpoint
 from dist_lora.checkpoint import newest_verified_step
 from dist_lora.config import ConfigError, RunConfig, TrainConfig, config_to_dict
 from dist_lora.data import TokenBlocks
-from dist_lora.distributed import init_distributed, mean_across_ranks, shutdown
+from dist_lora.distributed import init_distributed, shutdown, step_consensus
 from dist_lora.gather import broadcast_json
 from dist_lora.lora import apply_lora
+from dist_lora.preempt import StopRequest
 from dist_lora.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,8 @@ class Trainer:
             grad_accum=self.grad_accum,
         )
         self.step = 0
+        self.stop = StopRequest()
+        self.stopped_early = False
         self.last_saved: int | None = None
         self.metrics: list[dict[str, Any]] = []
 
@@ -151,7 +154,9 @@ class Trainer:
             total += float(loss.detach())
         self.backend.step(lr)
         self.step += 1
-        return mean_across_ranks(total / self.grad_accum)
+        mean_loss, stop = step_consensus(total / self.grad_accum, self.stop.requested)
+        self.stopped_early = self.stopped_early or stop
+        return mean_loss
 
     def save(self) -> str:
         """Save the current step (collective); returns its URL."""
@@ -184,10 +189,13 @@ class Trainer:
         return url
 
     def fit(self) -> list[dict[str, Any]]:
-        """Train to ``stop_at_step`` (or ``max_steps``), saving every ``every_steps`` and at the end."""
+        """Train to ``stop_at_step`` (or ``max_steps``), saving every ``every_steps`` and at the end.
+
+        SIGTERM or SIGUSR1 on any rank ends the run after the current step, with a checkpoint (see preempt.py).
+        """
         from tqdm import tqdm
 
-        t, ck = self.cfg.train, self.cfg.checkpoint
+        t = self.cfg.train
         stop = t.stop_at_step or t.max_steps
         log.info(
             "training %s on %d rank(s), backend %s, grad_accum %d, steps %d..%d",
@@ -200,33 +208,39 @@ class Trainer:
         )
         metrics_file = Path(t.metrics_file) if t.metrics_file and self.rank == 0 else None
         bar = tqdm(total=stop, initial=self.step, disable=self.rank != 0, desc="train", dynamic_ncols=True)
-        while self.step < stop:
-            t0 = time.perf_counter()
-            lr = lr_at(self.step, t)
-            loss = self.train_step()
-            row = {
-                "step": self.step,
-                "loss": loss,
-                "lr": lr,
-                "seconds": round(time.perf_counter() - t0, 4),
-                "world_size": self.world,
-                "backend": self.backend.name,
-            }
-            self.metrics.append(row)
-            if metrics_file is not None:
-                with metrics_file.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-            log.debug("step %d loss %.6f lr %.3e", self.step, loss, lr)
-            if ck.every_steps and self.step % ck.every_steps == 0:
+        with self.stop:
+            while self.step < stop and not self.stopped_early:
+                self._step_and_log(bar, metrics_file)
+            if self.last_saved != self.step:
                 self.save()
-        if self.last_saved != self.step:
-            self.save()
         bar.close()
-        log.info(
-            "finished at step %d, loss %.4f",
-            self.step,
-            self.metrics[-1]["loss"] if self.metrics else float("nan"),
-        )
+        if self.stopped_early:
+            log.warning("stopped after step %d on request; the checkpoint is committed (resume: auto)", self.step)
+        else:
+            log.info(
+                "finished at step %d, loss %.4f", self.step, self.metrics[-1]["loss"] if self.metrics else math.nan
+            )
         return self.metrics
+
+    def _step_and_log(self, bar: Any, metrics_file: Path | None) -> None:
+        t0 = time.perf_counter()
+        lr = lr_at(self.step, self.cfg.train)
+        loss = self.train_step()
+        row = {
+            "step": self.step,
+            "loss": loss,
+            "lr": lr,
+            "seconds": round(time.perf_counter() - t0, 4),
+            "world_size": self.world,
+            "backend": self.backend.name,
+        }
+        self.metrics.append(row)
+        if metrics_file is not None:
+            with metrics_file.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+        log.debug("step %d loss %.6f lr %.3e", self.step, loss, lr)
+        every = self.cfg.checkpoint.every_steps
+        if every and self.step % every == 0:
+            self.save()

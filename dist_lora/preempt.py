@@ -1,0 +1,51 @@
+"""Graceful stop on SIGTERM / SIGUSR1: finish the current step, save collectively, exit 0.
+
+Clusters warn before they take a job away: Kubernetes and SLURM send SIGTERM, SLURM's ``--signal`` sends SIGUSR1
+ahead of the time limit. The handler only records the signal; after every step the ranks agree (one tiny
+all-reduce, shared with the loss) whether any of them was signalled, so they all stop after the same step. A
+second signal while the checkpoint is being written changes nothing: the save goes on, and a step is committed
+whole or not at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from types import FrameType
+
+log = logging.getLogger(__name__)
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StopRequest:
+    """Records stop signals while installed (main thread only); ``requested`` says whether one arrived."""
+
+    def __init__(self, signals: tuple[signal.Signals, ...] = STOP_SIGNALS):
+        self.signals = signals
+        self.received: signal.Signals | None = None
+        self._previous: dict[signal.Signals, object] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.received is not None
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        sig = signal.Signals(signum)
+        if self.received is None:
+            log.warning("%s received: finishing this step, saving a checkpoint, then exiting", sig.name)
+        else:
+            log.warning("%s received again: already stopping (a checkpoint commits whole or not at all)", sig.name)
+        self.received = sig
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.signals:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)  # type: ignore[arg-type]
+        self._previous.clear()

@@ -1,0 +1,57 @@
+# Sourced by the launch scripts: run a launcher in the background and forward stop signals to the ranks.
+#
+# SIGTERM / SIGUSR1 / SIGINT sent to the script go to the training ranks (the `python -m dist_lora` processes
+# under the launcher), not to the launcher: each rank finishes its step, the ranks save a checkpoint together,
+# and exit 0. Launchers that get the signal themselves kill their workers instead (torchrun after 30 s, the
+# deepspeed launcher at once), which is what this avoids.
+
+# True when process $1 is a rank: its interpreter's first `-m` module is dist_lora (the launchers run
+# `-m torch.distributed.run ... -m dist_lora` or `-m deepspeed.launcher.launch`, and are not ranks).
+is_rank() {
+  local prev="" arg
+  while IFS= read -r -d '' arg; do
+    if [[ $prev == "-m" ]]; then
+      [[ $arg == "dist_lora" ]]
+      return
+    fi
+    prev=$arg
+  done < "/proc/$1/cmdline" 2>/dev/null
+  return 1
+}
+
+# The PIDs of every rank below process $1.
+dist_lora_ranks() {
+  local parent=$1 child
+  for child in $(pgrep -P "$parent" 2>/dev/null); do
+    if is_rank "$child"; then
+      echo "$child"
+    fi
+    dist_lora_ranks "$child"
+  done
+}
+
+forward_signal() {
+  local sig=$1 rank
+  echo "[launch] $sig received: forwarding it to the ranks (they finish the step, save, and exit)" >&2
+  for rank in $(dist_lora_ranks "$launcher_pid"); do
+    kill -s "$sig" "$rank" 2>/dev/null || true
+  done
+}
+
+# run_forwarding CMD...: run CMD in the background, forward stop signals, return CMD's exit status.
+run_forwarding() {
+  "$@" &
+  launcher_pid=$!
+  trap 'forward_signal TERM' TERM
+  trap 'forward_signal USR1' USR1
+  trap 'forward_signal INT' INT
+  local status=0
+  while true; do
+    wait "$launcher_pid" && status=0 || status=$?
+    # wait returns early (status > 128) when a trapped signal arrives; keep waiting while the launcher runs
+    if ! kill -0 "$launcher_pid" 2>/dev/null; then
+      break
+    fi
+  done
+  return "$status"
+}
