@@ -85,6 +85,8 @@ class ParallelConfig:
     """DeepSpeed ZeRO stage (1, 2 or 3); used with backend=deepspeed."""
     mixed_precision: str = "none"
     """none | bf16: FSDP2 MixedPrecisionPolicy / DeepSpeed bf16 with fp32 master weights."""
+    deepspeed_config: str | None = None
+    """A DeepSpeed JSON merged over dist_lora's (e.g. offload or overlap settings); "auto" values are skipped."""
 
 
 @dataclass

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by the launch scripts: run a launcher in the background and forward stop signals to the ranks.
 #
 # SIGTERM / SIGUSR1 / SIGINT sent to the script go to the training ranks (the `python -m dist_lora` processes

@@ -27,14 +27,17 @@ if [[ -z "${NPROC_PER_NODE:-}" ]]; then
   NPROC_PER_NODE=$(python -c "import torch; print(max(torch.cuda.device_count(), 1))")
 fi
 NNODES=${NNODES:-1}
-args=(--nnodes "$NNODES" --nproc_per_node "$NPROC_PER_NODE" --max-restarts "${MAX_RESTARTS:-0}")
-if [[ -n "${RDZV_ENDPOINT:-}" ]]; then
+args=(--nproc_per_node "$NPROC_PER_NODE")
+if [[ -n "${PET_RDZV_ENDPOINT:-}" || -n "${PET_MASTER_ADDR:-}" ]]; then
+  : # the Kubeflow training operator set PET_* (nnodes, rendezvous, restarts): torchrun reads them itself
+elif [[ -n "${RDZV_ENDPOINT:-}" ]]; then
+  args+=(--nnodes "$NNODES" --max-restarts "${MAX_RESTARTS:-0}")
   args+=(--rdzv-backend c10d --rdzv-endpoint "$RDZV_ENDPOINT" --rdzv-id "${RDZV_ID:-dist-lora}")
 elif [[ "$NNODES" == "1" ]]; then
-  args+=(--standalone)
+  args+=(--nnodes 1 --max-restarts "${MAX_RESTARTS:-0}" --standalone)
 else
   : "${MASTER_ADDR:?set MASTER_ADDR (node 0) or RDZV_ENDPOINT for a multi-node job}"
-  args+=(--node-rank "${NODE_RANK:-0}" --master-addr "$MASTER_ADDR" --master-port "${MASTER_PORT:-29500}")
+  args+=(--nnodes "$NNODES" --max-restarts "${MAX_RESTARTS:-0}" --node-rank "${NODE_RANK:-0}" --master-addr "$MASTER_ADDR" --master-port "${MASTER_PORT:-29500}")
 fi
 
 echo "[launch] torchrun ${args[*]} -m dist_lora train $*" >&2

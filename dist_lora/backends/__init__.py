@@ -67,6 +67,7 @@ def build(
             micro_batch_size=micro_batch_size,
             grad_accum=grad_accum,
             bf16=parallel.mixed_precision == "bf16",
+            extra_config=parallel.deepspeed_config,
         )
     raise ValueError(f"parallel.backend must be one of fsdp, deepspeed, ddp, single (got {name!r})")
 

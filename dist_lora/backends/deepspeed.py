@@ -12,6 +12,7 @@ so loading creates it first. Only this module imports deepspeed.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from typing import Any
@@ -23,17 +24,41 @@ from dist_lora.backends.base import Backend, LocalPiece
 from dist_lora.constants import OPTIM_TENSOR_FIELDS, WEIGHT_FIELD
 
 
-def ds_config(*, zero_stage: int, micro_batch_size: int, grad_accum: int, bf16: bool = False) -> dict[str, Any]:
-    """The DeepSpeed JSON config dist_lora uses (the launcher needs no file of its own)."""
-    return {
-        "train_micro_batch_size_per_gpu": micro_batch_size,
-        "gradient_accumulation_steps": grad_accum,
-        "zero_optimization": {"stage": zero_stage, "stage3_param_persistence_threshold": 0},
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    for key, value in extra.items():
+        if value == "auto":
+            continue  # HF Trainer's placeholder: dist_lora's own value stands
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def ds_config(
+    *, zero_stage: int, micro_batch_size: int, grad_accum: int, bf16: bool = False, extra: str | None = None
+) -> dict[str, Any]:
+    """The DeepSpeed config dist_lora uses; ``extra`` names a JSON file merged over it ("auto" values skipped).
+
+    Batch sizes and the ZeRO stage always come from dist_lora's config, so the run and its checkpoints agree.
+    """
+    config: dict[str, Any] = {
+        "zero_optimization": {"stage3_param_persistence_threshold": 0},
         "bf16": {"enabled": bf16},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31,
         "wall_clock_breakdown": False,
     }
+    if extra:
+        try:
+            with open(extra) as f:
+                _merge(config, json.load(f))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"parallel.deepspeed_config {extra}: {e}") from e
+    config["train_micro_batch_size_per_gpu"] = micro_batch_size
+    config["gradient_accumulation_steps"] = grad_accum
+    config["zero_optimization"]["stage"] = zero_stage
+    return config
 
 
 def import_deepspeed() -> Any:
@@ -78,10 +103,17 @@ class DeepSpeedBackend(Backend):
         micro_batch_size: int,
         grad_accum: int,
         bf16: bool = False,
+        extra_config: str | None = None,
     ) -> DeepSpeedBackend:
         deepspeed = import_deepspeed()
         params = [p for p in model.parameters() if p.requires_grad]
-        config = ds_config(zero_stage=zero_stage, micro_batch_size=micro_batch_size, grad_accum=grad_accum, bf16=bf16)
+        config = ds_config(
+            zero_stage=zero_stage,
+            micro_batch_size=micro_batch_size,
+            grad_accum=grad_accum,
+            bf16=bf16,
+            extra=extra_config,
+        )
         engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=make_optimizer(params), config=config)
         return cls(engine, optimizer, bias)
 

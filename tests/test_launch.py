@@ -1,0 +1,227 @@
+"""launch/ scripts, preemption, elastic restarts, the Kubernetes manifest, the Dockerfile, the DeepSpeed JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dist_lora.backends.deepspeed import ds_config
+from dist_lora.demo import corpus_path
+from tests.dist_utils import ROOT, launch_env
+
+LAUNCH = ROOT / "launch"
+TINY = ROOT / "configs" / "tiny.yaml"
+
+
+def run_args(base: Path, ckpt: Path, metrics: Path, *extra: str) -> list[str]:
+    return [
+        str(TINY),
+        f"model.name_or_path={base}",
+        f"data.path={corpus_path()}",
+        f"checkpoint.dir={ckpt}",
+        f"train.metrics_file={metrics}",
+        "train.global_batch_size=4",
+        "train.micro_batch_size=1",
+        *extra,
+    ]
+
+
+def steps_done(metrics: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in metrics.read_text().splitlines()] if metrics.exists() else []
+
+
+def committed(ckpt: Path) -> dict[int, dict]:
+    out = subprocess.run(["dist-lora", "ls", str(ckpt), "--json"], capture_output=True, text=True, check=True)
+    return {r["step"]: r for r in json.loads(out.stdout) if r["status"] == "committed"}
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants (torchrun starts its workers in their own sessions)."""
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    os.kill(pid, signal.SIGSTOP)  # no new children while we walk the tree
+    for child in children:
+        kill_tree(int(child))
+    os.kill(pid, signal.SIGKILL)
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"the job exited ({proc.returncode}) before the test could act")
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting for the job")
+        time.sleep(0.05)
+
+
+# ------------------------------------------------------------------------------------------------ linting
+
+
+def test_shellcheck_passes_on_launch_scripts():
+    scripts = [*sorted(LAUNCH.glob("*.sh")), LAUNCH / "slurm.sbatch"]
+    out = subprocess.run(
+        [shutil.which("shellcheck") or "shellcheck", "-x", *map(str, scripts)], capture_output=True, text=True, cwd=ROOT
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_dockerfile_passes_hadolint():
+    out = subprocess.run(
+        [shutil.which("hadolint") or "hadolint", str(ROOT / "docker" / "Dockerfile")], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    ignore = (ROOT / ".dockerignore").read_text().split()
+    assert ".git" in ignore and ".venv" in ignore
+
+
+def test_kubernetes_manifest_is_a_valid_pytorchjob():
+    job = yaml.safe_load((LAUNCH / "k8s" / "pytorchjob.yaml").read_text())
+    assert job["apiVersion"] == "kubeflow.org/v1" and job["kind"] == "PyTorchJob" and job["metadata"]["name"]
+    policy = job["spec"]["elasticPolicy"]
+    assert policy["rdzvBackend"] == "c10d" and 1 <= policy["minReplicas"] <= policy["maxReplicas"]
+    worker = job["spec"]["pytorchReplicaSpecs"]["Worker"]
+    assert worker["replicas"] >= 1 and worker["restartPolicy"] in ("OnFailure", "Always", "ExitCode", "Never")
+    (container,) = worker["template"]["spec"]["containers"]
+    assert container["name"] == "pytorch" and container["image"]  # the operator requires this container name
+    assert container["command"][:2] == ["bash", "launch/torchrun.sh"]
+    assert any(a.startswith("checkpoint.dir=s3://") for a in container["command"])
+    assert {"secretRef": {"name": "dist-lora-s3"}} in container["envFrom"]
+    assert (LAUNCH / "k8s" / "pytorchjob.yaml").read_text().count("AWS_SECRET_ACCESS_KEY=...") == 1  # no secret inline
+
+
+def test_deepspeed_json_merges_over_dist_loras_config():
+    config = ds_config(
+        zero_stage=3,
+        micro_batch_size=2,
+        grad_accum=4,
+        bf16=True,
+        extra=str(ROOT / "configs" / "deepspeed" / "zero3.json"),
+    )
+    assert config["train_micro_batch_size_per_gpu"] == 2 and config["gradient_accumulation_steps"] == 4
+    assert config["bf16"]["enabled"] is True  # "auto" in the file: dist_lora's value stands
+    assert config["zero_optimization"]["overlap_comm"] is True and config["zero_optimization"]["stage"] == 3
+    with pytest.raises(ValueError, match="parallel.deepspeed_config /nope.json"):
+        ds_config(zero_stage=3, micro_batch_size=1, grad_accum=1, extra="/nope.json")
+
+
+# ------------------------------------------------------------------------------------------------ running
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("script", ["torchrun.sh", "deepspeed.sh"])
+def test_launch_script_runs_the_tiny_config_on_two_processes(script, gpt2_base, tmp_path):
+    env = {**launch_env(), "NPROC_PER_NODE": "2", "NUM_GPUS": "2"}
+    backend = "parallel.backend=fsdp" if script == "torchrun.sh" else "parallel.zero_stage=2"
+    out = subprocess.run(
+        [
+            "bash",
+            str(LAUNCH / script),
+            *run_args(gpt2_base, tmp_path / "ckpt", tmp_path / "m.jsonl", "train.max_steps=4", backend),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    rows = committed(tmp_path / "ckpt")
+    assert rows[4]["world_size"] == 2
+    assert rows[4]["backend"] == ("fsdp" if script == "torchrun.sh" else "deepspeed")
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(300)
+def test_sigterm_saves_the_current_step_and_exits_zero(gpt2_base, tmp_path):
+    env = {**launch_env(), "NPROC_PER_NODE": "2"}
+    ckpt, metrics = tmp_path / "ckpt", tmp_path / "m.jsonl"
+    args = run_args(gpt2_base, ckpt, metrics, "train.max_steps=100000", "parallel.backend=fsdp")
+    proc = subprocess.Popen(
+        ["bash", str(LAUNCH / "torchrun.sh"), *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    wait_for(lambda: len(steps_done(metrics)) >= 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    for _ in range(20):  # more signals while the ranks stop and save: nothing may break
+        time.sleep(0.01)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGUSR1)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output[-4000:]
+    last = steps_done(metrics)[-1]
+    rows = committed(ckpt)
+    assert list(rows) == [last]  # a committed checkpoint at the step the job stopped at, and it verifies
+    verify = subprocess.run(["dist-lora", "verify", str(ckpt)], capture_output=True, text=True)
+    assert verify.returncode == 0, verify.stdout
+
+    # a resumed run continues from it
+    resumed = subprocess.run(
+        [
+            "bash",
+            str(LAUNCH / "torchrun.sh"),
+            *run_args(
+                gpt2_base,
+                ckpt,
+                metrics,
+                "train.max_steps=100000",
+                "parallel.backend=fsdp",
+                f"train.stop_at_step={last + 2}",
+            ),
+        ],
+        env={**env, "NPROC_PER_NODE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=200,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert steps_done(metrics)[-3:] == [last, last + 1, last + 2]
+    assert set(committed(ckpt)) == {last, last + 2}
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(300)
+def test_killed_two_process_run_restarts_on_one_and_finishes(gpt2_base, tmp_path):
+    env = {**launch_env(), "NPROC_PER_NODE": "2", "MAX_RESTARTS": "0"}
+    ckpt, metrics = tmp_path / "ckpt", tmp_path / "m.jsonl"
+    args = run_args(
+        gpt2_base, ckpt, metrics, "train.max_steps=400", "checkpoint.every_steps=2", "parallel.backend=fsdp"
+    )
+    proc = subprocess.Popen(
+        ["bash", str(LAUNCH / "torchrun.sh"), *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    wait_for(lambda: (ckpt / "step-00000004" / "manifest.json").exists(), proc)
+    kill_tree(proc.pid)  # the node is gone: no signal handler runs, nothing is flushed
+    proc.wait()
+    before = committed(ckpt)
+    assert before and 400 not in before
+    last = max(before)
+
+    out = subprocess.run(
+        ["bash", str(LAUNCH / "torchrun.sh"), *args],
+        env={**env, "NPROC_PER_NODE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"resumed from {ckpt}/step-{last:08d} at step {last}" in out.stderr
+    steps = steps_done(metrics)
+    assert steps[-1] == 400 and steps[steps.index(last + 1, len(steps) - (400 - last)) :] == list(range(last + 1, 401))
+    rows = committed(ckpt)
+    assert rows[400]["world_size"] == 1 and before[last]["world_size"] == 2
+    assert list(rows) == [396, 398, 400]  # keep_last: 3 (tiny.yaml) retired the older steps
