@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from typing import Any
 
 import torch
@@ -18,20 +17,17 @@ from dist_lora.backends import Backend, attach
 from dist_lora.checkpoint import (
     CheckpointError,
     LoadedStep,
-    StepMeta,
     is_step_url,
     newest_verified_step,
     read_manifest,
     read_step,
     read_verified,
-    serialize_step,
-    write_step,
 )
+from dist_lora.checkpointer import Checkpointer
 from dist_lora.constants import ADAPTER_CONFIG_NAME, OPTIM_TENSOR_FIELDS, WEIGHT_FIELD
-from dist_lora.gather import broadcast_adapter, broadcast_json, gather_adapter
+from dist_lora.gather import broadcast_adapter, broadcast_json
 from dist_lora.lora import (
     AdapterError,
-    adapter_config_dict,
     adapter_parameters,
     base_fingerprint,
     check_bias_mode,
@@ -69,46 +65,16 @@ def save_checkpoint(
     bucket_mb: float = 32.0,
     backend: Backend | None = None,
 ) -> str:
-    """Save the adapter (and optimizer state) as ``<dir>/step-<step>/``; returns the step's URL.
+    """Save the adapter (and optimizer state) as ``<dir>/step-<step>/``; returns the step's URL once committed.
 
     Collective: every rank must call. Only the adapter tensors and their Adam state are gathered to rank 0, in
-    buckets; rank 0 writes and commits the step; one broadcast reports the outcome to every rank.
+    buckets; rank 0 writes and commits the step; one broadcast reports the outcome to every rank. For saves that
+    overlap training, use :class:`dist_lora.checkpointer.Checkpointer` with ``async_save=True``.
     """
-    t0 = time.perf_counter()
     if backend is None:
         backend = attach(model, optimizer, infer_bias_mode(model))
-    state = gather_adapter(backend, int(bucket_mb * 2**20))
-    t_gather = time.perf_counter() - t0
-    result: dict[str, Any] = {"ok": True}
-    error: BaseException | None = None
-    if _rank() == 0:
-        assert state is not None
-        try:
-            meta = StepMeta(
-                step=step,
-                bias=backend.bias,
-                adapter_config=adapter_config_dict(backend.model, backend.bias),
-                fingerprint=base_fingerprint(backend.model),
-                trainer_state=dict(trainer_state or {}),
-                world_size=backend.world_size,
-                backend=backend.name,
-            )
-            files = serialize_step(state, meta)
-            result["url"] = write_step(Storage(dir, storage_options), files, step, keep_last)
-            result["bytes"] = sum(len(b) for b in files.values())
-        except Exception as e:
-            error = e
-            result = {"ok": False, "error": f"{type(e).__name__}: {e}"}
-    result = broadcast_json(result)
-    _raise_everywhere(result, error)
-    log.info(
-        "saved %s (%.2f MB) in %.3f s (gather %.3f s)",
-        result["url"],
-        result["bytes"] / 1e6,
-        time.perf_counter() - t0,
-        t_gather,
-    )
-    return str(result["url"])
+    checkpointer = Checkpointer(dir, keep_last=keep_last, storage_options=storage_options, bucket_mb=bucket_mb)
+    return checkpointer.save(backend, step=step, trainer_state=trainer_state)
 
 
 def _check_step_fits(loaded: LoadedStep, backend: Backend, with_optimizer: bool) -> dict[str, Any]:

@@ -101,6 +101,8 @@ class CheckpointConfig:
     """auto (newest verified step in dir, if any) | none | the URL of one step."""
     bucket_mb: float = 32.0
     """Size of one gather/broadcast bucket; one collective per bucket."""
+    async_save: bool = True
+    """Write and upload in the background; training waits only for the gather (the next save waits for this one)."""
     storage_options: dict[str, Any] = field(default_factory=dict)
     """Passed to fsspec, e.g. {endpoint_url: ..., key: ..., secret: ...} for s3fs; else AWS env vars apply."""
 

@@ -12,8 +12,9 @@ from typing import Any
 import torch
 
 from dist_lora import backends
-from dist_lora.api import load_checkpoint, save_checkpoint
+from dist_lora.api import load_checkpoint
 from dist_lora.checkpoint import newest_verified_step
+from dist_lora.checkpointer import Checkpointer
 from dist_lora.config import ConfigError, RunConfig, TrainConfig, config_to_dict
 from dist_lora.data import TokenBlocks
 from dist_lora.distributed import init_distributed, shutdown, step_consensus
@@ -63,11 +64,14 @@ def resume_url(cfg: RunConfig) -> str | None:
 def train(cfg: RunConfig) -> list[dict[str, Any]]:
     """Run (or resume) a LoRA fine-tune as configured; returns the per-step metrics (on every rank)."""
     init_distributed(need_group=cfg.parallel.backend != "single")
+    trainer = None
     try:
         trainer = Trainer(cfg)
         trainer.resume(resume_url(cfg))
         return trainer.fit()
     finally:
+        if trainer is not None:
+            trainer.checkpointer.close()  # a background write finishes even if training failed
         shutdown()
 
 
@@ -97,6 +101,14 @@ class Trainer:
             bias=cfg.lora.bias,
             micro_batch_size=t.micro_batch_size,
             grad_accum=self.grad_accum,
+        )
+        ck = cfg.checkpoint
+        self.checkpointer = Checkpointer(
+            ck.dir,
+            keep_last=ck.keep_last,
+            storage_options=ck.storage_options,
+            bucket_mb=ck.bucket_mb,
+            async_save=ck.async_save,
         )
         self.step = 0
         self.stop = StopRequest()
@@ -160,7 +172,7 @@ class Trainer:
 
     def save(self) -> str:
         """Save the current step (collective); returns its URL."""
-        t, ck = self.cfg.train, self.cfg.checkpoint
+        t = self.cfg.train
         trainer_state = {
             "samples_seen": self.step * t.global_batch_size,
             "global_batch_size": t.global_batch_size,
@@ -174,19 +186,13 @@ class Trainer:
             },
             "config": config_to_dict(self.cfg),
         }
-        url = save_checkpoint(
-            self.backend.model,
-            ck.dir,
-            step=self.step,
-            optimizer=self.backend.optimizer,
-            trainer_state=trainer_state,
-            keep_last=ck.keep_last,
-            storage_options=ck.storage_options,
-            bucket_mb=ck.bucket_mb,
-            backend=self.backend,
-        )
+        url = self.checkpointer.save(self.backend, step=self.step, trainer_state=trainer_state)
         self.last_saved = self.step
         return url
+
+    def close(self) -> None:
+        """Collective: wait for a background save to commit (raises on every rank if it failed)."""
+        self.checkpointer.wait()
 
     def fit(self) -> list[dict[str, Any]]:
         """Train to ``stop_at_step`` (or ``max_steps``), saving every ``every_steps`` and at the end.
@@ -213,6 +219,7 @@ class Trainer:
                 self._step_and_log(bar, metrics_file)
             if self.last_saved != self.step:
                 self.save()
+            self.close()
         bar.close()
         if self.stopped_early:
             log.warning("stopped after step %d on request; the checkpoint is committed (resume: auto)", self.step)
@@ -234,6 +241,10 @@ class Trainer:
             "world_size": self.world,
             "backend": self.backend.name,
         }
+        every = self.cfg.checkpoint.every_steps
+        if every and self.step % every == 0:
+            self.save()
+            row["save_stall_s"] = round(self.checkpointer.history[-1].stall_s, 4)
         self.metrics.append(row)
         if metrics_file is not None:
             with metrics_file.open("a") as f:
@@ -241,6 +252,3 @@ class Trainer:
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
         log.debug("step %d loss %.6f lr %.3e", self.step, loss, lr)
-        every = self.cfg.checkpoint.every_steps
-        if every and self.step % every == 0:
-            self.save()

@@ -102,6 +102,7 @@ def main() -> None:
                 save_file({"logits": logits.contiguous()}, str(out / f"logits-{trainer.step}.safetensors"))
         else:
             raise ValueError(phase)
+    trainer.close()
     if rank == 0:
         (out / "losses.json").write_text(json.dumps(losses))
     shutdown()

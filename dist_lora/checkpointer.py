@@ -1,0 +1,148 @@
+"""Saving during a run: the collective part blocks, writing and uploading can run in the background.
+
+A save has two parts. The collective part (every rank): gather the adapter and its Adam state to rank 0, where
+the result is already a snapshot in CPU memory that training can no longer change. The I/O part (rank 0):
+serialize, hash, write and commit. With ``async_save`` the I/O part runs in a background thread and training goes
+on; the next save, and :meth:`Checkpointer.wait` at the end of training, first wait for it. A background failure
+is logged at once and raised, on every rank, at the next save or at ``wait``. It never leaves a committed but
+broken step: the manifest is the last thing written, so a failed write is an incomplete step, which readers skip.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dist_lora.backends import Backend
+from dist_lora.checkpoint import AdapterState, CheckpointError, StepMeta, serialize_step, step_name, write_step
+from dist_lora.gather import broadcast_json, gather_adapter
+from dist_lora.lora import adapter_config_dict, base_fingerprint
+from dist_lora.storage import Storage
+
+log = logging.getLogger(__name__)
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+@dataclass
+class SaveStats:
+    step: int
+    stall_s: float
+    """Seconds the training ranks were blocked (gather + snapshot; + write when synchronous)."""
+    write_s: float | None = None
+    """Seconds spent serializing, writing and committing (rank 0), once known."""
+    bytes: int | None = None
+
+
+class Checkpointer:
+    """Saves one run's steps to ``dir``; every method but :meth:`close` is a collective."""
+
+    def __init__(
+        self,
+        dir: str,
+        *,
+        keep_last: int | None = None,
+        storage_options: dict[str, Any] | None = None,
+        bucket_mb: float = 32.0,
+        async_save: bool = False,
+    ):
+        self.dir = dir
+        self.keep_last = keep_last
+        self.storage_options = storage_options
+        self.bucket_bytes = int(bucket_mb * 2**20)
+        self.async_save = async_save
+        self.history: list[SaveStats] = []
+        self._storage: Storage | None = None
+        self._thread: threading.Thread | None = None
+        self._result: dict[str, Any] | None = None
+        self._error: BaseException | None = None
+
+    @property
+    def storage(self) -> Storage:
+        if self._storage is None:
+            self._storage = Storage(self.dir, self.storage_options)
+        return self._storage
+
+    def save(self, backend: Backend, *, step: int, trainer_state: dict[str, Any] | None = None) -> str:
+        """Collective: snapshot the adapter at ``step`` and commit it (now, or in the background). Returns its URL.
+
+        Raises here, on every rank, if the previous background save failed.
+        """
+        t0 = time.perf_counter()
+        self._settle()
+        state = gather_adapter(backend, self.bucket_bytes)
+        stats = SaveStats(step=step, stall_s=0.0)
+        self.history.append(stats)
+        if _rank() == 0:
+            assert state is not None
+            meta = StepMeta(
+                step=step,
+                bias=backend.bias,
+                adapter_config=adapter_config_dict(backend.model, backend.bias),
+                fingerprint=base_fingerprint(backend.model),
+                trainer_state=dict(trainer_state or {}),
+                world_size=backend.world_size,
+                backend=backend.name,
+            )
+            if self.async_save:
+                self._thread = threading.Thread(
+                    target=self._write, args=(state, meta, stats), name=f"dist-lora-save-{step}", daemon=False
+                )
+                self._thread.start()
+            else:
+                self._write(state, meta, stats)
+        if not self.async_save:
+            self._settle()  # the one barrier of a synchronous save: every rank learns the outcome
+        stats.stall_s = time.perf_counter() - t0
+        log.info(
+            "step %d: save stalled training %.3f s%s",
+            step,
+            stats.stall_s,
+            " (writing in the background)" if self.async_save else "",
+        )
+        return self.storage.url_of(step_name(step)) if _rank() == 0 else f"{self.dir.rstrip('/')}/{step_name(step)}"
+
+    def wait(self) -> None:
+        """Collective: wait for a background save; raise on every rank if it failed."""
+        self._settle()
+
+    def close(self) -> None:
+        """Not a collective: let a background write finish (for exit paths where the other ranks may be gone)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    # ------------------------------------------------------------------------------------------ internals
+
+    def _write(self, state: AdapterState, meta: StepMeta, stats: SaveStats) -> None:
+        """Rank 0: serialize, write and commit; records the outcome for :meth:`_settle`. Never raises."""
+        t0 = time.perf_counter()
+        try:
+            files = serialize_step(state, meta)
+            url = write_step(self.storage, files, meta.step, self.keep_last)
+            stats.write_s, stats.bytes = time.perf_counter() - t0, sum(len(b) for b in files.values())
+            self._result = {"ok": True, "url": url}
+            log.info("step %d: committed %s (%.2f MB), write %.3f s", meta.step, url, stats.bytes / 1e6, stats.write_s)
+        except Exception as e:  # reported now, raised on every rank at the next collective
+            self._error = e
+            self._result = {"ok": False, "error": f"{type(e).__name__}: {e}", "step": meta.step}
+            log.error("step %d: saving failed, the step is not committed: %s: %s", meta.step, type(e).__name__, e)
+
+    def _settle(self) -> None:
+        """Collective: finish the pending write on rank 0 and raise its error on every rank."""
+        self.close()
+        result = self._result if self._result is not None else {"ok": True}
+        error, self._result, self._error = self._error, None, None
+        result = broadcast_json(result)
+        if result.get("ok"):
+            return
+        if error is not None:
+            raise error
+        raise CheckpointError(f"saving step {result.get('step')} failed on rank 0: {result.get('error')}")

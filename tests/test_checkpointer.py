@@ -1,0 +1,107 @@
+"""Asynchronous saves: training waits only for the snapshot; failures surface, never as a committed broken step."""
+
+import threading
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import dist_lora
+from dist_lora.backends import attach
+from dist_lora.checkpoint import list_steps, step_name
+from dist_lora.checkpointer import Checkpointer
+from dist_lora.config import LoraConfig
+from dist_lora.constants import MANIFEST_NAME
+from dist_lora.storage import Storage, StorageError
+
+
+@pytest.fixture
+def backend(gpt2_base):
+    torch.manual_seed(0)
+    model = dist_lora.apply_lora(
+        AutoModelForCausalLM.from_pretrained(gpt2_base), LoraConfig(r=4, target_modules=["c_attn"])
+    )
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    return attach(model, opt, "none")
+
+
+def slow_writes(monkeypatch, seconds: float, fail_on: str | None = None):
+    original = Storage.write
+
+    def write(self, rel, data, *, exclusive=False):
+        time.sleep(seconds)
+        if fail_on and rel.endswith(fail_on):
+            raise StorageError(f"cannot write {rel}: injected failure")
+        return original(self, rel, data, exclusive=exclusive)
+
+    monkeypatch.setattr(Storage, "write", write)
+
+
+def test_async_save_returns_before_the_write_and_commits_in_the_background(backend, tmp_path, monkeypatch):
+    slow_writes(monkeypatch, 0.2)
+    ck = Checkpointer(str(tmp_path), async_save=True)
+    url = ck.save(backend, step=1)
+    assert url == str(tmp_path / step_name(1))
+    assert not (tmp_path / step_name(1) / MANIFEST_NAME).exists()  # still writing: training already goes on
+    stats = ck.history[-1]
+    assert stats.stall_s < 0.2
+    ck.wait()
+    assert (tmp_path / step_name(1) / MANIFEST_NAME).exists()
+    assert stats.write_s >= 0.2 * 5 and stats.bytes > 0  # five files, each write delayed
+    assert stats.stall_s <= 0.05 * stats.write_s  # the stall is a small fraction of the save
+
+
+def test_the_next_save_waits_for_the_previous_one(backend, tmp_path, monkeypatch):
+    slow_writes(monkeypatch, 0.05)
+    ck = Checkpointer(str(tmp_path), async_save=True, keep_last=1)
+    ck.save(backend, step=1)
+    ck.save(backend, step=2)
+    assert (tmp_path / step_name(1) / MANIFEST_NAME).exists()  # step 1 committed before step 2 was snapshotted
+    ck.wait()
+    assert [s.name for s in list_steps(Storage(str(tmp_path)))] == [step_name(2)]  # retention ran after step 2
+
+
+def test_background_failure_is_logged_at_once_raised_at_the_next_save_and_never_committed(
+    backend, tmp_path, monkeypatch, caplog
+):
+    slow_writes(monkeypatch, 0.01, fail_on="adapter_config.json")
+    ck = Checkpointer(str(tmp_path), async_save=True)
+    ck.save(backend, step=1)
+    deadline = time.monotonic() + 10
+    while "saving failed" not in caplog.text and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert "step 1: saving failed, the step is not committed" in caplog.text  # before anyone waits
+    with pytest.raises(StorageError, match="injected failure"):
+        ck.save(backend, step=2)
+    assert [s.status for s in list_steps(Storage(str(tmp_path)))] == ["incomplete"]
+    monkeypatch.undo()
+    ck.save(backend, step=2)  # the checkpointer is usable again
+    ck.wait()
+    assert [s.status for s in list_steps(Storage(str(tmp_path)))] == ["incomplete", "committed"]
+
+
+def test_failure_surfaces_at_wait(backend, tmp_path, monkeypatch):
+    slow_writes(monkeypatch, 0.0, fail_on=MANIFEST_NAME)
+    ck = Checkpointer(str(tmp_path), async_save=True)
+    ck.save(backend, step=3)
+    with pytest.raises(StorageError):
+        ck.wait()
+    assert not (tmp_path / step_name(3) / MANIFEST_NAME).exists()
+
+
+def test_snapshot_is_independent_of_later_training(backend, tmp_path, monkeypatch):
+    slow_writes(monkeypatch, 0.1)
+    ck = Checkpointer(str(tmp_path), async_save=True)
+    want = {k: v.clone() for k, v in dist_lora.lora_state_dict(backend.model).items()}
+    ck.save(backend, step=1)
+    with torch.no_grad():  # training changes the weights while the write is in flight
+        for p in backend.adapter().values():
+            p.add_(1.0)
+    ck.wait()
+    from safetensors.torch import load_file
+
+    got = load_file(str(tmp_path / step_name(1) / "adapter_model.safetensors"))
+    for k in want:
+        assert torch.equal(got[k], want[k])
+    assert threading.active_count() >= 1
