@@ -6,6 +6,14 @@
 # and exit 0. Launchers that get the signal themselves kill their workers instead (torchrun after 30 s, the
 # deepspeed launcher at once), which is what this avoids.
 
+# need_config "$@": the scripts take CONFIG.yaml [key=value ...]
+need_config() {
+  if [[ $# -lt 1 ]]; then
+    echo "usage: $(basename "$0") CONFIG.yaml [key=value ...]" >&2
+    exit 2
+  fi
+}
+
 # True when process $1 is a rank: its interpreter's first `-m` module is dist_lora (the launchers run
 # `-m torch.distributed.run ... -m dist_lora` or `-m deepspeed.launcher.launch`, and are not ranks).
 is_rank() {

@@ -13,10 +13,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=launch/common.sh
 . "$here/common.sh"
 
-if [[ $# -lt 1 ]]; then
-  echo "usage: $0 CONFIG.yaml [key=value ...]" >&2
-  exit 2
-fi
+need_config "$@"
 config=$1
 shift
 

@@ -73,13 +73,16 @@ class Backend(ABC):
         """Mean loss of one micro-batch; ``last_micro`` says whether gradients sync after its backward."""
         return self.model(**batch).loss
 
-    @abstractmethod
     def backward(self, loss: torch.Tensor, *, grad_accum: int, last_micro: bool) -> None:
         """Backpropagate one micro-batch's mean loss; gradients average over the global batch."""
+        (loss / grad_accum).backward()
 
-    @abstractmethod
     def step(self, lr: float) -> None:
         """Apply the accumulated gradients with this learning rate and clear them."""
+        assert self.optimizer is not None
+        self.set_lr(lr)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
     def set_lr(self, lr: float) -> None:
         assert self.optimizer is not None

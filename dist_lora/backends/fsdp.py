@@ -50,15 +50,6 @@ class FSDPBackend(Backend):
             self.model.set_requires_gradient_sync(last_micro)
         return self.model(**batch).loss
 
-    def backward(self, loss: torch.Tensor, *, grad_accum: int, last_micro: bool) -> None:
-        (loss / grad_accum).backward()
-
-    def step(self, lr: float) -> None:
-        assert self.optimizer is not None
-        self.set_lr(lr)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
     @staticmethod
     def _row_offset(p: DTensor) -> int:
         if tuple(p.placements) != (Shard(0),):

@@ -11,15 +11,6 @@ from dist_lora.backends.base import Backend, LocalPiece, full_pieces, load_torch
 class SingleBackend(Backend):
     name = "single"
 
-    def backward(self, loss: torch.Tensor, *, grad_accum: int, last_micro: bool) -> None:
-        (loss / grad_accum).backward()
-
-    def step(self, lr: float) -> None:
-        assert self.optimizer is not None
-        self.set_lr(lr)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
     def local_pieces(self) -> list[LocalPiece]:
         return full_pieces(self, owner=self.rank == 0)
 

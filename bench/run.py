@@ -1,0 +1,595 @@
+"""dist_lora's benchmark suite: one command, every figure a median, every comparison a ratio from the same run.
+
+    python -m bench.run            # everything (about 10-15 minutes on 2 CPU cores)
+    python -m bench.run --quick    # fewer repeats and sizes, for a smoke test
+
+Writes bench/results/results.md (the tables), results.csv (every row), results.json (raw) and results.png.
+All runs are on this machine's CPU with gloo, world size 2 unless stated; models are randomly initialised GPT-2
+architectures (sizes are what matter), LoRA r=4 on the attention projection (c_attn) as in loralib.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+SIZES = {"S": (12, 768, 12), "M": (24, 1024, 16), "L": (36, 1280, 20)}
+QUOTED = {"S": 1.4e6, "M": 4.7e6, "L": 9.4e6}  # often-quoted GPT-2 LoRA checkpoint sizes (about 350x smaller)
+LORALIB_M = 1.5e6  # loralib README: GPT-2 Medium LoRA checkpoint
+
+
+def env() -> dict[str, str]:
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "GLOO_SOCKET_IFNAME": "lo",
+        "HF_HUB_OFFLINE": "1",
+        "DS_ACCELERATOR": "cpu",
+        "TOKENIZERS_PARALLELISM": "false",
+        "TRANSFORMERS_VERBOSITY": "error",
+        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
+
+
+def torchrun(nproc: int, module: str, spec: dict, timeout: int = 1800) -> None:
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        module,
+        json.dumps(spec),
+    ]
+    out = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    if out.returncode != 0:
+        raise RuntimeError(f"{module} x{nproc} failed:\n{out.stderr[-4000:]}")
+
+
+def save_bench(
+    tmp: Path,
+    engine: str,
+    size: str,
+    methods: list[str],
+    repeats: int,
+    world: int = 2,
+    r: int = 4,
+    targets: list[str] | None = None,
+    layers: int | None = None,
+) -> dict:
+    n_layer, hidden, heads = SIZES[size]
+    result = tmp / f"save-{engine}-{size}-{world}-{r}-{layers}.json"
+    spec = {
+        "engine": engine,
+        "layers": layers or n_layer,
+        "hidden": hidden,
+        "heads": heads,
+        "r": r,
+        "targets": targets or ["c_attn"],
+        "methods": methods,
+        "repeats": repeats,
+        "out": str(tmp / "work"),
+        "result": str(result),
+    }
+    torchrun(world, "bench.save_worker", spec)
+    return json.loads(result.read_text())
+
+
+# ---------------------------------------------------------------------------------------------- a. save paths
+
+
+def part_a(tmp: Path, repeats: int, sizes: list[str]) -> list[dict]:
+    rows = []
+    for size in sizes:
+        for engine, methods in (
+            (
+                "zero3",
+                [
+                    "dist_lora sync",
+                    "dist_lora async",
+                    "DeepSpeed ZeRO-3 16-bit consolidation (HF Trainer path)",
+                    "DeepSpeed save_checkpoint(exclude_frozen_parameters=True)",
+                ],
+            ),
+            (
+                "fsdp",
+                [
+                    "dist_lora sync",
+                    "dist_lora async",
+                    "FSDP2 get_model_state_dict(full_state_dict) (accelerate path)",
+                    "torch.distributed.checkpoint.save of the adapter",
+                ],
+            ),
+        ):
+            out = save_bench(tmp, engine, size, methods, repeats)
+            for row in out["results"]:
+                rows.append(
+                    {
+                        "part": "a",
+                        "model": f"GPT-2 {size}",
+                        "adapter_elements": out["adapter_elements"],
+                        "base_elements": out["base_elements"],
+                        **row,
+                    }
+                )
+            print(
+                f"[a] GPT-2 {size} {engine}: "
+                + ", ".join(f"{r['method']}={r['stall_s']:.3f}s" for r in out["results"]),
+                flush=True,
+            )
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- b. sizes
+
+
+def part_b() -> list[dict]:
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from dist_lora.checkpoint import AdapterState, StepMeta, serialize_step
+    from dist_lora.config import LoraConfig
+    from dist_lora.constants import ADAPTER_WEIGHTS_NAME
+    from dist_lora.lora import apply_lora, lora_state_dict
+
+    rows = []
+    for size, (n_layer, hidden, heads) in SIZES.items():
+        with torch.device("meta"):
+            model = GPT2LMHeadModel(GPT2Config(n_layer=n_layer, n_embd=hidden, n_head=heads))
+        full_bytes = sum(p.numel() for p in model.parameters()) * 4
+        model = apply_lora(model, LoraConfig(r=4, alpha=8, target_modules=["c_attn"]))
+        weights = {k: torch.zeros(v.shape) for k, v in lora_state_dict(model).items()}
+        n = sum(t.numel() for t in weights.values())
+        meta = StepMeta(step=1, bias="none", adapter_config={}, fingerprint={}, trainer_state={})
+        file_bytes = len(serialize_step(AdapterState(weights), meta)[ADAPTER_WEIGHTS_NAME])
+        rows.append(
+            {
+                "part": "b",
+                "model": f"GPT-2 {size}",
+                "adapter_elements": n,
+                "adapter_file_bytes": file_bytes,
+                "header_fraction": (file_bytes - 4 * n) / file_bytes,
+                "full_model_bytes_fp32": full_bytes,
+                "ratio": full_bytes / file_bytes,
+                "quoted_bytes": QUOTED[size],
+                "quoted_ratio": full_bytes / QUOTED[size],
+                "loralib_published_bytes": LORALIB_M if size == "M" else None,
+            }
+        )
+        print(
+            f"[b] GPT-2 {size}: adapter {file_bytes / 1e6:.3f} MB, {full_bytes / file_bytes:.0f}x smaller", flush=True
+        )
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- c. resume
+
+
+def _time_to_first_step(args: list[str], nproc: int, metrics: Path, after: int) -> float:
+    metrics.unlink(missing_ok=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "dist_lora",
+        "train",
+        *args,
+        f"train.metrics_file={metrics}",
+    ]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    while True:
+        if metrics.exists() and any(json.loads(x)["step"] > after for x in metrics.read_text().splitlines()):
+            elapsed = time.perf_counter() - t0
+            break
+        if proc.poll() is not None:
+            raise RuntimeError(proc.stderr.read()[-3000:] if proc.stderr else "train failed")
+        time.sleep(0.02)
+    proc.wait(timeout=600)
+    return elapsed
+
+
+def part_c(tmp: Path, repeats: int) -> list[dict]:
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from dist_lora.demo import build_tokenizer, corpus_path
+
+    base = tmp / "gpt2-small"
+    if not (base / "config.json").exists():
+        tok = build_tokenizer(corpus_path())
+        torch.manual_seed(0)
+        GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_layer=12, n_embd=768, n_head=12)).save_pretrained(base)
+        tok.save_pretrained(base)
+    common = [
+        str(ROOT / "configs" / "tiny.yaml"),
+        f"model.name_or_path={base}",
+        f"data.path={corpus_path()}",
+        "lora.target_modules=[c_attn]",
+        "lora.r=4",
+        "train.global_batch_size=2",
+        "train.micro_batch_size=1",
+        "data.seq_len=64",
+        "checkpoint.keep_last=null",
+        "checkpoint.every_steps=0",
+    ]
+    ckpt = tmp / "resume-ckpt"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "dist_lora",
+            "train",
+            *common,
+            f"checkpoint.dir={ckpt}",
+            "parallel.backend=fsdp",
+            "train.stop_at_step=2",
+        ],
+        env=env(),
+        check=True,
+        capture_output=True,
+        cwd=ROOT,
+    )
+    fresh, resumed = [], []
+    for i in range(repeats):
+        fresh.append(
+            _time_to_first_step(
+                [*common, f"checkpoint.dir={tmp / f'fresh-{i}'}", "parallel.backend=fsdp", "train.stop_at_step=1"],
+                1,
+                tmp / "m.jsonl",
+                0,
+            )
+        )
+        resumed.append(
+            _time_to_first_step(
+                [
+                    *common,
+                    f"checkpoint.dir={ckpt}",
+                    "parallel.backend=fsdp",
+                    f"checkpoint.resume={ckpt}/step-00000002",
+                    "train.stop_at_step=3",
+                ],
+                1,
+                tmp / "m.jsonl",
+                2,
+            )
+        )
+    row = {
+        "part": "c",
+        "model": "GPT-2 S",
+        "fresh_start_s": statistics.median(fresh),
+        "resume_other_world_size_s": statistics.median(resumed),
+    }
+    row["ratio"] = row["resume_other_world_size_s"] / row["fresh_start_s"]
+    print(
+        f"[c] fresh {row['fresh_start_s']:.2f}s, resume at world 1: {row['resume_other_world_size_s']:.2f}s",
+        flush=True,
+    )
+
+    ds_dir = tmp / "ds-own"
+    rows = [row]
+    for stage in (2, 3):
+        torchrun(
+            2,
+            "bench.ds_resume_worker",
+            {"mode": "save", "dir": str(ds_dir / str(stage)), "stage": stage, "result": str(tmp / "ds-save.json")},
+        )
+        try:
+            torchrun(
+                1,
+                "bench.ds_resume_worker",
+                {"mode": "load", "dir": str(ds_dir / str(stage)), "stage": stage, "result": str(tmp / "ds-load.json")},
+                timeout=600,
+            )
+            outcome = json.loads((tmp / "ds-load.json").read_text())
+        except RuntimeError as e:
+            outcome = {"ok": False, "error": str(e).strip().splitlines()[-1][:300]}
+        rows.append(
+            {
+                "part": "c",
+                "model": f"DeepSpeed ZeRO-{stage} own checkpoint, saved at 2, loaded at 1",
+                **{k: outcome.get(k) for k in ("ok", "error", "loss_after_load")},
+            }
+        )
+        print(f"[c] DeepSpeed ZeRO-{stage} own checkpoint at another world size: {outcome}", flush=True)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- d. scaling
+
+
+def part_d(tmp: Path, repeats: int, ranks: list[int], worlds: list[int], layers: list[int]) -> list[dict]:
+    rows = []
+    for r in ranks:
+        out = save_bench(tmp, "fsdp", "S", ["dist_lora sync"], repeats, r=r)
+        rows.append(
+            {
+                "part": "d",
+                "vary": "r",
+                "r": r,
+                "world": 2,
+                "adapter_elements": out["adapter_elements"],
+                **out["results"][0],
+            }
+        )
+    for world in worlds:
+        out = save_bench(tmp, "fsdp", "S", ["dist_lora sync"], repeats, world=world)
+        rows.append(
+            {
+                "part": "d",
+                "vary": "world",
+                "r": 4,
+                "world": world,
+                "adapter_elements": out["adapter_elements"],
+                **out["results"][0],
+            }
+        )
+    for n in layers:  # a fixed adapter (LoRA on layer 0 only) on ever deeper bases
+        out = save_bench(tmp, "fsdp", "M", ["dist_lora sync"], repeats, layers=n, targets=["h.0.attn.c_attn"])
+        rows.append(
+            {
+                "part": "d",
+                "vary": "base",
+                "layers": n,
+                "world": 2,
+                "base_elements": out["base_elements"],
+                "adapter_elements": out["adapter_elements"],
+                **out["results"][0],
+            }
+        )
+    for row in rows:
+        print(
+            f"[d] {row['vary']}: r={row.get('r')} world={row['world']} layers={row.get('layers')} "
+            f"stall={row['stall_s']:.4f}s moved={row['bytes_moved']}",
+            flush=True,
+        )
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- e. S3
+
+
+def part_e(tmp: Path, repeats: int) -> list[dict]:
+    import torch
+
+    from dist_lora.checkpoint import AdapterState, StepMeta, serialize_step, write_step
+    from dist_lora.storage import Storage
+    from tests import s3server
+
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    proc, info = s3server.start(tmp / "seaweedfs")
+    try:
+        options = {"endpoint_url": info["endpoint_url"], "key": info["key"], "secret": info["secret"]}
+        weights = {
+            f"base_model.model.transformer.h.{i}.attn.c_attn.lora_A.weight": torch.randn(64, 1024) for i in range(24)
+        }
+        weights.update(
+            {f"base_model.model.transformer.h.{i}.attn.c_attn.lora_B.weight": torch.randn(3072, 64) for i in range(24)}
+        )
+        optim = {
+            k: {"exp_avg": torch.randn_like(v), "exp_avg_sq": torch.rand_like(v), "step": torch.tensor(1.0)}
+            for k, v in weights.items()
+        }
+        meta = StepMeta(step=1, bias="none", adapter_config={}, fingerprint={}, trainer_state={})
+        files = serialize_step(AdapterState(weights, optim), meta)
+        nbytes = sum(len(b) for b in files.values())
+        ours, raw = [], []
+        for i in range(repeats):
+            storage = Storage(f"s3://{info['bucket']}/bench-ours-{i}", options)
+            t0 = time.perf_counter()
+            write_step(storage, files, step=1)
+            ours.append(time.perf_counter() - t0)
+            fs = Storage(f"s3://{info['bucket']}/bench-raw-{i}", options).fs
+            t0 = time.perf_counter()
+            for name, data in files.items():
+                fs.pipe_file(f"{info['bucket']}/bench-raw-{i}/{name}", data)
+            raw.append(time.perf_counter() - t0)
+    finally:
+        s3server.stop(proc)
+    row = {"part": "e", "bytes": nbytes, "dist_lora_s": statistics.median(ours), "raw_s3fs_s": statistics.median(raw)}
+    row["dist_lora_MBps"] = nbytes / row["dist_lora_s"] / 1e6
+    row["raw_MBps"] = nbytes / row["raw_s3fs_s"] / 1e6
+    row["ratio"] = row["dist_lora_MBps"] / row["raw_MBps"]
+    print(f"[e] S3: dist_lora {row['dist_lora_MBps']:.0f} MB/s, raw s3fs {row['raw_MBps']:.0f} MB/s", flush=True)
+    return [row]
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def fmt_bytes(n: float | None) -> str:
+    if n is None or (isinstance(n, float) and math.isnan(n)):
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def report(rows: list[dict], quick: bool) -> str:
+    lines = [
+        "# dist_lora benchmark results",
+        "",
+        f"Machine: {os.cpu_count()} CPU cores, gloo, no GPU. {'Quick run.' if quick else ''} Medians of repeated "
+        "runs; ratios are from the same run. Reproduce with `python -m bench.run`.",
+        "",
+    ]
+    a = [r for r in rows if r["part"] == "a"]
+    if a:
+        lines += [
+            "## a. Save: stall, total, bytes, files, rank-0 extra memory (world size 2, LoRA r=4 on c_attn)",
+            "",
+            "| model | engine | method | stall s | total s | bytes written | files | rank-0 extra memory | "
+            "stall vs dist_lora sync |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in a:
+            ref = next(
+                x
+                for x in a
+                if x["model"] == r["model"] and x["engine"] == r["engine"] and x["method"] == "dist_lora sync"
+            )
+            lines.append(
+                f"| {r['model']} | {r['engine']} | {r['method']} | {r['stall_s']:.4f} | {r['total_s']:.4f} | "
+                f"{fmt_bytes(r['bytes_written'])} | {r['files']} | {fmt_bytes(r['rank0_extra_bytes'])} | "
+                f"{r['stall_s'] / ref['stall_s']:.1f}x |"
+            )
+        lines.append("")
+    b = [r for r in rows if r["part"] == "b"]
+    if b:
+        lines += [
+            "## b. Sizes: adapter file against the full model (fp32, r=4 on c_attn)",
+            "",
+            "| model | adapter elements | adapter file | header | full model | smaller by | often quoted | "
+            "quoted ratio |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in b:
+            lines.append(
+                f"| {r['model']} | {r['adapter_elements']:,} | {fmt_bytes(r['adapter_file_bytes'])} | "
+                f"{100 * r['header_fraction']:.2f}% | {fmt_bytes(r['full_model_bytes_fp32'])} | "
+                f"{r['ratio']:.0f}x | {fmt_bytes(r['quoted_bytes'])} | {r['quoted_ratio']:.0f}x |"
+            )
+        lines += ["", f"loralib's README gives {fmt_bytes(LORALIB_M)} for GPT-2 Medium.", ""]
+    c = [r for r in rows if r["part"] == "c"]
+    if c:
+        lines += ["## c. Resume at another world size", ""]
+        for r in c:
+            if "fresh_start_s" in r:
+                lines.append(
+                    f"- Process start to the first step: fresh start {r['fresh_start_s']:.2f} s; resuming a "
+                    f"step saved at world size 2 on 1 process {r['resume_other_world_size_s']:.2f} s "
+                    f"(**{r['ratio']:.2f}x** of a fresh start)."
+                )
+            else:
+                verdict = "loads" if r.get("ok") else f"fails: `{r.get('error')}`"
+                lines.append(f"- {r['model']}: {verdict}.")
+        lines.append("")
+    d = [r for r in rows if r["part"] == "d"]
+    if d:
+        lines += [
+            "## d. Scaling of a dist_lora save (FSDP2)",
+            "",
+            "| varied | r | world | base layers | adapter elements | base elements | stall s | bytes moved | "
+            "moved / (adapter+Adam bytes) |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in d:
+            expected = r["adapter_elements"] * 12 * (r["world"] - 1) / max(r["world"], 1)
+            ratio = r["bytes_moved"] / expected if expected else float("nan")
+            lines.append(
+                f"| {r['vary']} | {r.get('r', 4)} | {r['world']} | {r.get('layers', '-')} | "
+                f"{r['adapter_elements']:,} | {r.get('base_elements') or '-'} | {r['stall_s']:.4f} | "
+                f"{fmt_bytes(r['bytes_moved'])} | {ratio:.3f} |"
+            )
+        lines += [
+            "",
+            "Bytes moved: what the ranks put into collectives during the save (rank 0's own share "
+            "never leaves it), against the adapter + Adam bytes held by the other ranks.",
+            "",
+        ]
+    e = [r for r in rows if r["part"] == "e"]
+    if e:
+        r = e[0]
+        lines += [
+            "## e. S3 (SeaweedFS on 127.0.0.1)",
+            "",
+            f"A step of {fmt_bytes(r['bytes'])}: dist_lora {r['dist_lora_MBps']:.0f} MB/s (atomic commit: "
+            f"conditional PUT of the manifest, the `latest` hint) against a raw s3fs put of the same files "
+            f"{r['raw_MBps']:.0f} MB/s: **{100 * r['ratio']:.0f}%**.",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    a = [r for r in rows if r["part"] == "a"]
+    d = [r for r in rows if r["part"] == "d" and r["vary"] == "r"]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    if a:
+        labels = [f"{r['model']} {r['engine']}\n{r['method'][:38]}" for r in a]
+        axes[0].barh(
+            range(len(a)),
+            [r["stall_s"] for r in a],
+            color=["tab:green" if "dist_lora" in r["method"] else "tab:gray" for r in a],
+        )
+        axes[0].set_yticks(range(len(a)), labels, fontsize=6)
+        axes[0].set_xscale("log")
+        axes[0].set_xlabel("training stall per save, s (log)")
+        axes[0].set_title("Save stall, world size 2 (green: dist_lora)")
+        axes[0].invert_yaxis()
+    if d:
+        axes[1].plot([r["adapter_elements"] * 4 / 1e6 for r in d], [r["stall_s"] for r in d], "o-")
+        for r in d:
+            axes[1].annotate(f"r={r['r']}", (r["adapter_elements"] * 4 / 1e6, r["stall_s"]), fontsize=8)
+        axes[1].set_xlabel("adapter MB (fp32)")
+        axes[1].set_ylabel("save stall, s")
+        axes[1].set_title("dist_lora save vs adapter size (GPT-2 S, FSDP2, 2 ranks)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and sizes")
+    parser.add_argument("--parts", default="abcde", help="which parts to run (default: all)")
+    args = parser.parse_args()
+    repeats = 3 if args.quick else 7
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="dist-lora-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        if "b" in args.parts:
+            rows += part_b()
+        if "a" in args.parts:
+            rows += part_a(tmp, repeats, ["S"] if args.quick else ["S", "M"])
+        if "d" in args.parts:
+            rows += part_d(
+                tmp,
+                repeats,
+                [4, 64] if args.quick else [4, 16, 64, 256],
+                [1, 2] if args.quick else [1, 2, 4],
+                [2, 12] if args.quick else [2, 6, 12, 24],
+            )
+        if "c" in args.parts:
+            rows += part_c(tmp, 1 if args.quick else 3)
+        if "e" in args.parts:
+            rows += part_e(tmp, repeats)
+    (RESULTS / "results.json").write_text(json.dumps(rows, indent=1, default=str))
+    keys = sorted({k for r in rows for k in r})
+    with (RESULTS / "results.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    (RESULTS / "results.md").write_text(report(rows, args.quick))
+    plot(rows, RESULTS / "results.png")
+    print(f"wrote {RESULTS}/results.md, results.csv, results.json, results.png")
+
+
+if __name__ == "__main__":
+    main()
