@@ -112,7 +112,11 @@ def method_dist_lora(backend, out: Path, async_save: bool):
         stall = time.perf_counter() - t0
         ck.wait()
         total = time.perf_counter() - t0
-        return {"stall_s": stall, "total_s": total, "bytes_moved": sum(COMM_STATS.bytes.values())}
+        # rank 0 receives its gather input's size from every other rank; small all-reduce/broadcast added as sent
+        world = dist.get_world_size()
+        stats = COMM_STATS.bytes
+        moved = stats["gather"] * (world - 1) + stats["all_reduce"] + stats["broadcast"]
+        return {"stall_s": stall, "total_s": total, "bytes_moved": moved}
 
     return run
 

@@ -1,4 +1,4 @@
-"""The ``dist-lora`` command (also ``python -m dist_lora``): train, demo, ls, verify."""
+"""The ``dist-lora`` command (also ``python -m dist_lora``): train, demo, ls, verify, pull, merge, plot."""
 
 from __future__ import annotations
 
@@ -82,6 +82,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.run_dir, nproc=args.nproc, steps=args.steps)
 
 
+def cmd_pull(args: argparse.Namespace) -> int:
+    from dist_lora.export import pull
+
+    print(pull(args.url, args.out_dir, storage_options=_storage_options(args)))
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from dist_lora.export import merge
+
+    print(merge(args.url, args.out, base=args.base, storage_options=_storage_options(args)))
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from dist_lora.plot import plot_run
+
+    print(plot_run(args.run, args.out))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dist-lora", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on every rank")
@@ -111,6 +132,24 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--json", action="store_true", help="machine-readable output")
             p.add_argument("--fast", action="store_true", help="check sizes only, not sha256")
         p.set_defaults(func=func)
+
+    p = sub.add_parser("pull", help="download and verify a step into a local dir (PEFT and vLLM load it)")
+    p.add_argument("url", help="a step, or a checkpoint dir (its newest verified step)")
+    p.add_argument("out_dir")
+    p.add_argument("--storage-options", help="JSON passed to fsspec")
+    p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser("merge", help="merge a step into its base and save_pretrained the result")
+    p.add_argument("url", help="a step, or a checkpoint dir (its newest verified step)")
+    p.add_argument("--out", required=True, help="directory for the merged model (must be new or empty)")
+    p.add_argument("--base", help="base model path or id (default: the one adapter_config.json names)")
+    p.add_argument("--storage-options", help="JSON passed to fsspec")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("plot", help="draw a run's loss curve (PNG), resume points marked")
+    p.add_argument("run", help="a run dir holding metrics.jsonl, or the JSONL file")
+    p.add_argument("--out", help="PNG path (default: loss.png next to the metrics)")
+    p.set_defaults(func=cmd_plot)
     return parser
 
 

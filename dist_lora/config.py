@@ -265,5 +265,25 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     return config_from_dict(apply_overrides(data, overrides or []))
 
 
-def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+SECRET_WORDS = ("key", "secret", "token", "password", "credential")
+
+
+def redact(value: Any) -> Any:
+    """A copy with secrets replaced by "***": values under keys that name a key, secret, token or password, and
+    credentials inside URLs (``s3://user:pass@host``)."""
+    if isinstance(value, dict):
+        return {
+            k: "***" if any(w in str(k).lower() for w in SECRET_WORDS) and v else redact(v) for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    if isinstance(value, str) and "://" in value and "@" in value.split("://", 1)[1].split("/", 1)[0]:
+        scheme, rest = value.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return value
+
+
+def config_to_dict(cfg: RunConfig, *, secrets: bool = False) -> dict[str, Any]:
+    """The config as plain data; secrets are redacted unless ``secrets=True`` (never write those to a checkpoint)."""
+    data = dataclasses.asdict(cfg)
+    return data if secrets else redact(data)

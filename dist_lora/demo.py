@@ -124,7 +124,7 @@ def run_demo(run_dir: str, nproc: int = 2, steps: int = 40) -> int:
     _torchrun(nproc, [str(config), *overrides, "parallel.backend=fsdp", f"train.stop_at_step={half}"], env)
     print(f"== 2/2: resume on 1 process from the newest checkpoint and finish at step {steps}", flush=True)
     _torchrun(1, [str(config), *overrides, "parallel.backend=single", "checkpoint.resume=auto"], env)
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     first, last = rows[0]["loss"], rows[-1]["loss"]
     print(f"== loss {first:.3f} -> {last:.3f} over {len(rows)} steps; checkpoints: dist-lora ls {run / 'checkpoints'}")
     subprocess.run([sys.executable, "-m", "dist_lora", "ls", str(run / "checkpoints")], check=True)

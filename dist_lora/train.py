@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,6 +18,7 @@ from dist_lora.data import TokenBlocks
 from dist_lora.distributed import init_distributed, shutdown, step_consensus
 from dist_lora.gather import broadcast_json
 from dist_lora.lora import apply_lora
+from dist_lora.metrics import MetricsLog
 from dist_lora.preempt import StopRequest
 from dist_lora.storage import Storage
 
@@ -110,6 +109,7 @@ class Trainer:
             bucket_mb=ck.bucket_mb,
             async_save=ck.async_save,
         )
+        self.metrics_log = MetricsLog(t.metrics_file, enabled=self.rank == 0)
         self.step = 0
         self.stop = StopRequest()
         self.stopped_early = False
@@ -130,6 +130,15 @@ class Trainer:
             backend=self.backend,
         )
         self.step = self.last_saved = int(state["step"])
+        self.metrics_log.event(
+            "resume",
+            step=self.step,
+            url=url,
+            world_size=self.world,
+            backend=self.backend.name,
+            saved_world_size=state.get("world_size"),
+            saved_backend=state.get("backend"),
+        )
         if state.get("global_batch_size") not in (None, t.global_batch_size) or state.get("seed") not in (
             None,
             t.seed,
@@ -212,15 +221,15 @@ class Trainer:
             self.step + 1,
             stop,
         )
-        metrics_file = Path(t.metrics_file) if t.metrics_file and self.rank == 0 else None
         bar = tqdm(total=stop, initial=self.step, disable=self.rank != 0, desc="train", dynamic_ncols=True)
         with self.stop:
             while self.step < stop and not self.stopped_early:
-                self._step_and_log(bar, metrics_file)
+                self._step_and_log(bar)
             if self.last_saved != self.step:
                 self.save()
             self.close()
         bar.close()
+        self.metrics_log.close()
         if self.stopped_early:
             log.warning("stopped after step %d on request; the checkpoint is committed (resume: auto)", self.step)
         else:
@@ -229,15 +238,18 @@ class Trainer:
             )
         return self.metrics
 
-    def _step_and_log(self, bar: Any, metrics_file: Path | None) -> None:
+    def _step_and_log(self, bar: Any) -> None:
         t0 = time.perf_counter()
         lr = lr_at(self.step, self.cfg.train)
         loss = self.train_step()
+        seconds = time.perf_counter() - t0
+        tokens = self.cfg.train.global_batch_size * self.cfg.data.seq_len
         row = {
             "step": self.step,
             "loss": loss,
             "lr": lr,
-            "seconds": round(time.perf_counter() - t0, 4),
+            "seconds": round(seconds, 4),
+            "tokens_per_s": round(tokens / seconds, 1),
             "world_size": self.world,
             "backend": self.backend.name,
         }
@@ -246,9 +258,7 @@ class Trainer:
             self.save()
             row["save_stall_s"] = round(self.checkpointer.history[-1].stall_s, 4)
         self.metrics.append(row)
-        if metrics_file is not None:
-            with metrics_file.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+        self.metrics_log.step(row)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
         log.debug("step %d loss %.6f lr %.3e", self.step, loss, lr)

@@ -109,3 +109,19 @@ def test_global_batch_must_divide():
         ConfigError, match=r"global_batch_size=8 is not divisible by .*micro_batch_size=1 x world size 3"
     ):
         grad_accum_steps(cfg.train, 3)
+
+
+def test_secrets_never_reach_the_saved_config():
+    from dist_lora.config import config_to_dict, redact
+
+    data = valid()
+    data["checkpoint"] = {
+        "dir": "s3://AKIA:topsecret@bucket/run",
+        "storage_options": {"key": "AKIA123", "secret": "s3cr3t", "endpoint_url": "http://x"},
+    }
+    cfg = config_from_dict(data)
+    text = str(config_to_dict(cfg))
+    assert "AKIA" not in text and "s3cr3t" not in text and "topsecret" not in text
+    assert config_to_dict(cfg)["checkpoint"]["storage_options"]["endpoint_url"] == "http://x"
+    assert redact("s3://u:p@host/x") == "s3://***@host/x" and redact("s3://bucket/x") == "s3://bucket/x"
+    assert config_to_dict(cfg, secrets=True)["checkpoint"]["storage_options"]["secret"] == "s3cr3t"

@@ -35,7 +35,8 @@ def run_args(base: Path, ckpt: Path, metrics: Path, *extra: str) -> list[str]:
 
 
 def steps_done(metrics: Path) -> list[int]:
-    return [json.loads(line)["step"] for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    rows = map(json.loads, metrics.read_text().splitlines()) if metrics.exists() else []
+    return [row["step"] for row in rows if "loss" in row]
 
 
 def committed(ckpt: Path) -> dict[int, dict]:

@@ -36,7 +36,7 @@ def overrides(base: Path, ckpt: Path, metrics: Path, *extra: str) -> list[str]:
 
 
 def losses(path: Path) -> dict[int, float]:
-    return {row["step"]: row["loss"] for row in map(json.loads, path.read_text().splitlines())}
+    return {row["step"]: row["loss"] for row in map(json.loads, path.read_text().splitlines()) if "loss" in row}
 
 
 def free_port() -> int:
@@ -146,7 +146,10 @@ def test_demo_command(tmp_path):
     rows = losses(tmp_path / "metrics.jsonl")
     assert sorted(rows) == list(range(1, 41))
     assert rows[40] < rows[1] - 0.3
-    assert {r["world_size"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())} == {1, 2}
+    events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert {r["world_size"] for r in events} == {1, 2}
+    (resume,) = [r for r in events if r.get("event") == "resume"]
+    assert (resume["step"], resume["saved_world_size"], resume["world_size"]) == (20, 2, 1)
     assert "step-00000040   committed" in out.stdout
 
 

@@ -1,0 +1,61 @@
+"""``dist-lora plot RUN_DIR``: the loss curve from a run's metrics JSONL, with resume points marked."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
+    """(step rows, resume events) from a metrics JSONL written by the trainer."""
+    steps: list[dict] = []
+    resumes: list[dict] = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n} is not JSON: {e}") from e
+        (resumes if row.get("event") == "resume" else steps).append(row)
+    return steps, resumes
+
+
+def plot_run(run: str | Path, out: str | Path | None = None) -> Path:
+    """Draw loss against step to a PNG (default: next to the metrics file); returns its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(run)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist: pass a run dir holding metrics.jsonl, or the JSONL itself")
+    steps, resumes = read_metrics(path)
+    if not steps:
+        raise ValueError(f"{path} holds no step rows")
+    out_path = Path(out) if out else path.with_name("loss.png")
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=1.2, label="loss")
+    for i, r in enumerate(resumes):
+        ax.axvline(r["step"], color="tab:red", ls="--", lw=1, label="resume" if i == 0 else None)
+        ax.annotate(
+            f"{r.get('backend', '')} x{r.get('world_size', '?')}",
+            (r["step"], ax.get_ylim()[1]),
+            fontsize=7,
+            color="tab:red",
+            rotation=90,
+            va="top",
+            ha="right",
+        )
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(path.parent.name or "run")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+    return out_path

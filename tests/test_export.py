@@ -1,0 +1,93 @@
+"""pull, merge, several adapters on one base, the loss plot."""
+
+import json
+import subprocess
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+import dist_lora
+from dist_lora.checkpoint import CheckpointError
+from dist_lora.config import LoraConfig
+from dist_lora.export import load_adapters, pull
+from dist_lora.plot import plot_run
+
+
+def trained(base, seed, targets=("c_attn",), bias="none"):
+    torch.manual_seed(seed)
+    model = dist_lora.apply_lora(
+        AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=4, alpha=8, target_modules=list(targets), bias=bias)
+    )
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    x = torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(seed))
+    for _ in range(3):
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model, opt
+
+
+def logits(model, x):
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=x).logits
+
+
+X = torch.arange(24).view(2, 12) * 5 % 200
+
+
+def test_pull_from_s3_gives_a_dir_peft_loads(gpt2_base, s3, tmp_path):
+    url, options = s3
+    model, opt = trained(gpt2_base, 0)
+    step = dist_lora.save_checkpoint(model, url, step=3, optimizer=opt, storage_options=options)
+    out = pull(url, tmp_path / "pulled", storage_options=options)  # the dir: its newest verified step
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(gpt2_base), str(out))
+    assert torch.equal(logits(peft_model, X), logits(model, X))
+    assert subprocess.run(["dist-lora", "verify", str(out)]).returncode == 0
+    with pytest.raises(CheckpointError, match="exists and is not empty"):
+        pull(step, out, storage_options=options)
+
+
+def test_merge_equals_base_plus_adapter(gpt2_base, tmp_path):
+    model, opt = trained(gpt2_base, 1, targets=("c_attn", "c_fc"), bias="lora_only")
+    step = dist_lora.save_checkpoint(model, str(tmp_path / "ck"), step=3, optimizer=opt)
+    out = subprocess.run(
+        ["dist-lora", "merge", step, "--out", str(tmp_path / "merged")], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    want = logits(dist_lora.load_model(step), X)
+    assert (logits(merged, X) - want).abs().max().item() <= 1e-5
+    assert (tmp_path / "merged" / "tokenizer.json").exists()
+
+
+def test_several_adapters_on_one_base_and_switching(gpt2_base, tmp_path):
+    urls, want = {}, {}
+    for name, seed in (("alpha", 2), ("beta", 3)):
+        model, opt = trained(gpt2_base, seed)
+        urls[name] = dist_lora.save_checkpoint(model, str(tmp_path / name), step=3, optimizer=opt)
+        want[name] = logits(model, X)
+    assert not torch.equal(want["alpha"], want["beta"])
+    multi = load_adapters(AutoModelForCausalLM.from_pretrained(gpt2_base), urls)
+    assert set(multi.peft_config) == {"alpha", "beta"}
+    for name in ("alpha", "beta", "alpha"):
+        multi.set_adapter(name)
+        assert torch.equal(logits(multi, X), want[name]), name
+
+
+def test_plot_writes_a_png_with_resume_points(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    rows = [{"step": s, "loss": 6 - s / 10, "lr": 1e-3, "world_size": 2, "backend": "fsdp"} for s in range(1, 11)]
+    rows.insert(5, {"event": "resume", "step": 5, "world_size": 1, "backend": "deepspeed"})
+    metrics.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = subprocess.run(["dist-lora", "plot", str(tmp_path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    png = (tmp_path / "loss.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    with pytest.raises(ValueError, match="holds no step rows"):
+        (tmp_path / "empty").mkdir()
+        (tmp_path / "empty" / "metrics.jsonl").write_text("")
+        plot_run(tmp_path / "empty")
