@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -60,6 +61,15 @@ def torchrun(nproc: int, module: str, spec: dict, timeout: int = 1800) -> None:
 
 def save_bench(
     tmp: Path,
+    *args: Any,
+    s3: dict | None = None,
+    **kwargs: Any,
+) -> dict:
+    return _save_bench(tmp, *args, extra={"s3": s3} if s3 else {}, **kwargs)
+
+
+def _save_bench(
+    tmp: Path,
     engine: str,
     size: str,
     methods: list[str],
@@ -68,6 +78,7 @@ def save_bench(
     r: int = 4,
     targets: list[str] | None = None,
     layers: int | None = None,
+    extra: dict | None = None,
 ) -> dict:
     n_layer, hidden, heads = SIZES[size]
     result = tmp / f"save-{engine}-{size}-{world}-{r}-{layers}.json"
@@ -82,6 +93,7 @@ def save_bench(
         "repeats": repeats,
         "out": str(tmp / "work"),
         "result": str(result),
+        **(extra or {}),
     }
     torchrun(world, "bench.save_worker", spec)
     return json.loads(result.read_text())
@@ -90,7 +102,7 @@ def save_bench(
 # ---------------------------------------------------------------------------------------------- a. save paths
 
 
-def part_a(tmp: Path, repeats: int, sizes: list[str]) -> list[dict]:
+def part_a(tmp: Path, repeats: int, sizes: list[str], s3: dict) -> list[dict]:
     rows = []
     for size in sizes:
         for engine, methods in (
@@ -110,10 +122,12 @@ def part_a(tmp: Path, repeats: int, sizes: list[str]) -> list[dict]:
                     "dist_lora async",
                     "FSDP2 get_model_state_dict(full_state_dict) (accelerate path)",
                     "torch.distributed.checkpoint.save of the adapter",
+                    "dist_lora sync to S3",
+                    "dist_lora async to S3",
                 ],
             ),
         ):
-            out = save_bench(tmp, engine, size, methods, repeats)
+            out = save_bench(tmp, engine, size, methods, repeats, s3=s3)
             for row in out["results"]:
                 rows.append(
                     {
@@ -368,43 +382,38 @@ def part_d(tmp: Path, repeats: int, ranks: list[int], worlds: list[int], layers:
 # ---------------------------------------------------------------------------------------------- e. S3
 
 
-def part_e(tmp: Path, repeats: int) -> list[dict]:
+def part_e(tmp: Path, repeats: int, info: dict) -> list[dict]:
+    """The same step bytes through dist_lora's commit path and through plain s3fs puts, alternating."""
     import torch
 
     from dist_lora.checkpoint import AdapterState, StepMeta, serialize_step, write_step
     from dist_lora.storage import Storage
-    from tests import s3server
 
-    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
-    proc, info = s3server.start(tmp / "seaweedfs")
-    try:
-        options = {"endpoint_url": info["endpoint_url"], "key": info["key"], "secret": info["secret"]}
-        weights = {
-            f"base_model.model.transformer.h.{i}.attn.c_attn.lora_A.weight": torch.randn(64, 1024) for i in range(24)
-        }
-        weights.update(
-            {f"base_model.model.transformer.h.{i}.attn.c_attn.lora_B.weight": torch.randn(3072, 64) for i in range(24)}
-        )
-        optim = {
-            k: {"exp_avg": torch.randn_like(v), "exp_avg_sq": torch.rand_like(v), "step": torch.tensor(1.0)}
-            for k, v in weights.items()
-        }
-        meta = StepMeta(step=1, bias="none", adapter_config={}, fingerprint={}, trainer_state={})
-        files = serialize_step(AdapterState(weights, optim), meta)
-        nbytes = sum(len(b) for b in files.values())
-        ours, raw = [], []
-        for i in range(repeats):
-            storage = Storage(f"s3://{info['bucket']}/bench-ours-{i}", options)
-            t0 = time.perf_counter()
-            write_step(storage, files, step=1)
-            ours.append(time.perf_counter() - t0)
-            fs = Storage(f"s3://{info['bucket']}/bench-raw-{i}", options).fs
-            t0 = time.perf_counter()
-            for name, data in files.items():
-                fs.pipe_file(f"{info['bucket']}/bench-raw-{i}/{name}", data)
-            raw.append(time.perf_counter() - t0)
-    finally:
-        s3server.stop(proc)
+    options = {"endpoint_url": info["endpoint_url"], "key": info["key"], "secret": info["secret"]}
+    weights = {
+        f"base_model.model.transformer.h.{i}.attn.c_attn.lora_A.weight": torch.randn(64, 1024) for i in range(24)
+    }
+    weights.update(
+        {f"base_model.model.transformer.h.{i}.attn.c_attn.lora_B.weight": torch.randn(3072, 64) for i in range(24)}
+    )
+    optim = {
+        k: {"exp_avg": torch.randn_like(v), "exp_avg_sq": torch.rand_like(v), "step": torch.tensor(1.0)}
+        for k, v in weights.items()
+    }
+    meta = StepMeta(step=1, bias="none", adapter_config={}, fingerprint={}, trainer_state={})
+    files = serialize_step(AdapterState(weights, optim), meta)
+    nbytes = sum(len(b) for b in files.values())
+    ours, raw = [], []
+    for i in range(repeats):
+        storage = Storage(f"s3://{info['bucket']}/bench-ours-{i}", options)
+        t0 = time.perf_counter()
+        write_step(storage, files, step=1)
+        ours.append(time.perf_counter() - t0)
+        fs = Storage(f"s3://{info['bucket']}/bench-raw-{i}", options).fs
+        t0 = time.perf_counter()
+        for name, data in files.items():
+            fs.pipe_file(f"{info['bucket']}/bench-raw-{i}/{name}", data)
+        raw.append(time.perf_counter() - t0)
     row = {"part": "e", "bytes": nbytes, "dist_lora_s": statistics.median(ours), "raw_s3fs_s": statistics.median(raw)}
     row["dist_lora_MBps"] = nbytes / row["dist_lora_s"] / 1e6
     row["raw_MBps"] = nbytes / row["raw_s3fs_s"] / 1e6
@@ -554,6 +563,27 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def run_parts(args: argparse.Namespace, tmp: Path, repeats: int, s3: dict) -> list[dict]:
+    rows: list[dict] = []
+    if "b" in args.parts:
+        rows += part_b()
+    if "a" in args.parts:
+        rows += part_a(tmp, repeats, ["S"] if args.quick else ["S", "M"], s3)
+    if "d" in args.parts:
+        rows += part_d(
+            tmp,
+            repeats,
+            [4, 64] if args.quick else [4, 16, 64, 256],
+            [1, 2] if args.quick else [1, 2, 4],
+            [2, 12] if args.quick else [2, 6, 12, 24],
+        )
+    if "c" in args.parts:
+        rows += part_c(tmp, 1 if args.quick else 3)
+    if "e" in args.parts:
+        rows += part_e(tmp, repeats, s3)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repeats and sizes")
@@ -561,25 +591,16 @@ def main() -> None:
     args = parser.parse_args()
     repeats = 3 if args.quick else 7
     RESULTS.mkdir(parents=True, exist_ok=True)
-    rows: list[dict] = []
+    from tests import s3server
+
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
     with tempfile.TemporaryDirectory(prefix="dist-lora-bench-") as tmp_name:
         tmp = Path(tmp_name)
-        if "b" in args.parts:
-            rows += part_b()
-        if "a" in args.parts:
-            rows += part_a(tmp, repeats, ["S"] if args.quick else ["S", "M"])
-        if "d" in args.parts:
-            rows += part_d(
-                tmp,
-                repeats,
-                [4, 64] if args.quick else [4, 16, 64, 256],
-                [1, 2] if args.quick else [1, 2, 4],
-                [2, 12] if args.quick else [2, 6, 12, 24],
-            )
-        if "c" in args.parts:
-            rows += part_c(tmp, 1 if args.quick else 3)
-        if "e" in args.parts:
-            rows += part_e(tmp, repeats)
+        proc, s3 = s3server.start(tmp / "seaweedfs")
+        try:
+            rows = run_parts(args, tmp, repeats, s3)
+        finally:
+            s3server.stop(proc)
     (RESULTS / "results.json").write_text(json.dumps(rows, indent=1, default=str))
     keys = sorted({k for r in rows for k in r})
     with (RESULTS / "results.csv").open("w", newline="") as f:

@@ -102,8 +102,8 @@ def build_backend(spec: dict):
     return backend
 
 
-def method_dist_lora(backend, out: Path, async_save: bool):
-    ck = Checkpointer(str(out), async_save=async_save)
+def method_dist_lora(backend, out: Path | str, async_save: bool, storage_options: dict | None = None):
+    ck = Checkpointer(str(out), async_save=async_save, storage_options=storage_options)
 
     def run(i: int) -> dict:
         t0 = time.perf_counter()
@@ -200,13 +200,21 @@ def method_dcp_adapter(backend, out: Path):
     return run
 
 
+def s3_target(spec: dict, out: Path) -> dict:
+    s3 = spec["s3"]
+    options = {k: s3[k] for k in ("endpoint_url", "key", "secret")}
+    return {"out": f"s3://{s3['bucket']}/bench/{out.name}", "storage_options": options}
+
+
 METHODS = {
-    "dist_lora sync": lambda b, o: method_dist_lora(b, o, async_save=False),
-    "dist_lora async": lambda b, o: method_dist_lora(b, o, async_save=True),
-    "DeepSpeed ZeRO-3 16-bit consolidation (HF Trainer path)": method_zero3_consolidated,
-    "DeepSpeed save_checkpoint(exclude_frozen_parameters=True)": method_ds_save_checkpoint,
-    "FSDP2 get_model_state_dict(full_state_dict) (accelerate path)": method_fsdp_full_state_dict,
-    "torch.distributed.checkpoint.save of the adapter": method_dcp_adapter,
+    "dist_lora sync": lambda b, o, s: method_dist_lora(b, o, async_save=False),
+    "dist_lora async": lambda b, o, s: method_dist_lora(b, o, async_save=True),
+    "dist_lora sync to S3": lambda b, o, s: method_dist_lora(b, **s3_target(s, o), async_save=False),
+    "dist_lora async to S3": lambda b, o, s: method_dist_lora(b, **s3_target(s, o), async_save=True),
+    "DeepSpeed ZeRO-3 16-bit consolidation (HF Trainer path)": lambda b, o, s: method_zero3_consolidated(b, o),
+    "DeepSpeed save_checkpoint(exclude_frozen_parameters=True)": lambda b, o, s: method_ds_save_checkpoint(b, o),
+    "FSDP2 get_model_state_dict(full_state_dict) (accelerate path)": lambda b, o, s: method_fsdp_full_state_dict(b, o),
+    "torch.distributed.checkpoint.save of the adapter": lambda b, o, s: method_dcp_adapter(b, o),
 }
 
 
@@ -224,40 +232,37 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
             work.mkdir(parents=True)
         dist.barrier()
-        run = METHODS[name](backend, work)
+        run = METHODS[name](backend, work, spec)
         run(-1)  # warm-up (first-call allocations, lazily built state)
         if rank == 0:
             shutil.rmtree(work, ignore_errors=True)
             work.mkdir(parents=True)
         dist.barrier()
-        rows = []
-        for i in range(spec["repeats"]):
-            with PeakRSS() as mem:
-                row = run(i)
-            row["rank0_extra_bytes"] = mem.extra
-            rows.append(row)
+        # timed runs alone: a memory-sampling thread would compete for the GIL with a background writer
+        rows = [run(i) for i in range(spec["repeats"])]
+        with PeakRSS() as mem:
+            run(spec["repeats"])
         dist.barrier()
         if rank == 0:
             nbytes, nfiles = dir_stats(work)
             med = {k: statistics.median(r[k] for r in rows) for k in rows[0] if isinstance(rows[0][k], (int, float))}
+            local = "S3" not in name
             results.append(
                 {
                     "method": name,
                     "engine": spec["engine"],
                     **med,
-                    "bytes_written": nbytes // spec["repeats"],
-                    "files": nfiles // spec["repeats"],
+                    "rank0_extra_bytes": mem.extra,
+                    "bytes_written": nbytes // (spec["repeats"] + 1) if local else None,
+                    "files": nfiles // (spec["repeats"] + 1) if local else None,
                 }
             )
             shutil.rmtree(work, ignore_errors=True)
         dist.barrier()
     if rank == 0:
         adapter = sum(math.prod(full_shape(p)) for p in adapter_parameters(backend.model, "none").values())
-        Path(spec["result"]).write_text(
-            json.dumps(
-                {"spec": spec, "adapter_elements": adapter, "base_elements": n_base, "results": results}, indent=1
-            )
-        )
+        result = {"spec": spec, "adapter_elements": adapter, "base_elements": n_base, "results": results}
+        Path(spec["result"]).write_text(json.dumps(result, indent=1))
     shutdown()
 
 

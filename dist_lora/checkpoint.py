@@ -164,7 +164,8 @@ def write_step(storage: Storage, files: dict[str, bytes], step: int, keep_last: 
         )
     for fname, data in files.items():
         if fname != MANIFEST_NAME:
-            step_store.write(fname, data)
+            step_store.write(fname, data, sync_dir=False)
+    step_store.sync_dir()  # every data file is durable before the manifest that commits them
     step_store.write(MANIFEST_NAME, files[MANIFEST_NAME], exclusive=True)
     storage.write(LATEST_NAME, (name + "\n").encode())
     if keep_last is not None:

@@ -76,7 +76,8 @@ class Checkpointer:
         Raises here, on every rank, if the previous background save failed.
         """
         t0 = time.perf_counter()
-        self._settle()
+        if self.async_save:
+            self._settle()  # a synchronous save settled at its own end
         state = gather_adapter(backend, self.bucket_bytes)
         stats = SaveStats(step=step, stall_s=0.0)
         self.history.append(stats)

@@ -39,8 +39,12 @@ def init_distributed(timeout_s: float = 1800, *, need_group: bool = False) -> tu
     return rank, (dist.get_world_size() if dist.is_initialized() else 1), device
 
 
-def shutdown() -> None:
+def shutdown(*, clean: bool = True) -> None:
+    """Leave the process group. ``clean``: all ranks got here normally, so they first wait for each other;
+    a rank that tears down gloo while a peer still talks to it can die in std::terminate at exit."""
     if dist.is_initialized():
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -108,7 +108,8 @@ def gather_adapter(backend: Backend, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -
     """Collective: every rank must call. Returns the full adapter (and its Adam state) on rank 0, None elsewhere.
 
     Each rank lays its pieces end to end and the streams are gathered to rank 0 in chunks of ``bucket_bytes``:
-    one ``gather`` per chunk, plus one tiny ``all_reduce`` (agree on sizes) and one tiny ``gather`` (piece offsets).
+    one ``gather`` per chunk, plus one tiny ``all_reduce`` (agree on sizes) and, on a backend's first save, one tiny
+    ``gather`` of piece offsets (cached afterwards).
     Only adapter bytes move. Rank 0's extra memory is the adapter plus one chunk per rank; other ranks', one chunk.
     """
     rank, world = _dist()
@@ -119,10 +120,14 @@ def gather_adapter(backend: Backend, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -
     if world > 1:
         # Agree on: whether any rank has optimizer state, the piece count, and the longest stream (ranks != 0).
         local_len = sum(p.numel for p in pieces) if rank != 0 else 0
-        agree = torch.tensor([int(has_state), n, -n, local_len], dtype=torch.int64, device=device)
+        layout = [(p.offset, p.numel) for p in pieces]
+        cache = getattr(backend, "_gather_layout", None)
+        changed = int(cache is None or cache[0] != layout)
+        agree = torch.tensor([int(has_state), n, -n, local_len, changed], dtype=torch.int64, device=device)
         _record("all_reduce", agree)
         dist.all_reduce(agree, op=dist.ReduceOp.MAX)
         has_state, n_max, n_min, longest = bool(agree[0]), int(agree[1]), -int(agree[2]), int(agree[3])
+        any_changed = bool(agree[4])
         if n_max != n or n_min != n:
             raise RuntimeError(f"ranks disagree on the adapter: {n} tensors here, {n_min}..{n_max} elsewhere")
     fields = [WEIGHT_FIELD, *OPTIM_TENSOR_FIELDS] if has_state else [WEIGHT_FIELD]
@@ -143,10 +148,13 @@ def gather_adapter(backend: Backend, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -
                 _target(weights, optim, p.key, f)[p.offset : p.offset + p.numel] = _piece_field(p, f)
 
     if world > 1 and longest > 0:
-        meta = torch.tensor([[p.offset, p.numel] for p in pieces], dtype=torch.int64, device=device).reshape(-1, 2)
-        all_meta = [torch.empty_like(meta) for _ in range(world)] if rank == 0 else []
-        _record("gather", meta)
-        dist.gather(meta, all_meta if rank == 0 else None, dst=0)
+        if any_changed:  # piece offsets are fixed for a wrapped model: gathered once, then cached
+            meta = torch.tensor(layout, dtype=torch.int64, device=device).reshape(-1, 2)
+            gathered = [torch.empty_like(meta) for _ in range(world)] if rank == 0 else []
+            _record("gather", meta)
+            dist.gather(meta, gathered if rank == 0 else None, dst=0)
+            backend._gather_layout = (layout, [m.cpu() for m in gathered])  # type: ignore[attr-defined]
+        all_meta = backend._gather_layout[1]  # type: ignore[attr-defined]
         total = longest * nf
         chunk = max(1, bucket_bytes // 4)
         streams = (

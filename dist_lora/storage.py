@@ -114,18 +114,19 @@ class Storage:
 
     # ------------------------------------------------------------------------------------------ writes
 
-    def write(self, rel: str, data: bytes, *, exclusive: bool = False) -> None:
+    def write(self, rel: str, data: bytes, *, exclusive: bool = False, sync_dir: bool = True) -> None:
         """Write ``data`` atomically: readers see the old object or the whole new one, never a part.
 
         exclusive=True fails with AlreadyExistsError if the object exists (no overwrite, race-free locally and on
-        S3 through a conditional PUT).
+        S3 through a conditional PUT). sync_dir=False leaves the directory's fsync to a later :meth:`sync_dir`
+        (several files, one directory sync).
         """
         if self.is_local:
-            self._write_local(self.path(rel), data, exclusive)
+            self._write_local(self.path(rel), data, exclusive, sync_dir)
         else:
             self._write_remote(rel, data, exclusive)
 
-    def _write_local(self, path: str, data: bytes, exclusive: bool) -> None:
+    def _write_local(self, path: str, data: bytes, exclusive: bool, sync_dir: bool) -> None:
         directory = os.path.dirname(path)
         os.makedirs(directory, exist_ok=True)
         tmp = os.path.join(directory, f"{TMP_MARKER}{uuid.uuid4().hex}-{os.path.basename(path)}")
@@ -144,7 +145,13 @@ class Storage:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-        _fsync_dir(directory)
+        if sync_dir:
+            _fsync_dir(directory)
+
+    def sync_dir(self, rel: str = "") -> None:
+        """Make the names written in a local directory durable (object stores need nothing)."""
+        if self.is_local:
+            _fsync_dir(self.path(rel))
 
     def _write_remote(self, rel: str, data: bytes, exclusive: bool) -> None:
         path = self.path(rel)

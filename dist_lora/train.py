@@ -64,14 +64,17 @@ def train(cfg: RunConfig) -> list[dict[str, Any]]:
     """Run (or resume) a LoRA fine-tune as configured; returns the per-step metrics (on every rank)."""
     init_distributed(need_group=cfg.parallel.backend != "single")
     trainer = None
+    clean = False
     try:
         trainer = Trainer(cfg)
         trainer.resume(resume_url(cfg))
-        return trainer.fit()
+        metrics = trainer.fit()
+        clean = True
+        return metrics
     finally:
         if trainer is not None:
             trainer.checkpointer.close()  # a background write finishes even if training failed
-        shutdown()
+        shutdown(clean=clean)  # after a failure, other ranks may never reach a barrier
 
 
 class Trainer:

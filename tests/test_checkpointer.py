@@ -29,11 +29,11 @@ def backend(gpt2_base):
 def slow_writes(monkeypatch, seconds: float, fail_on: str | None = None):
     original = Storage.write
 
-    def write(self, rel, data, *, exclusive=False):
+    def write(self, rel, data, **kwargs):
         time.sleep(seconds)
         if fail_on and rel.endswith(fail_on):
             raise StorageError(f"cannot write {rel}: injected failure")
-        return original(self, rel, data, exclusive=exclusive)
+        return original(self, rel, data, **kwargs)
 
     monkeypatch.setattr(Storage, "write", write)
 
