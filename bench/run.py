@@ -458,9 +458,10 @@ def report(rows: list[dict], quick: bool) -> str:
                 for x in a
                 if x["model"] == r["model"] and x["engine"] == r["engine"] and x["method"] == "dist_lora sync"
             )
+            files = r["files"] if r["files"] is not None else "-"
             lines.append(
                 f"| {r['model']} | {r['engine']} | {r['method']} | {r['stall_s']:.4f} | {r['total_s']:.4f} | "
-                f"{fmt_bytes(r['bytes_written'])} | {r['files']} | {fmt_bytes(r['rank0_extra_bytes'])} | "
+                f"{fmt_bytes(r['bytes_written'])} | {files} | {fmt_bytes(r['rank0_extra_bytes'])} | "
                 f"{r['stall_s'] / ref['stall_s']:.1f}x |"
             )
         lines.append("")
@@ -588,7 +589,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repeats and sizes")
     parser.add_argument("--parts", default="abcde", help="which parts to run (default: all)")
+    parser.add_argument("--report-only", action="store_true", help="rewrite results.md/png from results.json")
     args = parser.parse_args()
+    if args.report_only:
+        rows = json.loads((RESULTS / "results.json").read_text())
+        (RESULTS / "results.md").write_text(report(rows, quick=False))
+        plot(rows, RESULTS / "results.png")
+        return
     repeats = 3 if args.quick else 7
     RESULTS.mkdir(parents=True, exist_ok=True)
     from tests import s3server
