@@ -17,11 +17,12 @@ import math
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from dist_lora.distributed import local_env, torchrun_cmd
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -31,29 +32,11 @@ LORALIB_M = 1.5e6  # loralib README: GPT-2 Medium LoRA checkpoint
 
 
 def env() -> dict[str, str]:
-    return {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "GLOO_SOCKET_IFNAME": "lo",
-        "HF_HUB_OFFLINE": "1",
-        "DS_ACCELERATOR": "cpu",
-        "TOKENIZERS_PARALLELISM": "false",
-        "TRANSFORMERS_VERBOSITY": "error",
-        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-    }
+    return local_env(str(ROOT))
 
 
 def torchrun(nproc: int, module: str, spec: dict, timeout: int = 1800) -> None:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        "-m",
-        module,
-        json.dumps(spec),
-    ]
+    cmd = torchrun_cmd(nproc, "-m", module, json.dumps(spec))
     out = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     if out.returncode != 0:
         raise RuntimeError(f"{module} x{nproc} failed:\n{out.stderr[-4000:]}")
@@ -193,18 +176,7 @@ def part_b() -> list[dict]:
 
 def _time_to_first_step(args: list[str], nproc: int, metrics: Path, after: int) -> float:
     metrics.unlink(missing_ok=True)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        "-m",
-        "dist_lora",
-        "train",
-        *args,
-        f"train.metrics_file={metrics}",
-    ]
+    cmd = torchrun_cmd(nproc, "-m", "dist_lora", "train", *args, f"train.metrics_file={metrics}")
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     while True:
@@ -244,12 +216,8 @@ def part_c(tmp: Path, repeats: int) -> list[dict]:
     ]
     ckpt = tmp / "resume-ckpt"
     subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
+        torchrun_cmd(
+            2,
             "-m",
             "dist_lora",
             "train",
@@ -257,7 +225,7 @@ def part_c(tmp: Path, repeats: int) -> list[dict]:
             f"checkpoint.dir={ckpt}",
             "parallel.backend=fsdp",
             "train.stop_at_step=2",
-        ],
+        ),
         env=env(),
         check=True,
         capture_output=True,

@@ -20,7 +20,7 @@ import torch
 
 from dist_lora.backends import Backend
 from dist_lora.checkpoint import AdapterState, CheckpointError, StepMeta, serialize_step, step_name, write_step
-from dist_lora.gather import broadcast_json, gather_adapter
+from dist_lora.gather import any_rank, broadcast_json, gather_adapter
 from dist_lora.lora import adapter_config_dict, base_fingerprint
 from dist_lora.storage import Storage
 
@@ -141,9 +141,9 @@ class Checkpointer:
         self.close()
         result = self._result if self._result is not None else {"ok": True}
         error, self._result, self._error = self._error, None, None
-        result = broadcast_json(result)
-        if result.get("ok"):
-            return
+        if not any_rank(not result.get("ok")):
+            return  # the common case costs one tiny all-reduce
+        result = broadcast_json(result)  # rank 0's error, to every rank
         if error is not None:
             raise error
         raise CheckpointError(f"saving step {result.get('step')} failed on rank 0: {result.get('error')}")

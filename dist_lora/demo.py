@@ -7,12 +7,13 @@ Nothing is downloaded: the tokenizer is trained on the shipped corpus and the ba
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+from dist_lora.distributed import local_env, torchrun_cmd
 
 
 def corpus_path() -> Path:
@@ -83,17 +84,7 @@ def build_tiny_base(out_dir: str | Path, arch: str = "gpt2", seed: int = 0) -> P
 
 
 def _torchrun(nproc: int, args: list[str], env: dict[str, str]) -> None:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        "-m",
-        "dist_lora",
-        "train",
-        *args,
-    ]
+    cmd = torchrun_cmd(nproc, "-m", "dist_lora", "train", *args)
     print("$", " ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, check=True, env=env)
 
@@ -112,13 +103,7 @@ def run_demo(run_dir: str, nproc: int = 2, steps: int = 40) -> int:
     if not config.is_file():  # installed without the repo: the same settings inline
         config = run / "tiny.yaml"
         config.write_text(TINY_YAML)
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo"),
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
+    env = local_env()
     half = steps // 2
     print(f"== 1/2: train steps 1..{half} on {nproc} processes (FSDP2), then stop as if preempted", flush=True)
     _torchrun(nproc, [str(config), *overrides, "parallel.backend=fsdp", f"train.stop_at_step={half}"], env)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from datetime import timedelta
 
 import torch
@@ -55,3 +56,25 @@ def step_consensus(loss: float, stop: bool) -> tuple[float, bool]:
     t = torch.tensor([loss, float(stop)], dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(t)
     return float(t[0].item()) / dist.get_world_size(), bool(t[1].item() > 0)
+
+
+def local_env(pythonpath: str | None = None) -> dict[str, str]:
+    """Environment for ranks launched on this machine's CPUs: one thread per rank, loopback gloo, no hub access."""
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo"),
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "TRANSFORMERS_VERBOSITY": "error",
+    }
+    if not torch.cuda.is_available():
+        env["DS_ACCELERATOR"] = "cpu"
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath + os.pathsep + os.environ.get("PYTHONPATH", "")
+    return env
+
+
+def torchrun_cmd(nproc: int, *args: str) -> list[str]:
+    """``torchrun --standalone --nproc_per_node=N args...`` (a free rendezvous port every time)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]

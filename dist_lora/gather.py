@@ -216,6 +216,16 @@ def broadcast_json(obj: Any) -> Any:
     return json.loads(bytes(payload.cpu().numpy().tobytes()).decode())
 
 
+def any_rank(flag: bool) -> bool:
+    """Collective: True on every rank if ``flag`` is True on any rank (one tiny all-reduce)."""
+    if _dist()[1] == 1:
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int32, device=_comm_device())
+    _record("all_reduce", t)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def _comm_device() -> torch.device:
     if dist.is_initialized() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())

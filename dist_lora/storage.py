@@ -30,8 +30,21 @@ class AlreadyExistsError(StorageError):
 
 
 def _is_precondition_failed(e: BaseException) -> bool:
-    text = f"{type(e).__name__} {e}"
-    return any(s in text for s in ("PreconditionFailed", "412", "pre-condition")) or isinstance(e, FileExistsError)
+    """An exclusive write lost: S3 answered 412 PreconditionFailed (s3fs wraps it in an OSError), or a file exists."""
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, FileExistsError):
+            return True
+        response = getattr(seen, "response", None)
+        if isinstance(response, dict):
+            code = response.get("Error", {}).get("Code")
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code == "PreconditionFailed" or status == 412:
+                return True
+        if "PreconditionFailed" in str(seen) or "pre-conditions you specified did not hold" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 class Storage:

@@ -3,34 +3,25 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+
+from dist_lora.distributed import local_env, torchrun_cmd
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().parent / "workers" / "run_worker.py"
 
 
 def launch_env() -> dict[str, str]:
-    return {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "GLOO_SOCKET_IFNAME": "lo",
-        "HF_HUB_OFFLINE": "1",
-        "DS_ACCELERATOR": "cpu",
-        "TOKENIZERS_PARALLELISM": "false",
-        "TRANSFORMERS_VERBOSITY": "error",
-        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-    }
+    return local_env(str(ROOT))
 
 
 def torchrun(nproc: int, argv: list[str], timeout: float = 420, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run ``torchrun --standalone --nproc_per_node=N argv...``; raise with the output tail if it fails."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *argv]
+    cmd = torchrun_cmd(nproc, *argv)
     proc = subprocess.run(cmd, env=launch_env(), capture_output=True, text=True, timeout=timeout, cwd=cwd)
     if proc.returncode != 0:
         raise AssertionError(

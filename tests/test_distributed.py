@@ -149,7 +149,7 @@ def test_gather_is_bit_exact_moves_only_the_adapter_and_matches_unsharded(kind, 
         assert all(nbytes <= max(bucket, adapter_bytes) * 1.05 for _, nbytes, _ in record), record
         data = [nbytes for op, nbytes, _ in record if op == "gather" and nbytes > 1024]
         sent[r] = sum(data)
-        assert len([op for op, *_ in record if op in ("all_reduce", "broadcast")]) <= 3  # agree + result (2)
+        assert len([op for op, *_ in record if op in ("all_reduce", "broadcast")]) <= 3  # agree on sizes + the outcome
     moved = sum(sent[r] for r in range(1, world)) + rank_bytes[0]
     assert moved >= adapter_bytes
     assert moved <= adapter_bytes * 1.01 + 1024 * world, (moved, adapter_bytes)
