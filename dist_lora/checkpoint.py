@@ -40,6 +40,7 @@ from dist_lora.constants import (
     STEP_PREFIX,
     TRAINER_STATE_NAME,
 )
+from dist_lora.faults import failpoint
 from dist_lora.storage import Storage, StorageError
 
 log = logging.getLogger(__name__)
@@ -164,10 +165,15 @@ def write_step(storage: Storage, files: dict[str, bytes], step: int, keep_last: 
         )
     for fname, data in files.items():
         if fname != MANIFEST_NAME:
+            failpoint(f"write.before:{fname}")
             step_store.write(fname, data, sync_dir=False)
+            failpoint(f"write.after:{fname}")
     step_store.sync_dir()  # every data file is durable before the manifest that commits them
+    failpoint("commit.before_manifest")
     step_store.write(MANIFEST_NAME, files[MANIFEST_NAME], exclusive=True)
+    failpoint("commit.after_manifest")
     storage.write(LATEST_NAME, (name + "\n").encode())
+    failpoint("commit.after_latest")
     if keep_last is not None:
         apply_retention(storage, keep_last)
     return step_store.url
@@ -363,8 +369,10 @@ def delete_step(storage: Storage, name: str) -> None:
     step_store = storage.child(name)
     manifest = read_manifest(step_store)
     step_store.delete(MANIFEST_NAME)
+    failpoint("retention.after_manifest_delete")
     for fname in manifest["files"]:
         step_store.delete(fname)
+        failpoint("retention.after_file_delete")
     step_store.remove_empty_dir("")
 
 

@@ -20,6 +20,7 @@ import torch
 
 from dist_lora.backends import Backend
 from dist_lora.checkpoint import AdapterState, CheckpointError, StepMeta, serialize_step, step_name, write_step
+from dist_lora.faults import failpoint
 from dist_lora.gather import any_rank, broadcast_json, gather_adapter
 from dist_lora.lora import adapter_config_dict, base_fingerprint
 from dist_lora.storage import Storage
@@ -79,6 +80,7 @@ class Checkpointer:
         if self.async_save:
             self._settle()  # a synchronous save settled at its own end
         state = gather_adapter(backend, self.bucket_bytes)
+        failpoint("save.after_gather")
         stats = SaveStats(step=step, stall_s=0.0)
         self.history.append(stats)
         if _rank() == 0:

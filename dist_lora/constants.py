@@ -29,3 +29,4 @@ WRAPPER_PREFIXES = ("module.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_mod
 # Environment variables.
 ENV_BUCKET_MB = "DIST_LORA_BUCKET_MB"
 ENV_LOG_LEVEL = "DIST_LORA_LOG_LEVEL"
+ENV_FAILPOINT = "DIST_LORA_FAILPOINT"  # crash tests only: see dist_lora/faults.py

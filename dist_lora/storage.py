@@ -16,6 +16,8 @@ from typing import Any
 
 import fsspec
 
+from dist_lora.faults import failpoint
+
 log = logging.getLogger(__name__)
 
 TMP_MARKER = ".dist_lora-tmp-"
@@ -145,7 +147,10 @@ class Storage:
         tmp = os.path.join(directory, f"{TMP_MARKER}{uuid.uuid4().hex}-{os.path.basename(path)}")
         try:
             with open(tmp, "wb") as f:
-                f.write(data)
+                f.write(data[: len(data) // 2])
+                f.flush()
+                failpoint(f"write.partial:{os.path.basename(path)}")
+                f.write(data[len(data) // 2 :])
                 f.flush()
                 os.fsync(f.fileno())
             if exclusive:

@@ -1,0 +1,31 @@
+"""Train one step and save it with keep_last=2 (single process); the crash suite sets DIST_LORA_FAILPOINT."""
+
+import json
+import sys
+
+import torch
+from transformers import AutoModelForCausalLM
+
+import dist_lora
+from dist_lora.backends import attach
+from dist_lora.checkpointer import Checkpointer
+from dist_lora.config import LoraConfig
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    torch.manual_seed(0)
+    model = dist_lora.apply_lora(
+        AutoModelForCausalLM.from_pretrained(spec["base"]), LoraConfig(r=4, alpha=8, target_modules=["c_attn"])
+    )
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    dist_lora.load_checkpoint(model, spec["dir"], optimizer=opt, storage_options=spec["options"])
+    x = torch.arange(32).view(2, 16) % 100
+    model(input_ids=x, labels=x).loss.backward()
+    opt.step()
+    ck = Checkpointer(spec["dir"], keep_last=2, storage_options=spec["options"])
+    ck.save(attach(model, opt, "none"), step=spec["step"])
+
+
+if __name__ == "__main__":
+    main()
