@@ -11,7 +11,7 @@ import torch
 
 from dist_lora import backends
 from dist_lora.api import load_checkpoint
-from dist_lora.checkpoint import newest_verified_step
+from dist_lora.checkpoint import CheckpointError, newest_verified_step
 from dist_lora.checkpointer import Checkpointer
 from dist_lora.config import ConfigError, RunConfig, TrainConfig, config_to_dict
 from dist_lora.data import TokenBlocks
@@ -53,11 +53,17 @@ def resume_url(cfg: RunConfig) -> str | None:
         return None
     if choice != "auto":
         return choice
-    found = None
+    found: dict[str, Any] = {"url": None}
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-        step = newest_verified_step(Storage(cfg.checkpoint.dir, cfg.checkpoint.storage_options))
-        found = step.url if step is not None else None
-    return broadcast_json({"url": found})["url"]
+        try:
+            step = newest_verified_step(Storage(cfg.checkpoint.dir, cfg.checkpoint.storage_options))
+            found["url"] = step.url if step is not None else None
+        except Exception as e:  # reported on every rank, not left to hang the others
+            found["error"] = f"{type(e).__name__}: {e}"
+    found = broadcast_json(found)
+    if found.get("error"):
+        raise CheckpointError(f"cannot look for a step to resume in {cfg.checkpoint.dir}: {found['error']}")
+    return found["url"]
 
 
 def train(cfg: RunConfig) -> list[dict[str, Any]]:

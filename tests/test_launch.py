@@ -144,7 +144,10 @@ def test_launch_script_runs_the_tiny_config_on_two_processes(script, gpt2_base, 
 def test_sigterm_saves_the_current_step_and_exits_zero(gpt2_base, tmp_path):
     env = {**launch_env(), "NPROC_PER_NODE": "2"}
     ckpt, metrics = tmp_path / "ckpt", tmp_path / "m.jsonl"
-    args = run_args(gpt2_base, ckpt, metrics, "train.max_steps=100000", "parallel.backend=fsdp")
+    # no periodic saves: the only checkpoints are the one the signal causes and the resumed run's final one
+    args = run_args(
+        gpt2_base, ckpt, metrics, "train.max_steps=100000", "parallel.backend=fsdp", "checkpoint.every_steps=0"
+    )
     proc = subprocess.Popen(
         ["bash", str(LAUNCH / "torchrun.sh"), *args],
         env=env,
@@ -177,6 +180,7 @@ def test_sigterm_saves_the_current_step_and_exits_zero(gpt2_base, tmp_path):
                 metrics,
                 "train.max_steps=100000",
                 "parallel.backend=fsdp",
+                "checkpoint.every_steps=0",
                 f"train.stop_at_step={last + 2}",
             ),
         ],
