@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -18,19 +19,26 @@ class DataError(ValueError):
     pass
 
 
+def jsonl_rows(path: str | Path) -> list[tuple[int, Any]]:
+    """(line number, parsed value) for every non-blank line of a JSONL file; a bad line is an error naming it."""
+    rows = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((n, json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n} is not valid JSON: {e}") from e
+    return rows
+
+
 def read_texts(path: str) -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise DataError(f"data.path {path} does not exist (a .txt file or a .jsonl with a 'text' field)")
     if p.suffix == ".jsonl":
         texts = []
-        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n} is not valid JSON: {e}") from e
+        for n, row in jsonl_rows(p):
             if not isinstance(row, dict) or not isinstance(row.get("text"), str):
                 raise DataError(f"{path}:{n} needs a string 'text' field")
             texts.append(row["text"])

@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from dist_lora.data import jsonl_rows
 
 
 def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
     """(step rows, resume events) from a metrics JSONL written by the trainer."""
     steps: list[dict] = []
     resumes: list[dict] = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n} is not JSON: {e}") from e
+    for _, row in jsonl_rows(path):
         (resumes if row.get("event") == "resume" else steps).append(row)
     return steps, resumes
 
