@@ -145,6 +145,26 @@ def resolve_step(path: str, storage_options: dict[str, Any] | None = None) -> St
     return step
 
 
+def find_resume_step(resume: str | None, dir: str, storage_options: dict[str, Any] | None = None) -> str | None:
+    """Collective: the step to resume from. ``resume``: "none" (None), "auto" (the newest committed and verified
+    step in ``dir``, None if there is none) or one step's URL. A lookup error is raised on every rank."""
+    if resume in (None, "", "none"):
+        return None
+    if resume != "auto":
+        return resume
+    found: dict[str, Any] = {"url": None}
+    if _rank() == 0:
+        try:
+            step = newest_verified_step(Storage(dir, storage_options))
+            found["url"] = step.url if step is not None else None
+        except Exception as e:  # reported on every rank, not left to hang the others
+            found["error"] = f"{type(e).__name__}: {e}"
+    found = broadcast_json(found)
+    if found.get("error"):
+        raise CheckpointError(f"cannot look for a step to resume in {dir}: {found['error']}")
+    return found["url"]
+
+
 def load_checkpoint(
     model: nn.Module,
     path: str,

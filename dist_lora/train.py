@@ -10,17 +10,14 @@ from typing import Any
 import torch
 
 from dist_lora import backends
-from dist_lora.api import load_checkpoint
-from dist_lora.checkpoint import CheckpointError, newest_verified_step
+from dist_lora.api import find_resume_step, load_checkpoint
 from dist_lora.checkpointer import Checkpointer
 from dist_lora.config import ConfigError, RunConfig, TrainConfig, config_to_dict
 from dist_lora.data import TokenBlocks
 from dist_lora.distributed import init_distributed, shutdown, step_consensus
-from dist_lora.gather import broadcast_json
 from dist_lora.lora import apply_lora
 from dist_lora.metrics import MetricsLog
 from dist_lora.preempt import StopRequest
-from dist_lora.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -48,22 +45,7 @@ def grad_accum_steps(t: TrainConfig, world: int) -> int:
 
 def resume_url(cfg: RunConfig) -> str | None:
     """The step to resume from: none, an explicit URL, or (auto) the newest verified step. Collective."""
-    choice = cfg.checkpoint.resume
-    if choice == "none":
-        return None
-    if choice != "auto":
-        return choice
-    found: dict[str, Any] = {"url": None}
-    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-        try:
-            step = newest_verified_step(Storage(cfg.checkpoint.dir, cfg.checkpoint.storage_options))
-            found["url"] = step.url if step is not None else None
-        except Exception as e:  # reported on every rank, not left to hang the others
-            found["error"] = f"{type(e).__name__}: {e}"
-    found = broadcast_json(found)
-    if found.get("error"):
-        raise CheckpointError(f"cannot look for a step to resume in {cfg.checkpoint.dir}: {found['error']}")
-    return found["url"]
+    return find_resume_step(cfg.checkpoint.resume, cfg.checkpoint.dir, cfg.checkpoint.storage_options)
 
 
 def train(cfg: RunConfig) -> list[dict[str, Any]]:

@@ -16,7 +16,7 @@ def attach(model: nn.Module, optimizer: torch.optim.Optimizer | None, bias: str)
     if type(model).__name__ == "DeepSpeedEngine":
         from dist_lora.backends.deepspeed import DeepSpeedBackend
 
-        return DeepSpeedBackend(model, optimizer if optimizer is not None else model.optimizer, bias)
+        return DeepSpeedBackend(model, model.optimizer, bias)
     if isinstance(model, nn.parallel.DistributedDataParallel):
         from dist_lora.backends.ddp import DDPBackend
 

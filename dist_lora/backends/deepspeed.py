@@ -77,19 +77,19 @@ def import_deepspeed() -> Any:
 class DeepSpeedBackend(Backend):
     name = "deepspeed"
 
-    def __init__(self, engine: Any, optimizer: Any, bias: str):
-        super().__init__(engine, optimizer, bias)
-        self.stage = int(engine.zero_optimization_stage())
-        if self.stage not in (1, 2, 3):
-            raise NotImplementedError(f"dist_lora supports ZeRO stages 1, 2 and 3 (this engine runs {self.stage})")
-        self.zero: Any = engine.optimizer
-        for attr in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups"):
-            if hasattr(self.zero, attr):
-                break
+    def __init__(self, model: Any, zero_optimizer: Any, bias: str):
+        """``model``: the DeepSpeedEngine (or the module it wraps, when only saving and loading through it);
+        ``zero_optimizer``: the engine's ZeRO optimizer (``engine.optimizer``)."""
+        super().__init__(model, zero_optimizer, bias)
+        self.zero: Any = zero_optimizer
+        if hasattr(zero_optimizer, "fp32_partitioned_groups_flat"):
+            self.stage = 3
+        elif hasattr(zero_optimizer, "single_partition_of_fp32_groups"):
+            self.stage = 2 if zero_optimizer.partition_gradients else 1
         else:
             raise NotImplementedError(
-                f"unsupported DeepSpeed optimizer wrapper {type(self.zero).__name__}; dist_lora handles "
-                "DeepSpeedZeroOptimizer (ZeRO-1/2) and DeepSpeedZeroOptimizer_Stage3"
+                f"unsupported DeepSpeed optimizer {type(zero_optimizer).__name__}; dist_lora handles ZeRO stages "
+                "1, 2 and 3 (DeepSpeedZeroOptimizer and DeepSpeedZeroOptimizer_Stage3)"
             )
 
     @classmethod

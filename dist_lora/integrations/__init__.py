@@ -1,0 +1,1 @@
+"""Integrations with the trainers people already use (``dist_lora.integrations.hf`` for HF Trainer)."""

@@ -1,0 +1,271 @@
+"""HF Trainer callback: dist_lora checkpoints in place of the Trainer's own, under DeepSpeed ZeRO or FSDP2.
+
+    from dist_lora.integrations.hf import DistLoraCallback
+
+    trainer = Trainer(model=peft_model, args=args, train_dataset=ds, callbacks=[DistLoraCallback("s3://b/run")])
+    trainer.train()  # no resume_from_checkpoint: the callback resumes from the newest verified step itself
+
+Whenever the Trainer decides to save (``save_strategy``/``save_steps``), the callback saves a dist_lora step
+instead (only the adapter and its Adam state are gathered, the step is committed atomically and verified on
+load) and tells the Trainer to skip its own checkpoint. At ``on_train_begin`` it loads the newest verified step
+(``resume="auto"``) into whatever the Trainer built at the current world size and engine: adapter, Adam state,
+learning-rate schedule, global step, and the position in the data. The data position is exact when the global
+batch (processes x per-device batch x accumulation) is the same as when the step was saved, as HF's own resume.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from dist_lora.api import find_resume_step, load_checkpoint
+from dist_lora.backends import Backend, attach
+from dist_lora.checkpoint import CheckpointError
+from dist_lora.checkpointer import Checkpointer
+from dist_lora.lora import infer_bias_mode
+
+log = logging.getLogger(__name__)
+
+HF_STATE_KEY = "hf_trainer_state"
+
+
+def _unwrap_optimizer(optimizer: Any) -> Any:
+    """The optimizer under accelerate's wrappers (AcceleratedOptimizer, DeepSpeedOptimizerWrapper)."""
+    while hasattr(optimizer, "optimizer") and not hasattr(optimizer, "fp32_partitioned_groups_flat"):
+        inner = optimizer.optimizer
+        if inner is optimizer:
+            break
+        optimizer = inner
+    return optimizer
+
+
+def _unwrap_scheduler(scheduler: Any) -> Any:
+    return getattr(scheduler, "scheduler", scheduler)  # accelerate's AcceleratedScheduler
+
+
+def backend_for(model: Any, optimizer: Any, bias: str) -> Backend:
+    """A Backend view of what HF Trainer built: ZeRO (from the ZeRO optimizer), FSDP2, DDP or one process."""
+    inner = _unwrap_optimizer(optimizer)
+    if type(inner).__name__ in ("DeepSpeedZeroOptimizer", "DeepSpeedZeroOptimizer_Stage3"):
+        from dist_lora.backends.deepspeed import DeepSpeedBackend
+
+        return DeepSpeedBackend(model, inner, bias)
+    return attach(model, inner, bias)
+
+
+class DistLoraCallback(TrainerCallback):
+    """Save and resume HF Trainer runs as dist_lora steps (PEFT format, any world size, either engine).
+
+    Args:
+        dir: checkpoint directory: a local path or any fsspec URL (``s3://bucket/run``).
+        resume: ``"auto"`` (the newest verified step in ``dir``, if any), ``"none"``, or the URL of one step.
+        every_steps: save every N optimizer steps and at the last one, whatever the Trainer's ``save_strategy``
+            (for ``save_strategy="no"``, which HF requires of models it cannot checkpoint itself). None: save when
+            the Trainer would.
+        keep_last: keep only the newest N committed steps (None keeps all).
+        async_save: write and upload in the background; training waits only for the gather.
+        storage_options: fsspec options (``{"endpoint_url": ..., "key": ...}`` for S3).
+        bucket_mb: size of one gather bucket.
+    """
+
+    def __init__(
+        self,
+        dir: str,
+        *,
+        resume: str = "auto",
+        every_steps: int | None = None,
+        keep_last: int | None = None,
+        async_save: bool = True,
+        storage_options: dict[str, Any] | None = None,
+        bucket_mb: float = 32.0,
+    ):
+        if every_steps is not None and every_steps < 1:
+            raise ValueError(f"every_steps must be at least 1 or None (got {every_steps})")
+        if keep_last is not None and keep_last < 1:
+            raise ValueError(f"keep_last must be at least 1 or None (got {keep_last})")
+        self.dir = dir
+        self.resume = resume
+        self.every_steps = every_steps
+        self.storage_options = storage_options
+        self.bucket_mb = bucket_mb
+        self.checkpointer = Checkpointer(
+            dir, keep_last=keep_last, storage_options=storage_options, bucket_mb=bucket_mb, async_save=async_save
+        )
+        self.resumed_from: str | None = None
+        self.last_saved: int | None = None
+        self._skip: tuple[int, int] | None = None  # (epochs to skip, batches to skip in the next epoch)
+        self._skipping_epoch = False
+        self._trainer: Any = None
+
+    @classmethod
+    def install(cls, trainer: Any, dir: str, **kwargs: Any) -> DistLoraCallback:
+        """Create the callback, bind it to ``trainer`` and add it: the recommended way.
+
+        Bound, a resume also resets the Trainer's own counters of this run (the steps its logged loss and
+        speed are averaged over), which it sets before any callback runs.
+        """
+        callback = cls(dir, **kwargs)
+        callback._trainer = trainer
+        trainer.add_callback(callback)
+        return callback
+
+    # ------------------------------------------------------------------------------------------ events
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        model, optimizer = kwargs["model"], kwargs["optimizer"]
+        url = find_resume_step(self.resume, self.dir, self.storage_options)
+        if url is None:
+            return
+        backend = backend_for(model, optimizer, infer_bias_mode(model))
+        saved = load_checkpoint(
+            backend.model, url, optimizer=backend.optimizer, storage_options=self.storage_options, backend=backend
+        )
+        self._restore_trainer(args, state, saved, kwargs.get("lr_scheduler"), kwargs.get("train_dataloader"))
+        self.resumed_from = saved["checkpoint_url"]
+        self.last_saved = state.global_step
+        if self._trainer is not None:  # its loss since the last log and its speed count this run's steps only
+            self._trainer._globalstep_last_logged = state.global_step
+            self._trainer._initial_global_step = state.global_step
+        log.info(
+            "resumed from %s at step %d (saved by %s at world size %s; now world size %d)",
+            self.resumed_from,
+            state.global_step,
+            saved.get("backend"),
+            saved.get("world_size"),
+            args.world_size,
+        )
+
+    def on_epoch_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        loader = kwargs.get("train_dataloader")
+        if self._skip is None or loader is None:
+            return
+        epochs, batches = self._skip
+        if epochs > 0:  # an epoch the resumed run had finished: pass over it without a batch
+            self._skip = (epochs - 1, batches)
+            self._skipping_epoch = True
+            loader.skip_batches = len(loader)
+        else:
+            self._skip = None
+            loader.skip_batches = batches
+
+    def on_epoch_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        loader = kwargs.get("train_dataloader")
+        if loader is not None and hasattr(loader, "skip_batches"):
+            loader.skip_batches = 0  # the next epoch starts at its first batch
+        if self._skipping_epoch:  # the Trainer stops after an epoch without a sample; this one was skipped on purpose
+            self._skipping_epoch = False
+            control.should_training_stop = state.global_step >= state.max_steps
+        self._save_if_asked(args, state, control, kwargs)
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self._save_if_asked(args, state, control, kwargs)
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self.checkpointer.wait()  # a background save commits (or its error is raised) before train() returns
+
+    # ------------------------------------------------------------------------------------------ internals
+
+    def _save_if_asked(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, kwargs: dict[str, Any]
+    ) -> None:
+        asked = control.should_save
+        control.should_save = False  # ours replaces the Trainer's own checkpoint
+        if self.every_steps is not None:
+            asked = state.global_step % self.every_steps == 0 or state.global_step >= state.max_steps
+        if not asked or self.last_saved == state.global_step:
+            return
+        self.save(state, kwargs["model"], kwargs["optimizer"], kwargs.get("lr_scheduler"))
+
+    def save(self, state: TrainerState, model: Any, optimizer: Any, lr_scheduler: Any = None) -> str:
+        """Collective: save the current step now (the callback calls this when the Trainer would save)."""
+        backend = backend_for(model, optimizer, infer_bias_mode(model))
+        scheduler = _unwrap_scheduler(lr_scheduler)
+        trainer_state = {
+            "epoch": state.epoch,
+            "samples_seen": state.global_step * state.train_batch_size if state.train_batch_size else None,
+            "lr_scheduler": _jsonable(scheduler.state_dict()) if scheduler is not None else None,
+            HF_STATE_KEY: {
+                "epoch": state.epoch,
+                "log_history": _jsonable(state.log_history),
+                "total_flos": state.total_flos,
+                "num_input_tokens_seen": state.num_input_tokens_seen,
+            },
+        }
+        url = self.checkpointer.save(backend, step=state.global_step, trainer_state=trainer_state)
+        self.last_saved = state.global_step
+        return url
+
+    def _restore_trainer(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        saved: dict[str, Any],
+        lr_scheduler: Any,
+        loader: Any,
+    ) -> None:
+        step = int(saved["step"])
+        hf = saved.get(HF_STATE_KEY) or {}
+        state.global_step = step
+        state.epoch = saved.get("epoch") or hf.get("epoch") or 0.0
+        state.log_history = list(hf.get("log_history", []))
+        state.total_flos = hf.get("total_flos", 0.0)
+        state.num_input_tokens_seen = hf.get("num_input_tokens_seen", 0)
+        scheduler = _unwrap_scheduler(lr_scheduler)
+        if scheduler is not None and saved.get("lr_scheduler"):
+            _restore_scheduler(scheduler, saved["lr_scheduler"])
+        if args.ignore_data_skip or loader is None or step == 0:
+            return
+        if not hasattr(loader, "skip_batches"):
+            log.warning("the train dataloader (%s) cannot skip batches: data restarts at its beginning", type(loader))
+            return
+        per_epoch = max(math.ceil(len(loader) / args.gradient_accumulation_steps), 1)
+        self._skip = (step // per_epoch, (step % per_epoch) * args.gradient_accumulation_steps)
+
+
+def _restore_scheduler(scheduler: Any, saved: dict[str, Any]) -> None:
+    """Put the schedule at the saved step. The engines group parameters differently (ZeRO drops empty groups), so
+    per-group values come from this run's optimizer; for a LambdaLR (every HF schedule but plateau), the rate of
+    each group is recomputed at the saved step."""
+    per_group = ("base_lrs", "_last_lr", "lr_lambdas")
+    if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        scheduler.load_state_dict({**{k: v for k, v in saved.items() if k not in per_group}, "lr_lambdas": []})
+        lrs = [
+            base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)
+        ]
+    elif len(saved.get("base_lrs", [])) == len(scheduler.optimizer.param_groups):
+        scheduler.load_state_dict(saved)
+        lrs = scheduler.get_last_lr()
+    else:
+        raise CheckpointError(
+            f"cannot restore a {type(scheduler).__name__} saved for {len(saved.get('base_lrs', []))} parameter "
+            f"group(s) into an optimizer with {len(scheduler.optimizer.param_groups)}; use an HF LambdaLR schedule "
+            "(lr_scheduler_type linear, cosine, constant_with_warmup, ...)"
+        )
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr  # the next step runs at the saved schedule's rate, not the initial one
+    scheduler._last_lr = list(lrs)
+
+
+def _jsonable(value: Any) -> Any:
+    """A scheduler state_dict as JSON (lambdas and other callables are not state; they come from the code)."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if hasattr(value, "item"):
+        return value.item()
+    return None

@@ -1,0 +1,98 @@
+"""HF Trainer + DistLoraCallback: save under ZeRO-3 and FSDP2 on 2 processes, resume on 1."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dist_lora.checkpoint import list_steps
+from dist_lora.integrations.hf import DistLoraCallback, _restore_scheduler
+from dist_lora.storage import Storage
+from tests.dist_utils import ROOT, torchrun
+
+WORKER = ROOT / "tests" / "workers" / "hf_worker.py"
+SAMPLES, MAX_STEPS = 64, 8  # 8 samples a step: one epoch is exactly the 8 steps
+
+
+def run(nproc: int, spec: dict) -> dict:
+    torchrun(nproc, [str(WORKER), json.dumps(spec)])
+    return json.loads((Path(spec["out"]) / "result.json").read_text())
+
+
+def seen(out: Path) -> dict[int, list[int]]:
+    """Sample ids each step trained on, over all ranks."""
+    steps: dict[int, list[int]] = {}
+    for f in out.glob("seen-*.json"):
+        for step, ids in json.loads(f.read_text()).items():
+            steps.setdefault(int(step), []).extend(ids)
+    return steps
+
+
+def expected_lr(step: int, lr=1e-2, warmup=2) -> float:
+    """HF's linear schedule, as logged for global step ``step`` (the rate that step ran at)."""
+    e = step - 1
+    return lr * (e / warmup if e < warmup else (MAX_STEPS - e) / (MAX_STEPS - warmup))
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["zero3", "fsdp2"])
+def test_trainer_saves_through_callback_and_resumes_on_one_process(engine, gpt2_base, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    common = {"base": str(gpt2_base), "ckpt": str(ckpt), "max_steps": MAX_STEPS, "save_steps": 2, "batch": 2}
+    first = run(2, {**common, "out": str(tmp_path / "a"), "engine": engine, "stop_at": 4, "grad_accum": 2})
+    assert first["saves"] == [2, 4] and first["global_step"] == 4
+    assert first["hf_checkpoints"] == []  # the callback replaced the Trainer's own checkpoint
+    steps = list_steps(Storage(str(ckpt)))
+    assert [s.step for s in steps] == [2, 4] and all(s.status == "committed" for s in steps)
+    state = json.loads((ckpt / "step-00000004" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2 and state["backend"] == ("deepspeed" if engine == "zero3" else "fsdp")
+
+    # 1 process, same global batch (1 x 2 x 4 = 2 x 2 x 2), no engine: the adapter is the one saved
+    second = run(1, {**common, "out": str(tmp_path / "b"), "engine": "none", "stop_at": None, "grad_accum": 4})
+    assert second["begin_step"] == 4 and second["resumed_from"].endswith("step-00000004")
+    saved = load_file(str(ckpt / "step-00000004" / "adapter_model.safetensors"))
+    loaded = load_file(str(tmp_path / "b" / "begin_adapter.safetensors"))
+    assert saved.keys() == loaded.keys() and len(saved) == 4  # 2 layers x (A, B)
+    for key in saved:
+        assert torch.equal(saved[key], loaded[key]), key
+    # the schedule continues where it stopped, and every step after the resume trained and logged
+    assert second["global_step"] == MAX_STEPS and second["saves"] == [6, 8]
+    for step in range(5, MAX_STEPS + 1):
+        loss, lr = second["losses"][str(step)]
+        assert lr == pytest.approx(expected_lr(step), rel=1e-6), step
+        assert 4.0 < loss < 7.0, (step, loss)  # ~ln(vocab): a loss averaged over the wrong step count is not
+    # the data continues: steps 1-4 on 2 ranks and 5-8 on 1 rank see each sample of the epoch exactly once
+    before, after = seen(tmp_path / "a"), seen(tmp_path / "b")
+    assert sorted(before) == [1, 2, 3, 4] and sorted(after) == [5, 6, 7, 8]
+    ids = [i for step in before.values() for i in step] + [i for step in after.values() for i in step]
+    assert sorted(ids) == list(range(SAMPLES))
+
+
+def test_callback_arguments_are_checked():
+    with pytest.raises(ValueError, match="every_steps"):
+        DistLoraCallback("/tmp/x", every_steps=0)
+    with pytest.raises(ValueError, match="keep_last"):
+        DistLoraCallback("/tmp/x", keep_last=0)
+
+
+def test_schedule_restores_across_engines_with_other_parameter_groups():
+    """ZeRO keeps one group where torch AdamW has two: the rate of each group is recomputed at the saved step."""
+    w = torch.nn.Parameter(torch.zeros(2))
+    b = torch.nn.Parameter(torch.zeros(2))
+    one = torch.optim.AdamW([w, b], lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(one, lambda e: 1 - e / 10)
+    for _ in range(4):
+        one.step()
+        sched.step()
+    saved = sched.state_dict()
+    two = torch.optim.AdamW([{"params": [w]}, {"params": [b], "weight_decay": 0.0}], lr=0.1)
+    target = torch.optim.lr_scheduler.LambdaLR(two, lambda e: 1 - e / 10)
+    _restore_scheduler(target, {k: v for k, v in saved.items() if k != "lr_lambdas"})
+    assert target.last_epoch == 4
+    assert [g["lr"] for g in two.param_groups] == pytest.approx([0.06, 0.06])
+    step = torch.optim.lr_scheduler.StepLR(two, step_size=2)
+    with pytest.raises(Exception, match="parameter group"):
+        _restore_scheduler(step, {"base_lrs": [0.1], "last_epoch": 3})

@@ -1,0 +1,139 @@
+"""One rank of an HF Trainer run that checkpoints through dist_lora's callback (tests/test_hf.py).
+
+argv[1] is JSON: {"base": dir, "ckpt": dir, "out": dir, "engine": "zero3" | "fsdp2" | "none", "max_steps": N,
+"save_steps": K, "stop_at": S | null, "grad_accum": G, "batch": B}. Rank 0 writes out/begin_adapter.safetensors
+(the adapter as loaded, before any step), out/end_adapter.safetensors and out/result.json.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import save_file
+from torch.distributed.fsdp import fully_shard
+from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+from transformers.distributed.configuration_utils import DistributedConfig
+
+from dist_lora.gather import gather_adapter
+from dist_lora.integrations.hf import DistLoraCallback, backend_for
+from dist_lora.lora import infer_bias_mode
+
+
+class Blocks(torch.utils.data.Dataset):
+    def __init__(self, n: int, seq: int, vocab: int):
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(0, vocab, (n, seq), generator=g)
+        self.ids[:, 0] = torch.arange(n)  # the first token names the sample, to check the data position
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def full_adapter(model, optimizer) -> dict[str, torch.Tensor] | None:
+    """The full adapter on rank 0 (dist_lora's own gather, the same on every engine)."""
+    state = gather_adapter(backend_for(model, optimizer, infer_bias_mode(model)), 2**20)
+    return None if state is None else {k: v.contiguous() for k, v in state.weights.items()}
+
+
+class Probe(TrainerCallback):
+    """Records the adapter right after the resume, the losses, and stops at ``stop_at`` as if preempted."""
+
+    def __init__(self, out: Path, stop_at: int | None):
+        self.out, self.stop_at, self.losses, self.begin_step = out, stop_at, {}, None
+        self.seen, self.step = {}, 0
+
+    def record(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self.seen.setdefault(self.step, []).extend(ids[:, 0].tolist())
+
+    def on_step_begin(self, args, state, control, model=None, optimizer=None, **kw):
+        self.step = state.global_step + 1
+        if self.begin_step is None:  # after every on_train_begin (the resume), before the first step
+            self.begin_step = state.global_step
+            weights = full_adapter(model, optimizer)
+            if weights is not None:
+                save_file(weights, str(self.out / "begin_adapter.safetensors"))
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if logs and "loss" in logs:
+            self.losses[state.global_step] = [logs["loss"], logs["learning_rate"]]
+
+    def on_step_end(self, args, state, control, **kw):
+        if self.stop_at is not None and state.global_step >= self.stop_at:
+            control.should_training_stop = True
+            control.should_save = True
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    out = Path(spec["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    ds_config = {
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": False},
+    }
+    extra = {}
+    if spec["engine"] == "zero3":
+        extra["deepspeed"] = ds_config
+    args = TrainingArguments(
+        output_dir=str(out / "hf"),
+        per_device_train_batch_size=spec["batch"],
+        gradient_accumulation_steps=spec["grad_accum"],
+        max_steps=spec["max_steps"],
+        learning_rate=1e-2,
+        lr_scheduler_type="linear",
+        warmup_steps=2,
+        save_strategy="no" if spec["engine"] == "fsdp2" else "steps",
+        save_steps=spec["save_steps"],
+        logging_steps=1,
+        report_to=[],
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+        seed=0,
+        disable_tqdm=True,
+        **extra,
+    )
+    base = AutoModelForCausalLM.from_pretrained(spec["base"])
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["c_attn"]))
+    if spec["engine"] == "fsdp2":
+        # Sharded before the Trainer, as transformers' DistributedConfig does; accelerate enables FSDP on GPUs only.
+        for block in base.transformer.h:
+            fully_shard(block)
+        fully_shard(model)
+        base._is_distributed_loading_by_transformers = True  # the Trainer neither wraps nor shards it again
+        base.config.distributed_config = DistributedConfig(fsdp_size=torch.distributed.get_world_size())
+    probe = Probe(out, spec.get("stop_at"))
+    data = Blocks(64, 16, base.config.vocab_size)
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[probe])
+    every = spec["save_steps"] if spec["engine"] == "fsdp2" else None  # HF itself refuses to save such models
+    callback = DistLoraCallback.install(trainer, spec["ckpt"], every_steps=every)  # after the probe: it sees the stop
+    model.get_base_model().transformer.wte.register_forward_pre_hook(probe.record, with_kwargs=True)
+    trainer.train()
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    (out / f"seen-{rank}.json").write_text(json.dumps(probe.seen))
+    weights = full_adapter(trainer.model_wrapped, trainer.optimizer)
+    if weights is not None:
+        save_file(weights, str(out / "end_adapter.safetensors"))
+        result = {
+            "begin_step": probe.begin_step,
+            "global_step": trainer.state.global_step,
+            "resumed_from": callback.resumed_from,
+            "losses": probe.losses,
+            "hf_checkpoints": sorted(p.name for p in (out / "hf").glob("checkpoint-*")),
+            "saves": [s.step for s in callback.checkpointer.history],
+        }
+        (out / "result.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
