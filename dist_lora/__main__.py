@@ -1,5 +1,3 @@
-import sys
+from dist_lora.cli import entry
 
-from dist_lora.cli import main
-
-sys.exit(main())
+entry()

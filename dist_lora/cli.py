@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Any
 
@@ -166,5 +167,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def entry() -> None:
+    """The ``dist-lora`` command and ``python -m dist_lora``: :func:`main`, then exit with its status.
+
+    A rank whose run ended with every rank in agreement (the process group left after a barrier) exits at once,
+    without the interpreter's finalization: gloo's worker threads can still abort it with SIGABRT there, which
+    the launcher would report as a failed run after a successful one.
+    """
+    code = main()
+    from dist_lora.distributed import left_process_group_cleanly
+
+    if left_process_group_cleanly():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -40,13 +40,23 @@ def init_distributed(timeout_s: float = 1800, *, need_group: bool = False) -> tu
     return rank, (dist.get_world_size() if dist.is_initialized() else 1), device
 
 
+_left_cleanly = False
+
+
 def shutdown(*, clean: bool = True) -> None:
     """Leave the process group. ``clean``: all ranks got here normally, so they first wait for each other;
     a rank that tears down gloo while a peer still talks to it can die in std::terminate at exit."""
+    global _left_cleanly
     if dist.is_initialized():
         if clean:
             dist.barrier()
         dist.destroy_process_group()
+        _left_cleanly = clean
+
+
+def left_process_group_cleanly() -> bool:
+    """Whether this process ran collectives and then left its process group with every rank in agreement."""
+    return _left_cleanly
 
 
 def step_consensus(loss: float, stop: bool) -> tuple[float, bool]:
@@ -67,6 +77,7 @@ def local_env(pythonpath: str | None = None) -> dict[str, str]:
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
         "TRANSFORMERS_VERBOSITY": "error",
+        "PYTHONFAULTHANDLER": "1",  # a rank that dies of a signal prints every thread's Python stack
     }
     if not torch.cuda.is_available():
         env["DS_ACCELERATOR"] = "cpu"

@@ -19,13 +19,27 @@ def launch_env() -> dict[str, str]:
     return local_env(str(ROOT))
 
 
+FATAL = ("Fatal Python error", "terminate called", "Traceback (most recent call last)")
+
+
+def failure_report(stdout: str, stderr: str, tail: int = 3000) -> str:
+    """The output tail, plus the first lines of every fatal-signal dump or traceback anywhere in it."""
+    lines = (stdout + "\n" + stderr).splitlines()
+    found = []
+    for i, line in enumerate(lines):
+        if any(mark in line for mark in FATAL):
+            found.append("\n".join(lines[i : i + 40]))
+    head = "\n--- fatal dumps and tracebacks ---\n" + "\n...\n".join(found[:4]) if found else ""
+    return f"{stdout[-tail:]}\n{stderr[-2 * tail :]}{head}"
+
+
 def torchrun(nproc: int, argv: list[str], timeout: float = 420, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run ``torchrun --standalone --nproc_per_node=N argv...``; raise with the output tail if it fails."""
     cmd = torchrun_cmd(nproc, *argv)
     proc = subprocess.run(cmd, env=launch_env(), capture_output=True, text=True, timeout=timeout, cwd=cwd)
     if proc.returncode != 0:
         raise AssertionError(
-            f"torchrun {nproc} x {argv[:3]} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+            f"torchrun {nproc} x {argv[:3]} failed ({proc.returncode}):\n{failure_report(proc.stdout, proc.stderr)}"
         )
     return proc
 

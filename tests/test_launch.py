@@ -15,7 +15,7 @@ import yaml
 
 from dist_lora.backends.deepspeed import ds_config
 from dist_lora.demo import corpus_path
-from tests.dist_utils import ROOT, launch_env
+from tests.dist_utils import ROOT, failure_report, launch_env
 
 LAUNCH = ROOT / "launch"
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -133,7 +133,7 @@ def test_launch_script_runs_the_tiny_config_on_two_processes(script, gpt2_base, 
         text=True,
         timeout=280,
     )
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    assert out.returncode == 0, failure_report(out.stdout, out.stderr)
     rows = committed(tmp_path / "ckpt")
     assert rows[4]["world_size"] == 2
     assert rows[4]["backend"] == ("fsdp" if script == "torchrun.sh" else "deepspeed")
@@ -189,7 +189,7 @@ def test_sigterm_saves_the_current_step_and_exits_zero(gpt2_base, tmp_path):
         text=True,
         timeout=200,
     )
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.returncode == 0, failure_report(resumed.stdout, resumed.stderr)
     assert steps_done(metrics)[-3:] == [last, last + 1, last + 2]
     assert set(committed(ckpt)) == {last, last + 2}
 
@@ -223,7 +223,7 @@ def test_killed_two_process_run_restarts_on_one_and_finishes(gpt2_base, tmp_path
         text=True,
         timeout=280,
     )
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 0, failure_report(out.stdout, out.stderr)
     assert f"resumed from {ckpt}/step-{last:08d} at step {last}" in out.stderr
     steps = steps_done(metrics)
     assert steps[-1] == 400 and steps[steps.index(last + 1, len(steps) - (400 - last)) :] == list(range(last + 1, 401))

@@ -15,7 +15,7 @@ from dist_lora.config import TrainConfig
 from dist_lora.data import TokenBlocks
 from dist_lora.demo import corpus_path
 from dist_lora.train import lr_at
-from tests.dist_utils import ROOT, launch_env, torchrun
+from tests.dist_utils import ROOT, failure_report, launch_env, torchrun
 
 TINY = ROOT / "configs" / "tiny.yaml"
 
@@ -84,7 +84,7 @@ def test_stop_on_deepspeed_resume_on_fsdp_matches_uninterrupted(gpt2_base, tmp_p
         *overrides(gpt2_base, ckpt, run, "parallel.backend=deepspeed", "parallel.zero_stage=3", "train.stop_at_step=3"),
     ]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert out.returncode == 0, failure_report(out.stdout, out.stderr)
     # steps 4..6 on 1 rank under torchrun with FSDP2, resume: auto
     torchrun(1, ["-m", "dist_lora", "train", str(TINY), *overrides(gpt2_base, ckpt, run, "parallel.backend=fsdp")])
 
@@ -142,7 +142,7 @@ def test_demo_command(tmp_path):
         text=True,
         timeout=280,
     )
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert out.returncode == 0, failure_report(out.stdout, out.stderr)
     rows = losses(tmp_path / "metrics.jsonl")
     assert sorted(rows) == list(range(1, 41))
     assert rows[40] < rows[1] - 0.3
