@@ -13,8 +13,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -22,10 +23,30 @@ from dist_lora.backends import Backend
 from dist_lora.checkpoint import AdapterState, CheckpointError, StepMeta, serialize_step, step_name, write_step
 from dist_lora.faults import failpoint
 from dist_lora.gather import any_rank, broadcast_json, gather_adapter
+from dist_lora.lease import Lease, LeaseError, default_run_id
 from dist_lora.lora import adapter_config_dict, base_fingerprint
-from dist_lora.storage import Storage
+from dist_lora.storage import RetryPolicy, Storage, StorageError
 
 log = logging.getLogger(__name__)
+
+
+T = TypeVar("T")
+
+
+def under_policy(
+    on_error: str, what: str, fn: Callable[[], T], on_failure: Callable[[BaseException], None] | None = None
+) -> T | None:
+    """Run a save collective under ``on_error``: "raise" lets a failed save stop training; "warn" logs it (and
+    calls ``on_failure``) and returns None. A failure reaches every rank alike, so every rank goes the same way."""
+    try:
+        return fn()
+    except (CheckpointError, StorageError) as e:  # LeaseError is a CheckpointError
+        if on_error == "raise":
+            raise
+        log.error("%s failed; training goes on (on_error=warn): %s: %s", what, type(e).__name__, e)
+        if on_failure is not None:
+            on_failure(e)
+        return None
 
 
 def _rank() -> int:
@@ -53,23 +74,51 @@ class Checkpointer:
         storage_options: dict[str, Any] | None = None,
         bucket_mb: float = 32.0,
         async_save: bool = False,
+        retry: RetryPolicy | None = None,
     ):
         self.dir = dir
         self.keep_last = keep_last
         self.storage_options = storage_options
         self.bucket_bytes = int(bucket_mb * 2**20)
         self.async_save = async_save
+        self.retry = retry
         self.history: list[SaveStats] = []
         self._storage: Storage | None = None
         self._thread: threading.Thread | None = None
         self._result: dict[str, Any] | None = None
         self._error: BaseException | None = None
+        self.lease: Lease | None = None
 
     @property
     def storage(self) -> Storage:
         if self._storage is None:
-            self._storage = Storage(self.dir, self.storage_options)
+            self._storage = Storage(self.dir, self.storage_options, self.retry)
         return self._storage
+
+    def take_lease(self, run_id: str | None = None, ttl_s: float = 600.0) -> None:
+        """Collective: take the dir's writer lease on rank 0 and renew it in the background (see lease.py).
+
+        Raises LeaseError on every rank when another live run holds the dir.
+        """
+        error: BaseException | None = None
+        result: dict[str, Any] = {"ok": True}
+        if _rank() == 0:
+            try:
+                lease = Lease(self.storage, run_id or default_run_id(), ttl_s)
+                lease.acquire()
+                lease.start_heartbeat()
+                self.lease = lease
+            except Exception as e:
+                error, result = e, {"ok": False, "error": f"{type(e).__name__}: {e}"}
+        result = broadcast_json(result)
+        if not result["ok"]:
+            raise error if error is not None else LeaseError(result["error"])
+
+    def release_lease(self) -> None:
+        """Not a collective: rank 0 gives the lease up (after the last save committed)."""
+        if self.lease is not None:
+            self.lease.release()
+            self.lease = None
 
     def save(self, backend: Backend, *, step: int, trainer_state: dict[str, Any] | None = None) -> str:
         """Collective: snapshot the adapter at ``step`` and commit it (now, or in the background). Returns its URL.
@@ -128,6 +177,8 @@ class Checkpointer:
         """Rank 0: serialize, write and commit; records the outcome for :meth:`_settle`. Never raises."""
         t0 = time.perf_counter()
         try:
+            if self.lease is not None:
+                self.lease.check()  # another run took the dir over: write nothing there
             files = serialize_step(state, meta)
             url = write_step(self.storage, files, meta.step, self.keep_last)
             stats.write_s, stats.bytes = time.perf_counter() - t0, sum(len(b) for b in files.values())

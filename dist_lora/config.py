@@ -105,6 +105,20 @@ class CheckpointConfig:
     """Write and upload in the background; training waits only for the gather (the next save waits for this one)."""
     storage_options: dict[str, Any] = field(default_factory=dict)
     """Passed to fsspec, e.g. {endpoint_url: ..., key: ..., secret: ...} for s3fs; else AWS env vars apply."""
+    on_error: str = "raise"
+    """A save that failed (after its retries): raise (training stops with the error) | warn (training goes on)."""
+    retry_attempts: int = 5
+    """Object-store calls are tried this many times in all (transient errors only) before the save fails."""
+    retry_backoff_s: float = 0.5
+    """Wait before the 2nd try; doubled each time (+-25% jitter), up to retry_max_backoff_s."""
+    retry_max_backoff_s: float = 8.0
+    io_timeout_s: float = 60.0
+    """Connect/read timeout of one object-store request."""
+    run_id: str | None = None
+    """This job's id in the dir's lease (a restart with the same id takes it over at once). Default: the env
+    DIST_LORA_RUN_ID, SLURM_JOB_ID or TORCHELASTIC_RUN_ID, else a fresh id."""
+    lease_ttl_s: float = 600.0
+    """A lease its holder has not renewed for this long is stale: another run may take the dir over."""
 
 
 @dataclass
@@ -216,6 +230,15 @@ def _validate(cfg: RunConfig, errors: list[str]) -> None:
     check(c.keep_last is None or c.keep_last >= 1, f"checkpoint.keep_last must be >= 1 (got {c.keep_last})")
     check(c.bucket_mb > 0, f"checkpoint.bucket_mb must be > 0 (got {c.bucket_mb})")
     check(bool(c.resume), "checkpoint.resume must be auto, none or the URL of one step")
+    check(c.on_error in ("raise", "warn"), f"checkpoint.on_error must be raise or warn (got {c.on_error!r})")
+    check(c.retry_attempts >= 1, f"checkpoint.retry_attempts must be >= 1 (got {c.retry_attempts})")
+    check(
+        c.retry_backoff_s >= 0 and c.retry_max_backoff_s >= 0,
+        f"checkpoint.retry_backoff_s and retry_max_backoff_s must be >= 0 (got {c.retry_backoff_s}, "
+        f"{c.retry_max_backoff_s})",
+    )
+    check(c.io_timeout_s > 0, f"checkpoint.io_timeout_s must be > 0 (got {c.io_timeout_s})")
+    check(c.lease_ttl_s > 0, f"checkpoint.lease_ttl_s must be > 0 (got {c.lease_ttl_s})")
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

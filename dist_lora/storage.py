@@ -9,10 +9,15 @@ The storage does not know what a checkpoint is; it only moves bytes.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
+import random
+import time
 import uuid
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import fsspec
 
@@ -21,6 +26,38 @@ from dist_lora.faults import failpoint
 log = logging.getLogger(__name__)
 
 TMP_MARKER = ".dist_lora-tmp-"
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How object-store calls are retried: ``attempts`` tries in all, waiting ``backoff_s`` x 2^k (capped at
+    ``max_backoff_s``, with +-25% jitter) between them; each request times out after ``timeout_s``.
+
+    dist_lora owns the retries (s3fs's and botocore's own are turned off) so that the bound is this one.
+    """
+
+    attempts: int = 5
+    backoff_s: float = 0.5
+    max_backoff_s: float = 8.0
+    timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1 or self.backoff_s < 0 or self.max_backoff_s < 0 or self.timeout_s <= 0:
+            raise ValueError(
+                f"retry policy needs attempts >= 1, backoff_s >= 0, max_backoff_s >= 0, timeout_s > 0 (got {self})"
+            )
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
+        return min(self.backoff_s * 2 ** (attempt - 1), self.max_backoff_s) * random.uniform(0.75, 1.25)
+
+
+def _is_permanent(e: BaseException) -> bool:
+    """Errors that another attempt cannot fix: missing objects, refused credentials, lost exclusive writes."""
+    return isinstance(
+        e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, AlreadyExistsError)
+    )
 
 
 class StorageError(OSError):
@@ -52,7 +89,7 @@ def _is_precondition_failed(e: BaseException) -> bool:
 class Storage:
     """A root URL and the few operations a checkpoint needs. Paths given to methods are relative to the root."""
 
-    def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None, retry: RetryPolicy | None = None):
         if not url:
             raise StorageError("empty checkpoint URL: set checkpoint.dir to a path or an fsspec URL")
         options = dict(storage_options or {})
@@ -62,10 +99,22 @@ class Storage:
             if endpoint:
                 options.setdefault("client_kwargs", {})["endpoint_url"] = endpoint
             options.setdefault("use_listings_cache", False)
+        part_mb = float(options.pop("part_size_mb", 50))
+        if part_mb < 5:
+            raise StorageError(f"part_size_mb must be at least 5 (S3's smallest multipart part), got {part_mb}")
+        self.put_kwargs: dict[str, Any] = {"chunksize": int(part_mb * 2**20)} if protocol == "s3" else {}
+        self.retry = retry or RetryPolicy()
+        if protocol == "s3":  # one attempt per call below dist_lora, with its timeouts
+            config = options.setdefault("config_kwargs", {})
+            config.setdefault("retries", {"max_attempts": 1, "mode": "standard"})
+            config.setdefault("read_timeout", self.retry.timeout_s)
+            config.setdefault("connect_timeout", min(self.retry.timeout_s, 10.0))
         try:
             self.fs, root = fsspec.url_to_fs(url, **options)
         except (ImportError, ValueError) as e:
             raise StorageError(f"cannot open {url!r}: {e}") from e
+        if protocol == "s3":
+            self.fs.retries = 1
         self.protocol = protocol
         self.root = root.rstrip("/")
         self.is_local = protocol in ("file", "local")
@@ -82,42 +131,73 @@ class Storage:
     def child(self, rel: str) -> Storage:
         """A Storage rooted at a sub-path, sharing this one's filesystem."""
         sub = object.__new__(Storage)
-        sub.fs, sub.protocol, sub.is_local = self.fs, self.protocol, self.is_local
+        sub.fs, sub.protocol, sub.is_local, sub.retry = self.fs, self.protocol, self.is_local, self.retry
+        sub.put_kwargs = self.put_kwargs
         sub.root, sub.url = self.path(rel), self.url_of(rel)
         return sub
 
     # ------------------------------------------------------------------------------------------ reads
 
+    def _call(self, what: str, rel: str, fn: Callable[[], T]) -> T:
+        """``fn()`` with the retry policy (object stores only); a final failure is a StorageError naming the URL,
+        the attempts and the last cause. Permanent errors (missing, forbidden, exists) are raised at once."""
+        attempts = 1 if self.is_local else self.retry.attempts
+        t0 = time.monotonic()
+        for attempt in range(1, attempts + 1):
+            try:
+                return fn()
+            except StorageError as e:
+                if isinstance(e, AlreadyExistsError) or attempt == attempts:
+                    raise
+                error: BaseException = e
+            except Exception as e:
+                if _is_permanent(e):
+                    raise
+                if attempt == attempts:
+                    tries = f" after {attempts} attempts over {time.monotonic() - t0:.1f} s" if attempts > 1 else ""
+                    raise StorageError(f"cannot {what} {self.url_of(rel)}{tries}: {type(e).__name__}: {e}") from e
+                error = e
+            wait = self.retry.delay(attempt)
+            log.warning(
+                "%s %s failed (attempt %d of %d: %s: %s); retrying in %.1f s",
+                what,
+                self.url_of(rel),
+                attempt,
+                attempts,
+                type(error).__name__,
+                error,
+                wait,
+            )
+            time.sleep(wait)
+        raise AssertionError("unreachable")
+
     def exists(self, rel: str) -> bool:
-        try:
-            return bool(self.fs.exists(self.path(rel)))
-        except OSError as e:
-            raise StorageError(f"cannot check {self.url_of(rel)}: {e}") from e
+        return self._call("check", rel, lambda: bool(self.fs.exists(self.path(rel))))
 
     def read(self, rel: str) -> bytes:
-        try:
-            return bytes(self.fs.cat_file(self.path(rel)))
-        except FileNotFoundError:
-            raise
-        except OSError as e:
-            raise StorageError(f"cannot read {self.url_of(rel)}: {e}") from e
+        return self._call("read", rel, lambda: bytes(self.fs.cat_file(self.path(rel))))
 
     def size(self, rel: str) -> int | None:
-        try:
-            return int(self.fs.info(self.path(rel))["size"])
-        except FileNotFoundError:
-            return None
+        def info() -> int | None:
+            try:
+                return int(self.fs.info(self.path(rel))["size"])
+            except FileNotFoundError:
+                return None
+
+        return self._call("stat", rel, info)
 
     def listdir(self, rel: str = "") -> dict[str, dict[str, Any]]:
         """Immediate children of ``rel``: name -> {"type": "file"|"directory", "size": int}."""
-        try:
+
+        def ls() -> list[dict[str, Any]]:
             if not self.is_local:
                 self.fs.invalidate_cache(self.path(rel))
-            entries = self.fs.ls(self.path(rel), detail=True)
-        except FileNotFoundError:
-            return {}
-        except OSError as e:
-            raise StorageError(f"cannot list {self.url_of(rel)}: {e}") from e
+            try:
+                return list(self.fs.ls(self.path(rel), detail=True))
+            except FileNotFoundError:
+                return []
+
+        entries = self._call("list", rel, ls)
         out = {}
         here = self.path(rel).rstrip("/")
         for entry in entries:
@@ -173,18 +253,34 @@ class Storage:
 
     def _write_remote(self, rel: str, data: bytes, exclusive: bool) -> None:
         path = self.path(rel)
+        attempts = 0
+
+        def put() -> None:
+            nonlocal attempts
+            attempts += 1
+            if attempts > 1:  # a failed attempt's upload whose abort did not get through (the store was down)
+                self.abort_multipart_uploads(rel)
+            try:
+                self.fs.pipe_file(path, data, mode="create" if exclusive else "overwrite", **self.put_kwargs)
+            except Exception as e:
+                if exclusive and _is_precondition_failed(e):
+                    if attempts > 1 and self._holds(rel, data):
+                        return  # an earlier attempt created it and its reply was lost
+                    raise AlreadyExistsError(f"{self.url_of(rel)} already exists; refusing to overwrite it") from e
+                self.abort_multipart_uploads(rel)  # s3fs leaves a failed multipart upload behind
+                raise
+            finally:
+                self.fs.invalidate_cache(path)
+
+        self._call("write", rel, put)
+
+    def _holds(self, rel: str, data: bytes) -> bool:
+        """Whether the object at ``rel`` has exactly these bytes."""
         try:
-            if exclusive:
-                self.fs.pipe_file(path, data, mode="create")
-            else:
-                self.fs.pipe_file(path, data)
-        except Exception as e:
-            if exclusive and _is_precondition_failed(e):
-                raise AlreadyExistsError(f"{self.url_of(rel)} already exists; refusing to overwrite it") from e
-            self.abort_multipart_uploads(rel)
-            raise StorageError(f"cannot write {self.url_of(rel)}: {type(e).__name__}: {e}") from e
-        finally:
-            self.fs.invalidate_cache(path)
+            stored = bytes(self.fs.cat_file(self.path(rel)))
+        except Exception:
+            return False
+        return hashlib.sha256(stored).digest() == hashlib.sha256(data).digest()
 
     def abort_multipart_uploads(self, rel: str) -> int:
         """Abort unfinished multipart uploads of one S3 key (s3fs can leave them behind). Returns how many."""
@@ -202,12 +298,11 @@ class Storage:
         return len(uploads)
 
     def delete(self, rel: str) -> None:
-        try:
-            self.fs.rm_file(self.path(rel))
-        except FileNotFoundError:
-            pass
-        except OSError as e:
-            raise StorageError(f"cannot delete {self.url_of(rel)}: {e}") from e
+        def rm() -> None:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm_file(self.path(rel))
+
+        self._call("delete", rel, rm)
 
     def remove_empty_dir(self, rel: str) -> None:
         """Remove a local directory if nothing is left in it (object stores have no directories)."""

@@ -5,21 +5,24 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 
 from dist_lora import backends
 from dist_lora.api import find_resume_step, load_checkpoint
-from dist_lora.checkpointer import Checkpointer
+from dist_lora.checkpointer import Checkpointer, under_policy
 from dist_lora.config import ConfigError, RunConfig, TrainConfig, config_to_dict
 from dist_lora.data import TokenBlocks
 from dist_lora.distributed import init_distributed, shutdown, step_consensus
 from dist_lora.lora import apply_lora
 from dist_lora.metrics import MetricsLog
 from dist_lora.preempt import StopRequest
+from dist_lora.storage import RetryPolicy
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -62,6 +65,7 @@ def train(cfg: RunConfig) -> list[dict[str, Any]]:
     finally:
         if trainer is not None:
             trainer.checkpointer.close()  # a background write finishes even if training failed
+            trainer.checkpointer.release_lease()  # this process writes nothing more
         shutdown(clean=clean)  # after a failure, other ranks may never reach a barrier
 
 
@@ -75,6 +79,17 @@ class Trainer:
         t = cfg.train
         self.rank, self.world, self.device = init_distributed(need_group=cfg.parallel.backend != "single")
         self.grad_accum = grad_accum_steps(t, self.world)
+        ck = cfg.checkpoint
+        self.checkpointer = Checkpointer(
+            ck.dir,
+            keep_last=ck.keep_last,
+            storage_options=ck.storage_options,
+            bucket_mb=ck.bucket_mb,
+            async_save=ck.async_save,
+            retry=RetryPolicy(ck.retry_attempts, ck.retry_backoff_s, ck.retry_max_backoff_s, ck.io_timeout_s),
+        )
+        self.checkpointer.take_lease(ck.run_id, ck.lease_ttl_s)  # before any work: one writer per dir
+        self.save_failures = 0
         tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path)
         self.data = TokenBlocks(cfg.data.path, tokenizer, cfg.data.seq_len)
         torch.manual_seed(t.seed)  # LoRA init is the same on every rank and at every world size
@@ -91,14 +106,6 @@ class Trainer:
             bias=cfg.lora.bias,
             micro_batch_size=t.micro_batch_size,
             grad_accum=self.grad_accum,
-        )
-        ck = cfg.checkpoint
-        self.checkpointer = Checkpointer(
-            ck.dir,
-            keep_last=ck.keep_last,
-            storage_options=ck.storage_options,
-            bucket_mb=ck.bucket_mb,
-            async_save=ck.async_save,
         )
         self.metrics_log = MetricsLog(t.metrics_file, enabled=self.rank == 0)
         self.step = 0
@@ -170,8 +177,8 @@ class Trainer:
         self.stopped_early = self.stopped_early or stop
         return mean_loss
 
-    def save(self) -> str:
-        """Save the current step (collective); returns its URL."""
+    def save(self) -> str | None:
+        """Save the current step (collective); returns its URL (None if it failed under on_error=warn)."""
         t = self.cfg.train
         trainer_state = {
             "samples_seen": self.step * t.global_batch_size,
@@ -186,13 +193,25 @@ class Trainer:
             },
             "config": config_to_dict(self.cfg),
         }
-        url = self.checkpointer.save(self.backend, step=self.step, trainer_state=trainer_state)
+        if self.cfg.checkpoint.on_error == "warn":
+            self._guard("an earlier save", self.checkpointer.wait)
+        url = self._guard(
+            f"saving step {self.step}",
+            lambda: self.checkpointer.save(self.backend, step=self.step, trainer_state=trainer_state),
+        )
         self.last_saved = self.step
         return url
 
     def close(self) -> None:
         """Collective: wait for a background save to commit (raises on every rank if it failed)."""
-        self.checkpointer.wait()
+        self._guard("the last save", self.checkpointer.wait)
+
+    def _guard(self, what: str, fn: Callable[[], T]) -> T | None:
+        def failed(e: BaseException) -> None:
+            self.save_failures += 1
+            self.metrics_log.event("save_failed", step=self.step, error=f"{type(e).__name__}: {e}")
+
+        return under_policy(self.cfg.checkpoint.on_error, what, fn, failed)
 
     def fit(self) -> list[dict[str, Any]]:
         """Train to ``stop_at_step`` (or ``max_steps``), saving every ``every_steps`` and at the end.
@@ -219,6 +238,7 @@ class Trainer:
             if self.last_saved != self.step:
                 self.save()
             self.close()
+        self.checkpointer.release_lease()
         bar.close()
         self.metrics_log.close()
         if self.stopped_early:

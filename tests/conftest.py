@@ -16,6 +16,38 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# The tests restart runs on their own checkpoint dirs (after kill -9, at other world sizes) as one scheduler job
+# would: the same run id takes a dir's writer lease over. tests/test_lease.py sets its own ids.
+os.environ.setdefault("DIST_LORA_RUN_ID", "dist-lora-tests")
+
+RELIABILITY: dict[tuple[str, str, str], list[str]] = {}  # (fault, injected, outcome) -> case outcomes
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--reliability-md",
+        default=None,
+        help="write the Reliability table (each fault the suite injects, its outcome, cases passed) to this file",
+    )
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    outcome = yield
+    report = outcome.get_result()
+    mark = item.get_closest_marker("reliability")
+    if mark is not None and (report.when == "call" or report.outcome != "passed"):
+        row = (mark.kwargs["fault"], mark.kwargs["injected"], mark.kwargs["outcome"])
+        RELIABILITY.setdefault(row, []).append(report.outcome)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    path = session.config.getoption("--reliability-md")
+    if path and RELIABILITY:
+        from tests.reliability import render
+
+        Path(path).write_text(render(RELIABILITY))
+
 
 ENV_S3 = "DIST_LORA_TEST_S3"  # path of an endpoint.json written by tests/s3server.py (set by .ci/run)
 

@@ -37,7 +37,10 @@ def _free_port() -> int:
     raise RuntimeError("no free port pair found")
 
 
-def start(directory: str | Path, timeout: float = 60.0) -> tuple[subprocess.Popen, dict]:
+def start(
+    directory: str | Path, timeout: float = 60.0, ports: dict[str, int] | None = None
+) -> tuple[subprocess.Popen, dict]:
+    """Start SeaweedFS on free ports (or on ``ports``, to restart one on its data) and wait for a real PUT."""
     weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
     d = Path(directory)
     (d / "data").mkdir(parents=True, exist_ok=True)
@@ -54,7 +57,7 @@ def start(directory: str | Path, timeout: float = 60.0) -> tuple[subprocess.Pope
             }
         )
     )
-    ports = {name: _free_port() for name in ("s3", "master", "filer", "volume", "admin")}
+    ports = ports or {name: _free_port() for name in ("s3", "master", "filer", "volume", "admin")}
     cmd = [
         weed,
         "mini",
@@ -84,6 +87,7 @@ def start(directory: str | Path, timeout: float = 60.0) -> tuple[subprocess.Pope
         "secret": SECRET_KEY,
         "bucket": BUCKET,
         "pid": proc.pid,
+        "ports": ports,
     }
     _wait_ready(info, proc, timeout, d / "weed.log")
     return proc, info

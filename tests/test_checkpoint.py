@@ -118,6 +118,11 @@ def test_adapter_file_is_elements_times_bytes_plus_a_small_header():
     assert header / len(data) < 0.005, header / len(data)
 
 
+@pytest.mark.reliability(
+    fault="a flipped byte, a truncated file, a missing file, a manifest lying about a size, in each file of a step",
+    injected="the test edits the files",
+    outcome="load and `verify` fail naming the file; `ls` says corrupt",
+)
 def test_corruption_of_each_file_is_named(gpt2_base, tmp_path):
     model, opt, _ = train_some(gpt2_base, ["c_attn"])
     step_url = dist_lora.save_checkpoint(model, str(tmp_path), step=1, optimizer=opt)
@@ -141,6 +146,11 @@ def test_corruption_of_each_file_is_named(gpt2_base, tmp_path):
     dist_lora.load_checkpoint(model, step_url, optimizer=opt)  # restored: loads again
 
 
+@pytest.mark.reliability(
+    fault="manifest deleted, `latest` naming a step that does not exist",
+    injected="the test edits the step",
+    outcome="the step is incomplete and skipped; the listing is used",
+)
 def test_missing_manifest_means_not_committed(gpt2_base, tmp_path):
     model, opt, _ = train_some(gpt2_base, ["c_attn"])
     dist_lora.save_checkpoint(model, str(tmp_path), step=1, optimizer=opt)
@@ -155,6 +165,11 @@ def test_missing_manifest_means_not_committed(gpt2_base, tmp_path):
         dist_lora.load_checkpoint(model, str(tmp_path / step_name(2)))
 
 
+@pytest.mark.reliability(
+    fault="the newest step corrupt",
+    injected="the test flips a byte",
+    outcome="`resume: auto` falls back to the previous verified step, with a warning",
+)
 def test_resume_skips_a_corrupt_newest_step(gpt2_base, tmp_path, caplog):
     model, opt, _ = train_some(gpt2_base, ["c_attn"])
     dist_lora.save_checkpoint(model, str(tmp_path), step=1, optimizer=opt)
@@ -165,6 +180,11 @@ def test_resume_skips_a_corrupt_newest_step(gpt2_base, tmp_path, caplog):
     assert "skipping" in caplog.text and "does not exist" in caplog.text
 
 
+@pytest.mark.reliability(
+    fault="a second save of a committed step",
+    injected="two saves of one step",
+    outcome="`AlreadyExistsError`; the first step is unchanged",
+)
 def test_committed_step_is_never_overwritten(gpt2_base, tmp_path):
     model, opt, _ = train_some(gpt2_base, ["c_attn"])
     dist_lora.save_checkpoint(model, str(tmp_path), step=5, optimizer=opt)
@@ -174,6 +194,11 @@ def test_committed_step_is_never_overwritten(gpt2_base, tmp_path):
     assert (tmp_path / step_name(5) / ADAPTER_WEIGHTS_NAME).read_bytes() == before
 
 
+@pytest.mark.reliability(
+    fault="another rank or other target modules",
+    injected="a model built differently",
+    outcome="refused, naming missing/unexpected keys and shapes",
+)
 def test_strict_keys_and_shapes(gpt2_base, tmp_path):
     model, opt, _ = train_some(gpt2_base, ["c_attn"], r=4)
     url = dist_lora.save_checkpoint(model, str(tmp_path), step=1, optimizer=opt)
@@ -190,6 +215,11 @@ def test_strict_keys_and_shapes(gpt2_base, tmp_path):
         dist_lora.load_checkpoint(fewer, url)
 
 
+@pytest.mark.reliability(
+    fault="a bias-mode mismatch",
+    injected="a model with another bias mode",
+    outcome="refused, naming both modes",
+)
 def test_bias_mode_mismatch_on_load(gpt2_base, tmp_path):
     model, opt, _ = train_some(gpt2_base, ["c_attn"], bias="all")
     url = dist_lora.save_checkpoint(model, str(tmp_path), step=1, optimizer=opt)
@@ -198,6 +228,11 @@ def test_bias_mode_mismatch_on_load(gpt2_base, tmp_path):
         dist_lora.load_checkpoint(none_model, url)
 
 
+@pytest.mark.reliability(
+    fault="a checkpoint loaded over the wrong base",
+    injected="a Llama adapter onto GPT-2",
+    outcome="refused, naming the differences",
+)
 def test_checkpoint_for_another_base_is_refused(gpt2_base, llama_base, tmp_path):
     model, opt, _ = train_some(gpt2_base, ["c_attn"])
     url = dist_lora.save_checkpoint(model, str(tmp_path), step=1, optimizer=opt)
@@ -216,6 +251,11 @@ def _rewrite_manifest(step_dir, mutate):
     path.write_text(json.dumps(manifest))
 
 
+@pytest.mark.reliability(
+    fault="a manifest naming `../x`, `/etc/passwd`, `a/b`",
+    injected="the test rewrites the manifest",
+    outcome="refused before anything is read",
+)
 @pytest.mark.parametrize("bad", ["../outside.json", "/etc/passwd", "sub/dir.json", ".."])
 def test_manifest_paths_outside_the_step_are_refused(gpt2_base, tmp_path, bad):
     model, opt, _ = train_some(gpt2_base, ["c_attn"], steps=0)
@@ -226,6 +266,11 @@ def test_manifest_paths_outside_the_step_are_refused(gpt2_base, tmp_path, bad):
         dist_lora.load_checkpoint(model, url)
 
 
+@pytest.mark.reliability(
+    fault="a safetensors header claiming a 4 TB tensor (with a matching sha256)",
+    injected="the test writes the file and fixes the manifest",
+    outcome="refused without allocating",
+)
 def test_hostile_safetensors_header_is_refused_without_allocating(gpt2_base, tmp_path):
     model, _, _ = train_some(gpt2_base, ["c_attn"], steps=0)
     url = dist_lora.save_checkpoint(model, str(tmp_path), step=1)
@@ -298,6 +343,11 @@ def test_api_works_with_a_user_optimizer_and_any_training_loop(gpt2_base, tmp_pa
         assert torch.equal(got[k], want[k]), k
 
 
+@pytest.mark.reliability(
+    fault="a pickle (`adapter_model.bin`) placed in a step",
+    injected="the test adds the file",
+    outcome="never read (`pickle.loads` is patched to fail the test)",
+)
 def test_pickle_files_are_never_read(gpt2_base, tmp_path):
     model, _, _ = train_some(gpt2_base, ["c_attn"], steps=0)
     url = dist_lora.save_checkpoint(model, str(tmp_path), step=1)
@@ -314,3 +364,13 @@ def test_pickle_files_are_never_read(gpt2_base, tmp_path):
     finally:
         pickle.loads = orig
     _ = st_save  # safetensors is the only tensor format written
+
+
+def test_readme_reliability_table_lists_every_fault_the_suite_injects():
+    """README's table is the one `--reliability-md` writes (python -m tests.reliability FILE updates it)."""
+    from tests.reliability import END, ROOT, START, declared_faults
+
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split(START, 1)[1].split(END, 1)[0]
+    rows = [line.split(" | ")[0].removeprefix("| ") for line in table.splitlines()[2:]]
+    assert sorted(rows) == sorted(declared_faults())

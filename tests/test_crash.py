@@ -93,6 +93,11 @@ def check_after_crash(url: str, options: dict, point: str, base: Path) -> None:
 CASES = [(p, k) for k in ("local", "s3") for p in POINTS if not (k == "s3" and p.startswith("write.partial"))]
 
 
+@pytest.mark.reliability(
+    fault="process killed during a save, at each named point (after the gather; before, halfway through and after each data file; before and after the manifest; after `latest`; during retention deletes), on local disk and S3",
+    injected="`DIST_LORA_FAILPOINT=<point>` makes the saving process SIGKILL itself there (`dist_lora/faults.py`)",
+    outcome="no committed step fails verification; the previous step survives retention; `resume: auto` loads the newest verified step; `dist-lora verify` exits 0",
+)
 @pytest.mark.parametrize(("point", "kind"), CASES, ids=[f"{k}-{p}" for p, k in CASES])
 def test_kill_at_each_point_of_a_save(point, kind, template, gpt2_base, tmp_path, request):
     if kind == "local":
@@ -114,6 +119,11 @@ def test_kill_at_each_point_of_a_save(point, kind, template, gpt2_base, tmp_path
     check_after_crash(url, options, point, gpt2_base)
 
 
+@pytest.mark.reliability(
+    fault="either rank of a 2-rank FSDP2 job killed in the middle of a save",
+    injected="the same, `@rank0` / `@rank1`",
+    outcome="the job stops; no step is corrupt; with the writer (rank 0) killed the step never commits",
+)
 @pytest.mark.multiproc
 @pytest.mark.parametrize("rank", [0, 1])
 def test_kill_either_rank_during_a_two_rank_save(rank, gpt2_base, tmp_path):

@@ -139,6 +139,11 @@ def test_launch_script_runs_the_tiny_config_on_two_processes(script, gpt2_base, 
     assert rows[4]["backend"] == ("fsdp" if script == "torchrun.sh" else "deepspeed")
 
 
+@pytest.mark.reliability(
+    fault="SIGTERM mid-run, repeated during the save",
+    injected="signals to the launch script",
+    outcome="exit 0, a committed checkpoint at the current step, resumable",
+)
 @pytest.mark.multiproc
 @pytest.mark.timeout(300)
 def test_sigterm_saves_the_current_step_and_exits_zero(gpt2_base, tmp_path):
@@ -194,6 +199,11 @@ def test_sigterm_saves_the_current_step_and_exits_zero(gpt2_base, tmp_path):
     assert set(committed(ckpt)) == {last, last + 2}
 
 
+@pytest.mark.reliability(
+    fault="a whole 2-rank job killed (`kill -9`) mid-run",
+    injected="the test kills the process tree",
+    outcome="restarted with 1 rank by the same script, it resumes from the last committed step and finishes",
+)
 @pytest.mark.multiproc
 @pytest.mark.timeout(300)
 def test_killed_two_process_run_restarts_on_one_and_finishes(gpt2_base, tmp_path):

@@ -26,6 +26,11 @@ def test_write_read_list_delete(storage_url):
     assert st.listdir("missing-dir") == {}
 
 
+@pytest.mark.reliability(
+    fault="two writers of one manifest (local, file://, memory://, S3)",
+    injected="two exclusive writes",
+    outcome="the second fails; the first object is unchanged",
+)
 def test_exclusive_write_never_overwrites(storage_url):
     url, options = storage_url
     st = Storage(url, options)
@@ -71,6 +76,11 @@ def test_s3_conditional_put_is_real(s3):
     assert b.read("manifest.json") == b"a"
 
 
+@pytest.mark.reliability(
+    fault="an upload that dies after creating a multipart upload (S3)",
+    injected="the write is made to fail",
+    outcome="the upload is aborted, nothing is committed",
+)
 @pytest.mark.s3
 def test_s3_failed_upload_aborts_its_multipart_upload(s3, monkeypatch):
     url, options = s3

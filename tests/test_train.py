@@ -105,6 +105,11 @@ def test_stop_on_deepspeed_resume_on_fsdp_matches_uninterrupted(gpt2_base, tmp_p
     assert (rows[6]["world_size"], rows[6]["backend"]) == (1, "fsdp")
 
 
+@pytest.mark.reliability(
+    fault="a global batch that does not divide, unknown keys",
+    injected="`dist-lora train` with bad overrides",
+    outcome="exit 2, one error naming the problem, nothing written",
+)
 def test_config_errors_stop_before_any_step(gpt2_base, tmp_path):
     base = [
         sys.executable,

@@ -25,8 +25,9 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from dist_lora.api import find_resume_step, load_checkpoint
 from dist_lora.backends import Backend, attach
 from dist_lora.checkpoint import CheckpointError
-from dist_lora.checkpointer import Checkpointer
+from dist_lora.checkpointer import Checkpointer, under_policy
 from dist_lora.lora import infer_bias_mode
+from dist_lora.storage import RetryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,10 @@ class DistLoraCallback(TrainerCallback):
         async_save: write and upload in the background; training waits only for the gather.
         storage_options: fsspec options (``{"endpoint_url": ..., "key": ...}`` for S3).
         bucket_mb: size of one gather bucket.
+        on_error: a failed save (after its retries): ``"raise"`` stops training, ``"warn"`` logs it and goes on.
+        retry: how object-store calls are retried (:class:`dist_lora.storage.RetryPolicy`).
+        run_id: this job's id in the dir's writer lease (default: DIST_LORA_RUN_ID, SLURM_JOB_ID,
+            TORCHELASTIC_RUN_ID, else a fresh id); lease_ttl_s: when an unrenewed lease goes stale.
     """
 
     def __init__(
@@ -82,7 +87,13 @@ class DistLoraCallback(TrainerCallback):
         async_save: bool = True,
         storage_options: dict[str, Any] | None = None,
         bucket_mb: float = 32.0,
+        on_error: str = "raise",
+        retry: RetryPolicy | None = None,
+        run_id: str | None = None,
+        lease_ttl_s: float = 600.0,
     ):
+        if on_error not in ("raise", "warn"):
+            raise ValueError(f"on_error must be raise or warn (got {on_error!r})")
         if every_steps is not None and every_steps < 1:
             raise ValueError(f"every_steps must be at least 1 or None (got {every_steps})")
         if keep_last is not None and keep_last < 1:
@@ -93,8 +104,17 @@ class DistLoraCallback(TrainerCallback):
         self.storage_options = storage_options
         self.bucket_mb = bucket_mb
         self.checkpointer = Checkpointer(
-            dir, keep_last=keep_last, storage_options=storage_options, bucket_mb=bucket_mb, async_save=async_save
+            dir,
+            keep_last=keep_last,
+            storage_options=storage_options,
+            bucket_mb=bucket_mb,
+            async_save=async_save,
+            retry=retry,
         )
+        self.on_error = on_error
+        self.run_id = run_id
+        self.lease_ttl_s = lease_ttl_s
+        self.save_failures = 0
         self.resumed_from: str | None = None
         self.last_saved: int | None = None
         self._skip: tuple[int, int] | None = None  # (epochs to skip, batches to skip in the next epoch)
@@ -119,6 +139,7 @@ class DistLoraCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         model, optimizer = kwargs["model"], kwargs["optimizer"]
+        self.checkpointer.take_lease(self.run_id, self.lease_ttl_s)  # one writer per dir, before any step
         url = find_resume_step(self.resume, self.dir, self.storage_options)
         if url is None:
             return
@@ -173,7 +194,8 @@ class DistLoraCallback(TrainerCallback):
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        self.checkpointer.wait()  # a background save commits (or its error is raised) before train() returns
+        self._guard("the last save", self.checkpointer.wait)  # it commits (or fails) before train() returns
+        self.checkpointer.release_lease()
 
     # ------------------------------------------------------------------------------------------ internals
 
@@ -188,7 +210,7 @@ class DistLoraCallback(TrainerCallback):
             return
         self.save(state, kwargs["model"], kwargs["optimizer"], kwargs.get("lr_scheduler"))
 
-    def save(self, state: TrainerState, model: Any, optimizer: Any, lr_scheduler: Any = None) -> str:
+    def save(self, state: TrainerState, model: Any, optimizer: Any, lr_scheduler: Any = None) -> str | None:
         """Collective: save the current step now (the callback calls this when the Trainer would save)."""
         backend = backend_for(model, optimizer, infer_bias_mode(model))
         scheduler = _unwrap_scheduler(lr_scheduler)
@@ -203,9 +225,20 @@ class DistLoraCallback(TrainerCallback):
                 "num_input_tokens_seen": state.num_input_tokens_seen,
             },
         }
-        url = self.checkpointer.save(backend, step=state.global_step, trainer_state=trainer_state)
+        if self.on_error == "warn":
+            self._guard("an earlier save", self.checkpointer.wait)
+        url = self._guard(
+            f"saving step {state.global_step}",
+            lambda: self.checkpointer.save(backend, step=state.global_step, trainer_state=trainer_state),
+        )
         self.last_saved = state.global_step
         return url
+
+    def _guard(self, what: str, fn: Any) -> Any:
+        def failed(_: BaseException) -> None:
+            self.save_failures += 1
+
+        return under_policy(self.on_error, what, fn, failed)
 
     def _restore_trainer(
         self,

@@ -1,0 +1,178 @@
+"""One writer per checkpoint dir: a lease object, taken exclusively, renewed while the run lives.
+
+Two jobs saving into one ``checkpoint.dir`` would interleave their steps and their retention would delete each
+other's. So a run takes ``<dir>/.dist_lora_lease.json`` before its first step, with an exclusive write (a
+conditional PUT, ``If-None-Match: *``, on S3; a hard link locally), and rank 0 renews it in the background every
+``ttl / 3`` seconds. A second run finds it and is refused, with an error that names the holder.
+
+Restarts after a crash must not be locked out: a lease holding the *same* run id (the scheduler's job id, or
+``checkpoint.run_id``) is taken over at once, and any lease not renewed for ``ttl`` seconds is stale and may be
+taken over by anyone. A run that ends normally (or is preempted and saved) releases its lease.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Any
+
+from dist_lora import __version__
+from dist_lora.checkpoint import CheckpointError
+from dist_lora.constants import LEASE_NAME
+from dist_lora.storage import AlreadyExistsError, Storage
+
+log = logging.getLogger(__name__)
+
+RUN_ID_ENVS = ("DIST_LORA_RUN_ID", "SLURM_JOB_ID", "TORCHELASTIC_RUN_ID")
+
+
+class LeaseError(CheckpointError):
+    """Another live run holds the checkpoint dir, or took it over from this one."""
+
+
+def default_run_id() -> str:
+    """The scheduler's idea of this job (stable across its restarts), else a fresh id."""
+    for name in RUN_ID_ENVS:
+        value = os.environ.get(name)
+        if value and value != "none":
+            return value
+    return uuid.uuid4().hex
+
+
+class Lease:
+    """The lease of one checkpoint dir for one run; rank 0 only."""
+
+    def __init__(self, storage: Storage, run_id: str, ttl_s: float = 600.0):
+        self.storage = storage
+        self.run_id = run_id
+        self.ttl_s = ttl_s
+        self.lost: LeaseError | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return self.storage.url_of(LEASE_NAME)
+
+    def _body(self, acquired_at: float | None = None) -> bytes:
+        now = time.time()
+        record = {
+            "run_id": self.run_id,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "acquired_at": acquired_at or now,
+            "renewed_at": now,
+            "ttl_s": self.ttl_s,
+            "dist_lora_version": __version__,
+        }
+        return json.dumps(record, indent=1).encode()
+
+    def read(self) -> dict[str, Any] | None:
+        """The lease as stored, None if there is none; an unreadable one is reported as such."""
+        try:
+            raw = self.storage.read(LEASE_NAME)
+        except FileNotFoundError:
+            return None
+        try:
+            record = json.loads(raw)
+            float(record["renewed_at"]), float(record["ttl_s"]), str(record["run_id"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise LeaseError(
+                f"{self.url} is not a dist_lora lease ({type(e).__name__}: {e}); if no run writes to this dir, "
+                "remove that file"
+            ) from e
+        return dict(record)
+
+    def acquire(self) -> None:
+        """Take the lease, or raise LeaseError naming the live run that holds it."""
+        try:
+            self.storage.write(LEASE_NAME, self._body(), exclusive=True)
+            return
+        except AlreadyExistsError:
+            pass
+        held = self.read()
+        if held is None:  # released between our write and our read: try once more, exclusively
+            self.storage.write(LEASE_NAME, self._body(), exclusive=True)
+            return
+        age = time.time() - float(held["renewed_at"])
+        if held["run_id"] == self.run_id:
+            log.info("taking over the lease of %s from an earlier attempt of run %s", self.storage.url, self.run_id)
+        elif age > float(held["ttl_s"]):
+            log.warning(
+                "the lease of %s held by run %s (host %s) was last renewed %.0f s ago (ttl %.0f s): stale, taking over",
+                self.storage.url,
+                held["run_id"],
+                held.get("host"),
+                age,
+                float(held["ttl_s"]),
+            )
+            self.storage.delete(LEASE_NAME)
+            try:  # two runs taking over a stale lease at once: one wins the exclusive write
+                self.storage.write(LEASE_NAME, self._body(), exclusive=True)
+            except AlreadyExistsError:
+                raise LeaseError(f"another run took over the stale lease {self.url} first") from None
+            return
+        else:
+            wait = float(held["ttl_s"]) - age
+            raise LeaseError(
+                f"{self.storage.url} is being written by run {held['run_id']} (host {held.get('host')}, pid "
+                f"{held.get('pid')}, lease renewed {age:.0f} s ago). Two jobs saving to one checkpoint.dir would "
+                "overwrite each other's steps. Use another checkpoint.dir; or, if that run is dead, restart with its "
+                f"run id (checkpoint.run_id or DIST_LORA_RUN_ID={held['run_id']}), wait {wait:.0f} s for its lease "
+                f"to expire, or remove {self.url}"
+            )
+        self.storage.write(LEASE_NAME, self._body(float(held.get("acquired_at") or 0) or None))
+
+    def renew(self) -> None:
+        """Rewrite the lease with a fresh time; LeaseError if another run has taken it over meanwhile."""
+        held = self.read()
+        if held is not None and held["run_id"] != self.run_id:
+            raise LeaseError(
+                f"the lease {self.url} was taken over by run {held['run_id']} (host {held.get('host')}): another job "
+                "writes to this checkpoint dir now; this run stops saving there"
+            )
+        self.storage.write(LEASE_NAME, self._body(float(held["acquired_at"]) if held else None))
+
+    def release(self) -> None:
+        """Stop renewing and remove the lease if it is still ours."""
+        self.stop_heartbeat()
+        try:
+            held = self.read()
+            if held is not None and held["run_id"] == self.run_id:
+                self.storage.delete(LEASE_NAME)
+        except Exception as e:  # it expires on its own
+            log.warning("could not release the lease %s: %s", self.url, e)
+
+    def start_heartbeat(self) -> None:
+        """Renew every ttl/3 seconds in a background thread, until release()."""
+
+        def beat() -> None:
+            while not self._stop.wait(self.ttl_s / 3):
+                try:
+                    self.renew()
+                except LeaseError as e:
+                    self.lost = e
+                    log.error("%s", e)
+                    return
+                except Exception as e:  # the store is unreachable now; the next beat tries again
+                    log.warning("could not renew the lease %s: %s", self.url, e)
+
+        self._stop.clear()
+        self._thread = threading.Thread(target=beat, name="dist-lora-lease", daemon=True)
+        self._thread.start()
+
+    def stop_heartbeat(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def check(self) -> None:
+        """Raise if the heartbeat found the lease taken over by another run."""
+        if self.lost is not None:
+            raise self.lost

@@ -1,0 +1,224 @@
+"""One writer per checkpoint dir (the lease), and what a failed save does to training (checkpoint.on_error)."""
+
+import json
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import pytest
+
+import dist_lora
+from dist_lora.checkpoint import list_steps, read_step
+from dist_lora.config import config_from_dict, config_to_dict, load_config
+from dist_lora.constants import LEASE_NAME
+from dist_lora.demo import corpus_path
+from dist_lora.lease import Lease, LeaseError
+from dist_lora.storage import Storage, StorageError
+from dist_lora.train import train
+from tests.dist_utils import ROOT, launch_env
+from tests.faultproxy import FaultProxy
+from tests.test_export import trained
+
+TINY = ROOT / "configs" / "tiny.yaml"
+
+
+@pytest.mark.reliability(
+    fault="a second run taking a checkpoint dir that a live run holds (local, file://, memory://, S3)",
+    injected="two leases, two run ids",
+    outcome="refused with an error naming the holder; the lease is untouched; free again once released",
+)
+def test_a_second_run_is_refused_and_names_the_holder(storage_url):
+    url, options = storage_url
+    first = Lease(Storage(url, options), "job-a", ttl_s=600)
+    first.acquire()
+    second = Lease(Storage(url, options), "job-b", ttl_s=600)
+    with pytest.raises(LeaseError) as err:
+        second.acquire()
+    message = str(err.value)
+    assert "run job-a" in message and "another checkpoint.dir" in message and LEASE_NAME in message
+    assert second.storage.exists(LEASE_NAME) and first.read()["run_id"] == "job-a"  # untouched
+    first.release()
+    second.acquire()  # released: free for the next run
+    assert second.read()["run_id"] == "job-b"
+
+
+@pytest.mark.reliability(
+    fault="a restart after a crash (same run id), and a dead run's stale lease",
+    injected="leases left behind",
+    outcome="the same run takes over at once; a stale one after its TTL; the old holder learns it lost the dir",
+)
+def test_same_run_takes_over_at_once_and_stale_leases_expire(storage_url, caplog):
+    url, options = storage_url
+    Lease(Storage(url, options), "job-a", ttl_s=600).acquire()
+    again = Lease(Storage(url, options), "job-a", ttl_s=600)
+    again.acquire()  # a restart of the same job (same scheduler id) after a crash
+    stale = Lease(Storage(url, options), "job-c", ttl_s=0.2)
+    stale.storage.delete(LEASE_NAME)
+    stale.acquire()
+    time.sleep(0.5)  # job-c died and stopped renewing
+    other = Lease(Storage(url, options), "job-d", ttl_s=600)
+    other.acquire()
+    assert other.read()["run_id"] == "job-d" and "stale, taking over" in caplog.text
+    with pytest.raises(LeaseError, match="taken over by run job-d"):
+        stale.renew()  # job-c woke up: it learns that it lost the dir
+
+
+@pytest.mark.reliability(
+    fault="two runs taking one dir at the same instant",
+    injected="two threads",
+    outcome="exactly one wins (exclusive write / conditional PUT)",
+)
+def test_only_one_of_two_simultaneous_takers_wins(storage_url):
+    url, options = storage_url
+    results: dict[str, str] = {}
+
+    def take(run_id: str) -> None:
+        try:
+            Lease(Storage(url, options), run_id, ttl_s=600).acquire()
+            results[run_id] = "won"
+        except LeaseError:
+            results[run_id] = "refused"
+
+    threads = [threading.Thread(target=take, args=(f"job-{i}",)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results.values()) == ["refused", "won"]
+    winner = next(k for k, v in results.items() if v == "won")
+    assert Lease(Storage(url, options), "x").read()["run_id"] == winner
+
+
+def test_heartbeat_renews_and_a_lost_lease_stops_saves(tmp_path):
+    lease = Lease(Storage(str(tmp_path)), "job-a", ttl_s=0.3)
+    lease.acquire()
+    first = lease.read()["renewed_at"]
+    lease.start_heartbeat()
+    time.sleep(0.5)
+    assert lease.read()["renewed_at"] > first
+    Storage(str(tmp_path)).write(
+        LEASE_NAME, json.dumps({"run_id": "job-b", "renewed_at": time.time(), "ttl_s": 9}).encode()
+    )
+    time.sleep(0.5)
+    with pytest.raises(LeaseError, match="job-b"):
+        lease.check()
+    lease.release()
+    assert Lease(Storage(str(tmp_path)), "x").read()["run_id"] == "job-b"  # not ours: left alone
+
+
+def test_corrupt_lease_is_reported(tmp_path):
+    Storage(str(tmp_path)).write(LEASE_NAME, b"{not json")
+    with pytest.raises(LeaseError, match="not a dist_lora lease"):
+        Lease(Storage(str(tmp_path)), "job-a").acquire()
+
+
+@pytest.mark.reliability(
+    fault="a second training job started on a live job's checkpoint dir",
+    injected="`dist-lora train` with another run id",
+    outcome="exit 2 with a clear error before the model loads; the first job's steps unchanged and verified",
+)
+def test_second_training_job_is_refused_before_any_step_and_damages_nothing(gpt2_base, tmp_path):
+    """Job A is live (its lease renewed) and has committed a step; job B on the same dir stops with a clear error
+    before loading the model, and A's step still verifies."""
+    ckpt = tmp_path / "ckpt"
+    model, opt = trained(gpt2_base, seed=0)
+    dist_lora.save_checkpoint(model, str(ckpt), step=3, optimizer=opt)
+    job_a = Lease(Storage(str(ckpt)), "job-a", ttl_s=60)
+    job_a.acquire()
+    job_a.start_heartbeat()
+    before = {p.name: p.stat().st_mtime_ns for p in (ckpt / "step-00000003").iterdir()}
+    try:
+        env = {**launch_env(), "DIST_LORA_RUN_ID": "job-b"}
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "dist_lora",
+                "train",
+                str(TINY),
+                f"model.name_or_path={gpt2_base}",
+                f"data.path={corpus_path()}",
+                f"checkpoint.dir={ckpt}",
+                "parallel.backend=single",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        job_a.release()
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "is being written by run job-a" in out.stderr
+    assert "rank(s), backend" not in out.stderr  # refused before training started
+    assert [s.name for s in list_steps(Storage(str(ckpt)))] == ["step-00000003"]
+    assert {p.name: p.stat().st_mtime_ns for p in (ckpt / "step-00000003").iterdir()} == before
+    read_step(Storage(str(ckpt)).child("step-00000003"))
+
+
+# ---------------------------------------------------------------------------------------------- on_error
+
+
+@pytest.fixture
+def failing_s3(s3_server):
+    """An s3:// prefix behind a proxy that answers 500 to every PUT of step 2's files."""
+    host, port = s3_server["endpoint_url"].removeprefix("http://").split(":")
+    with FaultProxy((host, int(port))) as proxy:
+        proxy.arm("PUT", "step-00000002/", "status:500", times=None)
+        options = {
+            "endpoint_url": proxy.endpoint_url,
+            "key": s3_server["key"],
+            "secret": s3_server["secret"],
+            "skip_instance_cache": True,
+        }
+        yield f"s3://{s3_server['bucket']}/{uuid.uuid4().hex}", options, proxy
+
+
+def tiny_run(base, url, options, on_error):
+    raw = config_to_dict(load_config(str(TINY)), secrets=True)
+    raw["model"]["name_or_path"] = str(base)
+    raw["data"]["path"] = str(corpus_path())
+    raw["train"].update(max_steps=4, global_batch_size=2, micro_batch_size=1, metrics_file=None)
+    raw["parallel"]["backend"] = "single"
+    raw["checkpoint"].update(
+        dir=url,
+        every_steps=2,
+        storage_options=options,
+        on_error=on_error,
+        retry_attempts=2,
+        retry_backoff_s=0.05,
+        async_save=True,
+        resume="none",
+    )
+    return config_from_dict(raw)
+
+
+@pytest.mark.reliability(
+    fault="a save that fails for good with `checkpoint.on_error: warn`",
+    injected="the proxy answers 500 to step 2's files",
+    outcome="training goes on; the failure is logged and in the metrics; step 4 commits",
+)
+@pytest.mark.s3
+def test_on_error_warn_keeps_training_and_the_next_save_commits(gpt2_base, failing_s3, s3_server, caplog):
+    url, options, proxy = failing_s3
+    metrics = train(tiny_run(gpt2_base, url, options, "warn"))
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]  # training went on past the failed save
+    assert "saving step 2 failed" in caplog.text or "an earlier save failed" in caplog.text
+    assert proxy.injected, "the fault was not injected"
+    direct = Storage(url, {**options, "endpoint_url": s3_server["endpoint_url"]})
+    steps = {s.step: s.status for s in list_steps(direct)}
+    assert steps.get(4) == "committed" and steps.get(2) != "committed"
+
+
+@pytest.mark.reliability(
+    fault="the same with `checkpoint.on_error: raise`",
+    injected="the same",
+    outcome="training stops with the error naming the file and the attempts",
+)
+@pytest.mark.s3
+def test_on_error_raise_stops_training_with_the_error(gpt2_base, failing_s3):
+    url, options, _ = failing_s3
+    with pytest.raises(StorageError, match=r"step-00000002/.*after 2 attempts"):
+        train(tiny_run(gpt2_base, url, options, "raise"))
