@@ -1,11 +1,13 @@
-"""Saving during a run: the collective part blocks, writing and uploading can run in the background.
+"""Saving during a run: with ``async_save`` training waits only for a local copy of its own shard.
 
-A save has two parts. The collective part (every rank): gather the adapter and its Adam state to rank 0, where
-the result is already a snapshot in CPU memory that training can no longer change. The I/O part (rank 0):
-serialize, hash, write and commit. With ``async_save`` the I/O part runs in a background thread and training goes
-on; the next save, and :meth:`Checkpointer.wait` at the end of training, first wait for it. A background failure
-is logged at once and raised, on every rank, at the next save or at ``wait``. It never leaves a committed but
-broken step: the manifest is the last thing written, so a failed write is an incomplete step, which readers skip.
+A save has three parts. Snapshot (every rank): copy this rank's pieces of the adapter and its Adam state to CPU
+memory (pinned, from a GPU), a copy training can no longer change. Gather (every rank): bring the pieces to rank 0
+in bucketed collectives. Write (rank 0): serialize, hash, write and commit. Synchronously, all three block. With
+``async_save`` only the snapshot does: the gather runs in a background thread over a gloo process group of its
+own (so it never interleaves with training's collectives on the default group), then rank 0 writes. The next save,
+and :meth:`Checkpointer.wait` at the end of training, first wait for it. A background failure is logged at once and
+raised, on every rank, at the next save or at ``wait``. It never leaves a committed but broken step: the manifest is
+the last thing written, so a failed write is an incomplete step, which readers skip.
 """
 
 from __future__ import annotations
@@ -19,10 +21,10 @@ from typing import Any, TypeVar
 
 import torch
 
-from dist_lora.backends import Backend
+from dist_lora.backends import Backend, LocalPiece
 from dist_lora.checkpoint import AdapterState, CheckpointError, StepMeta, serialize_step, step_name, write_step
 from dist_lora.faults import failpoint
-from dist_lora.gather import any_rank, broadcast_json, gather_adapter
+from dist_lora.gather import any_rank, broadcast_json, gather_adapter, snapshot
 from dist_lora.lease import Lease, LeaseError, default_run_id
 from dist_lora.lora import adapter_config_dict, base_fingerprint
 from dist_lora.storage import RetryPolicy, Storage, StorageError
@@ -88,6 +90,8 @@ class Checkpointer:
         self._result: dict[str, Any] | None = None
         self._error: BaseException | None = None
         self.lease: Lease | None = None
+        self._static: tuple[int, tuple[dict[str, Any], dict[str, Any]]] | None = None
+        self._group: Any = None
 
     @property
     def storage(self) -> Storage:
@@ -126,38 +130,28 @@ class Checkpointer:
         Raises here, on every rank, if the previous background save failed.
         """
         t0 = time.perf_counter()
-        if self.async_save:
-            self._settle()  # a synchronous save settled at its own end
-        state = gather_adapter(backend, self.bucket_bytes)
-        failpoint("save.after_gather")
         stats = SaveStats(step=step, stall_s=0.0)
         self.history.append(stats)
-        if _rank() == 0:
-            assert state is not None
-            meta = StepMeta(
-                step=step,
-                bias=backend.bias,
-                adapter_config=adapter_config_dict(backend.model, backend.bias),
-                fingerprint=base_fingerprint(backend.model),
-                trainer_state=dict(trainer_state or {}),
-                world_size=backend.world_size,
-                backend=backend.name,
+        meta = self._meta(backend, step, trainer_state) if _rank() == 0 else None
+        if self.async_save:
+            self._settle()  # the previous save is done (its failure is raised here, on every rank)
+            pieces = snapshot(backend.local_pieces())  # all that training waits for
+            self._thread = threading.Thread(
+                target=self._gather_and_write,
+                args=(backend, pieces, meta, stats, self._background_group()),
+                name=f"dist-lora-save-{step}",
+                daemon=False,
             )
-            if self.async_save:
-                self._thread = threading.Thread(
-                    target=self._write, args=(state, meta, stats), name=f"dist-lora-save-{step}", daemon=False
-                )
-                self._thread.start()
-            else:
-                self._write(state, meta, stats)
-        if not self.async_save:
-            self._settle()  # the one barrier of a synchronous save: every rank learns the outcome
+            self._thread.start()
+        else:
+            self._gather_and_write(backend, None, meta, stats, None)
+            self._settle()
         stats.stall_s = time.perf_counter() - t0
         log.info(
             "step %d: save stalled training %.3f s%s",
             step,
             stats.stall_s,
-            " (writing in the background)" if self.async_save else "",
+            " (gathering and writing in the background)" if self.async_save else "",
         )
         return self.storage.url_of(step_name(step)) if _rank() == 0 else f"{self.dir.rstrip('/')}/{step_name(step)}"
 
@@ -173,30 +167,93 @@ class Checkpointer:
 
     # ------------------------------------------------------------------------------------------ internals
 
+    def _meta(self, backend: Backend, step: int, trainer_state: dict[str, Any] | None) -> StepMeta:
+        """What the step's JSON files say besides the tensors (rank 0; the model-derived part computed once)."""
+        key = id(backend.model)
+        if self._static is None or self._static[0] != key:
+            static = (adapter_config_dict(backend.model, backend.bias), base_fingerprint(backend.model))
+            self._static = (key, static)
+        adapter_config, fingerprint = self._static[1]
+        return StepMeta(
+            step=step,
+            bias=backend.bias,
+            adapter_config=adapter_config,
+            fingerprint=fingerprint,
+            trainer_state=dict(trainer_state or {}),
+            world_size=backend.world_size,
+            backend=backend.name,
+        )
+
+    def _background_group(self) -> Any:
+        """A gloo group of all ranks for background gathers (None alone); made once, by every rank."""
+        if self._group is None and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            self._group = torch.distributed.new_group(backend="gloo")
+        return self._group
+
+    def _gather_and_write(
+        self,
+        backend: Backend,
+        pieces: list[LocalPiece] | None,
+        meta: StepMeta | None,
+        stats: SaveStats,
+        group: Any,
+    ) -> None:
+        """Every rank: gather the adapter to rank 0; rank 0: serialize, write and commit; then every rank agrees
+        on the outcome, which :meth:`_settle` raises if it failed. Never raises."""
+        step = stats.step
+        if pieces is not None:
+            time.sleep(0.001)  # give the GIL back at once: the training thread returns from save() first
+        try:
+            state = gather_adapter(backend, self.bucket_bytes, pieces=pieces, group=group)
+            failpoint("save.after_gather")
+        except Exception as e:
+            self._error = e
+            self._result = {"ok": False, "error": f"gathering step {step} failed: {type(e).__name__}: {e}"}
+            log.error("step %d: gathering the adapter failed, the step is not committed: %s", step, e)
+            state = None
+        if state is not None and meta is not None:
+            self._write(state, meta, stats)
+        try:
+            self._agree(step, group)
+        except Exception as e:  # a peer is gone: the outcome cannot be agreed, so this save counts as failed
+            self._error = self._error or e
+            self._result = {"ok": False, "step": step, "error": f"{type(e).__name__}: {e}"}
+
     def _write(self, state: AdapterState, meta: StepMeta, stats: SaveStats) -> None:
-        """Rank 0: serialize, write and commit; records the outcome for :meth:`_settle`. Never raises."""
+        """Rank 0: serialize, write and commit; records the outcome. Never raises."""
+        step = stats.step
         t0 = time.perf_counter()
         try:
             if self.lease is not None:
                 self.lease.check()  # another run took the dir over: write nothing there
             files = serialize_step(state, meta)
-            url = write_step(self.storage, files, meta.step, self.keep_last)
+            url = write_step(self.storage, files, step, self.keep_last)
             stats.write_s, stats.bytes = time.perf_counter() - t0, sum(len(b) for b in files.values())
             self._result = {"ok": True, "url": url}
-            log.info("step %d: committed %s (%.2f MB), write %.3f s", meta.step, url, stats.bytes / 1e6, stats.write_s)
+            log.info("step %d: committed %s (%.2f MB), write %.3f s", step, url, stats.bytes / 1e6, stats.write_s)
         except Exception as e:  # reported now, raised on every rank at the next collective
             self._error = e
-            self._result = {"ok": False, "error": f"{type(e).__name__}: {e}", "step": meta.step}
-            log.error("step %d: saving failed, the step is not committed: %s: %s", meta.step, type(e).__name__, e)
+            self._result = {"ok": False, "error": f"{type(e).__name__}: {e}", "step": step}
+            log.error("step %d: saving failed, the step is not committed: %s: %s", step, type(e).__name__, e)
 
     def _settle(self) -> None:
-        """Collective: finish the pending write on rank 0 and raise its error on every rank."""
+        """Wait for the pending save; raise its failure, on every rank alike (the outcome was agreed by then)."""
         self.close()
         result = self._result if self._result is not None else {"ok": True}
         error, self._result, self._error = self._error, None, None
-        if not any_rank(not result.get("ok")):
-            return  # the common case costs one tiny all-reduce
-        result = broadcast_json(result)  # rank 0's error, to every rank
+        if result.get("ok"):
+            return
         if error is not None:
             raise error
-        raise CheckpointError(f"saving step {result.get('step')} failed on rank 0: {result.get('error')}")
+        raise CheckpointError(f"saving step {result.get('step')} failed: {result.get('error') or 'see the log'}")
+
+    def _agree(self, step: int, group: Any) -> None:
+        """Collective (over ``group``): every rank learns whether the save succeeded everywhere, and rank 0's error.
+
+        One tiny all-reduce when all went well; the background thread runs it, so it never stalls training."""
+        mine = self._result if self._result is not None else {"ok": True}
+        if any_rank(not mine.get("ok"), group):
+            agreed = broadcast_json(mine if mine.get("error") else {**mine, "ok": False}, group)
+            self._result = {"ok": False, "step": step, "error": agreed.get("error") or mine.get("error")}
+        else:
+            self._result = {"ok": True}

@@ -104,18 +104,47 @@ class _Stream:
                 self.index, self.done = self.index + 1, 0
 
 
-def gather_adapter(backend: Backend, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> AdapterState | None:
+def snapshot(pieces: list[LocalPiece]) -> list[LocalPiece]:
+    """This rank's pieces copied to CPU memory (pinned when they live on a GPU): a copy training cannot change."""
+    copies = []
+    on_gpu = False
+    for p in pieces:
+        fields = {}
+        for name, t in p.fields.items():
+            if t.is_cuda:
+                on_gpu = True
+                buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                fields[name] = buf.copy_(t, non_blocking=True)
+            else:
+                fields[name] = t.detach().clone()
+        copies.append(LocalPiece(p.key, p.shape, p.offset, fields, p.step))
+    if on_gpu:
+        torch.cuda.current_stream().synchronize()
+    return copies
+
+
+def gather_adapter(
+    backend: Backend,
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    *,
+    pieces: list[LocalPiece] | None = None,
+    group: Any = None,
+) -> AdapterState | None:
     """Collective: every rank must call. Returns the full adapter (and its Adam state) on rank 0, None elsewhere.
 
     Each rank lays its pieces end to end and the streams are gathered to rank 0 in chunks of ``bucket_bytes``:
     one ``gather`` per chunk, plus one tiny ``all_reduce`` (agree on sizes) and, on a backend's first save, one tiny
     ``gather`` of piece offsets (cached afterwards).
     Only adapter bytes move. Rank 0's extra memory is the adapter plus one chunk per rank; other ranks', one chunk.
+
+    ``pieces``: a :func:`snapshot` taken earlier (default: the backend's live pieces). ``group``: a CPU (gloo)
+    process group of all ranks to gather over, so that a background thread can gather while training runs
+    collectives on the default group.
     """
     rank, world = _dist()
-    pieces = backend.local_pieces()
+    pieces = backend.local_pieces() if pieces is None else pieces
     has_state = any(p.step is not None for p in pieces)
-    device = backend.device
+    device = torch.device("cpu") if group is not None else backend.device
     n = len(pieces)
     if world > 1:
         # Agree on: whether any rank has optimizer state, the piece count, and the longest stream (ranks != 0).
@@ -125,7 +154,7 @@ def gather_adapter(backend: Backend, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -
         changed = int(cache is None or cache[0] != layout)
         agree = torch.tensor([int(has_state), n, -n, local_len, changed], dtype=torch.int64, device=device)
         _record("all_reduce", agree)
-        dist.all_reduce(agree, op=dist.ReduceOp.MAX)
+        dist.all_reduce(agree, op=dist.ReduceOp.MAX, group=group)
         has_state, n_max, n_min, longest = bool(agree[0]), int(agree[1]), -int(agree[2]), int(agree[3])
         any_changed = bool(agree[4])
         if n_max != n or n_min != n:
@@ -152,7 +181,7 @@ def gather_adapter(backend: Backend, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -
             meta = torch.tensor(layout, dtype=torch.int64, device=device).reshape(-1, 2)
             gathered = [torch.empty_like(meta) for _ in range(world)] if rank == 0 else []
             _record("gather", meta)
-            dist.gather(meta, gathered if rank == 0 else None, dst=0)
+            dist.gather(meta, gathered if rank == 0 else None, dst=0, group=group)
             backend._gather_layout = (layout, [m.cpu() for m in gathered])  # type: ignore[attr-defined]
         all_meta = backend._gather_layout[1]  # type: ignore[attr-defined]
         total = longest * nf
@@ -170,7 +199,7 @@ def gather_adapter(backend: Backend, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -
                     buf[dst : dst + take] = _piece_field(pieces[i], fields[j])[src : src + take]
             recv = [torch.empty_like(buf) for _ in range(world)] if rank == 0 else None
             _record("gather", buf)
-            dist.gather(buf, recv, dst=0)
+            dist.gather(buf, recv, dst=0, group=group)
             if rank == 0:
                 assert recv is not None
                 for r in range(1, world):
@@ -196,38 +225,38 @@ def _target(weights: dict, optim: dict, key: str, field: str) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------- load
 
 
-def broadcast_json(obj: Any) -> Any:
+def broadcast_json(obj: Any, group: Any = None) -> Any:
     """Collective: rank 0's JSON-able object on every rank (two broadcasts; no pickle)."""
     rank, world = _dist()
     if world == 1:
         return obj
-    device = _comm_device()
+    device = _comm_device(group)
     if rank == 0:
         payload = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8).to(device)
         length = torch.tensor([payload.numel()], dtype=torch.int64, device=device)
     else:
         length = torch.empty(1, dtype=torch.int64, device=device)
     _record("broadcast", length)
-    dist.broadcast(length, src=0)
+    dist.broadcast(length, src=0, group=group)
     if rank != 0:
         payload = torch.empty(int(length.item()), dtype=torch.uint8, device=device)
     _record("broadcast", payload)
-    dist.broadcast(payload, src=0)
+    dist.broadcast(payload, src=0, group=group)
     return json.loads(bytes(payload.cpu().numpy().tobytes()).decode())
 
 
-def any_rank(flag: bool) -> bool:
+def any_rank(flag: bool, group: Any = None) -> bool:
     """Collective: True on every rank if ``flag`` is True on any rank (one tiny all-reduce)."""
     if _dist()[1] == 1:
         return flag
-    t = torch.tensor([int(flag)], dtype=torch.int32, device=_comm_device())
+    t = torch.tensor([int(flag)], dtype=torch.int32, device=_comm_device(group))
     _record("all_reduce", t)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return bool(t.item())
 
 
-def _comm_device() -> torch.device:
-    if dist.is_initialized() and dist.get_backend() == "nccl":
+def _comm_device(group: Any = None) -> torch.device:
+    if dist.is_initialized() and dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 

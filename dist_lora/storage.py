@@ -254,20 +254,23 @@ class Storage:
     def _write_remote(self, rel: str, data: bytes, exclusive: bool) -> None:
         path = self.path(rel)
         attempts = 0
+        leftovers = False
 
         def put() -> None:
-            nonlocal attempts
+            nonlocal attempts, leftovers
             attempts += 1
-            if attempts > 1:  # a failed attempt's upload whose abort did not get through (the store was down)
-                self.abort_multipart_uploads(rel)
+            if leftovers:  # a failed attempt's upload whose abort did not get through (the store was down)
+                leftovers = self.abort_multipart_uploads(rel) < 0
             try:
                 self.fs.pipe_file(path, data, mode="create" if exclusive else "overwrite", **self.put_kwargs)
+                if leftovers:  # the store came back between that abort and this upload
+                    self.abort_multipart_uploads(rel)
             except Exception as e:
                 if exclusive and _is_precondition_failed(e):
                     if attempts > 1 and self._holds(rel, data):
                         return  # an earlier attempt created it and its reply was lost
                     raise AlreadyExistsError(f"{self.url_of(rel)} already exists; refusing to overwrite it") from e
-                self.abort_multipart_uploads(rel)  # s3fs leaves a failed multipart upload behind
+                leftovers = self.abort_multipart_uploads(rel) < 0  # s3fs leaves a failed multipart upload behind
                 raise
             finally:
                 self.fs.invalidate_cache(path)
@@ -283,7 +286,8 @@ class Storage:
         return hashlib.sha256(stored).digest() == hashlib.sha256(data).digest()
 
     def abort_multipart_uploads(self, rel: str) -> int:
-        """Abort unfinished multipart uploads of one S3 key (s3fs can leave them behind). Returns how many."""
+        """Abort unfinished multipart uploads of one S3 key (s3fs can leave them behind). Returns how many, or -1
+        when the store could not be asked (it is down: try again later)."""
         if self.protocol != "s3":
             return 0
         bucket, key, _ = self.fs.split_path(self.path(rel))
@@ -294,7 +298,7 @@ class Storage:
                 self.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload["UploadId"])
         except Exception as e:  # the write already failed; report and keep its error
             log.warning("could not abort multipart uploads of %s: %s", self.url_of(rel), e)
-            return 0
+            return -1
         return len(uploads)
 
     def delete(self, rel: str) -> None:

@@ -189,12 +189,17 @@ class FaultProxy:
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Server -> client, untouched. When the server's side ends (it closed or died), the client's connection is
+    cut as well, as it would be without the proxy in between."""
     try:
         while data := await reader.read(65536):
             writer.write(data)
             await writer.drain()
-    except (ConnectionError, OSError, asyncio.CancelledError):
+    except asyncio.CancelledError:  # the proxy answers this client itself now
+        return
+    except (ConnectionError, OSError):
         pass
+    _reset(writer)
 
 
 async def _read_head(reader: asyncio.StreamReader) -> Request | None:

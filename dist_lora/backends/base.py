@@ -65,7 +65,11 @@ class Backend(ABC):
         return torch.device("cpu")
 
     def adapter(self) -> dict[str, nn.Parameter]:
-        return adapter_parameters(self.model, self.bias)
+        """The adapter's parameters by canonical key (found once per bias mode: a wrapped model keeps them)."""
+        cache = self.__dict__.setdefault("_adapter_cache", {})
+        if self.bias not in cache:
+            cache[self.bias] = adapter_parameters(self.model, self.bias)
+        return dict(cache[self.bias])
 
     # ------------------------------------------------------------------------------------------ training
 

@@ -65,7 +65,10 @@ class FSDPBackend(Backend):
                 local, offset = (p.detach().reshape(-1) if self.rank == 0 else p.detach().reshape(-1)[:0]), 0
             else:
                 local = p.to_local().detach().reshape(-1)
-                offset = self._row_offset(p) * math.prod(p.shape[1:])
+                offsets = self.__dict__.setdefault("_offsets", {})  # fixed once sharded
+                if key not in offsets:
+                    offsets[key] = self._row_offset(p) * math.prod(p.shape[1:])
+                offset = offsets[key]
             optim, step = torch_optim_fields(self.optimizer, p)
             if not isinstance(p, DTensor) and self.rank != 0:
                 optim = {k: v[:0] for k, v in optim.items()}

@@ -84,6 +84,7 @@ def main() -> None:
             originals = traced(record)
             try:
                 trainer.save()
+                trainer.close()  # an asynchronous save gathers in the background: record all of it
             finally:
                 for name, fn in originals.items():
                     setattr(dist, name, fn)
