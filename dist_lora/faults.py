@@ -4,21 +4,41 @@ A save passes these points, in order: ``save.after_gather``, then for each data 
 ``write.partial:FILE`` (local storage: half of the bytes are in the temporary file), ``write.after:FILE``; then
 ``commit.before_manifest``, ``commit.after_manifest``, ``commit.after_latest``; retention passes
 ``retention.after_manifest_delete`` and ``retention.after_file_delete``. Nothing happens unless the variable is
-set; the crash suite (tests/test_crash.py) sets it in the process it kills.
+set; the crash suite (tests/test_crash.py) sets it in the process it kills. With several ranks the gather passes
+``gather.after_sizes`` and ``gather.after_chunk`` on every rank.
+
+``NAME@peer`` does not kill: rank 0 stops at the point, creates ``$DIST_LORA_FAILPOINT_DIR/reached`` and waits
+for ``go`` there, so that a test can kill another rank while rank 0 is exactly there.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 
 from dist_lora.constants import ENV_FAILPOINT
+
+ENV_FAILPOINT_DIR = "DIST_LORA_FAILPOINT_DIR"
 
 
 def failpoint(name: str) -> None:
     spec = os.environ.get(ENV_FAILPOINT)
     if not spec:
         return
+    if spec == f"{name}@peer":
+        if os.environ.get("RANK", "0") == "0":
+            _pause_for_peer_kill()
+        return
     point, _, rank = spec.partition("@rank")
     if point == name and (not rank or rank == os.environ.get("RANK", "0")):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _pause_for_peer_kill(timeout_s: float = 120.0) -> None:
+    directory = os.environ[ENV_FAILPOINT_DIR]
+    with open(os.path.join(directory, "reached"), "w") as f:
+        f.write(str(os.getpid()))
+    deadline = time.monotonic() + timeout_s
+    while not os.path.exists(os.path.join(directory, "go")) and time.monotonic() < deadline:
+        time.sleep(0.05)

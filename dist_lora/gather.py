@@ -25,6 +25,7 @@ import torch.distributed as dist
 from dist_lora.backends.base import Backend, LocalPiece
 from dist_lora.checkpoint import AdapterState
 from dist_lora.constants import OPTIM_TENSOR_FIELDS, WEIGHT_FIELD
+from dist_lora.faults import failpoint
 
 DEFAULT_BUCKET_BYTES = 32 * 2**20
 
@@ -156,6 +157,7 @@ def gather_adapter(
         _record("all_reduce", agree)
         dist.all_reduce(agree, op=dist.ReduceOp.MAX, group=group)
         has_state, n_max, n_min, longest = bool(agree[0]), int(agree[1]), -int(agree[2]), int(agree[3])
+        failpoint("gather.after_sizes")
         any_changed = bool(agree[4])
         if n_max != n or n_min != n:
             raise RuntimeError(f"ranks disagree on the adapter: {n} tensors here, {n_min}..{n_max} elsewhere")
@@ -200,6 +202,7 @@ def gather_adapter(
             recv = [torch.empty_like(buf) for _ in range(world)] if rank == 0 else None
             _record("gather", buf)
             dist.gather(buf, recv, dst=0, group=group)
+            failpoint("gather.after_chunk")
             if rank == 0:
                 assert recv is not None
                 for r in range(1, world):

@@ -18,6 +18,7 @@ import dist_lora
 from dist_lora.checkpoint import list_steps, newest_verified_step, step_name
 from dist_lora.config import LoraConfig
 from dist_lora.constants import ENV_FAILPOINT
+from dist_lora.faults import ENV_FAILPOINT_DIR
 from dist_lora.storage import Storage
 from tests.dist_utils import ROOT, launch_env, torchrun
 
@@ -119,23 +120,35 @@ def test_kill_at_each_point_of_a_save(point, kind, template, gpt2_base, tmp_path
     check_after_crash(url, options, point, gpt2_base)
 
 
-@pytest.mark.reliability(
-    fault="either rank of a 2-rank FSDP2 job killed in the middle of a save",
-    injected="the same, `@rank0` / `@rank1`",
-    outcome="the job stops; no step is corrupt; with the writer (rank 0) killed the step never commits",
-)
-@pytest.mark.multiproc
-@pytest.mark.parametrize("rank", [0, 1])
-def test_kill_either_rank_during_a_two_rank_save(rank, gpt2_base, tmp_path):
+GATHER_POINTS = ["gather.after_sizes", "gather.after_chunk", "save.after_gather"]  # every rank passes these
+
+
+@pytest.fixture(scope="module")
+def two_rank_template(gpt2_base, tmp_path_factory) -> tuple[Path, dict]:
+    """A 2-rank FSDP2 run's checkpoint dir with steps 1 and 2 committed, and the spec that continues it to step 3
+    (keep_last=2, so that saving step 3 deletes step 1 and passes the retention points)."""
     from tests.test_distributed import config
 
-    ckpt = tmp_path / "ckpt"
-    spec = {"config": config(gpt2_base, ckpt, "fsdp"), "out": str(tmp_path / "out"), "phases": ["train:2", "save"]}
-    torchrun(2, [str(ROOT / "tests" / "workers" / "run_worker.py"), json.dumps(spec)])  # step 2 committed
+    root = tmp_path_factory.mktemp("two-rank")
+    spec = {
+        "config": config(gpt2_base, root / "ckpt", "fsdp"),
+        "out": str(root / "out"),
+        "phases": ["train:1", "save", "train:1", "save"],
+    }
+    spec["config"]["checkpoint"]["keep_last"] = 2
+    torchrun(2, [str(ROOT / "tests" / "workers" / "run_worker.py"), json.dumps(spec)])
     spec["phases"] = ["train:1", "save"]
     spec["config"]["checkpoint"]["resume"] = "auto"
+    return root / "ckpt", spec
+
+
+def continue_two_rank_run(template: tuple[Path, dict], tmp_path: Path, env: dict) -> tuple[Path, subprocess.Popen]:
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(template[0], ckpt)
+    spec = json.loads(json.dumps(template[1]))
+    spec["config"]["checkpoint"]["dir"] = str(ckpt)
+    spec["out"] = str(tmp_path / "out")
     spec["resume"] = str(ckpt / step_name(2))
-    env_point = f"save.after_gather@rank{rank}"
     cmd = [
         sys.executable,
         "-m",
@@ -145,14 +158,72 @@ def test_kill_either_rank_during_a_two_rank_save(rank, gpt2_base, tmp_path):
         str(ROOT / "tests" / "workers" / "run_worker.py"),
         json.dumps(spec),
     ]
-    proc = subprocess.run(
-        cmd, env={**launch_env(), ENV_FAILPOINT: env_point}, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode != 0  # a rank died; torchrun stops the job
+    proc = subprocess.Popen(cmd, env={**launch_env(), **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return ckpt, proc
+
+
+def check_two_rank_crash(ckpt: Path, writer_died: bool) -> None:
     steps = {s.step: s.status for s in list_steps(Storage(str(ckpt)))}
     assert "corrupt" not in steps.values() and steps[2] == "committed", steps
-    if rank == 0:  # the writer died: step 3 never commits
+    newest = newest_verified_step(Storage(str(ckpt)))
+    if writer_died:  # rank 0 died before writing the manifest: step 3 never commits
         assert steps.get(3) in (None, "incomplete"), steps
-        assert newest_verified_step(Storage(str(ckpt))).url.endswith(step_name(2))
-    else:  # the gather had finished: rank 0 holds the whole adapter and may commit it; if so, it verifies
+        assert newest is not None and newest.url.endswith(step_name(2))
+    else:  # rank 0 may have committed the whole adapter it held: if so, it verifies and is the newest
         assert steps.get(3) in (None, "incomplete", "committed"), steps
+        assert newest is not None and newest.url.endswith(step_name(3 if steps.get(3) == "committed" else 2))
+
+
+@pytest.mark.reliability(
+    fault="either rank of a 2-rank FSDP2 job killed during the gather of a save (3 points)",
+    injected="`DIST_LORA_FAILPOINT=<point>@rank0` / `@rank1`",
+    outcome="the job stops; no step is corrupt; the step commits only if rank 0 held the whole adapter",
+)
+@pytest.mark.multiproc
+@pytest.mark.parametrize("rank", [0, 1])
+@pytest.mark.parametrize("point", GATHER_POINTS)
+def test_kill_either_rank_during_the_gather(point, rank, two_rank_template, tmp_path):
+    ckpt, proc = continue_two_rank_run(two_rank_template, tmp_path, {ENV_FAILPOINT: f"{point}@rank{rank}"})
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0, f"the job did not stop at {point}@rank{rank}:\n{err[-3000:]}"
+    check_two_rank_crash(ckpt, writer_died=rank == 0 or point != "save.after_gather")
+
+
+def rank_pid(marker_dir: Path, rank: int) -> int:
+    """The pid of the worker with this RANK in the job whose fail-point dir is ``marker_dir``."""
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            env = set(environ.read_bytes().split(b"\0"))
+        except OSError:
+            continue
+        if f"{ENV_FAILPOINT_DIR}={marker_dir}".encode() in env and f"RANK={rank}".encode() in env:
+            return int(environ.parent.name)
+    raise AssertionError(f"no rank {rank} process found for {marker_dir}")
+
+
+@pytest.mark.reliability(
+    fault="the other rank of a 2-rank FSDP2 job killed while rank 0 is at each named point of its write",
+    injected="`DIST_LORA_FAILPOINT=<point>@peer` holds rank 0 at the point; the test kills rank 1 (-9), then lets "
+    "rank 0 go on",
+    outcome="no step is corrupt; the previous steps survive; resume takes the newest verified step",
+)
+@pytest.mark.multiproc
+@pytest.mark.parametrize("point", POINTS)
+def test_kill_the_other_rank_while_rank0_writes(point, two_rank_template, tmp_path):
+    import os
+    import signal
+    import time
+
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    env = {ENV_FAILPOINT: f"{point}@peer", ENV_FAILPOINT_DIR: str(marks)}
+    ckpt, proc = continue_two_rank_run(two_rank_template, tmp_path, env)
+    deadline = time.monotonic() + 240
+    while not (marks / "reached").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, f"{point} was not reached"
+        time.sleep(0.1)
+    os.kill(rank_pid(marks, 1), signal.SIGKILL)
+    (marks / "go").touch()
+    proc.communicate(timeout=300)
+    assert proc.returncode != 0  # a rank died; torchrun stops the job
+    check_two_rank_crash(ckpt, writer_died=False)
