@@ -416,9 +416,9 @@ def report(rows: list[dict], quick: bool) -> str:
         lines += [
             "## a. Save: stall, total, bytes, files, rank-0 extra memory (world size 2, LoRA r=4 on c_attn)",
             "",
-            "| model | engine | method | stall s | total s | bytes written | files | rank-0 extra memory | "
-            "stall vs dist_lora sync |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| model | engine | method | stall s | snapshot s | total s | bytes written | files | "
+            "rank-0 extra memory | stall vs dist_lora sync |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in a:
             ref = next(
@@ -427,12 +427,21 @@ def report(rows: list[dict], quick: bool) -> str:
                 if x["model"] == r["model"] and x["engine"] == r["engine"] and x["method"] == "dist_lora sync"
             )
             files = r["files"] if r["files"] is not None else "-"
+            snap = f"{r['snapshot_s']:.4f}" if r.get("snapshot_s") is not None else "-"
             lines.append(
-                f"| {r['model']} | {r['engine']} | {r['method']} | {r['stall_s']:.4f} | {r['total_s']:.4f} | "
+                f"| {r['model']} | {r['engine']} | {r['method']} | {r['stall_s']:.4f} | {snap} | {r['total_s']:.4f} | "
                 f"{fmt_bytes(r['bytes_written'])} | {files} | {fmt_bytes(r['rank0_extra_bytes'])} | "
-                f"{r['stall_s'] / ref['stall_s']:.1f}x |"
+                f"{r['stall_s'] / ref['stall_s']:.2f}x |"
             )
-        lines.append("")
+        lines += [
+            "",
+            "Stall: seconds training was blocked. A dist_lora async save is measured inside a training step: the save "
+            "call, then the next step's forward and backward (which overlap the background snapshot), then its "
+            "optimizer step, which would wait for the snapshot if it were not taken yet; the stall is the save call "
+            "plus that wait. Snapshot: how long the background copy of this rank's shard took, the stall if an "
+            "optimizer step came at once. Total: from the save call until rank 0 committed.",
+            "",
+        ]
     b = [r for r in rows if r["part"] == "b"]
     if b:
         lines += [

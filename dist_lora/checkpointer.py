@@ -1,13 +1,18 @@
-"""Saving during a run: with ``async_save`` training waits only for a local copy of its own shard.
+"""Saving during a run: with ``async_save`` a save costs training a hand-off, not a copy, a gather or a write.
 
 A save has three parts. Snapshot (every rank): copy this rank's pieces of the adapter and its Adam state to CPU
 memory (pinned, from a GPU), a copy training can no longer change. Gather (every rank): bring the pieces to rank 0
-in bucketed collectives. Write (rank 0): serialize, hash, write and commit. Synchronously, all three block. With
-``async_save`` only the snapshot does: the gather runs in a background thread over a gloo process group of its
-own (so it never interleaves with training's collectives on the default group), then rank 0 writes. The next save,
-and :meth:`Checkpointer.wait` at the end of training, first wait for it. A background failure is logged at once and
-raised, on every rank, at the next save or at ``wait``. It never leaves a committed but broken step: the manifest is
-the last thing written, so a failed write is an incomplete step, which readers skip.
+in bucketed collectives. Write (rank 0): serialize, hash, write and commit. Synchronously, all three block.
+
+With ``async_save`` none of them does: :meth:`Checkpointer.save` hands the save to a background thread and
+returns. That thread takes the snapshot first, while training runs the next forward and backward, which only read
+the adapter. Only an optimizer step changes it, so every ``torch.optim`` optimizer step in the process passes a
+pre-hook that waits until the snapshot is taken (the wait, usually zero, is counted as stall). Then the thread
+gathers over a gloo process group of its own (never interleaving with training's collectives on the default
+group), and rank 0 writes. The next save, and :meth:`Checkpointer.wait` at the end of training, first wait for it.
+A background failure is logged at once and raised, on every rank, at the next save or at ``wait``. It never leaves
+a committed but broken step: the manifest is the last thing written, so a failed write is an incomplete step,
+which readers skip.
 """
 
 from __future__ import annotations
@@ -16,15 +21,18 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from dist_lora.backends import Backend, LocalPiece
+from dist_lora.backends.base import Staging
 from dist_lora.checkpoint import AdapterState, CheckpointError, StepMeta, serialize_step, step_name, write_step
 from dist_lora.faults import failpoint
-from dist_lora.gather import any_rank, broadcast_json, gather_adapter, snapshot
+from dist_lora.gather import any_rank, broadcast_json, gather_adapter
 from dist_lora.lease import Lease, LeaseError, default_run_id
 from dist_lora.lora import adapter_config_dict, base_fingerprint
 from dist_lora.storage import RetryPolicy, Storage, StorageError
@@ -58,11 +66,22 @@ def _rank() -> int:
 @dataclass
 class SaveStats:
     step: int
-    stall_s: float
-    """Seconds the training ranks were blocked (gather + snapshot; + write when synchronous)."""
+    save_s: float = 0.0
+    """Seconds :meth:`Checkpointer.save` blocked (asynchronous: a hand-off; synchronous: gather + write)."""
+    snapshot_wait_s: float = 0.0
+    """Seconds an optimizer step waited for the background snapshot of this save (asynchronous only)."""
+    snapshot_s: float | None = None
+    """Seconds the background snapshot took (asynchronous only): the stall if an optimizer step came at once."""
     write_s: float | None = None
     """Seconds spent serializing, writing and committing (rank 0), once known."""
     bytes: int | None = None
+    done_s: float | None = None
+    """Seconds from the save call until this rank's part was done (committed, on rank 0), once known."""
+
+    @property
+    def stall_s(self) -> float:
+        """Seconds training was blocked by this save."""
+        return self.save_s + self.snapshot_wait_s
 
 
 class Checkpointer:
@@ -86,7 +105,11 @@ class Checkpointer:
         self.retry = retry
         self.history: list[SaveStats] = []
         self._storage: Storage | None = None
-        self._thread: threading.Thread | None = None
+        self._executor: ThreadPoolExecutor | None = None  # one long-lived worker: no thread start per save
+        self._pending: Future[None] | None = None
+        self._staging = Staging()
+        self._snapshotted: threading.Event | None = None  # set once the pending save's snapshot is taken
+        self._guard: Any = None  # the optimizer step pre-hook that waits for it
         self._result: dict[str, Any] | None = None
         self._error: BaseException | None = None
         self.lease: Lease | None = None
@@ -127,31 +150,39 @@ class Checkpointer:
     def save(self, backend: Backend, *, step: int, trainer_state: dict[str, Any] | None = None) -> str:
         """Collective: snapshot the adapter at ``step`` and commit it (now, or in the background). Returns its URL.
 
+        Asynchronous: returns at once. A background thread copies this rank's shard of the adapter and its Adam
+        state (the snapshot), then gathers and writes. Until the snapshot is taken, any ``torch.optim`` optimizer
+        step in this process first waits for it (a pre-hook; the time is ``SaveStats.snapshot_wait_s``), so the
+        step saved is exactly the state at this call. Change adapter weights outside an optimizer step only after
+        :meth:`wait_snapshot`.
+
         Raises here, on every rank, if the previous background save failed.
         """
         t0 = time.perf_counter()
-        stats = SaveStats(step=step, stall_s=0.0)
+        stats = SaveStats(step=step)
         self.history.append(stats)
         meta = self._meta(backend, step, trainer_state) if _rank() == 0 else None
         if self.async_save:
             self._settle()  # the previous save is done (its failure is raised here, on every rank)
-            pieces = snapshot(backend.local_pieces())  # all that training waits for
-            self._thread = threading.Thread(
-                target=self._gather_and_write,
-                args=(backend, pieces, meta, stats, self._background_group()),
-                name=f"dist-lora-save-{step}",
-                daemon=False,
+            self._staging.mark()  # where the training stream is now: what the snapshot must see
+            self._snapshotted = threading.Event()
+            if self._guard is None:
+                self._guard = register_optimizer_step_pre_hook(self._before_optimizer_step)
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dist-lora-save")
+            self._pending = self._executor.submit(
+                self._snapshot_gather_write, backend, meta, stats, self._background_group(), self._snapshotted, t0
             )
-            self._thread.start()
         else:
             self._gather_and_write(backend, None, meta, stats, None)
             self._settle()
-        stats.stall_s = time.perf_counter() - t0
+            stats.done_s = time.perf_counter() - t0
+        stats.save_s = time.perf_counter() - t0
         log.info(
-            "step %d: save stalled training %.3f s%s",
+            "step %d: save blocked training %.4f s%s",
             step,
-            stats.stall_s,
-            " (gathering and writing in the background)" if self.async_save else "",
+            stats.save_s,
+            " (snapshot, gather and write in the background)" if self.async_save else "",
         )
         return self.storage.url_of(step_name(step)) if _rank() == 0 else f"{self.dir.rstrip('/')}/{step_name(step)}"
 
@@ -159,11 +190,24 @@ class Checkpointer:
         """Collective: wait for a background save; raise on every rank if it failed."""
         self._settle()
 
+    def wait_snapshot(self) -> float:
+        """Not a collective: block until the pending save's snapshot is taken; returns the seconds waited."""
+        event = self._snapshotted
+        if event is None or event.is_set():
+            return 0.0
+        t0 = time.perf_counter()
+        event.wait()
+        return time.perf_counter() - t0
+
     def close(self) -> None:
         """Not a collective: let a background write finish (for exit paths where the other ranks may be gone)."""
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        if self._pending is not None:
+            self._pending.result()  # _snapshot_gather_write never raises: its outcome is in self._result
+            self._pending = None
+        self._snapshotted = None
+        if self._guard is not None:  # removed here, on the training thread, never while a step runs the hooks
+            self._guard.remove()
+            self._guard = None
 
     # ------------------------------------------------------------------------------------------ internals
 
@@ -190,6 +234,30 @@ class Checkpointer:
             self._group = torch.distributed.new_group(backend="gloo")
         return self._group
 
+    def _before_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        """Optimizer step pre-hook: an optimizer must not change the adapter before its snapshot is taken."""
+        waited = self.wait_snapshot()
+        if waited > 0 and self.history:
+            self.history[-1].snapshot_wait_s += waited
+            log.info("an optimizer step waited %.4f s for the snapshot of step %d", waited, self.history[-1].step)
+
+    def _snapshot_gather_write(
+        self, backend: Backend, meta: StepMeta | None, stats: SaveStats, group: Any, snapshotted: Any, t0: float
+    ) -> None:
+        """Background: copy this rank's pieces (then let optimizer steps go on), gather, write. Never raises."""
+        try:
+            start = time.perf_counter()
+            pieces = backend.snapshot(self._staging)
+            stats.snapshot_s = time.perf_counter() - start
+        except Exception as e:  # gathering nothing: the ranks then disagree on the adapter and all fail the save
+            log.error("step %d: taking the snapshot failed: %s: %s", stats.step, type(e).__name__, e)
+            self._error = e
+            pieces = []
+        finally:
+            snapshotted.set()
+        self._gather_and_write(backend, pieces, meta, stats, group)
+        stats.done_s = time.perf_counter() - t0
+
     def _gather_and_write(
         self,
         backend: Backend,
@@ -201,18 +269,18 @@ class Checkpointer:
         """Every rank: gather the adapter to rank 0; rank 0: serialize, write and commit; then every rank agrees
         on the outcome, which :meth:`_settle` raises if it failed. Never raises."""
         step = stats.step
-        if pieces is not None:
-            time.sleep(0.001)  # give the GIL back at once: the training thread returns from save() first
         try:
             state = gather_adapter(backend, self.bucket_bytes, pieces=pieces, group=group)
             failpoint("save.after_gather")
         except Exception as e:
-            self._error = e
+            self._error = self._error or e  # a failed snapshot (see above) is the cause, not the disagreement
             self._result = {"ok": False, "error": f"gathering step {step} failed: {type(e).__name__}: {e}"}
             log.error("step %d: gathering the adapter failed, the step is not committed: %s", step, e)
             state = None
-        if state is not None and meta is not None:
+        if state is not None and meta is not None and self._error is None:
             self._write(state, meta, stats)
+        elif self._error is not None and self._result is None:  # a failed snapshot, alone (world size 1)
+            self._result = {"ok": False, "step": step, "error": f"{type(self._error).__name__}: {self._error}"}
         try:
             self._agree(step, group)
         except Exception as e:  # a peer is gone: the outcome cannot be agreed, so this save counts as failed

@@ -105,25 +105,6 @@ class _Stream:
                 self.index, self.done = self.index + 1, 0
 
 
-def snapshot(pieces: list[LocalPiece]) -> list[LocalPiece]:
-    """This rank's pieces copied to CPU memory (pinned when they live on a GPU): a copy training cannot change."""
-    copies = []
-    on_gpu = False
-    for p in pieces:
-        fields = {}
-        for name, t in p.fields.items():
-            if t.is_cuda:
-                on_gpu = True
-                buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-                fields[name] = buf.copy_(t, non_blocking=True)
-            else:
-                fields[name] = t.detach().clone()
-        copies.append(LocalPiece(p.key, p.shape, p.offset, fields, p.step))
-    if on_gpu:
-        torch.cuda.current_stream().synchronize()
-    return copies
-
-
 def gather_adapter(
     backend: Backend,
     bucket_bytes: int = DEFAULT_BUCKET_BYTES,
@@ -138,9 +119,9 @@ def gather_adapter(
     ``gather`` of piece offsets (cached afterwards).
     Only adapter bytes move. Rank 0's extra memory is the adapter plus one chunk per rank; other ranks', one chunk.
 
-    ``pieces``: a :func:`snapshot` taken earlier (default: the backend's live pieces). ``group``: a CPU (gloo)
-    process group of all ranks to gather over, so that a background thread can gather while training runs
-    collectives on the default group.
+    ``pieces``: a snapshot cut into pieces (:meth:`Backend.snapshot`; default: the backend's live pieces).
+    ``group``: a CPU (gloo) process group of all ranks to gather over, so that a background thread can gather
+    while training runs collectives on the default group.
     """
     rank, world = _dist()
     pieces = backend.local_pieces() if pieces is None else pieces

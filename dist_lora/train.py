@@ -46,11 +46,6 @@ def grad_accum_steps(t: TrainConfig, world: int) -> int:
     return t.global_batch_size // per_step
 
 
-def resume_url(cfg: RunConfig) -> str | None:
-    """The step to resume from: none, an explicit URL, or (auto) the newest verified step. Collective."""
-    return find_resume_step(cfg.checkpoint.resume, cfg.checkpoint.dir, cfg.checkpoint.storage_options)
-
-
 def train(cfg: RunConfig) -> list[dict[str, Any]]:
     """Run (or resume) a LoRA fine-tune as configured; returns the per-step metrics (on every rank)."""
     init_distributed(need_group=cfg.parallel.backend != "single")
@@ -58,7 +53,8 @@ def train(cfg: RunConfig) -> list[dict[str, Any]]:
     clean = False
     try:
         trainer = Trainer(cfg)
-        trainer.resume(resume_url(cfg))
+        ck = cfg.checkpoint
+        trainer.resume(find_resume_step(ck.resume, ck.dir, ck.storage_options))
         metrics = trainer.fit()
         clean = True
         return metrics

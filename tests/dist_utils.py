@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -13,10 +14,28 @@ from dist_lora.distributed import local_env, torchrun_cmd
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().parent / "workers" / "run_worker.py"
+TINY = ROOT / "configs" / "tiny.yaml"
 
 
 def launch_env() -> dict[str, str]:
     return local_env(str(ROOT))
+
+
+def train_cmd(base: Path | str, ckpt: Path | str, *extra: str) -> list[str]:
+    """``python -m dist_lora train`` of the tiny config on a test base model, the demo corpus and ``ckpt``."""
+    from dist_lora.demo import corpus_path
+
+    return [
+        sys.executable,
+        "-m",
+        "dist_lora",
+        "train",
+        str(TINY),
+        f"model.name_or_path={base}",
+        f"data.path={corpus_path()}",
+        f"checkpoint.dir={ckpt}",
+        *extra,
+    ]
 
 
 FATAL = ("Fatal Python error", "terminate called", "Traceback (most recent call last)")

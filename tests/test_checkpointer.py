@@ -1,6 +1,5 @@
 """Asynchronous saves: training waits only for the snapshot; failures surface, never as a committed broken step."""
 
-import threading
 import time
 
 import pytest
@@ -90,12 +89,47 @@ def test_failure_surfaces_at_wait(backend, tmp_path, monkeypatch):
     assert not (tmp_path / step_name(3) / MANIFEST_NAME).exists()
 
 
-def test_snapshot_is_independent_of_later_training(backend, tmp_path, monkeypatch):
+def test_an_optimizer_step_waits_for_the_background_snapshot(backend, tmp_path, monkeypatch):
+    """save() returns before the snapshot is taken; an optimizer step right after it waits for the snapshot, so
+    the step saved is the state at the save call. The wait is counted as stall; the hook is gone after wait()."""
+    from safetensors.torch import load_file
+    from torch.optim.optimizer import _global_optimizer_pre_hooks
+
+    original = type(backend).snapshot
+
+    def slow_snapshot(self, staging):
+        time.sleep(0.3)
+        return original(self, staging)
+
+    monkeypatch.setattr(type(backend), "snapshot", slow_snapshot)
+    hooks_before = len(_global_optimizer_pre_hooks)
+    ck = Checkpointer(str(tmp_path), async_save=True)
+    want = {k: v.clone() for k, v in dist_lora.lora_state_dict(backend.model).items()}
+    ck.save(backend, step=1)
+    assert ck.history[-1].save_s < 0.2  # the snapshot is not taken on the training thread
+    for p in backend.adapter().values():
+        p.grad = torch.ones_like(p)
+    backend.optimizer.step()  # changes every adapter tensor, but only once the snapshot is taken
+    after = dist_lora.lora_state_dict(backend.model)
+    assert all(not torch.equal(after[k], want[k]) for k in want)
+    assert ck.history[-1].snapshot_wait_s >= 0.2
+    assert ck.history[-1].stall_s == ck.history[-1].save_s + ck.history[-1].snapshot_wait_s
+    ck.wait()
+    got = load_file(str(tmp_path / step_name(1) / "adapter_model.safetensors"))
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k])
+    assert len(_global_optimizer_pre_hooks) == hooks_before
+
+
+def test_wait_snapshot_before_changing_weights_outside_an_optimizer(backend, tmp_path, monkeypatch):
     slow_writes(monkeypatch, 0.1)
     ck = Checkpointer(str(tmp_path), async_save=True)
     want = {k: v.clone() for k, v in dist_lora.lora_state_dict(backend.model).items()}
     ck.save(backend, step=1)
-    with torch.no_grad():  # training changes the weights while the write is in flight
+    ck.wait_snapshot()
+    assert not (tmp_path / step_name(1) / MANIFEST_NAME).exists()  # the snapshot is taken, the write goes on
+    with torch.no_grad():
         for p in backend.adapter().values():
             p.add_(1.0)
     ck.wait()
@@ -104,4 +138,3 @@ def test_snapshot_is_independent_of_later_training(backend, tmp_path, monkeypatc
     got = load_file(str(tmp_path / step_name(1) / "adapter_model.safetensors"))
     for k in want:
         assert torch.equal(got[k], want[k])
-    assert threading.active_count() >= 1

@@ -164,6 +164,36 @@ def test_gather_is_bit_exact_moves_only_the_adapter_and_matches_unsharded(kind, 
         assert rel_err(a, b) < 1e-5, (key, rel_err(a, b))
 
 
+@pytest.mark.parametrize("kind", ["fsdp", "zero3", "zero2"])
+def test_an_optimizer_step_right_after_an_async_save_waits_for_the_snapshot(kind, gpt2_base, workdir):
+    """The snapshot is taken in the background (slowed to 0.5 s here); the training step right after the save
+    runs forward and backward, then its optimizer step waits for the snapshot, so the committed step holds exactly
+    the state at the save call on every rank (DeepSpeed steps its client torch optimizer inside engine.step)."""
+    backend, stage = parse(kind)
+    out = workdir / f"overlap-{kind}"
+    run_worker(
+        2,
+        {
+            "config": config(gpt2_base, out / "ckpt", backend, stage),
+            "out": str(out),
+            "phases": ["train:3", "save_then_step"],
+        },
+    )
+    weights, optim = load_step(out / "ckpt" / step_name(3))
+    full, _ = assemble(out, 2)
+    assert set(full) == set(weights)
+    for key, fields in full.items():
+        assert torch.equal(fields["weight"].view_as(weights[key]), weights[key]), key
+        for f in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(fields[f].view_as(weights[key]), optim[f"{key}.{f}"]), (key, f)
+        assert float(optim[f"{key}.step"]) == 3.0
+    for r in range(2):
+        timing = json.loads((out / f"wait-rank{r}.json").read_text())
+        assert timing["save_s"] < 0.25, timing  # save() itself did not take the snapshot
+        assert timing["wait_s"] > 0.2, timing  # the optimizer step waited for it
+    assert set(json.loads((out / "losses.json").read_text())) == {"1", "2", "3", "4"}  # step 4 was taken
+
+
 RESHARD_CASES = [
     ("fsdp", 2, "fsdp", 1),
     ("fsdp", 2, "fsdp", 3),

@@ -2,7 +2,6 @@
 
 import json
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -17,11 +16,9 @@ from dist_lora.demo import corpus_path
 from dist_lora.lease import Lease, LeaseError
 from dist_lora.storage import Storage, StorageError
 from dist_lora.train import train
-from tests.dist_utils import ROOT, launch_env
+from tests.dist_utils import TINY, launch_env, train_cmd
 from tests.faultproxy import FaultProxy
 from tests.test_export import trained
-
-TINY = ROOT / "configs" / "tiny.yaml"
 
 
 @pytest.mark.reliability(
@@ -132,17 +129,7 @@ def test_second_training_job_is_refused_before_any_step_and_damages_nothing(gpt2
     try:
         env = {**launch_env(), "DIST_LORA_RUN_ID": "job-b"}
         out = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "dist_lora",
-                "train",
-                str(TINY),
-                f"model.name_or_path={gpt2_base}",
-                f"data.path={corpus_path()}",
-                f"checkpoint.dir={ckpt}",
-                "parallel.backend=single",
-            ],
+            train_cmd(gpt2_base, ckpt, "parallel.backend=single"),
             env=env,
             capture_output=True,
             text=True,

@@ -15,9 +15,7 @@ from dist_lora.config import TrainConfig
 from dist_lora.data import TokenBlocks
 from dist_lora.demo import corpus_path
 from dist_lora.train import lr_at
-from tests.dist_utils import ROOT, failure_report, launch_env, torchrun
-
-TINY = ROOT / "configs" / "tiny.yaml"
+from tests.dist_utils import TINY, failure_report, launch_env, torchrun, train_cmd
 
 
 def overrides(base: Path, ckpt: Path, metrics: Path, *extra: str) -> list[str]:
@@ -111,16 +109,7 @@ def test_stop_on_deepspeed_resume_on_fsdp_matches_uninterrupted(gpt2_base, tmp_p
     outcome="exit 2, one error naming the problem, nothing written",
 )
 def test_config_errors_stop_before_any_step(gpt2_base, tmp_path):
-    base = [
-        sys.executable,
-        "-m",
-        "dist_lora",
-        "train",
-        str(TINY),
-        f"model.name_or_path={gpt2_base}",
-        f"data.path={corpus_path()}",
-        f"checkpoint.dir={tmp_path}",
-    ]
+    base = train_cmd(gpt2_base, tmp_path)
     out = subprocess.run(
         [*base, "train.global_batch_size=3", "train.micro_batch_size=2"],
         env=launch_env(),

@@ -8,7 +8,7 @@ pieces to rank 0 in buckets, and on load each backend cuts its own range out of 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +35,53 @@ class LocalPiece:
     @property
     def numel(self) -> int:
         return next(iter(self.fields.values())).numel() if self.fields else 0
+
+
+class Staging:
+    """A reusable CPU buffer that copies many tensors in one operation (pinned when they live on a GPU).
+
+    An asynchronous save copies this rank's adapter shard and Adam state here, then gathers from the copy in the
+    background. The buffer is reused, so a copy is valid until the next one: the checkpointer copies again only
+    after the previous save has finished reading (and it never pays for a fresh pinned allocation per save).
+    """
+
+    def __init__(self) -> None:
+        self._buffer: torch.Tensor | None = None
+        self._ready: Any = None  # a CUDA event on the training stream, recorded by mark()
+        self._stream: Any = None
+
+    def mark(self) -> None:
+        """Record where the training stream is (on a GPU), so that a copy made from another thread sees it."""
+        self._ready = None
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+
+    def copy(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """fp32 1-D copies of ``tensors``, in order (views into the buffer)."""
+        if not tensors:
+            return []
+        sizes = [t.numel() for t in tensors]
+        total = sum(sizes)
+        on_gpu = any(t.is_cuda for t in tensors)
+        buffer = self._buffer
+        if buffer is None or buffer.numel() < total or (on_gpu and not buffer.is_pinned()):
+            buffer = self._buffer = torch.empty(total, dtype=torch.float32, pin_memory=on_gpu)
+        out = buffer[:total]
+        with torch.no_grad():
+            flat = [t.detach().reshape(-1) for t in tensors]
+            if on_gpu:  # on a side stream after the marked point: one kernel, one copy into pinned memory
+                device = next(t.device for t in flat if t.is_cuda)  # this thread's current device may differ
+                if self._stream is None or self._stream.device != device:
+                    self._stream = torch.cuda.Stream(device=device)
+                with torch.cuda.device(device), torch.cuda.stream(self._stream):
+                    if self._ready is not None:
+                        self._stream.wait_event(self._ready)
+                    out.copy_(torch.cat([t.to(torch.float32) for t in flat]), non_blocking=True)
+                self._stream.synchronize()
+            else:
+                torch.cat(flat, out=out)
+        return list(out.split(sizes))
 
 
 class Backend(ABC):
@@ -98,6 +145,17 @@ class Backend(ABC):
     @abstractmethod
     def local_pieces(self) -> list[LocalPiece]:
         """This rank's piece of every adapter tensor, in adapter order (empty pieces included)."""
+
+    def snapshot(self, staging: Staging) -> list[LocalPiece]:
+        """This rank's pieces, copied into ``staging``: a copy later optimizer steps cannot change.
+
+        Not a collective. An asynchronous save calls it on its background thread while training runs the next
+        forward and backward (the checkpointer holds the next optimizer step back until it returns). Backends
+        whose state lives in a few flat tensors override it to copy those wholesale.
+        """
+        pieces = self.local_pieces()
+        copies = iter(staging.copy([t for p in pieces for t in p.fields.values()]))
+        return [LocalPiece(p.key, p.shape, p.offset, {n: next(copies) for n in p.fields}, p.step) for p in pieces]
 
     @abstractmethod
     def load_full(self, p: nn.Parameter, full: dict[str, torch.Tensor], step: float | None) -> None:

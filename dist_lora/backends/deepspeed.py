@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dist_lora.backends.base import Backend, LocalPiece
+from dist_lora.backends.base import Backend, LocalPiece, Staging
 from dist_lora.constants import OPTIM_TENSOR_FIELDS, WEIGHT_FIELD
 
 
@@ -170,23 +170,35 @@ class DeepSpeedBackend(Backend):
 
     # ------------------------------------------------------------------------------------------ save
 
-    def local_pieces(self) -> list[LocalPiece]:
-        flats = self._flat_groups()
+    def _pieces(self, groups: list[dict[str, torch.Tensor]], steps: list[float | None]) -> list[LocalPiece]:
+        """Cut every adapter tensor's range out of per-group flat tensors (``groups[g][field]``)."""
         pieces = []
         params: dict[str, Any] = self.adapter()
         for key, p in params.items():
             g = self._group_of(p)
             offset, numel, dest = self._range(p)
-            fields = {WEIGHT_FIELD: flats[g].narrow(0, dest, numel).detach().float()}
-            state = self._state(g)
-            step = None
-            if state:
-                for name in OPTIM_TENSOR_FIELDS:
-                    fields[name] = state[name].narrow(0, dest, numel).detach().float()
-                step = float(state["step"])
+            fields = {name: flat.narrow(0, dest, numel).detach().float() for name, flat in groups[g].items()}
             shape = torch.Size(p.ds_shape) if self.stage == 3 else p.shape
-            pieces.append(LocalPiece(key, shape, offset, fields, step))
+            pieces.append(LocalPiece(key, shape, offset, fields, steps[g]))
         return pieces
+
+    def _flat_state(self) -> tuple[list[dict[str, torch.Tensor]], list[float | None]]:
+        """Each flat group's fp32 master and Adam moments by field, and its Adam step (None before the first)."""
+        groups, steps = [], []
+        for flat in self._flat_groups():
+            state = self._inner.state.get(flat, {})
+            groups.append({WEIGHT_FIELD: flat, **({n: state[n] for n in OPTIM_TENSOR_FIELDS} if state else {})})
+            steps.append(float(state["step"]) if state else None)
+        return groups, steps
+
+    def local_pieces(self) -> list[LocalPiece]:
+        return self._pieces(*self._flat_state())
+
+    def snapshot(self, staging: Staging) -> list[LocalPiece]:
+        # The flat groups hold only trainable tensors (the adapter): copy them whole, then cut per tensor.
+        groups, steps = self._flat_state()
+        copies = iter(staging.copy([t for fields in groups for t in fields.values()]))
+        return self._pieces([{name: next(copies) for name in fields} for fields in groups], steps)
 
     # ------------------------------------------------------------------------------------------ load
 

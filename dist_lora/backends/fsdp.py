@@ -13,8 +13,8 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-from dist_lora.backends.base import Backend, LocalPiece, load_torch_optim_state, torch_optim_fields
-from dist_lora.constants import WEIGHT_FIELD
+from dist_lora.backends.base import Backend, LocalPiece, Staging, load_torch_optim_state
+from dist_lora.constants import OPTIM_TENSOR_FIELDS, WEIGHT_FIELD
 from dist_lora.lora import unwrap
 
 
@@ -57,24 +57,47 @@ class FSDPBackend(Backend):
         chunk = math.ceil(p.shape[0] / p.device_mesh.size())
         return min(chunk * p.device_mesh.get_local_rank(), p.shape[0])
 
+    def _offset(self, key: str, p: Any) -> int:
+        """Where this rank's rows start in the flattened tensor (fixed once sharded, so computed once)."""
+        if not isinstance(p, DTensor):  # a parameter left unsharded: replicated, rank 0 owns it
+            return 0
+        offsets = self.__dict__.setdefault("_offsets", {})
+        if key not in offsets:
+            offsets[key] = self._row_offset(p) * math.prod(p.shape[1:])
+        return int(offsets[key])
+
+    def _sources(self) -> list[tuple[str, Any, dict[str, torch.Tensor], float | None]]:
+        """(key, parameter, this rank's tensors by field, Adam's step or None) for every adapter tensor."""
+        out = []
+        with torch.no_grad():  # to_local outside autograd is a cheap attribute read
+            for key, p in self.adapter().items():
+                fields = {WEIGHT_FIELD: p.to_local() if isinstance(p, DTensor) else p.detach()}
+                state = self.optimizer.state.get(p) if self.optimizer is not None else None
+                step = None
+                if state:
+                    for name in OPTIM_TENSOR_FIELDS:
+                        if name in state:
+                            t = state[name]
+                            fields[name] = t.to_local() if isinstance(t, DTensor) else t
+                    step = float(state.get("step", 0.0))
+                if not isinstance(p, DTensor) and self.rank != 0:
+                    fields = {name: t.reshape(-1)[:0] for name, t in fields.items()}
+                out.append((key, p, fields, step))
+        return out
+
     def local_pieces(self) -> list[LocalPiece]:
-        pieces = []
-        params: dict[str, Any] = self.adapter()
-        for key, p in params.items():
-            if not isinstance(p, DTensor):  # a parameter left unsharded: replicated, rank 0 owns it
-                local, offset = (p.detach().reshape(-1) if self.rank == 0 else p.detach().reshape(-1)[:0]), 0
-            else:
-                local = p.to_local().detach().reshape(-1)
-                offsets = self.__dict__.setdefault("_offsets", {})  # fixed once sharded
-                if key not in offsets:
-                    offsets[key] = self._row_offset(p) * math.prod(p.shape[1:])
-                offset = offsets[key]
-            optim, step = torch_optim_fields(self.optimizer, p)
-            if not isinstance(p, DTensor) and self.rank != 0:
-                optim = {k: v[:0] for k, v in optim.items()}
-            fields = {WEIGHT_FIELD: local.float(), **optim}
-            pieces.append(LocalPiece(key, p.shape, offset, fields, step))
-        return pieces
+        return [
+            LocalPiece(key, p.shape, self._offset(key, p), {n: t.reshape(-1).float() for n, t in f.items()}, step)
+            for key, p, f, step in self._sources()
+        ]
+
+    def snapshot(self, staging: Staging) -> list[LocalPiece]:
+        sources = self._sources()
+        copies = iter(staging.copy([t for _, _, fields, _ in sources for t in fields.values()]))
+        return [
+            LocalPiece(key, p.shape, self._offset(key, p), {n: next(copies) for n in fields}, step)
+            for key, p, fields, step in sources
+        ]
 
     def load_full(self, p: Any, full: dict[str, torch.Tensor], step: float | None) -> None:
         def shard(t: torch.Tensor) -> torch.Tensor:

@@ -2,13 +2,16 @@
 
 argv[1] is JSON: {"config": {...}, "out": dir, "resume": url|null, "phases": ["train:3", "save_traced", ...]}.
 Phases: train:N (N optimizer steps), save, save_traced (save while recording every collective, and dump this
-rank's local pieces), logits (rank 0 writes the logits of a fixed batch). Rank 0 writes out/losses.json.
+rank's local pieces), save_then_step (dump this rank's local pieces, save with a snapshot slowed by 0.5 s, take a
+training step at once, record how long its optimizer step waited), logits (rank 0 writes the logits of a fixed
+batch). Rank 0 writes out/losses.json.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -63,6 +66,15 @@ def traced(record: list):
     return originals
 
 
+def dump_pieces(trainer: Trainer, path: Path) -> None:
+    """This rank's live pieces (weights and Adam moments), named key::field::offset."""
+    pieces = {}
+    for p in trainer.backend.local_pieces():
+        for field, t in p.fields.items():
+            pieces[f"{p.key}::{field}::{p.offset}"] = t.detach().cpu().clone().contiguous()
+    save_file(pieces, str(path))
+
+
 def main() -> None:
     args = json.loads(sys.argv[1])
     out = Path(args["out"])
@@ -88,12 +100,28 @@ def main() -> None:
             finally:
                 for name, fn in originals.items():
                     setattr(dist, name, fn)
-            pieces = {}
-            for p in trainer.backend.local_pieces():
-                for field, t in p.fields.items():
-                    pieces[f"{p.key}::{field}::{p.offset}"] = t.detach().cpu().contiguous()
-            save_file(pieces, str(out / f"pieces-rank{rank}.safetensors"))
+            dump_pieces(trainer, out / f"pieces-rank{rank}.safetensors")
             (out / f"comm-rank{rank}.json").write_text(json.dumps(record))
+        elif phase == "save_then_step":
+            dump_pieces(trainer, out / f"pieces-rank{rank}.safetensors")  # the state the step must hold
+            cls = type(trainer.backend)
+            original = cls.snapshot
+
+            def slow_snapshot(self, staging, _original=original):
+                time.sleep(0.5)
+                return _original(self, staging)
+
+            cls.snapshot = slow_snapshot
+            try:
+                trainer.save()
+                loss = trainer.train_step()  # its optimizer step must wait for the snapshot
+                losses[trainer.step] = loss
+            finally:
+                cls.snapshot = original
+            stats = trainer.checkpointer.history[-1]
+            (out / f"wait-rank{rank}.json").write_text(
+                json.dumps({"save_s": stats.save_s, "wait_s": stats.snapshot_wait_s})
+            )
         elif phase == "logits":
             vocab = trainer.data.blocks.max().item() + 1
             x = (torch.arange(2 * 16).view(2, 16) * 7 % vocab).to(trainer.device)
