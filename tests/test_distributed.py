@@ -108,6 +108,19 @@ def assemble(out: Path, world: int) -> tuple[dict[str, dict[str, torch.Tensor]],
     return full, rank_bytes
 
 
+def assert_step_3_holds_the_dumped_pieces(out: Path, world: int) -> dict[int, int]:
+    """Step 3's adapter and Adam state equal, bit for bit, the pieces the ranks dumped; returns each rank's bytes."""
+    weights, optim = load_step(out / "ckpt" / step_name(3))
+    full, rank_bytes = assemble(out, world)
+    assert set(full) == set(weights)
+    for key, fields in full.items():
+        assert torch.equal(fields["weight"].view_as(weights[key]), weights[key]), key
+        for f in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(fields[f].view_as(weights[key]), optim[f"{key}.{f}"]), (key, f)
+        assert float(optim[f"{key}.step"]) == 3.0
+    return rank_bytes
+
+
 GATHER_CASES = [
     ("ddp", 1),
     ("ddp", 2),
@@ -127,16 +140,10 @@ GATHER_CASES = [
 @pytest.mark.parametrize(("kind", "world"), GATHER_CASES, ids=[f"{k}-w{w}" for k, w in GATHER_CASES])
 def test_gather_is_bit_exact_moves_only_the_adapter_and_matches_unsharded(kind, world, gpt2_base, workdir):
     out = source(kind, world, gpt2_base, workdir)
-    weights, optim = load_step(out / "ckpt" / step_name(3))
+    weights, _ = load_step(out / "ckpt" / step_name(3))
 
     # 1. the gathered adapter equals, bit for bit, what the ranks hold
-    full, rank_bytes = assemble(out, world)
-    assert set(full) == set(weights)
-    for key, fields in full.items():
-        assert torch.equal(fields["weight"].view_as(weights[key]), weights[key]), key
-        for f in ("exp_avg", "exp_avg_sq"):
-            assert torch.equal(fields[f].view_as(weights[key]), optim[f"{key}.{f}"]), (key, f)
-        assert float(optim[f"{key}.step"]) == 3.0
+    rank_bytes = assert_step_3_holds_the_dumped_pieces(out, world)
 
     # 2. only adapter bytes move: every collective's tensor fits in a bucket (no base tensor is ever sent), and the
     #    bytes the other ranks send equal the adapter + Adam state they hold, within bucket padding
@@ -179,14 +186,7 @@ def test_an_optimizer_step_right_after_an_async_save_waits_for_the_snapshot(kind
             "phases": ["train:3", "save_then_step"],
         },
     )
-    weights, optim = load_step(out / "ckpt" / step_name(3))
-    full, _ = assemble(out, 2)
-    assert set(full) == set(weights)
-    for key, fields in full.items():
-        assert torch.equal(fields["weight"].view_as(weights[key]), weights[key]), key
-        for f in ("exp_avg", "exp_avg_sq"):
-            assert torch.equal(fields[f].view_as(weights[key]), optim[f"{key}.{f}"]), (key, f)
-        assert float(optim[f"{key}.step"]) == 3.0
+    assert_step_3_holds_the_dumped_pieces(out, 2)
     for r in range(2):
         timing = json.loads((out / f"wait-rank{r}.json").read_text())
         assert timing["save_s"] < 0.25, timing  # save() itself did not take the snapshot
