@@ -74,7 +74,9 @@ def save_checkpoint(
     if backend is None:
         backend = attach(model, optimizer, infer_bias_mode(model))
     checkpointer = Checkpointer(dir, keep_last=keep_last, storage_options=storage_options, bucket_mb=bucket_mb)
-    return checkpointer.save(backend, step=step, trainer_state=trainer_state)
+    url = checkpointer.save(backend, step=step, trainer_state=trainer_state)
+    assert url is not None  # on_error="raise": a failure raised above
+    return url
 
 
 def _check_step_fits(loaded: LoadedStep, backend: Backend, with_optimizer: bool) -> dict[str, Any]:

@@ -43,22 +43,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def under_policy(
-    on_error: str, what: str, fn: Callable[[], T], on_failure: Callable[[BaseException], None] | None = None
-) -> T | None:
-    """Run a save collective under ``on_error``: "raise" lets a failed save stop training; "warn" logs it (and
-    calls ``on_failure``) and returns None. A failure reaches every rank alike, so every rank goes the same way."""
-    try:
-        return fn()
-    except (CheckpointError, StorageError) as e:  # LeaseError is a CheckpointError
-        if on_error == "raise":
-            raise
-        log.error("%s failed; training goes on (on_error=warn): %s: %s", what, type(e).__name__, e)
-        if on_failure is not None:
-            on_failure(e)
-        return None
-
-
 def _rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
@@ -96,13 +80,23 @@ class Checkpointer:
         bucket_mb: float = 32.0,
         async_save: bool = False,
         retry: RetryPolicy | None = None,
+        on_error: str = "raise",
+        on_failure: Callable[[BaseException], None] | None = None,
     ):
+        """``on_error``: what a failed save (after its retries) does. "raise": :meth:`save` or :meth:`wait` raises
+        it on every rank. "warn": it is logged, counted in ``failures`` and passed to ``on_failure``; training
+        goes on and the next save still runs."""
+        if on_error not in ("raise", "warn"):
+            raise ValueError(f"on_error must be raise or warn (got {on_error!r})")
         self.dir = dir
         self.keep_last = keep_last
         self.storage_options = storage_options
         self.bucket_bytes = int(bucket_mb * 2**20)
         self.async_save = async_save
         self.retry = retry
+        self.on_error = on_error
+        self.on_failure = on_failure
+        self.failures = 0
         self.history: list[SaveStats] = []
         self._storage: Storage | None = None
         self._executor: ThreadPoolExecutor | None = None  # one long-lived worker: no thread start per save
@@ -147,8 +141,9 @@ class Checkpointer:
             self.lease.release()
             self.lease = None
 
-    def save(self, backend: Backend, *, step: int, trainer_state: dict[str, Any] | None = None) -> str:
-        """Collective: snapshot the adapter at ``step`` and commit it (now, or in the background). Returns its URL.
+    def save(self, backend: Backend, *, step: int, trainer_state: dict[str, Any] | None = None) -> str | None:
+        """Collective: snapshot the adapter at ``step`` and commit it (now, or in the background). Returns its URL
+        (None when it failed under ``on_error="warn"``).
 
         Asynchronous: returns at once. A background thread copies this rank's shard of the adapter and its Adam
         state (the snapshot), then gathers and writes. Until the snapshot is taken, any ``torch.optim`` optimizer
@@ -156,8 +151,18 @@ class Checkpointer:
         step saved is exactly the state at this call. Change adapter weights outside an optimizer step only after
         :meth:`wait_snapshot`.
 
-        Raises here, on every rank, if the previous background save failed.
+        Raises here, on every rank, if the previous background save failed (``on_error="warn"``: reports it, and
+        this save still runs).
         """
+        if self.on_error == "warn":
+            self.wait()  # an earlier background failure is reported, and does not stop this save
+        return self._under_policy(f"saving step {step}", lambda: self._save(backend, step, trainer_state))
+
+    def wait(self) -> None:
+        """Collective: wait for a background save; raise on every rank if it failed (``on_error="raise"``)."""
+        self._under_policy("a background save", self._settle)
+
+    def _save(self, backend: Backend, step: int, trainer_state: dict[str, Any] | None) -> str:
         t0 = time.perf_counter()
         stats = SaveStats(step=step)
         self.history.append(stats)
@@ -186,10 +191,6 @@ class Checkpointer:
         )
         return self.storage.url_of(step_name(step)) if _rank() == 0 else f"{self.dir.rstrip('/')}/{step_name(step)}"
 
-    def wait(self) -> None:
-        """Collective: wait for a background save; raise on every rank if it failed."""
-        self._settle()
-
     def wait_snapshot(self) -> float:
         """Not a collective: block until the pending save's snapshot is taken; returns the seconds waited."""
         event = self._snapshotted
@@ -210,6 +211,19 @@ class Checkpointer:
             self._guard = None
 
     # ------------------------------------------------------------------------------------------ internals
+
+    def _under_policy(self, what: str, fn: Callable[[], T]) -> T | None:
+        """``fn()`` under ``on_error``. A failure reaches every rank alike, so every rank goes the same way."""
+        try:
+            return fn()
+        except (CheckpointError, StorageError) as e:  # LeaseError is a CheckpointError
+            if self.on_error == "raise":
+                raise
+            self.failures += 1
+            log.error("%s failed; training goes on (on_error=warn): %s: %s", what, type(e).__name__, e)
+            if self.on_failure is not None:
+                self.on_failure(e)
+            return None
 
     def _meta(self, backend: Backend, step: int, trainer_state: dict[str, Any] | None) -> StepMeta:
         """What the step's JSON files say besides the tensors (rank 0; the model-derived part computed once)."""

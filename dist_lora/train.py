@@ -5,14 +5,13 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch
 
 from dist_lora import backends
 from dist_lora.api import find_resume_step, load_checkpoint
-from dist_lora.checkpointer import Checkpointer, under_policy
+from dist_lora.checkpointer import Checkpointer
 from dist_lora.config import ConfigError, RunConfig, TrainConfig, config_to_dict
 from dist_lora.data import TokenBlocks
 from dist_lora.distributed import init_distributed, shutdown, step_consensus
@@ -83,9 +82,10 @@ class Trainer:
             bucket_mb=ck.bucket_mb,
             async_save=ck.async_save,
             retry=RetryPolicy(ck.retry_attempts, ck.retry_backoff_s, ck.retry_max_backoff_s, ck.io_timeout_s),
+            on_error=ck.on_error,
+            on_failure=self._save_failed,
         )
         self.checkpointer.take_lease(ck.run_id, ck.lease_ttl_s)  # before any work: one writer per dir
-        self.save_failures = 0
         tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path)
         self.data = TokenBlocks(cfg.data.path, tokenizer, cfg.data.seq_len)
         torch.manual_seed(t.seed)  # LoRA init is the same on every rank and at every world size
@@ -189,25 +189,21 @@ class Trainer:
             },
             "config": config_to_dict(self.cfg),
         }
-        if self.cfg.checkpoint.on_error == "warn":
-            self._guard("an earlier save", self.checkpointer.wait)
-        url = self._guard(
-            f"saving step {self.step}",
-            lambda: self.checkpointer.save(self.backend, step=self.step, trainer_state=trainer_state),
-        )
+        url = self.checkpointer.save(self.backend, step=self.step, trainer_state=trainer_state)
         self.last_saved = self.step
         return url
 
     def close(self) -> None:
-        """Collective: wait for a background save to commit (raises on every rank if it failed)."""
-        self._guard("the last save", self.checkpointer.wait)
+        """Collective: wait for a background save to commit (a failure: raised on every rank, or reported)."""
+        self.checkpointer.wait()
 
-    def _guard(self, what: str, fn: Callable[[], T]) -> T | None:
-        def failed(e: BaseException) -> None:
-            self.save_failures += 1
-            self.metrics_log.event("save_failed", step=self.step, error=f"{type(e).__name__}: {e}")
+    @property
+    def save_failures(self) -> int:
+        """Saves that failed under ``checkpoint.on_error: warn``."""
+        return self.checkpointer.failures
 
-        return under_policy(self.cfg.checkpoint.on_error, what, fn, failed)
+    def _save_failed(self, e: BaseException) -> None:
+        self.metrics_log.event("save_failed", step=self.step, error=f"{type(e).__name__}: {e}")
 
     def fit(self) -> list[dict[str, Any]]:
         """Train to ``stop_at_step`` (or ``max_steps``), saving every ``every_steps`` and at the end.

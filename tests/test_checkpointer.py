@@ -138,3 +138,21 @@ def test_wait_snapshot_before_changing_weights_outside_an_optimizer(backend, tmp
     got = load_file(str(tmp_path / step_name(1) / "adapter_model.safetensors"))
     for k in want:
         assert torch.equal(got[k], want[k])
+
+
+def test_on_error_warn_reports_a_failed_save_and_the_next_one_still_runs(backend, tmp_path, monkeypatch):
+    slow_writes(monkeypatch, 0.0, fail_on=MANIFEST_NAME)
+    seen = []
+    ck = Checkpointer(str(tmp_path), async_save=True, on_error="warn", on_failure=seen.append)
+    ck.save(backend, step=1)  # fails in the background
+    ck.close()  # let it fail before the store works again
+    monkeypatch.undo()
+    assert ck.save(backend, step=2) == str(tmp_path / step_name(2))  # reports step 1's failure, then saves
+    ck.wait()
+    assert ck.failures == 1 and len(seen) == 1 and isinstance(seen[0], StorageError)
+    assert [(s.name, s.status) for s in list_steps(Storage(str(tmp_path)))] == [
+        (step_name(1), "incomplete"),
+        (step_name(2), "committed"),
+    ]
+    with pytest.raises(ValueError, match="on_error must be raise or warn"):
+        Checkpointer(str(tmp_path), on_error="ignore")

@@ -25,7 +25,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from dist_lora.api import find_resume_step, load_checkpoint
 from dist_lora.backends import Backend, attach
 from dist_lora.checkpoint import CheckpointError
-from dist_lora.checkpointer import Checkpointer, under_policy
+from dist_lora.checkpointer import Checkpointer
 from dist_lora.lora import infer_bias_mode
 from dist_lora.storage import RetryPolicy
 
@@ -92,8 +92,6 @@ class DistLoraCallback(TrainerCallback):
         run_id: str | None = None,
         lease_ttl_s: float = 600.0,
     ):
-        if on_error not in ("raise", "warn"):
-            raise ValueError(f"on_error must be raise or warn (got {on_error!r})")
         if every_steps is not None and every_steps < 1:
             raise ValueError(f"every_steps must be at least 1 or None (got {every_steps})")
         if keep_last is not None and keep_last < 1:
@@ -110,11 +108,10 @@ class DistLoraCallback(TrainerCallback):
             bucket_mb=bucket_mb,
             async_save=async_save,
             retry=retry,
+            on_error=on_error,
         )
-        self.on_error = on_error
         self.run_id = run_id
         self.lease_ttl_s = lease_ttl_s
-        self.save_failures = 0
         self.resumed_from: str | None = None
         self.last_saved: int | None = None
         self._skip: tuple[int, int] | None = None  # (epochs to skip, batches to skip in the next epoch)
@@ -194,7 +191,7 @@ class DistLoraCallback(TrainerCallback):
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        self._guard("the last save", self.checkpointer.wait)  # it commits (or fails) before train() returns
+        self.checkpointer.wait()  # it commits (or fails) before train() returns
         self.checkpointer.release_lease()
 
     # ------------------------------------------------------------------------------------------ internals
@@ -225,20 +222,14 @@ class DistLoraCallback(TrainerCallback):
                 "num_input_tokens_seen": state.num_input_tokens_seen,
             },
         }
-        if self.on_error == "warn":
-            self._guard("an earlier save", self.checkpointer.wait)
-        url = self._guard(
-            f"saving step {state.global_step}",
-            lambda: self.checkpointer.save(backend, step=state.global_step, trainer_state=trainer_state),
-        )
+        url = self.checkpointer.save(backend, step=state.global_step, trainer_state=trainer_state)
         self.last_saved = state.global_step
         return url
 
-    def _guard(self, what: str, fn: Any) -> Any:
-        def failed(_: BaseException) -> None:
-            self.save_failures += 1
-
-        return under_policy(self.on_error, what, fn, failed)
+    @property
+    def save_failures(self) -> int:
+        """Saves that failed under ``on_error="warn"``."""
+        return self.checkpointer.failures
 
     def _restore_trainer(
         self,
