@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 
@@ -21,7 +21,6 @@ from dist_lora.preempt import StopRequest
 from dist_lora.storage import RetryPolicy
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -179,11 +179,12 @@ def torch_optim_fields(
     if not state:
         return {}, None
     out = {}
-    for name in OPTIM_TENSOR_FIELDS:
-        t = state.get(name)
-        if t is not None:
-            t = t.to_local() if hasattr(t, "to_local") else t
-            out[name] = t.detach().reshape(-1).float()
+    with torch.no_grad():  # DTensor.to_local outside autograd is a cheap attribute read
+        for name in OPTIM_TENSOR_FIELDS:
+            t = state.get(name)
+            if t is not None:
+                t = t.to_local() if hasattr(t, "to_local") else t
+                out[name] = t.detach().reshape(-1).float()
     step = state.get("step")
     return out, float(step) if step is not None else 0.0
 

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-from dist_lora.backends.base import Backend, LocalPiece, Staging, load_torch_optim_state
-from dist_lora.constants import OPTIM_TENSOR_FIELDS, WEIGHT_FIELD
+from dist_lora.backends.base import Backend, LocalPiece, Staging, load_torch_optim_state, torch_optim_fields
+from dist_lora.constants import WEIGHT_FIELD
 from dist_lora.lora import unwrap
 
 
@@ -72,14 +72,8 @@ class FSDPBackend(Backend):
         with torch.no_grad():  # to_local outside autograd is a cheap attribute read
             for key, p in self.adapter().items():
                 fields = {WEIGHT_FIELD: p.to_local() if isinstance(p, DTensor) else p.detach()}
-                state = self.optimizer.state.get(p) if self.optimizer is not None else None
-                step = None
-                if state:
-                    for name in OPTIM_TENSOR_FIELDS:
-                        if name in state:
-                            t = state[name]
-                            fields[name] = t.to_local() if isinstance(t, DTensor) else t
-                    step = float(state.get("step", 0.0))
+                optim, step = torch_optim_fields(self.optimizer, p)
+                fields.update(optim)
                 if not isinstance(p, DTensor) and self.rank != 0:
                     fields = {name: t.reshape(-1)[:0] for name, t in fields.items()}
                 out.append((key, p, fields, step))
