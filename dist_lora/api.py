@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dist_lora.agree import on_rank0
 from dist_lora.backends import Backend, attach
 from dist_lora.checkpoint import (
     CheckpointError,
@@ -20,12 +21,14 @@ from dist_lora.checkpoint import (
     is_step_url,
     newest_verified_step,
     read_manifest,
+    read_newest_step,
     read_step,
     read_verified,
 )
 from dist_lora.checkpointer import Checkpointer
 from dist_lora.constants import ADAPTER_CONFIG_NAME, OPTIM_TENSOR_FIELDS, WEIGHT_FIELD
-from dist_lora.gather import broadcast_adapter, broadcast_json
+from dist_lora.faults import failpoint
+from dist_lora.gather import broadcast_adapter
 from dist_lora.lora import (
     AdapterError,
     adapter_parameters,
@@ -36,21 +39,9 @@ from dist_lora.lora import (
     infer_bias_mode,
     mark_only_lora_as_trainable,
 )
-from dist_lora.storage import Storage
+from dist_lora.storage import RetryPolicy, Storage
 
 log = logging.getLogger(__name__)
-
-
-def _rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
-
-def _raise_everywhere(result: dict[str, Any], local_error: BaseException | None) -> None:
-    if result.get("ok"):
-        return
-    if local_error is not None:
-        raise local_error
-    raise CheckpointError(f"rank 0 failed: {result.get('error')}")
 
 
 def save_checkpoint(
@@ -125,7 +116,6 @@ def _check_step_fits(loaded: LoadedStep, backend: Backend, with_optimizer: bool)
             steps[k] = float(entry["step"])
         fields += list(OPTIM_TENSOR_FIELDS)
     return {
-        "ok": True,
         "url": loaded.url,
         "bias": bias,
         "keys": list(expected),
@@ -136,9 +126,9 @@ def _check_step_fits(loaded: LoadedStep, backend: Backend, with_optimizer: bool)
     }
 
 
-def resolve_step(path: str, storage_options: dict[str, Any] | None = None) -> Storage:
+def resolve_step(path: str, storage_options: dict[str, Any] | None = None, retry: RetryPolicy | None = None) -> Storage:
     """A step URL as given, or the newest committed and verified step of a checkpoint dir."""
-    storage = Storage(path, storage_options)
+    storage = Storage(path, storage_options, retry)
     if is_step_url(storage):
         return storage
     step = newest_verified_step(storage)
@@ -147,24 +137,12 @@ def resolve_step(path: str, storage_options: dict[str, Any] | None = None) -> St
     return step
 
 
-def find_resume_step(resume: str | None, dir: str, storage_options: dict[str, Any] | None = None) -> str | None:
-    """Collective: the step to resume from. ``resume``: "none" (None), "auto" (the newest committed and verified
-    step in ``dir``, None if there is none) or one step's URL. A lookup error is raised on every rank."""
-    if resume in (None, "", "none"):
-        return None
-    if resume != "auto":
-        return resume
-    found: dict[str, Any] = {"url": None}
-    if _rank() == 0:
-        try:
-            step = newest_verified_step(Storage(dir, storage_options))
-            found["url"] = step.url if step is not None else None
-        except Exception as e:  # reported on every rank, not left to hang the others
-            found["error"] = f"{type(e).__name__}: {e}"
-    found = broadcast_json(found)
-    if found.get("error"):
-        raise CheckpointError(f"cannot look for a step to resume in {dir}: {found['error']}")
-    return found["url"]
+def _read(path: str, storage_options: dict[str, Any] | None, retry: RetryPolicy | None) -> LoadedStep | None:
+    """Rank 0: one step as given, or a checkpoint dir's newest step that verifies (each file read and hashed once;
+    None when the dir has none)."""
+    failpoint("load.read")
+    storage = Storage(path, storage_options, retry)
+    return read_step(storage) if is_step_url(storage) else read_newest_step(storage)
 
 
 def load_checkpoint(
@@ -175,34 +153,69 @@ def load_checkpoint(
     storage_options: dict[str, Any] | None = None,
     bucket_mb: float = 32.0,
     backend: Backend | None = None,
-) -> dict[str, Any]:
+    retry: RetryPolicy | None = None,
+    missing_ok: bool = False,
+) -> dict[str, Any] | None:
     """Load a step (or a checkpoint dir's newest verified step) into the model, and the optimizer if given.
 
     Collective: every rank must call. Rank 0 reads the step, checks every sha256, the base fingerprint, the bias
     mode and every key and shape (strictly: nothing missing, nothing extra); then the tensors are broadcast in
-    buckets and each rank keeps its shard. Returns the trainer state, plus ``checkpoint_url``.
+    buckets of ``bucket_mb`` and each rank keeps its shard. Any failure on rank 0 is raised on every rank (same
+    class, same message). Returns the trainer state, plus ``checkpoint_url``; ``missing_ok``: None when ``path``
+    is a checkpoint dir without any verified step.
     """
     with_optimizer = optimizer is not None
     if backend is None:
         backend = attach(model, optimizer, infer_bias_mode(model))
     loaded: LoadedStep | None = None
-    error: BaseException | None = None
-    header: dict[str, Any] = {"ok": False}
-    if _rank() == 0:
-        try:
-            loaded = read_step(resolve_step(path, storage_options))
-            header = _check_step_fits(loaded, backend, with_optimizer)
-        except Exception as e:
-            error = e
-            header = {"ok": False, "error": f"{type(e).__name__}: {e}"}
-    header = broadcast_json(header)
-    _raise_everywhere(header, error)
+
+    def read_and_check() -> dict[str, Any] | None:
+        nonlocal loaded
+        loaded = _read(path, storage_options, retry)
+        if loaded is None:
+            if missing_ok:
+                return None
+            raise CheckpointError(f"no committed, verified step under {path}")
+        return _check_step_fits(loaded, backend, with_optimizer)
+
+    header = on_rank0(read_and_check, share=True)
+    if header is None:
+        return None
     backend.bias = header["bias"]
     backend.prepare_load(with_optimizer)
-    broadcast_adapter(backend, loaded.state if loaded else None, header)
+    broadcast_adapter(backend, loaded.state if loaded else None, header, bucket_bytes=int(bucket_mb * 2**20))
     backend.finish_load()
     log.info("loaded %s", header["url"])
     return {**header["trainer_state"], "checkpoint_url": header["url"]}
+
+
+def resume_checkpoint(
+    model: nn.Module,
+    resume: str | None,
+    dir: str,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    storage_options: dict[str, Any] | None = None,
+    bucket_mb: float = 32.0,
+    backend: Backend | None = None,
+    retry: RetryPolicy | None = None,
+) -> dict[str, Any] | None:
+    """Collective: resume as ``checkpoint.resume`` says. "none" (or None): nothing, returns None; "auto": the
+    newest committed step of ``dir`` that verifies (None if there is none; newer broken ones are skipped with a
+    warning); else one step's URL. Returns :func:`load_checkpoint`'s trainer state."""
+    if resume in (None, "", "none"):
+        return None
+    auto = resume == "auto"
+    return load_checkpoint(
+        model,
+        dir if auto else str(resume),
+        optimizer=optimizer,
+        storage_options=storage_options,
+        bucket_mb=bucket_mb,
+        backend=backend,
+        retry=retry,
+        missing_ok=auto,
+    )
 
 
 def load_model(

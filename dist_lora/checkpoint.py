@@ -154,15 +154,13 @@ def write_step(storage: Storage, files: dict[str, bytes], step: int, keep_last: 
     """Write a serialized step and commit it; returns the step's URL.
 
     Data files first, each atomically; the manifest last, exclusively (a committed step is never overwritten);
-    then the ``latest`` hint, then retention. Rank 0 only.
+    then the ``latest`` hint, then retention (their failure is a warning: the step is committed by then). What an
+    earlier, uncommitted attempt left under the step's name is moved aside first. Rank 0 only.
     """
     name = step_name(step)
     step_store = storage.child(name)
-    if step_store.exists(MANIFEST_NAME):
-        raise CheckpointError(
-            f"{step_store.url_of(MANIFEST_NAME)} already exists: step {step} is committed and will not be "
-            "overwritten; resume from it or save to another checkpoint.dir"
-        )
+    if step_store.listdir():
+        _set_aside_unless_committed(storage, name)
     for fname, data in files.items():
         if fname != MANIFEST_NAME:
             failpoint(f"write.before:{fname}")
@@ -172,11 +170,45 @@ def write_step(storage: Storage, files: dict[str, bytes], step: int, keep_last: 
     failpoint("commit.before_manifest")
     step_store.write(MANIFEST_NAME, files[MANIFEST_NAME], exclusive=True)
     failpoint("commit.after_manifest")
-    storage.write(LATEST_NAME, (name + "\n").encode())
-    failpoint("commit.after_latest")
-    if keep_last is not None:
-        apply_retention(storage, keep_last)
+    try:  # the step is committed now: what follows is housekeeping, and its failure does not undo the commit
+        failpoint("commit.latest")
+        storage.write(LATEST_NAME, (name + "\n").encode())
+        failpoint("commit.after_latest")
+        if keep_last is not None:
+            apply_retention(storage, keep_last)
+    except Exception as e:
+        log.warning(
+            "step %d is committed (%s), but updating %s or retention failed afterwards: %s: %s; readers list the "
+            "steps, so nothing is lost, and the next save tries again",
+            step,
+            step_store.url,
+            LATEST_NAME,
+            type(e).__name__,
+            e,
+        )
     return step_store.url
+
+
+def _set_aside_unless_committed(storage: Storage, name: str) -> None:
+    """A step directory already holds something. A committed step that verifies is never overwritten (an error);
+    anything else there (a save that never committed, a corrupt step, stray files) is renamed aside, never deleted,
+    so that the step number can be written again."""
+    info = inspect_step(storage, name, verify=True)
+    if info.status == "committed":
+        raise CheckpointError(
+            f"{info.url} is a committed step and will not be overwritten; resume from it (checkpoint.resume: auto) "
+            "or save to another checkpoint.dir"
+        )
+    aside = f"{name}.aside-{_dt.datetime.now(_dt.timezone.utc).strftime('%Y%m%dT%H%M%S%fZ')}"
+    storage.move(name, aside)
+    log.warning(
+        "%s was %s (%s); moved it aside to %s (nothing deleted) and writing step %s anew",
+        info.url,
+        info.status,
+        info.error,
+        storage.url_of(aside),
+        name,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- read
@@ -338,11 +370,9 @@ def is_step_url(storage: Storage) -> bool:
     return parse_step_name(storage.url.rsplit("/", 1)[-1]) is not None or storage.exists(MANIFEST_NAME)
 
 
-def newest_verified_step(storage: Storage) -> Storage | None:
-    """The newest step that is committed and verifies; corrupt or incomplete newer ones are skipped, with a warning.
-
-    Listing is the truth; the ``latest`` hint is only checked, and a hint that names no step is reported.
-    """
+def _newest_first(storage: Storage) -> list[str]:
+    """Step names, newest first. Listing is the truth; the ``latest`` hint is only checked, and a hint that names
+    no step is reported."""
     names = sorted(
         (n for n in storage.listdir() if parse_step_name(n) is not None), key=lambda n: parse_step_name(n) or 0
     )
@@ -352,11 +382,28 @@ def newest_verified_step(storage: Storage) -> Storage | None:
         hint = None
     if hint is not None and hint not in names:
         log.warning("%s names %r, which does not exist; using the listing", storage.url_of(LATEST_NAME), hint)
-    for name in reversed(names):
+    return names[::-1]
+
+
+def newest_verified_step(storage: Storage) -> Storage | None:
+    """The newest step that is committed and verifies; corrupt or incomplete newer ones are skipped, with a warning."""
+    for name in _newest_first(storage):
         info = inspect_step(storage, name, verify=True)
         if info.status == "committed":
             return storage.child(name)
         log.warning("skipping %s: %s (%s)", info.url, info.status, info.error)
+    return None
+
+
+def read_newest_step(storage: Storage) -> LoadedStep | None:
+    """Read (and so verify, once) the newest step that is committed and verifies; corrupt or incomplete newer
+    ones are skipped, with a warning naming why. None when there is none. Rank 0 only."""
+    for name in _newest_first(storage):
+        step_store = storage.child(name)
+        try:
+            return read_step(step_store)
+        except CheckpointError as e:
+            log.warning("skipping %s: %s", step_store.url, e)
     return None
 
 

@@ -23,28 +23,41 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from dist_lora.agree import Failure, agree, on_rank0
 from dist_lora.backends import Backend, LocalPiece
 from dist_lora.backends.base import Staging
-from dist_lora.checkpoint import AdapterState, CheckpointError, StepMeta, serialize_step, step_name, write_step
+from dist_lora.checkpoint import AdapterState, StepMeta, serialize_step, step_name, write_step
+from dist_lora.distributed import group_timeout
 from dist_lora.faults import failpoint
-from dist_lora.gather import any_rank, broadcast_json, gather_adapter
-from dist_lora.lease import Lease, LeaseError, default_run_id
+from dist_lora.gather import gather_adapter
+from dist_lora.lease import Lease, default_run_id
 from dist_lora.lora import adapter_config_dict, base_fingerprint
-from dist_lora.storage import RetryPolicy, Storage, StorageError
+from dist_lora.storage import RetryPolicy, Storage
 
 log = logging.getLogger(__name__)
 
 
-T = TypeVar("T")
-
-
 def _rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+@dataclass
+class SaveOutcome:
+    """A save's outcome, agreed by every rank: committed (``failure`` None), or the first failing rank's error."""
+
+    step: int
+    failure: Failure | None = None
+    local_error: BaseException | None = None
+    """This rank's own error, if it is the one that failed (raised as it is, with its traceback)."""
+
+    @property
+    def committed(self) -> bool:
+        return self.failure is None
 
 
 @dataclass
@@ -100,15 +113,16 @@ class Checkpointer:
         self.history: list[SaveStats] = []
         self._storage: Storage | None = None
         self._executor: ThreadPoolExecutor | None = None  # one long-lived worker: no thread start per save
-        self._pending: Future[None] | None = None
+        self._pending: Future[SaveOutcome] | None = None
         self._staging = Staging()
         self._snapshotted: threading.Event | None = None  # set once the pending save's snapshot is taken
         self._guard: Any = None  # the optimizer step pre-hook that waits for it
-        self._result: dict[str, Any] | None = None
-        self._error: BaseException | None = None
+        self._outcome: SaveOutcome | None = None
         self.lease: Lease | None = None
         self._static: tuple[int, tuple[dict[str, Any], dict[str, Any]]] | None = None
         self._group: Any = None
+        if async_save:
+            self._background_group()  # now, with every rank here: the first save then stalls like the others
 
     @property
     def storage(self) -> Storage:
@@ -121,19 +135,15 @@ class Checkpointer:
 
         Raises LeaseError on every rank when another live run holds the dir.
         """
-        error: BaseException | None = None
-        result: dict[str, Any] = {"ok": True}
-        if _rank() == 0:
-            try:
-                lease = Lease(self.storage, run_id or default_run_id(), ttl_s)
-                lease.acquire()
-                lease.start_heartbeat()
-                self.lease = lease
-            except Exception as e:
-                error, result = e, {"ok": False, "error": f"{type(e).__name__}: {e}"}
-        result = broadcast_json(result)
-        if not result["ok"]:
-            raise error if error is not None else LeaseError(result["error"])
+
+        def take() -> None:
+            failpoint("lease.acquire")
+            lease = Lease(self.storage, run_id or default_run_id(), ttl_s)
+            lease.acquire()
+            lease.start_heartbeat()
+            self.lease = lease
+
+        on_rank0(take)
 
     def release_lease(self) -> None:
         """Not a collective: rank 0 gives the lease up (after the last save committed)."""
@@ -151,24 +161,17 @@ class Checkpointer:
         step saved is exactly the state at this call. Change adapter weights outside an optimizer step only after
         :meth:`wait_snapshot`.
 
-        Raises here, on every rank, if the previous background save failed (``on_error="warn"``: reports it, and
-        this save still runs).
+        Every failure of a save, on any rank and of any kind (an OSError, a storage or format error), is agreed by
+        all ranks and handled by ``on_error`` alike on each. An earlier background save that failed is handled
+        here first (``on_error="warn"``: reported, and this save still runs).
         """
-        if self.on_error == "warn":
-            self.wait()  # an earlier background failure is reported, and does not stop this save
-        return self._under_policy(f"saving step {step}", lambda: self._save(backend, step, trainer_state))
-
-    def wait(self) -> None:
-        """Collective: wait for a background save; raise on every rank if it failed (``on_error="raise"``)."""
-        self._under_policy("a background save", self._settle)
-
-    def _save(self, backend: Backend, step: int, trainer_state: dict[str, Any] | None) -> str:
         t0 = time.perf_counter()
+        earlier = self._settle()  # the previous background save is done
+        if earlier is not None:
+            self._apply_policy(earlier)  # raise: raised here, on every rank; warn: reported, and this save goes on
         stats = SaveStats(step=step)
         self.history.append(stats)
-        meta = self._meta(backend, step, trainer_state) if _rank() == 0 else None
         if self.async_save:
-            self._settle()  # the previous save is done (its failure is raised here, on every rank)
             self._staging.mark()  # where the training stream is now: what the snapshot must see
             self._snapshotted = threading.Event()
             if self._guard is None:
@@ -176,20 +179,27 @@ class Checkpointer:
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dist-lora-save")
             self._pending = self._executor.submit(
-                self._snapshot_gather_write, backend, meta, stats, self._background_group(), self._snapshotted, t0
+                self._save_steps, backend, step, trainer_state, stats, self._background_group(), t0
             )
-        else:
-            self._gather_and_write(backend, None, meta, stats, None)
-            self._settle()
-            stats.done_s = time.perf_counter() - t0
+            stats.save_s = time.perf_counter() - t0
+            log.info(
+                "step %d: save blocked training %.4f s (snapshot, gather and write in the background)",
+                step,
+                stats.save_s,
+            )
+            return self._step_url(step)
+        outcome = self._save_steps(backend, step, trainer_state, stats, None, t0)
         stats.save_s = time.perf_counter() - t0
-        log.info(
-            "step %d: save blocked training %.4f s%s",
-            step,
-            stats.save_s,
-            " (snapshot, gather and write in the background)" if self.async_save else "",
-        )
-        return self.storage.url_of(step_name(step)) if _rank() == 0 else f"{self.dir.rstrip('/')}/{step_name(step)}"
+        log.info("step %d: save blocked training %.4f s", step, stats.save_s)
+        return self._step_url(step) if self._apply_policy(outcome) else None
+
+    def wait(self) -> SaveOutcome | None:
+        """Collective: wait for a background save and apply ``on_error`` to its agreed outcome (raise: on every
+        rank alike). Returns the outcome (None when no save was pending)."""
+        outcome = self._settle()
+        if outcome is not None:
+            self._apply_policy(outcome)
+        return outcome
 
     def wait_snapshot(self) -> float:
         """Not a collective: block until the pending save's snapshot is taken; returns the seconds waited."""
@@ -203,7 +213,7 @@ class Checkpointer:
     def close(self) -> None:
         """Not a collective: let a background write finish (for exit paths where the other ranks may be gone)."""
         if self._pending is not None:
-            self._pending.result()  # _snapshot_gather_write never raises: its outcome is in self._result
+            self._outcome = self._pending.result()  # _save_steps never raises: its outcome is its value
             self._pending = None
         self._snapshotted = None
         if self._guard is not None:  # removed here, on the training thread, never while a step runs the hooks
@@ -212,21 +222,37 @@ class Checkpointer:
 
     # ------------------------------------------------------------------------------------------ internals
 
-    def _under_policy(self, what: str, fn: Callable[[], T]) -> T | None:
-        """``fn()`` under ``on_error``. A failure reaches every rank alike, so every rank goes the same way."""
-        try:
-            return fn()
-        except (CheckpointError, StorageError) as e:  # LeaseError is a CheckpointError
-            if self.on_error == "raise":
-                raise
-            self.failures += 1
-            log.error("%s failed; training goes on (on_error=warn): %s: %s", what, type(e).__name__, e)
-            if self.on_failure is not None:
-                self.on_failure(e)
-            return None
+    def _step_url(self, step: int) -> str:
+        return f"{self.dir.rstrip('/')}/{step_name(step)}"
+
+    def _settle(self) -> SaveOutcome | None:
+        """Wait for the pending background save; its agreed outcome (None when nothing was pending)."""
+        self.close()
+        outcome, self._outcome = self._outcome, None
+        return outcome
+
+    def _apply_policy(self, outcome: SaveOutcome) -> bool:
+        """``on_error`` on an agreed outcome, the same on every rank: True if it committed; a failure is raised
+        ("raise") or logged, counted and passed to ``on_failure`` ("warn")."""
+        if outcome.failure is None:
+            return True
+        error = outcome.failure.exception(outcome.local_error)
+        if self.on_error == "raise":
+            raise error
+        self.failures += 1
+        log.error(
+            "saving step %d failed; training goes on (on_error=warn): %s: %s",
+            outcome.step,
+            outcome.failure.type_name,
+            outcome.failure.message,
+        )
+        if self.on_failure is not None:
+            self.on_failure(error)
+        return False
 
     def _meta(self, backend: Backend, step: int, trainer_state: dict[str, Any] | None) -> StepMeta:
         """What the step's JSON files say besides the tensors (rank 0; the model-derived part computed once)."""
+        failpoint("save.meta")
         key = id(backend.model)
         if self._static is None or self._static[0] != key:
             static = (adapter_config_dict(backend.model, backend.bias), base_fingerprint(backend.model))
@@ -245,7 +271,7 @@ class Checkpointer:
     def _background_group(self) -> Any:
         """A gloo group of all ranks for background gathers (None alone); made once, by every rank."""
         if self._group is None and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            self._group = torch.distributed.new_group(backend="gloo")
+            self._group = torch.distributed.new_group(backend="gloo", timeout=group_timeout())
         return self._group
 
     def _before_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
@@ -255,87 +281,66 @@ class Checkpointer:
             self.history[-1].snapshot_wait_s += waited
             log.info("an optimizer step waited %.4f s for the snapshot of step %d", waited, self.history[-1].step)
 
-    def _snapshot_gather_write(
-        self, backend: Backend, meta: StepMeta | None, stats: SaveStats, group: Any, snapshotted: Any, t0: float
-    ) -> None:
-        """Background: copy this rank's pieces (then let optimizer steps go on), gather, write. Never raises."""
-        try:
-            start = time.perf_counter()
-            pieces = backend.snapshot(self._staging)
-            stats.snapshot_s = time.perf_counter() - start
-        except Exception as e:  # gathering nothing: the ranks then disagree on the adapter and all fail the save
-            log.error("step %d: taking the snapshot failed: %s: %s", stats.step, type(e).__name__, e)
-            self._error = e
-            pieces = []
-        finally:
-            snapshotted.set()
-        self._gather_and_write(backend, pieces, meta, stats, group)
-        stats.done_s = time.perf_counter() - t0
-
-    def _gather_and_write(
+    def _save_steps(
         self,
         backend: Backend,
-        pieces: list[LocalPiece] | None,
-        meta: StepMeta | None,
+        step: int,
+        trainer_state: dict[str, Any] | None,
         stats: SaveStats,
         group: Any,
-    ) -> None:
-        """Every rank: gather the adapter to rank 0; rank 0: serialize, write and commit; then every rank agrees
-        on the outcome, which :meth:`_settle` raises if it failed. Never raises."""
-        step = stats.step
+        t0: float,
+    ) -> SaveOutcome:
+        """Every rank, on the training thread (synchronous) or the save thread (asynchronous, over ``group``):
+
+        1. prepare: this rank's pieces (asynchronous: the snapshot) and, on rank 0, the step's metadata; agreed;
+        2. gather the adapter to rank 0; 3. rank 0 serializes, writes and commits; 4. the outcome is agreed.
+        A failure anywhere is one :class:`Failure` that every rank holds. Never raises."""
+        error: BaseException | None = None
+        pieces: list[LocalPiece] | None = None
+        meta: StepMeta | None = None
         try:
-            state = gather_adapter(backend, self.bucket_bytes, pieces=pieces, group=group)
-            failpoint("save.after_gather")
-        except Exception as e:
-            self._error = self._error or e  # a failed snapshot (see above) is the cause, not the disagreement
-            self._result = {"ok": False, "error": f"gathering step {step} failed: {type(e).__name__}: {e}"}
-            log.error("step %d: gathering the adapter failed, the step is not committed: %s", step, e)
-            state = None
-        if state is not None and meta is not None and self._error is None:
-            self._write(state, meta, stats)
-        elif self._error is not None and self._result is None:  # a failed snapshot, alone (world size 1)
-            self._result = {"ok": False, "step": step, "error": f"{type(self._error).__name__}: {self._error}"}
-        try:
-            self._agree(step, group)
-        except Exception as e:  # a peer is gone: the outcome cannot be agreed, so this save counts as failed
-            self._error = self._error or e
-            self._result = {"ok": False, "step": step, "error": f"{type(e).__name__}: {e}"}
+            try:
+                failpoint("save.prepare")
+                if self.async_save:
+                    start = time.perf_counter()
+                    pieces = backend.snapshot(self._staging)
+                    stats.snapshot_s = time.perf_counter() - start
+                else:
+                    pieces = backend.local_pieces()
+                if _rank() == 0:
+                    meta = self._meta(backend, step, trainer_state)
+            except Exception as e:
+                error = e
+            finally:
+                if self._snapshotted is not None:
+                    self._snapshotted.set()  # optimizer steps go on; after a failure there is nothing to wait for
+            failure = agree(error, group)
+            if failure is None:
+                try:
+                    state = gather_adapter(backend, self.bucket_bytes, pieces=pieces, group=group)
+                    failpoint("save.after_gather")
+                    if state is not None and meta is not None:
+                        self._write(state, meta, stats)
+                except Exception as e:
+                    error = e
+                failure = agree(error, group)
+        except Exception as e:  # a peer is gone: the outcome cannot be agreed, so this save counts as failed here
+            error = error or e
+            failure = Failure.of(_rank(), error)
+        if failure is not None:
+            log.error(
+                "step %d: saving failed, the step is not committed: %s: %s", step, failure.type_name, failure.message
+            )
+        stats.done_s = time.perf_counter() - t0
+        return SaveOutcome(step, failure, error)
 
     def _write(self, state: AdapterState, meta: StepMeta, stats: SaveStats) -> None:
-        """Rank 0: serialize, write and commit; records the outcome. Never raises."""
-        step = stats.step
+        """Rank 0: serialize, write and commit."""
         t0 = time.perf_counter()
-        try:
-            if self.lease is not None:
-                self.lease.check()  # another run took the dir over: write nothing there
-            files = serialize_step(state, meta)
-            url = write_step(self.storage, files, step, self.keep_last)
-            stats.write_s, stats.bytes = time.perf_counter() - t0, sum(len(b) for b in files.values())
-            self._result = {"ok": True, "url": url}
-            log.info("step %d: committed %s (%.2f MB), write %.3f s", step, url, stats.bytes / 1e6, stats.write_s)
-        except Exception as e:  # reported now, raised on every rank at the next collective
-            self._error = e
-            self._result = {"ok": False, "error": f"{type(e).__name__}: {e}", "step": step}
-            log.error("step %d: saving failed, the step is not committed: %s: %s", step, type(e).__name__, e)
-
-    def _settle(self) -> None:
-        """Wait for the pending save; raise its failure, on every rank alike (the outcome was agreed by then)."""
-        self.close()
-        result = self._result if self._result is not None else {"ok": True}
-        error, self._result, self._error = self._error, None, None
-        if result.get("ok"):
-            return
-        if error is not None:
-            raise error
-        raise CheckpointError(f"saving step {result.get('step')} failed: {result.get('error') or 'see the log'}")
-
-    def _agree(self, step: int, group: Any) -> None:
-        """Collective (over ``group``): every rank learns whether the save succeeded everywhere, and rank 0's error.
-
-        One tiny all-reduce when all went well; the background thread runs it, so it never stalls training."""
-        mine = self._result if self._result is not None else {"ok": True}
-        if any_rank(not mine.get("ok"), group):
-            agreed = broadcast_json(mine if mine.get("error") else {**mine, "ok": False}, group)
-            self._result = {"ok": False, "step": step, "error": agreed.get("error") or mine.get("error")}
-        else:
-            self._result = {"ok": True}
+        if self.lease is not None:
+            self.lease.check()  # another run took the dir over: write nothing there
+        failpoint("save.serialize")
+        files = serialize_step(state, meta)
+        url = write_step(self.storage, files, meta.step, self.keep_last)
+        stats.write_s, stats.bytes = time.perf_counter() - t0, sum(len(b) for b in files.values())
+        log.info("step %d: committed %s (%.2f MB), write %.3f s", meta.step, url, stats.bytes / 1e6, stats.write_s)

@@ -9,6 +9,7 @@ import os
 import sys
 from typing import Any
 
+from dist_lora.agree import RankError
 from dist_lora.checkpoint import CheckpointError, inspect_step, is_step_url, list_steps
 from dist_lora.storage import Storage, StorageError
 
@@ -161,10 +162,23 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     try:
         return int(args.func(args) or 0)
-    except (CheckpointError, StorageError, ValueError) as e:
+    except EXPECTED as e:
+        # a failure the user can act on (a bad path, a full disk, a refused lease, a step that does not fit):
+        # one line naming it; the traceback only with -v
         logging.getLogger("dist_lora").debug("error", exc_info=True)
-        print(f"dist-lora {args.command}: error: {e}", file=sys.stderr)
+        print(f"dist-lora {args.command}: error: {_describe(e)}", file=sys.stderr)
         return 2
+
+
+# Errors with a message that says what was wrong: OSError covers full disks, permissions, paths that are files and
+# every StorageError; ValueError covers config, data, adapter and checkpoint errors; RankError another rank's.
+EXPECTED = (OSError, ValueError, RankError)
+
+
+def _describe(e: BaseException) -> str:
+    rank = getattr(e, "failed_rank", None)
+    where = f" (on rank {rank})" if rank not in (None, 0) else ""
+    return f"{e}{where}" if isinstance(e, (CheckpointError, StorageError)) else f"{type(e).__name__}: {e}{where}"
 
 
 def entry() -> None:

@@ -87,6 +87,8 @@ class ParallelConfig:
     """none | bf16: FSDP2 MixedPrecisionPolicy / DeepSpeed bf16 with fp32 master weights."""
     deepspeed_config: str | None = None
     """A DeepSpeed JSON merged over dist_lora's (e.g. offload or overlap settings); "auto" values are skipped."""
+    timeout_s: float = 1800.0
+    """Process-group timeout: a collective that some rank never joins fails after this long (NCCL and gloo)."""
 
 
 @dataclass
@@ -220,6 +222,7 @@ def _validate(cfg: RunConfig, errors: list[str]) -> None:
     p = cfg.parallel
     check(p.backend in BACKENDS, f"parallel.backend must be one of {BACKENDS} (got {p.backend!r})")
     check(p.zero_stage in (1, 2, 3), f"parallel.zero_stage must be 1, 2 or 3 (got {p.zero_stage})")
+    check(p.timeout_s > 0, f"parallel.timeout_s must be > 0 seconds (got {p.timeout_s})")
     check(
         p.mixed_precision in ("none", "bf16"),
         f"parallel.mixed_precision must be none or bf16 (got {p.mixed_precision!r})",

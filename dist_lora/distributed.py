@@ -36,11 +36,19 @@ def init_distributed(timeout_s: float = 1800, *, need_group: bool = False) -> tu
     if (world > 1 or need_group) and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+        global _timeout_s
+        _timeout_s = timeout_s
     rank = dist.get_rank() if dist.is_initialized() else 0
     return rank, (dist.get_world_size() if dist.is_initialized() else 1), device
 
 
 _left_cleanly = False
+_timeout_s = 1800.0
+
+
+def group_timeout() -> timedelta:
+    """The process-group timeout this process was started with (for the groups it makes later)."""
+    return timedelta(seconds=_timeout_s)
 
 
 def shutdown(*, clean: bool = True) -> None:

@@ -209,23 +209,24 @@ def _target(weights: dict, optim: dict, key: str, field: str) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------- load
 
 
-def broadcast_json(obj: Any, group: Any = None) -> Any:
-    """Collective: rank 0's JSON-able object on every rank (two broadcasts; no pickle)."""
+def broadcast_json(obj: Any, group: Any = None, src: int = 0) -> Any:
+    """Collective: rank ``src``'s JSON-able object on every rank (two broadcasts; no pickle). ``src`` is a global
+    rank."""
     rank, world = _dist()
     if world == 1:
         return obj
     device = _comm_device(group)
-    if rank == 0:
+    if rank == src:
         payload = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8).to(device)
         length = torch.tensor([payload.numel()], dtype=torch.int64, device=device)
     else:
         length = torch.empty(1, dtype=torch.int64, device=device)
     _record("broadcast", length)
-    dist.broadcast(length, src=0, group=group)
-    if rank != 0:
+    dist.broadcast(length, src=src, group=group)
+    if rank != src:
         payload = torch.empty(int(length.item()), dtype=torch.uint8, device=device)
     _record("broadcast", payload)
-    dist.broadcast(payload, src=0, group=group)
+    dist.broadcast(payload, src=src, group=group)
     return json.loads(bytes(payload.cpu().numpy().tobytes()).decode())
 
 

@@ -1,4 +1,5 @@
-"""``dist-lora plot RUN_DIR``: the loss curve from a run's metrics JSONL, with resume points marked."""
+"""``dist-lora plot RUN_DIR``: the loss curve from a run's metrics JSONL, with resume points and failed saves
+marked."""
 
 from __future__ import annotations
 
@@ -7,13 +8,17 @@ from pathlib import Path
 from dist_lora.data import jsonl_rows
 
 
-def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
-    """(step rows, resume events) from a metrics JSONL written by the trainer."""
+def read_metrics(path: Path) -> tuple[list[dict], list[dict], list[dict]]:
+    """(step rows, resume events, save_failed events) from a metrics JSONL written by the trainer; other events
+    are left out."""
     steps: list[dict] = []
-    resumes: list[dict] = []
+    events: dict[str, list[dict]] = {"resume": [], "save_failed": []}
     for _, row in jsonl_rows(path):
-        (resumes if row.get("event") == "resume" else steps).append(row)
-    return steps, resumes
+        if "event" in row:
+            events.get(str(row["event"]), []).append(row)
+        elif "loss" in row:
+            steps.append(row)
+    return steps, events["resume"], events["save_failed"]
 
 
 def plot_run(run: str | Path, out: str | Path | None = None) -> Path:
@@ -28,7 +33,7 @@ def plot_run(run: str | Path, out: str | Path | None = None) -> Path:
         path = path / "metrics.jsonl"
     if not path.is_file():
         raise ValueError(f"{path} does not exist: pass a run dir holding metrics.jsonl, or the JSONL itself")
-    steps, resumes = read_metrics(path)
+    steps, resumes, failed = read_metrics(path)
     if not steps:
         raise ValueError(f"{path} holds no step rows")
     out_path = Path(out) if out else path.with_name("loss.png")
@@ -45,6 +50,10 @@ def plot_run(run: str | Path, out: str | Path | None = None) -> Path:
             va="top",
             ha="right",
         )
+    loss_at = {r["step"]: r["loss"] for r in steps}
+    bad = [r["step"] for r in failed if r.get("step") in loss_at]
+    if bad:
+        ax.plot(bad, [loss_at[s] for s in bad], "x", color="tab:orange", ms=8, label="save failed")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(path.parent.name or "run")

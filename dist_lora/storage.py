@@ -106,7 +106,7 @@ class Storage:
         self.retry = retry or RetryPolicy()
         if protocol == "s3":  # one attempt per call below dist_lora, with its timeouts
             config = options.setdefault("config_kwargs", {})
-            config.setdefault("retries", {"max_attempts": 1, "mode": "standard"})
+            config.setdefault("retries", {"total_max_attempts": 1, "mode": "standard"})  # tries, not retries
             config.setdefault("read_timeout", self.retry.timeout_s)
             config.setdefault("connect_timeout", min(self.retry.timeout_s, 10.0))
         try:
@@ -307,6 +307,18 @@ class Storage:
                 self.fs.rm_file(self.path(rel))
 
         self._call("delete", rel, rm)
+
+    def move(self, rel: str, new_rel: str) -> None:
+        """Rename a file or directory (a prefix, on object stores: copied, then the originals removed)."""
+
+        def mv() -> None:
+            if self.is_local:
+                os.rename(self.path(rel), self.path(new_rel))
+            else:
+                self.fs.mv(self.path(rel), self.path(new_rel), recursive=True)
+                self.fs.invalidate_cache(self.path())
+
+        self._call("move", rel, mv)
 
     def remove_empty_dir(self, rel: str) -> None:
         """Remove a local directory if nothing is left in it (object stores have no directories)."""

@@ -10,7 +10,8 @@ from typing import Any
 import torch
 
 from dist_lora import backends
-from dist_lora.api import find_resume_step, load_checkpoint
+from dist_lora.agree import is_agreed
+from dist_lora.api import resume_checkpoint
 from dist_lora.checkpointer import Checkpointer
 from dist_lora.config import ConfigError, RunConfig, TrainConfig, config_to_dict
 from dist_lora.data import TokenBlocks
@@ -46,16 +47,18 @@ def grad_accum_steps(t: TrainConfig, world: int) -> int:
 
 def train(cfg: RunConfig) -> list[dict[str, Any]]:
     """Run (or resume) a LoRA fine-tune as configured; returns the per-step metrics (on every rank)."""
-    init_distributed(need_group=cfg.parallel.backend != "single")
+    init_distributed(cfg.parallel.timeout_s, need_group=cfg.parallel.backend != "single")
     trainer = None
     clean = False
     try:
         trainer = Trainer(cfg)
-        ck = cfg.checkpoint
-        trainer.resume(find_resume_step(ck.resume, ck.dir, ck.storage_options))
+        trainer.resume(cfg.checkpoint.resume)
         metrics = trainer.fit()
         clean = True
         return metrics
+    except BaseException as e:
+        clean = is_agreed(e)  # every rank raised it at the same point: they can still leave together
+        raise
     finally:
         if trainer is not None:
             trainer.checkpointer.close()  # a background write finishes even if training failed
@@ -67,24 +70,36 @@ class Trainer:
     """Build and wrap the model, then step, save and resume. The backend hides how the model is sharded."""
 
     def __init__(self, cfg: RunConfig):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         self.cfg = cfg
         t = cfg.train
-        self.rank, self.world, self.device = init_distributed(need_group=cfg.parallel.backend != "single")
+        self.rank, self.world, self.device = init_distributed(
+            cfg.parallel.timeout_s, need_group=cfg.parallel.backend != "single"
+        )
         self.grad_accum = grad_accum_steps(t, self.world)
         ck = cfg.checkpoint
+        self.retry = RetryPolicy(ck.retry_attempts, ck.retry_backoff_s, ck.retry_max_backoff_s, ck.io_timeout_s)
         self.checkpointer = Checkpointer(
             ck.dir,
             keep_last=ck.keep_last,
             storage_options=ck.storage_options,
             bucket_mb=ck.bucket_mb,
             async_save=ck.async_save,
-            retry=RetryPolicy(ck.retry_attempts, ck.retry_backoff_s, ck.retry_max_backoff_s, ck.io_timeout_s),
+            retry=self.retry,
             on_error=ck.on_error,
             on_failure=self._save_failed,
         )
         self.checkpointer.take_lease(ck.run_id, ck.lease_ttl_s)  # before any work: one writer per dir
+        try:
+            self._build(cfg)
+        except BaseException:
+            self.checkpointer.release_lease()  # a run that fails to start leaves the dir free
+            raise
+
+    def _build(self, cfg: RunConfig) -> None:
+        """Tokenizer, data, base, LoRA, backend, metrics (after the lease is taken)."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        t = cfg.train
         tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path)
         self.data = TokenBlocks(cfg.data.path, tokenizer, cfg.data.seq_len)
         torch.manual_seed(t.seed)  # LoRA init is the same on every rank and at every world size
@@ -107,21 +122,27 @@ class Trainer:
         self.stop = StopRequest()
         self.stopped_early = False
         self.last_saved: int | None = None
+        self.resumed_from: str | None = None
         self.metrics: list[dict[str, Any]] = []
+        self._held_row: dict[str, Any] | None = None
 
-    def resume(self, url: str | None) -> None:
-        """Load a step's adapter and optimizer state into the shards (collective); no-op for None."""
-        if url is None:
-            return
+    def resume(self, resume: str | None) -> None:
+        """Collective: load the adapter and optimizer state into the shards as ``checkpoint.resume`` says ("auto":
+        the newest verified step of checkpoint.dir, if any; "none"; or a step's URL)."""
         ck, t = self.cfg.checkpoint, self.cfg.train
-        state = load_checkpoint(
+        state = resume_checkpoint(
             self.backend.model,
-            url,
+            resume,
+            ck.dir,
             optimizer=self.backend.optimizer,
             storage_options=ck.storage_options,
             bucket_mb=ck.bucket_mb,
             backend=self.backend,
+            retry=self.retry,
         )
+        if state is None:
+            return
+        url = self.resumed_from = state["checkpoint_url"]
         self.step = self.last_saved = int(state["step"])
         self.metrics_log.event(
             "resume",
@@ -222,6 +243,17 @@ class Trainer:
             self.step + 1,
             stop,
         )
+        if self.step >= stop:
+            log.info(
+                "nothing to do: the run is already at step %d (stop at %d); its newest step is %s. Raise "
+                "train.max_steps (or train.stop_at_step) to train on, or use another checkpoint.dir",
+                self.step,
+                stop,
+                self.resumed_from,
+            )
+            self.checkpointer.release_lease()
+            self.metrics_log.close()
+            return self.metrics
         bar = tqdm(total=stop, initial=self.step, disable=self.rank != 0, desc="train", dynamic_ncols=True)
         with self.stop:
             while self.step < stop and not self.stopped_early:
@@ -229,6 +261,7 @@ class Trainer:
             if self.last_saved != self.step:
                 self.save()
             self.close()
+            self._flush_held_row()
         self.checkpointer.release_lease()
         bar.close()
         self.metrics_log.close()
@@ -239,6 +272,14 @@ class Trainer:
                 "finished at step %d, loss %.4f", self.step, self.metrics[-1]["loss"] if self.metrics else math.nan
             )
         return self.metrics
+
+    def _flush_held_row(self) -> None:
+        """Log the row of the step that saved last, its ``save_stall_s`` now known in full: the time the save
+        call blocked plus the time the next optimizer step waited for the background snapshot."""
+        if self._held_row is not None:
+            self._held_row["save_stall_s"] = round(self.checkpointer.history[-1].stall_s, 4)
+            self.metrics_log.step(self._held_row)
+            self._held_row = None
 
     def _step_and_log(self, bar: Any) -> None:
         t0 = time.perf_counter()
@@ -255,12 +296,14 @@ class Trainer:
             "world_size": self.world,
             "backend": self.backend.name,
         }
+        self._flush_held_row()  # the step just taken is the one that waited for the last save's snapshot, if any
+        self.metrics.append(row)
         every = self.cfg.checkpoint.every_steps
         if every and self.step % every == 0:
             self.save()
-            row["save_stall_s"] = round(self.checkpointer.history[-1].stall_s, 4)
-        self.metrics.append(row)
-        self.metrics_log.step(row)
+            self._held_row = row  # logged after the next step, with the snapshot wait in its save_stall_s
+        else:
+            self.metrics_log.step(row)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
         log.debug("step %d loss %.6f lr %.3e", self.step, loss, lr)

@@ -77,3 +77,56 @@ def load_step(step_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     scale = max(a.abs().max().item(), b.abs().max().item(), 1e-30)
     return (a - b).abs().max().item() / scale
+
+
+class HeldSnapshot:
+    """Holds a backend's background snapshot until an optimizer step is seen waiting for it (events, no sleeps).
+
+    Inside ``with HeldSnapshot(type(backend), Checkpointer) as held:``, a snapshot blocks until a helper thread has
+    seen the training thread enter ``Checkpointer.wait_snapshot`` with the snapshot still pending, and only then
+    releases it. ``held.step_done()`` (called after the optimizer step) records whether the step returned before
+    the release, which it can only do if nothing made it wait."""
+
+    def __init__(self, backend_cls: type, checkpointer_cls: type, timeout_s: float = 120.0):
+        import threading
+
+        self.backend_cls, self.checkpointer_cls, self.timeout_s = backend_cls, checkpointer_cls, timeout_s
+        self.release, self.waiting = threading.Event(), threading.Event()
+        self.step_waited_for_snapshot: bool | None = None
+        self._thread = threading.Thread(target=self._releaser, daemon=True)
+
+    def _releaser(self) -> None:
+        self.waiting.wait(self.timeout_s)
+        self.release.set()
+
+    def __enter__(self) -> HeldSnapshot:
+        held = self
+        self._snapshot, self._wait = self.backend_cls.snapshot, self.checkpointer_cls.wait_snapshot
+
+        def held_snapshot(backend, staging):
+            held.release.wait(held.timeout_s)
+            return held._snapshot(backend, staging)
+
+        def signalling_wait(checkpointer):
+            event = checkpointer._snapshotted
+            if event is not None and not event.is_set():
+                held.waiting.set()
+            return held._wait(checkpointer)
+
+        self.backend_cls.snapshot, self.checkpointer_cls.wait_snapshot = held_snapshot, signalling_wait
+        self._thread.start()
+        return self
+
+    def snapshot_pending(self) -> bool:
+        return not self.release.is_set()
+
+    def step_done(self) -> None:
+        self.step_waited_for_snapshot = self.release.is_set() and self.waiting.is_set()
+        self.waiting.set()  # no wait seen: let the helper release the snapshot now
+        self.release.set()
+
+    def __exit__(self, *exc) -> None:
+        if self.step_waited_for_snapshot is None:
+            self.step_done()
+        self._thread.join()
+        self.backend_cls.snapshot, self.checkpointer_cls.wait_snapshot = self._snapshot, self._wait

@@ -189,7 +189,7 @@ def test_committed_step_is_never_overwritten(gpt2_base, tmp_path):
     model, opt, _ = train_some(gpt2_base, ["c_attn"])
     dist_lora.save_checkpoint(model, str(tmp_path), step=5, optimizer=opt)
     before = (tmp_path / step_name(5) / ADAPTER_WEIGHTS_NAME).read_bytes()
-    with pytest.raises(CheckpointError, match="already exists: step 5 is committed and will not be overwritten"):
+    with pytest.raises(CheckpointError, match="step-00000005 is a committed step and will not be overwritten"):
         dist_lora.save_checkpoint(model, str(tmp_path), step=5, optimizer=opt)
     assert (tmp_path / step_name(5) / ADAPTER_WEIGHTS_NAME).read_bytes() == before
 

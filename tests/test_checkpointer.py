@@ -13,6 +13,7 @@ from dist_lora.checkpointer import Checkpointer
 from dist_lora.config import LoraConfig
 from dist_lora.constants import MANIFEST_NAME
 from dist_lora.storage import Storage, StorageError
+from tests.dist_utils import HeldSnapshot
 
 
 @pytest.fixture
@@ -89,30 +90,27 @@ def test_failure_surfaces_at_wait(backend, tmp_path, monkeypatch):
     assert not (tmp_path / step_name(3) / MANIFEST_NAME).exists()
 
 
-def test_an_optimizer_step_waits_for_the_background_snapshot(backend, tmp_path, monkeypatch):
+def test_an_optimizer_step_waits_for_the_background_snapshot(backend, tmp_path):
     """save() returns before the snapshot is taken; an optimizer step right after it waits for the snapshot, so
-    the step saved is the state at the save call. The wait is counted as stall; the hook is gone after wait()."""
+    the step saved is the state at the save call. The snapshot is held until the step is seen waiting (events the
+    test controls, no sleeps): without the pre-hook the step would return first. The hook is gone after wait()."""
     from safetensors.torch import load_file
     from torch.optim.optimizer import _global_optimizer_pre_hooks
 
-    original = type(backend).snapshot
-
-    def slow_snapshot(self, staging):
-        time.sleep(0.3)
-        return original(self, staging)
-
-    monkeypatch.setattr(type(backend), "snapshot", slow_snapshot)
     hooks_before = len(_global_optimizer_pre_hooks)
     ck = Checkpointer(str(tmp_path), async_save=True)
     want = {k: v.clone() for k, v in dist_lora.lora_state_dict(backend.model).items()}
-    ck.save(backend, step=1)
-    assert ck.history[-1].save_s < 0.2  # the snapshot is not taken on the training thread
-    for p in backend.adapter().values():
-        p.grad = torch.ones_like(p)
-    backend.optimizer.step()  # changes every adapter tensor, but only once the snapshot is taken
+    with HeldSnapshot(type(backend), Checkpointer) as held:
+        ck.save(backend, step=1)
+        assert held.snapshot_pending()  # save() returned without taking the snapshot
+        for p in backend.adapter().values():
+            p.grad = torch.ones_like(p)
+        backend.optimizer.step()  # changes every adapter tensor, but only once the snapshot is taken
+        held.step_done()
+    assert held.step_waited_for_snapshot
     after = dist_lora.lora_state_dict(backend.model)
     assert all(not torch.equal(after[k], want[k]) for k in want)
-    assert ck.history[-1].snapshot_wait_s >= 0.2
+    assert ck.history[-1].snapshot_wait_s > 0
     assert ck.history[-1].stall_s == ck.history[-1].save_s + ck.history[-1].snapshot_wait_s
     ck.wait()
     got = load_file(str(tmp_path / step_name(1) / "adapter_model.safetensors"))

@@ -173,9 +173,10 @@ def test_gather_is_bit_exact_moves_only_the_adapter_and_matches_unsharded(kind, 
 
 @pytest.mark.parametrize("kind", ["fsdp", "zero3", "zero2"])
 def test_an_optimizer_step_right_after_an_async_save_waits_for_the_snapshot(kind, gpt2_base, workdir):
-    """The snapshot is taken in the background (slowed to 0.5 s here); the training step right after the save
-    runs forward and backward, then its optimizer step waits for the snapshot, so the committed step holds exactly
-    the state at the save call on every rank (DeepSpeed steps its client torch optimizer inside engine.step)."""
+    """The snapshot is taken in the background (held here until the next optimizer step is seen waiting for it);
+    the training step right after the save runs forward and backward, then its optimizer step waits for the
+    snapshot, so the committed step holds exactly the state at the save call on every rank (DeepSpeed steps its
+    client torch optimizer inside engine.step)."""
     backend, stage = parse(kind)
     out = workdir / f"overlap-{kind}"
     run_worker(
@@ -189,8 +190,8 @@ def test_an_optimizer_step_right_after_an_async_save_waits_for_the_snapshot(kind
     assert_step_3_holds_the_dumped_pieces(out, 2)
     for r in range(2):
         timing = json.loads((out / f"wait-rank{r}.json").read_text())
-        assert timing["save_s"] < 0.25, timing  # save() itself did not take the snapshot
-        assert timing["wait_s"] > 0.2, timing  # the optimizer step waited for it
+        assert timing["pending_after_save"], timing  # save() itself did not take the snapshot
+        assert timing["step_waited"], timing  # the optimizer step waited for it
     assert set(json.loads((out / "losses.json").read_text())) == {"1", "2", "3", "4"}  # step 4 was taken
 
 

@@ -228,3 +228,20 @@ def test_unreachable_store_fails_after_the_configured_attempts(s3_server):
     storage = Storage(f"s3://{s3_server['bucket']}/x", dead, retry=RetryPolicy(attempts=2, backoff_s=0.01))
     with pytest.raises(StorageError, match="after 2 attempts"):
         storage.write("f", b"data")
+
+
+@pytest.mark.reliability(
+    fault="an object store that answers every PUT of a file with 503 (S3)",
+    injected="the proxy, on every attempt",
+    outcome="exactly `retry_attempts` requests (botocore retries nothing itself); then an error naming the file",
+)
+def test_each_attempt_is_one_request(faulty, proxy, s3_server):
+    """botocore's ``max_attempts`` counts retries, not tries: dist_lora sets ``total_max_attempts`` to 1, so the
+    bound the user configures (``checkpoint.retry_attempts``) is the number of requests that reach the store."""
+    url, options = faulty
+    proxy.arm("PUT", "adapter_model", "status:503", times=None)
+    retry = RetryPolicy(attempts=3, backoff_s=0.05, max_backoff_s=0.1, timeout_s=5.0)
+    with pytest.raises(StorageError, match=r"adapter_model\.safetensors after 3 attempts"):
+        save(url, options, retry=retry)
+    puts = [path for method, path in proxy.requests if method == "PUT" and "adapter_model" in path]
+    assert len(puts) == 3, puts

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from dist_lora.api import find_resume_step, load_checkpoint
+from dist_lora.api import resume_checkpoint
 from dist_lora.backends import Backend, attach
 from dist_lora.checkpoint import CheckpointError
 from dist_lora.checkpointer import Checkpointer
@@ -137,13 +137,19 @@ class DistLoraCallback(TrainerCallback):
     ) -> None:
         model, optimizer = kwargs["model"], kwargs["optimizer"]
         self.checkpointer.take_lease(self.run_id, self.lease_ttl_s)  # one writer per dir, before any step
-        url = find_resume_step(self.resume, self.dir, self.storage_options)
-        if url is None:
-            return
         backend = backend_for(model, optimizer, infer_bias_mode(model))
-        saved = load_checkpoint(
-            backend.model, url, optimizer=backend.optimizer, storage_options=self.storage_options, backend=backend
+        saved = resume_checkpoint(
+            backend.model,
+            self.resume,
+            self.dir,
+            optimizer=backend.optimizer,
+            storage_options=self.storage_options,
+            bucket_mb=self.bucket_mb,
+            backend=backend,
+            retry=self.checkpointer.retry,
         )
+        if saved is None:
+            return
         self._restore_trainer(args, state, saved, kwargs.get("lr_scheduler"), kwargs.get("train_dataloader"))
         self.resumed_from = saved["checkpoint_url"]
         self.last_saved = state.global_step

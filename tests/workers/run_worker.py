@@ -2,8 +2,8 @@
 
 argv[1] is JSON: {"config": {...}, "out": dir, "resume": url|null, "phases": ["train:3", "save_traced", ...]}.
 Phases: train:N (N optimizer steps), save, save_traced (save while recording every collective, and dump this
-rank's local pieces), save_then_step (dump this rank's local pieces, save with a snapshot slowed by 0.5 s, take a
-training step at once, record how long its optimizer step waited), logits (rank 0 writes the logits of a fixed
+rank's local pieces), save_then_step (dump this rank's local pieces, save with the snapshot held until the next
+training step's optimizer step is seen waiting for it, record that it waited), logits (rank 0 writes the logits of a fixed
 batch). Rank 0 writes out/losses.json.
 """
 
@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
+from dist_lora.checkpointer import Checkpointer
 from dist_lora.config import config_from_dict
 from dist_lora.distributed import shutdown
 from dist_lora.train import Trainer
+from tests.dist_utils import HeldSnapshot
 
 COLLECTIVES = [
     "all_reduce",
@@ -104,23 +105,14 @@ def main() -> None:
             (out / f"comm-rank{rank}.json").write_text(json.dumps(record))
         elif phase == "save_then_step":
             dump_pieces(trainer, out / f"pieces-rank{rank}.safetensors")  # the state the step must hold
-            cls = type(trainer.backend)
-            original = cls.snapshot
-
-            def slow_snapshot(self, staging, _original=original):
-                time.sleep(0.5)
-                return _original(self, staging)
-
-            cls.snapshot = slow_snapshot
-            try:
+            with HeldSnapshot(type(trainer.backend), Checkpointer) as held:
                 trainer.save()
+                pending = held.snapshot_pending()  # save() returned without taking the snapshot
                 loss = trainer.train_step()  # its optimizer step must wait for the snapshot
-                losses[trainer.step] = loss
-            finally:
-                cls.snapshot = original
-            stats = trainer.checkpointer.history[-1]
+                held.step_done()
+            losses[trainer.step] = loss
             (out / f"wait-rank{rank}.json").write_text(
-                json.dumps({"save_s": stats.save_s, "wait_s": stats.snapshot_wait_s})
+                json.dumps({"pending_after_save": pending, "step_waited": held.step_waited_for_snapshot})
             )
         elif phase == "logits":
             vocab = trainer.data.blocks.max().item() + 1
