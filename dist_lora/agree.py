@@ -39,6 +39,11 @@ class Failure:
         return cls(rank, type(error).__module__, type(error).__qualname__, str(error))
 
     @property
+    def where(self) -> str:
+        """" on rank N" when the failure was not rank 0's (rank 0 does most of the I/O), else ""."""
+        return f" on rank {self.rank}" if self.rank else ""
+
+    @property
     def type_name(self) -> str:
         return self.name if self.module == "builtins" else f"{self.module}.{self.name}"
 

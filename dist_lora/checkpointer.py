@@ -32,7 +32,7 @@ from dist_lora.agree import Failure, agree, on_rank0
 from dist_lora.backends import Backend, LocalPiece
 from dist_lora.backends.base import Staging
 from dist_lora.checkpoint import AdapterState, StepMeta, serialize_step, step_name, write_step
-from dist_lora.distributed import group_timeout
+from dist_lora.distributed import group_timeout, on_launcher_gone
 from dist_lora.faults import failpoint
 from dist_lora.gather import gather_adapter
 from dist_lora.lease import Lease, default_run_id
@@ -110,6 +110,7 @@ class Checkpointer:
         self.on_error = on_error
         self.on_failure = on_failure
         self.failures = 0
+        self.failed_steps: list[int] = []  # the steps whose save failed under "warn", in order
         self.history: list[SaveStats] = []
         self._storage: Storage | None = None
         self._executor: ThreadPoolExecutor | None = None  # one long-lived worker: no thread start per save
@@ -142,6 +143,7 @@ class Checkpointer:
             lease.acquire()
             lease.start_heartbeat()
             self.lease = lease
+            on_launcher_gone(self.release_lease)  # an orphaned rank 0 leaves the dir free for the next job
 
         on_rank0(take)
 
@@ -240,9 +242,11 @@ class Checkpointer:
         if self.on_error == "raise":
             raise error
         self.failures += 1
+        self.failed_steps.append(outcome.step)
         log.error(
-            "saving step %d failed; training goes on (on_error=warn): %s: %s",
+            "saving step %d failed%s; training goes on (on_error=warn): %s: %s",
             outcome.step,
+            outcome.failure.where,
             outcome.failure.type_name,
             outcome.failure.message,
         )
@@ -329,7 +333,11 @@ class Checkpointer:
             failure = Failure.of(_rank(), error)
         if failure is not None:
             log.error(
-                "step %d: saving failed, the step is not committed: %s: %s", step, failure.type_name, failure.message
+                "step %d: saving failed%s, the step is not committed: %s: %s",
+                step,
+                failure.where,
+                failure.type_name,
+                failure.message,
             )
         stats.done_s = time.perf_counter() - t0
         return SaveOutcome(step, failure, error)

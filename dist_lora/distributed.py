@@ -2,13 +2,60 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import sys
+import threading
+from collections.abc import Callable
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+EXIT_LAUNCHER_GONE = 75  # a rank that stopped because its launcher died (EX_TEMPFAIL: rerun the job)
+
+_on_launcher_gone: list[Callable[[], None]] = []
+_watching = False
+
+
+def on_launcher_gone(fn: Callable[[], None]) -> None:
+    """Run ``fn`` (quickly, best-effort) before this rank exits because its launcher is gone."""
+    _on_launcher_gone.append(fn)
+
+
+def watch_launcher(interval_s: float = 1.0) -> None:
+    """Ranks never outlive their launcher: a rank started by torchrun or the deepspeed launcher whose parent
+    process dies (SIGKILLed, OOM-killed) exits within ``interval_s`` (with :data:`EXIT_LAUNCHER_GONE`), after the
+    :func:`on_launcher_gone` callbacks (rank 0 gives its checkpoint dir's lease up). A save in flight then is
+    never committed (the manifest is written last), so nothing partial looks valid. One daemon thread polls the
+    parent pid (a parent-death signal would kill the rank before it could give the lease up)."""
+    global _watching
+    if _watching:
+        return
+    parent = os.getppid()
+    if parent <= 1:
+        return
+    _watching = True
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            _stop_watching.wait(interval_s)
+        log.error("the launcher of this rank (pid %d) is gone: stopping this rank now, committing nothing more", parent)
+        for fn in _on_launcher_gone:
+            try:
+                fn()
+            except Exception as e:  # the rank exits regardless
+                log.warning("while stopping: %s: %s", type(e).__name__, e)
+        logging.shutdown()
+        os._exit(EXIT_LAUNCHER_GONE)
+
+    threading.Thread(target=watch, name="dist-lora-launcher-watch", daemon=True).start()
+
+
+_stop_watching = threading.Event()  # never set: the watch's wait is its polling interval
 
 
 def _free_port() -> int:
@@ -23,7 +70,8 @@ def init_distributed(timeout_s: float = 1800, *, need_group: bool = False) -> tu
     ``need_group``: sharding engines (FSDP2, DeepSpeed) need a process group even alone; a process started
     without a launcher then gets a one-rank group on a free local port.
     """
-    if need_group and "WORLD_SIZE" not in os.environ:
+    launched = "WORLD_SIZE" in os.environ  # by torchrun, the deepspeed launcher, or torch.multiprocessing
+    if need_group and not launched:
         os.environ.update(
             RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
         )
@@ -38,6 +86,8 @@ def init_distributed(timeout_s: float = 1800, *, need_group: bool = False) -> tu
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
         global _timeout_s
         _timeout_s = timeout_s
+    if launched and "LOCAL_RANK" in os.environ:
+        watch_launcher()
     rank = dist.get_rank() if dist.is_initialized() else 0
     return rank, (dist.get_world_size() if dist.is_initialized() else 1), device
 

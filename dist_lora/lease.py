@@ -6,8 +6,13 @@ conditional PUT, ``If-None-Match: *``, on S3; a hard link locally), and rank 0 r
 ``ttl / 3`` seconds. A second run finds it and is refused, with an error that names the holder.
 
 Restarts after a crash must not be locked out: a lease holding the *same* run id (the scheduler's job id, or
-``checkpoint.run_id``) is taken over at once, and any lease not renewed for ``ttl`` seconds is stale and may be
-taken over by anyone. A run that ends normally (or is preempted and saved) releases its lease.
+``checkpoint.run_id``) is taken over at once, so is one whose holder is provably dead (same host, its pid gone or
+now another process), and any lease not renewed for ``ttl`` seconds is stale and may be taken over by anyone. A
+run that ends normally, fails to start, or is preempted and saved releases its lease.
+
+Takeovers and renewals are conditional writes (``If-Match`` on S3, a compare-and-replace under ``flock``
+locally): a takeover never replaces a rival's fresh lease, and a renewal never overwrites a takeover. fsspec
+filesystems without conditional writes (memory://, ...) get a best-effort lease, with a warning at start.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from typing import Any
 from dist_lora import __version__
 from dist_lora.checkpoint import CheckpointError
 from dist_lora.constants import LEASE_NAME
-from dist_lora.storage import AlreadyExistsError, Storage
+from dist_lora.storage import AlreadyExistsError, ChangedError, Storage
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +49,38 @@ def default_run_id() -> str:
     return uuid.uuid4().hex
 
 
+def _holder_is_dead(held: dict[str, Any]) -> str | None:
+    """Why the lease's holder is provably dead (it ran on this host and its pid is gone, or now belongs to a
+    process that started after the lease was taken), or None when that cannot be known from here."""
+    if held.get("host") != socket.gethostname() or not isinstance(held.get("pid"), int):
+        return None
+    pid = int(held["pid"])
+    if pid == os.getpid():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return f"whose process {pid} on this host is gone"
+    except PermissionError:  # alive, another user's
+        return None
+    started, recorded = _process_start_time(pid), held.get("pid_started_at")
+    if started is not None and isinstance(recorded, (int, float)) and abs(started - recorded) > 1.0:
+        return f"whose pid {pid} now belongs to another process"
+    return None
+
+
+def _process_start_time(pid: int) -> float | None:
+    """A process's start time (seconds since the epoch) from /proc, or None where there is no /proc."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as f:
+            boot = next(float(line.split()[1]) for line in f if line.startswith("btime"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
+
+
 class Lease:
     """The lease of one checkpoint dir for one run; rank 0 only."""
 
@@ -52,6 +89,8 @@ class Lease:
         self.run_id = run_id
         self.ttl_s = ttl_s
         self.lost: LeaseError | None = None
+        self._version = ""  # of the lease as this run last wrote it (see Storage.replace_if)
+        self._acquired_at = time.time()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -61,11 +100,14 @@ class Lease:
 
     def _body(self, acquired_at: float | None = None) -> bytes:
         now = time.time()
+        if acquired_at:
+            self._acquired_at = acquired_at
         record = {
             "run_id": self.run_id,
             "host": socket.gethostname(),
             "pid": os.getpid(),
-            "acquired_at": acquired_at or now,
+            "pid_started_at": _process_start_time(os.getpid()),
+            "acquired_at": acquired_at or self._acquired_at,
             "renewed_at": now,
             "ttl_s": self.ttl_s,
             "dist_lora_version": __version__,
@@ -74,8 +116,12 @@ class Lease:
 
     def read(self) -> dict[str, Any] | None:
         """The lease as stored, None if there is none; an unreadable one is reported as such."""
+        found = self._read_versioned()
+        return found[0] if found else None
+
+    def _read_versioned(self) -> tuple[dict[str, Any], str] | None:
         try:
-            raw = self.storage.read(LEASE_NAME)
+            raw, version = self.storage.read_versioned(LEASE_NAME)
         except FileNotFoundError:
             return None
         try:
@@ -86,22 +132,41 @@ class Lease:
                 f"{self.url} is not a dist_lora lease ({type(e).__name__}: {e}); if no run writes to this dir, "
                 "remove that file"
             ) from e
-        return dict(record)
+        return dict(record), version
 
     def acquire(self) -> None:
-        """Take the lease, or raise LeaseError naming the live run that holds it."""
+        """Take the lease, or raise LeaseError naming the live run that holds it.
+
+        A free dir is taken with an exclusive create. A lease of this same run, a stale one, or one whose holder
+        is provably dead (this host, its pid gone) is replaced conditionally, only if it is still the version that
+        was read: of two runs taking one stale lease over, one wins and the other is refused; a fresh lease is
+        never replaced."""
+        if not self.storage.conditional_writes:
+            log.warning(
+                "%s has no conditional writes (only local paths and S3 do): the one-writer lease of %s is "
+                "best-effort; do not point two jobs at it",
+                self.storage.protocol,
+                self.storage.url,
+            )
+        body = self._body()
         try:
-            self.storage.write(LEASE_NAME, self._body(), exclusive=True)
+            self.storage.write(LEASE_NAME, body, exclusive=True)
+            self._version = self.storage.read_versioned(LEASE_NAME)[1]
             return
         except AlreadyExistsError:
             pass
-        held = self.read()
-        if held is None:  # released between our write and our read: try once more, exclusively
-            self.storage.write(LEASE_NAME, self._body(), exclusive=True)
+        found = self._read_versioned()
+        if found is None:  # released between our write and our read: try once more, exclusively
+            self.storage.write(LEASE_NAME, body, exclusive=True)
+            self._version = self.storage.read_versioned(LEASE_NAME)[1]
             return
+        held, version = found
         age = time.time() - float(held["renewed_at"])
+        dead = _holder_is_dead(held)
         if held["run_id"] == self.run_id:
             log.info("taking over the lease of %s from an earlier attempt of run %s", self.storage.url, self.run_id)
+        elif dead is not None:
+            log.warning("the lease of %s is held by run %s, %s: taking over", self.storage.url, held["run_id"], dead)
         elif age > float(held["ttl_s"]):
             log.warning(
                 "the lease of %s held by run %s (host %s) was last renewed %.0f s ago (ttl %.0f s): stale, taking over",
@@ -111,12 +176,6 @@ class Lease:
                 age,
                 float(held["ttl_s"]),
             )
-            self.storage.delete(LEASE_NAME)
-            try:  # two runs taking over a stale lease at once: one wins the exclusive write
-                self.storage.write(LEASE_NAME, self._body(), exclusive=True)
-            except AlreadyExistsError:
-                raise LeaseError(f"another run took over the stale lease {self.url} first") from None
-            return
         else:
             wait = float(held["ttl_s"]) - age
             raise LeaseError(
@@ -126,24 +185,33 @@ class Lease:
                 f"run id (checkpoint.run_id or DIST_LORA_RUN_ID={held['run_id']}), wait {wait:.0f} s for its lease "
                 f"to expire, or remove {self.url}"
             )
-        self.storage.write(LEASE_NAME, self._body(float(held.get("acquired_at") or 0) or None))
+        acquired_at = float(held.get("acquired_at") or 0) if held["run_id"] == self.run_id else None
+        try:
+            self._version = self.storage.replace_if(LEASE_NAME, self._body(acquired_at or None), version)
+        except ChangedError:
+            raise LeaseError(
+                f"another run took over the lease {self.url} first (it changed while this run was taking it over)"
+            ) from None
 
     def renew(self) -> None:
-        """Rewrite the lease with a fresh time; LeaseError if another run has taken it over meanwhile."""
-        held = self.read()
-        if held is not None and held["run_id"] != self.run_id:
+        """Rewrite the lease with a fresh time, only if it is still the version this run wrote; LeaseError if
+        another run has taken it over meanwhile (a renewal never overwrites a takeover)."""
+        try:
+            self._version = self.storage.replace_if(LEASE_NAME, self._body(self._acquired_at), self._version)
+        except ChangedError:
+            held = self.read()
+            holder = f"run {held['run_id']} (host {held.get('host')})" if held else "nobody (it was removed)"
             raise LeaseError(
-                f"the lease {self.url} was taken over by run {held['run_id']} (host {held.get('host')}): another job "
-                "writes to this checkpoint dir now; this run stops saving there"
-            )
-        self.storage.write(LEASE_NAME, self._body(float(held["acquired_at"]) if held else None))
+                f"the lease {self.url} was taken over by {holder}: another job writes to this checkpoint dir now; "
+                "this run stops saving there"
+            ) from None
 
     def release(self) -> None:
         """Stop renewing and remove the lease if it is still ours."""
         self.stop_heartbeat()
         try:
             held = self.read()
-            if held is not None and held["run_id"] == self.run_id:
+            if held is not None and held["run_id"] == self.run_id and held.get("pid") == os.getpid():
                 self.storage.delete(LEASE_NAME)
         except Exception as e:  # it expires on its own
             log.warning("could not release the lease %s: %s", self.url, e)

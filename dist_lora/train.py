@@ -223,7 +223,8 @@ class Trainer:
         return self.checkpointer.failures
 
     def _save_failed(self, e: BaseException) -> None:
-        self.metrics_log.event("save_failed", step=self.step, error=f"{type(e).__name__}: {e}")
+        step = self.checkpointer.failed_steps[-1]  # an asynchronous save's failure is known a step or more later
+        self.metrics_log.event("save_failed", step=step, error=f"{type(e).__name__}: {e}")
 
     def fit(self) -> list[dict[str, Any]]:
         """Train to ``stop_at_step`` (or ``max_steps``), saving every ``every_steps`` and at the end.

@@ -1,6 +1,7 @@
 """One writer per checkpoint dir (the lease), and what a failed save does to training (checkpoint.on_error)."""
 
 import json
+import os
 import subprocess
 import threading
 import time
@@ -209,3 +210,128 @@ def test_on_error_raise_stops_training_with_the_error(gpt2_base, failing_s3):
     url, options, _ = failing_s3
     with pytest.raises(StorageError, match=r"step-00000002/.*after 2 attempts"):
         train(tiny_run(gpt2_base, url, options, "raise"))
+
+
+@pytest.fixture(params=["local", "s3"])
+def cas_url(request, tmp_path) -> tuple[str, dict]:
+    """The stores with conditional writes: a local path and the real S3 server."""
+    if request.param == "local":
+        return str(tmp_path / "ckpt"), {}
+    return request.getfixturevalue("s3")
+
+
+def pause_after_reading(lease: Lease, reached: threading.Event, go: threading.Event) -> None:
+    """Make ``lease`` stop right after it reads the stored lease, until ``go``: a rival acts in that window."""
+    for name in ("read", "_read_versioned"):
+        original = getattr(lease, name)
+
+        def paused(_original=original):
+            out = _original()
+            if not reached.is_set():
+                reached.set()
+                assert go.wait(60)
+            return out
+
+        setattr(lease, name, paused)
+
+
+def stale_record(run_id: str) -> bytes:
+    now = time.time()
+    record = {"run_id": run_id, "host": "elsewhere", "pid": 1, "acquired_at": now - 900, "renewed_at": now - 900}
+    return json.dumps({**record, "ttl_s": 60}).encode()
+
+
+@pytest.mark.reliability(
+    fault="two runs taking over one stale lease at once (local, S3)",
+    injected="the second taker paused between reading the stale lease and replacing it",
+    outcome="one wins; the other is refused; the winner's fresh lease is never deleted",
+)
+def test_two_takers_of_a_stale_lease_one_wins_and_the_fresh_lease_survives(cas_url):
+    url, options = cas_url
+    Storage(url, options).write(LEASE_NAME, stale_record("job-dead"))
+    late = Lease(Storage(url, options), "job-b")
+    reached, go = threading.Event(), threading.Event()
+    pause_after_reading(late, reached, go)
+    errors: list[BaseException] = []
+
+    def take():
+        try:
+            late.acquire()
+        except BaseException as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=take)
+    thread.start()
+    assert reached.wait(60)  # job-b has read the stale lease
+    winner = Lease(Storage(url, options), "job-a")
+    winner.acquire()  # takes the stale lease over while job-b is paused
+    go.set()
+    thread.join(60)
+    assert len(errors) == 1 and isinstance(errors[0], LeaseError), errors
+    assert "took over the lease" in str(errors[0])
+    assert Lease(Storage(url, options), "x").read()["run_id"] == "job-a"  # job-a's fresh lease is intact
+    winner.renew()  # and still job-a's to renew
+
+
+@pytest.mark.reliability(
+    fault="a renewal racing a takeover (local, S3)",
+    injected="the holder paused in its renewal while another run takes the stale lease over",
+    outcome="the renewal never overwrites the takeover; the old holder learns it lost the dir",
+)
+def test_a_renewal_never_overwrites_a_takeover(cas_url):
+    url, options = cas_url
+    holder = Lease(Storage(url, options), "job-a", ttl_s=1e-6)  # stale as soon as it is written
+    holder.acquire()
+    reached, go = threading.Event(), threading.Event()
+    pause_after_reading(holder, reached, go)
+    errors: list[BaseException] = []
+
+    def renew():
+        try:
+            holder.renew()
+        except BaseException as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=renew)
+    thread.start()
+    while not reached.is_set() and thread.is_alive():  # a renewal that reads first stops here
+        reached.wait(0.05)
+    Lease(Storage(url, options), "job-b").acquire()  # job-a's lease is stale: job-b takes it over
+    go.set()
+    thread.join(60)
+    assert all(isinstance(e, LeaseError) for e in errors), errors
+    assert Lease(Storage(url, options), "x").read()["run_id"] == "job-b"  # the takeover stands
+    with pytest.raises(LeaseError, match="taken over by run job-b"):
+        holder.renew()
+
+
+def test_a_store_without_conditional_writes_gets_a_best_effort_lease_with_a_warning(caplog):
+    lease = Lease(Storage(f"memory://dist-lora-{uuid.uuid4().hex}"), "job-a")
+    lease.acquire()
+    assert "best-effort" in caplog.text and "memory" in caplog.text
+
+
+@pytest.mark.reliability(
+    fault="a lease left by a run whose process is gone (same host)",
+    injected="a lease naming a dead pid of this host, and one naming a reused pid",
+    outcome="taken over at once, with a log line naming why",
+)
+def test_a_dead_holder_on_this_host_is_taken_over_at_once(tmp_path, caplog):
+    import socket
+
+    dead = subprocess.run(["true"])
+    assert dead.returncode == 0
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    storage = Storage(str(tmp_path / "ckpt"))
+    now = time.time()
+    record = {"run_id": "job-gone", "host": socket.gethostname(), "pid": proc.pid, "acquired_at": now}
+    storage.write(LEASE_NAME, json.dumps({**record, "renewed_at": now, "ttl_s": 600}).encode())
+    Lease(storage, "job-new").acquire()
+    assert Lease(storage, "x").read()["run_id"] == "job-new"
+    assert f"process {proc.pid} on this host is gone" in caplog.text
+    # a pid that now belongs to another process (this one) than the one that wrote the lease
+    record = {**record, "run_id": "job-reused", "pid": os.getppid(), "pid_started_at": now - 10**6}
+    storage.write(LEASE_NAME, json.dumps({**record, "renewed_at": now, "ttl_s": 600}).encode())
+    Lease(storage, "job-newer").acquire()
+    assert Lease(storage, "x").read()["run_id"] == "job-newer" and "now belongs to another process" in caplog.text
