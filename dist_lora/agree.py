@@ -40,7 +40,7 @@ class Failure:
 
     @property
     def where(self) -> str:
-        """" on rank N" when the failure was not rank 0's (rank 0 does most of the I/O), else ""."""
+        """The text " on rank N" where the failure was not rank 0's (rank 0 does most of the I/O), else empty."""
         return f" on rank {self.rank}" if self.rank else ""
 
     @property

@@ -5,7 +5,6 @@ import json
 import pytest
 import torch
 from peft import PeftModel
-from safetensors.torch import save as st_save
 from transformers import AutoModelForCausalLM
 
 import dist_lora
@@ -348,22 +347,45 @@ def test_api_works_with_a_user_optimizer_and_any_training_loop(gpt2_base, tmp_pa
     injected="the test adds the file",
     outcome="never read (`pickle.loads` is patched to fail the test)",
 )
+class _Marker:
+    """Unpickling this creates the file named by its argument (what a malicious pickle would run instead)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
 def test_pickle_files_are_never_read(gpt2_base, tmp_path):
-    model, _, _ = train_some(gpt2_base, ["c_attn"], steps=0)
-    url = dist_lora.save_checkpoint(model, str(tmp_path), step=1)
-    (tmp_path / step_name(1) / "adapter_model.bin").write_bytes(b"\x80\x04 not to be unpickled")
+    """A pickle whose payload creates a marker file when unpickled, dropped into a step as adapter_model.bin and
+    optimizer.pt (and as the only content of a newer step): load, ls, verify, pull and resume never unpickle it."""
     import pickle
 
-    def refuse(*a, **k):
-        raise AssertionError("something was unpickled")
+    from dist_lora.api import resume_checkpoint
+    from dist_lora.cli import main
+    from dist_lora.export import pull
 
-    orig = pickle.loads
-    pickle.loads = refuse
-    try:
-        dist_lora.load_checkpoint(model, url)
-    finally:
-        pickle.loads = orig
-    _ = st_save  # safetensors is the only tensor format written
+    marker = tmp_path / "UNPICKLED"
+    payload = pickle.dumps(_Marker(str(marker)))
+    pickle.loads(payload)  # the payload works: unpickling it creates the marker
+    assert marker.exists()
+    marker.unlink()
+    ckpt = tmp_path / "ckpt"
+    model, opt, _ = train_some(gpt2_base, ["c_attn"], steps=1)
+    url = dist_lora.save_checkpoint(model, str(ckpt), step=1, optimizer=opt)
+    for name in ("adapter_model.bin", "optimizer.pt", "pytorch_model.bin"):
+        (ckpt / step_name(1) / name).write_bytes(payload)
+    (ckpt / step_name(2)).mkdir()
+    (ckpt / step_name(2) / "adapter_model.bin").write_bytes(payload)  # a newer "step" holding only a pickle
+    dist_lora.load_checkpoint(model, url, optimizer=opt)
+    assert dist_lora.load_checkpoint(model, str(ckpt), optimizer=opt)["checkpoint_url"].endswith(step_name(1))
+    assert main(["ls", str(ckpt)]) == 0
+    assert main(["verify", url]) == 0
+    pull(str(ckpt), str(tmp_path / "pulled"))
+    resume_checkpoint(model, "auto", str(ckpt), optimizer=opt)
+    assert not marker.exists(), "a pickle in a step was unpickled"
+    assert not (tmp_path / "pulled" / "adapter_model.bin").exists()  # pull copies only what the manifest lists
 
 
 def test_readme_reliability_table_lists_every_fault_the_suite_injects():

@@ -173,3 +173,59 @@ def test_lr_schedule():
     t = TrainConfig(max_steps=10, lr=1.0, warmup_steps=2)
     assert [round(lr_at(s, t), 4) for s in (0, 1, 2)] == [0.5, 1.0, 1.0]
     assert math.isclose(lr_at(10, t), 0.1) and lr_at(6, t) < lr_at(3, t)
+
+
+def single_run(base: Path, ckpt: Path, *extra: str):
+    from dist_lora.config import load_config
+
+    return load_config(
+        str(TINY),
+        [
+            f"model.name_or_path={base}",
+            f"data.path={corpus_path()}",
+            f"checkpoint.dir={ckpt}",
+            "parallel.backend=single",
+            "train.max_steps=6",
+            "train.global_batch_size=2",
+            "train.micro_batch_size=1",
+            "checkpoint.every_steps=2",
+            "checkpoint.keep_last=null",
+            *extra,
+        ],
+    )
+
+
+@pytest.mark.parametrize("damage", ["truncated", "stray_pickle"])
+@pytest.mark.reliability(
+    fault="the newest step truncated, or holding only a stray pickle, then `resume: auto`",
+    injected="step 4's adapter file cut in half / replaced by `adapter_model.bin`",
+    outcome="resumes from step 2, moves the bad step aside (renamed, never deleted) and writes step 4 anew",
+)
+def test_a_bad_newest_step_is_skipped_then_set_aside_and_written_again(damage, gpt2_base, tmp_path, caplog):
+    from dist_lora.checkpoint import list_steps, read_step
+    from dist_lora.storage import Storage
+    from dist_lora.train import train
+
+    ckpt = tmp_path / "ckpt"
+    train(single_run(gpt2_base, ckpt, "train.stop_at_step=4"))
+    step4 = ckpt / "step-00000004"
+    if damage == "truncated":
+        weights = step4 / "adapter_model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    else:
+        for f in step4.iterdir():
+            f.unlink()
+        (step4 / "adapter_model.bin").write_bytes(b"\x80\x04 a stray pickle")
+    kept = {f.name: f.read_bytes() for f in step4.iterdir()}
+    metrics = train(single_run(gpt2_base, ckpt))
+    assert [m["step"] for m in metrics] == [3, 4, 5, 6]  # resumed from step 2
+    assert "skipping" in caplog.text and "step-00000004" in caplog.text
+    storage = Storage(str(ckpt))
+    assert [(s.step, s.status) for s in list_steps(storage)] == [(2, "committed"), (4, "committed"), (6, "committed")]
+    for step in (2, 4, 6):
+        read_step(storage.child(f"step-{step:08d}"))
+    (aside,) = [p for p in ckpt.iterdir() if p.name.startswith("step-00000004.aside-")]
+    assert {f.name: f.read_bytes() for f in aside.iterdir()} == kept  # nothing the user had is lost
+    assert f"moved it aside to {aside}" in caplog.text
+    status = "corrupt" if damage == "truncated" else "incomplete"  # never called committed
+    assert f"step-00000004 was {status} (" in caplog.text
