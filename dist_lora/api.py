@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import weakref
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -44,6 +46,27 @@ from dist_lora.storage import RetryPolicy, Storage
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class _Saver:
+    """What :func:`save_checkpoint` keeps per model: its Backend view (piece layout, bias mode) for one optimizer,
+    and one Checkpointer per (dir, save options)."""
+
+    optimizer: weakref.ref | None
+    backend: Backend
+    checkpointers: dict[tuple, Checkpointer] = field(default_factory=dict)
+
+
+_SAVERS: weakref.WeakKeyDictionary[nn.Module, _Saver] = weakref.WeakKeyDictionary()
+
+
+def _saver(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> _Saver:
+    saver = _SAVERS.get(model)
+    if saver is None or (saver.optimizer() if saver.optimizer else None) is not optimizer:
+        ref = weakref.ref(optimizer) if optimizer is not None else None
+        saver = _SAVERS[model] = _Saver(ref, attach(model, optimizer, infer_bias_mode(model)))
+    return saver
+
+
 def save_checkpoint(
     model: nn.Module,
     dir: str,
@@ -59,12 +82,19 @@ def save_checkpoint(
     """Save the adapter (and optimizer state) as ``<dir>/step-<step>/``; returns the step's URL once committed.
 
     Collective: every rank must call. Only the adapter tensors and their Adam state are gathered to rank 0, in
-    buckets; rank 0 writes and commits the step; one broadcast reports the outcome to every rank. For saves that
-    overlap training, use :class:`dist_lora.checkpointer.Checkpointer` with ``async_save=True``.
+    buckets; rank 0 writes and commits the step; one all-reduce agrees on the outcome, and a failure on any rank
+    is raised on every rank. The Backend view and the Checkpointer are made on the first call for a (model,
+    optimizer, dir) and reused after it (the piece layout is gathered once). For saves that overlap training, use
+    :class:`dist_lora.checkpointer.Checkpointer` with ``async_save=True``.
     """
-    if backend is None:
-        backend = attach(model, optimizer, infer_bias_mode(model))
-    checkpointer = Checkpointer(dir, keep_last=keep_last, storage_options=storage_options, bucket_mb=bucket_mb)
+    saver = _saver(model, optimizer)
+    key = (dir, keep_last, json.dumps(storage_options or {}, sort_keys=True, default=repr), bucket_mb)
+    if key not in saver.checkpointers:
+        saver.checkpointers[key] = Checkpointer(
+            dir, keep_last=keep_last, storage_options=storage_options, bucket_mb=bucket_mb
+        )
+    checkpointer = saver.checkpointers[key]
+    backend = backend or saver.backend
     url = checkpointer.save(backend, step=step, trainer_state=trainer_state)
     assert url is not None  # on_error="raise": a failure raised above
     return url

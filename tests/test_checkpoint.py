@@ -397,3 +397,81 @@ def test_readme_reliability_table_lists_every_fault_the_suite_injects():
     lines = [line for line in table.splitlines() if line.startswith("|")]
     rows = [line.split(" | ")[0].removeprefix("| ") for line in lines[2:]]  # after the header and |---|
     assert sorted(rows) == sorted(declared_faults())
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 2 MiB tmpfs (a disk that fills up for real); needs root, as CI has."""
+    import os
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+@pytest.mark.parametrize("on_error", ["raise", "warn"])
+@pytest.mark.reliability(
+    fault="a full disk (a small tmpfs), free space stepped so that each file of a save in turn is the one that fails",
+    injected="a filler file leaving 0 .. (step size + 4 pages) free, one page at a time",
+    outcome="a step reported committed always verifies; one reported failed is never committed",
+)
+def test_full_disk_sweep_never_misreports_a_save(on_error, gpt2_base, small_tmpfs):
+    import os
+    import shutil
+
+    from dist_lora.checkpointer import Checkpointer
+    from dist_lora.storage import Storage
+
+    model, opt, _ = train_some(gpt2_base, ["c_attn"], steps=1)
+    backend = dist_lora.backends.attach(model, opt, "none")
+    probe = small_tmpfs / "probe"
+    Checkpointer(str(probe)).save(backend, step=1)
+    page = os.statvfs(small_tmpfs).f_frsize
+    need = sum(-(-f.stat().st_size // page) * page for f in probe.rglob("*") if f.is_file())  # whole pages
+    shutil.rmtree(probe)
+    outcomes = set()
+    for free in range(0, need + 4 * page + 1, page):
+        ckpt, filler = small_tmpfs / "ckpt", small_tmpfs / "filler"
+        stat = os.statvfs(small_tmpfs)
+        with open(filler, "wb") as f:
+            f.write(b"\0" * max(0, stat.f_bavail * stat.f_frsize - free))
+        checkpointer = Checkpointer(str(ckpt), on_error=on_error)
+        try:
+            url = checkpointer.save(backend, step=1)
+            reported = url is not None
+        except OSError as e:
+            assert on_error == "raise" and "No space left on device" in str(e), e
+            reported = False
+        steps = {s.step: s for s in list_steps(Storage(str(ckpt)))}
+        committed = 1 in steps and steps[1].status == "committed"
+        assert reported == committed, (free, reported, steps)
+        assert on_error == "raise" or checkpointer.failures == (0 if reported else 1)
+        outcomes.add(reported)
+        shutil.rmtree(ckpt, ignore_errors=True)
+        filler.unlink()
+    assert outcomes == {True, False}  # the sweep went from a full disk to one with room
+
+
+def test_save_checkpoint_reuses_its_backend_view_and_checkpointer(gpt2_base, tmp_path, monkeypatch):
+    """A loop calling save_checkpoint every N steps pays what the trainer pays: the Backend view (layout, bias
+    inference) and the Checkpointer are made once per (model, optimizer, dir), not per call."""
+    import dist_lora.api as api
+
+    made = []
+    real_attach = api.attach
+    monkeypatch.setattr(api, "attach", lambda *a: made.append(a) or real_attach(*a))
+    model, opt, _ = train_some(gpt2_base, ["c_attn"], steps=1)
+    urls = [dist_lora.save_checkpoint(model, str(tmp_path), step=s, optimizer=opt) for s in (1, 2, 3)]
+    assert len(made) == 1 and len(api._SAVERS[model].checkpointers) == 1
+    assert [u.rsplit("/", 1)[-1] for u in urls] == [step_name(s) for s in (1, 2, 3)]
+    other = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    dist_lora.save_checkpoint(model, str(tmp_path), step=4, optimizer=other)  # another optimizer: a new view
+    dist_lora.save_checkpoint(model, str(tmp_path / "other"), step=4, optimizer=other)  # another dir
+    assert len(made) == 2 and len(api._SAVERS[model].checkpointers) == 2
