@@ -142,7 +142,15 @@ def test_gather_is_bit_exact_moves_only_the_adapter_and_matches_unsharded(kind, 
     out = source(kind, world, gpt2_base, workdir)
     weights, _ = load_step(out / "ckpt" / step_name(3))
 
-    # 1. the gathered adapter equals, bit for bit, what the ranks hold
+    # 1. the gathered adapter equals, bit for bit, what the engine's own full-tensor APIs give for the same model
+    #    (DTensor.full_tensor(), GatheredParameters, safe_get_full_optimizer_state), and what the ranks hold
+    optim = load_step(out / "ckpt" / step_name(3))[1]
+    reference = load_file(str(out / "reference.safetensors"))
+    assert {k.split("::")[0] for k in reference} == set(weights)
+    for name, want in reference.items():
+        key, field = name.split("::")
+        got = weights[key] if field == "weight" else optim[f"{key}.{field}"]
+        assert torch.equal(got, want.view_as(got)), name
     rank_bytes = assert_step_3_holds_the_dumped_pieces(out, world)
 
     # 2. only adapter bytes move: every collective's tensor fits in a bucket (no base tensor is ever sent), and the

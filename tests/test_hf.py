@@ -53,10 +53,14 @@ def test_trainer_saves_through_callback_and_resumes_on_one_process(engine, gpt2_
     # 1 process, same global batch (1 x 2 x 4 = 2 x 2 x 2), no engine: the adapter is the one saved
     second = run(1, {**common, "out": str(tmp_path / "b"), "engine": "none", "stop_at": None, "grad_accum": 4})
     assert second["begin_step"] == 4 and second["resumed_from"].endswith("step-00000004")
+    # the references are the engines' own gathers, named by PEFT: step 4 as saved on 2 ranks is the trained
+    # adapter, and the adapter loaded on 1 process is step 4
     saved = load_file(str(ckpt / "step-00000004" / "adapter_model.safetensors"))
+    trained = load_file(str(tmp_path / "a" / "end_adapter.safetensors"))
     loaded = load_file(str(tmp_path / "b" / "begin_adapter.safetensors"))
-    assert saved.keys() == loaded.keys() and len(saved) == 4  # 2 layers x (A, B)
+    assert saved.keys() == trained.keys() == loaded.keys() and len(saved) == 4  # 2 layers x (A, B)
     for key in saved:
+        assert torch.equal(saved[key], trained[key]), key
         assert torch.equal(saved[key], loaded[key]), key
     # the schedule continues where it stopped, and every step after the resume trained and logged
     assert second["global_step"] == MAX_STEPS and second["saves"] == [6, 8]

@@ -12,15 +12,13 @@ import sys
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 from safetensors.torch import save_file
 from torch.distributed.fsdp import fully_shard
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 from transformers.distributed.configuration_utils import DistributedConfig
 
-from dist_lora.gather import gather_adapter
-from dist_lora.integrations.hf import DistLoraCallback, backend_for
-from dist_lora.lora import infer_bias_mode
+from dist_lora.integrations.hf import DistLoraCallback
 
 
 class Blocks(torch.utils.data.Dataset):
@@ -36,10 +34,26 @@ class Blocks(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
-def full_adapter(model, optimizer) -> dict[str, torch.Tensor] | None:
-    """The full adapter on rank 0 (dist_lora's own gather, the same on every engine)."""
-    state = gather_adapter(backend_for(model, optimizer, infer_bias_mode(model)), 2**20)
-    return None if state is None else {k: v.contiguous() for k, v in state.weights.items()}
+def full_adapter(peft_model) -> dict[str, torch.Tensor] | None:
+    """The full adapter on rank 0, gathered by the engine's own API (``GatheredParameters`` under ZeRO-3,
+    ``DTensor.full_tensor()`` under FSDP2) and named by PEFT's ``get_peft_model_state_dict``: no dist_lora code,
+    so it is an independent reference for what dist_lora saved and loaded. Collective."""
+    full = {}
+    for name, p in peft_model.named_parameters():
+        if "lora_" not in name:
+            continue
+        if hasattr(p, "ds_id"):
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([p]):
+                t = p.detach().clone()
+        elif hasattr(p, "full_tensor"):
+            t = p.full_tensor().detach()
+        else:
+            t = p.detach()
+        full[name] = t.float().cpu().contiguous()
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    return get_peft_model_state_dict(peft_model, state_dict=full) if rank == 0 else None
 
 
 class Probe(TrainerCallback):
@@ -57,7 +71,7 @@ class Probe(TrainerCallback):
         self.step = state.global_step + 1
         if self.begin_step is None:  # after every on_train_begin (the resume), before the first step
             self.begin_step = state.global_step
-            weights = full_adapter(model, optimizer)
+            weights = full_adapter(model)
             if weights is not None:
                 save_file(weights, str(self.out / "begin_adapter.safetensors"))
 
@@ -121,7 +135,7 @@ def main() -> None:
     trainer.train()
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     (out / f"seen-{rank}.json").write_text(json.dumps(probe.seen))
-    weights = full_adapter(trainer.model_wrapped, trainer.optimizer)
+    weights = full_adapter(trainer.model)
     if weights is not None:
         save_file(weights, str(out / "end_adapter.safetensors"))
         result = {

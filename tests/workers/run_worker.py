@@ -1,8 +1,8 @@
 """One rank of a multi-process test run (launched by torchrun from tests/dist_utils.py).
 
 argv[1] is JSON: {"config": {...}, "out": dir, "resume": url|null, "phases": ["train:3", "save_traced", ...]}.
-Phases: train:N (N optimizer steps), save, save_traced (save while recording every collective, and dump this
-rank's local pieces), save_then_step (dump this rank's local pieces, save with the snapshot held until the next
+Phases: train:N (N optimizer steps), save, save_traced (save while recording every collective, dump this rank's
+local pieces and, on rank 0, the engine's own full tensors as an independent reference), save_then_step (dump this rank's local pieces, save with the snapshot held until the next
 training step's optimizer step is seen waiting for it, record that it waited), logits (rank 0 writes the logits of a fixed
 batch). Rank 0 writes out/losses.json.
 """
@@ -76,6 +76,30 @@ def dump_pieces(trainer: Trainer, path: Path) -> None:
     save_file(pieces, str(path))
 
 
+def dump_reference(trainer: Trainer, path: Path) -> None:
+    """Collective: the full adapter and Adam moments as each engine's own API gathers them, independent of
+    dist_lora's pieces and gather (FSDP2: ``DTensor.full_tensor()``; ZeRO: ``GatheredParameters`` and
+    ``safe_get_full_optimizer_state``; DDP: the replicated tensors). Rank 0 writes them, named key::field."""
+    backend, full = trainer.backend, {}
+    for key, p in backend.adapter().items():  # the same order on every rank: every call below is a collective
+        if backend.name == "deepspeed":
+            import deepspeed
+            from deepspeed.utils import safe_get_full_optimizer_state
+
+            with deepspeed.zero.GatheredParameters([p]):
+                full[f"{key}::weight"] = p.detach().float().cpu().clone()
+            for field in ("exp_avg", "exp_avg_sq"):
+                full[f"{key}::{field}"] = safe_get_full_optimizer_state(p, field).float().cpu().clone()
+        else:
+            state = backend.optimizer.state[p]
+            tensors = {"weight": p.detach(), "exp_avg": state["exp_avg"], "exp_avg_sq": state["exp_avg_sq"]}
+            for field, t in tensors.items():
+                t = t.full_tensor() if hasattr(t, "full_tensor") else t
+                full[f"{key}::{field}"] = t.float().cpu().clone()
+    if trainer.rank == 0:
+        save_file({k: v.contiguous() for k, v in full.items()}, str(path))
+
+
 def main() -> None:
     args = json.loads(sys.argv[1])
     out = Path(args["out"])
@@ -102,6 +126,7 @@ def main() -> None:
                 for name, fn in originals.items():
                     setattr(dist, name, fn)
             dump_pieces(trainer, out / f"pieces-rank{rank}.safetensors")
+            dump_reference(trainer, out / "reference.safetensors")
             (out / f"comm-rank{rank}.json").write_text(json.dumps(record))
         elif phase == "save_then_step":
             dump_pieces(trainer, out / f"pieces-rank{rank}.safetensors")  # the state the step must hold
