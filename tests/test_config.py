@@ -125,3 +125,11 @@ def test_secrets_never_reach_the_saved_config():
     assert config_to_dict(cfg)["checkpoint"]["storage_options"]["endpoint_url"] == "http://x"
     assert redact("s3://u:p@host/x") == "s3://***@host/x" and redact("s3://bucket/x") == "s3://bucket/x"
     assert config_to_dict(cfg, secrets=True)["checkpoint"]["storage_options"]["secret"] == "s3cr3t"
+
+
+def test_every_configurable_backend_is_in_the_registry():
+    from dist_lora.backends import REGISTRY, backend_class
+    from dist_lora.config import BACKENDS
+
+    assert set(REGISTRY) == set(BACKENDS)
+    assert {backend_class(name).name for name in REGISTRY} == set(BACKENDS)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -10,26 +12,32 @@ from torch import nn
 from dist_lora.backends.base import Backend, LocalPiece
 from dist_lora.config import ParallelConfig
 
+# parallel.backend -> (module, class). attach() asks them, in this order, whether they wrapped a model: the
+# first that did gives the view (single recognises any module, so it comes last).
+REGISTRY: dict[str, tuple[str, str]] = {
+    "deepspeed": ("dist_lora.backends.deepspeed", "DeepSpeedBackend"),
+    "ddp": ("dist_lora.backends.ddp", "DDPBackend"),
+    "fsdp": ("dist_lora.backends.fsdp", "FSDPBackend"),
+    "single": ("dist_lora.backends.single", "SingleBackend"),
+}
 
-def attach(model: nn.Module, optimizer: torch.optim.Optimizer | None, bias: str) -> Backend:
-    """A Backend view of a model the user already wrapped: DeepSpeedEngine, FSDP2, DDP, or a plain module."""
-    if type(model).__name__ == "DeepSpeedEngine":
-        from dist_lora.backends.deepspeed import DeepSpeedBackend
 
-        return DeepSpeedBackend(model, model.optimizer, bias)
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        from dist_lora.backends.ddp import DDPBackend
+def backend_class(name: str) -> type[Backend]:
+    """The Backend class for a ``parallel.backend`` name (its module imported on first use)."""
+    if name not in REGISTRY:
+        raise ValueError(f"parallel.backend must be one of {', '.join(REGISTRY)} (got {name!r})")
+    module, cls = REGISTRY[name]
+    return getattr(importlib.import_module(module), cls)
 
-        return DDPBackend(model, optimizer, bias)
-    from torch.distributed.tensor import DTensor
 
-    if any(isinstance(p, DTensor) for p in model.parameters()):
-        from dist_lora.backends.fsdp import FSDPBackend
-
-        return FSDPBackend(model, optimizer, bias)
-    from dist_lora.backends.single import SingleBackend
-
-    return SingleBackend(model, optimizer, bias)
+def attach(model: nn.Module, optimizer: Any, bias: str) -> Backend:
+    """A Backend view of a model the user (or HF Trainer) already wrapped: DeepSpeed ZeRO, DDP, FSDP2, or a plain
+    module."""
+    for name in REGISTRY:
+        backend = backend_class(name).recognise(model, optimizer, bias)
+        if backend is not None:
+            return backend
+    raise AssertionError("unreachable: the single backend recognises any module")
 
 
 def build(
@@ -42,34 +50,9 @@ def build(
     grad_accum: int,
 ) -> Backend:
     """Wrap a LoRA model for ``parallel.backend`` and create its optimizer over the trainable parameters."""
-    name = parallel.backend
-    if name == "single":
-        from dist_lora.backends.single import SingleBackend
-
-        params = [p for p in model.parameters() if p.requires_grad]
-        return SingleBackend(model, make_optimizer(params), bias)
-    if name == "ddp":
-        from dist_lora.backends.ddp import DDPBackend
-
-        return DDPBackend.wrap(model, make_optimizer, bias)
-    if name == "fsdp":
-        from dist_lora.backends.fsdp import FSDPBackend
-
-        return FSDPBackend.wrap(model, make_optimizer, bias, mixed_precision=parallel.mixed_precision)
-    if name == "deepspeed":
-        from dist_lora.backends.deepspeed import DeepSpeedBackend
-
-        return DeepSpeedBackend.wrap(
-            model,
-            make_optimizer,
-            bias,
-            zero_stage=parallel.zero_stage,
-            micro_batch_size=micro_batch_size,
-            grad_accum=grad_accum,
-            bf16=parallel.mixed_precision == "bf16",
-            extra_config=parallel.deepspeed_config,
-        )
-    raise ValueError(f"parallel.backend must be one of fsdp, deepspeed, ddp, single (got {name!r})")
+    return backend_class(parallel.backend).wrap(
+        parallel, model, make_optimizer, bias, micro_batch_size=micro_batch_size, grad_accum=grad_accum
+    )
 
 
-__all__ = ["Backend", "LocalPiece", "attach", "build"]
+__all__ = ["REGISTRY", "Backend", "LocalPiece", "attach", "backend_class", "build"]

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dist_lora.config import ParallelConfig
 from dist_lora.constants import OPTIM_TENSOR_FIELDS, WEIGHT_FIELD
 from dist_lora.lora import adapter_parameters, full_shape
 
@@ -93,6 +94,27 @@ class Backend(ABC):
         self.model: Any = model  # the wrapped module: DDP, DeepSpeedEngine, FSDP2 module or plain
         self.optimizer = optimizer
         self.bias = bias
+
+    # ------------------------------------------------------------------------------------------ registry
+
+    @classmethod
+    def wrap(
+        cls,
+        parallel: ParallelConfig,
+        model: nn.Module,
+        make_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer],
+        bias: str,
+        *,
+        micro_batch_size: int,
+        grad_accum: int,
+    ) -> Backend:
+        """Wrap a LoRA model as ``parallel`` says and create its optimizer over the trainable parameters."""
+        raise NotImplementedError
+
+    @classmethod
+    def recognise(cls, model: nn.Module, optimizer: Any, bias: str) -> Backend | None:
+        """A view of a model that this engine already wrapped (with its optimizer), or None if it did not."""
+        raise NotImplementedError
 
     # ------------------------------------------------------------------------------------------ topology
 

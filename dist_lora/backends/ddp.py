@@ -12,11 +12,15 @@ class DDPBackend(SingleBackend):
     name = "ddp"
 
     @classmethod
-    def wrap(cls, model: nn.Module, make_optimizer, bias: str) -> DDPBackend:  # type: ignore[no-untyped-def]
+    def wrap(cls, parallel, model, make_optimizer, bias, *, micro_batch_size, grad_accum):  # type: ignore[no-untyped-def]
         device_ids = [torch.cuda.current_device()] if torch.cuda.is_available() else None
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
         params = [p for p in ddp.parameters() if p.requires_grad]
         return cls(ddp, make_optimizer(params), bias)
+
+    @classmethod
+    def recognise(cls, model, optimizer, bias):  # type: ignore[no-untyped-def]
+        return cls(model, optimizer, bias) if isinstance(model, nn.parallel.DistributedDataParallel) else None
 
     def forward(self, batch: dict[str, torch.Tensor], *, last_micro: bool = True) -> torch.Tensor:
         # DDP decides at forward time whether this backward all-reduces; only the last micro-batch does.

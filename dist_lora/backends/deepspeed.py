@@ -18,7 +18,6 @@ import os
 from typing import Any
 
 import torch
-from torch import nn
 
 from dist_lora.backends.base import Backend, LocalPiece, Staging
 from dist_lora.constants import OPTIM_TENSOR_FIELDS, WEIGHT_FIELD
@@ -93,29 +92,26 @@ class DeepSpeedBackend(Backend):
             )
 
     @classmethod
-    def wrap(  # type: ignore[no-untyped-def]
-        cls,
-        model: nn.Module,
-        make_optimizer,
-        bias: str,
-        *,
-        zero_stage: int,
-        micro_batch_size: int,
-        grad_accum: int,
-        bf16: bool = False,
-        extra_config: str | None = None,
-    ) -> DeepSpeedBackend:
+    def wrap(cls, parallel, model, make_optimizer, bias, *, micro_batch_size, grad_accum):  # type: ignore[no-untyped-def]
         deepspeed = import_deepspeed()
         params = [p for p in model.parameters() if p.requires_grad]
         config = ds_config(
-            zero_stage=zero_stage,
+            zero_stage=parallel.zero_stage,
             micro_batch_size=micro_batch_size,
             grad_accum=grad_accum,
-            bf16=bf16,
-            extra=extra_config,
+            bf16=parallel.mixed_precision == "bf16",
+            extra=parallel.deepspeed_config,
         )
         engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=make_optimizer(params), config=config)
         return cls(engine, optimizer, bias)
+
+    @classmethod
+    def recognise(cls, model, optimizer, bias):  # type: ignore[no-untyped-def]
+        """A DeepSpeedEngine (its ZeRO optimizer is ``engine.optimizer``), or any module with a ZeRO optimizer
+        (HF Trainer passes the PEFT model and accelerate's unwrapped optimizer)."""
+        zero = model.optimizer if type(model).__name__ == "DeepSpeedEngine" else optimizer
+        is_zero = hasattr(zero, "fp32_partitioned_groups_flat") or hasattr(zero, "single_partition_of_fp32_groups")
+        return cls(model, zero, bias) if is_zero else None
 
     # ------------------------------------------------------------------------------------------ training
 

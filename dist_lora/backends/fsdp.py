@@ -31,11 +31,11 @@ class FSDPBackend(Backend):
     name = "fsdp"
 
     @classmethod
-    def wrap(cls, model: nn.Module, make_optimizer, bias: str, mixed_precision: str = "none") -> FSDPBackend:  # type: ignore[no-untyped-def]
+    def wrap(cls, parallel, model, make_optimizer, bias, *, micro_batch_size, grad_accum):  # type: ignore[no-untyped-def]
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         kwargs: dict[str, Any] = {}
-        if mixed_precision == "bf16":
+        if parallel.mixed_precision == "bf16":
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         blocks = _block_classes(model)
         for module in model.modules():
@@ -44,6 +44,10 @@ class FSDPBackend(Backend):
         fully_shard(model, **kwargs)
         params = [p for p in model.parameters() if p.requires_grad]
         return cls(model, make_optimizer(params), bias)
+
+    @classmethod
+    def recognise(cls, model, optimizer, bias):  # type: ignore[no-untyped-def]
+        return cls(model, optimizer, bias) if any(isinstance(p, DTensor) for p in model.parameters()) else None
 
     def forward(self, batch: dict[str, torch.Tensor], *, last_micro: bool = True) -> torch.Tensor:
         if hasattr(self.model, "set_requires_gradient_sync"):

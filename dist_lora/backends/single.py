@@ -11,6 +11,14 @@ from dist_lora.backends.base import Backend, LocalPiece, full_pieces, load_torch
 class SingleBackend(Backend):
     name = "single"
 
+    @classmethod
+    def wrap(cls, parallel, model, make_optimizer, bias, *, micro_batch_size, grad_accum):  # type: ignore[no-untyped-def]
+        return cls(model, make_optimizer([p for p in model.parameters() if p.requires_grad]), bias)
+
+    @classmethod
+    def recognise(cls, model, optimizer, bias):  # type: ignore[no-untyped-def]
+        return cls(model, optimizer, bias)  # a plain module: the last one asked
+
     def local_pieces(self) -> list[LocalPiece]:
         return full_pieces(self, owner=self.rank == 0)
 

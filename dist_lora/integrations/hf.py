@@ -50,12 +50,7 @@ def _unwrap_scheduler(scheduler: Any) -> Any:
 
 def backend_for(model: Any, optimizer: Any, bias: str) -> Backend:
     """A Backend view of what HF Trainer built: ZeRO (from the ZeRO optimizer), FSDP2, DDP or one process."""
-    inner = _unwrap_optimizer(optimizer)
-    if type(inner).__name__ in ("DeepSpeedZeroOptimizer", "DeepSpeedZeroOptimizer_Stage3"):
-        from dist_lora.backends.deepspeed import DeepSpeedBackend
-
-        return DeepSpeedBackend(model, inner, bias)
-    return attach(model, inner, bias)
+    return attach(model, _unwrap_optimizer(optimizer), bias)
 
 
 class DistLoraCallback(TrainerCallback):
