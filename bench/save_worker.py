@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from dist_lora.backends import build
 from dist_lora.checkpointer import Checkpointer
-from dist_lora.config import LoraConfig, ParallelConfig
+from dist_lora.config import CheckpointConfig, LoraConfig, ParallelConfig
 from dist_lora.distributed import init_distributed, shutdown
 from dist_lora.gather import COMM_STATS
 from dist_lora.lora import adapter_parameters, apply_lora, full_shape
@@ -114,7 +114,9 @@ def method_dist_lora(backend, out: Path | str, async_save: bool, storage_options
     """A dist_lora save. Asynchronous: the save is followed by what follows it in training, the next step's
     forward and backward (which overlap the background snapshot) and its optimizer step (which waits for the
     snapshot if it is not taken yet); the stall is the save call plus that wait."""
-    ck = Checkpointer(str(out), async_save=async_save, storage_options=storage_options)
+    ck = Checkpointer(
+        CheckpointConfig(dir=str(out), async_save=async_save, storage_options=dict(storage_options or {}))
+    )
 
     def run(i: int, train: bool = True) -> dict:
         COMM_STATS.clear()

@@ -1,16 +1,31 @@
-"""dist_lora: LoRA fine-tuning on DeepSpeed ZeRO and FSDP2 with sharded, world-size-free adapter checkpoints."""
+"""dist_lora: LoRA fine-tuning on DeepSpeed ZeRO and FSDP2 with sharded, world-size-free adapter checkpoints.
 
-__version__ = "0.1.0"
+The names below are loaded on first use (PEP 562), so that importing one layer (``dist_lora.checkpoint``,
+``dist_lora.cli``) does not import the others, the backends or transformers.
+"""
 
-from dist_lora.api import load_checkpoint, load_model, save_checkpoint
-from dist_lora.lora import apply_lora, lora_state_dict, mark_only_lora_as_trainable
+from __future__ import annotations
 
-__all__ = [
-    "__version__",
-    "apply_lora",
-    "load_checkpoint",
-    "load_model",
-    "lora_state_dict",
-    "mark_only_lora_as_trainable",
-    "save_checkpoint",
-]
+import importlib
+from typing import Any
+
+from dist_lora.constants import VERSION as __version__
+
+_LAZY = {
+    "load_checkpoint": "dist_lora.api",
+    "load_model": "dist_lora.api",
+    "save_checkpoint": "dist_lora.api",
+    "apply_lora": "dist_lora.lora",
+    "lora_state_dict": "dist_lora.lora",
+    "mark_only_lora_as_trainable": "dist_lora.lora",
+}
+
+__all__ = ["__version__", *sorted(_LAZY)]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'dist_lora' has no attribute {name!r}")

@@ -28,6 +28,7 @@ from dist_lora.checkpoint import (
     read_verified,
 )
 from dist_lora.checkpointer import Checkpointer
+from dist_lora.config import CheckpointConfig
 from dist_lora.constants import ADAPTER_CONFIG_NAME, OPTIM_TENSOR_FIELDS, WEIGHT_FIELD
 from dist_lora.faults import failpoint
 from dist_lora.gather import broadcast_adapter
@@ -90,9 +91,14 @@ def save_checkpoint(
     saver = _saver(model, optimizer)
     key = (dir, keep_last, json.dumps(storage_options or {}, sort_keys=True, default=repr), bucket_mb)
     if key not in saver.checkpointers:
-        saver.checkpointers[key] = Checkpointer(
-            dir, keep_last=keep_last, storage_options=storage_options, bucket_mb=bucket_mb
+        config = CheckpointConfig(
+            dir=dir,
+            keep_last=keep_last,
+            storage_options=dict(storage_options or {}),
+            bucket_mb=bucket_mb,
+            async_save=False,
         )
+        saver.checkpointers[key] = Checkpointer(config)
     checkpointer = saver.checkpointers[key]
     backend = backend or saver.backend
     url = checkpointer.save(backend, step=step, trainer_state=trainer_state)

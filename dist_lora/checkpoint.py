@@ -26,7 +26,6 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from dist_lora import __version__
 from dist_lora.constants import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
@@ -39,6 +38,7 @@ from dist_lora.constants import (
     STEP_DIGITS,
     STEP_PREFIX,
     TRAINER_STATE_NAME,
+    VERSION,
 )
 from dist_lora.faults import failpoint
 from dist_lora.storage import Storage, StorageError
@@ -118,7 +118,7 @@ def serialize_step(state: AdapterState, meta: StepMeta) -> dict[str, bytes]:
         "step": meta.step,
         "world_size": meta.world_size,
         "backend": meta.backend,
-        "dist_lora_version": __version__,
+        "dist_lora_version": VERSION,
     }
     files = {
         ADAPTER_WEIGHTS_NAME: st_save(weights, metadata={"format": "pt"}),
@@ -130,7 +130,7 @@ def serialize_step(state: AdapterState, meta: StepMeta) -> dict[str, bytes]:
     manifest = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
-        "dist_lora_version": __version__,
+        "dist_lora_version": VERSION,
         "step": meta.step,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "bias": meta.bias,
@@ -235,7 +235,7 @@ def read_manifest(step_store: Storage) -> dict[str, Any]:
     if manifest.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
             f"{what} has format_version {manifest.get('format_version')!r}; this dist_lora "
-            f"({__version__}) reads version {FORMAT_VERSION}"
+            f"({VERSION}) reads version {FORMAT_VERSION}"
         )
     files = manifest.get("files")
     if not isinstance(files, dict):

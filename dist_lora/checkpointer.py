@@ -32,6 +32,7 @@ from dist_lora.agree import Failure, agree, on_rank0
 from dist_lora.backends import Backend, LocalPiece
 from dist_lora.backends.base import Staging
 from dist_lora.checkpoint import AdapterState, StepMeta, serialize_step, step_name, write_step
+from dist_lora.config import CheckpointConfig, check_checkpoint
 from dist_lora.distributed import group_timeout, on_launcher_gone
 from dist_lora.faults import failpoint
 from dist_lora.gather import gather_adapter
@@ -84,30 +85,20 @@ class SaveStats:
 class Checkpointer:
     """Saves one run's steps to ``dir``; every method but :meth:`close` is a collective."""
 
-    def __init__(
-        self,
-        dir: str,
-        *,
-        keep_last: int | None = None,
-        storage_options: dict[str, Any] | None = None,
-        bucket_mb: float = 32.0,
-        async_save: bool = False,
-        retry: RetryPolicy | None = None,
-        on_error: str = "raise",
-        on_failure: Callable[[BaseException], None] | None = None,
-    ):
-        """``on_error``: what a failed save (after its retries) does. "raise": :meth:`save` or :meth:`wait` raises
-        it on every rank. "warn": it is logged, counted in ``failures`` and passed to ``on_failure``; training
-        goes on and the next save still runs."""
-        if on_error not in ("raise", "warn"):
-            raise ValueError(f"on_error must be raise or warn (got {on_error!r})")
-        self.dir = dir
-        self.keep_last = keep_last
-        self.storage_options = storage_options
-        self.bucket_bytes = int(bucket_mb * 2**20)
-        self.async_save = async_save
-        self.retry = retry
-        self.on_error = on_error
+    def __init__(self, config: CheckpointConfig, *, on_failure: Callable[[BaseException], None] | None = None):
+        """``config``: where and how steps are saved (dir, keep_last, storage_options, bucket_mb, async_save,
+        on_error, retry_*, io_timeout_s); its ``every_steps``, ``resume``, ``run_id`` and ``lease_ttl_s`` are
+        for the caller. ``on_error`` says what a failed save (after its retries) does: "raise": :meth:`save` or
+        :meth:`wait` raises it on every rank; "warn": it is logged, counted in ``failures`` and passed to
+        ``on_failure``; training goes on and the next save still runs."""
+        c = self.config = check_checkpoint(config)
+        self.dir = c.dir
+        self.keep_last = c.keep_last
+        self.storage_options = c.storage_options
+        self.bucket_bytes = int(c.bucket_mb * 2**20)
+        self.async_save = c.async_save
+        self.retry = RetryPolicy.of(c)
+        self.on_error = c.on_error
         self.on_failure = on_failure
         self.failures = 0
         self.failed_steps: list[int] = []  # the steps whose save failed under "warn", in order
@@ -122,7 +113,7 @@ class Checkpointer:
         self.lease: Lease | None = None
         self._static: tuple[int, tuple[dict[str, Any], dict[str, Any]]] | None = None
         self._group: Any = None
-        if async_save:
+        if self.async_save:
             self._background_group()  # now, with every rank here: the first save then stalls like the others
 
     @property
@@ -131,15 +122,16 @@ class Checkpointer:
             self._storage = Storage(self.dir, self.storage_options, self.retry)
         return self._storage
 
-    def take_lease(self, run_id: str | None = None, ttl_s: float = 600.0) -> None:
-        """Collective: take the dir's writer lease on rank 0 and renew it in the background (see lease.py).
+    def take_lease(self) -> None:
+        """Collective: take the dir's writer lease on rank 0 (for ``config.run_id``, default: the scheduler's job
+        id; stale after ``config.lease_ttl_s``) and renew it in the background (see lease.py).
 
         Raises LeaseError on every rank when another live run holds the dir.
         """
 
         def take() -> None:
             failpoint("lease.acquire")
-            lease = Lease(self.storage, run_id or default_run_id(), ttl_s)
+            lease = Lease(self.storage, self.config.run_id or default_run_id(), self.config.lease_ttl_s)
             lease.acquire()
             lease.start_heartbeat()
             self.lease = lease

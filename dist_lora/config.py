@@ -12,13 +12,19 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
-BIAS_MODES = ("none", "all", "lora_only")
-BACKENDS = ("fsdp", "deepspeed", "ddp", "single")
-DTYPES = ("float32", "bfloat16", "float16")
+Bias = Literal["none", "all", "lora_only"]
+BackendName = Literal["fsdp", "deepspeed", "ddp", "single"]
+DType = Literal["float32", "bfloat16", "float16"]
+MixedPrecision = Literal["none", "bf16"]
+OnError = Literal["raise", "warn"]
+
+BIAS_MODES: tuple[str, ...] = typing.get_args(Bias)
+BACKENDS: tuple[str, ...] = typing.get_args(BackendName)
+DTYPES: tuple[str, ...] = typing.get_args(DType)
 
 
 class ConfigError(ValueError):
@@ -29,7 +35,7 @@ class ConfigError(ValueError):
 class ModelConfig:
     name_or_path: str = ""
     """Base model: a local directory written by save_pretrained, or a hub id."""
-    dtype: str = "float32"
+    dtype: DType = "float32"
     """Dtype the base is loaded in: float32 | bfloat16 | float16."""
 
 
@@ -43,7 +49,7 @@ class LoraConfig:
     """Dropout on the LoRA input path."""
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     """Module names (suffixes) that get adapters, e.g. [q_proj, v_proj] or [c_attn]."""
-    bias: str = "none"
+    bias: Bias = "none"
     """Which biases train and are saved: none | all | lora_only (loralib's semantics)."""
 
 
@@ -79,11 +85,11 @@ class TrainConfig:
 
 @dataclass
 class ParallelConfig:
-    backend: str = "single"
+    backend: BackendName = "single"
     """fsdp | deepspeed | ddp | single."""
     zero_stage: int = 3
     """DeepSpeed ZeRO stage (1, 2 or 3); used with backend=deepspeed."""
-    mixed_precision: str = "none"
+    mixed_precision: MixedPrecision = "none"
     """none | bf16: FSDP2 MixedPrecisionPolicy / DeepSpeed bf16 with fp32 master weights."""
     deepspeed_config: str | None = None
     """A DeepSpeed JSON merged over dist_lora's (e.g. offload or overlap settings); "auto" values are skipped."""
@@ -107,7 +113,7 @@ class CheckpointConfig:
     """Write and upload in the background; training waits only for the gather (the next save waits for this one)."""
     storage_options: dict[str, Any] = field(default_factory=dict)
     """Passed to fsspec, e.g. {endpoint_url: ..., key: ..., secret: ...} for s3fs; else AWS env vars apply."""
-    on_error: str = "raise"
+    on_error: OnError = "raise"
     """A save that failed (after its retries): raise (training stops with the error) | warn (training goes on)."""
     retry_attempts: int = 5
     """Object-store calls are tried this many times in all (transient errors only) before the save fails."""
@@ -140,6 +146,8 @@ def _field_types(cls: type) -> dict[str, Any]:
 
 def _type_ok(value: Any, tp: Any) -> bool:
     origin = typing.get_origin(tp)
+    if origin is Literal:
+        return value in typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         return any(_type_ok(value, arg) for arg in typing.get_args(tp))
     if tp is type(None):
@@ -157,6 +165,8 @@ def _type_ok(value: Any, tp: Any) -> bool:
 
 
 def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(tp)))
     if typing.get_origin(tp) is not None:
         return str(tp).replace("typing.", "")
     return getattr(tp, "__name__", str(tp))
@@ -193,17 +203,17 @@ def _build(cls: Any, data: Any, prefix: str, errors: list[str]) -> Any:
 
 
 def _validate(cfg: RunConfig, errors: list[str]) -> None:
+    """Checks beyond the types (Literal value sets are checked when the dataclasses are built)."""
+
     def check(ok: bool, msg: str) -> None:
         if not ok:
             errors.append(msg)
 
     check(bool(cfg.model.name_or_path), "model.name_or_path is required (a save_pretrained dir or hub id)")
-    check(cfg.model.dtype in DTYPES, f"model.dtype must be one of {DTYPES} (got {cfg.model.dtype!r})")
     check(cfg.lora.r >= 1, f"lora.r must be >= 1 (got {cfg.lora.r})")
     check(cfg.lora.alpha > 0, f"lora.alpha must be > 0 (got {cfg.lora.alpha})")
     check(0.0 <= cfg.lora.dropout < 1.0, f"lora.dropout must be in [0, 1) (got {cfg.lora.dropout})")
     check(bool(cfg.lora.target_modules), "lora.target_modules must name at least one module")
-    check(cfg.lora.bias in BIAS_MODES, f"lora.bias must be one of {BIAS_MODES} (got {cfg.lora.bias!r})")
     check(bool(cfg.data.path), "data.path is required (a .txt file or a .jsonl with a 'text' field)")
     check(cfg.data.seq_len >= 2, f"data.seq_len must be >= 2 (got {cfg.data.seq_len})")
     t = cfg.train
@@ -220,28 +230,39 @@ def _validate(cfg: RunConfig, errors: list[str]) -> None:
         f"train.stop_at_step must be in [1, train.max_steps={t.max_steps}] (got {t.stop_at_step})",
     )
     p = cfg.parallel
-    check(p.backend in BACKENDS, f"parallel.backend must be one of {BACKENDS} (got {p.backend!r})")
     check(p.zero_stage in (1, 2, 3), f"parallel.zero_stage must be 1, 2 or 3 (got {p.zero_stage})")
     check(p.timeout_s > 0, f"parallel.timeout_s must be > 0 seconds (got {p.timeout_s})")
-    check(
-        p.mixed_precision in ("none", "bf16"),
-        f"parallel.mixed_precision must be none or bf16 (got {p.mixed_precision!r})",
-    )
-    c = cfg.checkpoint
-    check(bool(c.dir), "checkpoint.dir is required (a local path or an fsspec URL such as s3://bucket/run)")
-    check(c.every_steps >= 0, f"checkpoint.every_steps must be >= 0 (got {c.every_steps})")
-    check(c.keep_last is None or c.keep_last >= 1, f"checkpoint.keep_last must be >= 1 (got {c.keep_last})")
-    check(c.bucket_mb > 0, f"checkpoint.bucket_mb must be > 0 (got {c.bucket_mb})")
-    check(bool(c.resume), "checkpoint.resume must be auto, none or the URL of one step")
-    check(c.on_error in ("raise", "warn"), f"checkpoint.on_error must be raise or warn (got {c.on_error!r})")
-    check(c.retry_attempts >= 1, f"checkpoint.retry_attempts must be >= 1 (got {c.retry_attempts})")
-    check(
-        c.retry_backoff_s >= 0 and c.retry_max_backoff_s >= 0,
-        f"checkpoint.retry_backoff_s and retry_max_backoff_s must be >= 0 (got {c.retry_backoff_s}, "
-        f"{c.retry_max_backoff_s})",
-    )
-    check(c.io_timeout_s > 0, f"checkpoint.io_timeout_s must be > 0 (got {c.io_timeout_s})")
-    check(c.lease_ttl_s > 0, f"checkpoint.lease_ttl_s must be > 0 (got {c.lease_ttl_s})")
+    errors.extend(checkpoint_errors(cfg.checkpoint))
+
+
+def checkpoint_errors(c: CheckpointConfig, prefix: str = "checkpoint.") -> list[str]:
+    """Every problem of a checkpoint section (also for a CheckpointConfig made in code: the HF callback, the
+    Python API), each naming its dotted key."""
+    checks = [
+        (bool(c.dir), f"{prefix}dir is required (a local path or an fsspec URL such as s3://bucket/run)"),
+        (c.every_steps >= 0, f"{prefix}every_steps must be >= 0 (got {c.every_steps})"),
+        (c.keep_last is None or c.keep_last >= 1, f"{prefix}keep_last must be >= 1 (got {c.keep_last})"),
+        (c.bucket_mb > 0, f"{prefix}bucket_mb must be > 0 (got {c.bucket_mb})"),
+        (bool(c.resume), f"{prefix}resume must be auto, none or the URL of one step"),
+        (c.on_error in typing.get_args(OnError), f"{prefix}on_error must be raise or warn (got {c.on_error!r})"),
+        (c.retry_attempts >= 1, f"{prefix}retry_attempts must be >= 1 (got {c.retry_attempts})"),
+        (
+            c.retry_backoff_s >= 0 and c.retry_max_backoff_s >= 0,
+            f"{prefix}retry_backoff_s and retry_max_backoff_s must be >= 0 (got {c.retry_backoff_s}, "
+            f"{c.retry_max_backoff_s})",
+        ),
+        (c.io_timeout_s > 0, f"{prefix}io_timeout_s must be > 0 (got {c.io_timeout_s})"),
+        (c.lease_ttl_s > 0, f"{prefix}lease_ttl_s must be > 0 (got {c.lease_ttl_s})"),
+    ]
+    return [message for ok, message in checks if not ok]
+
+
+def check_checkpoint(c: CheckpointConfig, prefix: str = "checkpoint.") -> CheckpointConfig:
+    """``c``, or ConfigError naming every problem."""
+    errors = checkpoint_errors(c, prefix)
+    if errors:
+        raise ConfigError("invalid checkpoint settings:\n  " + "\n  ".join(errors))
+    return c
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -270,8 +291,7 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
     """Build and validate a RunConfig; raises ConfigError listing every problem at once."""
     errors: list[str] = []
     cfg = _build(RunConfig, data or {}, "", errors)
-    if not errors:
-        _validate(cfg, errors)
+    _validate(cfg, errors)  # a key rejected while building kept its default: the rest is still checked
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
     return cfg

@@ -1,5 +1,7 @@
 """Every file name, format marker and environment variable dist_lora reads or writes, in one place."""
 
+VERSION = "0.1.0"  # dist_lora's version (pyproject.toml reads it from here)
+
 # One committed checkpoint step: <dir>/step-XXXXXXXX/ with these files.
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -29,4 +31,11 @@ WRAPPER_PREFIXES = ("module.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_mod
 # Environment variables.
 ENV_BUCKET_MB = "DIST_LORA_BUCKET_MB"
 ENV_LOG_LEVEL = "DIST_LORA_LOG_LEVEL"
-ENV_FAILPOINT = "DIST_LORA_FAILPOINT"  # crash tests only: see dist_lora/faults.py
+ENV_FAILPOINT = "DIST_LORA_FAILPOINT"  # fault tests only: see dist_lora/faults.py
+ENV_FAILPOINT_DIR = "DIST_LORA_FAILPOINT_DIR"  # where a paused fail point signals the test (faults.py)
+ENV_RUN_ID = "DIST_LORA_RUN_ID"
+RUN_ID_ENVS = (ENV_RUN_ID, "SLURM_JOB_ID", "TORCHELASTIC_RUN_ID")  # a job's id, stable across its restarts
+# Set by torchrun and the deepspeed launcher for each rank.
+ENV_RANK, ENV_LOCAL_RANK, ENV_WORLD_SIZE = "RANK", "LOCAL_RANK", "WORLD_SIZE"
+ENV_AWS_ENDPOINT_URL = "AWS_ENDPOINT_URL"  # the S3 endpoint when storage_options names none
+ENV_DS_ACCELERATOR = "DS_ACCELERATOR"  # DeepSpeed's accelerator; dist_lora sets "cpu" where there is no GPU

@@ -13,6 +13,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from dist_lora.constants import ENV_LOCAL_RANK, ENV_WORLD_SIZE
+
 log = logging.getLogger(__name__)
 
 EXIT_LAUNCHER_GONE = 75  # a rank that stopped because its launcher died (EX_TEMPFAIL: rerun the job)
@@ -70,13 +72,13 @@ def init_distributed(timeout_s: float = 1800, *, need_group: bool = False) -> tu
     ``need_group``: sharding engines (FSDP2, DeepSpeed) need a process group even alone; a process started
     without a launcher then gets a one-rank group on a free local port.
     """
-    launched = "WORLD_SIZE" in os.environ  # by torchrun, the deepspeed launcher, or torch.multiprocessing
+    launched = ENV_WORLD_SIZE in os.environ  # by torchrun, the deepspeed launcher, or torch.multiprocessing
     if need_group and not launched:
         os.environ.update(
             RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
         )
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    world = int(os.environ.get(ENV_WORLD_SIZE, "1"))
+    local_rank = int(os.environ.get(ENV_LOCAL_RANK, "0"))
     device = torch.device("cpu")
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
@@ -86,7 +88,7 @@ def init_distributed(timeout_s: float = 1800, *, need_group: bool = False) -> tu
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
         global _timeout_s
         _timeout_s = timeout_s
-    if launched and "LOCAL_RANK" in os.environ:
+    if launched and ENV_LOCAL_RANK in os.environ:
         watch_launcher()
     rank = dist.get_rank() if dist.is_initialized() else 0
     return rank, (dist.get_world_size() if dist.is_initialized() else 1), device

@@ -24,10 +24,7 @@ import os
 import signal
 import time
 
-from dist_lora.constants import ENV_FAILPOINT
-
-ENV_FAILPOINT_DIR = "DIST_LORA_FAILPOINT_DIR"
-
+from dist_lora.constants import ENV_FAILPOINT, ENV_FAILPOINT_DIR, ENV_RANK
 
 _passes: dict[str, int] = {}
 
@@ -43,11 +40,11 @@ def failpoint(name: str) -> None:
 def _at(name: str, spec: str) -> None:
     spec, _, action = spec.partition("=")
     if spec == f"{name}@peer":
-        if os.environ.get("RANK", "0") == "0":
+        if os.environ.get(ENV_RANK, "0") == "0":
             _pause_for_peer_kill()
         return
     point, _, rank = spec.partition("@rank")
-    if point != name or (rank and rank != os.environ.get("RANK", "0")):
+    if point != name or (rank and rank != os.environ.get(ENV_RANK, "0")):
         return
     if action.startswith("raise"):
         _passes[name] = _passes.get(name, 0) + 1

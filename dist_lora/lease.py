@@ -26,14 +26,11 @@ import time
 import uuid
 from typing import Any
 
-from dist_lora import __version__
 from dist_lora.checkpoint import CheckpointError
-from dist_lora.constants import LEASE_NAME
+from dist_lora.constants import LEASE_NAME, RUN_ID_ENVS, VERSION
 from dist_lora.storage import AlreadyExistsError, ChangedError, Storage
 
 log = logging.getLogger(__name__)
-
-RUN_ID_ENVS = ("DIST_LORA_RUN_ID", "SLURM_JOB_ID", "TORCHELASTIC_RUN_ID")
 
 
 class LeaseError(CheckpointError):
@@ -110,7 +107,7 @@ class Lease:
             "acquired_at": acquired_at or self._acquired_at,
             "renewed_at": now,
             "ttl_s": self.ttl_s,
-            "dist_lora_version": __version__,
+            "dist_lora_version": VERSION,
         }
         return json.dumps(record, indent=1).encode()
 

@@ -17,11 +17,15 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import fsspec
 
+from dist_lora.constants import ENV_AWS_ENDPOINT_URL
 from dist_lora.faults import failpoint
+
+if TYPE_CHECKING:
+    from dist_lora.config import CheckpointConfig
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +51,11 @@ class RetryPolicy:
             raise ValueError(
                 f"retry policy needs attempts >= 1, backoff_s >= 0, max_backoff_s >= 0, timeout_s > 0 (got {self})"
             )
+
+    @classmethod
+    def of(cls, c: CheckpointConfig) -> RetryPolicy:
+        """The policy a checkpoint section configures (``checkpoint.retry_*``, ``checkpoint.io_timeout_s``)."""
+        return cls(c.retry_attempts, c.retry_backoff_s, c.retry_max_backoff_s, c.io_timeout_s)
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
@@ -99,7 +108,7 @@ class Storage:
         options = dict(storage_options or {})
         protocol = url.split("://", 1)[0] if "://" in url else "file"
         if protocol == "s3":
-            endpoint = options.pop("endpoint_url", None) or os.environ.get("AWS_ENDPOINT_URL")
+            endpoint = options.pop("endpoint_url", None) or os.environ.get(ENV_AWS_ENDPOINT_URL)
             if endpoint:
                 options.setdefault("client_kwargs", {})["endpoint_url"] = endpoint
             options.setdefault("use_listings_cache", False)

@@ -19,7 +19,6 @@ from dist_lora.distributed import init_distributed, shutdown, step_consensus
 from dist_lora.lora import apply_lora
 from dist_lora.metrics import MetricsLog
 from dist_lora.preempt import StopRequest
-from dist_lora.storage import RetryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -77,18 +76,8 @@ class Trainer:
         )
         self.grad_accum = grad_accum_steps(t, self.world)
         ck = cfg.checkpoint
-        self.retry = RetryPolicy(ck.retry_attempts, ck.retry_backoff_s, ck.retry_max_backoff_s, ck.io_timeout_s)
-        self.checkpointer = Checkpointer(
-            ck.dir,
-            keep_last=ck.keep_last,
-            storage_options=ck.storage_options,
-            bucket_mb=ck.bucket_mb,
-            async_save=ck.async_save,
-            retry=self.retry,
-            on_error=ck.on_error,
-            on_failure=self._save_failed,
-        )
-        self.checkpointer.take_lease(ck.run_id, ck.lease_ttl_s)  # before any work: one writer per dir
+        self.checkpointer = Checkpointer(ck, on_failure=self._save_failed)
+        self.checkpointer.take_lease()  # before any work: one writer per dir
         try:
             self._build(cfg)
         except BaseException:
@@ -138,7 +127,7 @@ class Trainer:
             storage_options=ck.storage_options,
             bucket_mb=ck.bucket_mb,
             backend=self.backend,
-            retry=self.retry,
+            retry=self.checkpointer.retry,
         )
         if state is None:
             return

@@ -109,6 +109,14 @@ def test_under_warn_every_rank_trains_on_and_the_next_save_commits(engine, mode,
         f"train.metrics_file={metrics}",
     )
     assert out.returncode == 0, failure_report(out.stdout, out.stderr)
+    try:
+        check_warn_run(out, tmp_path)
+    except AssertionError as e:  # the run's own output says why
+        raise AssertionError(f"{e}\n{failure_report(out.stdout, out.stderr, tail=12000)}") from None
+
+
+def check_warn_run(out: subprocess.CompletedProcess, tmp_path: Path) -> None:
+    metrics = tmp_path / "metrics.jsonl"
     for _, point, step, failing in WARN_FAULTS:
         where = f" on rank {failing}" if failing else ""
         for rank in (0, 1):  # the same error, on every rank

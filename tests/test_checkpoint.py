@@ -427,12 +427,13 @@ def test_full_disk_sweep_never_misreports_a_save(on_error, gpt2_base, small_tmpf
     import shutil
 
     from dist_lora.checkpointer import Checkpointer
+    from dist_lora.config import CheckpointConfig
     from dist_lora.storage import Storage
 
     model, opt, _ = train_some(gpt2_base, ["c_attn"], steps=1)
     backend = dist_lora.backends.attach(model, opt, "none")
     probe = small_tmpfs / "probe"
-    Checkpointer(str(probe)).save(backend, step=1)
+    Checkpointer(CheckpointConfig(dir=str(probe), async_save=False)).save(backend, step=1)
     page = os.statvfs(small_tmpfs).f_frsize
     need = sum(-(-f.stat().st_size // page) * page for f in probe.rglob("*") if f.is_file())  # whole pages
     shutil.rmtree(probe)
@@ -442,7 +443,7 @@ def test_full_disk_sweep_never_misreports_a_save(on_error, gpt2_base, small_tmpf
         stat = os.statvfs(small_tmpfs)
         with open(filler, "wb") as f:
             f.write(b"\0" * max(0, stat.f_bavail * stat.f_frsize - free))
-        checkpointer = Checkpointer(str(ckpt), on_error=on_error)
+        checkpointer = Checkpointer(CheckpointConfig(dir=str(ckpt), async_save=False, on_error=on_error))
         try:
             url = checkpointer.save(backend, step=1)
             reported = url is not None
@@ -475,3 +476,12 @@ def test_save_checkpoint_reuses_its_backend_view_and_checkpointer(gpt2_base, tmp
     dist_lora.save_checkpoint(model, str(tmp_path), step=4, optimizer=other)  # another optimizer: a new view
     dist_lora.save_checkpoint(model, str(tmp_path / "other"), step=4, optimizer=other)  # another dir
     assert len(made) == 2 and len(api._SAVERS[model].checkpointers) == 2
+
+
+def test_the_checkpoint_layer_imports_no_backend_and_no_transformers():
+    import subprocess
+    import sys
+
+    code = "import sys, dist_lora.checkpoint; print(sorted(m for m in sys.modules if m.startswith(('dist_lora.backends', 'dist_lora.api', 'transformers', 'deepspeed'))))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

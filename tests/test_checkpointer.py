@@ -10,7 +10,7 @@ import dist_lora
 from dist_lora.backends import attach
 from dist_lora.checkpoint import list_steps, step_name
 from dist_lora.checkpointer import Checkpointer
-from dist_lora.config import LoraConfig
+from dist_lora.config import CheckpointConfig, ConfigError, LoraConfig
 from dist_lora.constants import MANIFEST_NAME
 from dist_lora.storage import Storage, StorageError
 from tests.dist_utils import HeldSnapshot
@@ -40,7 +40,7 @@ def slow_writes(monkeypatch, seconds: float, fail_on: str | None = None):
 
 def test_async_save_returns_before_the_write_and_commits_in_the_background(backend, tmp_path, monkeypatch):
     slow_writes(monkeypatch, 0.2)
-    ck = Checkpointer(str(tmp_path), async_save=True)
+    ck = Checkpointer(CheckpointConfig(dir=str(tmp_path), async_save=True))
     url = ck.save(backend, step=1)
     assert url == str(tmp_path / step_name(1))
     assert not (tmp_path / step_name(1) / MANIFEST_NAME).exists()  # still writing: training already goes on
@@ -54,7 +54,7 @@ def test_async_save_returns_before_the_write_and_commits_in_the_background(backe
 
 def test_the_next_save_waits_for_the_previous_one(backend, tmp_path, monkeypatch):
     slow_writes(monkeypatch, 0.05)
-    ck = Checkpointer(str(tmp_path), async_save=True, keep_last=1)
+    ck = Checkpointer(CheckpointConfig(dir=str(tmp_path), async_save=True, keep_last=1))
     ck.save(backend, step=1)
     ck.save(backend, step=2)
     assert (tmp_path / step_name(1) / MANIFEST_NAME).exists()  # step 1 committed before step 2 was snapshotted
@@ -66,7 +66,7 @@ def test_background_failure_is_logged_at_once_raised_at_the_next_save_and_never_
     backend, tmp_path, monkeypatch, caplog
 ):
     slow_writes(monkeypatch, 0.01, fail_on="adapter_config.json")
-    ck = Checkpointer(str(tmp_path), async_save=True)
+    ck = Checkpointer(CheckpointConfig(dir=str(tmp_path), async_save=True))
     ck.save(backend, step=1)
     deadline = time.monotonic() + 10
     while "saving failed" not in caplog.text and time.monotonic() < deadline:
@@ -83,7 +83,7 @@ def test_background_failure_is_logged_at_once_raised_at_the_next_save_and_never_
 
 def test_failure_surfaces_at_wait(backend, tmp_path, monkeypatch):
     slow_writes(monkeypatch, 0.0, fail_on=MANIFEST_NAME)
-    ck = Checkpointer(str(tmp_path), async_save=True)
+    ck = Checkpointer(CheckpointConfig(dir=str(tmp_path), async_save=True))
     ck.save(backend, step=3)
     with pytest.raises(StorageError):
         ck.wait()
@@ -98,7 +98,7 @@ def test_an_optimizer_step_waits_for_the_background_snapshot(backend, tmp_path):
     from torch.optim.optimizer import _global_optimizer_pre_hooks
 
     hooks_before = len(_global_optimizer_pre_hooks)
-    ck = Checkpointer(str(tmp_path), async_save=True)
+    ck = Checkpointer(CheckpointConfig(dir=str(tmp_path), async_save=True))
     want = {k: v.clone() for k, v in dist_lora.lora_state_dict(backend.model).items()}
     with HeldSnapshot(type(backend), Checkpointer) as held:
         ck.save(backend, step=1)
@@ -122,7 +122,7 @@ def test_an_optimizer_step_waits_for_the_background_snapshot(backend, tmp_path):
 
 def test_wait_snapshot_before_changing_weights_outside_an_optimizer(backend, tmp_path, monkeypatch):
     slow_writes(monkeypatch, 0.1)
-    ck = Checkpointer(str(tmp_path), async_save=True)
+    ck = Checkpointer(CheckpointConfig(dir=str(tmp_path), async_save=True))
     want = {k: v.clone() for k, v in dist_lora.lora_state_dict(backend.model).items()}
     ck.save(backend, step=1)
     ck.wait_snapshot()
@@ -141,7 +141,7 @@ def test_wait_snapshot_before_changing_weights_outside_an_optimizer(backend, tmp
 def test_on_error_warn_reports_a_failed_save_and_the_next_one_still_runs(backend, tmp_path, monkeypatch):
     slow_writes(monkeypatch, 0.0, fail_on=MANIFEST_NAME)
     seen = []
-    ck = Checkpointer(str(tmp_path), async_save=True, on_error="warn", on_failure=seen.append)
+    ck = Checkpointer(CheckpointConfig(dir=str(tmp_path), async_save=True, on_error="warn"), on_failure=seen.append)
     ck.save(backend, step=1)  # fails in the background
     ck.close()  # let it fail before the store works again
     monkeypatch.undo()
@@ -152,5 +152,5 @@ def test_on_error_warn_reports_a_failed_save_and_the_next_one_still_runs(backend
         (step_name(1), "incomplete"),
         (step_name(2), "committed"),
     ]
-    with pytest.raises(ValueError, match="on_error must be raise or warn"):
-        Checkpointer(str(tmp_path), on_error="ignore")
+    with pytest.raises(ConfigError, match="checkpoint.on_error must be raise or warn"):
+        Checkpointer(CheckpointConfig(dir=str(tmp_path), on_error="ignore"))

@@ -54,7 +54,7 @@ def test_every_problem_reported_at_once():
         config_from_dict(data)
     msg = str(e.value)
     assert "lora.r must be >= 1 (got 0)" in msg
-    assert "lora.bias must be one of ('none', 'all', 'lora_only') (got 'some')" in msg
+    assert "lora.bias must be one of none, all, lora_only (got 'some')" in msg
     assert "checkpoint.keep_last must be >= 1 (got 0)" in msg
 
 

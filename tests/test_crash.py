@@ -17,8 +17,7 @@ from transformers import AutoModelForCausalLM
 import dist_lora
 from dist_lora.checkpoint import list_steps, newest_verified_step, step_name
 from dist_lora.config import LoraConfig
-from dist_lora.constants import ENV_FAILPOINT
-from dist_lora.faults import ENV_FAILPOINT_DIR
+from dist_lora.constants import ENV_FAILPOINT, ENV_FAILPOINT_DIR
 from dist_lora.storage import Storage
 from tests.dist_utils import ROOT, launch_env, torchrun
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from dist_lora.backends.base import Backend, LocalPiece, Staging
-from dist_lora.constants import OPTIM_TENSOR_FIELDS, WEIGHT_FIELD
+from dist_lora.constants import ENV_DS_ACCELERATOR, OPTIM_TENSOR_FIELDS, WEIGHT_FIELD
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -62,7 +62,7 @@ def ds_config(
 
 def import_deepspeed() -> Any:
     if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        os.environ.setdefault(ENV_DS_ACCELERATOR, "cpu")
     try:
         import deepspeed
     except ImportError as e:

@@ -26,6 +26,7 @@ from dist_lora.api import resume_checkpoint
 from dist_lora.backends import Backend, attach
 from dist_lora.checkpoint import CheckpointError
 from dist_lora.checkpointer import Checkpointer
+from dist_lora.config import CheckpointConfig, check_checkpoint
 from dist_lora.lora import infer_bias_mode
 from dist_lora.storage import RetryPolicy
 
@@ -89,24 +90,24 @@ class DistLoraCallback(TrainerCallback):
     ):
         if every_steps is not None and every_steps < 1:
             raise ValueError(f"every_steps must be at least 1 or None (got {every_steps})")
-        if keep_last is not None and keep_last < 1:
-            raise ValueError(f"keep_last must be at least 1 or None (got {keep_last})")
-        self.dir = dir
-        self.resume = resume
-        self.every_steps = every_steps
-        self.storage_options = storage_options
-        self.bucket_mb = bucket_mb
-        self.checkpointer = Checkpointer(
-            dir,
+        retry = retry or RetryPolicy()
+        self.config = CheckpointConfig(
+            dir=dir,
+            resume=resume,
             keep_last=keep_last,
-            storage_options=storage_options,
-            bucket_mb=bucket_mb,
             async_save=async_save,
-            retry=retry,
-            on_error=on_error,
+            storage_options=dict(storage_options or {}),
+            bucket_mb=bucket_mb,
+            on_error=on_error,  # type: ignore[arg-type]  # checked by the Checkpointer
+            retry_attempts=retry.attempts,
+            retry_backoff_s=retry.backoff_s,
+            retry_max_backoff_s=retry.max_backoff_s,
+            io_timeout_s=retry.timeout_s,
+            run_id=run_id,
+            lease_ttl_s=lease_ttl_s,
         )
-        self.run_id = run_id
-        self.lease_ttl_s = lease_ttl_s
+        self.every_steps = every_steps
+        self.checkpointer = Checkpointer(check_checkpoint(self.config, prefix=""))  # names each bad argument
         self.resumed_from: str | None = None
         self.last_saved: int | None = None
         self._skip: tuple[int, int] | None = None  # (epochs to skip, batches to skip in the next epoch)
@@ -131,15 +132,15 @@ class DistLoraCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         model, optimizer = kwargs["model"], kwargs["optimizer"]
-        self.checkpointer.take_lease(self.run_id, self.lease_ttl_s)  # one writer per dir, before any step
+        self.checkpointer.take_lease()  # one writer per dir, before any step
         backend = backend_for(model, optimizer, infer_bias_mode(model))
         saved = resume_checkpoint(
             backend.model,
-            self.resume,
-            self.dir,
+            self.config.resume,
+            self.config.dir,
             optimizer=backend.optimizer,
-            storage_options=self.storage_options,
-            bucket_mb=self.bucket_mb,
+            storage_options=self.config.storage_options,
+            bucket_mb=self.config.bucket_mb,
             backend=backend,
             retry=self.checkpointer.retry,
         )

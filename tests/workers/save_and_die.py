@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 import dist_lora
 from dist_lora.backends import attach
 from dist_lora.checkpointer import Checkpointer
-from dist_lora.config import LoraConfig
+from dist_lora.config import CheckpointConfig, LoraConfig
 
 
 def main() -> None:
@@ -23,7 +23,7 @@ def main() -> None:
     x = torch.arange(32).view(2, 16) % 100
     model(input_ids=x, labels=x).loss.backward()
     opt.step()
-    ck = Checkpointer(spec["dir"], keep_last=2, storage_options=spec["options"])
+    ck = Checkpointer(CheckpointConfig(dir=spec["dir"], keep_last=2, storage_options=spec["options"], async_save=False))
     ck.save(attach(model, opt, "none"), step=spec["step"])
 
 
