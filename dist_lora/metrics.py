@@ -29,9 +29,16 @@ class MetricsLog:
             self.tb = None
 
     def _append(self, row: dict[str, Any]) -> None:
-        if self.path is not None:
+        """Best-effort: this runs on rank 0 alone between collectives, so a write error (a full disk) must not
+        end rank 0 while the others wait; it is logged once and the file is no longer written."""
+        if self.path is None:
+            return
+        try:
             with self.path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
+        except OSError as e:
+            log.error("cannot write the metrics file %s (%s); training goes on without it", self.path, e)
+            self.path = None
 
     def step(self, row: dict[str, Any]) -> None:
         self._append(row)

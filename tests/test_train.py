@@ -229,3 +229,16 @@ def test_a_bad_newest_step_is_skipped_then_set_aside_and_written_again(damage, g
     assert f"moved it aside to {aside}" in caplog.text
     status = "corrupt" if damage == "truncated" else "incomplete"  # never called committed
     assert f"step-00000004 was {status} (" in caplog.text
+
+
+def test_a_metrics_file_that_cannot_be_written_does_not_stop_rank_0(tmp_path, caplog):
+    """Rank 0 writes metrics alone, between collectives: an error there is logged once, never raised."""
+    from dist_lora.metrics import MetricsLog
+
+    target = tmp_path / "metrics.jsonl"
+    target.mkdir()  # a directory where the file goes: every open() fails
+    metrics = MetricsLog(str(target))
+    metrics.step({"step": 1, "loss": 1.0})
+    metrics.event("resume", step=1)
+    metrics.close()
+    assert caplog.text.count("cannot write the metrics file") == 1
