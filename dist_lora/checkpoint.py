@@ -336,6 +336,9 @@ def inspect_step(storage: Storage, name: str, verify: bool = True) -> StepInfo:
     info = StepInfo(name, step if step is not None else -1, step_store.url, "incomplete")
     listing = step_store.listdir()
     info.bytes = sum(e["size"] for e in listing.values())
+    if not listing:
+        info.error = "no such step: nothing is stored there"
+        return info
     if MANIFEST_NAME not in listing:
         info.error = "no manifest (the save never committed)"
         return info

@@ -9,13 +9,24 @@ import os
 import sys
 from typing import Any
 
-from dist_lora.agree import RankError
-from dist_lora.checkpoint import CheckpointError, inspect_step, is_step_url, list_steps
-from dist_lora.storage import Storage, StorageError
+# Nothing heavy is imported here: torch, transformers and the backends load inside the command that needs them,
+# so that `dist-lora --help` answers at once.
 
 
 def _storage_options(args: argparse.Namespace) -> dict[str, Any]:
-    return json.loads(args.storage_options) if getattr(args, "storage_options", None) else {}
+    raw = getattr(args, "storage_options", None)
+    if not raw:
+        return {}
+    try:
+        options = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(
+            f'--storage-options must be a JSON object, e.g. \'{{"endpoint_url": "http://127.0.0.1:8333"}}\' '
+            f"(got {raw!r}: {e})"
+        ) from e
+    if not isinstance(options, dict):
+        raise ValueError(f"--storage-options must be a JSON object, not {type(options).__name__} (got {raw!r})")
+    return options
 
 
 def _human(n: int) -> str:
@@ -27,7 +38,12 @@ def _human(n: int) -> str:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
+    from dist_lora.checkpoint import list_steps
+    from dist_lora.storage import Storage
+
     storage = Storage(args.url, _storage_options(args))
+    if storage.is_local and not os.path.isdir(storage.root):
+        raise ValueError(f"{args.url} does not exist: pass a checkpoint dir (checkpoint.dir of a run)")
     steps = list_steps(storage, verify=not args.fast)
     if args.json:
         print(json.dumps([s.to_json() for s in steps], indent=2))
@@ -47,6 +63,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from dist_lora.checkpoint import inspect_step, is_step_url, list_steps
+    from dist_lora.storage import Storage
+
     storage = Storage(args.url, _storage_options(args))
     if is_step_url(storage):
         parent_url, name = storage.url.rsplit("/", 1)
@@ -162,7 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     try:
         return int(args.func(args) or 0)
-    except EXPECTED as e:
+    except Exception as e:
+        if not _expected(e):
+            raise
         # a failure the user can act on (a bad path, a full disk, a refused lease, a step that does not fit):
         # one line naming it; the traceback only with -v
         logging.getLogger("dist_lora").debug("error", exc_info=True)
@@ -170,15 +191,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-# Errors with a message that says what was wrong: OSError covers full disks, permissions, paths that are files and
-# every StorageError; ValueError covers config, data, adapter and checkpoint errors; RankError another rank's.
-EXPECTED = (OSError, ValueError, RankError)
+def _expected(e: BaseException) -> bool:
+    """Errors whose message says what was wrong: OSError covers full disks, permissions, paths that are files and
+    every StorageError; ValueError covers config, data, adapter and checkpoint errors; RankError another rank's."""
+    from dist_lora.agree import RankError
+
+    return isinstance(e, (OSError, ValueError, RankError))
 
 
 def _describe(e: BaseException) -> str:
+    from dist_lora.checkpoint import CheckpointError
+    from dist_lora.storage import StorageError
+
     rank = getattr(e, "failed_rank", None)
     where = f" (on rank {rank})" if rank not in (None, 0) else ""
-    return f"{e}{where}" if isinstance(e, (CheckpointError, StorageError)) else f"{type(e).__name__}: {e}{where}"
+    plain = isinstance(e, (CheckpointError, StorageError)) or type(e) is ValueError  # their messages say it all
+    return f"{e}{where}" if plain else f"{type(e).__name__}: {e}{where}"
 
 
 def entry() -> None:
@@ -189,9 +217,8 @@ def entry() -> None:
     the launcher would report as a failed run after a successful one.
     """
     code = main()
-    from dist_lora.distributed import left_process_group_cleanly
-
-    if left_process_group_cleanly():
+    distributed = sys.modules.get("dist_lora.distributed")  # loaded only by commands that ran collectives
+    if distributed is not None and distributed.left_process_group_cleanly():
         sys.stdout.flush()
         sys.stderr.flush()
         logging.shutdown()

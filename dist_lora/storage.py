@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import random
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -105,6 +106,13 @@ class Storage:
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None, retry: RetryPolicy | None = None):
         if not url:
             raise StorageError("empty checkpoint URL: set checkpoint.dir to a path or an fsspec URL")
+        one_slash = re.match(r"^([a-z][a-z0-9+.-]+):/(?!/)", url)
+        if one_slash and one_slash.group(1) != "file":  # file:/path is a valid file URL
+            scheme = one_slash.group(1)
+            raise StorageError(
+                f"{url!r} looks like a {scheme} URL with one slash after '{scheme}:'; write {scheme}://"
+                f"{url[len(scheme) + 2 :]} (or ./{url} for a local directory of that name)"
+            )
         options = dict(storage_options or {})
         protocol = url.split("://", 1)[0] if "://" in url else "file"
         if protocol == "s3":

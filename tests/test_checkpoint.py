@@ -342,11 +342,6 @@ def test_api_works_with_a_user_optimizer_and_any_training_loop(gpt2_base, tmp_pa
         assert torch.equal(got[k], want[k]), k
 
 
-@pytest.mark.reliability(
-    fault="a pickle (`adapter_model.bin`) placed in a step",
-    injected="the test adds the file",
-    outcome="never read (`pickle.loads` is patched to fail the test)",
-)
 class _Marker:
     """Unpickling this creates the file named by its argument (what a malicious pickle would run instead)."""
 
@@ -357,6 +352,11 @@ class _Marker:
         return (open, (self.path, "w"))
 
 
+@pytest.mark.reliability(
+    fault="a pickle (`adapter_model.bin`, `optimizer.pt`) placed in a step, or alone in a newer step",
+    injected="the test adds files whose payload creates a marker file when unpickled",
+    outcome="never unpickled by load, ls, verify, pull or resume (the marker never appears)",
+)
 def test_pickle_files_are_never_read(gpt2_base, tmp_path):
     """A pickle whose payload creates a marker file when unpickled, dropped into a step as adapter_model.bin and
     optimizer.pt (and as the only content of a newer step): load, ls, verify, pull and resume never unpickle it."""

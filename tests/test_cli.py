@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -73,3 +74,28 @@ def test_console_script_and_module_entry_point(tmp_path):
     assert out.returncode == 0 and "no steps under" in out.stdout
     out = subprocess.run(["dist-lora", "verify", str(tmp_path / "nothing")], capture_output=True, text=True)
     assert out.returncode == 1 and "no steps under" in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["ls", "runs/nope"], ["runs/nope does not exist", "checkpoint dir"]),
+        (["ls", "s3:/bucket/run"], ["one slash", "s3://bucket/run"]),
+        (["ls", ".", "--storage-options", "notjson"], ["--storage-options must be a JSON object", "endpoint_url"]),
+        (["verify", "runs/nope/step-00000004"], ["no such step", "nothing is stored there"]),
+    ],
+)
+def test_expected_failures_are_one_line_without_a_traceback(argv, words, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "dist_lora", *argv], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode != 0, out.stdout
+    text = out.stdout + out.stderr
+    assert all(w in text for w in words), text
+    assert "Traceback" not in text
+
+
+def test_the_cli_answers_help_without_importing_torch():
+    code = "import sys, dist_lora.cli; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    help_text = subprocess.run([sys.executable, "-m", "dist_lora", "--help"], capture_output=True, text=True)
+    assert help_text.returncode == 0 and "train" in help_text.stdout

@@ -78,10 +78,12 @@ def test_several_adapters_on_one_base_and_switching(gpt2_base, tmp_path):
         assert torch.equal(logits(multi, X), want[name]), name
 
 
-def test_plot_writes_a_png_with_resume_points(tmp_path):
+def test_plot_writes_a_png_with_resume_points_and_failed_saves(tmp_path):
     metrics = tmp_path / "metrics.jsonl"
     rows = [{"step": s, "loss": 6 - s / 10, "lr": 1e-3, "world_size": 2, "backend": "fsdp"} for s in range(1, 11)]
     rows.insert(5, {"event": "resume", "step": 5, "world_size": 1, "backend": "deepspeed"})
+    rows.insert(3, {"event": "save_failed", "step": 3, "error": "OSError: [Errno 28] No space left on device"})
+    rows.append({"event": "something_new", "step": 10})  # an event this version does not draw is left out
     metrics.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     out = subprocess.run(["dist-lora", "plot", str(tmp_path)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
