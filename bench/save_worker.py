@@ -137,6 +137,40 @@ def method_dist_lora(backend, out: Path | str, async_save: bool, storage_options
     return run
 
 
+def method_first_async_save(backend, out: Path):
+    """The FIRST asynchronous save of a fresh Checkpointer (made and prepared at the run's start, outside the timing,
+    as the trainer does): does it stall like the later ones, or pay for one-time set-up (the background group, the
+    adapter layout, the base fingerprint)?"""
+
+    def run(i: int, train: bool = True) -> dict:
+        ck = Checkpointer(CheckpointConfig(dir=str(out / f"run-{i}"), async_save=True))
+        ck.prepare(backend)  # as the trainer does at start
+        ck.save(backend, step=1)
+        if train:
+            train_step(backend)
+        ck.wait()
+        stats = ck.history[-1]
+        return {"stall_s": stats.stall_s, "total_s": stats.done_s, "snapshot_s": stats.snapshot_s}
+
+    return run
+
+
+def method_save_checkpoint_api(backend, out: Path):
+    """The public ``dist_lora.save_checkpoint(model, dir, step=, optimizer=)`` called every N steps by a user's
+    own loop (synchronous, as documented): its cost per call, against the trainer's Checkpointer ("dist_lora sync")."""
+    from dist_lora.api import save_checkpoint
+
+    model, optimizer = backend.model, backend.optimizer
+
+    def run(i: int) -> dict:
+        t0 = time.perf_counter()
+        save_checkpoint(model, str(out), step=i + 2, optimizer=optimizer)
+        total = time.perf_counter() - t0
+        return {"stall_s": total, "total_s": total}
+
+    return run
+
+
 def method_zero3_consolidated(backend, out: Path):
     """HF Trainer / accelerate's path under ZeRO-3: consolidate the whole model in 16 bit, keep the LoRA keys."""
     from safetensors.torch import save_file
@@ -227,6 +261,8 @@ METHODS = {
     "dist_lora async": lambda b, o, s: method_dist_lora(b, o, async_save=True),
     "dist_lora sync to S3": lambda b, o, s: method_dist_lora(b, **s3_target(s, o), async_save=False),
     "dist_lora async to S3": lambda b, o, s: method_dist_lora(b, **s3_target(s, o), async_save=True),
+    "dist_lora async, first save of a run": lambda b, o, s: method_first_async_save(b, o),
+    "dist_lora.save_checkpoint() per call": lambda b, o, s: method_save_checkpoint_api(b, o),
     "DeepSpeed ZeRO-3 16-bit consolidation (HF Trainer path)": lambda b, o, s: method_zero3_consolidated(b, o),
     "DeepSpeed save_checkpoint(exclude_frozen_parameters=True)": lambda b, o, s: method_ds_save_checkpoint(b, o),
     "FSDP2 get_model_state_dict(full_state_dict) (accelerate path)": lambda b, o, s: method_fsdp_full_state_dict(b, o),

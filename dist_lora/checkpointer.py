@@ -17,6 +17,7 @@ which readers skip.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -41,6 +42,12 @@ from dist_lora.lora import adapter_config_dict, base_fingerprint
 from dist_lora.storage import RetryPolicy, Storage
 
 log = logging.getLogger(__name__)
+
+
+# Every background group stays alive until the process group is destroyed at shutdown. A gloo group freed with
+# its Checkpointer (a user's loop that makes one per save) can close its connections while a peer rank is still
+# finishing the last collective on it, which that rank sees as "Connection closed by peer".
+_GROUPS: list[Any] = []
 
 
 def _rank() -> int:
@@ -113,8 +120,10 @@ class Checkpointer:
         self.lease: Lease | None = None
         self._static: tuple[int, tuple[dict[str, Any], dict[str, Any]]] | None = None
         self._group: Any = None
-        if self.async_save:
-            self._background_group()  # now, with every rank here: the first save then stalls like the others
+        if self.async_save:  # now, with every rank here: the first save then stalls like the others
+            self._background_group()
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dist-lora-save")
+            self._executor.submit(lambda: None).result()  # its thread starts now, not at the first save
 
     @property
     def storage(self) -> Storage:
@@ -165,13 +174,13 @@ class Checkpointer:
             self._apply_policy(earlier)  # raise: raised here, on every rank; warn: reported, and this save goes on
         stats = SaveStats(step=step)
         self.history.append(stats)
+        self.prepare(backend)
         if self.async_save:
             self._staging.mark()  # where the training stream is now: what the snapshot must see
             self._snapshotted = threading.Event()
             if self._guard is None:
                 self._guard = register_optimizer_step_pre_hook(self._before_optimizer_step)
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dist-lora-save")
+            assert self._executor is not None
             self._pending = self._executor.submit(
                 self._save_steps, backend, step, trainer_state, stats, self._background_group(), t0
             )
@@ -186,6 +195,18 @@ class Checkpointer:
         stats.save_s = time.perf_counter() - t0
         log.info("step %d: save blocked training %.4f s", step, stats.save_s)
         return self._step_url(step) if self._apply_policy(outcome) else None
+
+    def prepare(self, backend: Backend) -> None:
+        """Not a collective: read what a save needs of the model itself (the adapter's layout; on rank 0, the
+        adapter config and the base fingerprint) once, here on the training thread. The trainer calls it at start,
+        so that the first save stalls like the later ones; :meth:`save` calls it too (a no-op once done). The
+        background thread then touches only tensors: under ZeRO-3, reading a module's parameters while a forward
+        runs all-gathers them, a collective of one rank. An error here is raised again, and agreed by every rank,
+        in the save's prepare step."""
+        with contextlib.suppress(Exception):
+            backend.adapter()
+            if _rank() == 0:
+                self._static_meta(backend)
 
     def wait(self) -> SaveOutcome | None:
         """Collective: wait for a background save and apply ``on_error`` to its agreed outcome (raise: on every
@@ -249,11 +270,7 @@ class Checkpointer:
     def _meta(self, backend: Backend, step: int, trainer_state: dict[str, Any] | None) -> StepMeta:
         """What the step's JSON files say besides the tensors (rank 0; the model-derived part computed once)."""
         failpoint("save.meta")
-        key = id(backend.model)
-        if self._static is None or self._static[0] != key:
-            static = (adapter_config_dict(backend.model, backend.bias), base_fingerprint(backend.model))
-            self._static = (key, static)
-        adapter_config, fingerprint = self._static[1]
+        adapter_config, fingerprint = self._static_meta(backend)
         return StepMeta(
             step=step,
             bias=backend.bias,
@@ -264,10 +281,19 @@ class Checkpointer:
             backend=backend.name,
         )
 
+    def _static_meta(self, backend: Backend) -> tuple[dict[str, Any], dict[str, Any]]:
+        """adapter_config.json's content and the base fingerprint: the same for every step of a model."""
+        key = id(backend.model)
+        if self._static is None or self._static[0] != key:
+            static = (adapter_config_dict(backend.model, backend.bias), base_fingerprint(backend.model))
+            self._static = (key, static)
+        return self._static[1]
+
     def _background_group(self) -> Any:
         """A gloo group of all ranks for background gathers (None alone); made once, by every rank."""
         if self._group is None and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             self._group = torch.distributed.new_group(backend="gloo", timeout=group_timeout())
+            _GROUPS.append(self._group)
         return self._group
 
     def _before_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:

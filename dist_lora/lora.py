@@ -117,7 +117,9 @@ def adapter_parameters(model: nn.Module, bias: str = "none") -> dict[str, nn.Par
             elif parts[0].startswith("lora_"):
                 owned[id(p)] = _join(mod_name, rel)
         base = getattr(module, "base_layer", module) if flavor == "peft" else module
-        b = getattr(base, "bias", None)
+        # the registry itself, not getattr: under ZeRO-3, reading a partitioned parameter as an attribute while a
+        # forward runs (the background save thread does) all-gathers it, a collective of this rank alone
+        b = base._parameters.get("bias")
         if isinstance(b, nn.Parameter):
             lora_biases.add(id(b))
     if not flavors:
@@ -248,7 +250,8 @@ def adapter_config_dict(model: nn.Module, bias: str) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- fingerprint
 
 
-def _base_key(name: str) -> str:
+def base_key(name: str) -> str:
+    """A model parameter's name in the base's own files (PEFT's prefix and ``base_layer`` removed)."""
     key = canonical_name(name)
     key = key.removeprefix("base_model.model.")
     return key.replace(".base_layer.", ".")
@@ -257,7 +260,7 @@ def _base_key(name: str) -> str:
 def base_fingerprint(model: nn.Module) -> dict[str, Any]:
     """Architecture and every base parameter's shape: a checkpoint only loads over a base that matches."""
     lora_ids = {id(p) for p in adapter_parameters(model, "none").values()}
-    shapes = {_base_key(n): list(full_shape(p)) for n, p in model.named_parameters() if id(p) not in lora_ids}
+    shapes = {base_key(n): list(full_shape(p)) for n, p in model.named_parameters() if id(p) not in lora_ids}
     config = getattr(unwrap(model), "config", None)
     if config is None:
         config = getattr(getattr(unwrap(model), "base_model", None), "config", None)

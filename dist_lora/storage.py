@@ -9,6 +9,7 @@ The storage does not know what a checkpoint is; it only moves bytes.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -63,11 +64,35 @@ class RetryPolicy:
         return min(self.backoff_s * 2 ** (attempt - 1), self.max_backoff_s) * random.uniform(0.75, 1.25)
 
 
+def _no_credentials(e: BaseException) -> bool:
+    """botocore found no credentials at all (its NoCredentialsError / PartialCredentialsError)."""
+    return type(e).__name__ in ("NoCredentialsError", "PartialCredentialsError")
+
+
 def _is_permanent(e: BaseException) -> bool:
-    """Errors that another attempt cannot fix: missing objects, refused credentials, lost exclusive writes."""
-    return isinstance(
-        e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, AlreadyExistsError)
+    """Errors that another attempt cannot fix: missing objects, refused or missing credentials, lost exclusive
+    writes, a path that is a file, a full or read-only disk."""
+    return (
+        isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError))
+        or (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM))
+        or _no_credentials(e)
     )
+
+
+def _fix_for(e: BaseException, protocol: str) -> str:
+    """What to do about a permanent error, for its message."""
+    if _no_credentials(e) or (protocol == "s3" and isinstance(e, PermissionError)):
+        return (
+            "; check the credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or pass "
+            "key and secret in checkpoint.storage_options (--storage-options on the CLI), and the endpoint_url"
+        )
+    if isinstance(e, (NotADirectoryError, FileExistsError)):
+        return "; a file stands where a directory is needed: move it away or choose another checkpoint.dir"
+    if isinstance(e, PermissionError) or getattr(e, "errno", None) in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return "; choose a checkpoint.dir this user can write to"
+    if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+        return "; free space there (or lower checkpoint.keep_last), or choose another checkpoint.dir"
+    return ""
 
 
 class StorageError(OSError):
@@ -172,8 +197,12 @@ class Storage:
                     raise
                 error: BaseException = e
             except Exception as e:
+                if isinstance(e, (FileNotFoundError, AlreadyExistsError)):
+                    raise  # callers ask "is it there": an answer, not a failure
                 if _is_permanent(e):
-                    raise
+                    raise StorageError(
+                        f"cannot {what} {self.url_of(rel)}: {type(e).__name__}: {e}{_fix_for(e, self.protocol)}"
+                    ) from e
                 if attempt == attempts:
                     tries = f" after {attempts} attempts over {time.monotonic() - t0:.1f} s" if attempts > 1 else ""
                     raise StorageError(f"cannot {what} {self.url_of(rel)}{tries}: {type(e).__name__}: {e}") from e
@@ -238,7 +267,7 @@ class Storage:
         (several files, one directory sync).
         """
         if self.is_local:
-            self._write_local(self.path(rel), data, exclusive, sync_dir)
+            self._call("write", rel, lambda: self._write_local(self.path(rel), data, exclusive, sync_dir))
         else:
             self._write_remote(rel, data, exclusive)
 

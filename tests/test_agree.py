@@ -21,10 +21,11 @@ import pytest
 from dist_lora.agree import Failure, RankError
 from dist_lora.checkpoint import CheckpointError, list_steps, read_step
 from dist_lora.constants import ENV_FAILPOINT
+from dist_lora.demo import corpus_path
 from dist_lora.distributed import torchrun_cmd
 from dist_lora.lease import Lease
 from dist_lora.storage import Storage, StorageError
-from tests.dist_utils import failure_report, launch_env, train_cmd
+from tests.dist_utils import failure_report, launch_env, torchrun, train_cmd
 
 PG_TIMEOUT = "parallel.timeout_s=30"
 ENGINES = {"fsdp": ["parallel.backend=fsdp"], "zero3": ["parallel.backend=deepspeed", "parallel.zero_stage=3"]}
@@ -173,6 +174,53 @@ def test_under_raise_every_rank_stops_with_the_one_message(engine, mode, point, 
     assert_no_rank_traceback(out)
     committed = [s.step for s in list_steps(Storage(str(tmp_path / "ckpt"))) if s.status == "committed"]
     assert committed == [], committed  # the first save (or the start) failed: training stopped there
+
+
+MATRIX_WORKER = Path(__file__).resolve().parent / "workers" / "fault_matrix_worker.py"
+
+
+@pytest.mark.multiproc
+@pytest.mark.s3
+@pytest.mark.timeout(420)
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.reliability(
+    fault="an error on one rank at every rank-0-only point (metadata, serialize, each file write, the commit, the "
+    "`latest` hint, retention, the lease, the read and the sha256 check of a step) and in one rank's snapshot, on "
+    "local disk and S3 (the upload, a wrong secret), sync and async (FSDP2, ZeRO-3)",
+    injected="`DIST_LORA_FAILPOINT=<point>@rankN=raise`, a flipped byte, a wrong S3 secret; `on_error: raise`, "
+    "2 ranks, 30 s timeout, all cases in one launch",
+    outcome="every rank raises the same class with the same message and nothing commits; a failure after the "
+    "commit (hint, retention) is a warning and the step verifies; the ranks stay in step for the next case",
+)
+def test_under_raise_every_point_fails_alike_on_every_rank(engine, gpt2_base, s3, tmp_path):
+    url, options = s3
+    overrides = [
+        f"model.name_or_path={gpt2_base}",
+        f"data.path={corpus_path()}",
+        f"checkpoint.dir={tmp_path / 'unused'}",
+        PG_TIMEOUT,
+        *ENGINES[engine],
+    ]
+    spec = {"overrides": overrides, "out": str(tmp_path), "s3": {"url": url, "options": options}}
+    torchrun(2, [str(MATRIX_WORKER), json.dumps(spec)])
+    ranks = [json.loads((tmp_path / f"results-rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0].keys() == ranks[1].keys() and len(ranks[0]) == 2 * (8 + 3) + 4
+    for name, result in ranks[0].items():
+        case, other = result["case"], ranks[1][name]
+        assert result["error"] == other["error"], (name, result["error"], other["error"])  # class and message
+        if case["expect"] == "commit":
+            assert result["error"] is None and result["committed"] == [2], (name, result)
+            continue
+        assert result["error"] is not None and result["agreed"] and other["agreed"], (name, result)
+        kind, message = result["error"]
+        if "@rank" in case["spec"]:
+            assert kind == "OSError" and full_disk(case["spec"].split("@")[0]) in message, (name, message)
+        elif case["spec"] == "corrupt-file":
+            assert kind == "CheckpointError" and "sha256" in message, (name, message)
+        else:  # the wrong secret: the store's own refusal, naming where it happened
+            assert url in message, (name, message)
+        if case["op"] == "save":
+            assert result["committed"] == [], (name, result)
 
 
 # ------------------------------------------------------------------------------------------------ launcher gone
