@@ -17,6 +17,7 @@ import math
 import os
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -94,6 +95,8 @@ def part_a(tmp: Path, repeats: int, sizes: list[str], s3: dict) -> list[dict]:
                 [
                     "dist_lora sync",
                     "dist_lora async",
+                    "dist_lora async, first save of a run",
+                    "dist_lora.save_checkpoint() per call",
                     "DeepSpeed ZeRO-3 16-bit consolidation (HF Trainer path)",
                     "DeepSpeed save_checkpoint(exclude_frozen_parameters=True)",
                 ],
@@ -103,6 +106,8 @@ def part_a(tmp: Path, repeats: int, sizes: list[str], s3: dict) -> list[dict]:
                 [
                     "dist_lora sync",
                     "dist_lora async",
+                    "dist_lora async, first save of a run",
+                    "dist_lora.save_checkpoint() per call",
                     "FSDP2 get_model_state_dict(full_state_dict) (accelerate path)",
                     "torch.distributed.checkpoint.save of the adapter",
                     "dist_lora sync to S3",
@@ -390,6 +395,123 @@ def part_e(tmp: Path, repeats: int, info: dict) -> list[dict]:
     return [row]
 
 
+# ---------------------------------------------------------------------------------------------- f. big bases
+
+XL = {"n_layer": 48, "n_embd": 1600, "n_head": 25}  # GPT-2 XL's shape: 1.56B parameters, 6.2 GB in fp32
+
+
+def build_xl_base(out: Path, quick: bool) -> int:
+    """A randomly initialised GPT-2-XL-shaped base (fp32) saved in 2 GB safetensors files with an index, and the
+    demo's tokenizer; returns its bytes. Built in a child process, so that this one never holds it."""
+    shape = {"n_layer": 4, "n_embd": 1600, "n_head": 25} if quick else XL
+    code = (
+        "import sys, torch; from transformers import GPT2Config, GPT2LMHeadModel; "
+        "from dist_lora.demo import build_tokenizer, corpus_path; "
+        f"torch.manual_seed(0); m = GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=1024, **{shape!r}, "
+        "resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)); "
+        "m.save_pretrained(sys.argv[1], max_shard_size='2GB'); "
+        "build_tokenizer(corpus_path()).save_pretrained(sys.argv[1])"
+    )
+    subprocess.run([sys.executable, "-c", code, str(out)], check=True, env=env(), cwd=ROOT)
+    return sum(p.stat().st_size for p in out.glob("*.safetensors"))
+
+
+def peak_rss_of(cmd: list[str]) -> tuple[float, int]:
+    """Run a command; (seconds, the peak resident memory of its process tree's largest process)."""
+    code = (
+        "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024); sys.exit(r.returncode)"
+    )
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code, *cmd], env=env(), cwd=ROOT, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"{cmd[:4]} failed:\n{out.stderr[-4000:]}")
+    return time.perf_counter() - t0, int(out.stdout.strip().splitlines()[-1])
+
+
+def part_f(tmp: Path, quick: bool) -> list[dict]:
+    """Loading a base larger than a rank should hold: per-rank peak RSS and load seconds, sharded against the full
+    path, at world sizes 1, 2, 4 (the full path at 4 would need 4 copies of the base: more than this machine has);
+    then 3 training steps at world 4, a save, a resume at world 2; then a streaming merge."""
+    base = tmp / "xl-base"
+    model_bytes = build_xl_base(base, quick)
+    rows: list[dict] = []
+    t0 = time.perf_counter()
+    single = subprocess.run(
+        [sys.executable, "-c", "import sys, torch; from transformers import AutoModelForCausalLM; "
+         "AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)", str(base)],
+        env=env(), cwd=ROOT, check=True, capture_output=True,
+    )  # fmt: skip
+    del single
+    from_pretrained_s = time.perf_counter() - t0
+    for engine in ("fsdp", "zero3"):
+        for world in (1, 2, 4):
+            for path in ("sharded", "full"):
+                if path == "full" and world * model_bytes > 0.8 * os.sysconf("SC_PAGE_SIZE") * os.sysconf(
+                    "SC_PHYS_PAGES"
+                ):
+                    rows.append({"part": "f", "engine": engine, "world": world, "path": path, "skipped": True})
+                    continue
+                result = tmp / f"load-{engine}-{world}-{path}.json"
+                spec = {"engine": engine, "base": str(base), "path": path, "result": str(result)}
+                torchrun(world, "bench.load_worker", spec)
+                row = {"part": "f", "engine": engine, "world": world, "path": path, **json.loads(result.read_text())}
+                row.update(model_bytes=model_bytes, from_pretrained_s=from_pretrained_s)
+                rows.append(row)
+                print(
+                    f"[f] {engine} world {world} {path}: peak {row['peak_rss'] / 1e9:.2f} GB per rank, "
+                    f"load {row['load_s']:.1f} s (from_pretrained alone {from_pretrained_s:.1f} s)",
+                    flush=True,
+                )
+    rows += train_resume_merge(tmp, base, model_bytes)
+    return rows
+
+
+def train_resume_merge(tmp: Path, base: Path, model_bytes: int) -> list[dict]:
+    """The demonstration only sharded loading makes possible here: train the big base at world size 4 (FSDP2),
+    save, resume at world size 2 (ZeRO-3), then merge the step by streaming."""
+    from dist_lora.demo import corpus_path
+
+    ckpt, metrics = tmp / "xl-ckpt", tmp / "xl-metrics.jsonl"
+    common = [
+        str(ROOT / "configs" / "tiny.yaml"),
+        f"model.name_or_path={base}",
+        f"data.path={corpus_path()}",
+        f"checkpoint.dir={ckpt}",
+        f"train.metrics_file={metrics}",
+        "lora.target_modules=[c_attn]",
+        "data.seq_len=32",
+        "train.global_batch_size=4",
+        "train.micro_batch_size=1",
+        "train.max_steps=4",
+        "checkpoint.every_steps=0",
+    ]
+    rows = []
+    for world, extra in ((4, ["parallel.backend=fsdp", "train.stop_at_step=3"]), (2, ["parallel.backend=deepspeed"])):
+        seconds, peak = peak_rss_of(torchrun_cmd(world, "-m", "dist_lora", "train", *common, *extra))
+        rows.append({"part": "f", "phase": f"train at world {world}", "seconds": seconds, "peak_rss": peak})
+        print(f"[f] train at world {world}: {seconds:.0f} s, peak {peak / 1e9:.2f} GB per rank", flush=True)
+    steps = [json.loads(line) for line in metrics.read_text().splitlines()]
+    seconds, peak = peak_rss_of(
+        [sys.executable, "-m", "dist_lora", "merge", str(ckpt / "step-00000004"), "--out", str(tmp / "xl-merged")]
+    )
+    largest_file = max(p.stat().st_size for p in base.glob("*.safetensors"))
+    rows.append(
+        {
+            "part": "f",
+            "phase": "merge",
+            "seconds": seconds,
+            "peak_rss": peak,
+            "largest_file": largest_file,
+            "model_bytes": model_bytes,
+            "losses": [r["loss"] for r in steps if "loss" in r],
+            "resumed": [r for r in steps if r.get("event") == "resume"],
+        }
+    )
+    print(f"[f] merge: {seconds:.0f} s, peak {peak / 1e9:.2f} GB (largest file {largest_file / 1e9:.2f} GB)")
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------- report
 
 
@@ -506,6 +628,50 @@ def report(rows: list[dict], quick: bool) -> str:
             f"{r['raw_MBps']:.0f} MB/s: **{100 * r['ratio']:.0f}%**.",
             "",
         ]
+    f = [r for r in rows if r["part"] == "f"]
+    if f:
+        loads = [r for r in f if "path" in r and not r.get("skipped")]
+        model = loads[0]["model_bytes"] if loads else 0
+        lines += [
+            f"## f. Loading a base of {fmt_bytes(model)} (GPT-2 XL shape, fp32, 2 GB safetensors files)",
+            "",
+            "| engine | world | path | peak RSS per rank | RSS before loading | target: model / world + 1 GB | "
+            "load s | from_pretrained alone, 1 process |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in f:
+            if "path" not in r:
+                continue
+            if r.get("skipped"):
+                lines.append(f"| {r['engine']} | {r['world']} | {r['path']} | not run: {r['world']} whole copies "
+                             "exceed this machine's memory | | | | |")  # fmt: skip
+                continue
+            target = r["model_bytes"] / r["world"] + 1e9
+            mark = "met" if r["path"] == "full" or r["peak_rss"] <= target else "**missed**"
+            lines.append(
+                f"| {r['engine']} | {r['world']} | {r['path']} | {fmt_bytes(r['peak_rss'])} | "
+                f"{fmt_bytes(r['rss_before'])} | {fmt_bytes(target)} ({mark if r['path'] == 'sharded' else '-'}) | "
+                f"{r['load_s']:.1f} | {r['from_pretrained_s']:.1f} |"
+            )
+        phases = [r for r in f if "phase" in r]
+        if phases:
+            lines += ["", "Train, resume, merge on that base:", ""]
+            for r in phases:
+                extra = ""
+                if r["phase"] == "merge":
+                    extra = (
+                        f" (largest base file {fmt_bytes(r['largest_file'])}, "
+                        f"the model {fmt_bytes(r['model_bytes'])}); "
+                        f"losses of the run: {', '.join(f'{x:.3f}' for x in r['losses'])}"
+                    )
+                lines.append(f"- {r['phase']}: {r['seconds']:.0f} s, peak RSS {fmt_bytes(r['peak_rss'])}{extra}")
+        lines += [
+            "",
+            "Peak RSS is the kernel's VmHWM of each rank (the largest over ranks), which includes what the process "
+            "holds before loading (torch, transformers, DeepSpeed imported); load s runs from the start of loading "
+            "until the engine is wrapped, the slowest rank.",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -559,13 +725,15 @@ def run_parts(args: argparse.Namespace, tmp: Path, repeats: int, s3: dict) -> li
         rows += part_c(tmp, 1 if args.quick else 3)
     if "e" in args.parts:
         rows += part_e(tmp, repeats, s3)
+    if "f" in args.parts:
+        rows += part_f(tmp, args.quick)
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repeats and sizes")
-    parser.add_argument("--parts", default="abcde", help="which parts to run (default: all)")
+    parser.add_argument("--parts", default="abcdef", help="which parts to run (default: all)")
     parser.add_argument("--report-only", action="store_true", help="rewrite results.md/png from results.json")
     args = parser.parse_args()
     if args.report_only:
@@ -585,6 +753,9 @@ def main() -> None:
             rows = run_parts(args, tmp, repeats, s3)
         finally:
             s3server.stop(proc)
+    previous = RESULTS / "results.json"
+    if previous.is_file() and args.parts != "abcdef":  # the parts not rerun keep their rows
+        rows = [r for r in json.loads(previous.read_text()) if r["part"] not in args.parts] + rows
     (RESULTS / "results.json").write_text(json.dumps(rows, indent=1, default=str))
     keys = sorted({k for r in rows for k in r})
     with (RESULTS / "results.csv").open("w", newline="") as f:

@@ -267,15 +267,20 @@ def load_model(
     ``base`` overrides the base model path the checkpoint names. Single process.
     """
     import peft
-    from transformers import AutoModelForCausalLM
+
+    from dist_lora.model import load_base, resolve_model_path
 
     step_store = resolve_step(path, storage_options)
     manifest = read_manifest(step_store)
     adapter_config = json.loads(read_verified(step_store, manifest, [ADAPTER_CONFIG_NAME])[ADAPTER_CONFIG_NAME])
+    base_given = bool(base)
     base = base or adapter_config.get("base_model_name_or_path")
     if not base:
         raise CheckpointError(f"{step_store.url} names no base model; pass base=...")
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+    what = (
+        "base" if base_given else f"base_model_name_or_path of {step_store.url}/adapter_config.json (override: --base)"
+    )
+    model = load_base(resolve_model_path(base, what), dtype, what)
     adapter_config["inference_mode"] = False
     config = peft.PeftConfig.from_peft_type(**adapter_config)
     model = peft.get_peft_model(model, config)

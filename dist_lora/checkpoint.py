@@ -139,12 +139,21 @@ def serialize_step(state: AdapterState, meta: StepMeta) -> dict[str, bytes]:
         "world_size": meta.world_size,
         "backend": meta.backend,
         "base_fingerprint": meta.fingerprint,
-        "files": {
-            name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()} for name, data in files.items()
-        },
+        "files": {name: _file_entry(data) for name, data in files.items()},
     }
     files[MANIFEST_NAME] = _json_bytes(manifest)
     return files
+
+
+def _file_entry(data: bytes) -> dict[str, Any]:
+    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def rehash_manifest(manifest: dict[str, Any], changed: dict[str, bytes]) -> bytes:
+    """The manifest's bytes with the size and sha256 of files a copy changed (``pull --base`` edits the copy's
+    adapter_config.json); the copy verifies as the original does."""
+    files = {**manifest["files"], **{name: _file_entry(data) for name, data in changed.items()}}
+    return _json_bytes({**manifest, "files": files})
 
 
 # ---------------------------------------------------------------------------------------------- write

@@ -106,7 +106,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_pull(args: argparse.Namespace) -> int:
     from dist_lora.export import pull
 
-    print(pull(args.url, args.out_dir, storage_options=_storage_options(args)))
+    print(pull(args.url, args.out_dir, base=args.base, storage_options=_storage_options(args)))
     return 0
 
 
@@ -157,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pull", help="download and verify a step into a local dir (PEFT and vLLM load it)")
     p.add_argument("url", help="a step, or a checkpoint dir (its newest verified step)")
     p.add_argument("out_dir")
+    p.add_argument("--base", help="write this base model path or id into the copy's adapter_config.json")
     p.add_argument("--storage-options", help="JSON passed to fsspec")
     p.set_defaults(func=cmd_pull)
 

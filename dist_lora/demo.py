@@ -89,8 +89,38 @@ def _torchrun(nproc: int, args: list[str], env: dict[str, str]) -> None:
     subprocess.run(cmd, check=True, env=env)
 
 
-def run_demo(run_dir: str, nproc: int = 2, steps: int = 40) -> int:
+def fresh_run_dir(run_dir: str | Path) -> Path:
+    """``run_dir`` if no earlier demo ran there, else the first ``run_dir-N`` that does not exist: a demo never
+    resumes (or overwrites) an earlier one."""
     run = Path(run_dir).resolve()
+    if not any((run / name).exists() for name in ("checkpoints", "metrics.jsonl")):
+        return run
+    n = 2
+    while Path(f"{run}-{n}").exists():
+        n += 1
+    return Path(f"{run}-{n}")
+
+
+def summarize(rows: list[dict[str, Any]]) -> list[str]:
+    """What a run's metrics say it did: one line per stretch of steps on one backend and world size."""
+    lines: list[str] = []
+    start = 0
+    for i, row in enumerate(rows):
+        last = i + 1 == len(rows)
+        if last or (rows[i + 1]["backend"], rows[i + 1]["world_size"]) != (row["backend"], row["world_size"]):
+            first = rows[start]
+            lines.append(
+                f"steps {first['step']}..{row['step']} on {row['world_size']} process(es) ({row['backend']}): "
+                f"loss {first['loss']:.3f} -> {row['loss']:.3f}"
+            )
+            start = i + 1
+    return lines
+
+
+def run_demo(run_dir: str, nproc: int = 2, steps: int = 40) -> int:
+    run = fresh_run_dir(run_dir)
+    if run != Path(run_dir).resolve():
+        print(f"== {run_dir} holds an earlier demo (left as it is); this one runs in {run}", flush=True)
     base = build_tiny_base(run / "base")
     config = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
     overrides = [
@@ -110,10 +140,10 @@ def run_demo(run_dir: str, nproc: int = 2, steps: int = 40) -> int:
     print(f"== 2/2: resume on 1 process from the newest checkpoint and finish at step {steps}", flush=True)
     _torchrun(1, [str(config), *overrides, "parallel.backend=single", "checkpoint.resume=auto"], env)
     rows = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
-    first, last = rows[0]["loss"], rows[-1]["loss"]
-    print(f"== loss {first:.3f} -> {last:.3f} over {len(rows)} steps; checkpoints: dist-lora ls {run / 'checkpoints'}")
+    print("== what ran (from its metrics):", *summarize(rows), sep="\n   ")
+    print(f"== loss curve: dist-lora plot {run}; checkpoints: dist-lora ls {run / 'checkpoints'}")
     subprocess.run([sys.executable, "-m", "dist_lora", "ls", str(run / "checkpoints")], check=True)
-    return 0 if last < first else 1
+    return 0 if rows[-1]["loss"] < rows[0]["loss"] else 1
 
 
 TINY_YAML = """\

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import warnings
 
 from dist_lora.constants import ENV_LOG_LEVEL, ENV_RANK
 
@@ -14,3 +16,24 @@ def setup_logging(verbose: bool = False) -> None:
     fmt = f"[%(asctime)s rank{rank}] %(levelname)s %(name)s: %(message)s"
     logging.basicConfig(level=logging.WARNING, format=fmt, datefmt="%H:%M:%S", force=True)
     logging.getLogger("dist_lora").setLevel(level)
+
+
+# Third-party messages a dist_lora user cannot act on, silenced once at start by their exact text (never a whole
+# category): every ZeRO-3 step printed the two torch.distributed ones once per collective, 322 lines a 40-step run.
+QUIET_WARNINGS = (
+    "`torch.distributed.reduce_scatter_tensor` is deprecated",  # DeepSpeed's calls
+    "`torch.distributed.all_gather_into_tensor` is deprecated",
+    "`is_gradient_checkpointing` is deprecated",  # PEFT asking transformers
+    "fan_in_fan_out is set to False but the target module is `Conv1D`",  # PEFT on GPT-2; it sets it itself
+)
+QUIET_LOGS = ("`loss_type=None` was set in the config but it is unrecognized",)  # transformers, every model
+
+
+def quiet_third_party() -> None:
+    """Filter :data:`QUIET_WARNINGS` (warnings) and :data:`QUIET_LOGS` (transformers' log) by their text."""
+    for text in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=re.escape(text))
+    from transformers.utils import logging as hf_logging
+
+    for handler in hf_logging.get_logger().handlers:
+        handler.addFilter(lambda record: not record.getMessage().startswith(QUIET_LOGS))

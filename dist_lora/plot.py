@@ -4,6 +4,7 @@ marked."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from dist_lora.data import jsonl_rows
 
@@ -19,6 +20,23 @@ def read_metrics(path: Path) -> tuple[list[dict], list[dict], list[dict]]:
         elif "loss" in row:
             steps.append(row)
     return steps, events["resume"], events["save_failed"]
+
+
+def _unstack(fig: Any, ax: Any, labels: list[Any]) -> None:
+    """Move each resume label down, below the ones before it, until it overlaps none of them (resumes a few steps
+    apart would otherwise print over each other)."""
+    renderer = fig.canvas.get_renderer()
+    placed: list[Any] = []
+    for label in labels:
+        for _ in range(len(placed) + 1):
+            box = label.get_window_extent(renderer)
+            hits = [other for other in placed if box.overlaps(other)]
+            if not hits:
+                break
+            lowest = min(other.y0 for other in hits)  # below the one in the way, in display coordinates
+            _, y = ax.transData.inverted().transform((box.x1, lowest - 2))
+            label.xyann = (label.xyann[0], y)  # where the text stands (its top: va="top")
+        placed.append(label.get_window_extent(renderer))
 
 
 def plot_run(run: str | Path, out: str | Path | None = None) -> Path:
@@ -39,17 +57,21 @@ def plot_run(run: str | Path, out: str | Path | None = None) -> Path:
     out_path = Path(out) if out else path.with_name("loss.png")
     fig, ax = plt.subplots(figsize=(8, 4.5))
     ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=1.2, label="loss")
-    for i, r in enumerate(resumes):
+    labels = []
+    for i, r in enumerate(sorted(resumes, key=lambda r: r["step"])):
         ax.axvline(r["step"], color="tab:red", ls="--", lw=1, label="resume" if i == 0 else None)
-        ax.annotate(
-            f"{r.get('backend', '')} x{r.get('world_size', '?')}",
-            (r["step"], ax.get_ylim()[1]),
-            fontsize=7,
-            color="tab:red",
-            rotation=90,
-            va="top",
-            ha="right",
+        labels.append(
+            ax.annotate(
+                f"{r.get('backend', '')} x{r.get('world_size', '?')}",
+                (r["step"], ax.get_ylim()[1]),
+                fontsize=7,
+                color="tab:red",
+                rotation=90,
+                va="top",
+                ha="right",
+            )
         )
+    _unstack(fig, ax, labels)
     loss_at = {r["step"]: r["loss"] for r in steps}
     bad = [r["step"] for r in failed if r.get("step") in loss_at]
     if bad:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -16,8 +18,10 @@ from dist_lora.checkpointer import Checkpointer
 from dist_lora.config import ConfigError, RunConfig, TrainConfig, config_to_dict
 from dist_lora.data import TokenBlocks
 from dist_lora.distributed import init_distributed, shutdown, step_consensus
+from dist_lora.logs import quiet_third_party
 from dist_lora.lora import apply_lora
 from dist_lora.metrics import MetricsLog
+from dist_lora.model import adapters_on_cpu, load_tokenizer, resolve_model_path
 from dist_lora.preempt import StopRequest
 
 log = logging.getLogger(__name__)
@@ -46,6 +50,7 @@ def grad_accum_steps(t: TrainConfig, world: int) -> int:
 
 def train(cfg: RunConfig) -> list[dict[str, Any]]:
     """Run (or resume) a LoRA fine-tune as configured; returns the per-step metrics (on every rank)."""
+    quiet_third_party()
     init_distributed(cfg.parallel.timeout_s, need_group=cfg.parallel.backend != "single")
     trainer = None
     clean = False
@@ -69,7 +74,9 @@ class Trainer:
     """Build and wrap the model, then step, save and resume. The backend hides how the model is sharded."""
 
     def __init__(self, cfg: RunConfig):
-        self.cfg = cfg
+        # local paths absolute, so that the config saved with each step and adapter_config.json work from anywhere
+        model = replace(cfg.model, name_or_path=resolve_model_path(cfg.model.name_or_path))
+        self.cfg = cfg = replace(cfg, model=model, data=replace(cfg.data, path=os.path.abspath(cfg.data.path)))
         t = cfg.train
         self.rank, self.world, self.device = init_distributed(
             cfg.parallel.timeout_s, need_group=cfg.parallel.backend != "single"
@@ -86,14 +93,21 @@ class Trainer:
 
     def _build(self, cfg: RunConfig) -> None:
         """Tokenizer, data, base, LoRA, backend, metrics (after the lease is taken)."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         t = cfg.train
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path)
+        tokenizer = load_tokenizer(cfg.model.name_or_path)
         self.data = TokenBlocks(cfg.data.path, tokenizer, cfg.data.seq_len)
-        torch.manual_seed(t.seed)  # LoRA init is the same on every rank and at every world size
-        base: Any = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, dtype=DTYPES[cfg.model.dtype])
-        model = apply_lora(base.to(self.device), cfg.lora, cfg.model.name_or_path)
+        # FSDP2 and ZeRO-3 never hold more than a shard of the base on any rank; the others load a replica
+        base, weights = backends.backend_class(cfg.parallel.backend).load_base(
+            cfg.parallel,
+            cfg.model.name_or_path,
+            DTYPES[cfg.model.dtype],
+            self.device,
+            micro_batch_size=t.micro_batch_size,
+            grad_accum=self.grad_accum,
+        )
+        torch.manual_seed(t.seed)  # LoRA init is the same on every rank, at every world size, for every backend
+        with adapters_on_cpu():  # over a base on the meta device, the adapter still gets its values
+            model = apply_lora(base, cfg.lora, cfg.model.name_or_path)
 
         def make_optimizer(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
             return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
@@ -105,7 +119,9 @@ class Trainer:
             bias=cfg.lora.bias,
             micro_batch_size=t.micro_batch_size,
             grad_accum=self.grad_accum,
+            weights=weights,
         )
+        self.checkpointer.prepare(self.backend)  # the first save then stalls like the later ones
         self.metrics_log = MetricsLog(t.metrics_file, enabled=self.rank == 0)
         self.step = 0
         self.stop = StopRequest()

@@ -67,6 +67,17 @@ def llama_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def sharded_llama_base(llama_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama saved again in several safetensors files with model.safetensors.index.json."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("llama-sharded") / "base"
+    AutoModelForCausalLM.from_pretrained(llama_base).save_pretrained(out, max_shard_size="100KB")
+    AutoTokenizer.from_pretrained(llama_base).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory):
     """SeaweedFS on 127.0.0.1: the one .ci/run started, or one started here for the session."""
     existing = os.environ.get(ENV_S3)

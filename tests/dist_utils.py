@@ -63,8 +63,8 @@ def torchrun(nproc: int, argv: list[str], timeout: float = 420, cwd: Path | None
     return proc
 
 
-def run_worker(nproc: int, spec: dict) -> Path:
-    torchrun(nproc, [str(WORKER), json.dumps(spec)])
+def run_worker(nproc: int, spec: dict, worker: Path = WORKER) -> Path:
+    torchrun(nproc, [str(worker), json.dumps(spec)])
     return Path(spec["out"])
 
 

@@ -1,6 +1,7 @@
 """dist-lora ls / verify, in-process and through the installed console script."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -99,3 +100,104 @@ def test_the_cli_answers_help_without_importing_torch():
     assert out.stdout.strip() == "[]"
     help_text = subprocess.run([sys.executable, "-m", "dist_lora", "--help"], capture_output=True, text=True)
     assert help_text.returncode == 0 and "train" in help_text.stdout
+
+
+def run_cli(argv: list[str], cwd, **env: str) -> subprocess.CompletedProcess:
+    from tests.dist_utils import launch_env
+
+    full_env = {k: v for k, v in launch_env().items() if not k.startswith("AWS_")}
+    full_env.update(env)
+    return subprocess.run(argv, capture_output=True, text=True, cwd=cwd, env=full_env, timeout=240)
+
+
+def assert_one_line_error(out: subprocess.CompletedProcess, *words: str) -> None:
+    text = out.stdout + out.stderr
+    assert out.returncode == 2, text[-3000:]
+    assert all(w in text for w in words), text[-3000:]
+    assert "Traceback" not in text and text.count("error:") == 1, text[-3000:]
+
+
+def test_train_start_failures_are_one_line_and_leave_no_lease(gpt2_base, tmp_path):
+    """A missing base dir, a hub id that cannot be fetched, a missing corpus, a checkpoint dir that is a file."""
+    from tests.dist_utils import train_cmd
+
+    ckpt = tmp_path / "ckpt"
+    (tmp_path / "a-file").write_text("not a directory")
+    cases = [
+        (
+            ["model.name_or_path=./missing/base"],
+            ["model.name_or_path ./missing/base: no such directory", "save_pretrained"],
+        ),
+        (
+            ["model.name_or_path=nobody-here/no-such-model"],
+            ["is not a local directory", "HF_HUB_OFFLINE", "hf download"],
+        ),
+        (["data.path=missing.txt"], ["data.path", "missing.txt does not exist"]),
+        ([f"checkpoint.dir={tmp_path / 'a-file'}"], ["a-file", "a file stands where a directory is needed"]),
+    ]
+    for extra, words in cases:
+        out = run_cli(train_cmd(gpt2_base, ckpt, "train.max_steps=1", *extra), tmp_path, HF_HUB_OFFLINE="1")
+        assert_one_line_error(out, *words)
+        assert not (ckpt.exists() and any(ckpt.iterdir())), (extra, list(ckpt.iterdir()))  # no lease left behind
+
+
+def test_missing_s3_credentials_name_the_variables_at_once(tmp_path):
+    out = run_cli(
+        [sys.executable, "-m", "dist_lora", "ls", "s3://bucket/run"],
+        tmp_path,
+        AWS_ENDPOINT_URL="http://127.0.0.1:9",
+        AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
+        AWS_CONFIG_FILE=str(tmp_path / "none"),
+        AWS_EC2_METADATA_DISABLED="true",
+    )
+    assert_one_line_error(out, "s3://bucket/run", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "--storage-options")
+    assert "retrying" not in out.stderr  # no credentials is not a transient error
+
+
+def test_saved_paths_are_absolute_and_pull_and_merge_take_base(gpt2_base, tmp_path):
+    """A run started with relative paths saves absolute ones, so merge works from any directory; pull --base
+    rewrites the copy's base and the copy still verifies."""
+    import shutil
+
+    from tests.dist_utils import train_cmd
+
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copytree(gpt2_base, work / "base")
+    from dist_lora.demo import corpus_path
+
+    shutil.copy(corpus_path(), work / "corpus.txt")
+    argv = train_cmd("base", "ckpt", "data.path=corpus.txt", "train.max_steps=1", "parallel.backend=single")
+    out = run_cli(argv, work)
+    assert out.returncode == 0, out.stderr[-3000:]
+    step = work / "ckpt" / step_name(1)
+    adapter_config = json.loads((step / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(work / "base")
+    state = json.loads((step / "trainer_state.json").read_text())
+    assert state["config"]["data"]["path"] == str(work / "corpus.txt")
+    merged = run_cli([sys.executable, "-m", "dist_lora", "merge", str(step), "--out", "merged"], tmp_path)
+    assert merged.returncode == 0 and (tmp_path / "merged" / "config.json").is_file(), merged.stderr[-3000:]
+    moved = tmp_path / "moved-base"
+    shutil.move(work / "base", moved)
+    out = run_cli([sys.executable, "-m", "dist_lora", "pull", str(step), "copy", "--base", str(moved)], tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads((tmp_path / "copy" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(moved)
+    assert main(["verify", str(tmp_path / "copy")]) == 0
+    out = run_cli([sys.executable, "-m", "dist_lora", "merge", str(step), "--out", "merged2"], tmp_path)
+    assert_one_line_error(out, "base_model_name_or_path of", str(work / "base"), "no such directory", "--base")
+
+
+def test_third_party_noise_is_filtered_by_its_text_and_nothing_else():
+    code = (
+        "import warnings; from dist_lora.logs import quiet_third_party; quiet_third_party(); "
+        "warnings.warn('fan_in_fan_out is set to False but the target module is `Conv1D`. Setting it.'); "
+        "warnings.warn('`torch.distributed.all_gather_into_tensor` is deprecated. Use x.', FutureWarning); "
+        "warnings.warn('a warning of the user s own', FutureWarning); "
+        "from transformers.utils import logging; log = logging.get_logger('transformers.modeling_utils'); "
+        "log.warning('`loss_type=None` was set in the config but it is unrecognized.'); log.warning('kept')"
+    )
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "warning"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert "fan_in_fan_out" not in out.stderr and "all_gather_into_tensor" not in out.stderr
+    assert "loss_type" not in out.stderr
+    assert "a warning of the user s own" in out.stderr and "kept" in out.stderr

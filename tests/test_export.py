@@ -64,6 +64,31 @@ def test_merge_equals_base_plus_adapter(gpt2_base, tmp_path):
     assert (tmp_path / "merged" / "tokenizer.json").exists()
 
 
+def test_streaming_merge_of_a_sharded_base_equals_merge_and_unload(sharded_llama_base, tmp_path):
+    """A Llama in several safetensors files: the merge is written file by file with the same index, loads with
+    from_pretrained, and its logits equal PEFT's merge_and_unload."""
+    from dist_lora.export import merge
+
+    torch.manual_seed(4)
+    model = dist_lora.apply_lora(
+        AutoModelForCausalLM.from_pretrained(sharded_llama_base),
+        LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+    )
+    with torch.no_grad():  # a trained-looking adapter: B is zero at init
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    step = dist_lora.save_checkpoint(model, str(tmp_path / "ck"), step=1)
+    merged_dir = merge(step, tmp_path / "merged")
+    names = {p.name for p in sharded_llama_base.glob("*.safetensors")}
+    assert {p.name for p in merged_dir.glob("*.safetensors")} == names and len(names) >= 3
+    index = json.loads((merged_dir / "model.safetensors.index.json").read_text())
+    assert index == json.loads((sharded_llama_base / "model.safetensors.index.json").read_text())
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir)
+    want = logits(model.merge_and_unload(), X)
+    assert (logits(merged, X) - want).abs().max().item() <= 1e-5
+
+
 def test_several_adapters_on_one_base_and_switching(gpt2_base, tmp_path):
     urls, want = {}, {}
     for name, seed in (("alpha", 2), ("beta", 3)):
@@ -93,3 +118,27 @@ def test_plot_writes_a_png_with_resume_points_and_failed_saves(tmp_path):
         (tmp_path / "empty").mkdir()
         (tmp_path / "empty" / "metrics.jsonl").write_text("")
         plot_run(tmp_path / "empty")
+
+
+def test_resume_labels_never_overlap(tmp_path):
+    """Three resumes a step apart: each label is moved below the ones it would print over."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dist_lora.plot import _unstack
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.plot(range(1, 101), [6 - s / 50 for s in range(1, 101)])
+    labels = [
+        ax.annotate(f"fsdp x{w}", (s, ax.get_ylim()[1]), rotation=90, va="top", ha="right")
+        for s, w in ((40, 2), (41, 1), (42, 4))
+    ]
+    renderer = fig.canvas.get_renderer()
+    before = [label.get_window_extent(renderer) for label in labels]
+    assert before[0].overlaps(before[1])  # as they were drawn before
+    _unstack(fig, ax, labels)
+    boxes = [label.get_window_extent(renderer) for label in labels]
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
+    plt.close(fig)

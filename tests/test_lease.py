@@ -335,3 +335,23 @@ def test_a_dead_holder_on_this_host_is_taken_over_at_once(tmp_path, caplog):
     storage.write(LEASE_NAME, json.dumps({**record, "renewed_at": now, "ttl_s": 600}).encode())
     Lease(storage, "job-newer").acquire()
     assert Lease(storage, "x").read()["run_id"] == "job-newer" and "now belongs to another process" in caplog.text
+
+
+@pytest.mark.reliability(
+    fault="a run killed (kill -9) at start, after it took the lease and before step 1, then started again as "
+    "users do: the same command, no run id set (a fresh one each time)",
+    injected="`DIST_LORA_FAILPOINT=load.read` (SIGKILL while reading the step to resume), no DIST_LORA_RUN_ID",
+    outcome="the next run takes the dir over at once (the holder's pid is gone) and trains",
+)
+def test_a_run_killed_at_start_is_followed_at_once_by_the_next(gpt2_base, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    env = {k: v for k, v in launch_env().items() if k not in ("DIST_LORA_RUN_ID", "SLURM_JOB_ID")}
+    cmd = train_cmd(gpt2_base, ckpt, "parallel.backend=single", "train.max_steps=1")
+    killed = subprocess.run(cmd, env={**env, "DIST_LORA_FAILPOINT": "load.read"}, capture_output=True, timeout=120)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    held = Lease(Storage(str(ckpt)), "x").read()
+    assert held is not None  # it did take the lease before it died
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"process {held['pid']} on this host is gone" in out.stderr
+    assert [s.step for s in list_steps(Storage(str(ckpt))) if s.status == "committed"] == [1]

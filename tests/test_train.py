@@ -145,6 +145,27 @@ def test_demo_command(tmp_path):
     (resume,) = [r for r in events if r.get("event") == "resume"]
     assert (resume["step"], resume["saved_world_size"], resume["world_size"]) == (20, 2, 1)
     assert "step-00000040   committed" in out.stdout
+    # the summary is what the metrics say ran, and the README's next command draws it
+    first, last = rows[1], rows[40]
+    assert f"steps 1..20 on 2 process(es) (fsdp): loss {first:.3f}" in out.stdout
+    assert f"steps 21..40 on 1 process(es) (single): loss {rows[21]:.3f} -> {last:.3f}" in out.stdout
+    plot = subprocess.run(
+        [sys.executable, "-m", "dist_lora", "plot", str(tmp_path)], env=launch_env(), capture_output=True, text=True
+    )
+    assert plot.returncode == 0 and (tmp_path / "loss.png").stat().st_size > 10_000, plot.stderr
+
+
+def test_a_demo_never_resumes_an_earlier_one(tmp_path):
+    from dist_lora.demo import fresh_run_dir
+
+    run = tmp_path / "demo"
+    assert fresh_run_dir(run) == run  # nothing there yet
+    (run / "base").mkdir(parents=True)
+    assert fresh_run_dir(run) == run  # a base alone is no earlier demo
+    (run / "metrics.jsonl").write_text("")
+    assert fresh_run_dir(run) == tmp_path / "demo-2"
+    (tmp_path / "demo-2").mkdir()
+    assert fresh_run_dir(str(run)) == tmp_path / "demo-3"
 
 
 def test_sample_order_does_not_depend_on_world_size(gpt2_base):

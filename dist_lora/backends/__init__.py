@@ -11,6 +11,7 @@ from torch import nn
 
 from dist_lora.backends.base import Backend, LocalPiece
 from dist_lora.config import ParallelConfig
+from dist_lora.model import BaseWeights
 
 # parallel.backend -> (module, class). attach() asks them, in this order, whether they wrapped a model: the
 # first that did gives the view (single recognises any module, so it comes last).
@@ -48,10 +49,12 @@ def build(
     bias: str,
     micro_batch_size: int,
     grad_accum: int,
+    weights: BaseWeights | None = None,
 ) -> Backend:
-    """Wrap a LoRA model for ``parallel.backend`` and create its optimizer over the trainable parameters."""
+    """Wrap a LoRA model for ``parallel.backend`` and create its optimizer over the trainable parameters
+    (``weights``: the base's files, for a model that ``load_base`` built on the meta device)."""
     return backend_class(parallel.backend).wrap(
-        parallel, model, make_optimizer, bias, micro_batch_size=micro_batch_size, grad_accum=grad_accum
+        parallel, model, make_optimizer, bias, micro_batch_size=micro_batch_size, grad_accum=grad_accum, weights=weights
     )
 
 

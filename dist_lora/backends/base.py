@@ -19,6 +19,7 @@ from torch import nn
 from dist_lora.config import ParallelConfig
 from dist_lora.constants import OPTIM_TENSOR_FIELDS, WEIGHT_FIELD
 from dist_lora.lora import adapter_parameters, full_shape
+from dist_lora.model import BaseWeights, load_base
 
 
 @dataclass
@@ -98,6 +99,15 @@ class Backend(ABC):
     # ------------------------------------------------------------------------------------------ registry
 
     @classmethod
+    def load_base(
+        cls, parallel: ParallelConfig, name_or_path: str, dtype: torch.dtype, device: torch.device, **batch: int
+    ) -> tuple[nn.Module, BaseWeights | None]:
+        """The base model as this backend loads it, and the weights :meth:`wrap` still has to read (None when the
+        base is loaded already). By default one whole copy per rank, as a replicated engine needs: from_pretrained
+        in ``dtype``, on ``device``. Sharding engines override it so that no rank holds more than its shard."""
+        return load_base(name_or_path, dtype).to(device), None
+
+    @classmethod
     def wrap(
         cls,
         parallel: ParallelConfig,
@@ -107,8 +117,10 @@ class Backend(ABC):
         *,
         micro_batch_size: int,
         grad_accum: int,
+        weights: BaseWeights | None = None,
     ) -> Backend:
-        """Wrap a LoRA model as ``parallel`` says and create its optimizer over the trainable parameters."""
+        """Wrap a LoRA model as ``parallel`` says and create its optimizer over the trainable parameters;
+        ``weights``: the base's files, for a model :meth:`load_base` built on the meta device."""
         raise NotImplementedError
 
     @classmethod

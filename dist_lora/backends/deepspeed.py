@@ -21,6 +21,8 @@ import torch
 
 from dist_lora.backends.base import Backend, LocalPiece, Staging
 from dist_lora.constants import ENV_DS_ACCELERATOR, OPTIM_TENSOR_FIELDS, WEIGHT_FIELD
+from dist_lora.lora import base_key
+from dist_lora.model import BaseWeights
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -73,6 +75,23 @@ def import_deepspeed() -> Any:
     return deepspeed
 
 
+def _fill_partitions(model: Any, weights: BaseWeights) -> None:
+    """Each rank writes its own partition of every ZeRO-3 parameter: elements [rank*s, (rank+1)*s) of the
+    flattened tensor (s = ``ds_tensor.numel()``, the last partition zero-padded), read from the files by the rows
+    that hold them. Buffers (not partitioned) are read whole where the files hold them."""
+    rank = torch.distributed.get_rank()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            part = p.ds_tensor.numel()
+            flat = weights.flat(base_key(name), rank * part, (rank + 1) * part)
+            target = p.ds_tensor.view(-1)
+            target.zero_()
+            target[: flat.numel()].copy_(flat)
+        for name, b in model.named_buffers():
+            if base_key(name) in weights:
+                b.copy_(weights.rows(base_key(name), 0, b.shape[0] if b.dim() else 1).reshape(b.shape))
+
+
 class DeepSpeedBackend(Backend):
     name = "deepspeed"
 
@@ -92,7 +111,32 @@ class DeepSpeedBackend(Backend):
             )
 
     @classmethod
-    def wrap(cls, parallel, model, make_optimizer, bias, *, micro_batch_size, grad_accum):  # type: ignore[no-untyped-def]
+    def load_base(cls, parallel, name_or_path, dtype, device, **batch):  # type: ignore[no-untyped-def]
+        """ZeRO-3 with a local base: the model is partitioned as it is constructed (``zero.Init``, through
+        transformers' HfDeepSpeedConfig), then each rank fills its own partition of every tensor from the files,
+        one tensor at a time. ZeRO-1/2 keep a whole replica per rank (and a hub id loads whole)."""
+        weights = BaseWeights.of(name_or_path) if parallel.zero_stage == 3 else None
+        if weights is None:
+            return super().load_base(parallel, name_or_path, dtype, device)
+        import_deepspeed()
+        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers.integrations import HfDeepSpeedConfig
+
+        config = ds_config(
+            zero_stage=3,
+            micro_batch_size=batch["micro_batch_size"],
+            grad_accum=batch["grad_accum"],
+            bf16=parallel.mixed_precision == "bf16",
+            extra=parallel.deepspeed_config,
+        )
+        keep = HfDeepSpeedConfig(config)  # transformers builds under zero.Init while this object lives
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(name_or_path), dtype=dtype)
+        model._dist_lora_hf_ds_config = keep  # kept for as long as the model (generation checks it)
+        _fill_partitions(model, weights)
+        return model, None
+
+    @classmethod
+    def wrap(cls, parallel, model, make_optimizer, bias, *, micro_batch_size, grad_accum, weights=None):  # type: ignore[no-untyped-def]
         deepspeed = import_deepspeed()
         params = [p for p in model.parameters() if p.requires_grad]
         config = ds_config(

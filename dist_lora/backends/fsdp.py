@@ -15,7 +15,8 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from dist_lora.backends.base import Backend, LocalPiece, Staging, load_torch_optim_state, torch_optim_fields
 from dist_lora.constants import WEIGHT_FIELD
-from dist_lora.lora import unwrap
+from dist_lora.lora import base_key, canonical_name, unwrap
+from dist_lora.model import BaseWeights, build_on_meta, host_tensors
 
 
 def _block_classes(model: nn.Module) -> set[str]:
@@ -27,21 +28,55 @@ def _block_classes(model: nn.Module) -> set[str]:
     return set()
 
 
+def _materialize(model: nn.Module, weights: BaseWeights, host: dict[str, torch.Tensor]) -> None:
+    """A model sharded on the meta device gets its memory and values: each rank allocates only its own rows of
+    every parameter and reads exactly those rows from the base's safetensors files (memory-mapped); the adapter
+    and the computed buffers, which the files do not hold, come from ``host`` (their values before sharding)."""
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            key = canonical_name(name)
+            local = p.to_local() if isinstance(p, DTensor) else p
+            start = FSDPBackend._row_offset(p) if isinstance(p, DTensor) else 0
+            stop = start + (local.shape[0] if local.dim() else 1)
+            if key in host:
+                source = host[key].reshape(p.shape)[start:stop] if p.dim() else host[key]
+            else:
+                source = weights.rows(base_key(key), start, stop)
+            local.copy_(source.reshape(local.shape))
+        for name, b in model.named_buffers():
+            key = canonical_name(name)
+            b.copy_(host[key] if key in host else weights.rows(base_key(key), 0, b.shape[0] if b.dim() else 1))
+
+
 class FSDPBackend(Backend):
     name = "fsdp"
 
     @classmethod
-    def wrap(cls, parallel, model, make_optimizer, bias, *, micro_batch_size, grad_accum):  # type: ignore[no-untyped-def]
+    def load_base(cls, parallel, name_or_path, dtype, device, **batch):  # type: ignore[no-untyped-def]
+        """A local base is built on the meta device; :meth:`wrap` shards it and each rank reads its own rows from
+        the files. A hub id loads whole (download it to a directory to load it sharded)."""
+        weights = BaseWeights.of(name_or_path)
+        if weights is None:
+            return super().load_base(parallel, name_or_path, dtype, device)
+        return build_on_meta(name_or_path, dtype), weights
+
+    @classmethod
+    def wrap(cls, parallel, model, make_optimizer, bias, *, micro_batch_size, grad_accum, weights=None):  # type: ignore[no-untyped-def]
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         kwargs: dict[str, Any] = {}
         if parallel.mixed_precision == "bf16":
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        host = host_tensors(model) if weights is not None else {}
         blocks = _block_classes(model)
         for module in model.modules():
             if type(module).__name__ in blocks:
                 fully_shard(module, **kwargs)
         fully_shard(model, **kwargs)
+        if weights is not None:
+            _materialize(model, weights, host)
         params = [p for p in model.parameters() if p.requires_grad]
         return cls(model, make_optimizer(params), bias)
 

@@ -1,0 +1,287 @@
+"""Finding and loading the base model and its tokenizer (``model.name_or_path``).
+
+A local directory is used by its absolute path, so that the config saved with every step and the
+``adapter_config.json`` PEFT reads name a base that can be found from any working directory. A hub id stays as it
+is. A path that does not exist, and a hub id that cannot be fetched (no network, no such repo), are one error each
+that says which and what to do, never a library traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class ModelError(ValueError):
+    """The base model (or its tokenizer) cannot be found or loaded; the message says why and the fix."""
+
+
+def _looks_like_path(name: str) -> bool:
+    """A hub id is ``name`` or ``org/name``; anything else with a separator, or starting like a path, is a path."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
+
+
+def resolve_model_path(name: str, what: str = "model.name_or_path") -> str:
+    """A local save_pretrained directory as an absolute path; a hub id unchanged. ModelError for a local path that
+    does not exist or is not such a directory."""
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            kind = "directory" if path.is_dir() else "file"
+            raise ModelError(
+                f"{what} {name} is a {kind} without config.json: pass a directory written by save_pretrained "
+                "(or a hub id such as org/name)"
+            )
+        return str(path.resolve())
+    if _looks_like_path(name):
+        raise ModelError(
+            f"{what} {name}: no such directory ({path.resolve()}); pass a directory written by save_pretrained, "
+            "or a hub id such as org/name"
+        )
+    return name
+
+
+def _hub_failure(name: str, what: str, error: BaseException) -> ModelError:
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
+    hint = (
+        "HF_HUB_OFFLINE is set and the model is not in the local cache"
+        if offline
+        else "check the id and the network (a gated model needs `hf auth login`)"
+    )
+    return ModelError(
+        f"{what} {name!r} is not a local directory, and loading it from the Hugging Face hub failed ({hint}): "
+        f"{first}. Download it where there is network (`hf download {name} --local-dir DIR`) and pass DIR"
+    )
+
+
+def load_tokenizer(name: str, what: str = "model.name_or_path") -> Any:
+    """The base's tokenizer (AutoTokenizer), or ModelError naming the base and the fix."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise _hub_failure(name, what, e) if not Path(name).exists() else ModelError(f"{what} {name}: {e}") from e
+
+
+def load_base(name: str, dtype: Any, what: str = "model.name_or_path") -> Any:
+    """``AutoModelForCausalLM.from_pretrained`` in ``dtype``, or ModelError naming the base and the fix."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise _hub_failure(name, what, e) if not Path(name).exists() else ModelError(f"{what} {name}: {e}") from e
+
+
+# ---------------------------------------------------------------------------------------------- sharded loading
+
+SAFE_INDEX_NAME = "model.safetensors.index.json"
+SAFE_WEIGHTS_NAME = "model.safetensors"
+
+
+# safetensors' dtype names (the format's header: an 8-byte little-endian length, then JSON)
+_SAFE_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+@dataclass(frozen=True)
+class _Entry:
+    path: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int
+    """Where the tensor's bytes start in the file."""
+
+
+class BaseWeights:
+    """A base's tensors as ``save_pretrained`` wrote them: ``model.safetensors``, or several files listed by
+    ``model.safetensors.index.json``. Keys are the base's own parameter names (``lora.base_key``).
+
+    A rank reads the rows it holds with plain reads straight into a tensor of their size: no whole tensor, no
+    memory map. (safetensors' own ``get_slice`` maps the file, and every page a rank touches then stays in its
+    resident memory for as long as the file is open, doubling what a rank holds while it loads.)
+    """
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        index = self.directory / SAFE_INDEX_NAME
+        if index.is_file():
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        elif (self.directory / SAFE_WEIGHTS_NAME).is_file():
+            names = [SAFE_WEIGHTS_NAME]
+        else:
+            pickles = sorted(p.name for p in self.directory.glob("*.bin"))
+            found = f"it holds {', '.join(pickles)} (pickle)" if pickles else "it holds no model weights"
+            raise ModelError(
+                f"{self.directory} has no {SAFE_WEIGHTS_NAME} or {SAFE_INDEX_NAME} ({found}); sharded loading reads "
+                "safetensors only and never unpickles: re-save the base with "
+                "model.save_pretrained(DIR, safe_serialization=True)"
+            )
+        self.entries: dict[str, _Entry] = {}
+        for name in names:
+            self.entries.update(_read_header(self.directory / name))
+
+    @classmethod
+    def of(cls, name_or_path: str) -> BaseWeights | None:
+        """The weights of a local save_pretrained directory; None for a hub id (it loads the full way)."""
+        return cls(name_or_path) if Path(name_or_path).is_dir() else None
+
+    @property
+    def files(self) -> dict[str, str]:
+        """Tensor name -> the file that holds it (as in the index)."""
+        return {key: entry.path.name for key, entry in self.entries.items()}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.entries
+
+    def _entry(self, key: str) -> _Entry:
+        if key not in self.entries:
+            raise ModelError(
+                f"{self.directory} holds no tensor {key!r} that the model built from its config.json has; the files "
+                "and the config do not match (re-save the base with save_pretrained)"
+            )
+        return self.entries[key]
+
+    def shape(self, key: str) -> list[int]:
+        return list(self._entry(key).shape)
+
+    def read(self, key: str) -> torch.Tensor:
+        """A whole tensor."""
+        return self.rows(key, 0, self._entry(key).shape[0] if self._entry(key).shape else 1)
+
+    def layout(self, name: str) -> tuple[bytes, list[str]]:
+        """One file's header, byte for byte (length prefix included), and its tensors in the order of their bytes:
+        a file with the same tensors, dtypes and shapes is that header followed by those tensors' bytes."""
+        path = self.directory / name
+        with open(path, "rb") as f:
+            head = f.read(8)
+            header = head + f.read(struct.unpack("<Q", head)[0])
+        keys = sorted((k for k, e in self.entries.items() if e.path == path), key=lambda k: self.entries[k].offset)
+        return header, keys
+
+    def rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` of a tensor (dim 0; a scalar is one row), read from the file alone."""
+        entry = self._entry(key)
+        shape = entry.shape or (1,)
+        start, stop = min(start, shape[0]), min(stop, shape[0])
+        out = torch.empty((max(0, stop - start), *shape[1:]), dtype=entry.dtype)
+        row_bytes = math.prod(shape[1:]) * out.element_size()
+        _read_into(entry.path, entry.offset + start * row_bytes, out)
+        return out if entry.shape else out.reshape(())
+
+    def flat(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Elements ``[start, stop)`` of the flattened tensor, reading only the rows that hold them."""
+        shape = self.shape(key)
+        row = math.prod(shape[1:]) if len(shape) > 1 else 1
+        stop = min(stop, math.prod(shape))
+        if stop <= start:
+            return torch.empty(0, dtype=self._entry(key).dtype)
+        first, last = start // row, (stop - 1) // row + 1
+        return self.rows(key, first, last).reshape(-1)[start - first * row : stop - first * row]
+
+
+def _read_header(path: Path) -> dict[str, _Entry]:
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    header.pop("__metadata__", None)
+    out = {}
+    for key, info in header.items():
+        if info["dtype"] not in _SAFE_DTYPES:
+            raise ModelError(f"{path}: tensor {key} has dtype {info['dtype']}, which sharded loading does not read")
+        begin = 8 + length + int(info["data_offsets"][0])
+        out[key] = _Entry(path, _SAFE_DTYPES[info["dtype"]], tuple(info["shape"]), begin)
+    return out
+
+
+def _read_into(path: Path, offset: int, out: torch.Tensor) -> None:
+    view = out.reshape(-1).view(torch.uint8).numpy().data  # writable: reads land in the tensor
+    with open(path, "rb", buffering=0) as f:
+        f.seek(offset)
+        done = 0
+        while done < len(view):
+            n = f.readinto(view[done:])
+            if not n:
+                raise ModelError(f"{path} ends before the tensor at byte {offset} does: the file is truncated")
+            done += n
+
+
+def build_on_meta(name_or_path: str, dtype: torch.dtype) -> Any:
+    """The causal LM that ``config.json`` describes, its parameters on the meta device (no memory, no init) and
+    its buffers computed on the CPU as ``from_pretrained`` computes them (rotary ``inv_freq``); tied weights tied."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(name_or_path)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()
+    return model
+
+
+@contextlib.contextmanager
+def adapters_on_cpu() -> Iterator[None]:
+    """While LoRA is applied to a base on the meta device: PEFT creates each adapter on the CPU (drawing its init
+    from the global RNG, as over a loaded base) and then moves it to its base layer's device twice (the layer's
+    ``_move_adapter_to_device_of_base_layer``, the model's ``_replace_module``), which would turn it into an empty
+    meta tensor. Keep it on the CPU instead (cast to the base's dtype, as PEFT does), so that the adapter's values
+    are exactly those of a full load with the same seed (tests/test_sharded_load.py checks it bit for bit)."""
+    from peft.tuners.lora.model import LoraModel
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    move_adapter = BaseTunerLayer._move_adapter_to_device_of_base_layer
+    replace_module = LoraModel._replace_module
+
+    def on_meta(layer: Any) -> bool:
+        weight = getattr(getattr(layer, "base_layer", layer), "weight", None)
+        return weight is not None and weight.is_meta
+
+    def move(self: Any, adapter_name: str, device: torch.device | None = None) -> None:
+        move_adapter(self, adapter_name, torch.device("cpu") if device is None and on_meta(self) else device)
+
+    def replace(self: Any, parent: Any, child_name: str, new_module: Any, child: Any) -> None:
+        if on_meta(child):
+            setattr(parent, child_name, new_module)  # as PEFT does, without moving the adapter to the meta device
+        else:
+            replace_module(self, parent, child_name, new_module, child)
+
+    BaseTunerLayer._move_adapter_to_device_of_base_layer = move  # type: ignore[method-assign]
+    LoraModel._replace_module = replace  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        BaseTunerLayer._move_adapter_to_device_of_base_layer = move_adapter  # type: ignore[method-assign]
+        LoraModel._replace_module = replace_module  # type: ignore[method-assign]
+
+
+def host_tensors(model: Any) -> dict[str, torch.Tensor]:
+    """Copies of every parameter and buffer that is not on the meta device (the adapter, computed buffers), by
+    canonical name: what sharded loading puts back after materializing, since the files do not hold them."""
+    from dist_lora.lora import canonical_name
+
+    out = {}
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if not t.is_meta:
+            out[canonical_name(name)] = t.detach().clone()
+    return out

@@ -1,0 +1,75 @@
+"""Bases larger than one device: FSDP2 builds on the meta device and each rank reads only its rows from the
+safetensors files; ZeRO-3 partitions at construction and each rank fills its own partition. The result must equal
+the full load (from_pretrained, then PEFT LoRA) bit for bit, base and adapter, at every world size."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dist_lora.demo import corpus_path
+from dist_lora.model import BaseWeights, ModelError, build_on_meta
+from tests.dist_utils import run_worker
+
+WORKER = Path(__file__).resolve().parent / "workers" / "load_worker.py"
+ENGINES = {"fsdp": ["parallel.backend=fsdp"], "zero3": ["parallel.backend=deepspeed", "parallel.zero_stage=3"]}
+
+
+def test_a_sharded_base_has_an_index_and_several_files(sharded_llama_base):
+    weights = BaseWeights(sharded_llama_base)
+    assert len(set(weights.files.values())) >= 3
+
+
+def test_rows_and_flat_ranges_read_only_what_they_name(llama_base):
+    weights = BaseWeights(llama_base)
+    full = load_file(str(llama_base / "model.safetensors"))
+    key = "model.embed_tokens.weight"
+    assert torch.equal(weights.rows(key, 3, 7), full[key][3:7])
+    assert torch.equal(weights.flat(key, 100, 1000), full[key].reshape(-1)[100:1000])
+    assert weights.flat(key, full[key].numel(), full[key].numel() + 5).numel() == 0  # a padded partition's tail
+
+
+def test_a_pickle_only_base_is_refused_with_the_fix(tmp_path, gpt2_base):
+    import shutil
+
+    (tmp_path / "bin").mkdir()
+    shutil.copy(gpt2_base / "config.json", tmp_path / "bin")
+    torch.save(load_file(str(gpt2_base / "model.safetensors")), tmp_path / "bin" / "pytorch_model.bin")
+    with pytest.raises(ModelError, match=r"pytorch_model\.bin \(pickle\).*safe_serialization=True"):
+        BaseWeights(tmp_path / "bin")
+
+
+def test_meta_build_holds_no_memory_and_keeps_ties(gpt2_base):
+    model = build_on_meta(str(gpt2_base), torch.float32)
+    assert all(p.is_meta for p in model.parameters())
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_sharded_load_equals_the_full_load(world, gpt2_base, llama_base, sharded_llama_base, tmp_path):
+    """FSDP2 and ZeRO-3, each on a tied GPT-2, a Llama (rotary buffers, GQA) and a Llama in 3 files with an index,
+    at world sizes 1-4 (3: uneven shards); one launch per world size."""
+    bases = [str(gpt2_base), str(llama_base), str(sharded_llama_base)]
+    qv = ["lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj]"]
+    spec = {
+        "engines": ENGINES,
+        "bases": [[bases[0], []], [bases[1], qv], [bases[2], qv]],
+        "overrides": [f"data.path={corpus_path()}", "train.global_batch_size=12", "train.micro_batch_size=1"],
+        "out": str(tmp_path),
+    }
+    run_worker(world, spec, worker=WORKER)
+    names = [f"{engine}:{base}" for engine in ENGINES for base in bases]
+    for rank in range(world):
+        report = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        for name in names:
+            assert report[name]["checked"] > 10 and report[name]["mismatched"] == [], (rank, name, report[name])
+        assert all(report[f"{engine}:{gpt2_base}"]["tied"] for engine in ENGINES)
+    for i, name in enumerate(names):
+        logits = load_file(str(tmp_path / f"{i}.logits"))
+        assert torch.allclose(logits["sharded"], logits["full"], rtol=0, atol=1e-6), name

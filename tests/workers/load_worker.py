@@ -1,0 +1,98 @@
+"""One rank of the sharded-loading test (tests/test_sharded_load.py): build each base the trainer's way, compare.
+
+argv[1] is JSON: {"engines": {name: [overrides]}, "bases": [[dir, [overrides of this base]], ...], "overrides": [...],
+"out": dir}. For each engine (FSDP2 first: a ZeRO-3 model makes transformers build under zero.Init) and base, the
+Trainer builds the model as it trains it (FSDP2: meta device, then each rank reads its rows; ZeRO-3: partitioned at construction, then each
+rank fills its partition). Each rank then builds the reference the full way in one process (seed, from_pretrained,
+PEFT LoRA) and checks that every parameter it holds, the base and the adapter alike, equals the matching slice of
+the reference bit for bit. Logits of a fixed batch are written by rank 0 for both. Rank r writes out/rank{r}.json.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from dist_lora.config import load_config
+from dist_lora.distributed import shutdown
+from dist_lora.lora import apply_lora, canonical_name
+from dist_lora.model import load_base
+from dist_lora.train import DTYPES, Trainer
+from tests.dist_utils import TINY
+
+
+def local_and_expected(backend, name: str, p, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's share of a parameter and the same share cut from the reference's full tensor."""
+    rank, world = backend.rank, backend.world_size
+    if hasattr(p, "ds_tensor"):  # ZeRO-3: a contiguous range of the flattened tensor (the padding is not compared)
+        part = p.ds_tensor.numel()
+        valid = max(0, min(part, ref.numel() - rank * part))
+        return p.ds_tensor.detach().reshape(-1)[:valid], ref.reshape(-1)[rank * part : rank * part + valid]
+    if hasattr(p, "to_local"):  # FSDP2: rows [r*c, (r+1)*c) of dim 0
+        local = p.to_local().detach()
+        chunk = -(-ref.shape[0] // world)
+        start = min(rank * chunk, ref.shape[0])
+        return local, ref[start : start + local.shape[0]]
+    return p.detach(), ref
+
+
+def main() -> None:
+    args = json.loads(sys.argv[1])
+    out = Path(args["out"])
+    report: dict[str, dict] = {}
+    cases = [(engine, base, own) for engine in args["engines"] for base, own in args["bases"]]
+    for i, (engine, base, own) in enumerate(cases):
+        case = f"{engine}:{base}"
+        overrides = [*args["overrides"], *args["engines"][engine], *own]
+        overrides += [f"model.name_or_path={base}", f"checkpoint.dir={out / f'ckpt{i}'}"]
+        cfg = load_config(TINY, overrides)
+        trainer = Trainer(cfg)
+        backend = trainer.backend
+        # the reference loads whole, as one process without DeepSpeed would (transformers builds every model
+        # under zero.Init while a ZeRO-3 model's HfDeepSpeedConfig lives)
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+        torch.manual_seed(cfg.train.seed)
+        reference = apply_lora(load_base(base, DTYPES[cfg.model.dtype]), cfg.lora, base)
+        ref_params = {canonical_name(n): p.detach() for n, p in reference.named_parameters()}
+        mismatched, checked = [], 0
+        module = backend.model.module if hasattr(backend.model, "module") else backend.model
+        for name, p in module.named_parameters():
+            key = canonical_name(name)
+            mine, expected = local_and_expected(backend, key, p, ref_params[key])
+            checked += 1
+            if mine.dtype != expected.dtype or not torch.equal(mine, expected.reshape(mine.shape)):
+                mismatched.append(key)
+        buffers = {canonical_name(n): b for n, b in reference.named_buffers()}
+        for name, b in module.named_buffers():
+            if not torch.equal(b.detach().cpu(), buffers[canonical_name(name)]):
+                mismatched.append(canonical_name(name))
+        x = (torch.arange(2 * 16).view(2, 16) * 7 % 500).to(trainer.device)
+        with torch.no_grad():
+            logits = backend.model(input_ids=x).logits.float().cpu()
+        if backend.rank == 0:
+            with torch.no_grad():
+                ref_logits = reference(input_ids=x).logits.float()
+            save_file({"sharded": logits.contiguous(), "full": ref_logits.contiguous()}, str(out / f"{i}.logits"))
+        tied = getattr(module, "lm_head", None)
+        report[case] = {"checked": checked, "mismatched": mismatched, "tied": _tied(module)}
+        trainer.checkpointer.release_lease()
+        del tied, trainer, reference
+    (out / f"rank{backend.rank}.json").write_text(json.dumps(report, indent=1))
+    shutdown()
+
+
+def _tied(module) -> bool:
+    """Whether the output embedding is the input embedding (GPT-2 ties them)."""
+    inner = module.get_base_model() if hasattr(module, "get_base_model") else module
+    out, inp = inner.get_output_embeddings(), inner.get_input_embeddings()
+    return out is not None and out.weight is inp.weight
+
+
+if __name__ == "__main__":
+    main()
