@@ -81,6 +81,12 @@ class TrainConfig:
     """Stop (with a checkpoint) after this step, as if preempted; the schedule still spans max_steps."""
     metrics_file: str | None = None
     """Append each step's loss, lr and seconds as JSON lines to this local file (rank 0)."""
+    max_grad_norm: float | None = 1.0
+    """Clip the global L2 norm of the adapter's gradients (over every rank's shard) to this, as
+    torch.nn.utils.clip_grad_norm_ does (HF Trainer's default is 1.0); null: no clipping. Logged every step."""
+    activation_checkpointing: bool = False
+    """Recompute each transformer block's activations in backward (less memory for long sequences, about a third
+    more compute); checkpoint keys do not change, so steps load with it on or off."""
 
 
 @dataclass
@@ -93,6 +99,15 @@ class ParallelConfig:
     """none | bf16: FSDP2 MixedPrecisionPolicy / DeepSpeed bf16 with fp32 master weights."""
     deepspeed_config: str | None = None
     """A DeepSpeed JSON merged over dist_lora's (e.g. offload or overlap settings); "auto" values are skipped."""
+    reshard_after_forward: bool | int = True
+    """FSDP2: free each block's gathered parameters after its forward (true: least memory, a second all-gather in
+    backward), keep them until backward (false: one all-gather per block and step), or reshard to groups of this
+    many ranks (an int, as fully_shard takes it). The last block never reshards: its backward comes first."""
+    replicate: int | Literal["nodes"] = 1
+    """FSDP2 only: HSDP with this many replica groups. The world is split into `replicate` groups of
+    world / replicate ranks; each group shards the model (all-gathers stay inside it: make it a node) and the groups
+    hold replicas (gradients all-reduced across them). "nodes": one group per node (world / LOCAL_WORLD_SIZE), which
+    follows an elastic job's node count; 1: plain FSDP2."""
     timeout_s: float = 1800.0
     """Process-group timeout: a collective that some rank never joins fails after this long (NCCL and gloo)."""
 
@@ -226,12 +241,25 @@ def _validate(cfg: RunConfig, errors: list[str]) -> None:
     check(t.lr > 0, f"train.lr must be > 0 (got {t.lr})")
     check(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0 (got {t.warmup_steps})")
     check(
+        t.max_grad_norm is None or t.max_grad_norm > 0,
+        f"train.max_grad_norm must be > 0, or null for no clipping (got {t.max_grad_norm})",
+    )
+    check(
         t.stop_at_step is None or 1 <= t.stop_at_step <= t.max_steps,
         f"train.stop_at_step must be in [1, train.max_steps={t.max_steps}] (got {t.stop_at_step})",
     )
     p = cfg.parallel
     check(p.zero_stage in (1, 2, 3), f"parallel.zero_stage must be 1, 2 or 3 (got {p.zero_stage})")
     check(p.timeout_s > 0, f"parallel.timeout_s must be > 0 seconds (got {p.timeout_s})")
+    check(p.replicate == "nodes" or p.replicate >= 1, f"parallel.replicate must be >= 1 or nodes (got {p.replicate})")
+    check(
+        isinstance(p.reshard_after_forward, bool) or p.reshard_after_forward >= 1,
+        f"parallel.reshard_after_forward must be true, false or a group size >= 1 (got {p.reshard_after_forward})",
+    )
+    check(
+        p.replicate == 1 or p.backend == "fsdp",
+        f"parallel.replicate={p.replicate} (HSDP) needs parallel.backend=fsdp (got {p.backend})",
+    )
     errors.extend(checkpoint_errors(cfg.checkpoint))
 
 

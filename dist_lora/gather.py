@@ -144,6 +144,12 @@ def gather_adapter(
             raise RuntimeError(f"ranks disagree on the adapter: {n} tensors here, {n_min}..{n_max} elsewhere")
     fields = [WEIGHT_FIELD, *OPTIM_TENSOR_FIELDS] if has_state else [WEIGHT_FIELD]
     nf = len(fields)
+    senders = backend.senders()
+    if world > 1 and senders is not None and senders < world:  # the other ranks hold copies: they send nothing
+        sub = _subgroup(senders, group)
+        if rank >= senders:
+            return None
+        group, world = sub, senders
 
     # Rank 0 allocates the full result and fills in its own pieces without any communication.
     weights: dict[str, torch.Tensor] = {}
@@ -238,6 +244,21 @@ def any_rank(flag: bool, group: Any = None) -> bool:
     _record("all_reduce", t)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return bool(t.item())
+
+
+_SUBGROUPS: dict[tuple[int, int], Any] = {}
+
+
+def _subgroup(k: int, parent: Any) -> Any:
+    """Collective the first time (every rank of ``parent`` calls it): the group of ranks 0..k-1, on the backend of
+    ``parent`` (the gloo group of background saves, or the default group)."""
+    key = (k, id(parent))
+    if key not in _SUBGROUPS:
+        from dist_lora.distributed import group_timeout
+
+        backend = dist.get_backend(parent) if parent is not None else None
+        _SUBGROUPS[key] = dist.new_group(ranks=list(range(k)), backend=backend, timeout=group_timeout())
+    return _SUBGROUPS[key]
 
 
 def _comm_device(group: Any = None) -> torch.device:

@@ -9,7 +9,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-SCALARS = ("loss", "lr", "tokens_per_s", "save_stall_s")
+SCALARS = ("loss", "lr", "grad_norm", "tokens_per_s", "save_stall_s")
 
 
 class MetricsLog:

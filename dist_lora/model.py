@@ -4,6 +4,10 @@ A local directory is used by its absolute path, so that the config saved with ev
 ``adapter_config.json`` PEFT reads name a base that can be found from any working directory. A hub id stays as it
 is. A path that does not exist, and a hub id that cannot be fetched (no network, no such repo), are one error each
 that says which and what to do, never a library traceback.
+
+Sharded loading (what FSDP2 and ZeRO-3 use, see ``Backend.load_base``) builds the model on the meta device
+(:func:`build_on_meta`), keeps the LoRA adapter's values while PEFT applies it there (:func:`adapters_on_cpu`), and
+reads each rank's rows of each tensor from the safetensors files (:class:`BaseWeights`).
 """
 
 from __future__ import annotations
@@ -227,6 +231,20 @@ def _read_into(path: Path, offset: int, out: torch.Tensor) -> None:
             done += n
 
 
+@contextlib.contextmanager
+def _outside_zero_init() -> Iterator[None]:
+    """transformers builds every model under DeepSpeed's ``zero.Init`` while any HfDeepSpeedConfig of ZeRO-3 lives
+    in the process (a ZeRO-3 model trained before); a meta-device build must not be partitioned."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    held = getattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None)
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = held
+
+
 def build_on_meta(name_or_path: str, dtype: torch.dtype) -> Any:
     """The causal LM that ``config.json`` describes, its parameters on the meta device (no memory, no init) and
     its buffers computed on the CPU as ``from_pretrained`` computes them (rotary ``inv_freq``); tied weights tied."""
@@ -234,7 +252,7 @@ def build_on_meta(name_or_path: str, dtype: torch.dtype) -> Any:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(name_or_path)
-    with init_empty_weights(include_buffers=False):
+    with _outside_zero_init(), init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.tie_weights()
     return model

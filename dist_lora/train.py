@@ -97,6 +97,7 @@ class Trainer:
         tokenizer = load_tokenizer(cfg.model.name_or_path)
         self.data = TokenBlocks(cfg.data.path, tokenizer, cfg.data.seq_len)
         # FSDP2 and ZeRO-3 never hold more than a shard of the base on any rank; the others load a replica
+        base: Any
         base, weights = backends.backend_class(cfg.parallel.backend).load_base(
             cfg.parallel,
             cfg.model.name_or_path,
@@ -105,9 +106,13 @@ class Trainer:
             micro_batch_size=t.micro_batch_size,
             grad_accum=self.grad_accum,
         )
+        base.config.use_cache = False  # training never reads a key-value cache
+        if t.activation_checkpointing:  # HF's flag on each block: no wrapper, so no new prefix in any key
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         torch.manual_seed(t.seed)  # LoRA init is the same on every rank, at every world size, for every backend
         with adapters_on_cpu():  # over a base on the meta device, the adapter still gets its values
             model = apply_lora(base, cfg.lora, cfg.model.name_or_path)
+        model.train()  # from_pretrained returns eval mode: LoRA dropout and activation checkpointing need this
 
         def make_optimizer(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
             return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
@@ -120,12 +125,14 @@ class Trainer:
             micro_batch_size=t.micro_batch_size,
             grad_accum=self.grad_accum,
             weights=weights,
+            max_grad_norm=t.max_grad_norm,
         )
         self.checkpointer.prepare(self.backend)  # the first save then stalls like the later ones
         self.metrics_log = MetricsLog(t.metrics_file, enabled=self.rank == 0)
         self.step = 0
         self.stop = StopRequest()
         self.stopped_early = False
+        self.grad_norm = math.nan
         self.last_saved: int | None = None
         self.resumed_from: str | None = None
         self.metrics: list[dict[str, Any]] = []
@@ -174,7 +181,8 @@ class Trainer:
         )
 
     def train_step(self) -> float:
-        """One optimizer step over the global batch; returns the loss averaged over it."""
+        """One optimizer step over the global batch; returns the loss averaged over it (the gradients' global
+        norm, before clipping, is ``self.grad_norm``)."""
         t = self.cfg.train
         lr = lr_at(self.step, t)
         total = 0.0
@@ -192,7 +200,7 @@ class Trainer:
             loss = self.backend.forward({k: v.to(self.device) for k, v in batch.items()}, last_micro=last)
             self.backend.backward(loss, grad_accum=self.grad_accum, last_micro=last)
             total += float(loss.detach())
-        self.backend.step(lr)
+        self.grad_norm = self.backend.step(lr, t.max_grad_norm)
         self.step += 1
         mean_loss, stop = step_consensus(total / self.grad_accum, self.stop.requested)
         self.stopped_early = self.stopped_early or stop
@@ -297,6 +305,7 @@ class Trainer:
             "step": self.step,
             "loss": loss,
             "lr": lr,
+            "grad_norm": self.grad_norm,
             "seconds": round(seconds, 4),
             "tokens_per_s": round(tokens / seconds, 1),
             "world_size": self.world,
@@ -311,5 +320,5 @@ class Trainer:
         else:
             self.metrics_log.step(row)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", grad_norm=f"{self.grad_norm:.3f}")
         log.debug("step %d loss %.6f lr %.3e", self.step, loss, lr)

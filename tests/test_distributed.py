@@ -30,19 +30,22 @@ LOAD_PHASES = ["logits", "train:1", "save", "train:2", "save"]
 _runs: dict[tuple, Path] = {}
 
 
-def config(base: Path, ckpt: Path, backend: str, stage: int = 3) -> dict:
+def config(base: Path, ckpt: Path, backend: str, stage: int = 3, replicate: int = 1) -> dict:
     return {
         "model": {"name_or_path": str(base)},
         "lora": {"r": 4, "alpha": 8, "target_modules": ["c_attn", "c_fc"], "bias": "lora_only"},
         "data": {"path": str(corpus_path()), "seq_len": 32},
         "train": {"max_steps": 20, "global_batch_size": 12, "micro_batch_size": 1, "lr": 0.01, "warmup_steps": 2},
-        "parallel": {"backend": backend, "zero_stage": stage},
+        "parallel": {"backend": backend, "zero_stage": stage, "replicate": replicate},
         "checkpoint": {"dir": str(ckpt), "bucket_mb": BUCKET_MB, "resume": "none"},
     }
 
 
-def parse(kind: str) -> tuple[str, int]:
-    return ("deepspeed", int(kind[-1])) if kind.startswith("zero") else (kind, 3)
+def parse(kind: str) -> tuple[str, int, int]:
+    """(parallel.backend, zero stage, replica groups): "hsdp" is FSDP2 with 2 replica groups."""
+    if kind == "hsdp":
+        return "fsdp", 3, 2
+    return ("deepspeed", int(kind[-1]), 1) if kind.startswith("zero") else (kind, 3, 1)
 
 
 @pytest.fixture(scope="module")
@@ -53,19 +56,18 @@ def workdir(tmp_path_factory) -> Path:
 def source(kind: str, world: int, base: Path, workdir: Path) -> Path:
     key = ("source", kind, world)
     if key not in _runs:
-        backend, stage = parse(kind)
+        backend, stage, replicate = parse(kind)
         out = workdir / f"src-{kind}-{world}"
-        _runs[key] = run_worker(
-            world, {"config": config(base, out / "ckpt", backend, stage), "out": str(out), "phases": SOURCE_PHASES}
-        )
+        spec = {"config": config(base, out / "ckpt", backend, stage, replicate), "out": str(out)}
+        _runs[key] = run_worker(world, {**spec, "phases": SOURCE_PHASES})
     return _runs[key]
 
 
 def load_run(src: Path, kind: str, world: int, base: Path, workdir: Path) -> Path:
-    backend, stage = parse(kind)
+    backend, stage, replicate = parse(kind)
     out = workdir / f"load-{src.name}-to-{kind}-{world}"
     spec = {
-        "config": config(base, out / "ckpt", backend, stage),
+        "config": config(base, out / "ckpt", backend, stage, replicate),
         "out": str(out),
         "resume": str(src / "ckpt" / step_name(3)),
         "phases": LOAD_PHASES,
@@ -134,6 +136,7 @@ GATHER_CASES = [
     ("zero1", 2),
     ("zero2", 2),
     ("zero2", 4),
+    ("hsdp", 4),  # 2 replica groups x 2 shards
 ]
 
 
@@ -171,6 +174,18 @@ def test_gather_is_bit_exact_moves_only_the_adapter_and_matches_unsharded(kind, 
     assert adapter_bytes < 20 * smallest_base_matrix  # sanity: the adapter is small next to the base
     if kind == "ddp":
         assert all(sent[r] == 0 for r in range(1, world))  # rank 0 already holds everything
+    if kind == "hsdp":  # only the first replica group's ranks (0, 1) send; the other group's are not in the gather
+        assert sent[1] > 0 and sent[2] == sent[3] == 0, sent
+        for r in (2, 3):
+            record = json.loads((out / f"comm-rank{r}.json").read_text())
+            assert not [op for op, *_ in record if op == "gather"], record
+        # the same run as 1-D FSDP2 on 4 ranks and as one process, step by step (6 steps)
+        losses = json.loads((out / "losses.json").read_text())
+        for other in (source("fsdp", 4, gpt2_base, workdir), source("ddp", 1, gpt2_base, workdir)):
+            theirs = json.loads((other / "losses.json").read_text())
+            assert sorted(losses, key=int) == sorted(theirs, key=int) == [str(s) for s in range(1, 7)]
+            for step, loss in losses.items():
+                assert math.isclose(loss, theirs[step], rel_tol=1e-4), (other.name, step, loss, theirs[step])
 
     # 3. the same model trained unsharded: within 1e-5
     ref, _ = load_step(source("ddp", 1, gpt2_base, workdir) / "ckpt" / step_name(3))
@@ -216,6 +231,9 @@ RESHARD_CASES = [
     ("zero3", 2, "zero1", 4),
     ("zero2", 2, "ddp", 3),
     ("zero2", 2, "zero3", 3),
+    ("hsdp", 4, "fsdp", 3),
+    ("hsdp", 4, "zero3", 2),
+    ("zero3", 2, "hsdp", 4),
 ]
 
 

@@ -50,11 +50,19 @@ def build(
     micro_batch_size: int,
     grad_accum: int,
     weights: BaseWeights | None = None,
+    max_grad_norm: float | None = None,
 ) -> Backend:
     """Wrap a LoRA model for ``parallel.backend`` and create its optimizer over the trainable parameters
     (``weights``: the base's files, for a model that ``load_base`` built on the meta device)."""
     return backend_class(parallel.backend).wrap(
-        parallel, model, make_optimizer, bias, micro_batch_size=micro_batch_size, grad_accum=grad_accum, weights=weights
+        parallel,
+        model,
+        make_optimizer,
+        bias,
+        micro_batch_size=micro_batch_size,
+        grad_accum=grad_accum,
+        weights=weights,
+        max_grad_norm=max_grad_norm,
     )
 
 

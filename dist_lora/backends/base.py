@@ -118,9 +118,11 @@ class Backend(ABC):
         micro_batch_size: int,
         grad_accum: int,
         weights: BaseWeights | None = None,
+        max_grad_norm: float | None = None,
     ) -> Backend:
         """Wrap a LoRA model as ``parallel`` says and create its optimizer over the trainable parameters;
-        ``weights``: the base's files, for a model :meth:`load_base` built on the meta device."""
+        ``weights``: the base's files, for a model :meth:`load_base` built on the meta device; ``max_grad_norm``:
+        for engines that clip inside their own step (DeepSpeed), the others clip in :meth:`step`."""
         raise NotImplementedError
 
     @classmethod
@@ -162,12 +164,18 @@ class Backend(ABC):
         """Backpropagate one micro-batch's mean loss; gradients average over the global batch."""
         (loss / grad_accum).backward()
 
-    def step(self, lr: float) -> None:
-        """Apply the accumulated gradients with this learning rate and clear them."""
+    def step(self, lr: float, max_grad_norm: float | None = None) -> float:
+        """Apply the accumulated gradients with this learning rate and clear them. Returns the global L2 norm of
+        the gradients over every trainable tensor on every rank (collective where they are sharded), after
+        scaling them to ``max_grad_norm`` if it is exceeded, as ``torch.nn.utils.clip_grad_norm_`` does."""
         assert self.optimizer is not None
         self.set_lr(lr)
+        params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm is not None else float("inf"))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        full = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor, already reduced
+        return float(full)
 
     def set_lr(self, lr: float) -> None:
         assert self.optimizer is not None
@@ -175,6 +183,11 @@ class Backend(ABC):
             group["lr"] = lr
 
     # ------------------------------------------------------------------------------------------ checkpoint
+
+    def senders(self) -> int | None:
+        """How many ranks, 0..k-1, hold the pieces a save gathers (None: every rank may). The others send
+        nothing (HSDP: one replica group's ranks)."""
+        return None
 
     @abstractmethod
     def local_pieces(self) -> list[LocalPiece]:

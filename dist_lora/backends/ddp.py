@@ -12,7 +12,9 @@ class DDPBackend(SingleBackend):
     name = "ddp"
 
     @classmethod
-    def wrap(cls, parallel, model, make_optimizer, bias, *, micro_batch_size, grad_accum, weights=None):  # type: ignore[no-untyped-def]
+    def wrap(
+        cls, parallel, model, make_optimizer, bias, *, micro_batch_size, grad_accum, weights=None, max_grad_norm=None
+    ):  # type: ignore[no-untyped-def]
         device_ids = [torch.cuda.current_device()] if torch.cuda.is_available() else None
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
         params = [p for p in ddp.parameters() if p.requires_grad]

@@ -37,7 +37,13 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def ds_config(
-    *, zero_stage: int, micro_batch_size: int, grad_accum: int, bf16: bool = False, extra: str | None = None
+    *,
+    zero_stage: int,
+    micro_batch_size: int,
+    grad_accum: int,
+    bf16: bool = False,
+    extra: str | None = None,
+    max_grad_norm: float | None = None,
 ) -> dict[str, Any]:
     """The DeepSpeed config dist_lora uses; ``extra`` names a JSON file merged over it ("auto" values skipped).
 
@@ -58,6 +64,7 @@ def ds_config(
             raise ValueError(f"parallel.deepspeed_config {extra}: {e}") from e
     config["train_micro_batch_size_per_gpu"] = micro_batch_size
     config["gradient_accumulation_steps"] = grad_accum
+    config["gradient_clipping"] = max_grad_norm or 0.0  # train.max_grad_norm; 0 turns DeepSpeed's clipping off
     config["zero_optimization"]["stage"] = zero_stage
     return config
 
@@ -136,7 +143,9 @@ class DeepSpeedBackend(Backend):
         return model, None
 
     @classmethod
-    def wrap(cls, parallel, model, make_optimizer, bias, *, micro_batch_size, grad_accum, weights=None):  # type: ignore[no-untyped-def]
+    def wrap(
+        cls, parallel, model, make_optimizer, bias, *, micro_batch_size, grad_accum, weights=None, max_grad_norm=None
+    ):  # type: ignore[no-untyped-def]
         deepspeed = import_deepspeed()
         params = [p for p in model.parameters() if p.requires_grad]
         config = ds_config(
@@ -145,6 +154,7 @@ class DeepSpeedBackend(Backend):
             grad_accum=grad_accum,
             bf16=parallel.mixed_precision == "bf16",
             extra=parallel.deepspeed_config,
+            max_grad_norm=max_grad_norm,
         )
         engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=make_optimizer(params), config=config)
         return cls(engine, optimizer, bias)
@@ -164,9 +174,13 @@ class DeepSpeedBackend(Backend):
         if not last_micro:
             self.model.step()  # not a boundary: DeepSpeed only counts the micro-step
 
-    def step(self, lr: float) -> None:
+    def step(self, lr: float, max_grad_norm: float | None = None) -> float:
+        # the engine clips at the boundary (ds_config gradient_clipping, set from train.max_grad_norm) and
+        # computes the global norm over the partitioned fp32 gradients either way
         self.set_lr(lr)
         self.model.step()
+        norm = self.model.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
 
     def set_lr(self, lr: float) -> None:
         for group in self.zero.param_groups:

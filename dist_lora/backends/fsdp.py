@@ -11,10 +11,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 from dist_lora.backends.base import Backend, LocalPiece, Staging, load_torch_optim_state, torch_optim_fields
-from dist_lora.constants import WEIGHT_FIELD
+from dist_lora.config import ConfigError
+from dist_lora.constants import ENV_LOCAL_WORLD_SIZE, WEIGHT_FIELD
 from dist_lora.lora import base_key, canonical_name, unwrap
 from dist_lora.model import BaseWeights, build_on_meta, host_tensors
 
@@ -26,6 +27,28 @@ def _block_classes(model: nn.Module) -> set[str]:
         if names:
             return set(names)
     return set()
+
+
+def hsdp_mesh(replicate: int | str) -> Any:
+    """A 2-D device mesh: ``replicate`` groups (outer dim) of world / replicate ranks that shard (inner dim);
+    "nodes": one group per node (the ranks of a node are consecutive, as torchrun and the deepspeed launcher
+    number them)."""
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world = dist.get_world_size()
+    if replicate == "nodes":
+        replicate = world // int(os.environ.get(ENV_LOCAL_WORLD_SIZE, world))
+    assert isinstance(replicate, int)
+    if world % replicate:
+        raise ConfigError(
+            f"parallel.replicate={replicate} does not divide the world size {world}: use a divisor of it, "
+            "typically the number of nodes (each replica group should be the ranks of one node)"
+        )
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return init_device_mesh(device, (replicate, world // replicate), mesh_dim_names=("replicate", "shard"))
 
 
 def _materialize(model: nn.Module, weights: BaseWeights, host: dict[str, torch.Tensor]) -> None:
@@ -63,17 +86,22 @@ class FSDPBackend(Backend):
         return build_on_meta(name_or_path, dtype), weights
 
     @classmethod
-    def wrap(cls, parallel, model, make_optimizer, bias, *, micro_batch_size, grad_accum, weights=None):  # type: ignore[no-untyped-def]
+    def wrap(
+        cls, parallel, model, make_optimizer, bias, *, micro_batch_size, grad_accum, weights=None, max_grad_norm=None
+    ):  # type: ignore[no-untyped-def]
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         kwargs: dict[str, Any] = {}
+        if parallel.replicate != 1:
+            kwargs["mesh"] = hsdp_mesh(parallel.replicate)
         if parallel.mixed_precision == "bf16":
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         host = host_tensors(model) if weights is not None else {}
-        blocks = _block_classes(model)
-        for module in model.modules():
-            if type(module).__name__ in blocks:
-                fully_shard(module, **kwargs)
+        names = _block_classes(model)
+        blocks = [module for module in model.modules() if type(module).__name__ in names]
+        for i, module in enumerate(blocks):
+            last = i == len(blocks) - 1  # its backward runs right after the forward: resharding it is wasted
+            fully_shard(module, reshard_after_forward=False if last else parallel.reshard_after_forward, **kwargs)
         fully_shard(model, **kwargs)
         if weights is not None:
             _materialize(model, weights, host)
@@ -91,10 +119,34 @@ class FSDPBackend(Backend):
 
     @staticmethod
     def _row_offset(p: DTensor) -> int:
-        if tuple(p.placements) != (Shard(0),):
-            raise NotImplementedError(f"dist_lora gathers FSDP2 params sharded as (Shard(0),), got {p.placements}")
-        chunk = math.ceil(p.shape[0] / p.device_mesh.size())
-        return min(chunk * p.device_mesh.get_local_rank(), p.shape[0])
+        """The first row of dim 0 this rank holds: sharded on one mesh dim (torch.chunk), replicated on the others."""
+        start = 0
+        for dim, placement in enumerate(p.placements):
+            if isinstance(placement, Shard) and placement.dim == 0:
+                chunk = math.ceil(p.shape[0] / p.device_mesh.size(dim))
+                start = min(chunk * p.device_mesh.get_local_rank(dim), p.shape[0])
+            elif not isinstance(placement, Replicate):
+                raise NotImplementedError(
+                    f"dist_lora handles FSDP2 params sharded on dim 0 and replicated otherwise, got {p.placements}"
+                )
+        return start
+
+    @staticmethod
+    def _owns(p: DTensor) -> bool:
+        """Whether this rank's copy of its shard is the one saved: the first replica group's (HSDP)."""
+        return all(
+            p.device_mesh.get_local_rank(dim) == 0
+            for dim, placement in enumerate(p.placements)
+            if isinstance(placement, Replicate)
+        )
+
+    def senders(self) -> int | None:
+        """How many ranks (0..k-1) hold what a save gathers: one replica group's under HSDP (its ranks come first
+        in the mesh), every rank otherwise (None)."""
+        for p in self.adapter().values():
+            if isinstance(p, DTensor) and p.device_mesh.ndim > 1:
+                return int(p.device_mesh.size(p.device_mesh.ndim - 1))
+        return None
 
     def _offset(self, key: str, p: Any) -> int:
         """Where this rank's rows start in the flattened tensor (fixed once sharded, so computed once)."""
@@ -113,7 +165,7 @@ class FSDPBackend(Backend):
                 fields = {WEIGHT_FIELD: p.to_local() if isinstance(p, DTensor) else p.detach()}
                 optim, step = torch_optim_fields(self.optimizer, p)
                 fields.update(optim)
-                if not isinstance(p, DTensor) and self.rank != 0:
+                if (self.rank != 0) if not isinstance(p, DTensor) else not self._owns(p):  # another copy is saved
                     fields = {name: t.reshape(-1)[:0] for name, t in fields.items()}
                 out.append((key, p, fields, step))
         return out

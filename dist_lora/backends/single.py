@@ -12,7 +12,9 @@ class SingleBackend(Backend):
     name = "single"
 
     @classmethod
-    def wrap(cls, parallel, model, make_optimizer, bias, *, micro_batch_size, grad_accum, weights=None):  # type: ignore[no-untyped-def]
+    def wrap(
+        cls, parallel, model, make_optimizer, bias, *, micro_batch_size, grad_accum, weights=None, max_grad_norm=None
+    ):  # type: ignore[no-untyped-def]
         return cls(model, make_optimizer([p for p in model.parameters() if p.requires_grad]), bias)
 
     @classmethod

@@ -1,0 +1,60 @@
+"""One rank of a sequence of short training runs in one launch (tests/test_scale.py).
+
+argv[1] is JSON: {"runs": [{"name", "overrides": [...], "steps": N, "resume": url|null}], "out": dir}. Each run
+builds a Trainer (the tiny config plus its overrides), resumes if asked, takes N steps and saves. Rank 0 writes
+out/runs.json: per run, each step's loss and gradient norm, the saved step's URL, and how many times a layer inside
+the first transformer block ran (twice per micro-batch when activations are recomputed).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from dist_lora.config import load_config
+from dist_lora.distributed import shutdown
+from dist_lora.train import Trainer
+from tests.dist_utils import TINY
+
+
+def first_layer_inside_a_block(model):
+    """The first child of the model's first transformer block (the classes HF lists in ``_no_split_modules``).
+    transformers checkpoints a block's ``forward``, not its ``__call__``, so a recomputation runs the hooks of the
+    block's children again but not the block's own."""
+    from dist_lora.backends.fsdp import _block_classes
+
+    names = _block_classes(model)
+    block = next(m for m in model.modules() if any(c.__name__ in names for c in type(m).__mro__))  # FSDP2 subclasses
+    return next(block.children())
+
+
+def main() -> None:
+    args = json.loads(sys.argv[1])
+    out = Path(args["out"])
+    results = {}
+    rank = 0
+    for run in args["runs"]:
+        trainer = Trainer(load_config(TINY, [*run["overrides"], f"checkpoint.dir={out / run['name']}"]))
+        rank = trainer.rank
+        if run.get("resume"):
+            trainer.resume(run["resume"])
+        block = first_layer_inside_a_block(trainer.backend.model)
+        calls = []
+        hook = block.register_forward_hook(lambda *_, calls=calls: calls.append(1))
+        losses, norms = [], []
+        for _ in range(run["steps"]):
+            losses.append(trainer.train_step())
+            norms.append(trainer.grad_norm)
+        hook.remove()
+        url = trainer.save()
+        trainer.close()
+        trainer.checkpointer.release_lease()
+        results[run["name"]] = {"losses": losses, "grad_norms": norms, "step": url, "block_forwards": len(calls)}
+    if rank == 0:
+        (out / "runs.json").write_text(json.dumps(results, indent=1))
+    shutdown()
+
+
+if __name__ == "__main__":
+    main()
