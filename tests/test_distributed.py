@@ -200,7 +200,7 @@ def test_an_optimizer_step_right_after_an_async_save_waits_for_the_snapshot(kind
     the training step right after the save runs forward and backward, then its optimizer step waits for the
     snapshot, so the committed step holds exactly the state at the save call on every rank (DeepSpeed steps its
     client torch optimizer inside engine.step)."""
-    backend, stage = parse(kind)
+    backend, stage, _ = parse(kind)
     out = workdir / f"overlap-{kind}"
     run_worker(
         2,

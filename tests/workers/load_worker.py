@@ -79,10 +79,9 @@ def main() -> None:
             with torch.no_grad():
                 ref_logits = reference(input_ids=x).logits.float()
             save_file({"sharded": logits.contiguous(), "full": ref_logits.contiguous()}, str(out / f"{i}.logits"))
-        tied = getattr(module, "lm_head", None)
         report[case] = {"checked": checked, "mismatched": mismatched, "tied": _tied(module)}
         trainer.checkpointer.release_lease()
-        del tied, trainer, reference
+        del trainer, reference
     (out / f"rank{backend.rank}.json").write_text(json.dumps(report, indent=1))
     shutdown()
 
