@@ -159,7 +159,14 @@ def rehash_manifest(manifest: dict[str, Any], changed: dict[str, bytes]) -> byte
 # ---------------------------------------------------------------------------------------------- write
 
 
-def write_step(storage: Storage, files: dict[str, bytes], step: int, keep_last: int | None = None) -> str:
+def write_step(
+    storage: Storage,
+    files: dict[str, bytes],
+    step: int,
+    keep_last: int | None = None,
+    *,
+    keep: frozenset[int] = frozenset(),
+) -> str:
     """Write a serialized step and commit it; returns the step's URL.
 
     Data files first, each atomically; the manifest last, exclusively (a committed step is never overwritten);
@@ -184,7 +191,7 @@ def write_step(storage: Storage, files: dict[str, bytes], step: int, keep_last: 
         storage.write(LATEST_NAME, (name + "\n").encode())
         failpoint("commit.after_latest")
         if keep_last is not None:
-            apply_retention(storage, keep_last)
+            apply_retention(storage, keep_last, keep=keep)
     except Exception as e:
         log.warning(
             "step %d is committed (%s), but updating %s or retention failed afterwards: %s: %s; readers list the "
@@ -435,8 +442,9 @@ def delete_step(storage: Storage, name: str) -> None:
     step_store.remove_empty_dir("")
 
 
-def apply_retention(storage: Storage, keep_last: int) -> list[str]:
-    """Delete committed steps older than the newest ``keep_last`` committed ones. Returns the deleted names.
+def apply_retention(storage: Storage, keep_last: int, *, keep: frozenset[int] = frozenset()) -> list[str]:
+    """Delete committed steps older than the newest ``keep_last`` committed ones, except the steps in ``keep``.
+    Returns the deleted names.
 
     Never deletes the newest verified step, incomplete steps, or anything that is not a dist_lora step.
     """
@@ -446,12 +454,12 @@ def apply_retention(storage: Storage, keep_last: int) -> list[str]:
     if len(steps) <= keep_last:
         return []
     newest = newest_verified_step(storage)
-    keep = {s.name for s in steps[-keep_last:]}
+    kept = {s.name for s in steps[-keep_last:]} | {step_name(k) for k in keep}
     if newest is not None:
-        keep.add(newest.url.rsplit("/", 1)[-1])
+        kept.add(newest.url.rsplit("/", 1)[-1])
     deleted = []
     for s in steps:
-        if s.name not in keep:
+        if s.name not in kept:
             delete_step(storage, s.name)
             deleted.append(s.name)
     if deleted:

@@ -154,9 +154,17 @@ class Checkpointer:
             self.lease.release()
             self.lease = None
 
-    def save(self, backend: Backend, *, step: int, trainer_state: dict[str, Any] | None = None) -> str | None:
+    def save(
+        self,
+        backend: Backend,
+        *,
+        step: int,
+        trainer_state: dict[str, Any] | None = None,
+        keep: set[int] | frozenset[int] = frozenset(),
+    ) -> str | None:
         """Collective: snapshot the adapter at ``step`` and commit it (now, or in the background). Returns its URL
-        (None when it failed under ``on_error="warn"``).
+        (None when it failed under ``on_error="warn"``). Retention (``keep_last``) never deletes the steps in
+        ``keep`` (the trainer's best eval step under ``keep_best``).
 
         Asynchronous: returns at once. A background thread copies this rank's shard of the adapter and its Adam
         state (the snapshot), then gathers and writes. Until the snapshot is taken, any ``torch.optim`` optimizer
@@ -182,7 +190,7 @@ class Checkpointer:
                 self._guard = register_optimizer_step_pre_hook(self._before_optimizer_step)
             assert self._executor is not None
             self._pending = self._executor.submit(
-                self._save_steps, backend, step, trainer_state, stats, self._background_group(), t0
+                self._save_steps, backend, step, trainer_state, stats, self._background_group(), t0, frozenset(keep)
             )
             stats.save_s = time.perf_counter() - t0
             log.info(
@@ -191,7 +199,7 @@ class Checkpointer:
                 stats.save_s,
             )
             return self._step_url(step)
-        outcome = self._save_steps(backend, step, trainer_state, stats, None, t0)
+        outcome = self._save_steps(backend, step, trainer_state, stats, None, t0, frozenset(keep))
         stats.save_s = time.perf_counter() - t0
         log.info("step %d: save blocked training %.4f s", step, stats.save_s)
         return self._step_url(step) if self._apply_policy(outcome) else None
@@ -311,6 +319,7 @@ class Checkpointer:
         stats: SaveStats,
         group: Any,
         t0: float,
+        keep: frozenset[int] = frozenset(),
     ) -> SaveOutcome:
         """Every rank, on the training thread (synchronous) or the save thread (asynchronous, over ``group``):
 
@@ -342,7 +351,7 @@ class Checkpointer:
                     state = gather_adapter(backend, self.bucket_bytes, pieces=pieces, group=group)
                     failpoint("save.after_gather")
                     if state is not None and meta is not None:
-                        self._write(state, meta, stats)
+                        self._write(state, meta, stats, keep)
                 except Exception as e:
                     error = e
                 failure = agree(error, group)
@@ -360,13 +369,13 @@ class Checkpointer:
         stats.done_s = time.perf_counter() - t0
         return SaveOutcome(step, failure, error)
 
-    def _write(self, state: AdapterState, meta: StepMeta, stats: SaveStats) -> None:
+    def _write(self, state: AdapterState, meta: StepMeta, stats: SaveStats, keep: frozenset[int]) -> None:
         """Rank 0: serialize, write and commit."""
         t0 = time.perf_counter()
         if self.lease is not None:
             self.lease.check()  # another run took the dir over: write nothing there
         failpoint("save.serialize")
         files = serialize_step(state, meta)
-        url = write_step(self.storage, files, meta.step, self.keep_last)
+        url = write_step(self.storage, files, meta.step, self.keep_last, keep=keep)
         stats.write_s, stats.bytes = time.perf_counter() - t0, sum(len(b) for b in files.values())
         log.info("step %d: committed %s (%.2f MB), write %.3f s", meta.step, url, stats.bytes / 1e6, stats.write_s)

@@ -21,6 +21,8 @@ BackendName = Literal["fsdp", "deepspeed", "ddp", "single"]
 DType = Literal["float32", "bfloat16", "float16"]
 MixedPrecision = Literal["none", "bf16"]
 OnError = Literal["raise", "warn"]
+DataFormat = Literal["text", "completion", "chat"]
+TooLong = Literal["truncate", "drop"]
 
 BIAS_MODES: tuple[str, ...] = typing.get_args(Bias)
 BACKENDS: tuple[str, ...] = typing.get_args(BackendName)
@@ -56,9 +58,34 @@ class LoraConfig:
 @dataclass
 class DataConfig:
     path: str = ""
-    """A UTF-8 text file, or a .jsonl file with a "text" field per line."""
+    """Training data: a local .jsonl/.json/.parquet/.csv/.txt file (a .txt file is one document), a directory
+    written by Dataset.save_to_disk, or a hub dataset id (read with Hugging Face datasets)."""
+    format: DataFormat = "text"
+    """text (every token trains) | completion (prompt and completion fields; loss on the completion) | chat (a
+    messages list rendered by the chat template; loss on assistant turns)."""
+    fields: dict[str, str] = field(default_factory=dict)
+    """Your column names for the fields the format reads, e.g. {messages: conversations} or {prompt: question,
+    completion: answer}; default: text | prompt, completion | messages."""
     seq_len: int = 128
-    """Tokens per training sample."""
+    """Tokens per training row."""
+    packing: bool = False
+    """Pack several samples into each row; position ids restart per sample and no sample attends to another."""
+    too_long: TooLong = "truncate"
+    """A completion or chat sample longer than seq_len: truncate (keep its first seq_len tokens) | drop."""
+    chat_template: str | None = None
+    """A Jinja chat template (or a file holding one) for a tokenizer that has none, or to replace its own."""
+    name: str | None = None
+    """A hub dataset's configuration name."""
+    split: str = "train"
+    """The split to train on (a hub dataset, or a save_to_disk DatasetDict)."""
+    eval_path: str | None = None
+    """Evaluation data, read like path (same format and fields)."""
+    eval_split: str = "train"
+    """The split of eval_path to evaluate on."""
+    eval_fraction: float = 0.0
+    """Without eval_path: hold this fraction of the training samples out for evaluation (split by train.seed)."""
+    cache_dir: str | None = None
+    """Where tokenized rows are cached (default: $DIST_LORA_CACHE/data or ~/.cache/dist_lora/data)."""
 
 
 @dataclass
@@ -84,6 +111,9 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     """Clip the global L2 norm of the adapter's gradients (over every rank's shard) to this, as
     torch.nn.utils.clip_grad_norm_ does (HF Trainer's default is 1.0); null: no clipping. Logged every step."""
+    eval_every_steps: int = 0
+    """Evaluate (the mean token loss over all the eval data) every N steps and at the end; 0: only at the end
+    when eval data is set (data.eval_path or data.eval_fraction)."""
     activation_checkpointing: bool = False
     """Recompute each transformer block's activations in backward (less memory for long sequences, about a third
     more compute); checkpoint keys do not change, so steps load with it on or off."""
@@ -128,6 +158,8 @@ class CheckpointConfig:
     """Write and upload in the background; training waits only for the gather (the next save waits for this one)."""
     storage_options: dict[str, Any] = field(default_factory=dict)
     """Passed to fsspec, e.g. {endpoint_url: ..., key: ..., secret: ...} for s3fs; else AWS env vars apply."""
+    keep_best: bool = False
+    """With keep_last: also keep the step with the lowest eval loss (recorded in each step's trainer_state.json)."""
     on_error: OnError = "raise"
     """A save that failed (after its retries): raise (training stops with the error) | warn (training goes on)."""
     retry_attempts: int = 5
@@ -229,8 +261,24 @@ def _validate(cfg: RunConfig, errors: list[str]) -> None:
     check(cfg.lora.alpha > 0, f"lora.alpha must be > 0 (got {cfg.lora.alpha})")
     check(0.0 <= cfg.lora.dropout < 1.0, f"lora.dropout must be in [0, 1) (got {cfg.lora.dropout})")
     check(bool(cfg.lora.target_modules), "lora.target_modules must name at least one module")
-    check(bool(cfg.data.path), "data.path is required (a .txt file or a .jsonl with a 'text' field)")
-    check(cfg.data.seq_len >= 2, f"data.seq_len must be >= 2 (got {cfg.data.seq_len})")
+    d = cfg.data
+    check(bool(d.path), "data.path is required (a data file, a save_to_disk directory or a hub dataset id)")
+    check(d.seq_len >= 2, f"data.seq_len must be >= 2 (got {d.seq_len})")
+    check(0.0 <= d.eval_fraction < 1.0, f"data.eval_fraction must be in [0, 1), e.g. 0.05 (got {d.eval_fraction})")
+    check(
+        not (d.eval_path and d.eval_fraction),
+        "set data.eval_path or data.eval_fraction, not both (eval_fraction holds training samples out)",
+    )
+    check(
+        cfg.train.eval_every_steps == 0 or bool(d.eval_path or d.eval_fraction),
+        f"train.eval_every_steps={cfg.train.eval_every_steps} needs eval data: set data.eval_path or "
+        "data.eval_fraction",
+    )
+    check(cfg.train.eval_every_steps >= 0, f"train.eval_every_steps must be >= 0 (got {cfg.train.eval_every_steps})")
+    check(
+        not cfg.checkpoint.keep_best or bool(d.eval_path or d.eval_fraction),
+        "checkpoint.keep_best needs eval data: set data.eval_path or data.eval_fraction",
+    )
     t = cfg.train
     check(t.max_steps >= 1, f"train.max_steps must be >= 1 (got {t.max_steps})")
     check(t.micro_batch_size >= 1, f"train.micro_batch_size must be >= 1 (got {t.micro_batch_size})")

@@ -1,18 +1,64 @@
-"""Training samples: fixed-length token blocks, in an order that depends only on the seed and the global step.
+"""Training data: read with Hugging Face ``datasets``, tokenize once into a cache, cut or pack into rows, and give
+each rank its micro-batches in an order that depends only on the seed and the global step.
 
-Sample ``i`` of the run (counting over all steps) is ``perm_e[i mod n]`` with ``e = i // n`` and ``perm_e`` a
-permutation seeded by (seed, e). Global step ``s`` uses samples ``[s*G, (s+1)*G)``; rank r's micro-batch m takes
-``micro`` of them at ``(m*W + r)*micro``. Whatever the world size, a step sees the same samples, so a run resumed on
-another GPU count continues exactly where the uninterrupted run would be.
+Formats (``data.format``):
+
+- ``text``: every token is a target. Unpacked, the documents are joined (each ending in EOS) and cut into blocks of
+  ``seq_len`` tokens, as pre-training does; packed, each document (cut into ``seq_len`` pieces) is its own sample.
+- ``completion``: a ``prompt`` and a ``completion`` field; only the completion's tokens (and the EOS after it) are
+  targets.
+- ``chat``: a ``messages`` list of ``{role, content}`` rendered by the tokenizer's chat template; only the assistant
+  turns are targets.
+
+Targets are found by characters, not by re-tokenizing pieces: the rendered text is tokenized once with offsets, and
+a token is a target where its characters overlap an answer's span (the span of an assistant turn is what the
+template adds between the conversation before it, rendered with ``add_generation_prompt``, and the conversation
+through it).
+
+Sample order: row ``i`` of the run (counting over all steps) is ``perm_e[i mod n]`` with ``e = i // n`` and
+``perm_e`` a permutation seeded by (seed, e). Global step ``s`` uses rows ``[s*G, (s+1)*G)``; rank r's micro-batch m
+takes ``micro`` of them at ``(m*W + r)*micro``. Whatever the world size, a step sees the same rows in the same
+micro-batches, so a run resumed on another GPU count continues exactly where the uninterrupted run would be.
+
+The cache: local rank 0 of each node tokenizes (once per source, tokenizer, format and row settings) and commits
+the rows to ``data.cache_dir/<key>`` by an atomic rename; the other ranks wait, then read it memory-mapped.
 """
 
 from __future__ import annotations
 
+import bisect
+import functools
+import hashlib
 import json
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+    from dist_lora.config import DataConfig
+
+log = logging.getLogger(__name__)
+
+IGNORE = -100
+"""The label of a token that is not a target (PyTorch's and transformers' ignore_index)."""
+CACHE_VERSION = 1
+FIELDS = {"text": ("text",), "completion": ("prompt", "completion"), "chat": ("messages",)}
+"""The fields each format reads; ``data.fields`` maps them onto a dataset's own column names."""
+FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+"""What a hub dataset id looks like ("name" or "org/name"); any other missing path is a missing local path."""
+ATTENTION_WITH_PACKING = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 
 class DataError(ValueError):
@@ -32,37 +78,519 @@ def jsonl_rows(path: str | Path) -> list[tuple[int, Any]]:
     return rows
 
 
-def read_texts(path: str) -> list[str]:
+# ---------------------------------------------------------------------------------------------- sources
+
+
+def _offline() -> bool:
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def _is_saved_dataset(p: Path) -> bool:
+    return (p / "dataset_dict.json").is_file() or (p / "state.json").is_file()
+
+
+def load_source(path: str, *, name: str | None = None, split: str = "train", cache_dir: str | None = None) -> Dataset:
+    """A local file (.jsonl .json .parquet .csv .txt), a directory written by ``save_to_disk``, or a hub dataset
+    id (with ``name`` and ``split``), as one ``datasets.Dataset``. A .txt file is one document."""
+    import datasets
+
     p = Path(path)
-    if not p.is_file():
-        raise DataError(f"data.path {path} does not exist (a .txt file or a .jsonl with a 'text' field)")
-    if p.suffix == ".jsonl":
-        texts = []
-        for n, row in jsonl_rows(p):
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise DataError(f"{path}:{n} needs a string 'text' field")
-            texts.append(row["text"])
-        return texts
-    return [p.read_text(encoding="utf-8")]
+    if p.is_file():
+        builder = FILE_BUILDERS.get(p.suffix.lower())
+        if builder is None:
+            raise DataError(f"data.path {path}: unknown file type {p.suffix!r}; use one of {', '.join(FILE_BUILDERS)}")
+        kwargs: dict[str, Any] = {"sample_by": "document"} if builder == "text" else {}
+        try:
+            return datasets.load_dataset(builder, data_files=str(p), split="train", cache_dir=cache_dir, **kwargs)
+        except Exception as e:
+            raise DataError(f"data.path {path} cannot be read as {builder}: {type(e).__name__}: {e}") from e
+    if p.is_dir():
+        if not _is_saved_dataset(p):
+            raise DataError(
+                f"data.path {path} is a directory but not one written by Dataset.save_to_disk (no state.json or "
+                "dataset_dict.json); pass a data file, or save the dataset with save_to_disk"
+            )
+        loaded = datasets.load_from_disk(str(p))
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise DataError(f"data.split {split!r} is not in {path}; its splits: {', '.join(loaded)}")
+            return loaded[split]
+        return loaded
+    if not HUB_ID.fullmatch(path) or Path(path).suffix.lower() in FILE_BUILDERS:
+        raise DataError(f"data.path {path} does not exist (a data file, a save_to_disk directory or a hub dataset id)")
+    if _offline():
+        raise DataError(
+            f"data.path {path} is not a local file or directory, and the hub is offline (HF_HUB_OFFLINE / "
+            "HF_DATASETS_OFFLINE): download the dataset where the hub is reachable (save_to_disk) and pass that "
+            "directory, or unset the offline variables"
+        )
+    try:
+        return datasets.load_dataset(path, name, split=split, cache_dir=cache_dir)
+    except Exception as e:
+        raise DataError(
+            f"data.path {path} is not a local file and loading it from the hub failed ({type(e).__name__}: {e}); "
+            "check the dataset id, data.name and data.split, or download it and pass the local path"
+        ) from e
 
 
-class TokenBlocks:
-    """The corpus tokenized once and cut into blocks of ``seq_len`` tokens (inputs are also the labels)."""
+def _hash_files(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        h.update(str(p.name).encode() + b"\0")
+        with p.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
 
-    def __init__(self, path: str, tokenizer, seq_len: int):  # type: ignore[no-untyped-def]
-        ids: list[int] = []
-        eos = tokenizer.eos_token_id
-        for text in read_texts(path):
-            ids.extend(tokenizer(text)["input_ids"])
-            if eos is not None:
-                ids.append(eos)
-        n = len(ids) // seq_len
-        if n == 0:
-            raise DataError(f"{path} has {len(ids)} tokens, fewer than data.seq_len={seq_len}")
-        self.blocks = torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+def source_id(path: str, name: str | None, split: str, cache_dir: str | None) -> str:
+    """What identifies the data: the bytes of a local file or saved directory; a hub dataset's fingerprint."""
+    p = Path(path)
+    if p.is_file():
+        return "file:" + _hash_files([p])
+    if p.is_dir():
+        return f"dir:{split}:" + _hash_files([f for f in p.rglob("*") if f.is_file()])
+    return "hub:" + load_source(path, name=name, split=split, cache_dir=cache_dir)._fingerprint
+
+
+def tokenizer_id(tokenizer: Any) -> str:
+    """A hash of everything in the tokenizer that changes token ids: its vocabulary and rules, special tokens,
+    chat template."""
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    rules = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    h.update(rules.encode())
+    h.update(json.dumps([str(tokenizer.special_tokens_map), str(tokenizer.chat_template)]).encode())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- tokenize
+
+
+@dataclass
+class Stats:
+    """What tokenization kept and left out; logged once, when the cache is built, and kept in it."""
+
+    samples: int = 0
+    truncated: int = 0
+    dropped_long: int = 0
+    dropped_no_target: int = 0
+    rows: int = 0
+    eval_rows: int = 0
+    targets: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _fields(cfg: DataConfig) -> dict[str, str]:
+    unknown = set(cfg.fields) - set(FIELDS[cfg.format])
+    if unknown:
+        raise DataError(
+            f"data.fields names {', '.join(sorted(unknown))}, which format {cfg.format} does not read; it reads "
+            f"{', '.join(FIELDS[cfg.format])}"
+        )
+    return {f: cfg.fields.get(f, f) for f in FIELDS[cfg.format]}
+
+
+def _target_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[bool]:
+    """Whether each token (by its character offsets) overlaps one of the answer spans."""
+    return [any(s < te and ts < e for s, e in spans) for ts, te in offsets]
+
+
+def chat_spans(tokenizer: Any, messages: list[dict[str, Any]]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character span of each assistant turn in it (trailing whitespace, which
+    the template adds between turns, left out)."""
+
+    def render(msgs: list[dict[str, Any]], gen: bool = False) -> str:
+        return str(tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen))
+
+    full = render(messages)
+    spans = []
+    for i, m in enumerate(messages):
+        if m.get("role") != "assistant":
+            continue
+        before = render(messages[:i], gen=True) if i else ""
+        through = render(messages[: i + 1])
+        if not (through.startswith(before) and full.startswith(through)):
+            raise DataError(
+                "the chat template does not render a conversation prefix by prefix (the text through an assistant "
+                "turn does not start with the text before it), so its answer tokens cannot be found; use a template "
+                "that does (data.chat_template)"
+            )
+        end = len(through.rstrip())
+        if end > len(before):
+            spans.append((len(before), end))
+    return full, spans
+
+
+def _tokenize_fn(cfg: DataConfig, tokenizer: Any) -> Callable[[dict[str, list]], dict[str, list]]:
+    """A batched ``datasets.map`` function: rows of the source -> input_ids, labels, and a status per sample."""
+    f = _fields(cfg)
+    eos = tokenizer.eos_token_id
+    seq_len = cfg.seq_len
+
+    def finish(ids: list[int], targets: list[bool]) -> tuple[list[int], list[int], str]:
+        labels = [t if keep else IGNORE for t, keep in zip(ids, targets, strict=True)]
+        status = "ok"
+        if len(ids) > seq_len:
+            if cfg.too_long == "drop":
+                return [], [], "dropped_long"
+            ids, labels, status = ids[:seq_len], labels[:seq_len], "truncated"
+        if all(x == IGNORE for x in labels[1:]):  # the first label is never predicted
+            return [], [], "dropped_no_target"
+        return ids, labels, status
+
+    def text(batch: dict[str, list]) -> dict[str, list]:
+        out: dict[str, list] = {"input_ids": [], "labels": [], "status": []}
+        for ids in tokenizer(batch[f["text"]])["input_ids"]:
+            ids = ids + ([eos] if eos is not None else [])
+            pieces = [ids[i : i + seq_len] for i in range(0, len(ids), seq_len)] if cfg.packing else [ids]
+            for piece in pieces:  # unpacked text is joined and cut later: nothing is truncated
+                if len(piece) >= 2 or not cfg.packing:
+                    out["input_ids"].append(piece)
+                    out["labels"].append(list(piece))
+                    out["status"].append("ok")
+        return out
+
+    def answers(texts: list[str], spans: list[list[tuple[int, int]]]) -> dict[str, list]:
+        enc = tokenizer(texts, add_special_tokens=cfg.format == "completion", return_offsets_mapping=True)
+        out: dict[str, list] = {"input_ids": [], "labels": [], "status": []}
+        for ids, offsets, sp in zip(enc["input_ids"], enc["offset_mapping"], spans, strict=True):
+            targets = _target_mask([tuple(o) for o in offsets], sp)
+            if cfg.format == "completion" and eos is not None and ids[-1] != eos:
+                ids, targets = [*ids, eos], [*targets, True]  # the model learns to stop after the completion
+            ids, labels, status = finish(ids, targets)
+            out["input_ids"].append(ids)
+            out["labels"].append(labels)
+            out["status"].append(status)
+        return out
+
+    def completion(batch: dict[str, list]) -> dict[str, list]:
+        prompts, completions = batch[f["prompt"]], batch[f["completion"]]
+        for p, c in zip(prompts, completions, strict=True):
+            if not isinstance(p, str) or not isinstance(c, str):
+                raise DataError(f"fields {f['prompt']!r} and {f['completion']!r} must be strings (got {p!r}, {c!r})")
+        texts = [p + c for p, c in zip(prompts, completions, strict=True)]
+        return answers(texts, [[(len(p), len(t))] for p, t in zip(prompts, texts, strict=True)])
+
+    def chat(batch: dict[str, list]) -> dict[str, list]:
+        texts, spans = [], []
+        for messages in batch[f["messages"]]:
+            if not isinstance(messages, list) or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages
+            ):
+                raise DataError(
+                    f"field {f['messages']!r} must be a list of {{role, content}} string pairs (got {messages!r:.200})"
+                )
+            text, sp = chat_spans(tokenizer, messages)
+            texts.append(text)
+            spans.append(sp)
+        return answers(texts, spans)
+
+    return {"text": text, "completion": completion, "chat": chat}[cfg.format]
+
+
+# ---------------------------------------------------------------------------------------------- rows
+
+
+def _blocks(samples: Dataset, seq_len: int) -> Iterator[dict[str, Any]]:
+    """Unpacked text: all documents joined and cut into blocks of seq_len tokens (a short tail is left out)."""
+    carry: list[int] = []
+    for batch in samples.iter(batch_size=1000):
+        for ids in batch["input_ids"]:
+            carry.extend(ids)
+            while len(carry) >= seq_len:
+                block, carry = carry[:seq_len], carry[seq_len:]
+                yield {"input_ids": block, "labels": block, "lengths": [seq_len], "n_targets": seq_len - 1}
+
+
+def pack_plan(lengths: list[int], seq_len: int) -> list[list[int]]:
+    """Best-fit decreasing: samples longest first, each into the row whose free room fits it most tightly (a new
+    row if none does). Returns each row's sample indices; rows in the order they were opened, samples in the order
+    placed. Deterministic: a function of the lengths only. O(n log seq_len)."""
+    rows: list[list[int]] = []
+    by_room: dict[int, list[int]] = {}  # free room -> rows with exactly that much (a stack)
+    rooms: list[int] = []  # the sorted free-room values that some row has
+    for i in sorted(range(len(lengths)), key=lambda k: (-lengths[k], k)):
+        n = lengths[i]
+        at = bisect.bisect_left(rooms, n)
+        if at < len(rooms):
+            room = rooms[at]
+            row = by_room[room].pop()
+            if not by_room[room]:
+                del by_room[room]
+                rooms.pop(at)
+        else:
+            room, row = seq_len, len(rows)
+            rows.append([])
+        rows[row].append(i)
+        left = room - n
+        if left > 0:
+            if left not in by_room:
+                by_room[left] = []
+                bisect.insort(rooms, left)
+            by_room[left].append(row)
+    return rows
+
+
+def _packed(samples: Dataset, seq_len: int) -> Iterator[dict[str, Any]]:
+    """Rows of several samples (:func:`pack_plan`). A sample's first label is not a target: nothing before it in
+    the row belongs to it."""
+    plan = pack_plan([len(x) for batch in samples.iter(batch_size=1000) for x in batch["input_ids"]], seq_len)
+    for chunk in range(0, len(plan), 1000):
+        rows = plan[chunk : chunk + 1000]
+        flat = [i for row in rows for i in row]
+        read = samples.select(flat)
+        at = 0
+        for row in rows:
+            ids: list[int] = []
+            labels: list[int] = []
+            lengths: list[int] = []
+            for k in range(at, at + len(row)):
+                sample = read[k]
+                ids += sample["input_ids"]
+                labels += [IGNORE, *sample["labels"][1:]]
+                lengths.append(len(sample["input_ids"]))
+            at += len(row)
+            yield {
+                "input_ids": ids,
+                "labels": labels,
+                "lengths": lengths,
+                "samples": row,
+                "n_targets": sum(x != IGNORE for x in labels),
+            }
+
+
+def _unpacked(samples: Dataset) -> Iterator[dict[str, Any]]:
+    for batch in samples.iter(batch_size=1000):
+        for s_ids, s_labels in zip(batch["input_ids"], batch["labels"], strict=True):
+            n = sum(x != IGNORE for x in s_labels[1:])
+            yield {"input_ids": s_ids, "labels": s_labels, "lengths": [len(s_ids)], "n_targets": n}
+
+
+def _rows(samples: Dataset, cfg: DataConfig, cache: str) -> Dataset:
+    from datasets import Dataset
+
+    gen: Callable[[Dataset], Iterator[dict[str, Any]]]
+    if cfg.packing:
+        gen = functools.partial(_packed, seq_len=cfg.seq_len)
+    elif cfg.format == "text":
+        gen = functools.partial(_blocks, seq_len=cfg.seq_len)
+    else:
+        gen = _unpacked
+
+    def rows() -> Iterator[dict[str, Any]]:
+        yield from gen(samples)
+
+    if len(samples) == 0:
+        return Dataset.from_dict({"input_ids": [], "labels": [], "lengths": [], "n_targets": []})
+
+    return Dataset.from_generator(rows, cache_dir=cache, keep_in_memory=False)
+
+
+# ---------------------------------------------------------------------------------------------- the cache
+
+
+def cache_root(cfg: DataConfig) -> Path:
+    """``data.cache_dir``, else $DIST_LORA_CACHE/data, else ~/.cache/dist_lora/data."""
+    if cfg.cache_dir:
+        return Path(cfg.cache_dir).expanduser().absolute()
+    return Path(os.environ.get("DIST_LORA_CACHE") or Path.home() / ".cache" / "dist_lora").expanduser() / "data"
+
+
+def cache_key(cfg: DataConfig, tokenizer: Any, seed: int) -> str:
+    """Everything that changes the rows: the data (by content), the tokenizer, the format and the row settings."""
+    hf_cache = str(cache_root(cfg) / "hf")
+    parts = {
+        "version": CACHE_VERSION,
+        "train": source_id(cfg.path, cfg.name, cfg.split, hf_cache),
+        "eval": source_id(cfg.eval_path, cfg.name, cfg.eval_split, hf_cache) if cfg.eval_path else None,
+        "eval_fraction": cfg.eval_fraction,
+        "split_seed": seed if cfg.eval_fraction else None,
+        "tokenizer": tokenizer_id(tokenizer),
+        "format": cfg.format,
+        "fields": _fields(cfg),
+        "seq_len": cfg.seq_len,
+        "packing": cfg.packing,
+        "too_long": cfg.too_long,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _tokenize(ds: Dataset, cfg: DataConfig, tokenizer: Any, what: str, key: str, tmp: str) -> tuple[Dataset, Stats]:
+    missing = [c for c in _fields(cfg).values() if c not in ds.column_names]
+    if missing:
+        raise DataError(
+            f"{what} has no field {', '.join(map(repr, missing))} (format {cfg.format}); its fields: "
+            f"{', '.join(ds.column_names)}. Map yours with data.fields, e.g. data.fields={{{FIELDS[cfg.format][0]}: "
+            f"{ds.column_names[0]}}}"
+        )
+    tokenized = ds.map(
+        _tokenize_fn(cfg, tokenizer),
+        batched=True,
+        remove_columns=ds.column_names,
+        new_fingerprint=f"{key}-{what}-tok",
+        cache_file_name=os.path.join(tmp, f"{what}-tokens.arrow"),
+        desc=f"tokenizing {what}",
+    )
+    status = tokenized["status"]
+    stats = Stats(
+        samples=len(ds),
+        truncated=status.count("truncated"),
+        dropped_long=status.count("dropped_long"),
+        dropped_no_target=status.count("dropped_no_target"),
+    )
+    kept = tokenized.filter(
+        lambda s: [x in ("ok", "truncated") for x in s],
+        input_columns="status",
+        batched=True,
+        new_fingerprint=f"{key}-{what}-kept",
+        cache_file_name=os.path.join(tmp, f"{what}-kept.arrow"),
+    )
+    return kept, stats
+
+
+def build_cache(cfg: DataConfig, tokenizer: Any, seed: int, key: str) -> tuple[Path, bool]:
+    """Tokenize the train (and eval) data into rows under ``cache_root/key`` unless they are there already;
+    returns the directory and whether this call built it. One process (per node) calls this."""
+    import datasets
+
+    root = cache_root(cfg)
+    final = root / key
+    if (final / "meta.json").is_file():
+        return final, False
+    if cfg.format == "chat" and not tokenizer.chat_template:
+        raise DataError(
+            "data.format chat needs a chat template, and this tokenizer has none: set data.chat_template (a Jinja "
+            "template, or a file holding one)"
+        )
+    if cfg.format != "text" and not getattr(tokenizer, "is_fast", False):
+        raise DataError(
+            f"data.format {cfg.format} finds answer tokens by character offsets, which needs a fast tokenizer "
+            f"({type(tokenizer).__name__} is not); install `tokenizers` or convert the tokenizer"
+        )
+    root.mkdir(parents=True, exist_ok=True)
+    hf_cache = str(root / "hf")
+    tmp = tempfile.mkdtemp(prefix=f".{key}.", dir=root)
+    try:
+        train = load_source(cfg.path, name=cfg.name, split=cfg.split, cache_dir=hf_cache)
+        eval_src = None
+        if cfg.eval_path:
+            eval_src = load_source(cfg.eval_path, name=cfg.name, split=cfg.eval_split, cache_dir=hf_cache)
+        elif cfg.eval_fraction:
+            if len(train) < 2:
+                raise DataError(
+                    f"data.eval_fraction needs at least 2 samples in {cfg.path} (it has {len(train)}); a .txt "
+                    "file is one document: split it into a .jsonl, or set data.eval_path"
+                )
+            parts = train.train_test_split(test_size=cfg.eval_fraction, seed=seed, shuffle=True)
+            train, eval_src = parts["train"], parts["test"]
+        samples, stats = _tokenize(train, cfg, tokenizer, "train", key, tmp)
+        splits = {"train": _rows(samples, cfg, tmp)}
+        if eval_src is not None:
+            eval_samples, eval_stats = _tokenize(eval_src, cfg, tokenizer, "eval", key, tmp)
+            splits["eval"] = _rows(eval_samples, cfg, tmp)
+            stats.extra["eval"] = eval_stats.__dict__
+            if len(splits["eval"]) == 0:
+                raise DataError(f"the eval data ({cfg.eval_path or 'data.eval_fraction'}) has no usable sample")
+        stats.rows, stats.targets = len(splits["train"]), int(sum(splits["train"]["n_targets"]))
+        stats.eval_rows = len(splits["eval"]) if "eval" in splits else 0
+        if stats.rows == 0:
+            raise DataError(
+                f"{cfg.path} gives no training row: {stats.samples} samples, {stats.dropped_long} longer than "
+                f"data.seq_len={cfg.seq_len} dropped, {stats.dropped_no_target} without a target; a text corpus "
+                "needs at least seq_len tokens"
+            )
+        out = Path(tmp) / "rows"
+        datasets.DatasetDict(splits).save_to_disk(str(out))
+        (out / "meta.json").write_text(json.dumps({"key": key, "stats": stats.__dict__}, indent=1))
+        try:
+            os.rename(out, final)  # atomic: a reader sees all of it or nothing
+        except OSError:
+            if not (final / "meta.json").is_file():  # not another node's copy of the same rows: a real error
+                raise
+        return final, True
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _log_stats(stats: dict[str, Any], cfg: DataConfig, built: bool, where: Path) -> None:
+    left_out = []
+    if stats["truncated"]:
+        left_out.append(f"{stats['truncated']} truncated to data.seq_len={cfg.seq_len}")
+    if stats["dropped_long"]:
+        left_out.append(f"{stats['dropped_long']} longer than data.seq_len={cfg.seq_len} dropped")
+    if stats["dropped_no_target"]:
+        left_out.append(f"{stats['dropped_no_target']} without a target token dropped")
+    log.info(
+        "data: %s %d %s samples into %d rows (%d target tokens%s)%s; %s",
+        "tokenized" if built else "cached, no tokenization:",
+        stats["samples"],
+        cfg.format,
+        stats["rows"],
+        stats["targets"],
+        f", {stats['eval_rows']} eval rows" if stats["eval_rows"] else "",
+        "; " + ", ".join(left_out) if left_out else "",
+        where,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- batches
+
+
+class Rows:
+    """Tokenized rows (blocks, samples or packed samples) and how a list of them becomes one padded batch."""
+
+    def __init__(self, ds: Dataset, *, pad_id: int, packed: bool):
+        self.ds = ds
+        self.pad_id = pad_id
+        self.packed = packed
+        self.n_targets = torch.tensor(ds["n_targets"], dtype=torch.long)
 
     def __len__(self) -> int:
-        return self.blocks.shape[0]
+        return len(self.ds)
+
+    def batch(self, ids: list[int], *, no_targets: bool = False) -> dict[str, torch.Tensor]:
+        """Rows ``ids`` padded to the longest: input_ids, labels and (packed) position ids restarting at each
+        sample, so that transformers keeps packed samples from attending to each other; or (unpacked, padded) an
+        attention mask. ``no_targets``: every label ignored (a rank's filler batch in evaluation)."""
+        rows = self.ds[ids]
+        width = max(len(x) for x in rows["input_ids"])
+        n = len(ids)
+        input_ids = torch.full((n, width), self.pad_id, dtype=torch.long)
+        labels = torch.full((n, width), IGNORE, dtype=torch.long)
+        for i, (x, y) in enumerate(zip(rows["input_ids"], rows["labels"], strict=True)):
+            input_ids[i, : len(x)] = torch.tensor(x)
+            if not no_targets:
+                labels[i, : len(y)] = torch.tensor(y)
+        out = {"input_ids": input_ids, "labels": labels}
+        if self.packed:
+            position_ids = torch.zeros((n, width), dtype=torch.long)
+            for i, lengths in enumerate(rows["lengths"]):
+                pad = width - sum(lengths)
+                position_ids[i] = torch.cat([torch.arange(k) for k in [*lengths, pad] if k])
+            out["position_ids"] = position_ids
+        elif any(len(x) < width for x in rows["input_ids"]):
+            lens = torch.tensor([len(x) for x in rows["input_ids"]])
+            out["attention_mask"] = (torch.arange(width)[None, :] < lens[:, None]).long()
+        return out
+
+
+class TrainData:
+    """The run's rows: ``train`` (in a seeded order) and ``eval`` (or None)."""
+
+    def __init__(self, where: Path, *, pad_id: int, packed: bool, built: bool):
+        import datasets
+
+        loaded = datasets.load_from_disk(str(where))
+        self.where = where
+        self.built = built
+        self.stats = json.loads((where / "meta.json").read_text())["stats"]
+        self.train = Rows(loaded["train"], pad_id=pad_id, packed=packed)
+        self.eval = Rows(loaded["eval"], pad_id=pad_id, packed=packed) if "eval" in loaded else None
+
+    def __len__(self) -> int:
+        return len(self.train)
 
     def sample_ids(self, seed: int, positions: range) -> list[int]:
         n, out, cache = len(self), [], {}
@@ -74,9 +602,79 @@ class TokenBlocks:
             out.append(int(cache[epoch][i % n]))
         return out
 
+    def step_targets(self, *, seed: int, step: int, global_batch: int) -> int:
+        """Target tokens in the whole global batch of ``step`` (every rank knows it without communicating)."""
+        ids = self.sample_ids(seed, range(step * global_batch, (step + 1) * global_batch))
+        return int(self.train.n_targets[ids].sum())
+
     def micro_batch(
         self, *, seed: int, step: int, global_batch: int, micro: int, world: int, rank: int, index: int
     ) -> dict[str, torch.Tensor]:
         start = step * global_batch + (index * world + rank) * micro
-        x = self.blocks[self.sample_ids(seed, range(start, start + micro))]
-        return {"input_ids": x, "labels": x}
+        return self.train.batch(self.sample_ids(seed, range(start, start + micro)))
+
+    def eval_batches(self, micro: int, world: int, rank: int) -> Iterator[dict[str, torch.Tensor]]:
+        """This rank's share of the eval rows (rows rank, rank + world, ...) in batches of ``micro``; every rank
+        yields the same number of batches (filler ones without targets), as sharded forwards are collectives."""
+        assert self.eval is not None
+        mine = list(range(rank, len(self.eval), world))
+        per_rank = math.ceil(math.ceil(len(self.eval) / world) / micro)
+        for b in range(per_rank):
+            ids = mine[b * micro : (b + 1) * micro]
+            yield self.eval.batch(ids) if ids else self.eval.batch([0], no_targets=True)
+
+
+def set_chat_template(tokenizer: Any, template: str | None) -> None:
+    """``data.chat_template``: a Jinja template, or the path of a file holding one, set on the tokenizer."""
+    if template:
+        p = Path(template)
+        tokenizer.chat_template = p.read_text(encoding="utf-8") if "{" not in template and p.is_file() else template
+
+
+def check_packing(model: Any) -> None:
+    """Packing relies on transformers' packed-sequence masks (position ids that restart mark where a sample
+    begins); a model that builds its mask otherwise would let packed samples attend to each other."""
+    import inspect
+    import sys
+
+    module = sys.modules.get(type(model).__module__)
+    source = inspect.getsource(module) if module is not None else ""
+    attn = getattr(model.config, "_attn_implementation", None)
+    if "create_causal_mask(" not in source or attn not in ATTENTION_WITH_PACKING:
+        raise DataError(
+            f"data.packing: {type(model).__name__} (attention {attn}) does not build its attention mask with "
+            "transformers' packed-sequence support, so packed samples would attend to each other; set "
+            "data.packing: false for this model"
+        )
+
+
+def prepare_data(cfg: DataConfig, tokenizer: Any, *, seed: int) -> TrainData:
+    """Collective: local rank 0 of each node builds (or finds) the cached rows; every rank then reads them. A
+    failure on a building rank is raised on every rank alike."""
+    import torch.distributed as dist
+
+    from dist_lora.agree import raise_agreed
+    from dist_lora.gather import broadcast_json
+
+    set_chat_template(tokenizer, cfg.chat_template)
+    distributed = dist.is_available() and dist.is_initialized()
+    builds = not distributed or int(os.environ.get("LOCAL_RANK", "0")) == 0
+    result: Any = None
+    error: BaseException | None = None
+    if builds:
+        try:
+            where, built = build_cache(cfg, tokenizer, seed, cache_key(cfg, tokenizer, seed))
+            result = [str(where), built]
+        except Exception as e:
+            error = e
+    if distributed:
+        raise_agreed(error)
+        result = broadcast_json(result)  # rank 0's rows (every node built the same key)
+    elif error is not None:
+        raise error
+    where, built = Path(result[0]), bool(result[1])
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    data = TrainData(where, pad_id=pad if pad is not None else 0, packed=cfg.packing, built=built and builds)
+    if not distributed or dist.get_rank() == 0:
+        _log_stats(data.stats, cfg, built, where)
+    return data

@@ -47,6 +47,11 @@ class MetricsLog:
                 if name in row:
                     self.tb.add_scalar(f"train/{name}", row[name], row["step"])
 
+    def eval(self, step: int, loss: float) -> None:
+        self._append({"event": "eval", "step": step, "eval_loss": loss})
+        if self.tb is not None:
+            self.tb.add_scalar("eval/loss", loss, step)
+
     def event(self, name: str, **fields: Any) -> None:
         self._append({"event": name, **fields})
         if self.tb is not None:

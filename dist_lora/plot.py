@@ -9,17 +9,17 @@ from typing import Any
 from dist_lora.data import jsonl_rows
 
 
-def read_metrics(path: Path) -> tuple[list[dict], list[dict], list[dict]]:
-    """(step rows, resume events, save_failed events) from a metrics JSONL written by the trainer; other events
-    are left out."""
+def read_metrics(path: Path) -> tuple[list[dict], list[dict], list[dict], list[dict]]:
+    """(step rows, resume events, save_failed events, eval events) from a metrics JSONL written by the trainer;
+    other events are left out."""
     steps: list[dict] = []
-    events: dict[str, list[dict]] = {"resume": [], "save_failed": []}
+    events: dict[str, list[dict]] = {"resume": [], "save_failed": [], "eval": []}
     for _, row in jsonl_rows(path):
         if "event" in row:
             events.get(str(row["event"]), []).append(row)
         elif "loss" in row:
             steps.append(row)
-    return steps, events["resume"], events["save_failed"]
+    return steps, events["resume"], events["save_failed"], events["eval"]
 
 
 def _unstack(fig: Any, ax: Any, labels: list[Any]) -> None:
@@ -40,7 +40,7 @@ def _unstack(fig: Any, ax: Any, labels: list[Any]) -> None:
 
 
 def plot_run(run: str | Path, out: str | Path | None = None) -> Path:
-    """Draw loss against step to a PNG (default: next to the metrics file); returns its path."""
+    """Draw train (and eval) loss against step to a PNG (default: next to the metrics file); returns its path."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -51,12 +51,15 @@ def plot_run(run: str | Path, out: str | Path | None = None) -> Path:
         path = path / "metrics.jsonl"
     if not path.is_file():
         raise ValueError(f"{path} does not exist: pass a run dir holding metrics.jsonl, or the JSONL itself")
-    steps, resumes, failed = read_metrics(path)
+    steps, resumes, failed, evals = read_metrics(path)
     if not steps:
         raise ValueError(f"{path} holds no step rows")
     out_path = Path(out) if out else path.with_name("loss.png")
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=1.2, label="loss")
+    ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=1.2, label="train loss")
+    if evals:
+        last = {r["step"]: r["eval_loss"] for r in evals}  # a step evaluated again after a resume: the newest
+        ax.plot(sorted(last), [last[s] for s in sorted(last)], "o-", lw=1.2, ms=4, label="eval loss")
     labels = []
     for i, r in enumerate(sorted(resumes, key=lambda r: r["step"])):
         ax.axvline(r["step"], color="tab:red", ls="--", lw=1, label="resume" if i == 0 else None)

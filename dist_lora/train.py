@@ -7,7 +7,7 @@ import math
 import os
 import time
 from dataclasses import replace
-from typing import Any
+from typing import Any, overload
 
 import torch
 
@@ -16,7 +16,7 @@ from dist_lora.agree import is_agreed
 from dist_lora.api import resume_checkpoint
 from dist_lora.checkpointer import Checkpointer
 from dist_lora.config import ConfigError, RunConfig, TrainConfig, config_to_dict
-from dist_lora.data import TokenBlocks
+from dist_lora.data import check_packing, prepare_data
 from dist_lora.distributed import init_distributed, shutdown, step_consensus
 from dist_lora.logs import quiet_third_party
 from dist_lora.lora import apply_lora
@@ -35,6 +35,16 @@ def lr_at(step: int, t: TrainConfig) -> float:
         return t.lr * (step + 1) / t.warmup_steps
     progress = (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps)
     return t.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+@overload
+def _local_abs(path: str) -> str: ...
+@overload
+def _local_abs(path: str | None) -> str | None: ...
+def _local_abs(path: str | None) -> str | None:
+    """An existing local path made absolute (the config saved with each step works from anywhere); anything else
+    (a hub id, a Jinja template, None) unchanged."""
+    return os.path.abspath(path) if path and os.path.exists(path) else path
 
 
 def grad_accum_steps(t: TrainConfig, world: int) -> int:
@@ -76,7 +86,11 @@ class Trainer:
     def __init__(self, cfg: RunConfig):
         # local paths absolute, so that the config saved with each step and adapter_config.json work from anywhere
         model = replace(cfg.model, name_or_path=resolve_model_path(cfg.model.name_or_path))
-        self.cfg = cfg = replace(cfg, model=model, data=replace(cfg.data, path=os.path.abspath(cfg.data.path)))
+        d = cfg.data
+        data = replace(
+            d, path=_local_abs(d.path), eval_path=_local_abs(d.eval_path), chat_template=_local_abs(d.chat_template)
+        )
+        self.cfg = cfg = replace(cfg, model=model, data=data)
         t = cfg.train
         self.rank, self.world, self.device = init_distributed(
             cfg.parallel.timeout_s, need_group=cfg.parallel.backend != "single"
@@ -95,7 +109,7 @@ class Trainer:
         """Tokenizer, data, base, LoRA, backend, metrics (after the lease is taken)."""
         t = cfg.train
         tokenizer = load_tokenizer(cfg.model.name_or_path)
-        self.data = TokenBlocks(cfg.data.path, tokenizer, cfg.data.seq_len)
+        self.data = prepare_data(cfg.data, tokenizer, seed=t.seed)  # tokenized once per node, then cached
         # FSDP2 and ZeRO-3 never hold more than a shard of the base on any rank; the others load a replica
         base: Any
         base, weights = backends.backend_class(cfg.parallel.backend).load_base(
@@ -107,6 +121,8 @@ class Trainer:
             grad_accum=self.grad_accum,
         )
         base.config.use_cache = False  # training never reads a key-value cache
+        if cfg.data.packing:
+            check_packing(base)
         if t.activation_checkpointing:  # HF's flag on each block: no wrapper, so no new prefix in any key
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         torch.manual_seed(t.seed)  # LoRA init is the same on every rank, at every world size, for every backend
@@ -133,6 +149,8 @@ class Trainer:
         self.stop = StopRequest()
         self.stopped_early = False
         self.grad_norm = math.nan
+        self.stop_at = self.cfg.train.stop_at_step or self.cfg.train.max_steps
+        self.eval_history: list[dict[str, Any]] = []  # {"step", "eval_loss"} of every evaluation, carried by resume
         self.last_saved: int | None = None
         self.resumed_from: str | None = None
         self.metrics: list[dict[str, Any]] = []
@@ -156,6 +174,7 @@ class Trainer:
             return
         url = self.resumed_from = state["checkpoint_url"]
         self.step = self.last_saved = int(state["step"])
+        self.eval_history = list(state.get("eval_history", []))
         self.metrics_log.event(
             "resume",
             step=self.step,
@@ -186,6 +205,12 @@ class Trainer:
         t = self.cfg.train
         lr = lr_at(self.step, t)
         total = 0.0
+        # the loss is the mean over the global batch's target tokens, however they fall on ranks and micro-batches:
+        # each micro-batch sums its token losses and divides by this, and backward and the gradient reduction
+        # divide by grad_accum and the world size
+        per_micro = self.data.step_targets(seed=t.seed, step=self.step, global_batch=t.global_batch_size) / (
+            self.world * self.grad_accum
+        )
         for m in range(self.grad_accum):
             batch = self.data.micro_batch(
                 seed=t.seed,
@@ -197,7 +222,8 @@ class Trainer:
                 index=m,
             )
             last = m == self.grad_accum - 1
-            loss = self.backend.forward({k: v.to(self.device) for k, v in batch.items()}, last_micro=last)
+            inputs = {k: v.to(self.device) for k, v in batch.items()}
+            loss = self.backend.forward({**inputs, "num_items_in_batch": per_micro}, last_micro=last)
             self.backend.backward(loss, grad_accum=self.grad_accum, last_micro=last)
             total += float(loss.detach())
         self.grad_norm = self.backend.step(lr, t.max_grad_norm)
@@ -205,6 +231,30 @@ class Trainer:
         mean_loss, stop = step_consensus(total / self.grad_accum, self.stop.requested)
         self.stopped_early = self.stopped_early or stop
         return mean_loss
+
+    def evaluate(self) -> float:
+        """Collective: the mean token loss over all the eval data, each rank running its share of the rows (the
+        same number of forwards on every rank, as a sharded forward is a collective). Equal at any world size."""
+        t = self.cfg.train
+        assert self.data.eval is not None
+        model = self.backend.model
+        model.eval()
+        total = 0.0
+        with torch.no_grad():
+            for batch in self.data.eval_batches(t.micro_batch_size, self.world, self.rank):
+                inputs = {k: v.to(self.device) for k, v in batch.items()}
+                total += float(self.backend.forward({**inputs, "num_items_in_batch": 1.0}))  # a sum of token losses
+        model.train()
+        summed, _ = step_consensus(total, False)  # the mean over ranks of each rank's sum
+        loss = summed * self.world / int(self.data.eval.n_targets.sum())
+        self.eval_history.append({"step": self.step, "eval_loss": loss})
+        self.metrics_log.eval(self.step, loss)
+        log.info("step %d: eval loss %.6f over %d rows", self.step, loss, len(self.data.eval))
+        return loss
+
+    def best_eval(self) -> dict[str, Any] | None:
+        """The evaluation with the lowest loss so far (its step is kept out of retention with keep_best)."""
+        return min(self.eval_history, key=lambda e: e["eval_loss"]) if self.eval_history else None
 
     def save(self) -> str | None:
         """Save the current step (collective); returns its URL (None if it failed under on_error=warn)."""
@@ -221,8 +271,12 @@ class Trainer:
                 "last_lr": lr_at(max(self.step - 1, 0), t),
             },
             "config": config_to_dict(self.cfg),
+            "eval_history": self.eval_history,
+            "best_eval": self.best_eval(),
         }
-        url = self.checkpointer.save(self.backend, step=self.step, trainer_state=trainer_state)
+        best = self.best_eval()
+        keep = {best["step"]} if best is not None and self.cfg.checkpoint.keep_best else set()
+        url = self.checkpointer.save(self.backend, step=self.step, trainer_state=trainer_state, keep=keep)
         self.last_saved = self.step
         return url
 
@@ -247,7 +301,7 @@ class Trainer:
         from tqdm import tqdm
 
         t = self.cfg.train
-        stop = t.stop_at_step or t.max_steps
+        stop = self.stop_at = t.stop_at_step or t.max_steps
         log.info(
             "training %s on %d rank(s), backend %s, grad_accum %d, steps %d..%d",
             self.cfg.model.name_or_path,
@@ -312,6 +366,9 @@ class Trainer:
             "backend": self.backend.name,
         }
         self._flush_held_row()  # the step just taken is the one that waited for the last save's snapshot, if any
+        every_eval = self.cfg.train.eval_every_steps
+        if self.data.eval is not None and ((every_eval and self.step % every_eval == 0) or self.step == self.stop_at):
+            self.evaluate()  # before a save of this step, which records it
         self.metrics.append(row)
         every = self.cfg.checkpoint.every_steps
         if every and self.step % every == 0:
@@ -320,5 +377,8 @@ class Trainer:
         else:
             self.metrics_log.step(row)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", grad_norm=f"{self.grad_norm:.3f}")
+        shown = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "grad_norm": f"{self.grad_norm:.3f}"}
+        if self.eval_history:
+            shown["eval_loss"] = f"{self.eval_history[-1]['eval_loss']:.4f}"
+        bar.set_postfix(shown)
         log.debug("step %d loss %.6f lr %.3e", self.step, loss, lr)

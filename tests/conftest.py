@@ -52,6 +52,14 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 ENV_S3 = "DIST_LORA_TEST_S3"  # path of an endpoint.json written by tests/s3server.py (set by .ci/run)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def data_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tokenized data goes to a temp dir, never to ~/.cache (launched ranks inherit the variable)."""
+    path = tmp_path_factory.mktemp("data-cache")
+    os.environ["DIST_LORA_CACHE"] = str(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def gpt2_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from dist_lora.demo import build_tiny_base

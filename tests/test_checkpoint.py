@@ -309,6 +309,16 @@ def test_retention_keeps_last_n_and_only_deletes_what_it_wrote(gpt2_base, storag
     assert [s.status for s in list_steps(st)] == ["incomplete", "committed", "committed"]
 
 
+def test_retention_keeps_the_steps_it_is_told_to(gpt2_base, tmp_path):
+    """keep_best: the best-evaluated step survives keep_last, however old."""
+    model, opt, _ = train_some(gpt2_base, ["c_attn"], steps=1)
+    for step in range(1, 5):
+        dist_lora.save_checkpoint(model, str(tmp_path), step=step, optimizer=opt)
+    st = Storage(str(tmp_path))
+    assert apply_retention(st, keep_last=1, keep=frozenset({2})) == [step_name(1), step_name(3)]
+    assert [s.name for s in list_steps(st)] == [step_name(2), step_name(4)]
+
+
 def test_retention_never_deletes_the_newest_verified_step(gpt2_base, tmp_path):
     model, opt, _ = train_some(gpt2_base, ["c_attn"], steps=1)
     for step in (1, 2):

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from dist_lora.config import load_config
-from dist_lora.data import TokenBlocks
+from dist_lora.data import prepare_data
 from dist_lora.demo import corpus_path
 from dist_lora.lora import apply_lora
 from dist_lora.model import load_base, load_tokenizer
@@ -46,7 +46,7 @@ def reference(base: Path, steps: int, max_norm: float) -> tuple[list[float], dic
     torch.nn.utils.clip_grad_norm_ and AdamW. Returns each step's norm and the adapter after the last step."""
     cfg = load_config(TINY, common(base, f"train.max_grad_norm={max_norm}", CLIP_LR))
     t = cfg.train
-    data = TokenBlocks(cfg.data.path, load_tokenizer(str(base)), cfg.data.seq_len)
+    data = prepare_data(cfg.data, load_tokenizer(str(base)), seed=t.seed)
     torch.manual_seed(t.seed)
     model = apply_lora(load_base(str(base), torch.float32), cfg.lora, str(base))
     params = [p for p in model.parameters() if p.requires_grad]

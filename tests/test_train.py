@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from dist_lora.config import TrainConfig
-from dist_lora.data import TokenBlocks
+from dist_lora.config import DataConfig, TrainConfig
+from dist_lora.data import prepare_data
 from dist_lora.demo import corpus_path
 from dist_lora.train import lr_at
 from tests.dist_utils import TINY, failure_report, launch_env, torchrun, train_cmd
@@ -168,10 +168,11 @@ def test_a_demo_never_resumes_an_earlier_one(tmp_path):
     assert fresh_run_dir(str(run)) == tmp_path / "demo-3"
 
 
-def test_sample_order_does_not_depend_on_world_size(gpt2_base):
+def test_sample_order_does_not_depend_on_world_size(gpt2_base, tmp_path):
     from transformers import AutoTokenizer
 
-    data = TokenBlocks(str(corpus_path()), AutoTokenizer.from_pretrained(gpt2_base), 32)
+    cfg = DataConfig(path=str(corpus_path()), seq_len=32, cache_dir=str(tmp_path))
+    data = prepare_data(cfg, AutoTokenizer.from_pretrained(gpt2_base), seed=3)
     for step in (0, 5, 40):  # 40 * 12 samples wraps into later epochs
         seen = {}
         for world, micro in ((1, 1), (2, 3), (3, 2), (4, 1)):

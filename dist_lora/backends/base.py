@@ -156,8 +156,9 @@ class Backend(ABC):
 
     # ------------------------------------------------------------------------------------------ training
 
-    def forward(self, batch: dict[str, torch.Tensor], *, last_micro: bool = True) -> torch.Tensor:
-        """Mean loss of one micro-batch; ``last_micro`` says whether gradients sync after its backward."""
+    def forward(self, batch: dict[str, Any], *, last_micro: bool = True) -> torch.Tensor:
+        """The loss of one micro-batch: the mean over its target tokens, or, with ``num_items_in_batch`` in the
+        batch (the trainer's), their sum divided by it. ``last_micro``: whether gradients sync after its backward."""
         return self.model(**batch).loss
 
     def backward(self, loss: torch.Tensor, *, grad_accum: int, last_micro: bool) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -24,7 +26,7 @@ class DDPBackend(SingleBackend):
     def recognise(cls, model, optimizer, bias):  # type: ignore[no-untyped-def]
         return cls(model, optimizer, bias) if isinstance(model, nn.parallel.DistributedDataParallel) else None
 
-    def forward(self, batch: dict[str, torch.Tensor], *, last_micro: bool = True) -> torch.Tensor:
+    def forward(self, batch: dict[str, Any], *, last_micro: bool = True) -> torch.Tensor:
         # DDP decides at forward time whether this backward all-reduces; only the last micro-batch does.
         self.model.require_backward_grad_sync = last_micro
         return self.model(**batch).loss

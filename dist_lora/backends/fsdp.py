@@ -112,7 +112,7 @@ class FSDPBackend(Backend):
     def recognise(cls, model, optimizer, bias):  # type: ignore[no-untyped-def]
         return cls(model, optimizer, bias) if any(isinstance(p, DTensor) for p in model.parameters()) else None
 
-    def forward(self, batch: dict[str, torch.Tensor], *, last_micro: bool = True) -> torch.Tensor:
+    def forward(self, batch: dict[str, Any], *, last_micro: bool = True) -> torch.Tensor:
         if hasattr(self.model, "set_requires_gradient_sync"):
             self.model.set_requires_gradient_sync(last_micro)
         return self.model(**batch).loss

@@ -1,9 +1,10 @@
 """One rank of a sequence of short training runs in one launch (tests/test_scale.py).
 
-argv[1] is JSON: {"runs": [{"name", "overrides": [...], "steps": N, "resume": url|null}], "out": dir}. Each run
-builds a Trainer (the tiny config plus its overrides), resumes if asked, takes N steps and saves. Rank 0 writes
-out/runs.json: per run, each step's loss and gradient norm, the saved step's URL, and how many times a layer inside
-the first transformer block ran (twice per micro-batch when activations are recomputed).
+argv[1] is JSON: {"runs": [{"name", "overrides": [...], "steps": N, "resume": url|null, "eval": bool}], "out": dir}.
+Each run builds a Trainer (the tiny config plus its overrides), resumes if asked, takes N steps, evaluates if asked
+and saves. Rank 0 writes out/runs.json: per run, each step's loss and gradient norm, the eval loss, the saved step's
+URL, and how many times a layer inside the first transformer block ran (twice per micro-batch when activations are
+recomputed).
 """
 
 from __future__ import annotations
@@ -47,10 +48,17 @@ def main() -> None:
             losses.append(trainer.train_step())
             norms.append(trainer.grad_norm)
         hook.remove()
+        evaluated = trainer.evaluate() if run.get("eval") else None
         url = trainer.save()
         trainer.close()
         trainer.checkpointer.release_lease()
-        results[run["name"]] = {"losses": losses, "grad_norms": norms, "step": url, "block_forwards": len(calls)}
+        results[run["name"]] = {
+            "losses": losses,
+            "grad_norms": norms,
+            "step": url,
+            "block_forwards": len(calls),
+            "eval_loss": evaluated,
+        }
     if rank == 0:
         (out / "runs.json").write_text(json.dumps(results, indent=1))
     shutdown()

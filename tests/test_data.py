@@ -1,0 +1,309 @@
+"""Training data (#15): sources, chat and completion targets against independent references, packing that keeps
+samples apart, the tokenization cache, evaluation and keep_best."""
+
+from __future__ import annotations
+
+import json
+import math
+import logging
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from dist_lora.config import DataConfig, load_config
+from dist_lora.data import IGNORE, DataError, check_packing, prepare_data
+from dist_lora.model import load_base, load_tokenizer
+from tests.dist_utils import ROOT
+
+DATA = ROOT / "configs" / "data"
+TEMPLATE = (DATA / "chat_template.jinja").read_text()
+
+
+def tokenizer_of(base: Path):  # type: ignore[no-untyped-def]
+    tok = load_tokenizer(str(base))
+    tok.chat_template = TEMPLATE
+    return tok
+
+
+def prepared(tmp_path: Path, base: Path, seed: int = 0, **data):  # type: ignore[no-untyped-def]
+    cfg = DataConfig(cache_dir=str(tmp_path / "cache"), **data)
+    return prepare_data(cfg, tokenizer_of(base), seed=seed)
+
+
+def all_rows(rows) -> list[dict]:  # type: ignore[no-untyped-def]
+    return [rows.ds[i] for i in range(len(rows))]
+
+
+def test_chat_targets_are_the_assistant_tokens_of_the_tokenizers_own_mask(gpt2_base, tmp_path):
+    """Every conversation's labels equal apply_chat_template(..., return_assistant_tokens_mask=True) token for token
+    (the template marks assistant turns with {% generation %}; dist_lora finds them by rendering prefixes)."""
+    tok = tokenizer_of(gpt2_base)
+    data = prepared(tmp_path, gpt2_base, path=str(DATA / "chat.jsonl"), format="chat", seq_len=512)
+    conversations = [json.loads(line)["messages"] for line in (DATA / "chat.jsonl").read_text().splitlines()]
+    assert data.stats["samples"] == len(conversations) == len(data) and data.stats["truncated"] == 0
+    for row, messages in zip(all_rows(data.train), conversations, strict=True):
+        ref = tok.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        assert row["input_ids"] == ref["input_ids"]
+        want = [t if m else IGNORE for t, m in zip(ref["input_ids"], ref["assistant_masks"], strict=True)]
+        assert row["labels"] == want
+        assert sum(ref["assistant_masks"]) > 0
+
+
+def test_completion_targets_are_the_completion_tokens(gpt2_base, tmp_path):
+    """Reference: prompt and completion tokenized apart; labels are the completion's tokens and the EOS."""
+    tok = tokenizer_of(gpt2_base)
+    data = prepared(tmp_path, gpt2_base, path=str(DATA / "completion.jsonl"), format="completion", seq_len=512)
+    samples = [json.loads(line) for line in (DATA / "completion.jsonl").read_text().splitlines()]
+    for row, s in zip(all_rows(data.train), samples, strict=True):
+        prompt = tok(s["prompt"])["input_ids"]
+        completion = tok(s["completion"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        assert row["input_ids"] == prompt + completion
+        assert row["labels"] == [IGNORE] * len(prompt) + completion
+
+
+def test_too_long_samples_are_truncated_or_dropped_and_counted(gpt2_base, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="dist_lora.data")
+    common = {"path": str(DATA / "chat.jsonl"), "format": "chat", "seq_len": 64}
+    cut = prepared(tmp_path, gpt2_base, **common)
+    dropped = prepared(tmp_path, gpt2_base, too_long="drop", **common)
+    assert cut.stats["truncated"] > 0 and all(len(r["input_ids"]) <= 64 for r in all_rows(cut.train))
+    assert dropped.stats["dropped_long"] == cut.stats["truncated"] + cut.stats["dropped_no_target"]
+    assert len(dropped) == 64 - dropped.stats["dropped_long"]
+    assert f"{cut.stats['truncated']} truncated to data.seq_len=64" in caplog.text
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_packed_rows_give_each_sample_the_logits_it_has_alone(arch, gpt2_base, llama_base, tmp_path):
+    base = gpt2_base if arch == "gpt2" else llama_base
+    data = prepared(tmp_path, base, path=str(DATA / "chat.jsonl"), format="chat", seq_len=256, packing=True)
+    alone = prepared(tmp_path, base, path=str(DATA / "chat.jsonl"), format="chat", seq_len=256)
+    model = load_base(str(base), torch.float32).eval()
+    check_packing(model)
+    assert len(data) < len(alone) / 2  # several samples per row
+    batch = data.train.batch([0, 1])
+    assert (batch["position_ids"] == 0).sum() > 2  # more than one sample starts in these rows
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    for r in range(2):
+        start = 0
+        for length, sample in zip(data.train.ds[r]["lengths"], data.train.ds[r]["samples"], strict=True):
+            ids = torch.tensor([alone.train.ds[sample]["input_ids"]])
+            assert ids.shape[1] == length
+            with torch.no_grad():
+                single = model(input_ids=ids).logits[0]
+            assert (packed[r, start : start + length] - single).abs().max().item() <= 1e-5
+            assert batch["labels"][r, start] == IGNORE  # nothing before a sample in its row predicts its first token
+            start += length
+
+
+def test_packing_is_refused_for_a_model_that_cannot_keep_samples_apart():
+    class Legacy(torch.nn.Module):
+        config = types.SimpleNamespace(_attn_implementation="sdpa")
+
+    with pytest.raises(DataError, match="Legacy.*data.packing: false"):
+        check_packing(Legacy())
+
+
+def test_the_second_run_reads_the_cache_and_a_changed_seq_len_rebuilds_it(gpt2_base, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="dist_lora.data")
+    common = {"path": str(DATA / "completion.jsonl"), "format": "completion"}
+    first = prepared(tmp_path, gpt2_base, seq_len=64, **common)
+    again = prepared(tmp_path, gpt2_base, seq_len=64, **common)
+    other = prepared(tmp_path, gpt2_base, seq_len=32, **common)
+    assert first.built and not again.built and other.built
+    assert again.where == first.where != other.where
+    assert "cached, no tokenization" in caplog.text
+    tok = tokenizer_of(gpt2_base)
+    tok.chat_template = TEMPLATE + " "  # a changed tokenizer is another key
+    cfg = DataConfig(cache_dir=str(tmp_path / "cache"), seq_len=64, **common)
+    assert prepare_data(cfg, tok, seed=0).built
+
+
+def test_every_source_kind_gives_the_same_rows(gpt2_base, tmp_path):
+    """The same samples as .jsonl, .json, .parquet, .csv and a save_to_disk directory."""
+    import datasets
+
+    src = datasets.load_dataset("json", data_files=str(DATA / "completion.jsonl"), split="train")
+    paths = {"jsonl": DATA / "completion.jsonl"}
+    src.to_json(str(tmp_path / "c.json"), lines=False)
+    src.to_parquet(str(tmp_path / "c.parquet"))
+    src.to_csv(str(tmp_path / "c.csv"), index=False)
+    src.save_to_disk(str(tmp_path / "saved"))
+    paths |= {k: tmp_path / f"c.{k}" for k in ("json", "parquet", "csv")} | {"saved": tmp_path / "saved"}
+    rows = {
+        k: all_rows(prepared(tmp_path, gpt2_base, path=str(p), format="completion", seq_len=64).train)
+        for k, p in paths.items()
+    }
+    assert all(r == rows["jsonl"] for r in rows.values())
+
+
+@pytest.mark.parametrize(
+    ("data", "words"),
+    [
+        ({"path": "org/not-here"}, ["org/not-here", "offline", "save_to_disk"]),
+        ({"path": "/nowhere/data.jsonl"}, ["/nowhere/data.jsonl", "does not exist"]),
+        ({"path": str(DATA / "chat.jsonl"), "format": "completion"}, ["'prompt'", "messages", "data.fields"]),
+        ({"path": str(DATA / "chat.jsonl"), "format": "chat", "fields": {"text": "x"}}, ["data.fields", "messages"]),
+    ],
+)
+def test_bad_data_is_one_clear_error(data, words, gpt2_base, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DataError) as e:
+        prepared(tmp_path, gpt2_base, **data)
+    assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_chat_needs_a_template(gpt2_base, tmp_path):
+    cfg = DataConfig(path=str(DATA / "chat.jsonl"), format="chat", cache_dir=str(tmp_path))
+    with pytest.raises(DataError, match="data.chat_template"):
+        prepare_data(cfg, load_tokenizer(str(gpt2_base)), seed=0)
+
+
+def test_eval_fraction_splits_by_seed(gpt2_base, tmp_path):
+    common = {"path": str(DATA / "completion.jsonl"), "format": "completion", "seq_len": 64, "eval_fraction": 0.25}
+    a, b, c = (prepared(tmp_path, gpt2_base, seed=s, **common) for s in (0, 0, 1))
+    assert a.eval is not None and len(a.eval) == 16 and len(a) == 48
+    assert all_rows(a.eval) == all_rows(b.eval) != all_rows(c.eval)
+    train_ids = {tuple(r["input_ids"]) for r in all_rows(a.train)}
+    assert not train_ids & {tuple(r["input_ids"]) for r in all_rows(a.eval)}
+
+
+def test_config_errors_for_eval_and_keep_best(tmp_path):
+    from dist_lora.config import ConfigError
+
+    tiny = ROOT / "configs" / "tiny.yaml"
+    with pytest.raises(ConfigError, match="train.eval_every_steps=5 needs eval data"):
+        load_config(tiny, ["train.eval_every_steps=5"])
+    with pytest.raises(ConfigError, match="keep_best needs eval data"):
+        load_config(tiny, ["checkpoint.keep_best=true"])
+    with pytest.raises(ConfigError, match="not both"):
+        load_config(tiny, ["data.eval_fraction=0.1", "data.eval_path=x.jsonl"])
+
+
+# ---------------------------------------------------------------------------------------------- multi-rank
+
+WORKER = ROOT / "tests" / "workers" / "runs_worker.py"
+ENGINES = {"fsdp": ["parallel.backend=fsdp"], "zero3": ["parallel.backend=deepspeed", "parallel.zero_stage=3"]}
+
+
+def chat_run(base: Path, *extra: str) -> list[str]:
+    """Chat data, packed, a quarter held out for evaluation; 6 rows a step (world sizes 1, 2 and 3 divide it)."""
+    return [
+        f"model.name_or_path={base}",
+        f"data.path={DATA / 'chat.jsonl'}",
+        "data.format=chat",
+        f"data.chat_template={DATA / 'chat_template.jinja'}",
+        "data.packing=true",
+        "data.seq_len=128",
+        "data.eval_fraction=0.25",
+        "train.global_batch_size=6",
+        "train.micro_batch_size=1",
+        "train.max_steps=6",
+        "train.warmup_steps=0",
+        "lora.target_modules=[q_proj,v_proj]",
+        *extra,
+    ]
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(600)
+def test_eval_is_equal_at_any_world_size_and_engine_and_chat_resume_continues_the_run(llama_base, tmp_path):
+    """Chat data with packing on a tiny Llama. World size 2 (FSDP2): 6 steps uninterrupted, and 3 steps saved mid-
+    epoch. World size 3 (ZeRO-3) resumes that step and its 3 steps match the uninterrupted run's (1e-4). The eval
+    loss of the saved step is equal (1e-6) at world sizes 1, 2 and 3 on FSDP2 and ZeRO-3."""
+    from tests.dist_utils import run_worker
+
+    mid = str(tmp_path / "first" / "step-00000003")
+
+    def evals(world: int) -> list[dict]:
+        return [
+            {"name": f"eval-{e}-w{world}", "overrides": [*chat_run(llama_base), *flags], "steps": 0, "resume": mid}
+            | {"eval": True}
+            for e, flags in ENGINES.items()
+        ]
+
+    launches = {
+        2: [
+            {"name": "full", "overrides": [*chat_run(llama_base), *ENGINES["fsdp"]], "steps": 6},
+            {"name": "first", "overrides": [*chat_run(llama_base), *ENGINES["fsdp"]], "steps": 3},
+            *evals(2),
+        ],
+        3: [
+            {"name": "rest", "overrides": [*chat_run(llama_base), *ENGINES["zero3"]], "steps": 3, "resume": mid},
+            *evals(3),
+        ],
+        1: evals(1),
+    }
+    results = {}
+    for world, runs in launches.items():
+        for run in runs:  # every launch saves under tmp_path: the resumed step is found there
+            run["overrides"] = [*run["overrides"], f"data.cache_dir={tmp_path / 'cache'}"]
+        run_worker(world, {"runs": runs, "out": str(tmp_path)}, worker=WORKER)
+        results[world] = json.loads((tmp_path / "runs.json").read_text())
+    full, rest = results[2]["full"]["losses"], results[3]["rest"]["losses"]
+    assert all(abs(a - b) <= 1e-4 * abs(a) for a, b in zip(full[3:], rest, strict=True)), (full, rest)
+    values = [results[w][f"eval-{e}-w{w}"]["eval_loss"] for w in (1, 2, 3) for e in ENGINES]
+    assert all(abs(v - values[0]) <= 1e-6 * values[0] for v in values), values
+
+
+def test_keep_best_keeps_the_step_with_the_lowest_eval_loss(gpt2_base, tmp_path):
+    """One process: evaluation every 2 steps, a save every 2 steps, keep_last 1 and keep_best: the dir holds the
+    newest step and the best-evaluated one; every step's trainer_state.json records the evaluations so far."""
+    from dist_lora.config import load_config
+    from dist_lora.train import train
+
+    cfg = load_config(
+        ROOT / "configs" / "tiny.yaml",
+        [
+            f"model.name_or_path={gpt2_base}",
+            f"data.path={DATA / 'completion.jsonl'}",
+            "data.format=completion",
+            "data.eval_fraction=0.25",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "parallel.backend=single",
+            "train.max_steps=8",
+            "train.lr=0.2",  # large enough that some later evaluation may be worse than an earlier one
+            "train.eval_every_steps=2",
+            f"train.metrics_file={tmp_path / 'metrics.jsonl'}",
+            f"checkpoint.dir={tmp_path / 'ck'}",
+            "checkpoint.every_steps=2",
+            "checkpoint.keep_last=1",
+            "checkpoint.keep_best=true",
+        ],
+    )
+    train(cfg)
+    state = json.loads((tmp_path / "ck" / "step-00000008" / "trainer_state.json").read_text())
+    assert [e["step"] for e in state["eval_history"]] == [2, 4, 6, 8]
+    best = min(state["eval_history"], key=lambda e: e["eval_loss"])
+    assert state["best_eval"] == best
+    kept = sorted(p.name for p in (tmp_path / "ck").glob("step-*"))
+    assert kept == sorted({f"step-{best['step']:08d}", "step-00000008"})
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["eval_loss"] for r in logged if r.get("event") == "eval"] == [
+        e["eval_loss"] for e in state["eval_history"]
+    ]
+
+
+@pytest.mark.parametrize("name", ["chat-tiny", "completion-tiny"])
+def test_the_shipped_examples_train_and_evaluate(name, gpt2_base, tmp_path, monkeypatch):
+    """configs/chat-tiny.yaml and completion-tiny.yaml on the tiny base (one process, 4 steps)."""
+    from dist_lora.train import train
+
+    monkeypatch.chdir(ROOT)  # their data paths are relative to the repository root
+    cfg = load_config(
+        ROOT / "configs" / f"{name}.yaml",
+        [
+            f"model.name_or_path={gpt2_base}",
+            "parallel.backend=single",
+            "train.max_steps=4",
+            "train.eval_every_steps=2",
+            f"checkpoint.dir={tmp_path / 'ck'}",
+            "checkpoint.every_steps=2",
+        ],
+    )
+    metrics = train(cfg)
+    assert len(metrics) == 4 and all(math.isfinite(m["loss"]) for m in metrics)
+    state = json.loads((tmp_path / "ck" / "step-00000004" / "trainer_state.json").read_text())
+    assert [e["step"] for e in state["eval_history"]] == [2, 4]
