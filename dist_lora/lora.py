@@ -143,6 +143,22 @@ def adapter_parameters(model: nn.Module, bias: str = "none") -> dict[str, nn.Par
     return selected
 
 
+def check_nothing_dropped(model: nn.Module, adapter: dict[str, nn.Parameter], bias: str) -> dict[str, nn.Parameter]:
+    """``adapter``, or AdapterError naming every trainable tensor outside it: a checkpoint would silently drop
+    it (PEFT's ``modules_to_save`` copies, trainable token rows, a trainable bias the bias mode leaves out)."""
+    saved = {id(p) for p in adapter.values()}
+    dropped = [canonical_name(n) for n, p in model.named_parameters() if p.requires_grad and id(p) not in saved]
+    if dropped:
+        shown = ", ".join(dropped[:6]) + (f" and {len(dropped) - 6} more" if len(dropped) > 6 else "")
+        raise AdapterError(
+            f"{len(dropped)} trainable tensor(s) are not part of the adapter dist_lora saves (LoRA A/B, and biases "
+            f"by bias mode {bias!r}), so a checkpoint would drop them: {shown}. PEFT's modules_to_save and "
+            "trainable_token_indices are not supported yet: leave them out, or freeze these tensors "
+            "(requires_grad=False); a trainable bias needs bias='all' or 'lora_only'"
+        )
+    return adapter
+
+
 def lora_state_dict(model: nn.Module, bias: str = "none") -> dict[str, torch.Tensor]:
     """loralib's ``lora_state_dict``: the adapter tensors (and biases per mode), detached, by checkpoint key.
 

@@ -309,6 +309,18 @@ def test_retention_keeps_last_n_and_only_deletes_what_it_wrote(gpt2_base, storag
     assert [s.status for s in list_steps(st)] == ["incomplete", "committed", "committed"]
 
 
+@pytest.mark.parametrize("extra", [{"modules_to_save": ["lm_head"]}, {"trainable_token_indices": [1, 2]}])
+def test_a_trainable_tensor_outside_the_adapter_is_an_error_never_a_silent_drop(extra, gpt2_base, tmp_path):
+    """PEFT options dist_lora does not gather yet: save refuses, naming the tensors, and writes nothing."""
+    import peft
+
+    model = AutoModelForCausalLM.from_pretrained(gpt2_base)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["c_attn"], **extra))
+    with pytest.raises(AdapterError, match="would drop them: .*(lm_head|wte)") as e:
+        dist_lora.save_checkpoint(model, str(tmp_path), step=1)
+    assert "modules_to_save" in str(e.value) and not list(tmp_path.iterdir())
+
+
 def test_retention_keeps_the_steps_it_is_told_to(gpt2_base, tmp_path):
     """keep_best: the best-evaluated step survives keep_last, however old."""
     model, opt, _ = train_some(gpt2_base, ["c_attn"], steps=1)

@@ -4,8 +4,8 @@ samples apart, the tokenization cache, evaluation and keep_best."""
 from __future__ import annotations
 
 import json
-import math
 import logging
+import math
 import types
 from pathlib import Path
 

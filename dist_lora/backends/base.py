@@ -18,7 +18,7 @@ from torch import nn
 
 from dist_lora.config import ParallelConfig
 from dist_lora.constants import OPTIM_TENSOR_FIELDS, WEIGHT_FIELD
-from dist_lora.lora import adapter_parameters, full_shape
+from dist_lora.lora import adapter_parameters, check_nothing_dropped, full_shape
 from dist_lora.model import BaseWeights, load_base
 
 
@@ -151,7 +151,7 @@ class Backend(ABC):
         """The adapter's parameters by canonical key (found once per bias mode: a wrapped model keeps them)."""
         cache = self.__dict__.setdefault("_adapter_cache", {})
         if self.bias not in cache:
-            cache[self.bias] = adapter_parameters(self.model, self.bias)
+            cache[self.bias] = check_nothing_dropped(self.model, adapter_parameters(self.model, self.bias), self.bias)
         return dict(cache[self.bias])
 
     # ------------------------------------------------------------------------------------------ training
