@@ -515,6 +515,96 @@ def train_resume_merge(tmp: Path, base: Path, model_bytes: int) -> list[dict]:
 # ---------------------------------------------------------------------------------------------- report
 
 
+# ---------------------------------------------------------------------------------------------- g. throughput
+
+THROUGHPUT = {
+    # name: (worker method, overrides); the first is the reference of "DDP vs HF", the second of the others
+    "HF Trainer + PEFT (DDP)": ("hf", []),
+    "dist_lora DDP": ("dist_lora", ["parallel.backend=ddp"]),
+    "dist_lora FSDP2": ("dist_lora", ["parallel.backend=fsdp"]),
+    "dist_lora FSDP2, reshard_after_forward=false": (
+        "dist_lora",
+        ["parallel.backend=fsdp", "parallel.reshard_after_forward=false"],
+    ),
+    "dist_lora FSDP2, prefetch=1": ("dist_lora", ["parallel.backend=fsdp", "parallel.prefetch=1"]),
+    "dist_lora ZeRO-3": ("dist_lora", ["parallel.backend=deepspeed", "parallel.zero_stage=3"]),
+}
+
+
+def part_g(tmp: Path, repeats: int, quick: bool) -> list[dict]:
+    """Training throughput at world size 2: dist_lora on DDP, FSDP2 (and its reshard/prefetch settings) and ZeRO-3
+    against HF Trainer + PEFT, on the same base, token blocks, LoRA and global batch. Runs interleaved (one launch
+    per method per repeat); each launch times its steps after a warm-up. Ratios are per repeat (medians of step
+    times), then the median of the ratios."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from dist_lora.demo import build_tokenizer, corpus_path
+
+    layers, width, heads = (6, 512, 8)
+    base = tmp / "gpt2-6x512"
+    if not (base / "config.json").exists():
+        tok = build_tokenizer(corpus_path())
+        torch.manual_seed(0)
+        config = GPT2Config(vocab_size=len(tok), n_layer=layers, n_embd=width, n_head=heads, n_positions=256)
+        GPT2LMHeadModel(config).save_pretrained(base)
+        tok.save_pretrained(base)
+    seq_len, global_batch, micro = 128, 8, 2
+    common = [
+        f"model.name_or_path={base}",
+        f"data.path={corpus_path()}",
+        f"data.seq_len={seq_len}",
+        f"data.cache_dir={tmp / 'data-cache'}",
+        "lora.target_modules=[c_attn,c_fc]",
+        "lora.r=8",
+        f"train.global_batch_size={global_batch}",
+        f"train.micro_batch_size={micro}",
+        "train.lr=1e-3",
+    ]
+    warmup, steps = (2, 4) if quick else (3, 10)
+    times: dict[str, list[float]] = {name: [] for name in THROUGHPUT}  # per repeat: the median step time
+    peaks: dict[str, list[int]] = {name: [] for name in THROUGHPUT}
+    for r in range(repeats):
+        for name, (method, flags) in THROUGHPUT.items():
+            result = tmp / "throughput.json"
+            spec = {
+                "method": method,
+                "config": str(ROOT / "configs" / "tiny.yaml"),
+                "overrides": [*common, *flags, f"checkpoint.dir={tmp / 'tp-ck' / f'{r}-{len(times[name])}-{method}'}"],
+                "warmup": warmup,
+                "steps": steps,
+                "tmp": str(tmp / "hf-out"),
+                "result": str(result),
+            }
+            torchrun(2, "bench.throughput_worker", spec)
+            out = json.loads(result.read_text())
+            times[name].append(statistics.median(out["step_s"]))
+            peaks[name].append(out["peak_rss"])
+            print(f"[g] repeat {r}: {name}: {times[name][-1]:.3f} s/step", flush=True)
+    names = list(THROUGHPUT)
+    hf, ddp = names[0], names[1]
+    rows = []
+    for name in names:
+        ref = hf if name == ddp else ddp
+        ratios = [a / b for a, b in zip(times[name], times[ref], strict=True)] if name != hf else None
+        step_s = statistics.median(times[name])
+        rows.append(
+            {
+                "part": "g",
+                "model": f"GPT-2 {layers}x{width}",
+                "method": name,
+                "step_s": step_s,
+                "tokens_per_s": global_batch * seq_len / step_s,
+                "peak_rss": max(peaks[name]),
+                "ratio": statistics.median(ratios) if ratios else None,
+                "ratio_vs": ref if ratios else None,
+                "repeats": repeats,
+            }
+        )
+        print(f"[g] {name}: {step_s:.3f} s/step, ratio {rows[-1]['ratio']} vs {rows[-1]['ratio_vs']}", flush=True)
+    return rows
+
+
 def fmt_bytes(n: float | None) -> str:
     if n is None or (isinstance(n, float) and math.isnan(n)):
         return "-"
@@ -672,6 +762,27 @@ def report(rows: list[dict], quick: bool) -> str:
             "until the engine is wrapped, the slowest rank.",
             "",
         ]
+    g = [r for r in rows if r["part"] == "g"]
+    if g:
+        lines += [
+            f"## g. Training throughput ({g[0]['model']}, LoRA r=8 on c_attn and c_fc, world size 2, global batch 8 "
+            f"x 128 tokens, {g[0]['repeats']} interleaved repeats)",
+            "",
+            "| method | s / step | tokens / s | peak RSS per rank | step time ratio (median of per-repeat ratios) |",
+            "|---|---|---|---|---|",
+        ]
+        for r in g:
+            ratio = f"{r['ratio']:.2f}x {r['ratio_vs']}" if r["ratio"] is not None else "(reference)"
+            lines.append(
+                f"| {r['method']} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {fmt_bytes(r['peak_rss'])} | "
+                f"{ratio} |"
+            )
+        lines += [
+            "",
+            "Targets: dist_lora DDP no slower than HF Trainer + PEFT; FSDP2 within 1.15x of DDP's step time when the "
+            "model fits. A step: every micro-batch's forward and backward, clipping at max_grad_norm 1.0, AdamW.",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -727,13 +838,15 @@ def run_parts(args: argparse.Namespace, tmp: Path, repeats: int, s3: dict) -> li
         rows += part_e(tmp, repeats, s3)
     if "f" in args.parts:
         rows += part_f(tmp, args.quick)
+    if "g" in args.parts:
+        rows += part_g(tmp, 1 if args.quick else 5, args.quick)
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repeats and sizes")
-    parser.add_argument("--parts", default="abcdef", help="which parts to run (default: all)")
+    parser.add_argument("--parts", default="abcdefg", help="which parts to run (default: all)")
     parser.add_argument("--report-only", action="store_true", help="rewrite results.md/png from results.json")
     args = parser.parse_args()
     if args.report_only:
@@ -754,7 +867,7 @@ def main() -> None:
         finally:
             s3server.stop(proc)
     previous = RESULTS / "results.json"
-    if previous.is_file() and args.parts != "abcdef":  # the parts not rerun keep their rows
+    if previous.is_file() and args.parts != "abcdefg":  # the parts not rerun keep their rows
         rows = [r for r in json.loads(previous.read_text()) if r["part"] not in args.parts] + rows
     (RESULTS / "results.json").write_text(json.dumps(rows, indent=1, default=str))
     keys = sorted({k for r in rows for k in r})

@@ -133,6 +133,9 @@ class ParallelConfig:
     """FSDP2: free each block's gathered parameters after its forward (true: least memory, a second all-gather in
     backward), keep them until backward (false: one all-gather per block and step), or reshard to groups of this
     many ranks (an int, as fully_shard takes it). The last block never reshards: its backward comes first."""
+    prefetch: int = 0
+    """FSDP2: all-gather this many blocks ahead of the one computing, in forward and backward (explicit prefetch);
+    0: FSDP2's own (the next block in backward only)."""
     replicate: int | Literal["nodes"] = 1
     """FSDP2 only: HSDP with this many replica groups. The world is split into `replicate` groups of
     world / replicate ranks; each group shards the model (all-gathers stay inside it: make it a node) and the groups
@@ -298,6 +301,7 @@ def _validate(cfg: RunConfig, errors: list[str]) -> None:
     )
     p = cfg.parallel
     check(p.zero_stage in (1, 2, 3), f"parallel.zero_stage must be 1, 2 or 3 (got {p.zero_stage})")
+    check(p.prefetch >= 0, f"parallel.prefetch must be >= 0 blocks (got {p.prefetch})")
     check(p.timeout_s > 0, f"parallel.timeout_s must be > 0 seconds (got {p.timeout_s})")
     check(p.replicate == "nodes" or p.replicate >= 1, f"parallel.replicate must be >= 1 or nodes (got {p.replicate})")
     check(

@@ -103,6 +103,11 @@ class FSDPBackend(Backend):
             last = i == len(blocks) - 1  # its backward runs right after the forward: resharding it is wasted
             fully_shard(module, reshard_after_forward=False if last else parallel.reshard_after_forward, **kwargs)
         fully_shard(model, **kwargs)
+        if parallel.prefetch:  # explicit: all-gather the next blocks while this one computes (torchtitan's option)
+            n = parallel.prefetch
+            for i, module in enumerate(blocks):
+                module.set_modules_to_forward_prefetch(blocks[i + 1 : i + 1 + n])
+                module.set_modules_to_backward_prefetch(blocks[max(0, i - n) : i][::-1])
         if weights is not None:
             _materialize(model, weights, host)
         params = [p for p in model.parameters() if p.requires_grad]
