@@ -95,7 +95,8 @@ def test_the_gradient_norm_is_global_and_clipping_is_clip_grad_norm(world, gpt2_
 @pytest.mark.timeout(400)
 def test_activation_checkpointing_changes_no_loss_and_its_steps_load_without_it(gpt2_base, tmp_path):
     """2 ranks, FSDP2 and ZeRO-3: 4 steps with and without recomputation give the same losses (1e-6), and a step
-    saved with it resumes in a run without it (and the other way round) as the uninterrupted run goes on."""
+    saved with it resumes in a run without it (and the other way round) as the uninterrupted run goes on. FSDP2 with
+    explicit prefetch and without resharding after forward gives the same losses too."""
     runs = []
     for engine in ("fsdp", "zero3"):
         flags = ENGINES[engine]
@@ -123,8 +124,13 @@ def test_activation_checkpointing_changes_no_loss_and_its_steps_load_without_it(
             "resume": str(tmp_path / "fsdp-ac0" / step),
         },
     ]
+    # FSDP2's speed settings change no loss either: explicit prefetch, no resharding after forward
+    speed = ["parallel.prefetch=2", "parallel.reshard_after_forward=false"]
+    runs.append({"name": "fsdp-speed", "overrides": [*common(gpt2_base), *ENGINES["fsdp"], *speed], "steps": 4})
     run_worker(2, {"runs": runs, "out": str(tmp_path)}, worker=WORKER)
     results = json.loads((tmp_path / "runs.json").read_text())
+    plain, fast = results["fsdp-ac0"]["losses"], results["fsdp-speed"]["losses"]
+    assert all(abs(a - b) <= 1e-6 for a, b in zip(plain, fast, strict=True)), (plain, fast)
     for engine in ("fsdp", "zero3"):
         off, on = results[f"{engine}-ac0"]["losses"], results[f"{engine}-ac1"]["losses"]
         assert len(off) == 4 and all(abs(a - b) <= 1e-6 for a, b in zip(off, on)), (engine, off, on)
