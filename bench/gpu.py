@@ -1,0 +1,181 @@
+"""CUDA validation in one prepared run: ``python -m bench.gpu OUT_DIR [--checks-only]`` (bench/gpu.sh wraps it).
+
+On a GPU (one device, NCCL, bf16), one launch of bench/gpu_worker.py:
+
+1. checks, FSDP2 and ZeRO-3 on a tiny Llama in bf16: an asynchronous save (pinned staging buffer, side-stream copy
+   after a CUDA event) while training goes on equals a synchronous save of the same step byte for byte; the step
+   resumes into a fresh trainer and saves equal again;
+2. the save on a ~1.1B Llama-shaped base (TinyLlama's shape, bf16): stall, snapshot, total;
+3. a Llama-3-8B-shaped base (random, bf16, written with save_pretrained on this machine's disk) loaded through the
+   sharded path, LoRA r=16 on q/k/v/o: load seconds, peak device memory, step seconds, save stall, resume.
+
+Without CUDA it rehearses the same code at CPU scale (gloo, tiny bases) and lists what only a GPU can show; it
+skips nothing silently. Figures go to OUT_DIR/gpu.json and gpu.md; the exit status is 1 when a check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+NEEDS_CUDA = [
+    "NCCL collectives (gloo ran instead)",
+    "the pinned staging buffer and the side-stream snapshot copy",
+    "bf16 kernels on a GPU, peak device memory",
+    "the ~1.1B and 8B bases (tiny Llama bases ran instead)",
+]
+# (hidden, layers, heads, kv heads, intermediate, vocab)
+SHAPES = {
+    "llama-1.1b": (2048, 22, 32, 4, 5632, 32000),
+    "llama-8b": (4096, 32, 32, 8, 14336, 128256),
+    "cpu-small": (256, 4, 8, 4, 688, 512),
+}
+
+
+def build_base(out: Path, shape: str, device: str) -> Path:
+    """A randomly initialised Llama of this shape in bf16 (initialised on ``device``), saved with save_pretrained
+    in 5 GB safetensors files with an index, and the demo's tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from dist_lora.demo import build_tokenizer, corpus_path
+
+    if (out / "config.json").is_file():
+        return out
+    hidden, layers, heads, kv, inter, vocab = SHAPES[shape]
+    config = LlamaConfig(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        intermediate_size=inter,
+        vocab_size=vocab,
+        max_position_embeddings=2048,
+        dtype="bfloat16",
+    )
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(out, max_shard_size="5GB")
+    build_tokenizer(corpus_path()).save_pretrained(out)
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def judge(results: dict[str, Any], cuda: bool) -> list[str]:
+    """Every failed check, in words."""
+    failed = []
+    for c in results["checks"]:
+        if not c["async_equals_sync"]:
+            failed.append(f"{c['engine']}: the asynchronous save differs from the synchronous one")
+        if not c["resumed_equals_saved"]:
+            failed.append(f"{c['engine']}: the resumed step does not save equal")
+        if cuda and not c["staging_pinned"]:
+            failed.append(f"{c['engine']}: the staging buffer is not pinned on a GPU")
+        if cuda and not c["device"].startswith("cuda"):
+            failed.append(f"{c['engine']}: ran on {c['device']}, not on the GPU")
+    for r in results["runs"]:
+        if not (r["last_loss"] == r["last_loss"] and r["resume_loss"] == r["resume_loss"]):
+            failed.append(f"{r['name']}: a loss is NaN")
+    return failed
+
+
+def gib(n: float | None) -> str:
+    return "-" if n is None else f"{n / 2**30:.2f} GiB"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    lines = [
+        f"# CUDA validation ({m['device']})",
+        "",
+        f"{m['host']}, torch {m['torch']}, CUDA {m['cuda']}. {'' if m['cuda'] else 'CPU rehearsal: '}"
+        f"{results['seconds']:.0f} s in all.",
+        "",
+        "| check | device | async == sync | resumed == saved | staging pinned | stall s | snapshot s | total s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for c in results["checks"]:
+        lines.append(
+            f"| {c['engine']} bf16 | {c['device']} | {c['async_equals_sync']} | {c['resumed_equals_saved']} | "
+            f"{c['staging_pinned']} | {c['stall_s']:.4f} | {c['snapshot_s']:.4f} | {c['total_s']:.3f} |"
+        )
+    if results["runs"]:
+        lines += [
+            "",
+            "| base (FSDP2, bf16, LoRA r=16 q/k/v/o) | load s | device peak after load | device peak training | "
+            "s / step | tokens / s | save stall s | save total s | resume s |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in results["runs"]:
+            lines.append(
+                f"| {r['name']} | {r['load_s']:.1f} | {gib(r['load_peak_device_bytes'])} | "
+                f"{gib(r['train_peak_device_bytes'])} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | "
+                f"{r['save_stall_s']:.4f} | {r['save_total_s']:.3f} | {r['resume_s']:.1f} |"
+            )
+    if results["needs_cuda"]:
+        lines += ["", "Not shown by this run (it needs CUDA):", ""] + [f"- {x}" for x in results["needs_cuda"]]
+    if results["failed"]:
+        lines += ["", "**Failed:**", ""] + [f"- {x}" for x in results["failed"]]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", type=Path, help="where gpu.json, gpu.md and the bases go")
+    parser.add_argument("--checks-only", action="store_true", help="only part 1 (the checks), no bases to build")
+    args = parser.parse_args()
+    import torch
+
+    from dist_lora.demo import build_tiny_base, corpus_path
+    from dist_lora.distributed import local_env, torchrun_cmd
+
+    t0 = time.perf_counter()
+    cuda = torch.cuda.is_available()
+    out = args.out.absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    tiny = build_tiny_base(out / "tiny-llama", arch="llama")
+    spec: dict[str, Any] = {
+        "out": str(out),
+        "data": str(corpus_path()),
+        "checks": [{"engine": e, "base": str(tiny)} for e in ("fsdp", "zero3")],
+        "runs": [],
+    }
+    if not args.checks_only:
+        shapes = ["llama-1.1b", "llama-8b"] if cuda else ["cpu-small"]
+        for shape in shapes:
+            base = build_base(out / shape, shape, "cuda" if cuda else "cpu")
+            spec["runs"].append({"name": shape, "base": str(base), "seq_len": 512 if cuda else 64, "steps": 4})
+        print(f"bases ready after {time.perf_counter() - t0:.0f} s", flush=True)
+    proc = subprocess.run(
+        torchrun_cmd(1, "-m", "bench.gpu_worker", json.dumps(spec)), env=local_env(str(ROOT)), cwd=ROOT, timeout=900
+    )
+    if proc.returncode != 0:
+        sys.exit(f"the worker failed ({proc.returncode}); its output is above")
+    results = json.loads((out / "worker.json").read_text())
+    results["machine"] = {
+        "device": torch.cuda.get_device_name() if cuda else "CPU",
+        "host": platform.node(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda if cuda else None,
+    }
+    results["needs_cuda"] = [] if cuda else NEEDS_CUDA
+    results["failed"] = judge(results, cuda)
+    results["seconds"] = time.perf_counter() - t0
+    (out / "gpu.json").write_text(json.dumps(results, indent=1))
+    (out / "gpu.md").write_text(markdown(results))
+    print(markdown(results))
+    sys.exit(1 if results["failed"] else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""One rank of the CUDA validation (bench/gpu.py): the trainer's real paths on whatever device this rank has.
+
+argv[1] is JSON: {"out": dir, "data": corpus, "checks": [{"engine", "base"}], "runs": [{"name", "base", "seq_len",
+"steps"}]}. Rank 0 writes out/worker.json.
+
+checks: per engine (FSDP2, ZeRO-3), bf16 mixed precision: train 2 steps; save that step synchronously (the
+reference) and asynchronously (pinned staging and a side stream on a GPU), train on at once; the asynchronous
+step's adapter and optimizer files must equal the reference's byte for byte; then a fresh trainer resumes the step
+and saves it again: equal again.
+runs: a base loaded the sharded way (FSDP2, bf16), LoRA r=16 on q/k/v/o: load seconds, peak device memory, step
+seconds, the save stall, and the resume.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dist_lora.checkpointer import Checkpointer
+from dist_lora.config import CheckpointConfig, load_config
+from dist_lora.constants import ADAPTER_WEIGHTS_NAME, OPTIMIZER_NAME
+from dist_lora.distributed import shutdown
+from dist_lora.train import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+ENGINES = {
+    "fsdp": ["parallel.backend=fsdp"],
+    "zero3": ["parallel.backend=deepspeed", "parallel.zero_stage=3"],
+}
+
+
+def overrides(base: str, data: str, ckpt: Path, *extra: str, seq_len: int = 64) -> list[str]:
+    return [
+        f"model.name_or_path={base}",
+        f"data.path={data}",
+        f"data.seq_len={seq_len}",
+        "lora.r=16",
+        "lora.alpha=32",
+        "lora.target_modules=[q_proj,k_proj,v_proj,o_proj]",
+        "train.global_batch_size=2",
+        "train.micro_batch_size=1",
+        "train.max_steps=20",
+        "train.lr=1e-3",
+        "parallel.mixed_precision=bf16",
+        f"checkpoint.dir={ckpt}",
+        "checkpoint.resume=none",
+        *extra,
+    ]
+
+
+def device_peak() -> int | None:
+    return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+
+
+def same_files(a: Path, b: Path) -> bool:
+    return all((a / f).read_bytes() == (b / f).read_bytes() for f in (ADAPTER_WEIGHTS_NAME, OPTIMIZER_NAME))
+
+
+def check(engine: str, base: str, data: str, out: Path) -> dict[str, Any]:
+    root = out / f"check-{engine}"
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", overrides(base, data, root / "async", *ENGINES[engine]))
+    trainer = Trainer(cfg)
+    for _ in range(2):
+        trainer.train_step()
+    reference = Checkpointer(CheckpointConfig(dir=str(root / "sync"), async_save=False))
+    reference.save(trainer.backend, step=2)
+    url = trainer.save()  # asynchronous
+    trainer.train_step()  # the snapshot overlaps this step's forward and backward; its optimizer step waits for it
+    trainer.close()
+    stats = trainer.checkpointer.history[-1]
+    staging = trainer.checkpointer._staging._buffer
+    pinned = bool(staging is not None and staging.is_pinned())
+    step = "step-00000002"
+    equal = same_files(root / "async" / step, root / "sync" / step)
+    trainer.checkpointer.release_lease()
+    resumed = Trainer(
+        load_config(
+            ROOT / "configs" / "tiny.yaml",
+            overrides(base, data, root / "resumed", *ENGINES[engine], f"checkpoint.resume={url}"),
+        )
+    )
+    resumed.resume(url)
+    again = Checkpointer(CheckpointConfig(dir=str(root / "again"), async_save=False))
+    again.save(resumed.backend, step=2)
+    resumed.checkpointer.release_lease()
+    return {
+        "engine": engine,
+        "device": str(trainer.device),
+        "async_equals_sync": equal,
+        "resumed_equals_saved": same_files(root / "again" / step, root / "sync" / step),
+        "staging_pinned": pinned,
+        "stall_s": stats.stall_s,
+        "snapshot_s": stats.snapshot_s,
+        "total_s": stats.done_s,
+    }
+
+
+def run(spec: dict[str, Any], data: str, out: Path) -> dict[str, Any]:
+    root = out / f"run-{spec['name']}"
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    cfg = load_config(
+        ROOT / "configs" / "tiny.yaml",
+        overrides(spec["base"], data, root / "ck", *ENGINES["fsdp"], seq_len=spec["seq_len"]),
+    )
+    trainer = Trainer(cfg)
+    load_s = time.perf_counter() - t0
+    load_peak = device_peak()
+    steps = []
+    for _ in range(spec["steps"]):
+        t = time.perf_counter()
+        losses = trainer.train_step()
+        steps.append(time.perf_counter() - t)
+    url = trainer.save()
+    trainer.train_step()  # the step that overlaps the background snapshot
+    trainer.close()
+    stats = trainer.checkpointer.history[-1]
+    trainer.checkpointer.release_lease()
+    del trainer
+    t0 = time.perf_counter()
+    resumed = Trainer(cfg)
+    resumed.resume(url)
+    resume_loss = resumed.train_step()
+    resume_s = time.perf_counter() - t0
+    resumed.checkpointer.release_lease()
+    return {
+        "name": spec["name"],
+        "load_s": load_s,
+        "load_peak_device_bytes": load_peak,
+        "train_peak_device_bytes": device_peak(),
+        "step_s": statistics.median(steps[1:] or steps),
+        "tokens_per_s": 2 * spec["seq_len"] / statistics.median(steps[1:] or steps),
+        "last_loss": losses,
+        "save_stall_s": stats.stall_s,
+        "snapshot_s": stats.snapshot_s,
+        "save_total_s": stats.done_s,
+        "resume_s": resume_s,
+        "resume_loss": resume_loss,
+    }
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    out = Path(spec["out"])
+    results: dict[str, Any] = {"checks": [], "runs": []}
+    for c in spec["checks"]:
+        results["checks"].append(check(c["engine"], c["base"], spec["data"], out))
+    for r in spec["runs"]:
+        results["runs"].append(run(r, spec["data"], out))
+    if torch.distributed.get_rank() == 0:
+        (out / "worker.json").write_text(json.dumps(results, indent=1))
+    shutdown()
+
+
+if __name__ == "__main__":
+    main()
