@@ -663,16 +663,27 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, *, seed: int) -> TrainData:
     error: BaseException | None = None
     if builds:
         try:
-            where, built = build_cache(cfg, tokenizer, seed, cache_key(cfg, tokenizer, seed))
-            result = [str(where), built]
+            key = cache_key(cfg, tokenizer, seed)
+            result = [key, build_cache(cfg, tokenizer, seed, key)[1]]
         except Exception as e:
             error = e
     if distributed:
         raise_agreed(error)
-        result = broadcast_json(result)  # rank 0's rows (every node built the same key)
+        result = broadcast_json(result)  # rank 0's key: every node built its rows under it, in its own cache
     elif error is not None:
         raise error
-    where, built = Path(result[0]), bool(result[1])
+    key, built = str(result[0]), bool(result[1])
+    where = cache_root(cfg) / key
+    missing = None
+    if not (where / "meta.json").is_file():
+        missing = DataError(
+            f"the tokenized rows {where} are missing on this node: the data or tokenizer differs from rank 0's "
+            "(another key), or data.cache_dir is not reachable here"
+        )
+    if distributed:
+        raise_agreed(missing)  # every rank raises it, none waits at a later collective
+    elif missing is not None:
+        raise missing
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     data = TrainData(where, pad_id=pad if pad is not None else 0, packed=cfg.packing, built=built and builds)
     if not distributed or dist.get_rank() == 0:

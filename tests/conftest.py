@@ -33,17 +33,26 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """A reliability test's report carries its table row (user_properties travel from pytest-xdist workers)."""
     outcome = yield
     report = outcome.get_result()
     mark = item.get_closest_marker("reliability")
-    if mark is not None and (report.when == "call" or report.outcome != "passed"):
-        row = (mark.kwargs["fault"], mark.kwargs["injected"], mark.kwargs["outcome"])
-        RELIABILITY.setdefault(row, []).append(report.outcome)
+    if mark is not None:
+        report.user_properties.append(
+            ("reliability", [mark.kwargs["fault"], mark.kwargs["injected"], mark.kwargs["outcome"]])
+        )
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Where reports are collected (the one process, or the xdist controller): count each case's outcome."""
+    for name, row in report.user_properties:
+        if name == "reliability" and (report.when == "call" or report.outcome != "passed"):
+            RELIABILITY.setdefault(tuple(row), []).append(report.outcome)  # type: ignore[arg-type]
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     path = session.config.getoption("--reliability-md")
-    if path and RELIABILITY:
+    if path and RELIABILITY and not hasattr(session.config, "workerinput"):  # not on an xdist worker
         from tests.reliability import render
 
         Path(path).write_text(render(RELIABILITY))
