@@ -5,21 +5,27 @@ takes the newest verified step."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+import traceback
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 import dist_lora
+from dist_lora import cli
 from dist_lora.checkpoint import list_steps, newest_verified_step, step_name
 from dist_lora.config import LoraConfig
 from dist_lora.constants import ENV_FAILPOINT, ENV_FAILPOINT_DIR
 from dist_lora.storage import Storage
 from tests.dist_utils import ROOT, launch_env, torchrun
+from tests.workers import save_and_die
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -61,6 +67,26 @@ def template(gpt2_base, tmp_path_factory) -> Path:
     return root
 
 
+def in_child(fn: Callable[..., Any], *args: Any, env: dict[str, str] | None = None) -> int:
+    """``fn(*args)`` in a forked copy of this process, which has imported torch, transformers and dist_lora already
+    (a fresh interpreter spends seconds on that, per case); returns its status as subprocess does: -N when a signal
+    N ended it, else its exit code."""
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 1
+        try:
+            os.environ.update(env or {})
+            code = int(fn(*args) or 0)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+
+
 def copy_template(template: Path, url: str, options: dict) -> None:
     target = Storage(url, options)
     for path in template.rglob("*"):
@@ -85,8 +111,7 @@ def check_after_crash(url: str, options: dict, point: str, base: Path) -> None:
     opt = torch.optim.AdamW([p for p in fresh.parameters() if p.requires_grad])
     assert dist_lora.load_checkpoint(fresh, url, optimizer=opt, storage_options=options)["step"] == want
     args = ["--storage-options", json.dumps(options)] if options else []
-    verify = subprocess.run([sys.executable, "-m", "dist_lora", "verify", url, *args], capture_output=True, text=True)
-    assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert in_child(cli.main, ["verify", url, *args]) == 0  # `dist-lora verify`
 
 
 # an S3 PUT is atomic: there is no half-written object to crash in, so write.partial is a local-disk point only
@@ -107,15 +132,8 @@ def test_kill_at_each_point_of_a_save(point, kind, template, gpt2_base, tmp_path
         url, options = request.getfixturevalue("s3")
         copy_template(template, url, options)
     spec = {"base": str(gpt2_base), "dir": url, "options": options, "step": 3}
-    env = {**launch_env(), ENV_FAILPOINT: point}
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "workers" / "save_and_die.py"), json.dumps(spec)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == -9, f"the fail point {point} was not reached:\n{proc.stderr[-3000:]}"
+    code = in_child(save_and_die.main, spec, env={ENV_FAILPOINT: point})
+    assert code == -9, f"the fail point {point} was not reached (exit {code}; its output is above)"
     check_after_crash(url, options, point, gpt2_base)
 
 

@@ -140,7 +140,7 @@ def main() -> None:
                 json.dumps({"pending_after_save": pending, "step_waited": held.step_waited_for_snapshot})
             )
         elif phase == "logits":
-            vocab = trainer.data.blocks.max().item() + 1
+            vocab = max(max(ids) for ids in trainer.data.train.ds["input_ids"]) + 1
             x = (torch.arange(2 * 16).view(2, 16) * 7 % vocab).to(trainer.device)
             with torch.no_grad():
                 logits = trainer.backend.model(input_ids=x).logits.float().cpu()

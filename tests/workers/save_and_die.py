@@ -1,4 +1,5 @@
-"""Train one step and save it with keep_last=2 (single process); the crash suite sets DIST_LORA_FAILPOINT."""
+"""Train one step and save it with keep_last=2 (single process); the crash suite sets DIST_LORA_FAILPOINT and runs
+``main`` in a forked copy of the test process (or this file as a script)."""
 
 import json
 import sys
@@ -12,8 +13,7 @@ from dist_lora.checkpointer import Checkpointer
 from dist_lora.config import CheckpointConfig, LoraConfig
 
 
-def main() -> None:
-    spec = json.loads(sys.argv[1])
+def main(spec: dict) -> None:
     torch.manual_seed(0)
     model = dist_lora.apply_lora(
         AutoModelForCausalLM.from_pretrained(spec["base"]), LoraConfig(r=4, alpha=8, target_modules=["c_attn"])
@@ -28,4 +28,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(json.loads(sys.argv[1]))
