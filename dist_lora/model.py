@@ -83,7 +83,8 @@ def load_base(name: str, dtype: Any, what: str = "model.name_or_path") -> Any:
     from transformers import AutoModelForCausalLM
 
     try:
-        return AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        with _outside_zero_init():  # a ZeRO-3 model built earlier in this process leaves its config active
+            return AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
     except (OSError, ValueError) as e:
         raise _hub_failure(name, what, e) if not Path(name).exists() else ModelError(f"{what} {name}: {e}") from e
 

@@ -64,7 +64,8 @@ def torchrun(nproc: int, argv: list[str], timeout: float = 420, cwd: Path | None
 
 
 def run_worker(nproc: int, spec: dict, worker: Path = WORKER) -> Path:
-    torchrun(nproc, [str(worker), json.dumps(spec)])
+    jobs = len(spec.get("jobs", [])) or len(spec.get("runs", [])) or 1
+    torchrun(nproc, [str(worker), json.dumps(spec)], timeout=420 + 120 * (jobs - 1))  # one launch, several jobs
     return Path(spec["out"])
 
 

@@ -21,7 +21,7 @@ from dist_lora.checkpoint import step_name
 from dist_lora.demo import corpus_path
 from tests.dist_utils import load_step, rel_err, run_worker
 
-pytestmark = [pytest.mark.multiproc, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.multiproc, pytest.mark.timeout(1800)]  # a test may start two launches of several runs
 
 BUCKET_MB = 0.02  # ~20 KB: the tiny adapter spans several buckets
 SOURCE_PHASES = ["train:3", "save_traced", "logits", "train:1", "save", "train:2", "save"]
@@ -54,25 +54,44 @@ def workdir(tmp_path_factory) -> Path:
 
 
 def source(kind: str, world: int, base: Path, workdir: Path) -> Path:
-    key = ("source", kind, world)
-    if key not in _runs:
-        backend, stage, replicate = parse(kind)
-        out = workdir / f"src-{kind}-{world}"
-        spec = {"config": config(base, out / "ckpt", backend, stage, replicate), "out": str(out)}
-        _runs[key] = run_worker(world, {**spec, "phases": SOURCE_PHASES})
-    return _runs[key]
+    """The source run of (kind, world). The first call for a world size runs every source case of that world size
+    in one launch (a launch costs seconds of imports and init, the runs a fraction of that)."""
+    if ("source", kind, world) not in _runs:
+        jobs = []
+        for k in dict.fromkeys(k for k, w in [*GATHER_CASES, (kind, world)] if w == world):
+            backend, stage, replicate = parse(k)
+            out = workdir / f"src-{k}-{world}"
+            spec = {"config": config(base, out / "ckpt", backend, stage, replicate), "out": str(out)}
+            jobs.append({**spec, "phases": SOURCE_PHASES})
+            _runs["source", k, world] = out
+        run_worker(world, {"jobs": jobs, "out": str(workdir)})
+    return _runs["source", kind, world]
 
 
 def load_run(src: Path, kind: str, world: int, base: Path, workdir: Path) -> Path:
-    backend, stage, replicate = parse(kind)
-    out = workdir / f"load-{src.name}-to-{kind}-{world}"
-    spec = {
-        "config": config(base, out / "ckpt", backend, stage, replicate),
-        "out": str(out),
-        "resume": str(src / "ckpt" / step_name(3)),
-        "phases": LOAD_PHASES,
-    }
-    return run_worker(world, spec)
+    """The run that resumes ``src`` at (kind, world). The first call for a world size runs every reshard case that
+    loads at that world size in one launch."""
+    if ("load", src.name, kind, world) not in _runs:
+        jobs = []
+        for src_kind, src_world, k, w in [*RESHARD_CASES, (None, None, kind, world)]:
+            if w != world:
+                continue
+            from_dir = src if src_kind is None else source(src_kind, src_world, base, workdir)
+            if ("load", from_dir.name, k, w) in _runs:  # a case listed twice
+                continue
+            backend, stage, replicate = parse(k)
+            out = workdir / f"load-{from_dir.name}-to-{k}-{w}"
+            jobs.append(
+                {
+                    "config": config(base, out / "ckpt", backend, stage, replicate),
+                    "out": str(out),
+                    "resume": str(from_dir / "ckpt" / step_name(3)),
+                    "phases": LOAD_PHASES,
+                }
+            )
+            _runs["load", from_dir.name, k, w] = out
+        run_worker(world, {"jobs": jobs, "out": str(workdir)})
+    return _runs["load", src.name, kind, world]
 
 
 def comparable(key: str, t: torch.Tensor) -> torch.Tensor:
@@ -194,22 +213,24 @@ def test_gather_is_bit_exact_moves_only_the_adapter_and_matches_unsharded(kind, 
         assert rel_err(a, b) < 1e-5, (key, rel_err(a, b))
 
 
-@pytest.mark.parametrize("kind", ["fsdp", "zero3", "zero2"])
+OVERLAP_KINDS = ["fsdp", "zero3", "zero2"]
+
+
+@pytest.mark.parametrize("kind", OVERLAP_KINDS)
 def test_an_optimizer_step_right_after_an_async_save_waits_for_the_snapshot(kind, gpt2_base, workdir):
     """The snapshot is taken in the background (held here until the next optimizer step is seen waiting for it);
     the training step right after the save runs forward and backward, then its optimizer step waits for the
     snapshot, so the committed step holds exactly the state at the save call on every rank (DeepSpeed steps its
     client torch optimizer inside engine.step)."""
-    backend, stage, _ = parse(kind)
-    out = workdir / f"overlap-{kind}"
-    run_worker(
-        2,
-        {
-            "config": config(gpt2_base, out / "ckpt", backend, stage),
-            "out": str(out),
-            "phases": ["train:3", "save_then_step"],
-        },
-    )
+    if ("overlap", kind) not in _runs:  # the three engines in one launch
+        jobs = []
+        for k in OVERLAP_KINDS:
+            backend, stage, _ = parse(k)
+            _runs["overlap", k] = out = workdir / f"overlap-{k}"
+            spec = {"config": config(gpt2_base, out / "ckpt", backend, stage), "out": str(out)}
+            jobs.append({**spec, "phases": ["train:3", "save_then_step"]})
+        run_worker(2, {"jobs": jobs, "out": str(workdir)})
+    out = _runs["overlap", kind]
     assert_step_3_holds_the_dumped_pieces(out, 2)
     for r in range(2):
         timing = json.loads((out / f"wait-rank{r}.json").read_text())

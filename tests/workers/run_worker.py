@@ -1,6 +1,7 @@
 """One rank of a multi-process test run (launched by torchrun from tests/dist_utils.py).
 
-argv[1] is JSON: {"config": {...}, "out": dir, "resume": url|null, "phases": ["train:3", "save_traced", ...]}.
+argv[1] is JSON: {"config": {...}, "out": dir, "resume": url|null, "phases": ["train:3", "save_traced", ...]}, or
+{"jobs": [such specs]} run one after the other in the same launch.
 Phases: train:N (N optimizer steps), save, save_traced (save while recording every collective, dump this rank's
 local pieces and, on rank 0, the engine's own full tensors as an independent reference), save_then_step (dump this rank's local pieces, save with the snapshot held until the next
 training step's optimizer step is seen waiting for it, record that it waited), logits (rank 0 writes the logits of a fixed
@@ -100,8 +101,8 @@ def dump_reference(trainer: Trainer, path: Path) -> None:
         save_file({k: v.contiguous() for k, v in full.items()}, str(path))
 
 
-def main() -> None:
-    args = json.loads(sys.argv[1])
+def run(args: dict) -> None:
+    """One job: a Trainer built from args["config"], resumed if asked, through its phases."""
     out = Path(args["out"])
     out.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(config_from_dict(args["config"]))
@@ -149,8 +150,15 @@ def main() -> None:
         else:
             raise ValueError(phase)
     trainer.close()
+    trainer.checkpointer.release_lease()
     if rank == 0:
         (out / "losses.json").write_text(json.dumps(losses))
+
+
+def main() -> None:
+    args = json.loads(sys.argv[1])
+    for job in args.get("jobs", [args]):  # several jobs in one launch pay the start-up (imports, init) once
+        run(job)
     shutdown()
 
 
