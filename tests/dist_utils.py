@@ -1,10 +1,18 @@
-"""Launch multi-process CPU/gloo test runs with torchrun (a free rendezvous port each time)."""
+"""Launch multi-process CPU/gloo test runs: with torchrun, or as forks of the test process (a free rendezvous
+port each time)."""
 
 from __future__ import annotations
 
 import json
+import os
+import runpy
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -63,9 +71,102 @@ def torchrun(nproc: int, argv: list[str], timeout: float = 420, cwd: Path | None
     return proc
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _preimport() -> None:
+    """What every worker imports, imported once here so that forked ranks start with it (a fresh interpreter
+    spends ~10 CPU-seconds on transformers, PEFT and DeepSpeed alone; a test suite starts hundreds of ranks)."""
+    import datasets  # noqa: F401
+    import deepspeed  # noqa: F401
+    import peft  # noqa: F401
+    import transformers.models.gpt2.modeling_gpt2
+    import transformers.models.llama.modeling_llama  # noqa: F401
+
+    import dist_lora.train  # noqa: F401
+
+
+def _rank_main(rank: int, world: int, port: int, argv: list[str], log: Path) -> None:
+    """A forked rank: torchrun's environment, output to its own log, the worker run as __main__. Never returns."""
+    code = 1
+    try:
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
+        sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGALRM):
+            signal.signal(sig, signal.SIG_DFL)
+        os.environ.update(launch_env())
+        os.environ.update(
+            {
+                "RANK": str(rank),
+                "LOCAL_RANK": str(rank),
+                "GROUP_RANK": "0",
+                "WORLD_SIZE": str(world),
+                "LOCAL_WORLD_SIZE": str(world),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+            }
+        )
+        sys.argv = list(argv)
+        runpy.run_path(argv[0], run_name="__main__")
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def forked_ranks(nproc: int, argv: list[str], timeout: float = 420) -> None:
+    """Run the script ``argv[0]`` (with ``argv``) as ``nproc`` ranks forked from this process, with the environment
+    torchrun gives its workers. As torchrun does, the first rank that fails ends the others; raises with every
+    rank's output tail. For tests of dist_lora's own work; tests of launching use the real launchers."""
+    import torch.distributed as dist
+
+    assert not dist.is_initialized(), "a process group in the parent would be inherited broken by the ranks"
+    _preimport()
+    port = _free_port()
+    logs = Path(tempfile.mkdtemp(prefix="dist-lora-ranks-"))
+    pids: dict[int, int] = {}
+    for rank in range(nproc):
+        pid = os.fork()
+        if pid == 0:
+            _rank_main(rank, nproc, port, argv, logs / f"rank{rank}.log")
+        pids[pid] = rank
+    deadline = time.monotonic() + timeout
+    failed: list[str] = []
+    running = dict(pids)
+    while running:
+        for pid in list(running):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                rank = running.pop(pid)
+                code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+                if code != 0 and not failed:
+                    failed.append(f"rank {rank} exited with {code}")
+                    for other in running:  # torchrun ends the job when a rank fails
+                        os.kill(other, signal.SIGKILL)
+        if running and time.monotonic() > deadline:
+            failed.append(f"timed out after {timeout:.0f} s")
+            for other in running:
+                os.kill(other, signal.SIGKILL)
+        time.sleep(0.02)
+    if failed:
+        tails = "\n".join(f"--- rank {r}:\n{(logs / f'rank{r}.log').read_text()[-4000:]}" for r in range(nproc))
+        raise AssertionError(f"{nproc} forked ranks of {argv[:1]} failed: {failed[0]}\n{tails}")
+
+
 def run_worker(nproc: int, spec: dict, worker: Path = WORKER) -> Path:
     jobs = len(spec.get("jobs", [])) or len(spec.get("runs", [])) or 1
-    torchrun(nproc, [str(worker), json.dumps(spec)], timeout=420 + 120 * (jobs - 1))  # one launch, several jobs
+    forked_ranks(nproc, [str(worker), json.dumps(spec)], timeout=420 + 120 * (jobs - 1))  # one launch, several jobs
     return Path(spec["out"])
 
 

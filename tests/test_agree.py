@@ -25,7 +25,7 @@ from dist_lora.demo import corpus_path
 from dist_lora.distributed import torchrun_cmd
 from dist_lora.lease import Lease
 from dist_lora.storage import Storage, StorageError
-from tests.dist_utils import failure_report, launch_env, torchrun, train_cmd
+from tests.dist_utils import failure_report, forked_ranks, launch_env, train_cmd
 
 PG_TIMEOUT = "parallel.timeout_s=30"
 ENGINES = {"fsdp": ["parallel.backend=fsdp"], "zero3": ["parallel.backend=deepspeed", "parallel.zero_stage=3"]}
@@ -202,7 +202,7 @@ def test_under_raise_every_point_fails_alike_on_every_rank(engine, gpt2_base, s3
         *ENGINES[engine],
     ]
     spec = {"overrides": overrides, "out": str(tmp_path), "s3": {"url": url, "options": options}}
-    torchrun(2, [str(MATRIX_WORKER), json.dumps(spec)])
+    forked_ranks(2, [str(MATRIX_WORKER), json.dumps(spec)])
     ranks = [json.loads((tmp_path / f"results-rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0].keys() == ranks[1].keys() and len(ranks[0]) == 2 * (8 + 3) + 4
     for name, result in ranks[0].items():

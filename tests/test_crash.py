@@ -24,7 +24,7 @@ from dist_lora.checkpoint import list_steps, newest_verified_step, step_name
 from dist_lora.config import LoraConfig
 from dist_lora.constants import ENV_FAILPOINT, ENV_FAILPOINT_DIR
 from dist_lora.storage import Storage
-from tests.dist_utils import ROOT, launch_env, torchrun
+from tests.dist_utils import ROOT, forked_ranks, launch_env
 from tests.workers import save_and_die
 
 pytestmark = pytest.mark.timeout(600)
@@ -154,7 +154,7 @@ def two_rank_template(gpt2_base, tmp_path_factory) -> tuple[Path, dict]:
         "phases": ["train:1", "save", "train:1", "save"],
     }
     spec["config"]["checkpoint"]["keep_last"] = 2
-    torchrun(2, [str(ROOT / "tests" / "workers" / "run_worker.py"), json.dumps(spec)])
+    forked_ranks(2, [str(ROOT / "tests" / "workers" / "run_worker.py"), json.dumps(spec)])
     spec["phases"] = ["train:1", "save"]
     spec["config"]["checkpoint"]["resume"] = "auto"
     return root / "ckpt", spec

@@ -10,14 +10,14 @@ from safetensors.torch import load_file
 from dist_lora.checkpoint import list_steps
 from dist_lora.integrations.hf import DistLoraCallback, _restore_scheduler
 from dist_lora.storage import Storage
-from tests.dist_utils import ROOT, torchrun
+from tests.dist_utils import ROOT, forked_ranks
 
 WORKER = ROOT / "tests" / "workers" / "hf_worker.py"
 SAMPLES, MAX_STEPS = 64, 8  # 8 samples a step: one epoch is exactly the 8 steps
 
 
 def run(nproc: int, spec: dict) -> dict:
-    torchrun(nproc, [str(WORKER), json.dumps(spec)])
+    forked_ranks(nproc, [str(WORKER), json.dumps(spec)])
     return json.loads((Path(spec["out"]) / "result.json").read_text())
 
 
