@@ -307,3 +307,15 @@ def test_the_shipped_examples_train_and_evaluate(name, gpt2_base, tmp_path, monk
     assert len(metrics) == 4 and all(math.isfinite(m["loss"]) for m in metrics)
     state = json.loads((tmp_path / "ck" / "step-00000004" / "trainer_state.json").read_text())
     assert [e["step"] for e in state["eval_history"]] == [2, 4]
+
+
+def test_the_plot_draws_the_eval_curve(tmp_path):
+    from dist_lora.plot import plot_run, read_metrics
+
+    rows = [{"step": s, "loss": 3.0 - 0.1 * s} for s in range(1, 7)]
+    rows += [{"event": "eval", "step": s, "eval_loss": 3.1 - 0.1 * s} for s in (2, 4, 6)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    steps, _, _, evals = read_metrics(tmp_path / "metrics.jsonl")
+    assert len(steps) == 6 and [e["step"] for e in evals] == [2, 4, 6]
+    png = plot_run(tmp_path)
+    assert png.stat().st_size > 0
