@@ -13,7 +13,9 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NoReturn
 
 import torch
 from safetensors.torch import load_file
@@ -89,10 +91,41 @@ def _preimport() -> None:
     import dist_lora.train  # noqa: F401
 
 
-def _rank_main(rank: int, world: int, port: int, argv: list[str], log: Path) -> None:
-    """A forked rank: torchrun's environment, output to its own log, the worker run as __main__. Never returns."""
+def _exit_with(fn: Callable[[], Any]) -> NoReturn:
+    """In a forked child: run ``fn()`` and leave with its outcome as the exit code (0, the code of a SystemExit, or
+    1 after printing an exception), never returning into the parent's code (pytest)."""
     code = 1
     try:
+        code = int(fn() or 0)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def in_child(fn: Callable[..., Any], *args: Any, env: dict[str, str] | None = None) -> int:
+    """``fn(*args)`` in a forked copy of this process, which has imported torch, transformers and dist_lora already
+    (a fresh interpreter spends seconds on that, per case); returns its status as subprocess does: -N when a signal
+    N ended it, else its exit code."""
+    pid = os.fork()
+    if pid == 0:
+
+        def run() -> Any:
+            os.environ.update(env or {})
+            return fn(*args)
+
+        _exit_with(run)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def _rank_main(rank: int, world: int, port: int, argv: list[str], log: Path) -> NoReturn:
+    """A forked rank: torchrun's environment, output to its own log, the worker run as __main__."""
+
+    def run() -> None:
         fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(fd, 1)
         os.dup2(fd, 2)
@@ -114,15 +147,8 @@ def _rank_main(rank: int, world: int, port: int, argv: list[str], log: Path) -> 
         )
         sys.argv = list(argv)
         runpy.run_path(argv[0], run_name="__main__")
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else int(e.code is not None)
-    except BaseException:
-        traceback.print_exc()
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+
+    _exit_with(run)
 
 
 def forked_ranks(nproc: int, argv: list[str], timeout: float = 420) -> None:
@@ -149,7 +175,7 @@ def forked_ranks(nproc: int, argv: list[str], timeout: float = 420) -> None:
             done, status = os.waitpid(pid, os.WNOHANG)
             if done:
                 rank = running.pop(pid)
-                code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+                code = os.waitstatus_to_exitcode(status)
                 if code != 0 and not failed:
                     failed.append(f"rank {rank} exited with {code}")
                     for other in running:  # torchrun ends the job when a rank fails

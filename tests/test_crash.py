@@ -9,10 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
-import traceback
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -24,7 +21,7 @@ from dist_lora.checkpoint import list_steps, newest_verified_step, step_name
 from dist_lora.config import LoraConfig
 from dist_lora.constants import ENV_FAILPOINT, ENV_FAILPOINT_DIR
 from dist_lora.storage import Storage
-from tests.dist_utils import ROOT, forked_ranks, launch_env
+from tests.dist_utils import ROOT, forked_ranks, in_child, launch_env
 from tests.workers import save_and_die
 
 pytestmark = pytest.mark.timeout(600)
@@ -65,26 +62,6 @@ def template(gpt2_base, tmp_path_factory) -> Path:
         opt.zero_grad()
         dist_lora.save_checkpoint(model, str(root), step=step, optimizer=opt)
     return root
-
-
-def in_child(fn: Callable[..., Any], *args: Any, env: dict[str, str] | None = None) -> int:
-    """``fn(*args)`` in a forked copy of this process, which has imported torch, transformers and dist_lora already
-    (a fresh interpreter spends seconds on that, per case); returns its status as subprocess does: -N when a signal
-    N ended it, else its exit code."""
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
-        code = 1
-        try:
-            os.environ.update(env or {})
-            code = int(fn(*args) or 0)
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
 
 
 def copy_template(template: Path, url: str, options: dict) -> None:
@@ -228,7 +205,6 @@ def rank_pid(marker_dir: Path, rank: int) -> int:
 @pytest.mark.multiproc
 @pytest.mark.parametrize("point", POINTS)
 def test_kill_the_other_rank_while_rank0_writes(point, two_rank_template, tmp_path):
-    import os
     import signal
     import time
 
