@@ -304,3 +304,16 @@ def host_tensors(model: Any) -> dict[str, torch.Tensor]:
         if not t.is_meta:
             out[canonical_name(name)] = t.detach().clone()
     return out
+
+
+def release_freed_memory() -> None:
+    """Hand the heap that loading freed back to the kernel (glibc ``malloc_trim``). A sharded load allocates and
+    frees a whole tensor at a time; glibc keeps those pages in its arenas, and a rank's resident memory would then
+    stay at the load's high-water mark for the whole run. Elsewhere (not glibc) this does nothing."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)

@@ -16,13 +16,14 @@ import json
 import math
 import os
 from typing import Any
+from unittest import mock
 
 import torch
 
 from dist_lora.backends.base import Backend, LocalPiece, Staging
 from dist_lora.constants import ENV_DS_ACCELERATOR, OPTIM_TENSOR_FIELDS, WEIGHT_FIELD
 from dist_lora.lora import base_key
-from dist_lora.model import BaseWeights
+from dist_lora.model import BaseWeights, release_freed_memory
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -128,6 +129,7 @@ class DeepSpeedBackend(Backend):
         import_deepspeed()
         from transformers import AutoConfig, AutoModelForCausalLM
         from transformers.integrations import HfDeepSpeedConfig
+        from transformers.integrations import deepspeed as hf_deepspeed
 
         config = ds_config(
             zero_stage=3,
@@ -137,9 +139,15 @@ class DeepSpeedBackend(Backend):
             extra=parallel.deepspeed_config,
         )
         keep = HfDeepSpeedConfig(config)  # transformers builds under zero.Init while this object lives
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(name_or_path), dtype=dtype)
+        # After construction transformers initialises the weights module by module, each one gathered whole onto
+        # every rank (initialize_weights_zero3): the whole model passes through each rank's memory only to be
+        # overwritten from the files. The buffers it would also set (rotary inv_freq) are computed at construction,
+        # as on the meta-device path of FSDP2, so the initialisation is skipped.
+        with mock.patch.object(hf_deepspeed, "initialize_weights_zero3", lambda model: None):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(name_or_path), dtype=dtype)
         model._dist_lora_hf_ds_config = keep  # kept for as long as the model (generation checks it)
         _fill_partitions(model, weights)
+        release_freed_memory()
         return model, None
 
     @classmethod

@@ -17,7 +17,7 @@ from dist_lora.backends.base import Backend, LocalPiece, Staging, load_torch_opt
 from dist_lora.config import ConfigError
 from dist_lora.constants import ENV_LOCAL_WORLD_SIZE, WEIGHT_FIELD
 from dist_lora.lora import base_key, canonical_name, unwrap
-from dist_lora.model import BaseWeights, build_on_meta, host_tensors
+from dist_lora.model import BaseWeights, build_on_meta, host_tensors, release_freed_memory
 
 
 def _block_classes(model: nn.Module) -> set[str]:
@@ -110,6 +110,7 @@ class FSDPBackend(Backend):
                 module.set_modules_to_backward_prefetch(blocks[max(0, i - n) : i][::-1])
         if weights is not None:
             _materialize(model, weights, host)
+            release_freed_memory()
         params = [p for p in model.parameters() if p.requires_grad]
         return cls(model, make_optimizer(params), bias)
 
