@@ -49,10 +49,32 @@ class LoraConfig:
     """LoRA scaling numerator: updates are scaled by alpha / r."""
     dropout: float = 0.0
     """Dropout on the LoRA input path."""
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    """Module names (suffixes) that get adapters, e.g. [q_proj, v_proj] or [c_attn]."""
+    target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
+    """Module names (suffixes) that get adapters, e.g. [q_proj, v_proj] or [c_attn]; or all-linear (every linear
+    layer but the output head), or a regex matched against the full module name (PEFT's meaning)."""
     bias: Bias = "none"
     """Which biases train and are saved: none | all | lora_only (loralib's semantics)."""
+    use_rslora: bool = False
+    """Rank-stabilised LoRA: scale updates by alpha / sqrt(r) instead of alpha / r."""
+    use_dora: bool = False
+    """DoRA: a trained magnitude vector per adapted layer on top of LoRA (PEFT's lora_magnitude_vector)."""
+    init_lora_weights: bool | str = True
+    """true (A Kaiming-uniform, B zero: the model starts as the base) | gaussian | false (B random too; tests).
+    PiSSA, OLoRA, LoftQ, EVA and CorDA are refused: they rewrite the base weights or need data at init."""
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    """Per-layer rank overrides, {module name or regex: r}, e.g. {q_proj: 16}."""
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    """Per-layer alpha overrides, {module name or regex: alpha}."""
+    layers_to_transform: list[int] | None = None
+    """Only these layer indices get adapters (needs target_modules as a list)."""
+    exclude_modules: list[str] | None = None
+    """Module names (suffixes) that never get adapters, even if target_modules matches them."""
+    modules_to_save: list[str] | None = None
+    """Modules trained in full and saved whole with the adapter, e.g. [lm_head] or [embed_tokens] after adding
+    tokens (PEFT's meaning)."""
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+    """Token ids whose embedding rows train (and are saved, only those rows): a list for the input embedding, or
+    {embedding module name: [ids]}."""
 
 
 @dataclass
@@ -252,6 +274,42 @@ def _build(cls: Any, data: Any, prefix: str, errors: list[str]) -> Any:
     return cls(**kwargs)
 
 
+LORA_INITS = (True, False, "gaussian")
+
+
+def _validate_lora(lora: LoraConfig, check: Any) -> None:
+    """PEFT's options that dist_lora accepts, with PEFT's meaning; the ones it cannot save faithfully refused."""
+    init = lora.init_lora_weights
+    check(
+        init in LORA_INITS,
+        f"lora.init_lora_weights={init!r} is refused: only true, false and gaussian are supported. PiSSA, OLoRA, "
+        "LoftQ, EVA and CorDA rewrite the base weights (or need data) at init, so an adapter saved alone would not "
+        "reproduce the trained model over the original base",
+    )
+    check(
+        all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in lora.rank_pattern.values()),
+        f"lora.rank_pattern values must be ranks >= 1 (got {lora.rank_pattern})",
+    )
+    check(
+        all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in lora.alpha_pattern.values()),
+        f"lora.alpha_pattern values must be alphas > 0 (got {lora.alpha_pattern})",
+    )
+    check(
+        lora.layers_to_transform is None or not isinstance(lora.target_modules, str),
+        "lora.layers_to_transform needs lora.target_modules as a list of module names (PEFT cannot combine it "
+        f"with a regex or all-linear; got target_modules={lora.target_modules!r})",
+    )
+    if isinstance(lora.trainable_token_indices, dict):
+        check(
+            all(
+                isinstance(v, list) and all(isinstance(i, int) for i in v)
+                for v in lora.trainable_token_indices.values()
+            ),
+            "lora.trainable_token_indices must be a list of token ids or {embedding module: [token ids]} "
+            f"(got {lora.trainable_token_indices})",
+        )
+
+
 def _validate(cfg: RunConfig, errors: list[str]) -> None:
     """Checks beyond the types (Literal value sets are checked when the dataclasses are built)."""
 
@@ -264,6 +322,7 @@ def _validate(cfg: RunConfig, errors: list[str]) -> None:
     check(cfg.lora.alpha > 0, f"lora.alpha must be > 0 (got {cfg.lora.alpha})")
     check(0.0 <= cfg.lora.dropout < 1.0, f"lora.dropout must be in [0, 1) (got {cfg.lora.dropout})")
     check(bool(cfg.lora.target_modules), "lora.target_modules must name at least one module")
+    _validate_lora(cfg.lora, check)
     d = cfg.data
     check(bool(d.path), "data.path is required (a data file, a save_to_disk directory or a hub dataset id)")
     check(d.seq_len >= 2, f"data.seq_len must be >= 2 (got {d.seq_len})")

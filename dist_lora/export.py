@@ -7,6 +7,7 @@ import logging
 import math
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -100,42 +101,102 @@ def merge(
     return out
 
 
-def _scaling(config: dict[str, Any]) -> float:
-    unsupported = [k for k in ("use_dora", "rank_pattern", "alpha_pattern") if config.get(k)]
-    if unsupported:
-        raise CheckpointError(
-            f"streaming merge does not handle {', '.join(unsupported)} in adapter_config.json; merge with an explicit "
-            "dtype (merge(..., dtype=...)) to take the whole-model path"
-        )
-    r, alpha = int(config["r"]), float(config["lora_alpha"])
+def _scaling(config: dict[str, Any], layer: str, r: int) -> float:
+    """PEFT's scaling of one layer: its alpha (``alpha_pattern`` matched as PEFT matches it) over its rank ``r``
+    (read from lora_A, so ``rank_pattern`` needs no matching), or over sqrt(r) with rsLoRA."""
+    from peft.utils.other import get_pattern_key
+
+    pattern = config.get("alpha_pattern") or {}
+    alpha = float(pattern.get(get_pattern_key(list(pattern), layer), config["lora_alpha"]))
     return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
 
 
-def stream_merge(loaded: LoadedStep, base_dir: str, out_dir: str | Path) -> Path:
-    """Merge a LoRA step into a local safetensors base one tensor at a time: each LoRA target weight gets
-    ``scaling * B @ A`` (transposed for a ``fan_in_fan_out`` layer such as GPT-2's Conv1D, as PEFT does), each bias
-    the checkpoint trained (bias mode all or lora_only) replaces the base's. Every file is written under its own
-    name with its own header (the dtypes and shapes do not change), its tensors streamed in order, and the index
-    and the other files of the base directory (config, generation config, tokenizer) are copied. Peak memory is
-    the largest tensor of the base, never a file or the model."""
+def _token_indices(config: dict[str, Any], layer: str) -> list[int]:
+    """The token ids a ``trainable_token_indices`` config trains in embedding ``layer``."""
+    indices = config.get("trainable_token_indices")
+    if isinstance(indices, dict):
+        for name, ids in indices.items():
+            if layer == name or layer.endswith("." + name):
+                return list(ids)
+        raise CheckpointError(f"trainable_token_indices {indices} of adapter_config.json names no layer {layer}")
+    return list(indices or [])
+
+
+@dataclass
+class _Edit:
+    """What the merge does to one base tensor."""
+
+    lora: tuple[torch.Tensor, torch.Tensor, float] | None = None  # A, B, scaling
+    magnitude: torch.Tensor | None = None  # DoRA
+    replace: torch.Tensor | None = None  # a modules_to_save copy, a trained bias
+    rows: tuple[list[int], torch.Tensor] | None = None  # trainable tokens
+
+
+def _edits(loaded: LoadedStep) -> dict[str, _Edit]:
+    """Base tensor name -> its edit, from the step's adapter tensors (PEFT's key names)."""
     from dist_lora.lora import base_key
 
-    out = Path(out_dir)
-    weights = BaseWeights(base_dir)
-    scaling = _scaling(loaded.adapter_config)
-    fan_in_fan_out = _fan_in_fan_out_layers(base_dir)
-    adapter = loaded.state.weights
-    deltas: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    replaced: dict[str, torch.Tensor] = {}
+    config, adapter = loaded.adapter_config, loaded.state.weights
+    edits: dict[str, _Edit] = {}
     for key, value in adapter.items():
         if ".lora_A." in key:
             layer = base_key(key.split(".lora_A.")[0])
-            deltas[f"{layer}.weight"] = (value, adapter[key.replace(".lora_A.", ".lora_B.")])
+            b = adapter[key.replace(".lora_A.", ".lora_B.")]
+            edits.setdefault(f"{layer}.weight", _Edit()).lora = (value, b, _scaling(config, layer, value.shape[0]))
+        elif key.endswith(".lora_magnitude_vector"):
+            edits.setdefault(
+                f"{base_key(key.removesuffix('.lora_magnitude_vector'))}.weight", _Edit()
+            ).magnitude = value
+        elif key.endswith(".token_adapter.trainable_tokens_delta"):
+            layer = base_key(key.removesuffix(".token_adapter.trainable_tokens_delta"))
+            edits.setdefault(f"{layer}.weight", _Edit()).rows = (_token_indices(config, layer), value)
         elif ".lora_B." not in key:
-            replaced[base_key(key)] = value
-    missing = [k for k in [*deltas, *replaced] if k not in weights]
+            if ".lora_" in key:
+                raise CheckpointError(f"streaming merge does not know adapter tensor {key} of {loaded.url}")
+            edits.setdefault(base_key(key), _Edit()).replace = value
+    return edits
+
+
+def _merged(tensor: torch.Tensor, edit: _Edit, fan_in_fan_out: bool) -> torch.Tensor:
+    """One base tensor with its edit applied, as PEFT's ``merge_and_unload`` computes it (in float32)."""
+    if edit.replace is not None:
+        return edit.replace.to(tensor.dtype)
+    w = tensor.float()
+    if edit.rows is not None:
+        ids, delta = edit.rows
+        w = w.index_copy(0, torch.tensor(ids), delta.float())
+    if edit.lora is not None:
+        a, b, scaling = edit.lora
+        w = w.T if fan_in_fan_out else w  # PEFT's orientation: (out_features, in_features)
+        w = w + (b.float() @ a.float()) * scaling
+        if edit.magnitude is not None:  # DoRA: each output row rescaled to the trained magnitude
+            w = (edit.magnitude.float() / torch.linalg.norm(w, dim=1)).view(-1, 1) * w
+        w = w.T if fan_in_fan_out else w
+    return w.to(tensor.dtype)
+
+
+def stream_merge(loaded: LoadedStep, base_dir: str, out_dir: str | Path) -> Path:
+    """Merge a step into a local safetensors base one tensor at a time, as PEFT's ``merge_and_unload`` would:
+    each LoRA target weight gets ``scaling * B @ A`` (per-layer alpha and rank, rsLoRA; transposed for a
+    ``fan_in_fan_out`` layer such as GPT-2's Conv1D), DoRA rescales its rows to the trained magnitudes, trained
+    token rows and ``modules_to_save`` copies replace the base's, and so do the biases the checkpoint trained.
+    Every file is written under its own name with its own header (the dtypes and shapes do not change), its
+    tensors streamed in order, and the index and the other files of the base directory (config, generation
+    config, tokenizer) are copied. Peak memory is the largest tensor of the base, never a file or the model."""
+    out = Path(out_dir)
+    weights = BaseWeights(base_dir)
+    fan_in_fan_out = _fan_in_fan_out_layers(base_dir)
+    edits = _edits(loaded)
+    missing = [k for k in edits if k not in weights]
     if missing:
-        raise CheckpointError(f"{loaded.url} adapts {missing[:5]}, which {base_dir} does not hold: not its base?")
+        tied = [k for k in missing if k.startswith("lm_head.")]
+        hint = (
+            f" ({', '.join(tied)} is tied to the input embedding in this base, so a merged model cannot hold a "
+            "separately trained copy: use the adapter with PeftModel, or train without modules_to_save on it)"
+            if tied
+            else ": not its base?"
+        )
+        raise CheckpointError(f"{loaded.url} adapts {missing[:5]}, which {base_dir} does not hold{hint}")
     out.mkdir(parents=True, exist_ok=True)
     names = sorted(set(weights.files.values()))
     for name in names:
@@ -144,19 +205,13 @@ def stream_merge(loaded: LoadedStep, base_dir: str, out_dir: str | Path) -> Path
             f.write(header)
             for key in keys:
                 tensor = weights.read(key)
-                if key in deltas:
-                    a, b = deltas[key]
-                    delta = (b.float() @ a.float()) * scaling
-                    if key.removesuffix(".weight") in fan_in_fan_out:
-                        delta = delta.T
-                    tensor = (tensor.float() + delta).to(tensor.dtype)
-                elif key in replaced:
-                    tensor = replaced[key].to(tensor.dtype)
+                if key in edits:
+                    tensor = _merged(tensor, edits[key], key.removesuffix(".weight") in fan_in_fan_out)
                 f.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)  # its bytes, not a copy
     for extra in Path(base_dir).iterdir():
         if extra.is_file() and extra.name not in names:
             shutil.copy2(extra, out / extra.name)
-    log.info("merged %s into %s by streaming (%d LoRA layers)", loaded.url, out, len(deltas))
+    log.info("merged %s into %s by streaming (%d tensors changed)", loaded.url, out, len(edits))
     return out
 
 

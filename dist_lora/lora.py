@@ -11,9 +11,11 @@ Bias modes follow loralib: ``none`` (LoRA tensors only), ``all`` (plus every bia
 from __future__ import annotations
 
 import math
+import re
 import sys
 from collections.abc import Iterator
 from typing import Any
+from unittest import mock
 
 import torch
 from torch import nn
@@ -89,8 +91,40 @@ def _active_adapter(model: nn.Module) -> str:
     return str(name)
 
 
+def _auxiliary_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """PEFT's wrappers of modules that train beside LoRA: ``modules_to_save`` copies and trainable token rows."""
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    for name, module in model.named_modules():
+        if isinstance(module, AuxiliaryTrainingWrapper):
+            yield canonical_name(name), module
+
+
+def _peft_key(mod_name: str, rel: str, adapter: str) -> str | None:
+    """The on-disk key (``get_peft_model_state_dict``'s) of parameter ``rel`` of PEFT LoRA layer ``mod_name``;
+    None for the base layer and for other adapters' tensors."""
+    parts = rel.split(".")
+    if parts[0] == "base_layer" or len(parts) < 2 or parts[1] != adapter:
+        return None
+    if parts[0] == "lora_magnitude_vector":  # DoRA: PEFT saves the vector without its ".weight"
+        return _join(mod_name, "lora_magnitude_vector")
+    return _join(mod_name, ".".join([parts[0], *parts[2:]]))
+
+
+def _auxiliary_key(mod_name: str, rel: str, adapter: str) -> str | None:
+    """The on-disk key of parameter ``rel`` of a PEFT wrapper: a ``modules_to_save`` copy is saved under the
+    wrapped module's own names, trainable token rows as ``token_adapter.trainable_tokens_delta``."""
+    copy = f"modules_to_save.{adapter}."
+    if rel.startswith(copy):
+        return _join(mod_name, rel[len(copy) :])
+    if rel == f"token_adapter.trainable_tokens_delta.{adapter}":
+        return _join(mod_name, "token_adapter.trainable_tokens_delta")
+    return None
+
+
 def adapter_parameters(model: nn.Module, bias: str = "none") -> dict[str, nn.Parameter]:
-    """The adapter's parameters for a bias mode, keyed by their checkpoint key (PEFT's names, adapter name removed).
+    """The adapter's parameters for a bias mode, keyed by their checkpoint key (PEFT's names, adapter name removed):
+    LoRA A and B, DoRA magnitudes, ``modules_to_save`` copies and trainable token rows, and biases by mode.
 
     The order is the model's parameter order, so every rank of a job sees the same list. Works on the model in
     any wrapper (DDP, DeepSpeedEngine, FSDP2, torch.compile); under ZeRO-3 the parameters may be empty partitions.
@@ -104,24 +138,21 @@ def adapter_parameters(model: nn.Module, bias: str = "none") -> dict[str, nn.Par
     for mod_name, module, flavor in _lora_modules(model):
         flavors.add(flavor)
         for rel, p in module.named_parameters(recurse=True):
-            parts = rel.split(".")
-            if flavor == "peft":
-                if parts[0] == "base_layer":
-                    continue
-                if len(parts) >= 2 and parts[1] != adapter:
-                    continue  # another adapter of a multi-adapter model
-                if parts[0] == "lora_magnitude_vector":
-                    raise AdapterError("DoRA (use_dora=True) adapters are not supported by dist_lora")
-                key = _join(mod_name, ".".join([parts[0], *parts[2:]]))
-                owned[id(p)] = key
-            elif parts[0].startswith("lora_"):
-                owned[id(p)] = _join(mod_name, rel)
+            key = _peft_key(mod_name, rel, adapter) if flavor == "peft" else _join(mod_name, rel)
+            if key is not None and (flavor == "peft" or rel.startswith("lora_")):
+                owned.setdefault(id(p), key)
         base = getattr(module, "base_layer", module) if flavor == "peft" else module
         # the registry itself, not getattr: under ZeRO-3, reading a partitioned parameter as an attribute while a
         # forward runs (the background save thread does) all-gathers it, a collective of this rank alone
         b = base._parameters.get("bias")
         if isinstance(b, nn.Parameter):
             lora_biases.add(id(b))
+    if "peft" in flavors:
+        for mod_name, module in _auxiliary_modules(model):
+            for rel, p in module.named_parameters(recurse=True):
+                key = _auxiliary_key(mod_name, rel, adapter)
+                if key is not None:
+                    owned.setdefault(id(p), key)  # a tied copy (GPT-2's lm_head rows) is saved once
     if not flavors:
         raise AdapterError(
             "the model has no LoRA layers: apply LoRA first (dist_lora.apply_lora or peft.get_peft_model)"
@@ -152,9 +183,9 @@ def check_nothing_dropped(model: nn.Module, adapter: dict[str, nn.Parameter], bi
         shown = ", ".join(dropped[:6]) + (f" and {len(dropped) - 6} more" if len(dropped) > 6 else "")
         raise AdapterError(
             f"{len(dropped)} trainable tensor(s) are not part of the adapter dist_lora saves (LoRA A/B, and biases "
-            f"by bias mode {bias!r}), so a checkpoint would drop them: {shown}. PEFT's modules_to_save and "
-            "trainable_token_indices are not supported yet: leave them out, or freeze these tensors "
-            "(requires_grad=False); a trainable bias needs bias='all' or 'lora_only'"
+            f"by bias mode {bias!r}, DoRA magnitudes, modules_to_save copies, trainable token rows), so a checkpoint "
+            f"would drop them: {shown}. Freeze them (requires_grad=False), or train them through PEFT "
+            "(modules_to_save, trainable_token_indices); a trainable bias needs bias='all' or 'lora_only'"
         )
     return adapter
 
@@ -220,20 +251,41 @@ def peft_lora_config(cfg: LoraConfig, base_model_name_or_path: str | None = None
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
-        target_modules=list(cfg.target_modules),
+        target_modules=cfg.target_modules if isinstance(cfg.target_modules, str) else list(cfg.target_modules),
         bias=cfg.bias,  # type: ignore[arg-type]  # validated against BIAS_MODES
+        use_rslora=cfg.use_rslora,
+        use_dora=cfg.use_dora,
+        init_lora_weights=cfg.init_lora_weights,  # type: ignore[arg-type]  # validated against LORA_INITS
+        rank_pattern=dict(cfg.rank_pattern),
+        alpha_pattern=dict(cfg.alpha_pattern),
+        layers_to_transform=cfg.layers_to_transform,
+        exclude_modules=cfg.exclude_modules,
+        modules_to_save=cfg.modules_to_save,
+        trainable_token_indices=cfg.trainable_token_indices,
         task_type="CAUSAL_LM",
         base_model_name_or_path=base_model_name_or_path,
     )
 
 
+def _collect_token_rows(layer: Any, weight: Any, rows: Any, embed_dim: int) -> torch.Tensor:
+    """The rows ``rows`` of a ZeRO-3 partitioned embedding, on every rank (gathered, as PEFT does, then indexed
+    where it lives: no CUDA assumed, no broadcast needed)."""
+    from peft.utils.integrations import gather_params_ctx
+
+    with gather_params_ctx([weight], modifier_rank=None):
+        return weight[rows].clone()
+
+
 def apply_lora(model: nn.Module, cfg: LoraConfig, base_model_name_or_path: str | None = None) -> nn.Module:
     """Wrap a causal LM in PEFT LoRA from a ``lora:`` config block; only the adapter (and biases per mode) train."""
     import peft
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
 
     name = base_model_name_or_path or getattr(getattr(model, "config", None), "name_or_path", None)
     try:
-        peft_model = peft.get_peft_model(model, peft_lora_config(cfg, name))
+        # PEFT reads the trainable token rows of a ZeRO-3 embedding on CUDA only; this reads them on any device
+        with mock.patch.object(TrainableTokensLayer, "_collect_token_weights", _collect_token_rows):
+            peft_model = peft.get_peft_model(model, peft_lora_config(cfg, name))
     except ValueError as e:
         names = sorted(
             {
@@ -268,9 +320,10 @@ def adapter_config_dict(model: nn.Module, bias: str) -> dict[str, Any]:
 
 def base_key(name: str) -> str:
     """A model parameter's name in the base's own files (PEFT's prefix and ``base_layer`` removed)."""
-    key = canonical_name(name)
-    key = key.removeprefix("base_model.model.")
-    return key.replace(".base_layer.", ".")
+    key = canonical_name(name).removeprefix("base_model.model.")
+    for wrapper in (".token_adapter.base_layer.", ".original_module.", ".base_layer."):
+        key = key.replace(wrapper, ".")
+    return re.sub(r"\.modules_to_save\.[^.]+\.", ".", key)  # a modules_to_save copy starts as the base's
 
 
 def base_fingerprint(model: nn.Module) -> dict[str, Any]:

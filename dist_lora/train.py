@@ -21,7 +21,7 @@ from dist_lora.distributed import init_distributed, shutdown, step_consensus
 from dist_lora.logs import quiet_third_party
 from dist_lora.lora import apply_lora
 from dist_lora.metrics import MetricsLog
-from dist_lora.model import adapters_on_cpu, load_tokenizer, resolve_model_path
+from dist_lora.model import adapters_on_cpu, load_tokenizer, resolve_model_path, return_large_blocks_to_the_os
 from dist_lora.preempt import StopRequest
 
 log = logging.getLogger(__name__)
@@ -108,6 +108,7 @@ class Trainer:
     def _build(self, cfg: RunConfig) -> None:
         """Tokenizer, data, base, LoRA, backend, metrics (after the lease is taken)."""
         t = cfg.train
+        return_large_blocks_to_the_os()  # else glibc keeps every freed all-gather buffer: RSS would grow ~2x
         tokenizer = load_tokenizer(cfg.model.name_or_path)
         self.data = prepare_data(cfg.data, tokenizer, seed=t.seed)  # tokenized once per node, then cached
         # FSDP2 and ZeRO-3 never hold more than a shard of the base on any rank; the others load a replica

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 from peft import PeftModel
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import dist_lora
@@ -310,15 +311,36 @@ def test_retention_keeps_last_n_and_only_deletes_what_it_wrote(gpt2_base, storag
 
 
 @pytest.mark.parametrize("extra", [{"modules_to_save": ["lm_head"]}, {"trainable_token_indices": [1, 2]}])
-def test_a_trainable_tensor_outside_the_adapter_is_an_error_never_a_silent_drop(extra, gpt2_base, tmp_path):
-    """PEFT options dist_lora does not gather yet: save refuses, naming the tensors, and writes nothing."""
+def test_peft_extras_saved_through_the_api_load_back_in_peft_and_dist_lora(extra, gpt2_base, tmp_path):
+    """A PEFT model built by the user (not from a dist_lora config) with modules_to_save or trainable tokens: every
+    trained tensor is saved under PEFT's names, and PEFT and dist_lora load the trained model back exactly."""
     import peft
 
     model = AutoModelForCausalLM.from_pretrained(gpt2_base)
     model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["c_attn"], **extra))
-    with pytest.raises(AdapterError, match="would drop them: .*(lm_head|wte)") as e:
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    step = dist_lora.save_checkpoint(model, str(tmp_path), step=1)
+    saved = load_file(str(tmp_path / step_name(1) / ADAPTER_WEIGHTS_NAME))
+    assert len(saved) == sum(p.requires_grad for p in model.parameters())
+    x = torch.arange(24).view(2, 12) * 5 % 200
+    model.eval()
+    with torch.no_grad():
+        want = model(input_ids=x).logits
+        again = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(gpt2_base), step).eval()
+        assert torch.equal(again(input_ids=x).logits, want)
+        assert torch.equal(dist_lora.load_model(step).eval()(input_ids=x).logits, want)
+
+
+def test_a_trainable_tensor_outside_the_adapter_is_an_error_never_a_silent_drop(gpt2_base, tmp_path):
+    """A tensor trained outside PEFT's adapter (here a layer norm): save refuses, naming it, and writes nothing."""
+    model = dist_lora.apply_lora(AutoModelForCausalLM.from_pretrained(gpt2_base), LoraConfig(target_modules=["c_attn"]))
+    model.base_model.model.transformer.ln_f.weight.requires_grad_(True)
+    with pytest.raises(AdapterError, match="would drop them: .*transformer.ln_f.weight"):
         dist_lora.save_checkpoint(model, str(tmp_path), step=1)
-    assert "modules_to_save" in str(e.value) and not list(tmp_path.iterdir())
+    assert not list(tmp_path.iterdir())
 
 
 def test_retention_keeps_the_steps_it_is_told_to(gpt2_base, tmp_path):

@@ -60,11 +60,11 @@ def test_every_problem_reported_at_once():
 
 def test_wrong_types_named():
     data = valid()
-    data["lora"]["target_modules"] = "c_attn"
+    data["lora"]["target_modules"] = 3  # a list of names, or one string (all-linear or a regex)
     data["train"] = {"max_steps": 1.5, "seed": True}
     with pytest.raises(ConfigError) as e:
         config_from_dict(data)
-    assert "lora.target_modules must be list[str]" in str(e.value)
+    assert "lora.target_modules must be list[str] | str" in str(e.value)
     assert "train.max_steps must be int (got 1.5)" in str(e.value)
     assert "train.seed must be int (got True)" in str(e.value)
 

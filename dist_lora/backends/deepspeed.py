@@ -91,13 +91,19 @@ def _fill_partitions(model: Any, weights: BaseWeights) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
             part = p.ds_tensor.numel()
-            flat = weights.flat(base_key(name), rank * part, (rank + 1) * part)
+            held = max(0, min(p.ds_numel, (rank + 1) * part) - rank * part)  # the rest is padding
             target = p.ds_tensor.view(-1)
-            target.zero_()
-            target[: flat.numel()].copy_(flat)
+            target[held:].zero_()
+            weights.flat(base_key(name), rank * part, rank * part + held, out=target[:held])
         for name, b in model.named_buffers():
             if base_key(name) in weights:
                 b.copy_(weights.rows(base_key(name), 0, b.shape[0] if b.dim() else 1).reshape(b.shape))
+
+
+def _partition_unbroadcast(init: Any, param: Any) -> None:
+    """``zero.Init._zero_init_param`` without its broadcast from rank 0 (the partition is filled from the files)."""
+    init._convert_to_deepspeed_param(param)
+    param.partition()
 
 
 class DeepSpeedBackend(Backend):
@@ -127,6 +133,7 @@ class DeepSpeedBackend(Backend):
         if weights is None:
             return super().load_base(parallel, name_or_path, dtype, device)
         import_deepspeed()
+        from deepspeed.runtime.zero.partition_parameters import Init
         from transformers import AutoConfig, AutoModelForCausalLM
         from transformers.integrations import HfDeepSpeedConfig
         from transformers.integrations import deepspeed as hf_deepspeed
@@ -143,7 +150,12 @@ class DeepSpeedBackend(Backend):
         # every rank (initialize_weights_zero3): the whole model passes through each rank's memory only to be
         # overwritten from the files. The buffers it would also set (rotary inv_freq) are computed at construction,
         # as on the meta-device path of FSDP2, so the initialisation is skipped.
-        with mock.patch.object(hf_deepspeed, "initialize_weights_zero3", lambda model: None):
+        # zero.Init also broadcasts every parameter whole from rank 0 before partitioning it, so that random inits
+        # agree: the whole model over the network, for values the files replace. Partitioned without it.
+        with (
+            mock.patch.object(hf_deepspeed, "initialize_weights_zero3", lambda model: None),
+            mock.patch.object(Init, "_zero_init_param", _partition_unbroadcast),
+        ):
             model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(name_or_path), dtype=dtype)
         model._dist_lora_hf_ds_config = keep  # kept for as long as the model (generation checks it)
         _fill_partitions(model, weights)

@@ -17,7 +17,7 @@ from dist_lora.backends.base import Backend, LocalPiece, Staging, load_torch_opt
 from dist_lora.config import ConfigError
 from dist_lora.constants import ENV_LOCAL_WORLD_SIZE, WEIGHT_FIELD
 from dist_lora.lora import base_key, canonical_name, unwrap
-from dist_lora.model import BaseWeights, build_on_meta, host_tensors, release_freed_memory
+from dist_lora.model import BaseWeights, build_on_meta, fill_from_files, host_tensors, release_freed_memory
 
 
 def _block_classes(model: nn.Module) -> set[str]:
@@ -64,10 +64,9 @@ def _materialize(model: nn.Module, weights: BaseWeights, host: dict[str, torch.T
             start = FSDPBackend._row_offset(p) if isinstance(p, DTensor) else 0
             stop = start + (local.shape[0] if local.dim() else 1)
             if key in host:
-                source = host[key].reshape(p.shape)[start:stop] if p.dim() else host[key]
+                local.copy_((host[key].reshape(p.shape)[start:stop] if p.dim() else host[key]).reshape(local.shape))
             else:
-                source = weights.rows(base_key(key), start, stop)
-            local.copy_(source.reshape(local.shape))
+                weights.rows(base_key(key), start, stop, out=local)  # the file's bytes straight into the shard
         for name, b in model.named_buffers():
             key = canonical_name(name)
             b.copy_(host[key] if key in host else weights.rows(base_key(key), 0, b.shape[0] if b.dim() else 1))
@@ -83,7 +82,8 @@ class FSDPBackend(Backend):
         weights = BaseWeights.of(name_or_path)
         if weights is None:
             return super().load_base(parallel, name_or_path, dtype, device)
-        return build_on_meta(name_or_path, dtype), weights
+        model = build_on_meta(name_or_path, dtype)
+        return model, weights.tie(model)
 
     @classmethod
     def wrap(
@@ -96,6 +96,8 @@ class FSDPBackend(Backend):
             kwargs["mesh"] = hsdp_mesh(parallel.replicate)
         if parallel.mixed_precision == "bf16":
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if weights is not None:
+            fill_from_files(model, weights)  # DoRA magnitudes, trainable token rows: derived from the base
         host = host_tensors(model) if weights is not None else {}
         names = _block_classes(model)
         blocks = [module for module in model.modules() if type(module).__name__ in names]

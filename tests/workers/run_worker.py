@@ -146,7 +146,10 @@ def run(args: dict) -> None:
             with torch.no_grad():
                 logits = trainer.backend.model(input_ids=x).logits.float().cpu()
             if rank == 0:
-                save_file({"logits": logits.contiguous()}, str(out / f"logits-{trainer.step}.safetensors"))
+                save_file(
+                    {"logits": logits.contiguous(), "input_ids": x.cpu()},
+                    str(out / f"logits-{trainer.step}.safetensors"),
+                )
         else:
             raise ValueError(phase)
     trainer.close()

@@ -1,0 +1,213 @@
+"""PEFT's LoRA options through dist_lora: the saved keys are PEFT's, the adapter trains, saves, resumes at another
+world size and engine, and loads with ``PeftModel.from_pretrained`` to the trained model's logits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dist_lora.checkpoint import step_name
+from dist_lora.config import ConfigError, LoraConfig, config_from_dict
+from dist_lora.demo import corpus_path
+from dist_lora.lora import AdapterError, adapter_parameters, apply_lora, check_nothing_dropped
+from tests.dist_utils import rel_err, run_worker
+
+# each supported option on a Llama and on a GPT-2 (tied lm_head, Conv1D layers)
+OPTION_SETS = {
+    "llama-a": (
+        "llama_base",
+        {
+            "target_modules": "all-linear",
+            "exclude_modules": ["o_proj"],
+            "modules_to_save": ["lm_head"],
+            "trainable_token_indices": [3, 5],
+            "use_rslora": True,
+            "rank_pattern": {"q_proj": 2},
+            "alpha_pattern": {"v_proj": 3},
+            "init_lora_weights": False,
+        },
+    ),
+    "llama-b": (
+        "llama_base",
+        {
+            "target_modules": ["q_proj", "v_proj", "gate_proj"],
+            "use_dora": True,
+            "layers_to_transform": [0],
+            "modules_to_save": ["lm_head"],
+            "init_lora_weights": "gaussian",
+        },
+    ),
+    "gpt2-a": (
+        "gpt2_base",
+        {
+            "target_modules": "all-linear",
+            "exclude_modules": ["c_proj"],
+            "trainable_token_indices": [3, 5],
+            "use_rslora": True,
+            "rank_pattern": {"c_attn": 2},
+            "init_lora_weights": False,
+        },
+    ),
+    "gpt2-b": (
+        "gpt2_base",
+        {
+            "target_modules": ["c_attn", "c_fc"],
+            "use_dora": True,
+            "layers_to_transform": [1],
+            "modules_to_save": ["lm_head"],
+            "init_lora_weights": "gaussian",
+        },
+    ),
+}
+ENGINES = {"fsdp": {"backend": "fsdp"}, "zero3": {"backend": "deepspeed", "zero_stage": 3}}
+OTHER = {"fsdp": "zero3", "zero3": "fsdp"}
+
+
+def tiny(arch: str) -> torch.nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if arch == "llama":
+        return LlamaForCausalLM(
+            LlamaConfig(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                vocab_size=128,
+            )
+        )
+    return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=128, n_positions=64))
+
+
+@pytest.mark.parametrize("name", sorted(OPTION_SETS))
+def test_adapter_keys_and_values_are_pefts_own(name):
+    """dist_lora's selection of adapter tensors is get_peft_model_state_dict's, key for key and value for value,
+    and nothing trainable is left out."""
+    from peft import get_peft_model_state_dict
+
+    fixture, options = OPTION_SETS[name]
+    model = apply_lora(tiny(fixture.split("_")[0]), LoraConfig(r=4, alpha=8, **options))
+    ours = check_nothing_dropped(model, adapter_parameters(model, "none"), "none")
+    theirs = get_peft_model_state_dict(model)
+    assert sorted(ours) == sorted(theirs)
+    for key, p in ours.items():
+        assert torch.equal(p.detach(), theirs[key]), key
+
+
+@pytest.mark.parametrize(
+    "lora, message",
+    [
+        ({"init_lora_weights": "pissa"}, "init_lora_weights='pissa' is refused"),
+        ({"init_lora_weights": "loftq"}, "rewrite the base weights"),
+        ({"rank_pattern": {"q_proj": 0}}, "rank_pattern values must be ranks >= 1"),
+        ({"target_modules": "all-linear", "layers_to_transform": [0]}, "layers_to_transform needs"),
+        ({"trainable_token_indices": {"embed_tokens": ["a"]}}, "trainable_token_indices must be"),
+        ({"use_dora": "yes"}, "lora.use_dora must be bool"),
+        ({"loftq_config": {}}, "unknown key lora.loftq_config"),
+    ],
+)
+def test_options_dist_lora_cannot_save_faithfully_are_refused_by_name(lora, message):
+    raw = {"model": {"name_or_path": "x"}, "data": {"path": "y"}, "lora": lora}
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(raw)
+
+
+def test_a_trainable_tensor_outside_peft_is_still_refused():
+    model = apply_lora(tiny("llama"), LoraConfig(r=4, alpha=8, target_modules=["q_proj"]))
+    model.base_model.model.model.norm.weight.requires_grad_(True)
+    with pytest.raises(AdapterError, match="model.norm.weight"):
+        check_nothing_dropped(model, adapter_parameters(model, "none"), "none")
+
+
+def config(base: Path, options: dict, ckpt: Path, engine: str) -> dict:
+    return {
+        "model": {"name_or_path": str(base)},
+        "lora": {"r": 4, "alpha": 8, **options},
+        "data": {"path": str(corpus_path()), "seq_len": 32},
+        "train": {"max_steps": 20, "global_batch_size": 12, "micro_batch_size": 1, "lr": 0.01, "warmup_steps": 2},
+        "parallel": ENGINES[engine],
+        "checkpoint": {"dir": str(ckpt), "resume": "none", "bucket_mb": 0.02},
+    }
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(1500)
+def test_options_train_save_resume_across_engines_and_load_in_peft(gpt2_base, llama_base, tmp_path):
+    """Every option set trains at 2 ranks on FSDP2 and ZeRO-3 and saves step 3; each step resumes at 3 ranks on
+    the other engine and continues as the source did (1e-4); PeftModel.from_pretrained on the step gives the
+    trained model's logits (1e-5). modules_to_save=[lm_head] under ZeRO-3 saves the full trained lm_head, equal to
+    a single process's."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    bases = {"gpt2_base": gpt2_base, "llama_base": llama_base}
+    source = {}
+    for name, (fixture, options) in OPTION_SETS.items():
+        for engine in ENGINES:
+            out = tmp_path / f"{name}-{engine}-w2"
+            source[name, engine] = {
+                "config": config(bases[fixture], options, out / "ckpt", engine),
+                "out": str(out),
+                "phases": ["train:3", "save", "logits", "train:2"],
+            }
+    single = {}
+    for name in ("llama-a", "llama-b"):  # trainable tokens, modules_to_save, DoRA, rank/alpha patterns
+        fixture, options = OPTION_SETS[name]
+        out = tmp_path / f"{name}-single"
+        single[name] = {
+            "config": {**config(bases[fixture], options, out / "ckpt", "fsdp"), "parallel": {"backend": "single"}},
+            "out": str(out),
+            "phases": ["train:3", "save"],
+        }
+    resumed = {}
+    for (name, engine), spec in source.items():
+        fixture, options = OPTION_SETS[name]
+        out = tmp_path / f"{name}-{engine}-to-{OTHER[engine]}-w3"
+        resumed[name, engine] = {
+            "config": config(bases[fixture], options, out / "ckpt", OTHER[engine]),
+            "out": str(out),
+            "resume": str(Path(spec["out"]) / "ckpt" / step_name(3)),
+            "phases": ["train:2"],
+        }
+    run_worker(2, {"jobs": list(source.values()), "out": str(tmp_path)})
+    run_worker(3, {"jobs": list(resumed.values()), "out": str(tmp_path)})
+    run_worker(1, {"jobs": list(single.values()), "out": str(tmp_path)})
+
+    for (name, engine), spec in source.items():
+        out = Path(spec["out"])
+        losses = json.loads((out / "losses.json").read_text())
+        after = json.loads((Path(resumed[name, engine]["out"]) / "losses.json").read_text())
+        for step in ("4", "5"):
+            assert abs(after[step] - losses[step]) <= 1e-4 * abs(losses[step]), (name, engine, step, after, losses)
+        step_dir = out / "ckpt" / step_name(3)
+        base = AutoModelForCausalLM.from_pretrained(bases[OPTION_SETS[name][0]], dtype=torch.float32)
+        model = PeftModel.from_pretrained(base, str(step_dir)).eval()
+        trained = load_file(str(out / "logits-3.safetensors"))
+        with torch.no_grad():
+            logits = model(input_ids=trained["input_ids"]).logits
+        trained = trained["logits"]
+        assert rel_err(logits, trained) < 1e-5, (name, engine, rel_err(logits, trained))
+
+    # the full trained tensors, never empty: equal to one process's (the adapter's init and every update)
+    for (name, _engine), spec in source.items():
+        if name not in single:
+            continue
+        saved = load_file(str(Path(spec["out"]) / "ckpt" / step_name(3) / "adapter_model.safetensors"))
+        reference = load_file(str(Path(single[name]["out"]) / "ckpt" / step_name(3) / "adapter_model.safetensors"))
+        assert sorted(saved) == sorted(reference)
+        for key in saved:  # Adam after 3 steps: summation order across ranks shows at ~1e-5 in tiny-gradient rows
+            tolerance = 1e-5 if key == "base_model.model.lm_head.weight" else 1e-4
+            assert saved[key].shape == reference[key].shape, key
+            assert rel_err(saved[key], reference[key]) < tolerance, (key, rel_err(saved[key], reference[key]))
+    saved = load_file(
+        str(Path(source["llama-b", "zero3"]["out"]) / "ckpt" / step_name(3) / "adapter_model.safetensors")
+    )
+    initial = AutoModelForCausalLM.from_pretrained(llama_base).lm_head.weight
+    head = saved["base_model.model.lm_head.weight"]
+    assert head.shape == initial.shape and not torch.equal(head, initial)  # the whole lm_head, trained
