@@ -22,7 +22,7 @@ from dist_lora.backends import backend_class, build
 from dist_lora.config import LoraConfig, ParallelConfig
 from dist_lora.distributed import init_distributed, shutdown
 from dist_lora.lora import apply_lora
-from dist_lora.model import adapters_on_cpu, load_base
+from dist_lora.model import adapters_on_cpu, load_base, return_large_blocks_to_the_os
 
 
 def status_kb(field: str) -> int:
@@ -35,6 +35,7 @@ def status_kb(field: str) -> int:
 
 def main() -> None:
     spec = json.loads(sys.argv[1])
+    return_large_blocks_to_the_os()  # as the trainer does
     _, world, device = init_distributed(need_group=True)
     engine = spec["engine"]
     parallel = ParallelConfig(backend="fsdp" if engine == "fsdp" else "deepspeed", zero_stage=3)
