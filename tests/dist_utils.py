@@ -122,8 +122,8 @@ def in_child(fn: Callable[..., Any], *args: Any, env: dict[str, str] | None = No
     return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
 
-def _rank_main(rank: int, world: int, port: int, argv: list[str], log: Path) -> NoReturn:
-    """A forked rank: torchrun's environment, output to its own log, the worker run as __main__."""
+def _rank_main(rank: int, world: int, port: int, argv: list[str], log: Path, env: dict[str, str]) -> NoReturn:
+    """A forked rank: torchrun's environment (and ``env``), output to its own log, the worker run as __main__."""
 
     def run() -> None:
         fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -143,6 +143,7 @@ def _rank_main(rank: int, world: int, port: int, argv: list[str], log: Path) -> 
                 "LOCAL_WORLD_SIZE": str(world),
                 "MASTER_ADDR": "127.0.0.1",
                 "MASTER_PORT": str(port),
+                **env,
             }
         )
         sys.argv = list(argv)
@@ -151,43 +152,64 @@ def _rank_main(rank: int, world: int, port: int, argv: list[str], log: Path) -> 
     _exit_with(run)
 
 
-def forked_ranks(nproc: int, argv: list[str], timeout: float = 420) -> None:
-    """Run the script ``argv[0]`` (with ``argv``) as ``nproc`` ranks forked from this process, with the environment
-    torchrun gives its workers. As torchrun does, the first rank that fails ends the others; raises with every
-    rank's output tail. For tests of dist_lora's own work; tests of launching use the real launchers."""
-    import torch.distributed as dist
+class ForkedRanks:
+    """``nproc`` ranks of the script ``argv[0]`` (with ``argv``) forked from this process, with the environment
+    torchrun gives its workers plus ``env``. :meth:`wait` ends them as torchrun does: the first rank that fails
+    ends the others. For tests of dist_lora's own work; tests of launching use the real launchers."""
 
-    assert not dist.is_initialized(), "a process group in the parent would be inherited broken by the ranks"
-    _preimport()
-    port = _free_port()
-    logs = Path(tempfile.mkdtemp(prefix="dist-lora-ranks-"))
-    pids: dict[int, int] = {}
-    for rank in range(nproc):
-        pid = os.fork()
-        if pid == 0:
-            _rank_main(rank, nproc, port, argv, logs / f"rank{rank}.log")
-        pids[pid] = rank
-    deadline = time.monotonic() + timeout
-    failed: list[str] = []
-    running = dict(pids)
-    while running:
-        for pid in list(running):
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                rank = running.pop(pid)
-                code = os.waitstatus_to_exitcode(status)
-                if code != 0 and not failed:
-                    failed.append(f"rank {rank} exited with {code}")
-                    for other in running:  # torchrun ends the job when a rank fails
-                        os.kill(other, signal.SIGKILL)
-        if running and time.monotonic() > deadline:
-            failed.append(f"timed out after {timeout:.0f} s")
-            for other in running:
-                os.kill(other, signal.SIGKILL)
-        time.sleep(0.02)
+    def __init__(self, nproc: int, argv: list[str], env: dict[str, str] | None = None):
+        import torch.distributed as dist
+
+        assert not dist.is_initialized(), "a process group in the parent would be inherited broken by the ranks"
+        _preimport()
+        port = _free_port()
+        self.nproc, self.argv = nproc, argv
+        self.logs = Path(tempfile.mkdtemp(prefix="dist-lora-ranks-"))
+        self.pids: dict[int, int] = {}  # rank -> pid
+        for rank in range(nproc):
+            pid = os.fork()
+            if pid == 0:
+                _rank_main(rank, nproc, port, argv, self.logs / f"rank{rank}.log", env or {})
+            self.pids[rank] = pid
+
+    def alive(self) -> bool:
+        """Whether every rank still runs (a rank that ended is reaped by :meth:`wait`, not here)."""
+        return all(os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None for pid in self.pids.values())
+
+    def wait(self, timeout: float = 420) -> str | None:
+        """Wait for every rank; None when all exited 0, else what failed first (the others are then killed)."""
+        deadline = time.monotonic() + timeout
+        failed: list[str] = []
+        running = {pid: rank for rank, pid in self.pids.items()}
+        while running:
+            for pid in list(running):
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    rank = running.pop(pid)
+                    code = os.waitstatus_to_exitcode(status)
+                    if code != 0 and not failed:
+                        failed.append(f"rank {rank} exited with {code}")
+                        for other in running:  # torchrun ends the job when a rank fails
+                            os.kill(other, signal.SIGKILL)
+            if running and time.monotonic() > deadline:
+                failed.append(f"timed out after {timeout:.0f} s")
+                for other in running:
+                    os.kill(other, signal.SIGKILL)
+            time.sleep(0.02)
+        return failed[0] if failed else None
+
+    def output(self) -> str:
+        return "\n".join(
+            f"--- rank {r}:\n{(self.logs / f'rank{r}.log').read_text()[-4000:]}" for r in range(self.nproc)
+        )
+
+
+def forked_ranks(nproc: int, argv: list[str], timeout: float = 420, env: dict[str, str] | None = None) -> None:
+    """:class:`ForkedRanks` run to the end; raises with every rank's output tail when one failed."""
+    ranks = ForkedRanks(nproc, argv, env)
+    failed = ranks.wait(timeout)
     if failed:
-        tails = "\n".join(f"--- rank {r}:\n{(logs / f'rank{r}.log').read_text()[-4000:]}" for r in range(nproc))
-        raise AssertionError(f"{nproc} forked ranks of {argv[:1]} failed: {failed[0]}\n{tails}")
+        raise AssertionError(f"{nproc} forked ranks of {argv[:1]} failed: {failed}\n{ranks.output()}")
 
 
 def run_worker(nproc: int, spec: dict, worker: Path = WORKER) -> Path:

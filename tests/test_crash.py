@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +19,7 @@ from dist_lora.checkpoint import list_steps, newest_verified_step, step_name
 from dist_lora.config import LoraConfig
 from dist_lora.constants import ENV_FAILPOINT, ENV_FAILPOINT_DIR
 from dist_lora.storage import Storage
-from tests.dist_utils import ROOT, forked_ranks, in_child, launch_env
+from tests.dist_utils import ROOT, ForkedRanks, forked_ranks, in_child
 from tests.workers import save_and_die
 
 pytestmark = pytest.mark.timeout(600)
@@ -137,24 +135,15 @@ def two_rank_template(gpt2_base, tmp_path_factory) -> tuple[Path, dict]:
     return root / "ckpt", spec
 
 
-def continue_two_rank_run(template: tuple[Path, dict], tmp_path: Path, env: dict) -> tuple[Path, subprocess.Popen]:
+def continue_two_rank_run(template: tuple[Path, dict], tmp_path: Path, env: dict) -> tuple[Path, ForkedRanks]:
+    """The template's 2-rank job resumed from step 2 to save step 3, its ranks started with ``env``."""
     ckpt = tmp_path / "ckpt"
     shutil.copytree(template[0], ckpt)
     spec = json.loads(json.dumps(template[1]))
     spec["config"]["checkpoint"]["dir"] = str(ckpt)
     spec["out"] = str(tmp_path / "out")
     spec["resume"] = str(ckpt / step_name(2))
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        str(ROOT / "tests" / "workers" / "run_worker.py"),
-        json.dumps(spec),
-    ]
-    proc = subprocess.Popen(cmd, env={**launch_env(), **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return ckpt, proc
+    return ckpt, ForkedRanks(2, [str(ROOT / "tests" / "workers" / "run_worker.py"), json.dumps(spec)], env)
 
 
 def check_two_rank_crash(ckpt: Path, writer_died: bool) -> None:
@@ -178,22 +167,10 @@ def check_two_rank_crash(ckpt: Path, writer_died: bool) -> None:
 @pytest.mark.parametrize("rank", [0, 1])
 @pytest.mark.parametrize("point", GATHER_POINTS)
 def test_kill_either_rank_during_the_gather(point, rank, two_rank_template, tmp_path):
-    ckpt, proc = continue_two_rank_run(two_rank_template, tmp_path, {ENV_FAILPOINT: f"{point}@rank{rank}"})
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode != 0, f"the job did not stop at {point}@rank{rank}:\n{err[-3000:]}"
+    ckpt, ranks = continue_two_rank_run(two_rank_template, tmp_path, {ENV_FAILPOINT: f"{point}@rank{rank}"})
+    failed = ranks.wait(timeout=300)
+    assert failed == f"rank {rank} exited with -9", f"not killed at {point}@rank{rank}: {failed}\n{ranks.output()}"
     check_two_rank_crash(ckpt, writer_died=rank == 0 or point != "save.after_gather")
-
-
-def rank_pid(marker_dir: Path, rank: int) -> int:
-    """The pid of the worker with this RANK in the job whose fail-point dir is ``marker_dir``."""
-    for environ in Path("/proc").glob("[0-9]*/environ"):
-        try:
-            env = set(environ.read_bytes().split(b"\0"))
-        except OSError:
-            continue
-        if f"{ENV_FAILPOINT_DIR}={marker_dir}".encode() in env and f"RANK={rank}".encode() in env:
-            return int(environ.parent.name)
-    raise AssertionError(f"no rank {rank} process found for {marker_dir}")
 
 
 @pytest.mark.reliability(
@@ -211,13 +188,12 @@ def test_kill_the_other_rank_while_rank0_writes(point, two_rank_template, tmp_pa
     marks = tmp_path / "marks"
     marks.mkdir()
     env = {ENV_FAILPOINT: f"{point}@peer", ENV_FAILPOINT_DIR: str(marks)}
-    ckpt, proc = continue_two_rank_run(two_rank_template, tmp_path, env)
+    ckpt, ranks = continue_two_rank_run(two_rank_template, tmp_path, env)
     deadline = time.monotonic() + 240
-    while not (marks / "reached").exists():
-        assert proc.poll() is None and time.monotonic() < deadline, f"{point} was not reached"
+    while not (marks / "reached").exists():  # rank 0 holds at the point until "go" exists
+        assert ranks.alive() and time.monotonic() < deadline, f"{point} was not reached:\n{ranks.output()}"
         time.sleep(0.1)
-    os.kill(rank_pid(marks, 1), signal.SIGKILL)
+    os.kill(ranks.pids[1], signal.SIGKILL)
     (marks / "go").touch()
-    proc.communicate(timeout=300)
-    assert proc.returncode != 0  # a rank died; torchrun stops the job
+    assert ranks.wait(timeout=300) == "rank 1 exited with -9"  # the job stops, as under torchrun
     check_two_rank_crash(ckpt, writer_died=False)
