@@ -487,10 +487,14 @@ def train_resume_merge(tmp: Path, base: Path, model_bytes: int) -> list[dict]:
         "checkpoint.every_steps=0",
     ]
     rows = []
-    for world, extra in ((4, ["parallel.backend=fsdp", "train.stop_at_step=3"]), (2, ["parallel.backend=deepspeed"])):
+    runs = (
+        ("train at world 4 (FSDP2), steps 1-3, save", 4, ["parallel.backend=fsdp", "train.stop_at_step=3"]),
+        ("resume at world 2 (ZeRO-3), step 4", 2, ["parallel.backend=deepspeed"]),
+    )
+    for phase, world, extra in runs:
         seconds, peak = peak_rss_of(torchrun_cmd(world, "-m", "dist_lora", "train", *common, *extra))
-        rows.append({"part": "f", "phase": f"train at world {world}", "seconds": seconds, "peak_rss": peak})
-        print(f"[f] train at world {world}: {seconds:.0f} s, peak {peak / 1e9:.2f} GB per rank", flush=True)
+        rows.append({"part": "f", "phase": phase, "seconds": seconds, "peak_rss": peak})
+        print(f"[f] {phase}: {seconds:.0f} s, peak {peak / 1e9:.2f} GB per rank", flush=True)
     steps = [json.loads(line) for line in metrics.read_text().splitlines()]
     seconds, peak = peak_rss_of(
         [sys.executable, "-m", "dist_lora", "merge", str(ckpt / "step-00000004"), "--out", str(tmp / "xl-merged")]
