@@ -5,7 +5,8 @@ loaded the way the trainer loads it ("sharded": FSDP2 on the meta device then ea
 partitioned at construction then each rank fills its partition) or the way it did before ("full": from_pretrained
 on every rank, then wrap), LoRA applied, the engine wrapped. Each rank reports its peak resident memory as the
 kernel counts it (VmHWM, which includes the process's imports), the resident memory before loading, and the
-seconds the load took; rank 0 writes the maximum over ranks.
+seconds the load took (its imports done before: the engine's and transformers' modeling code); rank 0 writes the
+maximum over ranks.
 """
 
 from __future__ import annotations
@@ -40,6 +41,13 @@ def main() -> None:
     engine = spec["engine"]
     parallel = ParallelConfig(backend="fsdp" if engine == "fsdp" else "deepspeed", zero_stage=3)
     cls = backend_class(parallel.backend)
+    import transformers.modeling_utils  # imports are start-up, not loading (as in the baseline)
+    import transformers.models.gpt2.modeling_gpt2  # noqa: F401
+
+    if engine == "zero3":
+        from dist_lora.backends.deepspeed import import_deepspeed
+
+        import_deepspeed()
     before = status_kb("VmRSS")
     dist.barrier()
     t0 = time.perf_counter()

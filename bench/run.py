@@ -436,14 +436,18 @@ def part_f(tmp: Path, quick: bool) -> list[dict]:
     base = tmp / "xl-base"
     model_bytes = build_xl_base(base, quick)
     rows: list[dict] = []
-    t0 = time.perf_counter()
+    # the baseline: from_pretrained in one process, its imports done first (as the ranks' are) and every page of
+    # every tensor touched (from_pretrained may leave the files memory-mapped: the reads would come later)
+    code = (
+        "import sys, time, torch; import transformers.modeling_utils; from transformers import AutoModelForCausalLM; "
+        "import transformers.models.gpt2.modeling_gpt2; t = time.perf_counter(); "
+        "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32); "
+        "[float(p.detach().reshape(-1)[::1024].sum()) for p in m.parameters()]; print(time.perf_counter() - t)"
+    )
     single = subprocess.run(
-        [sys.executable, "-c", "import sys, torch; from transformers import AutoModelForCausalLM; "
-         "AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)", str(base)],
-        env=env(), cwd=ROOT, check=True, capture_output=True,
-    )  # fmt: skip
-    del single
-    from_pretrained_s = time.perf_counter() - t0
+        [sys.executable, "-c", code, str(base)], env=env(), cwd=ROOT, check=True, capture_output=True, text=True
+    )
+    from_pretrained_s = float(single.stdout.strip().splitlines()[-1])
     for engine in ("fsdp", "zero3"):
         for world in (1, 2, 4):
             for path in ("sharded", "full"):

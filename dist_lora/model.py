@@ -269,6 +269,16 @@ def _outside_zero_init() -> Iterator[None]:
         hf_deepspeed._hf_deepspeed_config_weak_ref = held
 
 
+def _no_init_weights() -> Any:
+    """transformers' switch that skips random weight init (its meta tensors would only be drawn for nothing; the
+    first draw on meta imports torch's reference ops, a second of a rank's start-up)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers < 5
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
+
+
 def build_on_meta(name_or_path: str, dtype: torch.dtype) -> Any:
     """The causal LM that ``config.json`` describes, its parameters on the meta device (no memory, no init) and
     its buffers computed on the CPU as ``from_pretrained`` computes them (rotary ``inv_freq``); tied weights tied."""
@@ -276,7 +286,7 @@ def build_on_meta(name_or_path: str, dtype: torch.dtype) -> Any:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(name_or_path)
-    with _outside_zero_init(), init_empty_weights(include_buffers=False):
+    with _outside_zero_init(), init_empty_weights(include_buffers=False), _no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.tie_weights()
     return model
