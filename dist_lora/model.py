@@ -272,11 +272,13 @@ def _outside_zero_init() -> Iterator[None]:
 def _no_init_weights() -> Any:
     """transformers' switch that skips random weight init (its meta tensors would only be drawn for nothing; the
     first draw on meta imports torch's reference ops, a second of a rank's start-up)."""
+    import importlib
+
     try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # transformers < 5
-        from transformers.modeling_utils import no_init_weights
-    return no_init_weights()
+        module = importlib.import_module("transformers.initialization")
+    except ImportError:  # transformers 4 keeps it in modeling_utils
+        module = importlib.import_module("transformers.modeling_utils")
+    return module.no_init_weights()
 
 
 def build_on_meta(name_or_path: str, dtype: torch.dtype) -> Any:
