@@ -67,32 +67,16 @@ ENGINES = {"fsdp": {"backend": "fsdp"}, "zero3": {"backend": "deepspeed", "zero_
 OTHER = {"fsdp": "zero3", "zero3": "fsdp"}
 
 
-def tiny(arch: str) -> torch.nn.Module:
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    if arch == "llama":
-        return LlamaForCausalLM(
-            LlamaConfig(
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                vocab_size=128,
-            )
-        )
-    return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=128, n_positions=64))
-
-
 @pytest.mark.parametrize("name", sorted(OPTION_SETS))
-def test_adapter_keys_and_values_are_pefts_own(name):
+def test_adapter_keys_and_values_are_pefts_own(name, request):
     """dist_lora's selection of adapter tensors is get_peft_model_state_dict's, key for key and value for value,
     and nothing trainable is left out."""
     from peft import get_peft_model_state_dict
+    from transformers import AutoModelForCausalLM
 
     fixture, options = OPTION_SETS[name]
-    model = apply_lora(tiny(fixture.split("_")[0]), LoraConfig(r=4, alpha=8, **options))
+    base = AutoModelForCausalLM.from_pretrained(request.getfixturevalue(fixture))
+    model = apply_lora(base, LoraConfig(r=4, alpha=8, **options))
     ours = check_nothing_dropped(model, adapter_parameters(model, "none"), "none")
     theirs = get_peft_model_state_dict(model)
     assert sorted(ours) == sorted(theirs)
@@ -118,8 +102,11 @@ def test_options_dist_lora_cannot_save_faithfully_are_refused_by_name(lora, mess
         config_from_dict(raw)
 
 
-def test_a_trainable_tensor_outside_peft_is_still_refused():
-    model = apply_lora(tiny("llama"), LoraConfig(r=4, alpha=8, target_modules=["q_proj"]))
+def test_a_trainable_tensor_outside_peft_is_still_refused(llama_base):
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(llama_base)
+    model = apply_lora(base, LoraConfig(r=4, alpha=8, target_modules=["q_proj"]))
     model.base_model.model.model.norm.weight.requires_grad_(True)
     with pytest.raises(AdapterError, match="model.norm.weight"):
         check_nothing_dropped(model, adapter_parameters(model, "none"), "none")
@@ -211,3 +198,33 @@ def test_options_train_save_resume_across_engines_and_load_in_peft(gpt2_base, ll
     initial = AutoModelForCausalLM.from_pretrained(llama_base).lm_head.weight
     head = saved["base_model.model.lm_head.weight"]
     assert head.shape == initial.shape and not torch.equal(head, initial)  # the whole lm_head, trained
+
+
+@pytest.mark.parametrize("name", sorted(OPTION_SETS))
+def test_streaming_merge_of_every_option_equals_merge_and_unload(name, request, tmp_path):
+    """Per-layer rank and alpha, rsLoRA, DoRA, trainable token rows and modules_to_save copies merge by streaming
+    to PEFT's merge_and_unload logits (1e-5); a tied lm_head trained apart is refused with the reason."""
+    from transformers import AutoModelForCausalLM
+
+    import dist_lora
+    from dist_lora.checkpoint import CheckpointError
+    from dist_lora.export import merge
+
+    fixture, options = OPTION_SETS[name]
+    base = request.getfixturevalue("sharded_llama_base" if fixture == "llama_base" else fixture)
+    torch.manual_seed(1)
+    model = apply_lora(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=4, alpha=8, **options))
+    with torch.no_grad():  # a trained-looking adapter: every trainable tensor moved off its init
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    step = dist_lora.save_checkpoint(model, str(tmp_path / "ck"), step=1)
+    x = torch.arange(2 * 16).view(2, 16) * 7 % 100
+    if name == "gpt2-b":  # GPT-2 ties lm_head to wte: its files hold no lm_head to put the trained copy in
+        with pytest.raises(CheckpointError, match="lm_head.weight is tied to the input embedding"):
+            merge(step, tmp_path / "merged")
+        return
+    merged = AutoModelForCausalLM.from_pretrained(merge(step, tmp_path / "merged")).eval()
+    want = model.merge_and_unload().eval()
+    with torch.no_grad():
+        assert rel_err(merged(input_ids=x).logits, want(input_ids=x).logits) < 1e-5
