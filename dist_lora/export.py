@@ -183,20 +183,30 @@ def stream_merge(loaded: LoadedStep, base_dir: str, out_dir: str | Path) -> Path
     Every file is written under its own name with its own header (the dtypes and shapes do not change), its
     tensors streamed in order, and the index and the other files of the base directory (config, generation
     config, tokenizer) are copied. Peak memory is the largest tensor of the base, never a file or the model."""
+    from transformers.pytorch_utils import Conv1D
+
     out = Path(out_dir)
-    weights = BaseWeights(base_dir)
-    fan_in_fan_out = _fan_in_fan_out_layers(base_dir)
+    model = build_on_meta(base_dir, torch.float32)  # the layout: which layers are (in, out), which tensors tied
+    fan_in_fan_out = {name for name, module in model.named_modules() if isinstance(module, Conv1D)}
+    weights = BaseWeights(base_dir).tie(model)
     edits = _edits(loaded)
+    tied = [k for k in edits if k in weights.aliases]
+    if tied:
+        embedding = model.get_input_embeddings()
+        embedding_weight = next(f"{n}.weight" for n, m in model.named_modules() if m is embedding)
+        ties = [
+            f"{k} is tied to {'the input embedding ' if weights.aliases[k] == embedding_weight else ''}"
+            f"{weights.aliases[k]}"
+            for k in tied
+        ]
+        raise CheckpointError(
+            f"{loaded.url} trained a separate copy of a tied tensor ({'; '.join(ties)} in this base), which a merged "
+            "model cannot hold (its files store one tensor for both): use the adapter with PeftModel, or train "
+            "without modules_to_save on it"
+        )
     missing = [k for k in edits if k not in weights]
     if missing:
-        tied = [k for k in missing if k.startswith("lm_head.")]
-        hint = (
-            f" ({', '.join(tied)} is tied to the input embedding in this base, so a merged model cannot hold a "
-            "separately trained copy: use the adapter with PeftModel, or train without modules_to_save on it)"
-            if tied
-            else ": not its base?"
-        )
-        raise CheckpointError(f"{loaded.url} adapts {missing[:5]}, which {base_dir} does not hold{hint}")
+        raise CheckpointError(f"{loaded.url} adapts {missing[:5]}, which {base_dir} does not hold: not its base?")
     out.mkdir(parents=True, exist_ok=True)
     names = sorted(set(weights.files.values()))
     for name in names:
@@ -213,14 +223,6 @@ def stream_merge(loaded: LoadedStep, base_dir: str, out_dir: str | Path) -> Path
             shutil.copy2(extra, out / extra.name)
     log.info("merged %s into %s by streaming (%d tensors changed)", loaded.url, out, len(edits))
     return out
-
-
-def _fan_in_fan_out_layers(base_dir: str) -> set[str]:
-    """Names of the layers that store their weight as (in, out) (transformers' Conv1D), from a meta build."""
-    from transformers.pytorch_utils import Conv1D
-
-    model = build_on_meta(base_dir, torch.float32)
-    return {name for name, module in model.named_modules() if isinstance(module, Conv1D)}
 
 
 def load_adapters(

@@ -138,8 +138,11 @@ def adapter_parameters(model: nn.Module, bias: str = "none") -> dict[str, nn.Par
     for mod_name, module, flavor in _lora_modules(model):
         flavors.add(flavor)
         for rel, p in module.named_parameters(recurse=True):
-            key = _peft_key(mod_name, rel, adapter) if flavor == "peft" else _join(mod_name, rel)
-            if key is not None and (flavor == "peft" or rel.startswith("lora_")):
+            if flavor == "peft":
+                key = _peft_key(mod_name, rel, adapter)
+            else:  # loralib: its lora_* tensors, under their own names
+                key = _join(mod_name, rel) if rel.startswith("lora_") else None
+            if key is not None:
                 owned.setdefault(id(p), key)
         base = getattr(module, "base_layer", module) if flavor == "peft" else module
         # the registry itself, not getattr: under ZeRO-3, reading a partitioned parameter as an attribute while a

@@ -355,9 +355,9 @@ def fill_from_files(model: Any, weights: BaseWeights) -> None:
 
     for name, module in model.named_modules():
         if isinstance(module, DoraLinearLayer) and module.weight.is_meta:
-            layer = model.get_submodule(name.rsplit(".lora_magnitude_vector.", 1)[0])
-            adapter = name.rsplit(".", 1)[1]
-            weight = weights.read(f"{base_key(name.rsplit('.lora_magnitude_vector.', 1)[0])}.weight")
+            layer_name, adapter = name.rsplit(".lora_magnitude_vector.", 1)
+            layer = model.get_submodule(layer_name)
+            weight = weights.read(f"{base_key(layer_name)}.weight")
             base = torch.nn.Linear(1, 1, bias=False)  # a stand-in holding the real weight, in the model's dtype
             base.weight = torch.nn.Parameter(weight.to(layer.get_base_layer().weight.dtype), requires_grad=False)
             module.fan_in_fan_out = layer.fan_in_fan_out
