@@ -118,7 +118,11 @@ def _token_indices(config: dict[str, Any], layer: str) -> list[int]:
         for name, ids in indices.items():
             if layer == name or layer.endswith("." + name):
                 return list(ids)
-        raise CheckpointError(f"trainable_token_indices {indices} of adapter_config.json names no layer {layer}")
+        raise CheckpointError(
+            f"the adapter trains token rows of {layer}, but trainable_token_indices {indices} in its "
+            "adapter_config.json names no such layer: the step's files disagree (was adapter_config.json edited?); "
+            "restore the file the step was saved with"
+        )
     return list(indices or [])
 
 
