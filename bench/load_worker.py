@@ -1,6 +1,8 @@
 """One rank of the base-loading benchmark (launched by bench/run.py part f with torchrun).
 
-argv[1] is JSON: {"engine": "fsdp"|"zero3", "base": dir, "path": "sharded"|"full", "result": file}. The base is
+argv[1] is JSON: {"engine": "fsdp"|"zero3", "base": dir, "path": "sharded"|"full", "result": file}, and optionally
+"dtype" (default float32), "quantization" ("nf4": QLoRA's 4-bit base, as the trainer builds it) and "targets"
+(LoRA target modules, default [c_attn]); with "quantization" it also reports the base's bytes on a rank. The base is
 loaded the way the trainer loads it ("sharded": FSDP2 on the meta device then each rank reads its rows; ZeRO-3
 partitioned at construction then each rank fills its partition) or the way it did before ("full": from_pretrained
 on every rank, then wrap), LoRA applied, the engine wrapped. Each rank reports its peak resident memory as the
@@ -42,7 +44,15 @@ def main() -> None:
     parallel = ParallelConfig(backend="fsdp" if engine == "fsdp" else "deepspeed", zero_stage=3)
     cls = backend_class(parallel.backend)
     import transformers.modeling_utils  # imports are start-up, not loading (as in the baseline)
-    import transformers.models.gpt2.modeling_gpt2  # noqa: F401
+    import transformers.models.gpt2.modeling_gpt2
+    import transformers.models.llama.modeling_llama  # noqa: F401
+
+    dtype = getattr(torch, spec.get("dtype", "float32"))
+    quantization = spec.get("quantization")
+    if quantization:
+        from dist_lora.quantize import measure, nf4_module, quantize_base
+
+        nf4_module()
 
     if engine == "zero3":
         from dist_lora.backends.deepspeed import import_deepspeed
@@ -52,13 +62,17 @@ def main() -> None:
     dist.barrier()
     t0 = time.perf_counter()
     if spec["path"] == "sharded":
-        base, weights = cls.load_base(parallel, spec["base"], torch.float32, device, micro_batch_size=1, grad_accum=1)
+        base, weights = cls.load_base(parallel, spec["base"], dtype, device, micro_batch_size=1, grad_accum=1)
     else:
-        base, weights = load_base(spec["base"], torch.float32).to(device), None
+        base, weights = load_base(spec["base"], dtype).to(device), None
     torch.manual_seed(0)
     with adapters_on_cpu():
-        model = apply_lora(base, LoraConfig(r=16, alpha=32, target_modules=["c_attn"]), spec["base"])
-    build(
+        model = apply_lora(
+            base, LoraConfig(r=16, alpha=32, target_modules=spec.get("targets", ["c_attn"])), spec["base"]
+        )
+    if quantization == "nf4":
+        quantize_base(model, cls.shards(parallel), device)
+    backend = build(
         parallel,
         model,
         lambda ps: torch.optim.AdamW(ps, lr=1e-4),
@@ -68,13 +82,16 @@ def main() -> None:
         weights=weights,
     )
     seconds = time.perf_counter() - t0
-    figures = torch.tensor([status_kb("VmHWM"), before, seconds], dtype=torch.float64)
+    footprint = measure(backend.model) if quantization else None
+    base_bytes = footprint.nf4_bytes + footprint.other_bytes if footprint else 0
+    figures = torch.tensor([status_kb("VmHWM"), before, seconds, base_bytes, status_kb("VmRSS")], dtype=torch.float64)
     dist.all_reduce(figures, op=dist.ReduceOp.MAX)
     if dist.get_rank() == 0:
-        peak, rss_before, load_s = figures.tolist()
-        Path(spec["result"]).write_text(
-            json.dumps({"world": world, "peak_rss": peak, "rss_before": rss_before, "load_s": load_s})
-        )
+        peak, rss_before, load_s, base_bytes, rss_after = figures.tolist()
+        result = {"world": world, "peak_rss": peak, "rss_before": rss_before, "load_s": load_s}
+        if footprint is not None:
+            result.update(base_bytes_per_rank=base_bytes, rss_after=rss_after, bits=footprint.bits_per_weight)
+        Path(spec["result"]).write_text(json.dumps(result))
     shutdown()
 
 

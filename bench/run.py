@@ -520,6 +520,63 @@ def train_resume_merge(tmp: Path, base: Path, model_bytes: int) -> list[dict]:
     return rows
 
 
+# ---------------------------------------------------------------------------------------------- h. QLoRA
+
+TINYLLAMA = {  # TinyLlama-1.1B's shape
+    "hidden_size": 2048,
+    "intermediate_size": 5632,
+    "num_hidden_layers": 22,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+}
+
+
+def build_llama_base(out: Path, quick: bool) -> int:
+    """A randomly initialised Llama (TinyLlama-1.1B's shape; 4 layers with --quick) saved in bf16 with the demo's
+    tokenizer; returns its bytes. Built in a child process."""
+    shape = {**TINYLLAMA, "num_hidden_layers": 4} if quick else TINYLLAMA
+    code = (
+        "import sys, torch; from transformers import LlamaConfig, LlamaForCausalLM; "
+        "from dist_lora.demo import build_tokenizer, corpus_path; "
+        f"torch.manual_seed(0); m = LlamaForCausalLM(LlamaConfig(vocab_size=32000, **{shape!r})).to(torch.bfloat16); "
+        "m.save_pretrained(sys.argv[1], max_shard_size='2GB'); "
+        "build_tokenizer(corpus_path()).save_pretrained(sys.argv[1])"
+    )
+    subprocess.run([sys.executable, "-c", code, str(out)], check=True, env=env(), cwd=ROOT)
+    return sum(p.stat().st_size for p in out.glob("*.safetensors"))
+
+
+def part_h(tmp: Path, quick: bool) -> list[dict]:
+    """QLoRA's base against the same base in bf16: the base's bytes on a rank, peak and settled resident memory
+    while loading (FSDP2, sharded load, LoRA r=16 on every linear layer), at world sizes 1 and 2."""
+    base = tmp / "llama-base"
+    model_bytes = build_llama_base(base, quick)
+    rows: list[dict] = []
+    for world in (1, 2):
+        for quantization in ("none", "nf4"):
+            result = tmp / f"qlora-{world}-{quantization}.json"
+            spec = {
+                "engine": "fsdp",
+                "base": str(base),
+                "path": "sharded",
+                "result": str(result),
+                "dtype": "bfloat16",
+                "quantization": quantization,
+                "targets": "all-linear",
+            }
+            torchrun(world, "bench.load_worker", spec)
+            row = {"part": "h", "world": world, "quantization": quantization, **json.loads(result.read_text())}
+            row["model_bytes"] = model_bytes
+            rows.append(row)
+            print(
+                f"[h] world {world} {quantization}: base {row['base_bytes_per_rank'] / 1e9:.2f} GB per rank, "
+                f"peak {row['peak_rss'] / 1e9:.2f} GB, after load {row['rss_after'] / 1e9:.2f} GB, "
+                f"load {row['load_s']:.1f} s",
+                flush=True,
+            )
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------- report
 
 
@@ -791,6 +848,31 @@ def report(rows: list[dict], quick: bool) -> str:
             "model fits. A step: every micro-batch's forward and backward, clipping at max_grad_norm 1.0, AdamW.",
             "",
         ]
+    h = [r for r in rows if r["part"] == "h"]
+    if h:
+        lines += [
+            f"## h. QLoRA: the NF4 base against bf16 (Llama, {fmt_bytes(h[0]['model_bytes'])} in bf16; FSDP2, "
+            "sharded load, LoRA r=16 on every linear layer)",
+            "",
+            "| world | base | base bytes per rank | bits per linear weight | peak RSS per rank | RSS after load | "
+            "load s | base vs bf16 |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in h:
+            ref = next(x for x in h if x["world"] == r["world"] and x["quantization"] == "none")
+            bits = f"{r['bits']:.3f}" if r["quantization"] == "nf4" else "16"
+            lines.append(
+                f"| {r['world']} | {'NF4' if r['quantization'] == 'nf4' else 'bf16'} | "
+                f"{fmt_bytes(r['base_bytes_per_rank'])} | {bits} | {fmt_bytes(r['peak_rss'])} | "
+                f"{fmt_bytes(r['rss_after'])} | {r['load_s']:.1f} | "
+                f"{r['base_bytes_per_rank'] / ref['base_bytes_per_rank']:.2f}x |"
+            )
+        lines += [
+            "",
+            "Base bytes: what the frozen base's tensors hold on a rank (NF4: 4-bit data, int8 block scalers, "
+            "factors; embeddings, norms and the head stay bf16). RSS includes the process's imports.",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -848,13 +930,15 @@ def run_parts(args: argparse.Namespace, tmp: Path, repeats: int, s3: dict) -> li
         rows += part_f(tmp, args.quick)
     if "g" in args.parts:
         rows += part_g(tmp, 1 if args.quick else 3, args.quick)
+    if "h" in args.parts:
+        rows += part_h(tmp, args.quick)
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repeats and sizes")
-    parser.add_argument("--parts", default="abcdefg", help="which parts to run (default: all)")
+    parser.add_argument("--parts", default="abcdefgh", help="which parts to run (default: all)")
     parser.add_argument("--report-only", action="store_true", help="rewrite results.md/png from results.json")
     args = parser.parse_args()
     if args.report_only:
@@ -875,7 +959,7 @@ def main() -> None:
         finally:
             s3server.stop(proc)
     previous = RESULTS / "results.json"
-    if previous.is_file() and args.parts != "abcdefg":  # the parts not rerun keep their rows
+    if previous.is_file() and args.parts != "abcdefgh":  # the parts not rerun keep their rows
         rows = [r for r in json.loads(previous.read_text()) if r["part"] not in args.parts] + rows
     (RESULTS / "results.json").write_text(json.dumps(rows, indent=1, default=str))
     keys = sorted({k for r in rows for k in r})

@@ -177,9 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from dist_lora.logs import setup_logging
+    from dist_lora.logs import quiet_third_party, setup_logging
 
     setup_logging(args.verbose)
+    if args.command == "merge":  # train quiets them itself (on every rank)
+        quiet_third_party()
     try:
         return int(args.func(args) or 0)
     except Exception as e:

@@ -23,6 +23,7 @@ MixedPrecision = Literal["none", "bf16"]
 OnError = Literal["raise", "warn"]
 DataFormat = Literal["text", "completion", "chat"]
 TooLong = Literal["truncate", "drop"]
+Quantization = Literal["none", "nf4"]
 
 BIAS_MODES: tuple[str, ...] = typing.get_args(Bias)
 BACKENDS: tuple[str, ...] = typing.get_args(BackendName)
@@ -39,6 +40,9 @@ class ModelConfig:
     """Base model: a local directory written by save_pretrained, or a hub id."""
     dtype: DType = "float32"
     """Dtype the base is loaded in: float32 | bfloat16 | float16."""
+    quantization: Quantization = "none"
+    """none | nf4 (QLoRA: the frozen linear weights held in 4-bit NormalFloat, torchao's NF4, and computed in
+    dtype; the adapter trains in dtype and is saved exactly as over an unquantized base)."""
 
 
 @dataclass
@@ -371,6 +375,20 @@ def _validate(cfg: RunConfig, errors: list[str]) -> None:
         p.replicate == 1 or p.backend == "fsdp",
         f"parallel.replicate={p.replicate} (HSDP) needs parallel.backend=fsdp (got {p.backend})",
     )
+    if cfg.model.quantization == "nf4":
+        check(
+            p.backend in ("fsdp", "ddp", "single"),
+            f"model.quantization=nf4 runs on parallel.backend fsdp (which shards the 4-bit base), ddp or single, "
+            f"not {p.backend}: DeepSpeed keeps every parameter as a slice of its own flat buffers (ZeRO-3 "
+            "partitions param.data into them) and casts the module to its training dtype, which dequantizes "
+            "torchao's NF4 tensors or breaks them",
+        )
+        check(
+            not cfg.lora.use_dora,
+            "lora.use_dora with model.quantization=nf4 is refused: DoRA's magnitude needs the dequantized base "
+            "weight in every forward, which PEFT reads only from bitsandbytes' layers; train DoRA over an "
+            "unquantized base, or plain LoRA over NF4",
+        )
     errors.extend(checkpoint_errors(cfg.checkpoint))
 
 

@@ -36,8 +36,9 @@ def build_tokenizer(text_path: Path, vocab_size: int = 512):  # type: ignore[no-
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
 
 
-def build_tiny_base(out_dir: str | Path, arch: str = "gpt2", seed: int = 0) -> Path:
-    """A randomly initialised tiny causal LM (gpt2 or llama) and its tokenizer, saved with save_pretrained."""
+def build_tiny_base(out_dir: str | Path, arch: str = "gpt2", seed: int = 0, **shape: int) -> Path:
+    """A randomly initialised tiny causal LM (gpt2 or llama) and its tokenizer, saved with save_pretrained;
+    ``shape``: config fields to override (``hidden_size=256``)."""
     import torch
     from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
@@ -49,7 +50,7 @@ def build_tiny_base(out_dir: str | Path, arch: str = "gpt2", seed: int = 0) -> P
     eos = tokenizer.eos_token_id
     config: Any
     if arch == "gpt2":
-        config = GPT2Config(
+        fields = dict(
             vocab_size=vocab,
             n_positions=256,
             n_embd=64,
@@ -62,8 +63,9 @@ def build_tiny_base(out_dir: str | Path, arch: str = "gpt2", seed: int = 0) -> P
             bos_token_id=eos,
             eos_token_id=eos,
         )
+        config = GPT2Config(**{**fields, **shape})
     elif arch == "llama":
-        config = LlamaConfig(
+        fields = dict(
             vocab_size=vocab,
             hidden_size=64,
             intermediate_size=128,
@@ -74,6 +76,7 @@ def build_tiny_base(out_dir: str | Path, arch: str = "gpt2", seed: int = 0) -> P
             bos_token_id=eos,
             eos_token_id=eos,
         )
+        config = LlamaConfig(**{**fields, **shape})
     else:
         raise ValueError(f"arch must be gpt2 or llama (got {arch!r})")
     torch.manual_seed(seed)

@@ -6,6 +6,7 @@ import logging
 import os
 import re
 import warnings
+from collections.abc import Callable
 
 from dist_lora.constants import ENV_LOG_LEVEL, ENV_RANK
 
@@ -27,6 +28,12 @@ QUIET_WARNINGS = (
     "fan_in_fan_out is set to False but the target module is `Conv1D`",  # PEFT on GPT-2; it sets it itself
 )
 QUIET_LOGS = ("`loss_type=None` was set in the config but it is unrecognized",)  # transformers, every model
+# torchao (PEFT imports it), per optional kernel library it cannot load; NF4 uses none of them
+QUIET_TORCHAO = {
+    "torchao": ("Failed to load ",),
+    "torchao.kernel.intmm": ("Warning: Detected no triton",),
+    "torch.utils._pytree": ("<enum 'KernelPreference'> is an Enum", "<enum 'ScaleCalculationMode'> is an Enum"),
+}
 
 
 def quiet_third_party() -> None:
@@ -37,3 +44,14 @@ def quiet_third_party() -> None:
 
     for handler in hf_logging.get_logger().handlers:
         handler.addFilter(lambda record: not record.getMessage().startswith(QUIET_LOGS))
+    for name, texts in QUIET_TORCHAO.items():
+        logging.getLogger(name).addFilter(_dropping(texts))
+
+
+def _dropping(texts: tuple[str, ...]) -> Callable[[logging.LogRecord], bool]:
+    """A log filter that drops the records whose message starts with one of ``texts``."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(texts)
+
+    return keep

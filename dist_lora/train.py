@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -18,11 +19,13 @@ from dist_lora.checkpointer import Checkpointer
 from dist_lora.config import ConfigError, RunConfig, TrainConfig, config_to_dict
 from dist_lora.data import check_packing, prepare_data
 from dist_lora.distributed import init_distributed, shutdown, step_consensus
+from dist_lora.guard import FirstNonFinite, check_first_step
 from dist_lora.logs import quiet_third_party
 from dist_lora.lora import apply_lora
 from dist_lora.metrics import MetricsLog
 from dist_lora.model import adapters_on_cpu, load_tokenizer, resolve_model_path, return_large_blocks_to_the_os
 from dist_lora.preempt import StopRequest
+from dist_lora.quantize import check_and_log, quantize_base
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +133,10 @@ class Trainer:
         with adapters_on_cpu():  # over a base on the meta device, the adapter still gets its values
             model = apply_lora(base, cfg.lora, cfg.model.name_or_path)
         model.train()  # from_pretrained returns eval mode: LoRA dropout and activation checkpointing need this
+        plan = None
+        if cfg.model.quantization == "nf4":  # QLoRA: before sharding, so that FSDP2 shards the 4-bit bytes
+            shards = backends.backend_class(cfg.parallel.backend).shards(cfg.parallel)
+            plan = quantize_base(model, shards, self.device)
 
         def make_optimizer(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
             return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
@@ -146,10 +153,13 @@ class Trainer:
         )
         self.checkpointer.prepare(self.backend)  # the first save then stalls like the later ones
         self.metrics_log = MetricsLog(t.metrics_file, enabled=self.rank == 0)
+        if plan is not None:  # ~4 bits per weight, or an error: a base left unquantized is a silent failure
+            self.metrics_log.event("quantization", **check_and_log(self.backend.model, plan, DTYPES[cfg.model.dtype]))
         self.step = 0
         self.stop = StopRequest()
         self.stopped_early = False
         self.grad_norm = math.nan
+        self._checked_finite = False
         self.stop_at = self.cfg.train.stop_at_step or self.cfg.train.max_steps
         self.eval_history: list[dict[str, Any]] = []  # {"step", "eval_loss"} of every evaluation, carried by resume
         self.last_saved: int | None = None
@@ -205,33 +215,48 @@ class Trainer:
         norm, before clipping, is ``self.grad_norm``)."""
         t = self.cfg.train
         lr = lr_at(self.step, t)
-        total = 0.0
         # the loss is the mean over the global batch's target tokens, however they fall on ranks and micro-batches:
         # each micro-batch sums its token losses and divides by this, and backward and the gradient reduction
         # divide by grad_accum and the world size
         per_micro = self.data.step_targets(seed=t.seed, step=self.step, global_batch=t.global_batch_size) / (
             self.world * self.grad_accum
         )
-        for m in range(self.grad_accum):
-            batch = self.data.micro_batch(
-                seed=t.seed,
-                step=self.step,
-                global_batch=t.global_batch_size,
-                micro=t.micro_batch_size,
-                world=self.world,
-                rank=self.rank,
-                index=m,
-            )
-            last = m == self.grad_accum - 1
-            inputs = {k: v.to(self.device) for k, v in batch.items()}
-            loss = self.backend.forward({**inputs, "num_items_in_batch": per_micro}, last_micro=last)
-            self.backend.backward(loss, grad_accum=self.grad_accum, last_micro=last)
-            total += float(loss.detach())
+        first = not self._checked_finite  # the first step of this process: NaN/inf stops the run, layer named
+        watch = FirstNonFinite(self.backend.model)
+        losses = []
+        with watch if first else contextlib.nullcontext():
+            for m in range(self.grad_accum):
+                losses.append(self._micro_step(m, per_micro))
+        total = sum(losses)
+        grads = self.backend.local_grads() if first else None
+        if first:
+            check_first_step(losses, grads, watch, self.step + 1, self.rank)
         self.grad_norm = self.backend.step(lr, t.max_grad_norm)
+        if first and grads is None:  # an engine that keeps its gradients: their global norm tells
+            check_first_step([self.grad_norm], None, watch, self.step + 1, self.rank, "gradient norm")
+        self._checked_finite = True
         self.step += 1
         mean_loss, stop = step_consensus(total / self.grad_accum, self.stop.requested)
         self.stopped_early = self.stopped_early or stop
         return mean_loss
+
+    def _micro_step(self, m: int, per_micro: float) -> float:
+        """Forward and backward of micro-batch ``m`` of this rank's share of the step; returns its loss."""
+        t = self.cfg.train
+        batch = self.data.micro_batch(
+            seed=t.seed,
+            step=self.step,
+            global_batch=t.global_batch_size,
+            micro=t.micro_batch_size,
+            world=self.world,
+            rank=self.rank,
+            index=m,
+        )
+        last = m == self.grad_accum - 1
+        inputs = {k: v.to(self.device) for k, v in batch.items()}
+        loss = self.backend.forward({**inputs, "num_items_in_batch": per_micro}, last_micro=last)
+        self.backend.backward(loss, grad_accum=self.grad_accum, last_micro=last)
+        return float(loss.detach())
 
     def evaluate(self) -> float:
         """Collective: the mean token loss over all the eval data, each rank running its share of the rows (the

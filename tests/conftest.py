@@ -84,6 +84,16 @@ def llama_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def qlora_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama wide enough for NF4 (every linear weight whole scaler blocks of 64 x 256 at 2 shards)."""
+    from dist_lora.demo import build_tiny_base
+
+    return build_tiny_base(
+        tmp_path_factory.mktemp("qlora") / "base", arch="llama", hidden_size=256, intermediate_size=512
+    )
+
+
+@pytest.fixture(scope="session")
 def sharded_llama_base(llama_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny Llama saved again in several safetensors files with model.safetensors.index.json."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

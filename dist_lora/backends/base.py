@@ -108,6 +108,11 @@ class Backend(ABC):
         return load_base(name_or_path, dtype).to(device), None
 
     @classmethod
+    def shards(cls, parallel: ParallelConfig) -> int:
+        """How many ranks share each base weight (1: every rank holds it whole)."""
+        return 1
+
+    @classmethod
     def wrap(
         cls,
         parallel: ParallelConfig,
@@ -177,6 +182,15 @@ class Backend(ABC):
         self.optimizer.zero_grad(set_to_none=True)
         full = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor, already reduced
         return float(full)
+
+    def local_grads(self) -> dict[str, torch.Tensor] | None:
+        """The adapter's gradients as this rank holds them, by key (a DTensor's local shard), after backward and
+        before :meth:`step`; None for an engine that keeps them in its own buffers (DeepSpeed)."""
+        out = {}
+        for key, p in self.adapter().items():
+            if p.grad is not None:
+                out[key] = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+        return out
 
     def set_lr(self, lr: float) -> None:
         assert self.optimizer is not None

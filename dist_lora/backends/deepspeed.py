@@ -194,6 +194,9 @@ class DeepSpeedBackend(Backend):
         if not last_micro:
             self.model.step()  # not a boundary: DeepSpeed only counts the micro-step
 
+    def local_grads(self) -> dict[str, torch.Tensor] | None:
+        return None  # in ZeRO's partitioned buffers until the step: the trainer checks the step's global norm
+
     def step(self, lr: float, max_grad_norm: float | None = None) -> float:
         # the engine clips at the boundary (ds_config gradient_clipping, set from train.max_grad_norm) and
         # computes the global norm over the partitioned fp32 gradients either way

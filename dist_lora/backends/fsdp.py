@@ -18,6 +18,7 @@ from dist_lora.config import ConfigError
 from dist_lora.constants import ENV_LOCAL_WORLD_SIZE, WEIGHT_FIELD
 from dist_lora.lora import base_key, canonical_name, unwrap
 from dist_lora.model import BaseWeights, build_on_meta, fill_from_files, host_tensors, release_freed_memory
+from dist_lora.quantize import fill_shard, is_nf4
 
 
 def _block_classes(model: nn.Module) -> set[str]:
@@ -29,19 +30,25 @@ def _block_classes(model: nn.Module) -> set[str]:
     return set()
 
 
+def _replicas(replicate: int | str) -> int:
+    """``parallel.replicate`` as a number of replica groups ("nodes": one per node)."""
+    import os
+
+    import torch.distributed as dist
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return world // int(os.environ.get(ENV_LOCAL_WORLD_SIZE, world)) if replicate == "nodes" else int(replicate)
+
+
 def hsdp_mesh(replicate: int | str) -> Any:
     """A 2-D device mesh: ``replicate`` groups (outer dim) of world / replicate ranks that shard (inner dim);
     "nodes": one group per node (the ranks of a node are consecutive, as torchrun and the deepspeed launcher
     number them)."""
-    import os
-
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
     world = dist.get_world_size()
-    if replicate == "nodes":
-        replicate = world // int(os.environ.get(ENV_LOCAL_WORLD_SIZE, world))
-    assert isinstance(replicate, int)
+    replicate = _replicas(replicate)
     if world % replicate:
         raise ConfigError(
             f"parallel.replicate={replicate} does not divide the world size {world}: use a divisor of it, "
@@ -53,8 +60,9 @@ def hsdp_mesh(replicate: int | str) -> Any:
 
 def _materialize(model: nn.Module, weights: BaseWeights, host: dict[str, torch.Tensor]) -> None:
     """A model sharded on the meta device gets its memory and values: each rank allocates only its own rows of
-    every parameter and reads exactly those rows from the base's safetensors files (memory-mapped); the adapter
-    and the computed buffers, which the files do not hold, come from ``host`` (their values before sharding)."""
+    every parameter and reads exactly those rows from the base's safetensors files; an NF4 weight quantizes its
+    rows into its shard; the adapter and the computed buffers, which the files do not hold, come from ``host``
+    (their values before sharding)."""
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     model.to_empty(device=device)
     with torch.no_grad():
@@ -63,7 +71,10 @@ def _materialize(model: nn.Module, weights: BaseWeights, host: dict[str, torch.T
             local = p.to_local() if isinstance(p, DTensor) else p
             start = FSDPBackend._row_offset(p) if isinstance(p, DTensor) else 0
             stop = start + (local.shape[0] if local.dim() else 1)
-            if key in host:
+            if is_nf4(local):  # QLoRA: this rank's rows, quantized as the whole weight would be
+                group = p.device_mesh.get_group(_shard_dim(p)) if isinstance(p, DTensor) else None
+                fill_shard(local, weights.rows(base_key(key), start, stop), group)
+            elif key in host:
                 local.copy_((host[key].reshape(p.shape)[start:stop] if p.dim() else host[key]).reshape(local.shape))
             else:
                 weights.rows(base_key(key), start, stop, out=local)  # the file's bytes straight into the shard
@@ -72,8 +83,20 @@ def _materialize(model: nn.Module, weights: BaseWeights, host: dict[str, torch.T
             b.copy_(host[key] if key in host else weights.rows(base_key(key), 0, b.shape[0] if b.dim() else 1))
 
 
+def _shard_dim(p: DTensor) -> int:
+    """The mesh dim that shards ``p`` (the other, under HSDP, replicates it)."""
+    return next(dim for dim, placement in enumerate(p.placements) if isinstance(placement, Shard))
+
+
 class FSDPBackend(Backend):
     name = "fsdp"
+
+    @classmethod
+    def shards(cls, parallel):  # type: ignore[no-untyped-def]
+        import torch.distributed as dist
+
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        return world // _replicas(parallel.replicate) if world % _replicas(parallel.replicate) == 0 else world
 
     @classmethod
     def load_base(cls, parallel, name_or_path, dtype, device, **batch):  # type: ignore[no-untyped-def]
@@ -99,6 +122,8 @@ class FSDPBackend(Backend):
         if weights is not None:
             fill_from_files(model, weights)  # DoRA magnitudes, trainable token rows: derived from the base
         host = host_tensors(model) if weights is not None else {}
+        if cls.shards(parallel) == 1:  # FSDP2 all-gathers a one-rank shard without NF4's extension: keep them local
+            kwargs["ignored_params"] = {p for p in model.parameters() if is_nf4(p)}
         names = _block_classes(model)
         blocks = [module for module in model.modules() if type(module).__name__ in names]
         for i, module in enumerate(blocks):

@@ -5,7 +5,9 @@ argv[1] is JSON: {"config": {...}, "out": dir, "resume": url|null, "phases": ["t
 Phases: train:N (N optimizer steps), save, save_traced (save while recording every collective, dump this rank's
 local pieces and, on rank 0, the engine's own full tensors as an independent reference), save_then_step (dump this rank's local pieces, save with the snapshot held until the next
 training step's optimizer step is seen waiting for it, record that it waited), logits (rank 0 writes the logits of a fixed
-batch). Rank 0 writes out/losses.json.
+batch), nf4_shards (each rank checks its NF4 shards against torchao's to_nf4 of the whole weight, chunked; writes
+out/nf4-rankR.json), poison:LAYER:out|grad@R (rank R makes LAYER's output, or its adapter's gradient, NaN; the next
+step must raise NonFiniteError on every rank: each writes out/error-rankR.txt). Rank 0 writes out/losses.json.
 """
 
 from __future__ import annotations
@@ -101,6 +103,76 @@ def dump_reference(trainer: Trainer, path: Path) -> None:
         save_file({k: v.contiguous() for k, v in full.items()}, str(path))
 
 
+def check_nf4_shards(trainer: Trainer, config: dict) -> dict:
+    """Every NF4 shard this rank holds against the matching chunk of torchao's to_nf4 over the whole weight, read
+    from the base's files: inner tensors equal bit for bit."""
+    from torch.distributed.tensor import DTensor
+
+    from dist_lora.backends.fsdp import FSDPBackend
+    from dist_lora.lora import base_key, canonical_name
+    from dist_lora.model import BaseWeights
+    from dist_lora.quantize import BLOCK, INNER_TENSORS, SCALER_BLOCK, is_nf4, nf4_module
+
+    nf4 = nf4_module()
+    weights = BaseWeights(config["model"]["name_or_path"])
+    dtype = getattr(torch, config["model"].get("dtype", "float32"))
+    checked, mismatched = 0, []
+    for name, p in trainer.backend.model.named_parameters():
+        if not is_nf4(p):
+            continue
+        key = base_key(canonical_name(name))
+        whole = nf4.to_nf4(weights.read(key).to(dtype), BLOCK, SCALER_BLOCK)
+        local = p.to_local() if isinstance(p, DTensor) else p
+        start = FSDPBackend._row_offset(p) if isinstance(p, DTensor) else 0
+        rows = local.shape[0]
+        want = torch.chunk(whole, whole.shape[0] // rows, dim=0)[start // rows]
+        same = all(torch.equal(getattr(local, n), getattr(want, n)) for n in (*INNER_TENSORS, "scaler_mean", "nf4"))
+        checked += 1
+        if not same:
+            mismatched.append(key)
+    return {"checked": checked, "mismatched": mismatched}
+
+
+class NanGrad(torch.autograd.Function):
+    """Identity forward; NaN backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("nan")
+
+
+def poisoned_step(trainer: Trainer, spec: str) -> str:
+    """Make one layer's output (``out``) or its adapter's gradient (``grad``) NaN on one rank, take a step, and
+    return the error it raised on this rank ("" if none)."""
+    from dist_lora.guard import NonFiniteError
+    from dist_lora.lora import base_key
+
+    target, _, on_rank = spec.rpartition("@")
+    layer, kind = target.rsplit(":", 1)
+    handles = []
+    if trainer.rank == int(on_rank):
+        for name, module in trainer.backend.model.named_modules():
+            if base_key(name) == layer:
+                if kind == "out":
+                    handles.append(module.register_forward_hook(lambda m, a, o: o * float("nan")))
+                else:  # the output unchanged, its gradient NaN (FSDP2 sets the sharded grads itself: no hook)
+                    handles.append(module.lora_B["default"].register_forward_hook(lambda m, a, o: NanGrad.apply(o)))
+                break
+        assert handles, layer
+    try:
+        trainer.train_step()
+    except NonFiniteError as e:
+        return str(e)
+    finally:
+        for h in handles:
+            h.remove()
+    return ""
+
+
 def run(args: dict) -> None:
     """One job: a Trainer built from args["config"], resumed if asked, through its phases."""
     out = Path(args["out"])
@@ -140,6 +212,10 @@ def run(args: dict) -> None:
             (out / f"wait-rank{rank}.json").write_text(
                 json.dumps({"pending_after_save": pending, "step_waited": held.step_waited_for_snapshot})
             )
+        elif phase == "nf4_shards":
+            (out / f"nf4-rank{rank}.json").write_text(json.dumps(check_nf4_shards(trainer, args["config"])))
+        elif phase.startswith("poison:"):
+            (out / f"error-rank{rank}.txt").write_text(poisoned_step(trainer, phase.removeprefix("poison:")))
         elif phase == "logits":
             vocab = max(max(ids) for ids in trainer.data.train.ds["input_ids"]) + 1
             x = (torch.arange(2 * 16).view(2, 16) * 7 % vocab).to(trainer.device)

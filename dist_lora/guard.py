@@ -1,0 +1,122 @@
+"""The first step's check: a loss or an adapter gradient that is NaN or infinite stops the run with the layer named.
+
+A run that goes non-finite on its first step (a quantized base that dequantizes wrongly, float16 overflow, a bad
+sample) otherwise trains on and saves NaN adapters that look like any other checkpoint. The check runs once per
+process, on the first step after start or resume: forward hooks note the first module, in execution order,
+whose output is not finite, and the adapter's gradients are checked before the optimizer applies them. Every
+rank raises the same error (agree.py), so none waits for the others.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from dist_lora.agree import raise_agreed
+
+
+class NonFiniteError(FloatingPointError):
+    """The loss or a gradient of the first step is NaN or infinite; the message names the layer."""
+
+
+def _tensors(out: Any) -> Iterable[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        yield out
+    elif isinstance(out, (tuple, list)):
+        for item in out:
+            yield from _tensors(item)
+    elif isinstance(out, dict):  # transformers' ModelOutput is a dict
+        for item in out.values():
+            yield from _tensors(item)
+
+
+def _finite(t: torch.Tensor) -> bool:
+    return not t.is_floating_point() or bool(torch.isfinite(t.detach()).all())
+
+
+class FirstNonFinite:
+    """While entered: forward hooks on every module of ``model`` note the first (innermost, earliest) whose output
+    is not finite, by its name in the base (``model.layers.1.mlp.down_proj``)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.first: str | None = None
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> FirstNonFinite:
+        from dist_lora.lora import base_key
+
+        for name, module in self.model.named_modules():
+            if name:
+                self._handles.append(module.register_forward_hook(self._hook(base_key(name))))
+        return self
+
+    def _hook(self, name: str) -> Any:
+        def hook(module: nn.Module, args: Any, out: Any) -> None:
+            if self.first is None and not all(_finite(t) for t in _tensors(out)):
+                self.first = name
+
+        return hook
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+def _layer(key: str) -> str:
+    """``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`` -> ``model.layers.0.self_attn.q_proj``."""
+    from dist_lora.lora import base_key
+
+    name = base_key(key).removesuffix(".weight").removesuffix(".bias")
+    for part in (".lora_A", ".lora_B", ".lora_magnitude_vector", ".lora_embedding_A", ".lora_embedding_B"):
+        name = name.split(part)[0]
+    return name
+
+
+HINT = (
+    "check the data and train.lr; with model.quantization: nf4 or model.dtype: float16, try model.dtype: bfloat16 "
+    "(a float16 base overflows where bfloat16 does not)"
+)
+
+
+def check_first_step(
+    losses: list[float],
+    grads: dict[str, torch.Tensor] | None,
+    watch: FirstNonFinite,
+    step: int,
+    rank: int,
+    what: str = "loss",
+) -> None:
+    """Collective: raise :class:`NonFiniteError` on every rank if any rank's micro-batch losses, or the adapter
+    gradients it holds (``grads``, by key; None where the engine keeps them out of reach), are not finite. A loss
+    is agreed on first: the rank whose forward went non-finite names the layer, where the others would only see
+    the gradients it sent them. ``what``: what ``losses`` are (DeepSpeed's check passes the gradient norm)."""
+    error: NonFiniteError | None = None
+    bad = [loss for loss in losses if not math.isfinite(loss)]
+    if bad:
+        if watch.first:
+            where = f"the first layer whose output is not finite is {watch.first}"
+        elif what == "loss":
+            where = "every layer's output was finite (the loss itself overflowed)"
+        else:
+            where = (
+                "every layer's output was finite: a gradient overflowed in backward (DeepSpeed keeps them in its "
+                "own buffers, so no layer is named)"
+            )
+        error = NonFiniteError(f"step {step}: the {what} is {bad[0]} on rank {rank}; {where}. {HINT}")
+    raise_agreed(error)
+    for key, grad in (grads or {}).items():
+        if not _finite(grad):
+            kind = "nan" if bool(torch.isnan(grad).any()) else "inf"
+            error = NonFiniteError(
+                f"step {step}: the gradient of {_layer(key)} ({key}) holds {kind} on rank {rank} while the loss "
+                "is finite (the first adapted layer, in model order, whose gradient is not: a NaN spreads backward "
+                f"from where it arose); {HINT}"
+            )
+            break
+    raise_agreed(error)
