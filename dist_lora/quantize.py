@@ -153,7 +153,7 @@ def fill_shard(local: Any, rows: torch.Tensor, group: Any) -> None:
     """Quantize this rank's ``rows`` of a weight into its NF4 shard ``local`` (collective over ``group``, the
     ranks sharding the weight): equal to the matching chunk of ``to_nf4`` over the whole weight, bit for bit."""
     nf4 = nf4_module()
-    rows = rows.to(local.dtype).contiguous()
+    rows = rows.to(local.quantized_data.device, local.dtype).contiguous()  # quantized where the shard lives (GPU)
     absmax = nf4.get_block_absmax(rows.reshape(-1), BLOCK)
     every = absmax
     if group is not None and dist.get_world_size(group) > 1:

@@ -121,6 +121,7 @@ class Trainer:
             cfg.model.name_or_path,
             DTYPES[cfg.model.dtype],
             self.device,
+            quantized=cfg.model.quantization != "none",
             micro_batch_size=t.micro_batch_size,
             grad_accum=self.grad_accum,
         )

@@ -24,29 +24,26 @@ def _peft_model(base_dir: Path, dtype: torch.dtype = torch.bfloat16):
     return apply_lora(base, LoraConfig(r=4, alpha=8, target_modules="all-linear"))
 
 
-def test_nf4_layers_compute_as_torchaos_dequantized_reference(qlora_base):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_nf4_layers_compute_as_torchaos_dequantized_reference(qlora_base, dtype):
     """Every frozen linear weight but the head becomes NF4; each layer's forward equals F.linear over torchao's
     dequantization of to_nf4 of the original weight, exactly; ~4.13 bits per weight."""
     from dist_lora.quantize import BLOCK, SCALER_BLOCK, check_and_log, is_nf4, nf4_module, quantize_base
 
-    model = _peft_model(qlora_base)
+    model = _peft_model(qlora_base, dtype)
     originals = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     plan = quantize_base(model, shards=1, device=torch.device("cpu"))
     assert plan.kept == {}
     assert len(plan.quantized) == 2 * 7  # q k v o gate up down per layer
-    x = torch.randn(3, 5, 256, dtype=torch.bfloat16)
     for name, module in model.named_modules():
         if type(module) is torch.nn.Linear and is_nf4(module.weight):
             want = nf4_module().to_nf4(originals[f"{name}.weight"], BLOCK, SCALER_BLOCK).get_original_weight()
-            if module.in_features == 512:
-                inputs = torch.randn(3, 5, 512, dtype=torch.bfloat16)
-            else:
-                inputs = x
+            inputs = torch.randn(3, 5, module.in_features, dtype=dtype)
             assert torch.equal(module(inputs), torch.nn.functional.linear(inputs, want)), name
     head = model.base_model.model.lm_head.weight
     assert not is_nf4(head) and not is_nf4(model.base_model.model.model.embed_tokens.weight)
-    figures = check_and_log(model, plan, torch.bfloat16)
-    assert 4.12 < figures["bits_per_weight"] < 4.13
+    figures = check_and_log(model, plan, dtype)
+    assert 4.12 < figures["bits_per_weight"] < 4.14
     assert figures["nf4_bytes"] < figures["unquantized_equivalent_bytes"] / 3.8
 
 
@@ -242,3 +239,31 @@ def test_qlora_trains_on_fsdp2_and_its_adapter_is_the_unquantized_format(qlora_b
     with torch.no_grad():
         want = peft.merge_and_unload().eval()(input_ids=x).logits
         assert rel_err(merged.eval()(input_ids=x).logits, want) < 1e-5
+
+
+def test_one_process_builds_the_nf4_base_one_tensor_at_a_time(qlora_base, tmp_path, monkeypatch):
+    """A replica engine (single; DDP runs the same code) builds a QLoRA base on the meta device and quantizes it
+    from the files tensor by tensor (the whole base never sits in memory in model.dtype: from_pretrained is not
+    called), equal to to_nf4 of each file tensor."""
+    from dist_lora.backends import base as backend_base
+    from dist_lora.model import BaseWeights
+    from dist_lora.quantize import BLOCK, INNER_TENSORS, SCALER_BLOCK, is_nf4, nf4_module
+    from dist_lora.train import Trainer
+
+    def no_full_load(*args, **kwargs):
+        raise AssertionError("the whole base was loaded")
+
+    monkeypatch.setattr(backend_base, "load_base", no_full_load)
+    trainer = Trainer(config_from_dict(config(qlora_base, tmp_path / "ckpt", backend="single")))
+    files = BaseWeights(qlora_base)
+    checked = 0
+    for name, p in trainer.backend.model.named_parameters():
+        if is_nf4(p):
+            key = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+            want = nf4_module().to_nf4(files.read(key).to(torch.bfloat16), BLOCK, SCALER_BLOCK)
+            for inner in (*INNER_TENSORS, "scaler_mean"):
+                assert torch.equal(getattr(p, inner), getattr(want, inner)), (key, inner)
+            checked += 1
+    assert checked == 14
+    assert torch.isfinite(torch.tensor(trainer.train_step()))
+    trainer.checkpointer.release_lease()

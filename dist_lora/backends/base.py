@@ -18,8 +18,8 @@ from torch import nn
 
 from dist_lora.config import ParallelConfig
 from dist_lora.constants import OPTIM_TENSOR_FIELDS, WEIGHT_FIELD
-from dist_lora.lora import adapter_parameters, check_nothing_dropped, full_shape
-from dist_lora.model import BaseWeights, load_base
+from dist_lora.lora import adapter_parameters, base_key, canonical_name, check_nothing_dropped, full_shape
+from dist_lora.model import BaseWeights, build_on_meta, fill_from_files, host_tensors, load_base, release_freed_memory
 
 
 @dataclass
@@ -100,11 +100,24 @@ class Backend(ABC):
 
     @classmethod
     def load_base(
-        cls, parallel: ParallelConfig, name_or_path: str, dtype: torch.dtype, device: torch.device, **batch: int
+        cls,
+        parallel: ParallelConfig,
+        name_or_path: str,
+        dtype: torch.dtype,
+        device: torch.device,
+        *,
+        quantized: bool = False,
+        **batch: int,
     ) -> tuple[nn.Module, BaseWeights | None]:
         """The base model as this backend loads it, and the weights :meth:`wrap` still has to read (None when the
         base is loaded already). By default one whole copy per rank, as a replicated engine needs: from_pretrained
-        in ``dtype``, on ``device``. Sharding engines override it so that no rank holds more than its shard."""
+        in ``dtype``, on ``device``; a base to be quantized (``quantized``, from a local directory) is built on the
+        meta device instead, so that :meth:`wrap` reads and quantizes it one tensor at a time and the whole base
+        never sits in memory in ``dtype``. Sharding engines override it so that no rank holds more than its shard."""
+        weights = BaseWeights.of(name_or_path) if quantized else None
+        if weights is not None:
+            model = build_on_meta(name_or_path, dtype)
+            return model, weights.tie(model)
         return load_base(name_or_path, dtype).to(device), None
 
     @classmethod
@@ -231,6 +244,49 @@ class Backend(ABC):
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+
+
+def from_files(model: nn.Module, weights: BaseWeights) -> dict[str, torch.Tensor]:
+    """Before a model built on the meta device is wrapped: the adapter tensors PEFT derives from the base, computed
+    from the files (DoRA magnitudes, trainable token rows), then copies of everything not on meta (the adapter,
+    computed buffers) that :func:`materialize` puts back."""
+    fill_from_files(model, weights)
+    return host_tensors(model)
+
+
+def materialize(
+    model: nn.Module,
+    weights: BaseWeights,
+    host: dict[str, torch.Tensor],
+    *,
+    row_offset: Callable[[Any], int] = lambda p: 0,
+    group: Callable[[Any], Any] = lambda p: None,
+) -> None:
+    """A model on the meta device (sharded or not) gets its memory and values, one tensor at a time: each rank
+    allocates only what it holds of every parameter (a DTensor's local rows from ``row_offset``) and reads exactly
+    those rows from the base's safetensors files; an NF4 weight quantizes its rows into place (collective over
+    ``group(p)``, the ranks sharding it); the adapter and the computed buffers, which the files do not hold, come
+    from ``host`` (their values before wrapping)."""
+    from dist_lora.quantize import fill_shard, is_nf4
+
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            key = canonical_name(name)
+            local = p.to_local() if hasattr(p, "to_local") else p
+            start = row_offset(p)
+            stop = start + (local.shape[0] if local.dim() else 1)
+            if is_nf4(local):  # QLoRA: this rank's rows, quantized as the whole weight would be
+                fill_shard(local, weights.rows(base_key(key), start, stop), group(p))
+            elif key in host:
+                local.copy_((host[key].reshape(p.shape)[start:stop] if p.dim() else host[key]).reshape(local.shape))
+            else:
+                weights.rows(base_key(key), start, stop, out=local)  # the file's bytes straight into the shard
+        for name, b in model.named_buffers():
+            key = canonical_name(name)
+            b.copy_(host[key] if key in host else weights.rows(base_key(key), 0, b.shape[0] if b.dim() else 1))
+    release_freed_memory()
 
 
 def torch_optim_fields(

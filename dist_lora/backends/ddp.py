@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dist_lora.backends.base import from_files, materialize
 from dist_lora.backends.single import SingleBackend
 
 
@@ -17,6 +18,8 @@ class DDPBackend(SingleBackend):
     def wrap(
         cls, parallel, model, make_optimizer, bias, *, micro_batch_size, grad_accum, weights=None, max_grad_norm=None
     ):  # type: ignore[no-untyped-def]
+        if weights is not None:  # built on the meta device (a base to quantize): read it one tensor at a time
+            materialize(model, weights, from_files(model, weights))
         device_ids = [torch.cuda.current_device()] if torch.cuda.is_available() else None
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
         params = [p for p in ddp.parameters() if p.requires_grad]

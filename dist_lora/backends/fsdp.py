@@ -13,12 +13,20 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
-from dist_lora.backends.base import Backend, LocalPiece, Staging, load_torch_optim_state, torch_optim_fields
+from dist_lora.backends.base import (
+    Backend,
+    LocalPiece,
+    Staging,
+    from_files,
+    load_torch_optim_state,
+    materialize,
+    torch_optim_fields,
+)
 from dist_lora.config import ConfigError
 from dist_lora.constants import ENV_LOCAL_WORLD_SIZE, WEIGHT_FIELD
-from dist_lora.lora import base_key, canonical_name, unwrap
-from dist_lora.model import BaseWeights, build_on_meta, fill_from_files, host_tensors, release_freed_memory
-from dist_lora.quantize import fill_shard, is_nf4
+from dist_lora.lora import unwrap
+from dist_lora.model import BaseWeights, build_on_meta
+from dist_lora.quantize import is_nf4
 
 
 def _block_classes(model: nn.Module) -> set[str]:
@@ -58,34 +66,9 @@ def hsdp_mesh(replicate: int | str) -> Any:
     return init_device_mesh(device, (replicate, world // replicate), mesh_dim_names=("replicate", "shard"))
 
 
-def _materialize(model: nn.Module, weights: BaseWeights, host: dict[str, torch.Tensor]) -> None:
-    """A model sharded on the meta device gets its memory and values: each rank allocates only its own rows of
-    every parameter and reads exactly those rows from the base's safetensors files; an NF4 weight quantizes its
-    rows into its shard; the adapter and the computed buffers, which the files do not hold, come from ``host``
-    (their values before sharding)."""
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    model.to_empty(device=device)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            key = canonical_name(name)
-            local = p.to_local() if isinstance(p, DTensor) else p
-            start = FSDPBackend._row_offset(p) if isinstance(p, DTensor) else 0
-            stop = start + (local.shape[0] if local.dim() else 1)
-            if is_nf4(local):  # QLoRA: this rank's rows, quantized as the whole weight would be
-                group = p.device_mesh.get_group(_shard_dim(p)) if isinstance(p, DTensor) else None
-                fill_shard(local, weights.rows(base_key(key), start, stop), group)
-            elif key in host:
-                local.copy_((host[key].reshape(p.shape)[start:stop] if p.dim() else host[key]).reshape(local.shape))
-            else:
-                weights.rows(base_key(key), start, stop, out=local)  # the file's bytes straight into the shard
-        for name, b in model.named_buffers():
-            key = canonical_name(name)
-            b.copy_(host[key] if key in host else weights.rows(base_key(key), 0, b.shape[0] if b.dim() else 1))
-
-
-def _shard_dim(p: DTensor) -> int:
-    """The mesh dim that shards ``p`` (the other, under HSDP, replicates it)."""
-    return next(dim for dim, placement in enumerate(p.placements) if isinstance(placement, Shard))
+def _shard_group(p: DTensor) -> Any:
+    """The ranks that shard ``p`` (under HSDP, its replica group's)."""
+    return p.device_mesh.get_group(next(i for i, pl in enumerate(p.placements) if isinstance(pl, Shard)))
 
 
 class FSDPBackend(Backend):
@@ -119,9 +102,7 @@ class FSDPBackend(Backend):
             kwargs["mesh"] = hsdp_mesh(parallel.replicate)
         if parallel.mixed_precision == "bf16":
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        if weights is not None:
-            fill_from_files(model, weights)  # DoRA magnitudes, trainable token rows: derived from the base
-        host = host_tensors(model) if weights is not None else {}
+        host = from_files(model, weights) if weights is not None else {}
         if cls.shards(parallel) == 1:  # FSDP2 all-gathers a one-rank shard without NF4's extension: keep them local
             kwargs["ignored_params"] = {p for p in model.parameters() if is_nf4(p)}
         names = _block_classes(model)
@@ -136,8 +117,13 @@ class FSDPBackend(Backend):
                 module.set_modules_to_forward_prefetch(blocks[i + 1 : i + 1 + n])
                 module.set_modules_to_backward_prefetch(blocks[max(0, i - n) : i][::-1])
         if weights is not None:
-            _materialize(model, weights, host)
-            release_freed_memory()
+            materialize(
+                model,
+                weights,
+                host,
+                row_offset=lambda p: cls._row_offset(p) if isinstance(p, DTensor) else 0,
+                group=lambda p: _shard_group(p) if isinstance(p, DTensor) else None,
+            )
         params = [p for p in model.parameters() if p.requires_grad]
         return cls(model, make_optimizer(params), bias)
 

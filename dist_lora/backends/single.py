@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dist_lora.backends.base import Backend, LocalPiece, full_pieces, load_torch_optim_state
+from dist_lora.backends.base import Backend, LocalPiece, from_files, full_pieces, load_torch_optim_state, materialize
 
 
 class SingleBackend(Backend):
@@ -15,6 +15,8 @@ class SingleBackend(Backend):
     def wrap(
         cls, parallel, model, make_optimizer, bias, *, micro_batch_size, grad_accum, weights=None, max_grad_norm=None
     ):  # type: ignore[no-untyped-def]
+        if weights is not None:  # built on the meta device (a base to quantize): read it one tensor at a time
+            materialize(model, weights, from_files(model, weights))
         return cls(model, make_optimizer([p for p in model.parameters() if p.requires_grad]), bias)
 
     @classmethod
