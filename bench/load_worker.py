@@ -36,6 +36,13 @@ def status_kb(field: str) -> int:
     raise KeyError(field)
 
 
+def _max_over_ranks(figures: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The element-wise maximum over ranks (on the collective backend's device: NCCL needs CUDA tensors)."""
+    on = figures.to(device)
+    dist.all_reduce(on, op=dist.ReduceOp.MAX)
+    return on.cpu()
+
+
 def main() -> None:
     spec = json.loads(sys.argv[1])
     return_large_blocks_to_the_os()  # as the trainer does
@@ -84,11 +91,16 @@ def main() -> None:
     seconds = time.perf_counter() - t0
     footprint = measure(backend.model) if quantization else None
     base_bytes = footprint.nf4_bytes + footprint.other_bytes if footprint else 0
-    figures = torch.tensor([status_kb("VmHWM"), before, seconds, base_bytes, status_kb("VmRSS")], dtype=torch.float64)
-    dist.all_reduce(figures, op=dist.ReduceOp.MAX)
+    cuda_peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
+    figures = torch.tensor(
+        [status_kb("VmHWM"), before, seconds, base_bytes, status_kb("VmRSS"), cuda_peak], dtype=torch.float64
+    )
+    figures = _max_over_ranks(figures, device)
     if dist.get_rank() == 0:
-        peak, rss_before, load_s, base_bytes, rss_after = figures.tolist()
+        peak, rss_before, load_s, base_bytes, rss_after, cuda_peak = figures.tolist()
         result = {"world": world, "peak_rss": peak, "rss_before": rss_before, "load_s": load_s}
+        if torch.cuda.is_available():
+            result["cuda_peak"] = cuda_peak
         if footprint is not None:
             result.update(base_bytes_per_rank=base_bytes, rss_after=rss_after, bits=footprint.bits_per_weight)
         Path(spec["result"]).write_text(json.dumps(result))

@@ -571,7 +571,8 @@ def part_h(tmp: Path, quick: bool) -> list[dict]:
             print(
                 f"[h] world {world} {quantization}: base {row['base_bytes_per_rank'] / 1e9:.2f} GB per rank, "
                 f"peak {row['peak_rss'] / 1e9:.2f} GB, after load {row['rss_after'] / 1e9:.2f} GB, "
-                f"load {row['load_s']:.1f} s",
+                f"load {row['load_s']:.1f} s"
+                + (f", device peak {row['cuda_peak'] / 1e9:.2f} GB" if "cuda_peak" in row else ""),
                 flush=True,
             )
     return rows
