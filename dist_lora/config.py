@@ -379,9 +379,9 @@ def _validate(cfg: RunConfig, errors: list[str]) -> None:
         check(
             p.backend in ("fsdp", "ddp", "single"),
             f"model.quantization=nf4 runs on parallel.backend fsdp (which shards the 4-bit base), ddp or single, "
-            f"not {p.backend}: DeepSpeed keeps every parameter as a slice of its own flat buffers (ZeRO-3 "
-            "partitions param.data into them) and casts the module to its training dtype, which dequantizes "
-            "torchao's NF4 tensors or breaks them",
+            f"not {p.backend}: deepspeed.initialize moves and casts the module with Module._apply, which cannot "
+            "swap torchao's NF4 parameters (RuntimeError: Couldn't swap Linear.weight, at every ZeRO stage), and "
+            "ZeRO-3 keeps every parameter as a slice of its own flat buffers, which NF4's packed tensors are not",
         )
         check(
             not cfg.lora.use_dora,
