@@ -79,7 +79,8 @@ class FSDPBackend(Backend):
         import torch.distributed as dist
 
         world = dist.get_world_size() if dist.is_initialized() else 1
-        return world // _replicas(parallel.replicate) if world % _replicas(parallel.replicate) == 0 else world
+        replicas = _replicas(parallel.replicate)
+        return world // replicas if world % replicas == 0 else world  # (wrap's hsdp_mesh refuses the latter)
 
     @classmethod
     def load_base(cls, parallel, name_or_path, dtype, device, **batch):  # type: ignore[no-untyped-def]
