@@ -7,7 +7,9 @@ On a GPU (one device, NCCL, bf16), one launch of bench/gpu_worker.py:
    resumes into a fresh trainer and saves equal again;
 2. the save on a ~1.1B Llama-shaped base (TinyLlama's shape, bf16): stall, snapshot, total;
 3. a Llama-3-8B-shaped base (random, bf16, written with save_pretrained on this machine's disk) loaded through the
-   sharded path, LoRA r=16 on q/k/v/o: load seconds, peak device memory, step seconds, save stall, resume.
+   sharded path, LoRA r=16 on q/k/v/o: load seconds, peak device memory, step seconds, save stall, resume;
+4. QLoRA on the ~1.1B base: the NF4 base against the same base in bf16 (LoRA on every linear layer): the base's
+   bytes and peak device memory.
 
 Without CUDA it rehearses the same code at CPU scale (gloo, tiny bases) and lists what only a GPU can show; it
 skips nothing silently. Figures go to OUT_DIR/gpu.json and gpu.md; the exit status is 1 when a check fails.
@@ -30,12 +32,13 @@ NEEDS_CUDA = [
     "the pinned staging buffer and the side-stream snapshot copy",
     "bf16 kernels on a GPU, peak device memory",
     "the ~1.1B and 8B bases (tiny Llama bases ran instead)",
+    "the NF4 base in device memory, quantized on the GPU",
 ]
 # (hidden, layers, heads, kv heads, intermediate, vocab)
 SHAPES = {
     "llama-1.1b": (2048, 22, 32, 4, 5632, 32000),
     "llama-8b": (4096, 32, 32, 8, 14336, 128256),
-    "cpu-small": (256, 4, 8, 4, 688, 512),
+    "cpu-small": (256, 4, 8, 4, 768, 512),
 }
 
 
@@ -86,6 +89,13 @@ def judge(results: dict[str, Any], cuda: bool) -> list[str]:
     for r in results["runs"]:
         if not (r["last_loss"] == r["last_loss"] and r["resume_loss"] == r["resume_loss"]):
             failed.append(f"{r['name']}: a loss is NaN")
+        if r.get("quantization") == "nf4":
+            bf16 = next(x for x in results["runs"] if x["name"] == r["name"].replace("NF4", "bf16"))
+            if not (r["bits_per_linear_weight"] or 0) < 4.25 or not r["base_bytes"] < bf16["base_bytes"]:
+                failed.append(
+                    f"{r['name']}: the NF4 base takes {r['bits_per_linear_weight']} bits per linear weight and "
+                    f"{r['base_bytes']} bytes (bf16: {bf16['base_bytes']})"
+                )
     return failed
 
 
@@ -112,13 +122,15 @@ def markdown(results: dict[str, Any]) -> str:
     if results["runs"]:
         lines += [
             "",
-            "| base (FSDP2, bf16, LoRA r=16 q/k/v/o) | load s | device peak after load | device peak training | "
-            "s / step | tokens / s | save stall s | save total s | resume s |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| base (FSDP2, LoRA r=16; q/k/v/o, or every linear layer with a base dtype named) | load s | base bytes | "
+            "device peak after load | device peak training | s / step | tokens / s | save stall s | save total s | "
+            "resume s |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in results["runs"]:
             lines.append(
-                f"| {r['name']} | {r['load_s']:.1f} | {gib(r['load_peak_device_bytes'])} | "
+                f"| {r['name']} | {r['load_s']:.1f} | {gib(r.get('base_bytes'))} | "
+                f"{gib(r['load_peak_device_bytes'])} | "
                 f"{gib(r['train_peak_device_bytes'])} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | "
                 f"{r['save_stall_s']:.4f} | {r['save_total_s']:.3f} | {r['resume_s']:.1f} |"
             )
@@ -155,6 +167,17 @@ def main() -> None:
         for shape in shapes:
             base = build_base(out / shape, shape, "cuda" if cuda else "cpu")
             spec["runs"].append({"name": shape, "base": str(base), "seq_len": 512 if cuda else 64, "steps": 4})
+            if shape != "llama-8b":  # QLoRA: the NF4 base against the same settings in bf16
+                for q in ("none", "nf4"):
+                    spec["runs"].append(
+                        {
+                            "name": f"{shape} {'NF4' if q == 'nf4' else 'bf16'}",
+                            "base": str(base),
+                            "seq_len": 512 if cuda else 64,
+                            "steps": 4,
+                            "quantization": q,
+                        }
+                    )
         print(f"bases ready after {time.perf_counter() - t0:.0f} s", flush=True)
     proc = subprocess.run(
         torchrun_cmd(1, "-m", "bench.gpu_worker", json.dumps(spec)), env=local_env(str(ROOT)), cwd=ROOT, timeout=900

@@ -8,7 +8,9 @@ reference) and asynchronously (pinned staging and a side stream on a GPU), train
 step's adapter and optimizer files must equal the reference's byte for byte; then a fresh trainer resumes the step
 and saves it again: equal again.
 runs: a base loaded the sharded way (FSDP2, bf16), LoRA r=16 on q/k/v/o: load seconds, peak device memory, step
-seconds, the save stall, and the resume.
+seconds, the save stall, and the resume. A run with "quantization": "nf4" is QLoRA over the same base (model.dtype
+bfloat16, LoRA on every linear layer), paired with an unquantized run of the same settings ("quantization": "none"):
+both report the frozen base's bytes on the device.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from dist_lora.checkpointer import Checkpointer
 from dist_lora.config import CheckpointConfig, load_config
 from dist_lora.constants import ADAPTER_WEIGHTS_NAME, OPTIMIZER_NAME
 from dist_lora.distributed import shutdown
+from dist_lora.quantize import measure
 from dist_lora.train import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,13 +109,20 @@ def run(spec: dict[str, Any], data: str, out: Path) -> dict[str, Any]:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
+    quantization = spec.get("quantization")
+    qlora = (
+        [f"model.quantization={quantization}", "model.dtype=bfloat16", "lora.target_modules=all-linear"]
+        if quantization
+        else []
+    )
     cfg = load_config(
         ROOT / "configs" / "tiny.yaml",
-        overrides(spec["base"], data, root / "ck", *ENGINES["fsdp"], seq_len=spec["seq_len"]),
+        overrides(spec["base"], data, root / "ck", *ENGINES["fsdp"], *qlora, seq_len=spec["seq_len"]),
     )
     trainer = Trainer(cfg)
     load_s = time.perf_counter() - t0
     load_peak = device_peak()
+    footprint = measure(trainer.backend.model)
     steps = []
     for _ in range(spec["steps"]):
         t = time.perf_counter()
@@ -143,6 +153,9 @@ def run(spec: dict[str, Any], data: str, out: Path) -> dict[str, Any]:
         "save_total_s": stats.done_s,
         "resume_s": resume_s,
         "resume_loss": resume_loss,
+        "quantization": quantization,
+        "base_bytes": footprint.nf4_bytes + footprint.other_bytes,
+        "bits_per_linear_weight": footprint.bits_per_weight if footprint.nf4_weights else None,
     }
 
 

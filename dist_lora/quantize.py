@@ -114,13 +114,16 @@ def quantize_base(model: nn.Module, shards: int, device: torch.device) -> Plan:
     tensor on the meta device, to be filled shard by shard after ``fully_shard`` (:func:`fill_shard`); a loaded
     weight is quantized whole on ``device``. ``shards``: how many ranks shard each weight (1 when replicated)."""
     nf4 = nf4_module()
+    _restore_functional_linear()
     plan = Plan()
     for name, module in _linears(model):
         weight = module.weight
         if not quantizable(weight.shape, shards):
+            whole = f"whole {BLOCK}x{SCALER_BLOCK}-element scaler blocks"
             plan.kept[name] = (
-                f"{tuple(weight.shape)} does not split into {shards} equal row ranges of whole "
-                f"{BLOCK}x{SCALER_BLOCK}-element scaler blocks"
+                f"{tuple(weight.shape)} is not a number of {whole}"
+                if shards == 1
+                else f"{tuple(weight.shape)} does not split into {shards} equal row ranges of {whole}"
             )
             continue
         if weight.is_meta:
@@ -141,6 +144,20 @@ def quantize_base(model: nn.Module, shards: int, device: torch.device) -> Plan:
             "Mistral, Qwen...) or model.quantization: none"
         )
     return plan
+
+
+def _restore_functional_linear() -> None:
+    """DeepSpeed's ZeRO-3 replaces ``torch.nn.functional.linear`` for the rest of the process ("This will persist
+    unless manually reset", its log says), and its replacement multiplies by ``weight.t()``, which an NF4 weight
+    cannot take (a shape error). A QLoRA model built in a process where ZeRO-3 ran before puts the original back:
+    DeepSpeed keeps it, and ZeRO-3 works with it too (its parameter hooks gather the weights either way)."""
+    import sys
+
+    zero = sys.modules.get("deepspeed.runtime.zero.partition_parameters")
+    original = getattr(getattr(zero, "InsertPostInitMethodToModuleSubClasses", None), "linear_bk", None)
+    if original is not None and torch.nn.functional.linear is not original:
+        torch.nn.functional.linear = original
+        log.info("put torch.nn.functional.linear back (DeepSpeed ZeRO-3 replaced it earlier in this process)")
 
 
 def _levels(dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -77,7 +77,10 @@ def test_a_base_left_unquantized_is_an_error_not_a_silent_full_size_base(qlora_b
 @pytest.mark.parametrize(
     "changes, message",
     [
-        ({"parallel": {"backend": "deepspeed", "zero_stage": 3}}, "Module._apply, which cannot swap torchao.s NF4 parameters"),
+        (
+            {"parallel": {"backend": "deepspeed", "zero_stage": 3}},
+            "Module._apply, which cannot swap torchao.s NF4 parameters",
+        ),
         ({"parallel": {"backend": "deepspeed", "zero_stage": 2}}, "model.quantization=nf4 runs on parallel.backend"),
         ({"lora": {"use_dora": True}}, "lora.use_dora with model.quantization=nf4 is refused"),
         ({"model": {"quantization": "int4"}}, "model.quantization must be one of none, nf4"),
@@ -267,3 +270,21 @@ def test_one_process_builds_the_nf4_base_one_tensor_at_a_time(qlora_base, tmp_pa
     assert checked == 14
     assert torch.isfinite(torch.tensor(trainer.train_step()))
     trainer.checkpointer.release_lease()
+
+
+def test_nf4_survives_a_zero3_run_earlier_in_the_process(qlora_base, monkeypatch):
+    """DeepSpeed's ZeRO-3 leaves torch.nn.functional.linear replaced for the rest of the process, and its version
+    cannot multiply by an NF4 weight: building a QLoRA model puts DeepSpeed's own backup of the original back."""
+    from deepspeed.runtime.zero.linear import zero3_linear_wrap
+    from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses
+
+    from dist_lora.quantize import quantize_base
+
+    original = torch.nn.functional.linear
+    monkeypatch.setattr(InsertPostInitMethodToModuleSubClasses, "linear_bk", original, raising=False)
+    monkeypatch.setattr(torch.nn.functional, "linear", zero3_linear_wrap)  # as a ZeRO-3 engine leaves it
+    model = _peft_model(qlora_base)
+    quantize_base(model, shards=1, device=torch.device("cpu"))
+    assert torch.nn.functional.linear is original
+    x = torch.arange(16).view(1, 16) * 7 % 100
+    assert torch.isfinite(model(input_ids=x).logits).all()
