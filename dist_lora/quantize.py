@@ -121,7 +121,7 @@ def quantize_base(model: nn.Module, shards: int, device: torch.device) -> Plan:
         if not quantizable(weight.shape, shards):
             whole = f"whole {BLOCK}x{SCALER_BLOCK}-element scaler blocks"
             plan.kept[name] = (
-                f"{tuple(weight.shape)} is not a number of {whole}"
+                f"{tuple(weight.shape)} is not made of {whole}"
                 if shards == 1
                 else f"{tuple(weight.shape)} does not split into {shards} equal row ranges of {whole}"
             )
