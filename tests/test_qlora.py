@@ -161,6 +161,11 @@ def test_qlora_trains_on_fsdp2_and_its_adapter_is_the_unquantized_format(qlora_b
             "phases": ["train:3"],
         }
     )
+    fp32 = config(qlora_base, tmp_path / "fp32-ac" / "ckpt")  # fp32 adapter, bf16 compute, checkpointed blocks
+    fp32["model"]["dtype"] = "float32"
+    fp32["parallel"]["mixed_precision"] = "bf16"
+    fp32["train"]["activation_checkpointing"] = True
+    first.append({"config": fp32, "out": str(tmp_path / "fp32-ac"), "phases": ["train:3"]})
     for kind, layer in (("out", "model.layers.1.mlp.down_proj"), ("grad", "model.layers.0.self_attn.q_proj")):
         first.append(
             {
@@ -206,6 +211,10 @@ def test_qlora_trains_on_fsdp2_and_its_adapter_is_the_unquantized_format(qlora_b
         other_losses = json.loads((other / "losses.json").read_text())
         for n in (1, 2, 3):
             assert abs(other_losses[str(n)] - losses[n]) < 1e-3 * losses[n], (other, other_losses, losses)
+
+    fp32_losses = json.loads((tmp_path / "fp32-ac" / "losses.json").read_text())
+    for n in (1, 2, 3):  # an fp32 NF4 base computed in bf16: the same run up to rounding
+        assert abs(fp32_losses[str(n)] - losses[n]) < 0.005 * losses[n], (fp32_losses, losses)
 
     # one rank's NaN stops both, the layer named by the rank that saw it
     for kind, layer in (("out", "model.layers.1.mlp.down_proj"), ("grad", "model.layers.0.self_attn.q_proj")):
