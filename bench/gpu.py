@@ -37,6 +37,7 @@ NEEDS_CUDA = [
 # (hidden, layers, heads, kv heads, intermediate, vocab)
 SHAPES = {
     "llama-1.1b": (2048, 22, 32, 4, 5632, 32000),
+    "llama-1.1b-4-layers": (2048, 4, 32, 4, 5632, 32000),  # bench.run --parts h --quick
     "llama-8b": (4096, 32, 32, 8, 14336, 128256),
     "cpu-small": (256, 4, 8, 4, 768, 512),
 }

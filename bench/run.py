@@ -522,27 +522,16 @@ def train_resume_merge(tmp: Path, base: Path, model_bytes: int) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------------- h. QLoRA
 
-TINYLLAMA = {  # TinyLlama-1.1B's shape
-    "hidden_size": 2048,
-    "intermediate_size": 5632,
-    "num_hidden_layers": 22,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 4,
-}
-
 
 def build_llama_base(out: Path, quick: bool) -> int:
-    """A randomly initialised Llama (TinyLlama-1.1B's shape; 4 layers with --quick) saved in bf16 with the demo's
-    tokenizer; returns its bytes. Built in a child process."""
-    shape = {**TINYLLAMA, "num_hidden_layers": 4} if quick else TINYLLAMA
+    """bench/gpu.py's ~1.1B Llama (TinyLlama's shape, bf16; 4 layers with --quick), built on the CPU in a child
+    process (this one never holds it); returns its bytes."""
+    shape = "llama-1.1b-4-layers" if quick else "llama-1.1b"
     code = (
-        "import sys, torch; from transformers import LlamaConfig, LlamaForCausalLM; "
-        "from dist_lora.demo import build_tokenizer, corpus_path; "
-        f"torch.manual_seed(0); m = LlamaForCausalLM(LlamaConfig(vocab_size=32000, **{shape!r})).to(torch.bfloat16); "
-        "m.save_pretrained(sys.argv[1], max_shard_size='2GB'); "
-        "build_tokenizer(corpus_path()).save_pretrained(sys.argv[1])"
+        "import sys; from pathlib import Path; from bench.gpu import build_base; "
+        "build_base(Path(sys.argv[1]), sys.argv[2], 'cpu')"
     )
-    subprocess.run([sys.executable, "-c", code, str(out)], check=True, env=env(), cwd=ROOT)
+    subprocess.run([sys.executable, "-c", code, str(out), shape], check=True, env=env(), cwd=ROOT)
     return sum(p.stat().st_size for p in out.glob("*.safetensors"))
 
 

@@ -43,7 +43,7 @@ def quiet_third_party() -> None:
     from transformers.utils import logging as hf_logging
 
     for handler in hf_logging.get_logger().handlers:
-        handler.addFilter(lambda record: not record.getMessage().startswith(QUIET_LOGS))
+        handler.addFilter(_dropping(QUIET_LOGS))
     for name, texts in QUIET_TORCHAO.items():
         logging.getLogger(name).addFilter(_dropping(texts))
 

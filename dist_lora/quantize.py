@@ -116,6 +116,7 @@ def quantize_base(model: nn.Module, shards: int, device: torch.device) -> Plan:
     nf4 = nf4_module()
     _restore_functional_linear()
     plan = Plan()
+    levels: dict[torch.dtype, torch.Tensor] = {}  # NF4's 16 levels: one table per dtype, shared by the weights
     for name, module in _linears(model):
         weight = module.weight
         if not quantizable(weight.shape, shards):
@@ -131,7 +132,9 @@ def quantize_base(model: nn.Module, shards: int, device: torch.device) -> Plan:
             # the two tensors every shard shares are real from the start (an empty copy would leave them on meta):
             # the mean is written by fill_shard, the lookup table is NF4's 16 levels
             q.scaler_mean = torch.zeros((), dtype=weight.dtype, device=device)
-            q.nf4 = _levels(weight.dtype, device)
+            if weight.dtype not in levels:
+                levels[weight.dtype] = _levels(weight.dtype, device)
+            q.nf4 = levels[weight.dtype]
         else:
             q = nf4.to_nf4(weight.detach().to(device).contiguous(), BLOCK, SCALER_BLOCK)
         module.weight = nn.Parameter(q, requires_grad=False)

@@ -20,6 +20,7 @@ from dist_lora.config import ParallelConfig
 from dist_lora.constants import OPTIM_TENSOR_FIELDS, WEIGHT_FIELD
 from dist_lora.lora import adapter_parameters, base_key, canonical_name, check_nothing_dropped, full_shape
 from dist_lora.model import BaseWeights, build_on_meta, fill_from_files, host_tensors, load_base, release_freed_memory
+from dist_lora.quantize import fill_shard, is_nf4
 
 
 @dataclass
@@ -267,8 +268,6 @@ def materialize(
     those rows from the base's safetensors files; an NF4 weight quantizes its rows into place (collective over
     ``group(p)``, the ranks sharding it); the adapter and the computed buffers, which the files do not hold, come
     from ``host`` (their values before wrapping)."""
-    from dist_lora.quantize import fill_shard, is_nf4
-
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     model.to_empty(device=device)
     with torch.no_grad():
