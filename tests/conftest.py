@@ -117,7 +117,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory):
     try:
         yield info
     finally:
-        s3server.stop(proc)
+        s3server.stop(proc, info["ports"])
 
 
 @pytest.fixture

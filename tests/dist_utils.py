@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import runpy
+import shutil
 import signal
 import socket
 import subprocess
@@ -166,6 +167,7 @@ class ForkedRanks:
         self.nproc, self.argv = nproc, argv
         self.logs = Path(tempfile.mkdtemp(prefix="dist-lora-ranks-"))
         self.pids: dict[int, int] = {}  # rank -> pid
+        self._final_output: str | None = None  # the logs' tails, kept when wait() removes them
         for rank in range(nproc):
             pid = os.fork()
             if pid == 0:
@@ -196,9 +198,14 @@ class ForkedRanks:
                 for other in running:
                     os.kill(other, signal.SIGKILL)
             time.sleep(0.02)
+        self._final_output = self.output()
+        shutil.rmtree(self.logs, ignore_errors=True)
         return failed[0] if failed else None
 
     def output(self) -> str:
+        """Every rank's output tail (after :meth:`wait`, as it was when the ranks ended)."""
+        if self._final_output is not None:
+            return self._final_output
         return "\n".join(
             f"--- rank {r}:\n{(self.logs / f'rank{r}.log').read_text()[-4000:]}" for r in range(self.nproc)
         )

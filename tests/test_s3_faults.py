@@ -218,7 +218,7 @@ def test_server_killed_mid_upload_and_restarted(tmp_path):
             assert pending_uploads(storage) == []
     finally:
         for p in procs:
-            s3server.stop(p)
+            s3server.stop(p, info["ports"])
 
 
 def test_retry_policy_is_bounded_and_checked():
