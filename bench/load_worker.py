@@ -43,6 +43,19 @@ def _max_over_ranks(figures: torch.Tensor, device: torch.device) -> torch.Tensor
     return on.cpu()
 
 
+def touch_every_page(model: torch.nn.Module) -> None:
+    """Read one element of every page this rank holds, as the from_pretrained baseline does: a tensor that is a
+    view of the files' pages (a CPU shard, as from_pretrained's own) is only read when first used."""
+    from dist_lora.quantize import is_nf4
+
+    with torch.no_grad():
+        for p in model.parameters():
+            local = getattr(p, "ds_tensor", None)
+            local = local if local is not None else p.to_local() if hasattr(p, "to_local") else p
+            if local.numel() and not is_nf4(local) and local.device.type == "cpu":
+                float(local.detach().reshape(-1)[:: max(1, 4096 // local.element_size())].sum())
+
+
 def main() -> None:
     spec = json.loads(sys.argv[1])
     return_large_blocks_to_the_os()  # as the trainer does
@@ -50,6 +63,7 @@ def main() -> None:
     engine = spec["engine"]
     parallel = ParallelConfig(backend="fsdp" if engine == "fsdp" else "deepspeed", zero_stage=3)
     cls = backend_class(parallel.backend)
+    import peft  # noqa: F401
     import transformers.modeling_utils  # imports are start-up, not loading (as in the baseline)
     import transformers.models.gpt2.modeling_gpt2
     import transformers.models.llama.modeling_llama  # noqa: F401
@@ -65,6 +79,7 @@ def main() -> None:
         from dist_lora.backends.deepspeed import import_deepspeed
 
         import_deepspeed()
+        import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401 - initialize imports it (and torch._dynamo)
     before = status_kb("VmRSS")
     dist.barrier()
     t0 = time.perf_counter()
@@ -88,6 +103,7 @@ def main() -> None:
         grad_accum=1,
         weights=weights,
     )
+    touch_every_page(backend.model)
     seconds = time.perf_counter() - t0
     footprint = measure(backend.model) if quantization else None
     base_bytes = footprint.nf4_bytes + footprint.other_bytes if footprint else 0

@@ -123,9 +123,15 @@ class BaseWeights:
     """A base's tensors as ``save_pretrained`` wrote them: ``model.safetensors``, or several files listed by
     ``model.safetensors.index.json``. Keys are the base's own parameter names (``lora.base_key``).
 
-    A rank reads the rows it holds with plain reads straight into a tensor of their size: no whole tensor, no
-    memory map. (safetensors' own ``get_slice`` maps the file, and every page a rank touches then stays in its
-    resident memory for as long as the file is open, doubling what a rank holds while it loads.)
+    A rank gets the rows it holds in one of two ways, never a whole tensor it does not hold:
+
+    - :meth:`rows` reads them with plain reads straight into a tensor of their size (a GPU shard, another dtype,
+      a tensor being quantized). No map: with safetensors' own ``get_slice``, every page a rank touches would stay
+      resident beside the copy for as long as the file is open, doubling what a rank holds while it loads.
+    - :meth:`mapped` returns them as a view of the file's own pages for a frozen CPU tensor of the file's dtype,
+      as ``from_pretrained`` leaves a CPU model: the map *is* the tensor, so nothing is read or copied until the
+      rows are used, and the pages are the page cache's, which the kernel may drop and read again under pressure.
+      The map is private (copy-on-write): a write to such a tensor never reaches the file.
     """
 
     def __init__(self, directory: str | Path):
@@ -145,6 +151,7 @@ class BaseWeights:
             )
         self.entries: dict[str, _Entry] = {}
         self.aliases: dict[str, str] = {}  # a tied parameter's other name -> the name the files hold it under
+        self._maps: dict[Path, torch.Tensor] = {}  # file -> its private map, as bytes (see mapped)
         for name in names:
             self.entries.update(_read_header(self.directory / name))
 
@@ -205,6 +212,34 @@ class BaseWeights:
         start, stop = min(start, shape[0]), min(stop, shape[0])
         row = math.prod(shape[1:])
         return self._read(entry, start * row, stop * row, (max(0, stop - start), *shape[1:]), out)
+
+    def mapped(self, key: str, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """Rows ``[start, stop)`` of a tensor as a view of its file's pages (a private, copy-on-write map of the
+        whole file, made once), or None where a view cannot be had: the file holds another dtype than ``dtype``,
+        or the rows are not where a tensor of that dtype may start."""
+        entry = self._entry(key)
+        shape = entry.shape or (1,)
+        start, stop = min(start, shape[0]), min(stop, shape[0])
+        row = math.prod(shape[1:])
+        view = self._view(entry, start * row, stop * row, dtype)
+        return None if view is None else view.view(max(0, stop - start), *shape[1:])
+
+    def mapped_flat(self, key: str, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """Elements ``[start, stop)`` of the flattened tensor (clipped to its size) as a view of its file's pages,
+        as :meth:`mapped`."""
+        entry = self._entry(key)
+        numel = math.prod(entry.shape)
+        return self._view(entry, min(start, numel), min(stop, numel), dtype)
+
+    def _view(self, entry: _Entry, first: int, last: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """Elements ``[first, last)`` of the flattened tensor, 1-D, viewed in the file's map."""
+        begin = entry.offset + first * entry.dtype.itemsize
+        if entry.dtype != dtype or begin % dtype.itemsize:
+            return None
+        if entry.path not in self._maps:
+            size = entry.path.stat().st_size
+            self._maps[entry.path] = torch.from_file(str(entry.path), shared=False, size=size, dtype=torch.uint8)
+        return self._maps[entry.path][begin : begin + max(0, last - first) * dtype.itemsize].view(dtype)
 
     def flat(self, key: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Elements ``[start, stop)`` of the flattened tensor (clipped to its size), read from the file alone;
@@ -269,7 +304,7 @@ def _outside_zero_init() -> Iterator[None]:
         hf_deepspeed._hf_deepspeed_config_weak_ref = held
 
 
-def _no_init_weights() -> Any:
+def skip_weight_init() -> Any:
     """transformers' switch that skips random weight init (its meta tensors would only be drawn for nothing; the
     first draw on meta imports torch's reference ops, a second of a rank's start-up)."""
     import importlib
@@ -288,7 +323,7 @@ def build_on_meta(name_or_path: str, dtype: torch.dtype) -> Any:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(name_or_path)
-    with _outside_zero_init(), init_empty_weights(include_buffers=False), _no_init_weights():
+    with _outside_zero_init(), init_empty_weights(include_buffers=False), skip_weight_init():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.tie_weights()
     return model

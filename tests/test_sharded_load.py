@@ -33,6 +33,26 @@ def test_rows_and_flat_ranges_read_only_what_they_name(llama_base):
     assert weights.flat(key, full[key].numel(), full[key].numel() + 5).numel() == 0  # a padded partition's tail
 
 
+def test_a_mapped_view_is_the_files_pages_and_never_writes_to_them(llama_base):
+    """What a CPU shard of the file's dtype is: rows of the file's own map. A write to it (none is expected: the
+    base is frozen) is the process's own copy; the file keeps its bytes."""
+    import hashlib
+
+    path = llama_base / "model.safetensors"
+    before = hashlib.sha256(path.read_bytes()).hexdigest()
+    weights = BaseWeights(llama_base)
+    key = "model.layers.0.mlp.up_proj.weight"
+    view = weights.mapped(key, 8, 24, torch.float32)
+    assert view is not None and torch.equal(view, weights.rows(key, 8, 24))
+    assert view.untyped_storage().nbytes() == path.stat().st_size  # the map, not a copy
+    flat = weights.mapped_flat(key, 100, 1000, torch.float32)
+    assert flat is not None and torch.equal(flat, weights.flat(key, 100, 1000))
+    assert weights.mapped(key, 8, 24, torch.bfloat16) is None  # another dtype is read and converted instead
+    view.fill_(7.0)
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == before
+    assert not torch.equal(BaseWeights(llama_base).rows(key, 8, 24), view)
+
+
 def test_a_pickle_only_base_is_refused_with_the_fix(tmp_path, gpt2_base):
     import shutil
 
@@ -69,6 +89,7 @@ def test_sharded_load_equals_the_full_load(world, gpt2_base, llama_base, sharded
         report = json.loads((tmp_path / f"rank{rank}.json").read_text())
         for name in names:
             assert report[name]["checked"] > 10 and report[name]["mismatched"] == [], (rank, name, report[name])
+            assert report[name]["copied"] == [], f"rank {rank}, {name}: not views of the files: {report[name]}"
         assert all(report[f"{engine}:{gpt2_base}"]["tied"] for engine in ENGINES)
     for i, name in enumerate(names):
         logits = load_file(str(tmp_path / f"{i}.logits"))

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from dist_lora.config import ParallelConfig
 from dist_lora.constants import OPTIM_TENSOR_FIELDS, WEIGHT_FIELD
@@ -267,9 +268,14 @@ def materialize(
     allocates only what it holds of every parameter (a DTensor's local rows from ``row_offset``) and reads exactly
     those rows from the base's safetensors files; an NF4 weight quantizes its rows into place (collective over
     ``group(p)``, the ranks sharding it); the adapter and the computed buffers, which the files do not hold, come
-    from ``host`` (their values before wrapping)."""
+    from ``host`` (their values before wrapping).
+
+    On the CPU, a frozen parameter of the files' dtype is not read at all: its rows become a view of the file's
+    pages (:meth:`BaseWeights.mapped`), put in place with ``load_state_dict(assign=True)``, which FSDP2 takes as
+    the new local shard. That is how ``from_pretrained`` leaves a CPU model, and costs as little."""
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     model.to_empty(device=device)
+    views: dict[int, nn.Parameter] = {}  # id of the parameter -> its view of the files, as a parameter
     with torch.no_grad():
         for name, p in model.named_parameters():
             key = canonical_name(name)
@@ -280,12 +286,29 @@ def materialize(
                 fill_shard(local, weights.rows(base_key(key), start, stop), group(p))
             elif key in host:
                 local.copy_((host[key].reshape(p.shape)[start:stop] if p.dim() else host[key]).reshape(local.shape))
+            elif (
+                device.type == "cpu"
+                and not p.requires_grad  # a trained tensor (bias="all") gets memory of its own
+                and local.dim()
+                and (view := weights.mapped(base_key(key), start, stop, local.dtype)) is not None
+            ):
+                views[id(p)] = nn.Parameter(_like(p, view), requires_grad=False)
             else:
                 weights.rows(base_key(key), start, stop, out=local)  # the file's bytes straight into the shard
         for name, b in model.named_buffers():
             key = canonical_name(name)
             b.copy_(host[key] if key in host else weights.rows(base_key(key), 0, b.shape[0] if b.dim() else 1))
+    if views:  # every name of a tied parameter gets the same new one: they stay tied
+        named = {name: views[id(p)] for name, p in model.named_parameters(remove_duplicate=False) if id(p) in views}
+        assert not model.load_state_dict(named, strict=False, assign=True).unexpected_keys
     release_freed_memory()
+
+
+def _like(p: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """``local`` as ``p`` is: a DTensor of ``p``'s mesh, placements and global shape when ``p`` is one."""
+    if isinstance(p, DTensor):
+        return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+    return local
 
 
 def torch_optim_fields(

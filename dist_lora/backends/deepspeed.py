@@ -23,7 +23,7 @@ import torch
 from dist_lora.backends.base import Backend, LocalPiece, Staging
 from dist_lora.constants import ENV_DS_ACCELERATOR, OPTIM_TENSOR_FIELDS, WEIGHT_FIELD
 from dist_lora.lora import base_key
-from dist_lora.model import BaseWeights, release_freed_memory
+from dist_lora.model import BaseWeights, release_freed_memory, skip_weight_init
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -86,15 +86,23 @@ def import_deepspeed() -> Any:
 def _fill_partitions(model: Any, weights: BaseWeights) -> None:
     """Each rank writes its own partition of every ZeRO-3 parameter: elements [rank*s, (rank+1)*s) of the
     flattened tensor (s = ``ds_tensor.numel()``, the last partition zero-padded), read from the files by the rows
-    that hold them. Buffers (not partitioned) are read whole where the files hold them."""
+    that hold them. On the CPU a whole partition of the files' dtype becomes a view of the file's pages instead
+    (:meth:`BaseWeights.mapped_flat`; the ones LoRA trains get memory of their own when DeepSpeed flattens them
+    for its optimizer). Buffers (not partitioned) are read whole where the files hold them."""
     rank = torch.distributed.get_rank()
     with torch.no_grad():
         for name, p in model.named_parameters():
             part = p.ds_tensor.numel()
             held = max(0, min(p.ds_numel, (rank + 1) * part) - rank * part)  # the rest is padding
+            key, begin = base_key(name), rank * part
+            if held == part and p.ds_tensor.device.type == "cpu":
+                view = weights.mapped_flat(key, begin, begin + part, p.ds_tensor.dtype)
+                if view is not None:
+                    p.ds_tensor.data = view
+                    continue
             target = p.ds_tensor.view(-1)
             target[held:].zero_()
-            weights.flat(base_key(name), rank * part, rank * part + held, out=target[:held])
+            weights.flat(key, begin, begin + held, out=target[:held])
         for name, b in model.named_buffers():
             if base_key(name) in weights:
                 b.copy_(weights.rows(base_key(name), 0, b.shape[0] if b.dim() else 1).reshape(b.shape))
@@ -152,9 +160,11 @@ class DeepSpeedBackend(Backend):
         # as on the meta-device path of FSDP2, so the initialisation is skipped.
         # zero.Init also broadcasts every parameter whole from rank 0 before partitioning it, so that random inits
         # agree: the whole model over the network, for values the files replace. Partitioned without it.
+        # And each module's own random init (nn.Linear's kaiming draw over the whole weight) is skipped as well.
         with (
             mock.patch.object(hf_deepspeed, "initialize_weights_zero3", lambda model: None),
             mock.patch.object(Init, "_zero_init_param", _partition_unbroadcast),
+            skip_weight_init(),
         ):
             model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(name_or_path), dtype=dtype)
         model._dist_lora_hf_ds_config = keep  # kept for as long as the model (generation checks it)

@@ -40,6 +40,26 @@ def local_and_expected(backend, name: str, p, ref: torch.Tensor) -> tuple[torch.
     return p.detach(), ref
 
 
+def held_whole(backend, p) -> torch.Tensor | None:
+    """This rank's share of a frozen base parameter when it is not padded (the last rank of an uneven split gets a
+    padded copy); None otherwise."""
+    if p.requires_grad:
+        return None
+    if hasattr(p, "ds_tensor"):
+        part = p.ds_tensor.numel()
+        return p.ds_tensor if (backend.rank + 1) * part <= p.ds_numel else None
+    if hasattr(p, "to_local"):
+        local = p.to_local()
+        return local if local.shape[0] == -(-p.shape[0] // backend.world_size) else None
+    return None
+
+
+def file_backed(t: torch.Tensor, base: str) -> bool:
+    """Whether ``t`` is a view of a map of one of the base's files (its storage is that file, byte for byte)."""
+    sizes = {f.stat().st_size for f in Path(base).glob("*.safetensors")}
+    return t.device.type == "cpu" and t.untyped_storage().nbytes() in sizes
+
+
 def main() -> None:
     args = json.loads(sys.argv[1])
     out = Path(args["out"])
@@ -60,10 +80,13 @@ def main() -> None:
         torch.manual_seed(cfg.train.seed)
         reference = apply_lora(load_base(base, DTYPES[cfg.model.dtype]), cfg.lora, base)
         ref_params = {canonical_name(n): p.detach() for n, p in reference.named_parameters()}
-        mismatched, checked = [], 0
+        mismatched, checked, copied = [], 0, []
         module = backend.model.module if hasattr(backend.model, "module") else backend.model
         for name, p in module.named_parameters():
             key = canonical_name(name)
+            whole = held_whole(backend, p)
+            if whole is not None and not file_backed(whole, base):
+                copied.append(key)
             mine, expected = local_and_expected(backend, key, p, ref_params[key])
             checked += 1
             if mine.dtype != expected.dtype or not torch.equal(mine, expected.reshape(mine.shape)):
@@ -79,7 +102,7 @@ def main() -> None:
             with torch.no_grad():
                 ref_logits = reference(input_ids=x).logits.float()
             save_file({"sharded": logits.contiguous(), "full": ref_logits.contiguous()}, str(out / f"{i}.logits"))
-        report[case] = {"checked": checked, "mismatched": mismatched, "tied": _tied(module)}
+        report[case] = {"checked": checked, "mismatched": mismatched, "copied": copied, "tied": _tied(module)}
         trainer.checkpointer.release_lease()
         del trainer, reference
     (out / f"rank{backend.rank}.json").write_text(json.dumps(report, indent=1))
