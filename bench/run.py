@@ -947,7 +947,7 @@ def main() -> None:
         try:
             rows = run_parts(args, tmp, repeats, s3)
         finally:
-            s3server.stop(proc)
+            s3server.stop(proc, s3["ports"])
     previous = RESULTS / "results.json"
     if previous.is_file() and args.parts != "abcdefgh":  # the parts not rerun keep their rows
         rows = [r for r in json.loads(previous.read_text()) if r["part"] not in args.parts] + rows
