@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from dist_lora.backends import backend_class, build
+from dist_lora.backends import Backend, backend_class, build
 from dist_lora.config import LoraConfig, ParallelConfig
 from dist_lora.distributed import init_distributed, shutdown
 from dist_lora.lora import apply_lora
-from dist_lora.model import adapters_on_cpu, load_base, return_large_blocks_to_the_os
+from dist_lora.model import adapters_on_cpu, collection_paused, load_base, return_large_blocks_to_the_os
 
 
 def status_kb(field: str) -> int:
@@ -56,6 +56,32 @@ def touch_every_page(model: torch.nn.Module) -> None:
                 float(local.detach().reshape(-1)[:: max(1, 4096 // local.element_size())].sum())
 
 
+def load(spec: dict, cls: type, parallel: ParallelConfig, dtype: torch.dtype, device: torch.device) -> Backend:
+    """The base of ``spec``, loaded the sharded or the full way, LoRA applied (and NF4), the engine wrapped."""
+    if spec["path"] == "sharded":
+        base, weights = cls.load_base(parallel, spec["base"], dtype, device, micro_batch_size=1, grad_accum=1)
+    else:
+        base, weights = load_base(spec["base"], dtype).to(device), None
+    torch.manual_seed(0)
+    with adapters_on_cpu():
+        model = apply_lora(
+            base, LoraConfig(r=16, alpha=32, target_modules=spec.get("targets", ["c_attn"])), spec["base"]
+        )
+    if spec.get("quantization") == "nf4":
+        from dist_lora.quantize import quantize_base
+
+        quantize_base(model, cls.shards(parallel), device)
+    return build(
+        parallel,
+        model,
+        lambda ps: torch.optim.AdamW(ps, lr=1e-4),
+        bias="none",
+        micro_batch_size=1,
+        grad_accum=1,
+        weights=weights,
+    )
+
+
 def main() -> None:
     spec = json.loads(sys.argv[1])
     return_large_blocks_to_the_os()  # as the trainer does
@@ -71,7 +97,7 @@ def main() -> None:
     dtype = getattr(torch, spec.get("dtype", "float32"))
     quantization = spec.get("quantization")
     if quantization:
-        from dist_lora.quantize import measure, nf4_module, quantize_base
+        from dist_lora.quantize import measure, nf4_module
 
         nf4_module()
 
@@ -83,26 +109,8 @@ def main() -> None:
     before = status_kb("VmRSS")
     dist.barrier()
     t0 = time.perf_counter()
-    if spec["path"] == "sharded":
-        base, weights = cls.load_base(parallel, spec["base"], dtype, device, micro_batch_size=1, grad_accum=1)
-    else:
-        base, weights = load_base(spec["base"], dtype).to(device), None
-    torch.manual_seed(0)
-    with adapters_on_cpu():
-        model = apply_lora(
-            base, LoraConfig(r=16, alpha=32, target_modules=spec.get("targets", ["c_attn"])), spec["base"]
-        )
-    if quantization == "nf4":
-        quantize_base(model, cls.shards(parallel), device)
-    backend = build(
-        parallel,
-        model,
-        lambda ps: torch.optim.AdamW(ps, lr=1e-4),
-        bias="none",
-        micro_batch_size=1,
-        grad_accum=1,
-        weights=weights,
-    )
+    with collection_paused():  # as the trainer builds (both paths)
+        backend = load(spec, cls, parallel, dtype, device)
     touch_every_page(backend.model)
     seconds = time.perf_counter() - t0
     footprint = measure(backend.model) if quantization else None

@@ -436,11 +436,12 @@ def part_f(tmp: Path, quick: bool) -> list[dict]:
     base = tmp / "xl-base"
     model_bytes = build_xl_base(base, quick)
     rows: list[dict] = []
-    # the baseline: from_pretrained in one process, its imports done first (as the ranks' are) and every page of
-    # every tensor touched (from_pretrained may leave the files memory-mapped: the reads would come later)
+    # the baseline: from_pretrained in one process, its imports done first (as the ranks' are), the garbage
+    # collector paused (as the trainer's build) and every page of every tensor touched (from_pretrained leaves
+    # the files memory-mapped: the reads come later, as on the sharded path's CPU shards)
     code = (
         "import sys, time, torch; import transformers.modeling_utils; from transformers import AutoModelForCausalLM; "
-        "import transformers.models.gpt2.modeling_gpt2; t = time.perf_counter(); "
+        "import transformers.models.gpt2.modeling_gpt2, gc; gc.disable(); t = time.perf_counter(); "
         "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32); "
         "[float(p.detach().reshape(-1)[::1024].sum()) for p in m.parameters()]; print(time.perf_counter() - t)"
     )

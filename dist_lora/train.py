@@ -23,9 +23,15 @@ from dist_lora.guard import FirstNonFinite, check_first_step
 from dist_lora.logs import quiet_third_party
 from dist_lora.lora import apply_lora
 from dist_lora.metrics import MetricsLog
-from dist_lora.model import adapters_on_cpu, load_tokenizer, resolve_model_path, return_large_blocks_to_the_os
+from dist_lora.model import (
+    adapters_on_cpu,
+    collection_paused,
+    load_tokenizer,
+    resolve_model_path,
+    return_large_blocks_to_the_os,
+)
 from dist_lora.preempt import StopRequest
-from dist_lora.quantize import check_and_log, quantize_base
+from dist_lora.quantize import Plan, check_and_log, quantize_base
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +120,27 @@ class Trainer:
         return_large_blocks_to_the_os()  # else glibc keeps every freed all-gather buffer: RSS would grow ~2x
         tokenizer = load_tokenizer(cfg.model.name_or_path)
         self.data = prepare_data(cfg.data, tokenizer, seed=t.seed)  # tokenized once per node, then cached
+        with collection_paused():  # a build makes ~10^5 objects: no full collections over the imported libraries
+            plan = self._build_model(cfg)
+        self.checkpointer.prepare(self.backend)  # the first save then stalls like the later ones
+        self.metrics_log = MetricsLog(t.metrics_file, enabled=self.rank == 0)
+        if plan is not None:  # ~4 bits per weight, or an error: a base left unquantized is a silent failure
+            self.metrics_log.event("quantization", **check_and_log(self.backend.model, plan, DTYPES[cfg.model.dtype]))
+        self.step = 0
+        self.stop = StopRequest()
+        self.stopped_early = False
+        self.grad_norm = math.nan
+        self._checked_finite = False
+        self.stop_at = self.cfg.train.stop_at_step or self.cfg.train.max_steps
+        self.eval_history: list[dict[str, Any]] = []  # {"step", "eval_loss"} of every evaluation, carried by resume
+        self.last_saved: int | None = None
+        self.resumed_from: str | None = None
+        self.metrics: list[dict[str, Any]] = []
+        self._held_row: dict[str, Any] | None = None
+
+    def _build_model(self, cfg: RunConfig) -> Plan | None:
+        """The base, LoRA over it, the quantization (QLoRA's plan, or None) and the wrapped engine."""
+        t = cfg.train
         # FSDP2 and ZeRO-3 never hold more than a shard of the base on any rank; the others load a replica
         base: Any
         base, weights = backends.backend_class(cfg.parallel.backend).load_base(
@@ -152,21 +179,7 @@ class Trainer:
             weights=weights,
             max_grad_norm=t.max_grad_norm,
         )
-        self.checkpointer.prepare(self.backend)  # the first save then stalls like the later ones
-        self.metrics_log = MetricsLog(t.metrics_file, enabled=self.rank == 0)
-        if plan is not None:  # ~4 bits per weight, or an error: a base left unquantized is a silent failure
-            self.metrics_log.event("quantization", **check_and_log(self.backend.model, plan, DTYPES[cfg.model.dtype]))
-        self.step = 0
-        self.stop = StopRequest()
-        self.stopped_early = False
-        self.grad_norm = math.nan
-        self._checked_finite = False
-        self.stop_at = self.cfg.train.stop_at_step or self.cfg.train.max_steps
-        self.eval_history: list[dict[str, Any]] = []  # {"step", "eval_loss"} of every evaluation, carried by resume
-        self.last_saved: int | None = None
-        self.resumed_from: str | None = None
-        self.metrics: list[dict[str, Any]] = []
-        self._held_row: dict[str, Any] | None = None
+        return plan
 
     def resume(self, resume: str | None) -> None:
         """Collective: load the adapter and optimizer state into the shards as ``checkpoint.resume`` says ("auto":

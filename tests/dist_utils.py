@@ -231,6 +231,20 @@ def load_step(step_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.
     return weights, optim
 
 
+def mapped_file(t: torch.Tensor) -> str | None:
+    """The file whose map holds ``t``'s memory (from /proc/self/maps), or None for memory of the process's own."""
+    if t.device.type != "cpu" or not t.numel():
+        return None
+    address = t.data_ptr()
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split()
+            low, high = (int(x, 16) for x in fields[0].split("-"))
+            if low <= address < high:
+                return fields[5] if len(fields) > 5 and fields[5].startswith("/") else None
+    return None
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     scale = max(a.abs().max().item(), b.abs().max().item(), 1e-30)
     return (a - b).abs().max().item() / scale

@@ -22,7 +22,7 @@ from dist_lora.distributed import shutdown
 from dist_lora.lora import apply_lora, canonical_name
 from dist_lora.model import load_base
 from dist_lora.train import DTYPES, Trainer
-from tests.dist_utils import TINY
+from tests.dist_utils import TINY, mapped_file
 
 
 def local_and_expected(backend, name: str, p, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,9 +55,9 @@ def held_whole(backend, p) -> torch.Tensor | None:
 
 
 def file_backed(t: torch.Tensor, base: str) -> bool:
-    """Whether ``t`` is a view of a map of one of the base's files (its storage is that file, byte for byte)."""
-    sizes = {f.stat().st_size for f in Path(base).glob("*.safetensors")}
-    return t.device.type == "cpu" and t.untyped_storage().nbytes() in sizes
+    """Whether ``t``'s memory is a map of one of the base's files."""
+    path = mapped_file(t)
+    return path is not None and Path(path).parent == Path(base).resolve()
 
 
 def main() -> None:
