@@ -445,10 +445,16 @@ def part_f(tmp: Path, quick: bool) -> list[dict]:
         "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32); "
         "[float(p.detach().reshape(-1)[::1024].sum()) for p in m.parameters()]; print(time.perf_counter() - t)"
     )
-    single = subprocess.run(
-        [sys.executable, "-c", code, str(base)], env=env(), cwd=ROOT, check=True, capture_output=True, text=True
-    )
-    from_pretrained_s = float(single.stdout.strip().splitlines()[-1])
+    os.sync()  # the base was just written: its writeback would slow whichever run came first
+    repeats = 1 if quick else 3  # loads take about a second: each is the median of 3 (peaks are the same)
+
+    def baseline() -> float:
+        out = subprocess.run(
+            [sys.executable, "-c", code, str(base)], env=env(), cwd=ROOT, check=True, capture_output=True, text=True
+        )
+        return float(out.stdout.strip().splitlines()[-1])
+
+    from_pretrained_s = statistics.median(baseline() for _ in range(repeats))
     for engine in ("fsdp", "zero3"):
         for world in (1, 2, 4):
             for path in ("sharded", "full"):
@@ -459,13 +465,21 @@ def part_f(tmp: Path, quick: bool) -> list[dict]:
                     continue
                 result = tmp / f"load-{engine}-{world}-{path}.json"
                 spec = {"engine": engine, "base": str(base), "path": path, "result": str(result)}
-                torchrun(world, "bench.load_worker", spec)
-                row = {"part": "f", "engine": engine, "world": world, "path": path, **json.loads(result.read_text())}
-                row.update(model_bytes=model_bytes, from_pretrained_s=from_pretrained_s)
+                runs = []
+                for _ in range(repeats if path == "sharded" else 1):  # the full path takes 3-13 s: once
+                    torchrun(world, "bench.load_worker", spec)
+                    runs.append(json.loads(result.read_text()))
+                row = {"part": "f", "engine": engine, "world": world, "path": path, **runs[0]}
+                row.update(
+                    load_s=statistics.median(r["load_s"] for r in runs),
+                    peak_rss=max(r["peak_rss"] for r in runs),
+                    model_bytes=model_bytes,
+                    from_pretrained_s=from_pretrained_s,
+                )
                 rows.append(row)
                 print(
                     f"[f] {engine} world {world} {path}: peak {row['peak_rss'] / 1e9:.2f} GB per rank, "
-                    f"load {row['load_s']:.1f} s (from_pretrained alone {from_pretrained_s:.1f} s)",
+                    f"load {row['load_s']:.2f} s (from_pretrained alone {from_pretrained_s:.2f} s)",
                     flush=True,
                 )
     rows += train_resume_merge(tmp, base, model_bytes)
@@ -797,7 +811,7 @@ def report(rows: list[dict], quick: bool) -> str:
             lines.append(
                 f"| {r['engine']} | {r['world']} | {r['path']} | {fmt_bytes(r['peak_rss'])} | "
                 f"{fmt_bytes(r['rss_before'])} | {fmt_bytes(target)} ({mark if r['path'] == 'sharded' else '-'}) | "
-                f"{r['load_s']:.1f} | {r['from_pretrained_s']:.1f} |"
+                f"{r['load_s']:.2f} | {r['from_pretrained_s']:.2f} |"
             )
         phases = [r for r in f if "phase" in r]
         if phases:

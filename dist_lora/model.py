@@ -244,14 +244,17 @@ class BaseWeights:
         if not nbytes:
             return torch.empty(0, dtype=dtype)
         start = begin - begin % mmap.ALLOCATIONGRANULARITY
-        with open(entry.path, "rb") as f:  # the map outlives the file object; the tensor keeps the map
-            pages = mmap.mmap(
-                f.fileno(),
-                begin + nbytes - start,
-                flags=mmap.MAP_PRIVATE,
-                prot=mmap.PROT_READ | mmap.PROT_WRITE,
-                offset=start,
-            )
+        try:
+            with open(entry.path, "rb") as f:  # the map outlives the file object; the tensor keeps the map
+                pages = mmap.mmap(
+                    f.fileno(),
+                    begin + nbytes - start,
+                    flags=mmap.MAP_PRIVATE,
+                    prot=mmap.PROT_READ | mmap.PROT_WRITE,
+                    offset=start,
+                )
+        except OSError:  # a file system that cannot map files (some FUSE mounts): the rows are read instead
+            return None
         return torch.frombuffer(pages, dtype=dtype, count=nbytes // size, offset=begin - start)
 
     def flat(self, key: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -33,7 +33,7 @@ def test_rows_and_flat_ranges_read_only_what_they_name(llama_base):
     assert weights.flat(key, full[key].numel(), full[key].numel() + 5).numel() == 0  # a padded partition's tail
 
 
-def test_a_mapped_view_is_the_files_pages_and_never_writes_to_them(llama_base):
+def test_a_mapped_view_is_the_files_pages_and_never_writes_to_them(llama_base, monkeypatch):
     """What a CPU shard of the file's dtype is: rows of the file's own map. A write to it (none is expected: the
     base is frozen) is the process's own copy; the file keeps its bytes."""
     import hashlib
@@ -51,6 +51,12 @@ def test_a_mapped_view_is_the_files_pages_and_never_writes_to_them(llama_base):
     view.fill_(7.0)
     assert hashlib.sha256(path.read_bytes()).hexdigest() == before
     assert not torch.equal(BaseWeights(llama_base).rows(key, 8, 24), view)
+
+    def refused(*args, **kwargs):
+        raise OSError(19, "No such device")  # what mmap says on a file system that cannot map files
+
+    monkeypatch.setattr("dist_lora.model.mmap.mmap", refused)
+    assert weights.mapped(key, 8, 24, torch.float32) is None  # the rows are then read
 
 
 def test_a_pickle_only_base_is_refused_with_the_fix(tmp_path, gpt2_base):
