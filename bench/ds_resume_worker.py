@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from bench.save_worker import build_backend
-from dist_lora.distributed import init_distributed, shutdown
+from dist_lora.distributed import exit_process, init_distributed, shutdown
 
 
 def main() -> None:
@@ -47,3 +47,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_process()  # not through finalization, where gloo's threads can abort a rank that finished

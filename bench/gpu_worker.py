@@ -27,7 +27,7 @@ import torch
 from dist_lora.checkpointer import Checkpointer
 from dist_lora.config import CheckpointConfig, load_config
 from dist_lora.constants import ADAPTER_WEIGHTS_NAME, OPTIMIZER_NAME
-from dist_lora.distributed import shutdown
+from dist_lora.distributed import exit_process, shutdown
 from dist_lora.quantize import measure
 from dist_lora.train import Trainer
 
@@ -174,3 +174,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_process()  # not through finalization, where gloo's threads can abort a rank that finished

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from dist_lora.backends import Backend, backend_class, build
 from dist_lora.config import LoraConfig, ParallelConfig
-from dist_lora.distributed import init_distributed, shutdown
+from dist_lora.distributed import exit_process, init_distributed, shutdown
 from dist_lora.lora import apply_lora
 from dist_lora.model import adapters_on_cpu, collection_paused, load_base, return_large_blocks_to_the_os
 
@@ -133,3 +133,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_process()  # not through finalization, where gloo's threads can abort a rank that finished

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from dist_lora.backends import build
 from dist_lora.checkpointer import Checkpointer
 from dist_lora.config import CheckpointConfig, LoraConfig, ParallelConfig
-from dist_lora.distributed import init_distributed, shutdown
+from dist_lora.distributed import exit_process, init_distributed, shutdown
 from dist_lora.gather import COMM_STATS
 from dist_lora.lora import adapter_parameters, apply_lora, full_shape
 
@@ -320,3 +320,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_process()  # not through finalization, where gloo's threads can abort a rank that finished

@@ -215,17 +215,12 @@ def _describe(e: BaseException) -> str:
 def entry() -> None:
     """The ``dist-lora`` command and ``python -m dist_lora``: :func:`main`, then exit with its status.
 
-    A rank whose run ended with every rank in agreement (the process group left after a barrier) exits at once,
-    without the interpreter's finalization: gloo's worker threads can still abort it with SIGABRT there, which
-    the launcher would report as a failed run after a successful one.
+    A rank whose run ended with every rank in agreement exits at once (:func:`dist_lora.distributed.exit_process`).
     """
     code = main()
     distributed = sys.modules.get("dist_lora.distributed")  # loaded only by commands that ran collectives
-    if distributed is not None and distributed.left_process_group_cleanly():
-        sys.stdout.flush()
-        sys.stderr.flush()
-        logging.shutdown()
-        os._exit(code)
+    if distributed is not None:
+        distributed.exit_process(code)
     sys.exit(code)
 
 

@@ -9,6 +9,7 @@ import sys
 import threading
 from collections.abc import Callable
 from datetime import timedelta
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -131,6 +132,18 @@ def shutdown(*, clean: bool = True) -> None:
 def left_process_group_cleanly() -> bool:
     """Whether this process ran collectives and then left its process group with every rank in agreement."""
     return _left_cleanly
+
+
+def exit_process(code: int = 0) -> NoReturn:
+    """Exit with ``code``. A rank that left its process group with every rank in agreement exits at once, without
+    the interpreter's finalization: gloo's worker threads can still abort it there (std::terminate, SIGABRT),
+    which a launcher reports as a failed run after a successful one."""
+    if _left_cleanly:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
+    sys.exit(code)
 
 
 def step_consensus(loss: float, stop: bool) -> tuple[float, bool]:
