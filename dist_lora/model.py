@@ -209,28 +209,23 @@ class BaseWeights:
         """Rows ``[start, stop)`` of a tensor (dim 0; a scalar is one row), read from the file alone; straight
         into ``out`` when it is given (contiguous, of the file's dtype and those rows' size)."""
         entry = self._entry(key)
-        shape = entry.shape or (1,)
-        start, stop = min(start, shape[0]), min(stop, shape[0])
-        row = math.prod(shape[1:])
-        return self._read(entry, start * row, stop * row, (max(0, stop - start), *shape[1:]), out)
+        first, last, shape = _row_range(entry, start, stop)
+        return self._read(entry, first, last, shape, out)
 
     def mapped(self, key: str, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor | None:
         """Rows ``[start, stop)`` of a tensor as a view of its file's pages (a private, copy-on-write map of those
         pages), or None where a view cannot be had: the file holds another dtype than ``dtype``,
         or the rows are not where a tensor of that dtype may start."""
         entry = self._entry(key)
-        shape = entry.shape or (1,)
-        start, stop = min(start, shape[0]), min(stop, shape[0])
-        row = math.prod(shape[1:])
-        view = self._view(entry, start * row, stop * row, dtype)
-        return None if view is None else view.view(max(0, stop - start), *shape[1:])
+        first, last, shape = _row_range(entry, start, stop)
+        view = self._view(entry, first, last, dtype)
+        return None if view is None else view.view(shape)
 
     def mapped_flat(self, key: str, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor | None:
         """Elements ``[start, stop)`` of the flattened tensor (clipped to its size) as a view of its file's pages,
         as :meth:`mapped`."""
         entry = self._entry(key)
-        numel = math.prod(entry.shape)
-        return self._view(entry, min(start, numel), min(stop, numel), dtype)
+        return self._view(entry, *_element_range(entry, start, stop), dtype)
 
     @staticmethod
     def _view(entry: _Entry, first: int, last: int, dtype: torch.dtype) -> torch.Tensor | None:
@@ -261,9 +256,8 @@ class BaseWeights:
         """Elements ``[start, stop)`` of the flattened tensor (clipped to its size), read from the file alone;
         straight into ``out`` when it is given."""
         entry = self._entry(key)
-        numel = math.prod(entry.shape)
-        start, stop = min(start, numel), min(stop, numel)
-        return self._read(entry, start, stop, (max(0, stop - start),), out)
+        first, last = _element_range(entry, start, stop)
+        return self._read(entry, first, last, (max(0, last - first),), out)
 
     @staticmethod
     def _read(entry: _Entry, first: int, last: int, shape: tuple[int, ...], out: torch.Tensor | None) -> torch.Tensor:
@@ -278,6 +272,21 @@ class BaseWeights:
             out.copy_(target.view(out.shape))
         result = out if out is not None else target
         return result if entry.shape else result.reshape(())
+
+
+def _row_range(entry: _Entry, start: int, stop: int) -> tuple[int, int, tuple[int, ...]]:
+    """Rows ``[start, stop)`` (clipped to the tensor; a scalar is one row) as elements ``[first, last)`` of the
+    flattened tensor, and the shape of those rows."""
+    shape = entry.shape or (1,)
+    start, stop = min(start, shape[0]), min(stop, shape[0])
+    row = math.prod(shape[1:])
+    return start * row, stop * row, (max(0, stop - start), *shape[1:])
+
+
+def _element_range(entry: _Entry, start: int, stop: int) -> tuple[int, int]:
+    """Elements ``[start, stop)`` of the flattened tensor, clipped to its size."""
+    numel = math.prod(entry.shape)
+    return min(start, numel), min(stop, numel)
 
 
 def _read_header(path: Path) -> dict[str, _Entry]:

@@ -118,10 +118,11 @@ def _wait_ready(info: dict, proc: subprocess.Popen, timeout: float, log: Path) -
     raise RuntimeError(f"SeaweedFS did not accept a PUT within {timeout}s: {error}\n{log.read_text()[-3000:]}")
 
 
-def sockets(ports: dict[str, int]) -> list[Path]:
-    """The unix sockets weed makes in /tmp for its gRPC ports (each service's port + 10000); it leaves some behind
-    even when it exits cleanly."""
-    return [Path(f"/tmp/seaweedfs-{name}-grpc-{port + 10000}.sock") for name, port in ports.items()]
+def remove_sockets(ports: dict[str, int]) -> None:
+    """Remove the unix sockets weed makes in /tmp for its gRPC ports (each service's port + 10000); it leaves some
+    behind even when it exits cleanly."""
+    for name, port in ports.items():
+        Path(f"/tmp/seaweedfs-{name}-grpc-{port + 10000}.sock").unlink(missing_ok=True)
 
 
 def stop(proc: subprocess.Popen, ports: dict[str, int]) -> None:
@@ -129,15 +130,13 @@ def stop(proc: subprocess.Popen, ports: dict[str, int]) -> None:
     if proc.poll() is None:
         proc.kill()
         proc.wait(timeout=30)
-    for path in sockets(ports):
-        path.unlink(missing_ok=True)
+    remove_sockets(ports)
 
 
 if __name__ == "__main__":
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
     if sys.argv[1] == "--clean":  # after the server of DIR was killed: python tests/s3server.py --clean DIR
-        for path in sockets(json.loads((Path(sys.argv[2]) / "endpoint.json").read_text())["ports"]):
-            path.unlink(missing_ok=True)
+        remove_sockets(json.loads((Path(sys.argv[2]) / "endpoint.json").read_text())["ports"])
         sys.exit(0)
     directory = Path(sys.argv[1])
     proc, info = start(directory)
