@@ -7,8 +7,9 @@ loaded the way the trainer loads it ("sharded": FSDP2 on the meta device then ea
 partitioned at construction then each rank fills its partition) or the way it did before ("full": from_pretrained
 on every rank, then wrap), LoRA applied, the engine wrapped. Each rank reports its peak resident memory as the
 kernel counts it (VmHWM, which includes the process's imports), the resident memory before loading, and the
-seconds the load took (its imports done before: the engine's and transformers' modeling code); rank 0 writes the
-maximum over ranks.
+seconds the load took (its imports done before: the engine's and transformers' modeling code), wall-clock and of
+this process's CPU time (what a rank on cores of its own would take, where more ranks than cores share them); rank
+0 writes the maximum over ranks.
 """
 
 from __future__ import annotations
@@ -108,21 +109,20 @@ def main() -> None:
         import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401 - initialize imports it (and torch._dynamo)
     before = status_kb("VmRSS")
     dist.barrier()
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     with collection_paused():  # as the trainer builds (both paths)
         backend = load(spec, cls, parallel, dtype, device)
     touch_every_page(backend.model)
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
     footprint = measure(backend.model) if quantization else None
     base_bytes = footprint.nf4_bytes + footprint.other_bytes if footprint else 0
     cuda_peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
-    figures = torch.tensor(
-        [status_kb("VmHWM"), before, seconds, base_bytes, status_kb("VmRSS"), cuda_peak], dtype=torch.float64
-    )
+    figures = [status_kb("VmHWM"), before, seconds, base_bytes, status_kb("VmRSS"), cuda_peak, cpu_seconds]
+    figures = torch.tensor(figures, dtype=torch.float64)
     figures = _max_over_ranks(figures, device)
     if dist.get_rank() == 0:
-        peak, rss_before, load_s, base_bytes, rss_after, cuda_peak = figures.tolist()
-        result = {"world": world, "peak_rss": peak, "rss_before": rss_before, "load_s": load_s}
+        peak, rss_before, load_s, base_bytes, rss_after, cuda_peak, cpu_s = figures.tolist()
+        result = {"world": world, "peak_rss": peak, "rss_before": rss_before, "load_s": load_s, "load_cpu_s": cpu_s}
         if torch.cuda.is_available():
             result["cuda_peak"] = cuda_peak
         if footprint is not None:

@@ -437,24 +437,30 @@ def part_f(tmp: Path, quick: bool) -> list[dict]:
     model_bytes = build_xl_base(base, quick)
     rows: list[dict] = []
     # the baseline: from_pretrained in one process, its imports done first (as the ranks' are), the garbage
-    # collector paused (as the trainer's build) and every page of every tensor touched (from_pretrained leaves
-    # the files memory-mapped: the reads come later, as on the sharded path's CPU shards)
+    # collector paused and the imports' objects frozen (as in the trainer's build), every page of every tensor
+    # touched (from_pretrained leaves the files memory-mapped: the reads come later, as on the sharded path's CPU
+    # shards)
     code = (
         "import sys, time, torch; import transformers.modeling_utils; from transformers import AutoModelForCausalLM; "
-        "import transformers.models.gpt2.modeling_gpt2, gc; gc.disable(); t = time.perf_counter(); "
+        "import transformers.models.gpt2.modeling_gpt2, gc; gc.disable(); gc.freeze(); "
+        "t, c = time.perf_counter(), time.process_time(); "
         "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32); "
-        "[float(p.detach().reshape(-1)[::1024].sum()) for p in m.parameters()]; print(time.perf_counter() - t)"
+        "[float(p.detach().reshape(-1)[::1024].sum()) for p in m.parameters()]; "
+        "print(time.perf_counter() - t, time.process_time() - c)"
     )
     os.sync()  # the base was just written: its writeback would slow whichever run came first
     repeats = 1 if quick else 3  # loads take about a second: each is the median of 3 (peaks are the same)
 
-    def baseline() -> float:
+    def baseline() -> tuple[float, float]:
         out = subprocess.run(
             [sys.executable, "-c", code, str(base)], env=env(), cwd=ROOT, check=True, capture_output=True, text=True
         )
-        return float(out.stdout.strip().splitlines()[-1])
+        wall, cpu = out.stdout.strip().splitlines()[-1].split()
+        return float(wall), float(cpu)
 
-    from_pretrained_s = statistics.median(baseline() for _ in range(repeats))
+    runs = [baseline() for _ in range(repeats)]
+    from_pretrained_s = statistics.median(wall for wall, _ in runs)
+    from_pretrained_cpu_s = statistics.median(cpu for _, cpu in runs)
     for engine in ("fsdp", "zero3"):
         for world in (1, 2, 4):
             for path in ("sharded", "full"):
@@ -472,14 +478,17 @@ def part_f(tmp: Path, quick: bool) -> list[dict]:
                 row = {"part": "f", "engine": engine, "world": world, "path": path, **runs[0]}
                 row.update(
                     load_s=statistics.median(r["load_s"] for r in runs),
+                    load_cpu_s=statistics.median(r["load_cpu_s"] for r in runs),
                     peak_rss=max(r["peak_rss"] for r in runs),
                     model_bytes=model_bytes,
                     from_pretrained_s=from_pretrained_s,
+                    from_pretrained_cpu_s=from_pretrained_cpu_s,
                 )
                 rows.append(row)
                 print(
                     f"[f] {engine} world {world} {path}: peak {row['peak_rss'] / 1e9:.2f} GB per rank, "
-                    f"load {row['load_s']:.2f} s (from_pretrained alone {from_pretrained_s:.2f} s)",
+                    f"load {row['load_s']:.2f} s, CPU {row['load_cpu_s']:.2f} s (from_pretrained alone "
+                    f"{from_pretrained_s:.2f} s, CPU {from_pretrained_cpu_s:.2f} s)",
                     flush=True,
                 )
     rows += train_resume_merge(tmp, base, model_bytes)
@@ -796,22 +805,23 @@ def report(rows: list[dict], quick: bool) -> str:
             f"## f. Loading a base of {fmt_bytes(model)} (GPT-2 XL shape, fp32, 2 GB safetensors files)",
             "",
             "| engine | world | path | peak RSS per rank | RSS before loading | target: model / world + 1 GB | "
-            "load s | from_pretrained alone, 1 process |",
-            "|---|---|---|---|---|---|---|---|",
+            "load s | CPU s per rank | from_pretrained alone, 1 process: s, CPU s |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for r in f:
             if "path" not in r:
                 continue
             if r.get("skipped"):
                 lines.append(f"| {r['engine']} | {r['world']} | {r['path']} | not run: {r['world']} whole copies "
-                             "exceed this machine's memory | | | | |")  # fmt: skip
+                             "exceed this machine's memory | | | | | |")  # fmt: skip
                 continue
             target = r["model_bytes"] / r["world"] + 1e9
             mark = "met" if r["path"] == "full" or r["peak_rss"] <= target else "**missed**"
             lines.append(
                 f"| {r['engine']} | {r['world']} | {r['path']} | {fmt_bytes(r['peak_rss'])} | "
                 f"{fmt_bytes(r['rss_before'])} | {fmt_bytes(target)} ({mark if r['path'] == 'sharded' else '-'}) | "
-                f"{r['load_s']:.2f} | {r['from_pretrained_s']:.2f} |"
+                f"{r['load_s']:.2f} | {r['load_cpu_s']:.2f} | {r['from_pretrained_s']:.2f}, "
+                f"{r['from_pretrained_cpu_s']:.2f} |"
             )
         phases = [r for r in f if "phase" in r]
         if phases:
@@ -829,7 +839,8 @@ def report(rows: list[dict], quick: bool) -> str:
             "",
             "Peak RSS is the kernel's VmHWM of each rank (the largest over ranks), which includes what the process "
             "holds before loading (torch, transformers, DeepSpeed imported); load s runs from the start of loading "
-            "until the engine is wrapped, the slowest rank.",
+            "until the engine is wrapped, the slowest rank; CPU s is the process time of that load on the rank that "
+            "took the most (where more ranks than cores share them, what a rank with cores of its own would take).",
             "",
         ]
     g = [r for r in rows if r["part"] == "g"]

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from dist_lora.demo import corpus_path
-from dist_lora.model import BaseWeights, ModelError, build_on_meta
+from dist_lora.model import BaseWeights, ModelError, build_on_meta, collection_paused
 from tests.dist_utils import mapped_file, run_worker
 
 WORKER = Path(__file__).resolve().parent / "workers" / "load_worker.py"
@@ -73,6 +73,39 @@ def test_meta_build_holds_no_memory_and_keeps_ties(gpt2_base):
     model = build_on_meta(str(gpt2_base), torch.float32)
     assert all(p.is_meta for p in model.parameters())
     assert model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_a_build_pauses_the_collector_and_a_requested_collection_walks_only_what_it_made():
+    import gc
+
+    class Node:  # a reference cycle: only the cyclic collector frees it
+        def __init__(self) -> None:
+            self.me = self
+
+    before = Node()
+    assert gc.get_freeze_count() == 0 and gc.isenabled()
+    with collection_paused():
+        assert not gc.isenabled() and gc.get_freeze_count() > 0  # what existed before the build is frozen
+        made = Node()
+        del made
+        assert gc.collect() >= 1  # a library's gc.collect() still frees what the build dropped
+        del before
+        assert gc.collect() == 0  # but does not walk what the process held before
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    assert gc.collect() >= 1  # unfrozen: the old cycle is freed as before
+
+
+def test_a_build_leaves_a_freeze_the_process_made_alone():
+    import gc
+
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        with collection_paused():
+            assert gc.get_freeze_count() == frozen
+        assert gc.get_freeze_count() == frozen and gc.isenabled()
+    finally:
+        gc.unfreeze()
 
 
 @pytest.mark.multiproc
