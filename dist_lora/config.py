@@ -157,8 +157,9 @@ class ParallelConfig:
     """A DeepSpeed JSON merged over dist_lora's (e.g. offload or overlap settings); "auto" values are skipped."""
     reshard_after_forward: bool | int = True
     """FSDP2: free each block's gathered parameters after its forward (true: least memory, a second all-gather in
-    backward), keep them until backward (false: one all-gather per block and step), or reshard to groups of this
-    many ranks (an int, as fully_shard takes it). The last block never reshards: its backward comes first."""
+    backward), keep them until backward and across the step's micro-batches (false: one all-gather per block and
+    optimizer step; the peak holds the whole model gathered), or reshard to groups of this many ranks (an int, as
+    fully_shard takes it). The last block never reshards: its backward comes first."""
     prefetch: int = 0
     """FSDP2: all-gather this many blocks ahead of the one computing, in forward and backward (explicit prefetch);
     0: FSDP2's own (the next block in backward only)."""

@@ -96,7 +96,8 @@ def test_the_gradient_norm_is_global_and_clipping_is_clip_grad_norm(world, gpt2_
 def test_activation_checkpointing_changes_no_loss_and_its_steps_load_without_it(gpt2_base, tmp_path):
     """2 ranks, FSDP2 and ZeRO-3: 4 steps with and without recomputation give the same losses (1e-6), and a step
     saved with it resumes in a run without it (and the other way round) as the uninterrupted run goes on. FSDP2 with
-    explicit prefetch and without resharding after forward gives the same losses too."""
+    explicit prefetch and without resharding after forward gives the same losses too, gathering each group once per
+    step (not once per micro-batch)."""
     runs = []
     for engine in ("fsdp", "zero3"):
         flags = ENGINES[engine]
@@ -131,6 +132,10 @@ def test_activation_checkpointing_changes_no_loss_and_its_steps_load_without_it(
     results = json.loads((tmp_path / "runs.json").read_text())
     plain, fast = results["fsdp-ac0"]["losses"], results["fsdp-speed"]["losses"]
     assert all(abs(a - b) <= 1e-6 for a, b in zip(plain, fast, strict=True)), (plain, fast)
+    # without resharding after forward, every group is gathered once per step, not once per micro-batch (2 here)
+    groups = results["fsdp-speed"]["fsdp_groups"]
+    assert groups >= 3 and results["fsdp-speed"]["all_gathers"] == 4 * groups, results["fsdp-speed"]
+    assert results["fsdp-ac0"]["all_gathers"] > 2 * 4 * groups, results["fsdp-ac0"]  # and again in backward
     for engine in ("fsdp", "zero3"):
         off, on = results[f"{engine}-ac0"]["losses"], results[f"{engine}-ac1"]["losses"]
         assert len(off) == 4 and all(abs(a - b) <= 1e-6 for a, b in zip(off, on)), (engine, off, on)

@@ -3,15 +3,19 @@
 argv[1] is JSON: {"runs": [{"name", "overrides": [...], "steps": N, "resume": url|null, "eval": bool}], "out": dir}.
 Each run builds a Trainer (the tiny config plus its overrides), resumes if asked, takes N steps, evaluates if asked
 and saves. Rank 0 writes out/runs.json: per run, each step's loss and gradient norm, the eval loss, the saved step's
-URL, and how many times a layer inside the first transformer block ran (twice per micro-batch when activations are
-recomputed).
+URL, how many times a layer inside the first transformer block ran (twice per micro-batch when activations are
+recomputed), and how many all-gathers FSDP2 made during the steps and how many groups it shards.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
+
+import torch.distributed
+from torch.distributed.fsdp import FSDPModule
 
 from dist_lora.config import load_config
 from dist_lora.distributed import shutdown
@@ -30,6 +34,22 @@ def first_layer_inside_a_block(model):
     return next(block.children())
 
 
+@contextlib.contextmanager
+def counted(module, name):
+    """Every call of ``module.name`` while the block runs, in the list it yields."""
+    original, calls = getattr(module, name), []
+
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    setattr(module, name, wrapper)
+    try:
+        yield calls
+    finally:
+        setattr(module, name, original)
+
+
 def main() -> None:
     args = json.loads(sys.argv[1])
     out = Path(args["out"])
@@ -44,9 +64,10 @@ def main() -> None:
         calls = []
         hook = block.register_forward_hook(lambda *_, calls=calls: calls.append(1))
         losses, norms = [], []
-        for _ in range(run["steps"]):
-            losses.append(trainer.train_step())
-            norms.append(trainer.grad_norm)
+        with counted(torch.distributed, "all_gather_single") as gathers:  # FSDP2's all-gather of a group
+            for _ in range(run["steps"]):
+                losses.append(trainer.train_step())
+                norms.append(trainer.grad_norm)
         hook.remove()
         evaluated = trainer.evaluate() if run.get("eval") else None
         url = trainer.save()
@@ -57,6 +78,8 @@ def main() -> None:
             "grad_norms": norms,
             "step": url,
             "block_forwards": len(calls),
+            "all_gathers": len(gathers),
+            "fsdp_groups": sum(isinstance(m, FSDPModule) for m in trainer.backend.model.modules()),
             "eval_loss": evaluated,
         }
     if rank == 0:
