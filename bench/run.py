@@ -640,7 +640,7 @@ def part_g(tmp: Path, repeats: int, quick: bool) -> list[dict]:
         f"train.micro_batch_size={micro}",
         "train.lr=1e-3",
     ]
-    warmup, steps = (2, 4) if quick else (2, 6)
+    warmup, steps = (2, 4) if quick else (2, 10)
     times: dict[str, list[float]] = {name: [] for name in THROUGHPUT}  # per repeat: the median step time
     peaks: dict[str, list[int]] = {name: [] for name in THROUGHPUT}
     for r in range(repeats):
@@ -945,7 +945,7 @@ def run_parts(args: argparse.Namespace, tmp: Path, repeats: int, s3: dict) -> li
     if "f" in args.parts:
         rows += part_f(tmp, args.quick)
     if "g" in args.parts:
-        rows += part_g(tmp, 1 if args.quick else 3, args.quick)
+        rows += part_g(tmp, 1 if args.quick else 5, args.quick)
     if "h" in args.parts:
         rows += part_h(tmp, args.quick)
     return rows
