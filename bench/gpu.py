@@ -9,7 +9,9 @@ On a GPU (one device, NCCL, bf16), one launch of bench/gpu_worker.py:
 3. a Llama-3-8B-shaped base (random, bf16, written with save_pretrained on this machine's disk) loaded through the
    sharded path, LoRA r=16 on q/k/v/o: load seconds, peak device memory, step seconds, save stall, resume;
 4. QLoRA on the ~1.1B base: the NF4 base against the same base in bf16 (LoRA on every linear layer): the base's
-   bytes and peak device memory.
+   bytes and peak device memory;
+5. the step time of FSDP2 (default, and without resharding after forward) against DDP on the ~1.1B base, at this
+   one device's world size (FSDP2's hooks and gather copies, not the network: issue #14's target is multi-GPU).
 
 Without CUDA it rehearses the same code at CPU scale (gloo, tiny bases) and lists what only a GPU can show; it
 skips nothing silently. Figures go to OUT_DIR/gpu.json and gpu.md; the exit status is 1 when a check fails.
@@ -123,9 +125,9 @@ def markdown(results: dict[str, Any]) -> str:
     if results["runs"]:
         lines += [
             "",
-            "| base (FSDP2, LoRA r=16; q/k/v/o, or every linear layer with a base dtype named) | load s | base bytes | "
-            "device peak after load | device peak training | s / step | tokens / s | save stall s | save total s | "
-            "resume s |",
+            "| base (FSDP2 unless another engine is named; LoRA r=16 on q/k/v/o, or every linear layer with a base "
+            "dtype named) | load s | base bytes | device peak after load | device peak training | s / step | "
+            "tokens / s | save stall s | save total s | resume s |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in results["runs"]:
@@ -135,6 +137,18 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{gib(r['train_peak_device_bytes'])} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | "
                 f"{r['save_stall_s']:.4f} | {r['save_total_s']:.3f} | {r['resume_s']:.1f} |"
             )
+    ddp = {r["name"].removesuffix(" DDP"): r for r in results["runs"] if r.get("engine") == "ddp"}
+    for shape, reference in ddp.items():
+        fsdp = [
+            r for r in results["runs"] if r["name"].startswith(shape) and r.get("engine", "fsdp").startswith("fsdp")
+        ]
+        fsdp = [r for r in fsdp if not r.get("quantization")]
+        label = {shape: "FSDP2 (default)"}
+        ratios = ", ".join(
+            f"{label.get(r['name'], r['name'].removeprefix(shape + ' '))} {r['step_s'] / reference['step_s']:.2f}x"
+            for r in fsdp
+        )
+        lines += ["", f"Step time against DDP at world size 1 ({shape}): {ratios}."]
     if results["needs_cuda"]:
         lines += ["", "Not shown by this run (it needs CUDA):", ""] + [f"- {x}" for x in results["needs_cuda"]]
     if results["failed"]:
@@ -168,6 +182,17 @@ def main() -> None:
         for shape in shapes:
             base = build_base(out / shape, shape, "cuda" if cuda else "cpu")
             spec["runs"].append({"name": shape, "base": str(base), "seq_len": 512 if cuda else 64, "steps": 4})
+            if shape != "llama-8b":  # the step time of FSDP2 against DDP on the same base, at this world size
+                for engine, label in (("fsdp-no-reshard", "FSDP2, reshard_after_forward=false"), ("ddp", "DDP")):
+                    spec["runs"].append(
+                        {
+                            "name": f"{shape} {label}",
+                            "base": str(base),
+                            "seq_len": 512 if cuda else 64,
+                            "steps": 6,
+                            "engine": engine,
+                        }
+                    )
             if shape != "llama-8b":  # QLoRA: the NF4 base against the same settings in bf16
                 for q in ("none", "nf4"):
                     spec["runs"].append(

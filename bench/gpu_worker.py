@@ -8,7 +8,8 @@ reference) and asynchronously (pinned staging and a side stream on a GPU), train
 step's adapter and optimizer files must equal the reference's byte for byte; then a fresh trainer resumes the step
 and saves it again: equal again.
 runs: a base loaded the sharded way (FSDP2, bf16), LoRA r=16 on q/k/v/o: load seconds, peak device memory, step
-seconds, the save stall, and the resume. A run with "quantization": "nf4" is QLoRA over the same base (model.dtype
+seconds, the save stall, and the resume; "engine" (default "fsdp") names another of ENGINES, for the step time of
+FSDP2 against DDP on the same base. A run with "quantization": "nf4" is QLoRA over the same base (model.dtype
 bfloat16, LoRA on every linear layer), paired with an unquantized run of the same settings ("quantization": "none"):
 both report the frozen base's bytes on the device.
 """
@@ -35,6 +36,9 @@ ROOT = Path(__file__).resolve().parents[1]
 ENGINES = {
     "fsdp": ["parallel.backend=fsdp"],
     "zero3": ["parallel.backend=deepspeed", "parallel.zero_stage=3"],
+    # runs only: the step time of FSDP2 against DDP on the same base (issue #14)
+    "fsdp-no-reshard": ["parallel.backend=fsdp", "parallel.reshard_after_forward=false"],
+    "ddp": ["parallel.backend=ddp"],
 }
 
 
@@ -117,7 +121,9 @@ def run(spec: dict[str, Any], data: str, out: Path) -> dict[str, Any]:
     )
     cfg = load_config(
         ROOT / "configs" / "tiny.yaml",
-        overrides(spec["base"], data, root / "ck", *ENGINES["fsdp"], *qlora, seq_len=spec["seq_len"]),
+        overrides(
+            spec["base"], data, root / "ck", *ENGINES[spec.get("engine", "fsdp")], *qlora, seq_len=spec["seq_len"]
+        ),
     )
     trainer = Trainer(cfg)
     load_s = time.perf_counter() - t0
@@ -142,6 +148,7 @@ def run(spec: dict[str, Any], data: str, out: Path) -> dict[str, Any]:
     resumed.checkpointer.release_lease()
     return {
         "name": spec["name"],
+        "engine": spec.get("engine", "fsdp"),
         "load_s": load_s,
         "load_peak_device_bytes": load_peak,
         "train_peak_device_bytes": device_peak(),
