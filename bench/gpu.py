@@ -36,6 +36,8 @@ NEEDS_CUDA = [
     "the ~1.1B and 8B bases (tiny Llama bases ran instead)",
     "the NF4 base in device memory, quantized on the GPU",
 ]
+# the engines timed against each other on one base (bench/gpu_worker.py's ENGINES), as the report names them
+ENGINE_RUNS = {"fsdp": "FSDP2 (default)", "fsdp-no-reshard": "FSDP2, reshard_after_forward=false", "ddp": "DDP"}
 # (hidden, layers, heads, kv heads, intermediate, vocab)
 SHAPES = {
     "llama-1.1b": (2048, 22, 32, 4, 5632, 32000),
@@ -137,18 +139,12 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{gib(r['train_peak_device_bytes'])} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | "
                 f"{r['save_stall_s']:.4f} | {r['save_total_s']:.3f} | {r['resume_s']:.1f} |"
             )
-    ddp = {r["name"].removesuffix(" DDP"): r for r in results["runs"] if r.get("engine") == "ddp"}
-    for shape, reference in ddp.items():
+    for ddp in (r for r in results["runs"] if r["engine"] == "ddp"):
         fsdp = [
-            r for r in results["runs"] if r["name"].startswith(shape) and r.get("engine", "fsdp").startswith("fsdp")
+            r for r in results["runs"] if r["base"] == ddp["base"] and r["engine"] != "ddp" and not r["quantization"]
         ]
-        fsdp = [r for r in fsdp if not r.get("quantization")]
-        label = {shape: "FSDP2 (default)"}
-        ratios = ", ".join(
-            f"{label.get(r['name'], r['name'].removeprefix(shape + ' '))} {r['step_s'] / reference['step_s']:.2f}x"
-            for r in fsdp
-        )
-        lines += ["", f"Step time against DDP at world size 1 ({shape}): {ratios}."]
+        ratios = ", ".join(f"{ENGINE_RUNS[r['engine']]} {r['step_s'] / ddp['step_s']:.2f}x" for r in fsdp)
+        lines += ["", f"Step time against DDP on the same base at world size 1 ({ddp['name']}): {ratios}."]
     if results["needs_cuda"]:
         lines += ["", "Not shown by this run (it needs CUDA):", ""] + [f"- {x}" for x in results["needs_cuda"]]
     if results["failed"]:
@@ -183,10 +179,10 @@ def main() -> None:
             base = build_base(out / shape, shape, "cuda" if cuda else "cpu")
             spec["runs"].append({"name": shape, "base": str(base), "seq_len": 512 if cuda else 64, "steps": 4})
             if shape != "llama-8b":  # the step time of FSDP2 against DDP on the same base, at this world size
-                for engine, label in (("fsdp-no-reshard", "FSDP2, reshard_after_forward=false"), ("ddp", "DDP")):
+                for engine in ("fsdp-no-reshard", "ddp"):
                     spec["runs"].append(
                         {
-                            "name": f"{shape} {label}",
+                            "name": f"{shape} {ENGINE_RUNS[engine]}",
                             "base": str(base),
                             "seq_len": 512 if cuda else 64,
                             "steps": 6,

@@ -148,6 +148,7 @@ def run(spec: dict[str, Any], data: str, out: Path) -> dict[str, Any]:
     resumed.checkpointer.release_lease()
     return {
         "name": spec["name"],
+        "base": spec["base"],
         "engine": spec.get("engine", "fsdp"),
         "load_s": load_s,
         "load_peak_device_bytes": load_peak,

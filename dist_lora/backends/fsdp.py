@@ -74,6 +74,13 @@ def _shard_group(p: DTensor) -> Any:
 class FSDPBackend(Backend):
     name = "fsdp"
 
+    hold_between_micro_batches = False
+    """Keep every block gathered from one micro-batch's backward to the next one's forward, resharding after the
+    step's last: one all-gather per block and step instead of per micro-batch. Set where blocks are not resharded
+    after forward (``reshard_after_forward: false``), whose peak already holds every block gathered at once, so
+    holding them a little longer costs no memory at the peak; no optimizer step comes between micro-batches, so
+    the gathered copies stay exact."""
+
     @classmethod
     def shards(cls, parallel):  # type: ignore[no-untyped-def]
         import torch.distributed as dist
@@ -133,13 +140,6 @@ class FSDPBackend(Backend):
     @classmethod
     def recognise(cls, model, optimizer, bias):  # type: ignore[no-untyped-def]
         return cls(model, optimizer, bias) if any(isinstance(p, DTensor) for p in model.parameters()) else None
-
-    hold_between_micro_batches = False
-    """Keep every block gathered from one micro-batch's backward to the next one's forward, resharding after the
-    step's last: one all-gather per block and step instead of per micro-batch. Set where blocks are not resharded
-    after forward (``reshard_after_forward: false``), whose peak already holds every block gathered at once, so
-    holding them a little longer costs no memory at the peak; no optimizer step comes between micro-batches, so
-    the gathered copies stay exact."""
 
     def forward(self, batch: dict[str, Any], *, last_micro: bool = True) -> torch.Tensor:
         if hasattr(self.model, "set_requires_gradient_sync"):

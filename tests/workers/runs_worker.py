@@ -9,10 +9,10 @@ recomputed), and how many all-gathers FSDP2 made during the steps and how many g
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
 from pathlib import Path
+from unittest import mock
 
 import torch.distributed
 from torch.distributed.fsdp import FSDPModule
@@ -34,22 +34,6 @@ def first_layer_inside_a_block(model):
     return next(block.children())
 
 
-@contextlib.contextmanager
-def counted(module, name):
-    """Every call of ``module.name`` while the block runs, in the list it yields."""
-    original, calls = getattr(module, name), []
-
-    def wrapper(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    setattr(module, name, wrapper)
-    try:
-        yield calls
-    finally:
-        setattr(module, name, original)
-
-
 def main() -> None:
     args = json.loads(sys.argv[1])
     out = Path(args["out"])
@@ -64,7 +48,8 @@ def main() -> None:
         calls = []
         hook = block.register_forward_hook(lambda *_, calls=calls: calls.append(1))
         losses, norms = [], []
-        with counted(torch.distributed, "all_gather_single") as gathers:  # FSDP2's all-gather of a group
+        all_gather = torch.distributed.all_gather_single  # FSDP2's all-gather of a group, counted
+        with mock.patch.object(torch.distributed, "all_gather_single", wraps=all_gather) as gathers:
             for _ in range(run["steps"]):
                 losses.append(trainer.train_step())
                 norms.append(trainer.grad_norm)
@@ -78,7 +63,7 @@ def main() -> None:
             "grad_norms": norms,
             "step": url,
             "block_forwards": len(calls),
-            "all_gathers": len(gathers),
+            "all_gathers": gathers.call_count,
             "fsdp_groups": sum(isinstance(m, FSDPModule) for m in trainer.backend.model.modules()),
             "eval_loss": evaluated,
         }
