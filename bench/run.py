@@ -458,9 +458,9 @@ def part_f(tmp: Path, quick: bool) -> list[dict]:
         wall, cpu = out.stdout.strip().splitlines()[-1].split()
         return float(wall), float(cpu)
 
-    runs = [baseline() for _ in range(repeats)]
-    from_pretrained_s = statistics.median(wall for wall, _ in runs)
-    from_pretrained_cpu_s = statistics.median(cpu for _, cpu in runs)
+    baselines = [baseline() for _ in range(repeats)]
+    from_pretrained_s = statistics.median(wall for wall, _ in baselines)
+    from_pretrained_cpu_s = statistics.median(cpu for _, cpu in baselines)
     for engine in ("fsdp", "zero3"):
         for world in (1, 2, 4):
             for path in ("sharded", "full"):
