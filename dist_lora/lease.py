@@ -47,8 +47,8 @@ def default_run_id() -> str:
 
 
 def _holder_is_dead(held: dict[str, Any]) -> str | None:
-    """Why the lease's holder is provably dead (it ran on this host and its pid is gone, or now belongs to a
-    process that started after the lease was taken), or None when that cannot be known from here."""
+    """Why the lease's holder is provably dead (it ran on this host and its pid is gone, or now names another
+    process: one started at another tick since boot, or in another boot), or None when that cannot be known."""
     if held.get("host") != socket.gethostname() or not isinstance(held.get("pid"), int):
         return None
     pid = int(held["pid"])
@@ -60,22 +60,32 @@ def _holder_is_dead(held: dict[str, Any]) -> str | None:
         return f"whose process {pid} on this host is gone"
     except PermissionError:  # alive, another user's
         return None
-    started, recorded = _process_start_time(pid), held.get("pid_started_at")
-    if started is not None and isinstance(recorded, (int, float)) and abs(started - recorded) > 1.0:
+    boot, recorded_boot = _boot_id(), held.get("boot_id")
+    if boot is not None and isinstance(recorded_boot, str) and recorded_boot != boot:
+        return f"which ran before this host restarted (pid {pid} is another process now)"
+    ticks, recorded_ticks = _process_start_ticks(pid), held.get("pid_start_ticks")
+    if ticks is not None and isinstance(recorded_ticks, int) and ticks != recorded_ticks:
         return f"whose pid {pid} now belongs to another process"
     return None
 
 
-def _process_start_time(pid: int) -> float | None:
-    """A process's start time (seconds since the epoch) from /proc, or None where there is no /proc."""
+def _process_start_ticks(pid: int) -> int | None:
+    """When a process started, in clock ticks since boot (/proc/<pid>/stat's starttime), or None where there is
+    no /proc. With the pid and the boot id it names one process for good; unlike an epoch time built from /proc/stat's
+    btime, it does not move when the wall clock is stepped (NTP, a VM restored from a snapshot)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/stat") as f:
-            boot = next(float(line.split()[1]) for line in f if line.startswith("btime"))
-    except (OSError, ValueError, IndexError, StopIteration):
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
         return None
-    return boot + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _boot_id() -> str | None:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
 
 
 class Lease:
@@ -103,7 +113,8 @@ class Lease:
             "run_id": self.run_id,
             "host": socket.gethostname(),
             "pid": os.getpid(),
-            "pid_started_at": _process_start_time(os.getpid()),
+            "pid_start_ticks": _process_start_ticks(os.getpid()),
+            "boot_id": _boot_id(),
             "acquired_at": acquired_at or self._acquired_at,
             "renewed_at": now,
             "ttl_s": self.ttl_s,

@@ -1,7 +1,9 @@
 """One writer per checkpoint dir (the lease), and what a failed save does to training (checkpoint.on_error)."""
 
+import io
 import json
 import os
+import re
 import subprocess
 import threading
 import time
@@ -10,6 +12,7 @@ import uuid
 import pytest
 
 import dist_lora
+from dist_lora import lease as lease_module
 from dist_lora.checkpoint import list_steps, read_step
 from dist_lora.config import config_from_dict, config_to_dict, load_config
 from dist_lora.constants import LEASE_NAME
@@ -330,11 +333,46 @@ def test_a_dead_holder_on_this_host_is_taken_over_at_once(tmp_path, caplog):
     Lease(storage, "job-new").acquire()
     assert Lease(storage, "x").read()["run_id"] == "job-new"
     assert f"process {proc.pid} on this host is gone" in caplog.text
-    # a pid that now belongs to another process (this one) than the one that wrote the lease
-    record = {**record, "run_id": "job-reused", "pid": os.getppid(), "pid_started_at": now - 10**6}
+    # a pid that now belongs to another process (this one's parent) than the one that wrote the lease
+    parent = os.getppid()
+    started = lease_module._process_start_ticks(parent)
+    record = {**record, "run_id": "job-reused", "pid": parent, "pid_start_ticks": started - 100}
     storage.write(LEASE_NAME, json.dumps({**record, "renewed_at": now, "ttl_s": 600}).encode())
     Lease(storage, "job-newer").acquire()
     assert Lease(storage, "x").read()["run_id"] == "job-newer" and "now belongs to another process" in caplog.text
+    # the same pid in an earlier boot of this host
+    record = {**record, "run_id": "job-rebooted", "pid_start_ticks": started, "boot_id": "an-earlier-boot"}
+    storage.write(LEASE_NAME, json.dumps({**record, "renewed_at": now, "ttl_s": 600}).encode())
+    Lease(storage, "job-newest").acquire()
+    assert Lease(storage, "x").read()["run_id"] == "job-newest" and "before this host restarted" in caplog.text
+
+
+@pytest.mark.reliability(
+    fault="the wall clock stepped while a live run on this host holds the lease (NTP, a VM restored from a "
+    "snapshot; seen in CI: 10 s within one test)",
+    injected="time.time() and /proc/stat's btime moved 30 s ahead between the holder's write and the check",
+    outcome="the holder is still known alive and the second run is refused",
+)
+def test_a_live_holder_is_not_taken_for_dead_when_the_clock_steps(tmp_path, monkeypatch):
+    storage = Storage(str(tmp_path / "ckpt"))
+    holder = Lease(storage, "job-a", ttl_s=600)
+    holder.acquire()
+    held = holder.read()
+    held["pid"] = os.getppid()  # a live process of this host other than the checker
+    held["pid_start_ticks"] = lease_module._process_start_ticks(os.getppid())
+    storage.write(LEASE_NAME, json.dumps(held).encode())
+    real_time, real_open = time.time, open
+
+    def btime_ahead(path, *args, **kwargs):
+        if str(path) == "/proc/stat":
+            text = real_open(path, *args, **kwargs).read()
+            return io.StringIO(re.sub(r"btime (\d+)", lambda m: f"btime {int(m[1]) + 30}", text))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(time, "time", lambda: real_time() + 30)
+    monkeypatch.setattr("builtins.open", btime_ahead)
+    with pytest.raises(LeaseError, match="is being written by run job-a"):
+        Lease(storage, "job-b").acquire()
 
 
 @pytest.mark.reliability(
