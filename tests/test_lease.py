@@ -92,17 +92,24 @@ def test_only_one_of_two_simultaneous_takers_wins(storage_url):
     assert Lease(Storage(url, options), "x").read()["run_id"] == winner
 
 
+def until(condition, what: str, timeout_s: float = 60) -> None:
+    """Poll ``condition`` until it holds (a background thread's progress), failing only if it never does."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"not seen within {timeout_s:.0f} s: {what}"
+        time.sleep(0.01)
+
+
 def test_heartbeat_renews_and_a_lost_lease_stops_saves(tmp_path):
     lease = Lease(Storage(str(tmp_path)), "job-a", ttl_s=0.3)
     lease.acquire()
     first = lease.read()["renewed_at"]
     lease.start_heartbeat()
-    time.sleep(0.5)
-    assert lease.read()["renewed_at"] > first
+    until(lambda: lease.read()["renewed_at"] != first, "the heartbeat renewed the lease")
     Storage(str(tmp_path)).write(
         LEASE_NAME, json.dumps({"run_id": "job-b", "renewed_at": time.time(), "ttl_s": 9}).encode()
     )
-    time.sleep(0.5)
+    until(lambda: lease.lost is not None, "the heartbeat found the lease taken over")
     with pytest.raises(LeaseError, match="job-b"):
         lease.check()
     lease.release()
