@@ -37,7 +37,12 @@ NEEDS_CUDA = [
     "the NF4 base in device memory, quantized on the GPU",
 ]
 # the engines timed against each other on one base (bench/gpu_worker.py's ENGINES), as the report names them
-ENGINE_RUNS = {"fsdp": "FSDP2 (default)", "fsdp-no-reshard": "FSDP2, reshard_after_forward=false", "ddp": "DDP"}
+ENGINE_RUNS = {
+    "fsdp": "FSDP2 (default)",
+    "fsdp-no-reshard": "FSDP2, reshard_after_forward=false",
+    "fsdp-keep": "FSDP2, keep_base_gathered=true",
+    "ddp": "DDP",
+}
 # (hidden, layers, heads, kv heads, intermediate, vocab)
 SHAPES = {
     "llama-1.1b": (2048, 22, 32, 4, 5632, 32000),
@@ -179,7 +184,7 @@ def main() -> None:
             base = build_base(out / shape, shape, "cuda" if cuda else "cpu")
             spec["runs"].append({"name": shape, "base": str(base), "seq_len": 512 if cuda else 64, "steps": 4})
             if shape != "llama-8b":  # the step time of FSDP2 against DDP on the same base, at this world size
-                for engine in ("fsdp-no-reshard", "ddp"):
+                for engine in ("fsdp-no-reshard", "fsdp-keep", "ddp"):
                     spec["runs"].append(
                         {
                             "name": f"{shape} {ENGINE_RUNS[engine]}",

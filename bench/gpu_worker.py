@@ -38,6 +38,7 @@ ENGINES = {
     "zero3": ["parallel.backend=deepspeed", "parallel.zero_stage=3"],
     # runs only: the step time of FSDP2 against DDP on the same base (issue #14)
     "fsdp-no-reshard": ["parallel.backend=fsdp", "parallel.reshard_after_forward=false"],
+    "fsdp-keep": ["parallel.backend=fsdp", "parallel.keep_base_gathered=true"],
     "ddp": ["parallel.backend=ddp"],
 }
 

@@ -606,6 +606,10 @@ THROUGHPUT = {
         ["parallel.backend=fsdp", "parallel.reshard_after_forward=false"],
     ),
     "dist_lora FSDP2, prefetch=1": ("dist_lora", ["parallel.backend=fsdp", "parallel.prefetch=1"]),
+    "dist_lora FSDP2, keep_base_gathered=true": (
+        "dist_lora",
+        ["parallel.backend=fsdp", "parallel.keep_base_gathered=true"],
+    ),
     "dist_lora ZeRO-3": ("dist_lora", ["parallel.backend=deepspeed", "parallel.zero_stage=3"]),
 }
 

@@ -163,6 +163,11 @@ class ParallelConfig:
     prefetch: int = 0
     """FSDP2: all-gather this many blocks ahead of the one computing, in forward and backward (explicit prefetch);
     0: FSDP2's own (the next block in backward only)."""
+    keep_base_gathered: bool = False
+    """FSDP2: all-gather the frozen base once, at the first forward, and keep it gathered for the run (it never
+    changes); only the trained parameters (adapter, trained biases) are gathered and resharded each step, in groups
+    of their own. DDP's step time for a base that fits on each device, at DDP's memory plus this rank's shard (the
+    adapter and its Adam state stay sharded). Overrides reshard_after_forward and prefetch for the base."""
     replicate: int | Literal["nodes"] = 1
     """FSDP2 only: HSDP with this many replica groups. The world is split into `replicate` groups of
     world / replicate ranks; each group shards the model (all-gathers stay inside it: make it a node) and the groups
@@ -375,6 +380,11 @@ def _validate(cfg: RunConfig, errors: list[str]) -> None:
     check(
         p.replicate == 1 or p.backend == "fsdp",
         f"parallel.replicate={p.replicate} (HSDP) needs parallel.backend=fsdp (got {p.backend})",
+    )
+    check(
+        not p.keep_base_gathered or p.backend == "fsdp",
+        f"parallel.keep_base_gathered needs parallel.backend=fsdp (got {p.backend}); DDP and ZeRO-1/2 keep the "
+        "whole base on every rank already",
     )
     if cfg.model.quantization == "nf4":
         check(

@@ -58,6 +58,15 @@ def test_every_problem_reported_at_once():
     assert "checkpoint.keep_last must be >= 1 (got 0)" in msg
 
 
+def test_fsdp_only_options_name_the_backend_they_need():
+    data = valid()
+    data["parallel"] = {"backend": "ddp", "replicate": 2, "keep_base_gathered": True}
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(data)
+    assert "parallel.replicate=2 (HSDP) needs parallel.backend=fsdp (got ddp)" in str(e.value)
+    assert "parallel.keep_base_gathered needs parallel.backend=fsdp (got ddp)" in str(e.value)
+
+
 def test_wrong_types_named():
     data = valid()
     data["lora"]["target_modules"] = 3  # a list of names, or one string (all-linear or a regex)

@@ -128,14 +128,31 @@ def test_activation_checkpointing_changes_no_loss_and_its_steps_load_without_it(
     # FSDP2's speed settings change no loss either: explicit prefetch, no resharding after forward
     speed = ["parallel.prefetch=2", "parallel.reshard_after_forward=false"]
     runs.append({"name": "fsdp-speed", "overrides": [*common(gpt2_base), *ENGINES["fsdp"], *speed], "steps": 4})
+    # the frozen base gathered once for the run, the adapter in groups of its own (with and without recomputation)
+    for ac in (False, True):
+        keep = ["parallel.keep_base_gathered=true", f"train.activation_checkpointing={ac}"]
+        runs.append(
+            {"name": f"fsdp-keep-ac{int(ac)}", "overrides": [*common(gpt2_base, *keep), *ENGINES["fsdp"]], "steps": 4}
+        )
     run_worker(2, {"runs": runs, "out": str(tmp_path)}, worker=WORKER)
     results = json.loads((tmp_path / "runs.json").read_text())
-    plain, fast = results["fsdp-ac0"]["losses"], results["fsdp-speed"]["losses"]
-    assert all(abs(a - b) <= 1e-6 for a, b in zip(plain, fast, strict=True)), (plain, fast)
+    plain = results["fsdp-ac0"]["losses"]
+    for name in ("fsdp-speed", "fsdp-keep-ac0", "fsdp-keep-ac1"):  # a stale gathered adapter would differ at step 2
+        fast = results[name]["losses"]
+        assert all(abs(a - b) <= 1e-6 for a, b in zip(plain, fast, strict=True)), (name, plain, fast)
     # without resharding after forward, every group is gathered once per step, not once per micro-batch (2 here)
     groups = results["fsdp-speed"]["fsdp_groups"]
     assert groups >= 3 and results["fsdp-speed"]["all_gathers"] == 4 * groups, results["fsdp-speed"]
     assert results["fsdp-ac0"]["all_gathers"] > 2 * 4 * groups, results["fsdp-ac0"]  # and again in backward
+    # keeping the base gathered: each base group (blocks and root) once for the run, each block's adapter group once
+    # per step; the saved adapter is the plain run's
+    for name in ("fsdp-keep-ac0", "fsdp-keep-ac1"):
+        blocks = groups - 1
+        assert results[name]["fsdp_groups"] == groups + blocks, results[name]
+        assert results[name]["all_gathers"] == groups + 4 * blocks, (name, results[name])
+        a = load_file(str(Path(results[name]["step"]) / "adapter_model.safetensors"))
+        b = load_file(str(Path(results["fsdp-ac0"]["step"]) / "adapter_model.safetensors"))
+        assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() <= 1e-6 for k in a), name
     for engine in ("fsdp", "zero3"):
         off, on = results[f"{engine}-ac0"]["losses"], results[f"{engine}-ac1"]["losses"]
         assert len(off) == 4 and all(abs(a - b) <= 1e-6 for a, b in zip(off, on)), (engine, off, on)

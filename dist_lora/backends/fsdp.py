@@ -71,15 +71,41 @@ def _shard_group(p: DTensor) -> Any:
     return p.device_mesh.get_group(next(i for i, pl in enumerate(p.placements) if isinstance(pl, Shard)))
 
 
+def _shard_trained_apart(model: nn.Module, blocks: list[nn.Module], kwargs: dict[str, Any]) -> list[nn.Module]:
+    """For ``keep_base_gathered``: the modules that hold trained parameters (the adapter's, trained biases,
+    modules_to_save) become FSDP groups of their own, one per block and one for the rest, before the blocks do, so
+    that a block's own group holds only its frozen base. Returns one module of each trained group (each is resharded
+    after the step: the optimizer changes its shards)."""
+    from torch.distributed.fsdp import fully_shard
+
+    def owners(root: nn.Module, skip: set[nn.Module]) -> list[nn.Module]:
+        found, stack = [], [root]
+        while stack:
+            module = stack.pop()
+            if module in skip:
+                continue
+            if any(p.requires_grad for p in module.parameters(recurse=False)):
+                found.append(module)
+            stack.extend(module.children())
+        return found
+
+    groups = [owners(block, set()) for block in blocks]
+    groups.append(owners(model, set(blocks)))
+    for group in groups:
+        if group:
+            fully_shard(group, reshard_after_forward=False, **kwargs)  # held across micro-batches (see held)
+    return [group[0] for group in groups if group]
+
+
 class FSDPBackend(Backend):
     name = "fsdp"
 
-    hold_between_micro_batches = False
-    """Keep every block gathered from one micro-batch's backward to the next one's forward, resharding after the
-    step's last: one all-gather per block and step instead of per micro-batch. Set where blocks are not resharded
-    after forward (``reshard_after_forward: false``), whose peak already holds every block gathered at once, so
-    holding them a little longer costs no memory at the peak; no optimizer step comes between micro-batches, so
-    the gathered copies stay exact."""
+    held: tuple[Any, ...] = ()  # FSDPModules
+    """FSDP groups kept gathered from one micro-batch's backward to the next one's forward and resharded after the
+    step's last: one all-gather per group and step instead of per micro-batch. Every group where blocks are not
+    resharded after forward (``reshard_after_forward: false``), whose peak already holds every block gathered at
+    once, so holding them a little longer costs no memory at the peak; the trained groups under
+    ``keep_base_gathered``. No optimizer step comes between micro-batches, so the gathered copies stay exact."""
 
     @classmethod
     def shards(cls, parallel):  # type: ignore[no-untyped-def]
@@ -115,11 +141,17 @@ class FSDPBackend(Backend):
             kwargs["ignored_params"] = {p for p in model.parameters() if is_nf4(p)}
         names = _block_classes(model)
         blocks = [module for module in model.modules() if type(module).__name__ in names]
+        keep = parallel.keep_base_gathered
+        trained = _shard_trained_apart(model, blocks, kwargs) if keep else []
         for i, module in enumerate(blocks):
             last = i == len(blocks) - 1  # its backward runs right after the forward: resharding it is wasted
-            fully_shard(module, reshard_after_forward=False if last else parallel.reshard_after_forward, **kwargs)
+            hold = last or keep or parallel.reshard_after_forward is False
+            fully_shard(module, reshard_after_forward=False if hold else parallel.reshard_after_forward, **kwargs)
         fully_shard(model, **kwargs)
-        if parallel.prefetch:  # explicit: all-gather the next blocks while this one computes (torchtitan's option)
+        if keep:  # the frozen base never changes: gathered once, at the first forward, it stays exact for the run
+            for module in [*blocks, model]:
+                module.set_reshard_after_backward(False, recurse=False)
+        elif parallel.prefetch:  # explicit: all-gather the next blocks while this one computes (torchtitan's option)
             n = parallel.prefetch
             for i, module in enumerate(blocks):
                 module.set_modules_to_forward_prefetch(blocks[i + 1 : i + 1 + n])
@@ -134,7 +166,10 @@ class FSDPBackend(Backend):
             )
         params = [p for p in model.parameters() if p.requires_grad]
         backend = cls(model, make_optimizer(params), bias)
-        backend.hold_between_micro_batches = parallel.reshard_after_forward is False
+        if keep:
+            backend.held = tuple(trained)
+        elif parallel.reshard_after_forward is False:
+            backend.held = (*blocks, model)
         return backend
 
     @classmethod
@@ -144,8 +179,8 @@ class FSDPBackend(Backend):
     def forward(self, batch: dict[str, Any], *, last_micro: bool = True) -> torch.Tensor:
         if hasattr(self.model, "set_requires_gradient_sync"):
             self.model.set_requires_gradient_sync(last_micro)
-            if self.hold_between_micro_batches:
-                self.model.set_reshard_after_backward(last_micro)
+            for group in self.held:
+                group.set_reshard_after_backward(last_micro, recurse=False)
         return self.model(**batch).loss
 
     @staticmethod

@@ -64,7 +64,9 @@ def main() -> None:
             "step": url,
             "block_forwards": len(calls),
             "all_gathers": gathers.call_count,
-            "fsdp_groups": sum(isinstance(m, FSDPModule) for m in trainer.backend.model.modules()),
+            "fsdp_groups": len(  # a group of several modules (fully_shard of a list) shares one state
+                {id(m._get_fsdp_state()) for m in trainer.backend.model.modules() if isinstance(m, FSDPModule)}
+            ),
             "eval_loss": evaluated,
         }
     if rank == 0:
