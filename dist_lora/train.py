@@ -117,7 +117,9 @@ class Trainer:
     def _build(self, cfg: RunConfig) -> None:
         """Tokenizer, data, base, LoRA, backend, metrics (after the lease is taken)."""
         t = cfg.train
-        return_large_blocks_to_the_os()  # else glibc keeps every freed all-gather buffer: RSS would grow ~2x
+        p = cfg.parallel
+        if p.backend == "fsdp" or (p.backend == "deepspeed" and p.zero_stage == 3):  # the engines that all-gather
+            return_large_blocks_to_the_os()  # else glibc keeps every freed all-gather buffer: RSS would grow ~2x
         tokenizer = load_tokenizer(cfg.model.name_or_path)
         self.data = prepare_data(cfg.data, tokenizer, seed=t.seed)  # tokenized once per node, then cached
         with collection_paused():  # a build makes ~10^5 objects: no full collections over the imported libraries
