@@ -30,22 +30,23 @@ LOAD_PHASES = ["logits", "train:1", "save", "train:2", "save"]
 _runs: dict[tuple, Path] = {}
 
 
-def config(base: Path, ckpt: Path, backend: str, stage: int = 3, replicate: int = 1) -> dict:
+def config(base: Path, ckpt: Path, backend: str, stage: int = 3, replicate: int = 1, keep: bool = False) -> dict:
     return {
         "model": {"name_or_path": str(base)},
         "lora": {"r": 4, "alpha": 8, "target_modules": ["c_attn", "c_fc"], "bias": "lora_only"},
         "data": {"path": str(corpus_path()), "seq_len": 32},
         "train": {"max_steps": 20, "global_batch_size": 12, "micro_batch_size": 1, "lr": 0.01, "warmup_steps": 2},
-        "parallel": {"backend": backend, "zero_stage": stage, "replicate": replicate},
+        "parallel": {"backend": backend, "zero_stage": stage, "replicate": replicate, "keep_base_gathered": keep},
         "checkpoint": {"dir": str(ckpt), "bucket_mb": BUCKET_MB, "resume": "none"},
     }
 
 
-def parse(kind: str) -> tuple[str, int, int]:
-    """(parallel.backend, zero stage, replica groups): "hsdp" is FSDP2 with 2 replica groups."""
-    if kind == "hsdp":
-        return "fsdp", 3, 2
-    return ("deepspeed", int(kind[-1]), 1) if kind.startswith("zero") else (kind, 3, 1)
+def parse(kind: str) -> tuple[str, int, int, bool]:
+    """(parallel.backend, zero stage, replica groups, keep_base_gathered): "hsdp" is FSDP2 with 2 replica groups,
+    "hsdp-keep" the same with the frozen base gathered once for the run."""
+    if kind.startswith("hsdp"):
+        return "fsdp", 3, 2, kind == "hsdp-keep"
+    return ("deepspeed", int(kind[-1]), 1, False) if kind.startswith("zero") else (kind, 3, 1, False)
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +60,8 @@ def source(kind: str, world: int, base: Path, workdir: Path) -> Path:
     if ("source", kind, world) not in _runs:
         jobs = []
         for k in dict.fromkeys(k for k, w in [*GATHER_CASES, (kind, world)] if w == world):
-            backend, stage, replicate = parse(k)
             out = workdir / f"src-{k}-{world}"
-            spec = {"config": config(base, out / "ckpt", backend, stage, replicate), "out": str(out)}
+            spec = {"config": config(base, out / "ckpt", *parse(k)), "out": str(out)}
             jobs.append({**spec, "phases": SOURCE_PHASES})
             _runs["source", k, world] = out
         run_worker(world, {"jobs": jobs, "out": str(workdir)})
@@ -79,11 +79,10 @@ def load_run(src: Path, kind: str, world: int, base: Path, workdir: Path) -> Pat
             from_dir = src if src_kind is None else source(src_kind, src_world, base, workdir)
             if ("load", from_dir.name, k, w) in _runs:  # a case listed twice
                 continue
-            backend, stage, replicate = parse(k)
             out = workdir / f"load-{from_dir.name}-to-{k}-{w}"
             jobs.append(
                 {
-                    "config": config(base, out / "ckpt", backend, stage, replicate),
+                    "config": config(base, out / "ckpt", *parse(k)),
                     "out": str(out),
                     "resume": str(from_dir / "ckpt" / step_name(3)),
                     "phases": LOAD_PHASES,
@@ -156,6 +155,7 @@ GATHER_CASES = [
     ("zero2", 2),
     ("zero2", 4),
     ("hsdp", 4),  # 2 replica groups x 2 shards
+    ("hsdp-keep", 4),  # and the frozen base gathered once for the run
 ]
 
 
@@ -193,7 +193,7 @@ def test_gather_is_bit_exact_moves_only_the_adapter_and_matches_unsharded(kind, 
     assert adapter_bytes < 20 * smallest_base_matrix  # sanity: the adapter is small next to the base
     if kind == "ddp":
         assert all(sent[r] == 0 for r in range(1, world))  # rank 0 already holds everything
-    if kind == "hsdp":  # only the first replica group's ranks (0, 1) send; the other group's are not in the gather
+    if kind.startswith("hsdp"):  # only the first replica group's ranks (0, 1) send; the other group's are not in it
         assert sent[1] > 0 and sent[2] == sent[3] == 0, sent
         for r in (2, 3):
             record = json.loads((out / f"comm-rank{r}.json").read_text())
@@ -225,7 +225,7 @@ def test_an_optimizer_step_right_after_an_async_save_waits_for_the_snapshot(kind
     if ("overlap", kind) not in _runs:  # the three engines in one launch
         jobs = []
         for k in OVERLAP_KINDS:
-            backend, stage, _ = parse(k)
+            backend, stage, _, _ = parse(k)
             _runs["overlap", k] = out = workdir / f"overlap-{k}"
             spec = {"config": config(gpt2_base, out / "ckpt", backend, stage), "out": str(out)}
             jobs.append({**spec, "phases": ["train:3", "save_then_step"]})
@@ -255,6 +255,8 @@ RESHARD_CASES = [
     ("hsdp", 4, "fsdp", 3),
     ("hsdp", 4, "zero3", 2),
     ("zero3", 2, "hsdp", 4),
+    ("hsdp-keep", 4, "zero3", 2),
+    ("fsdp", 2, "hsdp-keep", 4),
 ]
 
 
