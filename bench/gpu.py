@@ -10,8 +10,8 @@ On a GPU (one device, NCCL, bf16), one launch of bench/gpu_worker.py:
    sharded path, LoRA r=16 on q/k/v/o: load seconds, peak device memory, step seconds, save stall, resume;
 4. QLoRA on the ~1.1B base: the NF4 base against the same base in bf16 (LoRA on every linear layer): the base's
    bytes and peak device memory;
-5. the step time of FSDP2 (default, and without resharding after forward) against DDP on the ~1.1B base, at this
-   one device's world size (FSDP2's hooks and gather copies, not the network: issue #14's target is multi-GPU).
+5. the step time of FSDP2 (default, without resharding after forward, and with the base kept gathered) against
+   DDP on the ~1.1B base, at this one device's world size (FSDP2's hooks and gather copies, not the network).
 
 Without CUDA it rehearses the same code at CPU scale (gloo, tiny bases) and lists what only a GPU can show; it
 skips nothing silently. Figures go to OUT_DIR/gpu.json and gpu.md; the exit status is 1 when a check fails.
