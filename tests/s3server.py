@@ -61,6 +61,7 @@ def start(
     ports = ports or {name: _free_port() for name in ("s3", "master", "filer", "volume", "admin")}
     cmd = [
         weed,
+        f"-logdir={d}",  # glog's files (weed.INFO, weed.ERROR, ...); /tmp by default
         "mini",
         f"-dir={d / 'data'}",
         "-ip=127.0.0.1",
