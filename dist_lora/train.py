@@ -117,8 +117,7 @@ class Trainer:
     def _build(self, cfg: RunConfig) -> None:
         """Tokenizer, data, base, LoRA, backend, metrics (after the lease is taken)."""
         t = cfg.train
-        p = cfg.parallel
-        if p.backend == "fsdp" or (p.backend == "deepspeed" and p.zero_stage == 3):  # the engines that all-gather
+        if backends.backend_class(cfg.parallel.backend).gathers_parameters(cfg.parallel):
             return_large_blocks_to_the_os()  # else glibc keeps every freed all-gather buffer: RSS would grow ~2x
         tokenizer = load_tokenizer(cfg.model.name_or_path)
         self.data = prepare_data(cfg.data, tokenizer, seed=t.seed)  # tokenized once per node, then cached

@@ -128,6 +128,12 @@ class Backend(ABC):
         return 1
 
     @classmethod
+    def gathers_parameters(cls, parallel: ParallelConfig) -> bool:
+        """Whether the engine all-gathers parameters for its forward and backward (FSDP2, ZeRO-3): buffers of a
+        block's size come and go every step."""
+        return False
+
+    @classmethod
     def wrap(
         cls,
         parallel: ParallelConfig,

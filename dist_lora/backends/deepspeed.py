@@ -153,6 +153,10 @@ class DeepSpeedBackend(Backend):
             )
 
     @classmethod
+    def gathers_parameters(cls, parallel):  # type: ignore[no-untyped-def]
+        return parallel.zero_stage == 3
+
+    @classmethod
     def load_base(cls, parallel, name_or_path, dtype, device, **batch):  # type: ignore[no-untyped-def]
         """ZeRO-3 with a local base: the model is partitioned as it is constructed (``zero.Init``, through
         transformers' HfDeepSpeedConfig), then each rank fills its own partition of every tensor from the files,

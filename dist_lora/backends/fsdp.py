@@ -78,19 +78,12 @@ def _shard_trained_apart(model: nn.Module, blocks: list[nn.Module], kwargs: dict
     after the step: the optimizer changes its shards)."""
     from torch.distributed.fsdp import fully_shard
 
-    def owners(root: nn.Module, skip: set[nn.Module]) -> list[nn.Module]:
-        found, stack = [], [root]
-        while stack:
-            module = stack.pop()
-            if module in skip:
-                continue
-            if any(p.requires_grad for p in module.parameters(recurse=False)):
-                found.append(module)
-            stack.extend(module.children())
-        return found
+    def trains(module: nn.Module) -> bool:
+        return any(p.requires_grad for p in module.parameters(recurse=False))
 
-    groups = [owners(block, set()) for block in blocks]
-    groups.append(owners(model, set(blocks)))
+    in_blocks = {m for block in blocks for m in block.modules()}
+    groups = [[m for m in block.modules() if trains(m)] for block in blocks]
+    groups.append([m for m in model.modules() if m not in in_blocks and trains(m)])
     for group in groups:
         if group:
             fully_shard(group, reshard_after_forward=False, **kwargs)  # held across micro-batches (see held)
@@ -106,6 +99,10 @@ class FSDPBackend(Backend):
     resharded after forward (``reshard_after_forward: false``), whose peak already holds every block gathered at
     once, so holding them a little longer costs no memory at the peak; the trained groups under
     ``keep_base_gathered``. No optimizer step comes between micro-batches, so the gathered copies stay exact."""
+
+    @classmethod
+    def gathers_parameters(cls, parallel):  # type: ignore[no-untyped-def]
+        return True
 
     @classmethod
     def shards(cls, parallel):  # type: ignore[no-untyped-def]
