@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import socket
 import subprocess
 import sys
@@ -65,6 +66,7 @@ def test_stop_on_deepspeed_resume_on_fsdp_matches_uninterrupted(gpt2_base, tmp_p
     # steps 1..3 on 2 ranks under the deepspeed launcher (ZeRO-3), stopped as if preempted
     run = tmp_path / "run.jsonl"
     ckpt = tmp_path / "ckpt"
+    port = free_port()
     cmd = [
         "deepspeed",
         "--num_nodes",
@@ -74,7 +76,7 @@ def test_stop_on_deepspeed_resume_on_fsdp_matches_uninterrupted(gpt2_base, tmp_p
         "--master_addr",
         "127.0.0.1",
         "--master_port",
-        str(free_port()),
+        str(port),
         "--module",
         "dist_lora",
         "train",
@@ -83,6 +85,9 @@ def test_stop_on_deepspeed_resume_on_fsdp_matches_uninterrupted(gpt2_base, tmp_p
     ]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, failure_report(out.stdout, out.stderr)
+    # the launcher's ranks share a CPU all-reduce workspace in /dev/shm, which DeepSpeed never unlinks: dist_lora does
+    left = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_*"))
+    assert not left, f"the run left {left} in /dev/shm (RAM)"
     # steps 4..6 on 1 rank under torchrun with FSDP2, resume: auto
     torchrun(1, ["-m", "dist_lora", "train", str(TINY), *overrides(gpt2_base, ckpt, run, "parallel.backend=fsdp")])
 

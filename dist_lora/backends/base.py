@@ -244,6 +244,10 @@ class Backend(ABC):
     def load_full(self, p: nn.Parameter, full: dict[str, torch.Tensor], step: float | None) -> None:
         """Put a full tensor (and its optimizer state, if given) into this rank's shard of parameter ``p``."""
 
+    def ready(self) -> None:  # noqa: B027 - optional hook
+        """Collective: called on every rank once the engine is built, before training (by :meth:`wrap`, and by the
+        HF callback for an engine the Trainer built)."""
+
     def finish_load(self) -> None:  # noqa: B027 - optional hook
         """Called once after every tensor was loaded."""
 

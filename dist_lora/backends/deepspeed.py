@@ -12,6 +12,7 @@ so loading creates it first. Only this module imports deepspeed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -81,6 +82,35 @@ def import_deepspeed() -> Any:
             "(on CPU: DS_ACCELERATOR=cpu DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 pip install deepspeed)"
         ) from e
     return deepspeed
+
+
+_released_shm = False
+
+
+def release_shm_workspace() -> None:
+    """Unlink this rank's shared-memory workspace of DeepSpeed's CPU all-reduce, once every rank has mapped it.
+
+    Launched by the ``deepspeed`` launcher on one node (it sets ``LOCAL_SIZE``), DeepSpeed's CPU communication op
+    creates a 66 MB ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>`` per rank and never unlinks
+    it: every run left them behind, in RAM, until the host rebooted. Call after a collective that every rank
+    entered after DeepSpeed's communication init (the ranks map each other's workspace there; see
+    :meth:`DeepSpeedBackend.ready`): the maps stay valid, and the memory is freed when the last rank exits,
+    however it exits."""
+    global _released_shm
+    if _released_shm or not torch.distributed.is_initialized():
+        return
+    _released_shm = True
+    name = "_".join(
+        [
+            "deepspeed_allreduce_buffer",
+            str(os.getuid()),
+            os.environ.get("MASTER_ADDR", ""),
+            os.environ.get("MASTER_PORT", ""),
+            str(torch.distributed.get_rank()),
+        ]
+    )
+    with contextlib.suppress(FileNotFoundError):  # other launches (torchrun) and GPUs create none
+        os.unlink(os.path.join("/dev/shm", name))
 
 
 def _fill_partitions(model: Any, weights: BaseWeights) -> None:
@@ -211,7 +241,9 @@ class DeepSpeedBackend(Backend):
             max_grad_norm=max_grad_norm,
         )
         engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=make_optimizer(params), config=config)
-        return cls(engine, optimizer, bias)
+        backend = cls(engine, optimizer, bias)
+        backend.ready()
+        return backend
 
     @classmethod
     def recognise(cls, model, optimizer, bias):  # type: ignore[no-untyped-def]
@@ -220,6 +252,10 @@ class DeepSpeedBackend(Backend):
         zero = model.optimizer if type(model).__name__ == "DeepSpeedEngine" else optimizer
         is_zero = hasattr(zero, "fp32_partitioned_groups_flat") or hasattr(zero, "single_partition_of_fp32_groups")
         return cls(model, zero, bias) if is_zero else None
+
+    def ready(self) -> None:
+        torch.distributed.barrier()  # every rank is past DeepSpeed's communication init: each mapped the others'
+        release_shm_workspace()
 
     # ------------------------------------------------------------------------------------------ training
 

@@ -134,6 +134,7 @@ class DistLoraCallback(TrainerCallback):
         model, optimizer = kwargs["model"], kwargs["optimizer"]
         self.checkpointer.take_lease()  # one writer per dir, before any step
         backend = backend_for(model, optimizer, infer_bias_mode(model))
+        backend.ready()
         saved = resume_checkpoint(
             backend.model,
             self.config.resume,
