@@ -54,7 +54,7 @@ def build(
 ) -> Backend:
     """Wrap a LoRA model for ``parallel.backend`` and create its optimizer over the trainable parameters
     (``weights``: the base's files, for a model that ``load_base`` built on the meta device)."""
-    return backend_class(parallel.backend).wrap(
+    backend = backend_class(parallel.backend).wrap(
         parallel,
         model,
         make_optimizer,
@@ -64,6 +64,8 @@ def build(
         weights=weights,
         max_grad_norm=max_grad_norm,
     )
+    backend.ready()
+    return backend
 
 
 __all__ = ["REGISTRY", "Backend", "LocalPiece", "attach", "backend_class", "build"]

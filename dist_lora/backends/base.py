@@ -156,6 +156,10 @@ class Backend(ABC):
         """A view of a model that this engine already wrapped (with its optimizer), or None if it did not."""
         raise NotImplementedError
 
+    def ready(self) -> None:  # noqa: B027 - optional hook
+        """Collective: called on every rank once the engine is built, before training (by :func:`build` after
+        :meth:`wrap`, and by the HF callback for an engine the Trainer built)."""
+
     # ------------------------------------------------------------------------------------------ topology
 
     @property
@@ -243,10 +247,6 @@ class Backend(ABC):
     @abstractmethod
     def load_full(self, p: nn.Parameter, full: dict[str, torch.Tensor], step: float | None) -> None:
         """Put a full tensor (and its optimizer state, if given) into this rank's shard of parameter ``p``."""
-
-    def ready(self) -> None:  # noqa: B027 - optional hook
-        """Collective: called on every rank once the engine is built, before training (by :meth:`wrap`, and by the
-        HF callback for an engine the Trainer built)."""
 
     def finish_load(self) -> None:  # noqa: B027 - optional hook
         """Called once after every tensor was loaded."""

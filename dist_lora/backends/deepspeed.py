@@ -241,9 +241,7 @@ class DeepSpeedBackend(Backend):
             max_grad_norm=max_grad_norm,
         )
         engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=make_optimizer(params), config=config)
-        backend = cls(engine, optimizer, bias)
-        backend.ready()
-        return backend
+        return cls(engine, optimizer, bias)
 
     @classmethod
     def recognise(cls, model, optimizer, bias):  # type: ignore[no-untyped-def]
