@@ -458,9 +458,6 @@ def part_f(tmp: Path, quick: bool) -> list[dict]:
         wall, cpu = out.stdout.strip().splitlines()[-1].split()
         return float(wall), float(cpu)
 
-    baselines = [baseline() for _ in range(repeats)]
-    from_pretrained_s = statistics.median(wall for wall, _ in baselines)
-    from_pretrained_cpu_s = statistics.median(cpu for _, cpu in baselines)
     for engine in ("fsdp", "zero3"):
         for world in (1, 2, 4):
             for path in ("sharded", "full"):
@@ -471,8 +468,11 @@ def part_f(tmp: Path, quick: bool) -> list[dict]:
                     continue
                 result = tmp / f"load-{engine}-{world}-{path}.json"
                 spec = {"engine": engine, "base": str(base), "path": path, "result": str(result)}
-                runs = []
-                for _ in range(repeats if path == "sharded" else 1):  # the full path takes 3-13 s: once
+                runs, baselines = [], []
+                for _ in range(repeats if path == "sharded" else 1):  # the full path takes 3-20 s: once
+                    # each load is paired with a from_pretrained run just before it: the page cache's state (how
+                    # large its folios are, what the kernel reclaimed) moves both by up to 1.5x between runs
+                    baselines.append(baseline())
                     torchrun(world, "bench.load_worker", spec)
                     runs.append(json.loads(result.read_text()))
                 row = {"part": "f", "engine": engine, "world": world, "path": path, **runs[0]}
@@ -481,14 +481,18 @@ def part_f(tmp: Path, quick: bool) -> list[dict]:
                     load_cpu_s=statistics.median(r["load_cpu_s"] for r in runs),
                     peak_rss=max(r["peak_rss"] for r in runs),
                     model_bytes=model_bytes,
-                    from_pretrained_s=from_pretrained_s,
-                    from_pretrained_cpu_s=from_pretrained_cpu_s,
+                    from_pretrained_s=statistics.median(wall for wall, _ in baselines),
+                    from_pretrained_cpu_s=statistics.median(cpu for _, cpu in baselines),
+                    # medians of the per-pair ratios
+                    load_ratio=statistics.median(r["load_s"] / wall for r, (wall, _) in zip(runs, baselines)),
+                    cpu_ratio=statistics.median(r["load_cpu_s"] / cpu for r, (_, cpu) in zip(runs, baselines)),
                 )
                 rows.append(row)
                 print(
                     f"[f] {engine} world {world} {path}: peak {row['peak_rss'] / 1e9:.2f} GB per rank, "
-                    f"load {row['load_s']:.2f} s, CPU {row['load_cpu_s']:.2f} s (from_pretrained alone "
-                    f"{from_pretrained_s:.2f} s, CPU {from_pretrained_cpu_s:.2f} s)",
+                    f"load {row['load_s']:.2f} s, CPU {row['load_cpu_s']:.2f} s; from_pretrained alone "
+                    f"{row['from_pretrained_s']:.2f} s, CPU {row['from_pretrained_cpu_s']:.2f} s; ratios "
+                    f"{row['load_ratio']:.2f}x, CPU {row['cpu_ratio']:.2f}x",
                     flush=True,
                 )
     rows += train_resume_merge(tmp, base, model_bytes)
@@ -809,15 +813,16 @@ def report(rows: list[dict], quick: bool) -> str:
             f"## f. Loading a base of {fmt_bytes(model)} (GPT-2 XL shape, fp32, 2 GB safetensors files)",
             "",
             "| engine | world | path | peak RSS per rank | RSS before loading | target: model / world + 1 GB | "
-            "load s | CPU s per rank | from_pretrained alone, 1 process: s, CPU s |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "load s | CPU s per rank | from_pretrained alone, 1 process: s, CPU s | "
+            "load / from_pretrained: s, CPU s |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in f:
             if "path" not in r:
                 continue
             if r.get("skipped"):
                 lines.append(f"| {r['engine']} | {r['world']} | {r['path']} | not run: {r['world']} whole copies "
-                             "exceed this machine's memory | | | | | |")  # fmt: skip
+                             "exceed this machine's memory | | | | | | |")  # fmt: skip
                 continue
             target = r["model_bytes"] / r["world"] + 1e9
             mark = "met" if r["path"] == "full" or r["peak_rss"] <= target else "**missed**"
@@ -825,7 +830,7 @@ def report(rows: list[dict], quick: bool) -> str:
                 f"| {r['engine']} | {r['world']} | {r['path']} | {fmt_bytes(r['peak_rss'])} | "
                 f"{fmt_bytes(r['rss_before'])} | {fmt_bytes(target)} ({mark if r['path'] == 'sharded' else '-'}) | "
                 f"{r['load_s']:.2f} | {r['load_cpu_s']:.2f} | {r['from_pretrained_s']:.2f}, "
-                f"{r['from_pretrained_cpu_s']:.2f} |"
+                f"{r['from_pretrained_cpu_s']:.2f} | {r['load_ratio']:.2f}x, {r['cpu_ratio']:.2f}x |"
             )
         phases = [r for r in f if "phase" in r]
         if phases:

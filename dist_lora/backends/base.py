@@ -300,6 +300,7 @@ def materialize(
                 device.type == "cpu"
                 and not p.requires_grad  # a trained tensor (bias="all") gets memory of its own
                 and local.dim()
+                and not _in_padded_buffer(local)
                 and (view := weights.mapped(base_key(key), start, stop, local.dtype)) is not None
             ):
                 views[id(p)] = nn.Parameter(_like(p, view), requires_grad=False)
@@ -312,6 +313,12 @@ def materialize(
         named = {name: views[id(p)] for name, p in model.named_parameters(remove_duplicate=False) if id(p) in views}
         assert not model.load_state_dict(named, strict=False, assign=True).unexpected_keys
     release_freed_memory()
+
+
+def _in_padded_buffer(local: torch.Tensor) -> bool:
+    """Whether a shard is the front of a larger allocation: FSDP2's last rank keeps its uneven shard padded, and
+    would copy a view of the files into that padding, so its rows are read straight into the buffer instead."""
+    return local.untyped_storage().nbytes() > local.numel() * local.element_size()
 
 
 def _like(p: torch.Tensor, local: torch.Tensor) -> torch.Tensor:

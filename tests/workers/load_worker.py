@@ -19,8 +19,8 @@ from safetensors.torch import save_file
 
 from dist_lora.config import load_config
 from dist_lora.distributed import shutdown
-from dist_lora.lora import apply_lora, canonical_name
-from dist_lora.model import load_base
+from dist_lora.lora import apply_lora, base_key, canonical_name
+from dist_lora.model import BaseWeights, load_base
 from dist_lora.train import DTYPES, Trainer
 from tests.dist_utils import TINY, mapped_file
 
@@ -60,7 +60,24 @@ def file_backed(t: torch.Tensor, base: str) -> bool:
     return path is not None and Path(path).parent == Path(base).resolve()
 
 
+def padded(backend, p) -> bool:
+    """Whether this rank's FSDP2 shard of a frozen parameter is the last, padded one of an uneven split."""
+    return not p.requires_grad and hasattr(p, "to_local") and held_whole(backend, p) is None
+
+
+MAPPED: set[str] = set()  # the base tensors this rank asked the files for as maps, in the build under way
+
+
+def _recording(mapped):
+    def record(self, key, start, stop, dtype):
+        MAPPED.add(key)
+        return mapped(self, key, start, stop, dtype)
+
+    return record
+
+
 def main() -> None:
+    BaseWeights.mapped = _recording(BaseWeights.mapped)
     args = json.loads(sys.argv[1])
     out = Path(args["out"])
     report: dict[str, dict] = {}
@@ -70,6 +87,7 @@ def main() -> None:
         overrides = [*args["overrides"], *args["engines"][engine], *own]
         overrides += [f"model.name_or_path={base}", f"checkpoint.dir={out / f'ckpt{i}'}"]
         cfg = load_config(TINY, overrides)
+        MAPPED.clear()
         trainer = Trainer(cfg)
         backend = trainer.backend
         # the reference loads whole, as one process without DeepSpeed would (transformers builds every model
@@ -80,13 +98,15 @@ def main() -> None:
         torch.manual_seed(cfg.train.seed)
         reference = apply_lora(load_base(base, DTYPES[cfg.model.dtype]), cfg.lora, base)
         ref_params = {canonical_name(n): p.detach() for n, p in reference.named_parameters()}
-        mismatched, checked, copied = [], 0, []
+        mismatched, checked, copied, mapped_padded = [], 0, [], []
         module = backend.model.module if hasattr(backend.model, "module") else backend.model
         for name, p in module.named_parameters():
             key = canonical_name(name)
             whole = held_whole(backend, p)
             if whole is not None and not file_backed(whole, base):
                 copied.append(key)
+            if padded(backend, p) and base_key(key) in MAPPED:  # FSDP2 would copy the map into its padded buffer
+                mapped_padded.append(key)
             mine, expected = local_and_expected(backend, key, p, ref_params[key])
             checked += 1
             if mine.dtype != expected.dtype or not torch.equal(mine, expected.reshape(mine.shape)):
@@ -102,7 +122,14 @@ def main() -> None:
             with torch.no_grad():
                 ref_logits = reference(input_ids=x).logits.float()
             save_file({"sharded": logits.contiguous(), "full": ref_logits.contiguous()}, str(out / f"{i}.logits"))
-        report[case] = {"checked": checked, "mismatched": mismatched, "copied": copied, "tied": _tied(module)}
+        report[case] = {
+            "checked": checked,
+            "mismatched": mismatched,
+            "copied": copied,
+            "mapped_padded": mapped_padded,
+            "padded": sum(padded(backend, p) for p in module.parameters()),
+            "tied": _tied(module),
+        }
         trainer.checkpointer.release_lease()
         del trainer, reference
     (out / f"rank{backend.rank}.json").write_text(json.dumps(report, indent=1))
