@@ -44,6 +44,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def deepspeed_launcher(nproc: int, port: int) -> list[str]:
+    """The ``deepspeed`` launcher on this node: ``nproc`` ranks, loopback, the given port."""
+    return f"deepspeed --num_nodes 1 --num_gpus {nproc} --master_addr 127.0.0.1 --master_port {port}".split()
+
+
+def assert_no_shm_workspace_left(port: int) -> None:
+    """The launcher's ranks share a CPU all-reduce workspace in /dev/shm, which DeepSpeed never unlinks: dist_lora
+    does."""
+    left = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_*"))
+    assert not left, f"the run left {left} in /dev/shm (RAM)"
+
+
 @pytest.mark.multiproc
 @pytest.mark.timeout(600)
 def test_stop_on_deepspeed_resume_on_fsdp_matches_uninterrupted(gpt2_base, tmp_path):
@@ -68,15 +80,7 @@ def test_stop_on_deepspeed_resume_on_fsdp_matches_uninterrupted(gpt2_base, tmp_p
     ckpt = tmp_path / "ckpt"
     port = free_port()
     cmd = [
-        "deepspeed",
-        "--num_nodes",
-        "1",
-        "--num_gpus",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(port),
+        *deepspeed_launcher(2, port),
         "--module",
         "dist_lora",
         "train",
@@ -85,9 +89,7 @@ def test_stop_on_deepspeed_resume_on_fsdp_matches_uninterrupted(gpt2_base, tmp_p
     ]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, failure_report(out.stdout, out.stderr)
-    # the launcher's ranks share a CPU all-reduce workspace in /dev/shm, which DeepSpeed never unlinks: dist_lora does
-    left = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_*"))
-    assert not left, f"the run left {left} in /dev/shm (RAM)"
+    assert_no_shm_workspace_left(port)
     # steps 4..6 on 1 rank under torchrun with FSDP2, resume: auto
     torchrun(1, ["-m", "dist_lora", "train", str(TINY), *overrides(gpt2_base, ckpt, run, "parallel.backend=fsdp")])
 
@@ -106,6 +108,21 @@ def test_stop_on_deepspeed_resume_on_fsdp_matches_uninterrupted(gpt2_base, tmp_p
     assert rows[3]["status"] == rows[6]["status"] == "committed"
     assert (rows[3]["world_size"], rows[3]["backend"]) == (2, "deepspeed")
     assert (rows[6]["world_size"], rows[6]["backend"]) == (1, "fsdp")
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(300)
+def test_own_loop_under_the_deepspeed_launcher_leaves_nothing_in_dev_shm(gpt2_base, tmp_path):
+    """README's own-loop recipe: deepspeed.initialize, then ``attach(...).ready()`` unlinks the launcher's CPU
+    all-reduce workspaces, which DeepSpeed itself never removes."""
+    port = free_port()
+    spec = {"base": str(gpt2_base), "dir": str(tmp_path / "ckpt")}
+    worker = Path(__file__).resolve().parent / "workers" / "own_loop_deepspeed.py"
+    cmd = [*deepspeed_launcher(2, port), str(worker), json.dumps(spec)]
+    out = subprocess.run(cmd, env=launch_env(), capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, failure_report(out.stdout, out.stderr)
+    assert (tmp_path / "ckpt" / "step-00000001" / "adapter_model.safetensors").is_file()
+    assert_no_shm_workspace_left(port)
 
 
 @pytest.mark.reliability(
