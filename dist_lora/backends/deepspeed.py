@@ -84,33 +84,15 @@ def import_deepspeed() -> Any:
     return deepspeed
 
 
-_released_shm = False
+def shm_workspace() -> str:
+    """This rank's shared-memory workspace of DeepSpeed's CPU all-reduce, as DeepSpeed's shm op names it.
 
-
-def release_shm_workspace() -> None:
-    """Unlink this rank's shared-memory workspace of DeepSpeed's CPU all-reduce, once every rank has mapped it.
-
-    Launched by the ``deepspeed`` launcher on one node (it sets ``LOCAL_SIZE``), DeepSpeed's CPU communication op
-    creates a 66 MB ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>`` per rank and never unlinks
-    it: every run left them behind, in RAM, until the host rebooted. Call after a collective that every rank
-    entered after DeepSpeed's communication init (the ranks map each other's workspace there; see
-    :meth:`DeepSpeedBackend.ready`): the maps stay valid, and the memory is freed when the last rank exits,
-    however it exits."""
-    global _released_shm
-    if _released_shm or not torch.distributed.is_initialized():
-        return
-    _released_shm = True
-    name = "_".join(
-        [
-            "deepspeed_allreduce_buffer",
-            str(os.getuid()),
-            os.environ.get("MASTER_ADDR", ""),
-            os.environ.get("MASTER_PORT", ""),
-            str(torch.distributed.get_rank()),
-        ]
-    )
-    with contextlib.suppress(FileNotFoundError):  # other launches (torchrun) and GPUs create none
-        os.unlink(os.path.join("/dev/shm", name))
+    Launched by the ``deepspeed`` launcher on one node (it sets ``LOCAL_SIZE``), that op creates a 66 MB
+    ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>`` per rank at its communication init and never
+    unlinks it: every run left them behind, in RAM, until the host rebooted (:meth:`DeepSpeedBackend.ready`
+    unlinks it). Other launches (torchrun) and GPUs create none."""
+    parts = [str(os.getuid()), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")]
+    return os.path.join("/dev/shm", "_".join(["deepspeed_allreduce_buffer", *parts, str(torch.distributed.get_rank())]))
 
 
 def _fill_partitions(model: Any, weights: BaseWeights) -> None:
@@ -252,8 +234,15 @@ class DeepSpeedBackend(Backend):
         return cls(model, zero, bias) if is_zero else None
 
     def ready(self) -> None:
+        """Unlink this rank's all-reduce workspace (:func:`shm_workspace`) once every rank has mapped it: the maps
+        stay valid, and the memory is freed when the last rank exits, however it exits. Every rank holds one or none
+        alike (all on one node under the launcher, or not), so all of them or none take the barrier."""
+        workspace = shm_workspace()
+        if not os.path.exists(workspace):  # torchrun, GPUs, or unlinked already
+            return
         torch.distributed.barrier()  # every rank is past DeepSpeed's communication init: each mapped the others'
-        release_shm_workspace()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(workspace)
 
     # ------------------------------------------------------------------------------------------ training
 
