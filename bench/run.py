@@ -429,6 +429,32 @@ def peak_rss_of(cmd: list[str]) -> tuple[float, int]:
     return time.perf_counter() - t0, int(out.stdout.strip().splitlines()[-1])
 
 
+def evict_from_page_cache(directory: Path) -> float:
+    """Drop a base's files from the page cache (``POSIX_FADV_DONTNEED``: clean pages no process maps), as on a
+    node that has not read them yet; returns the fraction of their pages still cached (``mincore``), which the
+    report shows: near 0 when the eviction took."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    page = os.sysconf("SC_PAGE_SIZE")
+    cached = total = 0
+    for path in sorted(directory.glob("*.safetensors")):
+        with open(path, "rb") as f:
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            size = os.fstat(f.fileno()).st_size
+            pages = mmap.mmap(f.fileno(), size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        n = (size + page - 1) // page
+        vec = (ctypes.c_ubyte * n)()
+        address = ctypes.addressof(ctypes.c_char.from_buffer(pages))
+        if libc.mincore(ctypes.c_void_p(address), ctypes.c_size_t(size), vec) != 0:
+            raise OSError(ctypes.get_errno(), f"mincore of {path}")
+        cached, total = cached + sum(b & 1 for b in vec), total + n
+        del address
+        pages.close()
+    return cached / max(total, 1)
+
+
 def part_f(tmp: Path, quick: bool) -> list[dict]:
     """Loading a base larger than a rank should hold: per-rank peak RSS and load seconds, sharded against the full
     path, at world sizes 1, 2, 4 (the full path at 4 would need 4 copies of the base: more than this machine has);
@@ -495,8 +521,40 @@ def part_f(tmp: Path, quick: bool) -> list[dict]:
                     f"{row['load_ratio']:.2f}x, CPU {row['cpu_ratio']:.2f}x",
                     flush=True,
                 )
+    # then with the base's files dropped from the page cache (last: a base read back from disk is cached in small
+    # folios, which would slow every warm load after it)
+    for row in rows:
+        if row.get("path") == "sharded":
+            spec = {"engine": row["engine"], "base": str(base), "path": "sharded", "result": str(tmp / "cold.json")}
+            row.update(cold_pairs(base, row["world"], spec, max(1, repeats - 1), baseline))
+            print(
+                f"[f] {row['engine']} world {row['world']} sharded, cold page cache: load {row['cold_load_s']:.2f} s; "
+                f"from_pretrained alone {row['cold_from_pretrained_s']:.2f} s; ratio {row['cold_ratio']:.2f}x "
+                f"(cached after eviction: {row['cold_cached']:.1%})",
+                flush=True,
+            )
     rows += train_resume_merge(tmp, base, model_bytes)
     return rows
+
+
+def cold_pairs(base: Path, world: int, spec: dict, repeats: int, baseline: Any) -> dict:
+    """The first load of a job on a node that has not read the base: its files dropped from the page cache before
+    the sharded load and before its from_pretrained baseline alike, ``repeats`` pairs (reading 6 GB from disk moves
+    both by up to 1.3x between runs)."""
+    runs, baselines, cached = [], [], []
+    for _ in range(repeats):
+        cached.append(evict_from_page_cache(base))
+        baselines.append(baseline())
+        cached.append(evict_from_page_cache(base))
+        torchrun(world, "bench.load_worker", spec)
+        runs.append(json.loads(Path(spec["result"]).read_text()))
+    return {
+        "cold_load_s": statistics.median(r["load_s"] for r in runs),
+        "cold_load_cpu_s": statistics.median(r["load_cpu_s"] for r in runs),
+        "cold_from_pretrained_s": statistics.median(wall for wall, _ in baselines),
+        "cold_ratio": statistics.median(r["load_s"] / wall for r, (wall, _) in zip(runs, baselines)),
+        "cold_cached": max(cached),
+    }
 
 
 def train_resume_merge(tmp: Path, base: Path, model_bytes: int) -> list[dict]:
@@ -832,6 +890,23 @@ def report(rows: list[dict], quick: bool) -> str:
                 f"{r['load_s']:.2f} | {r['load_cpu_s']:.2f} | {r['from_pretrained_s']:.2f}, "
                 f"{r['from_pretrained_cpu_s']:.2f} | {r['load_ratio']:.2f}x, {r['cpu_ratio']:.2f}x |"
             )
+        cold = [r for r in f if "cold_ratio" in r]
+        if cold:
+            lines += [
+                "",
+                "The first load of a job on a node that has not read the base yet: its files dropped from the page "
+                "cache (`POSIX_FADV_DONTNEED`) before each sharded load and before its from_pretrained baseline alike "
+                "(medians of per-pair ratios):",
+                "",
+                "| engine | world | load s | CPU s per rank | from_pretrained alone, 1 process: s | "
+                "load / from_pretrained | base cached after eviction |",
+                "|---|---|---|---|---|---|---|",
+            ]
+            for r in cold:
+                lines.append(
+                    f"| {r['engine']} | {r['world']} | {r['cold_load_s']:.2f} | {r['cold_load_cpu_s']:.2f} | "
+                    f"{r['cold_from_pretrained_s']:.2f} | {r['cold_ratio']:.2f}x | {r['cold_cached']:.1%} |"
+                )
         phases = [r for r in f if "phase" in r]
         if phases:
             lines += ["", "Train, resume, merge on that base:", ""]
