@@ -450,7 +450,6 @@ def evict_from_page_cache(directory: Path) -> float:
         if libc.mincore(ctypes.c_void_p(address), ctypes.c_size_t(size), vec) != 0:
             raise OSError(ctypes.get_errno(), f"mincore of {path}")
         cached, total = cached + sum(b & 1 for b in vec), total + n
-        del address
         pages.close()
     return cached / max(total, 1)
 
@@ -494,25 +493,10 @@ def part_f(tmp: Path, quick: bool) -> list[dict]:
                     continue
                 result = tmp / f"load-{engine}-{world}-{path}.json"
                 spec = {"engine": engine, "base": str(base), "path": path, "result": str(result)}
-                runs, baselines = [], []
-                for _ in range(repeats if path == "sharded" else 1):  # the full path takes 3-20 s: once
-                    # each load is paired with a from_pretrained run just before it: the page cache's state (how
-                    # large its folios are, what the kernel reclaimed) moves both by up to 1.5x between runs
-                    baselines.append(baseline())
-                    torchrun(world, "bench.load_worker", spec)
-                    runs.append(json.loads(result.read_text()))
+                # the full path takes 3-20 s: once
+                runs, baselines, _ = load_pairs(world, spec, repeats if path == "sharded" else 1, baseline)
                 row = {"part": "f", "engine": engine, "world": world, "path": path, **runs[0]}
-                row.update(
-                    load_s=statistics.median(r["load_s"] for r in runs),
-                    load_cpu_s=statistics.median(r["load_cpu_s"] for r in runs),
-                    peak_rss=max(r["peak_rss"] for r in runs),
-                    model_bytes=model_bytes,
-                    from_pretrained_s=statistics.median(wall for wall, _ in baselines),
-                    from_pretrained_cpu_s=statistics.median(cpu for _, cpu in baselines),
-                    # medians of the per-pair ratios
-                    load_ratio=statistics.median(r["load_s"] / wall for r, (wall, _) in zip(runs, baselines)),
-                    cpu_ratio=statistics.median(r["load_cpu_s"] / cpu for r, (_, cpu) in zip(runs, baselines)),
-                )
+                row.update(paired(runs, baselines), peak_rss=max(r["peak_rss"] for r in runs), model_bytes=model_bytes)
                 rows.append(row)
                 print(
                     f"[f] {engine} world {world} {path}: peak {row['peak_rss'] / 1e9:.2f} GB per rank, "
@@ -526,7 +510,18 @@ def part_f(tmp: Path, quick: bool) -> list[dict]:
     for row in rows:
         if row.get("path") == "sharded":
             spec = {"engine": row["engine"], "base": str(base), "path": "sharded", "result": str(tmp / "cold.json")}
-            row.update(cold_pairs(base, row["world"], spec, max(1, repeats - 1), baseline))
+            # 2 pairs: reading 6 GB from disk moves both by up to 1.3x between runs
+            runs, baselines, cached = load_pairs(
+                row["world"], spec, max(1, repeats - 1), baseline, evict=lambda: evict_from_page_cache(base)
+            )
+            cold = paired(runs, baselines)
+            row.update(
+                cold_load_s=cold["load_s"],
+                cold_load_cpu_s=cold["load_cpu_s"],
+                cold_from_pretrained_s=cold["from_pretrained_s"],
+                cold_ratio=cold["load_ratio"],
+                cold_cached=cached,
+            )
             print(
                 f"[f] {row['engine']} world {row['world']} sharded, cold page cache: load {row['cold_load_s']:.2f} s; "
                 f"from_pretrained alone {row['cold_from_pretrained_s']:.2f} s; ratio {row['cold_ratio']:.2f}x "
@@ -537,23 +532,35 @@ def part_f(tmp: Path, quick: bool) -> list[dict]:
     return rows
 
 
-def cold_pairs(base: Path, world: int, spec: dict, repeats: int, baseline: Any) -> dict:
-    """The first load of a job on a node that has not read the base: its files dropped from the page cache before
-    the sharded load and before its from_pretrained baseline alike, ``repeats`` pairs (reading 6 GB from disk moves
-    both by up to 1.3x between runs)."""
-    runs, baselines, cached = [], [], []
+def load_pairs(
+    world: int, spec: dict, repeats: int, baseline: Any, evict: Any = None
+) -> tuple[list[dict], list[tuple[float, float]], float]:
+    """``repeats`` pairs of a from_pretrained run (``baseline()``: wall and CPU seconds) just before a load of
+    ``spec`` at ``world`` ranks: the page cache's state (how large its folios are, what the kernel reclaimed) moves
+    both by up to 1.5x between runs. With ``evict`` (the first load on a node that has not read the base), it is
+    called before each of the two; returns the loads' results, the baselines, and the largest fraction of the base
+    that ``evict`` left cached (0 without it)."""
+    runs, baselines, cached = [], [], [0.0]
     for _ in range(repeats):
-        cached.append(evict_from_page_cache(base))
+        if evict is not None:
+            cached.append(evict())
         baselines.append(baseline())
-        cached.append(evict_from_page_cache(base))
+        if evict is not None:
+            cached.append(evict())
         torchrun(world, "bench.load_worker", spec)
         runs.append(json.loads(Path(spec["result"]).read_text()))
+    return runs, baselines, max(cached)
+
+
+def paired(runs: list[dict], baselines: list[tuple[float, float]]) -> dict:
+    """Medians of the loads and of their baselines, and the medians of the per-pair ratios."""
     return {
-        "cold_load_s": statistics.median(r["load_s"] for r in runs),
-        "cold_load_cpu_s": statistics.median(r["load_cpu_s"] for r in runs),
-        "cold_from_pretrained_s": statistics.median(wall for wall, _ in baselines),
-        "cold_ratio": statistics.median(r["load_s"] / wall for r, (wall, _) in zip(runs, baselines)),
-        "cold_cached": max(cached),
+        "load_s": statistics.median(r["load_s"] for r in runs),
+        "load_cpu_s": statistics.median(r["load_cpu_s"] for r in runs),
+        "from_pretrained_s": statistics.median(wall for wall, _ in baselines),
+        "from_pretrained_cpu_s": statistics.median(cpu for _, cpu in baselines),
+        "load_ratio": statistics.median(r["load_s"] / wall for r, (wall, _) in zip(runs, baselines)),
+        "cpu_ratio": statistics.median(r["load_cpu_s"] / cpu for r, (_, cpu) in zip(runs, baselines)),
     }
 
 
