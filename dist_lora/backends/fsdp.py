@@ -48,10 +48,11 @@ def _replicas(replicate: int | str) -> int:
     return world // int(os.environ.get(ENV_LOCAL_WORLD_SIZE, world)) if replicate == "nodes" else int(replicate)
 
 
-def hsdp_mesh(replicate: int | str) -> Any:
-    """A 2-D device mesh: ``replicate`` groups (outer dim) of world / replicate ranks that shard (inner dim);
-    "nodes": one group per node (the ranks of a node are consecutive, as torchrun and the deepspeed launcher
-    number them)."""
+def device_mesh(replicate: int | str) -> Any:
+    """The one device mesh every ``fully_shard`` of a model shares (left to itself, each call builds its own: one
+    per block). 1-D over the world; with ``replicate`` > 1 (HSDP), 2-D: ``replicate`` groups (outer dim) of
+    world / replicate ranks that shard (inner dim); "nodes": one group per node (the ranks of a node are
+    consecutive, as torchrun and the deepspeed launcher number them)."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -63,6 +64,8 @@ def hsdp_mesh(replicate: int | str) -> Any:
             "typically the number of nodes (each replica group should be the ranks of one node)"
         )
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if replicate == 1:
+        return init_device_mesh(device, (world,))
     return init_device_mesh(device, (replicate, world // replicate), mesh_dim_names=("replicate", "shard"))
 
 
@@ -110,7 +113,7 @@ class FSDPBackend(Backend):
 
         world = dist.get_world_size() if dist.is_initialized() else 1
         replicas = _replicas(parallel.replicate)
-        return world // replicas if world % replicas == 0 else world  # (wrap's hsdp_mesh refuses the latter)
+        return world // replicas if world % replicas == 0 else world  # (wrap's device_mesh refuses the latter)
 
     @classmethod
     def load_base(cls, parallel, name_or_path, dtype, device, **batch):  # type: ignore[no-untyped-def]
@@ -128,9 +131,7 @@ class FSDPBackend(Backend):
     ):  # type: ignore[no-untyped-def]
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        kwargs: dict[str, Any] = {}
-        if parallel.replicate != 1:
-            kwargs["mesh"] = hsdp_mesh(parallel.replicate)
+        kwargs: dict[str, Any] = {"mesh": device_mesh(parallel.replicate)}
         if parallel.mixed_precision == "bf16":
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         host = from_files(model, weights) if weights is not None else {}
