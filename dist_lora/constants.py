@@ -38,6 +38,7 @@ RUN_ID_ENVS = (ENV_RUN_ID, "SLURM_JOB_ID", "TORCHELASTIC_RUN_ID")  # a job's id,
 # Set by torchrun and the deepspeed launcher for each rank.
 ENV_RANK, ENV_LOCAL_RANK, ENV_WORLD_SIZE = "RANK", "LOCAL_RANK", "WORLD_SIZE"
 ENV_LOCAL_WORLD_SIZE = "LOCAL_WORLD_SIZE"  # ranks on this machine (torchrun sets it)
+ENV_LOCAL_SIZE = "LOCAL_SIZE"  # the same, as the deepspeed launcher names it
 ENV_OMP_NUM_THREADS = "OMP_NUM_THREADS"  # when set, dist_lora leaves torch's CPU threads to it
 ENV_AWS_ENDPOINT_URL = "AWS_ENDPOINT_URL"  # the S3 endpoint when storage_options names none
 ENV_DS_ACCELERATOR = "DS_ACCELERATOR"  # DeepSpeed's accelerator; dist_lora sets "cpu" where there is no GPU

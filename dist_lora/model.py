@@ -19,12 +19,15 @@ import math
 import mmap
 import os
 import struct
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from dist_lora.constants import ENV_LOCAL_SIZE, ENV_LOCAL_WORLD_SIZE
 
 
 class ModelError(ValueError):
@@ -134,6 +137,9 @@ class BaseWeights:
       as ``from_pretrained`` leaves a CPU model: the map *is* the tensor, so nothing is read or copied until the
       rows are used, and the pages are the page cache's, which the kernel may drop and read again under pressure.
       The map is private (copy-on-write): a write to such a tensor never reaches the file.
+
+    Before either, :meth:`read_ahead` starts bringing the rank's bytes into memory on a thread of its own, while
+    the engine is set up.
     """
 
     def __init__(self, directory: str | Path):
@@ -155,6 +161,7 @@ class BaseWeights:
         self.aliases: dict[str, str] = {}  # a tied parameter's other name -> the name the files hold it under
         for name in names:
             self.entries.update(_read_header(self.directory / name))
+        self._ahead: dict[tuple[Path, int, int], tuple[mmap.mmap, int]] = {}  # read_ahead's maps for views to come
 
     @classmethod
     def of(cls, name_or_path: str) -> BaseWeights | None:
@@ -205,6 +212,50 @@ class BaseWeights:
         keys = sorted((k for k, e in self.entries.items() if e.path == path), key=lambda k: self.entries[k].offset)
         return header, keys
 
+    def read_ahead(
+        self, share: Callable[[tuple[int, ...]], tuple[int, int, bool]], view_dtype: torch.dtype | None
+    ) -> threading.Thread | None:
+        """Start bringing the bytes this rank is going to load into memory, on a thread of its own, so that the
+        reads of a cold page cache (and the page faults of a warm one) overlap the engine's set-up instead of
+        following it. Called as loading starts, before the model is even built.
+
+        ``share(shape)``: this rank's elements ``[first, last)`` of a tensor's flattened values (its rows, its
+        partition), and whether they are a whole shard, which the load takes as a view of the file where it can;
+        ``view_dtype``: the dtype of such views (the CPU model's), None where none is made (a GPU, a base to be
+        quantized). For a view to come, its own map is made now (:meth:`mapped` hands it over) and the thread maps
+        its pages in; any other range is read into the page cache through a map the thread drops once read.
+        What a load leaves unused is dropped by :meth:`drop_unused_maps`. At most half the memory available to
+        each rank of the node is read ahead, in the files' order: more would evict pages before they are used,
+        and the rest is read as it is used. Returns the thread (None: nothing to read)."""
+        budget = _memory_for_read_ahead()
+        jobs: list[tuple[mmap.mmap, int, int, bool]] = []  # (map, first byte, bytes, kept for a view)
+        for entry in sorted(self.entries.values(), key=lambda e: (e.path, e.offset)):
+            first, last, whole = share(entry.shape)
+            size = entry.dtype.itemsize
+            nbytes = max(0, last - first) * size
+            if not nbytes:
+                continue
+            if nbytes > budget:
+                break
+            mapped = _map(entry.path, entry.offset + first * size, nbytes)
+            if mapped is None:  # a file system that cannot map files: no read-ahead
+                break
+            budget -= nbytes
+            keep = whole and entry.dtype == view_dtype
+            if keep:
+                self._ahead[(entry.path, entry.offset + first * size, nbytes)] = mapped
+            jobs.append((*mapped, nbytes, keep))
+        if not jobs:
+            return None
+        thread = threading.Thread(target=_fault_in, args=(jobs,), name="dist_lora-read-ahead", daemon=True)
+        thread.start()
+        return thread
+
+    def drop_unused_maps(self) -> None:
+        """Drop what :meth:`read_ahead` mapped for views the load did not take (its pages are the page cache's
+        again once the thread is done with them)."""
+        self._ahead.clear()
+
     def rows(self, key: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Rows ``[start, stop)`` of a tensor (dim 0; a scalar is one row), read from the file alone; straight
         into ``out`` when it is given (contiguous, of the file's dtype and those rows' size)."""
@@ -227,30 +278,22 @@ class BaseWeights:
         entry = self._entry(key)
         return self._view(entry, *_element_range(entry, start, stop), dtype)
 
-    @staticmethod
-    def _view(entry: _Entry, first: int, last: int, dtype: torch.dtype) -> torch.Tensor | None:
-        """Elements ``[first, last)`` of the flattened tensor, 1-D, in a private map of just their pages. A map of
-        the whole file would let the kernel map the neighbouring rows with them (it maps the page cache's large
-        folios, up to 2 MB, around each fault): a rank would count other ranks' rows as its own memory."""
+    def _view(self, entry: _Entry, first: int, last: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """Elements ``[first, last)`` of the flattened tensor, 1-D, in a private map of just their pages (the one
+        :meth:`read_ahead` made, if it did). A map of the whole file would let the kernel map the neighbouring rows
+        with them (it maps the page cache's large folios, up to 2 MB, around each fault): a rank would count other
+        ranks' rows as its own memory."""
         size = dtype.itemsize
         begin, nbytes = entry.offset + first * size, max(0, last - first) * size
         if entry.dtype != dtype or begin % size:
             return None
         if not nbytes:
             return torch.empty(0, dtype=dtype)
-        start = begin - begin % mmap.ALLOCATIONGRANULARITY
-        try:
-            with open(entry.path, "rb") as f:  # the map outlives the file object; the tensor keeps the map
-                pages = mmap.mmap(
-                    f.fileno(),
-                    begin + nbytes - start,
-                    flags=mmap.MAP_PRIVATE,
-                    prot=mmap.PROT_READ | mmap.PROT_WRITE,
-                    offset=start,
-                )
-        except OSError:  # a file system that cannot map files (some FUSE mounts): the rows are read instead
+        mapped = self._ahead.pop((entry.path, begin, nbytes), None) or _map(entry.path, begin, nbytes)
+        if mapped is None:
             return None
-        return torch.frombuffer(pages, dtype=dtype, count=nbytes // size, offset=begin - start)
+        pages, skip = mapped
+        return torch.frombuffer(pages, dtype=dtype, count=nbytes // size, offset=skip)
 
     def flat(self, key: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Elements ``[start, stop)`` of the flattened tensor (clipped to its size), read from the file alone;
@@ -290,17 +333,67 @@ def _element_range(entry: _Entry, start: int, stop: int) -> tuple[int, int]:
 
 
 def _read_header(path: Path) -> dict[str, _Entry]:
+    """The tensors a safetensors file holds. A file shorter than its header says is refused here: read through a
+    map, its missing bytes would kill the process (SIGBUS) instead of raising."""
     with open(path, "rb") as f:
         (length,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(length))
+        size = os.fstat(f.fileno()).st_size
     header.pop("__metadata__", None)
     out = {}
     for key, info in header.items():
         if info["dtype"] not in _SAFE_DTYPES:
             raise ModelError(f"{path}: tensor {key} has dtype {info['dtype']}, which sharded loading does not read")
-        begin = 8 + length + int(info["data_offsets"][0])
+        begin, end = (8 + length + int(offset) for offset in info["data_offsets"])
+        if end > size:
+            raise ModelError(
+                f"{path} is {size} bytes, but its tensor {key} ends at byte {end}: the file is truncated (an "
+                "interrupted copy or download); copy it again, or re-save the base with save_pretrained"
+            )
         out[key] = _Entry(path, _SAFE_DTYPES[info["dtype"]], tuple(info["shape"]), begin)
     return out
+
+
+def _map(path: Path, begin: int, nbytes: int) -> tuple[mmap.mmap, int] | None:
+    """A private, copy-on-write map of the pages holding bytes ``[begin, begin + nbytes)`` of a file, and where
+    those bytes start in it; None on a file system that cannot map files (some FUSE mounts)."""
+    start = begin - begin % mmap.ALLOCATIONGRANULARITY
+    try:
+        with open(path, "rb") as f:  # the map outlives the file object; a tensor made from it keeps it
+            pages = mmap.mmap(
+                f.fileno(),
+                begin + nbytes - start,
+                flags=mmap.MAP_PRIVATE,
+                prot=mmap.PROT_READ | mmap.PROT_WRITE,
+                offset=start,
+            )
+    except OSError:
+        return None
+    return pages, begin - start
+
+
+def _fault_in(jobs: list[tuple[mmap.mmap, int, int, bool]]) -> None:
+    """:meth:`BaseWeights.read_ahead`'s thread: read one byte of every page of each range, which maps the page
+    (reading it from storage first if the page cache lacks it). torch releases the GIL while it reads, so the
+    thread runs beside the engine's set-up. A map not kept for a view is dropped once read. The maps are popped
+    as they are done, so that a view the model drops frees its pages."""
+    jobs.reverse()
+    while jobs:
+        pages, skip, nbytes, keep = jobs.pop()
+        torch.frombuffer(pages, dtype=torch.uint8, count=nbytes, offset=skip)[:: mmap.PAGESIZE].max()
+        if not keep:
+            pages.close()
+
+
+def _memory_for_read_ahead() -> int:
+    """Half of the memory the kernel says is available (``MemAvailable``), shared by this node's ranks."""
+    try:
+        with open("/proc/meminfo") as f:
+            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return 0
+    ranks = os.environ.get(ENV_LOCAL_WORLD_SIZE) or os.environ.get(ENV_LOCAL_SIZE) or "1"
+    return available // 2 // max(1, int(ranks))
 
 
 def _read_into(path: Path, offset: int, out: torch.Tensor) -> None:

@@ -245,6 +245,32 @@ def mapped_file(t: torch.Tensor) -> str | None:
     return None
 
 
+def maps_of(path: str | Path) -> list[tuple[int, int]]:
+    """The address ranges of this process's maps of a file (from /proc/self/maps)."""
+    out = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 5 and fields[5] == str(path):
+                low, high = (int(x, 16) for x in fields[0].split("-"))
+                out.append((low, high))
+    return out
+
+
+def resident_bytes(t: torch.Tensor) -> int:
+    """How much of the map holding ``t``'s memory is in the process's page tables (``Rss`` in /proc/self/smaps)."""
+    address, inside = t.data_ptr(), False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5:  # a map's first line: its address range
+                low, high = (int(x, 16) for x in fields[0].split("-"))
+                inside = low <= address < high
+            elif inside and fields[0] == "Rss:":
+                return int(fields[1]) * 1024
+    raise ValueError("no map holds the tensor")
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     scale = max(a.abs().max().item(), b.abs().max().item(), 1e-30)
     return (a - b).abs().max().item() / scale

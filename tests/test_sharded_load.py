@@ -5,15 +5,19 @@ the full load (from_pretrained, then PEFT LoRA) bit for bit, base and adapter, a
 from __future__ import annotations
 
 import json
+import math
+import mmap
+import os
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from dist_lora.backends.fsdp import rows_of
 from dist_lora.demo import corpus_path
 from dist_lora.model import BaseWeights, ModelError, build_on_meta, collection_paused
-from tests.dist_utils import mapped_file, run_worker
+from tests.dist_utils import mapped_file, maps_of, resident_bytes, run_worker
 
 WORKER = Path(__file__).resolve().parent / "workers" / "load_worker.py"
 ENGINES = {"fsdp": ["parallel.backend=fsdp"], "zero3": ["parallel.backend=deepspeed", "parallel.zero_stage=3"]}
@@ -67,6 +71,68 @@ def test_a_pickle_only_base_is_refused_with_the_fix(tmp_path, gpt2_base):
     torch.save(load_file(str(gpt2_base / "model.safetensors")), tmp_path / "bin" / "pytorch_model.bin")
     with pytest.raises(ModelError, match=r"pytorch_model\.bin \(pickle\).*safe_serialization=True"):
         BaseWeights(tmp_path / "bin")
+
+
+def test_a_truncated_base_file_is_refused_before_it_is_mapped(tmp_path, llama_base):
+    """A map of missing bytes would kill the process (SIGBUS) when read, with no word of why."""
+    import shutil
+
+    shutil.copytree(llama_base, tmp_path / "cut")
+    with open(tmp_path / "cut" / "model.safetensors", "r+b") as f:
+        f.truncate(f.seek(0, os.SEEK_END) - 100)
+    with pytest.raises(
+        ModelError, match=r"model\.safetensors is \d+ bytes, but its tensor .* truncated.*copy it again"
+    ):
+        BaseWeights(tmp_path / "cut")
+
+
+def test_read_ahead_maps_in_the_views_to_come_and_hands_them_over(llama_base, monkeypatch):
+    """Rank 1 of 3's rows, read ahead for a CPU model of the files' dtype: each view to come gets its own map, its
+    pages mapped in by the thread, and mapped() hands that map over instead of making another."""
+    path = llama_base / "model.safetensors"
+    weights = BaseWeights(llama_base)
+    before = len(maps_of(path))
+    share = rows_of(1, 3)
+    thread = weights.read_ahead(share, torch.float32)
+    assert thread is not None
+    thread.join()
+    whole = [k for k in weights.entries if share(tuple(weights.shape(k)))[2]]
+    assert len(maps_of(path)) - before == len(whole)  # one map per view to come, the others dropped once read
+
+    made = []
+    real_mmap = mmap.mmap
+    monkeypatch.setattr("dist_lora.model.mmap.mmap", lambda *a, **k: made.append(a) or real_mmap(*a, **k))
+    key = "model.layers.0.mlp.up_proj.weight"
+    rows = weights.shape(key)[0]
+    chunk = -(-rows // 3)
+    view = weights.mapped(key, chunk, 2 * chunk, torch.float32)
+    assert view is not None and made == []  # the read-ahead's map
+    assert torch.equal(view, weights.rows(key, chunk, 2 * chunk))
+    assert resident_bytes(view) >= view.nbytes  # in the page tables before its first use
+
+    weights.drop_unused_maps()
+    assert len(maps_of(path)) - before == 1  # the view's map stays while the view lives
+    del view
+    assert len(maps_of(path)) == before
+
+
+def test_read_ahead_for_a_gpu_keeps_no_map_and_stays_within_its_budget(llama_base, monkeypatch):
+    """Without views (a GPU, a base to be quantized) every range is read and its map dropped; and no more than the
+    memory budget is read ahead, the files' first tensors first."""
+    path = llama_base / "model.safetensors"
+    weights = BaseWeights(llama_base)
+    before = len(maps_of(path))
+    whole = lambda shape: (0, math.prod(shape), True)  # noqa: E731
+    weights.read_ahead(whole, None).join()
+    assert len(maps_of(path)) == before
+
+    first = sorted(weights.entries.values(), key=lambda e: e.offset)[:2]
+    budget = sum(math.prod(e.shape) * e.dtype.itemsize for e in first)
+    monkeypatch.setattr("dist_lora.model._memory_for_read_ahead", lambda: budget)
+    weights.read_ahead(whole, torch.float32).join()
+    assert len(maps_of(path)) - before == 2
+    weights.drop_unused_maps()
+    assert len(maps_of(path)) == before
 
 
 def test_meta_build_holds_no_memory_and_keeps_ties(gpt2_base):
@@ -130,7 +196,8 @@ def test_a_build_leaves_a_freeze_the_process_made_alone():
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_sharded_load_equals_the_full_load(world, gpt2_base, llama_base, sharded_llama_base, tmp_path):
     """FSDP2 and ZeRO-3, each on a tied GPT-2, a Llama (rotary buffers, GQA) and a Llama in 3 files with an index,
-    at world sizes 1-4 (3: uneven shards); one launch per world size."""
+    at world sizes 1-4 (3: uneven shards); one launch per world size. The ranges each rank read ahead are exactly
+    the ones it then used."""
     bases = [str(gpt2_base), str(llama_base), str(sharded_llama_base)]
     qv = ["lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj]"]
     spec = {
@@ -148,6 +215,8 @@ def test_sharded_load_equals_the_full_load(world, gpt2_base, llama_base, sharded
             assert report[name]["copied"] == [], f"rank {rank}, {name}: not views of the files: {report[name]}"
             # the last rank's padded shards are read into FSDP2's padded buffer, never mapped and then copied there
             assert report[name]["mapped_padded"] == [], f"rank {rank}, {name}: mapped, then copied: {report[name]}"
+            # the read-ahead guessed this rank's share: it read ahead every range the load used, and made each map
+            assert report[name]["not_read_ahead"] == [] and report[name]["views_missed"] == [], (rank, name)
         assert all(report[f"{engine}:{gpt2_base}"]["tied"] for engine in ENGINES)
     if world == 3:  # the check above saw padded shards: uneven splits leave the last rank's padded
         last = json.loads((tmp_path / f"rank{world - 1}.json").read_text())

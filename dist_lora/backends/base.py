@@ -7,6 +7,7 @@ pieces to rank 0 in buckets, and on load each backend cuts its own range out of 
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -118,6 +119,7 @@ class Backend(ABC):
         never sits in memory in ``dtype``. Sharding engines override it so that no rank holds more than its shard."""
         weights = BaseWeights.of(name_or_path) if quantized else None
         if weights is not None:
+            weights.read_ahead(lambda shape: (0, math.prod(shape), False), None)  # read whole, then quantized
             model = build_on_meta(name_or_path, dtype)
             return model, weights.tie(model)
         return load_base(name_or_path, dtype).to(device), None
@@ -312,6 +314,7 @@ def materialize(
     if views:  # every name of a tied parameter gets the same new one: they stay tied
         named = {name: views[id(p)] for name, p in model.named_parameters(remove_duplicate=False) if id(p) in views}
         assert not model.load_state_dict(named, strict=False, assign=True).unexpected_keys
+    weights.drop_unused_maps()
     release_freed_memory()
 
 

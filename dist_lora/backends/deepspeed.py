@@ -16,6 +16,7 @@ import contextlib
 import json
 import math
 import os
+from collections.abc import Callable
 from typing import Any
 from unittest import mock
 
@@ -118,6 +119,21 @@ def _fill_partitions(model: Any, weights: BaseWeights) -> None:
         for name, b in model.named_buffers():
             if base_key(name) in weights:
                 b.copy_(weights.rows(base_key(name), 0, b.shape[0] if b.dim() else 1).reshape(b.shape))
+    weights.drop_unused_maps()
+
+
+def partition_of(rank: int, world: int) -> Callable[[tuple[int, ...]], tuple[int, int, bool]]:
+    """A rank's share of every base tensor as ZeRO-3 partitions it (for :meth:`BaseWeights.read_ahead`):
+    elements ``[rank * s, (rank + 1) * s)`` of the flattened tensor, ``s = ceil(numel / world)``, whole unless
+    they are the last, zero-padded partition (read, not mapped: :func:`_fill_partitions`)."""
+
+    def share(shape: tuple[int, ...]) -> tuple[int, int, bool]:
+        numel = math.prod(shape)
+        part = -(-numel // world)
+        first, last = min(rank * part, numel), min((rank + 1) * part, numel)
+        return first, last, last - first == part
+
+    return share
 
 
 def _partition_unbroadcast(init: Any, param: Any) -> None:
@@ -176,6 +192,8 @@ class DeepSpeedBackend(Backend):
         weights = BaseWeights.of(name_or_path) if parallel.zero_stage == 3 else None
         if weights is None:
             return super().load_base(parallel, name_or_path, dtype, device)
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        weights.read_ahead(partition_of(rank, world), dtype if device.type == "cpu" else None)
         import_deepspeed()
         from deepspeed.runtime.zero.partition_parameters import Init
         from transformers import AutoConfig, AutoModelForCausalLM

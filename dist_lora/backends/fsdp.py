@@ -7,6 +7,7 @@ of the flattened tensor is one contiguous range. Adam's moments are DTensors wit
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -69,6 +70,22 @@ def device_mesh(replicate: int | str) -> Any:
     return init_device_mesh(device, (replicate, world // replicate), mesh_dim_names=("replicate", "shard"))
 
 
+def rows_of(shard: int, shards: int) -> Callable[[tuple[int, ...]], tuple[int, int, bool]]:
+    """A rank's share of every base tensor as FSDP2 shards it (for :meth:`BaseWeights.read_ahead`): rows
+    ``[shard * c, (shard + 1) * c)`` of dim 0, ``c = ceil(rows / shards)`` (torch.chunk, as ``_row_offset``
+    finds them once sharded), whole unless the split is uneven and they are the short last ones (FSDP2 pads
+    those, so they are read, not mapped)."""
+
+    def share(shape: tuple[int, ...]) -> tuple[int, int, bool]:
+        rows = shape[0] if shape else 1
+        chunk = math.ceil(rows / shards)
+        start, stop = min(shard * chunk, rows), min((shard + 1) * chunk, rows)
+        row = math.prod(shape[1:])
+        return start * row, stop * row, bool(shape) and stop - start == chunk
+
+    return share
+
+
 def _shard_group(p: DTensor) -> Any:
     """The ranks that shard ``p`` (under HSDP, its replica group's)."""
     return p.device_mesh.get_group(next(i for i, pl in enumerate(p.placements) if isinstance(pl, Shard)))
@@ -122,6 +139,10 @@ class FSDPBackend(Backend):
         weights = BaseWeights.of(name_or_path)
         if weights is None:
             return super().load_base(parallel, name_or_path, dtype, device)
+        shards = cls.shards(parallel)
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        views = dtype if device.type == "cpu" and not batch.get("quantized") else None  # as materialize makes them
+        weights.read_ahead(rows_of(rank % shards, shards), views)  # the shard dim is the mesh's last
         model = build_on_meta(name_or_path, dtype)
         return model, weights.tie(model)
 

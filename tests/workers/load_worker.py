@@ -66,6 +66,9 @@ def padded(backend, p) -> bool:
 
 
 MAPPED: set[str] = set()  # the base tensors this rank asked the files for as maps, in the build under way
+AHEAD: set[tuple[str, int, int]] = set()  # (file, first byte, bytes) of each range the build read ahead
+USED: set[tuple[str, int, int]] = set()  # ... of each range it then read or mapped
+MISSED: list[tuple[str, int, int]] = []  # views that did not get the read-ahead's map
 
 
 def _recording(mapped):
@@ -76,8 +79,47 @@ def _recording(mapped):
     return record
 
 
+def record_read_ahead() -> None:
+    """Record what BaseWeights reads ahead, what the load then reads or maps, and the views that were not handed
+    the read-ahead's map (the read-ahead guessed this rank's share wrong)."""
+    import dist_lora.model as model
+
+    read_ahead, make_map, view, read = BaseWeights.read_ahead, model._map, BaseWeights._view, BaseWeights._read
+    ahead = [False]
+
+    def reading_ahead(self, share, view_dtype):
+        ahead[0] = True
+        try:
+            return read_ahead(self, share, view_dtype)
+        finally:
+            ahead[0] = False
+
+    def mapping(path, begin, nbytes):
+        if ahead[0]:
+            AHEAD.add((str(path), begin, nbytes))
+        return make_map(path, begin, nbytes)
+
+    def viewing(self, entry, first, last, dtype):
+        if dtype == entry.dtype and last > first:
+            used = (entry.path, entry.offset + first * dtype.itemsize, (last - first) * dtype.itemsize)
+            USED.add((str(used[0]), *used[1:]))
+            if used not in self._ahead:
+                MISSED.append((str(used[0]), *used[1:]))
+        return view(self, entry, first, last, dtype)
+
+    def reading(entry, first, last, shape, out):
+        if last > first:
+            size = entry.dtype.itemsize
+            USED.add((str(entry.path), entry.offset + first * size, (last - first) * size))
+        return read(entry, first, last, shape, out)
+
+    BaseWeights.read_ahead, model._map = reading_ahead, mapping
+    BaseWeights._view, BaseWeights._read = viewing, staticmethod(reading)
+
+
 def main() -> None:
     BaseWeights.mapped = _recording(BaseWeights.mapped)
+    record_read_ahead()
     args = json.loads(sys.argv[1])
     out = Path(args["out"])
     report: dict[str, dict] = {}
@@ -87,7 +129,7 @@ def main() -> None:
         overrides = [*args["overrides"], *args["engines"][engine], *own]
         overrides += [f"model.name_or_path={base}", f"checkpoint.dir={out / f'ckpt{i}'}"]
         cfg = load_config(TINY, overrides)
-        MAPPED.clear()
+        MAPPED.clear(), AHEAD.clear(), USED.clear(), MISSED.clear()
         trainer = Trainer(cfg)
         backend = trainer.backend
         # the reference loads whole, as one process without DeepSpeed would (transformers builds every model
@@ -129,6 +171,8 @@ def main() -> None:
             "mapped_padded": mapped_padded,
             "padded": sum(padded(backend, p) for p in module.parameters()),
             "tied": _tied(module),
+            "not_read_ahead": sorted(USED - AHEAD),
+            "views_missed": MISSED[:],
         }
         trainer.checkpointer.release_lease()
         del trainer, reference
