@@ -196,18 +196,21 @@ def test_a_build_leaves_a_freeze_the_process_made_alone():
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_sharded_load_equals_the_full_load(world, gpt2_base, llama_base, sharded_llama_base, tmp_path):
     """FSDP2 and ZeRO-3, each on a tied GPT-2, a Llama (rotary buffers, GQA) and a Llama in 3 files with an index,
-    at world sizes 1-4 (3: uneven shards); one launch per world size. The ranges each rank read ahead are exactly
-    the ones it then used."""
+    at world sizes 1-4 (3: uneven shards), and HSDP at 4 (2 replica groups); one launch per world size. The ranges
+    each rank read ahead are exactly the ones it then used."""
     bases = [str(gpt2_base), str(llama_base), str(sharded_llama_base)]
     qv = ["lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj]"]
+    engines = dict(ENGINES)
+    if world == 4:  # and HSDP: 2 replica groups of 2 shards
+        engines = {"fsdp": ENGINES["fsdp"], "hsdp": [*ENGINES["fsdp"], "parallel.replicate=2"], **ENGINES}
     spec = {
-        "engines": ENGINES,
+        "engines": engines,
         "bases": [[bases[0], []], [bases[1], qv], [bases[2], qv]],
         "overrides": [f"data.path={corpus_path()}", "train.global_batch_size=12", "train.micro_batch_size=1"],
         "out": str(tmp_path),
     }
     run_worker(world, spec, worker=WORKER)
-    names = [f"{engine}:{base}" for engine in ENGINES for base in bases]
+    names = [f"{engine}:{base}" for engine in engines for base in bases]
     for rank in range(world):
         report = json.loads((tmp_path / f"rank{rank}.json").read_text())
         for name in names:
@@ -217,7 +220,7 @@ def test_sharded_load_equals_the_full_load(world, gpt2_base, llama_base, sharded
             assert report[name]["mapped_padded"] == [], f"rank {rank}, {name}: mapped, then copied: {report[name]}"
             # the read-ahead guessed this rank's share: it read ahead every range the load used, and made each map
             assert report[name]["not_read_ahead"] == [] and report[name]["views_missed"] == [], (rank, name)
-        assert all(report[f"{engine}:{gpt2_base}"]["tied"] for engine in ENGINES)
+        assert all(report[f"{engine}:{gpt2_base}"]["tied"] for engine in engines)
     if world == 3:  # the check above saw padded shards: uneven splits leave the last rank's padded
         last = json.loads((tmp_path / f"rank{world - 1}.json").read_text())
         assert all(last[f"fsdp:{base}"]["padded"] > 0 for base in bases), last

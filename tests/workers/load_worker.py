@@ -24,18 +24,28 @@ from dist_lora.model import BaseWeights, load_base
 from dist_lora.train import DTYPES, Trainer
 from tests.dist_utils import TINY, mapped_file
 
+REPLICAS = [1]  # FSDP2's replica groups in the build under way (HSDP: more than one)
+
+
+def fsdp_shard(backend) -> tuple[int, int]:
+    """(this rank's shard, how many shards) of FSDP2: over the whole world, or within its replica group (HSDP's
+    mesh is (replicate, shard), so the ranks of one group are consecutive)."""
+    shards = backend.world_size // REPLICAS[0]
+    return backend.rank % shards, shards
+
 
 def local_and_expected(backend, name: str, p, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's share of a parameter and the same share cut from the reference's full tensor."""
-    rank, world = backend.rank, backend.world_size
+    rank = backend.rank
     if hasattr(p, "ds_tensor"):  # ZeRO-3: a contiguous range of the flattened tensor (the padding is not compared)
         part = p.ds_tensor.numel()
         valid = max(0, min(part, ref.numel() - rank * part))
         return p.ds_tensor.detach().reshape(-1)[:valid], ref.reshape(-1)[rank * part : rank * part + valid]
-    if hasattr(p, "to_local"):  # FSDP2: rows [r*c, (r+1)*c) of dim 0
+    if hasattr(p, "to_local"):  # FSDP2: rows [i*c, (i+1)*c) of dim 0, shard i of n, c = ceil(rows / n)
         local = p.to_local().detach()
-        chunk = -(-ref.shape[0] // world)
-        start = min(rank * chunk, ref.shape[0])
+        shard, shards = fsdp_shard(backend)
+        chunk = -(-ref.shape[0] // shards)
+        start = min(shard * chunk, ref.shape[0])
         return local, ref[start : start + local.shape[0]]
     return p.detach(), ref
 
@@ -50,7 +60,7 @@ def held_whole(backend, p) -> torch.Tensor | None:
         return p.ds_tensor if (backend.rank + 1) * part <= p.ds_numel else None
     if hasattr(p, "to_local"):
         local = p.to_local()
-        return local if local.shape[0] == -(-p.shape[0] // backend.world_size) else None
+        return local if local.shape[0] == -(-p.shape[0] // fsdp_shard(backend)[1]) else None
     return None
 
 
@@ -129,6 +139,7 @@ def main() -> None:
         overrides = [*args["overrides"], *args["engines"][engine], *own]
         overrides += [f"model.name_or_path={base}", f"checkpoint.dir={out / f'ckpt{i}'}"]
         cfg = load_config(TINY, overrides)
+        REPLICAS[0] = int(cfg.parallel.replicate) if cfg.parallel.backend == "fsdp" else 1
         MAPPED.clear(), AHEAD.clear(), USED.clear(), MISSED.clear()
         trainer = Trainer(cfg)
         backend = trainer.backend
