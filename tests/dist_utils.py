@@ -14,7 +14,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -231,30 +231,27 @@ def load_step(step_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.
     return weights, optim
 
 
-def mapped_file(t: torch.Tensor) -> str | None:
-    """The file whose map holds ``t``'s memory (from /proc/self/maps), or None for memory of the process's own."""
-    if t.device.type != "cpu" or not t.numel():
-        return None
-    address = t.data_ptr()
+def _maps() -> Iterator[tuple[int, int, str | None]]:
+    """This process's maps (from /proc/self/maps): first and past-last address, and the file mapped (None for
+    memory of the process's own)."""
     with open("/proc/self/maps") as f:
         for line in f:
             fields = line.split()
             low, high = (int(x, 16) for x in fields[0].split("-"))
-            if low <= address < high:
-                return fields[5] if len(fields) > 5 and fields[5].startswith("/") else None
-    return None
+            yield low, high, fields[5] if len(fields) > 5 and fields[5].startswith("/") else None
+
+
+def mapped_file(t: torch.Tensor) -> str | None:
+    """The file whose map holds ``t``'s memory, or None for memory of the process's own."""
+    if t.device.type != "cpu" or not t.numel():
+        return None
+    address = t.data_ptr()
+    return next((path for low, high, path in _maps() if low <= address < high), None)
 
 
 def maps_of(path: str | Path) -> list[tuple[int, int]]:
-    """The address ranges of this process's maps of a file (from /proc/self/maps)."""
-    out = []
-    with open("/proc/self/maps") as f:
-        for line in f:
-            fields = line.split()
-            if len(fields) > 5 and fields[5] == str(path):
-                low, high = (int(x, 16) for x in fields[0].split("-"))
-                out.append((low, high))
-    return out
+    """The address ranges of this process's maps of a file."""
+    return [(low, high) for low, high, mapped in _maps() if mapped == str(path)]
 
 
 def resident_bytes(t: torch.Tensor) -> int:

@@ -200,7 +200,7 @@ def test_sharded_load_equals_the_full_load(world, gpt2_base, llama_base, sharded
     each rank read ahead are exactly the ones it then used."""
     bases = [str(gpt2_base), str(llama_base), str(sharded_llama_base)]
     qv = ["lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj]"]
-    engines = dict(ENGINES)
+    engines = ENGINES
     if world == 4:  # and HSDP: 2 replica groups of 2 shards
         engines = {"fsdp": ENGINES["fsdp"], "hsdp": [*ENGINES["fsdp"], "parallel.replicate=2"], **ENGINES}
     spec = {

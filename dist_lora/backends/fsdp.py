@@ -70,18 +70,23 @@ def device_mesh(replicate: int | str) -> Any:
     return init_device_mesh(device, (replicate, world // replicate), mesh_dim_names=("replicate", "shard"))
 
 
+def _chunk(rows: int, shard: int, shards: int) -> tuple[int, int]:
+    """The rows ``[start, stop)`` of dim 0 that shard ``shard`` of ``shards`` holds, as FSDP2 splits a tensor
+    (torch.chunk): ``[shard * c, (shard + 1) * c)``, ``c = ceil(rows / shards)``, clipped to the tensor."""
+    chunk = math.ceil(rows / shards)
+    return min(shard * chunk, rows), min((shard + 1) * chunk, rows)
+
+
 def rows_of(shard: int, shards: int) -> Callable[[tuple[int, ...]], tuple[int, int, bool]]:
-    """A rank's share of every base tensor as FSDP2 shards it (for :meth:`BaseWeights.read_ahead`): rows
-    ``[shard * c, (shard + 1) * c)`` of dim 0, ``c = ceil(rows / shards)`` (torch.chunk, as ``_row_offset``
-    finds them once sharded), whole unless the split is uneven and they are the short last ones (FSDP2 pads
-    those, so they are read, not mapped)."""
+    """A rank's share of every base tensor as FSDP2 will shard it (for :meth:`BaseWeights.read_ahead`): its
+    :func:`_chunk` of rows, whole unless the split is uneven and they are the short last ones (FSDP2 pads those,
+    so they are read, not mapped)."""
 
     def share(shape: tuple[int, ...]) -> tuple[int, int, bool]:
         rows = shape[0] if shape else 1
-        chunk = math.ceil(rows / shards)
-        start, stop = min(shard * chunk, rows), min((shard + 1) * chunk, rows)
+        start, stop = _chunk(rows, shard, shards)
         row = math.prod(shape[1:])
-        return start * row, stop * row, bool(shape) and stop - start == chunk
+        return start * row, stop * row, bool(shape) and stop - start == math.ceil(rows / shards)
 
     return share
 
@@ -208,8 +213,7 @@ class FSDPBackend(Backend):
         start = 0
         for dim, placement in enumerate(p.placements):
             if isinstance(placement, Shard) and placement.dim == 0:
-                chunk = math.ceil(p.shape[0] / p.device_mesh.size(dim))
-                start = min(chunk * p.device_mesh.get_local_rank(dim), p.shape[0])
+                start = _chunk(p.shape[0], p.device_mesh.get_local_rank(dim), p.device_mesh.size(dim))[0]
             elif not isinstance(placement, Replicate):
                 raise NotImplementedError(
                     f"dist_lora handles FSDP2 params sharded on dim 0 and replicated otherwise, got {p.placements}"
