@@ -9,24 +9,92 @@ on every rank, then wrap), LoRA applied, the engine wrapped. Each rank reports i
 kernel counts it (VmHWM, which includes the process's imports), the resident memory before loading, and the
 seconds the load took (its imports done before: the engine's and transformers' modeling code), wall-clock and of
 this process's CPU time (what a rank on cores of its own would take, where more ranks than cores share them); rank
-0 writes the maximum over ranks.
+0 writes the maximum over ranks. A sharded load also reports where its time went, stage by stage (:data:`STAGES`),
+wall-clock and this thread's CPU seconds (the read-ahead thread's excluded), the maximum over ranks of each.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import sys
 import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
+from unittest import mock
 
 import torch
 import torch.distributed as dist
 
 from dist_lora.backends import Backend, backend_class, build
+from dist_lora.backends import deepspeed as ds_backend
+from dist_lora.backends import fsdp as fsdp_backend
 from dist_lora.config import LoraConfig, ParallelConfig
 from dist_lora.distributed import exit_process, init_distributed, shutdown
 from dist_lora.lora import apply_lora
-from dist_lora.model import adapters_on_cpu, collection_paused, load_base, return_large_blocks_to_the_os
+from dist_lora.model import BaseWeights, adapters_on_cpu, collection_paused, load_base, return_large_blocks_to_the_os
+
+STAGES = ("construct", "lora", "engine", "read", "touch")
+"""A sharded load's stages: the model built on the meta device (FSDP2) or partitioned at construction (ZeRO-3);
+PEFT's LoRA injection; the engine's set-up (``fully_shard``; ``deepspeed.initialize``); dist_lora's own reading of
+the base (the files' headers, the read-ahead's start, each rank's rows or partitions read or mapped, the tensors
+PEFT derives from the files); and the first touch of every page the rank holds (as the baseline touches its own)."""
+
+SET_UP = STAGES[:3]
+"""The stages that are the work of transformers, PEFT and the engine, which ``from_pretrained`` alone does not do
+(but for the construction)."""
+
+
+class Stages:
+    """Wall-clock and this thread's CPU seconds per stage; a stage timed inside another counts for itself alone."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+        self._open: list[str] = []
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        wall, cpu = time.perf_counter(), time.thread_time()
+        self._open.append(name)
+        try:
+            yield
+        finally:
+            self._open.pop()
+            spent = (time.perf_counter() - wall, time.thread_time() - cpu)
+            self._add(name, spent, 1)
+            if self._open:  # not the enclosing stage's time
+                self._add(self._open[-1], spent, -1)
+
+    def _add(self, stage: str, spent: tuple[float, float], sign: int) -> None:
+        self.seconds[stage] = [total + sign * s for total, s in zip(self.seconds[stage], spent)]
+
+    def timing(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            with self(name):
+                return fn(*args, **kwargs)
+
+        return timed
+
+    def reading(self) -> contextlib.ExitStack:
+        """dist_lora's reading of the base, timed as the stage ``read`` wherever it runs."""
+        stack = contextlib.ExitStack()
+        for owner, name in (
+            (BaseWeights, "of"),
+            (BaseWeights, "read_ahead"),
+            (BaseWeights, "tie"),
+            (fsdp_backend, "from_files"),
+            (fsdp_backend, "materialize"),
+            (ds_backend, "_fill_partitions"),
+        ):
+            timed = self.timing("read", getattr(owner, name))
+            if owner is BaseWeights and name == "of":  # a classmethod: called on the class, already bound to it
+                timed = staticmethod(timed)
+            stack.enter_context(mock.patch.object(owner, name, timed))
+        return stack
 
 
 def status_kb(field: str) -> int:
@@ -57,14 +125,17 @@ def touch_every_page(model: torch.nn.Module) -> None:
                 float(local.detach().reshape(-1)[:: max(1, 4096 // local.element_size())].sum())
 
 
-def load(spec: dict, cls: type, parallel: ParallelConfig, dtype: torch.dtype, device: torch.device) -> Backend:
+def load(
+    spec: dict, cls: type, parallel: ParallelConfig, dtype: torch.dtype, device: torch.device, stages: Stages
+) -> Backend:
     """The base of ``spec``, loaded the sharded or the full way, LoRA applied (and NF4), the engine wrapped."""
     if spec["path"] == "sharded":
-        base, weights = cls.load_base(parallel, spec["base"], dtype, device, micro_batch_size=1, grad_accum=1)
+        with stages("construct"):
+            base, weights = cls.load_base(parallel, spec["base"], dtype, device, micro_batch_size=1, grad_accum=1)
     else:
         base, weights = load_base(spec["base"], dtype).to(device), None
     torch.manual_seed(0)
-    with adapters_on_cpu():
+    with stages("lora"), adapters_on_cpu():
         model = apply_lora(
             base, LoraConfig(r=16, alpha=32, target_modules=spec.get("targets", ["c_attn"])), spec["base"]
         )
@@ -72,15 +143,16 @@ def load(spec: dict, cls: type, parallel: ParallelConfig, dtype: torch.dtype, de
         from dist_lora.quantize import quantize_base
 
         quantize_base(model, cls.shards(parallel), device)
-    return build(
-        parallel,
-        model,
-        lambda ps: torch.optim.AdamW(ps, lr=1e-4),
-        bias="none",
-        micro_batch_size=1,
-        grad_accum=1,
-        weights=weights,
-    )
+    with stages("engine"):
+        return build(
+            parallel,
+            model,
+            lambda ps: torch.optim.AdamW(ps, lr=1e-4),
+            bias="none",
+            micro_batch_size=1,
+            grad_accum=1,
+            weights=weights,
+        )
 
 
 def main() -> None:
@@ -105,24 +177,34 @@ def main() -> None:
     if engine == "zero3":
         from dist_lora.backends.deepspeed import import_deepspeed
 
-        import_deepspeed()
+        # DeepSpeed's communication set-up is the process group's (accelerate does it at start-up, before any
+        # model): it probes DeepSpeed's ops, compiling a test program on the CPU, which zero.Init would otherwise
+        # do as the first thing of the load
+        import_deepspeed().init_distributed()
         import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401 - initialize imports it (and torch._dynamo)
     before = status_kb("VmRSS")
     dist.barrier()
+    stages = Stages()
     t0, cpu0 = time.perf_counter(), time.process_time()
-    with collection_paused():  # as the trainer builds (both paths)
-        backend = load(spec, cls, parallel, dtype, device)
-    touch_every_page(backend.model)
+    with collection_paused(), stages.reading():  # as the trainer builds (both paths)
+        backend = load(spec, cls, parallel, dtype, device, stages)
+    with stages("touch"):
+        touch_every_page(backend.model)
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
     footprint = measure(backend.model) if quantization else None
     base_bytes = footprint.nf4_bytes + footprint.other_bytes if footprint else 0
     cuda_peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
     figures = [status_kb("VmHWM"), before, seconds, base_bytes, status_kb("VmRSS"), cuda_peak, cpu_seconds]
+    figures += [s for stage in STAGES for s in stages.seconds[stage]]
+    figures += [sum(stages.seconds[stage][i] for stage in SET_UP) for i in (0, 1)]  # a rank's own sum
     figures = torch.tensor(figures, dtype=torch.float64)
     figures = _max_over_ranks(figures, device)
     if dist.get_rank() == 0:
-        peak, rss_before, load_s, base_bytes, rss_after, cuda_peak, cpu_s = figures.tolist()
+        peak, rss_before, load_s, base_bytes, rss_after, cuda_peak, cpu_s, *spent, set_up, set_up_cpu = figures.tolist()
         result = {"world": world, "peak_rss": peak, "rss_before": rss_before, "load_s": load_s, "load_cpu_s": cpu_s}
+        if spec["path"] == "sharded":
+            result["stages"] = {stage: spent[2 * i : 2 * i + 2] for i, stage in enumerate(STAGES)}
+            result["set_up"] = [set_up, set_up_cpu]
         if torch.cuda.is_available():
             result["cuda_peak"] = cuda_peak
         if footprint is not None:

@@ -502,7 +502,8 @@ def part_f(tmp: Path, quick: bool) -> list[dict]:
                     f"[f] {engine} world {world} {path}: peak {row['peak_rss'] / 1e9:.2f} GB per rank, "
                     f"load {row['load_s']:.2f} s, CPU {row['load_cpu_s']:.2f} s; from_pretrained alone "
                     f"{row['from_pretrained_s']:.2f} s, CPU {row['from_pretrained_cpu_s']:.2f} s; ratios "
-                    f"{row['load_ratio']:.2f}x, CPU {row['cpu_ratio']:.2f}x",
+                    f"{row['load_ratio']:.2f}x, CPU {row['cpu_ratio']:.2f}x"
+                    + (f"; set-up alone {row['set_up_ratio']:.2f}x" if "set_up_ratio" in row else ""),
                     flush=True,
                 )
     # then with the base's files dropped from the page cache (last: a base read back from disk is cached in small
@@ -553,8 +554,10 @@ def load_pairs(
 
 
 def paired(runs: list[dict], baselines: list[tuple[float, float]]) -> dict:
-    """Medians of the loads and of their baselines, and the medians of the per-pair ratios."""
-    return {
+    """Medians of the loads and of their baselines, and the medians of the per-pair ratios; for sharded loads, the
+    median seconds of each stage (the slowest rank's) and the ratio of the set-up stages alone (the sum on the
+    rank where it is largest, bench/load_worker.py's SET_UP) to the baseline."""
+    out = {
         "load_s": statistics.median(r["load_s"] for r in runs),
         "load_cpu_s": statistics.median(r["load_cpu_s"] for r in runs),
         "from_pretrained_s": statistics.median(wall for wall, _ in baselines),
@@ -562,6 +565,14 @@ def paired(runs: list[dict], baselines: list[tuple[float, float]]) -> dict:
         "load_ratio": statistics.median(r["load_s"] / wall for r, (wall, _) in zip(runs, baselines)),
         "cpu_ratio": statistics.median(r["load_cpu_s"] / cpu for r, (_, cpu) in zip(runs, baselines)),
     }
+    if all("stages" in r for r in runs):
+        out["stages"] = {
+            stage: [statistics.median(r["stages"][stage][i] for r in runs) for i in (0, 1)]
+            for stage in runs[0]["stages"]
+        }
+        for key, i in (("set_up_ratio", 0), ("set_up_cpu_ratio", 1)):
+            out[key] = statistics.median(r["set_up"][i] / baseline[i] for r, baseline in zip(runs, baselines))
+    return out
 
 
 def train_resume_merge(tmp: Path, base: Path, model_bytes: int) -> list[dict]:
@@ -897,6 +908,29 @@ def report(rows: list[dict], quick: bool) -> str:
                 f"{r['load_s']:.2f} | {r['load_cpu_s']:.2f} | {r['from_pretrained_s']:.2f}, "
                 f"{r['from_pretrained_cpu_s']:.2f} | {r['load_ratio']:.2f}x, {r['cpu_ratio']:.2f}x |"
             )
+        staged = [r for r in f if "stages" in r]
+        if staged:
+            lines += [
+                "",
+                "Where the time of a warm sharded load goes (medians of the loads above; each the largest over "
+                "ranks, in seconds wall-clock and, in brackets, of the loading thread's CPU): the model built on the "
+                "meta device (FSDP2) or partitioned as it is constructed (ZeRO-3); PEFT's LoRA injection; the "
+                "engine's set-up (`fully_shard`, `deepspeed.initialize`); dist_lora's reading of the base (headers, "
+                "read-ahead start, each rank's rows or partitions mapped or read); the first touch of every page a "
+                "rank holds. The first three are transformers', PEFT's and the engine's own work, which "
+                "`from_pretrained` alone does not do (but for the construction); the last column sets them alone "
+                "(their sum on the rank where it is largest) against it:",
+                "",
+                "| engine | world | construct | LoRA | engine set-up | dist_lora's reading | first touch | "
+                "construct + LoRA + engine set-up / from_pretrained: s, CPU s |",
+                "|---|---|---|---|---|---|---|---|",
+            ]
+            for r in staged:
+                cells = " | ".join(f"{wall:.2f} ({cpu:.2f})" for wall, cpu in r["stages"].values())
+                lines.append(
+                    f"| {r['engine']} | {r['world']} | {cells} | {r['set_up_ratio']:.2f}x, "
+                    f"{r['set_up_cpu_ratio']:.2f}x |"
+                )
         cold = [r for r in f if "cold_ratio" in r]
         if cold:
             lines += [
