@@ -283,13 +283,17 @@ def materialize(
     from ``host`` (their values before wrapping).
 
     On the CPU, a frozen parameter of the files' dtype is not read at all: its rows become a view of the file's
-    pages (:meth:`BaseWeights.mapped`), put in place with ``load_state_dict(assign=True)``, which FSDP2 takes as
-    the new local shard. That is how ``from_pretrained`` leaves a CPU model, and costs as little."""
+    pages (:meth:`BaseWeights.mapped`), which takes the meta parameter's place in the same pass that gives every
+    other tensor its memory (one ``Module._apply``, as ``to_empty`` makes it; FSDP2 then takes the view as the local
+    shard). That is how ``from_pretrained`` leaves a CPU model, and costs as little: nothing is allocated for it."""
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    model.to_empty(device=device)
-    views: dict[int, nn.Parameter] = {}  # id of the parameter -> its view of the files, as a parameter
     with torch.no_grad():
+        views = _views(model, weights, host, row_offset) if device.type == "cpu" else {}
+        # a tied parameter is met once per name: the same view each time, so that the names stay tied
+        model._apply(lambda t: views[id(t)] if id(t) in views else torch.empty_like(t, device=device))
         for name, p in model.named_parameters():
+            if id(p) in views:  # (the parameter keeps its identity through _apply)
+                continue
             key = canonical_name(name)
             local = p.to_local() if hasattr(p, "to_local") else p
             start = row_offset(p)
@@ -298,24 +302,32 @@ def materialize(
                 fill_shard(local, weights.rows(base_key(key), start, stop), group(p))
             elif key in host:
                 local.copy_((host[key].reshape(p.shape)[start:stop] if p.dim() else host[key]).reshape(local.shape))
-            elif (
-                device.type == "cpu"
-                and not p.requires_grad  # a trained tensor (bias="all") gets memory of its own
-                and local.dim()
-                and not _in_padded_buffer(local)
-                and (view := weights.mapped(base_key(key), start, stop, local.dtype)) is not None
-            ):
-                views[id(p)] = nn.Parameter(_like(p, view), requires_grad=False)
             else:
                 weights.rows(base_key(key), start, stop, out=local)  # the file's bytes straight into the shard
         for name, b in model.named_buffers():
             key = canonical_name(name)
             b.copy_(host[key] if key in host else weights.rows(base_key(key), 0, b.shape[0] if b.dim() else 1))
-    if views:  # every name of a tied parameter gets the same new one: they stay tied
-        named = {name: views[id(p)] for name, p in model.named_parameters(remove_duplicate=False) if id(p) in views}
-        assert not model.load_state_dict(named, strict=False, assign=True).unexpected_keys
     weights.drop_unused_maps()
     release_freed_memory()
+
+
+def _views(
+    model: nn.Module, weights: BaseWeights, host: dict[str, torch.Tensor], row_offset: Callable[[Any], int]
+) -> dict[int, torch.Tensor]:
+    """Views of the files for the parameters of a CPU model on the meta device that can have one, by the id of the
+    parameter: frozen, not scalars, not NF4, not from ``host``, not the front of FSDP2's padded buffer, and held by
+    the files in their dtype where a tensor of it may start."""
+    views = {}
+    for name, p in model.named_parameters():
+        key = canonical_name(name)
+        local = p.to_local() if hasattr(p, "to_local") else p
+        if p.requires_grad or not local.dim() or is_nf4(local) or key in host or _in_padded_buffer(local):
+            continue  # a trained tensor (bias="all") gets memory of its own
+        start = row_offset(p)
+        view = weights.mapped(base_key(key), start, start + local.shape[0], local.dtype)
+        if view is not None:
+            views[id(p)] = _like(p, view)
+    return views
 
 
 def _in_padded_buffer(local: torch.Tensor) -> bool:
