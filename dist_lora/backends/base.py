@@ -295,9 +295,7 @@ def materialize(
             if id(p) in views:  # (the parameter keeps its identity through _apply)
                 continue
             key = canonical_name(name)
-            local = p.to_local() if hasattr(p, "to_local") else p
-            start = row_offset(p)
-            stop = start + (local.shape[0] if local.dim() else 1)
+            local, start, stop = _shard(p, row_offset)
             if is_nf4(local):  # QLoRA: this rank's rows, quantized as the whole weight would be
                 fill_shard(local, weights.rows(base_key(key), start, stop), group(p))
             elif key in host:
@@ -320,14 +318,21 @@ def _views(
     views = {}
     for name, p in model.named_parameters():
         key = canonical_name(name)
-        local = p.to_local() if hasattr(p, "to_local") else p
+        local, start, stop = _shard(p, row_offset)
         if p.requires_grad or not local.dim() or is_nf4(local) or key in host or _in_padded_buffer(local):
             continue  # a trained tensor (bias="all") gets memory of its own
-        start = row_offset(p)
-        view = weights.mapped(base_key(key), start, start + local.shape[0], local.dtype)
+        view = weights.mapped(base_key(key), start, stop, local.dtype)
         if view is not None:
             views[id(p)] = _like(p, view)
     return views
+
+
+def _shard(p: torch.Tensor, row_offset: Callable[[Any], int]) -> tuple[torch.Tensor, int, int]:
+    """What this rank holds of parameter ``p``: its local tensor and the rows ``[start, stop)`` of dim 0 that it
+    is (a scalar is one row)."""
+    local = p.to_local() if hasattr(p, "to_local") else p
+    start = row_offset(p)
+    return local, start, start + (local.shape[0] if local.dim() else 1)
 
 
 def _in_padded_buffer(local: torch.Tensor) -> bool:
