@@ -105,6 +105,18 @@ def sharded_llama_base(llama_base: Path, tmp_path_factory: pytest.TempPathFactor
 
 
 @pytest.fixture(scope="session")
+def bf16_llama_base(llama_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama saved again in bf16, as large bases are published (Llama, Mistral, Qwen)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("llama-bf16") / "base"
+    AutoModelForCausalLM.from_pretrained(llama_base, dtype=torch.bfloat16).save_pretrained(out)
+    AutoTokenizer.from_pretrained(llama_base).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory):
     """SeaweedFS on 127.0.0.1: the one .ci/run started, or one started here for the session."""
     existing = os.environ.get(ENV_S3)

@@ -194,18 +194,19 @@ def test_a_build_leaves_a_freeze_the_process_made_alone():
 @pytest.mark.multiproc
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
-def test_sharded_load_equals_the_full_load(world, gpt2_base, llama_base, sharded_llama_base, tmp_path):
-    """FSDP2 and ZeRO-3, each on a tied GPT-2, a Llama (rotary buffers, GQA) and a Llama in 3 files with an index,
-    at world sizes 1-4 (3: uneven shards), and HSDP at 4 (2 replica groups); one launch per world size. The ranges
+def test_sharded_load_equals_the_full_load(world, gpt2_base, llama_base, sharded_llama_base, bf16_llama_base, tmp_path):
+    """FSDP2 and ZeRO-3, each on a tied GPT-2, a Llama (rotary buffers, GQA), a Llama in 3 files with an index and
+    a Llama saved and trained in bf16 (model.dtype, no mixed precision: the base stays bf16 on every engine), at
+    world sizes 1-4 (3: uneven shards), and HSDP at 4 (2 replica groups); one launch per world size. The ranges
     each rank read ahead are exactly the ones it then used."""
-    bases = [str(gpt2_base), str(llama_base), str(sharded_llama_base)]
+    bases = [str(gpt2_base), str(llama_base), str(sharded_llama_base), str(bf16_llama_base)]
     qv = ["lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj]"]
     engines = ENGINES
     if world == 4:  # and HSDP: 2 replica groups of 2 shards
         engines = {"fsdp": ENGINES["fsdp"], "hsdp": [*ENGINES["fsdp"], "parallel.replicate=2"], **ENGINES}
     spec = {
         "engines": engines,
-        "bases": [[bases[0], []], [bases[1], qv], [bases[2], qv]],
+        "bases": [[bases[0], []], [bases[1], qv], [bases[2], qv], [bases[3], [*qv, "model.dtype=bfloat16"]]],
         "overrides": [f"data.path={corpus_path()}", "train.global_batch_size=12", "train.micro_batch_size=1"],
         "out": str(tmp_path),
     }

@@ -162,6 +162,20 @@ def _partition_unbroadcast(init: Any, param: Any) -> None:
     param.partition()  # frees the constructed tensor
 
 
+def _model_dtype_unless_half(set_dtype: Callable[..., None], dtype: torch.dtype) -> Callable[..., None]:
+    """``zero.Init._set_dtype`` that keeps the model's ``dtype`` where the DeepSpeed config turns neither bf16 nor
+    fp16 on. zero.Init casts every tensor built under it to fp32 then (a bf16 base became fp32: twice its bytes, each
+    tensor converted as it was read, and not what the full path loads), while the engine leaves a model it is
+    given in its own dtype; with bf16 or fp16 on, the engine casts the base to that type, as zero.Init does."""
+
+    def set_model_dtype(init: Any, ds_config: Any, given: torch.dtype | None) -> None:
+        set_dtype(init, ds_config, given)
+        if given is None and init.dtype == torch.float32:
+            init.dtype = dtype
+
+    return set_model_dtype
+
+
 class DeepSpeedBackend(Backend):
     name = "deepspeed"
 
@@ -218,6 +232,7 @@ class DeepSpeedBackend(Backend):
         with (
             mock.patch.object(hf_deepspeed, "initialize_weights_zero3", lambda model: None),
             mock.patch.object(Init, "_zero_init_param", _partition_unbroadcast),
+            mock.patch.object(Init, "_set_dtype", _model_dtype_unless_half(Init._set_dtype, dtype)),
             skip_weight_init(),
         ):
             model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(name_or_path), dtype=dtype)
