@@ -49,6 +49,9 @@ SHAPES = {
     "llama-1.1b-4-layers": (2048, 4, 32, 4, 5632, 32000),  # bench.run --parts h --quick
     "llama-8b": (4096, 32, 32, 8, 14336, 128256),
     "cpu-small": (256, 4, 8, 4, 768, 512),
+    # Llama-2-70B's layers (its hidden size, MLP, heads and GQA), few of them: bench.run part i
+    "llama-70b-3-layers": (8192, 3, 64, 8, 28672, 32000),
+    "llama-70b-1-layer": (8192, 1, 64, 8, 28672, 32000),  # part i --quick
 }
 
 

@@ -454,27 +454,19 @@ def evict_from_page_cache(directory: Path) -> float:
     return cached / max(total, 1)
 
 
-def part_f(tmp: Path, quick: bool) -> list[dict]:
-    """Loading a base larger than a rank should hold: per-rank peak RSS and load seconds, sharded against the full
-    path, at world sizes 1, 2, 4 (the full path at 4 would need 4 copies of the base: more than this machine has);
-    then 3 training steps at world 4, a save, a resume at world 2; then a streaming merge."""
-    base = tmp / "xl-base"
-    model_bytes = build_xl_base(base, quick)
-    rows: list[dict] = []
-    # the baseline: from_pretrained in one process, its imports done first (as the ranks' are), the garbage
-    # collector paused and the imports' objects frozen (as in the trainer's build), every page of every tensor
-    # touched (from_pretrained leaves the files memory-mapped: the reads come later, as on the sharded path's CPU
-    # shards)
+def from_pretrained_baseline(base: Path, dtype: str) -> Any:
+    """The baseline of a warm load: a function running ``from_pretrained`` of ``base`` in ``dtype`` in one process
+    and returning its wall and CPU seconds, its imports done first (as the ranks' are), the garbage collector
+    paused and the imports' objects frozen (as in the trainer's build), every page of every tensor touched
+    (from_pretrained leaves the files memory-mapped: the reads come later, as on the sharded path's CPU shards)."""
     code = (
         "import sys, time, torch; import transformers.modeling_utils; from transformers import AutoModelForCausalLM; "
-        "import transformers.models.gpt2.modeling_gpt2, gc; gc.disable(); gc.freeze(); "
-        "t, c = time.perf_counter(), time.process_time(); "
-        "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32); "
+        "import transformers.models.gpt2.modeling_gpt2, transformers.models.llama.modeling_llama, gc; "
+        "gc.disable(); gc.freeze(); t, c = time.perf_counter(), time.process_time(); "
+        f"m = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.{dtype}); "
         "[float(p.detach().reshape(-1)[::1024].sum()) for p in m.parameters()]; "
         "print(time.perf_counter() - t, time.process_time() - c)"
     )
-    os.sync()  # the base was just written: its writeback would slow whichever run came first
-    repeats = 1 if quick else 3  # loads take about a second: each is the median of 3 (peaks are the same)
 
     def baseline() -> tuple[float, float]:
         out = subprocess.run(
@@ -483,29 +475,50 @@ def part_f(tmp: Path, quick: bool) -> list[dict]:
         wall, cpu = out.stdout.strip().splitlines()[-1].split()
         return float(wall), float(cpu)
 
+    return baseline
+
+
+def warm_loads(part: str, tmp: Path, base: Path, model_bytes: int, repeats: int, **spec: Any) -> list[dict]:
+    """Per-rank peak RSS and load seconds of ``base`` loaded the sharded and the full way, on FSDP2 and ZeRO-3 at
+    world sizes 1, 2 and 4 (the full path where that many whole copies fit in this machine's memory), each in pairs
+    with its ``from_pretrained`` baseline; ``spec``: the load worker's options (dtype, LoRA targets)."""
+    baseline = from_pretrained_baseline(base, spec.get("dtype", "float32"))
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    rows: list[dict] = []
     for engine in ("fsdp", "zero3"):
         for world in (1, 2, 4):
             for path in ("sharded", "full"):
-                if path == "full" and world * model_bytes > 0.8 * os.sysconf("SC_PAGE_SIZE") * os.sysconf(
-                    "SC_PHYS_PAGES"
-                ):
-                    rows.append({"part": "f", "engine": engine, "world": world, "path": path, "skipped": True})
+                if path == "full" and world * model_bytes > 0.8 * memory:
+                    rows.append({"part": part, "engine": engine, "world": world, "path": path, "skipped": True})
                     continue
-                result = tmp / f"load-{engine}-{world}-{path}.json"
-                spec = {"engine": engine, "base": str(base), "path": path, "result": str(result)}
+                result = tmp / f"load-{part}-{engine}-{world}-{path}.json"
+                load = {"engine": engine, "base": str(base), "path": path, "result": str(result), **spec}
                 # the full path takes 3-20 s: once
-                runs, baselines, _ = load_pairs(world, spec, repeats if path == "sharded" else 1, baseline)
-                row = {"part": "f", "engine": engine, "world": world, "path": path, **runs[0]}
+                runs, baselines, _ = load_pairs(world, load, repeats if path == "sharded" else 1, baseline)
+                row = {"part": part, "engine": engine, "world": world, "path": path, **runs[0]}
                 row.update(paired(runs, baselines), peak_rss=max(r["peak_rss"] for r in runs), model_bytes=model_bytes)
                 rows.append(row)
                 print(
-                    f"[f] {engine} world {world} {path}: peak {row['peak_rss'] / 1e9:.2f} GB per rank, "
+                    f"[{part}] {engine} world {world} {path}: peak {row['peak_rss'] / 1e9:.2f} GB per rank, "
                     f"load {row['load_s']:.2f} s, CPU {row['load_cpu_s']:.2f} s; from_pretrained alone "
                     f"{row['from_pretrained_s']:.2f} s, CPU {row['from_pretrained_cpu_s']:.2f} s; ratios "
                     f"{row['load_ratio']:.2f}x, CPU {row['cpu_ratio']:.2f}x"
                     + (f"; set-up alone {row['set_up_ratio']:.2f}x" if "set_up_ratio" in row else ""),
                     flush=True,
                 )
+    return rows
+
+
+def part_f(tmp: Path, quick: bool) -> list[dict]:
+    """Loading a base larger than a rank should hold: per-rank peak RSS and load seconds, sharded against the full
+    path, at world sizes 1, 2, 4 (the full path at 4 would need 4 copies of the base: more than this machine has);
+    then 3 training steps at world 4, a save, a resume at world 2; then a streaming merge."""
+    base = tmp / "xl-base"
+    model_bytes = build_xl_base(base, quick)
+    os.sync()  # the base was just written: its writeback would slow whichever run came first
+    repeats = 1 if quick else 3  # loads take about a second: each is the median of 3 (peaks are the same)
+    rows = warm_loads("f", tmp, base, model_bytes, repeats)
+    baseline = from_pretrained_baseline(base, "float32")
     # then with the base's files dropped from the page cache (last: a base read back from disk is cached in small
     # folios, which would slow every warm load after it)
     for row in rows:
@@ -621,6 +634,28 @@ def train_resume_merge(tmp: Path, base: Path, model_bytes: int) -> list[dict]:
         }
     )
     print(f"[f] merge: {seconds:.0f} s, peak {peak / 1e9:.2f} GB (largest file {largest_file / 1e9:.2f} GB)")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- i. 70B's layers
+
+
+def part_i(tmp: Path, quick: bool) -> list[dict]:
+    """Part f's warm loads on a base with the bytes per layer of the one this trainer is for: Llama-2-70B's layer
+    shape in bf16 (1.7 GB a layer, 14 times a GPT-2 XL layer in fp32), 3 layers, 6.2 GB, trained in bf16
+    (``model.dtype: bfloat16``, LoRA r=16 on q_proj and v_proj)."""
+    base = tmp / "llama-70b-layers"
+    code = (
+        "import sys; from pathlib import Path; from bench.gpu import build_base; "
+        "build_base(Path(sys.argv[1]), sys.argv[2], 'cpu')"
+    )
+    shape = "llama-70b-1-layer" if quick else "llama-70b-3-layers"
+    subprocess.run([sys.executable, "-c", code, str(base), shape], check=True, env=env(), cwd=ROOT)
+    model_bytes = sum(p.stat().st_size for p in base.glob("*.safetensors"))
+    os.sync()
+    rows = warm_loads("i", tmp, base, model_bytes, 1 if quick else 3, dtype="bfloat16", targets=["q_proj", "v_proj"])
+    for row in rows:
+        row["shape"] = shape
     return rows
 
 
@@ -778,6 +813,63 @@ def fmt_bytes(n: float | None) -> str:
     return str(n)
 
 
+LOAD_NOTE = (
+    "Peak RSS is the kernel's VmHWM of each rank (the largest over ranks), which includes what the process holds "
+    "before loading (torch, transformers, DeepSpeed imported); load s runs from the start of loading until the engine "
+    "is wrapped, the slowest rank; CPU s is the process time of that load on the rank that took the most (where more "
+    "ranks than cores share them, what a rank with cores of its own would take)."
+)
+
+
+def load_tables(rows: list[dict]) -> list[str]:
+    """Parts f and i: peak RSS and load seconds of each load against its target and baseline, then where the time
+    of each warm sharded load went, stage by stage."""
+    lines = [
+        "| engine | world | path | peak RSS per rank | RSS before loading | target: model / world + 1 GB | "
+        "load s | CPU s per rank | from_pretrained alone, 1 process: s, CPU s | "
+        "load / from_pretrained: s, CPU s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "path" not in r:
+            continue
+        if r.get("skipped"):
+            lines.append(f"| {r['engine']} | {r['world']} | {r['path']} | not run: {r['world']} whole copies "
+                         "exceed this machine's memory | | | | | | |")  # fmt: skip
+            continue
+        target = r["model_bytes"] / r["world"] + 1e9
+        mark = "met" if r["path"] == "full" or r["peak_rss"] <= target else "**missed**"
+        lines.append(
+            f"| {r['engine']} | {r['world']} | {r['path']} | {fmt_bytes(r['peak_rss'])} | "
+            f"{fmt_bytes(r['rss_before'])} | {fmt_bytes(target)} ({mark if r['path'] == 'sharded' else '-'}) | "
+            f"{r['load_s']:.2f} | {r['load_cpu_s']:.2f} | {r['from_pretrained_s']:.2f}, "
+            f"{r['from_pretrained_cpu_s']:.2f} | {r['load_ratio']:.2f}x, {r['cpu_ratio']:.2f}x |"
+        )
+    staged = [r for r in rows if "stages" in r]
+    if staged:
+        lines += [
+            "",
+            "Where the time of a warm sharded load goes (medians of the loads above; each the largest over ranks, in "
+            "seconds wall-clock and, in brackets, of the loading thread's CPU): the model built on the meta device "
+            "(FSDP2) or partitioned as it is constructed (ZeRO-3); PEFT's LoRA injection; the engine's set-up "
+            "(`fully_shard`, `deepspeed.initialize`); dist_lora's reading of the base (headers, read-ahead start, "
+            "each rank's rows or partitions mapped or read); the first touch of every page a rank holds. The first "
+            "three are transformers', PEFT's and the engine's own work, which `from_pretrained` alone does not do "
+            "(but for the construction); the last column sets them alone (their sum on the rank where it is "
+            "largest) against it:",
+            "",
+            "| engine | world | construct | LoRA | engine set-up | dist_lora's reading | first touch | "
+            "construct + LoRA + engine set-up / from_pretrained: s, CPU s |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in staged:
+            cells = " | ".join(f"{wall:.2f} ({cpu:.2f})" for wall, cpu in r["stages"].values())
+            lines.append(
+                f"| {r['engine']} | {r['world']} | {cells} | {r['set_up_ratio']:.2f}x, {r['set_up_cpu_ratio']:.2f}x |"
+            )
+    return lines
+
+
 def report(rows: list[dict], quick: bool) -> str:
     lines = [
         "# dist_lora benchmark results",
@@ -885,52 +977,8 @@ def report(rows: list[dict], quick: bool) -> str:
     if f:
         loads = [r for r in f if "path" in r and not r.get("skipped")]
         model = loads[0]["model_bytes"] if loads else 0
-        lines += [
-            f"## f. Loading a base of {fmt_bytes(model)} (GPT-2 XL shape, fp32, 2 GB safetensors files)",
-            "",
-            "| engine | world | path | peak RSS per rank | RSS before loading | target: model / world + 1 GB | "
-            "load s | CPU s per rank | from_pretrained alone, 1 process: s, CPU s | "
-            "load / from_pretrained: s, CPU s |",
-            "|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for r in f:
-            if "path" not in r:
-                continue
-            if r.get("skipped"):
-                lines.append(f"| {r['engine']} | {r['world']} | {r['path']} | not run: {r['world']} whole copies "
-                             "exceed this machine's memory | | | | | | |")  # fmt: skip
-                continue
-            target = r["model_bytes"] / r["world"] + 1e9
-            mark = "met" if r["path"] == "full" or r["peak_rss"] <= target else "**missed**"
-            lines.append(
-                f"| {r['engine']} | {r['world']} | {r['path']} | {fmt_bytes(r['peak_rss'])} | "
-                f"{fmt_bytes(r['rss_before'])} | {fmt_bytes(target)} ({mark if r['path'] == 'sharded' else '-'}) | "
-                f"{r['load_s']:.2f} | {r['load_cpu_s']:.2f} | {r['from_pretrained_s']:.2f}, "
-                f"{r['from_pretrained_cpu_s']:.2f} | {r['load_ratio']:.2f}x, {r['cpu_ratio']:.2f}x |"
-            )
-        staged = [r for r in f if "stages" in r]
-        if staged:
-            lines += [
-                "",
-                "Where the time of a warm sharded load goes (medians of the loads above; each the largest over "
-                "ranks, in seconds wall-clock and, in brackets, of the loading thread's CPU): the model built on the "
-                "meta device (FSDP2) or partitioned as it is constructed (ZeRO-3); PEFT's LoRA injection; the "
-                "engine's set-up (`fully_shard`, `deepspeed.initialize`); dist_lora's reading of the base (headers, "
-                "read-ahead start, each rank's rows or partitions mapped or read); the first touch of every page a "
-                "rank holds. The first three are transformers', PEFT's and the engine's own work, which "
-                "`from_pretrained` alone does not do (but for the construction); the last column sets them alone "
-                "(their sum on the rank where it is largest) against it:",
-                "",
-                "| engine | world | construct | LoRA | engine set-up | dist_lora's reading | first touch | "
-                "construct + LoRA + engine set-up / from_pretrained: s, CPU s |",
-                "|---|---|---|---|---|---|---|---|",
-            ]
-            for r in staged:
-                cells = " | ".join(f"{wall:.2f} ({cpu:.2f})" for wall, cpu in r["stages"].values())
-                lines.append(
-                    f"| {r['engine']} | {r['world']} | {cells} | {r['set_up_ratio']:.2f}x, "
-                    f"{r['set_up_cpu_ratio']:.2f}x |"
-                )
+        lines += [f"## f. Loading a base of {fmt_bytes(model)} (GPT-2 XL shape, fp32, 2 GB safetensors files)", ""]
+        lines += load_tables(f)
         cold = [r for r in f if "cold_ratio" in r]
         if cold:
             lines += [
@@ -960,12 +1008,17 @@ def report(rows: list[dict], quick: bool) -> str:
                         f"losses of the run: {', '.join(f'{x:.3f}' for x in r['losses'])}"
                     )
                 lines.append(f"- {r['phase']}: {r['seconds']:.0f} s, peak RSS {fmt_bytes(r['peak_rss'])}{extra}")
+        lines += ["", LOAD_NOTE, ""]
+    i = [r for r in rows if r["part"] == "i"]
+    if i:
+        model = next(r["model_bytes"] for r in i if not r.get("skipped"))
         lines += [
+            f"## i. Llama-2-70B's layers: a base of {fmt_bytes(model)} with its layer shape ({i[0]['shape']}, bf16, "
+            "trained in bf16, LoRA r=16 on q_proj and v_proj)",
             "",
-            "Peak RSS is the kernel's VmHWM of each rank (the largest over ranks), which includes what the process "
-            "holds before loading (torch, transformers, DeepSpeed imported); load s runs from the start of loading "
-            "until the engine is wrapped, the slowest rank; CPU s is the process time of that load on the rank that "
-            "took the most (where more ranks than cores share them, what a rank with cores of its own would take).",
+            *load_tables(i),
+            "",
+            LOAD_NOTE,
             "",
         ]
     g = [r for r in rows if r["part"] == "g"]
@@ -1073,13 +1126,15 @@ def run_parts(args: argparse.Namespace, tmp: Path, repeats: int, s3: dict) -> li
         rows += part_g(tmp, 1 if args.quick else 5, args.quick)
     if "h" in args.parts:
         rows += part_h(tmp, args.quick)
+    if "i" in args.parts:
+        rows += part_i(tmp, args.quick)
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repeats and sizes")
-    parser.add_argument("--parts", default="abcdefgh", help="which parts to run (default: all)")
+    parser.add_argument("--parts", default="abcdefghi", help="which parts to run (default: all)")
     parser.add_argument("--report-only", action="store_true", help="rewrite results.md/png from results.json")
     args = parser.parse_args()
     if args.report_only:
@@ -1100,7 +1155,7 @@ def main() -> None:
         finally:
             s3server.stop(proc, s3["ports"])
     previous = RESULTS / "results.json"
-    if previous.is_file() and args.parts != "abcdefgh":  # the parts not rerun keep their rows
+    if previous.is_file() and args.parts != "abcdefghi":  # the parts not rerun keep their rows
         rows = [r for r in json.loads(previous.read_text()) if r["part"] not in args.parts] + rows
     (RESULTS / "results.json").write_text(json.dumps(rows, indent=1, default=str))
     keys = sorted({k for r in rows for k in r})
