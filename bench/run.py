@@ -1,6 +1,6 @@
 """dist_lora's benchmark suite: one command, every figure a median, every comparison a ratio from the same run.
 
-    python -m bench.run            # everything (about 10-15 minutes on 2 CPU cores)
+    python -m bench.run            # everything (about 50 minutes on 2 CPU cores)
     python -m bench.run --quick    # fewer repeats and sizes, for a smoke test
 
 Writes bench/results/results.md (the tables), results.csv (every row), results.json (raw) and results.png.
