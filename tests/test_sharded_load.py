@@ -195,36 +195,45 @@ def test_a_build_leaves_a_freeze_the_process_made_alone():
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_sharded_load_equals_the_full_load(world, gpt2_base, llama_base, sharded_llama_base, bf16_llama_base, tmp_path):
-    """FSDP2 and ZeRO-3, each on a tied GPT-2, a Llama (rotary buffers, GQA), a Llama in 3 files with an index and
-    a Llama saved and trained in bf16 (model.dtype, no mixed precision: the base stays bf16 on every engine), at
-    world sizes 1-4 (3: uneven shards), and HSDP at 4 (2 replica groups); one launch per world size. The ranges
-    each rank read ahead are exactly the ones it then used."""
-    bases = [str(gpt2_base), str(llama_base), str(sharded_llama_base), str(bf16_llama_base)]
+    """FSDP2 and ZeRO-3, each on a tied GPT-2, a Llama (rotary buffers, GQA), a Llama in 3 files with an index, a
+    Llama saved and trained in bf16 (``model.dtype``, no mixed precision: the base stays bf16 on every engine) and
+    the fp32 Llama trained in bf16 (read and converted, never mapped), at world sizes 1-4 (3: uneven shards), and
+    HSDP at 4 (2 replica groups); one launch per world size. The ranges each rank read ahead are exactly the ones
+    it then used."""
     qv = ["lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj]"]
+    cases = [  # (base, model.dtype, overrides)
+        (str(gpt2_base), "float32", []),
+        (str(llama_base), "float32", qv),
+        (str(sharded_llama_base), "float32", qv),
+        (str(bf16_llama_base), "bfloat16", qv),
+        (str(llama_base), "bfloat16", qv),
+    ]
+    converted = f"{llama_base}:bfloat16"
     engines = ENGINES
     if world == 4:  # and HSDP: 2 replica groups of 2 shards
         engines = {"fsdp": ENGINES["fsdp"], "hsdp": [*ENGINES["fsdp"], "parallel.replicate=2"], **ENGINES}
     spec = {
         "engines": engines,
-        "bases": [[bases[0], []], [bases[1], qv], [bases[2], qv], [bases[3], [*qv, "model.dtype=bfloat16"]]],
+        "bases": [[base, [*own, f"model.dtype={dtype}"]] for base, dtype, own in cases],
         "overrides": [f"data.path={corpus_path()}", "train.global_batch_size=12", "train.micro_batch_size=1"],
         "out": str(tmp_path),
     }
     run_worker(world, spec, worker=WORKER)
-    names = [f"{engine}:{base}" for engine in engines for base in bases]
+    names = [f"{engine}:{base}:{dtype}" for engine in engines for base, dtype, _ in cases]
     for rank in range(world):
         report = json.loads((tmp_path / f"rank{rank}.json").read_text())
         for name in names:
             assert report[name]["checked"] > 10 and report[name]["mismatched"] == [], (rank, name, report[name])
-            assert report[name]["copied"] == [], f"rank {rank}, {name}: not views of the files: {report[name]}"
+            if not name.endswith(converted):  # (another dtype than the files' cannot be a view of them)
+                assert report[name]["copied"] == [], f"rank {rank}, {name}: not views of the files: {report[name]}"
             # the last rank's padded shards are read into FSDP2's padded buffer, never mapped and then copied there
             assert report[name]["mapped_padded"] == [], f"rank {rank}, {name}: mapped, then copied: {report[name]}"
             # the read-ahead guessed this rank's share: it read ahead every range the load used, and made each map
             assert report[name]["not_read_ahead"] == [] and report[name]["views_missed"] == [], (rank, name)
-        assert all(report[f"{engine}:{gpt2_base}"]["tied"] for engine in engines)
+        assert all(report[f"{engine}:{gpt2_base}:float32"]["tied"] for engine in engines)
     if world == 3:  # the check above saw padded shards: uneven splits leave the last rank's padded
         last = json.loads((tmp_path / f"rank{world - 1}.json").read_text())
-        assert all(last[f"fsdp:{base}"]["padded"] > 0 for base in bases), last
+        assert all(last[name]["padded"] > 0 for name in names if name.startswith("fsdp:")), last
     for i, name in enumerate(names):
         logits = load_file(str(tmp_path / f"{i}.logits"))
         assert torch.allclose(logits["sharded"], logits["full"], rtol=0, atol=1e-6), name

@@ -1,7 +1,7 @@
 """One rank of the sharded-loading test (tests/test_sharded_load.py): build each base the trainer's way, compare.
 
 argv[1] is JSON: {"engines": {name: [overrides]}, "bases": [[dir, [overrides of this base]], ...], "overrides": [...],
-"out": dir}. For each engine (FSDP2 first: a ZeRO-3 model makes transformers build under zero.Init) and base, the
+"out": dir}; a case is reported as "engine:base:model.dtype". For each engine (FSDP2 first: a ZeRO-3 model makes transformers build under zero.Init) and base, the
 Trainer builds the model as it trains it (FSDP2: meta device, then each rank reads its rows; ZeRO-3: partitioned at construction, then each
 rank fills its partition). Each rank then builds the reference the full way in one process (seed, from_pretrained,
 PEFT LoRA) and checks that every parameter it holds, the base and the adapter alike, equals the matching slice of
@@ -135,10 +135,10 @@ def main() -> None:
     report: dict[str, dict] = {}
     cases = [(engine, base, own) for engine in args["engines"] for base, own in args["bases"]]
     for i, (engine, base, own) in enumerate(cases):
-        case = f"{engine}:{base}"
         overrides = [*args["overrides"], *args["engines"][engine], *own]
         overrides += [f"model.name_or_path={base}", f"checkpoint.dir={out / f'ckpt{i}'}"]
         cfg = load_config(TINY, overrides)
+        case = f"{engine}:{base}:{cfg.model.dtype}"
         REPLICAS[0] = int(cfg.parallel.replicate) if cfg.parallel.backend == "fsdp" else 1
         MAPPED.clear(), AHEAD.clear(), USED.clear(), MISSED.clear()
         trainer = Trainer(cfg)
