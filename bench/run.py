@@ -645,13 +645,8 @@ def part_i(tmp: Path, quick: bool) -> list[dict]:
     shape in bf16 (1.7 GB a layer, 14 times a GPT-2 XL layer in fp32), 3 layers, 6.2 GB, trained in bf16
     (``model.dtype: bfloat16``, LoRA r=16 on q_proj and v_proj)."""
     base = tmp / "llama-70b-layers"
-    code = (
-        "import sys; from pathlib import Path; from bench.gpu import build_base; "
-        "build_base(Path(sys.argv[1]), sys.argv[2], 'cpu')"
-    )
     shape = "llama-70b-1-layer" if quick else "llama-70b-3-layers"
-    subprocess.run([sys.executable, "-c", code, str(base), shape], check=True, env=env(), cwd=ROOT)
-    model_bytes = sum(p.stat().st_size for p in base.glob("*.safetensors"))
+    model_bytes = build_llama_base(base, shape)
     os.sync()
     rows = warm_loads("i", tmp, base, model_bytes, 1 if quick else 3, dtype="bfloat16", targets=["q_proj", "v_proj"])
     for row in rows:
@@ -662,10 +657,9 @@ def part_i(tmp: Path, quick: bool) -> list[dict]:
 # ---------------------------------------------------------------------------------------------- h. QLoRA
 
 
-def build_llama_base(out: Path, quick: bool) -> int:
-    """bench/gpu.py's ~1.1B Llama (TinyLlama's shape, bf16; 4 layers with --quick), built on the CPU in a child
-    process (this one never holds it); returns its bytes."""
-    shape = "llama-1.1b-4-layers" if quick else "llama-1.1b"
+def build_llama_base(out: Path, shape: str) -> int:
+    """A Llama of one of bench/gpu.py's shapes (bf16), built on the CPU in a child process (this one never holds
+    it); returns its bytes."""
     code = (
         "import sys; from pathlib import Path; from bench.gpu import build_base; "
         "build_base(Path(sys.argv[1]), sys.argv[2], 'cpu')"
@@ -678,7 +672,8 @@ def part_h(tmp: Path, quick: bool) -> list[dict]:
     """QLoRA's base against the same base in bf16: the base's bytes on a rank, peak and settled resident memory
     while loading (FSDP2, sharded load, LoRA r=16 on every linear layer), at world sizes 1 and 2."""
     base = tmp / "llama-base"
-    model_bytes = build_llama_base(base, quick)
+    # bench/gpu.py's ~1.1B Llama (TinyLlama's shape), 4 layers with --quick
+    model_bytes = build_llama_base(base, "llama-1.1b-4-layers" if quick else "llama-1.1b")
     rows: list[dict] = []
     for world in (1, 2):
         for quantization in ("none", "nf4"):
