@@ -1,11 +1,12 @@
 """One rank of the sharded-loading test (tests/test_sharded_load.py): build each base the trainer's way, compare.
 
 argv[1] is JSON: {"engines": {name: [overrides]}, "bases": [[dir, [overrides of this base]], ...], "overrides": [...],
-"out": dir}; a case is reported as "engine:base:model.dtype". For each engine (FSDP2 first: a ZeRO-3 model makes transformers build under zero.Init) and base, the
-Trainer builds the model as it trains it (FSDP2: meta device, then each rank reads its rows; ZeRO-3: partitioned at construction, then each
-rank fills its partition). Each rank then builds the reference the full way in one process (seed, from_pretrained,
-PEFT LoRA) and checks that every parameter it holds, the base and the adapter alike, equals the matching slice of
-the reference bit for bit. Logits of a fixed batch are written by rank 0 for both. Rank r writes out/rank{r}.json.
+"out": dir}; a case is reported as "engine:base:model.dtype". For each engine (FSDP2 first: a ZeRO-3 model makes
+transformers build under zero.Init) and base, the Trainer builds the model as it trains it (FSDP2: meta device, then
+each rank reads its rows; ZeRO-3: partitioned at construction, then each rank fills its partition). Each rank then
+builds the reference the full way in one process (seed, from_pretrained, PEFT LoRA) and checks that every parameter
+it holds, the base and the adapter alike, equals the matching slice of the reference bit for bit. Logits of a fixed
+batch are written by rank 0 for both. Rank r writes out/rank{r}.json.
 """
 
 from __future__ import annotations
