@@ -482,6 +482,7 @@ def warm_loads(part: str, tmp: Path, base: Path, model_bytes: int, repeats: int,
     """Per-rank peak RSS and load seconds of ``base`` loaded the sharded and the full way, on FSDP2 and ZeRO-3 at
     world sizes 1, 2 and 4 (the full path where that many whole copies fit in this machine's memory), each in pairs
     with its ``from_pretrained`` baseline; ``spec``: the load worker's options (dtype, LoRA targets)."""
+    os.sync()  # the base was just written: its writeback would slow whichever run came first
     baseline = from_pretrained_baseline(base, spec.get("dtype", "float32"))
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     rows: list[dict] = []
@@ -515,7 +516,6 @@ def part_f(tmp: Path, quick: bool) -> list[dict]:
     then 3 training steps at world 4, a save, a resume at world 2; then a streaming merge."""
     base = tmp / "xl-base"
     model_bytes = build_xl_base(base, quick)
-    os.sync()  # the base was just written: its writeback would slow whichever run came first
     repeats = 1 if quick else 3  # loads take about a second: each is the median of 3 (peaks are the same)
     rows = warm_loads("f", tmp, base, model_bytes, repeats)
     baseline = from_pretrained_baseline(base, "float32")
@@ -647,7 +647,6 @@ def part_i(tmp: Path, quick: bool) -> list[dict]:
     base = tmp / "llama-70b-layers"
     shape = "llama-70b-1-layer" if quick else "llama-70b-3-layers"
     model_bytes = build_llama_base(base, shape)
-    os.sync()
     rows = warm_loads("i", tmp, base, model_bytes, 1 if quick else 3, dtype="bfloat16", targets=["q_proj", "v_proj"])
     for row in rows:
         row["shape"] = shape
