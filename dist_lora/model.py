@@ -13,6 +13,7 @@ reads each rank's rows of each tensor from the safetensors files (:class:`BaseWe
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import json
 import math
@@ -569,7 +570,10 @@ def collection_paused() -> Iterator[None]:
             gc.enable()
 
 
+@functools.cache
 def _libc() -> Any:
+    """glibc, or None elsewhere; found once per process (``find_library`` runs ``ldconfig -p`` in a child process,
+    which a sharded load would otherwise start as it returns the freed heap)."""
     import ctypes
     import ctypes.util
 
