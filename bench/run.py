@@ -3,7 +3,8 @@
     python -m bench.run            # everything (about 50 minutes on 2 CPU cores)
     python -m bench.run --quick    # fewer repeats and sizes, for a smoke test
 
-Writes bench/results/results.md (the tables), results.csv (every row), results.json (raw) and results.png.
+Writes bench/results/results.md (the tables), results.csv (every row), results.json (raw), results.png (saves)
+and loading.png (parts f and i: loading a base).
 All runs are on this machine's CPU with gloo, world size 2 unless stated; models are randomly initialised GPT-2
 architectures (sizes are what matter), LoRA r=4 on the attention projection (c_attn) as in loralib.
 """
@@ -1125,16 +1126,72 @@ def run_parts(args: argparse.Namespace, tmp: Path, repeats: int, s3: dict) -> li
     return rows
 
 
+LOADING_PARTS = {"f": "GPT-2 XL shape, fp32", "i": "Llama-2-70B's layers, bf16"}
+
+
+def plot_loading(rows: list[dict], path: Path) -> None:
+    """Parts f and i as a figure, a row of two panels for each: the peak RSS per rank of the sharded and the full
+    path against the target (model / world + 1 GB), and the load seconds of both against ``from_pretrained`` alone
+    on one process, warm (and, for part f, from a cold page cache). The full path at 4 ranks is absent where it was
+    not run (four whole copies exceed the machine's memory)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    parts = [p for p in LOADING_PARTS if any(r["part"] == p and "world" in r for r in rows)]
+    if not parts:
+        return
+    fig, axes = plt.subplots(len(parts), 2, figsize=(15, 4.5 * len(parts)), squeeze=False)
+    colors = {"fsdp": "tab:blue", "zero3": "tab:orange"}
+    names = {"fsdp": "FSDP2", "zero3": "ZeRO-3"}
+    for (memory, seconds), part in zip(axes, parts):
+        loads = [r for r in rows if r["part"] == part and "world" in r and not r.get("skipped")]
+        model_gb = loads[0]["model_bytes"] / 1e9
+        worlds = sorted({r["world"] for r in loads})
+        memory.plot(worlds, [model_gb / w + 1 for w in worlds], "k--", label="target: model / world + 1 GB")
+        for engine in ("fsdp", "zero3"):
+            for path_, style in (("sharded", "o-"), ("full", "s:")):
+                line = sorted((r["world"], r) for r in loads if r["engine"] == engine and r["path"] == path_)
+                if not line:
+                    continue
+                x = [w for w, _ in line]
+                label = f"{names[engine]} {path_}"
+                memory.plot(x, [r["peak_rss"] / 1e9 for _, r in line], style, color=colors[engine], label=label)
+                seconds.plot(x, [r["load_s"] for _, r in line], style, color=colors[engine], label=f"{label}, warm")
+                if path_ == "sharded" and all("cold_load_s" in r for _, r in line):
+                    cold = [r["cold_load_s"] for _, r in line]
+                    seconds.plot(x, cold, "^--", color=colors[engine], label=f"{label}, cold page cache")
+        sharded = [r for r in loads if r["path"] == "sharded"]
+        for key, style, label in (
+            ("from_pretrained_s", "-", "from_pretrained alone, 1 process, warm"),
+            ("cold_from_pretrained_s", "--", "from_pretrained alone, 1 process, cold"),
+        ):
+            if sharded and all(key in r for r in sharded):  # one process whatever the world: one level
+                level = statistics.median(r[key] for r in sharded)
+                seconds.axhline(level, linestyle=style, color="gray", linewidth=2, label=f"{label} (median)")
+        title = f"part {part}: {model_gb:.2f} GB base ({LOADING_PARTS[part]})"
+        memory.set(xlabel="world size", ylabel="peak RSS per rank, GB", title=f"{title}: memory", xticks=worlds)
+        seconds.set(xlabel="world size", ylabel="load seconds (log)", yscale="log", title=f"{title}: time")
+        seconds.set_xticks(worlds)
+        memory.legend(fontsize=7)
+        seconds.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repeats and sizes")
     parser.add_argument("--parts", default="abcdefghi", help="which parts to run (default: all)")
-    parser.add_argument("--report-only", action="store_true", help="rewrite results.md/png from results.json")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the report and figures from results.json")
     args = parser.parse_args()
     if args.report_only:
         rows = json.loads((RESULTS / "results.json").read_text())
         (RESULTS / "results.md").write_text(report(rows, quick=False))
         plot(rows, RESULTS / "results.png")
+        plot_loading(rows, RESULTS / "loading.png")
         return
     repeats = 3 if args.quick else 7
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -1159,7 +1216,8 @@ def main() -> None:
         writer.writerows(rows)
     (RESULTS / "results.md").write_text(report(rows, args.quick))
     plot(rows, RESULTS / "results.png")
-    print(f"wrote {RESULTS}/results.md, results.csv, results.json, results.png")
+    plot_loading(rows, RESULTS / "loading.png")
+    print(f"wrote {RESULTS}/results.md, results.csv, results.json, results.png, loading.png")
 
 
 if __name__ == "__main__":
