@@ -1172,13 +1172,20 @@ def plot_loading(rows: list[dict], path: Path) -> None:
                 seconds.axhline(level, linestyle=style, color="gray", linewidth=2, label=f"{label} (median)")
         title = f"part {part}: {model_gb:.2f} GB base ({LOADING_PARTS[part]})"
         memory.set(xlabel="world size", ylabel="peak RSS per rank, GB", title=f"{title}: memory", xticks=worlds)
-        seconds.set(xlabel="world size", ylabel="load seconds (log)", yscale="log", title=f"{title}: time")
-        seconds.set_xticks(worlds)
+        seconds.set(xlabel="world size", ylabel="load seconds (log)", title=f"{title}: time", xticks=worlds)
+        seconds.set_yscale("log")
         memory.legend(fontsize=7)
         seconds.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def write_report(rows: list[dict], quick: bool) -> None:
+    """results.md and the figures, from the rows of a run (or of results.json)."""
+    (RESULTS / "results.md").write_text(report(rows, quick))
+    plot(rows, RESULTS / "results.png")
+    plot_loading(rows, RESULTS / "loading.png")
 
 
 def main() -> None:
@@ -1188,10 +1195,7 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true", help="rewrite the report and figures from results.json")
     args = parser.parse_args()
     if args.report_only:
-        rows = json.loads((RESULTS / "results.json").read_text())
-        (RESULTS / "results.md").write_text(report(rows, quick=False))
-        plot(rows, RESULTS / "results.png")
-        plot_loading(rows, RESULTS / "loading.png")
+        write_report(json.loads((RESULTS / "results.json").read_text()), quick=False)
         return
     repeats = 3 if args.quick else 7
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -1214,9 +1218,7 @@ def main() -> None:
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
         writer.writerows(rows)
-    (RESULTS / "results.md").write_text(report(rows, args.quick))
-    plot(rows, RESULTS / "results.png")
-    plot_loading(rows, RESULTS / "loading.png")
+    write_report(rows, args.quick)
     print(f"wrote {RESULTS}/results.md, results.csv, results.json, results.png, loading.png")
 
 
