@@ -4,7 +4,9 @@ Clusters warn before they take a job away: Kubernetes and SLURM send SIGTERM, SL
 ahead of the time limit. The handler only records the signal; after every step the ranks agree (one tiny
 all-reduce, shared with the loss) whether any of them was signalled, so they all stop after the same step. A
 second signal while the checkpoint is being written changes nothing: the save goes on, and a step is committed
-whole or not at all.
+whole or not at all. Nor does one that comes after it, while the process leaves: a rank that was asked to stop keeps
+absorbing stop signals until it exits, so that a signal repeated then (a launcher forwarding each signal it gets, a
+cluster repeating its warning) cannot turn a saved, clean stop into a rank killed by the signal.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class StopRequest:
-    """Records stop signals while installed (main thread only); ``requested`` says whether one arrived."""
+    """Records stop signals while installed (main thread only); ``requested`` says whether one arrived. Leaving the
+    block restores the previous handlers, unless a stop was requested: then the process is on its way out, and its
+    handlers stay, recording (and logging) any further signal instead of letting its default action kill it."""
 
     def __init__(self, signals: tuple[signal.Signals, ...] = STOP_SIGNALS):
         self.signals = signals
@@ -46,6 +50,8 @@ class StopRequest:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self.requested:
+            return
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)  # type: ignore[arg-type]
         self._previous.clear()

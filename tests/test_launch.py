@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import yaml
 
 from dist_lora.backends.deepspeed import ds_config
 from dist_lora.demo import corpus_path
+from dist_lora.preempt import STOP_SIGNALS, StopRequest
 from tests.dist_utils import ROOT, failure_report, launch_env
 
 LAUNCH = ROOT / "launch"
@@ -197,6 +199,35 @@ def test_sigterm_saves_the_current_step_and_exits_zero(gpt2_base, tmp_path):
     assert resumed.returncode == 0, failure_report(resumed.stdout, resumed.stderr)
     assert steps_done(metrics)[-3:] == [last, last + 1, last + 2]
     assert set(committed(ckpt)) == {last, last + 2}
+
+
+def test_a_rank_asked_to_stop_survives_stop_signals_until_it_exits():
+    """A rank that was asked to stop and left the training loop must not die of a stop signal repeated while it
+    exits (once in CI, the launch script forwarded a SIGUSR1 after the ranks had saved: both died of it, exit -10,
+    and the launcher reported a failed run). Each signal is raised in the process itself, synchronously."""
+    code = (
+        "import signal\n"
+        "from dist_lora.preempt import StopRequest\n"
+        "stop = StopRequest()\n"
+        "with stop:\n"
+        "    signal.raise_signal(signal.SIGTERM)\n"
+        "for sig in (signal.SIGUSR1, signal.SIGTERM):  # after the block, as the process leaves\n"
+        "    signal.raise_signal(sig)\n"
+        "print('alive', stop.received.name)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, failure_report(out.stdout, out.stderr)
+    assert out.stdout.split() == ["alive", "SIGTERM"]
+    assert "received again: already stopping" in out.stderr
+
+
+def test_leaving_the_block_without_a_stop_restores_the_previous_handlers():
+    before = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    stop = StopRequest()
+    with stop:
+        assert all(signal.getsignal(sig) == stop._handle for sig in STOP_SIGNALS)
+    assert not stop.requested
+    assert {sig: signal.getsignal(sig) for sig in STOP_SIGNALS} == before
 
 
 @pytest.mark.reliability(
