@@ -386,6 +386,19 @@ def _validate(cfg: RunConfig, errors: list[str]) -> None:
         f"parallel.keep_base_gathered needs parallel.backend=fsdp (got {p.backend}); DDP and ZeRO-1/2 keep the "
         "whole base on every rank already",
     )
+    if p.backend == "deepspeed" and p.deepspeed_config:
+        from dist_lora.backends.deepspeed_config import config_errors  # reads the JSON only
+
+        errors.extend(
+            config_errors(
+                p.deepspeed_config,
+                zero_stage=p.zero_stage,
+                micro_batch_size=t.micro_batch_size,
+                global_batch_size=t.global_batch_size,
+                bf16=p.mixed_precision == "bf16",
+                max_grad_norm=t.max_grad_norm,
+            )
+        )
     if cfg.model.quantization == "nf4":
         check(
             p.backend in ("fsdp", "ddp", "single"),

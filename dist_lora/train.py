@@ -152,6 +152,7 @@ class Trainer:
             quantized=cfg.model.quantization != "none",
             micro_batch_size=t.micro_batch_size,
             grad_accum=self.grad_accum,
+            max_grad_norm=t.max_grad_norm,
         )
         base.config.use_cache = False  # training never reads a key-value cache
         if cfg.data.packing:

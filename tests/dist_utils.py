@@ -49,6 +49,22 @@ def train_cmd(base: Path | str, ckpt: Path | str, *extra: str) -> list[str]:
     ]
 
 
+def short_run(base: Path | str, *extra: str) -> list[str]:
+    """Overrides of the tiny config for a short run on a test base: 4 steps of 4 samples, 1 per micro-batch, no
+    warm-up (every rank count from 1 to 4 divides the batch)."""
+    from dist_lora.demo import corpus_path
+
+    return [
+        f"model.name_or_path={base}",
+        f"data.path={corpus_path()}",
+        "train.global_batch_size=4",
+        "train.micro_batch_size=1",
+        "train.max_steps=4",
+        "train.warmup_steps=0",
+        *extra,
+    ]
+
+
 FATAL = ("Fatal Python error", "terminate called", "Traceback (most recent call last)")
 
 

@@ -1,4 +1,4 @@
-"""launch/ scripts, preemption, elastic restarts, the Kubernetes manifest, the Dockerfile, the DeepSpeed JSON."""
+"""launch/ scripts, preemption, elastic restarts, the Kubernetes manifest, the Dockerfile."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dist_lora.backends.deepspeed import ds_config
 from dist_lora.demo import corpus_path
 from dist_lora.preempt import STOP_SIGNALS, StopRequest
 from tests.dist_utils import ROOT, failure_report, launch_env
@@ -98,21 +97,6 @@ def test_kubernetes_manifest_is_a_valid_pytorchjob():
     assert any(a.startswith("checkpoint.dir=s3://") for a in container["command"])
     assert {"secretRef": {"name": "dist-lora-s3"}} in container["envFrom"]
     assert (LAUNCH / "k8s" / "pytorchjob.yaml").read_text().count("AWS_SECRET_ACCESS_KEY=...") == 1  # no secret inline
-
-
-def test_deepspeed_json_merges_over_dist_loras_config():
-    config = ds_config(
-        zero_stage=3,
-        micro_batch_size=2,
-        grad_accum=4,
-        bf16=True,
-        extra=str(ROOT / "configs" / "deepspeed" / "zero3.json"),
-    )
-    assert config["train_micro_batch_size_per_gpu"] == 2 and config["gradient_accumulation_steps"] == 4
-    assert config["bf16"]["enabled"] is True  # "auto" in the file: dist_lora's value stands
-    assert config["zero_optimization"]["overlap_comm"] is True and config["zero_optimization"]["stage"] == 3
-    with pytest.raises(ValueError, match="parallel.deepspeed_config /nope.json"):
-        ds_config(zero_stage=3, micro_batch_size=1, grad_accum=1, extra="/nope.json")
 
 
 # ------------------------------------------------------------------------------------------------ running

@@ -11,11 +11,10 @@ from safetensors.torch import load_file
 
 from dist_lora.config import load_config
 from dist_lora.data import prepare_data
-from dist_lora.demo import corpus_path
 from dist_lora.lora import apply_lora
 from dist_lora.model import load_base, load_tokenizer
 from dist_lora.train import lr_at
-from tests.dist_utils import TINY, run_worker
+from tests.dist_utils import TINY, run_worker, short_run
 
 WORKER = Path(__file__).resolve().parent / "workers" / "runs_worker.py"
 ENGINES = {
@@ -29,22 +28,10 @@ TINY_NORM = 1e-3  # far below the gradients' norm: every step is clipped
 CLIP_LR = "train.lr=1e-3"
 
 
-def common(base: Path, *extra: str) -> list[str]:
-    return [
-        f"model.name_or_path={base}",
-        f"data.path={corpus_path()}",
-        "train.global_batch_size=4",
-        "train.micro_batch_size=1",
-        "train.max_steps=4",
-        "train.warmup_steps=0",
-        *extra,
-    ]
-
-
 def reference(base: Path, steps: int, max_norm: float) -> tuple[list[float], dict[str, torch.Tensor]]:
     """One process, no dist_lora backend: the same samples, loss / grad_accum backward, then
     torch.nn.utils.clip_grad_norm_ and AdamW. Returns each step's norm and the adapter after the last step."""
-    cfg = load_config(TINY, common(base, f"train.max_grad_norm={max_norm}", CLIP_LR))
+    cfg = load_config(TINY, short_run(base, f"train.max_grad_norm={max_norm}", CLIP_LR))
     t = cfg.train
     data = prepare_data(cfg.data, load_tokenizer(str(base)), seed=t.seed)
     torch.manual_seed(t.seed)
@@ -74,7 +61,7 @@ def test_the_gradient_norm_is_global_and_clipping_is_clip_grad_norm(world, gpt2_
     runs = [
         {
             "name": name,
-            "overrides": [*common(gpt2_base, f"train.max_grad_norm={TINY_NORM}", CLIP_LR), *flags],
+            "overrides": [*short_run(gpt2_base, f"train.max_grad_norm={TINY_NORM}", CLIP_LR), *flags],
             "steps": 2,
         }
         for name, flags in ENGINES.items()
@@ -105,7 +92,7 @@ def test_activation_checkpointing_changes_no_loss_and_its_steps_load_without_it(
             runs.append(
                 {
                     "name": f"{engine}-ac{int(ac)}",
-                    "overrides": [*common(gpt2_base, f"train.activation_checkpointing={ac}"), *flags],
+                    "overrides": [*short_run(gpt2_base, f"train.activation_checkpointing={ac}"), *flags],
                     "steps": 4,
                 }
             )
@@ -114,25 +101,29 @@ def test_activation_checkpointing_changes_no_loss_and_its_steps_load_without_it(
     runs += [
         {
             "name": "fsdp-from-ac",
-            "overrides": [*common(gpt2_base), *ENGINES["fsdp"]],
+            "overrides": [*short_run(gpt2_base), *ENGINES["fsdp"]],
             "steps": 0,
             "resume": str(tmp_path / "zero3-ac1" / step),
         },
         {
             "name": "zero3-ac-from-plain",
-            "overrides": [*common(gpt2_base, "train.activation_checkpointing=true"), *ENGINES["zero3"]],
+            "overrides": [*short_run(gpt2_base, "train.activation_checkpointing=true"), *ENGINES["zero3"]],
             "steps": 0,
             "resume": str(tmp_path / "fsdp-ac0" / step),
         },
     ]
     # FSDP2's speed settings change no loss either: explicit prefetch, no resharding after forward
     speed = ["parallel.prefetch=2", "parallel.reshard_after_forward=false"]
-    runs.append({"name": "fsdp-speed", "overrides": [*common(gpt2_base), *ENGINES["fsdp"], *speed], "steps": 4})
+    runs.append({"name": "fsdp-speed", "overrides": [*short_run(gpt2_base), *ENGINES["fsdp"], *speed], "steps": 4})
     # the frozen base gathered once for the run, the adapter in groups of its own (with and without recomputation)
     for ac in (False, True):
         keep = ["parallel.keep_base_gathered=true", f"train.activation_checkpointing={ac}"]
         runs.append(
-            {"name": f"fsdp-keep-ac{int(ac)}", "overrides": [*common(gpt2_base, *keep), *ENGINES["fsdp"]], "steps": 4}
+            {
+                "name": f"fsdp-keep-ac{int(ac)}",
+                "overrides": [*short_run(gpt2_base, *keep), *ENGINES["fsdp"]],
+                "steps": 4,
+            }
         )
     run_worker(2, {"runs": runs, "out": str(tmp_path)}, worker=WORKER)
     results = json.loads((tmp_path / "runs.json").read_text())
@@ -172,7 +163,7 @@ def test_keep_base_gathered_with_an_nf4_base(qlora_base, tmp_path):
     and adapter; the base groups are gathered once, each block's adapter group once per step."""
     nf4 = ["model.quantization=nf4", "lora.target_modules=all-linear", "train.max_steps=3"]
     runs = [
-        {"name": name, "overrides": [*common(qlora_base, *nf4, *flags), *ENGINES["fsdp"]], "steps": 3}
+        {"name": name, "overrides": [*short_run(qlora_base, *nf4, *flags), *ENGINES["fsdp"]], "steps": 3}
         for name, flags in (("default", []), ("keep", ["parallel.keep_base_gathered=true"]))
     ]
     run_worker(2, {"runs": runs, "out": str(tmp_path)}, worker=WORKER)

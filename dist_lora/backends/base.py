@@ -110,13 +110,15 @@ class Backend(ABC):
         device: torch.device,
         *,
         quantized: bool = False,
-        **batch: int,
+        **batch: Any,
     ) -> tuple[nn.Module, BaseWeights | None]:
         """The base model as this backend loads it, and the weights :meth:`wrap` still has to read (None when the
         base is loaded already). By default one whole copy per rank, as a replicated engine needs: from_pretrained
         in ``dtype``, on ``device``; a base to be quantized (``quantized``, from a local directory) is built on the
         meta device instead, so that :meth:`wrap` reads and quantizes it one tensor at a time and the whole base
-        never sits in memory in ``dtype``. Sharding engines override it so that no rank holds more than its shard."""
+        never sits in memory in ``dtype``. Sharding engines override it so that no rank holds more than its shard.
+        ``batch``: the run's ``micro_batch_size``, ``grad_accum`` and ``max_grad_norm``, for an engine configured
+        before the model is built (ZeRO-3)."""
         weights = BaseWeights.of(name_or_path) if quantized else None
         if weights is not None:
             weights.read_ahead(lambda shape: (0, math.prod(shape), False), None)  # read whole, then quantized

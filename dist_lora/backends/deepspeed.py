@@ -13,7 +13,6 @@ so loading creates it first. Only this module imports deepspeed.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 from collections.abc import Callable
@@ -23,53 +22,10 @@ from unittest import mock
 import torch
 
 from dist_lora.backends.base import Backend, LocalPiece, Staging
+from dist_lora.backends.deepspeed_config import ds_config
 from dist_lora.constants import ENV_DS_ACCELERATOR, OPTIM_TENSOR_FIELDS, WEIGHT_FIELD
 from dist_lora.lora import base_key
 from dist_lora.model import BaseWeights, release_freed_memory, skip_weight_init
-
-
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    for key, value in extra.items():
-        if value == "auto":
-            continue  # HF Trainer's placeholder: dist_lora's own value stands
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _merge(base[key], value)
-        else:
-            base[key] = value
-    return base
-
-
-def ds_config(
-    *,
-    zero_stage: int,
-    micro_batch_size: int,
-    grad_accum: int,
-    bf16: bool = False,
-    extra: str | None = None,
-    max_grad_norm: float | None = None,
-) -> dict[str, Any]:
-    """The DeepSpeed config dist_lora uses; ``extra`` names a JSON file merged over it ("auto" values skipped).
-
-    Batch sizes and the ZeRO stage always come from dist_lora's config, so the run and its checkpoints agree.
-    """
-    config: dict[str, Any] = {
-        "zero_optimization": {"stage3_param_persistence_threshold": 0},
-        "bf16": {"enabled": bf16},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 2**31,
-        "wall_clock_breakdown": False,
-    }
-    if extra:
-        try:
-            with open(extra) as f:
-                _merge(config, json.load(f))
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"parallel.deepspeed_config {extra}: {e}") from e
-    config["train_micro_batch_size_per_gpu"] = micro_batch_size
-    config["gradient_accumulation_steps"] = grad_accum
-    config["gradient_clipping"] = max_grad_norm or 0.0  # train.max_grad_norm; 0 turns DeepSpeed's clipping off
-    config["zero_optimization"]["stage"] = zero_stage
-    return config
 
 
 def import_deepspeed() -> Any:
@@ -220,6 +176,8 @@ class DeepSpeedBackend(Backend):
             grad_accum=batch["grad_accum"],
             bf16=parallel.mixed_precision == "bf16",
             extra=parallel.deepspeed_config,
+            max_grad_norm=batch.get("max_grad_norm"),
+            world_size=world,
         )
         keep = HfDeepSpeedConfig(config)  # transformers builds under zero.Init while this object lives
         # After construction transformers initialises the weights module by module, each one gathered whole onto
@@ -254,6 +212,7 @@ class DeepSpeedBackend(Backend):
             bf16=parallel.mixed_precision == "bf16",
             extra=parallel.deepspeed_config,
             max_grad_norm=max_grad_norm,
+            world_size=torch.distributed.get_world_size(),
         )
         engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=make_optimizer(params), config=config)
         return cls(engine, optimizer, bias)

@@ -4,7 +4,8 @@ argv[1] is JSON: {"runs": [{"name", "overrides": [...], "steps": N, "resume": ur
 Each run builds a Trainer (the tiny config plus its overrides), resumes if asked, takes N steps, evaluates if asked
 and saves. Rank 0 writes out/runs.json: per run, each step's loss and gradient norm, the eval loss, the saved step's
 URL, how many times a layer inside the first transformer block ran (twice per micro-batch when activations are
-recomputed), and how many all-gathers FSDP2 made during the steps and how many groups it shards.
+recomputed), how many all-gathers FSDP2 made during the steps and how many groups it shards, and what DeepSpeed's
+ZeRO optimizer offloads to host memory (its own flags: the optimizer state, ZeRO-3's parameter partitions).
 """
 
 from __future__ import annotations
@@ -32,6 +33,16 @@ def first_layer_inside_a_block(model):
     names = _block_classes(model)
     block = next(m for m in model.modules() if any(c.__name__ in names for c in type(m).__mro__))  # FSDP2 subclasses
     return next(block.children())
+
+
+def offloaded(backend) -> dict[str, bool] | None:
+    zero = getattr(backend, "zero", None)
+    if zero is None:
+        return None
+    return {
+        "optimizer": bool(getattr(zero, "cpu_offload", False) or getattr(zero, "offload_optimizer", False)),
+        "param": bool(getattr(zero, "offload_param", False)),
+    }
 
 
 def main() -> None:
@@ -68,6 +79,7 @@ def main() -> None:
                 {id(m._get_fsdp_state()) for m in trainer.backend.model.modules() if isinstance(m, FSDPModule)}
             ),
             "eval_loss": evaluated,
+            "offload": offloaded(trainer.backend),
         }
     if rank == 0:
         (out / "runs.json").write_text(json.dumps(results, indent=1))

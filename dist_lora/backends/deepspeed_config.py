@@ -1,0 +1,211 @@
+"""The DeepSpeed config of a run: dist_lora's own, with the user's JSON (``parallel.deepspeed_config``) over it.
+
+dist_lora owns what its own config already says: the batch sizes, the ZeRO stage, the precision, gradient clipping,
+the optimizer (a torch AdamW over the adapter) and the learning-rate schedule. The JSON may leave those out, leave
+them ``"auto"`` (as HF Trainer's configs do, at any depth), or repeat dist_lora's values; a different value is an
+error that names the setting of dist_lora's to change instead, so a run never trains with a setting other than the
+one its config shows. Everything else goes to DeepSpeed as written: ZeRO-Offload of the optimizer state and of
+ZeRO-3's parameters to host memory, overlap, bucket sizes.
+
+JSON only (no torch, no deepspeed): the run's config validation checks the file before anything loads.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+AUTO = "auto"
+"""HF Trainer's placeholder for "the trainer's value": dist_lora's own, or DeepSpeed's default where it has none."""
+
+_MISSING = object()
+
+
+def read_json(path: str) -> dict[str, Any]:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"parallel.deepspeed_config {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"parallel.deepspeed_config {path}: a DeepSpeed config is a JSON object, not {data!r}")
+    return data
+
+
+def _get(data: dict[str, Any], path: tuple[str, ...]) -> Any:
+    for key in path:
+        if not isinstance(data, dict) or key not in data:
+            return _MISSING
+        data = data[key]
+    return data
+
+
+def _without_auto(data: dict[str, Any]) -> dict[str, Any]:
+    return {k: _without_auto(v) if isinstance(v, dict) else v for k, v in data.items() if v != AUTO}
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def problems(
+    user: dict[str, Any],
+    *,
+    zero_stage: int,
+    micro_batch_size: int,
+    bf16: bool,
+    max_grad_norm: float | None,
+    global_batch_size: int | None = None,
+    grad_accum: int | None = None,
+) -> list[str]:
+    """What in the user's JSON contradicts dist_lora's config or cannot run under it, one message each; None for a
+    value not known yet (the gradient accumulation depends on the world size) skips its check."""
+    accumulation = "train.global_batch_size (the accumulation is global_batch_size / (micro_batch_size x world size))"
+    precision = "parallel.mixed_precision (none: fp32, or bf16)"
+    owned: list[tuple[tuple[str, ...], Any, str]] = [  # (where in the JSON, dist_lora's value, the setting of it)
+        (("train_micro_batch_size_per_gpu",), micro_batch_size, "train.micro_batch_size"),
+        (("train_batch_size",), global_batch_size, "train.global_batch_size"),
+        (("gradient_accumulation_steps",), grad_accum, accumulation),
+        (("zero_optimization", "stage"), zero_stage, "parallel.zero_stage"),
+        (("bf16", "enabled"), bf16, precision),
+        (("bfloat16", "enabled"), bf16, precision),
+        (
+            ("fp16", "enabled"),
+            False,
+            "parallel.mixed_precision (none: fp32, or bf16: dist_lora does not train in fp16)",
+        ),
+        (("gradient_clipping",), max_grad_norm or 0.0, "train.max_grad_norm (null: no clipping)"),
+    ]
+    found = []
+    for path, want, setting in owned:
+        got = _get(user, path)
+        if got is _MISSING or want is None or got in (AUTO, want):
+            continue
+        key = ".".join(path)
+        found.append(
+            f"{key} is {json.dumps(got)}, where dist_lora's config makes it {json.dumps(want)}: change it with "
+            f'{setting}, and leave {key} out of the JSON or "auto"'
+        )
+    optimizer = user.get("optimizer")
+    if optimizer is not None:
+        kind = optimizer.get("type") if isinstance(optimizer, dict) else optimizer
+        params = optimizer.get("params", {}) if isinstance(optimizer, dict) else {}
+        set_here = sorted(_without_auto(params)) if isinstance(params, dict) else [str(params)]
+        if str(kind).lower() not in ("adam", "adamw"):
+            found.append(
+                f"optimizer is {json.dumps(kind)}: dist_lora trains with a torch AdamW over the adapter, whose Adam "
+                'moments its checkpoints hold; remove the "optimizer" section'
+            )
+        elif set_here:
+            found.append(
+                f"optimizer.params sets {', '.join(set_here)}: dist_lora builds the optimizer itself, a torch AdamW "
+                'over the adapter (train.lr, train.weight_decay); set those instead, and remove the "optimizer" '
+                'section or leave its params "auto"'
+            )
+    scheduler = user.get("scheduler")
+    if scheduler is not None:
+        params = scheduler.get("params", {}) if isinstance(scheduler, dict) else {}
+        set_here = sorted(_without_auto(params)) if isinstance(params, dict) else [str(params)]
+        if set_here or not isinstance(scheduler, dict):
+            found.append(
+                f"scheduler sets {', '.join(set_here) or json.dumps(scheduler)}: dist_lora sets the learning rate at "
+                "every step (train.lr, train.warmup_steps: a linear warm-up, then a cosine decay to 10% of train.lr); "
+                'set those instead, and remove the "scheduler" section or leave its params "auto"'
+            )
+    if _get(user, ("zero_optimization", "offload_optimizer", "device")) == "nvme":
+        found.append(
+            'zero_optimization.offload_optimizer.device is "nvme": DeepSpeed keeps NVMe-offloaded optimizer state '
+            "on disk between steps, where dist_lora's saves and loads do not reach it; use \"cpu\" (an adapter's "
+            "Adam state is megabytes: host memory holds it)"
+        )
+    param_device = _get(user, ("zero_optimization", "offload_param", "device"))
+    if param_device == "nvme":
+        found.append(
+            'zero_optimization.offload_param.device is "nvme": DeepSpeed keeps NVMe-offloaded partitions on disk, '
+            'where dist_lora\'s sharded load does not fill them; use "cpu" (host memory), or more ranks'
+        )
+    elif param_device not in (_MISSING, "none", None) and zero_stage != 3:
+        found.append(
+            f"zero_optimization.offload_param offloads ZeRO-3's parameter partitions, and parallel.zero_stage is "
+            f"{zero_stage} (DeepSpeed would ignore it): set parallel.zero_stage=3, or remove offload_param"
+        )
+    return found
+
+
+def ds_config(
+    *,
+    zero_stage: int,
+    micro_batch_size: int,
+    grad_accum: int,
+    bf16: bool = False,
+    extra: str | None = None,
+    max_grad_norm: float | None = None,
+    world_size: int | None = None,
+) -> dict[str, Any]:
+    """The DeepSpeed config dist_lora uses; ``extra`` names a JSON file merged over it (see the module's doc).
+    Raises ValueError naming every setting of the file that contradicts dist_lora's config."""
+    config: dict[str, Any] = {
+        "zero_optimization": {"stage3_param_persistence_threshold": 0},
+        "bf16": {"enabled": bf16},
+        "zero_allow_untested_optimizer": True,
+        # Under ZeRO-Offload DeepSpeed refuses a client optimizer unless this is false: its own CPU Adam is faster
+        # over a whole model's state, and this AdamW steps the adapter's alone (megabytes) on the host
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 2**31,
+        "wall_clock_breakdown": False,
+    }
+    if extra:
+        found = config_errors(
+            extra,
+            zero_stage=zero_stage,
+            micro_batch_size=micro_batch_size,
+            global_batch_size=None if world_size is None else micro_batch_size * grad_accum * world_size,
+            bf16=bf16,
+            max_grad_norm=max_grad_norm,
+            grad_accum=grad_accum,
+        )
+        if found:
+            raise ValueError("\n".join(found))
+        user = _without_auto(read_json(extra))
+        for section in ("optimizer", "scheduler"):  # all "auto": dist_lora's own
+            user.pop(section, None)
+        _merge(config, user)
+    config["train_micro_batch_size_per_gpu"] = micro_batch_size
+    config["gradient_accumulation_steps"] = grad_accum
+    config["gradient_clipping"] = max_grad_norm or 0.0  # 0 turns DeepSpeed's clipping off
+    config["zero_optimization"]["stage"] = zero_stage
+    return config
+
+
+def config_errors(
+    path: str,
+    *,
+    zero_stage: int,
+    micro_batch_size: int,
+    global_batch_size: int | None,
+    bf16: bool,
+    max_grad_norm: float | None,
+    grad_accum: int | None = None,
+) -> list[str]:
+    """What :func:`ds_config` refuses in the JSON at ``path``, one message each. The run's config validation calls it
+    before anything loads, without the gradient accumulation (it depends on the world size: checked as the engine is
+    built)."""
+    try:
+        user = read_json(path)
+    except ValueError as e:
+        return [str(e)]
+    found = problems(
+        user,
+        zero_stage=zero_stage,
+        micro_batch_size=micro_batch_size,
+        bf16=bf16,
+        max_grad_norm=max_grad_norm,
+        global_batch_size=global_batch_size,
+        grad_accum=grad_accum,
+    )
+    return [f"parallel.deepspeed_config {path}: {problem}" for problem in found]

@@ -1,0 +1,211 @@
+"""The DeepSpeed JSON (parallel.deepspeed_config): merged over dist_lora's own, "auto" at any depth, settings that
+contradict dist_lora's config named, and ZeRO-Offload trained, saved and resumed across world sizes and engines."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+from safetensors.torch import load_file
+
+from dist_lora.backends.deepspeed_config import ds_config
+from dist_lora.config import ConfigError, load_config
+from tests.dist_utils import ROOT, TINY, run_worker, short_run
+
+WORKER = ROOT / "tests" / "workers" / "runs_worker.py"
+
+# HF Trainer's documented ZeRO-3 config with CPU offload of the optimizer and the parameters ("auto" everywhere
+# the trainer fills in), as users carry it from one trainer to the next
+HF_ZERO3_OFFLOAD: dict[str, Any] = {
+    "fp16": {
+        "enabled": "auto",
+        "loss_scale": 0,
+        "loss_scale_window": 1000,
+        "initial_scale_power": 16,
+        "hysteresis": 2,
+        "min_loss_scale": 1,
+    },
+    "bf16": {"enabled": "auto"},
+    "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}},
+    "scheduler": {
+        "type": "WarmupLR",
+        "params": {"warmup_min_lr": "auto", "warmup_max_lr": "auto", "warmup_num_steps": "auto"},
+    },
+    "zero_optimization": {
+        "stage": 3,
+        "offload_optimizer": {"device": "cpu", "pin_memory": True},
+        "offload_param": {"device": "cpu", "pin_memory": True},
+        "overlap_comm": True,
+        "contiguous_gradients": True,
+        "sub_group_size": 1e9,
+        "reduce_bucket_size": "auto",
+        "stage3_prefetch_bucket_size": "auto",
+        "stage3_param_persistence_threshold": "auto",
+        "stage3_max_live_parameters": 1e9,
+        "stage3_max_reuse_distance": 1e9,
+        "stage3_gather_16bit_weights_on_model_save": True,
+    },
+    "gradient_accumulation_steps": "auto",
+    "gradient_clipping": "auto",
+    "steps_per_print": 2000,
+    "train_batch_size": "auto",
+    "train_micro_batch_size_per_gpu": "auto",
+    "wall_clock_breakdown": False,
+}
+
+
+def write(tmp_path: Path, config: dict[str, Any], name: str = "ds.json") -> str:
+    path = tmp_path / name
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
+def values(config: Any) -> list[Any]:
+    """Every leaf value of a nested config."""
+    if isinstance(config, dict):
+        return [v for value in config.values() for v in values(value)]
+    return [config]
+
+
+def test_the_shipped_zero3_json_merges_over_dist_loras_config():
+    config = ds_config(
+        zero_stage=3,
+        micro_batch_size=2,
+        grad_accum=4,
+        bf16=True,
+        extra=str(ROOT / "configs" / "deepspeed" / "zero3.json"),
+    )
+    assert config["train_micro_batch_size_per_gpu"] == 2 and config["gradient_accumulation_steps"] == 4
+    assert config["bf16"]["enabled"] is True  # "auto" in the file: dist_lora's value stands
+    assert config["zero_optimization"]["overlap_comm"] is True and config["zero_optimization"]["stage"] == 3
+    with pytest.raises(ValueError, match="parallel.deepspeed_config /nope.json"):
+        ds_config(zero_stage=3, micro_batch_size=1, grad_accum=1, extra="/nope.json")
+
+
+def test_hf_trainers_zero3_offload_json_runs_as_given(tmp_path):
+    """ "auto" is dist_lora's value at any depth, an all-"auto" optimizer and scheduler are dist_lora's own (not a
+    second optimizer, not DeepSpeed's WarmupLR over dist_lora's schedule), fp16 stays off, and the offload goes to
+    DeepSpeed with the client AdamW allowed under it."""
+    path = write(tmp_path, HF_ZERO3_OFFLOAD)
+    config = ds_config(
+        zero_stage=3, micro_batch_size=2, grad_accum=3, bf16=True, extra=path, max_grad_norm=0.5, world_size=4
+    )
+    assert "auto" not in values(config)
+    assert "optimizer" not in config and "scheduler" not in config
+    assert config["fp16"].get("enabled", False) is False and config["bf16"]["enabled"] is True
+    assert config["train_micro_batch_size_per_gpu"] == 2 and config["gradient_accumulation_steps"] == 3
+    assert config["gradient_clipping"] == 0.5
+    zero = config["zero_optimization"]
+    assert zero["stage"] == 3 and zero["stage3_param_persistence_threshold"] == 0
+    assert zero["offload_optimizer"] == {"device": "cpu", "pin_memory": True} == zero["offload_param"]
+    assert config["zero_force_ds_cpu_optimizer"] is False
+    # dist_lora's config validation accepts it (and its own values where the file repeats them)
+    same = {**HF_ZERO3_OFFLOAD, "train_batch_size": 8, "train_micro_batch_size_per_gpu": 2, "gradient_clipping": 1.0}
+    load_config(TINY, ["parallel.backend=deepspeed", f"parallel.deepspeed_config={write(tmp_path, same, 'b.json')}"])
+
+
+CONTRADICTIONS = [
+    ({"train_micro_batch_size_per_gpu": 4}, "train_micro_batch_size_per_gpu is 4, where dist_lora's config makes it 2"),
+    ({"train_micro_batch_size_per_gpu": 4}, "train.micro_batch_size"),
+    ({"train_batch_size": 64}, "train_batch_size is 64, where dist_lora's config makes it 24: change it with train."),
+    ({"gradient_accumulation_steps": 8}, "gradient_accumulation_steps is 8, where dist_lora's config makes it 3"),
+    ({"zero_optimization": {"stage": 2}}, "zero_optimization.stage is 2, where dist_lora's config makes it 3"),
+    ({"bf16": {"enabled": True}}, "bf16.enabled is true, where dist_lora's config makes it false: change it with "),
+    ({"fp16": {"enabled": True}}, "dist_lora does not train in fp16"),
+    ({"gradient_clipping": 0.3}, "gradient_clipping is 0.3, where dist_lora's config makes it 1.0: change it with "),
+    ({"optimizer": {"type": "AdamW", "params": {"lr": 1e-5, "eps": "auto"}}}, "optimizer.params sets lr: "),
+    ({"optimizer": {"type": "Lamb", "params": {}}}, 'optimizer is "Lamb": dist_lora trains with a torch AdamW'),
+    ({"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 10}}}, "scheduler sets warmup_num_steps"),
+    ({"zero_optimization": {"offload_optimizer": {"device": "nvme"}}}, 'offload_optimizer.device is "nvme"'),
+    ({"zero_optimization": {"offload_param": {"device": "nvme"}}}, 'offload_param.device is "nvme"'),
+]
+
+
+@pytest.mark.parametrize(("setting", "message"), CONTRADICTIONS)
+def test_a_json_setting_that_contradicts_dist_loras_config_is_named(setting, message, tmp_path):
+    """Each is refused, naming the key, both values and the setting of dist_lora's to change, where the engine is
+    built (world size 4, micro-batch 2, accumulation 3) and, but for the accumulation (the world size is not known
+    yet), by the config's validation before anything loads."""
+    path = write(tmp_path, setting)
+    with pytest.raises(ValueError, match="parallel.deepspeed_config") as e:
+        ds_config(zero_stage=3, micro_batch_size=2, grad_accum=3, extra=path, max_grad_norm=1.0, world_size=4)
+    assert message in str(e.value)
+    if "gradient_accumulation_steps" in setting:
+        return
+    overrides = ["parallel.backend=deepspeed", f"parallel.deepspeed_config={path}", "train.micro_batch_size=2"]
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY, [*overrides, "train.global_batch_size=24"])
+    assert message in str(e.value) and f"parallel.deepspeed_config {path}" in str(e.value)
+
+
+def test_offload_param_needs_zero3(tmp_path):
+    path = write(tmp_path, {"zero_optimization": {"offload_param": {"device": "cpu"}}})
+    with pytest.raises(ConfigError, match="offload_param offloads ZeRO-3's parameter partitions, and parallel.zero_s"):
+        load_config(TINY, ["parallel.backend=deepspeed", "parallel.zero_stage=2", f"parallel.deepspeed_config={path}"])
+
+
+def test_a_json_that_is_not_an_object_is_named(tmp_path):
+    path = write(tmp_path, [1, 2])  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"a DeepSpeed config is a JSON object, not \[1, 2\]"):
+        load_config(TINY, ["parallel.backend=deepspeed", f"parallel.deepspeed_config={path}"])
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(600)
+def test_zero_offload_trains_saves_and_resumes_at_another_world_size_and_engine(gpt2_base, tmp_path):
+    """ZeRO-3 with the optimizer state and the parameters offloaded (HF Trainer's JSON as it is) and ZeRO-2 with the
+    optimizer state offloaded train as FSDP2 does at 2 ranks; their steps resume at 1 rank, into ZeRO-2 offloaded
+    and into plain FSDP2, and training goes on as the uninterrupted run (losses within 1e-4, the adapters within
+    1e-5), with DeepSpeed's own flags saying the offload was on."""
+    z3 = [
+        "parallel.backend=deepspeed",
+        "parallel.zero_stage=3",
+        f"parallel.deepspeed_config={write(tmp_path, HF_ZERO3_OFFLOAD)}",
+    ]
+    z2_json = write(tmp_path, {"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}, "z2.json")
+    z2 = ["parallel.backend=deepspeed", "parallel.zero_stage=2", f"parallel.deepspeed_config={z2_json}"]
+    fsdp = ["parallel.backend=fsdp"]
+    first = [
+        {"name": "ref", "overrides": short_run(gpt2_base, *fsdp), "steps": 4},
+        {"name": "z3-offload", "overrides": short_run(gpt2_base, *z3), "steps": 2},
+        {"name": "z2-offload", "overrides": short_run(gpt2_base, *z2), "steps": 2},
+    ]
+    run_worker(2, {"runs": first, "out": str(tmp_path / "two")}, worker=WORKER)
+    two = json.loads((tmp_path / "two" / "runs.json").read_text())
+    assert two["z3-offload"]["offload"] == {"optimizer": True, "param": True}
+    assert two["z2-offload"]["offload"] == {"optimizer": True, "param": False}
+    ref = two["ref"]["losses"]
+    for name in ("z3-offload", "z2-offload"):
+        assert all(math.isclose(a, b, rel_tol=1e-4) for a, b in zip(two[name]["losses"], ref[:2], strict=True)), (
+            name,
+            two[name]["losses"],
+            ref,
+        )
+    second = [
+        {
+            "name": "z3-to-z2-offload",
+            "overrides": short_run(gpt2_base, *z2),
+            "steps": 2,
+            "resume": two["z3-offload"]["step"],
+        },
+        {
+            "name": "z2-offload-to-fsdp",
+            "overrides": short_run(gpt2_base, *fsdp),
+            "steps": 2,
+            "resume": two["z2-offload"]["step"],
+        },
+    ]
+    run_worker(1, {"runs": second, "out": str(tmp_path / "one")}, worker=WORKER)
+    one = json.loads((tmp_path / "one" / "runs.json").read_text())
+    assert one["z3-to-z2-offload"]["offload"] == {"optimizer": True, "param": False}
+    want = load_file(str(Path(two["ref"]["step"]) / "adapter_model.safetensors"))
+    for name in ("z3-to-z2-offload", "z2-offload-to-fsdp"):
+        got = one[name]["losses"]
+        assert all(math.isclose(a, b, rel_tol=1e-4) for a, b in zip(got, ref[2:], strict=True)), (name, got, ref)
+        adapter = load_file(str(Path(one[name]["step"]) / "adapter_model.safetensors"))
+        assert adapter.keys() == want.keys()
+        worst = max((adapter[k] - want[k]).abs().max().item() for k in want)
+        assert worst <= 1e-5, (name, worst)
