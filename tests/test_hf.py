@@ -38,7 +38,7 @@ def expected_lr(step: int, lr=1e-2, warmup=2) -> float:
 
 @pytest.mark.multiproc
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", ["zero3", "fsdp2"])
+@pytest.mark.parametrize("engine", ["zero3", "zero2", "fsdp2"])
 def test_trainer_saves_through_callback_and_resumes_on_one_process(engine, gpt2_base, tmp_path):
     ckpt = tmp_path / "ckpt"
     common = {"base": str(gpt2_base), "ckpt": str(ckpt), "max_steps": MAX_STEPS, "save_steps": 2, "batch": 2}
@@ -48,7 +48,7 @@ def test_trainer_saves_through_callback_and_resumes_on_one_process(engine, gpt2_
     steps = list_steps(Storage(str(ckpt)))
     assert [s.step for s in steps] == [2, 4] and all(s.status == "committed" for s in steps)
     state = json.loads((ckpt / "step-00000004" / "trainer_state.json").read_text())
-    assert state["world_size"] == 2 and state["backend"] == ("deepspeed" if engine == "zero3" else "fsdp")
+    assert state["world_size"] == 2 and state["backend"] == ("fsdp" if engine == "fsdp2" else "deepspeed")
 
     # 1 process, same global batch (1 x 2 x 4 = 2 x 2 x 2), no engine: the adapter is the one saved
     second = run(1, {**common, "out": str(tmp_path / "b"), "engine": "none", "stop_at": None, "grad_accum": 4})

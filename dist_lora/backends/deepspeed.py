@@ -5,7 +5,8 @@ Where the adapter lives (see shared RESHARD-NOTES):
   s = ceil(numel / world), zero-padded at the end. The fp32 master and Adam moments are ranges of the flat group
   tensors (``fp32_partitioned_groups_flat``), found through ``grad_position``; the model's copy is ``ds_tensor``.
 - ZeRO-1/2: parameters are replicated; the fp32 master and moments are partitioned over flat groups, and each
-  parameter's range on this rank is ``_hp_mapping.lp_fragment_address``.
+  parameter's range on this rank is ``_hp_mapping.lp_fragment_address``. ZeRO-1 in bf16 with fp32 gradient
+  accumulation is ``BF16_Optimizer``, the same layout under other names (:func:`zero_layout`).
 Adam's ``step`` lives once per flat group. Optimizer state is lazy: a fresh engine has none until its first step,
 so loading creates it first. Only this module imports deepspeed.
 """
@@ -92,6 +93,20 @@ def partition_of(rank: int, world: int) -> Callable[[tuple[int, ...]], tuple[int
     return share
 
 
+def zero_layout(optimizer: Any) -> tuple[int, str, str] | None:
+    """What a DeepSpeed ZeRO optimizer is: (its stage, the attribute holding its flat fp32 partitions (one per
+    parameter group, keys of its inner optimizer's state), the attribute holding its low-precision parameter groups
+    (unused at stage 3)); None for any other optimizer. ZeRO-1 with bf16 weights and fp32 gradient accumulation
+    (``data_types.grad_accum_dtype``) is DeepSpeed's ``BF16_Optimizer``, laid out as ZeRO-1 under other names."""
+    if hasattr(optimizer, "fp32_partitioned_groups_flat"):
+        return 3, "fp32_partitioned_groups_flat", "fp16_groups"
+    if hasattr(optimizer, "single_partition_of_fp32_groups"):
+        return (2 if optimizer.partition_gradients else 1), "single_partition_of_fp32_groups", "bit16_groups"
+    if hasattr(optimizer, "fp32_groups_flat_partition") and hasattr(optimizer, "bf16_groups"):
+        return 1, "fp32_groups_flat_partition", "bf16_groups"
+    return None
+
+
 def _partition_unbroadcast(init: Any, param: Any) -> None:
     """``zero.Init._zero_init_param`` without its broadcast from rank 0, and without the copy of the constructed
     values into the partition: the files fill it. DeepSpeed takes a partition that exists as made, so this rank's
@@ -140,15 +155,13 @@ class DeepSpeedBackend(Backend):
         ``zero_optimizer``: the engine's ZeRO optimizer (``engine.optimizer``)."""
         super().__init__(model, zero_optimizer, bias)
         self.zero: Any = zero_optimizer
-        if hasattr(zero_optimizer, "fp32_partitioned_groups_flat"):
-            self.stage = 3
-        elif hasattr(zero_optimizer, "single_partition_of_fp32_groups"):
-            self.stage = 2 if zero_optimizer.partition_gradients else 1
-        else:
+        layout = zero_layout(zero_optimizer)
+        if layout is None:
             raise NotImplementedError(
                 f"unsupported DeepSpeed optimizer {type(zero_optimizer).__name__}; dist_lora handles ZeRO stages "
-                "1, 2 and 3 (DeepSpeedZeroOptimizer and DeepSpeedZeroOptimizer_Stage3)"
+                "1, 2 and 3 (DeepSpeedZeroOptimizer, BF16_Optimizer and DeepSpeedZeroOptimizer_Stage3)"
             )
+        self.stage, self._fp32_groups, self._bit16_groups = layout
 
     @classmethod
     def gathers_parameters(cls, parallel):  # type: ignore[no-untyped-def]
@@ -222,8 +235,7 @@ class DeepSpeedBackend(Backend):
         """A DeepSpeedEngine (its ZeRO optimizer is ``engine.optimizer``), or any module with a ZeRO optimizer
         (HF Trainer passes the PEFT model and accelerate's unwrapped optimizer)."""
         zero = model.optimizer if type(model).__name__ == "DeepSpeedEngine" else optimizer
-        is_zero = hasattr(zero, "fp32_partitioned_groups_flat") or hasattr(zero, "single_partition_of_fp32_groups")
-        return cls(model, zero, bias) if is_zero else None
+        return cls(model, zero, bias) if zero_layout(zero) is not None else None
 
     def ready(self) -> None:
         """Unlink this rank's all-reduce workspace (:func:`shm_workspace`) once every rank has mapped it: the maps
@@ -265,15 +277,14 @@ class DeepSpeedBackend(Backend):
         return self.zero.optimizer
 
     def _flat_groups(self) -> list[torch.Tensor]:
-        if self.stage == 3:
-            return list(self.zero.fp32_partitioned_groups_flat)
-        return list(self.zero.single_partition_of_fp32_groups)
+        return list(getattr(self.zero, self._fp32_groups))
 
     def _group_of(self, p: Any) -> int:
         if self.stage == 3:
             return int(self.zero.grad_position[self.zero.get_param_id(p)][0])
         if not hasattr(self, "_groups"):
-            self._groups = {id(q): i for i, group in enumerate(self.zero.bit16_groups) for q in group}
+            groups = getattr(self.zero, self._bit16_groups)
+            self._groups = {id(q): i for i, group in enumerate(groups) for q in group}
         return self._groups[id(p)]
 
     def _range(self, p: Any) -> tuple[int, int, int]:

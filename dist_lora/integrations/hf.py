@@ -24,6 +24,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from dist_lora.api import resume_checkpoint
 from dist_lora.backends import Backend, attach
+from dist_lora.backends.deepspeed import zero_layout
 from dist_lora.checkpoint import CheckpointError
 from dist_lora.checkpointer import Checkpointer
 from dist_lora.config import CheckpointConfig, check_checkpoint
@@ -36,8 +37,9 @@ HF_STATE_KEY = "hf_trainer_state"
 
 
 def _unwrap_optimizer(optimizer: Any) -> Any:
-    """The optimizer under accelerate's wrappers (AcceleratedOptimizer, DeepSpeedOptimizerWrapper)."""
-    while hasattr(optimizer, "optimizer") and not hasattr(optimizer, "fp32_partitioned_groups_flat"):
+    """The optimizer under accelerate's wrappers (AcceleratedOptimizer, DeepSpeedOptimizerWrapper): a ZeRO optimizer
+    (whose own ``optimizer`` is the torch one over its flat partitions) or a torch one."""
+    while hasattr(optimizer, "optimizer") and zero_layout(optimizer) is None:
         inner = optimizer.optimizer
         if inner is optimizer:
             break

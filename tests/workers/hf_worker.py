@@ -1,6 +1,6 @@
 """One rank of an HF Trainer run that checkpoints through dist_lora's callback (tests/test_hf.py).
 
-argv[1] is JSON: {"base": dir, "ckpt": dir, "out": dir, "engine": "zero3" | "fsdp2" | "none", "max_steps": N,
+argv[1] is JSON: {"base": dir, "ckpt": dir, "out": dir, "engine": "zero3" | "zero2" | "fsdp2" | "none", "max_steps": N,
 "save_steps": K, "stop_at": S | null, "grad_accum": G, "batch": B}. Rank 0 writes out/begin_adapter.safetensors
 (the adapter as loaded, before any step), out/end_adapter.safetensors and out/result.json.
 """
@@ -89,15 +89,16 @@ def main() -> None:
     spec = json.loads(sys.argv[1])
     out = Path(spec["out"])
     out.mkdir(parents=True, exist_ok=True)
+    stage = {"zero3": 3, "zero2": 2}.get(spec["engine"])
     ds_config = {
-        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
         "train_micro_batch_size_per_gpu": "auto",
         "gradient_accumulation_steps": "auto",
         "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": False},
     }
     extra = {}
-    if spec["engine"] == "zero3":
+    if stage is not None:
         extra["deepspeed"] = ds_config
     args = TrainingArguments(
         output_dir=str(out / "hf"),

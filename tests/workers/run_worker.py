@@ -81,16 +81,14 @@ def dump_pieces(trainer: Trainer, path: Path) -> None:
 
 def dump_reference(trainer: Trainer, path: Path) -> None:
     """Collective: the full adapter and Adam moments as each engine's own API gathers them, independent of
-    dist_lora's pieces and gather (FSDP2: ``DTensor.full_tensor()``; ZeRO: ``GatheredParameters`` and
+    dist_lora's pieces and gather (FSDP2: ``DTensor.full_tensor()``; ZeRO: ``safe_get_full_fp32_param`` and
     ``safe_get_full_optimizer_state``; DDP: the replicated tensors). Rank 0 writes them, named key::field."""
     backend, full = trainer.backend, {}
     for key, p in backend.adapter().items():  # the same order on every rank: every call below is a collective
         if backend.name == "deepspeed":
-            import deepspeed
-            from deepspeed.utils import safe_get_full_optimizer_state
+            from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-            with deepspeed.zero.GatheredParameters([p]):
-                full[f"{key}::weight"] = p.detach().float().cpu().clone()
+            full[f"{key}::weight"] = safe_get_full_fp32_param(p).float().cpu().clone()  # the master (bf16: not p)
             for field in ("exp_avg", "exp_avg_sq"):
                 full[f"{key}::{field}"] = safe_get_full_optimizer_state(p, field).float().cpu().clone()
         else:
