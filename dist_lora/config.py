@@ -154,7 +154,9 @@ class ParallelConfig:
     mixed_precision: MixedPrecision = "none"
     """none | bf16: FSDP2 MixedPrecisionPolicy / DeepSpeed bf16 with fp32 master weights."""
     deepspeed_config: str | None = None
-    """A DeepSpeed JSON merged over dist_lora's (e.g. offload or overlap settings); "auto" values are skipped."""
+    """A DeepSpeed JSON merged over dist_lora's (e.g. offload or overlap settings): "auto" at any depth is dist_lora's
+    value, and a setting that contradicts this config (batch sizes, stage, precision, clipping, optimizer, schedule)
+    is an error naming the key to set here instead."""
     reshard_after_forward: bool | int = True
     """FSDP2: free each block's gathered parameters after its forward (true: least memory, a second all-gather in
     backward), keep them until backward and across the step's micro-batches (false: one all-gather per block and
