@@ -44,6 +44,12 @@ def _without_auto(data: dict[str, Any]) -> dict[str, Any]:
     return {k: _without_auto(v) if isinstance(v, dict) else v for k, v in data.items() if v != AUTO}
 
 
+def _params_set(section: Any) -> list[str]:
+    """The params an ``optimizer`` or ``scheduler`` section sets to something other than "auto"."""
+    params = section.get("params", {}) if isinstance(section, dict) else {}
+    return sorted(_without_auto(params)) if isinstance(params, dict) else [str(params)]
+
+
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict):
@@ -94,8 +100,7 @@ def problems(
     optimizer = user.get("optimizer")
     if optimizer is not None:
         kind = optimizer.get("type") if isinstance(optimizer, dict) else optimizer
-        params = optimizer.get("params", {}) if isinstance(optimizer, dict) else {}
-        set_here = sorted(_without_auto(params)) if isinstance(params, dict) else [str(params)]
+        set_here = _params_set(optimizer)
         if str(kind).lower() not in ("adam", "adamw"):
             found.append(
                 f"optimizer is {json.dumps(kind)}: dist_lora trains with a torch AdamW over the adapter, whose Adam "
@@ -109,8 +114,7 @@ def problems(
             )
     scheduler = user.get("scheduler")
     if scheduler is not None:
-        params = scheduler.get("params", {}) if isinstance(scheduler, dict) else {}
-        set_here = sorted(_without_auto(params)) if isinstance(params, dict) else [str(params)]
+        set_here = _params_set(scheduler)
         if set_here or not isinstance(scheduler, dict):
             found.append(
                 f"scheduler sets {', '.join(set_here) or json.dumps(scheduler)}: dist_lora sets the learning rate at "
@@ -160,18 +164,19 @@ def ds_config(
         "wall_clock_breakdown": False,
     }
     if extra:
-        found = config_errors(
-            extra,
+        user = read_json(extra)
+        found = problems(
+            user,
             zero_stage=zero_stage,
             micro_batch_size=micro_batch_size,
-            global_batch_size=None if world_size is None else micro_batch_size * grad_accum * world_size,
             bf16=bf16,
             max_grad_norm=max_grad_norm,
+            global_batch_size=None if world_size is None else micro_batch_size * grad_accum * world_size,
             grad_accum=grad_accum,
         )
         if found:
-            raise ValueError("\n".join(found))
-        user = _without_auto(read_json(extra))
+            raise ValueError("\n".join(_named(extra, found)))
+        user = _without_auto(user)
         for section in ("optimizer", "scheduler"):  # all "auto": dist_lora's own
             user.pop(section, None)
         _merge(config, user)
@@ -187,14 +192,12 @@ def config_errors(
     *,
     zero_stage: int,
     micro_batch_size: int,
-    global_batch_size: int | None,
+    global_batch_size: int,
     bf16: bool,
     max_grad_norm: float | None,
-    grad_accum: int | None = None,
 ) -> list[str]:
-    """What :func:`ds_config` refuses in the JSON at ``path``, one message each. The run's config validation calls it
-    before anything loads, without the gradient accumulation (it depends on the world size: checked as the engine is
-    built)."""
+    """The run's config validation of ``parallel.deepspeed_config``, before anything loads: what :func:`ds_config`
+    would refuse, but for the gradient accumulation (it depends on the world size: checked as the engine is built)."""
     try:
         user = read_json(path)
     except ValueError as e:
@@ -206,6 +209,9 @@ def config_errors(
         bf16=bf16,
         max_grad_norm=max_grad_norm,
         global_batch_size=global_batch_size,
-        grad_accum=grad_accum,
     )
+    return _named(path, found)
+
+
+def _named(path: str, found: list[str]) -> list[str]:
     return [f"parallel.deepspeed_config {path}: {problem}" for problem in found]
