@@ -29,7 +29,7 @@ from dist_lora.checkpoint import (
 )
 from dist_lora.checkpointer import Checkpointer
 from dist_lora.config import CheckpointConfig
-from dist_lora.constants import ADAPTER_CONFIG_NAME, OPTIM_TENSOR_FIELDS, WEIGHT_FIELD
+from dist_lora.constants import ADAPTER_CONFIG_NAME, WEIGHT_FIELD
 from dist_lora.faults import failpoint
 from dist_lora.gather import broadcast_adapter
 from dist_lora.lora import (
@@ -141,16 +141,29 @@ def _check_step_fits(loaded: LoadedStep, backend: Backend, with_optimizer: bool)
             raise CheckpointError(
                 f"{loaded.url} holds no optimizer state (optimizer.safetensors); load it without an optimizer"
             )
+        names = sorted(f for f in next(iter(state.optim.values())) if f != "step")
         for k, shape in expected.items():
             entry = state.optim.get(k, {})
-            bad = [f for f in OPTIM_TENSOR_FIELDS if f not in entry or entry[f].shape != shape]
+            bad = [f for f in names if f not in entry or entry[f].shape != shape]
+            bad += sorted(set(entry) - {*names, "step"})
             if bad or "step" not in entry:
                 raise CheckpointError(
                     f"{loaded.url}: optimizer state of {k} lacks or misshapes {bad or ['step']} "
-                    f"(expected shape {list(shape)})"
+                    f"(expected {names} of shape {list(shape)}, and step)"
                 )
             steps[k] = float(entry["step"])
-        fields += list(OPTIM_TENSOR_FIELDS)
+        fields += names
+        saved, given = manifest.get("optimizer"), backend.optimizer_name()
+        if saved and given and saved != given:
+            log.warning(
+                "%s was saved with %s and is loaded into %s: its state (%s) is restored as saved, which %s must "
+                "read under those names",
+                loaded.url,
+                saved,
+                given,
+                ", ".join(names),
+                given,
+            )
     return {
         "url": loaded.url,
         "bias": bias,
@@ -218,7 +231,7 @@ def load_checkpoint(
     if header is None:
         return None
     backend.bias = header["bias"]
-    backend.prepare_load(with_optimizer)
+    backend.prepare_load(header["fields"][1:])
     broadcast_adapter(backend, loaded.state if loaded else None, header, bucket_bytes=int(bucket_mb * 2**20))
     backend.finish_load()
     log.info("loaded %s", header["url"])

@@ -5,6 +5,7 @@ One step is a directory (or URL prefix) ``<dir>/step-XXXXXXXX/`` holding::
     adapter_model.safetensors  the adapter, PEFT key names (PeftModel.from_pretrained and vLLM load it)
     adapter_config.json        PEFT's LoraConfig JSON with the base model's name or path
     optimizer.safetensors      optimizer state of the adapter tensors, unsharded: "<key>.exp_avg", ... "<key>.step"
+                               (every element-wise field the optimizer keeps, by its name)
     trainer_state.json         step, samples seen, schedule, seeds, world size and backend that wrote it
     manifest.json              written LAST: format, each file's size and sha256, bias mode, base fingerprint
 
@@ -73,7 +74,8 @@ class AdapterState:
     weights: dict[str, torch.Tensor]
     """checkpoint key -> tensor (CPU)."""
     optim: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
-    """checkpoint key -> {"exp_avg": ..., "exp_avg_sq": ..., "step": 0-d tensor}; empty without optimizer."""
+    """checkpoint key -> {"exp_avg": ..., "exp_avg_sq": ..., "step": 0-d tensor}: the optimizer's element-wise state
+    fields by name and its step count; empty without optimizer."""
 
     def nbytes(self) -> int:
         tensors = [*self.weights.values(), *(t for d in self.optim.values() for t in d.values())]
@@ -91,6 +93,8 @@ class StepMeta:
     trainer_state: dict[str, Any]
     world_size: int = 1
     backend: str = "single"
+    optimizer: str | None = None
+    """The class of the optimizer whose state ``optimizer.safetensors`` holds."""
 
 
 def _json_bytes(obj: Any) -> bytes:
@@ -138,6 +142,7 @@ def serialize_step(state: AdapterState, meta: StepMeta) -> dict[str, bytes]:
         "num_adapter_elements": sum(t.numel() for t in weights.values()),
         "world_size": meta.world_size,
         "backend": meta.backend,
+        **({"optimizer": meta.optimizer} if state.optim and meta.optimizer else {}),
         "base_fingerprint": meta.fingerprint,
         "files": {name: _file_entry(data) for name, data in files.items()},
     }

@@ -287,6 +287,7 @@ class Checkpointer:
             trainer_state=dict(trainer_state or {}),
             world_size=backend.world_size,
             backend=backend.name,
+            optimizer=backend.optimizer_name(),
         )
 
     def _static_meta(self, backend: Backend) -> tuple[dict[str, Any], dict[str, Any]]:

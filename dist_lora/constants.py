@@ -21,8 +21,6 @@ FORMAT_VERSION = 1
 # Data files every step holds; optimizer.safetensors is present when an optimizer was saved.
 REQUIRED_FILES = (ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME, TRAINER_STATE_NAME)
 
-# Optimizer state entries that have the parameter's shape (sharded like it); "step" is a scalar.
-OPTIM_TENSOR_FIELDS = ("exp_avg", "exp_avg_sq")
 WEIGHT_FIELD = "weight"
 
 # Wrapper prefixes that torch, DeepSpeed and accelerate put in front of parameter names.

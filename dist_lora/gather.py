@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import zlib
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -24,7 +25,7 @@ import torch.distributed as dist
 
 from dist_lora.backends.base import Backend, LocalPiece
 from dist_lora.checkpoint import AdapterState
-from dist_lora.constants import OPTIM_TENSOR_FIELDS, WEIGHT_FIELD
+from dist_lora.constants import WEIGHT_FIELD
 from dist_lora.faults import failpoint
 
 DEFAULT_BUCKET_BYTES = 32 * 2**20
@@ -126,15 +127,21 @@ def gather_adapter(
     rank, world = _dist()
     pieces = backend.local_pieces() if pieces is None else pieces
     has_state = any(p.step is not None for p in pieces)
+    names = sorted({name for p in pieces if p.step is not None for name in p.fields} - {WEIGHT_FIELD})
     device = torch.device("cpu") if group is not None else backend.device
     n = len(pieces)
     if world > 1:
-        # Agree on: whether any rank has optimizer state, the piece count, and the longest stream (ranks != 0).
+        # Agree on: whether any rank has optimizer state, the piece count, the longest stream (ranks != 0), and
+        # the names of the optimizer's state fields (a checksum; -1 where this rank has no state yet).
         local_len = sum(p.numel for p in pieces) if rank != 0 else 0
         layout = [(p.offset, p.numel) for p in pieces]
         cache = getattr(backend, "_gather_layout", None)
         changed = int(cache is None or cache[0] != layout)
-        agree = torch.tensor([int(has_state), n, -n, local_len, changed], dtype=torch.int64, device=device)
+        crc = zlib.crc32(",".join(names).encode())  # < 2**32
+        largest, smallest = (crc, crc) if has_state else (-1, 2**32)  # a rank without state yet does not count
+        stateless_rank0 = int(rank == 0 and not has_state)
+        figures = [int(has_state), n, -n, local_len, changed, largest, -smallest, stateless_rank0]
+        agree = torch.tensor(figures, dtype=torch.int64, device=device)
         _record("all_reduce", agree)
         dist.all_reduce(agree, op=dist.ReduceOp.MAX, group=group)
         has_state, n_max, n_min, longest = bool(agree[0]), int(agree[1]), -int(agree[2]), int(agree[3])
@@ -142,7 +149,11 @@ def gather_adapter(
         any_changed = bool(agree[4])
         if n_max != n or n_min != n:
             raise RuntimeError(f"ranks disagree on the adapter: {n} tensors here, {n_min}..{n_max} elsewhere")
-    fields = [WEIGHT_FIELD, *OPTIM_TENSOR_FIELDS] if has_state else [WEIGHT_FIELD]
+        if has_state and (int(agree[5]) != -int(agree[6]) or agree[7]):  # every rank sees the same
+            raise RuntimeError(
+                f"ranks disagree on the optimizer's state: fields {names or 'none'} here, others elsewhere"
+            )
+    fields = [WEIGHT_FIELD, *names] if has_state else [WEIGHT_FIELD]
     nf = len(fields)
     senders = backend.senders()
     if world > 1 and senders is not None and senders < world:  # the other ranks hold copies: they send nothing

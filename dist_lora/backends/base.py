@@ -18,8 +18,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from dist_lora.checkpoint import CheckpointError
 from dist_lora.config import ParallelConfig
-from dist_lora.constants import OPTIM_TENSOR_FIELDS, WEIGHT_FIELD
+from dist_lora.constants import WEIGHT_FIELD
 from dist_lora.lora import adapter_parameters, base_key, canonical_name, check_nothing_dropped, full_shape
 from dist_lora.model import BaseWeights, build_on_meta, fill_from_files, host_tensors, load_base, release_freed_memory
 from dist_lora.quantize import fill_shard, is_nf4
@@ -33,9 +34,10 @@ class LocalPiece:
     shape: torch.Size
     offset: int
     fields: dict[str, torch.Tensor]
-    """1-D fp32 tensors of equal length, one per field ("weight", "exp_avg", "exp_avg_sq")."""
+    """1-D fp32 tensors of equal length, one per field: "weight" and the optimizer's element-wise state ("exp_avg",
+    "exp_avg_sq", ...)."""
     step: float | None = None
-    """Adam's step count for this tensor, or None when the optimizer holds no state yet."""
+    """The optimizer's step count for this tensor, or None when it holds no state yet."""
 
     @property
     def numel(self) -> int:
@@ -228,6 +230,10 @@ class Backend(ABC):
 
     # ------------------------------------------------------------------------------------------ checkpoint
 
+    def optimizer_name(self) -> str | None:
+        """The class of the optimizer whose state a save holds (the one stepping the adapter), or None."""
+        return type(self.optimizer).__name__ if self.optimizer is not None else None
+
     def senders(self) -> int | None:
         """How many ranks, 0..k-1, hold the pieces a save gathers (None: every rank may). The others send
         nothing (HSDP: one replica group's ranks)."""
@@ -255,8 +261,9 @@ class Backend(ABC):
     def finish_load(self) -> None:  # noqa: B027 - optional hook
         """Called once after every tensor was loaded."""
 
-    def prepare_load(self, with_optimizer: bool) -> None:  # noqa: B027 - optional hook
-        """Called once before tensors are loaded (engines with lazy optimizer state create it here)."""
+    def prepare_load(self, fields: list[str]) -> None:  # noqa: B027 - optional hook
+        """Called once before tensors are loaded, with the optimizer state fields to be loaded (none without an
+        optimizer): engines with lazy optimizer state create those fields here."""
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -350,20 +357,48 @@ def _like(p: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
     return local
 
 
+def elementwise_state(optimizer: Any, state: dict[str, Any], like: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The element-wise tensors of one parameter's optimizer state, by name: every tensor with one value per element
+    of the parameter (``like``: the parameter, or the flat partition DeepSpeed steps), such as Adam's ``exp_avg``
+    and ``exp_avg_sq``, AMSGrad's ``max_exp_avg_sq``, SGD's ``momentum_buffer`` or Adagrad's ``sum``. They shard,
+    gather and reshard as the parameter does. Anything else but the step count (factored or quantized moments,
+    per-tensor scalars) cannot be cut into shards: it is refused, naming it, rather than saved without it."""
+    out, other = {}, []
+    for name, value in state.items():
+        if name == "step" or value is None:
+            continue
+        if isinstance(value, torch.Tensor) and value.dim() and value.shape == like.shape:
+            if "." in name or name == WEIGHT_FIELD:
+                other.append(f"{name} (a name a checkpoint key cannot hold)")
+            else:
+                out[name] = value
+        else:
+            what = f"shape {list(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+            other.append(f"{name} ({what})")
+    if other:
+        raise CheckpointError(
+            f"the optimizer's state cannot be saved: {type(optimizer).__name__} holds {', '.join(other)} besides "
+            f"tensors of the parameter's shape {list(like.shape)}; dist_lora saves element-wise state (AdamW and "
+            "Adam with or without amsgrad, SGD with momentum, Adagrad, RMSprop, Lion, ...) and the step count, "
+            "which reshard to any world size. Use such an optimizer, or save and load without one (optimizer=None) "
+            "and start its state afresh on resume"
+        )
+    return out
+
+
 def torch_optim_fields(
     optimizer: torch.optim.Optimizer | None, p: torch.Tensor
 ) -> tuple[dict[str, torch.Tensor], float | None]:
-    """Adam state of one parameter from a plain torch optimizer (local shard for DTensors), as 1-D fp32."""
+    """The element-wise state of one parameter from a plain torch optimizer (local shard for DTensors), as 1-D fp32,
+    and its step count (0 for an optimizer that counts none); ``({}, None)`` before its first step."""
     state = optimizer.state.get(p) if optimizer is not None else None
     if not state:
         return {}, None
     out = {}
     with torch.no_grad():  # DTensor.to_local outside autograd is a cheap attribute read
-        for name in OPTIM_TENSOR_FIELDS:
-            t = state.get(name)
-            if t is not None:
-                t = t.to_local() if hasattr(t, "to_local") else t
-                out[name] = t.detach().reshape(-1).float()
+        for name, t in elementwise_state(optimizer, state, p).items():
+            t = t.to_local() if hasattr(t, "to_local") else t
+            out[name] = t.detach().reshape(-1).float()
     step = state.get("step")
     return out, float(step) if step is not None else 0.0
 
@@ -387,11 +422,12 @@ def load_torch_optim_state(
     step: float | None,
     to_param: Callable[[torch.Tensor], torch.Tensor],
 ) -> None:
-    """Create or overwrite the Adam state of ``p`` from full tensors; ``to_param`` shapes them like ``p``."""
-    if not any(k in full for k in OPTIM_TENSOR_FIELDS):
+    """Create or overwrite the optimizer state of ``p`` from full tensors (every field of ``full`` but the weight,
+    as saved); ``to_param`` shapes them like ``p``."""
+    names = [name for name in full if name != WEIGHT_FIELD]
+    if not names:
         return
     state = optimizer.state[p]
     state["step"] = torch.tensor(float(step or 0.0), dtype=torch.float32)
-    for name in OPTIM_TENSOR_FIELDS:
-        if name in full:
-            state[name] = to_param(full[name])
+    for name in names:
+        state[name] = to_param(full[name])

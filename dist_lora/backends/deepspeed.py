@@ -22,9 +22,9 @@ from unittest import mock
 
 import torch
 
-from dist_lora.backends.base import Backend, LocalPiece, Staging
+from dist_lora.backends.base import Backend, LocalPiece, Staging, elementwise_state
 from dist_lora.backends.deepspeed_config import ds_config
-from dist_lora.constants import ENV_DS_ACCELERATOR, OPTIM_TENSOR_FIELDS, WEIGHT_FIELD
+from dist_lora.constants import ENV_DS_ACCELERATOR, WEIGHT_FIELD
 from dist_lora.lora import base_key
 from dist_lora.model import BaseWeights, release_freed_memory, skip_weight_init
 
@@ -276,6 +276,9 @@ class DeepSpeedBackend(Backend):
     def _inner(self) -> torch.optim.Optimizer:
         return self.zero.optimizer
 
+    def optimizer_name(self) -> str | None:
+        return type(self._inner).__name__  # the optimizer inside ZeRO's, which steps the flat partitions
+
     def _flat_groups(self) -> list[torch.Tensor]:
         return list(getattr(self.zero, self._fp32_groups))
 
@@ -320,12 +323,13 @@ class DeepSpeedBackend(Backend):
         return pieces
 
     def _flat_state(self) -> tuple[list[dict[str, torch.Tensor]], list[float | None]]:
-        """Each flat group's fp32 master and Adam moments by field, and its Adam step (None before the first)."""
+        """Each flat group's fp32 master and the optimizer's element-wise state by field, and its step count (None
+        before the first step)."""
         groups, steps = [], []
         for flat in self._flat_groups():
             state = self._inner.state.get(flat, {})
-            groups.append({WEIGHT_FIELD: flat, **({n: state[n] for n in OPTIM_TENSOR_FIELDS} if state else {})})
-            steps.append(float(state["step"]) if state else None)
+            groups.append({WEIGHT_FIELD: flat, **elementwise_state(self._inner, state, flat)})
+            steps.append(float(state.get("step", 0.0)) if state else None)
         return groups, steps
 
     def local_pieces(self) -> list[LocalPiece]:
@@ -339,17 +343,16 @@ class DeepSpeedBackend(Backend):
 
     # ------------------------------------------------------------------------------------------ load
 
-    def prepare_load(self, with_optimizer: bool) -> None:
-        if not with_optimizer:
-            return
+    def prepare_load(self, fields: list[str]) -> None:
         created = False
         for flat in self._flat_groups():
             state = self._inner.state[flat]
-            if not state:
+            if fields and "step" not in state:
                 state["step"] = torch.tensor(0.0)
-                for name in OPTIM_TENSOR_FIELDS:
+            for name in fields:
+                if name not in state:
                     state[name] = torch.zeros_like(flat)
-                created = True
+                    created = True
         if created and self.stage in (1, 2):
             # re-link each parameter's fragment views to the state tensors just created
             self.zero._hp_optimizer_states_linked = False
@@ -365,7 +368,7 @@ class DeepSpeedBackend(Backend):
                 target = flat if name == WEIGHT_FIELD else state[name]
                 piece = value.reshape(-1).narrow(0, offset, numel)
                 target.narrow(0, dest, numel).copy_(piece.to(target))
-            if step is not None and state:
+            if step is not None and "step" in state:
                 state["step"].fill_(step)
             # the model's own copy of the weights is separate from the fp32 master
             weight = full[WEIGHT_FIELD]

@@ -247,7 +247,7 @@ class FSDPBackend(Backend):
         return int(offsets[key])
 
     def _sources(self) -> list[tuple[str, Any, dict[str, torch.Tensor], float | None]]:
-        """(key, parameter, this rank's tensors by field, Adam's step or None) for every adapter tensor."""
+        """(key, parameter, this rank's tensors by field, the optimizer's step or None) for every adapter tensor."""
         out = []
         with torch.no_grad():  # to_local outside autograd is a cheap attribute read
             for key, p in self.adapter().items():

@@ -1,8 +1,9 @@
 """One rank of a sequence of short training runs in one launch (tests/test_scale.py).
 
-argv[1] is JSON: {"runs": [{"name", "overrides": [...], "steps": N, "resume": url|null, "eval": bool}], "out": dir}.
-Each run builds a Trainer (the tiny config plus its overrides), resumes if asked, takes N steps, evaluates if asked
-and saves. Rank 0 writes out/runs.json: per run, each step's loss and gradient norm, the eval loss, the saved step's
+argv[1] is JSON: {"runs": [{"name", "overrides": [...], "steps": N, "resume": url|null, "eval": bool, "optimizer":
+name|null}], "out": dir}. Each run builds a Trainer (the tiny config plus its overrides; with "optimizer", the
+trainer's AdamW replaced by one of OPTIMIZERS, as a loop of the user's own would choose it), resumes if asked, takes N
+steps, evaluates if asked and saves. Rank 0 writes out/runs.json: per run, each step's loss and gradient norm, the eval loss, the saved step's
 URL, how many times a layer inside the first transformer block ran (twice per micro-batch when activations are
 recomputed), how many all-gathers FSDP2 made during the steps and how many groups it shards, and what DeepSpeed's
 ZeRO optimizer offloads to host memory (its own flags: the optimizer state, ZeRO-3's parameter partitions).
@@ -15,6 +16,7 @@ import sys
 from pathlib import Path
 from unittest import mock
 
+import torch
 import torch.distributed
 from torch.distributed.fsdp import FSDPModule
 
@@ -22,6 +24,23 @@ from dist_lora.config import load_config
 from dist_lora.distributed import shutdown
 from dist_lora.train import Trainer
 from tests.dist_utils import TINY
+
+
+class AMSGrad(torch.optim.AdamW):
+    """AdamW with AMSGrad's running maximum of the second moment (one more element-wise state field)."""
+
+    def __init__(self, params, **kw):
+        super().__init__(params, amsgrad=True, **kw)
+
+
+class MomentumSGD(torch.optim.SGD):
+    """SGD with momentum: its only state is ``momentum_buffer`` (no step count)."""
+
+    def __init__(self, params, lr, weight_decay=0.0):
+        super().__init__(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+
+
+OPTIMIZERS = {"amsgrad": AMSGrad, "sgd": MomentumSGD}
 
 
 def first_layer_inside_a_block(model):
@@ -51,7 +70,10 @@ def main() -> None:
     results = {}
     rank = 0
     for run in args["runs"]:
-        trainer = Trainer(load_config(TINY, [*run["overrides"], f"checkpoint.dir={out / run['name']}"]))
+        config = load_config(TINY, [*run["overrides"], f"checkpoint.dir={out / run['name']}"])
+        optimizer = OPTIMIZERS.get(run.get("optimizer"), torch.optim.AdamW)
+        with mock.patch.object(torch.optim, "AdamW", optimizer):  # the class the trainer builds its optimizer from
+            trainer = Trainer(config)
         rank = trainer.rank
         if run.get("resume"):
             trainer.resume(run["resume"])

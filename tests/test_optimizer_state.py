@@ -1,0 +1,135 @@
+"""The optimizer's state in a step: every element-wise field it keeps (Adam's moments, AMSGrad's maximum, SGD's
+momentum, Adagrad's sums), saved, resharded and restored, so that training continues as if never stopped; state
+that cannot be cut into shards (Adafactor's factored moments) is refused with the fix, never saved without it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import dist_lora
+from dist_lora.checkpoint import CheckpointError
+from dist_lora.config import LoraConfig
+from tests.dist_utils import ROOT, run_worker, short_run
+
+WORKER = ROOT / "tests" / "workers" / "runs_worker.py"
+
+OPTIMIZERS = {
+    "adamw": (lambda ps: torch.optim.AdamW(ps, lr=1e-2), {"exp_avg", "exp_avg_sq"}),
+    "amsgrad": (lambda ps: torch.optim.AdamW(ps, lr=1e-2, amsgrad=True), {"exp_avg", "exp_avg_sq", "max_exp_avg_sq"}),
+    "sgd-momentum": (lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9), {"momentum_buffer"}),
+    "adagrad": (lambda ps: torch.optim.Adagrad(ps, lr=0.1), {"sum"}),
+    "rmsprop": (lambda ps: torch.optim.RMSprop(ps, lr=1e-2, momentum=0.5, centered=True), None),
+}
+
+
+def model_and_optimizer(base: Path, make) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = dist_lora.apply_lora(
+        AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=4, alpha=8, target_modules=["c_attn"])
+    )
+    return model, make([p for p in model.parameters() if p.requires_grad])
+
+
+def train(model, optimizer, steps: int) -> list[float]:
+    losses = []
+    for i in range(steps):
+        x = (torch.arange(32).view(2, 16) * (i + 3)) % 100
+        optimizer.zero_grad()
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_every_element_wise_field_is_saved_and_training_continues_bit_for_bit(name, gpt2_base, tmp_path):
+    make, fields = OPTIMIZERS[name]
+    model, optimizer = model_and_optimizer(gpt2_base, make)
+    train(model, optimizer, 3)
+    url = dist_lora.save_checkpoint(model, str(tmp_path), step=3, optimizer=optimizer)
+    saved = load_file(str(Path(url) / "optimizer.safetensors"))
+    held = next(iter(optimizer.state.values()))
+    want = {k for k, v in held.items() if isinstance(v, torch.Tensor) and v.dim()}  # every field of its own
+    assert fields is None or want == fields
+    assert {k.rsplit(".", 1)[1] for k in saved} == {*want, "step"}
+    manifest = json.loads((Path(url) / "manifest.json").read_text())
+    assert manifest["optimizer"] == type(optimizer).__name__
+    at_save = [{f: optimizer.state[p][f].clone() for f in want} for p in optimizer.param_groups[0]["params"]]
+    uninterrupted = train(model, optimizer, 3)
+
+    model2, optimizer2 = model_and_optimizer(gpt2_base, make)
+    dist_lora.load_checkpoint(model2, url, optimizer=optimizer2)
+    for fields_at_save, p2 in zip(at_save, optimizer2.param_groups[0]["params"], strict=True):
+        assert all(torch.equal(optimizer2.state[p2][f], t) for f, t in fields_at_save.items())
+    assert train(model2, optimizer2, 3) == uninterrupted  # bit for bit: nothing of the state was lost
+
+
+def test_state_that_cannot_be_sharded_by_element_is_refused_naming_it(gpt2_base, tmp_path):
+    from transformers.optimization import Adafactor
+
+    model, optimizer = model_and_optimizer(gpt2_base, lambda ps: Adafactor(ps, lr=1e-2, relative_step=False))
+    train(model, optimizer, 1)
+    with pytest.raises(CheckpointError) as e:
+        dist_lora.save_checkpoint(model, str(tmp_path), step=1, optimizer=optimizer)
+    message = str(e.value)
+    assert "Adafactor holds exp_avg_sq_row (shape [4]), exp_avg_sq_col" in message
+    assert "save and load without one (optimizer=None)" in message
+    assert not list(tmp_path.glob("step-*/manifest.json"))  # nothing committed that would resume without them
+    dist_lora.save_checkpoint(model, str(tmp_path / "no-optimizer"), step=1)  # the fix the message names works
+
+
+def test_loading_into_another_optimizer_class_says_so(gpt2_base, tmp_path, caplog):
+    model, optimizer = model_and_optimizer(gpt2_base, OPTIMIZERS["adamw"][0])
+    train(model, optimizer, 1)
+    url = dist_lora.save_checkpoint(model, str(tmp_path), step=1, optimizer=optimizer)
+    model2, optimizer2 = model_and_optimizer(gpt2_base, OPTIMIZERS["sgd-momentum"][0])
+    with caplog.at_level(logging.WARNING, logger="dist_lora.api"):
+        dist_lora.load_checkpoint(model2, url, optimizer=optimizer2)
+    assert f"{url} was saved with AdamW and is loaded into SGD: its state (exp_avg, exp_avg_sq)" in caplog.text
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(600)
+def test_amsgrad_and_momentum_reshard_across_world_sizes_and_engines(gpt2_base, tmp_path):
+    """The trainer's AdamW replaced by AMSGrad (three element-wise fields) and by SGD with momentum (one, and no step
+    count): trained at 2 ranks on FSDP2 and ZeRO-3, resumed at 1 rank on ZeRO-2 and FSDP2, the losses continue the
+    uninterrupted run's (within 1e-4) and the next step's state equals its own, field by field (within 1e-5)."""
+    fsdp, z3 = ["parallel.backend=fsdp"], ["parallel.backend=deepspeed", "parallel.zero_stage=3"]
+    z2 = ["parallel.backend=deepspeed", "parallel.zero_stage=2"]
+    first = []
+    for opt, engine in (("amsgrad", fsdp), ("sgd", z3)):
+        first.append({"name": f"{opt}-ref", "overrides": short_run(gpt2_base, *engine), "steps": 4, "optimizer": opt})
+        first.append({"name": opt, "overrides": short_run(gpt2_base, *engine), "steps": 2, "optimizer": opt})
+    run_worker(2, {"runs": first, "out": str(tmp_path / "two")}, worker=WORKER)
+    two = json.loads((tmp_path / "two" / "runs.json").read_text())
+    second = [
+        {"name": "amsgrad", "overrides": short_run(gpt2_base, *z2), "steps": 2, "optimizer": "amsgrad"},
+        {"name": "sgd", "overrides": short_run(gpt2_base, *fsdp), "steps": 2, "optimizer": "sgd"},
+    ]
+    for run in second:
+        run["resume"] = two[run["name"]]["step"]
+    run_worker(1, {"runs": second, "out": str(tmp_path / "one")}, worker=WORKER)
+    one = json.loads((tmp_path / "one" / "runs.json").read_text())
+    fields = {"amsgrad": {"exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step"}, "sgd": {"momentum_buffer", "step"}}
+    for name, classname in (("amsgrad", "AMSGrad"), ("sgd", "MomentumSGD")):
+        ref = two[f"{name}-ref"]["losses"]
+        assert all(math.isclose(a, b, rel_tol=1e-4) for a, b in zip(one[name]["losses"], ref[2:], strict=True)), (
+            name,
+            one[name]["losses"],
+            ref,
+        )
+        step, want = Path(one[name]["step"]), Path(two[f"{name}-ref"]["step"])
+        assert json.loads((step / "manifest.json").read_text())["optimizer"] == classname
+        got, expected = load_file(str(step / "optimizer.safetensors")), load_file(str(want / "optimizer.safetensors"))
+        assert got.keys() == expected.keys() and {k.rsplit(".", 1)[1] for k in got} == fields[name]
+        worst = max((got[k] - expected[k]).abs().max().item() for k in expected)
+        assert worst <= 1e-5, (name, worst)
