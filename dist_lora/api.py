@@ -17,6 +17,7 @@ from torch import nn
 
 from dist_lora.agree import on_rank0
 from dist_lora.backends import Backend, attach
+from dist_lora.backends.base import expected_state_fields
 from dist_lora.checkpoint import (
     CheckpointError,
     LoadedStep,
@@ -153,8 +154,17 @@ def _check_step_fits(loaded: LoadedStep, backend: Backend, with_optimizer: bool)
                 )
             steps[k] = float(entry["step"])
         fields += names
-        saved, given = manifest.get("optimizer"), backend.optimizer_name()
-        if saved and given and saved != given:
+        optimizer = backend.stepping_optimizer()
+        keeps = expected_state_fields(optimizer)
+        if keeps is not None and keeps != set(names):
+            raise CheckpointError(
+                f"{loaded.url} holds the optimizer state fields {names}, where the optimizer given "
+                f"({type(optimizer).__name__}) keeps {sorted(keeps)}: load it into the optimizer it was saved with "
+                f"({manifest.get('optimizer', 'its class is not recorded')}, with the same settings such as "
+                "amsgrad), or without an optimizer (its state then starts afresh)"
+            )
+        saved, given = manifest.get("optimizer"), type(optimizer).__name__
+        if saved and saved != given:
             log.warning(
                 "%s was saved with %s and is loaded into %s: its state (%s) is restored as saved, which %s must "
                 "read under those names",

@@ -279,6 +279,7 @@ class Checkpointer:
         """What the step's JSON files say besides the tensors (rank 0; the model-derived part computed once)."""
         failpoint("save.meta")
         adapter_config, fingerprint = self._static_meta(backend)
+        optimizer = backend.stepping_optimizer()
         return StepMeta(
             step=step,
             bias=backend.bias,
@@ -287,7 +288,7 @@ class Checkpointer:
             trainer_state=dict(trainer_state or {}),
             world_size=backend.world_size,
             backend=backend.name,
-            optimizer=backend.optimizer_name(),
+            optimizer=type(optimizer).__name__ if optimizer is not None else None,
         )
 
     def _static_meta(self, backend: Backend) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -97,6 +97,25 @@ def test_loading_into_another_optimizer_class_says_so(gpt2_base, tmp_path, caplo
     assert f"{url} was saved with AdamW and is loaded into SGD: its state (exp_avg, exp_avg_sq)" in caplog.text
 
 
+@pytest.mark.parametrize(("saved", "given"), [("adamw", "amsgrad"), ("amsgrad", "adamw")])
+def test_state_fields_the_optimizer_does_not_keep_are_refused(saved, given, gpt2_base, tmp_path):
+    """AdamW's state in an AMSGrad run would crash its first step (no max_exp_avg_sq); AMSGrad's in a plain AdamW
+    would lose the maximum: both are named before anything is loaded."""
+    model, optimizer = model_and_optimizer(gpt2_base, OPTIMIZERS[saved][0])
+    train(model, optimizer, 1)
+    url = dist_lora.save_checkpoint(model, str(tmp_path), step=1, optimizer=optimizer)
+    model2, optimizer2 = model_and_optimizer(gpt2_base, OPTIMIZERS[given][0])
+    before = {k: v.clone() for k, v in dist_lora.lora_state_dict(model2).items()}
+    with pytest.raises(CheckpointError) as e:
+        dist_lora.load_checkpoint(model2, url, optimizer=optimizer2)
+    fields = sorted(OPTIMIZERS[saved][1])
+    assert f"holds the optimizer state fields {fields}, where the optimizer given (AdamW) keeps" in str(e.value)
+    assert "with the same settings such as amsgrad" in str(e.value)
+    assert all(torch.equal(v, before[k]) for k, v in dist_lora.lora_state_dict(model2).items())  # nothing loaded
+    assert not optimizer2.state
+    dist_lora.load_checkpoint(model2, url)  # the fix the message names: the adapter alone
+
+
 @pytest.mark.multiproc
 @pytest.mark.timeout(600)
 def test_amsgrad_and_momentum_reshard_across_world_sizes_and_engines(gpt2_base, tmp_path):

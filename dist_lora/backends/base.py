@@ -230,9 +230,9 @@ class Backend(ABC):
 
     # ------------------------------------------------------------------------------------------ checkpoint
 
-    def optimizer_name(self) -> str | None:
-        """The class of the optimizer whose state a save holds (the one stepping the adapter), or None."""
-        return type(self.optimizer).__name__ if self.optimizer is not None else None
+    def stepping_optimizer(self) -> Any:
+        """The optimizer that steps the adapter and whose state a save holds (DeepSpeed: the one inside ZeRO's)."""
+        return self.optimizer
 
     def senders(self) -> int | None:
         """How many ranks, 0..k-1, hold the pieces a save gathers (None: every rank may). The others send
@@ -384,6 +384,18 @@ def elementwise_state(optimizer: Any, state: dict[str, Any], like: torch.Tensor)
             "and start its state afresh on resume"
         )
     return out
+
+
+def expected_state_fields(optimizer: Any) -> set[str] | None:
+    """The element-wise state fields ``optimizer`` keeps, where that is known before a load: those it holds after
+    its first step, or torch Adam's and AdamW's own (``max_exp_avg_sq`` too under AMSGrad); None otherwise."""
+    for state in optimizer.state.values():
+        if state:
+            return {k for k, v in state.items() if k != "step" and isinstance(v, torch.Tensor) and v.dim()}
+    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        amsgrad = any(group.get("amsgrad") for group in optimizer.param_groups)
+        return {"exp_avg", "exp_avg_sq", *(["max_exp_avg_sq"] if amsgrad else [])}
+    return None
 
 
 def torch_optim_fields(

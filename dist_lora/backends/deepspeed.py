@@ -276,8 +276,8 @@ class DeepSpeedBackend(Backend):
     def _inner(self) -> torch.optim.Optimizer:
         return self.zero.optimizer
 
-    def optimizer_name(self) -> str | None:
-        return type(self._inner).__name__  # the optimizer inside ZeRO's, which steps the flat partitions
+    def stepping_optimizer(self) -> Any:
+        return self._inner  # it steps the flat partitions; its state is keyed by them
 
     def _flat_groups(self) -> list[torch.Tensor]:
         return list(getattr(self.zero, self._fp32_groups))
