@@ -128,6 +128,10 @@ class TrainConfig:
     """Linear warm-up steps, then cosine decay to 10% of lr."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW's betas: the decay rates of its first and second moments (HF Trainer's adam_beta1, adam_beta2)."""
+    adam_eps: float = 1e-8
+    """AdamW's eps, added to the root of the second moment (HF Trainer's adam_epsilon)."""
     seed: int = 0
     """Seeds LoRA init and the sample order (which depends only on seed and step)."""
     stop_at_step: int | None = None
@@ -143,6 +147,11 @@ class TrainConfig:
     activation_checkpointing: bool = False
     """Recompute each transformer block's activations in backward (less memory for long sequences, about a third
     more compute); checkpoint keys do not change, so steps load with it on or off."""
+
+    def adamw(self) -> dict[str, Any]:
+        """The keyword arguments of the trainer's ``torch.optim.AdamW``."""
+        betas = tuple(float(b) for b in self.adam_betas)
+        return {"lr": self.lr, "betas": betas, "eps": self.adam_eps, "weight_decay": self.weight_decay}
 
 
 @dataclass
@@ -361,6 +370,11 @@ def _validate(cfg: RunConfig, errors: list[str]) -> None:
         f"train.global_batch_size must be >= train.micro_batch_size (got {t.global_batch_size} < {t.micro_batch_size})",
     )
     check(t.lr > 0, f"train.lr must be > 0 (got {t.lr})")
+    check(
+        len(t.adam_betas) == 2 and all(0.0 <= b < 1.0 for b in t.adam_betas),
+        f"train.adam_betas must be two numbers in [0, 1), e.g. [0.9, 0.95] (got {t.adam_betas})",
+    )
+    check(t.adam_eps > 0, f"train.adam_eps must be > 0 (got {t.adam_eps})")
     check(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0 (got {t.warmup_steps})")
     check(
         t.max_grad_norm is None or t.max_grad_norm > 0,
@@ -399,6 +413,7 @@ def _validate(cfg: RunConfig, errors: list[str]) -> None:
                 global_batch_size=t.global_batch_size,
                 bf16=p.mixed_precision == "bf16",
                 max_grad_norm=t.max_grad_norm,
+                adamw=t.adamw(),
             )
         )
     if cfg.model.quantization == "nf4":

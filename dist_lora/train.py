@@ -169,7 +169,7 @@ class Trainer:
             plan = quantize_base(model, shards, self.device)
 
         def make_optimizer(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-            return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+            return torch.optim.AdamW(params, **t.adamw())
 
         self.backend = backends.build(
             cfg.parallel,

@@ -116,7 +116,21 @@ CONTRADICTIONS = [
     ({"bf16": {"enabled": True}}, "bf16.enabled is true, where dist_lora's config makes it false: change it with "),
     ({"fp16": {"enabled": True}}, "dist_lora does not train in fp16"),
     ({"gradient_clipping": 0.3}, "gradient_clipping is 0.3, where dist_lora's config makes it 1.0: change it with "),
-    ({"optimizer": {"type": "AdamW", "params": {"lr": 1e-5, "eps": "auto"}}}, "optimizer.params sets lr: "),
+    (
+        {"optimizer": {"type": "AdamW", "params": {"lr": 1e-5, "eps": "auto"}}},
+        "optimizer.params.lr is 1e-05, where dist_lora's config makes it 0.02: change it with train.lr",
+    ),
+    (
+        {"optimizer": {"type": "AdamW", "params": {"betas": [0.9, 0.95]}}},
+        "optimizer.params.betas is [0.9, 0.95], where dist_lora's config makes it [0.9, 0.999]: change it with "
+        "train.adam_betas",
+    ),
+    ({"optimizer": {"type": "AdamW", "params": {"eps": 1e-6}}}, "change it with train.adam_eps"),
+    (
+        {"optimizer": {"type": "Adam", "params": {"torch_adam": True}}},
+        "optimizer.params sets torch_adam: dist_lora builds the optimizer itself, a torch AdamW over the adapter "
+        "(train.lr, train.adam_betas, train.adam_eps, train.weight_decay)",
+    ),
     ({"optimizer": {"type": "Lamb", "params": {}}}, 'optimizer is "Lamb": dist_lora trains with a torch AdamW'),
     ({"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 10}}}, "scheduler sets warmup_num_steps"),
     ({"zero_optimization": {"offload_optimizer": {"device": "nvme"}}}, 'offload_optimizer.device is "nvme"'),
@@ -130,8 +144,11 @@ def test_a_json_setting_that_contradicts_dist_loras_config_is_named(setting, mes
     built (world size 4, micro-batch 2, accumulation 3) and, but for the accumulation (the world size is not known
     yet), by the config's validation before anything loads."""
     path = write(tmp_path, setting)
+    adamw = load_config(TINY).train.adamw()
     with pytest.raises(ValueError, match="parallel.deepspeed_config") as e:
-        ds_config(zero_stage=3, micro_batch_size=2, grad_accum=3, extra=path, max_grad_norm=1.0, world_size=4)
+        ds_config(
+            zero_stage=3, micro_batch_size=2, grad_accum=3, extra=path, max_grad_norm=1.0, world_size=4, adamw=adamw
+        )
     assert message in str(e.value)
     if "gradient_accumulation_steps" in setting:
         return
@@ -139,6 +156,32 @@ def test_a_json_setting_that_contradicts_dist_loras_config_is_named(setting, mes
     with pytest.raises(ConfigError) as e:
         load_config(TINY, [*overrides, "train.global_batch_size=24"])
     assert message in str(e.value) and f"parallel.deepspeed_config {path}" in str(e.value)
+
+
+def test_an_optimizer_section_that_repeats_dist_loras_adamw_is_accepted(tmp_path):
+    """An AdamW section with the values of train.lr, train.adam_betas, train.adam_eps and train.weight_decay (as
+    a JSON carried from another trainer states them) is dist_lora's own optimizer: accepted and dropped."""
+    section = {"type": "AdamW", "params": {"lr": 2e-4, "betas": [0.9, 0.95], "eps": 1e-6, "weight_decay": 0.1}}
+    path = write(tmp_path, {"optimizer": section})
+    overrides = ["train.lr=2e-4", "train.adam_betas=[0.9,0.95]", "train.adam_eps=1e-6", "train.weight_decay=0.1"]
+    config = load_config(TINY, ["parallel.backend=deepspeed", f"parallel.deepspeed_config={path}", *overrides])
+    assert config.train.adamw() == {"lr": 2e-4, "betas": (0.9, 0.95), "eps": 1e-6, "weight_decay": 0.1}
+    merged = ds_config(zero_stage=3, micro_batch_size=2, grad_accum=1, extra=path, adamw=config.train.adamw())
+    assert "optimizer" not in merged
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.adam_betas=[0.9]", "train.adam_betas must be two numbers in [0, 1), e.g. [0.9, 0.95] (got [0.9])"),
+        ("train.adam_betas=[0.9,1.0]", "train.adam_betas must be two numbers in [0, 1)"),
+        ("train.adam_eps=0", "train.adam_eps must be > 0 (got 0.0)"),
+    ],
+)
+def test_bad_adamw_settings_are_named(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY, [override])
+    assert message in str(e.value)
 
 
 def test_offload_param_needs_zero3(tmp_path):
@@ -159,7 +202,8 @@ def test_zero_offload_trains_saves_and_resumes_at_another_world_size_and_engine(
     """ZeRO-3 with the optimizer state and the parameters offloaded (HF Trainer's JSON as it is) and ZeRO-2 with the
     optimizer state offloaded train as FSDP2 does at 2 ranks; their steps resume at 1 rank, into ZeRO-2 offloaded
     and into plain FSDP2, and training goes on as the uninterrupted run (losses within 1e-4, the adapters within
-    1e-5), with DeepSpeed's own flags saying the offload was on."""
+    1e-5), with DeepSpeed's own flags saying the offload was on. Every run's AdamW has train.adam_betas and
+    train.adam_eps (the JSON's "auto"), the one inside ZeRO's optimizer too."""
     z3 = [
         "parallel.backend=deepspeed",
         "parallel.zero_stage=3",
@@ -168,6 +212,8 @@ def test_zero_offload_trains_saves_and_resumes_at_another_world_size_and_engine(
     z2_json = write(tmp_path, {"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}, "z2.json")
     z2 = ["parallel.backend=deepspeed", "parallel.zero_stage=2", f"parallel.deepspeed_config={z2_json}"]
     fsdp = ["parallel.backend=fsdp"]
+    adamw = ["train.adam_betas=[0.9,0.95]", "train.adam_eps=1e-6"]
+    z3, z2, fsdp = [*z3, *adamw], [*z2, *adamw], [*fsdp, *adamw]
     first = [
         {"name": "ref", "overrides": short_run(gpt2_base, *fsdp), "steps": 4},
         {"name": "z3-offload", "overrides": short_run(gpt2_base, *z3), "steps": 2},
@@ -201,6 +247,8 @@ def test_zero_offload_trains_saves_and_resumes_at_another_world_size_and_engine(
     run_worker(1, {"runs": second, "out": str(tmp_path / "one")}, worker=WORKER)
     one = json.loads((tmp_path / "one" / "runs.json").read_text())
     assert one["z3-to-z2-offload"]["offload"] == {"optimizer": True, "param": False}
+    for run in [*two.values(), *one.values()]:
+        assert run["adamw"] == {"betas": [0.9, 0.95], "eps": 1e-6}
     want = load_file(str(Path(two["ref"]["step"]) / "adapter_model.safetensors"))
     for name in ("z3-to-z2-offload", "z2-offload-to-fsdp"):
         got = one[name]["losses"]

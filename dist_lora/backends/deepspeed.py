@@ -23,7 +23,7 @@ from unittest import mock
 import torch
 
 from dist_lora.backends.base import Backend, LocalPiece, Staging, elementwise_state
-from dist_lora.backends.deepspeed_config import ds_config
+from dist_lora.backends.deepspeed_config import ADAMW_SETTINGS, ds_config
 from dist_lora.constants import ENV_DS_ACCELERATOR, WEIGHT_FIELD
 from dist_lora.lora import base_key
 from dist_lora.model import BaseWeights, release_freed_memory, skip_weight_init
@@ -217,7 +217,7 @@ class DeepSpeedBackend(Backend):
         cls, parallel, model, make_optimizer, bias, *, micro_batch_size, grad_accum, weights=None, max_grad_norm=None
     ):  # type: ignore[no-untyped-def]
         deepspeed = import_deepspeed()
-        params = [p for p in model.parameters() if p.requires_grad]
+        client = make_optimizer([p for p in model.parameters() if p.requires_grad])
         config = ds_config(
             zero_stage=parallel.zero_stage,
             micro_batch_size=micro_batch_size,
@@ -226,8 +226,9 @@ class DeepSpeedBackend(Backend):
             extra=parallel.deepspeed_config,
             max_grad_norm=max_grad_norm,
             world_size=torch.distributed.get_world_size(),
+            adamw={name: client.defaults.get(name) for name in ADAMW_SETTINGS},  # what the JSON may repeat
         )
-        engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=make_optimizer(params), config=config)
+        engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=client, config=config)
         return cls(engine, optimizer, bias)
 
     @classmethod

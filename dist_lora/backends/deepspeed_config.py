@@ -44,6 +44,22 @@ def _without_auto(data: dict[str, Any]) -> dict[str, Any]:
     return {k: _without_auto(v) if isinstance(v, dict) else v for k, v in data.items() if v != AUTO}
 
 
+ADAMW_SETTINGS = {
+    "lr": "train.lr",
+    "betas": "train.adam_betas",
+    "eps": "train.adam_eps",
+    "weight_decay": "train.weight_decay",
+}
+"""The params of an Adam/AdamW ``optimizer`` section that dist_lora's config sets, and the setting of each."""
+
+
+def _same(got: Any, want: Any) -> bool:
+    """A JSON number (or list of numbers) equal to dist_lora's value, as floats."""
+    if isinstance(want, (list, tuple)):
+        return isinstance(got, list) and len(got) == len(want) and all(map(_same, got, want))
+    return isinstance(got, (int, float)) and not isinstance(got, bool) and float(got) == float(want)
+
+
 def _params_set(section: Any) -> list[str]:
     """The params an ``optimizer`` or ``scheduler`` section sets to something other than "auto"."""
     params = section.get("params", {}) if isinstance(section, dict) else {}
@@ -68,9 +84,11 @@ def problems(
     max_grad_norm: float | None,
     global_batch_size: int | None = None,
     grad_accum: int | None = None,
+    adamw: dict[str, Any] | None = None,
 ) -> list[str]:
     """What in the user's JSON contradicts dist_lora's config or cannot run under it, one message each; None for a
-    value not known yet (the gradient accumulation depends on the world size) skips its check."""
+    value not known yet (the gradient accumulation depends on the world size) skips its check. ``adamw``: the
+    trainer's AdamW settings (lr, betas, eps, weight_decay), which an ``optimizer`` section may repeat."""
     accumulation = "train.global_batch_size (the accumulation is global_batch_size / (micro_batch_size x world size))"
     precision = "parallel.mixed_precision (none: fp32, or bf16)"
     owned: list[tuple[tuple[str, ...], Any, str]] = [  # (where in the JSON, dist_lora's value, the setting of it)
@@ -106,12 +124,22 @@ def problems(
                 f"optimizer is {json.dumps(kind)}: dist_lora trains with a torch AdamW over the adapter, whose Adam "
                 'moments its checkpoints hold; remove the "optimizer" section'
             )
-        elif set_here:
-            found.append(
-                f"optimizer.params sets {', '.join(set_here)}: dist_lora builds the optimizer itself, a torch AdamW "
-                'over the adapter (train.lr, train.weight_decay); set those instead, and remove the "optimizer" '
-                'section or leave its params "auto"'
-            )
+        elif adamw is not None:
+            params = optimizer.get("params", {}) if isinstance(optimizer, dict) else {}
+            unknown = [name for name in set_here if name not in ADAMW_SETTINGS]
+            if unknown:
+                found.append(
+                    f"optimizer.params sets {', '.join(unknown)}: dist_lora builds the optimizer itself, a torch "
+                    f"AdamW over the adapter ({', '.join(ADAMW_SETTINGS.values())}); set those instead, and remove "
+                    'the "optimizer" section or leave its params "auto"'
+                )
+            for name in set_here:
+                if name in ADAMW_SETTINGS and not _same(params[name], adamw[name]):
+                    found.append(
+                        f"optimizer.params.{name} is {json.dumps(params[name])}, where dist_lora's config makes it "
+                        f"{json.dumps(adamw[name])}: change it with {ADAMW_SETTINGS[name]}, and leave it out of the "
+                        'JSON or "auto"'
+                    )
     scheduler = user.get("scheduler")
     if scheduler is not None:
         set_here = _params_set(scheduler)
@@ -150,6 +178,7 @@ def ds_config(
     extra: str | None = None,
     max_grad_norm: float | None = None,
     world_size: int | None = None,
+    adamw: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The DeepSpeed config dist_lora uses; ``extra`` names a JSON file merged over it (see the module's doc).
     Raises ValueError naming every setting of the file that contradicts dist_lora's config."""
@@ -173,11 +202,12 @@ def ds_config(
             max_grad_norm=max_grad_norm,
             global_batch_size=None if world_size is None else micro_batch_size * grad_accum * world_size,
             grad_accum=grad_accum,
+            adamw=adamw,
         )
         if found:
             raise ValueError("\n".join(_named(extra, found)))
         user = _without_auto(user)
-        for section in ("optimizer", "scheduler"):  # all "auto": dist_lora's own
+        for section in ("optimizer", "scheduler"):  # "auto" or dist_lora's own values
             user.pop(section, None)
         _merge(config, user)
     config["train_micro_batch_size_per_gpu"] = micro_batch_size
@@ -195,6 +225,7 @@ def config_errors(
     global_batch_size: int,
     bf16: bool,
     max_grad_norm: float | None,
+    adamw: dict[str, Any],
 ) -> list[str]:
     """The run's config validation of ``parallel.deepspeed_config``, before anything loads: what :func:`ds_config`
     would refuse, but for the gradient accumulation (it depends on the world size: checked as the engine is built)."""
@@ -209,6 +240,7 @@ def config_errors(
         bf16=bf16,
         max_grad_norm=max_grad_norm,
         global_batch_size=global_batch_size,
+        adamw=adamw,
     )
     return _named(path, found)
 

@@ -6,7 +6,8 @@ trainer's AdamW replaced by one of OPTIMIZERS, as a loop of the user's own would
 steps, evaluates if asked and saves. Rank 0 writes out/runs.json: per run, each step's loss and gradient norm, the eval loss, the saved step's
 URL, how many times a layer inside the first transformer block ran (twice per micro-batch when activations are
 recomputed), how many all-gathers FSDP2 made during the steps and how many groups it shards, and what DeepSpeed's
-ZeRO optimizer offloads to host memory (its own flags: the optimizer state, ZeRO-3's parameter partitions).
+ZeRO optimizer offloads to host memory (its own flags: the optimizer state, ZeRO-3's parameter partitions), and the
+betas and eps of the optimizer that steps the adapter.
 """
 
 from __future__ import annotations
@@ -102,6 +103,7 @@ def main() -> None:
             ),
             "eval_loss": evaluated,
             "offload": offloaded(trainer.backend),
+            "adamw": {k: trainer.backend.stepping_optimizer().defaults.get(k) for k in ("betas", "eps")},
         }
     if rank == 0:
         (out / "runs.json").write_text(json.dumps(results, indent=1))
