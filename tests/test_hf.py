@@ -75,6 +75,35 @@ def test_trainer_saves_through_callback_and_resumes_on_one_process(engine, gpt2_
     assert sorted(ids) == list(range(SAMPLES))
 
 
+def test_an_optimizer_state_a_step_cannot_hold_stops_the_run_after_its_first_step(gpt2_base, tmp_path):
+    """HF Trainer's Adafactor keeps factored moments, which no world size can reshard: the run stops after its
+    first step with the error that names them (and the fix), not at its first save, here due at step 50."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    from dist_lora.checkpoint import CheckpointError
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(gpt2_base), LoraConfig(r=4, target_modules=["c_attn"]))
+    rows = [{"input_ids": list(range(i, i + 16)), "labels": list(range(i, i + 16))} for i in range(8)]
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "hf"),
+        optim="adafactor",
+        per_device_train_batch_size=2,
+        max_steps=100,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=rows)
+    callback = DistLoraCallback.install(trainer, str(tmp_path / "ckpt"), every_steps=50)
+    with pytest.raises(CheckpointError, match=r"Adafactor holds exp_avg_sq_row .*Use such an optimizer"):
+        trainer.train()
+    assert trainer.state.global_step == 1
+    assert not list((tmp_path / "ckpt").glob("step-*"))
+    callback.checkpointer.release_lease()
+
+
 def test_callback_arguments_are_checked():
     with pytest.raises(ValueError, match="every_steps"):
         DistLoraCallback("/tmp/x", every_steps=0)

@@ -234,6 +234,13 @@ class Backend(ABC):
         """The optimizer that steps the adapter and whose state a save holds (DeepSpeed: the one inside ZeRO's)."""
         return self.optimizer
 
+    def check_optimizer_state(self) -> None:
+        """Not a collective: raise :class:`CheckpointError` naming the state a save could not hold (see
+        :func:`elementwise_state`), as soon as the optimizer has some, rather than at the first save."""
+        optimizer = self.stepping_optimizer()
+        for like, state in optimizer.state.items() if optimizer is not None else ():
+            elementwise_state(optimizer, state, like)
+
     def senders(self) -> int | None:
         """How many ranks, 0..k-1, hold the pieces a save gathers (None: every rank may). The others send
         nothing (HSDP: one replica group's ranks)."""

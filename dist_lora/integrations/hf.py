@@ -114,6 +114,7 @@ class DistLoraCallback(TrainerCallback):
         self.last_saved: int | None = None
         self._skip: tuple[int, int] | None = None  # (epochs to skip, batches to skip in the next epoch)
         self._skipping_epoch = False
+        self._state_checked = False  # whether a save can hold the optimizer's state (known after its first step)
         self._trainer: Any = None
 
     @classmethod
@@ -191,6 +192,10 @@ class DistLoraCallback(TrainerCallback):
         self._save_if_asked(args, state, control, kwargs)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if not self._state_checked:  # after the run's first step, not hours later at its first save
+            self._state_checked = True
+            model = kwargs["model"]
+            backend_for(model, kwargs["optimizer"], infer_bias_mode(model)).check_optimizer_state()
         self._save_if_asked(args, state, control, kwargs)
 
     def on_train_end(
