@@ -116,6 +116,30 @@ def test_state_fields_the_optimizer_does_not_keep_are_refused(saved, given, gpt2
     dist_lora.load_checkpoint(model2, url)  # the fix the message names: the adapter alone
 
 
+def test_a_step_whose_tensors_disagree_on_their_state_fields_is_refused(gpt2_base, tmp_path):
+    """A hand-edited optimizer.safetensors (its manifest rehashed) where one tensor lacks a field the others have
+    is named, key and field, before anything is loaded."""
+    import hashlib
+
+    from safetensors.torch import save
+
+    model, optimizer = model_and_optimizer(gpt2_base, OPTIMIZERS["amsgrad"][0])
+    train(model, optimizer, 1)
+    step = Path(dist_lora.save_checkpoint(model, str(tmp_path), step=1, optimizer=optimizer))
+    tensors = load_file(str(step / "optimizer.safetensors"))
+    dropped = sorted(k for k in tensors if k.endswith(".max_exp_avg_sq"))[-1]
+    data = save({k: t for k, t in tensors.items() if k != dropped})
+    (step / "optimizer.safetensors").write_bytes(data)
+    manifest = json.loads((step / "manifest.json").read_text())
+    manifest["files"]["optimizer.safetensors"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (step / "manifest.json").write_text(json.dumps(manifest))
+    model2, optimizer2 = model_and_optimizer(gpt2_base, OPTIMIZERS["amsgrad"][0])
+    key = dropped.removesuffix(".max_exp_avg_sq")
+    with pytest.raises(CheckpointError, match=rf"optimizer state of {key} lacks or misshapes \['max_exp_avg_sq'\]"):
+        dist_lora.load_checkpoint(model2, str(step), optimizer=optimizer2)
+    assert not optimizer2.state
+
+
 @pytest.mark.multiproc
 @pytest.mark.timeout(600)
 def test_amsgrad_and_momentum_reshard_across_world_sizes_and_engines(gpt2_base, tmp_path):
