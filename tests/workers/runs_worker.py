@@ -35,9 +35,10 @@ class AMSGrad(torch.optim.AdamW):
 
 
 class MomentumSGD(torch.optim.SGD):
-    """SGD with momentum: its only state is ``momentum_buffer`` (no step count)."""
+    """SGD with momentum: its only state is ``momentum_buffer`` (no step count). Built as the trainer builds its
+    AdamW, it takes AdamW's betas and eps too, and has no use for them."""
 
-    def __init__(self, params, lr, weight_decay=0.0):
+    def __init__(self, params, lr, weight_decay=0.0, betas=None, eps=None):
         super().__init__(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
 
 
