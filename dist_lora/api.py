@@ -142,11 +142,10 @@ def _check_step_fits(loaded: LoadedStep, backend: Backend, with_optimizer: bool)
             raise CheckpointError(
                 f"{loaded.url} holds no optimizer state (optimizer.safetensors); load it without an optimizer"
             )
-        names = sorted(f for f in next(iter(state.optim.values())) if f != "step")
+        names = sorted({f for entry in state.optim.values() for f in entry} - {"step"})  # every tensor has them all
         for k, shape in expected.items():
             entry = state.optim.get(k, {})
             bad = [f for f in names if f not in entry or entry[f].shape != shape]
-            bad += sorted(set(entry) - {*names, "step"})
             if bad or "step" not in entry:
                 raise CheckpointError(
                     f"{loaded.url}: optimizer state of {k} lacks or misshapes {bad or ['step']} "
