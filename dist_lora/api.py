@@ -39,6 +39,7 @@ from dist_lora.lora import (
     base_fingerprint,
     check_bias_mode,
     compare_fingerprints,
+    config_mismatches,
     full_shape,
     infer_bias_mode,
     mark_only_lora_as_trainable,
@@ -135,6 +136,15 @@ def _check_step_fits(loaded: LoadedStep, backend: Backend, with_optimizer: bool)
         lines += [f"  shape mismatch: {s}" for s in shapes]
         lines.append("  check lora.r, lora.target_modules and lora.bias against the checkpoint's adapter_config.json")
         raise AdapterError("\n".join(lines))
+    differs = config_mismatches(backend.model, loaded.adapter_config)
+    if differs:
+        raise AdapterError(
+            f"{loaded.url} fits the model's adapter in keys and shapes, but the model's LoRA layers would compute "
+            "it otherwise than the layers that trained it:\n  "
+            + "\n  ".join(differs)
+            + "\n  apply LoRA with the checkpoint's lora_alpha, use_rslora, alpha_pattern and rank_pattern "
+            "(lora.alpha, lora.use_rslora, lora.alpha_pattern, lora.rank_pattern), as its adapter_config.json says"
+        )
     fields = [WEIGHT_FIELD]
     steps: dict[str, float] = {}
     if with_optimizer:

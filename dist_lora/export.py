@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from torch import nn
 from dist_lora.api import load_model, resolve_step
 from dist_lora.checkpoint import CheckpointError, LoadedStep, read_manifest, read_step, read_verified, rehash_manifest
 from dist_lora.constants import ADAPTER_CONFIG_NAME, MANIFEST_NAME
+from dist_lora.lora import base_fingerprint, base_key, compare_fingerprints, lora_scaling
 from dist_lora.model import BaseWeights, ModelError, build_on_meta, resolve_model_path
 from dist_lora.storage import Storage
 
@@ -101,16 +101,6 @@ def merge(
     return out
 
 
-def _scaling(config: dict[str, Any], layer: str, r: int) -> float:
-    """PEFT's scaling of one layer: its alpha (``alpha_pattern`` matched as PEFT matches it) over its rank ``r``
-    (read from lora_A, so ``rank_pattern`` needs no matching), or over sqrt(r) with rsLoRA."""
-    from peft.utils.other import get_pattern_key
-
-    pattern = config.get("alpha_pattern") or {}
-    alpha = float(pattern.get(get_pattern_key(list(pattern), layer), config["lora_alpha"]))
-    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-
-
 def _token_indices(config: dict[str, Any], layer: str) -> list[int]:
     """The token ids a ``trainable_token_indices`` config trains in embedding ``layer``."""
     indices = config.get("trainable_token_indices")
@@ -138,7 +128,6 @@ class _Edit:
 
 def _edits(loaded: LoadedStep) -> dict[str, _Edit]:
     """Base tensor name -> its edit, from the step's adapter tensors (PEFT's key names)."""
-    from dist_lora.lora import base_key
 
     config, adapter = loaded.adapter_config, loaded.state.weights
     edits: dict[str, _Edit] = {}
@@ -146,7 +135,7 @@ def _edits(loaded: LoadedStep) -> dict[str, _Edit]:
         if ".lora_A." in key:
             layer = base_key(key.split(".lora_A.")[0])
             b = adapter[key.replace(".lora_A.", ".lora_B.")]
-            edits.setdefault(f"{layer}.weight", _Edit()).lora = (value, b, _scaling(config, layer, value.shape[0]))
+            edits.setdefault(f"{layer}.weight", _Edit()).lora = (value, b, lora_scaling(config, layer, value.shape[0]))
         elif key.endswith(".lora_magnitude_vector"):
             edits.setdefault(
                 f"{base_key(key.removesuffix('.lora_magnitude_vector'))}.weight", _Edit()
@@ -192,6 +181,13 @@ def stream_merge(loaded: LoadedStep, base_dir: str, out_dir: str | Path) -> Path
     out = Path(out_dir)
     model = build_on_meta(base_dir, torch.float32)  # the layout: which layers are (in, out), which tensors tied
     fan_in_fan_out = {name for name, module in model.named_modules() if isinstance(module, Conv1D)}
+    diffs = compare_fingerprints(loaded.manifest.get("base_fingerprint", {}), base_fingerprint(model))
+    if diffs:
+        raise CheckpointError(
+            f"{loaded.url} was saved for another base model than {base_dir}; differences:\n  "
+            + "\n  ".join(diffs)
+            + "\nmerge into the base the adapter was trained on (adapter_config.json names it; --base overrides it)"
+        )
     weights = BaseWeights(base_dir).tie(model)
     edits = _edits(loaded)
     tied = [k for k in edits if k in weights.aliases]

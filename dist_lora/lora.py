@@ -270,6 +270,58 @@ def peft_lora_config(cfg: LoraConfig, base_model_name_or_path: str | None = None
     )
 
 
+def config_mismatches(model: nn.Module, saved: dict[str, Any], limit: int = 3) -> list[str]:
+    """How the model's PEFT LoRA layers would compute the saved adapter otherwise than the layers that trained it.
+
+    A layer's scaling (``lora_alpha / r``, ``/ sqrt(r)`` under ``use_rslora``, per ``alpha_pattern``) and aLoRA's
+    invocation tokens come from the adapter config, which no tensor holds: an adapter loaded into layers made with
+    another ``lora_alpha`` loads without a wrong key or shape and computes another function. Compared here against
+    ``saved`` (the step's adapter_config.json), layer by layer (:func:`lora_scaling`, PEFT's pattern matching); at
+    most ``limit`` layers are named. Nothing is compared for loralib layers, or where ``saved`` is not a PEFT LoRA
+    config."""
+    if "lora_alpha" not in saved:
+        return []
+    out = []
+    adapter = _active_adapter(model)
+    differing = []
+    for name, module, flavor in _lora_modules(model):
+        if flavor != "peft" or adapter not in getattr(module, "scaling", {}):
+            continue
+        r = module.r[adapter]  # the saved rank: the shapes matched
+        scaling, given = lora_scaling(saved, name.removeprefix("base_model.model."), r), module.scaling[adapter]
+        if not math.isclose(given, scaling, rel_tol=1e-6):
+            differing.append(f"{name}: checkpoint {scaling:g} (r {r}), model {given:g}")
+    if differing:
+        out.append(
+            f"LoRA scaling differs in {len(differing)} layer(s): "
+            + "; ".join(differing[:limit])
+            + ("; ..." if len(differing) > limit else "")
+            + f"; the checkpoint's adapter_config.json has lora_alpha {saved['lora_alpha']}, use_rslora "
+            f"{bool(saved.get('use_rslora'))}, alpha_pattern {saved.get('alpha_pattern') or {}}"
+        )
+    tokens = saved.get("alora_invocation_tokens")
+    model_tokens = _peft_config_value(model, adapter, "alora_invocation_tokens")
+    if (tokens or None) != (model_tokens or None):
+        out.append(f"aLoRA invocation tokens differ: checkpoint {tokens}, model {model_tokens}")
+    return out
+
+
+def lora_scaling(config: dict[str, Any], layer: str, r: int) -> float:
+    """PEFT's scaling of one layer of rank ``r`` under an adapter config (adapter_config.json's dict): its alpha
+    (``alpha_pattern`` matched against the layer's name in the base model as PEFT matches it) over ``r``, or over
+    sqrt(r) with rsLoRA."""
+    from peft.utils.other import get_pattern_key
+
+    pattern = config.get("alpha_pattern") or {}
+    alpha = float(pattern.get(get_pattern_key(list(pattern), layer), config["lora_alpha"]))
+    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+
+
+def _peft_config_value(model: nn.Module, adapter: str, field: str) -> Any:
+    config = (getattr(unwrap(model), "peft_config", None) or {}).get(adapter)
+    return getattr(config, field, None)
+
+
 def _collect_token_rows(layer: Any, weight: Any, rows: Any, embed_dim: int) -> torch.Tensor:
     """The rows ``rows`` of a ZeRO-3 partitioned embedding, on every rank (gathered, as PEFT does, then indexed
     where it lives: no CUDA assumed, no broadcast needed)."""
@@ -330,8 +382,10 @@ def base_key(name: str) -> str:
 
 
 def base_fingerprint(model: nn.Module) -> dict[str, Any]:
-    """Architecture and every base parameter's shape: a checkpoint only loads over a base that matches."""
-    lora_ids = {id(p) for p in adapter_parameters(model, "none").values()}
+    """Architecture and every base parameter's shape: a checkpoint only loads over a base that matches. ``model``
+    has LoRA applied, or is the bare base (as a streaming merge builds it)."""
+    adapted = next(_lora_modules(model), None) is not None
+    lora_ids = {id(p) for p in adapter_parameters(model, "none").values()} if adapted else set()
     shapes = {base_key(n): list(full_shape(p)) for n, p in model.named_parameters() if id(p) not in lora_ids}
     config = getattr(unwrap(model), "config", None)
     if config is None:

@@ -215,6 +215,40 @@ def test_strict_keys_and_shapes(gpt2_base, tmp_path):
         dist_lora.load_checkpoint(fewer, url)
 
 
+def lora_model(base, **options):
+    torch.manual_seed(0)
+    config = LoraConfig(**{"r": 4, "alpha": 8, "target_modules": ["c_attn", "c_fc"], **options})
+    return dist_lora.apply_lora(AutoModelForCausalLM.from_pretrained(base), config)
+
+
+@pytest.mark.reliability(
+    fault="an adapter loaded into LoRA layers that scale it otherwise",
+    injected="another `lora.alpha`, `use_rslora` or `alpha_pattern` than the step's",
+    outcome="refused, naming the layers, both scalings and the step's settings; nothing loaded",
+)
+def test_lora_scaling_must_match_the_checkpoints(gpt2_base, tmp_path):
+    """Keys and shapes cannot tell alpha 8 from alpha 16: the adapter would load and compute another function."""
+    model, opt, x = train_some(gpt2_base, ["c_attn", "c_fc"])  # r 4, alpha 8: scaling 2
+    url = dist_lora.save_checkpoint(model, str(tmp_path), step=1, optimizer=opt)
+    for options, model_scaling in (
+        ({"alpha": 16}, "4"),
+        ({"use_rslora": True}, "4"),
+        ({"alpha_pattern": {"c_fc": 16}}, "4"),
+    ):
+        other = lora_model(gpt2_base, **options)
+        before = {k: v.clone() for k, v in dist_lora.lora_state_dict(other).items()}
+        with pytest.raises(AdapterError) as e:
+            dist_lora.load_checkpoint(other, url)
+        assert "in keys and shapes, but the model's LoRA layers would compute it otherwise" in str(e.value)
+        assert f"c_fc: checkpoint 2 (r 4), model {model_scaling}" in str(e.value), options
+        assert "adapter_config.json has lora_alpha 8, use_rslora False" in str(e.value)
+        assert all(torch.equal(v, before[k]) for k, v in dist_lora.lora_state_dict(other).items())
+    # another spelling of the same scaling loads: a pattern giving every layer the saved alpha
+    same = lora_model(gpt2_base, alpha=2, alpha_pattern={"c_attn": 8, "c_fc": 8})
+    dist_lora.load_checkpoint(same, url)
+    assert torch.equal(logits(same, x), logits(model, x))
+
+
 @pytest.mark.reliability(
     fault="a bias-mode mismatch",
     injected="a model with another bias mode",

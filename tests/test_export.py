@@ -89,6 +89,28 @@ def test_streaming_merge_of_a_sharded_base_equals_merge_and_unload(sharded_llama
     assert (logits(merged, X) - want).abs().max().item() <= 1e-5
 
 
+def test_merge_into_another_base_is_refused_naming_the_differences(llama_base, tmp_path):
+    """A base whose adapted layers have the saved shapes but whose other layers differ (another MLP width) would
+    merge without a wrong shape: the step's fingerprint of its base is checked first, as a load checks it."""
+    from transformers import LlamaForCausalLM
+
+    from dist_lora.export import merge
+
+    torch.manual_seed(0)
+    model = dist_lora.apply_lora(
+        AutoModelForCausalLM.from_pretrained(llama_base), LoraConfig(r=4, alpha=8, target_modules=["q_proj"])
+    )
+    step = dist_lora.save_checkpoint(model, str(tmp_path / "ck"), step=1)
+    config = model.get_base_model().config
+    config.intermediate_size *= 2
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "wider")
+    with pytest.raises(CheckpointError, match=r"was saved for another base model than .*wider; differences:") as e:
+        merge(step, tmp_path / "merged", base=str(tmp_path / "wider"))
+    assert f"mlp.up_proj.weight: checkpoint [{config.intermediate_size // 2}, " in str(e.value)
+    assert not (tmp_path / "merged").exists()
+    assert merge(step, tmp_path / "merged") == tmp_path / "merged"  # its own base still merges
+
+
 def test_several_adapters_on_one_base_and_switching(gpt2_base, tmp_path):
     urls, want = {}, {}
     for name, seed in (("alpha", 2), ("beta", 3)):
