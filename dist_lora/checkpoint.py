@@ -19,6 +19,7 @@ import datetime as _dt
 import hashlib
 import json
 import logging
+import numbers
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,6 +54,15 @@ MAX_JSON_BYTES = 64 * 2**20
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, incomplete, corrupt or does not fit the model; the message names the file."""
+
+
+def check_step(step: Any) -> int:
+    """A step number to save: a non-negative integer (numpy's too; not a bool, a float or a string)."""
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
+        raise CheckpointError(
+            f"step must be a non-negative integer (the number of optimizer steps taken so far), got {step!r}"
+        )
+    return int(step)
 
 
 def step_name(step: int) -> str:
@@ -179,6 +189,7 @@ def write_step(
     earlier, uncommitted attempt left under the step's name is moved aside first. Rank 0 only.
     """
     name = step_name(step)
+    check_no_newer_steps(storage, step)
     step_store = storage.child(name)
     if step_store.listdir():
         _set_aside_unless_committed(storage, name)
@@ -208,6 +219,26 @@ def write_step(
             e,
         )
     return step_store.url
+
+
+def check_no_newer_steps(storage: Storage, step: int) -> None:
+    """Refuse to save ``step`` into a checkpoint dir that holds a committed step after it: that is another run's
+    (one started over without resuming, or resumed from an older step), and saving beside it would mix two runs in
+    one dir: ``resume: auto`` would take the other run's newest step, and retention would delete this run's steps
+    as the oldest. Steps that never committed do not count. One listing of the dir (and a manifest check per newer
+    step). Rank 0 only."""
+    newer = sorted(
+        (n for n in storage.listdir() if (parse_step_name(n) or -1) > step),
+        key=lambda n: parse_step_name(n) or 0,
+    )
+    committed = [n for n in newer if inspect_step(storage, n, verify=False).status == "committed"]
+    if committed:
+        raise CheckpointError(
+            f"{storage.url} holds committed step(s) {', '.join(committed[-3:])} after step {step}, which this run "
+            "would save next to them: resume from the newest (checkpoint.resume: auto, or load_checkpoint of the "
+            "dir), save to another checkpoint.dir, or move those steps out of the dir to start over (dist_lora "
+            "never deletes or overwrites a committed step)"
+        )
 
 
 def _set_aside_unless_committed(storage: Storage, name: str) -> None:

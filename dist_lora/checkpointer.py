@@ -32,7 +32,15 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from dist_lora.agree import Failure, agree, on_rank0
 from dist_lora.backends import Backend, LocalPiece
 from dist_lora.backends.base import Staging
-from dist_lora.checkpoint import AdapterState, StepMeta, serialize_step, step_name, write_step
+from dist_lora.checkpoint import (
+    AdapterState,
+    StepMeta,
+    check_no_newer_steps,
+    check_step,
+    serialize_step,
+    step_name,
+    write_step,
+)
 from dist_lora.config import CheckpointConfig, check_checkpoint
 from dist_lora.distributed import group_timeout, on_launcher_gone
 from dist_lora.faults import failpoint
@@ -148,6 +156,12 @@ class Checkpointer:
 
         on_rank0(take)
 
+    def check_continues(self, step: int) -> None:
+        """Collective: raise on every rank, before any training, when the dir holds a committed step after
+        ``step`` (where this run starts: 0, or the step it resumed from), which its first save would refuse
+        (:func:`~dist_lora.checkpoint.check_no_newer_steps`)."""
+        on_rank0(lambda: check_no_newer_steps(self.storage, step))
+
     def release_lease(self) -> None:
         """Not a collective: rank 0 gives the lease up (after the last save committed)."""
         if self.lease is not None:
@@ -176,6 +190,7 @@ class Checkpointer:
         all ranks and handled by ``on_error`` alike on each. An earlier background save that failed is handled
         here first (``on_error="warn"``: reported, and this save still runs).
         """
+        step = check_step(step)
         t0 = time.perf_counter()
         earlier = self._settle()  # the previous background save is done
         if earlier is not None:

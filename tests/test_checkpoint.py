@@ -2,6 +2,7 @@
 
 import json
 
+import numpy
 import pytest
 import torch
 from peft import PeftModel
@@ -192,6 +193,36 @@ def test_committed_step_is_never_overwritten(gpt2_base, tmp_path):
     with pytest.raises(CheckpointError, match="step-00000005 is a committed step and will not be overwritten"):
         dist_lora.save_checkpoint(model, str(tmp_path), step=5, optimizer=opt)
     assert (tmp_path / step_name(5) / ADAPTER_WEIGHTS_NAME).read_bytes() == before
+
+
+@pytest.mark.reliability(
+    fault="a run started over (or from an older step) in a dir that holds its newer steps",
+    injected="a save of step 3 into a dir holding step 5",
+    outcome="refused, naming the newer step and the fixes; step 5 untouched; a newer step that never committed "
+    "does not count",
+)
+def test_a_save_older_than_a_committed_step_of_the_dir_is_refused(gpt2_base, tmp_path):
+    """Else `resume: auto` would take the other run's step 5, and retention would delete this run's steps."""
+    model, opt, _ = train_some(gpt2_base, ["c_attn"])
+    dist_lora.save_checkpoint(model, str(tmp_path), step=5, optimizer=opt)
+    before = (tmp_path / step_name(5) / ADAPTER_WEIGHTS_NAME).read_bytes()
+    with pytest.raises(CheckpointError, match=r"holds committed step\(s\) step-00000005 after step 3") as e:
+        dist_lora.save_checkpoint(model, str(tmp_path), step=3, optimizer=opt, keep_last=1)
+    assert "checkpoint.resume: auto" in str(e.value) and "another checkpoint.dir" in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("step-")) == [step_name(5)]
+    assert (tmp_path / step_name(5) / ADAPTER_WEIGHTS_NAME).read_bytes() == before
+    (tmp_path / step_name(9)).mkdir()  # a save of step 9 that never committed: not a step to resume from
+    (tmp_path / step_name(9) / ADAPTER_WEIGHTS_NAME).write_bytes(b"partial")
+    assert dist_lora.save_checkpoint(model, str(tmp_path), step=6, optimizer=opt).endswith(step_name(6))
+
+
+@pytest.mark.parametrize("step", [-1, 2.0, True, "3", None])
+def test_a_step_number_must_be_a_non_negative_integer(step, gpt2_base, tmp_path):
+    model, opt, _ = train_some(gpt2_base, ["c_attn"], steps=0)
+    with pytest.raises(CheckpointError, match=f"step must be a non-negative integer .*got {step!r}"):
+        dist_lora.save_checkpoint(model, str(tmp_path), step=step, optimizer=opt)
+    assert not list(tmp_path.iterdir())
+    assert dist_lora.save_checkpoint(model, str(tmp_path), step=numpy.int64(4)).endswith(step_name(4))
 
 
 @pytest.mark.reliability(

@@ -104,6 +104,45 @@ def test_an_optimizer_state_a_step_cannot_hold_stops_the_run_after_its_first_ste
     callback.checkpointer.release_lease()
 
 
+def test_a_trainer_started_over_in_a_dir_with_newer_steps_stops_before_its_first_step(gpt2_base, tmp_path):
+    """`resume="none"` into a dir that holds a committed step: its saves would mix two runs (`resume="auto"` would
+    take the older run's newest step); it stops at `on_train_begin`, the dir left as it was."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    from dist_lora.checkpoint import CheckpointError
+
+    def trainer(resume: str, max_steps: int) -> tuple[Trainer, DistLoraCallback]:
+        torch.manual_seed(0)
+        model = get_peft_model(
+            AutoModelForCausalLM.from_pretrained(gpt2_base), LoraConfig(r=4, target_modules=["c_attn"])
+        )
+        rows = [{"input_ids": list(range(i, i + 16)), "labels": list(range(i, i + 16))} for i in range(8)]
+        args = TrainingArguments(
+            output_dir=str(tmp_path / "hf"),
+            per_device_train_batch_size=2,
+            max_steps=max_steps,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            disable_tqdm=True,
+        )
+        hf = Trainer(model=model, args=args, train_dataset=rows)
+        return hf, DistLoraCallback.install(hf, str(tmp_path / "ckpt"), every_steps=2, resume=resume, async_save=False)
+
+    first, callback = trainer("auto", 2)
+    first.train()
+    callback.checkpointer.release_lease()
+    saved = (tmp_path / "ckpt" / "step-00000002" / "adapter_model.safetensors").read_bytes()
+    again, callback = trainer("none", 4)
+    with pytest.raises(CheckpointError, match=r"holds committed step\(s\) step-00000002 after step 0,"):
+        again.train()
+    assert again.state.global_step == 0
+    assert [p.name for p in (tmp_path / "ckpt").glob("step-*")] == ["step-00000002"]
+    assert (tmp_path / "ckpt" / "step-00000002" / "adapter_model.safetensors").read_bytes() == saved
+    callback.checkpointer.release_lease()
+
+
 def test_callback_arguments_are_checked():
     with pytest.raises(ValueError, match="every_steps"):
         DistLoraCallback("/tmp/x", every_steps=0)

@@ -275,6 +275,22 @@ def test_a_bad_newest_step_is_skipped_then_set_aside_and_written_again(damage, g
     assert f"step-00000004 was {status} (" in caplog.text
 
 
+def test_a_run_that_would_save_beside_newer_steps_stops_before_its_first_step(gpt2_base, tmp_path, monkeypatch):
+    """Started over (`resume: none`) or from an older step, a run's saves would mix with the dir's newer steps: it
+    stops at start, not hours later at its first save, and the dir is left as it was."""
+    from dist_lora.checkpoint import CheckpointError
+    from dist_lora.train import Trainer, train
+
+    ckpt = tmp_path / "ckpt"
+    train(single_run(gpt2_base, ckpt, "train.stop_at_step=4"))
+    before = {p.relative_to(ckpt): p.read_bytes() for p in ckpt.rglob("*") if p.is_file()}
+    monkeypatch.setattr(Trainer, "train_step", lambda self: pytest.fail("trained a step"))
+    for resume, start in (("none", 0), (str(ckpt / "step-00000002"), 2)):
+        with pytest.raises(CheckpointError, match=f"holds committed step\\(s\\) .*step-00000004 after step {start},"):
+            train(single_run(gpt2_base, ckpt, f"checkpoint.resume={resume}"))
+    assert {p.relative_to(ckpt): p.read_bytes() for p in ckpt.rglob("*") if p.is_file()} == before
+
+
 def test_a_metrics_file_that_cannot_be_written_does_not_stop_rank_0(tmp_path, caplog):
     """Rank 0 writes metrics alone, between collectives: an error there is logged once, never raised."""
     from dist_lora.metrics import MetricsLog
