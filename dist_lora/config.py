@@ -316,6 +316,10 @@ def _validate_lora(lora: LoraConfig, check: Any) -> None:
         f"lora.alpha_pattern values must be alphas > 0 (got {lora.alpha_pattern})",
     )
     check(
+        all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in lora.layers_to_transform or []),
+        f"lora.layers_to_transform must be layer indices >= 0 (got {lora.layers_to_transform})",
+    )
+    check(
         lora.layers_to_transform is None or not isinstance(lora.target_modules, str),
         "lora.layers_to_transform needs lora.target_modules as a list of module names (PEFT cannot combine it "
         f"with a regex or all-linear; got target_modules={lora.target_modules!r})",
@@ -376,6 +380,8 @@ def _validate(cfg: RunConfig, errors: list[str]) -> None:
     )
     check(t.adam_eps > 0, f"train.adam_eps must be > 0 (got {t.adam_eps})")
     check(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0 (got {t.warmup_steps})")
+    check(t.weight_decay >= 0, f"train.weight_decay must be >= 0 (got {t.weight_decay})")
+    check(t.seed >= 0, f"train.seed must be >= 0 (got {t.seed})")
     check(
         t.max_grad_norm is None or t.max_grad_norm > 0,
         f"train.max_grad_norm must be > 0, or null for no clipping (got {t.max_grad_norm})",

@@ -58,6 +58,21 @@ def test_every_problem_reported_at_once():
     assert "checkpoint.keep_last must be >= 1 (got 0)" in msg
 
 
+@pytest.mark.parametrize(
+    "section, values, message",
+    [
+        ("train", {"weight_decay": -0.1}, "train.weight_decay must be >= 0 (got -0.1)"),
+        ("train", {"seed": -1}, "train.seed must be >= 0 (got -1)"),
+        ("lora", {"layers_to_transform": [0, -1]}, "lora.layers_to_transform must be layer indices >= 0"),
+    ],
+)
+def test_out_of_range_values_are_named(section, values, message):
+    data = valid()
+    data.setdefault(section, {}).update(values)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        config_from_dict(data)
+
+
 def test_fsdp_only_options_name_the_backend_they_need():
     data = valid()
     data["parallel"] = {"backend": "ddp", "replicate": 2, "keep_base_gathered": True}
