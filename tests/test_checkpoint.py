@@ -451,6 +451,33 @@ def test_api_works_with_a_user_optimizer_and_any_training_loop(gpt2_base, tmp_pa
         assert torch.equal(got[k], want[k]), k
 
 
+def test_a_torch_compiled_model_saves_pefts_keys_and_resumes(gpt2_base, tmp_path):
+    """``torch.compile`` wraps the model in an OptimizedModule whose names start with ``_orig_mod.``: the step holds
+    PEFT's own keys (PeftModel loads it), and it loads back into a compiled model. (The aot_eager backend traces
+    and runs the graphs as inductor would be given them, without compiling C++.)"""
+    model, opt, x = train_some(gpt2_base, ["c_attn"], steps=0)
+    compiled = torch.compile(model, backend="aot_eager")
+    for _ in range(2):
+        compiled(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    url = dist_lora.save_checkpoint(compiled, str(tmp_path), step=2, optimizer=opt)
+    keys = set(load_file(f"{url}/{ADAPTER_WEIGHTS_NAME}"))
+    assert keys == set(dist_lora.lora_state_dict(model)) and not any("_orig_mod" in k for k in keys)
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(gpt2_base), url)
+    assert torch.allclose(logits(peft_model, x), logits(model, x), atol=1e-6)
+
+    fresh, fresh_opt, _ = train_some(gpt2_base, ["c_attn"], steps=0, seed=7)
+    fresh_compiled = torch.compile(fresh, backend="aot_eager")
+    assert dist_lora.load_checkpoint(fresh_compiled, str(tmp_path), optimizer=fresh_opt)["step"] == 2
+    for m, o in ((compiled, opt), (fresh_compiled, fresh_opt)):  # one more step each: the Adam state came along
+        m.train()
+        m(input_ids=x, labels=x).loss.backward()
+        o.step()
+    for k, v in dist_lora.lora_state_dict(model).items():
+        assert torch.equal(dist_lora.lora_state_dict(fresh)[k], v), k
+
+
 class _Marker:
     """Unpickling this creates the file named by its argument (what a malicious pickle would run instead)."""
 
