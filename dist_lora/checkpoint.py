@@ -107,6 +107,38 @@ class StepMeta:
     """The class of the optimizer whose state ``optimizer.safetensors`` holds."""
 
 
+def json_state(state: dict[str, Any] | None) -> dict[str, Any]:
+    """A caller's trainer state as trainer_state.json holds it, copied (an asynchronous save writes the values of
+    the call, whatever the caller changes afterwards): tensors and numpy values become numbers or lists; anything
+    else JSON cannot hold (a set, an object, a non-string key) is refused, naming where it is, rather than written
+    as its repr and read back as a string. (dist_lora's own keys, ``step``, ``world_size``, ``backend`` and
+    ``dist_lora_version``, are then written over the caller's: a state returned by a load can be passed back.)"""
+    if state is None:
+        return {}
+    if not isinstance(state, dict):
+        raise CheckpointError(f"trainer_state must be a dict of JSON values, got {type(state).__name__}")
+
+    def value(v: Any, where: str) -> Any:
+        if v is None or isinstance(v, (bool, int, float, str)):
+            return v
+        if isinstance(v, torch.Tensor) or type(v).__module__ == "numpy":
+            return value(v.tolist(), where)  # a scalar's Python number, or nested lists
+        if isinstance(v, dict):
+            keys = [k for k in v if not isinstance(k, str)]
+            if keys:
+                raise CheckpointError(f"trainer_state{where} has keys {keys[:3]} that are not strings: JSON has none")
+            return {k: value(x, f"{where}[{k!r}]") for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [value(x, f"{where}[{i}]") for i, x in enumerate(v)]
+        raise CheckpointError(
+            f"trainer_state{where} is of type {type(v).__name__}, which trainer_state.json cannot hold: pass numbers, "
+            "strings, booleans, None, lists and dicts of them (tensors and numpy values are converted)"
+        )
+
+    out: dict[str, Any] = value(state, "")
+    return out
+
+
 def _json_bytes(obj: Any) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode()
 

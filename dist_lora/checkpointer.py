@@ -34,9 +34,11 @@ from dist_lora.backends import Backend, LocalPiece
 from dist_lora.backends.base import Staging
 from dist_lora.checkpoint import (
     AdapterState,
+    CheckpointError,
     StepMeta,
     check_no_newer_steps,
     check_step,
+    json_state,
     serialize_step,
     step_name,
     write_step,
@@ -191,6 +193,10 @@ class Checkpointer:
         here first (``on_error="warn"``: reported, and this save still runs).
         """
         step = check_step(step)
+        try:  # the values of this call (the caller may change them while an asynchronous save runs)
+            state: dict[str, Any] | CheckpointError = json_state(trainer_state)
+        except CheckpointError as e:
+            state = e  # raised by rank 0 inside the save, so that every rank handles it alike
         t0 = time.perf_counter()
         earlier = self._settle()  # the previous background save is done
         if earlier is not None:
@@ -205,7 +211,7 @@ class Checkpointer:
                 self._guard = register_optimizer_step_pre_hook(self._before_optimizer_step)
             assert self._executor is not None
             self._pending = self._executor.submit(
-                self._save_steps, backend, step, trainer_state, stats, self._background_group(), t0, frozenset(keep)
+                self._save_steps, backend, step, state, stats, self._background_group(), t0, frozenset(keep)
             )
             stats.save_s = time.perf_counter() - t0
             log.info(
@@ -214,7 +220,7 @@ class Checkpointer:
                 stats.save_s,
             )
             return self._step_url(step)
-        outcome = self._save_steps(backend, step, trainer_state, stats, None, t0, frozenset(keep))
+        outcome = self._save_steps(backend, step, state, stats, None, t0, frozenset(keep))
         stats.save_s = time.perf_counter() - t0
         log.info("step %d: save blocked training %.4f s", step, stats.save_s)
         return self._step_url(step) if self._apply_policy(outcome) else None
@@ -290,9 +296,11 @@ class Checkpointer:
             self.on_failure(error)
         return False
 
-    def _meta(self, backend: Backend, step: int, trainer_state: dict[str, Any] | None) -> StepMeta:
+    def _meta(self, backend: Backend, step: int, trainer_state: dict[str, Any] | CheckpointError) -> StepMeta:
         """What the step's JSON files say besides the tensors (rank 0; the model-derived part computed once)."""
         failpoint("save.meta")
+        if isinstance(trainer_state, CheckpointError):
+            raise trainer_state
         adapter_config, fingerprint = self._static_meta(backend)
         optimizer = backend.stepping_optimizer()
         return StepMeta(
@@ -300,7 +308,7 @@ class Checkpointer:
             bias=backend.bias,
             adapter_config=adapter_config,
             fingerprint=fingerprint,
-            trainer_state=dict(trainer_state or {}),
+            trainer_state=trainer_state,
             world_size=backend.world_size,
             backend=backend.name,
             optimizer=type(optimizer).__name__ if optimizer is not None else None,
@@ -332,7 +340,7 @@ class Checkpointer:
         self,
         backend: Backend,
         step: int,
-        trainer_state: dict[str, Any] | None,
+        trainer_state: dict[str, Any] | CheckpointError,
         stats: SaveStats,
         group: Any,
         t0: float,

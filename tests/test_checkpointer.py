@@ -1,5 +1,6 @@
 """Asynchronous saves: training waits only for the snapshot; failures surface, never as a committed broken step."""
 
+import re
 import time
 
 import pytest
@@ -8,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 import dist_lora
 from dist_lora.backends import attach
-from dist_lora.checkpoint import list_steps, step_name
+from dist_lora.checkpoint import CheckpointError, list_steps, step_name
 from dist_lora.checkpointer import Checkpointer
 from dist_lora.config import CheckpointConfig, ConfigError, LoraConfig
 from dist_lora.constants import MANIFEST_NAME
@@ -154,3 +155,41 @@ def test_on_error_warn_reports_a_failed_save_and_the_next_one_still_runs(backend
     ]
     with pytest.raises(ConfigError, match="checkpoint.on_error must be raise or warn"):
         Checkpointer(CheckpointConfig(dir=str(tmp_path), on_error="ignore"))
+
+
+def test_trainer_state_is_saved_as_it_was_at_the_call_as_json_values(backend, tmp_path, monkeypatch):
+    """Tensors and numpy values are saved as numbers (not their repr, read back as a string); an asynchronous save
+    writes the state of its call even when the caller changes the dict while the save is still pending; a value
+    JSON cannot hold is refused on every rank alike, naming where it is, and nothing is committed."""
+    import json
+    import threading
+
+    import numpy
+
+    mutated = threading.Event()
+    snapshot = type(backend).snapshot
+
+    def snapshot_after_the_caller_changed_the_state(self, staging):
+        assert mutated.wait(60)
+        return snapshot(self, staging)
+
+    monkeypatch.setattr(type(backend), "snapshot", snapshot_after_the_caller_changed_the_state)
+    ck = Checkpointer(CheckpointConfig(dir=str(tmp_path), async_save=True))
+    state = {"loss": torch.tensor(1.5), "tokens": numpy.int64(7), "ema": [torch.tensor([0.5, 0.25])], "note": "a"}
+    url = ck.save(backend, step=1, trainer_state=state)
+    state["note"] = "changed after the call"
+    state["loss"] = torch.tensor(9.0)
+    mutated.set()
+    assert ck.wait().committed
+    saved = json.loads((tmp_path / step_name(1) / "trainer_state.json").read_text())
+    assert (saved["loss"], saved["tokens"], saved["ema"], saved["note"]) == (1.5, 7, [[0.5, 0.25]], "a")
+    assert dist_lora.load_checkpoint(backend.model, url)["loss"] == 1.5
+
+    sync = Checkpointer(CheckpointConfig(dir=str(tmp_path / "sync"), async_save=False))
+    for bad, where in (
+        ({"seen": {1, 2}}, "trainer_state['seen'] is of type set"),
+        ({"m": {1: 2}}, "trainer_state['m'] has keys [1]"),
+    ):
+        with pytest.raises(CheckpointError, match=re.escape(where)):
+            sync.save(backend, step=2, trainer_state=bad)
+    assert not list_steps(Storage(str(tmp_path / "sync")))
