@@ -142,8 +142,8 @@ def _check_step_fits(loaded: LoadedStep, backend: Backend, with_optimizer: bool)
             f"{loaded.url} fits the model's adapter in keys and shapes, but the model's LoRA layers would compute "
             "it otherwise than the layers that trained it:\n  "
             + "\n  ".join(differs)
-            + "\n  apply LoRA with the checkpoint's lora_alpha, use_rslora, alpha_pattern and rank_pattern "
-            "(lora.alpha, lora.use_rslora, lora.alpha_pattern, lora.rank_pattern), as its adapter_config.json says"
+            + "\n  apply LoRA with the checkpoint's lora_alpha, use_rslora and alpha_pattern (lora.alpha, "
+            "lora.use_rslora, lora.alpha_pattern), as its adapter_config.json says"
         )
     fields = [WEIGHT_FIELD]
     steps: dict[str, float] = {}

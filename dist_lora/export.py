@@ -128,7 +128,6 @@ class _Edit:
 
 def _edits(loaded: LoadedStep) -> dict[str, _Edit]:
     """Base tensor name -> its edit, from the step's adapter tensors (PEFT's key names)."""
-
     config, adapter = loaded.adapter_config, loaded.state.weights
     edits: dict[str, _Edit] = {}
     for key, value in adapter.items():
