@@ -257,13 +257,15 @@ def check_no_newer_steps(storage: Storage, step: int) -> None:
     """Refuse to save ``step`` into a checkpoint dir that holds a committed step after it: that is another run's
     (one started over without resuming, or resumed from an older step), and saving beside it would mix two runs in
     one dir: ``resume: auto`` would take the other run's newest step, and retention would delete this run's steps
-    as the oldest. Steps that never committed do not count. One listing of the dir (and a manifest check per newer
-    step). Rank 0 only."""
+    as the oldest. Steps that never committed, or fail verification, do not count. One listing of the dir. Rank 0
+    only."""
     newer = sorted(
         (n for n in storage.listdir() if (parse_step_name(n) or -1) > step),
         key=lambda n: parse_step_name(n) or 0,
     )
-    committed = [n for n in newer if inspect_step(storage, n, verify=False).status == "committed"]
+    # verified (each file hashed): a newer step that fails its sha256 is one resume skipped, and is set aside when
+    # this run reaches its number; there is none to hash when the dir holds one run
+    committed = [n for n in newer if inspect_step(storage, n, verify=True).status == "committed"]
     if committed:
         raise CheckpointError(
             f"{storage.url} holds committed step(s) {', '.join(committed[-3:])} after step {step}, which this run "

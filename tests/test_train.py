@@ -239,10 +239,10 @@ def single_run(base: Path, ckpt: Path, *extra: str):
     )
 
 
-@pytest.mark.parametrize("damage", ["truncated", "stray_pickle"])
+@pytest.mark.parametrize("damage", ["truncated", "flipped_byte", "stray_pickle"])
 @pytest.mark.reliability(
-    fault="the newest step truncated, or holding only a stray pickle, then `resume: auto`",
-    injected="step 4's adapter file cut in half / replaced by `adapter_model.bin`",
+    fault="the newest step truncated, one byte flipped, or holding only a stray pickle, then `resume: auto`",
+    injected="step 4's adapter file cut in half / its last byte flipped / replaced by `adapter_model.bin`",
     outcome="resumes from step 2, moves the bad step aside (renamed, never deleted) and writes step 4 anew",
 )
 def test_a_bad_newest_step_is_skipped_then_set_aside_and_written_again(damage, gpt2_base, tmp_path, caplog):
@@ -256,6 +256,11 @@ def test_a_bad_newest_step_is_skipped_then_set_aside_and_written_again(damage, g
     if damage == "truncated":
         weights = step4 / "adapter_model.safetensors"
         weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif damage == "flipped_byte":  # the same size: only its sha256 tells
+        weights = step4 / "adapter_model.safetensors"
+        data = bytearray(weights.read_bytes())
+        data[-1] ^= 0xFF
+        weights.write_bytes(bytes(data))
     else:
         for f in step4.iterdir():
             f.unlink()
@@ -271,7 +276,7 @@ def test_a_bad_newest_step_is_skipped_then_set_aside_and_written_again(damage, g
     (aside,) = [p for p in ckpt.iterdir() if p.name.startswith("step-00000004.aside-")]
     assert {f.name: f.read_bytes() for f in aside.iterdir()} == kept  # nothing the user had is lost
     assert f"moved it aside to {aside}" in caplog.text
-    status = "corrupt" if damage == "truncated" else "incomplete"  # never called committed
+    status = "incomplete" if damage == "stray_pickle" else "corrupt"  # never called committed
     assert f"step-00000004 was {status} (" in caplog.text
 
 
