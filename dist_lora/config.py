@@ -537,3 +537,28 @@ def config_to_dict(cfg: RunConfig, *, secrets: bool = False) -> dict[str, Any]:
     """The config as plain data; secrets are redacted unless ``secrets=True`` (never write those to a checkpoint)."""
     data = dataclasses.asdict(cfg)
     return data if secrets else redact(data)
+
+
+RESUME_FREE = ("parallel.", "checkpoint.", "train.stop_at_step", "train.metrics_file", "train.micro_batch_size")
+"""Settings a resume may change without changing what is trained: where and how it runs (ranks, engine, sharding,
+saving), and how each global batch is cut into micro-batches."""
+
+
+def config_changes(saved: dict[str, Any] | None, now: dict[str, Any]) -> list[str]:
+    """The settings (``section.key``) that differ between the config a step was saved with and this run's, with
+    both values, but for :data:`RESUME_FREE`; empty for a step saved without its config."""
+    if not saved:
+        return []
+
+    def flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) and prefix == "" else {f"{prefix}{k}": v})
+        return out
+
+    before, after = flat(saved), flat(now)
+    return [
+        f"{key} {before.get(key, 'unset')!r} -> {after.get(key, 'unset')!r}"
+        for key in sorted(set(before) | set(after))
+        if not key.startswith(RESUME_FREE) and before.get(key) != after.get(key)
+    ]

@@ -16,7 +16,7 @@ from dist_lora import backends
 from dist_lora.agree import is_agreed
 from dist_lora.api import resume_checkpoint
 from dist_lora.checkpointer import Checkpointer
-from dist_lora.config import ConfigError, RunConfig, TrainConfig, config_to_dict
+from dist_lora.config import ConfigError, RunConfig, TrainConfig, config_changes, config_to_dict
 from dist_lora.data import check_packing, prepare_data
 from dist_lora.distributed import init_distributed, shutdown, step_consensus
 from dist_lora.guard import FirstNonFinite, check_first_step
@@ -212,11 +212,11 @@ class Trainer:
             saved_world_size=state.get("world_size"),
             saved_backend=state.get("backend"),
         )
-        if state.get("global_batch_size") not in (None, t.global_batch_size) or state.get("seed") not in (
-            None,
-            t.seed,
-        ):
-            log.warning("resuming with another global batch or seed than the checkpoint: the sample order changes")
+        changed = config_changes(state.get("config"), config_to_dict(self.cfg))
+        if state.get("global_batch_size") not in (None, t.global_batch_size) or state.get("seed") not in (None, t.seed):
+            changed.append("the global batch or the seed, so the sample order changes")
+        if changed:  # the run goes on as configured now: say what differs from the run that saved the step
+            log.warning("resuming %s with settings that differ from the run that saved it: %s", url, "; ".join(changed))
         log.info(
             "resumed from %s at step %d (saved by %s at world size %s; now %s at world size %d)",
             url,

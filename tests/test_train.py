@@ -296,6 +296,25 @@ def test_a_run_that_would_save_beside_newer_steps_stops_before_its_first_step(gp
     assert {p.relative_to(ckpt): p.read_bytes() for p in ckpt.rglob("*") if p.is_file()} == before
 
 
+def test_a_resume_names_the_settings_that_differ_from_the_saved_run(gpt2_base, tmp_path, caplog):
+    """Where and how a run goes (ranks, engine, saving, micro-batches) may change silently; what it trains may
+    change too, as configured now, but the resume says so, with both values."""
+    from dist_lora.config import load_config
+    from dist_lora.train import train
+
+    ckpt = tmp_path / "ckpt"
+    train(single_run(gpt2_base, ckpt, "train.stop_at_step=2"))
+    tiny = load_config(str(TINY))
+    lr, seq_len = tiny.train.lr, tiny.data.seq_len
+    caplog.clear()
+    train(single_run(gpt2_base, ckpt, "train.stop_at_step=4", "checkpoint.keep_last=2", "train.micro_batch_size=2"))
+    assert "differ from the run that saved it" not in caplog.text
+    train(single_run(gpt2_base, ckpt, f"train.lr={lr * 2}", f"data.seq_len={seq_len + 16}", "train.seed=5"))
+    (line,) = [r.message for r in caplog.records if "differ from the run that saved it" in r.message]
+    assert f"data.seq_len {seq_len} -> {seq_len + 16}; train.lr {lr!r} -> {lr * 2!r}; train.seed 0 -> 5" in line, line
+    assert "the sample order changes" in line and "checkpoint." not in line and "micro_batch" not in line
+
+
 def test_a_metrics_file_that_cannot_be_written_does_not_stop_rank_0(tmp_path, caplog):
     """Rank 0 writes metrics alone, between collectives: an error there is logged once, never raised."""
     from dist_lora.metrics import MetricsLog
