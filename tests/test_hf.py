@@ -104,43 +104,60 @@ def test_an_optimizer_state_a_step_cannot_hold_stops_the_run_after_its_first_ste
     callback.checkpointer.release_lease()
 
 
-def test_a_trainer_started_over_in_a_dir_with_newer_steps_stops_before_its_first_step(gpt2_base, tmp_path):
-    """`resume="none"` into a dir that holds a committed step: its saves would mix two runs (`resume="auto"` would
-    take the older run's newest step); it stops at `on_train_begin`, the dir left as it was."""
+def in_process_trainer(base, tmp_path, resume: str, max_steps: int, batch: int = 2):
+    """An HF Trainer of a tiny GPT-2 with LoRA in this process, saving every 2 steps through the callback."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=4, target_modules=["c_attn"]))
+    rows = [{"input_ids": list(range(i, i + 16)), "labels": list(range(i, i + 16))} for i in range(16)]
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "hf"),
+        per_device_train_batch_size=batch,
+        max_steps=max_steps,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=rows)
+    return trainer, DistLoraCallback.install(
+        trainer, str(tmp_path / "ckpt"), every_steps=2, resume=resume, async_save=False
+    )
+
+
+def test_a_trainer_started_over_in_a_dir_with_newer_steps_stops_before_its_first_step(gpt2_base, tmp_path):
+    """`resume="none"` into a dir that holds a committed step: its saves would mix two runs (`resume="auto"` would
+    take the older run's newest step); it stops at `on_train_begin`, the dir left as it was."""
     from dist_lora.checkpoint import CheckpointError
 
-    def trainer(resume: str, max_steps: int) -> tuple[Trainer, DistLoraCallback]:
-        torch.manual_seed(0)
-        model = get_peft_model(
-            AutoModelForCausalLM.from_pretrained(gpt2_base), LoraConfig(r=4, target_modules=["c_attn"])
-        )
-        rows = [{"input_ids": list(range(i, i + 16)), "labels": list(range(i, i + 16))} for i in range(8)]
-        args = TrainingArguments(
-            output_dir=str(tmp_path / "hf"),
-            per_device_train_batch_size=2,
-            max_steps=max_steps,
-            save_strategy="no",
-            report_to=[],
-            use_cpu=True,
-            disable_tqdm=True,
-        )
-        hf = Trainer(model=model, args=args, train_dataset=rows)
-        return hf, DistLoraCallback.install(hf, str(tmp_path / "ckpt"), every_steps=2, resume=resume, async_save=False)
-
-    first, callback = trainer("auto", 2)
+    first, callback = in_process_trainer(gpt2_base, tmp_path, "auto", 2)
     first.train()
     callback.checkpointer.release_lease()
     saved = (tmp_path / "ckpt" / "step-00000002" / "adapter_model.safetensors").read_bytes()
-    again, callback = trainer("none", 4)
+    again, callback = in_process_trainer(gpt2_base, tmp_path, "none", 4)
     with pytest.raises(CheckpointError, match=r"holds committed step\(s\) step-00000002 after step 0,"):
         again.train()
     assert again.state.global_step == 0
     assert [p.name for p in (tmp_path / "ckpt").glob("step-*")] == ["step-00000002"]
     assert (tmp_path / "ckpt" / "step-00000002" / "adapter_model.safetensors").read_bytes() == saved
     callback.checkpointer.release_lease()
+
+
+def test_a_resume_with_another_global_batch_says_the_data_position_is_not_exact(gpt2_base, tmp_path, caplog):
+    """The batches skipped to resume are counted in steps, which is exact only at the saved global batch."""
+    first, callback = in_process_trainer(gpt2_base, tmp_path, "auto", 2)
+    first.train()
+    callback.checkpointer.release_lease()
+    same, callback = in_process_trainer(gpt2_base, tmp_path, "auto", 4)
+    same.train()  # steps 3-4 at the saved global batch: exact, nothing said
+    callback.checkpointer.release_lease()
+    assert "global batch" not in caplog.text
+    wider, callback = in_process_trainer(gpt2_base, tmp_path, "auto", 6, batch=4)
+    wider.train()
+    callback.checkpointer.release_lease()
+    assert "step-00000004 was saved with a global batch of 2 samples, and this run's is 4" in caplog.text
 
 
 def test_callback_arguments_are_checked():

@@ -115,6 +115,7 @@ class DistLoraCallback(TrainerCallback):
         self._skip: tuple[int, int] | None = None  # (epochs to skip, batches to skip in the next epoch)
         self._skipping_epoch = False
         self._state_checked = False  # whether a save can hold the optimizer's state (known after its first step)
+        self._global_batch: int | None = None  # samples per step over all processes (known at on_train_begin)
         self._trainer: Any = None
 
     @classmethod
@@ -136,6 +137,7 @@ class DistLoraCallback(TrainerCallback):
     ) -> None:
         model, optimizer = kwargs["model"], kwargs["optimizer"]
         self.checkpointer.take_lease()  # one writer per dir, before any step
+        self._global_batch = _global_batch(args)
         backend = backend_for(model, optimizer, infer_bias_mode(model))
         backend.ready()
         saved = resume_checkpoint(
@@ -225,6 +227,7 @@ class DistLoraCallback(TrainerCallback):
         trainer_state = {
             "epoch": state.epoch,
             "samples_seen": state.global_step * state.train_batch_size if state.train_batch_size else None,
+            "global_batch_size": self._global_batch,
             "lr_scheduler": _jsonable(scheduler.state_dict()) if scheduler is not None else None,
             HF_STATE_KEY: {
                 "epoch": state.epoch,
@@ -262,11 +265,27 @@ class DistLoraCallback(TrainerCallback):
             _restore_scheduler(scheduler, saved["lr_scheduler"])
         if args.ignore_data_skip or loader is None or step == 0:
             return
+        saved_batch, batch = saved.get("global_batch_size"), self._global_batch
+        if saved_batch not in (None, batch):
+            log.warning(
+                "%s was saved with a global batch of %s samples, and this run's is %s (processes x "
+                "per_device_train_batch_size x gradient_accumulation_steps): the data skipped to resume is counted in "
+                "steps, so the samples after the resume are not the ones the saved run would have trained on next "
+                "(some repeat, some are skipped); keep the global batch to resume exactly",
+                saved.get("checkpoint_url"),
+                saved_batch,
+                batch,
+            )
         if not hasattr(loader, "skip_batches"):
             log.warning("the train dataloader (%s) cannot skip batches: data restarts at its beginning", type(loader))
             return
         per_epoch = max(math.ceil(len(loader) / args.gradient_accumulation_steps), 1)
         self._skip = (step // per_epoch, (step % per_epoch) * args.gradient_accumulation_steps)
+
+
+def _global_batch(args: TrainingArguments) -> int:
+    """Samples per optimizer step over all processes."""
+    return int(args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size)
 
 
 def _restore_scheduler(scheduler: Any, saved: dict[str, Any]) -> None:
