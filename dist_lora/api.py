@@ -21,6 +21,7 @@ from dist_lora.backends.base import expected_state_fields
 from dist_lora.checkpoint import (
     CheckpointError,
     LoadedStep,
+    check_no_newer_steps,
     is_step_url,
     newest_verified_step,
     read_manifest,
@@ -270,20 +271,27 @@ def resume_checkpoint(
 ) -> dict[str, Any] | None:
     """Collective: resume as ``checkpoint.resume`` says. "none" (or None): nothing, returns None; "auto": the
     newest committed step of ``dir`` that verifies (None if there is none; newer broken ones are skipped with a
-    warning); else one step's URL. Returns :func:`load_checkpoint`'s trainer state."""
-    if resume in (None, "", "none"):
-        return None
-    auto = resume == "auto"
-    return load_checkpoint(
-        model,
-        dir if auto else str(resume),
-        optimizer=optimizer,
-        storage_options=storage_options,
-        bucket_mb=bucket_mb,
-        backend=backend,
-        retry=retry,
-        missing_ok=auto,
-    )
+    warning); else one step's URL. Returns :func:`load_checkpoint`'s trainer state.
+
+    The run saves into ``dir`` from here on, so a committed step of ``dir`` after the one it starts from (0, or
+    the step resumed) is another run's: raised on every rank now, before any training, rather than at the first
+    save (:func:`~dist_lora.checkpoint.check_no_newer_steps`)."""
+    state = None
+    if resume not in (None, "", "none"):
+        auto = resume == "auto"
+        state = load_checkpoint(
+            model,
+            dir if auto else str(resume),
+            optimizer=optimizer,
+            storage_options=storage_options,
+            bucket_mb=bucket_mb,
+            backend=backend,
+            retry=retry,
+            missing_ok=auto,
+        )
+    start = int(state["step"]) if state is not None else 0
+    on_rank0(lambda: check_no_newer_steps(Storage(dir, storage_options, retry), start))
+    return state
 
 
 def load_model(

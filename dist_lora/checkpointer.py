@@ -36,7 +36,6 @@ from dist_lora.checkpoint import (
     AdapterState,
     CheckpointError,
     StepMeta,
-    check_no_newer_steps,
     check_step,
     json_state,
     serialize_step,
@@ -157,12 +156,6 @@ class Checkpointer:
             on_launcher_gone(self.release_lease)  # an orphaned rank 0 leaves the dir free for the next job
 
         on_rank0(take)
-
-    def check_continues(self, step: int) -> None:
-        """Collective: raise on every rank, before any training, when the dir holds a committed step after
-        ``step`` (where this run starts: 0, or the step it resumed from), which its first save would refuse
-        (:func:`~dist_lora.checkpoint.check_no_newer_steps`)."""
-        on_rank0(lambda: check_no_newer_steps(self.storage, step))
 
     def release_lease(self) -> None:
         """Not a collective: rank 0 gives the lease up (after the last save committed)."""

@@ -197,7 +197,6 @@ class Trainer:
             backend=self.backend,
             retry=self.checkpointer.retry,
         )
-        self.checkpointer.check_continues(int(state["step"]) if state is not None else 0)
         if state is None:
             return
         url = self.resumed_from = state["checkpoint_url"]

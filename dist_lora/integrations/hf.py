@@ -150,7 +150,6 @@ class DistLoraCallback(TrainerCallback):
             backend=backend,
             retry=self.checkpointer.retry,
         )
-        self.checkpointer.check_continues(int(saved["step"]) if saved is not None else 0)
         if saved is None:
             return
         self._restore_trainer(args, state, saved, kwargs.get("lr_scheduler"), kwargs.get("train_dataloader"))
