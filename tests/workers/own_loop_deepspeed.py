@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 import dist_lora
 from dist_lora.backends import attach
 from dist_lora.config import LoraConfig
-from dist_lora.distributed import exit_process
+from dist_lora.distributed import exit_process, shutdown
 
 
 def main(spec: dict) -> None:
@@ -36,4 +36,5 @@ def main(spec: dict) -> None:
 
 if __name__ == "__main__":
     main(json.loads(sys.argv[-1]))  # the launcher puts --local_rank=N first
+    shutdown()  # leave the process group together, so that gloo's threads cannot abort the exit (exit_process)
     exit_process()
