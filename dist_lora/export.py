@@ -17,7 +17,14 @@ from dist_lora.api import load_model, resolve_step
 from dist_lora.checkpoint import CheckpointError, LoadedStep, read_manifest, read_step, read_verified, rehash_manifest
 from dist_lora.constants import ADAPTER_CONFIG_NAME, MANIFEST_NAME
 from dist_lora.lora import base_fingerprint, base_key, compare_fingerprints, lora_scaling
-from dist_lora.model import BaseWeights, ModelError, build_on_meta, resolve_model_path
+from dist_lora.model import (
+    SAFE_INDEX_NAME,
+    BaseWeights,
+    ModelError,
+    base_directory,
+    build_on_meta,
+    resolve_model_path,
+)
 from dist_lora.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -69,8 +76,9 @@ def merge(
 ) -> Path:
     """Merge a step into its base (the one ``adapter_config.json`` names, or ``base``) and write the merged model.
 
-    A local base in safetensors is merged by streaming (:func:`stream_merge`: one file of the base in memory at a
-    time, the output laid out in the same files with the same index). A hub id, or an explicit ``dtype``, takes the
+    A base in safetensors, a local directory or a hub id's snapshot (:func:`~dist_lora.model.hub_snapshot`), is
+    merged by streaming (:func:`stream_merge`: one tensor of the base in memory at a time, the output laid out in
+    the same files with the same index). A base in pickle files only, or an explicit ``dtype``, takes the
     whole-model path: load the base, apply the adapter, ``merge_and_unload``, ``save_pretrained``.
     """
     out = Path(out_dir)
@@ -83,9 +91,10 @@ def merge(
         raise CheckpointError(f"{step.url} names no base model; pass --base")
     what = "--base" if base else f"base_model_name_or_path of {step.url}/adapter_config.json (override: --base)"
     base_path = resolve_model_path(base_path, what)
-    if dtype is None and Path(base_path).is_dir():
+    directory = base_directory(base_path, what) if dtype is None else None  # a hub id: its snapshot
+    if directory is not None:
         try:
-            return stream_merge(loaded, base_path, out)
+            return stream_merge(loaded, directory, out)
         except ModelError as e:  # a base in pickle files: from_pretrained reads those
             log.warning("%s; merging the whole model in memory instead", e)
     model: Any = load_model(step.url, base=base_path, dtype=dtype, storage_options=storage_options)
@@ -167,6 +176,15 @@ def _merged(tensor: torch.Tensor, edit: _Edit, fan_in_fan_out: bool) -> torch.Te
     return w.to(tensor.dtype)
 
 
+_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".safetensors", ".h5", ".msgpack", ".gguf", ".onnx", ".pkl")
+
+
+def _other_weights(name: str) -> bool:
+    """Whether a file of the base directory is another copy of its weights (pickles, TF, Flax, GGUF and their
+    indexes), which a streaming merge does not rewrite."""
+    return name.endswith(_WEIGHT_SUFFIXES) or (name.endswith(".index.json") and name != SAFE_INDEX_NAME)
+
+
 def stream_merge(loaded: LoadedStep, base_dir: str, out_dir: str | Path) -> Path:
     """Merge a step into a local safetensors base one tensor at a time, as PEFT's ``merge_and_unload`` would:
     each LoRA target weight gets ``scaling * B @ A`` (per-layer alpha and rank, rsLoRA; transposed for a
@@ -217,9 +235,16 @@ def stream_merge(loaded: LoadedStep, base_dir: str, out_dir: str | Path) -> Path
                 if key in edits:
                     tensor = _merged(tensor, edits[key], key.removesuffix(".weight") in fan_in_fan_out)
                 f.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)  # its bytes, not a copy
+    skipped = []
     for extra in Path(base_dir).iterdir():
-        if extra.is_file() and extra.name not in names:
+        if not extra.is_file() or extra.name in names:
+            continue
+        if _other_weights(extra.name):  # unmerged: a loader that picked them would serve the base without the adapter
+            skipped.append(extra.name)
+        else:
             shutil.copy2(extra, out / extra.name)
+    if skipped:
+        log.warning("not copied from %s (weights the merge did not write): %s", base_dir, ", ".join(sorted(skipped)))
     log.info("merged %s into %s by streaming (%d tensors changed)", loaded.url, out, len(edits))
     return out
 

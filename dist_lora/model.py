@@ -61,7 +61,7 @@ def resolve_model_path(name: str, what: str = "model.name_or_path") -> str:
 
 
 def _hub_failure(name: str, what: str, error: BaseException) -> ModelError:
-    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    first = str(error).strip().splitlines()[0].rstrip(".") if str(error).strip() else type(error).__name__
     offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
     hint = (
         "HF_HUB_OFFLINE is set and the model is not in the local cache"
@@ -93,6 +93,58 @@ def load_base(name: str, dtype: Any, what: str = "model.name_or_path") -> Any:
             return AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
     except (OSError, ValueError) as e:
         raise _hub_failure(name, what, e) if not Path(name).exists() else ModelError(f"{what} {name}: {e}") from e
+
+
+HUB_SIDE_FILES = ("*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken")
+"""What a hub model's directory holds besides its weights: config, weight index, generation config, tokenizer."""
+
+
+def hub_snapshot(repo_id: str, *, what: str = "model.name_or_path") -> Path | None:
+    """Hub model ``repo_id`` as a local directory, as ``hf download`` leaves it: its snapshot in the Hugging Face
+    cache, with the config, tokenizer and safetensors weights (only the files the weight index names, never the
+    pickles or ``original/`` checkpoints beside them), downloaded where missing. None when the model has no
+    safetensors weights (pickle files only, or not cached offline): it loads the full way. ModelError naming the
+    fix when the hub cannot be reached and the cache does not hold the model, or there is no such model."""
+    from huggingface_hub import snapshot_download
+
+    def download(patterns: list[str]) -> Path:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+
+    try:
+        side = download(list(HUB_SIDE_FILES))
+        index = side / SAFE_INDEX_NAME
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else []
+        snapshot = download([*HUB_SIDE_FILES, *(files or [SAFE_WEIGHTS_NAME])])
+    except (OSError, ValueError) as e:  # huggingface_hub's errors are OSErrors (HTTP, offline, not cached)
+        raise _hub_failure(repo_id, what, e) from e
+    if not (snapshot / "config.json").is_file():
+        raise ModelError(f"{what} {repo_id!r} has no config.json on the hub: it is not a transformers model")
+    return snapshot if all((snapshot / f).is_file() for f in files or [SAFE_WEIGHTS_NAME]) else None
+
+
+def base_directory(name: str, what: str = "model.name_or_path") -> str | None:
+    """Collective. The local directory of base ``name`` that sharded loading reads: ``name`` itself when it is a
+    directory; for a hub id, its snapshot (:func:`hub_snapshot`). Every rank asks for it at once: the hub's file
+    locks let one process per cache fetch each file while the others wait on the lock (not on a collective, whose
+    timeout a long download would outlast), then find it in place. None for a hub model without safetensors
+    weights, which loads the full way. A failure on any rank is raised on every rank alike."""
+    import torch.distributed as dist
+
+    from dist_lora.agree import raise_agreed
+
+    if Path(name).is_dir():
+        return name
+    snapshot: Path | None = None
+    error: BaseException | None = None
+    try:
+        snapshot = hub_snapshot(name, what=what)
+    except Exception as e:
+        error = e
+    if dist.is_available() and dist.is_initialized():
+        raise_agreed(error)
+    elif error is not None:
+        raise error
+    return str(snapshot) if snapshot is not None else None
 
 
 # ---------------------------------------------------------------------------------------------- sharded loading

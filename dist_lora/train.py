@@ -25,6 +25,7 @@ from dist_lora.lora import apply_lora
 from dist_lora.metrics import MetricsLog
 from dist_lora.model import (
     adapters_on_cpu,
+    base_directory,
     collection_paused,
     load_tokenizer,
     resolve_model_path,
@@ -143,10 +144,23 @@ class Trainer:
         """The base, LoRA over it, the quantization (QLoRA's plan, or None) and the wrapped engine."""
         t = cfg.train
         # FSDP2 and ZeRO-3 never hold more than a shard of the base on any rank; the others load a replica
+        engine = backends.backend_class(cfg.parallel.backend)
+        directory = base_directory(cfg.model.name_or_path)  # a hub id: its snapshot, downloaded where missing
+        if (
+            directory is None
+            and self.rank == 0
+            and (engine.gathers_parameters(cfg.parallel) or cfg.model.quantization != "none")
+        ):
+            log.warning(
+                "%s has no safetensors weights on the hub (pickle files only), so every rank loads it whole with "
+                "from_pretrained before it is sharded or quantized; to load each rank's shard alone, save it once with "
+                "model.save_pretrained(DIR, safe_serialization=True) and set model.name_or_path: DIR",
+                cfg.model.name_or_path,
+            )
         base: Any
-        base, weights = backends.backend_class(cfg.parallel.backend).load_base(
+        base, weights = engine.load_base(
             cfg.parallel,
-            cfg.model.name_or_path,
+            directory or cfg.model.name_or_path,
             DTYPES[cfg.model.dtype],
             self.device,
             quantized=cfg.model.quantization != "none",

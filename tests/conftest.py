@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import atexit
+import hashlib
 import json
 import os
+import shutil
+import tempfile
 import uuid
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# a Hugging Face cache of the tests' own (before huggingface_hub reads it at import): it holds only the fake hub
+# models of the hub_model fixture, never the user's downloads, and goes away with the run
+HF_HUB_CACHE = os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="dist-lora-tests-hf-hub-")
+atexit.register(shutil.rmtree, HF_HUB_CACHE, ignore_errors=True)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -114,6 +122,48 @@ def bf16_llama_base(llama_base: Path, tmp_path_factory: pytest.TempPathFactory) 
     AutoModelForCausalLM.from_pretrained(llama_base, dtype=torch.bfloat16).save_pretrained(out)
     AutoTokenizer.from_pretrained(llama_base).save_pretrained(out)
     return out
+
+
+def put_in_hub_cache(repo_id: str, directory: Path, extra: dict[str, bytes] | None = None) -> str:
+    """``directory``'s files (and ``extra``: relative path -> bytes) laid out as ``hf download repo_id`` leaves
+    them in the Hugging Face cache: content-addressed blobs, a snapshot of symlinks to them, ``refs/main``. With
+    HF_HUB_OFFLINE, huggingface_hub and transformers then find the model by its hub id. Returns ``repo_id``."""
+    import huggingface_hub
+
+    folder = Path(huggingface_hub.constants.HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--"))
+    files = {p.relative_to(directory).as_posix(): p.read_bytes() for p in directory.rglob("*") if p.is_file()}
+    files.update(extra or {})
+    commit = hashlib.sha1(repo_id.encode()).hexdigest()
+    for name, data in files.items():
+        blob = folder / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = folder / "snapshots" / commit / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (folder / "refs").mkdir(exist_ok=True)
+    (folder / "refs" / "main").write_text(commit)
+    return repo_id
+
+
+@pytest.fixture(scope="session")
+def hub_gpt2(gpt2_base: Path) -> str:
+    """The tiny GPT-2 as a downloaded hub model: loaded by its hub id, offline, from the Hugging Face cache."""
+    return put_in_hub_cache("dist-lora-tests/tiny-gpt2", gpt2_base)
+
+
+@pytest.fixture(scope="session")
+def hub_pickled_gpt2(gpt2_base: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tiny GPT-2 as a downloaded hub model published in pickle files only (``pytorch_model.bin``)."""
+    import torch
+    from safetensors.torch import load_file
+
+    directory = tmp_path_factory.mktemp("pickled")
+    for path in gpt2_base.iterdir():
+        if path.name != "model.safetensors":
+            shutil.copy(path, directory)
+    torch.save(load_file(str(gpt2_base / "model.safetensors")), directory / "pytorch_model.bin")
+    return put_in_hub_cache("dist-lora-tests/tiny-gpt2-pickled", directory)
 
 
 @pytest.fixture(scope="session")

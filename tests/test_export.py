@@ -2,6 +2,7 @@
 
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,6 +88,38 @@ def test_streaming_merge_of_a_sharded_base_equals_merge_and_unload(sharded_llama
     merged = AutoModelForCausalLM.from_pretrained(merged_dir)
     want = logits(model.merge_and_unload(), X)
     assert (logits(merged, X) - want).abs().max().item() <= 1e-5
+
+
+def test_a_hub_base_merges_by_streaming_and_leaves_its_other_weights_behind(sharded_llama_base, tmp_path):
+    """A step whose base is a hub id merges by streaming from the base's snapshot in the cache (the same files and
+    index out). Weights the merge does not rewrite (pickles, ``original/`` checkpoints) are not copied beside the
+    merged ones, where a loader that picked them would serve the base without the adapter."""
+    from dist_lora.export import merge
+    from tests.conftest import put_in_hub_cache
+
+    pickle = b"unmerged weights"
+    repo = put_in_hub_cache(
+        "dist-lora-tests/tiny-llama-sharded",
+        sharded_llama_base,
+        {"pytorch_model.bin": pickle, "pytorch_model.bin.index.json": b"{}", "original/consolidated.00.pth": pickle},
+    )
+    torch.manual_seed(5)
+    model = dist_lora.apply_lora(
+        AutoModelForCausalLM.from_pretrained(repo), LoraConfig(r=4, alpha=8, target_modules=["q_proj", "o_proj"])
+    )
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    step = dist_lora.save_checkpoint(model, str(tmp_path / "ck"), step=1)
+    assert json.loads((Path(step) / "adapter_config.json").read_text())["base_model_name_or_path"] == repo
+    merged_dir = merge(step, tmp_path / "merged")
+    names = {p.name for p in sharded_llama_base.glob("*.safetensors")}
+    assert {p.name for p in merged_dir.glob("*.safetensors")} == names and len(names) >= 3  # streamed, file by file
+    assert not list(merged_dir.glob("pytorch_model*")) and not (merged_dir / "original").exists()
+    assert (merged_dir / "tokenizer.json").is_file()
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir)
+    assert (logits(merged, X) - logits(model.merge_and_unload(), X)).abs().max().item() <= 1e-5
 
 
 def test_merge_into_another_base_is_refused_naming_the_differences(llama_base, tmp_path):

@@ -73,6 +73,25 @@ def test_a_pickle_only_base_is_refused_with_the_fix(tmp_path, gpt2_base):
         BaseWeights(tmp_path / "bin")
 
 
+def test_a_hub_id_is_read_from_its_snapshot_in_the_cache(hub_gpt2, hub_pickled_gpt2, gpt2_base):
+    """A hub id loads sharded as a directory does, from its snapshot in the Hugging Face cache (downloaded there
+    first where missing; here the cache holds it, offline). A hub model with pickle weights only gives None (it
+    loads the full way); one that is neither cached nor reachable is an error naming the fix."""
+    from dist_lora.model import base_directory, hub_snapshot
+
+    snapshot = hub_snapshot(hub_gpt2)
+    assert snapshot is not None and snapshot.parent.parent.name == "models--dist-lora-tests--tiny-gpt2"
+    assert base_directory(hub_gpt2) == str(snapshot) and base_directory(str(gpt2_base)) == str(gpt2_base)
+    files = load_file(str(gpt2_base / "model.safetensors"))
+    weights = BaseWeights(snapshot)  # its files are the cache's symlinks to content-addressed blobs
+    assert set(weights.entries) == set(files)
+    assert all(torch.equal(weights.read(key), value) for key, value in files.items())
+
+    assert hub_snapshot(hub_pickled_gpt2) is None
+    with pytest.raises(ModelError, match=r"'dist-lora-tests/absent' .*not in the local cache.*hf download"):
+        base_directory("dist-lora-tests/absent")
+
+
 def test_a_truncated_base_file_is_refused_before_it_is_mapped(tmp_path, llama_base):
     """A map of missing bytes would kill the process (SIGBUS) when read, with no word of why."""
     import shutil
@@ -194,12 +213,14 @@ def test_a_build_leaves_a_freeze_the_process_made_alone():
 @pytest.mark.multiproc
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
-def test_sharded_load_equals_the_full_load(world, gpt2_base, llama_base, sharded_llama_base, bf16_llama_base, tmp_path):
+def test_sharded_load_equals_the_full_load(
+    world, gpt2_base, llama_base, sharded_llama_base, bf16_llama_base, hub_gpt2, tmp_path
+):
     """FSDP2 and ZeRO-3, each on a tied GPT-2, a Llama (rotary buffers, GQA), a Llama in 3 files with an index, a
     Llama saved and trained in bf16 (``model.dtype``, no mixed precision: the base stays bf16 on every engine) and
     the fp32 Llama trained in bf16 (read and converted, never mapped), at world sizes 1-4 (3: uneven shards), and
-    HSDP at 4 (2 replica groups); one launch per world size. The ranges each rank read ahead are exactly the ones
-    it then used."""
+    HSDP at 4 (2 replica groups); at 2, the GPT-2 given by its hub id too (read from its snapshot in the cache);
+    one launch per world size. The ranges each rank read ahead are exactly the ones it then used."""
     qv = ["lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj]"]
     cases = [  # (base, model.dtype, overrides)
         (str(gpt2_base), "float32", []),
@@ -208,6 +229,8 @@ def test_sharded_load_equals_the_full_load(world, gpt2_base, llama_base, sharded
         (str(bf16_llama_base), "bfloat16", qv),
         (str(llama_base), "bfloat16", qv),
     ]
+    if world == 2:
+        cases.append((hub_gpt2, "float32", []))
     converted = f"{llama_base}:bfloat16"
     engines = ENGINES
     if world == 4:  # and HSDP: 2 replica groups of 2 shards
@@ -230,7 +253,8 @@ def test_sharded_load_equals_the_full_load(world, gpt2_base, llama_base, sharded
             assert report[name]["mapped_padded"] == [], f"rank {rank}, {name}: mapped, then copied: {report[name]}"
             # the read-ahead guessed this rank's share: it read ahead every range the load used, and made each map
             assert report[name]["not_read_ahead"] == [] and report[name]["views_missed"] == [], (rank, name)
-        assert all(report[f"{engine}:{gpt2_base}:float32"]["tied"] for engine in engines)
+        tied = [gpt2_base, hub_gpt2] if world == 2 else [gpt2_base]
+        assert all(report[f"{engine}:{base}:float32"]["tied"] for engine in engines for base in tied)
     if world == 3:  # the check above saw padded shards: uneven splits leave the last rank's padded
         last = json.loads((tmp_path / f"rank{world - 1}.json").read_text())
         assert all(last[name]["padded"] > 0 for name in names if name.startswith("fsdp:")), last

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import socket
@@ -313,6 +314,25 @@ def test_a_resume_names_the_settings_that_differ_from_the_saved_run(gpt2_base, t
     (line,) = [r.message for r in caplog.records if "differ from the run that saved it" in r.message]
     assert f"data.seq_len {seq_len} -> {seq_len + 16}; train.lr {lr!r} -> {lr * 2!r}; train.seed 0 -> 5" in line, line
     assert "the sample order changes" in line and "checkpoint." not in line and "micro_batch" not in line
+
+
+def test_a_hub_model_in_pickle_files_loads_whole_and_says_so(hub_pickled_gpt2, tmp_path):
+    """A hub id is loaded from its snapshot (sharded under FSDP2 and ZeRO-3); one published in pickle files only
+    cannot be: every rank loads it whole, as before, and the run says so and how to load it sharded."""
+    from dist_lora.train import train
+    from tests.dist_utils import in_child
+
+    def run() -> None:
+        said: list[str] = []
+        handler = logging.Handler(logging.WARNING)
+        handler.emit = lambda record: said.append(record.getMessage())  # type: ignore[method-assign]
+        logging.getLogger("dist_lora").addHandler(handler)
+        cfg = single_run(hub_pickled_gpt2, tmp_path / "ckpt", "parallel.backend=fsdp", "train.max_steps=2")
+        train(cfg)
+        assert any("has no safetensors weights on the hub (pickle files only)" in s for s in said), said
+        assert (tmp_path / "ckpt" / "step-00000002" / "manifest.json").is_file()
+
+    assert in_child(run) == 0
 
 
 def test_a_metrics_file_that_cannot_be_written_does_not_stop_rank_0(tmp_path, caplog):

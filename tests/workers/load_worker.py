@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from dist_lora.config import load_config
 from dist_lora.distributed import shutdown
 from dist_lora.lora import apply_lora, base_key, canonical_name
-from dist_lora.model import BaseWeights, load_base
+from dist_lora.model import BaseWeights, hub_snapshot, load_base
 from dist_lora.train import DTYPES, Trainer
 from tests.dist_utils import TINY, mapped_file
 
@@ -65,10 +65,17 @@ def held_whole(backend, p) -> torch.Tensor | None:
     return None
 
 
-def file_backed(t: torch.Tensor, base: str) -> bool:
-    """Whether ``t``'s memory is a map of one of the base's files."""
+def base_files(base: str) -> set[Path]:
+    """The files of a base directory, or of a hub id's snapshot in the cache, as a map names them (a snapshot's
+    files are symlinks to the cache's blobs)."""
+    directory = Path(base) if Path(base).is_dir() else hub_snapshot(base)
+    return {p.resolve() for p in directory.iterdir()}
+
+
+def file_backed(t: torch.Tensor, files: set[Path]) -> bool:
+    """Whether ``t``'s memory is a map of one of the base's ``files``."""
     path = mapped_file(t)
-    return path is not None and Path(path).parent == Path(base).resolve()
+    return path is not None and Path(path) in files
 
 
 def padded(backend, p) -> bool:
@@ -153,11 +160,12 @@ def main() -> None:
         reference = apply_lora(load_base(base, DTYPES[cfg.model.dtype]), cfg.lora, base)
         ref_params = {canonical_name(n): p.detach() for n, p in reference.named_parameters()}
         mismatched, checked, copied, mapped_padded = [], 0, [], []
+        files = base_files(base)
         module = backend.model.module if hasattr(backend.model, "module") else backend.model
         for name, p in module.named_parameters():
             key = canonical_name(name)
             whole = held_whole(backend, p)
-            if whole is not None and not file_backed(whole, base):
+            if whole is not None and not file_backed(whole, files):
                 copied.append(key)
             if padded(backend, p) and base_key(key) in MAPPED:  # FSDP2 would copy the map into its padded buffer
                 mapped_padded.append(key)
