@@ -76,9 +76,9 @@ def merge(
 ) -> Path:
     """Merge a step into its base (the one ``adapter_config.json`` names, or ``base``) and write the merged model.
 
-    A base in safetensors, a local directory or a hub id's snapshot (:func:`~dist_lora.model.hub_snapshot`), is
-    merged by streaming (:func:`stream_merge`: one tensor of the base in memory at a time, the output laid out in
-    the same files with the same index). A base in pickle files only, or an explicit ``dtype``, takes the
+    A base in safetensors files (a local directory, or a hub id's snapshot: :func:`~dist_lora.model.hub_snapshot`)
+    is merged by streaming (:func:`stream_merge`: one tensor of the base in memory at a time, the output laid out
+    in the same files with the same index). A base in pickle files only, or an explicit ``dtype``, takes the
     whole-model path: load the base, apply the adapter, ``merge_and_unload``, ``save_pretrained``.
     """
     out = Path(out_dir)
