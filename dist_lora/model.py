@@ -119,7 +119,14 @@ def hub_snapshot(repo_id: str, *, what: str = "model.name_or_path") -> Path | No
         raise _hub_failure(repo_id, what, e) from e
     if not (snapshot / "config.json").is_file():
         raise ModelError(f"{what} {repo_id!r} has no config.json on the hub: it is not a transformers model")
-    return snapshot if all((snapshot / f).is_file() for f in files or [SAFE_WEIGHTS_NAME]) else None
+    missing = [f for f in files or [SAFE_WEIGHTS_NAME] if not (snapshot / f).is_file()]
+    if files and missing:  # the index is there, some of its files are not: an interrupted download, offline now
+        raise ModelError(
+            f"{what} {repo_id!r}: its snapshot {snapshot} lacks {len(missing)} of the {len(files)} weight files "
+            f"its index names ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): an interrupted "
+            f"download? Run again with the hub reachable (HF_HUB_OFFLINE unset), or `hf download {repo_id}`"
+        )
+    return None if missing else snapshot
 
 
 def base_directory(name: str, what: str = "model.name_or_path") -> str | None:

@@ -73,11 +73,12 @@ def test_a_pickle_only_base_is_refused_with_the_fix(tmp_path, gpt2_base):
         BaseWeights(tmp_path / "bin")
 
 
-def test_a_hub_id_is_read_from_its_snapshot_in_the_cache(hub_gpt2, hub_pickled_gpt2, gpt2_base):
+def test_a_hub_id_is_read_from_its_snapshot_in_the_cache(hub_gpt2, hub_pickled_gpt2, gpt2_base, sharded_llama_base):
     """A hub id loads sharded as a directory does, from its snapshot in the Hugging Face cache (downloaded there
     first where missing; here the cache holds it, offline). A hub model with pickle weights only gives None (it
-    loads the full way); one that is neither cached nor reachable is an error naming the fix."""
+    loads the full way); one that is neither cached nor reachable, or cached in part, is an error naming the fix."""
     from dist_lora.model import base_directory, hub_snapshot
+    from tests.conftest import put_in_hub_cache
 
     snapshot = hub_snapshot(hub_gpt2)
     assert snapshot is not None and snapshot.parent.parent.name == "models--dist-lora-tests--tiny-gpt2"
@@ -90,6 +91,15 @@ def test_a_hub_id_is_read_from_its_snapshot_in_the_cache(hub_gpt2, hub_pickled_g
     assert hub_snapshot(hub_pickled_gpt2) is None
     with pytest.raises(ModelError, match=r"'dist-lora-tests/absent' .*not in the local cache.*hf download"):
         base_directory("dist-lora-tests/absent")
+    partial = put_in_hub_cache("dist-lora-tests/tiny-llama-partial", sharded_llama_base)
+    lost = sorted(sharded_llama_base.glob("model-*.safetensors"))[1].name
+    snapshot = hub_snapshot(partial)
+    assert snapshot is not None
+    (snapshot / lost).unlink()  # the download was cut before this file
+    with pytest.raises(
+        ModelError, match=f"lacks 1 of the .* weight files its index names \\({lost}\\): an interrupted"
+    ):
+        base_directory(partial)
 
 
 def test_a_truncated_base_file_is_refused_before_it_is_mapped(tmp_path, llama_base):
