@@ -294,6 +294,12 @@ def resume_checkpoint(
     return state
 
 
+def saved_revision(adapter_config: dict[str, Any], base: str) -> str | None:
+    """The hub commit a step was trained on (PEFT's ``revision`` in its adapter_config.json), where ``base`` is the
+    base it names; None for another base (an override) or a step saved without one."""
+    return adapter_config.get("revision") if base == adapter_config.get("base_model_name_or_path") else None
+
+
 def load_model(
     path: str,
     *,
@@ -304,7 +310,8 @@ def load_model(
 ) -> nn.Module:
     """A fresh base from ``from_pretrained``, LoRA applied from the step's adapter_config.json, then the adapter.
 
-    ``base`` overrides the base model path the checkpoint names. Single process.
+    ``base`` overrides the base model path the checkpoint names. A hub base loads at the commit the step was
+    trained on (``revision`` in adapter_config.json). Single process.
     """
     import peft
 
@@ -320,7 +327,7 @@ def load_model(
     what = (
         "base" if base_given else f"base_model_name_or_path of {step_store.url}/adapter_config.json (override: --base)"
     )
-    model = load_base(resolve_model_path(base, what), dtype, what)
+    model = load_base(resolve_model_path(base, what), dtype, what, revision=saved_revision(adapter_config, base))
     adapter_config["inference_mode"] = False
     config = peft.PeftConfig.from_peft_type(**adapter_config)
     model = peft.get_peft_model(model, config)

@@ -43,6 +43,9 @@ class ModelConfig:
     quantization: Quantization = "none"
     """none | nf4 (QLoRA: the frozen linear weights held in 4-bit NormalFloat, torchao's NF4, and computed in
     dtype; the adapter trains in dtype and is saved exactly as over an unquantized base)."""
+    revision: str | None = None
+    """A hub id's commit, branch or tag (``from_pretrained``'s ``revision``); default: its newest (``main``). The
+    commit trained on is recorded with every step either way."""
 
 
 @dataclass
@@ -343,6 +346,10 @@ def _validate(cfg: RunConfig, errors: list[str]) -> None:
             errors.append(msg)
 
     check(bool(cfg.model.name_or_path), "model.name_or_path is required (a save_pretrained dir or hub id)")
+    check(
+        cfg.model.revision is None or (isinstance(cfg.model.revision, str) and cfg.model.revision != ""),
+        f"model.revision must be a hub commit, branch or tag (got {cfg.model.revision!r}); omit it for the newest",
+    )
     check(cfg.lora.r >= 1, f"lora.r must be >= 1 (got {cfg.lora.r})")
     check(cfg.lora.alpha > 0, f"lora.alpha must be > 0 (got {cfg.lora.alpha})")
     check(0.0 <= cfg.lora.dropout < 1.0, f"lora.dropout must be in [0, 1) (got {cfg.lora.dropout})")

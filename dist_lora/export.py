@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dist_lora.api import load_model, resolve_step
+from dist_lora.api import load_model, resolve_step, saved_revision
 from dist_lora.checkpoint import CheckpointError, LoadedStep, read_manifest, read_step, read_verified, rehash_manifest
 from dist_lora.constants import ADAPTER_CONFIG_NAME, MANIFEST_NAME
 from dist_lora.lora import base_fingerprint, base_key, compare_fingerprints, lora_scaling
@@ -41,8 +41,8 @@ def pull(
 
     The result is what ``PeftModel.from_pretrained`` and vLLM load, and ``dist-lora verify`` checks. An existing,
     non-empty ``out_dir`` is refused: nothing is overwritten. ``base`` rewrites ``base_model_name_or_path`` in the
-    copy's adapter_config.json (a local directory made absolute) and its manifest entry, so that PEFT finds the
-    base where it is on this machine.
+    copy's adapter_config.json (a local directory made absolute; the saved base's ``revision`` dropped) and its
+    manifest entry, so that PEFT finds the base where it is on this machine.
     """
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
@@ -56,6 +56,7 @@ def pull(
 
         config = json.loads(files[ADAPTER_CONFIG_NAME])
         config["base_model_name_or_path"] = resolve_model_path(base, "--base")
+        config["revision"] = None  # the saved base's commit: not the new base's
         files[ADAPTER_CONFIG_NAME] = json.dumps(config, indent=2).encode()
         manifest_bytes = rehash_manifest(manifest, {ADAPTER_CONFIG_NAME: files[ADAPTER_CONFIG_NAME]})
     local = Storage(str(out))
@@ -90,8 +91,9 @@ def merge(
     if not base_path:
         raise CheckpointError(f"{step.url} names no base model; pass --base")
     what = "--base" if base else f"base_model_name_or_path of {step.url}/adapter_config.json (override: --base)"
+    revision = saved_revision(loaded.adapter_config, base_path)
     base_path = resolve_model_path(base_path, what)
-    directory = base_directory(base_path, what) if dtype is None else None  # a hub id: its snapshot
+    directory = base_directory(base_path, what, revision) if dtype is None else None  # a hub id: its snapshot
     if directory is not None:
         try:
             return stream_merge(loaded, directory, out)

@@ -247,7 +247,7 @@ def check_bias_mode(model: nn.Module, saved: str) -> None:
 # ---------------------------------------------------------------------------------------------- PEFT config
 
 
-def peft_lora_config(cfg: LoraConfig, base_model_name_or_path: str | None = None) -> Any:
+def peft_lora_config(cfg: LoraConfig, base_model_name_or_path: str | None = None, revision: str | None = None) -> Any:
     import peft
 
     return peft.LoraConfig(
@@ -267,6 +267,7 @@ def peft_lora_config(cfg: LoraConfig, base_model_name_or_path: str | None = None
         trainable_token_indices=cfg.trainable_token_indices,
         task_type="CAUSAL_LM",
         base_model_name_or_path=base_model_name_or_path,
+        revision=revision,  # the base's (PEFT's field: AutoPeftModel loads the base at it)
     )
 
 
@@ -331,8 +332,11 @@ def _collect_token_rows(layer: Any, weight: Any, rows: Any, embed_dim: int) -> t
         return weight[rows].clone()
 
 
-def apply_lora(model: nn.Module, cfg: LoraConfig, base_model_name_or_path: str | None = None) -> nn.Module:
-    """Wrap a causal LM in PEFT LoRA from a ``lora:`` config block; only the adapter (and biases per mode) train."""
+def apply_lora(
+    model: nn.Module, cfg: LoraConfig, base_model_name_or_path: str | None = None, revision: str | None = None
+) -> nn.Module:
+    """Wrap a causal LM in PEFT LoRA from a ``lora:`` config block; only the adapter (and biases per mode) train.
+    ``revision``: the hub commit of the base, recorded in ``adapter_config.json`` (PEFT's ``revision``)."""
     import peft
     from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
 
@@ -340,7 +344,7 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, base_model_name_or_path: str |
     try:
         # PEFT reads the trainable token rows of a ZeRO-3 embedding on CUDA only; this reads them on any device
         with mock.patch.object(TrainableTokensLayer, "_collect_token_weights", _collect_token_rows):
-            peft_model = peft.get_peft_model(model, peft_lora_config(cfg, name))
+            peft_model = peft.get_peft_model(model, peft_lora_config(cfg, name, revision))
     except ValueError as e:
         names = sorted(
             {

@@ -74,23 +74,25 @@ def _hub_failure(name: str, what: str, error: BaseException) -> ModelError:
     )
 
 
-def load_tokenizer(name: str, what: str = "model.name_or_path") -> Any:
-    """The base's tokenizer (AutoTokenizer), or ModelError naming the base and the fix."""
+def load_tokenizer(name: str, what: str = "model.name_or_path", revision: str | None = None) -> Any:
+    """The base's tokenizer (AutoTokenizer; a hub id's at ``revision``), or ModelError naming the base and the
+    fix."""
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(name)
+        return AutoTokenizer.from_pretrained(name, revision=hub_only(name, revision))
     except (OSError, ValueError) as e:
         raise _hub_failure(name, what, e) if not Path(name).exists() else ModelError(f"{what} {name}: {e}") from e
 
 
-def load_base(name: str, dtype: Any, what: str = "model.name_or_path") -> Any:
-    """``AutoModelForCausalLM.from_pretrained`` in ``dtype``, or ModelError naming the base and the fix."""
+def load_base(name: str, dtype: Any, what: str = "model.name_or_path", revision: str | None = None) -> Any:
+    """``AutoModelForCausalLM.from_pretrained`` in ``dtype`` (a hub id at ``revision``, by default its newest),
+    or ModelError naming the base and the fix."""
     from transformers import AutoModelForCausalLM
 
     try:
         with _outside_zero_init():  # a ZeRO-3 model built earlier in this process leaves its config active
-            return AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+            return AutoModelForCausalLM.from_pretrained(name, dtype=dtype, revision=hub_only(name, revision))
     except (OSError, ValueError) as e:
         raise _hub_failure(name, what, e) if not Path(name).exists() else ModelError(f"{what} {name}: {e}") from e
 
@@ -99,22 +101,29 @@ HUB_SIDE_FILES = ("*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken")
 """What a hub model's directory holds besides its weights: config, weight index, generation config, tokenizer."""
 
 
-def hub_snapshot(repo_id: str, *, what: str = "model.name_or_path") -> Path | None:
-    """Hub model ``repo_id`` as a local directory, as ``hf download`` leaves it: its snapshot in the Hugging Face
-    cache, with the config, tokenizer and safetensors weights (only the files the weight index names, never the
-    pickles or ``original/`` checkpoints beside them), downloaded where missing. None when the model has no
-    safetensors weights (pickle files only, or not cached offline): it loads the full way. ModelError naming the
-    fix when the hub cannot be reached and the cache does not hold the model, or there is no such model."""
+def hub_only(name: str, revision: str | None) -> str | None:
+    """``revision`` where ``name`` is a hub id; None for a local directory, which has no revisions."""
+    return None if Path(name).is_dir() else revision
+
+
+def hub_snapshot(repo_id: str, *, revision: str | None = None, what: str = "model.name_or_path") -> Path | None:
+    """Hub model ``repo_id`` (at ``revision``: a commit, branch or tag; by default ``main``) as a local directory,
+    as ``hf download`` leaves it: its snapshot in the Hugging Face cache (named by its commit), with the config,
+    tokenizer and safetensors weights (only the files the weight index names, never the pickles or ``original/``
+    checkpoints beside them), downloaded where missing. None when the model has no safetensors weights (pickle files
+    only, or not cached offline): it loads the full way. ModelError naming the fix when the hub cannot be reached
+    and the cache does not hold the model, or there is no such model."""
     from huggingface_hub import snapshot_download
 
-    def download(patterns: list[str]) -> Path:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    def download(at: str | None, patterns: list[str]) -> Path:
+        return Path(snapshot_download(repo_id, revision=at, allow_patterns=patterns))
 
     try:
-        side = download(list(HUB_SIDE_FILES))
+        side = download(revision, list(HUB_SIDE_FILES))
         index = side / SAFE_INDEX_NAME
         files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else []
-        snapshot = download([*HUB_SIDE_FILES, *(files or [SAFE_WEIGHTS_NAME])])
+        # the weights of that same commit (side.name), even if the repo moves on meanwhile
+        snapshot = download(side.name, [*HUB_SIDE_FILES, *(files or [SAFE_WEIGHTS_NAME])])
     except (OSError, ValueError) as e:  # huggingface_hub's errors are OSErrors (HTTP, offline, not cached)
         raise _hub_failure(repo_id, what, e) from e
     if not (snapshot / "config.json").is_file():
@@ -129,28 +138,40 @@ def hub_snapshot(repo_id: str, *, what: str = "model.name_or_path") -> Path | No
     return None if missing else snapshot
 
 
-def base_directory(name: str, what: str = "model.name_or_path") -> str | None:
+def base_directory(name: str, what: str = "model.name_or_path", revision: str | None = None) -> str | None:
     """Collective. The local directory of base ``name`` that sharded loading reads: ``name`` itself when it is a
-    directory; for a hub id, its snapshot (:func:`hub_snapshot`). Every rank asks for it at once: the hub's file
-    locks let one process per cache fetch each file while the others wait on the lock (not on a collective, whose
-    timeout a long download would outlast), then find it in place. None for a hub model without safetensors
-    weights, which loads the full way. A failure on any rank is raised on every rank alike."""
+    directory; for a hub id, its snapshot at ``revision`` (:func:`hub_snapshot`; the directory's name is the
+    commit). Every rank asks for it at once: the hub's file locks let one process per cache fetch each file while
+    the others wait on the lock (not on a collective, whose timeout a long download would outlast), then find it in
+    place. The ranks must have read one commit (a branch moved while the job started: an error that says so). None
+    for a hub model without safetensors weights, which loads the full way. A failure on any rank is raised on every
+    rank alike."""
     import torch.distributed as dist
 
     from dist_lora.agree import raise_agreed
+    from dist_lora.gather import broadcast_json
 
     if Path(name).is_dir():
         return name
     snapshot: Path | None = None
     error: BaseException | None = None
     try:
-        snapshot = hub_snapshot(name, what=what)
+        snapshot = hub_snapshot(name, revision=revision, what=what)
     except Exception as e:
         error = e
-    if dist.is_available() and dist.is_initialized():
-        raise_agreed(error)
-    elif error is not None:
-        raise error
+    if not (dist.is_available() and dist.is_initialized()):
+        if error is not None:
+            raise error
+        return str(snapshot) if snapshot is not None else None
+    raise_agreed(error)
+    commit = snapshot.name if snapshot is not None else None
+    first = broadcast_json(commit)  # rank 0's
+    if commit != first:
+        error = ModelError(
+            f"{what} {name!r}: this rank read the hub's commit {commit}, rank 0 read {first}: the repo changed while "
+            f"the job started; start it again, or pin the commit with model.revision={first}"
+        )
+    raise_agreed(error)
     return str(snapshot) if snapshot is not None else None
 
 

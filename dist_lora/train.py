@@ -96,6 +96,11 @@ class Trainer:
     def __init__(self, cfg: RunConfig):
         # local paths absolute, so that the config saved with each step and adapter_config.json work from anywhere
         model = replace(cfg.model, name_or_path=resolve_model_path(cfg.model.name_or_path))
+        if model.revision is not None and os.path.isdir(model.name_or_path):
+            raise ConfigError(
+                f"model.revision={model.revision} picks a version of a hub model, and model.name_or_path "
+                f"{model.name_or_path} is a local directory, which has none: drop model.revision"
+            )
         d = cfg.data
         data = replace(
             d, path=_local_abs(d.path), eval_path=_local_abs(d.eval_path), chat_template=_local_abs(d.chat_template)
@@ -120,7 +125,7 @@ class Trainer:
         t = cfg.train
         if backends.backend_class(cfg.parallel.backend).gathers_parameters(cfg.parallel):
             return_large_blocks_to_the_os()  # else glibc keeps every freed all-gather buffer: RSS would grow ~2x
-        tokenizer = load_tokenizer(cfg.model.name_or_path)
+        tokenizer = load_tokenizer(cfg.model.name_or_path, revision=cfg.model.revision)
         self.data = prepare_data(cfg.data, tokenizer, seed=t.seed)  # tokenized once per node, then cached
         with collection_paused():  # a build makes ~10^5 objects: no full collections over the imported libraries
             plan = self._build_model(cfg)
@@ -145,7 +150,11 @@ class Trainer:
         t = cfg.train
         # FSDP2 and ZeRO-3 never hold more than a shard of the base on any rank; the others load a replica
         engine = backends.backend_class(cfg.parallel.backend)
-        directory = base_directory(cfg.model.name_or_path)  # a hub id: its snapshot, downloaded where missing
+        # a hub id: its snapshot (at model.revision), downloaded where missing; its directory is named by its commit,
+        # which every step records: a resume on a base the hub has changed since says so
+        directory = base_directory(cfg.model.name_or_path, revision=cfg.model.revision)
+        hub = directory not in (None, cfg.model.name_or_path)
+        self.base_revision = os.path.basename(str(directory)) if hub else cfg.model.revision
         if (
             directory is None
             and self.rank == 0
@@ -164,10 +173,13 @@ class Trainer:
             DTYPES[cfg.model.dtype],
             self.device,
             quantized=cfg.model.quantization != "none",
+            revision=cfg.model.revision,  # where a hub id loads the full way
             micro_batch_size=t.micro_batch_size,
             grad_accum=self.grad_accum,
             max_grad_norm=t.max_grad_norm,
         )
+        if hub:  # named by its hub id, as from_pretrained of the id names it (PEFT saves this name, not the cache's)
+            base.name_or_path = base.config.name_or_path = cfg.model.name_or_path
         base.config.use_cache = False  # training never reads a key-value cache
         if cfg.data.packing:
             check_packing(base)
@@ -175,7 +187,7 @@ class Trainer:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         torch.manual_seed(t.seed)  # LoRA init is the same on every rank, at every world size, for every backend
         with adapters_on_cpu():  # over a base on the meta device, the adapter still gets its values
-            model = apply_lora(base, cfg.lora, cfg.model.name_or_path)
+            model = apply_lora(base, cfg.lora, cfg.model.name_or_path, self.base_revision)
         model.train()  # from_pretrained returns eval mode: LoRA dropout and activation checkpointing need this
         plan = None
         if cfg.model.quantization == "nf4":  # QLoRA: before sharding, so that FSDP2 shards the 4-bit bytes
@@ -228,6 +240,11 @@ class Trainer:
         changed = config_changes(state.get("config"), config_to_dict(self.cfg))
         if state.get("global_batch_size") not in (None, t.global_batch_size) or state.get("seed") not in (None, t.seed):
             changed.append("the global batch or the seed, so the sample order changes")
+        if state.get("base_revision") not in (None, self.base_revision) and self.base_revision is not None:
+            changed.append(
+                f"the base {self.cfg.model.name_or_path} is the hub's commit {self.base_revision} now, "
+                f"{state['base_revision']} then (to train on the saved one: model.revision={state['base_revision']})"
+            )
         if changed:  # the run goes on as configured now: say what differs from the run that saved the step
             log.warning("resuming %s with settings that differ from the run that saved it: %s", url, "; ".join(changed))
         log.info(
@@ -327,6 +344,7 @@ class Trainer:
                 "last_lr": lr_at(max(self.step - 1, 0), t),
             },
             "config": config_to_dict(self.cfg),
+            "base_revision": self.base_revision,
             "eval_history": self.eval_history,
             "best_eval": self.best_eval(),
         }

@@ -124,16 +124,20 @@ def bf16_llama_base(llama_base: Path, tmp_path_factory: pytest.TempPathFactory) 
     return out
 
 
-def put_in_hub_cache(repo_id: str, directory: Path, extra: dict[str, bytes] | None = None) -> str:
+def put_in_hub_cache(
+    repo_id: str, directory: Path, extra: dict[str, bytes] | None = None, commit: str | None = None
+) -> str:
     """``directory``'s files (and ``extra``: relative path -> bytes) laid out as ``hf download repo_id`` leaves
     them in the Hugging Face cache: content-addressed blobs, a snapshot of symlinks to them, ``refs/main``. With
-    HF_HUB_OFFLINE, huggingface_hub and transformers then find the model by its hub id. Returns ``repo_id``."""
+    HF_HUB_OFFLINE, huggingface_hub and transformers then find the model by its hub id. ``commit`` (40 hex
+    digits) names the snapshot and becomes ``main``: another commit of the same repo is the hub moving on.
+    Returns ``repo_id``."""
     import huggingface_hub
 
     folder = Path(huggingface_hub.constants.HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--"))
     files = {p.relative_to(directory).as_posix(): p.read_bytes() for p in directory.rglob("*") if p.is_file()}
     files.update(extra or {})
-    commit = hashlib.sha1(repo_id.encode()).hexdigest()
+    commit = commit or hashlib.sha1(repo_id.encode()).hexdigest()
     for name, data in files.items():
         blob = folder / "blobs" / hashlib.sha256(data).hexdigest()
         blob.parent.mkdir(parents=True, exist_ok=True)
@@ -141,7 +145,7 @@ def put_in_hub_cache(repo_id: str, directory: Path, extra: dict[str, bytes] | No
         link = folder / "snapshots" / commit / name
         link.parent.mkdir(parents=True, exist_ok=True)
         link.symlink_to(os.path.relpath(blob, link.parent))
-    (folder / "refs").mkdir(exist_ok=True)
+    (folder / "refs").mkdir(parents=True, exist_ok=True)
     (folder / "refs" / "main").write_text(commit)
     return repo_id
 

@@ -20,6 +20,7 @@ from dist_lora.model import BaseWeights, ModelError, build_on_meta, collection_p
 from tests.dist_utils import mapped_file, maps_of, resident_bytes, run_worker
 
 WORKER = Path(__file__).resolve().parent / "workers" / "load_worker.py"
+HUB_WORKER = Path(__file__).resolve().parent / "workers" / "hub_worker.py"
 ENGINES = {"fsdp": ["parallel.backend=fsdp"], "zero3": ["parallel.backend=deepspeed", "parallel.zero_stage=3"]}
 
 
@@ -100,6 +101,32 @@ def test_a_hub_id_is_read_from_its_snapshot_in_the_cache(hub_gpt2, hub_pickled_g
         ModelError, match=f"lacks 1 of the .* weight files its index names \\({lost}\\): an interrupted"
     ):
         base_directory(partial)
+
+
+@pytest.mark.multiproc
+def test_ranks_that_read_two_commits_of_a_hub_model_stop_together(gpt2_base, tmp_path, monkeypatch):
+    """The ranks of a job that starts while its hub repo changes could read two commits of the base, each rank a
+    shard of another model: they compare, and every rank raises one error naming both commits and the fix."""
+    import huggingface_hub
+
+    from tests.conftest import put_in_hub_cache
+    from tests.dist_utils import forked_ranks
+
+    caches = [str(tmp_path / "cache0"), str(tmp_path / "cache1")]
+    for cache, commit in zip(caches, ("c0" * 20, "c1" * 20), strict=True):
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", cache)
+        put_in_hub_cache("dist-lora-tests/changing", gpt2_base, commit=commit)
+    spec = {"repo": "dist-lora-tests/changing", "caches": caches, "out": str(tmp_path)}
+    forked_ranks(2, [str(HUB_WORKER), json.dumps(spec)])
+    for rank in (0, 1):
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert result.get("error") == "ModelError", result
+        assert f"read the hub's commit {'c1' * 20}, rank 0 read {'c0' * 20}" in result["message"]
+        assert f"model.revision={'c0' * 20}" in result["message"]
+    spec["caches"] = [caches[0], caches[0]]  # one commit: every rank gets its snapshot
+    forked_ranks(2, [str(HUB_WORKER), json.dumps(spec)])
+    got = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert got[0] == got[1] and got[0]["directory"].endswith("/snapshots/" + "c0" * 20), got
 
 
 def test_a_truncated_base_file_is_refused_before_it_is_mapped(tmp_path, llama_base):

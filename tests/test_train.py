@@ -316,6 +316,59 @@ def test_a_resume_names_the_settings_that_differ_from_the_saved_run(gpt2_base, t
     assert "the sample order changes" in line and "checkpoint." not in line and "micro_batch" not in line
 
 
+def test_a_hub_base_is_pinned_to_the_commit_each_step_trained_on(gpt2_base, tmp_path, caplog):
+    """A hub base's commit is recorded with every step, in PEFT's own field (``revision`` in adapter_config.json:
+    AutoPeftModel loads the base at it). When the hub moves on, a resume names both commits and the fix
+    (``model.revision``), which trains on the saved one; merge and load_model use the commit the step names."""
+    import torch
+    from peft import AutoPeftModelForCausalLM
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    import dist_lora
+    from dist_lora.config import ConfigError
+    from dist_lora.export import merge, pull
+    from dist_lora.train import train
+    from tests.conftest import put_in_hub_cache
+
+    first, second = "a1" * 20, "b2" * 20
+    repo = put_in_hub_cache("dist-lora-tests/moving-gpt2", gpt2_base, commit=first)
+    ckpt = tmp_path / "ckpt"
+    train(single_run(repo, ckpt, "train.stop_at_step=2"))
+
+    def revision(step: int) -> str:
+        config = json.loads((ckpt / f"step-{step:08d}" / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] == repo  # the hub id, not the cache's directory it was read from
+        return config["revision"]
+
+    assert revision(2) == first
+    v1 = load_file(str(gpt2_base / "model.safetensors"))
+    (tmp_path / "v2").mkdir()
+    for f in gpt2_base.iterdir():
+        (tmp_path / "v2" / f.name).write_bytes(f.read_bytes())
+    save_file({k: v * 2 for k, v in v1.items()}, str(tmp_path / "v2" / "model.safetensors"), {"format": "pt"})
+    put_in_hub_cache(repo, tmp_path / "v2", commit=second)  # the hub moves on: main is another commit
+
+    caplog.clear()
+    train(single_run(repo, ckpt, "train.stop_at_step=3"))
+    said = f"is the hub's commit {second} now, {first} then (to train on the saved one: model.revision={first})"
+    assert said in caplog.text and revision(3) == second
+    train(single_run(repo, ckpt, "train.stop_at_step=4", f"model.revision={first}"))
+    assert revision(4) == first
+
+    wte = "transformer.wte.weight"
+    step2 = str(ckpt / "step-00000002")
+    merged = merge(step2, tmp_path / "merged")  # streamed from the saved commit's snapshot
+    assert torch.equal(load_file(str(merged / "model.safetensors"))[wte], v1[wte])
+    assert torch.equal(dist_lora.load_model(step2).get_base_model().transformer.wte.weight, v1[wte])
+    assert torch.equal(AutoPeftModelForCausalLM.from_pretrained(step2).get_base_model().transformer.wte.weight, v1[wte])
+    assert torch.equal(AutoModelForCausalLM.from_pretrained(repo).transformer.wte.weight, 2 * v1[wte])  # main moved
+    pulled = pull(step2, tmp_path / "pulled", base=str(gpt2_base))  # another base: the saved commit is not its
+    assert json.loads((pulled / "adapter_config.json").read_text())["revision"] is None
+    with pytest.raises(ConfigError, match="model.revision=abc picks a version of a hub model, .* local directory"):
+        train(single_run(gpt2_base, tmp_path / "other", "model.revision=abc"))
+
+
 def test_a_hub_model_in_pickle_files_loads_whole_and_says_so(hub_pickled_gpt2, tmp_path):
     """A hub id is loaded from its snapshot (sharded under FSDP2 and ZeRO-3); one published in pickle files only
     cannot be: every rank loads it whole, as before, and the run says so and how to load it sharded."""

@@ -112,6 +112,7 @@ class Backend(ABC):
         device: torch.device,
         *,
         quantized: bool = False,
+        revision: str | None = None,
         **batch: Any,
     ) -> tuple[nn.Module, BaseWeights | None]:
         """The base model as this backend loads it, and the weights :meth:`wrap` still has to read (None when the
@@ -119,14 +120,14 @@ class Backend(ABC):
         in ``dtype``, on ``device``; a base to be quantized (``quantized``, from a local directory) is built on the
         meta device instead, so that :meth:`wrap` reads and quantizes it one tensor at a time and the whole base
         never sits in memory in ``dtype``. Sharding engines override it so that no rank holds more than its shard.
-        ``batch``: the run's ``micro_batch_size``, ``grad_accum`` and ``max_grad_norm``, for an engine configured
-        before the model is built (ZeRO-3)."""
+        ``revision``: a hub id's commit, branch or tag. ``batch``: the run's ``micro_batch_size``, ``grad_accum``
+        and ``max_grad_norm``, for an engine configured before the model is built (ZeRO-3)."""
         weights = BaseWeights.of(name_or_path) if quantized else None
         if weights is not None:
             weights.read_ahead(lambda shape: (0, math.prod(shape), False), None)  # read whole, then quantized
             model = build_on_meta(name_or_path, dtype)
             return model, weights.tie(model)
-        return load_base(name_or_path, dtype).to(device), None
+        return load_base(name_or_path, dtype, revision=revision).to(device), None
 
     @classmethod
     def shards(cls, parallel: ParallelConfig) -> int:

@@ -174,7 +174,7 @@ class DeepSpeedBackend(Backend):
         one tensor at a time. ZeRO-1/2 keep a whole replica per rank (and a hub id loads whole)."""
         weights = BaseWeights.of(name_or_path) if parallel.zero_stage == 3 else None
         if weights is None:
-            return super().load_base(parallel, name_or_path, dtype, device)
+            return super().load_base(parallel, name_or_path, dtype, device, **batch)
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
         weights.read_ahead(partition_of(rank, world), dtype if device.type == "cpu" else None)
         import_deepspeed()

@@ -143,7 +143,7 @@ class FSDPBackend(Backend):
         the files. A hub id loads whole (download it to a directory to load it sharded)."""
         weights = BaseWeights.of(name_or_path)
         if weights is None:
-            return super().load_base(parallel, name_or_path, dtype, device)
+            return super().load_base(parallel, name_or_path, dtype, device, **batch)
         shards = cls.shards(parallel)
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         views = dtype if device.type == "cpu" and not batch.get("quantized") else None  # as materialize makes them
