@@ -1,9 +1,10 @@
 """Finding and loading the base model and its tokenizer (``model.name_or_path``).
 
 A local directory is used by its absolute path, so that the config saved with every step and the
-``adapter_config.json`` PEFT reads name a base that can be found from any working directory. A hub id stays as it
-is. A path that does not exist, and a hub id that cannot be fetched (no network, no such repo), are one error each
-that says which and what to do, never a library traceback.
+``adapter_config.json`` PEFT reads name a base that can be found from any working directory. A hub id stays as it is
+in every name saved; its files are read from its snapshot in the Hugging Face cache (:func:`base_directory`), at the
+commit recorded with each step. A path that does not exist, and a hub id that cannot be fetched (no network, no such
+repo), are one error each that says which and what to do, never a library traceback.
 
 Sharded loading (what FSDP2 and ZeRO-3 use, see ``Backend.load_base``) builds the model on the meta device
 (:func:`build_on_meta`), keeps the LoRA adapter's values while PEFT applies it there (:func:`adapters_on_cpu`), and
@@ -168,8 +169,8 @@ def base_directory(name: str, what: str = "model.name_or_path", revision: str | 
     first = broadcast_json(commit)  # rank 0's
     if commit != first:
         error = ModelError(
-            f"{what} {name!r}: this rank read the hub's commit {commit}, rank 0 read {first}: the repo changed while "
-            f"the job started; start it again, or pin the commit with model.revision={first}"
+            f"{what} {name!r}: rank {dist.get_rank()} read the hub's commit {commit}, rank 0 read {first}: the repo "
+            f"changed while the job started; start it again, or pin the commit with model.revision={first}"
         )
     raise_agreed(error)
     return str(snapshot) if snapshot is not None else None

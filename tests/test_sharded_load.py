@@ -121,7 +121,7 @@ def test_ranks_that_read_two_commits_of_a_hub_model_stop_together(gpt2_base, tmp
     for rank in (0, 1):
         result = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert result.get("error") == "ModelError", result
-        assert f"read the hub's commit {'c1' * 20}, rank 0 read {'c0' * 20}" in result["message"]
+        assert f"rank 1 read the hub's commit {'c1' * 20}, rank 0 read {'c0' * 20}" in result["message"]
         assert f"model.revision={'c0' * 20}" in result["message"]
     spec["caches"] = [caches[0], caches[0]]  # one commit: every rank gets its snapshot
     forked_ranks(2, [str(HUB_WORKER), json.dumps(spec)])

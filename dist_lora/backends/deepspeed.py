@@ -171,7 +171,7 @@ class DeepSpeedBackend(Backend):
     def load_base(cls, parallel, name_or_path, dtype, device, **batch):  # type: ignore[no-untyped-def]
         """ZeRO-3 with a local base: the model is partitioned as it is constructed (``zero.Init``, through
         transformers' HfDeepSpeedConfig), then each rank fills its own partition of every tensor from the files,
-        one tensor at a time. ZeRO-1/2 keep a whole replica per rank (and a hub id loads whole)."""
+        one tensor at a time. ZeRO-1/2 keep a whole replica per rank (and so does a hub model in pickle files only)."""
         weights = BaseWeights.of(name_or_path) if parallel.zero_stage == 3 else None
         if weights is None:
             return super().load_base(parallel, name_or_path, dtype, device, **batch)

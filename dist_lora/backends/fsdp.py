@@ -140,7 +140,8 @@ class FSDPBackend(Backend):
     @classmethod
     def load_base(cls, parallel, name_or_path, dtype, device, **batch):  # type: ignore[no-untyped-def]
         """A local base is built on the meta device; :meth:`wrap` shards it and each rank reads its own rows from
-        the files. A hub id loads whole (download it to a directory to load it sharded)."""
+        the files (a hub id comes as its snapshot's directory: ``model.base_directory``). A hub model published in
+        pickle files only loads whole."""
         weights = BaseWeights.of(name_or_path)
         if weights is None:
             return super().load_base(parallel, name_or_path, dtype, device, **batch)
