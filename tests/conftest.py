@@ -132,9 +132,9 @@ def put_in_hub_cache(
     HF_HUB_OFFLINE, huggingface_hub and transformers then find the model by its hub id. ``commit`` (40 hex
     digits) names the snapshot and becomes ``main``: another commit of the same repo is the hub moving on.
     Returns ``repo_id``."""
-    import huggingface_hub
+    from huggingface_hub import constants
 
-    folder = Path(huggingface_hub.constants.HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--"))
+    folder = Path(constants.HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--"))
     files = {p.relative_to(directory).as_posix(): p.read_bytes() for p in directory.rglob("*") if p.is_file()}
     files.update(extra or {})
     commit = commit or hashlib.sha1(repo_id.encode()).hexdigest()

@@ -107,14 +107,14 @@ def test_a_hub_id_is_read_from_its_snapshot_in_the_cache(hub_gpt2, hub_pickled_g
 def test_ranks_that_read_two_commits_of_a_hub_model_stop_together(gpt2_base, tmp_path, monkeypatch):
     """The ranks of a job that starts while its hub repo changes could read two commits of the base, each rank a
     shard of another model: they compare, and every rank raises one error naming both commits and the fix."""
-    import huggingface_hub
+    from huggingface_hub import constants
 
     from tests.conftest import put_in_hub_cache
     from tests.dist_utils import forked_ranks
 
     caches = [str(tmp_path / "cache0"), str(tmp_path / "cache1")]
     for cache, commit in zip(caches, ("c0" * 20, "c1" * 20), strict=True):
-        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", cache)
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", cache)
         put_in_hub_cache("dist-lora-tests/changing", gpt2_base, commit=commit)
     spec = {"repo": "dist-lora-tests/changing", "caches": caches, "out": str(tmp_path)}
     forked_ranks(2, [str(HUB_WORKER), json.dumps(spec)])

@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-import huggingface_hub
+from huggingface_hub import constants
 
 from dist_lora.distributed import init_distributed, shutdown
 from dist_lora.model import base_directory
@@ -21,7 +21,7 @@ from dist_lora.model import base_directory
 def main() -> None:
     args = json.loads(sys.argv[1])
     rank, _, _ = init_distributed(timeout_s=30)  # a rank left waiting fails in seconds, not in 30 minutes
-    huggingface_hub.constants.HF_HUB_CACHE = args["caches"][rank]
+    constants.HF_HUB_CACHE = args["caches"][rank]
     try:
         result = {"directory": base_directory(args["repo"])}
     except Exception as e:
