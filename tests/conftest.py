@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# a Hugging Face cache of the tests' own (before huggingface_hub reads it at import): it holds only the fake hub
-# models of the hub_model fixture, never the user's downloads, and goes away with the run
+# a Hugging Face cache of the tests' own (set before huggingface_hub reads it at import): it holds only the fake
+# hub models that put_in_hub_cache lays out, never the user's downloads, and goes away with the run
 HF_HUB_CACHE = os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="dist-lora-tests-hf-hub-")
 atexit.register(shutil.rmtree, HF_HUB_CACHE, ignore_errors=True)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
