@@ -122,14 +122,15 @@ def hub_snapshot(repo_id: str, *, revision: str | None = None, what: str = "mode
     try:
         side = download(revision, list(HUB_SIDE_FILES))
         index = side / SAFE_INDEX_NAME
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else []
+        files = indexed_files(index) if index.is_file() else []
+        weights = files or [SAFE_WEIGHTS_NAME]
         # the weights of that same commit (side.name), even if the repo moves on meanwhile
-        snapshot = download(side.name, [*HUB_SIDE_FILES, *(files or [SAFE_WEIGHTS_NAME])])
+        snapshot = download(side.name, [*HUB_SIDE_FILES, *weights])
     except (OSError, ValueError) as e:  # huggingface_hub's errors are OSErrors (HTTP, offline, not cached)
         raise _hub_failure(repo_id, what, e) from e
     if not (snapshot / "config.json").is_file():
         raise ModelError(f"{what} {repo_id!r} has no config.json on the hub: it is not a transformers model")
-    missing = [f for f in files or [SAFE_WEIGHTS_NAME] if not (snapshot / f).is_file()]
+    missing = [f for f in weights if not (snapshot / f).is_file()]
     if files and missing:  # the index is there, some of its files are not: an interrupted download, offline now
         raise ModelError(
             f"{what} {repo_id!r}: its snapshot {snapshot} lacks {len(missing)} of the {len(files)} weight files "
@@ -197,6 +198,11 @@ _SAFE_DTYPES = {
 }
 
 
+def indexed_files(index: Path) -> list[str]:
+    """The safetensors files a weight index (``model.safetensors.index.json``) names, each once, sorted."""
+    return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+
+
 @dataclass(frozen=True)
 class _Entry:
     path: Path
@@ -228,7 +234,7 @@ class BaseWeights:
         self.directory = Path(directory)
         index = self.directory / SAFE_INDEX_NAME
         if index.is_file():
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            names = indexed_files(index)
         elif (self.directory / SAFE_WEIGHTS_NAME).is_file():
             names = [SAFE_WEIGHTS_NAME]
         else:
