@@ -535,6 +535,17 @@ def build_on_meta(name_or_path: str, dtype: torch.dtype) -> Any:
     return model
 
 
+def enable_activation_checkpointing(model: Any) -> None:
+    """Recompute each transformer block's activations in backward, non-reentrant: HF's flag on each block (no
+    wrapper module, so no new prefix in any parameter name). transformers 5 names it
+    ``activation_checkpointing_enable`` (its old name warns once per rank); transformers 4 has the old name only."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 @contextlib.contextmanager
 def adapters_on_cpu() -> Iterator[None]:
     """While LoRA is applied to a base on the meta device: PEFT creates each adapter on the CPU (drawing its init

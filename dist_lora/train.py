@@ -27,6 +27,7 @@ from dist_lora.model import (
     adapters_on_cpu,
     base_directory,
     collection_paused,
+    enable_activation_checkpointing,
     load_tokenizer,
     resolve_model_path,
     return_large_blocks_to_the_os,
@@ -184,7 +185,7 @@ class Trainer:
         if cfg.data.packing:
             check_packing(base)
         if t.activation_checkpointing:  # HF's flag on each block: no wrapper, so no new prefix in any key
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(base)
         torch.manual_seed(t.seed)  # LoRA init is the same on every rank, at every world size, for every backend
         with adapters_on_cpu():  # over a base on the meta device, the adapter still gets its values
             model = apply_lora(base, cfg.lora, cfg.model.name_or_path, self.base_revision)

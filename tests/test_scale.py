@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from safetensors.torch import load_file
 from dist_lora.config import load_config
 from dist_lora.data import prepare_data
 from dist_lora.lora import apply_lora
-from dist_lora.model import load_base, load_tokenizer
+from dist_lora.model import enable_activation_checkpointing, load_base, load_tokenizer
 from dist_lora.train import lr_at
 from tests.dist_utils import TINY, run_worker, short_run
 
@@ -76,6 +77,23 @@ def test_the_gradient_norm_is_global_and_clipping_is_clip_grad_norm(world, gpt2_
         for key, value in saved.items():
             want = weights[key]
             assert (value - want).abs().max().item() <= 1e-6, (name, key, (value - want).abs().max().item())
+
+
+def test_activation_checkpointing_recomputes_each_block_and_warns_nothing(gpt2_base):
+    """The trainer's switch: each block's forward runs again in backward, and no deprecation warning (transformers 5
+    renamed ``gradient_checkpointing_enable``; the old name printed a FutureWarning on every rank)."""
+    model = load_base(str(gpt2_base), torch.float32)
+    model.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        enable_activation_checkpointing(model)
+    blocks = model.transformer.h
+    calls = []
+    for block in blocks:  # a layer inside the block (a recompute runs the block's forward, not its own hooks)
+        block.ln_1.register_forward_hook(lambda *_: calls.append(1))
+    model.transformer.wte.weight.requires_grad_(True)  # frozen inputs need a grad path for the recompute to run
+    model(input_ids=torch.tensor([[1, 2, 3, 4]]), labels=torch.tensor([[1, 2, 3, 4]])).loss.backward()
+    assert len(calls) == 2 * len(blocks)
 
 
 @pytest.mark.multiproc
