@@ -43,8 +43,10 @@ BITS_RANGE = (4.0, 4.25)
 INNER_TENSORS = ("quantized_scalers", "quantization_factor", "quantized_data")
 
 
-class QuantizationError(RuntimeError):
-    """The quantized base is not what was asked for; the message names the layers and the fix."""
+class QuantizationError(ValueError):
+    """The quantized base is not what was asked for (torchao missing, no weight it can quantize, weights that did
+    not take ~4 bits); the message names the layers and the fix. A ValueError, as the config's errors: the CLI
+    prints it as one line."""
 
 
 @contextlib.contextmanager
