@@ -196,10 +196,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _expected(e: BaseException) -> bool:
     """Errors whose message says what was wrong: OSError covers full disks, permissions, paths that are files and
-    every StorageError; ValueError covers config, data, adapter and checkpoint errors; RankError another rank's."""
+    every StorageError; ValueError covers config, data, adapter, checkpoint and quantization errors; RankError
+    another rank's; NonFiniteError a first step that went NaN (it names the layer)."""
     from dist_lora.agree import RankError
+    from dist_lora.guard import NonFiniteError
 
-    return isinstance(e, (OSError, ValueError, RankError))
+    return isinstance(e, (OSError, ValueError, RankError, NonFiniteError))
 
 
 def _describe(e: BaseException) -> str:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -141,6 +142,24 @@ def test_train_start_failures_are_one_line_and_leave_no_lease(gpt2_base, tmp_pat
         out = run_cli(train_cmd(gpt2_base, ckpt, "train.max_steps=1", *extra), tmp_path, HF_HUB_OFFLINE="1")
         assert_one_line_error(out, *words)
         assert not (ckpt.exists() and any(ckpt.iterdir())), (extra, list(ckpt.iterdir()))  # no lease left behind
+
+
+def test_a_first_step_that_goes_non_finite_is_one_line_naming_the_layer(gpt2_base, tmp_path):
+    """A base with one NaN weight: the first step's check stops the run with one line that names the first layer
+    whose output is not finite and what to check; no step is saved and the dir's lease is given up."""
+    from dist_lora.model import load_base
+    from tests.dist_utils import train_cmd
+
+    base = tmp_path / "nan-base"
+    shutil.copytree(gpt2_base, base)
+    model = load_base(str(base), torch.float32)
+    with torch.no_grad():
+        model.transformer.h[1].mlp.c_fc.weight[0, 0] = float("nan")
+    model.save_pretrained(base)
+    ckpt = tmp_path / "ckpt"
+    out = run_cli(train_cmd(base, ckpt, "train.max_steps=2"), tmp_path, HF_HUB_OFFLINE="1")
+    assert_one_line_error(out, "NonFiniteError", "step 1", "transformer.h.1.mlp.c_fc", "train.lr")
+    assert not (ckpt.exists() and any(ckpt.iterdir())), list(ckpt.iterdir())  # no step, and the lease given up
 
 
 def test_missing_s3_credentials_name_the_variables_at_once(tmp_path):
