@@ -36,6 +36,7 @@ from dist_lora.faults import failpoint
 from dist_lora.gather import broadcast_adapter
 from dist_lora.lora import (
     AdapterError,
+    adapter_aliases,
     adapter_parameters,
     base_fingerprint,
     check_bias_mode,
@@ -109,6 +110,18 @@ def save_checkpoint(
     return url
 
 
+def _untied(loaded: LoadedStep, aliases: dict[str, str]) -> str | None:
+    """Drop the tied copies of a step's tensors that the model holds once (``aliases``); names the first pair the
+    step holds as two different tensors, or None."""
+    weights = loaded.state.weights
+    for alias, key in aliases.items():
+        if alias in weights and key in weights:
+            if not torch.equal(weights[alias], weights[key]):
+                return f"{alias} and {key}"
+            del weights[alias]
+    return None
+
+
 def _check_step_fits(loaded: LoadedStep, backend: Backend, with_optimizer: bool) -> dict[str, Any]:
     """Strict checks of a verified step against the model; returns the broadcast header. Rank 0 only."""
     manifest, state = loaded.manifest, loaded.state
@@ -122,6 +135,12 @@ def _check_step_fits(loaded: LoadedStep, backend: Backend, with_optimizer: bool)
             + "\nload the base the adapter was trained on (adapter_config.json names it)"
         )
     expected = {k: full_shape(p) for k, p in adapter_parameters(backend.model, bias).items()}
+    untied = _untied(loaded, adapter_aliases(backend.model))
+    if untied:
+        raise AdapterError(
+            f"{loaded.url} holds {untied} as different tensors, which the model trains as one (PEFT's "
+            "ensure_weight_tying): the step was trained without it; load it with lora.ensure_weight_tying: false"
+        )
     got = {k: t.shape for k, t in state.weights.items()}
     missing = sorted(set(expected) - set(got))
     unexpected = sorted(set(got) - set(expected))

@@ -105,6 +105,8 @@ class StepMeta:
     backend: str = "single"
     optimizer: str | None = None
     """The class of the optimizer whose state ``optimizer.safetensors`` holds."""
+    aliases: dict[str, str] = field(default_factory=dict)
+    """A tied tensor's other keys (alias -> key, :func:`dist_lora.lora.adapter_aliases`): written under each."""
 
 
 def json_state(state: dict[str, Any] | None) -> dict[str, Any]:
@@ -158,6 +160,7 @@ def _optim_nested(flat: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Te
 def serialize_step(state: AdapterState, meta: StepMeta) -> dict[str, bytes]:
     """The data files of a step as bytes, and the manifest that commits them (under MANIFEST_NAME)."""
     weights = {k: t.detach().contiguous() for k, t in state.weights.items()}
+    weights.update({alias: weights[key].clone() for alias, key in meta.aliases.items()})  # safetensors never aliases
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in weights.values()})
     trainer_state = {
         **meta.trainer_state,

@@ -47,7 +47,7 @@ from dist_lora.distributed import group_timeout, on_launcher_gone
 from dist_lora.faults import failpoint
 from dist_lora.gather import gather_adapter
 from dist_lora.lease import Lease, default_run_id
-from dist_lora.lora import adapter_config_dict, base_fingerprint
+from dist_lora.lora import adapter_aliases, adapter_config_dict, base_fingerprint
 from dist_lora.storage import RetryPolicy, Storage
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ class Checkpointer:
         self._guard: Any = None  # the optimizer step pre-hook that waits for it
         self._outcome: SaveOutcome | None = None
         self.lease: Lease | None = None
-        self._static: tuple[int, tuple[dict[str, Any], dict[str, Any]]] | None = None
+        self._static: tuple[int, tuple[dict[str, Any], dict[str, Any], dict[str, str]]] | None = None
         self._group: Any = None
         if self.async_save:  # now, with every rank here: the first save then stalls like the others
             self._background_group()
@@ -294,7 +294,7 @@ class Checkpointer:
         failpoint("save.meta")
         if isinstance(trainer_state, CheckpointError):
             raise trainer_state
-        adapter_config, fingerprint = self._static_meta(backend)
+        adapter_config, fingerprint, aliases = self._static_meta(backend)
         optimizer = backend.stepping_optimizer()
         return StepMeta(
             step=step,
@@ -305,13 +305,16 @@ class Checkpointer:
             world_size=backend.world_size,
             backend=backend.name,
             optimizer=type(optimizer).__name__ if optimizer is not None else None,
+            aliases=aliases,
         )
 
-    def _static_meta(self, backend: Backend) -> tuple[dict[str, Any], dict[str, Any]]:
-        """adapter_config.json's content and the base fingerprint: the same for every step of a model."""
+    def _static_meta(self, backend: Backend) -> tuple[dict[str, Any], dict[str, Any], dict[str, str]]:
+        """adapter_config.json's content, the base fingerprint and the adapter's tied keys: the same for every step
+        of a model."""
         key = id(backend.model)
         if self._static is None or self._static[0] != key:
-            static = (adapter_config_dict(backend.model, backend.bias), base_fingerprint(backend.model))
+            model = backend.model
+            static = (adapter_config_dict(model, backend.bias), base_fingerprint(model), adapter_aliases(model))
             self._static = (key, static)
         return self._static[1]
 

@@ -82,6 +82,9 @@ class LoraConfig:
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
     """Token ids whose embedding rows train (and are saved, only those rows): a list for the input embedding, or
     {embedding module name: [ids]}."""
+    ensure_weight_tying: bool = False
+    """On a base that ties lm_head to the input embedding: modules_to_save on either trains one copy shared by both
+    (PEFT's meaning), so the adapter merges into the tied model; without it each trains its own copy."""
 
 
 @dataclass

@@ -160,6 +160,13 @@ def _edits(loaded: LoadedStep) -> dict[str, _Edit]:
     return edits
 
 
+def _same(a: _Edit, b: _Edit) -> bool:
+    """Whether two edits replace a tensor by the same values (and do nothing else)."""
+    if a.replace is None or b.replace is None or any(e.lora or e.magnitude is not None or e.rows for e in (a, b)):
+        return False
+    return torch.equal(a.replace, b.replace)
+
+
 def _merged(tensor: torch.Tensor, edit: _Edit, fan_in_fan_out: bool) -> torch.Tensor:
     """One base tensor with its edit applied, as PEFT's ``merge_and_unload`` computes it (in float32)."""
     if edit.replace is not None:
@@ -209,6 +216,9 @@ def stream_merge(loaded: LoadedStep, base_dir: str, out_dir: str | Path) -> Path
         )
     weights = BaseWeights(base_dir).tie(model)
     edits = _edits(loaded)
+    for alias, key in weights.aliases.items():  # one copy trained for both tied names (ensure_weight_tying)
+        if alias in edits and key in edits and _same(edits[alias], edits[key]):
+            del edits[alias]
     tied = [k for k in edits if k in weights.aliases]
     if tied:
         embedding = model.get_input_embeddings()
@@ -221,7 +231,7 @@ def stream_merge(loaded: LoadedStep, base_dir: str, out_dir: str | Path) -> Path
         raise CheckpointError(
             f"{loaded.url} trained a separate copy of a tied tensor ({'; '.join(ties)} in this base), which a merged "
             "model cannot hold (its files store one tensor for both): use the adapter with PeftModel, or train "
-            "without modules_to_save on it"
+            "with lora.ensure_weight_tying: true (one copy for both) or without modules_to_save on it"
         )
     missing = [k for k in edits if k not in weights]
     if missing:

@@ -177,6 +177,22 @@ def adapter_parameters(model: nn.Module, bias: str = "none") -> dict[str, nn.Par
     return selected
 
 
+def adapter_aliases(model: nn.Module) -> dict[str, str]:
+    """The adapter's other names for a tensor it saves under one (alias key -> key): a ``modules_to_save`` copy
+    that PEFT ties across tied modules (``ensure_weight_tying``: one trained copy for ``embed_tokens`` and
+    ``lm_head``). PEFT's files hold it under each name, so a step does too; it trains, gathers and keeps its
+    optimizer state once, under the key :func:`adapter_parameters` gives it."""
+    adapter = _active_adapter(model)
+    saved = {id(p): key for key, p in adapter_parameters(model).items()}
+    aliases: dict[str, str] = {}
+    for mod_name, module in _auxiliary_modules(model):
+        for rel, p in module.named_parameters(recurse=True, remove_duplicate=False):
+            key = _auxiliary_key(mod_name, rel, adapter)
+            if rel.startswith("modules_to_save.") and key is not None and saved.get(id(p), key) != key:
+                aliases[key] = saved[id(p)]
+    return aliases
+
+
 def check_nothing_dropped(model: nn.Module, adapter: dict[str, nn.Parameter], bias: str) -> dict[str, nn.Parameter]:
     """``adapter``, or AdapterError naming every trainable tensor outside it: a checkpoint would silently drop
     it (PEFT's ``modules_to_save`` copies, trainable token rows, a trainable bias the bias mode leaves out)."""
@@ -198,8 +214,10 @@ def lora_state_dict(model: nn.Module, bias: str = "none") -> dict[str, torch.Ten
 
     On a loralib model the keys are loralib's; on a PEFT model they are ``get_peft_model_state_dict``'s.
     Single-process view: under ZeRO-3 or FSDP2 use :func:`dist_lora.save_checkpoint`, which gathers shards.
+    A tensor PEFT ties across modules is there under each of its names (:func:`adapter_aliases`), as in PEFT's.
     """
-    return {k: p.detach() for k, p in adapter_parameters(model, bias).items()}
+    state = {k: p.detach() for k, p in adapter_parameters(model, bias).items()}
+    return {**state, **{alias: state[key] for alias, key in adapter_aliases(model).items()}}
 
 
 def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
@@ -248,8 +266,11 @@ def check_bias_mode(model: nn.Module, saved: str) -> None:
 
 
 def peft_lora_config(cfg: LoraConfig, base_model_name_or_path: str | None = None, revision: str | None = None) -> Any:
+    import copy
+
     import peft
 
+    cfg = copy.deepcopy(cfg)  # PEFT edits its config's lists in place (ensure_weight_tying renames modules_to_save)
     return peft.LoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
@@ -265,6 +286,7 @@ def peft_lora_config(cfg: LoraConfig, base_model_name_or_path: str | None = None
         exclude_modules=cfg.exclude_modules,
         modules_to_save=cfg.modules_to_save,
         trainable_token_indices=cfg.trainable_token_indices,
+        ensure_weight_tying=cfg.ensure_weight_tying,
         task_type="CAUSAL_LM",
         base_model_name_or_path=base_model_name_or_path,
         revision=revision,  # the base's (PEFT's field: AutoPeftModel loads the base at it)
@@ -354,6 +376,14 @@ def apply_lora(
             }
         )
         raise AdapterError(f"{e}\nlinear-like module names in this model include: {names[:20]}") from e
+    tied = getattr(peft_model.peft_config[peft_model.active_adapter], "target_modules_to_tie", None)
+    if tied:
+        raise AdapterError(
+            f"lora.ensure_weight_tying with LoRA on {sorted(tied)} (tied to the input embedding in this base) makes "
+            "PEFT share one tensor's storage between the embedding's LoRA and its transpose, which FSDP2 and ZeRO-3 "
+            "shard as two tensors: leave lm_head and the embedding out of lora.target_modules, or train the whole "
+            "head once with lora.modules_to_save: [lm_head] and ensure_weight_tying"
+        )
     mark_only_lora_as_trainable(peft_model, cfg.bias)
     return peft_model
 

@@ -3,7 +3,9 @@ world size and engine, and loads with ``PeftModel.from_pretrained`` to the train
 
 from __future__ import annotations
 
+import copy
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,7 @@ from safetensors.torch import load_file
 from dist_lora.checkpoint import step_name
 from dist_lora.config import ConfigError, LoraConfig, config_from_dict
 from dist_lora.demo import corpus_path
-from dist_lora.lora import AdapterError, adapter_parameters, apply_lora, check_nothing_dropped
+from dist_lora.lora import AdapterError, adapter_parameters, apply_lora, check_nothing_dropped, lora_state_dict
 from tests.dist_utils import rel_err, run_worker
 
 # each supported option on a Llama and on a GPT-2 (tied lm_head, Conv1D layers)
@@ -62,26 +64,34 @@ OPTION_SETS = {
             "init_lora_weights": "gaussian",
         },
     ),
+    "gpt2-tied": (  # one lm_head copy trained under both tied names: it merges into the tied model
+        "gpt2_base",
+        {"target_modules": ["c_attn"], "modules_to_save": ["lm_head"], "ensure_weight_tying": True},
+    ),
 }
+# trainable tokens, modules_to_save (a tied copy too), DoRA, rank/alpha patterns: the trained tensors equal one process's
+COMPARED_TO_ONE_PROCESS = ("llama-a", "llama-b", "gpt2-tied")
 ENGINES = {"fsdp": {"backend": "fsdp"}, "zero3": {"backend": "deepspeed", "zero_stage": 3}}
 OTHER = {"fsdp": "zero3", "zero3": "fsdp"}
 
 
 @pytest.mark.parametrize("name", sorted(OPTION_SETS))
 def test_adapter_keys_and_values_are_pefts_own(name, request):
-    """dist_lora's selection of adapter tensors is get_peft_model_state_dict's, key for key and value for value,
-    and nothing trainable is left out."""
+    """dist_lora's selection of adapter tensors is get_peft_model_state_dict's, key for key and value for value
+    (a copy tied across modules under each name), and nothing trainable is left out."""
     from peft import get_peft_model_state_dict
     from transformers import AutoModelForCausalLM
 
     fixture, options = OPTION_SETS[name]
     base = AutoModelForCausalLM.from_pretrained(request.getfixturevalue(fixture))
-    model = apply_lora(base, LoraConfig(r=4, alpha=8, **options))
-    ours = check_nothing_dropped(model, adapter_parameters(model, "none"), "none")
-    theirs = get_peft_model_state_dict(model)
+    lora = LoraConfig(r=4, alpha=8, **copy.deepcopy(options))
+    model = apply_lora(base, lora)
+    assert asdict(lora) == asdict(LoraConfig(r=4, alpha=8, **options))  # PEFT edits its own config, not ours
+    check_nothing_dropped(model, adapter_parameters(model, "none"), "none")
+    ours, theirs = lora_state_dict(model), get_peft_model_state_dict(model)
     assert sorted(ours) == sorted(theirs)
-    for key, p in ours.items():
-        assert torch.equal(p.detach(), theirs[key]), key
+    for key, t in ours.items():
+        assert torch.equal(t, theirs[key]), key
 
 
 @pytest.mark.parametrize(
@@ -144,7 +154,7 @@ def test_options_train_save_resume_across_engines_and_load_in_peft(gpt2_base, ll
                 "phases": ["train:3", "save", "logits", "train:2"],
             }
     single = {}
-    for name in ("llama-a", "llama-b"):  # trainable tokens, modules_to_save, DoRA, rank/alpha patterns
+    for name in COMPARED_TO_ONE_PROCESS:
         fixture, options = OPTION_SETS[name]
         out = tmp_path / f"{name}-single"
         single[name] = {
@@ -189,7 +199,7 @@ def test_options_train_save_resume_across_engines_and_load_in_peft(gpt2_base, ll
         reference = load_file(str(Path(single[name]["out"]) / "ckpt" / step_name(3) / "adapter_model.safetensors"))
         assert sorted(saved) == sorted(reference)
         for key in saved:  # Adam after 3 steps: summation order across ranks shows at ~1e-5 in tiny-gradient rows
-            tolerance = 1e-5 if key == "base_model.model.lm_head.weight" else 1e-4
+            tolerance = 1e-5 if key.endswith(("lm_head.weight", "wte.weight")) else 1e-4
             assert saved[key].shape == reference[key].shape, key
             assert rel_err(saved[key], reference[key]) < tolerance, (key, rel_err(saved[key], reference[key]))
     saved = load_file(
@@ -228,3 +238,45 @@ def test_streaming_merge_of_every_option_equals_merge_and_unload(name, request, 
     want = model.merge_and_unload().eval()
     with torch.no_grad():
         assert rel_err(merged(input_ids=x).logits, want(input_ids=x).logits) < 1e-5
+
+
+def test_a_copy_tied_across_modules_loads_only_where_both_names_hold_one_tensor(gpt2_base, tmp_path):
+    """A step of a tied copy (ensure_weight_tying) holds it under both names and loads into a tied model, or into
+    two copies; a step that trained the two apart is refused by a tied model, naming the option. LoRA tied across
+    lm_head and the embedding (storage shared with a transpose, which sharding splits) is refused when applied."""
+    from transformers import AutoModelForCausalLM
+
+    import dist_lora
+
+    def model(**options):
+        base = AutoModelForCausalLM.from_pretrained(gpt2_base)
+        return apply_lora(base, LoraConfig(r=4, alpha=8, target_modules=["c_attn"], **options))
+
+    def trained(m):
+        torch.manual_seed(2)
+        with torch.no_grad():
+            for p in m.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p) * 0.05)
+        return m
+
+    tied, apart = {"modules_to_save": ["lm_head"], "ensure_weight_tying": True}, {"modules_to_save": ["lm_head", "wte"]}
+    step = dist_lora.save_checkpoint(trained(model(**tied)), str(tmp_path / "tied"), step=1)
+    saved = load_file(f"{step}/adapter_model.safetensors")
+    assert torch.equal(saved["base_model.model.lm_head.weight"], saved["base_model.model.transformer.wte.weight"])
+    for options in (tied, apart):
+        into = model(**options)
+        dist_lora.load_checkpoint(into, step)
+        assert sorted(lora_state_dict(into)) == sorted(saved)
+        for key, t in lora_state_dict(into).items():
+            assert torch.equal(t, saved[key]), (options, key)
+
+    step = dist_lora.save_checkpoint(trained(model(**apart)), str(tmp_path / "apart"), step=1)
+    with pytest.raises(AdapterError, match="as different tensors.*lora.ensure_weight_tying: false"):
+        dist_lora.load_checkpoint(model(**tied), step)
+
+    with pytest.raises(AdapterError, match=r"LoRA on \['lm_head'\].*share one tensor's storage"):
+        apply_lora(
+            AutoModelForCausalLM.from_pretrained(gpt2_base),
+            LoraConfig(r=4, alpha=8, target_modules=["c_attn", "lm_head"], ensure_weight_tying=True),
+        )
