@@ -24,6 +24,7 @@ OnError = Literal["raise", "warn"]
 DataFormat = Literal["text", "completion", "chat"]
 TooLong = Literal["truncate", "drop"]
 Quantization = Literal["none", "nf4"]
+LrSchedule = Literal["cosine", "linear", "constant"]
 
 BIAS_MODES: tuple[str, ...] = typing.get_args(Bias)
 BACKENDS: tuple[str, ...] = typing.get_args(BackendName)
@@ -131,7 +132,12 @@ class TrainConfig:
     lr: float = 3e-4
     """Peak learning rate (AdamW)."""
     warmup_steps: int = 0
-    """Linear warm-up steps, then cosine decay to 10% of lr."""
+    """Linear warm-up steps, then lr_schedule."""
+    lr_schedule: LrSchedule = "cosine"
+    """After warm-up: cosine (decay to min_lr_ratio * lr at max_steps) | linear (the same, in a straight line; HF
+    Trainer's default) | constant."""
+    min_lr_ratio: float = 0.1
+    """The learning rate at max_steps as a fraction of lr, for cosine and linear (0: decay to zero)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -390,6 +396,7 @@ def _validate(cfg: RunConfig, errors: list[str]) -> None:
     )
     check(t.adam_eps > 0, f"train.adam_eps must be > 0 (got {t.adam_eps})")
     check(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0 (got {t.warmup_steps})")
+    check(0.0 <= t.min_lr_ratio <= 1.0, f"train.min_lr_ratio must be in [0, 1] (got {t.min_lr_ratio})")
     check(t.weight_decay >= 0, f"train.weight_decay must be >= 0 (got {t.weight_decay})")
     check(t.seed >= 0, f"train.seed must be >= 0 (got {t.seed})")
     check(
@@ -556,7 +563,8 @@ saving), and how each global batch is cut into micro-batches."""
 
 def config_changes(saved: dict[str, Any] | None, now: dict[str, Any]) -> list[str]:
     """The settings (``section.key``) that differ between the config a step was saved with and this run's, with
-    both values, but for :data:`RESUME_FREE`; empty for a step saved without its config."""
+    both values, but for :data:`RESUME_FREE`; empty for a step saved without its config. A setting the step's
+    version of dist_lora did not have yet counts as its default there."""
     if not saved:
         return []
 
@@ -566,7 +574,7 @@ def config_changes(saved: dict[str, Any] | None, now: dict[str, Any]) -> list[st
             out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) and prefix == "" else {f"{prefix}{k}": v})
         return out
 
-    before, after = flat(saved), flat(now)
+    before, after = {**flat(config_to_dict(RunConfig())), **flat(saved)}, flat(now)
     return [
         f"{key} {before.get(key, 'unset')!r} -> {after.get(key, 'unset')!r}"
         for key in sorted(set(before) | set(after))

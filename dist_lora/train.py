@@ -41,11 +41,13 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def lr_at(step: int, t: TrainConfig) -> float:
-    """Linear warm-up to ``lr`` over ``warmup_steps``, then cosine decay to 10% of it at ``max_steps``."""
+    """Linear warm-up to ``lr`` over ``warmup_steps``, then ``lr_schedule``: a cosine or linear decay to
+    ``min_lr_ratio`` of it at ``max_steps``, or constant."""
     if step < t.warmup_steps:
         return t.lr * (step + 1) / t.warmup_steps
-    progress = (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps)
-    return t.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+    progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+    left = {"cosine": 0.5 * (1 + math.cos(math.pi * progress)), "linear": 1 - progress, "constant": 1.0}
+    return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * left[t.lr_schedule])
 
 
 @overload
@@ -338,8 +340,9 @@ class Trainer:
             "global_batch_size": t.global_batch_size,
             "seed": t.seed,
             "lr_schedule": {
-                "name": "warmup_cosine",
+                "name": f"warmup_{t.lr_schedule}",
                 "lr": t.lr,
+                "min_lr_ratio": t.min_lr_ratio,
                 "warmup_steps": t.warmup_steps,
                 "max_steps": t.max_steps,
                 "last_lr": lr_at(max(self.step - 1, 0), t),

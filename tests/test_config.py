@@ -157,3 +157,16 @@ def test_every_configurable_backend_is_in_the_registry():
 
     assert set(REGISTRY) == set(BACKENDS)
     assert {backend_class(name).name for name in REGISTRY} == set(BACKENDS)
+
+
+def test_a_setting_newer_than_the_saved_step_counts_as_its_default_there():
+    """A step saved before a setting existed recorded no value for it: resumed with the default, nothing differs;
+    with another value, the change is named against the default."""
+    from dist_lora.config import RunConfig, config_changes, config_to_dict
+
+    saved = config_to_dict(RunConfig())
+    del saved["train"]["lr_schedule"], saved["lora"]["ensure_weight_tying"]
+    assert config_changes(saved, config_to_dict(RunConfig())) == []
+    now = RunConfig()
+    now.train.lr_schedule = "linear"
+    assert config_changes(saved, config_to_dict(now)) == ["train.lr_schedule 'cosine' -> 'linear'"]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_lora.config import DataConfig, TrainConfig
+from dist_lora.config import ConfigError, DataConfig, TrainConfig, config_from_dict
 from dist_lora.data import prepare_data
 from dist_lora.demo import corpus_path
 from dist_lora.train import lr_at
@@ -218,6 +218,16 @@ def test_lr_schedule():
     t = TrainConfig(max_steps=10, lr=1.0, warmup_steps=2)
     assert [round(lr_at(s, t), 4) for s in (0, 1, 2)] == [0.5, 1.0, 1.0]
     assert math.isclose(lr_at(10, t), 0.1) and lr_at(6, t) < lr_at(3, t)
+    assert math.isclose(lr_at(6, t), 0.1 + 0.9 * 0.5)  # cosine: halfway down at the middle of the decay
+    linear = TrainConfig(max_steps=10, lr=1.0, warmup_steps=2, lr_schedule="linear", min_lr_ratio=0.0)
+    assert [round(lr_at(s, linear), 4) for s in (1, 2, 4, 6, 10, 12)] == [1.0, 1.0, 0.75, 0.5, 0.0, 0.0]
+    constant = TrainConfig(max_steps=10, lr=1.0, warmup_steps=2, lr_schedule="constant")
+    assert [lr_at(s, constant) for s in (0, 2, 9)] == [0.5, 1.0, 1.0]
+    raw = {"model": {"name_or_path": "x"}, "data": {"path": "y"}}
+    with pytest.raises(ConfigError, match="train.lr_schedule must be one of"):
+        config_from_dict({**raw, "train": {"lr_schedule": "step"}})
+    with pytest.raises(ConfigError, match=r"train.min_lr_ratio must be in \[0, 1\]"):
+        config_from_dict({**raw, "train": {"min_lr_ratio": 2}})
 
 
 def single_run(base: Path, ckpt: Path, *extra: str):

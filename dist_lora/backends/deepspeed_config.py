@@ -146,7 +146,7 @@ def problems(
         if set_here or not isinstance(scheduler, dict):
             found.append(
                 f"scheduler sets {', '.join(set_here) or json.dumps(scheduler)}: dist_lora sets the learning rate at "
-                "every step (train.lr, train.warmup_steps: a linear warm-up, then a cosine decay to 10% of train.lr); "
+                "every step (train.lr, train.warmup_steps, train.lr_schedule, train.min_lr_ratio); "
                 'set those instead, and remove the "scheduler" section or leave its params "auto"'
             )
     if _get(user, ("zero_optimization", "offload_optimizer", "device")) == "nvme":
