@@ -399,6 +399,11 @@ def adapter_config_dict(model: nn.Module, bias: str) -> dict[str, Any]:
     for k, v in list(out.items()):
         if isinstance(v, set):
             out[k] = sorted(v)
+    # ensure_weight_tying: PEFT put the embedding's own name in place of the tied modules, which a reload no longer
+    # ties where it is not called embed_tokens (GPT-2's wte); with the tied modules named, PEFT ties them again
+    tied = [base_key(alias).removesuffix(".weight") for alias in adapter_aliases(model)]
+    if tied:
+        out["modules_to_save"] = [*out["modules_to_save"], *(m for m in tied if m not in out["modules_to_save"])]
     out["bias"] = bias
     out["inference_mode"] = True
     return out

@@ -242,8 +242,9 @@ def test_streaming_merge_of_every_option_equals_merge_and_unload(name, request, 
 
 def test_a_copy_tied_across_modules_loads_only_where_both_names_hold_one_tensor(gpt2_base, tmp_path):
     """A step of a tied copy (ensure_weight_tying) holds it under both names and loads into a tied model, or into
-    two copies; a step that trained the two apart is refused by a tied model, naming the option. LoRA tied across
+    two copies, and from its own adapter_config.json (load_model; PEFT, tied again); a step that trained the two apart is refused by a tied model, naming the option. LoRA tied across
     lm_head and the embedding (storage shared with a transpose, which sharding splits) is refused when applied."""
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     import dist_lora
@@ -264,12 +265,18 @@ def test_a_copy_tied_across_modules_loads_only_where_both_names_hold_one_tensor(
     step = dist_lora.save_checkpoint(trained(model(**tied)), str(tmp_path / "tied"), step=1)
     saved = load_file(f"{step}/adapter_model.safetensors")
     assert torch.equal(saved["base_model.model.lm_head.weight"], saved["base_model.model.transformer.wte.weight"])
-    for options in (tied, apart):
-        into = model(**options)
-        dist_lora.load_checkpoint(into, step)
-        assert sorted(lora_state_dict(into)) == sorted(saved)
-        for key, t in lora_state_dict(into).items():
-            assert torch.equal(t, saved[key]), (options, key)
+    # as saved and reloaded from the step alone (its adapter_config.json), by dist_lora and by PEFT to train on
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(gpt2_base), step, is_trainable=True)
+    head, embedding = peft_model.base_model.model.lm_head, peft_model.base_model.model.transformer.wte
+    assert head.modules_to_save.default.weight is embedding.modules_to_save.default.weight
+    into = {"tied": model(**tied), "apart": model(**apart)}
+    for m in into.values():
+        dist_lora.load_checkpoint(m, step)
+    into["load_model"] = dist_lora.load_model(step)
+    for name, m in into.items():
+        assert sorted(lora_state_dict(m)) == sorted(saved)
+        for key, t in lora_state_dict(m).items():
+            assert torch.equal(t, saved[key]), (name, key)
 
     step = dist_lora.save_checkpoint(trained(model(**apart)), str(tmp_path / "apart"), step=1)
     with pytest.raises(AdapterError, match="as different tensors.*lora.ensure_weight_tying: false"):
