@@ -17,6 +17,7 @@ from dist_lora.agree import is_agreed
 from dist_lora.api import resume_checkpoint
 from dist_lora.checkpointer import Checkpointer
 from dist_lora.config import ConfigError, RunConfig, TrainConfig, config_changes, config_to_dict
+from dist_lora.constants import ENV_WORLD_SIZE
 from dist_lora.data import check_packing, prepare_data
 from dist_lora.distributed import init_distributed, shutdown, step_consensus
 from dist_lora.guard import FirstNonFinite, check_first_step
@@ -71,8 +72,20 @@ def grad_accum_steps(t: TrainConfig, world: int) -> int:
     return t.global_batch_size // per_step
 
 
+def check_launch(cfg: RunConfig) -> None:
+    """Refuse the single backend on several ranks (the launcher's WORLD_SIZE): before any process group."""
+    launched = int(os.environ.get(ENV_WORLD_SIZE, "1"))
+    if cfg.parallel.backend == "single" and launched > 1:
+        raise ConfigError(
+            f"parallel.backend is single (the default), which trains in one process, but this run was launched on "
+            f"{launched} ranks: each would train its own copy on its share of every batch, never synced. Set "
+            "parallel.backend to fsdp, deepspeed or ddp, or start one process"
+        )
+
+
 def train(cfg: RunConfig) -> list[dict[str, Any]]:
     """Run (or resume) a LoRA fine-tune as configured; returns the per-step metrics (on every rank)."""
+    check_launch(cfg)
     quiet_third_party()
     init_distributed(cfg.parallel.timeout_s, need_group=cfg.parallel.backend != "single")
     trainer = None
@@ -97,6 +110,7 @@ class Trainer:
     """Build and wrap the model, then step, save and resume. The backend hides how the model is sharded."""
 
     def __init__(self, cfg: RunConfig):
+        check_launch(cfg)
         # local paths absolute, so that the config saved with each step and adapter_config.json work from anywhere
         model = replace(cfg.model, name_or_path=resolve_model_path(cfg.model.name_or_path))
         if model.revision is not None and os.path.isdir(model.name_or_path):

@@ -307,6 +307,18 @@ def test_a_run_that_would_save_beside_newer_steps_stops_before_its_first_step(gp
     assert {p.relative_to(ckpt): p.read_bytes() for p in ckpt.rglob("*") if p.is_file()} == before
 
 
+def test_the_single_backend_launched_on_several_ranks_is_refused_before_anything_runs(gpt2_base, tmp_path, monkeypatch):
+    """The default backend under torchrun would train one unsynced copy per rank, each on its share of the batch:
+    refused at start on every rank (WORLD_SIZE is the launcher's), naming the setting; nothing is written."""
+    from dist_lora.train import train
+
+    ckpt = tmp_path / "ckpt"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="parallel.backend is single .* launched on 2 ranks.* fsdp, deepspeed or ddp"):
+        train(single_run(gpt2_base, ckpt))
+    assert not ckpt.exists() or not any(ckpt.iterdir())
+
+
 def test_a_resume_names_the_settings_that_differ_from_the_saved_run(gpt2_base, tmp_path, caplog):
     """Where and how a run goes (ranks, engine, saving, micro-batches) may change silently; what it trains may
     change too, as configured now, but the resume says so, with both values."""
