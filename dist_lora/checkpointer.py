@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -43,10 +44,11 @@ from dist_lora.checkpoint import (
     write_step,
 )
 from dist_lora.config import CheckpointConfig, check_checkpoint
+from dist_lora.constants import ENV_LOCAL_RANK
 from dist_lora.distributed import group_timeout, on_launcher_gone
 from dist_lora.faults import failpoint
-from dist_lora.gather import gather_adapter
-from dist_lora.lease import Lease, default_run_id
+from dist_lora.gather import _comm_device, gather_adapter
+from dist_lora.lease import LEASE_IDENTITY, Lease, default_run_id
 from dist_lora.lora import adapter_aliases, adapter_config_dict, base_fingerprint
 from dist_lora.storage import RetryPolicy, Storage
 
@@ -156,6 +158,43 @@ class Checkpointer:
             on_launcher_gone(self.release_lease)  # an orphaned rank 0 leaves the dir free for the next job
 
         on_rank0(take)
+        self._check_dir_reaches_every_node()
+
+    def _check_dir_reaches_every_node(self) -> None:
+        """Collective, for a local dir on several ranks: one rank per node (local rank 0) reads the lease rank 0 has
+        just written; rank 0 warns naming the ranks whose node does not find it there. Such a dir is one node's own
+        disk: a restart whose rank 0 lands on another node (an elastic re-form, a requeued job) would find no step
+        there and start over."""
+        dist = torch.distributed
+        if not self.storage.is_local or not dist.is_initialized() or dist.get_world_size() == 1:
+            return
+        rank, world = dist.get_rank(), dist.get_world_size()
+
+        def identity() -> dict[str, Any] | None:
+            record = self.lease.read() if self.lease is not None else None
+            return {k: record.get(k) for k in LEASE_IDENTITY} if record else None
+
+        held = on_rank0(identity, share=True)
+        blind = 0
+        if rank != 0 and os.environ.get(ENV_LOCAL_RANK) == "0" and held is not None:
+            try:
+                failpoint("lease.visible")
+                seen = Lease(self.storage, "").read() or {}
+            except (OSError, CheckpointError):
+                seen = {}
+            blind = int(any(seen.get(k) != v for k, v in held.items()))
+        flags = torch.zeros(world, dtype=torch.int64, device=_comm_device())
+        flags[rank] = blind
+        dist.all_reduce(flags)
+        if rank == 0 and flags.any():
+            ranks = ", ".join(str(r) for r in flags.nonzero().flatten().tolist())
+            log.warning(
+                "checkpoint.dir %s is not the same directory on every node: the node(s) of rank(s) %s do not find "
+                "the lease rank 0 wrote there. A restart whose rank 0 is on another node would find no step there "
+                "and start over; put it on a filesystem every node mounts, or on S3 (s3://bucket/prefix)",
+                self.dir,
+                ranks,
+            )
 
     def release_lease(self) -> None:
         """Not a collective: rank 0 gives the lease up (after the last save committed)."""

@@ -88,6 +88,10 @@ def _boot_id() -> str | None:
         return None
 
 
+LEASE_IDENTITY = ("run_id", "host", "pid", "acquired_at")
+"""The fields of a lease that name the process holding it (the others change as it is renewed)."""
+
+
 class Lease:
     """The lease of one checkpoint dir for one run; rank 0 only."""
 

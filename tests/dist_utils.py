@@ -90,7 +90,7 @@ def torchrun(nproc: int, argv: list[str], timeout: float = 420, cwd: Path | None
     return proc
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -179,7 +179,7 @@ class ForkedRanks:
 
         assert not dist.is_initialized(), "a process group in the parent would be inherited broken by the ranks"
         _preimport()
-        port = _free_port()
+        port = free_port()
         self.nproc, self.argv = nproc, argv
         self.logs = Path(tempfile.mkdtemp(prefix="dist-lora-ranks-"))
         self.pids: dict[int, int] = {}  # rank -> pid

@@ -5,6 +5,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -399,3 +400,26 @@ def test_a_run_killed_at_start_is_followed_at_once_by_the_next(gpt2_base, tmp_pa
     assert out.returncode == 0, out.stderr[-2000:]
     assert f"process {held['pid']} on this host is gone" in out.stderr
     assert [s.step for s in list_steps(Storage(str(ckpt))) if s.status == "committed"] == [1]
+
+
+@pytest.mark.multiproc
+def test_a_local_dir_that_another_node_cannot_see_is_named_at_start(gpt2_base, tmp_path):
+    """Two torchrun agents as two nodes of one rank each (a static rendezvous): where both find the lease rank 0
+    wrote, nothing is said; where the second node cannot read the dir (an injected I/O error there), rank 0 warns at
+    start, naming rank 1 and the fix, and the run trains on."""
+    from tests.dist_utils import failure_report, free_port
+
+    warning = "is not the same directory on every node: the node(s) of rank(s) 1 do not find the lease"
+    for name, warned in (("shared", False), ("apart", True)):
+        port, procs = free_port(), []
+        for node in (0, 1):
+            env = {**launch_env(), **({"DIST_LORA_FAILPOINT": "lease.visible=raise"} if warned and node else {})}
+            torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}"]
+            launch = [*torchrun, "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}"]
+            argv = [*launch, *train_cmd(gpt2_base, tmp_path / name, "parallel.backend=fsdp", "train.max_steps=1")[1:]]
+            procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        outs = [p.communicate(timeout=300) for p in procs]
+        text = "\n".join(out + err for out, err in outs)
+        assert all(p.returncode == 0 for p in procs), failure_report(*outs[0]) + failure_report(*outs[1])
+        assert (warning in outs[0][1]) == warned, text[-6000:]
+        assert not warned or "on a filesystem every node mounts, or on S3" in outs[0][1]
