@@ -222,3 +222,18 @@ def test_third_party_noise_is_filtered_by_its_text_and_nothing_else():
     assert "fan_in_fan_out" not in out.stderr and "all_gather_into_tensor" not in out.stderr
     assert "loss_type" not in out.stderr
     assert "a warning of the user s own" in out.stderr and "kept" in out.stderr
+
+
+@pytest.mark.parametrize("rank, printed", [("0", True), ("1", False)])
+def test_pefts_warnings_print_on_rank_0_alone(rank, printed):
+    """PEFT warns about the config and the model, the same on every rank: said once, by rank 0; the others' own
+    warnings still print."""
+    code = (
+        "import warnings; from dist_lora.logs import quiet_third_party; quiet_third_party(); "
+        "warnings.warn_explicit('tied layer is part of the adapter', UserWarning, 'tuners_utils.py', 1, "
+        "module='peft.tuners.tuners_utils'); warnings.warn('a warning of this rank')"
+    )
+    env = {**os.environ, "RANK": rank}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert ("tied layer is part of the adapter" in out.stderr) == printed, out.stderr
+    assert "a warning of this rank" in out.stderr
