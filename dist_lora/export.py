@@ -23,6 +23,7 @@ from dist_lora.model import (
     ModelError,
     base_directory,
     build_on_meta,
+    load_tokenizer,
     resolve_model_path,
 )
 from dist_lora.storage import Storage
@@ -103,11 +104,9 @@ def merge(
     merged = model.merge_and_unload()
     merged.save_pretrained(out)
     try:
-        from transformers import AutoTokenizer
-
-        AutoTokenizer.from_pretrained(base_path).save_pretrained(out)
-    except (OSError, ValueError) as e:  # a base without a tokenizer: the merged weights are still complete
-        log.warning("no tokenizer copied from %s: %s", base_path, e)
+        load_tokenizer(base_path, what, revision).save_pretrained(out)
+    except ModelError as e:  # a base without a tokenizer: the merged weights are still complete
+        log.warning("no tokenizer copied: %s", e)
     log.info("merged %s into %s", step_or_dir, out)
     return out
 

@@ -81,9 +81,15 @@ def load_tokenizer(name: str, what: str = "model.name_or_path", revision: str | 
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(name, revision=hub_only(name, revision))
+        tokenizer = AutoTokenizer.from_pretrained(name, revision=hub_only(name, revision))
     except (OSError, ValueError) as e:
         raise _hub_failure(name, what, e) if not Path(name).exists() else ModelError(f"{what} {name}: {e}") from e
+    if len(tokenizer) < 2:  # transformers makes an empty one of the config's type where no tokenizer file is
+        raise ModelError(
+            f"{what} {name} holds no tokenizer (tokenizer.json, tokenizer.model or vocab files): save the tokenizer "
+            f"of the model it came from there, AutoTokenizer.from_pretrained(ORIGINAL).save_pretrained({name!r})"
+        )
+    return tokenizer
 
 
 def load_base(name: str, dtype: Any, what: str = "model.name_or_path", revision: str | None = None) -> Any:

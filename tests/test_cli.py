@@ -120,11 +120,15 @@ def assert_one_line_error(out: subprocess.CompletedProcess, *words: str) -> None
 
 def test_train_start_failures_are_one_line_and_leave_no_lease(gpt2_base, tmp_path):
     """A missing base dir, a hub id that cannot be fetched, a missing corpus, a checkpoint dir that is a file, an NF4
-    base with no linear layer to quantize (GPT-2's are Conv1D)."""
+    base with no linear layer to quantize (GPT-2's are Conv1D), a base saved without its tokenizer."""
     from tests.dist_utils import train_cmd
 
     ckpt = tmp_path / "ckpt"
     (tmp_path / "a-file").write_text("not a directory")
+    untokenized = tmp_path / "no-tokenizer"  # the model saved alone
+    untokenized.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(gpt2_base / name, untokenized / name)
     cases = [
         (
             ["model.name_or_path=./missing/base"],
@@ -137,6 +141,7 @@ def test_train_start_failures_are_one_line_and_leave_no_lease(gpt2_base, tmp_pat
         (["data.path=missing.txt"], ["data.path", "missing.txt does not exist"]),
         ([f"checkpoint.dir={tmp_path / 'a-file'}"], ["a-file", "a file stands where a directory is needed"]),
         (["model.quantization=nf4"], ["QuantizationError", "found no linear weight", "Conv1D", "quantization: none"]),
+        ([f"model.name_or_path={untokenized}"], ["holds no tokenizer", "tokenizer.json", "save_pretrained"]),
     ]
     for extra, words in cases:
         out = run_cli(train_cmd(gpt2_base, ckpt, "train.max_steps=1", *extra), tmp_path, HF_HUB_OFFLINE="1")
