@@ -369,7 +369,10 @@ def _unpacked(samples: Dataset) -> Iterator[dict[str, Any]]:
 
 
 def _rows(samples: Dataset, cfg: DataConfig, cache: str) -> Dataset:
+    """The training rows of tokenized samples; an empty dataset when they make none (the caller says why)."""
     from datasets import Dataset
+    from datasets.arrow_writer import SchemaInferenceError
+    from datasets.exceptions import DatasetGenerationError
 
     gen: Callable[[Dataset], Iterator[dict[str, Any]]]
     if cfg.packing:
@@ -379,13 +382,22 @@ def _rows(samples: Dataset, cfg: DataConfig, cache: str) -> Dataset:
     else:
         gen = _unpacked
 
+    made = [0]
+
     def rows() -> Iterator[dict[str, Any]]:
-        yield from gen(samples)
+        for row in gen(samples):
+            made[0] += 1
+            yield row
 
+    empty = Dataset.from_dict({"input_ids": [], "labels": [], "lengths": [], "n_targets": []})
     if len(samples) == 0:
-        return Dataset.from_dict({"input_ids": [], "labels": [], "lengths": [], "n_targets": []})
-
-    return Dataset.from_generator(rows, cache_dir=cache, keep_in_memory=False)
+        return empty
+    try:
+        return Dataset.from_generator(rows, cache_dir=cache, keep_in_memory=False)
+    except DatasetGenerationError as e:  # no row at all (a corpus shorter than a row): datasets cannot say so
+        if made[0] or not isinstance(e.__cause__, SchemaInferenceError):
+            raise
+        return empty
 
 
 # ---------------------------------------------------------------------------------------------- the cache
@@ -433,13 +445,15 @@ def _tokenize(ds: Dataset, cfg: DataConfig, tokenizer: Any, what: str, key: str,
         cache_file_name=os.path.join(tmp, f"{what}-tokens.arrow"),
         desc=f"tokenizing {what}",
     )
-    status = tokenized["status"]
+    status = tokenized["status"] if len(tokenized) else []  # no sample made a piece: no column either
     stats = Stats(
         samples=len(ds),
         truncated=status.count("truncated"),
         dropped_long=status.count("dropped_long"),
         dropped_no_target=status.count("dropped_no_target"),
     )
+    if not status:
+        return tokenized, stats
     kept = tokenized.filter(
         lambda s: [x in ("ok", "truncated") for x in s],
         input_columns="status",
@@ -498,8 +512,12 @@ def build_cache(cfg: DataConfig, tokenizer: Any, seed: int, key: str) -> tuple[P
         if stats.rows == 0:
             raise DataError(
                 f"{cfg.path} gives no training row: {stats.samples} samples, {stats.dropped_long} longer than "
-                f"data.seq_len={cfg.seq_len} dropped, {stats.dropped_no_target} without a target; a text corpus "
-                "needs at least seq_len tokens"
+                f"data.seq_len={cfg.seq_len} dropped, {stats.dropped_no_target} without a target; "
+                + (
+                    "packed, a text needs at least 2 tokens"
+                    if cfg.packing
+                    else "a text corpus needs at least seq_len tokens"
+                )
             )
         out = Path(tmp) / "rows"
         datasets.DatasetDict(splits).save_to_disk(str(out))

@@ -155,6 +155,23 @@ def test_bad_data_is_one_clear_error(data, words, gpt2_base, tmp_path, monkeypat
     assert all(w in str(e.value) for w in words), str(e.value)
 
 
+@pytest.mark.parametrize(
+    "name, packing, needs",
+    [
+        ("short.txt", False, "a text corpus needs at least seq_len tokens"),
+        ("blank.jsonl", False, "a text corpus needs at least seq_len tokens"),
+        ("blank.jsonl", True, "packed, a text needs at least 2 tokens"),
+    ],
+)
+def test_text_too_short_for_one_row_is_one_clear_error(name, packing, needs, gpt2_base, tmp_path):
+    """Fewer tokens than one row, or only empty texts: the error says so (datasets had raised its own, about a
+    schema or a missing column, from steps that made no row)."""
+    (tmp_path / "short.txt").write_text("hello world")
+    (tmp_path / "blank.jsonl").write_text('{"text": ""}\n{"text": ""}\n')
+    with pytest.raises(DataError, match=f"{name} gives no training row: .*; {needs}"):
+        prepared(tmp_path, gpt2_base, path=str(tmp_path / name), seq_len=64, packing=packing)
+
+
 def test_chat_needs_a_template(gpt2_base, tmp_path):
     cfg = DataConfig(path=str(DATA / "chat.jsonl"), format="chat", cache_dir=str(tmp_path))
     with pytest.raises(DataError, match="data.chat_template"):
