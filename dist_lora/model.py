@@ -92,6 +92,17 @@ def load_tokenizer(name: str, what: str = "model.name_or_path", revision: str | 
     return tokenizer
 
 
+def context_length(name: str, revision: str | None = None) -> int | None:
+    """The longest sequence the base's config says it takes (``max_position_embeddings``, GPT-2's
+    ``n_positions``); None where it names none. Only the config is read."""
+    from transformers import AutoConfig
+
+    limit = getattr(
+        AutoConfig.from_pretrained(name, revision=hub_only(name, revision)), "max_position_embeddings", None
+    )
+    return limit if isinstance(limit, int) else None
+
+
 def load_base(name: str, dtype: Any, what: str = "model.name_or_path", revision: str | None = None) -> Any:
     """``AutoModelForCausalLM.from_pretrained`` in ``dtype`` (a hub id at ``revision``, by default its newest),
     or ModelError naming the base and the fix."""

@@ -28,6 +28,7 @@ from dist_lora.model import (
     adapters_on_cpu,
     base_directory,
     collection_paused,
+    context_length,
     enable_activation_checkpointing,
     load_tokenizer,
     resolve_model_path,
@@ -143,6 +144,12 @@ class Trainer:
         if backends.backend_class(cfg.parallel.backend).gathers_parameters(cfg.parallel):
             return_large_blocks_to_the_os()  # else glibc keeps every freed all-gather buffer: RSS would grow ~2x
         tokenizer = load_tokenizer(cfg.model.name_or_path, revision=cfg.model.revision)
+        limit = context_length(cfg.model.name_or_path, cfg.model.revision)
+        if limit is not None and cfg.data.seq_len > limit:  # learned positions index out of range; rotary ones drift
+            raise ConfigError(
+                f"data.seq_len {cfg.data.seq_len} is longer than the {limit} positions {cfg.model.name_or_path} "
+                f"takes (max_position_embeddings in its config.json): set data.seq_len to {limit} or less"
+            )
         self.data = prepare_data(cfg.data, tokenizer, seed=t.seed)  # tokenized once per node, then cached
         with collection_paused():  # a build makes ~10^5 objects: no full collections over the imported libraries
             plan = self._build_model(cfg)

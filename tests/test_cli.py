@@ -120,7 +120,8 @@ def assert_one_line_error(out: subprocess.CompletedProcess, *words: str) -> None
 
 def test_train_start_failures_are_one_line_and_leave_no_lease(gpt2_base, tmp_path):
     """A missing base dir, a hub id that cannot be fetched, a missing corpus, a checkpoint dir that is a file, an NF4
-    base with no linear layer to quantize (GPT-2's are Conv1D), a base saved without its tokenizer."""
+    base with no linear layer to quantize (GPT-2's are Conv1D), a base saved without its tokenizer, rows longer than
+    the base's positions."""
     from tests.dist_utils import train_cmd
 
     ckpt = tmp_path / "ckpt"
@@ -142,6 +143,7 @@ def test_train_start_failures_are_one_line_and_leave_no_lease(gpt2_base, tmp_pat
         ([f"checkpoint.dir={tmp_path / 'a-file'}"], ["a-file", "a file stands where a directory is needed"]),
         (["model.quantization=nf4"], ["QuantizationError", "found no linear weight", "Conv1D", "quantization: none"]),
         ([f"model.name_or_path={untokenized}"], ["holds no tokenizer", "tokenizer.json", "save_pretrained"]),
+        (["data.seq_len=4096"], ["data.seq_len 4096", "256 positions", "max_position_embeddings"]),
     ]
     for extra, words in cases:
         out = run_cli(train_cmd(gpt2_base, ckpt, "train.max_steps=1", *extra), tmp_path, HF_HUB_OFFLINE="1")
