@@ -93,13 +93,15 @@ def load_tokenizer(name: str, what: str = "model.name_or_path", revision: str | 
 
 
 def context_length(name: str, revision: str | None = None) -> int | None:
-    """The longest sequence the base's config says it takes (``max_position_embeddings``, GPT-2's
-    ``n_positions``); None where it names none. Only the config is read."""
+    """The longest sequence a base with learned positions takes (``max_position_embeddings``, GPT-2's
+    ``n_positions``): a longer one indexes past its position table. None for rotary positions, which have no table
+    (a longer sequence is a context extension, as with ``rope_scaling``), and where the config names none."""
     from transformers import AutoConfig
 
-    limit = getattr(
-        AutoConfig.from_pretrained(name, revision=hub_only(name, revision)), "max_position_embeddings", None
-    )
+    config = AutoConfig.from_pretrained(name, revision=hub_only(name, revision))
+    if any(getattr(config, key, None) is not None for key in ("rope_parameters", "rope_scaling", "rope_theta")):
+        return None
+    limit = getattr(config, "max_position_embeddings", None)
     return limit if isinstance(limit, int) else None
 
 

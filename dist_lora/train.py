@@ -145,10 +145,10 @@ class Trainer:
             return_large_blocks_to_the_os()  # else glibc keeps every freed all-gather buffer: RSS would grow ~2x
         tokenizer = load_tokenizer(cfg.model.name_or_path, revision=cfg.model.revision)
         limit = context_length(cfg.model.name_or_path, cfg.model.revision)
-        if limit is not None and cfg.data.seq_len > limit:  # learned positions index out of range; rotary ones drift
+        if limit is not None and cfg.data.seq_len > limit:
             raise ConfigError(
                 f"data.seq_len {cfg.data.seq_len} is longer than the {limit} positions {cfg.model.name_or_path} "
-                f"takes (max_position_embeddings in its config.json): set data.seq_len to {limit} or less"
+                f"learned (max_position_embeddings in its config.json): set data.seq_len to {limit} or less"
             )
         self.data = prepare_data(cfg.data, tokenizer, seed=t.seed)  # tokenized once per node, then cached
         with collection_paused():  # a build makes ~10^5 objects: no full collections over the imported libraries

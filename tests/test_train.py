@@ -319,6 +319,15 @@ def test_the_single_backend_launched_on_several_ranks_is_refused_before_anything
     assert not ckpt.exists() or not any(ckpt.iterdir())
 
 
+def test_only_learned_positions_bound_the_row_length(gpt2_base, llama_base):
+    """GPT-2's position table ends at n_positions (a longer row is refused at start); rotary positions have no table,
+    so a Llama's max_position_embeddings does not bound data.seq_len (training past it extends the context)."""
+    from dist_lora.model import context_length
+
+    assert context_length(str(gpt2_base)) == 256
+    assert context_length(str(llama_base)) is None
+
+
 def test_a_resume_names_the_settings_that_differ_from_the_saved_run(gpt2_base, tmp_path, caplog):
     """Where and how a run goes (ranks, engine, saving, micro-batches) may change silently; what it trains may
     change too, as configured now, but the resume says so, with both values."""
