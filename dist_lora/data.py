@@ -103,7 +103,9 @@ def load_source(path: str, *, name: str | None = None, split: str = "train", cac
         try:
             return datasets.load_dataset(builder, data_files=str(p), split="train", cache_dir=cache_dir, **kwargs)
         except Exception as e:
-            raise DataError(f"data.path {path} cannot be read as {builder}: {type(e).__name__}: {e}") from e
+            cause = e.__cause__ or e.__context__  # datasets wraps the parser's error, which says where
+            why = f"{type(e).__name__}: {e}" + (f" ({type(cause).__name__}: {cause})" if cause else "")
+            raise DataError(f"data.path {path} cannot be read as {builder}: {why}") from e
     if p.is_dir():
         if not _is_saved_dataset(p):
             raise DataError(

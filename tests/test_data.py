@@ -172,6 +172,12 @@ def test_text_too_short_for_one_row_is_one_clear_error(name, packing, needs, gpt
         prepared(tmp_path, gpt2_base, path=str(tmp_path / name), seq_len=64, packing=packing)
 
 
+def test_a_file_the_parser_refuses_is_named_with_the_parsers_reason(gpt2_base, tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\nnot json\n')
+    with pytest.raises(DataError, match=r"bad.jsonl cannot be read as json: .*\(ArrowInvalid: JSON parse error"):
+        prepared(tmp_path, gpt2_base, path=str(tmp_path / "bad.jsonl"))
+
+
 def test_chat_needs_a_template(gpt2_base, tmp_path):
     cfg = DataConfig(path=str(DATA / "chat.jsonl"), format="chat", cache_dir=str(tmp_path))
     with pytest.raises(DataError, match="data.chat_template"):
