@@ -318,6 +318,8 @@ def read_manifest(step_store: Storage) -> dict[str, Any]:
     try:
         manifest = _parse_json(step_store.read(MANIFEST_NAME), what)
     except FileNotFoundError as e:
+        if not step_store.listdir():
+            raise CheckpointError(f"{step_store.url} does not exist (no step, nor any file of one, is there)") from e
         raise CheckpointError(f"{what} is missing: the step was never committed (incomplete save)") from e
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{what} is not a dist_lora manifest")

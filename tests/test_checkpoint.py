@@ -164,6 +164,8 @@ def test_missing_manifest_means_not_committed(gpt2_base, tmp_path):
     assert state["step"] == 1
     with pytest.raises(CheckpointError, match="never committed"):
         dist_lora.load_checkpoint(model, str(tmp_path / step_name(2)))
+    with pytest.raises(CheckpointError, match=f"{step_name(7)} does not exist"):  # a path with nothing there at all
+        dist_lora.load_checkpoint(model, str(tmp_path / step_name(7)))
 
 
 @pytest.mark.reliability(
