@@ -242,8 +242,9 @@ def test_streaming_merge_of_every_option_equals_merge_and_unload(name, request, 
 
 def test_a_copy_tied_across_modules_loads_only_where_both_names_hold_one_tensor(gpt2_base, tmp_path):
     """A step of a tied copy (ensure_weight_tying) holds it under both names and loads into a tied model, or into
-    two copies, and from its own adapter_config.json (load_model; PEFT, tied again); a step that trained the two apart is refused by a tied model, naming the option. LoRA tied across
-    lm_head and the embedding (storage shared with a transpose, which sharding splits) is refused when applied."""
+    two copies, and from its own adapter_config.json (load_model; PEFT, tied again); a step that trained the two
+    apart is refused by a tied model, naming the option. LoRA tied across lm_head and the embedding (storage shared
+    with a transpose, which sharding splits) is refused when applied."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
