@@ -224,8 +224,9 @@ def chat_spans(tokenizer: Any, messages: list[dict[str, Any]]) -> tuple[str, lis
     return full, spans
 
 
-def _tokenize_fn(cfg: DataConfig, tokenizer: Any) -> Callable[[dict[str, list]], dict[str, list]]:
-    """A batched ``datasets.map`` function: rows of the source -> input_ids, labels, and a status per sample."""
+def _tokenize_fn(cfg: DataConfig, tokenizer: Any) -> Callable[[dict[str, list], list[int]], dict[str, list]]:
+    """A batched ``datasets.map`` function (with indices): rows of the source -> input_ids, labels, and a status per
+    sample. A sample of the wrong type is an error naming its index."""
     f = _fields(cfg)
     eos = tokenizer.eos_token_id
     seq_len = cfg.seq_len
@@ -241,7 +242,7 @@ def _tokenize_fn(cfg: DataConfig, tokenizer: Any) -> Callable[[dict[str, list]],
             return [], [], "dropped_no_target"
         return ids, labels, status
 
-    def text(batch: dict[str, list]) -> dict[str, list]:
+    def text(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         out: dict[str, list] = {"input_ids": [], "labels": [], "status": []}
         for ids in tokenizer(batch[f["text"]])["input_ids"]:
             ids = ids + ([eos] if eos is not None else [])
@@ -266,23 +267,26 @@ def _tokenize_fn(cfg: DataConfig, tokenizer: Any) -> Callable[[dict[str, list]],
             out["status"].append(status)
         return out
 
-    def completion(batch: dict[str, list]) -> dict[str, list]:
+    def completion(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         prompts, completions = batch[f["prompt"]], batch[f["completion"]]
-        for p, c in zip(prompts, completions, strict=True):
+        for i, p, c in zip(indices, prompts, completions, strict=True):
             if not isinstance(p, str) or not isinstance(c, str):
-                raise DataError(f"fields {f['prompt']!r} and {f['completion']!r} must be strings (got {p!r}, {c!r})")
+                raise DataError(
+                    f"sample {i}: fields {f['prompt']!r} and {f['completion']!r} must be strings (got {p!r}, {c!r})"
+                )
         texts = [p + c for p, c in zip(prompts, completions, strict=True)]
         return answers(texts, [[(len(p), len(t))] for p, t in zip(prompts, texts, strict=True)])
 
-    def chat(batch: dict[str, list]) -> dict[str, list]:
+    def chat(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         texts, spans = [], []
-        for messages in batch[f["messages"]]:
+        for i, messages in zip(indices, batch[f["messages"]], strict=True):
             if not isinstance(messages, list) or not all(
                 isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
                 for m in messages
             ):
                 raise DataError(
-                    f"field {f['messages']!r} must be a list of {{role, content}} string pairs (got {messages!r:.200})"
+                    f"sample {i}: field {f['messages']!r} must be a list of {{role, content}} string pairs (got "
+                    f"{messages!r:.200})"
                 )
             text, sp = chat_spans(tokenizer, messages)
             texts.append(text)
@@ -442,6 +446,7 @@ def _tokenize(ds: Dataset, cfg: DataConfig, tokenizer: Any, what: str, key: str,
     tokenized = ds.map(
         _tokenize_fn(cfg, tokenizer),
         batched=True,
+        with_indices=True,
         remove_columns=ds.column_names,
         new_fingerprint=f"{key}-{what}-tok",
         cache_file_name=os.path.join(tmp, f"{what}-tokens.arrow"),

@@ -178,6 +178,16 @@ def test_a_file_the_parser_refuses_is_named_with_the_parsers_reason(gpt2_base, t
         prepared(tmp_path, gpt2_base, path=str(tmp_path / "bad.jsonl"))
 
 
+def test_a_sample_of_the_wrong_type_is_named_by_its_index(gpt2_base, tmp_path):
+    good = '{"prompt": "a", "completion": " b"}'
+    (tmp_path / "c.jsonl").write_text(f'{good}\n{good}\n{{"prompt": "a", "completion": null}}\n')
+    with pytest.raises(DataError, match=r"sample 2: fields 'prompt' and 'completion' must be strings \(got 'a', None"):
+        prepared(tmp_path, gpt2_base, path=str(tmp_path / "c.jsonl"), format="completion")
+    (tmp_path / "m.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": "hi"}\n')
+    with pytest.raises(DataError, match="sample 1: field 'messages' must be a list of {role, content}"):
+        prepared(tmp_path, gpt2_base, path=str(tmp_path / "m.jsonl"), format="chat")
+
+
 def test_chat_needs_a_template(gpt2_base, tmp_path):
     cfg = DataConfig(path=str(DATA / "chat.jsonl"), format="chat", cache_dir=str(tmp_path))
     with pytest.raises(DataError, match="data.chat_template"):
