@@ -13,6 +13,9 @@ On a GPU (one device, NCCL, bf16), one launch of bench/gpu_worker.py:
 5. the step time of FSDP2 (default, without resharding after forward, and with the base kept gathered) against
    DDP on the ~1.1B base, at this one device's world size (FSDP2's hooks and gather copies, not the network).
 
+The worker runs part 3 first, then 2, 4 and 5 (one base, the ~1.1B), and goes on past a part that raises (the
+report lists it as failed); ``--parts`` reruns a subset.
+
 Without CUDA it rehearses the same code at CPU scale (gloo, tiny bases) and lists what only a GPU can show; it
 skips nothing silently. Figures go to OUT_DIR/gpu.json and gpu.md; the exit status is 1 when a check fails.
 """
@@ -89,7 +92,7 @@ def build_base(out: Path, shape: str, device: str) -> Path:
 
 def judge(results: dict[str, Any], cuda: bool) -> list[str]:
     """Every failed check, in words."""
-    failed = []
+    failed = [f"{e['part']} raised {e['error']}" for e in results.get("errors", [])]
     for c in results["checks"]:
         if not c["async_equals_sync"]:
             failed.append(f"{c['engine']}: the asynchronous save differs from the synchronous one")
@@ -102,8 +105,8 @@ def judge(results: dict[str, Any], cuda: bool) -> list[str]:
     for r in results["runs"]:
         if not (r["last_loss"] == r["last_loss"] and r["resume_loss"] == r["resume_loss"]):
             failed.append(f"{r['name']}: a loss is NaN")
-        if r.get("quantization") == "nf4":
-            bf16 = next(x for x in results["runs"] if x["name"] == r["name"].replace("NF4", "bf16"))
+        bf16 = next((x for x in results["runs"] if x["name"] == r["name"].replace("NF4", "bf16")), None)
+        if r.get("quantization") == "nf4" and bf16:  # noqa: SIM102 (the pair, then the figures)
             if not (r["bits_per_linear_weight"] or 0) < 4.25 or not r["base_bytes"] < bf16["base_bytes"]:
                 failed.append(
                     f"{r['name']}: the NF4 base takes {r['bits_per_linear_weight']} bits per linear weight and "
@@ -137,19 +140,22 @@ def markdown(results: dict[str, Any]) -> str:
             "",
             "| base (FSDP2 unless another engine is named; LoRA r=16 on q/k/v/o, or every linear layer with a base "
             "dtype named) | load s | base bytes | device peak after load | device peak training | s / step | "
-            "tokens / s | save stall s | save total s | resume s |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "tokens / s | save stall s | save total s | resume s | device peak resuming |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in results["runs"]:
             lines.append(
                 f"| {r['name']} | {r['load_s']:.1f} | {gib(r.get('base_bytes'))} | "
                 f"{gib(r['load_peak_device_bytes'])} | "
                 f"{gib(r['train_peak_device_bytes'])} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | "
-                f"{r['save_stall_s']:.4f} | {r['save_total_s']:.3f} | {r['resume_s']:.1f} |"
+                f"{r['save_stall_s']:.4f} | {r['save_total_s']:.3f} | {r['resume_s']:.1f} | "
+                f"{gib(r.get('resume_peak_device_bytes'))} |"
             )
     for ddp in (r for r in results["runs"] if r["engine"] == "ddp"):
         fsdp = [
-            r for r in results["runs"] if r["base"] == ddp["base"] and r["engine"] != "ddp" and not r["quantization"]
+            r
+            for r in results["runs"]
+            if r["base"] == ddp["base"] and r["engine"] != "ddp" and not r["quantization"] and not r.get("dtype")
         ]
         ratios = ", ".join(f"{ENGINE_RUNS[r['engine']]} {r['step_s'] / ddp['step_s']:.2f}x" for r in fsdp)
         lines += ["", f"Step time against DDP on the same base at world size 1 ({ddp['name']}): {ratios}."]
@@ -164,7 +170,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path, help="where gpu.json, gpu.md and the bases go")
     parser.add_argument("--checks-only", action="store_true", help="only part 1 (the checks), no bases to build")
+    parser.add_argument(
+        "--parts",
+        default="checks,8b,1b",
+        help="a comma-separated subset of checks (part 1), 8b (part 3), 1b (parts 2, 4 and 5), to rerun what failed",
+    )
     args = parser.parse_args()
+    parts = {"checks"} if args.checks_only else set(args.parts.split(","))
+    if parts - {"checks", "8b", "1b"}:
+        parser.error(f"--parts takes checks, 8b and 1b, not {', '.join(sorted(parts - {'checks', '8b', '1b'}))}")
     import torch
 
     from dist_lora.demo import build_tiny_base, corpus_path
@@ -175,46 +189,38 @@ def main() -> None:
     out = args.out.absolute()
     out.mkdir(parents=True, exist_ok=True)
     tiny = build_tiny_base(out / "tiny-llama", arch="llama")
+    (out / "worker.json").unlink(missing_ok=True)
     spec: dict[str, Any] = {
         "out": str(out),
         "data": str(corpus_path()),
-        "checks": [{"engine": e, "base": str(tiny)} for e in ("fsdp", "zero3")],
+        "checks": [{"engine": e, "base": str(tiny)} for e in ("fsdp", "zero3")] if "checks" in parts else [],
         "runs": [],
     }
-    if not args.checks_only:
-        shapes = ["llama-1.1b", "llama-8b"] if cuda else ["cpu-small"]
-        for shape in shapes:
-            base = build_base(out / shape, shape, "cuda" if cuda else "cpu")
-            spec["runs"].append({"name": shape, "base": str(base), "seq_len": 512 if cuda else 64, "steps": 4})
-            if shape != "llama-8b":  # the step time of FSDP2 against DDP on the same base, at this world size
-                for engine in ("fsdp-no-reshard", "fsdp-keep", "ddp"):
-                    spec["runs"].append(
-                        {
-                            "name": f"{shape} {ENGINE_RUNS[engine]}",
-                            "base": str(base),
-                            "seq_len": 512 if cuda else 64,
-                            "steps": 6,
-                            "engine": engine,
-                        }
-                    )
-            if shape != "llama-8b":  # QLoRA: the NF4 base against the same settings in bf16
-                for q in ("none", "nf4"):
-                    spec["runs"].append(
-                        {
-                            "name": f"{shape} {'NF4' if q == 'nf4' else 'bf16'}",
-                            "base": str(base),
-                            "seq_len": 512 if cuda else 64,
-                            "steps": 4,
-                            "quantization": q,
-                        }
-                    )
-        print(f"bases ready after {time.perf_counter() - t0:.0f} s", flush=True)
+    shapes = {"8b": "llama-8b", "1b": "llama-1.1b"} if cuda else {"8b": "cpu-small", "1b": "cpu-small"}
+    seq_len = 512 if cuda else 64
+    if "8b" in parts:  # first: the issue's aim (an 8B base loaded the sharded way, trained, saved and resumed)
+        base = build_base(out / shapes["8b"], shapes["8b"], "cuda" if cuda else "cpu")
+        name = f"{shapes['8b']}, bf16 base"
+        spec["runs"].append({"name": name, "base": str(base), "seq_len": seq_len, "steps": 4, "dtype": "bfloat16"})
+    if "1b" in parts:
+        base = build_base(out / shapes["1b"], shapes["1b"], "cuda" if cuda else "cpu")
+        spec["runs"].append({"name": shapes["1b"], "base": str(base), "seq_len": seq_len, "steps": 4})
+        for engine in ("fsdp-no-reshard", "fsdp-keep", "ddp"):  # the step time of FSDP2 against DDP, this world
+            name = f"{shapes['1b']} {ENGINE_RUNS[engine]}"
+            spec["runs"].append({"name": name, "base": str(base), "seq_len": seq_len, "steps": 6, "engine": engine})
+        for q in ("none", "nf4"):  # QLoRA: the NF4 base against the same settings in bf16
+            name = f"{shapes['1b']} {'NF4' if q == 'nf4' else 'bf16'}"
+            spec["runs"].append({"name": name, "base": str(base), "seq_len": seq_len, "steps": 4, "quantization": q})
+    print(f"bases ready after {time.perf_counter() - t0:.0f} s", flush=True)
     proc = subprocess.run(
         torchrun_cmd(1, "-m", "bench.gpu_worker", json.dumps(spec)), env=local_env(str(ROOT)), cwd=ROOT, timeout=900
     )
+    done = out / "worker.json"  # rewritten after every part: what finished before a crash still counts
+    if proc.returncode != 0 and not done.is_file():
+        sys.exit(f"the worker failed ({proc.returncode}) before its first part ended; its output is above")
+    results = json.loads(done.read_text())
     if proc.returncode != 0:
-        sys.exit(f"the worker failed ({proc.returncode}); its output is above")
-    results = json.loads((out / "worker.json").read_text())
+        results["errors"].append({"part": "the worker", "error": f"exited {proc.returncode} (its output is above)"})
     results["machine"] = {
         "device": torch.cuda.get_device_name() if cuda else "CPU",
         "host": platform.node(),

@@ -4,6 +4,6 @@
 # status is 1 when a check fails. Without CUDA it rehearses the same code at CPU scale and says what it could not show.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-out=${1:?usage: bench/gpu.sh OUT_DIR}
+out=${1:?usage: bench/gpu.sh OUT_DIR [--parts checks,8b,1b]}
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-python -m bench.gpu "$out"
+python3 -m bench.gpu "$out" "${@:2}"

@@ -7,19 +7,27 @@ checks: per engine (FSDP2, ZeRO-3), bf16 mixed precision: train 2 steps; save th
 reference) and asynchronously (pinned staging and a side stream on a GPU), train on at once; the asynchronous
 step's adapter and optimizer files must equal the reference's byte for byte; then a fresh trainer resumes the step
 and saves it again: equal again.
-runs: a base loaded the sharded way (FSDP2, bf16), LoRA r=16 on q/k/v/o: load seconds, peak device memory, step
-seconds, the save stall, and the resume; "engine" (default "fsdp") names another of ENGINES, for the step time of
-FSDP2 against DDP on the same base. A run with "quantization": "nf4" is QLoRA over the same base (model.dtype
-bfloat16, LoRA on every linear layer), paired with an unquantized run of the same settings ("quantization": "none"):
-both report the frozen base's bytes on the device.
+runs: a base loaded the sharded way (FSDP2, bf16 mixed precision; "dtype" sets model.dtype), LoRA r=16 on
+q/k/v/o: load seconds, peak device memory, step seconds, the save stall, and the resume; "engine" (default "fsdp")
+names another of ENGINES, for the step time of FSDP2 against DDP on the same base. A run with "quantization":
+"nf4" is QLoRA over the same base (model.dtype bfloat16, LoRA on every linear layer), paired with an unquantized run
+of the same settings ("quantization": "none"): both report the frozen base's bytes on the device.
+
+A part that raises is recorded in "errors" (its traceback goes to the output) and the others still run: a GPU lease
+is short, and one fault should not cost the figures of the rest. worker.json is rewritten after every part.
 """
 
 from __future__ import annotations
 
+import functools
+import gc
 import json
+import os
 import statistics
 import sys
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +128,8 @@ def run(spec: dict[str, Any], data: str, out: Path) -> dict[str, Any]:
         if quantization
         else []
     )
+    if spec.get("dtype"):
+        qlora.append(f"model.dtype={spec['dtype']}")
     cfg = load_config(
         ROOT / "configs" / "tiny.yaml",
         overrides(
@@ -138,9 +148,11 @@ def run(spec: dict[str, Any], data: str, out: Path) -> dict[str, Any]:
     url = trainer.save()
     trainer.train_step()  # the step that overlaps the background snapshot
     trainer.close()
+    train_peak = device_peak()
     stats = trainer.checkpointer.history[-1]
     trainer.checkpointer.release_lease()
     del trainer
+    free_device_memory()
     t0 = time.perf_counter()
     resumed = Trainer(cfg)
     resumed.resume(url)
@@ -151,9 +163,11 @@ def run(spec: dict[str, Any], data: str, out: Path) -> dict[str, Any]:
         "name": spec["name"],
         "base": spec["base"],
         "engine": spec.get("engine", "fsdp"),
+        "dtype": spec.get("dtype"),
         "load_s": load_s,
         "load_peak_device_bytes": load_peak,
-        "train_peak_device_bytes": device_peak(),
+        "train_peak_device_bytes": train_peak,
+        "resume_peak_device_bytes": device_peak(),
         "step_s": statistics.median(steps[1:] or steps),
         "tokens_per_s": 2 * spec["seq_len"] / statistics.median(steps[1:] or steps),
         "last_loss": losses,
@@ -168,16 +182,33 @@ def run(spec: dict[str, Any], data: str, out: Path) -> dict[str, Any]:
     }
 
 
+def free_device_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     spec = json.loads(sys.argv[1])
     out = Path(spec["out"])
-    results: dict[str, Any] = {"checks": [], "runs": []}
+    results: dict[str, Any] = {"checks": [], "runs": [], "errors": []}
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+
+    def part(kind: str, name: str, measure: Callable[[], dict[str, Any]]) -> None:
+        print(f"[gpu_worker] {kind} {name}", flush=True)
+        try:
+            results[kind].append(measure())
+        except Exception as e:
+            traceback.print_exc()
+            results["errors"].append({"part": f"{kind} {name}", "error": f"{type(e).__name__}: {e}"})
+        free_device_memory()
+        if rank0:
+            (out / "worker.json").write_text(json.dumps(results, indent=1))
+
     for c in spec["checks"]:
-        results["checks"].append(check(c["engine"], c["base"], spec["data"], out))
+        part("checks", c["engine"], functools.partial(check, c["engine"], c["base"], spec["data"], out))
     for r in spec["runs"]:
-        results["runs"].append(run(r, spec["data"], out))
-    if torch.distributed.get_rank() == 0:
-        (out / "worker.json").write_text(json.dumps(results, indent=1))
+        part("runs", r["name"], functools.partial(run, r, spec["data"], out))
     shutdown()
 
 

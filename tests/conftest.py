@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # a Hugging Face cache of the tests' own (set before huggingface_hub reads it at import): it holds only the fake
@@ -19,7 +20,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 HF_HUB_CACHE = os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="dist-lora-tests-hf-hub-")
 atexit.register(shutil.rmtree, HF_HUB_CACHE, ignore_errors=True)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+if not torch.cuda.is_available():  # on a GPU machine (`pytest -m gpu`) DeepSpeed finds CUDA itself
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
@@ -115,7 +117,6 @@ def sharded_llama_base(llama_base: Path, tmp_path_factory: pytest.TempPathFactor
 @pytest.fixture(scope="session")
 def bf16_llama_base(llama_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny Llama saved again in bf16, as large bases are published (Llama, Mistral, Qwen)."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path_factory.mktemp("llama-bf16") / "base"
@@ -159,7 +160,6 @@ def hub_gpt2(gpt2_base: Path) -> str:
 @pytest.fixture(scope="session")
 def hub_pickled_gpt2(gpt2_base: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
     """The tiny GPT-2 as a downloaded hub model published in pickle files only (``pytorch_model.bin``)."""
-    import torch
     from safetensors.torch import load_file
 
     directory = tmp_path_factory.mktemp("pickled")
