@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import socket
 import sys
 import threading
+import weakref
 from collections.abc import Callable
 from datetime import timedelta
 from typing import NoReturn
@@ -20,13 +22,16 @@ log = logging.getLogger(__name__)
 
 EXIT_LAUNCHER_GONE = 75  # a rank that stopped because its launcher died (EX_TEMPFAIL: rerun the job)
 
-_on_launcher_gone: list[Callable[[], None]] = []
+_on_launcher_gone: list[Callable[[], Callable[[], None] | None]] = []  # references to the callbacks
 _watching = False
 
 
 def on_launcher_gone(fn: Callable[[], None]) -> None:
-    """Run ``fn`` (quickly, best-effort) before this rank exits because its launcher is gone."""
-    _on_launcher_gone.append(fn)
+    """Run ``fn`` (quickly, best-effort) before this rank exits because its launcher is gone. A bound method is
+    held weakly: a checkpointer registers its lease's release here, and a strong reference would keep it, its
+    trainer and the model's device memory alive after the trainer is dropped (a notebook or a sweep builds many)."""
+    ref = weakref.WeakMethod(fn) if inspect.ismethod(fn) else (lambda: fn)
+    _on_launcher_gone[:] = [r for r in _on_launcher_gone if r() is not None] + [ref]
 
 
 def watch_launcher(interval_s: float = 1.0) -> None:
@@ -47,9 +52,10 @@ def watch_launcher(interval_s: float = 1.0) -> None:
         while os.getppid() == parent:
             _stop_watching.wait(interval_s)
         log.error("the launcher of this rank (pid %d) is gone: stopping this rank now, committing nothing more", parent)
-        for fn in _on_launcher_gone:
+        for fn in (r() for r in list(_on_launcher_gone)):
             try:
-                fn()
+                if fn is not None:
+                    fn()
             except Exception as e:  # the rank exits regardless
                 log.warning("while stopping: %s: %s", type(e).__name__, e)
         logging.shutdown()

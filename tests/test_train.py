@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -9,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -248,6 +250,25 @@ def single_run(base: Path, ckpt: Path, *extra: str):
             *extra,
         ],
     )
+
+
+def test_a_dropped_trainer_leaves_nothing_that_keeps_its_model(gpt2_base, tmp_path):
+    """A process that builds trainer after trainer (a notebook, a sweep, a bench) gets each one's memory back once
+    it drops it: the launcher watch held every checkpointer's lease release strongly, and with it the trainer, its
+    model and the model's device memory (seen on a GPU as the peak of each run growing by the last one's model)."""
+    from dist_lora import distributed
+    from dist_lora.train import Trainer
+
+    trainer = Trainer(single_run(gpt2_base, tmp_path / "ckpt"))
+    trainer.train_step()
+    trainer.save()
+    trainer.close()
+    trainer.checkpointer.release_lease()
+    model = weakref.ref(trainer.backend.model)
+    assert any(r() == trainer.checkpointer.release_lease for r in distributed._on_launcher_gone)
+    del trainer
+    gc.collect()
+    assert model() is None
 
 
 @pytest.mark.parametrize("damage", ["truncated", "flipped_byte", "stray_pickle"])
