@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
+import importlib.util
 import json
 import math
 import mmap
@@ -105,6 +106,14 @@ def context_length(name: str, revision: str | None = None) -> int | None:
     return limit if isinstance(limit, int) else None
 
 
+# transformers 5.2x kernelizes a loaded model by default (RMSNorm, SwiGLU, ... swapped for kernels fetched from the
+# hub on a GPU). The sharded loads build the model from its config, which never kernelizes, so the whole-model load
+# turns it off too: every engine trains the same forward, and a load needs no hub access for kernels.
+_NO_HUB_KERNELS = (
+    {"use_kernels": False} if importlib.util.find_spec("transformers.integrations.hub_kernels") is not None else {}
+)
+
+
 def load_base(name: str, dtype: Any, what: str = "model.name_or_path", revision: str | None = None) -> Any:
     """``AutoModelForCausalLM.from_pretrained`` in ``dtype`` (a hub id at ``revision``, by default its newest),
     or ModelError naming the base and the fix."""
@@ -112,7 +121,9 @@ def load_base(name: str, dtype: Any, what: str = "model.name_or_path", revision:
 
     try:
         with _outside_zero_init():  # a ZeRO-3 model built earlier in this process leaves its config active
-            return AutoModelForCausalLM.from_pretrained(name, dtype=dtype, revision=hub_only(name, revision))
+            return AutoModelForCausalLM.from_pretrained(
+                name, dtype=dtype, revision=hub_only(name, revision), **_NO_HUB_KERNELS
+            )
     except (OSError, ValueError) as e:
         raise _hub_failure(name, what, e) if not Path(name).exists() else ModelError(f"{what} {name}: {e}") from e
 

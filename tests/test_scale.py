@@ -79,6 +79,14 @@ def test_the_gradient_norm_is_global_and_clipping_is_clip_grad_norm(world, gpt2_
             assert (value - want).abs().max().item() <= 1e-6, (name, key, (value - want).abs().max().item())
 
 
+def test_the_whole_model_load_keeps_the_forward_that_the_sharded_load_builds(llama_base):
+    """transformers 5.2x kernelizes what from_pretrained loads (on a GPU, RMSNorm and the MLP swapped for kernels
+    fetched from the hub; it raised without the `kernels` package). The sharded loads build from the config, which
+    never kernelizes: the whole-model load turns it off too, so every engine trains the same forward."""
+    model = load_base(str(llama_base), torch.float32)
+    assert not model.use_kernels
+
+
 def test_activation_checkpointing_recomputes_each_block_and_warns_nothing(gpt2_base):
     """The trainer's switch: each block's forward runs again in backward, and no deprecation warning (transformers 5
     renamed ``gradient_checkpointing_enable``; the old name printed a FutureWarning on every rank)."""
