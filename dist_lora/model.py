@@ -106,12 +106,13 @@ def context_length(name: str, revision: str | None = None) -> int | None:
     return limit if isinstance(limit, int) else None
 
 
-# transformers 5.2x kernelizes a loaded model by default (RMSNorm, SwiGLU, ... swapped for kernels fetched from the
-# hub on a GPU). The sharded loads build the model from its config, which never kernelizes, so the whole-model load
-# turns it off too: every engine trains the same forward, and a load needs no hub access for kernels.
-_NO_HUB_KERNELS = (
-    {"use_kernels": False} if importlib.util.find_spec("transformers.integrations.hub_kernels") is not None else {}
-)
+@functools.cache
+def _no_hub_kernels() -> dict[str, Any]:
+    """``from_pretrained``'s switch for hub kernels, off. transformers 5.2x kernelizes a loaded model by default
+    (RMSNorm, SwiGLU, ... swapped for kernels fetched from the hub on a GPU). The sharded loads build the model from
+    its config, which never kernelizes, so the whole-model load turns it off too: every engine trains the same
+    forward, and a load needs no hub access for kernels. Empty where transformers has no kernels."""
+    return {"use_kernels": False} if importlib.util.find_spec("transformers.integrations.hub_kernels") else {}
 
 
 def load_base(name: str, dtype: Any, what: str = "model.name_or_path", revision: str | None = None) -> Any:
@@ -122,7 +123,7 @@ def load_base(name: str, dtype: Any, what: str = "model.name_or_path", revision:
     try:
         with _outside_zero_init():  # a ZeRO-3 model built earlier in this process leaves its config active
             return AutoModelForCausalLM.from_pretrained(
-                name, dtype=dtype, revision=hub_only(name, revision), **_NO_HUB_KERNELS
+                name, dtype=dtype, revision=hub_only(name, revision), **_no_hub_kernels()
             )
     except (OSError, ValueError) as e:
         raise _hub_failure(name, what, e) if not Path(name).exists() else ModelError(f"{what} {name}: {e}") from e
