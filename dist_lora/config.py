@@ -159,6 +159,10 @@ class TrainConfig:
     activation_checkpointing: bool = False
     """Recompute each transformer block's activations in backward (less memory for long sequences, about a third
     more compute); checkpoint keys do not change, so steps load with it on or off."""
+    gc_every_steps: int = 50
+    """Python's cyclic garbage collector runs only between steps, on the young generations every N steps
+    (torchtitan's gc_freq), instead of at moments of its own: a full collection pauses one rank at a step of its
+    choosing, and every collective waits for the slowest rank. 0: the collector as Python runs it."""
 
     def adamw(self) -> dict[str, Any]:
         """The keyword arguments of the trainer's ``torch.optim.AdamW``."""
@@ -378,6 +382,7 @@ def _validate(cfg: RunConfig, errors: list[str]) -> None:
         "data.eval_fraction",
     )
     check(cfg.train.eval_every_steps >= 0, f"train.eval_every_steps must be >= 0 (got {cfg.train.eval_every_steps})")
+    check(cfg.train.gc_every_steps >= 0, f"train.gc_every_steps must be >= 0 (got {cfg.train.gc_every_steps})")
     check(
         not cfg.checkpoint.keep_best or bool(d.eval_path or d.eval_fraction),
         "checkpoint.keep_best needs eval data: set data.eval_path or data.eval_fraction",

@@ -252,6 +252,39 @@ def single_run(base: Path, ckpt: Path, *extra: str):
     )
 
 
+def test_the_collector_runs_between_steps_and_only_when_asked(gpt2_base, tmp_path):
+    """train.gc_every_steps: while fit() trains, Python's collector runs only when the trainer asks, on the young
+    generations after every 2nd step, never at a moment of its own (a pause on one rank that every collective
+    waits for); it is on again after fit. 0 leaves it to Python."""
+    from dist_lora.train import Trainer
+
+    trainer = Trainer(single_run(gpt2_base, tmp_path / "ckpt", "train.gc_every_steps=2"))
+    runs: list[tuple[int, int]] = []
+
+    def record(phase: str, info: dict) -> None:
+        if phase == "start":
+            runs.append((trainer.step, info["generation"]))
+
+    gc.callbacks.append(record)
+    try:
+        trainer.fit()
+    finally:
+        gc.callbacks.remove(record)
+    assert gc.isenabled()
+    assert runs == [(0, 2), (2, 1), (4, 1), (6, 1)]  # once before the first step, then after steps 2, 4 and 6
+
+    trainer = Trainer(single_run(gpt2_base, tmp_path / "ckpt-2", "train.gc_every_steps=0"))
+    gc.callbacks.append(record)
+    try:
+        gc.disable()  # Python's collector, off as a caller left it: fit neither runs it nor turns it on
+        runs.clear()
+        trainer.fit()
+        assert runs == [] and not gc.isenabled()
+    finally:
+        gc.enable()
+        gc.callbacks.remove(record)
+
+
 def test_a_dropped_trainer_leaves_nothing_that_keeps_its_model(gpt2_base, tmp_path):
     """A process that builds trainer after trainer (a notebook, a sweep, a bench) gets each one's memory back once
     it drops it: the launcher watch held every checkpointer's lease release strongly, and with it the trainer, its
