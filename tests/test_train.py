@@ -7,7 +7,6 @@ import json
 import logging
 import math
 import os
-import socket
 import subprocess
 import sys
 import weakref
@@ -19,7 +18,7 @@ from dist_lora.config import ConfigError, DataConfig, TrainConfig, config_from_d
 from dist_lora.data import prepare_data
 from dist_lora.demo import corpus_path
 from dist_lora.train import lr_at
-from tests.dist_utils import TINY, failure_report, launch_env, torchrun, train_cmd
+from tests.dist_utils import TINY, failure_report, free_port, launch_env, torchrun, train_cmd
 
 
 def overrides(base: Path, ckpt: Path, metrics: Path, *extra: str) -> list[str]:
@@ -39,12 +38,6 @@ def overrides(base: Path, ckpt: Path, metrics: Path, *extra: str) -> list[str]:
 
 def losses(path: Path) -> dict[int, float]:
     return {row["step"]: row["loss"] for row in map(json.loads, path.read_text().splitlines()) if "loss" in row}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def deepspeed_launcher(nproc: int, port: int) -> list[str]:
