@@ -97,6 +97,7 @@ def train(cfg: RunConfig) -> list[dict[str, Any]]:
         trainer = Trainer(cfg)
         trainer.resume(cfg.checkpoint.resume)
         metrics = trainer.fit()
+        trainer.backend.release()  # nothing trains on: a process that runs train() again gets this model's memory back
         clean = True
         return metrics
     except BaseException as e:

@@ -163,6 +163,10 @@ class Backend(ABC):
         """A view of a model that this engine already wrapped (with its optimizer), or None if it did not."""
         raise NotImplementedError
 
+    def release(self) -> None:  # noqa: B027 - optional hook
+        """Let the engine go now rather than when this backend is dropped (it no longer trains): for engines whose
+        library would keep them for the life of the process otherwise (DeepSpeed). Nothing to do for the others."""
+
     def ready(self) -> None:  # noqa: B027 - optional hook
         """Collective: called on every rank once the engine is built, before training (by :func:`build` after
         :meth:`wrap`, and by the HF callback for an engine the Trainer built)."""

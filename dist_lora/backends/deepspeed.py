@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import weakref
 from collections.abc import Callable
 from typing import Any
 from unittest import mock
@@ -147,6 +148,19 @@ def _model_dtype_unless_half(set_dtype: Callable[..., None], dtype: torch.dtype)
     return set_model_dtype
 
 
+def _release_engine(engine: Any) -> None:
+    """Let an engine go once nothing uses it. DeepSpeed keeps every engine alive for the life of the process: its
+    ZeRO optimizer hooks each trainable parameter's gradient accumulator, a reference autograd holds in C++, where
+    Python's collector cannot see the cycle back to the engine; and ZeRO-3 pushes the top module on the module-level
+    ``parameter_offload.FWD_MODULE_STACK``, which nothing pops. ``engine.destroy()`` removes the hooks; the module
+    is taken off the list here (``list.remove``, one step under the GIL: another engine may be running forward)."""
+    engine.destroy()
+    from deepspeed.runtime.zero import parameter_offload
+
+    with contextlib.suppress(ValueError):
+        parameter_offload.FWD_MODULE_STACK.remove(engine.module)
+
+
 class DeepSpeedBackend(Backend):
     name = "deepspeed"
 
@@ -162,6 +176,7 @@ class DeepSpeedBackend(Backend):
                 "1, 2 and 3 (DeepSpeedZeroOptimizer, BF16_Optimizer and DeepSpeedZeroOptimizer_Stage3)"
             )
         self.stage, self._fp32_groups, self._bit16_groups = layout
+        self._release: weakref.finalize | None = None  # set for an engine this backend built (wrap)
 
     @classmethod
     def gathers_parameters(cls, parallel):  # type: ignore[no-untyped-def]
@@ -229,7 +244,12 @@ class DeepSpeedBackend(Backend):
             adamw={name: client.defaults.get(name) for name in ADAMW_SETTINGS},  # what the JSON may repeat
         )
         engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=client, config=config)
-        return cls(engine, optimizer, bias)
+        backend = cls(engine, optimizer, bias)
+        # the engine goes with this backend (a dropped trainer frees its model and its device memory): without
+        # this, a process that builds one engine after another keeps every one of them
+        backend._release = weakref.finalize(backend, _release_engine, engine)
+        backend._release.atexit = False  # at exit the process's memory goes anyway
+        return backend
 
     @classmethod
     def recognise(cls, model, optimizer, bias):  # type: ignore[no-untyped-def]
@@ -237,6 +257,12 @@ class DeepSpeedBackend(Backend):
         (HF Trainer passes the PEFT model and accelerate's unwrapped optimizer)."""
         zero = model.optimizer if type(model).__name__ == "DeepSpeedEngine" else optimizer
         return cls(model, zero, bias) if zero_layout(zero) is not None else None
+
+    def release(self) -> None:
+        """Give DeepSpeed's hold on an engine this backend built back (:func:`_release_engine`): the engine no longer
+        trains. Runs by itself when the backend is dropped; an engine built elsewhere (HF Trainer's) is left alone."""
+        if self._release is not None:
+            self._release()
 
     def ready(self) -> None:
         """Unlink this rank's all-reduce workspace (:func:`shm_workspace`) once every rank has mapped it: the maps
