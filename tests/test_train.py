@@ -310,12 +310,12 @@ def test_a_dropped_trainer_leaves_nothing_that_keeps_its_model(gpt2_base, tmp_pa
 @pytest.mark.multiproc
 @pytest.mark.timeout(300)
 def test_a_dropped_deepspeed_trainer_gives_its_engine_back(gpt2_base, tmp_path):
-    """DeepSpeed keeps every engine for the life of the process (its ZeRO optimizer's hooks on the gradient
-    accumulators are held in autograd's C++, out of the collector's sight): a process that trains one model after
-    another kept them all. Dropping a ZeRO-1 or ZeRO-2 trainer after two steps of two micro-batches frees its engine
-    and model, the next one trains, and ``train()`` leaves nothing either (2 ranks). ZeRO-3 keeps its engine still,
-    through a hold of DeepSpeed's that its ``destroy()`` does not end (README, Limits)."""
-    runs = [short_run(gpt2_base, "parallel.backend=deepspeed", f"parallel.zero_stage={stage}") for stage in (1, 2)]
+    """DeepSpeed keeps every engine for the life of the process (its hooks on the gradient accumulators, held in
+    autograd's C++ out of the collector's sight; ZeRO-3's module-level FWD_MODULE_STACK, and its coordinator's
+    lru_cache on the class): a process that trains one model after another kept them all. Dropping a ZeRO-1, ZeRO-2
+    or ZeRO-3 trainer after two steps of two micro-batches frees its engine and model, the next one trains, and
+    ``train()`` leaves nothing either (2 ranks)."""
+    runs = [short_run(gpt2_base, "parallel.backend=deepspeed", f"parallel.zero_stage={stage}") for stage in (1, 2, 3)]
     run_worker(2, {"runs": runs, "out": str(tmp_path)}, worker=ROOT / "tests" / "workers" / "drop_worker.py")
 
 

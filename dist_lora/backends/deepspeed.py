@@ -149,16 +149,25 @@ def _model_dtype_unless_half(set_dtype: Callable[..., None], dtype: torch.dtype)
 
 
 def _release_engine(engine: Any) -> None:
-    """Let an engine go once nothing uses it. DeepSpeed keeps every engine alive for the life of the process: its
-    ZeRO optimizer hooks each trainable parameter's gradient accumulator, a reference autograd holds in C++, where
-    Python's collector cannot see the cycle back to the engine; and ZeRO-3 pushes the top module on the module-level
-    ``parameter_offload.FWD_MODULE_STACK``, which nothing pops. ``engine.destroy()`` removes the hooks; the module
-    is taken off the list here (``list.remove``, one step under the GIL: another engine may be running forward)."""
+    """Let an engine go once nothing uses it. DeepSpeed keeps every engine alive for the life of the process, by
+    three holds that Python's collector cannot end: its ZeRO optimizer hooks each trainable parameter's gradient
+    accumulator (a reference autograd keeps in C++, out of the collector's sight, on the cycle back to the engine);
+    ZeRO-3 pushes the top module on the module-level ``parameter_offload.FWD_MODULE_STACK``, which nothing pops; and
+    ZeRO-3's parameter coordinator memoizes which parameters to release in an ``lru_cache`` on its class, keyed by
+    (coordinator, module, step), shared by every engine and never cleared. ``engine.destroy()`` removes the hooks;
+    the module is taken off the list (``list.remove``, one step under the GIL: another engine may be running
+    forward); and the cache is cleared (another live engine only computes its entries again)."""
     engine.destroy()
     from deepspeed.runtime.zero import parameter_offload
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
 
     with contextlib.suppress(ValueError):
         parameter_offload.FWD_MODULE_STACK.remove(engine.module)
+    method = vars(PartitionedParameterCoordinator).get("_PartitionedParameterCoordinator__params_to_release")
+    cells = getattr(method, "__closure__", None) or ()  # under DeepSpeed's NVTX wrapper, which keeps no __wrapped__
+    for memo in (method, *(cell.cell_contents for cell in cells)):
+        if hasattr(memo, "cache_clear"):
+            memo.cache_clear()
 
 
 class DeepSpeedBackend(Backend):
