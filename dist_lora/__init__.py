@@ -14,6 +14,7 @@ from dist_lora.constants import VERSION as __version__
 _LAZY = {
     "load_checkpoint": "dist_lora.api",
     "load_model": "dist_lora.api",
+    "load_sharded": "dist_lora.api",
     "save_checkpoint": "dist_lora.api",
     "apply_lora": "dist_lora.lora",
     "lora_state_dict": "dist_lora.lora",

@@ -1,4 +1,5 @@
-"""save_checkpoint / load_checkpoint / load_model: the two collectives the trainer uses, for any training loop.
+"""save_checkpoint / load_checkpoint / load_model: the two collectives the trainer uses, for any training loop;
+load_sharded: the trainer's FSDP2 model (the base loaded shard by shard, LoRA applied), for a loop of one's own.
 
 Both are collectives when torch.distributed is initialized: every rank calls them, rank 0 does the I/O, and an
 error on rank 0 is raised on every rank (never a hang). With one process they are plain function calls.
@@ -10,6 +11,7 @@ import json
 import logging
 import weakref
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,7 +32,7 @@ from dist_lora.checkpoint import (
     read_verified,
 )
 from dist_lora.checkpointer import Checkpointer
-from dist_lora.config import CheckpointConfig
+from dist_lora.config import CheckpointConfig, ConfigError, LoraConfig, ParallelConfig
 from dist_lora.constants import ADAPTER_CONFIG_NAME, WEIGHT_FIELD
 from dist_lora.faults import failpoint
 from dist_lora.gather import broadcast_adapter
@@ -38,6 +40,7 @@ from dist_lora.lora import (
     AdapterError,
     adapter_aliases,
     adapter_parameters,
+    apply_lora,
     base_fingerprint,
     check_bias_mode,
     compare_fingerprints,
@@ -356,3 +359,57 @@ def load_model(
         model.eval()
         model.requires_grad_(False)
     return model
+
+
+def load_sharded(
+    name_or_path: str,
+    lora: LoraConfig,
+    *,
+    parallel: ParallelConfig | None = None,
+    dtype: torch.dtype = torch.float32,
+    revision: str | None = None,
+    seed: int = 0,
+    activation_checkpointing: bool = False,
+) -> nn.Module:
+    """Collective: the model the trainer trains on FSDP2, for a training loop of one's own. The base is built on the
+    meta device, LoRA applied (the adapter drawn from ``torch.manual_seed(seed)``, the same on every rank and at any
+    world size), ``fully_shard`` applied to each block and to the model as ``parallel`` says (HSDP, bf16 mixed
+    precision, resharding, prefetch, ``keep_base_gathered``), then each rank reads only its own rows of the base from
+    its safetensors files, onto the current CUDA device (``torch.cuda.set_device`` first) or the CPU: no rank ever
+    holds the whole base. ``name_or_path``: a ``save_pretrained`` directory or a
+    hub id (its snapshot, at ``revision``). Returns the sharded PEFT model, its adapter trainable and in train mode;
+    build the optimizer over ``[p for p in model.parameters() if p.requires_grad]``. ``save_checkpoint`` and
+    ``load_checkpoint`` take it as they are."""
+    import torch.distributed as dist
+
+    from dist_lora.backends.fsdp import FSDPBackend
+    from dist_lora.model import adapters_on_cpu, base_directory, collection_paused, enable_activation_checkpointing
+
+    parallel = parallel or ParallelConfig(backend="fsdp")
+    if parallel.backend != "fsdp":
+        raise ConfigError(
+            f"load_sharded builds FSDP2 models; parallel.backend is {parallel.backend!r}: pass "
+            "ParallelConfig(backend='fsdp', ...) (for ZeRO-3, DDP or one process, load the base and call apply_lora)"
+        )
+    if not dist.is_initialized():
+        raise RuntimeError(
+            "load_sharded is a collective over the process group: call torch.distributed.init_process_group() on "
+            "every rank first (torchrun sets the environment it reads)"
+        )
+    directory = base_directory(name_or_path, revision=revision)
+    hub = directory not in (None, name_or_path)  # a hub id: its snapshot, named by the commit every step records
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    with collection_paused():
+        base, weights = FSDPBackend.load_base(parallel, directory or name_or_path, dtype, device, revision=revision)
+        if hub:
+            base.name_or_path = base.config.name_or_path = name_or_path
+        if activation_checkpointing:
+            enable_activation_checkpointing(base)
+        torch.manual_seed(seed)
+        with adapters_on_cpu():
+            model = apply_lora(base, lora, name_or_path, Path(str(directory)).name if hub else revision)
+        model.train()
+        backend = FSDPBackend.wrap(
+            parallel, model, lambda params: None, lora.bias, micro_batch_size=1, grad_accum=1, weights=weights
+        )
+    return backend.model

@@ -298,3 +298,53 @@ def test_sharded_load_equals_the_full_load(
     for i, name in enumerate(names):
         logits = load_file(str(tmp_path / f"{i}.logits"))
         assert torch.allclose(logits["sharded"], logits["full"], rtol=0, atol=1e-6), name
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(("base", "world", "targets"), [("gpt2", 2, ["c_attn"]), ("llama", 3, ["q_proj", "v_proj"])])
+def test_load_sharded_gives_an_own_loop_the_trainers_model(base, world, targets, request, tmp_path):
+    """``dist_lora.load_sharded`` for a loop of one's own: every rank's shards equal the full load bit for bit (a
+    tied GPT-2 at 2 ranks; a Llama in 3 files with an index, uneven at 3), the loop's AdamW steps on it give one
+    process's losses, and its saved step holds one process's adapter."""
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    import dist_lora
+    from dist_lora.config import LoraConfig
+
+    path = request.getfixturevalue({"gpt2": "gpt2_base", "llama": "sharded_llama_base"}[base])
+    out = tmp_path / "out.json"
+    spec = {"base": str(path), "dir": str(tmp_path / "ckpt"), "out": str(out), "steps": 2, "targets": targets}
+    run_worker(world, spec, worker=Path(__file__).resolve().parent / "workers" / "own_loop_fsdp.py")
+    got = json.loads(out.read_text())
+
+    torch.manual_seed(0)
+    model = dist_lora.apply_lora(
+        AutoModelForCausalLM.from_pretrained(path, use_kernels=False), LoraConfig(r=4, alpha=8, target_modules=targets)
+    )
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    batch = torch.arange(32).view(2, 16) % 100
+    losses = []
+    for _ in range(2):
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(got["losses"], losses, strict=True)), (got, losses)
+    saved = load_file(str(Path(got["step"]) / "adapter_model.safetensors"))
+    want = peft.get_peft_model_state_dict(model)
+    assert saved.keys() == want.keys()
+    assert max((saved[k] - want[k]).abs().max().item() for k in want) <= 1e-5
+
+
+def test_load_sharded_refuses_another_engine_and_a_missing_process_group(gpt2_base):
+    import dist_lora
+    from dist_lora.config import ConfigError, LoraConfig, ParallelConfig
+
+    lora = LoraConfig(r=4, alpha=8, target_modules=["c_attn"])
+    with pytest.raises(ConfigError, match=r"load_sharded builds FSDP2 models; parallel.backend is 'ddp'"):
+        dist_lora.load_sharded(str(gpt2_base), lora, parallel=ParallelConfig(backend="ddp"))
+    with pytest.raises(RuntimeError, match=r"call torch.distributed.init_process_group\(\) on every rank first"):
+        dist_lora.load_sharded(str(gpt2_base), lora)
