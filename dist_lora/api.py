@@ -376,10 +376,10 @@ def load_sharded(
     world size), ``fully_shard`` applied to each block and to the model as ``parallel`` says (HSDP, bf16 mixed
     precision, resharding, prefetch, ``keep_base_gathered``), then each rank reads only its own rows of the base from
     its safetensors files, onto the current CUDA device (``torch.cuda.set_device`` first) or the CPU: no rank ever
-    holds the whole base. ``name_or_path``: a ``save_pretrained`` directory or a
-    hub id (its snapshot, at ``revision``). Returns the sharded PEFT model, its adapter trainable and in train mode;
-    build the optimizer over ``[p for p in model.parameters() if p.requires_grad]``. ``save_checkpoint`` and
-    ``load_checkpoint`` take it as they are."""
+    holds the whole base. ``name_or_path``: a ``save_pretrained`` directory or a hub id (its snapshot, at
+    ``revision``). Returns the sharded PEFT model, its adapter trainable and in train mode; build the optimizer over
+    ``[p for p in model.parameters() if p.requires_grad]``. ``save_checkpoint`` and ``load_checkpoint`` take it as
+    they are."""
     import torch.distributed as dist
 
     from dist_lora.backends.fsdp import FSDPBackend
