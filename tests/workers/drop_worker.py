@@ -21,20 +21,32 @@ from dist_lora.train import Trainer, train
 from tests.dist_utils import TINY
 
 
-def engines_alive() -> list[str]:
+def _models() -> list[object]:
     from deepspeed.runtime.engine import DeepSpeedEngine
-    from deepspeed.runtime.zero.parameter_offload import FWD_MODULE_STACK
     from peft import PeftModel
 
+    return [o for o in gc.get_objects() if isinstance(o, (DeepSpeedEngine, PeftModel))]
+
+
+BEFORE: set[int] = set()  # what the process held before the runs (a rank forked from pytest inherits its models)
+
+
+def engines_alive() -> list[str]:
+    """The engines and PEFT models this rank made that are still alive, and what is on DeepSpeed's module stack."""
+    from deepspeed.runtime.zero.parameter_offload import FWD_MODULE_STACK
+
     gc.collect()
-    alive = [type(o).__name__ for o in gc.get_objects() if isinstance(o, (DeepSpeedEngine, PeftModel))]
-    return alive + [f"{type(m).__name__} on FWD_MODULE_STACK" for m in FWD_MODULE_STACK]
+    alive = [type(o).__name__ for o in _models() if id(o) not in BEFORE]
+    return alive + [f"{type(m).__name__} on FWD_MODULE_STACK" for m in FWD_MODULE_STACK if id(m) not in BEFORE]
 
 
 def main() -> None:
     args = json.loads(sys.argv[1])
     out = Path(args["out"])
     init_distributed(need_group=True)
+    from deepspeed.runtime.zero.parameter_offload import FWD_MODULE_STACK
+
+    BEFORE.update(id(o) for o in [*_models(), *FWD_MODULE_STACK])
     for i, overrides in enumerate(args["runs"]):
         trainer = Trainer(load_config(TINY, [*overrides, f"checkpoint.dir={out / f'run-{i}'}"]))
         trainer.train_step()
