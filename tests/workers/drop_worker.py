@@ -1,9 +1,9 @@
 """One rank that builds trainers one after another and drops each (tests/test_train.py).
 
 argv[1] is JSON: {"runs": [[override, ...], ...], "out": dir}. Each run builds a Trainer (the tiny config plus its
-overrides), takes two steps, saves, and is dropped; then nothing may keep its engine or its model: no DeepSpeedEngine,
-PeftModel or LoRA parameter of it is left after a collection, and DeepSpeed's module stack is empty. Last,
-``train()`` runs once and must leave nothing either (it releases the engine as it returns). Exits non-zero,
+overrides), takes two steps, saves, and is dropped; then nothing may keep its engine or its model: no DeepSpeedEngine
+or PeftModel this rank made is alive after a collection, and none of its modules is on DeepSpeed's module stack.
+Last, ``train()`` runs once and must leave nothing either (it releases the engine as it returns). Exits non-zero,
 naming what stayed, otherwise.
 """
 
