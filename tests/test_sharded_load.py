@@ -302,11 +302,15 @@ def test_sharded_load_equals_the_full_load(
 
 @pytest.mark.multiproc
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize(("base", "world", "targets"), [("gpt2", 2, ["c_attn"]), ("llama", 3, ["q_proj", "v_proj"])])
-def test_load_sharded_gives_an_own_loop_the_trainers_model(base, world, targets, request, tmp_path):
+@pytest.mark.parametrize(
+    ("base", "world", "resume_world", "targets"),
+    [("gpt2", 2, 1, ["c_attn"]), ("llama", 3, 2, ["q_proj", "v_proj"])],
+)
+def test_load_sharded_gives_an_own_loop_the_trainers_model(base, world, resume_world, targets, request, tmp_path):
     """``dist_lora.load_sharded`` for a loop of one's own: every rank's shards equal the full load bit for bit (a
     tied GPT-2 at 2 ranks; a Llama in 3 files with an index, uneven at 3), the loop's AdamW steps on it give one
-    process's losses, and its saved step holds one process's adapter."""
+    process's losses, and its step, loaded by ``load_checkpoint`` into a fresh ``load_sharded`` model at another
+    world size, trains on as one process that never stopped (its loss, and the adapter it saves)."""
     import peft
     from transformers import AutoModelForCausalLM
 
@@ -314,10 +318,13 @@ def test_load_sharded_gives_an_own_loop_the_trainers_model(base, world, targets,
     from dist_lora.config import LoraConfig
 
     path = request.getfixturevalue({"gpt2": "gpt2_base", "llama": "sharded_llama_base"}[base])
-    out = tmp_path / "out.json"
-    spec = {"base": str(path), "dir": str(tmp_path / "ckpt"), "out": str(out), "steps": 2, "targets": targets}
-    run_worker(world, spec, worker=Path(__file__).resolve().parent / "workers" / "own_loop_fsdp.py")
-    got = json.loads(out.read_text())
+    worker = Path(__file__).resolve().parent / "workers" / "own_loop_fsdp.py"
+    first, then = tmp_path / "first.json", tmp_path / "then.json"
+    spec = {"base": str(path), "dir": str(tmp_path / "ckpt"), "out": str(first), "steps": 2, "targets": targets}
+    run_worker(world, spec, worker=worker)
+    got = json.loads(first.read_text())
+    run_worker(resume_world, {**spec, "out": str(then), "steps": 1, "resume": got["step"]}, worker=worker)
+    resumed = json.loads(then.read_text())
 
     torch.manual_seed(0)
     model = dist_lora.apply_lora(
@@ -326,14 +333,20 @@ def test_load_sharded_gives_an_own_loop_the_trainers_model(base, world, targets,
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     batch = torch.arange(32).view(2, 16) % 100
     losses = []
-    for _ in range(2):
+    for _ in range(3):
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
-    assert all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(got["losses"], losses, strict=True)), (got, losses)
-    saved = load_file(str(Path(got["step"]) / "adapter_model.safetensors"))
+    got_losses = [*got["losses"], *resumed["losses"]]
+    assert all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(got_losses, losses, strict=True)), (
+        got,
+        resumed,
+        losses,
+    )
+    assert resumed["step"].endswith("step-00000003")
+    saved = load_file(str(Path(resumed["step"]) / "adapter_model.safetensors"))
     want = peft.get_peft_model_state_dict(model)
     assert saved.keys() == want.keys()
     assert max((saved[k] - want[k]).abs().max().item() for k in want) <= 1e-5

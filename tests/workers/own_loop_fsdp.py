@@ -2,8 +2,9 @@
 ``dist_lora.load_sharded`` builds the model (meta device, LoRA, ``fully_shard``, each rank reading its own rows),
 then a plain loop of AdamW steps on one fixed batch and ``save_checkpoint``.
 
-argv[1] is JSON: {"base": dir, "dir": checkpoint dir, "out": file, "steps": N, "targets": [module names]}. Each rank
-checks, before training, that every parameter it holds (base and adapter) is sharded and equals the matching rows
+argv[1] is JSON: {"base": dir, "dir": checkpoint dir, "out": file, "steps": N, "targets": [module names]}, and
+optionally "resume": a step's URL, loaded with ``load_checkpoint`` (adapter and AdamW state) before the N steps. Each
+rank checks, before training, that every parameter it holds (base and adapter) is sharded and equals the matching rows
 of the full load (``from_pretrained``, the same seed, ``apply_lora``) bit for bit, and that only the adapter trains.
 Rank 0 writes {"losses": [...], "step": url} to "out".
 """
@@ -47,6 +48,9 @@ def main() -> None:
     del reference, expected
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    start = 0
+    if spec.get("resume"):  # saved at another world size: the loop goes on as if it had never stopped
+        start = dist_lora.load_checkpoint(model, spec["resume"], optimizer=optimizer)["step"]
     batch = torch.arange(32).view(2, 16) % 100  # the same batch on every rank: the step equals one process's
     losses = []
     for _ in range(spec["steps"]):
@@ -55,7 +59,7 @@ def main() -> None:
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
-    url = dist_lora.save_checkpoint(model, spec["dir"], step=spec["steps"], optimizer=optimizer)
+    url = dist_lora.save_checkpoint(model, spec["dir"], step=start + spec["steps"], optimizer=optimizer)
     if dist.get_rank() == 0:
         Path(spec["out"]).write_text(json.dumps({"losses": losses, "step": url}))
     shutdown()
