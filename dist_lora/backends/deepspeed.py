@@ -14,6 +14,7 @@ so loading creates it first. Only this module imports deepspeed.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import weakref
@@ -28,6 +29,8 @@ from dist_lora.backends.deepspeed_config import ADAMW_SETTINGS, ds_config
 from dist_lora.constants import ENV_DS_ACCELERATOR, WEIGHT_FIELD
 from dist_lora.lora import base_key
 from dist_lora.model import BaseWeights, release_freed_memory, skip_weight_init
+
+log = logging.getLogger(__name__)
 
 
 def import_deepspeed() -> Any:
@@ -156,14 +159,18 @@ def _release_engine(engine: Any) -> None:
     ZeRO-3's parameter coordinator memoizes which parameters to release in an ``lru_cache`` on its class, keyed by
     (coordinator, module, step), shared by every engine and never cleared. ``engine.destroy()`` removes the hooks;
     the module is taken off the list (``list.remove``, one step under the GIL: another engine may be running
-    forward); and the cache is cleared (another live engine only computes its entries again)."""
-    engine.destroy()
-    from deepspeed.runtime.zero import parameter_offload
-    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
-
-    with contextlib.suppress(ValueError):
-        parameter_offload.FWD_MODULE_STACK.remove(engine.module)
-    method = vars(PartitionedParameterCoordinator).get("_PartitionedParameterCoordinator__params_to_release")
+    forward); and the cache is cleared (another live engine only computes its entries again). Best effort: an engine
+    that cannot be released stays, with a warning (it runs after training has succeeded)."""
+    try:
+        engine.destroy()
+        from deepspeed.runtime.zero import parameter_offload, partitioned_param_coordinator
+    except Exception as e:  # best effort, never a failure of the run that trained: the engine then stays
+        log.warning("could not release a DeepSpeed engine (%s: %s); its memory stays until exit", type(e).__name__, e)
+        return
+    with contextlib.suppress(ValueError):  # (each of these is looked up: another DeepSpeed may lack it)
+        getattr(parameter_offload, "FWD_MODULE_STACK", []).remove(engine.module)
+    coordinator = getattr(partitioned_param_coordinator, "PartitionedParameterCoordinator", object)
+    method = vars(coordinator).get("_PartitionedParameterCoordinator__params_to_release")
     cells = getattr(method, "__closure__", None) or ()  # under DeepSpeed's NVTX wrapper, which keeps no __wrapped__
     for memo in (method, *(cell.cell_contents for cell in cells)):
         if hasattr(memo, "cache_clear"):
