@@ -40,7 +40,6 @@ from dist_lora.lora import (
     AdapterError,
     adapter_aliases,
     adapter_parameters,
-    apply_lora,
     base_fingerprint,
     check_bias_mode,
     compare_fingerprints,
@@ -383,7 +382,13 @@ def load_sharded(
     import torch.distributed as dist
 
     from dist_lora.backends.fsdp import FSDPBackend
-    from dist_lora.model import adapters_on_cpu, base_directory, collection_paused, enable_activation_checkpointing
+    from dist_lora.model import (
+        apply_lora_seeded,
+        base_directory,
+        collection_paused,
+        compute_device,
+        enable_activation_checkpointing,
+    )
 
     parallel = parallel or ParallelConfig(backend="fsdp")
     if parallel.backend != "fsdp":
@@ -398,17 +403,15 @@ def load_sharded(
         )
     directory = base_directory(name_or_path, revision=revision)
     hub = directory not in (None, name_or_path)  # a hub id: its snapshot, named by the commit every step records
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     with collection_paused():
-        base, weights = FSDPBackend.load_base(parallel, directory or name_or_path, dtype, device, revision=revision)
+        base, weights = FSDPBackend.load_base(
+            parallel, directory or name_or_path, dtype, compute_device(), revision=revision
+        )
         if hub:
             base.name_or_path = base.config.name_or_path = name_or_path
         if activation_checkpointing:
             enable_activation_checkpointing(base)
-        torch.manual_seed(seed)
-        with adapters_on_cpu():
-            model = apply_lora(base, lora, name_or_path, Path(str(directory)).name if hub else revision)
-        model.train()
+        model = apply_lora_seeded(base, lora, name_or_path, Path(str(directory)).name if hub else revision, seed)
         backend = FSDPBackend.wrap(
             parallel, model, lambda params: None, lora.bias, micro_batch_size=1, grad_accum=1, weights=weights
         )

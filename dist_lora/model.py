@@ -626,6 +626,24 @@ def adapters_on_cpu() -> Iterator[None]:
         DoraLinearLayer.update_layer = dora_update  # type: ignore[method-assign]
 
 
+def apply_lora_seeded(base: Any, cfg: Any, name_or_path: str, revision: str | None, seed: int) -> Any:
+    """LoRA over ``base``, loaded or on the meta device, in train mode (``from_pretrained`` returns eval mode: LoRA
+    dropout and activation checkpointing need train mode). The adapter is drawn from ``torch.manual_seed(seed)``, as
+    over a loaded base even on the meta device (:func:`adapters_on_cpu`): the same values on every rank, at every
+    world size and on every backend."""
+    from dist_lora.lora import apply_lora
+
+    torch.manual_seed(seed)
+    with adapters_on_cpu():
+        model = apply_lora(base, cfg, name_or_path, revision)
+    return model.train()
+
+
+def compute_device() -> torch.device:
+    """Where this rank's shards live: the current CUDA device (``torch.cuda.set_device``), else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def fill_from_files(model: Any, weights: BaseWeights) -> None:
     """The adapter tensors that PEFT derives from the base's values, computed from the files for a model built on
     the meta device (before it is sharded), exactly as PEFT computes them over a loaded base: DoRA's magnitude

@@ -24,10 +24,9 @@ from dist_lora.data import check_packing, prepare_data
 from dist_lora.distributed import init_distributed, shutdown, step_consensus
 from dist_lora.guard import FirstNonFinite, check_first_step
 from dist_lora.logs import quiet_third_party
-from dist_lora.lora import apply_lora
 from dist_lora.metrics import MetricsLog
 from dist_lora.model import (
-    adapters_on_cpu,
+    apply_lora_seeded,
     base_directory,
     collection_paused,
     context_length,
@@ -236,10 +235,7 @@ class Trainer:
             check_packing(base)
         if t.activation_checkpointing:  # HF's flag on each block: no wrapper, so no new prefix in any key
             enable_activation_checkpointing(base)
-        torch.manual_seed(t.seed)  # LoRA init is the same on every rank, at every world size, for every backend
-        with adapters_on_cpu():  # over a base on the meta device, the adapter still gets its values
-            model = apply_lora(base, cfg.lora, cfg.model.name_or_path, self.base_revision)
-        model.train()  # from_pretrained returns eval mode: LoRA dropout and activation checkpointing need this
+        model = apply_lora_seeded(base, cfg.lora, cfg.model.name_or_path, self.base_revision, t.seed)
         plan = None
         if cfg.model.quantization == "nf4":  # QLoRA: before sharding, so that FSDP2 shards the 4-bit bytes
             shards = backends.backend_class(cfg.parallel.backend).shards(cfg.parallel)

@@ -22,7 +22,15 @@ from dist_lora.checkpoint import CheckpointError
 from dist_lora.config import ParallelConfig
 from dist_lora.constants import WEIGHT_FIELD
 from dist_lora.lora import adapter_parameters, base_key, canonical_name, check_nothing_dropped, full_shape
-from dist_lora.model import BaseWeights, build_on_meta, fill_from_files, host_tensors, load_base, release_freed_memory
+from dist_lora.model import (
+    BaseWeights,
+    build_on_meta,
+    compute_device,
+    fill_from_files,
+    host_tensors,
+    load_base,
+    release_freed_memory,
+)
 from dist_lora.quantize import fill_shard, is_nf4
 
 
@@ -307,7 +315,7 @@ def materialize(
     pages (:meth:`BaseWeights.mapped`), which takes the meta parameter's place in the same pass that gives every
     other tensor its memory (one ``Module._apply``, as ``to_empty`` makes it; FSDP2 then takes the view as the local
     shard). That is how ``from_pretrained`` leaves a CPU model, and costs as little: nothing is allocated for it."""
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = compute_device()
     with torch.no_grad():
         views = _views(model, weights, host, row_offset) if device.type == "cpu" else {}
         # a tied parameter is met once per name: the same view each time, so that the names stay tied
