@@ -316,6 +316,7 @@ def test_load_sharded_gives_an_own_loop_the_trainers_model(base, world, resume_w
 
     import dist_lora
     from dist_lora.config import LoraConfig
+    from tests.workers.own_loop_fsdp import optimizer_for, train_steps
 
     path = request.getfixturevalue({"gpt2": "gpt2_base", "llama": "sharded_llama_base"}[base])
     worker = Path(__file__).resolve().parent / "workers" / "own_loop_fsdp.py"
@@ -330,15 +331,7 @@ def test_load_sharded_gives_an_own_loop_the_trainers_model(base, world, resume_w
     model = dist_lora.apply_lora(
         AutoModelForCausalLM.from_pretrained(path, use_kernels=False), LoraConfig(r=4, alpha=8, target_modules=targets)
     )
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    batch = torch.arange(32).view(2, 16) % 100
-    losses = []
-    for _ in range(3):
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(model, optimizer_for(model), 3)  # one process that never stopped
     got_losses = [*got["losses"], *resumed["losses"]]
     assert all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(got_losses, losses, strict=True)), (
         got,

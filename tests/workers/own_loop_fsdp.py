@@ -27,6 +27,25 @@ from dist_lora.lora import canonical_name
 from tests.workers.load_worker import local_and_expected
 
 
+def optimizer_for(model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The loop's AdamW over the adapter (this worker's, and the one-process reference's in the test)."""
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+
+
+def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int) -> list[float]:
+    """``steps`` plain AdamW steps on one fixed batch, the same on every rank (so a step equals one process's);
+    returns the losses."""
+    batch = torch.arange(32).view(2, 16) % 100
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
 def main() -> None:
     spec = json.loads(sys.argv[1])
     init_distributed(need_group=True)
@@ -47,18 +66,11 @@ def main() -> None:
     assert all(p.requires_grad == ("lora_" in n) for n, p in model.named_parameters())
     del reference, expected
 
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    optimizer = optimizer_for(model)
     start = 0
     if spec.get("resume"):  # saved at another world size: the loop goes on as if it had never stopped
         start = dist_lora.load_checkpoint(model, spec["resume"], optimizer=optimizer)["step"]
-    batch = torch.arange(32).view(2, 16) % 100  # the same batch on every rank: the step equals one process's
-    losses = []
-    for _ in range(spec["steps"]):
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(model, optimizer, spec["steps"])
     url = dist_lora.save_checkpoint(model, spec["dir"], step=start + spec["steps"], optimizer=optimizer)
     if dist.get_rank() == 0:
         Path(spec["out"]).write_text(json.dumps({"losses": losses, "step": url}))
