@@ -370,17 +370,24 @@ def load_sharded(
     seed: int = 0,
     activation_checkpointing: bool = False,
 ) -> nn.Module:
-    """Collective: the model the trainer trains on FSDP2, for a training loop of one's own. The base is built on the
-    meta device, LoRA applied (the adapter drawn from ``torch.manual_seed(seed)``, the same on every rank and at any
-    world size), ``fully_shard`` applied to each block and to the model as ``parallel`` says (HSDP, bf16 mixed
-    precision, resharding, prefetch, ``keep_base_gathered``), then each rank reads only its own rows of the base from
-    its safetensors files, onto the current CUDA device (``torch.cuda.set_device`` first) or the CPU: no rank ever
-    holds the whole base. ``name_or_path``: a ``save_pretrained`` directory or a hub id (its snapshot, at
-    ``revision``). Returns the sharded PEFT model, its adapter trainable and in train mode; build the optimizer over
-    ``[p for p in model.parameters() if p.requires_grad]``. ``save_checkpoint`` and ``load_checkpoint`` take it as
-    they are."""
+    """Collective: the model the trainer trains on FSDP2 or ZeRO-3, for a training loop of one's own; no rank ever
+    holds the whole base. LoRA's adapter is drawn from ``torch.manual_seed(seed)``, the same on every rank, at any
+    world size and on either engine. Each rank's share goes to the current CUDA device (``torch.cuda.set_device``
+    first) or the CPU. ``name_or_path``: a ``save_pretrained`` directory or a hub id (its snapshot, at ``revision``).
+
+    - ``parallel.backend="fsdp"`` (the default): the base is built on the meta device, LoRA applied, ``fully_shard``
+      applied to each block and to the model as ``parallel`` says (HSDP, bf16 mixed precision, resharding, prefetch,
+      ``keep_base_gathered``), then each rank reads only its own rows from the safetensors files. Returns the
+      sharded PEFT model; build the optimizer over ``[p for p in model.parameters() if p.requires_grad]``.
+    - ``parallel.backend="deepspeed"``, ``zero_stage=3``: the base is partitioned as it is constructed
+      (``zero.Init``) and each rank fills its own partition from the files, then LoRA is applied. Returns the PEFT
+      model for ``deepspeed.initialize``, which must be given a ZeRO-3 config; ``parallel.deepspeed_config`` names
+      that config's JSON, so that construction reads the settings it shares with the engine (parameter offload).
+
+    ``save_checkpoint`` and ``load_checkpoint`` take the model (FSDP2) or the engine (ZeRO-3) as they are."""
     import torch.distributed as dist
 
+    from dist_lora.backends.deepspeed_config import construction_config
     from dist_lora.backends.fsdp import FSDPBackend
     from dist_lora.model import (
         apply_lora_seeded,
@@ -391,11 +398,28 @@ def load_sharded(
     )
 
     parallel = parallel or ParallelConfig(backend="fsdp")
-    if parallel.backend != "fsdp":
+    zero3 = parallel.backend == "deepspeed" and parallel.zero_stage == 3
+    if parallel.backend != "fsdp" and not zero3:
+        engine = f"{parallel.backend!r}" + (f" (ZeRO-{parallel.zero_stage})" if parallel.backend == "deepspeed" else "")
         raise ConfigError(
-            f"load_sharded builds FSDP2 models; parallel.backend is {parallel.backend!r}: pass "
-            "ParallelConfig(backend='fsdp', ...) (for ZeRO-3, DDP or one process, load the base and call apply_lora)"
+            f"load_sharded builds FSDP2 and ZeRO-3 models, each rank holding a shard of the base; parallel.backend is "
+            f"{engine}, which holds a whole replica per rank: pass ParallelConfig(backend='fsdp', ...) or "
+            "ParallelConfig(backend='deepspeed', zero_stage=3, ...), or load the base with from_pretrained and call "
+            "apply_lora"
         )
+    if zero3:
+        from dist_lora.backends.deepspeed import DeepSpeedBackend
+
+        if not parallel.deepspeed_config:
+            raise ConfigError(
+                "load_sharded on ZeRO-3 needs parallel.deepspeed_config: the path of the DeepSpeed JSON your "
+                "deepspeed.initialize takes (the model is constructed under it, as with transformers' "
+                "HfDeepSpeedConfig, and both must say ZeRO-3 and the same precision)"
+            )
+        try:
+            config = construction_config(parallel.deepspeed_config, bf16=parallel.mixed_precision == "bf16")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if not dist.is_initialized():
         raise RuntimeError(
             "load_sharded is a collective over the process group: call torch.distributed.init_process_group() on "
@@ -404,14 +428,21 @@ def load_sharded(
     directory = base_directory(name_or_path, revision=revision)
     hub = directory not in (None, name_or_path)  # a hub id: its snapshot, named by the commit every step records
     with collection_paused():
-        base, weights = FSDPBackend.load_base(
-            parallel, directory or name_or_path, dtype, compute_device(), revision=revision
-        )
+        if zero3:
+            base, weights = DeepSpeedBackend.load_base(
+                parallel, directory or name_or_path, dtype, compute_device(), config=config, revision=revision
+            )
+        else:
+            base, weights = FSDPBackend.load_base(
+                parallel, directory or name_or_path, dtype, compute_device(), revision=revision
+            )
         if hub:
             base.name_or_path = base.config.name_or_path = name_or_path
         if activation_checkpointing:
             enable_activation_checkpointing(base)
         model = apply_lora_seeded(base, lora, name_or_path, Path(str(directory)).name if hub else revision, seed)
+        if zero3:  # the engine is the loop's own (deepspeed.initialize with its optimizer and config)
+            return model
         backend = FSDPBackend.wrap(
             parallel, model, lambda params: None, lora.bias, micro_batch_size=1, grad_accum=1, weights=weights
         )

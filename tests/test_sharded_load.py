@@ -303,25 +303,40 @@ def test_sharded_load_equals_the_full_load(
 @pytest.mark.multiproc
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize(
-    ("base", "world", "resume_world", "targets"),
-    [("gpt2", 2, 1, ["c_attn"]), ("llama", 3, 2, ["q_proj", "v_proj"])],
+    ("engine", "base", "world", "resume_world", "targets"),
+    [
+        ("fsdp", "gpt2", 2, 1, ["c_attn"]),
+        ("fsdp", "llama", 3, 2, ["q_proj", "v_proj"]),
+        ("zero3", "gpt2", 2, 1, ["c_attn"]),
+        ("zero3", "llama", 3, 2, ["q_proj", "v_proj"]),
+    ],
 )
-def test_load_sharded_gives_an_own_loop_the_trainers_model(base, world, resume_world, targets, request, tmp_path):
-    """``dist_lora.load_sharded`` for a loop of one's own: every rank's shards equal the full load bit for bit (a
-    tied GPT-2 at 2 ranks; a Llama in 3 files with an index, uneven at 3), the loop's AdamW steps on it give one
-    process's losses, and its step, loaded by ``load_checkpoint`` into a fresh ``load_sharded`` model at another
-    world size, trains on as one process that never stopped (its loss, and the adapter it saves)."""
+def test_load_sharded_gives_an_own_loop_the_trainers_model(
+    engine, base, world, resume_world, targets, request, tmp_path
+):
+    """``dist_lora.load_sharded`` for a loop of one's own, on FSDP2 and on ZeRO-3 (the loop's own
+    ``deepspeed.initialize``): every rank's shards equal the full load bit for bit (a tied GPT-2 at 2 ranks; a
+    Llama in 3 files with an index, uneven at 3), the loop's AdamW steps on it give one process's losses, and its
+    step, loaded by ``load_checkpoint`` into a fresh ``load_sharded`` model at another world size, trains on as one
+    process that never stopped (its loss, and the adapter it saves)."""
     import peft
     from transformers import AutoModelForCausalLM
 
     import dist_lora
     from dist_lora.config import LoraConfig
-    from tests.workers.own_loop_fsdp import optimizer_for, train_steps
+    from tests.workers.own_loop import optimizer_for, train_steps
 
     path = request.getfixturevalue({"gpt2": "gpt2_base", "llama": "sharded_llama_base"}[base])
-    worker = Path(__file__).resolve().parent / "workers" / "own_loop_fsdp.py"
+    worker = Path(__file__).resolve().parent / "workers" / "own_loop.py"
     first, then = tmp_path / "first.json", tmp_path / "then.json"
-    spec = {"base": str(path), "dir": str(tmp_path / "ckpt"), "out": str(first), "steps": 2, "targets": targets}
+    spec = {
+        "engine": engine,
+        "base": str(path),
+        "dir": str(tmp_path / "ckpt"),
+        "out": str(first),
+        "steps": 2,
+        "targets": targets,
+    }
     run_worker(world, spec, worker=worker)
     got = json.loads(first.read_text())
     run_worker(resume_world, {**spec, "out": str(then), "steps": 1, "resume": got["step"]}, worker=worker)
@@ -345,12 +360,62 @@ def test_load_sharded_gives_an_own_loop_the_trainers_model(base, world, resume_w
     assert max((saved[k] - want[k]).abs().max().item() for k in want) <= 1e-5
 
 
-def test_load_sharded_refuses_another_engine_and_a_missing_process_group(gpt2_base):
+def test_load_sharded_refuses_a_replicating_engine_a_config_it_cannot_build_and_a_missing_process_group(
+    gpt2_base, tmp_path
+):
     import dist_lora
     from dist_lora.config import ConfigError, LoraConfig, ParallelConfig
 
     lora = LoraConfig(r=4, alpha=8, target_modules=["c_attn"])
-    with pytest.raises(ConfigError, match=r"load_sharded builds FSDP2 models; parallel.backend is 'ddp'"):
+    with pytest.raises(ConfigError, match=r"builds FSDP2 and ZeRO-3 models.*parallel.backend is 'ddp', which holds"):
         dist_lora.load_sharded(str(gpt2_base), lora, parallel=ParallelConfig(backend="ddp"))
+    with pytest.raises(ConfigError, match=r"parallel.backend is 'deepspeed' \(ZeRO-2\).*zero_stage=3"):
+        dist_lora.load_sharded(str(gpt2_base), lora, parallel=ParallelConfig(backend="deepspeed", zero_stage=2))
+    zero3 = ParallelConfig(backend="deepspeed", zero_stage=3)
+    with pytest.raises(ConfigError, match=r"ZeRO-3 needs parallel.deepspeed_config: the path of the DeepSpeed JSON"):
+        dist_lora.load_sharded(str(gpt2_base), lora, parallel=zero3)
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps({"zero_optimization": {"stage": 2, "offload_param": {"device": "nvme"}}}))
+    zero3.deepspeed_config = str(config)
+    with pytest.raises(ConfigError, match=r"(?s)zero_optimization.stage is 2: .* set it to 3.*offload_param.device"):
+        dist_lora.load_sharded(str(gpt2_base), lora, parallel=zero3)
     with pytest.raises(RuntimeError, match=r"call torch.distributed.init_process_group\(\) on every rank first"):
         dist_lora.load_sharded(str(gpt2_base), lora)
+
+
+def test_a_zero3_loop_is_constructed_under_the_json_its_engine_takes_and_only_one_that_trains_what_it_built(
+    tmp_path,
+):
+    """A ZeRO-3 model built for a loop of one's own is constructed under the JSON its deepspeed.initialize takes, as
+    with transformers' HfDeepSpeedConfig: the JSON as it is ("auto" left out), batch sizes, clipping and the
+    optimizer the engine's alone. A JSON that would train the model otherwise than it was built is refused, each
+    problem named: a stage other than 3 or none (DeepSpeed's default is 0), bf16 on one side only, fp16."""
+    from dist_lora.backends.deepspeed_config import construction_config
+
+    user = {
+        "zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}, "overlap_comm": "auto"},
+        "bf16": {"enabled": True},
+        "train_batch_size": 64,
+        "gradient_accumulation_steps": 4,
+        "gradient_clipping": 1.0,
+        "optimizer": {"type": "Lion", "params": {"lr": 1e-4}},
+    }
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(user))
+    config = construction_config(str(path), bf16=True)
+    assert config == {**user, "zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    assert construction_config(str(path), bf16=False)["train_micro_batch_size_per_gpu"] == 1  # DeepSpeed wants one
+
+    def refused(json_: dict, bf16: bool) -> str:
+        path.write_text(json.dumps(json_))
+        with pytest.raises(ValueError) as error:
+            construction_config(str(path), bf16=bf16)
+        return str(error.value)
+
+    assert "zero_optimization.stage is not set (DeepSpeed's default: 0)" in refused({}, False)
+    assert "bf16 is off here, and parallel.mixed_precision is bf16: " in refused(
+        {"zero_optimization": {"stage": 3}}, True
+    )
+    message = refused({"zero_optimization": {"stage": 3}, "bf16": {"enabled": True}, "fp16": {"enabled": True}}, False)
+    assert "bf16 is on here, and parallel.mixed_precision is none" in message and "fp16.enabled is true" in message

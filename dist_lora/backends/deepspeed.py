@@ -199,10 +199,11 @@ class DeepSpeedBackend(Backend):
         return parallel.zero_stage == 3
 
     @classmethod
-    def load_base(cls, parallel, name_or_path, dtype, device, **batch):  # type: ignore[no-untyped-def]
+    def load_base(cls, parallel, name_or_path, dtype, device, *, config=None, **batch):  # type: ignore[no-untyped-def]
         """ZeRO-3 with a local base: the model is partitioned as it is constructed (``zero.Init``, through
-        transformers' HfDeepSpeedConfig), then each rank fills its own partition of every tensor from the files,
-        one tensor at a time. ZeRO-1/2 keep a whole replica per rank (and so does a hub model in pickle files only)."""
+        transformers' HfDeepSpeedConfig, under ``config``: by default the run's, :func:`ds_config`), then each rank
+        fills its own partition of every tensor from the files, one tensor at a time. ZeRO-1/2 keep a whole replica
+        per rank (and so does a hub model in pickle files only)."""
         weights = BaseWeights.of(name_or_path) if parallel.zero_stage == 3 else None
         if weights is None:
             return super().load_base(parallel, name_or_path, dtype, device, **batch)
@@ -214,7 +215,7 @@ class DeepSpeedBackend(Backend):
         from transformers.integrations import HfDeepSpeedConfig
         from transformers.integrations import deepspeed as hf_deepspeed
 
-        config = ds_config(
+        config = config or ds_config(
             zero_stage=3,
             micro_batch_size=batch["micro_batch_size"],
             grad_accum=batch["grad_accum"],

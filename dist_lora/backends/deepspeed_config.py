@@ -75,6 +75,23 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return base
 
 
+def _param_offload_problems(user: dict[str, Any], zero_stage: int) -> list[str]:
+    """ZeRO-3's parameter offload where dist_lora cannot fill or use it."""
+    found = []
+    param_device = _get(user, ("zero_optimization", "offload_param", "device"))
+    if param_device == "nvme":
+        found.append(
+            'zero_optimization.offload_param.device is "nvme": DeepSpeed keeps NVMe-offloaded partitions on disk, '
+            'where dist_lora\'s sharded load does not fill them; use "cpu" (host memory), or more ranks'
+        )
+    elif param_device not in (_MISSING, "none", None) and zero_stage != 3:
+        found.append(
+            f"zero_optimization.offload_param offloads ZeRO-3's parameter partitions, and parallel.zero_stage is "
+            f"{zero_stage} (DeepSpeed would ignore it): set parallel.zero_stage=3, or remove offload_param"
+        )
+    return found
+
+
 def problems(
     user: dict[str, Any],
     *,
@@ -155,17 +172,7 @@ def problems(
             "on disk between steps, where dist_lora's saves and loads do not reach it; use \"cpu\" (an adapter's "
             "Adam state is megabytes: host memory holds it)"
         )
-    param_device = _get(user, ("zero_optimization", "offload_param", "device"))
-    if param_device == "nvme":
-        found.append(
-            'zero_optimization.offload_param.device is "nvme": DeepSpeed keeps NVMe-offloaded partitions on disk, '
-            'where dist_lora\'s sharded load does not fill them; use "cpu" (host memory), or more ranks'
-        )
-    elif param_device not in (_MISSING, "none", None) and zero_stage != 3:
-        found.append(
-            f"zero_optimization.offload_param offloads ZeRO-3's parameter partitions, and parallel.zero_stage is "
-            f"{zero_stage} (DeepSpeed would ignore it): set parallel.zero_stage=3, or remove offload_param"
-        )
+    found += _param_offload_problems(user, zero_stage)
     return found
 
 
@@ -214,6 +221,44 @@ def ds_config(
     config["gradient_accumulation_steps"] = grad_accum
     config["gradient_clipping"] = max_grad_norm or 0.0  # 0 turns DeepSpeed's clipping off
     config["zero_optimization"]["stage"] = zero_stage
+    return config
+
+
+def construction_config(path: str, *, bf16: bool) -> dict[str, Any]:
+    """The DeepSpeed config that a model partitioned as it is constructed (``zero.Init``) is built under, for a
+    training loop of one's own (``dist_lora.load_sharded``): the JSON at ``path``, which the loop's
+    ``deepspeed.initialize`` reads too (construction and engine must agree, as with transformers'
+    HfDeepSpeedConfig). Construction reads its ZeRO-3 settings (``offload_param``, ...); the batch sizes, clipping,
+    optimizer and scheduler are the engine's alone. Raises ValueError naming what in the JSON cannot train the model
+    so built: a stage other than 3 (or none), a precision other than ``parallel.mixed_precision``, fp16, parameters
+    offloaded to NVMe."""
+    user = read_json(path)
+    found = []
+    stage = _get(user, ("zero_optimization", "stage"))
+    if stage != 3:
+        shown = "not set (DeepSpeed's default: 0)" if stage is _MISSING else json.dumps(stage)
+        found.append(
+            f"zero_optimization.stage is {shown}: load_sharded partitions the model for ZeRO-3 as it is constructed, "
+            "and deepspeed.initialize, which reads this file too, must train it as ZeRO-3; set it to 3"
+        )
+    on = any(_get(user, (key, "enabled")) is True for key in ("bf16", "bfloat16"))
+    if on != bf16:
+        found.append(
+            f"bf16 is {'on' if on else 'off'} here, and parallel.mixed_precision is {'bf16' if bf16 else 'none'}: "
+            "the model is constructed in the precision deepspeed.initialize will train it in, so they must agree; "
+            'set "bf16": {"enabled": '
+            + ("true" if bf16 else "false")
+            + "} here, or parallel.mixed_precision="
+            + ("bf16" if on else "none")
+        )
+    if _get(user, ("fp16", "enabled")) is True:
+        found.append('fp16.enabled is true: dist_lora does not train in fp16; use bf16 ("bf16": {"enabled": true})')
+    found += _param_offload_problems(user, 3)
+    if found:
+        raise ValueError("\n".join(_named(path, found)))
+    config = _without_auto(user)
+    if not any(key in config for key in ("train_batch_size", "train_micro_batch_size_per_gpu")):
+        config["train_micro_batch_size_per_gpu"] = 1  # DeepSpeed's config parser needs one; construction ignores it
     return config
 
 
