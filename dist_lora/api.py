@@ -387,6 +387,7 @@ def load_sharded(
     ``save_checkpoint`` and ``load_checkpoint`` take the model (FSDP2) or the engine (ZeRO-3) as they are."""
     import torch.distributed as dist
 
+    from dist_lora.backends.deepspeed import DeepSpeedBackend
     from dist_lora.backends.deepspeed_config import construction_config
     from dist_lora.backends.fsdp import FSDPBackend
     from dist_lora.model import (
@@ -400,16 +401,14 @@ def load_sharded(
     parallel = parallel or ParallelConfig(backend="fsdp")
     zero3 = parallel.backend == "deepspeed" and parallel.zero_stage == 3
     if parallel.backend != "fsdp" and not zero3:
-        engine = f"{parallel.backend!r}" + (f" (ZeRO-{parallel.zero_stage})" if parallel.backend == "deepspeed" else "")
+        given = f"{parallel.backend!r}" + (f" (ZeRO-{parallel.zero_stage})" if parallel.backend == "deepspeed" else "")
         raise ConfigError(
             f"load_sharded builds FSDP2 and ZeRO-3 models, each rank holding a shard of the base; parallel.backend is "
-            f"{engine}, which holds a whole replica per rank: pass ParallelConfig(backend='fsdp', ...) or "
+            f"{given}, which holds a whole replica per rank: pass ParallelConfig(backend='fsdp', ...) or "
             "ParallelConfig(backend='deepspeed', zero_stage=3, ...), or load the base with from_pretrained and call "
             "apply_lora"
         )
     if zero3:
-        from dist_lora.backends.deepspeed import DeepSpeedBackend
-
         if not parallel.deepspeed_config:
             raise ConfigError(
                 "load_sharded on ZeRO-3 needs parallel.deepspeed_config: the path of the DeepSpeed JSON your "
@@ -428,14 +427,11 @@ def load_sharded(
     directory = base_directory(name_or_path, revision=revision)
     hub = directory not in (None, name_or_path)  # a hub id: its snapshot, named by the commit every step records
     with collection_paused():
-        if zero3:
-            base, weights = DeepSpeedBackend.load_base(
-                parallel, directory or name_or_path, dtype, compute_device(), config=config, revision=revision
-            )
-        else:
-            base, weights = FSDPBackend.load_base(
-                parallel, directory or name_or_path, dtype, compute_device(), revision=revision
-            )
+        engine = DeepSpeedBackend if zero3 else FSDPBackend
+        construction = {"config": config} if zero3 else {}  # ZeRO-3's: the loop's JSON
+        base, weights = engine.load_base(
+            parallel, directory or name_or_path, dtype, compute_device(), revision=revision, **construction
+        )
         if hub:
             base.name_or_path = base.config.name_or_path = name_or_path
         if activation_checkpointing:
