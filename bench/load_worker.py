@@ -85,7 +85,7 @@ class Stages:
         for owner, name in (
             (BaseWeights, "of"),
             (BaseWeights, "read_ahead"),
-            (BaseWeights, "tie"),
+            (BaseWeights, "follow"),
             (fsdp_backend, "from_files"),
             (fsdp_backend, "materialize"),
             (ds_backend, "_fill_partitions"),

@@ -37,10 +37,10 @@ def build_tokenizer(text_path: Path, vocab_size: int = 512):  # type: ignore[no-
 
 
 def build_tiny_base(out_dir: str | Path, arch: str = "gpt2", seed: int = 0, **shape: int) -> Path:
-    """A randomly initialised tiny causal LM (gpt2 or llama) and its tokenizer, saved with save_pretrained;
+    """A randomly initialised tiny causal LM (gpt2, llama or mixtral) and its tokenizer, saved with save_pretrained;
     ``shape``: config fields to override (``hidden_size=256``)."""
     import torch
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MixtralConfig
 
     out = Path(out_dir)
     if (out / "config.json").is_file():
@@ -64,7 +64,7 @@ def build_tiny_base(out_dir: str | Path, arch: str = "gpt2", seed: int = 0, **sh
             eos_token_id=eos,
         )
         config = GPT2Config(**{**fields, **shape})
-    elif arch == "llama":
+    elif arch in ("llama", "mixtral"):
         fields = dict(
             vocab_size=vocab,
             hidden_size=64,
@@ -76,9 +76,13 @@ def build_tiny_base(out_dir: str | Path, arch: str = "gpt2", seed: int = 0, **sh
             bos_token_id=eos,
             eos_token_id=eos,
         )
-        config = LlamaConfig(**{**fields, **shape})
+        if arch == "llama":
+            config = LlamaConfig(**{**fields, **shape})
+        else:  # a MoE: saved one tensor per expert, which transformers fuses as it loads them
+            moe = dict(intermediate_size=96, num_local_experts=4, num_experts_per_tok=2)
+            config = MixtralConfig(**{**fields, **moe, **shape})
     else:
-        raise ValueError(f"arch must be gpt2 or llama (got {arch!r})")
+        raise ValueError(f"arch must be gpt2, llama or mixtral (got {arch!r})")
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(out)

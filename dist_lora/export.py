@@ -98,7 +98,7 @@ def merge(
     if directory is not None:
         try:
             return stream_merge(loaded, directory, out)
-        except ModelError as e:  # a base in pickle files: from_pretrained reads those
+        except ModelError as e:  # pickle files, or tensors it cannot stream (joined MoE experts): from_pretrained
             log.warning("%s; merging the whole model in memory instead", e)
     model: Any = load_model(step.url, base=base_path, dtype=dtype, storage_options=storage_options)
     merged = model.merge_and_unload()
@@ -213,7 +213,7 @@ def stream_merge(loaded: LoadedStep, base_dir: str, out_dir: str | Path) -> Path
             + "\n  ".join(diffs)
             + "\nmerge into the base the adapter was trained on (adapter_config.json names it; --base overrides it)"
         )
-    weights = BaseWeights(base_dir).tie(model)
+    weights = BaseWeights(base_dir).follow(model)
     edits = _edits(loaded)
     for alias, key in weights.aliases.items():  # one copy trained for both tied names (ensure_weight_tying)
         if alias in edits and key in edits and _same(edits[alias], edits[key]):
@@ -235,6 +235,13 @@ def stream_merge(loaded: LoadedStep, base_dir: str, out_dir: str | Path) -> Path
     missing = [k for k in edits if k not in weights]
     if missing:
         raise CheckpointError(f"{loaded.url} adapts {missing[:5]}, which {base_dir} does not hold: not its base?")
+    joined = [k for k in edits if weights.stored_as(k) is None]
+    if joined:
+        raise ModelError(  # (merge then merges the whole model)
+            f"{loaded.url} changes {joined[:5]}, which {base_dir}'s files hold as several tensors that transformers "
+            "joins as it loads them (a MoE layer's experts), and a streaming merge writes the files' own tensors"
+        )
+    in_files = {weights.stored_as(k): k for k in edits}  # the files' name of each tensor the merge changes
     out.mkdir(parents=True, exist_ok=True)
     names = sorted(set(weights.files.values()))
     for name in names:
@@ -243,8 +250,9 @@ def stream_merge(loaded: LoadedStep, base_dir: str, out_dir: str | Path) -> Path
             f.write(header)
             for key in keys:
                 tensor = weights.read(key)
-                if key in edits:
-                    tensor = _merged(tensor, edits[key], key.removesuffix(".weight") in fan_in_fan_out)
+                if key in in_files:
+                    name = in_files[key]  # the model's
+                    tensor = _merged(tensor, edits[name], name.removesuffix(".weight") in fan_in_fan_out)
                 f.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)  # its bytes, not a copy
     skipped = []
     for extra in Path(base_dir).iterdir():

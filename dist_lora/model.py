@@ -243,6 +243,17 @@ class _Entry:
     """Where the tensor's bytes start in the file."""
 
 
+@dataclass(frozen=True)
+class _Pieces:
+    """A model tensor that the files hold as several tensors, which transformers joins as it loads them (a MoE
+    layer's experts, saved one tensor each and fused into one parameter): its flattened values are the ``pieces``
+    in order, each elements ``[first, last)`` of a tensor in the files."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    pieces: tuple[tuple[_Entry, int, int], ...]
+
+
 class BaseWeights:
     """A base's tensors as ``save_pretrained`` wrote them: ``model.safetensors``, or several files listed by
     ``model.safetensors.index.json``. Keys are the base's own parameter names (``lora.base_key``).
@@ -259,6 +270,11 @@ class BaseWeights:
 
     Before either, :meth:`read_ahead` starts bringing the rank's bytes into memory on a thread of its own, while
     the engine is set up.
+
+    The files may name and lay out tensors otherwise than the model built from ``config.json`` does: transformers
+    renames keys and fuses a MoE layer's experts (saved one tensor each) as it loads them, and saves them back that
+    way. :meth:`follow` reads transformers' own conversion mapping for the model, so that every tensor is asked for
+    by the model's name and a fused tensor's rows are read from the pieces that hold them.
     """
 
     def __init__(self, directory: str | Path):
@@ -277,7 +293,10 @@ class BaseWeights:
                 "model.save_pretrained(DIR, safe_serialization=True)"
             )
         self.entries: dict[str, _Entry] = {}
-        self.aliases: dict[str, str] = {}  # a tied parameter's other name -> the name the files hold it under
+        self.aliases: dict[str, str] = {}  # a tied parameter's other name -> the name the model holds it under
+        self.renamed: dict[str, str] = {}  # a model name -> the name the files hold that tensor under
+        self.joined: dict[str, _Pieces] = {}  # a model name -> the tensors of the files it is joined from
+        self.consumed: set[str] = set()  # the files' tensors that are pieces of one in ``joined``
         for name in names:
             self.entries.update(_read_header(self.directory / name))
         self._ahead: dict[tuple[Path, int, int], tuple[mmap.mmap, int]] = {}  # read_ahead's maps for views to come
@@ -293,20 +312,74 @@ class BaseWeights:
         return {key: entry.path.name for key, entry in self.entries.items()}
 
     def __contains__(self, key: str) -> bool:
-        return key in self.entries or key in self.aliases
+        key = self.aliases.get(key, key)
+        return key in self.joined or self.renamed.get(key, key) in self.entries
 
-    def tie(self, model: Any) -> BaseWeights:
-        """Read a tied parameter's other names (GPT-2's ``lm_head.weight`` is ``transformer.wte.weight``) from the
-        tensor the files hold, as a copy of it (PEFT's ``modules_to_save``) must be."""
+    def follow(self, model: Any) -> BaseWeights:
+        """Name every tensor as ``model`` (built from the base's config, not yet given LoRA) does: the files' keys as
+        transformers renames and joins them when it loads this model (:meth:`_convert`), and a tied parameter's other
+        names (GPT-2's ``lm_head.weight`` is ``transformer.wte.weight``) read from the tensor the files hold, as a
+        copy of it (PEFT's ``modules_to_save``) must be."""
+        self._convert(model)
         first: dict[int, str] = {}
         for name, p in model.named_parameters(remove_duplicate=False):
-            if id(p) in first and name not in self.entries and first[id(p)] in self.entries:
+            if id(p) in first and name not in self and first[id(p)] in self:
                 self.aliases[name] = first[id(p)]
             first.setdefault(id(p), name)
         return self
 
-    def _entry(self, key: str) -> _Entry:
+    def _convert(self, model: Any) -> None:
+        """transformers' conversion of this model's checkpoint layout (``get_model_conversion_mapping``, applied to
+        the files' keys as ``from_pretrained`` applies it): a renamed key is read under its name in the files; a
+        tensor joined from several (``MergeModulelist``, then ``Concatenate``: a MoE layer's experts, and their
+        gate and up projections) is read piece by piece. A conversion of another kind cannot be read by rows: a
+        ModelError names it and the fix (a copy of the base saved in the model's own layout)."""
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+
+        mapping = get_model_conversion_mapping(model)
+        renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+        converters = [m for m in mapping if isinstance(m, WeightConverter)]
+        if not renamings and not converters:
+            return
+        names = dict(model.named_parameters(remove_duplicate=False))
+        names.update(model.named_buffers())
+        prefix = model.base_model_prefix
+        groups: dict[str, dict[str, list[_Entry]]] = {}
+        converter_of = {pattern: c for c in converters for pattern in c.source_patterns}
+        for key in sorted(self.entries, key=dot_natural_key):  # experts in their numeric order, as transformers
+            target, pattern = rename_source_key(key, renamings, converters, prefix, names)
+            if target not in names and key in names:  # as from_pretrained: a key the model has is not renamed
+                target, pattern = rename_source_key(key, [], [], prefix, names)
+            if target not in names or target == key:
+                continue
+            if pattern is None:
+                self.renamed[target] = key
+            else:
+                groups.setdefault(target, {}).setdefault(pattern, []).append(self.entries[key])
+                self.consumed.add(key)
+        for target, inputs in groups.items():
+            converter = converter_of[next(iter(inputs))]
+            joined = _join(converter, inputs, target, self.directory)
+            shape = tuple(getattr(names[target], "ds_shape", names[target].shape))  # (ZeRO-3 partitions at build)
+            if joined.shape != shape:
+                raise ModelError(
+                    f"{self.directory}: joining {target} from the files gives shape {list(joined.shape)}, and the "
+                    f"model built from config.json has {list(shape)}: the files and the config do not match "
+                    "(re-save the base with save_pretrained)"
+                )
+            self.joined[target] = joined
+
+    def stored_as(self, key: str) -> str | None:
+        """The name the files hold a model tensor under; None where it is joined from several of them."""
         key = self.aliases.get(key, key)
+        return None if key in self.joined else self.renamed.get(key, key)
+
+    def _entry(self, key: str) -> _Entry | _Pieces:
+        key = self.aliases.get(key, key)
+        if key in self.joined:
+            return self.joined[key]
+        key = self.renamed.get(key, key)
         if key not in self.entries:
             raise ModelError(
                 f"{self.directory} holds no tensor {key!r} that the model built from its config.json has; the files "
@@ -348,19 +421,22 @@ class BaseWeights:
         and the rest is read as it is used. Returns the thread (None: nothing to read)."""
         budget = _memory_for_read_ahead()
         jobs: list[tuple[mmap.mmap, int, int, bool]] = []  # (map, first byte, bytes, kept for a view)
-        for entry in sorted(self.entries.values(), key=lambda e: (e.path, e.offset)):
-            first, last, whole = share(entry.shape)
+        tensors = [e for key, e in self.entries.items() if key not in self.consumed] + list(self.joined.values())
+        ranges = []  # (a tensor of the files, its first and last element, kept for a view)
+        for tensor in sorted(tensors, key=_first_byte):
+            first, last, whole = share(tensor.shape)
+            parts = _ranges(tensor, first, last)
+            ranges += [(*part, whole and len(parts) == 1) for part in parts]  # (a joined tensor's view: one piece)
+        for entry, first, last, keep in ranges:
             size = entry.dtype.itemsize
-            nbytes = max(0, last - first) * size
-            if not nbytes:
-                continue
+            nbytes = (last - first) * size
             if nbytes > budget:
                 break
             mapped = _map(entry.path, entry.offset + first * size, nbytes)
             if mapped is None:  # a file system that cannot map files: no read-ahead
                 break
             budget -= nbytes
-            keep = whole and entry.dtype == view_dtype
+            keep = keep and entry.dtype == view_dtype
             if keep:
                 self._ahead[(entry.path, entry.offset + first * size, nbytes)] = mapped
             jobs.append((*mapped, nbytes, keep))
@@ -380,7 +456,7 @@ class BaseWeights:
         into ``out`` when it is given (contiguous, of the file's dtype and those rows' size)."""
         entry = self._entry(key)
         first, last, shape = _row_range(entry, start, stop)
-        return self._read(entry, first, last, shape, out)
+        return self._read_any(entry, first, last, shape, out)
 
     def mapped(self, key: str, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor | None:
         """Rows ``[start, stop)`` of a tensor as a view of its file's pages (a private, copy-on-write map of those
@@ -388,14 +464,23 @@ class BaseWeights:
         or the rows are not where a tensor of that dtype may start."""
         entry = self._entry(key)
         first, last, shape = _row_range(entry, start, stop)
-        view = self._view(entry, first, last, dtype)
+        view = self._view_any(entry, first, last, dtype)
         return None if view is None else view.view(shape)
 
     def mapped_flat(self, key: str, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor | None:
         """Elements ``[start, stop)`` of the flattened tensor (clipped to its size) as a view of its file's pages,
         as :meth:`mapped`."""
         entry = self._entry(key)
-        return self._view(entry, *_element_range(entry, start, stop), dtype)
+        return self._view_any(entry, *_element_range(entry, start, stop), dtype)
+
+    def _view_any(self, entry: _Entry | _Pieces, first: int, last: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """:meth:`_view`, of a joined tensor too where the elements lie in one of its pieces (else None)."""
+        if isinstance(entry, _Entry):
+            return self._view(entry, first, last, dtype)
+        parts = _ranges(entry, first, last)
+        if len(parts) != 1:
+            return torch.empty(0, dtype=dtype) if not parts and entry.dtype == dtype else None
+        return self._view(*parts[0], dtype)
 
     def _view(self, entry: _Entry, first: int, last: int, dtype: torch.dtype) -> torch.Tensor | None:
         """Elements ``[first, last)`` of the flattened tensor, 1-D, in a private map of just their pages (the one
@@ -419,7 +504,23 @@ class BaseWeights:
         straight into ``out`` when it is given."""
         entry = self._entry(key)
         first, last = _element_range(entry, start, stop)
-        return self._read(entry, first, last, (max(0, last - first),), out)
+        return self._read_any(entry, first, last, (max(0, last - first),), out)
+
+    def _read_any(
+        self, entry: _Entry | _Pieces, first: int, last: int, shape: tuple[int, ...], out: torch.Tensor | None
+    ) -> torch.Tensor:
+        """:meth:`_read`, of a joined tensor too: each piece's elements straight into their place in ``out`` (or
+        in a fresh tensor of ``shape``)."""
+        if isinstance(entry, _Entry):
+            return self._read(entry, first, last, shape, out)
+        target = out if out is not None and out.is_contiguous() else torch.empty(shape, dtype=entry.dtype)
+        flat, at = target.view(-1), 0
+        for piece, a, b in _ranges(entry, first, last):
+            self._read(piece, a, b, (b - a,), flat[at : at + b - a])
+            at += b - a
+        if out is not None and target is not out:
+            out.copy_(target.view(out.shape))
+        return out if out is not None else target
 
     @staticmethod
     def _read(entry: _Entry, first: int, last: int, shape: tuple[int, ...], out: torch.Tensor | None) -> torch.Tensor:
@@ -436,7 +537,7 @@ class BaseWeights:
         return result if entry.shape else result.reshape(())
 
 
-def _row_range(entry: _Entry, start: int, stop: int) -> tuple[int, int, tuple[int, ...]]:
+def _row_range(entry: _Entry | _Pieces, start: int, stop: int) -> tuple[int, int, tuple[int, ...]]:
     """Rows ``[start, stop)`` (clipped to the tensor; a scalar is one row) as elements ``[first, last)`` of the
     flattened tensor, and the shape of those rows."""
     shape = entry.shape or (1,)
@@ -445,10 +546,89 @@ def _row_range(entry: _Entry, start: int, stop: int) -> tuple[int, int, tuple[in
     return start * row, stop * row, (max(0, stop - start), *shape[1:])
 
 
-def _element_range(entry: _Entry, start: int, stop: int) -> tuple[int, int]:
+def _element_range(entry: _Entry | _Pieces, start: int, stop: int) -> tuple[int, int]:
     """Elements ``[start, stop)`` of the flattened tensor, clipped to its size."""
     numel = math.prod(entry.shape)
     return min(start, numel), min(stop, numel)
+
+
+def _ranges(tensor: _Entry | _Pieces, first: int, last: int) -> list[tuple[_Entry, int, int]]:
+    """Elements ``[first, last)`` of a tensor's flattened values as ranges of the files' tensors: (tensor of the
+    files, its first and last element), in order."""
+    if isinstance(tensor, _Entry):
+        return [(tensor, first, last)] if last > first else []
+    out, at = [], 0
+    for entry, a, b in tensor.pieces:
+        low, high = max(first, at), min(last, at + b - a)
+        if low < high:
+            out.append((entry, a + low - at, a + high - at))
+        at += b - a
+    return out
+
+
+def _first_byte(tensor: _Entry | _Pieces) -> tuple[Path, int]:
+    entry = tensor if isinstance(tensor, _Entry) else tensor.pieces[0][0]
+    return entry.path, entry.offset
+
+
+def _join(converter: Any, inputs: dict[str, list[_Entry]], target: str, directory: Path) -> _Pieces:
+    """The layout of the tensor transformers' ``converter`` (a ``WeightConverter``) makes of the files' tensors
+    ``inputs`` (by source pattern, in the files' order), worked out without reading them: ``MergeModulelist`` stacks
+    each pattern's tensors, ``Concatenate`` joins the patterns' results. Other operations move elements within a
+    tensor (a transpose, an interleave, a split), which rows cannot be read through: ModelError with the fix."""
+    from transformers.core_model_loading import Concatenate, MergeModulelist
+
+    def whole(entry: _Entry) -> _Pieces:
+        return _Pieces(entry.dtype, entry.shape, ((entry, 0, math.prod(entry.shape)),))
+
+    values: dict[str, _Pieces | list[_Pieces]] = {k: [whole(e) for e in entries] for k, entries in inputs.items()}
+    for op in converter.operations:
+        if isinstance(op, MergeModulelist):
+            one = len(values) == 1  # (as transformers names the result: the target, else the pattern)
+            values = {target if one else k: _cat(_listed(v), op.dim, stack=True) for k, v in values.items()}
+        elif isinstance(op, Concatenate):
+            parts = [t for k in converter.source_patterns if k in values for t in _listed(values[k])]
+            values = {target: _cat(parts, op.dim, stack=False)}
+        else:
+            values = {}
+            break
+    joined = values.get(target)
+    if not isinstance(joined, _Pieces) or len(values) != 1:
+        raise ModelError(
+            f"{directory}: transformers builds {target} from the files' {', '.join(inputs)} with "
+            f"{', '.join(map(repr, converter.operations))}, which sharded loading cannot read row by row; save a copy "
+            "of the base in the model's own layout once (AutoModelForCausalLM.from_pretrained(BASE)"
+            ".save_pretrained(DIR, save_original_format=False)) and train on DIR"
+        )
+    return joined
+
+
+def _listed(value: _Pieces | list[_Pieces]) -> list[_Pieces]:
+    return value if isinstance(value, list) else [value]
+
+
+def _cat(tensors: list[_Pieces], dim: int, *, stack: bool) -> _Pieces:
+    """The layout of ``torch.stack`` (``stack``) or ``torch.cat`` of ``tensors`` along ``dim``: for each index of
+    the dims before ``dim``, each tensor's block of the dims from ``dim`` on, in turn."""
+    head = tensors[0]
+    for t in tensors:
+        if t.dtype != head.dtype or t.shape[:dim] != head.shape[:dim] or (stack and t.shape != head.shape):
+            found = [(str(t.dtype), list(t.shape)) for t in tensors]
+            raise ModelError(f"the files' tensors to join on dim {dim} do not fit together: {found}")
+    inner = [math.prod(t.shape[dim:]) for t in tensors]
+    if stack:
+        shape = (*head.shape[:dim], len(tensors), *head.shape[dim:])
+    else:
+        shape = (*head.shape[:dim], sum(t.shape[dim] for t in tensors), *head.shape[dim + 1 :])
+    pieces: list[tuple[_Entry, int, int]] = []
+    for i in range(math.prod(head.shape[:dim])):
+        for t, size in zip(tensors, inner, strict=True):
+            for entry, a, b in _ranges(t, i * size, (i + 1) * size):
+                if pieces and pieces[-1][0] is entry and pieces[-1][2] == a:
+                    pieces[-1] = (entry, pieces[-1][1], b)  # one read where the files hold them in a row
+                else:
+                    pieces.append((entry, a, b))
+    return _Pieces(head.dtype, shape, tuple(pieces))
 
 
 def _read_header(path: Path) -> dict[str, _Entry]:
@@ -585,22 +765,36 @@ def adapters_on_cpu() -> Iterator[None]:
     meta tensor. Keep it on the CPU instead (cast to the base's dtype, as PEFT does), so that the adapter's values
     are exactly those of a full load with the same seed (tests/test_sharded_load.py checks it bit for bit)."""
     from peft.tuners.lora.dora import DoraLinearLayer
+    from peft.tuners.lora.layer import ParamWrapper
     from peft.tuners.lora.model import LoraModel
     from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     move_adapter = BaseTunerLayer._move_adapter_to_device_of_base_layer
+    move_parameter_adapter = ParamWrapper._move_adapter_to_device_of_base_layer
     replace_module = LoraModel._replace_module
     dora_update = DoraLinearLayer.update_layer
 
-    def on_meta(layer: Any) -> bool:
-        weight = getattr(getattr(layer, "base_layer", layer), "weight", None)
-        return weight is not None and weight.is_meta
+    def on_meta(layer: Any) -> bool:  # (a module's own weight; a MoE layer's experts: their parameters)
+        base = getattr(layer, "base_layer", layer)
+        weight = getattr(base, "weight", None)
+        return weight.is_meta if weight is not None else any(p.is_meta for p in base.parameters())
 
     def move(self: Any, adapter_name: str, device: torch.device | None = None) -> None:
         if isinstance(self, TrainableTokensLayer) and on_meta(self):
             return  # its rows are the base's: they stay on meta until read from the files (fill_from_files)
         move_adapter(self, adapter_name, torch.device("cpu") if device is None and on_meta(self) else device)
+
+    def move_parameter(self: Any, adapter_name: str, device: torch.device | None = None) -> None:
+        """PEFT's LoRA on a parameter (``target_parameters``; a MoE router) moves its adapter to the parameter's
+        device and dtype: on meta, to the CPU in that dtype."""
+        param = self.get_param()
+        if param.is_meta:
+            self.get_param = lambda: torch.empty(0, dtype=param.dtype)  # (an instance attribute, deleted below)
+        try:
+            move_parameter_adapter(self, adapter_name, device)
+        finally:
+            self.__dict__.pop("get_param", None)
 
     def dora_init(self: Any, *, base_layer: Any, lora_A: Any, lora_B: Any, scaling: float, **kw: Any) -> None:
         if getattr(base_layer, "weight", None) is not None and base_layer.weight.is_meta:
@@ -616,12 +810,14 @@ def adapters_on_cpu() -> Iterator[None]:
             replace_module(self, parent, child_name, new_module, child)
 
     BaseTunerLayer._move_adapter_to_device_of_base_layer = move  # type: ignore[method-assign]
+    ParamWrapper._move_adapter_to_device_of_base_layer = move_parameter  # type: ignore[method-assign]
     LoraModel._replace_module = replace  # type: ignore[method-assign]
     DoraLinearLayer.update_layer = dora_init  # type: ignore[method-assign]
     try:
         yield
     finally:
         BaseTunerLayer._move_adapter_to_device_of_base_layer = move_adapter  # type: ignore[method-assign]
+        ParamWrapper._move_adapter_to_device_of_base_layer = move_parameter_adapter  # type: ignore[method-assign]
         LoraModel._replace_module = replace_module  # type: ignore[method-assign]
         DoraLinearLayer.update_layer = dora_update  # type: ignore[method-assign]
 

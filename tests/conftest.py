@@ -94,6 +94,15 @@ def llama_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def mixtral_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Mixtral (4 experts): transformers saves its experts one tensor each (``block_sparse_moe.experts.N.w1``)
+    and fuses them as it loads them (``mlp.experts.gate_up_proj``: every expert's w1 and w3)."""
+    from dist_lora.demo import build_tiny_base
+
+    return build_tiny_base(tmp_path_factory.mktemp("mixtral") / "base", arch="mixtral")
+
+
+@pytest.fixture(scope="session")
 def qlora_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Llama wide enough for NF4 (every linear weight whole scaler blocks of 64 x 256 at 2 shards)."""
     from dist_lora.demo import build_tiny_base

@@ -30,6 +30,19 @@ def trained(base, seed, targets=("c_attn",), bias="none"):
     return model, opt
 
 
+def adapted(base, targets, seed):
+    """LoRA on ``targets`` of ``base``, trained-looking: B drawn at random (it is zero at init)."""
+    torch.manual_seed(seed)
+    model = dist_lora.apply_lora(
+        AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=4, alpha=8, target_modules=targets)
+    )
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    return model
+
+
 def logits(model, x):
     model.eval()
     with torch.no_grad():
@@ -70,15 +83,7 @@ def test_streaming_merge_of_a_sharded_base_equals_merge_and_unload(sharded_llama
     from_pretrained, and its logits equal PEFT's merge_and_unload."""
     from dist_lora.export import merge
 
-    torch.manual_seed(4)
-    model = dist_lora.apply_lora(
-        AutoModelForCausalLM.from_pretrained(sharded_llama_base),
-        LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
-    )
-    with torch.no_grad():  # a trained-looking adapter: B is zero at init
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
+    model = adapted(sharded_llama_base, ["q_proj", "v_proj", "down_proj"], seed=4)
     step = dist_lora.save_checkpoint(model, str(tmp_path / "ck"), step=1)
     merged_dir = merge(step, tmp_path / "merged")
     names = {p.name for p in sharded_llama_base.glob("*.safetensors")}
@@ -197,3 +202,38 @@ def test_resume_labels_never_overlap(tmp_path):
     boxes = [label.get_window_extent(renderer) for label in labels]
     assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
     plt.close(fig)
+
+
+def test_streaming_merge_of_a_moe_base_writes_its_router_under_the_files_name(mixtral_base, tmp_path, monkeypatch):
+    """A Mixtral's files name its router ``block_sparse_moe.gate`` and hold its experts one tensor each, where the
+    model (and so the adapter) says ``mlp.gate`` and fuses the experts: the streaming merge changes the router under
+    the files' name and writes every tensor in the files' own layout; the result loads with from_pretrained and its
+    logits equal merge_and_unload. An edit of the fused experts cannot be streamed: the merge falls back to the whole
+    model, with the same result."""
+    from safetensors import safe_open
+
+    from dist_lora.export import merge
+
+    model = adapted(mixtral_base, ["q_proj", "v_proj", "gate"], seed=5)
+    step = dist_lora.save_checkpoint(model, str(tmp_path / "ck"), step=1)
+    merged_dir = merge(step, tmp_path / "merged")
+    with (
+        safe_open(str(merged_dir / "model.safetensors"), "pt") as f,
+        safe_open(str(mixtral_base / "model.safetensors"), "pt") as g,
+    ):
+        assert set(f.keys()) == set(g.keys())  # the files' layout: experts one by one, the router's old name
+        router = "model.layers.0.block_sparse_moe.gate.weight"
+        assert not torch.equal(f.get_tensor(router), g.get_tensor(router))  # merged under the files' name
+    want = logits(model.merge_and_unload(), X)
+    assert (logits(AutoModelForCausalLM.from_pretrained(merged_dir), X) - want).abs().max().item() <= 1e-5
+
+    import dist_lora.export as export
+
+    edits = export._edits
+    monkeypatch.setattr(  # as if the adapter changed the fused experts (a modules_to_save copy of them)
+        export, "_edits", lambda loaded: {**edits(loaded), "model.layers.0.mlp.experts.down_proj": export._Edit()}
+    )
+    with pytest.raises(dist_lora.model.ModelError, match=r"experts.down_proj.*joins as it loads them"):
+        export.stream_merge(export.read_step(export.resolve_step(step, None)), str(mixtral_base), tmp_path / "x")
+    whole = merge(step, tmp_path / "merged-whole")  # (the whole-model path: merge_and_unload of the real adapter)
+    assert (logits(AutoModelForCausalLM.from_pretrained(whole), X) - want).abs().max().item() <= 1e-5

@@ -129,6 +129,87 @@ def test_ranks_that_read_two_commits_of_a_hub_model_stop_together(gpt2_base, tmp
     assert got[0] == got[1] and got[0]["directory"].endswith("/snapshots/" + "c0" * 20), got
 
 
+def _qwen3_moe_base(out: Path) -> Path:
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    torch.manual_seed(0)
+    config = Qwen3MoeConfig(
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+    )
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_a_moe_bases_experts_are_read_by_the_models_names_from_the_files_one_tensor_each(arch, mixtral_base, tmp_path):
+    """transformers saves a MoE's experts one tensor each (and Mixtral's router under its old name) and fuses them
+    as it loads them; read by the model's names, every tensor, its rows and any range of its flattened values equal
+    from_pretrained's, reading only the files' pieces that hold them. A range within one piece is a view of the
+    file; one across pieces is read."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    base = mixtral_base if arch == "mixtral" else _qwen3_moe_base(tmp_path / "qwen3-moe")
+    with safe_open(str(base / "model.safetensors"), "pt") as f:
+        saved = list(f.keys())
+    assert any(".experts.0." in key for key in saved)  # one tensor per expert
+    full = AutoModelForCausalLM.from_pretrained(base, use_kernels=False).state_dict()
+    weights = BaseWeights(base).follow(build_on_meta(str(base), torch.float32))
+    fused = [key for key in full if key.endswith("experts.gate_up_proj")]
+    assert fused and set(fused) <= set(weights.joined)
+    for key, want in full.items():
+        assert torch.equal(weights.read(key), want), key
+        rows = want.shape[0] if want.dim() else 1
+        for start, stop in [(0, 1), (1, rows), (rows // 3, rows // 3 + 2)]:
+            assert torch.equal(weights.rows(key, start, stop), want.reshape(rows, *want.shape[1:])[start:stop]), key
+        n = want.numel()
+        for start, stop in [(0, n // 3), (n // 3, n - 5), (n - 5, n + 7)]:
+            assert torch.equal(weights.flat(key, start, stop), want.reshape(-1)[start:stop]), (key, start, stop)
+    key = fused[0]
+    one = math.prod(full[key].shape[1:]) // 2  # an expert's gate projection: the first of its two pieces
+    view = weights.mapped_flat(key, 10, one, torch.float32)
+    assert view is not None and mapped_file(view) == str(base / "model.safetensors")
+    assert torch.equal(view, full[key].reshape(-1)[10:one])
+    assert weights.mapped_flat(key, 10, one + 1, torch.float32) is None  # across two pieces: read instead
+    if arch == "mixtral":
+        assert weights.stored_as("model.layers.0.mlp.gate.weight") == "model.layers.0.block_sparse_moe.gate.weight"
+    assert weights.stored_as(key) is None
+
+
+def test_a_conversion_that_moves_elements_within_a_tensor_is_refused_with_the_fix(mixtral_base, monkeypatch):
+    """A conversion that is not a stack or a concatenation (a transpose, an interleave) cannot be read by rows:
+    an error names it, the tensors and the fix (a copy saved in the model's own layout)."""
+    from transformers import conversion_mapping
+    from transformers.core_model_loading import MergeModulelist, Transpose, WeightConverter, WeightRenaming
+
+    def transposed(model, *args, **kwargs):
+        return [
+            WeightRenaming(".block_sparse_moe.", ".mlp."),
+            WeightConverter(
+                source_patterns=".experts.*.w2.weight",
+                target_patterns=".experts.down_proj",
+                operations=[MergeModulelist(dim=0), Transpose(1, 2)],
+            ),
+        ]
+
+    monkeypatch.setattr(conversion_mapping, "get_model_conversion_mapping", transposed)
+    model = build_on_meta(str(mixtral_base), torch.float32)
+    with pytest.raises(
+        ModelError, match=r"(?s)builds model.layers.0.mlp.experts.down_proj .*Transpose.*save_original_format=False"
+    ):
+        BaseWeights(mixtral_base).follow(model)
+
+
 def test_a_truncated_base_file_is_refused_before_it_is_mapped(tmp_path, llama_base):
     """A map of missing bytes would kill the process (SIGBUS) when read, with no word of why."""
     import shutil
@@ -251,13 +332,15 @@ def test_a_build_leaves_a_freeze_the_process_made_alone():
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_sharded_load_equals_the_full_load(
-    world, gpt2_base, llama_base, sharded_llama_base, bf16_llama_base, hub_gpt2, tmp_path
+    world, gpt2_base, llama_base, sharded_llama_base, bf16_llama_base, mixtral_base, hub_gpt2, tmp_path
 ):
     """FSDP2 and ZeRO-3, each on a tied GPT-2, a Llama (rotary buffers, GQA), a Llama in 3 files with an index, a
-    Llama saved and trained in bf16 (``model.dtype``, no mixed precision: the base stays bf16 on every engine) and
-    the fp32 Llama trained in bf16 (read and converted, never mapped), at world sizes 1-4 (3: uneven shards), and
-    HSDP at 4 (2 replica groups); at 2, the GPT-2 given by its hub id too (read from its snapshot in the cache);
-    one launch per world size. The ranges each rank read ahead are exactly the ones it then used."""
+    Llama saved and trained in bf16 (``model.dtype``, no mixed precision: the base stays bf16 on every engine), the
+    fp32 Llama trained in bf16 (read and converted, never mapped) and a Mixtral (its experts saved one tensor each,
+    which transformers fuses as it loads them, and its router saved under another name, LoRA on it), at world
+    sizes 1-4 (3: uneven shards), and HSDP at 4 (2 replica groups); at 2, the GPT-2 given by its hub id too (read
+    from its snapshot in the cache); one launch per world size. The ranges each rank read ahead are exactly the ones
+    it then used."""
     qv = ["lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj]"]
     cases = [  # (base, model.dtype, overrides)
         (str(gpt2_base), "float32", []),
@@ -265,6 +348,7 @@ def test_sharded_load_equals_the_full_load(
         (str(sharded_llama_base), "float32", qv),
         (str(bf16_llama_base), "bfloat16", qv),
         (str(llama_base), "bfloat16", qv),
+        (str(mixtral_base), "float32", ["lora.target_modules=[q_proj,v_proj,gate]"]),
     ]
     if world == 2:
         cases.append((hub_gpt2, "float32", []))
@@ -284,8 +368,11 @@ def test_sharded_load_equals_the_full_load(
         report = json.loads((tmp_path / f"rank{rank}.json").read_text())
         for name in names:
             assert report[name]["checked"] > 10 and report[name]["mismatched"] == [], (rank, name, report[name])
-            if not name.endswith(converted):  # (another dtype than the files' cannot be a view of them)
-                assert report[name]["copied"] == [], f"rank {rank}, {name}: not views of the files: {report[name]}"
+            # (another dtype than the files' cannot be a view of them, nor can experts fused from several tensors)
+            fused = f":{mixtral_base}:" in name
+            copied = [key for key in report[name]["copied"] if not (fused and ".experts." in key)]
+            if not name.endswith(converted):
+                assert copied == [], f"rank {rank}, {name}: not views of the files: {report[name]}"
             # the last rank's padded shards are read into FSDP2's padded buffer, never mapped and then copied there
             assert report[name]["mapped_padded"] == [], f"rank {rank}, {name}: mapped, then copied: {report[name]}"
             # the read-ahead guessed this rank's share: it read ahead every range the load used, and made each map
@@ -309,6 +396,8 @@ def test_sharded_load_equals_the_full_load(
         ("fsdp", "llama", 3, 2, ["q_proj", "v_proj"]),
         ("zero3", "gpt2", 2, 1, ["c_attn"]),
         ("zero3", "llama", 3, 2, ["q_proj", "v_proj"]),
+        ("fsdp", "mixtral", 2, 1, ["q_proj", "v_proj", "gate"]),
+        ("zero3", "mixtral", 2, 1, ["q_proj", "v_proj", "gate"]),
     ],
 )
 def test_load_sharded_gives_an_own_loop_the_trainers_model(
@@ -316,7 +405,8 @@ def test_load_sharded_gives_an_own_loop_the_trainers_model(
 ):
     """``dist_lora.load_sharded`` for a loop of one's own, on FSDP2 and on ZeRO-3 (the loop's own
     ``deepspeed.initialize``): every rank's shards equal the full load bit for bit (a tied GPT-2 at 2 ranks; a
-    Llama in 3 files with an index, uneven at 3), the loop's AdamW steps on it give one process's losses, and its
+    Llama in 3 files with an index, uneven at 3; a Mixtral, its experts fused from one tensor each and LoRA on its
+    router, which the files name otherwise), the loop's AdamW steps on it give one process's losses, and its
     step, loaded by ``load_checkpoint`` into a fresh ``load_sharded`` model at another world size, trains on as one
     process that never stopped (its loss, and the adapter it saves)."""
     import peft
@@ -326,7 +416,9 @@ def test_load_sharded_gives_an_own_loop_the_trainers_model(
     from dist_lora.config import LoraConfig
     from tests.workers.own_loop import optimizer_for, train_steps
 
-    path = request.getfixturevalue({"gpt2": "gpt2_base", "llama": "sharded_llama_base"}[base])
+    path = request.getfixturevalue(
+        {"gpt2": "gpt2_base", "llama": "sharded_llama_base", "mixtral": "mixtral_base"}[base]
+    )
     worker = Path(__file__).resolve().parent / "workers" / "own_loop.py"
     first, then = tmp_path / "first.json", tmp_path / "then.json"
     spec = {

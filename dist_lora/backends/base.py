@@ -132,9 +132,9 @@ class Backend(ABC):
         and ``max_grad_norm``, for an engine configured before the model is built (ZeRO-3)."""
         weights = BaseWeights.of(name_or_path) if quantized else None
         if weights is not None:
-            weights.read_ahead(lambda shape: (0, math.prod(shape), False), None)  # read whole, then quantized
             model = build_on_meta(name_or_path, dtype)
-            return model, weights.tie(model)
+            weights.follow(model).read_ahead(lambda shape: (0, math.prod(shape), False), None)  # read, then quantized
+            return model, weights
         return load_base(name_or_path, dtype, revision=revision).to(device), None
 
     @classmethod

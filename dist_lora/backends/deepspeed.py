@@ -208,7 +208,6 @@ class DeepSpeedBackend(Backend):
         if weights is None:
             return super().load_base(parallel, name_or_path, dtype, device, **batch)
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        weights.read_ahead(partition_of(rank, world), dtype if device.type == "cpu" else None)
         import_deepspeed()
         from deepspeed.runtime.zero.partition_parameters import Init
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -240,6 +239,8 @@ class DeepSpeedBackend(Backend):
         ):
             model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(name_or_path), dtype=dtype)
         model._dist_lora_hf_ds_config = keep  # kept for as long as the model (generation checks it)
+        # (read ahead once the model names the tensors: it may name and join them otherwise than the files)
+        weights.follow(model).read_ahead(partition_of(rank, world), dtype if device.type == "cpu" else None)
         _fill_partitions(model, weights)
         release_freed_memory()
         return model, None

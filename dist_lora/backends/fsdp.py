@@ -148,9 +148,9 @@ class FSDPBackend(Backend):
         shards = cls.shards(parallel)
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         views = dtype if device.type == "cpu" and not batch.get("quantized") else None  # as materialize makes them
-        weights.read_ahead(rows_of(rank % shards, shards), views)  # the shard dim is the mesh's last
         model = build_on_meta(name_or_path, dtype)
-        return model, weights.tie(model)
+        weights.follow(model).read_ahead(rows_of(rank % shards, shards), views)  # the shard dim is the mesh's last
+        return model, weights
 
     @classmethod
     def wrap(
