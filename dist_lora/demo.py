@@ -79,7 +79,7 @@ def build_tiny_base(out_dir: str | Path, arch: str = "gpt2", seed: int = 0, **sh
         if arch == "llama":
             config = LlamaConfig(**{**fields, **shape})
         else:  # a MoE: saved one tensor per expert, which transformers fuses as it loads them
-            moe = dict(intermediate_size=96, num_local_experts=4, num_experts_per_tok=2)
+            moe = dict(intermediate_size=96, num_local_experts=2, num_experts_per_tok=2)
             config = MixtralConfig(**{**fields, **moe, **shape})
     else:
         raise ValueError(f"arch must be gpt2, llama or mixtral (got {arch!r})")

@@ -405,14 +405,15 @@ class BaseWeights:
         return header, keys
 
     def read_ahead(
-        self, share: Callable[[tuple[int, ...]], tuple[int, int, bool]], view_dtype: torch.dtype | None
+        self, share: Callable[[tuple[int, ...]], tuple[list[tuple[int, int]], bool]], view_dtype: torch.dtype | None
     ) -> threading.Thread | None:
         """Start bringing the bytes this rank is going to load into memory, on a thread of its own, so that the
         reads of a cold page cache (and the page faults of a warm one) overlap the engine's set-up instead of
         following it. Called as loading starts, before the model is even built.
 
-        ``share(shape)``: this rank's elements ``[first, last)`` of a tensor's flattened values (its rows, its
-        partition), and whether they are a whole shard, which the load takes as a view of the file where it can;
+        ``share(shape)``: the ranges ``[first, last)`` of a tensor's flattened values that this rank holds (its
+        rows, its partition, its slice of every expert), and whether they are a whole shard, which the load takes as
+        a view of the file where it can;
         ``view_dtype``: the dtype of such views (the CPU model's), None where none is made (a GPU, a base to be
         quantized). For a view to come, its own map is made now (:meth:`mapped` hands it over) and the thread maps
         its pages in; any other range is read into the page cache through a map the thread drops once read.
@@ -424,8 +425,8 @@ class BaseWeights:
         tensors = [e for key, e in self.entries.items() if key not in self.consumed] + list(self.joined.values())
         ranges = []  # (a tensor of the files, its first and last element, kept for a view)
         for tensor in sorted(tensors, key=_first_byte):
-            first, last, whole = share(tensor.shape)
-            parts = _ranges(tensor, first, last)
+            held, whole = share(tensor.shape)
+            parts = [part for first, last in held for part in _ranges(tensor, first, last)]
             ranges += [(*part, whole and len(parts) == 1) for part in parts]  # (a joined tensor's view: one piece)
         for entry, first, last, keep in ranges:
             size = entry.dtype.itemsize

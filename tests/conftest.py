@@ -95,8 +95,9 @@ def llama_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def mixtral_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny Mixtral (4 experts): transformers saves its experts one tensor each (``block_sparse_moe.experts.N.w1``)
-    and fuses them as it loads them (``mlp.experts.gate_up_proj``: every expert's w1 and w3)."""
+    """A tiny Mixtral: transformers saves its experts one tensor each (``block_sparse_moe.experts.N.w1``) and fuses
+    them as it loads them (``mlp.experts.gate_up_proj``: every expert's w1 and w3). 2 experts: fewer than 3 or 4
+    ranks, where FSDP2 shards them by slices (``fsdp.shard_dim``)."""
     from dist_lora.demo import build_tiny_base
 
     return build_tiny_base(tmp_path_factory.mktemp("mixtral") / "base", arch="mixtral")

@@ -233,7 +233,7 @@ def test_read_ahead_maps_in_the_views_to_come_and_hands_them_over(llama_base, mo
     thread = weights.read_ahead(share, torch.float32)
     assert thread is not None
     thread.join()
-    whole = [k for k in weights.entries if share(tuple(weights.shape(k)))[2]]
+    whole = [k for k in weights.entries if share(tuple(weights.shape(k)))[1]]
     assert len(maps_of(path)) - before == len(whole)  # one map per view to come, the others dropped once read
 
     made = []
@@ -259,7 +259,7 @@ def test_read_ahead_for_a_gpu_keeps_no_map_and_stays_within_its_budget(llama_bas
     path = llama_base / "model.safetensors"
     weights = BaseWeights(llama_base)
     before = len(maps_of(path))
-    whole = lambda shape: (0, math.prod(shape), True)  # noqa: E731
+    whole = lambda shape: ([(0, math.prod(shape))], True)  # noqa: E731
     weights.read_ahead(whole, None).join()
     assert len(maps_of(path)) == before
 
@@ -379,6 +379,11 @@ def test_sharded_load_equals_the_full_load(
             assert report[name]["not_read_ahead"] == [] and report[name]["views_missed"] == [], (rank, name)
         tied = [gpt2_base, hub_gpt2] if world == 2 else [gpt2_base]
         assert all(report[f"{engine}:{base}:float32"]["tied"] for engine in engines for base in tied)
+        for engine in ("fsdp", "hsdp"):  # fewer experts (2) than shards: sliced on their second dim, not by rows
+            name = f"{engine}:{mixtral_base}:float32"
+            if name in report:
+                shards = world // 2 if engine == "hsdp" else world
+                assert (report[name]["sliced"] > 0) == (shards > 2), (rank, name, report[name])
     if world == 3:  # the check above saw padded shards: uneven splits leave the last rank's padded
         last = json.loads((tmp_path / f"rank{world - 1}.json").read_text())
         assert all(last[name]["padded"] > 0 for name in names if name.startswith("fsdp:")), last
@@ -396,7 +401,7 @@ def test_sharded_load_equals_the_full_load(
         ("fsdp", "llama", 3, 2, ["q_proj", "v_proj"]),
         ("zero3", "gpt2", 2, 1, ["c_attn"]),
         ("zero3", "llama", 3, 2, ["q_proj", "v_proj"]),
-        ("fsdp", "mixtral", 2, 1, ["q_proj", "v_proj", "gate"]),
+        ("fsdp", "mixtral", 3, 2, ["q_proj", "v_proj", "gate"]),  # at 3: experts sliced (fewer than ranks)
         ("zero3", "mixtral", 2, 1, ["q_proj", "v_proj", "gate"]),
     ],
 )

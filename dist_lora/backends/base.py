@@ -133,7 +133,8 @@ class Backend(ABC):
         weights = BaseWeights.of(name_or_path) if quantized else None
         if weights is not None:
             model = build_on_meta(name_or_path, dtype)
-            weights.follow(model).read_ahead(lambda shape: (0, math.prod(shape), False), None)  # read, then quantized
+            whole = lambda shape: ([(0, math.prod(shape))], False)  # noqa: E731 - read whole, then quantized
+            weights.follow(model).read_ahead(whole, None)
             return model, weights
         return load_base(name_or_path, dtype, revision=revision).to(device), None
 
@@ -304,12 +305,14 @@ def materialize(
     *,
     row_offset: Callable[[Any], int] = lambda p: 0,
     group: Callable[[Any], Any] = lambda p: None,
+    sliced: Callable[[Any], list[tuple[int, int]] | None] = lambda p: None,
 ) -> None:
     """A model on the meta device (sharded or not) gets its memory and values, one tensor at a time: each rank
     allocates only what it holds of every parameter (a DTensor's local rows from ``row_offset``) and reads exactly
     those rows from the base's safetensors files; an NF4 weight quantizes its rows into place (collective over
     ``group(p)``, the ranks sharding it); the adapter and the computed buffers, which the files do not hold, come
-    from ``host`` (their values before wrapping).
+    from ``host`` (their values before wrapping). A parameter that a rank holds as several ranges of its flattened
+    values (``sliced(p)``: FSDP2's slice of every expert of a MoE layer) has each range read in turn.
 
     On the CPU, a frozen parameter of the files' dtype is not read at all: its rows become a view of the file's
     pages (:meth:`BaseWeights.mapped`), which takes the meta parameter's place in the same pass that gives every
@@ -317,13 +320,20 @@ def materialize(
     shard). That is how ``from_pretrained`` leaves a CPU model, and costs as little: nothing is allocated for it."""
     device = compute_device()
     with torch.no_grad():
-        views = _views(model, weights, host, row_offset) if device.type == "cpu" else {}
+        views = _views(model, weights, host, row_offset, sliced) if device.type == "cpu" else {}
         # a tied parameter is met once per name: the same view each time, so that the names stay tied
         model._apply(lambda t: views[id(t)] if id(t) in views else torch.empty_like(t, device=device))
         for name, p in model.named_parameters():
             if id(p) in views:  # (the parameter keeps its identity through _apply)
                 continue
             key = canonical_name(name)
+            ranges = sliced(p)
+            if ranges is not None:  # the ranges one after another, each straight into its place in the shard
+                flat, at = (p.to_local() if isinstance(p, DTensor) else p).view(-1), 0
+                for first, last in ranges:
+                    weights.flat(base_key(key), first, last, out=flat[at : at + last - first])
+                    at += last - first
+                continue
             local, start, stop = _shard(p, row_offset)
             if is_nf4(local):  # QLoRA: this rank's rows, quantized as the whole weight would be
                 fill_shard(local, weights.rows(base_key(key), start, stop), group(p))
@@ -339,7 +349,11 @@ def materialize(
 
 
 def _views(
-    model: nn.Module, weights: BaseWeights, host: dict[str, torch.Tensor], row_offset: Callable[[Any], int]
+    model: nn.Module,
+    weights: BaseWeights,
+    host: dict[str, torch.Tensor],
+    row_offset: Callable[[Any], int],
+    sliced: Callable[[Any], list[tuple[int, int]] | None],
 ) -> dict[int, torch.Tensor]:
     """Views of the files for the parameters of a CPU model on the meta device that can have one, by the id of the
     parameter: frozen, not scalars, not NF4, not from ``host``, not the front of FSDP2's padded buffer, and held by
@@ -347,6 +361,8 @@ def _views(
     views = {}
     for name, p in model.named_parameters():
         key = canonical_name(name)
+        if sliced(p) is not None:  # several ranges of the files: read
+            continue
         local, start, stop = _shard(p, row_offset)
         if p.requires_grad or not local.dim() or is_nf4(local) or key in host or _in_padded_buffer(local):
             continue  # a trained tensor (bias="all") gets memory of its own

@@ -83,16 +83,16 @@ def _fill_partitions(model: Any, weights: BaseWeights) -> None:
     weights.drop_unused_maps()
 
 
-def partition_of(rank: int, world: int) -> Callable[[tuple[int, ...]], tuple[int, int, bool]]:
+def partition_of(rank: int, world: int) -> Callable[[tuple[int, ...]], tuple[list[tuple[int, int]], bool]]:
     """A rank's share of every base tensor as ZeRO-3 partitions it (for :meth:`BaseWeights.read_ahead`):
     elements ``[rank * s, (rank + 1) * s)`` of the flattened tensor, ``s = ceil(numel / world)``, whole unless
     they are the last, zero-padded partition (read, not mapped: :func:`_fill_partitions`)."""
 
-    def share(shape: tuple[int, ...]) -> tuple[int, int, bool]:
+    def share(shape: tuple[int, ...]) -> tuple[list[tuple[int, int]], bool]:
         numel = math.prod(shape)
         part = -(-numel // world)
         first, last = min(rank * part, numel), min((rank + 1) * part, numel)
-        return first, last, last - first == part
+        return [(first, last)], last - first == part
 
     return share
 

@@ -77,16 +77,34 @@ def _chunk(rows: int, shard: int, shards: int) -> tuple[int, int]:
     return min(shard * chunk, rows), min((shard + 1) * chunk, rows)
 
 
-def rows_of(shard: int, shards: int) -> Callable[[tuple[int, ...]], tuple[int, int, bool]]:
+def shard_dim(shape: tuple[int, ...], shards: int) -> int:
+    """The dim FSDP2 shards a frozen base tensor on: 0 (rows), but 1 for a MoE layer's fused experts (3-D: experts,
+    then each expert's rows) with fewer experts than shards and a second dim that splits evenly (FSDP2 splits other
+    dims than the first evenly only), as torchtitan does. By rows, the first ranks would hold a whole expert each
+    and the others none (Mixtral's 8 experts over 32 ranks); sliced, every rank holds its part of every expert."""
+    return 1 if len(shape) == 3 and shape[0] < shards and shape[1] % shards == 0 else 0
+
+
+def _slices(shape: tuple[int, ...], shard: int, shards: int) -> list[tuple[int, int]]:
+    """The flattened elements of a tensor sharded on dim 1 that shard ``shard`` of ``shards`` holds: its
+    ``shape[1] / shards`` rows of each index of dim 0, one range each."""
+    inner = math.prod(shape[2:])
+    size, per = shape[1] // shards * inner, shape[1] * inner
+    return [(i * per + shard * size, i * per + (shard + 1) * size) for i in range(shape[0])]
+
+
+def rows_of(shard: int, shards: int) -> Callable[[tuple[int, ...]], tuple[list[tuple[int, int]], bool]]:
     """A rank's share of every base tensor as FSDP2 will shard it (for :meth:`BaseWeights.read_ahead`): its
     :func:`_chunk` of rows, whole unless the split is uneven and they are the short last ones (FSDP2 pads those,
-    so they are read, not mapped)."""
+    so they are read, not mapped); or a slice of each expert (:func:`shard_dim`), read."""
 
-    def share(shape: tuple[int, ...]) -> tuple[int, int, bool]:
+    def share(shape: tuple[int, ...]) -> tuple[list[tuple[int, int]], bool]:
+        if shard_dim(shape, shards):
+            return _slices(shape, shard, shards), False
         rows = shape[0] if shape else 1
         start, stop = _chunk(rows, shard, shards)
         row = math.prod(shape[1:])
-        return start * row, stop * row, bool(shape) and stop - start == math.ceil(rows / shards)
+        return [(start * row, stop * row)], bool(shape) and stop - start == math.ceil(rows / shards)
 
     return share
 
@@ -161,8 +179,12 @@ class FSDPBackend(Backend):
         kwargs: dict[str, Any] = {"mesh": device_mesh(parallel.replicate)}
         if parallel.mixed_precision == "bf16":
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        shards = cls.shards(parallel)
+        kwargs["shard_placement_fn"] = lambda p: (
+            Shard(1) if not p.requires_grad and shard_dim(tuple(p.shape), shards) else None  # None: rows
+        )
         host = from_files(model, weights) if weights is not None else {}
-        if cls.shards(parallel) == 1:  # FSDP2 all-gathers a one-rank shard without NF4's extension: keep them local
+        if shards == 1:  # FSDP2 all-gathers a one-rank shard without NF4's extension: keep them local
             kwargs["ignored_params"] = {p for p in model.parameters() if is_nf4(p)}
         names = _block_classes(model)
         blocks = [module for module in model.modules() if type(module).__name__ in names]
@@ -187,6 +209,7 @@ class FSDPBackend(Backend):
                 weights,
                 host,
                 row_offset=lambda p: cls._row_offset(p) if isinstance(p, DTensor) else 0,
+                sliced=cls._sliced,
                 group=lambda p: _shard_group(p) if isinstance(p, DTensor) else None,
             )
         params = [p for p in model.parameters() if p.requires_grad]
@@ -220,6 +243,17 @@ class FSDPBackend(Backend):
                     f"dist_lora handles FSDP2 params sharded on dim 0 and replicated otherwise, got {p.placements}"
                 )
         return start
+
+    @staticmethod
+    def _sliced(p: Any) -> list[tuple[int, int]] | None:
+        """The flattened elements this rank holds of a base tensor sharded on dim 1 (:func:`shard_dim`), one range
+        per expert; None for any other."""
+        if isinstance(p, DTensor):
+            for dim, placement in enumerate(p.placements):
+                if isinstance(placement, Shard) and placement.dim == 1:
+                    mesh = p.device_mesh
+                    return _slices(tuple(p.shape), mesh.get_local_rank(dim), mesh.size(dim))
+        return None
 
     @staticmethod
     def _owns(p: DTensor) -> bool:

@@ -45,6 +45,9 @@ def local_and_expected(backend, name: str, p, ref: torch.Tensor) -> tuple[torch.
     if hasattr(p, "to_local"):  # FSDP2: rows [i*c, (i+1)*c) of dim 0, shard i of n, c = ceil(rows / n)
         local = p.to_local().detach()
         shard, shards = fsdp_shard(backend)
+        if sliced(p):  # a MoE layer's experts: a slice of each
+            size = ref.shape[1] // shards
+            return local, ref[:, shard * size : (shard + 1) * size]
         chunk = -(-ref.shape[0] // shards)
         start = min(shard * chunk, ref.shape[0])
         return local, ref[start : start + local.shape[0]]
@@ -78,9 +81,14 @@ def file_backed(t: torch.Tensor, files: set[Path]) -> bool:
     return path is not None and Path(path) in files
 
 
+def sliced(p) -> bool:
+    """Whether FSDP2 shards ``p`` on its second dim (a MoE layer's experts, fewer than the shards)."""
+    return any(getattr(placement, "dim", 0) == 1 for placement in getattr(p, "placements", ()))
+
+
 def padded(backend, p) -> bool:
     """Whether this rank's FSDP2 shard of a frozen parameter is the last, padded one of an uneven split."""
-    return not p.requires_grad and hasattr(p, "to_local") and held_whole(backend, p) is None
+    return not p.requires_grad and hasattr(p, "to_local") and not sliced(p) and held_whole(backend, p) is None
 
 
 MAPPED: set[str] = set()  # the base tensors this rank asked the files for as maps, in the build under way
@@ -190,6 +198,7 @@ def main() -> None:
             "copied": copied,
             "mapped_padded": mapped_padded,
             "padded": sum(padded(backend, p) for p in module.parameters()),
+            "sliced": sum(sliced(p) for p in module.parameters()),
             "tied": _tied(module),
             "not_read_ahead": sorted(USED - AHEAD),
             "views_missed": MISSED[:],
