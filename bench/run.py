@@ -4,7 +4,7 @@
     python -m bench.run --quick    # fewer repeats and sizes, for a smoke test
 
 Writes bench/results/results.md (the tables), results.csv (every row), results.json (raw), results.png (saves)
-and loading.png (parts f and i: loading a base).
+and loading.png (parts f, i and j: loading a base).
 All runs are on this machine's CPU with gloo, world size 2 unless stated; models are randomly initialised GPT-2
 architectures (sizes are what matter), LoRA r=4 on the attention projection (c_attn) as in loralib.
 """
@@ -405,12 +405,21 @@ def build_xl_base(out: Path, quick: bool) -> int:
     """A randomly initialised GPT-2-XL-shaped base (fp32) saved in 2 GB safetensors files with an index, and the
     demo's tokenizer; returns its bytes. Built in a child process, so that this one never holds it."""
     shape = {"n_layer": 4, "n_embd": 1600, "n_head": 25} if quick else XL
+    model = (
+        "from transformers import GPT2Config, GPT2LMHeadModel; "
+        f"m = GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=1024, **{shape!r}, "
+        "resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))"
+    )
+    return build_in_child(out, model, "2GB")
+
+
+def build_in_child(out: Path, model: str, shard_size: str) -> int:
+    """A randomly initialised model (``model``: Python that makes it as ``m``, after ``torch.manual_seed(0)``) saved
+    in safetensors files of at most ``shard_size`` with an index, and the demo's tokenizer; built in a child
+    process, so that this one never holds it. Returns the files' bytes."""
     code = (
-        "import sys, torch; from transformers import GPT2Config, GPT2LMHeadModel; "
-        "from dist_lora.demo import build_tokenizer, corpus_path; "
-        f"torch.manual_seed(0); m = GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=1024, **{shape!r}, "
-        "resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)); "
-        "m.save_pretrained(sys.argv[1], max_shard_size='2GB'); "
+        "import sys, torch; from dist_lora.demo import build_tokenizer, corpus_path; torch.manual_seed(0); "
+        f"{model}; m.save_pretrained(sys.argv[1], max_shard_size={shard_size!r}); "
         "build_tokenizer(corpus_path()).save_pretrained(sys.argv[1])"
     )
     subprocess.run([sys.executable, "-c", code, str(out)], check=True, env=env(), cwd=ROOT)
@@ -654,6 +663,28 @@ def part_i(tmp: Path, quick: bool) -> list[dict]:
     return rows
 
 
+def build_moe_base(out: Path, quick: bool) -> int:
+    """A randomly initialised Mixtral-shaped MoE (fp32) saved as transformers saves one: each expert's projections a
+    tensor of their own, which it fuses as it loads them; 2 experts (fewer than 4 ranks: FSDP2 slices them), 16
+    layers, 2.6 GB (2 layers with ``quick``). Built in a child process; returns its bytes."""
+    layers = 2 if quick else 16
+    model = (
+        "from transformers import AutoModelForCausalLM, MixtralConfig; "
+        "m = AutoModelForCausalLM.from_config(MixtralConfig(vocab_size=32000, hidden_size=1024, "
+        f"intermediate_size=5632, num_hidden_layers={layers}, num_attention_heads=16, num_key_value_heads=4, "
+        "num_local_experts=2, num_experts_per_tok=2, max_position_embeddings=512))"
+    )
+    return build_in_child(out, model, "1GB")
+
+
+def part_j(tmp: Path, quick: bool) -> list[dict]:
+    """Part f's warm loads on a MoE base (:func:`build_moe_base`): the sharded path reads each rank's rows of the
+    experts (its slice of each at 4 ranks) from the files' one tensor per expert; from_pretrained stacks them."""
+    base = tmp / "moe"
+    model_bytes = build_moe_base(base, quick)
+    return warm_loads("j", tmp, base, model_bytes, 1 if quick else 3, targets=["q_proj", "v_proj"])
+
+
 # ---------------------------------------------------------------------------------------------- h. QLoRA
 
 
@@ -817,7 +848,7 @@ LOAD_NOTE = (
 
 
 def load_tables(rows: list[dict]) -> list[str]:
-    """Parts f and i: peak RSS and load seconds of each load against its target and baseline, then where the time
+    """Parts f, i and j: peak RSS and load seconds of each load against its target and baseline, then where the time
     of each warm sharded load went, stage by stage."""
     lines = [
         "| engine | world | path | peak RSS per rank | RSS before loading | target: model / world + 1 GB | "
@@ -1004,18 +1035,23 @@ def report(rows: list[dict], quick: bool) -> str:
                     )
                 lines.append(f"- {r['phase']}: {r['seconds']:.0f} s, peak RSS {fmt_bytes(r['peak_rss'])}{extra}")
         lines += ["", LOAD_NOTE, ""]
-    i = [r for r in rows if r["part"] == "i"]
-    if i:
-        model = next(r["model_bytes"] for r in i if not r.get("skipped"))
-        lines += [
-            f"## i. Llama-2-70B's layers: a base of {fmt_bytes(model)} with its layer shape ({i[0]['shape']}, bf16, "
-            "trained in bf16, LoRA r=16 on q_proj and v_proj)",
-            "",
-            *load_tables(i),
-            "",
-            LOAD_NOTE,
-            "",
-        ]
+    for part, heading in (  # the loading parts on other bases than part f's
+        (
+            "i",
+            "## i. Llama-2-70B's layers: a base of {model} with its layer shape ({shape}, bf16, trained in bf16, "
+            "LoRA r=16 on q_proj and v_proj)",
+        ),
+        (
+            "j",
+            "## j. A MoE base: {model}, Mixtral-shaped (2 experts, fp32), its experts saved one tensor each (LoRA "
+            "r=16 on q_proj and v_proj)",
+        ),
+    ):
+        picked = [r for r in rows if r["part"] == part]
+        if picked:
+            model = fmt_bytes(next(r["model_bytes"] for r in picked if not r.get("skipped")))
+            heading = heading.format(model=model, shape=picked[0].get("shape"))
+            lines += [heading, "", *load_tables(picked), "", LOAD_NOTE, ""]
     g = [r for r in rows if r["part"] == "g"]
     if g:
         lines += [
@@ -1123,14 +1159,18 @@ def run_parts(args: argparse.Namespace, tmp: Path, repeats: int, s3: dict) -> li
         rows += part_h(tmp, args.quick)
     if "i" in args.parts:
         rows += part_i(tmp, args.quick)
+    if "j" in args.parts:
+        rows += part_j(tmp, args.quick)
     return rows
 
 
-LOADING_PARTS = {"f": "GPT-2 XL shape, fp32", "i": "Llama-2-70B's layers, bf16"}
+ALL_PARTS = "abcdefghij"
+
+LOADING_PARTS = {"f": "GPT-2 XL shape, fp32", "i": "Llama-2-70B's layers, bf16", "j": "a Mixtral-shaped MoE, fp32"}
 
 
 def plot_loading(rows: list[dict], path: Path) -> None:
-    """Parts f and i as a figure, a row of two panels for each: the peak RSS per rank of the sharded and the full
+    """Parts f, i and j as a figure, a row of two panels for each: the peak RSS per rank of the sharded and the full
     path against the target (model / world + 1 GB), and the load seconds of both against ``from_pretrained`` alone
     on one process, warm (and, for part f, from a cold page cache). The full path at 4 ranks is absent where it was
     not run (four whole copies exceed the machine's memory)."""
@@ -1191,7 +1231,7 @@ def write_report(rows: list[dict], quick: bool) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repeats and sizes")
-    parser.add_argument("--parts", default="abcdefghi", help="which parts to run (default: all)")
+    parser.add_argument("--parts", default=ALL_PARTS, help="which parts to run (default: all)")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report and figures from results.json")
     args = parser.parse_args()
     if args.report_only:
@@ -1210,7 +1250,7 @@ def main() -> None:
         finally:
             s3server.stop(proc, s3["ports"])
     previous = RESULTS / "results.json"
-    if previous.is_file() and args.parts != "abcdefghi":  # the parts not rerun keep their rows
+    if previous.is_file() and args.parts != ALL_PARTS:  # the parts not rerun keep their rows
         rows = [r for r in json.loads(previous.read_text()) if r["part"] not in args.parts] + rows
     (RESULTS / "results.json").write_text(json.dumps(rows, indent=1, default=str))
     keys = sorted({k for r in rows for k in r})
