@@ -296,7 +296,6 @@ class BaseWeights:
         self.aliases: dict[str, str] = {}  # a tied parameter's other name -> the name the model holds it under
         self.renamed: dict[str, str] = {}  # a model name -> the name the files hold that tensor under
         self.joined: dict[str, _Pieces] = {}  # a model name -> the tensors of the files it is joined from
-        self.consumed: set[str] = set()  # the files' tensors that are pieces of one in ``joined``
         for name in names:
             self.entries.update(_read_header(self.directory / name))
         self._ahead: dict[tuple[Path, int, int], tuple[mmap.mmap, int]] = {}  # read_ahead's maps for views to come
@@ -312,8 +311,8 @@ class BaseWeights:
         return {key: entry.path.name for key, entry in self.entries.items()}
 
     def __contains__(self, key: str) -> bool:
-        key = self.aliases.get(key, key)
-        return key in self.joined or self.renamed.get(key, key) in self.entries
+        stored = self.stored_as(key)
+        return stored is None or stored in self.entries
 
     def follow(self, model: Any) -> BaseWeights:
         """Name every tensor as ``model`` (built from the base's config, not yet given LoRA) does: the files' keys as
@@ -357,7 +356,6 @@ class BaseWeights:
                 self.renamed[target] = key
             else:
                 groups.setdefault(target, {}).setdefault(pattern, []).append(self.entries[key])
-                self.consumed.add(key)
         for target, inputs in groups.items():
             converter = converter_of[next(iter(inputs))]
             joined = _join(converter, inputs, target, self.directory)
@@ -376,10 +374,10 @@ class BaseWeights:
         return None if key in self.joined else self.renamed.get(key, key)
 
     def _entry(self, key: str) -> _Entry | _Pieces:
-        key = self.aliases.get(key, key)
-        if key in self.joined:
-            return self.joined[key]
-        key = self.renamed.get(key, key)
+        stored = self.stored_as(key)
+        if stored is None:
+            return self.joined[self.aliases.get(key, key)]
+        key = stored
         if key not in self.entries:
             raise ModelError(
                 f"{self.directory} holds no tensor {key!r} that the model built from its config.json has; the files "
@@ -409,7 +407,8 @@ class BaseWeights:
     ) -> threading.Thread | None:
         """Start bringing the bytes this rank is going to load into memory, on a thread of its own, so that the
         reads of a cold page cache (and the page faults of a warm one) overlap the engine's set-up instead of
-        following it. Called as loading starts, before the model is even built.
+        following it. Called as soon as the model is built, once :meth:`follow` has learnt its names for the
+        tensors (the files may name and join them otherwise).
 
         ``share(shape)``: the ranges ``[first, last)`` of a tensor's flattened values that this rank holds (its
         rows, its partition, its slice of every expert), and whether they are a whole shard, which the load takes as
@@ -422,7 +421,8 @@ class BaseWeights:
         and the rest is read as it is used. Returns the thread (None: nothing to read)."""
         budget = _memory_for_read_ahead()
         jobs: list[tuple[mmap.mmap, int, int, bool]] = []  # (map, first byte, bytes, kept for a view)
-        tensors = [e for key, e in self.entries.items() if key not in self.consumed] + list(self.joined.values())
+        pieces = {entry for joined in self.joined.values() for entry, _, _ in joined.pieces}  # read as the joined
+        tensors = [e for e in self.entries.values() if e not in pieces] + list(self.joined.values())
         ranges = []  # (a tensor of the files, its first and last element, kept for a view)
         for tensor in sorted(tensors, key=_first_byte):
             held, whole = share(tensor.shape)
