@@ -243,13 +243,11 @@ def construction_config(path: str, *, bf16: bool) -> dict[str, Any]:
         )
     on = any(_get(user, (key, "enabled")) is True for key in ("bf16", "bfloat16"))
     if on != bf16:
+        precision, enabled, other = ("bf16", "true", "none") if bf16 else ("none", "false", "bf16")
         found.append(
-            f"bf16 is {'on' if on else 'off'} here, and parallel.mixed_precision is {'bf16' if bf16 else 'none'}: "
-            "the model is constructed in the precision deepspeed.initialize will train it in, so they must agree; "
-            'set "bf16": {"enabled": '
-            + ("true" if bf16 else "false")
-            + "} here, or parallel.mixed_precision="
-            + ("bf16" if on else "none")
+            f"bf16 is {'on' if on else 'off'} here, and parallel.mixed_precision is {precision}: the model is "
+            "constructed in the precision deepspeed.initialize will train it in, so they must agree; set "
+            f'"bf16": {{"enabled": {enabled}}} here, or parallel.mixed_precision={other}'
         )
     if _get(user, ("fp16", "enabled")) is True:
         found.append('fp16.enabled is true: dist_lora does not train in fp16; use bf16 ("bf16": {"enabled": true})')
