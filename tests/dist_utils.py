@@ -200,15 +200,17 @@ class ForkedRanks:
         failed: list[str] = []
         running = {pid: rank for rank, pid in self.pids.items()}
         while running:
+            ended = []  # (exit code, rank) of the ranks found ended in this pass, whose order is not known
             for pid in list(running):
                 done, status = os.waitpid(pid, os.WNOHANG)
                 if done:
-                    rank = running.pop(pid)
-                    code = os.waitstatus_to_exitcode(status)
-                    if code != 0 and not failed:
-                        failed.append(f"rank {rank} exited with {code}")
-                        for other in running:  # torchrun ends the job when a rank fails
-                            os.kill(other, signal.SIGKILL)
+                    ended.append((os.waitstatus_to_exitcode(status), running.pop(pid)))
+            # a rank killed by a signal did not fail by itself: the others' failures in the same pass followed it
+            for code, rank in sorted((e for e in ended if e[0] != 0), key=lambda e: e[0] >= 0):
+                if not failed:
+                    failed.append(f"rank {rank} exited with {code}")
+                    for other in running:  # torchrun ends the job when a rank fails
+                        os.kill(other, signal.SIGKILL)
             if running and time.monotonic() > deadline:
                 failed.append(f"timed out after {timeout:.0f} s")
                 for other in running:
