@@ -60,6 +60,9 @@ class LoraConfig:
     target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
     """Module names (suffixes) that get adapters, e.g. [q_proj, v_proj] or [c_attn]; or all-linear (every linear
     layer but the output head), or a regex matched against the full module name (PEFT's meaning)."""
+    target_parameters: list[str] | None = None
+    """Parameters (not modules) that get adapters, by name suffix: a MoE layer's fused experts, e.g.
+    [mlp.experts.gate_up_proj, mlp.experts.down_proj] (PEFT's meaning; with dropout 0, without DoRA)."""
     bias: Bias = "none"
     """Which biases train and are saved: none | all | lora_only (loralib's semantics)."""
     use_rslora: bool = False
@@ -340,6 +343,13 @@ def _validate_lora(lora: LoraConfig, check: Any) -> None:
         "lora.layers_to_transform needs lora.target_modules as a list of module names (PEFT cannot combine it "
         f"with a regex or all-linear; got target_modules={lora.target_modules!r})",
     )
+    if lora.target_parameters:  # PEFT's LoRA on a parameter adds B @ A to the weight: no input to drop out
+        check(
+            lora.dropout == 0 and not lora.use_dora,
+            "lora.target_parameters (LoRA on a parameter, PEFT's ParamWrapper) works with lora.dropout: 0 and "
+            f"without lora.use_dora (got dropout={lora.dropout}, use_dora={lora.use_dora}): set those, or leave "
+            "target_parameters out",
+        )
     if isinstance(lora.trainable_token_indices, dict):
         check(
             all(
@@ -366,7 +376,10 @@ def _validate(cfg: RunConfig, errors: list[str]) -> None:
     check(cfg.lora.r >= 1, f"lora.r must be >= 1 (got {cfg.lora.r})")
     check(cfg.lora.alpha > 0, f"lora.alpha must be > 0 (got {cfg.lora.alpha})")
     check(0.0 <= cfg.lora.dropout < 1.0, f"lora.dropout must be in [0, 1) (got {cfg.lora.dropout})")
-    check(bool(cfg.lora.target_modules), "lora.target_modules must name at least one module")
+    check(
+        bool(cfg.lora.target_modules) or bool(cfg.lora.target_parameters),
+        "lora.target_modules must name at least one module (or lora.target_parameters a parameter)",
+    )
     _validate_lora(cfg.lora, check)
     d = cfg.data
     check(bool(d.path), "data.path is required (a data file, a save_to_disk directory or a hub dataset id)")

@@ -144,7 +144,10 @@ def _edits(loaded: LoadedStep) -> dict[str, _Edit]:
         if ".lora_A." in key:
             layer = base_key(key.split(".lora_A.")[0])
             b = adapter[key.replace(".lora_A.", ".lora_B.")]
-            edits.setdefault(f"{layer}.weight", _Edit()).lora = (value, b, lora_scaling(config, layer, value.shape[0]))
+            edit = edits.setdefault(f"{layer}.weight", _Edit())
+            if edit.lora is not None:  # (PEFT's wrappers nested on one layer, each on a parameter of its own)
+                raise ModelError(f"{loaded.url} holds several LoRA adapters of {layer}, which merge by the whole model")
+            edit.lora = (value, b, lora_scaling(config, layer, value.shape[0]))
         elif key.endswith(".lora_magnitude_vector"):
             edits.setdefault(
                 f"{base_key(key.removesuffix('.lora_magnitude_vector'))}.weight", _Edit()
@@ -214,6 +217,14 @@ def stream_merge(loaded: LoadedStep, base_dir: str, out_dir: str | Path) -> Path
             + "\nmerge into the base the adapter was trained on (adapter_config.json names it; --base overrides it)"
         )
     weights = BaseWeights(base_dir).follow(model)
+    # PEFT's LoRA on a parameter: a layer's own weight (PEFT's way with a router that is not an nn.Linear) merges as
+    # any LoRA; other parameters (a MoE layer's fused experts: one nested wrapper each, a delta per expert) do not
+    parameters = [p for p in loaded.adapter_config.get("target_parameters") or [] if p.rsplit(".", 1)[-1] != "weight"]
+    if parameters:
+        raise ModelError(  # (merge then merges the whole model)
+            f"{loaded.url} puts LoRA on parameters {parameters} (target_parameters), which PEFT's merge_and_unload "
+            "merges and a streaming merge does not"
+        )
     edits = _edits(loaded)
     for alias, key in weights.aliases.items():  # one copy trained for both tied names (ensure_weight_tying)
         if alias in edits and key in edits and _same(edits[alias], edits[key]):

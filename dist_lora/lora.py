@@ -276,6 +276,7 @@ def peft_lora_config(cfg: LoraConfig, base_model_name_or_path: str | None = None
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
         target_modules=cfg.target_modules if isinstance(cfg.target_modules, str) else list(cfg.target_modules),
+        target_parameters=list(cfg.target_parameters) if cfg.target_parameters else None,
         bias=cfg.bias,  # type: ignore[arg-type]  # validated against BIAS_MODES
         use_rslora=cfg.use_rslora,
         use_dora=cfg.use_dora,
@@ -415,8 +416,9 @@ def adapter_config_dict(model: nn.Module, bias: str) -> dict[str, Any]:
 def base_key(name: str) -> str:
     """A model parameter's name in the base's own files (PEFT's prefix and ``base_layer`` removed)."""
     key = canonical_name(name).removeprefix("base_model.model.")
-    for wrapper in (".token_adapter.base_layer.", ".original_module.", ".base_layer."):
+    for wrapper in (".token_adapter.base_layer.", ".original_module."):
         key = key.replace(wrapper, ".")
+    key = re.sub(r"(?:\.base_layer)+(\.|$)", r"\1", key)  # (PEFT nests one LoRA per targeted parameter of a module)
     return re.sub(r"\.modules_to_save\.[^.]+\.", ".", key)  # a modules_to_save copy starts as the base's
 
 

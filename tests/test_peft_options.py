@@ -64,13 +64,18 @@ OPTION_SETS = {
             "init_lora_weights": "gaussian",
         },
     ),
+    "mixtral-experts": (  # LoRA on a MoE layer's fused experts (PEFT's ParamWrapper, one nested per parameter)
+        "mixtral_base",
+        {"target_modules": ["q_proj"], "target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]},
+    ),
     "gpt2-tied": (  # one lm_head copy trained under both tied names: it merges into the tied model
         "gpt2_base",
         {"target_modules": ["c_attn"], "modules_to_save": ["lm_head"], "ensure_weight_tying": True},
     ),
 }
-# trainable tokens, modules_to_save (a tied copy too), DoRA, rank/alpha patterns: the trained tensors equal one process's
-COMPARED_TO_ONE_PROCESS = ("llama-a", "llama-b", "gpt2-tied")
+# trainable tokens, modules_to_save (a tied copy too), DoRA, rank/alpha patterns, LoRA on experts: the trained tensors
+# equal one process's
+COMPARED_TO_ONE_PROCESS = ("llama-a", "llama-b", "gpt2-tied", "mixtral-experts")
 ENGINES = {"fsdp": {"backend": "fsdp"}, "zero3": {"backend": "deepspeed", "zero_stage": 3}}
 OTHER = {"fsdp": "zero3", "zero3": "fsdp"}
 
@@ -104,12 +109,45 @@ def test_adapter_keys_and_values_are_pefts_own(name, request):
         ({"trainable_token_indices": {"embed_tokens": ["a"]}}, "trainable_token_indices must be"),
         ({"use_dora": "yes"}, "lora.use_dora must be bool"),
         ({"loftq_config": {}}, "unknown key lora.loftq_config"),
+        ({"target_parameters": ["mlp.experts.down_proj"], "dropout": 0.1}, "target_parameters .* lora.dropout: 0"),
+        ({"target_parameters": ["mlp.experts.down_proj"], "use_dora": True}, "without lora.use_dora"),
+        ({"target_modules": []}, "must name at least one module"),
     ],
 )
 def test_options_dist_lora_cannot_save_faithfully_are_refused_by_name(lora, message):
     raw = {"model": {"name_or_path": "x"}, "data": {"path": "y"}, "lora": lora}
     with pytest.raises(ConfigError, match=message):
         config_from_dict(raw)
+
+
+def test_lora_on_the_experts_alone(mixtral_base, tmp_path):
+    """target_parameters without target_modules: a config that PEFT takes, adapters on the fused experts only, each
+    of the two parameters of a MoE layer in its own nested wrapper, every one of them named in the base's files. A
+    streaming merge refuses the step (merge then merges the whole model): by the config's list, and by the nested
+    adapters themselves, which would otherwise land on one tensor."""
+    from transformers import AutoModelForCausalLM
+
+    import dist_lora
+    from dist_lora import export
+    from dist_lora.lora import base_key
+    from dist_lora.model import BaseWeights, ModelError
+
+    experts = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    raw = {"model": {"name_or_path": "x"}, "data": {"path": "y"}, "checkpoint": {"dir": "z"}}
+    cfg = config_from_dict({**raw, "lora": {"target_modules": [], "target_parameters": experts}})
+    model = apply_lora(AutoModelForCausalLM.from_pretrained(mixtral_base), cfg.lora)
+    trained = adapter_parameters(model, "none")
+    assert trained and all(".mlp.experts." in key for key in trained)
+    assert any(".experts.base_layer.lora_A." in key for key in trained)  # the inner one of the two
+    weights = BaseWeights(mixtral_base).follow(AutoModelForCausalLM.from_pretrained(mixtral_base))
+    frozen = [base_key(n) for n, p in model.named_parameters() if not p.requires_grad]
+    assert "model.layers.0.mlp.experts.gate_up_proj" in frozen
+    assert all(name in weights for name in frozen), [n for n in frozen if n not in weights]
+    loaded = export.read_step(export.resolve_step(dist_lora.save_checkpoint(model, str(tmp_path / "ck"), step=1), None))
+    with pytest.raises(ModelError, match=r"mlp.experts.gate_up_proj.*target_parameters"):
+        export.stream_merge(loaded, str(mixtral_base), tmp_path / "merged")
+    with pytest.raises(ModelError, match="several LoRA adapters of model.layers.0.mlp.experts"):
+        export._edits(loaded)
 
 
 def test_a_trainable_tensor_outside_peft_is_still_refused(llama_base):
@@ -135,7 +173,7 @@ def config(base: Path, options: dict, ckpt: Path, engine: str) -> dict:
 
 @pytest.mark.multiproc
 @pytest.mark.timeout(1500)
-def test_options_train_save_resume_across_engines_and_load_in_peft(gpt2_base, llama_base, tmp_path):
+def test_options_train_save_resume_across_engines_and_load_in_peft(gpt2_base, llama_base, mixtral_base, tmp_path):
     """Every option set trains at 2 ranks on FSDP2 and ZeRO-3 and saves step 3; each step resumes at 3 ranks on
     the other engine and continues as the source did (1e-4); PeftModel.from_pretrained on the step gives the
     trained model's logits (1e-5). modules_to_save=[lm_head] under ZeRO-3 saves the full trained lm_head, equal to
@@ -143,7 +181,7 @@ def test_options_train_save_resume_across_engines_and_load_in_peft(gpt2_base, ll
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    bases = {"gpt2_base": gpt2_base, "llama_base": llama_base}
+    bases = {"gpt2_base": gpt2_base, "llama_base": llama_base, "mixtral_base": mixtral_base}
     source = {}
     for name, (fixture, options) in OPTION_SETS.items():
         for engine in ENGINES:
