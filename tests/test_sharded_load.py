@@ -22,6 +22,9 @@ from tests.dist_utils import mapped_file, maps_of, resident_bytes, run_worker
 WORKER = Path(__file__).resolve().parent / "workers" / "load_worker.py"
 HUB_WORKER = Path(__file__).resolve().parent / "workers" / "hub_worker.py"
 ENGINES = {"fsdp": ["parallel.backend=fsdp"], "zero3": ["parallel.backend=deepspeed", "parallel.zero_stage=3"]}
+EXPERTS = (
+    "[mlp.experts.gate_up_proj,mlp.experts.down_proj]"  # LoRA on a MoE layer's fused experts (PEFT's ParamWrapper)
+)
 
 
 def test_a_sharded_base_has_an_index_and_several_files(sharded_llama_base):
@@ -337,7 +340,7 @@ def test_sharded_load_equals_the_full_load(
     """FSDP2 and ZeRO-3, each on a tied GPT-2, a Llama (rotary buffers, GQA), a Llama in 3 files with an index, a
     Llama saved and trained in bf16 (``model.dtype``, no mixed precision: the base stays bf16 on every engine), the
     fp32 Llama trained in bf16 (read and converted, never mapped) and a Mixtral (its experts saved one tensor each,
-    which transformers fuses as it loads them, and its router saved under another name, LoRA on it), at world
+    which transformers fuses as it loads them, and its router saved under another name, LoRA on both), at world
     sizes 1-4 (3: uneven shards), and HSDP at 4 (2 replica groups); at 2, the GPT-2 given by its hub id too (read
     from its snapshot in the cache); one launch per world size. The ranges each rank read ahead are exactly the ones
     it then used."""
@@ -348,7 +351,11 @@ def test_sharded_load_equals_the_full_load(
         (str(sharded_llama_base), "float32", qv),
         (str(bf16_llama_base), "bfloat16", qv),
         (str(llama_base), "bfloat16", qv),
-        (str(mixtral_base), "float32", ["lora.target_modules=[q_proj,v_proj,gate]"]),
+        (
+            str(mixtral_base),
+            "float32",
+            ["lora.target_modules=[q_proj,v_proj,gate]", f"lora.target_parameters={EXPERTS}"],
+        ),
     ]
     if world == 2:
         cases.append((hub_gpt2, "float32", []))
