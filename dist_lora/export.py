@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -134,14 +135,51 @@ class _Edit:
     magnitude: torch.Tensor | None = None  # DoRA
     replace: torch.Tensor | None = None  # a modules_to_save copy, a trained bias
     rows: tuple[list[int], torch.Tensor] | None = None  # trainable tokens
+    experts: _Experts | None = None  # LoRA on a MoE layer's fused experts (PEFT's ParamWrapper)
+
+    def experts_only(self) -> bool:
+        return self.experts is not None and self.lora is self.magnitude is self.replace is self.rows is None
 
 
-def _edits(loaded: LoadedStep) -> dict[str, _Edit]:
-    """Base tensor name -> its edit, from the step's adapter tensors (PEFT's key names)."""
+@dataclass
+class _Experts:
+    """PEFT's LoRA on a parameter that holds several experts, ``(experts, X, Y)``: lora_A is ``(r * experts, in)``,
+    lora_B ``(out, r * experts)``, and expert ``e``'s delta is ``scaling * B_e @ A_e`` as ``(out, in)`` or, where
+    the experts are laid out ``(in, out)`` (PEFT's ``_did_swap_in_out_features`` false), its transpose: PEFT's
+    ``ParamWrapper.get_delta_weight``, an expert's rows at a time."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    scaling: float
+    count: int
+    out_first: bool
+
+    def delta(self, shape: tuple[int, ...], first: int, last: int) -> torch.Tensor:
+        """Elements ``[first, last)`` of the flattened delta of a ``shape`` tensor, within one expert, in float32."""
+        rows, cols = shape[1], shape[2]
+        expert, (first, last) = first // (rows * cols), (first % (rows * cols), (last - 1) % (rows * cols) + 1)
+        a = self.a.float().reshape(self.count, -1, self.a.shape[-1])[expert]  # (r, in)
+        b = self.b.float().reshape(self.b.shape[0], -1, self.count)[:, :, expert]  # (out, r)
+        top, bottom = first // cols, -(-last // cols)
+        block = b[top:bottom] @ a if self.out_first else a[:, top:bottom].T @ b.T
+        return (block * self.scaling).reshape(-1)[first - top * cols : last - top * cols]
+
+
+def _edits(loaded: LoadedStep, on_parameters: dict[str, Any] | None = None) -> dict[str, _Edit]:
+    """Base tensor name -> its edit, from the step's adapter tensors (PEFT's key names); ``on_parameters``: PEFT's
+    LoRA on parameters, by the module path its keys name (:func:`_parameter_wrappers`)."""
     config, adapter = loaded.adapter_config, loaded.state.weights
     edits: dict[str, _Edit] = {}
     for key, value in adapter.items():
-        if ".lora_A." in key:
+        wrapper = (on_parameters or {}).get(key.split(".lora_A.")[0]) if ".lora_A." in key else None
+        if wrapper is not None and wrapper.num_experts > 1:
+            b = adapter[key.replace(".lora_A.", ".lora_B.")]
+            experts = _Experts(value, b, _scaling(wrapper), wrapper.num_experts, wrapper._did_swap_in_out_features)
+            edits.setdefault(_parameter_name(key, wrapper), _Edit()).experts = experts
+        elif wrapper is not None:  # one matrix (a router's weight): LoRA as on a layer
+            b = adapter[key.replace(".lora_A.", ".lora_B.")]
+            edits.setdefault(_parameter_name(key, wrapper), _Edit()).lora = (value, b, _scaling(wrapper))
+        elif ".lora_A." in key:
             layer = base_key(key.split(".lora_A.")[0])
             b = adapter[key.replace(".lora_A.", ".lora_B.")]
             edit = edits.setdefault(f"{layer}.weight", _Edit())
@@ -160,6 +198,55 @@ def _edits(loaded: LoadedStep) -> dict[str, _Edit]:
                 raise CheckpointError(f"streaming merge does not know adapter tensor {key} of {loaded.url}")
             edits.setdefault(base_key(key), _Edit()).replace = value
     return edits
+
+
+def _parameter_wrappers(loaded: LoadedStep, base_dir: str) -> dict[str, Any]:
+    """PEFT's LoRA on parameters (``target_parameters``; PEFT's own choice for a router that is not an
+    ``nn.Linear``): each ``ParamWrapper`` by the module path that the adapter's keys name, as PEFT builds them over
+    the base from the step's adapter_config.json (on the meta device: their structure only). PEFT nests one wrapper
+    per parameter of a module, and which is which is PEFT's to say."""
+    if not loaded.adapter_config.get("target_parameters"):
+        return {}
+    import peft
+    from peft.tuners.lora.layer import ParamWrapper
+
+    config = peft.get_peft_config({k: v for k, v in loaded.adapter_config.items() if k != "inference_mode"})
+    model = peft.get_peft_model(build_on_meta(base_dir, torch.float32), config)
+    return {name: m for name, m in model.named_modules() if isinstance(m, ParamWrapper)}
+
+
+def _expert_pieces(
+    edits: dict[str, _Edit], weights: BaseWeights
+) -> dict[str, list[tuple[int, int, _Experts, tuple[int, ...], int]]]:
+    """Where the experts' LoRA lands in the files: by the files' tensor, elements ``[first, last)`` of it get
+    elements ``[at, at + last - first)`` of the fused delta (of ``shape``). A fused tensor that the files hold as
+    one is one piece; one that transformers joins from the experts' own tensors is the pieces it is joined from."""
+    names = {entry: key for key, entry in weights.entries.items()}
+    out: dict[str, list[tuple[int, int, _Experts, tuple[int, ...], int]]] = {}
+    for name, edit in edits.items():
+        if edit.experts is None:
+            continue
+        shape = tuple(weights.shape(name))
+        if len(shape) != 3:
+            raise ModelError(f"LoRA on the experts of {name}, of shape {list(shape)}: a streaming merge takes 3-D")
+        stored = weights.stored_as(name)
+        parts = weights.joined[name].pieces if stored is None else ((weights.entries[stored], 0, math.prod(shape)),)
+        at, slab = 0, shape[1] * shape[2]
+        for entry, first, last in parts:
+            while first < last:  # one expert's elements at a time
+                end = min(last, first + slab - at % slab)
+                out.setdefault(names[entry], []).append((first, end, edit.experts, shape, at))
+                at, first = at + end - first, end
+    return out
+
+
+def _parameter_name(key: str, wrapper: Any) -> str:
+    """The base's name of the parameter a ``ParamWrapper`` adapts (its module's path, its ``parameter_name``)."""
+    return f"{base_key(key.split('.lora_A.')[0])}.{wrapper.parameter_name}"
+
+
+def _scaling(wrapper: Any) -> float:
+    return float(next(iter(wrapper.scaling.values())))
 
 
 def _same(a: _Edit, b: _Edit) -> bool:
@@ -200,7 +287,9 @@ def stream_merge(loaded: LoadedStep, base_dir: str, out_dir: str | Path) -> Path
     """Merge a step into a local safetensors base one tensor at a time, as PEFT's ``merge_and_unload`` would:
     each LoRA target weight gets ``scaling * B @ A`` (per-layer alpha and rank, rsLoRA; transposed for a
     ``fan_in_fan_out`` layer such as GPT-2's Conv1D), DoRA rescales its rows to the trained magnitudes, trained
-    token rows and ``modules_to_save`` copies replace the base's, and so do the biases the checkpoint trained.
+    token rows and ``modules_to_save`` copies replace the base's, and so do the biases the checkpoint trained;
+    LoRA on a MoE layer's fused experts adds each expert's delta to the elements of the files that hold that
+    expert (:func:`_expert_pieces`: its own tensor, or its slab of a fused one).
     Every file is written under its own name with its own header (the dtypes and shapes do not change), its
     tensors streamed in order, and the index and the other files of the base directory (config, generation
     config, tokenizer) are copied. Peak memory is the largest tensor of the base, never a file or the model."""
@@ -217,15 +306,7 @@ def stream_merge(loaded: LoadedStep, base_dir: str, out_dir: str | Path) -> Path
             + "\nmerge into the base the adapter was trained on (adapter_config.json names it; --base overrides it)"
         )
     weights = BaseWeights(base_dir).follow(model)
-    # PEFT's LoRA on a parameter: a layer's own weight (PEFT's way with a router that is not an nn.Linear) merges as
-    # any LoRA; other parameters (a MoE layer's fused experts: one nested wrapper each, a delta per expert) do not
-    parameters = [p for p in loaded.adapter_config.get("target_parameters") or [] if p.rsplit(".", 1)[-1] != "weight"]
-    if parameters:
-        raise ModelError(  # (merge then merges the whole model)
-            f"{loaded.url} puts LoRA on parameters {parameters} (target_parameters), which PEFT's merge_and_unload "
-            "merges and a streaming merge does not"
-        )
-    edits = _edits(loaded)
+    edits = _edits(loaded, _parameter_wrappers(loaded, base_dir))
     for alias, key in weights.aliases.items():  # one copy trained for both tied names (ensure_weight_tying)
         if alias in edits and key in edits and _same(edits[alias], edits[key]):
             del edits[alias]
@@ -246,13 +327,14 @@ def stream_merge(loaded: LoadedStep, base_dir: str, out_dir: str | Path) -> Path
     missing = [k for k in edits if k not in weights]
     if missing:
         raise CheckpointError(f"{loaded.url} adapts {missing[:5]}, which {base_dir} does not hold: not its base?")
-    joined = [k for k in edits if weights.stored_as(k) is None]
+    joined = [k for k, e in edits.items() if weights.stored_as(k) is None and not e.experts_only()]
     if joined:
         raise ModelError(  # (merge then merges the whole model)
             f"{loaded.url} changes {joined[:5]}, which {base_dir}'s files hold as several tensors that transformers "
             "joins as it loads them (a MoE layer's experts), and a streaming merge writes the files' own tensors"
         )
-    in_files = {weights.stored_as(k): k for k in edits}  # the files' name of each tensor the merge changes
+    in_files = {weights.stored_as(k): k for k, e in edits.items() if not e.experts_only()}  # the files' names
+    pieces = _expert_pieces(edits, weights)
     out.mkdir(parents=True, exist_ok=True)
     names = sorted(set(weights.files.values()))
     for name in names:
@@ -264,6 +346,11 @@ def stream_merge(loaded: LoadedStep, base_dir: str, out_dir: str | Path) -> Path
                 if key in in_files:
                     name = in_files[key]  # the model's
                     tensor = _merged(tensor, edits[name], name.removesuffix(".weight") in fan_in_fan_out)
+                if key in pieces:  # the experts' LoRA, on the elements of this tensor that the fused one holds
+                    flat = tensor.float().reshape(-1)
+                    for first, last, experts, shape, at in pieces[key]:
+                        flat[first:last] += experts.delta(shape, at, at + last - first)
+                    tensor = flat.to(tensor.dtype).view(tensor.shape)
                 f.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)  # its bytes, not a copy
     skipped = []
     for extra in Path(base_dir).iterdir():

@@ -231,7 +231,7 @@ def test_streaming_merge_of_a_moe_base_writes_its_router_under_the_files_name(mi
 
     edits = export._edits
     monkeypatch.setattr(  # as if the adapter changed the fused experts (a modules_to_save copy of them)
-        export, "_edits", lambda loaded: {**edits(loaded), "model.layers.0.mlp.experts.down_proj": export._Edit()}
+        export, "_edits", lambda *a: {**edits(*a), "model.layers.0.mlp.experts.down_proj": export._Edit()}
     )
     with pytest.raises(dist_lora.model.ModelError, match=r"experts.down_proj.*joins as it loads them"):
         export.stream_merge(export.read_step(export.resolve_step(step, None)), str(mixtral_base), tmp_path / "x")

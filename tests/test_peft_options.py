@@ -122,15 +122,15 @@ def test_options_dist_lora_cannot_save_faithfully_are_refused_by_name(lora, mess
 
 def test_lora_on_the_experts_alone(mixtral_base, tmp_path):
     """target_parameters without target_modules: a config that PEFT takes, adapters on the fused experts only, each
-    of the two parameters of a MoE layer in its own nested wrapper, every one of them named in the base's files. A
-    streaming merge refuses the step (merge then merges the whole model): by the config's list, and by the nested
-    adapters themselves, which would otherwise land on one tensor."""
+    of the two parameters of a MoE layer in its own nested wrapper, every one of them named in the base's files; a
+    streaming merge of the step adds each expert's delta to the files' tensor of that expert (or to its slab of a
+    fused tensor, in a base saved that way), equal to PEFT's merge_and_unload."""
     from transformers import AutoModelForCausalLM
 
     import dist_lora
     from dist_lora import export
     from dist_lora.lora import base_key
-    from dist_lora.model import BaseWeights, ModelError
+    from dist_lora.model import BaseWeights
 
     experts = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
     raw = {"model": {"name_or_path": "x"}, "data": {"path": "y"}, "checkpoint": {"dir": "z"}}
@@ -143,11 +143,21 @@ def test_lora_on_the_experts_alone(mixtral_base, tmp_path):
     frozen = [base_key(n) for n, p in model.named_parameters() if not p.requires_grad]
     assert "model.layers.0.mlp.experts.gate_up_proj" in frozen
     assert all(name in weights for name in frozen), [n for n in frozen if n not in weights]
+    with torch.no_grad():  # a trained-looking adapter (lora_B starts at zero)
+        for p in trained.values():
+            p.add_(torch.randn_like(p) * 0.05)
     loaded = export.read_step(export.resolve_step(dist_lora.save_checkpoint(model, str(tmp_path / "ck"), step=1), None))
-    with pytest.raises(ModelError, match=r"mlp.experts.gate_up_proj.*target_parameters"):
-        export.stream_merge(loaded, str(mixtral_base), tmp_path / "merged")
-    with pytest.raises(ModelError, match="several LoRA adapters of model.layers.0.mlp.experts"):
-        export._edits(loaded)
+    fused = tmp_path / "fused"  # the same base with its experts saved as the model holds them (one tensor a layer)
+    AutoModelForCausalLM.from_pretrained(mixtral_base).save_pretrained(fused, save_original_format=False)
+    assert "model.layers.0.mlp.experts.gate_up_proj" in BaseWeights(fused).entries
+    x = torch.arange(2 * 16).view(2, 16) * 7 % 100
+    with torch.no_grad():
+        want = model.merge_and_unload().eval()(input_ids=x).logits
+    for base in (mixtral_base, fused):  # the experts' deltas added to each expert's tensor, or to its slab of one
+        merged = export.stream_merge(loaded, str(base), tmp_path / f"merged-{base.name}")
+        with torch.no_grad():
+            got = AutoModelForCausalLM.from_pretrained(merged).eval()(input_ids=x).logits
+        assert rel_err(got, want) < 1e-5, base
 
 
 def test_a_trainable_tensor_outside_peft_is_still_refused(llama_base):
@@ -249,9 +259,10 @@ def test_options_train_save_resume_across_engines_and_load_in_peft(gpt2_base, ll
 
 
 @pytest.mark.parametrize("name", sorted(OPTION_SETS))
-def test_streaming_merge_of_every_option_equals_merge_and_unload(name, request, tmp_path):
-    """Per-layer rank and alpha, rsLoRA, DoRA, trainable token rows and modules_to_save copies merge by streaming
-    to PEFT's merge_and_unload logits (1e-5); a tied lm_head trained apart is refused with the reason."""
+def test_streaming_merge_of_every_option_equals_merge_and_unload(name, request, tmp_path, caplog):
+    """Per-layer rank and alpha, rsLoRA, DoRA, trainable token rows, modules_to_save copies and LoRA on a MoE's
+    fused experts merge by streaming (never the whole model) to PEFT's merge_and_unload logits (1e-5); a tied
+    lm_head trained apart is refused with the reason."""
     from transformers import AutoModelForCausalLM
 
     import dist_lora
@@ -272,7 +283,9 @@ def test_streaming_merge_of_every_option_equals_merge_and_unload(name, request, 
         with pytest.raises(CheckpointError, match="lm_head.weight is tied to the input embedding"):
             merge(step, tmp_path / "merged")
         return
-    merged = AutoModelForCausalLM.from_pretrained(merge(step, tmp_path / "merged")).eval()
+    with caplog.at_level("WARNING", logger="dist_lora.export"):
+        merged = AutoModelForCausalLM.from_pretrained(merge(step, tmp_path / "merged")).eval()
+    assert "merging the whole model" not in caplog.text
     want = model.merge_and_unload().eval()
     with torch.no_grad():
         assert rel_err(merged(input_ids=x).logits, want(input_ids=x).logits) < 1e-5
