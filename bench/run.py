@@ -552,7 +552,7 @@ def part_f(tmp: Path, quick: bool) -> list[dict]:
                 f"(cached after eviction: {row['cold_cached']:.1%})",
                 flush=True,
             )
-    rows += train_resume_merge(tmp, base, model_bytes)
+    rows += train_resume_merge(tmp, base, model_bytes, "f", ["lora.target_modules=[c_attn]"])
     return rows
 
 
@@ -598,19 +598,19 @@ def paired(runs: list[dict], baselines: list[tuple[float, float]]) -> dict:
     return out
 
 
-def train_resume_merge(tmp: Path, base: Path, model_bytes: int) -> list[dict]:
+def train_resume_merge(tmp: Path, base: Path, model_bytes: int, part: str, lora: list[str]) -> list[dict]:
     """The demonstration only sharded loading makes possible here: train the big base at world size 4 (FSDP2),
-    save, resume at world size 2 (ZeRO-3), then merge the step by streaming."""
+    save, resume at world size 2 (ZeRO-3), then merge the step by streaming; ``lora``: the run's lora.* overrides."""
     from dist_lora.demo import corpus_path
 
-    ckpt, metrics = tmp / "xl-ckpt", tmp / "xl-metrics.jsonl"
+    ckpt, metrics = tmp / f"{part}-ckpt", tmp / f"{part}-metrics.jsonl"
     common = [
         str(ROOT / "configs" / "tiny.yaml"),
         f"model.name_or_path={base}",
         f"data.path={corpus_path()}",
         f"checkpoint.dir={ckpt}",
         f"train.metrics_file={metrics}",
-        "lora.target_modules=[c_attn]",
+        *lora,
         "data.seq_len=32",
         "train.global_batch_size=4",
         "train.micro_batch_size=1",
@@ -624,16 +624,17 @@ def train_resume_merge(tmp: Path, base: Path, model_bytes: int) -> list[dict]:
     )
     for phase, world, extra in runs:
         seconds, peak = peak_rss_of(torchrun_cmd(world, "-m", "dist_lora", "train", *common, *extra))
-        rows.append({"part": "f", "phase": phase, "seconds": seconds, "peak_rss": peak})
-        print(f"[f] {phase}: {seconds:.0f} s, peak {peak / 1e9:.2f} GB per rank", flush=True)
+        rows.append({"part": part, "phase": phase, "seconds": seconds, "peak_rss": peak})
+        print(f"[{part}] {phase}: {seconds:.0f} s, peak {peak / 1e9:.2f} GB per rank", flush=True)
     steps = [json.loads(line) for line in metrics.read_text().splitlines()]
+    merged = tmp / f"{part}-merged"
     seconds, peak = peak_rss_of(
-        [sys.executable, "-m", "dist_lora", "merge", str(ckpt / "step-00000004"), "--out", str(tmp / "xl-merged")]
+        [sys.executable, "-m", "dist_lora", "merge", str(ckpt / "step-00000004"), "--out", str(merged)]
     )
     largest_file = max(p.stat().st_size for p in base.glob("*.safetensors"))
     rows.append(
         {
-            "part": "f",
+            "part": part,
             "phase": "merge",
             "seconds": seconds,
             "peak_rss": peak,
@@ -643,7 +644,7 @@ def train_resume_merge(tmp: Path, base: Path, model_bytes: int) -> list[dict]:
             "resumed": [r for r in steps if r.get("event") == "resume"],
         }
     )
-    print(f"[f] merge: {seconds:.0f} s, peak {peak / 1e9:.2f} GB (largest file {largest_file / 1e9:.2f} GB)")
+    print(f"[{part}] merge: {seconds:.0f} s, peak {peak / 1e9:.2f} GB (largest file {largest_file / 1e9:.2f} GB)")
     return rows
 
 
@@ -677,12 +678,22 @@ def build_moe_base(out: Path, quick: bool) -> int:
     return build_in_child(out, model, "1GB")
 
 
+MOE_LORA = [
+    "lora.target_modules=[q_proj,v_proj]",
+    "lora.target_parameters=[mlp.experts.gate_up_proj,mlp.experts.down_proj]",
+]
+"""Part j's run: LoRA on attention and on the fused experts themselves."""
+
+
 def part_j(tmp: Path, quick: bool) -> list[dict]:
     """Part f's warm loads on a MoE base (:func:`build_moe_base`): the sharded path reads each rank's rows of the
-    experts (its slice of each at 4 ranks) from the files' one tensor per expert; from_pretrained stacks them."""
+    experts (its slice of each at 4 ranks) from the files' one tensor per expert; from_pretrained stacks them. Then
+    part f's train (4 ranks, FSDP2: the experts sliced), resume (2, ZeRO-3) and streaming merge, with LoRA on the
+    experts too (:data:`MOE_LORA`)."""
     base = tmp / "moe"
     model_bytes = build_moe_base(base, quick)
-    return warm_loads("j", tmp, base, model_bytes, 1 if quick else 3, targets=["q_proj", "v_proj"])
+    rows = warm_loads("j", tmp, base, model_bytes, 1 if quick else 3, targets=["q_proj", "v_proj"])
+    return rows + train_resume_merge(tmp, base, model_bytes, "j", MOE_LORA)
 
 
 # ---------------------------------------------------------------------------------------------- h. QLoRA
@@ -845,6 +856,23 @@ LOAD_NOTE = (
     "is wrapped, the slowest rank; CPU s is the process time of that load on the rank that took the most (where more "
     "ranks than cores share them, what a rank with cores of its own would take)."
 )
+
+
+def phase_lines(rows: list[dict]) -> list[str]:
+    """Parts f and j: the train, resume and merge that sharded loading makes possible on their base."""
+    phases = [r for r in rows if "phase" in r]
+    if not phases:
+        return []
+    lines = ["", "Train, resume, merge on that base:", ""]
+    for r in phases:
+        extra = ""
+        if r["phase"] == "merge":
+            extra = (
+                f" (largest base file {fmt_bytes(r['largest_file'])}, the model {fmt_bytes(r['model_bytes'])}); "
+                f"losses of the run: {', '.join(f'{x:.3f}' for x in r['losses'])}"
+            )
+        lines.append(f"- {r['phase']}: {r['seconds']:.0f} s, peak RSS {fmt_bytes(r['peak_rss'])}{extra}")
+    return lines
 
 
 def load_tables(rows: list[dict]) -> list[str]:
@@ -1022,18 +1050,7 @@ def report(rows: list[dict], quick: bool) -> str:
                     f"| {r['engine']} | {r['world']} | {r['cold_load_s']:.2f} | {r['cold_load_cpu_s']:.2f} | "
                     f"{r['cold_from_pretrained_s']:.2f} | {r['cold_ratio']:.2f}x | {r['cold_cached']:.1%} |"
                 )
-        phases = [r for r in f if "phase" in r]
-        if phases:
-            lines += ["", "Train, resume, merge on that base:", ""]
-            for r in phases:
-                extra = ""
-                if r["phase"] == "merge":
-                    extra = (
-                        f" (largest base file {fmt_bytes(r['largest_file'])}, "
-                        f"the model {fmt_bytes(r['model_bytes'])}); "
-                        f"losses of the run: {', '.join(f'{x:.3f}' for x in r['losses'])}"
-                    )
-                lines.append(f"- {r['phase']}: {r['seconds']:.0f} s, peak RSS {fmt_bytes(r['peak_rss'])}{extra}")
+        lines += phase_lines(f)
         lines += ["", LOAD_NOTE, ""]
     for part, heading in (  # the loading parts on other bases than part f's
         (
@@ -1051,7 +1068,7 @@ def report(rows: list[dict], quick: bool) -> str:
         if picked:
             model = fmt_bytes(next(r["model_bytes"] for r in picked if not r.get("skipped")))
             heading = heading.format(model=model, shape=picked[0].get("shape"))
-            lines += [heading, "", *load_tables(picked), "", LOAD_NOTE, ""]
+            lines += [heading, "", *load_tables(picked), *phase_lines(picked), "", LOAD_NOTE, ""]
     g = [r for r in rows if r["part"] == "g"]
     if g:
         lines += [
