@@ -210,7 +210,7 @@ def _parameter_wrappers(loaded: LoadedStep, base_dir: str) -> dict[str, Any]:
     import peft
     from peft.tuners.lora.layer import ParamWrapper
 
-    config = peft.get_peft_config({k: v for k, v in loaded.adapter_config.items() if k != "inference_mode"})
+    config = peft.PeftConfig.from_peft_type(**loaded.adapter_config)  # (as PEFT reads it: unknown keys dropped)
     model = peft.get_peft_model(build_on_meta(base_dir, torch.float32), config)
     return {name: m for name, m in model.named_modules() if isinstance(m, ParamWrapper)}
 
