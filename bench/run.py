@@ -858,12 +858,15 @@ LOAD_NOTE = (
 )
 
 
+PHASE_LORA = {"f": "LoRA on c_attn", "j": "LoRA on q_proj, v_proj and the fused experts, no activation checkpointing"}
+
+
 def phase_lines(rows: list[dict]) -> list[str]:
     """Parts f and j: the train, resume and merge that sharded loading makes possible on their base."""
     phases = [r for r in rows if "phase" in r]
     if not phases:
         return []
-    lines = ["", "Train, resume, merge on that base:", ""]
+    lines = ["", f"Train, resume, merge on that base ({PHASE_LORA[phases[0]['part']]}):", ""]
     for r in phases:
         extra = ""
         if r["phase"] == "merge":

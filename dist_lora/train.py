@@ -235,6 +235,13 @@ class Trainer:
             check_packing(base)
         if t.activation_checkpointing:  # HF's flag on each block: no wrapper, so no new prefix in any key
             enable_activation_checkpointing(base)
+        elif cfg.lora.target_parameters and self.rank == 0:
+            log.warning(
+                "lora.target_parameters without train.activation_checkpointing: PEFT adds the adapter to every "
+                "expert of a layer in its forward and autograd keeps that sum, unsharded, for the backward of every "
+                "layer (about the whole model's experts per rank); set train.activation_checkpointing: true to keep "
+                "one layer's at a time"
+            )
         model = apply_lora_seeded(base, cfg.lora, cfg.model.name_or_path, self.base_revision, t.seed)
         plan = None
         if cfg.model.quantization == "nf4":  # QLoRA: before sharding, so that FSDP2 shards the 4-bit bytes

@@ -288,6 +288,22 @@ def test_the_collector_runs_between_steps_and_only_when_asked(gpt2_base, tmp_pat
         gc.callbacks.remove(record)
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_lora_on_experts_without_activation_checkpointing_warns(mixtral_base, tmp_path, caplog, checkpointing):
+    """LoRA on a MoE's fused experts keeps every layer's adapted experts for the backward (PEFT forms them in the
+    forward): a run without activation checkpointing is told so and how to avoid it; with it, nothing is said."""
+    from dist_lora.train import Trainer
+
+    experts = "lora.target_parameters=[mlp.experts.gate_up_proj,mlp.experts.down_proj]"
+    cfg = single_run(mixtral_base, tmp_path / "ckpt", experts, f"train.activation_checkpointing={checkpointing}")
+    with caplog.at_level(logging.WARNING, logger="dist_lora.train"):
+        trainer = Trainer(cfg)
+    trainer.close()
+    trainer.checkpointer.release_lease()
+    warned = "set train.activation_checkpointing: true" in caplog.text
+    assert warned != checkpointing, caplog.text
+
+
 def test_a_dropped_trainer_leaves_nothing_that_keeps_its_model(gpt2_base, tmp_path):
     """A process that builds trainer after trainer (a notebook, a sweep, a bench) gets each one's memory back once
     it drops it: the launcher watch held every checkpointer's lease release strongly, and with it the trainer, its
