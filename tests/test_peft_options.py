@@ -160,6 +160,43 @@ def test_lora_on_the_experts_alone(mixtral_base, tmp_path):
         assert rel_err(got, want) < 1e-5, base
 
 
+@pytest.mark.parametrize("arch", ["gpt_oss", "llama4"])
+def test_streaming_merge_of_lora_on_experts_either_way_round(arch, tmp_path):
+    """PEFT lays an expert's delta out as (out, in) or, for experts stored (in, out) (``is_transposed``: gpt-oss),
+    as (in, out): both merge by streaming to merge_and_unload's logits, on bases saved in the fused layout."""
+    from transformers import AutoModelForCausalLM, GptOssConfig, Llama4TextConfig
+
+    import dist_lora
+    from dist_lora import export
+
+    shape = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    shape.update(head_dim=8, num_local_experts=2, num_experts_per_tok=1, intermediate_size=48)
+    if arch == "gpt_oss":
+        config, block = GptOssConfig(**shape, layer_types=["full_attention"] * 2), "mlp"
+    else:
+        config, block = Llama4TextConfig(**shape, intermediate_size_mlp=64, interleave_moe_layer_step=1), "feed_forward"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "base", save_original_format=False)
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
+    x = torch.arange(2 * 8).view(2, 8) * 7 % 100
+    with torch.no_grad():
+        before = base(input_ids=x).logits
+    experts = [f"{block}.experts.gate_up_proj", f"{block}.experts.down_proj"]
+    model = apply_lora(base, LoraConfig(r=4, alpha=8, target_modules=[], target_parameters=experts))
+    swapped = {m._did_swap_in_out_features for m in model.modules() if type(m).__name__ == "ParamWrapper"}
+    assert swapped == {arch == "llama4"}  # the two layouts of PEFT's delta
+    with torch.no_grad():
+        for p in adapter_parameters(model, "none").values():
+            p.add_(torch.randn_like(p) * 0.5)
+    loaded = export.read_step(export.resolve_step(dist_lora.save_checkpoint(model, str(tmp_path / "ck"), step=1), None))
+    merged = export.stream_merge(loaded, str(tmp_path / "base"), tmp_path / "merged")
+    with torch.no_grad():
+        want = model.merge_and_unload()(input_ids=x).logits
+        got = AutoModelForCausalLM.from_pretrained(merged).eval()(input_ids=x).logits
+    assert rel_err(want, before) > 0.1  # the adapter changes the model
+    assert rel_err(got, want) < 1e-5
+
+
 def test_a_trainable_tensor_outside_peft_is_still_refused(llama_base):
     from transformers import AutoModelForCausalLM
 
