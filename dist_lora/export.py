@@ -156,8 +156,9 @@ class _Experts:
 
     def delta(self, shape: tuple[int, ...], first: int, last: int) -> torch.Tensor:
         """Elements ``[first, last)`` of the flattened delta of a ``shape`` tensor, within one expert, in float32."""
-        rows, cols = shape[1], shape[2]
-        expert, (first, last) = first // (rows * cols), (first % (rows * cols), (last - 1) % (rows * cols) + 1)
+        cols, slab = shape[2], shape[1] * shape[2]
+        expert = first // slab
+        first, last = first - expert * slab, last - expert * slab
         a = self.a.float().reshape(self.count, -1, self.a.shape[-1])[expert]  # (r, in)
         b = self.b.float().reshape(self.b.shape[0], -1, self.count)[:, :, expert]  # (out, r)
         top, bottom = first // cols, -(-last // cols)
@@ -171,21 +172,22 @@ def _edits(loaded: LoadedStep, on_parameters: dict[str, Any] | None = None) -> d
     config, adapter = loaded.adapter_config, loaded.state.weights
     edits: dict[str, _Edit] = {}
     for key, value in adapter.items():
-        wrapper = (on_parameters or {}).get(key.split(".lora_A.")[0]) if ".lora_A." in key else None
-        if wrapper is not None and wrapper.num_experts > 1:
+        if ".lora_A." in key:
+            module = key.split(".lora_A.")[0]
             b = adapter[key.replace(".lora_A.", ".lora_B.")]
-            experts = _Experts(value, b, _scaling(wrapper), wrapper.num_experts, wrapper._did_swap_in_out_features)
-            edits.setdefault(_parameter_name(key, wrapper), _Edit()).experts = experts
-        elif wrapper is not None:  # one matrix (a router's weight): LoRA as on a layer
-            b = adapter[key.replace(".lora_A.", ".lora_B.")]
-            edits.setdefault(_parameter_name(key, wrapper), _Edit()).lora = (value, b, _scaling(wrapper))
-        elif ".lora_A." in key:
-            layer = base_key(key.split(".lora_A.")[0])
-            b = adapter[key.replace(".lora_A.", ".lora_B.")]
-            edit = edits.setdefault(f"{layer}.weight", _Edit())
-            if edit.lora is not None:  # (PEFT's wrappers nested on one layer, each on a parameter of its own)
-                raise ModelError(f"{loaded.url} holds several LoRA adapters of {layer}, which merge by the whole model")
-            edit.lora = (value, b, lora_scaling(config, layer, value.shape[0]))
+            wrapper = (on_parameters or {}).get(module)
+            if wrapper is None:  # a layer's LoRA
+                layer = base_key(module)
+                edit = edits.setdefault(f"{layer}.weight", _Edit())
+                if edit.lora is not None:  # (PEFT's wrappers nested on one module, each on a parameter of its own)
+                    raise ModelError(f"{loaded.url} holds several LoRA adapters of {layer}: merge the whole model")
+                edit.lora = (value, b, lora_scaling(config, layer, value.shape[0]))
+            elif wrapper.num_experts > 1:  # PEFT's LoRA on a parameter that holds several experts
+                count, out_first = wrapper.num_experts, wrapper._did_swap_in_out_features
+                experts = _Experts(value, b, _scaling(wrapper), count, out_first)
+                edits.setdefault(_parameter_name(module, wrapper), _Edit()).experts = experts
+            else:  # on one matrix (a router's weight): as on a layer
+                edits.setdefault(_parameter_name(module, wrapper), _Edit()).lora = (value, b, _scaling(wrapper))
         elif key.endswith(".lora_magnitude_vector"):
             edits.setdefault(
                 f"{base_key(key.removesuffix('.lora_magnitude_vector'))}.weight", _Edit()
@@ -240,9 +242,9 @@ def _expert_pieces(
     return out
 
 
-def _parameter_name(key: str, wrapper: Any) -> str:
-    """The base's name of the parameter a ``ParamWrapper`` adapts (its module's path, its ``parameter_name``)."""
-    return f"{base_key(key.split('.lora_A.')[0])}.{wrapper.parameter_name}"
+def _parameter_name(module: str, wrapper: Any) -> str:
+    """The base's name of the parameter a ``ParamWrapper`` (at ``module``) adapts."""
+    return f"{base_key(module)}.{wrapper.parameter_name}"
 
 
 def _scaling(wrapper: Any) -> float:

@@ -130,7 +130,7 @@ def test_lora_on_the_experts_alone(mixtral_base, tmp_path):
     import dist_lora
     from dist_lora import export
     from dist_lora.lora import base_key
-    from dist_lora.model import BaseWeights
+    from dist_lora.model import BaseWeights, ModelError
 
     experts = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
     raw = {"model": {"name_or_path": "x"}, "data": {"path": "y"}, "checkpoint": {"dir": "z"}}
@@ -158,6 +158,8 @@ def test_lora_on_the_experts_alone(mixtral_base, tmp_path):
         with torch.no_grad():
             got = AutoModelForCausalLM.from_pretrained(merged).eval()(input_ids=x).logits
         assert rel_err(got, want) < 1e-5, base
+    with pytest.raises(ModelError, match=r"several LoRA adapters of model\.layers\.\d+\.mlp\.experts"):
+        export._edits(loaded)  # without PEFT's layers, the nested adapters would land on one tensor: refused
 
 
 @pytest.mark.parametrize("arch", ["gpt_oss", "llama4"])
