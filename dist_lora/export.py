@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -221,8 +220,8 @@ def _expert_pieces(
     edits: dict[str, _Edit], weights: BaseWeights
 ) -> dict[str, list[tuple[int, int, _Experts, tuple[int, ...], int]]]:
     """Where the experts' LoRA lands in the files: by the files' tensor, elements ``[first, last)`` of it get
-    elements ``[at, at + last - first)`` of the fused delta (of ``shape``). A fused tensor that the files hold as
-    one is one piece; one that transformers joins from the experts' own tensors is the pieces it is joined from."""
+    elements ``[at, at + last - first)`` of the fused delta (of ``shape``), one expert's at a time: its slab of a
+    fused tensor the files hold as it is, or the pieces of the experts' own tensors that transformers joins."""
     names = {entry: key for key, entry in weights.entries.items()}
     out: dict[str, list[tuple[int, int, _Experts, tuple[int, ...], int]]] = {}
     for name, edit in edits.items():
@@ -231,14 +230,12 @@ def _expert_pieces(
         shape = tuple(weights.shape(name))
         if len(shape) != 3:
             raise ModelError(f"LoRA on the experts of {name}, of shape {list(shape)}: a streaming merge takes 3-D")
-        stored = weights.stored_as(name)
-        parts = weights.joined[name].pieces if stored is None else ((weights.entries[stored], 0, math.prod(shape)),)
-        at, slab = 0, shape[1] * shape[2]
-        for entry, first, last in parts:
-            while first < last:  # one expert's elements at a time
-                end = min(last, first + slab - at % slab)
-                out.setdefault(names[entry], []).append((first, end, edit.experts, shape, at))
-                at, first = at + end - first, end
+        slab = shape[1] * shape[2]
+        for expert in range(shape[0]):
+            at = expert * slab
+            for entry, first, last in weights.ranges(name, at, at + slab):
+                out.setdefault(names[entry], []).append((first, last, edit.experts, shape, at))
+                at += last - first
     return out
 
 

@@ -388,6 +388,12 @@ class BaseWeights:
     def shape(self, key: str) -> list[int]:
         return list(self._entry(key).shape)
 
+    def ranges(self, key: str, first: int, last: int) -> list[tuple[_Entry, int, int]]:
+        """Elements ``[first, last)`` of a model tensor's flattened values as ranges of the files' tensors (the
+        tensor of the files, its first and last element), in order: one for a tensor the files hold as it is, the
+        pieces it is joined from for a fused one."""
+        return _ranges(self._entry(key), first, last)
+
     def read(self, key: str) -> torch.Tensor:
         """A whole tensor."""
         return self.rows(key, 0, self._entry(key).shape[0] if self._entry(key).shape else 1)
