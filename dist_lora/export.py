@@ -16,7 +16,14 @@ from torch import nn
 from dist_lora.api import load_model, resolve_step, saved_revision
 from dist_lora.checkpoint import CheckpointError, LoadedStep, read_manifest, read_step, read_verified, rehash_manifest
 from dist_lora.constants import ADAPTER_CONFIG_NAME, MANIFEST_NAME
-from dist_lora.lora import base_fingerprint, base_key, compare_fingerprints, lora_scaling
+from dist_lora.lora import (
+    base_fingerprint,
+    base_key,
+    compare_content,
+    compare_fingerprints,
+    lora_scaling,
+    warn_other_weights,
+)
 from dist_lora.model import (
     SAFE_INDEX_NAME,
     BaseWeights,
@@ -297,13 +304,15 @@ def stream_merge(loaded: LoadedStep, base_dir: str, out_dir: str | Path) -> Path
     out = Path(out_dir)
     model = build_on_meta(base_dir, torch.float32)  # the layout: which layers are (in, out), which tensors tied
     fan_in_fan_out = {name for name, module in model.named_modules() if isinstance(module, Conv1D)}
-    diffs = compare_fingerprints(loaded.manifest.get("base_fingerprint", {}), base_fingerprint(model))
+    saved, fingerprint = loaded.manifest.get("base_fingerprint", {}), base_fingerprint(model)
+    diffs = compare_fingerprints(saved, fingerprint)
     if diffs:
         raise CheckpointError(
             f"{loaded.url} was saved for another base model than {base_dir}; differences:\n  "
             + "\n  ".join(diffs)
             + "\nmerge into the base the adapter was trained on (adapter_config.json names it; --base overrides it)"
         )
+    warn_other_weights(loaded.url, compare_content(saved, fingerprint), f"merge into the base (not {base_dir})")
     weights = BaseWeights(base_dir).follow(model)
     edits = _edits(loaded, _parameter_wrappers(loaded, base_dir))
     for alias, key in weights.aliases.items():  # one copy trained for both tied names (ensure_weight_tying)

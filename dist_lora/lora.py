@@ -10,6 +10,7 @@ Bias modes follow loralib: ``none`` (LoRA tensors only), ``all`` (plus every bia
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import sys
@@ -22,6 +23,8 @@ from torch import nn
 
 from dist_lora.config import BIAS_MODES, LoraConfig
 from dist_lora.constants import WRAPPER_PREFIXES
+
+log = logging.getLogger(__name__)
 
 
 class AdapterError(ValueError):
@@ -424,18 +427,43 @@ def base_key(name: str) -> str:
 
 def base_fingerprint(model: nn.Module) -> dict[str, Any]:
     """Architecture and every base parameter's shape: a checkpoint only loads over a base that matches. ``model``
-    has LoRA applied, or is the bare base (as a streaming merge builds it)."""
+    has LoRA applied, or is the bare base (as a streaming merge builds it). Where the files it was loaded from are
+    found, also a sample of their values (``content``: :func:`~dist_lora.model.base_content`), which tells another
+    checkpoint of the same architecture apart (:func:`compare_content`)."""
     adapted = next(_lora_modules(model), None) is not None
     lora_ids = {id(p) for p in adapter_parameters(model, "none").values()} if adapted else set()
     shapes = {base_key(n): list(full_shape(p)) for n, p in model.named_parameters() if id(p) not in lora_ids}
     config = getattr(unwrap(model), "config", None)
     if config is None:
         config = getattr(getattr(unwrap(model), "base_model", None), "config", None)
-    return {
+    out = {
         "model_type": getattr(config, "model_type", None) or type(unwrap(model)).__name__,
         "num_parameters": sum(math.prod(s) for s in shapes.values()),
         "shapes": shapes,
     }
+    # a hub base's commit: the one its LoRA config names (the trainer's and load_model's; else the cache's main)
+    revision = next(
+        (getattr(c, "revision", None) for c in (getattr(unwrap(model), "peft_config", None) or {}).values()), None
+    )
+    content = _content_of(config, revision)
+    if content:
+        out["content"] = content
+    return out
+
+
+def _content_of(config: Any, revision: str | None) -> dict[str, str] | None:
+    """:func:`~dist_lora.model.base_content` of the files the model was loaded from; None where they cannot be
+    found or read (a model built in code, pickle files)."""
+    from dist_lora.model import ModelError, base_content, files_of
+
+    directory = files_of(config, revision)
+    if directory is None:
+        return None
+    try:
+        return base_content(directory)
+    except (ModelError, OSError) as e:
+        log.debug("the base's content is not sampled from %s: %s", directory, e)
+        return None
 
 
 def compare_fingerprints(saved: dict[str, Any], model: dict[str, Any], limit: int = 8) -> list[str]:
@@ -450,3 +478,33 @@ def compare_fingerprints(saved: dict[str, Any], model: dict[str, Any], limit: in
     if len(diffs) > limit:
         diffs = [*diffs[:limit], f"... and {len(diffs) - limit} more"]
     return diffs
+
+
+def compare_content(saved: dict[str, Any], model: dict[str, Any], limit: int = 4) -> str | None:
+    """Which of the base's sampled tensors differ between two fingerprints, said in a line; None when they match
+    or cannot be compared (either has no sample: a step saved before samples were taken, a base without
+    safetensors files; or no tensor is held under one name in one dtype by both)."""
+    a, b = saved.get("content") or {}, model.get("content") or {}
+    common = [k for k in sorted(a.keys() & b.keys()) if a[k].split(":")[0] == b[k].split(":")[0]]
+    differ = [k for k in common if a[k] != b[k]]
+    if not differ:
+        return None
+    named = ", ".join(differ[:limit]) + (f" and {len(differ) - limit} more" if len(differ) > limit else "")
+    return f"{len(differ)} of the {len(common)} tensors sampled from the base differ ({named})"
+
+
+def warn_other_weights(url: str, changed: str | None, fix: str) -> None:
+    """The warning of a step loaded or merged over a base of its architecture with other weights than the one it
+    was trained over (``changed``: :func:`compare_content`'s line; nothing when None). It loads: an adapter is
+    also put over a fine-tune of its base on purpose; ``fix``: what to do otherwise, completed with "... the
+    adapter was trained on"."""
+    if changed:
+        log.warning(
+            "%s was trained over other weights than this base's: %s. The base has the architecture the adapter was "
+            "trained for, but it is another checkpoint of it (an instruct fine-tune, say) or its files changed "
+            "since; the adapter is applied as asked. If that is not meant, %s the adapter was trained on "
+            "(adapter_config.json names it)",
+            url,
+            changed,
+            fix,
+        )

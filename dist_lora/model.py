@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
+import hashlib
 import importlib.util
 import json
 import math
@@ -658,6 +659,59 @@ def _read_header(path: Path) -> dict[str, _Entry]:
             )
         out[key] = _Entry(path, _SAFE_DTYPES[info["dtype"]], tuple(info["shape"]), begin)
     return out
+
+
+CONTENT_TENSORS = 1024
+"""The most tensors of a base that :func:`base_content` samples (evenly over their sorted names)."""
+CONTENT_ELEMENTS = 8
+"""Elements a tensor's sample reads at its start and again at its middle."""
+
+
+def base_content(directory: str | Path) -> dict[str, str]:
+    """A sample of a base's values, tensor by tensor, as its safetensors files hold them: ``{name: "F32:<hex>"}``,
+    the hex the start of the sha256 of the first and the middle :data:`CONTENT_ELEMENTS` elements' bytes. Another
+    checkpoint of the same architecture (an instruct fine-tune, a base changed on disk) differs in nearly every
+    tensor; the same weights in other files or shards do not. Two small reads per tensor (at most
+    :data:`CONTENT_TENSORS` tensors): no tensor is read whole. A ModelError where ``directory`` holds no
+    safetensors files."""
+    entries = BaseWeights(directory).entries
+    names = sorted(entries)
+    names = names[:: math.ceil(len(names) / CONTENT_TENSORS)] if names else names
+    dtype_names = {dtype: name for name, dtype in _SAFE_DTYPES.items()}
+    out: dict[str, str] = {}
+    with contextlib.ExitStack() as stack:
+        files: dict[Path, int] = {}
+        for name in names:
+            entry = entries[name]
+            numel, size = math.prod(entry.shape), entry.dtype.itemsize
+            if entry.path not in files:
+                files[entry.path] = stack.enter_context(open(entry.path, "rb", buffering=0)).fileno()
+            digest = hashlib.sha256()
+            for first in dict.fromkeys((0, numel // 2)):  # (one range for a tensor of one element)
+                count = min(CONTENT_ELEMENTS, numel - first) * size
+                digest.update(os.pread(files[entry.path], count, entry.offset + first * size))
+            out[name] = f"{dtype_names[entry.dtype]}:{digest.hexdigest()[:16]}"
+    return out
+
+
+def files_of(config: Any, revision: str | None = None) -> Path | None:
+    """The local directory of the files a model was loaded from: its config's ``name_or_path`` where that is a
+    directory, else the hub cache's snapshot of that id at ``revision`` (``main`` when None); None where there is
+    neither (a model built in code, a hub model not in this machine's cache). Never reaches the network."""
+    name = str(getattr(config, "name_or_path", None) or "")
+    if not name:
+        return None
+    if Path(name).is_dir():
+        return Path(name)
+    if _looks_like_path(name):
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(name, "config.json", revision=revision)
+    except ValueError:  # (not a valid hub id)
+        return None
+    return Path(found).parent if isinstance(found, str) else None
 
 
 def _map(path: Path, begin: int, nbytes: int) -> tuple[mmap.mmap, int] | None:

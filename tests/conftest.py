@@ -87,6 +87,22 @@ def gpt2_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def gpt2_tuned_base(gpt2_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``gpt2_base`` saved again with one element in the middle of one tensor changed, as a fine-tune of the base
+    (or a file changed on disk) would: the same architecture and shapes, other weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(gpt2_base)
+    with torch.no_grad():
+        weight = model.get_parameter("transformer.h.0.attn.c_attn.weight").view(-1)
+        weight[weight.numel() // 2] += 1e-3
+    out = tmp_path_factory.mktemp("gpt2-tuned") / "base"
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def llama_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from dist_lora.demo import build_tiny_base
 

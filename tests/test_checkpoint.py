@@ -21,6 +21,7 @@ from dist_lora.constants import (
     TRAINER_STATE_NAME,
 )
 from dist_lora.lora import AdapterError
+from dist_lora.model import BaseWeights
 from dist_lora.storage import Storage
 
 ARCH = {"gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"]}
@@ -309,6 +310,42 @@ def test_checkpoint_for_another_base_is_refused(gpt2_base, llama_base, tmp_path)
         match="was saved for another base model; differences:\n  model_type: checkpoint 'gpt2', model 'llama'",
     ):
         dist_lora.load_checkpoint(other, url)
+
+
+@pytest.mark.reliability(
+    fault="a checkpoint loaded over other weights of its base's architecture",
+    injected="the base re-saved with one element of one tensor changed",
+    outcome="loaded as asked, with a warning naming the tensor",
+)
+def test_load_over_other_weights_of_the_base_warns_naming_them(gpt2_base, gpt2_tuned_base, tmp_path, caplog):
+    """Shapes cannot tell a fine-tune of the base (an instruct model) from the base itself: the sampled content
+    can. The adapter is still applied (an adapter is also put over a fine-tune of its base on purpose), and the
+    warning says which tensors differ and what to do; the base it was trained over loads without it."""
+    model, opt, x = train_some(gpt2_base, ["c_attn"])
+    url = dist_lora.save_checkpoint(model, str(tmp_path / "ck"), step=1, optimizer=opt)
+    manifest = json.loads((tmp_path / "ck" / step_name(1) / MANIFEST_NAME).read_text())
+    held = len(BaseWeights(gpt2_base).entries)
+    assert len(manifest["base_fingerprint"]["content"]) == held  # every tensor the files hold
+
+    other, other_opt, _ = train_some(gpt2_tuned_base, ["c_attn"], steps=0)
+    with caplog.at_level("WARNING", logger="dist_lora"):
+        dist_lora.load_checkpoint(other, url, optimizer=other_opt)
+    warned = [r.getMessage() for r in caplog.records if "trained over other weights" in r.getMessage()]
+    assert warned == [
+        f"{url} was trained over other weights than this base's: 1 of the {held} tensors sampled from the base "
+        "differ (transformer.h.0.attn.c_attn.weight). The base has the architecture the adapter was trained for, "
+        "but it is another checkpoint of it (an instruct fine-tune, say) or its files changed since; the adapter "
+        "is applied as asked. If that is not meant, load the base the adapter was trained on (adapter_config.json "
+        "names it)"
+    ]
+    adapter = {k: v for k, v in other.state_dict().items() if "lora_" in k}
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in adapter.items())
+
+    caplog.clear()
+    same, same_opt, _ = train_some(gpt2_base, ["c_attn"], steps=0)
+    with caplog.at_level("WARNING", logger="dist_lora"):
+        dist_lora.load_checkpoint(same, url, optimizer=same_opt)
+    assert not [r for r in caplog.records if "trained over other weights" in r.getMessage()]
 
 
 def _rewrite_manifest(step_dir, mutate):

@@ -149,6 +149,27 @@ def test_merge_into_another_base_is_refused_naming_the_differences(llama_base, t
     assert merge(step, tmp_path / "merged") == tmp_path / "merged"  # its own base still merges
 
 
+def test_merge_into_other_weights_of_the_base_warns(gpt2_base, gpt2_tuned_base, tmp_path, caplog):
+    """A base of the same architecture with other weights (a fine-tune of it) merges as asked, with the load's
+    warning naming the tensors that differ; the base it was trained over merges without it."""
+    from dist_lora.export import merge
+
+    model, _ = trained(gpt2_base, 2)
+    step = dist_lora.save_checkpoint(model, str(tmp_path / "ck"), step=1)
+    tuned = gpt2_tuned_base
+    with caplog.at_level("WARNING", logger="dist_lora"):
+        merge(step, tmp_path / "merged", base=str(tuned))
+    warned = [r.getMessage() for r in caplog.records if "trained over other weights" in r.getMessage()]
+    assert len(warned) == 1 and "(transformer.h.0.attn.c_attn.weight)" in warned[0]
+    assert warned[0].endswith(
+        f"merge into the base (not {tuned}) the adapter was trained on (adapter_config.json names it)"
+    )
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="dist_lora"):
+        merge(step, tmp_path / "merged-own")
+    assert not [r for r in caplog.records if "trained over other weights" in r.getMessage()]
+
+
 def test_several_adapters_on_one_base_and_switching(gpt2_base, tmp_path):
     urls, want = {}, {}
     for name, seed in (("alpha", 2), ("beta", 3)):

@@ -14,6 +14,7 @@ from dist_lora.lora import (
     base_fingerprint,
     canonical_name,
     check_bias_mode,
+    compare_content,
     compare_fingerprints,
     infer_bias_mode,
     lora_state_dict,
@@ -114,3 +115,72 @@ def test_fingerprint_differences_named(gpt2_base, llama_base):
     assert diffs[0] == "model_type: checkpoint 'gpt2', model 'llama'"
     assert any(d.startswith("lm_head.weight: checkpoint absent, model [") for d in diffs)
     assert diffs[-1].startswith("... and ") and diffs[-1].endswith(" more")
+
+
+def test_base_content_tells_other_weights_of_one_architecture_apart(gpt2_base, tmp_path):
+    """The fingerprint's sample of the base's values: the same weights re-saved in other shards match; a copy with
+    one tensor changed (a fine-tune, a file changed on disk) is named tensor by tensor; a copy in another dtype and
+    a model built in code are not compared (nothing to say); the shape check is not affected."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    base = AutoModelForCausalLM.from_pretrained(gpt2_base)
+    saved = base_fingerprint(base)
+    assert len(saved["content"]) == len(base.state_dict()) - 1  # every tensor the files hold (lm_head is tied)
+    assert all(v.startswith("F32:") for v in saved["content"].values())
+
+    base.save_pretrained(tmp_path / "resharded", max_shard_size="100KB")
+    assert (tmp_path / "resharded" / "model.safetensors.index.json").is_file()
+    resharded = base_fingerprint(AutoModelForCausalLM.from_pretrained(tmp_path / "resharded"))
+    assert resharded["content"] == saved["content"]
+    assert compare_content(saved, resharded) is None
+
+    with torch.no_grad():  # an element in the middle of one tensor, as a fine-tune changes them
+        weight = base.transformer.h[1].mlp.c_fc.weight.view(-1)
+        weight[weight.numel() // 2 + 1] += 1e-3
+    base.save_pretrained(tmp_path / "tuned")
+    tuned = base_fingerprint(AutoModelForCausalLM.from_pretrained(tmp_path / "tuned"))
+    assert compare_fingerprints(saved, tuned) == []
+    assert compare_content(saved, tuned) == (
+        f"1 of the {len(saved['content'])} tensors sampled from the base differ (transformer.h.1.mlp.c_fc.weight)"
+    )
+
+    base.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    in_bf16 = base_fingerprint(AutoModelForCausalLM.from_pretrained(tmp_path / "bf16"))
+    assert all(v.startswith("BF16:") for v in in_bf16["content"].values())
+    assert compare_content(saved, in_bf16) is None
+    config = GPT2Config.from_dict(base.config.to_dict())
+    config.name_or_path = ""
+    in_code = base_fingerprint(GPT2LMHeadModel(config))
+    assert "content" not in in_code and compare_content(saved, in_code) is None
+    assert compare_content({}, tuned) is None  # a step saved before samples were taken
+
+
+def test_base_content_of_a_hub_base_is_of_the_commit_it_was_loaded_at(gpt2_base, gpt2_tuned_base):
+    """A hub base is sampled in the local cache's snapshot of the commit its LoRA config names (the trainer and
+    ``load_model`` name the commit they loaded), not of whatever ``main`` is now; without one, of ``main``."""
+    from dist_lora.model import base_content
+    from tests.conftest import put_in_hub_cache
+
+    repo, old, new = "dist-lora-tests/moving-gpt2", "1" * 40, "2" * 40
+    put_in_hub_cache(repo, gpt2_base, commit=old)
+    put_in_hub_cache(repo, gpt2_tuned_base, commit=new)  # main moves on, to other weights
+    cfg = LoraConfig(r=2, target_modules=["c_attn"])
+    pinned = apply_lora(AutoModelForCausalLM.from_pretrained(repo, revision=old), cfg, repo, revision=old)
+    assert base_fingerprint(pinned)["content"] == base_content(gpt2_base)
+    latest = apply_lora(AutoModelForCausalLM.from_pretrained(repo), cfg)
+    assert base_fingerprint(latest)["content"] == base_content(gpt2_tuned_base)
+    assert compare_content(base_fingerprint(pinned), base_fingerprint(latest)) is not None
+
+
+def test_base_content_samples_at_most_so_many_tensors(gpt2_base, monkeypatch):
+    """A base of thousands of tensors (a MoE saved one expert per tensor) is sampled evenly over its sorted names,
+    so that every step's manifest stays small; the same names on both sides."""
+    from dist_lora import model as model_module
+
+    every = model_module.base_content(gpt2_base)
+    monkeypatch.setattr(model_module, "CONTENT_TENSORS", 10)
+    some = model_module.base_content(gpt2_base)
+    assert 5 <= len(some) <= 10
+    names = sorted(every)
+    assert list(some) == names[:: -(-len(names) // 10)]
+    assert all(some[k] == every[k] for k in some)
