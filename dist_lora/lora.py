@@ -453,16 +453,17 @@ def base_fingerprint(model: nn.Module) -> dict[str, Any]:
 
 def _content_of(config: Any, revision: str | None) -> dict[str, str] | None:
     """:func:`~dist_lora.model.base_content` of the files the model was loaded from; None where they cannot be
-    found or read (a model built in code, pickle files)."""
-    from dist_lora.model import ModelError, base_content, files_of
+    found or read (a model built in code, pickle files, a file this process cannot read). The sample only ever
+    adds a warning, so it is never what makes a save or a load fail."""
+    from dist_lora.model import base_content, files_of
 
     directory = files_of(config, revision)
     if directory is None:
         return None
     try:
         return base_content(directory)
-    except (ModelError, OSError) as e:
-        log.debug("the base's content is not sampled from %s: %s", directory, e)
+    except Exception as e:  # (pickle files only, an unreadable or malformed file: the load itself says so)
+        log.debug("the base's content is not sampled from %s: %s: %s", directory, type(e).__name__, e)
         return None
 
 

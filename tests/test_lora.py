@@ -117,10 +117,11 @@ def test_fingerprint_differences_named(gpt2_base, llama_base):
     assert diffs[-1].startswith("... and ") and diffs[-1].endswith(" more")
 
 
-def test_base_content_tells_other_weights_of_one_architecture_apart(gpt2_base, tmp_path):
+def test_base_content_tells_other_weights_of_one_architecture_apart(gpt2_base, hub_pickled_gpt2, tmp_path):
     """The fingerprint's sample of the base's values: the same weights re-saved in other shards match; a copy with
-    one tensor changed (a fine-tune, a file changed on disk) is named tensor by tensor; a copy in another dtype and
-    a model built in code are not compared (nothing to say); the shape check is not affected."""
+    one tensor changed (a fine-tune, a file changed on disk) is named tensor by tensor; a copy in another dtype, a
+    model built in code and a base in pickle files only are not compared (nothing to say); the shape check is not
+    affected."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     base = AutoModelForCausalLM.from_pretrained(gpt2_base)
@@ -152,6 +153,8 @@ def test_base_content_tells_other_weights_of_one_architecture_apart(gpt2_base, t
     config.name_or_path = ""
     in_code = base_fingerprint(GPT2LMHeadModel(config))
     assert "content" not in in_code and compare_content(saved, in_code) is None
+    pickled = base_fingerprint(AutoModelForCausalLM.from_pretrained(hub_pickled_gpt2))  # (never unpickled by it)
+    assert "content" not in pickled and compare_fingerprints(saved, pickled) == []
     assert compare_content({}, tuned) is None  # a step saved before samples were taken
 
 
