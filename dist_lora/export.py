@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -146,6 +147,9 @@ class _Edit:
     def experts_only(self) -> bool:
         return self.experts is not None and self.lora is self.magnitude is self.replace is self.rows is None
 
+    def replace_only(self) -> bool:
+        return self.replace is not None and self.lora is self.magnitude is self.rows is self.experts is None
+
 
 @dataclass
 class _Experts:
@@ -223,25 +227,36 @@ def _parameter_wrappers(loaded: LoadedStep, base_dir: str) -> dict[str, Any]:
     return {name: m for name, m in model.named_modules() if isinstance(m, ParamWrapper)}
 
 
-def _expert_pieces(
+def _joined_pieces(
     edits: dict[str, _Edit], weights: BaseWeights
-) -> dict[str, list[tuple[int, int, _Experts, tuple[int, ...], int]]]:
-    """Where the experts' LoRA lands in the files: by the files' tensor, elements ``[first, last)`` of it get
-    elements ``[at, at + last - first)`` of the fused delta (of ``shape``), one expert's at a time: its slab of a
-    fused tensor the files hold as it is, or the pieces of the experts' own tensors that transformers joins."""
+) -> dict[str, list[tuple[int, int, _Edit, tuple[int, ...], int]]]:
+    """Where the edits the files' own tensors cannot take whole land in them: LoRA on a MoE layer's fused experts,
+    and a copy (``modules_to_save``) that replaces a tensor the files hold as several that transformers joins (a
+    MoE layer's experts, one tensor each). By the files' tensor, its elements ``[first, last)`` get elements
+    ``[at, at + last - first)`` of the edit of the model's tensor (of ``shape``): the experts' LoRA one expert's
+    slab at a time (its delta is an expert's), a copy in the pieces that hold it."""
     names = {entry: key for key, entry in weights.entries.items()}
-    out: dict[str, list[tuple[int, int, _Experts, tuple[int, ...], int]]] = {}
+    out: dict[str, list[tuple[int, int, _Edit, tuple[int, ...], int]]] = {}
     for name, edit in edits.items():
-        if edit.experts is None:
-            continue
         shape = tuple(weights.shape(name))
-        if len(shape) != 3:
-            raise ModelError(f"LoRA on the experts of {name}, of shape {list(shape)}: a streaming merge takes 3-D")
-        slab = shape[1] * shape[2]
-        for expert in range(shape[0]):
-            at = expert * slab
-            for entry, first, last in weights.ranges(name, at, at + slab):
-                out.setdefault(names[entry], []).append((first, last, edit.experts, shape, at))
+        numel = math.prod(shape)
+        if edit.experts is not None:
+            if len(shape) != 3:
+                raise ModelError(f"LoRA on the experts of {name}, of shape {list(shape)}: a streaming merge takes 3-D")
+            slab = shape[1] * shape[2]
+            spans = [(at, at + slab) for at in range(0, numel, slab)]
+        elif edit.replace is not None and weights.stored_as(name) is None:
+            if edit.replace.numel() != numel:
+                raise CheckpointError(
+                    f"the step's copy of {name} has shape {list(edit.replace.shape)}, the base's {list(shape)}: the "
+                    "step does not fit this base"
+                )
+            spans = [(0, numel)]
+        else:
+            continue
+        for at, end in spans:
+            for entry, first, last in weights.ranges(name, at, end):
+                out.setdefault(names[entry], []).append((first, last, edit, shape, at))
                 at += last - first
     return out
 
@@ -295,7 +310,8 @@ def stream_merge(loaded: LoadedStep, base_dir: str, out_dir: str | Path) -> Path
     ``fan_in_fan_out`` layer such as GPT-2's Conv1D), DoRA rescales its rows to the trained magnitudes, trained
     token rows and ``modules_to_save`` copies replace the base's, and so do the biases the checkpoint trained;
     LoRA on a MoE layer's fused experts adds each expert's delta to the elements of the files that hold that
-    expert (:func:`_expert_pieces`: its own tensor, or its slab of a fused one).
+    expert, and a copy of experts the files hold one tensor each replaces them piece by piece
+    (:func:`_joined_pieces`).
     Every file is written under its own name with its own header (the dtypes and shapes do not change), its
     tensors streamed in order, and the index and the other files of the base directory (config, generation
     config, tokenizer) are copied. Peak memory is the largest tensor of the base, never a file or the model."""
@@ -335,14 +351,18 @@ def stream_merge(loaded: LoadedStep, base_dir: str, out_dir: str | Path) -> Path
     missing = [k for k in edits if k not in weights]
     if missing:
         raise CheckpointError(f"{loaded.url} adapts {missing[:5]}, which {base_dir} does not hold: not its base?")
-    joined = [k for k, e in edits.items() if weights.stored_as(k) is None and not e.experts_only()]
-    if joined:
+    joined = [k for k, e in edits.items() if weights.stored_as(k) is None]
+    unwritable = [k for k in joined if not (edits[k].experts_only() or edits[k].replace_only())]
+    if unwritable:
         raise ModelError(  # (merge then merges the whole model)
-            f"{loaded.url} changes {joined[:5]}, which {base_dir}'s files hold as several tensors that transformers "
-            "joins as it loads them (a MoE layer's experts), and a streaming merge writes the files' own tensors"
+            f"{loaded.url} changes {unwritable[:5]}, which {base_dir}'s files hold as several tensors that "
+            "transformers joins as it loads them (a MoE layer's experts), in a way a streaming merge cannot write "
+            "into the files' own tensors"
         )
-    in_files = {weights.stored_as(k): k for k, e in edits.items() if not e.experts_only()}  # the files' names
-    pieces = _expert_pieces(edits, weights)
+    in_files = {  # the files' names of the tensors edited whole
+        weights.stored_as(k): k for k, e in edits.items() if k not in joined and not e.experts_only()
+    }
+    pieces = _joined_pieces(edits, weights)
     out.mkdir(parents=True, exist_ok=True)
     names = sorted(set(weights.files.values()))
     for name in names:
@@ -354,10 +374,13 @@ def stream_merge(loaded: LoadedStep, base_dir: str, out_dir: str | Path) -> Path
                 if key in in_files:
                     name = in_files[key]  # the model's
                     tensor = _merged(tensor, edits[name], name.removesuffix(".weight") in fan_in_fan_out)
-                if key in pieces:  # the experts' LoRA, on the elements of this tensor that the fused one holds
+                if key in pieces:  # the elements of this tensor that a fused or joined tensor's edit changes
                     flat = tensor.float().reshape(-1)
-                    for first, last, experts, shape, at in pieces[key]:
-                        flat[first:last] += experts.delta(shape, at, at + last - first)
+                    for first, last, edit, shape, at in pieces[key]:
+                        if edit.experts is not None:
+                            flat[first:last] += edit.experts.delta(shape, at, at + last - first)
+                        elif edit.replace is not None:
+                            flat[first:last] = edit.replace.reshape(-1)[at : at + last - first]
                     tensor = flat.to(tensor.dtype).view(tensor.shape)
                 f.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)  # its bytes, not a copy
     skipped = []

@@ -127,6 +127,40 @@ def test_a_hub_base_merges_by_streaming_and_leaves_its_other_weights_behind(shar
     assert (logits(merged, X) - logits(model.merge_and_unload(), X)).abs().max().item() <= 1e-5
 
 
+def test_a_copy_of_the_experts_merges_by_streaming_into_the_files_one_tensor_per_expert(mixtral_base, tmp_path, caplog):
+    """``modules_to_save`` on a MoE layer's experts trains a copy of the fused tensors (``experts.gate_up_proj``,
+    every expert's w1 and w3 joined), which the hub's layout holds one tensor per expert and projection: the merge
+    writes the copy into those tensors piece by piece, never through the whole model, equal to merge_and_unload."""
+    from safetensors import safe_open
+
+    from dist_lora.export import merge
+
+    torch.manual_seed(3)
+    model = dist_lora.apply_lora(
+        AutoModelForCausalLM.from_pretrained(mixtral_base),
+        LoraConfig(r=4, alpha=8, target_modules=["q_proj"], modules_to_save=["experts"]),
+    )
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n or "modules_to_save" in n:
+                p.add_(torch.randn_like(p) * 0.05)
+    step = dist_lora.save_checkpoint(model, str(tmp_path / "ck"), step=1)
+    with caplog.at_level("WARNING", logger="dist_lora"):
+        merged_dir = merge(step, tmp_path / "merged")
+    assert "merging the whole model" not in caplog.text
+    with (
+        safe_open(str(merged_dir / "model.safetensors"), "pt") as f,
+        safe_open(str(mixtral_base / "model.safetensors"), "pt") as g,
+    ):
+        assert set(f.keys()) == set(g.keys())  # the hub's layout: experts one by one
+        trained = model.base_model.model.model.layers[1].mlp.experts.modules_to_save["default"]
+        w3 = f.get_tensor("model.layers.1.block_sparse_moe.experts.1.w3.weight")  # expert 1's up projection
+        assert torch.equal(w3, trained.gate_up_proj[1][w3.shape[0] :])  # the second half of its gate_up rows
+        assert not torch.equal(w3, g.get_tensor("model.layers.1.block_sparse_moe.experts.1.w3.weight"))
+    want = logits(model.merge_and_unload(), X)
+    assert (logits(AutoModelForCausalLM.from_pretrained(merged_dir), X) - want).abs().max().item() <= 1e-5
+
+
 def test_merge_into_another_base_is_refused_naming_the_differences(llama_base, tmp_path):
     """A base whose adapted layers have the saved shapes but whose other layers differ (another MLP width) would
     merge without a wrong shape: the step's fingerprint of its base is checked first, as a load checks it."""
@@ -251,7 +285,7 @@ def test_streaming_merge_of_a_moe_base_writes_its_router_under_the_files_name(mi
     import dist_lora.export as export
 
     edits = export._edits
-    monkeypatch.setattr(  # as if the adapter changed the fused experts (a modules_to_save copy of them)
+    monkeypatch.setattr(  # as if the adapter changed the joined experts in a way the files cannot take
         export, "_edits", lambda *a: {**edits(*a), "model.layers.0.mlp.experts.down_proj": export._Edit()}
     )
     with pytest.raises(dist_lora.model.ModelError, match=r"experts.down_proj.*joins as it loads them"):

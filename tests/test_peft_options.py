@@ -68,14 +68,18 @@ OPTION_SETS = {
         "mixtral_base",
         {"target_modules": ["q_proj"], "target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]},
     ),
+    "mixtral-copy": (  # a trained copy of a MoE layer's fused experts (the hub's files hold one tensor per expert)
+        "mixtral_base",
+        {"target_modules": ["q_proj"], "modules_to_save": ["experts"]},
+    ),
     "gpt2-tied": (  # one lm_head copy trained under both tied names: it merges into the tied model
         "gpt2_base",
         {"target_modules": ["c_attn"], "modules_to_save": ["lm_head"], "ensure_weight_tying": True},
     ),
 }
-# trainable tokens, modules_to_save (a tied copy too), DoRA, rank/alpha patterns, LoRA on experts: the trained tensors
-# equal one process's
-COMPARED_TO_ONE_PROCESS = ("llama-a", "llama-b", "gpt2-tied", "mixtral-experts")
+# trainable tokens, modules_to_save (a tied copy too, a copy of the experts), DoRA, rank/alpha patterns, LoRA on
+# experts: the trained tensors equal one process's
+COMPARED_TO_ONE_PROCESS = ("llama-a", "llama-b", "gpt2-tied", "mixtral-experts", "mixtral-copy")
 ENGINES = {"fsdp": {"backend": "fsdp"}, "zero3": {"backend": "deepspeed", "zero_stage": 3}}
 OTHER = {"fsdp": "zero3", "zero3": "fsdp"}
 
@@ -287,6 +291,10 @@ def test_options_train_save_resume_across_engines_and_load_in_peft(gpt2_base, ll
         assert sorted(saved) == sorted(reference)
         for key in saved:  # Adam after 3 steps: summation order across ranks shows at ~1e-5 in tiny-gradient rows
             tolerance = 1e-5 if key.endswith(("lm_head.weight", "wte.weight")) else 1e-4
+            if ".experts." in key and ".lora_" not in key:  # a copy of the experts: Adam scales each element's
+                # update to about lr however small its gradient, and the rows of an expert that few tokens reach
+                # have gradients near Adam's eps, where the summation order moves the update (2e-5 of 0.03 here)
+                tolerance = 1e-3
             assert saved[key].shape == reference[key].shape, key
             assert rel_err(saved[key], reference[key]) < tolerance, (key, rel_err(saved[key], reference[key]))
     saved = load_file(
