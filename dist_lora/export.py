@@ -238,6 +238,8 @@ def _joined_pieces(
     names = {entry: key for key, entry in weights.entries.items()}
     out: dict[str, list[tuple[int, int, _Edit, tuple[int, ...], int]]] = {}
     for name, edit in edits.items():
+        if edit.experts is None and (edit.replace is None or weights.stored_as(name) is not None):
+            continue  # (edited whole, in the files' own tensor)
         shape = tuple(weights.shape(name))
         numel = math.prod(shape)
         if edit.experts is not None:
@@ -245,15 +247,14 @@ def _joined_pieces(
                 raise ModelError(f"LoRA on the experts of {name}, of shape {list(shape)}: a streaming merge takes 3-D")
             slab = shape[1] * shape[2]
             spans = [(at, at + slab) for at in range(0, numel, slab)]
-        elif edit.replace is not None and weights.stored_as(name) is None:
+        else:
+            assert edit.replace is not None
             if edit.replace.numel() != numel:
                 raise CheckpointError(
                     f"the step's copy of {name} has shape {list(edit.replace.shape)}, the base's {list(shape)}: the "
                     "step does not fit this base"
                 )
             spans = [(0, numel)]
-        else:
-            continue
         for at, end in spans:
             for entry, first, last in weights.ranges(name, at, end):
                 out.setdefault(names[entry], []).append((first, last, edit, shape, at))
@@ -351,8 +352,8 @@ def stream_merge(loaded: LoadedStep, base_dir: str, out_dir: str | Path) -> Path
     missing = [k for k in edits if k not in weights]
     if missing:
         raise CheckpointError(f"{loaded.url} adapts {missing[:5]}, which {base_dir} does not hold: not its base?")
-    joined = [k for k, e in edits.items() if weights.stored_as(k) is None]
-    unwritable = [k for k in joined if not (edits[k].experts_only() or edits[k].replace_only())]
+    joined = {k for k in edits if weights.stored_as(k) is None}
+    unwritable = sorted(k for k in joined if not (edits[k].experts_only() or edits[k].replace_only()))
     if unwritable:
         raise ModelError(  # (merge then merges the whole model)
             f"{loaded.url} changes {unwritable[:5]}, which {base_dir}'s files hold as several tensors that "

@@ -292,3 +292,7 @@ def test_streaming_merge_of_a_moe_base_writes_its_router_under_the_files_name(mi
         export.stream_merge(export.read_step(export.resolve_step(step, None)), str(mixtral_base), tmp_path / "x")
     whole = merge(step, tmp_path / "merged-whole")  # (the whole-model path: merge_and_unload of the real adapter)
     assert (logits(AutoModelForCausalLM.from_pretrained(whole), X) - want).abs().max().item() <= 1e-5
+    wrong = export._Edit(replace=torch.zeros(3, 5))  # a copy of the experts that is not this base's shape
+    monkeypatch.setattr(export, "_edits", lambda *a: {**edits(*a), "model.layers.0.mlp.experts.down_proj": wrong})
+    with pytest.raises(CheckpointError, match=r"copy of model.layers.0.mlp.experts.down_proj has shape \[3, 5\]"):
+        export.stream_merge(export.read_step(export.resolve_step(step, None)), str(mixtral_base), tmp_path / "y")
