@@ -93,6 +93,10 @@ class Plan:
     quantized: list[str] = field(default_factory=list)
     kept: dict[str, str] = field(default_factory=dict)
     """name -> why it stays unquantized."""
+    experts: dict[str, int] = field(default_factory=dict)
+    """A MoE layer's fused experts (3-D, not ``nn.Linear``), which stay in the model's dtype: name -> weights."""
+    frozen_weights: int = 0
+    """The frozen base's weights, quantized or not."""
 
 
 def _linears(model: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
@@ -115,9 +119,17 @@ def quantize_base(model: nn.Module, shards: int, device: torch.device) -> Plan:
     """Swap the frozen linear weights for NF4 ones. A weight on the meta device (sharded loading) becomes an NF4
     tensor on the meta device, to be filled shard by shard after ``fully_shard`` (:func:`fill_shard`); a loaded
     weight is quantized whole on ``device``. ``shards``: how many ranks shard each weight (1 when replicated)."""
+    from dist_lora.lora import base_key, unwrap
+
     nf4 = nf4_module()
     _restore_functional_linear()
     plan = Plan()
+    for name, p in unwrap(model).named_parameters():
+        if not p.requires_grad:
+            plan.frozen_weights += p.numel()
+            key = base_key(name)
+            if p.dim() == 3 and ".experts." in key:  # (transformers 5 fuses a MoE layer's experts into one tensor)
+                plan.experts[key] = p.numel()
     levels: dict[torch.dtype, torch.Tensor] = {}  # NF4's 16 levels: one table per dtype, shared by the weights
     for name, module in _linears(model):
         weight = module.weight
@@ -249,6 +261,7 @@ def check_and_log(model: nn.Module, plan: Plan, dtype: torch.dtype) -> dict[str,
         "nf4_bytes": f.nf4_bytes,
         "unquantized_equivalent_bytes": full,
         "other_frozen_bytes": f.other_bytes,
+        "unquantized_expert_weights": sum(plan.experts.values()),
     }
     if not BITS_RANGE[0] <= bits <= BITS_RANGE[1]:
         raise QuantizationError(
@@ -265,6 +278,18 @@ def check_and_log(model: nn.Module, plan: Plan, dtype: torch.dtype) -> dict[str,
         str(dtype).removeprefix("torch."),
         f.other_bytes / 1e6,
     )
+    if plan.experts:
+        share = sum(plan.experts.values()) / max(plan.frozen_weights, 1)
+        log.warning(
+            "NF4 quantizes nn.Linear weights, and a MoE layer's fused experts are not: %d expert tensors (%s%s), "
+            "%.0f%% of the base's weights, stay in %s, so the 4-bit base saves memory on the other %.0f%% only",
+            len(plan.experts),
+            ", ".join(list(plan.experts)[:2]),
+            ", ..." if len(plan.experts) > 2 else "",
+            100 * share,
+            str(dtype).removeprefix("torch."),
+            100 * (1 - share),
+        )
     if plan.kept:
         log.warning(
             "NF4: %d linear weight(s) stay in %s because they do not shard evenly into whole scaler blocks: %s",

@@ -60,6 +60,29 @@ def test_weights_that_do_not_split_evenly_stay_unquantized_and_are_named(qlora_b
         quantize_base(_peft_model(llama_base), shards=1, device=torch.device("cpu"))  # 64-wide: too small
 
 
+def test_a_moes_fused_experts_left_in_the_models_dtype_are_named_with_their_share(tmp_path, caplog):
+    """transformers 5 holds a MoE layer's experts as fused 3-D tensors, not nn.Linear: NF4 leaves them in the
+    model's dtype (most of a MoE's weights), and the log says so with their share, never a silent full-size base."""
+    from dist_lora.demo import build_tiny_base
+    from dist_lora.quantize import check_and_log, quantize_base
+
+    base = build_tiny_base(tmp_path / "moe", arch="mixtral", hidden_size=256, intermediate_size=512)
+    model = _peft_model(base)
+    plan = quantize_base(model, shards=1, device=torch.device("cpu"))
+    assert sorted(plan.experts) == sorted(
+        f"model.layers.{i}.mlp.experts.{p}" for i in range(2) for p in ("gate_up_proj", "down_proj")
+    )
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n and not p.requires_grad)
+    assert sum(plan.experts.values()) == experts
+    with caplog.at_level("WARNING", logger="dist_lora.quantize"):
+        figures = check_and_log(model, plan, torch.bfloat16)
+    assert figures["unquantized_expert_weights"] == experts
+    share = round(100 * experts / plan.frozen_weights)
+    first = ", ".join(list(plan.experts)[:2])
+    assert f"4 expert tensors ({first}, ...), {share}% of the base's weights, stay in bfloat16" in caplog.text
+    assert 60 < share < 80  # (this tiny MoE's; Mixtral 8x7B's experts are 97% of its weights)
+
+
 def test_a_base_left_unquantized_is_an_error_not_a_silent_full_size_base(qlora_base):
     """What users report (QLoRA saving no memory): weights that end up dequantized (an engine casting the module)
     fail the bits-per-weight check by name of the cause."""
