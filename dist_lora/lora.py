@@ -442,9 +442,8 @@ def base_fingerprint(model: nn.Module) -> dict[str, Any]:
         "shapes": shapes,
     }
     # a hub base's commit: the one its LoRA config names (the trainer's and load_model's; else the cache's main)
-    revision = next(
-        (getattr(c, "revision", None) for c in (getattr(unwrap(model), "peft_config", None) or {}).values()), None
-    )
+    peft_configs = getattr(unwrap(model), "peft_config", None) or {}
+    revision = next((c.revision for c in peft_configs.values() if getattr(c, "revision", None)), None)
     content = _content_of(config, revision)
     if content:
         out["content"] = content
