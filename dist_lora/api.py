@@ -41,14 +41,12 @@ from dist_lora.lora import (
     adapter_aliases,
     adapter_parameters,
     base_fingerprint,
+    check_base,
     check_bias_mode,
-    compare_content,
-    compare_fingerprints,
     config_mismatches,
     full_shape,
     infer_bias_mode,
     mark_only_lora_as_trainable,
-    warn_other_weights,
 )
 from dist_lora.storage import RetryPolicy, Storage
 
@@ -131,15 +129,7 @@ def _check_step_fits(loaded: LoadedStep, backend: Backend, with_optimizer: bool)
     manifest, state = loaded.manifest, loaded.state
     bias = str(manifest.get("bias"))
     check_bias_mode(backend.model, bias)
-    saved, fingerprint = manifest.get("base_fingerprint", {}), base_fingerprint(backend.model)
-    diffs = compare_fingerprints(saved, fingerprint)
-    if diffs:
-        raise AdapterError(
-            f"{loaded.url} was saved for another base model; differences:\n  "
-            + "\n  ".join(diffs)
-            + "\nload the base the adapter was trained on (adapter_config.json names it)"
-        )
-    warn_other_weights(loaded.url, compare_content(saved, fingerprint), "load the base")
+    check_base(loaded.url, manifest.get("base_fingerprint", {}), base_fingerprint(backend.model), "load the base")
     expected = {k: full_shape(p) for k, p in adapter_parameters(backend.model, bias).items()}
     untied = _untied(loaded, adapter_aliases(backend.model))
     if untied:

@@ -17,14 +17,7 @@ from torch import nn
 from dist_lora.api import load_model, resolve_step, saved_revision
 from dist_lora.checkpoint import CheckpointError, LoadedStep, read_manifest, read_step, read_verified, rehash_manifest
 from dist_lora.constants import ADAPTER_CONFIG_NAME, MANIFEST_NAME
-from dist_lora.lora import (
-    base_fingerprint,
-    base_key,
-    compare_content,
-    compare_fingerprints,
-    lora_scaling,
-    warn_other_weights,
-)
+from dist_lora.lora import base_fingerprint, base_key, check_base, lora_scaling
 from dist_lora.model import (
     SAFE_INDEX_NAME,
     BaseWeights,
@@ -321,15 +314,14 @@ def stream_merge(loaded: LoadedStep, base_dir: str, out_dir: str | Path) -> Path
     out = Path(out_dir)
     model = build_on_meta(base_dir, torch.float32)  # the layout: which layers are (in, out), which tensors tied
     fan_in_fan_out = {name for name, module in model.named_modules() if isinstance(module, Conv1D)}
-    saved, fingerprint = loaded.manifest.get("base_fingerprint", {}), base_fingerprint(model)
-    diffs = compare_fingerprints(saved, fingerprint)
-    if diffs:
-        raise CheckpointError(
-            f"{loaded.url} was saved for another base model than {base_dir}; differences:\n  "
-            + "\n  ".join(diffs)
-            + "\nmerge into the base the adapter was trained on (adapter_config.json names it; --base overrides it)"
-        )
-    warn_other_weights(loaded.url, compare_content(saved, fingerprint), f"merge into the base (not {base_dir})")
+    check_base(
+        loaded.url,
+        loaded.manifest.get("base_fingerprint", {}),
+        base_fingerprint(model),
+        "merge (--base) into the base",
+        base=base_dir,
+        error=CheckpointError,
+    )
     weights = BaseWeights(base_dir).follow(model)
     edits = _edits(loaded, _parameter_wrappers(loaded, base_dir))
     for alias, key in weights.aliases.items():  # one copy trained for both tied names (ensure_weight_tying)
@@ -403,16 +395,21 @@ def load_adapters(
 ) -> nn.Module:
     """Several checkpoints as named adapters on one base (PEFT's multi-adapter API); ``set_adapter(name)`` switches.
 
-    Each step is pulled and verified first, so a corrupt checkpoint never loads.
+    Each step is pulled and verified first, so a corrupt checkpoint never loads, and checked against the base's
+    fingerprint as :func:`~dist_lora.api.load_checkpoint` checks it: a step of another model is refused, one
+    trained over other weights of this one loads with a warning.
     """
     from peft import PeftModel
 
     if not adapters:
         raise ValueError("load_adapters needs at least one {name: step URL}")
     model: Any = None
+    fingerprint = base_fingerprint(base_model)  # (before any adapter is put on it)
     with tempfile.TemporaryDirectory(prefix="dist-lora-adapters-") as tmp:
         for name, url in adapters.items():
             local = pull(url, Path(tmp) / name, storage_options=storage_options)
+            saved = json.loads((local / MANIFEST_NAME).read_text()).get("base_fingerprint", {})
+            check_base(url, saved, fingerprint, f"load adapter {name!r} over the base")
             if model is None:
                 model = PeftModel.from_pretrained(base_model, str(local), adapter_name=name)
             else:

@@ -493,6 +493,30 @@ def compare_content(saved: dict[str, Any], model: dict[str, Any], limit: int = 4
     return f"{len(differ)} of the {len(common)} tensors sampled from the base differ ({named})"
 
 
+def check_base(
+    url: str,
+    saved: dict[str, Any],
+    model: dict[str, Any],
+    fix: str,
+    *,
+    base: str = "",
+    error: type[ValueError] = AdapterError,
+) -> None:
+    """A step's fingerprint of its base (``saved``) against the base it is put on (``model``): another model (an
+    architecture or a shape that differs) raises ``error`` listing the differences; another checkpoint of the same
+    one warns (:func:`warn_other_weights`). ``fix``: what to do, completed with "... the adapter was trained on";
+    ``base``: the base's name, where the message should give it."""
+    diffs = compare_fingerprints(saved, model)
+    if diffs:
+        than = f" than {base}" if base else ""
+        raise error(
+            f"{url} was saved for another base model{than}; differences:\n  "
+            + "\n  ".join(diffs)
+            + f"\n{fix} the adapter was trained on (adapter_config.json names it)"
+        )
+    warn_other_weights(url, compare_content(saved, model), fix)
+
+
 def warn_other_weights(url: str, changed: str | None, fix: str) -> None:
     """The warning of a step loaded or merged over a base of its architecture with other weights than the one it
     was trained over (``changed``: :func:`compare_content`'s line; nothing when None). It loads: an adapter is

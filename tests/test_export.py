@@ -195,9 +195,7 @@ def test_merge_into_other_weights_of_the_base_warns(gpt2_base, gpt2_tuned_base, 
         merge(step, tmp_path / "merged", base=str(tuned))
     warned = [r.getMessage() for r in caplog.records if "trained over other weights" in r.getMessage()]
     assert len(warned) == 1 and "(transformer.h.0.attn.c_attn.weight)" in warned[0]
-    assert warned[0].endswith(
-        f"merge into the base (not {tuned}) the adapter was trained on (adapter_config.json names it)"
-    )
+    assert warned[0].endswith("merge (--base) into the base the adapter was trained on (adapter_config.json names it)")
     caplog.clear()
     with caplog.at_level("WARNING", logger="dist_lora"):
         merge(step, tmp_path / "merged-own")
@@ -216,6 +214,30 @@ def test_several_adapters_on_one_base_and_switching(gpt2_base, tmp_path):
     for name in ("alpha", "beta", "alpha"):
         multi.set_adapter(name)
         assert torch.equal(logits(multi, X), want[name]), name
+
+
+def test_several_adapters_are_checked_against_the_base_each(gpt2_base, gpt2_tuned_base, tmp_path, caplog):
+    """PEFT loads an adapter over any base whose adapted layers fit (strict=False): load_adapters checks each step's
+    fingerprint first, as load_checkpoint does. A base whose other layers differ (another MLP width) is refused,
+    naming the adapter and the differences; one with other weights of the same shapes loads, with a warning."""
+    from transformers import GPT2LMHeadModel
+
+    from dist_lora.lora import AdapterError
+
+    model, _ = trained(gpt2_base, 2)
+    url = dist_lora.save_checkpoint(model, str(tmp_path / "ck"), step=1)
+    config = AutoModelForCausalLM.from_pretrained(gpt2_base).config
+    config.n_inner = 2 * config.n_embd
+    with pytest.raises(AdapterError, match=r"was saved for another base model; differences:\n  .*mlp\.c_fc") as e:
+        load_adapters(GPT2LMHeadModel(config), {"ours": url})
+    assert str(e.value).endswith(
+        "load adapter 'ours' over the base the adapter was trained on (adapter_config.json names it)"
+    )
+    with caplog.at_level("WARNING", logger="dist_lora"):
+        multi = load_adapters(AutoModelForCausalLM.from_pretrained(gpt2_tuned_base), {"ours": url})
+    warned = [r.getMessage() for r in caplog.records if "trained over other weights" in r.getMessage()]
+    assert len(warned) == 1 and "(transformer.h.0.attn.c_attn.weight)" in warned[0]
+    assert set(multi.peft_config) == {"ours"}
 
 
 def test_plot_writes_a_png_with_resume_points_and_failed_saves(tmp_path):
