@@ -44,7 +44,9 @@ def pull(
     The result is what ``PeftModel.from_pretrained`` and vLLM load, and ``dist-lora verify`` checks. An existing,
     non-empty ``out_dir`` is refused: nothing is overwritten. ``base`` rewrites ``base_model_name_or_path`` in the
     copy's adapter_config.json (a local directory made absolute; the saved base's ``revision`` dropped) and its
-    manifest entry, so that PEFT finds the base where it is on this machine.
+    manifest entry, so that PEFT finds the base where it is on this machine; a local ``base`` is checked against the
+    step's fingerprint of its base first (another model refused, other weights of the same one warned about), as
+    PEFT and vLLM load an adapter over any base whose adapted layers fit.
     """
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
@@ -56,8 +58,13 @@ def pull(
     if base:
         from dist_lora.model import resolve_model_path
 
+        base = resolve_model_path(base, "--base")
+        if Path(base).is_dir():  # (its structure from config.json alone, on the meta device; a hub id is not fetched)
+            fingerprint = base_fingerprint(build_on_meta(base, torch.float32))
+            saved = manifest.get("base_fingerprint", {})
+            check_base(step.url, saved, fingerprint, "pull --base with the base", base=base, error=CheckpointError)
         config = json.loads(files[ADAPTER_CONFIG_NAME])
-        config["base_model_name_or_path"] = resolve_model_path(base, "--base")
+        config["base_model_name_or_path"] = base
         config["revision"] = None  # the saved base's commit: not the new base's
         files[ADAPTER_CONFIG_NAME] = json.dumps(config, indent=2).encode()
         manifest_bytes = rehash_manifest(manifest, {ADAPTER_CONFIG_NAME: files[ADAPTER_CONFIG_NAME]})

@@ -240,6 +240,26 @@ def test_several_adapters_are_checked_against_the_base_each(gpt2_base, gpt2_tune
     assert set(multi.peft_config) == {"ours"}
 
 
+def test_pull_onto_another_base_checks_it_first(gpt2_base, gpt2_tuned_base, tmp_path, caplog):
+    """``pull --base`` stages a step for PEFT or vLLM over a base of this machine, which load an adapter over any
+    base whose adapted layers fit: the base is checked against the step's fingerprint first. Another model is
+    refused and nothing is written; other weights of the same one are pulled with a warning."""
+    from transformers import GPT2LMHeadModel
+
+    model, _ = trained(gpt2_base, 2)
+    step = dist_lora.save_checkpoint(model, str(tmp_path / "ck"), step=1)
+    config = AutoModelForCausalLM.from_pretrained(gpt2_base).config
+    config.n_inner = 2 * config.n_embd
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "wider")
+    with pytest.raises(CheckpointError, match=r"saved for another base model than .*wider; differences:\n  .*c_fc"):
+        pull(step, tmp_path / "refused", base=str(tmp_path / "wider"))
+    assert not (tmp_path / "refused").exists()
+    with caplog.at_level("WARNING", logger="dist_lora"):
+        pulled = pull(step, tmp_path / "pulled", base=str(gpt2_tuned_base))
+    assert "trained over other weights than this base's" in caplog.text
+    assert json.loads((pulled / "adapter_config.json").read_text())["base_model_name_or_path"] == str(gpt2_tuned_base)
+
+
 def test_plot_writes_a_png_with_resume_points_and_failed_saves(tmp_path):
     metrics = tmp_path / "metrics.jsonl"
     rows = [{"step": s, "loss": 6 - s / 10, "lr": 1e-3, "world_size": 2, "backend": "fsdp"} for s in range(1, 11)]
