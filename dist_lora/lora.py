@@ -504,7 +504,7 @@ def check_base(
 ) -> None:
     """A step's fingerprint of its base (``saved``) against the base it is put on (``model``): another model (an
     architecture or a shape that differs) raises ``error`` listing the differences; another checkpoint of the same
-    one warns (:func:`warn_other_weights`). ``fix``: what to do, completed with "... the adapter was trained on";
+    one warns (:func:`_warn_other_weights`). ``fix``: what to do, completed with "... the adapter was trained on";
     ``base``: the base's name, where the message should give it."""
     diffs = compare_fingerprints(saved, model)
     if diffs:
@@ -514,10 +514,10 @@ def check_base(
             + "\n  ".join(diffs)
             + f"\n{fix} the adapter was trained on (adapter_config.json names it)"
         )
-    warn_other_weights(url, compare_content(saved, model), fix)
+    _warn_other_weights(url, compare_content(saved, model), fix)
 
 
-def warn_other_weights(url: str, changed: str | None, fix: str) -> None:
+def _warn_other_weights(url: str, changed: str | None, fix: str) -> None:
     """The warning of a step loaded or merged over a base of its architecture with other weights than the one it
     was trained over (``changed``: :func:`compare_content`'s line; nothing when None). It loads: an adapter is
     also put over a fine-tune of its base on purpose; ``fix``: what to do otherwise, completed with "... the
