@@ -216,6 +216,11 @@ def test_several_adapters_on_one_base_and_switching(gpt2_base, tmp_path):
         assert torch.equal(logits(multi, X), want[name]), name
 
 
+@pytest.mark.reliability(
+    fault="adapters served over another base (load_adapters), which PEFT alone would load",
+    injected="a GPT-2 of another MLP width, whose adapted layers fit; then the base with one tensor changed",
+    outcome="refused, naming the adapter and the differences; the other weights load with a warning",
+)
 def test_several_adapters_are_checked_against_the_base_each(gpt2_base, gpt2_tuned_base, tmp_path, caplog):
     """PEFT loads an adapter over any base whose adapted layers fit (strict=False): load_adapters checks each step's
     fingerprint first, as load_checkpoint does. A base whose other layers differ (another MLP width) is refused,
@@ -240,6 +245,11 @@ def test_several_adapters_are_checked_against_the_base_each(gpt2_base, gpt2_tune
     assert set(multi.peft_config) == {"ours"}
 
 
+@pytest.mark.reliability(
+    fault="a step staged for PEFT or vLLM over another base (pull --base)",
+    injected="a GPT-2 of another MLP width, whose adapted layers fit; then the base with one tensor changed",
+    outcome="refused, naming the differences, nothing written; the other weights pulled with a warning",
+)
 def test_pull_onto_another_base_checks_it_first(gpt2_base, gpt2_tuned_base, tmp_path, caplog):
     """``pull --base`` stages a step for PEFT or vLLM over a base of this machine, which load an adapter over any
     base whose adapted layers fit: the base is checked against the step's fingerprint first. Another model is
