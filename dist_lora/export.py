@@ -248,12 +248,6 @@ def _joined_pieces(
             slab = shape[1] * shape[2]
             spans = [(at, at + slab) for at in range(0, numel, slab)]
         else:
-            assert edit.replace is not None
-            if edit.replace.numel() != numel:
-                raise CheckpointError(
-                    f"the step's copy of {name} has shape {list(edit.replace.shape)}, the base's {list(shape)}: the "
-                    "step does not fit this base"
-                )
             spans = [(0, numel)]
         for at, end in spans:
             for entry, first, last in weights.ranges(name, at, end):
@@ -351,6 +345,12 @@ def stream_merge(loaded: LoadedStep, base_dir: str, out_dir: str | Path) -> Path
     missing = [k for k in edits if k not in weights]
     if missing:
         raise CheckpointError(f"{loaded.url} adapts {missing[:5]}, which {base_dir} does not hold: not its base?")
+    for name, edit in edits.items():  # a copy that replaces a tensor (whole, or in the pieces that hold it)
+        if edit.replace is not None and list(edit.replace.shape) != weights.shape(name):
+            raise CheckpointError(
+                f"the step's copy of {name} has shape {list(edit.replace.shape)}, the base's {weights.shape(name)}: "
+                "the step does not fit this base"
+            )
     joined = {k for k in edits if weights.stored_as(k) is None}
     unwritable = sorted(k for k in joined if not (edits[k].experts_only() or edits[k].replace_only()))
     if unwritable:

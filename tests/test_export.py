@@ -348,3 +348,7 @@ def test_streaming_merge_of_a_moe_base_writes_its_router_under_the_files_name(mi
     monkeypatch.setattr(export, "_edits", lambda *a: {**edits(*a), "model.layers.0.mlp.experts.down_proj": wrong})
     with pytest.raises(CheckpointError, match=r"copy of model.layers.0.mlp.experts.down_proj has shape \[3, 5\]"):
         export.stream_merge(export.read_step(export.resolve_step(step, None)), str(mixtral_base), tmp_path / "y")
+    monkeypatch.setattr(export, "_edits", lambda *a: {**edits(*a), "model.norm.weight": wrong})  # one file tensor
+    with pytest.raises(CheckpointError, match=r"copy of model.norm.weight has shape \[3, 5\], the base's \[\d+\]"):
+        export.stream_merge(export.read_step(export.resolve_step(step, None)), str(mixtral_base), tmp_path / "z")
+    assert not (tmp_path / "y").exists() and not (tmp_path / "z").exists()  # refused before anything is written
