@@ -31,6 +31,7 @@ def build_tokenizer(text_path: Path, vocab_size: int = 512):  # type: ignore[no-
         vocab_size=vocab_size,
         special_tokens=["<|endoftext|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,  # (its progress prints blank lines where stdout is not a terminal)
     )
     tok.train([str(text_path)], trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
