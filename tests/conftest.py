@@ -11,9 +11,15 @@ import tempfile
 import uuid
 from pathlib import Path
 
+# One intra-op thread in this process, set before torch loads OpenMP: the multi-rank tests fork their ranks from it
+# (tests/dist_utils.py), and a fork after OpenMP's worker threads have started leaves the child's OpenMP waiting on
+# threads that do not exist in it: its first parallel op hangs. The ranks get the same (torchrun sets it to 1 too).
+os.environ["OMP_NUM_THREADS"] = "1"
+
 import pytest
 import torch
 
+torch.set_num_threads(1)  # (torch was loaded already, with another thread count, if a plugin imported it first)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # a Hugging Face cache of the tests' own (set before huggingface_hub reads it at import): it holds only the fake
 # hub models that put_in_hub_cache lays out, never the user's downloads, and goes away with the run
@@ -22,7 +28,6 @@ atexit.register(shutil.rmtree, HF_HUB_CACHE, ignore_errors=True)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if not torch.cuda.is_available():  # on a GPU machine (`pytest -m gpu`) DeepSpeed finds CUDA itself
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

@@ -178,6 +178,8 @@ class ForkedRanks:
         import torch.distributed as dist
 
         assert not dist.is_initialized(), "a process group in the parent would be inherited broken by the ranks"
+        # (the parent's OpenMP worker threads do not survive fork(): a rank's first parallel op would wait on them)
+        assert torch.get_num_threads() == 1, "fork ranks from a process with one intra-op thread (tests/conftest.py)"
         _preimport()
         port = free_port()
         self.nproc, self.argv = nproc, argv
