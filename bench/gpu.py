@@ -2,16 +2,18 @@
 
 On a GPU (one device, NCCL, bf16), one launch of bench/gpu_worker.py:
 
-1. checks, FSDP2 and ZeRO-3 on a tiny Llama in bf16: an asynchronous save (pinned staging buffer, side-stream copy
-   after a CUDA event) while training goes on equals a synchronous save of the same step byte for byte; the step
-   resumes into a fresh trainer and saves equal again;
+1. checks, FSDP2, ZeRO-3 and FSDP2 with parallel.cpu_offload on a tiny Llama in bf16: an asynchronous save (pinned
+   staging buffer, side-stream copy after a CUDA event; from host memory when offloaded) while training goes on
+   equals a synchronous save of the same step byte for byte; the step resumes into a fresh trainer and saves equal
+   again; the offloaded shards are in host memory;
 2. the save on a ~1.1B Llama-shaped base (TinyLlama's shape, bf16): stall, snapshot, total;
 3. a Llama-3-8B-shaped base (random, bf16, written with save_pretrained on this machine's disk) loaded through the
    sharded path, LoRA r=16 on q/k/v/o: load seconds, peak device memory, step seconds, save stall, resume;
 4. QLoRA on the ~1.1B base: the NF4 base against the same base in bf16 (LoRA on every linear layer): the base's
    bytes and peak device memory;
-5. the step time of FSDP2 (default, without resharding after forward, and with the base kept gathered) against
-   DDP on the ~1.1B base, at this one device's world size (FSDP2's hooks and gather copies, not the network).
+5. the step time of FSDP2 (default, without resharding after forward, with the base kept gathered, and with the
+   shards in host memory) against DDP on the ~1.1B base, at this one device's world size (FSDP2's hooks and gather
+   copies, not the network); the offloaded run's device peak must be below the default's.
 
 The worker runs part 3 first, then 2, 4 and 5 (one base, the ~1.1B), and goes on past a part that raises (the
 report lists it as failed); ``--parts`` reruns a subset.
@@ -38,6 +40,8 @@ NEEDS_CUDA = [
     "bf16 kernels on a GPU, peak device memory",
     "the ~1.1B and 8B bases (tiny Llama bases ran instead)",
     "the NF4 base in device memory, quantized on the GPU",
+    "FSDP2's CPU offload: shards in pinned host memory copied to the GPU as each block computes, and the device "
+    "memory that saves",
 ]
 # the engines timed against each other on one base (bench/gpu_worker.py's ENGINES), as the report names them
 ENGINE_RUNS = {
@@ -45,7 +49,9 @@ ENGINE_RUNS = {
     "fsdp-no-reshard": "FSDP2, reshard_after_forward=false",
     "fsdp-keep": "FSDP2, keep_base_gathered=true",
     "ddp": "DDP",
+    "fsdp-offload": "FSDP2, cpu_offload=true",
 }
+CHECKS = ("fsdp", "zero3", "fsdp-offload")
 # (hidden, layers, heads, kv heads, intermediate, vocab)
 SHAPES = {
     "llama-1.1b": (2048, 22, 32, 4, 5632, 32000),
@@ -98,13 +104,26 @@ def judge(results: dict[str, Any], cuda: bool) -> list[str]:
             failed.append(f"{c['engine']}: the asynchronous save differs from the synchronous one")
         if not c["resumed_equals_saved"]:
             failed.append(f"{c['engine']}: the resumed step does not save equal")
-        if cuda and not c["staging_pinned"]:
+        offloaded = c["engine"] == "fsdp-offload"  # its adapter shards live in host memory: no pinned copy needed
+        if cuda and not offloaded and not c["staging_pinned"]:
             failed.append(f"{c['engine']}: the staging buffer is not pinned on a GPU")
+        if offloaded and not c["shards_on_host"]:
+            failed.append(f"{c['engine']}: a shard is not in host memory")
         if cuda and not c["device"].startswith("cuda"):
             failed.append(f"{c['engine']}: ran on {c['device']}, not on the GPU")
     for r in results["runs"]:
         if not (r["last_loss"] == r["last_loss"] and r["resume_loss"] == r["resume_loss"]):
             failed.append(f"{r['name']}: a loss is NaN")
+        default = next(
+            (x for x in results["runs"] if x["base"] == r["base"] and x["name"] == r["name"].split()[0]), None
+        )
+        if cuda and r["engine"] == "fsdp-offload" and default:  # noqa: SIM102 (the pair, then the figures)
+            if not r["train_peak_device_bytes"] < default["train_peak_device_bytes"]:
+                peaks = gib(r["train_peak_device_bytes"]), gib(default["train_peak_device_bytes"])
+                failed.append(
+                    f"{r['name']}: the device peak training with the shards in host memory is {peaks[0]}, not below "
+                    f"the default's {peaks[1]}"
+                )
         bf16 = next((x for x in results["runs"] if x["name"] == r["name"].replace("NF4", "bf16")), None)
         if r.get("quantization") == "nf4" and bf16:  # noqa: SIM102 (the pair, then the figures)
             if not (r["bits_per_linear_weight"] or 0) < 4.25 or not r["base_bytes"] < bf16["base_bytes"]:
@@ -127,13 +146,15 @@ def markdown(results: dict[str, Any]) -> str:
         f"{m['host']}, torch {m['torch']}, CUDA {m['cuda']}. {'' if m['cuda'] else 'CPU rehearsal: '}"
         f"{results['seconds']:.0f} s in all.",
         "",
-        "| check | device | async == sync | resumed == saved | staging pinned | stall s | snapshot s | total s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| check | device | async == sync | resumed == saved | staging pinned | shards in host memory | stall s | "
+        "snapshot s | total s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for c in results["checks"]:
         lines.append(
             f"| {c['engine']} bf16 | {c['device']} | {c['async_equals_sync']} | {c['resumed_equals_saved']} | "
-            f"{c['staging_pinned']} | {c['stall_s']:.4f} | {c['snapshot_s']:.4f} | {c['total_s']:.3f} |"
+            f"{c['staging_pinned']} | {c.get('shards_on_host', '-')} | {c['stall_s']:.4f} | {c['snapshot_s']:.4f} | "
+            f"{c['total_s']:.3f} |"
         )
     if results["runs"]:
         lines += [
@@ -193,7 +214,7 @@ def main() -> None:
     spec: dict[str, Any] = {
         "out": str(out),
         "data": str(corpus_path()),
-        "checks": [{"engine": e, "base": str(tiny)} for e in ("fsdp", "zero3")] if "checks" in parts else [],
+        "checks": [{"engine": e, "base": str(tiny)} for e in CHECKS] if "checks" in parts else [],
         "runs": [],
     }
     shapes = {"8b": "llama-8b", "1b": "llama-1.1b"} if cuda else {"8b": "cpu-small", "1b": "cpu-small"}
@@ -205,7 +226,7 @@ def main() -> None:
     if "1b" in parts:
         base = build_base(out / shapes["1b"], shapes["1b"], "cuda" if cuda else "cpu")
         spec["runs"].append({"name": shapes["1b"], "base": str(base), "seq_len": seq_len, "steps": 4})
-        for engine in ("fsdp-no-reshard", "fsdp-keep", "ddp"):  # the step time of FSDP2 against DDP, this world
+        for engine in ("fsdp-no-reshard", "fsdp-keep", "fsdp-offload", "ddp"):  # step time against DDP, this world
             name = f"{shapes['1b']} {ENGINE_RUNS[engine]}"
             spec["runs"].append({"name": name, "base": str(base), "seq_len": seq_len, "steps": 6, "engine": engine})
         for q in ("none", "nf4"):  # QLoRA: the NF4 base against the same settings in bf16

@@ -3,10 +3,11 @@
 argv[1] is JSON: {"out": dir, "data": corpus, "checks": [{"engine", "base"}], "runs": [{"name", "base", "seq_len",
 "steps"}]}. Rank 0 writes out/worker.json.
 
-checks: per engine (FSDP2, ZeRO-3), bf16 mixed precision: train 2 steps; save that step synchronously (the
-reference) and asynchronously (pinned staging and a side stream on a GPU), train on at once; the asynchronous
-step's adapter and optimizer files must equal the reference's byte for byte; then a fresh trainer resumes the step
-and saves it again: equal again.
+checks: per engine (FSDP2, ZeRO-3, FSDP2 with its shards in host memory), bf16 mixed precision: train 2 steps;
+save that step synchronously (the reference) and asynchronously (pinned staging and a side stream on a GPU), train
+on at once; the asynchronous step's adapter and optimizer files must equal the reference's byte for byte; then a
+fresh trainer resumes the step and saves it again: equal again. Each check says whether every shard lives in host
+memory.
 runs: a base loaded the sharded way (FSDP2, bf16 mixed precision; "dtype" sets model.dtype), LoRA r=16 on
 q/k/v/o: load seconds, peak device memory, step seconds, the save stall, and the resume; "engine" (default "fsdp")
 names another of ENGINES, for the step time of FSDP2 against DDP on the same base. A run with "quantization":
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from dist_lora.checkpointer import Checkpointer
 from dist_lora.config import CheckpointConfig, load_config
@@ -48,6 +50,8 @@ ENGINES = {
     "fsdp-no-reshard": ["parallel.backend=fsdp", "parallel.reshard_after_forward=false"],
     "fsdp-keep": ["parallel.backend=fsdp", "parallel.keep_base_gathered=true"],
     "ddp": ["parallel.backend=ddp"],
+    # a check and a run: the shards, their gradients and Adam state in host memory (parallel.cpu_offload)
+    "fsdp-offload": ["parallel.backend=fsdp", "parallel.cpu_offload=true"],
 }
 
 
@@ -92,6 +96,8 @@ def check(engine: str, base: str, data: str, out: Path) -> dict[str, Any]:
     stats = trainer.checkpointer.history[-1]
     staging = trainer.checkpointer._staging._buffer
     pinned = bool(staging is not None and staging.is_pinned())
+    shards = [p.to_local() for p in trainer.backend.model.parameters() if isinstance(p, DTensor)]
+    on_host = bool(shards) and all(t.device.type == "cpu" for t in shards)
     step = "step-00000002"
     equal = same_files(root / "async" / step, root / "sync" / step)
     trainer.checkpointer.release_lease()
@@ -111,6 +117,7 @@ def check(engine: str, base: str, data: str, out: Path) -> dict[str, Any]:
         "async_equals_sync": equal,
         "resumed_equals_saved": same_files(root / "again" / step, root / "sync" / step),
         "staging_pinned": pinned,
+        "shards_on_host": on_host,
         "stall_s": stats.stall_s,
         "snapshot_s": stats.snapshot_s,
         "total_s": stats.done_s,

@@ -97,12 +97,13 @@ def agree(error: BaseException | None, group: Any = None) -> Failure | None:
     no rank failed, else the lowest failing rank's :class:`Failure`.
 
     One tiny all-reduce when all went well; one more broadcast pair (from the failing rank) otherwise."""
-    from dist_lora.gather import _comm_device, _record, broadcast_json
+    from dist_lora.distributed import comm_device
+    from dist_lora.gather import _record, broadcast_json
 
     rank, world = _world()
     if world == 1:
         return None if error is None else Failure.of(0, error)
-    t = torch.tensor([rank if error is not None else world], dtype=torch.int64, device=_comm_device(group))
+    t = torch.tensor([rank if error is not None else world], dtype=torch.int64, device=comm_device(group))
     _record("all_reduce", t)
     dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
     first = int(t.item())

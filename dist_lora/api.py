@@ -403,6 +403,12 @@ def load_sharded(
             "apply_lora"
         )
     if zero3:
+        if parallel.cpu_offload:
+            raise ConfigError(
+                "load_sharded on ZeRO-3 constructs the model under your DeepSpeed JSON, which your "
+                "deepspeed.initialize reads too: offload there (zero_optimization.offload_param and "
+                "offload_optimizer, device cpu), and leave parallel.cpu_offload false"
+            )
         if not parallel.deepspeed_config:
             raise ConfigError(
                 "load_sharded on ZeRO-3 needs parallel.deepspeed_config: the path of the DeepSpeed JSON your "

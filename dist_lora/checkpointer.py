@@ -45,9 +45,9 @@ from dist_lora.checkpoint import (
 )
 from dist_lora.config import CheckpointConfig, check_checkpoint
 from dist_lora.constants import ENV_LOCAL_RANK
-from dist_lora.distributed import group_timeout, on_launcher_gone
+from dist_lora.distributed import comm_device, group_timeout, on_launcher_gone
 from dist_lora.faults import failpoint
-from dist_lora.gather import _comm_device, gather_adapter
+from dist_lora.gather import gather_adapter
 from dist_lora.lease import LEASE_IDENTITY, Lease, default_run_id
 from dist_lora.lora import adapter_aliases, adapter_config_dict, base_fingerprint
 from dist_lora.storage import RetryPolicy, Storage
@@ -183,7 +183,7 @@ class Checkpointer:
             except (OSError, CheckpointError):
                 seen = {}
             blind = int(any(seen.get(k) != v for k, v in held.items()))
-        flags = torch.zeros(world, dtype=torch.int64, device=_comm_device())
+        flags = torch.zeros(world, dtype=torch.int64, device=comm_device())
         flags[rank] = blind
         dist.all_reduce(flags)
         if rank == 0 and flags.any():

@@ -203,6 +203,11 @@ class ParallelConfig:
     world / replicate ranks; each group shards the model (all-gathers stay inside it: make it a node) and the groups
     hold replicas (gradients all-reduced across them). "nodes": one group per node (world / LOCAL_WORLD_SIZE), which
     follows an elastic job's node count; 1: plain FSDP2."""
+    cpu_offload: bool = False
+    """Keep the sharded parameters, their gradients and the optimizer state in host memory; a block's parameters
+    go to the GPU only while it computes. FSDP2: ``CPUOffloadPolicy`` (pinned memory on a GPU); DeepSpeed:
+    ZeRO-Offload (``offload_optimizer``, and at ZeRO-3 ``offload_param``, on the CPU). For a base whose shards do
+    not fit on the GPUs; each step then moves the base over PCIe."""
     timeout_s: float = 1800.0
     """Process-group timeout: a collective that some rank never joins fails after this long (NCCL and gloo)."""
 
@@ -443,6 +448,11 @@ def _validate(cfg: RunConfig, errors: list[str]) -> None:
         f"parallel.keep_base_gathered needs parallel.backend=fsdp (got {p.backend}); DDP and ZeRO-1/2 keep the "
         "whole base on every rank already",
     )
+    check(
+        not p.cpu_offload or p.backend in ("fsdp", "deepspeed"),
+        f"parallel.cpu_offload needs parallel.backend fsdp or deepspeed (got {p.backend}): DDP and a single process "
+        "keep a whole replica on each device, which they compute with; shard the base instead",
+    )
     if p.backend == "deepspeed" and p.deepspeed_config:
         from dist_lora.backends.deepspeed_config import config_errors  # reads the JSON only
 
@@ -455,6 +465,7 @@ def _validate(cfg: RunConfig, errors: list[str]) -> None:
                 bf16=p.mixed_precision == "bf16",
                 max_grad_norm=t.max_grad_norm,
                 adamw=t.adamw(),
+                cpu_offload=p.cpu_offload,
             )
         )
     if cfg.model.quantization == "nf4":

@@ -11,7 +11,7 @@ import threading
 import weakref
 from collections.abc import Callable
 from datetime import timedelta
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -85,11 +85,15 @@ def cpu_threads(local_world: int) -> int:
     return threads
 
 
-def init_distributed(timeout_s: float = 1800, *, need_group: bool = False) -> tuple[int, int, torch.device]:
+def init_distributed(
+    timeout_s: float = 1800, *, need_group: bool = False, cpu_collectives: bool = False
+) -> tuple[int, int, torch.device]:
     """Join the process group set up by the launcher; returns (rank, world size, device).
 
     ``need_group``: sharding engines (FSDP2, DeepSpeed) need a process group even alone; a process started
-    without a launcher then gets a one-rank group on a free local port.
+    without a launcher then gets a one-rank group on a free local port. ``cpu_collectives``: on a GPU, the group
+    also reduces tensors in host memory (gloo beside NCCL, as torchtitan does), which FSDP2's CPU offload needs:
+    the gradient norm is reduced over shards that live on the host.
     """
     launched = ENV_WORLD_SIZE in os.environ  # by torchrun, the deepspeed launcher, or torch.multiprocessing
     if need_group and not launched:
@@ -105,7 +109,7 @@ def init_distributed(timeout_s: float = 1800, *, need_group: bool = False) -> tu
     elif ENV_OMP_NUM_THREADS not in os.environ:
         torch.set_num_threads(cpu_threads(int(os.environ.get(ENV_LOCAL_WORLD_SIZE, "1"))))
     if (world > 1 or need_group) and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
+        backend = "gloo" if device.type != "cuda" else "cuda:nccl,cpu:gloo" if cpu_collectives else "nccl"
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
         global _timeout_s
         _timeout_s = timeout_s
@@ -152,11 +156,19 @@ def exit_process(code: int = 0) -> NoReturn:
     sys.exit(code)
 
 
+def comm_device(group: Any = None) -> torch.device:
+    """Where the tensors of this group's collectives live: the GPU for NCCL (alone, or beside gloo for host
+    tensors: ``cpu_collectives``), the CPU for gloo."""
+    if dist.is_initialized() and "nccl" in str(dist.get_backend(group)):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def step_consensus(loss: float, stop: bool) -> tuple[float, bool]:
     """Collective: the loss averaged over ranks, and whether any rank wants to stop (one tiny all-reduce)."""
     if not dist.is_initialized():
         return loss, stop
-    t = torch.tensor([loss, float(stop)], dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    t = torch.tensor([loss, float(stop)], dtype=torch.float64, device=comm_device())
     dist.all_reduce(t)
     return float(t[0].item()) / dist.get_world_size(), bool(t[1].item() > 0)
 

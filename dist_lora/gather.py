@@ -26,6 +26,7 @@ import torch.distributed as dist
 from dist_lora.backends.base import Backend, LocalPiece
 from dist_lora.checkpoint import AdapterState
 from dist_lora.constants import WEIGHT_FIELD
+from dist_lora.distributed import comm_device
 from dist_lora.faults import failpoint
 
 DEFAULT_BUCKET_BYTES = 32 * 2**20
@@ -232,7 +233,7 @@ def broadcast_json(obj: Any, group: Any = None, src: int = 0) -> Any:
     rank, world = _dist()
     if world == 1:
         return obj
-    device = _comm_device(group)
+    device = comm_device(group)
     if rank == src:
         payload = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8).to(device)
         length = torch.tensor([payload.numel()], dtype=torch.int64, device=device)
@@ -251,7 +252,7 @@ def any_rank(flag: bool, group: Any = None) -> bool:
     """Collective: True on every rank if ``flag`` is True on any rank (one tiny all-reduce)."""
     if _dist()[1] == 1:
         return flag
-    t = torch.tensor([int(flag)], dtype=torch.int32, device=_comm_device(group))
+    t = torch.tensor([int(flag)], dtype=torch.int32, device=comm_device(group))
     _record("all_reduce", t)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return bool(t.item())
@@ -270,12 +271,6 @@ def _subgroup(k: int, parent: Any) -> Any:
         backend = dist.get_backend(parent) if parent is not None else None
         _SUBGROUPS[key] = dist.new_group(ranks=list(range(k)), backend=backend, timeout=group_timeout())
     return _SUBGROUPS[key]
-
-
-def _comm_device(group: Any = None) -> torch.device:
-    if dist.is_initialized() and dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def broadcast_adapter(

@@ -897,7 +897,8 @@ def apply_lora_seeded(base: Any, cfg: Any, name_or_path: str, revision: str | No
 
 
 def compute_device() -> torch.device:
-    """Where this rank's shards live: the current CUDA device (``torch.cuda.set_device``), else the CPU."""
+    """Where this rank computes: the current CUDA device (``torch.cuda.set_device``), else the CPU. Its shards live
+    there too, but for FSDP2's CPU offload (host memory)."""
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 

@@ -31,6 +31,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dist_lora.model import compute_device
+
 log = logging.getLogger(__name__)
 
 BLOCK = 64
@@ -187,7 +189,8 @@ def fill_shard(local: Any, rows: torch.Tensor, group: Any) -> None:
     """Quantize this rank's ``rows`` of a weight into its NF4 shard ``local`` (collective over ``group``, the
     ranks sharding the weight): equal to the matching chunk of ``to_nf4`` over the whole weight, bit for bit."""
     nf4 = nf4_module()
-    rows = rows.to(local.quantized_data.device, local.dtype).contiguous()  # quantized where the shard lives (GPU)
+    # quantized on the GPU where there is one, even for a shard that lives in host memory (FSDP2's CPU offload)
+    rows = rows.to(compute_device(), local.dtype).contiguous()
     absmax = nf4.get_block_absmax(rows.reshape(-1), BLOCK)
     every = absmax
     if group is not None and dist.get_world_size(group) > 1:

@@ -18,7 +18,7 @@ from dist_lora import backends
 from dist_lora.agree import is_agreed
 from dist_lora.api import resume_checkpoint
 from dist_lora.checkpointer import Checkpointer
-from dist_lora.config import ConfigError, RunConfig, TrainConfig, config_changes, config_to_dict
+from dist_lora.config import ConfigError, ParallelConfig, RunConfig, TrainConfig, config_changes, config_to_dict
 from dist_lora.constants import ENV_WORLD_SIZE
 from dist_lora.data import check_packing, prepare_data
 from dist_lora.distributed import init_distributed, shutdown, step_consensus
@@ -85,11 +85,20 @@ def check_launch(cfg: RunConfig) -> None:
         )
 
 
+def join_group(p: ParallelConfig) -> tuple[int, int, torch.device]:
+    """:func:`init_distributed` as the engine needs it: a group even alone (all but ``single``), and on a GPU one
+    that reduces host tensors too where FSDP2 keeps its shards there (``cpu_offload``; DeepSpeed's offload reduces
+    on the GPU)."""
+    return init_distributed(
+        p.timeout_s, need_group=p.backend != "single", cpu_collectives=p.cpu_offload and p.backend == "fsdp"
+    )
+
+
 def train(cfg: RunConfig) -> list[dict[str, Any]]:
     """Run (or resume) a LoRA fine-tune as configured; returns the per-step metrics (on every rank)."""
     check_launch(cfg)
     quiet_third_party()
-    init_distributed(cfg.parallel.timeout_s, need_group=cfg.parallel.backend != "single")
+    join_group(cfg.parallel)
     trainer = None
     clean = False
     try:
@@ -151,9 +160,7 @@ class Trainer:
         )
         self.cfg = cfg = replace(cfg, model=model, data=data)
         t = cfg.train
-        self.rank, self.world, self.device = init_distributed(
-            cfg.parallel.timeout_s, need_group=cfg.parallel.backend != "single"
-        )
+        self.rank, self.world, self.device = join_group(cfg.parallel)
         self.grad_accum = grad_accum_steps(t, self.world)
         ck = cfg.checkpoint
         self.checkpointer = Checkpointer(ck, on_failure=self._save_failed)

@@ -16,6 +16,8 @@ from dist_lora.config import ConfigError, load_config
 from tests.dist_utils import ROOT, TINY, run_worker, short_run
 
 WORKER = ROOT / "tests" / "workers" / "runs_worker.py"
+OFFLOAD = "parallel.cpu_offload=true"
+ZERO3 = ["parallel.backend=deepspeed", "parallel.zero_stage=3"]
 
 # HF Trainer's documented ZeRO-3 config with CPU offload of the optimizer and the parameters ("auto" everywhere
 # the trainer fills in), as users carry it from one trainer to the next
@@ -190,6 +192,33 @@ def test_offload_param_needs_zero3(tmp_path):
         load_config(TINY, ["parallel.backend=deepspeed", "parallel.zero_stage=2", f"parallel.deepspeed_config={path}"])
 
 
+def test_cpu_offload_is_zero_offload_on_deepspeed_and_a_json_may_repeat_it_but_not_deny_it(tmp_path):
+    """parallel.cpu_offload puts the optimizer state on the host at every stage and ZeRO-3's parameter partitions
+    too, pinned; a JSON that says "cpu" (with its own pinning) merges over it, one that says "none" is named; DDP
+    and a single process, which compute with the whole replica, refuse it."""
+    host = {"device": "cpu", "pin_memory": True}
+    zero = ds_config(zero_stage=3, micro_batch_size=1, grad_accum=1, cpu_offload=True)["zero_optimization"]
+    assert zero["offload_optimizer"] == host == zero["offload_param"]
+    zero = ds_config(zero_stage=2, micro_batch_size=1, grad_accum=1, cpu_offload=True)["zero_optimization"]
+    assert zero["offload_optimizer"] == host and "offload_param" not in zero
+    assert "offload_optimizer" not in ds_config(zero_stage=3, micro_batch_size=1, grad_accum=1)["zero_optimization"]
+    unpinned = write(tmp_path, {"zero_optimization": {"offload_param": {"device": "cpu", "pin_memory": False}}})
+    zero = ds_config(zero_stage=3, micro_batch_size=1, grad_accum=1, cpu_offload=True, extra=unpinned)
+    assert zero["zero_optimization"]["offload_param"] == {"device": "cpu", "pin_memory": False}
+    denied = write(tmp_path, {"zero_optimization": {"offload_param": {"device": "none"}}}, "denied.json")
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY, [*ZERO3, OFFLOAD, f"parallel.deepspeed_config={denied}"])
+    assert 'zero_optimization.offload_param.device is "none", where parallel.cpu_offload makes it "cpu": set ' in str(
+        e.value
+    )
+    load_config(TINY, [*ZERO3, f"parallel.deepspeed_config={denied}"])  # without the flag, the JSON's to say
+    for backend in ("ddp", "single"):
+        with pytest.raises(
+            ConfigError, match=f"parallel.cpu_offload needs parallel.backend fsdp or deepspeed \\(got {backend}\\)"
+        ):
+            load_config(TINY, [f"parallel.backend={backend}", OFFLOAD])
+
+
 def test_a_json_that_is_not_an_object_is_named(tmp_path):
     path = write(tmp_path, [1, 2])  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match=r"a DeepSpeed config is a JSON object, not \[1, 2\]"):
@@ -198,12 +227,13 @@ def test_a_json_that_is_not_an_object_is_named(tmp_path):
 
 @pytest.mark.multiproc
 @pytest.mark.timeout(600)
-def test_zero_offload_trains_saves_and_resumes_at_another_world_size_and_engine(gpt2_base, tmp_path):
-    """ZeRO-3 with the optimizer state and the parameters offloaded (HF Trainer's JSON as it is) and ZeRO-2 with the
-    optimizer state offloaded train as FSDP2 does at 2 ranks; their steps resume at 1 rank, into ZeRO-2 offloaded
-    and into plain FSDP2, and training goes on as the uninterrupted run (losses within 1e-4, the adapters within
-    1e-5), with DeepSpeed's own flags saying the offload was on. Every run's AdamW has train.adam_betas and
-    train.adam_eps (the JSON's "auto"), the one inside ZeRO's optimizer too."""
+def test_cpu_offload_trains_saves_and_resumes_at_another_world_size_and_engine(gpt2_base, tmp_path):
+    """ZeRO-3 with the optimizer state and the parameters offloaded (HF Trainer's JSON as it is, or
+    parallel.cpu_offload alone), ZeRO-2 with the optimizer state offloaded and FSDP2 with parallel.cpu_offload train
+    as FSDP2 does at 2 ranks (FSDP2's losses equal to 1e-6); their steps resume at 1 rank, into ZeRO-2 offloaded,
+    into plain FSDP2 and into FSDP2 offloaded, and training goes on as the uninterrupted run (losses within 1e-4, the
+    adapters within 1e-5), with the engines' own flags saying the offload was on. Every run's AdamW has
+    train.adam_betas and train.adam_eps (the JSON's "auto"), the one inside ZeRO's optimizer too."""
     z3 = [
         "parallel.backend=deepspeed",
         "parallel.zero_stage=3",
@@ -218,13 +248,19 @@ def test_zero_offload_trains_saves_and_resumes_at_another_world_size_and_engine(
         {"name": "ref", "overrides": short_run(gpt2_base, *fsdp), "steps": 4},
         {"name": "z3-offload", "overrides": short_run(gpt2_base, *z3), "steps": 2},
         {"name": "z2-offload", "overrides": short_run(gpt2_base, *z2), "steps": 2},
+        {"name": "fsdp-offload", "overrides": short_run(gpt2_base, *fsdp, OFFLOAD), "steps": 4},
+        {"name": "z3-flag", "overrides": short_run(gpt2_base, *ZERO3, *adamw, OFFLOAD), "steps": 2},
     ]
     run_worker(2, {"runs": first, "out": str(tmp_path / "two")}, worker=WORKER)
     two = json.loads((tmp_path / "two" / "runs.json").read_text())
-    assert two["z3-offload"]["offload"] == {"optimizer": True, "param": True}
+    for name in ("z3-offload", "fsdp-offload", "z3-flag"):
+        assert two[name]["offload"] == {"optimizer": True, "param": True}, name
     assert two["z2-offload"]["offload"] == {"optimizer": True, "param": False}
+    assert two["ref"]["offload"] == {"optimizer": False, "param": False}
     ref = two["ref"]["losses"]
-    for name in ("z3-offload", "z2-offload"):
+    got = two["fsdp-offload"]["losses"]  # the same engine, computing the same way: only where the shards wait
+    assert all(abs(a - b) <= 1e-6 for a, b in zip(got, ref, strict=True)), (got, ref)
+    for name in ("z3-offload", "z2-offload", "z3-flag"):
         assert all(math.isclose(a, b, rel_tol=1e-4) for a, b in zip(two[name]["losses"], ref[:2], strict=True)), (
             name,
             two[name]["losses"],
@@ -243,14 +279,21 @@ def test_zero_offload_trains_saves_and_resumes_at_another_world_size_and_engine(
             "steps": 2,
             "resume": two["z2-offload"]["step"],
         },
+        {
+            "name": "z3-flag-to-fsdp-offload",
+            "overrides": short_run(gpt2_base, *fsdp, OFFLOAD),
+            "steps": 2,
+            "resume": two["z3-flag"]["step"],
+        },
     ]
     run_worker(1, {"runs": second, "out": str(tmp_path / "one")}, worker=WORKER)
     one = json.loads((tmp_path / "one" / "runs.json").read_text())
     assert one["z3-to-z2-offload"]["offload"] == {"optimizer": True, "param": False}
+    assert one["z3-flag-to-fsdp-offload"]["offload"] == {"optimizer": True, "param": True}
     for run in [*two.values(), *one.values()]:
         assert run["adamw"] == {"betas": [0.9, 0.95], "eps": 1e-6}
     want = load_file(str(Path(two["ref"]["step"]) / "adapter_model.safetensors"))
-    for name in ("z3-to-z2-offload", "z2-offload-to-fsdp"):
+    for name in ("z3-to-z2-offload", "z2-offload-to-fsdp", "z3-flag-to-fsdp-offload"):
         got = one[name]["losses"]
         assert all(math.isclose(a, b, rel_tol=1e-4) for a, b in zip(got, ref[2:], strict=True)), (name, got, ref)
         adapter = load_file(str(Path(one[name]["step"]) / "adapter_model.safetensors"))

@@ -19,8 +19,9 @@ from tests.dist_utils import ROOT
 @pytest.mark.multiproc
 @pytest.mark.timeout(600)
 def test_the_cuda_validation_checks_pass(tmp_path):
-    """FSDP2 and ZeRO-3 in bf16: an asynchronous save while training goes on equals a synchronous save of the same
-    step byte for byte, and the step resumes and saves equal again (pinned staging on a GPU)."""
+    """FSDP2, ZeRO-3 and FSDP2 with its shards in host memory (parallel.cpu_offload) in bf16: an asynchronous save
+    while training goes on equals a synchronous save of the same step byte for byte, and the step resumes and saves
+    equal again (pinned staging on a GPU; the offloaded shards in host memory)."""
     out = subprocess.run(
         [sys.executable, "-m", "bench.gpu", str(tmp_path), "--checks-only"],
         env=local_env(str(ROOT)),
@@ -31,9 +32,11 @@ def test_the_cuda_validation_checks_pass(tmp_path):
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     results = json.loads((tmp_path / "gpu.json").read_text())
-    assert [c["engine"] for c in results["checks"]] == ["fsdp", "zero3"] and not results["failed"]
+    assert [c["engine"] for c in results["checks"]] == ["fsdp", "zero3", "fsdp-offload"] and not results["failed"]
     cuda = torch.cuda.is_available()
-    assert all(c["staging_pinned"] == cuda for c in results["checks"])
+    checks = {c["engine"]: c for c in results["checks"]}
+    assert checks["fsdp"]["staging_pinned"] == checks["zero3"]["staging_pinned"] == cuda
+    assert checks["fsdp-offload"]["shards_on_host"] and checks["fsdp"]["shards_on_host"] != cuda
     assert bool(results["needs_cuda"]) != cuda  # a CPU run says what it could not show
     assert "Not shown by this run" in (tmp_path / "gpu.md").read_text() or cuda
 

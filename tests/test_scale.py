@@ -183,20 +183,30 @@ def test_activation_checkpointing_changes_no_loss_and_its_steps_load_without_it(
 
 @pytest.mark.multiproc
 @pytest.mark.timeout(400)
-def test_keep_base_gathered_with_an_nf4_base(qlora_base, tmp_path):
-    """QLoRA on FSDP2 at 2 ranks: with the NF4 base gathered once for the run, 3 steps give the default run's losses
-    and adapter; the base groups are gathered once, each block's adapter group once per step."""
+def test_keep_base_gathered_and_cpu_offload_with_an_nf4_base(qlora_base, tmp_path):
+    """QLoRA on FSDP2 at 2 ranks: with the NF4 base gathered once for the run, and with the shards in host memory
+    (parallel.cpu_offload, alone and with the base kept gathered), 3 steps give the default run's losses and adapter;
+    the base groups are gathered once, each block's adapter group once per step."""
     nf4 = ["model.quantization=nf4", "lora.target_modules=all-linear", "train.max_steps=3"]
+    keep_flag, offload = "parallel.keep_base_gathered=true", "parallel.cpu_offload=true"
     runs = [
         {"name": name, "overrides": [*short_run(qlora_base, *nf4, *flags), *ENGINES["fsdp"]], "steps": 3}
-        for name, flags in (("default", []), ("keep", ["parallel.keep_base_gathered=true"]))
+        for name, flags in (
+            ("default", []),
+            ("keep", [keep_flag]),
+            ("offload", [offload]),
+            ("keep-offload", [keep_flag, offload]),
+        )
     ]
     run_worker(2, {"runs": runs, "out": str(tmp_path)}, worker=WORKER)
     results = json.loads((tmp_path / "runs.json").read_text())
     default, keep = results["default"], results["keep"]
-    assert all(abs(a - b) <= 1e-6 for a, b in zip(default["losses"], keep["losses"], strict=True)), (default, keep)
-    a, b = (load_file(str(Path(r["step"]) / "adapter_model.safetensors")) for r in (default, keep))
-    assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() <= 1e-6 for k in a)
+    for name in ("keep", "offload", "keep-offload"):
+        other = results[name]
+        assert all(abs(a - b) <= 1e-6 for a, b in zip(default["losses"], other["losses"], strict=True)), (name, other)
+        a, b = (load_file(str(Path(r["step"]) / "adapter_model.safetensors")) for r in (default, other))
+        assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() <= 1e-6 for k in a), name
+        assert other["offload"]["param"] == ("offload" in name), name
     groups = default["fsdp_groups"]
     blocks = groups - 1
     assert keep["fsdp_groups"] == groups + blocks and keep["all_gathers"] == groups + 3 * blocks, keep

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +21,7 @@ from torch.distributed.tensor import DTensor
 from dist_lora.checkpoint import CheckpointError
 from dist_lora.config import ParallelConfig
 from dist_lora.constants import WEIGHT_FIELD
+from dist_lora.distributed import comm_device
 from dist_lora.lora import adapter_parameters, base_key, canonical_name, check_nothing_dropped, full_shape
 from dist_lora.model import (
     BaseWeights,
@@ -193,9 +194,7 @@ class Backend(ABC):
     @property
     def device(self) -> torch.device:
         """Where collective buffers live (CUDA for NCCL, CPU for gloo)."""
-        if dist.is_initialized() and dist.get_backend() == "nccl":
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
+        return comm_device()
 
     def adapter(self) -> dict[str, nn.Parameter]:
         """The adapter's parameters by canonical key (found once per bias mode: a wrapped model keeps them)."""
@@ -306,6 +305,7 @@ def materialize(
     row_offset: Callable[[Any], int] = lambda p: 0,
     group: Callable[[Any], Any] = lambda p: None,
     sliced: Callable[[Any], list[tuple[int, int]] | None] = lambda p: None,
+    offloaded: Collection[torch.Tensor] = (),
 ) -> None:
     """A model on the meta device (sharded or not) gets its memory and values, one tensor at a time: each rank
     allocates only what it holds of every parameter (a DTensor's local rows from ``row_offset``) and reads exactly
@@ -317,14 +317,22 @@ def materialize(
     On the CPU, a frozen parameter of the files' dtype is not read at all: its rows become a view of the file's
     pages (:meth:`BaseWeights.mapped`), which takes the meta parameter's place in the same pass that gives every
     other tensor its memory (one ``Module._apply``, as ``to_empty`` makes it; FSDP2 then takes the view as the local
-    shard). That is how ``from_pretrained`` leaves a CPU model, and costs as little: nothing is allocated for it."""
+    shard). That is how ``from_pretrained`` leaves a CPU model, and costs as little: nothing is allocated for it.
+    The same holds on a GPU for the ``offloaded`` parameters, whose shards live in host memory (FSDP2's CPU
+    offload; it copies them into pinned memory itself); the buffers and the other parameters go to the GPU."""
     device = compute_device()
+    on_host = {id(p) for p in offloaded} if device.type != "cpu" else {id(p) for p in model.parameters()}
     with torch.no_grad():
-        views = _views(model, weights, host, row_offset, sliced) if device.type == "cpu" else {}
-        # a tied parameter is met once per name: the same view each time, so that the names stay tied
-        model._apply(lambda t: views[id(t)] if id(t) in views else torch.empty_like(t, device=device))
+        views = _views(model, weights, host, row_offset, sliced, on_host)
+
+        def place(t: torch.Tensor) -> torch.Tensor:  # (a parameter keeps its identity through _apply)
+            if id(t) in views:  # a tied parameter is met once per name: the same view each time, so they stay tied
+                return views[id(t)]
+            return torch.empty_like(t, device="cpu" if id(t) in on_host else device)
+
+        model._apply(place)
         for name, p in model.named_parameters():
-            if id(p) in views:  # (the parameter keeps its identity through _apply)
+            if id(p) in views:
                 continue
             key = canonical_name(name)
             ranges = sliced(p)
@@ -354,14 +362,15 @@ def _views(
     host: dict[str, torch.Tensor],
     row_offset: Callable[[Any], int],
     sliced: Callable[[Any], list[tuple[int, int]] | None],
+    on_host: set[int],
 ) -> dict[int, torch.Tensor]:
-    """Views of the files for the parameters of a CPU model on the meta device that can have one, by the id of the
-    parameter: frozen, not scalars, not NF4, not from ``host``, not the front of FSDP2's padded buffer, and held by
-    the files in their dtype where a tensor of it may start."""
+    """Views of the files for the parameters of a model on the meta device that live in host memory (ids in
+    ``on_host``) and can have one, by the id of the parameter: frozen, not scalars, not NF4, not from ``host``, not
+    the front of FSDP2's padded buffer, and held by the files in their dtype where a tensor of it may start."""
     views = {}
     for name, p in model.named_parameters():
         key = canonical_name(name)
-        if sliced(p) is not None:  # several ranges of the files: read
+        if id(p) not in on_host or sliced(p) is not None:  # on the GPU; or several ranges of the files: read
             continue
         local, start, stop = _shard(p, row_offset)
         if p.requires_grad or not local.dim() or is_nf4(local) or key in host or _in_padded_buffer(local):

@@ -222,6 +222,7 @@ class DeepSpeedBackend(Backend):
             extra=parallel.deepspeed_config,
             max_grad_norm=batch.get("max_grad_norm"),
             world_size=world,
+            cpu_offload=parallel.cpu_offload,
         )
         keep = HfDeepSpeedConfig(config)  # transformers builds under zero.Init while this object lives
         # After construction transformers initialises the weights module by module, each one gathered whole onto
@@ -260,6 +261,7 @@ class DeepSpeedBackend(Backend):
             max_grad_norm=max_grad_norm,
             world_size=torch.distributed.get_world_size(),
             adamw={name: client.defaults.get(name) for name in ADAMW_SETTINGS},  # what the JSON may repeat
+            cpu_offload=parallel.cpu_offload,
         )
         engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=client, config=config)
         backend = cls(engine, optimizer, bias)

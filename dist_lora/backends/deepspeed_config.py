@@ -102,10 +102,12 @@ def problems(
     global_batch_size: int | None = None,
     grad_accum: int | None = None,
     adamw: dict[str, Any] | None = None,
+    cpu_offload: bool = False,
 ) -> list[str]:
     """What in the user's JSON contradicts dist_lora's config or cannot run under it, one message each; None for a
     value not known yet (the gradient accumulation depends on the world size) skips its check. ``adamw``: the
-    trainer's AdamW settings (lr, betas, eps, weight_decay), which an ``optimizer`` section may repeat."""
+    trainer's AdamW settings (lr, betas, eps, weight_decay), which an ``optimizer`` section may repeat.
+    ``cpu_offload``: ``parallel.cpu_offload``, which the JSON's offload devices may repeat ("cpu") but not deny."""
     accumulation = "train.global_batch_size (the accumulation is global_batch_size / (micro_batch_size x world size))"
     precision = "parallel.mixed_precision (none: fp32, or bf16)"
     owned: list[tuple[tuple[str, ...], Any, str]] = [  # (where in the JSON, dist_lora's value, the setting of it)
@@ -173,7 +175,21 @@ def problems(
             "Adam state is megabytes: host memory holds it)"
         )
     found += _param_offload_problems(user, zero_stage)
+    if cpu_offload:
+        for section in _offloaded(zero_stage):
+            device = _get(user, ("zero_optimization", section, "device"))
+            if device not in (_MISSING, AUTO, "cpu", "nvme"):  # (nvme: refused above)
+                found.append(
+                    f"zero_optimization.{section}.device is {json.dumps(device)}, where parallel.cpu_offload "
+                    f'makes it "cpu": set parallel.cpu_offload=false, or leave {section} out of the JSON or "cpu"'
+                )
     return found
+
+
+def _offloaded(zero_stage: int) -> tuple[str, ...]:
+    """The ``zero_optimization`` sections that ``parallel.cpu_offload`` puts on the CPU at this stage: the optimizer
+    state at every stage, the parameter partitions at ZeRO-3 (the only stage that partitions them)."""
+    return ("offload_optimizer", "offload_param") if zero_stage == 3 else ("offload_optimizer",)
 
 
 def ds_config(
@@ -186,9 +202,11 @@ def ds_config(
     max_grad_norm: float | None = None,
     world_size: int | None = None,
     adamw: dict[str, Any] | None = None,
+    cpu_offload: bool = False,
 ) -> dict[str, Any]:
     """The DeepSpeed config dist_lora uses; ``extra`` names a JSON file merged over it (see the module's doc).
-    Raises ValueError naming every setting of the file that contradicts dist_lora's config."""
+    ``cpu_offload``: ZeRO-Offload to pinned host memory (``parallel.cpu_offload``). Raises ValueError naming every
+    setting of the file that contradicts dist_lora's config."""
     config: dict[str, Any] = {
         "zero_optimization": {"stage3_param_persistence_threshold": 0},
         "bf16": {"enabled": bf16},
@@ -199,6 +217,9 @@ def ds_config(
         "steps_per_print": 2**31,
         "wall_clock_breakdown": False,
     }
+    if cpu_offload:
+        for section in _offloaded(zero_stage):
+            config["zero_optimization"][section] = {"device": "cpu", "pin_memory": True}
     if extra:
         user = read_json(extra)
         found = problems(
@@ -210,6 +231,7 @@ def ds_config(
             global_batch_size=None if world_size is None else micro_batch_size * grad_accum * world_size,
             grad_accum=grad_accum,
             adamw=adamw,
+            cpu_offload=cpu_offload,
         )
         if found:
             raise ValueError("\n".join(_named(extra, found)))
@@ -269,6 +291,7 @@ def config_errors(
     bf16: bool,
     max_grad_norm: float | None,
     adamw: dict[str, Any],
+    cpu_offload: bool = False,
 ) -> list[str]:
     """The run's config validation of ``parallel.deepspeed_config``, before anything loads: what :func:`ds_config`
     would refuse, but for the gradient accumulation (it depends on the world size: checked as the engine is built)."""
@@ -284,6 +307,7 @@ def config_errors(
         max_grad_norm=max_grad_norm,
         global_batch_size=global_batch_size,
         adamw=adamw,
+        cpu_offload=cpu_offload,
     )
     return _named(path, found)
 

@@ -114,6 +114,19 @@ def _shard_group(p: DTensor) -> Any:
     return p.device_mesh.get_group(next(i for i, pl in enumerate(p.placements) if isinstance(pl, Shard)))
 
 
+def _check_host_collectives() -> None:
+    """FSDP2's CPU offload reduces the gradient norm over shards in host memory: on a GPU, the process group must
+    hold a gloo backend beside NCCL (dist_lora's trainer makes it so; a loop of one's own makes the group)."""
+    import torch.distributed as dist
+
+    backend = str(dist.get_backend())
+    if torch.cuda.is_available() and "gloo" not in backend:
+        raise ConfigError(
+            f"parallel.cpu_offload keeps the shards in host memory, and the process group ({backend}) cannot reduce "
+            'host tensors: start it with torch.distributed.init_process_group("cuda:nccl,cpu:gloo")'
+        )
+
+
 def _shard_trained_apart(model: nn.Module, blocks: list[nn.Module], kwargs: dict[str, Any]) -> list[nn.Module]:
     """For ``keep_base_gathered``: the modules that hold trained parameters (the adapter's, trained biases,
     modules_to_save) become FSDP groups of their own, one per block and one for the rest, before the blocks do, so
@@ -165,7 +178,8 @@ class FSDPBackend(Backend):
             return super().load_base(parallel, name_or_path, dtype, device, **batch)
         shards = cls.shards(parallel)
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        views = dtype if device.type == "cpu" and not batch.get("quantized") else None  # as materialize makes them
+        on_host = device.type == "cpu" or parallel.cpu_offload  # where the shards live; materialize maps them there
+        views = dtype if on_host and not batch.get("quantized") else None
         model = build_on_meta(name_or_path, dtype)
         weights.follow(model).read_ahead(rows_of(rank % shards, shards), views)  # the shard dim is the mesh's last
         return model, weights
@@ -174,11 +188,14 @@ class FSDPBackend(Backend):
     def wrap(
         cls, parallel, model, make_optimizer, bias, *, micro_batch_size, grad_accum, weights=None, max_grad_norm=None
     ):  # type: ignore[no-untyped-def]
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
         kwargs: dict[str, Any] = {"mesh": device_mesh(parallel.replicate)}
         if parallel.mixed_precision == "bf16":
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if parallel.cpu_offload:
+            _check_host_collectives()
+            kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
         shards = cls.shards(parallel)
         kwargs["shard_placement_fn"] = lambda p: (
             Shard(1) if not p.requires_grad and shard_dim(tuple(p.shape), shards) else None  # None: rows
@@ -211,6 +228,7 @@ class FSDPBackend(Backend):
                 row_offset=lambda p: cls._row_offset(p) if isinstance(p, DTensor) else 0,
                 sliced=cls._sliced,
                 group=lambda p: _shard_group(p) if isinstance(p, DTensor) else None,
+                offloaded=[p for p in model.parameters() if isinstance(p, DTensor)] if parallel.cpu_offload else (),
             )
         params = [p for p in model.parameters() if p.requires_grad]
         backend = cls(model, make_optimizer(params), bias)

@@ -6,7 +6,7 @@ trainer's AdamW replaced by one of OPTIMIZERS, as a loop of the user's own would
 steps, evaluates if asked and saves. Rank 0 writes out/runs.json: per run, each step's loss and gradient norm, the eval loss, the saved step's
 URL, how many times a layer inside the first transformer block ran (twice per micro-batch when activations are
 recomputed), how many all-gathers FSDP2 made during the steps and how many groups it shards, and what DeepSpeed's
-ZeRO optimizer offloads to host memory (its own flags: the optimizer state, ZeRO-3's parameter partitions), and the
+engine offloads to host memory (its own flags), and the
 betas and eps of the optimizer that steps the adapter.
 """
 
@@ -57,13 +57,26 @@ def first_layer_inside_a_block(model):
 
 
 def offloaded(backend) -> dict[str, bool] | None:
+    """What the engine keeps in host memory, by its own flags: DeepSpeed's ZeRO optimizer's (the optimizer state,
+    ZeRO-3's parameter partitions); FSDP2's parameters' (each sharded parameter, and so its gradient and Adam state:
+    the optimizer steps the shards where they are)."""
     zero = getattr(backend, "zero", None)
-    if zero is None:
+    if zero is not None:
+        return {
+            "optimizer": bool(getattr(zero, "cpu_offload", False) or getattr(zero, "offload_optimizer", False)),
+            "param": bool(getattr(zero, "offload_param", False)),
+        }
+    fsdp = [
+        param
+        for m in backend.model.modules()
+        if isinstance(m, FSDPModule)
+        for group in m._get_fsdp_state()._fsdp_param_groups
+        for param in group.fsdp_params
+    ]
+    if not fsdp:
         return None
-    return {
-        "optimizer": bool(getattr(zero, "cpu_offload", False) or getattr(zero, "offload_optimizer", False)),
-        "param": bool(getattr(zero, "offload_param", False)),
-    }
+    on_host = all(param.offload_to_cpu for param in fsdp)
+    return {"optimizer": on_host, "param": on_host}
 
 
 def main() -> None:
