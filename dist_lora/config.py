@@ -127,7 +127,11 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = 100
-    """Optimizer steps in the whole run (the schedule's length)."""
+    """Optimizer steps in the whole run (the schedule's length); left out with ``epochs``, which sets it."""
+    epochs: float | None = None
+    """The run's length in passes over the training rows (HF Trainer's num_train_epochs; may be fractional), in
+    place of max_steps: ceil(epochs x rows / global_batch_size) steps, worked out once the data is tokenized (and
+    packed), the same at any world size."""
     global_batch_size: int = 8
     """Samples per optimizer step, over all ranks; fixed whatever the world size."""
     micro_batch_size: int = 1
@@ -426,8 +430,9 @@ def _validate(cfg: RunConfig, errors: list[str]) -> None:
         t.max_grad_norm is None or t.max_grad_norm > 0,
         f"train.max_grad_norm must be > 0, or null for no clipping (got {t.max_grad_norm})",
     )
-    check(
-        t.stop_at_step is None or 1 <= t.stop_at_step <= t.max_steps,
+    check(t.epochs is None or t.epochs > 0, f"train.epochs must be > 0 (got {t.epochs})")
+    check(  # (with epochs, the run's end is known once the data is: the trainer checks it then)
+        t.stop_at_step is None or 1 <= t.stop_at_step <= (t.max_steps if t.epochs is None else t.stop_at_step),
         f"train.stop_at_step must be in [1, train.max_steps={t.max_steps}] (got {t.stop_at_step})",
     )
     p = cfg.parallel
@@ -558,7 +563,20 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         raise ConfigError(f"{path} is not valid YAML: {e}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of sections (model, lora, data, ...)")
-    return config_from_dict(apply_overrides(data, overrides or []))
+    overrides = overrides or []
+    given = {o.split("=", 1)[0].strip() for o in overrides}
+    train = data.get("train")
+    for key, other in (("epochs", "max_steps"), ("max_steps", "epochs")):  # a run's length on the command line
+        if f"train.{key}" in given and f"train.{other}" not in given and isinstance(train, dict):
+            train.pop(other, None)  # replaces the file's, whichever of the two it gives
+    data = apply_overrides(data, overrides)
+    train = data.get("train")
+    if isinstance(train, dict) and train.get("epochs") is not None and "max_steps" in train:
+        raise ConfigError(
+            f"invalid config:\n  train.epochs={train['epochs']} and train.max_steps={train['max_steps']} both set the "
+            "run's length: keep one (epochs: passes over the data; max_steps: optimizer steps)"
+        )
+    return config_from_dict(data)
 
 
 SECRET_WORDS = ("key", "secret", "token", "password", "credential")

@@ -288,6 +288,72 @@ def test_the_collector_runs_between_steps_and_only_when_asked(gpt2_base, tmp_pat
         gc.callbacks.remove(record)
 
 
+def test_epochs_set_the_runs_length_and_one_pass_sees_every_row_once_across_a_resume(gpt2_base, tmp_path, caplog):
+    """train.epochs: ceil(epochs x rows / global batch) steps, worked out from the tokenized rows. One epoch over
+    104 rows in batches of 8, stopped after step 5 and resumed, is 13 steps that feed every row exactly once; the
+    schedule spans them, the metrics count the epoch, the resume names no changed setting. Half an epoch is 7 steps.
+    Both keys, or a stop past the run's end, are one error naming the fix."""
+    from dist_lora.config import ConfigError, load_config
+    from dist_lora.train import Trainer
+
+    def config(*extra: str):
+        return load_config(
+            str(TINY),
+            [
+                f"model.name_or_path={gpt2_base}",
+                f"data.path={corpus_path()}",
+                f"checkpoint.dir={tmp_path / 'ckpt'}",
+                "parallel.backend=single",
+                "train.global_batch_size=8",
+                "train.micro_batch_size=2",
+                "checkpoint.every_steps=0",
+                *extra,
+            ],
+        )
+
+    def fed(trainer: Trainer) -> list[int]:
+        """The training rows that the trainer's micro-batches are made of, as fit() takes them."""
+        rows: list[int] = []
+        take = trainer.data.train.batch
+
+        def recording(ids, **kw):
+            rows.extend(ids)
+            return take(ids, **kw)
+
+        trainer.data.train.batch = recording  # type: ignore[method-assign]
+        return rows
+
+    first = Trainer(config("train.epochs=1", "train.stop_at_step=5"))
+    n = len(first.data)
+    assert n == 104 and first.cfg.train.max_steps == 13
+    seen = fed(first)
+    first.fit()
+    caplog.clear()
+    second = Trainer(config("train.epochs=1"))
+    second.resume("auto")
+    assert second.step == 5 and second.cfg.train.max_steps == 13
+    assert "differ" not in caplog.text, caplog.text  # the resolved length is the saved one
+    seen_after = fed(second)
+    metrics = second.fit()
+    assert sorted(seen + seen_after) == list(range(n))  # each row once
+    assert [m["step"] for m in metrics] == list(range(6, 14)) and metrics[-1]["epoch"] == 1.0
+    state = json.loads((tmp_path / "ckpt" / "step-00000013" / "trainer_state.json").read_text())
+    assert state["lr_schedule"]["max_steps"] == 13
+
+    half = Trainer(config("train.epochs=0.5", f"checkpoint.dir={tmp_path / 'half'}"))
+    assert half.cfg.train.max_steps == 7  # ceil(52 / 8)
+    half.checkpointer.release_lease()
+    with pytest.raises(ConfigError, match=r"train.epochs=1 and train.max_steps=6 both set the run's length: keep one"):
+        config("train.epochs=1", "train.max_steps=6")
+    with pytest.raises(
+        ConfigError,
+        match=r"train.stop_at_step=20 is past the run's end: train.epochs=1 over 104 rows in global batches of 8 is 13 steps",
+    ):
+        Trainer(config("train.epochs=1", "train.stop_at_step=20", f"checkpoint.dir={tmp_path / 'past'}"))
+    with pytest.raises(ConfigError, match=r"train.epochs must be > 0 \(got 0.0\)"):
+        config("train.epochs=0.0")
+
+
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_lora_on_experts_without_activation_checkpointing_warns(mixtral_base, tmp_path, caplog, checkpointing):
     """LoRA on a MoE's fused experts keeps every layer's adapted experts for the backward (PEFT forms them in the
