@@ -140,6 +140,9 @@ class TrainConfig:
     """Peak learning rate (AdamW)."""
     warmup_steps: int = 0
     """Linear warm-up steps, then lr_schedule."""
+    warmup_ratio: float = 0.0
+    """The warm-up as a share of the run's steps instead (HF Trainer's warmup_ratio): ceil(ratio x max_steps), known
+    once the run's length is (with epochs, once the data is tokenized)."""
     lr_schedule: LrSchedule = "cosine"
     """After warm-up: cosine (decay to min_lr_ratio * lr at max_steps) | linear (the same, in a straight line; HF
     Trainer's default) | constant."""
@@ -423,6 +426,11 @@ def _validate(cfg: RunConfig, errors: list[str]) -> None:
     )
     check(t.adam_eps > 0, f"train.adam_eps must be > 0 (got {t.adam_eps})")
     check(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0 (got {t.warmup_steps})")
+    check(0.0 <= t.warmup_ratio < 1.0, f"train.warmup_ratio must be in [0, 1) (got {t.warmup_ratio})")
+    check(
+        not (t.warmup_ratio and t.warmup_steps),
+        f"train.warmup_steps={t.warmup_steps} and train.warmup_ratio={t.warmup_ratio} both set the warm-up: keep one",
+    )
     check(0.0 <= t.min_lr_ratio <= 1.0, f"train.min_lr_ratio must be in [0, 1] (got {t.min_lr_ratio})")
     check(t.weight_decay >= 0, f"train.weight_decay must be >= 0 (got {t.weight_decay})")
     check(t.seed >= 0, f"train.seed must be >= 0 (got {t.seed})")
@@ -552,6 +560,10 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
     return cfg
 
 
+ALTERNATIVES = (("epochs", "max_steps"), ("warmup_ratio", "warmup_steps"))
+"""Keys of ``train`` that set one thing in two ways (the run's length, its warm-up): a config gives one of each."""
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML config, apply dotted ``key=value`` overrides, validate."""
     path = Path(path)
@@ -566,9 +578,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     overrides = overrides or []
     given = {o.split("=", 1)[0].strip() for o in overrides}
     train = data.get("train")
-    for key, other in (("epochs", "max_steps"), ("max_steps", "epochs")):  # a run's length on the command line
-        if f"train.{key}" in given and f"train.{other}" not in given and isinstance(train, dict):
-            train.pop(other, None)  # replaces the file's, whichever of the two it gives
+    for pair in ALTERNATIVES:  # one of a pair on the command line replaces the file's other
+        for key, other in (pair, pair[::-1]):
+            if f"train.{key}" in given and f"train.{other}" not in given and isinstance(train, dict):
+                train.pop(other, None)
     data = apply_overrides(data, overrides)
     train = data.get("train")
     if isinstance(train, dict) and train.get("epochs") is not None and "max_steps" in train:

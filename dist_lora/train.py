@@ -85,20 +85,25 @@ def check_launch(cfg: RunConfig) -> None:
         )
 
 
-def steps_for_epochs(t: TrainConfig, rows: int) -> TrainConfig:
-    """``t`` with ``max_steps`` set from ``epochs``: enough global batches to see every one of ``rows`` training
-    rows ``epochs`` times (the last batch may run into the next pass, as a step is always a whole global batch)."""
-    assert t.epochs is not None
-    steps = max(1, math.ceil(t.epochs * rows / t.global_batch_size))
-    log.info(
-        "train.epochs=%g over %d rows in global batches of %d: %d steps", t.epochs, rows, t.global_batch_size, steps
-    )
-    if t.stop_at_step is not None and t.stop_at_step > steps:
-        raise ConfigError(
-            f"train.stop_at_step={t.stop_at_step} is past the run's end: train.epochs={t.epochs:g} over {rows} rows "
-            f"in global batches of {t.global_batch_size} is {steps} steps; set train.stop_at_step to {steps} or less"
+def schedule(t: TrainConfig, rows: int) -> TrainConfig:
+    """``t`` with the run's length and warm-up in steps: ``max_steps`` from ``epochs`` (enough global batches to
+    see every one of ``rows`` training rows ``epochs`` times; the last may run into the next pass, as a step is
+    always a whole global batch), ``warmup_steps`` from ``warmup_ratio`` (ceil, as HF Trainer)."""
+    if t.epochs is not None:
+        steps = max(1, math.ceil(t.epochs * rows / t.global_batch_size))
+        log.info(
+            "train.epochs=%g over %d rows in global batches of %d: %d steps", t.epochs, rows, t.global_batch_size, steps
         )
-    return replace(t, max_steps=steps)
+        if t.stop_at_step is not None and t.stop_at_step > steps:
+            raise ConfigError(
+                f"train.stop_at_step={t.stop_at_step} is past the run's end: train.epochs={t.epochs:g} over {rows} "
+                f"rows in global batches of {t.global_batch_size} is {steps} steps; set train.stop_at_step to "
+                f"{steps} or less"
+            )
+        t = replace(t, max_steps=steps)
+    if t.warmup_ratio:
+        t = replace(t, warmup_steps=math.ceil(t.warmup_ratio * t.max_steps))
+    return t
 
 
 def join_group(p: ParallelConfig) -> tuple[int, int, torch.device]:
@@ -200,9 +205,8 @@ class Trainer:
                 f"learned (max_position_embeddings in its config.json): set data.seq_len to {limit} or less"
             )
         self.data = prepare_data(cfg.data, tokenizer, seed=t.seed)  # tokenized once per node, then cached
-        if t.epochs is not None:  # the run's length in passes over the rows: known now that the rows are
-            self.cfg = cfg = replace(cfg, train=steps_for_epochs(t, len(self.data)))
-            t = cfg.train
+        t = schedule(t, len(self.data))  # the run's length and warm-up in steps (epochs: known now that the rows are)
+        self.cfg = cfg = replace(cfg, train=t)
         with collection_paused():  # a build makes ~10^5 objects: no full collections over the imported libraries
             plan = self._build_model(cfg)
         self.checkpointer.prepare(self.backend)  # the first save then stalls like the later ones

@@ -291,8 +291,9 @@ def test_the_collector_runs_between_steps_and_only_when_asked(gpt2_base, tmp_pat
 def test_epochs_set_the_runs_length_and_one_pass_sees_every_row_once_across_a_resume(gpt2_base, tmp_path, caplog):
     """train.epochs: ceil(epochs x rows / global batch) steps, worked out from the tokenized rows. One epoch over
     104 rows in batches of 8, stopped after step 5 and resumed, is 13 steps that feed every row exactly once; the
-    schedule spans them, the metrics count the epoch, the resume names no changed setting. Half an epoch is 7 steps.
-    Both keys, or a stop past the run's end, are one error naming the fix."""
+    schedule spans them, the metrics count the epoch, the resume names no changed setting. Half an epoch is 7 steps,
+    and a warm-up ratio of 0.3 of them 3. Both keys of one setting, or a stop past the run's end, are one error
+    naming the fix."""
     from dist_lora.config import ConfigError, load_config
     from dist_lora.train import Trainer
 
@@ -340,9 +341,11 @@ def test_epochs_set_the_runs_length_and_one_pass_sees_every_row_once_across_a_re
     state = json.loads((tmp_path / "ckpt" / "step-00000013" / "trainer_state.json").read_text())
     assert state["lr_schedule"]["max_steps"] == 13
 
-    half = Trainer(config("train.epochs=0.5", f"checkpoint.dir={tmp_path / 'half'}"))
-    assert half.cfg.train.max_steps == 7  # ceil(52 / 8)
+    half = Trainer(config("train.epochs=0.5", "train.warmup_ratio=0.3", f"checkpoint.dir={tmp_path / 'half'}"))
+    assert (half.cfg.train.max_steps, half.cfg.train.warmup_steps) == (7, 3)  # ceil(52 / 8), ceil(0.3 x 7)
     half.checkpointer.release_lease()
+    with pytest.raises(ConfigError, match=r"train.warmup_steps=2 and train.warmup_ratio=0.1 both set the warm-up"):
+        config("train.epochs=1", "train.warmup_steps=2", "train.warmup_ratio=0.1")
     with pytest.raises(ConfigError, match=r"train.epochs=1 and train.max_steps=6 both set the run's length: keep one"):
         config("train.epochs=1", "train.max_steps=6")
     with pytest.raises(
