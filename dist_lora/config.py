@@ -440,7 +440,7 @@ def _validate(cfg: RunConfig, errors: list[str]) -> None:
     )
     check(t.epochs is None or t.epochs > 0, f"train.epochs must be > 0 (got {t.epochs})")
     check(  # (with epochs, the run's end is known once the data is: the trainer checks it then)
-        t.stop_at_step is None or 1 <= t.stop_at_step <= (t.max_steps if t.epochs is None else t.stop_at_step),
+        t.stop_at_step is None or (t.stop_at_step >= 1 and (t.epochs is not None or t.stop_at_step <= t.max_steps)),
         f"train.stop_at_step must be in [1, train.max_steps={t.max_steps}] (got {t.stop_at_step})",
     )
     p = cfg.parallel
