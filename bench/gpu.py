@@ -96,6 +96,12 @@ def build_base(out: Path, shape: str, device: str) -> Path:
     return out
 
 
+def _engine_runs(results: dict[str, Any], base: str) -> list[dict[str, Any]]:
+    """The runs on ``base`` that differ by engine alone (part 5, and the default FSDP2 run of part 2): not the
+    QLoRA pair, not another model dtype."""
+    return [r for r in results["runs"] if r["base"] == base and not r["quantization"] and not r.get("dtype")]
+
+
 def judge(results: dict[str, Any], cuda: bool) -> list[str]:
     """Every failed check, in words."""
     failed = [f"{e['part']} raised {e['error']}" for e in results.get("errors", [])]
@@ -114,9 +120,7 @@ def judge(results: dict[str, Any], cuda: bool) -> list[str]:
     for r in results["runs"]:
         if not (r["last_loss"] == r["last_loss"] and r["resume_loss"] == r["resume_loss"]):
             failed.append(f"{r['name']}: a loss is NaN")
-        default = next(
-            (x for x in results["runs"] if x["base"] == r["base"] and x["name"] == r["name"].split()[0]), None
-        )
+        default = next((x for x in _engine_runs(results, r["base"]) if x["engine"] == "fsdp"), None)
         if cuda and r["engine"] == "fsdp-offload" and default:  # noqa: SIM102 (the pair, then the figures)
             if not r["train_peak_device_bytes"] < default["train_peak_device_bytes"]:
                 peaks = gib(r["train_peak_device_bytes"]), gib(default["train_peak_device_bytes"])
@@ -173,11 +177,7 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{gib(r.get('resume_peak_device_bytes'))} |"
             )
     for ddp in (r for r in results["runs"] if r["engine"] == "ddp"):
-        fsdp = [
-            r
-            for r in results["runs"]
-            if r["base"] == ddp["base"] and r["engine"] != "ddp" and not r["quantization"] and not r.get("dtype")
-        ]
+        fsdp = [r for r in _engine_runs(results, ddp["base"]) if r["engine"] != "ddp"]
         ratios = ", ".join(f"{ENGINE_RUNS[r['engine']]} {r['step_s'] / ddp['step_s']:.2f}x" for r in fsdp)
         lines += ["", f"Step time against DDP on the same base at world size 1 ({ddp['name']}): {ratios}."]
     if results["needs_cuda"]:
