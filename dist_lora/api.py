@@ -363,6 +363,7 @@ def load_sharded(
     revision: str | None = None,
     seed: int = 0,
     activation_checkpointing: bool = False,
+    attn_implementation: str | None = None,
 ) -> nn.Module:
     """Collective: the model the trainer trains on FSDP2 or ZeRO-3, for a training loop of one's own; no rank ever
     holds the whole base. LoRA's adapter is drawn from ``torch.manual_seed(seed)``, the same on every rank, at any
@@ -378,6 +379,7 @@ def load_sharded(
       model for ``deepspeed.initialize``, which must be given a ZeRO-3 config; ``parallel.deepspeed_config`` names
       that config's JSON, so that construction reads the settings it shares with the engine (parameter offload).
 
+    ``attn_implementation``: the attention kernel, as ``from_pretrained``'s (default: transformers' choice).
     ``save_checkpoint`` and ``load_checkpoint`` take the model (FSDP2) or the engine (ZeRO-3) as they are."""
     import torch.distributed as dist
 
@@ -390,6 +392,7 @@ def load_sharded(
         collection_paused,
         compute_device,
         enable_activation_checkpointing,
+        set_attention,
     )
 
     parallel = parallel or ParallelConfig(backend="fsdp")
@@ -434,6 +437,7 @@ def load_sharded(
         )
         if hub:
             base.name_or_path = base.config.name_or_path = name_or_path
+        set_attention(base, attn_implementation, what="attn_implementation")
         if activation_checkpointing:
             enable_activation_checkpointing(base)
         model = apply_lora_seeded(base, lora, name_or_path, Path(str(directory)).name if hub else revision, seed)

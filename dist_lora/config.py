@@ -47,6 +47,9 @@ class ModelConfig:
     revision: str | None = None
     """A hub id's commit, branch or tag (``from_pretrained``'s ``revision``); default: its newest (``main``). The
     commit trained on is recorded with every step either way."""
+    attn_implementation: str | None = None
+    """The attention kernel (transformers' ``attn_implementation``): sdpa, eager, flash_attention_2,
+    flash_attention_3, flex_attention, or a hub kernel; default: transformers' choice (sdpa where the model has it)."""
 
 
 @dataclass
@@ -385,6 +388,11 @@ def _validate(cfg: RunConfig, errors: list[str]) -> None:
         cfg.model.revision is None or (isinstance(cfg.model.revision, str) and cfg.model.revision != ""),
         f"model.revision must be a hub commit, branch or tag (got {cfg.model.revision!r}); omit it for the newest",
     )
+    check(
+        cfg.model.attn_implementation != "",
+        "model.attn_implementation is empty: name a kernel (sdpa, eager, flash_attention_2, ...) or omit it for "
+        "transformers' default",
+    )
     check(cfg.lora.r >= 1, f"lora.r must be >= 1 (got {cfg.lora.r})")
     check(cfg.lora.alpha > 0, f"lora.alpha must be > 0 (got {cfg.lora.alpha})")
     check(0.0 <= cfg.lora.dropout < 1.0, f"lora.dropout must be in [0, 1) (got {cfg.lora.dropout})")
@@ -616,9 +624,16 @@ def config_to_dict(cfg: RunConfig, *, secrets: bool = False) -> dict[str, Any]:
     return data if secrets else redact(data)
 
 
-RESUME_FREE = ("parallel.", "checkpoint.", "train.stop_at_step", "train.metrics_file", "train.micro_batch_size")
+RESUME_FREE = (
+    "parallel.",
+    "checkpoint.",
+    "train.stop_at_step",
+    "train.metrics_file",
+    "train.micro_batch_size",
+    "model.attn_implementation",
+)
 """Settings a resume may change without changing what is trained: where and how it runs (ranks, engine, sharding,
-saving), and how each global batch is cut into micro-batches."""
+saving, the attention kernel), and how each global batch is cut into micro-batches."""
 
 
 def config_changes(saved: dict[str, Any] | None, now: dict[str, Any]) -> list[str]:

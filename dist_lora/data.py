@@ -59,6 +59,10 @@ FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 """What a hub dataset id looks like ("name" or "org/name"); any other missing path is a missing local path."""
 ATTENTION_WITH_PACKING = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+ONE_ROW_ATTENTION = ("flash_attention_2", "flash_attention_3")
+"""Kernels that tell packed samples apart by their position ids only in a batch of one row (transformers'
+``_is_packed_sequence``; the others build a mask per row): a packed micro-batch reaches them as its rows laid end
+to end, as HF's ``DataCollatorWithFlattening`` does."""
 
 
 class DataError(ValueError):
@@ -570,6 +574,9 @@ class Rows:
         self.ds = ds
         self.pad_id = pad_id
         self.packed = packed
+        self.one_row = False
+        """Packed rows laid end to end in one row of the batch (:data:`ONE_ROW_ATTENTION`). Exact: a row's first
+        label, like every sample's, is no target, and its position ids restart."""
         self.n_targets = torch.tensor(ds["n_targets"], dtype=torch.long)
 
     def __len__(self) -> int:
@@ -577,8 +584,9 @@ class Rows:
 
     def batch(self, ids: list[int], *, no_targets: bool = False) -> dict[str, torch.Tensor]:
         """Rows ``ids`` padded to the longest: input_ids, labels and (packed) position ids restarting at each
-        sample, so that transformers keeps packed samples from attending to each other; or (unpacked, padded) an
-        attention mask. ``no_targets``: every label ignored (a rank's filler batch in evaluation)."""
+        sample, so that transformers keeps packed samples from attending to each other (in one row where
+        :attr:`one_row`); or (unpacked, padded) an attention mask. ``no_targets``: every label ignored (a rank's
+        filler batch in evaluation)."""
         rows = self.ds[ids]
         width = max(len(x) for x in rows["input_ids"])
         n = len(ids)
@@ -595,6 +603,8 @@ class Rows:
                 pad = width - sum(lengths)
                 position_ids[i] = torch.cat([torch.arange(k) for k in [*lengths, pad] if k])
             out["position_ids"] = position_ids
+            if self.one_row:
+                out = {k: v.reshape(1, -1) for k, v in out.items()}
         elif any(len(x) < width for x in rows["input_ids"]):
             lens = torch.tensor([len(x) for x in rows["input_ids"]])
             out["attention_mask"] = (torch.arange(width)[None, :] < lens[:, None]).long()
@@ -656,9 +666,10 @@ def set_chat_template(tokenizer: Any, template: str | None) -> None:
         tokenizer.chat_template = p.read_text(encoding="utf-8") if "{" not in template and p.is_file() else template
 
 
-def check_packing(model: Any) -> None:
+def check_packing(model: Any, data: TrainData) -> None:
     """Packing relies on transformers' packed-sequence masks (position ids that restart mark where a sample
-    begins); a model that builds its mask otherwise would let packed samples attend to each other."""
+    begins); a model that builds its mask otherwise would let packed samples attend to each other. A kernel that
+    reads them only from a batch of one row gets ``data``'s micro-batches laid end to end."""
     import inspect
     import sys
 
@@ -671,6 +682,9 @@ def check_packing(model: Any) -> None:
             "transformers' packed-sequence support, so packed samples would attend to each other; set "
             "data.packing: false for this model"
         )
+    for rows in (data.train, data.eval):
+        if rows is not None:
+            rows.one_row = attn in ONE_ROW_ATTENTION
 
 
 def prepare_data(cfg: DataConfig, tokenizer: Any, *, seed: int) -> TrainData:

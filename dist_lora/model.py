@@ -807,6 +807,24 @@ def build_on_meta(name_or_path: str, dtype: torch.dtype) -> Any:
     return model
 
 
+def set_attention(model: Any, implementation: str | None, what: str = "model.attn_implementation") -> None:
+    """Switch ``model`` (built on the meta device, partitioned or loaded: only its config changes) to the attention
+    kernel ``implementation``, as ``from_pretrained(attn_implementation=...)`` would; None keeps transformers'
+    default. ModelError naming ``what`` where transformers refuses it (a kernel whose package is missing, one the
+    architecture does not have) or the model cannot switch."""
+    if implementation is None or implementation == model.config._attn_implementation:
+        return
+    if not model._can_set_attn_implementation():
+        raise ModelError(
+            f"{what}: {type(model).__name__} builds its attention without transformers' attention interface, so it "
+            f"cannot use {implementation!r}; leave {what} unset"
+        )
+    try:
+        model.set_attn_implementation(implementation)
+    except (ImportError, ValueError) as e:
+        raise ModelError(f"{what}={implementation!r} for {type(model).__name__}: {e}") from None
+
+
 def enable_activation_checkpointing(model: Any) -> None:
     """Recompute each transformer block's activations in backward, non-reentrant: HF's flag on each block (no
     wrapper module, so no new prefix in any parameter name). transformers 5 names it

@@ -34,6 +34,7 @@ from dist_lora.model import (
     load_tokenizer,
     resolve_model_path,
     return_large_blocks_to_the_os,
+    set_attention,
 )
 from dist_lora.preempt import StopRequest
 from dist_lora.quantize import Plan, check_and_log, quantize_base
@@ -261,8 +262,9 @@ class Trainer:
         if hub:  # named by its hub id, as from_pretrained of the id names it (PEFT saves this name, not the cache's)
             base.name_or_path = base.config.name_or_path = cfg.model.name_or_path
         base.config.use_cache = False  # training never reads a key-value cache
+        set_attention(base, cfg.model.attn_implementation)
         if cfg.data.packing:
-            check_packing(base)
+            check_packing(base, self.data)
         if t.activation_checkpointing:  # HF's flag on each block: no wrapper, so no new prefix in any key
             enable_activation_checkpointing(base)
         elif cfg.lora.target_parameters and self.rank == 0:

@@ -80,7 +80,8 @@ def test_packed_rows_give_each_sample_the_logits_it_has_alone(arch, gpt2_base, l
     data = prepared(tmp_path, base, path=str(DATA / "chat.jsonl"), format="chat", seq_len=256, packing=True)
     alone = prepared(tmp_path, base, path=str(DATA / "chat.jsonl"), format="chat", seq_len=256)
     model = load_base(str(base), torch.float32).eval()
-    check_packing(model)
+    check_packing(model, data)
+    assert not data.train.one_row  # sdpa keeps the samples of each row apart itself
     assert len(data) < len(alone) / 2  # several samples per row
     batch = data.train.batch([0, 1])
     assert (batch["position_ids"] == 0).sum() > 2  # more than one sample starts in these rows
@@ -96,6 +97,21 @@ def test_packed_rows_give_each_sample_the_logits_it_has_alone(arch, gpt2_base, l
             assert (packed[r, start : start + length] - single).abs().max().item() <= 1e-5
             assert batch["labels"][r, start] == IGNORE  # nothing before a sample in its row predicts its first token
             start += length
+    # a flash kernel tells packed samples apart only within one row: it gets the rows end to end, the same logits
+    # and the same loss (a row's first label is no target, so no row predicts the next one's first token)
+    model.config._attn_implementation = "flash_attention_2"
+    check_packing(model, data)
+    assert data.train.one_row
+    flat = data.train.batch([0, 1])
+    assert {k: v.shape for k, v in flat.items()} == {k: (1, v.numel()) for k, v in batch.items()}
+    assert all(torch.equal(flat[k], v.reshape(1, -1)) for k, v in batch.items())
+    model.config._attn_implementation = "sdpa"  # the same kernel computes both here: flash needs a GPU
+    n = float((batch["labels"][:, 1:] != IGNORE).sum())
+    with torch.no_grad():
+        one_row = model(**flat, num_items_in_batch=n, use_cache=False)
+        two_rows = model(**batch, num_items_in_batch=n, use_cache=False)
+    assert (one_row.logits.reshape(packed.shape) - packed).abs().max().item() <= 1e-5
+    assert abs(one_row.loss.item() - two_rows.loss.item()) <= 1e-6
 
 
 def test_packing_is_refused_for_a_model_that_cannot_keep_samples_apart():
@@ -103,7 +119,7 @@ def test_packing_is_refused_for_a_model_that_cannot_keep_samples_apart():
         config = types.SimpleNamespace(_attn_implementation="sdpa")
 
     with pytest.raises(DataError, match="Legacy.*data.packing: false"):
-        check_packing(Legacy())
+        check_packing(Legacy(), None)
 
 
 def test_the_second_run_reads_the_cache_and_a_changed_seq_len_rebuilds_it(gpt2_base, tmp_path, caplog):

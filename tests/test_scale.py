@@ -10,10 +10,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dist_lora.config import load_config
+from dist_lora.config import ConfigError, load_config
 from dist_lora.data import prepare_data
 from dist_lora.lora import apply_lora
-from dist_lora.model import enable_activation_checkpointing, load_base, load_tokenizer
+from dist_lora.model import (
+    ModelError,
+    build_on_meta,
+    enable_activation_checkpointing,
+    load_base,
+    load_tokenizer,
+    set_attention,
+)
 from dist_lora.train import lr_at
 from tests.dist_utils import TINY, run_worker, short_run
 
@@ -87,6 +94,29 @@ def test_the_whole_model_load_keeps_the_forward_that_the_sharded_load_builds(lla
     assert not model.use_kernels
 
 
+def test_an_attention_kernel_the_model_cannot_run_is_refused_naming_the_key(gpt2_base, llama_base, monkeypatch):
+    """transformers' refusal (a kernel whose package is missing, one the architecture does not have, an unknown
+    name) comes back naming the setting; a model that cannot switch its attention is refused, never left on its
+    default silently; the default (None) and the model's own kernel change nothing."""
+    model = build_on_meta(str(gpt2_base), torch.float32)
+    set_attention(model, None)
+    set_attention(model, "sdpa")
+    assert model.config._attn_implementation == "sdpa"
+    cases = {"flash_attention_2": "FlashAttention2", "flex_attention": "flex_attention", "bogus": "not supported"}
+    for kernel, says in cases.items():
+        with pytest.raises(ModelError, match=rf"model.attn_implementation='{kernel}' for GPT2LMHeadModel: .*{says}"):
+            set_attention(model, kernel)
+    set_attention(model, "eager")
+    assert model.config._attn_implementation == "eager"
+    assert all(m.config._attn_implementation == "eager" for m in model.modules() if hasattr(m, "config"))
+    llama = build_on_meta(str(llama_base), torch.float32)
+    monkeypatch.setattr(type(llama), "_can_set_attn_implementation", lambda self: False)
+    with pytest.raises(ModelError, match="cannot use 'eager'; leave model.attn_implementation unset"):
+        set_attention(llama, "eager")
+    with pytest.raises(ConfigError, match="model.attn_implementation is empty"):
+        load_config(TINY, [f"model.name_or_path={gpt2_base}", "model.attn_implementation="])
+
+
 def test_activation_checkpointing_recomputes_each_block_and_warns_nothing(gpt2_base):
     """The trainer's switch: each block's forward runs again in backward, and no deprecation warning (transformers 5
     renamed ``gradient_checkpointing_enable``; the old name printed a FutureWarning on every rank)."""
@@ -109,7 +139,8 @@ def test_activation_checkpointing_changes_no_loss_and_its_steps_load_without_it(
     """2 ranks, FSDP2 and ZeRO-3: 4 steps with and without recomputation give the same losses (1e-6), and a step
     saved with it resumes in a run without it (and the other way round) as the uninterrupted run goes on. FSDP2 with
     explicit prefetch and without resharding after forward gives the same losses too, gathering each group once per
-    step (not once per micro-batch)."""
+    step (not once per micro-batch). ``model.attn_implementation=eager`` runs the eager kernel on both engines'
+    sharded builds (sdpa by default), with the same losses (1e-5)."""
     runs = []
     for engine in ("fsdp", "zero3"):
         flags = ENGINES[engine]
@@ -137,6 +168,10 @@ def test_activation_checkpointing_changes_no_loss_and_its_steps_load_without_it(
             "resume": str(tmp_path / "fsdp-ac0" / step),
         },
     ]
+    # the attention kernel is the config's on either engine's sharded build (GPT-2: sdpa by default), same losses
+    for engine in ("fsdp", "zero3"):
+        eager = [*short_run(gpt2_base, "model.attn_implementation=eager"), *ENGINES[engine]]
+        runs.append({"name": f"{engine}-eager", "overrides": eager, "steps": 4})
     # FSDP2's speed settings change no loss either: explicit prefetch, no resharding after forward
     speed = ["parallel.prefetch=2", "parallel.reshard_after_forward=false"]
     runs.append({"name": "fsdp-speed", "overrides": [*short_run(gpt2_base), *ENGINES["fsdp"], *speed], "steps": 4})
@@ -175,6 +210,11 @@ def test_activation_checkpointing_changes_no_loss_and_its_steps_load_without_it(
         micro = 4 * 4 // 2  # 4 steps x 2 micro-batches per rank: each block's forward runs again in backward
         calls = (results[f"{engine}-ac0"]["block_forwards"], results[f"{engine}-ac1"]["block_forwards"])
         assert calls == (micro, 2 * micro), (engine, calls)
+    for engine in ("fsdp", "zero3"):
+        plain, eager = results[f"{engine}-ac0"], results[f"{engine}-eager"]
+        assert plain["eager_attention_calls"] == 0 and eager["eager_attention_calls"] > 0, (engine, plain, eager)
+        pairs = zip(plain["losses"], eager["losses"], strict=True)
+        assert all(abs(a - b) <= 1e-5 for a, b in pairs), (engine, plain["losses"], eager["losses"])
     for name, source in (("fsdp-from-ac", "zero3-ac1"), ("zero3-ac-from-plain", "fsdp-ac0")):
         a = load_file(str(Path(results[name]["step"]) / "adapter_model.safetensors"))
         b = load_file(str(tmp_path / source / step / "adapter_model.safetensors"))

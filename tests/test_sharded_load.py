@@ -419,8 +419,8 @@ def test_load_sharded_gives_an_own_loop_the_trainers_model(
     ``deepspeed.initialize``): every rank's shards equal the full load bit for bit (a tied GPT-2 at 2 ranks; a
     Llama in 3 files with an index, uneven at 3; a Mixtral, its experts fused from one tensor each and LoRA on its
     router, which the files name otherwise), the loop's AdamW steps on it give one process's losses, and its
-    step, loaded by ``load_checkpoint`` into a fresh ``load_sharded`` model at another world size, trains on as one
-    process that never stopped (its loss, and the adapter it saves)."""
+    step, loaded by ``load_checkpoint`` into a fresh ``load_sharded`` model at another world size (with the eager
+    attention kernel), trains on as one process that never stopped (its loss, and the adapter it saves)."""
     import peft
     from transformers import AutoModelForCausalLM
 
@@ -443,8 +443,10 @@ def test_load_sharded_gives_an_own_loop_the_trainers_model(
     }
     run_worker(world, spec, worker=worker)
     got = json.loads(first.read_text())
-    run_worker(resume_world, {**spec, "out": str(then), "steps": 1, "resume": got["step"]}, worker=worker)
+    resume = {**spec, "out": str(then), "steps": 1, "resume": got["step"], "attention": "eager"}
+    run_worker(resume_world, resume, worker=worker)
     resumed = json.loads(then.read_text())
+    assert (got["attention"], resumed["attention"]) == ("sdpa", "eager")
 
     torch.manual_seed(0)
     model = dist_lora.apply_lora(

@@ -499,7 +499,7 @@ def test_only_learned_positions_bound_the_row_length(gpt2_base, llama_base):
 
 
 def test_a_resume_names_the_settings_that_differ_from_the_saved_run(gpt2_base, tmp_path, caplog):
-    """Where and how a run goes (ranks, engine, saving, micro-batches) may change silently; what it trains may
+    """Where and how a run goes (ranks, engine, saving, micro-batches, the attention kernel) may change silently; what it trains may
     change too, as configured now, but the resume says so, with both values."""
     from dist_lora.config import load_config
     from dist_lora.train import train
@@ -509,7 +509,8 @@ def test_a_resume_names_the_settings_that_differ_from_the_saved_run(gpt2_base, t
     tiny = load_config(str(TINY))
     lr, seq_len = tiny.train.lr, tiny.data.seq_len
     caplog.clear()
-    train(single_run(gpt2_base, ckpt, "train.stop_at_step=4", "checkpoint.keep_last=2", "train.micro_batch_size=2"))
+    how = ("checkpoint.keep_last=2", "train.micro_batch_size=2", "model.attn_implementation=eager")
+    train(single_run(gpt2_base, ckpt, "train.stop_at_step=4", *how))
     assert "differ from the run that saved it" not in caplog.text
     train(single_run(gpt2_base, ckpt, f"train.lr={lr * 2}", f"data.seq_len={seq_len + 16}", "train.seed=5"))
     (line,) = [r.message for r in caplog.records if "differ from the run that saved it" in r.message]

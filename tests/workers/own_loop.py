@@ -100,7 +100,8 @@ def main() -> None:
             config.write_text(json.dumps(ZERO3))
         dist.barrier()
         parallel = ParallelConfig(backend="deepspeed", zero_stage=3, deepspeed_config=str(config))
-    model = dist_lora.load_sharded(spec["base"], lora, parallel=parallel, seed=0)
+    attention = spec.get("attention")
+    model = dist_lora.load_sharded(spec["base"], lora, parallel=parallel, seed=0, attn_implementation=attention)
     check_against_the_full_load(model, spec, lora)
 
     optimizer = optimizer_for(model)
@@ -117,7 +118,8 @@ def main() -> None:
     )
     url = dist_lora.save_checkpoint(engine, spec["dir"], step=start + spec["steps"], optimizer=optimizer)
     if dist.get_rank() == 0:
-        Path(spec["out"]).write_text(json.dumps({"losses": losses, "step": url}))
+        kernel = model.config._attn_implementation
+        Path(spec["out"]).write_text(json.dumps({"losses": losses, "step": url, "attention": kernel}))
     shutdown()
 
 

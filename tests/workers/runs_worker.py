@@ -20,6 +20,7 @@ from unittest import mock
 import torch
 import torch.distributed
 from torch.distributed.fsdp import FSDPModule
+from transformers.models.gpt2 import modeling_gpt2
 
 from dist_lora.config import load_config
 from dist_lora.distributed import shutdown
@@ -97,7 +98,11 @@ def main() -> None:
         hook = block.register_forward_hook(lambda *_, calls=calls: calls.append(1))
         losses, norms = [], []
         all_gather = torch.distributed.all_gather_single  # FSDP2's all-gather of a group, counted
-        with mock.patch.object(torch.distributed, "all_gather_single", wraps=all_gather) as gathers:
+        eager_attention = modeling_gpt2.eager_attention_forward  # the kernel GPT-2 runs under attention "eager"
+        with (
+            mock.patch.object(torch.distributed, "all_gather_single", wraps=all_gather) as gathers,
+            mock.patch.object(modeling_gpt2, "eager_attention_forward", wraps=eager_attention) as eager,
+        ):
             for _ in range(run["steps"]):
                 losses.append(trainer.train_step())
                 norms.append(trainer.grad_norm)
@@ -112,6 +117,7 @@ def main() -> None:
             "step": url,
             "block_forwards": len(calls),
             "all_gathers": gathers.call_count,
+            "eager_attention_calls": eager.call_count,
             "fsdp_groups": len(  # a group of several modules (fully_shard of a list) shares one state
                 {id(m._get_fsdp_state()) for m in trainer.backend.model.modules() if isinstance(m, FSDPModule)}
             ),
