@@ -4,7 +4,7 @@
     python -m bench.run --quick    # fewer repeats and sizes, for a smoke test
 
 Writes bench/results/results.md (the tables), results.csv (every row), results.json (raw), results.png (saves)
-and loading.png (parts f, i and j: loading a base).
+and loading.png (parts f, i and j: loading a base). Part k measures the loss on a Llama-shaped model.
 All runs are on this machine's CPU with gloo, world size 2 unless stated; models are randomly initialised GPT-2
 architectures (sizes are what matter), LoRA r=4 on the attention projection (c_attn) as in loralib.
 """
@@ -699,6 +699,56 @@ def part_j(tmp: Path, quick: bool) -> list[dict]:
 # ---------------------------------------------------------------------------------------------- h. QLoRA
 
 
+# ---------------------------------------------------------------------------------------------- k. the loss
+
+
+def part_k(tmp: Path, repeats: int) -> list[dict]:
+    """A LoRA step's memory and time with transformers' loss and with dist_lora's chunked one: a Llama-shaped model
+    (2 layers, hidden 512) with Llama 3's vocabulary (128,256), one row of 4096 tokens, in float32 and bfloat16,
+    one process per measurement, the two losses interleaved."""
+    rows = []
+    for dtype in ("float32", "bfloat16"):
+        runs: dict[str, list[dict]] = {"hf": [], "chunked": []}
+        for _ in range(repeats):
+            for loss in runs:
+                spec = {"loss": loss, "dtype": dtype, "tokens": 4096, "vocab": 128256, "hidden": 512, "layers": 2}
+                spec |= {"chunk": 1024, "result": str(tmp / "loss.json")}
+                out = subprocess.run(
+                    [sys.executable, "-m", "bench.loss_worker", json.dumps(spec)],
+                    env={**env(), "OMP_NUM_THREADS": str(os.cpu_count() or 1)},
+                    cwd=ROOT,
+                    capture_output=True,
+                    text=True,
+                )
+                if out.returncode != 0:
+                    raise RuntimeError(f"bench.loss_worker {loss} {dtype} failed:\n{out.stderr[-4000:]}")
+                runs[loss].append(json.loads((tmp / "loss.json").read_text()))
+        hf, chunked = runs["hf"], runs["chunked"]
+        peak = [c["peak_over_start"] / h["peak_over_start"] for h, c in zip(hf, chunked, strict=True)]
+        seconds = [c["seconds"] / h["seconds"] for h, c in zip(hf, chunked, strict=True)]
+        for loss, measured in runs.items():
+            rows.append(
+                {
+                    "part": "k",
+                    "dtype": dtype,
+                    "loss": loss,
+                    "logits_bytes": measured[0]["logits_bytes"],
+                    "peak_over_start": statistics.median(r["peak_over_start"] for r in measured),
+                    "seconds": statistics.median(r["seconds"] for r in measured),
+                    "loss_value": measured[0]["loss_value"],
+                    "peak_ratio": statistics.median(peak) if loss == "chunked" else None,
+                    "seconds_ratio": statistics.median(seconds) if loss == "chunked" else None,
+                    "repeats": repeats,
+                }
+            )
+        print(
+            f"[k] {dtype}: peak {statistics.median(peak):.2f}x, seconds {statistics.median(seconds):.2f}x of "
+            f"transformers' loss; loss {hf[0]['loss_value']:.6f} / {chunked[0]['loss_value']:.6f}",
+            flush=True,
+        )
+    return rows
+
+
 def build_llama_base(out: Path, shape: str) -> int:
     """A Llama of one of bench/gpu.py's shapes (bf16), built on the CPU in a child process (this one never holds
     it); returns its bytes."""
@@ -1118,6 +1168,30 @@ def report(rows: list[dict], quick: bool) -> str:
             "factors; embeddings, norms and the head stay bf16). RSS includes the process's imports.",
             "",
         ]
+    k = [r for r in rows if r["part"] == "k"]
+    if k:
+        lines += [
+            "## k. The loss: transformers' against dist_lora's chunks (a LoRA step of a Llama-shaped model with "
+            f"Llama 3's 128,256-token vocabulary, 2 layers of 512, one row of 4096 tokens; {k[0]['repeats']} "
+            "interleaved repeats, one process each)",
+            "",
+            "| dtype | loss | logits | step's peak over its start | step s | loss value | chunked / transformers': "
+            "peak, s |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in k:
+            ratios = f"{r['peak_ratio']:.2f}x, {r['seconds_ratio']:.2f}x" if r["peak_ratio"] is not None else "-"
+            name = "transformers' ForCausalLMLoss" if r["loss"] == "hf" else "dist_lora, chunks of 1024 tokens"
+            lines.append(
+                f"| {r['dtype']} | {name} | {fmt_bytes(r['logits_bytes'])} | {fmt_bytes(r['peak_over_start'])} | "
+                f"{r['seconds']:.2f} | {r['loss_value']:.6f} | {ratios} |"
+            )
+        lines += [
+            "",
+            "The peak is the kernel's high-water mark during the second step over the resident memory at its start "
+            "(the first step warms up): activations, logits, the loss's temporaries and the gradients.",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -1181,10 +1255,12 @@ def run_parts(args: argparse.Namespace, tmp: Path, repeats: int, s3: dict) -> li
         rows += part_i(tmp, args.quick)
     if "j" in args.parts:
         rows += part_j(tmp, args.quick)
+    if "k" in args.parts:
+        rows += part_k(tmp, 1 if args.quick else 3)
     return rows
 
 
-ALL_PARTS = "abcdefghij"
+ALL_PARTS = "abcdefghijk"
 
 LOADING_PARTS = {"f": "GPT-2 XL shape, fp32", "i": "Llama-2-70B's layers, bf16", "j": "a Mixtral-shaped MoE, fp32"}
 

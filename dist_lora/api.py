@@ -364,6 +364,7 @@ def load_sharded(
     seed: int = 0,
     activation_checkpointing: bool = False,
     attn_implementation: str | None = None,
+    loss_chunk_tokens: int = 1024,
 ) -> nn.Module:
     """Collective: the model the trainer trains on FSDP2 or ZeRO-3, for a training loop of one's own; no rank ever
     holds the whole base. LoRA's adapter is drawn from ``torch.manual_seed(seed)``, the same on every rank, at any
@@ -380,12 +381,15 @@ def load_sharded(
       that config's JSON, so that construction reads the settings it shares with the engine (parameter offload).
 
     ``attn_implementation``: the attention kernel, as ``from_pretrained``'s (default: transformers' choice).
+    ``loss_chunk_tokens``: the model's causal LM loss computed this many tokens at a time, as the trainer's
+    (:mod:`dist_lora.loss`: transformers' values, never a float32 copy of all the logits); 0: transformers' own.
     ``save_checkpoint`` and ``load_checkpoint`` take the model (FSDP2) or the engine (ZeRO-3) as they are."""
     import torch.distributed as dist
 
     from dist_lora.backends.deepspeed import DeepSpeedBackend
     from dist_lora.backends.deepspeed_config import construction_config
     from dist_lora.backends.fsdp import FSDPBackend
+    from dist_lora.loss import chunk_the_loss
     from dist_lora.model import (
         apply_lora_seeded,
         base_directory,
@@ -438,6 +442,8 @@ def load_sharded(
         if hub:
             base.name_or_path = base.config.name_or_path = name_or_path
         set_attention(base, attn_implementation, what="attn_implementation")
+        if loss_chunk_tokens:
+            chunk_the_loss(base, loss_chunk_tokens)
         if activation_checkpointing:
             enable_activation_checkpointing(base)
         model = apply_lora_seeded(base, lora, name_or_path, Path(str(directory)).name if hub else revision, seed)

@@ -172,6 +172,9 @@ class TrainConfig:
     activation_checkpointing: bool = False
     """Recompute each transformer block's activations in backward (less memory for long sequences, about a third
     more compute); checkpoint keys do not change, so steps load with it on or off."""
+    loss_chunk_tokens: int = 1024
+    """The causal LM loss computed this many tokens at a time (dist_lora.loss): never a float32 copy of all the
+    logits, the values transformers' loss gives; 0: the model's own loss (transformers' ForCausalLMLoss)."""
     gc_every_steps: int = 50
     """Python's cyclic garbage collector runs only between steps, on the young generations every N steps
     (torchtitan's gc_freq), instead of at moments of its own: a full collection pauses one rank at a step of its
@@ -415,6 +418,10 @@ def _validate(cfg: RunConfig, errors: list[str]) -> None:
         "data.eval_fraction",
     )
     check(cfg.train.eval_every_steps >= 0, f"train.eval_every_steps must be >= 0 (got {cfg.train.eval_every_steps})")
+    check(
+        cfg.train.loss_chunk_tokens >= 0,
+        f"train.loss_chunk_tokens must be >= 0 (got {cfg.train.loss_chunk_tokens}); 0 uses the model's own loss",
+    )
     check(cfg.train.gc_every_steps >= 0, f"train.gc_every_steps must be >= 0 (got {cfg.train.gc_every_steps})")
     check(
         not cfg.checkpoint.keep_best or bool(d.eval_path or d.eval_fraction),
@@ -631,9 +638,10 @@ RESUME_FREE = (
     "train.metrics_file",
     "train.micro_batch_size",
     "model.attn_implementation",
+    "train.loss_chunk_tokens",
 )
 """Settings a resume may change without changing what is trained: where and how it runs (ranks, engine, sharding,
-saving, the attention kernel), and how each global batch is cut into micro-batches."""
+saving, the attention kernel, the loss's chunks), and how each global batch is cut into micro-batches."""
 
 
 def config_changes(saved: dict[str, Any] | None, now: dict[str, Any]) -> list[str]:

@@ -140,7 +140,9 @@ def test_activation_checkpointing_changes_no_loss_and_its_steps_load_without_it(
     saved with it resumes in a run without it (and the other way round) as the uninterrupted run goes on. FSDP2 with
     explicit prefetch and without resharding after forward gives the same losses too, gathering each group once per
     step (not once per micro-batch). ``model.attn_implementation=eager`` runs the eager kernel on both engines'
-    sharded builds (sdpa by default), with the same losses (1e-5)."""
+    sharded builds (sdpa by default), with the same losses (1e-5); transformers' own loss
+    (``train.loss_chunk_tokens=0``) gives the chunked default's losses and gradient norms (1e-6) and adapter (1e-4:
+    AdamW at lr 0.02 magnifies rounding)."""
     runs = []
     for engine in ("fsdp", "zero3"):
         flags = ENGINES[engine]
@@ -168,10 +170,13 @@ def test_activation_checkpointing_changes_no_loss_and_its_steps_load_without_it(
             "resume": str(tmp_path / "fsdp-ac0" / step),
         },
     ]
-    # the attention kernel is the config's on either engine's sharded build (GPT-2: sdpa by default), same losses
+    # the attention kernel is the config's on either engine's sharded build (GPT-2: sdpa by default), and the loss
+    # transformers' own where asked (by default dist_lora's chunks): same losses
     for engine in ("fsdp", "zero3"):
         eager = [*short_run(gpt2_base, "model.attn_implementation=eager"), *ENGINES[engine]]
         runs.append({"name": f"{engine}-eager", "overrides": eager, "steps": 4})
+        own = [*short_run(gpt2_base, "train.loss_chunk_tokens=0"), *ENGINES[engine]]
+        runs.append({"name": f"{engine}-own-loss", "overrides": own, "steps": 4})
     # FSDP2's speed settings change no loss either: explicit prefetch, no resharding after forward
     speed = ["parallel.prefetch=2", "parallel.reshard_after_forward=false"]
     runs.append({"name": "fsdp-speed", "overrides": [*short_run(gpt2_base), *ENGINES["fsdp"], *speed], "steps": 4})
@@ -215,6 +220,14 @@ def test_activation_checkpointing_changes_no_loss_and_its_steps_load_without_it(
         assert plain["eager_attention_calls"] == 0 and eager["eager_attention_calls"] > 0, (engine, plain, eager)
         pairs = zip(plain["losses"], eager["losses"], strict=True)
         assert all(abs(a - b) <= 1e-5 for a, b in pairs), (engine, plain["losses"], eager["losses"])
+        own = results[f"{engine}-own-loss"]
+        assert (plain["loss_function"], own["loss_function"]) == ("chunked_causal_lm_loss", "ForCausalLMLoss")
+        pairs = zip(plain["losses"] + plain["grad_norms"], own["losses"] + own["grad_norms"], strict=True)
+        assert all(abs(a - b) <= 1e-6 for a, b in pairs), (engine, plain, own)
+        a = load_file(str(Path(plain["step"]) / "adapter_model.safetensors"))
+        b = load_file(str(Path(own["step"]) / "adapter_model.safetensors"))
+        # AdamW's normalized steps (lr 0.02 here) magnify the float32 rounding of a sum taken in another order
+        assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() <= 1e-4 for k in a), engine
     for name, source in (("fsdp-from-ac", "zero3-ac1"), ("zero3-ac-from-plain", "fsdp-ac0")):
         a = load_file(str(Path(results[name]["step"]) / "adapter_model.safetensors"))
         b = load_file(str(tmp_path / source / step / "adapter_model.safetensors"))

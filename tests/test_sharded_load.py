@@ -420,7 +420,8 @@ def test_load_sharded_gives_an_own_loop_the_trainers_model(
     Llama in 3 files with an index, uneven at 3; a Mixtral, its experts fused from one tensor each and LoRA on its
     router, which the files name otherwise), the loop's AdamW steps on it give one process's losses, and its
     step, loaded by ``load_checkpoint`` into a fresh ``load_sharded`` model at another world size (with the eager
-    attention kernel), trains on as one process that never stopped (its loss, and the adapter it saves)."""
+    attention kernel), trains on as one process that never stopped (its loss, and the adapter it saves; the loop
+    computes the chunked loss, the process transformers' own)."""
     import peft
     from transformers import AutoModelForCausalLM
 
@@ -447,6 +448,7 @@ def test_load_sharded_gives_an_own_loop_the_trainers_model(
     run_worker(resume_world, resume, worker=worker)
     resumed = json.loads(then.read_text())
     assert (got["attention"], resumed["attention"]) == ("sdpa", "eager")
+    assert got["loss"] == resumed["loss"] == "chunked_causal_lm_loss"
 
     torch.manual_seed(0)
     model = dist_lora.apply_lora(

@@ -119,7 +119,9 @@ def main() -> None:
     url = dist_lora.save_checkpoint(engine, spec["dir"], step=start + spec["steps"], optimizer=optimizer)
     if dist.get_rank() == 0:
         kernel = model.config._attn_implementation
-        Path(spec["out"]).write_text(json.dumps({"losses": losses, "step": url, "attention": kernel}))
+        loss = model.get_base_model().loss_function  # the chunked loss by default, as the trainer's
+        done = {"losses": losses, "step": url, "attention": kernel, "loss": getattr(loss, "func", loss).__name__}
+        Path(spec["out"]).write_text(json.dumps(done))
     shutdown()
 
 

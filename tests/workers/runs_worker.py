@@ -80,6 +80,15 @@ def offloaded(backend) -> dict[str, bool] | None:
     return {"optimizer": on_host, "param": on_host}
 
 
+def loss_function(model: torch.nn.Module) -> str:
+    """The name of the loss function the transformers model inside ``model`` (PEFT, an engine) computes."""
+    from transformers import PreTrainedModel
+
+    hf = next(m for m in model.modules() if isinstance(m, PreTrainedModel))
+    function = hf.loss_function
+    return getattr(function, "func", function).__name__
+
+
 def main() -> None:
     args = json.loads(sys.argv[1])
     out = Path(args["out"])
@@ -118,6 +127,7 @@ def main() -> None:
             "block_forwards": len(calls),
             "all_gathers": gathers.call_count,
             "eager_attention_calls": eager.call_count,
+            "loss_function": loss_function(trainer.backend.model),
             "fsdp_groups": len(  # a group of several modules (fully_shard of a list) shares one state
                 {id(m._get_fsdp_state()) for m in trainer.backend.model.modules() if isinstance(m, FSDPModule)}
             ),
