@@ -180,6 +180,12 @@ class TrainConfig:
     (torchtitan's gc_freq), instead of at moments of its own: a full collection pauses one rank at a step of its
     choosing, and every collective waits for the slowest rank. 0: the collector as Python runs it."""
 
+    loraplus_lr_ratio: float | None = None
+    """LoRA+ (PEFT's create_loraplus_optimizer): the B matrices (and other 1-D trained tensors) learn at this many
+    times lr, the A matrices at lr; null: one lr for all. The paper's default is 16."""
+    loraplus_lr_embedding: float = 1e-6
+    """With LoRA+: the learning rate of LoRA on embedding layers (PEFT's default), scheduled like lr."""
+
     def adamw(self) -> dict[str, Any]:
         """The keyword arguments of the trainer's ``torch.optim.AdamW``."""
         betas = tuple(float(b) for b in self.adam_betas)
@@ -440,6 +446,11 @@ def _validate(cfg: RunConfig, errors: list[str]) -> None:
         f"train.adam_betas must be two numbers in [0, 1), e.g. [0.9, 0.95] (got {t.adam_betas})",
     )
     check(t.adam_eps > 0, f"train.adam_eps must be > 0 (got {t.adam_eps})")
+    check(
+        t.loraplus_lr_ratio is None or t.loraplus_lr_ratio > 0,
+        f"train.loraplus_lr_ratio must be > 0 (got {t.loraplus_lr_ratio}); null turns LoRA+ off",
+    )
+    check(t.loraplus_lr_embedding >= 0, f"train.loraplus_lr_embedding must be >= 0 (got {t.loraplus_lr_embedding})")
     check(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0 (got {t.warmup_steps})")
     check(0.0 <= t.warmup_ratio < 1.0, f"train.warmup_ratio must be in [0, 1) (got {t.warmup_ratio})")
     check(

@@ -532,3 +532,34 @@ def _warn_other_weights(url: str, changed: str | None, fix: str) -> None:
             changed,
             fix,
         )
+
+
+def loraplus_groups(
+    model: nn.Module, params: list[nn.Parameter], *, lr: float, ratio: float, embedding_lr: float, weight_decay: float
+) -> list[dict[str, Any]]:
+    """LoRA+'s parameter groups of ``params`` (the trainable tensors of ``model``, a PEFT model, wrapped or not), as
+    PEFT's ``create_loraplus_optimizer`` makes them: the A matrices and other 2-D tensors at ``lr``, the B matrices
+    and 1-D tensors at ``ratio * lr`` (biases without weight decay), LoRA on embeddings at ``embedding_lr``. Each
+    group's ``lr_scale`` is its share of ``lr``, which a schedule that moves ``lr`` keeps. Empty groups are left
+    out (DeepSpeed flattens each group into a partition)."""
+    from peft.optimizers import create_loraplus_optimizer
+
+    wanted = {id(p) for p in params}
+    grouped = create_loraplus_optimizer(  # PEFT's grouping; the optimizer itself is the caller's
+        model,  # type: ignore[arg-type]  # any module: PEFT reads its named parameters and modules
+        torch.optim.SGD,
+        lr=lr,
+        loraplus_lr_ratio=ratio,
+        loraplus_lr_embedding=embedding_lr,
+        loraplus_weight_decay=weight_decay,
+    )
+    groups = []
+    for group in grouped.param_groups:
+        mine = [p for p in group["params"] if id(p) in wanted]
+        if mine:
+            share = {"lr": group["lr"], "weight_decay": group["weight_decay"], "lr_scale": group["lr"] / lr}
+            groups.append({"params": mine, **share})
+    placed = sum(len(group["params"]) for group in groups)
+    if placed != len(params):
+        raise ValueError(f"LoRA+ placed {placed} of the {len(params)} trainable tensors in its groups")
+    return groups

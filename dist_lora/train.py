@@ -24,6 +24,7 @@ from dist_lora.data import check_packing, prepare_data
 from dist_lora.distributed import init_distributed, shutdown, step_consensus
 from dist_lora.guard import FirstNonFinite, check_first_step
 from dist_lora.logs import quiet_third_party
+from dist_lora.lora import loraplus_groups
 from dist_lora.loss import chunk_the_loss
 from dist_lora.metrics import MetricsLog
 from dist_lora.model import (
@@ -288,7 +289,17 @@ class Trainer:
             plan = quantize_base(model, shards, self.device)
 
         def make_optimizer(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-            return torch.optim.AdamW(params, **t.adamw())
+            if t.loraplus_lr_ratio is None:
+                return torch.optim.AdamW(params, **t.adamw())
+            groups = loraplus_groups(
+                model,
+                params,
+                lr=t.lr,
+                ratio=t.loraplus_lr_ratio,
+                embedding_lr=t.loraplus_lr_embedding,
+                weight_decay=t.weight_decay,
+            )
+            return torch.optim.AdamW(groups, **t.adamw())
 
         self.backend = backends.build(
             cfg.parallel,

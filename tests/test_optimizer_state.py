@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 import dist_lora
 from dist_lora.checkpoint import CheckpointError
 from dist_lora.config import LoraConfig
-from tests.dist_utils import ROOT, run_worker, short_run
+from tests.dist_utils import ROOT, TINY, run_worker, short_run
 
 WORKER = ROOT / "tests" / "workers" / "runs_worker.py"
 
@@ -175,4 +175,71 @@ def test_amsgrad_and_momentum_reshard_across_world_sizes_and_engines(gpt2_base, 
         got, expected = load_file(str(step / "optimizer.safetensors")), load_file(str(want / "optimizer.safetensors"))
         assert got.keys() == expected.keys() and {k.rsplit(".", 1)[1] for k in got} == fields[name]
         worst = max((got[k] - expected[k]).abs().max().item() for k in expected)
+        assert worst <= 1e-5, (name, worst)
+
+
+def test_loraplus_moves_each_b_matrix_at_its_ratio_of_the_lr(gpt2_base, tmp_path):
+    """LoRA+ (train.loraplus_lr_ratio): PEFT's groups, the B matrices at 16x the scheduled lr. AdamW's first step
+    moves each element by its group's lr (|m / sqrt(v)| = 1 where the gradient is far above eps): every B, zero at
+    init, ends at most 16 x lr from 0 and reaches it; every A, whose gradient is zero while B is, does not move."""
+    from dist_lora.config import load_config
+    from dist_lora.lora import lora_state_dict
+    from dist_lora.train import Trainer
+
+    for ratio in (None, 16.0):
+        extra = [f"checkpoint.dir={tmp_path / str(ratio)}", "parallel.backend=single", "train.warmup_steps=2"]
+        if ratio:
+            extra.append(f"train.loraplus_lr_ratio={ratio}")
+        trainer = Trainer(load_config(TINY, short_run(gpt2_base, *extra)))
+        before = {k: v.clone() for k, v in lora_state_dict(trainer.backend.model).items()}
+        trainer.train_step()
+        after = lora_state_dict(trainer.backend.model)
+        lrs = sorted(group["lr"] for group in trainer.backend.optimizer.param_groups)
+        trainer.close()
+        trainer.checkpointer.release_lease()
+        lr = load_config(TINY).train.lr / 2  # the first of 2 warm-up steps
+        assert lrs == pytest.approx([lr, lr * ratio] if ratio else [lr])
+        b_moved = max((after[k] - before[k]).abs().max().item() for k in after if "lora_B" in k)
+        assert b_moved == pytest.approx(lr * (ratio or 1), rel=1e-3), (ratio, b_moved)
+        assert all(torch.equal(after[k], before[k]) for k in after if "lora_A" in k)
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(600)
+def test_loraplus_groups_reshard_across_world_sizes_and_engines(gpt2_base, tmp_path):
+    """LoRA+ at 2 ranks on FSDP2 and on ZeRO-3 (which flattens each group into a partition of its own): the same
+    groups (lr and 16 x lr) and losses on both, not those of one lr; resumed at 1 rank on the other engine (ZeRO-2,
+    FSDP2), the losses continue the uninterrupted run's (within 1e-4) and the next step's state equals its own
+    (within 1e-5)."""
+    fsdp, z3 = ["parallel.backend=fsdp"], ["parallel.backend=deepspeed", "parallel.zero_stage=3"]
+    z2 = ["parallel.backend=deepspeed", "parallel.zero_stage=2"]
+    plus = "train.loraplus_lr_ratio=16"
+    first = [{"name": "plain", "overrides": short_run(gpt2_base, *fsdp), "steps": 4}]
+    for name, engine in (("fsdp", fsdp), ("zero3", z3)):
+        first.append({"name": f"{name}-ref", "overrides": short_run(gpt2_base, plus, *engine), "steps": 4})
+        first.append({"name": name, "overrides": short_run(gpt2_base, plus, *engine), "steps": 2})
+    run_worker(2, {"runs": first, "out": str(tmp_path / "two")}, worker=WORKER)
+    two = json.loads((tmp_path / "two" / "runs.json").read_text())
+    for name in ("fsdp-ref", "zero3-ref"):
+        assert two[name]["lr_scales"] == [1.0, 16.0], two[name]
+        assert two[name]["group_lrs"][1] == pytest.approx(16 * two[name]["group_lrs"][0]), two[name]
+    a, b, plain = two["fsdp-ref"]["losses"], two["zero3-ref"]["losses"], two["plain"]["losses"]
+    assert all(math.isclose(x, y, rel_tol=1e-5) for x, y in zip(a, b, strict=True)), (a, b)
+    assert a[0] == pytest.approx(plain[0]) and abs(a[-1] - plain[-1]) > 1e-4, (a, plain)  # the groups train
+    second = [
+        {"name": "fsdp", "overrides": short_run(gpt2_base, plus, *z2), "steps": 2},
+        {"name": "zero3", "overrides": short_run(gpt2_base, plus, *fsdp), "steps": 2},
+    ]
+    for run in second:
+        run["resume"] = two[run["name"]]["step"]
+    run_worker(1, {"runs": second, "out": str(tmp_path / "one")}, worker=WORKER)
+    one = json.loads((tmp_path / "one" / "runs.json").read_text())
+    for name in ("fsdp", "zero3"):
+        ref = two[f"{name}-ref"]["losses"]
+        got = one[name]["losses"]
+        assert all(math.isclose(x, y, rel_tol=1e-4) for x, y in zip(got, ref[2:], strict=True)), (name, got, ref)
+        step, want = Path(one[name]["step"]), Path(two[f"{name}-ref"]["step"])
+        saved, expected = load_file(str(step / "optimizer.safetensors")), load_file(str(want / "optimizer.safetensors"))
+        assert saved.keys() == expected.keys()
+        worst = max((saved[k] - expected[k]).abs().max().item() for k in expected)
         assert worst <= 1e-5, (name, worst)

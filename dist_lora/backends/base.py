@@ -237,9 +237,10 @@ class Backend(ABC):
         return out
 
     def set_lr(self, lr: float) -> None:
+        """Every parameter group's learning rate from the schedule's ``lr``, times the group's ``lr_scale`` (LoRA+)."""
         assert self.optimizer is not None
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
 
     # ------------------------------------------------------------------------------------------ checkpoint
 

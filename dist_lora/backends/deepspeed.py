@@ -315,7 +315,7 @@ class DeepSpeedBackend(Backend):
 
     def set_lr(self, lr: float) -> None:
         for group in self.zero.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
 
     # ------------------------------------------------------------------------------------------ layout
 
