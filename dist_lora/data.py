@@ -611,6 +611,17 @@ class Rows:
         return out
 
 
+def micro_place(index: int, world: int, rank: int) -> int:
+    """Where micro-batch ``index`` of ``rank`` sits among the global batch's micro-batches (rank-major within each
+    accumulation round), which fixes its rows and its random draws at any world size."""
+    return index * world + rank
+
+
+def draw_seed(seed: int, step: int, place: int) -> int:
+    """The seed of the random draws in the forward (LoRA dropout) of the micro-batch at ``place`` in ``step``."""
+    return ((seed * 1_000_003 + step) * 1_000_003 + place) % 2**63
+
+
 class TrainData:
     """The run's rows: ``train`` (in a seeded order) and ``eval`` (or None)."""
 
@@ -645,7 +656,9 @@ class TrainData:
     def micro_batch(
         self, *, seed: int, step: int, global_batch: int, micro: int, world: int, rank: int, index: int
     ) -> dict[str, torch.Tensor]:
-        start = step * global_batch + (index * world + rank) * micro
+        """Micro-batch ``index`` of ``rank``'s share of ``step``: the rows at its place in the global batch
+        (:func:`micro_place`), the same rows at any world size for the same ``micro``."""
+        start = step * global_batch + micro_place(index, world, rank) * micro
         return self.train.batch(self.sample_ids(seed, range(start, start + micro)))
 
     def eval_batches(self, micro: int, world: int, rank: int) -> Iterator[dict[str, torch.Tensor]]:

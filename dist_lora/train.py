@@ -20,7 +20,7 @@ from dist_lora.api import resume_checkpoint
 from dist_lora.checkpointer import Checkpointer
 from dist_lora.config import ConfigError, ParallelConfig, RunConfig, TrainConfig, config_changes, config_to_dict
 from dist_lora.constants import ENV_WORLD_SIZE
-from dist_lora.data import check_packing, prepare_data
+from dist_lora.data import check_packing, draw_seed, micro_place, prepare_data
 from dist_lora.distributed import init_distributed, shutdown, step_consensus
 from dist_lora.guard import FirstNonFinite, check_first_step
 from dist_lora.logs import quiet_third_party
@@ -404,6 +404,9 @@ class Trainer:
             index=m,
         )
         last = m == self.grad_accum - 1
+        # the forward's random draws (LoRA dropout) from this micro-batch's place alone, like its rows: the same
+        # masks at any world size (for the same micro_batch_size) and after a resume, as if never stopped
+        torch.manual_seed(draw_seed(t.seed, self.step, micro_place(m, self.world, self.rank)))
         inputs = {k: v.to(self.device) for k, v in batch.items()}
         loss = self.backend.forward({**inputs, "num_items_in_batch": per_micro}, last_micro=last)
         self.backend.backward(loss, grad_accum=self.grad_accum, last_micro=last)

@@ -30,6 +30,8 @@ from tests.dist_utils import (
     train_cmd,
 )
 
+RUNS_WORKER = ROOT / "tests" / "workers" / "runs_worker.py"
+
 
 def overrides(base: Path, ckpt: Path, metrics: Path, *extra: str) -> list[str]:
     return [
@@ -217,6 +219,36 @@ def test_sample_order_does_not_depend_on_world_size(gpt2_base, tmp_path):
     a = data.micro_batch(seed=3, step=1, global_batch=12, micro=12, world=1, rank=0, index=0)["input_ids"]
     b = data.micro_batch(seed=4, step=1, global_batch=12, micro=12, world=1, rank=0, index=0)["input_ids"]
     assert not (a == b).all()
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(600)
+def test_lora_dropout_draws_the_same_masks_at_any_world_size_and_across_a_resume(gpt2_base, tmp_path):
+    """LoRA dropout (0.3): the forward's random draws are seeded by the micro-batch's place in the global batch, as
+    its rows are, so 4 steps at 2 ranks on FSDP2 and at 1 rank on ZeRO-3 give the same losses, and a run stopped
+    after step 2 at 2 ranks and resumed at 1 on ZeRO-3 continues them (1e-5); dropout does change them (against
+    dropout 0)."""
+    fsdp, zero3 = ["parallel.backend=fsdp"], ["parallel.backend=deepspeed", "parallel.zero_stage=3"]
+    drop = "lora.dropout=0.3"
+    two = [
+        {"name": "ref", "overrides": short_run(gpt2_base, drop, *fsdp), "steps": 4},
+        {"name": "first", "overrides": short_run(gpt2_base, drop, *fsdp), "steps": 2},
+        {"name": "no-dropout", "overrides": short_run(gpt2_base, *fsdp), "steps": 4},
+    ]
+    run_worker(2, {"runs": two, "out": str(tmp_path / "two")}, worker=RUNS_WORKER)
+    at_two = json.loads((tmp_path / "two" / "runs.json").read_text())
+    one = [
+        {"name": "one", "overrides": short_run(gpt2_base, drop, *zero3), "steps": 4},
+        {"name": "resumed", "overrides": short_run(gpt2_base, drop, *zero3), "steps": 2},
+    ]
+    one[1]["resume"] = at_two["first"]["step"]
+    run_worker(1, {"runs": one, "out": str(tmp_path / "one")}, worker=RUNS_WORKER)
+    at_one = json.loads((tmp_path / "one" / "runs.json").read_text())
+    ref = at_two["ref"]["losses"]
+    plain = at_two["no-dropout"]["losses"]  # the first step's equal: lora_B starts at zero, so the adapter adds 0
+    assert all(abs(a - b) > 1e-3 for a, b in zip(ref[1:], plain[1:], strict=True)), (ref, plain)
+    for got, want in ((at_one["one"]["losses"], ref), (at_two["first"]["losses"] + at_one["resumed"]["losses"], ref)):
+        assert all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(got, want, strict=True)), (got, want)
 
 
 def test_lr_schedule():
