@@ -180,6 +180,9 @@ class TrainConfig:
     (torchtitan's gc_freq), instead of at moments of its own: a full collection pauses one rank at a step of its
     choosing, and every collective waits for the slowest rank. 0: the collector as Python runs it."""
 
+    neftune_noise_alpha: float | None = None
+    """NEFTune (HF Trainer's neftune_noise_alpha): uniform noise of scale alpha / sqrt(tokens x hidden) added to the
+    input embeddings in training (not in evaluation); the paper uses 5; null: none."""
     loraplus_lr_ratio: float | None = None
     """LoRA+ (PEFT's create_loraplus_optimizer): the B matrices (and other 1-D trained tensors) learn at this many
     times lr, the A matrices at lr; null: one lr for all. The paper's default is 16."""
@@ -446,6 +449,10 @@ def _validate(cfg: RunConfig, errors: list[str]) -> None:
         f"train.adam_betas must be two numbers in [0, 1), e.g. [0.9, 0.95] (got {t.adam_betas})",
     )
     check(t.adam_eps > 0, f"train.adam_eps must be > 0 (got {t.adam_eps})")
+    check(
+        t.neftune_noise_alpha is None or t.neftune_noise_alpha > 0,
+        f"train.neftune_noise_alpha must be > 0 (got {t.neftune_noise_alpha}); null adds no noise",
+    )
     check(
         t.loraplus_lr_ratio is None or t.loraplus_lr_ratio > 0,
         f"train.loraplus_lr_ratio must be > 0 (got {t.loraplus_lr_ratio}); null turns LoRA+ off",

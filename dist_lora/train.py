@@ -283,6 +283,10 @@ class Trainer:
                 "one layer's at a time"
             )
         model = apply_lora_seeded(base, cfg.lora, cfg.model.name_or_path, self.base_revision, t.seed)
+        if t.neftune_noise_alpha:  # HF's hook on the input embeddings; its draws are the micro-batch's (_micro_step)
+            from transformers.integrations.neftune import activate_neftune
+
+            activate_neftune(model, t.neftune_noise_alpha)
         plan = None
         if cfg.model.quantization == "nf4":  # QLoRA: before sharding, so that FSDP2 shards the 4-bit bytes
             shards = backends.backend_class(cfg.parallel.backend).shards(cfg.parallel)

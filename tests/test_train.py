@@ -13,6 +13,7 @@ import weakref
 from pathlib import Path
 
 import pytest
+import torch
 
 from dist_lora.config import ConfigError, DataConfig, TrainConfig, config_from_dict
 from dist_lora.data import prepare_data
@@ -227,19 +228,22 @@ def test_lora_dropout_draws_the_same_masks_at_any_world_size_and_across_a_resume
     """LoRA dropout (0.3): the forward's random draws are seeded by the micro-batch's place in the global batch, as
     its rows are, so 4 steps at 2 ranks on FSDP2 and at 1 rank on ZeRO-3 give the same losses, and a run stopped
     after step 2 at 2 ranks and resumed at 1 on ZeRO-3 continues them (1e-5); dropout does change them (against
-    dropout 0)."""
+    dropout 0). NEFTune's noise on the input embeddings is drawn the same way: the same losses at 2 ranks on FSDP2
+    and at 1 on ZeRO-3, other than without it from the first step."""
     fsdp, zero3 = ["parallel.backend=fsdp"], ["parallel.backend=deepspeed", "parallel.zero_stage=3"]
-    drop = "lora.dropout=0.3"
+    drop, noise = "lora.dropout=0.3", "train.neftune_noise_alpha=50"
     two = [
         {"name": "ref", "overrides": short_run(gpt2_base, drop, *fsdp), "steps": 4},
         {"name": "first", "overrides": short_run(gpt2_base, drop, *fsdp), "steps": 2},
         {"name": "no-dropout", "overrides": short_run(gpt2_base, *fsdp), "steps": 4},
+        {"name": "neftune", "overrides": short_run(gpt2_base, noise, *fsdp), "steps": 4},
     ]
     run_worker(2, {"runs": two, "out": str(tmp_path / "two")}, worker=RUNS_WORKER)
     at_two = json.loads((tmp_path / "two" / "runs.json").read_text())
     one = [
         {"name": "one", "overrides": short_run(gpt2_base, drop, *zero3), "steps": 4},
         {"name": "resumed", "overrides": short_run(gpt2_base, drop, *zero3), "steps": 2},
+        {"name": "neftune", "overrides": short_run(gpt2_base, noise, *zero3), "steps": 4},
     ]
     one[1]["resume"] = at_two["first"]["step"]
     run_worker(1, {"runs": one, "out": str(tmp_path / "one")}, worker=RUNS_WORKER)
@@ -247,8 +251,32 @@ def test_lora_dropout_draws_the_same_masks_at_any_world_size_and_across_a_resume
     ref = at_two["ref"]["losses"]
     plain = at_two["no-dropout"]["losses"]  # the first step's equal: lora_B starts at zero, so the adapter adds 0
     assert all(abs(a - b) > 1e-3 for a, b in zip(ref[1:], plain[1:], strict=True)), (ref, plain)
-    for got, want in ((at_one["one"]["losses"], ref), (at_two["first"]["losses"] + at_one["resumed"]["losses"], ref)):
+    noisy = at_two["neftune"]["losses"]  # noise on the embeddings changes even the first step's loss
+    assert all(abs(a - b) > 1e-3 for a, b in zip(noisy, plain, strict=True)), (noisy, plain)
+    resumed = at_two["first"]["losses"] + at_one["resumed"]["losses"]
+    for got, want in ((at_one["one"]["losses"], ref), (resumed, ref), (at_one["neftune"]["losses"], noisy)):
         assert all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(got, want, strict=True)), (got, want)
+
+
+def test_neftune_noise_is_added_in_training_alone(gpt2_base, tmp_path):
+    """The trainer's NEFTune hook (HF's) on the PEFT model's input embeddings: in train mode each element moves by at
+    most alpha / sqrt(tokens x hidden), in eval mode (evaluation) not at all."""
+    from dist_lora.config import load_config
+    from dist_lora.train import Trainer
+
+    extra = [f"checkpoint.dir={tmp_path}", "parallel.backend=single", "train.neftune_noise_alpha=5"]
+    trainer = Trainer(load_config(TINY, short_run(gpt2_base, *extra)))
+    embeddings = trainer.backend.model.get_input_embeddings()
+    trainer.close()
+    trainer.checkpointer.release_lease()
+    ids = torch.arange(16).view(2, 8)
+    clean = torch.nn.functional.embedding(ids, embeddings.weight)
+    bound = 5 / math.sqrt(8 * clean.shape[-1])
+    embeddings.train()
+    moved = (embeddings(ids) - clean).abs()
+    assert 0.5 * bound < moved.max().item() <= bound
+    embeddings.eval()
+    assert torch.equal(embeddings(ids), clean)
 
 
 def test_lr_schedule():
