@@ -8,6 +8,7 @@ ones, and validation collects every problem into one error.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import types
 import typing
 from dataclasses import dataclass, field
@@ -163,6 +164,10 @@ class TrainConfig:
     """Stop (with a checkpoint) after this step, as if preempted; the schedule still spans max_steps."""
     metrics_file: str | None = None
     """Append each step's loss, lr and seconds as JSON lines to this local file (rank 0)."""
+    report_to: list[str] | None = None
+    """Where rank 0 also sends the metrics (HF Trainer's report_to): tensorboard (beside metrics_file), wandb
+    (Weights & Biases, set up by its own WANDB_* environment: project, entity, mode); each must be installed.
+    Default: TensorBoard where it is installed and metrics_file is set; []: nowhere else."""
     max_grad_norm: float | None = 1.0
     """Clip the global L2 norm of the adapter's gradients (over every rank's shard) to this, as
     torch.nn.utils.clip_grad_norm_ does (HF Trainer's default is 1.0); null: no clipping. Logged every step."""
@@ -449,6 +454,15 @@ def _validate(cfg: RunConfig, errors: list[str]) -> None:
         f"train.adam_betas must be two numbers in [0, 1), e.g. [0.9, 0.95] (got {t.adam_betas})",
     )
     check(t.adam_eps > 0, f"train.adam_eps must be > 0 (got {t.adam_eps})")
+    for name in t.report_to or []:
+        if name not in REPORTERS:
+            errors.append(f"train.report_to: {name!r} is not one of {', '.join(REPORTERS)}")
+        elif importlib.util.find_spec(REPORTERS[name]) is None:
+            errors.append(f"train.report_to names {name}, which is not installed here: pip install {REPORTERS[name]}")
+    check(
+        t.report_to is None or "tensorboard" not in t.report_to or t.metrics_file is not None,
+        "train.report_to names tensorboard, whose logs go beside train.metrics_file: set train.metrics_file",
+    )
     check(
         t.neftune_noise_alpha is None or t.neftune_noise_alpha > 0,
         f"train.neftune_noise_alpha must be > 0 (got {t.neftune_noise_alpha}); null adds no noise",
@@ -649,11 +663,15 @@ def config_to_dict(cfg: RunConfig, *, secrets: bool = False) -> dict[str, Any]:
     return data if secrets else redact(data)
 
 
+REPORTERS = {"tensorboard": "tensorboard", "wandb": "wandb"}
+"""``train.report_to``'s names, and the package each needs."""
+
 RESUME_FREE = (
     "parallel.",
     "checkpoint.",
     "train.stop_at_step",
     "train.metrics_file",
+    "train.report_to",
     "train.micro_batch_size",
     "model.attn_implementation",
     "train.loss_chunk_tokens",

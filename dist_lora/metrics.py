@@ -1,9 +1,13 @@
-"""Per-step metrics: one JSON line per step (and per resume) in a local file, and TensorBoard when installed."""
+"""Per-step metrics: one JSON line per step (and per resume) in a local file; TensorBoard beside it; Weights &
+Biases. Rank 0 writes; every write is best-effort (a sink that fails is logged once and dropped, never ending rank
+0 while the other ranks wait in a collective)."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -13,20 +17,36 @@ SCALARS = ("loss", "lr", "grad_norm", "tokens_per_s", "save_stall_s")
 
 
 class MetricsLog:
-    """Rank 0's metrics sink; a no-op elsewhere or without a path."""
+    """Rank 0's metrics sinks; a no-op elsewhere. ``report_to``: ``train.report_to`` (None: TensorBoard where it is
+    installed and there is a ``path``). ``config``: the run's config, which W&B shows with the run.
 
-    def __init__(self, path: str | None, *, enabled: bool = True):
+    A W&B run is started at the first row it gets, under :attr:`wandb_id`: fresh for a new run, the saved run's
+    after a resume (the trainer sets it from the step), so that a job resumed after a preemption, at any world size,
+    goes on in the same W&B run (``resume="allow"``)."""
+
+    def __init__(
+        self,
+        path: str | None,
+        *,
+        enabled: bool = True,
+        report_to: list[str] | None = None,
+        config: dict[str, Any] | None = None,
+    ):
         self.path = Path(path) if path and enabled else None
         self.tb: Any = None
+        self.wandb: Any = None  # the W&B run, once started
+        self.wandb_id = secrets.token_hex(4) if enabled and report_to and "wandb" in report_to else None
+        self._wandb_config = config or {}
         if self.path is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            from torch.utils.tensorboard import SummaryWriter
+        if report_to is None or "tensorboard" in report_to:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(log_dir=str(self.path.parent / "tensorboard"))
-        except ImportError:  # TensorBoard is optional
-            self.tb = None
+                self.tb = SummaryWriter(log_dir=str(self.path.parent / "tensorboard"))
+            except ImportError:  # by default TensorBoard is optional; named in report_to, it was checked
+                self.tb = None
 
     def _append(self, row: dict[str, Any]) -> None:
         """Best-effort: this runs on rank 0 alone between collectives, so a write error (a full disk) must not
@@ -40,17 +60,40 @@ class MetricsLog:
             log.error("cannot write the metrics file %s (%s); training goes on without it", self.path, e)
             self.path = None
 
+    def _to_wandb(self, values: dict[str, float], step: int) -> None:
+        """Best-effort, as the file: a W&B error (no API key, the service down) is logged once with the fix, and
+        the run trains on without W&B."""
+        if self.wandb_id is None:
+            return
+        try:
+            if self.wandb is None:
+                import wandb
+
+                project = os.environ.get("WANDB_PROJECT", "dist_lora")
+                self.wandb = wandb.init(project=project, id=self.wandb_id, resume="allow", config=self._wandb_config)
+            self.wandb.log(values, step=step)
+        except Exception as e:  # anything W&B raises: training goes on
+            log.error(
+                "cannot log to Weights & Biases (%s: %s); training goes on without it (wandb login, or "
+                "WANDB_API_KEY; WANDB_MODE=offline logs to local files to sync later)",
+                type(e).__name__,
+                e,
+            )
+            self.wandb_id = None
+
     def step(self, row: dict[str, Any]) -> None:
         self._append(row)
+        scalars = {f"train/{name}": row[name] for name in SCALARS if row.get(name) is not None}
         if self.tb is not None:
-            for name in SCALARS:
-                if name in row:
-                    self.tb.add_scalar(f"train/{name}", row[name], row["step"])
+            for name, value in scalars.items():
+                self.tb.add_scalar(name, value, row["step"])
+        self._to_wandb(scalars, row["step"])
 
     def eval(self, step: int, loss: float) -> None:
         self._append({"event": "eval", "step": step, "eval_loss": loss})
         if self.tb is not None:
             self.tb.add_scalar("eval/loss", loss, step)
+        self._to_wandb({"eval/loss": loss}, step)
 
     def event(self, name: str, **fields: Any) -> None:
         self._append({"event": name, **fields})
@@ -60,3 +103,9 @@ class MetricsLog:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            try:
+                self.wandb.finish()
+            except Exception as e:
+                log.error("cannot finish the Weights & Biases run (%s: %s)", type(e).__name__, e)
+            self.wandb = None

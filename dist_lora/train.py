@@ -213,7 +213,9 @@ class Trainer:
         with collection_paused():  # a build makes ~10^5 objects: no full collections over the imported libraries
             plan = self._build_model(cfg)
         self.checkpointer.prepare(self.backend)  # the first save then stalls like the later ones
-        self.metrics_log = MetricsLog(t.metrics_file, enabled=self.rank == 0)
+        self.metrics_log = MetricsLog(
+            t.metrics_file, enabled=self.rank == 0, report_to=t.report_to, config=config_to_dict(cfg)
+        )
         if plan is not None:  # ~4 bits per weight, or an error: a base left unquantized is a silent failure
             self.metrics_log.event("quantization", **check_and_log(self.backend.model, plan, DTYPES[cfg.model.dtype]))
         self.step = 0
@@ -336,6 +338,8 @@ class Trainer:
         url = self.resumed_from = state["checkpoint_url"]
         self.step = self.last_saved = int(state["step"])
         self.eval_history = list(state.get("eval_history", []))
+        if self.metrics_log.wandb_id is not None and state.get("wandb_run_id"):
+            self.metrics_log.wandb_id = state["wandb_run_id"]  # the same W&B run goes on
         self.metrics_log.event(
             "resume",
             step=self.step,
@@ -459,6 +463,7 @@ class Trainer:
             "base_revision": self.base_revision,
             "eval_history": self.eval_history,
             "best_eval": self.best_eval(),
+            "wandb_run_id": self.metrics_log.wandb_id,  # rank 0's, which it saves: the run a resume goes on in
         }
         best = self.best_eval()
         keep = {best["step"]} if best is not None and self.cfg.checkpoint.keep_best else set()

@@ -650,6 +650,71 @@ def test_a_hub_model_in_pickle_files_loads_whole_and_says_so(hub_pickled_gpt2, t
     assert in_child(run) == 0
 
 
+def test_metrics_go_to_weights_and_biases_and_a_resume_goes_on_in_the_same_run(
+    gpt2_base, tmp_path, monkeypatch, caplog
+):
+    """train.report_to=[wandb], with the wandb library itself, offline (its files in this test's dir): every step's
+    scalars and every evaluation go to one W&B run at their step, the values of the metrics file; a run stopped
+    after step 2 and resumed goes on in the same W&B run (its id saved with the step). A W&B that fails (no API key,
+    the service down) is one logged error, and training goes on without it."""
+    from wandb.sdk.wandb_run import Run
+
+    from dist_lora.train import train
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    logged = []
+    real_log = Run.log
+
+    def spy(self, data, step=None, commit=None):
+        logged.append((self.id, step, dict(data)))
+        return real_log(self, data, step=step, commit=commit)
+
+    monkeypatch.setattr(Run, "log", spy)
+    ckpt, metrics = tmp_path / "ckpt", tmp_path / "metrics.jsonl"
+    common = ("train.report_to=[wandb]", f"train.metrics_file={metrics}", f"data.eval_path={corpus_path()}")
+    train(single_run(gpt2_base, ckpt, "train.stop_at_step=2", "train.eval_every_steps=2", *common))
+    train(single_run(gpt2_base, ckpt, "train.stop_at_step=4", "train.eval_every_steps=2", *common))
+    assert len({run_id for run_id, _, _ in logged}) == 1, logged
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    steps = {row["step"]: row for row in rows if "loss" in row}
+    evals = {row["step"]: row["eval_loss"] for row in rows if row.get("event") == "eval"}
+    train_logged = {step: data for _, step, data in logged if "train/loss" in data}
+    assert sorted(train_logged) == [1, 2, 3, 4] and sorted(evals) == [2, 4]
+    assert all(train_logged[s]["train/loss"] == steps[s]["loss"] for s in steps)
+    assert all(train_logged[s]["train/lr"] == steps[s]["lr"] for s in steps)
+    assert {step: data["eval/loss"] for _, step, data in logged if "eval/loss" in data} == evals
+    run_id = logged[0][0]
+    runs = sorted(p.name for p in (tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(name.endswith(f"-{run_id}") for name in runs), runs
+
+    def down(self, data, step=None, commit=None):
+        raise ConnectionError("api.wandb.ai unreachable")
+
+    monkeypatch.setattr(Run, "log", down)
+    caplog.clear()
+    done = train(single_run(gpt2_base, tmp_path / "other", "train.stop_at_step=2", *common))
+    assert [row["step"] for row in done] == [1, 2]
+    failures = [r for r in caplog.records if "cannot log to Weights & Biases" in r.message]
+    assert len(failures) == 1 and "ConnectionError: api.wandb.ai unreachable" in failures[0].message
+
+
+def test_report_to_names_only_installed_sinks(tmp_path, monkeypatch):
+    import importlib.util
+
+    from dist_lora.config import load_config
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    given = ["model.name_or_path=x", "data.path=y", f"checkpoint.dir={tmp_path}"]
+    with pytest.raises(ConfigError) as e:
+        load_config(str(TINY), [*given, "train.report_to=[wandb,mlflow,tensorboard]"])
+    assert "train.report_to names wandb, which is not installed here: pip install wandb" in str(e.value)
+    assert "train.report_to: 'mlflow' is not one of tensorboard, wandb" in str(e.value)
+    assert "tensorboard, whose logs go beside train.metrics_file: set train.metrics_file" in str(e.value)
+
+
 def test_a_metrics_file_that_cannot_be_written_does_not_stop_rank_0(tmp_path, caplog):
     """Rank 0 writes metrics alone, between collectives: an error there is logged once, never raised."""
     from dist_lora.metrics import MetricsLog
