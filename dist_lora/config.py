@@ -174,6 +174,11 @@ class TrainConfig:
     eval_every_steps: int = 0
     """Evaluate (the mean token loss over all the eval data) every N steps and at the end; 0: only at the end
     when eval data is set (data.eval_path or data.eval_fraction)."""
+    early_stopping_patience: int | None = None
+    """Stop when this many evaluations in a row have not improved on the best eval loss by more than
+    early_stopping_threshold (HF's EarlyStoppingCallback); the step is saved. null: never."""
+    early_stopping_threshold: float = 0.0
+    """How much lower than the best an eval loss must be to count as an improvement."""
     activation_checkpointing: bool = False
     """Recompute each transformer block's activations in backward (less memory for long sequences, about a third
     more compute); checkpoint keys do not change, so steps load with it on or off."""
@@ -430,6 +435,18 @@ def _validate(cfg: RunConfig, errors: list[str]) -> None:
         cfg.train.eval_every_steps == 0 or bool(d.eval_path or d.eval_fraction),
         f"train.eval_every_steps={cfg.train.eval_every_steps} needs eval data: set data.eval_path or "
         "data.eval_fraction",
+    )
+    check(
+        cfg.train.early_stopping_patience is None or cfg.train.eval_every_steps > 0,
+        "train.early_stopping_patience needs evaluations during the run: set train.eval_every_steps (and eval data)",
+    )
+    check(
+        cfg.train.early_stopping_patience is None or cfg.train.early_stopping_patience >= 1,
+        f"train.early_stopping_patience must be >= 1 (got {cfg.train.early_stopping_patience}); null: never stop early",
+    )
+    check(
+        cfg.train.early_stopping_threshold >= 0,
+        f"train.early_stopping_threshold must be >= 0 (got {cfg.train.early_stopping_threshold})",
     )
     check(cfg.train.eval_every_steps >= 0, f"train.eval_every_steps must be >= 0 (got {cfg.train.eval_every_steps})")
     check(

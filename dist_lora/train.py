@@ -221,6 +221,7 @@ class Trainer:
         self.step = 0
         self.stop = StopRequest()
         self.stopped_early = False
+        self.early_stopped = False  # train.early_stopping_patience ended the run
         self.grad_norm = math.nan
         self._checked_finite = False
         self.stop_at = self.cfg.train.stop_at_step or self.cfg.train.max_steps
@@ -440,6 +441,37 @@ class Trainer:
         log.info("step %d: eval loss %.6f over %d rows", self.step, loss, len(self.data.eval))
         return loss
 
+    def plateau(self) -> tuple[int, dict[str, Any]] | None:
+        """The evaluations in a row, the latest included, that have not improved on the best before them by more
+        than ``train.early_stopping_threshold``, and that best (HF's EarlyStoppingCallback counts the same way);
+        None without evaluations. Every rank computes it from the same agreed losses."""
+        if not self.eval_history:
+            return None
+        best, count = self.eval_history[0], 0
+        for e in self.eval_history[1:]:
+            if e["eval_loss"] < best["eval_loss"] - self.cfg.train.early_stopping_threshold:
+                best, count = e, 0
+            else:
+                count += 1
+        return count, best
+
+    def should_stop_early(self) -> bool:
+        """Whether ``train.early_stopping_patience`` evaluations in a row have not improved (logged when so)."""
+        patience, plateau = self.cfg.train.early_stopping_patience, self.plateau()
+        if patience is None or plateau is None or plateau[0] < patience:
+            return False
+        count, best = plateau
+        log.warning(
+            "early stopping at step %d: the eval loss has not improved on %.6f (step %d) for %d evaluations "
+            "(train.early_stopping_patience=%d)",
+            self.step,
+            best["eval_loss"],
+            best["step"],
+            count,
+            patience,
+        )
+        return True
+
     def best_eval(self) -> dict[str, Any] | None:
         """The evaluation with the lowest loss so far (its step is kept out of retention with keep_best)."""
         return min(self.eval_history, key=lambda e: e["eval_loss"]) if self.eval_history else None
@@ -502,20 +534,28 @@ class Trainer:
             self.step + 1,
             stop,
         )
-        if self.step >= stop:
-            log.info(
-                "nothing to do: the run is already at step %d (stop at %d); its newest step is %s. Raise "
-                "train.max_steps (or train.stop_at_step) to train on, or use another checkpoint.dir",
-                self.step,
-                stop,
-                self.resumed_from,
-            )
+        ended = self.should_stop_early()  # a resumed run that early stopping ended: nothing to do, as at max_steps
+        if ended or self.step >= stop:
+            if ended:
+                log.info(
+                    "nothing to do: early stopping ended this run at step %d; raise train.early_stopping_patience "
+                    "(or set it to null) to train on",
+                    self.step,
+                )
+            else:
+                log.info(
+                    "nothing to do: the run is already at step %d (stop at %d); its newest step is %s. Raise "
+                    "train.max_steps (or train.stop_at_step) to train on, or use another checkpoint.dir",
+                    self.step,
+                    stop,
+                    self.resumed_from,
+                )
             self.checkpointer.release_lease()
             self.metrics_log.close()
             return self.metrics
         bar = tqdm(total=stop, initial=self.step, disable=self.rank != 0, desc="train", dynamic_ncols=True)
         with self.stop, collections_between_steps(t.gc_every_steps) as collect:
-            while self.step < stop and not self.stopped_early:
+            while self.step < stop and not self.stopped_early and not self.early_stopped:
                 self._step_and_log(bar)
                 collect(self.step)
             if self.last_saved != self.step:
@@ -562,6 +602,9 @@ class Trainer:
         every_eval = self.cfg.train.eval_every_steps
         if self.data.eval is not None and ((every_eval and self.step % every_eval == 0) or self.step == self.stop_at):
             self.evaluate()  # before a save of this step, which records it
+            self.early_stopped = self.should_stop_early()
+            if self.early_stopped:
+                self.metrics_log.event("early_stop", step=self.step)
         self.metrics.append(row)
         every = self.cfg.checkpoint.every_steps
         if every and self.step % every == 0:

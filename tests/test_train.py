@@ -700,6 +700,29 @@ def test_metrics_go_to_weights_and_biases_and_a_resume_goes_on_in_the_same_run(
     assert len(failures) == 1 and "ConnectionError: api.wandb.ai unreachable" in failures[0].message
 
 
+def test_early_stopping_ends_the_run_after_its_patience_and_a_resume_keeps_it_ended(gpt2_base, tmp_path, caplog):
+    """train.early_stopping_patience=2 with a threshold no evaluation can beat: the first evaluation is the best,
+    the next two do not improve on it, so the run stops after step 3 of 6 and saves it. Resumed as it is, it trains
+    nothing and says why; resumed with a patience of 4, it goes on to the fourth evaluation without improvement."""
+    from dist_lora.train import train
+
+    caplog.set_level(logging.INFO, logger="dist_lora.train")
+    ckpt = tmp_path / "ckpt"
+    every = (f"data.eval_path={corpus_path()}", "train.eval_every_steps=1", "train.early_stopping_threshold=100")
+    done = train(single_run(gpt2_base, ckpt, "train.early_stopping_patience=2", *every))
+    assert [row["step"] for row in done] == [1, 2, 3]
+    assert sorted(p.name for p in ckpt.glob("step-*"))[-1] == "step-00000003"
+    assert "early stopping at step 3: the eval loss has not improved on" in caplog.text
+    assert "(step 1) for 2 evaluations" in caplog.text
+    caplog.clear()
+    assert train(single_run(gpt2_base, ckpt, "train.early_stopping_patience=2", *every)) == []
+    assert "nothing to do: early stopping ended this run at step 3" in caplog.text
+    done = train(single_run(gpt2_base, ckpt, "train.early_stopping_patience=4", *every))
+    assert [row["step"] for row in done] == [4, 5]
+    with pytest.raises(ConfigError, match="early_stopping_patience needs evaluations during the run"):
+        single_run(gpt2_base, ckpt, "train.early_stopping_patience=2")
+
+
 def test_report_to_names_only_installed_sinks(tmp_path, monkeypatch):
     import importlib.util
 
