@@ -97,9 +97,10 @@ class LoraConfig:
 
 @dataclass
 class DataConfig:
-    path: str = ""
+    path: str | list[str] = ""
     """Training data: a local .jsonl/.json/.parquet/.csv/.txt file (a .txt file is one document), a directory
-    written by Dataset.save_to_disk, or a hub dataset id (read with Hugging Face datasets)."""
+    written by Dataset.save_to_disk, or a hub dataset id (read with Hugging Face datasets); or a list of them,
+    whose samples are trained on together (the same fields in each)."""
     format: DataFormat = "text"
     """text (every token trains) | completion (prompt and completion fields; loss on the completion) | chat (a
     messages list rendered by the chat template; loss on assistant turns)."""
@@ -118,8 +119,8 @@ class DataConfig:
     """A hub dataset's configuration name."""
     split: str = "train"
     """The split to train on (a hub dataset, or a save_to_disk DatasetDict)."""
-    eval_path: str | None = None
-    """Evaluation data, read like path (same format and fields)."""
+    eval_path: str | list[str] | None = None
+    """Evaluation data, read like path (same format and fields; one source or a list)."""
     eval_split: str = "train"
     """The split of eval_path to evaluate on."""
     eval_fraction: float = 0.0
@@ -424,7 +425,11 @@ def _validate(cfg: RunConfig, errors: list[str]) -> None:
     )
     _validate_lora(cfg.lora, check)
     d = cfg.data
-    check(bool(d.path), "data.path is required (a data file, a save_to_disk directory or a hub dataset id)")
+    check(
+        bool(d.path) and all(isinstance(p, str) and p for p in ([d.path] if isinstance(d.path, str) else d.path)),
+        f"data.path is required (a data file, a save_to_disk directory or a hub dataset id, or a list of them; got "
+        f"{d.path!r})",
+    )
     check(d.seq_len >= 2, f"data.seq_len must be >= 2 (got {d.seq_len})")
     check(0.0 <= d.eval_fraction < 1.0, f"data.eval_fraction must be in [0, 1), e.g. 0.05 (got {d.eval_fraction})")
     check(

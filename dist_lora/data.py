@@ -139,6 +139,50 @@ def load_source(path: str, *, name: str | None = None, split: str = "train", cac
         ) from e
 
 
+def listed(paths: str | list[str]) -> list[str]:
+    """``data.path`` or ``data.eval_path``: one source, or several."""
+    return [paths] if isinstance(paths, str) else list(paths)
+
+
+def named(paths: str | list[str]) -> str:
+    return ", ".join(listed(paths))
+
+
+def load_sources(
+    paths: str | list[str], cfg: DataConfig, *, split: str, cache_dir: str | None, what: str = "data.path"
+) -> Dataset:
+    """The samples of one source (:func:`load_source`) or of several, one after the other: each source's columns
+    of the format's fields (``data.fields``), which every source must have, with the same types."""
+    import datasets
+
+    sources = listed(paths)
+    if len(sources) == 1:
+        return load_source(sources[0], name=cfg.name, split=split, cache_dir=cache_dir)
+    columns = list(_fields(cfg).values())
+    parts = []
+    for path in sources:
+        ds = load_source(path, name=cfg.name, split=split, cache_dir=cache_dir)
+        missing = [c for c in columns if c not in ds.column_names]
+        if missing:
+            raise DataError(
+                f"{what} {path} has no field {', '.join(map(repr, missing))} (format {cfg.format}), which the other "
+                f"sources have; its fields: {', '.join(ds.column_names)}. Every source needs the same fields "
+                "(data.fields maps one set of names)"
+            )
+        parts.append(ds.select_columns(columns))
+    first = parts[0].features
+    for path, ds in zip(sources[1:], parts[1:], strict=True):
+        if ds.features != first:
+            try:
+                parts[parts.index(ds)] = ds.cast(first)
+            except (ValueError, TypeError) as e:
+                raise DataError(
+                    f"{what} {path}: its fields have other types than those of {sources[0]} ({dict(ds.features)} "
+                    f"against {dict(first)}), and do not convert ({type(e).__name__}: {e})"
+                ) from e
+    return datasets.concatenate_datasets(parts)
+
+
 def _hash_files(paths: list[Path]) -> str:
     h = hashlib.sha256()
     for p in sorted(paths):
@@ -157,6 +201,12 @@ def source_id(path: str, name: str | None, split: str, cache_dir: str | None) ->
     if p.is_dir():
         return f"dir:{split}:" + _hash_files([f for f in p.rglob("*") if f.is_file()])
     return "hub:" + load_source(path, name=name, split=split, cache_dir=cache_dir)._fingerprint
+
+
+def sources_id(paths: str | list[str], name: str | None, split: str, cache_dir: str | None) -> str | list[str]:
+    """:func:`source_id` of one source, or of each of several in their order."""
+    ids = [source_id(path, name, split, cache_dir) for path in listed(paths)]
+    return ids[0] if isinstance(paths, str) else ids
 
 
 def tokenizer_id(tokenizer: Any) -> str:
@@ -425,8 +475,8 @@ def cache_key(cfg: DataConfig, tokenizer: Any, seed: int) -> str:
     hf_cache = str(cache_root(cfg) / "hf")
     parts = {
         "version": CACHE_VERSION,
-        "train": source_id(cfg.path, cfg.name, cfg.split, hf_cache),
-        "eval": source_id(cfg.eval_path, cfg.name, cfg.eval_split, hf_cache) if cfg.eval_path else None,
+        "train": sources_id(cfg.path, cfg.name, cfg.split, hf_cache),
+        "eval": sources_id(cfg.eval_path, cfg.name, cfg.eval_split, hf_cache) if cfg.eval_path else None,
         "eval_fraction": cfg.eval_fraction,
         "split_seed": seed if cfg.eval_fraction else None,
         "tokenizer": tokenizer_id(tokenizer),
@@ -498,14 +548,14 @@ def build_cache(cfg: DataConfig, tokenizer: Any, seed: int, key: str) -> tuple[P
     hf_cache = str(root / "hf")
     tmp = tempfile.mkdtemp(prefix=f".{key}.", dir=root)
     try:
-        train = load_source(cfg.path, name=cfg.name, split=cfg.split, cache_dir=hf_cache)
+        train = load_sources(cfg.path, cfg, split=cfg.split, cache_dir=hf_cache)
         eval_src = None
         if cfg.eval_path:
-            eval_src = load_source(cfg.eval_path, name=cfg.name, split=cfg.eval_split, cache_dir=hf_cache)
+            eval_src = load_sources(cfg.eval_path, cfg, split=cfg.eval_split, cache_dir=hf_cache, what="data.eval_path")
         elif cfg.eval_fraction:
             if len(train) < 2:
                 raise DataError(
-                    f"data.eval_fraction needs at least 2 samples in {cfg.path} (it has {len(train)}); a .txt "
+                    f"data.eval_fraction needs at least 2 samples in {named(cfg.path)} (it has {len(train)}); a .txt "
                     "file is one document: split it into a .jsonl, or set data.eval_path"
                 )
             parts = train.train_test_split(test_size=cfg.eval_fraction, seed=seed, shuffle=True)
@@ -517,12 +567,13 @@ def build_cache(cfg: DataConfig, tokenizer: Any, seed: int, key: str) -> tuple[P
             splits["eval"] = _rows(eval_samples, cfg, tmp)
             stats.extra["eval"] = eval_stats.__dict__
             if len(splits["eval"]) == 0:
-                raise DataError(f"the eval data ({cfg.eval_path or 'data.eval_fraction'}) has no usable sample")
+                where = named(cfg.eval_path) if cfg.eval_path else "data.eval_fraction"
+                raise DataError(f"the eval data ({where}) has no usable sample")
         stats.rows, stats.targets = len(splits["train"]), int(sum(splits["train"]["n_targets"]))
         stats.eval_rows = len(splits["eval"]) if "eval" in splits else 0
         if stats.rows == 0:
             raise DataError(
-                f"{cfg.path} gives no training row: {stats.samples} samples, {stats.dropped_long} longer than "
+                f"{named(cfg.path)} gives no training row: {stats.samples} samples, {stats.dropped_long} longer than "
                 f"data.seq_len={cfg.seq_len} dropped, {stats.dropped_no_target} without a target; "
                 + (
                     "packed, a text needs at least 2 tokens"

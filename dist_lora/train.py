@@ -66,6 +66,15 @@ def _local_abs(path: str | None) -> str | None:
     return os.path.abspath(path) if path and os.path.exists(path) else path
 
 
+@overload
+def _local_abs_each(paths: str | list[str]) -> str | list[str]: ...
+@overload
+def _local_abs_each(paths: str | list[str] | None) -> str | list[str] | None: ...
+def _local_abs_each(paths: str | list[str] | None) -> str | list[str] | None:
+    """:func:`_local_abs` of one path or of each in a list."""
+    return [_local_abs(p) for p in paths] if isinstance(paths, list) else _local_abs(paths)
+
+
 def grad_accum_steps(t: TrainConfig, world: int) -> int:
     per_step = t.micro_batch_size * world
     if t.global_batch_size % per_step:
@@ -180,7 +189,10 @@ class Trainer:
             )
         d = cfg.data
         data = replace(
-            d, path=_local_abs(d.path), eval_path=_local_abs(d.eval_path), chat_template=_local_abs(d.chat_template)
+            d,
+            path=_local_abs_each(d.path),
+            eval_path=_local_abs_each(d.eval_path),
+            chat_template=_local_abs(d.chat_template),
         )
         self.cfg = cfg = replace(cfg, model=model, data=data)
         t = cfg.train

@@ -155,6 +155,31 @@ def test_every_source_kind_gives_the_same_rows(gpt2_base, tmp_path):
     assert all(r == rows["jsonl"] for r in rows.values())
 
 
+def test_several_sources_give_the_rows_of_one_that_holds_them_all(gpt2_base, tmp_path):
+    """data.path (and data.eval_path) as a list: the samples of each source one after the other, each read as its
+    kind (a .jsonl, and a .parquet with a column more), give the rows of one file holding them all; a source
+    without the format's fields, or with fields of other types, is named."""
+    import datasets
+
+    src = datasets.load_dataset("json", data_files=str(DATA / "completion.jsonl"), split="train")
+    src.select(range(20)).to_json(str(tmp_path / "a.jsonl"))
+    rest = src.select(range(20, len(src)))
+    rest.add_column("origin", ["b"] * len(rest)).to_parquet(str(tmp_path / "b.parquet"))
+    sources = [str(tmp_path / "a.jsonl"), str(tmp_path / "b.parquet")]
+    common = {"format": "completion", "seq_len": 64}
+    both = prepared(tmp_path, gpt2_base, path=sources, eval_path=sources, **common)
+    whole = prepared(tmp_path, gpt2_base, path=str(DATA / "completion.jsonl"), **common)
+    assert all_rows(both.train) == all_rows(whole.train) == all_rows(both.eval)
+    assert both.stats["samples"] == len(src)
+
+    datasets.Dataset.from_list([{"question": "q", "completion": "c"}]).to_json(str(tmp_path / "other.jsonl"))
+    with pytest.raises(DataError, match=r"data.path .*other.jsonl has no field 'prompt' \(format completion\)"):
+        prepared(tmp_path, gpt2_base, path=[sources[0], str(tmp_path / "other.jsonl")], **common)
+    datasets.Dataset.from_list([{"prompt": [1], "completion": [2]}]).to_json(str(tmp_path / "lists.jsonl"))
+    with pytest.raises(DataError, match=r"data.path .*lists.jsonl: its fields have other types than those of"):
+        prepared(tmp_path, gpt2_base, path=[sources[0], str(tmp_path / "lists.jsonl")], **common)
+
+
 @pytest.mark.parametrize(
     ("data", "words"),
     [
