@@ -8,7 +8,8 @@ On a GPU (one device, NCCL, bf16), one launch of bench/gpu_worker.py:
    again; the offloaded shards are in host memory;
 2. the save on a ~1.1B Llama-shaped base (TinyLlama's shape, bf16): stall, snapshot, total;
 3. a Llama-3-8B-shaped base (random, bf16, written with save_pretrained on this machine's disk) loaded through the
-   sharded path, LoRA r=16 on q/k/v/o: load seconds, peak device memory, step seconds, save stall, resume;
+   sharded path, LoRA r=16 on q/k/v/o: load seconds, peak device memory, step seconds, save stall, resume; and
+   again with transformers' own loss, whose training peak the chunked loss's must be below;
 4. QLoRA on the ~1.1B base: the NF4 base against the same base in bf16 (LoRA on every linear layer): the base's
    bytes and peak device memory;
 5. the step time of FSDP2 (default, without resharding after forward, with the base kept gathered, and with the
@@ -42,6 +43,7 @@ NEEDS_CUDA = [
     "the NF4 base in device memory, quantized on the GPU",
     "FSDP2's CPU offload: shards in pinned host memory copied to the GPU as each block computes, and the device "
     "memory that saves",
+    "the device memory the chunked loss saves against transformers' loss",
 ]
 # the engines timed against each other on one base (bench/gpu_worker.py's ENGINES), as the report names them
 ENGINE_RUNS = {
@@ -52,6 +54,8 @@ ENGINE_RUNS = {
     "fsdp-offload": "FSDP2, cpu_offload=true",
 }
 CHECKS = ("fsdp", "zero3", "fsdp-offload")
+OWN_LOSS = "transformers' loss (train.loss_chunk_tokens=0)"
+"""The name's suffix of a run with transformers' ForCausalLMLoss instead of dist_lora's chunks."""
 # (hidden, layers, heads, kv heads, intermediate, vocab)
 SHAPES = {
     "llama-1.1b": (2048, 22, 32, 4, 5632, 32000),
@@ -128,6 +132,11 @@ def judge(results: dict[str, Any], cuda: bool) -> list[str]:
                     f"{r['name']}: the device peak training with the shards in host memory is {peaks[0]}, not below "
                     f"the default's {peaks[1]}"
                 )
+        chunked = next((x for x in results["runs"] if x["name"] == r["name"].replace(f", {OWN_LOSS}", "")), None)
+        if cuda and r.get("loss_chunk_tokens") == 0 and chunked:  # noqa: SIM102 (the pair, then the figures)
+            if not chunked["train_peak_device_bytes"] < r["train_peak_device_bytes"]:
+                peaks = gib(chunked["train_peak_device_bytes"]), gib(r["train_peak_device_bytes"])
+                failed.append(f"{chunked['name']}: the chunked loss's training peak {peaks[0]} is not below {peaks[1]}")
         bf16 = next((x for x in results["runs"] if x["name"] == r["name"].replace("NF4", "bf16")), None)
         if r.get("quantization") == "nf4" and bf16:  # noqa: SIM102 (the pair, then the figures)
             if not (r["bits_per_linear_weight"] or 0) < 4.25 or not r["base_bytes"] < bf16["base_bytes"]:
@@ -223,6 +232,9 @@ def main() -> None:
         base = build_base(out / shapes["8b"], shapes["8b"], "cuda" if cuda else "cpu")
         name = f"{shapes['8b']}, bf16 base"
         spec["runs"].append({"name": name, "base": str(base), "seq_len": seq_len, "steps": 4, "dtype": "bfloat16"})
+        # the same with transformers' own loss: the chunked loss's device memory saved (128,256-token vocabulary)
+        own = {"name": f"{name}, {OWN_LOSS}", "base": str(base), "seq_len": seq_len, "steps": 4, "dtype": "bfloat16"}
+        spec["runs"].append({**own, "loss_chunk_tokens": 0})
     if "1b" in parts:
         base = build_base(out / shapes["1b"], shapes["1b"], "cuda" if cuda else "cpu")
         spec["runs"].append({"name": shapes["1b"], "base": str(base), "seq_len": seq_len, "steps": 4})

@@ -137,6 +137,8 @@ def run(spec: dict[str, Any], data: str, out: Path) -> dict[str, Any]:
     )
     if spec.get("dtype"):
         qlora.append(f"model.dtype={spec['dtype']}")
+    if "loss_chunk_tokens" in spec:
+        qlora.append(f"train.loss_chunk_tokens={spec['loss_chunk_tokens']}")
     cfg = load_config(
         ROOT / "configs" / "tiny.yaml",
         overrides(
@@ -171,6 +173,7 @@ def run(spec: dict[str, Any], data: str, out: Path) -> dict[str, Any]:
         "base": spec["base"],
         "engine": spec.get("engine", "fsdp"),
         "dtype": spec.get("dtype"),
+        "loss_chunk_tokens": spec.get("loss_chunk_tokens"),
         "load_s": load_s,
         "load_peak_device_bytes": load_peak,
         "train_peak_device_bytes": train_peak,
