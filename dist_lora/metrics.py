@@ -13,7 +13,24 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-SCALARS = ("loss", "lr", "grad_norm", "tokens_per_s", "save_stall_s")
+SCALARS = ("loss", "lr", "grad_norm", "tokens_per_s", "save_stall_s", "peak_memory_gib")
+
+
+def step_peak_memory(device: Any) -> int | None:
+    """Peak memory, in bytes: on a GPU the most torch allocated on ``device`` since the last call
+    (``max_memory_allocated``, then reset); on the CPU the process's resident peak so far (the kernel's VmHWM, which
+    is left alone: tools that read the process's peak, a launcher's accounting, keep seeing the load's). None where
+    it cannot be read."""
+    import torch
+
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return int(peak)
+    try:
+        return int(Path("/proc/self/status").read_text().split("VmHWM:")[1].split()[0]) * 1024
+    except (OSError, IndexError, ValueError):  # not Linux
+        return None
 
 
 class MetricsLog:

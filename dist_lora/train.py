@@ -26,7 +26,7 @@ from dist_lora.guard import FirstNonFinite, check_first_step
 from dist_lora.logs import quiet_third_party
 from dist_lora.lora import loraplus_groups
 from dist_lora.loss import chunk_the_loss
-from dist_lora.metrics import MetricsLog
+from dist_lora.metrics import MetricsLog, step_peak_memory
 from dist_lora.model import (
     apply_lora_seeded,
     base_directory,
@@ -566,6 +566,7 @@ class Trainer:
             self.metrics_log.close()
             return self.metrics
         bar = tqdm(total=stop, initial=self.step, disable=self.rank != 0, desc="train", dynamic_ncols=True)
+        step_peak_memory(self.device)  # on a GPU, each step's peak from here: not the load's
         with self.stop, collections_between_steps(t.gc_every_steps) as collect:
             while self.step < stop and not self.stopped_early and not self.early_stopped:
                 self._step_and_log(bar)
@@ -598,6 +599,7 @@ class Trainer:
         lr = lr_at(self.step, self.cfg.train)
         loss = self.train_step()
         seconds = time.perf_counter() - t0
+        peak = step_peak_memory(self.device) if self.rank == 0 else None  # rank 0's: the one that logs
         tokens = self.cfg.train.global_batch_size * self.cfg.data.seq_len
         row = {
             "step": self.step,
@@ -607,6 +609,7 @@ class Trainer:
             "epoch": round(self.step * self.cfg.train.global_batch_size / len(self.data), 4),
             "seconds": round(seconds, 4),
             "tokens_per_s": round(tokens / seconds, 1),
+            "peak_memory_gib": None if peak is None else round(peak / 2**30, 3),
             "world_size": self.world,
             "backend": self.backend.name,
         }

@@ -684,6 +684,8 @@ def test_metrics_go_to_weights_and_biases_and_a_resume_goes_on_in_the_same_run(
     assert sorted(train_logged) == [1, 2, 3, 4] and sorted(evals) == [2, 4]
     assert all(train_logged[s]["train/loss"] == steps[s]["loss"] for s in steps)
     assert all(train_logged[s]["train/lr"] == steps[s]["lr"] for s in steps)
+    peaks = [train_logged[s]["train/peak_memory_gib"] for s in sorted(steps)]
+    assert peaks == [steps[s]["peak_memory_gib"] for s in sorted(steps)] and 0 < peaks[0] <= peaks[1]  # CPU: so far
     assert {step: data["eval/loss"] for _, step, data in logged if "eval/loss" in data} == evals
     run_id = logged[0][0]
     runs = sorted(p.name for p in (tmp_path / "wandb").glob("offline-run-*"))
