@@ -283,6 +283,7 @@ def resume_checkpoint(
     bucket_mb: float = 32.0,
     backend: Backend | None = None,
     retry: RetryPolicy | None = None,
+    writes: bool = True,
 ) -> dict[str, Any] | None:
     """Collective: resume as ``checkpoint.resume`` says. "none" (or None): nothing, returns None; "auto": the
     newest committed step of ``dir`` that verifies (None if there is none; newer broken ones are skipped with a
@@ -290,7 +291,8 @@ def resume_checkpoint(
 
     The run saves into ``dir`` from here on, so a committed step of ``dir`` after the one it starts from (0, or
     the step resumed) is another run's: raised on every rank now, before any training, rather than at the first
-    save (:func:`~dist_lora.checkpoint.check_no_newer_steps`)."""
+    save (:func:`~dist_lora.checkpoint.check_no_newer_steps`); not for a run that ``writes`` nothing (an
+    evaluation)."""
     state = None
     if resume not in (None, "", "none"):
         auto = resume == "auto"
@@ -305,7 +307,8 @@ def resume_checkpoint(
             missing_ok=auto,
         )
     start = int(state["step"]) if state is not None else 0
-    on_rank0(lambda: check_no_newer_steps(Storage(dir, storage_options, retry), start))
+    if writes:
+        on_rank0(lambda: check_no_newer_steps(Storage(dir, storage_options, retry), start))
     return state
 
 

@@ -97,6 +97,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from dist_lora.config import load_config
+    from dist_lora.train import evaluate_checkpoint
+
+    result = evaluate_checkpoint(load_config(args.config, args.overrides))
+    if int(os.environ.get("RANK", "0")) == 0:  # one line for the job, rank 0's
+        print(json.dumps(result))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from dist_lora.demo import run_demo
 
@@ -135,6 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=1e-4")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "eval", help="the eval loss of a saved step (checkpoint.resume: the newest, a URL, or none for the base)"
+    )
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. checkpoint.resume=URL")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="tiny CPU demo: build a base, train on 2 processes (FSDP2), resume on 1")
     p.add_argument("--run-dir", default="runs/demo")

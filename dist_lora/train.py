@@ -151,6 +151,43 @@ def train(cfg: RunConfig) -> list[dict[str, Any]]:
         shutdown(clean=clean)  # after a failure, other ranks may never reach a barrier
 
 
+def evaluate_checkpoint(cfg: RunConfig) -> dict[str, Any]:
+    """Collective: the eval loss of a saved step over the config's eval data (``data.eval_path`` or
+    ``data.eval_fraction``), at any world size and on any engine; writes nothing (no lease, no save, no metrics
+    file). The step is ``checkpoint.resume``'s: by default the newest verified one in ``checkpoint.dir``, a step's
+    URL, or ``none`` for the base with a fresh adapter (which adds nothing: the base's own loss)."""
+    if not (cfg.data.eval_path or cfg.data.eval_fraction):
+        raise ConfigError("dist-lora eval needs eval data: set data.eval_path (or data.eval_fraction)")
+    check_launch(cfg)
+    quiet_third_party()
+    join_group(cfg.parallel)
+    clean = False
+    try:
+        trainer = Trainer(cfg, writes=False)
+        trainer.resume(cfg.checkpoint.resume)
+        if trainer.resumed_from is None and cfg.checkpoint.resume != "none":
+            raise ConfigError(
+                f"dist-lora eval: {cfg.checkpoint.dir} has no committed step to evaluate; name one with "
+                "checkpoint.resume=URL, or evaluate the base alone with checkpoint.resume=none"
+            )
+        loss = trainer.evaluate()
+        trainer.backend.release()
+        clean = True
+        return {
+            "step": trainer.step,
+            "url": trainer.resumed_from,
+            "eval_loss": loss,
+            "eval_rows": len(trainer.data.eval) if trainer.data.eval is not None else 0,
+            "world_size": trainer.world,
+            "backend": trainer.backend.name,
+        }
+    except BaseException as e:
+        clean = is_agreed(e)
+        raise
+    finally:
+        shutdown(clean=clean)
+
+
 @contextlib.contextmanager
 def collections_between_steps(every: int) -> Iterator[Callable[[int], None]]:
     """Python's cyclic garbage collector off while training, and run on its young generations after every
@@ -178,7 +215,8 @@ def collections_between_steps(every: int) -> Iterator[Callable[[int], None]]:
 class Trainer:
     """Build and wrap the model, then step, save and resume. The backend hides how the model is sharded."""
 
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, *, writes: bool = True):
+        """``writes=False``: a trainer that only reads (``dist-lora eval``): no lease on the dir, no metrics."""
         check_launch(cfg)
         # local paths absolute, so that the config saved with each step and adapter_config.json work from anywhere
         model = replace(cfg.model, name_or_path=resolve_model_path(cfg.model.name_or_path))
@@ -200,7 +238,9 @@ class Trainer:
         self.grad_accum = grad_accum_steps(t, self.world)
         ck = cfg.checkpoint
         self.checkpointer = Checkpointer(ck, on_failure=self._save_failed)
-        self.checkpointer.take_lease()  # before any work: one writer per dir
+        self.writes = writes
+        if writes:
+            self.checkpointer.take_lease()  # before any work: one writer per dir
         try:
             self._build(cfg)
         except BaseException:
@@ -224,9 +264,10 @@ class Trainer:
         self.cfg = cfg = replace(cfg, train=t)
         with collection_paused():  # a build makes ~10^5 objects: no full collections over the imported libraries
             plan = self._build_model(cfg)
-        self.checkpointer.prepare(self.backend)  # the first save then stalls like the later ones
+        if self.writes:
+            self.checkpointer.prepare(self.backend)  # the first save then stalls like the later ones
         self.metrics_log = MetricsLog(
-            t.metrics_file, enabled=self.rank == 0, report_to=t.report_to, config=config_to_dict(cfg)
+            t.metrics_file, enabled=self.rank == 0 and self.writes, report_to=t.report_to, config=config_to_dict(cfg)
         )
         if plan is not None:  # ~4 bits per weight, or an error: a base left unquantized is a silent failure
             self.metrics_log.event("quantization", **check_and_log(self.backend.model, plan, DTYPES[cfg.model.dtype]))
@@ -345,6 +386,7 @@ class Trainer:
             bucket_mb=ck.bucket_mb,
             backend=self.backend,
             retry=self.checkpointer.retry,
+            writes=self.writes,
         )
         if state is None:
             return
