@@ -190,7 +190,6 @@ class TrainConfig:
     """Python's cyclic garbage collector runs only between steps, on the young generations every N steps
     (torchtitan's gc_freq), instead of at moments of its own: a full collection pauses one rank at a step of its
     choosing, and every collective waits for the slowest rank. 0: the collector as Python runs it."""
-
     neftune_noise_alpha: float | None = None
     """NEFTune (HF Trainer's neftune_noise_alpha): uniform noise of scale alpha / sqrt(tokens x hidden) added to the
     input embeddings in training (not in evaluation); the paper uses 5; null: none."""

@@ -145,6 +145,7 @@ def listed(paths: str | list[str]) -> list[str]:
 
 
 def named(paths: str | list[str]) -> str:
+    """One source or several, for a message."""
     return ", ".join(listed(paths))
 
 
@@ -171,10 +172,10 @@ def load_sources(
             )
         parts.append(ds.select_columns(columns))
     first = parts[0].features
-    for path, ds in zip(sources[1:], parts[1:], strict=True):
+    for i, (path, ds) in enumerate(zip(sources, parts, strict=True)):
         if ds.features != first:
             try:
-                parts[parts.index(ds)] = ds.cast(first)
+                parts[i] = ds.cast(first)
             except (ValueError, TypeError) as e:
                 raise DataError(
                     f"{what} {path}: its fields have other types than those of {sources[0]} ({dict(ds.features)} "
