@@ -101,9 +101,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from dist_lora.config import load_config
     from dist_lora.train import evaluate_checkpoint
 
-    result = evaluate_checkpoint(load_config(args.config, args.overrides))
-    if int(os.environ.get("RANK", "0")) == 0:  # one line for the job, rank 0's
-        print(json.dumps(result))
+    results = evaluate_checkpoint(load_config(args.config, args.overrides), every_step=args.every_step)
+    if int(os.environ.get("RANK", "0")) == 0:  # one line per step for the job, rank 0's
+        for result in results:
+            print(json.dumps(result))
     return 0
 
 
@@ -151,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. checkpoint.resume=URL")
+    p.add_argument("--every-step", action="store_true", help="each committed step of checkpoint.dir, one base load")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="tiny CPU demo: build a base, train on 2 processes (FSDP2), resume on 1")

@@ -15,8 +15,9 @@ from typing import Any, overload
 import torch
 
 from dist_lora import backends
-from dist_lora.agree import is_agreed
+from dist_lora.agree import is_agreed, on_rank0
 from dist_lora.api import resume_checkpoint
+from dist_lora.checkpoint import list_steps
 from dist_lora.checkpointer import Checkpointer
 from dist_lora.config import ConfigError, ParallelConfig, RunConfig, TrainConfig, config_changes, config_to_dict
 from dist_lora.constants import ENV_WORLD_SIZE
@@ -40,6 +41,7 @@ from dist_lora.model import (
 )
 from dist_lora.preempt import StopRequest
 from dist_lora.quantize import Plan, check_and_log, quantize_base
+from dist_lora.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -151,36 +153,53 @@ def train(cfg: RunConfig) -> list[dict[str, Any]]:
         shutdown(clean=clean)  # after a failure, other ranks may never reach a barrier
 
 
-def evaluate_checkpoint(cfg: RunConfig) -> dict[str, Any]:
-    """Collective: the eval loss of a saved step over the config's eval data (``data.eval_path`` or
-    ``data.eval_fraction``), at any world size and on any engine; writes nothing (no lease, no save, no metrics
-    file). The step is ``checkpoint.resume``'s: by default the newest verified one in ``checkpoint.dir``, a step's
-    URL, or ``none`` for the base with a fresh adapter (which adds nothing: the base's own loss)."""
+def evaluate_checkpoint(cfg: RunConfig, *, every_step: bool = False) -> list[dict[str, Any]]:
+    """Collective: the eval loss of saved steps over the config's eval data (``data.eval_path`` or
+    ``data.eval_fraction``), at any world size and on any engine, one result per step; writes nothing (no lease, no
+    save, no metrics file). The step is ``checkpoint.resume``'s: by default the newest verified one in
+    ``checkpoint.dir``, a step's URL, or ``none`` for the base with a fresh adapter (which adds nothing: the base's
+    own loss); ``every_step``: each committed step of the dir in turn, over one load of the base."""
     if not (cfg.data.eval_path or cfg.data.eval_fraction):
         raise ConfigError("dist-lora eval needs eval data: set data.eval_path (or data.eval_fraction)")
     check_launch(cfg)
     quiet_third_party()
     join_group(cfg.parallel)
+    ck = cfg.checkpoint
     clean = False
     try:
         trainer = Trainer(cfg, writes=False)
-        trainer.resume(cfg.checkpoint.resume)
-        if trainer.resumed_from is None and cfg.checkpoint.resume != "none":
-            raise ConfigError(
-                f"dist-lora eval: {cfg.checkpoint.dir} has no committed step to evaluate; name one with "
-                "checkpoint.resume=URL, or evaluate the base alone with checkpoint.resume=none"
+        steps: list[str | None] = [ck.resume]
+        if every_step:
+            listed = on_rank0(
+                lambda: [
+                    s.url
+                    for s in list_steps(Storage(ck.dir, ck.storage_options), verify=False)
+                    if s.status == "committed"
+                ],
+                share=True,
             )
-        loss = trainer.evaluate()
+            steps = list(listed or [])
+        results = []
+        for step in steps or [None]:
+            trainer.resume(step)
+            if trainer.resumed_from is None and step != "none":
+                raise ConfigError(
+                    f"dist-lora eval: {ck.dir} has no committed step to evaluate; name one with "
+                    "checkpoint.resume=URL, or evaluate the base alone with checkpoint.resume=none"
+                )
+            results.append(
+                {
+                    "step": trainer.step,
+                    "url": trainer.resumed_from,
+                    "eval_loss": trainer.evaluate(),
+                    "eval_rows": len(trainer.data.eval) if trainer.data.eval is not None else 0,
+                    "world_size": trainer.world,
+                    "backend": trainer.backend.name,
+                }
+            )
         trainer.backend.release()
         clean = True
-        return {
-            "step": trainer.step,
-            "url": trainer.resumed_from,
-            "eval_loss": loss,
-            "eval_rows": len(trainer.data.eval) if trainer.data.eval is not None else 0,
-            "world_size": trainer.world,
-            "backend": trainer.backend.name,
-        }
+        return results
     except BaseException as e:
         clean = is_agreed(e)
         raise

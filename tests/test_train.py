@@ -729,8 +729,9 @@ def test_early_stopping_ends_the_run_after_its_patience_and_a_resume_keeps_it_en
 @pytest.mark.timeout(600)
 def test_eval_command_gives_a_saved_steps_eval_loss_at_any_world_size_and_writes_nothing(gpt2_base, tmp_path):
     """``dist-lora eval``: the eval loss the run logged at a step, for the newest step and for one named, in one
-    process and at 2 ranks on ZeRO-3 (1e-6); the base alone with checkpoint.resume=none; nothing written to the
-    checkpoint dir (no lease, no step); without eval data or a step, one error naming the fix."""
+    process, and for every step (--every-step, one base load) at 2 ranks on ZeRO-3 (1e-6); the base alone with
+    checkpoint.resume=none; nothing written to the checkpoint dir (no lease, no step); without eval data or a
+    step, one error naming the fix."""
     from dist_lora.train import evaluate_checkpoint, train
 
     ckpt, metrics = tmp_path / "ckpt", tmp_path / "metrics.jsonl"
@@ -739,24 +740,27 @@ def test_eval_command_gives_a_saved_steps_eval_loss_at_any_world_size_and_writes
     logged = {r["step"]: r["eval_loss"] for r in map(json.loads, metrics.read_text().splitlines()) if "eval_loss" in r}
     assert sorted(logged) == [2, 4]
     before = sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*"))
-    newest = evaluate_checkpoint(single_run(gpt2_base, ckpt, *evals))
+    (newest,) = evaluate_checkpoint(single_run(gpt2_base, ckpt, *evals))
     assert newest["step"] == 4 and newest["url"].endswith("step-00000004")
     assert newest["eval_loss"] == pytest.approx(logged[4], rel=1e-6)
-    named = evaluate_checkpoint(single_run(gpt2_base, ckpt, f"checkpoint.resume={ckpt / 'step-00000002'}", *evals))
+    (named,) = evaluate_checkpoint(single_run(gpt2_base, ckpt, f"checkpoint.resume={ckpt / 'step-00000002'}", *evals))
     assert named["step"] == 2 and named["eval_loss"] == pytest.approx(logged[2], rel=1e-6)
-    base = evaluate_checkpoint(single_run(gpt2_base, ckpt, "checkpoint.resume=none", *evals))
+    (base,) = evaluate_checkpoint(single_run(gpt2_base, ckpt, "checkpoint.resume=none", *evals))
     assert base["step"] == 0 and base["url"] is None and math.isfinite(base["eval_loss"])
     args = [f"model.name_or_path={gpt2_base}", f"data.path={corpus_path()}", f"checkpoint.dir={ckpt}", *evals]
     zero3 = ["parallel.backend=deepspeed", "parallel.zero_stage=3"]
-    out = torchrun(2, ["-m", "dist_lora", "eval", str(TINY), *args, *zero3])
-    (line,) = [json.loads(x) for x in out.stdout.splitlines() if x.startswith("{")]
-    assert line["world_size"] == 2 and line["backend"] == "deepspeed" and line["step"] == 4
-    assert line["eval_loss"] == pytest.approx(logged[4], rel=1e-6)
+    out = torchrun(2, ["-m", "dist_lora", "eval", str(TINY), *args, *zero3, "--every-step"])
+    lines = [json.loads(x) for x in out.stdout.splitlines() if x.startswith("{")]
+    assert [x["step"] for x in lines] == [2, 4] and all(x["world_size"] == 2 for x in lines)
+    assert all(
+        x["backend"] == "deepspeed" and x["eval_loss"] == pytest.approx(logged[x["step"]], rel=1e-6) for x in lines
+    )
     assert sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*")) == before  # no lease, no step, nothing
     with pytest.raises(ConfigError, match="dist-lora eval needs eval data"):
         evaluate_checkpoint(single_run(gpt2_base, ckpt))
-    with pytest.raises(ConfigError, match="has no committed step to evaluate; name one with checkpoint.resume=URL"):
-        evaluate_checkpoint(single_run(gpt2_base, tmp_path / "empty", *evals))
+    for every_step in (False, True):
+        with pytest.raises(ConfigError, match="has no committed step to evaluate; name one with checkpoint.resume="):
+            evaluate_checkpoint(single_run(gpt2_base, tmp_path / "empty", *evals), every_step=every_step)
 
 
 def test_report_to_names_only_installed_sinks(tmp_path, monkeypatch):
