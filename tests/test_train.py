@@ -763,6 +763,33 @@ def test_eval_command_gives_a_saved_steps_eval_loss_at_any_world_size_and_writes
             evaluate_checkpoint(single_run(gpt2_base, tmp_path / "empty", *evals), every_step=every_step)
 
 
+def test_tensorboard_gets_every_steps_scalars_and_the_evaluations(gpt2_base, tmp_path):
+    """With TensorBoard installed, the default sends the metrics file's scalars to tensorboard/ beside it, at their
+    steps (read back with TensorBoard's own event reader); report_to=[] sends nothing."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from dist_lora.train import train
+
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    evals = (f"data.eval_path={corpus_path()}", "train.eval_every_steps=2", f"train.metrics_file={metrics}")
+    train(single_run(gpt2_base, tmp_path / "ckpt", "train.stop_at_step=4", *evals))
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    events = EventAccumulator(str(metrics.parent / "tensorboard"))
+    events.Reload()
+    loss = {e.step: e.value for e in events.Scalars("train/loss")}
+    assert loss == pytest.approx({r["step"]: r["loss"] for r in rows if "loss" in r}, rel=1e-6)
+    assert {e.step for e in events.Scalars("train/peak_memory_gib")} == {1, 2, 3, 4}
+    evaluated = {e.step: e.value for e in events.Scalars("eval/loss")}
+    assert evaluated == pytest.approx({r["step"]: r["eval_loss"] for r in rows if "eval_loss" in r}, rel=1e-6)
+    quiet = tmp_path / "quiet" / "metrics.jsonl"
+    train(
+        single_run(
+            gpt2_base, tmp_path / "ckpt2", "train.stop_at_step=2", f"train.metrics_file={quiet}", "train.report_to=[]"
+        )
+    )
+    assert quiet.is_file() and not (quiet.parent / "tensorboard").exists()
+
+
 def test_report_to_names_only_installed_sinks(tmp_path, monkeypatch):
     import importlib.util
 
