@@ -113,6 +113,9 @@ class DataConfig:
     """Pack several samples into each row; position ids restart per sample and no sample attends to another."""
     too_long: TooLong = "truncate"
     """A completion or chat sample longer than seq_len: truncate (keep its first seq_len tokens) | drop."""
+    loss_on_prompt: bool = False
+    """completion and chat: every token is a target, the prompt's and the user turns' too (axolotl's
+    train_on_inputs); by default only the completion and the assistant turns are."""
     chat_template: str | None = None
     """A Jinja chat template (or a file holding one) for a tokenizer that has none, or to replace its own."""
     name: str | None = None
@@ -430,6 +433,10 @@ def _validate(cfg: RunConfig, errors: list[str]) -> None:
         f"{d.path!r})",
     )
     check(d.seq_len >= 2, f"data.seq_len must be >= 2 (got {d.seq_len})")
+    check(
+        not (d.loss_on_prompt and d.format == "text"),
+        "data.loss_on_prompt is for the completion and chat formats: text already trains on every token",
+    )
     check(0.0 <= d.eval_fraction < 1.0, f"data.eval_fraction must be in [0, 1), e.g. 0.05 (got {d.eval_fraction})")
     check(
         not (d.eval_path and d.eval_fraction),

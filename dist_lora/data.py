@@ -313,7 +313,7 @@ def _tokenize_fn(cfg: DataConfig, tokenizer: Any) -> Callable[[dict[str, list], 
         enc = tokenizer(texts, add_special_tokens=cfg.format == "completion", return_offsets_mapping=True)
         out: dict[str, list] = {"input_ids": [], "labels": [], "status": []}
         for ids, offsets, sp in zip(enc["input_ids"], enc["offset_mapping"], spans, strict=True):
-            targets = _target_mask([tuple(o) for o in offsets], sp)
+            targets = [True] * len(ids) if cfg.loss_on_prompt else _target_mask([tuple(o) for o in offsets], sp)
             if cfg.format == "completion" and eos is not None and ids[-1] != eos:
                 ids, targets = [*ids, eos], [*targets, True]  # the model learns to stop after the completion
             ids, labels, status = finish(ids, targets)
@@ -486,6 +486,7 @@ def cache_key(cfg: DataConfig, tokenizer: Any, seed: int) -> str:
         "seq_len": cfg.seq_len,
         "packing": cfg.packing,
         "too_long": cfg.too_long,
+        **({"loss_on_prompt": True} if cfg.loss_on_prompt else {}),  # (absent when off: earlier caches stay valid)
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_lora.config import DataConfig, load_config
+from dist_lora.config import ConfigError, DataConfig, load_config
 from dist_lora.data import IGNORE, DataError, check_packing, prepare_data
 from dist_lora.model import load_base, load_tokenizer
 from tests.dist_utils import ROOT
@@ -61,6 +61,20 @@ def test_completion_targets_are_the_completion_tokens(gpt2_base, tmp_path):
         completion = tok(s["completion"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         assert row["input_ids"] == prompt + completion
         assert row["labels"] == [IGNORE] * len(prompt) + completion
+
+
+@pytest.mark.parametrize("fmt", ["completion", "chat"])
+def test_loss_on_prompt_makes_every_token_a_target(fmt, gpt2_base, tmp_path):
+    """data.loss_on_prompt: the same tokens, each one a target (the first, as always, predicted by nothing); the
+    default's targets are a strict subset; rows cached apart; refused for text, which trains on every token."""
+    common = {"path": str(DATA / f"{fmt}.jsonl"), "format": fmt, "seq_len": 256}
+    default = all_rows(prepared(tmp_path, gpt2_base, **common).train)
+    everything = all_rows(prepared(tmp_path, gpt2_base, loss_on_prompt=True, **common).train)
+    assert [r["input_ids"] for r in default] == [r["input_ids"] for r in everything]
+    assert all(r["labels"] == r["input_ids"] for r in everything)
+    assert sum(r["n_targets"] for r in default) < sum(r["n_targets"] for r in everything)
+    with pytest.raises(ConfigError, match="data.loss_on_prompt is for the completion and chat formats"):
+        load_config(str(ROOT / "configs" / "tiny.yaml"), ["data.loss_on_prompt=true", "model.name_or_path=x"])
 
 
 def test_too_long_samples_are_truncated_or_dropped_and_counted(gpt2_base, tmp_path, caplog):
