@@ -101,6 +101,10 @@ class DataConfig:
     """Training data: a local .jsonl/.json/.parquet/.csv/.txt file (a .txt file is one document), a directory
     written by Dataset.save_to_disk, or a hub dataset id (read with Hugging Face datasets); or a list of them,
     whose samples are trained on together (the same fields in each)."""
+    weights: list[float] | None = None
+    """With several sources in path: how often each is drawn (normalized), mixed by the seed until every source has
+    been seen whole, the smaller ones repeated (datasets' interleave_datasets, all_exhausted); null: each source
+    once, one after the other."""
     format: DataFormat = "text"
     """text (every token trains) | completion (prompt and completion fields; loss on the completion) | chat (a
     messages list rendered by the chat template; loss on assistant turns)."""
@@ -433,6 +437,12 @@ def _validate(cfg: RunConfig, errors: list[str]) -> None:
         f"{d.path!r})",
     )
     check(d.seq_len >= 2, f"data.seq_len must be >= 2 (got {d.seq_len})")
+    sources = 1 if isinstance(d.path, str) else len(d.path)
+    check(
+        d.weights is None or (len(d.weights) == sources > 1 and all(w > 0 for w in d.weights)),
+        f"data.weights must give one weight > 0 to each of data.path's sources, and data.path must list several "
+        f"(got {d.weights} for {sources} source(s))",
+    )
     check(
         not (d.loss_on_prompt and d.format == "text"),
         "data.loss_on_prompt is for the completion and chat formats: text already trains on every token",

@@ -150,10 +150,18 @@ def named(paths: str | list[str]) -> str:
 
 
 def load_sources(
-    paths: str | list[str], cfg: DataConfig, *, split: str, cache_dir: str | None, what: str = "data.path"
+    paths: str | list[str],
+    cfg: DataConfig,
+    *,
+    split: str,
+    cache_dir: str | None,
+    what: str = "data.path",
+    weights: list[float] | None = None,
+    seed: int = 0,
 ) -> Dataset:
-    """The samples of one source (:func:`load_source`) or of several, one after the other: each source's columns
-    of the format's fields (``data.fields``), which every source must have, with the same types."""
+    """The samples of one source (:func:`load_source`) or of several: each source's columns of the format's fields
+    (``data.fields``), which every source must have, with the same types; one source after the other, or, with
+    ``weights``, drawn in those proportions by ``seed`` until every source was seen whole (the smaller repeated)."""
     import datasets
 
     sources = listed(paths)
@@ -181,6 +189,9 @@ def load_sources(
                     f"{what} {path}: its fields have other types than those of {sources[0]} ({dict(ds.features)} "
                     f"against {dict(first)}), and do not convert ({type(e).__name__}: {e})"
                 ) from e
+    if weights:
+        shares = [w / sum(weights) for w in weights]
+        return datasets.interleave_datasets(parts, shares, seed=seed, stopping_strategy="all_exhausted")
     return datasets.concatenate_datasets(parts)
 
 
@@ -487,6 +498,7 @@ def cache_key(cfg: DataConfig, tokenizer: Any, seed: int) -> str:
         "packing": cfg.packing,
         "too_long": cfg.too_long,
         **({"loss_on_prompt": True} if cfg.loss_on_prompt else {}),  # (absent when off: earlier caches stay valid)
+        **({"weights": cfg.weights, "mix_seed": seed} if cfg.weights else {}),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -550,7 +562,7 @@ def build_cache(cfg: DataConfig, tokenizer: Any, seed: int, key: str) -> tuple[P
     hf_cache = str(root / "hf")
     tmp = tempfile.mkdtemp(prefix=f".{key}.", dir=root)
     try:
-        train = load_sources(cfg.path, cfg, split=cfg.split, cache_dir=hf_cache)
+        train = load_sources(cfg.path, cfg, split=cfg.split, cache_dir=hf_cache, weights=cfg.weights, seed=seed)
         eval_src = None
         if cfg.eval_path:
             eval_src = load_sources(cfg.eval_path, cfg, split=cfg.eval_split, cache_dir=hf_cache, what="data.eval_path")

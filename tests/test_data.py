@@ -194,6 +194,34 @@ def test_several_sources_give_the_rows_of_one_that_holds_them_all(gpt2_base, tmp
         prepared(tmp_path, gpt2_base, path=[sources[0], str(tmp_path / "lists.jsonl")], **common)
 
 
+def test_weighted_sources_are_drawn_in_their_proportions_by_the_seed(gpt2_base, tmp_path):
+    """data.weights [3, 1] over a source of 10 samples and one of 40: drawn about 3 to 1 until both were seen
+    whole (the small one repeated), the same mix for a seed and another for another; trained on end to end; a
+    weight per source required."""
+    import datasets
+
+    from dist_lora.data import load_sources
+
+    for name, n in (("a", 10), ("b", 40)):
+        rows = [{"prompt": f"{name}{i}: ", "completion": f"answer {i}"} for i in range(n)]
+        datasets.Dataset.from_list(rows).to_json(str(tmp_path / f"{name}.jsonl"))
+    sources = [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]
+    cfg = DataConfig(path=sources, format="completion", weights=[3, 1])
+
+    def mix(seed: int) -> list[str]:
+        return load_sources(sources, cfg, split="train", cache_dir=None, weights=cfg.weights, seed=seed)["prompt"]
+
+    drawn = mix(0)
+    from_a = [p for p in drawn if p.startswith("a")]
+    assert {f"a{i}: " for i in range(10)} <= set(from_a) and {f"b{i}: " for i in range(40)} <= set(drawn)
+    assert 1.8 < len(from_a) / (len(drawn) - len(from_a)) < 4.2, len(from_a)  # 3, give or take 2 sd
+    assert mix(0) == drawn and mix(1) != drawn
+    data = prepared(tmp_path, gpt2_base, path=sources, format="completion", seq_len=32, weights=[3, 1])
+    assert data.stats["samples"] == len(drawn)
+    with pytest.raises(ConfigError, match="data.weights must give one weight > 0 to each of data.path's sources"):
+        load_config(str(ROOT / "configs" / "tiny.yaml"), [f"data.path={sources}", "data.weights=[1]"])
+
+
 @pytest.mark.parametrize(
     ("data", "words"),
     [
