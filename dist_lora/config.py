@@ -444,6 +444,11 @@ def _validate(cfg: RunConfig, errors: list[str]) -> None:
         f"(got {d.weights} for {sources} source(s))",
     )
     check(
+        not (d.weights and d.eval_fraction),
+        "data.eval_fraction with data.weights would hold out samples that the mix repeats, into both splits: set "
+        "data.eval_path instead",
+    )
+    check(
         not (d.loss_on_prompt and d.format == "text"),
         "data.loss_on_prompt is for the completion and chat formats: text already trains on every token",
     )

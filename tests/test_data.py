@@ -220,6 +220,11 @@ def test_weighted_sources_are_drawn_in_their_proportions_by_the_seed(gpt2_base, 
     assert data.stats["samples"] == len(drawn)
     with pytest.raises(ConfigError, match="data.weights must give one weight > 0 to each of data.path's sources"):
         load_config(str(ROOT / "configs" / "tiny.yaml"), [f"data.path={sources}", "data.weights=[1]"])
+    with pytest.raises(ConfigError, match="data.eval_fraction with data.weights would hold out samples that the mix"):
+        load_config(
+            str(ROOT / "configs" / "tiny.yaml"),
+            [f"data.path={sources}", "data.weights=[1,1]", "data.eval_fraction=0.1"],
+        )
 
 
 @pytest.mark.parametrize(
