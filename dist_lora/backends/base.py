@@ -236,10 +236,14 @@ class Backend(ABC):
                 out[key] = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
         return out
 
+    def lr_groups(self) -> list[dict[str, Any]]:
+        """The parameter groups whose learning rates :meth:`set_lr` sets (DeepSpeed: its ZeRO optimizer's)."""
+        assert self.optimizer is not None
+        return list(self.optimizer.param_groups)
+
     def set_lr(self, lr: float) -> None:
         """Every parameter group's learning rate from the schedule's ``lr``, times the group's ``lr_scale`` (LoRA+)."""
-        assert self.optimizer is not None
-        for group in self.optimizer.param_groups:
+        for group in self.lr_groups():
             group["lr"] = lr * group.get("lr_scale", 1.0)
 
     # ------------------------------------------------------------------------------------------ checkpoint

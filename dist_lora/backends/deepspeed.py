@@ -313,9 +313,8 @@ class DeepSpeedBackend(Backend):
         norm = self.model.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 
-    def set_lr(self, lr: float) -> None:
-        for group in self.zero.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
+    def lr_groups(self) -> list[dict[str, Any]]:
+        return list(self.zero.param_groups)
 
     # ------------------------------------------------------------------------------------------ layout
 

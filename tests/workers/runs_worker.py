@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
 from unittest import mock
 
 import torch
@@ -81,12 +80,6 @@ def offloaded(backend) -> dict[str, bool] | None:
     return {"optimizer": on_host, "param": on_host}
 
 
-def param_groups(backend: Any) -> list[dict[str, Any]]:
-    """The parameter groups whose learning rates the trainer sets (DeepSpeed: its ZeRO optimizer's)."""
-    zero = getattr(backend, "zero", None)
-    return list((zero or backend.optimizer).param_groups)
-
-
 def loss_function(model: torch.nn.Module) -> str:
     """The name of the loss function the transformers model inside ``model`` (PEFT, an engine) computes."""
     from transformers import PreTrainedModel
@@ -135,8 +128,8 @@ def main() -> None:
             "all_gathers": gathers.call_count,
             "eager_attention_calls": eager.call_count,
             "loss_function": loss_function(trainer.backend.model),
-            "group_lrs": [group["lr"] for group in param_groups(trainer.backend)],
-            "lr_scales": [group.get("lr_scale", 1.0) for group in param_groups(trainer.backend)],
+            "group_lrs": [group["lr"] for group in trainer.backend.lr_groups()],
+            "lr_scales": [group.get("lr_scale", 1.0) for group in trainer.backend.lr_groups()],
             "fsdp_groups": len(  # a group of several modules (fully_shard of a list) shares one state
                 {id(m._get_fsdp_state()) for m in trainer.backend.model.modules() if isinstance(m, FSDPModule)}
             ),
