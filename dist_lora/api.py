@@ -446,7 +446,7 @@ def load_sharded(
             base.name_or_path = base.config.name_or_path = name_or_path
         set_attention(base, attn_implementation, what="attn_implementation")
         if loss_chunk_tokens:
-            chunk_the_loss(base, loss_chunk_tokens)
+            chunk_the_loss(base, loss_chunk_tokens, what="loss_chunk_tokens")
         if activation_checkpointing:
             enable_activation_checkpointing(base)
         model = apply_lora_seeded(base, lora, name_or_path, Path(str(directory)).name if hub else revision, seed)

@@ -11,9 +11,12 @@ are transformers' (the same float32 arithmetic, summed per chunk)."""
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 
@@ -76,12 +79,22 @@ def chunked_causal_lm_loss(
     return total / num_items_in_batch
 
 
-def chunk_the_loss(model: Any, chunk_tokens: int) -> bool:
+def chunk_the_loss(model: Any, chunk_tokens: int, what: str = "train.loss_chunk_tokens") -> bool:
     """Give ``model`` (a transformers causal LM, before PEFT wraps it) the chunked loss, ``chunk_tokens`` at a time;
-    False, leaving it as it is, where the model computes its loss otherwise than ``ForCausalLMLoss``."""
+    False, leaving it as it is and saying so (on rank 0, naming the setting ``what``), where the model computes its
+    loss otherwise than ``ForCausalLMLoss``."""
+    import torch.distributed as dist
     from transformers.loss.loss_utils import LOSS_MAPPING
 
     if model.loss_function is not LOSS_MAPPING["ForCausalLM"]:
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            log.warning(
+                "%s: %s computes its loss with its own function, not transformers' causal LM loss that the chunks "
+                "compute; it keeps its own (%s: 0 silences this)",
+                what,
+                type(model).__name__,
+                what,
+            )
         return False
     model.loss_function = functools.partial(chunked_causal_lm_loss, chunk_tokens=chunk_tokens)
     return True

@@ -340,12 +340,8 @@ class Trainer:
             base.name_or_path = base.config.name_or_path = cfg.model.name_or_path
         base.config.use_cache = False  # training never reads a key-value cache
         set_attention(base, cfg.model.attn_implementation)
-        if t.loss_chunk_tokens and not chunk_the_loss(base, t.loss_chunk_tokens) and self.rank == 0:
-            log.warning(
-                "train.loss_chunk_tokens: %s computes its loss with its own function, not transformers' causal LM "
-                "loss that the chunks compute; it keeps its own (train.loss_chunk_tokens: 0 silences this)",
-                type(base).__name__,
-            )
+        if t.loss_chunk_tokens:
+            chunk_the_loss(base, t.loss_chunk_tokens)
         if cfg.data.packing:
             check_packing(base, self.data)
         if t.activation_checkpointing:  # HF's flag on each block: no wrapper, so no new prefix in any key
