@@ -41,7 +41,6 @@ from dist_lora.model import (
 )
 from dist_lora.preempt import StopRequest
 from dist_lora.quantize import Plan, check_and_log, quantize_base
-from dist_lora.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -129,28 +128,39 @@ def join_group(p: ParallelConfig) -> tuple[int, int, torch.device]:
     )
 
 
-def train(cfg: RunConfig) -> list[dict[str, Any]]:
-    """Run (or resume) a LoRA fine-tune as configured; returns the per-step metrics (on every rank)."""
+@contextlib.contextmanager
+def collective_job(cfg: RunConfig) -> Iterator[None]:
+    """A job's process group around its work: the launch checked and the group joined first; left cleanly after
+    success or after an error every rank raised at the same point (they can still meet at a barrier), and without
+    the barriers otherwise, where another rank may never reach one."""
     check_launch(cfg)
     quiet_third_party()
     join_group(cfg.parallel)
-    trainer = None
     clean = False
     try:
-        trainer = Trainer(cfg)
-        trainer.resume(cfg.checkpoint.resume)
-        metrics = trainer.fit()
-        trainer.backend.release()  # nothing trains on: a process that runs train() again gets this model's memory back
+        yield
         clean = True
-        return metrics
     except BaseException as e:
-        clean = is_agreed(e)  # every rank raised it at the same point: they can still leave together
+        clean = is_agreed(e)
         raise
     finally:
-        if trainer is not None:
-            trainer.checkpointer.close()  # a background write finishes even if training failed
-            trainer.checkpointer.release_lease()  # this process writes nothing more
-        shutdown(clean=clean)  # after a failure, other ranks may never reach a barrier
+        shutdown(clean=clean)
+
+
+def train(cfg: RunConfig) -> list[dict[str, Any]]:
+    """Run (or resume) a LoRA fine-tune as configured; returns the per-step metrics (on every rank)."""
+    with collective_job(cfg):
+        trainer = None
+        try:
+            trainer = Trainer(cfg)
+            trainer.resume(cfg.checkpoint.resume)
+            metrics = trainer.fit()
+            trainer.backend.release()  # nothing trains on: a process that runs train() again gets its memory back
+            return metrics
+        finally:
+            if trainer is not None:
+                trainer.checkpointer.close()  # a background write finishes even if training failed
+                trainer.checkpointer.release_lease()  # this process writes nothing more
 
 
 def evaluate_checkpoint(cfg: RunConfig, *, every_step: bool = False) -> list[dict[str, Any]]:
@@ -161,30 +171,23 @@ def evaluate_checkpoint(cfg: RunConfig, *, every_step: bool = False) -> list[dic
     own loss); ``every_step``: each committed step of the dir in turn, over one load of the base."""
     if not (cfg.data.eval_path or cfg.data.eval_fraction):
         raise ConfigError("dist-lora eval needs eval data: set data.eval_path (or data.eval_fraction)")
-    check_launch(cfg)
-    quiet_third_party()
-    join_group(cfg.parallel)
-    ck = cfg.checkpoint
-    clean = False
-    try:
+    with collective_job(cfg):
         trainer = Trainer(cfg, writes=False)
-        steps: list[str | None] = [ck.resume]
+        steps: list[str | None] = [cfg.checkpoint.resume]
         if every_step:
-            listed = on_rank0(
-                lambda: [
-                    s.url
-                    for s in list_steps(Storage(ck.dir, ck.storage_options), verify=False)
-                    if s.status == "committed"
-                ],
-                share=True,
-            )
-            steps = list(listed or [])
+
+            def committed() -> list[str]:
+                return [
+                    s.url for s in list_steps(trainer.checkpointer.storage, verify=False) if s.status == "committed"
+                ]
+
+            steps = list(on_rank0(committed, share=True) or [])
         results = []
         for step in steps or [None]:
             trainer.resume(step)
             if trainer.resumed_from is None and step != "none":
                 raise ConfigError(
-                    f"dist-lora eval: {ck.dir} has no committed step to evaluate; name one with "
+                    f"dist-lora eval: {cfg.checkpoint.dir} has no committed step to evaluate; name one with "
                     "checkpoint.resume=URL, or evaluate the base alone with checkpoint.resume=none"
                 )
             results.append(
@@ -198,13 +201,7 @@ def evaluate_checkpoint(cfg: RunConfig, *, every_step: bool = False) -> list[dic
                 }
             )
         trainer.backend.release()
-        clean = True
         return results
-    except BaseException as e:
-        clean = is_agreed(e)
-        raise
-    finally:
-        shutdown(clean=clean)
 
 
 @contextlib.contextmanager
