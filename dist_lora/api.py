@@ -32,7 +32,7 @@ from dist_lora.checkpoint import (
     read_verified,
 )
 from dist_lora.checkpointer import Checkpointer
-from dist_lora.config import CheckpointConfig, ConfigError, LoraConfig, ParallelConfig
+from dist_lora.config import ZERO3_COMPILE, CheckpointConfig, ConfigError, LoraConfig, ParallelConfig
 from dist_lora.constants import ADAPTER_CONFIG_NAME, WEIGHT_FIELD
 from dist_lora.faults import failpoint
 from dist_lora.gather import broadcast_adapter
@@ -368,6 +368,7 @@ def load_sharded(
     activation_checkpointing: bool = False,
     attn_implementation: str | None = None,
     loss_chunk_tokens: int = 1024,
+    compile: bool = False,
 ) -> nn.Module:
     """Collective: the model the trainer trains on FSDP2 or ZeRO-3, for a training loop of one's own; no rank ever
     holds the whole base. LoRA's adapter is drawn from ``torch.manual_seed(seed)``, the same on every rank, at any
@@ -386,6 +387,7 @@ def load_sharded(
     ``attn_implementation``: the attention kernel, as ``from_pretrained``'s (default: transformers' choice).
     ``loss_chunk_tokens``: the model's causal LM loss computed this many tokens at a time, as the trainer's
     (:mod:`dist_lora.loss`: transformers' values, never a float32 copy of all the logits); 0: transformers' own.
+    ``compile``: ``torch.compile`` each transformer block in place (:func:`dist_lora.model.compile_blocks`).
     ``save_checkpoint`` and ``load_checkpoint`` take the model (FSDP2) or the engine (ZeRO-3) as they are."""
     import torch.distributed as dist
 
@@ -397,6 +399,7 @@ def load_sharded(
         apply_lora_seeded,
         base_directory,
         collection_paused,
+        compile_blocks,
         compute_device,
         enable_activation_checkpointing,
         set_attention,
@@ -413,6 +416,8 @@ def load_sharded(
             "apply_lora"
         )
     if zero3:
+        if compile:
+            raise ConfigError(f"compile {ZERO3_COMPILE}")
         if parallel.cpu_offload:
             raise ConfigError(
                 "load_sharded on ZeRO-3 constructs the model under your DeepSpeed JSON, which your "
@@ -444,15 +449,17 @@ def load_sharded(
         )
         if hub:
             base.name_or_path = base.config.name_or_path = name_or_path
+        base.config.use_cache = False  # training reads no key-value cache (generate(use_cache=True) still can)
         set_attention(base, attn_implementation, what="attn_implementation")
         if loss_chunk_tokens:
             chunk_the_loss(base, loss_chunk_tokens, what="loss_chunk_tokens")
         if activation_checkpointing:
             enable_activation_checkpointing(base)
         model = apply_lora_seeded(base, lora, name_or_path, Path(str(directory)).name if hub else revision, seed)
-        if zero3:  # the engine is the loop's own (deepspeed.initialize with its optimizer and config)
-            return model
-        backend = FSDPBackend.wrap(
-            parallel, model, lambda params: None, lora.bias, micro_batch_size=1, grad_accum=1, weights=weights
-        )
-    return backend.model
+        if not zero3:  # (ZeRO-3's engine is the loop's own: deepspeed.initialize with its optimizer and config)
+            model = FSDPBackend.wrap(
+                parallel, model, lambda params: None, lora.bias, micro_batch_size=1, grad_accum=1, weights=weights
+            ).model
+        if compile:  # after fully_shard, which subclasses each block: the forward compiled is the final class's
+            compile_blocks(model, what="compile")
+    return model

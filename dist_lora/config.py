@@ -190,6 +190,10 @@ class TrainConfig:
     activation_checkpointing: bool = False
     """Recompute each transformer block's activations in backward (less memory for long sequences, about a third
     more compute); checkpoint keys do not change, so steps load with it on or off."""
+    compile: bool = False
+    """torch.compile each transformer block in place (torchtune's and torchtitan's ``compile``): fused kernels
+    for the blocks' forward and backward, compiled at the first step (and at the first evaluation); checkpoint keys
+    do not change, so steps load with it on or off."""
     loss_chunk_tokens: int = 1024
     """The causal LM loss computed this many tokens at a time (dist_lora.loss): never a float32 copy of all the
     logits, the values transformers' loss gives; 0: the model's own loss (transformers' ForCausalLMLoss)."""
@@ -556,6 +560,7 @@ def _validate(cfg: RunConfig, errors: list[str]) -> None:
         f"parallel.cpu_offload needs parallel.backend fsdp or deepspeed (got {p.backend}): DDP and a single process "
         "keep a whole replica on each device, which they compute with; shard the base instead",
     )
+    check(not (t.compile and p.backend == "deepspeed" and p.zero_stage == 3), f"train.compile {ZERO3_COMPILE}")
     if p.backend == "deepspeed" and p.deepspeed_config:
         from dist_lora.backends.deepspeed_config import config_errors  # reads the JSON only
 
@@ -706,6 +711,13 @@ def config_to_dict(cfg: RunConfig, *, secrets: bool = False) -> dict[str, Any]:
     return data if secrets else redact(data)
 
 
+ZERO3_COMPILE = (
+    "is refused on ZeRO-3: ZeRO-3 gathers each layer's parameters in hooks inside every block, which split the "
+    "block's compiled graph at every layer (torch recompiles DeepSpeed's hooks past its limit, then runs them "
+    "eagerly); compile on FSDP2 (parallel.backend=fsdp), whose all-gathers run around each block, or on ZeRO-1/2"
+)
+"""Why ``train.compile`` (and ``load_sharded(compile=True)``) is refused on ZeRO-3."""
+
 REPORTERS = {"tensorboard": "tensorboard", "wandb": "wandb"}
 """``train.report_to``'s names, and the package each needs."""
 
@@ -718,9 +730,10 @@ RESUME_FREE = (
     "train.micro_batch_size",
     "model.attn_implementation",
     "train.loss_chunk_tokens",
+    "train.compile",
 )
 """Settings a resume may change without changing what is trained: where and how it runs (ranks, engine, sharding,
-saving, the attention kernel, the loss's chunks), and how each global batch is cut into micro-batches."""
+saving, the attention kernel, the loss's chunks, compilation), and how each global batch is cut into micro-batches."""
 
 
 def config_changes(saved: dict[str, Any] | None, now: dict[str, Any]) -> list[str]:

@@ -40,19 +40,25 @@ def _finite(t: torch.Tensor) -> bool:
 
 class FirstNonFinite:
     """While entered: forward hooks on every module of ``model`` note the first (innermost, earliest) whose output
-    is not finite, by its name in the base (``model.layers.1.mlp.down_proj``)."""
+    is not finite, by its name in the base (``model.layers.1.mlp.down_proj``). A block compiled by ``train.compile``
+    is watched as a whole (``model.layers.1``): hooks inside it would run in, and split, its compiled graph."""
 
     def __init__(self, model: nn.Module):
         self.model = model
         self.first: str | None = None
+        self.compiled: set[str] = set()  # the names of compiled blocks, watched whole
         self._handles: list[Any] = []
 
     def __enter__(self) -> FirstNonFinite:
         from dist_lora.lora import base_key
+        from dist_lora.model import COMPILED
 
+        inside = {m for b in self.model.modules() if getattr(b, COMPILED, False) for m in b.modules() if m is not b}
         for name, module in self.model.named_modules():
-            if name:
+            if name and module not in inside:  # a hook in compiled code would be compiled: its block is named
                 self._handles.append(module.register_forward_hook(self._hook(base_key(name))))
+                if getattr(module, COMPILED, False):
+                    self.compiled.add(base_key(name))
         return self
 
     def _hook(self, name: str) -> Any:
@@ -101,6 +107,8 @@ def check_first_step(
     if bad:
         if watch.first:
             where = f"the first layer whose output is not finite is {watch.first}"
+            if watch.first in watch.compiled:
+                where += " (a compiled block, watched whole: train.compile=false names the layer in it)"
         elif what == "loss":
             where = "every layer's output was finite (the loss itself overflowed)"
         else:

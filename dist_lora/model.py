@@ -836,6 +836,55 @@ def enable_activation_checkpointing(model: Any) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def transformer_blocks(model: Any) -> list[Any]:
+    """The model's transformer blocks, in order: the modules whose classes HF lists in ``_no_split_modules`` (what
+    FSDP2 shards one by one, activation checkpointing recomputes and :func:`compile_blocks` compiles)."""
+    from dist_lora.lora import unwrap
+
+    model = unwrap(model)
+    names = next((set(m._no_split_modules) for m in model.modules() if getattr(m, "_no_split_modules", None)), set())
+    return [module for module in model.modules() if type(module).__name__ in names or _sharded_as(module) in names]
+
+
+def _sharded_as(module: Any) -> str | None:
+    """The class name of a module before ``fully_shard`` made it ``FSDP<name>``, its subclass; None if it did not."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(module, FSDPModule):
+        return None
+    return next((base.__name__ for base in type(module).__bases__ if base is not FSDPModule), None)
+
+
+COMPILED = "_dist_lora_compiled"
+"""The attribute :func:`compile_blocks` sets on each block it compiles."""
+
+
+def compile_blocks(model: Any, what: str = "train.compile") -> int:
+    """``torch.compile`` each transformer block's ``forward`` in place, as torchtune and torchtitan compile block by
+    block; returns how many blocks. Call it after the engine wrapped the model: ``fully_shard`` makes each block an
+    instance of a subclass, whose ``forward`` is the one to compile (transformers 5 checkpoints activations inside
+    the ``forward`` of the block's own class, and only there).
+
+    No module is wrapped (no ``_orig_mod.`` prefix), so no parameter name changes: a step saved compiled loads
+    uncompiled and the other way round. Every block runs one compiled graph (the blocks' parameters are its inputs,
+    not constants). Activation checkpointing recomputes inside it. What runs around a block's ``forward`` stays
+    eager: the hooks on the block (FSDP2's all-gather and reshard) and what runs between blocks (the embeddings, the
+    head, the loss). DDP's and ZeRO-1/2's hooks are on the gradients, outside the graph; ZeRO-3's, on each layer
+    inside a block, would split it at every layer (refused: ``config.ZERO3_COMPILE``). Compilation happens at the
+    first forward of each mode (training, then evaluation without gradients)."""
+    blocks = transformer_blocks(model)
+    if not blocks:
+        raise ModelError(
+            f"{what}: the model names no transformer block class (transformers' _no_split_modules), so there is "
+            f"no block to compile; set {what}: false"
+        )
+    for block in blocks:
+        if not getattr(block, COMPILED, False):
+            block.forward = torch.compile(block.forward)
+            setattr(block, COMPILED, True)
+    return len(blocks)
+
+
 @contextlib.contextmanager
 def adapters_on_cpu() -> Iterator[None]:
     """While LoRA is applied to a base on the meta device: PEFT creates each adapter on the CPU (drawing its init

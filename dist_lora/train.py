@@ -32,6 +32,7 @@ from dist_lora.model import (
     apply_lora_seeded,
     base_directory,
     collection_paused,
+    compile_blocks,
     context_length,
     enable_activation_checkpointing,
     load_tokenizer,
@@ -383,6 +384,8 @@ class Trainer:
             weights=weights,
             max_grad_norm=t.max_grad_norm,
         )
+        if t.compile:  # after wrapping: the forward compiled is the block's final class's (FSDP2 subclasses it)
+            compile_blocks(self.backend.model)
         return plan
 
     def resume(self, resume: str | None) -> None:

@@ -1,25 +1,32 @@
-"""Training at scale: gradient clipping (the global norm over every shard) and activation checkpointing."""
+"""Training at scale: gradient clipping (the global norm over every shard), activation checkpointing, attention
+kernels, compiled blocks."""
 
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch._dynamo.utils import counters
 
 from dist_lora.config import ConfigError, load_config
 from dist_lora.data import prepare_data
+from dist_lora.demo import corpus_path
+from dist_lora.guard import FirstNonFinite, NonFiniteError, check_first_step
 from dist_lora.lora import apply_lora
 from dist_lora.model import (
     ModelError,
     build_on_meta,
+    compile_blocks,
     enable_activation_checkpointing,
     load_base,
     load_tokenizer,
     set_attention,
+    transformer_blocks,
 )
 from dist_lora.train import lr_at
 from tests.dist_utils import TINY, run_worker, short_run
@@ -229,6 +236,92 @@ def test_activation_checkpointing_changes_no_loss_and_its_steps_load_without_it(
         # AdamW's normalized steps (lr 0.02 here) magnify the float32 rounding of a sum taken in another order
         assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() <= 1e-4 for k in a), engine
     for name, source in (("fsdp-from-ac", "zero3-ac1"), ("zero3-ac-from-plain", "fsdp-ac0")):
+        a = load_file(str(Path(results[name]["step"]) / "adapter_model.safetensors"))
+        b = load_file(str(tmp_path / source / step / "adapter_model.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_compile_blocks_compiles_each_block_in_place_and_the_first_step_check_names_a_compiled_block(gpt2_base):
+    """``compile_blocks`` compiles each transformer block's forward in place: no parameter name changes (steps load
+    compiled or not), and one graph serves every block. The first step's non-finite check hooks no layer inside a compiled block (its hook would be
+    compiled into the graph and split it) and names the block whose output went non-finite, saying how to name the
+    layer. A model that names no block class, and ZeRO-3 (whose hooks inside every block would split its graph), are
+    refused with the fix."""
+    base = load_base(str(gpt2_base), torch.float32)
+    base.config.use_cache = False  # as the trainer and load_sharded set it (a cache's state would be a guard per block)
+    model = apply_lora(base, load_config(TINY, []).lora)
+    keys = list(model.state_dict())
+    assert compile_blocks(model) == 2 == len(transformer_blocks(model))
+    assert list(model.state_dict()) == keys
+    with torch.no_grad():
+        model.get_parameter("base_model.model.transformer.h.1.attn.c_attn.base_layer.weight").fill_(math.nan)
+    graphs = counters["stats"]["unique_graphs"]
+    # inductor compiles in this thread: its default pool of compile workers would be half-copied into the ranks
+    # that later tests fork from this process, and hang them
+    with torch._inductor.config.patch(compile_threads=1), FirstNonFinite(model) as watch, torch.no_grad():
+        hooked = len(watch._handles)
+        loss = model(input_ids=torch.tensor([[1, 2, 3, 4]]), labels=torch.tensor([[1, 2, 3, 4]])).loss
+    assert math.isnan(float(loss))
+    assert counters["stats"]["unique_graphs"] - graphs == 1  # one graph, both blocks (their weights are its inputs)
+    inside = sum(1 for block in transformer_blocks(model) for _ in block.modules()) - 2
+    assert hooked == sum(1 for _ in model.modules()) - 1 - inside  # every module but the root and those in blocks
+    assert watch.first == "transformer.h.1" and watch.compiled == {"transformer.h.0", "transformer.h.1"}
+    with pytest.raises(NonFiniteError, match=r"is transformer.h.1 \(a compiled block, watched whole: train.compile"):
+        check_first_step([float(loss)], None, watch, 1, 0)
+    with pytest.raises(ModelError, match="train.compile: the model names no transformer block class"):
+        compile_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    with pytest.raises(ConfigError, match="train.compile is refused on ZeRO-3: ZeRO-3 gathers each layer's"):
+        load_config(TINY, ["parallel.backend=deepspeed", "parallel.zero_stage=3", "train.compile=true"])
+    load_config(TINY, ["parallel.backend=deepspeed", "parallel.zero_stage=2", "train.compile=true"])
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(600)
+def test_compiled_blocks_train_as_eager_blocks_and_their_steps_load_either_way(gpt2_base, tmp_path):
+    """``train.compile`` at 2 ranks on FSDP2 (also evaluating, and with activation checkpointing), DDP and ZeRO-2:
+    each run's losses and eval loss are the eager run's (1e-5: inductor's fused kernels round otherwise) and so is
+    its adapter, under the same keys (1e-4); torch.compile compiled graphs in the compiled runs only; with
+    activation checkpointing a compiled FSDP2 step saves less for backward than without (the recomputation happens
+    inside the block's graph, though FSDP2 made the block a subclass of its own after the trainer applied it);
+    a compiled FSDP2 step resumes uncompiled on ZeRO-2, and an eager ZeRO-2 step compiled on FSDP2, as saved."""
+    evals = f"data.eval_path={corpus_path()}"
+    flags = {
+        "fsdp": ["parallel.backend=fsdp", evals],
+        "fsdp-ac": ["parallel.backend=fsdp", evals, "train.activation_checkpointing=true"],
+        "ddp": ["parallel.backend=ddp"],
+        "zero2": ["parallel.backend=deepspeed", "parallel.zero_stage=2"],
+    }
+    runs = [
+        {
+            "name": f"{engine}-{'compiled' if compiled else 'eager'}",
+            "overrides": [*short_run(gpt2_base, f"train.compile={compiled}"), *flags[engine]],
+            "steps": 4,
+            "eval": engine == "fsdp",
+        }
+        for engine in flags
+        for compiled in (False, True)
+    ]
+    step = "step-00000004"
+    for name, source, engine, compiled in (
+        ("zero2-from-compiled", "fsdp-compiled", "zero2", False),
+        ("fsdp-compiled-from-eager", "zero2-eager", "fsdp-ac", True),
+    ):
+        overrides = [*short_run(gpt2_base, f"train.compile={compiled}"), *flags[engine]]
+        runs.append({"name": name, "overrides": overrides, "steps": 0, "resume": str(tmp_path / source / step)})
+    run_worker(2, {"runs": runs, "out": str(tmp_path)}, worker=WORKER)
+    results = json.loads((tmp_path / "runs.json").read_text())
+    for engine in flags:
+        eager, compiled = results[f"{engine}-eager"], results[f"{engine}-compiled"]
+        assert eager["graphs"] == 0 and 1 <= compiled["graphs"] <= 6, (engine, eager["graphs"], compiled["graphs"])
+        pairs = zip(eager["losses"], compiled["losses"], strict=True)
+        assert all(abs(a - b) <= 1e-5 for a, b in pairs), (engine, eager["losses"], compiled["losses"])
+        a = load_file(str(Path(eager["step"]) / "adapter_model.safetensors"))
+        b = load_file(str(Path(compiled["step"]) / "adapter_model.safetensors"))
+        assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() <= 1e-4 for k in a), engine
+    assert abs(results["fsdp-eager"]["eval_loss"] - results["fsdp-compiled"]["eval_loss"]) <= 1e-5, results
+    plain, recomputed = results["fsdp-compiled"], results["fsdp-ac-compiled"]
+    assert recomputed["first_step_saved_bytes"] < 0.8 * plain["first_step_saved_bytes"], (plain, recomputed)
+    for name, source in (("zero2-from-compiled", "fsdp-compiled"), ("fsdp-compiled-from-eager", "zero2-eager")):
         a = load_file(str(Path(results[name]["step"]) / "adapter_model.safetensors"))
         b = load_file(str(tmp_path / source / step / "adapter_model.safetensors"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name

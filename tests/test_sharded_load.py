@@ -490,6 +490,8 @@ def test_load_sharded_refuses_a_replicating_engine_a_config_it_cannot_build_and_
     offloaded = ParallelConfig(backend="deepspeed", zero_stage=3, cpu_offload=True, deepspeed_config=str(config))
     with pytest.raises(ConfigError, match=r"offload there \(zero_optimization.offload_param and offload_optimizer"):
         dist_lora.load_sharded(str(gpt2_base), lora, parallel=offloaded)
+    with pytest.raises(ConfigError, match=r"compile is refused on ZeRO-3: .* compile on FSDP2"):
+        dist_lora.load_sharded(str(gpt2_base), lora, parallel=zero3, compile=True)
     with pytest.raises(RuntimeError, match=r"call torch.distributed.init_process_group\(\) on every rank first"):
         dist_lora.load_sharded(str(gpt2_base), lora)
 

@@ -25,18 +25,8 @@ from dist_lora.backends.base import (
 )
 from dist_lora.config import ConfigError
 from dist_lora.constants import ENV_LOCAL_WORLD_SIZE, WEIGHT_FIELD
-from dist_lora.lora import unwrap
-from dist_lora.model import BaseWeights, build_on_meta
+from dist_lora.model import BaseWeights, build_on_meta, transformer_blocks
 from dist_lora.quantize import is_nf4
-
-
-def _block_classes(model: nn.Module) -> set[str]:
-    """Transformer block class names to shard one by one (HF lists them in ``_no_split_modules``)."""
-    for m in unwrap(model).modules():
-        names = getattr(m, "_no_split_modules", None)
-        if names:
-            return set(names)
-    return set()
 
 
 def _replicas(replicate: int | str) -> int:
@@ -203,8 +193,7 @@ class FSDPBackend(Backend):
         host = from_files(model, weights) if weights is not None else {}
         if shards == 1:  # FSDP2 all-gathers a one-rank shard without NF4's extension: keep them local
             kwargs["ignored_params"] = {p for p in model.parameters() if is_nf4(p)}
-        names = _block_classes(model)
-        blocks = [module for module in model.modules() if type(module).__name__ in names]
+        blocks = transformer_blocks(model)
         keep = parallel.keep_base_gathered
         trained = _shard_trained_apart(model, blocks, kwargs) if keep else []
         for i, module in enumerate(blocks):

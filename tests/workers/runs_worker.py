@@ -3,15 +3,17 @@
 argv[1] is JSON: {"runs": [{"name", "overrides": [...], "steps": N, "resume": url|null, "eval": bool, "optimizer":
 name|null}], "out": dir}. Each run builds a Trainer (the tiny config plus its overrides; with "optimizer", the
 trainer's AdamW replaced by one of OPTIMIZERS, as a loop of the user's own would choose it), resumes if asked, takes N
-steps, evaluates if asked and saves. Rank 0 writes out/runs.json: per run, each step's loss and gradient norm, the eval loss, the saved step's
-URL, how many times a layer inside the first transformer block ran (twice per micro-batch when activations are
-recomputed), how many all-gathers FSDP2 made during the steps and how many groups it shards, and what DeepSpeed's
-engine offloads to host memory (its own flags), and the
-betas and eps of the optimizer that steps the adapter.
+steps, evaluates if asked and saves. Rank 0 writes out/runs.json: per run, each step's loss and gradient norm, the
+eval loss, the saved step's URL, how many times a layer inside the first transformer block ran (twice per
+micro-batch when activations are recomputed; not counted in a compiled block), how many all-gathers FSDP2 made
+during the steps and how many groups it shards, what DeepSpeed's engine offloads to host memory (its own flags),
+the betas and eps of the optimizer that steps the adapter, how many graphs torch.compile compiled during the run,
+and the bytes autograd saved for backward in the first step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -19,11 +21,13 @@ from unittest import mock
 
 import torch
 import torch.distributed
+from torch._dynamo.utils import counters
 from torch.distributed.fsdp import FSDPModule
 from transformers.models.gpt2 import modeling_gpt2
 
 from dist_lora.config import load_config
 from dist_lora.distributed import shutdown
+from dist_lora.model import COMPILED, transformer_blocks
 from dist_lora.train import Trainer
 from tests.dist_utils import TINY
 
@@ -47,14 +51,32 @@ OPTIMIZERS = {"amsgrad": AMSGrad, "sgd": MomentumSGD}
 
 
 def first_layer_inside_a_block(model):
-    """The first child of the model's first transformer block (the classes HF lists in ``_no_split_modules``).
-    transformers checkpoints a block's ``forward``, not its ``__call__``, so a recomputation runs the hooks of the
-    block's children again but not the block's own."""
-    from dist_lora.backends.fsdp import _block_classes
+    """The first child of the model's first transformer block (the classes HF lists in ``_no_split_modules``), or
+    None when the block is compiled (a hook inside would be compiled into its graph). transformers checkpoints a
+    block's ``forward``, not its ``__call__``, so a recomputation runs the hooks of the block's children again but
+    not the block's own."""
+    block = transformer_blocks(model)[0]
+    return None if getattr(block, COMPILED, False) else next(block.children())
 
-    names = _block_classes(model)
-    block = next(m for m in model.modules() if any(c.__name__ in names for c in type(m).__mro__))  # FSDP2 subclasses
-    return next(block.children())
+
+class SavedBytes:
+    """While entered: the bytes of every tensor autograd saves for backward (activations, and the weights that a
+    layer's backward reads; compiled graphs save through the same hooks)."""
+
+    def __init__(self):
+        self.bytes = 0
+
+    def pack(self, t):
+        self.bytes += t.numel() * t.element_size()
+        return t
+
+    def __enter__(self):
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
 
 
 def offloaded(backend) -> dict[str, bool] | None:
@@ -95,6 +117,7 @@ def main() -> None:
     results = {}
     rank = 0
     for run in args["runs"]:
+        torch._dynamo.reset()  # graphs an earlier run compiled would serve this one's blocks: count this run's own
         config = load_config(TINY, [*run["overrides"], f"checkpoint.dir={out / run['name']}"])
         optimizer = OPTIMIZERS.get(run.get("optimizer"), torch.optim.AdamW)
         with mock.patch.object(torch.optim, "AdamW", optimizer):  # the class the trainer builds its optimizer from
@@ -104,7 +127,9 @@ def main() -> None:
             trainer.resume(run["resume"])
         block = first_layer_inside_a_block(trainer.backend.model)
         calls = []
-        hook = block.register_forward_hook(lambda *_, calls=calls: calls.append(1))
+        hook = block.register_forward_hook(lambda *_, calls=calls: calls.append(1)) if block is not None else None
+        graphs = counters["stats"]["unique_graphs"]
+        saved = SavedBytes()
         losses, norms = [], []
         all_gather = torch.distributed.all_gather_single  # FSDP2's all-gather of a group, counted
         eager_attention = modeling_gpt2.eager_attention_forward  # the kernel GPT-2 runs under attention "eager"
@@ -112,10 +137,12 @@ def main() -> None:
             mock.patch.object(torch.distributed, "all_gather_single", wraps=all_gather) as gathers,
             mock.patch.object(modeling_gpt2, "eager_attention_forward", wraps=eager_attention) as eager,
         ):
-            for _ in range(run["steps"]):
-                losses.append(trainer.train_step())
+            for i in range(run["steps"]):
+                with saved if i == 0 else contextlib.nullcontext():
+                    losses.append(trainer.train_step())
                 norms.append(trainer.grad_norm)
-        hook.remove()
+        if hook is not None:
+            hook.remove()
         evaluated = trainer.evaluate() if run.get("eval") else None
         url = trainer.save()
         trainer.close()
@@ -134,6 +161,8 @@ def main() -> None:
                 {id(m._get_fsdp_state()) for m in trainer.backend.model.modules() if isinstance(m, FSDPModule)}
             ),
             "eval_loss": evaluated,
+            "graphs": counters["stats"]["unique_graphs"] - graphs,  # what torch.compile compiled during the run
+            "first_step_saved_bytes": saved.bytes,
             "offload": offloaded(trainer.backend),
             "adamw": {k: trainer.backend.stepping_optimizer().defaults.get(k) for k in ("betas", "eps")},
         }
