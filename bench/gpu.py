@@ -14,7 +14,8 @@ On a GPU (one device, NCCL, bf16), one launch of bench/gpu_worker.py:
    bytes and peak device memory;
 5. the step time of FSDP2 (default, without resharding after forward, with the base kept gathered, and with the
    shards in host memory) against DDP on the ~1.1B base, at this one device's world size (FSDP2's hooks and gather
-   copies, not the network); the offloaded run's device peak must be below the default's.
+   copies, not the network); the offloaded run's device peak must be below the default's; and FSDP2 with
+   ``train.compile`` against the default (step time, the compiling first step, device peak).
 
 The worker runs part 3 first, then 2, 4 and 5 (one base, the ~1.1B), and goes on past a part that raises (the
 report lists it as failed); ``--parts`` reruns a subset.
@@ -44,6 +45,7 @@ NEEDS_CUDA = [
     "FSDP2's CPU offload: shards in pinned host memory copied to the GPU as each block computes, and the device "
     "memory that saves",
     "the device memory the chunked loss saves against transformers' loss",
+    "train.compile's step time with CUDA kernels (inductor's Triton; on the CPU its C++ kernels ran)",
 ]
 # the engines timed against each other on one base (bench/gpu_worker.py's ENGINES), as the report names them
 ENGINE_RUNS = {
@@ -54,6 +56,8 @@ ENGINE_RUNS = {
     "fsdp-offload": "FSDP2, cpu_offload=true",
 }
 CHECKS = ("fsdp", "zero3", "fsdp-offload")
+COMPILED = "FSDP2, train.compile=true"
+"""The name's suffix of the run with compiled blocks (part 5)."""
 OWN_LOSS = "transformers' loss (train.loss_chunk_tokens=0)"
 """The name's suffix of a run with transformers' ForCausalLMLoss instead of dist_lora's chunks."""
 # (hidden, layers, heads, kv heads, intermediate, vocab)
@@ -103,7 +107,11 @@ def build_base(out: Path, shape: str, device: str) -> Path:
 def _engine_runs(results: dict[str, Any], base: str) -> list[dict[str, Any]]:
     """The runs on ``base`` that differ by engine alone (part 5, and the default FSDP2 run of part 2): not the
     QLoRA pair, not another model dtype."""
-    return [r for r in results["runs"] if r["base"] == base and not r["quantization"] and not r.get("dtype")]
+    return [
+        r
+        for r in results["runs"]
+        if r["base"] == base and not r["quantization"] and not r.get("dtype") and not r.get("compile")
+    ]
 
 
 def judge(results: dict[str, Any], cuda: bool) -> list[str]:
@@ -189,6 +197,15 @@ def markdown(results: dict[str, Any]) -> str:
         fsdp = [r for r in _engine_runs(results, ddp["base"]) if r["engine"] != "ddp"]
         ratios = ", ".join(f"{ENGINE_RUNS[r['engine']]} {r['step_s'] / ddp['step_s']:.2f}x" for r in fsdp)
         lines += ["", f"Step time against DDP on the same base at world size 1 ({ddp['name']}): {ratios}."]
+    for compiled in (r for r in results["runs"] if r.get("compile")):
+        eager = next((r for r in _engine_runs(results, compiled["base"]) if r["engine"] == "fsdp"), None)
+        if eager:
+            lines += [
+                "",
+                f"{compiled['name']}: {compiled['step_s'] / eager['step_s']:.2f}x the eager step time, a first step "
+                f"(compiling) of {compiled['first_step_s']:.1f} s against {eager['first_step_s']:.1f} s, a training "
+                f"peak of {gib(compiled['train_peak_device_bytes'])} against {gib(eager['train_peak_device_bytes'])}.",
+            ]
     if results["needs_cuda"]:
         lines += ["", "Not shown by this run (it needs CUDA):", ""] + [f"- {x}" for x in results["needs_cuda"]]
     if results["failed"]:
@@ -241,6 +258,9 @@ def main() -> None:
         for engine in ("fsdp-no-reshard", "fsdp-keep", "fsdp-offload", "ddp"):  # step time against DDP, this world
             name = f"{shapes['1b']} {ENGINE_RUNS[engine]}"
             spec["runs"].append({"name": name, "base": str(base), "seq_len": seq_len, "steps": 6, "engine": engine})
+        # train.compile against the default FSDP2 run: step time after the first step, which compiles
+        name = f"{shapes['1b']} {COMPILED}"
+        spec["runs"].append({"name": name, "base": str(base), "seq_len": seq_len, "steps": 6, "compile": True})
         for q in ("none", "nf4"):  # QLoRA: the NF4 base against the same settings in bf16
             name = f"{shapes['1b']} {'NF4' if q == 'nf4' else 'bf16'}"
             spec["runs"].append({"name": name, "base": str(base), "seq_len": seq_len, "steps": 4, "quantization": q})

@@ -139,6 +139,8 @@ def run(spec: dict[str, Any], data: str, out: Path) -> dict[str, Any]:
         qlora.append(f"model.dtype={spec['dtype']}")
     if "loss_chunk_tokens" in spec:
         qlora.append(f"train.loss_chunk_tokens={spec['loss_chunk_tokens']}")
+    if spec.get("compile"):
+        qlora.append("train.compile=true")
     cfg = load_config(
         ROOT / "configs" / "tiny.yaml",
         overrides(
@@ -174,6 +176,8 @@ def run(spec: dict[str, Any], data: str, out: Path) -> dict[str, Any]:
         "engine": spec.get("engine", "fsdp"),
         "dtype": spec.get("dtype"),
         "loss_chunk_tokens": spec.get("loss_chunk_tokens"),
+        "compile": bool(spec.get("compile")),
+        "first_step_s": steps[0],
         "load_s": load_s,
         "load_peak_device_bytes": load_peak,
         "train_peak_device_bytes": train_peak,

@@ -16,6 +16,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -37,9 +38,10 @@ def env() -> dict[str, str]:
     return local_env(str(ROOT))
 
 
-def torchrun(nproc: int, module: str, spec: dict, timeout: int = 1800) -> None:
+def torchrun(nproc: int, module: str, spec: dict, timeout: int = 1800, extra_env: dict | None = None) -> None:
     cmd = torchrun_cmd(nproc, "-m", module, json.dumps(spec))
-    out = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    environment = {**env(), **(extra_env or {})}
+    out = subprocess.run(cmd, env=environment, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     if out.returncode != 0:
         raise RuntimeError(f"{module} x{nproc} failed:\n{out.stderr[-4000:]}")
 
@@ -816,36 +818,62 @@ THROUGHPUT = {
 }
 
 
+THROUGHPUT_SHAPE = {"layers": 6, "width": 512, "heads": 8, "seq_len": 128, "global_batch": 8, "micro": 2}
+
+
+def throughput_setup(tmp: Path, arch: str = "gpt2") -> tuple[list[str], str]:
+    """Parts g and l: a 6 x 512 base (built once in ``tmp``) and the overrides every run on it shares: LoRA r=8 on
+    the attention's and the MLP's input projections, global batch 8 x 128 tokens, 2 rows per micro-batch. ``arch``:
+    ``gpt2`` (GPT-2's config: dropout 0.1) or ``llama`` (Llama's: RMSNorm, SiLU, rotary positions, GQA, no dropout).
+    Returns the overrides and the model's name."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    from dist_lora.demo import build_tokenizer, corpus_path
+
+    shape = THROUGHPUT_SHAPE
+    layers, width, heads = shape["layers"], shape["width"], shape["heads"]
+    base = tmp / f"{arch}-{layers}x{width}"
+    if not (base / "config.json").exists():
+        tok = build_tokenizer(corpus_path())
+        torch.manual_seed(0)
+        if arch == "gpt2":
+            model = GPT2LMHeadModel(
+                GPT2Config(vocab_size=len(tok), n_layer=layers, n_embd=width, n_head=heads, n_positions=256)
+            )
+        else:
+            config = LlamaConfig(
+                vocab_size=len(tok),
+                hidden_size=width,
+                intermediate_size=1376,
+                num_hidden_layers=layers,
+                num_attention_heads=heads,
+                num_key_value_heads=heads // 2,
+            )
+            model = LlamaForCausalLM(config)
+        model.save_pretrained(base)
+        tok.save_pretrained(base)
+    targets = "[c_attn,c_fc]" if arch == "gpt2" else "[q_proj,v_proj,gate_proj,up_proj]"
+    common = [
+        f"model.name_or_path={base}",
+        f"data.path={corpus_path()}",
+        f"data.seq_len={shape['seq_len']}",
+        f"data.cache_dir={tmp / 'data-cache'}",
+        f"lora.target_modules={targets}",
+        "lora.r=8",
+        f"train.global_batch_size={shape['global_batch']}",
+        f"train.micro_batch_size={shape['micro']}",
+        "train.lr=1e-3",
+    ]
+    return common, f"{'GPT-2' if arch == 'gpt2' else 'Llama'} {layers}x{width}"
+
+
 def part_g(tmp: Path, repeats: int, quick: bool) -> list[dict]:
     """Training throughput at world size 2: dist_lora on DDP, FSDP2 (and its reshard/prefetch settings) and ZeRO-3
     against HF Trainer + PEFT, on the same base, token blocks, LoRA and global batch. Runs interleaved (one launch
     per method per repeat); each launch times its steps after a warm-up. Ratios are per repeat (medians of step
     times), then the median of the ratios."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from dist_lora.demo import build_tokenizer, corpus_path
-
-    layers, width, heads = (6, 512, 8)
-    base = tmp / "gpt2-6x512"
-    if not (base / "config.json").exists():
-        tok = build_tokenizer(corpus_path())
-        torch.manual_seed(0)
-        config = GPT2Config(vocab_size=len(tok), n_layer=layers, n_embd=width, n_head=heads, n_positions=256)
-        GPT2LMHeadModel(config).save_pretrained(base)
-        tok.save_pretrained(base)
-    seq_len, global_batch, micro = 128, 8, 2
-    common = [
-        f"model.name_or_path={base}",
-        f"data.path={corpus_path()}",
-        f"data.seq_len={seq_len}",
-        f"data.cache_dir={tmp / 'data-cache'}",
-        "lora.target_modules=[c_attn,c_fc]",
-        "lora.r=8",
-        f"train.global_batch_size={global_batch}",
-        f"train.micro_batch_size={micro}",
-        "train.lr=1e-3",
-    ]
+    common, model = throughput_setup(tmp)
     warmup, steps = (2, 4) if quick else (2, 10)
     times: dict[str, list[float]] = {name: [] for name in THROUGHPUT}  # per repeat: the median step time
     peaks: dict[str, list[int]] = {name: [] for name in THROUGHPUT}
@@ -876,10 +904,10 @@ def part_g(tmp: Path, repeats: int, quick: bool) -> list[dict]:
         rows.append(
             {
                 "part": "g",
-                "model": f"GPT-2 {layers}x{width}",
+                "model": model,
                 "method": name,
                 "step_s": step_s,
-                "tokens_per_s": global_batch * seq_len / step_s,
+                "tokens_per_s": THROUGHPUT_SHAPE["global_batch"] * THROUGHPUT_SHAPE["seq_len"] / step_s,
                 "peak_rss": max(peaks[name]),
                 "ratio": statistics.median(ratios) if ratios else None,
                 "ratio_vs": ref if ratios else None,
@@ -887,6 +915,78 @@ def part_g(tmp: Path, repeats: int, quick: bool) -> list[dict]:
             }
         )
         print(f"[g] {name}: {step_s:.3f} s/step, ratio {rows[-1]['ratio']} vs {rows[-1]['ratio_vs']}", flush=True)
+    return rows
+
+
+COMPILE_ENGINES = {
+    # name: overrides; each run eager and with train.compile
+    "DDP": ["parallel.backend=ddp"],
+    "FSDP2": ["parallel.backend=fsdp"],
+    "FSDP2, keep_base_gathered": ["parallel.backend=fsdp", "parallel.keep_base_gathered=true"],
+}
+
+
+def part_l(tmp: Path, repeats: int, quick: bool) -> list[dict]:
+    """``train.compile`` against eager at world size 2, per engine, on part g's GPT-2 (dropout 0.1, as GPT-2's config
+    has) and on a Llama of the same size (no dropout): the step time after a warm-up, and the first step's (which
+    compiles). Eager and compiled runs interleaved, one launch each; the inductor cache starts empty, so the first
+    repeat compiles from nothing and the later ones reuse its kernels (a rerun of a job). Ratios are per repeat
+    (medians of step times), then the median of the ratios."""
+    cache = tmp / "inductor-cache"
+    shutil.rmtree(cache, ignore_errors=True)
+    warmup, steps = (2, 4) if quick else (3, 10)
+    tokens = THROUGHPUT_SHAPE["global_batch"] * THROUGHPUT_SHAPE["seq_len"]
+    rows = []
+    for arch in ("llama", "gpt2"):
+        common, model = throughput_setup(tmp, arch)
+        runs: dict[tuple[str, bool], list[dict]] = {(e, c): [] for e in COMPILE_ENGINES for c in (False, True)}
+        for r in range(repeats):
+            for (engine, compiled), measured in runs.items():
+                result = tmp / "compile.json"
+                spec = {
+                    "method": "dist_lora",
+                    "config": str(ROOT / "configs" / "tiny.yaml"),
+                    "overrides": [
+                        *common,
+                        *COMPILE_ENGINES[engine],
+                        f"train.compile={compiled}",
+                        f"checkpoint.dir={tmp / 'compile-ck' / f'{arch}-{r}-{engine}-{compiled}'}",
+                    ],
+                    "warmup": warmup,
+                    "steps": steps,
+                    "result": str(result),
+                }
+                torchrun(2, "bench.throughput_worker", spec, extra_env={"TORCHINDUCTOR_CACHE_DIR": str(cache)})
+                measured.append(json.loads(result.read_text()))
+                last = measured[-1]
+                print(
+                    f"[l] {model} repeat {r}: {engine}, compile={compiled}: "
+                    f"{statistics.median(last['step_s']):.3f} s/step, first step {last['first_step_s']:.1f} s",
+                    flush=True,
+                )
+        for (engine, compiled), measured in runs.items():
+            step = [statistics.median(m["step_s"]) for m in measured]
+            eager = [statistics.median(m["step_s"]) for m in runs[(engine, False)]]
+            ratios = [a / b for a, b in zip(step, eager, strict=True)]
+            reused = [m["first_step_s"] for m in measured[1:]]
+            rows.append(
+                {
+                    "part": "l",
+                    "model": model,
+                    "engine": engine,
+                    "compiled": compiled,
+                    "step_s": statistics.median(step),
+                    "tokens_per_s": tokens / statistics.median(step),
+                    "first_step_cold_s": measured[0]["first_step_s"],
+                    "first_step_warm_s": statistics.median(reused) if reused else None,
+                    "peak_rss": max(m["peak_rss"] for m in measured),
+                    "ratio": statistics.median(ratios) if compiled else None,
+                    "ratio_range": [min(ratios), max(ratios)] if compiled else None,
+                    "repeats": repeats,
+                }
+            )
+            if compiled:
+                print(f"[l] {model} {engine}: compiled {rows[-1]['ratio']:.2f}x eager's step time", flush=True)
     return rows
 
 
@@ -1192,6 +1292,36 @@ def report(rows: list[dict], quick: bool) -> str:
             "(the first step warms up): activations, logits, the loss's temporaries and the gradients.",
             "",
         ]
+    compiled = [r for r in rows if r["part"] == "l"]
+    if compiled:
+        lines += [
+            "## l. `train.compile` against eager (6 x 512 bases: a Llama, no dropout, LoRA r=8 on q_proj, v_proj, "
+            "gate_proj and up_proj; GPT-2, dropout 0.1, LoRA r=8 on c_attn and c_fc; world size 2, global batch 8 x "
+            f"128 tokens in 2 micro-batches per rank; {compiled[0]['repeats']} interleaved repeats, one launch each, "
+            "medians of per-repeat ratios)",
+            "",
+            "| model | engine | blocks | s / step | tokens / s | first step: first repeat, later ones | "
+            "peak RSS per rank | step time |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in compiled:
+            warm = f"{r['first_step_warm_s']:.1f}" if r["first_step_warm_s"] is not None else "-"
+            ratio = "reference"
+            if r["ratio"] is not None:
+                low, high = r["ratio_range"]
+                ratio = f"{r['ratio']:.2f}x eager (per repeat {low:.2f}-{high:.2f}x)"
+            lines.append(
+                f"| {r['model']} | {r['engine']} | {'compiled' if r['compiled'] else 'eager'} | {r['step_s']:.3f} | "
+                f"{r['tokens_per_s']:.0f} | {r['first_step_cold_s']:.1f} s, {warm} s | {fmt_bytes(r['peak_rss'])} | "
+                f"{ratio} |"
+            )
+        lines += [
+            "",
+            "The first step compiles each block's forward and backward (inductor's C++ kernels on the CPU); its cache "
+            "(TORCHINDUCTOR_CACHE_DIR) starts empty before the first launch, and each later launch reuses the kernels "
+            "earlier ones wrote.",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -1257,10 +1387,12 @@ def run_parts(args: argparse.Namespace, tmp: Path, repeats: int, s3: dict) -> li
         rows += part_j(tmp, args.quick)
     if "k" in args.parts:
         rows += part_k(tmp, 1 if args.quick else 3)
+    if "l" in args.parts:
+        rows += part_l(tmp, 2 if args.quick else 3, args.quick)
     return rows
 
 
-ALL_PARTS = "abcdefghijk"
+ALL_PARTS = "abcdefghijkl"
 
 LOADING_PARTS = {"f": "GPT-2 XL shape, fp32", "i": "Llama-2-70B's layers, bf16", "j": "a Mixtral-shaped MoE, fp32"}
 
