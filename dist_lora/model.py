@@ -878,6 +878,10 @@ def compile_blocks(model: Any, what: str = "train.compile") -> int:
             f"{what}: the model names no transformer block class (transformers' _no_split_modules), so there is "
             f"no block to compile; set {what}: false"
         )
+    # the blocks share one code object, whose graphs torch caps at recompile_limit (8) before it runs it eagerly:
+    # the first block's input needs no gradient, a micro-batch may need a mask or none and a length of its own,
+    # evaluation runs without gradients, and each may combine with the others
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
     for block in blocks:
         if not getattr(block, COMPILED, False):
             block.forward = torch.compile(block.forward)
