@@ -884,9 +884,30 @@ def compile_blocks(model: Any, what: str = "train.compile") -> int:
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
     for block in blocks:
         if not getattr(block, COMPILED, False):
-            block.forward = torch.compile(block.forward)
+            block.forward = _compiled(block.forward, what)
             setattr(block, COMPILED, True)
     return len(blocks)
+
+
+def _compiled(forward: Callable[..., Any], what: str) -> Callable[..., Any]:
+    """``torch.compile(forward)``, whose compiler's failure (no C++ compiler for inductor's CPU kernels, a GPU that
+    Triton does not support) is a :class:`ModelError` naming the key, with torch's reason."""
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    compiled = torch.compile(forward)
+
+    @functools.wraps(forward)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return compiled(*args, **kwargs)
+        except BackendCompilerFailed as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ModelError(
+                f"{what}: torch.compile could not compile the transformer blocks ({reason}); fix what it names, or "
+                f"set {what}: false to train them uncompiled"
+            ) from e
+
+    return run
 
 
 @contextlib.contextmanager

@@ -276,6 +276,28 @@ def test_compile_blocks_compiles_each_block_in_place_and_the_first_step_check_na
     load_config(TINY, ["parallel.backend=deepspeed", "parallel.zero_stage=2", "train.compile=true"])
 
 
+def test_a_compiler_that_fails_is_one_error_naming_the_key(gpt2_base, tmp_path, monkeypatch):
+    """inductor without a working C++ compiler (its CPU kernels need one): the first forward raises a ModelError
+    that names train.compile and torch's reason, not a compiler traceback."""
+    base = load_base(str(gpt2_base), torch.float32)
+    base.config.use_cache = False
+    model = apply_lora(base, load_config(TINY, []).lora)
+    compile_blocks(model)
+    torch._dynamo.reset()  # what earlier tests compiled in this process would serve these blocks
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # nothing compiled before: the compiler is needed
+    broken = {"cpp.cxx": (None, "/bin/false"), "compile_threads": 1}  # (one thread: see the test above)
+    with (
+        torch._inductor.config.patch(broken),
+        torch.no_grad(),
+        pytest.raises(
+            ModelError,
+            match=r"train.compile: torch.compile could not compile .*C\+\+ compiler.*"
+            r"set train.compile: false",
+        ),
+    ):
+        model(input_ids=torch.tensor([[1, 2, 3, 4]]))
+
+
 @pytest.mark.multiproc
 @pytest.mark.timeout(600)
 def test_compiled_blocks_train_as_eager_blocks_and_their_steps_load_either_way(gpt2_base, tmp_path):
