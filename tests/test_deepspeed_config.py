@@ -137,6 +137,11 @@ CONTRADICTIONS = [
     ({"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 10}}}, "scheduler sets warmup_num_steps"),
     ({"zero_optimization": {"offload_optimizer": {"device": "nvme"}}}, 'offload_optimizer.device is "nvme"'),
     ({"zero_optimization": {"offload_param": {"device": "nvme"}}}, 'offload_param.device is "nvme"'),
+    (
+        {"compile": {"deepcompile": True}},
+        'compile is {"deepcompile": true}: DeepSpeed reads that section only in engine.compile(), which dist_lora '
+        "does not call, so it would do nothing; set train.compile=true",
+    ),
 ]
 
 

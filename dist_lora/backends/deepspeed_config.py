@@ -174,6 +174,13 @@ def problems(
             "on disk between steps, where dist_lora's saves and loads do not reach it; use \"cpu\" (an adapter's "
             "Adam state is megabytes: host memory holds it)"
         )
+    compile_section = user.get("compile")
+    if compile_section and (not isinstance(compile_section, dict) or any(compile_section.values())):
+        found.append(
+            f"compile is {json.dumps(compile_section)}: DeepSpeed reads that section only in engine.compile(), which "
+            "dist_lora does not call, so it would do nothing; set train.compile=true (it compiles each transformer "
+            'block on ZeRO-1/2; ZeRO-3 is refused), and remove the "compile" section'
+        )
     found += _param_offload_problems(user, zero_stage)
     if cpu_offload:
         for section in _offloaded(zero_stage):
