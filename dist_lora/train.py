@@ -385,7 +385,13 @@ class Trainer:
             max_grad_norm=t.max_grad_norm,
         )
         if t.compile:  # after wrapping: the forward compiled is the block's final class's (FSDP2 subclasses it)
-            compile_blocks(self.backend.model)
+            blocks = compile_blocks(self.backend.model)
+            if self.rank == 0:
+                log.info(
+                    "train.compile: %d transformer blocks compile at the first step (and at the first evaluation), "
+                    "which takes longer than the others",
+                    blocks,
+                )
         return plan
 
     def resume(self, resume: str | None) -> None:
