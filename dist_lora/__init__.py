@@ -17,6 +17,7 @@ _LAZY = {
     "load_sharded": "dist_lora.api",
     "save_checkpoint": "dist_lora.api",
     "apply_lora": "dist_lora.lora",
+    "compile_blocks": "dist_lora.model",
     "lora_state_dict": "dist_lora.lora",
     "mark_only_lora_as_trainable": "dist_lora.lora",
 }

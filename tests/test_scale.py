@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 from torch._dynamo.utils import counters
 
+import dist_lora
 from dist_lora.config import ConfigError, load_config
 from dist_lora.data import prepare_data
 from dist_lora.demo import corpus_path
@@ -251,7 +252,7 @@ def test_compile_blocks_compiles_each_block_in_place_and_the_first_step_check_na
     base.config.use_cache = False  # as the trainer and load_sharded set it (a cache's state would be a guard per block)
     model = apply_lora(base, load_config(TINY, []).lora)
     keys = list(model.state_dict())
-    assert compile_blocks(model) == 2 == len(transformer_blocks(model))
+    assert dist_lora.compile_blocks(model) == 2 == len(transformer_blocks(model))  # (the public name)
     assert list(model.state_dict()) == keys
     assert torch._dynamo.config.recompile_limit >= 32  # room for each kind of micro-batch in training and evaluation
     with torch.no_grad():
