@@ -352,6 +352,28 @@ def test_compiled_blocks_train_as_eager_blocks_and_their_steps_load_either_way(g
 
 
 @pytest.mark.multiproc
+@pytest.mark.timeout(600)
+def test_compiled_blocks_under_hsdp_train_as_eager_blocks(gpt2_base, tmp_path):
+    """HSDP at 4 ranks (2 replica groups sharding over 2), the layout of configs/llama70b-hsdp.yaml: compiled
+    blocks train 4 steps with the eager run's losses (1e-5) and adapter (1e-4), graphs compiled in the compiled run
+    only."""
+    flags = ["parallel.backend=fsdp", "parallel.replicate=2"]
+    runs = [
+        {"name": name, "overrides": [*short_run(gpt2_base, f"train.compile={compiled}"), *flags], "steps": 4}
+        for name, compiled in (("eager", False), ("compiled", True))
+    ]
+    run_worker(4, {"runs": runs, "out": str(tmp_path)}, worker=WORKER)
+    results = json.loads((tmp_path / "runs.json").read_text())
+    eager, compiled = results["eager"], results["compiled"]
+    assert eager["graphs"] == 0 < compiled["graphs"], (eager["graphs"], compiled["graphs"])
+    pairs = zip(eager["losses"], compiled["losses"], strict=True)
+    assert all(abs(a - b) <= 1e-5 for a, b in pairs), (eager["losses"], compiled["losses"])
+    a = load_file(str(Path(eager["step"]) / "adapter_model.safetensors"))
+    b = load_file(str(Path(compiled["step"]) / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() <= 1e-4 for k in a)
+
+
+@pytest.mark.multiproc
 @pytest.mark.timeout(400)
 def test_keep_base_gathered_and_cpu_offload_with_an_nf4_base(qlora_base, tmp_path):
     """QLoRA on FSDP2 at 2 ranks: with the NF4 base gathered once for the run, and with the shards in host memory
