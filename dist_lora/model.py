@@ -838,21 +838,19 @@ def enable_activation_checkpointing(model: Any) -> None:
 
 def transformer_blocks(model: Any) -> list[Any]:
     """The model's transformer blocks, in order: the modules whose classes HF lists in ``_no_split_modules`` (what
-    FSDP2 shards one by one, activation checkpointing recomputes and :func:`compile_blocks` compiles)."""
+    FSDP2 shards one by one, activation checkpointing recomputes and :func:`compile_blocks` compiles), also once
+    ``fully_shard`` has made each an instance of ``FSDP<class>``, a subclass of its own."""
+    from torch.distributed.fsdp import FSDPModule
+
     from dist_lora.lora import unwrap
+
+    def class_name(module: Any) -> str:
+        bases = type(module).__bases__ if isinstance(module, FSDPModule) else (type(module),)
+        return next(base.__name__ for base in bases if base is not FSDPModule)
 
     model = unwrap(model)
     names = next((set(m._no_split_modules) for m in model.modules() if getattr(m, "_no_split_modules", None)), set())
-    return [module for module in model.modules() if type(module).__name__ in names or _sharded_as(module) in names]
-
-
-def _sharded_as(module: Any) -> str | None:
-    """The class name of a module before ``fully_shard`` made it ``FSDP<name>``, its subclass; None if it did not."""
-    from torch.distributed.fsdp import FSDPModule
-
-    if not isinstance(module, FSDPModule):
-        return None
-    return next((base.__name__ for base in type(module).__bases__ if base is not FSDPModule), None)
+    return [module for module in model.modules() if class_name(module) in names]
 
 
 COMPILED = "_dist_lora_compiled"
