@@ -1,4 +1,5 @@
-"""The ``dist-lora`` command (also ``python -m dist_lora``): train, demo, ls, verify, pull, merge, plot."""
+"""The ``dist-lora`` command (also ``python -m dist_lora``): train, eval, demo, ls, verify, pull, merge, generate,
+plot."""
 
 from __future__ import annotations
 
@@ -128,6 +129,31 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from dist_lora.generate import Sampling, generate
+
+    sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    results = generate(
+        args.url,
+        args.prompt,
+        base=args.base,
+        form=args.format,
+        chat_template=args.chat_template,
+        system=args.system,
+        sampling=sampling,
+        compare_base=args.compare_base,
+        storage_options=_storage_options(args),
+    )
+    for r in results:
+        if args.json:
+            print(json.dumps(r))
+            continue
+        print(f"### prompt\n{r['prompt']}\n### with the adapter\n{r['adapter']}")
+        if "base" in r:
+            print(f"### the base alone\n{r['base']}")
+    return 0
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from dist_lora.plot import plot_run
 
@@ -187,6 +213,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage-options", help="JSON passed to fsspec")
     p.set_defaults(func=cmd_merge)
 
+    p = sub.add_parser("generate", help="answer prompts with a step's adapter over its base (greedy by default)")
+    p.add_argument("url", help="a step, or a checkpoint dir (its newest verified step)")
+    p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the default); above 0: sampled")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling, with --temperature above 0")
+    p.add_argument("--seed", type=int, default=0, help="the draws of sampling")
+    p.add_argument(
+        "--format",
+        choices=["text", "completion", "chat"],
+        help="chat: each prompt is a user turn through the chat template; text, completion: sent as it is "
+        "(default: as the run trained, its data.format)",
+    )
+    p.add_argument("--chat-template", help="a Jinja chat template or its file, instead of the run's or the base's")
+    p.add_argument("--system", help="a system turn before each prompt (chat)")
+    p.add_argument("--compare-base", action="store_true", help="answer with the adapter off too")
+    p.add_argument("--base", help="base model path or id (default: the one adapter_config.json names)")
+    p.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    p.add_argument("--storage-options", help="JSON passed to fsspec")
+    p.set_defaults(func=cmd_generate)
+
     p = sub.add_parser("plot", help="draw a run's loss curve (PNG), resume points marked")
     p.add_argument("run", help="a run dir holding metrics.jsonl, or the JSONL file")
     p.add_argument("--out", help="PNG path (default: loss.png next to the metrics)")
@@ -199,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     from dist_lora.logs import quiet_third_party, setup_logging
 
     setup_logging(args.verbose)
-    if args.command == "merge":  # train quiets them itself (on every rank)
+    if args.command in ("merge", "generate"):  # train quiets them itself (on every rank)
         quiet_third_party()
     try:
         return int(args.func(args) or 0)

@@ -33,6 +33,8 @@ import torch
 
 from dist_lora.constants import ENV_LOCAL_SIZE, ENV_LOCAL_WORLD_SIZE
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # model.dtype's names
+
 
 class ModelError(ValueError):
     """The base model (or its tokenizer) cannot be found or loaded; the message says why and the fix."""

@@ -29,6 +29,7 @@ from dist_lora.lora import loraplus_groups
 from dist_lora.loss import chunk_the_loss
 from dist_lora.metrics import MetricsLog, step_peak_memory
 from dist_lora.model import (
+    DTYPES,
     apply_lora_seeded,
     base_directory,
     collection_paused,
@@ -44,8 +45,6 @@ from dist_lora.preempt import StopRequest
 from dist_lora.quantize import Plan, check_and_log, quantize_base
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def lr_at(step: int, t: TrainConfig) -> float:

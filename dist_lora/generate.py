@@ -1,0 +1,163 @@
+"""Try a saved step: its adapter over a freshly loaded base, prompts in, text out (``dist-lora generate``).
+
+The prompt is put to the model as the run trained on it: in a run on chat data (``data.format: chat``) as a user
+turn rendered by the run's chat template with the assistant's turn opened, otherwise as plain text. ``compare_base``
+also answers with the adapter turned off (PEFT's ``disable_adapter``), the same base in the same process, to see what
+the training changed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dist_lora.api import load_model, resolve_step, saved_revision
+from dist_lora.checkpoint import read_manifest, read_verified
+from dist_lora.constants import ADAPTER_CONFIG_NAME, TRAINER_STATE_NAME
+from dist_lora.data import set_chat_template
+from dist_lora.model import DTYPES, compute_device, load_tokenizer, resolve_model_path
+
+FORMATS = ("text", "completion", "chat")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How tokens are drawn: greedy at ``temperature`` 0 (the default, the same text every time), else sampled
+    (``top_p`` nucleus) from ``seed``."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def check(self) -> None:
+        problems = [
+            (self.max_new_tokens >= 1, f"max_new_tokens must be at least 1 (got {self.max_new_tokens})"),
+            (self.temperature >= 0, f"temperature must be >= 0, 0 for greedy decoding (got {self.temperature})"),
+            (0 < self.top_p <= 1, f"top_p must be in (0, 1] (got {self.top_p})"),
+        ]
+        for ok, message in problems:
+            if not ok:
+                raise ValueError(message)
+
+    def kwargs(self) -> dict[str, Any]:
+        if self.temperature == 0:
+            return {"max_new_tokens": self.max_new_tokens, "do_sample": False}
+        return {
+            "max_new_tokens": self.max_new_tokens,
+            "do_sample": True,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": 0,  # (transformers' default of 50 would cut the distribution beneath top_p)
+        }
+
+
+def _run_data(step_url: str, storage_options: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The step's adapter_config.json and the ``data`` and ``model`` sections of the run that saved it (empty for a
+    step saved by ``save_checkpoint`` from a loop of one's own, which records no run config), verified."""
+    store = resolve_step(step_url, storage_options)
+    manifest = read_manifest(store)
+    files = read_verified(store, manifest, [ADAPTER_CONFIG_NAME, TRAINER_STATE_NAME])
+    config = json.loads(files[TRAINER_STATE_NAME]).get("config") or {}
+    return json.loads(files[ADAPTER_CONFIG_NAME]), config
+
+
+def _chat_template(tokenizer: Any, template: str | None, step_url: str) -> None:
+    """The run's ``data.chat_template`` on the tokenizer (a template, or the file it was read from)."""
+    if template and "{" not in template and not Path(template).is_file():
+        raise ValueError(
+            f"the run that saved {step_url} read its chat template from {template}, which no longer exists: put "
+            "the file back, or pass --chat-template with the template or its file"
+        )
+    set_chat_template(tokenizer, template)
+
+
+def _render(tokenizer: Any, prompt: str, form: str, system: str | None) -> str:
+    if form != "chat":
+        return prompt
+    if not tokenizer.chat_template:
+        raise ValueError(
+            "--format chat needs a chat template, and neither the run nor the base's tokenizer has one: pass "
+            "--chat-template, or --format text to send the prompt as it is"
+        )
+    turns = [{"role": "system", "content": system}] if system else []
+    turns.append({"role": "user", "content": prompt})
+    return str(tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True))
+
+
+def generate(
+    step_or_dir: str,
+    prompts: list[str],
+    *,
+    base: str | None = None,
+    form: str | None = None,
+    chat_template: str | None = None,
+    system: str | None = None,
+    sampling: Sampling | None = None,
+    compare_base: bool = False,
+    storage_options: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """The step's answer to each prompt (a step URL, or a checkpoint dir: its newest verified step).
+
+    ``form``: how prompts are put to the model, "chat" (a user turn through the chat template) or "text"/"completion"
+    (as they are); default: as the run trained (its ``data.format``; "text" for a step that records none).
+    ``chat_template``: a template or its file, in place of the run's or the tokenizer's; ``system``: a system turn
+    before each prompt (chat only). ``base``: another base than
+    the one the step names (checked against its fingerprint as any load is). Returns one dict per prompt:
+    ``prompt``, ``input`` (the text the model saw), ``adapter`` (the continuation) and, with ``compare_base``,
+    ``base`` (the continuation with the adapter off). Single process, on the current CUDA device or the CPU, in the
+    run's ``model.dtype``.
+    """
+    sampling = sampling or Sampling()
+    sampling.check()
+    if not prompts or any(not isinstance(p, str) or not p for p in prompts):
+        raise ValueError("give at least one prompt, and no empty one (--prompt TEXT)")
+    if form is not None and form not in FORMATS:
+        raise ValueError(f"--format must be one of {', '.join(FORMATS)} (got {form!r})")
+    step_url = str(resolve_step(step_or_dir, storage_options).url)
+    adapter_config, run = _run_data(step_url, storage_options)
+    data, model_cfg = run.get("data") or {}, run.get("model") or {}
+    form = form or data.get("format") or "text"
+    if system and form != "chat":
+        raise ValueError(f"--system is a chat turn, and the prompts are sent as {form}: add --format chat or drop it")
+    dtype = DTYPES.get(model_cfg.get("dtype") or "float32", torch.float32)
+
+    model: Any = load_model(step_url, base=base, dtype=dtype, storage_options=storage_options)
+    tokenizer_source = base or adapter_config.get("base_model_name_or_path")
+    what = "--base" if base else f"base_model_name_or_path of {step_url}/{ADAPTER_CONFIG_NAME}"
+    tokenizer = load_tokenizer(
+        resolve_model_path(str(tokenizer_source), what), what, saved_revision(adapter_config, str(tokenizer_source))
+    )
+    if chat_template is not None:
+        set_chat_template(tokenizer, chat_template)
+    else:
+        _chat_template(tokenizer, data.get("chat_template"), step_url)
+    device = compute_device()
+    model.to(device)
+
+    # as in training: special tokens added to text and completion samples, none to a rendered chat (its template
+    # writes them)
+    special = form != "chat"
+    results = []
+    for prompt in prompts:
+        text = _render(tokenizer, prompt, form, system)
+        inputs = tokenizer(text, return_tensors="pt", add_special_tokens=special).to(device)
+        result = {"prompt": prompt, "input": text, "adapter": _continue(model, tokenizer, inputs, sampling)}
+        if compare_base:
+            with model.disable_adapter():
+                result["base"] = _continue(model, tokenizer, inputs, sampling)
+        results.append(result)
+    return results
+
+
+def _continue(model: Any, tokenizer: Any, inputs: Any, sampling: Sampling) -> str:
+    """The new text after ``inputs``, drawn from ``sampling.seed`` (the same draws with and without the adapter)."""
+    torch.manual_seed(sampling.seed)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with torch.no_grad():
+        out = model.generate(**inputs, **sampling.kwargs(), pad_token_id=pad)
+    return str(tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))

@@ -1,0 +1,121 @@
+"""dist-lora generate: a step's answers over its base, as PEFT gives them, rendered as the run trained."""
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import dist_lora
+from dist_lora.checkpoint import CheckpointError
+from dist_lora.config import LoraConfig
+from dist_lora.generate import Sampling, generate
+
+TEMPLATE = Path(__file__).resolve().parents[1] / "configs" / "data" / "chat_template.jinja"
+
+
+def saved_step(base: Path, ck: Path, *, run: dict | None = None) -> str:
+    """A step of a LoRA whose B is drawn at random (it is zero at init), so that the adapter changes the answers;
+    ``run``: the run config its trainer state records (the trainer's ``config``)."""
+    torch.manual_seed(0)
+    model = dist_lora.apply_lora(
+        AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=4, alpha=8, target_modules=["c_attn", "c_fc"])
+    )
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    state = {"config": run} if run is not None else None
+    return dist_lora.save_checkpoint(model, str(ck), step=1, trainer_state=state)
+
+
+def greedy(model, tokenizer, text: str, new: int, *, special: bool = True) -> str:
+    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=special)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=new, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def test_answers_equal_peft_with_the_adapter_and_the_base_alone_without(gpt2_base, tmp_path):
+    step = saved_step(gpt2_base, tmp_path / "ck")
+    prompts = ["The manifest", "A rank"]
+    results = generate(str(tmp_path / "ck"), prompts, sampling=Sampling(max_new_tokens=8), compare_base=True)
+    tokenizer = AutoTokenizer.from_pretrained(gpt2_base)
+    peft_model = dist_lora.load_model(step)
+    base = AutoModelForCausalLM.from_pretrained(gpt2_base).eval()
+    for prompt, r in zip(prompts, results, strict=True):
+        assert r["prompt"] == r["input"] == prompt  # a step without a run config: sent as text
+        assert r["adapter"] == greedy(peft_model, tokenizer, prompt, 8)
+        assert r["base"] == greedy(base, tokenizer, prompt, 8)
+        assert r["adapter"] != r["base"]  # the adapter is on, then off
+
+
+def test_sampling_draws_from_the_seed(gpt2_base, tmp_path):
+    saved_step(gpt2_base, tmp_path / "ck")
+    drawn = {
+        seed: generate(str(tmp_path / "ck"), ["The"], sampling=Sampling(16, temperature=1.0, seed=seed))[0]["adapter"]
+        for seed in (1, 2)
+    }
+    assert generate(str(tmp_path / "ck"), ["The"], sampling=Sampling(16, temperature=1.0, seed=1))[0]["adapter"] == (
+        drawn[1]
+    )
+    assert drawn[1] != drawn[2]
+
+
+def test_a_chat_run_is_asked_through_its_template(gpt2_base, tmp_path):
+    """A step of a run on chat data: each prompt is a user turn through the run's chat template (a file here, as
+    configs/chat-tiny.yaml names one), the assistant's turn opened, no special tokens added (the template writes
+    them), as the run's samples were tokenized; --format text sends it as it is."""
+    template = tmp_path / "template.jinja"
+    template.write_text(TEMPLATE.read_text())
+    run = {"data": {"format": "chat", "chat_template": str(template)}, "model": {"dtype": "float32"}}
+    step = saved_step(gpt2_base, tmp_path / "ck", run=run)
+    r = generate(step, ["What is a shard?"], system="Answer briefly.", sampling=Sampling(max_new_tokens=6))[0]
+    assert r["input"] == (
+        "<|system|>\nAnswer briefly.<|endoftext|>\n<|user|>\nWhat is a shard?<|endoftext|>\n<|assistant|>\n"
+    )
+    tokenizer = AutoTokenizer.from_pretrained(gpt2_base)
+    assert r["adapter"] == greedy(dist_lora.load_model(step), tokenizer, r["input"], 6, special=False)
+    plain = generate(step, ["What is a shard?"], form="text", sampling=Sampling(max_new_tokens=6))[0]
+    assert plain["input"] == "What is a shard?"
+
+    with pytest.raises(ValueError, match="--system is a chat turn, and the prompts are sent as text"):
+        generate(step, ["x"], form="text", system="Answer briefly.")
+    template.unlink()
+    with pytest.raises(ValueError, match=f"read its chat template from {template}, which no longer exists"):
+        generate(step, ["x"])
+    given = generate(step, ["x"], chat_template=str(TEMPLATE), sampling=Sampling(max_new_tokens=2))[0]
+    assert given["input"] == "<|user|>\nx<|endoftext|>\n<|assistant|>\n"
+    with pytest.raises(ValueError, match="--format chat needs a chat template"):
+        generate(step, ["x"], chat_template="")  # the tiny tokenizer has none of its own
+
+
+def test_bad_settings_are_refused_naming_them(gpt2_base, tmp_path):
+    step = saved_step(gpt2_base, tmp_path / "ck")
+    for sampling, message in (
+        (Sampling(max_new_tokens=0), "max_new_tokens must be at least 1"),
+        (Sampling(temperature=-1), "temperature must be >= 0"),
+        (Sampling(temperature=1, top_p=0), r"top_p must be in \(0, 1\]"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            generate(step, ["x"], sampling=sampling)
+    with pytest.raises(ValueError, match="give at least one prompt, and no empty one"):
+        generate(step, [""])
+    with pytest.raises(CheckpointError):
+        generate(str(tmp_path / "nothing-here"), ["x"])
+
+
+def test_the_command_prints_the_answers(gpt2_base, tmp_path):
+    step = saved_step(gpt2_base, tmp_path / "ck")
+    want = generate(step, ["The", "A"], sampling=Sampling(max_new_tokens=4), compare_base=True)
+    cmd = ["dist-lora", "generate", step, "--prompt", "The", "--prompt", "A", "--max-new-tokens", "4"]
+    out = subprocess.run([*cmd, "--compare-base", "--json"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert [json.loads(line) for line in out.stdout.splitlines()] == want
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(f"### prompt\nThe\n### with the adapter\n{want[0]['adapter']}\n### prompt\nA\n")
+    out = subprocess.run([*cmd, "--temperature", "-1"], capture_output=True, text=True)
+    assert out.returncode == 2 and "error: temperature must be >= 0" in out.stderr, out.stderr
