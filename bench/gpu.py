@@ -181,15 +181,17 @@ def markdown(results: dict[str, Any]) -> str:
         lines += [
             "",
             "| base (FSDP2 unless another engine is named; LoRA r=16 on q/k/v/o, or every linear layer with a base "
-            "dtype named) | load s | base bytes | device peak after load | device peak training | s / step | "
-            "tokens / s | save stall s | snapshot s | save total s | resume s | device peak resuming |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "dtype named) | load s | base bytes | device peak after load | device allocated after load | device peak "
+            "training | its steps and save alone | s / step | tokens / s | save stall s | snapshot s | save total s | "
+            "resume s | device peak resuming |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in results["runs"]:
             lines.append(
                 f"| {r['name']} | {r['load_s']:.1f} | {gib(r.get('base_bytes'))} | "
-                f"{gib(r['load_peak_device_bytes'])} | "
-                f"{gib(r['train_peak_device_bytes'])} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | "
+                f"{gib(r['load_peak_device_bytes'])} | {gib(r.get('load_allocated_device_bytes'))} | "
+                f"{gib(r['train_peak_device_bytes'])} | {gib(r.get('steps_peak_device_bytes'))} | "
+                f"{r['step_s']:.3f} | {r['tokens_per_s']:.0f} | "
                 f"{r['save_stall_s']:.4f} | {r['snapshot_s']:.4f} | {r['save_total_s']:.3f} | {r['resume_s']:.1f} | "
                 f"{gib(r.get('resume_peak_device_bytes'))} |"
             )
