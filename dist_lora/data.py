@@ -737,11 +737,22 @@ class TrainData:
             yield self.eval.batch(ids) if ids else self.eval.batch([0], no_targets=True)
 
 
-def set_chat_template(tokenizer: Any, template: str | None) -> None:
-    """``data.chat_template``: a Jinja template, or the path of a file holding one, set on the tokenizer."""
-    if template:
-        p = Path(template)
-        tokenizer.chat_template = p.read_text(encoding="utf-8") if "{" not in template and p.is_file() else template
+def set_chat_template(tokenizer: Any, template: str | None, what: str = "data.chat_template") -> None:
+    """``data.chat_template``: a Jinja template, or the path of a file holding one, set on the tokenizer. A value
+    that is neither (no ``{`` of Jinja's syntax, no such file: a mistyped path) is an error naming ``what``, not a
+    template that renders every conversation as that text."""
+    if not template:
+        return
+    if "{" in template:
+        tokenizer.chat_template = template
+        return
+    p = Path(template)
+    if not p.is_file():
+        raise DataError(
+            f"{what} {template!r} is neither a file nor a Jinja template (a template holds {{{{ }}}} or {{% %}}): "
+            "fix the path, or give the template itself"
+        )
+    tokenizer.chat_template = p.read_text(encoding="utf-8")
 
 
 def check_packing(model: Any, data: TrainData) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -64,16 +63,6 @@ def _run_data(step_url: str, storage_options: dict[str, Any] | None) -> tuple[di
     files = read_verified(store, manifest, [ADAPTER_CONFIG_NAME, TRAINER_STATE_NAME])
     config = json.loads(files[TRAINER_STATE_NAME]).get("config") or {}
     return json.loads(files[ADAPTER_CONFIG_NAME]), config
-
-
-def _chat_template(tokenizer: Any, template: str | None, step_url: str) -> None:
-    """The run's ``data.chat_template`` on the tokenizer (a template, or the file it was read from)."""
-    if template and "{" not in template and not Path(template).is_file():
-        raise ValueError(
-            f"the run that saved {step_url} read its chat template from {template}, which no longer exists: put "
-            "the file back, or pass --chat-template with the template or its file"
-        )
-    set_chat_template(tokenizer, template)
 
 
 def _render(tokenizer: Any, prompt: str, form: str, system: str | None) -> str:
@@ -133,9 +122,10 @@ def generate(
         resolve_model_path(str(tokenizer_source), what), what, saved_revision(adapter_config, str(tokenizer_source))
     )
     if chat_template is not None:
-        set_chat_template(tokenizer, chat_template)
-    else:
-        _chat_template(tokenizer, data.get("chat_template"), step_url)
+        set_chat_template(tokenizer, chat_template, "--chat-template")
+    else:  # the run's: a template, or the file it was read from
+        what = f"the data.chat_template of the run that saved {step_url} (override: --chat-template)"
+        set_chat_template(tokenizer, data.get("chat_template"), what)
     device = compute_device()
     model.to(device)
 

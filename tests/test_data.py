@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from dist_lora.config import ConfigError, DataConfig, load_config
-from dist_lora.data import IGNORE, DataError, check_packing, prepare_data
+from dist_lora.data import IGNORE, DataError, check_packing, prepare_data, set_chat_template
 from dist_lora.model import load_base, load_tokenizer
 from tests.dist_utils import ROOT
 
@@ -280,6 +280,19 @@ def test_chat_needs_a_template(gpt2_base, tmp_path):
     cfg = DataConfig(path=str(DATA / "chat.jsonl"), format="chat", cache_dir=str(tmp_path))
     with pytest.raises(DataError, match="data.chat_template"):
         prepare_data(cfg, load_tokenizer(str(gpt2_base)), seed=0)
+
+
+def test_a_mistyped_template_path_is_named_not_rendered_as_text(gpt2_base, tmp_path):
+    """A chat_template without Jinja's syntax that is no file (a typo in its path) would render every conversation
+    as that one line, and the run would fail later for want of targets: it is refused by name first."""
+    typo = str(DATA / "chat_tmplate.jinja")
+    cfg = DataConfig(path=str(DATA / "chat.jsonl"), format="chat", cache_dir=str(tmp_path), chat_template=typo)
+    with pytest.raises(DataError, match=f"data.chat_template '{typo}' is neither a file nor a Jinja template"):
+        prepare_data(cfg, load_tokenizer(str(gpt2_base)), seed=0)
+    for template in (str(DATA / "chat_template.jinja"), (DATA / "chat_template.jinja").read_text()):
+        tok = load_tokenizer(str(gpt2_base))
+        set_chat_template(tok, template)
+        assert tok.chat_template == (DATA / "chat_template.jinja").read_text()
 
 
 def test_eval_fraction_splits_by_seed(gpt2_base, tmp_path):

@@ -58,8 +58,9 @@ def test_sampling_draws_from_the_seed(gpt2_base, tmp_path):
         seed: generate(str(tmp_path / "ck"), ["The"], sampling=Sampling(16, temperature=1.0, seed=seed))[0]["adapter"]
         for seed in (1, 2)
     }
-    assert generate(str(tmp_path / "ck"), ["The"], sampling=Sampling(16, temperature=1.0, seed=1))[0]["adapter"] == (
-        drawn[1]
+    assert (
+        generate(str(tmp_path / "ck"), ["The"], sampling=Sampling(16, temperature=1.0, seed=1))[0]["adapter"]
+        == (drawn[1])
     )
     assert drawn[1] != drawn[2]
 
@@ -84,8 +85,10 @@ def test_a_chat_run_is_asked_through_its_template(gpt2_base, tmp_path):
     with pytest.raises(ValueError, match="--system is a chat turn, and the prompts are sent as text"):
         generate(step, ["x"], form="text", system="Answer briefly.")
     template.unlink()
-    with pytest.raises(ValueError, match=f"read its chat template from {template}, which no longer exists"):
+    with pytest.raises(ValueError, match=f"run that saved {step} .*'{template}' is neither a file nor a Jinja"):
         generate(step, ["x"])
+    with pytest.raises(ValueError, match="--chat-template 'chat.jinja' is neither a file nor a Jinja template"):
+        generate(step, ["x"], chat_template="chat.jinja")
     given = generate(step, ["x"], chat_template=str(TEMPLATE), sampling=Sampling(max_new_tokens=2))[0]
     assert given["input"] == "<|user|>\nx<|endoftext|>\n<|assistant|>\n"
     with pytest.raises(ValueError, match="--format chat needs a chat template"):
