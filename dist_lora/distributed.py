@@ -85,6 +85,9 @@ def cpu_threads(local_world: int) -> int:
     return threads
 
 
+_threads_chosen = False  # (CPU training: torch's threads for this process, chosen at its first join)
+
+
 def init_distributed(
     timeout_s: float = 1800, *, need_group: bool = False, cpu_collectives: bool = False
 ) -> tuple[int, int, torch.device]:
@@ -95,6 +98,7 @@ def init_distributed(
     also reduces tensors in host memory (gloo beside NCCL, as torchtitan does), which FSDP2's CPU offload needs:
     the gradient norm is reduced over shards that live on the host.
     """
+    global _threads_chosen, _timeout_s
     launched = ENV_WORLD_SIZE in os.environ  # by torchrun, the deepspeed launcher, or torch.multiprocessing
     if need_group and not launched:
         os.environ.update(
@@ -106,12 +110,12 @@ def init_distributed(
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
-    elif ENV_OMP_NUM_THREADS not in os.environ:
+    elif ENV_OMP_NUM_THREADS not in os.environ and not _threads_chosen:  # once (the trainer joins the job's group)
         torch.set_num_threads(cpu_threads(int(os.environ.get(ENV_LOCAL_WORLD_SIZE, "1"))))
+        _threads_chosen = True
     if (world > 1 or need_group) and not dist.is_initialized():
         backend = "gloo" if device.type != "cuda" else "cuda:nccl,cpu:gloo" if cpu_collectives else "nccl"
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
-        global _timeout_s
         _timeout_s = timeout_s
     if launched and ENV_LOCAL_RANK in os.environ:
         watch_launcher()
