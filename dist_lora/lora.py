@@ -372,14 +372,13 @@ def apply_lora(
         with mock.patch.object(TrainableTokensLayer, "_collect_token_weights", _collect_token_rows):
             peft_model = peft.get_peft_model(model, peft_lora_config(cfg, name, revision))
     except ValueError as e:
-        names = sorted(
-            {
-                n.rsplit(".", 1)[-1]
-                for n, m in model.named_modules()
-                if getattr(m, "weight", None) is not None and m.weight.dim() == 2 and not list(m.children())
-            }
+        raise AdapterError(f"{e}\nlinear-like module names in this model include: {_layer_names(model)}") from e
+    unmatched = _unmatched_names(cfg, peft_model)
+    if unmatched:
+        raise AdapterError(
+            f"{'; '.join(unmatched)} (PEFT passes over a name that matches nothing): fix the name or drop it; "
+            f"linear-like module names in this model include: {_layer_names(model)}"
         )
-        raise AdapterError(f"{e}\nlinear-like module names in this model include: {names[:20]}") from e
     tied = getattr(peft_model.peft_config[peft_model.active_adapter], "target_modules_to_tie", None)
     if tied:
         raise AdapterError(
@@ -390,6 +389,54 @@ def apply_lora(
         )
     mark_only_lora_as_trainable(peft_model, cfg.bias)
     return peft_model
+
+
+def _layer_names(model: nn.Module, limit: int = 20) -> list[str]:
+    """The last name of each linear-like layer (a 2-D weight, no children) of ``model``, sorted, for messages; on a
+    model PEFT has wrapped, the base's names (its adapters and copies left out, a wrapped layer by its own name)."""
+    names = set()
+    for n, m in model.named_modules():
+        if getattr(m, "weight", None) is None or m.weight.dim() != 2 or list(m.children()):
+            continue
+        parts = n.split(".")
+        if any(part.startswith("lora_") or part == "modules_to_save" for part in parts):
+            continue
+        while len(parts) > 1 and parts[-1] in ("base_layer", "original_module"):
+            parts.pop()
+        names.add(parts[-1])
+    return sorted(names)[:limit]
+
+
+def _unmatched_names(cfg: LoraConfig, peft_model: Any) -> list[str]:
+    """What of the ``lora:`` block PEFT applied to nothing: entries of ``target_modules`` (a list) it put LoRA on no
+    module for, indices of ``layers_to_transform`` it adapted nothing in, entries of ``modules_to_save`` it copied
+    no module for; each name matched as PEFT matches it (a module's name or its end: after a dot for
+    target_modules, anywhere for modules_to_save). PEFT raises only when nothing at all matches, so
+    ``[q_proj, v_prj]`` would train q_proj alone and ``modules_to_save: [lm_hed]`` no head, silently."""
+    from peft.utils import ModulesToSaveWrapper
+
+    problems = []
+    targeted = list(getattr(peft_model, "targeted_module_names", []))
+    # (a module PEFT adapts through its parameter, such as a MoE router that is no nn.Linear, is listed by it)
+    targeted += [n.rsplit(".", 1)[0] for n in getattr(peft_model, "targeted_parameter_names", [])]
+    if isinstance(cfg.target_modules, list):
+        missing = [t for t in cfg.target_modules if not any(n == t or n.endswith("." + t) for n in targeted)]
+        narrowing = {"lora.layers_to_transform": cfg.layers_to_transform, "lora.exclude_modules": cfg.exclude_modules}
+        narrowed = " and ".join(name for name, value in narrowing.items() if value)
+        if missing:
+            within = f" (within {narrowed})" if narrowed else ""
+            problems.append(f"lora.target_modules {missing} matched no module{within}")
+    if cfg.layers_to_transform:  # an index past the model's layers adapts nothing
+        met = {int(part) for n in targeted for part in n.split(".") if part.isdigit()}
+        layers = [i for i in cfg.layers_to_transform if i not in met]
+        if layers:
+            problems.append(f"lora.layers_to_transform {layers} adapted no layer of lora.target_modules")
+    if cfg.modules_to_save:
+        copied = [n for n, m in peft_model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
+        missing = [t for t in cfg.modules_to_save if not any(n.endswith(t) for n in copied)]
+        if missing:
+            problems.append(f"lora.modules_to_save {missing} matched no module")
+    return problems
 
 
 def adapter_config_dict(model: nn.Module, bias: str) -> dict[str, Any]:

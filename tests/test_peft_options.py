@@ -203,6 +203,39 @@ def test_streaming_merge_of_lora_on_experts_either_way_round(arch, tmp_path):
     assert rel_err(got, want) < 1e-5
 
 
+@pytest.mark.parametrize(
+    ("lora", "message"),
+    [
+        ({"target_modules": ["q_proj", "v_prj"]}, r"lora.target_modules \['v_prj'\] matched no module \(PEFT passes"),
+        (
+            {"target_modules": ["q_proj", "v_proj"], "exclude_modules": ["v_proj"]},
+            r"\['v_proj'\] matched no module \(within lora.exclude_modules\)",
+        ),
+        ({"target_modules": ["q_proj"], "layers_to_transform": [1, 2]}, r"layers_to_transform \[2\] adapted no layer"),
+        (
+            {"target_modules": ["q_proj"], "modules_to_save": ["lm_hed"]},
+            r"lora.modules_to_save \['lm_hed'\] matched no module",
+        ),
+    ],
+)
+def test_a_name_that_matches_nothing_is_refused_not_passed_over(llama_base, lora, message):
+    """PEFT raises only when no name matches at all: one mistyped entry of a list would train the others alone, a
+    layer index past the model's (the tests' Llama has 2) nothing, a mistyped modules_to_save no copy, silently.
+    The error names the entry and the model's layer names."""
+    from transformers import AutoModelForCausalLM
+
+    with pytest.raises(AdapterError, match=message) as e:
+        apply_lora(AutoModelForCausalLM.from_pretrained(llama_base), LoraConfig(r=4, alpha=8, **lora))
+    assert str(e.value).endswith(
+        "['down_proj', 'embed_tokens', 'gate_proj', 'k_proj', 'lm_head', 'o_proj', 'q_proj', 'up_proj', 'v_proj']"
+    )
+    for fine in (
+        {"target_modules": ["q_proj", "v_proj"], "layers_to_transform": [0]},
+        {"target_modules": "all-linear", "modules_to_save": ["lm_head"]},
+    ):
+        apply_lora(AutoModelForCausalLM.from_pretrained(llama_base), LoraConfig(r=4, alpha=8, **fine))
+
+
 def test_a_trainable_tensor_outside_peft_is_still_refused(llama_base):
     from transformers import AutoModelForCausalLM
 
