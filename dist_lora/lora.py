@@ -409,10 +409,10 @@ def _layer_names(model: nn.Module, limit: int = 20) -> list[str]:
 
 def _unmatched_names(cfg: LoraConfig, peft_model: Any) -> list[str]:
     """What of the ``lora:`` block PEFT applied to nothing: entries of ``target_modules`` (a list) it put LoRA on no
-    module for, indices of ``layers_to_transform`` it adapted nothing in, entries of ``modules_to_save`` it copied
-    no module for; each name matched as PEFT matches it (a module's name or its end: after a dot for
-    target_modules, anywhere for modules_to_save). PEFT raises only when nothing at all matches, so
-    ``[q_proj, v_prj]`` would train q_proj alone and ``modules_to_save: [lm_hed]`` no head, silently."""
+    module for, indices of ``layers_to_transform`` it adapted nothing in, entries of ``exclude_modules`` that name
+    no module, entries of ``modules_to_save`` it copied no module for; each name matched as PEFT matches it (a
+    module's name or its end: after a dot, but anywhere for modules_to_save). PEFT raises only when nothing at all
+    matches, so ``[q_proj, v_prj]`` would train q_proj alone and ``modules_to_save: [lm_hed]`` no head, silently."""
     from peft.utils import ModulesToSaveWrapper
 
     problems = []
@@ -431,6 +431,11 @@ def _unmatched_names(cfg: LoraConfig, peft_model: Any) -> list[str]:
         layers = [i for i in cfg.layers_to_transform if i not in met]
         if layers:
             problems.append(f"lora.layers_to_transform {layers} adapted no layer of lora.target_modules")
+    if cfg.exclude_modules:  # a mistyped exclusion would leave LoRA on what it meant to keep out
+        names = [n for n, _ in peft_model.named_modules()]
+        missing = [e for e in cfg.exclude_modules if not any(n.endswith("." + e) for n in names)]
+        if missing:
+            problems.append(f"lora.exclude_modules {missing} matched no module")
     if cfg.modules_to_save:
         copied = [n for n, m in peft_model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
         missing = [t for t in cfg.modules_to_save if not any(n.endswith(t) for n in copied)]

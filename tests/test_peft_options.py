@@ -211,6 +211,7 @@ def test_streaming_merge_of_lora_on_experts_either_way_round(arch, tmp_path):
             {"target_modules": ["q_proj", "v_proj"], "exclude_modules": ["v_proj"]},
             r"\['v_proj'\] matched no module \(within lora.exclude_modules\)",
         ),
+        ({"target_modules": ["q_proj"], "exclude_modules": ["k_prj"]}, r"lora.exclude_modules \['k_prj'\] matched no"),
         ({"target_modules": ["q_proj"], "layers_to_transform": [1, 2]}, r"layers_to_transform \[2\] adapted no layer"),
         (
             {"target_modules": ["q_proj"], "modules_to_save": ["lm_hed"]},
@@ -220,7 +221,8 @@ def test_streaming_merge_of_lora_on_experts_either_way_round(arch, tmp_path):
 )
 def test_a_name_that_matches_nothing_is_refused_not_passed_over(llama_base, lora, message):
     """PEFT raises only when no name matches at all: one mistyped entry of a list would train the others alone, a
-    layer index past the model's (the tests' Llama has 2) nothing, a mistyped modules_to_save no copy, silently.
+    layer index past the model's (the tests' Llama has 2) nothing, a mistyped exclusion would keep nothing out and a
+    mistyped modules_to_save copy nothing, silently.
     The error names the entry and the model's layer names."""
     from transformers import AutoModelForCausalLM
 
