@@ -1,5 +1,5 @@
-"""The ``dist-lora`` command (also ``python -m dist_lora``): train, eval, demo, ls, verify, pull, merge, generate,
-plot."""
+"""The ``dist-lora`` command (also ``python -m dist_lora``): train, eval, check, demo, ls, verify, pull, merge,
+generate, plot."""
 
 from __future__ import annotations
 
@@ -109,6 +109,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    from dist_lora.check import check_fits, check_run, describe
+    from dist_lora.config import load_config
+    from dist_lora.logs import quiet_third_party
+
+    quiet_third_party()
+    cfg = load_config(args.config, args.overrides)
+    report = check_run(
+        cfg, world=args.world_size, config_name=args.config, nproc_per_node=args.nproc_per_node, data=not args.no_data
+    )
+    print(json.dumps(report.to_json()) if args.json else describe(report, cfg))
+    if args.device_memory is not None:
+        check_fits(report, cfg, args.device_memory)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from dist_lora.demo import run_demo
 
@@ -180,6 +196,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. checkpoint.resume=URL")
     p.add_argument("--every-step", action="store_true", help="each committed step of checkpoint.dir, one base load")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "check", help="try a config before queuing a job: every check of a rank's start, no GPU; each rank's share"
+    )
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, as train takes them")
+    p.add_argument("--world-size", type=int, default=1, help="the ranks the job will run (nodes x GPUs per node)")
+    p.add_argument("--nproc-per-node", type=int, help="GPUs per node (for parallel.replicate: nodes)")
+    p.add_argument("--no-data", action="store_true", help="skip reading and tokenizing the data")
+    p.add_argument(
+        "--device-memory", type=float, help="GB of each GPU: an error (exit 2) if the model state alone exceeds it"
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("demo", help="tiny CPU demo: build a base, train on 2 processes (FSDP2), resume on 1")
     p.add_argument("--run-dir", default="runs/demo")

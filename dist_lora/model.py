@@ -796,13 +796,14 @@ def skip_weight_init() -> Any:
     return module.no_init_weights()
 
 
-def build_on_meta(name_or_path: str, dtype: torch.dtype) -> Any:
+def build_on_meta(name_or_path: str, dtype: torch.dtype, revision: str | None = None) -> Any:
     """The causal LM that ``config.json`` describes, its parameters on the meta device (no memory, no init) and
-    its buffers computed on the CPU as ``from_pretrained`` computes them (rotary ``inv_freq``); tied weights tied."""
+    its buffers computed on the CPU as ``from_pretrained`` computes them (rotary ``inv_freq``); tied weights tied.
+    ``revision``: a hub id's commit, branch or tag (its config alone is fetched)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(name_or_path)
+    config = AutoConfig.from_pretrained(name_or_path, revision=hub_only(name_or_path, revision))
     with _outside_zero_init(), init_empty_weights(include_buffers=False), skip_weight_init():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.tie_weights()

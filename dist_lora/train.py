@@ -19,7 +19,15 @@ from dist_lora.agree import is_agreed, on_rank0
 from dist_lora.api import resume_checkpoint
 from dist_lora.checkpoint import list_steps
 from dist_lora.checkpointer import Checkpointer
-from dist_lora.config import ConfigError, ParallelConfig, RunConfig, TrainConfig, config_changes, config_to_dict
+from dist_lora.config import (
+    ConfigError,
+    ModelConfig,
+    ParallelConfig,
+    RunConfig,
+    TrainConfig,
+    config_changes,
+    config_to_dict,
+)
 from dist_lora.constants import ENV_WORLD_SIZE
 from dist_lora.data import check_packing, draw_seed, micro_place, prepare_data
 from dist_lora.distributed import init_distributed, shutdown, step_consensus
@@ -85,6 +93,28 @@ def grad_accum_steps(t: TrainConfig, world: int) -> int:
             f"{per_step}, or change micro_batch_size"
         )
     return t.global_batch_size // per_step
+
+
+def resolved_model(model: ModelConfig) -> ModelConfig:
+    """``model`` with a local path made absolute (so that the config saved with each step and adapter_config.json
+    work from anywhere); a revision of a local directory refused."""
+    model = replace(model, name_or_path=resolve_model_path(model.name_or_path))
+    if model.revision is not None and os.path.isdir(model.name_or_path):
+        raise ConfigError(
+            f"model.revision={model.revision} picks a version of a hub model, and model.name_or_path "
+            f"{model.name_or_path} is a local directory, which has none: drop model.revision"
+        )
+    return model
+
+
+def check_seq_len(cfg: RunConfig) -> None:
+    """Refuse rows longer than the positions a base with learned ones has (GPT-2's position table)."""
+    limit = context_length(cfg.model.name_or_path, cfg.model.revision)
+    if limit is not None and cfg.data.seq_len > limit:
+        raise ConfigError(
+            f"data.seq_len {cfg.data.seq_len} is longer than the {limit} positions {cfg.model.name_or_path} "
+            f"learned (max_position_embeddings in its config.json): set data.seq_len to {limit} or less"
+        )
 
 
 def check_launch(cfg: RunConfig) -> None:
@@ -234,13 +264,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig, *, writes: bool = True):
         """``writes=False``: a trainer that only reads (``dist-lora eval``): no lease on the dir, no metrics."""
         check_launch(cfg)
-        # local paths absolute, so that the config saved with each step and adapter_config.json work from anywhere
-        model = replace(cfg.model, name_or_path=resolve_model_path(cfg.model.name_or_path))
-        if model.revision is not None and os.path.isdir(model.name_or_path):
-            raise ConfigError(
-                f"model.revision={model.revision} picks a version of a hub model, and model.name_or_path "
-                f"{model.name_or_path} is a local directory, which has none: drop model.revision"
-            )
+        model = resolved_model(cfg.model)
         d = cfg.data
         data = replace(
             d,
@@ -269,12 +293,7 @@ class Trainer:
         if backends.backend_class(cfg.parallel.backend).gathers_parameters(cfg.parallel):
             return_large_blocks_to_the_os()  # else glibc keeps every freed all-gather buffer: RSS would grow ~2x
         tokenizer = load_tokenizer(cfg.model.name_or_path, revision=cfg.model.revision)
-        limit = context_length(cfg.model.name_or_path, cfg.model.revision)
-        if limit is not None and cfg.data.seq_len > limit:
-            raise ConfigError(
-                f"data.seq_len {cfg.data.seq_len} is longer than the {limit} positions {cfg.model.name_or_path} "
-                f"learned (max_position_embeddings in its config.json): set data.seq_len to {limit} or less"
-            )
+        check_seq_len(cfg)
         self.data = prepare_data(cfg.data, tokenizer, seed=t.seed)  # tokenized once per node, then cached
         t = schedule(t, len(self.data))  # the run's length and warm-up in steps (epochs: known now that the rows are)
         self.cfg = cfg = replace(cfg, train=t)

@@ -279,7 +279,7 @@ def test_qlora_trains_on_fsdp2_and_its_adapter_is_the_unquantized_format(qlora_b
 def test_one_process_builds_the_nf4_base_one_tensor_at_a_time(qlora_base, tmp_path, monkeypatch):
     """A replica engine (single; DDP runs the same code) builds a QLoRA base on the meta device and quantizes it
     from the files tensor by tensor (the whole base never sits in memory in model.dtype: from_pretrained is not
-    called), equal to to_nf4 of each file tensor."""
+    called), equal to to_nf4 of each file tensor; its bytes are those ``dist-lora check`` reports."""
     from dist_lora.backends import base as backend_base
     from dist_lora.model import BaseWeights
     from dist_lora.quantize import BLOCK, INNER_TENSORS, SCALER_BLOCK, is_nf4, nf4_module
@@ -300,6 +300,16 @@ def test_one_process_builds_the_nf4_base_one_tensor_at_a_time(qlora_base, tmp_pa
                 assert torch.equal(getattr(p, inner), getattr(want, inner)), (key, inner)
             checked += 1
     assert checked == 14
+    # dist-lora check's frozen base for this config: the NF4 weights' data and scalers, the rest in bf16
+    from dist_lora.check import check_run
+
+    model = trainer.backend.model
+    held = sum(b.numel() * b.element_size() for b in model.buffers())
+    for p in model.parameters():
+        if not p.requires_grad:
+            inner = [getattr(p, n) for n in INNER_TENSORS] if is_nf4(p) else [p]
+            held += sum(t.numel() * t.element_size() for t in inner)
+    assert check_run(trainer.cfg, world=1, data=False).frozen_bytes_per_rank == held
     assert torch.isfinite(torch.tensor(trainer.train_step()))
     trainer.checkpointer.release_lease()
 

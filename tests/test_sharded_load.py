@@ -343,7 +343,8 @@ def test_sharded_load_equals_the_full_load(
     which transformers fuses as it loads them, and its router saved under another name, LoRA on both), at world
     sizes 1-4 (3: uneven shards), and HSDP at 4 (2 replica groups); at 2, the GPT-2 given by its hub id too (read
     from its snapshot in the cache); one launch per world size. The ranges each rank read ahead are exactly the ones
-    it then used."""
+    it then used. The bytes each rank holds, as the engine sized them (FSDP2's padded shards, ZeRO-3's partitions),
+    equal what ``dist-lora check`` reports for the same config and world size."""
     qv = ["lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj]"]
     cases = [  # (base, model.dtype, overrides)
         (str(gpt2_base), "float32", []),
@@ -384,6 +385,9 @@ def test_sharded_load_equals_the_full_load(
             assert report[name]["mapped_padded"] == [], f"rank {rank}, {name}: mapped, then copied: {report[name]}"
             # the read-ahead guessed this rank's share: it read ahead every range the load used, and made each map
             assert report[name]["not_read_ahead"] == [] and report[name]["views_missed"] == [], (rank, name)
+            # dist-lora check's figures for the config at this world size: what the engine itself allocated
+            (frozen, trained), (want_frozen, want_trained) = report[name]["held_bytes"], report[name]["estimated_bytes"]
+            assert frozen == want_frozen and want_trained in (trained, None), (rank, name, report[name])
         tied = [gpt2_base, hub_gpt2] if world == 2 else [gpt2_base]
         assert all(report[f"{engine}:{base}:float32"]["tied"] for engine in engines for base in tied)
         for engine in ("fsdp", "hsdp"):  # fewer experts (2) than shards: sliced on their second dim, not by rows

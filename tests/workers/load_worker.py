@@ -12,6 +12,7 @@ batch are written by rank 0 for both. Rank r writes out/rank{r}.json.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -66,6 +67,44 @@ def held_whole(backend, p) -> torch.Tensor | None:
         local = p.to_local()
         return local if local.shape[0] == -(-p.shape[0] // fsdp_shard(backend)[1]) else None
     return None
+
+
+def held_bytes(module) -> tuple[int, int]:
+    """(the frozen base's bytes, the trainable state's bytes) this rank holds, as the engine itself sized them:
+    FSDP2's padded shard of each parameter (its FSDPParam's own size), ZeRO-3's partition (plus the whole tensor it
+    keeps of a persistent one), a whole tensor otherwise; every buffer whole. The trainable state is each trained
+    shard four times over (itself, its gradient, AdamW's two moments; not counted under DeepSpeed)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    fsdp = {}
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            group = m._get_fsdp_state()._fsdp_param_group
+            for fp in group.fsdp_params if group is not None else ():
+                fsdp[id(fp.sharded_param)] = math.prod(fp.padded_sharded_param_size)
+    frozen = sum(b.numel() * b.element_size() for b in module.buffers())
+    trained = 0
+    for p in module.parameters():
+        if hasattr(p, "ds_tensor"):
+            held = p.ds_tensor.numel() + (p.ds_numel if getattr(p, "ds_persist", False) else 0)
+            size = p.ds_tensor.element_size()
+        else:
+            held, size = fsdp.get(id(p), p.numel()), p.element_size()
+        if p.requires_grad:
+            trained += held * size * 4
+        else:
+            frozen += held * size
+    return frozen, trained
+
+
+def estimated_bytes(cfg, world: int) -> tuple[int, int | None]:
+    """What ``dist-lora check`` reports for ``cfg`` at ``world`` ranks: the frozen base and the trainable state per
+    rank, from the model built on the meta device."""
+    from dist_lora.check import build_meta_model, frozen_bytes, layout, trainable_state_bytes
+
+    lay = layout(cfg, world)
+    model = build_meta_model(cfg, lay.shards)
+    return frozen_bytes(model, lay), trainable_state_bytes(model, lay)
 
 
 def base_files(base: str) -> set[Path]:
@@ -170,6 +209,7 @@ def main() -> None:
         mismatched, checked, copied, mapped_padded = [], 0, [], []
         files = base_files(base)
         module = backend.model.module if hasattr(backend.model, "module") else backend.model
+        held, estimated = held_bytes(module), estimated_bytes(trainer.cfg, backend.world_size)
         for name, p in module.named_parameters():
             key = canonical_name(name)
             whole = held_whole(backend, p)
@@ -202,6 +242,8 @@ def main() -> None:
             "tied": _tied(module),
             "not_read_ahead": sorted(USED - AHEAD),
             "views_missed": MISSED[:],
+            "held_bytes": held,
+            "estimated_bytes": estimated,
         }
         trainer.checkpointer.release_lease()
         del trainer, reference

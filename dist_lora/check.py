@@ -1,0 +1,316 @@
+"""``dist-lora check``: a run's config tried in one process before a job is queued (no GPU, no process group, no
+weight read).
+
+What a rank does before its first step that a bad setting makes fail is done as the trainer does it: the config and
+its DeepSpeed JSON read, the global batch split over the world size, the base built on the meta device from its
+``config.json`` (the attention kernel set, LoRA applied by PEFT with every name checked, NF4 planned), the tokenizer
+loaded, the data tokenized into this machine's cache (where a job on this machine then finds it) and the run's length
+worked out. Then what each rank will hold of the model as its engine lays it out: the frozen base (FSDP2's row
+chunks, ZeRO-3's partitions, or a whole replica) and the trainable state. Activations and the blocks gathered for
+compute come on top; the trainer logs each step's peak (``peak_memory`` in the metrics).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from dist_lora.config import ConfigError, RunConfig
+
+OPTIMIZER_COPIES = 3  # per trained element besides itself: its gradient and AdamW's exp_avg and exp_avg_sq
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How an engine lays a model out over ``world`` ranks."""
+
+    engine: str  # fsdp, deepspeed, ddp or single
+    world: int
+    shards: int  # the ranks that share each frozen tensor (1: each holds it whole)
+    zero_stage: int | None = None
+    persistence_threshold: int = 0  # ZeRO-3: a tensor of at most this many elements is also kept whole
+    cast: torch.dtype | None = None  # the dtype the engine casts the base to (DeepSpeed's bf16), or None
+
+    def describe(self) -> str:
+        if self.engine == "fsdp":
+            replicas = self.world // self.shards
+            hsdp = f" (HSDP: {replicas} replica groups)" if replicas > 1 else ""
+            return f"FSDP2, each tensor sharded over {self.shards} rank(s){hsdp}"
+        if self.engine == "deepspeed":
+            return f"DeepSpeed ZeRO-{self.zero_stage} over {self.world} rank(s)"
+        return "DDP, a whole replica on each rank" if self.engine == "ddp" else "one process"
+
+
+def layout(cfg: RunConfig, world: int, nproc_per_node: int | None = None) -> Layout:
+    """The engine's layout over ``world`` ranks, refusing what the engine refuses when it starts: the single
+    backend on several ranks, HSDP's replica groups not dividing the world, a DeepSpeed JSON that contradicts
+    dist_lora's config (or, ``parallel.replicate: nodes``, no ``nproc_per_node`` to count the nodes by)."""
+    p, t = cfg.parallel, cfg.train
+    if p.backend == "single" and world > 1:
+        raise ConfigError(
+            f"parallel.backend is single, which trains in one process, and the world size is {world}: set "
+            "parallel.backend to fsdp, deepspeed or ddp"
+        )
+    if p.backend == "fsdp":
+        replicas = p.replicate
+        if replicas == "nodes":
+            if not nproc_per_node:
+                raise ConfigError("parallel.replicate: nodes is one replica group per node: give --nproc-per-node")
+            replicas = world // nproc_per_node
+        if world % int(replicas):
+            raise ConfigError(
+                f"parallel.replicate={replicas} does not divide the world size {world}: use a divisor of it, "
+                "typically the number of nodes"
+            )
+        return Layout("fsdp", world, world // int(replicas))
+    if p.backend == "deepspeed":
+        from dist_lora.backends.deepspeed_config import ds_config
+        from dist_lora.train import grad_accum_steps
+
+        bf16 = p.mixed_precision == "bf16"
+        config = ds_config(
+            zero_stage=p.zero_stage,
+            micro_batch_size=t.micro_batch_size,
+            grad_accum=grad_accum_steps(t, world),
+            bf16=bf16,
+            extra=p.deepspeed_config,
+            max_grad_norm=t.max_grad_norm,
+            world_size=world,
+            adamw=t.adamw(),
+            cpu_offload=p.cpu_offload,
+        )
+        threshold = int(config["zero_optimization"].get("stage3_param_persistence_threshold", 0))
+        stage = p.zero_stage
+        return Layout(
+            "deepspeed", world, world if stage == 3 else 1, stage, threshold, torch.bfloat16 if bf16 else None
+        )
+    return Layout(p.backend, world, 1)
+
+
+def _nf4_bytes(p: Any) -> int:
+    from dist_lora.quantize import INNER_TENSORS
+
+    return sum(math.prod(getattr(p, n).shape) * getattr(p, n).element_size() for n in INNER_TENSORS)
+
+
+def frozen_bytes(model: nn.Module, lay: Layout) -> int:
+    """Bytes of the frozen base (the parameters that do not train, and every buffer) that each rank holds, as the
+    engine allocates them: FSDP2 gives every rank ``ceil(rows / shards)`` rows of each tensor (the last ranks'
+    padded), or an equal slice of each expert of a MoE layer with fewer experts than shards (``shard_dim``);
+    ZeRO-3 a partition of ``ceil(elements / world)`` of each (padded likewise), plus the whole of a tensor under its
+    persistence threshold; the other engines all of it. An NF4 weight counts its 4-bit data and scalers (QLoRA
+    shards only weights whose rows split evenly). Every rank holds the same."""
+    from dist_lora.backends.fsdp import shard_dim
+    from dist_lora.quantize import is_nf4
+
+    total = sum(b.numel() * b.element_size() for b in model.buffers())
+    for p in model.parameters():
+        if p.requires_grad:
+            continue
+        if is_nf4(p):
+            total += _nf4_bytes(p) // lay.shards
+            continue
+        shape = tuple(p.shape) or (1,)
+        if lay.engine == "fsdp" and lay.shards > 1:
+            if shard_dim(shape, lay.shards):
+                held = math.prod(shape) // lay.shards
+            else:
+                held = math.ceil(shape[0] / lay.shards) * math.prod(shape[1:])
+        elif lay.engine == "deepspeed" and lay.zero_stage == 3:
+            held = math.ceil(p.numel() / lay.world) + (p.numel() if p.numel() <= lay.persistence_threshold else 0)
+        else:
+            held = p.numel()
+        size = lay.cast.itemsize if lay.cast is not None and p.is_floating_point() else p.element_size()
+        total += held * size
+    return total
+
+
+def trainable_state_bytes(model: nn.Module, lay: Layout) -> int | None:
+    """Bytes of the trainable parameters, their gradients and AdamW's two moments on each rank: sharded as the
+    base on FSDP2, whole on DDP and a single process. None on DeepSpeed, whose ZeRO stages partition them (with
+    fp32 master copies under bf16) in ways this does not model; the adapter is small beside the base either way."""
+    if lay.engine == "deepspeed":
+        return None
+    total = 0
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        shape = tuple(p.shape) or (1,)
+        held = math.ceil(shape[0] / lay.shards) * math.prod(shape[1:]) if lay.engine == "fsdp" else p.numel()
+        total += held * p.element_size() * (1 + OPTIMIZER_COPIES)
+    return total
+
+
+def gathered_bytes(model: nn.Module, cfg: RunConfig) -> int:
+    """FSDP2 with ``keep_base_gathered``: the frozen base every rank keeps all-gathered after the first forward, in
+    the dtype it computes in (bf16 under ``mixed_precision: bf16``); 0 without it."""
+    from dist_lora.quantize import is_nf4
+
+    if not cfg.parallel.keep_base_gathered:
+        return 0
+    bf16 = cfg.parallel.mixed_precision == "bf16"
+    return sum(
+        _nf4_bytes(p) if is_nf4(p) else p.numel() * (2 if bf16 and p.is_floating_point() else p.element_size())
+        for p in model.parameters()
+        if not p.requires_grad
+    )
+
+
+@dataclass
+class Report:
+    config: str
+    world: int
+    layout: str
+    base: str
+    architecture: str
+    base_parameters: int
+    base_dtype: str
+    lora_layers: int
+    trainable_parameters: int
+    frozen_bytes_per_rank: int
+    trainable_state_bytes_per_rank: int | None
+    grad_accum: int
+    gathered_bytes_per_rank: int = 0  # FSDP2's keep_base_gathered: the whole base, in the compute dtype
+    rows: int | None = None
+    eval_rows: int | None = None
+    max_steps: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def build_meta_model(cfg: RunConfig, shards: int) -> Any:
+    """The model the trainer builds, on the meta device: the base from its config, the attention kernel, the
+    chunked loss, LoRA (PEFT's, every name checked) and, for QLoRA, the NF4 weights planned for ``shards``."""
+    from dist_lora.lora import apply_lora
+    from dist_lora.loss import chunk_the_loss
+    from dist_lora.model import DTYPES, build_on_meta, set_attention
+    from dist_lora.quantize import quantize_base
+
+    m = cfg.model
+    base = build_on_meta(m.name_or_path, DTYPES[m.dtype], revision=m.revision)
+    base.config.use_cache = False
+    set_attention(base, m.attn_implementation)
+    if cfg.train.loss_chunk_tokens:
+        chunk_the_loss(base, cfg.train.loss_chunk_tokens)
+    model = apply_lora(base, cfg.lora, m.name_or_path, m.revision)
+    if m.quantization == "nf4":
+        quantize_base(model, shards, torch.device("cpu"))
+    return model
+
+
+def check_run(
+    cfg: RunConfig, *, world: int, config_name: str = "", nproc_per_node: int | None = None, data: bool = True
+) -> Report:
+    """Try ``cfg`` at ``world`` ranks as the trainer would start it (see the module's doc); raise what the trainer
+    would raise, else report the run's shape and each rank's share of the model. ``data=False`` skips the data
+    (and so the run's length from ``train.epochs``, and the packing check)."""
+    from dist_lora.data import check_packing, prepare_data
+    from dist_lora.lora import _lora_modules
+    from dist_lora.model import load_tokenizer
+    from dist_lora.train import check_seq_len, grad_accum_steps, resolved_model, schedule
+
+    cfg = replace(cfg, model=resolved_model(cfg.model))
+    accum = grad_accum_steps(cfg.train, world)
+    lay = layout(cfg, world, nproc_per_node)
+    m = cfg.model
+    tokenizer = load_tokenizer(m.name_or_path, revision=m.revision)
+    check_seq_len(cfg)
+    rows = eval_rows = None
+    t = cfg.train
+    prepared = None
+    if data:
+        prepared = prepare_data(cfg.data, tokenizer, seed=t.seed)
+        rows, eval_rows = len(prepared), (len(prepared.eval) if prepared.eval is not None else None)
+        t = schedule(t, rows)
+    model = build_meta_model(cfg, lay.shards)
+    if prepared is not None and cfg.data.packing:
+        check_packing(model.get_base_model(), prepared)
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    return Report(
+        config=config_name,
+        world=world,
+        layout=lay.describe(),
+        base=m.name_or_path,
+        architecture=type(model.get_base_model()).__name__,
+        base_parameters=sum(p.numel() for p in frozen),
+        base_dtype=m.dtype if m.quantization == "none" else f"{m.dtype}, linear weights in NF4",
+        lora_layers=sum(1 for _ in _lora_modules(model)),
+        trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        frozen_bytes_per_rank=frozen_bytes(model, lay),
+        trainable_state_bytes_per_rank=trainable_state_bytes(model, lay),
+        grad_accum=accum,
+        gathered_bytes_per_rank=gathered_bytes(model, cfg) if lay.engine == "fsdp" else 0,
+        rows=rows,
+        eval_rows=eval_rows,
+        max_steps=t.max_steps if data or t.epochs is None else None,
+    )
+
+
+def device_bytes(r: Report, cfg: RunConfig) -> int:
+    """What each rank's device holds of the model before any activation: the frozen base, the trainable state and
+    a base kept gathered; with ``parallel.cpu_offload`` the shards and the optimizer state are in host memory
+    instead, and only a base kept gathered counts."""
+    state = r.trainable_state_bytes_per_rank or 0
+    sharded = 0 if cfg.parallel.cpu_offload else r.frozen_bytes_per_rank + state
+    return sharded + r.gathered_bytes_per_rank
+
+
+def check_fits(r: Report, cfg: RunConfig, device_gb: float) -> None:
+    """Refuse a layout whose model state alone exceeds ``device_gb`` (GB, 10^9 bytes) per rank, naming the way out."""
+    need = device_bytes(r, cfg)
+    if need > device_gb * 1e9:
+        ways = ["more ranks to shard over (FSDP2, ZeRO-3)"]
+        if cfg.parallel.keep_base_gathered:
+            ways.insert(0, "parallel.keep_base_gathered: false")
+        if cfg.model.quantization == "none":
+            ways.append("model.quantization: nf4")
+        ways.append("parallel.cpu_offload: true")
+        raise ConfigError(
+            f"the model state alone takes {_size(need)} per rank, more than --device-memory {device_gb:g} GB, before "
+            f"any activation: try {', or '.join(ways)}"
+        )
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.1f} KB"
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n:,}"
+
+
+def describe(r: Report, cfg: RunConfig) -> str:
+    """The report as the command prints it."""
+    t = cfg.train
+    lines = [
+        f"{r.config or 'the config'} at world size {r.world}: nothing refused",
+        f"  base      {r.base}: {r.architecture}, {_count(r.base_parameters)} frozen parameters ({r.base_dtype})",
+        f"  LoRA      {r.lora_layers} adapted layers, {_count(r.trainable_parameters)} trainable parameters",
+        f"  batches   {t.global_batch_size} rows a step: micro batch {t.micro_batch_size} x {r.world} rank(s) x "
+        f"{r.grad_accum} accumulated",
+    ]
+    if r.rows is not None:
+        held_out = f", {r.eval_rows} eval rows" if r.eval_rows is not None else ""
+        lines.append(
+            f"  data      {r.rows} training rows of up to {cfg.data.seq_len} tokens{held_out}; {r.max_steps} steps"
+        )
+    state = r.trainable_state_bytes_per_rank
+    lines += [
+        f"  per rank  {r.layout}",
+        f"            frozen base {_size(r.frozen_bytes_per_rank)}",
+        f"            trainable state {_size(state)} (the adapter, its gradients, AdamW's two moments)"
+        if state is not None
+        else "            trainable state: as its ZeRO stage partitions it",
+    ]
+    if r.gathered_bytes_per_rank:
+        gathered = _size(r.gathered_bytes_per_rank)
+        lines.append(f"            the whole base kept gathered (parallel.keep_base_gathered) {gathered}")
+    if cfg.parallel.cpu_offload:
+        lines.append("            (parallel.cpu_offload: the shards and the optimizer state in host memory)")
+    lines.append(f"{'':12}+ activations and the blocks gathered for compute (each step's peak_memory in the metrics)")
+    return "\n".join(lines)

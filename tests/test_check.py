@@ -1,0 +1,129 @@
+"""dist-lora check: a config tried in one process before a job, as a rank starts it, and each rank's share.
+
+That the per-rank figures equal what FSDP2 and ZeRO-3 allocate on each rank at world sizes 1-4 (and HSDP) is
+checked in tests/test_sharded_load.py, on the engines' own sizes."""
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from dist_lora.check import check_run, layout
+from dist_lora.config import ConfigError, load_config
+from dist_lora.data import prepare_data
+from dist_lora.demo import build_tokenizer, corpus_path
+from dist_lora.lora import AdapterError, apply_lora
+from dist_lora.model import load_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+HSDP_70B = ROOT / "configs" / "llama70b-hsdp.yaml"
+
+
+def tiny(base, tmp_path, *extra):
+    return load_config(TINY, [f"model.name_or_path={base}", f"checkpoint.dir={tmp_path / 'ck'}", *extra])
+
+
+def test_a_single_process_run_is_reported_as_the_trainer_builds_it(gpt2_base, tmp_path):
+    cfg = tiny(gpt2_base, tmp_path, "parallel.backend=single")
+    r = check_run(cfg, world=1)
+    base = AutoModelForCausalLM.from_pretrained(gpt2_base)
+    whole = sum(p.numel() * p.element_size() for p in base.parameters())
+    whole += sum(b.numel() * b.element_size() for b in base.buffers())
+    model = apply_lora(base, cfg.lora)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert r.base_parameters == sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    assert r.trainable_parameters == sum(p.numel() for p in trained)
+    assert r.frozen_bytes_per_rank == whole  # one process holds all of it
+    assert r.trainable_state_bytes_per_rank == 4 * sum(p.numel() * 4 for p in trained)
+    data = prepare_data(cfg.data, load_tokenizer(str(gpt2_base)), seed=0)
+    assert (r.rows, r.eval_rows, r.max_steps, r.grad_accum) == (len(data), None, 40, 4)
+    epochs = check_run(tiny(gpt2_base, tmp_path, "parallel.backend=single", "train.epochs=2"), world=1)
+    assert epochs.max_steps == -(-2 * len(data) // 8)  # the run's length from the data, as the trainer works it out
+
+
+def test_a_70b_base_is_checked_from_its_config_alone(tmp_path):
+    """The shipped multi-node config over Llama-3.1-70B's config.json (no weight file anywhere): 70,553,706,496
+    parameters, as the published model has, in bf16 over 32 ranks of 4 nodes; each rank holds an eighth of the
+    base. Built on the meta device in seconds on a CPU."""
+    d = tmp_path / "llama-70b"
+    LlamaConfig(
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=131072,
+        rope_theta=500000.0,
+        tie_word_embeddings=False,
+        dtype="bfloat16",
+    ).save_pretrained(d)
+    build_tokenizer(corpus_path()).save_pretrained(d)
+    template = ROOT / "configs" / "data" / "chat_template.jinja"
+    cfg = load_config(HSDP_70B, [f"model.name_or_path={d}", f"data.chat_template={template}"])
+    r = check_run(cfg, world=32, nproc_per_node=8, data=False)
+    assert r.base_parameters == 70_553_706_496
+    assert r.layout == "FSDP2, each tensor sharded over 8 rank(s) (HSDP: 4 replica groups)"
+    # every tensor's rows split evenly over 8 ranks: an eighth of the bf16 base, plus the rotary buffers whole
+    # (inv_freq and its original, 64 fp32 values each)
+    assert r.frozen_bytes_per_rank == 70_553_706_496 * 2 // 8 + 2 * 64 * 4
+    assert r.lora_layers == 80 * 7  # all-linear: q, k, v, o, gate, up, down in each block
+    with pytest.raises(ConfigError, match="replica group per node: give --nproc-per-node"):
+        check_run(cfg, world=32, data=False)
+
+
+@pytest.mark.parametrize(
+    ("extra", "world", "error", "message"),
+    [
+        (["parallel.backend=single"], 2, ConfigError, "parallel.backend is single, which trains in one process"),
+        (["parallel.replicate=3"], 4, ConfigError, "parallel.replicate=3 does not divide the world size 4"),
+        ([], 3, ConfigError, "train.global_batch_size=8 is not divisible by train.micro_batch_size=2 x world size 3"),
+        (["lora.target_modules=[c_attn,c_atn]"], 2, AdapterError, r"lora.target_modules \['c_atn'\] matched no"),
+        (["data.seq_len=100000"], 2, ConfigError, "data.seq_len 100000 is longer than the 256 positions"),
+        (
+            ["model.attn_implementation=flash_attention_9"],
+            2,
+            ValueError,
+            "model.attn_implementation='flash_attention_9'",
+        ),
+    ],
+)
+def test_what_a_rank_would_refuse_at_start_is_refused(gpt2_base, tmp_path, extra, world, error, message):
+    with pytest.raises(error, match=message):
+        check_run(tiny(gpt2_base, tmp_path, *extra), world=world)
+
+
+def test_a_deepspeed_json_is_read_as_the_engine_reads_it(gpt2_base, tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4}))
+    extra = ["parallel.backend=deepspeed", f"parallel.deepspeed_config={ds}"]
+    with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu is 4, where dist_lora's config makes it 2"):
+        tiny(gpt2_base, tmp_path, *extra)
+    ds.write_text(json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": 1000}}))
+    lay = layout(tiny(gpt2_base, tmp_path, *extra), 4)
+    assert (lay.shards, lay.persistence_threshold) == (4, 1000)
+
+
+def test_the_command_prints_the_report_and_refuses_what_does_not_fit(gpt2_base, tmp_path):
+    cmd = ["dist-lora", "check", str(TINY), f"model.name_or_path={gpt2_base}", "--world-size", "2"]
+    out = subprocess.run([*cmd, "--json"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["world"] == 2 and report["layout"] == "FSDP2, each tensor sharded over 2 rank(s)"
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    assert out.returncode == 0 and "at world size 2: nothing refused" in out.stdout, out.stderr
+    assert f"frozen base {report['frozen_bytes_per_rank'] / 1e3:.1f} KB" in out.stdout
+    out = subprocess.run([*cmd, "--device-memory", "0.0001"], capture_output=True, text=True)
+    assert out.returncode == 2 and "more than --device-memory 0.0001 GB, before any activation" in out.stderr
+    out = subprocess.run([*cmd[:4], "lora.modules_to_save=[lm_hed]", *cmd[4:]], capture_output=True, text=True)
+    assert out.returncode == 2 and "lora.modules_to_save ['lm_hed'] matched no module" in out.stderr, out.stderr
+
+
+def test_keep_base_gathered_counts_the_whole_base_in_its_compute_dtype(gpt2_base, tmp_path):
+    cfg = tiny(gpt2_base, tmp_path, "parallel.keep_base_gathered=true", "parallel.mixed_precision=bf16")
+    r = check_run(cfg, world=2, data=False)
+    frozen = list(AutoModelForCausalLM.from_pretrained(gpt2_base).parameters())
+    assert r.gathered_bytes_per_rank == 2 * sum(p.numel() for p in frozen)  # in bf16, every rank
