@@ -56,8 +56,8 @@ class Sampling:
 
 
 def _run_data(step_url: str, storage_options: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The step's adapter_config.json and the ``data`` and ``model`` sections of the run that saved it (empty for a
-    step saved by ``save_checkpoint`` from a loop of one's own, which records no run config), verified."""
+    """The step's adapter_config.json and the config of the run that saved it (empty for a step saved by
+    ``save_checkpoint`` from a loop of one's own, which records none), both verified."""
     store = resolve_step(step_url, storage_options)
     manifest = read_manifest(store)
     files = read_verified(store, manifest, [ADAPTER_CONFIG_NAME, TRAINER_STATE_NAME])
@@ -95,11 +95,10 @@ def generate(
     ``form``: how prompts are put to the model, "chat" (a user turn through the chat template) or "text"/"completion"
     (as they are); default: as the run trained (its ``data.format``; "text" for a step that records none).
     ``chat_template``: a template or its file, in place of the run's or the tokenizer's; ``system``: a system turn
-    before each prompt (chat only). ``base``: another base than
-    the one the step names (checked against its fingerprint as any load is). Returns one dict per prompt:
-    ``prompt``, ``input`` (the text the model saw), ``adapter`` (the continuation) and, with ``compare_base``,
-    ``base`` (the continuation with the adapter off). Single process, on the current CUDA device or the CPU, in the
-    run's ``model.dtype``.
+    before each prompt (chat only). ``base``: another base than the one the step names (checked against its
+    fingerprint as any load is). Returns one dict per prompt: ``prompt``, ``input`` (the text the model saw),
+    ``adapter`` (the continuation) and, with ``compare_base``, ``base`` (the continuation with the adapter off).
+    Single process, on the current CUDA device or the CPU, in the run's ``model.dtype``.
     """
     sampling = sampling or Sampling()
     sampling.check()
