@@ -110,7 +110,11 @@ class DataConfig:
     messages list rendered by the chat template; loss on assistant turns)."""
     fields: dict[str, str] = field(default_factory=dict)
     """Your column names for the fields the format reads, e.g. {messages: conversations} or {prompt: question,
-    completion: answer}; default: text | prompt, completion | messages."""
+    completion: answer}; default: text | prompt, completion | messages. chat also reads each message's role and
+    content keys: {messages: conversations, role: from, content: value} is ShareGPT's layout."""
+    roles: dict[str, str] = field(default_factory=dict)
+    """chat: your role names onto the chat template's, e.g. {human: user, gpt: assistant} (ShareGPT's); a role not
+    named is kept. The turns whose role is then assistant are the targets."""
     seq_len: int = 128
     """Tokens per training row."""
     packing: bool = False
@@ -455,6 +459,10 @@ def _validate(cfg: RunConfig, errors: list[str]) -> None:
     check(
         not (d.loss_on_prompt and d.format == "text"),
         "data.loss_on_prompt is for the completion and chat formats: text already trains on every token",
+    )
+    check(
+        not d.roles or d.format == "chat",
+        f"data.roles renames the roles of chat messages, and data.format is {d.format}: drop it or set format: chat",
     )
     check(0.0 <= d.eval_fraction < 1.0, f"data.eval_fraction must be in [0, 1), e.g. 0.05 (got {d.eval_fraction})")
     check(

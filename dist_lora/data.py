@@ -55,6 +55,8 @@ IGNORE = -100
 CACHE_VERSION = 1
 FIELDS = {"text": ("text",), "completion": ("prompt", "completion"), "chat": ("messages",)}
 """The fields each format reads; ``data.fields`` maps them onto a dataset's own column names."""
+MESSAGE_KEYS = ("role", "content")
+"""The keys chat reads in each message; ``data.fields`` maps them too (ShareGPT's ``from`` and ``value``)."""
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 """What a hub dataset id looks like ("name" or "org/name"); any other missing path is a missing local path."""
@@ -250,13 +252,40 @@ class Stats:
 
 
 def _fields(cfg: DataConfig) -> dict[str, str]:
-    unknown = set(cfg.fields) - set(FIELDS[cfg.format])
+    """The format's columns, by the names ``data.fields`` gives them."""
+    readable = (*FIELDS[cfg.format], *(MESSAGE_KEYS if cfg.format == "chat" else ()))
+    unknown = set(cfg.fields) - set(readable)
     if unknown:
         raise DataError(
             f"data.fields names {', '.join(sorted(unknown))}, which format {cfg.format} does not read; it reads "
-            f"{', '.join(FIELDS[cfg.format])}"
+            f"{', '.join(readable)}"
         )
     return {f: cfg.fields.get(f, f) for f in FIELDS[cfg.format]}
+
+
+def _message_keys(cfg: DataConfig) -> tuple[str, str]:
+    """chat: the role and content keys of a message, by the names ``data.fields`` gives them."""
+    return cfg.fields.get("role", "role"), cfg.fields.get("content", "content")
+
+
+def _turns(messages: Any, cfg: DataConfig) -> list[dict[str, str]] | None:
+    """A sample's messages as the chat template takes them (``role``, ``content``; roles renamed by ``data.roles``),
+    or None where they are not a list of string pairs under the message keys."""
+    role, content = _message_keys(cfg)
+    if not isinstance(messages, list) or not all(
+        isinstance(m, dict) and isinstance(m.get(role), str) and isinstance(m.get(content), str) for m in messages
+    ):
+        return None
+    return [{"role": cfg.roles.get(m[role], m[role]), "content": m[content]} for m in messages]
+
+
+def _roles_seen(ds: Any, cfg: DataConfig, limit: int = 200) -> list[str]:
+    """The roles (after ``data.roles``) of the first ``limit`` chat samples, for a message about targets."""
+    field_ = _fields(cfg)["messages"]
+    seen: set[str] = set()
+    for messages in ds.select(range(min(limit, len(ds))))[field_]:
+        seen.update(t["role"] for t in _turns(messages, cfg) or [])
+    return sorted(seen)
 
 
 def _target_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[bool]:
@@ -346,15 +375,14 @@ def _tokenize_fn(cfg: DataConfig, tokenizer: Any) -> Callable[[dict[str, list], 
     def chat(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         texts, spans = [], []
         for i, messages in zip(indices, batch[f["messages"]], strict=True):
-            if not isinstance(messages, list) or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in messages
-            ):
+            turns = _turns(messages, cfg)
+            if turns is None:
+                role, content = _message_keys(cfg)
                 raise DataError(
-                    f"sample {i}: field {f['messages']!r} must be a list of {{role, content}} string pairs (got "
-                    f"{messages!r:.200})"
+                    f"sample {i}: field {f['messages']!r} must be a list of {{{role}, {content}}} string pairs (got "
+                    f"{messages!r:.200}); other keys are mapped with data.fields, e.g. {{role: from, content: value}}"
                 )
-            text, sp = chat_spans(tokenizer, messages)
+            text, sp = chat_spans(tokenizer, turns)
             texts.append(text)
             spans.append(sp)
         return answers(texts, spans)
@@ -494,6 +522,9 @@ def cache_key(cfg: DataConfig, tokenizer: Any, seed: int) -> str:
         "tokenizer": tokenizer_id(tokenizer),
         "format": cfg.format,
         "fields": _fields(cfg),
+        # (absent where chat reads the default keys and roles: earlier caches stay valid)
+        **({"message_keys": _message_keys(cfg)} if cfg.format == "chat" and _message_keys(cfg) != MESSAGE_KEYS else {}),
+        **({"roles": cfg.roles} if cfg.roles else {}),
         "seq_len": cfg.seq_len,
         "packing": cfg.packing,
         "too_long": cfg.too_long,
@@ -501,6 +532,27 @@ def cache_key(cfg: DataConfig, tokenizer: Any, seed: int) -> str:
         **({"weights": cfg.weights, "mix_seed": seed} if cfg.weights else {}),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _left_out(stats: Stats, cfg: DataConfig, ds: Any) -> str:
+    """Why samples gave no row: the counts, and what to change (for chat samples without an assistant turn, the
+    roles they have)."""
+    counts = (
+        f"{stats.samples} samples, {stats.dropped_long} longer than data.seq_len={cfg.seq_len} dropped, "
+        f"{stats.dropped_no_target} without a target"
+    )
+    if cfg.format == "chat" and not cfg.loss_on_prompt and stats.dropped_no_target:
+        roles = _roles_seen(ds, cfg)
+        if "assistant" not in roles:
+            return (
+                f"{counts}; chat trains on the turns whose role is assistant, and the roles found are {roles}: name "
+                "yours with data.roles, e.g. data.roles={gpt: assistant, human: user}"
+            )
+    if cfg.format == "text":
+        return f"{counts}; " + (
+            "packed, a text needs at least 2 tokens" if cfg.packing else "a text corpus needs at least seq_len tokens"
+        )
+    return counts
 
 
 def _tokenize(ds: Dataset, cfg: DataConfig, tokenizer: Any, what: str, key: str, tmp: str) -> tuple[Dataset, Stats]:
@@ -576,25 +628,17 @@ def build_cache(cfg: DataConfig, tokenizer: Any, seed: int, key: str) -> tuple[P
             train, eval_src = parts["train"], parts["test"]
         samples, stats = _tokenize(train, cfg, tokenizer, "train", key, tmp)
         splits = {"train": _rows(samples, cfg, tmp)}
+        stats.rows, stats.targets = len(splits["train"]), int(sum(splits["train"]["n_targets"]))
+        if stats.rows == 0:
+            raise DataError(f"{named(cfg.path)} gives no training row: {_left_out(stats, cfg, train)}")
         if eval_src is not None:
             eval_samples, eval_stats = _tokenize(eval_src, cfg, tokenizer, "eval", key, tmp)
             splits["eval"] = _rows(eval_samples, cfg, tmp)
             stats.extra["eval"] = eval_stats.__dict__
             if len(splits["eval"]) == 0:
                 where = named(cfg.eval_path) if cfg.eval_path else "data.eval_fraction"
-                raise DataError(f"the eval data ({where}) has no usable sample")
-        stats.rows, stats.targets = len(splits["train"]), int(sum(splits["train"]["n_targets"]))
+                raise DataError(f"the eval data ({where}) has no usable sample: {_left_out(eval_stats, cfg, eval_src)}")
         stats.eval_rows = len(splits["eval"]) if "eval" in splits else 0
-        if stats.rows == 0:
-            raise DataError(
-                f"{named(cfg.path)} gives no training row: {stats.samples} samples, {stats.dropped_long} longer than "
-                f"data.seq_len={cfg.seq_len} dropped, {stats.dropped_no_target} without a target; "
-                + (
-                    "packed, a text needs at least 2 tokens"
-                    if cfg.packing
-                    else "a text corpus needs at least seq_len tokens"
-                )
-            )
         out = Path(tmp) / "rows"
         datasets.DatasetDict(splits).save_to_disk(str(out))
         (out / "meta.json").write_text(json.dumps({"key": key, "stats": stats.__dict__}, indent=1))

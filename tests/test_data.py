@@ -51,6 +51,36 @@ def test_chat_targets_are_the_assistant_tokens_of_the_tokenizers_own_mask(gpt2_b
         assert sum(ref["assistant_masks"]) > 0
 
 
+def test_sharegpt_keys_and_roles_give_the_rows_of_the_standard_layout(gpt2_base, tmp_path):
+    """ShareGPT's layout ({conversations: [{from: human|gpt|system, value}]}) read through data.fields (the column
+    and each message's keys) and data.roles gives exactly the rows of the same conversations in the standard one;
+    without data.roles the error names the roles found and the fix; a message without the keys names data.fields."""
+    names = {"user": "human", "assistant": "gpt", "system": "system"}
+    lines = []
+    for line in (DATA / "chat.jsonl").read_text().splitlines():
+        turns = [{"from": names[m["role"]], "value": m["content"]} for m in json.loads(line)["messages"]]
+        lines.append(json.dumps({"conversations": turns}))
+    (tmp_path / "sharegpt.jsonl").write_text("\n".join(lines) + "\n")
+    common = {"format": "chat", "seq_len": 512}
+    standard = all_rows(prepared(tmp_path, gpt2_base, path=str(DATA / "chat.jsonl"), **common).train)
+    fields = {"messages": "conversations", "role": "from", "content": "value"}
+    roles = {"human": "user", "gpt": "assistant"}
+    sharegpt = prepared(
+        tmp_path, gpt2_base, path=str(tmp_path / "sharegpt.jsonl"), fields=fields, roles=roles, **common
+    )
+    assert all_rows(sharegpt.train) == standard
+    with pytest.raises(
+        DataError, match=r"the roles found are \['gpt', 'human', 'system'\]: name yours with data.roles"
+    ):
+        prepared(tmp_path, gpt2_base, path=str(tmp_path / "sharegpt.jsonl"), fields=fields, **common)
+    with pytest.raises(DataError, match=r"list of \{role, content\} string pairs .*mapped with data.fields"):
+        prepared(
+            tmp_path, gpt2_base, path=str(tmp_path / "sharegpt.jsonl"), fields={"messages": "conversations"}, **common
+        )
+    with pytest.raises(ConfigError, match="data.roles renames the roles of chat messages, and data.format is text"):
+        load_config(str(ROOT / "configs" / "tiny.yaml"), ["data.roles={human: user}", "model.name_or_path=x"])
+
+
 def test_completion_targets_are_the_completion_tokens(gpt2_base, tmp_path):
     """Reference: prompt and completion tokenized apart; labels are the completion's tokens and the EOS."""
     tok = tokenizer_of(gpt2_base)
