@@ -178,9 +178,38 @@ class Report:
     rows: int | None = None
     eval_rows: int | None = None
     max_steps: int | None = None
+    resume: dict[str, Any] | None = None  # the step checkpoint.resume loads (url, step, backend, world_size)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def check_resume(cfg: RunConfig, model: Any) -> dict[str, Any] | None:
+    """What ``checkpoint.resume`` will load, checked as a resume checks it before any tensor moves: the step read
+    and every file's sha256 verified, then its adapter and AdamW state against the model's (keys, shapes, bias
+    mode, LoRA scaling, the base's fingerprint) and no committed step of ``checkpoint.dir`` after it (another
+    run's). None for a fresh run ("none", or "auto" over a dir without a committed step). Nothing is written: no
+    lease is taken."""
+    from dist_lora.api import _check_step_fits, _read
+    from dist_lora.backends import attach
+    from dist_lora.checkpoint import CheckpointError, check_no_newer_steps
+    from dist_lora.storage import Storage
+
+    ck = cfg.checkpoint
+    if ck.resume in (None, "", "none"):
+        return None
+    auto = ck.resume == "auto"
+    loaded = _read(ck.dir if auto else str(ck.resume), ck.storage_options, None)
+    if loaded is None:
+        if auto:
+            return None
+        raise CheckpointError(f"no committed, verified step under {ck.resume}")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], **cfg.train.adamw())
+    _check_step_fits(loaded, attach(model, optimizer, cfg.lora.bias), with_optimizer=True)
+    step = int(loaded.trainer_state.get("step", 0))
+    check_no_newer_steps(Storage(ck.dir, ck.storage_options), step)
+    state = loaded.trainer_state
+    return {"url": loaded.url, "step": step, "backend": state.get("backend"), "world_size": state.get("world_size")}
 
 
 def build_meta_model(cfg: RunConfig, shards: int) -> Any:
@@ -230,6 +259,7 @@ def check_run(
     model = build_meta_model(cfg, lay.shards)
     if prepared is not None and cfg.data.packing:
         check_packing(model.get_base_model(), prepared)
+    resume = check_resume(cfg, model)
     frozen = [p for p in model.parameters() if not p.requires_grad]
     return Report(
         config=config_name,
@@ -248,6 +278,7 @@ def check_run(
         rows=rows,
         eval_rows=eval_rows,
         max_steps=t.max_steps if data or t.epochs is None else None,
+        resume=resume,
     )
 
 
@@ -299,6 +330,12 @@ def describe(r: Report, cfg: RunConfig) -> str:
         lines.append(
             f"  data      {r.rows} training rows of up to {cfg.data.seq_len} tokens{held_out}; {r.max_steps} steps"
         )
+    if r.resume is not None:
+        saved = f"saved by {r.resume['backend']} at world size {r.resume['world_size']}"
+        step, url = r.resume["step"], r.resume["url"]
+        lines.append(f"  resume    step {step}, {url} ({saved}): its adapter and AdamW state fit")
+    elif cfg.checkpoint.resume not in (None, "", "none"):
+        lines.append(f"  resume    nothing committed in {cfg.checkpoint.dir} yet: a fresh run")
     state = r.trainable_state_bytes_per_rank
     lines += [
         f"  per rank  {r.layout}",

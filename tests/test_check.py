@@ -122,6 +122,28 @@ def test_the_command_prints_the_report_and_refuses_what_does_not_fit(gpt2_base, 
     assert out.returncode == 2 and "lora.modules_to_save ['lm_hed'] matched no module" in out.stderr, out.stderr
 
 
+def test_the_step_a_resume_would_load_is_read_and_checked_against_the_model(gpt2_base, tmp_path):
+    """checkpoint.resume as the trainer resolves it (auto: the dir's newest verified step), read, verified and
+    checked against the model and AdamW as a resume checks it, before any job: a fresh dir is a fresh run; a
+    changed lora.r is refused naming the shapes; a step URL that is not there is an error; nothing is written."""
+    from dist_lora.checkpoint import CheckpointError
+    from dist_lora.train import train
+
+    single = ["parallel.backend=single", "train.max_steps=2", "checkpoint.every_steps=2"]
+    assert check_run(tiny(gpt2_base, tmp_path, *single), world=1, data=False).resume is None  # nothing there yet
+    train(tiny(gpt2_base, tmp_path, *single))
+    before = sorted(p.name for p in (tmp_path / "ck").iterdir())
+    r = check_run(tiny(gpt2_base, tmp_path, "parallel.backend=fsdp", "train.max_steps=4"), world=2, data=False)
+    assert r.resume == {"url": str(tmp_path / "ck" / "step-00000002"), "step": 2, "backend": "single", "world_size": 1}
+    with pytest.raises(AdapterError, match=r"shape mismatch: .*c_attn.lora_A.weight: checkpoint \[8, 64\], model"):
+        check_run(tiny(gpt2_base, tmp_path, "lora.r=4"), world=1, data=False)
+    with pytest.raises(CheckpointError, match="step-00000009"):
+        check_run(
+            tiny(gpt2_base, tmp_path, f"checkpoint.resume={tmp_path / 'ck' / 'step-00000009'}"), world=1, data=False
+        )
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == before
+
+
 def test_keep_base_gathered_counts_the_whole_base_in_its_compute_dtype(gpt2_base, tmp_path):
     cfg = tiny(gpt2_base, tmp_path, "parallel.keep_base_gathered=true", "parallel.mixed_precision=bf16")
     r = check_run(cfg, world=2, data=False)
