@@ -7,7 +7,7 @@ its DeepSpeed JSON read, the global batch split over the world size, the base bu
 loaded, the data tokenized into this machine's cache (where a job on this machine then finds it) and the run's length
 worked out. Then what each rank will hold of the model as its engine lays it out: the frozen base (FSDP2's row
 chunks, ZeRO-3's partitions, or a whole replica) and the trainable state. Activations and the blocks gathered for
-compute come on top; the trainer logs each step's peak (``peak_memory`` in the metrics).
+compute come on top; the trainer logs each step's peak (``peak_memory_gib`` in the metrics).
 """
 
 from __future__ import annotations
@@ -349,5 +349,5 @@ def describe(r: Report, cfg: RunConfig) -> str:
         lines.append(f"            the whole base kept gathered (parallel.keep_base_gathered) {gathered}")
     if cfg.parallel.cpu_offload:
         lines.append("            (parallel.cpu_offload: the shards and the optimizer state in host memory)")
-    lines.append(f"{'':12}+ activations and the blocks gathered for compute (each step's peak_memory in the metrics)")
+    lines.append(f"{'':12}+ activations and the blocks gathered for compute (the metrics' peak_memory_gib)")
     return "\n".join(lines)
