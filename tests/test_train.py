@@ -423,8 +423,8 @@ def test_lora_on_experts_without_activation_checkpointing_warns(mixtral_base, tm
     forward): a run without activation checkpointing is told so and how to avoid it; with it, nothing is said."""
     from dist_lora.train import Trainer
 
-    experts = "lora.target_parameters=[mlp.experts.gate_up_proj,mlp.experts.down_proj]"
-    cfg = single_run(mixtral_base, tmp_path / "ckpt", experts, f"train.activation_checkpointing={checkpointing}")
+    experts = ["lora.target_modules=[]", "lora.target_parameters=[mlp.experts.gate_up_proj,mlp.experts.down_proj]"]
+    cfg = single_run(mixtral_base, tmp_path / "ckpt", *experts, f"train.activation_checkpointing={checkpointing}")
     with caplog.at_level(logging.WARNING, logger="dist_lora.train"):
         trainer = Trainer(cfg)
     trainer.close()
