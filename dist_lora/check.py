@@ -50,6 +50,10 @@ def layout(cfg: RunConfig, world: int, nproc_per_node: int | None = None) -> Lay
     backend on several ranks, HSDP's replica groups not dividing the world, a DeepSpeed JSON that contradicts
     dist_lora's config (or, ``parallel.replicate: nodes``, no ``nproc_per_node`` to count the nodes by)."""
     p, t = cfg.parallel, cfg.train
+    if world < 1 or (nproc_per_node is not None and (nproc_per_node < 1 or world % nproc_per_node)):
+        raise ConfigError(
+            f"--world-size {world} must be at least 1 and a whole number of nodes of --nproc-per-node {nproc_per_node}"
+        )
     if p.backend == "single" and world > 1:
         raise ConfigError(
             f"parallel.backend is single, which trains in one process, and the world size is {world}: set "

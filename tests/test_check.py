@@ -63,7 +63,8 @@ def test_a_70b_base_is_checked_from_its_config_alone(tmp_path):
     ).save_pretrained(d)
     build_tokenizer(corpus_path()).save_pretrained(d)
     template = ROOT / "configs" / "data" / "chat_template.jinja"
-    cfg = load_config(HSDP_70B, [f"model.name_or_path={d}", f"data.chat_template={template}"])
+    overrides = [f"model.name_or_path={d}", f"data.chat_template={template}", f"checkpoint.dir={tmp_path / 'ck'}"]
+    cfg = load_config(HSDP_70B, overrides)
     r = check_run(cfg, world=32, nproc_per_node=8, data=False)
     assert r.base_parameters == 70_553_706_496
     assert r.layout == "FSDP2, each tensor sharded over 8 rank(s) (HSDP: 4 replica groups)"
@@ -73,6 +74,8 @@ def test_a_70b_base_is_checked_from_its_config_alone(tmp_path):
     assert r.lora_layers == 80 * 7  # all-linear: q, k, v, o, gate, up, down in each block
     with pytest.raises(ConfigError, match="replica group per node: give --nproc-per-node"):
         check_run(cfg, world=32, data=False)
+    with pytest.raises(ConfigError, match="--world-size 12 must be at least 1 and a whole number of nodes of"):
+        check_run(cfg, world=12, nproc_per_node=8, data=False)
 
 
 @pytest.mark.parametrize(
