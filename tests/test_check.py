@@ -5,12 +5,14 @@ checked in tests/test_sharded_load.py, on the engines' own sizes."""
 
 import json
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from dist_lora.check import check_run, layout
+from dist_lora.check import check_run, describe, layout
 from dist_lora.config import ConfigError, load_config
 from dist_lora.data import prepare_data
 from dist_lora.demo import build_tokenizer, corpus_path
@@ -145,6 +147,27 @@ def test_the_step_a_resume_would_load_is_read_and_checked_against_the_model(gpt2
             tiny(gpt2_base, tmp_path, f"checkpoint.resume={tmp_path / 'ck' / 'step-00000009'}"), world=1, data=False
         )
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == before
+
+
+def test_a_resume_from_s3_is_checked_there(gpt2_base, s3, tmp_path):
+    """The checkpoint dir on the real S3 server (a 70B run's usual place): its newest step read, verified and
+    checked from the login node, as the job's resume would."""
+    import dist_lora
+
+    url, options = s3
+    cfg = tiny(gpt2_base, tmp_path, f"checkpoint.dir={url}")
+    cfg = replace(cfg, checkpoint=replace(cfg.checkpoint, storage_options=options))
+    model = apply_lora(AutoModelForCausalLM.from_pretrained(gpt2_base), cfg.lora)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], **cfg.train.adamw())
+    x = torch.arange(16).view(2, 8)
+    model(input_ids=x, labels=x).loss.backward()
+    optimizer.step()
+    step = dist_lora.save_checkpoint(model, url, step=3, optimizer=optimizer, storage_options=options)
+    r = check_run(cfg, world=2, data=False)
+    assert r.resume is not None and (r.resume["url"], r.resume["step"]) == (step, 3)
+    assert f"resume    step 3, {step} (saved by single at world size 1): its adapter and AdamW state fit" in describe(
+        r, cfg
+    )
 
 
 def test_keep_base_gathered_counts_the_whole_base_in_its_compute_dtype(gpt2_base, tmp_path):
