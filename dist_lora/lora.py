@@ -367,6 +367,9 @@ def apply_lora(
     from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
 
     name = base_model_name_or_path or getattr(getattr(model, "config", None), "name_or_path", None)
+    past = _token_rows_past_the_table(model, cfg)
+    if past:
+        raise AdapterError(f"lora.trainable_token_indices: {past}: give ids below each table's size")
     try:
         # PEFT reads the trainable token rows of a ZeRO-3 embedding on CUDA only; this reads them on any device
         with mock.patch.object(TrainableTokensLayer, "_collect_token_weights", _collect_token_rows):
@@ -407,6 +410,25 @@ def _layer_names(model: nn.Module, limit: int = 20) -> list[str]:
     return sorted(names)[:limit]
 
 
+def _token_rows_past_the_table(model: Any, cfg: LoraConfig) -> str | None:
+    """The token ids of ``trainable_token_indices`` that a table does not have (PEFT would fail with an
+    IndexError), named with the table's size; None when every id is a row."""
+    indices = cfg.trainable_token_indices
+    if not indices:
+        return None
+    tables: list[tuple[str, Any, list[int]]]
+    if isinstance(indices, dict):
+        tables = [(n, m, ids) for n, m in model.named_modules() for key, ids in indices.items() if n.endswith(key)]
+    else:
+        tables = [("the input embedding", model.get_input_embeddings(), indices)]
+    for name, table, ids in tables:
+        rows = getattr(table, "num_embeddings", None)
+        past = [i for i in ids if rows is not None and not 0 <= i < rows]
+        if past:
+            return f"ids {past} are past the {rows} rows of {name}"
+    return None
+
+
 def _unmatched_names(cfg: LoraConfig, peft_model: Any) -> list[str]:
     """What of the ``lora:`` block PEFT applied to nothing: entries of ``target_modules`` (a list) it put LoRA on no
     module for, indices of ``layers_to_transform`` it adapted nothing in, entries of ``exclude_modules`` that name
@@ -431,6 +453,11 @@ def _unmatched_names(cfg: LoraConfig, peft_model: Any) -> list[str]:
         layers = [i for i in cfg.layers_to_transform if i not in met]
         if layers:
             problems.append(f"lora.layers_to_transform {layers} adapted no layer of lora.target_modules")
+    for what, pattern in (("lora.rank_pattern", cfg.rank_pattern), ("lora.alpha_pattern", cfg.alpha_pattern)):
+        # PEFT's own match (a key is a regex over the module's name, anchored at a dot); it only warns
+        keys = [k for k in pattern or {} if not any(re.match(rf"(.*\.)?({k})$", n) for n in targeted)]
+        if keys:
+            problems.append(f"{what} {keys} matched no adapted module")
     if cfg.exclude_modules:  # a mistyped exclusion would leave LoRA on what it meant to keep out
         names = [n for n, _ in peft_model.named_modules()]
         missing = [e for e in cfg.exclude_modules if not any(n.endswith("." + e) for n in names)]

@@ -212,6 +212,8 @@ def test_streaming_merge_of_lora_on_experts_either_way_round(arch, tmp_path):
             r"\['v_proj'\] matched no module \(within lora.exclude_modules\)",
         ),
         ({"target_modules": ["q_proj"], "exclude_modules": ["k_prj"]}, r"lora.exclude_modules \['k_prj'\] matched no"),
+        ({"target_modules": ["q_proj"], "rank_pattern": {"q_prj": 2}}, r"lora.rank_pattern \['q_prj'\] matched no"),
+        ({"target_modules": ["q_proj"], "alpha_pattern": {"v_proj": 2}}, r"lora.alpha_pattern \['v_proj'\] matched no"),
         ({"target_modules": ["q_proj"], "layers_to_transform": [1, 2]}, r"layers_to_transform \[2\] adapted no layer"),
         (
             {"target_modules": ["q_proj"], "modules_to_save": ["lm_hed"]},
@@ -221,8 +223,9 @@ def test_streaming_merge_of_lora_on_experts_either_way_round(arch, tmp_path):
 )
 def test_a_name_that_matches_nothing_is_refused_not_passed_over(llama_base, lora, message):
     """PEFT raises only when no name matches at all: one mistyped entry of a list would train the others alone, a
-    layer index past the model's (the tests' Llama has 2) nothing, a mistyped exclusion would keep nothing out and a
-    mistyped modules_to_save copy nothing, silently.
+    layer index past the model's (the tests' Llama has 2) nothing, a mistyped exclusion would keep nothing out, a
+    mistyped modules_to_save copy nothing and a rank or alpha pattern change nothing, silently (PEFT warns of the
+    last two).
     The error names the entry and the model's layer names."""
     from transformers import AutoModelForCausalLM
 
@@ -236,6 +239,14 @@ def test_a_name_that_matches_nothing_is_refused_not_passed_over(llama_base, lora
         {"target_modules": "all-linear", "modules_to_save": ["lm_head"]},
     ):
         apply_lora(AutoModelForCausalLM.from_pretrained(llama_base), LoraConfig(r=4, alpha=8, **fine))
+
+
+def test_a_token_id_past_the_embedding_is_named_not_an_index_error(llama_base):
+    from transformers import AutoModelForCausalLM
+
+    lora = LoraConfig(r=4, alpha=8, target_modules=["q_proj"], trainable_token_indices={"embed_tokens": [1, 5000]})
+    with pytest.raises(AdapterError, match=r"ids \[5000\] are past the 512 rows of model.embed_tokens"):
+        apply_lora(AutoModelForCausalLM.from_pretrained(llama_base), lora)
 
 
 def test_a_trainable_tensor_outside_peft_is_still_refused(llama_base):
