@@ -348,7 +348,13 @@ def load_model(
     model = load_base(resolve_model_path(base, what), dtype, what, revision=saved_revision(adapter_config, base))
     adapter_config["inference_mode"] = False
     config = peft.PeftConfig.from_peft_type(**adapter_config)
-    model = peft.get_peft_model(model, config)
+    try:
+        model = peft.get_peft_model(model, config)
+    except ValueError as e:  # (PEFT: no module of the base matches the adapter's targets)
+        raise AdapterError(
+            f"{step_store.url} was trained over another model than {base} ({what}): {str(e).rstrip('.')}; load it "
+            "over its own base"
+        ) from e
     mark_only_lora_as_trainable(model, manifest["bias"])
     load_checkpoint(model, step_store.url, storage_options=storage_options)
     if not is_trainable:

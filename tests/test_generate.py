@@ -12,6 +12,7 @@ import dist_lora
 from dist_lora.checkpoint import CheckpointError
 from dist_lora.config import LoraConfig
 from dist_lora.generate import Sampling, generate
+from dist_lora.lora import AdapterError
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "configs" / "data" / "chat_template.jinja"
 
@@ -95,8 +96,10 @@ def test_a_chat_run_is_asked_through_its_template(gpt2_base, tmp_path):
         generate(step, ["x"], chat_template="")  # the tiny tokenizer has none of its own
 
 
-def test_bad_settings_are_refused_naming_them(gpt2_base, tmp_path):
+def test_bad_settings_are_refused_naming_them(gpt2_base, llama_base, tmp_path):
     step = saved_step(gpt2_base, tmp_path / "ck")
+    with pytest.raises(AdapterError, match=f"was trained over another model than {llama_base}"):
+        generate(step, ["x"], base=str(llama_base))  # (PEFT finds none of its targets there)
     for sampling, message in (
         (Sampling(max_new_tokens=0), "max_new_tokens must be at least 1"),
         (Sampling(temperature=-1), "temperature must be >= 0"),
