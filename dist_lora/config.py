@@ -98,9 +98,10 @@ class LoraConfig:
 @dataclass
 class DataConfig:
     path: str | list[str] = ""
-    """Training data: a local .jsonl/.json/.parquet/.csv/.txt file (a .txt file is one document), a directory
-    written by Dataset.save_to_disk, or a hub dataset id (read with Hugging Face datasets); or a list of them,
-    whose samples are trained on together (the same fields in each)."""
+    """Training data: a local .jsonl/.json/.parquet/.csv/.txt file (a .txt file is one document), shards of one
+    kind (a glob pattern such as data/train-*.jsonl, or a directory of data files), a directory written by
+    Dataset.save_to_disk, or a hub dataset id (read with Hugging Face datasets); or a list of them, whose samples
+    are trained on together (the same fields in each)."""
     weights: list[float] | None = None
     """With several sources in path: how often each is drawn (normalized), mixed by the seed until every source has
     been seen whole, the smaller ones repeated (datasets' interleave_datasets, all_exhausted); null: each source

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import glob
 import hashlib
 import json
 import logging
@@ -95,29 +96,57 @@ def _is_saved_dataset(p: Path) -> bool:
     return (p / "dataset_dict.json").is_file() or (p / "state.json").is_file()
 
 
+def data_files(path: str) -> list[Path] | None:
+    """The files a source names, in order: one data file; every file a glob pattern matches (``data/train-*.jsonl``,
+    ``**`` for subdirectories); every data file of a directory that ``save_to_disk`` did not write (its shards). None
+    for a ``save_to_disk`` directory or a hub id. The files are of one kind (one ``datasets`` builder)."""
+    p = Path(path)
+    if p.is_file():
+        files = [p]
+    elif any(c in path for c in "*?["):
+        files = sorted(Path(f) for f in glob.glob(path, recursive=True) if Path(f).is_file())
+        if not files:
+            raise DataError(f"data.path {path} matches no file")
+    elif p.is_dir() and not _is_saved_dataset(p):
+        files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in FILE_BUILDERS)
+        if not files:
+            raise DataError(
+                f"data.path {path} is a directory that holds no data file ({', '.join(FILE_BUILDERS)}) and was not "
+                "written by Dataset.save_to_disk (no state.json or dataset_dict.json)"
+            )
+    else:
+        return None
+    kinds = sorted({f.suffix.lower() for f in files})
+    if len(kinds) > 1:
+        raise DataError(
+            f"data.path {path} holds files of several kinds ({', '.join(kinds)}): give each kind as a source of its "
+            "own in a list"
+        )
+    if kinds[0] not in FILE_BUILDERS:
+        raise DataError(f"data.path {path}: unknown file type {kinds[0]!r}; use one of {', '.join(FILE_BUILDERS)}")
+    return files
+
+
 def load_source(path: str, *, name: str | None = None, split: str = "train", cache_dir: str | None = None) -> Dataset:
-    """A local file (.jsonl .json .parquet .csv .txt), a directory written by ``save_to_disk``, or a hub dataset
-    id (with ``name`` and ``split``), as one ``datasets.Dataset``. A .txt file is one document."""
+    """A local file (.jsonl .json .parquet .csv .txt), the files of one kind a glob pattern or a directory holds
+    (:func:`data_files`, read in order as one dataset), a directory written by ``save_to_disk``, or a hub dataset id
+    (with ``name`` and ``split``), as one ``datasets.Dataset``. A .txt file is one document."""
     import datasets
 
     p = Path(path)
-    if p.is_file():
-        builder = FILE_BUILDERS.get(p.suffix.lower())
-        if builder is None:
-            raise DataError(f"data.path {path}: unknown file type {p.suffix!r}; use one of {', '.join(FILE_BUILDERS)}")
+    files = data_files(path)
+    if files is not None:
+        builder = FILE_BUILDERS[files[0].suffix.lower()]
         kwargs: dict[str, Any] = {"sample_by": "document"} if builder == "text" else {}
         try:
-            return datasets.load_dataset(builder, data_files=str(p), split="train", cache_dir=cache_dir, **kwargs)
+            return datasets.load_dataset(
+                builder, data_files=[str(f) for f in files], split="train", cache_dir=cache_dir, **kwargs
+            )
         except Exception as e:
             cause = e.__cause__ or e.__context__  # datasets wraps the parser's error, which says where
             why = f"{type(e).__name__}: {e}" + (f" ({type(cause).__name__}: {cause})" if cause else "")
             raise DataError(f"data.path {path} cannot be read as {builder}: {why}") from e
     if p.is_dir():
-        if not _is_saved_dataset(p):
-            raise DataError(
-                f"data.path {path} is a directory but not one written by Dataset.save_to_disk (no state.json or "
-                "dataset_dict.json); pass a data file, or save the dataset with save_to_disk"
-            )
         loaded = datasets.load_from_disk(str(p))
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:
@@ -210,8 +239,9 @@ def _hash_files(paths: list[Path]) -> str:
 def source_id(path: str, name: str | None, split: str, cache_dir: str | None) -> str:
     """What identifies the data: the bytes of a local file or saved directory; a hub dataset's fingerprint."""
     p = Path(path)
-    if p.is_file():
-        return "file:" + _hash_files([p])
+    files = data_files(path)
+    if files is not None:
+        return ("file:" if p.is_file() else "files:") + _hash_files(files)
     if p.is_dir():
         return f"dir:{split}:" + _hash_files([f for f in p.rglob("*") if f.is_file()])
     return "hub:" + load_source(path, name=name, split=split, cache_dir=cache_dir)._fingerprint

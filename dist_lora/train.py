@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import glob
 import logging
 import math
 import os
@@ -70,9 +71,9 @@ def _local_abs(path: str) -> str: ...
 @overload
 def _local_abs(path: str | None) -> str | None: ...
 def _local_abs(path: str | None) -> str | None:
-    """An existing local path made absolute (the config saved with each step works from anywhere); anything else
-    (a hub id, a Jinja template, None) unchanged."""
-    return os.path.abspath(path) if path and os.path.exists(path) else path
+    """An existing local path, or a glob pattern that matches local files, made absolute (the config saved with each
+    step works from anywhere); anything else (a hub id, a Jinja template, None) unchanged."""
+    return os.path.abspath(path) if path and (os.path.exists(path) or glob.glob(path, recursive=True)) else path
 
 
 @overload

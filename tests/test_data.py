@@ -224,6 +224,39 @@ def test_several_sources_give_the_rows_of_one_that_holds_them_all(gpt2_base, tmp
         prepared(tmp_path, gpt2_base, path=[sources[0], str(tmp_path / "lists.jsonl")], **common)
 
 
+def test_shards_by_glob_or_directory_give_the_rows_of_one_file(gpt2_base, tmp_path):
+    """A glob pattern (``shards/train-*.jsonl``) or a directory of data files that save_to_disk did not write is one
+    source: its files in name order give the rows of one file holding them all; a changed shard is another cache
+    key; no match, mixed kinds and an empty directory are named."""
+    import datasets
+
+    from dist_lora.data import cache_key
+
+    src = datasets.load_dataset("json", data_files=str(DATA / "completion.jsonl"), split="train")
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for k, start in enumerate(range(0, len(src), 25)):
+        src.select(range(start, min(start + 25, len(src)))).to_json(str(shards / f"train-{k:05d}.jsonl"))
+    common = {"format": "completion", "seq_len": 64}
+    whole = all_rows(prepared(tmp_path, gpt2_base, path=str(DATA / "completion.jsonl"), **common).train)
+    for path in (str(shards / "train-*.jsonl"), str(shards)):
+        assert all_rows(prepared(tmp_path, gpt2_base, path=path, **common).train) == whole, path
+    cfg = DataConfig(path=str(shards / "*.jsonl"), cache_dir=str(tmp_path / "cache"), **common)
+    before = cache_key(cfg, tokenizer_of(gpt2_base), 0)
+    with (shards / "train-00001.jsonl").open("a") as f:
+        f.write(json.dumps({"prompt": "p", "completion": " c"}) + "\n")
+    assert cache_key(cfg, tokenizer_of(gpt2_base), 0) != before
+
+    with pytest.raises(DataError, match=r"data.path .*train-\*.parquet matches no file"):
+        prepared(tmp_path, gpt2_base, path=str(shards / "train-*.parquet"), **common)
+    src.to_parquet(str(shards / "more.parquet"))
+    with pytest.raises(DataError, match=r"holds files of several kinds \(.jsonl, .parquet\): give each kind as a"):
+        prepared(tmp_path, gpt2_base, path=str(shards), **common)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="is a directory that holds no data file"):
+        prepared(tmp_path, gpt2_base, path=str(tmp_path / "empty"), **common)
+
+
 def test_weighted_sources_are_drawn_in_their_proportions_by_the_seed(gpt2_base, tmp_path):
     """data.weights [3, 1] over a source of 10 samples and one of 40: drawn about 3 to 1 until both were seen
     whole (the small one repeated), the same mix for a seed and another for another; trained on end to end; a
