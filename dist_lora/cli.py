@@ -146,12 +146,15 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from dist_lora.generate import Sampling, generate
+    from dist_lora.generate import Sampling, generate, read_prompts
 
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        prompts += read_prompts(args.prompts_file)
     results = generate(
         args.url,
-        args.prompt,
+        prompts,
         base=args.base,
         form=args.format,
         chat_template=args.chat_template,
@@ -245,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="answer prompts with a step's adapter over its base (greedy by default)")
     p.add_argument("url", help="a step, or a checkpoint dir (its newest verified step)")
-    p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
+    p.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
+    p.add_argument("--prompts-file", help='prompts, one a line: plain text, or JSON lines with a "prompt" field')
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the default); above 0: sampled")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling, with --temperature above 0")

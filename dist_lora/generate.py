@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -65,6 +66,25 @@ def _run_data(step_url: str, storage_options: dict[str, Any] | None) -> tuple[di
     return json.loads(files[ADAPTER_CONFIG_NAME]), config
 
 
+def read_prompts(path: str) -> list[str]:
+    """The prompts of a file, one a line (blank lines skipped): a .jsonl file's lines are JSON objects whose
+    ``prompt`` field is the prompt; any other file's lines are prompts as they are."""
+    lines = [(n, line) for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
+    if not path.endswith(".jsonl"):
+        return [line for _, line in lines]
+    prompts = []
+    for n, line in lines:
+        try:
+            prompt = json.loads(line)["prompt"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            why = f"{type(e).__name__}: {e}"
+            raise ValueError(f'{path}, line {n}: not a JSON object with a "prompt" field ({why})') from e
+        if not isinstance(prompt, str):
+            raise ValueError(f'{path}, line {n}: "prompt" is {type(prompt).__name__}, not a string')
+        prompts.append(prompt)
+    return prompts
+
+
 def _render(tokenizer: Any, prompt: str, form: str, system: str | None) -> str:
     if form != "chat":
         return prompt
@@ -103,7 +123,7 @@ def generate(
     sampling = sampling or Sampling()
     sampling.check()
     if not prompts or any(not isinstance(p, str) or not p for p in prompts):
-        raise ValueError("give at least one prompt, and no empty one (--prompt TEXT)")
+        raise ValueError("give at least one prompt, and no empty one (--prompt TEXT, or --prompts-file FILE)")
     if form is not None and form not in FORMATS:
         raise ValueError(f"--format must be one of {', '.join(FORMATS)} (got {form!r})")
     step_url = str(resolve_step(step_or_dir, storage_options).url)

@@ -125,3 +125,17 @@ def test_the_command_prints_the_answers(gpt2_base, tmp_path):
     assert out.stdout.startswith(f"### prompt\nThe\n### with the adapter\n{want[0]['adapter']}\n### prompt\nA\n")
     out = subprocess.run([*cmd, "--temperature", "-1"], capture_output=True, text=True)
     assert out.returncode == 2 and "error: temperature must be >= 0" in out.stderr, out.stderr
+
+    # the same prompts from a file: plain lines, or JSON lines with a "prompt" field (blank lines skipped)
+    (tmp_path / "prompts.txt").write_text("The\n\nA\n")
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "The"}\n{"prompt": "A", "id": 7}\n')
+    for name in ("prompts.txt", "prompts.jsonl"):
+        from_file = [step, "--prompts-file", str(tmp_path / name), "--max-new-tokens", "4", "--json"]
+        out = subprocess.run(["dist-lora", "generate", *from_file], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        assert [json.loads(line)["adapter"] for line in out.stdout.splitlines()] == [r["adapter"] for r in want]
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "The"}\n{"text": "A"}\n')
+    out = subprocess.run(
+        ["dist-lora", "generate", step, "--prompts-file", str(tmp_path / "bad.jsonl")], capture_output=True, text=True
+    )
+    assert out.returncode == 2 and 'bad.jsonl, line 2: not a JSON object with a "prompt" field' in out.stderr
