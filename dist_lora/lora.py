@@ -431,10 +431,11 @@ def _token_rows_past_the_table(model: Any, cfg: LoraConfig) -> str | None:
 
 def _unmatched_names(cfg: LoraConfig, peft_model: Any) -> list[str]:
     """What of the ``lora:`` block PEFT applied to nothing: entries of ``target_modules`` (a list) it put LoRA on no
-    module for, indices of ``layers_to_transform`` it adapted nothing in, entries of ``exclude_modules`` that name
-    no module, entries of ``modules_to_save`` it copied no module for; each name matched as PEFT matches it (a
-    module's name or its end: after a dot, but anywhere for modules_to_save). PEFT raises only when nothing at all
-    matches, so ``[q_proj, v_prj]`` would train q_proj alone and ``modules_to_save: [lm_hed]`` no head, silently."""
+    module for, indices of ``layers_to_transform`` it adapted nothing in, keys of ``rank_pattern`` and
+    ``alpha_pattern`` that match no adapted module, entries of ``exclude_modules`` that name no module, entries of
+    ``modules_to_save`` it copied no module for; each matched as PEFT matches it. PEFT raises only when nothing at
+    all matches, so ``[q_proj, v_prj]`` would train q_proj alone and ``modules_to_save: [lm_hed]`` no head,
+    silently."""
     from peft.utils import ModulesToSaveWrapper
 
     problems = []
