@@ -60,17 +60,13 @@ def layout(cfg: RunConfig, world: int, nproc_per_node: int | None = None) -> Lay
             "parallel.backend to fsdp, deepspeed or ddp"
         )
     if p.backend == "fsdp":
-        replicas = p.replicate
-        if replicas == "nodes":
-            if not nproc_per_node:
-                raise ConfigError("parallel.replicate: nodes is one replica group per node: give --nproc-per-node")
-            replicas = world // nproc_per_node
-        if world % int(replicas):
-            raise ConfigError(
-                f"parallel.replicate={replicas} does not divide the world size {world}: use a divisor of it, "
-                "typically the number of nodes"
-            )
-        return Layout("fsdp", world, world // int(replicas))
+        from dist_lora.backends.fsdp import check_replica_groups, replica_groups
+
+        if p.replicate == "nodes" and not nproc_per_node:
+            raise ConfigError("parallel.replicate: nodes is one replica group per node: give --nproc-per-node")
+        replicas = replica_groups(p.replicate, world, nproc_per_node or world)
+        check_replica_groups(replicas, world)
+        return Layout("fsdp", world, world // replicas)
     if p.backend == "deepspeed":
         from dist_lora.backends.deepspeed_config import ds_config
         from dist_lora.train import grad_accum_steps
@@ -95,10 +91,10 @@ def layout(cfg: RunConfig, world: int, nproc_per_node: int | None = None) -> Lay
     return Layout(p.backend, world, 1)
 
 
-def _nf4_bytes(p: Any) -> int:
-    from dist_lora.quantize import INNER_TENSORS
-
-    return sum(math.prod(getattr(p, n).shape) * getattr(p, n).element_size() for n in INNER_TENSORS)
+def _fsdp_held(shape: tuple[int, ...], shards: int) -> int:
+    """Elements FSDP2 gives each rank of a tensor sharded by rows: ``ceil(rows / shards)`` rows (padded)."""
+    shape = shape or (1,)
+    return math.ceil(shape[0] / shards) * math.prod(shape[1:])
 
 
 def frozen_bytes(model: nn.Module, lay: Layout) -> int:
@@ -109,21 +105,18 @@ def frozen_bytes(model: nn.Module, lay: Layout) -> int:
     persistence threshold; the other engines all of it. An NF4 weight counts its 4-bit data and scalers (QLoRA
     shards only weights whose rows split evenly). Every rank holds the same."""
     from dist_lora.backends.fsdp import shard_dim
-    from dist_lora.quantize import is_nf4
+    from dist_lora.quantize import is_nf4, nf4_bytes
 
     total = sum(b.numel() * b.element_size() for b in model.buffers())
     for p in model.parameters():
         if p.requires_grad:
             continue
         if is_nf4(p):
-            total += _nf4_bytes(p) // lay.shards
+            total += nf4_bytes(p) // lay.shards
             continue
-        shape = tuple(p.shape) or (1,)
+        shape = tuple(p.shape)
         if lay.engine == "fsdp" and lay.shards > 1:
-            if shard_dim(shape, lay.shards):
-                held = math.prod(shape) // lay.shards
-            else:
-                held = math.ceil(shape[0] / lay.shards) * math.prod(shape[1:])
+            held = p.numel() // lay.shards if shard_dim(shape, lay.shards) else _fsdp_held(shape, lay.shards)
         elif lay.engine == "deepspeed" and lay.zero_stage == 3:
             held = math.ceil(p.numel() / lay.world) + (p.numel() if p.numel() <= lay.persistence_threshold else 0)
         else:
@@ -143,8 +136,7 @@ def trainable_state_bytes(model: nn.Module, lay: Layout) -> int | None:
     for p in model.parameters():
         if not p.requires_grad:
             continue
-        shape = tuple(p.shape) or (1,)
-        held = math.ceil(shape[0] / lay.shards) * math.prod(shape[1:]) if lay.engine == "fsdp" else p.numel()
+        held = _fsdp_held(tuple(p.shape), lay.shards) if lay.engine == "fsdp" else p.numel()
         total += held * p.element_size() * (1 + OPTIMIZER_COPIES)
     return total
 
@@ -152,13 +144,13 @@ def trainable_state_bytes(model: nn.Module, lay: Layout) -> int | None:
 def gathered_bytes(model: nn.Module, cfg: RunConfig) -> int:
     """FSDP2 with ``keep_base_gathered``: the frozen base every rank keeps all-gathered after the first forward, in
     the dtype it computes in (bf16 under ``mixed_precision: bf16``); 0 without it."""
-    from dist_lora.quantize import is_nf4
+    from dist_lora.quantize import is_nf4, nf4_bytes
 
     if not cfg.parallel.keep_base_gathered:
         return 0
     bf16 = cfg.parallel.mixed_precision == "bf16"
     return sum(
-        _nf4_bytes(p) if is_nf4(p) else p.numel() * (2 if bf16 and p.is_floating_point() else p.element_size())
+        nf4_bytes(p) if is_nf4(p) else p.numel() * (2 if bf16 and p.is_floating_point() else p.element_size())
         for p in model.parameters()
         if not p.requires_grad
     )

@@ -234,6 +234,12 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def nf4_bytes(t: Any) -> int:
+    """What an NF4 tensor holds (on the meta device too): its 4-bit data, int8 scalers, one factor per scaler
+    block."""
+    return sum(_nbytes(getattr(t, n)) for n in INNER_TENSORS)
+
+
 def measure(model: nn.Module) -> Footprint:
     """This rank's frozen base: weights and bytes (a DTensor counts its local shard). NF4 bytes are what the
     tensors hold: 4-bit data, int8 scalers, one factor per scaler block."""
@@ -244,7 +250,7 @@ def measure(model: nn.Module) -> Footprint:
         local = p.to_local() if hasattr(p, "to_local") else p
         if is_nf4(local):
             f.nf4_weights += local.numel()
-            f.nf4_bytes += sum(_nbytes(getattr(local, n)) for n in INNER_TENSORS)
+            f.nf4_bytes += nf4_bytes(local)
         else:
             f.other_weights += local.numel()
             f.other_bytes += _nbytes(local)

@@ -29,14 +29,29 @@ from dist_lora.model import BaseWeights, build_on_meta, transformer_blocks
 from dist_lora.quantize import is_nf4
 
 
+def replica_groups(replicate: int | str, world: int, per_node: int) -> int:
+    """``parallel.replicate`` as a number of replica groups of ``world`` ranks ("nodes": one per node of
+    ``per_node`` ranks)."""
+    return world // per_node if replicate == "nodes" else int(replicate)
+
+
+def check_replica_groups(replicas: int, world: int) -> None:
+    """HSDP's replica groups must split the world evenly."""
+    if world % replicas:
+        raise ConfigError(
+            f"parallel.replicate={replicas} does not divide the world size {world}: use a divisor of it, "
+            "typically the number of nodes (each replica group should be the ranks of one node)"
+        )
+
+
 def _replicas(replicate: int | str) -> int:
-    """``parallel.replicate`` as a number of replica groups ("nodes": one per node)."""
+    """``parallel.replicate`` as a number of replica groups in this job ("nodes": one per node)."""
     import os
 
     import torch.distributed as dist
 
     world = dist.get_world_size() if dist.is_initialized() else 1
-    return world // int(os.environ.get(ENV_LOCAL_WORLD_SIZE, world)) if replicate == "nodes" else int(replicate)
+    return replica_groups(replicate, world, int(os.environ.get(ENV_LOCAL_WORLD_SIZE, world)))
 
 
 def device_mesh(replicate: int | str) -> Any:
@@ -49,11 +64,7 @@ def device_mesh(replicate: int | str) -> Any:
 
     world = dist.get_world_size()
     replicate = _replicas(replicate)
-    if world % replicate:
-        raise ConfigError(
-            f"parallel.replicate={replicate} does not divide the world size {world}: use a divisor of it, "
-            "typically the number of nodes (each replica group should be the ranks of one node)"
-        )
+    check_replica_groups(replicate, world)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if replicate == 1:
         return init_device_mesh(device, (world,))
