@@ -224,6 +224,23 @@ def test_cpu_offload_is_zero_offload_on_deepspeed_and_a_json_may_repeat_it_but_n
             load_config(TINY, [f"parallel.backend={backend}", OFFLOAD])
 
 
+def test_the_gradient_reduction_bucket_holds_the_adapter_unless_the_json_sizes_it(tmp_path):
+    """DeepSpeed allocates its reduction bucket whole (5e8 elements by default: 1 GB a rank in bf16, kept for the
+    run under ZeRO-3): dist_lora sizes it to the elements that train, at most DeepSpeed's default, unless the JSON
+    sets it ("auto" is dist_lora's value)."""
+
+    def bucket(trainable: int | None, extra: str | None = None) -> Any:
+        config = ds_config(zero_stage=3, micro_batch_size=1, grad_accum=1, extra=extra, trainable=trainable)
+        return config["zero_optimization"].get("reduce_bucket_size")
+
+    assert bucket(9216) == 9216
+    assert bucket(10**10) == 500_000_000  # never more than DeepSpeed's own
+    assert bucket(None) is None  # (construction under zero.Init: no optimizer yet, DeepSpeed's default)
+    assert bucket(9216, write(tmp_path, HF_ZERO3_OFFLOAD)) == 9216  # "auto"
+    mine = write(tmp_path, {"zero_optimization": {"reduce_bucket_size": 2e8}}, "mine.json")
+    assert bucket(9216, mine) == 2e8
+
+
 def test_a_json_that_is_not_an_object_is_named(tmp_path):
     path = write(tmp_path, [1, 2])  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match=r"a DeepSpeed config is a JSON object, not \[1, 2\]"):
@@ -262,6 +279,9 @@ def test_cpu_offload_trains_saves_and_resumes_at_another_world_size_and_engine(g
         assert two[name]["offload"] == {"optimizer": True, "param": True}, name
     assert two["z2-offload"]["offload"] == {"optimizer": True, "param": False}
     assert two["ref"]["offload"] == {"optimizer": False, "param": False}
+    for name in ("z3-offload", "z2-offload", "z3-flag"):  # the JSON's "auto", or nothing: the adapter's size
+        bucket, trained = two[name]["reduce_bucket"]
+        assert bucket == trained < 10**5, (name, bucket, trained)
     ref = two["ref"]["losses"]
     got = two["fsdp-offload"]["losses"]  # the same engine, computing the same way: only where the shards wait
     assert all(abs(a - b) <= 1e-6 for a, b in zip(got, ref, strict=True)), (got, ref)

@@ -251,7 +251,8 @@ class DeepSpeedBackend(Backend):
         cls, parallel, model, make_optimizer, bias, *, micro_batch_size, grad_accum, weights=None, max_grad_norm=None
     ):  # type: ignore[no-untyped-def]
         deepspeed = import_deepspeed()
-        client = make_optimizer([p for p in model.parameters() if p.requires_grad])
+        trained = [p for p in model.parameters() if p.requires_grad]
+        client = make_optimizer(trained)
         config = ds_config(
             zero_stage=parallel.zero_stage,
             micro_batch_size=micro_batch_size,
@@ -262,6 +263,7 @@ class DeepSpeedBackend(Backend):
             world_size=torch.distributed.get_world_size(),
             adamw={name: client.defaults.get(name) for name in ADAMW_SETTINGS},  # what the JSON may repeat
             cpu_offload=parallel.cpu_offload,
+            trainable=sum(getattr(p, "ds_numel", p.numel()) for p in trained),  # (ZeRO-3's: whole, not partitions)
         )
         engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=client, config=config)
         backend = cls(engine, optimizer, bias)

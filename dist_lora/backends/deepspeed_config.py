@@ -7,6 +7,11 @@ error that names the setting of dist_lora's to change instead, so a run never tr
 one its config shows. Everything else goes to DeepSpeed as written: ZeRO-Offload of the optimizer state and of
 ZeRO-3's parameters to host memory, overlap, bucket sizes.
 
+One default differs from DeepSpeed's: the gradient reduction bucket (``zero_optimization.reduce_bucket_size``),
+which DeepSpeed allocates whole, 5e8 elements, however few parameters train (1 GB a rank in bf16, 2 GB in fp32:
+kept for the whole run under ZeRO-3, for every backward under ZeRO-1/2). An adapter's gradients all fit in far
+less, so unless the JSON sets it, the bucket holds the adapter's gradients and no more.
+
 JSON only (no torch, no deepspeed): the run's config validation checks the file before anything loads.
 """
 
@@ -16,6 +21,8 @@ import json
 from typing import Any
 
 AUTO = "auto"
+REDUCE_BUCKET_ELEMENTS = 500_000_000
+"""DeepSpeed's default ``reduce_bucket_size``, the most :func:`ds_config` sets it to."""
 """HF Trainer's placeholder for "the trainer's value": dist_lora's own, or DeepSpeed's default where it has none."""
 
 _MISSING = object()
@@ -210,10 +217,13 @@ def ds_config(
     world_size: int | None = None,
     adamw: dict[str, Any] | None = None,
     cpu_offload: bool = False,
+    trainable: int | None = None,
 ) -> dict[str, Any]:
     """The DeepSpeed config dist_lora uses; ``extra`` names a JSON file merged over it (see the module's doc).
-    ``cpu_offload``: ZeRO-Offload to pinned host memory (``parallel.cpu_offload``). Raises ValueError naming every
-    setting of the file that contradicts dist_lora's config."""
+    ``cpu_offload``: ZeRO-Offload to pinned host memory (``parallel.cpu_offload``). ``trainable``: the elements that
+    train (all of them, not a rank's partition); the gradient reduction bucket is sized to them unless the JSON
+    sets ``reduce_bucket_size``. Raises ValueError naming every setting of the file that contradicts dist_lora's
+    config."""
     config: dict[str, Any] = {
         "zero_optimization": {"stage3_param_persistence_threshold": 0},
         "bf16": {"enabled": bf16},
@@ -250,6 +260,8 @@ def ds_config(
     config["gradient_accumulation_steps"] = grad_accum
     config["gradient_clipping"] = max_grad_norm or 0.0  # 0 turns DeepSpeed's clipping off
     config["zero_optimization"]["stage"] = zero_stage
+    if trainable is not None:
+        config["zero_optimization"].setdefault("reduce_bucket_size", max(1, min(trainable, REDUCE_BUCKET_ELEMENTS)))
     return config
 
 

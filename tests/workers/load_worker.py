@@ -97,6 +97,16 @@ def held_bytes(module) -> tuple[int, int]:
     return frozen, trained
 
 
+def reduce_buckets(backend) -> dict[str, int] | None:
+    """ZeRO-3's gradient reduction buckets as allocated (kept for the whole run), in elements, and the elements
+    that train; None on FSDP2."""
+    zero = getattr(backend, "zero", None)
+    if zero is None:
+        return None
+    trained = sum(p.ds_numel for p in backend.model.parameters() if p.requires_grad)
+    return {"allocated": [b.buffer.numel() for b in zero.ipg_buckets.values()], "trained": trained}
+
+
 def estimated_bytes(cfg, world: int) -> tuple[int, int | None]:
     """What ``dist-lora check`` reports for ``cfg`` at ``world`` ranks: the frozen base and the trainable state per
     rank, from the model built on the meta device."""
@@ -244,6 +254,7 @@ def main() -> None:
             "views_missed": MISSED[:],
             "held_bytes": held,
             "estimated_bytes": estimated,
+            "reduce_buckets": reduce_buckets(backend),
         }
         trainer.checkpointer.release_lease()
         del trainer, reference

@@ -6,7 +6,7 @@ trainer's AdamW replaced by one of OPTIMIZERS, as a loop of the user's own would
 steps, evaluates if asked and saves. Rank 0 writes out/runs.json: per run, each step's loss and gradient norm, the
 eval loss, the saved step's URL, how many times a layer inside the first transformer block ran (twice per
 micro-batch when activations are recomputed; not counted in a compiled block), how many all-gathers FSDP2 made
-during the steps and how many groups it shards, what DeepSpeed's engine offloads to host memory (its own flags),
+during the steps and how many groups it shards, what DeepSpeed's engine offloads to host memory (its own flags) and its reduction bucket's size,
 the betas and eps of the optimizer that steps the adapter, how many graphs torch.compile compiled during the run,
 and the bytes autograd saved for backward in the first step.
 """
@@ -77,6 +77,16 @@ class SavedBytes:
 
     def __exit__(self, *exc):
         self._hooks.__exit__(*exc)
+
+
+def reduce_bucket(backend) -> list[int] | None:
+    """DeepSpeed's gradient reduction bucket, in elements, and the elements that train (whole, not partitions);
+    None on other engines."""
+    zero = getattr(backend, "zero", None)
+    if zero is None:
+        return None
+    trained = [p for p in backend.model.parameters() if p.requires_grad]
+    return [zero.reduce_bucket_size, sum(getattr(p, "ds_numel", p.numel()) for p in trained)]
 
 
 def offloaded(backend) -> dict[str, bool] | None:
@@ -164,6 +174,7 @@ def main() -> None:
             "graphs": counters["stats"]["unique_graphs"] - graphs,  # what torch.compile compiled during the run
             "first_step_saved_bytes": saved.bytes,
             "offload": offloaded(trainer.backend),
+            "reduce_bucket": reduce_bucket(trainer.backend),
             "adamw": {k: trainer.backend.stepping_optimizer().defaults.get(k) for k in ("betas", "eps")},
         }
     if rank == 0:
