@@ -400,15 +400,13 @@ def load_sharded(
     from dist_lora.backends.deepspeed import DeepSpeedBackend
     from dist_lora.backends.deepspeed_config import construction_config
     from dist_lora.backends.fsdp import FSDPBackend
-    from dist_lora.loss import chunk_the_loss
     from dist_lora.model import (
         apply_lora_seeded,
         base_directory,
         collection_paused,
         compile_blocks,
         compute_device,
-        enable_activation_checkpointing,
-        set_attention,
+        prepare_base,
     )
 
     parallel = parallel or ParallelConfig(backend="fsdp")
@@ -455,12 +453,14 @@ def load_sharded(
         )
         if hub:
             base.name_or_path = base.config.name_or_path = name_or_path
-        base.config.use_cache = False  # training reads no key-value cache (generate(use_cache=True) still can)
-        set_attention(base, attn_implementation, what="attn_implementation")
-        if loss_chunk_tokens:
-            chunk_the_loss(base, loss_chunk_tokens, what="loss_chunk_tokens")
-        if activation_checkpointing:
-            enable_activation_checkpointing(base)
+        # (no key-value cache while training; generate(use_cache=True) still uses one)
+        prepare_base(
+            base,
+            attn_implementation,
+            loss_chunk_tokens,
+            activation_checkpointing,
+            ("attn_implementation", "loss_chunk_tokens"),
+        )
         model = apply_lora_seeded(base, lora, name_or_path, Path(str(directory)).name if hub else revision, seed)
         if not zero3:  # (ZeRO-3's engine is the loop's own: deepspeed.initialize with its optimizer and config)
             model = FSDPBackend.wrap(

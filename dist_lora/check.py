@@ -212,16 +212,12 @@ def build_meta_model(cfg: RunConfig, shards: int) -> Any:
     """The model the trainer builds, on the meta device: the base from its config, the attention kernel, the
     chunked loss, LoRA (PEFT's, every name checked) and, for QLoRA, the NF4 weights planned for ``shards``."""
     from dist_lora.lora import apply_lora
-    from dist_lora.loss import chunk_the_loss
-    from dist_lora.model import DTYPES, build_on_meta, set_attention
+    from dist_lora.model import DTYPES, build_on_meta, prepare_base
     from dist_lora.quantize import quantize_base
 
     m = cfg.model
     base = build_on_meta(m.name_or_path, DTYPES[m.dtype], revision=m.revision)
-    base.config.use_cache = False
-    set_attention(base, m.attn_implementation)
-    if cfg.train.loss_chunk_tokens:
-        chunk_the_loss(base, cfg.train.loss_chunk_tokens)
+    prepare_base(base, m.attn_implementation, cfg.train.loss_chunk_tokens)
     model = apply_lora(base, cfg.lora, m.name_or_path, m.revision)
     if m.quantization == "nf4":
         quantize_base(model, shards, torch.device("cpu"))

@@ -976,6 +976,26 @@ def adapters_on_cpu() -> Iterator[None]:
         DoraLinearLayer.update_layer = dora_update  # type: ignore[method-assign]
 
 
+def prepare_base(
+    base: Any,
+    attn_implementation: str | None,
+    loss_chunk_tokens: int,
+    activation_checkpointing: bool = False,
+    settings: tuple[str, str] = ("model.attn_implementation", "train.loss_chunk_tokens"),
+) -> None:
+    """What the trainer, :func:`dist_lora.load_sharded` and ``dist-lora check`` all do to a base before LoRA, so that
+    each builds the same model: no key-value cache (training reads none), the attention kernel, the chunked loss
+    (:mod:`dist_lora.loss`), activation checkpointing. ``settings`` names the first two in errors and warnings."""
+    from dist_lora.loss import chunk_the_loss
+
+    base.config.use_cache = False
+    set_attention(base, attn_implementation, what=settings[0])
+    if loss_chunk_tokens:
+        chunk_the_loss(base, loss_chunk_tokens, what=settings[1])
+    if activation_checkpointing:  # HF's flag on each block: no wrapper, so no new prefix in any key
+        enable_activation_checkpointing(base)
+
+
 def apply_lora_seeded(base: Any, cfg: Any, name_or_path: str, revision: str | None, seed: int) -> Any:
     """LoRA over ``base``, loaded or on the meta device, in train mode (``from_pretrained`` returns eval mode: LoRA
     dropout and activation checkpointing need train mode). The adapter is drawn from ``torch.manual_seed(seed)``, as

@@ -35,7 +35,6 @@ from dist_lora.distributed import init_distributed, shutdown, step_consensus
 from dist_lora.guard import FirstNonFinite, check_first_step
 from dist_lora.logs import quiet_third_party
 from dist_lora.lora import loraplus_groups
-from dist_lora.loss import chunk_the_loss
 from dist_lora.metrics import MetricsLog, step_peak_memory
 from dist_lora.model import (
     DTYPES,
@@ -44,11 +43,10 @@ from dist_lora.model import (
     collection_paused,
     compile_blocks,
     context_length,
-    enable_activation_checkpointing,
     load_tokenizer,
+    prepare_base,
     resolve_model_path,
     return_large_blocks_to_the_os,
-    set_attention,
 )
 from dist_lora.preempt import StopRequest
 from dist_lora.quantize import Plan, check_and_log, quantize_base
@@ -355,15 +353,10 @@ class Trainer:
         )
         if hub:  # named by its hub id, as from_pretrained of the id names it (PEFT saves this name, not the cache's)
             base.name_or_path = base.config.name_or_path = cfg.model.name_or_path
-        base.config.use_cache = False  # training never reads a key-value cache
-        set_attention(base, cfg.model.attn_implementation)
-        if t.loss_chunk_tokens:
-            chunk_the_loss(base, t.loss_chunk_tokens)
+        prepare_base(base, cfg.model.attn_implementation, t.loss_chunk_tokens, t.activation_checkpointing)
         if cfg.data.packing:
             check_packing(base, self.data)
-        if t.activation_checkpointing:  # HF's flag on each block: no wrapper, so no new prefix in any key
-            enable_activation_checkpointing(base)
-        elif cfg.lora.target_parameters and self.rank == 0:
+        if cfg.lora.target_parameters and not t.activation_checkpointing and self.rank == 0:
             log.warning(
                 "lora.target_parameters without train.activation_checkpointing: PEFT adds the adapter to every "
                 "expert of a layer in its forward and autograd keeps that sum, unsharded, for the backward of every "
