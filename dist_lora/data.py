@@ -143,6 +143,11 @@ def load_source(path: str, *, name: str | None = None, split: str = "train", cac
                 builder, data_files=[str(f) for f in files], split="train", cache_dir=cache_dir, **kwargs
             )
         except Exception as e:
+            if builder == "json":  # pyarrow's parser counts its own blocks' rows: name the file and line instead
+                where = _where_json_breaks(files)
+                if where is not None:  # (the file's name once, where data.path is that file)
+                    where = where[len(str(p)) :] if files == [p] else f": {where}"
+                    raise DataError(f"data.path {path}{where}") from e
             cause = e.__cause__ or e.__context__  # datasets wraps the parser's error, which says where
             why = f"{type(e).__name__}: {e}" + (f" ({type(cause).__name__}: {cause})" if cause else "")
             raise DataError(f"data.path {path} cannot be read as {builder}: {why}") from e
@@ -168,6 +173,38 @@ def load_source(path: str, *, name: str | None = None, split: str = "train", cac
             f"data.path {path} is not a local file and loading it from the hub failed ({type(e).__name__}: {e}); "
             "check the dataset id, data.name and data.split, or download it and pass the local path"
         ) from e
+
+
+def _where_json_breaks(files: list[Path]) -> str | None:
+    """Where the first of ``files`` that JSON cannot read breaks (a JSON-lines file: its first line that is not a
+    JSON object; a file that is one JSON document: the parser's line and column), or that they are all empty; None
+    when each reads (the error was elsewhere). Read a line at a time: only a failed load comes here."""
+    empty = True
+    for f in files:
+        with open(f, encoding="utf-8", errors="replace") as lines:
+            for number, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                if empty and line.lstrip().startswith("["):  # a JSON array, not JSON lines
+                    return _where_json_document_breaks(f)
+                empty = False
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    why = e.msg.removesuffix(" at")
+                    return f"{f} line {number}, column {e.colno}: not valid JSON ({why}): {line.strip()[:80]!r}"
+                if not isinstance(row, dict):
+                    return f"{f} line {number}: not a JSON object (one sample per line, {{...}}): {line.strip()[:80]!r}"
+    return f"{', '.join(map(str, files))}: empty, no sample in it" if empty else None
+
+
+def _where_json_document_breaks(f: Path) -> str | None:
+    try:
+        with open(f, encoding="utf-8") as doc:
+            json.load(doc)
+    except json.JSONDecodeError as e:
+        return f"{f} line {e.lineno}, column {e.colno}: not valid JSON ({e.msg.removesuffix(' at')})"
+    return None
 
 
 def listed(paths: str | list[str]) -> list[str]:

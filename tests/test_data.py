@@ -323,10 +323,31 @@ def test_text_too_short_for_one_row_is_one_clear_error(name, packing, needs, gpt
         prepared(tmp_path, gpt2_base, path=str(tmp_path / name), seq_len=64, packing=packing)
 
 
+def test_a_json_file_the_parser_refuses_is_named_by_its_line(gpt2_base, tmp_path):
+    """pyarrow's error counts rows of its own blocks ("in row 0" for the file's second line): the error names the
+    file, the line and the column, an array document's line, a line that is not an object, a file with nothing."""
+    cases = {
+        "bad.jsonl": ('{"text": "fine"}\n\n{"text": "cut\n', r"bad.jsonl line 3, column 14: not valid JSON \(Invalid"),
+        "list.jsonl": ('{"text": "fine"}\n["x"]\n', r"list.jsonl line 2: not a JSON object \(one sample per line"),
+        "doc.json": ('[{"text": "a"},\n {"text": "b"\n]\n', r"doc.json line 3, column 1: not valid JSON \(Expecting"),
+        "empty.jsonl": ("\n\n", r"empty.jsonl: empty, no sample in it"),
+    }
+    for name, (text, message) in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(DataError, match=f"^data.path {tmp_path / message}"):
+            prepared(tmp_path, gpt2_base, path=str(tmp_path / name))
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "a.jsonl").write_text('{"text": "fine"}\n')
+    (shards / "b.jsonl").write_text(cases["bad.jsonl"][0])
+    with pytest.raises(DataError, match=r"shards/\*.jsonl: .*shards/b.jsonl line 3, column 14: not valid JSON"):
+        prepared(tmp_path, gpt2_base, path=str(shards / "*.jsonl"))
+
+
 def test_a_file_the_parser_refuses_is_named_with_the_parsers_reason(gpt2_base, tmp_path):
-    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\nnot json\n')
-    with pytest.raises(DataError, match=r"bad.jsonl cannot be read as json: .*\(ArrowInvalid: JSON parse error"):
-        prepared(tmp_path, gpt2_base, path=str(tmp_path / "bad.jsonl"))
+    (tmp_path / "bad.csv").write_text('text,other\n"fine",1\n"two",2,3,4\n')
+    with pytest.raises(DataError, match=r"bad.csv cannot be read as csv: "):
+        prepared(tmp_path, gpt2_base, path=str(tmp_path / "bad.csv"))
 
 
 def test_a_sample_of_the_wrong_type_is_named_by_its_index(gpt2_base, tmp_path):
