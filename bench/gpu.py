@@ -54,6 +54,7 @@ ENGINE_RUNS = {
     "fsdp-keep": "FSDP2, keep_base_gathered=true",
     "ddp": "DDP",
     "fsdp-offload": "FSDP2, cpu_offload=true",
+    "zero3": "DeepSpeed ZeRO-3",
 }
 CHECKS = ("fsdp", "zero3", "fsdp-offload")
 COMPILED = "FSDP2, train.compile=true"
@@ -257,7 +258,8 @@ def main() -> None:
     if "1b" in parts:
         base = build_base(out / shapes["1b"], shapes["1b"], "cuda" if cuda else "cpu")
         spec["runs"].append({"name": shapes["1b"], "base": str(base), "seq_len": seq_len, "steps": 4})
-        for engine in ("fsdp-no-reshard", "fsdp-keep", "fsdp-offload", "ddp"):  # step time against DDP, this world
+        # step time against DDP at this world size; ZeRO-3's device memory with its bucket sized to the adapter
+        for engine in ("fsdp-no-reshard", "fsdp-keep", "fsdp-offload", "zero3", "ddp"):
             name = f"{shapes['1b']} {ENGINE_RUNS[engine]}"
             spec["runs"].append({"name": name, "base": str(base), "seq_len": seq_len, "steps": 6, "engine": engine})
         # train.compile against the default FSDP2 run: step time after the first step, which compiles

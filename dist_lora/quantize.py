@@ -241,13 +241,13 @@ def nf4_bytes(t: Any) -> int:
 
 
 def measure(model: nn.Module) -> Footprint:
-    """This rank's frozen base: weights and bytes (a DTensor counts its local shard). NF4 bytes are what the
-    tensors hold: 4-bit data, int8 scalers, one factor per scaler block."""
+    """This rank's frozen base: weights and bytes (a DTensor counts its local shard, a ZeRO-3 parameter its
+    partition). NF4 bytes are what the tensors hold: 4-bit data, int8 scalers, one factor per scaler block."""
     f = Footprint()
     for p in model.parameters():
         if p.requires_grad:
             continue
-        local = p.to_local() if hasattr(p, "to_local") else p
+        local = p.to_local() if hasattr(p, "to_local") else getattr(p, "ds_tensor", p)
         if is_nf4(local):
             f.nf4_weights += local.numel()
             f.nf4_bytes += nf4_bytes(local)
