@@ -391,7 +391,29 @@ def apply_lora(
             "head once with lora.modules_to_save: [lm_head] and ensure_weight_tying"
         )
     mark_only_lora_as_trainable(peft_model, cfg.bias)
+    one_trainable_dtype(peft_model)
     return peft_model
+
+
+def one_trainable_dtype(model: nn.Module) -> torch.dtype | None:
+    """Give the trainable tensors one dtype, as FSDP2's parameter groups and ZeRO's flat groups require (each
+    failed with an assertion of its own otherwise). PEFT keeps LoRA's adapters in float32 over a half-precision
+    base; the base's own tensors that train (biases by ``lora.bias``, ``modules_to_save`` copies, trainable token
+    rows) stay in the base's dtype, which its layers compute in. Where both train, the adapters take the base's
+    dtype; returns it (None: nothing changed). Under DeepSpeed's bf16, whose ZeRO-3 base is built in bf16, that is
+    DeepSpeed's own layout (bf16 weights, float32 master copies in its optimizer), as at ZeRO-1/2."""
+    trained = [p for p in model.parameters() if p.requires_grad]
+    dtypes = {p.dtype for p in trained}
+    if torch.float32 not in dtypes or len(dtypes) == 1:
+        return None
+    half = dtypes - {torch.float32}
+    if len(half) > 1:
+        raise AdapterError(f"the trainable tensors are in {sorted(map(str, dtypes))}: give the base one dtype")
+    (dtype,) = half
+    for p in trained:
+        if p.dtype == torch.float32:
+            p.data = p.data.to(dtype)
+    return dtype
 
 
 def _layer_names(model: nn.Module, limit: int = 20) -> list[str]:

@@ -364,6 +364,20 @@ class Trainer:
                 "one layer's at a time"
             )
         model = apply_lora_seeded(base, cfg.lora, cfg.model.name_or_path, self.base_revision, t.seed)
+        dtype = DTYPES[cfg.model.dtype]
+        if (
+            dtype != torch.float32
+            and self.rank == 0
+            and any(p.dtype == dtype for p in model.parameters() if p.requires_grad)
+        ):
+            log.warning(  # (lora.one_trainable_dtype: the adapters took the base's dtype)
+                "model.dtype is %s and some of the base's own tensors train (lora.bias, lora.modules_to_save or "
+                "lora.trainable_token_indices), so LoRA's adapters train in %s as well (FSDP2 and DeepSpeed need one "
+                "dtype for what trains); for float32 weights, load the base in float32 and compute in bf16 "
+                "(model.dtype: float32, parallel.mixed_precision: bf16)",
+                cfg.model.dtype,
+                cfg.model.dtype,
+            )
         if t.neftune_noise_alpha:  # HF's hook on the input embeddings; its draws are the micro-batch's (_micro_step)
             from transformers.integrations.neftune import activate_neftune
 

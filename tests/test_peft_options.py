@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from dataclasses import asdict
 from pathlib import Path
 
@@ -432,3 +433,60 @@ def test_a_copy_tied_across_modules_loads_only_where_both_names_hold_one_tensor(
             AutoModelForCausalLM.from_pretrained(gpt2_base),
             LoraConfig(r=4, alpha=8, target_modules=["c_attn", "lm_head"], ensure_weight_tying=True),
         )
+
+
+ZERO2 = {"backend": "deepspeed", "zero_stage": 2}
+ZERO3_BF16 = {**ENGINES["zero3"], "mixed_precision": "bf16"}
+# a base's own tensors (biases, a modules_to_save copy) train beside the adapters over a bf16 base, or under
+# DeepSpeed's bf16: (engine, model.dtype, options, the engine the step resumes on)
+HALF_PRECISION = {
+    "zero3-bf16-bias": (ZERO3_BF16, "float32", {"bias": "lora_only"}, {**ENGINES["fsdp"], "mixed_precision": "bf16"}),
+    "zero3-bf16-copy": (ZERO3_BF16, "float32", {"modules_to_save": ["ln_f"]}, ZERO2 | {"mixed_precision": "bf16"}),
+    "zero3-bias": (ENGINES["zero3"], "bfloat16", {"bias": "all"}, ENGINES["fsdp"]),
+    "zero2-bias": (ZERO2, "bfloat16", {"bias": "lora_only"}, ENGINES["zero3"]),
+    "fsdp-bias": (ENGINES["fsdp"], "bfloat16", {"bias": "lora_only"}, ZERO2),
+    "fsdp-copy": (ENGINES["fsdp"], "bfloat16", {"modules_to_save": ["ln_f"]}, ENGINES["zero3"]),
+}
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(900)
+def test_base_tensors_that_train_in_half_precision_train_save_and_resume_on_every_engine(gpt2_base, tmp_path):
+    """PEFT keeps the adapters in float32 over a half-precision base, the biases and copies it trains stay in the
+    base's dtype: FSDP2 ("uniform original parameter dtype"), ZeRO-3 (its defragment's bare assertion) and ZeRO-2
+    (a float32 flat group under bf16 layers) each failed at start. The adapters take the base's dtype (one dtype for
+    what trains); each run trains at 2 ranks, saves step 2 and goes on, the step resumes at 1 rank on another engine
+    and its step 3 matches the source's (1e-4), and PEFT loads the step."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    source, resumed = {}, {}
+    for name, (engine, dtype, options, other) in HALF_PRECISION.items():
+        spec = config(gpt2_base, {"target_modules": ["c_attn"], **options}, tmp_path / name / "ckpt", "fsdp")
+        spec["model"]["dtype"] = dtype
+        source[name] = {**spec, "parallel": engine}
+        resumed[name] = {
+            **spec,
+            "parallel": other,
+            "checkpoint": {**spec["checkpoint"], "dir": str(tmp_path / name / "again")},
+        }
+    jobs = [
+        {"config": c, "out": str(tmp_path / n), "phases": ["train:2", "save", "train:1"]} for n, c in source.items()
+    ]
+    run_worker(2, {"jobs": jobs, "out": str(tmp_path)})
+    step = {n: str(tmp_path / n / "ckpt" / step_name(2)) for n in source}
+    again = [
+        {"config": c, "out": str(tmp_path / n / "again"), "resume": step[n], "phases": ["train:1"]}
+        for n, c in resumed.items()
+    ]
+    run_worker(1, {"jobs": again, "out": str(tmp_path)})
+    for name in source:
+        losses = json.loads((tmp_path / name / "losses.json").read_text())
+        after = json.loads((tmp_path / name / "again" / "losses.json").read_text())
+        assert all(math.isfinite(v) for v in losses.values()) and losses["3"] < losses["1"], (name, losses)
+        assert abs(after["3"] - losses["3"]) <= 1e-4 * losses["3"], (name, after, losses)
+        saved = load_file(str(Path(step[name]) / "adapter_model.safetensors"))
+        trained_base = [k for k in saved if ".lora_" not in k]
+        assert trained_base, (name, sorted(saved))  # the biases or the copy, saved beside the adapters
+        base = AutoModelForCausalLM.from_pretrained(gpt2_base, dtype=torch.float32)
+        PeftModel.from_pretrained(base, step[name])
