@@ -34,6 +34,8 @@ class Layout:
     zero_stage: int | None = None
     persistence_threshold: int = 0  # ZeRO-3: a tensor of at most this many elements is also kept whole
     cast: torch.dtype | None = None  # the dtype the engine casts the base to (DeepSpeed's bf16), or None
+    reduce_bucket: int | None = None  # DeepSpeed: the JSON's reduce_bucket_size; None: sized to the adapter
+    zero_modelled: bool = True  # DeepSpeed: False where the JSON lays its optimizer out otherwise (offload, ...)
 
     def describe(self) -> str:
         if self.engine == "fsdp":
@@ -83,10 +85,20 @@ def layout(cfg: RunConfig, world: int, nproc_per_node: int | None = None) -> Lay
             adamw=t.adamw(),
             cpu_offload=p.cpu_offload,
         )
-        threshold = int(config["zero_optimization"].get("stage3_param_persistence_threshold", 0))
+        zero = config["zero_optimization"]
+        threshold = int(zero.get("stage3_param_persistence_threshold", 0))
+        bucket = zero.get("reduce_bucket_size")  # (ds_config sizes it to the adapter when the JSON does not)
+        offloaded = any(zero.get(k, {}).get("device", "none") != "none" for k in ("offload_optimizer", "offload_param"))
         stage = p.zero_stage
         return Layout(
-            "deepspeed", world, world if stage == 3 else 1, stage, threshold, torch.bfloat16 if bf16 else None
+            "deepspeed",
+            world,
+            world if stage == 3 else 1,
+            stage,
+            threshold,
+            torch.bfloat16 if bf16 else None,
+            reduce_bucket=None if bucket is None else int(bucket),
+            zero_modelled=not offloaded and "data_types" not in config and not zero.get("parameter_alignment"),
         )
     return Layout(p.backend, world, 1)
 
@@ -102,8 +114,9 @@ def frozen_bytes(model: nn.Module, lay: Layout) -> int:
     engine allocates them: FSDP2 gives every rank ``ceil(rows / shards)`` rows of each tensor (the last ranks'
     padded), or an equal slice of each expert of a MoE layer with fewer experts than shards (``shard_dim``);
     ZeRO-3 a partition of ``ceil(elements / world)`` of each (padded likewise), plus the whole of a tensor under its
-    persistence threshold; the other engines all of it. An NF4 weight counts its 4-bit data and scalers (QLoRA
-    shards only weights whose rows split evenly). Every rank holds the same."""
+    persistence threshold, gathered into a buffer of ``world`` partitions at the first forward and kept; the other
+    engines all of it. An NF4 weight counts its 4-bit data and scalers (QLoRA shards only weights whose rows split
+    evenly). Every rank holds the same."""
     from dist_lora.backends.fsdp import shard_dim
     from dist_lora.quantize import is_nf4, nf4_bytes
 
@@ -117,8 +130,9 @@ def frozen_bytes(model: nn.Module, lay: Layout) -> int:
         shape = tuple(p.shape)
         if lay.engine == "fsdp" and lay.shards > 1:
             held = p.numel() // lay.shards if shard_dim(shape, lay.shards) else _fsdp_held(shape, lay.shards)
-        elif lay.engine == "deepspeed" and lay.zero_stage == 3:
-            held = math.ceil(p.numel() / lay.world) + (p.numel() if p.numel() <= lay.persistence_threshold else 0)
+        elif lay.engine == "deepspeed" and lay.zero_stage == 3:  # (a persistent tensor: gathered whole, padded)
+            part = math.ceil(p.numel() / lay.world)
+            held = part + (part * lay.world if p.numel() <= lay.persistence_threshold else 0)
         else:
             held = p.numel()
         size = lay.cast.itemsize if lay.cast is not None and p.is_floating_point() else p.element_size()
@@ -126,19 +140,51 @@ def frozen_bytes(model: nn.Module, lay: Layout) -> int:
     return total
 
 
-def trainable_state_bytes(model: nn.Module, lay: Layout) -> int | None:
-    """Bytes of the trainable parameters, their gradients and AdamW's two moments on each rank: sharded as the
-    base on FSDP2, whole on DDP and a single process. None on DeepSpeed, whose ZeRO stages partition them (with
-    fp32 master copies under bf16) in ways this does not model; the adapter is small beside the base either way."""
+def trainable_state_bytes(model: nn.Module, lay: Layout, groups: list[list[nn.Parameter]] | None = None) -> int | None:
+    """Bytes of the adapter's state on each rank at the optimizer step: the trainable parameters, their gradients
+    and AdamW's two moments, sharded as the base on FSDP2, whole on DDP and a single process; under DeepSpeed as its
+    ZeRO stage lays them out (:func:`_zero_trainable_bytes`; ``groups``: the optimizer's parameter groups, each
+    flattened on its own). None under DeepSpeed's offload, a ``data_types`` section or ``parameter_alignment``, which
+    lay it out otherwise, and for several parameter groups (LoRA+)."""
+    trained = [p for p in model.parameters() if p.requires_grad]
     if lay.engine == "deepspeed":
-        return None
+        return _zero_trainable_bytes(groups or [trained], lay) if lay.zero_modelled else None
     total = 0
-    for p in model.parameters():
-        if not p.requires_grad:
-            continue
+    for p in trained:
         held = _fsdp_held(tuple(p.shape), lay.shards) if lay.engine == "fsdp" else p.numel()
         total += held * p.element_size() * (1 + OPTIMIZER_COPIES)
     return total
+
+
+def _zero_trainable_bytes(groups: list[list[nn.Parameter]], lay: Layout) -> int | None:
+    """The adapter's state under DeepSpeed at the optimizer step, per rank (one parameter group; None for several,
+    whose gradients DeepSpeed frees group by group as it steps them). DeepSpeed's dtype is bf16 under its bf16, else
+    float32; every float32 copy is a partition of ``P`` elements:
+
+    - ZeRO-1/2: the flat parameters whole, padded to a multiple of twice the world size, in the engine's dtype (it
+      casts the model to bf16 under its bf16), and the float32 master partition, its gradient and AdamW's two
+      moments (``4 * P * 4``). The backward holds the gradients whole on top while it reduces them, and frees them
+      before the step.
+    - ZeRO-3: each parameter's partition (``ceil(numel / world)``; one under the persistence threshold takes no more,
+      measured) in the engine's dtype, its gradient partition (in the parameter's own dtype under DeepSpeed's bf16,
+      float32 otherwise), the float32 master, AdamW's two moments and the step's float32 gradient (``4 * P * 4``),
+      and the gradient reduction bucket in DeepSpeed's dtype, kept for the run (the adapter's elements, or the
+      JSON's ``reduce_bucket_size``)."""
+    if len(groups) != 1:
+        return None
+    (params,) = groups
+    zero_dtype = 2 if lay.cast is not None else 4
+    own = params[0].element_size()  # (lora.one_trainable_dtype: one dtype for all)
+    size = 2 if lay.cast is not None else own
+    numel = sum(p.numel() for p in params)
+    if lay.zero_stage != 3:
+        align = 2 * lay.world
+        padded = math.ceil(numel / align) * align
+        return padded * size + 4 * (padded // lay.world) * 4
+    part = sum(math.ceil(p.numel() / lay.world) for p in params)
+    grad = own if lay.cast is not None else 4
+    bucket = lay.reduce_bucket or numel
+    return part * size + part * grad + 4 * part * 4 + bucket * zero_dtype
 
 
 def gathered_bytes(model: nn.Module, cfg: RunConfig) -> int:
@@ -215,13 +261,27 @@ def build_meta_model(cfg: RunConfig, shards: int) -> Any:
     from dist_lora.model import DTYPES, build_on_meta, prepare_base
     from dist_lora.quantize import quantize_base
 
-    m = cfg.model
-    base = build_on_meta(m.name_or_path, DTYPES[m.dtype], revision=m.revision)
+    m, p = cfg.model, cfg.parallel
+    zero3_bf16 = p.backend == "deepspeed" and p.zero_stage == 3 and p.mixed_precision == "bf16"
+    dtype = torch.bfloat16 if zero3_bf16 else DTYPES[m.dtype]  # (ZeRO-3 builds in the dtype its engine trains in)
+    base = build_on_meta(m.name_or_path, dtype, revision=m.revision)
     prepare_base(base, m.attn_implementation, cfg.train.loss_chunk_tokens)
     model = apply_lora(base, cfg.lora, m.name_or_path, m.revision)
     if m.quantization == "nf4":
         quantize_base(model, shards, torch.device("cpu"))
     return model
+
+
+def _optimizer_groups(model: nn.Module, cfg: RunConfig) -> list[list[nn.Parameter]] | None:
+    """The trainer's AdamW parameter groups over ``model`` (LoRA+'s, or None: one group of every trained tensor)."""
+    from dist_lora.lora import loraplus_groups
+
+    t = cfg.train
+    if t.loraplus_lr_ratio is None:
+        return None
+    trained = [p for p in model.parameters() if p.requires_grad]
+    kw = {"lr": t.lr, "ratio": t.loraplus_lr_ratio, "embedding_lr": t.loraplus_lr_embedding}
+    return [group["params"] for group in loraplus_groups(model, trained, weight_decay=t.weight_decay, **kw)]
 
 
 def check_run(
@@ -264,7 +324,7 @@ def check_run(
         lora_layers=sum(1 for _ in _lora_modules(model)),
         trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
         frozen_bytes_per_rank=frozen_bytes(model, lay),
-        trainable_state_bytes_per_rank=trainable_state_bytes(model, lay),
+        trainable_state_bytes_per_rank=trainable_state_bytes(model, lay, _optimizer_groups(model, cfg)),
         grad_accum=accum,
         gathered_bytes_per_rank=gathered_bytes(model, cfg) if lay.engine == "fsdp" else 0,
         rows=rows,
@@ -329,12 +389,13 @@ def describe(r: Report, cfg: RunConfig) -> str:
     elif cfg.checkpoint.resume not in (None, "", "none"):
         lines.append(f"  resume    nothing committed in {cfg.checkpoint.dir} yet: a fresh run")
     state = r.trainable_state_bytes_per_rank
+    zero = ", fp32 master copies and the reduction bucket" if cfg.parallel.backend == "deepspeed" else ""
     lines += [
         f"  per rank  {r.layout}",
         f"            frozen base {_size(r.frozen_bytes_per_rank)}",
-        f"            trainable state {_size(state)} (the adapter, its gradients, AdamW's two moments)"
+        f"            trainable state {_size(state)} (the adapter, its gradients, AdamW's two moments{zero})"
         if state is not None
-        else "            trainable state: as its ZeRO stage partitions it",
+        else "            trainable state: not modelled for this DeepSpeed layout (offload, data_types, LoRA+)",
     ]
     if r.gathered_bytes_per_rank:
         gathered = _size(r.gathered_bytes_per_rank)

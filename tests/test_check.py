@@ -18,6 +18,7 @@ from dist_lora.data import prepare_data
 from dist_lora.demo import build_tokenizer, corpus_path
 from dist_lora.lora import AdapterError, apply_lora
 from dist_lora.model import load_tokenizer
+from tests.dist_utils import run_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -110,6 +111,67 @@ def test_a_deepspeed_json_is_read_as_the_engine_reads_it(gpt2_base, tmp_path):
     ds.write_text(json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": 1000}}))
     lay = layout(tiny(gpt2_base, tmp_path, *extra), 4)
     assert (lay.shards, lay.persistence_threshold) == (4, 1000)
+
+
+STATE_WORKER = ROOT / "tests" / "workers" / "state_worker.py"
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("world", [2, 3])
+def test_the_trainable_state_is_what_each_engine_allocates_at_its_optimizer_step(gpt2_base, world, tmp_path):
+    """Every floating-point storage alive as the adapter's optimizer steps, less the frozen base's and what was
+    there before the engine (tests/workers/state_worker.py), equals the check's trainable state on the rank that
+    holds the most (FSDP2's last ranks hold smaller gradient and moment shards), to AdamW's step counters: FSDP2,
+    DDP, ZeRO-1/2 (flat groups padded to twice the world size, float32 partitions) and ZeRO-3 (partitions, the
+    reduction bucket), in float32, under DeepSpeed's bf16 with float32 adapters or with biases that made them bf16,
+    over a bf16 base without it, with a JSON's bucket size and persistence threshold; at 3 ranks the partitions are
+    uneven (r=5). LoRA+'s several groups under DeepSpeed are not modelled: None."""
+    from dist_lora.demo import corpus_path
+
+    ds = tmp_path / "ds.json"
+    ds.write_text(
+        json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": 500, "reduce_bucket_size": 1000}})
+    )
+    zero = ["parallel.backend=deepspeed", "parallel.zero_stage"]
+    bias, bf16 = ["lora.bias=lora_only"], ["parallel.mixed_precision=bf16"]
+    cases = {
+        "fsdp": ["parallel.backend=fsdp", *bias],
+        "fsdp-bf16-base": ["parallel.backend=fsdp", "model.dtype=bfloat16", *bias],
+        "ddp": ["parallel.backend=ddp", *bias],
+        "zero1-bf16": [*zero[:1], f"{zero[1]}=1", *bf16, *bias],
+        "zero2": [*zero[:1], f"{zero[1]}=2", *bias],
+        "zero2-bf16-base": [*zero[:1], f"{zero[1]}=2", "model.dtype=bfloat16", *bias],
+        "zero3": [*zero[:1], f"{zero[1]}=3", *bias],
+        "zero3-bf16": [*zero[:1], f"{zero[1]}=3", *bf16, *bias],
+        "zero3-bf16-float32-adapters": [*zero[:1], f"{zero[1]}=3", *bf16],
+        "zero3-bf16-base": [*zero[:1], f"{zero[1]}=3", "model.dtype=bfloat16", *bias],
+        "zero3-json": [*zero[:1], f"{zero[1]}=3", f"parallel.deepspeed_config={ds}", *bias],
+        "zero2-loraplus": [*zero[:1], f"{zero[1]}=2", "train.loraplus_lr_ratio=16", *bias],
+    }
+    common = [
+        f"model.name_or_path={gpt2_base}",
+        f"data.path={corpus_path()}",
+        f"train.global_batch_size={2 * world}",
+        "train.micro_batch_size=1",
+        "train.warmup_steps=0",
+        "lora.r=5",
+        "lora.target_modules=[c_attn,c_fc]",
+    ]
+    runs = [{"name": name, "overrides": [*common, *extra]} for name, extra in cases.items()]
+    run_worker(world, {"runs": runs, "out": str(tmp_path)}, worker=STATE_WORKER)
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+    for name in cases:
+        held = [report[name]["held"] for report in reports]
+        estimated = reports[0][name]["estimated"]
+        if name.endswith("loraplus"):
+            assert estimated is None, (name, estimated)
+            continue
+        counters = 64 + 4 * 12  # AdamW's step counters (a float32 scalar a tensor on FSDP2 and DDP), and such
+        assert 0 <= max(held) - estimated <= counters and min(held) <= max(held), (name, held, estimated)
+        for report in reports:  # the frozen base likewise, storage by storage
+            frozen, frozen_estimated = report[name]["frozen"]
+            assert frozen == frozen_estimated, (name, report[name])
 
 
 def test_the_command_prints_the_report_and_refuses_what_does_not_fit(gpt2_base, tmp_path):

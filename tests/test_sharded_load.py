@@ -387,7 +387,7 @@ def test_sharded_load_equals_the_full_load(
             assert report[name]["not_read_ahead"] == [] and report[name]["views_missed"] == [], (rank, name)
             # dist-lora check's figures for the config at this world size: what the engine itself allocated
             (frozen, trained), (want_frozen, want_trained) = report[name]["held_bytes"], report[name]["estimated_bytes"]
-            assert frozen == want_frozen and want_trained in (trained, None), (rank, name, report[name])
+            assert frozen == want_frozen and trained in (want_trained, None), (rank, name, report[name])
             if name.startswith("zero3:"):  # the reduction bucket holds the adapter's gradients, not DeepSpeed's 5e8
                 buckets = report[name]["reduce_buckets"]
                 assert set(buckets["allocated"]) == {buckets["trained"]}, (rank, name, buckets)

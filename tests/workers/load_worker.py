@@ -69,11 +69,12 @@ def held_whole(backend, p) -> torch.Tensor | None:
     return None
 
 
-def held_bytes(module) -> tuple[int, int]:
+def held_bytes(module) -> tuple[int, int | None]:
     """(the frozen base's bytes, the trainable state's bytes) this rank holds, as the engine itself sized them:
     FSDP2's padded shard of each parameter (its FSDPParam's own size), ZeRO-3's partition (plus the whole tensor it
-    keeps of a persistent one), a whole tensor otherwise; every buffer whole. The trainable state is each trained
-    shard four times over (itself, its gradient, AdamW's two moments; not counted under DeepSpeed)."""
+    keeps of a persistent one once gathered, padded to whole partitions), a whole tensor otherwise; every buffer
+    whole. The trainable state is each trained shard four times over (itself, its gradient, AdamW's two moments); None under DeepSpeed, whose flat groups and
+    buckets tests/workers/state_worker.py measures."""
     from torch.distributed.fsdp import FSDPModule
 
     fsdp = {}
@@ -86,7 +87,7 @@ def held_bytes(module) -> tuple[int, int]:
     trained = 0
     for p in module.parameters():
         if hasattr(p, "ds_tensor"):
-            held = p.ds_tensor.numel() + (p.ds_numel if getattr(p, "ds_persist", False) else 0)
+            held = p.ds_tensor.numel() + (p.ds_numel_aligned if getattr(p, "ds_persist", False) else 0)
             size = p.ds_tensor.element_size()
         else:
             held, size = fsdp.get(id(p), p.numel()), p.element_size()
@@ -94,7 +95,8 @@ def held_bytes(module) -> tuple[int, int]:
             trained += held * size * 4
         else:
             frozen += held * size
-    return frozen, trained
+    deepspeed = any(hasattr(p, "ds_tensor") for p in module.parameters())
+    return frozen, None if deepspeed else trained
 
 
 def reduce_buckets(backend) -> dict[str, int] | None:

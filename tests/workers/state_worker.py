@@ -1,0 +1,108 @@
+"""One rank of the trainable-state test (tests/test_check.py): what each engine holds of the adapter at its optimizer
+step, against what ``dist-lora check`` says for the same config at this world size.
+
+argv[1] is JSON: {"runs": [{"name", "overrides": [...]}], "out": dir}. Each run builds a Trainer (the tiny config
+plus its overrides) and takes two steps (AdamW makes its moments at the first). As the optimizer that steps the
+adapter starts the second step, every floating-point tensor storage alive in the process is summed, less the
+frozen base's (its parameters, shards or partitions, and its buffers) and those alive before the engine was built
+(the data's; held until the measure, so that no new tensor can take an address of theirs): what is left is the adapter's state as the engine allocated it, ZeRO's flat groups,
+fp32 partitions and reduction buckets included. Rank r writes out/rank{r}.json: per run, that figure and the
+check's.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch.distributed.tensor import DTensor
+
+import dist_lora.backends as backends
+from dist_lora.check import _optimizer_groups as optimizer_groups
+from dist_lora.check import build_meta_model, layout, trainable_state_bytes
+from dist_lora.config import load_config
+from dist_lora.distributed import shutdown
+from dist_lora.train import Trainer
+from tests.dist_utils import TINY
+
+
+def storages() -> dict[int, torch.UntypedStorage]:
+    """Every floating-point tensor storage alive (reachable from Python), by address."""
+    found = {}
+    for o in gc.get_objects():
+        if isinstance(o, torch.Tensor) and o.is_floating_point() and o.device.type != "meta":
+            if isinstance(o, DTensor):  # a wrapper: its local tensor is found on its own
+                continue
+            storage = o.untyped_storage()
+            if storage.nbytes():
+                found[storage.data_ptr()] = storage
+    return found
+
+
+def frozen_storages(module: torch.nn.Module) -> set[int]:
+    """The frozen base's storages: each parameter's own, FSDP2's local shard, ZeRO-3's partition; every buffer."""
+    found = set()
+    for p in module.parameters():
+        if p.requires_grad:
+            continue
+        for t in (p.to_local() if isinstance(p, DTensor) else p, getattr(p, "ds_tensor", None)):
+            if t is not None and t.untyped_storage().nbytes():
+                found.add(t.untyped_storage().data_ptr())
+    found.update(b.untyped_storage().data_ptr() for b in module.buffers())
+    return found
+
+
+def main() -> None:
+    args = json.loads(sys.argv[1])
+    out = Path(args["out"])
+    report, rank = {}, 0
+    build = backends.build
+    for run in args["runs"]:
+        before: dict[int, torch.UntypedStorage] = {}  # held, so that no later tensor takes one's address
+
+        def building(*a, before=before, **kw):
+            gc.collect()
+            model = a[1]
+            trained = {p.untyped_storage().data_ptr() for p in model.parameters() if p.requires_grad}
+            before.update((k, v) for k, v in storages().items() if k not in trained)
+            return build(*a, **kw)
+
+        backends.build = building
+        cfg = load_config(TINY, [*run["overrides"], f"checkpoint.dir={out / run['name']}"])
+        trainer = Trainer(cfg)
+        backends.build = build
+        rank, world = trainer.rank, trainer.backend.world_size
+        module = trainer.backend.model
+        module = module.module if hasattr(module, "module") else module
+        held = []
+
+        def measure(*_, module=module, before=before, held=held):
+            gc.collect()
+            excluded = before.keys() | frozen_storages(module)
+            held.append(sum(v.nbytes() for k, v in storages().items() if k not in excluded))
+
+        hook = trainer.backend.stepping_optimizer().register_step_pre_hook(measure)
+        trainer.train_step()
+        held.clear()
+        trainer.train_step()  # (ZeRO steps its optimizer once per parameter group: the largest counts)
+        hook.remove()
+        lay = layout(trainer.cfg, world)
+        model = build_meta_model(trainer.cfg, lay.shards)
+        estimated = trainable_state_bytes(model, lay, optimizer_groups(model, trainer.cfg))
+        from dist_lora.check import frozen_bytes
+
+        alive = storages()
+        frozen = sum(alive[k].nbytes() for k in frozen_storages(module) if k in alive)
+        report[run["name"]] = {"held": max(held), "estimated": estimated, "frozen": [frozen, frozen_bytes(model, lay)]}
+        trainer.checkpointer.release_lease()
+        del trainer, module
+        gc.collect()
+    (out / f"rank{rank}.json").write_text(json.dumps(report, indent=1))
+    shutdown()
+
+
+if __name__ == "__main__":
+    main()
