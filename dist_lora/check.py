@@ -272,7 +272,7 @@ def build_meta_model(cfg: RunConfig, shards: int) -> Any:
     return model
 
 
-def _optimizer_groups(model: nn.Module, cfg: RunConfig) -> list[list[nn.Parameter]] | None:
+def optimizer_groups(model: nn.Module, cfg: RunConfig) -> list[list[nn.Parameter]] | None:
     """The trainer's AdamW parameter groups over ``model`` (LoRA+'s, or None: one group of every trained tensor)."""
     from dist_lora.lora import loraplus_groups
 
@@ -324,7 +324,7 @@ def check_run(
         lora_layers=sum(1 for _ in _lora_modules(model)),
         trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
         frozen_bytes_per_rank=frozen_bytes(model, lay),
-        trainable_state_bytes_per_rank=trainable_state_bytes(model, lay, _optimizer_groups(model, cfg)),
+        trainable_state_bytes_per_rank=trainable_state_bytes(model, lay, optimizer_groups(model, cfg)),
         grad_accum=accum,
         gathered_bytes_per_rank=gathered_bytes(model, cfg) if lay.engine == "fsdp" else 0,
         rows=rows,

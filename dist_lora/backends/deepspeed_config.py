@@ -21,9 +21,10 @@ import json
 from typing import Any
 
 AUTO = "auto"
+"""HF Trainer's placeholder for "the trainer's value": dist_lora's own, or DeepSpeed's default where it has none."""
+
 REDUCE_BUCKET_ELEMENTS = 500_000_000
 """DeepSpeed's default ``reduce_bucket_size``, the most :func:`ds_config` sets it to."""
-"""HF Trainer's placeholder for "the trainer's value": dist_lora's own, or DeepSpeed's default where it has none."""
 
 _MISSING = object()
 

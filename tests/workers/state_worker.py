@@ -5,9 +5,10 @@ argv[1] is JSON: {"runs": [{"name", "overrides": [...]}], "out": dir}. Each run 
 plus its overrides) and takes two steps (AdamW makes its moments at the first). As the optimizer that steps the
 adapter starts the second step, every floating-point tensor storage alive in the process is summed, less the
 frozen base's (its parameters, shards or partitions, and its buffers) and those alive before the engine was built
-(the data's; held until the measure, so that no new tensor can take an address of theirs): what is left is the adapter's state as the engine allocated it, ZeRO's flat groups,
-fp32 partitions and reduction buckets included. Rank r writes out/rank{r}.json: per run, that figure and the
-check's.
+(the data's; held until the measure, so that no new tensor can take an address of theirs): what is left is the
+adapter's state as the engine allocated it, ZeRO's flat groups, fp32 partitions and reduction buckets included.
+Likewise the frozen base's storages after the steps (a ZeRO-3 tensor under the persistence threshold is gathered
+whole at the first forward). Rank r writes out/rank{r}.json: per run, each figure and the check's.
 """
 
 from __future__ import annotations
@@ -21,8 +22,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 import dist_lora.backends as backends
-from dist_lora.check import _optimizer_groups as optimizer_groups
-from dist_lora.check import build_meta_model, layout, trainable_state_bytes
+from dist_lora.check import build_meta_model, frozen_bytes, layout, optimizer_groups, trainable_state_bytes
 from dist_lora.config import load_config
 from dist_lora.distributed import shutdown
 from dist_lora.train import Trainer
@@ -92,8 +92,6 @@ def main() -> None:
         lay = layout(trainer.cfg, world)
         model = build_meta_model(trainer.cfg, lay.shards)
         estimated = trainable_state_bytes(model, lay, optimizer_groups(model, trainer.cfg))
-        from dist_lora.check import frozen_bytes
-
         alive = storages()
         frozen = sum(alive[k].nbytes() for k in frozen_storages(module) if k in alive)
         report[run["name"]] = {"held": max(held), "estimated": estimated, "frozen": [frozen, frozen_bytes(model, lay)]}
