@@ -111,6 +111,11 @@ def test_a_deepspeed_json_is_read_as_the_engine_reads_it(gpt2_base, tmp_path):
     ds.write_text(json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": 1000}}))
     lay = layout(tiny(gpt2_base, tmp_path, *extra), 4)
     assert (lay.shards, lay.persistence_threshold) == (4, 1000)
+    # offloaded, the optimizer's state is laid out otherwise (host buffers): not modelled, and said so
+    cfg = tiny(gpt2_base, tmp_path, *extra, "parallel.zero_stage=3", "parallel.cpu_offload=true")
+    r = check_run(cfg, world=2, data=False)
+    assert r.trainable_state_bytes_per_rank is None
+    assert "trainable state: not modelled for this DeepSpeed layout (offload" in describe(r, cfg)
 
 
 STATE_WORKER = ROOT / "tests" / "workers" / "state_worker.py"
