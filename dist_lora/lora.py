@@ -361,8 +361,9 @@ def _collect_token_rows(layer: Any, weight: Any, rows: Any, embed_dim: int) -> t
 def apply_lora(
     model: nn.Module, cfg: LoraConfig, base_model_name_or_path: str | None = None, revision: str | None = None
 ) -> nn.Module:
-    """Wrap a causal LM in PEFT LoRA from a ``lora:`` config block; only the adapter (and biases per mode) train.
-    ``revision``: the hub commit of the base, recorded in ``adapter_config.json`` (PEFT's ``revision``)."""
+    """Wrap a causal LM in PEFT LoRA from a ``lora:`` config block; only the adapter (and biases per mode) train,
+    in one dtype (:func:`one_trainable_dtype`). ``revision``: the hub commit of the base, recorded in
+    ``adapter_config.json`` (PEFT's ``revision``)."""
     import peft
     from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
 
