@@ -226,12 +226,12 @@ class Report:
         return asdict(self)
 
 
-def check_resume(cfg: RunConfig, model: Any) -> dict[str, Any] | None:
+def check_resume(cfg: RunConfig, model: Any, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
     """What ``checkpoint.resume`` will load, checked as a resume checks it before any tensor moves: the step read
     and every file's sha256 verified, then its adapter and AdamW state against the model's (keys, shapes, bias
     mode, LoRA scaling, the base's fingerprint) and no committed step of ``checkpoint.dir`` after it (another
     run's). None for a fresh run ("none", or "auto" over a dir without a committed step). Nothing is written: no
-    lease is taken."""
+    lease is taken. ``optimizer``: the trainer's over ``model`` (:func:`dist_lora.train.adamw`)."""
     from dist_lora.api import _check_step_fits, _read
     from dist_lora.backends import attach
     from dist_lora.checkpoint import CheckpointError, check_no_newer_steps
@@ -246,7 +246,6 @@ def check_resume(cfg: RunConfig, model: Any) -> dict[str, Any] | None:
         if auto:
             return None
         raise CheckpointError(f"no committed, verified step under {ck.resume}")
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], **cfg.train.adamw())
     _check_step_fits(loaded, attach(model, optimizer, cfg.lora.bias), with_optimizer=True)
     step = int(loaded.trainer_state.get("step", 0))
     check_no_newer_steps(Storage(ck.dir, ck.storage_options), step)
@@ -272,18 +271,6 @@ def build_meta_model(cfg: RunConfig, shards: int) -> Any:
     return model
 
 
-def optimizer_groups(model: nn.Module, cfg: RunConfig) -> list[list[nn.Parameter]] | None:
-    """The trainer's AdamW parameter groups over ``model`` (LoRA+'s, or None: one group of every trained tensor)."""
-    from dist_lora.lora import loraplus_groups
-
-    t = cfg.train
-    if t.loraplus_lr_ratio is None:
-        return None
-    trained = [p for p in model.parameters() if p.requires_grad]
-    kw = {"lr": t.lr, "ratio": t.loraplus_lr_ratio, "embedding_lr": t.loraplus_lr_embedding}
-    return [group["params"] for group in loraplus_groups(model, trained, weight_decay=t.weight_decay, **kw)]
-
-
 def check_run(
     cfg: RunConfig, *, world: int, config_name: str = "", nproc_per_node: int | None = None, data: bool = True
 ) -> Report:
@@ -293,7 +280,7 @@ def check_run(
     from dist_lora.data import check_packing, prepare_data
     from dist_lora.lora import _lora_modules
     from dist_lora.model import load_tokenizer
-    from dist_lora.train import check_seq_len, grad_accum_steps, resolved_model, schedule
+    from dist_lora.train import adamw, check_seq_len, grad_accum_steps, resolved_model, schedule
 
     cfg = replace(cfg, model=resolved_model(cfg.model))
     accum = grad_accum_steps(cfg.train, world)
@@ -311,7 +298,8 @@ def check_run(
     model = build_meta_model(cfg, lay.shards)
     if prepared is not None and cfg.data.packing:
         check_packing(model.get_base_model(), prepared)
-    resume = check_resume(cfg, model)
+    optimizer = adamw(model, [p for p in model.parameters() if p.requires_grad], cfg.train)
+    resume = check_resume(cfg, model, optimizer)
     frozen = [p for p in model.parameters() if not p.requires_grad]
     return Report(
         config=config_name,
@@ -324,7 +312,7 @@ def check_run(
         lora_layers=sum(1 for _ in _lora_modules(model)),
         trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
         frozen_bytes_per_rank=frozen_bytes(model, lay),
-        trainable_state_bytes_per_rank=trainable_state_bytes(model, lay, optimizer_groups(model, cfg)),
+        trainable_state_bytes_per_rank=trainable_state_bytes(model, lay, [g["params"] for g in optimizer.param_groups]),
         grad_accum=accum,
         gathered_bytes_per_rank=gathered_bytes(model, cfg) if lay.engine == "fsdp" else 0,
         rows=rows,

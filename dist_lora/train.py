@@ -116,6 +116,22 @@ def check_seq_len(cfg: RunConfig) -> None:
         )
 
 
+def adamw(model: torch.nn.Module, params: list[torch.nn.Parameter], t: TrainConfig) -> torch.optim.Optimizer:
+    """The trainer's optimizer over ``params``, the trainable tensors of ``model``: AdamW with ``train``'s settings,
+    in LoRA+'s parameter groups when ``train.loraplus_lr_ratio`` is set."""
+    if t.loraplus_lr_ratio is None:
+        return torch.optim.AdamW(params, **t.adamw())
+    groups = loraplus_groups(
+        model,
+        params,
+        lr=t.lr,
+        ratio=t.loraplus_lr_ratio,
+        embedding_lr=t.loraplus_lr_embedding,
+        weight_decay=t.weight_decay,
+    )
+    return torch.optim.AdamW(groups, **t.adamw())
+
+
 def check_launch(cfg: RunConfig) -> None:
     """Refuse the single backend on several ranks (the launcher's WORLD_SIZE): before any process group."""
     launched = int(os.environ.get(ENV_WORLD_SIZE, "1"))
@@ -387,23 +403,10 @@ class Trainer:
             shards = backends.backend_class(cfg.parallel.backend).shards(cfg.parallel)
             plan = quantize_base(model, shards, self.device)
 
-        def make_optimizer(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-            if t.loraplus_lr_ratio is None:
-                return torch.optim.AdamW(params, **t.adamw())
-            groups = loraplus_groups(
-                model,
-                params,
-                lr=t.lr,
-                ratio=t.loraplus_lr_ratio,
-                embedding_lr=t.loraplus_lr_embedding,
-                weight_decay=t.weight_decay,
-            )
-            return torch.optim.AdamW(groups, **t.adamw())
-
         self.backend = backends.build(
             cfg.parallel,
             model,
-            make_optimizer,
+            lambda params: adamw(model, params, t),
             bias=cfg.lora.bias,
             micro_batch_size=t.micro_batch_size,
             grad_accum=self.grad_accum,

@@ -22,10 +22,10 @@ import torch
 from torch.distributed.tensor import DTensor
 
 import dist_lora.backends as backends
-from dist_lora.check import build_meta_model, frozen_bytes, layout, optimizer_groups, trainable_state_bytes
+from dist_lora.check import build_meta_model, frozen_bytes, layout, trainable_state_bytes
 from dist_lora.config import load_config
 from dist_lora.distributed import shutdown
-from dist_lora.train import Trainer
+from dist_lora.train import Trainer, adamw
 from tests.dist_utils import TINY
 
 
@@ -91,7 +91,9 @@ def main() -> None:
         hook.remove()
         lay = layout(trainer.cfg, world)
         model = build_meta_model(trainer.cfg, lay.shards)
-        estimated = trainable_state_bytes(model, lay, optimizer_groups(model, trainer.cfg))
+        trained = [p for p in model.parameters() if p.requires_grad]
+        groups = [g["params"] for g in adamw(model, trained, trainer.cfg.train).param_groups]
+        estimated = trainable_state_bytes(model, lay, groups)
         alive = storages()
         frozen = sum(alive[k].nbytes() for k in frozen_storages(module) if k in alive)
         report[run["name"]] = {"held": max(held), "estimated": estimated, "frozen": [frozen, frozen_bytes(model, lay)]}
