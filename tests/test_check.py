@@ -173,7 +173,7 @@ def test_the_trainable_state_is_what_each_engine_allocates_at_its_optimizer_step
             assert estimated is None, (name, estimated)
             continue
         counters = 64 + 4 * 12  # AdamW's step counters (a float32 scalar a tensor on FSDP2 and DDP), and such
-        assert 0 <= max(held) - estimated <= counters and min(held) <= max(held), (name, held, estimated)
+        assert 0 <= max(held) - estimated <= counters, (name, held, estimated)  # the rank holding the most
         for report in reports:  # the frozen base likewise, storage by storage
             frozen, frozen_estimated = report[name]["frozen"]
             assert frozen == frozen_estimated, (name, report[name])
