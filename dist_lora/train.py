@@ -470,7 +470,7 @@ class Trainer:
             self.step,
             state.get("backend"),
             state.get("world_size"),
-            self.backend.name,
+            self.backend.describe(),
             self.world,
         )
 
@@ -633,7 +633,7 @@ class Trainer:
             "training %s on %d rank(s), backend %s, grad_accum %d, steps %d..%d",
             self.cfg.model.name_or_path,
             self.world,
-            self.backend.name,
+            self.backend.describe(),
             self.grad_accum,
             self.step + 1,
             stop,

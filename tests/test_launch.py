@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from safetensors.torch import load_file
 
 from dist_lora.demo import corpus_path
 from dist_lora.preempt import STOP_SIGNALS, StopRequest
@@ -123,6 +124,59 @@ def test_launch_script_runs_the_tiny_config_on_two_processes(script, gpt2_base, 
     rows = committed(tmp_path / "ckpt")
     assert rows[4]["world_size"] == 2
     assert rows[4]["backend"] == ("fsdp" if script == "torchrun.sh" else "deepspeed")
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(400)
+def test_two_nodes_launched_as_slurm_launches_them_train_hsdp_with_one_replica_group_per_node(gpt2_base, tmp_path):
+    """launch/torchrun.sh started once per node, as slurm.sbatch's srun starts it (NNODES=2, a c10d rendezvous at
+    RDZV_ENDPOINT), two ranks a node, ``parallel.replicate: nodes`` (configs/llama70b-hsdp.yaml's layout): the log
+    names 2 replica groups sharding over 2 ranks, and the run's losses and adapter equal a one-node FSDP run over
+    the same 4 ranks (HSDP's replicas all-reduce what FSDP's reduce-scatter over 4 reduces)."""
+    from tests.dist_utils import free_port
+
+    def args(name: str, *extra: str) -> list[str]:
+        extra = ("train.max_steps=3", "parallel.backend=fsdp", "lora.dropout=0.0", *extra)
+        return [*run_args(gpt2_base, tmp_path / name, tmp_path / f"{name}.jsonl", *extra)]
+
+    env = {**launch_env(), "NNODES": "2", "NPROC_PER_NODE": "2", "RDZV_ID": "two-nodes"}
+    env["RDZV_ENDPOINT"] = f"127.0.0.1:{free_port()}"
+    script = ["bash", str(LAUNCH / "torchrun.sh")]
+    nodes = [
+        subprocess.Popen(
+            [*script, *args("hsdp", "parallel.replicate=nodes")],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outs = [node.communicate(timeout=300) for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), failure_report(*outs[0]) + failure_report(*outs[1])
+    one_node = {**launch_env(), "NPROC_PER_NODE": "4"}
+    out = subprocess.run([*script, *args("fsdp")], env=one_node, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, failure_report(out.stdout, out.stderr)
+
+    logs = "".join(err for _, err in outs)
+    assert "on 4 rank(s), backend fsdp (HSDP: 2 replica groups, each tensor sharded over 2 ranks)" in logs, logs
+    assert "on 4 rank(s), backend fsdp, grad_accum" in out.stderr, out.stderr[-4000:]
+    losses = {
+        name: [
+            json.loads(row)["loss"]
+            for row in (tmp_path / f"{name}.jsonl").read_text().splitlines()
+            if "loss" in json.loads(row)
+        ]
+        for name in ("hsdp", "fsdp")
+    }
+    assert len(losses["hsdp"]) == 3 and all(
+        abs(a - b) <= 1e-5 for a, b in zip(losses["hsdp"], losses["fsdp"], strict=True)
+    ), losses
+    hsdp, fsdp = (
+        load_file(str(tmp_path / name / "step-00000003" / "adapter_model.safetensors")) for name in ("hsdp", "fsdp")
+    )
+    assert hsdp.keys() == fsdp.keys() and all((hsdp[k] - fsdp[k]).abs().max() <= 1e-5 for k in hsdp)
+    assert committed(tmp_path / "hsdp")[3]["world_size"] == 4
 
 
 @pytest.mark.reliability(

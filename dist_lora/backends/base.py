@@ -110,6 +110,10 @@ class Backend(ABC):
         self.optimizer = optimizer
         self.bias = bias
 
+    def describe(self) -> str:
+        """The engine and how it lays the model out, for the run's log."""
+        return self.name
+
     # ------------------------------------------------------------------------------------------ registry
 
     @classmethod

@@ -198,6 +198,9 @@ class DeepSpeedBackend(Backend):
     def gathers_parameters(cls, parallel):  # type: ignore[no-untyped-def]
         return parallel.zero_stage == 3
 
+    def describe(self) -> str:
+        return f"{self.name} ZeRO-{self.stage}"
+
     @classmethod
     def load_base(cls, parallel, name_or_path, dtype, device, *, config=None, **batch):  # type: ignore[no-untyped-def]
         """ZeRO-3 with a local base: the model is partitioned as it is constructed (``zero.Init``, through

@@ -242,6 +242,12 @@ class FSDPBackend(Backend):
     def recognise(cls, model, optimizer, bias):  # type: ignore[no-untyped-def]
         return cls(model, optimizer, bias) if any(isinstance(p, DTensor) for p in model.parameters()) else None
 
+    def describe(self) -> str:
+        mesh = next((p.device_mesh for p in self.model.parameters() if isinstance(p, DTensor)), None)
+        if mesh is None or mesh.ndim == 1:
+            return self.name
+        return f"{self.name} (HSDP: {mesh.size(0)} replica groups, each tensor sharded over {mesh.size(1)} ranks)"
+
     def forward(self, batch: dict[str, Any], *, last_micro: bool = True) -> torch.Tensor:
         if hasattr(self.model, "set_requires_gradient_sync"):
             self.model.set_requires_gradient_sync(last_micro)
