@@ -35,7 +35,8 @@ from dist_lora.backends import fsdp as fsdp_backend
 from dist_lora.config import LoraConfig, ParallelConfig
 from dist_lora.distributed import exit_process, init_distributed, shutdown
 from dist_lora.lora import apply_lora
-from dist_lora.model import BaseWeights, adapters_on_cpu, collection_paused, load_base, return_large_blocks_to_the_os
+from dist_lora.model import adapters_on_cpu, collection_paused, load_base, return_large_blocks_to_the_os
+from dist_lora.weights import BaseWeights
 
 STAGES = ("construct", "lora", "engine", "read", "touch")
 """A sharded load's stages: the model built on the meta device (FSDP2) or partitioned at construction (ZeRO-3);

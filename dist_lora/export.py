@@ -19,8 +19,6 @@ from dist_lora.checkpoint import CheckpointError, LoadedStep, read_manifest, rea
 from dist_lora.constants import ADAPTER_CONFIG_NAME, MANIFEST_NAME
 from dist_lora.lora import base_fingerprint, base_key, check_base, lora_scaling
 from dist_lora.model import (
-    SAFE_INDEX_NAME,
-    BaseWeights,
     ModelError,
     base_directory,
     build_on_meta,
@@ -28,6 +26,7 @@ from dist_lora.model import (
     resolve_model_path,
 )
 from dist_lora.storage import Storage
+from dist_lora.weights import SAFE_INDEX_NAME, BaseWeights
 
 log = logging.getLogger(__name__)
 

@@ -531,7 +531,7 @@ def base_key(name: str) -> str:
 def base_fingerprint(model: nn.Module) -> dict[str, Any]:
     """Architecture and every base parameter's shape: a checkpoint only loads over a base that matches. ``model``
     has LoRA applied, or is the bare base (as a streaming merge builds it). Where the files it was loaded from are
-    found, also a sample of their values (``content``: :func:`~dist_lora.model.base_content`), which tells another
+    found, also a sample of their values (``content``: :func:`~dist_lora.weights.base_content`), which tells another
     checkpoint of the same architecture apart (:func:`compare_content`)."""
     adapted = next(_lora_modules(model), None) is not None
     lora_ids = {id(p) for p in adapter_parameters(model, "none").values()} if adapted else set()
@@ -554,10 +554,11 @@ def base_fingerprint(model: nn.Module) -> dict[str, Any]:
 
 
 def _content_of(config: Any, revision: str | None) -> dict[str, str] | None:
-    """:func:`~dist_lora.model.base_content` of the files the model was loaded from; None where they cannot be
+    """:func:`~dist_lora.weights.base_content` of the files the model was loaded from; None where they cannot be
     found or read (a model built in code, pickle files, a file this process cannot read). The sample only ever
     adds a warning, so it is never what makes a save or a load fail."""
-    from dist_lora.model import base_content, files_of
+    from dist_lora.model import files_of
+    from dist_lora.weights import base_content
 
     directory = files_of(config, revision)
     if directory is None:

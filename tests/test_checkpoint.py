@@ -21,8 +21,8 @@ from dist_lora.constants import (
     TRAINER_STATE_NAME,
 )
 from dist_lora.lora import AdapterError
-from dist_lora.model import BaseWeights
 from dist_lora.storage import Storage
+from dist_lora.weights import BaseWeights
 
 ARCH = {"gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"]}
 

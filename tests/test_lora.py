@@ -161,7 +161,7 @@ def test_base_content_tells_other_weights_of_one_architecture_apart(gpt2_base, h
 def test_base_content_of_a_hub_base_is_of_the_commit_it_was_loaded_at(gpt2_base, gpt2_tuned_base):
     """A hub base is sampled in the local cache's snapshot of the commit its LoRA config names (the trainer and
     ``load_model`` name the commit they loaded), not of whatever ``main`` is now; without one, of ``main``."""
-    from dist_lora.model import base_content
+    from dist_lora.weights import base_content
     from tests.conftest import put_in_hub_cache
 
     repo, old, new = "dist-lora-tests/moving-gpt2", "1" * 40, "2" * 40
@@ -178,11 +178,11 @@ def test_base_content_of_a_hub_base_is_of_the_commit_it_was_loaded_at(gpt2_base,
 def test_base_content_samples_at_most_so_many_tensors(gpt2_base, monkeypatch):
     """A base of thousands of tensors (a MoE saved one expert per tensor) is sampled evenly over its sorted names,
     so that every step's manifest stays small; the same names on both sides."""
-    from dist_lora import model as model_module
+    from dist_lora import weights
 
-    every = model_module.base_content(gpt2_base)
-    monkeypatch.setattr(model_module, "CONTENT_TENSORS", 10)
-    some = model_module.base_content(gpt2_base)
+    every = weights.base_content(gpt2_base)
+    monkeypatch.setattr(weights, "CONTENT_TENSORS", 10)
+    some = weights.base_content(gpt2_base)
     assert 5 <= len(some) <= 10
     names = sorted(every)
     assert list(some) == names[:: -(-len(names) // 10)]

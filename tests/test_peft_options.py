@@ -135,7 +135,7 @@ def test_lora_on_the_experts_alone(mixtral_base, tmp_path):
     import dist_lora
     from dist_lora import export
     from dist_lora.lora import base_key
-    from dist_lora.model import BaseWeights, ModelError
+    from dist_lora.weights import BaseWeights, ModelError
 
     experts = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
     raw = {"model": {"name_or_path": "x"}, "data": {"path": "y"}, "checkpoint": {"dir": "z"}}

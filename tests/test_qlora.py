@@ -281,9 +281,9 @@ def test_one_process_builds_the_nf4_base_one_tensor_at_a_time(qlora_base, tmp_pa
     from the files tensor by tensor (the whole base never sits in memory in model.dtype: from_pretrained is not
     called), equal to to_nf4 of each file tensor; its bytes are those ``dist-lora check`` reports."""
     from dist_lora.backends import base as backend_base
-    from dist_lora.model import BaseWeights
     from dist_lora.quantize import BLOCK, INNER_TENSORS, SCALER_BLOCK, is_nf4, nf4_module
     from dist_lora.train import Trainer
+    from dist_lora.weights import BaseWeights
 
     def no_full_load(*args, **kwargs):
         raise AssertionError("the whole base was loaded")

@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 
 from dist_lora.backends.fsdp import rows_of
 from dist_lora.demo import corpus_path
-from dist_lora.model import BaseWeights, ModelError, build_on_meta, collection_paused
+from dist_lora.model import build_on_meta, collection_paused
+from dist_lora.weights import BaseWeights, ModelError
 from tests.dist_utils import mapped_file, maps_of, resident_bytes, run_worker
 
 WORKER = Path(__file__).resolve().parent / "workers" / "load_worker.py"
@@ -63,7 +64,7 @@ def test_a_mapped_view_is_the_files_pages_and_never_writes_to_them(llama_base, m
     def refused(*args, **kwargs):
         raise OSError(19, "No such device")  # what mmap says on a file system that cannot map files
 
-    monkeypatch.setattr("dist_lora.model.mmap.mmap", refused)
+    monkeypatch.setattr("dist_lora.weights.mmap.mmap", refused)
     assert weights.mapped(key, 8, 24, torch.float32) is None  # the rows are then read
 
 
@@ -241,7 +242,7 @@ def test_read_ahead_maps_in_the_views_to_come_and_hands_them_over(llama_base, mo
 
     made = []
     real_mmap = mmap.mmap
-    monkeypatch.setattr("dist_lora.model.mmap.mmap", lambda *a, **k: made.append(a) or real_mmap(*a, **k))
+    monkeypatch.setattr("dist_lora.weights.mmap.mmap", lambda *a, **k: made.append(a) or real_mmap(*a, **k))
     key = "model.layers.0.mlp.up_proj.weight"
     rows = weights.shape(key)[0]
     chunk = -(-rows // 3)
@@ -268,7 +269,7 @@ def test_read_ahead_for_a_gpu_keeps_no_map_and_stays_within_its_budget(llama_bas
 
     first = sorted(weights.entries.values(), key=lambda e: e.offset)[:2]
     budget = sum(math.prod(e.shape) * e.dtype.itemsize for e in first)
-    monkeypatch.setattr("dist_lora.model._memory_for_read_ahead", lambda: budget)
+    monkeypatch.setattr("dist_lora.weights._memory_for_read_ahead", lambda: budget)
     weights.read_ahead(whole, torch.float32).join()
     assert len(maps_of(path)) - before == 2
     weights.drop_unused_maps()

@@ -11,7 +11,7 @@ from torch import nn
 
 from dist_lora.backends.base import Backend, LocalPiece
 from dist_lora.config import ParallelConfig
-from dist_lora.model import BaseWeights
+from dist_lora.weights import BaseWeights
 
 # parallel.backend -> (module, class). attach() asks them, in this order, whether they wrapped a model: the
 # first that did gives the view (single recognises any module, so it comes last).

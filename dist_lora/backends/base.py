@@ -24,7 +24,6 @@ from dist_lora.constants import WEIGHT_FIELD
 from dist_lora.distributed import comm_device
 from dist_lora.lora import adapter_parameters, base_key, canonical_name, check_nothing_dropped, full_shape
 from dist_lora.model import (
-    BaseWeights,
     build_on_meta,
     compute_device,
     fill_from_files,
@@ -33,6 +32,7 @@ from dist_lora.model import (
     release_freed_memory,
 )
 from dist_lora.quantize import fill_shard, is_nf4
+from dist_lora.weights import BaseWeights
 
 
 @dataclass

@@ -28,7 +28,8 @@ from dist_lora.backends.base import Backend, LocalPiece, Staging, elementwise_st
 from dist_lora.backends.deepspeed_config import ADAMW_SETTINGS, ds_config
 from dist_lora.constants import ENV_DS_ACCELERATOR, WEIGHT_FIELD
 from dist_lora.lora import base_key
-from dist_lora.model import BaseWeights, release_freed_memory, skip_weight_init
+from dist_lora.model import release_freed_memory, skip_weight_init
+from dist_lora.weights import BaseWeights
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,9 @@ from dist_lora.backends.base import (
 )
 from dist_lora.config import ConfigError
 from dist_lora.constants import ENV_LOCAL_WORLD_SIZE, WEIGHT_FIELD
-from dist_lora.model import BaseWeights, build_on_meta, transformer_blocks
+from dist_lora.model import build_on_meta, transformer_blocks
 from dist_lora.quantize import is_nf4
+from dist_lora.weights import BaseWeights
 
 
 def replica_groups(replicate: int | str, world: int, per_node: int) -> int:

@@ -22,8 +22,9 @@ from safetensors.torch import save_file
 from dist_lora.config import load_config
 from dist_lora.distributed import shutdown
 from dist_lora.lora import apply_lora, base_key, canonical_name
-from dist_lora.model import BaseWeights, hub_snapshot, load_base
+from dist_lora.model import hub_snapshot, load_base
 from dist_lora.train import DTYPES, Trainer
+from dist_lora.weights import BaseWeights
 from tests.dist_utils import TINY, mapped_file
 
 REPLICAS = [1]  # FSDP2's replica groups in the build under way (HSDP: more than one)
@@ -159,9 +160,9 @@ def _recording(mapped):
 def record_read_ahead() -> None:
     """Record what BaseWeights reads ahead, what the load then reads or maps, and the views that were not handed
     the read-ahead's map (the read-ahead guessed this rank's share wrong)."""
-    import dist_lora.model as model
+    import dist_lora.weights as weights
 
-    read_ahead, make_map, view, read = BaseWeights.read_ahead, model._map, BaseWeights._view, BaseWeights._read
+    read_ahead, make_map, view, read = BaseWeights.read_ahead, weights._map, BaseWeights._view, BaseWeights._read
     ahead = [False]
 
     def reading_ahead(self, share, view_dtype):
@@ -190,7 +191,7 @@ def record_read_ahead() -> None:
             USED.add((str(entry.path), entry.offset + first * size, (last - first) * size))
         return read(entry, first, last, shape, out)
 
-    BaseWeights.read_ahead, model._map = reading_ahead, mapping
+    BaseWeights.read_ahead, weights._map = reading_ahead, mapping
     BaseWeights._view, BaseWeights._read = viewing, staticmethod(reading)
 
 

@@ -108,8 +108,8 @@ def check_nf4_shards(trainer: Trainer, config: dict) -> dict:
 
     from dist_lora.backends.fsdp import FSDPBackend
     from dist_lora.lora import base_key, canonical_name
-    from dist_lora.model import BaseWeights
     from dist_lora.quantize import BLOCK, INNER_TENSORS, SCALER_BLOCK, is_nf4, nf4_module
+    from dist_lora.weights import BaseWeights
 
     nf4 = nf4_module()
     weights = BaseWeights(config["model"]["name_or_path"])
