@@ -159,7 +159,7 @@ def test_two_nodes_launched_as_slurm_launches_them_train_hsdp_with_one_replica_g
     assert out.returncode == 0, failure_report(out.stdout, out.stderr)
 
     logs = "".join(err for _, err in outs)
-    assert "on 4 rank(s), backend fsdp (HSDP: 2 replica groups, each tensor sharded over 2 ranks)" in logs, logs
+    assert "on 4 rank(s), backend fsdp (HSDP: 2 replica groups, each tensor sharded over 2 rank(s))" in logs, logs
     assert "on 4 rank(s), backend fsdp, grad_accum" in out.stderr, out.stderr[-4000:]
     losses = {
         name: [

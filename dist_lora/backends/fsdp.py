@@ -247,7 +247,7 @@ class FSDPBackend(Backend):
         mesh = next((p.device_mesh for p in self.model.parameters() if isinstance(p, DTensor)), None)
         if mesh is None or mesh.ndim == 1:
             return self.name
-        return f"{self.name} (HSDP: {mesh.size(0)} replica groups, each tensor sharded over {mesh.size(1)} ranks)"
+        return f"{self.name} (HSDP: {mesh.size(0)} replica groups, each tensor sharded over {mesh.size(1)} rank(s))"
 
     def forward(self, batch: dict[str, Any], *, last_micro: bool = True) -> torch.Tensor:
         if hasattr(self.model, "set_requires_gradient_sync"):
