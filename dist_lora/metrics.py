@@ -59,11 +59,15 @@ class MetricsLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if report_to is None or "tensorboard" in report_to:
             try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(log_dir=str(self.path.parent / "tensorboard"))
+                self.tb = self._tensorboard()
             except ImportError:  # by default TensorBoard is optional; named in report_to, it was checked
                 self.tb = None
+
+    def _tensorboard(self, purge_step: int | None = None) -> Any:
+        from torch.utils.tensorboard import SummaryWriter
+
+        assert self.path is not None
+        return SummaryWriter(log_dir=str(self.path.parent / "tensorboard"), purge_step=purge_step)
 
     def _append(self, row: dict[str, Any]) -> None:
         """Best-effort: this runs on rank 0 alone between collectives, so a write error (a full disk) must not
@@ -111,6 +115,16 @@ class MetricsLog:
         if self.tb is not None:
             self.tb.add_scalar("eval/loss", loss, step)
         self._to_wandb({"eval/loss": loss}, step)
+
+    def resumed(self, step: int, **fields: Any) -> None:
+        """The run goes on from ``step``: a ``resume`` event, and TensorBoard's scalars past it from an earlier
+        attempt (logged after its last save, before it died) hidden, as TensorBoard does after a restart
+        (``purge_step``), so that its curves are the run's own. The metrics file keeps every row (``dist-lora plot``
+        reads the resume events) and W&B keeps what it was sent (it does not rewrite a run's history)."""
+        self.event("resume", step=step, **fields)
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = self._tensorboard(purge_step=step + 1)
 
     def event(self, name: str, **fields: Any) -> None:
         self._append({"event": name, **fields})

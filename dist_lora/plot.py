@@ -1,25 +1,49 @@
 """``dist-lora plot RUN_DIR``: the loss curve from a run's metrics JSONL, with resume points and failed saves
-marked."""
+marked, and the steps a resume went back past (logged after the last save of an attempt that then died) drawn apart
+from the run's own."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dist_lora.data import jsonl_rows
 
 
-def read_metrics(path: Path) -> tuple[list[dict], list[dict], list[dict], list[dict]]:
-    """(step rows, resume events, save_failed events, eval events) from a metrics JSONL written by the trainer;
-    other events are left out."""
-    steps: list[dict] = []
-    events: dict[str, list[dict]] = {"resume": [], "save_failed": [], "eval": []}
+@dataclass
+class Metrics:
+    """A run's metrics JSONL as its history stands: the file keeps every row ever written, and a resume goes back
+    to its step, so the rows of steps past it that an earlier attempt had logged (after its last save, before a
+    crash; or a resume from an older step) are ``superseded``, not the run's."""
+
+    steps: list[dict] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)
+    resumes: list[dict] = field(default_factory=list)
+    failed: list[dict] = field(default_factory=list)  # save_failed events (of the steps kept)
+    superseded: list[dict] = field(default_factory=list)  # step rows a later resume went back past
+
+
+def read_metrics(path: Path) -> Metrics:
+    """A metrics JSONL written by the trainer, read as :class:`Metrics`; events other than resumes, evaluations
+    and failed saves are left out."""
+    out = Metrics()
     for _, row in jsonl_rows(path):
-        if "event" in row:
-            events.get(str(row["event"]), []).append(row)
-        elif "loss" in row:
-            steps.append(row)
-    return steps, events["resume"], events["save_failed"], events["eval"]
+        event = row.get("event")
+        if event == "resume":
+            resumed = row["step"]
+            out.superseded += [r for r in out.steps if r["step"] > resumed]
+            out.steps = [r for r in out.steps if r["step"] <= resumed]
+            out.evals = [r for r in out.evals if r["step"] <= resumed]
+            out.failed = [r for r in out.failed if r["step"] <= resumed]
+            out.resumes.append(row)
+        elif event == "eval":
+            out.evals.append(row)
+        elif event == "save_failed":
+            out.failed.append(row)
+        elif event is None and "loss" in row:
+            out.steps.append(row)
+    return out
 
 
 def _unstack(fig: Any, ax: Any, labels: list[Any]) -> None:
@@ -51,17 +75,24 @@ def plot_run(run: str | Path, out: str | Path | None = None) -> Path:
         path = path / "metrics.jsonl"
     if not path.is_file():
         raise ValueError(f"{path} does not exist: pass a run dir holding metrics.jsonl, or the JSONL itself")
-    steps, resumes, failed, evals = read_metrics(path)
+    metrics = read_metrics(path)
+    steps = metrics.steps
     if not steps:
         raise ValueError(f"{path} holds no step rows")
     out_path = Path(out) if out else path.with_name("loss.png")
     fig, ax = plt.subplots(figsize=(8, 4.5))
     ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=1.2, label="train loss")
-    if evals:
-        last = {r["step"]: r["eval_loss"] for r in evals}  # a step evaluated again after a resume: the newest
+    if metrics.superseded:  # each run of consecutive steps its own segment
+        label: str | None = "superseded by a resume"
+        for segment in _consecutive(metrics.superseded):
+            x, y = [r["step"] for r in segment], [r["loss"] for r in segment]
+            ax.plot(x, y, color="0.6", lw=1, ls=":", marker=".", ms=3, label=label)
+            label = None
+    if metrics.evals:
+        last = {r["step"]: r["eval_loss"] for r in metrics.evals}
         ax.plot(sorted(last), [last[s] for s in sorted(last)], "o-", lw=1.2, ms=4, label="eval loss")
     labels = []
-    for i, r in enumerate(sorted(resumes, key=lambda r: r["step"])):
+    for i, r in enumerate(sorted(metrics.resumes, key=lambda r: r["step"])):
         ax.axvline(r["step"], color="tab:red", ls="--", lw=1, label="resume" if i == 0 else None)
         labels.append(
             ax.annotate(
@@ -76,7 +107,7 @@ def plot_run(run: str | Path, out: str | Path | None = None) -> Path:
         )
     _unstack(fig, ax, labels)
     loss_at = {r["step"]: r["loss"] for r in steps}
-    bad = [r["step"] for r in failed if r.get("step") in loss_at]
+    bad = [r["step"] for r in metrics.failed if r.get("step") in loss_at]
     if bad:
         ax.plot(bad, [loss_at[s] for s in bad], "x", color="tab:orange", ms=8, label="save failed")
     ax.set_xlabel("step")
@@ -88,3 +119,14 @@ def plot_run(run: str | Path, out: str | Path | None = None) -> Path:
     fig.savefig(out_path, dpi=110)
     plt.close(fig)
     return out_path
+
+
+def _consecutive(rows: list[dict]) -> list[list[dict]]:
+    """``rows`` cut where the step does not follow the one before (one attempt's steps, then the next's)."""
+    runs: list[list[dict]] = []
+    for row in rows:
+        if runs and row["step"] == runs[-1][-1]["step"] + 1:
+            runs[-1].append(row)
+        else:
+            runs.append([row])
+    return runs

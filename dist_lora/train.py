@@ -445,9 +445,8 @@ class Trainer:
         self.eval_history = list(state.get("eval_history", []))
         if self.metrics_log.wandb_id is not None and state.get("wandb_run_id"):
             self.metrics_log.wandb_id = state["wandb_run_id"]  # the same W&B run goes on
-        self.metrics_log.event(
-            "resume",
-            step=self.step,
+        self.metrics_log.resumed(
+            self.step,
             url=url,
             world_size=self.world,
             backend=self.backend.name,

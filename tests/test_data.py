@@ -533,7 +533,7 @@ def test_the_plot_draws_the_eval_curve(tmp_path):
     rows = [{"step": s, "loss": 3.0 - 0.1 * s} for s in range(1, 7)]
     rows += [{"event": "eval", "step": s, "eval_loss": 3.1 - 0.1 * s} for s in (2, 4, 6)]
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    steps, _, _, evals = read_metrics(tmp_path / "metrics.jsonl")
-    assert len(steps) == 6 and [e["step"] for e in evals] == [2, 4, 6]
+    read = read_metrics(tmp_path / "metrics.jsonl")
+    assert len(read.steps) == 6 and [e["step"] for e in read.evals] == [2, 4, 6]
     png = plot_run(tmp_path)
     assert png.stat().st_size > 0

@@ -287,6 +287,33 @@ def test_plot_writes_a_png_with_resume_points_and_failed_saves(tmp_path):
         plot_run(tmp_path / "empty")
 
 
+def test_the_plot_draws_steps_a_resume_went_back_past_apart_from_the_run(tmp_path):
+    """An attempt logged steps 1-7, its save of step 6 failed, and it died; the run resumed from step 4 and logged
+    5-9, then from step 8 after another death: the run's curve is steps 1-4, the second attempt's 5-8 and the third
+    one's 9; the first attempt's 5-7 and the second's 9 are superseded, and the failed save (of a superseded step)
+    is not marked on the run's step 6."""
+    from dist_lora.plot import read_metrics
+
+    def attempt(name: str, steps: range) -> list[dict]:
+        return [{"step": s, "loss": 6 - s / 10, "attempt": name} for s in steps]
+
+    rows = [*attempt("a", range(1, 6)), {"event": "save_failed", "step": 6, "error": "OSError"}, *attempt("a", [6, 7])]
+    rows += [{"event": "eval", "step": 6, "eval_loss": 5.0}, {"event": "resume", "step": 4, "backend": "fsdp"}]
+    rows += [*attempt("b", range(5, 10)), {"event": "resume", "step": 8}, *attempt("c", [9])]
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    read = read_metrics(metrics)
+    assert [(r["step"], r["attempt"]) for r in read.steps] == [
+        *((s, "a") for s in range(1, 5)),
+        *((s, "b") for s in range(5, 9)),
+        (9, "c"),
+    ]
+    assert [(r["step"], r["attempt"]) for r in read.superseded] == [(5, "a"), (6, "a"), (7, "a"), (9, "b")]
+    assert read.failed == [] and read.evals == [] and [r["step"] for r in read.resumes] == [4, 8]
+    png = plot_run(tmp_path)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_resume_labels_never_overlap(tmp_path):
     """Three resumes a step apart: each label is moved below the ones it would print over."""
     import matplotlib

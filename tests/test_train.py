@@ -765,22 +765,47 @@ def test_eval_command_gives_a_saved_steps_eval_loss_at_any_world_size_and_writes
 
 def test_tensorboard_gets_every_steps_scalars_and_the_evaluations(gpt2_base, tmp_path):
     """With TensorBoard installed, the default sends the metrics file's scalars to tensorboard/ beside it, at their
-    steps (read back with TensorBoard's own event reader); report_to=[] sends nothing."""
+    steps (read back with TensorBoard's own event reader); report_to=[] sends nothing. A run that goes on from an
+    earlier step than it had logged (as after a crash past its last save: here a resume from step 2 after step 4
+    was logged) hides the earlier attempt's steps past it: TensorBoard shows each step once, the run's own values;
+    the metrics file keeps every row, and ``dist-lora plot`` reads them as superseded."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    from dist_lora.plot import read_metrics
     from dist_lora.train import train
 
     metrics = tmp_path / "run" / "metrics.jsonl"
     evals = (f"data.eval_path={corpus_path()}", "train.eval_every_steps=2", f"train.metrics_file={metrics}")
     train(single_run(gpt2_base, tmp_path / "ckpt", "train.stop_at_step=4", *evals))
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-    events = EventAccumulator(str(metrics.parent / "tensorboard"))
-    events.Reload()
-    loss = {e.step: e.value for e in events.Scalars("train/loss")}
+
+    def scalars(tag: str) -> list[tuple[int, float]]:
+        events = EventAccumulator(str(metrics.parent / "tensorboard"))
+        events.Reload()
+        return [(e.step, e.value) for e in events.Scalars(tag)]
+
+    loss = dict(scalars("train/loss"))
     assert loss == pytest.approx({r["step"]: r["loss"] for r in rows if "loss" in r}, rel=1e-6)
-    assert {e.step for e in events.Scalars("train/peak_memory_gib")} == {1, 2, 3, 4}
-    evaluated = {e.step: e.value for e in events.Scalars("eval/loss")}
+    assert {step for step, _ in scalars("train/peak_memory_gib")} == {1, 2, 3, 4}
+    evaluated = dict(scalars("eval/loss"))
     assert evaluated == pytest.approx({r["step"]: r["eval_loss"] for r in rows if "eval_loss" in r}, rel=1e-6)
+
+    step2 = f"checkpoint.resume={tmp_path / 'ckpt' / 'step-00000002'}"
+    train(single_run(gpt2_base, tmp_path / "again", step2, "train.stop_at_step=5", "train.lr=0.05", *evals))
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    resumed_at = next(i for i, r in enumerate(rows) if r.get("event") == "resume")
+    ours = {r["step"]: r["loss"] for r in rows[:resumed_at] if "loss" in r and r["step"] <= 2}
+    ours |= {r["step"]: r["loss"] for r in rows[resumed_at:] if "loss" in r}
+    shown = scalars("train/loss")
+    assert [step for step, _ in shown] == [1, 2, 3, 4, 5]  # each step once
+    assert dict(shown) == pytest.approx(ours, rel=1e-6) and ours[4] != pytest.approx(loss[4], rel=1e-4)
+    ours_evaluated = {r["step"]: r["eval_loss"] for r in rows[resumed_at:] if "eval_loss" in r}
+    assert sorted(ours_evaluated) == [4, 5]  # every eval_every_steps and at the last step
+    assert dict(scalars("eval/loss")) == pytest.approx({2: evaluated[2], **ours_evaluated}, rel=1e-6)
+    read = read_metrics(metrics)
+    assert {r["step"]: r["loss"] for r in read.steps} == ours
+    assert [r["step"] for r in read.superseded] == [3, 4]
+    assert {r["step"]: r["eval_loss"] for r in read.evals} == pytest.approx({2: evaluated[2], **ours_evaluated})
     quiet = tmp_path / "quiet" / "metrics.jsonl"
     train(
         single_run(
