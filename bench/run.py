@@ -4,7 +4,8 @@
     python -m bench.run --quick    # fewer repeats and sizes, for a smoke test
 
 Writes bench/results/results.md (the tables), results.csv (every row), results.json (raw), results.png (saves)
-and loading.png (parts f, i and j: loading a base). Part k measures the loss on a Llama-shaped model.
+and loading.png (parts f, i and j: loading a base). Part k measures the loss on a Llama-shaped model, part m
+tokenizing on several processes.
 All runs are on this machine's CPU with gloo, world size 2 unless stated; models are randomly initialised GPT-2
 architectures (sizes are what matter), LoRA r=4 on the attention projection (c_attn) as in loralib.
 """
@@ -751,6 +752,79 @@ def part_k(tmp: Path, repeats: int) -> list[dict]:
     return rows
 
 
+# ---------------------------------------------------------------------------------------------- m. tokenizing
+
+
+def chat_corpus(path: Path, samples: int) -> None:
+    """``samples`` conversations of 2-4 exchanges (a system turn in every third), their turns drawn from the shipped
+    corpus's sentences in a fixed order: data of the kind chat fine-tuning reads, of any size."""
+    from dist_lora.demo import corpus_path
+
+    sentences = corpus_path().read_text().splitlines()
+    with path.open("w") as f:
+        for i in range(samples):
+            turns = [{"role": "system", "content": sentences[i % len(sentences)]}] if i % 3 == 0 else []
+            for j in range(2 + i % 3):
+                k = i * 7 + j * 3
+                turns.append({"role": "user", "content": sentences[k % len(sentences)]})
+                reply = " ".join(sentences[(k + n) % len(sentences)] for n in range(1, 3 + j))
+                turns.append({"role": "assistant", "content": reply})
+            f.write(json.dumps({"messages": turns}) + "\n")
+
+
+def part_m(tmp: Path, repeats: int, quick: bool) -> list[dict]:
+    """Tokenizing chat data (the shipped template, packed into 512-token rows) on one process against
+    ``data.num_proc`` processes (one per core here, as ``null`` picks), interleaved, each into an empty cache:
+    the time from the data file to the committed rows, and that the rows are the same."""
+    import datasets
+
+    from dist_lora.config import DataConfig
+    from dist_lora.data import build_cache, cache_key, tokenize_processes
+    from dist_lora.demo import build_tiny_base
+    from dist_lora.model import load_tokenizer
+
+    samples = 5_000 if quick else 40_000
+    data = tmp / "chat.jsonl"
+    chat_corpus(data, samples)
+    build_tiny_base(tmp / "tok-base", arch="gpt2")
+    tokenizer = load_tokenizer(str(tmp / "tok-base"))
+    tokenizer.chat_template = (ROOT / "configs" / "data" / "chat_template.jinja").read_text()
+    cores = tokenize_processes(DataConfig(), 10**9)
+    runs: dict[int, list[float]] = {1: [], cores: []}
+    rows_of: dict[int, Any] = {}
+    for _ in range(repeats):
+        for processes in runs:
+            cache = tmp / f"tok-cache-{processes}"
+            cfg = DataConfig(
+                path=str(data), format="chat", seq_len=512, packing=True, num_proc=processes, cache_dir=str(cache)
+            )
+            shutil.rmtree(cache, ignore_errors=True)  # an empty cache each time: every run tokenizes
+            start = time.perf_counter()
+            where, built = build_cache(cfg, tokenizer, 0, cache_key(cfg, tokenizer, 0))
+            runs[processes].append(time.perf_counter() - start)
+            assert built
+            rows_of[processes] = datasets.load_from_disk(str(where))["train"]["input_ids"]
+    same = rows_of[1] == rows_of[cores]
+    ratios = [many / one for one, many in zip(runs[1], runs[cores], strict=True)]
+    print(
+        f"[m] {samples} chat samples: {statistics.median(runs[1]):.1f} s on 1 process, "
+        f"{statistics.median(runs[cores]):.1f} s on {cores} ({statistics.median(ratios):.2f}x); same rows: {same}",
+        flush=True,
+    )
+    return [
+        {
+            "part": "m",
+            "samples": samples,
+            "processes": processes,
+            "seconds": statistics.median(seconds),
+            "ratio": statistics.median(ratios) if processes > 1 else None,
+            "same_rows": same,
+            "repeats": repeats,
+        }
+        for processes, seconds in runs.items()
+    ]
+
+
 def build_llama_base(out: Path, shape: str) -> int:
     """A Llama of one of bench/gpu.py's shapes (bf16), built on the CPU in a child process (this one never holds
     it); returns its bytes."""
@@ -1322,6 +1396,20 @@ def report(rows: list[dict], quick: bool) -> str:
             "earlier ones wrote.",
             "",
         ]
+    m = [r for r in rows if r["part"] == "m"]
+    if m:
+        lines += [
+            f"## m. Tokenizing: {m[0]['samples']:,} chat samples (2-4 exchanges each) through the shipped chat "
+            f"template, packed into 512-token rows, from the JSONL file to the committed cache; {m[0]['repeats']} "
+            "interleaved repeats, medians",
+            "",
+            "| processes (`data.num_proc`) | seconds | against one process | the same rows |",
+            "|---|---|---|---|",
+        ]
+        for r in m:
+            ratio = f"{r['ratio']:.2f}x" if r["ratio"] is not None else "reference"
+            lines.append(f"| {r['processes']} | {r['seconds']:.1f} | {ratio} | {'yes' if r['same_rows'] else 'NO'} |")
+        lines += [""]
     return "\n".join(lines)
 
 
@@ -1389,10 +1477,12 @@ def run_parts(args: argparse.Namespace, tmp: Path, repeats: int, s3: dict) -> li
         rows += part_k(tmp, 1 if args.quick else 3)
     if "l" in args.parts:
         rows += part_l(tmp, 2 if args.quick else 3, args.quick)
+    if "m" in args.parts:
+        rows += part_m(tmp, 2 if args.quick else 3, args.quick)
     return rows
 
 
-ALL_PARTS = "abcdefghijkl"
+ALL_PARTS = "abcdefghijklm"
 
 LOADING_PARTS = {"f": "GPT-2 XL shape, fp32", "i": "Llama-2-70B's layers, bf16", "j": "a Mixtral-shaped MoE, fp32"}
 

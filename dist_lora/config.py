@@ -139,6 +139,10 @@ class DataConfig:
     """Without eval_path: hold this fraction of the training samples out for evaluation (split by train.seed)."""
     cache_dir: str | None = None
     """Where tokenized rows are cached (default: $DIST_LORA_CACHE/data or ~/.cache/dist_lora/data)."""
+    num_proc: int | None = None
+    """Processes that tokenize (datasets' num_proc), on the rank of each node that prepares the data while the
+    node's other ranks wait; null: one per CPU core it may use (at most 32) for 10,000 samples or more, else 1. The
+    rows are the same for any number."""
 
 
 @dataclass
@@ -446,6 +450,7 @@ def _validate(cfg: RunConfig, errors: list[str]) -> None:
         f"{d.path!r})",
     )
     check(d.seq_len >= 2, f"data.seq_len must be >= 2 (got {d.seq_len})")
+    check(d.num_proc is None or d.num_proc >= 1, f"data.num_proc must be >= 1, or null for auto (got {d.num_proc})")
     sources = 1 if isinstance(d.path, str) else len(d.path)
     check(
         d.weights is None or (len(d.weights) == sources > 1 and all(w > 0 for w in d.weights)),
@@ -740,9 +745,12 @@ RESUME_FREE = (
     "model.attn_implementation",
     "train.loss_chunk_tokens",
     "train.compile",
+    "data.num_proc",
+    "data.cache_dir",
 )
 """Settings a resume may change without changing what is trained: where and how it runs (ranks, engine, sharding,
-saving, the attention kernel, the loss's chunks, compilation), and how each global batch is cut into micro-batches."""
+saving, the attention kernel, the loss's chunks, compilation, tokenizing's processes and cache), and how each global
+batch is cut into micro-batches."""
 
 
 def config_changes(saved: dict[str, Any] | None, now: dict[str, Any]) -> list[str]:

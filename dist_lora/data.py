@@ -622,6 +622,26 @@ def _left_out(stats: Stats, cfg: DataConfig, ds: Any) -> str:
     return counts
 
 
+AUTO_PROCESSES_FROM = 10_000
+"""Samples from which ``data.num_proc: null`` tokenizes on several processes (below, starting them costs more than
+it saves)."""
+MAX_AUTO_PROCESSES = 32
+
+
+def tokenize_processes(cfg: DataConfig, samples: int) -> int:
+    """How many processes tokenize ``samples`` samples: ``data.num_proc``, or by default one per CPU core this
+    process may use (at most :data:`MAX_AUTO_PROCESSES`) from :data:`AUTO_PROCESSES_FROM` samples; never more than
+    the samples."""
+    if cfg.num_proc is not None:
+        wanted = cfg.num_proc
+    elif samples < AUTO_PROCESSES_FROM:
+        wanted = 1
+    else:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        wanted = min(cores, MAX_AUTO_PROCESSES)
+    return max(1, min(wanted, samples))
+
+
 def _tokenize(ds: Dataset, cfg: DataConfig, tokenizer: Any, what: str, key: str, tmp: str) -> tuple[Dataset, Stats]:
     missing = [c for c in _fields(cfg).values() if c not in ds.column_names]
     if missing:
@@ -630,6 +650,10 @@ def _tokenize(ds: Dataset, cfg: DataConfig, tokenizer: Any, what: str, key: str,
             f"{', '.join(ds.column_names)}. Map yours with data.fields, e.g. data.fields={{{FIELDS[cfg.format][0]}: "
             f"{ds.column_names[0]}}}"
         )
+    processes = tokenize_processes(cfg, len(ds))
+    parallel = {"num_proc": processes} if processes > 1 else {}
+    if parallel:
+        log.info("data: tokenizing %d %s samples on %d processes (data.num_proc)", len(ds), what, processes)
     tokenized = ds.map(
         _tokenize_fn(cfg, tokenizer),
         batched=True,
@@ -638,6 +662,7 @@ def _tokenize(ds: Dataset, cfg: DataConfig, tokenizer: Any, what: str, key: str,
         new_fingerprint=f"{key}-{what}-tok",
         cache_file_name=os.path.join(tmp, f"{what}-tokens.arrow"),
         desc=f"tokenizing {what}",
+        **parallel,
     )
     status = tokenized["status"] if len(tokenized) else []  # no sample made a piece: no column either
     stats = Stats(
@@ -654,6 +679,7 @@ def _tokenize(ds: Dataset, cfg: DataConfig, tokenizer: Any, what: str, key: str,
         batched=True,
         new_fingerprint=f"{key}-{what}-kept",
         cache_file_name=os.path.join(tmp, f"{what}-kept.arrow"),
+        **parallel,
     )
     return kept, stats
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import types
 from pathlib import Path
 
@@ -358,6 +359,66 @@ def test_a_sample_of_the_wrong_type_is_named_by_its_index(gpt2_base, tmp_path):
     (tmp_path / "m.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": "hi"}\n')
     with pytest.raises(DataError, match="sample 1: field 'messages' must be a list of {role, content}"):
         prepared(tmp_path, gpt2_base, path=str(tmp_path / "m.jsonl"), format="chat")
+
+
+@pytest.mark.parametrize("fmt", ["chat", "text"])
+def test_tokenizing_on_several_processes_gives_the_rows_of_one(fmt, gpt2_base, tmp_path, caplog, monkeypatch):
+    """data.num_proc=3 (datasets' num_proc) gives the rows, counts and cache key of one process, samples truncated
+    and dropped included (chat, packed) or a corpus cut into blocks (text); a bad sample is named by its index in
+    the whole data, not in a worker's share."""
+    common = {"path": str(DATA / "chat.jsonl"), "format": "chat", "seq_len": 64, "packing": True, "too_long": "drop"}
+    if fmt == "text":
+        corpus = (ROOT / "dist_lora" / "assets" / "tiny_corpus.txt").read_text().splitlines()
+        (tmp_path / "texts.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus))
+        common = {"path": str(tmp_path / "texts.jsonl"), "seq_len": 32}
+    from dist_lora import data as data_module
+
+    pids = tmp_path / "pids"
+    real = data_module._tokenize_fn
+
+    def recorded(*args):  # type: ignore[no-untyped-def]
+        fn = real(*args)
+
+        def tokenize(batch, indices):  # type: ignore[no-untyped-def]
+            with open(pids, "a") as f:
+                f.write(f"{os.getpid()}\n")
+            return fn(batch, indices)
+
+        return tokenize
+
+    monkeypatch.setattr(data_module, "_tokenize_fn", recorded)
+    caplog.set_level(logging.INFO, logger="dist_lora.data")
+    one = prepared(tmp_path / "one", gpt2_base, num_proc=1, **common)
+    assert "processes (data.num_proc)" not in caplog.text and set(pids.read_text().split()) == {str(os.getpid())}
+    pids.unlink()
+    three = prepared(tmp_path / "three", gpt2_base, num_proc=3, **common)
+    assert "train samples on 3 processes (data.num_proc)" in caplog.text
+    assert len(set(pids.read_text().split()) - {str(os.getpid())}) == 3  # three workers tokenized
+    assert one.stats == three.stats and len(one) > 1
+    assert one.where.name == three.where.name  # the same cache key: the rows do not depend on it
+    assert all_rows(one.train) == all_rows(three.train)
+    if fmt == "chat":
+        assert one.stats["dropped_long"] > 0
+    lines = [f'{{"prompt": "p{i}", "completion": " c{i}"}}' for i in range(9)]
+    lines[7] = '{"prompt": "p7", "completion": 7}'
+    (tmp_path / "c.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"sample 7: fields 'prompt' and 'completion' must be strings"):
+        prepared(tmp_path, gpt2_base, path=str(tmp_path / "c.jsonl"), format="completion", num_proc=3)
+
+
+def test_tokenizing_processes_by_default_follow_the_data_and_the_cores(monkeypatch):
+    from dist_lora import data
+
+    monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: set(range(48)))
+    auto = DataConfig()
+    assert data.tokenize_processes(auto, data.AUTO_PROCESSES_FROM - 1) == 1
+    assert data.tokenize_processes(auto, data.AUTO_PROCESSES_FROM) == data.MAX_AUTO_PROCESSES == 32
+    monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: {0, 1})
+    assert data.tokenize_processes(auto, 10**6) == 2
+    assert data.tokenize_processes(DataConfig(num_proc=8), 5) == 5  # never more than the samples
+    assert data.tokenize_processes(DataConfig(num_proc=8), 100) == 8
+    with pytest.raises(ConfigError, match="data.num_proc must be >= 1, or null for auto"):
+        load_config(str(ROOT / "configs" / "tiny.yaml"), ["data.num_proc=0", "model.name_or_path=x"])
 
 
 def test_chat_needs_a_template(gpt2_base, tmp_path):
