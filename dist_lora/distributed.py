@@ -177,6 +177,15 @@ def step_consensus(loss: float, stop: bool) -> tuple[float, bool]:
     return float(t[0].item()) / dist.get_world_size(), bool(t[1].item() > 0)
 
 
+def sum_over_ranks(values: list[float]) -> list[float]:
+    """Collective: each value summed over the ranks (one tiny all-reduce, in float64)."""
+    if not dist.is_initialized():
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=comm_device())
+    dist.all_reduce(t)
+    return [float(v) for v in t.tolist()]
+
+
 def local_env(pythonpath: str | None = None) -> dict[str, str]:
     """Environment for ranks launched on this machine's CPUs: one thread per rank, loopback gloo, no hub access."""
     env = {

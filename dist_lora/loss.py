@@ -79,6 +79,14 @@ def chunked_causal_lm_loss(
     return total / num_items_in_batch
 
 
+def correct_predictions(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> int:
+    """How many target tokens the model ranks first (greedy decoding would write them): the argmax of the logits
+    at each token ``< n`` against label ``n``, over the targets the loss counts (TRL's mean token accuracy)."""
+    predicted = logits[..., :-1, :].argmax(dim=-1)
+    targets = labels[..., 1:].to(predicted.device)
+    return int(((predicted == targets) & (targets != ignore_index)).sum())
+
+
 def chunk_the_loss(model: Any, chunk_tokens: int, what: str = "train.loss_chunk_tokens") -> bool:
     """Give ``model`` (a transformers causal LM, before PEFT wraps it) the chunked loss, ``chunk_tokens`` at a time;
     False, leaving it as it is and saying so (on rank 0, naming the setting ``what``), where the model computes its

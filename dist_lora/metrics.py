@@ -110,11 +110,12 @@ class MetricsLog:
                 self.tb.add_scalar(name, value, row["step"])
         self._to_wandb(scalars, row["step"])
 
-    def eval(self, step: int, loss: float) -> None:
-        self._append({"event": "eval", "step": step, "eval_loss": loss})
+    def eval(self, step: int, loss: float, accuracy: float) -> None:
+        self._append({"event": "eval", "step": step, "eval_loss": loss, "eval_accuracy": accuracy})
         if self.tb is not None:
             self.tb.add_scalar("eval/loss", loss, step)
-        self._to_wandb({"eval/loss": loss}, step)
+            self.tb.add_scalar("eval/accuracy", accuracy, step)
+        self._to_wandb({"eval/loss": loss, "eval/accuracy": accuracy}, step)
 
     def resumed(self, step: int, **fields: Any) -> None:
         """The run goes on from ``step``: a ``resume`` event, and TensorBoard's scalars past it from an earlier

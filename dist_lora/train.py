@@ -31,10 +31,11 @@ from dist_lora.config import (
 )
 from dist_lora.constants import ENV_WORLD_SIZE
 from dist_lora.data import check_packing, draw_seed, micro_place, prepare_data
-from dist_lora.distributed import init_distributed, shutdown, step_consensus
+from dist_lora.distributed import init_distributed, shutdown, step_consensus, sum_over_ranks
 from dist_lora.guard import FirstNonFinite, check_first_step
 from dist_lora.logs import quiet_third_party
 from dist_lora.lora import loraplus_groups
+from dist_lora.loss import correct_predictions
 from dist_lora.metrics import MetricsLog, step_peak_memory
 from dist_lora.model import (
     DTYPES,
@@ -240,6 +241,7 @@ def evaluate_checkpoint(cfg: RunConfig, *, every_step: bool = False) -> list[dic
                     "step": trainer.step,
                     "url": trainer.resumed_from,
                     "eval_loss": trainer.evaluate(),
+                    "eval_accuracy": trainer.eval_history[-1]["eval_accuracy"],
                     "eval_rows": len(trainer.data.eval) if trainer.data.eval is not None else 0,
                     "world_size": trainer.world,
                     "backend": trainer.backend.name,
@@ -328,7 +330,7 @@ class Trainer:
         self.grad_norm = math.nan
         self._checked_finite = False
         self.stop_at = self.cfg.train.stop_at_step or self.cfg.train.max_steps
-        self.eval_history: list[dict[str, Any]] = []  # {"step", "eval_loss"} of every evaluation, carried by resume
+        self.eval_history: list[dict[str, Any]] = []  # {"step", "eval_loss", "eval_accuracy"}, carried by resume
         self.last_saved: int | None = None
         self.resumed_from: str | None = None
         self.metrics: list[dict[str, Any]] = []
@@ -526,22 +528,30 @@ class Trainer:
 
     def evaluate(self) -> float:
         """Collective: the mean token loss over all the eval data, each rank running its share of the rows (the
-        same number of forwards on every rank, as a sharded forward is a collective). Equal at any world size."""
+        same number of forwards on every rank, as a sharded forward is a collective), and the token accuracy (the
+        share of target tokens the model ranks first). Equal at any world size. Returns the loss; both are in
+        ``eval_history``."""
         t = self.cfg.train
         assert self.data.eval is not None
         model = self.backend.model
         model.eval()
-        total = 0.0
+        total, correct = 0.0, 0.0
         with torch.no_grad():
             for batch in self.data.eval_batches(t.micro_batch_size, self.world, self.rank):
                 inputs = {k: v.to(self.device) for k, v in batch.items()}
-                total += float(self.backend.forward({**inputs, "num_items_in_batch": 1.0}))  # a sum of token losses
+                out = self.backend.outputs({**inputs, "num_items_in_batch": 1.0})
+                total += float(out.loss)  # a sum of token losses
+                correct += correct_predictions(out.logits, inputs["labels"])
+                del out  # the logits, before the next forward makes its own
         model.train()
-        summed, _ = step_consensus(total, False)  # the mean over ranks of each rank's sum
-        loss = summed * self.world / int(self.data.eval.n_targets.sum())
-        self.eval_history.append({"step": self.step, "eval_loss": loss})
-        self.metrics_log.eval(self.step, loss)
-        log.info("step %d: eval loss %.6f over %d rows", self.step, loss, len(self.data.eval))
+        total, correct = sum_over_ranks([total, correct])
+        targets = int(self.data.eval.n_targets.sum())
+        loss, accuracy = total / targets, correct / targets
+        self.eval_history.append({"step": self.step, "eval_loss": loss, "eval_accuracy": accuracy})
+        self.metrics_log.eval(self.step, loss, accuracy)
+        log.info(
+            "step %d: eval loss %.6f, token accuracy %.4f over %d rows", self.step, loss, accuracy, len(self.data.eval)
+        )
         return loss
 
     def plateau(self) -> tuple[int, dict[str, Any]] | None:

@@ -491,7 +491,8 @@ def chat_run(base: Path, *extra: str) -> list[str]:
 def test_eval_is_equal_at_any_world_size_and_engine_and_chat_resume_continues_the_run(llama_base, tmp_path):
     """Chat data with packing on a tiny Llama. World size 2 (FSDP2): 6 steps uninterrupted, and 3 steps saved mid-
     epoch. World size 3 (ZeRO-3) resumes that step and its 3 steps match the uninterrupted run's (1e-4). The eval
-    loss of the saved step is equal (1e-6) at world sizes 1, 2 and 3 on FSDP2 and ZeRO-3."""
+    loss of the saved step is equal (1e-6) at world sizes 1, 2 and 3 on FSDP2 and ZeRO-3, and so is its token
+    accuracy (exactly)."""
     from tests.dist_utils import run_worker
 
     mid = str(tmp_path / "first" / "step-00000003")
@@ -525,6 +526,8 @@ def test_eval_is_equal_at_any_world_size_and_engine_and_chat_resume_continues_th
     assert all(abs(a - b) <= 1e-4 * abs(a) for a, b in zip(full[3:], rest, strict=True)), (full, rest)
     values = [results[w][f"eval-{e}-w{w}"]["eval_loss"] for w in (1, 2, 3) for e in ENGINES]
     assert all(abs(v - values[0]) <= 1e-6 * values[0] for v in values), values
+    accuracy = [results[w][f"eval-{e}-w{w}"]["eval_accuracy"] for w in (1, 2, 3) for e in ENGINES]
+    assert 0 < accuracy[0] < 1 and all(a == accuracy[0] for a in accuracy), accuracy
 
 
 def test_keep_best_keeps_the_step_with_the_lowest_eval_loss(gpt2_base, tmp_path):

@@ -687,6 +687,8 @@ def test_metrics_go_to_weights_and_biases_and_a_resume_goes_on_in_the_same_run(
     peaks = [train_logged[s]["train/peak_memory_gib"] for s in sorted(steps)]
     assert peaks == [steps[s]["peak_memory_gib"] for s in sorted(steps)] and 0 < peaks[0] <= peaks[1]  # CPU: so far
     assert {step: data["eval/loss"] for _, step, data in logged if "eval/loss" in data} == evals
+    accuracy = {row["step"]: row["eval_accuracy"] for row in rows if row.get("event") == "eval"}
+    assert {step: data["eval/accuracy"] for _, step, data in logged if "eval/accuracy" in data} == accuracy
     run_id = logged[0][0]
     runs = sorted(p.name for p in (tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(name.endswith(f"-{run_id}") for name in runs), runs
@@ -727,22 +729,51 @@ def test_early_stopping_ends_the_run_after_its_patience_and_a_resume_keeps_it_en
 
 @pytest.mark.multiproc
 @pytest.mark.timeout(600)
+def reference_accuracy(cfg, step: str) -> float:  # type: ignore[no-untyped-def]
+    """The eval rows' token accuracy computed apart from the trainer: the step loaded in PEFT over its base, one
+    row at a time, the argmax of each position against the next token's label where that is a target."""
+    from dist_lora.api import load_model
+    from dist_lora.data import prepare_data
+    from dist_lora.model import load_tokenizer
+
+    model = load_model(step)
+    data = prepare_data(cfg.data, load_tokenizer(cfg.model.name_or_path), seed=cfg.train.seed)
+    assert data.eval is not None
+    hits = targets = 0
+    with torch.no_grad():
+        for i in range(len(data.eval)):
+            batch = data.eval.batch([i])
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0, :-1]
+            labels = batch["labels"][0, 1:]
+            kept = labels != -100
+            hits += int((logits.argmax(-1)[kept] == labels[kept]).sum())
+            targets += int(kept.sum())
+    assert targets == int(data.eval.n_targets.sum())
+    return hits / targets
+
+
 def test_eval_command_gives_a_saved_steps_eval_loss_at_any_world_size_and_writes_nothing(gpt2_base, tmp_path):
-    """``dist-lora eval``: the eval loss the run logged at a step, for the newest step and for one named, in one
-    process, and for every step (--every-step, one base load) at 2 ranks on ZeRO-3 (1e-6); the base alone with
-    checkpoint.resume=none; nothing written to the checkpoint dir (no lease, no step); without eval data or a
-    step, one error naming the fix."""
+    """``dist-lora eval``: the eval loss and token accuracy the run logged at a step, for the newest step and for
+    one named, in one process, and for every step (--every-step, one base load) at 2 ranks on ZeRO-3 (1e-6); the
+    accuracy equal to one computed apart over the step loaded in PEFT; the base alone with checkpoint.resume=none;
+    nothing written to the checkpoint dir (no lease, no step); without eval data or a step, one error naming the
+    fix."""
     from dist_lora.train import evaluate_checkpoint, train
 
     ckpt, metrics = tmp_path / "ckpt", tmp_path / "metrics.jsonl"
     evals = (f"data.eval_path={corpus_path()}", "train.eval_every_steps=2", "checkpoint.keep_last=null")
     train(single_run(gpt2_base, ckpt, f"train.metrics_file={metrics}", "train.stop_at_step=4", *evals))
-    logged = {r["step"]: r["eval_loss"] for r in map(json.loads, metrics.read_text().splitlines()) if "eval_loss" in r}
-    assert sorted(logged) == [2, 4]
+    rows = [r for r in map(json.loads, metrics.read_text().splitlines()) if "eval_loss" in r]
+    logged = {r["step"]: r["eval_loss"] for r in rows}
+    accuracy = {r["step"]: r["eval_accuracy"] for r in rows}
+    assert sorted(logged) == [2, 4] and all(0 < a < 1 for a in accuracy.values())
     before = sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*"))
     (newest,) = evaluate_checkpoint(single_run(gpt2_base, ckpt, *evals))
     assert newest["step"] == 4 and newest["url"].endswith("step-00000004")
     assert newest["eval_loss"] == pytest.approx(logged[4], rel=1e-6)
+    assert (
+        newest["eval_accuracy"] == accuracy[4] == reference_accuracy(single_run(gpt2_base, ckpt, *evals), newest["url"])
+    )
     (named,) = evaluate_checkpoint(single_run(gpt2_base, ckpt, f"checkpoint.resume={ckpt / 'step-00000002'}", *evals))
     assert named["step"] == 2 and named["eval_loss"] == pytest.approx(logged[2], rel=1e-6)
     (base,) = evaluate_checkpoint(single_run(gpt2_base, ckpt, "checkpoint.resume=none", *evals))
@@ -755,6 +786,7 @@ def test_eval_command_gives_a_saved_steps_eval_loss_at_any_world_size_and_writes
     assert all(
         x["backend"] == "deepspeed" and x["eval_loss"] == pytest.approx(logged[x["step"]], rel=1e-6) for x in lines
     )
+    assert all(x["eval_accuracy"] == accuracy[x["step"]] for x in lines)
     assert sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*")) == before  # no lease, no step, nothing
     with pytest.raises(ConfigError, match="dist-lora eval needs eval data"):
         evaluate_checkpoint(single_run(gpt2_base, ckpt))
@@ -789,6 +821,8 @@ def test_tensorboard_gets_every_steps_scalars_and_the_evaluations(gpt2_base, tmp
     assert {step for step, _ in scalars("train/peak_memory_gib")} == {1, 2, 3, 4}
     evaluated = dict(scalars("eval/loss"))
     assert evaluated == pytest.approx({r["step"]: r["eval_loss"] for r in rows if "eval_loss" in r}, rel=1e-6)
+    accuracy = {r["step"]: r["eval_accuracy"] for r in rows if "eval_accuracy" in r}
+    assert dict(scalars("eval/accuracy")) == pytest.approx(accuracy, rel=1e-6) and sorted(accuracy) == [2, 4]
 
     step2 = f"checkpoint.resume={tmp_path / 'ckpt' / 'step-00000002'}"
     train(single_run(gpt2_base, tmp_path / "again", step2, "train.stop_at_step=5", "train.lr=0.05", *evals))

@@ -214,6 +214,10 @@ class Backend(ABC):
         batch (the trainer's), their sum divided by it. ``last_micro``: whether gradients sync after its backward."""
         return self.model(**batch).loss
 
+    def outputs(self, batch: dict[str, Any]) -> Any:
+        """The model's outputs (its loss and logits) for one micro-batch outside training: evaluation."""
+        return self.model(**batch)
+
     def backward(self, loss: torch.Tensor, *, grad_accum: int, last_micro: bool) -> None:
         """Backpropagate one micro-batch's mean loss; gradients average over the global batch."""
         (loss / grad_accum).backward()

@@ -171,6 +171,7 @@ def main() -> None:
                 {id(m._get_fsdp_state()) for m in trainer.backend.model.modules() if isinstance(m, FSDPModule)}
             ),
             "eval_loss": evaluated,
+            "eval_accuracy": trainer.eval_history[-1]["eval_accuracy"] if run.get("eval") else None,
             "graphs": counters["stats"]["unique_graphs"] - graphs,  # what torch.compile compiled during the run
             "first_step_saved_bytes": saved.bytes,
             "offload": offloaded(trainer.backend),
