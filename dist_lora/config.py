@@ -112,7 +112,8 @@ class DataConfig:
     fields: dict[str, str] = field(default_factory=dict)
     """Your column names for the fields the format reads, e.g. {messages: conversations} or {prompt: question,
     completion: answer}; default: text | prompt, completion | messages. chat also reads each message's role and
-    content keys: {messages: conversations, role: from, content: value} is ShareGPT's layout."""
+    content keys ({messages: conversations, role: from, content: value} is ShareGPT's layout) and an optional
+    tools column (each conversation's function schemas, for the chat template)."""
     roles: dict[str, str] = field(default_factory=dict)
     """chat: your role names onto the chat template's, e.g. {human: user, gpt: assistant} (ShareGPT's); a role not
     named is kept. The turns whose role is then assistant are the targets."""

@@ -53,11 +53,16 @@ log = logging.getLogger(__name__)
 
 IGNORE = -100
 """The label of a token that is not a target (PyTorch's and transformers' ignore_index)."""
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+"""Part of every cache key: raised when the same data and settings give other rows (2: a chat message's keys
+beyond its role and content, and a sample's tools, reach the chat template)."""
 FIELDS = {"text": ("text",), "completion": ("prompt", "completion"), "chat": ("messages",)}
 """The fields each format reads; ``data.fields`` maps them onto a dataset's own column names."""
 MESSAGE_KEYS = ("role", "content")
 """The keys chat reads in each message; ``data.fields`` maps them too (ShareGPT's ``from`` and ``value``)."""
+TOOLS = "tools"
+"""chat: the optional column of each conversation's tools (function schemas, or their JSON), given to the chat
+template as ``tools``; ``data.fields`` maps it too."""
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 """What a hub dataset id looks like ("name" or "org/name"); any other missing path is a missing local path."""
@@ -320,7 +325,7 @@ class Stats:
 
 def _fields(cfg: DataConfig) -> dict[str, str]:
     """The format's columns, by the names ``data.fields`` gives them."""
-    readable = (*FIELDS[cfg.format], *(MESSAGE_KEYS if cfg.format == "chat" else ()))
+    readable = (*FIELDS[cfg.format], *((*MESSAGE_KEYS, TOOLS) if cfg.format == "chat" else ()))
     unknown = set(cfg.fields) - set(readable)
     if unknown:
         raise DataError(
@@ -335,15 +340,59 @@ def _message_keys(cfg: DataConfig) -> tuple[str, str]:
     return cfg.fields.get("role", "role"), cfg.fields.get("content", "content")
 
 
-def _turns(messages: Any, cfg: DataConfig) -> list[dict[str, str]] | None:
-    """A sample's messages as the chat template takes them (``role``, ``content``; roles renamed by ``data.roles``),
-    or None where they are not a list of string pairs under the message keys."""
+def _tools_column(cfg: DataConfig) -> str:
+    """chat: the column of each conversation's tools, by the name ``data.fields`` gives it."""
+    return cfg.fields.get(TOOLS, TOOLS)
+
+
+def without_nones(value: Any) -> Any:
+    """``value`` with every None inside it left out, at any depth: a dataset in Arrow's struct columns (parquet
+    files, a hub dataset) gives each message every key any message has (a plain turn gets ``tool_calls: None``)
+    and each tool schema every field of any other, which a chat template reads as set (``'tool_calls' in
+    message``). TRL drops them alike."""
+    if isinstance(value, dict):
+        return {k: without_nones(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [without_nones(v) for v in value]
+    return value
+
+
+def _turns(messages: Any, cfg: DataConfig) -> list[dict[str, Any]] | None:
+    """A sample's messages as the chat template takes them: ``role`` (renamed by ``data.roles``) and ``content``
+    under the message keys, and the message's other keys as they are (``tool_calls``, ``tool_call_id``, ``name``,
+    ...), Arrow's fill-in Nones left out; or None where a message has no string role, or no string content
+    without tool calls (an assistant turn that only calls tools may leave it out or null)."""
     role, content = _message_keys(cfg)
-    if not isinstance(messages, list) or not all(
-        isinstance(m, dict) and isinstance(m.get(role), str) and isinstance(m.get(content), str) for m in messages
-    ):
+    if not isinstance(messages, list):
         return None
-    return [{"role": cfg.roles.get(m[role], m[role]), "content": m[content]} for m in messages]
+    turns = []
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get(role), str):
+            return None
+        text = m.get(content)
+        if not isinstance(text, str) and not (text is None and m.get("tool_calls")):
+            return None
+        rest = without_nones({k: v for k, v in m.items() if k not in (role, content)})
+        turns.append({"role": cfg.roles.get(m[role], m[role]), "content": text or "", **rest})
+    return turns
+
+
+def _tools(value: Any, index: int) -> list[Any] | None:
+    """A conversation's tools for the chat template: a list of schemas, or its JSON text (as many datasets keep
+    them); None or empty: none."""
+    if isinstance(value, str) and value.strip():
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise DataError(f"sample {index}: its tools are text that is not JSON ({e}): {value!r:.200}") from e
+    if value is None or value == "" or value == []:
+        return None
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise DataError(
+            f"sample {index}: tools must be a list of tool schemas (or its JSON text), got {type(value).__name__}: "
+            f"{value!r:.200}"
+        )
+    return without_nones(value)
 
 
 def _roles_seen(ds: Any, cfg: DataConfig, limit: int = 200) -> list[str]:
@@ -360,12 +409,15 @@ def _target_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -
     return [any(s < te and ts < e for s, e in spans) for ts, te in offsets]
 
 
-def chat_spans(tokenizer: Any, messages: list[dict[str, Any]]) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character span of each assistant turn in it (trailing whitespace, which
-    the template adds between turns, left out)."""
+def chat_spans(
+    tokenizer: Any, messages: list[dict[str, Any]], tools: list[Any] | None = None
+) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation (with its ``tools``, as the template shows them) and the character span of each
+    assistant turn in it, its tool calls included (trailing whitespace, which the template adds between turns,
+    left out)."""
 
     def render(msgs: list[dict[str, Any]], gen: bool = False) -> str:
-        return str(tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen))
+        return str(tokenizer.apply_chat_template(msgs, tools=tools, tokenize=False, add_generation_prompt=gen))
 
     full = render(messages)
     spans = []
@@ -441,15 +493,17 @@ def _tokenize_fn(cfg: DataConfig, tokenizer: Any) -> Callable[[dict[str, list], 
 
     def chat(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         texts, spans = [], []
-        for i, messages in zip(indices, batch[f["messages"]], strict=True):
+        tools = batch.get(_tools_column(cfg)) or [None] * len(indices)
+        for i, messages, given in zip(indices, batch[f["messages"]], tools, strict=True):
             turns = _turns(messages, cfg)
             if turns is None:
                 role, content = _message_keys(cfg)
                 raise DataError(
                     f"sample {i}: field {f['messages']!r} must be a list of {{{role}, {content}}} string pairs (got "
-                    f"{messages!r:.200}); other keys are mapped with data.fields, e.g. {{role: from, content: value}}"
+                    f"{messages!r:.200}); other keys are mapped with data.fields, e.g. {{role: from, content: value}}; "
+                    "a turn that calls tools (tool_calls) may leave its content null"
                 )
-            text, sp = chat_spans(tokenizer, turns)
+            text, sp = chat_spans(tokenizer, turns, _tools(given, i))
             texts.append(text)
             spans.append(sp)
         return answers(texts, spans)
@@ -644,6 +698,8 @@ def tokenize_processes(cfg: DataConfig, samples: int) -> int:
 
 def _tokenize(ds: Dataset, cfg: DataConfig, tokenizer: Any, what: str, key: str, tmp: str) -> tuple[Dataset, Stats]:
     missing = [c for c in _fields(cfg).values() if c not in ds.column_names]
+    if TOOLS in cfg.fields and cfg.fields[TOOLS] not in ds.column_names:  # (unmapped, the column is optional)
+        missing.append(cfg.fields[TOOLS])
     if missing:
         raise DataError(
             f"{what} has no field {', '.join(map(repr, missing))} (format {cfg.format}); its fields: "

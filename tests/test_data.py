@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import types
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,128 @@ def test_chat_targets_are_the_assistant_tokens_of_the_tokenizers_own_mask(gpt2_b
         want = [t if m else IGNORE for t, m in zip(ref["input_ids"], ref["assistant_masks"], strict=True)]
         assert row["labels"] == want
         assert sum(ref["assistant_masks"]) > 0
+
+
+TOOLS_TEMPLATE = """{%- if tools -%}
+<|system|>
+Tools: {{ tools | tojson }}<|endoftext|>
+{% endif -%}
+{%- for message in messages -%}
+{%- if message['role'] == 'assistant' -%}
+<|assistant|>
+{% generation %}{%- if message['content'] %}{{ message['content'] }}{% endif -%}
+{%- if message.tool_calls is defined -%}{%- for call in message.tool_calls -%}
+<call>{{ call.function.name }} {{ call.function.arguments | tojson }}</call>
+{%- endfor -%}{%- endif -%}<|endoftext|>{% endgeneration %}
+{% elif message['role'] == 'tool' -%}
+<|tool|>
+{{ message['name'] }}: {{ message['content'] }}<|endoftext|>
+{% else -%}
+<|{{ message['role'] }}|>
+{{ message['content'] }}<|endoftext|>
+{% endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+<|assistant|>
+{% endif -%}"""
+
+
+def tool_conversations() -> list[dict]:
+    """A weather lookup (a call with no content, the tool's answer, the reply), a sum over another tool of another
+    schema (two calls in one turn), and a plain chat without tools or calls: in one file, Arrow gives each message
+    and tool every key and field of the others, as None."""
+
+    def tool(name: str, properties: dict) -> dict:
+        schema = {"type": "object", "properties": properties, "required": sorted(properties)}
+        return {"type": "function", "function": {"name": name, "description": f"the {name} tool", "parameters": schema}}
+
+    def call(name: str, arguments: dict) -> dict:
+        return {"type": "function", "function": {"name": name, "arguments": arguments}}
+
+    weather = [
+        {"role": "user", "content": "What is the weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [call("get_weather", {"city": "Paris"})]},
+        {"role": "tool", "name": "get_weather", "content": "18 C, sunny"},
+        {"role": "assistant", "content": "It is 18 C and sunny in Paris."},
+    ]
+    sums = [
+        {"role": "system", "content": "Use the tools."},
+        {"role": "user", "content": "Add 2 and 3, then 4 and 5."},
+        {"role": "assistant", "tool_calls": [call("add", {"a": 2, "b": 3}), call("add", {"a": 4, "b": 5})]},
+        {"role": "tool", "name": "add", "content": "5"},
+        {"role": "tool", "name": "add", "content": "9"},
+        {"role": "assistant", "content": "5 and 9."},
+    ]
+    plain = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello, how can I help?"}]
+    number = {"type": "number"}
+    return [
+        {"messages": weather, "tools": [tool("get_weather", {"city": {"type": "string"}})]},
+        {"messages": sums, "tools": [tool("add", {"a": number, "b": number})]},
+        {"messages": plain},
+    ]
+
+
+@pytest.mark.parametrize("source", ["parquet", "jsonl", "jsonl, tools as JSON text"])
+def test_tool_calls_and_tools_reach_the_template_and_the_calls_are_targets(source, gpt2_base, tmp_path):
+    """Conversations with tools (function schemas, or their JSON text as many datasets keep them) and assistant
+    turns that call them: every row equals apply_chat_template(messages, tools=..., return_assistant_tokens_mask=
+    True) of the conversation as written, token for token: the tools rendered, each call a target, the tool's
+    answers not. From parquet (a hub dataset's files), Arrow gives every message each key any message has and
+    every schema each field of the others, as None (a plain turn's ``tool_calls``, ``city`` among ``add``'s
+    arguments): none of them reaches the template, which reads ``tool_calls is defined``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    conversations = tool_conversations()
+    path = tmp_path / ("tools.parquet" if source == "parquet" else "tools.jsonl")
+    if source == "parquet":
+        pq.write_table(pa.Table.from_pylist(conversations), path)
+    else:
+        with open(path, "w") as f:
+            for c in conversations:
+                if source.endswith("JSON text"):
+                    c = {**c, "tools": json.dumps(c["tools"]) if "tools" in c else ""}
+                f.write(json.dumps(c) + "\n")
+    tok = tokenizer_of(gpt2_base)
+    tok.chat_template = TOOLS_TEMPLATE
+    data = prepare_data(
+        DataConfig(path=str(path), format="chat", seq_len=512, cache_dir=str(tmp_path / "cache")),
+        tok,
+        seed=0,
+    )
+    assert len(data) == len(conversations) and data.stats["dropped_no_target"] == 0
+    calls = 0
+    for row, c in zip(all_rows(data.train), conversations, strict=True):
+        ref = tok.apply_chat_template(
+            c["messages"], tools=c.get("tools"), tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+        assert row["input_ids"] == ref["input_ids"]
+        assert row["labels"] == [
+            t if m else IGNORE for t, m in zip(ref["input_ids"], ref["assistant_masks"], strict=True)
+        ]
+        targets = tok.decode([t for t in row["labels"] if t != IGNORE])
+        calls += targets.count("<call>")
+        assert ("Tools:" in tok.decode(row["input_ids"])) == ("tools" in c) and "18 C, sunny" not in targets
+    assert calls == 3
+
+
+def test_bad_tools_and_a_turn_without_content_are_named(gpt2_base, tmp_path):
+    tok = tokenizer_of(gpt2_base)
+    tok.chat_template = TOOLS_TEMPLATE
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    cases = [
+        ({"messages": turns, "tools": "[{not json"}, "sample 0: its tools are text that is not JSON"),
+        ({"messages": turns, "tools": '{"name": "f"}'}, "sample 0: tools must be a list of tool schemas"),
+        ({"messages": [turns[0], {"role": "assistant", "content": None}]}, "a turn that calls tools"),
+    ]
+    for i, (sample, error) in enumerate(cases):
+        (tmp_path / f"{i}.jsonl").write_text(json.dumps(sample) + "\n")
+        cfg = DataConfig(path=str(tmp_path / f"{i}.jsonl"), format="chat", cache_dir=str(tmp_path / "cache"))
+        with pytest.raises(DataError, match=error):
+            prepare_data(cfg, tok, seed=0)
+    cfg = DataConfig(path=str(tmp_path / "0.jsonl"), format="chat", fields={"tools": "functions"})
+    with pytest.raises(DataError, match="has no field 'functions'"):
+        prepare_data(replace(cfg, cache_dir=str(tmp_path / "cache")), tok, seed=0)
 
 
 def test_sharegpt_keys_and_roles_give_the_rows_of_the_standard_layout(gpt2_base, tmp_path):
