@@ -380,12 +380,14 @@ def _turns(messages: Any, cfg: DataConfig) -> list[dict[str, Any]] | None:
 def _tools(value: Any, index: int) -> list[Any] | None:
     """A conversation's tools for the chat template: a list of schemas, or its JSON text (as many datasets keep
     them); None or empty: none."""
-    if isinstance(value, str) and value.strip():
+    if isinstance(value, str):
+        if not value.strip():
+            return None
         try:
             value = json.loads(value)
         except json.JSONDecodeError as e:
             raise DataError(f"sample {index}: its tools are text that is not JSON ({e}): {value!r:.200}") from e
-    if value is None or value == "" or value == []:
+    if not value:
         return None
     if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
         raise DataError(
