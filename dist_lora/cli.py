@@ -146,7 +146,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from dist_lora.generate import Sampling, generate, read_prompts
+    from dist_lora.generate import Sampling, generate, read_prompts, read_tools
 
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)
     prompts = list(args.prompt or [])
@@ -159,6 +159,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         form=args.format,
         chat_template=args.chat_template,
         system=args.system,
+        tools=read_tools(args.tools) if args.tools else None,
         sampling=sampling,
         compare_base=args.compare_base,
         storage_options=_storage_options(args),
@@ -262,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--chat-template", help="a Jinja chat template or its file, instead of the run's or the base's")
     p.add_argument("--system", help="a system turn before each prompt (chat)")
+    p.add_argument("--tools", help="a JSON file of tool schemas, given to the chat template (chat)")
     p.add_argument("--compare-base", action="store_true", help="answer with the adapter off too")
     p.add_argument("--base", help="base model path or id (default: the one adapter_config.json names)")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt")

@@ -85,7 +85,18 @@ def read_prompts(path: str) -> list[str]:
     return prompts
 
 
-def _render(tokenizer: Any, prompt: str, form: str, system: str | None) -> str:
+def read_tools(path: str) -> list[dict[str, Any]]:
+    """The tools of a JSON file (a list of function schemas, as a chat template takes them with ``tools=``)."""
+    try:
+        tools = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"--tools {path}: cannot read it as JSON ({type(e).__name__}: {e})") from e
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise ValueError(f"--tools {path}: must hold a JSON list of tool schemas (got {type(tools).__name__})")
+    return tools
+
+
+def _render(tokenizer: Any, prompt: str, form: str, system: str | None, tools: list[dict[str, Any]] | None) -> str:
     if form != "chat":
         return prompt
     if not tokenizer.chat_template:
@@ -95,7 +106,7 @@ def _render(tokenizer: Any, prompt: str, form: str, system: str | None) -> str:
         )
     turns = [{"role": "system", "content": system}] if system else []
     turns.append({"role": "user", "content": prompt})
-    return str(tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True))
+    return str(tokenizer.apply_chat_template(turns, tools=tools, tokenize=False, add_generation_prompt=True))
 
 
 def generate(
@@ -106,6 +117,7 @@ def generate(
     form: str | None = None,
     chat_template: str | None = None,
     system: str | None = None,
+    tools: list[dict[str, Any]] | None = None,
     sampling: Sampling | None = None,
     compare_base: bool = False,
     storage_options: dict[str, Any] | None = None,
@@ -115,9 +127,11 @@ def generate(
     ``form``: how prompts are put to the model, "chat" (a user turn through the chat template) or "text"/"completion"
     (as they are); default: as the run trained (its ``data.format``; "text" for a step that records none).
     ``chat_template``: a template or its file, in place of the run's or the tokenizer's; ``system``: a system turn
-    before each prompt (chat only). ``base``: another base than the one the step names (checked against its
-    fingerprint as any load is). Returns one dict per prompt: ``prompt``, ``input`` (the text the model saw),
-    ``adapter`` (the continuation) and, with ``compare_base``, ``base`` (the continuation with the adapter off).
+    before each prompt (chat only); ``tools``: function schemas the chat template shows the model (``tools=``), as
+    a run on tool-calling data trained with them (chat only). ``base``: another base than the one the step names
+    (checked against its fingerprint as any load is). Returns one dict per prompt: ``prompt``, ``input`` (the text
+    the model saw), ``adapter`` (the continuation) and, with ``compare_base``, ``base`` (the continuation with the
+    adapter off).
     Single process, on the current CUDA device or the CPU, in the run's ``model.dtype``.
     """
     sampling = sampling or Sampling()
@@ -132,6 +146,10 @@ def generate(
     form = form or data.get("format") or "text"
     if system and form != "chat":
         raise ValueError(f"--system is a chat turn, and the prompts are sent as {form}: add --format chat or drop it")
+    if tools and form != "chat":
+        raise ValueError(
+            f"--tools go to the chat template, and the prompts are sent as {form}: add --format chat or drop it"
+        )
     dtype = DTYPES.get(model_cfg.get("dtype") or "float32", torch.float32)
 
     model: Any = load_model(step_url, base=base, dtype=dtype, storage_options=storage_options)
@@ -153,7 +171,7 @@ def generate(
     special = form != "chat"
     results = []
     for prompt in prompts:
-        text = _render(tokenizer, prompt, form, system)
+        text = _render(tokenizer, prompt, form, system, tools)
         inputs = tokenizer(text, return_tensors="pt", add_special_tokens=special).to(device)
         result = {"prompt": prompt, "input": text, "adapter": _continue(model, tokenizer, inputs, sampling)}
         if compare_base:

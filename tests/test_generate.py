@@ -96,6 +96,31 @@ def test_a_chat_run_is_asked_through_its_template(gpt2_base, tmp_path):
         generate(step, ["x"], chat_template="")  # the tiny tokenizer has none of its own
 
 
+def test_tools_reach_the_chat_template(gpt2_base, tmp_path):
+    """--tools FILE: the schemas go to the chat template with the prompt (as a run on tool-calling data saw them),
+    the answer is PEFT's over that text; refused outside chat, and a file that is not a list of schemas is named."""
+    from dist_lora.generate import read_tools
+
+    tools_template = "{%- if tools -%}<|tools|>\n{{ tools | tojson }}<|endoftext|>\n{% endif -%}" + TEMPLATE.read_text()
+    run = {"data": {"format": "chat", "chat_template": tools_template}, "model": {"dtype": "float32"}}
+    step = saved_step(gpt2_base, tmp_path / "ck", run=run)
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": schema}}]
+    (tmp_path / "tools.json").write_text(json.dumps(tools))
+    r = generate(step, ["Weather in Paris?"], tools=read_tools(str(tmp_path / "tools.json")), sampling=Sampling(6))[0]
+    tokenizer = AutoTokenizer.from_pretrained(gpt2_base)
+    tokenizer.chat_template = tools_template
+    turn = [{"role": "user", "content": "Weather in Paris?"}]
+    assert r["input"] == tokenizer.apply_chat_template(turn, tools=tools, tokenize=False, add_generation_prompt=True)
+    assert r["input"].startswith("<|tools|>\n") and '"get_weather"' in r["input"]
+    assert r["adapter"] == greedy(dist_lora.load_model(step), tokenizer, r["input"], 6, special=False)
+    with pytest.raises(ValueError, match="--tools go to the chat template, and the prompts are sent as text"):
+        generate(step, ["x"], form="text", tools=tools)
+    (tmp_path / "bad.json").write_text('{"name": "f"}')
+    with pytest.raises(ValueError, match="bad.json: must hold a JSON list of tool schemas"):
+        read_tools(str(tmp_path / "bad.json"))
+
+
 def test_bad_settings_are_refused_naming_them(gpt2_base, llama_base, tmp_path):
     step = saved_step(gpt2_base, tmp_path / "ck")
     with pytest.raises(AdapterError, match=f"was trained over another model than {llama_base}"):
