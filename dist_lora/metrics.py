@@ -52,6 +52,8 @@ class MetricsLog:
         self.path = Path(path) if path and enabled else None
         self.tb: Any = None
         self.wandb: Any = None  # the W&B run, once started
+        self._wandb_from = 0  # the first step W&B takes (a resumed run's: after the last it holds)
+        self._wandb_behind = False  # (said once)
         self.wandb_id = secrets.token_hex(4) if enabled and report_to and "wandb" in report_to else None
         self._wandb_config = config or {}
         if self.path is None:
@@ -92,6 +94,19 @@ class MetricsLog:
 
                 project = os.environ.get("WANDB_PROJECT", "dist_lora")
                 self.wandb = wandb.init(project=project, id=self.wandb_id, resume="allow", config=self._wandb_config)
+                self._wandb_from = int(self.wandb.step)  # a resumed W&B run's next step: past every one it holds
+            if step < self._wandb_from:  # W&B would drop it, with a warning at every call
+                if not self._wandb_behind:
+                    self._wandb_behind = True
+                    log.warning(
+                        "W&B run %s already holds steps up to %d, logged after the step this run resumed from was "
+                        "saved; W&B does not take a step below its last, so this run's steps before %d go to the "
+                        "metrics file and TensorBoard only",
+                        self.wandb_id,
+                        self._wandb_from - 1,
+                        self._wandb_from,
+                    )
+                return
             self.wandb.log(values, step=step)
         except Exception as e:  # anything W&B raises: training goes on
             log.error(

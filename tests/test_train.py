@@ -704,6 +704,37 @@ def test_metrics_go_to_weights_and_biases_and_a_resume_goes_on_in_the_same_run(
     assert len(failures) == 1 and "ConnectionError: api.wandb.ai unreachable" in failures[0].message
 
 
+def test_steps_a_resumed_wandb_run_already_holds_are_not_sent_again(tmp_path, monkeypatch, caplog):
+    """A run resumed from step 2 whose W&B run already holds steps up to 4 (logged after step 2 was saved, then
+    the job died): W&B would drop steps 3 and 4 with a warning at each call, so they are not sent, one warning says
+    so, and steps from 5 go to W&B; the metrics file keeps them all. (W&B is offline here, where a resumed run
+    starts at step 0: the step W&B takes next is given as an online resume reports it, ``Run.step``.)"""
+    from wandb.sdk.wandb_run import Run
+
+    from dist_lora.metrics import MetricsLog
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    sent = []
+    real_log = Run.log
+    monkeypatch.setattr(Run, "step", property(lambda self: 5))
+    monkeypatch.setattr(
+        Run, "log", lambda self, data, step=None, commit=None: sent.append(step) or real_log(self, data, step=step)
+    )
+    metrics = MetricsLog(str(tmp_path / "metrics.jsonl"), report_to=["wandb"])
+    metrics.resumed(2)
+    for step in (3, 4, 5, 6):
+        metrics.step({"step": step, "loss": 1.0 / step})
+    metrics.eval(4, 0.5, 0.25)
+    metrics.close()
+    assert sent == [5, 6]
+    warnings = [r.message for r in caplog.records if "already holds steps up to 4" in r.message]
+    assert len(warnings) == 1 and "steps before 5 go to the metrics file and TensorBoard only" in warnings[0]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [3, 4, 5, 6]
+
+
 def test_early_stopping_ends_the_run_after_its_patience_and_a_resume_keeps_it_ended(gpt2_base, tmp_path, caplog):
     """train.early_stopping_patience=2 with a threshold no evaluation can beat: the first evaluation is the best,
     the next two do not improve on it, so the run stops after step 3 of 6 and saves it. Resumed as it is, it trains
