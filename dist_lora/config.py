@@ -24,6 +24,7 @@ MixedPrecision = Literal["none", "bf16"]
 OnError = Literal["raise", "warn"]
 DataFormat = Literal["text", "completion", "chat"]
 TooLong = Literal["truncate", "drop"]
+Turns = Literal["all", "last"]
 Quantization = Literal["none", "nf4"]
 LrSchedule = Literal["cosine", "linear", "constant"]
 
@@ -112,11 +113,15 @@ class DataConfig:
     fields: dict[str, str] = field(default_factory=dict)
     """Your column names for the fields the format reads, e.g. {messages: conversations} or {prompt: question,
     completion: answer}; default: text | prompt, completion | messages. chat also reads each message's role and
-    content keys ({messages: conversations, role: from, content: value} is ShareGPT's layout) and an optional
-    tools column (each conversation's function schemas, for the chat template)."""
+    content keys ({messages: conversations, role: from, content: value} is ShareGPT's layout), an optional tools
+    column (each conversation's function schemas, for the chat template), and train: a message key whose false or 0
+    makes that turn context, not a target ({train: weight} reads ShareGPT's per-turn weight)."""
     roles: dict[str, str] = field(default_factory=dict)
     """chat: your role names onto the chat template's, e.g. {human: user, gpt: assistant} (ShareGPT's); a role not
     named is kept. The turns whose role is then assistant are the targets."""
+    turns: Turns = "all"
+    """chat: the assistant turns that are targets: all | last (each conversation's last; the earlier ones are
+    context, LLaMA-Factory's mask_history)."""
     seq_len: int = 128
     """Tokens per training row."""
     packing: bool = False
@@ -466,6 +471,16 @@ def _validate(cfg: RunConfig, errors: list[str]) -> None:
     check(
         not (d.loss_on_prompt and d.format == "text"),
         "data.loss_on_prompt is for the completion and chat formats: text already trains on every token",
+    )
+    check(
+        d.turns == "all" or (d.format == "chat" and not d.loss_on_prompt),
+        f"data.turns={d.turns} picks the chat turns that are targets: it needs data.format chat (got {d.format}) "
+        "and no data.loss_on_prompt (which makes every token a target)",
+    )
+    check(
+        "train" not in d.fields or not d.loss_on_prompt,
+        "data.fields' train key picks the chat turns that are targets, and data.loss_on_prompt makes every token "
+        "one: drop either",
     )
     check(
         not d.roles or d.format == "chat",

@@ -63,6 +63,9 @@ MESSAGE_KEYS = ("role", "content")
 TOOLS = "tools"
 """chat: the optional column of each conversation's tools (function schemas, or their JSON), given to the chat
 template as ``tools``; ``data.fields`` maps it too."""
+TRAIN = "train"
+"""chat: ``data.fields={train: KEY}`` names the message key whose false or 0 makes an assistant turn context, not a
+target (ShareGPT's and axolotl's per-turn ``weight``); unmapped, every assistant turn trains."""
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 """What a hub dataset id looks like ("name" or "org/name"); any other missing path is a missing local path."""
@@ -325,7 +328,7 @@ class Stats:
 
 def _fields(cfg: DataConfig) -> dict[str, str]:
     """The format's columns, by the names ``data.fields`` gives them."""
-    readable = (*FIELDS[cfg.format], *((*MESSAGE_KEYS, TOOLS) if cfg.format == "chat" else ()))
+    readable = (*FIELDS[cfg.format], *((*MESSAGE_KEYS, TOOLS, TRAIN) if cfg.format == "chat" else ()))
     unknown = set(cfg.fields) - set(readable)
     if unknown:
         raise DataError(
@@ -411,12 +414,22 @@ def _target_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -
     return [any(s < te and ts < e for s, e in spans) for ts, te in offsets]
 
 
+def trained_turns(turns: list[dict[str, Any]], cfg: DataConfig) -> list[int]:
+    """The indices of the assistant turns that are targets: every one, or the last (``data.turns``), less those
+    whose ``data.fields`` train key is false or 0."""
+    chosen = [i for i, t in enumerate(turns) if t["role"] == "assistant"]
+    if cfg.turns == "last":
+        chosen = chosen[-1:]
+    key = cfg.fields.get(TRAIN)
+    return [i for i in chosen if not key or turns[i].get(key, True) not in (False, 0)]
+
+
 def chat_spans(
-    tokenizer: Any, messages: list[dict[str, Any]], tools: list[Any] | None = None
+    tokenizer: Any, messages: list[dict[str, Any]], tools: list[Any] | None = None, trained: list[int] | None = None
 ) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation (with its ``tools``, as the template shows them) and the character span of each
-    assistant turn in it, its tool calls included (trailing whitespace, which the template adds between turns,
-    left out)."""
+    assistant turn in it (of those ``trained`` names), its tool calls included (trailing whitespace, which the
+    template adds between turns, left out)."""
 
     def render(msgs: list[dict[str, Any]], gen: bool = False) -> str:
         return str(tokenizer.apply_chat_template(msgs, tools=tools, tokenize=False, add_generation_prompt=gen))
@@ -424,7 +437,7 @@ def chat_spans(
     full = render(messages)
     spans = []
     for i, m in enumerate(messages):
-        if m.get("role") != "assistant":
+        if m.get("role") != "assistant" or (trained is not None and i not in trained):
             continue
         before = render(messages[:i], gen=True) if i else ""
         through = render(messages[: i + 1])
@@ -505,7 +518,7 @@ def _tokenize_fn(cfg: DataConfig, tokenizer: Any) -> Callable[[dict[str, list], 
                     f"{messages!r:.200}); other keys are mapped with data.fields, e.g. {{role: from, content: value}}; "
                     "a turn that calls tools (tool_calls) may leave its content null"
                 )
-            text, sp = chat_spans(tokenizer, turns, _tools(given, i))
+            text, sp = chat_spans(tokenizer, turns, _tools(given, i), trained_turns(turns, cfg))
             texts.append(text)
             spans.append(sp)
         return answers(texts, spans)
@@ -648,6 +661,8 @@ def cache_key(cfg: DataConfig, tokenizer: Any, seed: int) -> str:
         # (absent where chat reads the default keys and roles: earlier caches stay valid)
         **({"message_keys": _message_keys(cfg)} if cfg.format == "chat" and _message_keys(cfg) != MESSAGE_KEYS else {}),
         **({"roles": cfg.roles} if cfg.roles else {}),
+        **({"turns": cfg.turns} if cfg.turns != "all" else {}),
+        **{f"{name}_field": cfg.fields[name] for name in (TOOLS, TRAIN) if cfg.format == "chat" and name in cfg.fields},
         "seq_len": cfg.seq_len,
         "packing": cfg.packing,
         "too_long": cfg.too_long,

@@ -175,6 +175,56 @@ def test_bad_tools_and_a_turn_without_content_are_named(gpt2_base, tmp_path):
         prepare_data(replace(cfg, cache_dir=str(tmp_path / "cache")), tok, seed=0)
 
 
+def assistant_runs(mask: list[int]) -> list[list[int]]:
+    """The positions of each assistant turn in a template's assistant mask (one run of ones per turn)."""
+    runs: list[list[int]] = []
+    for i, m in enumerate(mask):
+        if m and runs and runs[-1][-1] == i - 1:
+            runs[-1].append(i)
+        elif m:
+            runs.append([i])
+    return runs
+
+
+def test_the_last_turn_alone_or_the_turns_a_message_key_marks_are_the_targets(gpt2_base, tmp_path):
+    """data.turns=last: only each conversation's last assistant turn is a target (the earlier ones context);
+    data.fields={train: weight}: the assistant turns whose weight is 0 are context (ShareGPT's per-turn weight; a
+    turn without the key trains). Each row's labels are the template's own assistant mask for exactly those turns,
+    token for token; a conversation left without a target is dropped and counted; refused beside loss_on_prompt."""
+    tok = tokenizer_of(gpt2_base)
+    conversations = [json.loads(line)["messages"] for line in (DATA / "chat.jsonl").read_text().splitlines()]
+    weighted = []
+    for messages in conversations:
+        first = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        weighted.append([{**m, "weight": 0} if i == first else m for i, m in enumerate(messages)])
+    (tmp_path / "weighted.jsonl").write_text("".join(json.dumps({"messages": m}) + "\n" for m in weighted))
+    common = {"format": "chat", "seq_len": 512}
+    last = prepared(tmp_path / "last", gpt2_base, path=str(DATA / "chat.jsonl"), turns="last", **common)
+    marked = prepared(
+        tmp_path / "marked", gpt2_base, path=str(tmp_path / "weighted.jsonl"), fields={"train": "weight"}, **common
+    )
+    several = sum(1 for m in conversations if sum(t["role"] == "assistant" for t in m) > 1)
+    assert 0 < several < len(conversations)
+    assert len(last) == len(conversations) and len(marked) == several
+    assert marked.stats["dropped_no_target"] == len(conversations) - several  # their one turn weighs 0
+    rows = iter(all_rows(marked.train))
+    for messages, row in zip(conversations, all_rows(last.train), strict=True):
+        ref = tok.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        runs = assistant_runs(ref["assistant_masks"])
+        assert len(runs) == sum(m["role"] == "assistant" for m in messages)
+        ids = ref["input_ids"]
+        assert row["input_ids"] == ids
+        assert row["labels"] == [t if i in runs[-1] else IGNORE for i, t in enumerate(ids)]
+        if len(runs) > 1:
+            kept = {i for run in runs[1:] for i in run}
+            assert next(rows)["labels"] == [t if i in kept else IGNORE for i, t in enumerate(ids)]
+    with pytest.raises(ConfigError, match="data.turns=last picks the chat turns that are targets"):
+        load_config(str(ROOT / "configs" / "tiny.yaml"), ["data.turns=last", "model.name_or_path=x"])
+    with pytest.raises(ConfigError, match="train key picks the chat turns .*loss_on_prompt"):
+        given = ["data.format=chat", "data.fields={train: weight}", "data.loss_on_prompt=true", "model.name_or_path=x"]
+        load_config(str(ROOT / "configs" / "tiny.yaml"), given)
+
+
 def test_sharegpt_keys_and_roles_give_the_rows_of_the_standard_layout(gpt2_base, tmp_path):
     """ShareGPT's layout ({conversations: [{from: human|gpt|system, value}]}) read through data.fields (the column
     and each message's keys) and data.roles gives exactly the rows of the same conversations in the standard one;
