@@ -254,7 +254,7 @@ def load_sources(
                 f"sources have; its fields: {', '.join(ds.column_names)}. Every source needs the same fields "
                 "(data.fields maps one set of names)"
             )
-        parts.append(ds.select_columns(columns))
+        parts.append(_as_json_text(ds, cfg) if cfg.format == "chat" else ds.select_columns(columns))
     first = parts[0].features
     for i, (path, ds) in enumerate(zip(sources, parts, strict=True)):
         if ds.features != first:
@@ -269,6 +269,22 @@ def load_sources(
         shares = [w / sum(weights) for w in weights]
         return datasets.interleave_datasets(parts, shares, seed=seed, stopping_strategy="all_exhausted")
     return datasets.concatenate_datasets(parts)
+
+
+def _as_json_text(ds: Dataset, cfg: DataConfig) -> Dataset:
+    """A chat source's conversations (and tools, "" where it has none) as JSON text, its Arrow fill-in nulls left
+    out: sources whose messages carry other keys (tool calls, names, weights) or whose tools have other schemas
+    have other Arrow types, which cannot be joined as they are; the text of each can."""
+    messages, tools = _fields(cfg)["messages"], _tools_column(cfg)
+
+    def text(values: list[Any]) -> list[str]:
+        return [v if isinstance(v, str) else json.dumps(without_nones(v)) if v is not None else "" for v in values]
+
+    def convert(batch: dict[str, list]) -> dict[str, list]:
+        n = len(batch[messages])
+        return {messages: text(batch[messages]), tools: text(batch[tools]) if tools in batch else [""] * n}
+
+    return ds.map(convert, batched=True, remove_columns=ds.column_names, desc="chat as JSON text")
 
 
 def _hash_files(paths: list[Path]) -> str:
@@ -366,6 +382,11 @@ def _turns(messages: Any, cfg: DataConfig) -> list[dict[str, Any]] | None:
     ...), Arrow's fill-in Nones left out; or None where a message has no string role, or no string content
     without tool calls (an assistant turn that only calls tools may leave it out or null)."""
     role, content = _message_keys(cfg)
+    if isinstance(messages, str):  # (several sources: their conversations as JSON text)
+        try:
+            messages = json.loads(messages)
+        except json.JSONDecodeError:
+            return None
     if not isinstance(messages, list):
         return None
     turns = []

@@ -156,6 +156,26 @@ def test_tool_calls_and_tools_reach_the_template_and_the_calls_are_targets(sourc
     assert calls == 3
 
 
+def test_chat_sources_of_other_arrow_types_give_the_rows_of_each_alone(gpt2_base, tmp_path):
+    """Several chat sources whose conversations have other Arrow types (parquet conversations with tool calls and
+    tools, the shipped JSONL chat without either) train together: the rows of each source prepared alone, one
+    after the other (joined as they are, their types would not concatenate)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tok = tokenizer_of(gpt2_base)
+    tok.chat_template = TOOLS_TEMPLATE
+    pq.write_table(pa.Table.from_pylist(tool_conversations()), tmp_path / "tools.parquet")
+    sources = [str(tmp_path / "tools.parquet"), str(DATA / "chat.jsonl")]
+
+    def rows(path: str | list[str], cache: str) -> list[dict]:
+        cfg = DataConfig(path=path, format="chat", seq_len=512, cache_dir=str(tmp_path / cache))
+        return all_rows(prepare_data(cfg, tok, seed=0).train)
+
+    alone = rows(sources[0], "a") + rows(sources[1], "b")
+    assert rows(sources, "both") == alone and len(alone) == len(tool_conversations()) + 64
+
+
 def test_bad_tools_and_a_turn_without_content_are_named(gpt2_base, tmp_path):
     tok = tokenizer_of(gpt2_base)
     tok.chat_template = TOOLS_TEMPLATE
