@@ -504,12 +504,14 @@ def _tokenize_fn(cfg: DataConfig, tokenizer: Any) -> Callable[[dict[str, list], 
                     out["status"].append("ok")
         return out
 
-    def answers(texts: list[str], spans: list[list[tuple[int, int]]]) -> dict[str, list]:
-        enc = tokenizer(texts, add_special_tokens=cfg.format == "completion", return_offsets_mapping=True)
+    def answers(texts: list[str], spans: list[list[tuple[int, int]]], *, rendered: bool) -> dict[str, list]:
+        """``rendered``: texts a chat template wrote, its special tokens in them; else plain text, the tokenizer's
+        special tokens added and EOS after the completion."""
+        enc = tokenizer(texts, add_special_tokens=not rendered, return_offsets_mapping=True)
         out: dict[str, list] = {"input_ids": [], "labels": [], "status": []}
         for ids, offsets, sp in zip(enc["input_ids"], enc["offset_mapping"], spans, strict=True):
             targets = [True] * len(ids) if cfg.loss_on_prompt else _target_mask([tuple(o) for o in offsets], sp)
-            if cfg.format == "completion" and eos is not None and ids[-1] != eos:
+            if not rendered and eos is not None and ids[-1] != eos:
                 ids, targets = [*ids, eos], [*targets, True]  # the model learns to stop after the completion
             ids, labels, status = finish(ids, targets)
             out["input_ids"].append(ids)
@@ -519,13 +521,40 @@ def _tokenize_fn(cfg: DataConfig, tokenizer: Any) -> Callable[[dict[str, list], 
 
     def completion(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         prompts, completions = batch[f["prompt"]], batch[f["completion"]]
+        if all(isinstance(x, list) for x in [*prompts, *completions]):
+            return conversational(batch, indices, prompts, completions)
         for i, p, c in zip(indices, prompts, completions, strict=True):
             if not isinstance(p, str) or not isinstance(c, str):
                 raise DataError(
-                    f"sample {i}: fields {f['prompt']!r} and {f['completion']!r} must be strings (got {p!r}, {c!r})"
+                    f"sample {i}: fields {f['prompt']!r} and {f['completion']!r} must be strings, or both lists of "
+                    f"messages (TRL's conversational prompt-completion) (got {p!r:.200}, {c!r:.200})"
                 )
         texts = [p + c for p, c in zip(prompts, completions, strict=True)]
-        return answers(texts, [[(len(p), len(t))] for p, t in zip(prompts, texts, strict=True)])
+        return answers(texts, [[(len(p), len(t))] for p, t in zip(prompts, texts, strict=True)], rendered=False)
+
+    def conversational(batch: dict[str, list], indices: list[int], prompts: list, completions: list) -> dict[str, list]:
+        """TRL's conversational prompt-completion: both fields lists of messages, rendered together by the chat
+        template; the completion's assistant turns are the targets."""
+        if not tokenizer.chat_template:
+            raise DataError(
+                "prompts and completions as lists of messages are rendered by a chat template, and this tokenizer "
+                "has none: set data.chat_template (a Jinja template, or a file holding one)"
+            )
+        texts, spans = [], []
+        tools = batch.get(_tools_column(cfg)) or [None] * len(indices)
+        for i, p, c, given in zip(indices, prompts, completions, tools, strict=True):
+            prompt, answer = _turns(p, cfg), _turns(c, cfg)
+            if prompt is None or answer is None:
+                raise DataError(
+                    f"sample {i}: fields {f['prompt']!r} and {f['completion']!r} as lists of messages must hold "
+                    f"{{role, content}} string pairs (got {p!r:.200}, {c!r:.200})"
+                )
+            turns = prompt + answer
+            trained = [j for j in range(len(prompt), len(turns)) if turns[j]["role"] == "assistant"]
+            text, sp = chat_spans(tokenizer, turns, _tools(given, i), trained)
+            texts.append(text)
+            spans.append(sp)
+        return answers(texts, spans, rendered=True)
 
     def chat(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         texts, spans = [], []
@@ -542,7 +571,7 @@ def _tokenize_fn(cfg: DataConfig, tokenizer: Any) -> Callable[[dict[str, list], 
             text, sp = chat_spans(tokenizer, turns, _tools(given, i), trained_turns(turns, cfg))
             texts.append(text)
             spans.append(sp)
-        return answers(texts, spans)
+        return answers(texts, spans, rendered=True)
 
     return {"text": text, "completion": completion, "chat": chat}[cfg.format]
 

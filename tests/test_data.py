@@ -176,6 +176,29 @@ def test_chat_sources_of_other_arrow_types_give_the_rows_of_each_alone(gpt2_base
     assert rows(sources, "both") == alone and len(alone) == len(tool_conversations()) + 64
 
 
+def test_conversational_prompt_completion_gives_the_rows_of_chat_on_its_last_turn(gpt2_base, tmp_path):
+    """TRL's conversational prompt-completion (both fields lists of messages) with data.format completion: each
+    sample rendered whole by the chat template, the completion's assistant turns the targets, so the same
+    conversations split before their last turn give exactly the rows of chat with data.turns=last; without a
+    chat template, and with one field a string and the other a list, one error each."""
+    conversations = [json.loads(line)["messages"] for line in (DATA / "chat.jsonl").read_text().splitlines()]
+    assert all(m[-1]["role"] == "assistant" for m in conversations)
+    (tmp_path / "pc.jsonl").write_text(
+        "".join(json.dumps({"prompt": m[:-1], "completion": m[-1:]}) + "\n" for m in conversations)
+    )
+    split = prepared(tmp_path / "pc", gpt2_base, path=str(tmp_path / "pc.jsonl"), format="completion", seq_len=512)
+    chat = prepared(
+        tmp_path / "chat", gpt2_base, path=str(DATA / "chat.jsonl"), format="chat", turns="last", seq_len=512
+    )
+    assert len(split) == len(conversations) and all_rows(split.train) == all_rows(chat.train)
+    cfg = DataConfig(path=str(tmp_path / "pc.jsonl"), format="completion", cache_dir=str(tmp_path / "none"))
+    with pytest.raises(DataError, match="prompts and completions as lists of messages are rendered by a chat template"):
+        prepare_data(cfg, load_tokenizer(str(gpt2_base)), seed=0)  # (the tiny tokenizer has no template)
+    (tmp_path / "mixed.jsonl").write_text(json.dumps({"prompt": "p", "completion": conversations[0][-1:]}) + "\n")
+    with pytest.raises(DataError, match="must be strings, or both lists of messages"):
+        prepared(tmp_path / "mixed", gpt2_base, path=str(tmp_path / "mixed.jsonl"), format="completion")
+
+
 def test_bad_tools_and_a_turn_without_content_are_named(gpt2_base, tmp_path):
     tok = tokenizer_of(gpt2_base)
     tok.chat_template = TOOLS_TEMPLATE
@@ -547,7 +570,10 @@ def test_a_file_the_parser_refuses_is_named_with_the_parsers_reason(gpt2_base, t
 def test_a_sample_of_the_wrong_type_is_named_by_its_index(gpt2_base, tmp_path):
     good = '{"prompt": "a", "completion": " b"}'
     (tmp_path / "c.jsonl").write_text(f'{good}\n{good}\n{{"prompt": "a", "completion": null}}\n')
-    with pytest.raises(DataError, match=r"sample 2: fields 'prompt' and 'completion' must be strings \(got 'a', None"):
+    with pytest.raises(
+        DataError,
+        match=r"sample 2: fields 'prompt' and 'completion' must be strings, or both lists of messages .*\(got 'a', None",
+    ):
         prepared(tmp_path, gpt2_base, path=str(tmp_path / "c.jsonl"), format="completion")
     (tmp_path / "m.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": "hi"}\n')
     with pytest.raises(DataError, match="sample 1: field 'messages' must be a list of {role, content}"):
