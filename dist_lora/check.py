@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from dist_lora.config import ConfigError, RunConfig
+from dist_lora.data import TARGET_CLOSE, TARGET_OPEN
 
 OPTIMIZER_COPIES = 3  # per trained element besides itself: its gradient and AdamW's exp_avg and exp_avg_sq
 
@@ -221,6 +222,7 @@ class Report:
     eval_rows: int | None = None
     max_steps: int | None = None
     resume: dict[str, Any] | None = None  # the step checkpoint.resume loads (url, step, backend, world_size)
+    shown_rows: list[dict[str, Any]] | None = None  # the first training rows, targets marked (data.shown_rows)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -272,12 +274,19 @@ def build_meta_model(cfg: RunConfig, shards: int) -> Any:
 
 
 def check_run(
-    cfg: RunConfig, *, world: int, config_name: str = "", nproc_per_node: int | None = None, data: bool = True
+    cfg: RunConfig,
+    *,
+    world: int,
+    config_name: str = "",
+    nproc_per_node: int | None = None,
+    data: bool = True,
+    show_rows: int = 0,
 ) -> Report:
     """Try ``cfg`` at ``world`` ranks as the trainer would start it (see the module's doc); raise what the trainer
     would raise, else report the run's shape and each rank's share of the model. ``data=False`` skips the data
-    (and so the run's length from ``train.epochs``, and the packing check)."""
-    from dist_lora.data import check_packing, prepare_data
+    (and so the run's length from ``train.epochs``, and the packing check); ``show_rows``: the first training rows
+    as text, their targets marked (:func:`dist_lora.data.shown_rows`)."""
+    from dist_lora.data import check_packing, prepare_data, shown_rows
     from dist_lora.lora import _lora_modules
     from dist_lora.model import load_tokenizer
     from dist_lora.train import adamw, check_seq_len, grad_accum_steps, resolved_model, schedule
@@ -319,6 +328,7 @@ def check_run(
         eval_rows=eval_rows,
         max_steps=t.max_steps if data or t.epochs is None else None,
         resume=resume,
+        shown_rows=shown_rows(prepared.train, tokenizer, show_rows) if prepared is not None and show_rows else None,
     )
 
 
@@ -391,4 +401,12 @@ def describe(r: Report, cfg: RunConfig) -> str:
     if cfg.parallel.cpu_offload:
         lines.append("            (parallel.cpu_offload: the shards and the optimizer state in host memory)")
     lines.append(f"{'':12}+ activations and the blocks gathered for compute (the metrics' peak_memory_gib)")
+    for row in r.shown_rows or []:
+        lines.append(
+            f"row {row['row']}: {row['tokens']} tokens, {row['targets']} targets {TARGET_OPEN}marked{TARGET_CLOSE}, "
+            f"{len(row['samples'])} sample(s)"
+        )
+        for i, text in enumerate(row["samples"]):
+            lines.append(f"  sample {i}:" if len(row["samples"]) > 1 else "  text:")
+            lines += [f"    {line}" for line in text.split("\n")]
     return "\n".join(lines)

@@ -117,7 +117,12 @@ def cmd_check(args: argparse.Namespace) -> int:
     quiet_third_party()
     cfg = load_config(args.config, args.overrides)
     report = check_run(
-        cfg, world=args.world_size, config_name=args.config, nproc_per_node=args.nproc_per_node, data=not args.no_data
+        cfg,
+        world=args.world_size,
+        config_name=args.config,
+        nproc_per_node=args.nproc_per_node,
+        data=not args.no_data,
+        show_rows=args.show_rows,
     )
     print(json.dumps(report.to_json()) if args.json else describe(report, cfg))
     if args.device_memory is not None:
@@ -209,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--world-size", type=int, default=1, help="the ranks the job will run (nodes x GPUs per node)")
     p.add_argument("--nproc-per-node", type=int, help="GPUs per node (for parallel.replicate: nodes)")
     p.add_argument("--no-data", action="store_true", help="skip reading and tokenizing the data")
+    p.add_argument(
+        "--show-rows", type=int, default=0, metavar="N", help="print the first N training rows, their targets marked"
+    )
     p.add_argument(
         "--device-memory", type=float, help="GB of each GPU: an error (exit 2) if the model state alone exceeds it"
     )

@@ -936,6 +936,35 @@ class Rows:
         return out
 
 
+TARGET_OPEN, TARGET_CLOSE = "⟦", "⟧"
+"""How :func:`shown_rows` marks the tokens that are targets."""
+
+
+def shown_rows(rows: Rows, tokenizer: Any, count: int) -> list[dict[str, Any]]:
+    """The first ``count`` training rows as text, for a person to see what trains: each sample of a row decoded,
+    the runs of target tokens (the tokens the loss predicts: a label that is not ignored, past the row's first
+    token) between :data:`TARGET_OPEN` and :data:`TARGET_CLOSE`; ``{"row", "tokens", "targets", "samples": [text,
+    ...]}`` per row, ``targets`` the row's count in the loss."""
+    out = []
+    for i in range(min(count, len(rows))):
+        row = rows.ds[i]
+        ids = row["input_ids"]
+        target = [j > 0 and label != IGNORE for j, label in enumerate(row["labels"])]
+        lengths = row.get("lengths") or [len(ids)]
+        samples, start = [], 0
+        for length in lengths:
+            pieces, run = [], start
+            for j in range(start + 1, start + length + 1):
+                if j == start + length or target[j] != target[run]:
+                    text = tokenizer.decode(ids[run:j])
+                    pieces.append(f"{TARGET_OPEN}{text}{TARGET_CLOSE}" if target[run] else text)
+                    run = j
+            samples.append("".join(pieces))
+            start += length
+        out.append({"row": i, "tokens": len(ids), "targets": sum(target), "samples": samples})
+    return out
+
+
 def micro_place(index: int, world: int, rank: int) -> int:
     """Where micro-batch ``index`` of ``rank`` sits among the global batch's micro-batches (rank-major within each
     accumulation round), which fixes its rows and its random draws at any world size."""

@@ -188,6 +188,9 @@ def test_the_command_prints_the_report_and_refuses_what_does_not_fit(gpt2_base, 
     out = subprocess.run(cmd, capture_output=True, text=True)
     assert out.returncode == 0 and "at world size 2: nothing refused" in out.stdout, out.stderr
     assert f"frozen base {report['frozen_bytes_per_rank'] / 1e3:.1f} KB" in out.stdout
+    shown = subprocess.run([*cmd, "--show-rows", "2"], capture_output=True, text=True)
+    assert shown.returncode == 0 and "row 1: 64 tokens, 63 targets" in shown.stdout, shown.stderr
+    assert "row 2:" not in shown.stdout and shown.stdout.count("\u27e6") == 4  # per row: its header, one run
     out = subprocess.run([*cmd, "--device-memory", "0.0001"], capture_output=True, text=True)
     assert out.returncode == 2 and "more than --device-memory 0.0001 GB, before any activation" in out.stderr
     out = subprocess.run([*cmd[:4], "lora.modules_to_save=[lm_hed]", *cmd[4:]], capture_output=True, text=True)

@@ -199,6 +199,30 @@ def test_conversational_prompt_completion_gives_the_rows_of_chat_on_its_last_tur
         prepared(tmp_path / "mixed", gpt2_base, path=str(tmp_path / "mixed.jsonl"), format="completion")
 
 
+def test_shown_rows_mark_exactly_the_target_tokens_of_each_packed_sample(gpt2_base, tmp_path):
+    """dist-lora check --show-rows: each packed sample of a row decoded, the runs of target tokens between the
+    markers: the text without the markers is the sample's tokens decoded, the marked text is its targets
+    decoded, and with chat data each marked run is one assistant turn."""
+    from dist_lora.data import TARGET_CLOSE, TARGET_OPEN, shown_rows
+
+    tok = tokenizer_of(gpt2_base)
+    data = prepared(tmp_path, gpt2_base, path=str(DATA / "chat.jsonl"), format="chat", seq_len=256, packing=True)
+    shown = shown_rows(data.train, tok, 3)
+    assert [r["row"] for r in shown] == [0, 1, 2]
+    for r in shown:
+        row = data.train.ds[r["row"]]
+        assert r["tokens"] == len(row["input_ids"]) and len(r["samples"]) == len(row["lengths"]) > 1
+        assert r["targets"] == sum(label != IGNORE for label in row["labels"][1:]) == row["n_targets"]
+        start = 0
+        for text, length in zip(r["samples"], row["lengths"], strict=True):
+            ids, labels = row["input_ids"][start : start + length], row["labels"][start : start + length]
+            start += length
+            assert text.replace(TARGET_OPEN, "").replace(TARGET_CLOSE, "") == tok.decode(ids)
+            marked = [part.split(TARGET_CLOSE)[0] for part in text.split(TARGET_OPEN)[1:]]
+            assert "".join(marked) == tok.decode([t for t in labels if t != IGNORE])
+            assert all(m.endswith("<|endoftext|>") and "<|user|>" not in m for m in marked)  # an assistant turn each
+
+
 def test_bad_tools_and_a_turn_without_content_are_named(gpt2_base, tmp_path):
     tok = tokenizer_of(gpt2_base)
     tok.chat_template = TOOLS_TEMPLATE
