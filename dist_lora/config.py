@@ -133,6 +133,9 @@ class DataConfig:
     train_on_inputs); by default only the completion and the assistant turns are."""
     chat_template: str | None = None
     """A Jinja chat template (or a file holding one) for a tokenizer that has none, or to replace its own."""
+    system_prompt: str | None = None
+    """chat (and conversations as prompt and completion): a system turn put first in every conversation that has
+    none (axolotl's default_system_message, LLaMA-Factory's default_system); dist-lora generate asks with it too."""
     name: str | None = None
     """A hub dataset's configuration name."""
     split: str = "train"
@@ -481,6 +484,11 @@ def _validate(cfg: RunConfig, errors: list[str]) -> None:
         "train" not in d.fields or not d.loss_on_prompt,
         "data.fields' train key picks the chat turns that are targets, and data.loss_on_prompt makes every token "
         "one: drop either",
+    )
+    check(
+        d.system_prompt is None or (isinstance(d.system_prompt, str) and d.format != "text"),
+        f"data.system_prompt is a chat turn, and data.format is {d.format}: drop it, or use chat (or completion "
+        "with conversations)",
     )
     check(
         not d.roles or d.format == "chat",

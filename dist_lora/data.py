@@ -379,8 +379,9 @@ def without_nones(value: Any) -> Any:
 def _turns(messages: Any, cfg: DataConfig) -> list[dict[str, Any]] | None:
     """A sample's messages as the chat template takes them: ``role`` (renamed by ``data.roles``) and ``content``
     under the message keys, and the message's other keys as they are (``tool_calls``, ``tool_call_id``, ``name``,
-    ...), Arrow's fill-in Nones left out; or None where a message has no string role, or no string content
-    without tool calls (an assistant turn that only calls tools may leave it out or null)."""
+    ...), Arrow's fill-in Nones left out, a content of text parts (``[{"type": "text", "text": ...}]``) joined
+    into one string; or None where a message has no string role, or no string content without tool calls (an
+    assistant turn that only calls tools may leave it out or null; other parts, an image, are not text)."""
     role, content = _message_keys(cfg)
     if isinstance(messages, str):  # (several sources: their conversations as JSON text)
         try:
@@ -394,11 +395,20 @@ def _turns(messages: Any, cfg: DataConfig) -> list[dict[str, Any]] | None:
         if not isinstance(m, dict) or not isinstance(m.get(role), str):
             return None
         text = m.get(content)
+        if isinstance(text, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in text):
+            text = "".join(p.get("text") or "" for p in text)  # OpenAI's text parts: one string, as templates join them
         if not isinstance(text, str) and not (text is None and m.get("tool_calls")):
             return None
         rest = without_nones({k: v for k, v in m.items() if k not in (role, content)})
         turns.append({"role": cfg.roles.get(m[role], m[role]), "content": text or "", **rest})
     return turns
+
+
+def with_system(turns: list[dict[str, Any]], cfg: DataConfig) -> list[dict[str, Any]]:
+    """``data.system_prompt`` as the first turn of a conversation that has no system turn."""
+    if cfg.system_prompt is None or any(t["role"] == "system" for t in turns):
+        return turns
+    return [{"role": "system", "content": cfg.system_prompt}, *turns]
 
 
 def _tools(value: Any, index: int) -> list[Any] | None:
@@ -549,8 +559,8 @@ def _tokenize_fn(cfg: DataConfig, tokenizer: Any) -> Callable[[dict[str, list], 
                     f"sample {i}: fields {f['prompt']!r} and {f['completion']!r} as lists of messages must hold "
                     f"{{role, content}} string pairs (got {p!r:.200}, {c!r:.200})"
                 )
-            turns = prompt + answer
-            trained = [j for j in range(len(prompt), len(turns)) if turns[j]["role"] == "assistant"]
+            turns = with_system(prompt + answer, cfg)
+            trained = [j for j in range(len(turns) - len(answer), len(turns)) if turns[j]["role"] == "assistant"]
             text, sp = chat_spans(tokenizer, turns, _tools(given, i), trained)
             texts.append(text)
             spans.append(sp)
@@ -568,6 +578,7 @@ def _tokenize_fn(cfg: DataConfig, tokenizer: Any) -> Callable[[dict[str, list], 
                     f"{messages!r:.200}); other keys are mapped with data.fields, e.g. {{role: from, content: value}}; "
                     "a turn that calls tools (tool_calls) may leave its content null"
                 )
+            turns = with_system(turns, cfg)
             text, sp = chat_spans(tokenizer, turns, _tools(given, i), trained_turns(turns, cfg))
             texts.append(text)
             spans.append(sp)
@@ -712,6 +723,7 @@ def cache_key(cfg: DataConfig, tokenizer: Any, seed: int) -> str:
         **({"message_keys": _message_keys(cfg)} if cfg.format == "chat" and _message_keys(cfg) != MESSAGE_KEYS else {}),
         **({"roles": cfg.roles} if cfg.roles else {}),
         **({"turns": cfg.turns} if cfg.turns != "all" else {}),
+        **({"system_prompt": cfg.system_prompt} if cfg.system_prompt is not None else {}),
         **{f"{name}_field": cfg.fields[name] for name in (TOOLS, TRAIN) if cfg.format == "chat" and name in cfg.fields},
         "seq_len": cfg.seq_len,
         "packing": cfg.packing,

@@ -127,11 +127,11 @@ def generate(
     ``form``: how prompts are put to the model, "chat" (a user turn through the chat template) or "text"/"completion"
     (as they are); default: as the run trained (its ``data.format``; "text" for a step that records none).
     ``chat_template``: a template or its file, in place of the run's or the tokenizer's; ``system``: a system turn
-    before each prompt (chat only); ``tools``: function schemas the chat template shows the model (``tools=``), as
-    a run on tool-calling data trained with them (chat only). ``base``: another base than the one the step names
-    (checked against its fingerprint as any load is). Returns one dict per prompt: ``prompt``, ``input`` (the text
-    the model saw), ``adapter`` (the continuation) and, with ``compare_base``, ``base`` (the continuation with the
-    adapter off).
+    before each prompt (chat only; default: the run's ``data.system_prompt``); ``tools``: function schemas the chat
+    template shows the model (``tools=``), as a run on tool-calling data trained with them (chat only). ``base``:
+    another base than the one the step names (checked against its fingerprint as any load is). Returns one dict per
+    prompt: ``prompt``, ``input`` (the text the model saw), ``adapter`` (the continuation) and, with
+    ``compare_base``, ``base`` (the continuation with the adapter off).
     Single process, on the current CUDA device or the CPU, in the run's ``model.dtype``.
     """
     sampling = sampling or Sampling()
@@ -144,6 +144,8 @@ def generate(
     adapter_config, run = _run_data(step_url, storage_options)
     data, model_cfg = run.get("data") or {}, run.get("model") or {}
     form = form or data.get("format") or "text"
+    if system is None and form == "chat":  # the run's default system turn, as its conversations had it
+        system = data.get("system_prompt")
     if system and form != "chat":
         raise ValueError(f"--system is a chat turn, and the prompts are sent as {form}: add --format chat or drop it")
     if tools and form != "chat":

@@ -223,6 +223,33 @@ def test_shown_rows_mark_exactly_the_target_tokens_of_each_packed_sample(gpt2_ba
             assert all(m.endswith("<|endoftext|>") and "<|user|>" not in m for m in marked)  # an assistant turn each
 
 
+def test_a_default_system_turn_and_text_parts_give_the_rows_of_the_plain_conversations(gpt2_base, tmp_path):
+    """data.system_prompt puts a system turn first in each conversation without one (one that has its own keeps
+    it), and a content given as OpenAI's text parts is that text: the rows equal the conversations written out
+    that way; the system prompt joins the cache key; refused for text data."""
+    conversations = [json.loads(line)["messages"] for line in (DATA / "chat.jsonl").read_text().splitlines()]
+    system = {"role": "system", "content": "Be brief."}
+    written = [m if m[0]["role"] == "system" else [system, *m] for m in conversations]
+    assert written != conversations and any(m[0]["role"] == "system" for m in conversations)
+    (tmp_path / "written.jsonl").write_text("".join(json.dumps({"messages": m}) + "\n" for m in written))
+    parts = [
+        [
+            {**t, "content": [{"type": "text", "text": t["content"][:5]}, {"type": "text", "text": t["content"][5:]}]}
+            for t in m
+        ]
+        for m in conversations
+    ]
+    (tmp_path / "parts.jsonl").write_text("".join(json.dumps({"messages": m}) + "\n" for m in parts))
+    common = {"format": "chat", "seq_len": 512}
+    given = prepared(tmp_path / "a", gpt2_base, path=str(tmp_path / "parts.jsonl"), system_prompt="Be brief.", **common)
+    plain = prepared(tmp_path / "b", gpt2_base, path=str(tmp_path / "written.jsonl"), **common)
+    assert all_rows(given.train) == all_rows(plain.train)
+    without = prepared(tmp_path / "a", gpt2_base, path=str(tmp_path / "parts.jsonl"), **common)
+    assert without.where != given.where and all_rows(without.train) != all_rows(given.train)
+    with pytest.raises(ConfigError, match="data.system_prompt is a chat turn, and data.format is text"):
+        load_config(str(ROOT / "configs" / "tiny.yaml"), ["data.system_prompt=hi", "model.name_or_path=x"])
+
+
 def test_bad_tools_and_a_turn_without_content_are_named(gpt2_base, tmp_path):
     tok = tokenizer_of(gpt2_base)
     tok.chat_template = TOOLS_TEMPLATE

@@ -85,6 +85,12 @@ def test_a_chat_run_is_asked_through_its_template(gpt2_base, tmp_path):
 
     with pytest.raises(ValueError, match="--system is a chat turn, and the prompts are sent as text"):
         generate(step, ["x"], form="text", system="Answer briefly.")
+    run["data"]["system_prompt"] = "Be brief."  # the run's default system turn: asked with it, unless told not to
+    briefly = saved_step(gpt2_base, tmp_path / "with-system", run=run)
+    asked = generate(briefly, ["x"], sampling=Sampling(max_new_tokens=2))[0]["input"]
+    assert asked == "<|system|>\nBe brief.<|endoftext|>\n<|user|>\nx<|endoftext|>\n<|assistant|>\n"
+    unasked = generate(briefly, ["x"], system="", sampling=Sampling(max_new_tokens=2))[0]["input"]
+    assert unasked.startswith("<|user|>")
     template.unlink()
     with pytest.raises(ValueError, match=f"run that saved {step} .*'{template}' is neither a file nor a Jinja"):
         generate(step, ["x"])
