@@ -539,6 +539,11 @@ def _tokenize_fn(cfg: DataConfig, tokenizer: Any) -> Callable[[dict[str, list], 
                     f"sample {i}: fields {f['prompt']!r} and {f['completion']!r} must be strings, or both lists of "
                     f"messages (TRL's conversational prompt-completion) (got {p!r:.200}, {c!r:.200})"
                 )
+        if cfg.system_prompt is not None:
+            raise DataError(
+                "data.system_prompt is a chat turn, and these prompts and completions are plain text (no chat "
+                "template renders them): drop it, or give them as lists of messages"
+            )
         texts = [p + c for p, c in zip(prompts, completions, strict=True)]
         return answers(texts, [[(len(p), len(t))] for p, t in zip(prompts, texts, strict=True)], rendered=False)
 

@@ -248,6 +248,10 @@ def test_a_default_system_turn_and_text_parts_give_the_rows_of_the_plain_convers
     assert without.where != given.where and all_rows(without.train) != all_rows(given.train)
     with pytest.raises(ConfigError, match="data.system_prompt is a chat turn, and data.format is text"):
         load_config(str(ROOT / "configs" / "tiny.yaml"), ["data.system_prompt=hi", "model.name_or_path=x"])
+    with pytest.raises(DataError, match="data.system_prompt is a chat turn, and these prompts and completions are"):
+        prepared(
+            tmp_path / "c", gpt2_base, path=str(DATA / "completion.jsonl"), format="completion", system_prompt="hi"
+        )
 
 
 def test_bad_tools_and_a_turn_without_content_are_named(gpt2_base, tmp_path):
