@@ -336,6 +336,7 @@ class Stats:
     truncated: int = 0
     dropped_long: int = 0
     dropped_no_target: int = 0
+    cut_off: int = 0  # truncated to seq_len before their first target: dropped
     rows: int = 0
     eval_rows: int = 0
     targets: int = 0
@@ -499,7 +500,7 @@ def _tokenize_fn(cfg: DataConfig, tokenizer: Any) -> Callable[[dict[str, list], 
                 return [], [], "dropped_long"
             ids, labels, status = ids[:seq_len], labels[:seq_len], "truncated"
         if all(x == IGNORE for x in labels[1:]):  # the first label is never predicted
-            return [], [], "dropped_no_target"
+            return [], [], "cut_off" if status == "truncated" else "dropped_no_target"
         return ids, labels, status
 
     def text(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
@@ -744,7 +745,7 @@ def _left_out(stats: Stats, cfg: DataConfig, ds: Any) -> str:
     roles they have)."""
     counts = (
         f"{stats.samples} samples, {stats.dropped_long} longer than data.seq_len={cfg.seq_len} dropped, "
-        f"{stats.dropped_no_target} without a target"
+        f"{stats.cut_off} with no target within data.seq_len, {stats.dropped_no_target} without a target"
     )
     if cfg.format == "chat" and not cfg.loss_on_prompt and stats.dropped_no_target:
         roles = _roles_seen(ds, cfg)
@@ -810,6 +811,7 @@ def _tokenize(ds: Dataset, cfg: DataConfig, tokenizer: Any, what: str, key: str,
         truncated=status.count("truncated"),
         dropped_long=status.count("dropped_long"),
         dropped_no_target=status.count("dropped_no_target"),
+        cut_off=status.count("cut_off"),
     )
     if not status:
         return tokenized, stats
@@ -891,6 +893,9 @@ def _log_stats(stats: dict[str, Any], cfg: DataConfig, built: bool, where: Path)
         left_out.append(f"{stats['truncated']} truncated to data.seq_len={cfg.seq_len}")
     if stats["dropped_long"]:
         left_out.append(f"{stats['dropped_long']} longer than data.seq_len={cfg.seq_len} dropped")
+    if stats.get("cut_off"):  # (a cache built before it was counted apart has none)
+        cut = stats["cut_off"]
+        left_out.append(f"{cut} with no target within data.seq_len={cfg.seq_len} dropped (raise seq_len to keep them)")
     if stats["dropped_no_target"]:
         left_out.append(f"{stats['dropped_no_target']} without a target token dropped")
     log.info(

@@ -385,9 +385,11 @@ def test_too_long_samples_are_truncated_or_dropped_and_counted(gpt2_base, tmp_pa
     cut = prepared(tmp_path, gpt2_base, **common)
     dropped = prepared(tmp_path, gpt2_base, too_long="drop", **common)
     assert cut.stats["truncated"] > 0 and all(len(r["input_ids"]) <= 64 for r in all_rows(cut.train))
-    assert dropped.stats["dropped_long"] == cut.stats["truncated"] + cut.stats["dropped_no_target"]
+    assert cut.stats["cut_off"] > 0 and cut.stats["dropped_no_target"] == 0  # each turn has an answer: cut off
+    assert dropped.stats["dropped_long"] == cut.stats["truncated"] + cut.stats["cut_off"]
     assert len(dropped) == 64 - dropped.stats["dropped_long"]
     assert f"{cut.stats['truncated']} truncated to data.seq_len=64" in caplog.text
+    assert f"{cut.stats['cut_off']} with no target within data.seq_len=64 dropped (raise seq_len" in caplog.text
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
