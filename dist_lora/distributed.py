@@ -168,15 +168,6 @@ def comm_device(group: Any = None) -> torch.device:
     return torch.device("cpu")
 
 
-def step_consensus(loss: float, stop: bool) -> tuple[float, bool]:
-    """Collective: the loss averaged over ranks, and whether any rank wants to stop (one tiny all-reduce)."""
-    if not dist.is_initialized():
-        return loss, stop
-    t = torch.tensor([loss, float(stop)], dtype=torch.float64, device=comm_device())
-    dist.all_reduce(t)
-    return float(t[0].item()) / dist.get_world_size(), bool(t[1].item() > 0)
-
-
 def sum_over_ranks(values: list[float]) -> list[float]:
     """Collective: each value summed over the ranks (one tiny all-reduce, in float64)."""
     if not dist.is_initialized():
@@ -184,6 +175,14 @@ def sum_over_ranks(values: list[float]) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=comm_device())
     dist.all_reduce(t)
     return [float(v) for v in t.tolist()]
+
+
+def step_consensus(loss: float, stop: bool) -> tuple[float, bool]:
+    """Collective: the loss averaged over ranks, and whether any rank wants to stop (one tiny all-reduce)."""
+    if not dist.is_initialized():
+        return loss, stop
+    summed, stops = sum_over_ranks([loss, float(stop)])
+    return summed / dist.get_world_size(), stops > 0
 
 
 def local_env(pythonpath: str | None = None) -> dict[str, str]:
