@@ -219,7 +219,8 @@ class Report:
     grad_accum: int
     gathered_bytes_per_rank: int = 0  # FSDP2's keep_base_gathered: the whole base, in the compute dtype
     rows: int | None = None
-    eval_rows: int | None = None
+    eval_rows: int | None = None  # over every eval set
+    eval_sets: dict[str, int] | None = None  # named eval sets' rows (data.eval_path as {name: source})
     max_steps: int | None = None
     resume: dict[str, Any] | None = None  # the step checkpoint.resume loads (url, step, backend, world_size)
     shown_rows: list[dict[str, Any]] | None = None  # the first training rows, targets marked (data.shown_rows)
@@ -297,12 +298,13 @@ def check_run(
     m = cfg.model
     tokenizer = load_tokenizer(m.name_or_path, revision=m.revision)
     check_seq_len(cfg)
-    rows = eval_rows = None
+    rows = eval_rows = named_evals = None
     t = cfg.train
     prepared = None
     if data:
         prepared = prepare_data(cfg.data, tokenizer, seed=t.seed)
-        rows, eval_rows = len(prepared), (len(prepared.eval) if prepared.eval is not None else None)
+        rows, eval_rows = len(prepared), (sum(map(len, prepared.evals.values())) if prepared.evals else None)
+        named_evals = {name: len(r) for name, r in prepared.evals.items() if name is not None} or None
         t = schedule(t, rows)
     model = build_meta_model(cfg, lay.shards)
     if prepared is not None and cfg.data.packing:
@@ -326,6 +328,7 @@ def check_run(
         gathered_bytes_per_rank=gathered_bytes(model, cfg) if lay.engine == "fsdp" else 0,
         rows=rows,
         eval_rows=eval_rows,
+        eval_sets=named_evals,
         max_steps=t.max_steps if data or t.epochs is None else None,
         resume=resume,
         shown_rows=shown_rows(prepared.train, tokenizer, show_rows) if prepared is not None and show_rows else None,
@@ -377,6 +380,8 @@ def describe(r: Report, cfg: RunConfig) -> str:
     ]
     if r.rows is not None:
         held_out = f", {r.eval_rows} eval rows" if r.eval_rows is not None else ""
+        if r.eval_sets:
+            held_out = ", eval rows: " + ", ".join(f"{name} {n}" for name, n in r.eval_sets.items())
         lines.append(
             f"  data      {r.rows} training rows of up to {cfg.data.seq_len} tokens{held_out}; {r.max_steps} steps"
         )

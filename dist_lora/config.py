@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -140,8 +141,9 @@ class DataConfig:
     """A hub dataset's configuration name."""
     split: str = "train"
     """The split to train on (a hub dataset, or a save_to_disk DatasetDict)."""
-    eval_path: str | list[str] | None = None
-    """Evaluation data, read like path (same format and fields; one source or a list)."""
+    eval_path: str | list[str] | dict[str, str | list[str]] | None = None
+    """Evaluation data, read like path (same format and fields; one source or a list); or several eval sets by
+    name, {name: source or [sources]}, each evaluated and logged apart (HF Trainer's dict of eval datasets)."""
     eval_split: str = "train"
     """The split of eval_path to evaluate on."""
     eval_fraction: float = 0.0
@@ -205,6 +207,10 @@ class TrainConfig:
     early_stopping_threshold (HF's EarlyStoppingCallback); the step is saved. null: never."""
     early_stopping_threshold: float = 0.0
     """How much lower than the best an eval loss must be to count as an improvement."""
+    best_eval_set: str | None = None
+    """With several named eval sets (data.eval_path as {name: source}): the one whose loss early stopping and
+    checkpoint.keep_best follow, and the progress bar shows (HF's metric_for_best_model); required with either of
+    those when there are several. null: the first set."""
     activation_checkpointing: bool = False
     """Recompute each transformer block's activations in backward (less memory for long sequences, about a third
     more compute); checkpoint keys do not change, so steps load with it on or off."""
@@ -315,6 +321,71 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+EVAL_SET_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+"""What a named eval set may be called (it becomes part of metric names: ``eval/NAME/loss``)."""
+
+
+def eval_sets(d: DataConfig) -> dict[str | None, str | list[str]]:
+    """``data.eval_path`` as eval sets in order: ``{name: sources}`` as given, ``{None: sources}`` for one unnamed
+    set (a source or a list of them), ``{}`` for none (``data.eval_fraction``'s held-out samples are an unnamed
+    set, made from the training data)."""
+    if isinstance(d.eval_path, dict):
+        return {name: sources for name, sources in d.eval_path.items()}
+    return {None: d.eval_path} if d.eval_path else {}
+
+
+def best_eval_set(cfg: RunConfig) -> str | None:
+    """The named eval set whose loss early stopping and keep_best follow (``train.best_eval_set``, else the
+    first); None for an unnamed set."""
+    names = [name for name in eval_sets(cfg.data) if name is not None]
+    return cfg.train.best_eval_set or (names[0] if names else None)
+
+
+def _validate_eval_sets(cfg: RunConfig, check: Any) -> None:
+    d, t = cfg.data, cfg.train
+    example = "e.g. data.eval_path={general: general.jsonl, domain: [a.jsonl, b.jsonl]}"
+
+    def sources_ok(value: Any) -> bool:
+        items = [value] if isinstance(value, str) else value
+        return isinstance(items, list) and bool(items) and all(isinstance(p, str) and p for p in items)
+
+    if isinstance(d.eval_path, dict):
+        check(bool(d.eval_path), f"data.eval_path is an empty mapping: name at least one eval set ({example})")
+        for name, value in d.eval_path.items():
+            check(
+                isinstance(name, str) and EVAL_SET_NAME.fullmatch(name) is not None,
+                f"data.eval_path: eval set name {name!r} must be letters, digits, '_', '.' or '-' (it names the "
+                f"set's metrics, eval/NAME/loss); {example}",
+            )
+            check(
+                sources_ok(value),
+                f"data.eval_path's set {name!r} must be a source or a non-empty list of them (got {value!r}); "
+                f"{example}",
+            )
+    elif d.eval_path is not None:
+        check(
+            sources_ok(d.eval_path),
+            f"data.eval_path must be a source, a list of them, or {{name: source}} (got {d.eval_path!r}); {example}",
+        )
+    names = [name for name in eval_sets(d) if name is not None]
+    if t.best_eval_set is not None:
+        check(
+            t.best_eval_set in names,
+            f"train.best_eval_set={t.best_eval_set} names no eval set of data.eval_path"
+            + (f" (its sets: {', '.join(names)})" if names else ": it picks one of several named sets, {name: source}"),
+        )
+    elif len(names) > 1:
+        for setting, on in (
+            ("train.early_stopping_patience", t.early_stopping_patience is not None),
+            ("checkpoint.keep_best", cfg.checkpoint.keep_best),
+        ):
+            check(
+                not on,
+                f"{setting} follows one eval loss, and data.eval_path has {len(names)} sets ({', '.join(names)}): "
+                f"say which with train.best_eval_set, e.g. train.best_eval_set={names[0]}",
+            )
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -495,6 +566,7 @@ def _validate(cfg: RunConfig, errors: list[str]) -> None:
         f"data.roles renames the roles of chat messages, and data.format is {d.format}: drop it or set format: chat",
     )
     check(0.0 <= d.eval_fraction < 1.0, f"data.eval_fraction must be in [0, 1), e.g. 0.05 (got {d.eval_fraction})")
+    _validate_eval_sets(cfg, check)
     check(
         not (d.eval_path and d.eval_fraction),
         "set data.eval_path or data.eval_fraction, not both (eval_fraction holds training samples out)",

@@ -44,6 +44,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from dist_lora.config import eval_sets
+
 if TYPE_CHECKING:
     from datasets import Dataset
 
@@ -719,7 +721,7 @@ def cache_key(cfg: DataConfig, tokenizer: Any, seed: int) -> str:
     parts = {
         "version": CACHE_VERSION,
         "train": sources_id(cfg.path, cfg.name, cfg.split, hf_cache),
-        "eval": sources_id(cfg.eval_path, cfg.name, cfg.eval_split, hf_cache) if cfg.eval_path else None,
+        "eval": _eval_id(cfg, hf_cache),
         "eval_fraction": cfg.eval_fraction,
         "split_seed": seed if cfg.eval_fraction else None,
         "tokenizer": tokenizer_id(tokenizer),
@@ -738,6 +740,18 @@ def cache_key(cfg: DataConfig, tokenizer: Any, seed: int) -> str:
         **({"weights": cfg.weights, "mix_seed": seed} if cfg.weights else {}),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _eval_id(cfg: DataConfig, hf_cache: str) -> Any:
+    """The eval data's part of the cache key: one unnamed set's sources as before, named sets as [name, sources]
+    pairs in order (the first is the one followed by default)."""
+    sets = [[name, sources_id(src, cfg.name, cfg.eval_split, hf_cache)] for name, src in eval_sets(cfg).items()]
+    return sets[0][1] if sets and sets[0][0] is None else (sets or None)
+
+
+def eval_split(name: str | None) -> str:
+    """The cached split of an eval set: ``eval`` for the unnamed one, ``eval.NAME`` for a named one."""
+    return "eval" if name is None else f"eval.{name}"
 
 
 def _left_out(stats: Stats, cfg: DataConfig, ds: Any) -> str:
@@ -850,30 +864,35 @@ def build_cache(cfg: DataConfig, tokenizer: Any, seed: int, key: str) -> tuple[P
     tmp = tempfile.mkdtemp(prefix=f".{key}.", dir=root)
     try:
         train = load_sources(cfg.path, cfg, split=cfg.split, cache_dir=hf_cache, weights=cfg.weights, seed=seed)
-        eval_src = None
-        if cfg.eval_path:
-            eval_src = load_sources(cfg.eval_path, cfg, split=cfg.eval_split, cache_dir=hf_cache, what="data.eval_path")
-        elif cfg.eval_fraction:
+        eval_srcs: dict[str | None, Dataset] = {}
+        for name, src in eval_sets(cfg).items():
+            what = "data.eval_path" if name is None else f"data.eval_path's set {name}"
+            eval_srcs[name] = load_sources(src, cfg, split=cfg.eval_split, cache_dir=hf_cache, what=what)
+        if cfg.eval_fraction:
             if len(train) < 2:
                 raise DataError(
                     f"data.eval_fraction needs at least 2 samples in {named(cfg.path)} (it has {len(train)}); a .txt "
                     "file is one document: split it into a .jsonl, or set data.eval_path"
                 )
             parts = train.train_test_split(test_size=cfg.eval_fraction, seed=seed, shuffle=True)
-            train, eval_src = parts["train"], parts["test"]
+            train, eval_srcs[None] = parts["train"], parts["test"]
         samples, stats = _tokenize(train, cfg, tokenizer, "train", key, tmp)
         splits = {"train": _rows(samples, cfg, tmp)}
         stats.rows, stats.targets = len(splits["train"]), int(sum(splits["train"]["n_targets"]))
         if stats.rows == 0:
             raise DataError(f"{named(cfg.path)} gives no training row: {_left_out(stats, cfg, train)}")
-        if eval_src is not None:
-            eval_samples, eval_stats = _tokenize(eval_src, cfg, tokenizer, "eval", key, tmp)
-            splits["eval"] = _rows(eval_samples, cfg, tmp)
-            stats.extra["eval"] = eval_stats.__dict__
-            if len(splits["eval"]) == 0:
-                where = named(cfg.eval_path) if cfg.eval_path else "data.eval_fraction"
+        for name, eval_src in eval_srcs.items():
+            split = eval_split(name)
+            eval_samples, eval_stats = _tokenize(eval_src, cfg, tokenizer, split, key, tmp)
+            splits[split] = _rows(eval_samples, cfg, tmp)
+            eval_stats.rows = len(splits[split])
+            stats.extra[split] = eval_stats.__dict__
+            stats.eval_rows += eval_stats.rows
+            if eval_stats.rows == 0:
+                where = "data.eval_fraction" if cfg.eval_fraction else named(eval_sets(cfg)[name])
+                where = where if name is None else f"set {name}: {where}"
                 raise DataError(f"the eval data ({where}) has no usable sample: {_left_out(eval_stats, cfg, eval_src)}")
-        stats.eval_rows = len(splits["eval"]) if "eval" in splits else 0
+        stats.extra["eval_sets"] = list(eval_srcs)  # in order, the unnamed one as null
         out = Path(tmp) / "rows"
         datasets.DatasetDict(splits).save_to_disk(str(out))
         (out / "meta.json").write_text(json.dumps({"key": key, "stats": stats.__dict__}, indent=1))
@@ -905,10 +924,18 @@ def _log_stats(stats: dict[str, Any], cfg: DataConfig, built: bool, where: Path)
         cfg.format,
         stats["rows"],
         stats["targets"],
-        f", {stats['eval_rows']} eval rows" if stats["eval_rows"] else "",
+        _eval_rows_shown(stats),
         "; " + ", ".join(left_out) if left_out else "",
         where,
     )
+
+
+def _eval_rows_shown(stats: dict[str, Any]) -> str:
+    """ ", N eval rows", or each named set's rows; nothing without eval data."""
+    names = [n for n in stats["extra"].get("eval_sets", []) if n is not None]
+    if names:
+        return ", eval rows: " + ", ".join(f"{n} {stats['extra'][eval_split(n)]['rows']}" for n in names)
+    return f", {stats['eval_rows']} eval rows" if stats["eval_rows"] else ""
 
 
 # ---------------------------------------------------------------------------------------------- batches
@@ -999,7 +1026,8 @@ def draw_seed(seed: int, step: int, place: int) -> int:
 
 
 class TrainData:
-    """The run's rows: ``train`` (in a seeded order) and ``eval`` (or None)."""
+    """The run's rows: ``train`` (in a seeded order) and ``evals``, the eval sets by name in order (one unnamed
+    set under None; none without eval data)."""
 
     def __init__(self, where: Path, *, pad_id: int, packed: bool, built: bool):
         import datasets
@@ -1009,7 +1037,8 @@ class TrainData:
         self.built = built
         self.stats = json.loads((where / "meta.json").read_text())["stats"]
         self.train = Rows(loaded["train"], pad_id=pad_id, packed=packed)
-        self.eval = Rows(loaded["eval"], pad_id=pad_id, packed=packed) if "eval" in loaded else None
+        names = self.stats["extra"].get("eval_sets", [None] if "eval" in loaded else [])  # (a cache before names)
+        self.evals = {name: Rows(loaded[eval_split(name)], pad_id=pad_id, packed=packed) for name in names}
 
     def __len__(self) -> int:
         return len(self.train)
@@ -1037,15 +1066,16 @@ class TrainData:
         start = step * global_batch + micro_place(index, world, rank) * micro
         return self.train.batch(self.sample_ids(seed, range(start, start + micro)))
 
-    def eval_batches(self, micro: int, world: int, rank: int) -> Iterator[dict[str, torch.Tensor]]:
-        """This rank's share of the eval rows (rows rank, rank + world, ...) in batches of ``micro``; every rank
-        yields the same number of batches (filler ones without targets), as sharded forwards are collectives."""
-        assert self.eval is not None
-        mine = list(range(rank, len(self.eval), world))
-        per_rank = math.ceil(math.ceil(len(self.eval) / world) / micro)
+    def eval_batches(self, name: str | None, micro: int, world: int, rank: int) -> Iterator[dict[str, torch.Tensor]]:
+        """This rank's share of eval set ``name``'s rows (rows rank, rank + world, ...) in batches of ``micro``;
+        every rank yields the same number of batches (filler ones without targets), as sharded forwards are
+        collectives."""
+        rows = self.evals[name]
+        mine = list(range(rank, len(rows), world))
+        per_rank = math.ceil(math.ceil(len(rows) / world) / micro)
         for b in range(per_rank):
             ids = mine[b * micro : (b + 1) * micro]
-            yield self.eval.batch(ids) if ids else self.eval.batch([0], no_targets=True)
+            yield rows.batch(ids) if ids else rows.batch([0], no_targets=True)
 
 
 def set_chat_template(tokenizer: Any, template: str | None, what: str = "data.chat_template") -> None:
@@ -1082,9 +1112,8 @@ def check_packing(model: Any, data: TrainData) -> None:
             "transformers' packed-sequence support, so packed samples would attend to each other; set "
             "data.packing: false for this model"
         )
-    for rows in (data.train, data.eval):
-        if rows is not None:
-            rows.one_row = attn in ONE_ROW_ATTENTION
+    for rows in (data.train, *data.evals.values()):
+        rows.one_row = attn in ONE_ROW_ATTENTION
 
 
 def prepare_data(cfg: DataConfig, tokenizer: Any, *, seed: int) -> TrainData:

@@ -125,12 +125,24 @@ class MetricsLog:
                 self.tb.add_scalar(name, value, row["step"])
         self._to_wandb(scalars, row["step"])
 
-    def eval(self, step: int, loss: float, accuracy: float) -> None:
-        self._append({"event": "eval", "step": step, "eval_loss": loss, "eval_accuracy": accuracy})
+    def eval(self, step: int, loss: float, accuracy: float, *, name: str | None = None) -> None:
+        """One eval set's results: ``eval/loss`` and ``eval/accuracy``, or ``eval/NAME/...`` for a named set (and
+        ``"set": NAME`` in the file's row)."""
+        self._append(
+            {
+                "event": "eval",
+                "step": step,
+                **({"set": name} if name else {}),
+                "eval_loss": loss,
+                "eval_accuracy": accuracy,
+            }
+        )
+        prefix = "eval/" if name is None else f"eval/{name}/"
+        scalars = {f"{prefix}loss": loss, f"{prefix}accuracy": accuracy}
         if self.tb is not None:
-            self.tb.add_scalar("eval/loss", loss, step)
-            self.tb.add_scalar("eval/accuracy", accuracy, step)
-        self._to_wandb({"eval/loss": loss, "eval/accuracy": accuracy}, step)
+            for tag, value in scalars.items():
+                self.tb.add_scalar(tag, value, step)
+        self._to_wandb(scalars, step)
 
     def resumed(self, step: int, **fields: Any) -> None:
         """The run goes on from ``step``: a ``resume`` event, and TensorBoard's scalars past it from an earlier

@@ -46,6 +46,15 @@ def read_metrics(path: Path) -> Metrics:
     return out
 
 
+def eval_curves(metrics: Metrics) -> dict[str | None, tuple[list[int], list[float]]]:
+    """Each eval set's loss curve (steps, losses), in the order the sets were first logged; an unnamed set under
+    None; a step logged twice keeps its latest row."""
+    sets: dict[str | None, dict[int, float]] = {}
+    for r in metrics.evals:
+        sets.setdefault(r.get("set"), {})[r["step"]] = r["eval_loss"]
+    return {name: (sorted(last), [last[s] for s in sorted(last)]) for name, last in sets.items()}
+
+
 def _unstack(fig: Any, ax: Any, labels: list[Any]) -> None:
     """Move each resume label down, below the ones before it, until it overlaps none of them (resumes a few steps
     apart would otherwise print over each other)."""
@@ -88,9 +97,8 @@ def plot_run(run: str | Path, out: str | Path | None = None) -> Path:
             x, y = [r["step"] for r in segment], [r["loss"] for r in segment]
             ax.plot(x, y, color="0.6", lw=1, ls=":", marker=".", ms=3, label=label)
             label = None
-    if metrics.evals:
-        last = {r["step"]: r["eval_loss"] for r in metrics.evals}
-        ax.plot(sorted(last), [last[s] for s in sorted(last)], "o-", lw=1.2, ms=4, label="eval loss")
+    for name, (x, y) in eval_curves(metrics).items():
+        ax.plot(x, y, "o-", lw=1.2, ms=4, label="eval loss" if name is None else f"eval loss: {name}")
     labels = []
     for i, r in enumerate(sorted(metrics.resumes, key=lambda r: r["step"])):
         ax.axvline(r["step"], color="tab:red", ls="--", lw=1, label="resume" if i == 0 else None)

@@ -26,6 +26,7 @@ from dist_lora.config import (
     ParallelConfig,
     RunConfig,
     TrainConfig,
+    best_eval_set,
     config_changes,
     config_to_dict,
 )
@@ -82,6 +83,15 @@ def _local_abs_each(paths: str | list[str] | None) -> str | list[str] | None: ..
 def _local_abs_each(paths: str | list[str] | None) -> str | list[str] | None:
     """:func:`_local_abs` of one path or of each in a list."""
     return [_local_abs(p) for p in paths] if isinstance(paths, list) else _local_abs(paths)
+
+
+def _local_abs_sets(
+    paths: str | list[str] | dict[str, str | list[str]] | None,
+) -> str | list[str] | dict[str, str | list[str]] | None:
+    """:func:`_local_abs_each` of ``data.eval_path``: of each named set's sources too."""
+    if isinstance(paths, dict):
+        return {name: _local_abs_each(sources) for name, sources in paths.items()}
+    return _local_abs_each(paths)
 
 
 def grad_accum_steps(t: TrainConfig, world: int) -> int:
@@ -236,13 +246,21 @@ def evaluate_checkpoint(cfg: RunConfig, *, every_step: bool = False) -> list[dic
                     f"dist-lora eval: {cfg.checkpoint.dir} has no committed step to evaluate; name one with "
                     "checkpoint.resume=URL, or evaluate the base alone with checkpoint.resume=none"
                 )
+            loss = trainer.evaluate()
+            done = trainer.eval_history[-1]
+            sets = {
+                name: {**done["sets"][name], "eval_rows": len(rows)}
+                for name, rows in trainer.data.evals.items()
+                if name is not None
+            }
             results.append(
                 {
                     "step": trainer.step,
                     "url": trainer.resumed_from,
-                    "eval_loss": trainer.evaluate(),
-                    "eval_accuracy": trainer.eval_history[-1]["eval_accuracy"],
-                    "eval_rows": len(trainer.data.eval) if trainer.data.eval is not None else 0,
+                    "eval_loss": loss,
+                    "eval_accuracy": done["eval_accuracy"],
+                    "eval_rows": sum(map(len, trainer.data.evals.values())),
+                    **({"eval_sets": sets} if sets else {}),
                     "world_size": trainer.world,
                     "backend": trainer.backend.name,
                 }
@@ -286,7 +304,7 @@ class Trainer:
         data = replace(
             d,
             path=_local_abs_each(d.path),
-            eval_path=_local_abs_each(d.eval_path),
+            eval_path=_local_abs_sets(d.eval_path),
             chat_template=_local_abs(d.chat_template),
         )
         self.cfg = cfg = replace(cfg, model=model, data=data)
@@ -527,32 +545,46 @@ class Trainer:
         return float(loss.detach())
 
     def evaluate(self) -> float:
-        """Collective: the mean token loss over all the eval data, each rank running its share of the rows (the
-        same number of forwards on every rank, as a sharded forward is a collective), and the token accuracy (the
-        share of target tokens the model ranks first). Equal at any world size. Returns the loss; both are in
-        ``eval_history``."""
+        """Collective: each eval set's mean token loss over all its rows, each rank running its share of them (the
+        same number of forwards on every rank, as a sharded forward is a collective), and its token accuracy (the
+        share of target tokens the model ranks first); one all-reduce for every set. Equal at any world size.
+        Returns the loss of the set early stopping and keep_best follow (:func:`best_eval_set`); ``eval_history``
+        gets it and its accuracy, and, with named sets, every set's (``sets``)."""
         t = self.cfg.train
-        assert self.data.eval is not None
+        assert self.data.evals
         model = self.backend.model
         model.eval()
-        total, correct = 0.0, 0.0
+        sums: list[float] = []
         with torch.no_grad():
-            for batch in self.data.eval_batches(t.micro_batch_size, self.world, self.rank):
-                inputs = {k: v.to(self.device) for k, v in batch.items()}
-                out = self.backend.outputs({**inputs, "num_items_in_batch": 1.0})
-                total += float(out.loss)  # a sum of token losses
-                correct += correct_predictions(out.logits, inputs["labels"])
-                del out  # the logits, before the next forward makes its own
+            for name in self.data.evals:
+                total, correct = 0.0, 0.0
+                for batch in self.data.eval_batches(name, t.micro_batch_size, self.world, self.rank):
+                    inputs = {k: v.to(self.device) for k, v in batch.items()}
+                    out = self.backend.outputs({**inputs, "num_items_in_batch": 1.0})
+                    total += float(out.loss)  # a sum of token losses
+                    correct += correct_predictions(out.logits, inputs["labels"])
+                    del out  # the logits, before the next forward makes its own
+                sums += [total, correct]
         model.train()
-        total, correct = sum_over_ranks([total, correct])
-        targets = int(self.data.eval.n_targets.sum())
-        loss, accuracy = total / targets, correct / targets
-        self.eval_history.append({"step": self.step, "eval_loss": loss, "eval_accuracy": accuracy})
-        self.metrics_log.eval(self.step, loss, accuracy)
-        log.info(
-            "step %d: eval loss %.6f, token accuracy %.4f over %d rows", self.step, loss, accuracy, len(self.data.eval)
-        )
-        return loss
+        sums = sum_over_ranks(sums)
+        results: dict[str | None, dict[str, float]] = {}
+        for (name, rows), total, correct in zip(self.data.evals.items(), sums[::2], sums[1::2], strict=True):
+            targets = int(rows.n_targets.sum())
+            loss, accuracy = total / targets, correct / targets
+            results[name] = {"eval_loss": loss, "eval_accuracy": accuracy}
+            self.metrics_log.eval(self.step, loss, accuracy, name=name)
+            log.info(
+                "step %d: eval loss %.6f, token accuracy %.4f over %d rows%s",
+                self.step,
+                loss,
+                accuracy,
+                len(rows),
+                "" if name is None else f" of eval set {name}",
+            )
+        followed = results[best_eval_set(self.cfg)]
+        named = {name: r for name, r in results.items() if name is not None}
+        self.eval_history.append({"step": self.step, **followed, **({"sets": named} if named else {})})
+        return followed["eval_loss"]
 
     def plateau(self) -> tuple[int, dict[str, Any]] | None:
         """The evaluations in a row, the latest included, that have not improved on the best before them by more
@@ -574,10 +606,12 @@ class Trainer:
         if patience is None or plateau is None or plateau[0] < patience:
             return False
         count, best = plateau
+        followed = best_eval_set(self.cfg)
         log.warning(
-            "early stopping at step %d: the eval loss has not improved on %.6f (step %d) for %d evaluations "
+            "early stopping at step %d: the eval loss%s has not improved on %.6f (step %d) for %d evaluations "
             "(train.early_stopping_patience=%d)",
             self.step,
+            "" if followed is None else f" of eval set {followed}",
             best["eval_loss"],
             best["step"],
             count,
@@ -586,7 +620,8 @@ class Trainer:
         return True
 
     def best_eval(self) -> dict[str, Any] | None:
-        """The evaluation with the lowest loss so far (its step is kept out of retention with keep_best)."""
+        """The evaluation with the lowest loss so far, of the set :func:`best_eval_set` names where there are
+        several (its step is kept out of retention with keep_best)."""
         return min(self.eval_history, key=lambda e: e["eval_loss"]) if self.eval_history else None
 
     def save(self) -> str | None:
@@ -716,7 +751,7 @@ class Trainer:
         }
         self._flush_held_row()  # the step just taken is the one that waited for the last save's snapshot, if any
         every_eval = self.cfg.train.eval_every_steps
-        if self.data.eval is not None and ((every_eval and self.step % every_eval == 0) or self.step == self.stop_at):
+        if self.data.evals and ((every_eval and self.step % every_eval == 0) or self.step == self.stop_at):
             self.evaluate()  # before a save of this step, which records it
             self.early_stopped = self.should_stop_early()
             if self.early_stopped:
@@ -730,7 +765,10 @@ class Trainer:
             self.metrics_log.step(row)
         bar.update(1)
         shown = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "grad_norm": f"{self.grad_norm:.3f}"}
-        if self.eval_history:
-            shown["eval_loss"] = f"{self.eval_history[-1]['eval_loss']:.4f}"
+        if self.eval_history:  # the followed set's (HF's eval_NAME_loss for a named one)
+            followed = best_eval_set(self.cfg)
+            shown["eval_loss" if followed is None else f"eval_{followed}_loss"] = (
+                f"{self.eval_history[-1]['eval_loss']:.4f}"
+            )
         bar.set_postfix(shown)
         log.debug("step %d loss %.6f lr %.3e", self.step, loss, lr)

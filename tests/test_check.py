@@ -45,6 +45,10 @@ def test_a_single_process_run_is_reported_as_the_trainer_builds_it(gpt2_base, tm
     assert (r.rows, r.eval_rows, r.max_steps, r.grad_accum) == (len(data), None, 40, 4)
     epochs = check_run(tiny(gpt2_base, tmp_path, "parallel.backend=single", "train.epochs=2"), world=1)
     assert epochs.max_steps == -(-2 * len(data) // 8)  # the run's length from the data, as the trainer works it out
+    sets = f"data.eval_path={{general: {cfg.data.path}, again: {cfg.data.path}}}"
+    named = check_run(tiny(gpt2_base, tmp_path, "parallel.backend=single", sets), world=1)
+    assert named.eval_sets == {"general": len(data), "again": len(data)} and named.eval_rows == 2 * len(data)
+    assert f"eval rows: general {len(data)}, again {len(data)};" in describe(named, cfg)
 
 
 def test_a_70b_base_is_checked_from_its_config_alone(tmp_path):

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import re
 import types
 from dataclasses import replace
 from pathlib import Path
@@ -487,7 +488,7 @@ def test_several_sources_give_the_rows_of_one_that_holds_them_all(gpt2_base, tmp
     common = {"format": "completion", "seq_len": 64}
     both = prepared(tmp_path, gpt2_base, path=sources, eval_path=sources, **common)
     whole = prepared(tmp_path, gpt2_base, path=str(DATA / "completion.jsonl"), **common)
-    assert all_rows(both.train) == all_rows(whole.train) == all_rows(both.eval)
+    assert all_rows(both.train) == all_rows(whole.train) == all_rows(both.evals[None])
     assert both.stats["samples"] == len(src)
 
     datasets.Dataset.from_list([{"question": "q", "completion": "c"}]).to_json(str(tmp_path / "other.jsonl"))
@@ -719,10 +720,93 @@ def test_a_mistyped_template_path_is_named_not_rendered_as_text(gpt2_base, tmp_p
 def test_eval_fraction_splits_by_seed(gpt2_base, tmp_path):
     common = {"path": str(DATA / "completion.jsonl"), "format": "completion", "seq_len": 64, "eval_fraction": 0.25}
     a, b, c = (prepared(tmp_path, gpt2_base, seed=s, **common) for s in (0, 0, 1))
-    assert a.eval is not None and len(a.eval) == 16 and len(a) == 48
-    assert all_rows(a.eval) == all_rows(b.eval) != all_rows(c.eval)
+    assert list(a.evals) == [None] and len(a.evals[None]) == 16 and len(a) == 48
+    assert all_rows(a.evals[None]) == all_rows(b.evals[None]) != all_rows(c.evals[None])
     train_ids = {tuple(r["input_ids"]) for r in all_rows(a.train)}
-    assert not train_ids & {tuple(r["input_ids"]) for r in all_rows(a.eval)}
+    assert not train_ids & {tuple(r["input_ids"]) for r in all_rows(a.evals[None])}
+
+
+def test_named_eval_sets_each_give_the_rows_of_their_sources_alone(gpt2_base, tmp_path, caplog):
+    """data.eval_path as {name: source or [sources]}: each set's rows equal those of its sources given alone as the
+    eval data, in the order named, the training rows unchanged; the log names each set's rows; the names are part
+    of the cache key; a set without a usable sample is named."""
+    import datasets
+
+    src = datasets.load_dataset("json", data_files=str(DATA / "completion.jsonl"), split="train")
+    src.select(range(10)).to_json(str(tmp_path / "a.jsonl"))
+    src.select(range(10, 30)).to_json(str(tmp_path / "b.jsonl"))
+    src.select(range(30, 40)).to_parquet(str(tmp_path / "c.parquet"))
+    sets = {"small": str(tmp_path / "a.jsonl"), "mixed": [str(tmp_path / "b.jsonl"), str(tmp_path / "c.parquet")]}
+    common = {"path": str(DATA / "completion.jsonl"), "format": "completion", "seq_len": 64}
+    with caplog.at_level(logging.INFO, logger="dist_lora.data"):
+        named = prepared(tmp_path, gpt2_base, eval_path=sets, **common)
+    assert list(named.evals) == ["small", "mixed"]
+    for name, sources in sets.items():
+        alone = prepared(tmp_path, gpt2_base, eval_path=sources, **common)
+        assert list(alone.evals) == [None] and all_rows(named.evals[name]) == all_rows(alone.evals[None])
+        assert all_rows(named.train) == all_rows(alone.train)
+    assert (len(named.evals["small"]), len(named.evals["mixed"])) == (10, 30)
+    assert named.stats["eval_rows"] == 40 and named.stats["extra"]["eval.mixed"]["samples"] == 30
+    assert "eval rows: small 10, mixed 30" in caplog.text
+    swapped = prepared(tmp_path, gpt2_base, eval_path={"mixed": sets["mixed"], "small": sets["small"]}, **common)
+    renamed = prepared(tmp_path, gpt2_base, eval_path={"tiny": sets["small"], "mixed": sets["mixed"]}, **common)
+    assert list(swapped.evals) == ["mixed", "small"] and list(renamed.evals) == ["tiny", "mixed"]
+    assert len({named.where, swapped.where, renamed.where}) == 3
+    assert all_rows(renamed.evals["tiny"]) == all_rows(named.evals["small"])
+
+    datasets.Dataset.from_list([{"prompt": "word " * 200, "completion": "c"}] * 2).to_json(
+        str(tmp_path / "empty.jsonl")
+    )
+    empty = {"small": sets["small"], "blank": str(tmp_path / "empty.jsonl")}
+    with pytest.raises(DataError, match=r"the eval data \(set blank: .*empty.jsonl\) has no usable sample"):
+        prepared(tmp_path, gpt2_base, eval_path=empty, **common)
+
+
+def test_config_errors_for_named_eval_sets(tmp_path):
+    """Bad named eval sets, each one error naming the key and the fix; several sets under early stopping or
+    keep_best need train.best_eval_set."""
+    tiny = ROOT / "configs" / "tiny.yaml"
+    two = "data.eval_path={general: a.jsonl, domain: [b.jsonl, c.jsonl]}"
+    ok = load_config(
+        tiny,
+        [
+            two,
+            "train.eval_every_steps=2",
+            "train.early_stopping_patience=2",
+            "train.best_eval_set=domain",
+            "checkpoint.keep_best=true",
+        ],
+    )
+    assert ok.data.eval_path == {"general": "a.jsonl", "domain": ["b.jsonl", "c.jsonl"]}
+    bad = {
+        "data.eval_path={}": "data.eval_path is an empty mapping",
+        "data.eval_path={a/b: x.jsonl}": "eval set name 'a/b' must be letters, digits",
+        "data.eval_path={general: []}": "data.eval_path's set 'general' must be a source or a non-empty list",
+        "data.eval_path={general: 3}": "data.eval_path's set 'general' must be a source",
+        "data.eval_path=[a.jsonl, 3]": "data.eval_path must be str | list[str] | dict[str, str | list[str]] | None",
+        "data.eval_path=[]": "data.eval_path must be a source, a list of them, or {name: source}",
+    }
+    for override, message in bad.items():
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config(tiny, [override])
+    with pytest.raises(
+        ConfigError,
+        match=r"train.best_eval_set=gen names no eval set of data.eval_path \(its sets: "
+        r"general, domain\)",
+    ):
+        load_config(tiny, [two, "train.best_eval_set=gen"])
+    with pytest.raises(ConfigError, match="train.best_eval_set=general names no eval set of data.eval_path: it picks"):
+        load_config(tiny, ["data.eval_path=a.jsonl", "train.best_eval_set=general"])
+    for setting in ("train.early_stopping_patience=2", "checkpoint.keep_best=true"):
+        key = setting.split("=")[0]
+        with pytest.raises(
+            ConfigError,
+            match=f"{re.escape(key)} follows one eval loss, and data.eval_path has 2 sets "
+            r"\(general, domain\): say which with train.best_eval_set, e.g. ",
+        ):
+            load_config(tiny, [two, "train.eval_every_steps=2", setting])
+    one = load_config(tiny, ["data.eval_path={general: a.jsonl}", "checkpoint.keep_best=true"])
+    assert one.train.best_eval_set is None  # one named set: it is the one followed
 
 
 def test_config_errors_for_eval_and_keep_best(tmp_path):

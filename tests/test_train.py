@@ -769,17 +769,17 @@ def reference_accuracy(cfg, step: str) -> float:  # type: ignore[no-untyped-def]
 
     model = load_model(step)
     data = prepare_data(cfg.data, load_tokenizer(cfg.model.name_or_path), seed=cfg.train.seed)
-    assert data.eval is not None
+    rows = data.evals[None]
     hits = targets = 0
     with torch.no_grad():
-        for i in range(len(data.eval)):
-            batch = data.eval.batch([i])
+        for i in range(len(rows)):
+            batch = rows.batch([i])
             logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0, :-1]
             labels = batch["labels"][0, 1:]
             kept = labels != -100
             hits += int((logits.argmax(-1)[kept] == labels[kept]).sum())
             targets += int(kept.sum())
-    assert targets == int(data.eval.n_targets.sum())
+    assert targets == int(rows.n_targets.sum())
     return hits / targets
 
 
@@ -824,6 +824,70 @@ def test_eval_command_gives_a_saved_steps_eval_loss_at_any_world_size_and_writes
     for every_step in (False, True):
         with pytest.raises(ConfigError, match="has no committed step to evaluate; name one with checkpoint.resume="):
             evaluate_checkpoint(single_run(gpt2_base, tmp_path / "empty", *evals), every_step=every_step)
+
+
+def test_named_eval_sets_are_each_evaluated_and_logged_and_keep_best_follows_the_one_named(gpt2_base, tmp_path):
+    """data.eval_path as {general, domain} (the training corpus, and its lines with their words reversed), with
+    keep_best following domain: every step's trainer_state records both sets' loss and accuracy, equal (1e-6) to
+    each set evaluated alone as unnamed eval data; its best step, the one kept, is domain's lowest (which here is
+    not general's); the metrics file, TensorBoard (eval/NAME/loss, eval/NAME/accuracy) and the plot have each set
+    apart; ``dist-lora eval`` gives every set at 2 ranks on ZeRO-3 (1e-6; accuracy exactly)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from dist_lora.plot import eval_curves, plot_run, read_metrics
+    from dist_lora.train import evaluate_checkpoint, train
+
+    words = [" ".join(reversed(line.split())) for line in corpus_path().read_text().splitlines()]
+    (tmp_path / "domain.txt").write_text("\n".join(words))
+    sets = {"general": str(corpus_path()), "domain": str(tmp_path / "domain.txt")}
+    named = "data.eval_path={" + ", ".join(f"{k}: {v}" for k, v in sets.items()) + "}"
+    ckpt, metrics = tmp_path / "ckpt", tmp_path / "run" / "metrics.jsonl"
+    follow = ("train.best_eval_set=domain", "checkpoint.keep_best=true", "checkpoint.keep_last=1")
+    run = (named, "train.eval_every_steps=1", "train.lr=0.1", "train.max_steps=6", *follow)
+    train(single_run(gpt2_base, ckpt, f"train.metrics_file={metrics}", *run))
+    state = json.loads((ckpt / "step-00000006" / "trainer_state.json").read_text())
+    history = state["eval_history"]
+    assert [e["step"] for e in history] == [1, 2, 3, 4, 5, 6]
+    assert all(set(e["sets"]) == set(sets) for e in history)
+    assert all(e["eval_loss"] == e["sets"]["domain"]["eval_loss"] for e in history)
+    loss = {name: {e["step"]: e["sets"][name]["eval_loss"] for e in history} for name in sets}
+    best = {name: min(loss[name], key=loss[name].get) for name in sets}
+    assert best["domain"] != best["general"], best  # else this run could not tell which set keep_best follows
+    assert state["best_eval"]["step"] == best["domain"]
+    assert sorted(p.name for p in ckpt.glob("step-*")) == sorted({f"step-{best['domain']:08d}", "step-00000006"})
+
+    for name, source in sets.items():  # each set alone, unnamed, over the newest step: the values logged for it
+        (alone,) = evaluate_checkpoint(single_run(gpt2_base, ckpt, f"data.eval_path={source}"))
+        assert alone["step"] == 6 and "eval_sets" not in alone
+        assert alone["eval_loss"] == pytest.approx(loss[name][6], rel=1e-6)
+        assert alone["eval_accuracy"] == history[-1]["sets"][name]["eval_accuracy"]
+    rows = [r for r in map(json.loads, metrics.read_text().splitlines()) if r.get("event") == "eval"]
+    assert [(r["step"], r["set"]) for r in rows] == [(s, name) for s in range(1, 7) for name in sets]
+    assert all(r["eval_loss"] == loss[r["set"]][r["step"]] for r in rows)
+    events = EventAccumulator(str(metrics.parent / "tensorboard"))
+    events.Reload()
+    for name in sets:
+        shown = {e.step: e.value for e in events.Scalars(f"eval/{name}/loss")}
+        assert shown == pytest.approx(loss[name], rel=1e-6)
+        assert len(events.Scalars(f"eval/{name}/accuracy")) == 6
+    assert "eval/loss" not in events.Tags()["scalars"]
+    curves = eval_curves(read_metrics(metrics))
+    assert {name: dict(zip(*curve, strict=True)) for name, curve in curves.items()} == loss
+    assert plot_run(metrics.parent).stat().st_size > 0
+
+    args = [f"model.name_or_path={gpt2_base}", f"data.path={corpus_path()}", f"checkpoint.dir={ckpt}", named]
+    zero3 = ["parallel.backend=deepspeed", "parallel.zero_stage=3", "train.best_eval_set=domain"]
+    out = torchrun(2, ["-m", "dist_lora", "eval", str(TINY), *args, *zero3, "--every-step"])
+    lines = [json.loads(x) for x in out.stdout.splitlines() if x.startswith("{")]
+    assert sorted(x["step"] for x in lines) == sorted({best["domain"], 6})
+    for x in lines:
+        assert list(x["eval_sets"]) == ["general", "domain"] and x["world_size"] == 2
+        assert x["eval_loss"] == pytest.approx(loss["domain"][x["step"]], rel=1e-6)
+        for name, got in x["eval_sets"].items():
+            logged = next(e for e in history if e["step"] == x["step"])["sets"][name]
+            assert got["eval_loss"] == pytest.approx(logged["eval_loss"], rel=1e-6)
+            assert got["eval_accuracy"] == logged["eval_accuracy"]
+        assert x["eval_rows"] == sum(v["eval_rows"] for v in x["eval_sets"].values())
 
 
 def test_tensorboard_gets_every_steps_scalars_and_the_evaluations(gpt2_base, tmp_path):
