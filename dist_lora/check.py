@@ -282,11 +282,13 @@ def check_run(
     nproc_per_node: int | None = None,
     data: bool = True,
     show_rows: int = 0,
+    row_ids: list[int] | None = None,
 ) -> Report:
     """Try ``cfg`` at ``world`` ranks as the trainer would start it (see the module's doc); raise what the trainer
     would raise, else report the run's shape and each rank's share of the model. ``data=False`` skips the data
     (and so the run's length from ``train.epochs``, and the packing check); ``show_rows``: the first training rows
-    as text, their targets marked (:func:`dist_lora.data.shown_rows`)."""
+    as text, their targets marked (:func:`dist_lora.data.shown_rows`), or ``row_ids``: those rows (as a non-finite
+    step's error names them)."""
     from dist_lora.data import check_packing, prepare_data, shown_rows
     from dist_lora.lora import _lora_modules
     from dist_lora.model import load_tokenizer
@@ -331,7 +333,9 @@ def check_run(
         eval_sets=named_evals,
         max_steps=t.max_steps if data or t.epochs is None else None,
         resume=resume,
-        shown_rows=shown_rows(prepared.train, tokenizer, show_rows) if prepared is not None and show_rows else None,
+        shown_rows=shown_rows(prepared.train, tokenizer, row_ids or range(min(show_rows, len(prepared.train))))
+        if prepared is not None and (show_rows or row_ids)
+        else None,
     )
 
 

@@ -157,8 +157,24 @@ def _optim_nested(flat: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Te
     return nested
 
 
+def non_finite_tensors(state: AdapterState) -> list[str]:
+    """The adapter tensors, and optimizer state fields (``KEY.FIELD``), that hold a NaN or an inf."""
+    named = {**state.weights, **_optim_flat(state.optim)} if state.optim else dict(state.weights)
+    return [k for k, t in named.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
 def serialize_step(state: AdapterState, meta: StepMeta) -> dict[str, bytes]:
-    """The data files of a step as bytes, and the manifest that commits them (under MANIFEST_NAME)."""
+    """The data files of a step as bytes, and the manifest that commits them (under MANIFEST_NAME). An adapter or
+    optimizer state holding NaN or inf is refused: such a step would load and serve like any other, and
+    retention would delete the good steps before it."""
+    bad = non_finite_tensors(state)
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise CheckpointError(
+            f"step {meta.step} is not saved: {bad[0]}{more} hold(s) NaN or inf (training went non-finite before this "
+            "save: a learning rate that diverges, a float16 overflow, a bad sample); the steps saved before it are "
+            "kept. Resume from the newest of them with a lower learning rate or gradient clipping"
+        )
     weights = {k: t.detach().contiguous() for k, t in state.weights.items()}
     weights.update({alias: weights[key].clone() for alias, key in meta.aliases.items()})  # safetensors never aliases
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in weights.values()})

@@ -123,6 +123,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         nproc_per_node=args.nproc_per_node,
         data=not args.no_data,
         show_rows=args.show_rows,
+        row_ids=args.rows,
     )
     print(json.dumps(report.to_json()) if args.json else describe(report, cfg))
     if args.device_memory is not None:
@@ -186,6 +187,17 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def row_ids(text: str) -> list[int]:
+    """``--rows 12,40``: training row indices."""
+    try:
+        ids = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give row indices separated by commas, e.g. 12,40") from None
+    if any(i < 0 for i in ids):
+        raise argparse.ArgumentTypeError(f"{text!r}: row indices start at 0")
+    return ids
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dist-lora", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on every rank")
@@ -216,6 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-data", action="store_true", help="skip reading and tokenizing the data")
     p.add_argument(
         "--show-rows", type=int, default=0, metavar="N", help="print the first N training rows, their targets marked"
+    )
+    p.add_argument(
+        "--rows",
+        type=row_ids,
+        metavar="I,J,...",
+        help="print these training rows (0-based, as a non-finite step's error names them), their targets marked",
     )
     p.add_argument(
         "--device-memory", type=float, help="GB of each GPU: an error (exit 2) if the model state alone exceeds it"

@@ -37,7 +37,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -989,13 +989,15 @@ TARGET_OPEN, TARGET_CLOSE = "⟦", "⟧"
 """How :func:`shown_rows` marks the tokens that are targets."""
 
 
-def shown_rows(rows: Rows, tokenizer: Any, count: int) -> list[dict[str, Any]]:
-    """The first ``count`` training rows as text, for a person to see what trains: each sample of a row decoded,
-    the runs of target tokens (the tokens the loss predicts: a label that is not ignored, past the row's first
-    token) between :data:`TARGET_OPEN` and :data:`TARGET_CLOSE`; ``{"row", "tokens", "targets", "samples": [text,
-    ...]}`` per row, ``targets`` the row's count in the loss."""
+def shown_rows(rows: Rows, tokenizer: Any, which: Iterable[int]) -> list[dict[str, Any]]:
+    """Training rows ``which`` as text, for a person to see what trains: each sample of a row decoded, the runs of
+    target tokens (the tokens the loss predicts: a label that is not ignored, past the row's first token) between
+    :data:`TARGET_OPEN` and :data:`TARGET_CLOSE`; ``{"row", "tokens", "targets", "samples": [text, ...]}`` per row,
+    ``targets`` the row's count in the loss. A row past the last is an error naming how many there are."""
     out = []
-    for i in range(min(count, len(rows))):
+    for i in which:
+        if not 0 <= i < len(rows):
+            raise DataError(f"training row {i} does not exist: the data has {len(rows)} rows, 0 to {len(rows) - 1}")
         row = rows.ds[i]
         ids = row["input_ids"]
         target = [j > 0 and label != IGNORE for j, label in enumerate(row["labels"])]

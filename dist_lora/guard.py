@@ -1,10 +1,12 @@
-"""The first step's check: a loss or an adapter gradient that is NaN or infinite stops the run with the layer named.
+"""Non-finite steps: a loss or an adapter gradient that is NaN or infinite stops the run before it is saved.
 
-A run that goes non-finite on its first step (a quantized base that dequantizes wrongly, float16 overflow, a bad
-sample) otherwise trains on and saves NaN adapters that look like any other checkpoint. The check runs once per
-process, on the first step after start or resume: forward hooks note the first module, in execution order,
-whose output is not finite, and the adapter's gradients are checked before the optimizer applies them. Every
-rank raises the same error (agree.py), so none waits for the others.
+A run that goes non-finite (a quantized base that dequantizes wrongly, float16 overflow, a bad sample, a learning
+rate that diverges) otherwise trains on and saves NaN adapters that look like any other checkpoint, and
+``checkpoint.keep_last`` then deletes the good steps before them. The first step after start or resume is checked
+closely, once per process: forward hooks note the first module, in execution order, whose output is not finite,
+and the adapter's gradients are checked before the optimizer applies them. Every later step is checked on what the
+ranks agree on anyway, at no cost: the step's loss over the global batch and its global gradient norm. Every rank
+raises the same error (agree.py), so none waits for the others.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from dist_lora.agree import raise_agreed
 
 
 class NonFiniteError(FloatingPointError):
-    """The loss or a gradient of the first step is NaN or infinite; the message names the layer."""
+    """The loss or a gradient of a step is NaN or infinite; the message names the layer (the first step) or the
+    training rows whose loss went non-finite (a later one)."""
 
 
 def _tensors(out: Any) -> Iterable[torch.Tensor]:
@@ -128,3 +131,26 @@ def check_first_step(
             )
             break
     raise_agreed(error)
+
+
+def check_step(step: int, loss: float, grad_norm: float, rows: list[int], rank: int, last_saved: int | None) -> None:
+    """Collective, on every rank when the step's agreed ``loss`` or global ``grad_norm`` is not finite (so every
+    rank is here): raise :class:`NonFiniteError` on every rank, naming the training ``rows`` of the lowest rank
+    whose micro-batches' loss went non-finite, or else the gradient norm. The step is not saved; ``last_saved``
+    (the newest step this run saved, None if none) is where a resume goes on from."""
+    saved = f"step {last_saved}, the newest saved, is kept: resume from it" if last_saved else "this run saved no step"
+    error = None
+    if rows:
+        listed = ",".join(map(str, rows[:16]))
+        more = f" and {len(rows) - 16} more" if len(rows) > 16 else ""
+        error = NonFiniteError(
+            f"step {step}: the loss is {loss} over the global batch; on rank {rank} it is not finite for the "
+            f"training rows {listed}{more} (`dist-lora check CONFIG --rows {listed}` prints them). The step is not "
+            f"saved, and {saved}. {HINT}"
+        )
+    raise_agreed(error)  # the lowest rank whose own rows went non-finite names them, on every rank
+    raise NonFiniteError(
+        f"step {step}: the gradient norm is {grad_norm} while the loss is {loss}: a gradient overflowed (a "
+        f"learning rate that diverges: lower train.lr, or set train.max_grad_norm). The step is not saved, and "
+        f"{saved}. {HINT}"
+    )

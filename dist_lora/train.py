@@ -33,7 +33,7 @@ from dist_lora.config import (
 from dist_lora.constants import ENV_WORLD_SIZE
 from dist_lora.data import check_packing, draw_seed, micro_place, prepare_data
 from dist_lora.distributed import init_distributed, shutdown, step_consensus, sum_over_ranks
-from dist_lora.guard import FirstNonFinite, check_first_step
+from dist_lora.guard import FirstNonFinite, check_first_step, check_step
 from dist_lora.logs import quiet_third_party
 from dist_lora.lora import loraplus_groups
 from dist_lora.loss import correct_predictions
@@ -520,8 +520,23 @@ class Trainer:
         self._checked_finite = True
         self.step += 1
         mean_loss, stop = step_consensus(total / self.grad_accum, self.stop.requested)
+        if not (math.isfinite(mean_loss) and math.isfinite(self.grad_norm)):  # agreed: the same on every rank
+            self.metrics_log.event("non_finite", step=self.step, loss=mean_loss, grad_norm=self.grad_norm)
+            check_step(self.step, mean_loss, self.grad_norm, self._non_finite_rows(losses), self.rank, self.last_saved)
         self.stopped_early = self.stopped_early or stop
         return mean_loss
+
+    def _non_finite_rows(self, losses: list[float]) -> list[int]:
+        """The training rows of this rank's micro-batches of the step just taken whose loss is not finite."""
+        t = self.cfg.train
+        rows = []
+        for m, loss in enumerate(losses):
+            if not math.isfinite(loss):
+                start = (self.step - 1) * t.global_batch_size + micro_place(
+                    m, self.world, self.rank
+                ) * t.micro_batch_size
+                rows += self.data.sample_ids(t.seed, range(start, start + t.micro_batch_size))
+        return rows
 
     def _micro_step(self, m: int, per_micro: float) -> float:
         """Forward and backward of micro-batch ``m`` of this rank's share of the step; returns its loss."""
@@ -703,17 +718,19 @@ class Trainer:
             return self.metrics
         bar = tqdm(total=stop, initial=self.step, disable=self.rank != 0, desc="train", dynamic_ncols=True)
         step_peak_memory(self.device)  # on a GPU, each step's peak from here: not the load's
-        with self.stop, collections_between_steps(t.gc_every_steps) as collect:
-            while self.step < stop and not self.stopped_early and not self.early_stopped:
-                self._step_and_log(bar)
-                collect(self.step)
-            if self.last_saved != self.step:
-                self.save()
-            self.close()
+        try:
+            with self.stop, collections_between_steps(t.gc_every_steps) as collect:
+                while self.step < stop and not self.stopped_early and not self.early_stopped:
+                    self._step_and_log(bar)
+                    collect(self.step)
+                if self.last_saved != self.step:
+                    self.save()
+                self.close()
+        finally:  # a failed step too: the row of the step saved before it, and TensorBoard's events, are kept
             self._flush_held_row()
+            bar.close()
+            self.metrics_log.close()
         self.checkpointer.release_lease()
-        bar.close()
-        self.metrics_log.close()
         if self.stopped_early:
             log.warning("stopped after step %d on request; the checkpoint is committed (resume: auto)", self.step)
         else:

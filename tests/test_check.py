@@ -195,6 +195,13 @@ def test_the_command_prints_the_report_and_refuses_what_does_not_fit(gpt2_base, 
     shown = subprocess.run([*cmd, "--show-rows", "2"], capture_output=True, text=True)
     assert shown.returncode == 0 and "row 1: 64 tokens, 63 targets" in shown.stdout, shown.stderr
     assert "row 2:" not in shown.stdout and shown.stdout.count("\u27e6") == 4  # per row: its header, one run
+    picked = subprocess.run([*cmd, "--rows", "5,1"], capture_output=True, text=True)  # as a NaN step names them
+    assert picked.returncode == 0 and picked.stdout.index("row 5: ") < picked.stdout.index("row 1: "), picked.stderr
+    assert "row 0:" not in picked.stdout and picked.stdout.split("row 1: ")[1] == shown.stdout.split("row 1: ")[1]
+    out = subprocess.run([*cmd, "--rows", "100000"], capture_output=True, text=True)
+    assert out.returncode == 2 and "training row 100000 does not exist: the data has" in out.stderr, out.stderr
+    out = subprocess.run([*cmd, "--rows", "1;2"], capture_output=True, text=True)
+    assert out.returncode == 2 and "give row indices separated by commas, e.g. 12,40" in out.stderr, out.stderr
     out = subprocess.run([*cmd, "--device-memory", "0.0001"], capture_output=True, text=True)
     assert out.returncode == 2 and "more than --device-memory 0.0001 GB, before any activation" in out.stderr
     out = subprocess.run([*cmd[:4], "lora.modules_to_save=[lm_hed]", *cmd[4:]], capture_output=True, text=True)

@@ -219,6 +219,28 @@ def test_a_save_older_than_a_committed_step_of_the_dir_is_refused(gpt2_base, tmp
     assert dist_lora.save_checkpoint(model, str(tmp_path), step=6, optimizer=opt).endswith(step_name(6))
 
 
+def test_an_adapter_or_optimizer_state_holding_nan_is_never_saved(gpt2_base, tmp_path):
+    """The API (and so the HF callback and a loop of the user's own) refuses a step whose adapter or Adam state
+    holds NaN or inf, naming the tensor: nothing of it is written, the step before stays the newest (and
+    keep_last does not delete it)."""
+    model, opt, _ = train_some(gpt2_base, ["c_attn"])
+    dist_lora.save_checkpoint(model, str(tmp_path), step=3, optimizer=opt, keep_last=1)
+    lora_b = next(p for name, p in model.named_parameters() if "lora_B" in name)
+    with torch.no_grad():
+        lora_b[0, 0] = float("nan")
+    with pytest.raises(CheckpointError, match=r"step 4 is not saved: .*lora_B.* hold\(s\) NaN or inf"):
+        dist_lora.save_checkpoint(model, str(tmp_path), step=4, optimizer=opt, keep_last=1)
+    with torch.no_grad():
+        lora_b[0, 0] = 0.0
+    exp_avg = opt.state[lora_b]["exp_avg"]
+    exp_avg[0, 1] = float("inf")
+    with pytest.raises(CheckpointError, match=r"step 4 is not saved: .*lora_B.*exp_avg hold\(s\) NaN or inf"):
+        dist_lora.save_checkpoint(model, str(tmp_path), step=4, optimizer=opt, keep_last=1)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("step-")) == [step_name(3)]
+    exp_avg[0, 1] = 0.0
+    assert dist_lora.save_checkpoint(model, str(tmp_path), step=4, optimizer=opt).endswith(step_name(4))
+
+
 @pytest.mark.parametrize("step", [-1, 2.0, True, "3", None])
 def test_a_step_number_must_be_a_non_negative_integer(step, gpt2_base, tmp_path):
     model, opt, _ = train_some(gpt2_base, ["c_attn"], steps=0)

@@ -208,7 +208,7 @@ def test_shown_rows_mark_exactly_the_target_tokens_of_each_packed_sample(gpt2_ba
 
     tok = tokenizer_of(gpt2_base)
     data = prepared(tmp_path, gpt2_base, path=str(DATA / "chat.jsonl"), format="chat", seq_len=256, packing=True)
-    shown = shown_rows(data.train, tok, 3)
+    shown = shown_rows(data.train, tok, range(3))
     assert [r["row"] for r in shown] == [0, 1, 2]
     for r in shown:
         row = data.train.ds[r["row"]]

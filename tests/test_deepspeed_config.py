@@ -138,6 +138,11 @@ CONTRADICTIONS = [
     ({"zero_optimization": {"offload_optimizer": {"device": "nvme"}}}, 'offload_optimizer.device is "nvme"'),
     ({"zero_optimization": {"offload_param": {"device": "nvme"}}}, 'offload_param.device is "nvme"'),
     (
+        {"zero_optimization": {"compute_grad_norm": False}},
+        "zero_optimization.compute_grad_norm is false: dist_lora logs every step's gradient norm and stops a run "
+        "whose norm is not finite",
+    ),
+    (
         {"compile": {"deepcompile": True}},
         'compile is {"deepcompile": true}: DeepSpeed reads that section only in engine.compile(), which dist_lora '
         "does not call, so it would do nothing; set train.compile=true",

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import re
 import subprocess
 import sys
 import weakref
@@ -824,6 +825,82 @@ def test_eval_command_gives_a_saved_steps_eval_loss_at_any_world_size_and_writes
     for every_step in (False, True):
         with pytest.raises(ConfigError, match="has no committed step to evaluate; name one with checkpoint.resume="):
             evaluate_checkpoint(single_run(gpt2_base, tmp_path / "empty", *evals), every_step=every_step)
+
+
+@pytest.mark.reliability(
+    fault="a learning rate that diverges: a few steps in, the gradient norm overflows to inf while the loss is finite",
+    injected="`train.lr=1e5`, a save every step, `checkpoint.keep_last: 1`",
+    outcome="the run stops at that step with an error naming it, before saving it; the step before stays committed, kept and `latest`, its adapter and Adam state finite (trained on, each later save would have replaced it)",
+)
+def test_a_later_step_whose_gradient_norm_overflows_stops_the_run_and_keeps_the_last_good_step(gpt2_base, tmp_path):
+    """A learning rate that diverges (1e5): a few steps in, the gradient norm overflows to inf while the loss is
+    finite. The run stops at that step with an error naming it and the step kept, before saving it: with a save
+    every step and keep_last 1, the step before is committed, kept and ``latest`` (trained on, the run would have
+    saved every later step over it), its adapter and Adam state finite; the metrics file has the event."""
+    from dist_lora.checkpoint import list_steps
+    from dist_lora.guard import NonFiniteError
+    from dist_lora.storage import Storage
+    from dist_lora.train import train
+    from tests.dist_utils import load_step
+
+    ckpt, metrics = tmp_path / "ckpt", tmp_path / "metrics.jsonl"
+    run = ("train.lr=1e5", "train.warmup_steps=0", "train.max_steps=8", "checkpoint.every_steps=1")
+    with pytest.raises(NonFiniteError, match=r"step (\d+): the gradient norm is inf while the loss is [\d.]+") as e:
+        train(single_run(gpt2_base, ckpt, *run, "checkpoint.keep_last=1", f"train.metrics_file={metrics}"))
+    bad = int(re.search(r"step (\d+):", str(e.value)).group(1))
+    assert bad >= 2 and f"step {bad - 1}, the newest saved, is kept: resume from it" in str(e.value)
+    steps = list_steps(Storage(str(ckpt)))
+    assert [(s.step, s.status) for s in steps] == [(bad - 1, "committed")]
+    assert (ckpt / "latest").read_text().strip() == f"step-{bad - 1:08d}"
+    weights, optim = load_step(ckpt / f"step-{bad - 1:08d}")
+    assert all(torch.isfinite(t).all() for t in [*weights.values(), *optim.values()] if t.is_floating_point())
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    (event,) = [r for r in rows if r.get("event") == "non_finite"]
+    assert event["step"] == bad and math.isinf(event["grad_norm"]) and math.isfinite(event["loss"])
+    assert max(r["step"] for r in rows if "loss" in r and "event" not in r) == bad - 1
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(600)
+@pytest.mark.reliability(
+    fault="a later step's loss NaN on one rank (FSDP2, ZeRO-3)",
+    injected="rank 1's forward made NaN at step 3, after a save at step 2; 2 ranks, 30 s timeout",
+    outcome="both ranks raise the same error naming step 3 and rank 1's training rows of it; step 2 stays committed and `latest`; no hang",
+)
+def test_a_later_step_whose_loss_goes_nan_on_one_rank_stops_every_rank_naming_its_rows(gpt2_base, tmp_path):
+    """Two ranks, FSDP2 and ZeRO-3: 2 steps and a save, then rank 1's forward made NaN at step 3 (past the first
+    step's close check). Both ranks raise the same error, naming step 3 and rank 1's training rows of that step (its
+    micro-batches' places in the global batch); the saved step 2 is committed and ``latest``; no rank waits on."""
+    from dist_lora.data import micro_place, prepare_data
+    from dist_lora.model import load_tokenizer
+
+    def config(engine: str) -> dict:
+        backend = {"fsdp": {"backend": "fsdp"}, "zero3": {"backend": "deepspeed", "zero_stage": 3}}[engine]
+        return {
+            "model": {"name_or_path": str(gpt2_base)},
+            "lora": {"r": 4, "alpha": 8, "target_modules": ["c_attn", "c_fc"]},
+            "data": {"path": str(corpus_path()), "seq_len": 32, "cache_dir": str(tmp_path / "cache")},
+            "train": {"max_steps": 6, "global_batch_size": 4, "micro_batch_size": 1, "lr": 0.01},
+            "parallel": {**backend, "timeout_s": 30},
+            "checkpoint": {"dir": str(tmp_path / engine / "ckpt"), "resume": "none"},
+        }
+
+    jobs = [
+        {"config": config(e), "out": str(tmp_path / e), "phases": ["train:2", "save", "poison:transformer.h.1:out@1"]}
+        for e in ("fsdp", "zero3")
+    ]
+    run_worker(2, {"jobs": jobs, "out": str(tmp_path)})
+    data = prepare_data(DataConfig(**config("fsdp")["data"]), load_tokenizer(str(gpt2_base)), seed=0)
+    places = [2 * 4 + micro_place(m, 2, 1) for m in range(2)]  # step 3's micro-batches of rank 1
+    rows = ",".join(map(str, data.sample_ids(0, places)))
+    for engine in ("fsdp", "zero3"):
+        errors = {(tmp_path / engine / f"error-rank{r}.txt").read_text() for r in (0, 1)}
+        assert len(errors) == 1, errors  # the same error on both ranks
+        (error,) = errors
+        assert error.startswith("step 3: the loss is nan over the global batch; on rank 1 it is not finite for")
+        assert f"the training rows {rows} (`dist-lora check CONFIG --rows {rows}` prints them)" in error, error
+        assert "step 2, the newest saved, is kept" in error
+        assert (tmp_path / engine / "ckpt" / "latest").read_text().strip() == "step-00000002"
 
 
 def test_named_eval_sets_are_each_evaluated_and_logged_and_keep_best_follows_the_one_named(gpt2_base, tmp_path):

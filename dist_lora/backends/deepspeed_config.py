@@ -182,6 +182,12 @@ def problems(
             "on disk between steps, where dist_lora's saves and loads do not reach it; use \"cpu\" (an adapter's "
             "Adam state is megabytes: host memory holds it)"
         )
+    if _get(user, ("zero_optimization", "compute_grad_norm")) is False:
+        found.append(
+            "zero_optimization.compute_grad_norm is false: dist_lora logs every step's gradient norm and stops a run "
+            "whose norm is not finite before it is saved (a NaN adapter would otherwise replace good steps); leave "
+            "it out of the JSON"
+        )
     compile_section = user.get("compile")
     if compile_section and (not isinstance(compile_section, dict) or any(compile_section.values())):
         found.append(
