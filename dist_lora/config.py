@@ -27,7 +27,7 @@ DataFormat = Literal["text", "completion", "chat"]
 TooLong = Literal["truncate", "drop"]
 Turns = Literal["all", "last"]
 Quantization = Literal["none", "nf4"]
-LrSchedule = Literal["cosine", "linear", "constant"]
+LrSchedule = Literal["cosine", "linear", "constant", "wsd"]
 
 BIAS_MODES: tuple[str, ...] = typing.get_args(Bias)
 BACKENDS: tuple[str, ...] = typing.get_args(BackendName)
@@ -177,9 +177,13 @@ class TrainConfig:
     once the run's length is (with epochs, once the data is tokenized)."""
     lr_schedule: LrSchedule = "cosine"
     """After warm-up: cosine (decay to min_lr_ratio * lr at max_steps) | linear (the same, in a straight line; HF
-    Trainer's default) | constant."""
+    Trainer's default) | constant | wsd (warmup-stable-decay: constant, then a cosine decay over the last
+    decay_ratio of the steps; HF's get_wsd_schedule, torchtitan's WSD)."""
     min_lr_ratio: float = 0.1
-    """The learning rate at max_steps as a fraction of lr, for cosine and linear (0: decay to zero)."""
+    """The learning rate at max_steps as a fraction of lr, for cosine, linear and wsd (0: decay to zero)."""
+    decay_ratio: float = 0.1
+    """wsd: the share of max_steps, at the end of the run, over which the learning rate decays: ceil(ratio x
+    max_steps) steps (never into the warm-up)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -636,6 +640,7 @@ def _validate(cfg: RunConfig, errors: list[str]) -> None:
         f"train.warmup_steps={t.warmup_steps} and train.warmup_ratio={t.warmup_ratio} both set the warm-up: keep one",
     )
     check(0.0 <= t.min_lr_ratio <= 1.0, f"train.min_lr_ratio must be in [0, 1] (got {t.min_lr_ratio})")
+    check(0.0 < t.decay_ratio <= 1.0, f"train.decay_ratio must be in (0, 1], e.g. 0.1 (got {t.decay_ratio})")
     check(t.weight_decay >= 0, f"train.weight_decay must be >= 0 (got {t.weight_decay})")
     check(t.seed >= 0, f"train.seed must be >= 0 (got {t.seed})")
     check(

@@ -58,11 +58,16 @@ log = logging.getLogger(__name__)
 
 def lr_at(step: int, t: TrainConfig) -> float:
     """Linear warm-up to ``lr`` over ``warmup_steps``, then ``lr_schedule``: a cosine or linear decay to
-    ``min_lr_ratio`` of it at ``max_steps``, or constant."""
+    ``min_lr_ratio`` of it at ``max_steps``, constant, or (wsd) constant until the last ``decay_ratio`` of the
+    steps, then a cosine decay to ``min_lr_ratio`` of it at ``max_steps``."""
     if step < t.warmup_steps:
         return t.lr * (step + 1) / t.warmup_steps
-    progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
-    left = {"cosine": 0.5 * (1 + math.cos(math.pi * progress)), "linear": 1 - progress, "constant": 1.0}
+    start = t.warmup_steps  # where the decay starts
+    if t.lr_schedule == "wsd":
+        start = max(start, t.max_steps - math.ceil(t.decay_ratio * t.max_steps))
+    progress = min(1.0, max(0.0, (step - start) / max(1, t.max_steps - start)))
+    cosine = 0.5 * (1 + math.cos(math.pi * progress))
+    left = {"cosine": cosine, "wsd": cosine, "linear": 1 - progress, "constant": 1.0}
     return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * left[t.lr_schedule])
 
 
@@ -652,6 +657,7 @@ class Trainer:
                 "min_lr_ratio": t.min_lr_ratio,
                 "warmup_steps": t.warmup_steps,
                 "max_steps": t.max_steps,
+                **({"decay_ratio": t.decay_ratio} if t.lr_schedule == "wsd" else {}),
                 "last_lr": lr_at(max(self.step - 1, 0), t),
             },
             "config": config_to_dict(self.cfg),

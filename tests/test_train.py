@@ -290,10 +290,37 @@ def test_lr_schedule():
     constant = TrainConfig(max_steps=10, lr=1.0, warmup_steps=2, lr_schedule="constant")
     assert [lr_at(s, constant) for s in (0, 2, 9)] == [0.5, 1.0, 1.0]
     raw = {"model": {"name_or_path": "x"}, "data": {"path": "y"}}
+    wsd = TrainConfig(max_steps=10, lr=1.0, warmup_steps=2, lr_schedule="wsd", decay_ratio=0.3, min_lr_ratio=0.0)
+    assert [lr_at(s, wsd) for s in (0, 1, 2, 6)] == [0.5, 1.0, 1.0, 1.0] and lr_at(10, wsd) == 0.0
+    assert math.isclose(lr_at(8, wsd), 0.75) and math.isclose(lr_at(9, wsd), 0.25)  # cosine over the last 3
+    with pytest.raises(ConfigError, match=r"train.decay_ratio must be in \(0, 1\]"):
+        config_from_dict({**raw, "train": {"lr_schedule": "wsd", "decay_ratio": 0}})
     with pytest.raises(ConfigError, match="train.lr_schedule must be one of"):
         config_from_dict({**raw, "train": {"lr_schedule": "step"}})
     with pytest.raises(ConfigError, match=r"train.min_lr_ratio must be in \[0, 1\]"):
         config_from_dict({**raw, "train": {"min_lr_ratio": 2}})
+
+
+@pytest.mark.parametrize(("max_steps", "warmup", "ratio", "floor"), [(100, 10, 0.2, 0.0), (37, 3, 0.1, 0.1)])
+def test_wsd_equals_transformers_get_wsd_schedule_after_the_warm_up(max_steps, warmup, ratio, floor):
+    """lr_schedule wsd against transformers' own get_wsd_schedule (cosine decay, the same stable and decay steps),
+    every step from the end of the warm-up to past max_steps (dist_lora's warm-up starts at lr / warmup_steps, as
+    its other schedules do, where HF's starts at 0)."""
+    from transformers import get_wsd_schedule
+
+    t = TrainConfig(
+        max_steps=max_steps, lr=2.0, warmup_steps=warmup, lr_schedule="wsd", decay_ratio=ratio, min_lr_ratio=floor
+    )
+    decay = math.ceil(ratio * max_steps)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    hf = get_wsd_schedule(
+        optimizer, num_warmup_steps=warmup, num_decay_steps=decay, num_training_steps=max_steps, min_lr_ratio=floor
+    )
+    for step in range(max_steps + 3):
+        if step >= warmup:
+            assert lr_at(step, t) == pytest.approx(hf.get_last_lr()[0], rel=1e-12, abs=1e-15), step
+        optimizer.step()
+        hf.step()
 
 
 def single_run(base: Path, ckpt: Path, *extra: str):
