@@ -431,6 +431,8 @@ class StepInfo:
     world_size: int | None = None
     backend: str | None = None
     error: str | None = None
+    eval_loss: float | None = None  # the eval loss the run recorded at this step, if it evaluated at it
+    best_eval_step: int | None = None  # the best-evaluated step so far, as this step's trainer_state records it
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -454,16 +456,31 @@ def inspect_step(storage: Storage, name: str, verify: bool = True) -> StepInfo:
         info.created = manifest.get("created")
         info.world_size, info.backend = manifest.get("world_size"), manifest.get("backend")
         if verify:
-            read_verified(step_store, manifest)
+            state = read_verified(step_store, manifest).get(TRAINER_STATE_NAME)
         else:
             for fname, entry in manifest["files"].items():
                 size = listing.get(fname, {}).get("size")
                 if size != entry["size"]:
                     raise CheckpointError(f"{step_store.url_of(fname)}: size {size}, manifest {entry['size']}")
+            state = step_store.read(TRAINER_STATE_NAME) if TRAINER_STATE_NAME in manifest["files"] else None
         info.status = "committed"
+        _read_evals(info, state)
     except (CheckpointError, StorageError) as e:
         info.status, info.error = "corrupt", str(e)
     return info
+
+
+def _read_evals(info: StepInfo, state: bytes | None) -> None:
+    """``info``'s eval loss at its step and the best-evaluated step, from the step's trainer_state.json (a step
+    saved without evaluations, or by a loop of the user's own, has neither)."""
+    try:
+        trainer_state = json.loads(state) if state else {}
+    except ValueError:
+        return
+    history = trainer_state.get("eval_history") or []
+    info.eval_loss = next((e.get("eval_loss") for e in history if e.get("step") == info.step), None)
+    best = trainer_state.get("best_eval")
+    info.best_eval_step = best.get("step") if isinstance(best, dict) else None
 
 
 def list_steps(storage: Storage, verify: bool = True) -> list[StepInfo]:

@@ -890,9 +890,11 @@ def test_eval_is_equal_at_any_world_size_and_engine_and_chat_resume_continues_th
     assert 0 < accuracy[0] < 1 and all(a == accuracy[0] for a in accuracy), accuracy
 
 
-def test_keep_best_keeps_the_step_with_the_lowest_eval_loss(gpt2_base, tmp_path):
+def test_keep_best_keeps_the_step_with_the_lowest_eval_loss(gpt2_base, tmp_path, capsys):
     """One process: evaluation every 2 steps, a save every 2 steps, keep_last 1 and keep_best: the dir holds the
-    newest step and the best-evaluated one; every step's trainer_state.json records the evaluations so far."""
+    newest step and the best-evaluated one; every step's trainer_state.json records the evaluations so far, and
+    ``dist-lora ls`` shows each step's eval loss with the best one marked."""
+    from dist_lora.cli import main
     from dist_lora.config import load_config
     from dist_lora.train import train
 
@@ -926,6 +928,14 @@ def test_keep_best_keeps_the_step_with_the_lowest_eval_loss(gpt2_base, tmp_path)
     assert [r["eval_loss"] for r in logged if r.get("event") == "eval"] == [
         e["eval_loss"] for e in state["eval_history"]
     ]
+    for fast in ([], ["--fast"]):  # dist-lora ls: each kept step's eval loss, the best one marked
+        assert main(["ls", str(tmp_path / "ck"), "--json", *fast]) == 0
+        listed = {r["step"]: r["eval_loss"] for r in json.loads(capsys.readouterr().out)}
+        assert listed == {e["step"]: e["eval_loss"] for e in state["eval_history"] if e["step"] in listed}
+    assert main(["ls", str(tmp_path / "ck")]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in table if line.endswith("  best")] == [f"step-{best['step']:08d}"]
+    assert f"{best['eval_loss']:.4f}  best" in table[1 + sorted(listed).index(best["step"])]
 
 
 @pytest.mark.parametrize("name", ["chat-tiny", "completion-tiny"])
