@@ -251,7 +251,8 @@ def evaluate_checkpoint(cfg: RunConfig, *, every_step: bool = False) -> list[dic
                     f"dist-lora eval: {cfg.checkpoint.dir} has no committed step to evaluate; name one with "
                     "checkpoint.resume=URL, or evaluate the base alone with checkpoint.resume=none"
                 )
-            loss = trainer.evaluate()
+            loss = trainer.evaluate()  # (no stop request: dist-lora eval installs no signal handler)
+            assert loss is not None
             done = trainer.eval_history[-1]
             sets = {
                 name: {**done["sets"][name], "eval_rows": len(rows)}
@@ -564,28 +565,44 @@ class Trainer:
         self.backend.backward(loss, grad_accum=self.grad_accum, last_micro=last)
         return float(loss.detach())
 
-    def evaluate(self) -> float:
+    def evaluate(self) -> float | None:
         """Collective: each eval set's mean token loss over all its rows, each rank running its share of them (the
         same number of forwards on every rank, as a sharded forward is a collective), and its token accuracy (the
         share of target tokens the model ranks first); one all-reduce for every set. Equal at any world size.
         Returns the loss of the set early stopping and keep_best follow (:func:`best_eval_set`); ``eval_history``
-        gets it and its accuracy, and, with named sets, every set's (``sets``)."""
+        gets it and its accuracy, and, with named sets, every set's (``sets``).
+
+        A stop request (SIGTERM, SIGUSR1) that arrives on any rank while it runs ends it after the batch in hand on
+        every rank (agreed after each batch: one tiny all-reduce), since a long evaluation would otherwise spend the
+        grace period a preempted job has to save: nothing is recorded, and it returns None."""
         t = self.cfg.train
         assert self.data.evals
         model = self.backend.model
         model.eval()
         sums: list[float] = []
-        with torch.no_grad():
-            for name in self.data.evals:
-                total, correct = 0.0, 0.0
-                for batch in self.data.eval_batches(name, t.micro_batch_size, self.world, self.rank):
-                    inputs = {k: v.to(self.device) for k, v in batch.items()}
-                    out = self.backend.outputs({**inputs, "num_items_in_batch": 1.0})
-                    total += float(out.loss)  # a sum of token losses
-                    correct += correct_predictions(out.logits, inputs["labels"])
-                    del out  # the logits, before the next forward makes its own
-                sums += [total, correct]
-        model.train()
+        batches = 0
+        try:
+            with torch.no_grad():
+                for name in self.data.evals:
+                    total, correct = 0.0, 0.0
+                    for batch in self.data.eval_batches(name, t.micro_batch_size, self.world, self.rank):
+                        inputs = {k: v.to(self.device) for k, v in batch.items()}
+                        out = self.backend.outputs({**inputs, "num_items_in_batch": 1.0})
+                        total += float(out.loss)  # a sum of token losses
+                        correct += correct_predictions(out.logits, inputs["labels"])
+                        del out  # the logits, before the next forward makes its own
+                        batches += 1
+                        if sum_over_ranks([float(self.stop.requested)])[0]:
+                            log.warning(
+                                "step %d: evaluation stopped after %d batch(es) on a stop request, not recorded; "
+                                "saving the step (dist-lora eval evaluates it later)",
+                                self.step,
+                                batches,
+                            )
+                            return None
+                    sums += [total, correct]
+        finally:
+            model.train()
         sums = sum_over_ranks(sums)
         results: dict[str | None, dict[str, float]] = {}
         for (name, rows), total, correct in zip(self.data.evals.items(), sums[::2], sums[1::2], strict=True):
@@ -775,10 +792,14 @@ class Trainer:
         self._flush_held_row()  # the step just taken is the one that waited for the last save's snapshot, if any
         every_eval = self.cfg.train.eval_every_steps
         if self.data.evals and ((every_eval and self.step % every_eval == 0) or self.step == self.stop_at):
-            self.evaluate()  # before a save of this step, which records it
-            self.early_stopped = self.should_stop_early()
-            if self.early_stopped:
-                self.metrics_log.event("early_stop", step=self.step)
+            if self.stopped_early:  # a stop was requested: save first (dist-lora eval evaluates the step later)
+                log.warning("step %d: evaluation skipped on a stop request; saving the step", self.step)
+            elif self.evaluate() is None:  # before a save of this step, which records it
+                self.stopped_early = True  # a stop request arrived while it ran
+            else:
+                self.early_stopped = self.should_stop_early()
+                if self.early_stopped:
+                    self.metrics_log.event("early_stop", step=self.step)
         self.metrics.append(row)
         every = self.cfg.checkpoint.every_steps
         if every and self.step % every == 0:

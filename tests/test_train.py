@@ -930,6 +930,73 @@ def test_a_later_step_whose_loss_goes_nan_on_one_rank_stops_every_rank_naming_it
         assert (tmp_path / engine / "ckpt" / "latest").read_text().strip() == "step-00000002"
 
 
+def test_a_stop_request_during_an_evaluation_ends_it_and_saves_the_step(gpt2_base, tmp_path, caplog):
+    """One process, evaluation every 2 steps: a SIGTERM during the 2nd forward of step 2's evaluation ends it there
+    (nothing recorded) and the run saves step 2 and stops; resumed, a SIGTERM during step 4's optimizer step skips
+    that step's evaluation and saves step 4. A preempted job's grace period goes to the save, not to the eval."""
+    import signal
+
+    from dist_lora.train import Trainer
+
+    evals = (f"data.eval_path={corpus_path()}", "train.eval_every_steps=2", "checkpoint.every_steps=0")
+    ckpt = tmp_path / "ckpt"
+    handler = signal.getsignal(signal.SIGTERM)
+
+    def run(method: str, on_call: int) -> Trainer:
+        trainer = Trainer(single_run(gpt2_base, ckpt, *evals))
+        trainer.resume("auto")
+        wrapped, calls = getattr(trainer.backend, method), []
+
+        def signalled(*args, **kwargs):  # type: ignore[no-untyped-def]
+            calls.append(1)
+            if len(calls) == on_call:
+                os.kill(os.getpid(), signal.SIGTERM)  # the handler fit() installed records it
+            return wrapped(*args, **kwargs)
+
+        setattr(trainer.backend, method, signalled)
+        try:
+            trainer.fit()
+        finally:
+            trainer.checkpointer.close()
+            signal.signal(signal.SIGTERM, handler)  # a stopped run keeps absorbing signals: give pytest its own back
+        return trainer
+
+    with caplog.at_level(logging.WARNING, logger="dist_lora.train"):
+        first = run("outputs", on_call=2)
+    assert first.step == 2 and first.stopped_early and first.eval_history == []
+    assert "step 2: evaluation stopped after 2 batch(es) on a stop request, not recorded" in caplog.text
+    assert sorted(p.name for p in ckpt.glob("step-*")) == ["step-00000002"]
+    with caplog.at_level(logging.WARNING, logger="dist_lora.train"):
+        second = run("step", on_call=2)  # steps 3 and 4: the stop arrives in step 4
+    assert second.step == 4 and second.eval_history == []
+    assert "step 4: evaluation skipped on a stop request; saving the step" in caplog.text
+    state = json.loads((ckpt / "step-00000004" / "trainer_state.json").read_text())
+    assert state["eval_history"] == []
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(600)
+def test_a_stop_request_on_one_rank_ends_the_evaluation_on_every_rank_after_the_same_batch(gpt2_base, tmp_path):
+    """Two ranks, FSDP2 and ZeRO-3: rank 1 asked to stop during its 2nd eval forward; both ranks end the
+    evaluation after that batch (2 forwards each: sharded forwards stay matched), record nothing, return None."""
+    jobs = []
+    for engine, backend in (("fsdp", {"backend": "fsdp"}), ("zero3", {"backend": "deepspeed", "zero_stage": 3})):
+        config = {
+            "model": {"name_or_path": str(gpt2_base)},
+            "lora": {"r": 4, "alpha": 8, "target_modules": ["c_attn"]},
+            "data": {"path": str(corpus_path()), "eval_path": str(corpus_path()), "seq_len": 32},
+            "train": {"max_steps": 4, "global_batch_size": 4, "micro_batch_size": 1},
+            "parallel": {**backend, "timeout_s": 30},
+            "checkpoint": {"dir": str(tmp_path / engine / "ckpt"), "resume": "none"},
+        }
+        jobs.append({"config": config, "out": str(tmp_path / engine), "phases": ["train:1", "stop_in_eval@1"]})
+    run_worker(2, {"jobs": jobs, "out": str(tmp_path)})
+    for engine in ("fsdp", "zero3"):
+        for rank in (0, 1):
+            got = json.loads((tmp_path / engine / f"stop-eval-rank{rank}.json").read_text())
+            assert got == {"returned": None, "forwards": 2, "recorded": 0}, (engine, rank, got)
+
+
 def test_named_eval_sets_are_each_evaluated_and_logged_and_keep_best_follows_the_one_named(gpt2_base, tmp_path):
     """data.eval_path as {general, domain} (the training corpus, and its lines with their words reversed), with
     keep_best following domain: every step's trainer_state records both sets' loss and accuracy, equal (1e-6) to

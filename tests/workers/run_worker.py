@@ -7,12 +7,15 @@ local pieces and, on rank 0, the engine's own full tensors as an independent ref
 training step's optimizer step is seen waiting for it, record that it waited), logits (rank 0 writes the logits of a fixed
 batch), nf4_shards (each rank checks its NF4 shards against torchao's to_nf4 of the whole weight, chunked; writes
 out/nf4-rankR.json), poison:LAYER:out|grad@R (rank R makes LAYER's output, or its adapter's gradient, NaN; the next
-step must raise NonFiniteError on every rank: each writes out/error-rankR.txt). Rank 0 writes out/losses.json.
+step must raise NonFiniteError on every rank: each writes out/error-rankR.txt), stop_in_eval@R (rank R is asked to
+stop, as by SIGTERM, during its 2nd eval forward; each rank writes out/stop-eval-rankR.json: what evaluate()
+returned, the forwards it ran and the evaluations recorded). Rank 0 writes out/losses.json.
 """
 
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -171,6 +174,26 @@ def poisoned_step(trainer: Trainer, spec: str) -> str:
     return ""
 
 
+def stopped_eval(trainer: Trainer, on_rank: int) -> dict:
+    """Evaluate with rank ``on_rank`` asked to stop (what its SIGTERM handler records) during its 2nd forward."""
+    forwards = 0
+    outputs = trainer.backend.outputs
+
+    def counted(batch):
+        nonlocal forwards
+        forwards += 1
+        if forwards == 2 and trainer.rank == on_rank:
+            trainer.stop.received = signal.SIGTERM
+        return outputs(batch)
+
+    trainer.backend.outputs = counted
+    try:
+        loss = trainer.evaluate()
+    finally:
+        trainer.backend.outputs = outputs
+    return {"returned": loss, "forwards": forwards, "recorded": len(trainer.eval_history)}
+
+
 def run(args: dict) -> None:
     """One job: a Trainer built from args["config"], resumed if asked, through its phases."""
     out = Path(args["out"])
@@ -212,6 +235,8 @@ def run(args: dict) -> None:
             )
         elif phase == "nf4_shards":
             (out / f"nf4-rank{rank}.json").write_text(json.dumps(check_nf4_shards(trainer, args["config"])))
+        elif phase.startswith("stop_in_eval@"):
+            (out / f"stop-eval-rank{rank}.json").write_text(json.dumps(stopped_eval(trainer, int(phase[13:]))))
         elif phase.startswith("poison:"):
             (out / f"error-rank{rank}.txt").write_text(poisoned_step(trainer, phase.removeprefix("poison:")))
         elif phase == "logits":
