@@ -941,6 +941,16 @@ def _eval_rows_shown(stats: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------- batches
 
 
+def _list_lengths(ds: Dataset, column: str) -> torch.Tensor:
+    """The length of each row's list in ``column``, read by Arrow (the lists themselves never become Python)."""
+    import pyarrow.compute as pc
+
+    if not len(ds):
+        return torch.zeros(0, dtype=torch.long)
+    lengths = pc.list_value_length(ds.with_format("arrow")[column]).to_numpy(zero_copy_only=False)
+    return torch.tensor(lengths, dtype=torch.long).reshape(-1)
+
+
 class Rows:
     """Tokenized rows (blocks, samples or packed samples) and how a list of them becomes one padded batch."""
 
@@ -952,6 +962,7 @@ class Rows:
         """Packed rows laid end to end in one row of the batch (:data:`ONE_ROW_ATTENTION`). Exact: a row's first
         label, like every sample's, is no target, and its position ids restart."""
         self.n_targets = torch.tensor(ds["n_targets"], dtype=torch.long)
+        self.n_tokens = _list_lengths(ds, "input_ids")  # each row's tokens, padding excluded
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -1059,6 +1070,11 @@ class TrainData:
         """Target tokens in the whole global batch of ``step`` (every rank knows it without communicating)."""
         ids = self.sample_ids(seed, range(step * global_batch, (step + 1) * global_batch))
         return int(self.train.n_targets[ids].sum())
+
+    def step_tokens(self, *, seed: int, step: int, global_batch: int) -> int:
+        """The tokens of the whole global batch of ``step``, padding excluded."""
+        ids = self.sample_ids(seed, range(step * global_batch, (step + 1) * global_batch))
+        return int(self.train.n_tokens[ids].sum())
 
     def micro_batch(
         self, *, seed: int, step: int, global_batch: int, micro: int, world: int, rank: int, index: int

@@ -776,7 +776,8 @@ class Trainer:
         loss = self.train_step()
         seconds = time.perf_counter() - t0
         peak = step_peak_memory(self.device) if self.rank == 0 else None  # rank 0's: the one that logs
-        tokens = self.cfg.train.global_batch_size * self.cfg.data.seq_len
+        t = self.cfg.train  # the step's own tokens, padding excluded (the step just taken is self.step - 1)
+        tokens = self.data.step_tokens(seed=t.seed, step=self.step - 1, global_batch=t.global_batch_size)
         row = {
             "step": self.step,
             "loss": loss,

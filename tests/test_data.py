@@ -893,7 +893,8 @@ def test_eval_is_equal_at_any_world_size_and_engine_and_chat_resume_continues_th
 def test_keep_best_keeps_the_step_with_the_lowest_eval_loss(gpt2_base, tmp_path, capsys):
     """One process: evaluation every 2 steps, a save every 2 steps, keep_last 1 and keep_best: the dir holds the
     newest step and the best-evaluated one; every step's trainer_state.json records the evaluations so far, and
-    ``dist-lora ls`` shows each step's eval loss with the best one marked."""
+    ``dist-lora ls`` shows each step's eval loss with the best one marked. Each step's tokens_per_s counts its
+    rows' own tokens, not their padding."""
     from dist_lora.cli import main
     from dist_lora.config import load_config
     from dist_lora.train import train
@@ -928,6 +929,12 @@ def test_keep_best_keeps_the_step_with_the_lowest_eval_loss(gpt2_base, tmp_path,
     assert [r["eval_loss"] for r in logged if r.get("event") == "eval"] == [
         e["eval_loss"] for e in state["eval_history"]
     ]
+    data = prepare_data(cfg.data, load_tokenizer(str(gpt2_base)), seed=0)
+    for r in (r for r in logged if "event" not in r):  # the step's own tokens a second, its padding not counted
+        batch = cfg.train.global_batch_size
+        ids = data.sample_ids(0, range((r["step"] - 1) * batch, r["step"] * batch))
+        tokens = sum(len(data.train.ds[i]["input_ids"]) for i in ids)
+        assert tokens < batch * cfg.data.seq_len and r["tokens_per_s"] == pytest.approx(tokens / r["seconds"], rel=0.01)
     for fast in ([], ["--fast"]):  # dist-lora ls: each kept step's eval loss, the best one marked
         assert main(["ls", str(tmp_path / "ck"), "--json", *fast]) == 0
         listed = {r["step"]: r["eval_loss"] for r in json.loads(capsys.readouterr().out)}
