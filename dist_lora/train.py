@@ -537,10 +537,9 @@ class Trainer:
         t = self.cfg.train
         rows = []
         for m, loss in enumerate(losses):
-            if not math.isfinite(loss):
-                start = (self.step - 1) * t.global_batch_size + micro_place(
-                    m, self.world, self.rank
-                ) * t.micro_batch_size
+            if not math.isfinite(loss):  # the rows TrainData.micro_batch gave micro-batch m
+                place = micro_place(m, self.world, self.rank)
+                start = (self.step - 1) * t.global_batch_size + place * t.micro_batch_size
                 rows += self.data.sample_ids(t.seed, range(start, start + t.micro_batch_size))
         return rows
 
