@@ -372,6 +372,7 @@ def load_sharded(
     revision: str | None = None,
     seed: int = 0,
     activation_checkpointing: bool = False,
+    activation_checkpointing_every: int = 1,
     attn_implementation: str | None = None,
     loss_chunk_tokens: int = 1024,
     compile: bool = False,
@@ -394,7 +395,9 @@ def load_sharded(
     ``loss_chunk_tokens``: the model's causal LM loss computed this many tokens at a time, as the trainer's
     (:mod:`dist_lora.loss`: transformers' values, never a float32 copy of all the logits); 0: transformers' own.
     ``compile``: ``torch.compile`` each transformer block in place (:func:`dist_lora.model.compile_blocks`).
-    ``save_checkpoint`` and ``load_checkpoint`` take the model (FSDP2) or the engine (ZeRO-3) as they are."""
+    ``activation_checkpointing``: recompute the blocks' activations in backward, of every block or (with
+    ``activation_checkpointing_every`` N) of the first of every N. ``save_checkpoint`` and ``load_checkpoint``
+    take the model (FSDP2) or the engine (ZeRO-3) as they are."""
     import torch.distributed as dist
 
     from dist_lora.backends.deepspeed import DeepSpeedBackend
@@ -458,7 +461,7 @@ def load_sharded(
             base,
             attn_implementation,
             loss_chunk_tokens,
-            activation_checkpointing,
+            activation_checkpointing_every if activation_checkpointing else 0,
             ("attn_implementation", "loss_chunk_tokens"),
         )
         model = apply_lora_seeded(base, lora, name_or_path, Path(str(directory)).name if hub else revision, seed)

@@ -218,6 +218,10 @@ class TrainConfig:
     activation_checkpointing: bool = False
     """Recompute each transformer block's activations in backward (less memory for long sequences, about a third
     more compute); checkpoint keys do not change, so steps load with it on or off."""
+    activation_checkpointing_every: int = 1
+    """With activation_checkpointing: recompute only the first of every N blocks, the others keeping their
+    activations (HF's every_n_layers, torchtitan's selective layer checkpointing): less recompute where memory
+    allows; 1: every block."""
     compile: bool = False
     """torch.compile each transformer block in place (torchtune's and torchtitan's ``compile``): fused kernels
     for the blocks' forward and backward, compiled at the first step (and at the first evaluation); checkpoint keys
@@ -640,6 +644,11 @@ def _validate(cfg: RunConfig, errors: list[str]) -> None:
         f"train.warmup_steps={t.warmup_steps} and train.warmup_ratio={t.warmup_ratio} both set the warm-up: keep one",
     )
     check(0.0 <= t.min_lr_ratio <= 1.0, f"train.min_lr_ratio must be in [0, 1] (got {t.min_lr_ratio})")
+    check(
+        t.activation_checkpointing_every >= 1,
+        f"train.activation_checkpointing_every must be >= 1 (got {t.activation_checkpointing_every}); 1 recomputes "
+        "every block",
+    )
     check(0.0 < t.decay_ratio <= 1.0, f"train.decay_ratio must be in (0, 1], e.g. 0.1 (got {t.decay_ratio})")
     check(t.weight_decay >= 0, f"train.weight_decay must be >= 0 (got {t.weight_decay})")
     check(t.seed >= 0, f"train.seed must be >= 0 (got {t.seed})")
@@ -846,11 +855,13 @@ RESUME_FREE = (
     "model.attn_implementation",
     "train.loss_chunk_tokens",
     "train.compile",
+    "train.activation_checkpointing",  # (and train.activation_checkpointing_every)
     "data.num_proc",
     "data.cache_dir",
 )
 """Settings a resume may change without changing what is trained: where and how it runs (ranks, engine, sharding,
-saving, the attention kernel, the loss's chunks, compilation, tokenizing's processes and cache), and how each global
+saving, the attention kernel, the loss's chunks, compilation, activation checkpointing, tokenizing's processes and
+cache), and how each global
 batch is cut into micro-batches."""
 
 

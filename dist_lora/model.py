@@ -278,15 +278,22 @@ def set_attention(model: Any, implementation: str | None, what: str = "model.att
         raise ModelError(f"{what}={implementation!r} for {type(model).__name__}: {e}") from None
 
 
-def enable_activation_checkpointing(model: Any) -> None:
-    """Recompute each transformer block's activations in backward, non-reentrant: HF's flag on each block (no
-    wrapper module, so no new prefix in any parameter name). transformers 5 names it
-    ``activation_checkpointing_enable`` (its old name warns once per rank); transformers 4 has the old name only."""
+def enable_activation_checkpointing(model: Any, every: int = 1) -> None:
+    """Recompute transformer blocks' activations in backward, non-reentrant: every block, or (``every`` N) the
+    first of every N (HF's ``every_n_layers``, torchtitan's selective layer checkpointing), the others keeping
+    theirs. HF's flag on each block: no wrapper module, so no new prefix in any parameter name. transformers 5
+    names it ``activation_checkpointing_enable`` (its old name warns once per rank); transformers 4 has the old
+    name only, and checkpoints every block."""
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, every_n_layers=every)
+    elif every == 1:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise ModelError(
+            f"train.activation_checkpointing_every={every} needs transformers 5 (every_n_layers); this one "
+            "checkpoints every block only: upgrade transformers, or set train.activation_checkpointing_every=1"
+        )
 
 
 def transformer_blocks(model: Any) -> list[Any]:
@@ -430,20 +437,21 @@ def prepare_base(
     base: Any,
     attn_implementation: str | None,
     loss_chunk_tokens: int,
-    activation_checkpointing: bool = False,
+    checkpoint_every: int = 0,
     settings: tuple[str, str] = ("model.attn_implementation", "train.loss_chunk_tokens"),
 ) -> None:
     """What the trainer, :func:`dist_lora.load_sharded` and ``dist-lora check`` all do to a base before LoRA, so that
     each builds the same model: no key-value cache (training reads none), the attention kernel, the chunked loss
-    (:mod:`dist_lora.loss`), activation checkpointing. ``settings`` names the first two in errors and warnings."""
+    (:mod:`dist_lora.loss`), activation checkpointing of every ``checkpoint_every``-th block (0: none).
+    ``settings`` names the first two in errors and warnings."""
     from dist_lora.loss import chunk_the_loss
 
     base.config.use_cache = False
     set_attention(base, attn_implementation, what=settings[0])
     if loss_chunk_tokens:
         chunk_the_loss(base, loss_chunk_tokens, what=settings[1])
-    if activation_checkpointing:  # HF's flag on each block: no wrapper, so no new prefix in any key
-        enable_activation_checkpointing(base)
+    if checkpoint_every:  # HF's flag on each block: no wrapper, so no new prefix in any key
+        enable_activation_checkpointing(base, checkpoint_every)
 
 
 def apply_lora_seeded(base: Any, cfg: Any, name_or_path: str, revision: str | None, seed: int) -> Any:

@@ -64,6 +64,8 @@ def test_every_problem_reported_at_once():
         ("train", {"weight_decay": -0.1}, "train.weight_decay must be >= 0 (got -0.1)"),
         ("train", {"seed": -1}, "train.seed must be >= 0 (got -1)"),
         ("train", {"gc_every_steps": -1}, "train.gc_every_steps must be >= 0 (got -1)"),
+        ("train", {"activation_checkpointing_every": 0}, "train.activation_checkpointing_every must be >= 1 (got 0)"),
+        ("train", {"decay_ratio": 1.5}, "train.decay_ratio must be in (0, 1], e.g. 0.1 (got 1.5)"),
         ("lora", {"layers_to_transform": [0, -1]}, "lora.layers_to_transform must be layer indices >= 0"),
     ],
 )

@@ -162,6 +162,8 @@ def test_activation_checkpointing_changes_no_loss_and_its_steps_load_without_it(
                     "steps": 4,
                 }
             )
+        every2 = ["train.activation_checkpointing=true", "train.activation_checkpointing_every=2"]
+        runs.append({"name": f"{engine}-ac-every2", "overrides": [*short_run(gpt2_base, *every2), *flags], "steps": 4})
     # then the ZeRO-3 step saved with recomputation resumed by an FSDP2 run without it, and the other way round
     step = "step-00000004"
     runs += [
@@ -219,10 +221,17 @@ def test_activation_checkpointing_changes_no_loss_and_its_steps_load_without_it(
         assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() <= 1e-6 for k in a), name
     for engine in ("fsdp", "zero3"):
         off, on = results[f"{engine}-ac0"]["losses"], results[f"{engine}-ac1"]["losses"]
+        some = results[f"{engine}-ac-every2"]["losses"]
         assert len(off) == 4 and all(abs(a - b) <= 1e-6 for a, b in zip(off, on)), (engine, off, on)
+        assert all(abs(a - b) <= 1e-6 for a, b in zip(off, some, strict=True)), (engine, off, some)
         micro = 4 * 4 // 2  # 4 steps x 2 micro-batches per rank: each block's forward runs again in backward
         calls = (results[f"{engine}-ac0"]["block_forwards"], results[f"{engine}-ac1"]["block_forwards"])
         assert calls == (micro, 2 * micro), (engine, calls)
+        # every 2nd block (the first of every 2): block 0 recomputed, block 1 keeping its activations
+        per_block = [results[f"{engine}-{k}"]["forwards_per_block"] for k in ("ac0", "ac-every2", "ac1")]
+        assert per_block == [[micro, micro], [2 * micro, micro], [2 * micro, 2 * micro]], (engine, per_block)
+        saved = [results[f"{engine}-{k}"]["first_step_saved_bytes"] for k in ("ac0", "ac-every2", "ac1")]
+        assert saved[0] > saved[1] > saved[2], (engine, saved)  # what autograd keeps for backward
     for engine in ("fsdp", "zero3"):
         plain, eager = results[f"{engine}-ac0"], results[f"{engine}-eager"]
         assert plain["eager_attention_calls"] == 0 and eager["eager_attention_calls"] > 0, (engine, plain, eager)

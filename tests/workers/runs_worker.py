@@ -4,8 +4,8 @@ argv[1] is JSON: {"runs": [{"name", "overrides": [...], "steps": N, "resume": ur
 name|null}], "out": dir}. Each run builds a Trainer (the tiny config plus its overrides; with "optimizer", the
 trainer's AdamW replaced by one of OPTIMIZERS, as a loop of the user's own would choose it), resumes if asked, takes N
 steps, evaluates if asked and saves. Rank 0 writes out/runs.json: per run, each step's loss and gradient norm, the
-eval loss, the saved step's URL, how many times a layer inside the first transformer block ran (twice per
-micro-batch when activations are recomputed; not counted in a compiled block), how many all-gathers FSDP2 made
+eval loss, the saved step's URL, how many times a layer inside each transformer block ran (twice per
+micro-batch when its activations are recomputed; not counted in a compiled block), how many all-gathers FSDP2 made
 during the steps and how many groups it shards, what DeepSpeed's engine offloads to host memory (its own flags) and its reduction bucket's size,
 the betas and eps of the optimizer that steps the adapter, how many graphs torch.compile compiled during the run,
 and the bytes autograd saved for backward in the first step.
@@ -50,13 +50,12 @@ class MomentumSGD(torch.optim.SGD):
 OPTIMIZERS = {"amsgrad": AMSGrad, "sgd": MomentumSGD}
 
 
-def first_layer_inside_a_block(model):
-    """The first child of the model's first transformer block (the classes HF lists in ``_no_split_modules``), or
-    None when the block is compiled (a hook inside would be compiled into its graph). transformers checkpoints a
+def first_layers_inside_the_blocks(model):
+    """The first child of each of the model's transformer blocks (the classes HF lists in ``_no_split_modules``),
+    or None for a compiled block (a hook inside would be compiled into its graph). transformers checkpoints a
     block's ``forward``, not its ``__call__``, so a recomputation runs the hooks of the block's children again but
     not the block's own."""
-    block = transformer_blocks(model)[0]
-    return None if getattr(block, COMPILED, False) else next(block.children())
+    return [None if getattr(b, COMPILED, False) else next(b.children()) for b in transformer_blocks(model)]
 
 
 class SavedBytes:
@@ -135,9 +134,12 @@ def main() -> None:
         rank = trainer.rank
         if run.get("resume"):
             trainer.resume(run["resume"])
-        block = first_layer_inside_a_block(trainer.backend.model)
-        calls = []
-        hook = block.register_forward_hook(lambda *_, calls=calls: calls.append(1)) if block is not None else None
+        calls: list[list[int]] = []  # per block, one entry per forward of a layer inside it
+        hooks = []
+        for layer in first_layers_inside_the_blocks(trainer.backend.model):
+            calls.append([])
+            if layer is not None:
+                hooks.append(layer.register_forward_hook(lambda *_, mine=calls[-1]: mine.append(1)))
         graphs = counters["stats"]["unique_graphs"]
         saved = SavedBytes()
         losses, norms = [], []
@@ -151,7 +153,7 @@ def main() -> None:
                 with saved if i == 0 else contextlib.nullcontext():
                     losses.append(trainer.train_step())
                 norms.append(trainer.grad_norm)
-        if hook is not None:
+        for hook in hooks:
             hook.remove()
         evaluated = trainer.evaluate() if run.get("eval") else None
         url = trainer.save()
@@ -161,7 +163,8 @@ def main() -> None:
             "losses": losses,
             "grad_norms": norms,
             "step": url,
-            "block_forwards": len(calls),
+            "block_forwards": len(calls[0]),  # the first block's
+            "forwards_per_block": [len(c) for c in calls],
             "all_gathers": gathers.call_count,
             "eager_attention_calls": eager.call_count,
             "loss_function": loss_function(trainer.backend.model),
