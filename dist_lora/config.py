@@ -206,6 +206,9 @@ class TrainConfig:
     eval_every_steps: int = 0
     """Evaluate (the mean token loss over all the eval data) every N steps and at the end; 0: only at the end
     when eval data is set (data.eval_path or data.eval_fraction)."""
+    eval_on_start: bool = False
+    """Evaluate once before a fresh run's first step (step 0: the base with its untrained adapter, which adds
+    nothing), the baseline its curves start from (HF's eval_on_start); a resumed run does not."""
     early_stopping_patience: int | None = None
     """Stop when this many evaluations in a row have not improved on the best eval loss by more than
     early_stopping_threshold (HF's EarlyStoppingCallback); the step is saved. null: never."""
@@ -583,6 +586,10 @@ def _validate(cfg: RunConfig, errors: list[str]) -> None:
         cfg.train.eval_every_steps == 0 or bool(d.eval_path or d.eval_fraction),
         f"train.eval_every_steps={cfg.train.eval_every_steps} needs eval data: set data.eval_path or "
         "data.eval_fraction",
+    )
+    check(
+        not cfg.train.eval_on_start or bool(d.eval_path or d.eval_fraction),
+        "train.eval_on_start needs eval data: set data.eval_path or data.eval_fraction",
     )
     check(
         cfg.train.early_stopping_patience is None or cfg.train.eval_every_steps > 0,

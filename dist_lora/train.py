@@ -743,10 +743,12 @@ class Trainer:
         step_peak_memory(self.device)  # on a GPU, each step's peak from here: not the load's
         try:
             with self.stop, collections_between_steps(t.gc_every_steps) as collect:
+                if t.eval_on_start and self.data.evals and self.step == 0 and not self.eval_history:
+                    self.stopped_early = self.evaluate() is None  # the baseline, step 0 (a stop request: saved)
                 while self.step < stop and not self.stopped_early and not self.early_stopped:
                     self._step_and_log(bar)
                     collect(self.step)
-                if self.last_saved != self.step:
+                if self.last_saved != self.step and self.step > 0:  # (stopped before step 1: nothing trained)
                     self.save()
                 self.close()
         finally:  # a failed step too: the row of the step saved before it, and TensorBoard's events, are kept

@@ -974,6 +974,32 @@ def test_a_stop_request_during_an_evaluation_ends_it_and_saves_the_step(gpt2_bas
     assert state["eval_history"] == []
 
 
+def test_eval_on_start_records_the_base_at_step_0_once(gpt2_base, tmp_path):
+    """train.eval_on_start: a fresh run evaluates before its first step, step 0, and that equals ``dist-lora eval``
+    of the base alone (checkpoint.resume=none) within 1e-6; the metrics file and TensorBoard have it at step 0; a
+    resumed run does not evaluate at its start again. Without eval data it is a config error."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from dist_lora.train import evaluate_checkpoint, train
+
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    evals = (f"data.eval_path={corpus_path()}", "train.eval_every_steps=2", f"train.metrics_file={metrics}")
+    ckpt = tmp_path / "ckpt"
+    train(single_run(gpt2_base, ckpt, "train.eval_on_start=true", "train.stop_at_step=2", *evals))
+    (base,) = evaluate_checkpoint(single_run(gpt2_base, tmp_path / "none", "checkpoint.resume=none", *evals))
+    train(single_run(gpt2_base, ckpt, "train.eval_on_start=true", "train.stop_at_step=4", *evals))
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    evaluated = {r["step"]: r["eval_loss"] for r in rows if r.get("event") == "eval"}
+    assert sorted(evaluated) == [0, 2, 4] and evaluated[0] == pytest.approx(base["eval_loss"], rel=1e-6)
+    state = json.loads((ckpt / "step-00000004" / "trainer_state.json").read_text())
+    assert [e["step"] for e in state["eval_history"]] == [0, 2, 4]
+    events = EventAccumulator(str(metrics.parent / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("eval/loss")] == [0, 2, 4]
+    with pytest.raises(ConfigError, match="train.eval_on_start needs eval data"):
+        single_run(gpt2_base, ckpt, "train.eval_on_start=true")
+
+
 @pytest.mark.multiproc
 @pytest.mark.timeout(600)
 def test_a_stop_request_on_one_rank_ends_the_evaluation_on_every_rank_after_the_same_batch(gpt2_base, tmp_path):
