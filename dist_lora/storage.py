@@ -433,14 +433,22 @@ class Storage:
         self._call("delete", rel, rm)
 
     def move(self, rel: str, new_rel: str) -> None:
-        """Rename a file or directory (a prefix, on object stores: copied, then the originals removed)."""
+        """Rename a file or directory (a prefix, on object stores: each object under it copied, then the originals
+        removed). Not fsspec's ``mv(recursive=True)``: it copies the prefix itself as a key too, which an object
+        store does not hold (S3 answers NoSuchKey), and ``mv`` raises on that."""
 
         def mv() -> None:
             if self.is_local:
                 os.rename(self.path(rel), self.path(new_rel))
-            else:
-                self.fs.mv(self.path(rel), self.path(new_rel), recursive=True)
-                self.fs.invalidate_cache(self.path())
+                return
+            src = self.path(rel).rstrip("/")
+            self.fs.invalidate_cache(src)  # listed afresh: another client may have changed the prefix
+            objects = sorted(self.fs.find(src))  # (a file: itself)
+            if not objects:
+                raise FileNotFoundError(src)
+            self.fs.copy(objects, [self.path(new_rel).rstrip("/") + o[len(src) :] for o in objects])
+            self.fs.rm(objects)
+            self.fs.invalidate_cache(self.path())
 
         self._call("move", rel, mv)
 

@@ -241,6 +241,28 @@ def test_an_adapter_or_optimizer_state_holding_nan_is_never_saved(gpt2_base, tmp
     assert dist_lora.save_checkpoint(model, str(tmp_path), step=4, optimizer=opt).endswith(step_name(4))
 
 
+@pytest.mark.reliability(
+    fault="a save that never committed (a crash mid-upload: files, no manifest), then the same step saved again (local, file://, memory://, S3)",
+    injected="the test writes a partial adapter file and another file into the step's directory",
+    outcome="the stray files are moved aside, every byte kept, and the step commits anew",
+)
+def test_a_step_that_never_committed_is_moved_aside_and_written_again_on_every_store(gpt2_base, storage_url):
+    """A save of a step number whose directory holds a save that never committed (a crash mid-upload: files, no
+    manifest) moves those files aside, every byte, and commits the step anew: on local disk, file://, memory://
+    and S3 (where fsspec's recursive mv fails on the prefix itself)."""
+    url, options = storage_url
+    model, opt, _ = train_some(gpt2_base, ["c_attn"])
+    store = Storage(url, options)
+    stray = {f"{step_name(5)}/{ADAPTER_WEIGHTS_NAME}": b"partial", f"{step_name(5)}/notes/x.txt": b"kept"}
+    for rel, data in stray.items():
+        store.write(rel, data)
+    assert dist_lora.save_checkpoint(model, url, step=5, optimizer=opt, storage_options=options).endswith(step_name(5))
+    (aside,) = [n for n in store.listdir() if n.startswith(f"{step_name(5)}.aside-")]
+    for rel, data in stray.items():
+        assert store.read(rel.replace(step_name(5), aside)) == data
+    assert [(s.step, s.status) for s in list_steps(store)] == [(5, "committed")]
+
+
 @pytest.mark.parametrize("step", [-1, 2.0, True, "3", None])
 def test_a_step_number_must_be_a_non_negative_integer(step, gpt2_base, tmp_path):
     model, opt, _ = train_some(gpt2_base, ["c_attn"], steps=0)
