@@ -21,8 +21,10 @@ from dist_lora.agree import on_rank0
 from dist_lora.backends import Backend, attach
 from dist_lora.backends.base import expected_state_fields
 from dist_lora.checkpoint import (
+    BEST_ALIAS,
     CheckpointError,
     LoadedStep,
+    best_evaluated_step,
     check_no_newer_steps,
     is_step_url,
     newest_verified_step,
@@ -211,10 +213,14 @@ def _check_step_fits(loaded: LoadedStep, backend: Backend, with_optimizer: bool)
 
 
 def resolve_step(path: str, storage_options: dict[str, Any] | None = None, retry: RetryPolicy | None = None) -> Storage:
-    """A step URL as given, or the newest committed and verified step of a checkpoint dir."""
+    """A step URL as given, the newest committed and verified step of a checkpoint dir, or (``DIR/best``, where DIR
+    holds no entry of that name) DIR's best-evaluated step (:func:`dist_lora.checkpoint.best_evaluated_step`)."""
     storage = Storage(path, storage_options, retry)
     if is_step_url(storage):
         return storage
+    parent, _, last = path.rstrip("/").rpartition("/")
+    if last == BEST_ALIAS and parent and not storage.listdir():
+        return best_evaluated_step(Storage(parent, storage_options, retry))
     step = newest_verified_step(storage)
     if step is None:
         raise CheckpointError(f"no committed, verified step under {path}")

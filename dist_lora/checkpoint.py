@@ -522,6 +522,41 @@ def newest_verified_step(storage: Storage) -> Storage | None:
     return None
 
 
+BEST_ALIAS = "best"
+"""``DIR/best`` (where DIR holds no such entry) names DIR's best-evaluated step: :func:`best_evaluated_step`."""
+
+
+def best_evaluated_step(storage: Storage) -> Storage:
+    """The best-evaluated step of a checkpoint dir, as its newest verified step records it (``best_eval`` in its
+    trainer_state.json: the step ``checkpoint.keep_best`` keeps), verified. An error names why there is none: no
+    step, no evaluation recorded, the base itself best (step 0), or the step gone or corrupt."""
+    for name in _newest_first(storage):
+        newest = inspect_step(storage, name, verify=True)
+        if newest.status != "committed":
+            log.warning("skipping %s: %s (%s)", newest.url, newest.status, newest.error)
+            continue
+        best = newest.best_eval_step
+        if best is None:
+            raise CheckpointError(
+                f"{storage.url_of(BEST_ALIAS)}: {newest.url} records no evaluation (the run had no eval data: "
+                "data.eval_path or data.eval_fraction); name a step instead"
+            )
+        if best == 0:
+            raise CheckpointError(
+                f"{storage.url_of(BEST_ALIAS)}: the base itself evaluated best (step 0, train.eval_on_start), as "
+                f"{newest.url} records: no trained step improves on it"
+            )
+        found = inspect_step(storage, step_name(best), verify=True)
+        if found.status != "committed":
+            raise CheckpointError(
+                f"{storage.url_of(BEST_ALIAS)}: the best-evaluated step, as {newest.url} records it, is {found.url}, "
+                f"which is {found.status} ({found.error}); retention keeps it only with checkpoint.keep_best: true"
+            )
+        log.info("%s is %s (the best eval loss, as %s records it)", storage.url_of(BEST_ALIAS), found.url, name)
+        return storage.child(found.name)
+    raise CheckpointError(f"{storage.url_of(BEST_ALIAS)}: no committed, verified step under {storage.url}")
+
+
 def read_newest_step(storage: Storage) -> LoadedStep | None:
     """Read (and so verify, once) the newest step that is committed and verifies; corrupt or incomplete newer
     ones are skipped, with a warning naming why. None when there is none. Rank 0 only."""

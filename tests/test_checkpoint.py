@@ -241,6 +241,39 @@ def test_an_adapter_or_optimizer_state_holding_nan_is_never_saved(gpt2_base, tmp
     assert dist_lora.save_checkpoint(model, str(tmp_path), step=4, optimizer=opt).endswith(step_name(4))
 
 
+def test_dir_best_names_the_best_evaluated_step_or_says_why_there_is_none(gpt2_base, tmp_path, storage_url):
+    """``DIR/best`` (pull, merge, generate, load_model): the step the newest step records as best-evaluated, on
+    local disk, file://, memory:// and S3; an error naming why when there is none: no evaluation recorded, the
+    base itself best (step 0), the best step deleted by retention. A real entry named best is used as it is."""
+    from dist_lora.api import resolve_step
+
+    url, options = storage_url
+    model, opt, _ = train_some(gpt2_base, ["c_attn"])
+    history = [{"step": 2, "eval_loss": 1.5}, {"step": 4, "eval_loss": 1.2}, {"step": 6, "eval_loss": 1.3}]
+    for step in (2, 4, 6):
+        state = {
+            "eval_history": history[: step // 2],
+            "best_eval": min(history[: step // 2], key=lambda e: e["eval_loss"]),
+        }
+        dist_lora.save_checkpoint(model, url, step=step, optimizer=opt, trainer_state=state, storage_options=options)
+    assert resolve_step(f"{url}/best", options).url == f"{url}/{step_name(4)}"
+    assert resolve_step(f"{url}/best/", options).url == f"{url}/{step_name(4)}"
+    Storage(url, options).delete(f"{step_name(4)}/{MANIFEST_NAME}")  # as if retention had taken it
+    with pytest.raises(
+        CheckpointError,
+        match=r"best-evaluated step, as .*step-00000006 records it, is .*step-00000004, "
+        r"which is incomplete .* only with checkpoint.keep_best: true",
+    ):
+        resolve_step(f"{url}/best", options)
+    for state, why in (({}, "records no evaluation"), ({"best_eval": {"step": 0}}, "the base itself evaluated best")):
+        # step 8 saved again each time: the first left incomplete by another client (its manifest deleted), which
+        # the save moves aside, reading the prefix afresh (an object store's cached listing would still hold it)
+        dist_lora.save_checkpoint(model, url, step=8, optimizer=opt, trainer_state=state, storage_options=options)
+        with pytest.raises(CheckpointError, match=why):
+            resolve_step(f"{url}/best", options)
+        Storage(url, options).delete(f"{step_name(8)}/{MANIFEST_NAME}")
+
+
 @pytest.mark.reliability(
     fault="a save that never committed (a crash mid-upload: files, no manifest), then the same step saved again (local, file://, memory://, S3)",
     injected="the test writes a partial adapter file and another file into the step's directory",
@@ -261,6 +294,14 @@ def test_a_step_that_never_committed_is_moved_aside_and_written_again_on_every_s
     for rel, data in stray.items():
         assert store.read(rel.replace(step_name(5), aside)) == data
     assert [(s.step, s.status) for s in list_steps(store)] == [(5, "committed")]
+
+
+def test_a_checkpoint_dir_named_best_is_not_an_alias(gpt2_base, tmp_path):
+    model, opt, _ = train_some(gpt2_base, ["c_attn"])
+    dist_lora.save_checkpoint(model, str(tmp_path / "best"), step=3, optimizer=opt)
+    from dist_lora.api import resolve_step
+
+    assert resolve_step(str(tmp_path / "best")).url.endswith(f"best/{step_name(3)}")
 
 
 @pytest.mark.parametrize("step", [-1, 2.0, True, "3", None])

@@ -943,6 +943,11 @@ def test_keep_best_keeps_the_step_with_the_lowest_eval_loss(gpt2_base, tmp_path,
     table = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in table if line.endswith("  best")] == [f"step-{best['step']:08d}"]
     assert f"{best['eval_loss']:.4f}  best" in table[1 + sorted(listed).index(best["step"])]
+    assert main(["pull", str(tmp_path / "ck" / "best"), str(tmp_path / "served")]) == 0  # DIR/best: that step
+    chosen = tmp_path / "ck" / f"step-{best['step']:08d}"
+    assert (tmp_path / "served" / "adapter_model.safetensors").read_bytes() == (
+        chosen / "adapter_model.safetensors"
+    ).read_bytes()
 
 
 @pytest.mark.parametrize("name", ["chat-tiny", "completion-tiny"])
