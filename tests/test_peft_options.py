@@ -337,7 +337,9 @@ def test_options_train_save_resume_across_engines_and_load_in_peft(gpt2_base, ll
         reference = load_file(str(Path(single[name]["out"]) / "ckpt" / step_name(3) / "adapter_model.safetensors"))
         assert sorted(saved) == sorted(reference)
         for key in saved:  # Adam after 3 steps: summation order across ranks shows at ~1e-5 in tiny-gradient rows
-            tolerance = 1e-5 if key.endswith(("lm_head.weight", "wte.weight")) else 1e-4
+            # (measured up to 1.26e-5 on lm_head with the packages a fresh install took on 2026-12-05; a wrong
+            # update, or one rank's gradient alone, is off by 1e-2 or more)
+            tolerance = 3e-5 if key.endswith(("lm_head.weight", "wte.weight")) else 1e-4
             if ".experts." in key and ".lora_" not in key:  # a copy of the experts: Adam scales each element's
                 # update to about lr however small its gradient, and the rows of an expert that few tokens reach
                 # have gradients near Adam's eps, where the summation order moves the update (2e-5 of 0.03 here)
