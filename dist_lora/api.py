@@ -212,15 +212,24 @@ def _check_step_fits(loaded: LoadedStep, backend: Backend, with_optimizer: bool)
     }
 
 
+def _best_alias(path: str, storage_options: dict[str, Any] | None, retry: RetryPolicy | None) -> Storage | None:
+    """``DIR/best``, where DIR holds no entry of that name: DIR's best-evaluated step
+    (:func:`dist_lora.checkpoint.best_evaluated_step`); None for any other path."""
+    parent, _, last = path.rstrip("/").rpartition("/")
+    if last != BEST_ALIAS or not parent or Storage(path, storage_options, retry).listdir():
+        return None
+    return best_evaluated_step(Storage(parent, storage_options, retry))
+
+
 def resolve_step(path: str, storage_options: dict[str, Any] | None = None, retry: RetryPolicy | None = None) -> Storage:
-    """A step URL as given, the newest committed and verified step of a checkpoint dir, or (``DIR/best``, where DIR
-    holds no entry of that name) DIR's best-evaluated step (:func:`dist_lora.checkpoint.best_evaluated_step`)."""
+    """A step URL as given, the newest committed and verified step of a checkpoint dir, or (``DIR/best``) DIR's
+    best-evaluated step."""
     storage = Storage(path, storage_options, retry)
     if is_step_url(storage):
         return storage
-    parent, _, last = path.rstrip("/").rpartition("/")
-    if last == BEST_ALIAS and parent and not storage.listdir():
-        return best_evaluated_step(Storage(parent, storage_options, retry))
+    best = _best_alias(path, storage_options, retry)
+    if best is not None:
+        return best
     step = newest_verified_step(storage)
     if step is None:
         raise CheckpointError(f"no committed, verified step under {path}")
@@ -228,11 +237,14 @@ def resolve_step(path: str, storage_options: dict[str, Any] | None = None, retry
 
 
 def _read(path: str, storage_options: dict[str, Any] | None, retry: RetryPolicy | None) -> LoadedStep | None:
-    """Rank 0: one step as given, or a checkpoint dir's newest step that verifies (each file read and hashed once;
-    None when the dir has none)."""
+    """Rank 0: one step as given (``DIR/best``: DIR's best-evaluated one), or a checkpoint dir's newest step that
+    verifies (each file read and hashed once; None when the dir has none)."""
     failpoint("load.read")
     storage = Storage(path, storage_options, retry)
-    return read_step(storage) if is_step_url(storage) else read_newest_step(storage)
+    if is_step_url(storage):
+        return read_step(storage)
+    best = _best_alias(path, storage_options, retry)
+    return read_step(best) if best is not None else read_newest_step(storage)
 
 
 def load_checkpoint(

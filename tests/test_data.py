@@ -897,7 +897,7 @@ def test_keep_best_keeps_the_step_with_the_lowest_eval_loss(gpt2_base, tmp_path,
     rows' own tokens, not their padding."""
     from dist_lora.cli import main
     from dist_lora.config import load_config
-    from dist_lora.train import train
+    from dist_lora.train import evaluate_checkpoint, train
 
     cfg = load_config(
         ROOT / "configs" / "tiny.yaml",
@@ -943,6 +943,8 @@ def test_keep_best_keeps_the_step_with_the_lowest_eval_loss(gpt2_base, tmp_path,
     table = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in table if line.endswith("  best")] == [f"step-{best['step']:08d}"]
     assert f"{best['eval_loss']:.4f}  best" in table[1 + sorted(listed).index(best["step"])]
+    (evaluated,) = evaluate_checkpoint(replace(cfg, checkpoint=replace(cfg.checkpoint, resume=f"{tmp_path}/ck/best")))
+    assert evaluated["step"] == best["step"] and evaluated["eval_loss"] == pytest.approx(best["eval_loss"], rel=1e-6)
     assert main(["pull", str(tmp_path / "ck" / "best"), str(tmp_path / "served")]) == 0  # DIR/best: that step
     chosen = tmp_path / "ck" / f"step-{best['step']:08d}"
     assert (tmp_path / "served" / "adapter_model.safetensors").read_bytes() == (
