@@ -527,15 +527,22 @@ BEST_ALIAS = "best"
 
 
 def best_evaluated_step(storage: Storage) -> Storage:
-    """The best-evaluated step of a checkpoint dir, as its newest verified step records it (``best_eval`` in its
-    trainer_state.json: the step ``checkpoint.keep_best`` keeps), verified. An error names why there is none: no
-    step, no evaluation recorded, the base itself best (step 0), or the step gone or corrupt."""
+    """The best-evaluated step of a checkpoint dir, as its newest committed step records it (``best_eval`` in its
+    trainer_state.json, whose sha256 is checked: the step ``checkpoint.keep_best`` keeps). Only that file of the
+    newest step is read, and the best step's manifest and sizes: whoever reads the step verifies every file it
+    reads (an adapter of gigabytes on S3 is not downloaded twice). An error names why there is none: no step, no
+    evaluation recorded, the base itself best (step 0), or the step gone or incomplete."""
     for name in _newest_first(storage):
-        newest = inspect_step(storage, name, verify=True)
-        if newest.status != "committed":
-            log.warning("skipping %s: %s (%s)", newest.url, newest.status, newest.error)
+        newest = storage.child(name)
+        try:
+            manifest = read_manifest(newest)
+            state = read_verified(newest, manifest, [TRAINER_STATE_NAME])[TRAINER_STATE_NAME]
+        except (CheckpointError, StorageError) as e:
+            log.warning("skipping %s: %s", newest.url, e)
             continue
-        best = newest.best_eval_step
+        info = StepInfo(name, parse_step_name(name) or 0, newest.url, "committed")
+        _read_evals(info, state)
+        best = info.best_eval_step
         if best is None:
             raise CheckpointError(
                 f"{storage.url_of(BEST_ALIAS)}: {newest.url} records no evaluation (the run had no eval data: "
@@ -546,7 +553,7 @@ def best_evaluated_step(storage: Storage) -> Storage:
                 f"{storage.url_of(BEST_ALIAS)}: the base itself evaluated best (step 0, train.eval_on_start), as "
                 f"{newest.url} records: no trained step improves on it"
             )
-        found = inspect_step(storage, step_name(best), verify=True)
+        found = inspect_step(storage, step_name(best), verify=False)
         if found.status != "committed":
             raise CheckpointError(
                 f"{storage.url_of(BEST_ALIAS)}: the best-evaluated step, as {newest.url} records it, is {found.url}, "
@@ -554,7 +561,7 @@ def best_evaluated_step(storage: Storage) -> Storage:
             )
         log.info("%s is %s (the best eval loss, as %s records it)", storage.url_of(BEST_ALIAS), found.url, name)
         return storage.child(found.name)
-    raise CheckpointError(f"{storage.url_of(BEST_ALIAS)}: no committed, verified step under {storage.url}")
+    raise CheckpointError(f"{storage.url_of(BEST_ALIAS)}: no committed step under {storage.url}")
 
 
 def read_newest_step(storage: Storage) -> LoadedStep | None:
