@@ -88,7 +88,7 @@ def _layer(key: str) -> str:
 
 
 HINT = (
-    "check the data and train.lr; with model.quantization: nf4 or model.dtype: float16, try model.dtype: bfloat16 "
+    "Check the data and train.lr; with model.quantization: nf4 or model.dtype: float16, try model.dtype: bfloat16 "
     "(a float16 base overflows where bfloat16 does not)"
 )
 
@@ -127,7 +127,7 @@ def check_first_step(
             error = NonFiniteError(
                 f"step {step}: the gradient of {_layer(key)} ({key}) holds {kind} on rank {rank} while the loss "
                 "is finite (the first adapted layer, in model order, whose gradient is not: a NaN spreads backward "
-                f"from where it arose); {HINT}"
+                f"from where it arose). {HINT}"
             )
             break
     raise_agreed(error)
@@ -151,6 +151,5 @@ def check_step(step: int, loss: float, grad_norm: float, rows: list[int], rank: 
     raise_agreed(error)  # the lowest rank whose own rows went non-finite names them, on every rank
     raise NonFiniteError(
         f"step {step}: the gradient norm is {grad_norm} while the loss is {loss}: a gradient overflowed (a "
-        f"learning rate that diverges: lower train.lr, or set train.max_grad_norm). The step is not saved, and "
-        f"{saved}. {HINT}"
+        f"learning rate that diverges: lower train.lr). The step is not saved, and {saved}. {HINT}"
     )
