@@ -305,7 +305,7 @@ def check_run(
     prepared = None
     if data:
         prepared = prepare_data(cfg.data, tokenizer, seed=t.seed)
-        rows, eval_rows = len(prepared), (sum(map(len, prepared.evals.values())) if prepared.evals else None)
+        rows, eval_rows = len(prepared), (prepared.eval_rows if prepared.evals else None)
         named_evals = {name: len(r) for name, r in prepared.evals.items() if name is not None} or None
         t = schedule(t, rows)
     model = build_meta_model(cfg, lay.shards)

@@ -962,7 +962,11 @@ class Rows:
         """Packed rows laid end to end in one row of the batch (:data:`ONE_ROW_ATTENTION`). Exact: a row's first
         label, like every sample's, is no target, and its position ids restart."""
         self.n_targets = torch.tensor(ds["n_targets"], dtype=torch.long)
-        self.n_tokens = _list_lengths(ds, "input_ids")  # each row's tokens, padding excluded
+
+    @functools.cached_property
+    def n_tokens(self) -> torch.Tensor:
+        """Each row's tokens, padding excluded (read once, where asked: the training rows' throughput)."""
+        return _list_lengths(self.ds, "input_ids")
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -1038,6 +1042,14 @@ def draw_seed(seed: int, step: int, place: int) -> int:
     return ((seed * 1_000_003 + step) * 1_000_003 + place) % 2**63
 
 
+@functools.lru_cache(maxsize=2)
+def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The row order of one epoch: a permutation of ``n`` rows from ``seed`` and ``epoch`` alone (computed once per
+    epoch, not at every micro-batch: a randperm of a million rows takes milliseconds)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
 class TrainData:
     """The run's rows: ``train`` (in a seeded order) and ``evals``, the eval sets by name in order (one unnamed
     set under None; none without eval data)."""
@@ -1056,33 +1068,44 @@ class TrainData:
     def __len__(self) -> int:
         return len(self.train)
 
+    @property
+    def eval_rows(self) -> int:
+        """The rows of every eval set together."""
+        return sum(map(len, self.evals.values()))
+
     def sample_ids(self, seed: int, positions: range) -> list[int]:
-        n, out, cache = len(self), [], {}
-        for i in positions:
-            epoch = i // n
-            if epoch not in cache:
-                g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-                cache[epoch] = torch.randperm(n, generator=g)
-            out.append(int(cache[epoch][i % n]))
-        return out
+        """The training rows at ``positions`` of the run's sample order: each epoch a seeded permutation."""
+        n = len(self)
+        return [int(_epoch_order(n, seed, i // n)[i % n]) for i in positions]
+
+    def step_ids(self, seed: int, step: int, global_batch: int) -> list[int]:
+        """The rows of the whole global batch of ``step``."""
+        return self.sample_ids(seed, range(step * global_batch, (step + 1) * global_batch))
 
     def step_targets(self, *, seed: int, step: int, global_batch: int) -> int:
         """Target tokens in the whole global batch of ``step`` (every rank knows it without communicating)."""
-        ids = self.sample_ids(seed, range(step * global_batch, (step + 1) * global_batch))
-        return int(self.train.n_targets[ids].sum())
+        return int(self.train.n_targets[self.step_ids(seed, step, global_batch)].sum())
 
     def step_tokens(self, *, seed: int, step: int, global_batch: int) -> int:
         """The tokens of the whole global batch of ``step``, padding excluded."""
-        ids = self.sample_ids(seed, range(step * global_batch, (step + 1) * global_batch))
-        return int(self.train.n_tokens[ids].sum())
+        return int(self.train.n_tokens[self.step_ids(seed, step, global_batch)].sum())
+
+    def micro_batch_ids(
+        self, *, seed: int, step: int, global_batch: int, micro: int, world: int, rank: int, index: int
+    ) -> list[int]:
+        """The rows of micro-batch ``index`` of ``rank``'s share of ``step``: those at its place in the global batch
+        (:func:`micro_place`), the same rows at any world size for the same ``micro``."""
+        start = step * global_batch + micro_place(index, world, rank) * micro
+        return self.sample_ids(seed, range(start, start + micro))
 
     def micro_batch(
         self, *, seed: int, step: int, global_batch: int, micro: int, world: int, rank: int, index: int
     ) -> dict[str, torch.Tensor]:
-        """Micro-batch ``index`` of ``rank``'s share of ``step``: the rows at its place in the global batch
-        (:func:`micro_place`), the same rows at any world size for the same ``micro``."""
-        start = step * global_batch + micro_place(index, world, rank) * micro
-        return self.train.batch(self.sample_ids(seed, range(start, start + micro)))
+        """Micro-batch ``index`` of ``rank``'s share of ``step`` (:meth:`micro_batch_ids`), as one padded batch."""
+        ids = self.micro_batch_ids(
+            seed=seed, step=step, global_batch=global_batch, micro=micro, world=world, rank=rank, index=index
+        )
+        return self.train.batch(ids)
 
     def eval_batches(self, name: str | None, micro: int, world: int, rank: int) -> Iterator[dict[str, torch.Tensor]]:
         """This rank's share of eval set ``name``'s rows (rows rank, rank + world, ...) in batches of ``micro``;

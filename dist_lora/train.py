@@ -265,7 +265,7 @@ def evaluate_checkpoint(cfg: RunConfig, *, every_step: bool = False) -> list[dic
                     "url": trainer.resumed_from,
                     "eval_loss": loss,
                     "eval_accuracy": done["eval_accuracy"],
-                    "eval_rows": sum(map(len, trainer.data.evals.values())),
+                    "eval_rows": trainer.data.eval_rows,
                     **({"eval_sets": sets} if sets else {}),
                     "world_size": trainer.world,
                     "backend": trainer.backend.name,
@@ -535,27 +535,30 @@ class Trainer:
 
     def _non_finite_rows(self, losses: list[float]) -> list[int]:
         """The training rows of this rank's micro-batches of the step just taken whose loss is not finite."""
-        t = self.cfg.train
-        rows = []
-        for m, loss in enumerate(losses):
-            if not math.isfinite(loss):  # the rows TrainData.micro_batch gave micro-batch m
-                place = micro_place(m, self.world, self.rank)
-                start = (self.step - 1) * t.global_batch_size + place * t.micro_batch_size
-                rows += self.data.sample_ids(t.seed, range(start, start + t.micro_batch_size))
-        return rows
+        return [
+            row
+            for m, loss in enumerate(losses)
+            if not math.isfinite(loss)
+            for row in self._micro_rows(self.step - 1, m)
+        ]
 
-    def _micro_step(self, m: int, per_micro: float) -> float:
-        """Forward and backward of micro-batch ``m`` of this rank's share of the step; returns its loss."""
+    def _micro_rows(self, step: int, m: int) -> list[int]:
+        """The rows of this rank's micro-batch ``m`` of ``step`` (0-based: the step about to be taken is self.step)."""
         t = self.cfg.train
-        batch = self.data.micro_batch(
+        return self.data.micro_batch_ids(
             seed=t.seed,
-            step=self.step,
+            step=step,
             global_batch=t.global_batch_size,
             micro=t.micro_batch_size,
             world=self.world,
             rank=self.rank,
             index=m,
         )
+
+    def _micro_step(self, m: int, per_micro: float) -> float:
+        """Forward and backward of micro-batch ``m`` of this rank's share of the step; returns its loss."""
+        t = self.cfg.train
+        batch = self.data.train.batch(self._micro_rows(self.step, m))
         last = m == self.grad_accum - 1
         # the forward's random draws (LoRA dropout) from this micro-batch's place alone, like its rows: the same
         # masks at any world size (for the same micro_batch_size) and after a resume, as if never stopped
