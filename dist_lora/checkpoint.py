@@ -438,8 +438,10 @@ class StepInfo:
         return dict(self.__dict__)
 
 
-def inspect_step(storage: Storage, name: str, verify: bool = True) -> StepInfo:
-    """Status of one step: committed (manifest and every file check out), incomplete (no manifest) or corrupt."""
+def inspect_step(storage: Storage, name: str, verify: bool = True, evals: bool = False) -> StepInfo:
+    """Status of one step: committed (manifest and every file check out), incomplete (no manifest) or corrupt;
+    ``evals``: also the eval loss the run recorded at it and its best-evaluated step (``dist-lora ls``; without
+    ``verify`` that reads its trainer_state.json, which nothing else here needs)."""
     step = parse_step_name(name)
     step_store = storage.child(name)
     info = StepInfo(name, step if step is not None else -1, step_store.url, "incomplete")
@@ -456,15 +458,17 @@ def inspect_step(storage: Storage, name: str, verify: bool = True) -> StepInfo:
         info.created = manifest.get("created")
         info.world_size, info.backend = manifest.get("world_size"), manifest.get("backend")
         if verify:
-            state = read_verified(step_store, manifest).get(TRAINER_STATE_NAME)
+            files = read_verified(step_store, manifest)
         else:
             for fname, entry in manifest["files"].items():
                 size = listing.get(fname, {}).get("size")
                 if size != entry["size"]:
                     raise CheckpointError(f"{step_store.url_of(fname)}: size {size}, manifest {entry['size']}")
-            state = step_store.read(TRAINER_STATE_NAME) if TRAINER_STATE_NAME in manifest["files"] else None
+            wanted = evals and TRAINER_STATE_NAME in manifest["files"]
+            files = {TRAINER_STATE_NAME: step_store.read(TRAINER_STATE_NAME)} if wanted else {}
         info.status = "committed"
-        _read_evals(info, state)
+        if evals:
+            _read_evals(info, files.get(TRAINER_STATE_NAME))
     except (CheckpointError, StorageError) as e:
         info.status, info.error = "corrupt", str(e)
     return info
@@ -483,10 +487,11 @@ def _read_evals(info: StepInfo, state: bytes | None) -> None:
     info.best_eval_step = best.get("step") if isinstance(best, dict) else None
 
 
-def list_steps(storage: Storage, verify: bool = True) -> list[StepInfo]:
-    """Every step directory under a checkpoint dir, oldest first, with its status."""
+def list_steps(storage: Storage, verify: bool = True, evals: bool = False) -> list[StepInfo]:
+    """Every step directory under a checkpoint dir, oldest first, with its status (and ``evals``: see
+    :func:`inspect_step`)."""
     names = [n for n, e in storage.listdir().items() if parse_step_name(n) is not None]
-    infos = [inspect_step(storage, n, verify) for n in names]
+    infos = [inspect_step(storage, n, verify, evals) for n in names]
     # object stores may keep an empty "directory" after retention deleted every file in it: nothing is there
     infos = [s for s in infos if s.status != "incomplete" or s.bytes or storage.child(s.name).listdir()]
     return sorted(infos, key=lambda s: s.step)

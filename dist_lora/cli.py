@@ -45,7 +45,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     storage = Storage(args.url, _storage_options(args))
     if storage.is_local and not os.path.isdir(storage.root):
         raise ValueError(f"{args.url} does not exist: pass a checkpoint dir (checkpoint.dir of a run)")
-    steps = list_steps(storage, verify=not args.fast)
+    steps = list_steps(storage, verify=not args.fast, evals=True)
     if args.json:
         print(json.dumps([s.to_json() for s in steps], indent=2))
         return 0
