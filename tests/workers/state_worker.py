@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.distributed.tensor import DTensor
 
 import dist_lora.backends as backends
@@ -35,6 +36,8 @@ def storages() -> dict[int, torch.UntypedStorage]:
     for o in gc.get_objects():
         if isinstance(o, torch.Tensor) and o.is_floating_point() and o.device.type != "meta":
             if isinstance(o, DTensor):  # a wrapper: its local tensor is found on its own
+                continue
+            if isinstance(o, FakeTensor):  # left by a torch.compile in the process these ranks forked from: no memory
                 continue
             storage = o.untyped_storage()
             if storage.nbytes():
