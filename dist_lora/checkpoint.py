@@ -432,7 +432,9 @@ class StepInfo:
     backend: str | None = None
     error: str | None = None
     eval_loss: float | None = None  # the eval loss the run recorded at this step, if it evaluated at it
+    eval_accuracy: float | None = None  # and the token accuracy
     best_eval_step: int | None = None  # the best-evaluated step so far, as this step's trainer_state records it
+    best_metric: str | None = None  # what made it the best: loss or accuracy (train.best_metric)
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -440,8 +442,8 @@ class StepInfo:
 
 def inspect_step(storage: Storage, name: str, verify: bool = True, evals: bool = False) -> StepInfo:
     """Status of one step: committed (manifest and every file check out), incomplete (no manifest) or corrupt;
-    ``evals``: also the eval loss the run recorded at it and its best-evaluated step (``dist-lora ls``; without
-    ``verify`` that reads its trainer_state.json, which nothing else here needs)."""
+    ``evals``: also the eval loss and accuracy the run recorded at it and its best-evaluated step (``dist-lora
+    ls``; without ``verify`` that reads its trainer_state.json, which nothing else here needs)."""
     step = parse_step_name(name)
     step_store = storage.child(name)
     info = StepInfo(name, step if step is not None else -1, step_store.url, "incomplete")
@@ -475,16 +477,20 @@ def inspect_step(storage: Storage, name: str, verify: bool = True, evals: bool =
 
 
 def _read_evals(info: StepInfo, state: bytes | None) -> None:
-    """``info``'s eval loss at its step and the best-evaluated step, from the step's trainer_state.json (a step
-    saved without evaluations, or by a loop of the user's own, has neither)."""
+    """``info``'s eval loss and accuracy at its step, and the best-evaluated step and the metric that made it so,
+    from the step's trainer_state.json (a step saved without evaluations, or by a loop of the user's own, has
+    neither)."""
     try:
         trainer_state = json.loads(state) if state else {}
     except ValueError:
         return
     history = trainer_state.get("eval_history") or []
-    info.eval_loss = next((e.get("eval_loss") for e in history if e.get("step") == info.step), None)
+    here = next((e for e in history if isinstance(e, dict) and e.get("step") == info.step), {})
+    info.eval_loss, info.eval_accuracy = here.get("eval_loss"), here.get("eval_accuracy")
     best = trainer_state.get("best_eval")
-    info.best_eval_step = best.get("step") if isinstance(best, dict) else None
+    if isinstance(best, dict):
+        train = (trainer_state.get("config") or {}).get("train") or {}
+        info.best_eval_step, info.best_metric = best.get("step"), train.get("best_metric", "loss")
 
 
 def list_steps(storage: Storage, verify: bool = True, evals: bool = False) -> list[StepInfo]:
@@ -564,7 +570,13 @@ def best_evaluated_step(storage: Storage) -> Storage:
                 f"{storage.url_of(BEST_ALIAS)}: the best-evaluated step, as {newest.url} records it, is {found.url}, "
                 f"which is {found.status} ({found.error}); retention keeps it only with checkpoint.keep_best: true"
             )
-        log.info("%s is %s (the best eval loss, as %s records it)", storage.url_of(BEST_ALIAS), found.url, name)
+        log.info(
+            "%s is %s (the best eval %s, as %s records it)",
+            storage.url_of(BEST_ALIAS),
+            found.url,
+            info.best_metric,
+            name,
+        )
         return storage.child(found.name)
     raise CheckpointError(f"{storage.url_of(BEST_ALIAS)}: no committed step under {storage.url}")
 

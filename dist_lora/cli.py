@@ -53,14 +53,18 @@ def cmd_ls(args: argparse.Namespace) -> int:
         print(f"no steps under {storage.url}")
         return 0
     # the best-evaluated step as the newest committed step records it (keep_best keeps it)
-    best = next((s.best_eval_step for s in reversed(steps) if s.status == "committed"), None)
-    print(f"{'step':<16}{'status':<12}{'bytes':>10}  {'created':<26}{'world':>6}  {'backend':<10}{'eval loss':>10}")
+    newest = next((s for s in reversed(steps) if s.status == "committed"), None)
+    best, metric = (newest.best_eval_step, newest.best_metric) if newest is not None else (None, None)
+    print(
+        f"{'step':<16}{'status':<12}{'bytes':>10}  {'created':<26}{'world':>6}  {'backend':<10}{'eval loss':>10}"
+        f"{'eval acc':>10}"
+    )
     for s in steps:
-        evaluated = f"{s.eval_loss:.4f}" if s.eval_loss is not None else "-"
+        loss, accuracy = (f"{v:.4f}" if v is not None else "-" for v in (s.eval_loss, s.eval_accuracy))
         print(
             f"{s.name:<16}{s.status:<12}{_human(s.bytes):>10}  {s.created or '-':<26}"
-            f"{s.world_size if s.world_size is not None else '-':>6}  {s.backend or '-':<10}{evaluated:>10}"
-            + ("  best" if s.step == best and s.status == "committed" else "")
+            f"{s.world_size if s.world_size is not None else '-':>6}  {s.backend or '-':<10}{loss:>10}{accuracy:>10}"
+            + (f"  best ({metric})" if s.step == best and s.status == "committed" else "")
         )
         if s.error and args.verbose:
             print(f"    {s.error}")

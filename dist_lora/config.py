@@ -28,6 +28,7 @@ TooLong = Literal["truncate", "drop"]
 Turns = Literal["all", "last"]
 Quantization = Literal["none", "nf4"]
 LrSchedule = Literal["cosine", "linear", "constant", "wsd"]
+BestMetric = Literal["loss", "accuracy"]
 
 BIAS_MODES: tuple[str, ...] = typing.get_args(Bias)
 BACKENDS: tuple[str, ...] = typing.get_args(BackendName)
@@ -210,14 +211,19 @@ class TrainConfig:
     """Evaluate once before a fresh run's first step (step 0: the base with its untrained adapter, which adds
     nothing), the baseline its curves start from (HF's eval_on_start); a resumed run does not."""
     early_stopping_patience: int | None = None
-    """Stop when this many evaluations in a row have not improved on the best eval loss by more than
+    """Stop when this many evaluations in a row have not improved on the best one (by best_metric) by more than
     early_stopping_threshold (HF's EarlyStoppingCallback); the step is saved. null: never."""
     early_stopping_threshold: float = 0.0
-    """How much lower than the best an eval loss must be to count as an improvement."""
+    """How much better than the best an evaluation must be to count as an improvement, in best_metric's units
+    (lower for loss, higher for accuracy)."""
+    best_metric: BestMetric = "loss"
+    """What makes an evaluation the best, for early stopping, checkpoint.keep_best and DIR/best (HF's
+    metric_for_best_model and greater_is_better): loss (the mean token loss, lower is better) | accuracy (the
+    token accuracy, the share of target tokens ranked first, higher is better). A tie keeps the earlier step."""
     best_eval_set: str | None = None
-    """With several named eval sets (data.eval_path as {name: source}): the one whose loss early stopping and
-    checkpoint.keep_best follow, and the progress bar shows (HF's metric_for_best_model); required with either of
-    those when there are several. null: the first set."""
+    """With several named eval sets (data.eval_path as {name: source}): the one whose best_metric early stopping
+    and checkpoint.keep_best follow, and the progress bar shows (HF's metric_for_best_model names one set's
+    metric); required with either of those when there are several. null: the first set."""
     activation_checkpointing: bool = False
     """Recompute each transformer block's activations in backward (less memory for long sequences, about a third
     more compute); checkpoint keys do not change, so steps load with it on or off."""
@@ -348,7 +354,7 @@ def eval_sets(d: DataConfig) -> dict[str | None, str | list[str]]:
 
 
 def best_eval_set(cfg: RunConfig) -> str | None:
-    """The named eval set whose loss early stopping and keep_best follow (``train.best_eval_set``, else the
+    """The named eval set whose best_metric early stopping and keep_best follow (``train.best_eval_set``, else the
     first); None for an unnamed set."""
     names = [name for name in eval_sets(cfg.data) if name is not None]
     return cfg.train.best_eval_set or (names[0] if names else None)
@@ -394,7 +400,8 @@ def _validate_eval_sets(cfg: RunConfig, check: Any) -> None:
         ):
             check(
                 not on,
-                f"{setting} follows one eval loss, and data.eval_path has {len(names)} sets ({', '.join(names)}): "
+                f"{setting} follows one eval set's {t.best_metric}, and data.eval_path has {len(names)} sets "
+                f"({', '.join(names)}): "
                 f"say which with train.best_eval_set, e.g. train.best_eval_set={names[0]}",
             )
 

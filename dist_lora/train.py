@@ -71,6 +71,17 @@ def lr_at(step: int, t: TrainConfig) -> float:
     return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * left[t.lr_schedule])
 
 
+def improves(evaluation: dict[str, Any], best: dict[str, Any], metric: str, by: float = 0.0) -> bool:
+    """Whether ``evaluation`` is better than ``best`` by more than ``by`` in ``metric`` (``train.best_metric``:
+    a lower eval_loss, a higher eval_accuracy); one without that metric (recorded before it was) is never better."""
+
+    def score(e: dict[str, Any]) -> float:
+        value = e.get(f"eval_{metric}")
+        return -math.inf if value is None else (-value if metric == "loss" else value)
+
+    return score(evaluation) > score(best) + by
+
+
 @overload
 def _local_abs(path: str) -> str: ...
 @overload
@@ -627,14 +638,16 @@ class Trainer:
         return followed["eval_loss"]
 
     def plateau(self) -> tuple[int, dict[str, Any]] | None:
-        """The evaluations in a row, the latest included, that have not improved on the best before them by more
-        than ``train.early_stopping_threshold``, and that best (HF's EarlyStoppingCallback counts the same way);
-        None without evaluations. Every rank computes it from the same agreed losses."""
+        """The evaluations in a row, the latest included, that have not improved on the best before them (by
+        ``train.best_metric``) by more than ``train.early_stopping_threshold``, and that best (HF's
+        EarlyStoppingCallback counts the same way); None without evaluations. Every rank computes it from the same
+        agreed values."""
         if not self.eval_history:
             return None
+        t = self.cfg.train
         best, count = self.eval_history[0], 0
         for e in self.eval_history[1:]:
-            if e["eval_loss"] < best["eval_loss"] - self.cfg.train.early_stopping_threshold:
+            if improves(e, best, t.best_metric, t.early_stopping_threshold):
                 best, count = e, 0
             else:
                 count += 1
@@ -642,17 +655,19 @@ class Trainer:
 
     def should_stop_early(self) -> bool:
         """Whether ``train.early_stopping_patience`` evaluations in a row have not improved (logged when so)."""
-        patience, plateau = self.cfg.train.early_stopping_patience, self.plateau()
+        t = self.cfg.train
+        patience, plateau = t.early_stopping_patience, self.plateau()
         if patience is None or plateau is None or plateau[0] < patience:
             return False
         count, best = plateau
         followed = best_eval_set(self.cfg)
         log.warning(
-            "early stopping at step %d: the eval loss%s has not improved on %.6f (step %d) for %d evaluations "
+            "early stopping at step %d: the eval %s%s has not improved on %.6f (step %d) for %d evaluations "
             "(train.early_stopping_patience=%d)",
             self.step,
+            t.best_metric,
             "" if followed is None else f" of eval set {followed}",
-            best["eval_loss"],
+            best.get(f"eval_{t.best_metric}", math.nan),
             best["step"],
             count,
             patience,
@@ -660,9 +675,13 @@ class Trainer:
         return True
 
     def best_eval(self) -> dict[str, Any] | None:
-        """The evaluation with the lowest loss so far, of the set :func:`best_eval_set` names where there are
-        several (its step is kept out of retention with keep_best)."""
-        return min(self.eval_history, key=lambda e: e["eval_loss"]) if self.eval_history else None
+        """The best evaluation so far by ``train.best_metric`` (the earliest of a tie), of the set
+        :func:`best_eval_set` names where there are several (its step is kept out of retention with keep_best)."""
+        best = None
+        for e in self.eval_history:
+            if best is None or improves(e, best, self.cfg.train.best_metric):
+                best = e
+        return best
 
     def save(self) -> str | None:
         """Save the current step (collective); returns its URL (None if it failed under on_error=warn)."""
@@ -815,10 +834,10 @@ class Trainer:
             self.metrics_log.step(row)
         bar.update(1)
         shown = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "grad_norm": f"{self.grad_norm:.3f}"}
-        if self.eval_history:  # the followed set's (HF's eval_NAME_loss for a named one)
+        if self.eval_history:  # the followed set's (HF's eval_NAME_loss for a named one), and the metric followed
             followed = best_eval_set(self.cfg)
-            shown["eval_loss" if followed is None else f"eval_{followed}_loss"] = (
-                f"{self.eval_history[-1]['eval_loss']:.4f}"
-            )
+            for metric in dict.fromkeys(("loss", self.cfg.train.best_metric)):
+                key = f"eval_{metric}" if followed is None else f"eval_{followed}_{metric}"
+                shown[key] = f"{self.eval_history[-1][f'eval_{metric}']:.4f}"
         bar.set_postfix(shown)
         log.debug("step %d loss %.6f lr %.3e", self.step, loss, lr)

@@ -801,7 +801,7 @@ def test_config_errors_for_named_eval_sets(tmp_path):
         key = setting.split("=")[0]
         with pytest.raises(
             ConfigError,
-            match=f"{re.escape(key)} follows one eval loss, and data.eval_path has 2 sets "
+            match=f"{re.escape(key)} follows one eval set's loss, and data.eval_path has 2 sets "
             r"\(general, domain\): say which with train.best_eval_set, e.g. ",
         ):
             load_config(tiny, [two, "train.eval_every_steps=2", setting])
@@ -819,6 +819,40 @@ def test_config_errors_for_eval_and_keep_best(tmp_path):
         load_config(tiny, ["checkpoint.keep_best=true"])
     with pytest.raises(ConfigError, match="not both"):
         load_config(tiny, ["data.eval_fraction=0.1", "data.eval_path=x.jsonl"])
+    with pytest.raises(ConfigError, match=r"train.best_metric must be one of loss, accuracy \(got 'f1'\)"):
+        load_config(tiny, ["train.best_metric=f1"])
+
+
+@pytest.mark.parametrize("metric", ["loss", "accuracy"])
+def test_early_stopping_and_the_best_evaluation_follow_best_metric(metric):
+    """The same evaluations by loss and by accuracy: the loss stops improving after step 2, the accuracy goes on
+    rising to step 4 (by more than the threshold, 0.01, at step 3 only; an equal accuracy at step 6 is no
+    improvement). Each metric's best and plateau, as every rank computes them from the agreed values."""
+    from types import SimpleNamespace
+
+    from dist_lora.train import Trainer, improves
+
+    cfg = load_config(
+        ROOT / "configs" / "tiny.yaml",
+        ["data.eval_fraction=0.1", f"train.best_metric={metric}", "train.early_stopping_threshold=0.01"],
+    )
+    history = [
+        {"step": 1, "eval_loss": 3.0, "eval_accuracy": 0.10},
+        {"step": 2, "eval_loss": 2.0, "eval_accuracy": 0.20},
+        {"step": 3, "eval_loss": 2.5, "eval_accuracy": 0.30},
+        {"step": 4, "eval_loss": 2.1, "eval_accuracy": 0.305},
+        {"step": 5, "eval_loss": 2.2, "eval_accuracy": 0.25},
+        {"step": 6, "eval_loss": 2.0, "eval_accuracy": 0.305},
+    ]
+    trainer = SimpleNamespace(cfg=cfg, eval_history=history)
+    best, plateau = Trainer.best_eval(trainer), Trainer.plateau(trainer)  # type: ignore[arg-type]
+    if metric == "loss":  # 2.0 at step 2, equalled (not beaten) at step 6: 4 evaluations without improvement
+        assert best["step"] == 2 and plateau == (4, history[1])
+    else:  # 0.305 at step 4 (the first of a tie); step 3 the last to improve by more than 0.01
+        assert best["step"] == 4 and plateau == (3, history[2])
+    assert improves({"eval_accuracy": 0.5}, {"eval_accuracy": 0.4}, "accuracy")
+    assert not improves({"eval_loss": 0.5}, {"eval_loss": 0.4}, "loss")
+    assert not improves({"eval_loss": 1.0}, {"eval_loss": 1.0, "eval_accuracy": 0.1}, "accuracy")  # none recorded
 
 
 # ---------------------------------------------------------------------------------------------- multi-rank
@@ -890,11 +924,13 @@ def test_eval_is_equal_at_any_world_size_and_engine_and_chat_resume_continues_th
     assert 0 < accuracy[0] < 1 and all(a == accuracy[0] for a in accuracy), accuracy
 
 
-def test_keep_best_keeps_the_step_with_the_lowest_eval_loss(gpt2_base, tmp_path, capsys):
+@pytest.mark.parametrize("metric", ["loss", "accuracy"])
+def test_keep_best_keeps_the_best_evaluated_step(metric, gpt2_base, tmp_path, capsys):
     """One process: evaluation every 2 steps, a save every 2 steps, keep_last 1 and keep_best: the dir holds the
-    newest step and the best-evaluated one; every step's trainer_state.json records the evaluations so far, and
-    ``dist-lora ls`` shows each step's eval loss with the best one marked. Each step's tokens_per_s counts its
-    rows' own tokens, not their padding."""
+    newest step and the best-evaluated one, by train.best_metric (the lowest eval loss, or the highest token
+    accuracy: a step the loss would not pick); every step's trainer_state.json records the evaluations so far, and
+    ``dist-lora ls`` shows each step's eval loss and accuracy with the best one marked. Each step's tokens_per_s
+    counts its rows' own tokens, not their padding."""
     from dist_lora.cli import main
     from dist_lora.config import load_config
     from dist_lora.train import evaluate_checkpoint, train
@@ -909,8 +945,9 @@ def test_keep_best_keeps_the_step_with_the_lowest_eval_loss(gpt2_base, tmp_path,
             f"data.cache_dir={tmp_path / 'cache'}",
             "parallel.backend=single",
             "train.max_steps=8",
-            "train.lr=0.2",  # large enough that some later evaluation may be worse than an earlier one
+            "train.lr=0.05",  # here the token accuracy peaks at step 4, the loss at step 8
             "train.eval_every_steps=2",
+            f"train.best_metric={metric}",
             f"train.metrics_file={tmp_path / 'metrics.jsonl'}",
             f"checkpoint.dir={tmp_path / 'ck'}",
             "checkpoint.every_steps=2",
@@ -920,8 +957,12 @@ def test_keep_best_keeps_the_step_with_the_lowest_eval_loss(gpt2_base, tmp_path,
     )
     train(cfg)
     state = json.loads((tmp_path / "ck" / "step-00000008" / "trainer_state.json").read_text())
-    assert [e["step"] for e in state["eval_history"]] == [2, 4, 6, 8]
-    best = min(state["eval_history"], key=lambda e: e["eval_loss"])
+    history = state["eval_history"]
+    assert [e["step"] for e in history] == [2, 4, 6, 8]
+    by_loss = min(history, key=lambda e: e["eval_loss"])
+    by_accuracy = max(history, key=lambda e: e["eval_accuracy"])  # (the first of a tie)
+    best = by_loss if metric == "loss" else by_accuracy
+    assert by_loss["step"] != by_accuracy["step"], history  # else this run could not tell which metric is followed
     assert state["best_eval"] == best
     kept = sorted(p.name for p in (tmp_path / "ck").glob("step-*"))
     assert kept == sorted({f"step-{best['step']:08d}", "step-00000008"})
@@ -935,14 +976,16 @@ def test_keep_best_keeps_the_step_with_the_lowest_eval_loss(gpt2_base, tmp_path,
         ids = data.sample_ids(0, range((r["step"] - 1) * batch, r["step"] * batch))
         tokens = sum(len(data.train.ds[i]["input_ids"]) for i in ids)
         assert tokens < batch * cfg.data.seq_len and r["tokens_per_s"] == pytest.approx(tokens / r["seconds"], rel=0.01)
-    for fast in ([], ["--fast"]):  # dist-lora ls: each kept step's eval loss, the best one marked
+    for fast in ([], ["--fast"]):  # dist-lora ls: each kept step's eval loss and accuracy, the best one marked
         assert main(["ls", str(tmp_path / "ck"), "--json", *fast]) == 0
-        listed = {r["step"]: r["eval_loss"] for r in json.loads(capsys.readouterr().out)}
-        assert listed == {e["step"]: e["eval_loss"] for e in state["eval_history"] if e["step"] in listed}
+        listed = {r["step"]: (r["eval_loss"], r["eval_accuracy"]) for r in json.loads(capsys.readouterr().out)}
+        assert listed == {e["step"]: (e["eval_loss"], e["eval_accuracy"]) for e in history if e["step"] in listed}
     assert main(["ls", str(tmp_path / "ck")]) == 0
     table = capsys.readouterr().out.splitlines()
-    assert [line.split()[0] for line in table if line.endswith("  best")] == [f"step-{best['step']:08d}"]
-    assert f"{best['eval_loss']:.4f}  best" in table[1 + sorted(listed).index(best["step"])]
+    assert [line.split()[0] for line in table if line.endswith(f"  best ({metric})")] == [f"step-{best['step']:08d}"]
+    assert (
+        f"{best['eval_loss']:.4f}    {best['eval_accuracy']:.4f}  best" in table[1 + sorted(listed).index(best["step"])]
+    )
     (evaluated,) = evaluate_checkpoint(replace(cfg, checkpoint=replace(cfg.checkpoint, resume=f"{tmp_path}/ck/best")))
     assert evaluated["step"] == best["step"] and evaluated["eval_loss"] == pytest.approx(best["eval_loss"], rel=1e-6)
     assert main(["pull", str(tmp_path / "ck" / "best"), str(tmp_path / "served")]) == 0  # DIR/best: that step
