@@ -302,6 +302,11 @@ class CheckpointConfig:
     """Where steps go: a local path or any fsspec URL (file://, s3://bucket/prefix, memory://)."""
     every_steps: int = 0
     """Save every N steps (0: only at the end)."""
+    every_minutes: float | None = None
+    """Also save the step that ends this many minutes after the last save (or the first step's start), by rank 0's
+    clock, agreed by every rank within the step's own all-reduce (Lightning's train_time_interval): a run whose
+    steps vary in time, or a preemptible job, loses at most this much work. With every_steps, whichever comes
+    first (each save restarts the clock). null: by steps only."""
     keep_last: int | None = None
     """Keep the newest N committed steps, delete older ones that dist_lora wrote (None: keep all)."""
     resume: str = "auto"
@@ -737,6 +742,10 @@ def checkpoint_errors(c: CheckpointConfig, prefix: str = "checkpoint.") -> list[
     checks = [
         (bool(c.dir), f"{prefix}dir is required (a local path or an fsspec URL such as s3://bucket/run)"),
         (c.every_steps >= 0, f"{prefix}every_steps must be >= 0 (got {c.every_steps})"),
+        (
+            c.every_minutes is None or c.every_minutes > 0,
+            f"{prefix}every_minutes must be > 0 (got {c.every_minutes}); null: save by steps only",
+        ),
         (c.keep_last is None or c.keep_last >= 1, f"{prefix}keep_last must be >= 1 (got {c.keep_last})"),
         (c.bucket_mb > 0, f"{prefix}bucket_mb must be > 0 (got {c.bucket_mb})"),
         (bool(c.resume), f"{prefix}resume must be auto, none or the URL of one step"),

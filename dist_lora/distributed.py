@@ -177,12 +177,13 @@ def sum_over_ranks(values: list[float]) -> list[float]:
     return [float(v) for v in t.tolist()]
 
 
-def step_consensus(loss: float, stop: bool) -> tuple[float, bool]:
-    """Collective: the loss averaged over ranks, and whether any rank wants to stop (one tiny all-reduce)."""
+def step_consensus(loss: float, stop: bool, save: bool = False) -> tuple[float, bool, bool]:
+    """Collective: the loss averaged over ranks, whether any rank wants to stop, and whether any wants the step
+    saved (one tiny all-reduce)."""
     if not dist.is_initialized():
-        return loss, stop
-    summed, stops = sum_over_ranks([loss, float(stop)])
-    return summed / dist.get_world_size(), stops > 0
+        return loss, stop, save
+    summed, stops, saves = sum_over_ranks([loss, float(stop), float(save)])
+    return summed / dist.get_world_size(), stops > 0, saves > 0
 
 
 def local_env(pythonpath: str | None = None) -> dict[str, str]:

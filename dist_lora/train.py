@@ -367,6 +367,9 @@ class Trainer:
         self.stop_at = self.cfg.train.stop_at_step or self.cfg.train.max_steps
         self.eval_history: list[dict[str, Any]] = []  # {"step", "eval_loss", "eval_accuracy"}, carried by resume
         self.last_saved: int | None = None
+        self.clock: Callable[[], float] = time.monotonic  # checkpoint.every_minutes reads rank 0's
+        self._saved_at: float | None = None  # when the last save (or fit) began, by self.clock
+        self.save_due = False  # checkpoint.every_minutes: the step just taken is to be saved (agreed)
         self.resumed_from: str | None = None
         self.metrics: list[dict[str, Any]] = []
         self._held_row: dict[str, Any] | None = None
@@ -537,12 +540,22 @@ class Trainer:
             check_first_step([self.grad_norm], None, watch, self.step + 1, self.rank, "gradient norm")
         self._checked_finite = True
         self.step += 1
-        mean_loss, stop = step_consensus(total / self.grad_accum, self.stop.requested)
+        mean_loss, stop, self.save_due = step_consensus(
+            total / self.grad_accum, self.stop.requested, self._time_to_save()
+        )
         if not (math.isfinite(mean_loss) and math.isfinite(self.grad_norm)):  # agreed: the same on every rank
             self.metrics_log.event("non_finite", step=self.step, loss=mean_loss, grad_norm=self.grad_norm)
             check_step(self.step, mean_loss, self.grad_norm, self._non_finite_rows(losses), self.rank, self.last_saved)
         self.stopped_early = self.stopped_early or stop
         return mean_loss
+
+    def _time_to_save(self) -> bool:
+        """Rank 0: whether ``checkpoint.every_minutes`` have passed since the last save, or since ``fit`` began,
+        by its clock (the other ranks say no: one clock decides, and the step's all-reduce tells every rank)."""
+        minutes = self.cfg.checkpoint.every_minutes
+        if not minutes or self.rank != 0 or self._saved_at is None:
+            return False
+        return self.clock() - self._saved_at >= minutes * 60
 
     def _non_finite_rows(self, losses: list[float]) -> list[int]:
         """The training rows of this rank's micro-batches of the step just taken whose loss is not finite."""
@@ -707,6 +720,7 @@ class Trainer:
         }
         best = self.best_eval()
         keep = {best["step"]} if best is not None and self.cfg.checkpoint.keep_best else set()
+        self._saved_at = self.clock()
         url = self.checkpointer.save(self.backend, step=self.step, trainer_state=trainer_state, keep=keep)
         self.last_saved = self.step
         return url
@@ -762,6 +776,7 @@ class Trainer:
             self.metrics_log.close()
             return self.metrics
         bar = tqdm(total=stop, initial=self.step, disable=self.rank != 0, desc="train", dynamic_ncols=True)
+        self._saved_at = self.clock()  # checkpoint.every_minutes counts from here: the base's load is not work
         step_peak_memory(self.device)  # on a GPU, each step's peak from here: not the load's
         try:
             with self.stop, collections_between_steps(t.gc_every_steps) as collect:
@@ -827,7 +842,13 @@ class Trainer:
                     self.metrics_log.event("early_stop", step=self.step)
         self.metrics.append(row)
         every = self.cfg.checkpoint.every_steps
-        if every and self.step % every == 0:
+        if self.save_due and not (every and self.step % every == 0):
+            log.info(
+                "step %d: checkpoint.every_minutes=%g have passed since the last save: saving it",
+                self.step,
+                self.cfg.checkpoint.every_minutes,
+            )
+        if (every and self.step % every == 0) or self.save_due:
             self.save()
             self._held_row = row  # logged after the next step, with the snapshot wait in its save_stall_s
         else:

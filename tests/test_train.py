@@ -343,6 +343,31 @@ def single_run(base: Path, ckpt: Path, *extra: str):
     )
 
 
+def test_every_minutes_saves_the_step_that_ends_the_interval_and_each_save_restarts_the_clock(gpt2_base, tmp_path):
+    """checkpoint.every_minutes=2.5 with every_steps=4 over 9 steps, on a clock the test drives (a minute a step;
+    the clock starts as fit does, not at the load): the time saves steps 3 and 7 (2.5 minutes after the start and
+    after step 4's save), the step count 4 and 8, the end 9; every step committed, logged, and resumable. Without
+    the clock's minutes passing, only the step saves. A bad value is one error."""
+    from dist_lora.checkpoint import list_steps
+    from dist_lora.storage import Storage
+    from dist_lora.train import Trainer
+
+    def run(ckpt: Path, minutes_per_step: float) -> list[int]:
+        cfg = single_run(
+            gpt2_base, ckpt, "checkpoint.every_minutes=2.5", "checkpoint.every_steps=4", "train.max_steps=9"
+        )
+        trainer = Trainer(cfg)
+        trainer.clock = lambda: 1000.0 + trainer.step * minutes_per_step * 60  # (read at fit's start and each step)
+        trainer.fit()
+        trainer.checkpointer.release_lease()
+        return [s.step for s in list_steps(Storage(str(ckpt))) if s.status == "committed"]
+
+    assert run(tmp_path / "timed", 1.0) == [3, 4, 7, 8, 9]
+    assert run(tmp_path / "steps", 0.0) == [4, 8, 9]
+    with pytest.raises(ConfigError, match=r"checkpoint.every_minutes must be > 0 \(got 0\); null: save by steps"):
+        single_run(gpt2_base, tmp_path / "x", "checkpoint.every_minutes=0")
+
+
 def test_the_collector_runs_between_steps_and_only_when_asked(gpt2_base, tmp_path):
     """train.gc_every_steps: while fit() trains, Python's collector runs only when the trainer asks, on the young
     generations after every 2nd step, never at a moment of its own (a pause on one rank that every collective
@@ -1021,6 +1046,31 @@ def test_a_stop_request_on_one_rank_ends_the_evaluation_on_every_rank_after_the_
         for rank in (0, 1):
             got = json.loads((tmp_path / engine / f"stop-eval-rank{rank}.json").read_text())
             assert got == {"returned": None, "forwards": 2, "recorded": 0}, (engine, rank, got)
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(600)
+def test_every_minutes_follows_rank_0s_clock_and_every_rank_saves_the_same_step(gpt2_base, tmp_path):
+    """Two ranks on FSDP2, checkpoint.every_minutes=2.5, 6 steps: with rank 0's clock at a minute a step and rank
+    1's stopped, both ranks save steps 3 and 6 (a rank-0-only save would leave rank 1 out of the gather: a hang
+    until the 30 s timeout); with rank 1's clock moving and rank 0's stopped, only the end is saved (rank 0's
+    clock decides)."""
+    jobs = []
+    for name, clocks in (("rank0", "1/0"), ("rank1", "0/1")):
+        config = {
+            "model": {"name_or_path": str(gpt2_base)},
+            "lora": {"r": 4, "alpha": 8, "target_modules": ["c_attn"]},
+            "data": {"path": str(corpus_path()), "seq_len": 32},
+            "train": {"max_steps": 6, "global_batch_size": 4, "micro_batch_size": 1},
+            "parallel": {"backend": "fsdp", "timeout_s": 30},
+            "checkpoint": {"dir": str(tmp_path / name), "resume": "none", "every_minutes": 2.5},
+        }
+        jobs.append({"config": config, "out": str(tmp_path / f"{name}-out"), "phases": [f"fit_clock:{clocks}"]})
+    run_worker(2, {"jobs": jobs, "out": str(tmp_path)})
+    assert sorted(p.name for p in (tmp_path / "rank0").glob("step-*")) == ["step-00000003", "step-00000006"]
+    assert sorted(p.name for p in (tmp_path / "rank1").glob("step-*")) == ["step-00000006"]
+    for step in ("rank0/step-00000003", "rank0/step-00000006", "rank1/step-00000006"):
+        assert (tmp_path / step / "manifest.json").exists(), step
 
 
 def test_named_eval_sets_are_each_evaluated_and_logged_and_keep_best_follows_the_one_named(gpt2_base, tmp_path):

@@ -9,7 +9,8 @@ batch), nf4_shards (each rank checks its NF4 shards against torchao's to_nf4 of 
 out/nf4-rankR.json), poison:LAYER:out|grad@R (rank R makes LAYER's output, or its adapter's gradient, NaN; the next
 step must raise NonFiniteError on every rank: each writes out/error-rankR.txt), stop_in_eval@R (rank R is asked to
 stop, as by SIGTERM, during its 2nd eval forward; each rank writes out/stop-eval-rankR.json: what evaluate()
-returned, the forwards it ran and the evaluations recorded). Rank 0 writes out/losses.json.
+returned, the forwards it ran and the evaluations recorded), fit_clock:M0/M1 (fit() to max_steps with rank r's
+clock, which checkpoint.every_minutes reads, moving M_r minutes a step). Rank 0 writes out/losses.json.
 """
 
 from __future__ import annotations
@@ -235,6 +236,10 @@ def run(args: dict) -> None:
             )
         elif phase == "nf4_shards":
             (out / f"nf4-rank{rank}.json").write_text(json.dumps(check_nf4_shards(trainer, args["config"])))
+        elif phase.startswith("fit_clock:"):  # fit_clock:M0/M1/...: rank r's clock moves M_r minutes a step
+            minutes = float(phase.removeprefix("fit_clock:").split("/")[rank])
+            trainer.clock = lambda minutes=minutes: trainer.step * minutes * 60
+            trainer.fit()
         elif phase.startswith("stop_in_eval@"):
             (out / f"stop-eval-rank{rank}.json").write_text(json.dumps(stopped_eval(trainer, int(phase[13:]))))
         elif phase.startswith("poison:"):
