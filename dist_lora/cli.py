@@ -154,8 +154,10 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from dist_lora.export import merge
+    from dist_lora.model import DTYPES
 
-    print(merge(args.url, args.out, base=args.base, storage_options=_storage_options(args)))
+    dtype = DTYPES[args.dtype] if args.dtype else None
+    print(merge(args.url, args.out, base=args.base, dtype=dtype, storage_options=_storage_options(args)))
     return 0
 
 
@@ -278,6 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("url", help="a step, or a checkpoint dir (its newest verified step)")
     p.add_argument("--out", required=True, help="directory for the merged model (must be new or empty)")
     p.add_argument("--base", help="base model path or id (default: the one adapter_config.json names)")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="the merged weights' dtype (each merged tensor rounded once, from float32); default: the base's",
+    )
     p.add_argument("--storage-options", help="JSON passed to fsspec")
     p.set_defaults(func=cmd_merge)
 

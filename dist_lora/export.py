@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import shutil
+import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from dist_lora.model import (
     resolve_model_path,
 )
 from dist_lora.storage import Storage
-from dist_lora.weights import SAFE_INDEX_NAME, BaseWeights
+from dist_lora.weights import SAFE_DTYPES, SAFE_INDEX_NAME, BaseWeights
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +88,9 @@ def merge(
 
     A base in safetensors files (a local directory, or a hub id's snapshot: :func:`~dist_lora.model.hub_snapshot`)
     is merged by streaming (:func:`stream_merge`: one tensor of the base in memory at a time, the output laid out
-    in the same files with the same index). A base in pickle files only, or an explicit ``dtype``, takes the
-    whole-model path: load the base, apply the adapter, ``merge_and_unload``, ``save_pretrained``.
+    in the same files with the same index; ``dtype``: its floating-point tensors written in that dtype, each merged
+    one rounded once from float32). A base in pickle files only takes the whole-model path: load the base (in
+    ``dtype``), apply the adapter, ``merge_and_unload``, ``save_pretrained``.
     """
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
@@ -101,10 +103,10 @@ def merge(
     what = "--base" if base else f"base_model_name_or_path of {step.url}/adapter_config.json (override: --base)"
     revision = saved_revision(loaded.adapter_config, base_path)
     base_path = resolve_model_path(base_path, what)
-    directory = base_directory(base_path, what, revision) if dtype is None else None  # a hub id: its snapshot
+    directory = base_directory(base_path, what, revision)  # a hub id: its snapshot
     if directory is not None:
         try:
-            return stream_merge(loaded, directory, out)
+            return stream_merge(loaded, directory, out, dtype)
         except ModelError as e:  # pickle files, or tensors it cannot stream (joined MoE experts): from_pretrained
             log.warning("%s; merging the whole model in memory instead", e)
     model: Any = load_model(step.url, base=base_path, dtype=dtype, storage_options=storage_options)
@@ -271,10 +273,10 @@ def _same(a: _Edit, b: _Edit) -> bool:
     return torch.equal(a.replace, b.replace)
 
 
-def _merged(tensor: torch.Tensor, edit: _Edit, fan_in_fan_out: bool) -> torch.Tensor:
-    """One base tensor with its edit applied, as PEFT's ``merge_and_unload`` computes it (in float32)."""
+def _merged(tensor: torch.Tensor, edit: _Edit, fan_in_fan_out: bool, dtype: torch.dtype) -> torch.Tensor:
+    """One base tensor with its edit applied, as PEFT's ``merge_and_unload`` computes it (in float32), in ``dtype``."""
     if edit.replace is not None:
-        return edit.replace.to(tensor.dtype)
+        return edit.replace.to(dtype)
     w = tensor.float()
     if edit.rows is not None:
         ids, delta = edit.rows
@@ -286,7 +288,7 @@ def _merged(tensor: torch.Tensor, edit: _Edit, fan_in_fan_out: bool) -> torch.Te
         if edit.magnitude is not None:  # DoRA: each output row rescaled to the trained magnitude
             w = (edit.magnitude.float() / torch.linalg.norm(w, dim=1)).view(-1, 1) * w
         w = w.T if fan_in_fan_out else w
-    return w.to(tensor.dtype)
+    return w.to(dtype)
 
 
 _WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".safetensors", ".h5", ".msgpack", ".gguf", ".onnx", ".pkl")
@@ -298,7 +300,34 @@ def _other_weights(name: str) -> bool:
     return name.endswith(_WEIGHT_SUFFIXES) or (name.endswith(".index.json") and name != SAFE_INDEX_NAME)
 
 
-def stream_merge(loaded: LoadedStep, base_dir: str, out_dir: str | Path) -> Path:
+def _header_in(header: bytes, keys: list[str], dtype: torch.dtype) -> tuple[bytes, int]:
+    """A safetensors file's header (length prefix included) with its floating-point tensors in ``dtype``, their
+    offsets laid out again in the same order, and the bytes of its tensors then."""
+    names = {t: name for name, t in SAFE_DTYPES.items()}
+    meta = json.loads(header[8:])
+    offset = 0
+    for key in keys:
+        info = meta[key]
+        if SAFE_DTYPES[info["dtype"]].is_floating_point:
+            info["dtype"] = names[dtype]
+        size = math.prod(info["shape"]) * SAFE_DTYPES[info["dtype"]].itemsize
+        info["data_offsets"] = [offset, offset + size]
+        offset += size
+    text = json.dumps(meta, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # (safetensors aligns the data to 8 bytes)
+    return struct.pack("<Q", len(text)) + text, offset
+
+
+def _config_in(text: str, dtype: torch.dtype) -> str:
+    """A model's config.json naming ``dtype`` as the weights' (``dtype``, and ``torch_dtype`` where it has one)."""
+    config = json.loads(text)
+    name = str(dtype).removeprefix("torch.")
+    for key in [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]:
+        config[key] = name
+    return json.dumps(config, indent=2, sort_keys=True) + "\n"
+
+
+def stream_merge(loaded: LoadedStep, base_dir: str, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
     """Merge a step into a local safetensors base one tensor at a time, as PEFT's ``merge_and_unload`` would:
     each LoRA target weight gets ``scaling * B @ A`` (per-layer alpha and rank, rsLoRA; transposed for a
     ``fan_in_fan_out`` layer such as GPT-2's Conv1D), DoRA rescales its rows to the trained magnitudes, trained
@@ -306,9 +335,11 @@ def stream_merge(loaded: LoadedStep, base_dir: str, out_dir: str | Path) -> Path
     LoRA on a MoE layer's fused experts adds each expert's delta to the elements of the files that hold that
     expert, and a copy of experts the files hold one tensor each replaces them piece by piece
     (:func:`_joined_pieces`).
-    Every file is written under its own name with its own header (the dtypes and shapes do not change), its
-    tensors streamed in order, and the index and the other files of the base directory (config, generation
-    config, tokenizer) are copied. Peak memory is the largest tensor of the base, never a file or the model."""
+    Every file is written under its own name with its own header (the dtypes and shapes do not change; ``dtype``:
+    the floating-point tensors in that dtype, each merged one rounded once from float32, and the index's total
+    size and config.json's dtype say so), its tensors streamed in order, and the index and the other files of the
+    base directory (config, generation config, tokenizer) are copied. Peak memory is the largest tensor of the
+    base, never a file or the model."""
     from transformers.pytorch_utils import Conv1D
 
     out = Path(out_dir)
@@ -364,15 +395,21 @@ def stream_merge(loaded: LoadedStep, base_dir: str, out_dir: str | Path) -> Path
     pieces = _joined_pieces(edits, weights)
     out.mkdir(parents=True, exist_ok=True)
     names = sorted(set(weights.files.values()))
+    total = 0  # the tensors' bytes, for the index
     for name in names:
         header, keys = weights.layout(name)
+        if dtype is not None:
+            header, size = _header_in(header, keys, dtype)
+            total += size
         with open(out / name, "wb") as f:
             f.write(header)
             for key in keys:
                 tensor = weights.read(key)
+                wanted = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
                 if key in in_files:
-                    name = in_files[key]  # the model's
-                    tensor = _merged(tensor, edits[name], name.removesuffix(".weight") in fan_in_fan_out)
+                    model_name = in_files[key]  # the model's
+                    fan_in = model_name.removesuffix(".weight") in fan_in_fan_out
+                    tensor = _merged(tensor, edits[model_name], fan_in, wanted)
                 if key in pieces:  # the elements of this tensor that a fused or joined tensor's edit changes
                     flat = tensor.float().reshape(-1)
                     for first, last, edit, shape, at in pieces[key]:
@@ -380,7 +417,8 @@ def stream_merge(loaded: LoadedStep, base_dir: str, out_dir: str | Path) -> Path
                             flat[first:last] += edit.experts.delta(shape, at, at + last - first)
                         elif edit.replace is not None:
                             flat[first:last] = edit.replace.reshape(-1)[at : at + last - first]
-                    tensor = flat.to(tensor.dtype).view(tensor.shape)
+                    tensor = flat.to(wanted).view(tensor.shape)
+                tensor = tensor.to(wanted)
                 f.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)  # its bytes, not a copy
     skipped = []
     for extra in Path(base_dir).iterdir():
@@ -388,6 +426,12 @@ def stream_merge(loaded: LoadedStep, base_dir: str, out_dir: str | Path) -> Path
             continue
         if _other_weights(extra.name):  # unmerged: a loader that picked them would serve the base without the adapter
             skipped.append(extra.name)
+        elif dtype is not None and extra.name == SAFE_INDEX_NAME:
+            index = json.loads(extra.read_text())
+            index.setdefault("metadata", {})["total_size"] = total
+            (out / extra.name).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        elif dtype is not None and extra.name == "config.json":
+            (out / extra.name).write_text(_config_in(extra.read_text(), dtype))
         else:
             shutil.copy2(extra, out / extra.name)
     if skipped:

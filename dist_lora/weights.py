@@ -37,7 +37,7 @@ SAFE_WEIGHTS_NAME = "model.safetensors"
 
 
 # safetensors' dtype names (the format's header: an 8-byte little-endian length, then JSON)
-_SAFE_DTYPES = {
+SAFE_DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,
     "F16": torch.float16,
@@ -470,7 +470,7 @@ def _read_header(path: Path) -> dict[str, _Entry]:
     header.pop("__metadata__", None)
     out = {}
     for key, info in header.items():
-        if info["dtype"] not in _SAFE_DTYPES:
+        if info["dtype"] not in SAFE_DTYPES:
             raise ModelError(f"{path}: tensor {key} has dtype {info['dtype']}, which sharded loading does not read")
         begin, end = (8 + length + int(offset) for offset in info["data_offsets"])
         if end > size:
@@ -478,7 +478,7 @@ def _read_header(path: Path) -> dict[str, _Entry]:
                 f"{path} is {size} bytes, but its tensor {key} ends at byte {end}: the file is truncated (an "
                 "interrupted copy or download); copy it again, or re-save the base with save_pretrained"
             )
-        out[key] = _Entry(path, _SAFE_DTYPES[info["dtype"]], tuple(info["shape"]), begin)
+        out[key] = _Entry(path, SAFE_DTYPES[info["dtype"]], tuple(info["shape"]), begin)
     return out
 
 
@@ -498,7 +498,7 @@ def base_content(directory: str | Path) -> dict[str, str]:
     entries = BaseWeights(directory).entries
     names = sorted(entries)
     names = names[:: math.ceil(len(names) / CONTENT_TENSORS)] if names else names
-    dtype_names = {dtype: name for name, dtype in _SAFE_DTYPES.items()}
+    dtype_names = {dtype: name for name, dtype in SAFE_DTYPES.items()}
     out: dict[str, str] = {}
     with contextlib.ExitStack() as stack:
         files: dict[Path, int] = {}

@@ -95,6 +95,59 @@ def test_streaming_merge_of_a_sharded_base_equals_merge_and_unload(sharded_llama
     assert (logits(merged, X) - want).abs().max().item() <= 1e-5
 
 
+def test_merge_writes_another_dtype_each_merged_tensor_rounded_once(sharded_llama_base, bf16_llama_base, tmp_path):
+    """``dist-lora merge --dtype bfloat16`` of a float32 base in several files streams as before: every tensor is
+    the float32 merge's rounded to bf16 once, each file's header and the index's total size say so, config.json's
+    dtype is bfloat16, and from_pretrained loads it as bf16. ``float32`` out of a bf16 base: the merged tensors keep
+    float32's precision, equal to PEFT's merge_and_unload over the base loaded in float32 (not rounded to bf16 on
+    the way)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from dist_lora.export import merge
+
+    model = adapted(sharded_llama_base, ["q_proj", "v_proj", "down_proj"], seed=5)
+    step = dist_lora.save_checkpoint(model, str(tmp_path / "ck"), step=1)
+    float32 = merge(step, tmp_path / "f32")
+    done = subprocess.run(
+        ["dist-lora", "merge", step, "--out", str(tmp_path / "bf16"), "--dtype", "bfloat16"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    files = sorted(p.name for p in float32.glob("*.safetensors"))
+    assert files == sorted(p.name for p in (tmp_path / "bf16").glob("*.safetensors")) and len(files) >= 3
+    total = 0
+    for name in files:
+        want, got = load_file(str(float32 / name)), load_file(str(tmp_path / "bf16" / name))
+        assert want.keys() == got.keys()
+        for key, tensor in want.items():
+            assert got[key].dtype == torch.bfloat16 and torch.equal(got[key], tensor.to(torch.bfloat16)), key
+            total += got[key].numel() * 2
+        with safe_open(str(tmp_path / "bf16" / name), "pt") as f:  # the header read back by safetensors itself
+            assert all(f.get_slice(k).get_dtype() == "BF16" for k in f.keys())  # noqa: SIM118 (safe_open is not iterable)
+    index = json.loads((tmp_path / "bf16" / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == total
+    assert index["weight_map"] == json.loads((float32 / "model.safetensors.index.json").read_text())["weight_map"]
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16")
+    assert loaded.dtype == torch.bfloat16
+    want = logits(AutoModelForCausalLM.from_pretrained(float32), X)
+    assert (logits(loaded, X).float() - want).abs().max().item() <= 0.05 * want.abs().max().item()
+
+    model = adapted(bf16_llama_base, ["q_proj", "v_proj"], seed=6)  # (its adapter in float32)
+    step = dist_lora.save_checkpoint(model, str(tmp_path / "ck-bf16"), step=1)
+    widened = load_file(str(merge(step, tmp_path / "widened", dtype=torch.float32) / "model.safetensors"))
+    over = AutoModelForCausalLM.from_pretrained(bf16_llama_base, dtype=torch.float32)
+    peft = PeftModel.from_pretrained(over, step).merge_and_unload().state_dict()
+    adapted_keys = [k for k in widened if k.endswith(("q_proj.weight", "v_proj.weight"))]
+    assert adapted_keys and all(widened[k].dtype == torch.float32 for k in widened)
+    for key in adapted_keys:
+        assert (widened[key] - peft[key]).abs().max().item() <= 1e-6, key
+        assert not torch.equal(widened[key], widened[key].to(torch.bfloat16).float()), key  # float32's precision
+    assert json.loads((tmp_path / "widened" / "config.json").read_text())["dtype"] == "float32"
+
+
 def test_a_hub_base_merges_by_streaming_and_leaves_its_other_weights_behind(sharded_llama_base, tmp_path):
     """A step whose base is a hub id merges by streaming from the base's snapshot in the cache (the same files and
     index out). Weights the merge does not rewrite (pickles, ``original/`` checkpoints) are not copied beside the
