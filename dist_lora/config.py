@@ -142,11 +142,12 @@ class DataConfig:
     """A hub dataset's configuration name."""
     split: str = "train"
     """The split to train on (a hub dataset, or a save_to_disk DatasetDict)."""
-    eval_path: str | list[str] | dict[str, str | list[str]] | None = None
+    eval_path: str | list[str] | dict[str, str | list[str] | dict[str, Any]] | None = None
     """Evaluation data, read like path (same format and fields; one source or a list); or several eval sets by
-    name, {name: source or [sources]}, each evaluated and logged apart (HF Trainer's dict of eval datasets)."""
+    name, {name: source or [sources]}, each evaluated and logged apart (HF Trainer's dict of eval datasets). A set
+    that needs its own split or hub configuration: {name: {path: source or [sources], split: S, name: C}}."""
     eval_split: str = "train"
-    """The split of eval_path to evaluate on."""
+    """The split of eval_path to evaluate on (a named set's own split, where it gives one, wins)."""
     eval_fraction: float = 0.0
     """Without eval_path: hold this fraction of the training samples out for evaluation (split by train.seed)."""
     cache_dir: str | None = None
@@ -354,8 +355,21 @@ def eval_sets(d: DataConfig) -> dict[str | None, str | list[str]]:
     set (a source or a list of them), ``{}`` for none (``data.eval_fraction``'s held-out samples are an unnamed
     set, made from the training data)."""
     if isinstance(d.eval_path, dict):
-        return {name: sources for name, sources in d.eval_path.items()}
+        return {
+            name: value.get("path", "") if isinstance(value, dict) else value for name, value in d.eval_path.items()
+        }
     return {None: d.eval_path} if d.eval_path else {}
+
+
+EVAL_SET_OPTIONS = ("path", "split", "name")
+
+
+def eval_set_reading(d: DataConfig, name: str | None) -> tuple[str, str | None]:
+    """The split and hub configuration an eval set is read with: its own, where ``data.eval_path`` gives them as
+    ``{name: {path, split, name}}``, else ``data.eval_split`` and ``data.name``."""
+    value = d.eval_path.get(name) if isinstance(d.eval_path, dict) and name is not None else None
+    options = value if isinstance(value, dict) else {}
+    return options.get("split", d.eval_split), options.get("name", d.name)
 
 
 def best_eval_set(cfg: RunConfig) -> str | None:
@@ -381,6 +395,21 @@ def _validate_eval_sets(cfg: RunConfig, check: Any) -> None:
                 f"data.eval_path: eval set name {name!r} must be letters, digits, '_', '.' or '-' (it names the "
                 f"set's metrics, eval/NAME/loss); {example}",
             )
+            if isinstance(value, dict):
+                unknown = sorted(set(value) - set(EVAL_SET_OPTIONS))
+                check(
+                    not unknown and sources_ok(value.get("path")),
+                    f"data.eval_path's set {name!r} as a mapping takes path (a source or a non-empty list of them), "
+                    f"split and name (got {value!r}{'; unknown: ' + ', '.join(map(str, unknown)) if unknown else ''}); "
+                    f"e.g. {{{name}: {{path: org/dataset, split: validation, name: all}}}}",
+                )
+                for option in ("split", "name"):
+                    check(
+                        option not in value or (isinstance(value[option], str) and bool(value[option])),
+                        f"data.eval_path's set {name!r}: {option} must be a non-empty string "
+                        f"(got {value.get(option)!r})",
+                    )
+                continue
             check(
                 sources_ok(value),
                 f"data.eval_path's set {name!r} must be a source or a non-empty list of them (got {value!r}); "

@@ -27,6 +27,7 @@ the rows to ``data.cache_dir/<key>`` by an atomic rename; the other ranks wait, 
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import functools
 import glob
 import hashlib
@@ -44,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from dist_lora.config import eval_sets
+from dist_lora.config import eval_set_reading, eval_sets
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -137,7 +138,9 @@ def data_files(path: str) -> list[Path] | None:
     return files
 
 
-def load_source(path: str, *, name: str | None = None, split: str = "train", cache_dir: str | None = None) -> Dataset:
+def load_source(
+    path: str, *, name: str | None = None, split: str = "train", cache_dir: str | None = None, what: str = "data.path"
+) -> Dataset:
     """A local file (.jsonl .json .parquet .csv .txt), the files of one kind a glob pattern or a directory holds
     (:func:`data_files`, read in order as one dataset), a directory written by ``save_to_disk``, or a hub dataset id
     (with ``name`` and ``split``), as one ``datasets.Dataset``. A .txt file is one document."""
@@ -165,7 +168,10 @@ def load_source(path: str, *, name: str | None = None, split: str = "train", cac
         loaded = datasets.load_from_disk(str(p))
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:
-                raise DataError(f"data.split {split!r} is not in {path}; its splits: {', '.join(loaded)}")
+                setting = {"data.path": "data.split", "data.eval_path": "data.eval_split"}.get(
+                    what, f"the split of {what}"
+                )
+                raise DataError(f"{setting} {split!r} is not in {path}; its splits: {', '.join(loaded)}")
             return loaded[split]
         return loaded
     if not HUB_ID.fullmatch(path) or Path(path).suffix.lower() in FILE_BUILDERS:
@@ -244,11 +250,11 @@ def load_sources(
 
     sources = listed(paths)
     if len(sources) == 1:
-        return load_source(sources[0], name=cfg.name, split=split, cache_dir=cache_dir)
+        return load_source(sources[0], name=cfg.name, split=split, cache_dir=cache_dir, what=what)
     columns = list(_fields(cfg).values())
     parts = []
     for path in sources:
-        ds = load_source(path, name=cfg.name, split=split, cache_dir=cache_dir)
+        ds = load_source(path, name=cfg.name, split=split, cache_dir=cache_dir, what=what)
         missing = [c for c in columns if c not in ds.column_names]
         if missing:
             raise DataError(
@@ -745,7 +751,10 @@ def cache_key(cfg: DataConfig, tokenizer: Any, seed: int) -> str:
 def _eval_id(cfg: DataConfig, hf_cache: str) -> Any:
     """The eval data's part of the cache key: one unnamed set's sources as before, named sets as [name, sources]
     pairs in order (the first is the one followed by default)."""
-    sets = [[name, sources_id(src, cfg.name, cfg.eval_split, hf_cache)] for name, src in eval_sets(cfg).items()]
+    sets = []
+    for name, src in eval_sets(cfg).items():
+        split, config_name = eval_set_reading(cfg, name)
+        sets.append([name, sources_id(src, config_name, split, hf_cache)])
     return sets[0][1] if sets and sets[0][0] is None else (sets or None)
 
 
@@ -867,7 +876,9 @@ def build_cache(cfg: DataConfig, tokenizer: Any, seed: int, key: str) -> tuple[P
         eval_srcs: dict[str | None, Dataset] = {}
         for name, src in eval_sets(cfg).items():
             what = "data.eval_path" if name is None else f"data.eval_path's set {name}"
-            eval_srcs[name] = load_sources(src, cfg, split=cfg.eval_split, cache_dir=hf_cache, what=what)
+            split, config_name = eval_set_reading(cfg, name)
+            reading = dataclasses.replace(cfg, name=config_name)  # (a set's own hub configuration)
+            eval_srcs[name] = load_sources(src, reading, split=split, cache_dir=hf_cache, what=what)
         if cfg.eval_fraction:
             if len(train) < 2:
                 raise DataError(

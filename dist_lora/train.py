@@ -102,12 +102,15 @@ def _local_abs_each(paths: str | list[str] | None) -> str | list[str] | None:
 
 
 def _local_abs_sets(
-    paths: str | list[str] | dict[str, str | list[str]] | None,
-) -> str | list[str] | dict[str, str | list[str]] | None:
+    paths: str | list[str] | dict[str, str | list[str] | dict[str, Any]] | None,
+) -> str | list[str] | dict[str, str | list[str] | dict[str, Any]] | None:
     """:func:`_local_abs_each` of ``data.eval_path``: of each named set's sources too."""
-    if isinstance(paths, dict):
-        return {name: _local_abs_each(sources) for name, sources in paths.items()}
-    return _local_abs_each(paths)
+    if not isinstance(paths, dict):
+        return _local_abs_each(paths)
+    return {
+        name: {**value, "path": _local_abs_each(value["path"])} if isinstance(value, dict) else _local_abs_each(value)
+        for name, value in paths.items()
+    }
 
 
 def grad_accum_steps(t: TrainConfig, world: int) -> int:

@@ -762,6 +762,50 @@ def test_named_eval_sets_each_give_the_rows_of_their_sources_alone(gpt2_base, tm
         prepared(tmp_path, gpt2_base, eval_path=empty, **common)
 
 
+def test_a_named_eval_set_is_read_with_its_own_split(gpt2_base, tmp_path):
+    """data.eval_path's set as {path, split, name}: two sets from the validation and test splits of one
+    save_to_disk DatasetDict, beside a file: each set's rows equal those of its split given alone (data.eval_split),
+    the cache key tells the splits apart, the split a set names is read whatever data.eval_split says; a split the
+    dataset lacks is one error naming the set; the saved config keeps each set's options, its path absolute."""
+    import datasets
+
+    from dist_lora.config import eval_set_reading
+
+    src = datasets.load_dataset("json", data_files=str(DATA / "completion.jsonl"), split="train")
+    splits = {
+        "train": src.select(range(20)),
+        "validation": src.select(range(20, 30)),
+        "test": src.select(range(30, 45)),
+    }
+    datasets.DatasetDict(splits).save_to_disk(str(tmp_path / "dict"))
+    src.select(range(45, 50)).to_json(str(tmp_path / "a.jsonl"))
+    common = {"path": str(DATA / "completion.jsonl"), "format": "completion", "seq_len": 64}
+    sets = {
+        "val": {"path": str(tmp_path / "dict"), "split": "validation"},
+        "test": {"path": str(tmp_path / "dict"), "split": "test", "name": "unused-by-local-data"},
+        "file": str(tmp_path / "a.jsonl"),
+    }
+    named = prepared(tmp_path, gpt2_base, eval_path=sets, eval_split="train", **common)
+    assert list(named.evals) == ["val", "test", "file"]
+    for name, split in (("val", "validation"), ("test", "test")):
+        alone = prepared(tmp_path, gpt2_base, eval_path=str(tmp_path / "dict"), eval_split=split, **common)
+        assert all_rows(named.evals[name]) == all_rows(alone.evals[None]), name
+    assert (len(named.evals["val"]), len(named.evals["test"]), len(named.evals["file"])) == (10, 15, 5)
+    cfg = DataConfig(eval_path=sets, eval_split="train", name="cfg")
+    assert eval_set_reading(cfg, "val") == ("validation", "cfg") and eval_set_reading(cfg, "file") == ("train", "cfg")
+    assert eval_set_reading(cfg, "test") == ("test", "unused-by-local-data")
+    swapped = {**sets, "val": {**sets["val"], "split": "test"}}
+    assert prepared(tmp_path, gpt2_base, eval_path=swapped, **common).where != named.where
+    with pytest.raises(DataError, match=r"the split of data.eval_path's set val 'nope' is not in .*dict; its splits"):
+        prepared(tmp_path, gpt2_base, eval_path={**sets, "val": {**sets["val"], "split": "nope"}}, **common)
+
+    from dist_lora.train import _local_abs_sets
+
+    relative = {"val": {"path": "configs/data/completion.jsonl", "split": "validation"}}
+    kept = _local_abs_sets(relative)  # (run from the repository root by the suite)
+    assert kept == {"val": {"path": str(ROOT / "configs/data/completion.jsonl"), "split": "validation"}}
+
+
 def test_config_errors_for_named_eval_sets(tmp_path):
     """Bad named eval sets, each one error naming the key and the fix; several sets under early stopping or
     keep_best need train.best_eval_set."""
@@ -783,7 +827,12 @@ def test_config_errors_for_named_eval_sets(tmp_path):
         "data.eval_path={a/b: x.jsonl}": "eval set name 'a/b' must be letters, digits",
         "data.eval_path={general: []}": "data.eval_path's set 'general' must be a source or a non-empty list",
         "data.eval_path={general: 3}": "data.eval_path's set 'general' must be a source",
-        "data.eval_path=[a.jsonl, 3]": "data.eval_path must be str | list[str] | dict[str, str | list[str]] | None",
+        "data.eval_path=[a.jsonl, 3]": "data.eval_path must be str | list[str] | dict[str, str | list[str] | dict[",
+        "data.eval_path={general: {split: test}}": "data.eval_path's set 'general' as a mapping takes path (a source",
+        "data.eval_path={general: {path: a.jsonl, splits: test}}": "(got {'path': 'a.jsonl', 'splits': 'test'}; "
+        "unknown: splits)",
+        "data.eval_path={general: {path: a.jsonl, split: 3}}": "data.eval_path's set 'general': split must be a "
+        "non-empty string (got 3)",
         "data.eval_path=[]": "data.eval_path must be a source, a list of them, or {name: source}",
     }
     for override, message in bad.items():
