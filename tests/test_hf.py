@@ -75,6 +75,24 @@ def test_trainer_saves_through_callback_and_resumes_on_one_process(engine, gpt2_
     assert sorted(ids) == list(range(SAMPLES))
 
 
+@pytest.mark.multiproc
+def test_every_minutes_saves_by_rank_0s_clock_on_every_rank(gpt2_base, tmp_path):
+    """every_minutes=2.5 on 2 processes under ZeRO-2, the Trainer's step saves out of reach (save_steps 100; it
+    still saves its last step, 8): with rank 0's clock at a minute a step and rank 1's stopped, both ranks save
+    steps 3 and 6, each save restarting the clock (a rank-0-only save would hang rank 1 out of the gather); every
+    step committed, the Trainer's own checkpoint not written."""
+    ckpt = tmp_path / "ckpt"
+    spec = {"base": str(gpt2_base), "ckpt": str(ckpt), "out": str(tmp_path / "a"), "engine": "zero2"}
+    timed = {"every_minutes": 2.5, "clocks": [1.0, 0.0]}
+    result = run(
+        2, {**spec, "max_steps": MAX_STEPS, "save_steps": 100, "stop_at": None, "grad_accum": 1, "batch": 2, **timed}
+    )
+    assert result["saves"] == [3, 6, 8] and result["hf_checkpoints"] == []  # (8: the Trainer saves its last step)
+    assert [s.step for s in list_steps(Storage(str(ckpt))) if s.status == "committed"] == [3, 6, 8]
+    with pytest.raises(ValueError, match=r"every_minutes must be > 0 \(got -1\)"):
+        DistLoraCallback(str(tmp_path / "x"), every_minutes=-1)
+
+
 def test_an_optimizer_state_a_step_cannot_hold_stops_the_run_after_its_first_step(gpt2_base, tmp_path):
     """HF Trainer's Adafactor keeps factored moments, which no world size can reshard: the run stops after its
     first step with the error that names them (and the fix), not at its first save, here due at step 50."""

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import logging
 import math
+import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -28,6 +30,7 @@ from dist_lora.backends.deepspeed import zero_layout
 from dist_lora.checkpoint import CheckpointError
 from dist_lora.checkpointer import Checkpointer
 from dist_lora.config import CheckpointConfig, check_checkpoint
+from dist_lora.distributed import sum_over_ranks
 from dist_lora.lora import infer_bias_mode
 from dist_lora.storage import RetryPolicy
 
@@ -65,6 +68,8 @@ class DistLoraCallback(TrainerCallback):
         every_steps: save every N optimizer steps and at the last one, whatever the Trainer's ``save_strategy``
             (for ``save_strategy="no"``, which HF requires of models it cannot checkpoint itself). None: save when
             the Trainer would.
+        every_minutes: also save the step that ends this many minutes after the last save (or the first step's
+            start), by rank 0's clock, agreed by every rank in one tiny all-reduce per step (only when set).
         keep_last: keep only the newest N committed steps (None keeps all).
         async_save: write and upload in the background; training waits only for the gather.
         storage_options: fsspec options (``{"endpoint_url": ..., "key": ...}`` for S3).
@@ -81,6 +86,7 @@ class DistLoraCallback(TrainerCallback):
         *,
         resume: str = "auto",
         every_steps: int | None = None,
+        every_minutes: float | None = None,
         keep_last: int | None = None,
         async_save: bool = True,
         storage_options: dict[str, Any] | None = None,
@@ -102,6 +108,7 @@ class DistLoraCallback(TrainerCallback):
             bucket_mb=bucket_mb,
             on_error=on_error,  # type: ignore[arg-type]  # checked by the Checkpointer
             retry_attempts=retry.attempts,
+            every_minutes=every_minutes,
             retry_backoff_s=retry.backoff_s,
             retry_max_backoff_s=retry.max_backoff_s,
             io_timeout_s=retry.timeout_s,
@@ -109,6 +116,8 @@ class DistLoraCallback(TrainerCallback):
             lease_ttl_s=lease_ttl_s,
         )
         self.every_steps = every_steps
+        self.clock: Callable[[], float] = time.monotonic  # every_minutes reads rank 0's
+        self._saved_at: float | None = None  # when the last save (or training) began, by self.clock
         self.checkpointer = Checkpointer(check_checkpoint(self.config, prefix=""))  # names each bad argument
         self.resumed_from: str | None = None
         self.last_saved: int | None = None
@@ -140,6 +149,7 @@ class DistLoraCallback(TrainerCallback):
         self._global_batch = _global_batch(args)
         backend = backend_for(model, optimizer, infer_bias_mode(model))
         backend.ready()
+        self._saved_at = self.clock()  # (every_minutes: from here, the model's load is not work lost)
         saved = resume_checkpoint(
             backend.model,
             self.config.resume,
@@ -215,6 +225,14 @@ class DistLoraCallback(TrainerCallback):
         control.should_save = False  # ours replaces the Trainer's own checkpoint
         if self.every_steps is not None:
             asked = state.global_step % self.every_steps == 0 or state.global_step >= state.max_steps
+        minutes, saved_at = self.config.every_minutes, self._saved_at
+        if minutes:  # rank 0's clock, told to every rank (each calls this as often)
+            due = args.process_index == 0 and saved_at is not None and self.clock() - saved_at >= minutes * 60
+            if sum_over_ranks([float(due)])[0] and not asked:
+                log.info(
+                    "step %d: every_minutes=%g have passed since the last save: saving it", state.global_step, minutes
+                )
+                asked = True
         if not asked or self.last_saved == state.global_step:
             return
         self.save(state, kwargs["model"], kwargs["optimizer"], kwargs.get("lr_scheduler"))
@@ -235,6 +253,7 @@ class DistLoraCallback(TrainerCallback):
                 "num_input_tokens_seen": state.num_input_tokens_seen,
             },
         }
+        self._saved_at = self.clock()
         url = self.checkpointer.save(backend, step=state.global_step, trainer_state=trainer_state)
         self.last_saved = state.global_step
         return url
