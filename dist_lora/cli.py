@@ -184,9 +184,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(r))
             continue
-        print(f"### prompt\n{r['prompt']}\n### with the adapter\n{r['adapter']}")
+        cut = {k: " (cut at --max-new-tokens)" if v == "length" else "" for k, v in r["finish"].items()}
+        print(f"### prompt\n{r['prompt']}\n### with the adapter{cut['adapter']}\n{r['adapter']}")
         if "base" in r:
-            print(f"### the base alone\n{r['base']}")
+            print(f"### the base alone{cut['base']}\n{r['base']}")
     return 0
 
 

@@ -109,6 +109,29 @@ def _render(tokenizer: Any, prompt: str, form: str, system: str | None, tools: l
     return str(tokenizer.apply_chat_template(turns, tools=tools, tokenize=False, add_generation_prompt=True))
 
 
+_SENTINEL = "\u2063dist-lora-answer\u2063"  # (an assistant turn's content, found again in its rendering)
+
+
+def turn_end_ids(tokenizer: Any, tools: list[dict[str, Any]] | None = None) -> list[int]:
+    """The special token the chat template closes an assistant turn with (``<|eot_id|>``, ``<|im_end|>``,
+    ``</s>``, ``<end_of_turn>``), found by rendering a turn: generation stops there as well as at the model's own
+    end of text, which for a base trained on chat data through a template of one's own is often another token (a
+    Llama-3 base ends text with ``<|end_of_text|>``, its turns with ``<|eot_id|>``). Empty where the turn ends in
+    plain text."""
+    user = [{"role": "user", "content": "x"}]
+    opened = str(tokenizer.apply_chat_template(user, tools=tools, tokenize=False, add_generation_prompt=True))
+    turn = [*user, {"role": "assistant", "content": _SENTINEL}]
+    whole = str(tokenizer.apply_chat_template(turn, tools=tools, tokenize=False))
+    if not whole.startswith(opened) or _SENTINEL not in whole[len(opened) :]:
+        return []
+    after = whole[len(opened) :].split(_SENTINEL, 1)[1]
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"]
+    special = set(tokenizer.all_special_ids) | {
+        i for i, added in tokenizer.added_tokens_decoder.items() if getattr(added, "special", False)
+    }
+    return ids[:1] if ids and ids[0] in special else []
+
+
 def generate(
     step_or_dir: str,
     prompts: list[str],
@@ -130,8 +153,10 @@ def generate(
     before each prompt (chat only; default: the run's ``data.system_prompt``); ``tools``: function schemas the chat
     template shows the model (``tools=``), as a run on tool-calling data trained with them (chat only). ``base``:
     another base than the one the step names (checked against its fingerprint as any load is). Returns one dict per
-    prompt: ``prompt``, ``input`` (the text the model saw), ``adapter`` (the continuation) and, with
-    ``compare_base``, ``base`` (the continuation with the adapter off).
+    prompt: ``prompt``, ``input`` (the text the model saw), ``adapter`` (the continuation), with ``compare_base``,
+    ``base`` (the continuation with the adapter off), and ``finish``: why each ended, ``stop`` (an end-of-text
+    token, or in chat the token that closes the template's assistant turn: :func:`turn_end_ids`) or ``length``
+    (``max_new_tokens`` reached: the answer may be cut).
     Single process, on the current CUDA device or the CPU, in the run's ``model.dtype``.
     """
     sampling = sampling or Sampling()
@@ -171,22 +196,36 @@ def generate(
     # as in training: special tokens added to text and completion samples, none to a rendered chat (its template
     # writes them)
     special = form != "chat"
+    chat = form == "chat" and tokenizer.chat_template  # (without one, the first prompt's rendering says so)
+    ends = _end_ids(model, tokenizer) + (turn_end_ids(tokenizer, tools) if chat else [])
+    ends = list(dict.fromkeys(ends))
     results = []
     for prompt in prompts:
         text = _render(tokenizer, prompt, form, system, tools)
         inputs = tokenizer(text, return_tensors="pt", add_special_tokens=special).to(device)
-        result = {"prompt": prompt, "input": text, "adapter": _continue(model, tokenizer, inputs, sampling)}
+        answer, finish = _continue(model, tokenizer, inputs, sampling, ends)
+        result: dict[str, Any] = {"prompt": prompt, "input": text, "adapter": answer, "finish": {"adapter": finish}}
         if compare_base:
             with model.disable_adapter():
-                result["base"] = _continue(model, tokenizer, inputs, sampling)
+                result["base"], result["finish"]["base"] = _continue(model, tokenizer, inputs, sampling, ends)
         results.append(result)
     return results
 
 
-def _continue(model: Any, tokenizer: Any, inputs: Any, sampling: Sampling) -> str:
-    """The new text after ``inputs``, drawn from ``sampling.seed`` (the same draws with and without the adapter)."""
+def _end_ids(model: Any, tokenizer: Any) -> list[int]:
+    """The model's own end-of-text tokens (its generation config's, else the tokenizer's)."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = configured if configured is not None else tokenizer.eos_token_id
+    return [int(i) for i in (ids if isinstance(ids, list) else [ids]) if i is not None]
+
+
+def _continue(model: Any, tokenizer: Any, inputs: Any, sampling: Sampling, ends: list[int]) -> tuple[str, str]:
+    """The new text after ``inputs``, drawn from ``sampling.seed`` (the same draws with and without the adapter),
+    ended at any of ``ends``, and why it ended (``stop`` or ``length``)."""
     torch.manual_seed(sampling.seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with torch.no_grad():
-        out = model.generate(**inputs, **sampling.kwargs(), pad_token_id=pad)
-    return str(tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
+        out = model.generate(**inputs, **sampling.kwargs(), pad_token_id=pad, eos_token_id=ends or None)
+    new = out[0, inputs["input_ids"].shape[1] :]
+    finish = "stop" if len(new) and int(new[-1]) in ends else "length"
+    return str(tokenizer.decode(new, skip_special_tokens=True)), finish

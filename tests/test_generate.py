@@ -102,6 +102,50 @@ def test_a_chat_run_is_asked_through_its_template(gpt2_base, tmp_path):
         generate(step, ["x"], chat_template="")  # the tiny tokenizer has none of its own
 
 
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def test_a_chat_answer_stops_at_the_token_that_closes_the_templates_turn(tmp_path):
+    """A base whose end of text is <|endoftext|> trained through a ChatML template, whose turns close with
+    <|im_end|> (a special token of its own): that token is found by rendering a turn, and a chat answer stops
+    there (finish: stop), where a plain-text prompt runs on to max_new_tokens (finish: length). The model is made
+    to answer <|im_end|> at once (its last norm gives every position the direction of that token's embedding)."""
+    from dist_lora.demo import build_tokenizer, corpus_path
+    from dist_lora.generate import turn_end_ids
+
+    tokenizer = build_tokenizer(corpus_path())
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = CHATML
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert turn_end_ids(tokenizer) == [im_end] != [tokenizer.eos_token_id]
+    tokenizer.chat_template = TEMPLATE.read_text()  # the tiny runs' template: turns end with <|endoftext|>
+    assert turn_end_ids(tokenizer) == [tokenizer.eos_token_id]
+    tokenizer.chat_template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n\\n' }}{% endfor %}"
+    assert turn_end_ids(tokenizer) == []  # plain text closes the turn: nothing to stop at but the end of text
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=32, n_layer=2, n_head=2)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(config)
+    with torch.no_grad():  # every position's logits: the embeddings' dot with <|im_end|>'s, its own the largest
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.copy_(model.transformer.wte.weight[im_end] * 10)
+    tokenizer.chat_template = None
+    model.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    run = {"data": {"format": "chat", "chat_template": CHATML}, "model": {"dtype": "float32"}}
+    step = saved_step(tmp_path / "base", tmp_path / "ck", run=run)
+    chat = generate(step, ["hi"], sampling=Sampling(max_new_tokens=5), compare_base=True)[0]
+    assert chat["input"] == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert chat["finish"] == {"adapter": "stop", "base": "stop"} and chat["adapter"] == ""
+    text = generate(step, ["hi"], form="text", sampling=Sampling(max_new_tokens=5))[0]
+    assert text["finish"] == {"adapter": "length"}
+
+
 def test_tools_reach_the_chat_template(gpt2_base, tmp_path):
     """--tools FILE: the schemas go to the chat template with the prompt (as a run on tool-calling data saw them),
     the answer is PEFT's over that text; refused outside chat, and a file that is not a list of schemas is named."""
@@ -153,7 +197,9 @@ def test_the_command_prints_the_answers(gpt2_base, tmp_path):
     assert [json.loads(line) for line in out.stdout.splitlines()] == want
     out = subprocess.run(cmd, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith(f"### prompt\nThe\n### with the adapter\n{want[0]['adapter']}\n### prompt\nA\n")
+    assert want[0]["finish"]["adapter"] == "length"  # 4 tokens, no end of text: the header says it was cut
+    header = "### with the adapter (cut at --max-new-tokens)"
+    assert out.stdout.startswith(f"### prompt\nThe\n{header}\n{want[0]['adapter']}\n### prompt\nA\n")
     out = subprocess.run([*cmd, "--temperature", "-1"], capture_output=True, text=True)
     assert out.returncode == 2 and "error: temperature must be >= 0" in out.stderr, out.stderr
 
