@@ -196,6 +196,10 @@ class TrainConfig:
     """Seeds LoRA init and the sample order (which depends only on seed and step)."""
     stop_at_step: int | None = None
     """Stop (with a checkpoint) after this step, as if preempted; the schedule still spans max_steps."""
+    stop_after_minutes: float | None = None
+    """Stop (with a checkpoint) after the step that ends this many minutes after this job's first step began, by
+    rank 0's clock, agreed in the step's all-reduce (Lightning's max_time, per job): a job in a time-limited slot
+    ends itself cleanly, with time left to save, and its requeue resumes. null: no limit."""
     metrics_file: str | None = None
     """Append each step's loss, lr and seconds as JSON lines to this local file (rank 0)."""
     report_to: list[str] | None = None
@@ -709,6 +713,10 @@ def _validate(cfg: RunConfig, errors: list[str]) -> None:
         t.stop_at_step is None or (t.stop_at_step >= 1 and (t.epochs is not None or t.stop_at_step <= t.max_steps)),
         f"train.stop_at_step must be in [1, train.max_steps={t.max_steps}] (got {t.stop_at_step})",
     )
+    check(
+        t.stop_after_minutes is None or t.stop_after_minutes > 0,
+        f"train.stop_after_minutes must be > 0 (got {t.stop_after_minutes}); null: no time limit",
+    )
     p = cfg.parallel
     check(p.zero_stage in (1, 2, 3), f"parallel.zero_stage must be 1, 2 or 3 (got {p.zero_stage})")
     check(p.prefetch >= 0, f"parallel.prefetch must be >= 0 blocks (got {p.prefetch})")
@@ -901,6 +909,7 @@ RESUME_FREE = (
     "parallel.",
     "checkpoint.",
     "train.stop_at_step",
+    "train.stop_after_minutes",
     "train.metrics_file",
     "train.report_to",
     "train.micro_batch_size",

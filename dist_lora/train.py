@@ -372,6 +372,7 @@ class Trainer:
         self.last_saved: int | None = None
         self.clock: Callable[[], float] = time.monotonic  # checkpoint.every_minutes reads rank 0's
         self._saved_at: float | None = None  # when the last save (or fit) began, by self.clock
+        self._started_at: float | None = None  # when fit began, by self.clock (train.stop_after_minutes)
         self.save_due = False  # checkpoint.every_minutes: the step just taken is to be saved (agreed)
         self.resumed_from: str | None = None
         self.metrics: list[dict[str, Any]] = []
@@ -544,7 +545,7 @@ class Trainer:
         self._checked_finite = True
         self.step += 1
         mean_loss, stop, self.save_due = step_consensus(
-            total / self.grad_accum, self.stop.requested, self._time_to_save()
+            total / self.grad_accum, self.stop.requested or self._out_of_time(), self._time_to_save()
         )
         if not (math.isfinite(mean_loss) and math.isfinite(self.grad_norm)):  # agreed: the same on every rank
             self.metrics_log.event("non_finite", step=self.step, loss=mean_loss, grad_norm=self.grad_norm)
@@ -559,6 +560,19 @@ class Trainer:
         if not minutes or self.rank != 0 or self._saved_at is None:
             return False
         return self.clock() - self._saved_at >= minutes * 60
+
+    def _out_of_time(self) -> bool:
+        """Rank 0: whether ``train.stop_after_minutes`` have passed since ``fit`` began, by its clock (told to
+        every rank as a stop request is, in the step's all-reduce)."""
+        minutes = self.cfg.train.stop_after_minutes
+        if not minutes or self.rank != 0 or self._started_at is None:
+            return False
+        if self.clock() - self._started_at < minutes * 60:
+            return False
+        log.warning(
+            "step %d: train.stop_after_minutes=%g reached: stopping after it, with a checkpoint", self.step, minutes
+        )
+        return True
 
     def _non_finite_rows(self, losses: list[float]) -> list[int]:
         """The training rows of this rank's micro-batches of the step just taken whose loss is not finite."""
@@ -779,7 +793,7 @@ class Trainer:
             self.metrics_log.close()
             return self.metrics
         bar = tqdm(total=stop, initial=self.step, disable=self.rank != 0, desc="train", dynamic_ncols=True)
-        self._saved_at = self.clock()  # checkpoint.every_minutes counts from here: the base's load is not work
+        self._saved_at = self._started_at = self.clock()  # every_minutes, stop_after_minutes: the load not counted
         step_peak_memory(self.device)  # on a GPU, each step's peak from here: not the load's
         try:
             with self.stop, collections_between_steps(t.gc_every_steps) as collect:

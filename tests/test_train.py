@@ -368,6 +368,30 @@ def test_every_minutes_saves_the_step_that_ends_the_interval_and_each_save_resta
         single_run(gpt2_base, tmp_path / "x", "checkpoint.every_minutes=0")
 
 
+def test_stop_after_minutes_ends_the_job_with_a_checkpoint_and_a_resume_goes_on(gpt2_base, tmp_path, caplog):
+    """train.stop_after_minutes=2.5 on a clock the test drives (a minute a step, from fit's start): the job stops
+    after step 3 of 9 with step 3 committed and says why; the next job (its own clock) resumes there and, with its
+    time never up, trains to the end."""
+    from dist_lora.train import Trainer
+
+    def job(minutes_per_step: float) -> list[int]:
+        trainer = Trainer(single_run(gpt2_base, tmp_path / "ck", "train.stop_after_minutes=2.5", "train.max_steps=9"))
+        trainer.resume("auto")
+        start = trainer.step
+        trainer.clock = lambda: (trainer.step - start) * minutes_per_step * 60
+        done = [row["step"] for row in trainer.fit()]
+        trainer.checkpointer.release_lease()
+        return done
+
+    caplog.set_level(logging.WARNING, logger="dist_lora.train")
+    assert job(1.0) == [1, 2, 3]
+    assert "step 3: train.stop_after_minutes=2.5 reached: stopping after it, with a checkpoint" in caplog.text
+    assert sorted(p.name for p in (tmp_path / "ck").glob("step-*"))[-1] == "step-00000003"
+    assert job(0.0) == [4, 5, 6, 7, 8, 9]
+    with pytest.raises(ConfigError, match=r"train.stop_after_minutes must be > 0 \(got -1\); null: no time limit"):
+        single_run(gpt2_base, tmp_path / "x", "train.stop_after_minutes=-1")
+
+
 def test_the_collector_runs_between_steps_and_only_when_asked(gpt2_base, tmp_path):
     """train.gc_every_steps: while fit() trains, Python's collector runs only when the trainer asks, on the young
     generations after every 2nd step, never at a moment of its own (a pause on one rank that every collective
@@ -1050,26 +1074,30 @@ def test_a_stop_request_on_one_rank_ends_the_evaluation_on_every_rank_after_the_
 
 @pytest.mark.multiproc
 @pytest.mark.timeout(600)
-def test_every_minutes_follows_rank_0s_clock_and_every_rank_saves_the_same_step(gpt2_base, tmp_path):
+def test_timed_saves_and_stops_follow_rank_0s_clock_on_every_rank(gpt2_base, tmp_path):
     """Two ranks on FSDP2, checkpoint.every_minutes=2.5, 6 steps: with rank 0's clock at a minute a step and rank
     1's stopped, both ranks save steps 3 and 6 (a rank-0-only save would leave rank 1 out of the gather: a hang
     until the 30 s timeout); with rank 1's clock moving and rank 0's stopped, only the end is saved (rank 0's
-    clock decides)."""
+    clock decides). train.stop_after_minutes=2.5 on rank 0's clock: both ranks stop after step 3 and save it."""
     jobs = []
-    for name, clocks in (("rank0", "1/0"), ("rank1", "0/1")):
+    for name, clocks in (("rank0", "1/0"), ("rank1", "0/1"), ("limit", "1/0")):
+        timed = {"train": {"stop_after_minutes": 2.5}} if name == "limit" else {"checkpoint": {"every_minutes": 2.5}}
         config = {
             "model": {"name_or_path": str(gpt2_base)},
             "lora": {"r": 4, "alpha": 8, "target_modules": ["c_attn"]},
             "data": {"path": str(corpus_path()), "seq_len": 32},
             "train": {"max_steps": 6, "global_batch_size": 4, "micro_batch_size": 1},
             "parallel": {"backend": "fsdp", "timeout_s": 30},
-            "checkpoint": {"dir": str(tmp_path / name), "resume": "none", "every_minutes": 2.5},
+            "checkpoint": {"dir": str(tmp_path / name), "resume": "none"},
         }
+        for section, values in timed.items():
+            config[section].update(values)
         jobs.append({"config": config, "out": str(tmp_path / f"{name}-out"), "phases": [f"fit_clock:{clocks}"]})
     run_worker(2, {"jobs": jobs, "out": str(tmp_path)})
     assert sorted(p.name for p in (tmp_path / "rank0").glob("step-*")) == ["step-00000003", "step-00000006"]
     assert sorted(p.name for p in (tmp_path / "rank1").glob("step-*")) == ["step-00000006"]
-    for step in ("rank0/step-00000003", "rank0/step-00000006", "rank1/step-00000006"):
+    assert sorted(p.name for p in (tmp_path / "limit").glob("step-*")) == ["step-00000003"]  # both ranks stopped
+    for step in ("rank0/step-00000003", "rank0/step-00000006", "rank1/step-00000006", "limit/step-00000003"):
         assert (tmp_path / step / "manifest.json").exists(), step
 
 
