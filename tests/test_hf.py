@@ -76,11 +76,12 @@ def test_trainer_saves_through_callback_and_resumes_on_one_process(engine, gpt2_
 
 
 @pytest.mark.multiproc
-def test_every_minutes_saves_by_rank_0s_clock_on_every_rank(gpt2_base, tmp_path):
+def test_every_minutes_and_stop_after_minutes_follow_rank_0s_clock_on_every_rank(gpt2_base, tmp_path):
     """every_minutes=2.5 on 2 processes under ZeRO-2, the Trainer's step saves out of reach (save_steps 100; it
     still saves its last step, 8): with rank 0's clock at a minute a step and rank 1's stopped, both ranks save
     steps 3 and 6, each save restarting the clock (a rank-0-only save would hang rank 1 out of the gather); every
-    step committed, the Trainer's own checkpoint not written."""
+    step committed, the Trainer's own checkpoint not written. stop_after_minutes=2.5 on the same clocks: both
+    ranks stop after step 3 and save it."""
     ckpt = tmp_path / "ckpt"
     spec = {"base": str(gpt2_base), "ckpt": str(ckpt), "out": str(tmp_path / "a"), "engine": "zero2"}
     timed = {"every_minutes": 2.5, "clocks": [1.0, 0.0]}
@@ -89,8 +90,26 @@ def test_every_minutes_saves_by_rank_0s_clock_on_every_rank(gpt2_base, tmp_path)
     )
     assert result["saves"] == [3, 6, 8] and result["hf_checkpoints"] == []  # (8: the Trainer saves its last step)
     assert [s.step for s in list_steps(Storage(str(ckpt))) if s.status == "committed"] == [3, 6, 8]
+    limit = {**spec, "ckpt": str(tmp_path / "limit"), "out": str(tmp_path / "b"), "stop_after_minutes": 2.5}
+    result = run(
+        2,
+        {
+            **limit,
+            **timed,
+            "every_minutes": None,
+            "max_steps": MAX_STEPS,
+            "save_steps": 100,
+            "stop_at": None,
+            "grad_accum": 1,
+            "batch": 2,
+        },
+    )
+    assert result["global_step"] == 3 and result["saves"] == [3]
+    assert [s.step for s in list_steps(Storage(str(tmp_path / "limit"))) if s.status == "committed"] == [3]
     with pytest.raises(ValueError, match=r"every_minutes must be > 0 \(got -1\)"):
         DistLoraCallback(str(tmp_path / "x"), every_minutes=-1)
+    with pytest.raises(ValueError, match=r"stop_after_minutes must be > 0 or None \(got 0\)"):
+        DistLoraCallback(str(tmp_path / "x"), stop_after_minutes=0)
 
 
 def test_an_optimizer_state_a_step_cannot_hold_stops_the_run_after_its_first_step(gpt2_base, tmp_path):

@@ -70,6 +70,8 @@ class DistLoraCallback(TrainerCallback):
             the Trainer would.
         every_minutes: also save the step that ends this many minutes after the last save (or the first step's
             start), by rank 0's clock, agreed by every rank in one tiny all-reduce per step (only when set).
+        stop_after_minutes: stop training, with a checkpoint, after the step that ends this many minutes after the
+            first step's start, by rank 0's clock (agreed as every_minutes is): a job in a time-limited slot.
         keep_last: keep only the newest N committed steps (None keeps all).
         async_save: write and upload in the background; training waits only for the gather.
         storage_options: fsspec options (``{"endpoint_url": ..., "key": ...}`` for S3).
@@ -87,6 +89,7 @@ class DistLoraCallback(TrainerCallback):
         resume: str = "auto",
         every_steps: int | None = None,
         every_minutes: float | None = None,
+        stop_after_minutes: float | None = None,
         keep_last: int | None = None,
         async_save: bool = True,
         storage_options: dict[str, Any] | None = None,
@@ -98,6 +101,8 @@ class DistLoraCallback(TrainerCallback):
     ):
         if every_steps is not None and every_steps < 1:
             raise ValueError(f"every_steps must be at least 1 or None (got {every_steps})")
+        if stop_after_minutes is not None and stop_after_minutes <= 0:
+            raise ValueError(f"stop_after_minutes must be > 0 or None (got {stop_after_minutes})")
         retry = retry or RetryPolicy()
         self.config = CheckpointConfig(
             dir=dir,
@@ -116,8 +121,10 @@ class DistLoraCallback(TrainerCallback):
             lease_ttl_s=lease_ttl_s,
         )
         self.every_steps = every_steps
-        self.clock: Callable[[], float] = time.monotonic  # every_minutes reads rank 0's
+        self.stop_after_minutes = stop_after_minutes
+        self.clock: Callable[[], float] = time.monotonic  # every_minutes and stop_after_minutes read rank 0's
         self._saved_at: float | None = None  # when the last save (or training) began, by self.clock
+        self._started_at: float | None = None  # when training began, by self.clock
         self.checkpointer = Checkpointer(check_checkpoint(self.config, prefix=""))  # names each bad argument
         self.resumed_from: str | None = None
         self.last_saved: int | None = None
@@ -149,7 +156,7 @@ class DistLoraCallback(TrainerCallback):
         self._global_batch = _global_batch(args)
         backend = backend_for(model, optimizer, infer_bias_mode(model))
         backend.ready()
-        self._saved_at = self.clock()  # (every_minutes: from here, the model's load is not work lost)
+        self._saved_at = self._started_at = self.clock()  # (the clock's minutes from here: the load not counted)
         saved = resume_checkpoint(
             backend.model,
             self.config.resume,
@@ -225,17 +232,31 @@ class DistLoraCallback(TrainerCallback):
         control.should_save = False  # ours replaces the Trainer's own checkpoint
         if self.every_steps is not None:
             asked = state.global_step % self.every_steps == 0 or state.global_step >= state.max_steps
-        minutes, saved_at = self.config.every_minutes, self._saved_at
-        if minutes:  # rank 0's clock, told to every rank (each calls this as often)
-            due = args.process_index == 0 and saved_at is not None and self.clock() - saved_at >= minutes * 60
-            if sum_over_ranks([float(due)])[0] and not asked:
-                log.info(
-                    "step %d: every_minutes=%g have passed since the last save: saving it", state.global_step, minutes
-                )
-                asked = True
+        due, out_of_time = self._clock_says(args)
+        if due and not asked:
+            log.info("step %d: every_minutes=%g have passed since the last save: saving it", state.global_step, due)
+        if out_of_time:
+            log.warning(
+                "step %d: stop_after_minutes=%g reached: stopping, with a checkpoint", state.global_step, out_of_time
+            )
+            control.should_training_stop = True
+        asked = asked or bool(due) or bool(out_of_time)
         if not asked or self.last_saved == state.global_step:
             return
         self.save(state, kwargs["model"], kwargs["optimizer"], kwargs.get("lr_scheduler"))
+
+    def _clock_says(self, args: TrainingArguments) -> tuple[float, float]:
+        """Rank 0's clock, told to every rank in one tiny all-reduce (each rank calls this as often): every_minutes
+        if that long has passed since the last save, and stop_after_minutes if that long has since training began
+        (0 for no)."""
+        every, limit = self.config.every_minutes or 0.0, self.stop_after_minutes or 0.0
+        if not every and not limit:
+            return 0.0, 0.0
+        now, first = self.clock(), args.process_index == 0
+        save = first and self._saved_at is not None and bool(every) and now - self._saved_at >= every * 60
+        stop = first and self._started_at is not None and bool(limit) and now - self._started_at >= limit * 60
+        saves, stops = sum_over_ranks([float(save), float(stop)])
+        return every if saves else 0.0, limit if stops else 0.0
 
     def save(self, state: TrainerState, model: Any, optimizer: Any, lr_scheduler: Any = None) -> str | None:
         """Collective: save the current step now (the callback calls this when the Trainer would save)."""

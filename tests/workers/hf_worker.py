@@ -1,7 +1,8 @@
 """One rank of an HF Trainer run that checkpoints through dist_lora's callback (tests/test_hf.py).
 
 argv[1] is JSON: {"base": dir, "ckpt": dir, "out": dir, "engine": "zero3" | "zero2" | "fsdp2" | "none", "max_steps": N,
-"save_steps": K, "stop_at": S | null, "grad_accum": G, "batch": B}, and optionally "every_minutes": M with "clocks":
+"save_steps": K, "stop_at": S | null, "grad_accum": G, "batch": B}, and optionally "every_minutes": M or
+"stop_after_minutes": M with "clocks":
 [minutes a step on rank 0, on rank 1, ...] (the callback's clock, driven by the global step). Rank 0 writes
 out/begin_adapter.safetensors (the adapter as loaded, before any step), out/end_adapter.safetensors and
 out/result.json.
@@ -136,7 +137,11 @@ def main() -> None:
     trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[probe])
     every = spec["save_steps"] if spec["engine"] == "fsdp2" else None  # HF itself refuses to save such models
     callback = DistLoraCallback.install(  # after the probe: it sees the stop
-        trainer, spec["ckpt"], every_steps=every, every_minutes=spec.get("every_minutes")
+        trainer,
+        spec["ckpt"],
+        every_steps=every,
+        every_minutes=spec.get("every_minutes"),
+        stop_after_minutes=spec.get("stop_after_minutes"),
     )
     if "clocks" in spec:
         minutes = spec["clocks"][torch.distributed.get_rank() if torch.distributed.is_initialized() else 0]
