@@ -233,13 +233,17 @@ class DistLoraCallback(TrainerCallback):
         if self.every_steps is not None:
             asked = state.global_step % self.every_steps == 0 or state.global_step >= state.max_steps
         due, out_of_time = self._clock_says(args)
-        if due and not asked:
+        said = args.process_index == 0  # (every rank acts on them; one says so)
+        if due and not asked and said:
             log.info("step %d: every_minutes=%g have passed since the last save: saving it", state.global_step, due)
         if out_of_time:
-            log.warning(
-                "step %d: stop_after_minutes=%g reached: stopping, with a checkpoint", state.global_step, out_of_time
-            )
             control.should_training_stop = True
+            if said:
+                log.warning(
+                    "step %d: stop_after_minutes=%g reached: stopping, with a checkpoint",
+                    state.global_step,
+                    out_of_time,
+                )
         asked = asked or bool(due) or bool(out_of_time)
         if not asked or self.last_saved == state.global_step:
             return
