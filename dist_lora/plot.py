@@ -46,12 +46,14 @@ def read_metrics(path: Path) -> Metrics:
     return out
 
 
-def eval_curves(metrics: Metrics) -> dict[str | None, tuple[list[int], list[float]]]:
-    """Each eval set's loss curve (steps, losses), in the order the sets were first logged; an unnamed set under
-    None; a step logged twice keeps its latest row."""
+def eval_curves(metrics: Metrics, value: str = "eval_loss") -> dict[str | None, tuple[list[int], list[float]]]:
+    """Each eval set's curve of ``value`` (``eval_loss`` or ``eval_accuracy``) as (steps, values), in the order the
+    sets were first logged; an unnamed set under None; a step logged twice keeps its latest row, and a row without
+    the value (an accuracy logged before it was) is left out."""
     sets: dict[str | None, dict[int, float]] = {}
     for r in metrics.evals:
-        sets.setdefault(r.get("set"), {})[r["step"]] = r["eval_loss"]
+        if r.get(value) is not None:
+            sets.setdefault(r.get("set"), {})[r["step"]] = r[value]
     return {name: (sorted(last), [last[s] for s in sorted(last)]) for name, last in sets.items()}
 
 
@@ -73,7 +75,8 @@ def _unstack(fig: Any, ax: Any, labels: list[Any]) -> None:
 
 
 def plot_run(run: str | Path, out: str | Path | None = None) -> Path:
-    """Draw train (and eval) loss against step to a PNG (default: next to the metrics file); returns its path."""
+    """Draw train (and eval) loss against step to a PNG (default: next to the metrics file), and each eval set's
+    token accuracy on an axis of its own at the right; returns its path."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -97,8 +100,18 @@ def plot_run(run: str | Path, out: str | Path | None = None) -> Path:
             x, y = [r["step"] for r in segment], [r["loss"] for r in segment]
             ax.plot(x, y, color="0.6", lw=1, ls=":", marker=".", ms=3, label=label)
             label = None
+    color = {}  # each eval set's, for its loss and its accuracy
     for name, (x, y) in eval_curves(metrics).items():
-        ax.plot(x, y, "o-", lw=1.2, ms=4, label="eval loss" if name is None else f"eval loss: {name}")
+        (line,) = ax.plot(x, y, "o-", lw=1.2, ms=4, label="eval loss" if name is None else f"eval loss: {name}")
+        color[name] = line.get_color()
+    accuracy = eval_curves(metrics, "eval_accuracy")
+    right: Any = None  # the accuracy's axis, where there is one
+    if accuracy:
+        right = ax.twinx()
+        right.set_ylabel("token accuracy")
+        for name, (x, y) in accuracy.items():
+            label = "eval accuracy" if name is None else f"eval accuracy: {name}"
+            right.plot(x, y, "s--", lw=1, ms=3, alpha=0.7, color=color.get(name), label=label)
     labels = []
     for i, r in enumerate(sorted(metrics.resumes, key=lambda r: r["step"])):
         ax.axvline(r["step"], color="tab:red", ls="--", lw=1, label="resume" if i == 0 else None)
@@ -122,7 +135,11 @@ def plot_run(run: str | Path, out: str | Path | None = None) -> Path:
     ax.set_ylabel("loss")
     ax.set_title(path.parent.name or "run")
     ax.grid(alpha=0.3)
-    ax.legend()
+    handles, names = ax.get_legend_handles_labels()
+    if right is not None:  # one legend for both axes, on the one drawn last (else the accuracy crosses it)
+        more = right.get_legend_handles_labels()
+        handles, names = handles + more[0], names + more[1]
+    (right if right is not None else ax).legend(handles, names, fontsize=8, framealpha=0.9)
     fig.tight_layout()
     fig.savefig(out_path, dpi=110)
     plt.close(fig)

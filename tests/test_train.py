@@ -1148,6 +1148,9 @@ def test_named_eval_sets_are_each_evaluated_and_logged_and_keep_best_follows_the
     assert "eval/loss" not in events.Tags()["scalars"]
     curves = eval_curves(read_metrics(metrics))
     assert {name: dict(zip(*curve, strict=True)) for name, curve in curves.items()} == loss
+    curves = eval_curves(read_metrics(metrics), "eval_accuracy")  # the plot's right axis
+    accuracy = {name: {e["step"]: e["sets"][name]["eval_accuracy"] for e in history} for name in sets}
+    assert {name: dict(zip(*curve, strict=True)) for name, curve in curves.items()} == accuracy
     assert plot_run(metrics.parent).stat().st_size > 0
 
     args = [f"model.name_or_path={gpt2_base}", f"data.path={corpus_path()}", f"checkpoint.dir={ckpt}", named]
