@@ -212,7 +212,7 @@ class Checkpointer:
     ) -> str | None:
         """Collective: snapshot the adapter at ``step`` and commit it (now, or in the background). Returns its URL
         (None when it failed under ``on_error="warn"``). Retention (``keep_last``) never deletes the steps in
-        ``keep`` (the trainer's best eval step under ``keep_best``).
+        ``keep`` (the trainer's best-evaluated steps under ``keep_best``).
 
         Asynchronous: returns at once. A background thread copies this rank's shard of the adapter and its Adam
         state (the snapshot), then gathers and writes. Until the snapshot is taken, any ``torch.optim`` optimizer

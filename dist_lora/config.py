@@ -322,8 +322,9 @@ class CheckpointConfig:
     """Write and upload in the background; training waits only for the gather (the next save waits for this one)."""
     storage_options: dict[str, Any] = field(default_factory=dict)
     """Passed to fsspec, e.g. {endpoint_url: ..., key: ..., secret: ...} for s3fs; else AWS env vars apply."""
-    keep_best: bool = False
-    """With keep_last: also keep the step with the lowest eval loss (recorded in each step's trainer_state.json)."""
+    keep_best: bool | int = False
+    """With keep_last: also keep the best-evaluated step, by train.best_metric (recorded in each step's
+    trainer_state.json); N: the N best-evaluated steps (Lightning's save_top_k), to compare before serving one."""
     on_error: OnError = "raise"
     """A save that failed (after its retries): raise (training stops with the error) | warn (training goes on)."""
     retry_attempts: int = 5
@@ -657,6 +658,10 @@ def _validate(cfg: RunConfig, errors: list[str]) -> None:
     check(
         not cfg.checkpoint.keep_best or bool(d.eval_path or d.eval_fraction),
         "checkpoint.keep_best needs eval data: set data.eval_path or data.eval_fraction",
+    )
+    check(
+        cfg.checkpoint.keep_best >= 0,
+        f"checkpoint.keep_best must be true, false or a number of steps >= 1 (got {cfg.checkpoint.keep_best})",
     )
     t = cfg.train
     check(t.max_steps >= 1, f"train.max_steps must be >= 1 (got {t.max_steps})")

@@ -707,11 +707,16 @@ class Trainer:
     def best_eval(self) -> dict[str, Any] | None:
         """The best evaluation so far by ``train.best_metric`` (the earliest of a tie), of the set
         :func:`best_eval_set` names where there are several (its step is kept out of retention with keep_best)."""
-        best = None
-        for e in self.eval_history:
-            if best is None or improves(e, best, self.cfg.train.best_metric):
-                best = e
-        return best
+        best = self.best_evals(1)
+        return best[0] if best else None
+
+    def best_evals(self, n: int) -> list[dict[str, Any]]:
+        """The ``n`` best evaluations so far by ``train.best_metric``, best first (the earlier of a tie first)."""
+        ranked: list[dict[str, Any]] = []
+        for e in self.eval_history:  # ranked best first: each goes before the first one it beats (ties: after)
+            at = next((i for i, r in enumerate(ranked) if improves(e, r, self.cfg.train.best_metric)), len(ranked))
+            ranked.insert(at, e)
+        return ranked[:n]
 
     def save(self) -> str | None:
         """Save the current step (collective); returns its URL (None if it failed under on_error=warn)."""
@@ -735,8 +740,7 @@ class Trainer:
             "best_eval": self.best_eval(),
             "wandb_run_id": self.metrics_log.wandb_id,  # rank 0's, which it saves: the run a resume goes on in
         }
-        best = self.best_eval()
-        keep = {best["step"]} if best is not None and self.cfg.checkpoint.keep_best else set()
+        keep = {e["step"] for e in self.best_evals(int(self.cfg.checkpoint.keep_best))}  # (true: 1, false: 0)
         self._saved_at = self.clock()
         url = self.checkpointer.save(self.backend, step=self.step, trainer_state=trainer_state, keep=keep)
         self.last_saved = self.step

@@ -870,6 +870,10 @@ def test_config_errors_for_eval_and_keep_best(tmp_path):
         load_config(tiny, ["data.eval_fraction=0.1", "data.eval_path=x.jsonl"])
     with pytest.raises(ConfigError, match=r"train.best_metric must be one of loss, accuracy \(got 'f1'\)"):
         load_config(tiny, ["train.best_metric=f1"])
+    with pytest.raises(
+        ConfigError, match=r"checkpoint.keep_best must be true, false or a number of steps >= 1 \(got -1"
+    ):
+        load_config(tiny, ["data.eval_fraction=0.1", "checkpoint.keep_best=-1"])
 
 
 @pytest.mark.parametrize("metric", ["loss", "accuracy"])
@@ -973,11 +977,11 @@ def test_eval_is_equal_at_any_world_size_and_engine_and_chat_resume_continues_th
     assert 0 < accuracy[0] < 1 and all(a == accuracy[0] for a in accuracy), accuracy
 
 
-@pytest.mark.parametrize("metric", ["loss", "accuracy"])
-def test_keep_best_keeps_the_best_evaluated_step(metric, gpt2_base, tmp_path, capsys):
+@pytest.mark.parametrize(("metric", "keep"), [("loss", "true"), ("accuracy", "true"), ("loss", "3")])
+def test_keep_best_keeps_the_best_evaluated_step(metric, keep, gpt2_base, tmp_path, capsys):
     """One process: evaluation every 2 steps, a save every 2 steps, keep_last 1 and keep_best: the dir holds the
     newest step and the best-evaluated one, by train.best_metric (the lowest eval loss, or the highest token
-    accuracy: a step the loss would not pick); every step's trainer_state.json records the evaluations so far, and
+    accuracy: a step the loss would not pick), or with keep_best: 3 the three best; every step's trainer_state.json records the evaluations so far, and
     ``dist-lora ls`` shows each step's eval loss and accuracy with the best one marked. Each step's tokens_per_s
     counts its rows' own tokens, not their padding."""
     from dist_lora.cli import main
@@ -1001,7 +1005,7 @@ def test_keep_best_keeps_the_best_evaluated_step(metric, gpt2_base, tmp_path, ca
             f"checkpoint.dir={tmp_path / 'ck'}",
             "checkpoint.every_steps=2",
             "checkpoint.keep_last=1",
-            "checkpoint.keep_best=true",
+            f"checkpoint.keep_best={keep}",
         ],
     )
     train(cfg)
@@ -1014,7 +1018,9 @@ def test_keep_best_keeps_the_best_evaluated_step(metric, gpt2_base, tmp_path, ca
     assert by_loss["step"] != by_accuracy["step"], history  # else this run could not tell which metric is followed
     assert state["best_eval"] == best
     kept = sorted(p.name for p in (tmp_path / "ck").glob("step-*"))
-    assert kept == sorted({f"step-{best['step']:08d}", "step-00000008"})
+    top = sorted(history, key=lambda e: e["eval_loss"])[:3] if keep == "3" else [best]
+    assert kept == sorted({f"step-{e['step']:08d}" for e in top} | {"step-00000008"})
+    assert keep == "true" or len(kept) == 3  # (the best three by loss here: 8, 6 and 4; step 2 gone)
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["eval_loss"] for r in logged if r.get("event") == "eval"] == [
         e["eval_loss"] for e in state["eval_history"]
