@@ -65,14 +65,18 @@ class _Saver:
     checkpointers: dict[tuple, Checkpointer] = field(default_factory=dict)
 
 
-_SAVERS: weakref.WeakKeyDictionary[nn.Module, _Saver] = weakref.WeakKeyDictionary()
+_SAVER_ATTR = "_dist_lora_saver"
+"""The model's attribute that holds its :class:`_Saver`. On the model, not in a module-level mapping: the saver's
+Backend view refers to the model, so a mapping (even a WeakKeyDictionary, whose values are strong) would keep every
+model ever saved alive; on the model, the two are one cycle that the collector frees with the model."""
 
 
 def _saver(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> _Saver:
-    saver = _SAVERS.get(model)
+    saver = model.__dict__.get(_SAVER_ATTR)
     if saver is None or (saver.optimizer() if saver.optimizer else None) is not optimizer:
         ref = weakref.ref(optimizer) if optimizer is not None else None
-        saver = _SAVERS[model] = _Saver(ref, attach(model, optimizer, infer_bias_mode(model)))
+        saver = _Saver(ref, attach(model, optimizer, infer_bias_mode(model)))
+        model.__dict__[_SAVER_ATTR] = saver  # (not a parameter, buffer or submodule: no state dict sees it)
     return saver
 
 

@@ -1,6 +1,8 @@
 """The single-process core: format, round trip, PEFT compatibility, verification, strictness, retention."""
 
+import gc
 import json
+import weakref
 
 import numpy
 import pytest
@@ -722,7 +724,8 @@ def test_full_disk_sweep_never_misreports_a_save(on_error, gpt2_base, small_tmpf
 
 def test_save_checkpoint_reuses_its_backend_view_and_checkpointer(gpt2_base, tmp_path, monkeypatch):
     """A loop calling save_checkpoint every N steps pays what the trainer pays: the Backend view (layout, bias
-    inference) and the Checkpointer are made once per (model, optimizer, dir), not per call."""
+    inference) and the Checkpointer are made once per (model, optimizer, dir), not per call; and a model dropped
+    after its saves is freed (a sweep in one process gets each model's memory back)."""
     import dist_lora.api as api
 
     made = []
@@ -730,12 +733,17 @@ def test_save_checkpoint_reuses_its_backend_view_and_checkpointer(gpt2_base, tmp
     monkeypatch.setattr(api, "attach", lambda *a: made.append(a) or real_attach(*a))
     model, opt, _ = train_some(gpt2_base, ["c_attn"], steps=1)
     urls = [dist_lora.save_checkpoint(model, str(tmp_path), step=s, optimizer=opt) for s in (1, 2, 3)]
-    assert len(made) == 1 and len(api._SAVERS[model].checkpointers) == 1
+    assert len(made) == 1 and len(getattr(model, api._SAVER_ATTR).checkpointers) == 1
     assert [u.rsplit("/", 1)[-1] for u in urls] == [step_name(s) for s in (1, 2, 3)]
     other = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     dist_lora.save_checkpoint(model, str(tmp_path), step=4, optimizer=other)  # another optimizer: a new view
     dist_lora.save_checkpoint(model, str(tmp_path / "other"), step=4, optimizer=other)  # another dir
-    assert len(made) == 2 and len(api._SAVERS[model].checkpointers) == 2
+    assert len(made) == 2 and len(getattr(model, api._SAVER_ATTR).checkpointers) == 2
+
+    gone = weakref.ref(model)  # the model saved is freed once dropped, its saver with it (none kept elsewhere)
+    del model, opt, other, made[:], _
+    gc.collect()
+    assert gone() is None
 
 
 def test_the_checkpoint_layer_imports_no_backend_and_no_transformers():
