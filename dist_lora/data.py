@@ -143,7 +143,8 @@ def load_source(
 ) -> Dataset:
     """A local file (.jsonl .json .parquet .csv .txt), the files of one kind a glob pattern or a directory holds
     (:func:`data_files`, read in order as one dataset), a directory written by ``save_to_disk``, or a hub dataset id
-    (with ``name`` and ``split``), as one ``datasets.Dataset``. A .txt file is one document."""
+    (with ``name`` and ``split``), as one ``datasets.Dataset``. A .txt file is one document. ``what`` names the
+    setting in errors (``data.path``, ``data.eval_path``, ``data.eval_path's set NAME``)."""
     import datasets
 
     p = Path(path)
@@ -160,10 +161,10 @@ def load_source(
                 where = _where_json_breaks(files)
                 if where is not None:  # (the file's name once, where data.path is that file)
                     where = where[len(str(p)) :] if files == [p] else f": {where}"
-                    raise DataError(f"data.path {path}{where}") from e
+                    raise DataError(f"{what} {path}{where}") from e
             cause = e.__cause__ or e.__context__  # datasets wraps the parser's error, which says where
             why = f"{type(e).__name__}: {e}" + (f" ({type(cause).__name__}: {cause})" if cause else "")
-            raise DataError(f"data.path {path} cannot be read as {builder}: {why}") from e
+            raise DataError(f"{what} {path} cannot be read as {builder}: {why}") from e
     if p.is_dir():
         loaded = datasets.load_from_disk(str(p))
         if isinstance(loaded, datasets.DatasetDict):
@@ -175,10 +176,10 @@ def load_source(
             return loaded[split]
         return loaded
     if not HUB_ID.fullmatch(path) or Path(path).suffix.lower() in FILE_BUILDERS:
-        raise DataError(f"data.path {path} does not exist (a data file, a save_to_disk directory or a hub dataset id)")
+        raise DataError(f"{what} {path} does not exist (a data file, a save_to_disk directory or a hub dataset id)")
     if _offline():
         raise DataError(
-            f"data.path {path} is not a local file or directory, and the hub is offline (HF_HUB_OFFLINE / "
+            f"{what} {path} is not a local file or directory, and the hub is offline (HF_HUB_OFFLINE / "
             "HF_DATASETS_OFFLINE): download the dataset where the hub is reachable (save_to_disk) and pass that "
             "directory, or unset the offline variables"
         )
@@ -186,7 +187,7 @@ def load_source(
         return datasets.load_dataset(path, name, split=split, cache_dir=cache_dir)
     except Exception as e:
         raise DataError(
-            f"data.path {path} is not a local file and loading it from the hub failed ({type(e).__name__}: {e}); "
+            f"{what} {path} is not a local file and loading it from the hub failed ({type(e).__name__}: {e}); "
             "check the dataset id, data.name and data.split, or download it and pass the local path"
         ) from e
 

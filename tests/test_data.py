@@ -898,11 +898,13 @@ def test_early_stopping_and_the_best_evaluation_follow_best_metric(metric):
         {"step": 6, "eval_loss": 2.0, "eval_accuracy": 0.305},
     ]
     trainer = SimpleNamespace(cfg=cfg, eval_history=history)
+    trainer.best_evals = lambda n: Trainer.best_evals(trainer, n)  # type: ignore[arg-type]
     best, plateau = Trainer.best_eval(trainer), Trainer.plateau(trainer)  # type: ignore[arg-type]
+    ranked = [e["step"] for e in trainer.best_evals(4)]  # (keep_best: 4)
     if metric == "loss":  # 2.0 at step 2, equalled (not beaten) at step 6: 4 evaluations without improvement
-        assert best["step"] == 2 and plateau == (4, history[1])
+        assert best["step"] == 2 and plateau == (4, history[1]) and ranked == [2, 6, 4, 5]
     else:  # 0.305 at step 4 (the first of a tie); step 3 the last to improve by more than 0.01
-        assert best["step"] == 4 and plateau == (3, history[2])
+        assert best["step"] == 4 and plateau == (3, history[2]) and ranked == [4, 6, 3, 5]
     assert improves({"eval_accuracy": 0.5}, {"eval_accuracy": 0.4}, "accuracy")
     assert not improves({"eval_loss": 0.5}, {"eval_loss": 0.4}, "loss")
     assert not improves({"eval_loss": 1.0}, {"eval_loss": 1.0, "eval_accuracy": 0.1}, "accuracy")  # none recorded
