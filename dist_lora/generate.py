@@ -117,11 +117,15 @@ def turn_end_ids(tokenizer: Any, tools: list[dict[str, Any]] | None = None) -> l
     ``</s>``, ``<end_of_turn>``), found by rendering a turn: generation stops there as well as at the model's own
     end of text, which for a base trained on chat data through a template of one's own is often another token (a
     Llama-3 base ends text with ``<|end_of_text|>``, its turns with ``<|eot_id|>``). Empty where the turn ends in
-    plain text."""
+    plain text, or where the template will not render such a turn (one that wants a system turn first, say): the
+    answer then ends at the model's end of text alone, as before."""
     user = [{"role": "user", "content": "x"}]
-    opened = str(tokenizer.apply_chat_template(user, tools=tools, tokenize=False, add_generation_prompt=True))
     turn = [*user, {"role": "assistant", "content": _SENTINEL}]
-    whole = str(tokenizer.apply_chat_template(turn, tools=tools, tokenize=False))
+    try:
+        opened = str(tokenizer.apply_chat_template(user, tools=tools, tokenize=False, add_generation_prompt=True))
+        whole = str(tokenizer.apply_chat_template(turn, tools=tools, tokenize=False))
+    except Exception:  # (jinja2's TemplateError, or a template's own raise_exception)
+        return []
     if not whole.startswith(opened) or _SENTINEL not in whole[len(opened) :]:
         return []
     after = whole[len(opened) :].split(_SENTINEL, 1)[1]

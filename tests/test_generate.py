@@ -125,6 +125,8 @@ def test_a_chat_answer_stops_at_the_token_that_closes_the_templates_turn(tmp_pat
     assert turn_end_ids(tokenizer) == [tokenizer.eos_token_id]
     tokenizer.chat_template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n\\n' }}{% endfor %}"
     assert turn_end_ids(tokenizer) == []  # plain text closes the turn: nothing to stop at but the end of text
+    tokenizer.chat_template = "{% if messages[0]['role'] != 'system' %}{{ raise_exception('system first') }}{% endif %}"
+    assert turn_end_ids(tokenizer) == []  # a template that will not render the probe turn: the end of text alone
 
     from transformers import GPT2Config, GPT2LMHeadModel
 
