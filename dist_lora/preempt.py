@@ -14,6 +14,9 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from types import FrameType
 
 log = logging.getLogger(__name__)
@@ -55,3 +58,36 @@ class StopRequest:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)  # type: ignore[arg-type]
         self._previous.clear()
+
+
+@dataclass
+class JobClock:
+    """Saves and stops by the clock: ``checkpoint.every_minutes`` (a save that many minutes after the last one) and
+    ``train.stop_after_minutes`` (a stop that many minutes into the job), both counted from :meth:`start` (training's
+    first step: the load is not counted). Only rank 0 answers yes: one clock decides, and the caller's all-reduce
+    tells every rank (the trainer's per-step consensus, the HF callback's own)."""
+
+    every_minutes: float | None = None
+    stop_after_minutes: float | None = None
+    read: Callable[[], float] = time.monotonic
+    started_at: float | None = None
+    saved_at: float | None = None
+
+    def start(self) -> None:
+        self.started_at = self.saved_at = self.read()
+
+    def saved(self) -> None:
+        self.saved_at = self.read()
+
+    def save_due(self, rank: int) -> bool:
+        return rank == 0 and _passed(self.read, self.saved_at, self.every_minutes)
+
+    def out_of_time(self, rank: int) -> bool:
+        return rank == 0 and _passed(self.read, self.started_at, self.stop_after_minutes)
+
+
+def _passed(read: Callable[[], float], since: float | None, minutes: float | None) -> bool:
+    """Whether ``minutes`` have passed since ``since`` (no limit or no start: no)."""
+    if not minutes or since is None:
+        return False
+    return read() - since >= minutes * 60

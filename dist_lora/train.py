@@ -50,7 +50,7 @@ from dist_lora.model import (
     resolve_model_path,
     return_large_blocks_to_the_os,
 )
-from dist_lora.preempt import StopRequest
+from dist_lora.preempt import JobClock, StopRequest
 from dist_lora.quantize import Plan, check_and_log, quantize_base
 
 log = logging.getLogger(__name__)
@@ -370,9 +370,7 @@ class Trainer:
         self.stop_at = self.cfg.train.stop_at_step or self.cfg.train.max_steps
         self.eval_history: list[dict[str, Any]] = []  # {"step", "eval_loss", "eval_accuracy"}, carried by resume
         self.last_saved: int | None = None
-        self.clock: Callable[[], float] = time.monotonic  # checkpoint.every_minutes reads rank 0's
-        self._saved_at: float | None = None  # when the last save (or fit) began, by self.clock
-        self._started_at: float | None = None  # when fit began, by self.clock (train.stop_after_minutes)
+        self.clock = JobClock(cfg.checkpoint.every_minutes, cfg.train.stop_after_minutes)  # rank 0's decides
         self.save_due = False  # checkpoint.every_minutes: the step just taken is to be saved (agreed)
         self.resumed_from: str | None = None
         self.metrics: list[dict[str, Any]] = []
@@ -545,7 +543,7 @@ class Trainer:
         self._checked_finite = True
         self.step += 1
         mean_loss, stop, self.save_due = step_consensus(
-            total / self.grad_accum, self.stop.requested or self._out_of_time(), self._time_to_save()
+            total / self.grad_accum, self.stop.requested or self._out_of_time(), self.clock.save_due(self.rank)
         )
         if not (math.isfinite(mean_loss) and math.isfinite(self.grad_norm)):  # agreed: the same on every rank
             self.metrics_log.event("non_finite", step=self.step, loss=mean_loss, grad_norm=self.grad_norm)
@@ -553,22 +551,12 @@ class Trainer:
         self.stopped_early = self.stopped_early or stop
         return mean_loss
 
-    def _time_to_save(self) -> bool:
-        """Rank 0: whether ``checkpoint.every_minutes`` have passed since the last save, or since ``fit`` began,
-        by its clock (the other ranks say no: one clock decides, and the step's all-reduce tells every rank)."""
-        minutes = self.cfg.checkpoint.every_minutes
-        if not minutes or self.rank != 0 or self._saved_at is None:
-            return False
-        return self.clock() - self._saved_at >= minutes * 60
-
     def _out_of_time(self) -> bool:
         """Rank 0: whether ``train.stop_after_minutes`` have passed since ``fit`` began, by its clock (told to
         every rank as a stop request is, in the step's all-reduce)."""
+        if not self.clock.out_of_time(self.rank):
+            return False
         minutes = self.cfg.train.stop_after_minutes
-        if not minutes or self.rank != 0 or self._started_at is None:
-            return False
-        if self.clock() - self._started_at < minutes * 60:
-            return False
         log.warning(
             "step %d: train.stop_after_minutes=%g reached: stopping after it, with a checkpoint", self.step, minutes
         )
@@ -741,7 +729,7 @@ class Trainer:
             "wandb_run_id": self.metrics_log.wandb_id,  # rank 0's, which it saves: the run a resume goes on in
         }
         keep = {e["step"] for e in self.best_evals(int(self.cfg.checkpoint.keep_best))}  # (true: 1, false: 0)
-        self._saved_at = self.clock()
+        self.clock.saved()
         url = self.checkpointer.save(self.backend, step=self.step, trainer_state=trainer_state, keep=keep)
         self.last_saved = self.step
         return url
@@ -797,7 +785,7 @@ class Trainer:
             self.metrics_log.close()
             return self.metrics
         bar = tqdm(total=stop, initial=self.step, disable=self.rank != 0, desc="train", dynamic_ncols=True)
-        self._saved_at = self._started_at = self.clock()  # every_minutes, stop_after_minutes: the load not counted
+        self.clock.start()  # every_minutes, stop_after_minutes: the load not counted
         step_peak_memory(self.device)  # on a GPU, each step's peak from here: not the load's
         try:
             with self.stop, collections_between_steps(t.gc_every_steps) as collect:

@@ -357,7 +357,9 @@ def test_every_minutes_saves_the_step_that_ends_the_interval_and_each_save_resta
             gpt2_base, ckpt, "checkpoint.every_minutes=2.5", "checkpoint.every_steps=4", "train.max_steps=9"
         )
         trainer = Trainer(cfg)
-        trainer.clock = lambda: 1000.0 + trainer.step * minutes_per_step * 60  # (read at fit's start and each step)
+        trainer.clock.read = lambda: (
+            1000.0 + trainer.step * minutes_per_step * 60
+        )  # (read at fit's start and each step)
         trainer.fit()
         trainer.checkpointer.release_lease()
         return [s.step for s in list_steps(Storage(str(ckpt))) if s.status == "committed"]
@@ -378,7 +380,7 @@ def test_stop_after_minutes_ends_the_job_with_a_checkpoint_and_a_resume_goes_on(
         trainer = Trainer(single_run(gpt2_base, tmp_path / "ck", "train.stop_after_minutes=2.5", "train.max_steps=9"))
         trainer.resume("auto")
         start = trainer.step
-        trainer.clock = lambda: (trainer.step - start) * minutes_per_step * 60
+        trainer.clock.read = lambda: (trainer.step - start) * minutes_per_step * 60
         done = [row["step"] for row in trainer.fit()]
         trainer.checkpointer.release_lease()
         return done

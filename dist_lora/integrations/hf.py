@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -32,6 +30,7 @@ from dist_lora.checkpointer import Checkpointer
 from dist_lora.config import CheckpointConfig, check_checkpoint
 from dist_lora.distributed import sum_over_ranks
 from dist_lora.lora import infer_bias_mode
+from dist_lora.preempt import JobClock
 from dist_lora.storage import RetryPolicy
 
 log = logging.getLogger(__name__)
@@ -121,10 +120,7 @@ class DistLoraCallback(TrainerCallback):
             lease_ttl_s=lease_ttl_s,
         )
         self.every_steps = every_steps
-        self.stop_after_minutes = stop_after_minutes
-        self.clock: Callable[[], float] = time.monotonic  # every_minutes and stop_after_minutes read rank 0's
-        self._saved_at: float | None = None  # when the last save (or training) began, by self.clock
-        self._started_at: float | None = None  # when training began, by self.clock
+        self.clock = JobClock(every_minutes, stop_after_minutes)  # rank 0's decides
         self.checkpointer = Checkpointer(check_checkpoint(self.config, prefix=""))  # names each bad argument
         self.resumed_from: str | None = None
         self.last_saved: int | None = None
@@ -156,7 +152,7 @@ class DistLoraCallback(TrainerCallback):
         self._global_batch = _global_batch(args)
         backend = backend_for(model, optimizer, infer_bias_mode(model))
         backend.ready()
-        self._saved_at = self._started_at = self.clock()  # (the clock's minutes from here: the load not counted)
+        self.clock.start()  # (the clock's minutes from here: the load not counted)
         saved = resume_checkpoint(
             backend.model,
             self.config.resume,
@@ -253,13 +249,11 @@ class DistLoraCallback(TrainerCallback):
         """Rank 0's clock, told to every rank in one tiny all-reduce (each rank calls this as often): every_minutes
         if that long has passed since the last save, and stop_after_minutes if that long has since training began
         (0 for no)."""
-        every, limit = self.config.every_minutes or 0.0, self.stop_after_minutes or 0.0
+        every, limit = self.clock.every_minutes or 0.0, self.clock.stop_after_minutes or 0.0
         if not every and not limit:
             return 0.0, 0.0
-        now, first = self.clock(), args.process_index == 0
-        save = first and self._saved_at is not None and bool(every) and now - self._saved_at >= every * 60
-        stop = first and self._started_at is not None and bool(limit) and now - self._started_at >= limit * 60
-        saves, stops = sum_over_ranks([float(save), float(stop)])
+        rank = args.process_index
+        saves, stops = sum_over_ranks([float(self.clock.save_due(rank)), float(self.clock.out_of_time(rank))])
         return every if saves else 0.0, limit if stops else 0.0
 
     def save(self, state: TrainerState, model: Any, optimizer: Any, lr_scheduler: Any = None) -> str | None:
@@ -278,7 +272,7 @@ class DistLoraCallback(TrainerCallback):
                 "num_input_tokens_seen": state.num_input_tokens_seen,
             },
         }
-        self._saved_at = self.clock()
+        self.clock.saved()
         url = self.checkpointer.save(backend, step=state.global_step, trainer_state=trainer_state)
         self.last_saved = state.global_step
         return url

@@ -145,7 +145,7 @@ def main() -> None:
     )
     if "clocks" in spec:
         minutes = spec["clocks"][torch.distributed.get_rank() if torch.distributed.is_initialized() else 0]
-        callback.clock = lambda: trainer.state.global_step * minutes * 60
+        callback.clock.read = lambda: trainer.state.global_step * minutes * 60
     model.get_base_model().transformer.wte.register_forward_pre_hook(probe.record, with_kwargs=True)
     trainer.train()
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0

@@ -238,7 +238,7 @@ def run(args: dict) -> None:
             (out / f"nf4-rank{rank}.json").write_text(json.dumps(check_nf4_shards(trainer, args["config"])))
         elif phase.startswith("fit_clock:"):  # fit_clock:M0/M1/...: rank r's clock moves M_r minutes a step
             minutes = float(phase.removeprefix("fit_clock:").split("/")[rank])
-            trainer.clock = lambda minutes=minutes: trainer.step * minutes * 60
+            trainer.clock.read = lambda minutes=minutes: trainer.step * minutes * 60
             trainer.fit()
         elif phase.startswith("stop_in_eval@"):
             (out / f"stop-eval-rank{rank}.json").write_text(json.dumps(stopped_eval(trainer, int(phase[13:]))))
