@@ -1199,6 +1199,12 @@ def test_tensorboard_gets_every_steps_scalars_and_the_evaluations(gpt2_base, tmp
     accuracy = {r["step"]: r["eval_accuracy"] for r in rows if "eval_accuracy" in r}
     assert dict(scalars("eval/accuracy")) == pytest.approx(accuracy, rel=1e-6) and sorted(accuracy) == [2, 4]
 
+    # TensorBoard reads a dir's event files in the order of their names: time (whole seconds), host, pid, then a
+    # per-process counter compared as text ("10" before "9"). Two runs of one process in one second could sort the
+    # resume first; date the first run's files a second back, as a run before a resume always is.
+    for f in (metrics.parent / "tensorboard").glob("events.out.tfevents.*"):
+        head, stamp, rest = f.name.split(".", 4)[:3], f.name.split(".")[3], f.name.split(".", 4)[4]
+        f.rename(f.with_name(".".join([*head, str(int(stamp) - 1), rest])))
     step2 = f"checkpoint.resume={tmp_path / 'ckpt' / 'step-00000002'}"
     train(single_run(gpt2_base, tmp_path / "again", step2, "train.stop_at_step=5", "train.lr=0.05", *evals))
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
