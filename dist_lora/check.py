@@ -6,8 +6,8 @@ its DeepSpeed JSON read, the global batch split over the world size, the base bu
 ``config.json`` (the attention kernel set, LoRA applied by PEFT with every name checked, NF4 planned), the tokenizer
 loaded, the data tokenized into this machine's cache (where a job on this machine then finds it) and the run's length
 worked out. Then what each rank will hold of the model as its engine lays it out: the frozen base (FSDP2's row
-chunks, ZeRO-3's partitions, or a whole replica) and the trainable state. Activations and the blocks gathered for
-compute come on top; the trainer logs each step's peak (``peak_memory_gib`` in the metrics).
+chunks, ZeRO-3's partitions, or a whole replica) and the trainable state, and, offloaded, how much of them is in host
+memory. Activations and the blocks gathered for compute come on top; the trainer logs each step's peak (``peak_memory_gib`` in the metrics).
 """
 
 from __future__ import annotations
@@ -36,7 +36,10 @@ class Layout:
     persistence_threshold: int = 0  # ZeRO-3: a tensor of at most this many elements is also kept whole
     cast: torch.dtype | None = None  # the dtype the engine casts the base to (DeepSpeed's bf16), or None
     reduce_bucket: int | None = None  # DeepSpeed: the JSON's reduce_bucket_size; None: sized to the adapter
-    zero_modelled: bool = True  # DeepSpeed: False where the JSON lays its optimizer out otherwise (offload, ...)
+    zero_modelled: bool = True  # DeepSpeed: False where the JSON lays its optimizer out otherwise (data_types, ...)
+    offload_optimizer: bool = False  # the trainable state in host memory (ZeRO-Offload; FSDP2's cpu_offload)
+    offload_param: bool = False  # the sharded base in host memory (ZeRO-3's offload_param; FSDP2's cpu_offload)
+    grad_accum: int = 1  # micro-batches a step (ZeRO-2's offload keeps gradients apart between them)
 
     def describe(self) -> str:
         if self.engine == "fsdp":
@@ -69,7 +72,7 @@ def layout(cfg: RunConfig, world: int, nproc_per_node: int | None = None) -> Lay
             raise ConfigError("parallel.replicate: nodes is one replica group per node: give --nproc-per-node")
         replicas = replica_groups(p.replicate, world, nproc_per_node or world)
         check_replica_groups(replicas, world)
-        return Layout("fsdp", world, world // replicas)
+        return Layout("fsdp", world, world // replicas, offload_optimizer=p.cpu_offload, offload_param=p.cpu_offload)
     if p.backend == "deepspeed":
         from dist_lora.backends.deepspeed_config import ds_config
         from dist_lora.train import grad_accum_steps
@@ -89,7 +92,6 @@ def layout(cfg: RunConfig, world: int, nproc_per_node: int | None = None) -> Lay
         zero = config["zero_optimization"]
         threshold = int(zero.get("stage3_param_persistence_threshold", 0))
         bucket = zero.get("reduce_bucket_size")  # (ds_config sizes it to the adapter when the JSON does not)
-        offloaded = any(zero.get(k, {}).get("device", "none") != "none" for k in ("offload_optimizer", "offload_param"))
         stage = p.zero_stage
         return Layout(
             "deepspeed",
@@ -99,7 +101,13 @@ def layout(cfg: RunConfig, world: int, nproc_per_node: int | None = None) -> Lay
             threshold,
             torch.bfloat16 if bf16 else None,
             reduce_bucket=None if bucket is None else int(bucket),
-            zero_modelled=not offloaded and "data_types" not in config and not zero.get("parameter_alignment"),
+            zero_modelled="data_types" not in config
+            and not zero.get("parameter_alignment")
+            and not zero.get("zenflow")
+            and float(zero.get("offload_optimizer", {}).get("ratio", 1.0)) == 1.0,  # (a partial offload)
+            offload_optimizer=zero.get("offload_optimizer", {}).get("device", "none") == "cpu",
+            offload_param=stage == 3 and zero.get("offload_param", {}).get("device", "none") == "cpu",
+            grad_accum=grad_accum_steps(t, world),
         )
     return Layout(p.backend, world, 1)
 
@@ -118,64 +126,104 @@ def frozen_bytes(model: nn.Module, lay: Layout) -> int:
     persistence threshold, gathered into a buffer of ``world`` partitions at the first forward and kept; the other
     engines all of it. An NF4 weight counts its 4-bit data and scalers (QLoRA shards only weights whose rows split
     evenly). Every rank holds the same."""
+    return _frozen(model, lay)[0]
+
+
+def frozen_host_bytes(model: nn.Module, lay: Layout) -> int:
+    """Of :func:`frozen_bytes`, what is in host memory: FSDP2's shards under ``cpu_offload``, ZeRO-3's partitions
+    under ``offload_param`` (a persistent tensor's whole copy is on the device); the buffers stay on the device."""
+    return _frozen(model, lay)[1]
+
+
+def _frozen(model: nn.Module, lay: Layout) -> tuple[int, int]:
+    """(all of it, in host memory): see :func:`frozen_bytes`."""
     from dist_lora.backends.fsdp import shard_dim
     from dist_lora.quantize import is_nf4, nf4_bytes
 
     total = sum(b.numel() * b.element_size() for b in model.buffers())
+    host = 0
     for p in model.parameters():
         if p.requires_grad:
             continue
         if is_nf4(p):
             total += nf4_bytes(p) // lay.shards
+            host += nf4_bytes(p) // lay.shards if lay.offload_param else 0
             continue
         shape = tuple(p.shape)
+        size = lay.cast.itemsize if lay.cast is not None and p.is_floating_point() else p.element_size()
         if lay.engine == "fsdp" and lay.shards > 1:
             held = p.numel() // lay.shards if shard_dim(shape, lay.shards) else _fsdp_held(shape, lay.shards)
+            offloaded = held
         elif lay.engine == "deepspeed" and lay.zero_stage == 3:  # (a persistent tensor: gathered whole, padded)
             part = math.ceil(p.numel() / lay.world)
             held = part + (part * lay.world if p.numel() <= lay.persistence_threshold else 0)
+            offloaded = part
         else:
-            held = p.numel()
-        size = lay.cast.itemsize if lay.cast is not None and p.is_floating_point() else p.element_size()
+            held = offloaded = p.numel()
         total += held * size
-    return total
+        host += offloaded * size if lay.offload_param else 0
+    return total, host
 
 
 def trainable_state_bytes(model: nn.Module, lay: Layout, groups: list[list[nn.Parameter]] | None = None) -> int | None:
     """Bytes of the adapter's state on each rank at the optimizer step: the trainable parameters, their gradients
     and AdamW's two moments, sharded as the base on FSDP2, whole on DDP and a single process; under DeepSpeed as its
-    ZeRO stage lays them out (:func:`_zero_trainable_bytes`; ``groups``: the optimizer's parameter groups, each
-    flattened on its own). None under DeepSpeed's offload, a ``data_types`` section or ``parameter_alignment``, which
-    lay it out otherwise."""
+    ZeRO stage lays them out (:func:`_zero_trainable`; ``groups``: the optimizer's parameter groups, each flattened
+    on its own). None under DeepSpeed with a ``data_types`` section, ``parameter_alignment``, ZenFlow or a partial
+    offload (``offload_optimizer.ratio``), which lay it out otherwise."""
+    held = _trainable(model, lay, groups)
+    return None if held is None else held[0] + held[1]
+
+
+def trainable_host_bytes(model: nn.Module, lay: Layout, groups: list[list[nn.Parameter]] | None = None) -> int | None:
+    """Of :func:`trainable_state_bytes`, what is in host memory: all of it under FSDP2's ``cpu_offload``, ZeRO's
+    offloaded buffers under DeepSpeed's ``offload_optimizer`` (:func:`_zero_trainable`), else nothing."""
+    held = _trainable(model, lay, groups)
+    return None if held is None else held[1]
+
+
+def _trainable(model: nn.Module, lay: Layout, groups: list[list[nn.Parameter]] | None) -> tuple[int, int] | None:
+    """(on the device, in host memory): see :func:`trainable_state_bytes`."""
     trained = [p for p in model.parameters() if p.requires_grad]
     if lay.engine == "deepspeed":
-        return _zero_trainable_bytes(groups or [trained], lay) if lay.zero_modelled else None
+        return _zero_trainable(groups or [trained], lay) if lay.zero_modelled else None
     total = 0
     for p in trained:
         held = _fsdp_held(tuple(p.shape), lay.shards) if lay.engine == "fsdp" else p.numel()
         total += held * p.element_size() * (1 + OPTIMIZER_COPIES)
-    return total
+    return (0, total) if lay.offload_optimizer else (total, 0)
 
 
-def _zero_trainable_bytes(groups: list[list[nn.Parameter]], lay: Layout) -> int:
-    """The adapter's state under DeepSpeed at the optimizer step, per rank. DeepSpeed flattens each parameter group
-    on its own (LoRA+'s A, B and bias groups: three) and steps them one after another; its dtype is bf16 under its
-    bf16, else float32, and every float32 copy is a partition of a group (``P_i`` elements, ``P`` for all):
+NORM_BYTES = 8  # ZeRO-Offload: a float64 norm of each gradient it copies to host memory
+
+
+def _zero_trainable(groups: list[list[nn.Parameter]], lay: Layout) -> tuple[int, int]:
+    """The adapter's state under DeepSpeed at the optimizer step, per rank, (on the device, in host memory).
+    DeepSpeed flattens each parameter group on its own (LoRA+'s A, B and bias groups: three) and steps them one after
+    another; its dtype is bf16 under its bf16, else float32, and every float32 copy is a partition of a group
+    (``P_i`` elements, ``P`` for all):
 
     - ZeRO-1/2: each group's flat parameters whole, padded to a multiple of twice the world size, in the engine's
       dtype (it casts the model to bf16 under its bf16), and its float32 master partition and AdamW's two moments
       (``3 * P * 4``). As it steps group ``i`` it holds that group's float32 gradient partition (``P_i * 4``) and,
       but for the last group, the reduced gradients of every tensor that reaches into the rank's partition of any
-      group, each whole, in the engine's dtype (freed before the last group's step; :func:`_reduced_grads`). The
+      group, each whole, in the engine's dtype (freed before the last group's step; :func:`_reaching`). The
       backward holds the gradients whole on top while it reduces them, and frees them before the step.
+      With ``offload_optimizer`` the flat parameters stay on the device beside a staging buffer of the largest
+      tensor and a norm of each tensor reaching into the partition (:data:`NORM_BYTES`); host memory holds the
+      master partition, its gradient and the moments (``4 * P * 4``, every group's gradient kept), a copy of the
+      partition in the engine's dtype, a staging buffer of the largest tensor and, where a step accumulates
+      micro-batches in float32 (the engine's dtype), each reaching tensor's gradient whole.
     - ZeRO-3: each parameter's partition (``ceil(numel / world)``; one under the persistence threshold takes no more,
       measured) in the engine's dtype, its gradient partition (in the parameter's own dtype under DeepSpeed's bf16,
       float32 otherwise), the float32 master and AdamW's two moments (``3 * P * 4``), the float32 gradient of the
       group being stepped (the largest ``P_i * 4``), and the gradient reduction bucket in DeepSpeed's dtype, kept
-      for the run (the adapter's elements, or the JSON's ``reduce_bucket_size``).
+      for the run (the adapter's elements, or the JSON's ``reduce_bucket_size``). With ``offload_optimizer`` all but
+      the parameter partitions and the bucket are in host memory, beside a norm of each tensor; with
+      ``offload_param`` the parameter partitions too.
 
-    Measured equal (to AdamW's step counters) with one group and with LoRA+'s, at 2 and 3 ranks
-    (tests/test_check.py)."""
+    Measured equal (to AdamW's step counters) with one group and with LoRA+'s, at 2 and 3 ranks, offloaded or not,
+    the host memory's share told by what DeepSpeed pins (tests/test_check.py)."""
     zero_dtype = 2 if lay.cast is not None else 4
     own = groups[0][0].element_size()  # (lora.one_trainable_dtype: one dtype for all)
     size = 2 if lay.cast is not None else own
@@ -183,31 +231,58 @@ def _zero_trainable_bytes(groups: list[list[nn.Parameter]], lay: Layout) -> int:
     if lay.zero_stage != 3:
         align = 2 * lay.world
         parts = [math.ceil(sum(p.numel() for p in params) / align) * align // lay.world for params in groups]
+        flat = sum(part * lay.world * size for part in parts)
+        if lay.offload_optimizer:
+            reaching = _reaching(groups, parts, lay.world)
+            return max((_zero12_offloaded(lay, groups, parts, tensors, size) for tensors in reaching), key=sum)
         *first, last = parts
-        reduced = _reduced_grads(groups, parts, lay.world) * size
+        reduced = max(sum(p.numel() for p in ps) for ps in _reaching(groups, parts, lay.world)) * size
         stepping = max([last * 4] + [part * 4 + reduced for part in first])
-        return sum(part * lay.world * size + 3 * part * 4 for part in parts) + stepping
+        return flat + sum(3 * part * 4 for part in parts) + stepping, 0
     parts = [sum(math.ceil(p.numel() / lay.world) for p in params) for params in groups]
     part = sum(parts)
     grad = own if lay.cast is not None else 4
-    bucket = lay.reduce_bucket or numel
-    return part * size + part * grad + 3 * part * 4 + max(parts) * 4 + bucket * zero_dtype
+    bucket = (lay.reduce_bucket or numel) * zero_dtype
+    if lay.offload_optimizer:
+        partitions = part * size
+        host = part * grad + 3 * part * 4 + part * 4  # (each group's float32 gradient kept)
+        device = bucket + NORM_BYTES * sum(len(params) for params in groups)
+        return (device, host + partitions) if lay.offload_param else (device + partitions, host)
+    return part * size + part * grad + 3 * part * 4 + max(parts) * 4 + bucket, 0
 
 
-def _reduced_grads(groups: list[list[nn.Parameter]], parts: list[int], world: int) -> int:
-    """ZeRO-1/2: the most elements any rank keeps of reduced gradients while it steps its parameter groups: in each
-    flat group, every tensor that reaches into the rank's partition of ``parts[i]`` elements counts whole (a tensor
-    across a partition boundary is kept by the ranks on both sides)."""
-    most = 0
+def _zero12_offloaded(
+    lay: Layout, groups: list[list[nn.Parameter]], parts: list[int], reaching: list[nn.Parameter], size: int
+) -> tuple[int, int]:
+    """ZeRO-1/2 with ``offload_optimizer``: (on the device, in host memory) on a rank whose partitions the tensors
+    ``reaching`` reach into; see :func:`_zero_trainable`."""
+    trained = [p for params in groups for p in params]
+    staging = max(p.numel() for p in trained) * size  # (one on each side)
+    device = sum(part * lay.world * size for part in parts) + staging + NORM_BYTES * len(reaching)
+    host = sum(parts) * (16 + size) + staging
+    if lay.cast is None and trained[0].element_size() == 2:  # a half-precision base: gradients summed in float32
+        device += sum(parts) * 4
+        if lay.zero_stage == 1:  # (and, until the step, every tensor's float32 gradient whole)
+            device += sum(p.numel() for p in trained) * 4
+    elif lay.zero_stage == 2 and lay.grad_accum > 1:  # micro-batches summed in host memory, each tensor whole
+        host += sum(p.numel() for p in reaching) * size
+    return device, host
+
+
+def _reaching(groups: list[list[nn.Parameter]], parts: list[int], world: int) -> list[list[nn.Parameter]]:
+    """ZeRO-1/2: for each rank, the tensors that reach into its partition of each flat group (``parts[i]``
+    elements): a tensor across a partition boundary reaches into the partitions on both sides."""
+    found = []
     for rank in range(world):
-        kept = 0
+        reaching = []
         for params, part in zip(groups, parts, strict=True):
             low, high, start = rank * part, (rank + 1) * part, 0
             for p in params:
-                kept += p.numel() if start < high and start + p.numel() > low else 0
+                if start < high and start + p.numel() > low:
+                    reaching.append(p)
                 start += p.numel()
-        most = max(most, kept)
-    return most
+        found.append(reaching)
+    return found
 
 
 def gathered_bytes(model: nn.Module, cfg: RunConfig) -> int:
@@ -240,6 +315,7 @@ class Report:
     trainable_state_bytes_per_rank: int | None
     grad_accum: int
     gathered_bytes_per_rank: int = 0  # FSDP2's keep_base_gathered: the whole base, in the compute dtype
+    host_bytes_per_rank: int = 0  # of the frozen base and the trainable state, what is offloaded to host memory
     rows: int | None = None
     eval_rows: int | None = None  # over every eval set
     eval_sets: dict[str, int] | None = None  # named eval sets' rows (data.eval_path as {name: source})
@@ -336,6 +412,7 @@ def check_run(
     optimizer = adamw(model, [p for p in model.parameters() if p.requires_grad], cfg.train)
     resume = check_resume(cfg, model, optimizer)
     frozen = [p for p in model.parameters() if not p.requires_grad]
+    groups = [g["params"] for g in optimizer.param_groups]
     return Report(
         config=config_name,
         world=world,
@@ -347,9 +424,10 @@ def check_run(
         lora_layers=sum(1 for _ in _lora_modules(model)),
         trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
         frozen_bytes_per_rank=frozen_bytes(model, lay),
-        trainable_state_bytes_per_rank=trainable_state_bytes(model, lay, [g["params"] for g in optimizer.param_groups]),
+        trainable_state_bytes_per_rank=trainable_state_bytes(model, lay, groups),
         grad_accum=accum,
         gathered_bytes_per_rank=gathered_bytes(model, cfg) if lay.engine == "fsdp" else 0,
+        host_bytes_per_rank=frozen_host_bytes(model, lay) + (trainable_host_bytes(model, lay, groups) or 0),
         rows=rows,
         eval_rows=eval_rows,
         eval_sets=named_evals,
@@ -361,25 +439,24 @@ def check_run(
     )
 
 
-def device_bytes(r: Report, cfg: RunConfig) -> int:
+def device_bytes(r: Report) -> int:
     """What each rank's device holds of the model before any activation: the frozen base, the trainable state and
-    a base kept gathered; with ``parallel.cpu_offload`` the shards and the optimizer state are in host memory
-    instead, and only a base kept gathered counts."""
+    a base kept gathered, less what is offloaded to host memory (``parallel.cpu_offload``, DeepSpeed's offload)."""
     state = r.trainable_state_bytes_per_rank or 0
-    sharded = 0 if cfg.parallel.cpu_offload else r.frozen_bytes_per_rank + state
-    return sharded + r.gathered_bytes_per_rank
+    return r.frozen_bytes_per_rank + state - r.host_bytes_per_rank + r.gathered_bytes_per_rank
 
 
 def check_fits(r: Report, cfg: RunConfig, device_gb: float) -> None:
     """Refuse a layout whose model state alone exceeds ``device_gb`` (GB, 10^9 bytes) per rank, naming the way out."""
-    need = device_bytes(r, cfg)
+    need = device_bytes(r)
     if need > device_gb * 1e9:
         ways = ["more ranks to shard over (FSDP2, ZeRO-3)"]
         if cfg.parallel.keep_base_gathered:
             ways.insert(0, "parallel.keep_base_gathered: false")
         if cfg.model.quantization == "none":
             ways.append("model.quantization: nf4")
-        ways.append("parallel.cpu_offload: true")
+        if not cfg.parallel.cpu_offload:
+            ways.append("parallel.cpu_offload: true")
         raise ConfigError(
             f"the model state alone takes {_size(need)} per rank, more than --device-memory {device_gb:g} GB, before "
             f"any activation: try {', or '.join(ways)}"
@@ -424,13 +501,17 @@ def describe(r: Report, cfg: RunConfig) -> str:
         f"            frozen base {_size(r.frozen_bytes_per_rank)}",
         f"            trainable state {_size(state)} (the adapter, its gradients, AdamW's two moments{zero})"
         if state is not None
-        else "            trainable state: not modelled for this DeepSpeed layout (offload, data_types)",
+        else "            trainable state: not modelled for this DeepSpeed layout (data_types, parameter_alignment, "
+        "zenflow, a partial offload)",
     ]
     if r.gathered_bytes_per_rank:
         gathered = _size(r.gathered_bytes_per_rank)
         lines.append(f"            the whole base kept gathered (parallel.keep_base_gathered) {gathered}")
-    if cfg.parallel.cpu_offload:
-        lines.append("            (parallel.cpu_offload: the shards and the optimizer state in host memory)")
+    if r.host_bytes_per_rank:
+        on_device = _size(device_bytes(r))
+        lines.append(
+            f"            of which offloaded to host memory {_size(r.host_bytes_per_rank)}: {on_device} on the device"
+        )
     lines.append(f"{'':12}+ activations and the blocks gathered for compute (the metrics' peak_memory_gib)")
     for row in r.shown_rows or []:
         lines.append(

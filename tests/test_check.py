@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from dist_lora.check import check_run, describe, layout
+from dist_lora.check import _size, check_run, describe, device_bytes, layout
 from dist_lora.config import ConfigError, load_config
 from dist_lora.data import prepare_data
 from dist_lora.demo import build_tokenizer, corpus_path
@@ -115,11 +115,24 @@ def test_a_deepspeed_json_is_read_as_the_engine_reads_it(gpt2_base, tmp_path):
     ds.write_text(json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": 1000}}))
     lay = layout(tiny(gpt2_base, tmp_path, *extra), 4)
     assert (lay.shards, lay.persistence_threshold) == (4, 1000)
-    # offloaded, the optimizer's state is laid out otherwise (host buffers): not modelled, and said so
+    # offloaded (ZeRO-3's optimizer state and partitions in host memory), the device holds the rest: the persistent
+    # tensors gathered, the reduction bucket (the figures: test_the_trainable_state_is_what_each_engine_allocates...)
     cfg = tiny(gpt2_base, tmp_path, *extra, "parallel.zero_stage=3", "parallel.cpu_offload=true")
     r = check_run(cfg, world=2, data=False)
+    on_device = r.frozen_bytes_per_rank + r.trainable_state_bytes_per_rank - r.host_bytes_per_rank
+    assert 0 < on_device < r.host_bytes_per_rank and device_bytes(r) == on_device
+    assert f"of which offloaded to host memory {_size(r.host_bytes_per_rank)}: {_size(on_device)} on the device" in (
+        describe(r, cfg)
+    )
+    assert (
+        device_bytes(check_run(replace(cfg, parallel=replace(cfg.parallel, cpu_offload=False)), world=2, data=False))
+        > on_device
+    )
+    # a JSON that lays ZeRO's optimizer out otherwise (data_types): not modelled, and said so
+    ds.write_text(json.dumps({"data_types": {"grad_accum_dtype": "fp32"}}))
+    r = check_run(tiny(gpt2_base, tmp_path, *extra), world=2, data=False)
     assert r.trainable_state_bytes_per_rank is None
-    assert "trainable state: not modelled for this DeepSpeed layout (offload" in describe(r, cfg)
+    assert "trainable state: not modelled for this DeepSpeed layout (data_types" in describe(r, cfg)
 
 
 STATE_WORKER = ROOT / "tests" / "workers" / "state_worker.py"
@@ -135,16 +148,23 @@ def test_the_trainable_state_is_what_each_engine_allocates_at_its_optimizer_step
     DDP, ZeRO-1/2 (flat groups padded to twice the world size, float32 partitions) and ZeRO-3 (partitions, the
     reduction bucket), in float32, under DeepSpeed's bf16 with float32 adapters or with biases that made them bf16,
     over a bf16 base without it, with a JSON's bucket size and persistence threshold; at 3 ranks the partitions are
-    uneven (r=5); and with LoRA+'s three parameter groups (A, B, biases), which DeepSpeed flattens and steps one
-    after another, on ZeRO-1, 2 and 3."""
+    uneven (r=5); with LoRA+'s three parameter groups (A, B, biases), which DeepSpeed flattens and steps one
+    after another, on ZeRO-1, 2 and 3; and under ZeRO-Offload (ZeRO-1/2's optimizer side, ZeRO-3's with and without
+    its parameters), where the share in host memory is checked too: what DeepSpeed pins as it places it (its host
+    buffers; on this CPU every tensor is in host memory, so where a tensor is cannot tell), and the optimizer's
+    parameters and state, which it steps on the host; and the frozen base's partitions that it pinned."""
     from dist_lora.demo import corpus_path
 
     ds = tmp_path / "ds.json"
     ds.write_text(
         json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": 500, "reduce_bucket_size": 1000}})
     )
+    optimizer_only = tmp_path / "offload.json"
+    optimizer_only.write_text(
+        json.dumps({"zero_optimization": {"offload_optimizer": {"device": "cpu", "pin_memory": True}}})
+    )
     zero = ["parallel.backend=deepspeed", "parallel.zero_stage"]
-    bias, bf16 = ["lora.bias=lora_only"], ["parallel.mixed_precision=bf16"]
+    bias, bf16, offload = ["lora.bias=lora_only"], ["parallel.mixed_precision=bf16"], ["parallel.cpu_offload=true"]
     cases = {
         "fsdp": ["parallel.backend=fsdp", *bias],
         "fsdp-bf16-base": ["parallel.backend=fsdp", "model.dtype=bfloat16", *bias],
@@ -161,6 +181,30 @@ def test_the_trainable_state_is_what_each_engine_allocates_at_its_optimizer_step
         "zero2-loraplus": [*zero[:1], f"{zero[1]}=2", "train.loraplus_lr_ratio=16", *bias],
         "zero3-loraplus": [*zero[:1], f"{zero[1]}=3", "train.loraplus_lr_ratio=16", *bias],
         "zero3-bf16-loraplus": [*zero[:1], f"{zero[1]}=3", *bf16, "train.loraplus_lr_ratio=16", *bias],
+        # ZeRO-Offload (parallel.cpu_offload: the optimizer's side, at ZeRO-3 the parameters' too; or the JSON's)
+        "zero1-offload": [*zero[:1], f"{zero[1]}=1", *offload, *bias],
+        "zero1-bf16-base-offload": [*zero[:1], f"{zero[1]}=1", "model.dtype=bfloat16", *offload, *bias],
+        "zero2-offload": [*zero[:1], f"{zero[1]}=2", *offload, *bias],
+        "zero2-bf16-offload-loraplus": [
+            *zero[:1],
+            f"{zero[1]}=2",
+            *bf16,
+            *offload,
+            "train.loraplus_lr_ratio=16",
+            *bias,
+        ],
+        "zero2-bf16-base-offload": [*zero[:1], f"{zero[1]}=2", "model.dtype=bfloat16", *offload, *bias],
+        "zero3-offload": [*zero[:1], f"{zero[1]}=3", *offload, *bias],
+        "zero3-offload-optimizer": [*zero[:1], f"{zero[1]}=3", f"parallel.deepspeed_config={optimizer_only}", *bias],
+        "zero3-bf16-offload-loraplus": [
+            *zero[:1],
+            f"{zero[1]}=3",
+            *bf16,
+            *offload,
+            "train.loraplus_lr_ratio=16",
+            *bias,
+        ],
+        "zero3-json-offload": [*zero[:1], f"{zero[1]}=3", f"parallel.deepspeed_config={ds}", *offload, *bias],
     }
     common = [
         f"model.name_or_path={gpt2_base}",
@@ -175,11 +219,13 @@ def test_the_trainable_state_is_what_each_engine_allocates_at_its_optimizer_step
     run_worker(world, {"runs": runs, "out": str(tmp_path)}, worker=STATE_WORKER)
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
     for name in cases:
-        held = [report[name]["held"] for report in reports]
-        estimated = reports[0][name]["estimated"]
+        held = [report[name]["held"] for report in reports]  # [all of it, in host memory] on each rank
+        estimated, host_estimated = reports[0][name]["estimated"]
         counters = 64 + 4 * 12  # AdamW's step counters (a float32 scalar a tensor on FSDP2 and DDP), and such
-        assert 0 <= max(held) - estimated <= counters, (name, held, estimated)  # the rank holding the most
-        for report in reports:  # the frozen base likewise, storage by storage
+        assert 0 <= max(h[0] for h in held) - estimated <= counters, (name, held, estimated)  # the rank holding most
+        assert 0 <= max(h[1] for h in held) - host_estimated <= counters, (name, held, host_estimated)
+        assert (host_estimated > 0) == ("offload" in name), (name, host_estimated)
+        for report in reports:  # the frozen base likewise, storage by storage: [all of it, in host memory]
             frozen, frozen_estimated = report[name]["frozen"]
             assert frozen == frozen_estimated, (name, report[name])
 

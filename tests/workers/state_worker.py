@@ -16,6 +16,7 @@ from __future__ import annotations
 import gc
 import json
 import sys
+import weakref
 from pathlib import Path
 
 import torch
@@ -23,7 +24,14 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch.distributed.tensor import DTensor
 
 import dist_lora.backends as backends
-from dist_lora.check import build_meta_model, frozen_bytes, layout, trainable_state_bytes
+from dist_lora.check import (
+    build_meta_model,
+    frozen_bytes,
+    frozen_host_bytes,
+    layout,
+    trainable_host_bytes,
+    trainable_state_bytes,
+)
 from dist_lora.config import load_config
 from dist_lora.distributed import shutdown
 from dist_lora.train import Trainer, adamw
@@ -58,11 +66,46 @@ def frozen_storages(module: torch.nn.Module) -> set[int]:
     return found
 
 
+class Pinned:
+    """The storages DeepSpeed pins (``get_accelerator().pin_memory``): what it puts in host memory under its
+    offload, found as it places them, not by where they are (on this CPU every tensor is in host memory). Each is
+    held, so that no later tensor takes the address of one freed."""
+
+    def __init__(self) -> None:
+        from deepspeed.accelerator import get_accelerator
+
+        self.accelerator = get_accelerator()
+        self.storages: dict[int, torch.UntypedStorage] = {}
+        self.tensors: list[weakref.ref[torch.Tensor]] = []  # (a ZeRO-3 partition the load then maps onto the files)
+        pin = self.accelerator.pin_memory
+
+        def pinning(tensor, *args, **kwargs):
+            pinned = pin(tensor, *args, **kwargs)
+            self.storages[pinned.untyped_storage().data_ptr()] = pinned.untyped_storage()
+            self.tensors.append(weakref.ref(pinned))
+            return pinned
+
+        self.accelerator.pin_memory = pinning
+
+    def pinned(self, tensor: torch.Tensor) -> bool:
+        return tensor is not None and any(ref() is tensor for ref in self.tensors)
+
+    def host(self, optimizer: torch.optim.Optimizer, offloaded: bool) -> set[int]:
+        """The pinned storages and, where the optimizer is ``offloaded`` (it steps on the host), its parameters (ZeRO's
+        float32 master partitions: ZeRO-3 does not pin them) and their state."""
+        found = set(self.storages)
+        for param, state in optimizer.state.items() if offloaded else ():
+            found.add(param.untyped_storage().data_ptr())
+            found.update(t.untyped_storage().data_ptr() for t in state.values() if isinstance(t, torch.Tensor))
+        return found
+
+
 def main() -> None:
     args = json.loads(sys.argv[1])
     out = Path(args["out"])
     report, rank = {}, 0
     build = backends.build
+    pinned = Pinned()
     for run in args["runs"]:
         before: dict[int, torch.UntypedStorage] = {}  # held, so that no later tensor takes one's address
 
@@ -80,14 +123,19 @@ def main() -> None:
         rank, world = trainer.rank, trainer.backend.world_size
         module = trainer.backend.model
         module = module.module if hasattr(module, "module") else module
-        held = []
+        held: list[tuple[int, int]] = []  # (all of it, what is in host memory)
+        optimizer = trainer.backend.stepping_optimizer()
+        zero = getattr(trainer.backend, "zero", None)
+        offloaded = bool(getattr(zero, "cpu_offload", False) or getattr(zero, "offload_optimizer", False))
 
-        def measure(*_, module=module, before=before, held=held):
+        def measure(*_, module=module, before=before, held=held, optimizer=optimizer, offloaded=offloaded):
             gc.collect()
             excluded = before.keys() | frozen_storages(module)
-            held.append(sum(v.nbytes() for k, v in storages().items() if k not in excluded))
+            left = {k: v.nbytes() for k, v in storages().items() if k not in excluded}
+            host = pinned.host(optimizer, offloaded)
+            held.append((sum(left.values()), sum(n for k, n in left.items() if k in host)))
 
-        hook = trainer.backend.stepping_optimizer().register_step_pre_hook(measure)
+        hook = optimizer.register_step_pre_hook(measure)
         trainer.train_step()
         held.clear()
         trainer.train_step()  # (ZeRO steps its optimizer once per parameter group: the largest counts)
@@ -98,8 +146,18 @@ def main() -> None:
         groups = [g["params"] for g in adamw(model, trained, trainer.cfg.train).param_groups]
         estimated = trainable_state_bytes(model, lay, groups)
         alive = storages()
-        frozen = sum(alive[k].nbytes() for k in frozen_storages(module) if k in alive)
-        report[run["name"]] = {"held": max(held), "estimated": estimated, "frozen": [frozen, frozen_bytes(model, lay)]}
+        base = {k: alive[k].nbytes() for k in frozen_storages(module) if k in alive}
+        offloaded = {  # (ZeRO-3's partitions that DeepSpeed pinned, as it does under offload_param)
+            p.ds_tensor.untyped_storage().data_ptr()
+            for p in module.parameters()
+            if not p.requires_grad and pinned.pinned(getattr(p, "ds_tensor", None))
+        }
+        frozen = [sum(base.values()), sum(n for k, n in base.items() if k in offloaded)]
+        report[run["name"]] = {
+            "held": max(held),  # (ZeRO steps one parameter group after another: the step that holds the most)
+            "estimated": [estimated, trainable_host_bytes(model, lay, groups)],
+            "frozen": [frozen, [frozen_bytes(model, lay), frozen_host_bytes(model, lay)]],
+        }
         trainer.checkpointer.release_lease()
         del trainer, module
         gc.collect()
