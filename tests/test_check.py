@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from dist_lora.check import _size, check_run, describe, device_bytes, layout
+from dist_lora.check import _size, check_fits, check_run, describe, device_bytes, layout
 from dist_lora.config import ConfigError, load_config
 from dist_lora.data import prepare_data
 from dist_lora.demo import build_tokenizer, corpus_path
@@ -128,6 +128,15 @@ def test_a_deepspeed_json_is_read_as_the_engine_reads_it(gpt2_base, tmp_path):
         device_bytes(check_run(replace(cfg, parallel=replace(cfg.parallel, cpu_offload=False)), world=2, data=False))
         > on_device
     )
+    # ZeRO-2 offloads its optimizer's side only: the whole replica and the flat groups stay on the GPU
+    zero2 = tiny(
+        gpt2_base, tmp_path, "parallel.backend=deepspeed", "parallel.zero_stage=2", "parallel.cpu_offload=true"
+    )
+    r = check_run(zero2, world=2, data=False)
+    assert 0 < r.host_bytes_per_rank < r.trainable_state_bytes_per_rank
+    assert device_bytes(r) > r.frozen_bytes_per_rank
+    with pytest.raises(ConfigError, match="more than --device-memory"):
+        check_fits(r, zero2, r.frozen_bytes_per_rank / 1e9)
     # a JSON that lays ZeRO's optimizer out otherwise (data_types): not modelled, and said so
     ds.write_text(json.dumps({"data_types": {"grad_accum_dtype": "fp32"}}))
     r = check_run(tiny(gpt2_base, tmp_path, *extra), world=2, data=False)
