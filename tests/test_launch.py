@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,38 @@ def test_dockerfile_passes_hadolint():
     assert out.returncode == 0, out.stdout + out.stderr
     ignore = (ROOT / ".dockerignore").read_text().split()
     assert ".git" in ignore and ".venv" in ignore
+
+
+def test_a_wheel_holds_the_package_data(tmp_path):
+    """The image installs the package as a wheel (``pip install .``), not in place: every file under
+    dist_lora/assets (the demo's corpus, the built-in chat templates) must be in it, as setuptools leaves out any
+    file that is not Python unless told."""
+    src = tmp_path / "src"  # (a copy, as the image's is: setuptools stages its build in the tree)
+    shutil.copytree(ROOT / "dist_lora", src / "dist_lora", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PIP_NO_INDEX": "1"},
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    (wheel,) = tmp_path.glob("*.whl")
+    held = set(zipfile.ZipFile(wheel).namelist())
+    assets = {p.relative_to(ROOT).as_posix() for p in (ROOT / "dist_lora" / "assets").rglob("*") if p.is_file()}
+    assert assets and assets <= held, assets - held
 
 
 def test_kubernetes_manifest_is_a_valid_pytorchjob():
