@@ -7,7 +7,8 @@ its DeepSpeed JSON read, the global batch split over the world size, the base bu
 loaded, the data tokenized into this machine's cache (where a job on this machine then finds it) and the run's length
 worked out. Then what each rank will hold of the model as its engine lays it out: the frozen base (FSDP2's row
 chunks, ZeRO-3's partitions, or a whole replica) and the trainable state, and, offloaded, how much of them is in host
-memory. Activations and the blocks gathered for compute come on top; the trainer logs each step's peak (``peak_memory_gib`` in the metrics).
+memory. Activations and the blocks gathered for compute come on top; the trainer logs each step's peak
+(``peak_memory_gib`` in the metrics).
 """
 
 from __future__ import annotations

@@ -303,7 +303,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="chat: each prompt is a user turn through the chat template; text, completion: sent as it is "
         "(default: as the run trained, its data.format)",
     )
-    p.add_argument("--chat-template", help="a Jinja chat template or its file, instead of the run's or the base's")
+    p.add_argument(
+        "--chat-template",
+        help="a Jinja chat template, its file or a built-in (chatml, llama3, gemma), in place of the run's",
+    )
     p.add_argument("--system", help="a system turn before each prompt (chat)")
     p.add_argument("--tools", help="a JSON file of tool schemas, given to the chat template (chat)")
     p.add_argument("--compare-base", action="store_true", help="answer with the adapter off too")

@@ -40,6 +40,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -563,7 +564,7 @@ def _tokenize_fn(cfg: DataConfig, tokenizer: Any) -> Callable[[dict[str, list], 
         if not tokenizer.chat_template:
             raise DataError(
                 "prompts and completions as lists of messages are rendered by a chat template, and this tokenizer "
-                "has none: set data.chat_template (a Jinja template, or a file holding one)"
+                f"has none: {no_template_fix(tokenizer)}"
             )
         texts, spans = [], []
         tools = batch.get(_tools_column(cfg)) or [None] * len(indices)
@@ -860,10 +861,8 @@ def build_cache(cfg: DataConfig, tokenizer: Any, seed: int, key: str) -> tuple[P
     if (final / "meta.json").is_file():
         return final, False
     if cfg.format == "chat" and not tokenizer.chat_template:
-        raise DataError(
-            "data.format chat needs a chat template, and this tokenizer has none: set data.chat_template (a Jinja "
-            "template, or a file holding one)"
-        )
+        fix = no_template_fix(tokenizer)
+        raise DataError(f"data.format chat needs a chat template, and this tokenizer has none: {fix}")
     if cfg.format != "text" and not getattr(tokenizer, "is_fast", False):
         raise DataError(
             f"data.format {cfg.format} finds answer tokens by character offsets, which needs a fast tokenizer "
@@ -1131,22 +1130,63 @@ class TrainData:
             yield rows.batch(ids) if ids else rows.batch([0], no_targets=True)
 
 
+CHAT_TEMPLATES = {  # built-in templates (dist_lora/assets/chat_templates), by the special tokens each needs
+    "chatml": ("<|im_start|>", "<|im_end|>"),
+    "llama3": ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+    "gemma": ("<start_of_turn>", "<end_of_turn>"),
+}
+
+
+def _one_token(tokenizer: Any, text: str) -> bool:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"]) == 1
+
+
+def fitting_templates(tokenizer: Any) -> list[str]:
+    """The built-in chat templates whose special tokens this tokenizer has, each one token."""
+    return [name for name, tokens in CHAT_TEMPLATES.items() if all(_one_token(tokenizer, t) for t in tokens)]
+
+
+def no_template_fix(tokenizer: Any, what: str = "data.chat_template") -> str:
+    """How to give a tokenizer without a chat template one: ``what``, a built-in fitting its tokens first."""
+    fitting = fitting_templates(tokenizer)
+    names = ", ".join(CHAT_TEMPLATES)
+    if fitting:
+        return f"set {what}: {fitting[0]} (built in, and this tokenizer has its special tokens), or a Jinja template"
+    return f"set {what} (a Jinja template, a file holding one, or a built-in: {names})"
+
+
 def set_chat_template(tokenizer: Any, template: str | None, what: str = "data.chat_template") -> None:
-    """``data.chat_template``: a Jinja template, or the path of a file holding one, set on the tokenizer. A value
-    that is neither (no ``{`` of Jinja's syntax, no such file: a mistyped path) is an error naming ``what``, not a
-    template that renders every conversation as that text."""
+    """``data.chat_template``: a Jinja template, the path of a file holding one, or the name of a built-in
+    (:data:`CHAT_TEMPLATES`), set on the tokenizer. A built-in needs its special tokens in the tokenizer, each one
+    token (split into text pieces, a turn's end would be no token to stop at): an error names those missing. A value
+    that is none of these (no ``{`` of Jinja's syntax, no such file nor built-in: a mistyped path) is an error naming
+    ``what``, not a template that renders every conversation as that text."""
     if not template:
         return
     if "{" in template:
         tokenizer.chat_template = template
         return
     p = Path(template)
-    if not p.is_file():
-        raise DataError(
-            f"{what} {template!r} is neither a file nor a Jinja template (a template holds {{{{ }}}} or {{% %}}): "
-            "fix the path, or give the template itself"
-        )
-    tokenizer.chat_template = p.read_text(encoding="utf-8")
+    if p.is_file():
+        tokenizer.chat_template = p.read_text(encoding="utf-8")
+        return
+    if template in CHAT_TEMPLATES:
+        missing = [t for t in CHAT_TEMPLATES[template] if not _one_token(tokenizer, t)]
+        if missing:
+            fitting = fitting_templates(tokenizer)
+            instead = f"the built-in {fitting[0]}, whose tokens it has, or " if fitting else ""
+            raise DataError(
+                f"{what} {template}: this tokenizer lacks its special tokens {', '.join(missing)} (the turns would "
+                f"be text pieces, with no token for generation to stop at): use {instead}a template of this "
+                "tokenizer's own tokens (configs/data/chat_template.jinja ends turns with the end-of-text token)"
+            )
+        chat_templates = resources.files("dist_lora") / "assets" / "chat_templates"
+        tokenizer.chat_template = (chat_templates / f"{template}.jinja").read_text(encoding="utf-8")
+        return
+    raise DataError(
+        f"{what} {template!r} is neither a file, a built-in template ({', '.join(CHAT_TEMPLATES)}) nor a Jinja "
+        "template (a template holds {{ }} or {% %}): fix the path or the name, or give the template itself"
+    )
 
 
 def check_packing(model: Any, data: TrainData) -> None:

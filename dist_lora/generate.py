@@ -18,7 +18,7 @@ import torch
 from dist_lora.api import load_model, resolve_step, saved_revision
 from dist_lora.checkpoint import read_manifest, read_verified
 from dist_lora.constants import ADAPTER_CONFIG_NAME, TRAINER_STATE_NAME
-from dist_lora.data import set_chat_template
+from dist_lora.data import no_template_fix, set_chat_template
 from dist_lora.model import DTYPES, compute_device, load_tokenizer, resolve_model_path
 
 FORMATS = ("text", "completion", "chat")
@@ -101,8 +101,8 @@ def _render(tokenizer: Any, prompt: str, form: str, system: str | None, tools: l
         return prompt
     if not tokenizer.chat_template:
         raise ValueError(
-            "--format chat needs a chat template, and neither the run nor the base's tokenizer has one: pass "
-            "--chat-template, or --format text to send the prompt as it is"
+            "--format chat needs a chat template, and neither the run nor the base's tokenizer has one: "
+            f"{no_template_fix(tokenizer, '--chat-template')}; or --format text to send the prompt as it is"
         )
     turns = [{"role": "system", "content": system}] if system else []
     turns.append({"role": "user", "content": prompt})

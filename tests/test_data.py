@@ -3,6 +3,7 @@ samples apart, the tokenization cache, evaluation and keep_best."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -16,7 +17,8 @@ import pytest
 import torch
 
 from dist_lora.config import ConfigError, DataConfig, load_config
-from dist_lora.data import IGNORE, DataError, check_packing, prepare_data, set_chat_template
+from dist_lora.data import CHAT_TEMPLATES, IGNORE, DataError, check_packing, prepare_data, set_chat_template
+from dist_lora.generate import turn_end_ids
 from dist_lora.model import load_base, load_tokenizer
 from tests.dist_utils import ROOT
 
@@ -704,12 +706,72 @@ def test_chat_needs_a_template(gpt2_base, tmp_path):
         prepare_data(cfg, load_tokenizer(str(gpt2_base)), seed=0)
 
 
+@pytest.mark.parametrize("name", sorted(CHAT_TEMPLATES))
+def test_a_built_in_chat_template_trains_each_assistant_turn_through_its_end_token(name, gpt2_base, tmp_path):
+    """data.chat_template: chatml, llama3 or gemma, over a tokenizer that has the template's special tokens: every
+    row equals apply_chat_template(..., return_assistant_tokens_mask=True) of the built-in (its {% generation %}
+    marks), every assistant turn is one run of targets that ends with the turn's closing token (what teaches the
+    model to stop) and generation stops there; gemma opens the first user turn with the system turn's text."""
+    tok = load_tokenizer(str(gpt2_base))
+    tok.add_special_tokens({"additional_special_tokens": list(CHAT_TEMPLATES[name])})
+    cfg = DataConfig(
+        path=str(DATA / "chat.jsonl"), format="chat", seq_len=512, cache_dir=str(tmp_path), chat_template=name
+    )
+    data = prepare_data(cfg, tok, seed=0)
+    assert tok.chat_template == (ROOT / "dist_lora" / "assets" / "chat_templates" / f"{name}.jinja").read_text()
+    end = tok.convert_tokens_to_ids(CHAT_TEMPLATES[name][-1])
+    assert turn_end_ids(tok) == [end]
+    conversations = [json.loads(line)["messages"] for line in (DATA / "chat.jsonl").read_text().splitlines()]
+    for row, messages in zip(all_rows(data.train), conversations, strict=True):
+        ref = tok.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        assert row["input_ids"] == ref["input_ids"]
+        assert row["labels"] == [
+            t if m else IGNORE for t, m in zip(ref["input_ids"], ref["assistant_masks"], strict=True)
+        ]
+        runs = [list(run) for targets, run in itertools.groupby(row["labels"], key=lambda t: t != IGNORE) if targets]
+        assert len(runs) == sum(m["role"] == "assistant" for m in messages)
+        assert all(run[-1] == end and end not in run[:-1] for run in runs)
+    system = next(m for m in conversations if m[0]["role"] == "system")
+    text = tok.apply_chat_template(system, tokenize=False)
+    assert system[0]["content"] in text and text.count(CHAT_TEMPLATES[name][0]) == len(system) - (name == "gemma")
+
+
+def test_a_built_in_chat_template_is_refused_where_it_would_not_work(gpt2_base, tmp_path, monkeypatch):
+    """A built-in over a tokenizer without its special tokens (their text pieces would leave no token to stop at)
+    is refused, naming them and a built-in whose tokens the tokenizer has; a tokenizer without a template is told
+    the built-in that fits it; tools and tool calls, which the built-ins do not render, are refused, not dropped; a
+    name that is neither is an error listing the built-ins; a file of a built-in's name is that file."""
+    tok = load_tokenizer(str(gpt2_base))
+    with pytest.raises(DataError, match=r"data.chat_template chatml: this tokenizer lacks its special tokens <\|im_s"):
+        set_chat_template(tok, "chatml")
+    tok.add_special_tokens({"additional_special_tokens": list(CHAT_TEMPLATES["llama3"])})
+    with pytest.raises(DataError, match="use the built-in llama3, whose tokens it has, or a template of"):
+        set_chat_template(tok, "chatml")
+    cfg = DataConfig(path=str(DATA / "chat.jsonl"), format="chat", cache_dir=str(tmp_path))
+    with pytest.raises(DataError, match="has none: set data.chat_template: llama3 \\(built in, and this tokenizer"):
+        prepare_data(cfg, tok, seed=0)
+    with pytest.raises(DataError, match=r"is neither a file, a built-in template \(chatml, llama3, gemma\) nor"):
+        set_chat_template(tok, "lama3")
+    set_chat_template(tok, "llama3")
+    call = {"type": "function", "function": {"name": "f", "arguments": {}}}
+    for messages, tools in (
+        ([{"role": "user", "content": "x"}], [{"type": "function", "function": {"name": "f"}}]),
+        ([{"role": "user", "content": "x"}, {"role": "assistant", "content": "", "tool_calls": [call]}], None),
+    ):
+        with pytest.raises(Exception, match="the built-in llama3 template does not render tool"):
+            tok.apply_chat_template(messages, tools=tools, tokenize=False)
+    monkeypatch.chdir(tmp_path)
+    Path("llama3").write_text(TEMPLATE)
+    set_chat_template(tok, "llama3")
+    assert tok.chat_template == TEMPLATE
+
+
 def test_a_mistyped_template_path_is_named_not_rendered_as_text(gpt2_base, tmp_path):
     """A chat_template without Jinja's syntax that is no file (a typo in its path) would render every conversation
     as that one line, and the run would fail later for want of targets: it is refused by name first."""
     typo = str(DATA / "chat_tmplate.jinja")
     cfg = DataConfig(path=str(DATA / "chat.jsonl"), format="chat", cache_dir=str(tmp_path), chat_template=typo)
-    with pytest.raises(DataError, match=f"data.chat_template '{typo}' is neither a file nor a Jinja template"):
+    with pytest.raises(DataError, match=f"data.chat_template '{typo}' is neither a file, a built-in template"):
         prepare_data(cfg, load_tokenizer(str(gpt2_base)), seed=0)
     for template in (str(DATA / "chat_template.jinja"), (DATA / "chat_template.jinja").read_text()):
         tok = load_tokenizer(str(gpt2_base))

@@ -92,9 +92,11 @@ def test_a_chat_run_is_asked_through_its_template(gpt2_base, tmp_path):
     unasked = generate(briefly, ["x"], system="", sampling=Sampling(max_new_tokens=2))[0]["input"]
     assert unasked.startswith("<|user|>")
     template.unlink()
-    with pytest.raises(ValueError, match=f"run that saved {step} .*'{template}' is neither a file nor a Jinja"):
+    with pytest.raises(
+        ValueError, match=f"run that saved {step} .*'{template}' is neither a file, a built-in template"
+    ):
         generate(step, ["x"])
-    with pytest.raises(ValueError, match="--chat-template 'chat.jinja' is neither a file nor a Jinja template"):
+    with pytest.raises(ValueError, match="--chat-template 'chat.jinja' is neither a file, a built-in template"):
         generate(step, ["x"], chat_template="chat.jinja")
     given = generate(step, ["x"], chat_template=str(TEMPLATE), sampling=Sampling(max_new_tokens=2))[0]
     assert given["input"] == "<|user|>\nx<|endoftext|>\n<|assistant|>\n"
