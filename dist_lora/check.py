@@ -388,7 +388,7 @@ def check_run(
     (and so the run's length from ``train.epochs``, and the packing check); ``show_rows``: the first training rows
     as text, their targets marked (:func:`dist_lora.data.shown_rows`), or ``row_ids``: those rows (as a non-finite
     step's error names them)."""
-    from dist_lora.data import check_packing, prepare_data, shown_rows
+    from dist_lora.data import check_packing, check_vocab, prepare_data, shown_rows
     from dist_lora.lora import _lora_modules
     from dist_lora.model import load_tokenizer
     from dist_lora.train import adamw, check_seq_len, grad_accum_steps, resolved_model, schedule
@@ -408,6 +408,8 @@ def check_run(
         named_evals = {name: len(r) for name, r in prepared.evals.items() if name is not None} or None
         t = schedule(t, rows)
     model = build_meta_model(cfg, lay.shards)
+    if prepared is not None:
+        check_vocab(model.get_base_model(), prepared)
     if prepared is not None and cfg.data.packing:
         check_packing(model.get_base_model(), prepared)
     optimizer = adamw(model, [p for p in model.parameters() if p.requires_grad], cfg.train)

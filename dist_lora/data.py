@@ -982,6 +982,15 @@ class Rows:
     def __len__(self) -> int:
         return len(self.ds)
 
+    def max_token_id(self) -> int:
+        """The largest token id of the rows and their padding, read by Arrow."""
+        import pyarrow.compute as pc
+
+        if not len(self.ds):
+            return self.pad_id
+        ids = pc.list_flatten(self.ds.with_format("arrow")["input_ids"])
+        return max(int(pc.max(ids).as_py() or 0), self.pad_id)
+
     def batch(self, ids: list[int], *, no_targets: bool = False) -> dict[str, torch.Tensor]:
         """Rows ``ids`` padded to the longest: input_ids, labels and (packed) position ids restarting at each
         sample, so that transformers keeps packed samples from attending to each other (in one row where
@@ -1207,6 +1216,26 @@ def check_packing(model: Any, data: TrainData) -> None:
         )
     for rows in (data.train, *data.evals.values()):
         rows.one_row = attn in ONE_ROW_ATTENTION
+
+
+def check_vocab(model: Any, data: TrainData) -> None:
+    """Every token id of the rows (and the padding) within ``model``'s input embeddings. A tokenizer given tokens
+    that the base's embeddings were never resized for (a chat template's, added by hand) would otherwise fail at the
+    first forward that meets one: an IndexError on a CPU, a device-side assert on a GPU, the other ranks left
+    waiting on a collective."""
+    rows_of = model.get_input_embeddings().num_embeddings
+    for name, rows in (
+        ("training", data.train),
+        *((f"eval set {n}" if n else "eval", r) for n, r in data.evals.items()),
+    ):
+        biggest = rows.max_token_id()
+        if biggest >= rows_of:
+            raise DataError(
+                f"the {name} rows hold token id {biggest}, and the base's input embeddings have {rows_of} rows: the "
+                "tokenizer has tokens the base was not resized for (added special tokens, say); resize the base for "
+                "them (resize_token_embeddings, then save_pretrained) and train their rows (lora.trainable_token_"
+                "indices), or use a tokenizer and template of the base's own tokens"
+            )
 
 
 def prepare_data(cfg: DataConfig, tokenizer: Any, *, seed: int) -> TrainData:

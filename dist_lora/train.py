@@ -31,7 +31,7 @@ from dist_lora.config import (
     config_to_dict,
 )
 from dist_lora.constants import ENV_WORLD_SIZE
-from dist_lora.data import check_packing, draw_seed, micro_place, prepare_data
+from dist_lora.data import check_packing, check_vocab, draw_seed, micro_place, prepare_data
 from dist_lora.distributed import init_distributed, shutdown, step_consensus, sum_over_ranks
 from dist_lora.guard import FirstNonFinite, check_first_step, check_step
 from dist_lora.logs import quiet_third_party
@@ -413,6 +413,7 @@ class Trainer:
             base.name_or_path = base.config.name_or_path = cfg.model.name_or_path
         every = t.activation_checkpointing_every if t.activation_checkpointing else 0
         prepare_base(base, cfg.model.attn_implementation, t.loss_chunk_tokens, every)
+        check_vocab(base, self.data)
         if cfg.data.packing:
             check_packing(base, self.data)
         if cfg.lora.target_parameters and not t.activation_checkpointing and self.rank == 0:

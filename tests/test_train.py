@@ -158,6 +158,37 @@ def test_config_errors_stop_before_any_step(gpt2_base, tmp_path):
     assert not list(tmp_path.iterdir())  # nothing was trained or saved
 
 
+def test_token_ids_past_the_base_embeddings_are_refused_before_any_step(gpt2_base, tmp_path):
+    """A tokenizer given special tokens (ChatML's) that the base's embeddings were never resized for: the chat rows
+    hold their ids, which would fail at the first forward that meets one (a device-side assert on a GPU). The
+    trainer and dist-lora check refuse them first, naming the fix; the same base with the tokens' rows (resized)
+    starts."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from dist_lora.check import check_run
+    from dist_lora.data import DataError
+    from dist_lora.model import load_tokenizer
+    from dist_lora.train import Trainer
+
+    base = tmp_path / "base"
+    shutil.copytree(gpt2_base, base)
+    tok = load_tokenizer(str(base))
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.save_pretrained(base)
+    chat = ["data.format=chat", f"data.path={ROOT / 'configs' / 'data' / 'chat.jsonl'}", "data.chat_template=chatml"]
+    cfg = single_run(base, tmp_path / "ck", *chat, f"data.cache_dir={tmp_path / 'cache'}")
+    for start in (lambda: Trainer(cfg), lambda: check_run(cfg, world=1)):
+        with pytest.raises(DataError, match="the training rows hold token id 513, and the base's input embeddings ha"):
+            start()
+    assert not list((tmp_path / "ck").glob("*"))  # nothing saved
+    model = AutoModelForCausalLM.from_pretrained(base)
+    model.resize_token_embeddings(len(tok))
+    model.save_pretrained(base)
+    check_run(cfg, world=1)
+
+
 @pytest.mark.timeout(300)
 def test_demo_command(tmp_path):
     """The README's first command: 2 processes (FSDP2), then resume on 1, loss falls, checkpoints committed."""
