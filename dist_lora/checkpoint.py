@@ -19,6 +19,7 @@ import datetime as _dt
 import hashlib
 import json
 import logging
+import math
 import numbers
 import re
 from dataclasses import dataclass, field
@@ -435,6 +436,7 @@ class StepInfo:
     eval_accuracy: float | None = None  # and the token accuracy
     best_eval_step: int | None = None  # the best-evaluated step so far, as this step's trainer_state records it
     best_metric: str | None = None  # what made it the best: loss or accuracy (train.best_metric)
+    kept_best: list[int] | None = None  # the steps checkpoint.keep_best keeps, best first, as this step records them
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -489,8 +491,31 @@ def _read_evals(info: StepInfo, state: bytes | None) -> None:
     info.eval_loss, info.eval_accuracy = here.get("eval_loss"), here.get("eval_accuracy")
     best = trainer_state.get("best_eval")
     if isinstance(best, dict):
-        train = (trainer_state.get("config") or {}).get("train") or {}
-        info.best_eval_step, info.best_metric = best.get("step"), train.get("best_metric", "loss")
+        config = trainer_state.get("config") or {}
+        info.best_eval_step, info.best_metric = best.get("step"), (config.get("train") or {}).get("best_metric", "loss")
+        keep = int((config.get("checkpoint") or {}).get("keep_best") or 0)  # (true: 1)
+        evaluated = [e for e in history if isinstance(e, dict) and isinstance(e.get("step"), int)]
+        info.kept_best = [e["step"] for e in best_first(evaluated, info.best_metric)[:keep]]
+
+
+def improves(evaluation: dict[str, Any], best: dict[str, Any], metric: str, by: float = 0.0) -> bool:
+    """Whether ``evaluation`` is better than ``best`` by more than ``by`` in ``metric`` (``train.best_metric``:
+    a lower eval_loss, a higher eval_accuracy); one without that metric (recorded before it was) is never better."""
+
+    def score(e: dict[str, Any]) -> float:
+        value = e.get(f"eval_{metric}")
+        return -math.inf if value is None else (-value if metric == "loss" else value)
+
+    return score(evaluation) > score(best) + by
+
+
+def best_first(history: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
+    """Evaluations ranked best first by ``metric`` (:func:`improves`), the earlier of a tie first."""
+    ranked: list[dict[str, Any]] = []
+    for e in history:  # each goes before the first one it beats (ties: after)
+        at = next((i for i, r in enumerate(ranked) if improves(e, r, metric)), len(ranked))
+        ranked.insert(at, e)
+    return ranked
 
 
 def list_steps(storage: Storage, verify: bool = True, evals: bool = False) -> list[StepInfo]:

@@ -52,9 +52,16 @@ def cmd_ls(args: argparse.Namespace) -> int:
     if not steps:
         print(f"no steps under {storage.url}")
         return 0
-    # the best-evaluated step as the newest committed step records it (keep_best keeps it)
+    # the best-evaluated step as the newest committed step records it, and the others keep_best: N keeps, ranked
     newest = next((s for s in reversed(steps) if s.status == "committed"), None)
     best, metric = (newest.best_eval_step, newest.best_metric) if newest is not None else (None, None)
+    ranks = {step: i for i, step in enumerate(newest.kept_best or [], 1)} if newest is not None else {}
+
+    def marked(s: Any) -> str:
+        if s.status != "committed" or (s.step != best and s.step not in ranks):
+            return ""
+        return f"  best ({metric})" if s.step == best else f"  best #{ranks[s.step]} ({metric})"
+
     print(
         f"{'step':<16}{'status':<12}{'bytes':>10}  {'created':<26}{'world':>6}  {'backend':<10}{'eval loss':>10}"
         f"{'eval acc':>10}"
@@ -64,7 +71,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         print(
             f"{s.name:<16}{s.status:<12}{_human(s.bytes):>10}  {s.created or '-':<26}"
             f"{s.world_size if s.world_size is not None else '-':>6}  {s.backend or '-':<10}{loss:>10}{accuracy:>10}"
-            + (f"  best ({metric})" if s.step == best and s.status == "committed" else "")
+            + marked(s)
         )
         if s.error and args.verbose:
             print(f"    {s.error}")

@@ -18,7 +18,7 @@ import torch
 from dist_lora import backends
 from dist_lora.agree import is_agreed, on_rank0
 from dist_lora.api import resume_checkpoint
-from dist_lora.checkpoint import list_steps
+from dist_lora.checkpoint import best_first, improves, list_steps
 from dist_lora.checkpointer import Checkpointer
 from dist_lora.config import (
     ConfigError,
@@ -69,17 +69,6 @@ def lr_at(step: int, t: TrainConfig) -> float:
     cosine = 0.5 * (1 + math.cos(math.pi * progress))
     left = {"cosine": cosine, "wsd": cosine, "linear": 1 - progress, "constant": 1.0}
     return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * left[t.lr_schedule])
-
-
-def improves(evaluation: dict[str, Any], best: dict[str, Any], metric: str, by: float = 0.0) -> bool:
-    """Whether ``evaluation`` is better than ``best`` by more than ``by`` in ``metric`` (``train.best_metric``:
-    a lower eval_loss, a higher eval_accuracy); one without that metric (recorded before it was) is never better."""
-
-    def score(e: dict[str, Any]) -> float:
-        value = e.get(f"eval_{metric}")
-        return -math.inf if value is None else (-value if metric == "loss" else value)
-
-    return score(evaluation) > score(best) + by
 
 
 @overload
@@ -701,11 +690,7 @@ class Trainer:
 
     def best_evals(self, n: int) -> list[dict[str, Any]]:
         """The ``n`` best evaluations so far by ``train.best_metric``, best first (the earlier of a tie first)."""
-        ranked: list[dict[str, Any]] = []
-        for e in self.eval_history:  # ranked best first: each goes before the first one it beats (ties: after)
-            at = next((i for i, r in enumerate(ranked) if improves(e, r, self.cfg.train.best_metric)), len(ranked))
-            ranked.insert(at, e)
-        return ranked[:n]
+        return best_first(self.eval_history, self.cfg.train.best_metric)[:n]
 
     def save(self) -> str | None:
         """Save the current step (collective); returns its URL (None if it failed under on_error=warn)."""

@@ -1046,7 +1046,8 @@ def test_keep_best_keeps_the_best_evaluated_step(metric, keep, gpt2_base, tmp_pa
     """One process: evaluation every 2 steps, a save every 2 steps, keep_last 1 and keep_best: the dir holds the
     newest step and the best-evaluated one, by train.best_metric (the lowest eval loss, or the highest token
     accuracy: a step the loss would not pick), or with keep_best: 3 the three best; every step's trainer_state.json records the evaluations so far, and
-    ``dist-lora ls`` shows each step's eval loss and accuracy with the best one marked. Each step's tokens_per_s
+    ``dist-lora ls`` shows each step's eval loss and accuracy with the best one marked (and with keep_best: 3 the
+    other two, ranked). Each step's tokens_per_s
     counts its rows' own tokens, not their padding."""
     from dist_lora.cli import main
     from dist_lora.config import load_config
@@ -1102,6 +1103,9 @@ def test_keep_best_keeps_the_best_evaluated_step(metric, keep, gpt2_base, tmp_pa
     assert main(["ls", str(tmp_path / "ck")]) == 0
     table = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in table if line.endswith(f"  best ({metric})")] == [f"step-{best['step']:08d}"]
+    marks = {line.split()[0]: line.split("  best", 1)[1] for line in table if "  best" in line}
+    ranked = [f"step-{e['step']:08d}" for e in top]  # keep_best: 3 marks the other two it keeps, in rank order
+    assert marks == {name: f" #{i}" * (i > 1) + f" ({metric})" for i, name in enumerate(ranked, 1)}, table
     assert (
         f"{best['eval_loss']:.4f}    {best['eval_accuracy']:.4f}  best" in table[1 + sorted(listed).index(best["step"])]
     )
