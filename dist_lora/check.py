@@ -213,15 +213,18 @@ def _zero_trainable(groups: list[list[nn.Parameter]], lay: Layout) -> tuple[int,
       With ``offload_optimizer`` the flat parameters stay on the device beside a staging buffer of the largest
       tensor and a norm of each tensor reaching into the partition (:data:`NORM_BYTES`); host memory holds the
       master partition, its gradient and the moments (``4 * P * 4``, every group's gradient kept), a copy of the
-      partition in the engine's dtype, a staging buffer of the largest tensor and, where a step accumulates
-      micro-batches in float32 (the engine's dtype), each reaching tensor's gradient whole.
+      partition in the engine's dtype and a staging buffer of the largest tensor. A half-precision base without
+      DeepSpeed's bf16 sums its gradients in float32 on the device (``P * 4``; ZeRO-1 also every tensor's float32
+      gradient whole until the step); otherwise ZeRO-2 sums a step's micro-batches in host memory, each reaching
+      tensor's gradient whole in the engine's dtype (:func:`_zero12_offloaded`).
     - ZeRO-3: each parameter's partition (``ceil(numel / world)``; one under the persistence threshold takes no more,
       measured) in the engine's dtype, its gradient partition (in the parameter's own dtype under DeepSpeed's bf16,
       float32 otherwise), the float32 master and AdamW's two moments (``3 * P * 4``), the float32 gradient of the
       group being stepped (the largest ``P_i * 4``), and the gradient reduction bucket in DeepSpeed's dtype, kept
-      for the run (the adapter's elements, or the JSON's ``reduce_bucket_size``). With ``offload_optimizer`` all but
-      the parameter partitions and the bucket are in host memory, beside a norm of each tensor; with
-      ``offload_param`` the parameter partitions too.
+      for the run (the adapter's elements, or the JSON's ``reduce_bucket_size``). With ``offload_optimizer`` the
+      gradient partitions, the master, the moments and every group's float32 gradient (``P * 4``) are in host
+      memory, the bucket and a norm of each tensor on the device; with ``offload_param`` the parameter partitions
+      are in host memory too.
 
     Measured equal (to AdamW's step counters) with one group and with LoRA+'s, at 2 and 3 ranks, offloaded or not,
     the host memory's share told by what DeepSpeed pins (tests/test_check.py)."""
@@ -232,10 +235,10 @@ def _zero_trainable(groups: list[list[nn.Parameter]], lay: Layout) -> tuple[int,
     if lay.zero_stage != 3:
         align = 2 * lay.world
         parts = [math.ceil(sum(p.numel() for p in params) / align) * align // lay.world for params in groups]
-        flat = sum(part * lay.world * size for part in parts)
         if lay.offload_optimizer:
             reaching = _reaching(groups, parts, lay.world)
             return max((_zero12_offloaded(lay, groups, parts, tensors, size) for tensors in reaching), key=sum)
+        flat = sum(part * lay.world * size for part in parts)
         *first, last = parts
         reduced = max(sum(p.numel() for p in ps) for ps in _reaching(groups, parts, lay.world)) * size
         stepping = max([last * 4] + [part * 4 + reduced for part in first])
