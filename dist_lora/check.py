@@ -320,6 +320,7 @@ class Report:
     grad_accum: int
     gathered_bytes_per_rank: int = 0  # FSDP2's keep_base_gathered: the whole base, in the compute dtype
     host_bytes_per_rank: int = 0  # of the frozen base and the trainable state, what is offloaded to host memory
+    ranks_per_node: int = 1  # --nproc-per-node, or the whole world on one node
     rows: int | None = None
     eval_rows: int | None = None  # over every eval set
     eval_sets: dict[str, int] | None = None  # named eval sets' rows (data.eval_path as {name: source})
@@ -434,6 +435,7 @@ def check_run(
         grad_accum=accum,
         gathered_bytes_per_rank=gathered_bytes(model, cfg) if lay.engine == "fsdp" else 0,
         host_bytes_per_rank=frozen_host_bytes(model, lay) + (trainable_host_bytes(model, lay, groups) or 0),
+        ranks_per_node=nproc_per_node or world,
         rows=rows,
         eval_rows=eval_rows,
         eval_sets=named_evals,
@@ -466,6 +468,21 @@ def check_fits(r: Report, cfg: RunConfig, device_gb: float) -> None:
         raise ConfigError(
             f"the model state alone takes {_size(need)} per rank, more than --device-memory {device_gb:g} GB, before "
             f"any activation: try {', or '.join(ways)}"
+        )
+
+
+def check_host_fits(r: Report, cfg: RunConfig, host_gb: float) -> None:
+    """Refuse an offloaded layout whose host-memory share, summed over a node's ranks, exceeds ``host_gb`` (GB, 10^9
+    bytes) per node, naming the way out."""
+    need = r.host_bytes_per_rank * r.ranks_per_node
+    if need > host_gb * 1e9:
+        ways = ["more nodes to shard over (FSDP2, ZeRO-3)"]
+        if cfg.model.quantization == "none":
+            ways.append("model.quantization: nf4")
+        raise ConfigError(
+            f"the offloaded model state takes {_size(need)} of host memory a node ({r.ranks_per_node} rank(s) of "
+            f"{_size(r.host_bytes_per_rank)}), more than --host-memory {host_gb:g} GB, before the processes' own: "
+            f"try {', or '.join(ways)}"
         )
 
 
@@ -514,10 +531,9 @@ def describe(r: Report, cfg: RunConfig) -> str:
         gathered = _size(r.gathered_bytes_per_rank)
         lines.append(f"            the whole base kept gathered (parallel.keep_base_gathered) {gathered}")
     if r.host_bytes_per_rank:
-        on_device = _size(device_bytes(r))
-        lines.append(
-            f"            of which offloaded to host memory {_size(r.host_bytes_per_rank)}: {on_device} on the device"
-        )
+        host, on_device = _size(r.host_bytes_per_rank), _size(device_bytes(r))
+        node = f" ({_size(r.host_bytes_per_rank * r.ranks_per_node)} a node)" if r.ranks_per_node > 1 else ""
+        lines.append(f"            of which offloaded to host memory {host}{node}: {on_device} on the device")
     lines.append(f"{'':12}+ activations and the blocks gathered for compute (the metrics' peak_memory_gib)")
     for row in r.shown_rows or []:
         lines.append(

@@ -125,7 +125,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from dist_lora.check import check_fits, check_run, describe
+    from dist_lora.check import check_fits, check_host_fits, check_run, describe
     from dist_lora.config import load_config
     from dist_lora.logs import quiet_third_party
 
@@ -143,6 +143,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(json.dumps(report.to_json()) if args.json else describe(report, cfg))
     if args.device_memory is not None:
         check_fits(report, cfg, args.device_memory)
+    if args.host_memory is not None:
+        check_host_fits(report, cfg, args.host_memory)
     return 0
 
 
@@ -255,6 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--device-memory", type=float, help="GB of each GPU: an error (exit 2) if the model state alone exceeds it"
+    )
+    p.add_argument(
+        "--host-memory",
+        type=float,
+        help="GB of host memory a node: an error (exit 2) if the state offloaded to it (cpu_offload) exceeds it",
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_check)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from dist_lora.check import _size, check_fits, check_run, describe, device_bytes, layout
+from dist_lora.check import _size, check_fits, check_host_fits, check_run, describe, device_bytes, layout
 from dist_lora.config import ConfigError, load_config
 from dist_lora.data import prepare_data
 from dist_lora.demo import build_tokenizer, corpus_path
@@ -121,9 +121,12 @@ def test_a_deepspeed_json_is_read_as_the_engine_reads_it(gpt2_base, tmp_path):
     r = check_run(cfg, world=2, data=False)
     on_device = r.frozen_bytes_per_rank + r.trainable_state_bytes_per_rank - r.host_bytes_per_rank
     assert 0 < on_device < r.host_bytes_per_rank and device_bytes(r) == on_device
-    assert f"of which offloaded to host memory {_size(r.host_bytes_per_rank)}: {_size(on_device)} on the device" in (
-        describe(r, cfg)
-    )
+    node = _size(2 * r.host_bytes_per_rank)  # (2 ranks on one node)
+    offloaded = f"of which offloaded to host memory {_size(r.host_bytes_per_rank)} ({node} a node): {_size(on_device)}"
+    assert offloaded in describe(r, cfg)
+    with pytest.raises(ConfigError, match=r"the offloaded model state takes .* of host memory a node \(2 rank\(s\) of"):
+        check_host_fits(r, cfg, 1.5 * r.host_bytes_per_rank / 1e9)
+    check_host_fits(r, cfg, 2 * r.host_bytes_per_rank / 1e9)
     assert (
         device_bytes(check_run(replace(cfg, parallel=replace(cfg.parallel, cpu_offload=False)), world=2, data=False))
         > on_device
@@ -260,6 +263,9 @@ def test_the_command_prints_the_report_and_refuses_what_does_not_fit(gpt2_base, 
     assert out.returncode == 2 and "give row indices separated by commas, e.g. 12,40" in out.stderr, out.stderr
     out = subprocess.run([*cmd, "--device-memory", "0.0001"], capture_output=True, text=True)
     assert out.returncode == 2 and "more than --device-memory 0.0001 GB, before any activation" in out.stderr
+    offloaded = [*cmd[:4], "parallel.cpu_offload=true", *cmd[4:], "--no-data", "--nproc-per-node", "1"]
+    out = subprocess.run([*offloaded, "--host-memory", "0.0001"], capture_output=True, text=True)
+    assert out.returncode == 2 and "a node (1 rank(s) of" in out.stderr and "--host-memory 0.0001 GB" in out.stderr
     out = subprocess.run([*cmd[:4], "lora.modules_to_save=[lm_hed]", *cmd[4:]], capture_output=True, text=True)
     assert out.returncode == 2 and "lora.modules_to_save ['lm_hed'] matched no module" in out.stderr, out.stderr
 
