@@ -226,7 +226,7 @@ def _zero_trainable(groups: list[list[nn.Parameter]], lay: Layout) -> tuple[int,
       memory, the bucket and a norm of each tensor on the device; with ``offload_param`` the parameter partitions
       are in host memory too.
 
-    Measured equal (to AdamW's step counters) with one group and with LoRA+'s, at 2 and 3 ranks, offloaded or not,
+    Measured equal (to AdamW's step counters) with one group and with LoRA+'s, at 2 and 3 ranks (offloaded: at 3),
     the host memory's share told by what DeepSpeed pins (tests/test_check.py)."""
     zero_dtype = 2 if lay.cast is not None else 4
     own = groups[0][0].element_size()  # (lora.one_trainable_dtype: one dtype for all)

@@ -161,7 +161,7 @@ def test_the_trainable_state_is_what_each_engine_allocates_at_its_optimizer_step
     reduction bucket), in float32, under DeepSpeed's bf16 with float32 adapters or with biases that made them bf16,
     over a bf16 base without it, with a JSON's bucket size and persistence threshold; at 3 ranks the partitions are
     uneven (r=5); with LoRA+'s three parameter groups (A, B, biases), which DeepSpeed flattens and steps one
-    after another, on ZeRO-1, 2 and 3; and under ZeRO-Offload (ZeRO-1/2's optimizer side, ZeRO-3's with and without
+    after another, on ZeRO-1, 2 and 3; and under ZeRO-Offload at 3 ranks (ZeRO-1/2's optimizer side, ZeRO-3's with and without
     its parameters), where the share in host memory is checked too: what DeepSpeed pins as it places it (its host
     buffers; on this CPU every tensor is in host memory, so where a tensor is cannot tell), and the optimizer's
     parameters and state, which it steps on the host; and the frozen base's partitions that it pinned."""
@@ -227,6 +227,8 @@ def test_the_trainable_state_is_what_each_engine_allocates_at_its_optimizer_step
         "lora.r=5",
         "lora.target_modules=[c_attn,c_fc]",
     ]
+    if world == 2:  # (the offloaded cases at 3 ranks alone, whose partitions cut tensors: the CI's time)
+        cases = {name: extra for name, extra in cases.items() if "offload" not in name}
     runs = [{"name": name, "overrides": [*common, *extra]} for name, extra in cases.items()]
     run_worker(world, {"runs": runs, "out": str(tmp_path)}, worker=STATE_WORKER)
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]

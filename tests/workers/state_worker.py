@@ -8,7 +8,9 @@ frozen base's (its parameters, shards or partitions, and its buffers) and those 
 (the data's; held until the measure, so that no new tensor can take an address of theirs): what is left is the
 adapter's state as the engine allocated it, ZeRO's flat groups, fp32 partitions and reduction buckets included.
 Likewise the frozen base's storages after the steps (a ZeRO-3 tensor under the persistence threshold is gathered
-whole at the first forward). Rank r writes out/rank{r}.json: per run, each figure and the check's.
+whole at the first forward). Under ZeRO-Offload each figure is also split: what is in host memory is what DeepSpeed
+pins as it places it (:class:`Pinned`) and the optimizer it steps on the host; a frozen ZeRO-3 partition, one it
+pinned. Rank r writes out/rank{r}.json: per run, each figure and the check's, [all of it, in host memory].
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ class Pinned:
 
         self.accelerator.pin_memory = pinning
 
-    def pinned(self, tensor: torch.Tensor) -> bool:
+    def was_pinned(self, tensor: torch.Tensor | None) -> bool:
         return tensor is not None and any(ref() is tensor for ref in self.tensors)
 
     def host(self, optimizer: torch.optim.Optimizer, offloaded: bool) -> set[int]:
@@ -147,12 +149,12 @@ def main() -> None:
         estimated = trainable_state_bytes(model, lay, groups)
         alive = storages()
         base = {k: alive[k].nbytes() for k in frozen_storages(module) if k in alive}
-        offloaded = {  # (ZeRO-3's partitions that DeepSpeed pinned, as it does under offload_param)
+        partitions = {  # (ZeRO-3's partitions that DeepSpeed pinned, as it does under offload_param)
             p.ds_tensor.untyped_storage().data_ptr()
             for p in module.parameters()
-            if not p.requires_grad and pinned.pinned(getattr(p, "ds_tensor", None))
+            if not p.requires_grad and pinned.was_pinned(getattr(p, "ds_tensor", None))
         }
-        frozen = [sum(base.values()), sum(n for k, n in base.items() if k in offloaded)]
+        frozen = [sum(base.values()), sum(n for k, n in base.items() if k in partitions)]
         report[run["name"]] = {
             "held": max(held),  # (ZeRO steps one parameter group after another: the step that holds the most)
             "estimated": [estimated, trainable_host_bytes(model, lay, groups)],
