@@ -235,12 +235,12 @@ def _zero_trainable(groups: list[list[nn.Parameter]], lay: Layout) -> tuple[int,
     if lay.zero_stage != 3:
         align = 2 * lay.world
         parts = [math.ceil(sum(p.numel() for p in params) / align) * align // lay.world for params in groups]
-        if lay.offload_optimizer:
-            reaching = _reaching(groups, parts, lay.world)
-            return max((_zero12_offloaded(lay, groups, parts, tensors, size) for tensors in reaching), key=sum)
         flat = sum(part * lay.world * size for part in parts)
+        reaching = _reaching(groups, parts, lay.world)
+        if lay.offload_optimizer:
+            return _zero12_offloaded(lay, groups, parts, reaching, flat, size)
         *first, last = parts
-        reduced = max(sum(p.numel() for p in ps) for ps in _reaching(groups, parts, lay.world)) * size
+        reduced = max(sum(p.numel() for p in ps) for ps in reaching) * size
         stepping = max([last * 4] + [part * 4 + reduced for part in first])
         return flat + sum(3 * part * 4 for part in parts) + stepping, 0
     parts = [sum(math.ceil(p.numel() / lay.world) for p in params) for params in groups]
@@ -256,21 +256,30 @@ def _zero_trainable(groups: list[list[nn.Parameter]], lay: Layout) -> tuple[int,
 
 
 def _zero12_offloaded(
-    lay: Layout, groups: list[list[nn.Parameter]], parts: list[int], reaching: list[nn.Parameter], size: int
+    lay: Layout,
+    groups: list[list[nn.Parameter]],
+    parts: list[int],
+    reaching: list[list[nn.Parameter]],
+    flat: int,
+    size: int,
 ) -> tuple[int, int]:
-    """ZeRO-1/2 with ``offload_optimizer``: (on the device, in host memory) on a rank whose partitions the tensors
-    ``reaching`` reach into; see :func:`_zero_trainable`."""
+    """ZeRO-1/2 with ``offload_optimizer``: (on the device, in host memory) on the rank that holds the most, whose
+    partitions the tensors ``reaching[rank]`` reach into (``flat``: the flat groups' bytes); see
+    :func:`_zero_trainable`."""
     trained = [p for params in groups for p in params]
     staging = max(p.numel() for p in trained) * size  # (one on each side)
-    device = sum(part * lay.world * size for part in parts) + staging + NORM_BYTES * len(reaching)
-    host = sum(parts) * (16 + size) + staging
+    device, host = flat + staging, sum(parts) * (16 + size) + staging
+    accumulated = False
     if lay.cast is None and trained[0].element_size() == 2:  # a half-precision base: gradients summed in float32
         device += sum(parts) * 4
         if lay.zero_stage == 1:  # (and, until the step, every tensor's float32 gradient whole)
             device += sum(p.numel() for p in trained) * 4
-    elif lay.zero_stage == 2 and lay.grad_accum > 1:  # micro-batches summed in host memory, each tensor whole
-        host += sum(p.numel() for p in reaching) * size
-    return device, host
+    else:  # ZeRO-2 sums a step's micro-batches in host memory, each tensor whole
+        accumulated = lay.zero_stage == 2 and lay.grad_accum > 1
+    norms, kept = max(
+        ((NORM_BYTES * len(ts), sum(p.numel() for p in ts) * size if accumulated else 0) for ts in reaching), key=sum
+    )
+    return device + norms, host + kept
 
 
 def _reaching(groups: list[list[nn.Parameter]], parts: list[int], world: int) -> list[list[nn.Parameter]]:
@@ -419,7 +428,7 @@ def check_run(
     optimizer = adamw(model, [p for p in model.parameters() if p.requires_grad], cfg.train)
     resume = check_resume(cfg, model, optimizer)
     frozen = [p for p in model.parameters() if not p.requires_grad]
-    groups = [g["params"] for g in optimizer.param_groups]
+    base, state = _frozen(model, lay), _trainable(model, lay, [g["params"] for g in optimizer.param_groups])
     return Report(
         config=config_name,
         world=world,
@@ -430,11 +439,11 @@ def check_run(
         base_dtype=m.dtype if m.quantization == "none" else f"{m.dtype}, linear weights in NF4",
         lora_layers=sum(1 for _ in _lora_modules(model)),
         trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
-        frozen_bytes_per_rank=frozen_bytes(model, lay),
-        trainable_state_bytes_per_rank=trainable_state_bytes(model, lay, groups),
+        frozen_bytes_per_rank=base[0],
+        trainable_state_bytes_per_rank=None if state is None else sum(state),
         grad_accum=accum,
         gathered_bytes_per_rank=gathered_bytes(model, cfg) if lay.engine == "fsdp" else 0,
-        host_bytes_per_rank=frozen_host_bytes(model, lay) + (trainable_host_bytes(model, lay, groups) or 0),
+        host_bytes_per_rank=base[1] + (0 if state is None else state[1]),
         ranks_per_node=nproc_per_node or world,
         rows=rows,
         eval_rows=eval_rows,
