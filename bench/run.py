@@ -5,7 +5,7 @@
 
 Writes bench/results/results.md (the tables), results.csv (every row), results.json (raw), results.png (saves)
 and loading.png (parts f, i and j: loading a base). Part k measures the loss on a Llama-shaped model, part m
-tokenizing on several processes.
+tokenizing on several processes, part n FSDP2's step peak with a base's two ends in groups of their own.
 All runs are on this machine's CPU with gloo, world size 2 unless stated; models are randomly initialised GPT-2
 architectures (sizes are what matter), LoRA r=4 on the attention projection (c_attn) as in loralib.
 """
@@ -1410,6 +1410,24 @@ def report(rows: list[dict], quick: bool) -> str:
             ratio = f"{r['ratio']:.2f}x" if r["ratio"] is not None else "reference"
             lines.append(f"| {r['processes']} | {r['seconds']:.1f} | {ratio} | {'yes' if r['same_rows'] else 'NO'} |")
         lines += [""]
+    n = [r for r in rows if r["part"] == "n"]
+    if n:
+        lines += [
+            f"## n. FSDP2's groups for the two ends: a Llama of {n[0]['layers']} blocks and Llama 3's vocabulary "
+            f"({fmt_bytes(n[0]['model_bytes'])} in fp32, each end {fmt_bytes(n[0]['end_bytes'])}), world size 2, 3 "
+            f"steps after a warm-up one; {n[0]['repeats']} interleaved repeats, medians, the largest rank",
+            "",
+            "| layout | FSDP groups | settled after a step | step peak | over settled | peak against the root's |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in n:
+            apart = r is n[0]
+            against = f"{r['peak_ratio']:.2f}x, {fmt_bytes(r['saved'])} less" if apart else "reference"
+            lines.append(
+                f"| {r['layout']} | {r['groups']} | {fmt_bytes(r['settled'])} | {fmt_bytes(r['peak'])} | "
+                f"{fmt_bytes(r['over'])} | {against} |"
+            )
+        lines += [""]
     return "\n".join(lines)
 
 
@@ -1443,6 +1461,83 @@ def plot(rows: list[dict], path: Path) -> None:
         axes[1].set_title("dist_lora save vs adapter size (GPT-2 S, FSDP2, 2 ranks)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+ENDS_SHAPE = {"vocab_size": 128_256, "hidden_size": 1024, "intermediate_size": 2816, "num_attention_heads": 8}
+"""Part n's base: Llama 3's vocabulary (its embedding and lm_head two tensors, 525 MB each in fp32) over small
+blocks, so that the ends are most of the model, as they are a large share of what a 70B rank gathers."""
+
+
+def part_n(tmp: Path, repeats: int, quick: bool) -> list[dict]:
+    """FSDP2 at world size 2: a training step's peak resident memory per rank (over the memory settled after a
+    warm-up step) with the embedding and lm_head in FSDP groups of their own, against the same run with both left
+    in the root's group (dist_lora's layout before; FSDP2 keeps the root gathered for the whole step). Interleaved
+    launches, medians."""
+    layers = 2 if quick else 4
+    base = tmp / "ends-base"
+    shape = {**ENDS_SHAPE, "num_hidden_layers": layers, "num_key_value_heads": 4, "tie_word_embeddings": False}
+    model = f"from transformers import LlamaConfig, LlamaForCausalLM; m = LlamaForCausalLM(LlamaConfig(**{shape!r}))"
+    model_bytes = build_in_child(base, model, "2GB")
+    end_bytes = ENDS_SHAPE["vocab_size"] * ENDS_SHAPE["hidden_size"] * 4
+    from dist_lora.demo import corpus_path
+
+    common = [
+        "parallel.backend=fsdp",
+        f"model.name_or_path={base}",
+        f"data.path={corpus_path()}",
+        f"data.cache_dir={tmp / 'data-cache'}",
+        "lora.target_modules=[q_proj,v_proj]",
+        "train.global_batch_size=4",
+        "train.micro_batch_size=1",
+        "checkpoint.resume=none",
+    ]
+    layouts = {"embedding and lm_head apart": False, "both in the root's group": True}
+    runs: dict[str, list[dict]] = {name: [] for name in layouts}
+    for r in range(repeats):
+        for name, root_holds in layouts.items():
+            result = tmp / "gathered.json"
+            spec = {
+                "config": str(ROOT / "configs" / "tiny.yaml"),
+                "overrides": [*common, f"checkpoint.dir={tmp / 'ends-ck' / f'{r}-{int(root_holds)}'}"],
+                "root_holds_ends": root_holds,
+                "steps": 3,
+                "result": str(result),
+            }
+            torchrun(2, "bench.gathered_worker", spec)
+            runs[name].append(json.loads(result.read_text()))
+            out = runs[name][-1]
+            print(
+                f"[n] repeat {r}: {name}: settled {out['settled'] / 1e9:.2f} GB, step peak {out['peak'] / 1e9:.2f} "
+                f"GB (+{(out['peak'] - out['settled']) / 1e9:.2f}), {out['groups']} FSDP groups",
+                flush=True,
+            )
+    rows = []
+    apart, root = (runs[name] for name in layouts)
+    for name, measured in runs.items():
+        over = [m["peak"] - m["settled"] for m in measured]
+        rows.append(
+            {
+                "part": "n",
+                "layout": name,
+                "layers": layers,
+                "model_bytes": model_bytes,
+                "end_bytes": end_bytes,
+                "groups": measured[0]["groups"],
+                "settled": statistics.median(m["settled"] for m in measured),
+                "peak": statistics.median(m["peak"] for m in measured),
+                "over": statistics.median(over),
+                "cuda_peak": statistics.median(m["cuda_peak"] for m in measured) or None,
+                "peak_ratio": statistics.median(a["peak"] / b["peak"] for a, b in zip(apart, root, strict=True)),
+                "saved": statistics.median(b["peak"] - a["peak"] for a, b in zip(apart, root, strict=True)),
+                "repeats": repeats,
+            }
+        )
+    print(
+        f"[n] peak per rank, ends apart / in the root: {rows[0]['peak_ratio']:.2f}x, "
+        f"{rows[0]['saved'] / 1e6:.0f} MB less (one end: {end_bytes / 1e6:.0f} MB)",
+        flush=True,
+    )
+    return rows
 
 
 def run_parts(args: argparse.Namespace, tmp: Path, repeats: int, s3: dict) -> list[dict]:
@@ -1479,10 +1574,12 @@ def run_parts(args: argparse.Namespace, tmp: Path, repeats: int, s3: dict) -> li
         rows += part_l(tmp, 2 if args.quick else 3, args.quick)
     if "m" in args.parts:
         rows += part_m(tmp, 2 if args.quick else 3, args.quick)
+    if "n" in args.parts:
+        rows += part_n(tmp, 1 if args.quick else 3, args.quick)
     return rows
 
 
-ALL_PARTS = "abcdefghijklm"
+ALL_PARTS = "abcdefghijklmn"
 
 LOADING_PARTS = {"f": "GPT-2 XL shape, fp32", "i": "Llama-2-70B's layers, bf16", "j": "a Mixtral-shaped MoE, fp32"}
 

@@ -383,6 +383,40 @@ def test_compiled_blocks_under_hsdp_train_as_eager_blocks(gpt2_base, tmp_path):
 
 
 @pytest.mark.multiproc
+@pytest.mark.timeout(300)
+def test_fsdp2_gathers_the_embedding_and_the_head_apart_from_the_blocks(gpt2_base, llama_base, tmp_path):
+    """FSDP2 at 2 ranks over a Llama whose embedding and lm_head are two tensors: each is an FSDP group of its own,
+    so neither is held gathered while a block's backward runs (left in the root's group, FSDP2 keeps both gathered
+    for the whole step, 4.2 GB of a 70B Llama 3 in bf16); the most held gathered at once is lm_head, the last block
+    and the root's own norm, at the forward's end, with or without recomputation. The losses are DDP's (1e-6). GPT-2
+    ties its two: one tensor, in the root's group, as before."""
+    llama = [*short_run(llama_base, "lora.target_modules=[q_proj,v_proj]", "train.max_steps=2")]
+    runs = [
+        {"name": "fsdp", "overrides": [*llama, *ENGINES["fsdp"]], "steps": 2},
+        {"name": "fsdp-ac", "overrides": [*llama, *ENGINES["fsdp"], "train.activation_checkpointing=true"], "steps": 2},
+        {"name": "ddp", "overrides": [*llama, "parallel.backend=ddp"], "steps": 2},
+        {"name": "gpt2", "overrides": [*short_run(gpt2_base, "train.max_steps=1"), *ENGINES["fsdp"]], "steps": 1},
+    ]
+    run_worker(2, {"runs": runs, "out": str(tmp_path)}, worker=WORKER)
+    results = json.loads((tmp_path / "runs.json").read_text())
+    blocks = results["fsdp"]["blocks"]
+    last = f"model.layers.{blocks - 1}"
+    for name in ("fsdp", "fsdp-ac"):
+        run, gathered = results[name], results[name]["gathered"]
+        assert all(abs(a - b) <= 1e-6 for a, b in zip(run["losses"], results["ddp"]["losses"], strict=True)), run
+        groups = gathered["groups"]
+        assert run["fsdp_groups"] == blocks + 3 and {"model.embed_tokens", "lm_head", "root"} <= groups.keys(), run
+        held_in_backward = set(gathered["in_block_backward"])
+        assert held_in_backward and not held_in_backward & {"model.embed_tokens", "lm_head"}, (name, gathered)
+        assert gathered["at_peak"] == sorted(["lm_head", last, "root"]), (name, gathered)
+        assert gathered["peak"] == groups["lm_head"] + groups[last] + groups["root"], (name, gathered)
+        # the root's group holds the final norm alone: the old layout held both ends there through every block
+        assert groups["root"] < groups["lm_head"] == groups["model.embed_tokens"], groups
+    gpt2 = results["gpt2"]
+    assert gpt2["fsdp_groups"] == gpt2["blocks"] + 1 and "root" in gpt2["gathered"]["in_block_backward"], gpt2
+
+
+@pytest.mark.multiproc
 @pytest.mark.timeout(400)
 def test_keep_base_gathered_and_cpu_offload_with_an_nf4_base(qlora_base, tmp_path):
     """QLoRA on FSDP2 at 2 ranks: with the NF4 base gathered once for the run, and with the shards in host memory
@@ -408,6 +442,6 @@ def test_keep_base_gathered_and_cpu_offload_with_an_nf4_base(qlora_base, tmp_pat
         a, b = (load_file(str(Path(r["step"]) / "adapter_model.safetensors")) for r in (default, other))
         assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() <= 1e-6 for k in a), name
         assert other["offload"]["param"] == ("offload" in name), name
-    groups = default["fsdp_groups"]
-    blocks = groups - 1
-    assert keep["fsdp_groups"] == groups + blocks and keep["all_gathers"] == groups + 3 * blocks, keep
+    blocks = default["blocks"]  # the base groups kept gathered: the blocks and the root's (the two ends in it)
+    assert default["fsdp_groups"] == blocks + 3, default  # the blocks, the embedding, lm_head and the root's
+    assert keep["fsdp_groups"] == 2 * blocks + 1 and keep["all_gathers"] == blocks + 1 + 3 * blocks, keep

@@ -6,7 +6,7 @@ trainer's AdamW replaced by one of OPTIMIZERS, as a loop of the user's own would
 steps, evaluates if asked and saves. Rank 0 writes out/runs.json: per run, each step's loss and gradient norm, the
 eval loss, the saved step's URL, how many times a layer inside each transformer block ran (twice per
 micro-batch when its activations are recomputed; not counted in a compiled block), how many all-gathers FSDP2 made
-during the steps and how many groups it shards, what DeepSpeed's engine offloads to host memory (its own flags) and its reduction bucket's size,
+during the steps, how many groups it shards and what it held gathered at once (:class:`Gathered`), what DeepSpeed's engine offloads to host memory (its own flags) and its reduction bucket's size,
 the betas and eps of the optimizer that steps the adapter, how many graphs torch.compile compiled during the run,
 and the bytes autograd saved for backward in the first step.
 """
@@ -78,6 +78,71 @@ class SavedBytes:
         self._hooks.__exit__(*exc)
 
 
+class Gathered:
+    """While entered: what FSDP2 holds gathered (its groups' unsharded parameters) each time one of its groups has
+    gathered, in forward or backward, and as each group's backward begins: the most bytes held gathered at once and
+    the groups held then, and the groups held as any transformer block's backward begins. A group is named by its
+    module ("root": the model's own)."""
+
+    def __init__(self, model):
+        from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+
+        self.cls = FSDPParamGroup
+        self.names = {}
+        for name, m in model.named_modules():
+            if isinstance(m, FSDPModule):
+                for group in m._get_fsdp_state()._fsdp_param_groups:
+                    self.names.setdefault(group, name.removeprefix("base_model.model.") or "root")
+        blocks = {id(b) for b in transformer_blocks(model)}
+        self.blocks = {g for g in self.names if any(id(m) in blocks for m in g.modules)}
+        self.bytes = {}  # each group's gathered bytes (its dtypes are known once FSDP2 has initialized it)
+        self.peak, self.at_peak, self.in_block_backward = 0, [], set()
+
+    def note(self, group, backward):
+        for g, name in self.names.items():
+            size = sum(p._orig_size.numel() * (p.param_dtype or p.orig_dtype).itemsize for p in g.fsdp_params)
+            self.bytes.setdefault(name, size)
+        held = sorted(name for g, name in self.names.items() if g.is_unsharded)
+        if backward and group in self.blocks:
+            self.in_block_backward.update(held)
+        total = sum(self.bytes[name] for name in held)
+        if total > self.peak:
+            self.peak, self.at_peak = total, held
+
+    def __enter__(self):
+        wait, pre_backward = self.cls.wait_for_unshard, self.cls.pre_backward
+
+        def waited(group, *args, **kwargs):
+            out = wait(group, *args, **kwargs)
+            self.note(group, backward=False)
+            return out
+
+        def backward(group, *args, **kwargs):
+            out = pre_backward(group, *args, **kwargs)
+            self.note(group, backward=True)
+            return out
+
+        self._patches = [
+            mock.patch.object(self.cls, "wait_for_unshard", waited),
+            mock.patch.object(self.cls, "pre_backward", backward),
+        ]
+        for patch in self._patches:
+            patch.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        for patch in reversed(self._patches):
+            patch.__exit__(*exc)
+
+    def to_json(self):
+        return {
+            "groups": self.bytes,
+            "peak": self.peak,
+            "at_peak": self.at_peak,
+            "in_block_backward": sorted(self.in_block_backward),
+        }
+
+
 def reduce_bucket(backend) -> list[int] | None:
     """DeepSpeed's gradient reduction bucket, in elements, and the elements that train (whole, not partitions);
     None on other engines."""
@@ -145,7 +210,10 @@ def main() -> None:
         losses, norms = [], []
         all_gather = torch.distributed.all_gather_single  # FSDP2's all-gather of a group, counted
         eager_attention = modeling_gpt2.eager_attention_forward  # the kernel GPT-2 runs under attention "eager"
+        fsdp = any(isinstance(m, FSDPModule) for m in trainer.backend.model.modules())
+        gathered = Gathered(trainer.backend.model) if fsdp else contextlib.nullcontext()
         with (
+            gathered,
             mock.patch.object(torch.distributed, "all_gather_single", wraps=all_gather) as gathers,
             mock.patch.object(modeling_gpt2, "eager_attention_forward", wraps=eager_attention) as eager,
         ):
@@ -173,6 +241,8 @@ def main() -> None:
             "fsdp_groups": len(  # a group of several modules (fully_shard of a list) shares one state
                 {id(m._get_fsdp_state()) for m in trainer.backend.model.modules() if isinstance(m, FSDPModule)}
             ),
+            "blocks": len(transformer_blocks(trainer.backend.model)),
+            "gathered": gathered.to_json() if fsdp else None,
             "eval_loss": evaluated,
             "eval_accuracy": trainer.eval_history[-1]["eval_accuracy"] if run.get("eval") else None,
             "graphs": counters["stats"]["unique_graphs"] - graphs,  # what torch.compile compiled during the run
