@@ -86,6 +86,11 @@ def _fix_for(e: BaseException, protocol: str) -> str:
             "; check the credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or pass "
             "key and secret in checkpoint.storage_options (--storage-options on the CLI), and the endpoint_url"
         )
+    if isinstance(e, FileNotFoundError):  # a write's: where it goes cannot be made
+        return (
+            "; the place to write cannot be created there: choose a checkpoint.dir on a file system this process "
+            "can create directories on (or a bucket that exists)"
+        )
     if isinstance(e, (NotADirectoryError, FileExistsError)):
         return "; a file stands where a directory is needed: move it away or choose another checkpoint.dir"
     if isinstance(e, PermissionError) or getattr(e, "errno", None) in (errno.EROFS, errno.EACCES, errno.EPERM):
@@ -197,8 +202,8 @@ class Storage:
                     raise
                 error: BaseException = e
             except Exception as e:
-                if isinstance(e, (FileNotFoundError, AlreadyExistsError)):
-                    raise  # callers ask "is it there": an answer, not a failure
+                if isinstance(e, AlreadyExistsError) or (isinstance(e, FileNotFoundError) and what != "write"):
+                    raise  # callers ask "is it there": an answer, not a failure (a write has no such question)
                 if _is_permanent(e):
                     raise StorageError(
                         f"cannot {what} {self.url_of(rel)}: {type(e).__name__}: {e}{_fix_for(e, self.protocol)}"

@@ -119,9 +119,9 @@ def assert_one_line_error(out: subprocess.CompletedProcess, *words: str) -> None
 
 
 def test_train_start_failures_are_one_line_and_leave_no_lease(gpt2_base, tmp_path):
-    """A missing base dir, a hub id that cannot be fetched, a missing corpus, a checkpoint dir that is a file, an NF4
-    base with no linear layer to quantize (GPT-2's are Conv1D), a base saved without its tokenizer, rows longer than
-    the base's positions."""
+    """A missing base dir, a hub id that cannot be fetched, a missing corpus, a checkpoint dir that is a file or
+    cannot be created (under /proc), an NF4 base with no linear layer to quantize (GPT-2's are Conv1D), a base saved
+    without its tokenizer, rows longer than the base's positions."""
     from tests.dist_utils import train_cmd
 
     ckpt = tmp_path / "ckpt"
@@ -141,6 +141,7 @@ def test_train_start_failures_are_one_line_and_leave_no_lease(gpt2_base, tmp_pat
         ),
         (["data.path=missing.txt"], ["data.path", "missing.txt does not exist"]),
         ([f"checkpoint.dir={tmp_path / 'a-file'}"], ["a-file", "a file stands where a directory is needed"]),
+        (["checkpoint.dir=/proc/dist-lora-ckpt"], ["cannot write /proc/dist-lora-ckpt/", "cannot be created there"]),
         (["model.quantization=nf4"], ["QuantizationError", "found no linear weight", "Conv1D", "quantization: none"]),
         ([f"model.name_or_path={untokenized}"], ["holds no tokenizer", "tokenizer.json", "save_pretrained"]),
         (["data.seq_len=4096"], ["data.seq_len 4096", "256 positions", "max_position_embeddings"]),
