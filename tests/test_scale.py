@@ -38,6 +38,10 @@ ENGINES = {
     "zero2": ["parallel.backend=deepspeed", "parallel.zero_stage=2"],
     "zero3": ["parallel.backend=deepspeed", "parallel.zero_stage=3"],
 }
+SPEED = [
+    "parallel.prefetch=2",
+    "parallel.reshard_after_forward=false",
+]  # FSDP2's settings that trade memory for gathers
 TINY_NORM = 1e-3  # far below the gradients' norm: every step is clipped
 # Adam turns reduction-order rounding of near-zero gradients into lr-sized differences between world sizes
 # (shared/RESHARD-NOTES: 5e-6 relative at lr 0.02); at this lr the weights compare within 1e-6 absolute
@@ -188,8 +192,7 @@ def test_activation_checkpointing_changes_no_loss_and_its_steps_load_without_it(
         own = [*short_run(gpt2_base, "train.loss_chunk_tokens=0"), *ENGINES[engine]]
         runs.append({"name": f"{engine}-own-loss", "overrides": own, "steps": 4})
     # FSDP2's speed settings change no loss either: explicit prefetch, no resharding after forward
-    speed = ["parallel.prefetch=2", "parallel.reshard_after_forward=false"]
-    runs.append({"name": "fsdp-speed", "overrides": [*short_run(gpt2_base), *ENGINES["fsdp"], *speed], "steps": 4})
+    runs.append({"name": "fsdp-speed", "overrides": [*short_run(gpt2_base), *ENGINES["fsdp"], *SPEED], "steps": 4})
     # the frozen base gathered once for the run, the adapter in groups of its own (with and without recomputation)
     for ac in (False, True):
         keep = ["parallel.keep_base_gathered=true", f"train.activation_checkpointing={ac}"]
@@ -397,6 +400,7 @@ def test_fsdp2_gathers_the_embedding_and_the_head_apart_from_the_blocks(world, g
         {"name": "fsdp", "overrides": [*llama, *fsdp], "steps": 2},
         {"name": "fsdp-ac", "overrides": [*llama, *fsdp, "train.activation_checkpointing=true"], "steps": 2},
         {"name": "ddp", "overrides": [*llama, "parallel.backend=ddp"], "steps": 2},
+        {"name": "fsdp-speed", "overrides": [*llama, *fsdp, *SPEED], "steps": 2},
     ]
     if world == 2:
         runs.append({"name": "gpt2", "overrides": [*short_run(gpt2_base, "train.max_steps=1"), *fsdp], "steps": 1})
@@ -415,6 +419,10 @@ def test_fsdp2_gathers_the_embedding_and_the_head_apart_from_the_blocks(world, g
         assert gathered["peak"] == groups["lm_head"] + groups[last] + groups["root"], (name, gathered)
         # the root's group holds the final norm alone: the old layout held both ends there through every block
         assert groups["root"] < groups["lm_head"] == groups["model.embed_tokens"], groups
+    # held from one micro-batch to the next, the ends too (the embedding's backward never runs to reshard it)
+    speed = results["fsdp-speed"]
+    assert all(abs(a - b) <= 1e-6 for a, b in zip(speed["losses"], results["ddp"]["losses"], strict=True)), speed
+    assert speed["all_gathers"] == 2 * speed["fsdp_groups"], speed  # each group once per step
     if world == 2:
         gpt2 = results["gpt2"]
         assert gpt2["fsdp_groups"] == gpt2["blocks"] + 1 and "root" in gpt2["gathered"]["in_block_backward"], gpt2
