@@ -226,7 +226,7 @@ class FSDPBackend(Backend):
         blocks = transformer_blocks(model)
         keep = parallel.keep_base_gathered
         trained = _shard_trained_apart(model, blocks, kwargs) if keep else []
-        ends = [] if keep else _embedding_groups(model)
+        ends = [] if keep else _embedding_groups(model)  # (kept gathered, the root holds them at no extra cost)
         last = [*blocks[-1:], *ends[1:]]  # their backward runs right after the forward: resharding them is wasted
         for module in [*ends[:1], *blocks, *ends[1:]]:
             hold = keep or parallel.reshard_after_forward is False or any(module is m for m in last)
