@@ -9,7 +9,9 @@ On a GPU (one device, NCCL, bf16), one launch of bench/gpu_worker.py:
 2. the save on a ~1.1B Llama-shaped base (TinyLlama's shape, bf16): stall, snapshot, total;
 3. a Llama-3-8B-shaped base (random, bf16, written with save_pretrained on this machine's disk) loaded through the
    sharded path, LoRA r=16 on q/k/v/o: load seconds, peak device memory, step seconds, save stall, resume; and
-   again with transformers' own loss, whose training peak the chunked loss's must be below;
+   again with transformers' own loss, whose training peak the chunked loss's must be below; and again with the
+   embedding and lm_head left in FSDP2's root group (the layout before they had groups of their own), whose
+   training peak the default's must be below;
 4. QLoRA on the ~1.1B base: the NF4 base against the same base in bf16 (LoRA on every linear layer): the base's
    bytes and peak device memory;
 5. the step time of FSDP2 (default, without resharding after forward, with the base kept gathered, and with the
@@ -45,6 +47,7 @@ NEEDS_CUDA = [
     "FSDP2's CPU offload: shards in pinned host memory copied to the GPU as each block computes, and the device "
     "memory that saves",
     "the device memory the chunked loss saves against transformers' loss",
+    "the device memory the embedding's and lm_head's own FSDP2 groups save against the root's group",
     "train.compile's step time with CUDA kernels (inductor's Triton; on the CPU its C++ kernels ran)",
 ]
 # the engines timed against each other on one base (bench/gpu_worker.py's ENGINES), as the report names them
@@ -59,6 +62,8 @@ ENGINE_RUNS = {
 CHECKS = ("fsdp", "zero3", "fsdp-offload")
 COMPILED = "FSDP2, train.compile=true"
 """The name's suffix of the run with compiled blocks (part 5)."""
+ROOT_ENDS = "the embedding and lm_head in the root's group"
+"""The name's suffix of a run with the two ends left in FSDP2's root group (dist_lora's layout before)."""
 OWN_LOSS = "transformers' loss (train.loss_chunk_tokens=0)"
 """The name's suffix of a run with transformers' ForCausalLMLoss instead of dist_lora's chunks."""
 # (hidden, layers, heads, kv heads, intermediate, vocab)
@@ -146,6 +151,14 @@ def judge(results: dict[str, Any], cuda: bool) -> list[str]:
             if not chunked["train_peak_device_bytes"] < r["train_peak_device_bytes"]:
                 peaks = gib(chunked["train_peak_device_bytes"]), gib(r["train_peak_device_bytes"])
                 failed.append(f"{chunked['name']}: the chunked loss's training peak {peaks[0]} is not below {peaks[1]}")
+        apart = next((x for x in results["runs"] if x["name"] == r["name"].replace(f", {ROOT_ENDS}", "")), None)
+        if cuda and r.get("root_holds_ends") and apart:  # noqa: SIM102 (the pair, then the figures)
+            if not apart["train_peak_device_bytes"] < r["train_peak_device_bytes"]:
+                peaks = gib(apart["train_peak_device_bytes"]), gib(r["train_peak_device_bytes"])
+                failed.append(
+                    f"{apart['name']}: the training peak with the embedding and lm_head apart, {peaks[0]}, is not "
+                    f"below {peaks[1]} with both in the root's group"
+                )
         bf16 = next((x for x in results["runs"] if x["name"] == r["name"].replace("NF4", "bf16")), None)
         if r.get("quantization") == "nf4" and bf16:  # noqa: SIM102 (the pair, then the figures)
             if not (r["bits_per_linear_weight"] or 0) < 4.25 or not r["base_bytes"] < bf16["base_bytes"]:
@@ -255,6 +268,9 @@ def main() -> None:
         # the same with transformers' own loss: the chunked loss's device memory saved (128,256-token vocabulary)
         own = {"name": f"{name}, {OWN_LOSS}", "base": str(base), "seq_len": seq_len, "steps": 4, "dtype": "bfloat16"}
         spec["runs"].append({**own, "loss_chunk_tokens": 0})
+        # the two ends in the root's group, gathered for the whole step: the device memory their own groups save
+        ends = {"name": f"{name}, {ROOT_ENDS}", "base": str(base), "seq_len": seq_len, "steps": 4, "dtype": "bfloat16"}
+        spec["runs"].append({**ends, "root_holds_ends": True})
     if "1b" in parts:
         base = build_base(out / shapes["1b"], shapes["1b"], "cuda" if cuda else "cpu")
         spec["runs"].append({"name": shapes["1b"], "base": str(base), "seq_len": seq_len, "steps": 4})

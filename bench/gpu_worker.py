@@ -12,7 +12,9 @@ runs: a base loaded the sharded way (FSDP2, bf16 mixed precision; "dtype" sets m
 q/k/v/o: load seconds, peak device memory, step seconds, the save stall, and the resume; "engine" (default "fsdp")
 names another of ENGINES, for the step time of FSDP2 against DDP on the same base. A run with "quantization":
 "nf4" is QLoRA over the same base (model.dtype bfloat16, LoRA on every linear layer), paired with an unquantized run
-of the same settings ("quantization": "none"): both report the frozen base's bytes on the device.
+of the same settings ("quantization": "none"): both report the frozen base's bytes on the device. A run with
+"root_holds_ends" leaves the base's input embedding and lm_head in FSDP2's root group (dist_lora's layout before
+they had groups of their own), for the device memory their own groups save.
 
 A part that raises is recorded in "errors" (its traceback goes to the output) and the others still run: a GPU lease
 is short, and one fault should not cost the figures of the rest. worker.json is rewritten after every part.
@@ -20,6 +22,7 @@ is short, and one fault should not cost the figures of the rest. worker.json is 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import json
@@ -35,6 +38,7 @@ from typing import Any
 import torch
 from torch.distributed.tensor import DTensor
 
+import dist_lora.backends.fsdp
 from dist_lora.checkpointer import Checkpointer
 from dist_lora.config import CheckpointConfig, load_config
 from dist_lora.constants import ADAPTER_WEIGHTS_NAME, OPTIMIZER_NAME
@@ -124,6 +128,15 @@ def check(engine: str, base: str, data: str, out: Path) -> dict[str, Any]:
     }
 
 
+def _layout(spec: dict[str, Any]) -> contextlib.AbstractContextManager[Any]:
+    """The FSDP2 layout a run builds: with "root_holds_ends", the embedding and lm_head left in the root's group."""
+    if not spec.get("root_holds_ends"):
+        return contextlib.nullcontext()
+    from unittest import mock
+
+    return mock.patch.object(dist_lora.backends.fsdp, "_embedding_groups", return_value=[])
+
+
 def run(spec: dict[str, Any], data: str, out: Path) -> dict[str, Any]:
     root = out / f"run-{spec['name']}"
     if torch.cuda.is_available():
@@ -147,7 +160,8 @@ def run(spec: dict[str, Any], data: str, out: Path) -> dict[str, Any]:
             spec["base"], data, root / "ck", *ENGINES[spec.get("engine", "fsdp")], *qlora, seq_len=spec["seq_len"]
         ),
     )
-    trainer = Trainer(cfg)
+    with _layout(spec):
+        trainer = Trainer(cfg)
     load_s = time.perf_counter() - t0
     load_peak = device_peak()
     # what the load leaves allocated besides the shards, and the steps' own peak from there (the peak is reset
@@ -171,7 +185,8 @@ def run(spec: dict[str, Any], data: str, out: Path) -> dict[str, Any]:
     del trainer
     free_device_memory()
     t0 = time.perf_counter()
-    resumed = Trainer(cfg)
+    with _layout(spec):
+        resumed = Trainer(cfg)
     resumed.resume(url)
     resume_loss = resumed.train_step()
     resume_s = time.perf_counter() - t0
@@ -183,6 +198,7 @@ def run(spec: dict[str, Any], data: str, out: Path) -> dict[str, Any]:
         "dtype": spec.get("dtype"),
         "loss_chunk_tokens": spec.get("loss_chunk_tokens"),
         "compile": bool(spec.get("compile")),
+        "root_holds_ends": bool(spec.get("root_holds_ends")),
         "first_step_s": steps[0],
         "load_s": load_s,
         "load_peak_device_bytes": load_peak,
