@@ -7,8 +7,8 @@ its DeepSpeed JSON read, the global batch split over the world size, the base bu
 loaded, the data tokenized into this machine's cache (where a job on this machine then finds it) and the run's length
 worked out. Then what each rank will hold of the model as its engine lays it out: the frozen base (FSDP2's row
 chunks, ZeRO-3's partitions, or a whole replica) and the trainable state, and, offloaded, how much of them is in host
-memory. Activations and the blocks gathered for compute come on top; the trainer logs each step's peak
-(``peak_memory_gib`` in the metrics).
+memory; under FSDP2, the most its groups hold gathered at once (at least). Activations (and under ZeRO-3 the
+blocks gathered for compute) come on top; the trainer logs each step's peak (``peak_memory_gib`` in the metrics).
 """
 
 from __future__ import annotations
@@ -299,18 +299,39 @@ def _reaching(groups: list[list[nn.Parameter]], parts: list[int], world: int) ->
 
 
 def gathered_bytes(model: nn.Module, cfg: RunConfig) -> int:
-    """FSDP2 with ``keep_base_gathered``: the frozen base every rank keeps all-gathered after the first forward, in
-    the dtype it computes in (bf16 under ``mixed_precision: bf16``); 0 without it."""
+    """What FSDP2 holds gathered per rank, in the dtype it computes in (bf16 under ``mixed_precision: bf16``). With
+    ``keep_base_gathered``, the frozen base, gathered at the first forward for the run. Otherwise the most its
+    groups (as :meth:`dist_lora.backends.fsdp.FSDPBackend.wrap` makes them) hold gathered at once, a lower bound of
+    what a device allocates for them: without resharding after forward, every group at the forward's end (the whole
+    model); by default, the root's own tensors (the final norm; both ends where they are tied) beside the largest
+    of: the embedding's group, ``lm_head``'s with the last block (both held from their forward through their
+    backward), any block. Prefetching the next block while one computes (on a GPU), and the buffer a group is
+    gathered into before it is copied out, come on top."""
+    from dist_lora.backends.fsdp import _embedding_groups
+    from dist_lora.model import transformer_blocks
     from dist_lora.quantize import is_nf4, nf4_bytes
 
-    if not cfg.parallel.keep_base_gathered:
-        return 0
     bf16 = cfg.parallel.mixed_precision == "bf16"
-    return sum(
-        nf4_bytes(p) if is_nf4(p) else p.numel() * (2 if bf16 and p.is_floating_point() else p.element_size())
-        for p in model.parameters()
-        if not p.requires_grad
-    )
+
+    def size(params: list[nn.Parameter]) -> int:
+        return sum(
+            nf4_bytes(p) if is_nf4(p) else p.numel() * (2 if bf16 and p.is_floating_point() else p.element_size())
+            for p in params
+        )
+
+    if cfg.parallel.keep_base_gathered:
+        return size([p for p in model.parameters() if not p.requires_grad])
+    if cfg.parallel.reshard_after_forward is False:
+        return size(list(model.parameters()))
+    blocks = transformer_blocks(model)
+    ends = _embedding_groups(model)
+    groups = [list(dict.fromkeys(module.parameters())) for module in [*ends, *blocks]]
+    grouped = {id(p) for params in groups for p in params}
+    root = size([p for p in model.parameters() if id(p) not in grouped])
+    sizes = [size(params) for params in groups]
+    embedding, head = sizes[: len(ends)] or [0, 0]
+    held_last = head + (sizes[-1] if blocks else 0)
+    return root + max(embedding, held_last, *sizes[len(ends) :], 0)
 
 
 @dataclass
@@ -327,7 +348,7 @@ class Report:
     frozen_bytes_per_rank: int
     trainable_state_bytes_per_rank: int | None
     grad_accum: int
-    gathered_bytes_per_rank: int = 0  # FSDP2's keep_base_gathered: the whole base, in the compute dtype
+    gathered_bytes_per_rank: int = 0  # FSDP2's groups gathered at once (keep_base_gathered: the whole base)
     host_bytes_per_rank: int = 0  # of the frozen base and the trainable state, what is offloaded to host memory
     ranks_per_node: int = 1  # --nproc-per-node, or the whole world on one node
     rows: int | None = None
@@ -458,7 +479,8 @@ def check_run(
 
 def device_bytes(r: Report) -> int:
     """What each rank's device holds of the model before any activation: the frozen base, the trainable state and
-    a base kept gathered, less what is offloaded to host memory (``parallel.cpu_offload``, DeepSpeed's offload)."""
+    what FSDP2 holds gathered (:func:`gathered_bytes`), less what is offloaded to host memory
+    (``parallel.cpu_offload``, DeepSpeed's offload)."""
     state = r.trainable_state_bytes_per_rank or 0
     return r.frozen_bytes_per_rank + state - r.host_bytes_per_rank + r.gathered_bytes_per_rank
 
@@ -474,9 +496,10 @@ def check_fits(r: Report, cfg: RunConfig, device_gb: float) -> None:
             ways.append("model.quantization: nf4")
         if not cfg.parallel.cpu_offload:
             ways.append("parallel.cpu_offload: true")
+        held = "the model state and what FSDP2 holds gathered take" if r.gathered_bytes_per_rank else None
         raise ConfigError(
-            f"the model state alone takes {_size(need)} per rank, more than --device-memory {device_gb:g} GB, before "
-            f"any activation: try {', or '.join(ways)}"
+            f"{held or 'the model state alone takes'} {_size(need)} per rank, more than --device-memory "
+            f"{device_gb:g} GB, before any activation: try {', or '.join(ways)}"
         )
 
 
@@ -538,12 +561,18 @@ def describe(r: Report, cfg: RunConfig) -> str:
     ]
     if r.gathered_bytes_per_rank:
         gathered = _size(r.gathered_bytes_per_rank)
-        lines.append(f"            the whole base kept gathered (parallel.keep_base_gathered) {gathered}")
+        if cfg.parallel.keep_base_gathered:
+            lines.append(f"            the whole base kept gathered (parallel.keep_base_gathered) {gathered}")
+        elif cfg.parallel.reshard_after_forward is False:
+            lines.append(f"            gathered for compute: the whole model at the forward's end {gathered}")
+        else:
+            lines.append(f"            gathered for compute, at least {gathered} (FSDP2's groups at once)")
     if r.host_bytes_per_rank:
         host, on_device = _size(r.host_bytes_per_rank), _size(device_bytes(r))
         node = f" ({_size(r.host_bytes_per_rank * r.ranks_per_node)} a node)" if r.ranks_per_node > 1 else ""
         lines.append(f"            of which offloaded to host memory {host}{node}: {on_device} on the device")
-    lines.append(f"{'':12}+ activations and the blocks gathered for compute (the metrics' peak_memory_gib)")
+    ahead = "what FSDP2 gathers ahead" if r.gathered_bytes_per_rank else "the blocks gathered for compute"
+    lines.append(f"{'':12}+ activations and {ahead} (the metrics' peak_memory_gib)")
     for row in r.shown_rows or []:
         lines.append(
             f"row {row['row']}: {row['tokens']} tokens, {row['targets']} targets {TARGET_OPEN}marked{TARGET_CLOSE}, "

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from torch._dynamo.utils import counters
 
 import dist_lora
+from dist_lora.check import build_meta_model, gathered_bytes
 from dist_lora.config import ConfigError, load_config
 from dist_lora.data import prepare_data
 from dist_lora.demo import corpus_path
@@ -401,6 +402,7 @@ def test_fsdp2_gathers_the_embedding_and_the_head_apart_from_the_blocks(world, g
         {"name": "fsdp-ac", "overrides": [*llama, *fsdp, "train.activation_checkpointing=true"], "steps": 2},
         {"name": "ddp", "overrides": [*llama, "parallel.backend=ddp"], "steps": 2},
         {"name": "fsdp-speed", "overrides": [*llama, *fsdp, *SPEED], "steps": 2},
+        {"name": "fsdp-bf16", "overrides": [*llama, *fsdp, "parallel.mixed_precision=bf16"], "steps": 1},
     ]
     if world == 2:
         runs.append({"name": "gpt2", "overrides": [*short_run(gpt2_base, "train.max_steps=1"), *fsdp], "steps": 1})
@@ -426,6 +428,13 @@ def test_fsdp2_gathers_the_embedding_and_the_head_apart_from_the_blocks(world, g
     if world == 2:
         gpt2 = results["gpt2"]
         assert gpt2["fsdp_groups"] == gpt2["blocks"] + 1 and "root" in gpt2["gathered"]["in_block_backward"], gpt2
+    # dist-lora check's figure of what FSDP2's groups hold gathered at once is what they held (the whole model
+    # without resharding after forward; in bf16 under mixed precision)
+    for run in runs:
+        if run["name"] != "ddp":
+            cfg = load_config(TINY, [*run["overrides"], "checkpoint.dir=unused"])
+            measured = results[run["name"]]["gathered"]["peak"]
+            assert gathered_bytes(build_meta_model(cfg, world), cfg) == measured, (run["name"], measured)
 
 
 @pytest.mark.multiproc
