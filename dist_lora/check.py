@@ -571,8 +571,10 @@ def describe(r: Report, cfg: RunConfig) -> str:
         host, on_device = _size(r.host_bytes_per_rank), _size(device_bytes(r))
         node = f" ({_size(r.host_bytes_per_rank * r.ranks_per_node)} a node)" if r.ranks_per_node > 1 else ""
         lines.append(f"            of which offloaded to host memory {host}{node}: {on_device} on the device")
-    ahead = "what FSDP2 gathers ahead" if r.gathered_bytes_per_rank else "the blocks gathered for compute"
-    lines.append(f"{'':12}+ activations and {ahead} (the metrics' peak_memory_gib)")
+    ahead = " and the blocks gathered for compute" if not r.gathered_bytes_per_rank else ""
+    if r.gathered_bytes_per_rank and not cfg.parallel.keep_base_gathered:
+        ahead = " and what FSDP2 gathers ahead"
+    lines.append(f"{'':12}+ activations{ahead} (the metrics' peak_memory_gib)")
     for row in r.shown_rows or []:
         lines.append(
             f"row {row['row']}: {row['tokens']} tokens, {row['targets']} targets {TARGET_OPEN}marked{TARGET_CLOSE}, "
