@@ -298,7 +298,7 @@ def _reaching(groups: list[list[nn.Parameter]], parts: list[int], world: int) ->
     return found
 
 
-def gathered_bytes(model: nn.Module, cfg: RunConfig) -> int:
+def gathered_bytes(model: nn.Module, cfg: RunConfig, shards: int) -> int:
     """What FSDP2 holds gathered per rank, in the dtype it computes in (bf16 under ``mixed_precision: bf16``). With
     ``keep_base_gathered``, the frozen base, gathered at the first forward for the run. Otherwise the most its
     groups (as :meth:`dist_lora.backends.fsdp.FSDPBackend.wrap` makes them) hold gathered at once, a lower bound of
@@ -306,7 +306,8 @@ def gathered_bytes(model: nn.Module, cfg: RunConfig) -> int:
     model); by default, the root's own tensors (the final norm; both ends where they are tied) beside the largest
     of: the embedding's group, ``lm_head``'s with the last block (both held from their forward through their
     backward), any block. Prefetching the next block while one computes (on a GPU), and the buffer a group is
-    gathered into before it is copied out, come on top."""
+    gathered into before it is copied out, come on top. At ``shards`` 1, NF4 weights stay local, never gathered
+    (``ignored_params``: :meth:`~dist_lora.backends.fsdp.FSDPBackend.wrap`)."""
     from dist_lora.backends.fsdp import _embedding_groups
     from dist_lora.model import transformer_blocks
     from dist_lora.quantize import is_nf4, nf4_bytes
@@ -317,6 +318,7 @@ def gathered_bytes(model: nn.Module, cfg: RunConfig) -> int:
         return sum(
             nf4_bytes(p) if is_nf4(p) else p.numel() * (2 if bf16 and p.is_floating_point() else p.element_size())
             for p in params
+            if shards > 1 or not is_nf4(p)
         )
 
     if cfg.parallel.keep_base_gathered:
@@ -463,7 +465,7 @@ def check_run(
         frozen_bytes_per_rank=base[0],
         trainable_state_bytes_per_rank=None if state is None else sum(state),
         grad_accum=accum,
-        gathered_bytes_per_rank=gathered_bytes(model, cfg) if lay.engine == "fsdp" else 0,
+        gathered_bytes_per_rank=gathered_bytes(model, cfg, lay.shards) if lay.engine == "fsdp" else 0,
         host_bytes_per_rank=base[1] + (0 if state is None else state[1]),
         ranks_per_node=nproc_per_node or world,
         rows=rows,

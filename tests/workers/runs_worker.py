@@ -95,13 +95,18 @@ class Gathered:
                     self.names.setdefault(group, name.removeprefix("base_model.model.") or "root")
         blocks = {id(b) for b in transformer_blocks(model)}
         self.blocks = {g for g in self.names if any(id(m) in blocks for m in g.modules)}
-        self.bytes = {}  # each group's gathered bytes (its dtypes are known once FSDP2 has initialized it)
+        self.bytes = {}  # each group's gathered bytes, read off its gathered tensors the first time it is gathered
         self.peak, self.at_peak, self.in_block_backward = 0, [], set()
 
     def note(self, group, backward):
+        from dist_lora.quantize import is_nf4, nf4_bytes
+
+        def size(t):  # an NF4 weight is gathered as its 4-bit data and scalers
+            return nf4_bytes(t) if is_nf4(t) else t.numel() * t.element_size()
+
         for g, name in self.names.items():
-            size = sum(p._orig_size.numel() * (p.param_dtype or p.orig_dtype).itemsize for p in g.fsdp_params)
-            self.bytes.setdefault(name, size)
+            if g.is_unsharded and name not in self.bytes:
+                self.bytes[name] = sum(size(p._unsharded_param) for p in g.fsdp_params)
         held = sorted(name for g, name in self.names.items() if g.is_unsharded)
         if backward and group in self.blocks:
             self.in_block_backward.update(held)
