@@ -21,14 +21,8 @@ from unittest import mock
 import torch
 import torch.distributed as dist
 
+from bench.load_worker import status_kb as status_bytes  # (in bytes, despite its name)
 from bench.throughput_worker import max_over_ranks
-
-
-def status_bytes(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(field)
 
 
 def main() -> None:

@@ -561,10 +561,12 @@ def describe(r: Report, cfg: RunConfig) -> str:
         else "            trainable state: not modelled for this DeepSpeed layout (data_types, parameter_alignment, "
         "zenflow, a partial offload)",
     ]
+    ahead = " and the blocks gathered for compute"  # (not modelled: ZeRO-3's)
     if r.gathered_bytes_per_rank:
-        gathered = _size(r.gathered_bytes_per_rank)
+        gathered, ahead = _size(r.gathered_bytes_per_rank), " and what FSDP2 gathers ahead"
         if cfg.parallel.keep_base_gathered:
             lines.append(f"            the whole base kept gathered (parallel.keep_base_gathered) {gathered}")
+            ahead = ""
         elif cfg.parallel.reshard_after_forward is False:
             lines.append(f"            gathered for compute: the whole model at the forward's end {gathered}")
         else:
@@ -573,9 +575,6 @@ def describe(r: Report, cfg: RunConfig) -> str:
         host, on_device = _size(r.host_bytes_per_rank), _size(device_bytes(r))
         node = f" ({_size(r.host_bytes_per_rank * r.ranks_per_node)} a node)" if r.ranks_per_node > 1 else ""
         lines.append(f"            of which offloaded to host memory {host}{node}: {on_device} on the device")
-    ahead = " and the blocks gathered for compute" if not r.gathered_bytes_per_rank else ""
-    if r.gathered_bytes_per_rank and not cfg.parallel.keep_base_gathered:
-        ahead = " and what FSDP2 gathers ahead"
     lines.append(f"{'':12}+ activations{ahead} (the metrics' peak_memory_gib)")
     for row in r.shown_rows or []:
         lines.append(

@@ -39,14 +39,19 @@ ENGINES = {
     "zero2": ["parallel.backend=deepspeed", "parallel.zero_stage=2"],
     "zero3": ["parallel.backend=deepspeed", "parallel.zero_stage=3"],
 }
-SPEED = [
-    "parallel.prefetch=2",
-    "parallel.reshard_after_forward=false",
-]  # FSDP2's settings that trade memory for gathers
+# FSDP2's settings that trade memory for gathers
+SPEED = ["parallel.prefetch=2", "parallel.reshard_after_forward=false"]
 TINY_NORM = 1e-3  # far below the gradients' norm: every step is clipped
 # Adam turns reduction-order rounding of near-zero gradients into lr-sized differences between world sizes
 # (shared/RESHARD-NOTES: 5e-6 relative at lr 0.02); at this lr the weights compare within 1e-6 absolute
 CLIP_LR = "train.lr=1e-3"
+
+
+def checked_gathered(overrides: list[str]) -> int:
+    """What ``dist-lora check`` says FSDP2's groups hold gathered at once for a run of these overrides (each tensor
+    over 2 shards: 2 ranks, or HSDP's 2 groups of 2)."""
+    cfg = load_config(TINY, [*overrides, "checkpoint.dir=unused"])
+    return gathered_bytes(build_meta_model(cfg, 2), cfg, 2)
 
 
 def reference(base: Path, steps: int, max_norm: float) -> tuple[list[float], dict[str, torch.Tensor]]:
@@ -429,12 +434,11 @@ def test_fsdp2_gathers_the_embedding_and_the_head_apart_from_the_blocks(world, g
         gpt2 = results["gpt2"]
         assert gpt2["fsdp_groups"] == gpt2["blocks"] + 1 and "root" in gpt2["gathered"]["in_block_backward"], gpt2
     # dist-lora check's figure of what FSDP2's groups hold gathered at once is what they held (the whole model
-    # without resharding after forward; in bf16 under mixed precision); each tensor over 2 shards either way
+    # without resharding after forward; in bf16 under mixed precision)
     for run in runs:
         if run["name"] != "ddp":
-            cfg = load_config(TINY, [*run["overrides"], "checkpoint.dir=unused"])
             measured = results[run["name"]]["gathered"]["peak"]
-            assert gathered_bytes(build_meta_model(cfg, 2), cfg, 2) == measured, (run["name"], measured)
+            assert checked_gathered(run["overrides"]) == measured, (run["name"], measured)
 
 
 @pytest.mark.multiproc
@@ -463,9 +467,9 @@ def test_keep_base_gathered_and_cpu_offload_with_an_nf4_base(qlora_base, tmp_pat
         a, b = (load_file(str(Path(r["step"]) / "adapter_model.safetensors")) for r in (default, other))
         assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() <= 1e-6 for k in a), name
         assert other["offload"]["param"] == ("offload" in name), name
+    overrides = {run["name"]: run["overrides"] for run in runs}
     for name in ("default", "offload"):  # dist-lora check's figure of what FSDP2 holds gathered: NF4 counted
-        cfg = load_config(TINY, [*runs[[r["name"] for r in runs].index(name)]["overrides"], "checkpoint.dir=unused"])
-        assert gathered_bytes(build_meta_model(cfg, 2), cfg, 2) == results[name]["gathered"]["peak"], name
+        assert checked_gathered(overrides[name]) == results[name]["gathered"]["peak"], name
     blocks = default["blocks"]  # the base groups kept gathered: the blocks and the root's (the two ends in it)
     assert default["fsdp_groups"] == blocks + 3, default  # the blocks, the embedding, lm_head and the root's
     assert keep["fsdp_groups"] == 2 * blocks + 1 and keep["all_gathers"] == blocks + 1 + 3 * blocks, keep
