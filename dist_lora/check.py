@@ -7,14 +7,14 @@ its DeepSpeed JSON read, the global batch split over the world size, the base bu
 loaded, the data tokenized into this machine's cache (where a job on this machine then finds it) and the run's length
 worked out. Then what each rank will hold of the model as its engine lays it out: the frozen base (FSDP2's row
 chunks, ZeRO-3's partitions, or a whole replica) and the trainable state, and, offloaded, how much of them is in host
-memory; under FSDP2, the most its groups hold gathered at once (at least). Activations (and under ZeRO-3 the
-blocks gathered for compute) come on top; the trainer logs each step's peak (``peak_memory_gib`` in the metrics).
+memory; under FSDP2 and ZeRO-3, the most they hold gathered for compute at once (at least). Activations come on top;
+the trainer logs each step's peak (``peak_memory_gib`` in the metrics).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -41,6 +41,7 @@ class Layout:
     offload_optimizer: bool = False  # the trainable state in host memory (ZeRO-Offload; FSDP2's cpu_offload)
     offload_param: bool = False  # the sharded base in host memory (ZeRO-3's offload_param; FSDP2's cpu_offload)
     grad_accum: int = 1  # micro-batches a step (ZeRO-2's offload keeps gradients apart between them)
+    zero: dict[str, Any] = field(default_factory=dict, compare=False)  # DeepSpeed: the engine's zero_optimization
 
     def describe(self) -> str:
         if self.engine == "fsdp":
@@ -109,6 +110,7 @@ def layout(cfg: RunConfig, world: int, nproc_per_node: int | None = None) -> Lay
             offload_optimizer=zero.get("offload_optimizer", {}).get("device", "none") == "cpu",
             offload_param=stage == 3 and zero.get("offload_param", {}).get("device", "none") == "cpu",
             grad_accum=grad_accum_steps(t, world),
+            zero=zero,
         )
     return Layout(p.backend, world, 1)
 
@@ -350,7 +352,9 @@ class Report:
     frozen_bytes_per_rank: int
     trainable_state_bytes_per_rank: int | None
     grad_accum: int
-    gathered_bytes_per_rank: int = 0  # FSDP2's groups gathered at once (keep_base_gathered: the whole base)
+    gathered_bytes_per_rank: int = 0  # FSDP2's groups or ZeRO-3's parameters gathered at once (keep_base_gathered:
+    # the whole base)
+    gathered_unmodelled: str | None = None  # ZeRO-3: why what it gathers could not be followed
     host_bytes_per_rank: int = 0  # of the frozen base and the trainable state, what is offloaded to host memory
     ranks_per_node: int = 1  # --nproc-per-node, or the whole world on one node
     rows: int | None = None
@@ -392,8 +396,9 @@ def check_resume(cfg: RunConfig, model: Any, optimizer: torch.optim.Optimizer) -
 
 
 def build_meta_model(cfg: RunConfig, shards: int) -> Any:
-    """The model the trainer builds, on the meta device: the base from its config, the attention kernel, the
-    chunked loss, LoRA (PEFT's, every name checked) and, for QLoRA, the NF4 weights planned for ``shards``."""
+    """The model the trainer builds, on the meta device, in train mode: the base from its config, the attention
+    kernel, the chunked loss, activation checkpointing, LoRA (PEFT's, every name checked) and, for QLoRA, the NF4
+    weights planned for ``shards``."""
     from dist_lora.lora import apply_lora
     from dist_lora.model import DTYPES, build_on_meta, prepare_base
     from dist_lora.quantize import quantize_base
@@ -402,11 +407,11 @@ def build_meta_model(cfg: RunConfig, shards: int) -> Any:
     zero3_bf16 = p.backend == "deepspeed" and p.zero_stage == 3 and p.mixed_precision == "bf16"
     dtype = torch.bfloat16 if zero3_bf16 else DTYPES[m.dtype]  # (ZeRO-3 builds in the dtype its engine trains in)
     base = build_on_meta(m.name_or_path, dtype, revision=m.revision)
-    prepare_base(base, m.attn_implementation, cfg.train.loss_chunk_tokens)
+    prepare_base(base, m.attn_implementation, cfg.train.loss_chunk_tokens, cfg.train.recompute_every())
     model = apply_lora(base, cfg.lora, m.name_or_path, m.revision)
     if m.quantization == "nf4":
         quantize_base(model, shards, torch.device("cpu"))
-    return model
+    return model.train()
 
 
 def check_run(
@@ -452,6 +457,16 @@ def check_run(
     resume = check_resume(cfg, model, optimizer)
     frozen = [p for p in model.parameters() if not p.requires_grad]
     base, state = _frozen(model, lay), _trainable(model, lay, [g["params"] for g in optimizer.param_groups])
+    gathered, unmodelled = 0, None
+    if lay.engine == "fsdp":
+        gathered = gathered_bytes(model, cfg, lay.shards)
+    elif lay.zero_stage == 3:  # (last: it leaves ZeRO's attributes on the model)
+        from dist_lora.backends.deepspeed import zero3_gathered_bytes
+
+        try:
+            gathered = zero3_gathered_bytes(model, lay.zero, (t.micro_batch_size, cfg.data.seq_len))
+        except ValueError as e:
+            unmodelled = str(e)
     return Report(
         config=config_name,
         world=world,
@@ -465,7 +480,8 @@ def check_run(
         frozen_bytes_per_rank=base[0],
         trainable_state_bytes_per_rank=None if state is None else sum(state),
         grad_accum=accum,
-        gathered_bytes_per_rank=gathered_bytes(model, cfg, lay.shards) if lay.engine == "fsdp" else 0,
+        gathered_bytes_per_rank=gathered,
+        gathered_unmodelled=unmodelled,
         host_bytes_per_rank=base[1] + (0 if state is None else state[1]),
         ranks_per_node=nproc_per_node or world,
         rows=rows,
@@ -481,7 +497,8 @@ def check_run(
 
 def device_bytes(r: Report) -> int:
     """What each rank's device holds of the model before any activation: the frozen base, the trainable state and
-    what FSDP2 holds gathered (:func:`gathered_bytes`), less what is offloaded to host memory
+    what FSDP2 or ZeRO-3 holds gathered for compute (:func:`gathered_bytes`,
+    :func:`dist_lora.backends.deepspeed.zero3_gathered_bytes`), less what is offloaded to host memory
     (``parallel.cpu_offload``, DeepSpeed's offload)."""
     state = r.trainable_state_bytes_per_rank or 0
     return r.frozen_bytes_per_rank + state - r.host_bytes_per_rank + r.gathered_bytes_per_rank
@@ -498,7 +515,7 @@ def check_fits(r: Report, cfg: RunConfig, device_gb: float) -> None:
             ways.append("model.quantization: nf4")
         if not cfg.parallel.cpu_offload:
             ways.append("parallel.cpu_offload: true")
-        held = "the model state and what FSDP2 holds gathered take" if r.gathered_bytes_per_rank else None
+        held = "the model state and what is gathered for compute take" if r.gathered_bytes_per_rank else None
         raise ConfigError(
             f"{held or 'the model state alone takes'} {_size(need)} per rank, more than --device-memory "
             f"{device_gb:g} GB, before any activation: try {', or '.join(ways)}"
@@ -561,16 +578,25 @@ def describe(r: Report, cfg: RunConfig) -> str:
         else "            trainable state: not modelled for this DeepSpeed layout (data_types, parameter_alignment, "
         "zenflow, a partial offload)",
     ]
-    ahead = " and the blocks gathered for compute"  # (not modelled: ZeRO-3's)
+    ahead = ""
     if r.gathered_bytes_per_rank:
         gathered, ahead = _size(r.gathered_bytes_per_rank), " and what FSDP2 gathers ahead"
         if cfg.parallel.keep_base_gathered:
             lines.append(f"            the whole base kept gathered (parallel.keep_base_gathered) {gathered}")
             ahead = ""
+        elif cfg.parallel.backend == "deepspeed":
+            lines.append(
+                f"            gathered for compute, at least {gathered} (ZeRO-3's parameters at once, its prefetch "
+                "and reuse rules run over this model)"
+            )
+            ahead = " and the gathers' buffers"
         elif cfg.parallel.reshard_after_forward is False:
             lines.append(f"            gathered for compute: the whole model at the forward's end {gathered}")
         else:
             lines.append(f"            gathered for compute, at least {gathered} (FSDP2's groups at once)")
+    elif r.gathered_unmodelled:
+        lines.append(f"            gathered for compute: not modelled, {r.gathered_unmodelled}")
+        ahead = " and what ZeRO-3 gathers for compute"
     if r.host_bytes_per_rank:
         host, on_device = _size(r.host_bytes_per_rank), _size(device_bytes(r))
         node = f" ({_size(r.host_bytes_per_rank * r.ranks_per_node)} a node)" if r.ranks_per_node > 1 else ""

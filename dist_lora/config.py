@@ -261,6 +261,10 @@ class TrainConfig:
         betas = tuple(float(b) for b in self.adam_betas)
         return {"lr": self.lr, "betas": betas, "eps": self.adam_eps, "weight_decay": self.weight_decay}
 
+    def recompute_every(self) -> int:
+        """Activation checkpointing of every N-th block, as :func:`dist_lora.model.prepare_base` takes it (0: none)."""
+        return self.activation_checkpointing_every if self.activation_checkpointing else 0
+
 
 @dataclass
 class ParallelConfig:

@@ -400,8 +400,7 @@ class Trainer:
         )
         if hub:  # named by its hub id, as from_pretrained of the id names it (PEFT saves this name, not the cache's)
             base.name_or_path = base.config.name_or_path = cfg.model.name_or_path
-        every = t.activation_checkpointing_every if t.activation_checkpointing else 0
-        prepare_base(base, cfg.model.attn_implementation, t.loss_chunk_tokens, every)
+        prepare_base(base, cfg.model.attn_implementation, t.loss_chunk_tokens, t.recompute_every())
         check_vocab(base, self.data)
         if cfg.data.packing:
             check_packing(base, self.data)

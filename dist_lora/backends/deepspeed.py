@@ -170,12 +170,215 @@ def _release_engine(engine: Any) -> None:
         return
     with contextlib.suppress(ValueError):  # (each of these is looked up: another DeepSpeed may lack it)
         getattr(parameter_offload, "FWD_MODULE_STACK", []).remove(engine.module)
+    _clear_release_memo(partitioned_param_coordinator)
+
+
+def _clear_release_memo(partitioned_param_coordinator: Any) -> None:
+    """Clear the ``lru_cache`` in which ZeRO-3's parameter coordinator memoizes, for every coordinator, which
+    parameters each module releases (it holds the coordinators and modules until cleared)."""
     coordinator = getattr(partitioned_param_coordinator, "PartitionedParameterCoordinator", object)
     method = vars(coordinator).get("_PartitionedParameterCoordinator__params_to_release")
     cells = getattr(method, "__closure__", None) or ()  # under DeepSpeed's NVTX wrapper, which keeps no __wrapped__
     for memo in (method, *(cell.cell_contents for cell in cells)):
         if hasattr(memo, "cache_clear"):
             memo.cache_clear()
+
+
+def zero3_gathered_bytes(model: Any, zero: dict[str, Any], batch: tuple[int, int], micro_batches: int = 3) -> int:
+    """The most ZeRO-3 holds gathered at once per rank over ``micro_batches`` forwards and backwards of ``model``
+    (``dist-lora check``'s, on the meta device) on ``batch`` (rows, tokens) of token ids: the bytes of every parameter
+    not kept whole (``stage3_param_persistence_threshold``) that its coordinator has gathered or is gathering, at
+    the most of any of its fetches. Not an estimate: DeepSpeed's own module hooks, set up as the engine sets them
+    from ``zero`` (its ``zero_optimization`` section; the leaf modules too), record one forward and backward run
+    under FakeTensorMode (nothing computed or allocated; :func:`_zero3_events`), and DeepSpeed's own parameter
+    coordinator then takes the micro-batches' fetches and releases in that order, over stand-ins of ZeRO's
+    parameters whose gathers only mark them gathered. So DeepSpeed's rules decide, from its trace of the first
+    micro-batch: prefetching (``stage3_prefetch_bucket_size``), keeping what is used again soon
+    (``stage3_max_reuse_distance``), the limit on what prefetching may add (``stage3_max_live_parameters``), the
+    parameters a recomputed block reads, and a parameter read outside its module's forward, which ZeRO-3 gathers for
+    the module whose forward is running. Each gather's buffer and padding on a GPU come on top. Raises ValueError
+    naming what it cannot follow: a setting that changes how ZeRO-3 gathers (quantized weights, hpZ, ZenFlow, a
+    module granularity threshold), a forward that depends on the data (a MoE's routing) or does not run on the meta
+    device. ``model`` keeps ZeRO's attributes (check's own, dropped after)."""
+    import_deepspeed()
+    import deepspeed.comm
+    from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+    from deepspeed.runtime.zero import parameter_offload, partitioned_param_coordinator
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus, _init_external_params
+    from deepspeed.utils.z3_leaf_module import apply_zero_leaf_module_config
+
+    config = DeepSpeedZeroConfig(**zero)
+    changed = {
+        "zero_quantized_weights": config.zero_quantized_weights,
+        "zero_quantized_nontrainable_weights": config.zero_quantized_nontrainable_weights,
+        "zero_hpz_partition_size": config.zero_hpz_partition_size > 1,
+        "zenflow": config.zenflow is not None,
+        "stage3_module_granularity_threshold": config.module_granularity_threshold > 0,
+    }
+    if any(changed.values()):
+        raise ValueError(f"{', '.join(key for key, on in changed.items() if on)} changes how ZeRO-3 gathers")
+    apply_zero_leaf_module_config(model, config.leaf_module)
+    modules = list(model.modules())
+    for m in modules:
+        _init_external_params(m)
+        parameter_offload.ensure_zero_ordered_dict(m)
+    events = _zero3_events(model, batch)
+    held = [0, 0]  # gathered or in flight now, the most at a fetch
+
+    def gathered(p: Any, status: Any) -> None:
+        was, now = (s != ZeroParamStatus.NOT_AVAILABLE for s in (p.ds_status, status))
+        if was != now and not p.ds_persist:
+            held[0] += p.ds_numel * p.element_size() * (1 if now else -1)
+        p.ds_status = status
+
+    class Handle:  # an all-gather in flight; waited on for each of its parameters, done at the first
+        def __init__(self, params: list[Any]):
+            self.params: list[Any] = params
+
+        def wait(self, handle_dependency: bool = True) -> None:
+            for p in self.params:
+                gathered(p, ZeroParamStatus.AVAILABLE)
+            self.params = []
+
+    def all_gather_coalesced(params: list[Any], quantize: bool = False) -> Handle:
+        for p in params:
+            gathered(p, ZeroParamStatus.INFLIGHT)
+        return Handle(list(params))
+
+    class Partition:  # (neither quantized nor on NVMe)
+        final_location = None
+
+    persisted = 0
+    for i, (_, p) in enumerate(model.named_parameters()):  # (DeepSpeedZeRoOffload.mark_persistent_parameters)
+        persist = p.numel() <= config.param_persistence_threshold
+        persist &= persisted + p.numel() <= config.model_persistence_threshold
+        persisted += p.numel() if persist else 0
+        p.ds_id, p.ds_numel, p.ds_shape, p.ds_persist = i, p.numel(), p.shape, persist
+        p.ds_status, p.ds_tensor, p.ds_secondary_tensor = ZeroParamStatus.NOT_AVAILABLE, Partition(), None
+        p.nvme_swapper, p.ds_active_sub_modules, p.is_external_param = None, set(), False
+        p.partition_numel = lambda p=p: p.numel()  # (the coordinator's profiling alone reads it)
+        p.all_gather_coalesced = all_gather_coalesced
+        p.all_gather = lambda *args, p=p, **kwargs: gathered(p, ZeroParamStatus.AVAILABLE)  # (read outside)
+        p.partition = lambda *args, p=p, **kwargs: gathered(p, ZeroParamStatus.NOT_AVAILABLE)
+        p.ds_summary = lambda *args, p=p, **kwargs: {"id": p.ds_id, "status": p.ds_status.name}
+    coordinator = partitioned_param_coordinator.PartitionedParameterCoordinator(
+        prefetch_bucket_sz=int(config.prefetch_bucket_size),
+        max_reuse_distance_in_numel=int(config.max_reuse_distance),
+        max_available_parameters_in_numel=int(config.max_live_parameters),
+        allgather_stream=None,
+        inflight_param_registry={},
+    )
+
+    class Offload(parameter_offload.DeepSpeedZeRoOffload):  # what its module hooks call, over that coordinator
+        def __init__(self) -> None:
+            self.module, self.param_coordinator, self.zenflow = model, coordinator, False
+
+    offload, stack = Offload(), parameter_offload.FWD_MODULE_STACK
+    depth, graph_task = len(stack), [-1]
+    cpu = CPU_Accelerator()  # (no stream nor event on a GPU)
+    try:
+        with contextlib.ExitStack() as scope:
+            scope.enter_context(mock.patch.object(deepspeed.comm, "get_rank", return_value=0))  # (its debug prints)
+            scope.enter_context(mock.patch.object(partitioned_param_coordinator, "get_accelerator", lambda: cpu))
+            scope.enter_context(  # (it checks each rank recorded the same trace)
+                mock.patch.object(partitioned_param_coordinator, "assert_ints_same_as_other_ranks", lambda ints: None)
+            )
+            # (a forward inside a backward is a recomputation, which the coordinator tells by autograd's graph task)
+            scope.enter_context(mock.patch.object(torch._C, "_current_graph_task_id", lambda: graph_task[0]))
+            stack.append(model)  # (the engine's top module, below each module whose forward runs)
+            for _ in range(micro_batches):
+                coordinator.reset_step()  # (the engine's hook at the start of each forward)
+                in_forward = True
+                for m in modules:
+                    m._parameters._in_forward = True
+                for kind, module, *detail in events:
+                    if kind == "fetch":
+                        forward, recomputing = detail
+                        graph_task[0] = 0 if recomputing else -1
+                        if forward:
+                            offload.pre_sub_module_forward_function(module)
+                        else:
+                            offload.pre_sub_module_backward_function(module)
+                        held[1] = max(held)
+                    elif kind == "release" and detail[0]:
+                        stack.pop()  # (the engine's forward hook pops it before it releases)
+                        offload.post_sub_module_forward_function(module)
+                    elif kind == "release":
+                        offload.post_sub_module_backward_function(module)
+                    elif kind == "read":
+                        module._parameters[detail[0]]  # (a gather where ZeRO-3 would gather on reading it)
+                    elif in_forward:  # "backward": the engine's forward has returned
+                        in_forward = False
+                        for m in modules:
+                            m._parameters._in_forward = False
+                coordinator.release_backward_leftovers()
+    finally:
+        del stack[depth:]
+        _clear_release_memo(partitioned_param_coordinator)
+    return held[1]
+
+
+def _zero3_events(model: Any, batch: tuple[int, int]) -> list[tuple[Any, ...]]:
+    """What ZeRO-3's module hooks see in one forward and backward of ``model`` (meta, prepared as
+    :func:`zero3_gathered_bytes` prepares it) on ``batch`` of token ids, run under FakeTensorMode, in order:
+    ``("fetch", module, forward, recomputing)``, ``("release", module, forward)``, ``("read", module, name)`` (a
+    parameter read in the forward) and ``("backward", None)`` where the forward ends. DeepSpeed's own hooks are
+    registered for the run and removed after. Raises ValueError if the forward does not run on the meta device."""
+    from collections import OrderedDict
+
+    from deepspeed.runtime.zero import parameter_offload
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    events: list[tuple[Any, ...]] = []
+    stack, forward = parameter_offload.FWD_MODULE_STACK, [True]
+
+    class Recorder(parameter_offload.DeepSpeedZeRoOffload):  # its module hooks, noting what they would do
+        def __init__(self) -> None:
+            self.module, self.param_coordinator, self.zenflow = model, None, False
+            self.forward_hooks: list[Any] = []
+            self.backward_hooks: list[Any] = []
+
+        def pre_sub_module_forward_function(self, sub_module: Any) -> None:
+            stack.append(sub_module)  # (as DeepSpeed's does; its forward hook pops it)
+            events.append(("fetch", sub_module, True, torch._C._current_graph_task_id() != -1))
+
+        def post_sub_module_forward_function(self, sub_module: Any) -> None:
+            events.append(("release", sub_module, True))
+
+        def pre_sub_module_backward_function(self, sub_module: Any) -> None:
+            events.append(("fetch", sub_module, False, False))
+
+        def post_sub_module_backward_function(self, sub_module: Any) -> None:
+            events.append(("release", sub_module, False))
+
+    def read(parameters: Any, name: str) -> Any:
+        if forward[0]:
+            events.append(("read", parameters._parent_module, name))
+        return OrderedDict.__getitem__(parameters, name)
+
+    recorder, depth = Recorder(), len(stack)
+    try:
+        recorder._register_deepspeed_module(model)
+        stack.append(model)
+        with (
+            mock.patch.object(parameter_offload.ZeROOrderedDict, "__getitem__", read),
+            mock.patch.object(logging.getLogger("torch._subclasses.fake_tensor"), "disabled", True),  # (its failures
+            FakeTensorMode(allow_non_fake_inputs=True),  # are logged with a traceback before they are raised)
+        ):
+            ids = torch.zeros(batch, dtype=torch.long, device="meta")
+            loss = model(input_ids=ids, labels=ids).loss
+            forward[0] = False
+            events.append(("backward", None))
+            loss.backward()
+    except Exception as e:  # (a forward that reads its data: a MoE's routing)
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(f"its forward did not run on the meta device ({type(e).__name__}: {reason})") from e
+    finally:
+        for handle in recorder.forward_hooks + recorder.backward_hooks:
+            handle.remove()
+        del stack[depth:]
+    return events
 
 
 class DeepSpeedBackend(Backend):

@@ -6,7 +6,8 @@ trainer's AdamW replaced by one of OPTIMIZERS, as a loop of the user's own would
 steps, evaluates if asked and saves. Rank 0 writes out/runs.json: per run, each step's loss and gradient norm, the
 eval loss, the saved step's URL, how many times a layer inside each transformer block ran (twice per
 micro-batch when its activations are recomputed; not counted in a compiled block), how many all-gathers FSDP2 made
-during the steps, how many groups it shards and what it held gathered at once (:class:`Gathered`), what DeepSpeed's engine offloads to host memory (its own flags) and its reduction bucket's size,
+during the steps, how many groups it shards and what it held gathered at once (:class:`Gathered`; ZeRO-3's:
+:class:`ZeroGathered`), what DeepSpeed's engine offloads to host memory (its own flags) and its reduction bucket's size,
 the betas and eps of the optimizer that steps the adapter, how many graphs torch.compile compiled during the run,
 and the bytes autograd saved for backward in the first step.
 """
@@ -148,6 +149,51 @@ class Gathered:
         }
 
 
+class ZeroGathered:
+    """While entered: what DeepSpeed ZeRO-3 holds gathered, as its parameter coordinator has just fetched a module's
+    parameters (and prefetched): the bytes of every parameter it does not keep whole that is gathered or being
+    gathered, the most at once in each step (:meth:`step`)."""
+
+    def __init__(self, model):
+        from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+
+        self.cls = PartitionedParameterCoordinator
+        self.params = list(model.parameters())
+        self.now, self.steps = 0, []
+
+    def note(self):
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        held = sum(
+            p.ds_numel * p.element_size()
+            for p in self.params
+            if not p.ds_persist and p.ds_status != ZeroParamStatus.NOT_AVAILABLE
+        )
+        self.now = max(self.now, held)
+
+    def step(self):
+        self.steps.append(self.now)
+        self.now = 0
+
+    def __enter__(self):
+        fetch = self.cls.fetch_sub_module
+
+        def fetched(coordinator, *args, **kwargs):
+            out = fetch(coordinator, *args, **kwargs)
+            self.note()
+            return out
+
+        self._patch = mock.patch.object(self.cls, "fetch_sub_module", fetched)
+        self._patch.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._patch.__exit__(*exc)
+
+    def to_json(self):
+        return {"peak": max(self.steps, default=0), "steps": self.steps}
+
+
 def reduce_bucket(backend) -> list[int] | None:
     """DeepSpeed's gradient reduction bucket, in elements, and the elements that train (whole, not partitions);
     None on other engines."""
@@ -216,7 +262,14 @@ def main() -> None:
         all_gather = torch.distributed.all_gather_single  # FSDP2's all-gather of a group, counted
         eager_attention = modeling_gpt2.eager_attention_forward  # the kernel GPT-2 runs under attention "eager"
         fsdp = any(isinstance(m, FSDPModule) for m in trainer.backend.model.modules())
-        gathered = Gathered(trainer.backend.model) if fsdp else contextlib.nullcontext()
+        zero3 = getattr(trainer.backend, "stage", None) == 3
+        gathered = (
+            Gathered(trainer.backend.model)
+            if fsdp
+            else ZeroGathered(trainer.backend.model)
+            if zero3
+            else contextlib.nullcontext()
+        )
         with (
             gathered,
             mock.patch.object(torch.distributed, "all_gather_single", wraps=all_gather) as gathers,
@@ -225,6 +278,8 @@ def main() -> None:
             for i in range(run["steps"]):
                 with saved if i == 0 else contextlib.nullcontext():
                     losses.append(trainer.train_step())
+                if zero3:
+                    gathered.step()
                 norms.append(trainer.grad_norm)
         for hook in hooks:
             hook.remove()
@@ -247,7 +302,7 @@ def main() -> None:
                 {id(m._get_fsdp_state()) for m in trainer.backend.model.modules() if isinstance(m, FSDPModule)}
             ),
             "blocks": len(transformer_blocks(trainer.backend.model)),
-            "gathered": gathered.to_json() if fsdp else None,
+            "gathered": gathered.to_json() if fsdp or zero3 else None,
             "eval_loss": evaluated,
             "eval_accuracy": trainer.eval_history[-1]["eval_accuracy"] if run.get("eval") else None,
             "graphs": counters["stats"]["unique_graphs"] - graphs,  # what torch.compile compiled during the run
