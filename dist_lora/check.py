@@ -505,15 +505,21 @@ def device_bytes(r: Report) -> int:
 
 
 def check_fits(r: Report, cfg: RunConfig, device_gb: float) -> None:
-    """Refuse a layout whose model state alone exceeds ``device_gb`` (GB, 10^9 bytes) per rank, naming the way out."""
-    need = device_bytes(r)
+    """Refuse a layout whose model state alone exceeds ``device_gb`` (GB, 10^9 bytes) per rank, naming the ways out
+    that its engine takes."""
+    need, p = device_bytes(r), cfg.parallel
     if need > device_gb * 1e9:
         ways = ["more ranks to shard over (FSDP2, ZeRO-3)"]
-        if cfg.parallel.keep_base_gathered:
+        if p.keep_base_gathered:
             ways.insert(0, "parallel.keep_base_gathered: false")
-        if cfg.model.quantization == "none":
+        if r.gathered_bytes_per_rank and p.backend == "deepspeed":
+            ways.append(
+                "a lower stage3_max_live_parameters in parallel.deepspeed_config (what ZeRO-3's prefetching may keep "
+                "gathered; DeepSpeed's default is 1e9 elements)"
+            )
+        if cfg.model.quantization == "none" and p.backend != "deepspeed":  # (QLoRA is not on DeepSpeed)
             ways.append("model.quantization: nf4")
-        if not cfg.parallel.cpu_offload:
+        if not p.cpu_offload and p.backend in ("fsdp", "deepspeed"):
             ways.append("parallel.cpu_offload: true")
         held = "the model state and what is gathered for compute take" if r.gathered_bytes_per_rank else None
         raise ConfigError(
@@ -528,7 +534,7 @@ def check_host_fits(r: Report, cfg: RunConfig, host_gb: float) -> None:
     need = r.host_bytes_per_rank * r.ranks_per_node
     if need > host_gb * 1e9:
         ways = ["more nodes to shard over (FSDP2, ZeRO-3)"]
-        if cfg.model.quantization == "none":
+        if cfg.model.quantization == "none" and cfg.parallel.backend != "deepspeed":
             ways.append("model.quantization: nf4")
         raise ConfigError(
             f"the offloaded model state takes {_size(need)} of host memory a node ({r.ranks_per_node} rank(s) of "
@@ -586,8 +592,8 @@ def describe(r: Report, cfg: RunConfig) -> str:
             ahead = ""
         elif cfg.parallel.backend == "deepspeed":
             lines.append(
-                f"            gathered for compute, at least {gathered} (ZeRO-3's parameters at once, its prefetch "
-                "and reuse rules run over this model)"
+                f"            gathered for compute, at least {gathered} (ZeRO-3's parameters at once: what it "
+                "prefetches, up to stage3_max_live_parameters, and reuses)"
             )
             ahead = " and the gathers' buffers"
         elif cfg.parallel.reshard_after_forward is False:

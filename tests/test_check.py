@@ -443,5 +443,29 @@ def test_what_zero3_gathers_is_not_modelled_where_it_cannot_be_followed(gpt2_bas
     assert r.gathered_bytes_per_rank == 0
     assert r.gathered_unmodelled.startswith("its forward did not run on the meta device (RuntimeError: "), r
     cfg = tiny(gpt2_base, tmp_path, "parallel.backend=ddp")
-    shown = describe(check_run(cfg, world=2, data=False), cfg)
+    r = check_run(cfg, world=2, data=False)
+    shown = describe(r, cfg)
     assert "gathered" not in shown and shown.endswith("+ activations (the metrics' peak_memory_gib)"), shown
+    with pytest.raises(
+        ConfigError, match=r"try more ranks to shard over \(FSDP2, ZeRO-3\), or model.quantization: nf4$"
+    ):
+        check_fits(r, cfg, 1e-6)  # (DDP offloads nothing)
+
+
+def test_a_zero3_layout_that_does_not_fit_names_the_limit_on_what_it_prefetches(gpt2_base, tmp_path):
+    """ZeRO-3's figure counts in --device-memory, and the ways out are DeepSpeed's: its live-parameter limit and
+    offloading, not NF4 (QLoRA does not run on DeepSpeed)."""
+    cfg = tiny(gpt2_base, tmp_path, "parallel.backend=deepspeed", "parallel.zero_stage=3")
+    r = check_run(cfg, world=2, data=False)
+    assert "(ZeRO-3's parameters at once: what it prefetches, up to stage3_max_live_parameters, and reuses)" in (
+        describe(r, cfg)
+    )
+    state = r.frozen_bytes_per_rank + r.trainable_state_bytes_per_rank
+    assert device_bytes(r) == state + r.gathered_bytes_per_rank
+    check_fits(r, cfg, (device_bytes(r) + 1) / 1e9)
+    with pytest.raises(ConfigError) as refused:
+        check_fits(r, cfg, (device_bytes(r) - 1) / 1e9)
+    message = str(refused.value)
+    assert message.startswith("the model state and what is gathered for compute take"), message
+    assert "a lower stage3_max_live_parameters in parallel.deepspeed_config" in message and "nf4" not in message
+    assert message.endswith("or parallel.cpu_offload: true"), message
