@@ -5,8 +5,10 @@ checked in tests/test_sharded_load.py, on the engines' own sizes."""
 
 import json
 import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -438,6 +440,9 @@ def test_what_zero3_gathers_is_not_modelled_where_it_cannot_be_followed(gpt2_bas
     shown = describe(r, cfg)
     assert "gathered for compute: not modelled, zero_quantized_weights changes how ZeRO-3 gathers" in shown
     assert "+ activations and what ZeRO-3 gathers for compute" in shown
+    with mock.patch.dict(sys.modules, {"deepspeed": None}):  # a login node without DeepSpeed
+        r = check_run(tiny(gpt2_base, tmp_path, *zero3), world=2, data=False)
+    assert r.gathered_unmodelled.startswith("parallel.backend=deepspeed needs DeepSpeed: pip install"), r
     cfg = tiny(mixtral_base, tmp_path, *zero3, "lora.target_modules=[q_proj,v_proj]")
     r = check_run(cfg, world=2, data=False)
     assert r.gathered_bytes_per_rank == 0
