@@ -262,21 +262,14 @@ def zero3_gathered_bytes(model: Any, zero: dict[str, Any], batch: tuple[int, int
         p.all_gather = lambda *args, p=p, **kwargs: gathered(p, ZeroParamStatus.AVAILABLE)  # (read outside)
         p.partition = lambda *args, p=p, **kwargs: gathered(p, ZeroParamStatus.NOT_AVAILABLE)
         p.ds_summary = lambda *args, p=p, **kwargs: {"id": p.ds_id, "status": p.ds_status.name}
-    coordinator = partitioned_param_coordinator.PartitionedParameterCoordinator(
-        prefetch_bucket_sz=int(config.prefetch_bucket_size),
-        max_reuse_distance_in_numel=int(config.max_reuse_distance),
-        max_available_parameters_in_numel=int(config.max_live_parameters),
-        allgather_stream=None,
-        inflight_param_registry={},
-    )
 
-    class Offload(parameter_offload.DeepSpeedZeRoOffload):  # what its module hooks call, over that coordinator
-        def __init__(self) -> None:
+    class Offload(parameter_offload.DeepSpeedZeRoOffload):  # what its module hooks call, over the coordinator
+        def __init__(self, coordinator: Any) -> None:
             self.module, self.param_coordinator, self.zenflow = model, coordinator, False
 
-    offload, stack = Offload(), parameter_offload.FWD_MODULE_STACK
+    stack = parameter_offload.FWD_MODULE_STACK
     depth, graph_task = len(stack), [-1]
-    cpu = CPU_Accelerator()  # (no stream nor event on a GPU)
+    cpu = CPU_Accelerator()  # (no stream nor event, even on a GPU)
     try:
         with contextlib.ExitStack() as scope:
             scope.enter_context(mock.patch.object(deepspeed.comm, "get_rank", return_value=0))  # (its debug prints)
@@ -286,6 +279,14 @@ def zero3_gathered_bytes(model: Any, zero: dict[str, Any], batch: tuple[int, int
             )
             # (a forward inside a backward is a recomputation, which the coordinator tells by autograd's graph task)
             scope.enter_context(mock.patch.object(torch._C, "_current_graph_task_id", lambda: graph_task[0]))
+            coordinator = partitioned_param_coordinator.PartitionedParameterCoordinator(
+                prefetch_bucket_sz=int(config.prefetch_bucket_size),
+                max_reuse_distance_in_numel=int(config.max_reuse_distance),
+                max_available_parameters_in_numel=int(config.max_live_parameters),
+                allgather_stream=None,
+                inflight_param_registry={},
+            )
+            offload = Offload(coordinator)
             stack.append(model)  # (the engine's top module, below each module whose forward runs)
             for _ in range(micro_batches):
                 coordinator.reset_step()  # (the engine's hook at the start of each forward)
