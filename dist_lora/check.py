@@ -301,41 +301,125 @@ def _reaching(groups: list[list[nn.Parameter]], parts: list[int], world: int) ->
 
 
 def gathered_bytes(model: nn.Module, cfg: RunConfig, shards: int) -> int:
-    """What FSDP2 holds gathered per rank, in the dtype it computes in (bf16 under ``mixed_precision: bf16``). With
-    ``keep_base_gathered``, the frozen base, gathered at the first forward for the run. Otherwise the most its
-    groups (as :meth:`dist_lora.backends.fsdp.FSDPBackend.wrap` makes them) hold gathered at once, a lower bound of
-    what a device allocates for them: without resharding after forward, every group at the forward's end (the whole
-    model); by default, the root's own tensors (the final norm; both ends where they are tied) beside the largest
-    of: the embedding's group, ``lm_head``'s with the last block (both held from their forward through their
-    backward), any block. Prefetching the next block while one computes (on a GPU), and the buffer a group is
-    gathered into before it is copied out, come on top. At ``shards`` 1, NF4 weights stay local, never gathered
-    (``ignored_params``: :meth:`~dist_lora.backends.fsdp.FSDPBackend.wrap`)."""
-    from dist_lora.backends.fsdp import _embedding_groups
+    """What FSDP2 holds gathered per rank for compute, in the dtype it computes in (bf16 under ``mixed_precision:
+    bf16``). With ``keep_base_gathered``, the frozen base, gathered at the first forward for the run. Otherwise the
+    most its groups (as :meth:`dist_lora.backends.fsdp.FSDPBackend.wrap` makes them) hold at once, gathered and
+    being gathered, with the buffers FSDP2 gathers each into, in the order FSDP2 gathers and frees them
+    (:func:`_fsdp2_gathered`). At ``shards`` 1 nothing is all-gathered (no buffer), and NF4 weights stay local,
+    never gathered (``ignored_params``: :meth:`~dist_lora.backends.fsdp.FSDPBackend.wrap`)."""
+    from dist_lora.backends.fsdp import _embedding_groups, shard_dim
     from dist_lora.model import transformer_blocks
     from dist_lora.quantize import is_nf4, nf4_bytes
 
     bf16 = cfg.parallel.mixed_precision == "bf16"
 
-    def size(params: list[nn.Parameter]) -> int:
-        return sum(
-            nf4_bytes(p) if is_nf4(p) else p.numel() * (2 if bf16 and p.is_floating_point() else p.element_size())
+    def size(p: nn.Parameter) -> int:
+        return 2 if bf16 and p.is_floating_point() else p.element_size()
+
+    def gathered(params: list[nn.Parameter]) -> int:
+        return sum(nf4_bytes(p) if is_nf4(p) else p.numel() * size(p) for p in params if shards > 1 or not is_nf4(p))
+
+    def buffer(params: list[nn.Parameter]) -> int:  # each rank's padded rows (or equal slices), from every rank
+        if shards == 1:
+            return 0
+        padded = [
+            p.numel() if shard_dim(tuple(p.shape), shards) else shards * _fsdp_held(tuple(p.shape), shards)
             for p in params
-            if shards > 1 or not is_nf4(p)
-        )
+        ]
+        return sum(nf4_bytes(p) if is_nf4(p) else n * size(p) for p, n in zip(params, padded, strict=True))
 
     if cfg.parallel.keep_base_gathered:
-        return size([p for p in model.parameters() if not p.requires_grad])
-    if cfg.parallel.reshard_after_forward is False:
-        return size(list(model.parameters()))
-    blocks = transformer_blocks(model)
-    ends = _embedding_groups(model)
-    groups = [list(dict.fromkeys(module.parameters())) for module in [*ends, *blocks]]
-    grouped = {id(p) for params in groups for p in params}
-    root = size([p for p in model.parameters() if id(p) not in grouped])
-    sizes = [size(params) for params in groups]
-    embedding, head = sizes[: len(ends)] or [0, 0]
-    held_last = head + (sizes[-1] if blocks else 0)
-    return root + max(embedding, held_last, *sizes[len(ends) :], 0)
+        return gathered([p for p in model.parameters() if not p.requires_grad])
+    blocks, ends = transformer_blocks(model), _embedding_groups(model)
+    names = [str(i) for i in range(len(blocks))]
+    modules = dict(zip(names, blocks))
+    if ends:  # (FSDP2's groups in forward order, after the root's own)
+        modules = {"embedding": ends[0], **modules, "lm_head": ends[1]}
+    groups = {name: list(dict.fromkeys(m.parameters())) for name, m in modules.items()}
+    grouped = {id(p) for params in groups.values() for p in params}
+    groups = {"root": [p for p in dict.fromkeys(model.parameters()) if id(p) not in grouped], **groups}
+    everything = cfg.parallel.reshard_after_forward is False
+    held = set(groups) if everything else {"root", *names[-1:], *(["lm_head"] if ends else [])}
+    return _fsdp2_gathered(
+        {name: gathered(params) for name, params in groups.items()},
+        {name: buffer(params) for name, params in groups.items()},
+        held,
+        names,
+        0 if everything else cfg.parallel.prefetch,
+        bool(ends) and any(p.requires_grad for p in groups["embedding"]),
+    )
+
+
+def _fsdp2_gathered(
+    unsharded: dict[str, int],
+    buffers: dict[str, int],
+    held: set[str],
+    blocks: list[str],
+    prefetch: int,
+    embedding_trains: bool,
+) -> int:
+    """The most FSDP2 holds at once, gathered and being gathered, over a forward and a backward of groups of these
+    ``unsharded`` bytes, gathered into ``buffers`` (each rank's padded shard, from every rank; 0 where nothing is
+    all-gathered), in forward order (the root's first); ``held``: the groups not resharded after forward; ``blocks``:
+    the transformer blocks' groups, which ``prefetch`` (explicit prefetching) gathers ahead. FSDP2's order
+    (``FSDPParamGroup``, torch 2.13): a group's all-gather allocates its buffer; its wait copies the buffer out into
+    the parameters, and in forward keeps the buffer (so that the copy overlaps the next group's all-gather) until the
+    next group's wait, the last one's until the backward; in backward it frees it at once, then gathers ahead: the
+    blocks ``prefetch`` back with explicit prefetching, else the group before it in forward order. A group is
+    resharded after its forward unless held, and after its backward. The embedding's backward runs only where it
+    trains; otherwise the first block's prefetch gathers it for nothing, until the step's end."""
+    live: set[str] = set()
+    gathering: dict[str, int] = {}
+    kept, most = 0, 0
+
+    def note(extra: int = 0) -> None:
+        nonlocal most
+        most = max(most, sum(unsharded[g] for g in live) + sum(gathering.values()) + kept + extra)
+
+    def gather(group: str) -> None:
+        if group not in live and group not in gathering:
+            gathering[group] = buffers[group]
+            note()
+
+    def wait(group: str, forward: bool) -> None:
+        nonlocal kept
+        if group in live:  # (held from its forward: nothing to gather or wait for)
+            return
+        gather(group)
+        if forward:
+            kept = 0  # (the previous group's buffer, freed at this wait)
+        note(unsharded[group])  # copied out, its buffer still there
+        live.add(group)
+        buffer = gathering.pop(group)
+        if forward:
+            kept = buffer
+        note()
+
+    forward = list(unsharded)
+    for group in forward:
+        wait(group, forward=True)
+        if prefetch and group in blocks:
+            i = blocks.index(group)
+            for ahead in blocks[i + 1 : i + 1 + prefetch]:
+                gather(ahead)
+        if group not in held:
+            live.discard(group)
+    kept = 0
+    order = [*forward[1:], forward[0]]  # (their post-forward hooks' order: the root's last)
+    for group in [forward[0], *reversed(forward[1:])]:
+        if group == "embedding" and not embedding_trains:
+            continue
+        wait(group, forward=False)
+        explicit = []
+        if prefetch and group in blocks:
+            i = blocks.index(group)
+            explicit = blocks[max(0, i - prefetch) : i][::-1]
+        i = order.index(group)
+        for ahead in explicit or order[max(0, i - 1) : i]:  # (none set: FSDP2's own, the group before)
+            gather(ahead)
+        if group != forward[0]:
+            live.discard(group)
+    return most
 
 
 @dataclass
@@ -586,7 +670,7 @@ def describe(r: Report, cfg: RunConfig) -> str:
     ]
     ahead = ""
     if r.gathered_bytes_per_rank:
-        gathered, ahead = _size(r.gathered_bytes_per_rank), " and what FSDP2 gathers ahead"
+        gathered, ahead = _size(r.gathered_bytes_per_rank), " and what a GPU's streams hold on to"
         if cfg.parallel.keep_base_gathered:
             lines.append(f"            the whole base kept gathered (parallel.keep_base_gathered) {gathered}")
             ahead = ""
@@ -597,9 +681,12 @@ def describe(r: Report, cfg: RunConfig) -> str:
             )
             ahead = " and the gathers' buffers"
         elif cfg.parallel.reshard_after_forward is False:
-            lines.append(f"            gathered for compute: the whole model at the forward's end {gathered}")
+            lines.append(f"            gathered for compute: the whole model and its all-gather buffers {gathered}")
         else:
-            lines.append(f"            gathered for compute, at least {gathered} (FSDP2's groups at once)")
+            lines.append(
+                f"            gathered for compute, at least {gathered} (FSDP2's groups at once, with their all-gather "
+                "buffers)"
+            )
     elif r.gathered_unmodelled:
         lines.append(f"            gathered for compute: not modelled, {r.gathered_unmodelled}")
         ahead = " and what ZeRO-3 gathers for compute"

@@ -56,7 +56,8 @@ def test_a_single_process_run_is_reported_as_the_trainer_builds_it(gpt2_base, tm
 def test_a_70b_base_is_checked_from_its_config_alone(tmp_path):
     """The shipped multi-node config over Llama-3.1-70B's config.json (no weight file anywhere): 70,553,706,496
     parameters, as the published model has, in bf16 over 32 ranks of 4 nodes; each rank holds an eighth of the
-    base, and gathers lm_head and the last block at once. Built on the meta device in seconds on a CPU."""
+    base, and holds lm_head and the last block gathered at once, lm_head's buffer with them. Built on the meta device
+    in seconds on a CPU."""
     d = tmp_path / "llama-70b"
     LlamaConfig(
         hidden_size=8192,
@@ -81,11 +82,12 @@ def test_a_70b_base_is_checked_from_its_config_alone(tmp_path):
     # (inv_freq and its original, 64 fp32 values each)
     assert r.frozen_bytes_per_rank == 70_553_706_496 * 2 // 8 + 2 * 64 * 4
     assert r.lora_layers == 80 * 7  # all-linear: q, k, v, o, gate, up, down in each block
-    # FSDP2 holds lm_head and the last block (its adapter's 2.59M elements with it) gathered at the forward's end,
-    # in bf16, beside the root's final norm; the embedding, in a group of its own, is not
+    # FSDP2 holds the most at lm_head's copy-out, in bf16: lm_head twice (gathered into its buffer, copied out into
+    # its weight), the last block (its adapter's 2.59M elements with it), held from its forward, and the root's final
+    # norm; the embedding, in a group of its own, is not (every tensor's rows split over 8: no padding)
     block = 2 * 8192**2 + 2 * 8192 * 1024 + 3 * 8192 * 28672 + 2 * 8192
     adapter = 16 * (2 * (8192 + 8192) + 2 * (8192 + 1024) + 3 * (8192 + 28672))
-    assert r.gathered_bytes_per_rank == 2 * (128256 * 8192 + block + adapter + 8192)
+    assert r.gathered_bytes_per_rank == 2 * (2 * 128256 * 8192 + block + adapter + 8192)
     with pytest.raises(ConfigError, match="replica group per node: give --nproc-per-node"):
         check_run(cfg, world=32, data=False)
     with pytest.raises(ConfigError, match="--world-size 12 must be at least 1 and a whole number of nodes of"):

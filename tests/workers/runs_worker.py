@@ -82,8 +82,10 @@ class SavedBytes:
 class Gathered:
     """While entered: what FSDP2 holds gathered (its groups' unsharded parameters) each time one of its groups has
     gathered, in forward or backward, and as each group's backward begins: the most bytes held gathered at once and
-    the groups held then, and the groups held as any transformer block's backward begins. A group is named by its
-    module ("root": the model's own)."""
+    the groups held then, and the groups held as any transformer block's backward begins; and, with the buffers FSDP2
+    gathers into (each all-gather's output, from the all-gather until its copy-out, or in forward until the next
+    group's wait), the most held at once (``with_buffers``), noted also as each all-gather is issued and as each
+    copy-out ends. A group is named by its module ("root": the model's own)."""
 
     def __init__(self, model):
         from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
@@ -98,6 +100,24 @@ class Gathered:
         self.blocks = {g for g in self.names if any(id(m) in blocks for m in g.modules)}
         self.bytes = {}  # each group's gathered bytes, read off its gathered tensors the first time it is gathered
         self.peak, self.at_peak, self.in_block_backward = 0, [], set()
+        self.with_buffers = 0
+
+    def note_buffers(self, copying=None):
+        """The gathered groups, the group being copied out (``copying``'s parameters: gathered, not yet marked so)
+        and every all-gather buffer alive."""
+        outputs = {}
+        for g in self.names:
+            pending = [g._all_gather_result]
+            if g.comm_ctx is not None and getattr(g.comm_ctx, "all_gather_state", None) is not None:
+                pending.append(g.comm_ctx.all_gather_state.all_gather_result)
+            for result in pending:
+                if result is not None and result.all_gather_output is not None:
+                    out = result.all_gather_output
+                    outputs[id(out)] = out.numel() * out.element_size()
+        held = [name for g, name in self.names.items() if g.is_unsharded or g is copying]
+        self.with_buffers = max(
+            self.with_buffers, sum(self.bytes.get(name, 0) for name in held) + sum(outputs.values())
+        )
 
     def note(self, group, backward):
         from dist_lora.quantize import is_nf4, nf4_bytes
@@ -116,21 +136,39 @@ class Gathered:
             self.peak, self.at_peak = total, held
 
     def __enter__(self):
-        wait, pre_backward = self.cls.wait_for_unshard, self.cls.pre_backward
+        from torch.distributed.fsdp._fully_shard import _fsdp_param_group
+
+        wait, pre_backward, unshard = self.cls.wait_for_unshard, self.cls.pre_backward, self.cls.unshard
+        copy_out = _fsdp_param_group.foreach_all_gather_copy_out
+        owner = {id(p): g for g in self.names for p in g.fsdp_params}
 
         def waited(group, *args, **kwargs):
             out = wait(group, *args, **kwargs)
             self.note(group, backward=False)
+            self.note_buffers()
             return out
 
         def backward(group, *args, **kwargs):
             out = pre_backward(group, *args, **kwargs)
             self.note(group, backward=True)
+            self.note_buffers()
+            return out
+
+        def gathering(group, *args, **kwargs):
+            out = unshard(group, *args, **kwargs)
+            self.note_buffers()
+            return out
+
+        def copied(result, fsdp_params, *args, **kwargs):
+            out = copy_out(result, fsdp_params, *args, **kwargs)
+            self.note_buffers(copying=owner.get(id(fsdp_params[0])))
             return out
 
         self._patches = [
             mock.patch.object(self.cls, "wait_for_unshard", waited),
             mock.patch.object(self.cls, "pre_backward", backward),
+            mock.patch.object(self.cls, "unshard", gathering),
+            mock.patch.object(_fsdp_param_group, "foreach_all_gather_copy_out", copied),
         ]
         for patch in self._patches:
             patch.__enter__()
@@ -146,6 +184,7 @@ class Gathered:
             "peak": self.peak,
             "at_peak": self.at_peak,
             "in_block_backward": sorted(self.in_block_backward),
+            "with_buffers": self.with_buffers,
         }
 
 
