@@ -399,8 +399,8 @@ def _fsdp2_gathered(
     for group in forward:
         wait(group, forward=True)
         if prefetch and group in blocks:
-            i = blocks.index(group)
-            for ahead in blocks[i + 1 : i + 1 + prefetch]:
+            b = blocks.index(group)
+            for ahead in blocks[b + 1 : b + 1 + prefetch]:
                 gather(ahead)
         if group not in held:
             live.discard(group)
@@ -412,8 +412,8 @@ def _fsdp2_gathered(
         wait(group, forward=False)
         explicit = []
         if prefetch and group in blocks:
-            i = blocks.index(group)
-            explicit = blocks[max(0, i - prefetch) : i][::-1]
+            b = blocks.index(group)
+            explicit = blocks[max(0, b - prefetch) : b][::-1]
         i = order.index(group)
         for ahead in explicit or order[max(0, i - 1) : i]:  # (none set: FSDP2's own, the group before)
             gather(ahead)
