@@ -336,6 +336,12 @@ def test_keep_base_gathered_counts_the_whole_base_in_its_compute_dtype(gpt2_base
 RUNS_WORKER = ROOT / "tests" / "workers" / "runs_worker.py"
 
 
+def zero_json(path: Path, **zero) -> str:
+    """A DeepSpeed JSON at ``path`` with these ``zero_optimization`` settings, as the override that names it."""
+    path.write_text(json.dumps({"zero_optimization": zero}))
+    return f"parallel.deepspeed_config={path}"
+
+
 @pytest.mark.multiproc
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("world", [2, 3])
@@ -353,57 +359,42 @@ def test_what_zero3_holds_gathered_is_what_its_coordinator_holds_in_training(
     with LoRA on the embedding, whose adapter PEFT reads outside any forward of the modules that own it (ZeRO-3
     gathers it for the embedding's forward); on a tied GPT-2, a Llama and a bf16 Mixtral (its MoE block one of
     DeepSpeed's leaf modules, gathered whole). At 3 ranks (uneven partitions) the runs with limits."""
-    limits = tmp_path / "limits.json"
-    limits.write_text(
-        json.dumps(
-            {
-                "zero_optimization": {
-                    "stage3_prefetch_bucket_size": 5000,
-                    "stage3_max_reuse_distance": 10000,
-                    "stage3_max_live_parameters": 20000,
-                }
-            }
-        )
+    limits = zero_json(
+        tmp_path / "limits.json",
+        stage3_prefetch_bucket_size=5000,
+        stage3_max_reuse_distance=10000,
+        stage3_max_live_parameters=20000,
     )
-    persist = tmp_path / "persist.json"
-    persist.write_text(
-        json.dumps(
-            {
-                "zero_optimization": {
-                    "stage3_prefetch_bucket_size": 20000,
-                    "stage3_max_reuse_distance": 40000,
-                    "stage3_max_live_parameters": 30000,
-                    "stage3_param_persistence_threshold": 500,
-                }
-            }
-        )
+    persist = zero_json(
+        tmp_path / "persist.json",
+        stage3_prefetch_bucket_size=20000,
+        stage3_max_reuse_distance=40000,
+        stage3_max_live_parameters=30000,
+        stage3_param_persistence_threshold=500,
     )
-    unprefetched = tmp_path / "unprefetched.json"
-    unprefetched.write_text(
-        json.dumps({"zero_optimization": {"stage3_prefetch_bucket_size": 0, "stage3_max_reuse_distance": 0}})
-    )
+    unprefetched = zero_json(tmp_path / "unprefetched.json", stage3_prefetch_bucket_size=0, stage3_max_reuse_distance=0)
     llama = [f"model.name_or_path={llama_base}", "lora.target_modules=[q_proj,v_proj]"]
     mixtral = [f"model.name_or_path={mixtral_base}", "lora.target_modules=[q_proj,v_proj]"]
     bf16, recompute = "parallel.mixed_precision=bf16", "train.activation_checkpointing=true"
     cases = {
         "llama": llama,
         "llama-embedding": [*llama[:1], "lora.target_modules=[q_proj,v_proj,embed_tokens]"],
-        "llama-limits": [*llama, f"parallel.deepspeed_config={limits}"],
-        "llama-limits-recompute": [*llama, f"parallel.deepspeed_config={limits}", recompute],
-        "llama-persist-bf16": [*llama, f"parallel.deepspeed_config={persist}", bf16],
-        "llama-unprefetched": [*llama, f"parallel.deepspeed_config={unprefetched}"],
+        "llama-limits": [*llama, limits],
+        "llama-limits-recompute": [*llama, limits, recompute],
+        "llama-persist-bf16": [*llama, persist, bf16],
+        "llama-unprefetched": [*llama, unprefetched],
         "gpt2": [f"model.name_or_path={gpt2_base}"],
         "gpt2-unprefetched-recompute": [
             f"model.name_or_path={gpt2_base}",
-            f"parallel.deepspeed_config={unprefetched}",
+            unprefetched,
             recompute,
         ],
         "gpt2-persist-recompute": [
             f"model.name_or_path={gpt2_base}",
-            f"parallel.deepspeed_config={persist}",
+            persist,
             recompute,
         ],
-        "mixtral-limits-bf16": [*mixtral, f"parallel.deepspeed_config={limits}", bf16],
+        "mixtral-limits-bf16": [*mixtral, limits, bf16],
     }
     if world == 3:  # (the CI's time)
         cases = {name: extra for name, extra in cases.items() if "limits" in name or "persist" in name}
@@ -430,10 +421,9 @@ def test_what_zero3_gathers_is_not_modelled_where_it_cannot_be_followed(gpt2_bas
     """A setting that changes how ZeRO-3 gathers, and a forward that does not run on the meta device (a float32
     Mixtral: the meta kernel of its grouped expert matmul takes bf16 alone), are named in the report instead of a
     figure; an engine that gathers nothing for compute (DDP) says nothing of it."""
-    quantized = tmp_path / "quantized.json"
-    quantized.write_text(json.dumps({"zero_optimization": {"zero_quantized_weights": True}}))
+    quantized = zero_json(tmp_path / "quantized.json", zero_quantized_weights=True)
     zero3 = ["parallel.backend=deepspeed", "parallel.zero_stage=3"]
-    cfg = tiny(gpt2_base, tmp_path, *zero3, f"parallel.deepspeed_config={quantized}")
+    cfg = tiny(gpt2_base, tmp_path, *zero3, quantized)
     r = check_run(cfg, world=2, data=False)
     assert (r.gathered_bytes_per_rank, r.gathered_unmodelled) == (
         0,

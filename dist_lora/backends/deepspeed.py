@@ -267,6 +267,10 @@ def zero3_gathered_bytes(model: Any, zero: dict[str, Any], batch: tuple[int, int
         def __init__(self, coordinator: Any) -> None:
             self.module, self.param_coordinator, self.zenflow = model, coordinator, False
 
+    def in_forward(on: bool) -> None:  # (the engine's flag that lets a parameter read in a forward gather it)
+        for m in modules:
+            m._parameters._in_forward = on
+
     stack = parameter_offload.FWD_MODULE_STACK
     depth, graph_task = len(stack), [-1]
     cpu = CPU_Accelerator()  # (no stream nor event, even on a GPU)
@@ -290,9 +294,7 @@ def zero3_gathered_bytes(model: Any, zero: dict[str, Any], batch: tuple[int, int
             stack.append(model)  # (the engine's top module, below each module whose forward runs)
             for _ in range(micro_batches):
                 coordinator.reset_step()  # (the engine's hook at the start of each forward)
-                in_forward = True
-                for m in modules:
-                    m._parameters._in_forward = True
+                in_forward(True)
                 for kind, module, *detail in events:
                     if kind == "fetch":
                         forward, recomputing = detail
@@ -309,10 +311,8 @@ def zero3_gathered_bytes(model: Any, zero: dict[str, Any], batch: tuple[int, int
                         offload.post_sub_module_backward_function(module)
                     elif kind == "read":
                         module._parameters[detail[0]]  # (a gather where ZeRO-3 would gather on reading it)
-                    elif in_forward:  # "backward": the engine's forward has returned
-                        in_forward = False
-                        for m in modules:
-                            m._parameters._in_forward = False
+                    else:  # "backward": the engine's forward has returned
+                        in_forward(False)
                 coordinator.release_backward_leftovers()
     finally:
         del stack[depth:]
@@ -373,8 +373,8 @@ def _zero3_events(model: Any, batch: tuple[int, int]) -> list[tuple[Any, ...]]:
             events.append(("backward", None))
             loss.backward()
     except Exception as e:  # (a forward that reads its data: a MoE's routing)
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ValueError(f"its forward did not run on the meta device ({type(e).__name__}: {reason})") from e
+        first = str(e).strip().splitlines()[:1]
+        raise ValueError(f"its forward did not run on the meta device ({type(e).__name__}: {''.join(first)})") from e
     finally:
         for handle in recorder.forward_hooks + recorder.backward_hooks:
             handle.remove()

@@ -79,6 +79,18 @@ class SavedBytes:
         self._hooks.__exit__(*exc)
 
 
+def after(owner, name, then):
+    """A patch of ``owner.name`` that calls ``then`` with the same arguments once the original has returned."""
+    original = getattr(owner, name)
+
+    def wrapped(*args, **kwargs):
+        out = original(*args, **kwargs)
+        then(*args, **kwargs)
+        return out
+
+    return mock.patch.object(owner, name, wrapped)
+
+
 class Gathered:
     """While entered: what FSDP2 holds gathered (its groups' unsharded parameters) each time one of its groups has
     gathered, in forward or backward, and as each group's backward begins: the most bytes held gathered at once and
@@ -138,45 +150,32 @@ class Gathered:
     def __enter__(self):
         from torch.distributed.fsdp._fully_shard import _fsdp_param_group
 
-        wait, pre_backward, unshard = self.cls.wait_for_unshard, self.cls.pre_backward, self.cls.unshard
-        copy_out = _fsdp_param_group.foreach_all_gather_copy_out
         owner = {id(p): g for g in self.names for p in g.fsdp_params}
 
         def waited(group, *args, **kwargs):
-            out = wait(group, *args, **kwargs)
             self.note(group, backward=False)
             self.note_buffers()
-            return out
 
         def backward(group, *args, **kwargs):
-            out = pre_backward(group, *args, **kwargs)
             self.note(group, backward=True)
             self.note_buffers()
-            return out
 
-        def gathering(group, *args, **kwargs):
-            out = unshard(group, *args, **kwargs)
-            self.note_buffers()
-            return out
-
-        def copied(result, fsdp_params, *args, **kwargs):
-            out = copy_out(result, fsdp_params, *args, **kwargs)
-            self.note_buffers(copying=owner.get(id(fsdp_params[0])))
-            return out
-
-        self._patches = [
-            mock.patch.object(self.cls, "wait_for_unshard", waited),
-            mock.patch.object(self.cls, "pre_backward", backward),
-            mock.patch.object(self.cls, "unshard", gathering),
-            mock.patch.object(_fsdp_param_group, "foreach_all_gather_copy_out", copied),
-        ]
-        for patch in self._patches:
-            patch.__enter__()
+        self._patches = contextlib.ExitStack()
+        for patch in (
+            after(self.cls, "wait_for_unshard", waited),
+            after(self.cls, "pre_backward", backward),
+            after(self.cls, "unshard", lambda *args, **kwargs: self.note_buffers()),
+            after(
+                _fsdp_param_group,
+                "foreach_all_gather_copy_out",
+                lambda result, fsdp_params, *args, **kwargs: self.note_buffers(copying=owner.get(id(fsdp_params[0]))),
+            ),
+        ):
+            self._patches.enter_context(patch)
         return self
 
     def __exit__(self, *exc):
-        for patch in reversed(self._patches):
-            patch.__exit__(*exc)
+        self._patches.__exit__(*exc)
 
     def to_json(self):
         return {
@@ -215,14 +214,7 @@ class ZeroGathered:
         self.now = 0
 
     def __enter__(self):
-        fetch = self.cls.fetch_sub_module
-
-        def fetched(coordinator, *args, **kwargs):
-            out = fetch(coordinator, *args, **kwargs)
-            self.note()
-            return out
-
-        self._patch = mock.patch.object(self.cls, "fetch_sub_module", fetched)
+        self._patch = after(self.cls, "fetch_sub_module", lambda *args, **kwargs: self.note())
         self._patch.__enter__()
         return self
 
