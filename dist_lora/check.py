@@ -548,7 +548,7 @@ def check_run(
         from dist_lora.backends.deepspeed import zero3_gathered_bytes
 
         try:
-            gathered = zero3_gathered_bytes(model, lay.zero, (t.micro_batch_size, cfg.data.seq_len))
+            gathered = zero3_gathered_bytes(model, lay.zero, (t.micro_batch_size, cfg.data.seq_len), lay.world)
         except (ValueError, ImportError) as e:  # (ImportError: a login node without DeepSpeed; the job needs it)
             unmodelled = str(e)
     return Report(
@@ -601,6 +601,11 @@ def check_fits(r: Report, cfg: RunConfig, device_gb: float) -> None:
                 "a lower stage3_max_live_parameters in parallel.deepspeed_config (what ZeRO-3's prefetching may keep "
                 "gathered; DeepSpeed's default is 1e9 elements)"
             )
+            if not layout(cfg, r.world, r.ranks_per_node).zero.get("stage3_allgather_sequential"):
+                ways.append(
+                    "stage3_allgather_sequential: true in its zero_optimization (each parameter gathered into a "
+                    "buffer of its own, not a shared one that it is then copied out of; a collective per parameter)"
+                )
         if cfg.model.quantization == "none" and p.backend != "deepspeed":  # (QLoRA is not on DeepSpeed)
             ways.append("model.quantization: nf4")
         if not p.cpu_offload and p.backend in ("fsdp", "deepspeed"):
@@ -676,10 +681,9 @@ def describe(r: Report, cfg: RunConfig) -> str:
             ahead = ""
         elif cfg.parallel.backend == "deepspeed":
             lines.append(
-                f"            gathered for compute, at least {gathered} (ZeRO-3's parameters at once: what it "
-                "prefetches, up to stage3_max_live_parameters, and reuses)"
+                f"            gathered for compute, at least {gathered} (ZeRO-3's parameters at once, with its "
+                "all-gathers' buffers: what it prefetches, up to stage3_max_live_parameters, and reuses)"
             )
-            ahead = " and the gathers' buffers"
         elif cfg.parallel.reshard_after_forward is False:
             lines.append(f"            gathered for compute: the whole model and its all-gather buffers {gathered}")
         else:

@@ -344,21 +344,29 @@ def zero_json(path: Path, **zero) -> str:
 
 @pytest.mark.multiproc
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("world", [1, 2, 3])
 def test_what_zero3_holds_gathered_is_what_its_coordinator_holds_in_training(
     gpt2_base, llama_base, mixtral_base, world, tmp_path
 ):
     """Check's figure of what ZeRO-3 holds gathered at once (DeepSpeed's own hooks and parameter coordinator run
-    over the meta model) equals, to the byte, the most its coordinator held gathered or in flight at any of its
-    fetches in 3 training steps (tests/workers/runs_worker.py ZeroGathered): with DeepSpeed's defaults, whose reuse
-    distance (1e9 elements) keeps the whole tiny model gathered once its trace is known; with small prefetch,
-    reuse and live-parameter limits, alone and with recomputed blocks; with neither prefetching nor reuse (one
+    over the meta model) equals, to the byte, the most that the storages of its gathered parameters and of its
+    all-gathers' buffers took at once, at any of its coordinator's fetches and any wait on an all-gather, in 3
+    training steps (tests/workers/runs_worker.py ZeroGathered): with DeepSpeed's defaults, whose reuse distance
+    (1e9 elements) keeps the whole tiny model gathered once its trace is known, and whose first fetch of a step
+    then gathers all of it in one flat buffer, a copy of each parameter made out of it at the wait (twice the
+    model at that moment, asserted); with small prefetch,
+    reuse and live-parameter limits, alone, with recomputed blocks and with each parameter gathered into a buffer of
+    its own (``stage3_allgather_sequential``, which holds less, asserted); with neither prefetching nor reuse (one
     module's parameters at a time: the largest, the embedding's), and so with recomputed blocks, whose frozen
     parameters a recomputation gathers for the block's backward, which releases them; with a persistence threshold
     under bf16;
     with LoRA on the embedding, whose adapter PEFT reads outside any forward of the modules that own it (ZeRO-3
     gathers it for the embedding's forward); on a tied GPT-2, a Llama and a bf16 Mixtral (its MoE block one of
-    DeepSpeed's leaf modules, gathered whole). At 3 ranks (uneven partitions) the runs with limits."""
+    DeepSpeed's leaf modules, gathered whole). At 3 ranks (uneven partitions, each buffer padded) the runs with
+    limits. At one rank nothing is gathered (each parameter is its own partition) but a parameter read outside a
+    forward, which DeepSpeed copies; with the partitions offloaded, each gathered parameter
+    is copied to the device, which a CPU's view cannot show: there the figure equals the gathered parameters'
+    bytes by the coordinator's statuses."""
     limits = zero_json(
         tmp_path / "limits.json",
         stage3_prefetch_bucket_size=5000,
@@ -372,6 +380,13 @@ def test_what_zero3_holds_gathered_is_what_its_coordinator_holds_in_training(
         stage3_max_live_parameters=30000,
         stage3_param_persistence_threshold=500,
     )
+    sequential = zero_json(
+        tmp_path / "sequential.json",
+        stage3_prefetch_bucket_size=5000,
+        stage3_max_reuse_distance=10000,
+        stage3_max_live_parameters=20000,
+        stage3_allgather_sequential=True,
+    )
     unprefetched = zero_json(tmp_path / "unprefetched.json", stage3_prefetch_bucket_size=0, stage3_max_reuse_distance=0)
     llama = [f"model.name_or_path={llama_base}", "lora.target_modules=[q_proj,v_proj]"]
     mixtral = [f"model.name_or_path={mixtral_base}", "lora.target_modules=[q_proj,v_proj]"]
@@ -381,6 +396,7 @@ def test_what_zero3_holds_gathered_is_what_its_coordinator_holds_in_training(
         "llama-embedding": [*llama[:1], "lora.target_modules=[q_proj,v_proj,embed_tokens]"],
         "llama-limits": [*llama, limits],
         "llama-limits-recompute": [*llama, limits, recompute],
+        "llama-limits-sequential": [*llama, sequential],
         "llama-persist-bf16": [*llama, persist, bf16],
         "llama-unprefetched": [*llama, unprefetched],
         "gpt2": [f"model.name_or_path={gpt2_base}"],
@@ -398,6 +414,8 @@ def test_what_zero3_holds_gathered_is_what_its_coordinator_holds_in_training(
     }
     if world == 3:  # (the CI's time)
         cases = {name: extra for name, extra in cases.items() if "limits" in name or "persist" in name}
+    if world == 1:
+        cases = {"llama": llama, "llama-offload": [*llama, "parallel.cpu_offload=true"]}
     common = [
         f"data.path={corpus_path()}",
         f"train.global_batch_size={2 * world}",
@@ -412,9 +430,17 @@ def test_what_zero3_holds_gathered_is_what_its_coordinator_holds_in_training(
     for run in runs:
         cfg = load_config(TINY, [*run["overrides"], f"checkpoint.dir={tmp_path / 'unused'}"])
         figures[run["name"]] = check_run(cfg, world=world, data=False).gathered_bytes_per_rank
-        assert figures[run["name"]] == results[run["name"]]["gathered"]["peak"], (run["name"], results[run["name"]])
+        held = results[run["name"]]["gathered"]
+        assert figures[run["name"]] == held["statuses" if "offload" in run["name"] else "peak"], (run["name"], held)
     if world == 2:  # the reuse distance keeps what the limits release; alone, the embedding's 512 x 64 float32
         assert figures["llama"] > 2 * figures["llama-limits"] and figures["llama-unprefetched"] == 512 * 64 * 4
+        assert figures["llama"] == 2 * results["llama"]["gathered"]["statuses"]  # the flat buffer and the copies
+        # each parameter gathered into a buffer of its own, never copied out of a shared one
+        assert figures["llama-limits-sequential"] < figures["llama-limits"]
+    if world == 1:  # what is read outside a forward: a q_proj's lora_A (r 8 x 64 float32: PEFT reads its dtype
+        # in the LoRA layer's forward, before calling it)
+        assert figures["llama"] == 8 * 64 * 4
+        assert figures["llama-offload"] == results["llama"]["gathered"]["statuses"] > 0
 
 
 def test_what_zero3_gathers_is_not_modelled_where_it_cannot_be_followed(gpt2_base, mixtral_base, tmp_path):
@@ -432,6 +458,9 @@ def test_what_zero3_gathers_is_not_modelled_where_it_cannot_be_followed(gpt2_bas
     shown = describe(r, cfg)
     assert "gathered for compute: not modelled, zero_quantized_weights changes how ZeRO-3 gathers" in shown
     assert "+ activations and what ZeRO-3 gathers for compute" in shown
+    fetched_by_all_reduce = zero_json(tmp_path / "all-reduce.json", stage3_use_all_reduce_for_fetch_params=True)
+    r = check_run(tiny(gpt2_base, tmp_path, *zero3, fetched_by_all_reduce), world=2, data=False)
+    assert r.gathered_unmodelled == "stage3_use_all_reduce_for_fetch_params changes how ZeRO-3 gathers"
     with mock.patch.dict(sys.modules, {"deepspeed": None}):  # a login node without DeepSpeed
         r = check_run(tiny(gpt2_base, tmp_path, *zero3), world=2, data=False)
     assert r.gathered_unmodelled.startswith("parallel.backend=deepspeed needs DeepSpeed: pip install"), r
@@ -450,13 +479,14 @@ def test_what_zero3_gathers_is_not_modelled_where_it_cannot_be_followed(gpt2_bas
 
 
 def test_a_zero3_layout_that_does_not_fit_names_the_limit_on_what_it_prefetches(gpt2_base, tmp_path):
-    """ZeRO-3's figure counts in --device-memory, and the ways out are DeepSpeed's: its live-parameter limit and
-    offloading, not NF4 (QLoRA does not run on DeepSpeed)."""
+    """ZeRO-3's figure counts in --device-memory, and the ways out are DeepSpeed's: its live-parameter limit,
+    gathering each parameter into a buffer of its own (unless the JSON already does) and offloading, not NF4 (QLoRA
+    does not run on DeepSpeed)."""
     cfg = tiny(gpt2_base, tmp_path, "parallel.backend=deepspeed", "parallel.zero_stage=3")
     r = check_run(cfg, world=2, data=False)
-    assert "(ZeRO-3's parameters at once: what it prefetches, up to stage3_max_live_parameters, and reuses)" in (
-        describe(r, cfg)
-    )
+    shown = describe(r, cfg)
+    assert "(ZeRO-3's parameters at once, with its all-gathers' buffers: what it prefetches, up to " in shown
+    assert shown.endswith("+ activations and what a GPU's streams hold on to (the metrics' peak_memory_gib)")
     state = r.frozen_bytes_per_rank + r.trainable_state_bytes_per_rank
     assert device_bytes(r) == state + r.gathered_bytes_per_rank
     check_fits(r, cfg, (device_bytes(r) + 1) / 1e9)
@@ -465,4 +495,18 @@ def test_a_zero3_layout_that_does_not_fit_names_the_limit_on_what_it_prefetches(
     message = str(refused.value)
     assert message.startswith("the model state and what is gathered for compute take"), message
     assert "a lower stage3_max_live_parameters in parallel.deepspeed_config" in message and "nf4" not in message
+    assert ", or stage3_allgather_sequential: true in its zero_optimization (each parameter" in message
     assert message.endswith("or parallel.cpu_offload: true"), message
+    sequential = zero_json(tmp_path / "sequential.json", stage3_allgather_sequential=True)
+    cfg = tiny(
+        gpt2_base,
+        tmp_path,
+        "parallel.backend=deepspeed",
+        "parallel.zero_stage=3",
+        "parallel.cpu_offload=true",
+        sequential,
+    )
+    r = check_run(cfg, world=2, data=False)
+    with pytest.raises(ConfigError) as refused:
+        check_fits(r, cfg, (device_bytes(r) - 1) / 1e9)
+    assert "stage3_allgather_sequential" not in str(refused.value) and "cpu_offload" not in str(refused.value)

@@ -184,22 +184,25 @@ def _clear_release_memo(partitioned_param_coordinator: Any) -> None:
             memo.cache_clear()
 
 
-def zero3_gathered_bytes(model: Any, zero: dict[str, Any], batch: tuple[int, int], micro_batches: int = 3) -> int:
+def zero3_gathered_bytes(
+    model: Any, zero: dict[str, Any], batch: tuple[int, int], world: int, micro_batches: int = 3
+) -> int:
     """The most ZeRO-3 holds gathered at once per rank over ``micro_batches`` forwards and backwards of ``model``
-    (``dist-lora check``'s, on the meta device) on ``batch`` (rows, tokens) of token ids: the bytes of every parameter
-    not kept whole (``stage3_param_persistence_threshold``) that its coordinator has gathered or is gathering, at
-    the most of any of its fetches. Not an estimate: DeepSpeed's own module hooks, set up as the engine sets them
-    from ``zero`` (its ``zero_optimization`` section; the leaf modules too), record one forward and backward run
-    under FakeTensorMode (nothing computed or allocated; :func:`_zero3_events`), and DeepSpeed's own parameter
-    coordinator then takes the micro-batches' fetches and releases in that order, over stand-ins of ZeRO's
-    parameters whose gathers only mark them gathered. So DeepSpeed's rules decide, from its trace of the first
-    micro-batch: prefetching (``stage3_prefetch_bucket_size``), keeping what is used again soon
-    (``stage3_max_reuse_distance``), the limit on what prefetching may add (``stage3_max_live_parameters``), the
-    parameters a recomputed block reads, and a parameter read outside its module's forward, which ZeRO-3 gathers for
-    the module whose forward is running. Each gather's buffer and padding on a GPU come on top. Raises ValueError
-    naming what it cannot follow: a setting that changes how ZeRO-3 gathers (quantized weights, hpZ, ZenFlow, a
-    module granularity threshold), a forward that depends on the data (a MoE's routing) or does not run on the meta
-    device. ``model`` keeps ZeRO's attributes (check's own, dropped after)."""
+    (``dist-lora check``'s, on the meta device) on ``batch`` (rows, tokens) of token ids at ``world`` ranks: the
+    bytes of the gathered copies of every parameter not kept whole (``stage3_param_persistence_threshold``) and of
+    the buffers its all-gathers fill, at the most of any of its fetches and any wait on an all-gather. Not an
+    estimate: DeepSpeed's own module hooks, set up as the engine sets them from ``zero`` (its ``zero_optimization``
+    section; the leaf modules too), record one forward and backward run under FakeTensorMode (nothing computed or
+    allocated; :func:`_zero3_events`), and DeepSpeed's own parameter coordinator then takes the micro-batches'
+    fetches and releases in that order, over stand-ins of ZeRO's parameters whose all-gathers hold what
+    DeepSpeed's hold (:class:`_Gathers`). So DeepSpeed's rules decide, from its trace of the first micro-batch:
+    prefetching (``stage3_prefetch_bucket_size``), keeping what is used again soon (``stage3_max_reuse_distance``),
+    the limit on what prefetching may add (``stage3_max_live_parameters``), the parameters a recomputed block reads,
+    and a parameter read outside its module's forward, which ZeRO-3 gathers for the module whose forward is running.
+    Raises ValueError naming what it cannot follow: a setting that changes how ZeRO-3 gathers (quantized weights,
+    hpZ, ZenFlow, a module granularity threshold, all-reduce fetches), a forward that depends on the data (a
+    MoE's routing) or does not run on the meta device. ``model`` keeps ZeRO's attributes (check's own, dropped
+    after)."""
     import_deepspeed()
     import deepspeed.comm
     from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
@@ -215,6 +218,7 @@ def zero3_gathered_bytes(model: Any, zero: dict[str, Any], batch: tuple[int, int
         "zero_hpz_partition_size": config.zero_hpz_partition_size > 1,
         "zenflow": config.zenflow is not None,
         "stage3_module_granularity_threshold": config.module_granularity_threshold > 0,
+        "stage3_use_all_reduce_for_fetch_params": config.use_all_reduce_for_fetch_params,
     }
     if any(changed.values()):
         raise ValueError(f"{', '.join(key for key, on in changed.items() if on)} changes how ZeRO-3 gathers")
@@ -224,27 +228,8 @@ def zero3_gathered_bytes(model: Any, zero: dict[str, Any], batch: tuple[int, int
         _init_external_params(m)
         parameter_offload.ensure_zero_ordered_dict(m)
     events = _zero3_events(model, batch)
-    held = [0, 0]  # gathered or in flight now, the most at a fetch
-
-    def gathered(p: Any, status: Any) -> None:
-        was, now = (s != ZeroParamStatus.NOT_AVAILABLE for s in (p.ds_status, status))
-        if was != now and not p.ds_persist:
-            held[0] += p.ds_numel * p.element_size() * (1 if now else -1)
-        p.ds_status = status
-
-    class Handle:  # an all-gather in flight; waited on for each of its parameters, done at the first
-        def __init__(self, params: list[Any]):
-            self.params: list[Any] = params
-
-        def wait(self, handle_dependency: bool = True) -> None:
-            for p in self.params:
-                gathered(p, ZeroParamStatus.AVAILABLE)
-            self.params = []
-
-    def all_gather_coalesced(params: list[Any], quantize: bool = False) -> Handle:
-        for p in params:
-            gathered(p, ZeroParamStatus.INFLIGHT)
-        return Handle(list(params))
+    offloaded = config.offload_param is not None and config.offload_param.device != "none"
+    gathers = _Gathers(world, offloaded, config.allgather_sequential)
 
     class Partition:  # (neither quantized nor on NVMe)
         final_location = None
@@ -258,9 +243,9 @@ def zero3_gathered_bytes(model: Any, zero: dict[str, Any], batch: tuple[int, int
         p.ds_status, p.ds_tensor, p.ds_secondary_tensor = ZeroParamStatus.NOT_AVAILABLE, Partition(), None
         p.nvme_swapper, p.ds_active_sub_modules, p.is_external_param = None, set(), False
         p.partition_numel = lambda p=p: p.numel()  # (the coordinator's profiling alone reads it)
-        p.all_gather_coalesced = all_gather_coalesced
-        p.all_gather = lambda *args, p=p, **kwargs: gathered(p, ZeroParamStatus.AVAILABLE)  # (read outside)
-        p.partition = lambda *args, p=p, **kwargs: gathered(p, ZeroParamStatus.NOT_AVAILABLE)
+        p.all_gather_coalesced = gathers.all_gather_coalesced
+        p.all_gather = lambda *args, p=p, **kwargs: gathers.read_outside(p)
+        p.partition = lambda *args, p=p, **kwargs: gathers.release(p)
         p.ds_summary = lambda *args, p=p, **kwargs: {"id": p.ds_id, "status": p.ds_status.name}
 
     class Offload(parameter_offload.DeepSpeedZeRoOffload):  # what its module hooks call, over the coordinator
@@ -288,7 +273,7 @@ def zero3_gathered_bytes(model: Any, zero: dict[str, Any], batch: tuple[int, int
                 max_reuse_distance_in_numel=int(config.max_reuse_distance),
                 max_available_parameters_in_numel=int(config.max_live_parameters),
                 allgather_stream=None,
-                inflight_param_registry={},
+                inflight_param_registry=gathers.in_flight,
             )
             offload = Offload(coordinator)
             stack.append(model)  # (the engine's top module, below each module whose forward runs)
@@ -303,7 +288,7 @@ def zero3_gathered_bytes(model: Any, zero: dict[str, Any], batch: tuple[int, int
                             offload.pre_sub_module_forward_function(module)
                         else:
                             offload.pre_sub_module_backward_function(module)
-                        held[1] = max(held)
+                        gathers.note()
                     elif kind == "release" and detail[0]:
                         stack.pop()  # (the engine's forward hook pops it before it releases)
                         offload.post_sub_module_forward_function(module)
@@ -317,7 +302,107 @@ def zero3_gathered_bytes(model: Any, zero: dict[str, Any], batch: tuple[int, int
     finally:
         del stack[depth:]
         _clear_release_memo(partitioned_param_coordinator)
-    return held[1]
+    return gathers.peak
+
+
+class _Gathers:
+    """ZeRO-3's all-gathers as :func:`zero3_gathered_bytes` replays them at ``world`` ranks: what each holds, as
+    DeepSpeed's ``partition_parameters`` allocates it, counted in bytes (``held``; the most at a fetch or a wait:
+    ``peak``), nothing allocated:
+
+    - at one rank (``_no_gather_coalesced``) a parameter is a view of its own partition, copied to the device only
+      where the partitions are offloaded;
+    - one parameter, or ``stage3_allgather_sequential`` (``_all_gather_sequential``): the parameter is a view of the
+      buffer gathered into, its elements padded to a multiple of the ranks;
+    - several (``_all_gather_coalesced``): a flat buffer (one per dtype) of each parameter's padded partition from
+      every rank, and at the wait a copy of each parameter out of it; the handle, and with it the buffer, lives until
+      the coordinator has taken each of its parameters off its registry of all-gathers in flight (``in_flight``);
+    - a parameter read outside its module's forward (``Init._all_gather``): a padded buffer, at any world size.
+
+    A persistent parameter's own copy is not counted (it is the frozen base's, whole on each rank); a buffer it is
+    gathered in is."""
+
+    def __init__(self, world: int, offloaded: bool, sequential: bool) -> None:
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        self.status = ZeroParamStatus
+        self.world, self.offloaded, self.sequential = world, offloaded, sequential
+        self.own: dict[int, int] = {}  # the bytes of its own that each gathered parameter holds, by id
+        self.held = self.peak = 0
+        self.in_flight = _InFlight()
+
+    def padded(self, p: Any) -> int:
+        return -(-p.ds_numel // self.world) * self.world * p.element_size()
+
+    def hold(self, p: Any, status: Any, own: int) -> None:
+        if not p.ds_persist:
+            self.held += own - self.own.pop(id(p), 0)
+            self.own[id(p)] = own
+        p.ds_status = status
+
+    def note(self) -> None:
+        self.peak = max(self.peak, self.held)
+
+    def all_gather_coalesced(self, params: list[Any], quantize: bool = False) -> _Gather:
+        params = list(params)
+        coalesced = self.world > 1 and len(params) > 1 and not self.sequential
+        for p in params:
+            if self.world == 1:
+                own = p.ds_numel * p.element_size() if self.offloaded else 0
+            else:
+                own = 0 if coalesced else self.padded(p)
+            self.hold(p, self.status.INFLIGHT, own)
+        gather = _Gather(self, params, sum(self.padded(p) for p in params) if coalesced else 0)
+        self.held += gather.buffer
+        return gather
+
+    def read_outside(self, p: Any) -> None:
+        self.hold(p, self.status.AVAILABLE, self.padded(p))
+
+    def release(self, p: Any) -> None:
+        self.hold(p, self.status.NOT_AVAILABLE, 0)
+
+
+class _Gather:
+    """One all-gather in flight (DeepSpeed's handle): waited on for each of its parameters, done at the first wait;
+    ``buffer``: the bytes of its flat buffer, if it gathers into one."""
+
+    def __init__(self, gathers: _Gathers, params: list[Any], buffer: int) -> None:
+        self.gathers, self.params, self.buffer = gathers, params, buffer
+        self.listed = set(params)  # its parameters still on the coordinator's registry
+        self.done = False
+
+    def wait(self, handle_dependency: bool = True) -> None:
+        g = self.gathers
+        if not self.done:
+            for p in self.params:  # out of a flat buffer, each parameter gets a copy
+                g.hold(p, g.status.AVAILABLE, p.ds_numel * p.element_size() if self.buffer else g.own.get(id(p), 0))
+            self.done = True
+        g.note()
+        self.drop()
+
+    def drop(self) -> None:
+        if not self.listed and self.buffer:
+            self.gathers.held -= self.buffer
+            self.buffer = 0
+
+
+class _InFlight(dict):
+    """The coordinator's registry of all-gathers in flight (a parameter to its :class:`_Gather`): as a parameter
+    is taken off it, its all-gather's buffer goes once none of its parameters is left, as DeepSpeed's handle does
+    with its last reference."""
+
+    def pop(self, param: Any) -> _Gather:  # type: ignore[override]
+        gather: _Gather = super().pop(param)
+        gather.listed.discard(param)
+        return gather
+
+    def clear(self) -> None:
+        gathers = list(self.values())
+        super().clear()
+        for gather in gathers:
+            gather.listed.clear()
+            gather.drop()
 
 
 def _zero3_events(model: Any, batch: tuple[int, int]) -> list[tuple[Any, ...]]:

@@ -188,41 +188,84 @@ class Gathered:
 
 
 class ZeroGathered:
-    """While entered: what DeepSpeed ZeRO-3 holds gathered, as its parameter coordinator has just fetched a module's
-    parameters (and prefetched): the bytes of every parameter it does not keep whole that is gathered or being
-    gathered, the most at once in each step (:meth:`step`)."""
+    """While entered: what DeepSpeed ZeRO-3 holds gathered, measured in its tensors' storages, each time its parameter
+    coordinator has fetched a module's parameters (and prefetched) and each time one of its all-gathers has been
+    waited on: the storages of every parameter it does not keep whole that is gathered or being gathered (but a view
+    of its own partition, as at one rank) and of the buffers of its all-gathers (those on the coordinator's registry
+    of all-gathers in flight, and those being waited on), each counted once; the most at once in each step
+    (:meth:`step`). And the bytes of those parameters by their statuses alone, the same moments (``statuses``: at
+    one rank with the partitions offloaded, each gathered parameter is a copy on the device)."""
 
     def __init__(self, model):
+        from deepspeed.runtime.zero import partition_parameters
         from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
 
-        self.cls = PartitionedParameterCoordinator
+        self.cls, self.handles = PartitionedParameterCoordinator, partition_parameters
         self.params = list(model.parameters())
-        self.now, self.steps = 0, []
+        self.coordinator, self.waiting = None, []
+        self.now, self.steps, self.by_status, self.statuses = 0, [], 0, []
+
+    def buffers(self, handle):
+        h = self.handles
+        if isinstance(handle, h.MultipleAllGatherHandles):
+            for one in handle.handles:
+                yield from self.buffers(one)
+        elif isinstance(handle, h.AllGatherCoalescedHandle) and handle.partitions:
+            yield handle.partitions[0]
+        elif isinstance(handle, h.AllGatherHandle) and handle._AllGatherHandle__param_buffer is not None:
+            yield handle._AllGatherHandle__param_buffer
 
     def note(self):
-        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+        gathered = [
+            p for p in self.params if not p.ds_persist and p.ds_status != self.handles.ZeroParamStatus.NOT_AVAILABLE
+        ]
+        storages = {}
+        for p in gathered:
+            storage = p.data.untyped_storage()
+            if storage.data_ptr() != p.ds_tensor.untyped_storage().data_ptr():
+                storages[storage.data_ptr()] = storage.nbytes()
+        registry = self.coordinator._PartitionedParameterCoordinator__inflight_param_registry
+        for handle in [*registry.values(), *self.waiting]:
+            for buffer in self.buffers(handle):
+                storages[buffer.untyped_storage().data_ptr()] = buffer.untyped_storage().nbytes()
+        self.now = max(self.now, sum(storages.values()))
+        self.by_status = max(self.by_status, sum(p.ds_numel * p.element_size() for p in gathered))
 
-        held = sum(
-            p.ds_numel * p.element_size()
-            for p in self.params
-            if not p.ds_persist and p.ds_status != ZeroParamStatus.NOT_AVAILABLE
-        )
-        self.now = max(self.now, held)
+    def fetched(self, coordinator, *args, **kwargs):
+        self.coordinator = coordinator
+        self.note()
+
+    def waited_on(self, owner):
+        original = owner.wait
+
+        def wait(handle, *args, **kwargs):
+            self.waiting.append(handle)
+            try:
+                return original(handle, *args, **kwargs)
+            finally:
+                self.note()
+                self.waiting.pop()
+
+        return mock.patch.object(owner, "wait", wait)
 
     def step(self):
         self.steps.append(self.now)
-        self.now = 0
+        self.statuses.append(self.by_status)
+        self.now = self.by_status = 0
 
     def __enter__(self):
-        self._patch = after(self.cls, "fetch_sub_module", lambda *args, **kwargs: self.note())
-        self._patch.__enter__()
+        h = self.handles
+        self._patches = contextlib.ExitStack()
+        self._patches.enter_context(after(self.cls, "fetch_sub_module", self.fetched))
+        for owner in (h.AllGatherHandle, h.AllGatherCoalescedHandle, h.MultipleAllGatherHandles):
+            self._patches.enter_context(self.waited_on(owner))
         return self
 
     def __exit__(self, *exc):
-        self._patch.__exit__(*exc)
+        self._patches.__exit__(*exc)
 
     def to_json(self):
-        return {"peak": max(self.steps, default=0), "steps": self.steps}
+        return {"peak": max(self.steps, default=0), "steps": self.steps, "statuses": max(self.statuses, default=0)}
 
 
 def reduce_bucket(backend) -> list[int] | None:
