@@ -356,7 +356,8 @@ def test_what_zero3_holds_gathered_is_what_its_coordinator_holds_in_training(
     then gathers all of it in one flat buffer, a copy of each parameter made out of it at the wait (twice the
     model at that moment, asserted); with small prefetch,
     reuse and live-parameter limits, alone, with recomputed blocks and with each parameter gathered into a buffer of
-    its own (``stage3_allgather_sequential``, which holds less, asserted); with neither prefetching nor reuse (one
+    its own (``stage3_allgather_sequential``, which holds less, asserted), and over a bf16 base with float32 adapters
+    (an all-gather of both fills a flat buffer for each dtype); with neither prefetching nor reuse (one
     module's parameters at a time: the largest, the embedding's), and so with recomputed blocks, whose frozen
     parameters a recomputation gathers for the block's backward, which releases them; with a persistence threshold
     under bf16;
@@ -397,6 +398,7 @@ def test_what_zero3_holds_gathered_is_what_its_coordinator_holds_in_training(
         "llama-limits": [*llama, limits],
         "llama-limits-recompute": [*llama, limits, recompute],
         "llama-limits-sequential": [*llama, sequential],
+        "llama-limits-bf16-base": [*llama, limits, "model.dtype=bfloat16"],
         "llama-persist-bf16": [*llama, persist, bf16],
         "llama-unprefetched": [*llama, unprefetched],
         "gpt2": [f"model.name_or_path={gpt2_base}"],
