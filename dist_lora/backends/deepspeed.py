@@ -365,18 +365,19 @@ class _Gathers:
 
 class _Gather:
     """One all-gather in flight (DeepSpeed's handle): waited on for each of its parameters, done at the first wait;
-    ``buffer``: the bytes of its flat buffer, if it gathers into one."""
+    ``buffer``: the bytes of its flat buffer, if it gathers into one (its parameters are then copied out of it)."""
 
     def __init__(self, gathers: _Gathers, params: list[Any], buffer: int) -> None:
         self.gathers, self.params, self.buffer = gathers, params, buffer
+        self.copied_out = buffer > 0
         self.listed = set(params)  # its parameters still on the coordinator's registry
         self.done = False
 
     def wait(self, handle_dependency: bool = True) -> None:
         g = self.gathers
         if not self.done:
-            for p in self.params:  # out of a flat buffer, each parameter gets a copy
-                g.hold(p, g.status.AVAILABLE, p.ds_numel * p.element_size() if self.buffer else g.own.get(id(p), 0))
+            for p in self.params:
+                g.hold(p, g.status.AVAILABLE, p.ds_numel * p.element_size() if self.copied_out else g.own.get(id(p), 0))
             self.done = True
         g.note()
         self.drop()
