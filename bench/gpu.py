@@ -49,6 +49,7 @@ NEEDS_CUDA = [
     "the device memory the chunked loss saves against transformers' loss",
     "the device memory the embedding's and lm_head's own FSDP2 groups save against the root's group",
     "train.compile's step time with CUDA kernels (inductor's Triton; on the CPU its C++ kernels ran)",
+    "the device memory allocated as the optimizer steps, against what dist-lora check says the device holds",
 ]
 # the engines timed against each other on one base (bench/gpu_worker.py's ENGINES), as the report names them
 ENGINE_RUNS = {
@@ -196,16 +197,18 @@ def markdown(results: dict[str, Any]) -> str:
             "",
             "| base (FSDP2 unless another engine is named; LoRA r=16 on q/k/v/o, or every linear layer with a base "
             "dtype named) | load s | base bytes | device peak after load | device allocated after load | device peak "
-            "training | its steps and save alone | s / step | tokens / s | save stall s | snapshot s | save total s | "
-            "resume s | device peak resuming |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "training | its steps and save alone | allocated at the optimizer step | dist-lora check: model state, "
+            "with what is gathered | s / step | tokens / s | save stall s | snapshot s | save total s | resume s | "
+            "device peak resuming |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in results["runs"]:
             lines.append(
                 f"| {r['name']} | {r['load_s']:.1f} | {gib(r.get('base_bytes'))} | "
                 f"{gib(r['load_peak_device_bytes'])} | {gib(r.get('load_allocated_device_bytes'))} | "
                 f"{gib(r['train_peak_device_bytes'])} | {gib(r.get('steps_peak_device_bytes'))} | "
-                f"{r['step_s']:.3f} | {r['tokens_per_s']:.0f} | "
+                f"{gib(r.get('allocated_at_step_device_bytes'))} | {gib(r.get('check_state_device_bytes'))}, "
+                f"{gib(r.get('check_device_bytes'))} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | "
                 f"{r['save_stall_s']:.4f} | {r['snapshot_s']:.4f} | {r['save_total_s']:.3f} | {r['resume_s']:.1f} | "
                 f"{gib(r.get('resume_peak_device_bytes'))} |"
             )

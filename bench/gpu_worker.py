@@ -14,7 +14,10 @@ names another of ENGINES, for the step time of FSDP2 against DDP on the same bas
 "nf4" is QLoRA over the same base (model.dtype bfloat16, LoRA on every linear layer), paired with an unquantized run
 of the same settings ("quantization": "none"): both report the frozen base's bytes on the device. A run with
 "root_holds_ends" leaves the base's input embedding and lm_head in FSDP2's root group (dist_lora's layout before
-they had groups of their own), for the device memory their own groups save.
+they had groups of their own), for the device memory their own groups save. Each run but that one also reports what
+``dist-lora check`` says the device holds for its config (the model state; and with what the engine holds gathered
+for compute), computed on the meta device before the run, beside what the device had allocated as the optimizer
+stepped the adapter (the most over the steps; on a CPU, nothing to compare).
 
 A part that raises is recorded in "errors" (its traceback goes to the output) and the others still run: a GPU lease
 is short, and one fault should not cost the figures of the rest. worker.json is rewritten after every part.
@@ -37,8 +40,10 @@ from typing import Any
 
 import torch
 from torch.distributed.tensor import DTensor
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import dist_lora.backends.fsdp
+from dist_lora.check import check_run, device_bytes
 from dist_lora.checkpointer import Checkpointer
 from dist_lora.config import CheckpointConfig, load_config
 from dist_lora.constants import ADAPTER_WEIGHTS_NAME, OPTIMIZER_NAME
@@ -141,7 +146,6 @@ def run(spec: dict[str, Any], data: str, out: Path) -> dict[str, Any]:
     root = out / f"run-{spec['name']}"
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
     quantization = spec.get("quantization")
     qlora = (
         [f"model.quantization={quantization}", "model.dtype=bfloat16", "lora.target_modules=all-linear"]
@@ -160,6 +164,8 @@ def run(spec: dict[str, Any], data: str, out: Path) -> dict[str, Any]:
             spec["base"], data, root / "ck", *ENGINES[spec.get("engine", "fsdp")], *qlora, seq_len=spec["seq_len"]
         ),
     )
+    checked = None if spec.get("root_holds_ends") else check_run(cfg, world=1, data=False)  # (the meta device)
+    t0 = time.perf_counter()
     with _layout(spec):
         trainer = Trainer(cfg)
     load_s = time.perf_counter() - t0
@@ -170,11 +176,15 @@ def run(spec: dict[str, Any], data: str, out: Path) -> dict[str, Any]:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     footprint = measure(trainer.backend.model)
-    steps = []
+    steps, at_step = [], []
+    allocated = register_optimizer_step_pre_hook(
+        lambda *args: at_step.append(torch.cuda.memory_allocated()) if torch.cuda.is_available() else None
+    )
     for _ in range(spec["steps"]):
         t = time.perf_counter()
         losses = trainer.train_step()
         steps.append(time.perf_counter() - t)
+    allocated.remove()
     url = trainer.save()
     trainer.train_step()  # the step that overlaps the background snapshot
     trainer.close()
@@ -217,6 +227,9 @@ def run(spec: dict[str, Any], data: str, out: Path) -> dict[str, Any]:
         "quantization": quantization,
         "base_bytes": footprint.nf4_bytes + footprint.other_bytes,
         "bits_per_linear_weight": footprint.bits_per_weight if footprint.nf4_weights else None,
+        "check_state_device_bytes": checked and device_bytes(checked) - checked.gathered_bytes_per_rank,
+        "check_device_bytes": checked and device_bytes(checked),
+        "allocated_at_step_device_bytes": max(at_step, default=None),
     }
 
 
