@@ -231,9 +231,16 @@ class ZeroGathered:
         self.now = max(self.now, sum(storages.values()))
         self.by_status = max(self.by_status, sum(p.ds_numel * p.element_size() for p in gathered))
 
-    def fetched(self, coordinator, *args, **kwargs):
-        self.coordinator = coordinator
-        self.note()
+    def fetching(self):
+        original = self.cls.fetch_sub_module
+
+        def fetch_sub_module(coordinator, *args, **kwargs):
+            self.coordinator = coordinator  # (before its waits note what is in flight)
+            out = original(coordinator, *args, **kwargs)
+            self.note()
+            return out
+
+        return mock.patch.object(self.cls, "fetch_sub_module", fetch_sub_module)
 
     def waited_on(self, owner):
         original = owner.wait
@@ -256,7 +263,7 @@ class ZeroGathered:
     def __enter__(self):
         h = self.handles
         self._patches = contextlib.ExitStack()
-        self._patches.enter_context(after(self.cls, "fetch_sub_module", self.fetched))
+        self._patches.enter_context(self.fetching())
         for owner in (h.AllGatherHandle, h.AllGatherCoalescedHandle, h.MultipleAllGatherHandles):
             self._patches.enter_context(self.waited_on(owner))
         return self
