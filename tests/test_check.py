@@ -368,12 +368,12 @@ def test_what_zero3_holds_gathered_is_what_its_coordinator_holds_in_training(
     forward, which DeepSpeed copies; with the partitions offloaded, each gathered parameter
     is copied to the device, which a CPU's view cannot show: there the figure equals the gathered parameters'
     bytes by the coordinator's statuses."""
-    limits = zero_json(
-        tmp_path / "limits.json",
-        stage3_prefetch_bucket_size=5000,
-        stage3_max_reuse_distance=10000,
-        stage3_max_live_parameters=20000,
-    )
+    small = {
+        "stage3_prefetch_bucket_size": 5000,
+        "stage3_max_reuse_distance": 10000,
+        "stage3_max_live_parameters": 20000,
+    }
+    limits = zero_json(tmp_path / "limits.json", **small)
     persist = zero_json(
         tmp_path / "persist.json",
         stage3_prefetch_bucket_size=20000,
@@ -381,13 +381,7 @@ def test_what_zero3_holds_gathered_is_what_its_coordinator_holds_in_training(
         stage3_max_live_parameters=30000,
         stage3_param_persistence_threshold=500,
     )
-    sequential = zero_json(
-        tmp_path / "sequential.json",
-        stage3_prefetch_bucket_size=5000,
-        stage3_max_reuse_distance=10000,
-        stage3_max_live_parameters=20000,
-        stage3_allgather_sequential=True,
-    )
+    sequential = zero_json(tmp_path / "sequential.json", **small, stage3_allgather_sequential=True)
     unprefetched = zero_json(tmp_path / "unprefetched.json", stage3_prefetch_bucket_size=0, stage3_max_reuse_distance=0)
     llama = [f"model.name_or_path={llama_base}", "lora.target_modules=[q_proj,v_proj]"]
     mixtral = [f"model.name_or_path={mixtral_base}", "lora.target_modules=[q_proj,v_proj]"]

@@ -79,11 +79,14 @@ class SavedBytes:
         self._hooks.__exit__(*exc)
 
 
-def after(owner, name, then):
-    """A patch of ``owner.name`` that calls ``then`` with the same arguments once the original has returned."""
+def after(owner, name, then, before=None):
+    """A patch of ``owner.name`` that calls ``then`` with the same arguments once the original has returned (and
+    ``before``, if given, before it runs)."""
     original = getattr(owner, name)
 
     def wrapped(*args, **kwargs):
+        if before is not None:
+            before(*args, **kwargs)
         out = original(*args, **kwargs)
         then(*args, **kwargs)
         return out
@@ -231,29 +234,15 @@ class ZeroGathered:
         self.now = max(self.now, sum(storages.values()))
         self.by_status = max(self.by_status, sum(p.ds_numel * p.element_size() for p in gathered))
 
-    def fetching(self):
-        original = self.cls.fetch_sub_module
+    def fetching(self, coordinator, *args, **kwargs):
+        self.coordinator = coordinator  # (before its waits note what is in flight)
 
-        def fetch_sub_module(coordinator, *args, **kwargs):
-            self.coordinator = coordinator  # (before its waits note what is in flight)
-            out = original(coordinator, *args, **kwargs)
-            self.note()
-            return out
+    def waiting_on(self, handle, *args, **kwargs):
+        self.waiting.append(handle)
 
-        return mock.patch.object(self.cls, "fetch_sub_module", fetch_sub_module)
-
-    def waited_on(self, owner):
-        original = owner.wait
-
-        def wait(handle, *args, **kwargs):
-            self.waiting.append(handle)
-            try:
-                return original(handle, *args, **kwargs)
-            finally:
-                self.note()
-                self.waiting.pop()
-
-        return mock.patch.object(owner, "wait", wait)
+    def waited(self, handle, *args, **kwargs):
+        self.note()
+        self.waiting.pop()
 
     def step(self):
         self.steps.append(self.now)
@@ -263,9 +252,10 @@ class ZeroGathered:
     def __enter__(self):
         h = self.handles
         self._patches = contextlib.ExitStack()
-        self._patches.enter_context(self.fetching())
+        fetched = after(self.cls, "fetch_sub_module", lambda *args, **kwargs: self.note(), before=self.fetching)
+        self._patches.enter_context(fetched)
         for owner in (h.AllGatherHandle, h.AllGatherCoalescedHandle, h.MultipleAllGatherHandles):
-            self._patches.enter_context(self.waited_on(owner))
+            self._patches.enter_context(after(owner, "wait", self.waited, before=self.waiting_on))
         return self
 
     def __exit__(self, *exc):
