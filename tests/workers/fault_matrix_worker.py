@@ -85,8 +85,9 @@ def main() -> None:
         )
         spec = case["spec"]
         if case["op"] == "load" or spec.startswith("retention."):  # a committed step to load, or to retire
-            Checkpointer(config).save(backend, step=1)
-            Checkpointer(config).wait()
+            first = Checkpointer(config)
+            first.save(backend, step=1)
+            first.wait()  # (its own: an async save of step 1 still in flight would race the case's step 2)
             if spec == "corrupt-file" and rank == 0:
                 path = out / f"case{n}" / "step-00000001" / "adapter_model.safetensors"
                 data = bytearray(path.read_bytes())
