@@ -493,7 +493,7 @@ class Trainer:
                 f"the base {self.cfg.model.name_or_path} is the hub's commit {self.base_revision} now, "
                 f"{state['base_revision']} then (to train on the saved one: model.revision={state['base_revision']})"
             )
-        if changed:  # the run goes on as configured now: say what differs from the run that saved the step
+        if changed and self.rank == 0:  # the run goes on as configured now: say what differs from the saved run
             log.warning("resuming %s with settings that differ from the run that saved it: %s", url, "; ".join(changed))
         log.info(
             "resumed from %s at step %d (saved by %s at world size %s; now %s at world size %d)",
