@@ -8,6 +8,7 @@ ones, and validation collects every problem into one error.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib.util
 import re
 import types
@@ -454,6 +455,43 @@ def _field_types(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
+KNOWN_AS = {  # what PEFT's LoraConfig, HF's TrainingArguments and TRL's SFTConfig call some of the settings
+    "rank": "lora.r",
+    "lora_r": "lora.r",
+    "lora_alpha": "lora.alpha",
+    "lora_dropout": "lora.dropout",
+    "learning_rate": "train.lr",
+    "num_train_epochs": "train.epochs",
+    "per_device_train_batch_size": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.global_batch_size = micro_batch_size x ranks x steps accumulated",
+    "gradient_checkpointing": "train.activation_checkpointing",
+    "lr_scheduler_type": "train.lr_schedule",
+    "eval_steps": "train.eval_every_steps",
+    "save_steps": "checkpoint.every_steps",
+    "save_total_limit": "checkpoint.keep_last",
+    "output_dir": "checkpoint.dir",
+    "resume_from_checkpoint": "checkpoint.resume",
+    "max_seq_length": "data.seq_len",
+    "max_length": "data.seq_len",
+    "model_name_or_path": "model.name_or_path",
+    "torch_dtype": "model.dtype",
+}
+
+
+def _meant(key: str, valid: dict[str, Any], prefix: str) -> str:
+    """What an unknown key was probably meant to be, as a hint to add to its error: the same key in another
+    section (``train.zero_stage`` is ``parallel.zero_stage``), PEFT's or HF's name for a setting
+    (:data:`KNOWN_AS`), else the section's closest key (a typo); or ""."""
+    if key in KNOWN_AS:
+        return f" (in dist_lora: {KNOWN_AS[key]})"
+    sections = {name: tp for name, tp in _field_types(RunConfig).items() if isinstance(tp, type)}
+    elsewhere = [f"{name}.{key}" for name, tp in sections.items() if key in _field_types(tp)]
+    if elsewhere and f"{prefix}{key}" not in elsewhere:
+        return f" (it is {' or '.join(elsewhere)})"
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.75)
+    return f" (did you mean {prefix}{close[0]}?)" if close else ""
+
+
 def _type_ok(value: Any, tp: Any) -> bool:
     origin = typing.get_origin(tp)
     if origin is Literal:
@@ -498,7 +536,8 @@ def _build(cls: Any, data: Any, prefix: str, errors: list[str]) -> Any:
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         if key not in types_:
-            errors.append(f"unknown key {prefix}{key}; valid keys: {', '.join(sorted(types_))}")
+            hint = _meant(str(key), types_, prefix)
+            errors.append(f"unknown key {prefix}{key}{hint}; valid keys: {', '.join(sorted(types_))}")
             continue
         tp = types_[key]
         if dataclasses.is_dataclass(tp):

@@ -32,11 +32,34 @@ def test_unknown_key_lists_valid_keys():
     assert "max_steps" in str(e.value) and "global_batch_size" in str(e.value)
 
 
+@pytest.mark.parametrize(
+    ("section", "key", "hint"),
+    [
+        ("train", "max_step", " (did you mean train.max_steps?)"),  # a typo: the section's closest key
+        ("train", "zero_stage", " (it is parallel.zero_stage)"),  # a key of another section
+        ("lora", "lr", " (it is train.lr)"),
+        ("lora", "lora_alpha", " (in dist_lora: lora.alpha)"),  # PEFT's and HF's names
+        ("train", "learning_rate", " (in dist_lora: train.lr)"),
+        ("data", "max_seq_length", " (in dist_lora: data.seq_len)"),
+        ("train", "gradient_accumulation_steps", " (in dist_lora: train.global_batch_size = micro_batch_size x "),
+        ("train", "optimizer", "; valid keys:"),  # nothing like it: no hint
+    ],
+)
+def test_an_unknown_key_names_what_it_probably_meant(section, key, hint):
+    data = valid()
+    data.setdefault(section, {})[key] = 1
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(data)
+    assert f"unknown key {section}.{key}{hint}" in str(e.value)
+
+
 def test_unknown_section():
     data = valid()
     data["optimizer"] = {}
     with pytest.raises(ConfigError, match="unknown key optimizer; valid keys: checkpoint, data, lora, model"):
         config_from_dict(data)
+    with pytest.raises(ConfigError, match=r"unknown key lr \(it is train.lr\); valid keys: checkpoint, data"):
+        config_from_dict({**valid(), "lr": 1e-4})
 
 
 def test_every_problem_reported_at_once():

@@ -152,7 +152,9 @@ def test_config_errors_stop_before_any_step(gpt2_base, tmp_path):
     assert "train.global_batch_size=3 is not divisible by train.micro_batch_size=2 x world size 1" in out.stderr
     out = subprocess.run([*base, "lora.rank=4"], env=launch_env(), capture_output=True, text=True)
     assert (
-        out.returncode == 2 and "unknown key lora.rank; valid keys: alpha, alpha_pattern, bias, dropout" in out.stderr
+        out.returncode == 2
+        and "unknown key lora.rank (in dist_lora: lora.r); valid keys: alpha, alpha_pattern, bias, dropout"
+        in out.stderr
     )
     assert ", r, rank_pattern, target_modules," in out.stderr
     assert not list(tmp_path.iterdir())  # nothing was trained or saved
