@@ -7,7 +7,9 @@ import argparse
 import json
 import logging
 import os
+import subprocess
 import sys
+from collections.abc import Callable
 from typing import Any
 
 # Nothing heavy is imported here: torch, transformers and the backends load inside the command that needs them,
@@ -151,7 +153,12 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from dist_lora.demo import run_demo
 
-    return run_demo(args.run_dir, nproc=args.nproc, steps=args.steps)
+    try:
+        return run_demo(args.run_dir, nproc=args.nproc, steps=args.steps)
+    except subprocess.CalledProcessError as e:  # (what went wrong is in its output, above: one line here)
+        command = " ".join(map(str, e.cmd[1:] if isinstance(e.cmd, list) else [e.cmd]))
+        print(f"dist-lora demo: error: {command} exited with {e.returncode}; its output is above", file=sys.stderr)
+        return 2
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
@@ -218,6 +225,32 @@ def row_ids(text: str) -> list[int]:
     return ids
 
 
+def at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if n < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low} (got {n})")
+        return n
+
+    return parse
+
+
+def gigabytes(text: str) -> float:
+    """An argparse type: a size in GB, above 0."""
+    try:
+        gb = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of GB") from None
+    if not gb > 0:  # (nan too)
+        raise argparse.ArgumentTypeError(f"must be a number of GB above 0 (got {text})")
+    return gb
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dist-lora", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on every rank")
@@ -243,11 +276,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, as train takes them")
-    p.add_argument("--world-size", type=int, default=1, help="the ranks the job will run (nodes x GPUs per node)")
-    p.add_argument("--nproc-per-node", type=int, help="GPUs per node (for parallel.replicate: nodes)")
+    p.add_argument(
+        "--world-size", type=at_least(1), default=1, help="the ranks the job will run (nodes x GPUs per node)"
+    )
+    p.add_argument("--nproc-per-node", type=at_least(1), help="GPUs per node (for parallel.replicate: nodes)")
     p.add_argument("--no-data", action="store_true", help="skip reading and tokenizing the data")
     p.add_argument(
-        "--show-rows", type=int, default=0, metavar="N", help="print the first N training rows, their targets marked"
+        "--show-rows",
+        type=at_least(0),
+        default=0,
+        metavar="N",
+        help="print the first N training rows, their targets marked",
     )
     p.add_argument(
         "--rows",
@@ -256,11 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="print these training rows (0-based, as a non-finite step's error names them), their targets marked",
     )
     p.add_argument(
-        "--device-memory", type=float, help="GB of each GPU: an error (exit 2) if the model state alone exceeds it"
+        "--device-memory", type=gigabytes, help="GB of each GPU: an error (exit 2) if the model state alone exceeds it"
     )
     p.add_argument(
         "--host-memory",
-        type=float,
+        type=gigabytes,
         help="GB of host memory a node: an error (exit 2) if the state offloaded to it (cpu_offload) exceeds it",
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -268,8 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="tiny CPU demo: build a base, train on 2 processes (FSDP2), resume on 1")
     p.add_argument("--run-dir", default="runs/demo")
-    p.add_argument("--nproc", type=int, default=2)
-    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--nproc", type=at_least(1), default=2, help="processes of the first run (1, 2 or 4)")
+    p.add_argument("--steps", type=at_least(2), default=40, help="steps in all; the first run makes half of them")
     p.set_defaults(func=cmd_demo)
 
     for name, func, text in (
@@ -337,7 +376,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)  # (argparse leaves overrides given after an option unparsed)
+    if extra and hasattr(args, "overrides") and not any(a.startswith("-") for a in extra):
+        args.overrides += extra  # check CONFIG --world-size 8 train.lr=1e-4
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from dist_lora.logs import quiet_third_party, setup_logging
 
     setup_logging(args.verbose)

@@ -126,11 +126,28 @@ def summarize(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def run_demo(run_dir: str, nproc: int = 2, steps: int = 40) -> int:
+    """Build a tiny base in a fresh run dir, train ``steps // 2`` steps of it on ``nproc`` processes (FSDP2), resume
+    on one and finish; 0 when the loss went down. ``nproc`` must split the config's global batch."""
+    import yaml
+
+    from dist_lora.config import config_from_dict, load_config
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    t = (load_config(config) if config.is_file() else config_from_dict(yaml.safe_load(TINY_YAML))).train
+    batch, micro = t.global_batch_size, t.micro_batch_size
+    splits = [n for n in range(1, batch + 1) if batch % (n * micro) == 0]
+    if nproc not in splits:
+        raise ValueError(
+            f"--nproc {nproc}: the demo's global batch of {batch} rows, in micro-batches of {micro}, splits evenly "
+            f"over {' or '.join(filter(None, [', '.join(map(str, splits[:-1])), str(splits[-1])]))} processes; "
+            "pick one of them"
+        )
+    if steps < 2:
+        raise ValueError(f"--steps {steps}: the demo stops half-way and resumes, so it needs at least 2 steps")
     run = fresh_run_dir(run_dir)
     if run != Path(run_dir).resolve():
         print(f"== {run_dir} holds an earlier demo (left as it is); this one runs in {run}", flush=True)
     base = build_tiny_base(run / "base")
-    config = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
     overrides = [
         f"model.name_or_path={base}",
         f"data.path={corpus_path()}",

@@ -85,6 +85,13 @@ def test_console_script_and_module_entry_point(tmp_path):
         (["ls", "s3:/bucket/run"], ["one slash", "s3://bucket/run"]),
         (["ls", ".", "--storage-options", "notjson"], ["--storage-options must be a JSON object", "endpoint_url"]),
         (["verify", "runs/nope/step-00000004"], ["no such step", "nothing is stored there"]),
+        (["check", "c.yaml", "--world-size", "0"], ["argument --world-size: must be at least 1 (got 0)"]),
+        (["check", "c.yaml", "--nproc-per-node", "two"], ["argument --nproc-per-node: 'two' is not a whole number"]),
+        (["check", "c.yaml", "--device-memory", "0"], ["argument --device-memory: must be a number of GB above 0"]),
+        (["check", "c.yaml", "--show-rows", "-1"], ["argument --show-rows: must be at least 0 (got -1)"]),
+        (["check", "c.yaml", "--no-data", "--wrong"], ["unrecognized arguments: --wrong"]),
+        (["demo", "--nproc", "3"], ["--nproc 3: the demo's global batch of 8 rows", "over 1, 2 or 4 processes"]),
+        (["demo", "--steps", "1"], ["argument --steps: must be at least 2 (got 1)"]),
     ],
 )
 def test_expected_failures_are_one_line_without_a_traceback(argv, words, tmp_path):
@@ -93,6 +100,17 @@ def test_expected_failures_are_one_line_without_a_traceback(argv, words, tmp_pat
     text = out.stdout + out.stderr
     assert all(w in text for w in words), text
     assert "Traceback" not in text
+
+
+def test_a_demo_whose_training_fails_ends_in_one_line_after_the_runs_own_output(tmp_path, monkeypatch, capsys):
+    import dist_lora.demo
+
+    failing = [sys.executable, "-c", "import sys; print('the run says why'); sys.exit(3)"]
+    monkeypatch.setattr(dist_lora.demo, "torchrun_cmd", lambda nproc, *args: [*failing, *args])
+    assert main(["demo", "--run-dir", str(tmp_path / "run")]) == 2
+    last = capsys.readouterr().err.splitlines()[-1]  # (no traceback)
+    assert last.startswith("dist-lora demo: error: -c import sys;") and "-m dist_lora train " in last, last
+    assert last.endswith("exited with 3; its output is above"), last
 
 
 def test_the_cli_answers_help_without_importing_torch():
