@@ -486,15 +486,23 @@ class Trainer:
             saved_backend=state.get("backend"),
         )
         changed = config_changes(state.get("config"), config_to_dict(self.cfg))
-        if state.get("global_batch_size") not in (None, t.global_batch_size) or state.get("seed") not in (None, t.seed):
+        saved_batch, saved_seed = state.get("global_batch_size"), state.get("seed")
+        reordered = saved_batch not in (None, t.global_batch_size) or saved_seed not in (None, t.seed)
+        if not self.writes:  # dist-lora eval: what changes the eval rows, not how the run trained
+            split = bool(self.cfg.data.eval_fraction)  # (drawn with train.seed)
+            changed = [c for c in changed if c.startswith("data.") or (split and c.startswith("train.seed "))]
+        elif reordered:
             changed.append("the global batch or the seed, so the sample order changes")
         if state.get("base_revision") not in (None, self.base_revision) and self.base_revision is not None:
             changed.append(
                 f"the base {self.cfg.model.name_or_path} is the hub's commit {self.base_revision} now, "
-                f"{state['base_revision']} then (to train on the saved one: model.revision={state['base_revision']})"
+                f"{state['base_revision']} then (to use the saved one: model.revision={state['base_revision']})"
             )
         if changed and self.rank == 0:  # the run goes on as configured now: say what differs from the saved run
-            log.warning("resuming %s with settings that differ from the run that saved it: %s", url, "; ".join(changed))
+            doing = "resuming" if self.writes else "evaluating"
+            log.warning(
+                "%s %s with settings that differ from the run that saved it: %s", doing, url, "; ".join(changed)
+            )
         log.info(
             "resumed from %s at step %d (saved by %s at world size %s; now %s at world size %d)",
             url,

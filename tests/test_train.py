@@ -725,7 +725,7 @@ def test_a_hub_base_is_pinned_to_the_commit_each_step_trained_on(gpt2_base, tmp_
 
     caplog.clear()
     train(single_run(repo, ckpt, "train.stop_at_step=3"))
-    said = f"is the hub's commit {second} now, {first} then (to train on the saved one: model.revision={first})"
+    said = f"is the hub's commit {second} now, {first} then (to use the saved one: model.revision={first})"
     assert said in caplog.text and revision(3) == second
     train(single_run(repo, ckpt, "train.stop_at_step=4", f"model.revision={first}"))
     assert revision(4) == first
@@ -895,12 +895,12 @@ def reference_accuracy(cfg, step: str) -> float:  # type: ignore[no-untyped-def]
     return hits / targets
 
 
-def test_eval_command_gives_a_saved_steps_eval_loss_at_any_world_size_and_writes_nothing(gpt2_base, tmp_path):
+def test_eval_command_gives_a_saved_steps_eval_loss_at_any_world_size_and_writes_nothing(gpt2_base, tmp_path, caplog):
     """``dist-lora eval``: the eval loss and token accuracy the run logged at a step, for the newest step and for
     one named, in one process, and for every step (--every-step, one base load) at 2 ranks on ZeRO-3 (1e-6); the
     accuracy equal to one computed apart over the step loaded in PEFT; the base alone with checkpoint.resume=none;
     nothing written to the checkpoint dir (no lease, no step); without eval data or a step, one error naming the
-    fix."""
+    fix. It warns of the settings that change the eval rows (data's), not of how the run trained."""
     from dist_lora.train import evaluate_checkpoint, train
 
     ckpt, metrics = tmp_path / "ckpt", tmp_path / "metrics.jsonl"
@@ -919,6 +919,16 @@ def test_eval_command_gives_a_saved_steps_eval_loss_at_any_world_size_and_writes
     )
     (named,) = evaluate_checkpoint(single_run(gpt2_base, ckpt, f"checkpoint.resume={ckpt / 'step-00000002'}", *evals))
     assert named["step"] == 2 and named["eval_loss"] == pytest.approx(logged[2], rel=1e-6)
+    caplog.clear()
+    evaluate_checkpoint(single_run(gpt2_base, ckpt, "train.lr=0.5", "train.seed=9", *evals))  # (eval_path: no split)
+    assert "differ from the run that saved it" not in caplog.text
+    seq_len = single_run(gpt2_base, ckpt).data.seq_len
+    (shorter,) = evaluate_checkpoint(
+        single_run(gpt2_base, ckpt, f"data.seq_len={seq_len // 2}", "train.lr=0.5", *evals)
+    )
+    (line,) = [r.message for r in caplog.records if "differ from the run that saved it" in r.message]
+    assert line.startswith(f"evaluating {shorter['url']} with settings") and "train." not in line, line
+    assert line.endswith(f": data.seq_len {seq_len} -> {seq_len // 2}"), line
     (base,) = evaluate_checkpoint(single_run(gpt2_base, ckpt, "checkpoint.resume=none", *evals))
     assert base["step"] == 0 and base["url"] is None and math.isfinite(base["eval_loss"])
     args = [f"model.name_or_path={gpt2_base}", f"data.path={corpus_path()}", f"checkpoint.dir={ckpt}", *evals]
