@@ -252,9 +252,9 @@ def load_sources(
 
     sources = listed(paths)
     if len(sources) == 1:
-        return load_source(sources[0], name=cfg.name, split=split, cache_dir=cache_dir, what=what)
+        return _placed(load_source(sources[0], name=cfg.name, split=split, cache_dir=cache_dir, what=what), None)
     columns = list(_fields(cfg).values())
-    parts = []
+    parts: list[Dataset] = []
     for path in sources:
         ds = load_source(path, name=cfg.name, split=split, cache_dir=cache_dir, what=what)
         missing = [c for c in columns if c not in ds.column_names]
@@ -264,7 +264,9 @@ def load_sources(
                 f"sources have; its fields: {', '.join(ds.column_names)}. Every source needs the same fields "
                 "(data.fields maps one set of names)"
             )
-        parts.append(_as_json_text(ds, cfg) if cfg.format == "chat" else ds.select_columns(columns))
+        parts.append(
+            _placed(_as_json_text(ds, cfg) if cfg.format == "chat" else ds.select_columns(columns), len(parts))
+        )
     first = parts[0].features
     for i, (path, ds) in enumerate(zip(sources, parts, strict=True)):
         if ds.features != first:
@@ -279,6 +281,33 @@ def load_sources(
         shares = [w / sum(weights) for w in weights]
         return datasets.interleave_datasets(parts, shares, seed=seed, stopping_strategy="all_exhausted")
     return datasets.concatenate_datasets(parts)
+
+
+SAMPLE, SOURCE = "_dist_lora_sample", "_dist_lora_source"
+"""Columns that :func:`load_sources` adds: each sample's index in its source, and which source (of several) it came
+from, so that an error names the sample where the user finds it, after an eval split's shuffle or a mix."""
+
+
+def _placed(ds: Dataset, source: int | None) -> Dataset:
+    """``ds`` with :data:`SAMPLE` (and, ``source`` given, :data:`SOURCE`) added."""
+    import numpy as np
+
+    ds = ds.add_column(SAMPLE, np.arange(len(ds), dtype=np.int64))
+    return ds if source is None else ds.add_column(SOURCE, np.full(len(ds), source, dtype=np.int32))
+
+
+def _naming_samples(
+    fn: Callable[[dict[str, list], list[str]], dict[str, list]], sources: list[str]
+) -> Callable[[dict[str, list], list[int]], dict[str, list]]:
+    """A batched ``datasets.map`` function with indices, calling ``fn`` with each sample's place in its source
+    ("sample 7 of data/b.jsonl", from :data:`SAMPLE` and :data:`SOURCE`) in place of its index in the dataset."""
+
+    def run(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        samples = batch.get(SAMPLE) or indices
+        origins = batch.get(SOURCE) or [0] * len(indices)
+        return fn(batch, [f"sample {i} of {sources[o]}" for i, o in zip(samples, origins, strict=True)])
+
+    return run
 
 
 def _as_json_text(ds: Dataset, cfg: DataConfig) -> Dataset:
@@ -422,7 +451,7 @@ def with_system(turns: list[dict[str, Any]], cfg: DataConfig) -> list[dict[str, 
     return [{"role": "system", "content": cfg.system_prompt}, *turns]
 
 
-def _tools(value: Any, index: int) -> list[Any] | None:
+def _tools(value: Any, sample: str) -> list[Any] | None:
     """A conversation's tools for the chat template: a list of schemas, or its JSON text (as many datasets keep
     them); None or empty: none."""
     if isinstance(value, str):
@@ -431,12 +460,12 @@ def _tools(value: Any, index: int) -> list[Any] | None:
         try:
             value = json.loads(value)
         except json.JSONDecodeError as e:
-            raise DataError(f"sample {index}: its tools are text that is not JSON ({e}): {value!r:.200}") from e
+            raise DataError(f"{sample}: its tools are text that is not JSON ({e}): {value!r:.200}") from e
     if not value:
         return None
     if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
         raise DataError(
-            f"sample {index}: tools must be a list of tool schemas (or its JSON text), got {type(value).__name__}: "
+            f"{sample}: tools must be a list of tool schemas (or its JSON text), got {type(value).__name__}: "
             f"{value!r:.200}"
         )
     return without_nones(value)
@@ -495,9 +524,9 @@ def chat_spans(
     return full, spans
 
 
-def _tokenize_fn(cfg: DataConfig, tokenizer: Any) -> Callable[[dict[str, list], list[int]], dict[str, list]]:
-    """A batched ``datasets.map`` function (with indices): rows of the source -> input_ids, labels, and a status per
-    sample. A sample of the wrong type is an error naming its index."""
+def _tokenize_fn(cfg: DataConfig, tokenizer: Any) -> Callable[[dict[str, list], list[str]], dict[str, list]]:
+    """A batched function of samples and their places (:func:`_naming_samples`) -> input_ids, labels, and a status
+    per sample. A sample of the wrong type is an error naming its place."""
     f = _fields(cfg)
     eos = tokenizer.eos_token_id
     seq_len = cfg.seq_len
@@ -513,7 +542,7 @@ def _tokenize_fn(cfg: DataConfig, tokenizer: Any) -> Callable[[dict[str, list], 
             return [], [], "cut_off" if status == "truncated" else "dropped_no_target"
         return ids, labels, status
 
-    def text(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+    def text(batch: dict[str, list], samples: list[str]) -> dict[str, list]:
         out: dict[str, list] = {"input_ids": [], "labels": [], "status": []}
         for ids in tokenizer(batch[f["text"]])["input_ids"]:
             ids = ids + ([eos] if eos is not None else [])
@@ -540,14 +569,14 @@ def _tokenize_fn(cfg: DataConfig, tokenizer: Any) -> Callable[[dict[str, list], 
             out["status"].append(status)
         return out
 
-    def completion(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+    def completion(batch: dict[str, list], samples: list[str]) -> dict[str, list]:
         prompts, completions = batch[f["prompt"]], batch[f["completion"]]
         if all(isinstance(x, list) for x in [*prompts, *completions]):
-            return conversational(batch, indices, prompts, completions)
-        for i, p, c in zip(indices, prompts, completions, strict=True):
+            return conversational(batch, samples, prompts, completions)
+        for i, p, c in zip(samples, prompts, completions, strict=True):
             if not isinstance(p, str) or not isinstance(c, str):
                 raise DataError(
-                    f"sample {i}: fields {f['prompt']!r} and {f['completion']!r} must be strings, or both lists of "
+                    f"{i}: fields {f['prompt']!r} and {f['completion']!r} must be strings, or both lists of "
                     f"messages (TRL's conversational prompt-completion) (got {p!r:.200}, {c!r:.200})"
                 )
         if cfg.system_prompt is not None:
@@ -558,7 +587,7 @@ def _tokenize_fn(cfg: DataConfig, tokenizer: Any) -> Callable[[dict[str, list], 
         texts = [p + c for p, c in zip(prompts, completions, strict=True)]
         return answers(texts, [[(len(p), len(t))] for p, t in zip(prompts, texts, strict=True)], rendered=False)
 
-    def conversational(batch: dict[str, list], indices: list[int], prompts: list, completions: list) -> dict[str, list]:
+    def conversational(batch: dict[str, list], samples: list[str], prompts: list, completions: list) -> dict[str, list]:
         """TRL's conversational prompt-completion: both fields lists of messages, rendered together by the chat
         template; the completion's assistant turns are the targets."""
         if not tokenizer.chat_template:
@@ -567,12 +596,12 @@ def _tokenize_fn(cfg: DataConfig, tokenizer: Any) -> Callable[[dict[str, list], 
                 f"has none: {no_template_fix(tokenizer)}"
             )
         texts, spans = [], []
-        tools = batch.get(_tools_column(cfg)) or [None] * len(indices)
-        for i, p, c, given in zip(indices, prompts, completions, tools, strict=True):
+        tools = batch.get(_tools_column(cfg)) or [None] * len(samples)
+        for i, p, c, given in zip(samples, prompts, completions, tools, strict=True):
             prompt, answer = _turns(p, cfg), _turns(c, cfg)
             if prompt is None or answer is None:
                 raise DataError(
-                    f"sample {i}: fields {f['prompt']!r} and {f['completion']!r} as lists of messages must hold "
+                    f"{i}: fields {f['prompt']!r} and {f['completion']!r} as lists of messages must hold "
                     f"{{role, content}} string pairs (got {p!r:.200}, {c!r:.200})"
                 )
             turns = with_system(prompt + answer, cfg)
@@ -582,15 +611,15 @@ def _tokenize_fn(cfg: DataConfig, tokenizer: Any) -> Callable[[dict[str, list], 
             spans.append(sp)
         return answers(texts, spans, rendered=True)
 
-    def chat(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+    def chat(batch: dict[str, list], samples: list[str]) -> dict[str, list]:
         texts, spans = [], []
-        tools = batch.get(_tools_column(cfg)) or [None] * len(indices)
-        for i, messages, given in zip(indices, batch[f["messages"]], tools, strict=True):
+        tools = batch.get(_tools_column(cfg)) or [None] * len(samples)
+        for i, messages, given in zip(samples, batch[f["messages"]], tools, strict=True):
             turns = _turns(messages, cfg)
             if turns is None:
                 role, content = _message_keys(cfg)
                 raise DataError(
-                    f"sample {i}: field {f['messages']!r} must be a list of {{{role}, {content}}} string pairs (got "
+                    f"{i}: field {f['messages']!r} must be a list of {{{role}, {content}}} string pairs (got "
                     f"{messages!r:.200}); other keys are mapped with data.fields, e.g. {{role: from, content: value}}; "
                     "a turn that calls tools (tool_calls) may leave its content null"
                 )
@@ -806,22 +835,25 @@ def tokenize_processes(cfg: DataConfig, samples: int) -> int:
     return max(1, min(wanted, samples))
 
 
-def _tokenize(ds: Dataset, cfg: DataConfig, tokenizer: Any, what: str, key: str, tmp: str) -> tuple[Dataset, Stats]:
+def _tokenize(
+    ds: Dataset, cfg: DataConfig, tokenizer: Any, what: str, key: str, tmp: str, sources: str | list[str]
+) -> tuple[Dataset, Stats]:
+    """``ds``'s samples tokenized (``sources``: where they were read from, to name a bad one), and what was kept."""
     missing = [c for c in _fields(cfg).values() if c not in ds.column_names]
     if TOOLS in cfg.fields and cfg.fields[TOOLS] not in ds.column_names:  # (unmapped, the column is optional)
         missing.append(cfg.fields[TOOLS])
+    given = [c for c in ds.column_names if c not in (SAMPLE, SOURCE)]
     if missing:
         raise DataError(
             f"{what} has no field {', '.join(map(repr, missing))} (format {cfg.format}); its fields: "
-            f"{', '.join(ds.column_names)}. Map yours with data.fields, e.g. data.fields={{{FIELDS[cfg.format][0]}: "
-            f"{ds.column_names[0]}}}"
+            f"{', '.join(given)}. Map yours with data.fields, e.g. data.fields={{{FIELDS[cfg.format][0]}: {given[0]}}}"
         )
     processes = tokenize_processes(cfg, len(ds))
     parallel = {"num_proc": processes} if processes > 1 else {}
     if parallel:
         log.info("data: tokenizing %d %s samples on %d processes (data.num_proc)", len(ds), what, processes)
     tokenized = ds.map(
-        _tokenize_fn(cfg, tokenizer),
+        _naming_samples(_tokenize_fn(cfg, tokenizer), listed(sources)),
         batched=True,
         with_indices=True,
         remove_columns=ds.column_names,
@@ -887,14 +919,15 @@ def build_cache(cfg: DataConfig, tokenizer: Any, seed: int, key: str) -> tuple[P
                 )
             parts = train.train_test_split(test_size=cfg.eval_fraction, seed=seed, shuffle=True)
             train, eval_srcs[None] = parts["train"], parts["test"]
-        samples, stats = _tokenize(train, cfg, tokenizer, "train", key, tmp)
+        samples, stats = _tokenize(train, cfg, tokenizer, "train", key, tmp, cfg.path)
         splits = {"train": _rows(samples, cfg, tmp)}
         stats.rows, stats.targets = len(splits["train"]), int(sum(splits["train"]["n_targets"]))
         if stats.rows == 0:
             raise DataError(f"{named(cfg.path)} gives no training row: {_left_out(stats, cfg, train)}")
         for name, eval_src in eval_srcs.items():
             split = eval_split(name)
-            eval_samples, eval_stats = _tokenize(eval_src, cfg, tokenizer, split, key, tmp)
+            sources = cfg.path if name is None and cfg.eval_fraction else eval_sets(cfg)[name]
+            eval_samples, eval_stats = _tokenize(eval_src, cfg, tokenizer, split, key, tmp, sources)
             splits[split] = _rows(eval_samples, cfg, tmp)
             eval_stats.rows = len(splits[split])
             stats.extra[split] = eval_stats.__dict__

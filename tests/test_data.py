@@ -262,8 +262,8 @@ def test_bad_tools_and_a_turn_without_content_are_named(gpt2_base, tmp_path):
     tok.chat_template = TOOLS_TEMPLATE
     turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
     cases = [
-        ({"messages": turns, "tools": "[{not json"}, "sample 0: its tools are text that is not JSON"),
-        ({"messages": turns, "tools": '{"name": "f"}'}, "sample 0: tools must be a list of tool schemas"),
+        ({"messages": turns, "tools": "[{not json"}, "sample 0 of .*/0.jsonl: its tools are text that is not JSON"),
+        ({"messages": turns, "tools": '{"name": "f"}'}, "sample 0 of .*/1.jsonl: tools must be a list of tool schemas"),
         ({"messages": [turns[0], {"role": "assistant", "content": None}]}, "a turn that calls tools"),
     ]
     for i, (sample, error) in enumerate(cases):
@@ -627,17 +627,39 @@ def test_a_file_the_parser_refuses_is_named_with_the_parsers_reason(gpt2_base, t
         prepared(tmp_path, gpt2_base, path=str(tmp_path / "bad.csv"))
 
 
-def test_a_sample_of_the_wrong_type_is_named_by_its_index(gpt2_base, tmp_path):
+def test_a_sample_of_the_wrong_type_is_named_by_its_place_in_its_source(gpt2_base, tmp_path):
+    """By its index in the file it was read from, which it keeps after data.eval_fraction's shuffled split (the
+    train split's index was named: "sample 0" for the fourth line) and in a mix of several sources, concatenated or
+    drawn by data.weights."""
     good = '{"prompt": "a", "completion": " b"}'
-    (tmp_path / "c.jsonl").write_text(f'{good}\n{good}\n{{"prompt": "a", "completion": null}}\n')
+    completions = tmp_path / "c.jsonl"
+    completions.write_text(f'{good}\n{good}\n{{"prompt": "a", "completion": null}}\n')
     with pytest.raises(
         DataError,
-        match=r"sample 2: fields 'prompt' and 'completion' must be strings, or both lists of messages .*\(got 'a', None",
+        match=rf"sample 2 of {re.escape(str(completions))}: fields 'prompt' and 'completion' must be strings, or both "
+        r"lists of messages .*\(got 'a', None",
     ):
-        prepared(tmp_path, gpt2_base, path=str(tmp_path / "c.jsonl"), format="completion")
-    (tmp_path / "m.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": "hi"}\n')
-    with pytest.raises(DataError, match="sample 1: field 'messages' must be a list of {role, content}"):
-        prepared(tmp_path, gpt2_base, path=str(tmp_path / "m.jsonl"), format="chat")
+        prepared(tmp_path, gpt2_base, path=str(completions), format="completion")
+    chats = tmp_path / "m.jsonl"
+    fine = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}'
+    chats.write_text(f'{fine}\n{fine}\n{fine}\n{{"messages": "hi"}}\n')
+    error = rf"^sample 3 of {re.escape(str(chats))}: field 'messages' must be a list of {{role, content}}"
+    with pytest.raises(DataError, match=error):
+        prepared(tmp_path, gpt2_base, path=str(chats), format="chat")
+    for fraction in (0.25, 0.5):  # (the bad sample held out for eval, or kept for training)
+        with pytest.raises(DataError, match=error):
+            prepared(tmp_path, gpt2_base, path=str(chats), format="chat", eval_fraction=fraction)
+    for weights in (None, [1.0, 1.0]):
+        mix = [str(DATA / "chat.jsonl"), str(chats)]
+        with pytest.raises(DataError, match=error):
+            prepared(
+                tmp_path,
+                gpt2_base,
+                path=mix,
+                format="chat",
+                weights=weights,
+                chat_template=str(DATA / "chat_template.jinja"),
+            )
 
 
 @pytest.mark.parametrize("fmt", ["chat", "text"])
@@ -681,7 +703,7 @@ def test_tokenizing_on_several_processes_gives_the_rows_of_one(fmt, gpt2_base, t
     lines = [f'{{"prompt": "p{i}", "completion": " c{i}"}}' for i in range(9)]
     lines[7] = '{"prompt": "p7", "completion": 7}'
     (tmp_path / "c.jsonl").write_text("\n".join(lines) + "\n")
-    with pytest.raises(DataError, match=r"sample 7: fields 'prompt' and 'completion' must be strings"):
+    with pytest.raises(DataError, match=r"sample 7 of .*/c.jsonl: fields 'prompt' and 'completion' must be strings"):
         prepared(tmp_path, gpt2_base, path=str(tmp_path / "c.jsonl"), format="completion", num_proc=3)
 
 
