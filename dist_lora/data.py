@@ -573,10 +573,10 @@ def _tokenize_fn(cfg: DataConfig, tokenizer: Any) -> Callable[[dict[str, list], 
         prompts, completions = batch[f["prompt"]], batch[f["completion"]]
         if all(isinstance(x, list) for x in [*prompts, *completions]):
             return conversational(batch, samples, prompts, completions)
-        for i, p, c in zip(samples, prompts, completions, strict=True):
+        for where, p, c in zip(samples, prompts, completions, strict=True):
             if not isinstance(p, str) or not isinstance(c, str):
                 raise DataError(
-                    f"{i}: fields {f['prompt']!r} and {f['completion']!r} must be strings, or both lists of "
+                    f"{where}: fields {f['prompt']!r} and {f['completion']!r} must be strings, or both lists of "
                     f"messages (TRL's conversational prompt-completion) (got {p!r:.200}, {c!r:.200})"
                 )
         if cfg.system_prompt is not None:
@@ -597,16 +597,16 @@ def _tokenize_fn(cfg: DataConfig, tokenizer: Any) -> Callable[[dict[str, list], 
             )
         texts, spans = [], []
         tools = batch.get(_tools_column(cfg)) or [None] * len(samples)
-        for i, p, c, given in zip(samples, prompts, completions, tools, strict=True):
+        for where, p, c, given in zip(samples, prompts, completions, tools, strict=True):
             prompt, answer = _turns(p, cfg), _turns(c, cfg)
             if prompt is None or answer is None:
                 raise DataError(
-                    f"{i}: fields {f['prompt']!r} and {f['completion']!r} as lists of messages must hold "
+                    f"{where}: fields {f['prompt']!r} and {f['completion']!r} as lists of messages must hold "
                     f"{{role, content}} string pairs (got {p!r:.200}, {c!r:.200})"
                 )
             turns = with_system(prompt + answer, cfg)
             trained = [j for j in range(len(turns) - len(answer), len(turns)) if turns[j]["role"] == "assistant"]
-            text, sp = chat_spans(tokenizer, turns, _tools(given, i), trained)
+            text, sp = chat_spans(tokenizer, turns, _tools(given, where), trained)
             texts.append(text)
             spans.append(sp)
         return answers(texts, spans, rendered=True)
@@ -614,17 +614,17 @@ def _tokenize_fn(cfg: DataConfig, tokenizer: Any) -> Callable[[dict[str, list], 
     def chat(batch: dict[str, list], samples: list[str]) -> dict[str, list]:
         texts, spans = [], []
         tools = batch.get(_tools_column(cfg)) or [None] * len(samples)
-        for i, messages, given in zip(samples, batch[f["messages"]], tools, strict=True):
+        for where, messages, given in zip(samples, batch[f["messages"]], tools, strict=True):
             turns = _turns(messages, cfg)
             if turns is None:
                 role, content = _message_keys(cfg)
                 raise DataError(
-                    f"{i}: field {f['messages']!r} must be a list of {{{role}, {content}}} string pairs (got "
+                    f"{where}: field {f['messages']!r} must be a list of {{{role}, {content}}} string pairs (got "
                     f"{messages!r:.200}); other keys are mapped with data.fields, e.g. {{role: from, content: value}}; "
                     "a turn that calls tools (tool_calls) may leave its content null"
                 )
             turns = with_system(turns, cfg)
-            text, sp = chat_spans(tokenizer, turns, _tools(given, i), trained_turns(turns, cfg))
+            text, sp = chat_spans(tokenizer, turns, _tools(given, where), trained_turns(turns, cfg))
             texts.append(text)
             spans.append(sp)
         return answers(texts, spans, rendered=True)
