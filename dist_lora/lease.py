@@ -37,13 +37,20 @@ class LeaseError(CheckpointError):
     """Another live run holds the checkpoint dir, or took it over from this one."""
 
 
+_PROCESS_RUN_IDS: dict[int, str] = {}  # pid -> its run id (a forked process draws its own)
+
+
 def default_run_id() -> str:
-    """The scheduler's idea of this job (stable across its restarts), else a fresh id."""
+    """The scheduler's idea of this job (stable across its restarts), else an id of this process, the same for
+    every run it starts (a ``train()`` started again in a notebook after one raised takes its own lease over)."""
     for name in RUN_ID_ENVS:
         value = os.environ.get(name)
         if value and value != "none":
             return value
-    return uuid.uuid4().hex
+    return _PROCESS_RUN_IDS.setdefault(os.getpid(), uuid.uuid4().hex)
+
+
+_HELD: dict[str, Lease] = {}  # lease URL -> the Lease this process took there last (until released)
 
 
 def _holder_is_dead(held: dict[str, Any]) -> str | None:
@@ -100,6 +107,7 @@ class Lease:
         self.run_id = run_id
         self.ttl_s = ttl_s
         self.lost: LeaseError | None = None
+        self.superseded = False  # a later run of this process took the lease over (superseded_by)
         self._version = ""  # of the lease as this run last wrote it (see Storage.replace_if)
         self._acquired_at = time.time()
         self._stop = threading.Event()
@@ -147,12 +155,31 @@ class Lease:
         return dict(record), version
 
     def acquire(self) -> None:
+        """Take the lease, or raise LeaseError naming the live run that holds it (see :meth:`_acquire`). A lease
+        this process took earlier for the same run, and did not release (a ``train()`` that raised), is taken over
+        and stops renewing."""
+        self._acquire()
+        _HELD[self.url] = self
+
+    def superseded_by(self, later: Lease) -> None:
+        """Stop renewing: a later run of this process takes the lease over (a save of this one then fails)."""
+        self.stop_heartbeat()
+        self.superseded = True
+        self.lost = LeaseError(
+            f"the lease {self.url} was taken over by a later run of this process (run {later.run_id}): this run "
+            "stops saving there"
+        )
+
+    def _acquire(self) -> None:
         """Take the lease, or raise LeaseError naming the live run that holds it.
 
         A free dir is taken with an exclusive create. A lease of this same run, a stale one, or one whose holder
         is provably dead (this host, its pid gone) is replaced conditionally, only if it is still the version that
         was read: of two runs taking one stale lease over, one wins and the other is refused; a fresh lease is
         never replaced."""
+        earlier = _HELD.get(self.url)
+        if earlier is not None and earlier is not self and earlier.run_id == self.run_id:
+            earlier.superseded_by(self)  # (before the takeover: its renewals would race it)
         if not self.storage.conditional_writes:
             log.warning(
                 "%s has no conditional writes (only local paths and S3 do): the one-writer lease of %s is "
@@ -219,8 +246,13 @@ class Lease:
             ) from None
 
     def release(self) -> None:
-        """Stop renewing and remove the lease if it is still ours."""
+        """Stop renewing and remove the lease if it is still ours (not if a later run of this process took it
+        over: it holds the same run id and pid)."""
         self.stop_heartbeat()
+        if self.superseded:
+            return
+        if _HELD.get(self.url) is self:
+            del _HELD[self.url]
         try:
             held = self.read()
             if held is not None and held["run_id"] == self.run_id and held.get("pid") == os.getpid():

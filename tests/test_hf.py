@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from dist_lora.checkpoint import list_steps
+from dist_lora.constants import LEASE_NAME
 from dist_lora.integrations.hf import DistLoraCallback, _restore_scheduler
 from dist_lora.storage import Storage
 from tests.dist_utils import ROOT, forked_ranks
@@ -166,7 +167,7 @@ def in_process_trainer(base, tmp_path, resume: str, max_steps: int, batch: int =
 
 def test_a_trainer_started_over_in_a_dir_with_newer_steps_stops_before_its_first_step(gpt2_base, tmp_path):
     """`resume="none"` into a dir that holds a committed step: its saves would mix two runs (`resume="auto"` would
-    take the older run's newest step); it stops at `on_train_begin`, the dir left as it was."""
+    take the older run's newest step); it stops at `on_train_begin`, the dir left as it was, its lease released."""
     from dist_lora.checkpoint import CheckpointError
 
     first, callback = in_process_trainer(gpt2_base, tmp_path, "auto", 2)
@@ -179,7 +180,47 @@ def test_a_trainer_started_over_in_a_dir_with_newer_steps_stops_before_its_first
     assert again.state.global_step == 0
     assert [p.name for p in (tmp_path / "ckpt").glob("step-*")] == ["step-00000002"]
     assert (tmp_path / "ckpt" / "step-00000002" / "adapter_model.safetensors").read_bytes() == saved
-    callback.checkpointer.release_lease()
+    assert callback.checkpointer.lease is None and not (tmp_path / "ckpt" / LEASE_NAME).exists()
+
+
+def test_a_trainer_started_again_in_the_process_of_one_that_raised_takes_the_dir_over(gpt2_base, tmp_path, monkeypatch):
+    """A notebook: a train() that raises in training keeps its lease (HF calls no callback on an exception);
+    another Trainer started in the same process takes it over (one run id a process), resumes from the step saved
+    before the failure and saves on; the first one's lease stops renewing. A model without LoRA fails at
+    on_train_begin and leaves no lease."""
+    from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+    from dist_lora.constants import RUN_ID_ENVS
+    from dist_lora.lora import AdapterError
+
+    for name in RUN_ID_ENVS:
+        monkeypatch.delenv(name, raising=False)
+    plain = Trainer(
+        model=AutoModelForCausalLM.from_pretrained(gpt2_base),
+        args=TrainingArguments(output_dir=str(tmp_path / "hf"), max_steps=2, report_to=[], use_cpu=True),
+        train_dataset=[{"input_ids": list(range(16)), "labels": list(range(16))}],
+    )
+    DistLoraCallback.install(plain, str(tmp_path / "ckpt"))
+    with pytest.raises(AdapterError, match="the model has no LoRA layers"):
+        plain.train()
+    assert not (tmp_path / "ckpt" / LEASE_NAME).exists()
+
+    class FailsAtStep3(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+            if state.global_step == 3:
+                raise RuntimeError("a bad batch")
+
+    first, raised = in_process_trainer(gpt2_base, tmp_path, "auto", 4)
+    first.add_callback(FailsAtStep3())
+    with pytest.raises(RuntimeError, match="a bad batch"):
+        first.train()
+    assert raised.checkpointer.lease is not None and (tmp_path / "ckpt" / LEASE_NAME).exists()
+    again, callback = in_process_trainer(gpt2_base, tmp_path, "auto", 4)
+    again.train()
+    assert callback.resumed_from is not None and callback.resumed_from.endswith("step-00000002")
+    assert [p.name for p in sorted((tmp_path / "ckpt").glob("step-*"))] == ["step-00000002", "step-00000004"]
+    assert raised.checkpointer.lease.superseded and raised.checkpointer.lease.lost is not None
+    assert not (tmp_path / "ckpt" / LEASE_NAME).exists()  # released at the end of the run that took it over
 
 
 def test_a_resume_with_another_global_batch_says_the_data_position_is_not_exact(gpt2_base, tmp_path, caplog):

@@ -16,7 +16,7 @@ import dist_lora
 from dist_lora import lease as lease_module
 from dist_lora.checkpoint import list_steps, read_step
 from dist_lora.config import config_from_dict, config_to_dict, load_config
-from dist_lora.constants import LEASE_NAME
+from dist_lora.constants import LEASE_NAME, RUN_ID_ENVS
 from dist_lora.demo import corpus_path
 from dist_lora.lease import Lease, LeaseError
 from dist_lora.storage import Storage, StorageError
@@ -115,6 +115,34 @@ def test_heartbeat_renews_and_a_lost_lease_stops_saves(tmp_path):
         lease.check()
     lease.release()
     assert Lease(Storage(str(tmp_path)), "x").read()["run_id"] == "job-b"  # not ours: left alone
+
+
+def test_one_process_is_one_run_and_its_later_lease_takes_the_earlier_over(tmp_path, monkeypatch):
+    """Without a scheduler's job id, a process's runs share one run id (another process draws its own): a run
+    started again after one raised and kept its lease (a notebook's second ``train()``) takes the lease over, and
+    the earlier lease stops renewing, fails its next save, and on release leaves the later one's lease in place.
+    Another run id is still refused."""
+    for name in RUN_ID_ENVS:
+        monkeypatch.delenv(name, raising=False)
+    own = lease_module.default_run_id()
+    code = "from dist_lora.lease import default_run_id; print(default_run_id())"
+    other = subprocess.run([sys.executable, "-c", code], env={**os.environ}, capture_output=True, text=True, check=True)
+    assert own == lease_module.default_run_id() != other.stdout.strip()
+    storage = Storage(str(tmp_path))
+    earlier = Lease(storage, lease_module.default_run_id(), ttl_s=60)
+    earlier.acquire()
+    earlier.start_heartbeat()
+    later = Lease(storage, lease_module.default_run_id(), ttl_s=60)
+    later.acquire()
+    assert earlier.superseded and earlier._thread is None  # (its renewals would race the later run's)
+    with pytest.raises(LeaseError, match=r"taken over by a later run of this process \(run [0-9a-f]{32}\)"):
+        earlier.check()
+    earlier.release()
+    assert later.read() is not None and not later.lost
+    with pytest.raises(LeaseError, match=f"is being written by run {own}"):
+        Lease(storage, "another-run", ttl_s=60).acquire()
+    later.release()
+    assert later.read() is None
 
 
 def test_corrupt_lease_is_reported(tmp_path):

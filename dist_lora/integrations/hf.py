@@ -147,8 +147,16 @@ class DistLoraCallback(TrainerCallback):
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        model, optimizer = kwargs["model"], kwargs["optimizer"]
         self.checkpointer.take_lease()  # one writer per dir, before any step
+        try:
+            self._begin(args, state, kwargs)
+        except BaseException:
+            self.checkpointer.release_lease()  # a run that fails to start leaves the dir free
+            raise
+
+    def _begin(self, args: TrainingArguments, state: TrainerState, kwargs: dict[str, Any]) -> None:
+        """:meth:`on_train_begin` once the lease is held: the engine found, the newest step loaded."""
+        model, optimizer = kwargs["model"], kwargs["optimizer"]
         self._global_batch = _global_batch(args)
         backend = backend_for(model, optimizer, infer_bias_mode(model))
         backend.ready()
