@@ -28,6 +28,7 @@ from dist_lora.checkpoint import (
     check_no_newer_steps,
     is_step_url,
     newest_verified_step,
+    no_step_error,
     read_manifest,
     read_newest_step,
     read_step,
@@ -236,7 +237,7 @@ def resolve_step(path: str, storage_options: dict[str, Any] | None = None, retry
         return best
     step = newest_verified_step(storage)
     if step is None:
-        raise CheckpointError(f"no committed, verified step under {path}")
+        raise no_step_error(storage)
     return step
 
 
@@ -281,7 +282,7 @@ def load_checkpoint(
         if loaded is None:
             if missing_ok:
                 return None
-            raise CheckpointError(f"no committed, verified step under {path}")
+            raise no_step_error(Storage(path, storage_options, retry))
         return _check_step_fits(loaded, backend, with_optimizer)
 
     header = on_rank0(read_and_check, share=True)

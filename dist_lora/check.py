@@ -460,7 +460,7 @@ def check_resume(cfg: RunConfig, model: Any, optimizer: torch.optim.Optimizer) -
     lease is taken. ``optimizer``: the trainer's over ``model`` (:func:`dist_lora.train.adamw`)."""
     from dist_lora.api import _check_step_fits, _read
     from dist_lora.backends import attach
-    from dist_lora.checkpoint import CheckpointError, check_no_newer_steps
+    from dist_lora.checkpoint import check_no_newer_steps, no_step_error
     from dist_lora.storage import Storage
 
     ck = cfg.checkpoint
@@ -471,7 +471,7 @@ def check_resume(cfg: RunConfig, model: Any, optimizer: torch.optim.Optimizer) -
     if loaded is None:
         if auto:
             return None
-        raise CheckpointError(f"no committed, verified step under {ck.resume}")
+        raise no_step_error(Storage(str(ck.resume), ck.storage_options))
     _check_step_fits(loaded, attach(model, optimizer, cfg.lora.bias), with_optimizer=True)
     step = int(loaded.trainer_state.get("step", 0))
     check_no_newer_steps(Storage(ck.dir, ck.storage_options), step)

@@ -528,6 +528,29 @@ def list_steps(storage: Storage, verify: bool = True, evals: bool = False) -> li
     return sorted(infos, key=lambda s: s.step)
 
 
+def no_step_error(storage: Storage) -> CheckpointError:
+    """The error of a URL given as a step or a checkpoint dir that holds no committed, verified step, saying what is
+    there instead: nothing, a file, a model or a PEFT adapter saved otherwise, or steps none of which verifies."""
+    url, kind = storage.url, storage.kind()
+    names = storage.listdir() if kind == "directory" else {}
+    steps = [n for n in names if parse_step_name(n) is not None]
+    fix = "pass a checkpoint dir (checkpoint.dir of a run) or one of its steps"
+    if kind is None:
+        why = "it does not exist"
+    elif kind != "directory":
+        why, fix = "it is a file", f"pass the step directory that holds it, {url.rsplit('/', 1)[0]}"
+    elif steps:
+        why, fix = f"{len(steps)} step(s) there, none committed and verifying", f"dist-lora ls {url} says why"
+    elif "config.json" in names:
+        why = "it holds a model (config.json), not dist_lora's steps"
+    elif ADAPTER_CONFIG_NAME in names:
+        why = f"it holds an adapter without dist_lora's {MANIFEST_NAME} (saved by PEFT, or never committed)"
+        fix = "PeftModel.from_pretrained loads it; dist_lora verifies and resumes the steps it committed"
+    else:
+        why = "no step-* in it"
+    return CheckpointError(f"no committed, verified step under {url}: {why}; {fix}")
+
+
 def is_step_url(storage: Storage) -> bool:
     """A URL names one step when its last component looks like step-XXXXXXXX or it holds a manifest."""
     return parse_step_name(storage.url.rsplit("/", 1)[-1]) is not None or storage.exists(MANIFEST_NAME)

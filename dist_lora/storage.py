@@ -241,6 +241,17 @@ class Storage:
 
         return self._call("stat", rel, info)
 
+    def kind(self, rel: str = "") -> str | None:
+        """What is at ``rel``: "file", "directory" (an object store's prefix), or None (nothing)."""
+
+        def info() -> str | None:
+            try:
+                return str(self.fs.info(self.path(rel)).get("type", "file"))
+            except FileNotFoundError:
+                return None
+
+        return self._call("stat", rel, info)
+
     def listdir(self, rel: str = "") -> dict[str, dict[str, Any]]:
         """Immediate children of ``rel``: name -> {"type": "file"|"directory", "size": int}."""
 

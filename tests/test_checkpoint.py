@@ -2,6 +2,7 @@
 
 import gc
 import json
+import re
 import weakref
 
 import numpy
@@ -169,6 +170,40 @@ def test_missing_manifest_means_not_committed(gpt2_base, tmp_path):
         dist_lora.load_checkpoint(model, str(tmp_path / step_name(2)))
     with pytest.raises(CheckpointError, match=f"{step_name(7)} does not exist"):  # a path with nothing there at all
         dist_lora.load_checkpoint(model, str(tmp_path / step_name(7)))
+
+
+def test_a_url_that_holds_no_step_says_what_it_holds_instead(storage_url):
+    """merge, generate, pull, eval and load_checkpoint given a URL with no committed step: the error says what is
+    there (nothing, a file, a model, an adapter PEFT saved, steps that do not verify) and what to pass instead."""
+    from dist_lora.api import resolve_step
+
+    url, options = storage_url
+    store = Storage(url, options)
+    cases = {
+        "nothing": ({}, "it does not exist; pass a checkpoint dir (checkpoint.dir of a run) or one of its steps"),
+        "model": ({"config.json": b"{}"}, "it holds a model (config.json), not dist_lora's steps; pass a checkpoint"),
+        "peft": (
+            {"adapter_config.json": b"{}", "adapter_model.safetensors": b""},
+            "it holds an adapter without dist_lora's manifest.json (saved by PEFT, or never committed); "
+            "PeftModel.from_pretrained loads it",
+        ),
+        "other": ({"notes.txt": b"x"}, "no step-* in it; pass a checkpoint dir"),
+        "broken": ({f"{step_name(5)}/adapter_config.json": b"{}"}, "1 step(s) there, none committed and verifying"),
+        "model/config.json": ({}, "it is a file; pass the step directory that holds it, "),
+    }
+    for name, (files, _) in cases.items():
+        for rel, data in files.items():
+            store.write(f"{name}/{rel}", data)
+    for name, (_, said) in cases.items():
+        given = Storage(f"{url}/{name}", options).url
+        with pytest.raises(
+            CheckpointError, match=f"^no committed, verified step under {re.escape(given)}: {re.escape(said)}"
+        ):
+            resolve_step(f"{url}/{name}", options)
+    with pytest.raises(
+        CheckpointError, match=re.escape(f"; dist-lora ls {Storage(f'{url}/broken', options).url} says why")
+    ):
+        resolve_step(f"{url}/broken", options)
 
 
 @pytest.mark.reliability(
