@@ -452,6 +452,20 @@ class Report:
         return asdict(self)
 
 
+def check_dir(cfg: RunConfig) -> None:
+    """A local ``checkpoint.dir`` that is a file is refused, as the run's lease on it would be (an object store's
+    dir is not looked at unless a resume reads it: a login node may lack its credentials)."""
+    from dist_lora.storage import Storage
+
+    ck = cfg.checkpoint
+    storage = Storage(ck.dir, ck.storage_options)
+    if storage.is_local and storage.kind() == "file":
+        raise ConfigError(
+            f"checkpoint.dir {ck.dir} is a file, where the run saves its steps in a directory: move it away or "
+            "choose another checkpoint.dir"
+        )
+
+
 def check_resume(cfg: RunConfig, model: Any, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
     """What ``checkpoint.resume`` will load, checked as a resume checks it before any tensor moves: the step read
     and every file's sha256 verified, then its adapter and AdamW state against the model's (keys, shapes, bias
@@ -538,6 +552,7 @@ def check_run(
     if prepared is not None and cfg.data.packing:
         check_packing(model.get_base_model(), prepared)
     optimizer = adamw(model, [p for p in model.parameters() if p.requires_grad], cfg.train)
+    check_dir(cfg)
     resume = check_resume(cfg, model, optimizer)
     frozen = [p for p in model.parameters() if not p.requires_grad]
     base, state = _frozen(model, lay), _trainable(model, lay, [g["params"] for g in optimizer.param_groups])

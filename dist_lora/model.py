@@ -17,6 +17,7 @@ import contextlib
 import functools
 import gc
 import importlib.util
+import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -43,7 +44,7 @@ def resolve_model_path(name: str, what: str = "model.name_or_path") -> str:
             kind = "directory" if path.is_dir() else "file"
             raise ModelError(
                 f"{what} {name} is a {kind} without config.json: pass a directory written by save_pretrained "
-                "(or a hub id such as org/name)"
+                f"(or a hub id such as org/name){_what_it_is(path)}"
             )
         return str(path.resolve())
     if _looks_like_path(name):
@@ -52,6 +53,19 @@ def resolve_model_path(name: str, what: str = "model.name_or_path") -> str:
             "or a hub id such as org/name"
         )
     return name
+
+
+def _what_it_is(path: Path) -> str:
+    """For :func:`resolve_model_path`'s error: what a path without config.json probably is, as a hint ("")."""
+    if path.is_file():
+        return f"; {path.parent} holds the model" if (path.parent / "config.json").is_file() else ""
+    try:
+        adapter = json.loads((path / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        return ""
+    base = adapter.get("base_model_name_or_path") if isinstance(adapter, dict) else None
+    trained = f": the base it was trained over is {base}" if base else ""
+    return f"; {path} holds a LoRA adapter (adapter_config.json), not a base model{trained}"
 
 
 def _hub_failure(name: str, what: str, error: BaseException) -> ModelError:

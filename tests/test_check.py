@@ -102,6 +102,7 @@ def test_a_70b_base_is_checked_from_its_config_alone(tmp_path):
         ([], 3, ConfigError, "train.global_batch_size=8 is not divisible by train.micro_batch_size=2 x world size 3"),
         (["lora.target_modules=[c_attn,c_atn]"], 2, AdapterError, r"lora.target_modules \['c_atn'\] matched no"),
         (["data.seq_len=100000"], 2, ConfigError, "data.seq_len 100000 is longer than the 256 positions"),
+        ([f"checkpoint.dir={ROOT / 'README.md'}"], 2, ConfigError, "README.md is a file, where the run saves its"),
         (
             ["model.attn_implementation=flash_attention_9"],
             2,

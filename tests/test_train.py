@@ -670,6 +670,33 @@ def test_only_learned_positions_bound_the_row_length(gpt2_base, llama_base):
     assert context_length(str(llama_base)) is None
 
 
+def test_a_base_path_that_is_not_a_model_says_what_it_is(gpt2_base, tmp_path):
+    """model.name_or_path given a LoRA adapter's dir (as PEFT saves one), or the weights file of a model: the error
+    names the base the adapter was trained over, or the model's dir."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from dist_lora.model import resolve_model_path
+    from dist_lora.weights import ModelError
+
+    adapter = tmp_path / "adapter"
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(gpt2_base), LoraConfig(target_modules=["c_attn"]))
+    peft_model.save_pretrained(adapter)
+    with pytest.raises(ModelError) as e:
+        resolve_model_path(str(adapter))
+    said = f"{adapter} holds a LoRA adapter (adapter_config.json), not a base model: the base it was trained over is"
+    assert said in str(e.value) and str(e.value).endswith(str(gpt2_base)), e.value
+    with pytest.raises(ModelError) as e:
+        resolve_model_path(str(gpt2_base / "model.safetensors"))
+    assert str(e.value).endswith(
+        f"is a file without config.json: pass a directory written by save_pretrained (or a hub id such as org/name); {gpt2_base} holds the model"
+    ), e.value
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError) as e:
+        resolve_model_path(str(tmp_path / "empty"))
+    assert str(e.value).endswith("(or a hub id such as org/name)"), e.value  # nothing more to say
+
+
 def test_a_resume_names_the_settings_that_differ_from_the_saved_run(gpt2_base, tmp_path, caplog):
     """Where and how a run goes (ranks, engine, saving, micro-batches, the attention kernel) may change silently; what it trains may
     change too, as configured now, but the resume says so, with both values."""
