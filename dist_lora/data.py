@@ -843,6 +843,12 @@ def _tokenize(
     if TOOLS in cfg.fields and cfg.fields[TOOLS] not in ds.column_names:  # (unmapped, the column is optional)
         missing.append(cfg.fields[TOOLS])
     given = [c for c in ds.column_names if c not in (SAMPLE, SOURCE)]
+    other = [f for f, names in FIELDS.items() if f != cfg.format and set(names) <= set(given)]
+    if missing and other and not cfg.fields:  # (the samples are another format's, by its own field names)
+        raise DataError(
+            f"{what} has no field {', '.join(map(repr, missing))} (format {cfg.format}); its fields "
+            f"{', '.join(given)} are those of data.format {other[0]}: set data.format={other[0]}"
+        )
     if missing:
         raise DataError(
             f"{what} has no field {', '.join(map(repr, missing))} (format {cfg.format}); its fields: "

@@ -572,7 +572,13 @@ def test_weighted_sources_are_drawn_in_their_proportions_by_the_seed(gpt2_base, 
     [
         ({"path": "org/not-here"}, ["org/not-here", "offline", "save_to_disk"]),
         ({"path": "/nowhere/data.jsonl"}, ["/nowhere/data.jsonl", "does not exist"]),
-        ({"path": str(DATA / "chat.jsonl"), "format": "completion"}, ["'prompt'", "messages", "data.fields"]),
+        ({"path": str(DATA / "chat.jsonl"), "format": "completion"}, ["'prompt'", "messages", "data.format=chat"]),
+        ({"path": str(DATA / "completion.jsonl"), "format": "chat"}, ["its fields prompt, completion are those of"]),
+        ({"path": str(DATA / "completion.jsonl"), "format": "text"}, ["no field 'text'", "data.format=completion"]),
+        (
+            {"path": str(DATA / "chat.jsonl"), "format": "completion", "fields": {"prompt": "messages"}},
+            ["no field 'completion'", "Map yours with data.fields"],  # (mapped: the user's own names)
+        ),
         ({"path": str(DATA / "chat.jsonl"), "format": "chat", "fields": {"text": "x"}}, ["data.fields", "messages"]),
     ],
 )
