@@ -367,6 +367,12 @@ def apply_lora(
     import peft
     from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
 
+    if not isinstance(cfg, LoraConfig):
+        raise TypeError(
+            f"apply_lora takes a dist_lora.config.LoraConfig (r, alpha, dropout, target_modules, bias, ...), not "
+            f"{type(cfg).__module__}.{type(cfg).__name__}; or apply PEFT's with peft.get_peft_model(model, config): "
+            "save_checkpoint and load_checkpoint take that model as well"
+        )
     name = base_model_name_or_path or getattr(getattr(model, "config", None), "name_or_path", None)
     past = _token_rows_past_the_table(model, cfg)
     if past:

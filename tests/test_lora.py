@@ -100,6 +100,13 @@ def test_unknown_target_lists_module_names(gpt2_base):
         apply_lora(AutoModelForCausalLM.from_pretrained(gpt2_base), LoraConfig(target_modules=["q_proj"]))
 
 
+def test_peft_own_lora_config_is_named_with_the_two_ways_to_go(gpt2_base):
+    import peft
+
+    with pytest.raises(TypeError, match=r"not peft\..*\.LoraConfig; or apply PEFT's with peft.get_peft_model"):
+        apply_lora(AutoModelForCausalLM.from_pretrained(gpt2_base), peft.LoraConfig(target_modules=["c_attn"]))
+
+
 def test_canonical_name_strips_wrappers():
     assert canonical_name("module._orig_mod.base_model.model.x.lora_A.weight") == "base_model.model.x.lora_A.weight"
     assert canonical_name("base_model._fsdp_wrapped_module.h._checkpoint_wrapped_module.w") == "base_model.h.w"
