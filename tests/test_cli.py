@@ -117,6 +117,9 @@ def test_the_cli_answers_help_without_importing_torch():
     code = "import sys, dist_lora.cli; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+    code = "import sys, dist_lora; print(set(dist_lora.__all__) <= set(dir(dist_lora)), 'torch' in sys.modules)"
+    listed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert listed.stdout.split() == ["True", "False"]  # (a notebook's completion lists the API, imports nothing)
     help_text = subprocess.run([sys.executable, "-m", "dist_lora", "--help"], capture_output=True, text=True)
     assert help_text.returncode == 0 and "train" in help_text.stdout
 
