@@ -280,9 +280,8 @@ def test_the_command_prints_the_report_and_refuses_what_does_not_fit(gpt2_base, 
     offloaded = [*cmd[:4], "parallel.cpu_offload=true", *cmd[4:], "--no-data", "--nproc-per-node", "1"]
     out = subprocess.run([*offloaded, "--host-memory", "0.0001"], capture_output=True, text=True)
     assert out.returncode == 2 and "a node (1 rank(s) of" in out.stderr and "--host-memory 0.0001 GB" in out.stderr
-    out = subprocess.run(
-        [*cmd, "lora.modules_to_save=[lm_hed]"], capture_output=True, text=True
-    )  # (after --world-size)
+    # (an override after --world-size is taken as one before it)
+    out = subprocess.run([*cmd, "lora.modules_to_save=[lm_hed]"], capture_output=True, text=True)
     assert out.returncode == 2 and "lora.modules_to_save ['lm_hed'] matched no module" in out.stderr, out.stderr
 
 
