@@ -445,7 +445,7 @@ class Report:
     eval_rows: int | None = None  # over every eval set
     eval_sets: dict[str, int] | None = None  # named eval sets' rows (data.eval_path as {name: source})
     max_steps: int | None = None
-    resume: dict[str, Any] | None = None  # the step checkpoint.resume loads (url, step, backend, world_size)
+    resume: dict[str, Any] | None = None  # the step resume loads: url, step, backend, world_size, stop_at
     shown_rows: list[dict[str, Any]] | None = None  # the first training rows, targets marked (data.shown_rows)
 
     def to_json(self) -> dict[str, Any]:
@@ -554,6 +554,9 @@ def check_run(
     optimizer = adamw(model, [p for p in model.parameters() if p.requires_grad], cfg.train)
     check_dir(cfg)
     resume = check_resume(cfg, model, optimizer)
+    stop = t.stop_at_step or (t.max_steps if data or t.epochs is None else None)  # (the trainer's own stop)
+    if resume is not None and stop is not None:
+        resume["stop_at"] = stop
     frozen = [p for p in model.parameters() if not p.requires_grad]
     base, state = _frozen(model, lay), _trainable(model, lay, [g["params"] for g in optimizer.param_groups])
     gathered, unmodelled = 0, None
@@ -676,6 +679,14 @@ def describe(r: Report, cfg: RunConfig) -> str:
         saved = f"saved by {r.resume['backend']} at world size {r.resume['world_size']}"
         step, url = r.resume["step"], r.resume["url"]
         lines.append(f"  resume    step {step}, {url} ({saved}): its adapter and AdamW state fit")
+        stop = r.resume.get("stop_at")
+        if stop is not None and step >= stop:
+            lines.append(
+                f"            the run is already at step {step} (stop at {stop}): train would do nothing; raise "
+                "train.max_steps (or train.stop_at_step) to train on, or use another checkpoint.dir"
+            )
+        elif stop is not None:
+            lines.append(f"            steps {step + 1}..{stop} to go")
     elif cfg.checkpoint.resume not in (None, "", "none"):
         lines.append(f"  resume    nothing committed in {cfg.checkpoint.dir} yet: a fresh run")
     state = r.trainable_state_bytes_per_rank

@@ -296,8 +296,15 @@ def test_the_step_a_resume_would_load_is_read_and_checked_against_the_model(gpt2
     assert check_run(tiny(gpt2_base, tmp_path, *single), world=1, data=False).resume is None  # nothing there yet
     train(tiny(gpt2_base, tmp_path, *single))
     before = sorted(p.name for p in (tmp_path / "ck").iterdir())
-    r = check_run(tiny(gpt2_base, tmp_path, "parallel.backend=fsdp", "train.max_steps=4"), world=2, data=False)
-    assert r.resume == {"url": str(tmp_path / "ck" / "step-00000002"), "step": 2, "backend": "single", "world_size": 1}
+    cfg = tiny(gpt2_base, tmp_path, "parallel.backend=fsdp", "train.max_steps=4")
+    r = check_run(cfg, world=2, data=False)
+    step2 = str(tmp_path / "ck" / "step-00000002")
+    assert r.resume == {"url": step2, "step": 2, "backend": "single", "world_size": 1, "stop_at": 4}
+    assert "steps 3..4 to go" in describe(r, cfg)
+    done = tiny(gpt2_base, tmp_path, "train.max_steps=4", "train.stop_at_step=2")  # (as a resumed job that ended)
+    assert "the run is already at step 2 (stop at 2): train would do nothing; raise train.max_steps" in describe(
+        check_run(done, world=1, data=False), done
+    )
     with pytest.raises(AdapterError, match=r"shape mismatch: .*c_attn.lora_A.weight: checkpoint \[8, 64\], model"):
         check_run(tiny(gpt2_base, tmp_path, "lora.r=4"), world=1, data=False)
     with pytest.raises(CheckpointError, match="step-00000009"):
