@@ -4,6 +4,7 @@ import gc
 import json
 import re
 import weakref
+from pathlib import Path
 
 import numpy
 import pytest
@@ -26,6 +27,7 @@ from dist_lora.constants import (
 from dist_lora.lora import AdapterError
 from dist_lora.storage import Storage
 from dist_lora.weights import BaseWeights
+from tests.dist_utils import in_child
 
 ARCH = {"gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"]}
 
@@ -615,7 +617,13 @@ def test_api_works_with_a_user_optimizer_and_any_training_loop(gpt2_base, tmp_pa
 def test_a_torch_compiled_model_saves_pefts_keys_and_resumes(gpt2_base, tmp_path):
     """``torch.compile`` wraps the model in an OptimizedModule whose names start with ``_orig_mod.``: the step holds
     PEFT's own keys (PeftModel loads it), and it loads back into a compiled model. (The aot_eager backend traces
-    and runs the graphs as inductor would be given them, without compiling C++.)"""
+    and runs the graphs as inductor would be given them, without compiling C++.) In a forked child: what a
+    compile leaves in the process (dynamo's and AOTAutograd's state) would be inherited by the ranks later tests
+    fork from this one, and counted there (test_check's state worker counts every tensor alive)."""
+    assert in_child(compiled_model_saves_and_resumes, gpt2_base, tmp_path) == 0
+
+
+def compiled_model_saves_and_resumes(gpt2_base: Path, tmp_path: Path) -> None:
     model, opt, x = train_some(gpt2_base, ["c_attn"], steps=0)
     compiled = torch.compile(model, backend="aot_eager")
     for _ in range(2):
