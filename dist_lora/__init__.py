@@ -12,6 +12,7 @@ from typing import Any
 from dist_lora.constants import VERSION as __version__
 
 _LAZY = {
+    "load_adapter": "dist_lora.api",
     "load_checkpoint": "dist_lora.api",
     "load_model": "dist_lora.api",
     "load_sharded": "dist_lora.api",

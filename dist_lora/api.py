@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from dist_lora.checkpoint import (
     no_step_error,
     read_manifest,
     read_newest_step,
+    read_peft_adapter,
     read_step,
     read_verified,
 )
@@ -136,7 +138,8 @@ def _check_step_fits(loaded: LoadedStep, backend: Backend, with_optimizer: bool)
     manifest, state = loaded.manifest, loaded.state
     bias = str(manifest.get("bias"))
     check_bias_mode(backend.model, bias)
-    check_base(loaded.url, manifest.get("base_fingerprint", {}), base_fingerprint(backend.model), "load the base")
+    if loaded.verified:  # (an adapter PEFT saved has no fingerprint of its base: its keys and shapes are checked)
+        check_base(loaded.url, manifest.get("base_fingerprint", {}), base_fingerprint(backend.model), "load the base")
     expected = {k: full_shape(p) for k, p in adapter_parameters(backend.model, bias).items()}
     untied = _untied(loaded, adapter_aliases(backend.model))
     if untied:
@@ -214,6 +217,7 @@ def _check_step_fits(loaded: LoadedStep, backend: Backend, with_optimizer: bool)
         "fields": fields,
         "steps": steps,
         "trainer_state": loaded.trainer_state,
+        "verified": loaded.verified,
     }
 
 
@@ -271,19 +275,77 @@ def load_checkpoint(
     class, same message). Returns the trainer state, plus ``checkpoint_url``; ``missing_ok``: None when ``path``
     is a checkpoint dir without any verified step.
     """
-    with_optimizer = optimizer is not None
+
+    def read() -> LoadedStep | None:
+        loaded = _read(path, storage_options, retry)
+        if loaded is None and not missing_ok:
+            raise no_step_error(Storage(path, storage_options, retry))
+        return loaded
+
+    header = _load(model, read, optimizer, bucket_mb, backend)
+    return None if header is None else {**header["trainer_state"], "checkpoint_url": header["url"]}
+
+
+def load_adapter(
+    model: nn.Module,
+    path: str,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    bucket_mb: float = 32.0,
+    backend: Backend | None = None,
+    retry: RetryPolicy | None = None,
+) -> dict[str, Any]:
+    """Load an adapter's weights alone into the model: a fine-tune that starts from a trained adapter, with an
+    optimizer, a schedule and a step count of its own (``lora.init_from``). ``path``: a dist_lora step, a
+    checkpoint dir (its newest verified step), ``DIR/best``, a directory PEFT's ``save_pretrained`` wrote, or a
+    PEFT adapter's hub id (its snapshot in the Hugging Face cache, downloaded where missing); PEFT's are read
+    unverified: they have no manifest.
+
+    Collective, at any world size and on any engine, as :func:`load_checkpoint`; checked as it checks (bias mode,
+    every key and shape, the LoRA scaling; a dist_lora step also its sha256 and its base's fingerprint). Returns
+    ``{"url", "step"}``: the step loaded, and the step of the run that saved it (None for PEFT's), ``"verified"``.
+    """
+    header = _load(model, lambda: read_adapter(path, storage_options, retry), None, bucket_mb, backend)
+    assert header is not None  # (read returns a step or raises)
+    return {"url": header["url"], "step": header["trainer_state"].get("step"), "verified": header["verified"]}
+
+
+def read_adapter(path: str, storage_options: dict[str, Any] | None, retry: RetryPolicy | None) -> LoadedStep:
+    """Rank 0: the step :func:`load_adapter` loads (a dist_lora step as :func:`load_checkpoint` finds it, else an
+    adapter directory PEFT wrote, or a hub adapter's snapshot), or an error saying what ``path`` holds instead."""
+    from dist_lora.model import hub_adapter
+
+    snapshot = hub_adapter(path)
+    if snapshot is not None:
+        loaded = read_peft_adapter(Storage(str(snapshot)))
+        if loaded is None:
+            raise CheckpointError(f"the hub's {path} holds no {ADAPTER_CONFIG_NAME}: it is not a PEFT adapter")
+        loaded.url = f"{path}@{snapshot.name}"  # (the hub id at the commit read)
+        return loaded
+    storage = Storage(path, storage_options, retry)
+    loaded = _read(path, storage_options, retry) or read_peft_adapter(storage)
+    if loaded is None:
+        raise CheckpointError(f"{no_step_error(storage)}; or pass a directory PEFT's save_pretrained wrote")
+    return loaded
+
+
+def _load(
+    model: nn.Module,
+    read: Callable[[], LoadedStep | None],
+    optimizer: torch.optim.Optimizer | None,
+    bucket_mb: float,
+    backend: Backend | None,
+) -> dict[str, Any] | None:
+    """Collective: rank 0 reads a step (``read``: None for none) and checks it against the model
+    (:func:`_check_step_fits`), then every rank keeps its shard of the broadcast tensors; the header, or None."""
     if backend is None:
         backend = attach(model, optimizer, infer_bias_mode(model))
     loaded: LoadedStep | None = None
 
     def read_and_check() -> dict[str, Any] | None:
         nonlocal loaded
-        loaded = _read(path, storage_options, retry)
-        if loaded is None:
-            if missing_ok:
-                return None
-            raise no_step_error(Storage(path, storage_options, retry))
-        return _check_step_fits(loaded, backend, with_optimizer)
+        loaded = read()
+        return None if loaded is None else _check_step_fits(loaded, backend, optimizer is not None)
 
     header = on_rank0(read_and_check, share=True)
     if header is None:
@@ -293,7 +355,7 @@ def load_checkpoint(
     broadcast_adapter(backend, loaded.state if loaded else None, header, bucket_bytes=int(bucket_mb * 2**20))
     backend.finish_load()
     log.info("loaded %s", header["url"])
-    return {**header["trainer_state"], "checkpoint_url": header["url"]}
+    return header
 
 
 def resume_checkpoint(

@@ -446,6 +446,7 @@ class Report:
     eval_sets: dict[str, int] | None = None  # named eval sets' rows (data.eval_path as {name: source})
     max_steps: int | None = None
     resume: dict[str, Any] | None = None  # the step resume loads: url, step, backend, world_size, stop_at
+    init_from: dict[str, Any] | None = None  # the adapter a fresh run starts from (lora.init_from): url, step, verified
     shown_rows: list[dict[str, Any]] | None = None  # the first training rows, targets marked (data.shown_rows)
 
     def to_json(self) -> dict[str, Any]:
@@ -491,6 +492,20 @@ def check_resume(cfg: RunConfig, model: Any, optimizer: torch.optim.Optimizer) -
     check_no_newer_steps(Storage(ck.dir, ck.storage_options), step)
     state = loaded.trainer_state
     return {"url": loaded.url, "step": step, "backend": state.get("backend"), "world_size": state.get("world_size")}
+
+
+def check_init(cfg: RunConfig, model: Any, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
+    """The adapter ``lora.init_from`` starts a fresh run from, read (a dist_lora step verified) and checked against
+    the model as the trainer loads it: bias mode, keys, shapes, LoRA scaling. None without one."""
+    from dist_lora.api import _check_step_fits, read_adapter
+    from dist_lora.backends import attach
+
+    if not cfg.lora.init_from:
+        return None
+    ck = cfg.checkpoint
+    loaded = read_adapter(cfg.lora.init_from, ck.storage_options, None)
+    _check_step_fits(loaded, attach(model, optimizer, cfg.lora.bias), with_optimizer=False)
+    return {"url": loaded.url, "step": loaded.trainer_state.get("step"), "verified": loaded.verified}
 
 
 def build_meta_model(cfg: RunConfig, shards: int) -> Any:
@@ -554,6 +569,7 @@ def check_run(
     optimizer = adamw(model, [p for p in model.parameters() if p.requires_grad], cfg.train)
     check_dir(cfg)
     resume = check_resume(cfg, model, optimizer)
+    init = check_init(cfg, model, optimizer) if resume is None else None
     stop = t.stop_at_step or (t.max_steps if data or t.epochs is None else None)  # (the trainer's own stop)
     if resume is not None and stop is not None:
         resume["stop_at"] = stop
@@ -591,6 +607,7 @@ def check_run(
         eval_sets=named_evals,
         max_steps=t.max_steps if data or t.epochs is None else None,
         resume=resume,
+        init_from=init,
         shown_rows=shown_rows(prepared.train, tokenizer, row_ids or range(min(show_rows, len(prepared.train))))
         if prepared is not None and (show_rows or row_ids)
         else None,
@@ -689,6 +706,12 @@ def describe(r: Report, cfg: RunConfig) -> str:
             lines.append(f"            steps {step + 1}..{stop} to go")
     elif cfg.checkpoint.resume not in (None, "", "none"):
         lines.append(f"  resume    nothing committed in {cfg.checkpoint.dir} yet: a fresh run")
+    if r.init_from is not None:
+        init = r.init_from
+        what = f"step {init['step']} of its run, verified" if init["verified"] else "PEFT's: no manifest to verify"
+        lines.append(f"  init      the adapter from {init['url']} ({what}): its weights fit")
+    elif cfg.lora.init_from and r.resume is not None:
+        lines.append("            lora.init_from is not read: the run goes on from its own step")
     state = r.trainable_state_bytes_per_rank
     zero = ", fp32 master copies and the reduction bucket" if cfg.parallel.backend == "deepspeed" else ""
     lines += [

@@ -403,6 +403,7 @@ class LoadedStep:
     state: AdapterState
     adapter_config: dict[str, Any]
     trainer_state: dict[str, Any]
+    verified: bool = True  # False: an adapter PEFT saved, which has no manifest (no sha256, no base fingerprint)
 
 
 def read_step(step_store: Storage) -> LoadedStep:
@@ -416,6 +417,31 @@ def read_step(step_store: Storage) -> LoadedStep:
     adapter_config = _parse_json(files[ADAPTER_CONFIG_NAME], step_store.url_of(ADAPTER_CONFIG_NAME))
     trainer_state = _parse_json(files[TRAINER_STATE_NAME], step_store.url_of(TRAINER_STATE_NAME))
     return LoadedStep(step_store.url, manifest, AdapterState(weights, optim), adapter_config, trainer_state)
+
+
+def read_peft_adapter(store: Storage) -> LoadedStep | None:
+    """An adapter directory PEFT's ``save_pretrained`` wrote (adapter_config.json and adapter_model.safetensors,
+    no manifest: a published adapter, or one trained elsewhere) read as a step without optimizer state, unverified
+    (there is no sha256 to check it against, nor a fingerprint of its base). None where ``store`` holds no
+    adapter_config.json, or is a dist_lora step (rank 0 only)."""
+    names = store.listdir()
+    if ADAPTER_CONFIG_NAME not in names or MANIFEST_NAME in names:
+        return None
+    config = _parse_json(store.read(ADAPTER_CONFIG_NAME), store.url_of(ADAPTER_CONFIG_NAME))
+    kind = config.get("peft_type", "LORA") if isinstance(config, dict) else None
+    if kind != "LORA":
+        raise CheckpointError(f"{store.url_of(ADAPTER_CONFIG_NAME)} is a {kind} adapter's: dist_lora trains LoRA")
+    if ADAPTER_WEIGHTS_NAME not in names:
+        pickles = sorted(n for n in names if n.endswith(".bin"))
+        raise CheckpointError(
+            f"{store.url} holds {ADAPTER_CONFIG_NAME} but no {ADAPTER_WEIGHTS_NAME}"
+            + (f" ({', '.join(pickles)} is a pickle, which dist_lora does not unpickle)" if pickles else "")
+            + ": load it with PeftModel.from_pretrained and save it again with save_pretrained(dir), whose "
+            "default is safetensors"
+        )
+    weights = _load_tensors(store.read(ADAPTER_WEIGHTS_NAME), store.url_of(ADAPTER_WEIGHTS_NAME))
+    manifest = {"bias": config.get("bias", "none")}
+    return LoadedStep(store.url, manifest, AdapterState(weights), config, {}, verified=False)
 
 
 # ---------------------------------------------------------------------------------------------- list

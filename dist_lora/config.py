@@ -97,6 +97,10 @@ class LoraConfig:
     ensure_weight_tying: bool = False
     """On a base that ties lm_head to the input embedding: modules_to_save on either trains one copy shared by both
     (PEFT's meaning), so the adapter merges into the tied model; without it each trains its own copy."""
+    init_from: str | None = None
+    """Start a fresh run's adapter from a trained one's weights (the optimizer, schedule and step count start
+    afresh): a dist_lora step, a checkpoint dir (its newest verified step), DIR/best, a directory PEFT's
+    save_pretrained wrote, or a PEFT adapter's hub id. Read only by a run that has no step of its own to resume."""
 
 
 @dataclass
@@ -455,7 +459,7 @@ def _field_types(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
-KNOWN_AS = {  # what PEFT's LoraConfig, HF's TrainingArguments and TRL's SFTConfig call some of the settings
+KNOWN_AS = {  # what PEFT, HF TrainingArguments, TRL, axolotl and LLaMA-Factory call some settings
     "rank": "lora.r",
     "lora_r": "lora.r",
     "lora_alpha": "lora.alpha",
@@ -471,6 +475,8 @@ KNOWN_AS = {  # what PEFT's LoraConfig, HF's TrainingArguments and TRL's SFTConf
     "save_total_limit": "checkpoint.keep_last",
     "output_dir": "checkpoint.dir",
     "resume_from_checkpoint": "checkpoint.resume",
+    "lora_model_dir": "lora.init_from",  # (axolotl's)
+    "adapter_name_or_path": "lora.init_from",  # (LLaMA-Factory's)
     "max_seq_length": "data.seq_len",
     "max_length": "data.seq_len",
     "model_name_or_path": "model.name_or_path",
@@ -956,6 +962,7 @@ REPORTERS = {"tensorboard": "tensorboard", "wandb": "wandb"}
 RESUME_FREE = (
     "parallel.",
     "checkpoint.",
+    "lora.init_from",  # (read only by a fresh run)
     "train.stop_at_step",
     "train.stop_after_minutes",
     "train.metrics_file",

@@ -177,6 +177,22 @@ def hub_snapshot(repo_id: str, *, revision: str | None = None, what: str = "mode
     return None if missing else snapshot
 
 
+def hub_adapter(repo_id: str, what: str = "lora.init_from") -> Path | None:
+    """Hub adapter ``repo_id`` (PEFT's adapter_config.json and adapter_model.safetensors) as its snapshot in the
+    Hugging Face cache, downloaded where missing; None where ``repo_id`` is not a hub id but a path or a URL.
+    ModelError naming the fix when the hub cannot be reached and the cache does not hold it."""
+    from huggingface_hub import snapshot_download
+
+    from dist_lora.constants import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
+
+    if "://" in repo_id or _looks_like_path(repo_id) or Path(repo_id).exists():
+        return None
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=[ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME]))
+    except (OSError, ValueError) as e:  # huggingface_hub's errors are OSErrors (HTTP, offline, not cached)
+        raise _hub_failure(repo_id, what, e) from e
+
+
 def base_directory(name: str, what: str = "model.name_or_path", revision: str | None = None) -> str | None:
     """Collective. The local directory of base ``name`` that sharded loading reads: ``name`` itself when it is a
     directory; for a hub id, its snapshot at ``revision`` (:func:`hub_snapshot`; the directory's name is the

@@ -17,7 +17,7 @@ import torch
 
 from dist_lora import backends
 from dist_lora.agree import is_agreed, on_rank0
-from dist_lora.api import resume_checkpoint
+from dist_lora.api import load_adapter, resume_checkpoint
 from dist_lora.checkpoint import best_first, improves, list_steps
 from dist_lora.checkpointer import Checkpointer
 from dist_lora.config import (
@@ -316,7 +316,8 @@ class Trainer:
             eval_path=_local_abs_sets(d.eval_path),
             chat_template=_local_abs(d.chat_template),
         )
-        self.cfg = cfg = replace(cfg, model=model, data=data)
+        lora = replace(cfg.lora, init_from=_local_abs(cfg.lora.init_from))
+        self.cfg = cfg = replace(cfg, model=model, data=data, lora=lora)
         t = cfg.train
         self.rank, self.world, self.device = join_group(cfg.parallel)
         self.grad_accum = grad_accum_steps(t, self.world)
@@ -362,6 +363,7 @@ class Trainer:
         self.clock = JobClock(cfg.checkpoint.every_minutes, cfg.train.stop_after_minutes)  # rank 0's decides
         self.save_due = False  # checkpoint.every_minutes: the step just taken is to be saved (agreed)
         self.resumed_from: str | None = None
+        self.init_from: dict[str, Any] | None = None  # the adapter lora.init_from started the run from (url, step)
         self.metrics: list[dict[str, Any]] = []
         self._held_row: dict[str, Any] | None = None
 
@@ -471,8 +473,13 @@ class Trainer:
             writes=self.writes,
         )
         if state is None:
+            if self.cfg.lora.init_from and self.writes:
+                self.start_from(self.cfg.lora.init_from)
             return
         url = self.resumed_from = state["checkpoint_url"]
+        self.init_from = state.get("init_from")
+        if self.cfg.lora.init_from and self.rank == 0:
+            log.info("lora.init_from is not read: the run goes on from its own step (it only starts a fresh run)")
         self.step = self.last_saved = int(state["step"])
         self.eval_history = list(state.get("eval_history", []))
         if self.metrics_log.wandb_id is not None and state.get("wandb_run_id"):
@@ -512,6 +519,27 @@ class Trainer:
             self.backend.describe(),
             self.world,
         )
+
+    def start_from(self, path: str) -> None:
+        """Collective: the adapter's weights from ``path`` (``lora.init_from``), into the shards; the optimizer's
+        state, the schedule and the step count stay a fresh run's."""
+        ck = self.cfg.checkpoint
+        self.init_from = loaded = load_adapter(
+            self.backend.model,
+            path,
+            storage_options=ck.storage_options,
+            bucket_mb=ck.bucket_mb,
+            backend=self.backend,
+            retry=self.checkpointer.retry,
+        )
+        if self.rank == 0:
+            log.info(
+                "the adapter starts from %s (%s); the optimizer, the schedule and the step count start afresh",
+                loaded["url"],
+                f"step {loaded['step']} of the run that saved it"
+                if loaded["verified"]
+                else "an adapter PEFT saved: no manifest, so no sha256 to verify it by, nor a fingerprint of its base",
+            )
 
     def train_step(self) -> float:
         """One optimizer step over the global batch; returns the loss averaged over it (the gradients' global
@@ -720,6 +748,7 @@ class Trainer:
             "eval_history": self.eval_history,
             "best_eval": self.best_eval(),
             "wandb_run_id": self.metrics_log.wandb_id,  # rank 0's, which it saves: the run a resume goes on in
+            "init_from": self.init_from,  # the adapter the run started from (lora.init_from), or None
         }
         keep = {e["step"] for e in self.best_evals(int(self.cfg.checkpoint.keep_best))}  # (true: 1, false: 0)
         self.clock.saved()

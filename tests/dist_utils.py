@@ -65,6 +65,28 @@ def short_run(base: Path | str, *extra: str) -> list[str]:
     ]
 
 
+def single_run(base: Path | str, ckpt: Path | str, *extra: str) -> Any:
+    """The tiny config in one process on a test base: 6 steps of 2 samples, a save every 2, all kept."""
+    from dist_lora.config import load_config
+    from dist_lora.demo import corpus_path
+
+    return load_config(
+        str(TINY),
+        [
+            f"model.name_or_path={base}",
+            f"data.path={corpus_path()}",
+            f"checkpoint.dir={ckpt}",
+            "parallel.backend=single",
+            "train.max_steps=6",
+            "train.global_batch_size=2",
+            "train.micro_batch_size=1",
+            "checkpoint.every_steps=2",
+            "checkpoint.keep_last=null",
+            *extra,
+        ],
+    )
+
+
 FATAL = ("Fatal Python error", "terminate called", "Traceback (most recent call last)")
 
 

@@ -28,6 +28,7 @@ from tests.dist_utils import (
     launch_env,
     run_worker,
     short_run,
+    single_run,
     torchrun,
     train_cmd,
 )
@@ -354,26 +355,6 @@ def test_wsd_equals_transformers_get_wsd_schedule_after_the_warm_up(max_steps, w
             assert lr_at(step, t) == pytest.approx(hf.get_last_lr()[0], rel=1e-12, abs=1e-15), step
         optimizer.step()
         hf.step()
-
-
-def single_run(base: Path, ckpt: Path, *extra: str):
-    from dist_lora.config import load_config
-
-    return load_config(
-        str(TINY),
-        [
-            f"model.name_or_path={base}",
-            f"data.path={corpus_path()}",
-            f"checkpoint.dir={ckpt}",
-            "parallel.backend=single",
-            "train.max_steps=6",
-            "train.global_batch_size=2",
-            "train.micro_batch_size=1",
-            "checkpoint.every_steps=2",
-            "checkpoint.keep_last=null",
-            *extra,
-        ],
-    )
 
 
 def test_every_minutes_saves_the_step_that_ends_the_interval_and_each_save_restarts_the_clock(gpt2_base, tmp_path):
