@@ -212,3 +212,19 @@ def test_load_adapter_loads_the_weights_alone_in_a_loop_of_ones_own(gpt2_base, t
     got = dist_lora.load_adapter(model, str(trained))
     assert got == {"url": str(trained / "step-00000003"), "step": 3, "verified": True}
     assert_same_adapter(dist_lora.lora_state_dict(model), adapter(trained / "step-00000003"))
+
+
+def test_an_adapter_peft_saved_on_s3_is_a_start(gpt2_base, s3, tmp_path):
+    """The PEFT adapter's two files uploaded to the real S3 server (SeaweedFS), started from by their URL."""
+    from dist_lora.storage import Storage
+    from dist_lora.train import train
+
+    url, options = s3
+    want = peft_adapter(gpt2_base, tmp_path / "peft")
+    store = Storage(f"{url}/adapter", options)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        store.write(name, (tmp_path / "peft" / name).read_bytes())
+    cfg = run(gpt2_base, tmp_path / "b", f"lora.init_from={url}/adapter", "train.max_steps=1", TINY_LR)
+    cfg.checkpoint.storage_options.update(options)  # (the run's storage options reach the adapter's store too)
+    train(cfg)
+    assert_same_adapter(adapter(tmp_path / "b" / "step-00000001"), want)
