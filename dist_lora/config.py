@@ -207,6 +207,10 @@ class TrainConfig:
     ends itself cleanly, with time left to save, and its requeue resumes. null: no limit."""
     metrics_file: str | None = None
     """Append each step's loss, lr and seconds as JSON lines to this local file (rank 0)."""
+    log_every_steps: int = 10
+    """Where rank 0's stderr is not a terminal (a SLURM or Kubernetes log file), there is no progress bar: rank 0
+    logs a line every N steps (and the last) with the loss, lr, gradient norm, step time, tokens/s, peak memory,
+    the latest evaluation and the time left (HF Trainer's logging_steps). 0: no such lines."""
     report_to: list[str] | None = None
     """Where rank 0 also sends the metrics (HF Trainer's report_to): tensorboard (beside metrics_file), wandb
     (Weights & Biases, set up by its own WANDB_* environment: project, entity, mode); each must be installed.
@@ -472,6 +476,7 @@ KNOWN_AS = {  # what PEFT, HF TrainingArguments, TRL, axolotl and LLaMA-Factory 
     "lr_scheduler_type": "train.lr_schedule",
     "eval_steps": "train.eval_every_steps",
     "save_steps": "checkpoint.every_steps",
+    "logging_steps": "train.log_every_steps",
     "save_total_limit": "checkpoint.keep_last",
     "output_dir": "checkpoint.dir",
     "resume_from_checkpoint": "checkpoint.resume",
@@ -704,6 +709,7 @@ def _validate(cfg: RunConfig, errors: list[str]) -> None:
         f"train.loss_chunk_tokens must be >= 0 (got {cfg.train.loss_chunk_tokens}); 0 uses the model's own loss",
     )
     check(cfg.train.gc_every_steps >= 0, f"train.gc_every_steps must be >= 0 (got {cfg.train.gc_every_steps})")
+    check(cfg.train.log_every_steps >= 0, f"train.log_every_steps must be >= 0 (got {cfg.train.log_every_steps})")
     check(
         not cfg.checkpoint.keep_best or bool(d.eval_path or d.eval_fraction),
         "checkpoint.keep_best needs eval data: set data.eval_path or data.eval_fraction",
@@ -966,6 +972,7 @@ RESUME_FREE = (
     "train.stop_at_step",
     "train.stop_after_minutes",
     "train.metrics_file",
+    "train.log_every_steps",
     "train.report_to",
     "train.micro_batch_size",
     "model.attn_implementation",

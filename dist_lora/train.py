@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import gc
 import glob
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -365,6 +367,8 @@ class Trainer:
         self.resumed_from: str | None = None
         self.init_from: dict[str, Any] | None = None  # the adapter lora.init_from started the run from (url, step)
         self.metrics: list[dict[str, Any]] = []
+        self.log_lines = False  # fit: a line every train.log_every_steps in place of the bar (a log file)
+        self._fit_began = (0, 0.0)  # fit: the step it began at, and when (the time left)
         self._held_row: dict[str, Any] | None = None
 
     def _build_model(self, cfg: RunConfig) -> Plan | None:
@@ -806,7 +810,12 @@ class Trainer:
             self.checkpointer.release_lease()
             self.metrics_log.close()
             return self.metrics
-        bar = tqdm(total=stop, initial=self.step, disable=self.rank != 0, desc="train", dynamic_ncols=True)
+        # a terminal shows a bar; a log file (SLURM's, a pod's) gets a line every train.log_every_steps instead
+        self.log_lines = self.rank == 0 and not sys.stderr.isatty()
+        bar = tqdm(
+            total=stop, initial=self.step, disable=self.rank != 0 or self.log_lines, desc="train", dynamic_ncols=True
+        )
+        self._fit_began = (self.step, time.perf_counter())
         self.clock.start()  # every_minutes, stop_after_minutes: the load not counted
         step_peak_memory(self.device)  # on a GPU, each step's peak from here: not the load's
         try:
@@ -892,4 +901,19 @@ class Trainer:
                 key = f"eval_{metric}" if followed is None else f"eval_{followed}_{metric}"
                 shown[key] = f"{self.eval_history[-1][f'eval_{metric}']:.4f}"
         bar.set_postfix(shown)
+        every_line = self.cfg.train.log_every_steps
+        if self.log_lines and every_line and (self.step % every_line == 0 or self.step == self.stop_at):
+            log.info("%s", self._progress_line(row, shown))
         log.debug("step %d loss %.6f lr %.3e", self.step, loss, lr)
+
+    def _progress_line(self, row: dict[str, Any], shown: dict[str, str]) -> str:
+        """The progress bar's figures as one log line, for a log file: the step's own, and the time left at the
+        mean pace of this process's steps so far (evaluations and saves included)."""
+        first, began = self._fit_began
+        pace = (time.perf_counter() - began) / max(self.step - first, 1)
+        left = datetime.timedelta(seconds=round(pace * (self.stop_at - self.step)))
+        figures = [f"step {self.step}/{self.stop_at}", *(f"{k} {v}" for k, v in shown.items())]
+        figures += [f"{row['seconds']:.2f} s/step", f"{row['tokens_per_s']:,.0f} tokens/s"]
+        if row["peak_memory_gib"] is not None:
+            figures.append(f"peak {row['peak_memory_gib']:.2f} GiB")
+        return " | ".join([*figures, f"{left} left"])

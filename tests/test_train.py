@@ -1307,3 +1307,29 @@ def test_a_metrics_file_that_cannot_be_written_does_not_stop_rank_0(tmp_path, ca
     metrics.event("resume", step=1)
     metrics.close()
     assert caplog.text.count("cannot write the metrics file") == 1
+
+
+def test_a_log_file_gets_a_progress_line_every_n_steps_where_a_terminal_gets_the_bar(
+    gpt2_base, tmp_path, caplog, monkeypatch, capsys
+):
+    """stderr not a terminal (a SLURM log file; pytest's capture): no bar, a line at every train.log_every_steps-th
+    step and the last, with the bar's figures; on a terminal the bar and no such line."""
+    from dist_lora.train import train
+
+    with caplog.at_level(logging.INFO, logger="dist_lora.train"):
+        train(single_run(gpt2_base, tmp_path / "file", "train.max_steps=5", "train.log_every_steps=2"))
+    lines = [r.getMessage() for r in caplog.records if re.match(r"step \d+/5 \|", r.getMessage())]
+    assert [line.split(" |")[0] for line in lines] == ["step 2/5", "step 4/5", "step 5/5"]
+    assert re.fullmatch(
+        r"step 5/5 \| loss \d\.\d{4} \| lr \S+ \| grad_norm \d\.\d{3} \| \d+\.\d\d s/step \| [\d,]+ tokens/s \| "
+        r"peak \d+\.\d\d GiB \| 0:00:00 left",
+        lines[-1],
+    ), lines[-1]
+    assert not re.search(r"(^|[\r\n])train:", capsys.readouterr().err)  # (no bar)
+
+    caplog.clear()
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    with caplog.at_level(logging.INFO, logger="dist_lora.train"):
+        train(single_run(gpt2_base, tmp_path / "terminal", "train.max_steps=3", "train.log_every_steps=1"))
+    assert not [r for r in caplog.records if re.match(r"step \d+/3 \|", r.getMessage())]
+    assert re.search(r"(^|[\r\n])train: 100%", capsys.readouterr().err)
