@@ -30,11 +30,9 @@ from dist_lora.checkpoint import (
     is_step_url,
     newest_verified_step,
     no_step_error,
-    read_manifest,
     read_newest_step,
     read_peft_adapter,
     read_step,
-    read_verified,
 )
 from dist_lora.checkpointer import Checkpointer
 from dist_lora.config import ZERO3_COMPILE, CheckpointConfig, ConfigError, LoraConfig, ParallelConfig
@@ -413,23 +411,22 @@ def load_model(
 ) -> nn.Module:
     """A fresh base from ``from_pretrained``, LoRA applied from the step's adapter_config.json, then the adapter.
 
-    ``base`` overrides the base model path the checkpoint names. A hub base loads at the commit the step was
-    trained on (``revision`` in adapter_config.json). Single process.
+    ``path``: a step, a checkpoint dir (its newest verified step), ``DIR/best``, or an adapter PEFT saved (a
+    directory, an fsspec URL or a hub id: :func:`read_adapter`). ``base`` overrides the base model path the
+    adapter names. A hub base loads at the commit the step was trained on (``revision`` in adapter_config.json).
+    Single process.
     """
     import peft
 
     from dist_lora.model import load_base, resolve_model_path
 
-    step_store = resolve_step(path, storage_options)
-    manifest = read_manifest(step_store)
-    adapter_config = json.loads(read_verified(step_store, manifest, [ADAPTER_CONFIG_NAME])[ADAPTER_CONFIG_NAME])
+    loaded = read_adapter(path, storage_options, None)
+    adapter_config = dict(loaded.adapter_config)
     base_given = bool(base)
     base = base or adapter_config.get("base_model_name_or_path")
     if not base:
-        raise CheckpointError(f"{step_store.url} names no base model; pass base=...")
-    what = (
-        "base" if base_given else f"base_model_name_or_path of {step_store.url}/adapter_config.json (override: --base)"
-    )
+        raise CheckpointError(f"{loaded.url} names no base model; pass base=...")
+    what = "base" if base_given else f"base_model_name_or_path of {loaded.url}/adapter_config.json (override: --base)"
     model = load_base(resolve_model_path(base, what), dtype, what, revision=saved_revision(adapter_config, base))
     adapter_config["inference_mode"] = False
     config = peft.PeftConfig.from_peft_type(**adapter_config)
@@ -437,11 +434,11 @@ def load_model(
         model = peft.get_peft_model(model, config)
     except ValueError as e:  # (PEFT: no module of the base matches the adapter's targets)
         raise AdapterError(
-            f"{step_store.url} was trained over another model than {base} ({what}): {str(e).rstrip('.')}; load it "
+            f"{loaded.url} was trained over another model than {base} ({what}): {str(e).rstrip('.')}; load it "
             "over its own base"
         ) from e
-    mark_only_lora_as_trainable(model, manifest["bias"])
-    load_checkpoint(model, step_store.url, storage_options=storage_options)
+    mark_only_lora_as_trainable(model, loaded.manifest["bias"])
+    _load(model, lambda: loaded, None, 32.0, None)  # (read once, above)
     if not is_trainable:
         model.eval()
         model.requires_grad_(False)

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from dist_lora.api import load_model, resolve_step, saved_revision
-from dist_lora.checkpoint import CheckpointError, LoadedStep, read_manifest, read_step, read_verified, rehash_manifest
+from dist_lora.api import load_model, read_adapter, resolve_step, saved_revision
+from dist_lora.checkpoint import CheckpointError, LoadedStep, read_manifest, read_verified, rehash_manifest
 from dist_lora.constants import ADAPTER_CONFIG_NAME, MANIFEST_NAME
 from dist_lora.lora import base_fingerprint, base_key, check_base, lora_scaling
 from dist_lora.model import (
@@ -95,12 +95,11 @@ def merge(
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise CheckpointError(f"{out} exists and is not empty; merge into a new directory")
-    step = resolve_step(step_or_dir, storage_options)
-    loaded = read_step(step)
+    loaded = read_adapter(step_or_dir, storage_options, None)  # a step, or an adapter PEFT saved
     base_path = base or loaded.adapter_config.get("base_model_name_or_path")
     if not base_path:
-        raise CheckpointError(f"{step.url} names no base model; pass --base")
-    what = "--base" if base else f"base_model_name_or_path of {step.url}/adapter_config.json (override: --base)"
+        raise CheckpointError(f"{loaded.url} names no base model; pass --base")
+    what = "--base" if base else f"base_model_name_or_path of {loaded.url}/adapter_config.json (override: --base)"
     revision = saved_revision(loaded.adapter_config, base_path)
     base_path = resolve_model_path(base_path, what)
     directory = base_directory(base_path, what, revision)  # a hub id: its snapshot
@@ -109,7 +108,7 @@ def merge(
             return stream_merge(loaded, directory, out, dtype)
         except ModelError as e:  # pickle files, or tensors it cannot stream (joined MoE experts): from_pretrained
             log.warning("%s; merging the whole model in memory instead", e)
-    model: Any = load_model(step.url, base=base_path, dtype=dtype, storage_options=storage_options)
+    model: Any = load_model(step_or_dir, base=base_path, dtype=dtype, storage_options=storage_options)
     merged = model.merge_and_unload()
     merged.save_pretrained(out)
     try:
@@ -345,14 +344,15 @@ def stream_merge(loaded: LoadedStep, base_dir: str, out_dir: str | Path, dtype: 
     out = Path(out_dir)
     model = build_on_meta(base_dir, torch.float32)  # the layout: which layers are (in, out), which tensors tied
     fan_in_fan_out = {name for name, module in model.named_modules() if isinstance(module, Conv1D)}
-    check_base(
-        loaded.url,
-        loaded.manifest.get("base_fingerprint", {}),
-        base_fingerprint(model),
-        "merge (--base) into the base",
-        base=base_dir,
-        error=CheckpointError,
-    )
+    if loaded.verified:  # (an adapter PEFT saved has no fingerprint of its base: its layers' shapes are checked)
+        check_base(
+            loaded.url,
+            loaded.manifest.get("base_fingerprint", {}),
+            base_fingerprint(model),
+            "merge (--base) into the base",
+            base=base_dir,
+            error=CheckpointError,
+        )
     weights = BaseWeights(base_dir).follow(model)
     edits = _edits(loaded, _parameter_wrappers(loaded, base_dir))
     for alias, key in weights.aliases.items():  # one copy trained for both tied names (ensure_weight_tying)
@@ -381,6 +381,16 @@ def stream_merge(loaded: LoadedStep, base_dir: str, out_dir: str | Path, dtype: 
                 f"the step's copy of {name} has shape {list(edit.replace.shape)}, the base's {weights.shape(name)}: "
                 "the step does not fit this base"
             )
+        if edit.lora is not None:  # B @ A as (out, in); the base's tensor transposed for a fan_in_fan_out layer
+            a, b, _ = edit.lora
+            delta, held = [b.shape[0], a.shape[1]], weights.shape(name)
+            if name.removesuffix(".weight") in fan_in_fan_out:
+                held = held[::-1]
+            if delta != held:
+                raise CheckpointError(
+                    f"{loaded.url}'s LoRA of {name} makes a {delta} update, where the base's weight is {held} "
+                    f"(out, in): the adapter was trained over another model than {base_dir}"
+                )
     joined = {k for k in edits if weights.stored_as(k) is None}
     unwritable = sorted(k for k in joined if not (edits[k].experts_only() or edits[k].replace_only()))
     if unwritable:

@@ -421,14 +421,61 @@ def test_streaming_merge_of_a_moe_base_writes_its_router_under_the_files_name(mi
         export, "_edits", lambda *a: {**edits(*a), "model.layers.0.mlp.experts.down_proj": export._Edit()}
     )
     with pytest.raises(dist_lora.model.ModelError, match=r"experts.down_proj.*joins as it loads them"):
-        export.stream_merge(export.read_step(export.resolve_step(step, None)), str(mixtral_base), tmp_path / "x")
+        export.stream_merge(export.read_adapter(step, None, None), str(mixtral_base), tmp_path / "x")
     whole = merge(step, tmp_path / "merged-whole")  # (the whole-model path: merge_and_unload of the real adapter)
     assert (logits(AutoModelForCausalLM.from_pretrained(whole), X) - want).abs().max().item() <= 1e-5
     wrong = export._Edit(replace=torch.zeros(3, 5))  # a copy of the experts that is not this base's shape
     monkeypatch.setattr(export, "_edits", lambda *a: {**edits(*a), "model.layers.0.mlp.experts.down_proj": wrong})
     with pytest.raises(CheckpointError, match=r"copy of model.layers.0.mlp.experts.down_proj has shape \[3, 5\]"):
-        export.stream_merge(export.read_step(export.resolve_step(step, None)), str(mixtral_base), tmp_path / "y")
+        export.stream_merge(export.read_adapter(step, None, None), str(mixtral_base), tmp_path / "y")
     monkeypatch.setattr(export, "_edits", lambda *a: {**edits(*a), "model.norm.weight": wrong})  # one file tensor
     with pytest.raises(CheckpointError, match=r"copy of model.norm.weight has shape \[3, 5\], the base's \[\d+\]"):
-        export.stream_merge(export.read_step(export.resolve_step(step, None)), str(mixtral_base), tmp_path / "z")
+        export.stream_merge(export.read_adapter(step, None, None), str(mixtral_base), tmp_path / "z")
     assert not (tmp_path / "y").exists() and not (tmp_path / "z").exists()  # refused before anything is written
+
+
+def test_an_adapter_peft_saved_merges_by_streaming_and_loads(sharded_llama_base, hub_pickled_gpt2, tmp_path):
+    """An adapter trained elsewhere (PEFT's save_pretrained: no manifest) over a base in 3 files: ``dist-lora
+    merge`` of its directory and of its hub id streams (the same files out) and equals merge_and_unload;
+    load_model gives PeftModel.from_pretrained's logits. Over a base in pickle files only it merges the whole
+    model. An adapter of another model is refused by its shapes (it has no fingerprint of its base)."""
+    import peft
+
+    from dist_lora.export import merge
+    from tests.conftest import put_in_hub_cache
+
+    torch.manual_seed(6)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(sharded_llama_base), config)
+    model.save_pretrained(tmp_path / "adapter")
+    want = logits(model.merge_and_unload(), X)
+    hub_id = put_in_hub_cache("dist-lora-tests/tiny-llama-lora", tmp_path / "adapter")
+    for name, source in (("dir", str(tmp_path / "adapter")), ("hub", hub_id)):
+        merged_dir = merge(source, tmp_path / f"merged-{name}")
+        assert {p.name for p in merged_dir.glob("*.safetensors")} == {
+            p.name for p in sharded_llama_base.glob("*.safetensors")
+        }
+        merged = AutoModelForCausalLM.from_pretrained(merged_dir)
+        assert (logits(merged, X) - want).abs().max().item() <= 1e-5, name
+    loaded = dist_lora.load_model(str(tmp_path / "adapter"))
+    reference = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(sharded_llama_base), tmp_path / "adapter"
+    )
+    assert torch.equal(logits(loaded, X), logits(reference, X))
+
+    torch.manual_seed(7)
+    gpt2 = peft.get_peft_model(
+        AutoModelForCausalLM.from_pretrained(hub_pickled_gpt2),
+        peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], init_lora_weights=False),
+    )
+    gpt2.save_pretrained(tmp_path / "gpt2-adapter")
+    merged_dir = merge(str(tmp_path / "gpt2-adapter"), tmp_path / "merged-whole")  # (the whole-model path)
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir)
+    assert (logits(merged, X) - logits(gpt2.merge_and_unload(), X)).abs().max().item() <= 1e-5
+
+    wide = AutoModelForCausalLM.from_pretrained(sharded_llama_base).config
+    wide.hidden_size *= 2
+    AutoModelForCausalLM.from_config(wide).save_pretrained(tmp_path / "wide")
+    with pytest.raises(CheckpointError, match=r"[qv]_proj.weight makes a \[\d+, \d+\] update, where the base's weight"):
+        merge(str(tmp_path / "adapter"), tmp_path / "merged-other", base=str(tmp_path / "wide"))
+    assert not (tmp_path / "merged-other").exists()
