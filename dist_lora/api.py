@@ -416,11 +416,17 @@ def load_model(
     adapter names. A hub base loads at the commit the step was trained on (``revision`` in adapter_config.json).
     Single process.
     """
+    return model_of(read_adapter(path, storage_options, None), base=base, dtype=dtype, is_trainable=is_trainable)
+
+
+def model_of(
+    loaded: LoadedStep, *, base: str | None = None, dtype: torch.dtype | None = None, is_trainable: bool = False
+) -> nn.Module:
+    """:func:`load_model` of a step already read (:func:`read_adapter`)."""
     import peft
 
     from dist_lora.model import load_base, resolve_model_path
 
-    loaded = read_adapter(path, storage_options, None)
     adapter_config = dict(loaded.adapter_config)
     base_given = bool(base)
     base = base or adapter_config.get("base_model_name_or_path")

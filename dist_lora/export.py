@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dist_lora.api import load_model, read_adapter, resolve_step, saved_revision
+from dist_lora.api import model_of, read_adapter, resolve_step, saved_revision
 from dist_lora.checkpoint import CheckpointError, LoadedStep, read_manifest, read_verified, rehash_manifest
 from dist_lora.constants import ADAPTER_CONFIG_NAME, MANIFEST_NAME
 from dist_lora.lora import base_fingerprint, base_key, check_base, lora_scaling
@@ -108,7 +108,7 @@ def merge(
             return stream_merge(loaded, directory, out, dtype)
         except ModelError as e:  # pickle files, or tensors it cannot stream (joined MoE experts): from_pretrained
             log.warning("%s; merging the whole model in memory instead", e)
-    model: Any = load_model(step_or_dir, base=base_path, dtype=dtype, storage_options=storage_options)
+    model: Any = model_of(loaded, base=base_path, dtype=dtype)
     merged = model.merge_and_unload()
     merged.save_pretrained(out)
     try:

@@ -15,9 +15,8 @@ from typing import Any
 
 import torch
 
-from dist_lora.api import load_model, resolve_step, saved_revision
-from dist_lora.checkpoint import read_manifest, read_verified
-from dist_lora.constants import ADAPTER_CONFIG_NAME, TRAINER_STATE_NAME
+from dist_lora.api import model_of, read_adapter, saved_revision
+from dist_lora.constants import ADAPTER_CONFIG_NAME
 from dist_lora.data import no_template_fix, set_chat_template
 from dist_lora.model import DTYPES, compute_device, load_tokenizer, resolve_model_path
 
@@ -54,16 +53,6 @@ class Sampling:
             "top_p": self.top_p,
             "top_k": 0,  # (transformers' default of 50 would cut the distribution beneath top_p)
         }
-
-
-def _run_data(step_url: str, storage_options: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The step's adapter_config.json and the config of the run that saved it (empty for a step saved by
-    ``save_checkpoint`` from a loop of one's own, which records none), both verified."""
-    store = resolve_step(step_url, storage_options)
-    manifest = read_manifest(store)
-    files = read_verified(store, manifest, [ADAPTER_CONFIG_NAME, TRAINER_STATE_NAME])
-    config = json.loads(files[TRAINER_STATE_NAME]).get("config") or {}
-    return json.loads(files[ADAPTER_CONFIG_NAME]), config
 
 
 def read_prompts(path: str) -> list[str]:
@@ -169,8 +158,9 @@ def generate(
         raise ValueError("give at least one prompt, and no empty one (--prompt TEXT, or --prompts-file FILE)")
     if form is not None and form not in FORMATS:
         raise ValueError(f"--format must be one of {', '.join(FORMATS)} (got {form!r})")
-    step_url = str(resolve_step(step_or_dir, storage_options).url)
-    adapter_config, run = _run_data(step_url, storage_options)
+    loaded = read_adapter(step_or_dir, storage_options, None)  # a step, or an adapter PEFT saved
+    step_url, adapter_config = loaded.url, loaded.adapter_config
+    run = loaded.trainer_state.get("config") or {}  # the run that saved it: how it rendered its samples
     data, model_cfg = run.get("data") or {}, run.get("model") or {}
     form = form or data.get("format") or "text"
     if system is None and form == "chat":  # the run's default system turn, as its conversations had it
@@ -183,7 +173,7 @@ def generate(
         )
     dtype = DTYPES.get(model_cfg.get("dtype") or "float32", torch.float32)
 
-    model: Any = load_model(step_url, base=base, dtype=dtype, storage_options=storage_options)
+    model: Any = model_of(loaded, base=base, dtype=dtype)
     tokenizer_source = base or adapter_config.get("base_model_name_or_path")
     what = "--base" if base else f"base_model_name_or_path of {step_url}/{ADAPTER_CONFIG_NAME}"
     tokenizer = load_tokenizer(

@@ -220,3 +220,17 @@ def test_the_command_prints_the_answers(gpt2_base, tmp_path):
         ["dist-lora", "generate", step, "--prompts-file", str(tmp_path / "bad.jsonl")], capture_output=True, text=True
     )
     assert out.returncode == 2 and 'bad.jsonl, line 2: not a JSON object with a "prompt" field' in out.stderr
+
+
+def test_an_adapter_peft_saved_answers_as_peft_gives_it(gpt2_base, tmp_path):
+    """An adapter trained elsewhere (PEFT's save_pretrained, no manifest, no run config): asked as text, its
+    answers are PeftModel.from_pretrained's."""
+    import peft
+
+    torch.manual_seed(3)
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], init_lora_weights=False)
+    peft.get_peft_model(AutoModelForCausalLM.from_pretrained(gpt2_base), lora).save_pretrained(tmp_path / "adapter")
+    results = generate(str(tmp_path / "adapter"), ["The manifest"], sampling=Sampling(max_new_tokens=8))
+    reference = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(gpt2_base), tmp_path / "adapter")
+    tokenizer = AutoTokenizer.from_pretrained(gpt2_base)
+    assert results[0]["adapter"] == greedy(reference.eval(), tokenizer, "The manifest", 8)
