@@ -292,6 +292,7 @@ def load_adapter(
     bucket_mb: float = 32.0,
     backend: Backend | None = None,
     retry: RetryPolicy | None = None,
+    what: str = "the adapter",
 ) -> dict[str, Any]:
     """Load an adapter's weights alone into the model: a fine-tune that starts from a trained adapter, with an
     optimizer, a schedule and a step count of its own (``lora.init_from``). ``path``: a dist_lora step, a
@@ -302,18 +303,22 @@ def load_adapter(
     Collective, at any world size and on any engine, as :func:`load_checkpoint`; checked as it checks (bias mode,
     every key and shape, the LoRA scaling; a dist_lora step also its sha256 and its base's fingerprint). Returns
     ``{"url", "step"}``: the step loaded, and the step of the run that saved it (None for PEFT's), ``"verified"``.
+    ``what``: the setting that named ``path``, for its errors (the trainer's ``lora.init_from``).
     """
-    header = _load(model, lambda: read_adapter(path, storage_options, retry), None, bucket_mb, backend)
+    header = _load(model, lambda: read_adapter(path, storage_options, retry, what), None, bucket_mb, backend)
     assert header is not None  # (read returns a step or raises)
     return {"url": header["url"], "step": header["trainer_state"].get("step"), "verified": header["verified"]}
 
 
-def read_adapter(path: str, storage_options: dict[str, Any] | None, retry: RetryPolicy | None) -> LoadedStep:
+def read_adapter(
+    path: str, storage_options: dict[str, Any] | None, retry: RetryPolicy | None, what: str = "the adapter"
+) -> LoadedStep:
     """Rank 0: the step :func:`load_adapter` loads (a dist_lora step as :func:`load_checkpoint` finds it, else an
-    adapter directory PEFT wrote, or a hub adapter's snapshot), or an error saying what ``path`` holds instead."""
+    adapter directory PEFT wrote, or a hub adapter's snapshot), or an error saying what ``path`` holds instead;
+    ``what``: the setting that named it, for the error."""
     from dist_lora.model import hub_adapter
 
-    snapshot = hub_adapter(path)
+    snapshot = hub_adapter(path, what)
     if snapshot is not None:
         loaded = read_peft_adapter(Storage(str(snapshot)))
         if loaded is None:

@@ -503,7 +503,7 @@ def check_init(cfg: RunConfig, model: Any, optimizer: torch.optim.Optimizer) -> 
     if not cfg.lora.init_from:
         return None
     ck = cfg.checkpoint
-    loaded = read_adapter(cfg.lora.init_from, ck.storage_options, None)
+    loaded = read_adapter(cfg.lora.init_from, ck.storage_options, None, "lora.init_from")
     _check_step_fits(loaded, attach(model, optimizer, cfg.lora.bias), with_optimizer=False)
     return {"url": loaded.url, "step": loaded.trainer_state.get("step"), "verified": loaded.verified}
 

@@ -177,7 +177,7 @@ def hub_snapshot(repo_id: str, *, revision: str | None = None, what: str = "mode
     return None if missing else snapshot
 
 
-def hub_adapter(repo_id: str, what: str = "lora.init_from") -> Path | None:
+def hub_adapter(repo_id: str, what: str = "the adapter") -> Path | None:
     """Hub adapter ``repo_id`` (PEFT's adapter_config.json and adapter_model.safetensors) as its snapshot in the
     Hugging Face cache, downloaded where missing; None where ``repo_id`` is not a hub id but a path or a URL.
     ModelError naming the fix when the hub cannot be reached and the cache does not hold it."""

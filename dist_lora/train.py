@@ -535,6 +535,7 @@ class Trainer:
             bucket_mb=ck.bucket_mb,
             backend=self.backend,
             retry=self.checkpointer.retry,
+            what="lora.init_from",
         )
         if self.rank == 0:
             log.info(
