@@ -16,6 +16,9 @@ from typing import Any
 # so that `dist-lora --help` answers at once.
 
 
+ADAPTER_HELP = "a step, a checkpoint dir (its newest verified step), DIR/best, or a PEFT adapter (dir, URL, hub id)"
+
+
 def _storage_options(args: argparse.Namespace) -> dict[str, Any]:
     raw = getattr(args, "storage_options", None)
     if not raw:
@@ -330,8 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage-options", help="JSON passed to fsspec")
     p.set_defaults(func=cmd_pull)
 
-    p = sub.add_parser("merge", help="merge a step into its base and save_pretrained the result")
-    p.add_argument("url", help="a step, or a checkpoint dir (its newest verified step)")
+    p = sub.add_parser("merge", help="merge a step (or a PEFT adapter) into its base, streamed file by file")
+    p.add_argument("url", help=ADAPTER_HELP)
     p.add_argument("--out", required=True, help="directory for the merged model (must be new or empty)")
     p.add_argument("--base", help="base model path or id (default: the one adapter_config.json names)")
     p.add_argument(
@@ -343,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("generate", help="answer prompts with a step's adapter over its base (greedy by default)")
-    p.add_argument("url", help="a step, or a checkpoint dir (its newest verified step)")
+    p.add_argument("url", help=ADAPTER_HELP)
     p.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
     p.add_argument("--prompts-file", help='prompts, one a line: plain text, or JSON lines with a "prompt" field')
     p.add_argument("--max-new-tokens", type=int, default=64)
