@@ -318,17 +318,17 @@ def read_adapter(
     ``what``: the setting that named it, for the error."""
     from dist_lora.model import hub_adapter
 
-    snapshot = hub_adapter(path, what)
-    if snapshot is not None:
-        loaded = read_peft_adapter(Storage(str(snapshot)))
-        if loaded is None:
-            raise CheckpointError(f"the hub's {path} holds no {ADAPTER_CONFIG_NAME}: it is not a PEFT adapter")
-        loaded.url = f"{path}@{snapshot.name}"  # (the hub id at the commit read)
-        return loaded
     storage = Storage(path, storage_options, retry)
     loaded = _read(path, storage_options, retry) or read_peft_adapter(storage)
-    if loaded is None:
+    if loaded is not None:
+        return loaded
+    snapshot = hub_adapter(path, what)  # (nothing there: a hub id? DIR/best and relative paths were tried first)
+    if snapshot is None:
         raise CheckpointError(f"{no_step_error(storage)}; or pass a directory PEFT's save_pretrained wrote")
+    loaded = read_peft_adapter(Storage(str(snapshot)))
+    if loaded is None:
+        raise CheckpointError(f"the hub's {path} holds no {ADAPTER_CONFIG_NAME}: it is not a PEFT adapter")
+    loaded.url = f"{path}@{snapshot.name}"  # (the hub id at the commit read)
     return loaded
 
 

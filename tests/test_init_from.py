@@ -41,7 +41,8 @@ def trained(gpt2_base, tmp_path_factory) -> Path:
     from dist_lora.train import train
 
     ckpt = tmp_path_factory.mktemp("run-a") / "ckpt"
-    train(run(gpt2_base, ckpt, "train.max_steps=3", "train.lr=0.05"))
+    evals = (f"data.eval_path={corpus_path()}", "train.eval_every_steps=1")  # (so that DIR/best names a step)
+    train(run(gpt2_base, ckpt, "train.max_steps=3", "train.lr=0.05", *evals))
     return ckpt
 
 
@@ -228,3 +229,20 @@ def test_an_adapter_peft_saved_on_s3_is_a_start(gpt2_base, s3, tmp_path):
     cfg.checkpoint.storage_options.update(options)  # (the run's storage options reach the adapter's store too)
     train(cfg)
     assert_same_adapter(adapter(tmp_path / "b" / "step-00000001"), want)
+
+
+def test_a_relative_dir_and_its_best_step_are_read_before_any_hub_id(gpt2_base, trained, tmp_path, monkeypatch):
+    """``ckpt/best`` from the run's parent dir looks like a hub id (org/name) and is no local path: it is DIR/best,
+    found before the hub is asked, by lora.init_from, merge and load_model alike."""
+    from dist_lora.api import load_model
+    from dist_lora.export import merge
+    from dist_lora.train import train
+
+    best = json.loads((trained / "step-00000003" / "trainer_state.json").read_text())["best_eval"]["step"]
+    monkeypatch.chdir(trained.parent)
+    relative = f"{trained.name}/best"
+    train(run(gpt2_base, tmp_path / "b", f"lora.init_from={relative}", "train.max_steps=1", TINY_LR))
+    state = json.loads((tmp_path / "b" / "step-00000001" / "trainer_state.json").read_text())
+    assert state["init_from"]["step"] == best
+    assert merge(relative, tmp_path / "merged") == tmp_path / "merged"
+    assert load_model(relative) is not None
