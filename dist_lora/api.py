@@ -1,8 +1,10 @@
-"""save_checkpoint / load_checkpoint / load_model: the two collectives the trainer uses, for any training loop;
-load_sharded: the trainer's FSDP2 model (the base loaded shard by shard, LoRA applied), for a loop of one's own.
+"""save_checkpoint / load_checkpoint: the two collectives the trainer uses, for any training loop; load_adapter:
+an adapter's weights alone (a step's, or one PEFT saved), to start a new run from; load_model: a step over a fresh
+base, in one process; load_sharded: the trainer's FSDP2 or ZeRO-3 model (the base loaded shard by shard, LoRA
+applied), for a loop of one's own.
 
-Both are collectives when torch.distributed is initialized: every rank calls them, rank 0 does the I/O, and an
-error on rank 0 is raised on every rank (never a hang). With one process they are plain function calls.
+The loads and saves are collectives when torch.distributed is initialized: every rank calls them, rank 0 does the
+I/O, and an error on rank 0 is raised on every rank (never a hang). With one process they are plain calls.
 """
 
 from __future__ import annotations
