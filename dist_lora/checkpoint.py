@@ -571,7 +571,10 @@ def no_step_error(storage: Storage) -> CheckpointError:
         why = "it holds a model (config.json), not dist_lora's steps"
     elif ADAPTER_CONFIG_NAME in names:
         why = f"it holds an adapter without dist_lora's {MANIFEST_NAME} (saved by PEFT, or never committed)"
-        fix = "PeftModel.from_pretrained loads it; dist_lora verifies and resumes the steps it committed"
+        fix = (
+            "PeftModel.from_pretrained loads it, and so do dist-lora merge and generate and lora.init_from (a new "
+            "run that starts from it); dist_lora verifies and resumes the steps it committed"
+        )
     else:
         why = "no step-* in it"
     return CheckpointError(f"no committed, verified step under {url}: {why}; {fix}")
