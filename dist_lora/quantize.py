@@ -155,12 +155,20 @@ def quantize_base(model: nn.Module, shards: int, device: torch.device) -> Plan:
             q = nf4.to_nf4(weight.detach().to(device).contiguous(), BLOCK, SCALER_BLOCK)
         module.weight = nn.Parameter(q, requires_grad=False)
         plan.quantized.append(name)
-    if not plan.quantized:
+    if not plan.quantized and not plan.kept:
         raise QuantizationError(
-            "model.quantization: nf4 found no linear weight to quantize: every frozen nn.Linear of the base "
-            f"({', '.join(plan.kept) or 'none: GPT-2 style Conv1D layers are not nn.Linear'}) either is the "
-            "output head or does not split evenly across the ranks; use a base with nn.Linear layers (Llama, "
-            "Mistral, Qwen...) or model.quantization: none"
+            "model.quantization: nf4 found no linear weight to quantize: the base has no frozen nn.Linear layer "
+            "but its output head (GPT-2 style Conv1D layers are not nn.Linear); use a base with nn.Linear layers "
+            "(Llama, Mistral, Qwen...) or model.quantization: none"
+        )
+    if not plan.quantized:
+        (first, why), more = next(iter(plan.kept.items())), len(plan.kept) - 1
+        raise QuantizationError(
+            f"model.quantization: nf4 found no linear weight to quantize at {shards} shard(s): {first} {why}"
+            + (f", and so do its {more} other linear weights" if more else "")
+            + f" (NF4 keeps {BLOCK}-element blocks with a scaler per {SCALER_BLOCK} blocks, whole on each rank); "
+            f"this base's layers are too small for that: {'use fewer ranks, or ' if shards > 1 else ''}set "
+            "model.quantization: none"
         )
     return plan
 
