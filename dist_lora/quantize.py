@@ -165,7 +165,7 @@ def quantize_base(model: nn.Module, shards: int, device: torch.device) -> Plan:
         (first, why), more = next(iter(plan.kept.items())), len(plan.kept) - 1
         raise QuantizationError(
             f"model.quantization: nf4 found no linear weight to quantize at {shards} shard(s): {first} {why}"
-            + (f", and so do its {more} other linear weights" if more else "")
+            + (f"; the same holds for its {more} other linear weights" if more else "")
             + f" (NF4 keeps {BLOCK}-element blocks with a scaler per {SCALER_BLOCK} blocks, whole on each rank); "
             f"this base's layers are too small for that: {'use fewer ranks, or ' if shards > 1 else ''}set "
             "model.quantization: none"
