@@ -151,7 +151,7 @@ def test_lora_on_the_experts_alone(mixtral_base, tmp_path):
     with torch.no_grad():  # a trained-looking adapter (lora_B starts at zero)
         for p in trained.values():
             p.add_(torch.randn_like(p) * 0.05)
-    loaded = export.read_step(export.resolve_step(dist_lora.save_checkpoint(model, str(tmp_path / "ck"), step=1), None))
+    loaded = export.read_adapter(dist_lora.save_checkpoint(model, str(tmp_path / "ck"), step=1), None, None)
     fused = tmp_path / "fused"  # the same base with its experts saved as the model holds them (one tensor a layer)
     AutoModelForCausalLM.from_pretrained(mixtral_base).save_pretrained(fused, save_original_format=False)
     assert "model.layers.0.mlp.experts.gate_up_proj" in BaseWeights(fused).entries
@@ -195,7 +195,7 @@ def test_streaming_merge_of_lora_on_experts_either_way_round(arch, tmp_path):
     with torch.no_grad():
         for p in adapter_parameters(model, "none").values():
             p.add_(torch.randn_like(p) * 0.5)
-    loaded = export.read_step(export.resolve_step(dist_lora.save_checkpoint(model, str(tmp_path / "ck"), step=1), None))
+    loaded = export.read_adapter(dist_lora.save_checkpoint(model, str(tmp_path / "ck"), step=1), None, None)
     merged = export.stream_merge(loaded, str(tmp_path / "base"), tmp_path / "merged")
     with torch.no_grad():
         want = model.merge_and_unload()(input_ids=x).logits
