@@ -570,7 +570,8 @@ def check_run(
     check_dir(cfg)
     resume = check_resume(cfg, model, optimizer)
     init = check_init(cfg, model, optimizer) if resume is None else None
-    stop = t.stop_at_step or (t.max_steps if data or t.epochs is None else None)  # (the trainer's own stop)
+    max_steps = t.max_steps if data or t.epochs is None else None  # (train.epochs: known once the data is read)
+    stop = t.stop_at_step or max_steps  # (the trainer's own stop)
     if resume is not None and stop is not None:
         resume["stop_at"] = stop
     frozen = [p for p in model.parameters() if not p.requires_grad]
@@ -605,7 +606,7 @@ def check_run(
         rows=rows,
         eval_rows=eval_rows,
         eval_sets=named_evals,
-        max_steps=t.max_steps if data or t.epochs is None else None,
+        max_steps=max_steps,
         resume=resume,
         init_from=init,
         shown_rows=shown_rows(prepared.train, tokenizer, row_ids or range(min(show_rows, len(prepared.train))))

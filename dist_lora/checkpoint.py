@@ -428,7 +428,9 @@ def read_peft_adapter(store: Storage) -> LoadedStep | None:
     if ADAPTER_CONFIG_NAME not in names or MANIFEST_NAME in names:
         return None
     config = _parse_json(store.read(ADAPTER_CONFIG_NAME), store.url_of(ADAPTER_CONFIG_NAME))
-    kind = config.get("peft_type", "LORA") if isinstance(config, dict) else None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{store.url_of(ADAPTER_CONFIG_NAME)} is not a JSON object: not PEFT's adapter config")
+    kind = config.get("peft_type", "LORA")
     if kind != "LORA":
         raise CheckpointError(f"{store.url_of(ADAPTER_CONFIG_NAME)} is a {kind} adapter's: dist_lora trains LoRA")
     if ADAPTER_WEIGHTS_NAME not in names:

@@ -129,12 +129,16 @@ def test_an_adapter_that_does_not_fit_or_is_not_one_is_refused_before_any_step(g
     ia3 = tmp_path / "ia3"
     ia3.mkdir()
     (ia3 / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
+    listed = tmp_path / "listed"
+    listed.mkdir()
+    (listed / "adapter_config.json").write_text("[]")
     cases = [
         (tmp_path / "r4", AdapterError, r"shape mismatch: .*lora_A.weight: checkpoint \[4, 64\], model \[8, 64\]"),
         (trained, AdapterError, r"shape mismatch: .*checkpoint \[8, 64\], model \[4, 64\]", "lora.r=4"),
         (trained, AdapterError, "lora_alpha", "lora.alpha=32"),
         (pickled, CheckpointError, r"adapter_model.bin is a pickle.*save_pretrained"),
         (ia3, CheckpointError, "is a IA3 adapter's: dist_lora trains LoRA"),
+        (listed, CheckpointError, "adapter_config.json is not a JSON object: not PEFT's adapter config"),
         (tmp_path / "nothing-here", CheckpointError, "it does not exist; .*or pass a directory PEFT's save_pretrained"),
         ("dist-lora-tests/no-such-lora", Exception, "lora.init_from 'dist-lora-tests/no-such-lora' is not a local"),
     ]
