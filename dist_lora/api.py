@@ -381,10 +381,22 @@ def resume_checkpoint(
 
     The run saves into ``dir`` from here on, so a committed step of ``dir`` after the one it starts from (0, or
     the step resumed) is another run's: raised on every rank now, before any training, rather than at the first
-    save (:func:`~dist_lora.checkpoint.check_no_newer_steps`); not for a run that ``writes`` nothing (an
-    evaluation)."""
-    state = None
-    if resume not in (None, "", "none"):
+    save (:func:`~dist_lora.checkpoint.check_no_newer_steps`). A run that ``writes`` nothing (an evaluation) is
+    not checked so, and may name any adapter :func:`load_adapter` takes: an adapter PEFT saved has no run behind
+    it, so its state is ``{"checkpoint_url"}`` alone."""
+    if resume in (None, "", "none"):
+        state = None
+    elif resume != "auto" and not writes:  # (an evaluation: a step, or an adapter PEFT saved)
+        header = _load(
+            model,
+            lambda: read_adapter(str(resume), storage_options, retry, "checkpoint.resume"),
+            optimizer,
+            bucket_mb,
+            backend,
+        )
+        assert header is not None  # (read_adapter returns a step or raises)
+        return {**header["trainer_state"], "checkpoint_url": header["url"]}
+    else:
         auto = resume == "auto"
         state = load_checkpoint(
             model,

@@ -267,7 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(
-        "eval", help="the eval loss of a saved step (checkpoint.resume: the newest, a URL, or none for the base)"
+        "eval",
+        help="the eval loss of a saved step (checkpoint.resume: the newest, a URL, DIR/best, a PEFT adapter, or none "
+        "for the base)",
     )
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. checkpoint.resume=URL")

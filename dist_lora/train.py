@@ -233,8 +233,9 @@ def evaluate_checkpoint(cfg: RunConfig, *, every_step: bool = False) -> list[dic
     """Collective: the eval loss of saved steps over the config's eval data (``data.eval_path`` or
     ``data.eval_fraction``), at any world size and on any engine, one result per step; writes nothing (no lease, no
     save, no metrics file). The step is ``checkpoint.resume``'s: by default the newest verified one in
-    ``checkpoint.dir``, a step's URL, or ``none`` for the base with a fresh adapter (which adds nothing: the base's
-    own loss); ``every_step``: each committed step of the dir in turn, over one load of the base."""
+    ``checkpoint.dir``, a step's URL, ``DIR/best``, an adapter PEFT saved (a directory, a URL or a hub id: its
+    result's ``step`` is None), or ``none`` for the base with a fresh adapter (which adds nothing: the base's own
+    loss); ``every_step``: each committed step of the dir in turn, over one load of the base."""
     if not (cfg.data.eval_path or cfg.data.eval_fraction):
         raise ConfigError("dist-lora eval needs eval data: set data.eval_path (or data.eval_fraction)")
     with collective_job(cfg):
@@ -250,7 +251,7 @@ def evaluate_checkpoint(cfg: RunConfig, *, every_step: bool = False) -> list[dic
             steps = list(on_rank0(committed, share=True) or [])
         results = []
         for step in steps or [None]:
-            trainer.resume(step)
+            state = trainer.resume(step)
             if trainer.resumed_from is None and step != "none":
                 raise ConfigError(
                     f"dist-lora eval: {cfg.checkpoint.dir} has no committed step to evaluate; name one with "
@@ -266,7 +267,7 @@ def evaluate_checkpoint(cfg: RunConfig, *, every_step: bool = False) -> list[dic
             }
             results.append(
                 {
-                    "step": trainer.step,
+                    "step": trainer.step if state is None or "step" in state else None,  # (None: PEFT's adapter)
                     "url": trainer.resumed_from,
                     "eval_loss": loss,
                     "eval_accuracy": done["eval_accuracy"],
@@ -461,15 +462,17 @@ class Trainer:
                 )
         return plan
 
-    def resume(self, resume: str | None) -> None:
+    def resume(self, resume: str | None) -> dict[str, Any] | None:
         """Collective: load the adapter and optimizer state into the shards as ``checkpoint.resume`` says ("auto":
-        the newest verified step of checkpoint.dir, if any; "none"; or a step's URL)."""
+        the newest verified step of checkpoint.dir, if any; "none"; or a step's URL); returns the step's trainer
+        state, or None. A trainer that only reads (``dist-lora eval``) loads the adapter's weights alone, and may be
+        given an adapter PEFT saved (a directory, a URL or a hub id), whose state has no step."""
         ck, t = self.cfg.checkpoint, self.cfg.train
         state = resume_checkpoint(
             self.backend.model,
             resume,
             ck.dir,
-            optimizer=self.backend.optimizer,
+            optimizer=self.backend.optimizer if self.writes else None,  # (an evaluation steps nothing)
             storage_options=ck.storage_options,
             bucket_mb=ck.bucket_mb,
             backend=self.backend,
@@ -479,8 +482,12 @@ class Trainer:
         if state is None:
             if self.cfg.lora.init_from and self.writes:
                 self.start_from(self.cfg.lora.init_from)
-            return
+            return None
         url = self.resumed_from = state["checkpoint_url"]
+        if "step" not in state:  # (an evaluation of an adapter PEFT saved: no run, no settings to compare)
+            if self.rank == 0:
+                log.info("evaluating %s: an adapter PEFT saved, read unverified (no manifest, so no sha256)", url)
+            return state
         self.init_from = state.get("init_from")
         if self.cfg.lora.init_from and self.rank == 0:
             log.info("lora.init_from is not read: the run goes on from its own step (it only starts a fresh run)")
@@ -523,6 +530,7 @@ class Trainer:
             self.backend.describe(),
             self.world,
         )
+        return state
 
     def start_from(self, path: str) -> None:
         """Collective: the adapter's weights from ``path`` (``lora.init_from``), into the shards; the optimizer's

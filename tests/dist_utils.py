@@ -273,6 +273,19 @@ def load_step(step_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.
     return weights, optim
 
 
+def peft_adapter(base: Path, out: Path, r: int = 8, **config: Any) -> dict[str, torch.Tensor]:
+    """An adapter PEFT saves itself over the GPT-2 ``base``, fitting configs/tiny.yaml's LoRA (B random too, so
+    that it is not a fresh initialisation); returns its tensors."""
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(7)
+    lora = peft.LoraConfig(r=r, lora_alpha=16, target_modules=["c_attn", "c_fc"], init_lora_weights=False, **config)
+    model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(base), lora)
+    model.save_pretrained(out)
+    return load_file(str(out / "adapter_model.safetensors"))
+
+
 def _maps() -> Iterator[tuple[int, int, str | None]]:
     """This process's maps (from /proc/self/maps): first and past-last address, and the file mapped (None for
     memory of the process's own)."""

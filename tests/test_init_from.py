@@ -16,7 +16,7 @@ from dist_lora.config import ConfigError, load_config
 from dist_lora.demo import corpus_path
 from dist_lora.lora import AdapterError
 from tests.conftest import put_in_hub_cache
-from tests.dist_utils import TINY, load_step, run_worker, single_run
+from tests.dist_utils import TINY, load_step, peft_adapter, run_worker, single_run
 
 TINY_LR = "train.lr=1e-30"  # an optimizer step that moves no weight of the adapter by a float32 ulp
 
@@ -85,18 +85,6 @@ def test_a_fresh_run_starts_from_the_adapter_with_an_optimizer_and_schedule_of_i
     assert differ and all("lora.init_from" not in m for m in differ)  # (a fresh run's alone; max_steps is named)
     state = json.loads((ckpt / "step-00000002" / "trainer_state.json").read_text())
     assert state["init_from"]["url"] == str(a)  # carried by the resume
-
-
-def peft_adapter(base: Path, out: Path, r: int = 8, **config) -> dict[str, torch.Tensor]:
-    """An adapter PEFT saves itself over ``base`` (B random too, so that it is not a fresh initialisation)."""
-    import peft
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(7)
-    lora = peft.LoraConfig(r=r, lora_alpha=16, target_modules=["c_attn", "c_fc"], init_lora_weights=False, **config)
-    model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(base), lora)
-    model.save_pretrained(out)
-    return adapter(out)
 
 
 def test_an_adapter_peft_saved_or_published_on_the_hub_is_a_start(gpt2_base, tmp_path, caplog):

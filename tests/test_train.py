@@ -26,6 +26,7 @@ from tests.dist_utils import (
     failure_report,
     free_port,
     launch_env,
+    peft_adapter,
     run_worker,
     short_run,
     single_run,
@@ -878,11 +879,10 @@ def test_early_stopping_ends_the_run_after_its_patience_and_a_resume_keeps_it_en
         single_run(gpt2_base, ckpt, "train.early_stopping_patience=2")
 
 
-@pytest.mark.multiproc
-@pytest.mark.timeout(600)
-def reference_accuracy(cfg, step: str) -> float:  # type: ignore[no-untyped-def]
-    """The eval rows' token accuracy computed apart from the trainer: the step loaded in PEFT over its base, one
-    row at a time, the argmax of each position against the next token's label where that is a target."""
+def reference_eval(cfg, step: str) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+    """The eval rows' loss and token accuracy computed apart from the trainer: the step (or an adapter PEFT saved)
+    loaded in PEFT over its base, one row at a time; each position's cross-entropy and argmax against the next
+    token's label where that is a target."""
     from dist_lora.api import load_model
     from dist_lora.data import prepare_data
     from dist_lora.model import load_tokenizer
@@ -890,19 +890,22 @@ def reference_accuracy(cfg, step: str) -> float:  # type: ignore[no-untyped-def]
     model = load_model(step)
     data = prepare_data(cfg.data, load_tokenizer(cfg.model.name_or_path), seed=cfg.train.seed)
     rows = data.evals[None]
-    hits = targets = 0
+    loss, hits, targets = 0.0, 0, 0
     with torch.no_grad():
         for i in range(len(rows)):
             batch = rows.batch([i])
             logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0, :-1]
             labels = batch["labels"][0, 1:]
             kept = labels != -100
+            loss += float(torch.nn.functional.cross_entropy(logits[kept].double(), labels[kept], reduction="sum"))
             hits += int((logits.argmax(-1)[kept] == labels[kept]).sum())
             targets += int(kept.sum())
     assert targets == int(rows.n_targets.sum())
-    return hits / targets
+    return loss / targets, hits / targets
 
 
+@pytest.mark.multiproc
+@pytest.mark.timeout(600)
 def test_eval_command_gives_a_saved_steps_eval_loss_at_any_world_size_and_writes_nothing(gpt2_base, tmp_path, caplog):
     """``dist-lora eval``: the eval loss and token accuracy the run logged at a step, for the newest step and for
     one named, in one process, and for every step (--every-step, one base load) at 2 ranks on ZeRO-3 (1e-6); the
@@ -923,7 +926,7 @@ def test_eval_command_gives_a_saved_steps_eval_loss_at_any_world_size_and_writes
     assert newest["step"] == 4 and newest["url"].endswith("step-00000004")
     assert newest["eval_loss"] == pytest.approx(logged[4], rel=1e-6)
     assert (
-        newest["eval_accuracy"] == accuracy[4] == reference_accuracy(single_run(gpt2_base, ckpt, *evals), newest["url"])
+        newest["eval_accuracy"] == accuracy[4] == reference_eval(single_run(gpt2_base, ckpt, *evals), newest["url"])[1]
     )
     (named,) = evaluate_checkpoint(single_run(gpt2_base, ckpt, f"checkpoint.resume={ckpt / 'step-00000002'}", *evals))
     assert named["step"] == 2 and named["eval_loss"] == pytest.approx(logged[2], rel=1e-6)
@@ -954,6 +957,41 @@ def test_eval_command_gives_a_saved_steps_eval_loss_at_any_world_size_and_writes
     for every_step in (False, True):
         with pytest.raises(ConfigError, match="has no committed step to evaluate; name one with checkpoint.resume="):
             evaluate_checkpoint(single_run(gpt2_base, tmp_path / "empty", *evals), every_step=every_step)
+
+
+@pytest.mark.multiproc
+def test_eval_command_evaluates_an_adapter_peft_saved_by_its_directory_or_hub_id(gpt2_base, tmp_path, caplog):
+    """``dist-lora eval`` with checkpoint.resume naming an adapter PEFT saved: its eval loss and token accuracy
+    equal those of the adapter loaded in PEFT (the loss within 1e-5, the accuracy exactly), by its directory in one
+    process and by its hub id at 2 ranks on FSDP2; the result has no step (no run of dist_lora's saved it) and says
+    it was read unverified; the checkpoint dir is not made. An adapter of another rank is refused, naming it."""
+    from dist_lora.lora import AdapterError
+    from dist_lora.train import evaluate_checkpoint
+    from tests.conftest import put_in_hub_cache
+
+    peft_adapter(gpt2_base, tmp_path / "peft")
+    hub_id = put_in_hub_cache("dist-lora-tests/tiny-gpt2-eval-lora", tmp_path / "peft")
+    ckpt, evals = tmp_path / "ckpt", (f"data.eval_path={corpus_path()}",)
+    cfg = single_run(gpt2_base, ckpt, f"checkpoint.resume={tmp_path / 'peft'}", *evals)
+    loss, accuracy = reference_eval(cfg, str(tmp_path / "peft"))
+    (base,) = evaluate_checkpoint(single_run(gpt2_base, ckpt, "checkpoint.resume=none", *evals))
+    assert abs(base["eval_loss"] - loss) > 1e-3  # (the adapter changes the loss: equal to it, it was loaded)
+    with caplog.at_level(logging.INFO, logger="dist_lora.train"):
+        (got,) = evaluate_checkpoint(cfg)
+    assert f"evaluating {tmp_path / 'peft'}: an adapter PEFT saved, read unverified" in caplog.text
+    assert got["step"] is None and got["url"] == str(tmp_path / "peft")
+    assert got["eval_loss"] == pytest.approx(loss, rel=1e-5) and got["eval_accuracy"] == accuracy
+    args = [f"model.name_or_path={gpt2_base}", f"data.path={corpus_path()}", f"checkpoint.dir={ckpt}", *evals]
+    out = torchrun(
+        2, ["-m", "dist_lora", "eval", str(TINY), *args, "parallel.backend=fsdp", f"checkpoint.resume={hub_id}"]
+    )
+    (line,) = [json.loads(x) for x in out.stdout.splitlines() if x.startswith("{")]
+    assert line["step"] is None and line["url"].startswith(f"{hub_id}@") and line["world_size"] == 2
+    assert line["eval_loss"] == pytest.approx(loss, rel=1e-5) and line["eval_accuracy"] == accuracy
+    peft_adapter(gpt2_base, tmp_path / "r4", r=4)
+    with pytest.raises(AdapterError, match=r"shape mismatch: .*lora_A.weight: checkpoint \[4, 64\], model \[8, 64\]"):
+        evaluate_checkpoint(single_run(gpt2_base, ckpt, f"checkpoint.resume={tmp_path / 'r4'}", *evals))
+    assert not ckpt.exists()  # (an evaluation writes nothing)
 
 
 @pytest.mark.reliability(
