@@ -51,6 +51,7 @@ from dist_lora.lora import (
     config_mismatches,
     full_shape,
     infer_bias_mode,
+    lora_overrides,
     mark_only_lora_as_trainable,
 )
 from dist_lora.storage import RetryPolicy, Storage
@@ -160,7 +161,12 @@ def _check_step_fits(loaded: LoadedStep, backend: Backend, with_optimizer: bool)
         lines += [f"  missing in checkpoint: {missing}"] if missing else []
         lines += [f"  unexpected in checkpoint: {unexpected}"] if unexpected else []
         lines += [f"  shape mismatch: {s}" for s in shapes]
-        lines.append("  check lora.r, lora.target_modules and lora.bias against the checkpoint's adapter_config.json")
+        overrides = lora_overrides(backend.model, loaded.adapter_config)
+        lines.append(
+            f"  apply LoRA as the checkpoint's adapter_config.json says: {' '.join(overrides)}"
+            if overrides
+            else "  check lora.r, lora.target_modules and lora.bias against the checkpoint's adapter_config.json"
+        )
         raise AdapterError("\n".join(lines))
     differs = config_mismatches(backend.model, loaded.adapter_config)
     if differs:
@@ -168,8 +174,12 @@ def _check_step_fits(loaded: LoadedStep, backend: Backend, with_optimizer: bool)
             f"{loaded.url} fits the model's adapter in keys and shapes, but the model's LoRA layers would compute "
             "it otherwise than the layers that trained it:\n  "
             + "\n  ".join(differs)
-            + "\n  apply LoRA with the checkpoint's lora_alpha, use_rslora and alpha_pattern (lora.alpha, "
-            "lora.use_rslora, lora.alpha_pattern), as its adapter_config.json says"
+            + "\n  apply LoRA with the checkpoint's lora_alpha, use_rslora and alpha_pattern, as its "
+            "adapter_config.json says: "
+            + (
+                " ".join(lora_overrides(backend.model, loaded.adapter_config))
+                or "lora.alpha, lora.use_rslora, lora.alpha_pattern"
+            )
         )
     fields = [WEIGHT_FIELD]
     steps: dict[str, float] = {}

@@ -297,6 +297,63 @@ def peft_lora_config(cfg: LoraConfig, base_model_name_or_path: str | None = None
     )
 
 
+# adapter_config.json's fields that shape, place or scale an adapter's tensors, and the setting that sets each
+ADAPTER_SETTINGS = {
+    "r": "lora.r",
+    "lora_alpha": "lora.alpha",
+    "use_rslora": "lora.use_rslora",
+    "use_dora": "lora.use_dora",
+    "target_modules": "lora.target_modules",
+    "target_parameters": "lora.target_parameters",
+    "exclude_modules": "lora.exclude_modules",
+    "layers_to_transform": "lora.layers_to_transform",
+    "rank_pattern": "lora.rank_pattern",
+    "alpha_pattern": "lora.alpha_pattern",
+    "bias": "lora.bias",
+    "modules_to_save": "lora.modules_to_save",
+    "trainable_token_indices": "lora.trainable_token_indices",
+    "ensure_weight_tying": "lora.ensure_weight_tying",
+}
+
+
+def _comparable(value: Any) -> Any:
+    """A config value as PEFT's saved JSON and its live config both mean it: a set or list sorted, empty or false
+    as None, ``bias`` none as None."""
+    if value in (None, False, "none") or (isinstance(value, (list, tuple, set, dict)) and not value):
+        return None
+    if isinstance(value, (list, tuple, set)):
+        return sorted(value, key=str)
+    return value
+
+
+def _override(setting: str, value: Any) -> str:
+    """``setting=value`` as a config override on a command line (YAML's flow style; quoted for the shell where it
+    must be)."""
+    import json
+    import shlex
+
+    if isinstance(value, (list, tuple, set)) and all(isinstance(v, (str, int)) for v in value):
+        text = "[" + ",".join(str(v) for v in _comparable(value)) + "]"
+    elif isinstance(value, (dict, list)):
+        text = json.dumps(value)
+    else:
+        text = "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+    return shlex.quote(f"{setting}={text}")
+
+
+def lora_overrides(model: nn.Module, saved: dict[str, Any]) -> list[str]:
+    """The config overrides (``lora.r=4``) that apply LoRA as ``saved`` (an adapter_config.json's dict) says, where
+    the model's PEFT config differs from it; [] for loralib layers, or where ``saved`` is not a PEFT LoRA config."""
+    config = (getattr(unwrap(model), "peft_config", None) or {}).get(_active_adapter(model))
+    if config is None or "r" not in saved:
+        return []
+    return [
+        _override(setting, saved.get(key))
+        for key, setting in ADAPTER_SETTINGS.items()
+        if _comparable(saved.get(key)) != _comparable(getattr(config, key, None))
+    ]
+
+
 def config_mismatches(model: nn.Module, saved: dict[str, Any], limit: int = 3) -> list[str]:
     """How the model's PEFT LoRA layers would compute the saved adapter otherwise than the layers that trained it.
 

@@ -105,8 +105,9 @@ def test_an_adapter_peft_saved_or_published_on_the_hub_is_a_start(gpt2_base, tmp
 
 
 def test_an_adapter_that_does_not_fit_or_is_not_one_is_refused_before_any_step(gpt2_base, trained, tmp_path):
-    """Another rank (PEFT's and dist_lora's), another alpha, a pickle-only or non-LoRA PEFT dir, a path with
-    nothing there, and a hub id not in the cache offline: each an error that names it and the fix; no step."""
+    """Another rank (PEFT's and dist_lora's), another alpha, other targets (each naming the overrides that fit the
+    adapter), a pickle-only or non-LoRA PEFT dir, a path with nothing there, and a hub id not in the cache offline:
+    each an error that names it and the fix; no step."""
     from dist_lora.train import train
 
     peft_adapter(gpt2_base, tmp_path / "r4", r=4)
@@ -120,10 +121,26 @@ def test_an_adapter_that_does_not_fit_or_is_not_one_is_refused_before_any_step(g
     listed = tmp_path / "listed"
     listed.mkdir()
     (listed / "adapter_config.json").write_text("[]")
+    r8, as_saved = r"\[8, 64\]", "adapter_config.json says: "  # (the overrides that would load it, named)
     cases = [
-        (tmp_path / "r4", AdapterError, r"shape mismatch: .*lora_A.weight: checkpoint \[4, 64\], model \[8, 64\]"),
-        (trained, AdapterError, r"shape mismatch: .*checkpoint \[8, 64\], model \[4, 64\]", "lora.r=4"),
-        (trained, AdapterError, "lora_alpha", "lora.alpha=32"),
+        (
+            tmp_path / "r4",
+            AdapterError,
+            rf"(?s)shape mismatch: .*lora_A.weight: checkpoint \[4, 64\], model {r8}.*{as_saved}lora.r=4$",
+        ),
+        (
+            trained,
+            AdapterError,
+            rf"(?s)shape mismatch: .*checkpoint \[8, 64\], model \[4, 64\].*{as_saved}lora.r=8$",
+            "lora.r=4",
+        ),
+        (trained, AdapterError, rf"(?s)lora_alpha.*{as_saved}lora.alpha=16$", "lora.alpha=32"),
+        (
+            trained,
+            AdapterError,
+            rf"(?s)missing in checkpoint.*c_proj.*{as_saved}'lora.target_modules=\[c_attn,c_fc\]'$",
+            "lora.target_modules=[c_attn,c_fc,c_proj]",
+        ),
         (pickled, CheckpointError, r"adapter_model.bin is a pickle.*save_pretrained"),
         (ia3, CheckpointError, "is a IA3 adapter's: dist_lora trains LoRA"),
         (listed, CheckpointError, "adapter_config.json is not a JSON object: not PEFT's adapter config"),
