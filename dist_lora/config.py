@@ -224,6 +224,9 @@ class TrainConfig:
     eval_on_start: bool = False
     """Evaluate once before a fresh run's first step (step 0: the base with its untrained adapter, which adds
     nothing), the baseline its curves start from (HF's eval_on_start); a resumed run does not."""
+    eval_batch_size: int | None = None
+    """Eval rows per forward on one rank (HF's per_device_eval_batch_size); None: micro_batch_size. An evaluation
+    keeps no activations for a backward, so a rank may take more rows at once than a training micro-batch."""
     early_stopping_patience: int | None = None
     """Stop when this many evaluations in a row have not improved on the best one (by best_metric) by more than
     early_stopping_threshold (HF's EarlyStoppingCallback); the step is saved. null: never."""
@@ -471,6 +474,7 @@ KNOWN_AS = {  # what PEFT, HF TrainingArguments, TRL, axolotl and LLaMA-Factory 
     "learning_rate": "train.lr",
     "num_train_epochs": "train.epochs",
     "per_device_train_batch_size": "train.micro_batch_size",
+    "per_device_eval_batch_size": "train.eval_batch_size",
     "gradient_accumulation_steps": "train.global_batch_size = micro_batch_size x ranks x steps accumulated",
     "gradient_checkpointing": "train.activation_checkpointing",
     "lr_scheduler_type": "train.lr_schedule",
@@ -721,6 +725,10 @@ def _validate(cfg: RunConfig, errors: list[str]) -> None:
     t = cfg.train
     check(t.max_steps >= 1, f"train.max_steps must be >= 1 (got {t.max_steps})")
     check(t.micro_batch_size >= 1, f"train.micro_batch_size must be >= 1 (got {t.micro_batch_size})")
+    check(
+        t.eval_batch_size is None or t.eval_batch_size >= 1,
+        f"train.eval_batch_size must be >= 1, or null for train.micro_batch_size (got {t.eval_batch_size})",
+    )
     check(
         t.global_batch_size >= t.micro_batch_size,
         f"train.global_batch_size must be >= train.micro_batch_size (got {t.global_batch_size} < {t.micro_batch_size})",
@@ -975,6 +983,7 @@ RESUME_FREE = (
     "train.log_every_steps",
     "train.report_to",
     "train.micro_batch_size",
+    "train.eval_batch_size",
     "model.attn_implementation",
     "train.loss_chunk_tokens",
     "train.compile",

@@ -647,6 +647,7 @@ class Trainer:
         grace period a preempted job has to save: nothing is recorded, and it returns None."""
         t = self.cfg.train
         assert self.data.evals
+        micro = t.eval_batch_size or t.micro_batch_size
         model = self.backend.model
         model.eval()
         sums: list[float] = []
@@ -655,7 +656,7 @@ class Trainer:
             with torch.no_grad():
                 for name in self.data.evals:
                     total, correct = 0.0, 0.0
-                    for batch in self.data.eval_batches(name, t.micro_batch_size, self.world, self.rank):
+                    for batch in self.data.eval_batches(name, micro, self.world, self.rank):
                         inputs = {k: v.to(self.device) for k, v in batch.items()}
                         out = self.backend.outputs({**inputs, "num_items_in_batch": 1.0})
                         total += float(out.loss)  # a sum of token losses

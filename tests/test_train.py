@@ -959,6 +959,31 @@ def test_eval_command_gives_a_saved_steps_eval_loss_at_any_world_size_and_writes
             evaluate_checkpoint(single_run(gpt2_base, tmp_path / "empty", *evals), every_step=every_step)
 
 
+def test_eval_batch_size_sets_the_rows_of_each_eval_forward_and_not_the_result(gpt2_base, tmp_path, monkeypatch):
+    """train.eval_batch_size (HF's per_device_eval_batch_size): the evaluation's forwards take that many rows (the
+    training micro-batch without it), and the loss (1e-5: padded rows) and accuracy are those of one row at a time;
+    below 1 it is refused, naming the setting."""
+    from dist_lora.data import TrainData
+    from dist_lora.train import evaluate_checkpoint
+
+    sizes: list[int] = []
+    batches = TrainData.eval_batches
+
+    def spy(self, name, micro, world, rank):  # type: ignore[no-untyped-def]
+        sizes.append(micro)
+        return batches(self, name, micro, world, rank)
+
+    monkeypatch.setattr(TrainData, "eval_batches", spy)
+    evals = ("checkpoint.resume=none", f"data.eval_path={corpus_path()}", "data.seq_len=32")
+    (one,) = evaluate_checkpoint(single_run(gpt2_base, tmp_path / "ckpt", *evals))
+    (three,) = evaluate_checkpoint(single_run(gpt2_base, tmp_path / "ckpt", "train.eval_batch_size=3", *evals))
+    assert sizes == [1, 3] and one["eval_rows"] == three["eval_rows"] > 3
+    assert three["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-5)
+    assert three["eval_accuracy"] == one["eval_accuracy"]
+    with pytest.raises(ConfigError, match="train.eval_batch_size must be >= 1, or null"):
+        single_run(gpt2_base, tmp_path / "ckpt", "train.eval_batch_size=0", *evals)
+
+
 @pytest.mark.multiproc
 def test_eval_command_evaluates_an_adapter_peft_saved_by_its_directory_or_hub_id(gpt2_base, tmp_path, caplog):
     """``dist-lora eval`` with checkpoint.resume naming an adapter PEFT saved: its eval loss and token accuracy
