@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -42,7 +43,10 @@ def test_unknown_key_lists_valid_keys():
         ("train", "learning_rate", " (in dist_lora: train.lr)"),
         ("data", "max_seq_length", " (in dist_lora: data.seq_len)"),
         ("train", "gradient_accumulation_steps", " (in dist_lora: train.global_batch_size = micro_batch_size x "),
-        ("train", "optimizer", "; valid keys:"),  # nothing like it: no hint
+        ("data", "sample_packing", " (in dist_lora: data.packing)"),  # axolotl's
+        ("data", "cutoff_len", " (in dist_lora: data.seq_len)"),  # LLaMA-Factory's
+        ("train", "optim", " (in dist_lora: train.lr, train.adam_betas, train.adam_eps and train.weight_decay: the "),
+        ("train", "group_by_length", "; valid keys:"),  # nothing like it: no hint
     ],
 )
 def test_an_unknown_key_names_what_it_probably_meant(section, key, hint):
@@ -55,9 +59,29 @@ def test_an_unknown_key_names_what_it_probably_meant(section, key, hint):
 
 def test_unknown_section():
     data = valid()
-    data["optimizer"] = {}
-    with pytest.raises(ConfigError, match="unknown key optimizer; valid keys: checkpoint, data, lora, model"):
+    data["scheduler"] = {}
+    with pytest.raises(ConfigError, match="unknown key scheduler; valid keys: checkpoint, data, lora, model"):
         config_from_dict(data)
+
+
+def test_the_other_tools_names_each_point_to_real_settings_and_hide_none():
+    """Every name of another tool's (KNOWN_AS) points to settings that exist, and none is a key of dist_lora's own
+    (which its hint would hide); a flat config in axolotl's style gets a hint for each of its keys."""
+    from dist_lora.config import KNOWN_AS, RunConfig, _field_types
+
+    sections = {name: tp for name, tp in _field_types(RunConfig).items() if isinstance(tp, type)}
+    settings = {f"{name}.{key}" for name, tp in sections.items() for key in _field_types(tp)}
+    named = {
+        value: re.findall(r"\b(?:model|lora|data|train|parallel|checkpoint)\.[a-z_]+", value)
+        for value in KNOWN_AS.values()
+    }
+    assert all(found and set(found) <= settings for found in named.values()), named
+    assert not set(KNOWN_AS) & ({key.split(".")[1] for key in settings} | set(sections))
+    flat = {"base_model": "x", "sequence_len": 2048, "lora_target_linear": True, "num_epochs": 3, "datasets": []}
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({**valid(), **flat})
+    for key in flat:
+        assert f"unknown key {key} (in dist_lora: {KNOWN_AS[key]})" in str(e.value)
     with pytest.raises(ConfigError, match=r"unknown key lr \(it is train.lr\); valid keys: checkpoint, data"):
         config_from_dict({**valid(), "lr": 1e-4})
 
