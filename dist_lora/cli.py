@@ -363,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--chat-template",
-        help="a Jinja chat template, its file or a built-in (chatml, llama3, gemma), in place of the run's",
+        help="a Jinja chat template, its file or a built-in (chatml, llama3, gemma, alpaca), in place of the run's",
     )
     p.add_argument("--system", help="a system turn before each prompt (chat)")
     p.add_argument("--tools", help="a JSON file of tool schemas, given to the chat template (chat)")

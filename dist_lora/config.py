@@ -24,7 +24,7 @@ BackendName = Literal["fsdp", "deepspeed", "ddp", "single"]
 DType = Literal["float32", "bfloat16", "float16"]
 MixedPrecision = Literal["none", "bf16"]
 OnError = Literal["raise", "warn"]
-DataFormat = Literal["text", "completion", "chat"]
+DataFormat = Literal["text", "completion", "chat", "alpaca"]
 TooLong = Literal["truncate", "drop"]
 Turns = Literal["all", "last"]
 Quantization = Literal["none", "nf4"]
@@ -116,13 +116,15 @@ class DataConfig:
     once, one after the other."""
     format: DataFormat = "text"
     """text (every token trains) | completion (prompt and completion fields; loss on the completion) | chat (a
-    messages list rendered by the chat template; loss on assistant turns)."""
+    messages list rendered by the chat template; loss on assistant turns) | alpaca (instruction, optional input and
+    system, and output fields: a user turn and the assistant's, rendered by the chat template; loss on the output)."""
     fields: dict[str, str] = field(default_factory=dict)
     """Your column names for the fields the format reads, e.g. {messages: conversations} or {prompt: question,
     completion: answer}; default: text | prompt, completion | messages. chat also reads each message's role and
     content keys ({messages: conversations, role: from, content: value} is ShareGPT's layout), an optional tools
     column (each conversation's function schemas, for the chat template), and train: a message key whose false or 0
-    makes that turn context, not a target ({train: weight} reads ShareGPT's per-turn weight)."""
+    makes that turn context, not a target ({train: weight} reads ShareGPT's per-turn weight). alpaca reads
+    instruction, output, and the optional input and system columns."""
     roles: dict[str, str] = field(default_factory=dict)
     """chat: your role names onto the chat template's, e.g. {human: user, gpt: assistant} (ShareGPT's); a role not
     named is kept. The turns whose role is then assistant are the targets."""
@@ -712,8 +714,8 @@ def _validate(cfg: RunConfig, errors: list[str]) -> None:
     )
     check(
         d.system_prompt is None or (isinstance(d.system_prompt, str) and d.format != "text"),
-        f"data.system_prompt is a chat turn, and data.format is {d.format}: drop it, or use chat (or completion "
-        "with conversations)",
+        f"data.system_prompt is a chat turn, and data.format is {d.format}: drop it, or use chat or alpaca (or "
+        "completion with conversations)",
     )
     check(
         not d.roles or d.format == "chat",

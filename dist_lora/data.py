@@ -60,8 +60,15 @@ IGNORE = -100
 CACHE_VERSION = 2
 """Part of every cache key: raised when the same data and settings give other rows (2: a chat message's keys
 beyond its role and content, and a sample's tools, reach the chat template)."""
-FIELDS = {"text": ("text",), "completion": ("prompt", "completion"), "chat": ("messages",)}
+FIELDS = {
+    "text": ("text",),
+    "completion": ("prompt", "completion"),
+    "chat": ("messages",),
+    "alpaca": ("instruction", "input", "output", "system"),
+}
 """The fields each format reads; ``data.fields`` maps them onto a dataset's own column names."""
+OPTIONAL = {"alpaca": ("input", "system")}
+"""Fields a format reads where a dataset has them (a column that ``data.fields`` names is required)."""
 MESSAGE_KEYS = ("role", "content")
 """The keys chat reads in each message; ``data.fields`` maps them too (ShareGPT's ``from`` and ``value``)."""
 TOOLS = "tools"
@@ -257,13 +264,16 @@ def load_sources(
     parts: list[Dataset] = []
     for path in sources:
         ds = load_source(path, name=cfg.name, split=split, cache_dir=cache_dir, what=what)
-        missing = [c for c in columns if c not in ds.column_names]
+        missing = [c for c in _needed(cfg) if c not in ds.column_names]
         if missing:
             raise DataError(
                 f"{what} {path} has no field {', '.join(map(repr, missing))} (format {cfg.format}), which the other "
                 f"sources have; its fields: {', '.join(ds.column_names)}. Every source needs the same fields "
                 "(data.fields maps one set of names)"
             )
+        for column in columns:  # (an optional one a source lacks: empty in its samples)
+            if column not in ds.column_names and column not in missing:
+                ds = ds.add_column(column, [""] * len(ds))
         parts.append(
             _placed(_as_json_text(ds, cfg) if cfg.format == "chat" else ds.select_columns(columns), len(parts))
         )
@@ -392,6 +402,13 @@ def _fields(cfg: DataConfig) -> dict[str, str]:
             f"{', '.join(readable)}"
         )
     return {f: cfg.fields.get(f, f) for f in FIELDS[cfg.format]}
+
+
+def _needed(cfg: DataConfig) -> list[str]:
+    """The columns a dataset must have for the format: its fields but the optional ones ``data.fields`` leaves
+    unnamed (:data:`OPTIONAL`)."""
+    optional = OPTIONAL.get(cfg.format, ())
+    return [column for f, column in _fields(cfg).items() if f not in optional or f in cfg.fields]
 
 
 def _message_keys(cfg: DataConfig) -> tuple[str, str]:
@@ -629,7 +646,37 @@ def _tokenize_fn(cfg: DataConfig, tokenizer: Any) -> Callable[[dict[str, list], 
             spans.append(sp)
         return answers(texts, spans, rendered=True)
 
-    return {"text": text, "completion": completion, "chat": chat}[cfg.format]
+    def alpaca(batch: dict[str, list], samples: list[str]) -> dict[str, list]:
+        """Alpaca's samples as conversations: the system column's turn (else ``data.system_prompt``'s), a user turn
+        (the instruction, and after a blank line the input where there is one; both also under their own keys,
+        for a template that sets them apart, as the built-in ``alpaca`` does), and the output as the assistant's."""
+        texts, spans = [], []
+        blank = [None] * len(samples)
+        columns = [
+            batch[f["instruction"]],
+            batch.get(f["input"], blank),
+            batch[f["output"]],
+            batch.get(f["system"], blank),
+        ]
+        for where, instruction, given, output, system in zip(samples, *columns, strict=True):
+            if not (isinstance(instruction, str) and isinstance(output, str)) or not all(
+                v is None or isinstance(v, str) for v in (given, system)
+            ):
+                raise DataError(
+                    f"{where}: fields {f['instruction']!r} and {f['output']!r} must be strings, and "
+                    f"{f['input']!r} and {f['system']!r} strings or empty (got {instruction!r:.100}, {output!r:.100}, "
+                    f"{given!r:.100}, {system!r:.100})"
+                )
+            user = {"role": "user", "content": f"{instruction}\n\n{given}" if given else instruction}
+            user.update(instruction=instruction, **({"input": given} if given else {}))
+            turns = [*([{"role": "system", "content": system}] if system else []), user]
+            turns = with_system([*turns, {"role": "assistant", "content": output}], cfg)
+            text, sp = chat_spans(tokenizer, turns, None, [len(turns) - 1])
+            texts.append(text)
+            spans.append(sp)
+        return answers(texts, spans, rendered=True)
+
+    return {"text": text, "completion": completion, "chat": chat, "alpaca": alpaca}[cfg.format]
 
 
 # ---------------------------------------------------------------------------------------------- rows
@@ -839,11 +886,13 @@ def _tokenize(
     ds: Dataset, cfg: DataConfig, tokenizer: Any, what: str, key: str, tmp: str, sources: str | list[str]
 ) -> tuple[Dataset, Stats]:
     """``ds``'s samples tokenized (``sources``: where they were read from, to name a bad one), and what was kept."""
-    missing = [c for c in _fields(cfg).values() if c not in ds.column_names]
+    missing = [c for c in _needed(cfg) if c not in ds.column_names]
     if TOOLS in cfg.fields and cfg.fields[TOOLS] not in ds.column_names:  # (unmapped, the column is optional)
         missing.append(cfg.fields[TOOLS])
     given = [c for c in ds.column_names if c not in (SAMPLE, SOURCE)]
-    other = [f for f, names in FIELDS.items() if f != cfg.format and set(names) <= set(given)]
+    other = [
+        f for f, names in FIELDS.items() if f != cfg.format and set(names) - set(OPTIONAL.get(f, ())) <= set(given)
+    ]
     if missing and other and not cfg.fields:  # (the samples are another format's, by its own field names)
         raise DataError(
             f"{what} has no field {', '.join(map(repr, missing))} (format {cfg.format}); its fields "
@@ -898,9 +947,9 @@ def build_cache(cfg: DataConfig, tokenizer: Any, seed: int, key: str) -> tuple[P
     final = root / key
     if (final / "meta.json").is_file():
         return final, False
-    if cfg.format == "chat" and not tokenizer.chat_template:
+    if cfg.format in ("chat", "alpaca") and not tokenizer.chat_template:
         fix = no_template_fix(tokenizer)
-        raise DataError(f"data.format chat needs a chat template, and this tokenizer has none: {fix}")
+        raise DataError(f"data.format {cfg.format} needs a chat template, and this tokenizer has none: {fix}")
     if cfg.format != "text" and not getattr(tokenizer, "is_fast", False):
         raise DataError(
             f"data.format {cfg.format} finds answer tokens by character offsets, which needs a fast tokenizer "
@@ -1183,6 +1232,9 @@ CHAT_TEMPLATES = {  # built-in templates (dist_lora/assets/chat_templates), by t
     "llama3": ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
     "gemma": ("<start_of_turn>", "<end_of_turn>"),
 }
+TEXT_TEMPLATES = ("alpaca",)
+"""Built-in templates of plain text, whose turns end with the tokenizer's end-of-text token (Alpaca's prompts)."""
+BUILT_IN_TEMPLATES = (*CHAT_TEMPLATES, *TEXT_TEMPLATES)
 
 
 def _one_token(tokenizer: Any, text: str) -> bool:
@@ -1197,7 +1249,7 @@ def fitting_templates(tokenizer: Any) -> list[str]:
 def no_template_fix(tokenizer: Any, what: str = "data.chat_template") -> str:
     """How to give a tokenizer without a chat template one: ``what``, a built-in fitting its tokens first."""
     fitting = fitting_templates(tokenizer)
-    names = ", ".join(CHAT_TEMPLATES)
+    names = ", ".join(BUILT_IN_TEMPLATES)
     if fitting:
         return f"set {what}: {fitting[0]} (built in, and this tokenizer has its special tokens), or a Jinja template"
     return f"set {what} (a Jinja template, a file holding one, or a built-in: {names})"
@@ -1205,7 +1257,7 @@ def no_template_fix(tokenizer: Any, what: str = "data.chat_template") -> str:
 
 def set_chat_template(tokenizer: Any, template: str | None, what: str = "data.chat_template") -> None:
     """``data.chat_template``: a Jinja template, the path of a file holding one, or the name of a built-in
-    (:data:`CHAT_TEMPLATES`), set on the tokenizer. A built-in needs its special tokens in the tokenizer, each one
+    (:data:`BUILT_IN_TEMPLATES`), set on the tokenizer. A built-in needs its special tokens in the tokenizer, each one
     token (split into text pieces, a turn's end would be no token to stop at): an error names those missing. A value
     that is none of these (no ``{`` of Jinja's syntax, no such file nor built-in: a mistyped path) is an error naming
     ``what``, not a template that renders every conversation as that text."""
@@ -1218,8 +1270,13 @@ def set_chat_template(tokenizer: Any, template: str | None, what: str = "data.ch
     if p.is_file():
         tokenizer.chat_template = p.read_text(encoding="utf-8")
         return
-    if template in CHAT_TEMPLATES:
-        missing = [t for t in CHAT_TEMPLATES[template] if not _one_token(tokenizer, t)]
+    if template in TEXT_TEMPLATES and tokenizer.eos_token is None:
+        raise DataError(
+            f"{what} {template}: its turns end with the end-of-text token, and this tokenizer has none (no "
+            "eos_token): set the tokenizer's eos_token, or give a template of its own tokens"
+        )
+    if template in BUILT_IN_TEMPLATES:
+        missing = [t for t in CHAT_TEMPLATES.get(template, ()) if not _one_token(tokenizer, t)]
         if missing:
             fitting = fitting_templates(tokenizer)
             instead = f"the built-in {fitting[0]}, whose tokens it has, or " if fitting else ""
@@ -1232,7 +1289,7 @@ def set_chat_template(tokenizer: Any, template: str | None, what: str = "data.ch
         tokenizer.chat_template = (chat_templates / f"{template}.jinja").read_text(encoding="utf-8")
         return
     raise DataError(
-        f"{what} {template!r} is neither a file, a built-in template ({', '.join(CHAT_TEMPLATES)}) nor a Jinja "
+        f"{what} {template!r} is neither a file, a built-in template ({', '.join(BUILT_IN_TEMPLATES)}) nor a Jinja "
         "template (a template holds {{ }} or {% %}): fix the path or the name, or give the template itself"
     )
 

@@ -162,7 +162,8 @@ def generate(
     step_url, adapter_config = loaded.url, loaded.adapter_config
     run = loaded.trainer_state.get("config") or {}  # the run that saved it: how it rendered its samples
     data, model_cfg = run.get("data") or {}, run.get("model") or {}
-    form = form or data.get("format") or "text"
+    trained_as = str(data.get("format") or "text")
+    form = form or ("chat" if trained_as == "alpaca" else trained_as)  # (an alpaca run's prompt: a user turn)
     if system is None and form == "chat":  # the run's default system turn, as its conversations had it
         system = data.get("system_prompt")
     if system and form != "chat":

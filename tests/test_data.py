@@ -356,6 +356,83 @@ def test_sharegpt_keys_and_roles_give_the_rows_of_the_standard_layout(gpt2_base,
         load_config(str(ROOT / "configs" / "tiny.yaml"), ["data.roles={human: user}", "model.name_or_path=x"])
 
 
+ALPACA = [
+    {"instruction": "Name a colour.", "input": "", "output": "Blue."},
+    {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+    {"instruction": "Greet me.", "input": None, "output": "Hi.", "system": "You are terse."},
+]
+NO_INPUT = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. Write a "
+    "response that appropriately completes the request."
+)
+
+
+def test_alpaca_samples_are_a_user_turn_and_the_outputs_the_targets(gpt2_base, tmp_path):
+    """data.format: alpaca: each sample (instruction, an input or none, a system column or data.system_prompt,
+    output) gives exactly the rows of the conversation [system, user: the instruction and, after a blank line, the
+    input; assistant: the output] in the chat format, through the tokenizer's template; through the built-in
+    alpaca template, the text of Alpaca's prompts (both preambles, an input under its own heading, the system
+    turn in place of the preamble), the targets the output and the end-of-text token alone, equal to the template's
+    own assistant mask, and generation stops at that token; a source without the optional columns reads as one with
+    them empty; bad samples and missing fields are named."""
+    rows = [dict(r) for r in ALPACA]
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    conversations = []
+    for r in rows:
+        user = r["instruction"] + (f"\n\n{r['input']}" if r["input"] else "")
+        system = [{"role": "system", "content": r.get("system") or "Be kind."}]
+        conversations.append(
+            [*system, {"role": "user", "content": user}, {"role": "assistant", "content": r["output"]}]
+        )
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps({"messages": m}) for m in conversations) + "\n")
+    common = {"seq_len": 256, "system_prompt": "Be kind."}
+    alpaca = prepared(tmp_path, gpt2_base, path=str(tmp_path / "a.jsonl"), format="alpaca", **common)
+    chat = prepared(tmp_path, gpt2_base, path=str(tmp_path / "c.jsonl"), format="chat", **common)
+    assert all_rows(alpaca.train) == all_rows(chat.train) and len(alpaca.train) == 3
+
+    tok = tokenizer_of(gpt2_base)
+    built_in = prepared(
+        tmp_path, gpt2_base, path=str(tmp_path / "a.jsonl"), format="alpaca", chat_template="alpaca", seq_len=256
+    )
+    set_chat_template(tok, "alpaca")
+    eos = tok.eos_token
+    texts = [
+        f"{eos}{NO_INPUT}\n\n### Instruction:\nName a colour.\n\n### Response:\nBlue.{eos}",
+        f"{eos}{WITH_INPUT}\n\n### Instruction:\nAdd the numbers.\n\n### Input:\n2 and 3\n\n### Response:\n5{eos}",
+        f"{eos}You are terse.\n\n### Instruction:\nGreet me.\n\n### Response:\nHi.{eos}",
+    ]
+    got = sorted(all_rows(built_in.train), key=lambda row: tok.decode(row["input_ids"]))
+    for row, text, r in zip(got, sorted(texts), sorted(rows, key=lambda r: texts[rows.index(r)]), strict=True):
+        assert tok.decode(row["input_ids"]) == text
+        assert [t for t in row["labels"] if t != IGNORE] == tok(r["output"] + eos)["input_ids"]
+        user = {"role": "user", "content": r["instruction"], "instruction": r["instruction"]}
+        user.update({"input": r["input"]} if r["input"] else {})
+        messages = [*([{"role": "system", "content": r["system"]}] if r.get("system") else []), user]
+        messages.append({"role": "assistant", "content": r["output"]})
+        ref = tok.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        assert row["input_ids"] == ref["input_ids"]
+        assert row["labels"] == [
+            t if m else IGNORE for t, m in zip(ref["input_ids"], ref["assistant_masks"], strict=True)
+        ]
+    assert turn_end_ids(tok) == [tok.eos_token_id]
+
+    bare = [{"instruction": r["instruction"], "output": r["output"]} for r in rows[:1]]
+    (tmp_path / "bare.jsonl").write_text(json.dumps(bare[0]) + "\n")
+    (tmp_path / "full.jsonl").write_text("\n".join(json.dumps(r) for r in rows[1:]) + "\n")
+    mixed = [str(tmp_path / "bare.jsonl"), str(tmp_path / "full.jsonl")]
+    both = prepared(tmp_path, gpt2_base, path=mixed, format="alpaca", **common)
+    assert sorted(map(str, all_rows(both.train))) == sorted(map(str, all_rows(alpaca.train)))
+
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"instruction": "x", "output": 3}) + "\n")
+    with pytest.raises(DataError, match=r"sample 0 of .*bad.jsonl: fields 'instruction' and 'output' must be strings"):
+        prepared(tmp_path, gpt2_base, path=str(tmp_path / "bad.jsonl"), format="alpaca", seq_len=256)
+    with pytest.raises(DataError, match=r"has no field 'instruction', 'output' \(format alpaca\).*data.format chat"):
+        prepared(tmp_path, gpt2_base, path=str(tmp_path / "c.jsonl"), format="alpaca", seq_len=256)
+    with pytest.raises(DataError, match=r"has no field 'context' \(format alpaca\)"):
+        prepared(tmp_path, gpt2_base, path=str(tmp_path / "a.jsonl"), format="alpaca", fields={"input": "context"})
+
+
 def test_completion_targets_are_the_completion_tokens(gpt2_base, tmp_path):
     """Reference: prompt and completion tokenized apart; labels are the completion's tokens and the EOS."""
     tok = tokenizer_of(gpt2_base)
@@ -778,7 +855,9 @@ def test_a_built_in_chat_template_is_refused_where_it_would_not_work(gpt2_base, 
     cfg = DataConfig(path=str(DATA / "chat.jsonl"), format="chat", cache_dir=str(tmp_path))
     with pytest.raises(DataError, match="has none: set data.chat_template: llama3 \\(built in, and this tokenizer"):
         prepare_data(cfg, tok, seed=0)
-    with pytest.raises(DataError, match=r"is neither a file, a built-in template \(chatml, llama3, gemma\) nor"):
+    with pytest.raises(
+        DataError, match=r"is neither a file, a built-in template \(chatml, llama3, gemma, alpaca\) nor"
+    ):
         set_chat_template(tok, "lama3")
     set_chat_template(tok, "llama3")
     call = {"type": "function", "function": {"name": "f", "arguments": {}}}

@@ -104,6 +104,25 @@ def test_a_chat_run_is_asked_through_its_template(gpt2_base, tmp_path):
         generate(step, ["x"], chat_template="")  # the tiny tokenizer has none of its own
 
 
+def test_an_alpaca_run_is_asked_with_alpacas_prompt(gpt2_base, tmp_path):
+    """A step of a run on data.format: alpaca with the built-in alpaca template: each prompt is the instruction of
+    Alpaca's prompt, its response opened (the run's system prompt in place of the preamble); the answer is PEFT's
+    greedy one over that text."""
+    run = {"data": {"format": "alpaca", "chat_template": "alpaca"}, "model": {"dtype": "float32"}}
+    step = saved_step(gpt2_base, tmp_path / "ck", run=run)
+    r = generate(step, ["Name a colour."], sampling=Sampling(max_new_tokens=6))[0]
+    preamble = (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+    )
+    assert r["input"] == f"<|endoftext|>{preamble}\n\n### Instruction:\nName a colour.\n\n### Response:\n"
+    tokenizer = AutoTokenizer.from_pretrained(gpt2_base)
+    assert r["adapter"] == greedy(dist_lora.load_model(step), tokenizer, r["input"], 6, special=False)
+    run["data"]["system_prompt"] = "Be brief."
+    briefly = saved_step(gpt2_base, tmp_path / "brief", run=run)
+    asked = generate(briefly, ["x"], sampling=Sampling(max_new_tokens=2))[0]["input"]
+    assert asked == "<|endoftext|>Be brief.\n\n### Instruction:\nx\n\n### Response:\n"
+
+
 CHATML = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
