@@ -1225,9 +1225,9 @@ def test_keep_best_keeps_the_best_evaluated_step(metric, keep, gpt2_base, tmp_pa
     ).read_bytes()
 
 
-@pytest.mark.parametrize("name", ["chat-tiny", "completion-tiny"])
+@pytest.mark.parametrize("name", ["chat-tiny", "completion-tiny", "alpaca-tiny"])
 def test_the_shipped_examples_train_and_evaluate(name, gpt2_base, tmp_path, monkeypatch):
-    """configs/chat-tiny.yaml and completion-tiny.yaml on the tiny base (one process, 4 steps)."""
+    """configs/chat-tiny.yaml, completion-tiny.yaml and alpaca-tiny.yaml on the tiny base (one process, 4 steps)."""
     from dist_lora.train import train
 
     monkeypatch.chdir(ROOT)  # their data paths are relative to the repository root
