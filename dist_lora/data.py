@@ -949,6 +949,8 @@ def build_cache(cfg: DataConfig, tokenizer: Any, seed: int, key: str) -> tuple[P
         return final, False
     if cfg.format in ("chat", "alpaca") and not tokenizer.chat_template:
         fix = no_template_fix(tokenizer)
+        if cfg.format == "alpaca":
+            fix = f"set data.chat_template: alpaca (built in: Alpaca's prompts); or {fix.removeprefix('set ')}"
         raise DataError(f"data.format {cfg.format} needs a chat template, and this tokenizer has none: {fix}")
     if cfg.format != "text" and not getattr(tokenizer, "is_fast", False):
         raise DataError(

@@ -429,6 +429,11 @@ def test_alpaca_samples_are_a_user_turn_and_the_outputs_the_targets(gpt2_base, t
         prepared(tmp_path, gpt2_base, path=str(tmp_path / "bad.jsonl"), format="alpaca", seq_len=256)
     with pytest.raises(DataError, match=r"has no field 'instruction', 'output' \(format alpaca\).*data.format chat"):
         prepared(tmp_path, gpt2_base, path=str(tmp_path / "c.jsonl"), format="alpaca", seq_len=256)
+    bare_cfg = DataConfig(path=str(tmp_path / "a.jsonl"), format="alpaca", cache_dir=str(tmp_path / "none"))
+    with pytest.raises(
+        DataError, match="needs a chat template, and this tokenizer has none: set data.chat_template: alp"
+    ):
+        prepare_data(bare_cfg, load_tokenizer(str(gpt2_base)), seed=0)  # (the tiny tokenizer has no template)
     with pytest.raises(DataError, match=r"has no field 'context' \(format alpaca\)"):
         prepared(tmp_path, gpt2_base, path=str(tmp_path / "a.jsonl"), format="alpaca", fields={"input": "context"})
 
