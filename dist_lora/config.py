@@ -124,12 +124,12 @@ class DataConfig:
     content keys ({messages: conversations, role: from, content: value} is ShareGPT's layout), an optional tools
     column (each conversation's function schemas, for the chat template), and train: a message key whose false or 0
     makes that turn context, not a target ({train: weight} reads ShareGPT's per-turn weight). alpaca reads
-    instruction, output, and the optional input and system columns."""
+    instruction, output, and the optional input, system and history columns."""
     roles: dict[str, str] = field(default_factory=dict)
     """chat: your role names onto the chat template's, e.g. {human: user, gpt: assistant} (ShareGPT's); a role not
     named is kept. The turns whose role is then assistant are the targets."""
     turns: Turns = "all"
-    """chat: the assistant turns that are targets: all | last (each conversation's last; the earlier ones are
+    """chat and alpaca: the assistant turns that are targets: all | last (each conversation's last; the earlier ones are
     context, LLaMA-Factory's mask_history)."""
     seq_len: int = 128
     """Tokens per training row."""
@@ -703,9 +703,9 @@ def _validate(cfg: RunConfig, errors: list[str]) -> None:
         "data.loss_on_prompt is for the completion and chat formats: text already trains on every token",
     )
     check(
-        d.turns == "all" or (d.format == "chat" and not d.loss_on_prompt),
-        f"data.turns={d.turns} picks the chat turns that are targets: it needs data.format chat (got {d.format}) "
-        "and no data.loss_on_prompt (which makes every token a target)",
+        d.turns == "all" or (d.format in ("chat", "alpaca") and not d.loss_on_prompt),
+        f"data.turns={d.turns} picks the chat turns that are targets: it needs data.format chat or alpaca (got "
+        f"{d.format}) and no data.loss_on_prompt (which makes every token a target)",
     )
     check(
         "train" not in d.fields or not d.loss_on_prompt,

@@ -64,10 +64,10 @@ FIELDS = {
     "text": ("text",),
     "completion": ("prompt", "completion"),
     "chat": ("messages",),
-    "alpaca": ("instruction", "input", "output", "system"),
+    "alpaca": ("instruction", "input", "output", "system", "history"),
 }
 """The fields each format reads; ``data.fields`` maps them onto a dataset's own column names."""
-OPTIONAL = {"alpaca": ("input", "system")}
+OPTIONAL = {"alpaca": ("input", "system", "history")}
 """Fields a format reads where a dataset has them (a column that ``data.fields`` names is required)."""
 MESSAGE_KEYS = ("role", "content")
 """The keys chat reads in each message; ``data.fields`` maps them too (ShareGPT's ``from`` and ``value``)."""
@@ -260,8 +260,7 @@ def load_sources(
     sources = listed(paths)
     if len(sources) == 1:
         return _placed(load_source(sources[0], name=cfg.name, split=split, cache_dir=cache_dir, what=what), None)
-    columns = list(_fields(cfg).values())
-    parts: list[Dataset] = []
+    loaded: list[Dataset] = []
     for path in sources:
         ds = load_source(path, name=cfg.name, split=split, cache_dir=cache_dir, what=what)
         missing = [c for c in _needed(cfg) if c not in ds.column_names]
@@ -271,12 +270,17 @@ def load_sources(
                 f"sources have; its fields: {', '.join(ds.column_names)}. Every source needs the same fields "
                 "(data.fields maps one set of names)"
             )
-        for column in columns:  # (an optional one a source lacks: empty in its samples)
-            if column not in ds.column_names and column not in missing:
-                ds = ds.add_column(column, [""] * len(ds))
-        parts.append(
-            _placed(_as_json_text(ds, cfg) if cfg.format == "chat" else ds.select_columns(columns), len(parts))
-        )
+        loaded.append(ds)
+    columns = [c for c in _fields(cfg).values() if any(c in ds.column_names for ds in loaded)]
+    for column in columns:  # an optional one that some sources lack: null in their samples, of the others' type
+        typed = next(ds.features[column] for ds in loaded if column in ds.column_names)
+        loaded = [
+            ds if column in ds.column_names else ds.add_column(column, [None] * len(ds), feature=typed) for ds in loaded
+        ]
+    parts = [
+        _placed(_as_json_text(ds, cfg) if cfg.format == "chat" else ds.select_columns(columns), i)
+        for i, ds in enumerate(loaded)
+    ]
     first = parts[0].features
     for i, (path, ds) in enumerate(zip(sources, parts, strict=True)):
         if ds.features != first:
@@ -647,31 +651,40 @@ def _tokenize_fn(cfg: DataConfig, tokenizer: Any) -> Callable[[dict[str, list], 
         return answers(texts, spans, rendered=True)
 
     def alpaca(batch: dict[str, list], samples: list[str]) -> dict[str, list]:
-        """Alpaca's samples as conversations: the system column's turn (else ``data.system_prompt``'s), a user turn
-        (the instruction, and after a blank line the input where there is one; both also under their own keys,
-        for a template that sets them apart, as the built-in ``alpaca`` does), and the output as the assistant's."""
+        """Alpaca's samples as conversations (LLaMA-Factory's reading): the system column's turn (else
+        ``data.system_prompt``'s), the history's pairs as user and assistant turns, a user turn (the instruction,
+        and on the next line the input where there is one; both also under their own keys, for a template that
+        sets them apart, as the built-in ``alpaca`` does), and the output as the assistant's."""
         texts, spans = [], []
         blank = [None] * len(samples)
-        columns = [
-            batch[f["instruction"]],
-            batch.get(f["input"], blank),
-            batch[f["output"]],
-            batch.get(f["system"], blank),
-        ]
-        for where, instruction, given, output, system in zip(samples, *columns, strict=True):
-            if not (isinstance(instruction, str) and isinstance(output, str)) or not all(
-                v is None or isinstance(v, str) for v in (given, system)
+        instructions, outputs = batch[f["instruction"]], batch[f["output"]]
+        optional = [batch.get(f[name], blank) for name in ("input", "system", "history")]
+        for where, instruction, output, given, system, history in zip(
+            samples, instructions, outputs, *optional, strict=True
+        ):
+            pairs = history or []
+            if (
+                not (isinstance(instruction, str) and isinstance(output, str))
+                or not all(v is None or isinstance(v, str) for v in (given, system))
+                or not isinstance(pairs, list)
+                or not all(
+                    isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)
+                    for pair in pairs
+                )
             ):
                 raise DataError(
-                    f"{where}: fields {f['instruction']!r} and {f['output']!r} must be strings, and "
-                    f"{f['input']!r} and {f['system']!r} strings or empty (got {instruction!r:.100}, {output!r:.100}, "
-                    f"{given!r:.100}, {system!r:.100})"
+                    f"{where}: fields {f['instruction']!r} and {f['output']!r} must be strings, {f['input']!r} and "
+                    f"{f['system']!r} strings or empty, and {f['history']!r} a list of [instruction, response] "
+                    f"string pairs or empty (got {instruction!r:.100}, {output!r:.100}, {given!r:.100}, "
+                    f"{system!r:.100}, {history!r:.200})"
                 )
-            user = {"role": "user", "content": f"{instruction}\n\n{given}" if given else instruction}
+            turns = [{"role": "system", "content": system}] if system else []
+            for asked, answered in pairs:
+                turns += [{"role": "user", "content": asked}, {"role": "assistant", "content": answered}]
+            user = {"role": "user", "content": f"{instruction}\n{given}" if given else instruction}
             user.update(instruction=instruction, **({"input": given} if given else {}))
-            turns = [*([{"role": "system", "content": system}] if system else []), user]
-            turns = with_system([*turns, {"role": "assistant", "content": output}], cfg)
-            text, sp = chat_spans(tokenizer, turns, None, [len(turns) - 1])
+            turns = with_system([*turns, user, {"role": "assistant", "content": output}], cfg)
+            text, sp = chat_spans(tokenizer, turns, None, trained_turns(turns, cfg))
             texts.append(text)
             spans.append(sp)
         return answers(texts, spans, rendered=True)

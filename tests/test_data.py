@@ -360,6 +360,7 @@ ALPACA = [
     {"instruction": "Name a colour.", "input": "", "output": "Blue."},
     {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
     {"instruction": "Greet me.", "input": None, "output": "Hi.", "system": "You are terse."},
+    {"instruction": "And 4 and 5?", "output": "9", "history": [["Add 2 and 3.", "5"]]},
 ]
 NO_INPUT = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 WITH_INPUT = (
@@ -368,28 +369,34 @@ WITH_INPUT = (
 )
 
 
+def alpaca_as_chat(row: dict, system: str | None = None) -> list[dict]:
+    """An Alpaca sample as LLaMA-Factory reads it: system, the history's pairs, the instruction and input (a line
+    apart), the output."""
+    turns = [{"role": "system", "content": row.get("system") or system}] if row.get("system") or system else []
+    for asked, answered in row.get("history") or []:
+        turns += [{"role": "user", "content": asked}, {"role": "assistant", "content": answered}]
+    user = row["instruction"] + (f"\n{row['input']}" if row.get("input") else "")
+    return [*turns, {"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]
+
+
 def test_alpaca_samples_are_a_user_turn_and_the_outputs_the_targets(gpt2_base, tmp_path):
-    """data.format: alpaca: each sample (instruction, an input or none, a system column or data.system_prompt,
-    output) gives exactly the rows of the conversation [system, user: the instruction and, after a blank line, the
-    input; assistant: the output] in the chat format, through the tokenizer's template; through the built-in
-    alpaca template, the text of Alpaca's prompts (both preambles, an input under its own heading, the system
-    turn in place of the preamble), the targets the output and the end-of-text token alone, equal to the template's
-    own assistant mask, and generation stops at that token; a source without the optional columns reads as one with
-    them empty; bad samples and missing fields are named."""
+    """data.format: alpaca: each sample (instruction, an input or none, a system column or data.system_prompt, a
+    history of pairs, output) gives exactly the rows of the conversation LLaMA-Factory reads it as [system,
+    history's turns, user: the instruction and on the next line the input; assistant: the output] in the chat
+    format, through the tokenizer's template, data.turns last too; through the built-in alpaca template, the text
+    of Alpaca's prompts (both preambles, an input under its own heading, the system turn in place of the
+    preamble, the history's blocks first), the targets the responses and the end-of-text token alone, equal to the
+    template's own assistant mask, and generation stops at that token; a source without the optional columns reads
+    as one with them empty; bad samples and missing fields are named."""
     rows = [dict(r) for r in ALPACA]
     (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    conversations = []
-    for r in rows:
-        user = r["instruction"] + (f"\n\n{r['input']}" if r["input"] else "")
-        system = [{"role": "system", "content": r.get("system") or "Be kind."}]
-        conversations.append(
-            [*system, {"role": "user", "content": user}, {"role": "assistant", "content": r["output"]}]
-        )
-    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps({"messages": m}) for m in conversations) + "\n")
-    common = {"seq_len": 256, "system_prompt": "Be kind."}
-    alpaca = prepared(tmp_path, gpt2_base, path=str(tmp_path / "a.jsonl"), format="alpaca", **common)
-    chat = prepared(tmp_path, gpt2_base, path=str(tmp_path / "c.jsonl"), format="chat", **common)
-    assert all_rows(alpaca.train) == all_rows(chat.train) and len(alpaca.train) == 3
+    chats = [alpaca_as_chat(r, "Be kind.") for r in rows]
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps({"messages": m}) for m in chats) + "\n")
+    for turns in ("all", "last"):
+        common = {"seq_len": 256, "system_prompt": "Be kind.", "turns": turns}
+        alpaca = prepared(tmp_path, gpt2_base, path=str(tmp_path / "a.jsonl"), format="alpaca", **common)
+        chat = prepared(tmp_path, gpt2_base, path=str(tmp_path / "c.jsonl"), format="chat", **common)
+        assert all_rows(alpaca.train) == all_rows(chat.train) and len(alpaca.train) == 4
 
     tok = tokenizer_of(gpt2_base)
     built_in = prepared(
@@ -397,36 +404,49 @@ def test_alpaca_samples_are_a_user_turn_and_the_outputs_the_targets(gpt2_base, t
     )
     set_chat_template(tok, "alpaca")
     eos = tok.eos_token
-    texts = [
-        f"{eos}{NO_INPUT}\n\n### Instruction:\nName a colour.\n\n### Response:\nBlue.{eos}",
-        f"{eos}{WITH_INPUT}\n\n### Instruction:\nAdd the numbers.\n\n### Input:\n2 and 3\n\n### Response:\n5{eos}",
-        f"{eos}You are terse.\n\n### Instruction:\nGreet me.\n\n### Response:\nHi.{eos}",
-    ]
-    got = sorted(all_rows(built_in.train), key=lambda row: tok.decode(row["input_ids"]))
-    for row, text, r in zip(got, sorted(texts), sorted(rows, key=lambda r: texts[rows.index(r)]), strict=True):
-        assert tok.decode(row["input_ids"]) == text
-        assert [t for t in row["labels"] if t != IGNORE] == tok(r["output"] + eos)["input_ids"]
-        user = {"role": "user", "content": r["instruction"], "instruction": r["instruction"]}
-        user.update({"input": r["input"]} if r["input"] else {})
-        messages = [*([{"role": "system", "content": r["system"]}] if r.get("system") else []), user]
-        messages.append({"role": "assistant", "content": r["output"]})
+    want = {  # the text of each row, and its targets
+        f"{eos}{NO_INPUT}\n\n### Instruction:\nName a colour.\n\n### Response:\nBlue.{eos}": f"Blue.{eos}",
+        f"{eos}{WITH_INPUT}\n\n### Instruction:\nAdd the numbers.\n\n### Input:\n2 and 3\n\n### Response:\n5{eos}": f"5{eos}",
+        f"{eos}You are terse.\n\n### Instruction:\nGreet me.\n\n### Response:\nHi.{eos}": f"Hi.{eos}",
+        f"{eos}{NO_INPUT}\n\n### Instruction:\nAdd 2 and 3.\n\n### Response:\n5{eos}\n\n### Instruction:\nAnd 4 and 5?"
+        f"\n\n### Response:\n9{eos}": f"5{eos}9{eos}",
+    }
+    got = {tok.decode(row["input_ids"]): row for row in all_rows(built_in.train)}
+    assert sorted(got) == sorted(want)
+    for text, row in got.items():
+        assert tok.decode([t for t in row["labels"] if t != IGNORE]) == want[text]
+    for r in rows:  # (each row equals the template's own mask over the messages dist_lora gives it)
+        messages = alpaca_as_chat(r)
+        user = messages[-2]
+        user.update(
+            content=r["instruction"], instruction=r["instruction"], **({"input": r["input"]} if r.get("input") else {})
+        )
         ref = tok.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        row = got[tok.decode(ref["input_ids"])]
         assert row["input_ids"] == ref["input_ids"]
         assert row["labels"] == [
             t if m else IGNORE for t, m in zip(ref["input_ids"], ref["assistant_masks"], strict=True)
         ]
     assert turn_end_ids(tok) == [tok.eos_token_id]
 
-    bare = [{"instruction": r["instruction"], "output": r["output"]} for r in rows[:1]]
-    (tmp_path / "bare.jsonl").write_text(json.dumps(bare[0]) + "\n")
+    (tmp_path / "bare.jsonl").write_text(json.dumps({"instruction": "Name a colour.", "output": "Blue."}) + "\n")
     (tmp_path / "full.jsonl").write_text("\n".join(json.dumps(r) for r in rows[1:]) + "\n")
-    mixed = [str(tmp_path / "bare.jsonl"), str(tmp_path / "full.jsonl")]
-    both = prepared(tmp_path, gpt2_base, path=mixed, format="alpaca", **common)
-    assert sorted(map(str, all_rows(both.train))) == sorted(map(str, all_rows(alpaca.train)))
+    common = {"seq_len": 256, "system_prompt": "Be kind."}
+    for mixed in (
+        [tmp_path / "bare.jsonl", tmp_path / "full.jsonl"],
+        [tmp_path / "full.jsonl", tmp_path / "bare.jsonl"],
+    ):
+        both = prepared(tmp_path, gpt2_base, path=[str(p) for p in mixed], format="alpaca", **common)
+        alone = prepared(tmp_path, gpt2_base, path=str(tmp_path / "a.jsonl"), format="alpaca", **common)
+        assert sorted(map(str, all_rows(both.train))) == sorted(map(str, all_rows(alone.train)))
 
-    (tmp_path / "bad.jsonl").write_text(json.dumps({"instruction": "x", "output": 3}) + "\n")
-    with pytest.raises(DataError, match=r"sample 0 of .*bad.jsonl: fields 'instruction' and 'output' must be strings"):
-        prepared(tmp_path, gpt2_base, path=str(tmp_path / "bad.jsonl"), format="alpaca", seq_len=256)
+    for bad, name in (
+        ({"instruction": "x", "output": 3}, "output"),
+        ({"instruction": "x", "output": "y", "history": [["q"]]}, "history"),
+    ):
+        (tmp_path / f"bad-{name}.jsonl").write_text(json.dumps(bad) + "\n")
+        with pytest.raises(DataError, match=r"sample 0 of .*bad-.*: fields 'instruction' and 'output' must be strings"):
+            prepared(tmp_path, gpt2_base, path=str(tmp_path / f"bad-{name}.jsonl"), format="alpaca", seq_len=256)
     with pytest.raises(DataError, match=r"has no field 'instruction', 'output' \(format alpaca\).*data.format chat"):
         prepared(tmp_path, gpt2_base, path=str(tmp_path / "c.jsonl"), format="alpaca", seq_len=256)
     bare_cfg = DataConfig(path=str(tmp_path / "a.jsonl"), format="alpaca", cache_dir=str(tmp_path / "none"))
