@@ -574,8 +574,8 @@ def no_step_error(storage: Storage) -> CheckpointError:
     elif ADAPTER_CONFIG_NAME in names:
         why = f"it holds an adapter without dist_lora's {MANIFEST_NAME} (saved by PEFT, or never committed)"
         fix = (
-            "PeftModel.from_pretrained loads it, and so do dist-lora merge, generate and eval and lora.init_from "
-            "(a new run that starts from it); dist_lora verifies and resumes the steps it committed"
+            "PeftModel.from_pretrained loads it, and so do dist-lora pull, merge, generate and eval and "
+            "lora.init_from (a new run that starts from it); dist_lora verifies and resumes the steps it committed"
         )
     else:
         why = "no step-* in it"

@@ -329,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
 
     p = sub.add_parser("pull", help="download and verify a step into a local dir (PEFT and vLLM load it)")
-    p.add_argument("url", help="a step, or a checkpoint dir (its newest verified step)")
+    p.add_argument("url", help=ADAPTER_HELP)
     p.add_argument("out_dir")
     p.add_argument("--base", help="write this base model path or id into the copy's adapter_config.json")
     p.add_argument("--storage-options", help="JSON passed to fsspec")

@@ -16,7 +16,14 @@ import torch
 from torch import nn
 
 from dist_lora.api import model_of, read_adapter, resolve_step, saved_revision
-from dist_lora.checkpoint import CheckpointError, LoadedStep, read_manifest, read_verified, rehash_manifest
+from dist_lora.checkpoint import (
+    CheckpointError,
+    LoadedStep,
+    read_manifest,
+    read_peft_adapter,
+    read_verified,
+    rehash_manifest,
+)
 from dist_lora.constants import ADAPTER_CONFIG_NAME, MANIFEST_NAME
 from dist_lora.lora import base_fingerprint, base_key, check_base, lora_scaling
 from dist_lora.model import (
@@ -39,7 +46,8 @@ def pull(
     base: str | None = None,
     storage_options: dict[str, Any] | None = None,
 ) -> Path:
-    """Download a step (or a dir's newest verified step) from anywhere into a local dir, verifying every file.
+    """Download a step (or a dir's newest verified step) from anywhere into a local dir, verifying every file; or
+    an adapter PEFT saved (a directory, a URL or a hub id: :func:`peft_adapter_at`), copied as it is.
 
     The result is what ``PeftModel.from_pretrained`` and vLLM load, and ``dist-lora verify`` checks. An existing,
     non-empty ``out_dir`` is refused: nothing is overwritten. ``base`` rewrites ``base_model_name_or_path`` in the
@@ -51,7 +59,13 @@ def pull(
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise CheckpointError(f"{out} exists and is not empty; pull into a new directory")
-    step = resolve_step(step_or_dir, storage_options)
+    try:
+        step = resolve_step(step_or_dir, storage_options)
+    except CheckpointError:
+        found = peft_adapter_at(step_or_dir, storage_options)
+        if found is None:
+            raise
+        return _pull_peft(found, out, base)
     manifest = read_manifest(step)
     files = read_verified(step, manifest)
     manifest_bytes = step.read(MANIFEST_NAME)
@@ -74,6 +88,80 @@ def pull(
     local.write(MANIFEST_NAME, manifest_bytes)
     log.info("pulled %s into %s (%d files verified)", step.url, out, len(files))
     return out
+
+
+def peft_adapter_at(path: str, storage_options: dict[str, Any] | None = None) -> Storage | None:
+    """Where an adapter PEFT saved is (``adapter_config.json`` without dist_lora's manifest): ``path`` itself (a
+    directory or a URL), or a hub id's snapshot; None where there is none."""
+    from dist_lora.model import hub_adapter
+
+    store = Storage(path, storage_options)
+    names = store.listdir()
+    if ADAPTER_CONFIG_NAME in names and MANIFEST_NAME not in names:
+        return store
+    snapshot = None if names else hub_adapter(path, "pull")
+    return Storage(str(snapshot)) if snapshot is not None else None
+
+
+def _pull_peft(store: Storage, out: Path, base: str | None) -> Path:
+    """:func:`pull` of an adapter PEFT saved: its files (the top level's) copied as they are; ``base`` checked to
+    fit it (every adapter tensor's key and shape, over the base built on the meta device from its config.json) and
+    written into the copy's ``adapter_config.json``. It has no manifest: nothing to verify, said in the log."""
+    loaded = read_peft_adapter(store)  # (LoRA, in safetensors, its config a JSON object: else an error naming it)
+    assert loaded is not None
+    files = {  # (a hub snapshot's files are symlinks into its blobs)
+        name: store.read(name)
+        for name, info in sorted(store.listdir().items())
+        if info["type"] == "file" or (info["type"] == "other" and Path(store.path(name)).is_file())
+    }
+    if base:
+        from dist_lora.model import resolve_model_path
+
+        base = resolve_model_path(base, "--base")
+        if Path(base).is_dir():  # (a hub id is not fetched)
+            _check_fits(loaded, base)
+        config = dict(loaded.adapter_config, base_model_name_or_path=base, revision=None)
+        files[ADAPTER_CONFIG_NAME] = json.dumps(config, indent=2).encode()
+    local = Storage(str(out))
+    for name, data in files.items():
+        local.write(name, data)
+    log.info(
+        "pulled %s into %s (%d files; an adapter PEFT saved: no manifest, so no sha256 to verify it by)",
+        store.url,
+        out,
+        len(files),
+    )
+    return out
+
+
+def _check_fits(loaded: LoadedStep, base: str) -> None:
+    """An adapter PEFT saved against ``base``'s structure: PEFT applies its config to the base built on the meta
+    device, and every adapter tensor must be one the layers hold, of their shape (CheckpointError naming them)."""
+    import peft
+
+    from dist_lora.lora import adapter_parameters
+
+    model = build_on_meta(base, torch.float32)
+    config = peft.PeftConfig.from_peft_type(**dict(loaded.adapter_config, inference_mode=False))
+    try:
+        model = peft.get_peft_model(model, config)
+    except ValueError as e:  # (PEFT: no module of the base matches the adapter's targets)
+        raise CheckpointError(f"{loaded.url} does not fit the base {base}: {str(e).rstrip('.')}") from e
+    expected = {k: list(p.shape) for k, p in adapter_parameters(model, loaded.manifest["bias"]).items()}
+    got = {k: list(t.shape) for k, t in loaded.state.weights.items()}
+    differ = [
+        f"{k}: adapter {got.get(k, 'none')}, base's layer {expected.get(k, 'none')}"
+        for k in sorted(set(got) | set(expected))
+        if got.get(k) != expected.get(k)
+    ]
+    if differ:
+        raise CheckpointError(
+            f"{loaded.url} does not fit the base {base} ({len(differ)} tensor(s)): "
+            + "; ".join(differ[:3])
+            + ("; ..." if len(differ) > 3 else "")
+            + "; nothing written: pull it with --base of the model it was "
+            "trained over"
+        )
 
 
 def merge(

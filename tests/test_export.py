@@ -323,6 +323,49 @@ def test_pull_onto_another_base_checks_it_first(gpt2_base, gpt2_tuned_base, tmp_
     assert json.loads((pulled / "adapter_config.json").read_text())["base_model_name_or_path"] == str(gpt2_tuned_base)
 
 
+def test_pull_takes_an_adapter_peft_saved_and_checks_another_base_first(gpt2_base, tmp_path, caplog):
+    """``pull`` of an adapter PEFT saved (no manifest): from its directory, a memory:// URL and its hub id, every
+    file copied byte for byte, said to be unverified; PEFT loads the copy. ``--base`` writes the base into the
+    copy's adapter_config.json after checking that the adapter fits it (a GPT-2 of another MLP width is refused,
+    naming the tensor, nothing written)."""
+    import fsspec
+    from transformers import GPT2LMHeadModel
+
+    from tests.conftest import put_in_hub_cache
+    from tests.dist_utils import peft_adapter
+
+    source = tmp_path / "peft"
+    peft_adapter(gpt2_base, source)
+    (source / "README.md").write_text("a model card")
+    files = {f.name: f.read_bytes() for f in source.iterdir()}
+    memory = fsspec.filesystem("memory")
+    for name, data in files.items():
+        memory.pipe(f"/pull-test/{name}", data)
+    hub_id = put_in_hub_cache("dist-lora-tests/tiny-gpt2-pull-lora", source)
+    for name, url in (("dir", str(source)), ("memory", "memory://pull-test"), ("hub", hub_id)):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="dist_lora"):
+            out = pull(url, tmp_path / name)
+        assert "an adapter PEFT saved: no manifest, so no sha256 to verify it by" in caplog.text
+        copied = {f.name: f.read_bytes() for f in out.iterdir()}
+        assert copied == files, name
+    x = torch.tensor([[1, 2, 3, 4]])
+    want = logits(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(gpt2_base), source), x)
+    got = logits(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(gpt2_base), tmp_path / "dir"), x)
+    assert torch.equal(got, want)
+
+    rebased = pull(str(source), tmp_path / "rebased", base=str(gpt2_base))
+    config = json.loads((rebased / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(gpt2_base) and config["revision"] is None
+    config_of = AutoModelForCausalLM.from_pretrained(gpt2_base).config
+    config_of.n_inner = 2 * config_of.n_embd
+    GPT2LMHeadModel(config_of).save_pretrained(tmp_path / "other-mlp")
+    refused = r"does not fit the base .*other-mlp \(2 tensor\(s\)\): .*c_fc\.lora_B\.weight: adapter \[256, 8\], base's"
+    with pytest.raises(CheckpointError, match=refused):
+        pull(str(source), tmp_path / "refused", base=str(tmp_path / "other-mlp"))
+    assert not (tmp_path / "refused").exists()
+
+
 def test_plot_writes_a_png_with_resume_points_and_failed_saves(tmp_path):
     metrics = tmp_path / "metrics.jsonl"
     rows = [{"step": s, "loss": 6 - s / 10, "lr": 1e-3, "world_size": 2, "backend": "fsdp"} for s in range(1, 11)]
