@@ -545,7 +545,8 @@ def load_adapters(
 
     Each step is pulled and verified first, so a corrupt checkpoint never loads, and checked against the base's
     fingerprint as :func:`~dist_lora.api.load_checkpoint` checks it: a step of another model is refused, one
-    trained over other weights of this one loads with a warning.
+    trained over other weights of this one loads with a warning. An adapter PEFT saved (:func:`pull` takes it)
+    has no fingerprint: PEFT checks its shapes as it loads it.
     """
     from peft import PeftModel
 
@@ -556,8 +557,9 @@ def load_adapters(
     with tempfile.TemporaryDirectory(prefix="dist-lora-adapters-") as tmp:
         for name, url in adapters.items():
             local = pull(url, Path(tmp) / name, storage_options=storage_options)
-            saved = json.loads((local / MANIFEST_NAME).read_text()).get("base_fingerprint", {})
-            check_base(url, saved, fingerprint, f"load adapter {name!r} over the base")
+            if (local / MANIFEST_NAME).is_file():  # (an adapter PEFT saved has no fingerprint: PEFT checks shapes)
+                saved = json.loads((local / MANIFEST_NAME).read_text()).get("base_fingerprint", {})
+                check_base(url, saved, fingerprint, f"load adapter {name!r} over the base")
             if model is None:
                 model = PeftModel.from_pretrained(base_model, str(local), adapter_name=name)
             else:

@@ -262,9 +262,14 @@ def test_several_adapters_on_one_base_and_switching(gpt2_base, tmp_path):
         urls[name] = dist_lora.save_checkpoint(model, str(tmp_path / name), step=3, optimizer=opt)
         want[name] = logits(model, X)
     assert not torch.equal(want["alpha"], want["beta"])
+    from tests.dist_utils import peft_adapter  # (and one PEFT saved, without dist_lora's manifest)
+
+    peft_adapter(gpt2_base, tmp_path / "gamma")
+    urls["gamma"] = str(tmp_path / "gamma")
+    want["gamma"] = logits(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(gpt2_base), urls["gamma"]), X)
     multi = load_adapters(AutoModelForCausalLM.from_pretrained(gpt2_base), urls)
-    assert set(multi.peft_config) == {"alpha", "beta"}
-    for name in ("alpha", "beta", "alpha"):
+    assert set(multi.peft_config) == {"alpha", "beta", "gamma"}
+    for name in ("alpha", "gamma", "beta", "alpha"):
         multi.set_adapter(name)
         assert torch.equal(logits(multi, X), want[name]), name
 
