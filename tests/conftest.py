@@ -25,6 +25,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # hub models that put_in_hub_cache lays out, never the user's downloads, and goes away with the run
 HF_HUB_CACHE = os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="dist-lora-tests-hf-hub-")
 atexit.register(shutil.rmtree, HF_HUB_CACHE, ignore_errors=True)
+# and of datasets' (tests that read a file with datasets.load_dataset themselves would fill the user's)
+HF_DATASETS_CACHE = os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="dist-lora-tests-hf-datasets-")
+atexit.register(shutil.rmtree, HF_DATASETS_CACHE, ignore_errors=True)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if not torch.cuda.is_available():  # on a GPU machine (`pytest -m gpu`) DeepSpeed finds CUDA itself
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
