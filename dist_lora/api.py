@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,6 +134,21 @@ def _untied(loaded: LoadedStep, aliases: dict[str, str]) -> str | None:
     return None
 
 
+def adapter_mismatches(expected: Mapping[str, Sequence[int]], got: Mapping[str, Sequence[int]]) -> list[str]:
+    """How an adapter's tensors (``got``: key -> shape) differ from those the model's LoRA layers hold
+    (``expected``): a line for the missing keys, one for the unexpected keys, one per shape that differs."""
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    lines = [f"missing in checkpoint: {missing}"] if missing else []
+    lines += [f"unexpected in checkpoint: {unexpected}"] if unexpected else []
+    lines += [
+        f"shape mismatch: {k}: checkpoint {list(got[k])}, model {list(expected[k])}"
+        for k in sorted(set(got) & set(expected))
+        if list(got[k]) != list(expected[k])
+    ]
+    return lines
+
+
 def _check_step_fits(loaded: LoadedStep, backend: Backend, with_optimizer: bool) -> dict[str, Any]:
     """Strict checks of a verified step against the model; returns the broadcast header. Rank 0 only."""
     manifest, state = loaded.manifest, loaded.state
@@ -148,19 +163,10 @@ def _check_step_fits(loaded: LoadedStep, backend: Backend, with_optimizer: bool)
             f"{loaded.url} holds {untied} as different tensors, which the model trains as one (PEFT's "
             "ensure_weight_tying): the step was trained without it; load it with lora.ensure_weight_tying: false"
         )
-    got = {k: t.shape for k, t in state.weights.items()}
-    missing = sorted(set(expected) - set(got))
-    unexpected = sorted(set(got) - set(expected))
-    shapes = [
-        f"{k}: checkpoint {list(got[k])}, model {list(expected[k])}"
-        for k in sorted(set(got) & set(expected))
-        if got[k] != expected[k]
-    ]
-    if missing or unexpected or shapes:
+    mismatches = adapter_mismatches(expected, {k: t.shape for k, t in state.weights.items()})
+    if mismatches:
         lines = [f"{loaded.url} does not match the model's adapter (bias={bias!r}):"]
-        lines += [f"  missing in checkpoint: {missing}"] if missing else []
-        lines += [f"  unexpected in checkpoint: {unexpected}"] if unexpected else []
-        lines += [f"  shape mismatch: {s}" for s in shapes]
+        lines += [f"  {line}" for line in mismatches]
         overrides = lora_overrides(backend.model, loaded.adapter_config)
         lines.append(
             f"  apply LoRA as the checkpoint's adapter_config.json says: {' '.join(overrides)}"

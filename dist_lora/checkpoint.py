@@ -419,12 +419,13 @@ def read_step(step_store: Storage) -> LoadedStep:
     return LoadedStep(step_store.url, manifest, AdapterState(weights, optim), adapter_config, trainer_state)
 
 
-def read_peft_adapter(store: Storage) -> LoadedStep | None:
+def read_peft_adapter(store: Storage, names: dict[str, dict[str, Any]] | None = None) -> LoadedStep | None:
     """An adapter directory PEFT's ``save_pretrained`` wrote (adapter_config.json and adapter_model.safetensors,
     no manifest: a published adapter, or one trained elsewhere) read as a step without optimizer state, unverified
     (there is no sha256 to check it against, nor a fingerprint of its base). None where ``store`` holds no
-    adapter_config.json, or is a dist_lora step (rank 0 only)."""
-    names = store.listdir()
+    adapter_config.json, or is a dist_lora step (rank 0 only). ``names``: ``store``'s listing, where the caller
+    has it (one LIST request fewer on an object store)."""
+    names = store.listdir() if names is None else names
     if ADAPTER_CONFIG_NAME not in names or MANIFEST_NAME in names:
         return None
     config = _parse_json(store.read(ADAPTER_CONFIG_NAME), store.url_of(ADAPTER_CONFIG_NAME))

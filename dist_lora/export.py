@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dist_lora.api import model_of, read_adapter, resolve_step, saved_revision
+from dist_lora.api import adapter_mismatches, model_of, read_adapter, resolve_step, saved_revision
 from dist_lora.checkpoint import (
     CheckpointError,
     LoadedStep,
@@ -65,7 +65,7 @@ def pull(
         found = peft_adapter_at(step_or_dir, storage_options)
         if found is None:
             raise
-        return _pull_peft(found, out, base)
+        return _pull_peft(*found, out, base)
     manifest = read_manifest(step)
     files = read_verified(step, manifest)
     manifest_bytes = step.read(MANIFEST_NAME)
@@ -90,28 +90,33 @@ def pull(
     return out
 
 
-def peft_adapter_at(path: str, storage_options: dict[str, Any] | None = None) -> Storage | None:
-    """Where an adapter PEFT saved is (``adapter_config.json`` without dist_lora's manifest): ``path`` itself (a
-    directory or a URL), or a hub id's snapshot; None where there is none."""
+def peft_adapter_at(
+    path: str, storage_options: dict[str, Any] | None = None
+) -> tuple[Storage, dict[str, dict[str, Any]]] | None:
+    """Where an adapter PEFT saved is (``adapter_config.json`` without dist_lora's manifest), with its listing:
+    ``path`` itself (a directory or a URL), or a hub id's snapshot; None where there is none."""
     from dist_lora.model import hub_adapter
 
     store = Storage(path, storage_options)
     names = store.listdir()
     if ADAPTER_CONFIG_NAME in names and MANIFEST_NAME not in names:
-        return store
+        return store, names
     snapshot = None if names else hub_adapter(path, "pull")
-    return Storage(str(snapshot)) if snapshot is not None else None
+    if snapshot is None:
+        return None
+    store = Storage(str(snapshot))
+    return store, store.listdir()
 
 
-def _pull_peft(store: Storage, out: Path, base: str | None) -> Path:
+def _pull_peft(store: Storage, names: dict[str, dict[str, Any]], out: Path, base: str | None) -> Path:
     """:func:`pull` of an adapter PEFT saved: its files (the top level's) copied as they are; ``base`` checked to
     fit it (every adapter tensor's key and shape, over the base built on the meta device from its config.json) and
     written into the copy's ``adapter_config.json``. It has no manifest: nothing to verify, said in the log."""
-    loaded = read_peft_adapter(store)  # (LoRA, in safetensors, its config a JSON object: else an error naming it)
+    loaded = read_peft_adapter(store, names)  # (LoRA, in safetensors, its config a JSON object: else an error)
     assert loaded is not None
     files = {  # (a hub snapshot's files are symlinks into its blobs)
         name: store.read(name)
-        for name, info in sorted(store.listdir().items())
+        for name, info in sorted(names.items())
         if info["type"] == "file" or (info["type"] == "other" and Path(store.path(name)).is_file())
     }
     if base:
@@ -142,25 +147,21 @@ def _check_fits(loaded: LoadedStep, base: str) -> None:
     from dist_lora.lora import adapter_parameters
 
     model = build_on_meta(base, torch.float32)
-    config = peft.PeftConfig.from_peft_type(**dict(loaded.adapter_config, inference_mode=False))
+    # (named after the base checked, or PEFT warns that the config's base was renamed)
+    config = peft.PeftConfig.from_peft_type(
+        **dict(loaded.adapter_config, inference_mode=False, base_model_name_or_path=model.name_or_path)
+    )
     try:
         model = peft.get_peft_model(model, config)
     except ValueError as e:  # (PEFT: no module of the base matches the adapter's targets)
         raise CheckpointError(f"{loaded.url} does not fit the base {base}: {str(e).rstrip('.')}") from e
-    expected = {k: list(p.shape) for k, p in adapter_parameters(model, loaded.manifest["bias"]).items()}
-    got = {k: list(t.shape) for k, t in loaded.state.weights.items()}
-    differ = [
-        f"{k}: adapter {got.get(k, 'none')}, base's layer {expected.get(k, 'none')}"
-        for k in sorted(set(got) | set(expected))
-        if got.get(k) != expected.get(k)
-    ]
-    if differ:
+    expected = {k: p.shape for k, p in adapter_parameters(model, loaded.manifest["bias"]).items()}
+    mismatches = adapter_mismatches(expected, {k: t.shape for k, t in loaded.state.weights.items()})
+    if mismatches:
         raise CheckpointError(
-            f"{loaded.url} does not fit the base {base} ({len(differ)} tensor(s)): "
-            + "; ".join(differ[:3])
-            + ("; ..." if len(differ) > 3 else "")
-            + "; nothing written: pull it with --base of the model it was "
-            "trained over"
+            f"{loaded.url} does not fit the base {base}:\n  "
+            + "\n  ".join(mismatches)
+            + "\n  nothing written: pull it with --base of the model it was trained over"
         )
 
 

@@ -328,7 +328,7 @@ def test_pull_onto_another_base_checks_it_first(gpt2_base, gpt2_tuned_base, tmp_
     assert json.loads((pulled / "adapter_config.json").read_text())["base_model_name_or_path"] == str(gpt2_tuned_base)
 
 
-def test_pull_takes_an_adapter_peft_saved_and_checks_another_base_first(gpt2_base, tmp_path, caplog):
+def test_pull_takes_an_adapter_peft_saved_and_checks_another_base_first(gpt2_base, tmp_path, caplog, monkeypatch):
     """``pull`` of an adapter PEFT saved (no manifest): from its directory, a memory:// URL and its hub id, every
     file copied byte for byte, said to be unverified; PEFT loads the copy. ``--base`` writes the base into the
     copy's adapter_config.json after checking that the adapter fits it (a GPT-2 of another MLP width is refused,
@@ -347,6 +347,9 @@ def test_pull_takes_an_adapter_peft_saved_and_checks_another_base_first(gpt2_bas
     for name, data in files.items():
         memory.pipe(f"/pull-test/{name}", data)
     hub_id = put_in_hub_cache("dist-lora-tests/tiny-gpt2-pull-lora", source)
+    listed = []
+    ls = type(memory).ls
+    monkeypatch.setattr(type(memory), "ls", lambda fs, path, *a, **kw: listed.append(path) or ls(fs, path, *a, **kw))
     for name, url in (("dir", str(source)), ("memory", "memory://pull-test"), ("hub", hub_id)):
         caplog.clear()
         with caplog.at_level("INFO", logger="dist_lora"):
@@ -354,6 +357,8 @@ def test_pull_takes_an_adapter_peft_saved_and_checks_another_base_first(gpt2_bas
         assert "an adapter PEFT saved: no manifest, so no sha256 to verify it by" in caplog.text
         copied = {f.name: f.read_bytes() for f in out.iterdir()}
         assert copied == files, name
+    # one LIST request of the adapter's own (an object store's are paid for), after the two of the look for a step
+    assert listed == ["/pull-test"] * 3
     x = torch.tensor([[1, 2, 3, 4]])
     want = logits(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(gpt2_base), source), x)
     got = logits(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(gpt2_base), tmp_path / "dir"), x)
@@ -365,7 +370,10 @@ def test_pull_takes_an_adapter_peft_saved_and_checks_another_base_first(gpt2_bas
     config_of = AutoModelForCausalLM.from_pretrained(gpt2_base).config
     config_of.n_inner = 2 * config_of.n_embd
     GPT2LMHeadModel(config_of).save_pretrained(tmp_path / "other-mlp")
-    refused = r"does not fit the base .*other-mlp \(2 tensor\(s\)\): .*c_fc\.lora_B\.weight: adapter \[256, 8\], base's"
+    refused = (
+        r"(?s)does not fit the base .*other-mlp:\n  shape mismatch: "
+        r".*c_fc\.lora_B\.weight: checkpoint \[256, 8\], model \[128, 8\].*nothing written"
+    )
     with pytest.raises(CheckpointError, match=refused):
         pull(str(source), tmp_path / "refused", base=str(tmp_path / "other-mlp"))
     assert not (tmp_path / "refused").exists()
