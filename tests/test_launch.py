@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -54,6 +55,39 @@ def kill_tree(pid: int) -> None:
     for child in children:
         kill_tree(int(child))
     os.kill(pid, signal.SIGKILL)
+
+
+def descendants(pid: int) -> list[int]:
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [int(c) for child in children for c in (child, *descendants(int(child)))]
+
+
+def communicate_or_report(proc: subprocess.Popen, timeout: float) -> str:
+    """``proc.communicate(timeout)``'s output; a job still running after ``timeout`` fails the test with what it was
+    doing: each process below it (state, kernel wait channel, command line), then every Python thread's stack of
+    each (the job runs with PYTHONFAULTHANDLER=1, so SIGABRT makes faulthandler dump them before the process dies),
+    then the job's whole output."""
+    try:
+        return proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        pids = descendants(proc.pid)
+        tree = subprocess.run(
+            ["ps", "-o", "pid,ppid,stat,wchan:24,etime,args", "-p", ",".join(map(str, [proc.pid, *pids]))],
+            capture_output=True,
+            text=True,
+        ).stdout
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGABRT)
+        try:
+            output = proc.communicate(timeout=60)[0]
+        except subprocess.TimeoutExpired:
+            kill_tree(proc.pid)
+            output = proc.communicate()[0]
+        raise AssertionError(
+            f"the job did not end within {timeout} s; its processes then:\n{tree}\n"
+            f"its output (with faulthandler's stacks, after SIGABRT to each process):\n{output}"
+        ) from None
 
 
 def wait_for(predicate, proc: subprocess.Popen, timeout: float = 180) -> None:
@@ -220,7 +254,7 @@ def test_two_nodes_launched_as_slurm_launches_them_train_hsdp_with_one_replica_g
 @pytest.mark.multiproc
 @pytest.mark.timeout(300)
 def test_sigterm_saves_the_current_step_and_exits_zero(gpt2_base, tmp_path):
-    env = {**launch_env(), "NPROC_PER_NODE": "2"}
+    env = {**launch_env(), "NPROC_PER_NODE": "2", "PYTHONFAULTHANDLER": "1"}
     ckpt, metrics = tmp_path / "ckpt", tmp_path / "m.jsonl"
     # no periodic saves: the only checkpoints are the one the signal causes and the resumed run's final one
     args = run_args(
@@ -239,8 +273,8 @@ def test_sigterm_saves_the_current_step_and_exits_zero(gpt2_base, tmp_path):
         time.sleep(0.01)
         if proc.poll() is None:
             proc.send_signal(signal.SIGUSR1)
-    output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, output[-4000:]
+    output = communicate_or_report(proc, timeout=120)
+    assert proc.returncode == 0, output
     last = steps_done(metrics)[-1]
     rows = committed(ckpt)
     assert list(rows) == [last]  # a committed checkpoint at the step the job stopped at, and it verifies
