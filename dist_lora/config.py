@@ -123,8 +123,9 @@ class DataConfig:
     completion: answer}; default: text | prompt, completion | messages. chat also reads each message's role and
     content keys ({messages: conversations, role: from, content: value} is ShareGPT's layout), an optional tools
     column (each conversation's function schemas, for the chat template), and train: a message key whose false or 0
-    makes that turn context, not a target ({train: weight} reads ShareGPT's per-turn weight). alpaca reads
-    instruction, output, and the optional input, system and history columns."""
+    makes that turn context, not a target ({train: weight} reads ShareGPT's per-turn weight); completion, with
+    prompts and completions as messages, reads that tools column too. alpaca reads instruction, output, and the
+    optional input, system and history columns."""
     roles: dict[str, str] = field(default_factory=dict)
     """chat: your role names onto the chat template's, e.g. {human: user, gpt: assistant} (ShareGPT's); a role not
     named is kept. The turns whose role is then assistant are the targets."""

@@ -60,20 +60,20 @@ IGNORE = -100
 CACHE_VERSION = 2
 """Part of every cache key: raised when the same data and settings give other rows (2: a chat message's keys
 beyond its role and content, and a sample's tools, reach the chat template)."""
+TOOLS = "tools"
+"""chat and conversational completion: the optional column of each conversation's tools (function schemas, or their
+JSON), given to the chat template as ``tools``."""
 FIELDS = {
     "text": ("text",),
-    "completion": ("prompt", "completion"),
-    "chat": ("messages",),
+    "completion": ("prompt", "completion", TOOLS),
+    "chat": ("messages", TOOLS),
     "alpaca": ("instruction", "input", "output", "system", "history"),
 }
 """The fields each format reads; ``data.fields`` maps them onto a dataset's own column names."""
-OPTIONAL = {"alpaca": ("input", "system", "history")}
+OPTIONAL = {"completion": (TOOLS,), "chat": (TOOLS,), "alpaca": ("input", "system", "history")}
 """Fields a format reads where a dataset has them (a column that ``data.fields`` names is required)."""
 MESSAGE_KEYS = ("role", "content")
 """The keys chat reads in each message; ``data.fields`` maps them too (ShareGPT's ``from`` and ``value``)."""
-TOOLS = "tools"
-"""chat: the optional column of each conversation's tools (function schemas, or their JSON), given to the chat
-template as ``tools``; ``data.fields`` maps it too."""
 TRAIN = "train"
 """chat: ``data.fields={train: KEY}`` names the message key whose false or 0 makes an assistant turn context, not a
 target (ShareGPT's and axolotl's per-turn ``weight``); unmapped, every assistant turn trains."""
@@ -398,7 +398,7 @@ class Stats:
 
 def _fields(cfg: DataConfig) -> dict[str, str]:
     """The format's columns, by the names ``data.fields`` gives them."""
-    readable = (*FIELDS[cfg.format], *((*MESSAGE_KEYS, TOOLS, TRAIN) if cfg.format == "chat" else ()))
+    readable = (*FIELDS[cfg.format], *((*MESSAGE_KEYS, TRAIN) if cfg.format == "chat" else ()))
     unknown = set(cfg.fields) - set(readable)
     if unknown:
         raise DataError(
@@ -421,7 +421,7 @@ def _message_keys(cfg: DataConfig) -> tuple[str, str]:
 
 
 def _tools_column(cfg: DataConfig) -> str:
-    """chat: the column of each conversation's tools, by the name ``data.fields`` gives it."""
+    """chat and completion: the column of each conversation's tools, by the name ``data.fields`` gives it."""
     return cfg.fields.get(TOOLS, TOOLS)
 
 
@@ -823,13 +823,14 @@ def cache_key(cfg: DataConfig, tokenizer: Any, seed: int) -> str:
         "split_seed": seed if cfg.eval_fraction else None,
         "tokenizer": tokenizer_id(tokenizer),
         "format": cfg.format,
-        "fields": _fields(cfg),
+        # (tools, optional, entered the key as tools_field, where mapped, before it was a field: caches stay valid)
+        "fields": {f: column for f, column in _fields(cfg).items() if f != TOOLS},
         # (absent where chat reads the default keys and roles: earlier caches stay valid)
         **({"message_keys": _message_keys(cfg)} if cfg.format == "chat" and _message_keys(cfg) != MESSAGE_KEYS else {}),
         **({"roles": cfg.roles} if cfg.roles else {}),
         **({"turns": cfg.turns} if cfg.turns != "all" else {}),
         **({"system_prompt": cfg.system_prompt} if cfg.system_prompt is not None else {}),
-        **{f"{name}_field": cfg.fields[name] for name in (TOOLS, TRAIN) if cfg.format == "chat" and name in cfg.fields},
+        **{f"{name}_field": cfg.fields[name] for name in (TOOLS, TRAIN) if name in cfg.fields},
         "seq_len": cfg.seq_len,
         "packing": cfg.packing,
         "too_long": cfg.too_long,
@@ -900,8 +901,6 @@ def _tokenize(
 ) -> tuple[Dataset, Stats]:
     """``ds``'s samples tokenized (``sources``: where they were read from, to name a bad one), and what was kept."""
     missing = [c for c in _needed(cfg) if c not in ds.column_names]
-    if TOOLS in cfg.fields and cfg.fields[TOOLS] not in ds.column_names:  # (unmapped, the column is optional)
-        missing.append(cfg.fields[TOOLS])
     given = [c for c in ds.column_names if c not in (SAMPLE, SOURCE)]
     other = [
         f for f, names in FIELDS.items() if f != cfg.format and set(names) - set(OPTIONAL.get(f, ())) <= set(given)

@@ -202,6 +202,41 @@ def test_conversational_prompt_completion_gives_the_rows_of_chat_on_its_last_tur
         prepared(tmp_path / "mixed", gpt2_base, path=str(tmp_path / "mixed.jsonl"), format="completion")
 
 
+def test_conversational_completion_reads_the_tools_column_as_chat_does(gpt2_base, tmp_path):
+    """Conversational prompt-completion's optional tools column, as chat's: its rows equal those of chat with
+    data.turns=last over the same conversations and tools (the tools rendered); with a source that lacks the
+    column, each source gives its rows alone; data.fields names it, and a column it names is required."""
+    tok = tokenizer_of(gpt2_base)
+    tok.chat_template = TOOLS_TEMPLATE
+    conversations = [json.loads(line)["messages"] for line in (DATA / "chat.jsonl").read_text().splitlines()][:6]
+    number = {"type": "number"}
+    tools = [
+        {"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {"a": number}}}}
+    ]
+
+    def write(name: str, samples: list[dict]) -> str:
+        (tmp_path / name).write_text("".join(json.dumps(s) + "\n" for s in samples))
+        return str(tmp_path / name)
+
+    split = [{"prompt": m[:-1], "completion": m[-1:]} for m in conversations]
+    with_tools = write("tools.jsonl", [{**s, "tools": tools} for s in split[:3]])
+    without = write("plain.jsonl", split[3:])
+    chat = write("chat.jsonl", [{"messages": m, "tools": tools} for m in conversations[:3]])
+    mapped = write("mapped.jsonl", [{**s, "functions": tools} for s in split[:3]])
+
+    def rows(path: str | list[str], **data) -> list[dict]:  # type: ignore[no-untyped-def]
+        cfg = DataConfig(path=path, seq_len=512, cache_dir=str(tmp_path / f"cache-{len(os.listdir(tmp_path))}"), **data)
+        return all_rows(prepare_data(cfg, tok, seed=0).train)
+
+    alone = rows(with_tools, format="completion")
+    assert alone == rows(chat, format="chat", turns="last")
+    assert all("Tools:" in tok.decode(row["input_ids"]) for row in alone)
+    assert rows([with_tools, without], format="completion") == alone + rows(without, format="completion")
+    assert rows(mapped, format="completion", fields={"tools": "functions"}) == alone
+    with pytest.raises(DataError, match=r"plain.jsonl has no field 'functions' \(format completion\)"):
+        rows([mapped, without], format="completion", fields={"tools": "functions"})
+
+
 def test_shown_rows_mark_exactly_the_target_tokens_of_each_packed_sample(gpt2_base, tmp_path):
     """dist-lora check --show-rows: each packed sample of a row decoded, the runs of target tokens between the
     markers: the text without the markers is the sample's tokens decoded, the marked text is its targets
