@@ -341,17 +341,23 @@ def _override(setting: str, value: Any) -> str:
     return shlex.quote(f"{setting}={text}")
 
 
+def adapter_settings(config: Any, saved: dict[str, Any]) -> dict[str, Any]:
+    """The settings (``{"lora.r": 4}``) that apply LoRA as ``saved`` (an adapter_config.json's dict) says, where the
+    PEFT LoRA config ``config`` differs from it; {} where either is not a PEFT LoRA config."""
+    if config is None or "r" not in saved:
+        return {}
+    return {
+        setting: saved.get(key)
+        for key, setting in ADAPTER_SETTINGS.items()
+        if _comparable(saved.get(key)) != _comparable(getattr(config, key, None))
+    }
+
+
 def lora_overrides(model: nn.Module, saved: dict[str, Any]) -> list[str]:
     """The config overrides (``lora.r=4``) that apply LoRA as ``saved`` (an adapter_config.json's dict) says, where
     the model's PEFT config differs from it; [] for loralib layers, or where ``saved`` is not a PEFT LoRA config."""
     config = (getattr(unwrap(model), "peft_config", None) or {}).get(_active_adapter(model))
-    if config is None or "r" not in saved:
-        return []
-    return [
-        _override(setting, saved.get(key))
-        for key, setting in ADAPTER_SETTINGS.items()
-        if _comparable(saved.get(key)) != _comparable(getattr(config, key, None))
-    ]
+    return [_override(setting, value) for setting, value in adapter_settings(config, saved).items()]
 
 
 def config_mismatches(model: nn.Module, saved: dict[str, Any], limit: int = 3) -> list[str]:

@@ -30,6 +30,7 @@ from dist_lora.config import (
     TrainConfig,
     best_eval_set,
     config_changes,
+    config_from_dict,
     config_to_dict,
 )
 from dist_lora.constants import ENV_WORLD_SIZE
@@ -229,6 +230,41 @@ def train(cfg: RunConfig) -> list[dict[str, Any]]:
                 trainer.checkpointer.release_lease()  # this process writes nothing more
 
 
+def lora_as_saved(cfg: RunConfig) -> RunConfig:
+    """Collective: ``cfg`` with LoRA applied as the adapter ``checkpoint.resume`` names (a step, DIR/best, a
+    checkpoint dir's newest step, an adapter PEFT saved) says in its adapter_config.json (rank, alpha, targets,
+    patterns, bias, ...), where the config's ``lora`` settings differ: an evaluation of a published adapter need
+    not restate them. Read on rank 0, shared; the settings it changed are logged. Unchanged for ``auto``/``none``."""
+    from dist_lora.api import read_adapter
+    from dist_lora.config import LoraConfig
+    from dist_lora.lora import adapter_settings, peft_lora_config
+    from dist_lora.storage import RetryPolicy
+
+    resume, ck = cfg.checkpoint.resume, cfg.checkpoint
+    if resume in (None, "auto", "none"):
+        return cfg
+
+    def differing() -> dict[str, Any]:
+        saved = read_adapter(str(resume), ck.storage_options, RetryPolicy.of(ck), "checkpoint.resume").adapter_config
+        found = adapter_settings(peft_lora_config(cfg.lora), saved)
+        if found:
+            log.info(
+                "evaluating %s with LoRA as its adapter_config.json says: %s",
+                resume,
+                ", ".join(f"{k} {getattr(cfg.lora, k.removeprefix('lora.'))!r} -> {v!r}" for k, v in found.items()),
+            )
+        return found
+
+    settings = on_rank0(differing, share=True) or {}
+    if not settings:
+        return cfg
+    data = config_to_dict(cfg, secrets=True)
+    for setting, value in settings.items():
+        key = setting.removeprefix("lora.")
+        data["lora"][key] = getattr(LoraConfig(), key) if value is None else value  # (a key its PEFT did not write)
+    return config_from_dict(data)
+
+
 def evaluate_checkpoint(cfg: RunConfig, *, every_step: bool = False) -> list[dict[str, Any]]:
     """Collective: the eval loss of saved steps over the config's eval data (``data.eval_path`` or
     ``data.eval_fraction``), at any world size and on any engine, one result per step; writes nothing (no lease, no
@@ -239,6 +275,8 @@ def evaluate_checkpoint(cfg: RunConfig, *, every_step: bool = False) -> list[dic
     if not (cfg.data.eval_path or cfg.data.eval_fraction):
         raise ConfigError("dist-lora eval needs eval data: set data.eval_path (or data.eval_fraction)")
     with collective_job(cfg):
+        if not every_step:
+            cfg = lora_as_saved(cfg)
         trainer = Trainer(cfg, writes=False)
         steps: list[str | None] = [cfg.checkpoint.resume]
         if every_step:

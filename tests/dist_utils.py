@@ -280,7 +280,8 @@ def peft_adapter(base: Path, out: Path, r: int = 8, **config: Any) -> dict[str, 
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(7)
-    lora = peft.LoraConfig(r=r, lora_alpha=16, target_modules=["c_attn", "c_fc"], init_lora_weights=False, **config)
+    config = {"lora_alpha": 16, "target_modules": ["c_attn", "c_fc"], "init_lora_weights": False, **config}
+    lora = peft.LoraConfig(r=r, **config)
     model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(base), lora)
     model.save_pretrained(out)
     return load_file(str(out / "adapter_model.safetensors"))

@@ -989,8 +989,8 @@ def test_eval_command_evaluates_an_adapter_peft_saved_by_its_directory_or_hub_id
     """``dist-lora eval`` with checkpoint.resume naming an adapter PEFT saved: its eval loss and token accuracy
     equal those of the adapter loaded in PEFT (the loss within 1e-5, the accuracy exactly), by its directory in one
     process and by its hub id at 2 ranks on FSDP2; the result has no step (no run of dist_lora's saved it) and says
-    it was read unverified; the checkpoint dir is not made. An adapter of another rank is refused, naming it."""
-    from dist_lora.lora import AdapterError
+    it was read unverified; the checkpoint dir is not made. An adapter of other LoRA settings than the config's
+    (rank, alpha, rsLoRA, targets) is evaluated as its adapter_config.json says, the log naming each change."""
     from dist_lora.train import evaluate_checkpoint
     from tests.conftest import put_in_hub_cache
 
@@ -1013,12 +1013,24 @@ def test_eval_command_evaluates_an_adapter_peft_saved_by_its_directory_or_hub_id
     (line,) = [json.loads(x) for x in out.stdout.splitlines() if x.startswith("{")]
     assert line["step"] is None and line["url"].startswith(f"{hub_id}@") and line["world_size"] == 2
     assert line["eval_loss"] == pytest.approx(loss, rel=1e-5) and line["eval_accuracy"] == accuracy
-    peft_adapter(gpt2_base, tmp_path / "r4", r=4)
-    with pytest.raises(
-        AdapterError,
-        match=r"(?s)shape mismatch: .*lora_A.weight: checkpoint \[4, 64\], model \[8, 64\].*says: lora.r=4$",
-    ):
-        evaluate_checkpoint(single_run(gpt2_base, ckpt, f"checkpoint.resume={tmp_path / 'r4'}", *evals))
+    peft_adapter(gpt2_base, tmp_path / "other", r=4, lora_alpha=32, use_rslora=True, target_modules=["c_attn"])
+    other = single_run(gpt2_base, ckpt, f"checkpoint.resume={tmp_path / 'other'}", *evals)
+    assert (other.lora.r, other.lora.alpha, other.lora.use_rslora, other.lora.target_modules) == (
+        8,
+        16,
+        False,
+        ["c_attn", "c_fc"],
+    )
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="dist_lora.train"):
+        (got,) = evaluate_checkpoint(other)
+    (said,) = [r.message for r in caplog.records if "with LoRA as its adapter_config.json says" in r.message]
+    assert said.startswith(f"evaluating {tmp_path / 'other'} with LoRA") and said.endswith(
+        ": lora.r 8 -> 4, lora.alpha 16 -> 32, lora.use_rslora False -> True, "
+        "lora.target_modules ['c_attn', 'c_fc'] -> ['c_attn']"
+    )
+    loss, accuracy = reference_eval(other, str(tmp_path / "other"))
+    assert got["eval_loss"] == pytest.approx(loss, rel=1e-5) and got["eval_accuracy"] == accuracy
     assert not ckpt.exists()  # (an evaluation writes nothing)
 
 
