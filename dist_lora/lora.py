@@ -319,8 +319,13 @@ ADAPTER_SETTINGS = {
 def _comparable(value: Any) -> Any:
     """A config value as PEFT's saved JSON and its live config both mean it: a set or list sorted, empty or false
     as None, ``bias`` none as None."""
-    if value in (None, False, "none") or (isinstance(value, (list, tuple, set, dict)) and not value):
-        return None
+    if (
+        value is None
+        or value is False
+        or value == "none"
+        or (isinstance(value, (list, tuple, set, dict)) and not value)
+    ):
+        return None  # (not `value in (None, False)`: 0 == False, and layer 0 is not "none")
     if isinstance(value, (list, tuple, set)):
         return sorted(value, key=str)
     return value
@@ -346,6 +351,9 @@ def adapter_settings(config: Any, saved: dict[str, Any]) -> dict[str, Any]:
     PEFT LoRA config ``config`` differs from it; {} where either is not a PEFT LoRA config."""
     if config is None or "r" not in saved:
         return {}
+    layers = saved.get("layers_to_transform")
+    if isinstance(layers, int):  # (PEFT's one layer, as dist_lora's list)
+        saved = {**saved, "layers_to_transform": [layers]}
     return {
         setting: saved.get(key)
         for key, setting in ADAPTER_SETTINGS.items()

@@ -261,7 +261,9 @@ def lora_as_saved(cfg: RunConfig) -> RunConfig:
     data = config_to_dict(cfg, secrets=True)
     for setting, value in settings.items():
         key = setting.removeprefix("lora.")
-        data["lora"][key] = getattr(LoraConfig(), key) if value is None else value  # (a key its PEFT did not write)
+        data["lora"][key] = (
+            getattr(LoraConfig(), key) if value is None else value
+        )  # (None: a key its PEFT did not write)
     return config_from_dict(data)
 
 

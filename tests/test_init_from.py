@@ -105,12 +105,13 @@ def test_an_adapter_peft_saved_or_published_on_the_hub_is_a_start(gpt2_base, tmp
 
 
 def test_an_adapter_that_does_not_fit_or_is_not_one_is_refused_before_any_step(gpt2_base, trained, tmp_path):
-    """Another rank (PEFT's and dist_lora's), another alpha, other targets (each naming the overrides that fit the
-    adapter), a pickle-only or non-LoRA PEFT dir, a path with nothing there, and a hub id not in the cache offline:
+    """Another rank (PEFT's and dist_lora's), another alpha, other targets, one layer alone (each naming the
+    overrides that fit the adapter), a pickle-only or non-LoRA PEFT dir, a path with nothing there, and a hub id not in the cache offline:
     each an error that names it and the fix; no step."""
     from dist_lora.train import train
 
     peft_adapter(gpt2_base, tmp_path / "r4", r=4)
+    peft_adapter(gpt2_base, tmp_path / "layer0", layers_to_transform=0)  # (PEFT's int: layer 0 alone)
     pickled = tmp_path / "pickled"
     peft_adapter(gpt2_base, pickled)
     torch.save(adapter(pickled), pickled / "adapter_model.bin")
@@ -140,6 +141,11 @@ def test_an_adapter_that_does_not_fit_or_is_not_one_is_refused_before_any_step(g
             AdapterError,
             rf"(?s)missing in checkpoint.*c_proj.*{as_saved}'lora.target_modules=\[c_attn,c_fc\]'$",
             "lora.target_modules=[c_attn,c_fc,c_proj]",
+        ),
+        (
+            tmp_path / "layer0",
+            AdapterError,
+            rf"(?s)missing in checkpoint: .*h\.1\.attn.*{as_saved}'lora.layers_to_transform=\[0\]'$",
         ),
         (pickled, CheckpointError, r"adapter_model.bin is a pickle.*save_pretrained"),
         (ia3, CheckpointError, "is a IA3 adapter's: dist_lora trains LoRA"),

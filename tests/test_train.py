@@ -990,7 +990,7 @@ def test_eval_command_evaluates_an_adapter_peft_saved_by_its_directory_or_hub_id
     equal those of the adapter loaded in PEFT (the loss within 1e-5, the accuracy exactly), by its directory in one
     process and by its hub id at 2 ranks on FSDP2; the result has no step (no run of dist_lora's saved it) and says
     it was read unverified; the checkpoint dir is not made. An adapter of other LoRA settings than the config's
-    (rank, alpha, rsLoRA, targets) is evaluated as its adapter_config.json says, the log naming each change."""
+    (rank, alpha, rsLoRA, targets, one layer) is evaluated as its adapter_config.json says, the log naming each."""
     from dist_lora.train import evaluate_checkpoint
     from tests.conftest import put_in_hub_cache
 
@@ -1013,7 +1013,8 @@ def test_eval_command_evaluates_an_adapter_peft_saved_by_its_directory_or_hub_id
     (line,) = [json.loads(x) for x in out.stdout.splitlines() if x.startswith("{")]
     assert line["step"] is None and line["url"].startswith(f"{hub_id}@") and line["world_size"] == 2
     assert line["eval_loss"] == pytest.approx(loss, rel=1e-5) and line["eval_accuracy"] == accuracy
-    peft_adapter(gpt2_base, tmp_path / "other", r=4, lora_alpha=32, use_rslora=True, target_modules=["c_attn"])
+    changes = {"lora_alpha": 32, "use_rslora": True, "target_modules": ["c_attn"], "layers_to_transform": 0}
+    peft_adapter(gpt2_base, tmp_path / "other", r=4, **changes)
     other = single_run(gpt2_base, ckpt, f"checkpoint.resume={tmp_path / 'other'}", *evals)
     assert (other.lora.r, other.lora.alpha, other.lora.use_rslora, other.lora.target_modules) == (
         8,
@@ -1027,7 +1028,7 @@ def test_eval_command_evaluates_an_adapter_peft_saved_by_its_directory_or_hub_id
     (said,) = [r.message for r in caplog.records if "with LoRA as its adapter_config.json says" in r.message]
     assert said.startswith(f"evaluating {tmp_path / 'other'} with LoRA") and said.endswith(
         ": lora.r 8 -> 4, lora.alpha 16 -> 32, lora.use_rslora False -> True, "
-        "lora.target_modules ['c_attn', 'c_fc'] -> ['c_attn']"
+        "lora.target_modules ['c_attn', 'c_fc'] -> ['c_attn'], lora.layers_to_transform None -> [0]"
     )
     loss, accuracy = reference_eval(other, str(tmp_path / "other"))
     assert got["eval_loss"] == pytest.approx(loss, rel=1e-5) and got["eval_accuracy"] == accuracy
