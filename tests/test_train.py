@@ -990,12 +990,12 @@ def test_eval_command_evaluates_an_adapter_peft_saved_by_its_directory_or_hub_id
     equal those of the adapter loaded in PEFT (the loss within 1e-5, the accuracy exactly), by its directory in one
     process and by its hub id at 2 ranks on FSDP2; the result has no step (no run of dist_lora's saved it) and says
     it was read unverified; the checkpoint dir is not made. An adapter of other LoRA settings than the config's
-    (rank, alpha, rsLoRA, targets, one layer) is evaluated as its adapter_config.json says, the log naming each."""
+    (rank, alpha, rsLoRA, targets, one layer) is evaluated as its adapter_config.json says, the log naming each
+    (the one evaluated by hub id at 2 ranks: rank 0 reads the settings, every rank applies them)."""
     from dist_lora.train import evaluate_checkpoint
     from tests.conftest import put_in_hub_cache
 
     peft_adapter(gpt2_base, tmp_path / "peft")
-    hub_id = put_in_hub_cache("dist-lora-tests/tiny-gpt2-eval-lora", tmp_path / "peft")
     ckpt, evals = tmp_path / "ckpt", (f"data.eval_path={corpus_path()}",)
     cfg = single_run(gpt2_base, ckpt, f"checkpoint.resume={tmp_path / 'peft'}", *evals)
     loss, accuracy = reference_eval(cfg, str(tmp_path / "peft"))
@@ -1004,15 +1004,10 @@ def test_eval_command_evaluates_an_adapter_peft_saved_by_its_directory_or_hub_id
     with caplog.at_level(logging.INFO, logger="dist_lora.train"):
         (got,) = evaluate_checkpoint(cfg)
     assert f"evaluating {tmp_path / 'peft'}: an adapter PEFT saved, read unverified" in caplog.text
+    assert "with LoRA as its adapter_config.json says" not in caplog.text  # (the config's settings are its own)
     assert got["step"] is None and got["url"] == str(tmp_path / "peft")
     assert got["eval_loss"] == pytest.approx(loss, rel=1e-5) and got["eval_accuracy"] == accuracy
-    args = [f"model.name_or_path={gpt2_base}", f"data.path={corpus_path()}", f"checkpoint.dir={ckpt}", *evals]
-    out = torchrun(
-        2, ["-m", "dist_lora", "eval", str(TINY), *args, "parallel.backend=fsdp", f"checkpoint.resume={hub_id}"]
-    )
-    (line,) = [json.loads(x) for x in out.stdout.splitlines() if x.startswith("{")]
-    assert line["step"] is None and line["url"].startswith(f"{hub_id}@") and line["world_size"] == 2
-    assert line["eval_loss"] == pytest.approx(loss, rel=1e-5) and line["eval_accuracy"] == accuracy
+
     changes = {"lora_alpha": 32, "use_rslora": True, "target_modules": ["c_attn"], "layers_to_transform": 0}
     peft_adapter(gpt2_base, tmp_path / "other", r=4, **changes)
     other = single_run(gpt2_base, ckpt, f"checkpoint.resume={tmp_path / 'other'}", *evals)
@@ -1032,6 +1027,15 @@ def test_eval_command_evaluates_an_adapter_peft_saved_by_its_directory_or_hub_id
     )
     loss, accuracy = reference_eval(other, str(tmp_path / "other"))
     assert got["eval_loss"] == pytest.approx(loss, rel=1e-5) and got["eval_accuracy"] == accuracy
+
+    hub_id = put_in_hub_cache("dist-lora-tests/tiny-gpt2-eval-lora", tmp_path / "other")
+    args = [f"model.name_or_path={gpt2_base}", f"data.path={corpus_path()}", f"checkpoint.dir={ckpt}", *evals]
+    out = torchrun(
+        2, ["-m", "dist_lora", "eval", str(TINY), *args, "parallel.backend=fsdp", f"checkpoint.resume={hub_id}"]
+    )
+    (line,) = [json.loads(x) for x in out.stdout.splitlines() if x.startswith("{")]
+    assert line["step"] is None and line["url"].startswith(f"{hub_id}@") and line["world_size"] == 2
+    assert line["eval_loss"] == pytest.approx(loss, rel=1e-5) and line["eval_accuracy"] == accuracy
     assert not ckpt.exists()  # (an evaluation writes nothing)
 
 
