@@ -261,10 +261,14 @@ def lora_as_saved(cfg: RunConfig) -> RunConfig:
     data = config_to_dict(cfg, secrets=True)
     for setting, value in settings.items():
         key = setting.removeprefix("lora.")
-        data["lora"][key] = (
-            getattr(LoraConfig(), key) if value is None else value
-        )  # (None: a key its PEFT did not write)
-    return config_from_dict(data)
+        data["lora"][key] = getattr(LoraConfig(), key) if value is None else value  # (None: PEFT did not write it)
+    try:
+        return config_from_dict(data)
+    except ConfigError as e:
+        raise ConfigError(
+            f"{e}\n  (the settings {', '.join(settings)} are {resume}'s, as its adapter_config.json says: this "
+            "config cannot evaluate that adapter as it is)"
+        ) from e
 
 
 def evaluate_checkpoint(cfg: RunConfig, *, every_step: bool = False) -> list[dict[str, Any]]:

@@ -991,7 +991,8 @@ def test_eval_command_evaluates_an_adapter_peft_saved_by_its_directory_or_hub_id
     process and by its hub id at 2 ranks on FSDP2; the result has no step (no run of dist_lora's saved it) and says
     it was read unverified; the checkpoint dir is not made. An adapter of other LoRA settings than the config's
     (rank, alpha, rsLoRA, targets, one layer) is evaluated as its adapter_config.json says, the log naming each
-    (the one evaluated by hub id at 2 ranks: rank 0 reads the settings, every rank applies them)."""
+    (the one evaluated by hub id at 2 ranks: rank 0 reads the settings, every rank applies them); settings the
+    config cannot take (DoRA over an NF4 base) are refused, naming the adapter they come from."""
     from dist_lora.train import evaluate_checkpoint
     from tests.conftest import put_in_hub_cache
 
@@ -1027,6 +1028,12 @@ def test_eval_command_evaluates_an_adapter_peft_saved_by_its_directory_or_hub_id
     )
     loss, accuracy = reference_eval(other, str(tmp_path / "other"))
     assert got["eval_loss"] == pytest.approx(loss, rel=1e-5) and got["eval_accuracy"] == accuracy
+
+    peft_adapter(gpt2_base, tmp_path / "dora", use_dora=True)  # (which this config cannot evaluate: named)
+    dora = single_run(gpt2_base, ckpt, f"checkpoint.resume={tmp_path / 'dora'}", "model.quantization=nf4", *evals)
+    refused = r"(?s)use_dora with model.quantization=nf4 is refused.*settings lora.use_dora are .*dora's, as its adap"
+    with pytest.raises(ConfigError, match=refused):
+        evaluate_checkpoint(dora)
 
     hub_id = put_in_hub_cache("dist-lora-tests/tiny-gpt2-eval-lora", tmp_path / "other")
     args = [f"model.name_or_path={gpt2_base}", f"data.path={corpus_path()}", f"checkpoint.dir={ckpt}", *evals]
