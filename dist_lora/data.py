@@ -328,7 +328,7 @@ def _as_json_text(ds: Dataset, cfg: DataConfig) -> Dataset:
     """A chat source's conversations (and tools, "" where it has none) as JSON text, its Arrow fill-in nulls left
     out: sources whose messages carry other keys (tool calls, names, weights) or whose tools have other schemas
     have other Arrow types, which cannot be joined as they are; the text of each can."""
-    messages, tools = _fields(cfg)["messages"], _tools_column(cfg)
+    messages, tools = _fields(cfg)["messages"], _fields(cfg)[TOOLS]
 
     def text(values: list[Any]) -> list[str]:
         return [v if isinstance(v, str) else json.dumps(without_nones(v)) if v is not None else "" for v in values]
@@ -418,11 +418,6 @@ def _needed(cfg: DataConfig) -> list[str]:
 def _message_keys(cfg: DataConfig) -> tuple[str, str]:
     """chat: the role and content keys of a message, by the names ``data.fields`` gives them."""
     return cfg.fields.get("role", "role"), cfg.fields.get("content", "content")
-
-
-def _tools_column(cfg: DataConfig) -> str:
-    """chat and completion: the column of each conversation's tools, by the name ``data.fields`` gives it."""
-    return cfg.fields.get(TOOLS, TOOLS)
 
 
 def without_nones(value: Any) -> Any:
@@ -617,7 +612,7 @@ def _tokenize_fn(cfg: DataConfig, tokenizer: Any) -> Callable[[dict[str, list], 
                 f"has none: {no_template_fix(tokenizer)}"
             )
         texts, spans = [], []
-        tools = batch.get(_tools_column(cfg)) or [None] * len(samples)
+        tools = batch.get(f[TOOLS]) or [None] * len(samples)
         for where, p, c, given in zip(samples, prompts, completions, tools, strict=True):
             prompt, answer = _turns(p, cfg), _turns(c, cfg)
             if prompt is None or answer is None:
@@ -634,7 +629,7 @@ def _tokenize_fn(cfg: DataConfig, tokenizer: Any) -> Callable[[dict[str, list], 
 
     def chat(batch: dict[str, list], samples: list[str]) -> dict[str, list]:
         texts, spans = [], []
-        tools = batch.get(_tools_column(cfg)) or [None] * len(samples)
+        tools = batch.get(f[TOOLS]) or [None] * len(samples)
         for where, messages, given in zip(samples, batch[f["messages"]], tools, strict=True):
             turns = _turns(messages, cfg)
             if turns is None:

@@ -24,6 +24,7 @@ from dist_lora.checkpoint import best_first, improves, list_steps
 from dist_lora.checkpointer import Checkpointer
 from dist_lora.config import (
     ConfigError,
+    LoraConfig,
     ModelConfig,
     ParallelConfig,
     RunConfig,
@@ -236,7 +237,6 @@ def lora_as_saved(cfg: RunConfig) -> RunConfig:
     patterns, bias, ...), where the config's ``lora`` settings differ: an evaluation of a published adapter need
     not restate them. Read on rank 0, shared; the settings it changed are logged. Unchanged for ``auto``/``none``."""
     from dist_lora.api import read_adapter
-    from dist_lora.config import LoraConfig
     from dist_lora.lora import adapter_settings, peft_lora_config
     from dist_lora.storage import RetryPolicy
 

@@ -106,8 +106,8 @@ def test_an_adapter_peft_saved_or_published_on_the_hub_is_a_start(gpt2_base, tmp
 
 def test_an_adapter_that_does_not_fit_or_is_not_one_is_refused_before_any_step(gpt2_base, trained, tmp_path):
     """Another rank (PEFT's and dist_lora's), another alpha, other targets, one layer alone (each naming the
-    overrides that fit the adapter), a pickle-only or non-LoRA PEFT dir, a path with nothing there, and a hub id not in the cache offline:
-    each an error that names it and the fix; no step."""
+    overrides that fit the adapter), a pickle-only or non-LoRA PEFT dir, a path with nothing there, and a hub id
+    not in the cache offline: each an error that names it and the fix; no step."""
     from dist_lora.train import train
 
     peft_adapter(gpt2_base, tmp_path / "r4", r=4)
