@@ -390,6 +390,7 @@ def resume_checkpoint(
     backend: Backend | None = None,
     retry: RetryPolicy | None = None,
     writes: bool = True,
+    loaded: LoadedStep | None = None,
 ) -> dict[str, Any] | None:
     """Collective: resume as ``checkpoint.resume`` says. "none" (or None): nothing, returns None; "auto": the
     newest committed step of ``dir`` that verifies (None if there is none; newer broken ones are skipped with a
@@ -399,13 +400,16 @@ def resume_checkpoint(
     the step resumed) is another run's: raised on every rank now, before any training, rather than at the first
     save (:func:`~dist_lora.checkpoint.check_no_newer_steps`). A run that ``writes`` nothing (an evaluation) is
     not checked so, and may name any adapter :func:`load_adapter` takes: an adapter PEFT saved has no run behind
-    it, so its state is ``{"checkpoint_url"}`` alone."""
+    it, so its state is ``{"checkpoint_url"}`` alone; ``loaded``: that adapter as rank 0 already read it
+    (:func:`read_adapter`), loaded without reading it again."""
     if resume in (None, "", "none"):
         state = None
     elif resume != "auto" and not writes:  # (an evaluation: a step, or an adapter PEFT saved)
         header = _load(
             model,
-            lambda: read_adapter(str(resume), storage_options, retry, "checkpoint.resume"),
+            lambda: (
+                loaded if loaded is not None else read_adapter(str(resume), storage_options, retry, "checkpoint.resume")
+            ),
             optimizer,
             bucket_mb,
             backend,

@@ -19,8 +19,8 @@ import torch
 
 from dist_lora import backends
 from dist_lora.agree import is_agreed, on_rank0
-from dist_lora.api import load_adapter, resume_checkpoint
-from dist_lora.checkpoint import best_first, improves, list_steps
+from dist_lora.api import load_adapter, read_adapter, resume_checkpoint
+from dist_lora.checkpoint import LoadedStep, best_first, improves, list_steps
 from dist_lora.checkpointer import Checkpointer
 from dist_lora.config import (
     ConfigError,
@@ -231,22 +231,25 @@ def train(cfg: RunConfig) -> list[dict[str, Any]]:
                 trainer.checkpointer.release_lease()  # this process writes nothing more
 
 
-def lora_as_saved(cfg: RunConfig) -> RunConfig:
+def lora_as_saved(cfg: RunConfig) -> tuple[RunConfig, LoadedStep | None]:
     """Collective: ``cfg`` with LoRA applied as the adapter ``checkpoint.resume`` names (a step, DIR/best, a
     checkpoint dir's newest step, an adapter PEFT saved) says in its adapter_config.json (rank, alpha, targets,
     patterns, bias, ...), where the config's ``lora`` settings differ: an evaluation of a published adapter need
-    not restate them. Read on rank 0, shared; the settings it changed are logged. Unchanged for ``auto``/``none``."""
-    from dist_lora.api import read_adapter
+    not restate them. Read on rank 0, shared; the settings it changed are logged. Unchanged for ``auto``/``none``.
+    Also returns the adapter as rank 0 read it (None on the other ranks), for :meth:`Trainer.resume` to load
+    rather than read it again."""
     from dist_lora.lora import adapter_settings, peft_lora_config
     from dist_lora.storage import RetryPolicy
 
     resume, ck = cfg.checkpoint.resume, cfg.checkpoint
     if resume in (None, "auto", "none"):
-        return cfg
+        return cfg, None
+    loaded: LoadedStep | None = None
 
     def differing() -> dict[str, Any]:
-        saved = read_adapter(str(resume), ck.storage_options, RetryPolicy.of(ck), "checkpoint.resume").adapter_config
-        found = adapter_settings(peft_lora_config(cfg.lora), saved)
+        nonlocal loaded
+        loaded = read_adapter(str(resume), ck.storage_options, RetryPolicy.of(ck), "checkpoint.resume")
+        found = adapter_settings(peft_lora_config(cfg.lora), loaded.adapter_config)
         if found:
             log.info(
                 "evaluating %s with LoRA as its adapter_config.json says: %s",
@@ -257,13 +260,13 @@ def lora_as_saved(cfg: RunConfig) -> RunConfig:
 
     settings = on_rank0(differing, share=True) or {}
     if not settings:
-        return cfg
+        return cfg, loaded
     data = config_to_dict(cfg, secrets=True)
     for setting, value in settings.items():
         key = setting.removeprefix("lora.")
         data["lora"][key] = getattr(LoraConfig(), key) if value is None else value  # (None: PEFT did not write it)
     try:
-        return config_from_dict(data)
+        return config_from_dict(data), loaded
     except ConfigError as e:
         raise ConfigError(
             f"{e}\n  (the settings {', '.join(settings)} are {resume}'s, as its adapter_config.json says: this "
@@ -281,8 +284,9 @@ def evaluate_checkpoint(cfg: RunConfig, *, every_step: bool = False) -> list[dic
     if not (cfg.data.eval_path or cfg.data.eval_fraction):
         raise ConfigError("dist-lora eval needs eval data: set data.eval_path (or data.eval_fraction)")
     with collective_job(cfg):
+        loaded = None
         if not every_step:
-            cfg = lora_as_saved(cfg)
+            cfg, loaded = lora_as_saved(cfg)
         trainer = Trainer(cfg, writes=False)
         steps: list[str | None] = [cfg.checkpoint.resume]
         if every_step:
@@ -295,7 +299,8 @@ def evaluate_checkpoint(cfg: RunConfig, *, every_step: bool = False) -> list[dic
             steps = list(on_rank0(committed, share=True) or [])
         results = []
         for step in steps or [None]:
-            state = trainer.resume(step)
+            state = trainer.resume(step, loaded=loaded)
+            loaded = None  # (its tensors are in the shards now)
             if trainer.resumed_from is None and step != "none":
                 raise ConfigError(
                     f"dist-lora eval: {cfg.checkpoint.dir} has no committed step to evaluate; name one with "
@@ -506,11 +511,12 @@ class Trainer:
                 )
         return plan
 
-    def resume(self, resume: str | None) -> dict[str, Any] | None:
+    def resume(self, resume: str | None, *, loaded: LoadedStep | None = None) -> dict[str, Any] | None:
         """Collective: load the adapter and optimizer state into the shards as ``checkpoint.resume`` says ("auto":
         the newest verified step of checkpoint.dir, if any; "none"; or a step's URL); returns the step's trainer
         state, or None. A trainer that only reads (``dist-lora eval``) loads the adapter's weights alone, and may be
-        given an adapter PEFT saved (a directory, a URL or a hub id), whose state has no step."""
+        given an adapter PEFT saved (a directory, a URL or a hub id), whose state has no step; ``loaded``: that
+        adapter as rank 0 already read it (:func:`lora_as_saved`)."""
         ck, t = self.cfg.checkpoint, self.cfg.train
         state = resume_checkpoint(
             self.backend.model,
@@ -522,6 +528,7 @@ class Trainer:
             backend=self.backend,
             retry=self.checkpointer.retry,
             writes=self.writes,
+            loaded=loaded,
         )
         if state is None:
             if self.cfg.lora.init_from and self.writes:

@@ -985,16 +985,29 @@ def test_eval_batch_size_sets_the_rows_of_each_eval_forward_and_not_the_result(g
 
 
 @pytest.mark.multiproc
-def test_eval_command_evaluates_an_adapter_peft_saved_by_its_directory_or_hub_id(gpt2_base, tmp_path, caplog):
+def test_eval_command_evaluates_an_adapter_peft_saved_by_its_directory_or_hub_id(
+    gpt2_base, tmp_path, caplog, monkeypatch
+):
     """``dist-lora eval`` with checkpoint.resume naming an adapter PEFT saved: its eval loss and token accuracy
     equal those of the adapter loaded in PEFT (the loss within 1e-5, the accuracy exactly), by its directory in one
     process and by its hub id at 2 ranks on FSDP2; the result has no step (no run of dist_lora's saved it) and says
     it was read unverified; the checkpoint dir is not made. An adapter of other LoRA settings than the config's
     (rank, alpha, rsLoRA, targets, one layer) is evaluated as its adapter_config.json says, the log naming each
     (the one evaluated by hub id at 2 ranks: rank 0 reads the settings, every rank applies them); settings the
-    config cannot take (DoRA over an NF4 base) are refused, naming the adapter they come from."""
+    config cannot take (DoRA over an NF4 base) are refused, naming the adapter they come from. The adapter is
+    read once for its settings and its tensors."""
+    from dist_lora import api, train
     from dist_lora.train import evaluate_checkpoint
     from tests.conftest import put_in_hub_cache
+
+    reads, read_adapter = [], api.read_adapter
+
+    def counted(path: str, *args: object) -> object:
+        reads.append(path)
+        return read_adapter(path, *args)
+
+    monkeypatch.setattr(api, "read_adapter", counted)
+    monkeypatch.setattr(train, "read_adapter", counted)
 
     peft_adapter(gpt2_base, tmp_path / "peft")
     ckpt, evals = tmp_path / "ckpt", (f"data.eval_path={corpus_path()}",)
@@ -1002,8 +1015,10 @@ def test_eval_command_evaluates_an_adapter_peft_saved_by_its_directory_or_hub_id
     loss, accuracy = reference_eval(cfg, str(tmp_path / "peft"))
     (base,) = evaluate_checkpoint(single_run(gpt2_base, ckpt, "checkpoint.resume=none", *evals))
     assert abs(base["eval_loss"] - loss) > 1e-3  # (the adapter changes the loss: equal to it, it was loaded)
+    reads.clear()
     with caplog.at_level(logging.INFO, logger="dist_lora.train"):
         (got,) = evaluate_checkpoint(cfg)
+    assert reads == [str(tmp_path / "peft")]  # (once: the settings and the tensors)
     assert f"evaluating {tmp_path / 'peft'}: an adapter PEFT saved, read unverified" in caplog.text
     assert "with LoRA as its adapter_config.json says" not in caplog.text  # (the config's settings are its own)
     assert got["step"] is None and got["url"] == str(tmp_path / "peft")
@@ -1019,8 +1034,10 @@ def test_eval_command_evaluates_an_adapter_peft_saved_by_its_directory_or_hub_id
         ["c_attn", "c_fc"],
     )
     caplog.clear()
+    reads.clear()
     with caplog.at_level(logging.INFO, logger="dist_lora.train"):
         (got,) = evaluate_checkpoint(other)
+    assert reads == [str(tmp_path / "other")]
     (said,) = [r.message for r in caplog.records if "with LoRA as its adapter_config.json says" in r.message]
     assert said.startswith(f"evaluating {tmp_path / 'other'} with LoRA") and said.endswith(
         ": lora.r 8 -> 4, lora.alpha 16 -> 32, lora.use_rslora False -> True, "
