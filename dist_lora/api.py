@@ -474,6 +474,7 @@ def model_of(
     what = "base" if base_given else f"base_model_name_or_path of {loaded.url}/adapter_config.json (override: --base)"
     model = load_base(resolve_model_path(base, what), dtype, what, revision=saved_revision(adapter_config, base))
     adapter_config["inference_mode"] = False
+    adapter_config["base_model_name_or_path"] = model.name_or_path  # (the base loaded: else PEFT warns of a rename)
     config = peft.PeftConfig.from_peft_type(**adapter_config)
     try:
         model = peft.get_peft_model(model, config)
