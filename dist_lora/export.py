@@ -204,8 +204,21 @@ def merge(
         load_tokenizer(base_path, what, revision).save_pretrained(out)
     except ModelError as e:  # a base without a tokenizer: the merged weights are still complete
         log.warning("no tokenizer copied: %s", e)
+    _write_chat_template(loaded, out)
     log.info("merged %s into %s", step_or_dir, out)
     return out
+
+
+def _write_chat_template(loaded: LoadedStep, out: Path) -> None:
+    """The chat template the run rendered its samples with (its ``data.chat_template``, which its
+    trainer_state.json holds) written as the merged model's ``chat_template.jinja``, which transformers' tokenizer
+    (and so vLLM) reads before a template in tokenizer_config.json: the merged model is asked as it was trained."""
+    from transformers.utils import CHAT_TEMPLATE_FILE
+
+    template = loaded.trainer_state.get("chat_template")
+    if template:
+        (out / CHAT_TEMPLATE_FILE).write_text(template, encoding="utf-8")
+        log.info("wrote the run's chat template (data.chat_template) into %s", out / CHAT_TEMPLATE_FILE)
 
 
 def _token_indices(config: dict[str, Any], layer: str) -> list[int]:
@@ -535,6 +548,7 @@ def stream_merge(loaded: LoadedStep, base_dir: str, out_dir: str | Path, dtype: 
             shutil.copy2(extra, out / extra.name)
     if skipped:
         log.warning("not copied from %s (weights the merge did not write): %s", base_dir, ", ".join(sorted(skipped)))
+    _write_chat_template(loaded, out)
     log.info("merged %s into %s by streaming (%d tensors changed)", loaded.url, out, len(edits))
     return out
 

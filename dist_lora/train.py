@@ -392,6 +392,9 @@ class Trainer:
         tokenizer = load_tokenizer(cfg.model.name_or_path, revision=cfg.model.revision)
         check_seq_len(cfg)
         self.data = prepare_data(cfg.data, tokenizer, seed=t.seed)  # tokenized once per node, then cached
+        # the text of data.chat_template the samples were rendered with, saved with each step: its file may change,
+        # or not be where the step is read; merge and generate use it (the base's own template is in the base)
+        self.chat_template: str | None = tokenizer.chat_template if cfg.data.chat_template else None
         t = schedule(t, len(self.data))  # the run's length and warm-up in steps (epochs: known now that the rows are)
         self.cfg = cfg = replace(cfg, train=t)
         with collection_paused():  # a build makes ~10^5 objects: no full collections over the imported libraries
@@ -562,6 +565,8 @@ class Trainer:
             changed = [c for c in changed if c.startswith("data.") or (split and c.startswith("train.seed "))]
         elif reordered:
             changed.append("the global batch or the seed, so the sample order changes")
+        if "chat_template" in state and state["chat_template"] != self.chat_template:
+            changed.append("data.chat_template's text (the template the samples are rendered with)")
         if state.get("base_revision") not in (None, self.base_revision) and self.base_revision is not None:
             changed.append(
                 f"the base {self.cfg.model.name_or_path} is the hub's commit {self.base_revision} now, "
@@ -809,6 +814,7 @@ class Trainer:
                 "last_lr": lr_at(max(self.step - 1, 0), t),
             },
             "config": config_to_dict(self.cfg),
+            "chat_template": self.chat_template,
             "base_revision": self.base_revision,
             "eval_history": self.eval_history,
             "best_eval": self.best_eval(),

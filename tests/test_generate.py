@@ -1,6 +1,7 @@
 """dist-lora generate: a step's answers over its base, as PEFT gives them, rendered as the run trained."""
 
 import json
+import logging
 import subprocess
 from pathlib import Path
 
@@ -102,6 +103,36 @@ def test_a_chat_run_is_asked_through_its_template(gpt2_base, tmp_path):
     assert given["input"] == "<|user|>\nx<|endoftext|>\n<|assistant|>\n"
     with pytest.raises(ValueError, match="--format chat needs a chat template"):
         generate(step, ["x"], chat_template="")  # the tiny tokenizer has none of its own
+
+
+def test_a_chat_runs_template_travels_with_its_steps(gpt2_base, hub_pickled_gpt2, tmp_path, caplog):
+    """A run's data.chat_template (a file here) is saved as text with each step: after the file is changed,
+    generate still asks the step through the template the run trained with; merge writes it as the merged model's
+    chat_template.jinja (streaming, and the whole-model path of a base in pickle files), which its tokenizer reads;
+    a resume over the changed file says that the template differs."""
+    from dist_lora.export import merge
+    from dist_lora.train import train
+    from tests.dist_utils import single_run
+
+    template = tmp_path / "template.jinja"
+    template.write_text(TEMPLATE.read_text())
+    chat = ("data.format=chat", f"data.path={TEMPLATE.parent / 'chat.jsonl'}", f"data.chat_template={template}")
+    run = (*chat, f"data.cache_dir={tmp_path / 'cache'}", "checkpoint.every_steps=2")
+    train(single_run(gpt2_base, tmp_path / "ck", *run, "train.max_steps=2"))
+    step = str(tmp_path / "ck" / "step-00000002")
+    assert json.loads((Path(step) / "trainer_state.json").read_text())["chat_template"] == TEMPLATE.read_text()
+
+    template.write_text("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}")
+    asked = generate(step, ["x"], sampling=Sampling(max_new_tokens=2))[0]["input"]
+    assert asked == "<|user|>\nx<|endoftext|>\n<|assistant|>\n"  # (the trained template's, not the file's now)
+    for out, base in ((tmp_path / "merged", None), (tmp_path / "merged-pickled", hub_pickled_gpt2)):
+        merge(step, out, base=base)
+        assert (out / "chat_template.jinja").read_text() == TEMPLATE.read_text()
+        assert AutoTokenizer.from_pretrained(out).chat_template == TEMPLATE.read_text()
+
+    with caplog.at_level(logging.WARNING, logger="dist_lora.train"):
+        train(single_run(gpt2_base, tmp_path / "ck", *run, "train.max_steps=4"))
+    assert "data.chat_template's text (the template the samples are rendered with)" in caplog.text
 
 
 def test_an_alpaca_run_is_asked_with_alpacas_prompt(gpt2_base, tmp_path):

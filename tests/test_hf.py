@@ -142,8 +142,9 @@ def test_an_optimizer_state_a_step_cannot_hold_stops_the_run_after_its_first_ste
     callback.checkpointer.release_lease()
 
 
-def in_process_trainer(base, tmp_path, resume: str, max_steps: int, batch: int = 2):
-    """An HF Trainer of a tiny GPT-2 with LoRA in this process, saving every 2 steps through the callback."""
+def in_process_trainer(base, tmp_path, resume: str, max_steps: int, batch: int = 2, tokenizer=None):
+    """An HF Trainer of a tiny GPT-2 with LoRA in this process, saving every 2 steps through the callback;
+    ``tokenizer``: its ``processing_class``."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
@@ -159,7 +160,7 @@ def in_process_trainer(base, tmp_path, resume: str, max_steps: int, batch: int =
         use_cpu=True,
         disable_tqdm=True,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=rows)
+    trainer = Trainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer)
     return trainer, DistLoraCallback.install(
         trainer, str(tmp_path / "ckpt"), every_steps=2, resume=resume, async_save=False
     )
@@ -263,3 +264,26 @@ def test_schedule_restores_across_engines_with_other_parameter_groups():
     step = torch.optim.lr_scheduler.StepLR(two, step_size=2)
     with pytest.raises(Exception, match="parameter group"):
         _restore_scheduler(step, {"base_lrs": [0.1], "last_epoch": 3})
+
+
+def test_the_trainers_chat_template_is_kept_with_each_step_and_merged(gpt2_base, tmp_path):
+    """The Trainer's tokenizer's chat template (one set for the run, as TRL sets it) is saved with each step:
+    ``dist-lora merge`` writes it as the merged model's chat_template.jinja, which its tokenizer reads, and
+    ``dist-lora generate --format chat`` asks through it."""
+    from transformers import AutoTokenizer
+
+    from dist_lora.export import merge
+    from dist_lora.generate import Sampling, generate
+
+    template = (ROOT / "configs" / "data" / "chat_template.jinja").read_text()
+    tokenizer = AutoTokenizer.from_pretrained(gpt2_base)
+    tokenizer.chat_template, tokenizer.pad_token = template, tokenizer.eos_token  # (the Trainer pads with it)
+    trainer, callback = in_process_trainer(gpt2_base, tmp_path, "none", 2, tokenizer=tokenizer)
+    trainer.train()
+    callback.checkpointer.release_lease()
+    step = tmp_path / "ckpt" / "step-00000002"
+    assert json.loads((step / "trainer_state.json").read_text())["chat_template"] == template
+    merge(str(step), tmp_path / "merged")
+    assert AutoTokenizer.from_pretrained(tmp_path / "merged").chat_template == template
+    asked = generate(str(step), ["x"], form="chat", sampling=Sampling(max_new_tokens=1))[0]["input"]
+    assert asked == "<|user|>\nx<|endoftext|>\n<|assistant|>\n"  # (the tiny base's tokenizer has no template)

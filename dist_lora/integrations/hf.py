@@ -251,7 +251,9 @@ class DistLoraCallback(TrainerCallback):
         asked = asked or bool(due) or bool(out_of_time)
         if not asked or self.last_saved == state.global_step:
             return
-        self.save(state, kwargs["model"], kwargs["optimizer"], kwargs.get("lr_scheduler"))
+        self.save(
+            state, kwargs["model"], kwargs["optimizer"], kwargs.get("lr_scheduler"), kwargs.get("processing_class")
+        )
 
     def _clock_says(self, args: TrainingArguments) -> tuple[float, float]:
         """Rank 0's clock, told to every rank in one tiny all-reduce (each rank calls this as often): every_minutes
@@ -264,11 +266,16 @@ class DistLoraCallback(TrainerCallback):
         saves, stops = sum_over_ranks([float(self.clock.save_due(rank)), float(self.clock.out_of_time(rank))])
         return every if saves else 0.0, limit if stops else 0.0
 
-    def save(self, state: TrainerState, model: Any, optimizer: Any, lr_scheduler: Any = None) -> str | None:
-        """Collective: save the current step now (the callback calls this when the Trainer would save)."""
+    def save(
+        self, state: TrainerState, model: Any, optimizer: Any, lr_scheduler: Any = None, processing_class: Any = None
+    ) -> str | None:
+        """Collective: save the current step now (the callback calls this when the Trainer would save).
+        ``processing_class``: the Trainer's tokenizer, whose chat template the step keeps (``merge`` writes it)."""
         backend = backend_for(model, optimizer, infer_bias_mode(model))
         scheduler = _unwrap_scheduler(lr_scheduler)
+        template = getattr(processing_class, "chat_template", None)
         trainer_state = {
+            "chat_template": template if isinstance(template, str) else None,
             "epoch": state.epoch,
             "samples_seen": state.global_step * state.train_batch_size if state.train_batch_size else None,
             "global_batch_size": self._global_batch,
