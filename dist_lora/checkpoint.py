@@ -405,6 +405,12 @@ class LoadedStep:
     trainer_state: dict[str, Any]
     verified: bool = True  # False: an adapter PEFT saved, which has no manifest (no sha256, no base fingerprint)
 
+    @property
+    def chat_template(self) -> str | None:
+        """The chat template the run rendered its samples with, as its trainer_state.json keeps it, if it does."""
+        template = self.trainer_state.get("chat_template")
+        return template if isinstance(template, str) and template else None
+
 
 def read_step(step_store: Storage) -> LoadedStep:
     """Read, verify and decode one committed step (rank 0 only)."""

@@ -215,9 +215,8 @@ def _write_chat_template(loaded: LoadedStep, out: Path) -> None:
     (and so vLLM) reads before a template in tokenizer_config.json: the merged model is asked as it was trained."""
     from transformers.utils import CHAT_TEMPLATE_FILE
 
-    template = loaded.trainer_state.get("chat_template")
-    if template:
-        (out / CHAT_TEMPLATE_FILE).write_text(template, encoding="utf-8")
+    if loaded.chat_template:
+        (out / CHAT_TEMPLATE_FILE).write_text(loaded.chat_template, encoding="utf-8")
         log.info("wrote the run's chat template (data.chat_template) into %s", out / CHAT_TEMPLATE_FILE)
 
 

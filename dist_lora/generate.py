@@ -182,8 +182,8 @@ def generate(
     )
     if chat_template is not None:
         set_chat_template(tokenizer, chat_template, "--chat-template")
-    elif loaded.trainer_state.get("chat_template"):  # the text the run rendered its samples with
-        tokenizer.chat_template = loaded.trainer_state["chat_template"]
+    elif loaded.chat_template:  # the text the run rendered its samples with
+        tokenizer.chat_template = loaded.chat_template
     else:  # a step saved before the text was: the run's data.chat_template, a template or the file it was read from
         what = f"the data.chat_template of the run that saved {step_url} (override: --chat-template)"
         set_chat_template(tokenizer, data.get("chat_template"), what)
