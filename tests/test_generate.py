@@ -18,9 +18,10 @@ from dist_lora.lora import AdapterError
 TEMPLATE = Path(__file__).resolve().parents[1] / "configs" / "data" / "chat_template.jinja"
 
 
-def saved_step(base: Path, ck: Path, *, run: dict | None = None) -> str:
+def saved_step(base: Path, ck: Path, *, run: dict | None = None, chat_template: str | None = None) -> str:
     """A step of a LoRA whose B is drawn at random (it is zero at init), so that the adapter changes the answers;
-    ``run``: the run config its trainer state records (the trainer's ``config``)."""
+    ``run``: the run config its trainer state records (the trainer's ``config``); ``chat_template``: the template
+    it records (as a loop of one's own may)."""
     torch.manual_seed(0)
     model = dist_lora.apply_lora(
         AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=4, alpha=8, target_modules=["c_attn", "c_fc"])
@@ -30,6 +31,8 @@ def saved_step(base: Path, ck: Path, *, run: dict | None = None) -> str:
             if "lora_B" in n:
                 p.normal_(0, 0.5)
     state = {"config": run} if run is not None else None
+    if chat_template is not None:
+        state = {**(state or {}), "chat_template": chat_template}
     return dist_lora.save_checkpoint(model, str(ck), step=1, trainer_state=state)
 
 
@@ -109,7 +112,8 @@ def test_a_chat_runs_template_travels_with_its_steps(gpt2_base, hub_pickled_gpt2
     """A run's data.chat_template (a file here) is saved as text with each step: after the file is changed,
     generate still asks the step through the template the run trained with; merge writes it as the merged model's
     chat_template.jinja (streaming, and the whole-model path of a base in pickle files), which its tokenizer reads;
-    a resume over the changed file says that the template differs."""
+    a resume over the changed file says that the template differs. A loop of one's own that records its template
+    in trainer_state is asked and merged with it alike."""
     from dist_lora.export import merge
     from dist_lora.train import train
     from tests.dist_utils import single_run
@@ -133,6 +137,11 @@ def test_a_chat_runs_template_travels_with_its_steps(gpt2_base, hub_pickled_gpt2
     with caplog.at_level(logging.WARNING, logger="dist_lora.train"):
         train(single_run(gpt2_base, tmp_path / "ck", *run, "train.max_steps=4"))
     assert "data.chat_template's text (the template the samples are rendered with)" in caplog.text
+
+    loop = saved_step(gpt2_base, tmp_path / "loop", chat_template=TEMPLATE.read_text())  # (a loop of one's own)
+    asked = generate(loop, ["x"], form="chat", sampling=Sampling(max_new_tokens=2))[0]["input"]
+    assert asked == "<|user|>\nx<|endoftext|>\n<|assistant|>\n"
+    assert AutoTokenizer.from_pretrained(merge(loop, tmp_path / "merged-loop")).chat_template == TEMPLATE.read_text()
 
 
 def test_an_alpaca_run_is_asked_with_alpacas_prompt(gpt2_base, tmp_path):
