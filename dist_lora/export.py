@@ -212,12 +212,41 @@ def merge(
 def _write_chat_template(loaded: LoadedStep, out: Path) -> None:
     """The chat template the run rendered its samples with (its ``data.chat_template``, which its
     trainer_state.json holds) written as the merged model's ``chat_template.jinja``, which transformers' tokenizer
-    (and so vLLM) reads before a template in tokenizer_config.json: the merged model is asked as it was trained."""
-    from transformers.utils import CHAT_TEMPLATE_FILE
+    (and so vLLM) reads before a template in tokenizer_config.json: the merged model is asked as it was trained.
+    Where the template closes an assistant turn with a special token of its own (``<|im_end|>`` over a base that
+    ends text with ``<|endoftext|>``), that token joins generation_config.json's ``eos_token_id``, which
+    transformers' ``generate`` and vLLM stop at: else the merged model talks on past the end of each answer."""
+    from transformers import AutoConfig, GenerationConfig
+    from transformers.utils import CHAT_TEMPLATE_FILE, GENERATION_CONFIG_NAME
 
-    if loaded.chat_template:
-        (out / CHAT_TEMPLATE_FILE).write_text(loaded.chat_template, encoding="utf-8")
-        log.info("wrote the run's chat template (data.chat_template) into %s", out / CHAT_TEMPLATE_FILE)
+    from dist_lora.generate import turn_end_ids
+
+    if not loaded.chat_template:
+        return
+    (out / CHAT_TEMPLATE_FILE).write_text(loaded.chat_template, encoding="utf-8")
+    log.info("wrote the run's chat template (data.chat_template) into %s", out / CHAT_TEMPLATE_FILE)
+    try:
+        tokenizer = load_tokenizer(str(out), "the merged model")
+    except ModelError:  # (no tokenizer copied, said above: no token ids to stop at)
+        return
+    ends = turn_end_ids(tokenizer)
+    if (out / GENERATION_CONFIG_NAME).is_file():
+        generation = GenerationConfig.from_pretrained(out)
+    else:
+        generation = GenerationConfig.from_model_config(AutoConfig.from_pretrained(out))
+    eos = generation.eos_token_id if generation.eos_token_id is not None else tokenizer.eos_token_id
+    had = [eos] if isinstance(eos, int) else list(eos or [])
+    stops = list(dict.fromkeys([*had, *ends]))
+    if stops != had:
+        generation.eos_token_id = stops
+        generation.save_pretrained(out)
+        log.info(
+            "%s: eos_token_id %s -> %s (%s closes the chat template's assistant turn: generation stops there)",
+            out / GENERATION_CONFIG_NAME,
+            had,
+            stops,
+            tokenizer.convert_ids_to_tokens(ends[0]),
+        )
 
 
 def _token_indices(config: dict[str, Any], layer: str) -> list[int]:

@@ -191,7 +191,8 @@ def test_a_chat_answer_stops_at_the_token_that_closes_the_templates_turn(tmp_pat
 
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=32, n_layer=2, n_head=2)
+    ids = {"bos_token_id": tokenizer.eos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=32, n_layer=2, n_head=2, **ids)
     torch.manual_seed(0)
     model = GPT2LMHeadModel(config)
     with torch.no_grad():  # every position's logits: the embeddings' dot with <|im_end|>'s, its own the largest
@@ -207,6 +208,22 @@ def test_a_chat_answer_stops_at_the_token_that_closes_the_templates_turn(tmp_pat
     assert chat["finish"] == {"adapter": "stop", "base": "stop"} and chat["adapter"] == ""
     text = generate(step, ["hi"], form="text", sampling=Sampling(max_new_tokens=5))[0]
     assert text["finish"] == {"adapter": "length"}
+
+    # merged, the step's template is the model's and its turn's end a stop token, as transformers and vLLM read them
+    from transformers import GenerationConfig
+
+    from dist_lora.export import merge
+
+    loop = saved_step(tmp_path / "base", tmp_path / "loop", chat_template=CHATML)
+    merged = merge(loop, tmp_path / "merged")
+    assert GenerationConfig.from_pretrained(merged).eos_token_id == [tokenizer.eos_token_id, im_end]
+    served, served_tokenizer = AutoModelForCausalLM.from_pretrained(merged), AutoTokenizer.from_pretrained(merged)
+    turn = [{"role": "user", "content": "hi"}]
+    prompt = served_tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)
+    inputs = served_tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        out = served.generate(inputs, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    assert out[0, inputs.shape[1] :].tolist() == [im_end]  # (stopped at the turn's end, not at max_new_tokens)
 
 
 def test_tools_reach_the_chat_template(gpt2_base, tmp_path):
