@@ -265,9 +265,10 @@ def measure(model: nn.Module) -> Footprint:
     return f
 
 
-def check_and_log(model: nn.Module, plan: Plan, dtype: torch.dtype) -> dict[str, Any]:
+def check_and_log(model: nn.Module, plan: Plan, dtype: torch.dtype, *, warns: bool = True) -> dict[str, Any]:
     """Log what the quantized base takes on this rank and raise :class:`QuantizationError` if its NF4 weights do
-    not take ~4 bits each (quantization silently not applied is the failure users report). Returns the figures."""
+    not take ~4 bits each (quantization silently not applied is the failure users report). Returns the figures.
+    ``warns``: say what stays unquantized (the same plan on every rank: rank 0 says it, not each of 32 ranks)."""
     f = measure(model)
     bits = f.bits_per_weight
     full = f.nf4_weights * torch.empty((), dtype=dtype).element_size()
@@ -295,7 +296,7 @@ def check_and_log(model: nn.Module, plan: Plan, dtype: torch.dtype) -> dict[str,
         str(dtype).removeprefix("torch."),
         f.other_bytes / 1e6,
     )
-    if plan.experts:
+    if plan.experts and warns:
         share = sum(plan.experts.values()) / max(plan.frozen_weights, 1)
         log.warning(
             "NF4 quantizes nn.Linear weights, and a MoE layer's fused experts are not: %d expert tensors (%s%s), "
@@ -307,7 +308,7 @@ def check_and_log(model: nn.Module, plan: Plan, dtype: torch.dtype) -> dict[str,
             str(dtype).removeprefix("torch."),
             100 * (1 - share),
         )
-    if plan.kept:
+    if plan.kept and warns:
         log.warning(
             "NF4: %d linear weight(s) stay in %s because they do not shard evenly into whole scaler blocks: %s",
             len(plan.kept),

@@ -405,7 +405,8 @@ class Trainer:
             t.metrics_file, enabled=self.rank == 0 and self.writes, report_to=t.report_to, config=config_to_dict(cfg)
         )
         if plan is not None:  # ~4 bits per weight, or an error: a base left unquantized is a silent failure
-            self.metrics_log.event("quantization", **check_and_log(self.backend.model, plan, DTYPES[cfg.model.dtype]))
+            figures = check_and_log(self.backend.model, plan, DTYPES[cfg.model.dtype], warns=self.rank == 0)
+            self.metrics_log.event("quantization", **figures)
         self.step = 0
         self.stop = StopRequest()
         self.stopped_early = False

@@ -4,6 +4,7 @@ and its adapter is the same format as over an unquantized base (both ways); the 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -47,15 +48,23 @@ def test_nf4_layers_compute_as_torchaos_dequantized_reference(qlora_base, dtype)
     assert figures["nf4_bytes"] < figures["unquantized_equivalent_bytes"] / 3.8
 
 
-def test_weights_that_do_not_split_evenly_stay_unquantized_and_are_named(qlora_base, llama_base):
-    from dist_lora.quantize import QuantizationError, quantize_base
+def test_weights_that_do_not_split_evenly_stay_unquantized_and_are_named(qlora_base, llama_base, caplog):
+    """Named in one warning, by rank 0 alone (the plan is the same on every rank)."""
+    from dist_lora.quantize import QuantizationError, check_and_log, quantize_base
 
-    plan = quantize_base(_peft_model(qlora_base), shards=4, device=torch.device("cpu"))
+    model = _peft_model(qlora_base)
+    plan = quantize_base(model, shards=4, device=torch.device("cpu"))
     # k_proj and v_proj are 128 x 256: two scaler blocks, which 4 ranks cannot split
     assert sorted(plan.kept) == sorted(
         f"model.layers.{i}.self_attn.{p}_proj.weight" for i in range(2) for p in ("k", "v")
     )
     assert "does not split into 4 equal row ranges" in next(iter(plan.kept.values()))
+    with caplog.at_level(logging.WARNING, logger="dist_lora.quantize"):
+        check_and_log(model, plan, torch.bfloat16, warns=False)  # (a rank but rank 0)
+        assert not caplog.records
+        check_and_log(model, plan, torch.bfloat16)
+    (said,) = [r.message for r in caplog.records]
+    assert said.startswith("NF4: 4 linear weight(s) stay in bfloat16 because they do not shard evenly")
     with pytest.raises(QuantizationError, match=r"at 1 shard\(s\): model.layers.0.self_attn.q_proj.weight \(64, 64\)"):
         quantize_base(_peft_model(llama_base), shards=1, device=torch.device("cpu"))  # 64-wide: too small
 
