@@ -566,7 +566,8 @@ class Trainer:
             changed = [c for c in changed if c.startswith("data.") or (split and c.startswith("train.seed "))]
         elif reordered:
             changed.append("the global batch or the seed, so the sample order changes")
-        if "chat_template" in state and state["chat_template"] != self.chat_template:
+        saved_template = state.get("chat_template")  # (a change of data.chat_template itself is in the config's)
+        if saved_template and self.chat_template and saved_template != self.chat_template:
             changed.append("data.chat_template's text (the template the samples are rendered with)")
         if state.get("base_revision") not in (None, self.base_revision) and self.base_revision is not None:
             changed.append(
