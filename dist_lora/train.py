@@ -722,12 +722,13 @@ class Trainer:
                         del out  # the logits, before the next forward makes its own
                         batches += 1
                         if sum_over_ranks([float(self.stop.requested)])[0]:
-                            log.warning(
-                                "step %d: evaluation stopped after %d batch(es) on a stop request, not recorded; "
-                                "saving the step (dist-lora eval evaluates it later)",
-                                self.step,
-                                batches,
-                            )
+                            if self.rank == 0:  # (every rank stops here)
+                                log.warning(
+                                    "step %d: evaluation stopped after %d batch(es) on a stop request, not "
+                                    "recorded; saving the step (dist-lora eval evaluates it later)",
+                                    self.step,
+                                    batches,
+                                )
                             return None
                     sums += [total, correct]
         finally:
@@ -775,6 +776,8 @@ class Trainer:
         if patience is None or plateau is None or plateau[0] < patience:
             return False
         count, best = plateau
+        if self.rank != 0:  # (every rank stops: rank 0 says why)
+            return True
         followed = best_eval_set(self.cfg)
         log.warning(
             "early stopping at step %d: the eval %s%s has not improved on %.6f (step %d) for %d evaluations "
@@ -903,7 +906,8 @@ class Trainer:
             self.metrics_log.close()
         self.checkpointer.release_lease()
         if self.stopped_early:
-            log.warning("stopped after step %d on request; the checkpoint is committed (resume: auto)", self.step)
+            if self.rank == 0:
+                log.warning("stopped after step %d on request; the checkpoint is committed (resume: auto)", self.step)
         else:
             log.info(
                 "finished at step %d, loss %.4f", self.step, self.metrics[-1]["loss"] if self.metrics else math.nan
@@ -942,7 +946,8 @@ class Trainer:
         every_eval = self.cfg.train.eval_every_steps
         if self.data.evals and ((every_eval and self.step % every_eval == 0) or self.step == self.stop_at):
             if self.stopped_early:  # a stop was requested: save first (dist-lora eval evaluates the step later)
-                log.warning("step %d: evaluation skipped on a stop request; saving the step", self.step)
+                if self.rank == 0:
+                    log.warning("step %d: evaluation skipped on a stop request; saving the step", self.step)
             elif self.evaluate() is None:  # before a save of this step, which records it
                 self.stopped_early = True  # a stop request arrived while it ran
             else:

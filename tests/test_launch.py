@@ -275,6 +275,7 @@ def test_sigterm_saves_the_current_step_and_exits_zero(gpt2_base, tmp_path):
             proc.send_signal(signal.SIGUSR1)
     output = communicate_or_report(proc, timeout=120)
     assert proc.returncode == 0, output
+    assert output.count("on request; the checkpoint is committed") == 1, output  # (rank 0 says it for both)
     last = steps_done(metrics)[-1]
     rows = committed(ckpt)
     assert list(rows) == [last]  # a committed checkpoint at the step the job stopped at, and it verifies
