@@ -318,7 +318,8 @@ class DistLoraCallback(TrainerCallback):
         if args.ignore_data_skip or loader is None or step == 0:
             return
         saved_batch, batch = saved.get("global_batch_size"), self._global_batch
-        if saved_batch not in (None, batch):
+        said = args.process_index == 0  # (every rank resumes alike; one says so)
+        if saved_batch not in (None, batch) and said:
             log.warning(
                 "%s was saved with a global batch of %s samples, and this run's is %s (processes x "
                 "per_device_train_batch_size x gradient_accumulation_steps): the data skipped to resume is counted in "
@@ -329,7 +330,10 @@ class DistLoraCallback(TrainerCallback):
                 batch,
             )
         if not hasattr(loader, "skip_batches"):
-            log.warning("the train dataloader (%s) cannot skip batches: data restarts at its beginning", type(loader))
+            if said:
+                log.warning(
+                    "the train dataloader (%s) cannot skip batches: data restarts at its beginning", type(loader)
+                )
             return
         per_epoch = max(math.ceil(len(loader) / args.gradient_accumulation_steps), 1)
         self._skip = (step // per_epoch, (step % per_epoch) * args.gradient_accumulation_steps)
