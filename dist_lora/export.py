@@ -210,25 +210,40 @@ def merge(
 
 
 def _write_chat_template(loaded: LoadedStep, out: Path) -> None:
-    """The chat template the run rendered its samples with (its ``data.chat_template``, which its
-    trainer_state.json holds) written as the merged model's ``chat_template.jinja``, which transformers' tokenizer
-    (and so vLLM) reads before a template in tokenizer_config.json: the merged model is asked as it was trained.
-    Where the template closes an assistant turn with a special token of its own (``<|im_end|>`` over a base that
-    ends text with ``<|endoftext|>``), that token joins generation_config.json's ``eos_token_id``, which
-    transformers' ``generate`` and vLLM stop at: else the merged model talks on past the end of each answer."""
+    """The merged model's tokenizer made to render chats as the run's samples were: its chat template (the run's
+    ``data.chat_template``, which its trainer_state.json holds, else the base's own) written as
+    ``chat_template.jinja``, which transformers' tokenizer (and so vLLM) reads before a template in
+    tokenizer_config.json, putting the run's ``data.system_prompt`` first in a conversation that has no system turn
+    (:func:`with_system_default`) as the run did. Where the template closes an assistant turn with a special token
+    of its own (``<|im_end|>`` over a base that ends text with ``<|endoftext|>``), that token joins
+    generation_config.json's ``eos_token_id``, which transformers' ``generate`` and vLLM stop at: else the merged
+    model talks on past the end of each answer."""
     from transformers import AutoConfig, GenerationConfig
     from transformers.utils import CHAT_TEMPLATE_FILE, GENERATION_CONFIG_NAME
 
     from dist_lora.generate import turn_end_ids
 
-    if not loaded.chat_template:
+    system = ((loaded.trainer_state.get("config") or {}).get("data") or {}).get("system_prompt")
+    if not loaded.chat_template and system is None:
         return
-    (out / CHAT_TEMPLATE_FILE).write_text(loaded.chat_template, encoding="utf-8")
-    log.info("wrote the run's chat template (data.chat_template) into %s", out / CHAT_TEMPLATE_FILE)
     try:
         tokenizer = load_tokenizer(str(out), "the merged model")
-    except ModelError:  # (no tokenizer copied, said above: no token ids to stop at)
+    except ModelError:  # (no tokenizer copied, said above)
+        tokenizer = None
+    template = loaded.chat_template or getattr(tokenizer, "chat_template", None)
+    if not isinstance(template, str) or not template:  # (a system prompt, and no template to put it in)
         return
+    if system is not None:
+        template = with_system_default(template, system)
+    (out / CHAT_TEMPLATE_FILE).write_text(template, encoding="utf-8")
+    log.info(
+        "wrote the chat template the run trained with into %s%s",
+        out / CHAT_TEMPLATE_FILE,
+        "" if system is None else ", its data.system_prompt first where a conversation has no system turn",
+    )
+    if tokenizer is None:
+        return
+    tokenizer.chat_template = template
     ends = turn_end_ids(tokenizer)
     if (out / GENERATION_CONFIG_NAME).is_file():
         generation = GenerationConfig.from_pretrained(out)
@@ -247,6 +262,19 @@ def _write_chat_template(loaded: LoadedStep, out: Path) -> None:
             stops,
             tokenizer.convert_ids_to_tokens(ends[0]),
         )
+
+
+def with_system_default(template: str, system: str) -> str:
+    """``template`` that puts ``system`` first in a conversation that has no system turn, as ``data.system_prompt``
+    did to each conversation of the run (:func:`~dist_lora.data.with_system`), so that a server asked without one
+    renders the prompt the model trained on (LLaMA-Factory and axolotl bake their default system message into the
+    exported template too). ``system`` goes in as a Jinja string literal (JSON's escapes are Jinja's)."""
+    literal = json.dumps(system, ensure_ascii=False)
+    return (
+        "{%- if not (messages | selectattr('role', 'equalto', 'system') | list) %}"
+        f"{{%- set messages = [{{'role': 'system', 'content': {literal}}}] + messages %}}"
+        "{%- endif %}" + template
+    )
 
 
 def _token_indices(config: dict[str, Any], layer: str) -> list[int]:

@@ -144,6 +144,38 @@ def test_a_chat_runs_template_travels_with_its_steps(gpt2_base, hub_pickled_gpt2
     assert AutoTokenizer.from_pretrained(merge(loop, tmp_path / "merged-loop")).chat_template == TEMPLATE.read_text()
 
 
+def test_merge_puts_the_runs_system_prompt_first_as_the_run_did(gpt2_base, tmp_path):
+    """A run with data.system_prompt: the merged model's chat template puts it first in a conversation that has no
+    system turn, as the run did to its samples, so a server asked without one renders what generate sends (the
+    prompt the model trained on); a conversation with a system turn keeps its own. The prompt comes through as it
+    is (quotes, a backslash, a newline, Jinja's delimiters, an emoji), over the run's template or, where the run set
+    none, the base's own."""
+    import shutil
+
+    from dist_lora.export import merge, with_system_default
+
+    system = 'Answer "briefly".\n\\ {{ not jinja }} %} \U0001f642'
+    run = {"data": {"format": "chat", "system_prompt": system}, "model": {"dtype": "float32"}}
+    step = saved_step(gpt2_base, tmp_path / "ck", run=run, chat_template=TEMPLATE.read_text())
+    merged = AutoTokenizer.from_pretrained(merge(step, tmp_path / "merged"))
+    asked = generate(step, ["x"], sampling=Sampling(max_new_tokens=1))[0]["input"]
+    assert asked.startswith(f"<|system|>\n{system}<|endoftext|>\n<|user|>\nx")
+    user = [{"role": "user", "content": "x"}]
+    assert merged.apply_chat_template(user, tokenize=False, add_generation_prompt=True) == asked
+    plain = AutoTokenizer.from_pretrained(gpt2_base)
+    plain.chat_template = TEMPLATE.read_text()
+    own = [{"role": "system", "content": "Be terse."}, *user]
+    assert merged.apply_chat_template(own, tokenize=False) == plain.apply_chat_template(own, tokenize=False)
+
+    base = tmp_path / "base"  # a base with a template of its own, and a run that set none
+    shutil.copytree(gpt2_base, base)
+    plain.save_pretrained(base)
+    step = saved_step(base, tmp_path / "ck-own", run=run)
+    merged = AutoTokenizer.from_pretrained(merge(step, tmp_path / "merged-own"))
+    assert merged.chat_template == with_system_default(TEMPLATE.read_text(), system)
+    assert merged.apply_chat_template(user, tokenize=False, add_generation_prompt=True) == asked
+
+
 def test_an_alpaca_run_is_asked_with_alpacas_prompt(gpt2_base, tmp_path):
     """A step of a run on data.format: alpaca with the built-in alpaca template: each prompt is the instruction of
     Alpaca's prompt, its response opened (the run's system prompt in place of the preamble); the answer is PEFT's
