@@ -32,6 +32,7 @@ from safetensors.torch import save as st_save
 from dist_lora.constants import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
+    CHAT_TEMPLATE_NAME,
     FORMAT_NAME,
     FORMAT_VERSION,
     LATEST_NAME,
@@ -40,6 +41,7 @@ from dist_lora.constants import (
     REQUIRED_FILES,
     STEP_DIGITS,
     STEP_PREFIX,
+    TOKENIZER_CONFIG_NAME,
     TRAINER_STATE_NAME,
     VERSION,
 )
@@ -450,7 +452,22 @@ def read_peft_adapter(store: Storage, names: dict[str, dict[str, Any]] | None = 
         )
     weights = _load_tensors(store.read(ADAPTER_WEIGHTS_NAME), store.url_of(ADAPTER_WEIGHTS_NAME))
     manifest = {"bias": config.get("bias", "none")}
-    return LoadedStep(store.url, manifest, AdapterState(weights), config, {}, verified=False)
+    template = _saved_chat_template(store, names)
+    state = {"chat_template": template} if template else {}
+    return LoadedStep(store.url, manifest, AdapterState(weights), config, state, verified=False)
+
+
+def _saved_chat_template(store: Storage, names: dict[str, dict[str, Any]]) -> str | None:
+    """The chat template of the tokenizer saved beside an adapter (TRL's trainers save the one they trained with):
+    its ``chat_template.jinja``, or the ``chat_template`` string of its tokenizer_config.json; None where there is
+    none (or a dict of named templates)."""
+    if CHAT_TEMPLATE_NAME in names:
+        return store.read(CHAT_TEMPLATE_NAME).decode("utf-8")
+    if TOKENIZER_CONFIG_NAME in names:
+        tokenizer_config = _parse_json(store.read(TOKENIZER_CONFIG_NAME), store.url_of(TOKENIZER_CONFIG_NAME))
+        template = tokenizer_config.get("chat_template") if isinstance(tokenizer_config, dict) else None
+        return template if isinstance(template, str) else None
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- list

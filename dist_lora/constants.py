@@ -10,6 +10,9 @@ TRAINER_STATE_NAME = "trainer_state.json"
 MANIFEST_NAME = "manifest.json"  # written last: its presence is the commit
 LATEST_NAME = "latest"  # in <dir>: the newest committed step's name (a hint)
 LEASE_NAME = ".dist_lora_lease.json"  # reserved for the writer lease
+# transformers' tokenizer files: an adapter directory may hold the tokenizer it trained with (TRL's does)
+CHAT_TEMPLATE_NAME = "chat_template.jinja"  # (transformers.utils.CHAT_TEMPLATE_FILE)
+TOKENIZER_CONFIG_NAME = "tokenizer_config.json"  # (its chat_template, in transformers before 4.50)
 
 STEP_PREFIX = "step-"
 STEP_DIGITS = 8

@@ -24,7 +24,7 @@ from dist_lora.checkpoint import (
     read_verified,
     rehash_manifest,
 )
-from dist_lora.constants import ADAPTER_CONFIG_NAME, MANIFEST_NAME
+from dist_lora.constants import ADAPTER_CONFIG_NAME, CHAT_TEMPLATE_NAME, MANIFEST_NAME
 from dist_lora.lora import base_fingerprint, base_key, check_base, lora_scaling
 from dist_lora.model import (
     ModelError,
@@ -219,7 +219,7 @@ def _write_chat_template(loaded: LoadedStep, out: Path) -> None:
     generation_config.json's ``eos_token_id``, which transformers' ``generate`` and vLLM stop at: else the merged
     model talks on past the end of each answer."""
     from transformers import AutoConfig, GenerationConfig
-    from transformers.utils import CHAT_TEMPLATE_FILE, GENERATION_CONFIG_NAME
+    from transformers.utils import GENERATION_CONFIG_NAME
 
     from dist_lora.generate import turn_end_ids
 
@@ -235,10 +235,10 @@ def _write_chat_template(loaded: LoadedStep, out: Path) -> None:
         return
     if system is not None:
         template = with_system_default(template, system)
-    (out / CHAT_TEMPLATE_FILE).write_text(template, encoding="utf-8")
+    (out / CHAT_TEMPLATE_NAME).write_text(template, encoding="utf-8")
     log.info(
         "wrote the chat template the run trained with into %s%s",
-        out / CHAT_TEMPLATE_FILE,
+        out / CHAT_TEMPLATE_NAME,
         "" if system is None else ", its data.system_prompt first where a conversation has no system turn",
     )
     if tokenizer is None:

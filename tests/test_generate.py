@@ -2,6 +2,7 @@
 
 import json
 import logging
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -150,8 +151,6 @@ def test_merge_puts_the_runs_system_prompt_first_as_the_run_did(gpt2_base, tmp_p
     prompt the model trained on); a conversation with a system turn keeps its own. The prompt comes through as it
     is (quotes, a backslash, a newline, Jinja's delimiters, an emoji), over the run's template or, where the run set
     none, the base's own."""
-    import shutil
-
     from dist_lora.export import merge, with_system_default
 
     system = 'Answer "briefly".\n\\ {{ not jinja }} %} \U0001f642'
@@ -332,7 +331,7 @@ def test_the_command_prints_the_answers(gpt2_base, tmp_path):
 
 def test_an_adapter_peft_saved_answers_as_peft_gives_it(gpt2_base, tmp_path):
     """An adapter trained elsewhere (PEFT's save_pretrained, no manifest, no run config): asked as text, its
-    answers are PeftModel.from_pretrained's."""
+    answers are PeftModel.from_pretrained's. With a tokenizer saved beside it, its chat template is the adapter's."""
     import peft
 
     torch.manual_seed(3)
@@ -342,3 +341,21 @@ def test_an_adapter_peft_saved_answers_as_peft_gives_it(gpt2_base, tmp_path):
     reference = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(gpt2_base), tmp_path / "adapter")
     tokenizer = AutoTokenizer.from_pretrained(gpt2_base)
     assert results[0]["adapter"] == greedy(reference.eval(), tokenizer, "The manifest", 8)
+
+    # the tokenizer saved beside it (as TRL's trainers save the one they trained with): its chat template is the
+    # one --format chat asks through and merge writes, from chat_template.jinja or an older tokenizer_config.json
+    from dist_lora.export import merge
+
+    tokenizer.chat_template = TEMPLATE.read_text()
+    tokenizer.save_pretrained(tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "chat_template.jinja").is_file()
+    older = tmp_path / "older"
+    shutil.copytree(tmp_path / "adapter", older)
+    (older / "chat_template.jinja").unlink()
+    config = json.loads((older / "tokenizer_config.json").read_text())
+    (older / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": TEMPLATE.read_text()}))
+    for adapter in (tmp_path / "adapter", older):
+        asked = generate(str(adapter), ["x"], form="chat", sampling=Sampling(max_new_tokens=1))[0]["input"]
+        assert asked == "<|user|>\nx<|endoftext|>\n<|assistant|>\n"
+        merged = merge(str(adapter), tmp_path / f"merged-{adapter.name}")
+        assert AutoTokenizer.from_pretrained(merged).chat_template == TEMPLATE.read_text()
