@@ -217,12 +217,7 @@ def _write_chat_template(loaded: LoadedStep, out: Path) -> None:
     (:func:`with_system_default`) as the run did. Where the template closes an assistant turn with a special token
     of its own (``<|im_end|>`` over a base that ends text with ``<|endoftext|>``), that token joins
     generation_config.json's ``eos_token_id``, which transformers' ``generate`` and vLLM stop at: else the merged
-    model talks on past the end of each answer."""
-    from transformers import AutoConfig, GenerationConfig
-    from transformers.utils import GENERATION_CONFIG_NAME
-
-    from dist_lora.generate import turn_end_ids
-
+    model talks on past the end of each answer (:func:`_stop_at_turn_end`)."""
     system = ((loaded.trainer_state.get("config") or {}).get("data") or {}).get("system_prompt")
     if not loaded.chat_template and system is None:
         return
@@ -241,9 +236,19 @@ def _write_chat_template(loaded: LoadedStep, out: Path) -> None:
         out / CHAT_TEMPLATE_NAME,
         "" if system is None else ", its data.system_prompt first where a conversation has no system turn",
     )
-    if tokenizer is None:
-        return
-    tokenizer.chat_template = template
+    if tokenizer is not None:
+        tokenizer.chat_template = template
+        _stop_at_turn_end(tokenizer, out)
+
+
+def _stop_at_turn_end(tokenizer: Any, out: Path) -> None:
+    """The special token that closes the tokenizer's chat template's assistant turn (:func:`turn_end_ids`) added
+    to ``out``'s generation_config.json's ``eos_token_id``, where it is not there yet."""
+    from transformers import AutoConfig, GenerationConfig
+    from transformers.utils import GENERATION_CONFIG_NAME
+
+    from dist_lora.generate import turn_end_ids
+
     ends = turn_end_ids(tokenizer)
     if (out / GENERATION_CONFIG_NAME).is_file():
         generation = GenerationConfig.from_pretrained(out)
