@@ -408,6 +408,12 @@ class LoadedStep:
     verified: bool = True  # False: an adapter PEFT saved, which has no manifest (no sha256, no base fingerprint)
 
     @property
+    def run_config(self) -> dict[str, Any]:
+        """The config of the run that saved the step (its trainer_state.json's ``config``); {} where none is kept."""
+        config = self.trainer_state.get("config")
+        return config if isinstance(config, dict) else {}
+
+    @property
     def chat_template(self) -> str | None:
         """The chat template the run rendered its samples with, as its trainer_state.json keeps it, if it does."""
         template = self.trainer_state.get("chat_template")

@@ -218,7 +218,7 @@ def _write_chat_template(loaded: LoadedStep, out: Path) -> None:
     of its own (``<|im_end|>`` over a base that ends text with ``<|endoftext|>``), that token joins
     generation_config.json's ``eos_token_id``, which transformers' ``generate`` and vLLM stop at: else the merged
     model talks on past the end of each answer (:func:`_stop_at_turn_end`)."""
-    system = ((loaded.trainer_state.get("config") or {}).get("data") or {}).get("system_prompt")
+    system = (loaded.run_config.get("data") or {}).get("system_prompt")
     if not loaded.chat_template and system is None:
         return
     try:

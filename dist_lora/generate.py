@@ -160,7 +160,7 @@ def generate(
         raise ValueError(f"--format must be one of {', '.join(FORMATS)} (got {form!r})")
     loaded = read_adapter(step_or_dir, storage_options, None)  # a step, or an adapter PEFT saved
     step_url, adapter_config = loaded.url, loaded.adapter_config
-    run = loaded.trainer_state.get("config") or {}  # the run that saved it: how it rendered its samples
+    run = loaded.run_config  # the run that saved it: how it rendered its samples
     data, model_cfg = run.get("data") or {}, run.get("model") or {}
     trained_as = str(data.get("format") or "text")
     form = form or ("chat" if trained_as == "alpaca" else trained_as)  # (an alpaca run's prompt: a user turn)
