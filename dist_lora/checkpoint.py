@@ -416,8 +416,13 @@ class LoadedStep:
     @property
     def chat_template(self) -> str | None:
         """The chat template the run rendered its samples with, as its trainer_state.json keeps it, if it does."""
-        template = self.trainer_state.get("chat_template")
-        return template if isinstance(template, str) and template else None
+        return template_text(self.trainer_state.get("chat_template"))
+
+
+def template_text(template: Any) -> str | None:
+    """A chat template as a step keeps it: its text, or None for none (nor an empty one, nor a tokenizer's dict of
+    named templates)."""
+    return template if isinstance(template, str) and template else None
 
 
 def read_step(step_store: Storage) -> LoadedStep:
@@ -468,11 +473,10 @@ def _saved_chat_template(store: Storage, names: dict[str, dict[str, Any]]) -> st
     its ``chat_template.jinja``, or the ``chat_template`` string of its tokenizer_config.json; None where there is
     none (or a dict of named templates)."""
     if CHAT_TEMPLATE_NAME in names:
-        return store.read(CHAT_TEMPLATE_NAME).decode("utf-8")
+        return template_text(store.read(CHAT_TEMPLATE_NAME).decode("utf-8"))
     if TOKENIZER_CONFIG_NAME in names:
         tokenizer_config = _parse_json(store.read(TOKENIZER_CONFIG_NAME), store.url_of(TOKENIZER_CONFIG_NAME))
-        template = tokenizer_config.get("chat_template") if isinstance(tokenizer_config, dict) else None
-        return template if isinstance(template, str) else None
+        return template_text(tokenizer_config.get("chat_template")) if isinstance(tokenizer_config, dict) else None
     return None
 
 

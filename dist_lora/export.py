@@ -23,6 +23,7 @@ from dist_lora.checkpoint import (
     read_peft_adapter,
     read_verified,
     rehash_manifest,
+    template_text,
 )
 from dist_lora.constants import ADAPTER_CONFIG_NAME, CHAT_TEMPLATE_NAME, MANIFEST_NAME
 from dist_lora.lora import base_fingerprint, base_key, check_base, lora_scaling
@@ -225,8 +226,8 @@ def _write_chat_template(loaded: LoadedStep, out: Path) -> None:
         tokenizer = load_tokenizer(str(out), "the merged model")
     except ModelError:  # (no tokenizer copied, said above)
         tokenizer = None
-    template = loaded.chat_template or getattr(tokenizer, "chat_template", None)
-    if not isinstance(template, str) or not template:  # (a system prompt, and no template to put it in)
+    template = loaded.chat_template or template_text(getattr(tokenizer, "chat_template", None))
+    if template is None:  # (a system prompt, and no template to put it in)
         return
     if system is not None:
         template = with_system_default(template, system)

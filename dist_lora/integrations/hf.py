@@ -25,7 +25,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from dist_lora.api import resume_checkpoint
 from dist_lora.backends import Backend, attach
 from dist_lora.backends.deepspeed import zero_layout
-from dist_lora.checkpoint import CheckpointError
+from dist_lora.checkpoint import CheckpointError, template_text
 from dist_lora.checkpointer import Checkpointer
 from dist_lora.config import CheckpointConfig, check_checkpoint
 from dist_lora.distributed import sum_over_ranks
@@ -273,9 +273,8 @@ class DistLoraCallback(TrainerCallback):
         ``processing_class``: the Trainer's tokenizer, whose chat template the step keeps (``merge`` writes it)."""
         backend = backend_for(model, optimizer, infer_bias_mode(model))
         scheduler = _unwrap_scheduler(lr_scheduler)
-        template = getattr(processing_class, "chat_template", None)
         trainer_state = {
-            "chat_template": template if isinstance(template, str) else None,
+            "chat_template": template_text(getattr(processing_class, "chat_template", None)),
             "epoch": state.epoch,
             "samples_seen": state.global_step * state.train_batch_size if state.train_batch_size else None,
             "global_batch_size": self._global_batch,
