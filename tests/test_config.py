@@ -169,6 +169,12 @@ def test_overrides_are_typed_by_yaml(tmp_path):
 def test_missing_file_and_bad_yaml(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+    # a step or a checkpoint dir where the config goes: named as typed (not as a Path, "s3:/"), with the fix
+    for where in ("s3://bucket/run1/step-00000030", str(tmp_path)):
+        with pytest.raises(
+            ConfigError, match=rf"config file {re.escape(where)} .*checkpoint\.resume={re.escape(where)}`"
+        ):
+            load_config(where)
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
