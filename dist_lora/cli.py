@@ -184,7 +184,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from dist_lora.generate import Sampling, generate, read_prompts, read_tools
 
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)
-    prompts = list(args.prompt or [])
+    prompts = [*args.prompts, *(args.prompt or [])]
     if args.prompts_file:
         prompts += read_prompts(args.prompts_file)
     results = generate(
@@ -349,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="answer prompts with a step's adapter over its base (greedy by default)")
     p.add_argument("url", help=ADAPTER_HELP)
+    p.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompts to answer (before those of --prompt)")
     p.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
     p.add_argument("--prompts-file", help='prompts, one a line: plain text, or JSON lines with a "prompt" field')
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -383,8 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)  # (argparse leaves overrides given after an option unparsed)
-    if extra and hasattr(args, "overrides") and not any(a.startswith("-") for a in extra):
-        args.overrides += extra  # check CONFIG --world-size 8 train.lr=1e-4
+    words = getattr(args, "overrides", getattr(args, "prompts", None))  # the command's trailing positionals
+    if extra and words is not None and not any(a.startswith("-") for a in extra):
+        words += extra  # check CONFIG --world-size 8 train.lr=1e-4; generate URL --max-new-tokens 8 "Hello"
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from dist_lora.logs import quiet_third_party, setup_logging

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import dist_lora
 from dist_lora.checkpoint import CheckpointError
+from dist_lora.cli import main
 from dist_lora.config import LoraConfig
 from dist_lora.generate import Sampling, generate
 from dist_lora.lora import AdapterError
@@ -299,7 +300,7 @@ def test_bad_settings_are_refused_naming_them(gpt2_base, llama_base, tmp_path):
         generate(str(tmp_path / "nothing-here"), ["x"])
 
 
-def test_the_command_prints_the_answers(gpt2_base, tmp_path):
+def test_the_command_prints_the_answers(gpt2_base, tmp_path, capsys):
     step = saved_step(gpt2_base, tmp_path / "ck")
     want = generate(step, ["The", "A"], sampling=Sampling(max_new_tokens=4), compare_base=True)
     cmd = ["dist-lora", "generate", step, "--prompt", "The", "--prompt", "A", "--max-new-tokens", "4"]
@@ -311,6 +312,9 @@ def test_the_command_prints_the_answers(gpt2_base, tmp_path):
     assert want[0]["finish"]["adapter"] == "length"  # 4 tokens, no end of text: the header says it was cut
     header = "### with the adapter (cut at --max-new-tokens)"
     assert out.stdout.startswith(f"### prompt\nThe\n{header}\n{want[0]['adapter']}\n### prompt\nA\n")
+    # prompts as words too, before and after the options (as `ollama run` or `llm` take them)
+    assert main(["generate", step, "The", "--max-new-tokens", "4", "--compare-base", "--json", "A"]) == 0
+    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == want
     out = subprocess.run([*cmd, "--temperature", "-1"], capture_output=True, text=True)
     assert out.returncode == 2 and "error: temperature must be >= 0" in out.stderr, out.stderr
 
