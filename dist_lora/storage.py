@@ -12,6 +12,7 @@ import contextlib
 import errno
 import hashlib
 import logging
+import math
 import os
 import random
 import re
@@ -321,6 +322,9 @@ class Storage:
         path = self.path(rel)
         attempts = 0
         leftovers = False
+        # s3fs sends less than two parts in one PUT, which leaves nothing behind when it fails: only a larger
+        # write can leave a multipart upload to abort (and the lease, the manifest and the small files are not)
+        multipart = len(data) >= self.put_kwargs.get("chunksize", math.inf)
 
         def put() -> None:
             nonlocal attempts, leftovers
@@ -336,7 +340,8 @@ class Storage:
                     if attempts > 1 and self._holds(rel, data):
                         return  # an earlier attempt created it and its reply was lost
                     raise AlreadyExistsError(f"{self.url_of(rel)} already exists; refusing to overwrite it") from e
-                leftovers = self.abort_multipart_uploads(rel) < 0  # s3fs leaves a failed multipart upload behind
+                if multipart:  # s3fs leaves a failed multipart upload behind
+                    leftovers = self.abort_multipart_uploads(rel) < 0
                 raise
             finally:
                 self.fs.invalidate_cache(path)

@@ -1,5 +1,6 @@
 """Storage on a local path, file://, memory:// and a real S3 server (SeaweedFS)."""
 
+import logging
 import os
 
 import pytest
@@ -84,7 +85,7 @@ def test_s3_conditional_put_is_real(s3):
 @pytest.mark.s3
 def test_s3_failed_upload_aborts_its_multipart_upload(s3, monkeypatch):
     url, options = s3
-    st = Storage(url, options)
+    st = Storage(url, {**options, "part_size_mb": 5})
     bucket, key, _ = st.fs.split_path(st.path("big.safetensors"))
 
     def failing_pipe(path, data, **kwargs):
@@ -95,10 +96,28 @@ def test_s3_failed_upload_aborts_its_multipart_upload(s3, monkeypatch):
 
     monkeypatch.setattr(st.fs, "pipe_file", failing_pipe)
     with pytest.raises(StorageError, match="connection reset mid-part"):
-        st.write("big.safetensors", b"data")
+        st.write("big.safetensors", bytes(5 * 2**20))  # a part's size: s3fs would upload it in parts
     uploads = st.fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=key).get("Uploads", [])
     assert uploads == []
     assert not st.exists("big.safetensors")
+
+
+@pytest.mark.s3
+def test_s3_failed_small_write_asks_for_no_multipart_upload(s3, monkeypatch, caplog):
+    """A write under two parts' size goes in one PUT, which leaves nothing behind: its failure (bad credentials
+    here) is reported alone, with no listing of multipart uploads and no warning that they could not be aborted."""
+    url, options = s3
+    st = Storage(url, options)
+    asked = []
+    monkeypatch.setattr(st, "abort_multipart_uploads", lambda rel: asked.append(rel) or 0)
+
+    def refused(path, data, **kwargs):
+        raise PermissionError("The request signature we calculated does not match the signature you provided.")
+
+    monkeypatch.setattr(st.fs, "pipe_file", refused)
+    with pytest.raises(StorageError, match="signature"), caplog.at_level(logging.WARNING, "dist_lora"):
+        st.write(".dist_lora_lease.json", b"{}")
+    assert asked == [] and "multipart" not in caplog.text
 
 
 @pytest.mark.s3
