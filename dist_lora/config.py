@@ -955,16 +955,16 @@ ALTERNATIVES = (("epochs", "max_steps"), ("warmup_ratio", "warmup_steps"))
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML config, apply dotted ``key=value`` overrides, validate."""
-    given, path = str(path), Path(path)
+    typed, path = str(path), Path(path)
     if not path.is_file():
         what = "is a directory" if path.is_dir() else "does not exist"
-        if "://" in given or path.is_dir():  # a step, a checkpoint dir or an adapter, given where the config goes
+        if "://" in typed or path.is_dir():  # a step, a checkpoint dir or an adapter, given where the config goes
             raise ConfigError(
-                f"config file {given} {what}: train, eval and check read the run's YAML config first; a step, a "
+                f"config file {typed} {what}: train, eval and check read the run's YAML config first; a step, a "
                 f"checkpoint dir or an adapter goes after it as an override, e.g. `dist-lora eval CONFIG "
-                f"checkpoint.resume={given}`"
+                f"checkpoint.resume={typed}`"
             )
-        raise ConfigError(f"config file {given} does not exist")
+        raise ConfigError(f"config file {typed} does not exist")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
