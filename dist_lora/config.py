@@ -957,14 +957,13 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     """Read a YAML config, apply dotted ``key=value`` overrides, validate."""
     typed, path = str(path), Path(path)
     if not path.is_file():
-        what = "is a directory" if path.is_dir() else "does not exist"
+        problem = f"config file {typed} {'is a directory' if path.is_dir() else 'does not exist'}"
         if "://" in typed or path.is_dir():  # a step, a checkpoint dir or an adapter, given where the config goes
             raise ConfigError(
-                f"config file {typed} {what}: train, eval and check read the run's YAML config first; a step, a "
-                f"checkpoint dir or an adapter goes after it as an override, e.g. `dist-lora eval CONFIG "
-                f"checkpoint.resume={typed}`"
+                f"{problem}: train, eval and check read the run's YAML config first; a step, a checkpoint dir or "
+                f"an adapter goes after it as an override, e.g. `dist-lora eval CONFIG checkpoint.resume={typed}`"
             )
-        raise ConfigError(f"config file {typed} does not exist")
+        raise ConfigError(problem)
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:

@@ -322,8 +322,9 @@ class Storage:
         path = self.path(rel)
         attempts = 0
         leftovers = False
-        # s3fs sends less than two parts in one PUT, which leaves nothing behind when it fails: only a larger
-        # write can leave a multipart upload to abort (and the lease, the manifest and the small files are not)
+        # s3fs sends less than two parts in one PUT, which leaves nothing behind when it fails: only a write of a
+        # part's size or more (a margin below s3fs's own rule) can leave a multipart upload to abort; the lease,
+        # the manifest and the other small files cannot
         multipart = len(data) >= self.put_kwargs.get("chunksize", math.inf)
 
         def put() -> None:
