@@ -352,6 +352,17 @@ class FSDPBackend(Backend):
             for key, p, fields, step in sources
         ]
 
+    def prepare_load(self, fields: list[str]) -> None:
+        """Drop every group's gathered copy, so that the next forward gathers what is loaded into the shards. A
+        forward without a backward (an evaluation) leaves some groups gathered: those that skip resharding after
+        the forward (the root, the last block, ``lm_head``, ``reshard_after_forward: false``, the trained groups of
+        ``keep_base_gathered``) reshard only after a backward, and the next forward would reuse their copy."""
+        from torch.distributed.fsdp import FSDPModule
+
+        for module in self.model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
+
     def load_full(self, p: Any, full: dict[str, torch.Tensor], step: float | None) -> None:
         def shard(t: torch.Tensor) -> torch.Tensor:
             t = t.to(p.device if not isinstance(p, DTensor) else p.to_local().device, p.dtype)
