@@ -288,7 +288,8 @@ class ParallelConfig:
     zero_stage: int = 3
     """DeepSpeed ZeRO stage (1, 2 or 3); used with backend=deepspeed."""
     mixed_precision: MixedPrecision = "none"
-    """none | bf16: FSDP2 MixedPrecisionPolicy / DeepSpeed bf16 with fp32 master weights."""
+    """none | bf16: FSDP2 MixedPrecisionPolicy / DeepSpeed bf16 with fp32 master weights / DDP and single: the
+    forward under torch.autocast to bf16."""
     deepspeed_config: str | None = None
     """A DeepSpeed JSON merged over dist_lora's (e.g. offload or overlap settings): "auto" at any depth is dist_lora's
     value, and a setting that contradicts this config (batch sizes, stage, precision, clipping, optimizer, schedule)

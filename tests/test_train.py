@@ -1442,3 +1442,35 @@ def test_a_log_file_gets_a_progress_line_every_n_steps_where_a_terminal_gets_the
         train(single_run(gpt2_base, tmp_path / "terminal", "train.max_steps=3", "train.log_every_steps=1"))
     assert not [r for r in caplog.records if re.match(r"step \d+/3 \|", r.getMessage())]
     assert re.search(r"(^|[\r\n])train: 100%", capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("engine", ["single", "ddp"])
+def test_bf16_mixed_precision_on_a_replicated_engine_runs_the_forward_under_autocast(gpt2_base, tmp_path, engine):
+    """parallel.mixed_precision: bf16 on DDP and in one process is HF Trainer's bf16=True: the forward and its loss
+    run under torch.autocast to bf16 (the same loss as the model called under it by hand, not the float32 one),
+    the weights and the adapter's gradients stay float32, and the log's engine says so."""
+    from dist_lora.train import Trainer, collective_job
+
+    cfg = single_run(
+        gpt2_base, tmp_path / "ckpt", f"parallel.backend={engine}", "parallel.mixed_precision=bf16", "lora.dropout=0"
+    )
+    with collective_job(cfg):
+        trainer = Trainer(cfg, writes=False)
+        backend, model = trainer.backend, trainer.backend.model
+        assert backend.describe() == f"{engine} (autocast to bfloat16)"
+        batch = trainer.data.train.batch([0, 1])
+        layer = next(m for name, m in model.named_modules() if name.endswith("0.attn.c_attn.base_layer"))
+        seen: list[torch.dtype] = []
+        layer.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+        loss = backend.forward(batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            by_hand = model(**batch).loss
+        plain = model(**batch).loss
+        assert seen == [torch.bfloat16, torch.bfloat16, torch.float32]
+        assert loss.item() == by_hand.item() != plain.item()
+        assert backend.outputs(batch).loss.item() == loss.item()  # evaluation too
+        backend.backward(loss, grad_accum=1, last_micro=True)
+        adapter = backend.adapter()
+        assert adapter and all(p.dtype == p.grad.dtype == torch.float32 for p in adapter.values())
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        backend.release()

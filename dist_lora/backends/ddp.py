@@ -23,7 +23,7 @@ class DDPBackend(SingleBackend):
         device_ids = [torch.cuda.current_device()] if torch.cuda.is_available() else None
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
         params = [p for p in ddp.parameters() if p.requires_grad]
-        return cls(ddp, make_optimizer(params), bias)
+        return cls(ddp, make_optimizer(params), bias, bf16_autocast=parallel.mixed_precision == "bf16")
 
     @classmethod
     def recognise(cls, model, optimizer, bias):  # type: ignore[no-untyped-def]
@@ -32,4 +32,4 @@ class DDPBackend(SingleBackend):
     def forward(self, batch: dict[str, Any], *, last_micro: bool = True) -> torch.Tensor:
         # DDP decides at forward time whether this backward all-reduces; only the last micro-batch does.
         self.model.require_backward_grad_sync = last_micro
-        return self.model(**batch).loss
+        return super().forward(batch, last_micro=last_micro)
