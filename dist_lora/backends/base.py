@@ -296,7 +296,8 @@ class Backend(ABC):
 
     def prepare_load(self, fields: list[str]) -> None:  # noqa: B027 - optional hook
         """Called once before tensors are loaded, with the optimizer state fields to be loaded (none without an
-        optimizer): engines with lazy optimizer state create those fields here."""
+        optimizer): engines with lazy optimizer state create those fields here, and engines that may hold gathered
+        copies of the parameters (FSDP2) drop them."""
 
 
 # ---------------------------------------------------------------------------------------------- helpers
