@@ -410,13 +410,18 @@ class LoadedStep:
     @property
     def run_config(self) -> dict[str, Any]:
         """The config of the run that saved the step (its trainer_state.json's ``config``); {} where none is kept."""
-        config = self.trainer_state.get("config")
-        return config if isinstance(config, dict) else {}
+        return saved_config(self.trainer_state)
 
     @property
     def chat_template(self) -> str | None:
         """The chat template the run rendered its samples with, as its trainer_state.json keeps it, if it does."""
         return template_text(self.trainer_state.get("chat_template"))
+
+
+def saved_config(trainer_state: dict[str, Any]) -> dict[str, Any]:
+    """The config of the run that saved a step, as its trainer_state.json keeps it; {} where none is kept."""
+    config = trainer_state.get("config")
+    return config if isinstance(config, dict) else {}
 
 
 def template_text(template: Any) -> str | None:

@@ -23,9 +23,10 @@ from dist_lora.checkpoint import (
     read_peft_adapter,
     read_verified,
     rehash_manifest,
+    saved_config,
     template_text,
 )
-from dist_lora.constants import ADAPTER_CONFIG_NAME, CHAT_TEMPLATE_NAME, MANIFEST_NAME
+from dist_lora.constants import ADAPTER_CONFIG_NAME, CHAT_TEMPLATE_NAME, MANIFEST_NAME, TRAINER_STATE_NAME
 from dist_lora.lora import base_fingerprint, base_key, check_base, lora_scaling
 from dist_lora.model import (
     ModelError,
@@ -87,7 +88,17 @@ def pull(
     for name, data in files.items():
         local.write(name, data)
     local.write(MANIFEST_NAME, manifest_bytes)
-    log.info("pulled %s into %s (%d files verified)", step.url, out, len(files))
+    state = json.loads(files[TRAINER_STATE_NAME])
+    template = template_text(state.get("chat_template"))
+    if template is not None:  # (outside the manifest: served beside the adapter, vLLM's --chat-template)
+        (out / CHAT_TEMPLATE_NAME).write_text(served_template(template, saved_config(state)), encoding="utf-8")
+    log.info(
+        "pulled %s into %s (%d files verified)%s",
+        step.url,
+        out,
+        len(files),
+        f"; the chat template the run trained with is {out / CHAT_TEMPLATE_NAME}" if template is not None else "",
+    )
     return out
 
 
@@ -219,7 +230,7 @@ def _write_chat_template(loaded: LoadedStep, out: Path) -> None:
     of its own (``<|im_end|>`` over a base that ends text with ``<|endoftext|>``), that token joins
     generation_config.json's ``eos_token_id``, which transformers' ``generate`` and vLLM stop at: else the merged
     model talks on past the end of each answer (:func:`_stop_at_turn_end`)."""
-    system = (loaded.run_config.get("data") or {}).get("system_prompt")
+    system = system_prompt(loaded.run_config)
     if not loaded.chat_template and system is None:
         return
     try:
@@ -229,8 +240,7 @@ def _write_chat_template(loaded: LoadedStep, out: Path) -> None:
     template = loaded.chat_template or template_text(getattr(tokenizer, "chat_template", None))
     if template is None:  # (a system prompt, and no template to put it in)
         return
-    if system is not None:
-        template = with_system_default(template, system)
+    template = served_template(template, loaded.run_config)
     (out / CHAT_TEMPLATE_NAME).write_text(template, encoding="utf-8")
     log.info(
         "wrote the chat template the run trained with into %s%s",
@@ -268,6 +278,18 @@ def _stop_at_turn_end(tokenizer: Any, out: Path) -> None:
             stops,
             tokenizer.convert_ids_to_tokens(ends[0]),
         )
+
+
+def system_prompt(run_config: dict[str, Any]) -> str | None:
+    """The ``data.system_prompt`` of a run's config (:attr:`LoadedStep.run_config`)."""
+    return (run_config.get("data") or {}).get("system_prompt")
+
+
+def served_template(template: str, run_config: dict[str, Any]) -> str:
+    """The chat template to serve a run's adapter with: ``template`` (the one its samples were rendered with), its
+    ``data.system_prompt`` first where a conversation has no system turn (:func:`with_system_default`)."""
+    system = system_prompt(run_config)
+    return template if system is None else with_system_default(template, system)
 
 
 def with_system_default(template: str, system: str) -> str:

@@ -113,10 +113,13 @@ def test_a_chat_run_is_asked_through_its_template(gpt2_base, tmp_path):
 def test_a_chat_runs_template_travels_with_its_steps(gpt2_base, hub_pickled_gpt2, tmp_path, caplog):
     """A run's data.chat_template (a file here) is saved as text with each step: after the file is changed,
     generate still asks the step through the template the run trained with; merge writes it as the merged model's
-    chat_template.jinja (streaming, and the whole-model path of a base in pickle files), which its tokenizer reads;
-    a resume over the changed file says that the template differs. A loop of one's own that records its template
+    chat_template.jinja (streaming, and the whole-model path of a base in pickle files), which its tokenizer reads,
+    and pull beside the adapter (the copy still verifies; a step without a template gets none); a resume over the
+    changed file says that the template differs. A loop of one's own that records its template
     in trainer_state is asked and merged with it alike."""
-    from dist_lora.export import merge
+    from dist_lora.checkpoint import inspect_step
+    from dist_lora.export import merge, pull
+    from dist_lora.storage import Storage
     from dist_lora.train import train
     from tests.dist_utils import single_run
 
@@ -135,6 +138,11 @@ def test_a_chat_runs_template_travels_with_its_steps(gpt2_base, hub_pickled_gpt2
         merge(step, out, base=base)
         assert (out / "chat_template.jinja").read_text() == TEMPLATE.read_text()
         assert AutoTokenizer.from_pretrained(out).chat_template == TEMPLATE.read_text()
+    pulled = pull(step, tmp_path / "pulled")  # beside the adapter, for vLLM's --chat-template
+    assert (pulled / "chat_template.jinja").read_text() == TEMPLATE.read_text()
+    assert inspect_step(Storage(str(tmp_path)), "pulled").status == "committed"  # (outside the manifest)
+    plain = saved_step(gpt2_base, tmp_path / "plain")  # a step that records no template: nothing written
+    assert not (pull(plain, tmp_path / "pulled-plain") / "chat_template.jinja").exists()
 
     with caplog.at_level(logging.WARNING, logger="dist_lora.train"):
         train(single_run(gpt2_base, tmp_path / "ck", *run, "train.max_steps=4"))
@@ -147,17 +155,19 @@ def test_a_chat_runs_template_travels_with_its_steps(gpt2_base, hub_pickled_gpt2
 
 
 def test_merge_puts_the_runs_system_prompt_first_as_the_run_did(gpt2_base, tmp_path):
-    """A run with data.system_prompt: the merged model's chat template puts it first in a conversation that has no
-    system turn, as the run did to its samples, so a server asked without one renders what generate sends (the
+    """A run with data.system_prompt: the merged model's chat template (and the one pull writes beside the adapter)
+    puts it first in a conversation that has no system turn, as the run did to its samples, so a server asked without one renders what generate sends (the
     prompt the model trained on); a conversation with a system turn keeps its own. The prompt comes through as it
     is (quotes, a backslash, a newline, Jinja's delimiters, an emoji), over the run's template or, where the run set
     none, the base's own."""
-    from dist_lora.export import merge, with_system_default
+    from dist_lora.export import merge, pull, with_system_default
 
     system = 'Answer "briefly".\n\\ {{ not jinja }} %} \U0001f642'
     run = {"data": {"format": "chat", "system_prompt": system}, "model": {"dtype": "float32"}}
     step = saved_step(gpt2_base, tmp_path / "ck", run=run, chat_template=TEMPLATE.read_text())
     merged = AutoTokenizer.from_pretrained(merge(step, tmp_path / "merged"))
+    pulled = (pull(step, tmp_path / "pulled") / "chat_template.jinja").read_text()  # the template vLLM serves with
+    assert pulled == merged.chat_template == with_system_default(TEMPLATE.read_text(), system)
     asked = generate(step, ["x"], sampling=Sampling(max_new_tokens=1))[0]["input"]
     assert asked.startswith(f"<|system|>\n{system}<|endoftext|>\n<|user|>\nx")
     user = [{"role": "user", "content": "x"}]
