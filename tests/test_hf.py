@@ -69,6 +69,12 @@ def test_trainer_saves_through_callback_and_resumes_on_one_process(engine, gpt2_
         loss, lr = second["losses"][str(step)]
         assert lr == pytest.approx(expected_lr(step), rel=1e-6), step
         assert 4.0 < loss < 7.0, (step, loss)  # ~ln(vocab): a loss averaged over the wrong step count is not
+    # the last step's history is the whole run's, each step's loss once (a step is saved after its log)
+    state = json.loads((ckpt / "step-00000008" / "trainer_state.json").read_text())
+    logged = [e for e in state["hf_trainer_state"]["log_history"] if "loss" in e]
+    assert [e["step"] for e in logged] == list(range(1, 9))
+    assert [e["epoch"] for e in logged] == pytest.approx([k / 8 for k in range(1, 9)])  # 8 steps an epoch
+    assert state["samples_seen"] == 8 * 8 and state["global_batch_size"] == 8
     # the data continues: steps 1-4 on 2 ranks and 5-8 on 1 rank see each sample of the epoch exactly once
     before, after = seen(tmp_path / "a"), seen(tmp_path / "b")
     assert sorted(before) == [1, 2, 3, 4] and sorted(after) == [5, 6, 7, 8]
@@ -142,9 +148,10 @@ def test_an_optimizer_state_a_step_cannot_hold_stops_the_run_after_its_first_ste
     callback.checkpointer.release_lease()
 
 
-def in_process_trainer(base, tmp_path, resume: str, max_steps: int, batch: int = 2, tokenizer=None):
+def in_process_trainer(base, tmp_path, resume: str, max_steps: int, batch: int = 2, tokenizer=None, **hf):
     """An HF Trainer of a tiny GPT-2 with LoRA in this process, saving every 2 steps through the callback;
-    ``tokenizer``: its ``processing_class``."""
+    ``tokenizer``: its ``processing_class``; ``hf``: TrainingArguments instead (then the Trainer decides the saves,
+    evaluating on the training rows)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
@@ -155,15 +162,50 @@ def in_process_trainer(base, tmp_path, resume: str, max_steps: int, batch: int =
         output_dir=str(tmp_path / "hf"),
         per_device_train_batch_size=batch,
         max_steps=max_steps,
-        save_strategy="no",
         report_to=[],
         use_cpu=True,
         disable_tqdm=True,
+        **({"save_strategy": "no"} | hf),
     )
-    trainer = Trainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer)
+    trainer = Trainer(model=model, args=args, train_dataset=rows, eval_dataset=rows[:4], processing_class=tokenizer)
+    every = None if hf else 2
     return trainer, DistLoraCallback.install(
-        trainer, str(tmp_path / "ckpt"), every_steps=2, resume=resume, async_save=False
+        trainer, str(tmp_path / "ckpt"), every_steps=every, resume=resume, async_save=False
     )
+
+
+def test_a_step_keeps_its_own_log_and_evaluation_and_a_resume_continues_the_history(gpt2_base, tmp_path):
+    """The step is saved after the Trainer logged and evaluated it, as HF's own checkpoint is (not at the step's
+    end, before them), so the history a resume restores has every step's loss and every evaluation, and no
+    summary of the first train() in its middle."""
+    hf = dict(save_strategy="steps", save_steps=2, eval_strategy="steps", eval_steps=2, logging_steps=1)
+    first, callback = in_process_trainer(gpt2_base, tmp_path, "auto", 4, **hf)
+    first.train()
+    callback.checkpointer.release_lease()
+    state = json.loads((tmp_path / "ckpt" / "step-00000004" / "trainer_state.json").read_text())
+    history = state["hf_trainer_state"]["log_history"]
+    assert [e["step"] for e in history if "loss" in e] == [1, 2, 3, 4]
+    assert [e["step"] for e in history if "eval_loss" in e] == [2, 4]
+    assert len(history) == 6  # (no train_runtime summary)
+    assert state["samples_seen"] == 4 * 2 and state["global_batch_size"] == 2
+
+    second, callback = in_process_trainer(gpt2_base, tmp_path, "auto", 6, **hf)
+    second.train()
+    callback.checkpointer.release_lease()
+    assert callback.resumed_from.endswith("step-00000004")
+    assert [e["step"] for e in second.state.log_history if "loss" in e] == [1, 2, 3, 4, 5, 6]
+    assert [e["step"] for e in second.state.log_history if "eval_loss" in e] == [2, 4, 6]
+    assert not (tmp_path / "hf").exists() or not list((tmp_path / "hf").glob("checkpoint-*"))
+
+
+def test_save_strategy_best_is_refused_before_the_first_step(gpt2_base, tmp_path):
+    """The Trainer decides a 'best' save after every callback ran, and would write its own checkpoint-* while the
+    callback saved nothing: refused, naming the fix, the dir left free."""
+    hf = dict(save_strategy="best", eval_strategy="steps", eval_steps=2, metric_for_best_model="loss")
+    trainer, callback = in_process_trainer(gpt2_base, tmp_path, "auto", 2, **hf)
+    with pytest.raises(ValueError, match=r"save_strategy='best'.*use save_strategy='steps'"):
+        trainer.train()
+    assert trainer.state.global_step == 0 and callback.checkpointer.lease is None
 
 
 def test_a_trainer_started_over_in_a_dir_with_newer_steps_stops_before_its_first_step(gpt2_base, tmp_path):
@@ -287,3 +329,74 @@ def test_the_trainers_chat_template_is_kept_with_each_step_and_merged(gpt2_base,
     assert AutoTokenizer.from_pretrained(tmp_path / "merged").chat_template == template
     asked = generate(str(step), ["x"], form="chat", sampling=Sampling(max_new_tokens=1))[0]["input"]
     assert asked == "<|user|>\nx<|endoftext|>\n<|assistant|>\n"  # (the tiny base's tokenizer has no template)
+
+
+def test_trls_sft_trainer_saves_through_the_callback_and_resumes(gpt2_base, tmp_path):
+    """TRL's SFTTrainer (which applies PEFT itself from ``peft_config``) on chat data rendered through its
+    tokenizer's template: each step is the adapter PEFT names and keeps the template, and a second SFTTrainer
+    resumes from it (the adapter loaded is the one saved) with the log history whole."""
+    from datasets import Dataset
+    from peft import LoraConfig, PeftModel, get_peft_model_state_dict
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    class FirstAdapter(TrainerCallback):  # the adapter as the first step starts: after a resume, the loaded one
+        loaded = None
+
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            if self.loaded is None:
+                self.loaded = {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
+
+    tokenizer = AutoTokenizer.from_pretrained(gpt2_base)
+    tokenizer.chat_template = (ROOT / "configs" / "data" / "chat_template.jinja").read_text()
+    tokenizer.pad_token = tokenizer.eos_token
+    chats = [
+        [{"role": "user", "content": f"{i} plus {i}?"}, {"role": "assistant", "content": f"{2 * i}."}]
+        for i in range(16)
+    ]
+    rows = [{"messages": chat} for chat in chats]
+
+    def sft(max_steps: int, probe: TrainerCallback) -> tuple[SFTTrainer, DistLoraCallback]:
+        args = SFTConfig(
+            output_dir=str(tmp_path / "hf"),
+            max_steps=max_steps,
+            per_device_train_batch_size=2,
+            save_strategy="steps",
+            save_steps=2,
+            logging_steps=1,
+            learning_rate=1e-2,
+            max_length=32,
+            report_to=[],
+            use_cpu=True,
+            disable_tqdm=True,
+        )
+        trainer = SFTTrainer(
+            model=AutoModelForCausalLM.from_pretrained(gpt2_base),
+            args=args,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tokenizer,
+            peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], task_type="CAUSAL_LM"),
+            callbacks=[probe],
+        )
+        return trainer, DistLoraCallback.install(trainer, str(tmp_path / "ckpt"), async_save=False)
+
+    first, callback = sft(2, FirstAdapter())
+    first.train()
+    callback.checkpointer.release_lease()
+    step = tmp_path / "ckpt" / "step-00000002"
+    trained = get_peft_model_state_dict(first.model)
+    saved = load_file(str(step / "adapter_model.safetensors"))
+    assert saved.keys() == trained.keys() and len(saved) == 4  # 2 layers x (A, B)
+    assert all(torch.equal(saved[k], trained[k]) for k in saved)
+    assert json.loads((step / "trainer_state.json").read_text())["chat_template"] == tokenizer.chat_template
+    assert isinstance(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(gpt2_base), step), PeftModel)
+
+    probe = FirstAdapter()
+    second, callback = sft(4, probe)
+    second.train()
+    callback.checkpointer.release_lease()
+    assert callback.resumed_from.endswith("step-00000002")
+    assert probe.loaded.keys() == saved.keys() and all(torch.equal(probe.loaded[k], saved[k]) for k in saved)
+    assert [e["step"] for e in second.state.log_history if "loss" in e] == [1, 2, 3, 4]
+    assert [s.step for s in callback.checkpointer.history] == [4]
+    assert not list((tmp_path / "hf").glob("checkpoint-*"))

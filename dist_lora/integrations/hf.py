@@ -126,7 +126,9 @@ class DistLoraCallback(TrainerCallback):
         self.last_saved: int | None = None
         self._skip: tuple[int, int] | None = None  # (epochs to skip, batches to skip in the next epoch)
         self._skipping_epoch = False
+        self._epoch_shift = 0.0  # the share of the resumed epoch skipped, which the Trainer's epoch count misses
         self._state_checked = False  # whether a save can hold the optimizer's state (known after its first step)
+        self._pending = False  # a step asked to be saved, once the Trainer has logged and evaluated it
         self._global_batch: int | None = None  # samples per step over all processes (known at on_train_begin)
         self._trainer: Any = None
 
@@ -157,6 +159,13 @@ class DistLoraCallback(TrainerCallback):
     def _begin(self, args: TrainingArguments, state: TrainerState, kwargs: dict[str, Any]) -> None:
         """:meth:`on_train_begin` once the lease is held: the engine found, the newest step loaded."""
         model, optimizer = kwargs["model"], kwargs["optimizer"]
+        if args.save_strategy == "best":
+            raise ValueError(
+                "DistLoraCallback cannot replace the checkpoints of save_strategy='best': the Trainer decides those "
+                "after every callback has run, and would write its own checkpoint-* at each new best; use "
+                "save_strategy='steps' (or every_steps=N with save_strategy='no'): each step keeps the log history, "
+                "the evaluations of its step included"
+            )
         self._global_batch = _global_batch(args)
         backend = backend_for(model, optimizer, infer_bias_mode(model))
         backend.ready()
@@ -191,6 +200,7 @@ class DistLoraCallback(TrainerCallback):
     def on_epoch_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        self._save_pending(state, kwargs)
         loader = kwargs.get("train_dataloader")
         if self._skip is None or loader is None:
             return
@@ -202,6 +212,7 @@ class DistLoraCallback(TrainerCallback):
         else:
             self._skip = None
             loader.skip_batches = batches
+            self._epoch_shift = batches / max(len(loader), 1)
 
     def on_epoch_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -209,29 +220,39 @@ class DistLoraCallback(TrainerCallback):
         loader = kwargs.get("train_dataloader")
         if loader is not None and hasattr(loader, "skip_batches"):
             loader.skip_batches = 0  # the next epoch starts at its first batch
+        self._epoch_shift = 0.0
         if self._skipping_epoch:  # the Trainer stops after an epoch without a sample; this one was skipped on purpose
             self._skipping_epoch = False
             control.should_training_stop = state.global_step >= state.max_steps
-        self._save_if_asked(args, state, control, kwargs)
+        self._plan_save(args, state, control)
+
+    def on_step_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._save_pending(state, kwargs)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if not self._state_checked:  # after the run's first step, not hours later at its first save
             self._state_checked = True
             model = kwargs["model"]
             backend_for(model, kwargs["optimizer"], infer_bias_mode(model)).check_optimizer_state()
-        self._save_if_asked(args, state, control, kwargs)
+        # The Trainer counts the resumed epoch's batches from those it was given, the skipped ones not among them;
+        # the step's logs and its save read the epoch after this.
+        state.epoch = (state.epoch or 0.0) + self._epoch_shift
+        self._plan_save(args, state, control)
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        self._save_pending(state, kwargs)
         self.checkpointer.wait()  # it commits (or fails) before train() returns
         self.checkpointer.release_lease()
 
     # ------------------------------------------------------------------------------------------ internals
 
-    def _save_if_asked(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, kwargs: dict[str, Any]
-    ) -> None:
+    def _plan_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl) -> None:
+        """At a step's (or an epoch's) end: whether to save this step (the Trainer's own wish, ``every_steps`` or
+        the clock), the Trainer's own checkpoint turned off. The save follows the step's log and evaluation."""
         asked = control.should_save
         control.should_save = False  # ours replaces the Trainer's own checkpoint
         if self.every_steps is not None:
@@ -248,12 +269,19 @@ class DistLoraCallback(TrainerCallback):
                     state.global_step,
                     out_of_time,
                 )
-        asked = asked or bool(due) or bool(out_of_time)
-        if not asked or self.last_saved == state.global_step:
+        self._pending |= asked or bool(due) or bool(out_of_time)
+
+    def _save_pending(self, state: TrainerState, kwargs: dict[str, Any]) -> None:
+        """Save the step asked for at its end, now that the Trainer has logged and evaluated it (as HF's own
+        checkpoint follows them), and before the next step changes the weights: at the next step's or epoch's
+        start, or at the end of training."""
+        if not self._pending:
             return
-        self.save(
-            state, kwargs["model"], kwargs["optimizer"], kwargs.get("lr_scheduler"), kwargs.get("processing_class")
-        )
+        self._pending = False
+        if self.last_saved != state.global_step:
+            self.save(
+                state, kwargs["model"], kwargs["optimizer"], kwargs.get("lr_scheduler"), kwargs.get("processing_class")
+            )
 
     def _clock_says(self, args: TrainingArguments) -> tuple[float, float]:
         """Rank 0's clock, told to every rank in one tiny all-reduce (each rank calls this as often): every_minutes
@@ -276,12 +304,14 @@ class DistLoraCallback(TrainerCallback):
         trainer_state = {
             "chat_template": template_text(getattr(processing_class, "chat_template", None)),
             "epoch": state.epoch,
-            "samples_seen": state.global_step * state.train_batch_size if state.train_batch_size else None,
+            "samples_seen": state.global_step * self._global_batch if self._global_batch else None,
             "global_batch_size": self._global_batch,
             "lr_scheduler": _jsonable(scheduler.state_dict()) if scheduler is not None else None,
             HF_STATE_KEY: {
                 "epoch": state.epoch,
-                "log_history": _jsonable(state.log_history),
+                # (without train()'s closing summary, which a save at the end of training follows: a resumed
+                # run's history then reads as one run's, as after HF's own resume)
+                "log_history": _jsonable([e for e in state.log_history if "train_runtime" not in e]),
                 "total_flos": state.total_flos,
                 "num_input_tokens_seen": state.num_input_tokens_seen,
             },
