@@ -1,6 +1,7 @@
 """HF Trainer + DistLoraCallback: save under ZeRO-3 and FSDP2 on 2 processes, resume on 1."""
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -196,6 +197,24 @@ def test_a_step_keeps_its_own_log_and_evaluation_and_a_resume_continues_the_hist
     assert [e["step"] for e in second.state.log_history if "loss" in e] == [1, 2, 3, 4, 5, 6]
     assert [e["step"] for e in second.state.log_history if "eval_loss" in e] == [2, 4, 6]
     assert not (tmp_path / "hf").exists() or not list((tmp_path / "hf").glob("checkpoint-*"))
+
+
+def test_save_total_limit_keeps_the_newest_steps_and_a_run_that_saves_nothing_says_so(gpt2_base, tmp_path, caplog):
+    """HF's retention setting is the callback's keep_last where that is not given; a Trainer told never to save,
+    with no schedule of the callback's, is warned at its start that no step will be written."""
+    hf = dict(save_strategy="steps", save_steps=2, save_total_limit=1)
+    trainer, callback = in_process_trainer(gpt2_base, tmp_path, "auto", 6, **hf)
+    trainer.train()
+    callback.checkpointer.release_lease()
+    assert [s.step for s in callback.checkpointer.history] == [2, 4, 6]
+    assert [p.name for p in (tmp_path / "ckpt").glob("step-*")] == ["step-00000006"]
+
+    with caplog.at_level(logging.WARNING, logger="dist_lora"):
+        trainer, callback = in_process_trainer(gpt2_base, tmp_path / "none", "auto", 2, save_strategy="no")
+        trainer.train()
+    callback.checkpointer.release_lease()
+    assert "DistLoraCallback saves no step of this run" in caplog.text and "pass every_steps=N" in caplog.text
+    assert not list((tmp_path / "none" / "ckpt").glob("step-*"))
 
 
 def test_save_strategy_best_is_refused_before_the_first_step(gpt2_base, tmp_path):

@@ -159,13 +159,7 @@ class DistLoraCallback(TrainerCallback):
     def _begin(self, args: TrainingArguments, state: TrainerState, kwargs: dict[str, Any]) -> None:
         """:meth:`on_train_begin` once the lease is held: the engine found, the newest step loaded."""
         model, optimizer = kwargs["model"], kwargs["optimizer"]
-        if args.save_strategy == "best":
-            raise ValueError(
-                "DistLoraCallback cannot replace the checkpoints of save_strategy='best': the Trainer decides those "
-                "after every callback has run, and would write its own checkpoint-* at each new best; use "
-                "save_strategy='steps' (or every_steps=N with save_strategy='no'): each step keeps the log history, "
-                "the evaluations of its step included"
-            )
+        self._follow_save_arguments(args)
         self._global_batch = _global_batch(args)
         backend = backend_for(model, optimizer, infer_bias_mode(model))
         backend.ready()
@@ -196,6 +190,27 @@ class DistLoraCallback(TrainerCallback):
             saved.get("world_size"),
             args.world_size,
         )
+
+    def _follow_save_arguments(self, args: TrainingArguments) -> None:
+        """The Trainer's own save settings, where they bear on the callback's: ``save_strategy`` (when to save,
+        unless ``every_steps`` is given) and ``save_total_limit`` (``keep_last``, unless given)."""
+        if args.save_strategy == "best":
+            raise ValueError(
+                "DistLoraCallback cannot replace the checkpoints of save_strategy='best': the Trainer decides those "
+                "after every callback has run, and would write its own checkpoint-* at each new best; use "
+                "save_strategy='steps' (or every_steps=N with save_strategy='no'): each step keeps the log history, "
+                "the evaluations of its step included"
+            )
+        said = args.process_index == 0
+        if args.save_strategy == "no" and self.every_steps is None and self.clock.every_minutes is None and said:
+            log.warning(
+                "save_strategy='no' and neither every_steps nor every_minutes given: DistLoraCallback saves no step "
+                "of this run (stop_after_minutes' aside); pass every_steps=N to save every N steps and the last"
+            )
+        if self.checkpointer.keep_last is None and args.save_total_limit and args.save_total_limit > 0:
+            self.checkpointer.keep_last = args.save_total_limit  # HF's retention, where keep_last is not given
+            if said:
+                log.info("keeping the newest %d steps (save_total_limit)", args.save_total_limit)
 
     def on_epoch_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
