@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dist_lora.checkpoint import list_steps
+from dist_lora.checkpoint import list_steps, step_name
 from dist_lora.constants import LEASE_NAME
 from dist_lora.integrations.hf import DistLoraCallback, _restore_scheduler
 from dist_lora.storage import Storage
@@ -215,6 +215,42 @@ def test_save_total_limit_keeps_the_newest_steps_and_a_run_that_saves_nothing_sa
     callback.checkpointer.release_lease()
     assert "DistLoraCallback saves no step of this run" in caplog.text and "pass every_steps=N" in caplog.text
     assert not list((tmp_path / "none" / "ckpt").glob("step-*"))
+
+
+def test_load_best_model_at_end_loads_the_best_step_kept_through_retention_and_a_resume(gpt2_base, tmp_path):
+    """``load_best_model_at_end``: the Trainer's own load finds no checkpoint-*; the callback loads the best
+    step's adapter at the end, that step kept whatever ``save_total_limit`` says, and a resumed run knows the best
+    so far. (Best is the highest eval loss here, so that it is not the last step.)"""
+    from peft import get_peft_model_state_dict
+
+    hf = dict(
+        save_strategy="steps",
+        save_steps=2,
+        eval_strategy="steps",
+        eval_steps=2,
+        save_total_limit=1,
+        load_best_model_at_end=True,
+        metric_for_best_model="loss",
+        greater_is_better=True,
+        learning_rate=1e-2,
+    )
+    first, callback = in_process_trainer(gpt2_base, tmp_path, "auto", 6, **hf)
+    first.train()
+    callback.checkpointer.release_lease()
+    best = first.state.best_global_step
+    evals = {e["step"]: e["eval_loss"] for e in first.state.log_history if "eval_loss" in e}
+    assert best == max(evals, key=evals.get) and best != 6  # (the loss falls: the first evaluation is the best)
+    assert sorted(p.name for p in (tmp_path / "ckpt").glob("step-*")) == [step_name(best), "step-00000006"]
+    saved = load_file(str(tmp_path / "ckpt" / step_name(best) / "adapter_model.safetensors"))
+    now = get_peft_model_state_dict(first.model)
+    assert now.keys() == saved.keys() and all(torch.equal(now[k], saved[k]) for k in saved)
+    assert first.state.best_model_checkpoint.endswith(step_name(best))
+
+    second, callback = in_process_trainer(gpt2_base, tmp_path, "auto", 8, **hf)
+    second.train()
+    callback.checkpointer.release_lease()
+    assert second.state.best_global_step == best and second.state.best_metric == evals[best]
+    assert sorted(p.name for p in (tmp_path / "ckpt").glob("step-*")) == [step_name(best), "step-00000008"]
 
 
 def test_save_strategy_best_is_refused_before_the_first_step(gpt2_base, tmp_path):

@@ -22,10 +22,10 @@ from typing import Any
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from dist_lora.api import resume_checkpoint
+from dist_lora.api import load_adapter, resume_checkpoint
 from dist_lora.backends import Backend, attach
 from dist_lora.backends.deepspeed import zero_layout
-from dist_lora.checkpoint import CheckpointError, template_text
+from dist_lora.checkpoint import CheckpointError, step_name, template_text
 from dist_lora.checkpointer import Checkpointer
 from dist_lora.config import CheckpointConfig, check_checkpoint
 from dist_lora.distributed import sum_over_ranks
@@ -129,6 +129,7 @@ class DistLoraCallback(TrainerCallback):
         self._epoch_shift = 0.0  # the share of the resumed epoch skipped, which the Trainer's epoch count misses
         self._state_checked = False  # whether a save can hold the optimizer's state (known after its first step)
         self._pending = False  # a step asked to be saved, once the Trainer has logged and evaluated it
+        self._keep_best = False  # the Trainer's load_best_model_at_end: the best step is kept, and loaded at the end
         self._global_batch: int | None = None  # samples per step over all processes (known at on_train_begin)
         self._trainer: Any = None
 
@@ -207,6 +208,7 @@ class DistLoraCallback(TrainerCallback):
                 "save_strategy='no' and neither every_steps nor every_minutes given: DistLoraCallback saves no step "
                 "of this run (stop_after_minutes' aside); pass every_steps=N to save every N steps and the last"
             )
+        self._keep_best = bool(args.load_best_model_at_end)
         if self.checkpointer.keep_last is None and args.save_total_limit and args.save_total_limit > 0:
             self.checkpointer.keep_last = args.save_total_limit  # HF's retention, where keep_last is not given
             if said:
@@ -261,7 +263,36 @@ class DistLoraCallback(TrainerCallback):
     ) -> None:
         self._save_pending(state, kwargs)
         self.checkpointer.wait()  # it commits (or fails) before train() returns
+        if self._keep_best:
+            self._load_best(args, state, kwargs)
         self.checkpointer.release_lease()
+
+    def _load_best(self, args: TrainingArguments, state: TrainerState, kwargs: dict[str, Any]) -> None:
+        """``load_best_model_at_end``: the best-evaluated step's adapter loaded into the model (collective), where
+        the Trainer's own load found no checkpoint-* of it; the model keeps the last step's weights where that step
+        cannot be loaded, said so."""
+        best = state.best_global_step
+        if not best or best == state.global_step:
+            return
+        url = self.checkpointer.storage.url_of(step_name(best))
+        model = kwargs["model"]
+        backend = backend_for(model, kwargs["optimizer"], infer_bias_mode(model))
+        try:
+            load_adapter(
+                backend.model,
+                url,
+                storage_options=self.config.storage_options,
+                bucket_mb=self.config.bucket_mb,
+                backend=backend,
+                retry=self.checkpointer.retry,
+            )
+        except CheckpointError as e:  # (agreed: every rank raises it alike)
+            if args.process_index == 0:
+                log.warning("load_best_model_at_end: the model keeps step %d's weights: %s", state.global_step, e)
+            return
+        state.best_model_checkpoint = url
+        if args.process_index == 0:
+            log.info("load_best_model_at_end: loaded %s (%s %s)", url, args.metric_for_best_model, state.best_metric)
 
     # ------------------------------------------------------------------------------------------ internals
 
@@ -329,10 +360,13 @@ class DistLoraCallback(TrainerCallback):
                 "log_history": _jsonable([e for e in state.log_history if "train_runtime" not in e]),
                 "total_flos": state.total_flos,
                 "num_input_tokens_seen": state.num_input_tokens_seen,
+                "best_metric": state.best_metric,
+                "best_global_step": state.best_global_step,
             },
         }
         self.clock.saved()
-        url = self.checkpointer.save(backend, step=state.global_step, trainer_state=trainer_state)
+        keep = {state.best_global_step} if self._keep_best and state.best_global_step else set()
+        url = self.checkpointer.save(backend, step=state.global_step, trainer_state=trainer_state, keep=keep)
         self.last_saved = state.global_step
         return url
 
@@ -356,6 +390,7 @@ class DistLoraCallback(TrainerCallback):
         state.log_history = list(hf.get("log_history", []))
         state.total_flos = hf.get("total_flos", 0.0)
         state.num_input_tokens_seen = hf.get("num_input_tokens_seen", 0)
+        state.best_metric, state.best_global_step = hf.get("best_metric"), hf.get("best_global_step")
         scheduler = _unwrap_scheduler(lr_scheduler)
         if scheduler is not None and saved.get("lr_scheduler"):
             _restore_scheduler(scheduler, saved["lr_scheduler"])
