@@ -559,7 +559,9 @@ def _read_evals(info: StepInfo, state: bytes | None) -> None:
     best = trainer_state.get("best_eval")
     if isinstance(best, dict):
         config = trainer_state.get("config") or {}
-        info.best_eval_step, info.best_metric = best.get("step"), (config.get("train") or {}).get("best_metric", "loss")
+        info.best_eval_step = best.get("step")
+        # (a step the HF callback saved names the Trainer's metric_for_best_model; the trainer's, its config's)
+        info.best_metric = best.get("metric") or (config.get("train") or {}).get("best_metric", "loss")
         keep = int((config.get("checkpoint") or {}).get("keep_best") or 0)  # (true: 1)
         evaluated = [e for e in history if isinstance(e, dict) and isinstance(e.get("step"), int)]
         info.kept_best = [e["step"] for e in best_first(evaluated, info.best_metric)[:keep]]
@@ -674,8 +676,9 @@ def best_evaluated_step(storage: Storage) -> Storage:
         best = info.best_eval_step
         if best is None:
             raise CheckpointError(
-                f"{storage.url_of(BEST_ALIAS)}: {newest.url} records no evaluation (the run had no eval data: "
-                "data.eval_path or data.eval_fraction); name a step instead"
+                f"{storage.url_of(BEST_ALIAS)}: {newest.url} records no best evaluation (the run had no eval data: "
+                "data.eval_path or data.eval_fraction; an HF Trainer's, no eval_strategy or metric_for_best_model); "
+                "name a step instead"
             )
         if best == 0:
             raise CheckpointError(
@@ -686,7 +689,8 @@ def best_evaluated_step(storage: Storage) -> Storage:
         if found.status != "committed":
             raise CheckpointError(
                 f"{storage.url_of(BEST_ALIAS)}: the best-evaluated step, as {newest.url} records it, is {found.url}, "
-                f"which is {found.status} ({found.error}); retention keeps it only with checkpoint.keep_best: true"
+                f"which is {found.status} ({found.error}); retention keeps it only with checkpoint.keep_best: true "
+                "(HF's DistLoraCallback: load_best_model_at_end=True)"
             )
         log.info(
             "%s is %s (the best eval %s, as %s records it)",

@@ -304,7 +304,10 @@ def test_dir_best_names_the_best_evaluated_step_or_says_why_there_is_none(gpt2_b
         r"which is incomplete .* only with checkpoint.keep_best: true",
     ):
         resolve_step(f"{url}/best", options)
-    for state, why in (({}, "records no evaluation"), ({"best_eval": {"step": 0}}, "the base itself evaluated best")):
+    for state, why in (
+        ({}, "records no best evaluation"),
+        ({"best_eval": {"step": 0}}, "the base itself evaluated best"),
+    ):
         # step 8 saved again each time: the first left incomplete by another client (its manifest deleted), which
         # the save moves aside, reading the prefix afresh (an object store's cached listing would still hold it)
         dist_lora.save_checkpoint(model, url, step=8, optimizer=opt, trainer_state=state, storage_options=options)

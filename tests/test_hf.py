@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dist_lora.api import resolve_step
 from dist_lora.checkpoint import list_steps, step_name
 from dist_lora.constants import LEASE_NAME
 from dist_lora.integrations.hf import DistLoraCallback, _restore_scheduler
@@ -245,6 +246,10 @@ def test_load_best_model_at_end_loads_the_best_step_kept_through_retention_and_a
     now = get_peft_model_state_dict(first.model)
     assert now.keys() == saved.keys() and all(torch.equal(now[k], saved[k]) for k in saved)
     assert first.state.best_model_checkpoint.endswith(step_name(best))
+    # the step records the Trainer's evaluations as the trainer's own do: `dist-lora ls` shows them, DIR/best follows
+    newest = list_steps(Storage(str(tmp_path / "ckpt")), evals=True)[-1]
+    assert newest.eval_loss == evals[6] and (newest.best_eval_step, newest.best_metric) == (best, "loss")
+    assert resolve_step(f"{tmp_path / 'ckpt'}/best").url.endswith(step_name(best))
 
     second, callback = in_process_trainer(gpt2_base, tmp_path, "auto", 8, **hf)
     second.train()

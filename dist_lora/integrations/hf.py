@@ -130,6 +130,7 @@ class DistLoraCallback(TrainerCallback):
         self._state_checked = False  # whether a save can hold the optimizer's state (known after its first step)
         self._pending = False  # a step asked to be saved, once the Trainer has logged and evaluated it
         self._keep_best = False  # the Trainer's load_best_model_at_end: the best step is kept, and loaded at the end
+        self._best_metric: str | None = None  # what the Trainer ranks evaluations by (metric_for_best_model)
         self._global_batch: int | None = None  # samples per step over all processes (known at on_train_begin)
         self._trainer: Any = None
 
@@ -209,6 +210,7 @@ class DistLoraCallback(TrainerCallback):
                 "of this run (stop_after_minutes' aside); pass every_steps=N to save every N steps and the last"
             )
         self._keep_best = bool(args.load_best_model_at_end)
+        self._best_metric = (args.metric_for_best_model or "").removeprefix("eval_") or None
         if self.checkpointer.keep_last is None and args.save_total_limit and args.save_total_limit > 0:
             self.checkpointer.keep_last = args.save_total_limit  # HF's retention, where keep_last is not given
             if said:
@@ -347,8 +349,14 @@ class DistLoraCallback(TrainerCallback):
         ``processing_class``: the Trainer's tokenizer, whose chat template the step keeps (``merge`` writes it)."""
         backend = backend_for(model, optimizer, infer_bias_mode(model))
         scheduler = _unwrap_scheduler(lr_scheduler)
+        evals = _eval_history(state.log_history)
         trainer_state = {
             "chat_template": template_text(getattr(processing_class, "chat_template", None)),
+            # the trainer's own keys, which `dist-lora ls` shows and DIR/best follows
+            "eval_history": evals,
+            "best_eval": next(
+                ({**e, "metric": self._best_metric} for e in evals if e["step"] == state.best_global_step), None
+            ),
             "epoch": state.epoch,
             "samples_seen": state.global_step * self._global_batch if self._global_batch else None,
             "global_batch_size": self._global_batch,
@@ -416,6 +424,22 @@ class DistLoraCallback(TrainerCallback):
             return
         per_epoch = max(math.ceil(len(loader) / args.gradient_accumulation_steps), 1)
         self._skip = (step // per_epoch, (step % per_epoch) * args.gradient_accumulation_steps)
+
+
+def _eval_history(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The Trainer's evaluations of its ``eval_dataset`` (one, not a dict of them), as the trainer's own
+    ``eval_history`` records them: the step, and each ``eval_*`` number the Trainer logged at it (its loss, and
+    what ``compute_metrics`` gave)."""
+    return [
+        {"step": e["step"], **{k: v for k, v in e.items() if k.startswith("eval_") and _a_metric(k, v)}}
+        for e in log_history
+        if "eval_loss" in e and isinstance(e.get("step"), int)
+    ]
+
+
+def _a_metric(key: str, value: Any) -> bool:
+    """A number an evaluation measured (not its speed: ``eval_runtime``, ``eval_samples_per_second``, ...)."""
+    return isinstance(value, (int, float)) and not key.endswith(("_runtime", "_per_second"))
 
 
 def _global_batch(args: TrainingArguments) -> int:
