@@ -97,6 +97,33 @@ def test_loading_into_another_optimizer_class_says_so(gpt2_base, tmp_path, caplo
     assert f"{url} was saved with AdamW and is loaded into SGD: its state (exp_avg, exp_avg_sq)" in caplog.text
 
 
+def test_accelerates_optimizer_wrapper_is_seen_through(gpt2_base, tmp_path, caplog):
+    """A loop of accelerate's (``accelerator.prepare``) holds an ``AcceleratedOptimizer``: the step records the
+    optimizer under it (AdamW), a load into another such loop says nothing and continues bit for bit, and a load
+    into an AMSGrad under the wrapper is checked as one (the wrapper's class hid both)."""
+    from accelerate import Accelerator
+
+    def prepared(make):
+        model, optimizer = model_and_optimizer(gpt2_base, make)
+        return Accelerator(cpu=True).prepare(model, optimizer)
+
+    model, optimizer = prepared(OPTIMIZERS["adamw"][0])
+    assert type(optimizer).__name__ == "AcceleratedOptimizer"
+    train(model, optimizer, 2)
+    url = dist_lora.save_checkpoint(model, str(tmp_path), step=2, optimizer=optimizer)
+    assert json.loads((Path(url) / "manifest.json").read_text())["optimizer"] == "AdamW"
+    uninterrupted = train(model, optimizer, 2)
+
+    model2, optimizer2 = prepared(OPTIMIZERS["adamw"][0])
+    with caplog.at_level(logging.WARNING, logger="dist_lora.api"):
+        dist_lora.load_checkpoint(model2, url, optimizer=optimizer2)
+    assert "was saved with" not in caplog.text
+    assert train(model2, optimizer2, 2) == uninterrupted
+    model3, optimizer3 = prepared(OPTIMIZERS["amsgrad"][0])
+    with pytest.raises(CheckpointError, match=r"where the optimizer given \(AdamW\) keeps .*max_exp_avg_sq"):
+        dist_lora.load_checkpoint(model3, url, optimizer=optimizer3)
+
+
 @pytest.mark.parametrize(("saved", "given"), [("adamw", "amsgrad"), ("amsgrad", "adamw")])
 def test_state_fields_the_optimizer_does_not_keep_are_refused(saved, given, gpt2_base, tmp_path):
     """AdamW's state in an AMSGrad run would crash its first step (no max_exp_avg_sq); AMSGrad's in a plain AdamW

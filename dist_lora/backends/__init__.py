@@ -33,12 +33,22 @@ def backend_class(name: str) -> type[Backend]:
 
 def attach(model: nn.Module, optimizer: Any, bias: str) -> Backend:
     """A Backend view of a model the user (or HF Trainer) already wrapped: DeepSpeed ZeRO, DDP, FSDP2, or a plain
-    module."""
+    module; ``optimizer`` as the user holds it (accelerate's wrappers too: :func:`unwrap_optimizer`)."""
+    optimizer = unwrap_optimizer(optimizer)
     for name in REGISTRY:
         backend = backend_class(name).recognise(model, optimizer, bias)
         if backend is not None:
             return backend
     raise AssertionError("unreachable: the single backend recognises any module")
+
+
+def unwrap_optimizer(optimizer: Any) -> Any:
+    """The optimizer under accelerate's wrappers (``AcceleratedOptimizer``, over a torch optimizer; under DeepSpeed
+    ``DeepSpeedOptimizerWrapper``, over the ZeRO optimizer), which passes ``step`` and ``state`` through to it: a
+    step records, and a load checks, the optimizer that keeps the state (AdamW), not the wrapper's class."""
+    while type(optimizer).__module__.startswith("accelerate.") and hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
 
 
 def build(
@@ -68,4 +78,4 @@ def build(
     return backend
 
 
-__all__ = ["REGISTRY", "Backend", "LocalPiece", "attach", "backend_class", "build"]
+__all__ = ["REGISTRY", "Backend", "LocalPiece", "attach", "backend_class", "build", "unwrap_optimizer"]

@@ -23,8 +23,7 @@ import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from dist_lora.api import load_adapter, resume_checkpoint
-from dist_lora.backends import Backend, attach
-from dist_lora.backends.deepspeed import zero_layout
+from dist_lora.backends import attach
 from dist_lora.checkpoint import CheckpointError, step_name, template_text
 from dist_lora.checkpointer import Checkpointer
 from dist_lora.config import CheckpointConfig, check_checkpoint
@@ -38,24 +37,8 @@ log = logging.getLogger(__name__)
 HF_STATE_KEY = "hf_trainer_state"
 
 
-def _unwrap_optimizer(optimizer: Any) -> Any:
-    """The optimizer under accelerate's wrappers (AcceleratedOptimizer, DeepSpeedOptimizerWrapper): a ZeRO optimizer
-    (whose own ``optimizer`` is the torch one over its flat partitions) or a torch one."""
-    while hasattr(optimizer, "optimizer") and zero_layout(optimizer) is None:
-        inner = optimizer.optimizer
-        if inner is optimizer:
-            break
-        optimizer = inner
-    return optimizer
-
-
 def _unwrap_scheduler(scheduler: Any) -> Any:
     return getattr(scheduler, "scheduler", scheduler)  # accelerate's AcceleratedScheduler
-
-
-def backend_for(model: Any, optimizer: Any, bias: str) -> Backend:
-    """A Backend view of what HF Trainer built: ZeRO (from the ZeRO optimizer), FSDP2, DDP or one process."""
-    return attach(model, _unwrap_optimizer(optimizer), bias)
 
 
 class DistLoraCallback(TrainerCallback):
@@ -163,7 +146,7 @@ class DistLoraCallback(TrainerCallback):
         model, optimizer = kwargs["model"], kwargs["optimizer"]
         self._follow_save_arguments(args)
         self._global_batch = _global_batch(args)
-        backend = backend_for(model, optimizer, infer_bias_mode(model))
+        backend = attach(model, optimizer, infer_bias_mode(model))
         backend.ready()
         self.clock.start()  # (the clock's minutes from here: the load not counted)
         saved = resume_checkpoint(
@@ -254,7 +237,7 @@ class DistLoraCallback(TrainerCallback):
         if not self._state_checked:  # after the run's first step, not hours later at its first save
             self._state_checked = True
             model = kwargs["model"]
-            backend_for(model, kwargs["optimizer"], infer_bias_mode(model)).check_optimizer_state()
+            attach(model, kwargs["optimizer"], infer_bias_mode(model)).check_optimizer_state()
         # The Trainer counts the resumed epoch's batches from those it was given, the skipped ones not among them;
         # the step's logs and its save read the epoch after this.
         state.epoch = (state.epoch or 0.0) + self._epoch_shift
@@ -278,7 +261,7 @@ class DistLoraCallback(TrainerCallback):
             return
         url = self.checkpointer.storage.url_of(step_name(best))
         model = kwargs["model"]
-        backend = backend_for(model, kwargs["optimizer"], infer_bias_mode(model))
+        backend = attach(model, kwargs["optimizer"], infer_bias_mode(model))
         try:
             load_adapter(
                 backend.model,
@@ -347,7 +330,7 @@ class DistLoraCallback(TrainerCallback):
     ) -> str | None:
         """Collective: save the current step now (the callback calls this when the Trainer would save).
         ``processing_class``: the Trainer's tokenizer, whose chat template the step keeps (``merge`` writes it)."""
-        backend = backend_for(model, optimizer, infer_bias_mode(model))
+        backend = attach(model, optimizer, infer_bias_mode(model))
         scheduler = _unwrap_scheduler(lr_scheduler)
         evals = _eval_history(state.log_history)
         trainer_state = {
