@@ -41,7 +41,7 @@ def expected_lr(step: int, lr=1e-2, warmup=2) -> float:
 
 @pytest.mark.multiproc
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", ["zero3", "zero2", "fsdp2"])
+@pytest.mark.parametrize("engine", ["zero3", "zero3-sharded", "zero2", "fsdp2"])
 def test_trainer_saves_through_callback_and_resumes_on_one_process(engine, gpt2_base, tmp_path):
     ckpt = tmp_path / "ckpt"
     common = {"base": str(gpt2_base), "ckpt": str(ckpt), "max_steps": MAX_STEPS, "save_steps": 2, "batch": 2}

@@ -1,6 +1,7 @@
 """One rank of an HF Trainer run that checkpoints through dist_lora's callback (tests/test_hf.py).
 
-argv[1] is JSON: {"base": dir, "ckpt": dir, "out": dir, "engine": "zero3" | "zero2" | "fsdp2" | "none", "max_steps": N,
+argv[1] is JSON: {"base": dir, "ckpt": dir, "out": dir, "engine": "zero3" | "zero3-sharded" | "zero2" | "fsdp2" | "none",
+"max_steps": N,
 "save_steps": K, "stop_at": S | null, "grad_accum": G, "batch": B}, and optionally "every_minutes": M or
 "stop_after_minutes": M with "clocks":
 [minutes a step on rank 0, on rank 1, ...] (the callback's clock, driven by the global step). Rank 0 writes
@@ -21,6 +22,9 @@ from torch.distributed.fsdp import fully_shard
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 from transformers.distributed.configuration_utils import DistributedConfig
 
+import dist_lora
+from dist_lora.config import LoraConfig as DistLoraConfig
+from dist_lora.config import ParallelConfig
 from dist_lora.integrations.hf import DistLoraCallback
 
 
@@ -92,7 +96,7 @@ def main() -> None:
     spec = json.loads(sys.argv[1])
     out = Path(spec["out"])
     out.mkdir(parents=True, exist_ok=True)
-    stage = {"zero3": 3, "zero2": 2}.get(spec["engine"])
+    stage = {"zero3": 3, "zero3-sharded": 3, "zero2": 2}.get(spec["engine"])
     ds_config = {
         "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
         "train_micro_batch_size_per_gpu": "auto",
@@ -102,7 +106,8 @@ def main() -> None:
     }
     extra = {}
     if stage is not None:
-        extra["deepspeed"] = ds_config
+        extra["deepspeed"] = str(out / "ds.json")
+        (out / "ds.json").write_text(json.dumps(ds_config))  # (one file: load_sharded constructs under it too)
     args = TrainingArguments(
         output_dir=str(out / "hf"),
         per_device_train_batch_size=spec["batch"],
@@ -123,8 +128,14 @@ def main() -> None:
     )
     # no hub kernels: transformers 5.2x kernelizes by default, which needs the `kernels` package and, on a GPU, the
     # hub (an H200 without the package stopped here); the callback, not the forward, is under test
-    base = AutoModelForCausalLM.from_pretrained(spec["base"], use_kernels=False)
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["c_attn"]))
+    if spec["engine"] == "zero3-sharded":  # each rank reads only its partitions of the base (a 70B's way)
+        parallel = ParallelConfig(backend="deepspeed", zero_stage=3, deepspeed_config=extra["deepspeed"])
+        lora = DistLoraConfig(r=4, alpha=8, dropout=0.0, target_modules=["c_attn"])
+        model = dist_lora.load_sharded(spec["base"], lora, parallel=parallel, dtype=torch.float32)
+        base = model.get_base_model()
+    else:
+        base = AutoModelForCausalLM.from_pretrained(spec["base"], use_kernels=False)
+        model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["c_attn"]))
     if spec["engine"] == "fsdp2":
         # Sharded before the Trainer, as transformers' DistributedConfig does; accelerate enables FSDP on GPUs only.
         for block in base.transformer.h:
