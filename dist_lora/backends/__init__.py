@@ -46,7 +46,10 @@ def unwrap_optimizer(optimizer: Any) -> Any:
     """The optimizer under accelerate's wrappers (``AcceleratedOptimizer``, over a torch optimizer; under DeepSpeed
     ``DeepSpeedOptimizerWrapper``, over the ZeRO optimizer), which passes ``step`` and ``state`` through to it: a
     step records, and a load checks, the optimizer that keeps the state (AdamW), not the wrapper's class."""
-    while type(optimizer).__module__.startswith("accelerate.") and hasattr(optimizer, "optimizer"):
+    while (
+        type(optimizer).__module__.startswith("accelerate.")
+        and getattr(optimizer, "optimizer", optimizer) is not optimizer
+    ):
         optimizer = optimizer.optimizer
     return optimizer
 
