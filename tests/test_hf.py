@@ -258,6 +258,50 @@ def test_load_best_model_at_end_loads_the_best_step_kept_through_retention_and_a
     assert sorted(p.name for p in (tmp_path / "ckpt").glob("step-*")) == [step_name(best), "step-00000008"]
 
 
+def test_a_dataset_without_a_length_resumes_where_it_stopped(gpt2_base, tmp_path):
+    """An ``IterableDataset`` (a streamed ``datasets`` one) has no length, so no epoch of batches: the data position
+    is counted as the Trainer counts it then (``max_steps`` steps an epoch), and the resumed run trains on the
+    samples the uninterrupted one would have, at its epochs."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    class Rows(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            for i in range(40):
+                yield {"input_ids": torch.arange(i, i + 16), "labels": torch.arange(i, i + 16)}
+
+    def run(max_steps: int, ckpt: Path) -> tuple[list[int], list[float]]:
+        torch.manual_seed(0)
+        model = get_peft_model(
+            AutoModelForCausalLM.from_pretrained(gpt2_base), LoraConfig(r=4, target_modules=["c_attn"])
+        )
+        args = TrainingArguments(
+            output_dir=str(tmp_path / "hf"),
+            per_device_train_batch_size=2,
+            max_steps=max_steps,
+            save_strategy="steps",
+            save_steps=2,
+            logging_steps=1,
+            report_to=[],
+            use_cpu=True,
+            disable_tqdm=True,
+        )
+        trainer = Trainer(model=model, args=args, train_dataset=Rows())
+        firsts: list[int] = []
+        wte = model.get_base_model().transformer.wte
+        wte.register_forward_pre_hook(lambda module, inputs: firsts.extend(inputs[0][:, 0].tolist()))
+        callback = DistLoraCallback.install(trainer, str(ckpt), async_save=False)
+        trainer.train()
+        callback.checkpointer.release_lease()
+        return firsts, [e["epoch"] for e in trainer.state.log_history if "loss" in e]
+
+    whole, epochs = run(4, tmp_path / "whole")
+    assert whole == list(range(8)) and epochs == [0.25, 0.5, 0.75, 1.0]
+    run(2, tmp_path / "ckpt")
+    resumed, epochs = run(4, tmp_path / "ckpt")
+    assert resumed == whole[4:] and epochs[2:] == [0.75, 1.0]
+
+
 def test_save_strategy_best_is_refused_before_the_first_step(gpt2_base, tmp_path):
     """The Trainer decides a 'best' save after every callback ran, and would write its own checkpoint-* while the
     callback saved nothing: refused, naming the fix, the dir left free."""

@@ -210,11 +210,11 @@ class DistLoraCallback(TrainerCallback):
         if epochs > 0:  # an epoch the resumed run had finished: pass over it without a batch
             self._skip = (epochs - 1, batches)
             self._skipping_epoch = True
-            loader.skip_batches = len(loader)
+            loader.skip_batches = _batches_per_epoch(loader, args, state)
         else:
             self._skip = None
             loader.skip_batches = batches
-            self._epoch_shift = batches / max(len(loader), 1)
+            self._epoch_shift = batches / max(_batches_per_epoch(loader, args, state), 1)
 
     def on_epoch_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -405,7 +405,7 @@ class DistLoraCallback(TrainerCallback):
                     "the train dataloader (%s) cannot skip batches: data restarts at its beginning", type(loader)
                 )
             return
-        per_epoch = max(math.ceil(len(loader) / args.gradient_accumulation_steps), 1)
+        per_epoch = max(math.ceil(_batches_per_epoch(loader, args, state) / args.gradient_accumulation_steps), 1)
         self._skip = (step // per_epoch, (step % per_epoch) * args.gradient_accumulation_steps)
 
 
@@ -423,6 +423,15 @@ def _eval_history(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def _a_metric(key: str, value: Any) -> bool:
     """A number an evaluation measured (not its speed: ``eval_runtime``, ``eval_samples_per_second``, ...)."""
     return isinstance(value, (int, float)) and not key.endswith(("_runtime", "_per_second"))
+
+
+def _batches_per_epoch(loader: Any, args: TrainingArguments, state: TrainerState) -> int:
+    """This process's batches in an epoch, as the Trainer counts them: the loader's length, or for a dataset without
+    one (an ``IterableDataset``, a streamed ``datasets`` one) ``max_steps`` steps' worth, the Trainer's own epoch."""
+    try:
+        return len(loader)
+    except TypeError:
+        return state.max_steps * args.gradient_accumulation_steps
 
 
 def _global_batch(args: TrainingArguments) -> int:
