@@ -54,7 +54,7 @@ class DistLoraCallback(TrainerCallback):
             start), by rank 0's clock, agreed by every rank in one tiny all-reduce per step (only when set).
         stop_after_minutes: stop training, with a checkpoint, after the step that ends this many minutes after the
             first step's start, by rank 0's clock (agreed as every_minutes is): a job in a time-limited slot.
-        keep_last: keep only the newest N committed steps (None keeps all).
+        keep_last: keep only the newest N committed steps (None: the Trainer's save_total_limit, if set; else all).
         async_save: write and upload in the background; training waits only for the gather.
         storage_options: fsspec options (``{"endpoint_url": ..., "key": ...}`` for S3).
         bucket_mb: size of one gather bucket.
