@@ -540,3 +540,27 @@ def test_a_zero3_loop_is_constructed_under_the_json_its_engine_takes_and_only_on
     )
     message = refused({"zero_optimization": {"stage": 3}, "bf16": {"enabled": True}, "fp16": {"enabled": True}}, False)
     assert "bf16 is on here, and parallel.mixed_precision is none" in message and "fp16.enabled is true" in message
+
+
+def test_bf16_auto_in_a_zero3_json_is_what_hf_trainers_arguments_made_it(tmp_path):
+    """HF's ZeRO-3 templates say ``"bf16": {"enabled": "auto"}``, which TrainingArguments(deepspeed=...) fills from
+    its ``bf16``: load_sharded's construction takes that value (made before it, as transformers' own ZeRO-3 loading
+    asks), and without TrainingArguments names the fix rather than reading "auto" as off."""
+    from transformers import TrainingArguments
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    from dist_lora.backends.deepspeed_config import construction_config
+
+    path = tmp_path / "zero3.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3}, "bf16": {"enabled": "auto"}}))
+    unset_hf_deepspeed_config()
+    with pytest.raises(ValueError, match=r'bf16.enabled is "auto", .* no TrainingArguments\(deepspeed=...\) was'):
+        construction_config(str(path), bf16=True)
+    try:
+        args = TrainingArguments(output_dir=str(tmp_path / "out"), deepspeed=str(path), bf16=True, use_cpu=True)
+        assert construction_config(str(path), bf16=True)["zero_optimization"] == {"stage": 3}
+        with pytest.raises(ValueError, match=r'bf16 is on \("auto" here: TrainingArguments\(bf16=True\)\), and '):
+            construction_config(str(path), bf16=False)
+        del args
+    finally:
+        unset_hf_deepspeed_config()

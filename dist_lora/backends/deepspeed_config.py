@@ -272,6 +272,15 @@ def ds_config(
     return config
 
 
+def _hf_trainer_value(path: tuple[str, ...]) -> Any:
+    """A value of the DeepSpeed config that HF's ``TrainingArguments(deepspeed=...)`` processed last in this process
+    (its "auto"s filled from the arguments), or missing where none was created."""
+    from transformers.integrations.deepspeed import deepspeed_config
+
+    config = deepspeed_config()
+    return _MISSING if config is None else _get(config, path)
+
+
 def construction_config(path: str, *, bf16: bool) -> dict[str, Any]:
     """The DeepSpeed config that a model partitioned as it is constructed (``zero.Init``) is built under, for a
     training loop of one's own (``dist_lora.load_sharded``): the JSON at ``path``, which the loop's
@@ -289,13 +298,28 @@ def construction_config(path: str, *, bf16: bool) -> dict[str, Any]:
             f"zero_optimization.stage is {shown}: load_sharded partitions the model for ZeRO-3 as it is constructed, "
             "and deepspeed.initialize, which reads this file too, must train it as ZeRO-3; set it to 3"
         )
-    on = any(_get(user, (key, "enabled")) is True for key in ("bf16", "bfloat16"))
-    if on != bf16:
-        precision, enabled, other = ("bf16", "true", "none") if bf16 else ("none", "false", "bf16")
+    enabled = [_get(user, (key, "enabled")) for key in ("bf16", "bfloat16")]
+    auto = AUTO in enabled  # HF's template: the Trainer fills it from TrainingArguments(bf16=...), made before this
+    if auto:
+        enabled = [_hf_trainer_value(("bf16", "enabled"))]
+    on = any(value is True for value in enabled)
+    if enabled == [_MISSING]:
         found.append(
-            f"bf16 is {'on' if on else 'off'} here, and parallel.mixed_precision is {precision}: the model is "
-            "constructed in the precision deepspeed.initialize will train it in, so they must agree; set "
-            f'"bf16": {{"enabled": {enabled}}} here, or parallel.mixed_precision={other}'
+            'bf16.enabled is "auto", which HF Trainer fills from TrainingArguments(bf16=...), and no '
+            "TrainingArguments(deepspeed=...) was created before load_sharded: create them first (as transformers' own "
+            "ZeRO-3 loading asks), or set it to true or false here"
+        )
+    elif on != bf16:
+        precision, want, other = ("bf16", "true", "none") if bf16 else ("none", "false", "bf16")
+        where, fix = (
+            (f'("auto" here: TrainingArguments(bf16={on}))', f"pass TrainingArguments(bf16={bf16})")
+            if auto
+            else ("here", f'set "bf16": {{"enabled": {want}}} here')
+        )
+        found.append(
+            f"bf16 is {'on' if on else 'off'} {where}, and parallel.mixed_precision is {precision}: the model is "
+            f"constructed in the precision deepspeed.initialize will train it in, so they must agree; {fix}, or "
+            f"parallel.mixed_precision={other}"
         )
     if _get(user, ("fp16", "enabled")) is True:
         found.append('fp16.enabled is true: dist_lora does not train in fp16; use bf16 ("bf16": {"enabled": true})')
