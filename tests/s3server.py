@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -21,21 +22,36 @@ SECRET_KEY = "dist-lora-test-secret"
 BUCKET = "dist-lora-test"
 
 
-def _free_port() -> int:
-    """A free port p with p + 10000 also free (SeaweedFS puts gRPC there)."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port + 10000 > 65535:
+SERVICES = ("s3", "master", "filer", "volume", "admin")
+
+
+def _free_ports(count: int) -> list[int]:
+    """``count`` ports p, each with p + 10000 free too (SeaweedFS puts a service's gRPC there), all 2 * count distinct.
+
+    They are drawn below the kernel's ephemeral range, which the outgoing connections of weed's own services (and of
+    anything else on the machine) take ports from between the draw and the bind; a port drawn inside it once made
+    the volume server fail with "address already in use"."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0]) if sys.platform == "linux" else 0
+    top = (low or 49152) - 10000  # p + 10000 stays below the ephemeral range too
+    rng, taken, ports = random.Random(), set(), []
+    for _ in range(2000):
+        port = rng.randrange(10000, top)
+        if {port, port + 10000} & taken or not all(_bindable(p) for p in (port, port + 10000)):
             continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + 10000))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no free port pair found")
+        ports.append(port)
+        taken |= {port, port + 10000}
+        if len(ports) == count:
+            return ports
+    raise RuntimeError(f"no {count} free port pairs found in 10000..{top + 10000}")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def start(
@@ -58,7 +74,22 @@ def start(
             }
         )
     )
-    ports = ports or {name: _free_port() for name in ("s3", "master", "filer", "volume", "admin")}
+    if ports is not None:
+        return _start(weed, d, ports, timeout)
+    for _ in range(2):  # a port drawn free can still be taken before weed binds it: draw again, on a fresh dir
+        try:
+            return _start(weed, d, dict(zip(SERVICES, _free_ports(len(SERVICES)))), timeout)
+        except PortTaken:
+            shutil.rmtree(d / "data")
+            (d / "data").mkdir()
+    return _start(weed, d, dict(zip(SERVICES, _free_ports(len(SERVICES)))), timeout)
+
+
+class PortTaken(RuntimeError):
+    """weed exited because a port it was given was taken between the draw and its bind."""
+
+
+def _start(weed: str, d: Path, ports: dict[str, int], timeout: float) -> tuple[subprocess.Popen, dict]:
     cmd = [
         weed,
         f"-logdir={d}",  # glog's files (weed.INFO, weed.ERROR, ...); /tmp by default
@@ -102,7 +133,11 @@ def _wait_ready(info: dict, proc: subprocess.Popen, timeout: float, log: Path) -
     error: Exception | None = None
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"weed exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            remove_sockets(info["ports"])
+            text = log.read_text()
+            taken = "address already in use" in text or "is not available" in text  # at its bind, at its check
+            error_type = PortTaken if taken else RuntimeError
+            raise error_type(f"weed exited with {proc.returncode}:\n{text[-3000:]}")
         try:
             fs = s3fs.S3FileSystem(
                 key=info["key"],

@@ -221,6 +221,35 @@ def test_server_killed_mid_upload_and_restarted(tmp_path):
             s3server.stop(p, info["ports"])
 
 
+def test_the_test_server_draws_distinct_ports_and_draws_again_when_one_is_taken(tmp_path, monkeypatch):
+    """CI once failed before any test ran: two services drew the same port, and weed's volume server exited with
+    "address already in use". The draw is now distinct, and a port taken before weed binds it starts it again."""
+    import socket
+
+    ports = s3server._free_ports(len(s3server.SERVICES))
+    assert len({*ports, *(p + 10000 for p in ports)}) == 2 * len(ports)
+
+    with socket.socket() as held:  # a port the first draw hands weed's volume server, taken meanwhile
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        taken = held.getsockname()[1]
+        draws = []
+        real = s3server._free_ports
+
+        def draw(count):
+            draws.append(real(count))
+            if len(draws) == 1:
+                draws[0][s3server.SERVICES.index("volume")] = taken
+            return draws[-1]
+
+        monkeypatch.setattr(s3server, "_free_ports", draw)
+        proc, info = s3server.start(tmp_path / "weed")
+        try:
+            assert len(draws) == 2 and info["ports"] == dict(zip(s3server.SERVICES, draws[1]))
+        finally:
+            s3server.stop(proc, info["ports"])
+
+
 def test_retry_policy_is_bounded_and_checked():
     policy = RetryPolicy(attempts=3, backoff_s=1.0, max_backoff_s=2.5)
     assert [round(policy.delay(k) / d, 2) <= 1.25 for k, d in [(1, 1.0), (2, 2.0), (3, 2.5), (9, 2.5)]] == [True] * 4
