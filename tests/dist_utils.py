@@ -8,7 +8,6 @@ import os
 import runpy
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -113,9 +112,10 @@ def torchrun(nproc: int, argv: list[str], timeout: float = 420, cwd: Path | None
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free port for a rendezvous, drawn below the ephemeral range (see :func:`tests.s3server.free_ports`)."""
+    from tests.s3server import free_ports
+
+    return free_ports(1)[0]
 
 
 def _preimport() -> None:

@@ -25,24 +25,27 @@ BUCKET = "dist-lora-test"
 SERVICES = ("s3", "master", "filer", "volume", "admin")
 
 
-def _free_ports(count: int) -> list[int]:
-    """``count`` ports p, each with p + 10000 free too (SeaweedFS puts a service's gRPC there), all 2 * count distinct.
+def free_ports(count: int, offset: int = 0) -> list[int]:
+    """``count`` free ports on 127.0.0.1, each p with p + ``offset`` free too (SeaweedFS puts a service's gRPC port
+    10000 above it), all distinct.
 
-    They are drawn below the kernel's ephemeral range, which the outgoing connections of weed's own services (and of
-    anything else on the machine) take ports from between the draw and the bind; a port drawn inside it once made
-    the volume server fail with "address already in use"."""
+    They are drawn below the kernel's ephemeral range, from which the outgoing connections of every process on the
+    machine take their ports between the draw and the bind: a port drawn there (as binding port 0 draws) can be
+    taken meanwhile, and two draws of port 0 can return the same port, which once made weed's volume server exit
+    with "address already in use" before any test ran."""
     low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0]) if sys.platform == "linux" else 0
-    top = (low or 49152) - 10000  # p + 10000 stays below the ephemeral range too
+    top = (low or 49152) - offset  # p + offset stays below the ephemeral range too
     rng, taken, ports = random.Random(), set(), []
     for _ in range(2000):
         port = rng.randrange(10000, top)
-        if {port, port + 10000} & taken or not all(_bindable(p) for p in (port, port + 10000)):
+        pair = {port, port + offset}
+        if pair & taken or not all(_bindable(p) for p in pair):
             continue
         ports.append(port)
-        taken |= {port, port + 10000}
+        taken |= pair
         if len(ports) == count:
             return ports
-    raise RuntimeError(f"no {count} free port pairs found in 10000..{top + 10000}")
+    raise RuntimeError(f"no {count} free ports found in 10000..{top + offset}")
 
 
 def _bindable(port: int) -> bool:
@@ -78,11 +81,11 @@ def start(
         return _start(weed, d, ports, timeout)
     for _ in range(2):  # a port drawn free can still be taken before weed binds it: draw again, on a fresh dir
         try:
-            return _start(weed, d, dict(zip(SERVICES, _free_ports(len(SERVICES)))), timeout)
+            return _start(weed, d, dict(zip(SERVICES, free_ports(len(SERVICES), offset=10000))), timeout)
         except PortTaken:
             shutil.rmtree(d / "data")
             (d / "data").mkdir()
-    return _start(weed, d, dict(zip(SERVICES, _free_ports(len(SERVICES)))), timeout)
+    return _start(weed, d, dict(zip(SERVICES, free_ports(len(SERVICES), offset=10000))), timeout)
 
 
 class PortTaken(RuntimeError):

@@ -226,7 +226,7 @@ def test_the_test_server_draws_distinct_ports_and_draws_again_when_one_is_taken(
     "address already in use". The draw is now distinct, and a port taken before weed binds it starts it again."""
     import socket
 
-    ports = s3server._free_ports(len(s3server.SERVICES))
+    ports = s3server.free_ports(len(s3server.SERVICES), offset=10000)
     assert len({*ports, *(p + 10000 for p in ports)}) == 2 * len(ports)
 
     with socket.socket() as held:  # a port the first draw hands weed's volume server, taken meanwhile
@@ -234,15 +234,15 @@ def test_the_test_server_draws_distinct_ports_and_draws_again_when_one_is_taken(
         held.listen()
         taken = held.getsockname()[1]
         draws = []
-        real = s3server._free_ports
+        real = s3server.free_ports
 
-        def draw(count):
-            draws.append(real(count))
+        def draw(count, offset):
+            draws.append(real(count, offset))
             if len(draws) == 1:
                 draws[0][s3server.SERVICES.index("volume")] = taken
             return draws[-1]
 
-        monkeypatch.setattr(s3server, "_free_ports", draw)
+        monkeypatch.setattr(s3server, "free_ports", draw)
         proc, info = s3server.start(tmp_path / "weed")
         try:
             assert len(draws) == 2 and info["ports"] == dict(zip(s3server.SERVICES, draws[1]))
