@@ -87,16 +87,32 @@ def load_tokenizer(name: str, what: str = "model.name_or_path", revision: str | 
     fix."""
     from transformers import AutoTokenizer
 
+    missing = ModelError(
+        f"{what} {name} holds no tokenizer (tokenizer.json, tokenizer.model or vocab files): save the tokenizer "
+        f"of the model it came from there, AutoTokenizer.from_pretrained(ORIGINAL).save_pretrained({name!r})"
+    )
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, revision=hub_only(name, revision))
     except (OSError, ValueError) as e:
-        raise _hub_failure(name, what, e) if not Path(name).exists() else ModelError(f"{what} {name}: {e}") from e
+        if not Path(name).exists():
+            raise _hub_failure(name, what, e) from e
+        # transformers' error for a directory without a tokenizer names a missing sentencepiece (a Llama's config)
+        raise (
+            missing if Path(name).is_dir() and not _tokenizer_files(Path(name)) else ModelError(f"{what} {name}: {e}")
+        ) from e
     if len(tokenizer) < 2:  # transformers makes an empty one of the config's type where no tokenizer file is
-        raise ModelError(
-            f"{what} {name} holds no tokenizer (tokenizer.json, tokenizer.model or vocab files): save the tokenizer "
-            f"of the model it came from there, AutoTokenizer.from_pretrained(ORIGINAL).save_pretrained({name!r})"
-        )
+        raise missing
     return tokenizer
+
+
+def _tokenizer_files(directory: Path) -> list[str]:
+    """The files of ``directory`` that a tokenizer is read from (its vocabulary, merges, sentencepiece or tiktoken
+    model, or its config)."""
+    return [
+        f.name
+        for f in directory.iterdir()
+        if f.name.startswith(("tokenizer", "vocab", "merges", "spiece")) or f.suffix in (".model", ".tiktoken")
+    ]
 
 
 def context_length(name: str, revision: str | None = None) -> int | None:

@@ -20,6 +20,7 @@ from dist_lora.config import ConfigError, DataConfig, load_config
 from dist_lora.data import CHAT_TEMPLATES, IGNORE, DataError, check_packing, prepare_data, set_chat_template
 from dist_lora.generate import turn_end_ids
 from dist_lora.model import load_base, load_tokenizer
+from dist_lora.weights import ModelError
 from tests.dist_utils import ROOT
 
 DATA = ROOT / "configs" / "data"
@@ -30,6 +31,18 @@ def tokenizer_of(base: Path):  # type: ignore[no-untyped-def]
     tok = load_tokenizer(str(base))
     tok.chat_template = TEMPLATE
     return tok
+
+
+@pytest.mark.parametrize("config", ["gpt2", "llama"])
+def test_a_base_saved_without_its_tokenizer_is_named_with_the_fix(config, tmp_path):
+    """A base dir holding its config alone (as `hf download REPO config.json` leaves one, for `dist-lora check`):
+    for GPT-2 transformers makes an empty tokenizer; for a Llama it says sentencepiece is missing. Both are named
+    as what they are: no tokenizer there, and how to save one."""
+    from transformers import GPT2Config, LlamaConfig
+
+    (GPT2Config if config == "gpt2" else LlamaConfig)().save_pretrained(tmp_path)
+    with pytest.raises(ModelError, match=r"holds no tokenizer \(tokenizer.json.*save_pretrained"):
+        load_tokenizer(str(tmp_path))
 
 
 def prepared(tmp_path: Path, base: Path, seed: int = 0, **data):  # type: ignore[no-untyped-def]
