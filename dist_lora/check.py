@@ -539,9 +539,9 @@ def check_run(
 ) -> Report:
     """Try ``cfg`` at ``world`` ranks as the trainer would start it (see the module's doc); raise what the trainer
     would raise, else report the run's shape and each rank's share of the model. ``data=False`` skips the data
-    (and so the run's length from ``train.epochs``, and the packing check); ``show_rows``: the first training rows
-    as text, their targets marked (:func:`dist_lora.data.shown_rows`), or ``row_ids``: those rows (as a non-finite
-    step's error names them)."""
+    and the tokenizer (and so the run's length from ``train.epochs``, and the packing check); ``show_rows``: the
+    first training rows as text, their targets marked (:func:`dist_lora.data.shown_rows`), or ``row_ids``: those
+    rows (as a non-finite step's error names them)."""
     from dist_lora.data import check_packing, check_vocab, prepare_data, shown_rows
     from dist_lora.lora import _lora_modules
     from dist_lora.model import load_tokenizer
@@ -551,12 +551,12 @@ def check_run(
     accum = grad_accum_steps(cfg.train, world)
     lay = layout(cfg, world, nproc_per_node)
     m = cfg.model
-    tokenizer = load_tokenizer(m.name_or_path, revision=m.revision)
     check_seq_len(cfg)
     rows = eval_rows = named_evals = None
     t = cfg.train
     prepared = None
-    if data:
+    if data:  # (without it, no tokenizer is read: the base's config.json alone is checked)
+        tokenizer = load_tokenizer(m.name_or_path, revision=m.revision)
         prepared = prepare_data(cfg.data, tokenizer, seed=t.seed)
         rows, eval_rows = len(prepared), (prepared.eval_rows if prepared.evals else None)
         named_evals = {name: len(r) for name, r in prepared.evals.items() if name is not None} or None
@@ -747,7 +747,10 @@ def describe(r: Report, cfg: RunConfig) -> str:
     if r.host_bytes_per_rank:
         host, on_device = _size(r.host_bytes_per_rank), _size(device_bytes(r))
         node = f" ({_size(r.host_bytes_per_rank * r.ranks_per_node)} a node)" if r.ranks_per_node > 1 else ""
-        lines.append(f"            of which offloaded to host memory {host}{node}: {on_device} on the device")
+        lines.append(
+            f"            in host memory {host}{node}: the offloaded share of the frozen base and trainable state"
+        )
+        lines.append(f"            on the device {on_device}: the rest of them, and what is gathered")
     lines.append(f"{'':12}+ activations{ahead} (the metrics' peak_memory_gib)")
     for row in r.shown_rows or []:
         lines.append(

@@ -285,7 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--world-size", type=at_least(1), default=1, help="the ranks the job will run (nodes x GPUs per node)"
     )
     p.add_argument("--nproc-per-node", type=at_least(1), help="GPUs per node (for parallel.replicate: nodes)")
-    p.add_argument("--no-data", action="store_true", help="skip reading and tokenizing the data")
+    p.add_argument(
+        "--no-data", action="store_true", help="skip the tokenizer and the data (the base's config.json alone is read)"
+    )
     p.add_argument(
         "--show-rows",
         type=at_least(0),

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from dist_lora.check import _size, check_fits, check_host_fits, check_run, describe, device_bytes, layout
 from dist_lora.config import ConfigError, load_config
 from dist_lora.data import prepare_data
-from dist_lora.demo import build_tokenizer, corpus_path
+from dist_lora.demo import corpus_path
 from dist_lora.lora import AdapterError, apply_lora
 from dist_lora.model import load_tokenizer
 from tests.dist_utils import run_worker
@@ -71,9 +71,8 @@ def test_a_70b_base_is_checked_from_its_config_alone(tmp_path):
         tie_word_embeddings=False,
         dtype="bfloat16",
     ).save_pretrained(d)
-    build_tokenizer(corpus_path()).save_pretrained(d)
-    template = ROOT / "configs" / "data" / "chat_template.jinja"
-    overrides = [f"model.name_or_path={d}", f"data.chat_template={template}", f"checkpoint.dir={tmp_path / 'ck'}"]
+    assert [f.name for f in d.iterdir()] == ["config.json"]  # no tokenizer either
+    overrides = [f"model.name_or_path={d}", f"checkpoint.dir={tmp_path / 'ck'}"]
     cfg = load_config(HSDP_70B, overrides)
     r = check_run(cfg, world=32, nproc_per_node=8, data=False)
     assert r.base_parameters == 70_553_706_496
@@ -134,7 +133,10 @@ def test_a_deepspeed_json_is_read_as_the_engine_reads_it(gpt2_base, tmp_path):
     on_device = state + r.gathered_bytes_per_rank
     assert 0 < state < r.host_bytes_per_rank and r.gathered_bytes_per_rank > 0 and device_bytes(r) == on_device
     node = _size(2 * r.host_bytes_per_rank)  # (2 ranks on one node)
-    offloaded = f"of which offloaded to host memory {_size(r.host_bytes_per_rank)} ({node} a node): {_size(on_device)}"
+    offloaded = (
+        f"in host memory {_size(r.host_bytes_per_rank)} ({node} a node): the offloaded share of the frozen base and "
+        f"trainable state\n            on the device {_size(on_device)}: the rest of them, and what is gathered"
+    )
     assert offloaded in describe(r, cfg)
     with pytest.raises(ConfigError, match=r"the offloaded model state takes .* of host memory a node \(2 rank\(s\) of"):
         check_host_fits(r, cfg, 1.5 * r.host_bytes_per_rank / 1e9)
