@@ -161,6 +161,35 @@ def in_child(fn: Callable[..., Any], *args: Any, env: dict[str, str] | None = No
     return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
 
+def cli_in_child(argv: list[str], cwd: Path | str | None = None, **env: str) -> subprocess.CompletedProcess:
+    """``dist-lora ARGS`` (``argv[0]``: ``dist-lora``) run as its entry point runs it (``dist_lora.cli.main``), in a
+    forked copy of this process (see :func:`in_child`: no interpreter start, no imports), in ``cwd``, with
+    :func:`launch_env` (no ``AWS_*``: credentials come from options) and ``env`` as its whole environment; returns
+    what :func:`subprocess.run` with ``capture_output=True, text=True`` returns. For tests of what a command does;
+    tests of the installed script itself run it. What a library reads from the environment as it is imported
+    (huggingface_hub's HF_HUB_OFFLINE, HF_HOME) is this process's."""
+    assert argv[0] == "dist-lora", argv
+    with tempfile.TemporaryDirectory(prefix="dist-lora-cli-") as d:
+        out, err = Path(d) / "stdout", Path(d) / "stderr"
+
+        def run() -> int:
+            from dist_lora.cli import main
+
+            for fd, path in ((1, out), (2, err)):
+                os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
+            sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
+            sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+            os.environ.clear()
+            os.environ.update({k: v for k, v in launch_env().items() if not k.startswith("AWS_")}, **env)
+            if cwd is not None:
+                os.chdir(cwd)
+            sys.argv = list(argv)
+            return main(argv[1:])
+
+        code = in_child(run)
+        return subprocess.CompletedProcess(argv, code, out.read_text(), err.read_text())
+
+
 def _rank_main(rank: int, world: int, port: int, argv: list[str], log: Path, env: dict[str, str]) -> NoReturn:
     """A forked rank: torchrun's environment (and ``env``), output to its own log, the worker run as __main__."""
 

@@ -259,31 +259,33 @@ def test_the_trainable_state_is_what_each_engine_allocates_at_its_optimizer_step
 
 
 def test_the_command_prints_the_report_and_refuses_what_does_not_fit(gpt2_base, tmp_path):
+    from tests.dist_utils import cli_in_child
+
     cmd = ["dist-lora", "check", str(TINY), f"model.name_or_path={gpt2_base}", "--world-size", "2"]
-    out = subprocess.run([*cmd, "--json"], capture_output=True, text=True)
+    out = subprocess.run([*cmd, "--json"], capture_output=True, text=True)  # the installed script
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     assert report["world"] == 2 and report["layout"] == "FSDP2, each tensor sharded over 2 rank(s)"
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    out = cli_in_child(cmd)
     assert out.returncode == 0 and "at world size 2: nothing refused" in out.stdout, out.stderr
     assert f"frozen base {report['frozen_bytes_per_rank'] / 1e3:.1f} KB" in out.stdout
-    shown = subprocess.run([*cmd, "--show-rows", "2"], capture_output=True, text=True)
+    shown = cli_in_child([*cmd, "--show-rows", "2"])
     assert shown.returncode == 0 and "row 1: 64 tokens, 63 targets" in shown.stdout, shown.stderr
     assert "row 2:" not in shown.stdout and shown.stdout.count("\u27e6") == 4  # per row: its header, one run
-    picked = subprocess.run([*cmd, "--rows", "5,1"], capture_output=True, text=True)  # as a NaN step names them
+    picked = cli_in_child([*cmd, "--rows", "5,1"])  # as a NaN step names them
     assert picked.returncode == 0 and picked.stdout.index("row 5: ") < picked.stdout.index("row 1: "), picked.stderr
     assert "row 0:" not in picked.stdout and picked.stdout.split("row 1: ")[1] == shown.stdout.split("row 1: ")[1]
-    out = subprocess.run([*cmd, "--rows", "100000"], capture_output=True, text=True)
+    out = cli_in_child([*cmd, "--rows", "100000"])
     assert out.returncode == 2 and "training row 100000 does not exist: the data has" in out.stderr, out.stderr
-    out = subprocess.run([*cmd, "--rows", "1;2"], capture_output=True, text=True)
+    out = cli_in_child([*cmd, "--rows", "1;2"])
     assert out.returncode == 2 and "give row indices separated by commas, e.g. 12,40" in out.stderr, out.stderr
-    out = subprocess.run([*cmd, "--device-memory", "0.0001"], capture_output=True, text=True)
+    out = cli_in_child([*cmd, "--device-memory", "0.0001"])
     assert out.returncode == 2 and "more than --device-memory 0.0001 GB, before any activation" in out.stderr
     offloaded = [*cmd[:4], "parallel.cpu_offload=true", *cmd[4:], "--no-data", "--nproc-per-node", "1"]
-    out = subprocess.run([*offloaded, "--host-memory", "0.0001"], capture_output=True, text=True)
+    out = cli_in_child([*offloaded, "--host-memory", "0.0001"])
     assert out.returncode == 2 and "a node (1 rank(s) of" in out.stderr and "--host-memory 0.0001 GB" in out.stderr
     # (an override after --world-size is taken as one before it)
-    out = subprocess.run([*cmd, "lora.modules_to_save=[lm_hed]"], capture_output=True, text=True)
+    out = cli_in_child([*cmd, "lora.modules_to_save=[lm_hed]"])
     assert out.returncode == 2 and "lora.modules_to_save ['lm_hed'] matched no module" in out.stderr, out.stderr
 
 

@@ -15,6 +15,7 @@ from dist_lora.checkpoint import step_name
 from dist_lora.cli import main
 from dist_lora.config import LoraConfig
 from dist_lora.constants import ADAPTER_WEIGHTS_NAME, MANIFEST_NAME
+from tests.dist_utils import cli_in_child
 
 
 def make_steps(base, root, steps=(1, 2, 3)):
@@ -124,14 +125,6 @@ def test_the_cli_answers_help_without_importing_torch():
     assert help_text.returncode == 0 and "train" in help_text.stdout
 
 
-def run_cli(argv: list[str], cwd, **env: str) -> subprocess.CompletedProcess:
-    from tests.dist_utils import launch_env
-
-    full_env = {k: v for k, v in launch_env().items() if not k.startswith("AWS_")}
-    full_env.update(env)
-    return subprocess.run(argv, capture_output=True, text=True, cwd=cwd, env=full_env, timeout=240)
-
-
 def assert_one_line_error(out: subprocess.CompletedProcess, *words: str) -> None:
     text = out.stdout + out.stderr
     assert out.returncode == 2, text[-3000:]
@@ -168,7 +161,7 @@ def test_train_start_failures_are_one_line_and_leave_no_lease(gpt2_base, tmp_pat
         (["data.seq_len=4096"], ["data.seq_len 4096", "256 positions", "max_position_embeddings"]),
     ]
     for extra, words in cases:
-        out = run_cli(train_cmd(gpt2_base, ckpt, "train.max_steps=1", *extra), tmp_path, HF_HUB_OFFLINE="1")
+        out = cli_in_child(["dist-lora", *train_cmd(gpt2_base, ckpt, "train.max_steps=1", *extra)[3:]], tmp_path)
         assert_one_line_error(out, *words)
         assert not (ckpt.exists() and any(ckpt.iterdir())), (extra, list(ckpt.iterdir()))  # no lease left behind
 
@@ -186,14 +179,14 @@ def test_a_first_step_that_goes_non_finite_is_one_line_naming_the_layer(gpt2_bas
         model.transformer.h[1].mlp.c_fc.weight[0, 0] = float("nan")
     model.save_pretrained(base)
     ckpt = tmp_path / "ckpt"
-    out = run_cli(train_cmd(base, ckpt, "train.max_steps=2"), tmp_path, HF_HUB_OFFLINE="1")
+    out = cli_in_child(["dist-lora", *train_cmd(base, ckpt, "train.max_steps=2")[3:]], tmp_path)
     assert_one_line_error(out, "NonFiniteError", "step 1", "transformer.h.1.mlp.c_fc", "train.lr")
     assert not (ckpt.exists() and any(ckpt.iterdir())), list(ckpt.iterdir())  # no step, and the lease given up
 
 
 def test_missing_s3_credentials_name_the_variables_at_once(tmp_path):
-    out = run_cli(
-        [sys.executable, "-m", "dist_lora", "ls", "s3://bucket/run"],
+    out = cli_in_child(
+        ["dist-lora", "ls", "s3://bucket/run"],
         tmp_path,
         AWS_ENDPOINT_URL="http://127.0.0.1:9",
         AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
@@ -218,22 +211,22 @@ def test_saved_paths_are_absolute_and_pull_and_merge_take_base(gpt2_base, tmp_pa
 
     shutil.copy(corpus_path(), work / "corpus.txt")
     argv = train_cmd("base", "ckpt", "data.path=corpus.txt", "train.max_steps=1", "parallel.backend=single")
-    out = run_cli(argv, work)
+    out = cli_in_child(["dist-lora", *argv[3:]], work)
     assert out.returncode == 0, out.stderr[-3000:]
     step = work / "ckpt" / step_name(1)
     adapter_config = json.loads((step / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == str(work / "base")
     state = json.loads((step / "trainer_state.json").read_text())
     assert state["config"]["data"]["path"] == str(work / "corpus.txt")
-    merged = run_cli([sys.executable, "-m", "dist_lora", "merge", str(step), "--out", "merged"], tmp_path)
+    merged = cli_in_child(["dist-lora", "merge", str(step), "--out", "merged"], tmp_path)
     assert merged.returncode == 0 and (tmp_path / "merged" / "config.json").is_file(), merged.stderr[-3000:]
     moved = tmp_path / "moved-base"
     shutil.move(work / "base", moved)
-    out = run_cli([sys.executable, "-m", "dist_lora", "pull", str(step), "copy", "--base", str(moved)], tmp_path)
+    out = cli_in_child(["dist-lora", "pull", str(step), "copy", "--base", str(moved)], tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads((tmp_path / "copy" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(moved)
     assert main(["verify", str(tmp_path / "copy")]) == 0
-    out = run_cli([sys.executable, "-m", "dist_lora", "merge", str(step), "--out", "merged2"], tmp_path)
+    out = cli_in_child(["dist-lora", "merge", str(step), "--out", "merged2"], tmp_path)
     assert_one_line_error(out, "base_model_name_or_path of", str(work / "base"), "no such directory", "--base")
 
 

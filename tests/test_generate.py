@@ -311,13 +311,15 @@ def test_bad_settings_are_refused_naming_them(gpt2_base, llama_base, tmp_path):
 
 
 def test_the_command_prints_the_answers(gpt2_base, tmp_path, capsys):
+    from tests.dist_utils import cli_in_child
+
     step = saved_step(gpt2_base, tmp_path / "ck")
     want = generate(step, ["The", "A"], sampling=Sampling(max_new_tokens=4), compare_base=True)
     cmd = ["dist-lora", "generate", step, "--prompt", "The", "--prompt", "A", "--max-new-tokens", "4"]
-    out = subprocess.run([*cmd, "--compare-base", "--json"], capture_output=True, text=True)
+    out = subprocess.run([*cmd, "--compare-base", "--json"], capture_output=True, text=True)  # the installed script
     assert out.returncode == 0, out.stderr
     assert [json.loads(line) for line in out.stdout.splitlines()] == want
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    out = cli_in_child(cmd)
     assert out.returncode == 0, out.stderr
     assert want[0]["finish"]["adapter"] == "length"  # 4 tokens, no end of text: the header says it was cut
     header = "### with the adapter (cut at --max-new-tokens)"
@@ -325,7 +327,7 @@ def test_the_command_prints_the_answers(gpt2_base, tmp_path, capsys):
     # prompts as words too, before and after the options (as `ollama run` or `llm` take them)
     assert main(["generate", step, "The", "--max-new-tokens", "4", "--compare-base", "--json", "A"]) == 0
     assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == want
-    out = subprocess.run([*cmd, "--temperature", "-1"], capture_output=True, text=True)
+    out = cli_in_child([*cmd, "--temperature", "-1"])
     assert out.returncode == 2 and "error: temperature must be >= 0" in out.stderr, out.stderr
 
     # the same prompts from a file: plain lines, or JSON lines with a "prompt" field (blank lines skipped)
@@ -333,13 +335,11 @@ def test_the_command_prints_the_answers(gpt2_base, tmp_path, capsys):
     (tmp_path / "prompts.jsonl").write_text('{"prompt": "The"}\n{"prompt": "A", "id": 7}\n')
     for name in ("prompts.txt", "prompts.jsonl"):
         from_file = [step, "--prompts-file", str(tmp_path / name), "--max-new-tokens", "4", "--json"]
-        out = subprocess.run(["dist-lora", "generate", *from_file], capture_output=True, text=True)
+        out = cli_in_child(["dist-lora", "generate", *from_file])
         assert out.returncode == 0, out.stderr
         assert [json.loads(line)["adapter"] for line in out.stdout.splitlines()] == [r["adapter"] for r in want]
     (tmp_path / "bad.jsonl").write_text('{"prompt": "The"}\n{"text": "A"}\n')
-    out = subprocess.run(
-        ["dist-lora", "generate", step, "--prompts-file", str(tmp_path / "bad.jsonl")], capture_output=True, text=True
-    )
+    out = cli_in_child(["dist-lora", "generate", step, "--prompts-file", str(tmp_path / "bad.jsonl")])
     assert out.returncode == 2 and 'bad.jsonl, line 2: not a JSON object with a "prompt" field' in out.stderr
 
 
