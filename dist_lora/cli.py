@@ -377,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("plot", help="draw a run's loss curve (PNG), resume points marked")
-    p.add_argument("run", help="a run dir holding metrics.jsonl, or the JSONL file")
+    p.add_argument("run", help="a run dir holding metrics.jsonl, the JSONL, or a checkpoint dir (its config names it)")
     p.add_argument("--out", help="PNG path (default: loss.png next to the metrics)")
     p.set_defaults(func=cmd_plot)
     return parser

@@ -4,6 +4,7 @@ from the run's own."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,36 @@ def _unstack(fig: Any, ax: Any, labels: list[Any]) -> None:
         placed.append(label.get_window_extent(renderer))
 
 
+def metrics_path(run: str | Path) -> Path:
+    """The metrics JSONL of ``run``: the file itself, a dir holding ``metrics.jsonl``, or a local checkpoint dir or
+    one of its steps, whose saved run config names it (``train.metrics_file``, as the run wrote it)."""
+    path = Path(run)
+    if path.is_file():
+        return path
+    if (path / "metrics.jsonl").is_file():
+        return path / "metrics.jsonl"
+    for state in [*sorted(path.glob("step-*/trainer_state.json"), reverse=True), path / "trainer_state.json"]:
+        try:
+            config = json.loads(state.read_text()).get("config")
+        except (OSError, ValueError):  # (a step being written, or not a step)
+            continue
+        if not isinstance(config, dict):  # (a step of a loop of one's own or of HF Trainer: no run config)
+            continue
+        named = config.get("train", {}).get("metrics_file")
+        if named is None:
+            raise ValueError(
+                f"{path}: its run wrote no metrics file (train.metrics_file was not set, {state.parent.name}'s "
+                "config says): set train.metrics_file to draw a run's curve"
+            )
+        if not Path(named).is_file():
+            raise ValueError(f"{path}: its run's train.metrics_file {named} is not on this machine: pass the file")
+        return Path(named)
+    raise ValueError(
+        f"{path} does not exist or holds no metrics.jsonl and no step: pass a run dir holding metrics.jsonl, a "
+        "checkpoint dir of a run that set train.metrics_file, or the JSONL itself"
+    )
+
+
 def plot_run(run: str | Path, out: str | Path | None = None) -> Path:
     """Draw train (and eval) loss against step to a PNG (default: next to the metrics file), and each eval set's
     token accuracy on an axis of its own at the right; returns its path."""
@@ -82,11 +113,7 @@ def plot_run(run: str | Path, out: str | Path | None = None) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    path = Path(run)
-    if path.is_dir():
-        path = path / "metrics.jsonl"
-    if not path.is_file():
-        raise ValueError(f"{path} does not exist: pass a run dir holding metrics.jsonl, or the JSONL itself")
+    path = metrics_path(run)
     metrics = read_metrics(path)
     steps = metrics.steps
     if not steps:

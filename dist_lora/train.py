@@ -369,7 +369,9 @@ class Trainer:
             chat_template=_local_abs(d.chat_template),
         )
         lora = replace(cfg.lora, init_from=_local_abs(cfg.lora.init_from))
-        self.cfg = cfg = replace(cfg, model=model, data=data, lora=lora)
+        metrics_file = cfg.train.metrics_file and os.path.abspath(cfg.train.metrics_file)  # (`dist-lora plot CKPT_DIR`)
+        train = replace(cfg.train, metrics_file=metrics_file)
+        self.cfg = cfg = replace(cfg, model=model, data=data, lora=lora, train=train)
         t = cfg.train
         self.rank, self.world, self.device = join_group(cfg.parallel)
         self.grad_accum = grad_accum_steps(t, self.world)

@@ -211,13 +211,20 @@ def test_saved_paths_are_absolute_and_pull_and_merge_take_base(gpt2_base, tmp_pa
 
     shutil.copy(corpus_path(), work / "corpus.txt")
     argv = train_cmd("base", "ckpt", "data.path=corpus.txt", "train.max_steps=1", "parallel.backend=single")
-    out = cli_in_child(["dist-lora", *argv[3:]], work)
+    out = cli_in_child(["dist-lora", *argv[3:], "train.metrics_file=m.jsonl", "train.report_to=[]"], work)
     assert out.returncode == 0, out.stderr[-3000:]
     step = work / "ckpt" / step_name(1)
     adapter_config = json.loads((step / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == str(work / "base")
     state = json.loads((step / "trainer_state.json").read_text())
     assert state["config"]["data"]["path"] == str(work / "corpus.txt")
+    assert state["config"]["train"]["metrics_file"] == str(work / "m.jsonl")
+    # the plot of a checkpoint dir, or of one of its steps, finds the run's metrics file by its saved config
+    for where in (work / "ckpt", step):
+        (work / "loss.png").unlink(missing_ok=True)
+        out = cli_in_child(["dist-lora", "plot", str(where.relative_to(tmp_path))], tmp_path)
+        assert out.returncode == 0 and out.stdout.strip() == str(work / "loss.png"), out.stderr[-3000:]
+        assert (work / "loss.png").stat().st_size > 0
     merged = cli_in_child(["dist-lora", "merge", str(step), "--out", "merged"], tmp_path)
     assert merged.returncode == 0 and (tmp_path / "merged" / "config.json").is_file(), merged.stderr[-3000:]
     moved = tmp_path / "moved-base"

@@ -379,6 +379,29 @@ def test_pull_takes_an_adapter_peft_saved_and_checks_another_base_first(gpt2_bas
     assert not (tmp_path / "refused").exists()
 
 
+def test_the_plot_of_a_checkpoint_dir_names_what_is_missing(tmp_path):
+    """A checkpoint dir whose run set no train.metrics_file, or whose metrics file is on another machine, and a dir
+    that is neither a run dir nor a checkpoint dir: each named with the fix."""
+    from dist_lora.plot import metrics_path
+
+    def saved(step: str, metrics_file: str | None) -> None:
+        (tmp_path / "ck" / step).mkdir(parents=True, exist_ok=True)
+        state = {"step": 1, "config": {"train": {"metrics_file": metrics_file}}}
+        (tmp_path / "ck" / step / "trainer_state.json").write_text(json.dumps(state))
+
+    saved("step-00000001", str(tmp_path / "m.jsonl"))
+    saved("step-00000002", None)  # the newest step's config is the run's
+    with pytest.raises(ValueError, match="its run wrote no metrics file .* step-00000002's config .* set train.metr"):
+        metrics_path(tmp_path / "ck")
+    saved("step-00000002", "/elsewhere/m.jsonl")
+    with pytest.raises(ValueError, match="train.metrics_file /elsewhere/m.jsonl is not on this machine: pass the"):
+        metrics_path(tmp_path / "ck")
+    (tmp_path / "m.jsonl").write_text("")
+    assert metrics_path(tmp_path / "ck" / "step-00000001") == tmp_path / "m.jsonl"
+    with pytest.raises(ValueError, match="holds no metrics.jsonl and no step: pass a run dir .* a checkpoint dir"):
+        metrics_path(tmp_path / "elsewhere")
+
+
 def test_plot_writes_a_png_with_resume_points_and_failed_saves(tmp_path):
     metrics = tmp_path / "metrics.jsonl"
     rows = [{"step": s, "loss": 6 - s / 10, "lr": 1e-3, "world_size": 2, "backend": "fsdp"} for s in range(1, 11)]
