@@ -96,7 +96,7 @@ def test_console_script_and_module_entry_point(tmp_path):
     ],
 )
 def test_expected_failures_are_one_line_without_a_traceback(argv, words, tmp_path):
-    out = subprocess.run([sys.executable, "-m", "dist_lora", *argv], capture_output=True, text=True, cwd=tmp_path)
+    out = cli_in_child(["dist-lora", *argv], tmp_path)
     assert out.returncode != 0, out.stdout
     text = out.stdout + out.stderr
     assert all(w in text for w in words), text
