@@ -97,7 +97,9 @@ def metrics_path(run: str | Path) -> Path:
                 "config says): set train.metrics_file to draw a run's curve"
             )
         if not Path(named).is_file():
-            raise ValueError(f"{path}: its run's train.metrics_file {named} is not on this machine: pass the file")
+            raise ValueError(
+                f"{path}: its run's train.metrics_file {named} is not found (another machine's?): pass the file"
+            )
         return Path(named)
     raise ValueError(
         f"{path} does not exist or holds no metrics.jsonl and no step: pass a run dir holding metrics.jsonl, a "
