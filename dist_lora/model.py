@@ -87,32 +87,33 @@ def load_tokenizer(name: str, what: str = "model.name_or_path", revision: str | 
     fix."""
     from transformers import AutoTokenizer
 
-    missing = ModelError(
-        f"{what} {name} holds no tokenizer (tokenizer.json, tokenizer.model or vocab files): save the tokenizer "
-        f"of the model it came from there, AutoTokenizer.from_pretrained(ORIGINAL).save_pretrained({name!r})"
-    )
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, revision=hub_only(name, revision))
     except (OSError, ValueError) as e:
         if not Path(name).exists():
             raise _hub_failure(name, what, e) from e
         # transformers' error for a directory without a tokenizer names a missing sentencepiece (a Llama's config)
-        raise (
-            missing if Path(name).is_dir() and not _tokenizer_files(Path(name)) else ModelError(f"{what} {name}: {e}")
-        ) from e
+        no_files = Path(name).is_dir() and not _has_tokenizer_files(Path(name))
+        raise (_no_tokenizer(name, what) if no_files else ModelError(f"{what} {name}: {e}")) from e
     if len(tokenizer) < 2:  # transformers makes an empty one of the config's type where no tokenizer file is
-        raise missing
+        raise _no_tokenizer(name, what)
     return tokenizer
 
 
-def _tokenizer_files(directory: Path) -> list[str]:
-    """The files of ``directory`` that a tokenizer is read from (its vocabulary, merges, sentencepiece or tiktoken
-    model, or its config)."""
-    return [
-        f.name
+def _no_tokenizer(name: str, what: str) -> ModelError:
+    return ModelError(
+        f"{what} {name} holds no tokenizer (tokenizer.json, tokenizer.model or vocab files): save the tokenizer "
+        f"of the model it came from there, AutoTokenizer.from_pretrained(ORIGINAL).save_pretrained({name!r})"
+    )
+
+
+def _has_tokenizer_files(directory: Path) -> bool:
+    """Whether ``directory`` holds a file a tokenizer is read from (its vocabulary, merges, sentencepiece or
+    tiktoken model, or its config)."""
+    return any(
+        f.name.startswith(("tokenizer", "vocab", "merges", "spiece")) or f.suffix in (".model", ".tiktoken")
         for f in directory.iterdir()
-        if f.name.startswith(("tokenizer", "vocab", "merges", "spiece")) or f.suffix in (".model", ".tiktoken")
-    ]
+    )
 
 
 def context_length(name: str, revision: str | None = None) -> int | None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dist_lora.constants import TRAINER_STATE_NAME
 from dist_lora.data import jsonl_rows
 
 
@@ -78,23 +79,28 @@ def _unstack(fig: Any, ax: Any, labels: list[Any]) -> None:
 def metrics_path(run: str | Path) -> Path:
     """The metrics JSONL of ``run``: the file itself, a dir holding ``metrics.jsonl``, or a local checkpoint dir or
     one of its steps, whose saved run config names it (``train.metrics_file``, as the run wrote it)."""
+    from dist_lora.checkpoint import parse_step_name, saved_config
+
     path = Path(run)
     if path.is_file():
         return path
     if (path / "metrics.jsonl").is_file():
         return path / "metrics.jsonl"
-    for state in [*sorted(path.glob("step-*/trainer_state.json"), reverse=True), path / "trainer_state.json"]:
+    steps = {parse_step_name(p.name): p for p in path.iterdir()} if path.is_dir() else {}
+    newest_first = [steps[n] for n in sorted((n for n in steps if n is not None), reverse=True)]
+    for step in [*newest_first, path]:  # (the dir itself: a step)
         try:
-            config = json.loads(state.read_text()).get("config")
+            state = json.loads((step / TRAINER_STATE_NAME).read_text())
         except (OSError, ValueError):  # (a step being written, or not a step)
             continue
-        if not isinstance(config, dict):  # (a step of a loop of one's own or of HF Trainer: no run config)
+        config = saved_config(state) if isinstance(state, dict) else {}
+        if not config:  # (a step of a loop of one's own or of HF Trainer: no run config)
             continue
         named = config.get("train", {}).get("metrics_file")
         if named is None:
             raise ValueError(
-                f"{path}: its run wrote no metrics file (train.metrics_file was not set, {state.parent.name}'s "
-                "config says): set train.metrics_file to draw a run's curve"
+                f"{path}: its run wrote no metrics file (train.metrics_file was not set, {step.name}'s config "
+                "says): set train.metrics_file to draw a run's curve"
             )
         if not Path(named).is_file():
             raise ValueError(

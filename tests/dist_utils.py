@@ -161,6 +161,16 @@ def in_child(fn: Callable[..., Any], *args: Any, env: dict[str, str] | None = No
     return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
 
+def _output_to(stdout: Path, stderr: Path) -> None:
+    """In a forked child: file descriptors 1 and 2, and sys.stdout and sys.stderr over them, written to these files
+    (one file for both where they are the same), line-buffered."""
+    fd = os.open(stdout, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd if stderr == stdout else os.open(stderr, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), 2)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
+    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+
+
 def cli_in_child(argv: list[str], cwd: Path | str | None = None, **env: str) -> subprocess.CompletedProcess:
     """``dist-lora ARGS`` (``argv[0]``: ``dist-lora``) run as its entry point runs it (``dist_lora.cli.main``), in a
     forked copy of this process (see :func:`in_child`: no interpreter start, no imports), in ``cwd``, with
@@ -175,10 +185,7 @@ def cli_in_child(argv: list[str], cwd: Path | str | None = None, **env: str) -> 
         def run() -> int:
             from dist_lora.cli import main
 
-            for fd, path in ((1, out), (2, err)):
-                os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
-            sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
-            sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+            _output_to(out, err)
             os.environ.clear()
             os.environ.update({k: v for k, v in launch_env().items() if not k.startswith("AWS_")}, **env)
             if cwd is not None:
@@ -194,11 +201,7 @@ def _rank_main(rank: int, world: int, port: int, argv: list[str], log: Path, env
     """A forked rank: torchrun's environment (and ``env``), output to its own log, the worker run as __main__."""
 
     def run() -> None:
-        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
-        sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
-        sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+        _output_to(log, log)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGALRM):
             signal.signal(sig, signal.SIG_DFL)
         os.environ.update(launch_env())
