@@ -394,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     from dist_lora.logs import quiet_third_party, setup_logging
 
     setup_logging(args.verbose)
-    if args.command in ("merge", "generate"):  # train quiets them itself (on every rank)
+    if args.command in ("merge", "generate", "demo"):  # train and eval quiet them themselves (on every rank)
         quiet_third_party()
     try:
         return int(args.func(args) or 0)

@@ -19,6 +19,7 @@ import torch
 from dist_lora.config import ConfigError, DataConfig, TrainConfig, config_from_dict
 from dist_lora.data import prepare_data
 from dist_lora.demo import corpus_path
+from dist_lora.logs import QUIET_TORCHAO
 from dist_lora.train import lr_at
 from tests.dist_utils import (
     ROOT,
@@ -212,6 +213,8 @@ def test_demo_command(tmp_path):
     (resume,) = [r for r in events if r.get("event") == "resume"]
     assert (resume["step"], resume["saved_world_size"], resume["world_size"]) == (20, 2, 1)
     assert "step-00000040   committed" in out.stdout
+    quieted = [text for texts in QUIET_TORCHAO.values() for text in texts]  # (the demo builds its base itself)
+    assert not [line for line in out.stderr.splitlines() if any(text in line for text in quieted)], out.stderr
     # the summary is what the metrics say ran, and the README's next command draws it
     first, last = rows[1], rows[40]
     assert f"steps 1..20 on 2 process(es) (fsdp): loss {first:.3f}" in out.stdout
