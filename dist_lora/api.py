@@ -537,6 +537,7 @@ def load_sharded(
         collection_paused,
         compile_blocks,
         compute_device,
+        mark_sharded_at_load,
         prepare_base,
     )
 
@@ -597,6 +598,7 @@ def load_sharded(
             model = FSDPBackend.wrap(
                 parallel, model, lambda params: None, lora.bias, micro_batch_size=1, grad_accum=1, weights=weights
             ).model
+            mark_sharded_at_load(model)  # (HF's Trainer takes it as it is)
         if compile:  # after fully_shard, which subclasses each block: the forward compiled is the final class's
             compile_blocks(model, what="compile")
     return model

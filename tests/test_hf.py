@@ -41,7 +41,7 @@ def expected_lr(step: int, lr=1e-2, warmup=2) -> float:
 
 @pytest.mark.multiproc
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", ["zero3", "zero3-sharded", "zero2", "fsdp2"])
+@pytest.mark.parametrize("engine", ["zero3", "zero3-sharded", "zero2", "fsdp2", "fsdp2-sharded"])
 def test_trainer_saves_through_callback_and_resumes_on_one_process(engine, gpt2_base, tmp_path):
     ckpt = tmp_path / "ckpt"
     common = {"base": str(gpt2_base), "ckpt": str(ckpt), "max_steps": MAX_STEPS, "save_steps": 2, "batch": 2}
@@ -51,7 +51,10 @@ def test_trainer_saves_through_callback_and_resumes_on_one_process(engine, gpt2_
     steps = list_steps(Storage(str(ckpt)))
     assert [s.step for s in steps] == [2, 4] and all(s.status == "committed" for s in steps)
     state = json.loads((ckpt / "step-00000004" / "trainer_state.json").read_text())
-    assert state["world_size"] == 2 and state["backend"] == ("fsdp" if engine == "fsdp2" else "deepspeed")
+    assert state["world_size"] == 2 and state["backend"] == ("fsdp" if engine.startswith("fsdp2") else "deepspeed")
+    if engine == "fsdp2-sharded":  # HSDP, 2 replica groups: the Trainer reduced the gradients across them
+        replicas = [load_file(str(tmp_path / "a" / f"replica-{rank}.safetensors")) for rank in (0, 1)]
+        assert len(replicas[0]) == 4 and all(torch.equal(t, replicas[1][n]) for n, t in replicas[0].items())
 
     # 1 process, same global batch (1 x 2 x 4 = 2 x 2 x 2), no engine: the adapter is the one saved
     second = run(1, {**common, "out": str(tmp_path / "b"), "engine": "none", "stop_at": None, "grad_accum": 4})

@@ -457,6 +457,9 @@ def test_load_sharded_gives_an_own_loop_the_trainers_model(
     resumed = json.loads(then.read_text())
     assert (got["attention"], resumed["attention"]) == ("sdpa", "eager")
     assert got["loss"] == resumed["loss"] == "chunked_causal_lm_loss"
+    # marked as transformers marks a model it sharded as it loaded (FSDP2's; ZeRO-3's Trainer builds its engine)
+    marks = [got["marked"], resumed["marked"]]
+    assert marks == ([[True, world, 1], [True, resume_world, 1]] if engine == "fsdp" else [None, None]), marks
 
     torch.manual_seed(0)
     model = dist_lora.apply_lora(

@@ -1,7 +1,7 @@
 """One rank of an HF Trainer run that checkpoints through dist_lora's callback (tests/test_hf.py).
 
 argv[1] is JSON: {"base": dir, "ckpt": dir, "out": dir, "engine": "zero3" | "zero3-sharded" | "zero2" | "fsdp2" |
-"none", "max_steps": N, "save_steps": K, "stop_at": S | null, "grad_accum": G, "batch": B}, and optionally
+"fsdp2-sharded" | "none", "max_steps": N, "save_steps": K, "stop_at": S | null, "grad_accum": G, "batch": B}, and optionally
 "every_minutes": M or
 "stop_after_minutes": M with "clocks":
 [minutes a step on rank 0, on rank 1, ...] (the callback's clock, driven by the global step). Rank 0 writes
@@ -116,7 +116,7 @@ def main() -> None:
         learning_rate=1e-2,
         lr_scheduler_type="linear",
         warmup_steps=2,
-        save_strategy="no" if spec["engine"] == "fsdp2" else "steps",
+        save_strategy="no" if spec["engine"].startswith("fsdp2") else "steps",
         save_steps=spec["save_steps"],
         logging_steps=1,
         report_to=[],
@@ -128,8 +128,11 @@ def main() -> None:
     )
     # no hub kernels: transformers 5.2x kernelizes by default, which needs the `kernels` package and, on a GPU, the
     # hub (an H200 without the package stopped here); the callback, not the forward, is under test
-    if spec["engine"] == "zero3-sharded":  # each rank reads only its partitions of the base (a 70B's way)
-        parallel = ParallelConfig(backend="deepspeed", zero_stage=3, deepspeed_config=extra["deepspeed"])
+    if spec["engine"] in ("zero3-sharded", "fsdp2-sharded"):  # each rank reads only its share of the base (a 70B's)
+        if spec["engine"] == "fsdp2-sharded":  # given to the Trainer as it is; HSDP: 2 replica groups of 1 shard
+            parallel = ParallelConfig(backend="fsdp", replicate=2)
+        else:
+            parallel = ParallelConfig(backend="deepspeed", zero_stage=3, deepspeed_config=extra["deepspeed"])
         lora = DistLoraConfig(r=4, alpha=8, dropout=0.0, target_modules=["c_attn"])
         model = dist_lora.load_sharded(spec["base"], lora, parallel=parallel, dtype=torch.float32)
         base = model.get_base_model()
@@ -146,7 +149,7 @@ def main() -> None:
     probe = Probe(out, spec.get("stop_at"))
     data = Blocks(64, 16, base.config.vocab_size)
     trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[probe])
-    every = spec["save_steps"] if spec["engine"] == "fsdp2" else None  # HF itself refuses to save such models
+    every = spec["save_steps"] if spec["engine"].startswith("fsdp2") else None  # HF refuses to save such models
     callback = DistLoraCallback.install(  # after the probe: it sees the stop
         trainer,
         spec["ckpt"],
@@ -161,6 +164,9 @@ def main() -> None:
     trainer.train()
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     (out / f"seen-{rank}.json").write_text(json.dumps(probe.seen))
+    if spec["engine"] == "fsdp2-sharded":  # each replica group's own copy of the adapter, to compare across them
+        local = {n: p.to_local().detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        save_file(local, str(out / f"replica-{rank}.safetensors"))
     weights = full_adapter(trainer.model)
     if weights is not None:
         save_file(weights, str(out / "end_adapter.safetensors"))

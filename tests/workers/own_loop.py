@@ -121,6 +121,8 @@ def main() -> None:
         kernel = model.config._attn_implementation
         loss = model.get_base_model().loss_function  # the chunked loss by default, as the trainer's
         done = {"losses": losses, "step": url, "attention": kernel, "loss": getattr(loss, "func", loss).__name__}
+        mark = getattr(model.config, "distributed_config", None)  # (FSDP2's: HF's Trainer takes the model as it is)
+        done["marked"] = mark and [model.is_distributed_loading_by_transformers, mark.fsdp_size, mark.dp_replicate_size]
         Path(spec["out"]).write_text(json.dumps(done))
     shutdown()
 
