@@ -55,6 +55,12 @@ def test_trainer_saves_through_callback_and_resumes_on_one_process(engine, gpt2_
     if engine == "fsdp2-sharded":  # HSDP, 2 replica groups: the Trainer reduced the gradients across them
         replicas = [load_file(str(tmp_path / "a" / f"replica-{rank}.safetensors")) for rank in (0, 1)]
         assert len(replicas[0]) == 4 and all(torch.equal(t, replicas[1][n]) for n, t in replicas[0].items())
+        # and trained as ZeRO-3 on load_sharded's model does (the same adapter drawn: the same seed)
+        zero3 = {**common, "ckpt": str(tmp_path / "zero3"), "out": str(tmp_path / "z"), "engine": "zero3-sharded"}
+        same = run(2, {**zero3, "stop_at": 4, "grad_accum": 2})["losses"]
+        assert first["losses"].keys() == same.keys() and len(same) == 4
+        for step, (loss, lr) in same.items():
+            assert first["losses"][step] == [pytest.approx(loss, rel=1e-5), lr], step
 
     # 1 process, same global batch (1 x 2 x 4 = 2 x 2 x 2), no engine: the adapter is the one saved
     second = run(1, {**common, "out": str(tmp_path / "b"), "engine": "none", "stop_at": None, "grad_accum": 4})
