@@ -227,6 +227,27 @@ def test_save_total_limit_keeps_the_newest_steps_and_a_run_that_saves_nothing_sa
     assert not list((tmp_path / "none" / "ckpt").glob("step-*"))
 
 
+@pytest.mark.multiproc
+@pytest.mark.parametrize("engine", ["zero3-sharded", "fsdp2-sharded"])
+def test_load_best_model_at_end_loads_the_best_step_into_every_rank(engine, gpt2_base, tmp_path):
+    """``load_best_model_at_end`` at 2 processes, on ``load_sharded``'s models: the callback's load of the best step
+    at the end is a collective into ZeRO-3's partitions and HSDP's replicas (under FSDP2 with HF's
+    ``save_only_model=True``, which lets the Trainer decide the saves of a model it cannot checkpoint itself)."""
+    spec = {"base": str(gpt2_base), "ckpt": str(tmp_path / "ckpt"), "out": str(tmp_path / "a"), "engine": engine}
+    got = run(2, {**spec, "max_steps": 6, "save_steps": 2, "batch": 2, "grad_accum": 1, "stop_at": None, "best": 1})
+    evals = {int(step): loss for step, loss in got["evals"].items()}
+    assert sorted(evals) == [2, 4, 6] and got["best"] == max(evals, key=evals.get) != 6  # (the first: loss falls)
+    assert got["hf_checkpoints"] == [] and got["best_checkpoint"].endswith(step_name(got["best"]))
+    kept = sorted(p.name for p in (tmp_path / "ckpt").glob("step-*"))
+    assert kept == [step_name(got["best"]), "step-00000006"]  # save_total_limit=1 keeps the best too
+    saved = load_file(str(tmp_path / "ckpt" / step_name(got["best"]) / "adapter_model.safetensors"))
+    now = load_file(str(tmp_path / "a" / "end_adapter.safetensors"))  # gathered by the engine after train()
+    assert now.keys() == saved.keys() and all(torch.equal(now[k], saved[k]) for k in saved)
+    if engine == "fsdp2-sharded":  # both replica groups hold it
+        replicas = [load_file(str(tmp_path / "a" / f"replica-{rank}.safetensors")) for rank in (0, 1)]
+        assert all(torch.equal(t, replicas[1][n]) for n, t in replicas[0].items())
+
+
 def test_load_best_model_at_end_loads_the_best_step_kept_through_retention_and_a_resume(gpt2_base, tmp_path):
     """``load_best_model_at_end``: the Trainer's own load finds no checkpoint-*; the callback loads the best
     step's adapter at the end, that step kept whatever ``save_total_limit`` says, and a resumed run knows the best

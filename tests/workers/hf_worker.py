@@ -1,10 +1,10 @@
 """One rank of an HF Trainer run that checkpoints through dist_lora's callback (tests/test_hf.py).
 
 argv[1] is JSON: {"base": dir, "ckpt": dir, "out": dir, "engine": "zero3" | "zero3-sharded" | "zero2" | "fsdp2" |
-"fsdp2-sharded" | "none", "max_steps": N, "save_steps": K, "stop_at": S | null, "grad_accum": G, "batch": B}, and optionally
-"every_minutes": M or
-"stop_after_minutes": M with "clocks":
-[minutes a step on rank 0, on rank 1, ...] (the callback's clock, driven by the global step). Rank 0 writes
+"fsdp2-sharded" | "none", "max_steps": N, "save_steps": K, "stop_at": S | null, "grad_accum": G, "batch": B}, and
+optionally "best": true (evaluate at each save, load the best step at the end), "every_minutes": M or
+"stop_after_minutes": M with "clocks": [minutes a step on rank 0, on rank 1, ...] (the callback's clock, driven by
+the global step). Rank 0 writes
 out/begin_adapter.safetensors (the adapter as loaded, before any step), out/end_adapter.safetensors and
 out/result.json.
 """
@@ -104,7 +104,11 @@ def main() -> None:
         "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": False},
     }
-    extra = {}
+    extra: dict = {}
+    best = spec.get("best")  # the Trainer evaluates at each save and loads the best step at the end
+    if best:
+        extra |= dict(eval_strategy="steps", eval_steps=spec["save_steps"], load_best_model_at_end=True)
+        extra |= dict(metric_for_best_model="loss", greater_is_better=True, save_total_limit=1)  # (not the last)
     if stage is not None:
         extra["deepspeed"] = str(out / "ds.json")
         (out / "ds.json").write_text(json.dumps(ds_config))  # (one file: load_sharded constructs under it too)
@@ -116,7 +120,8 @@ def main() -> None:
         learning_rate=1e-2,
         lr_scheduler_type="linear",
         warmup_steps=2,
-        save_strategy="no" if spec["engine"].startswith("fsdp2") else "steps",
+        save_strategy="no" if spec["engine"].startswith("fsdp2") and not best else "steps",
+        save_only_model=bool(best) and spec["engine"].startswith("fsdp2"),  # (HF's fix for models it cannot save)
         save_steps=spec["save_steps"],
         logging_steps=1,
         report_to=[],
@@ -148,8 +153,9 @@ def main() -> None:
         base.config.distributed_config = DistributedConfig(fsdp_size=torch.distributed.get_world_size())
     probe = Probe(out, spec.get("stop_at"))
     data = Blocks(64, 16, base.config.vocab_size)
-    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[probe])
-    every = spec["save_steps"] if spec["engine"].startswith("fsdp2") else None  # HF refuses to save such models
+    evals = Blocks(8, 16, base.config.vocab_size) if best else None
+    trainer = Trainer(model=model, args=args, train_dataset=data, eval_dataset=evals, callbacks=[probe])
+    every = spec["save_steps"] if spec["engine"].startswith("fsdp2") and not best else None  # (HF cannot save them)
     callback = DistLoraCallback.install(  # after the probe: it sees the stop
         trainer,
         spec["ckpt"],
@@ -177,6 +183,9 @@ def main() -> None:
             "losses": probe.losses,
             "hf_checkpoints": sorted(p.name for p in (out / "hf").glob("checkpoint-*")),
             "saves": [s.step for s in callback.checkpointer.history],
+            "best": trainer.state.best_global_step,
+            "best_checkpoint": trainer.state.best_model_checkpoint,
+            "evals": {e["step"]: e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e},
         }
         (out / "result.json").write_text(json.dumps(result))
 
