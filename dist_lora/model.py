@@ -527,8 +527,8 @@ def mark_sharded_at_load(model: Any) -> None:
     strategy"). With it, the Trainer neither wraps nor shards the model again, and defers the gradient reduction
     of all but an accumulation window's last micro-batch with FSDP2's own switches (under HSDP only the all-reduce
     across replica groups, by ``dp_replicate_size``). Nothing is serialized: transformers leaves
-    ``distributed_config`` out of a saved ``config.json``. Transformers without such models (before 5) has no
-    Trainer that reads the mark: nothing to do."""
+    ``distributed_config`` out of a saved ``config.json``. A transformers without such models has no Trainer that
+    reads the mark: nothing to do."""
     from torch.distributed.tensor import DTensor
 
     try:

@@ -20,12 +20,12 @@ from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 from safetensors.torch import save_file
 from torch.distributed.fsdp import fully_shard
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
-from transformers.distributed.configuration_utils import DistributedConfig
 
 import dist_lora
 from dist_lora.config import LoraConfig as DistLoraConfig
 from dist_lora.config import ParallelConfig
 from dist_lora.integrations.hf import DistLoraCallback
+from dist_lora.model import mark_sharded_at_load
 
 
 class Blocks(torch.utils.data.Dataset):
@@ -149,8 +149,7 @@ def main() -> None:
         for block in base.transformer.h:
             fully_shard(block)
         fully_shard(model)
-        base._is_distributed_loading_by_transformers = True  # the Trainer neither wraps nor shards it again
-        base.config.distributed_config = DistributedConfig(fsdp_size=torch.distributed.get_world_size())
+        mark_sharded_at_load(model)  # as transformers marks its own: the Trainer neither wraps nor shards it again
     probe = Probe(out, spec.get("stop_at"))
     data = Blocks(64, 16, base.config.vocab_size)
     evals = Blocks(8, 16, base.config.vocab_size) if best else None
