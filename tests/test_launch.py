@@ -111,6 +111,36 @@ def test_shellcheck_passes_on_launch_scripts():
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+def test_deepspeed_script_leaves_a_hostfiles_rendezvous_to_deepspeed_and_sets_it_on_one_node(tmp_path):
+    """launch/deepspeed.sh with a hostfile passes no rendezvous address or port unless given: DeepSpeed's launcher
+    then finds the first host's address (127.0.0.1 sent every other node to itself) and takes port 29500 (a port
+    free here says nothing of that host). On one node: loopback and a free port. (A stand-in ``deepspeed`` on the
+    PATH records its arguments.)"""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "deepspeed").write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$ARGS_OUT"\n')
+    (bin_dir / "deepspeed").chmod(0o755)
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=8\nnode1 slots=8\n")
+
+    def launched(**env: str) -> list[str]:
+        out = tmp_path / "args"
+        base = {k: v for k, v in launch_env().items() if k not in ("MASTER_ADDR", "MASTER_PORT", "HOSTFILE")}
+        env = {**base, "PATH": f"{bin_dir}:{os.environ['PATH']}", "ARGS_OUT": str(out), **env}
+        run = subprocess.run(["bash", str(LAUNCH / "deepspeed.sh"), str(TINY)], env=env, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        args = out.read_text().splitlines()
+        assert args[-5:] == ["--module", "dist_lora", "train", str(TINY), "parallel.backend=deepspeed"], args
+        return args[:-5]
+
+    assert launched(HOSTFILE=str(hostfile)) == ["--hostfile", str(hostfile)]
+    given = launched(HOSTFILE=str(hostfile), MASTER_ADDR="node0", MASTER_PORT="29600")
+    assert given == ["--hostfile", str(hostfile), "--master_addr", "node0", "--master_port", "29600"]
+    one_node = launched(NUM_GPUS="2")
+    assert one_node[:2] == ["--master_addr", "127.0.0.1"] and one_node[2] == "--master_port" and int(one_node[3]) > 0
+    assert one_node[4:] == ["--num_nodes", "1", "--num_gpus", "2"]
+
+
 def test_dockerfile_passes_hadolint():
     out = subprocess.run(
         [shutil.which("hadolint") or "hadolint", str(ROOT / "docker" / "Dockerfile")], capture_output=True, text=True
