@@ -141,6 +141,48 @@ def test_deepspeed_script_leaves_a_hostfiles_rendezvous_to_deepspeed_and_sets_it
     assert one_node[4:] == ["--num_nodes", "1", "--num_gpus", "2"]
 
 
+def test_slurm_script_requeues_after_a_stop_of_its_own_allocation_only(tmp_path):
+    """launch/slurm.sbatch requeues a job whose ranks stopped before the time limit with a checkpoint, judged by
+    what this allocation wrote to the job's log: a requeued job appends to the same log, so an earlier allocation's
+    stop must not requeue a run that has since finished (it did, again and again). A typed GPU request
+    (``--gpus-per-node=a100:8``) gives 8 processes a node. (Stand-ins for ``srun`` and ``scontrol`` on the PATH.)"""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fakes = {
+        "srun": 'echo "$NPROC_PER_NODE" > "$TMP/nproc"; echo "$SRUN_SAYS"\n',
+        "scontrol": 'if [[ $1 == show ]]; then echo node0; else echo "$2" >> "$TMP/requeued"; fi\n',
+    }
+    for name, body in fakes.items():
+        (bin_dir / name).write_text(f"#!/usr/bin/env bash\n{body}")
+        (bin_dir / name).chmod(0o755)
+    (tmp_path / "logs").mkdir()
+    log = tmp_path / "logs" / "dist-lora-77.out"
+    env = {
+        **launch_env(),
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "TMP": str(tmp_path),
+        "CONFIG": str(TINY),
+        "SLURM_JOB_NAME": "dist-lora",
+        "SLURM_JOB_ID": "77",
+        "SLURM_JOB_NODELIST": "node0",
+        "SLURM_JOB_NUM_NODES": "1",
+        "SLURM_GPUS_PER_NODE": "a100:8",
+    }
+
+    def allocation(srun_says: str) -> list[str]:
+        with log.open("a") as out:  # as SLURM writes the job's output (--open-mode=append)
+            run = subprocess.run(
+                ["bash", str(LAUNCH / "slurm.sbatch")], env={**env, "SRUN_SAYS": srun_says}, stdout=out, cwd=tmp_path
+            )
+        assert run.returncode == 0
+        requeued = tmp_path / "requeued"
+        return requeued.read_text().split() if requeued.exists() else []
+
+    assert allocation("[rank0] WARNING dist_lora.train: stopped after step 40 on request") == ["77"]
+    assert (tmp_path / "nproc").read_text().strip() == "8"
+    assert allocation("[rank0] INFO dist_lora.train: finished at step 100") == ["77"]  # not requeued again
+
+
 def test_dockerfile_passes_hadolint():
     out = subprocess.run(
         [shutil.which("hadolint") or "hadolint", str(ROOT / "docker" / "Dockerfile")], capture_output=True, text=True
