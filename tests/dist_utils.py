@@ -3,6 +3,7 @@ port each time)."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import runpy
@@ -128,6 +129,19 @@ def _preimport() -> None:
     import transformers.models.llama.modeling_llama  # noqa: F401
 
     import dist_lora.train  # noqa: F401
+
+
+def _freeze_what_the_parent_left() -> None:
+    """In a forked child: nothing the parent allocated is ever collected here (``gc.freeze``). fsspec empties its
+    instance cache in a new process, and an S3 filesystem it held (cyclic, so left to the collector) had its
+    finalizer close the parent's session on whatever thread collected it: on the child's own fsspec I/O thread, on
+    the child's event loop, which fails ("attached to a different loop"), and asyncio logged the task's exception
+    into a CLI test's one-line error. Children are short-lived and leave with ``os._exit``; collections in them
+    no longer walk the parent's objects either."""
+    gc.freeze()
+
+
+os.register_at_fork(after_in_child=_freeze_what_the_parent_left)  # (after fsspec's own hook, which empties its cache)
 
 
 def _exit_with(fn: Callable[[], Any]) -> NoReturn:

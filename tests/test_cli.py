@@ -1,5 +1,6 @@
 """dist-lora ls / verify, in-process and through the installed console script."""
 
+import gc
 import json
 import os
 import shutil
@@ -182,6 +183,31 @@ def test_a_first_step_that_goes_non_finite_is_one_line_naming_the_layer(gpt2_bas
     out = cli_in_child(["dist-lora", *train_cmd(base, ckpt, "train.max_steps=2")[3:]], tmp_path)
     assert_one_line_error(out, "NonFiniteError", "step 1", "transformer.h.1.mlp.c_fc", "train.lr")
     assert not (ckpt.exists() and any(ckpt.iterdir())), list(ckpt.iterdir())  # no step, and the lease given up
+
+
+def test_a_forked_child_never_closes_the_parents_s3_sessions():
+    """A forked child (a CLI test's, a forked rank) never collects what its parent left (tests.dist_utils): the S3
+    filesystems its parent cached, dropped with fsspec's cache in the child, had their finalizers close the
+    parent's sessions on the child's event loop, and asyncio logged the failure ("attached to a different loop")
+    into a one-line error under load."""
+    import weakref
+
+    import s3fs
+
+    from tests.dist_utils import in_child
+
+    parents = s3fs.S3FileSystem(endpoint_url="http://127.0.0.1:9", key="parent", secret="s")
+    parents.connect()  # its session, closed by a finalizer when it is collected
+    kept = weakref.ref(parents)
+    del parents
+
+    def child() -> int:
+        s3fs.S3FileSystem(endpoint_url="http://127.0.0.1:9", key="child", secret="s")  # fsspec: a new pid
+        gc.collect()
+        return 0 if kept() is not None else 1
+
+    assert in_child(child) == 0
+    assert kept() is not None  # (in this process the cache holds it)
 
 
 def test_missing_s3_credentials_name_the_variables_at_once(tmp_path):
