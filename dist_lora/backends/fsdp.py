@@ -352,11 +352,24 @@ class FSDPBackend(Backend):
             for key, p, fields, step in sources
         ]
 
+    def adapter(self) -> dict[str, nn.Parameter]:
+        if self.bias not in self.__dict__.get("_adapter_cache", {}):
+            # (on the training thread: a save's prepare finds it) a gathered group's module holds its gathered
+            # copy in the shards' place, which the next backward frees: a save after an evaluation found the last
+            # block's adapter so, and its snapshot read freed memory in the background (a segfault under load)
+            self._drop_gathered_copies()
+        return super().adapter()
+
     def prepare_load(self, fields: list[str]) -> None:
-        """Drop every group's gathered copy, so that the next forward gathers what is loaded into the shards. A
-        forward without a backward (an evaluation) leaves some groups gathered: those that skip resharding after
-        the forward (the root, the last block, ``lm_head``, ``reshard_after_forward: false``, the trained groups of
-        ``keep_base_gathered``) reshard only after a backward, and the next forward would reuse their copy."""
+        """The next forward gathers what is loaded into the shards (:meth:`_drop_gathered_copies`)."""
+        self._drop_gathered_copies()
+
+    def _drop_gathered_copies(self) -> None:
+        """Reshard every group, so that each module holds its shards again. A forward without a backward (an
+        evaluation) leaves some groups gathered: those that skip resharding after the forward (the root, the last
+        block, ``lm_head``, ``reshard_after_forward: false``, the trained groups of ``keep_base_gathered``) reshard
+        only after a backward, and until then their modules hold the gathered copies (plain tensors, not DTensors),
+        which the next forward would reuse."""
         from torch.distributed.fsdp import FSDPModule
 
         for module in self.model.modules():

@@ -116,6 +116,13 @@ def main() -> None:
     losses = (
         engine_steps(engine, spec["steps"]) if engine is not model else train_steps(model, optimizer, spec["steps"])
     )
+    with torch.no_grad():  # an evaluation before the save, as HF's Trainer evaluates before it saves
+        engine(input_ids=BATCH, labels=BATCH)
+    if spec["engine"] == "fsdp":  # which leaves the last block gathered: the save must still find the shards
+        from dist_lora.backends import attach
+
+        found = attach(model, optimizer, "none").adapter()
+        assert all(type(p).__name__ == "DTensor" for p in found.values()), [type(p) for p in found.values()]
     url = dist_lora.save_checkpoint(engine, spec["dir"], step=start + spec["steps"], optimizer=optimizer)
     if dist.get_rank() == 0:
         kernel = model.config._attn_implementation
