@@ -141,7 +141,8 @@ def _freeze_what_the_parent_left() -> None:
     gc.freeze()
 
 
-os.register_at_fork(after_in_child=_freeze_what_the_parent_left)  # (after fsspec's own hook, which empties its cache)
+# (before or after fsspec's own hook, which empties its cache: what is frozen is never collected)
+os.register_at_fork(after_in_child=_freeze_what_the_parent_left)
 
 
 def _exit_with(fn: Callable[[], Any]) -> NoReturn:
