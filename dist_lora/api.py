@@ -530,14 +530,13 @@ def load_sharded(
 
     from dist_lora.backends.deepspeed import DeepSpeedBackend
     from dist_lora.backends.deepspeed_config import construction_config
-    from dist_lora.backends.fsdp import FSDPBackend
+    from dist_lora.backends.fsdp import FSDPBackend, mark_sharded_at_load
     from dist_lora.model import (
         apply_lora_seeded,
         base_directory,
         collection_paused,
         compile_blocks,
         compute_device,
-        mark_sharded_at_load,
         prepare_base,
     )
 

@@ -520,28 +520,6 @@ def compute_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def mark_sharded_at_load(model: Any) -> None:
-    """Mark an FSDP2 PEFT model as transformers marks one that ``from_pretrained(distributed_config=...)`` sharded
-    as it loaded, so that HF's ``Trainer`` takes it as it is: without the mark, accelerate wraps its DTensor
-    parameters in DDP, which fails at its first broadcast ("c10d.broadcast_.default does not have a sharding
-    strategy"). With it, the Trainer neither wraps nor shards the model again, and defers the gradient reduction
-    of all but an accumulation window's last micro-batch with FSDP2's own switches (under HSDP only the all-reduce
-    across replica groups, by ``dp_replicate_size``). Nothing is serialized: transformers leaves
-    ``distributed_config`` out of a saved ``config.json``. A transformers without such models has no Trainer that
-    reads the mark: nothing to do."""
-    from torch.distributed.tensor import DTensor
-
-    try:
-        from transformers.distributed.configuration_utils import DistributedConfig
-    except ImportError:
-        return
-    mesh = next(p.device_mesh for p in model.parameters() if isinstance(p, DTensor))
-    replicas, shards = (mesh.size(0), mesh.size(1)) if mesh.ndim == 2 else (1, mesh.size())
-    base = model.get_base_model()
-    base._is_distributed_loading_by_transformers = True
-    base.config.distributed_config = DistributedConfig(fsdp_size=shards, dp_replicate_size=replicas)
-
-
 def fill_from_files(model: Any, weights: BaseWeights) -> None:
     """The adapter tensors that PEFT derives from the base's values, computed from the files for a model built on
     the meta device (before it is sharded), exactly as PEFT computes them over a loaded base: DoRA's magnitude

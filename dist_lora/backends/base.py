@@ -204,8 +204,12 @@ class Backend(ABC):
         """The adapter's parameters by canonical key (found once per bias mode: a wrapped model keeps them)."""
         cache = self.__dict__.setdefault("_adapter_cache", {})
         if self.bias not in cache:
-            cache[self.bias] = check_nothing_dropped(self.model, adapter_parameters(self.model, self.bias), self.bias)
+            cache[self.bias] = self._find_adapter()
         return dict(cache[self.bias])
+
+    def _find_adapter(self) -> dict[str, nn.Parameter]:
+        """The adapter's parameters as the model holds them now (:meth:`adapter` keeps them)."""
+        return check_nothing_dropped(self.model, adapter_parameters(self.model, self.bias), self.bias)
 
     # ------------------------------------------------------------------------------------------ training
 

@@ -72,6 +72,31 @@ def device_mesh(replicate: int | str) -> Any:
     return init_device_mesh(device, (replicate, world // replicate), mesh_dim_names=("replicate", "shard"))
 
 
+def model_mesh(model: nn.Module) -> Any:
+    """The device mesh of an FSDP2 model's shards (its first DTensor's); None for a model without DTensors."""
+    return next((p.device_mesh for p in model.parameters() if isinstance(p, DTensor)), None)
+
+
+def mark_sharded_at_load(model: Any) -> None:
+    """Mark an FSDP2 PEFT model as transformers marks one that ``from_pretrained(distributed_config=...)`` sharded
+    as it loaded, so that HF's ``Trainer`` takes it as it is: without the mark, accelerate wraps its DTensor
+    parameters in DDP, which fails at its first broadcast ("c10d.broadcast_.default does not have a sharding
+    strategy"). With it, the Trainer neither wraps nor shards the model again, and defers the gradient reduction
+    of all but an accumulation window's last micro-batch with FSDP2's own switches (under HSDP only the all-reduce
+    across replica groups, by ``dp_replicate_size``). Nothing is serialized: transformers leaves
+    ``distributed_config`` out of a saved ``config.json``. A transformers without such models has no Trainer that
+    reads the mark: nothing to do."""
+    try:
+        from transformers.distributed.configuration_utils import DistributedConfig
+    except ImportError:
+        return
+    mesh = model_mesh(model)
+    replicas, shards = (mesh.size(0), mesh.size(1)) if mesh.ndim == 2 else (1, mesh.size())
+    base = model.get_base_model()
+    base._is_distributed_loading_by_transformers = True
+    base.config.distributed_config = DistributedConfig(fsdp_size=shards, dp_replicate_size=replicas)
+
+
 def _chunk(rows: int, shard: int, shards: int) -> tuple[int, int]:
     """The rows ``[start, stop)`` of dim 0 that shard ``shard`` of ``shards`` holds, as FSDP2 splits a tensor
     (torch.chunk): ``[shard * c, (shard + 1) * c)``, ``c = ceil(rows / shards)``, clipped to the tensor."""
@@ -263,7 +288,7 @@ class FSDPBackend(Backend):
         return cls(model, optimizer, bias) if any(isinstance(p, DTensor) for p in model.parameters()) else None
 
     def describe(self) -> str:
-        mesh = next((p.device_mesh for p in self.model.parameters() if isinstance(p, DTensor)), None)
+        mesh = model_mesh(self.model)
         if mesh is None or mesh.ndim == 1:
             return self.name
         return f"{self.name} (HSDP: {mesh.size(0)} replica groups, each tensor sharded over {mesh.size(1)} rank(s))"
@@ -352,13 +377,12 @@ class FSDPBackend(Backend):
             for key, p, fields, step in sources
         ]
 
-    def adapter(self) -> dict[str, nn.Parameter]:
-        if self.bias not in self.__dict__.get("_adapter_cache", {}):
-            # (on the training thread: a save's prepare finds it) a gathered group's module holds its gathered
-            # copy in the shards' place, which the next backward frees: a save after an evaluation found the last
-            # block's adapter so, and its snapshot read freed memory in the background (a segfault under load)
-            self._drop_gathered_copies()
-        return super().adapter()
+    def _find_adapter(self) -> dict[str, nn.Parameter]:
+        # (on the training thread: a save's prepare finds it) a gathered group's module holds its gathered copy in
+        # the shards' place, which the next backward frees: a save after an evaluation found the last block's
+        # adapter so, and its snapshot read freed memory in the background (a segfault under load)
+        self._drop_gathered_copies()
+        return super()._find_adapter()
 
     def prepare_load(self, fields: list[str]) -> None:
         """The next forward gathers what is loaded into the shards (:meth:`_drop_gathered_copies`)."""

@@ -22,10 +22,10 @@ from torch.distributed.fsdp import fully_shard
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 import dist_lora
+from dist_lora.backends.fsdp import mark_sharded_at_load
 from dist_lora.config import LoraConfig as DistLoraConfig
 from dist_lora.config import ParallelConfig
 from dist_lora.integrations.hf import DistLoraCallback
-from dist_lora.model import mark_sharded_at_load
 
 
 class Blocks(torch.utils.data.Dataset):
