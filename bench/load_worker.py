@@ -1,16 +1,18 @@
 """One rank of the base-loading benchmark (launched by bench/run.py part f with torchrun).
 
-argv[1] is JSON: {"engine": "fsdp"|"zero3", "base": dir, "path": "sharded"|"full", "result": file}, and optionally
-"dtype" (default float32), "quantization" ("nf4": QLoRA's 4-bit base, as the trainer builds it) and "targets"
-(LoRA target modules, default [c_attn]); with "quantization" it also reports the base's bytes on a rank. The base is
-loaded the way the trainer loads it ("sharded": FSDP2 on the meta device then each rank reads its rows; ZeRO-3
-partitioned at construction then each rank fills its partition) or the way it did before ("full": from_pretrained
-on every rank, then wrap), LoRA applied, the engine wrapped. Each rank reports its peak resident memory as the
-kernel counts it (VmHWM, which includes the process's imports), the resident memory before loading, and the
-seconds the load took (its imports done before: the engine's and transformers' modeling code), wall-clock and of
-this process's CPU time (what a rank on cores of its own would take, where more ranks than cores share them); rank
-0 writes the maximum over ranks. A sharded load also reports where its time went, stage by stage (:data:`STAGES`),
-wall-clock and this thread's CPU seconds (the read-ahead thread's excluded), the maximum over ranks of each.
+argv[1] is JSON: {"engine": "fsdp"|"zero3", "base": dir, "path": "sharded"|"full"|"transformers", "result": file},
+and optionally "dtype" (default float32), "quantization" ("nf4": QLoRA's 4-bit base, as the trainer builds it) and
+"targets" (LoRA target modules, default [c_attn]); with "quantization" it also reports the base's bytes on a rank.
+The base is loaded the way the trainer loads it ("sharded": FSDP2 on the meta device then each rank reads its rows;
+ZeRO-3 partitioned at construction then each rank fills its partition) or the way it did before ("full":
+from_pretrained on every rank, then wrap), LoRA applied, the engine wrapped; or, to compare with, the way
+transformers' own sharded load does it ("transformers", FSDP2 only: :func:`load_as_transformers`). Each rank reports
+its peak resident memory as the kernel counts it (VmHWM, which includes the process's imports), the resident memory
+before loading, and the seconds the load took (its imports done before: the engine's and transformers' modeling
+code), wall-clock and of this process's CPU time (what a rank on cores of its own would take, where more ranks than
+cores share them); rank 0 writes the maximum over ranks. A sharded load also reports where its time went, stage by
+stage (:data:`STAGES`), wall-clock and this thread's CPU seconds (the read-ahead thread's excluded), the maximum over
+ranks of each.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from unittest import mock
 
 import torch
 import torch.distributed as dist
+from transformers import conversion_mapping
 
 from dist_lora.backends import Backend, backend_class, build
 from dist_lora.backends import deepspeed as ds_backend
@@ -39,7 +42,8 @@ from dist_lora.model import adapters_on_cpu, collection_paused, load_base, retur
 from dist_lora.weights import BaseWeights
 
 STAGES = ("construct", "lora", "engine", "read", "touch")
-"""A sharded load's stages: the model built on the meta device (FSDP2) or partitioned at construction (ZeRO-3);
+"""A sharded load's stages: the model built on the meta device (FSDP2) or partitioned at construction (ZeRO-3),
+and transformers' table of checkpoint conversions (built once in a process, by ``from_pretrained`` too);
 PEFT's LoRA injection; the engine's set-up (``fully_shard``; ``deepspeed.initialize``); dist_lora's own reading of
 the base (the files' headers, the read-ahead's start, each rank's rows or partitions read or mapped, the tensors
 PEFT derives from the files); and the first touch of every page the rank holds (as the baseline touches its own)."""
@@ -81,17 +85,20 @@ class Stages:
         return timed
 
     def reading(self) -> contextlib.ExitStack:
-        """dist_lora's reading of the base, timed as the stage ``read`` wherever it runs."""
+        """dist_lora's reading of the base, timed as the stage ``read`` wherever it runs; and transformers' table of
+        checkpoint conversions, which the first load of a process builds for every architecture it knows (0.04 s
+        here; ``from_pretrained`` builds it too, and the reading calls for it first), as ``construct``."""
         stack = contextlib.ExitStack()
-        for owner, name in (
-            (BaseWeights, "of"),
-            (BaseWeights, "read_ahead"),
-            (BaseWeights, "follow"),
-            (fsdp_backend, "from_files"),
-            (fsdp_backend, "materialize"),
-            (ds_backend, "_fill_partitions"),
+        for owner, name, stage in (
+            (BaseWeights, "of", "read"),
+            (BaseWeights, "read_ahead", "read"),
+            (BaseWeights, "follow", "read"),
+            (fsdp_backend, "from_files", "read"),
+            (fsdp_backend, "materialize", "read"),
+            (ds_backend, "_fill_partitions", "read"),
+            (conversion_mapping, "_build_checkpoint_conversion_mapping", "construct"),
         ):
-            timed = self.timing("read", getattr(owner, name))
+            timed = self.timing(stage, getattr(owner, name))
             if owner is BaseWeights and name == "of":  # a classmethod: called on the class, already bound to it
                 timed = staticmethod(timed)
             stack.enter_context(mock.patch.object(owner, name, timed))
@@ -124,6 +131,29 @@ def touch_every_page(model: torch.nn.Module) -> None:
             local = local if local is not None else p.to_local() if hasattr(p, "to_local") else p
             if local.numel() and not is_nf4(local) and local.device.type == "cpu":
                 float(local.detach().reshape(-1)[:: max(1, 4096 // local.element_size())].sum())
+
+
+def load_as_transformers(spec: dict, dtype: torch.dtype) -> torch.nn.Module:
+    """transformers' own sharded load, to compare with: ``from_pretrained(distributed_config=DistributedConfig(
+    fsdp_size=world))`` (the base built on the meta device, ``fully_shard`` on each layer, each rank's rows read;
+    at one rank a plain ``from_pretrained``), then PEFT's LoRA over it, whose parameters stay plain tensors outside
+    FSDP2, broadcast from rank 0 as HF's Trainer does before it trains such a model, and the optimizer."""
+    import peft
+    from transformers import AutoModelForCausalLM
+    from transformers.distributed import DistributedConfig
+
+    base = AutoModelForCausalLM.from_pretrained(
+        spec["base"], dtype=dtype, distributed_config=DistributedConfig(fsdp_size=dist.get_world_size())
+    )
+    torch.manual_seed(0)
+    config = peft.LoraConfig(r=16, lora_alpha=32, target_modules=spec.get("targets", ["c_attn"]))
+    model = peft.get_peft_model(base, config)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    with torch.no_grad():
+        for p in trainable:
+            dist.broadcast(p.data, src=0)
+    torch.optim.AdamW(trainable, lr=1e-4)
+    return model
 
 
 def load(
@@ -164,6 +194,7 @@ def main() -> None:
     parallel = ParallelConfig(backend="fsdp" if engine == "fsdp" else "deepspeed", zero_stage=3)
     cls = backend_class(parallel.backend)
     import peft  # noqa: F401
+    import transformers.distributed
     import transformers.modeling_utils  # imports are start-up, not loading (as in the baseline)
     import transformers.models.gpt2.modeling_gpt2
     import transformers.models.llama.modeling_llama  # noqa: F401
@@ -187,12 +218,15 @@ def main() -> None:
     dist.barrier()
     stages = Stages()
     t0, cpu0 = time.perf_counter(), time.process_time()
-    with collection_paused(), stages.reading():  # as the trainer builds (both paths)
-        backend = load(spec, cls, parallel, dtype, device, stages)
+    with collection_paused(), stages.reading():  # as the trainer builds (every path)
+        if spec["path"] == "transformers":
+            model = load_as_transformers(spec, dtype)
+        else:
+            model = load(spec, cls, parallel, dtype, device, stages).model
     with stages("touch"):
-        touch_every_page(backend.model)
+        touch_every_page(model)
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
-    footprint = measure(backend.model) if quantization else None
+    footprint = measure(model) if quantization else None
     base_bytes = footprint.nf4_bytes + footprint.other_bytes if footprint else 0
     cuda_peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
     figures = [status_kb("VmHWM"), before, seconds, base_bytes, status_kb("VmRSS"), cuda_peak, cpu_seconds]

@@ -491,24 +491,30 @@ def from_pretrained_baseline(base: Path, dtype: str) -> Any:
     return baseline
 
 
-def warm_loads(part: str, tmp: Path, base: Path, model_bytes: int, repeats: int, **spec: Any) -> list[dict]:
+def warm_loads(
+    part: str, tmp: Path, base: Path, model_bytes: int, repeats: int, transformers: bool = False, **spec: Any
+) -> list[dict]:
     """Per-rank peak RSS and load seconds of ``base`` loaded the sharded and the full way, on FSDP2 and ZeRO-3 at
     world sizes 1, 2 and 4 (the full path where that many whole copies fit in this machine's memory), each in pairs
-    with its ``from_pretrained`` baseline; ``spec``: the load worker's options (dtype, LoRA targets)."""
+    with its ``from_pretrained`` baseline; ``transformers``: on FSDP2, transformers' own sharded load too (its
+    ``DistributedConfig``, then PEFT: bench/load_worker.py's ``load_as_transformers``); ``spec``: the load worker's
+    options (dtype, LoRA targets)."""
     os.sync()  # the base was just written: its writeback would slow whichever run came first
     baseline = from_pretrained_baseline(base, spec.get("dtype", "float32"))
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     rows: list[dict] = []
     for engine in ("fsdp", "zero3"):
         for world in (1, 2, 4):
-            for path in ("sharded", "full"):
+            for path in ("sharded", "transformers", "full"):
+                if path == "transformers" and (engine != "fsdp" or not transformers):
+                    continue
                 if path == "full" and world * model_bytes > 0.8 * memory:
                     rows.append({"part": part, "engine": engine, "world": world, "path": path, "skipped": True})
                     continue
                 result = tmp / f"load-{part}-{engine}-{world}-{path}.json"
                 load = {"engine": engine, "base": str(base), "path": path, "result": str(result), **spec}
                 # the full path takes 3-20 s: once
-                runs, baselines, _ = load_pairs(world, load, repeats if path == "sharded" else 1, baseline)
+                runs, baselines, _ = load_pairs(world, load, repeats if path != "full" else 1, baseline)
                 row = {"part": part, "engine": engine, "world": world, "path": path, **runs[0]}
                 row.update(paired(runs, baselines), peak_rss=max(r["peak_rss"] for r in runs), model_bytes=model_bytes)
                 rows.append(row)
@@ -661,7 +667,8 @@ def part_i(tmp: Path, quick: bool) -> list[dict]:
     base = tmp / "llama-70b-layers"
     shape = "llama-70b-1-layer" if quick else "llama-70b-3-layers"
     model_bytes = build_llama_base(base, shape)
-    rows = warm_loads("i", tmp, base, model_bytes, 1 if quick else 3, dtype="bfloat16", targets=["q_proj", "v_proj"])
+    repeats = 1 if quick else 3
+    rows = warm_loads("i", tmp, base, model_bytes, repeats, True, dtype="bfloat16", targets=["q_proj", "v_proj"])
     for row in rows:
         row["shape"] = shape
     return rows
@@ -1102,6 +1109,11 @@ def phase_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
+PATHS = {"sharded": "sharded", "full": "full", "transformers": "transformers' own sharded load + PEFT"}
+"""The load paths of parts f, i and j, as the report names them (the third, part i's on FSDP2:
+``from_pretrained(distributed_config=DistributedConfig(fsdp_size=world))``, then PEFT's LoRA outside FSDP2)."""
+
+
 def load_tables(rows: list[dict]) -> list[str]:
     """Parts f, i and j: peak RSS and load seconds of each load against its target and baseline, then where the time
     of each warm sharded load went, stage by stage."""
@@ -1119,10 +1131,10 @@ def load_tables(rows: list[dict]) -> list[str]:
                          "exceed this machine's memory | | | | | | |")  # fmt: skip
             continue
         target = r["model_bytes"] / r["world"] + 1e9
-        mark = "met" if r["path"] == "full" or r["peak_rss"] <= target else "**missed**"
+        mark = "-" if r["path"] == "full" else "met" if r["peak_rss"] <= target else "**missed**"
         lines.append(
-            f"| {r['engine']} | {r['world']} | {r['path']} | {fmt_bytes(r['peak_rss'])} | "
-            f"{fmt_bytes(r['rss_before'])} | {fmt_bytes(target)} ({mark if r['path'] == 'sharded' else '-'}) | "
+            f"| {r['engine']} | {r['world']} | {PATHS[r['path']]} | {fmt_bytes(r['peak_rss'])} | "
+            f"{fmt_bytes(r['rss_before'])} | {fmt_bytes(target)} ({mark}) | "
             f"{r['load_s']:.2f} | {r['load_cpu_s']:.2f} | {r['from_pretrained_s']:.2f}, "
             f"{r['from_pretrained_cpu_s']:.2f} | {r['load_ratio']:.2f}x, {r['cpu_ratio']:.2f}x |"
         )
@@ -1132,7 +1144,8 @@ def load_tables(rows: list[dict]) -> list[str]:
             "",
             "Where the time of a warm sharded load goes (medians of the loads above; each the largest over ranks, in "
             "seconds wall-clock and, in brackets, of the loading thread's CPU): the model built on the meta device "
-            "(FSDP2) or partitioned as it is constructed (ZeRO-3); PEFT's LoRA injection; the engine's set-up "
+            "(FSDP2) or partitioned as it is constructed (ZeRO-3), and transformers' table of checkpoint conversions "
+            "(built once in a process, by from_pretrained too); PEFT's LoRA injection; the engine's set-up "
             "(`fully_shard`, `deepspeed.initialize`); dist_lora's reading of the base (headers, read-ahead start, "
             "each rank's rows or partitions mapped or read); the first touch of every page a rank holds. The first "
             "three are transformers', PEFT's and the engine's own work, which `from_pretrained` alone does not do "
@@ -1589,9 +1602,10 @@ LOADING_PARTS = {"f": "GPT-2 XL shape, fp32", "i": "Llama-2-70B's layers, bf16",
 
 def plot_loading(rows: list[dict], path: Path) -> None:
     """Parts f, i and j as a figure, a row of two panels for each: the peak RSS per rank of the sharded and the full
-    path against the target (model / world + 1 GB), and the load seconds of both against ``from_pretrained`` alone
-    on one process, warm (and, for part f, from a cold page cache). The full path at 4 ranks is absent where it was
-    not run (four whole copies exceed the machine's memory)."""
+    path (and, in part i, transformers' own sharded load on FSDP2) against the target (model / world + 1 GB), and
+    the load seconds of each against ``from_pretrained`` alone on one process, warm (and, for part f, from a cold
+    page cache). The full path at 4 ranks is absent where it was not run (four whole copies exceed the machine's
+    memory)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1609,12 +1623,12 @@ def plot_loading(rows: list[dict], path: Path) -> None:
         worlds = sorted({r["world"] for r in loads})
         memory.plot(worlds, [model_gb / w + 1 for w in worlds], "k--", label="target: model / world + 1 GB")
         for engine in ("fsdp", "zero3"):
-            for path_, style in (("sharded", "o-"), ("full", "s:")):
+            for path_, style in (("sharded", "o-"), ("transformers", "d-."), ("full", "s:")):
                 line = sorted((r["world"], r) for r in loads if r["engine"] == engine and r["path"] == path_)
                 if not line:
                     continue
                 x = [w for w, _ in line]
-                label = f"{names[engine]} {path_}"
+                label = f"{names[engine]} {PATHS[path_]}"
                 memory.plot(x, [r["peak_rss"] / 1e9 for _, r in line], style, color=colors[engine], label=label)
                 seconds.plot(x, [r["load_s"] for _, r in line], style, color=colors[engine], label=f"{label}, warm")
                 if path_ == "sharded" and all("cold_load_s" in r for _, r in line):
