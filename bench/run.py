@@ -1114,6 +1114,24 @@ PATHS = {"sharded": "sharded", "full": "full", "transformers": "transformers' ow
 ``from_pretrained(distributed_config=DistributedConfig(fsdp_size=world))``, then PEFT's LoRA outside FSDP2)."""
 
 
+STAGE_TEXT = {
+    "construct": "the model built on the meta device (FSDP2) or partitioned as it is constructed (ZeRO-3)",
+    "lora": "PEFT's LoRA injection",
+    "engine": "the engine's set-up (`fully_shard`, `deepspeed.initialize`)",
+    "read": "dist_lora's reading of the base (headers, read-ahead start, each rank's rows or partitions "
+    "mapped or read)",
+    "touch": "the first touch of every page a rank holds",
+}
+"""bench/load_worker.py's stages, as the report describes them."""
+
+CONVERSION_TABLE = (
+    ", with transformers' table of checkpoint conversions (built once in a process, by from_pretrained too)"
+)
+"""Said of the stage that built transformers' table in a part's loads (its rows' ``conversion_table_in``): the
+construction since the worker times it there; PEFT's injection in part f's run (before dist_lora's reading followed
+transformers' conversions), dist_lora's reading in part j's."""
+
+
 def load_tables(rows: list[dict]) -> list[str]:
     """Parts f, i and j: peak RSS and load seconds of each load against its target and baseline, then where the time
     of each warm sharded load went, stage by stage."""
@@ -1140,16 +1158,15 @@ def load_tables(rows: list[dict]) -> list[str]:
         )
     staged = [r for r in rows if "stages" in r]
     if staged:
+        stages = dict(STAGE_TEXT)
+        for stage in {r.get("conversion_table_in") for r in staged} & stages.keys():  # (one: a part is one run)
+            stages[stage] += CONVERSION_TABLE
         lines += [
             "",
             "Where the time of a warm sharded load goes (medians of the loads above; each the largest over ranks, in "
-            "seconds wall-clock and, in brackets, of the loading thread's CPU): the model built on the meta device "
-            "(FSDP2) or partitioned as it is constructed (ZeRO-3), and transformers' table of checkpoint conversions "
-            "(built once in a process, by from_pretrained too); PEFT's LoRA injection; the engine's set-up "
-            "(`fully_shard`, `deepspeed.initialize`); dist_lora's reading of the base (headers, read-ahead start, "
-            "each rank's rows or partitions mapped or read); the first touch of every page a rank holds. The first "
-            "three are transformers', PEFT's and the engine's own work, which `from_pretrained` alone does not do "
-            "(but for the construction); the last column sets them alone (their sum on the rank where it is "
+            f"seconds wall-clock and, in brackets, of the loading thread's CPU): {'; '.join(stages.values())}. The "
+            "first three are transformers', PEFT's and the engine's own work, which `from_pretrained` alone does "
+            "not do (but for the construction); the last column sets them alone (their sum on the rank where it is "
             "largest) against it:",
             "",
             "| engine | world | construct | LoRA | engine set-up | dist_lora's reading | first touch | "
