@@ -492,7 +492,7 @@ def from_pretrained_baseline(base: Path, dtype: str) -> Any:
 
 
 def warm_loads(
-    part: str, tmp: Path, base: Path, model_bytes: int, repeats: int, transformers: bool = False, **spec: Any
+    part: str, tmp: Path, base: Path, model_bytes: int, repeats: int, *, transformers: bool = False, **spec: Any
 ) -> list[dict]:
     """Per-rank peak RSS and load seconds of ``base`` loaded the sharded and the full way, on FSDP2 and ZeRO-3 at
     world sizes 1, 2 and 4 (the full path where that many whole copies fit in this machine's memory), each in pairs
@@ -668,7 +668,9 @@ def part_i(tmp: Path, quick: bool) -> list[dict]:
     shape = "llama-70b-1-layer" if quick else "llama-70b-3-layers"
     model_bytes = build_llama_base(base, shape)
     repeats = 1 if quick else 3
-    rows = warm_loads("i", tmp, base, model_bytes, repeats, True, dtype="bfloat16", targets=["q_proj", "v_proj"])
+    rows = warm_loads(
+        "i", tmp, base, model_bytes, repeats, transformers=True, dtype="bfloat16", targets=["q_proj", "v_proj"]
+    )
     for row in rows:
         row["shape"] = shape
     return rows
