@@ -530,7 +530,7 @@ def load_sharded(
 
     from dist_lora.backends.deepspeed import DeepSpeedBackend
     from dist_lora.backends.deepspeed_config import construction_config
-    from dist_lora.backends.fsdp import FSDPBackend, mark_sharded_at_load
+    from dist_lora.backends.fsdp import FSDPBackend, mark_sharded
     from dist_lora.model import (
         apply_lora_seeded,
         base_directory,
@@ -597,7 +597,7 @@ def load_sharded(
             model = FSDPBackend.wrap(
                 parallel, model, lambda params: None, lora.bias, micro_batch_size=1, grad_accum=1, weights=weights
             ).model
-            mark_sharded_at_load(model)  # (HF's Trainer takes it as it is)
+            mark_sharded(model)  # (HF's Trainer takes it as it is)
         if compile:  # after fully_shard, which subclasses each block: the forward compiled is the final class's
             compile_blocks(model, what="compile")
     return model

@@ -94,6 +94,39 @@ def test_trainer_saves_through_callback_and_resumes_on_one_process(engine, gpt2_
 
 
 @pytest.mark.multiproc
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_a_model_sharded_by_hand_is_refused_until_marked_then_trains(gpt2_base, tmp_path):
+    """A model ``fully_shard``-ed by hand and not marked would be wrapped in DDP by the Trainer, which fails at its
+    first broadcast deep in accelerate: the callback refuses it before ``train()``, given to ``Trainer(...)`` or
+    installed after it, naming ``mark_sharded``; marked, the same model trains and saves (the dir left free). And
+    ``mark_sharded`` refuses a sharded module that is not a transformers model."""
+    out = tmp_path / "out"
+    spec = {"base": str(gpt2_base), "ckpt": str(tmp_path / "ckpt"), "out": str(out), "engine": "fsdp2-unmarked"}
+    result = run(2, {**spec, "max_steps": 2, "save_steps": 2, "stop_at": None, "grad_accum": 1, "batch": 2})
+    for rank in (0, 1):
+        *errors, plain = json.loads((out / f"refused-{rank}.json").read_text())
+        assert len(errors) == 2, errors
+        for error in errors:
+            assert "FSDP2 shards (DTensors) that HF's Trainer was not told of" in error
+            assert "dist_lora.integrations.hf.mark_sharded(model) after fully_shard and before Trainer(...)" in error
+        assert plain.startswith("mark_sharded: FSDPLinear is not a transformers PreTrainedModel"), plain
+    assert result["global_step"] == 2 and result["saves"] == [2]
+
+
+def test_mark_sharded_refuses_a_model_without_fsdp2_shards(gpt2_base):
+    """Marked before ``fully_shard`` (or not sharded at all), the mark would tell the Trainer a lie."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from dist_lora.integrations.hf import mark_sharded
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(gpt2_base), LoraConfig(r=4, target_modules=["c_attn"]))
+    with pytest.raises(ValueError, match=r"PeftModel holds no FSDP2 shards \(DTensor parameters\): call it after"):
+        mark_sharded(model)
+    assert not model.is_distributed_loading_by_transformers
+
+
 def test_every_minutes_and_stop_after_minutes_follow_rank_0s_clock_on_every_rank(gpt2_base, tmp_path):
     """every_minutes=2.5 on 2 processes under ZeRO-2, the Trainer's step saves out of reach (save_steps 100; it
     still saves its last step, 8): with rank 0's clock at a minute a step and rank 1's stopped, both ranks save

@@ -77,22 +77,33 @@ def model_mesh(model: nn.Module) -> Any:
     return next((p.device_mesh for p in model.parameters() if isinstance(p, DTensor)), None)
 
 
-def mark_sharded_at_load(model: Any) -> None:
-    """Mark an FSDP2 PEFT model as transformers marks one that ``from_pretrained(distributed_config=...)`` sharded
-    as it loaded, so that HF's ``Trainer`` takes it as it is: without the mark, accelerate wraps its DTensor
-    parameters in DDP, which fails at its first broadcast ("c10d.broadcast_.default does not have a sharding
-    strategy"). With it, the Trainer neither wraps nor shards the model again, and defers the gradient reduction
-    of all but an accumulation window's last micro-batch with FSDP2's own switches (under HSDP only the all-reduce
-    across replica groups, by ``dp_replicate_size``). Nothing is serialized: transformers leaves
-    ``distributed_config`` out of a saved ``config.json``. A transformers without such models has no Trainer that
-    reads the mark: nothing to do."""
+def mark_sharded(model: Any) -> None:
+    """Mark a PEFT model whose base FSDP2 has sharded (``load_sharded``'s, or one you ``fully_shard``-ed yourself)
+    as transformers marks one that ``from_pretrained(distributed_config=...)`` sharded as it loaded, so that HF's
+    ``Trainer`` takes it as it is. Call it after ``fully_shard`` and before ``Trainer(...)``, which reads the mark
+    as it is built. Without the mark, accelerate wraps the DTensor parameters in DDP, which fails at its first
+    broadcast ("c10d.broadcast_.default does not have a sharding strategy"). With it, the Trainer neither wraps
+    nor shards the model again, and defers the gradient reduction of all but an accumulation window's last
+    micro-batch with FSDP2's own switches (under HSDP only the all-reduce across replica groups, by
+    ``dp_replicate_size``). Nothing is serialized: transformers leaves ``distributed_config`` out of a saved
+    ``config.json``. A transformers without such models has no Trainer that reads the mark: nothing to do."""
+    mesh = model_mesh(model)
+    if mesh is None:
+        raise ValueError(
+            f"mark_sharded: {type(model).__name__} holds no FSDP2 shards (DTensor parameters): call it after "
+            "fully_shard (on each block, then on the model), for a model HF's Trainer should take as it is"
+        )
     try:
         from transformers.distributed.configuration_utils import DistributedConfig
     except ImportError:
         return
-    mesh = model_mesh(model)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PeftModel's, or PEFT injected
+    if not hasattr(base, "_is_distributed_loading_by_transformers"):
+        raise ValueError(
+            f"mark_sharded: {type(base).__name__} is not a transformers PreTrainedModel (nor a PeftModel of one): "
+            "HF's Trainer reads its mark on those only"
+        )
     replicas, shards = (mesh.size(0), mesh.size(1)) if mesh.ndim == 2 else (1, mesh.size())
-    base = model.get_base_model()
     base._is_distributed_loading_by_transformers = True
     base.config.distributed_config = DistributedConfig(fsdp_size=shards, dp_replicate_size=replicas)
 

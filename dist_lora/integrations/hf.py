@@ -5,6 +5,10 @@
     trainer = Trainer(model=peft_model, args=args, train_dataset=ds, callbacks=[DistLoraCallback("s3://b/run")])
     trainer.train()  # no resume_from_checkpoint: the callback resumes from the newest verified step itself
 
+A model you sharded yourself with FSDP2's ``fully_shard`` is given to the Trainer after :func:`mark_sharded`
+(``dist_lora.load_sharded``'s models are marked already); the callback refuses an unmarked one, which the Trainer
+would wrap in DDP.
+
 Whenever the Trainer decides to save (``save_strategy``/``save_steps``), the callback saves a dist_lora step
 instead (only the adapter and its Adam state are gathered, the step is committed atomically and verified on
 load) and tells the Trainer to skip its own checkpoint. At ``on_train_begin`` it loads the newest verified step
@@ -24,6 +28,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from dist_lora.api import load_adapter, resume_checkpoint
 from dist_lora.backends import attach
+from dist_lora.backends.fsdp import mark_sharded, model_mesh
 from dist_lora.checkpoint import CheckpointError, step_name, template_text
 from dist_lora.checkpointer import Checkpointer
 from dist_lora.config import CheckpointConfig, check_checkpoint
@@ -35,6 +40,8 @@ from dist_lora.storage import RetryPolicy
 log = logging.getLogger(__name__)
 
 HF_STATE_KEY = "hf_trainer_state"
+
+__all__ = ["DistLoraCallback", "mark_sharded"]
 
 
 def _unwrap_scheduler(scheduler: Any) -> Any:
@@ -124,12 +131,16 @@ class DistLoraCallback(TrainerCallback):
         Bound, a resume also resets the Trainer's own counters of this run (the steps its logged loss and
         speed are averaged over), which it sets before any callback runs.
         """
+        _check_sharded(trainer.model)
         callback = cls(dir, **kwargs)
         callback._trainer = trainer
         trainer.add_callback(callback)
         return callback
 
     # ------------------------------------------------------------------------------------------ events
+
+    def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        _check_sharded(kwargs["model"])
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -407,6 +418,23 @@ class DistLoraCallback(TrainerCallback):
             return
         per_epoch = max(math.ceil(_batches_per_epoch(loader, args, state) / args.gradient_accumulation_steps), 1)
         self._skip = (step // per_epoch, (step % per_epoch) * args.gradient_accumulation_steps)
+
+
+def _check_sharded(model: Any) -> None:
+    """Refuse, before ``train()``, a model of FSDP2 shards that the Trainer would wrap in DDP: one sharded by hand
+    (``fully_shard``) without transformers' mark and with no FSDP plugin of accelerate's to take it."""
+    from accelerate.state import AcceleratorState
+
+    if getattr(model, "is_distributed_loading_by_transformers", False) or model_mesh(model) is None:
+        return
+    if getattr(AcceleratorState(), "fsdp_plugin", None) is not None:  # (accelerate's FSDP2 takes it)
+        return
+    raise ValueError(
+        "the model's parameters are FSDP2 shards (DTensors) that HF's Trainer was not told of: it would wrap them "
+        "in DDP, which fails at its first broadcast. Call dist_lora.integrations.hf.mark_sharded(model) after "
+        "fully_shard and before Trainer(...) (dist_lora.load_sharded's models are marked already), or give the "
+        "Trainer the unsharded model with TrainingArguments(fsdp='full_shard', fsdp_config={'fsdp_version': 2})"
+    )
 
 
 def _eval_history(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -1,12 +1,14 @@
 """One rank of an HF Trainer run that checkpoints through dist_lora's callback (tests/test_hf.py).
 
 argv[1] is JSON: {"base": dir, "ckpt": dir, "out": dir, "engine": "zero3" | "zero3-sharded" | "zero2" | "fsdp2" |
-"fsdp2-sharded" | "none", "max_steps": N, "save_steps": K, "stop_at": S | null, "grad_accum": G, "batch": B}, and
+"fsdp2-sharded" | "fsdp2-unmarked" | "none", "max_steps": N, "save_steps": K, "stop_at": S | null, "grad_accum": G, "batch": B}, and
 optionally "best": true (evaluate at each save, load the best step at the end), "every_minutes": M or
 "stop_after_minutes": M with "clocks": [minutes a step on rank 0, on rank 1, ...] (the callback's clock, driven by
 the global step). Rank 0 writes
 out/begin_adapter.safetensors (the adapter as loaded, before any step), out/end_adapter.safetensors and
-out/result.json.
+out/result.json. "fsdp2-unmarked" shards by hand as "fsdp2" does but does not mark the model: each rank writes
+out/refused-{rank}.json, the callback's errors given to Trainer(...) and installed after it, then marks it and
+trains.
 """
 
 from __future__ import annotations
@@ -22,10 +24,9 @@ from torch.distributed.fsdp import fully_shard
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 import dist_lora
-from dist_lora.backends.fsdp import mark_sharded_at_load
 from dist_lora.config import LoraConfig as DistLoraConfig
 from dist_lora.config import ParallelConfig
-from dist_lora.integrations.hf import DistLoraCallback
+from dist_lora.integrations.hf import DistLoraCallback, mark_sharded
 
 
 class Blocks(torch.utils.data.Dataset):
@@ -39,6 +40,25 @@ class Blocks(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def refused(model, args: TrainingArguments, data: Blocks, ckpt: str, out: Path) -> None:
+    """The callback's errors for an unmarked FSDP2 model, given to ``Trainer(...)`` and installed after it, then
+    ``mark_sharded``'s for a module that is not a transformers model."""
+    errors = []
+    for given in ("init", "install"):
+        try:
+            if given == "init":
+                Trainer(model=model, args=args, train_dataset=data, callbacks=[DistLoraCallback(ckpt)])
+            else:
+                DistLoraCallback.install(Trainer(model=model, args=args, train_dataset=data), ckpt)
+        except ValueError as e:
+            errors.append(str(e))
+    try:  # and a model of FSDP2 shards that is not transformers': the Trainer reads no mark on it
+        mark_sharded(fully_shard(torch.nn.Linear(4, 4)))
+    except ValueError as e:
+        errors.append(str(e))
+    (out / f"refused-{torch.distributed.get_rank()}.json").write_text(json.dumps(errors))
 
 
 def full_adapter(peft_model) -> dict[str, torch.Tensor] | None:
@@ -144,14 +164,16 @@ def main() -> None:
     else:
         base = AutoModelForCausalLM.from_pretrained(spec["base"], use_kernels=False)
         model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["c_attn"]))
-    if spec["engine"] == "fsdp2":
+    data = Blocks(64, 16, base.config.vocab_size)
+    if spec["engine"] in ("fsdp2", "fsdp2-unmarked"):
         # Sharded before the Trainer, as transformers' DistributedConfig does; accelerate enables FSDP on GPUs only.
         for block in base.transformer.h:
             fully_shard(block)
         fully_shard(model)
-        mark_sharded_at_load(model)  # as transformers marks its own: the Trainer neither wraps nor shards it again
+        if spec["engine"] == "fsdp2-unmarked":  # the Trainer would wrap it in DDP: the callback refuses it
+            refused(model, args, data, spec["ckpt"], out)
+        mark_sharded(model)  # as transformers marks its own: the Trainer neither wraps nor shards it again
     probe = Probe(out, spec.get("stop_at"))
-    data = Blocks(64, 16, base.config.vocab_size)
     evals = Blocks(8, 16, base.config.vocab_size) if best else None
     trainer = Trainer(model=model, args=args, train_dataset=data, eval_dataset=evals, callbacks=[probe])
     every = spec["save_steps"] if spec["engine"].startswith("fsdp2") and not best else None  # (HF cannot save them)
