@@ -1,8 +1,8 @@
 """One rank of an HF Trainer run that checkpoints through dist_lora's callback (tests/test_hf.py).
 
 argv[1] is JSON: {"base": dir, "ckpt": dir, "out": dir, "engine": "zero3" | "zero3-sharded" | "zero2" | "fsdp2" |
-"fsdp2-sharded" | "fsdp2-unmarked" | "none", "max_steps": N, "save_steps": K, "stop_at": S | null, "grad_accum": G, "batch": B}, and
-optionally "best": true (evaluate at each save, load the best step at the end), "every_minutes": M or
+"fsdp2-sharded" | "fsdp2-unmarked" | "none", "max_steps": N, "save_steps": K, "stop_at": S | null, "grad_accum": G,
+"batch": B}, and optionally "best": true (evaluate at each save, load the best step at the end), "every_minutes": M or
 "stop_after_minutes": M with "clocks": [minutes a step on rank 0, on rank 1, ...] (the callback's clock, driven by
 the global step). Rank 0 writes
 out/begin_adapter.safetensors (the adapter as loaded, before any step), out/end_adapter.safetensors and
