@@ -37,7 +37,7 @@ from dist_lora.backends import deepspeed as ds_backend
 from dist_lora.backends import fsdp as fsdp_backend
 from dist_lora.config import LoraConfig, ParallelConfig
 from dist_lora.distributed import exit_process, init_distributed, shutdown
-from dist_lora.lora import apply_lora
+from dist_lora.lora import apply_lora, peft_lora_config
 from dist_lora.model import adapters_on_cpu, collection_paused, load_base, return_large_blocks_to_the_os
 from dist_lora.weights import BaseWeights
 
@@ -133,6 +133,11 @@ def touch_every_page(model: torch.nn.Module) -> None:
                 float(local.detach().reshape(-1)[:: max(1, 4096 // local.element_size())].sum())
 
 
+def lora_config(spec: dict) -> LoraConfig:
+    """The LoRA every path of the load applies: r=16 on ``spec``'s targets (default ``c_attn``)."""
+    return LoraConfig(r=16, alpha=32, target_modules=spec.get("targets", ["c_attn"]))
+
+
 def load_as_transformers(spec: dict, dtype: torch.dtype) -> torch.nn.Module:
     """transformers' own sharded load, to compare with: ``from_pretrained(distributed_config=DistributedConfig(
     fsdp_size=world))`` (the base built on the meta device, ``fully_shard`` on each layer, each rank's rows read;
@@ -146,8 +151,7 @@ def load_as_transformers(spec: dict, dtype: torch.dtype) -> torch.nn.Module:
         spec["base"], dtype=dtype, distributed_config=DistributedConfig(fsdp_size=dist.get_world_size())
     )
     torch.manual_seed(0)
-    config = peft.LoraConfig(r=16, lora_alpha=32, target_modules=spec.get("targets", ["c_attn"]))
-    model = peft.get_peft_model(base, config)
+    model = peft.get_peft_model(base, peft_lora_config(lora_config(spec)))
     trainable = [p for p in model.parameters() if p.requires_grad]
     with torch.no_grad():
         for p in trainable:
@@ -167,9 +171,7 @@ def load(
         base, weights = load_base(spec["base"], dtype).to(device), None
     torch.manual_seed(0)
     with stages("lora"), adapters_on_cpu():
-        model = apply_lora(
-            base, LoraConfig(r=16, alpha=32, target_modules=spec.get("targets", ["c_attn"])), spec["base"]
-        )
+        model = apply_lora(base, lora_config(spec), spec["base"])
     if spec.get("quantization") == "nf4":
         from dist_lora.quantize import quantize_base
 
