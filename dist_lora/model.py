@@ -284,13 +284,9 @@ def _outside_zero_init() -> Iterator[None]:
 def skip_weight_init() -> Any:
     """transformers' switch that skips random weight init (its meta tensors would only be drawn for nothing; the
     first draw on meta imports torch's reference ops, a second of a rank's start-up)."""
-    import importlib
+    from transformers.initialization import no_init_weights
 
-    try:
-        module = importlib.import_module("transformers.initialization")
-    except ImportError:  # transformers 4 keeps it in modeling_utils
-        module = importlib.import_module("transformers.modeling_utils")
-    return module.no_init_weights()
+    return no_init_weights()
 
 
 def build_on_meta(name_or_path: str, dtype: torch.dtype, revision: str | None = None) -> Any:
@@ -328,19 +324,11 @@ def set_attention(model: Any, implementation: str | None, what: str = "model.att
 def enable_activation_checkpointing(model: Any, every: int = 1) -> None:
     """Recompute transformer blocks' activations in backward, non-reentrant: every block, or (``every`` N) the
     first of every N (HF's ``every_n_layers``, torchtitan's selective layer checkpointing), the others keeping
-    theirs. HF's flag on each block: no wrapper module, so no new prefix in any parameter name. transformers 5
-    names it ``activation_checkpointing_enable`` (its old name warns once per rank); transformers 4 has the old
-    name only, and checkpoints every block."""
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, every_n_layers=every)
-    elif every == 1:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    else:
-        raise ModelError(
-            f"train.activation_checkpointing_every={every} needs transformers 5 (every_n_layers); this one "
-            "checkpoints every block only: upgrade transformers, or set train.activation_checkpointing_every=1"
-        )
+    theirs. HF's flag on each block: no wrapper module, so no new prefix in any parameter name (transformers'
+    ``activation_checkpointing_enable``; its old name, ``gradient_checkpointing_enable``, warns once per rank)."""
+    model.activation_checkpointing_enable(
+        activation_checkpointing_kwargs={"use_reentrant": False}, every_n_layers=every
+    )
 
 
 def transformer_blocks(model: Any) -> list[Any]:

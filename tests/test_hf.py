@@ -110,6 +110,7 @@ def test_a_model_sharded_by_hand_is_refused_until_marked_then_trains(gpt2_base, 
         for error in errors:
             assert "FSDP2 shards (DTensors) that HF's Trainer was not told of" in error
             assert "dist_lora.integrations.hf.mark_sharded(model) after fully_shard and before Trainer(...)" in error
+            assert "TrainingArguments(fsdp='full_shard', fsdp_config={'fsdp_version': 2})" in error
         assert plain.startswith("mark_sharded: FSDPLinear is not a transformers PreTrainedModel"), plain
     assert result["global_step"] == 2 and result["saves"] == [2]
 
@@ -125,28 +126,6 @@ def test_mark_sharded_refuses_a_model_without_fsdp2_shards(gpt2_base):
     with pytest.raises(ValueError, match=r"PeftModel holds no FSDP2 shards \(DTensor parameters\): call it after"):
         mark_sharded(model)
     assert not model.is_distributed_loading_by_transformers
-
-
-@pytest.mark.parametrize("transformers_has_it", [True, False])
-def test_an_unmarked_sharded_model_is_refused_with_the_fix_this_transformers_has(transformers_has_it, monkeypatch):
-    """The fix named follows the transformers installed: ``mark_sharded`` where its Trainer reads the mark
-    (``DistributedConfig``), an upgrade where none does (``transformers>=4.50`` is allowed)."""
-    import sys
-    import types
-
-    import accelerate.state
-
-    import dist_lora.integrations.hf as hf
-
-    monkeypatch.setattr(hf, "model_mesh", lambda model: "a mesh")  # (DTensors need a process group)
-    monkeypatch.setattr(accelerate.state, "AcceleratorState", lambda: types.SimpleNamespace(fsdp_plugin=None))
-    if not transformers_has_it:
-        monkeypatch.setitem(sys.modules, "transformers.distributed.configuration_utils", None)  # ImportError
-    with pytest.raises(ValueError, match="FSDP2 shards") as refused:
-        hf._check_sharded(torch.nn.Linear(2, 2))
-    assert ("mark_sharded(model)" in str(refused.value)) == transformers_has_it
-    assert ("Upgrade transformers" in str(refused.value)) != transformers_has_it
-    assert "fsdp_config={'fsdp_version': 2}" in str(refused.value)
 
 
 def test_every_minutes_and_stop_after_minutes_follow_rank_0s_clock_on_every_rank(gpt2_base, tmp_path):

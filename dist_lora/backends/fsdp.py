@@ -86,17 +86,15 @@ def mark_sharded(model: Any) -> None:
     nor shards the model again, and defers the gradient reduction of all but an accumulation window's last
     micro-batch with FSDP2's own switches (under HSDP only the all-reduce across replica groups, by
     ``dp_replicate_size``). Nothing is serialized: transformers leaves ``distributed_config`` out of a saved
-    ``config.json``. A transformers without such models has no Trainer that reads the mark: nothing to do."""
+    ``config.json``."""
+    from transformers.distributed.configuration_utils import DistributedConfig
+
     mesh = model_mesh(model)
     if mesh is None:
         raise ValueError(
             f"mark_sharded: {type(model).__name__} holds no FSDP2 shards (DTensor parameters): call it after "
             "fully_shard (on each block, then on the model), for a model HF's Trainer should take as it is"
         )
-    try:
-        from transformers.distributed.configuration_utils import DistributedConfig
-    except ImportError:
-        return
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PeftModel's, or PEFT injected
     if not hasattr(base, "_is_distributed_loading_by_transformers"):
         raise ValueError(

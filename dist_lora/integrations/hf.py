@@ -429,19 +429,11 @@ def _check_sharded(model: Any) -> None:
         return
     if getattr(AcceleratorState(), "fsdp_plugin", None) is not None:  # (accelerate's FSDP2 takes it)
         return
-    try:
-        from transformers.distributed.configuration_utils import DistributedConfig  # noqa: F401
-
-        fix = (
-            "Call dist_lora.integrations.hf.mark_sharded(model) after fully_shard and before Trainer(...) "
-            "(dist_lora.load_sharded's models are marked already)"
-        )
-    except ImportError:
-        fix = "Upgrade transformers to one with DistributedConfig, whose Trainer takes a model sharded before it"
     raise ValueError(
         "the model's parameters are FSDP2 shards (DTensors) that HF's Trainer was not told of: it would wrap them "
-        f"in DDP, which fails at its first broadcast. {fix}, or give the Trainer the unsharded model with "
-        "TrainingArguments(fsdp='full_shard', fsdp_config={'fsdp_version': 2})"
+        "in DDP, which fails at its first broadcast. Call dist_lora.integrations.hf.mark_sharded(model) after "
+        "fully_shard and before Trainer(...) (dist_lora.load_sharded's models are marked already), or give the "
+        "Trainer the unsharded model with TrainingArguments(fsdp='full_shard', fsdp_config={'fsdp_version': 2})"
     )
 
 
