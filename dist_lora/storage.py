@@ -131,6 +131,28 @@ def _is_precondition_failed(e: BaseException) -> bool:
     return False
 
 
+EXCLUSIVE_WRITES_SINCE = (2024, 12)
+"""fsspec's and s3fs's first release whose ``pipe_file(mode="create")`` is exclusive (a conditional PUT on S3); an
+older one takes the mode and overwrites (seen with 2024.10: a committed manifest written over)."""
+
+
+def _require_exclusive_writes(protocol: str) -> None:
+    """StorageError naming the upgrade where the installed fsspec (or, for S3, s3fs) would turn the exclusive
+    writes that commit a step into overwrites (pip keeps the floors of pyproject.toml; an install without
+    dependencies may not)."""
+    from importlib.metadata import version
+
+    for package in ("fsspec", "s3fs") if protocol == "s3" else ("fsspec",):
+        installed = version(package)
+        calendar = re.match(r"(\d+)\.(\d+)", installed)  # (a build from source may say less: let it be)
+        if calendar and (int(calendar[1]), int(calendar[2])) < EXCLUSIVE_WRITES_SINCE:
+            raise StorageError(
+                f"{package} {installed} does not make exclusive writes (pipe_file mode='create'), so a committed "
+                "step could be overwritten: upgrade fsspec and s3fs to 2024.12 or newer "
+                "(pip install -U 'fsspec>=2024.12' 's3fs>=2024.12')"
+            )
+
+
 class Storage:
     """A root URL and the few operations a checkpoint needs. Paths given to methods are relative to the root."""
 
@@ -171,6 +193,8 @@ class Storage:
         self.root = root.rstrip("/")
         self.is_local = protocol in ("file", "local")
         self.url = url.rstrip("/")
+        if not self.is_local:
+            _require_exclusive_writes(protocol)
 
     # ------------------------------------------------------------------------------------------ paths
 

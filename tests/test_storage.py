@@ -66,6 +66,20 @@ def test_unknown_protocol_is_a_clear_error():
         Storage("nosuchproto://x")
 
 
+@pytest.mark.parametrize(("url", "package"), [("memory://ckpt", "fsspec"), ("s3://bucket/ckpt", "s3fs")])
+def test_an_fsspec_that_would_overwrite_a_committed_step_is_refused(url, package, tmp_path, monkeypatch):
+    """fsspec and s3fs before 2024.12 take ``pipe_file(mode="create")`` and overwrite (with 2024.10 installed,
+    test_s3_conditional_put_is_real saw no 412): a store they would write is refused, naming the upgrade; a local
+    directory, whose exclusive write is a link, is not."""
+    import importlib.metadata
+
+    installed = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda p: "2024.10.0" if p == package else installed(p))
+    with pytest.raises(StorageError, match=rf"^{package} 2024.10.0 does not make exclusive writes .* 2024.12 or newer"):
+        Storage(url)
+    Storage(str(tmp_path)).write("manifest.json", b"a", exclusive=True)
+
+
 @pytest.mark.s3
 def test_s3_conditional_put_is_real(s3):
     """SeaweedFS answers If-None-Match: * with 412; the storage turns it into AlreadyExistsError."""
