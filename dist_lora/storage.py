@@ -142,14 +142,15 @@ def _require_exclusive_writes(protocol: str) -> None:
     dependencies may not)."""
     from importlib.metadata import version
 
+    since = "{}.{}".format(*EXCLUSIVE_WRITES_SINCE)
     for package in ("fsspec", "s3fs") if protocol == "s3" else ("fsspec",):
         installed = version(package)
         calendar = re.match(r"(\d+)\.(\d+)", installed)  # (a build from source may say less: let it be)
         if calendar and (int(calendar[1]), int(calendar[2])) < EXCLUSIVE_WRITES_SINCE:
             raise StorageError(
                 f"{package} {installed} does not make exclusive writes (pipe_file mode='create'), so a committed "
-                "step could be overwritten: upgrade fsspec and s3fs to 2024.12 or newer "
-                "(pip install -U 'fsspec>=2024.12' 's3fs>=2024.12')"
+                f"step could be overwritten: upgrade fsspec and s3fs to {since} or newer "
+                f"(pip install -U 'fsspec>={since}' 's3fs>={since}')"
             )
 
 
