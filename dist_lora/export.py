@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import os
 import shutil
 import struct
 import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,10 +38,41 @@ from dist_lora.model import (
     load_tokenizer,
     resolve_model_path,
 )
-from dist_lora.storage import Storage
+from dist_lora.storage import Storage, fsync_dir, sync_tree
 from dist_lora.weights import SAFE_DTYPES, SAFE_INDEX_NAME, BaseWeights
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def written_whole(out: Path, verb: str) -> Iterator[Path]:
+    """A directory that appears at ``out`` complete or not at all: the caller writes into a hidden sibling, which
+    is renamed to ``out`` once every file is in it (one rename, in the same directory). An error or an interrupt
+    removes the sibling, so a merge or a pull that died half-way never leaves a model or an adapter that looks
+    whole (a merged model with no chat template, or some of its files). ``out`` must be new or an empty
+    directory: nothing in it is ever overwritten. Every file is fsynced before the rename, and the rename after it,
+    so a power cut does not leave names over empty files either. ``verb``: what writes it, for the error."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CheckpointError(
+            f"{out} exists and is {'not empty' if out.is_dir() else 'not a directory'}; {verb} into a new directory"
+        )
+    target = out.resolve()  # (a symlink to an empty directory: filled where it points)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.partial-{os.getpid()}-{os.urandom(4).hex()}"
+    staging.mkdir()
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    sync_tree(staging)
+    try:
+        staging.rename(target)  # (replaces an empty directory, never a full one)
+    except OSError as e:
+        raise CheckpointError(
+            f"{out} was filled by something else while {verb} wrote into it; its result is kept in {staging}"
+        ) from e
+    fsync_dir(str(target.parent))
 
 
 def pull(
@@ -59,15 +93,23 @@ def pull(
     PEFT and vLLM load an adapter over any base whose adapted layers fit.
     """
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise CheckpointError(f"{out} exists and is not empty; pull into a new directory")
-    try:
-        step = resolve_step(step_or_dir, storage_options)
-    except CheckpointError:
-        found = peft_adapter_at(step_or_dir, storage_options)
-        if found is None:
-            raise
-        return _pull_peft(*found, out, base)
+    with written_whole(out, "pull") as staging:
+        try:
+            step = resolve_step(step_or_dir, storage_options)
+        except CheckpointError:
+            found = peft_adapter_at(step_or_dir, storage_options)
+            if found is None:
+                raise
+            pulled = _pull_peft(*found, staging, base)
+        else:
+            pulled = _pull_step(step, staging, base)
+    log.info("pulled %s into %s", pulled, out)
+    return out
+
+
+def _pull_step(step: Storage, out: Path, base: str | None) -> str:
+    """:func:`pull` of a step: its files verified and written into ``out``, with the chat template it trained with
+    beside them. What was pulled, for the log."""
     manifest = read_manifest(step)
     files = read_verified(step, manifest)
     manifest_bytes = step.read(MANIFEST_NAME)
@@ -92,14 +134,8 @@ def pull(
     template = template_text(state.get("chat_template"))
     if template is not None:  # (outside the manifest: served beside the adapter, vLLM's --chat-template)
         (out / CHAT_TEMPLATE_NAME).write_text(served_template(template, saved_config(state)), encoding="utf-8")
-    log.info(
-        "pulled %s into %s (%d files verified)%s",
-        step.url,
-        out,
-        len(files),
-        f"; the chat template the run trained with is {out / CHAT_TEMPLATE_NAME}" if template is not None else "",
-    )
-    return out
+    with_template = f"; the chat template the run trained with is beside it, {CHAT_TEMPLATE_NAME}" if template else ""
+    return f"{step.url} ({len(files)} files verified{with_template})"
 
 
 def peft_adapter_at(
@@ -120,10 +156,11 @@ def peft_adapter_at(
     return store, store.listdir()
 
 
-def _pull_peft(store: Storage, names: dict[str, dict[str, Any]], out: Path, base: str | None) -> Path:
-    """:func:`pull` of an adapter PEFT saved: its files (the top level's) copied as they are; ``base`` checked to
-    fit it (every adapter tensor's key and shape, over the base built on the meta device from its config.json) and
-    written into the copy's ``adapter_config.json``. It has no manifest: nothing to verify, said in the log."""
+def _pull_peft(store: Storage, names: dict[str, dict[str, Any]], out: Path, base: str | None) -> str:
+    """:func:`pull` of an adapter PEFT saved: its files (the top level's) copied as they are into ``out``; ``base``
+    checked to fit it (every adapter tensor's key and shape, over the base built on the meta device from its
+    config.json) and written into the copy's ``adapter_config.json``. It has no manifest: nothing to verify, said
+    in what it returns for the log."""
     loaded = read_peft_adapter(store, names)  # (LoRA, in safetensors, its config a JSON object: else an error)
     assert loaded is not None
     files = {  # (a hub snapshot's files are symlinks into its blobs)
@@ -142,13 +179,7 @@ def _pull_peft(store: Storage, names: dict[str, dict[str, Any]], out: Path, base
     local = Storage(str(out))
     for name, data in files.items():
         local.write(name, data)
-    log.info(
-        "pulled %s into %s (%d files; an adapter PEFT saved: no manifest, so no sha256 to verify it by)",
-        store.url,
-        out,
-        len(files),
-    )
-    return out
+    return f"{store.url} ({len(files)} files; an adapter PEFT saved: no manifest, so no sha256 to verify it by)"
 
 
 def _check_fits(loaded: LoadedStep, base: str) -> None:
@@ -194,8 +225,16 @@ def merge(
     ``dtype``), apply the adapter, ``merge_and_unload``, ``save_pretrained``.
     """
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise CheckpointError(f"{out} exists and is not empty; merge into a new directory")
+    with written_whole(out, "merge") as staging:
+        _merge_into(staging, step_or_dir, base, dtype, storage_options)
+    log.info("merged %s into %s", step_or_dir, out)
+    return out
+
+
+def _merge_into(
+    out: Path, step_or_dir: str, base: str | None, dtype: torch.dtype | None, storage_options: dict[str, Any] | None
+) -> None:
+    """:func:`merge`'s work, written into ``out`` (:func:`written_whole`'s hidden directory)."""
     loaded = read_adapter(step_or_dir, storage_options, None)  # a step, or an adapter PEFT saved
     base_path = base or loaded.adapter_config.get("base_model_name_or_path")
     if not base_path:
@@ -206,9 +245,12 @@ def merge(
     directory = base_directory(base_path, what, revision)  # a hub id: its snapshot
     if directory is not None:
         try:
-            return stream_merge(loaded, directory, out, dtype)
+            stream_merge(loaded, directory, out, dtype)
+            return
         except ModelError as e:  # pickle files, or tensors it cannot stream (joined MoE experts): from_pretrained
             log.warning("%s; merging the whole model in memory instead", e)
+            shutil.rmtree(out)  # (it refuses before writing a file; nothing of a stream is mixed into the other)
+            out.mkdir()
     model: Any = model_of(loaded, base=base_path, dtype=dtype)
     merged = model.merge_and_unload()
     merged.save_pretrained(out)
@@ -217,8 +259,6 @@ def merge(
     except ModelError as e:  # a base without a tokenizer: the merged weights are still complete
         log.warning("no tokenizer copied: %s", e)
     _write_chat_template(loaded, out)
-    log.info("merged %s into %s", step_or_dir, out)
-    return out
 
 
 def _write_chat_template(loaded: LoadedStep, out: Path) -> None:
@@ -540,6 +580,36 @@ def stream_merge(loaded: LoadedStep, base_dir: str, out_dir: str | Path, dtype: 
             error=CheckpointError,
         )
     weights = BaseWeights(base_dir).follow(model)
+    edits = _checked_edits(loaded, base_dir, model, weights, fan_in_fan_out)
+    joined = {k for k in edits if weights.stored_as(k) is None}
+    in_files = {  # the files' names of the tensors edited whole -> the model's
+        weights.stored_as(k): k for k, e in edits.items() if k not in joined and not e.experts_only()
+    }
+    pieces = _joined_pieces(edits, weights)
+
+    def merged(key: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if key in in_files:
+            name = in_files[key]
+            tensor = _merged(tensor, edits[name], name.removesuffix(".weight") in fan_in_fan_out, dtype)
+        if key in pieces:  # the elements of this tensor that a fused or joined tensor's edit changes
+            tensor = _with_pieces(tensor, pieces[key], dtype)
+        return tensor.to(dtype)
+
+    out.mkdir(parents=True, exist_ok=True)
+    names = sorted(set(weights.files.values()))
+    total = sum(_write_merged_file(out / name, weights, name, merged, dtype) for name in names)
+    _copy_the_rest(Path(base_dir), out, names, dtype, total)
+    _write_chat_template(loaded, out)
+    log.info("merged %s by streaming, one tensor at a time (%d tensors changed)", loaded.url, len(edits))
+    return out
+
+
+def _checked_edits(
+    loaded: LoadedStep, base_dir: str, model: Any, weights: BaseWeights, fan_in_fan_out: set[str]
+) -> dict[str, _Edit]:
+    """The step's edits of ``base_dir``'s tensors (:func:`_edits`), each checked to fit the base before a byte is
+    written: a separate copy of a tied tensor, a tensor the base does not hold, a copy or a LoRA update of another
+    shape, and an edit of experts the files hold in a way a stream cannot write, are each refused, named."""
     edits = _edits(loaded, _parameter_wrappers(loaded, base_dir))
     for alias, key in weights.aliases.items():  # one copy trained for both tied names (ensure_weight_tying)
         if alias in edits and key in edits and _same(edits[alias], edits[key]):
@@ -577,48 +647,63 @@ def stream_merge(loaded: LoadedStep, base_dir: str, out_dir: str | Path, dtype: 
                     f"{loaded.url}'s LoRA of {name} makes a {delta} update, where the base's weight is {held} "
                     f"(out, in): the adapter was trained over another model than {base_dir}"
                 )
-    joined = {k for k in edits if weights.stored_as(k) is None}
-    unwritable = sorted(k for k in joined if not (edits[k].experts_only() or edits[k].replace_only()))
+    unwritable = sorted(
+        k for k, e in edits.items() if weights.stored_as(k) is None and not (e.experts_only() or e.replace_only())
+    )
     if unwritable:
         raise ModelError(  # (merge then merges the whole model)
             f"{loaded.url} changes {unwritable[:5]}, which {base_dir}'s files hold as several tensors that "
             "transformers joins as it loads them (a MoE layer's experts), in a way a streaming merge cannot write "
             "into the files' own tensors"
         )
-    in_files = {  # the files' names of the tensors edited whole
-        weights.stored_as(k): k for k, e in edits.items() if k not in joined and not e.experts_only()
-    }
-    pieces = _joined_pieces(edits, weights)
-    out.mkdir(parents=True, exist_ok=True)
-    names = sorted(set(weights.files.values()))
-    total = 0  # the tensors' bytes, for the index
-    for name in names:
-        header, keys = weights.layout(name)
-        if dtype is not None:
-            header, size = _header_in(header, keys, dtype)
-            total += size
-        with open(out / name, "wb") as f:
-            f.write(header)
-            for key in keys:
-                tensor = weights.read(key)
-                wanted = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
-                if key in in_files:
-                    model_name = in_files[key]  # the model's
-                    fan_in = model_name.removesuffix(".weight") in fan_in_fan_out
-                    tensor = _merged(tensor, edits[model_name], fan_in, wanted)
-                if key in pieces:  # the elements of this tensor that a fused or joined tensor's edit changes
-                    flat = tensor.float().reshape(-1)
-                    for first, last, edit, shape, at in pieces[key]:
-                        if edit.experts is not None:
-                            flat[first:last] += edit.experts.delta(shape, at, at + last - first)
-                        elif edit.replace is not None:
-                            flat[first:last] = edit.replace.reshape(-1)[at : at + last - first]
-                    tensor = flat.to(wanted).view(tensor.shape)
-                tensor = tensor.to(wanted)
-                f.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)  # its bytes, not a copy
+    return edits
+
+
+def _with_pieces(
+    tensor: torch.Tensor, pieces: list[tuple[int, int, _Edit, tuple[int, ...], int]], dtype: torch.dtype
+) -> torch.Tensor:
+    """A tensor of the files with the edits of the fused or joined tensors that hold some of its elements applied
+    (:func:`_joined_pieces`), in float32, then in ``dtype``."""
+    flat = tensor.float().reshape(-1)
+    for first, last, edit, shape, at in pieces:
+        if edit.experts is not None:
+            flat[first:last] += edit.experts.delta(shape, at, at + last - first)
+        elif edit.replace is not None:
+            flat[first:last] = edit.replace.reshape(-1)[at : at + last - first]
+    return flat.to(dtype).view(tensor.shape)
+
+
+def _write_merged_file(
+    path: Path,
+    weights: BaseWeights,
+    name: str,
+    merged: Callable[[str, torch.Tensor, torch.dtype], torch.Tensor],
+    dtype: torch.dtype | None,
+) -> int:
+    """One file of the merged model, streamed: the base file ``name``'s header (its floating-point tensors in
+    ``dtype`` where one is given), then each tensor read, ``merged`` and written in the header's order. The bytes of
+    its tensors where ``dtype`` changed them (the index's total size), else 0."""
+    header, keys = weights.layout(name)
+    size = 0
+    if dtype is not None:
+        header, size = _header_in(header, keys, dtype)
+    with open(path, "wb") as f:
+        f.write(header)
+        for key in keys:
+            tensor = weights.read(key)
+            wanted = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+            tensor = merged(key, tensor, wanted)
+            f.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)  # its bytes, not a copy
+    return size
+
+
+def _copy_the_rest(base_dir: Path, out: Path, written: list[str], dtype: torch.dtype | None, total: int) -> None:
+    """The base directory's other files copied beside the merged ones (config, generation config, tokenizer; with
+    ``dtype``, the index's total size and config.json's dtype rewritten), but other copies of the weights, which
+    would still hold the base without the adapter (left out, with a warning)."""
     skipped = []
-    for extra in Path(base_dir).iterdir():
-        if not extra.is_file() or extra.name in names:
+    for extra in base_dir.iterdir():
+        if not extra.is_file() or extra.name in written:
             continue
         if _other_weights(extra.name):  # unmerged: a loader that picked them would serve the base without the adapter
             skipped.append(extra.name)
@@ -632,9 +717,6 @@ def stream_merge(loaded: LoadedStep, base_dir: str, out_dir: str | Path, dtype: 
             shutil.copy2(extra, out / extra.name)
     if skipped:
         log.warning("not copied from %s (weights the merge did not write): %s", base_dir, ", ".join(sorted(skipped)))
-    _write_chat_template(loaded, out)
-    log.info("merged %s into %s by streaming (%d tensors changed)", loaded.url, out, len(edits))
-    return out
 
 
 def load_adapters(

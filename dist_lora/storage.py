@@ -336,12 +336,12 @@ class Storage:
             if os.path.exists(tmp):
                 os.unlink(tmp)
         if sync_dir:
-            _fsync_dir(directory)
+            fsync_dir(directory)
 
     def sync_dir(self, rel: str = "") -> None:
         """Make the names written in a local directory durable (object stores need nothing)."""
         if self.is_local:
-            _fsync_dir(self.path(rel))
+            fsync_dir(self.path(rel))
 
     def _write_remote(self, rel: str, data: bytes, exclusive: bool) -> None:
         path = self.path(rel)
@@ -506,7 +506,20 @@ class Storage:
                 os.rmdir(self.path(rel))
 
 
-def _fsync_dir(directory: str) -> None:
+def sync_tree(directory: str | os.PathLike[str]) -> None:
+    """Make every file under a local directory, and the directories' names, durable: what a writer that did not
+    fsync (``save_pretrained``, a streamed merge) left in the page cache is on the disk when this returns."""
+    for root, _, files in os.walk(directory):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(root)
+
+
+def fsync_dir(directory: str) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:

@@ -148,6 +148,58 @@ def test_merge_writes_another_dtype_each_merged_tensor_rounded_once(sharded_llam
     assert json.loads((tmp_path / "widened" / "config.json").read_text())["dtype"] == "float32"
 
 
+def test_a_merge_or_pull_that_dies_half_way_leaves_nothing_that_looks_whole(sharded_llama_base, tmp_path, monkeypatch):
+    """merge and pull write into a hidden sibling, renamed into place once every file is in it: one interrupted
+    after the base's files were written (before the chat template), or a pull whose last file fails, leaves neither
+    the output nor the sibling, and the same command then succeeds. An empty directory, or a symlink to one, is
+    filled; a file or a directory that holds anything is refused."""
+    import dist_lora.export as export
+    from dist_lora.constants import MANIFEST_NAME
+
+    step = dist_lora.save_checkpoint(adapted(sharded_llama_base, ["q_proj"], seed=2), str(tmp_path / "ck"), step=1)
+    written = []
+
+    def interrupted(loaded, out):
+        written.extend(p.name for p in out.iterdir())
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(export, "_write_chat_template", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            export.merge(step, tmp_path / "merged")
+    assert "config.json" in written and len([n for n in written if n.endswith(".safetensors")]) >= 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # neither the output nor its partial sibling
+
+    write = export.Storage.write
+
+    def full_disk_at_the_manifest(self, rel, data, **kwargs):
+        if rel == MANIFEST_NAME:
+            raise OSError(28, "No space left on device")
+        write(self, rel, data, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(export.Storage, "write", full_disk_at_the_manifest)
+        with pytest.raises(OSError, match="No space left"):
+            pull(step, tmp_path / "pulled")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere")
+    assert export.merge(step, tmp_path / "empty") == tmp_path / "empty"
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "empty").config.num_hidden_layers >= 1
+    assert pull(step, tmp_path / "link") == tmp_path / "link"
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "elsewhere" / MANIFEST_NAME).is_file()
+    assert subprocess.run(["dist-lora", "verify", str(tmp_path / "link")]).returncode == 0
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(CheckpointError, match="file exists and is not a directory; merge into a new directory"):
+        export.merge(step, tmp_path / "file")
+    with pytest.raises(CheckpointError, match="empty exists and is not empty; pull into a new directory"):
+        pull(step, tmp_path / "empty")
+    assert (tmp_path / "file").read_text() == "mine"
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+
+
 def test_a_hub_base_merges_by_streaming_and_leaves_its_other_weights_behind(sharded_llama_base, tmp_path):
     """A step whose base is a hub id merges by streaming from the base's snapshot in the cache (the same files and
     index out). Weights the merge does not rewrite (pickles, ``original/`` checkpoints) are not copied beside the
