@@ -18,6 +18,7 @@ import math
 import zlib
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -107,6 +108,45 @@ class _Stream:
                 self.index, self.done = self.index + 1, 0
 
 
+@dataclass
+class _Agreed:
+    """What every rank agreed on before a gather (:func:`_agree`)."""
+
+    has_state: bool  # whether any rank has optimizer state
+    longest: int  # the longest stream of the ranks but 0, in elements of one field
+    layout: list[tuple[int, int]]  # this rank's pieces: (offset in the full tensor, numel)
+    layout_changed: bool  # on any rank since the last gather (the offsets are gathered again)
+
+
+def _agree(backend: Backend, pieces: list[LocalPiece], names: list[str], device: torch.device, group: Any) -> _Agreed:
+    """Collective (one tiny ``all_reduce``): whether any rank has optimizer state, the piece count, the longest
+    stream of the ranks but 0, whether any rank's layout changed, and the names of the optimizer's state fields
+    (a checksum; a rank without state yet does not count). Ranks that disagree on the pieces or the fields raise."""
+    rank, world = _dist()
+    has_state = any(p.step is not None for p in pieces)
+    layout = [(p.offset, p.numel) for p in pieces]
+    if world == 1:
+        return _Agreed(has_state, 0, layout, False)
+    n = len(pieces)
+    local_len = sum(p.numel for p in pieces) if rank != 0 else 0
+    cache = getattr(backend, "_gather_layout", None)
+    changed = int(cache is None or cache[0] != layout)
+    crc = zlib.crc32(",".join(names).encode())  # < 2**32
+    largest, smallest = (crc, crc) if has_state else (-1, 2**32)
+    stateless_rank0 = int(rank == 0 and not has_state)
+    figures = [int(has_state), n, -n, local_len, changed, largest, -smallest, stateless_rank0]
+    agree = torch.tensor(figures, dtype=torch.int64, device=device)
+    _record("all_reduce", agree)
+    dist.all_reduce(agree, op=dist.ReduceOp.MAX, group=group)
+    failpoint("gather.after_sizes")
+    n_max, n_min = int(agree[1]), -int(agree[2])
+    if n_max != n or n_min != n:
+        raise RuntimeError(f"ranks disagree on the adapter: {n} tensors here, {n_min}..{n_max} elsewhere")
+    if bool(agree[0]) and (int(agree[5]) != -int(agree[6]) or agree[7]):  # every rank sees the same
+        raise RuntimeError(f"ranks disagree on the optimizer's state: fields {names or 'none'} here, others elsewhere")
+    return _Agreed(bool(agree[0]), int(agree[3]), layout, bool(agree[4]))
+
+
 def gather_adapter(
     backend: Backend,
     bucket_bytes: int = DEFAULT_BUCKET_BYTES,
@@ -127,42 +167,16 @@ def gather_adapter(
     """
     rank, world = _dist()
     pieces = backend.local_pieces() if pieces is None else pieces
-    has_state = any(p.step is not None for p in pieces)
     names = sorted({name for p in pieces if p.step is not None for name in p.fields} - {WEIGHT_FIELD})
     device = torch.device("cpu") if group is not None else backend.device
-    n = len(pieces)
-    if world > 1:
-        # Agree on: whether any rank has optimizer state, the piece count, the longest stream (ranks != 0), and
-        # the names of the optimizer's state fields (a checksum; -1 where this rank has no state yet).
-        local_len = sum(p.numel for p in pieces) if rank != 0 else 0
-        layout = [(p.offset, p.numel) for p in pieces]
-        cache = getattr(backend, "_gather_layout", None)
-        changed = int(cache is None or cache[0] != layout)
-        crc = zlib.crc32(",".join(names).encode())  # < 2**32
-        largest, smallest = (crc, crc) if has_state else (-1, 2**32)  # a rank without state yet does not count
-        stateless_rank0 = int(rank == 0 and not has_state)
-        figures = [int(has_state), n, -n, local_len, changed, largest, -smallest, stateless_rank0]
-        agree = torch.tensor(figures, dtype=torch.int64, device=device)
-        _record("all_reduce", agree)
-        dist.all_reduce(agree, op=dist.ReduceOp.MAX, group=group)
-        has_state, n_max, n_min, longest = bool(agree[0]), int(agree[1]), -int(agree[2]), int(agree[3])
-        failpoint("gather.after_sizes")
-        any_changed = bool(agree[4])
-        if n_max != n or n_min != n:
-            raise RuntimeError(f"ranks disagree on the adapter: {n} tensors here, {n_min}..{n_max} elsewhere")
-        if has_state and (int(agree[5]) != -int(agree[6]) or agree[7]):  # every rank sees the same
-            raise RuntimeError(
-                f"ranks disagree on the optimizer's state: fields {names or 'none'} here, others elsewhere"
-            )
-    fields = [WEIGHT_FIELD, *names] if has_state else [WEIGHT_FIELD]
-    nf = len(fields)
+    agreed = _agree(backend, pieces, names, device, group)
+    fields = [WEIGHT_FIELD, *names] if agreed.has_state else [WEIGHT_FIELD]
     senders = backend.senders()
     if world > 1 and senders is not None and senders < world:  # the other ranks hold copies: they send nothing
         sub = _subgroup(senders, group)
         if rank >= senders:
             return None
         group, world = sub, senders
-
     # Rank 0 allocates the full result and fills in its own pieces without any communication.
     weights: dict[str, torch.Tensor] = {}
     optim: dict[str, dict[str, torch.Tensor]] = {}
@@ -170,54 +184,70 @@ def gather_adapter(
         for p in pieces:
             numel = math.prod(p.shape)
             weights[p.key] = torch.empty(numel, dtype=torch.float32)
-            if has_state:
+            if agreed.has_state:
                 optim[p.key] = {f: torch.zeros(numel, dtype=torch.float32) for f in fields[1:]}
                 optim[p.key]["step"] = torch.tensor(p.step if p.step is not None else 0.0, dtype=torch.float32)
         for p in pieces:
             for f in fields:
                 _target(weights, optim, p.key, f)[p.offset : p.offset + p.numel] = _piece_field(p, f)
-
-    if world > 1 and longest > 0:
-        if any_changed:  # piece offsets are fixed for a wrapped model: gathered once, then cached
-            meta = torch.tensor(layout, dtype=torch.int64, device=device).reshape(-1, 2)
-            gathered = [torch.empty_like(meta) for _ in range(world)] if rank == 0 else []
-            _record("gather", meta)
-            dist.gather(meta, gathered if rank == 0 else None, dst=0, group=group)
-            backend._gather_layout = (layout, [m.cpu() for m in gathered])  # type: ignore[attr-defined]
-        all_meta = backend._gather_layout[1]  # type: ignore[attr-defined]
-        total = longest * nf
-        chunk = max(1, bucket_bytes // 4)
-        streams = (
-            {r: _Stream([int(x) for x in all_meta[r][:, 1]], nf) for r in range(1, world)}
-            if rank == 0
-            else {rank: _Stream([p.numel for p in pieces], nf)}
-        )
-        for start in range(0, total, chunk):
-            size = min(chunk, total - start)
-            buf = torch.zeros(size, dtype=torch.float32, device=device)
-            if rank != 0:
-                for i, j, src, dst, take in streams[rank].walk(size):
-                    buf[dst : dst + take] = _piece_field(pieces[i], fields[j])[src : src + take]
-            recv = [torch.empty_like(buf) for _ in range(world)] if rank == 0 else None
-            _record("gather", buf)
-            dist.gather(buf, recv, dst=0, group=group)
-            failpoint("gather.after_chunk")
-            if rank == 0:
-                assert recv is not None
-                for r in range(1, world):
-                    data = recv[r].cpu()
-                    for i, j, src, dst, take in streams[r].walk(size):
-                        offset = int(all_meta[r][i][0]) + src
-                        _target(weights, optim, pieces[i].key, fields[j])[offset : offset + take] = data[
-                            dst : dst + take
-                        ]
-                del recv
+    if world > 1 and agreed.longest > 0:
+        _gather_streams(backend, pieces, fields, agreed, weights, optim, bucket_bytes, device, group, world)
     if rank != 0:
         return None
     shapes = {p.key: p.shape for p in pieces}
     weights = {k: t.view(shapes[k]) for k, t in weights.items()}
     optim = {k: {f: (t.view(shapes[k]) if f != "step" else t) for f, t in d.items()} for k, d in optim.items()}
     return AdapterState(weights, optim)
+
+
+def _gather_streams(
+    backend: Backend,
+    pieces: list[LocalPiece],
+    fields: list[str],
+    agreed: _Agreed,
+    weights: dict[str, torch.Tensor],
+    optim: dict[str, dict[str, torch.Tensor]],
+    bucket_bytes: int,
+    device: torch.device,
+    group: Any,
+    world: int,
+) -> None:
+    """Collective: the ranks' streams (every piece's fields end to end) gathered to rank 0 in chunks of
+    ``bucket_bytes``, one ``gather`` each, and copied by rank 0 into ``weights`` and ``optim`` at each piece's
+    offset. The offsets are gathered once (a ``gather`` of the layouts) and cached on the backend."""
+    rank, _ = _dist()  # (a sender's rank in the subgroup of senders too: they are the first ranks)
+    if agreed.layout_changed:  # piece offsets are fixed for a wrapped model: gathered once, then cached
+        meta = torch.tensor(agreed.layout, dtype=torch.int64, device=device).reshape(-1, 2)
+        gathered = [torch.empty_like(meta) for _ in range(world)] if rank == 0 else []
+        _record("gather", meta)
+        dist.gather(meta, gathered if rank == 0 else None, dst=0, group=group)
+        backend._gather_layout = (agreed.layout, [m.cpu() for m in gathered])  # type: ignore[attr-defined]
+    all_meta = backend._gather_layout[1]  # type: ignore[attr-defined]
+    total = agreed.longest * len(fields)
+    chunk = max(1, bucket_bytes // 4)
+    streams = (
+        {r: _Stream([int(x) for x in all_meta[r][:, 1]], len(fields)) for r in range(1, world)}
+        if rank == 0
+        else {rank: _Stream([p.numel for p in pieces], len(fields))}
+    )
+    for start in range(0, total, chunk):
+        size = min(chunk, total - start)
+        buf = torch.zeros(size, dtype=torch.float32, device=device)
+        if rank != 0:
+            for i, j, src, dst, take in streams[rank].walk(size):
+                buf[dst : dst + take] = _piece_field(pieces[i], fields[j])[src : src + take]
+        recv = [torch.empty_like(buf) for _ in range(world)] if rank == 0 else None
+        _record("gather", buf)
+        dist.gather(buf, recv, dst=0, group=group)
+        failpoint("gather.after_chunk")
+        if rank == 0:
+            assert recv is not None
+            for r in range(1, world):
+                data = recv[r].cpu()
+                for i, j, src, dst, take in streams[r].walk(size):
+                    offset = int(all_meta[r][i][0]) + src
+                    _target(weights, optim, pieces[i].key, fields[j])[offset : offset + take] = data[dst : dst + take]
+            del recv
 
 
 def _target(weights: dict, optim: dict, key: str, field: str) -> torch.Tensor:
