@@ -190,41 +190,8 @@ def _check_step_fits(loaded: LoadedStep, backend: Backend, with_optimizer: bool)
     fields = [WEIGHT_FIELD]
     steps: dict[str, float] = {}
     if with_optimizer:
-        if not state.optim:
-            raise CheckpointError(
-                f"{loaded.url} holds no optimizer state (optimizer.safetensors); load it without an optimizer"
-            )
-        names = sorted({f for entry in state.optim.values() for f in entry} - {"step"})  # every tensor has them all
-        for k, shape in expected.items():
-            entry = state.optim.get(k, {})
-            bad = [f for f in names if f not in entry or entry[f].shape != shape]
-            if bad or "step" not in entry:
-                raise CheckpointError(
-                    f"{loaded.url}: optimizer state of {k} lacks or misshapes {bad or ['step']} "
-                    f"(expected {names} of shape {list(shape)}, and step)"
-                )
-            steps[k] = float(entry["step"])
+        names, steps = _check_optimizer_state(loaded, backend, expected)
         fields += names
-        optimizer = backend.stepping_optimizer()
-        keeps = expected_state_fields(optimizer)
-        if keeps is not None and keeps != set(names):
-            raise CheckpointError(
-                f"{loaded.url} holds the optimizer state fields {names}, where the optimizer given "
-                f"({type(optimizer).__name__}) keeps {sorted(keeps)}: load it into the optimizer it was saved with "
-                f"({manifest.get('optimizer', 'its class is not recorded')}, with the same settings such as "
-                "amsgrad), or without an optimizer (its state then starts afresh)"
-            )
-        saved, given = manifest.get("optimizer"), type(optimizer).__name__
-        if saved and saved != given:
-            log.warning(
-                "%s was saved with %s and is loaded into %s: its state (%s) is restored as saved, which %s must "
-                "read under those names",
-                loaded.url,
-                saved,
-                given,
-                ", ".join(names),
-                given,
-            )
     return {
         "url": loaded.url,
         "bias": bias,
@@ -235,6 +202,50 @@ def _check_step_fits(loaded: LoadedStep, backend: Backend, with_optimizer: bool)
         "trainer_state": loaded.trainer_state,
         "verified": loaded.verified,
     }
+
+
+def _check_optimizer_state(
+    loaded: LoadedStep, backend: Backend, expected: dict[str, torch.Size]
+) -> tuple[list[str], dict[str, float]]:
+    """The step's optimizer state checked against the adapter's tensors (``expected``: their full shapes) and the
+    optimizer that will take it: its field names and each tensor's step. Rank 0 only."""
+    state, manifest = loaded.state, loaded.manifest
+    steps: dict[str, float] = {}
+    if not state.optim:
+        raise CheckpointError(
+            f"{loaded.url} holds no optimizer state (optimizer.safetensors); load it without an optimizer"
+        )
+    names = sorted({f for entry in state.optim.values() for f in entry} - {"step"})  # every tensor has them all
+    for k, shape in expected.items():
+        entry = state.optim.get(k, {})
+        bad = [f for f in names if f not in entry or entry[f].shape != shape]
+        if bad or "step" not in entry:
+            raise CheckpointError(
+                f"{loaded.url}: optimizer state of {k} lacks or misshapes {bad or ['step']} "
+                f"(expected {names} of shape {list(shape)}, and step)"
+            )
+        steps[k] = float(entry["step"])
+    optimizer = backend.stepping_optimizer()
+    keeps = expected_state_fields(optimizer)
+    if keeps is not None and keeps != set(names):
+        raise CheckpointError(
+            f"{loaded.url} holds the optimizer state fields {names}, where the optimizer given "
+            f"({type(optimizer).__name__}) keeps {sorted(keeps)}: load it into the optimizer it was saved with "
+            f"({manifest.get('optimizer', 'its class is not recorded')}, with the same settings such as "
+            "amsgrad), or without an optimizer (its state then starts afresh)"
+        )
+    saved, given = manifest.get("optimizer"), type(optimizer).__name__
+    if saved and saved != given:
+        log.warning(
+            "%s was saved with %s and is loaded into %s: its state (%s) is restored as saved, which %s must "
+            "read under those names",
+            loaded.url,
+            saved,
+            given,
+            ", ".join(names),
+            given,
+        )
+    return names, steps
 
 
 def _best_alias(path: str, storage_options: dict[str, Any] | None, retry: RetryPolicy | None) -> Storage | None:
