@@ -332,14 +332,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pull", help="download and verify a step into a local dir (PEFT and vLLM load it)")
     p.add_argument("url", help=ADAPTER_HELP)
-    p.add_argument("out_dir")
+    p.add_argument("out_dir", help="a local directory, new or empty (written whole, or not at all)")
     p.add_argument("--base", help="write this base model path or id into the copy's adapter_config.json")
     p.add_argument("--storage-options", help="JSON passed to fsspec")
     p.set_defaults(func=cmd_pull)
 
     p = sub.add_parser("merge", help="merge a step (or a PEFT adapter) into its base, streamed file by file")
     p.add_argument("url", help=ADAPTER_HELP)
-    p.add_argument("--out", required=True, help="directory for the merged model (must be new or empty)")
+    p.add_argument(
+        "--out", required=True, help="local directory for the merged model, new or empty (written whole, or not at all)"
+    )
     p.add_argument("--base", help="base model path or id (default: the one adapter_config.json names)")
     p.add_argument(
         "--dtype",

@@ -44,6 +44,17 @@ from dist_lora.weights import SAFE_DTYPES, SAFE_INDEX_NAME, BaseWeights
 log = logging.getLogger(__name__)
 
 
+def local_output(out_dir: str | Path, verb: str) -> Path:
+    """``out_dir`` as a local directory's path; a URL is refused (``Path`` would make ``s3://b/x`` a directory
+    ``s3:`` under the current one), naming what to do instead."""
+    if isinstance(out_dir, str) and "://" in out_dir:
+        raise CheckpointError(
+            f"{verb} writes into a local directory, not {out_dir}: {verb} into one here, then copy it to the store "
+            "(aws s3 cp --recursive, gsutil cp -r, hf upload)"
+        )
+    return Path(out_dir)
+
+
 @contextlib.contextmanager
 def written_whole(out: Path, verb: str) -> Iterator[Path]:
     """A directory that appears at ``out`` complete or not at all: the caller writes into a hidden sibling, which
@@ -92,7 +103,7 @@ def pull(
     step's fingerprint of its base first (another model refused, other weights of the same one warned about), as
     PEFT and vLLM load an adapter over any base whose adapted layers fit.
     """
-    out = Path(out_dir)
+    out = local_output(out_dir, "pull")
     with written_whole(out, "pull") as staging:
         try:
             step = resolve_step(step_or_dir, storage_options)
@@ -224,7 +235,7 @@ def merge(
     one rounded once from float32). A base in pickle files only takes the whole-model path: load the base (in
     ``dtype``), apply the adapter, ``merge_and_unload``, ``save_pretrained``.
     """
-    out = Path(out_dir)
+    out = local_output(out_dir, "merge")
     with written_whole(out, "merge") as staging:
         _merge_into(staging, step_or_dir, base, dtype, storage_options)
     log.info("merged %s into %s", step_or_dir, out)

@@ -152,7 +152,7 @@ def test_a_merge_or_pull_that_dies_half_way_leaves_nothing_that_looks_whole(shar
     """merge and pull write into a hidden sibling, renamed into place once every file is in it: one interrupted
     after the base's files were written (before the chat template), or a pull whose last file fails, leaves neither
     the output nor the sibling, and the same command then succeeds. An empty directory, or a symlink to one, is
-    filled; a file or a directory that holds anything is refused."""
+    filled; a file, a directory that holds anything and a URL are refused."""
     import dist_lora.export as export
     from dist_lora.constants import MANIFEST_NAME
 
@@ -196,6 +196,10 @@ def test_a_merge_or_pull_that_dies_half_way_leaves_nothing_that_looks_whole(shar
         export.merge(step, tmp_path / "file")
     with pytest.raises(CheckpointError, match="empty exists and is not empty; pull into a new directory"):
         pull(step, tmp_path / "empty")
+    with pytest.raises(CheckpointError, match=r"merge writes into a local directory, not s3://bucket/merged: merge"):
+        export.merge(step, "s3://bucket/merged")  # (not a directory s3: under the current one)
+    with pytest.raises(CheckpointError, match="pull writes into a local directory, not memory://copy"):
+        pull(step, "memory://copy")
     assert (tmp_path / "file").read_text() == "mine"
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
 
