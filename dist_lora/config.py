@@ -688,6 +688,12 @@ def _validate(cfg: RunConfig, errors: list[str]) -> None:
         f"{d.path!r})",
     )
     check(d.seq_len >= 2, f"data.seq_len must be >= 2 (got {d.seq_len})")
+    for key, value in (("data.cache_dir", d.cache_dir), ("train.metrics_file", cfg.train.metrics_file)):
+        check(
+            value is None or "://" not in str(value),
+            f"{key} is a local path (got {value}, which would become a directory {str(value).split('/')[0]} here): "
+            "set a path on this machine's disk (train.report_to: [wandb] sends the metrics off the machine)",
+        )
     check(d.num_proc is None or d.num_proc >= 1, f"data.num_proc must be >= 1, or null for auto (got {d.num_proc})")
     sources = 1 if isinstance(d.path, str) else len(d.path)
     check(

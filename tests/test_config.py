@@ -114,6 +114,13 @@ def test_every_problem_reported_at_once():
         ("train", {"activation_checkpointing_every": 0}, "train.activation_checkpointing_every must be >= 1 (got 0)"),
         ("train", {"decay_ratio": 1.5}, "train.decay_ratio must be in (0, 1], e.g. 0.1 (got 1.5)"),
         ("lora", {"layers_to_transform": [0, -1]}, "lora.layers_to_transform must be layer indices >= 0"),
+        (
+            "train",
+            {"metrics_file": "s3://bucket/run/metrics.jsonl"},
+            "train.metrics_file is a local path (got s3://bucket/run/metrics.jsonl, which would become a directory "
+            "s3: here)",
+        ),
+        ("data", {"cache_dir": "gs://bucket/cache"}, "data.cache_dir is a local path (got gs://bucket/cache"),
     ],
 )
 def test_out_of_range_values_are_named(section, values, message):
