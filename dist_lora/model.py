@@ -116,13 +116,22 @@ def _has_tokenizer_files(directory: Path) -> bool:
     )
 
 
+def load_model_config(name: str, revision: str | None = None, what: str = "model.name_or_path") -> Any:
+    """The base's config (AutoConfig; a hub id's at ``revision``: its config.json alone is fetched), or ModelError
+    naming the base and the fix, as :func:`load_base`'s."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(name, revision=hub_only(name, revision))
+    except (OSError, ValueError) as e:
+        raise _hub_failure(name, what, e) if not Path(name).exists() else ModelError(f"{what} {name}: {e}") from e
+
+
 def context_length(name: str, revision: str | None = None) -> int | None:
     """The longest sequence a base with learned positions takes (``max_position_embeddings``, GPT-2's
     ``n_positions``): a longer one indexes past its position table. None for rotary positions, which have no table
     (a longer sequence is a context extension, as with ``rope_scaling``), and where the config names none."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(name, revision=hub_only(name, revision))
+    config = load_model_config(name, revision)
     if any(getattr(config, key, None) is not None for key in ("rope_parameters", "rope_scaling", "rope_theta")):
         return None
     limit = getattr(config, "max_position_embeddings", None)
@@ -294,9 +303,9 @@ def build_on_meta(name_or_path: str, dtype: torch.dtype, revision: str | None = 
     its buffers computed on the CPU as ``from_pretrained`` computes them (rotary ``inv_freq``); tied weights tied.
     ``revision``: a hub id's commit, branch or tag (its config alone is fetched)."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(name_or_path, revision=hub_only(name_or_path, revision))
+    config = load_model_config(name_or_path, revision)
     with _outside_zero_init(), init_empty_weights(include_buffers=False), skip_weight_init():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.tie_weights()

@@ -19,7 +19,7 @@ from dist_lora.config import ConfigError, load_config
 from dist_lora.data import prepare_data
 from dist_lora.demo import corpus_path
 from dist_lora.lora import AdapterError, apply_lora
-from dist_lora.model import load_tokenizer
+from dist_lora.model import ModelError, load_tokenizer
 from tests.dist_utils import run_worker
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,6 +102,12 @@ def test_a_70b_base_is_checked_from_its_config_alone(tmp_path):
         (["lora.target_modules=[c_attn,c_atn]"], 2, AdapterError, r"lora.target_modules \['c_atn'\] matched no"),
         (["data.seq_len=100000"], 2, ConfigError, "data.seq_len 100000 is longer than the 256 positions"),
         ([f"checkpoint.dir={ROOT / 'README.md'}"], 2, ConfigError, "README.md is a file, where the run saves its"),
+        (  # (offline in the tests: a hub id not in the cache)
+            ["model.name_or_path=nobody-here/no-such-model"],
+            2,
+            ModelError,
+            r"'nobody-here/no-such-model' is not a local directory.*HF_HUB_OFFLINE.*hf download",
+        ),
         (
             ["model.attn_implementation=flash_attention_9"],
             2,
