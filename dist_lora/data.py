@@ -350,20 +350,23 @@ def _hash_files(paths: list[Path]) -> str:
     return h.hexdigest()
 
 
-def source_id(path: str, name: str | None, split: str, cache_dir: str | None) -> str:
-    """What identifies the data: the bytes of a local file or saved directory; a hub dataset's fingerprint."""
+def source_id(path: str, name: str | None, split: str, cache_dir: str | None, what: str = "data.path") -> str:
+    """What identifies the data: the bytes of a local file or saved directory; a hub dataset's fingerprint.
+    ``what``: the setting that names it, for errors."""
     p = Path(path)
     files = data_files(path)
     if files is not None:
         return ("file:" if p.is_file() else "files:") + _hash_files(files)
     if p.is_dir():
         return f"dir:{split}:" + _hash_files([f for f in p.rglob("*") if f.is_file()])
-    return "hub:" + load_source(path, name=name, split=split, cache_dir=cache_dir)._fingerprint
+    return "hub:" + load_source(path, name=name, split=split, cache_dir=cache_dir, what=what)._fingerprint
 
 
-def sources_id(paths: str | list[str], name: str | None, split: str, cache_dir: str | None) -> str | list[str]:
+def sources_id(
+    paths: str | list[str], name: str | None, split: str, cache_dir: str | None, what: str = "data.path"
+) -> str | list[str]:
     """:func:`source_id` of one source, or of each of several in their order."""
-    ids = [source_id(path, name, split, cache_dir) for path in listed(paths)]
+    ids = [source_id(path, name, split, cache_dir, what) for path in listed(paths)]
     return ids[0] if isinstance(paths, str) else ids
 
 
@@ -841,8 +844,13 @@ def _eval_id(cfg: DataConfig, hf_cache: str) -> Any:
     sets = []
     for name, src in eval_sets(cfg).items():
         split, config_name = eval_set_reading(cfg, name)
-        sets.append([name, sources_id(src, config_name, split, hf_cache)])
+        sets.append([name, sources_id(src, config_name, split, hf_cache, eval_setting(name))])
     return sets[0][1] if sets and sets[0][0] is None else (sets or None)
+
+
+def eval_setting(name: str | None) -> str:
+    """The setting that names an eval set's sources, for errors: ``data.eval_path``, or its set NAME's."""
+    return "data.eval_path" if name is None else f"data.eval_path's set {name}"
 
 
 def eval_split(name: str | None) -> str:
@@ -971,10 +979,9 @@ def build_cache(cfg: DataConfig, tokenizer: Any, seed: int, key: str) -> tuple[P
         train = load_sources(cfg.path, cfg, split=cfg.split, cache_dir=hf_cache, weights=cfg.weights, seed=seed)
         eval_srcs: dict[str | None, Dataset] = {}
         for name, src in eval_sets(cfg).items():
-            what = "data.eval_path" if name is None else f"data.eval_path's set {name}"
             split, config_name = eval_set_reading(cfg, name)
             reading = dataclasses.replace(cfg, name=config_name)  # (a set's own hub configuration)
-            eval_srcs[name] = load_sources(src, reading, split=split, cache_dir=hf_cache, what=what)
+            eval_srcs[name] = load_sources(src, reading, split=split, cache_dir=hf_cache, what=eval_setting(name))
         if cfg.eval_fraction:
             if len(train) < 2:
                 raise DataError(

@@ -721,6 +721,14 @@ def test_weighted_sources_are_drawn_in_their_proportions_by_the_seed(gpt2_base, 
     ("data", "words"),
     [
         ({"path": "org/not-here"}, ["org/not-here", "offline", "save_to_disk"]),
+        (  # (named by the setting that gives it, as the cache's key reads it first)
+            {"path": str(DATA / "chat.jsonl"), "format": "chat", "eval_path": "org/not-here"},
+            ["data.eval_path org/not-here is not a local file", "offline"],
+        ),
+        (
+            {"path": str(DATA / "chat.jsonl"), "format": "chat", "eval_path": {"held": "/nowhere/e.jsonl"}},
+            ["data.eval_path's set held /nowhere/e.jsonl does not exist"],
+        ),
         ({"path": "/nowhere/data.jsonl"}, ["/nowhere/data.jsonl", "does not exist"]),
         ({"path": str(DATA / "chat.jsonl"), "format": "completion"}, ["'prompt'", "messages", "data.format=chat"]),
         ({"path": str(DATA / "completion.jsonl"), "format": "chat"}, ["its fields prompt, completion are those of"]),
