@@ -453,7 +453,9 @@ def apply_lora(
         with mock.patch.object(TrainableTokensLayer, "_collect_token_weights", _collect_token_rows):
             peft_model = peft.get_peft_model(model, peft_lora_config(cfg, name, revision))
     except ValueError as e:
-        raise AdapterError(f"{e}\nlinear-like module names in this model include: {_layer_names(model)}") from e
+        raise AdapterError(
+            f"{e}\nlinear-like module names in this model include: {_layer_names(model)}{_regex_hint(model, cfg)}"
+        ) from e
     unmatched = _unmatched_names(cfg, peft_model)
     if unmatched:
         raise AdapterError(
@@ -492,6 +494,25 @@ def one_trainable_dtype(model: nn.Module) -> torch.dtype | None:
         if p.dtype == torch.float32:
             p.data = p.data.to(dtype)
     return dtype
+
+
+def _regex_hint(model: nn.Module, cfg: LoraConfig) -> str:
+    """Where ``lora.target_modules`` is one string, which PEFT reads as a regex of a module's whole name: how a
+    module is named whole, and the list that matches by name (a string is mostly a list's one name, mistyped)."""
+    targets = cfg.target_modules
+    if not isinstance(targets, str) or targets == "all-linear":
+        return ""
+    names = [n for n, _ in model.named_modules()]
+    whole = next((n for n in names if n.split(".")[-1] == targets), None)  # (the name it meant, whole)
+    if whole is None:
+        layers = set(_layer_names(model, limit=len(names)))
+        whole = next((n for n in names if n.split(".")[-1] in layers), "")
+    hint = (
+        f"\nlora.target_modules is one string, {targets!r}, which PEFT reads as a regex that must match a module's "
+        f"whole name ({whole!r} here)"
+    )
+    plain = re.fullmatch(r"\w+", targets) is not None
+    return hint + (f"; to adapt modules by their names, give a list: lora.target_modules=[{targets}]" if plain else "")
 
 
 def _layer_names(model: nn.Module, limit: int = 20) -> list[str]:

@@ -242,6 +242,28 @@ def test_a_name_that_matches_nothing_is_refused_not_passed_over(llama_base, lora
         apply_lora(AutoModelForCausalLM.from_pretrained(llama_base), LoraConfig(r=4, alpha=8, **fine))
 
 
+def test_one_name_given_as_a_string_is_told_it_is_a_regex_of_whole_names(llama_base):
+    """``lora.target_modules=q_proj`` (a string, not a list) is PEFT's regex of a module's whole name, which
+    matches nothing: the error says so, with a whole name of the model, and gives the list that adapts q_proj; a
+    regex that matches nothing gets the whole name alone (no list made of a pattern)."""
+    from transformers import AutoModelForCausalLM
+
+    with pytest.raises(AdapterError) as e:
+        apply_lora(AutoModelForCausalLM.from_pretrained(llama_base), LoraConfig(r=4, alpha=8, target_modules="q_proj"))
+    assert str(e.value).endswith(
+        "lora.target_modules is one string, 'q_proj', which PEFT reads as a regex that must match a module's whole "
+        "name ('model.layers.0.self_attn.q_proj' here); to adapt modules by their names, give a list: "
+        "lora.target_modules=[q_proj]"
+    )
+    with pytest.raises(AdapterError) as e:
+        apply_lora(AutoModelForCausalLM.from_pretrained(llama_base), LoraConfig(r=4, alpha=8, target_modules=".*qk"))
+    assert str(e.value).endswith("a module's whole name ('model.embed_tokens' here)")
+    model = apply_lora(  # (a regex of whole names adapts what it matches)
+        AutoModelForCausalLM.from_pretrained(llama_base), LoraConfig(r=4, alpha=8, target_modules=r".*\.q_proj")
+    )
+    assert sum("lora_A" in n for n, _ in model.named_parameters()) == 2
+
+
 def test_a_token_id_past_the_embedding_is_named_not_an_index_error(llama_base):
     from transformers import AutoModelForCausalLM
 
