@@ -929,7 +929,14 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.lr=3e-4")
     key, raw = item.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        where = f" ({e.problem})" if isinstance(e, yaml.MarkedYAMLError) and e.problem else ""
+        raise ConfigError(
+            f"override {item!r}: its value is read as YAML, and {raw!r} is not valid YAML{where}: e.g. "
+            f"{key.strip()}=[a,b] for a list, or quote it in the shell as text: '{key.strip()}=\"{raw}\"'"
+        ) from e
     return key.strip().split("."), value
 
 

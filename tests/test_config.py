@@ -171,6 +171,13 @@ def test_overrides_are_typed_by_yaml(tmp_path):
     assert parse_override("checkpoint.resume=none") == (["checkpoint", "resume"], "none")
     with pytest.raises(ConfigError, match="must look like section.key=value"):
         load_config(p, ["train.lr"])
+    with pytest.raises(ConfigError) as e:  # (not yaml's ParserError and its traceback)
+        load_config(p, ["lora.target_modules=[q_proj"])
+    assert str(e.value) == (
+        "override 'lora.target_modules=[q_proj': its value is read as YAML, and '[q_proj' is not valid YAML "
+        "(expected ',' or ']', but got '<stream end>'): e.g. lora.target_modules=[a,b] for a list, or quote it in "
+        "the shell as text: 'lora.target_modules=\"[q_proj\"'"
+    )
 
 
 def test_missing_file_and_bad_yaml(tmp_path):
