@@ -58,6 +58,7 @@ class Sampling:
 def read_prompts(path: str) -> list[str]:
     """The prompts of a file, one a line (blank lines skipped): a .jsonl file's lines are JSON objects whose
     ``prompt`` field is the prompt; any other file's lines are prompts as they are."""
+    _need_file(path, "--prompts-file", "prompts, one a line")
     lines = [(n, line) for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
     if not path.endswith(".jsonl"):
         return [line for _, line in lines]
@@ -74,8 +75,15 @@ def read_prompts(path: str) -> list[str]:
     return prompts
 
 
+def _need_file(path: str, option: str, holds: str) -> None:
+    if not Path(path).is_file():
+        what = "is a directory" if Path(path).is_dir() else "does not exist"
+        raise ValueError(f"{option} {path} {what}: give a file that holds {holds}")
+
+
 def read_tools(path: str) -> list[dict[str, Any]]:
     """The tools of a JSON file (a list of function schemas, as a chat template takes them with ``tools=``)."""
+    _need_file(path, "--tools", "a JSON list of tool schemas")
     try:
         tools = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:

@@ -291,6 +291,8 @@ def test_tools_reach_the_chat_template(gpt2_base, tmp_path):
     (tmp_path / "bad.json").write_text('{"name": "f"}')
     with pytest.raises(ValueError, match="bad.json: must hold a JSON list of tool schemas"):
         read_tools(str(tmp_path / "bad.json"))
+    with pytest.raises(ValueError, match=r"^--tools \[\{bad does not exist: give a file that holds a JSON list of"):
+        read_tools("[{bad")  # (the schemas given inline, where their file goes)
 
 
 def test_bad_settings_are_refused_naming_them(gpt2_base, llama_base, tmp_path):
@@ -341,6 +343,8 @@ def test_the_command_prints_the_answers(gpt2_base, tmp_path, capsys):
     (tmp_path / "bad.jsonl").write_text('{"prompt": "The"}\n{"text": "A"}\n')
     out = cli_in_child(["dist-lora", "generate", step, "--prompts-file", str(tmp_path / "bad.jsonl")])
     assert out.returncode == 2 and 'bad.jsonl, line 2: not a JSON object with a "prompt" field' in out.stderr
+    out = cli_in_child(["dist-lora", "generate", step, "--prompts-file", str(tmp_path)])
+    assert out.returncode == 2 and f"--prompts-file {tmp_path} is a directory: give a file that holds" in out.stderr
 
 
 def test_an_adapter_peft_saved_answers_as_peft_gives_it(gpt2_base, tmp_path):
