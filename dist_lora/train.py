@@ -856,15 +856,6 @@ class Trainer:
 
         t = self.cfg.train
         stop = self.stop_at = t.stop_at_step or t.max_steps
-        log.info(
-            "training %s on %d rank(s), backend %s, grad_accum %d, steps %d..%d",
-            self.cfg.model.name_or_path,
-            self.world,
-            self.backend.describe(),
-            self.grad_accum,
-            self.step + 1,
-            stop,
-        )
         ended = self.should_stop_early()  # a resumed run that early stopping ended: nothing to do, as at max_steps
         if ended or self.step >= stop:
             if ended:
@@ -884,6 +875,15 @@ class Trainer:
             self.checkpointer.release_lease()
             self.metrics_log.close()
             return self.metrics
+        log.info(
+            "training %s on %d rank(s), backend %s, grad_accum %d, steps %d..%d",
+            self.cfg.model.name_or_path,
+            self.world,
+            self.backend.describe(),
+            self.grad_accum,
+            self.step + 1,
+            stop,
+        )
         # a terminal shows a bar; a log file (SLURM's, a pod's) gets a line every train.log_every_steps instead
         self.log_lines = self.rank == 0 and not sys.stderr.isatty()
         bar = tqdm(

@@ -876,8 +876,10 @@ def test_early_stopping_ends_the_run_after_its_patience_and_a_resume_keeps_it_en
     caplog.clear()
     assert train(single_run(gpt2_base, ckpt, "train.early_stopping_patience=2", *every)) == []
     assert "nothing to do: early stopping ended this run at step 3" in caplog.text
+    assert "steps 4..6" not in caplog.text  # (no "training" line before it: nothing trains)
     done = train(single_run(gpt2_base, ckpt, "train.early_stopping_patience=4", *every))
     assert [row["step"] for row in done] == [4, 5]
+    assert "rank(s), backend single, grad_accum 2, steps 4..6" in caplog.text
     with pytest.raises(ConfigError, match="early_stopping_patience needs evaluations during the run"):
         single_run(gpt2_base, ckpt, "train.early_stopping_patience=2")
 
