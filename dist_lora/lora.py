@@ -444,6 +444,13 @@ def apply_lora(
             f"{type(cfg).__module__}.{type(cfg).__name__}; or apply PEFT's with peft.get_peft_model(model, config): "
             "save_checkpoint and load_checkpoint take that model as well"
         )
+    if next(_lora_modules(model), None) is not None:
+        raise AdapterError(
+            f"{type(model).__name__} already has LoRA layers: apply_lora takes the base model as from_pretrained "
+            "returns it (over a model PEFT wrapped, PEFT nests a second wrapper, and every saved key would carry "
+            "base_model.model. twice, which no base loads); load a trained adapter into it with load_checkpoint, "
+            "or take the base back first with model.unload() (PEFT's)"
+        )
     name = base_model_name_or_path or getattr(getattr(model, "config", None), "name_or_path", None)
     past = _token_rows_past_the_table(model, cfg)
     if past:

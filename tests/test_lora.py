@@ -107,6 +107,19 @@ def test_peft_own_lora_config_is_named_with_the_two_ways_to_go(gpt2_base):
         apply_lora(AutoModelForCausalLM.from_pretrained(gpt2_base), peft.LoraConfig(target_modules=["c_attn"]))
 
 
+def test_lora_over_a_model_that_has_lora_is_refused_not_nested(gpt2_base):
+    """A second apply_lora (or one over a loralib model) would nest PEFT's wrapper, and the saved keys would name
+    base_model.model. twice: refused, naming load_checkpoint and unload; the base that unload gives back takes it."""
+    lora = LoraConfig(r=4, alpha=8, target_modules=["c_attn"])
+    model = apply_lora(AutoModelForCausalLM.from_pretrained(gpt2_base), lora)
+    for adapted in (model, LoralibNet()):
+        with pytest.raises(AdapterError, match=r"already has LoRA layers: apply_lora takes the base model") as e:
+            apply_lora(adapted, lora)
+        assert "load_checkpoint" in str(e.value) and "model.unload()" in str(e.value)
+    keys = sorted(lora_state_dict(model))
+    assert sorted(lora_state_dict(apply_lora(model.unload(), lora))) == keys
+
+
 def test_canonical_name_strips_wrappers():
     assert canonical_name("module._orig_mod.base_model.model.x.lora_A.weight") == "base_model.model.x.lora_A.weight"
     assert canonical_name("base_model._fsdp_wrapped_module.h._checkpoint_wrapped_module.w") == "base_model.h.w"
