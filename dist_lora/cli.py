@@ -43,14 +43,28 @@ def _human(n: int) -> str:
     return str(n)
 
 
-def cmd_ls(args: argparse.Namespace) -> int:
-    from dist_lora.checkpoint import list_steps
+def _steps_at(args: argparse.Namespace, verify: bool = True, evals: bool = False) -> tuple[Any, list[Any]]:
+    """What ``ls`` and ``verify`` report on: the one step the URL names, else every step of the checkpoint dir it
+    names. A local path that does not exist, or a file, is an error naming it (an object store's prefix holds
+    nothing until a step is saved there: it lists none)."""
+    from dist_lora.checkpoint import inspect_step, is_step_url, list_steps
     from dist_lora.storage import Storage
 
     storage = Storage(args.url, _storage_options(args))
-    if storage.is_local and not os.path.isdir(storage.root):
-        raise ValueError(f"{args.url} does not exist: pass a checkpoint dir (checkpoint.dir of a run)")
-    steps = list_steps(storage, verify=not args.fast, evals=True)
+    if is_step_url(storage):
+        parent_url, name = storage.url.rsplit("/", 1)
+        return storage, [inspect_step(Storage(parent_url, _storage_options(args)), name, verify, evals)]
+    kind = storage.kind()
+    if kind == "file" or (kind is None and storage.is_local):
+        raise ValueError(
+            f"{args.url} {'is a file' if kind else 'does not exist'}: pass a checkpoint dir (checkpoint.dir of a "
+            "run) or one of its steps"
+        )
+    return storage, list_steps(storage, verify, evals)
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    storage, steps = _steps_at(args, verify=not args.fast, evals=True)
     if args.json:
         print(json.dumps([s.to_json() for s in steps], indent=2))
         return 0
@@ -84,18 +98,10 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from dist_lora.checkpoint import inspect_step, is_step_url, list_steps
-    from dist_lora.storage import Storage
-
-    storage = Storage(args.url, _storage_options(args))
-    if is_step_url(storage):
-        parent_url, name = storage.url.rsplit("/", 1)
-        steps = [inspect_step(Storage(parent_url, _storage_options(args)), name)]
-    else:
-        steps = list_steps(storage)
-        if not steps:
-            print(f"no steps under {storage.url}", file=sys.stderr)
-            return 1
+    storage, steps = _steps_at(args)
+    if not steps:
+        print(f"no steps under {storage.url}", file=sys.stderr)
+        return 1
     bad = 0
     for s in steps:
         if s.status == "committed":

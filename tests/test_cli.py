@@ -43,6 +43,8 @@ def test_ls_shows_status_bytes_world_and_backend(gpt2_base, tmp_path, capsys):
     assert main(["ls", str(tmp_path)]) == 0
     table = capsys.readouterr().out
     assert "committed" in table and "incomplete" in table and "corrupt" in table and "single" in table
+    assert main(["ls", str(tmp_path / step_name(3)), "--json"]) == 0  # one step: that step's row alone
+    assert [(r["name"], r["status"]) for r in json.loads(capsys.readouterr().out)] == [(step_name(3), "corrupt")]
 
 
 def test_verify_exit_codes_name_the_file(gpt2_base, tmp_path, capsys):
@@ -76,7 +78,7 @@ def test_verify_on_s3(gpt2_base, s3, capsys):
 def test_console_script_and_module_entry_point(tmp_path):
     out = subprocess.run([sys.executable, "-m", "dist_lora", "ls", str(tmp_path)], capture_output=True, text=True)
     assert out.returncode == 0 and "no steps under" in out.stdout
-    out = subprocess.run(["dist-lora", "verify", str(tmp_path / "nothing")], capture_output=True, text=True)
+    out = subprocess.run(["dist-lora", "verify", str(tmp_path)], capture_output=True, text=True)
     assert out.returncode == 1 and "no steps under" in out.stderr
 
 
@@ -84,6 +86,8 @@ def test_console_script_and_module_entry_point(tmp_path):
     ("argv", "words"),
     [
         (["ls", "runs/nope"], ["runs/nope does not exist", "checkpoint dir"]),
+        (["verify", "runs/nope"], ["runs/nope does not exist", "checkpoint dir"]),
+        (["ls", os.path.abspath(__file__)], ["test_cli.py is a file: pass a checkpoint dir", "or one of its steps"]),
         (["ls", "s3:/bucket/run"], ["one slash", "s3://bucket/run"]),
         (["ls", ".", "--storage-options", "notjson"], ["--storage-options must be a JSON object", "endpoint_url"]),
         (["verify", "runs/nope/step-00000004"], ["no such step", "nothing is stored there"]),
