@@ -386,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plot", help="draw a run's loss curve (PNG), resume points marked")
     p.add_argument("run", help="a run dir holding metrics.jsonl, the JSONL, or a checkpoint dir (its config names it)")
-    p.add_argument("--out", help="PNG path (default: loss.png next to the metrics)")
+    p.add_argument("--out", help="an image file (.png, .svg, .pdf, ...) or a directory (default: beside the metrics)")
     p.set_defaults(func=cmd_plot)
     return parser
 

@@ -115,18 +115,20 @@ def metrics_path(run: str | Path) -> Path:
 
 def plot_run(run: str | Path, out: str | Path | None = None) -> Path:
     """Draw train (and eval) loss against step to a PNG (default: next to the metrics file), and each eval set's
-    token accuracy on an axis of its own at the right; returns its path."""
+    token accuracy on an axis of its own at the right; returns its path. ``out``: a file (its extension picks the
+    format, .png where it has none; its directory made where missing) or a directory (``loss.png`` in it)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     path = metrics_path(run)
     metrics = read_metrics(path)
     steps = metrics.steps
     if not steps:
         raise ValueError(f"{path} holds no step rows")
-    out_path = Path(out) if out else path.with_name("loss.png")
+    out_path = _plot_path(out, path.with_name("loss.png"), FigureCanvasAgg.get_supported_filetypes())
     fig, ax = plt.subplots(figsize=(8, 4.5))
     ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=1.2, label="train loss")
     if metrics.superseded:  # each run of consecutive steps its own segment
@@ -176,9 +178,26 @@ def plot_run(run: str | Path, out: str | Path | None = None) -> Path:
         handles, names = handles + more[0], names + more[1]
     (right if right is not None else ax).legend(handles, names, fontsize=8, framealpha=0.9)
     fig.tight_layout()
+    out_path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_path, dpi=110)
     plt.close(fig)
     return out_path
+
+
+def _plot_path(out: str | Path | None, default: Path, formats: dict[str, str]) -> Path:
+    """Where :func:`plot_run` writes: ``out`` as a file, ``out/loss.png`` where it is a directory, ``default``
+    without it. A file without an extension gets .png (matplotlib would add it, and the path said would be wrong);
+    one whose extension is no image format matplotlib writes is refused, naming them."""
+    if out is None:
+        return default
+    path = Path(out)
+    if path.is_dir():
+        return path / "loss.png"
+    if not path.suffix:
+        return path.with_name(f"{path.name}.png")
+    if path.suffix[1:].lower() not in formats:
+        raise ValueError(f"--out {out}: {path.suffix} is not an image format; use one of {', '.join(sorted(formats))}")
+    return path
 
 
 def _consecutive(rows: list[dict]) -> list[list[dict]]:

@@ -475,6 +475,15 @@ def test_plot_writes_a_png_with_resume_points_and_failed_saves(tmp_path):
         (tmp_path / "empty").mkdir()
         (tmp_path / "empty" / "metrics.jsonl").write_text("")
         plot_run(tmp_path / "empty")
+    # --out: a directory (loss.png in it), a path without an extension (.png added, and said), a new directory
+    (tmp_path / "plots").mkdir()
+    assert plot_run(metrics, tmp_path / "plots") == tmp_path / "plots" / "loss.png"
+    assert plot_run(metrics, tmp_path / "curve") == tmp_path / "curve.png"
+    assert plot_run(metrics, tmp_path / "new" / "run.svg").read_text().startswith("<?xml")
+    assert all((tmp_path / f).is_file() for f in ("plots/loss.png", "curve.png", "new/run.svg"))
+    with pytest.raises(ValueError, match=r"--out .*loss.txt: .txt is not an image format; use one of .*png"):
+        plot_run(metrics, tmp_path / "loss.txt")
+    assert not (tmp_path / "loss.txt").exists()
 
 
 def test_the_plot_draws_steps_a_resume_went_back_past_apart_from_the_run(tmp_path):
