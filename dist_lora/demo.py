@@ -98,10 +98,11 @@ def _torchrun(nproc: int, args: list[str], env: dict[str, str]) -> None:
 
 
 def fresh_run_dir(run_dir: str | Path) -> Path:
-    """``run_dir`` if no earlier demo ran there, else the first ``run_dir-N`` that does not exist: a demo never
-    resumes (or overwrites) an earlier one."""
+    """``run_dir`` if no earlier demo ran there (and no file stands there), else the first ``run_dir-N`` that does
+    not exist: a demo never resumes (or overwrites) an earlier one."""
     run = Path(run_dir).resolve()
-    if not any((run / name).exists() for name in ("checkpoints", "metrics.jsonl")):
+    earlier = any((run / name).exists() for name in ("checkpoints", "metrics.jsonl"))
+    if (run.is_dir() or not run.exists()) and not earlier:
         return run
     n = 2
     while Path(f"{run}-{n}").exists():
@@ -146,7 +147,8 @@ def run_demo(run_dir: str, nproc: int = 2, steps: int = 40) -> int:
         raise ValueError(f"--steps {steps}: the demo stops half-way and resumes, so it needs at least 2 steps")
     run = fresh_run_dir(run_dir)
     if run != Path(run_dir).resolve():
-        print(f"== {run_dir} holds an earlier demo (left as it is); this one runs in {run}", flush=True)
+        taken = "holds an earlier demo" if Path(run_dir).is_dir() else "is a file"
+        print(f"== {run_dir} {taken} (left as it is); this one runs in {run}", flush=True)
     base = build_tiny_base(run / "base")
     overrides = [
         f"model.name_or_path={base}",

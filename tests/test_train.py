@@ -236,6 +236,8 @@ def test_a_demo_never_resumes_an_earlier_one(tmp_path):
     assert fresh_run_dir(run) == tmp_path / "demo-2"
     (tmp_path / "demo-2").mkdir()
     assert fresh_run_dir(str(run)) == tmp_path / "demo-3"
+    (tmp_path / "notes.txt").write_text("mine")  # a file where the run dir goes: never written into
+    assert fresh_run_dir(tmp_path / "notes.txt") == tmp_path / "notes.txt-2"
 
 
 def test_sample_order_does_not_depend_on_world_size(gpt2_base, tmp_path):
