@@ -115,12 +115,25 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def _kept_after_exit(cfg: Any) -> Any:
+    """``cfg``, unless its checkpoint.dir is fsspec's ``memory://``, which lives in the process and is gone, with
+    every step saved there, when a command exits (ConfigError naming where steps go instead)."""
+    from dist_lora.config import ConfigError
+
+    if cfg.checkpoint.dir.startswith("memory://"):
+        raise ConfigError(
+            f"checkpoint.dir {cfg.checkpoint.dir} is held in this process's memory, and every step saved there is "
+            "gone when the command exits: set a local path or a store (s3://bucket/run); memory:// is for a run in a "
+            "Python process that reads its steps back itself"
+        )
+    return cfg
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from dist_lora.config import load_config
     from dist_lora.train import train
 
-    cfg = load_config(args.config, args.overrides)
-    train(cfg)
+    train(_kept_after_exit(load_config(args.config, args.overrides)))
     return 0
 
 
@@ -141,7 +154,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from dist_lora.logs import quiet_third_party
 
     quiet_third_party()
-    cfg = load_config(args.config, args.overrides)
+    cfg = _kept_after_exit(load_config(args.config, args.overrides))
     report = check_run(
         cfg,
         world=args.world_size,

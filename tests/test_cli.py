@@ -18,6 +18,8 @@ from dist_lora.config import LoraConfig
 from dist_lora.constants import ADAPTER_WEIGHTS_NAME, MANIFEST_NAME
 from tests.dist_utils import cli_in_child
 
+TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.yaml")
+
 
 def make_steps(base, root, steps=(1, 2, 3)):
     torch.manual_seed(0)
@@ -89,6 +91,10 @@ def test_console_script_and_module_entry_point(tmp_path):
         (["verify", "runs/nope"], ["runs/nope does not exist", "checkpoint dir"]),
         (["ls", os.path.abspath(__file__)], ["test_cli.py is a file: pass a checkpoint dir", "or one of its steps"]),
         (["ls", "s3:/bucket/run"], ["one slash", "s3://bucket/run"]),
+        (
+            ["check", TINY, "checkpoint.dir=memory://run"],
+            ["checkpoint.dir memory://run is held in this process's memory", "gone when the command exits"],
+        ),
         (["ls", ".", "--storage-options", "notjson"], ["--storage-options must be a JSON object", "endpoint_url"]),
         (["verify", "runs/nope/step-00000004"], ["no such step", "nothing is stored there"]),
         (["check", "c.yaml", "--world-size", "0"], ["argument --world-size: must be at least 1 (got 0)"]),
