@@ -145,7 +145,7 @@ def _pull_step(step: Storage, out: Path, base: str | None) -> str:
     template = template_text(state.get("chat_template"))
     if template is not None:  # (outside the manifest: served beside the adapter, vLLM's --chat-template)
         (out / CHAT_TEMPLATE_NAME).write_text(served_template(template, saved_config(state)), encoding="utf-8")
-    with_template = f"; the chat template the run trained with is beside it, {CHAT_TEMPLATE_NAME}" if template else ""
+    with_template = "" if template is None else f"; beside it, the run's chat template {CHAT_TEMPLATE_NAME}"
     return f"{step.url} ({len(files)} files verified{with_template})"
 
 
