@@ -68,9 +68,13 @@ def written_whole(out: Path, verb: str) -> Iterator[Path]:
             f"{out} exists and is {'not empty' if out.is_dir() else 'not a directory'}; {verb} into a new directory"
         )
     target = out.resolve()  # (a symlink to an empty directory: filled where it points)
-    target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.parent / f".{target.name}.partial-{os.getpid()}-{os.urandom(4).hex()}"
-    staging.mkdir()
+    try:
+        staging.mkdir(parents=True)
+    except OSError as e:
+        raise CheckpointError(
+            f"cannot write {out} ({e.strerror} in {target.parent}): {verb} into a directory this user can write"
+        ) from e
     try:
         yield staging
     except BaseException:

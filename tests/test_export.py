@@ -201,6 +201,8 @@ def test_a_merge_or_pull_that_dies_half_way_leaves_nothing_that_looks_whole(shar
     with pytest.raises(CheckpointError, match="pull writes into a local directory, not memory://copy"):
         pull(step, "memory://copy")
     assert (tmp_path / "file").read_text() == "mine"
+    with pytest.raises(CheckpointError, match=r"cannot write /proc/merged \(.*in /proc\): merge into a directory"):
+        export.merge(step, "/proc/merged")  # (not its hidden sibling's name)
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
 
 
