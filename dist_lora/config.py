@@ -217,7 +217,8 @@ class TrainConfig:
     report_to: list[str] | None = None
     """Where rank 0 also sends the metrics (HF Trainer's report_to): tensorboard (beside metrics_file), wandb
     (Weights & Biases, set up by its own WANDB_* environment: project, entity, mode); each must be installed.
-    Default: TensorBoard where it is installed and metrics_file is set; []: nowhere else."""
+    Default: TensorBoard where it is installed and metrics_file is set; [] (or none): nowhere else. One name alone
+    (report_to: wandb) is a list of one, as in HF's TrainingArguments."""
     max_grad_norm: float | None = 1.0
     """Clip the global L2 norm of the adapter's gradients (over every rank's shard) to this, as
     torch.nn.utils.clip_grad_norm_ does (HF Trainer's default is 1.0); null: no clipping. Logged every step."""
@@ -602,6 +603,8 @@ def _build(cls: Any, data: Any, prefix: str, errors: list[str]) -> Any:
             kwargs[key] = _build(tp, value, f"{prefix}{key}.", errors)
         elif tp is float and isinstance(value, str) and _is_float(value):
             kwargs[key] = float(value)  # PyYAML reads 1e-4 (no dot) as a string
+        elif f"{prefix}{key}" == "train.report_to" and isinstance(value, str):  # as HF's TrainingArguments takes it
+            kwargs[key] = [] if value == "none" else [value]
         elif not _type_ok(value, tp):
             errors.append(f"{prefix}{key} must be {_type_name(tp)} (got {value!r})")
         else:

@@ -169,6 +169,13 @@ def test_overrides_are_typed_by_yaml(tmp_path):
     assert cfg.train.stop_at_step == 3
     assert cfg.checkpoint.storage_options == {"endpoint_url": "http://127.0.0.1:1"}
     assert parse_override("checkpoint.resume=none") == (["checkpoint", "resume"], "none")
+    # one reporter given alone, as HF's TrainingArguments takes it; none: nowhere; an unknown one named
+    assert load_config(p, ["train.report_to=tensorboard", "train.metrics_file=m.jsonl"]).train.report_to == [
+        "tensorboard"
+    ]
+    assert load_config(p, ["train.report_to=none"]).train.report_to == []
+    with pytest.raises(ConfigError, match="train.report_to: 'mlflow' is not one of tensorboard, wandb"):
+        load_config(p, ["train.report_to=mlflow"])
     with pytest.raises(ConfigError, match="must look like section.key=value"):
         load_config(p, ["train.lr"])
     with pytest.raises(ConfigError) as e:  # (not yaml's ParserError and its traceback)
