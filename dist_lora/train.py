@@ -283,6 +283,12 @@ def evaluate_checkpoint(cfg: RunConfig, *, every_step: bool = False) -> list[dic
     loss); ``every_step``: each committed step of the dir in turn, over one load of the base."""
     if not (cfg.data.eval_path or cfg.data.eval_fraction):
         raise ConfigError("dist-lora eval needs eval data: set data.eval_path (or data.eval_fraction)")
+    if every_step and cfg.checkpoint.resume != "auto":
+        raise ConfigError(
+            f"dist-lora eval --every-step evaluates each committed step of checkpoint.dir, and checkpoint.resume="
+            f"{cfg.checkpoint.resume} names one: drop --every-step to evaluate that one, or set checkpoint.dir to "
+            "the dir whose steps to evaluate"
+        )
     with collective_job(cfg):
         loaded = None
         if not every_step:
@@ -302,10 +308,12 @@ def evaluate_checkpoint(cfg: RunConfig, *, every_step: bool = False) -> list[dic
             state = trainer.resume(step, loaded=loaded)
             loaded = None  # (its tensors are in the shards now)
             if trainer.resumed_from is None and step != "none":
-                raise ConfigError(
-                    f"dist-lora eval: {cfg.checkpoint.dir} has no committed step to evaluate; name one with "
-                    "checkpoint.resume=URL, or evaluate the base alone with checkpoint.resume=none"
+                fix = (
+                    "set checkpoint.dir to a run's checkpoint dir (--every-step evaluates each of its steps)"
+                    if every_step
+                    else "name one with checkpoint.resume=URL, or evaluate the base alone with checkpoint.resume=none"
                 )
+                raise ConfigError(f"dist-lora eval: {cfg.checkpoint.dir} has no committed step to evaluate; {fix}")
             loss = trainer.evaluate()  # (no stop request: dist-lora eval installs no signal handler)
             assert loss is not None
             done = trainer.eval_history[-1]

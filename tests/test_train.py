@@ -963,9 +963,12 @@ def test_eval_command_gives_a_saved_steps_eval_loss_at_any_world_size_and_writes
     assert sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*")) == before  # no lease, no step, nothing
     with pytest.raises(ConfigError, match="dist-lora eval needs eval data"):
         evaluate_checkpoint(single_run(gpt2_base, ckpt))
-    for every_step in (False, True):
-        with pytest.raises(ConfigError, match="has no committed step to evaluate; name one with checkpoint.resume="):
-            evaluate_checkpoint(single_run(gpt2_base, tmp_path / "empty", *evals), every_step=every_step)
+    with pytest.raises(ConfigError, match="has no committed step to evaluate; name one with checkpoint.resume="):
+        evaluate_checkpoint(single_run(gpt2_base, tmp_path / "empty", *evals))
+    with pytest.raises(ConfigError, match="has no committed step to evaluate; set checkpoint.dir to a run's"):
+        evaluate_checkpoint(single_run(gpt2_base, tmp_path / "empty", *evals), every_step=True)
+    with pytest.raises(ConfigError, match=r"--every-step evaluates each committed step of checkpoint.dir, and check"):
+        evaluate_checkpoint(single_run(gpt2_base, ckpt, "checkpoint.resume=none", *evals), every_step=True)
 
 
 def test_eval_batch_size_sets_the_rows_of_each_eval_forward_and_not_the_result(gpt2_base, tmp_path, monkeypatch):
