@@ -168,7 +168,8 @@ class Storage:
                 f"{url[len(scheme) + 2 :]} (or ./{url} for a local directory of that name)"
             )
         options = dict(storage_options or {})
-        protocol = url.split("://", 1)[0] if "://" in url else "file"
+        protocol = url.split("://", 1)[0].lower() if "://" in url else "file"
+        url = f"{protocol}://{url.split('://', 1)[1]}" if "://" in url else url  # (a scheme has no case: S3://)
         if protocol == "s3":
             endpoint = options.pop("endpoint_url", None) or os.environ.get(ENV_AWS_ENDPOINT_URL)
             if endpoint:

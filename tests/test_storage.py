@@ -66,6 +66,14 @@ def test_unknown_protocol_is_a_clear_error():
         Storage("nosuchproto://x")
 
 
+def test_a_url_scheme_has_no_case():
+    """``S3://`` and ``Memory://`` are ``s3://`` and ``memory://`` (RFC 3986), not "Protocol not known: S3"."""
+    Storage("memory://case/dir").write("a.txt", b"x")
+    store = Storage("Memory://case/dir")
+    assert store.url == "memory://case/dir" and store.read("a.txt") == b"x"
+    assert Storage("S3://bucket/run", {"endpoint_url": "http://127.0.0.1:1"}).protocol == "s3"
+
+
 @pytest.mark.parametrize(("url", "package"), [("memory://ckpt", "fsspec"), ("s3://bucket/ckpt", "s3fs")])
 def test_an_fsspec_that_would_overwrite_a_committed_step_is_refused(url, package, tmp_path, monkeypatch):
     """fsspec and s3fs before 2024.12 take ``pipe_file(mode="create")`` and overwrite (with 2024.10 installed,
