@@ -120,7 +120,7 @@ def _kept_after_exit(cfg: Any) -> Any:
     every step saved there, when a command exits (ConfigError naming where steps go instead)."""
     from dist_lora.config import ConfigError
 
-    if cfg.checkpoint.dir.startswith("memory://"):
+    if cfg.checkpoint.dir.lower().startswith("memory://"):
         raise ConfigError(
             f"checkpoint.dir {cfg.checkpoint.dir} is held in this process's memory, and every step saved there is "
             "gone when the command exits: set a local path or a store (s3://bucket/run); memory:// is for a run in a "
