@@ -82,6 +82,11 @@ def _hub_failure(name: str, what: str, error: BaseException) -> ModelError:
     )
 
 
+def _load_failure(name: str, what: str, error: BaseException) -> ModelError:
+    """Why loading ``name`` (a config, a model) failed: a hub id's failure with its fix, or a local path's error."""
+    return _hub_failure(name, what, error) if not Path(name).exists() else ModelError(f"{what} {name}: {error}")
+
+
 def load_tokenizer(name: str, what: str = "model.name_or_path", revision: str | None = None) -> Any:
     """The base's tokenizer (AutoTokenizer; a hub id's at ``revision``), or ModelError naming the base and the
     fix."""
@@ -124,7 +129,7 @@ def load_model_config(name: str, revision: str | None = None, what: str = "model
     try:
         return AutoConfig.from_pretrained(name, revision=hub_only(name, revision))
     except (OSError, ValueError) as e:
-        raise _hub_failure(name, what, e) if not Path(name).exists() else ModelError(f"{what} {name}: {e}") from e
+        raise _load_failure(name, what, e) from e
 
 
 def context_length(name: str, revision: str | None = None) -> int | None:
@@ -158,7 +163,7 @@ def load_base(name: str, dtype: Any, what: str = "model.name_or_path", revision:
                 name, dtype=dtype, revision=hub_only(name, revision), **_no_hub_kernels()
             )
     except (OSError, ValueError) as e:
-        raise _hub_failure(name, what, e) if not Path(name).exists() else ModelError(f"{what} {name}: {e}") from e
+        raise _load_failure(name, what, e) from e
 
 
 HUB_SIDE_FILES = ("*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken")
