@@ -168,8 +168,11 @@ class Storage:
                 f"{url[len(scheme) + 2 :]} (or ./{url} for a local directory of that name)"
             )
         options = dict(storage_options or {})
-        protocol = url.split("://", 1)[0].lower() if "://" in url else "file"
-        url = f"{protocol}://{url.split('://', 1)[1]}" if "://" in url else url  # (a scheme has no case: S3://)
+        protocol = "file"
+        if "://" in url:  # (a scheme has no case: S3:// is s3://)
+            scheme, rest = url.split("://", 1)
+            protocol = scheme.lower()
+            url = f"{protocol}://{rest}"
         if protocol == "s3":
             endpoint = options.pop("endpoint_url", None) or os.environ.get(ENV_AWS_ENDPOINT_URL)
             if endpoint:
