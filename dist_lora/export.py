@@ -264,7 +264,8 @@ def _merge_into(
             return
         except ModelError as e:  # pickle files, or tensors it cannot stream (joined MoE experts): from_pretrained
             log.warning("%s; merging the whole model in memory instead", e)
-            shutil.rmtree(out)  # (it refuses before writing a file; nothing of a stream is mixed into the other)
+            # (a base file found truncated mid-stream: the files written before it go, not mixed into the other)
+            shutil.rmtree(out)
             out.mkdir()
     model: Any = model_of(loaded, base=base_path, dtype=dtype)
     merged = model.merge_and_unload()
@@ -596,9 +597,8 @@ def stream_merge(loaded: LoadedStep, base_dir: str, out_dir: str | Path, dtype: 
         )
     weights = BaseWeights(base_dir).follow(model)
     edits = _checked_edits(loaded, base_dir, model, weights, fan_in_fan_out)
-    joined = {k for k in edits if weights.stored_as(k) is None}
     in_files = {  # the files' names of the tensors edited whole -> the model's
-        weights.stored_as(k): k for k, e in edits.items() if k not in joined and not e.experts_only()
+        stored: k for k, e in edits.items() if (stored := weights.stored_as(k)) is not None and not e.experts_only()
     }
     pieces = _joined_pieces(edits, weights)
 
