@@ -562,6 +562,13 @@ def _tokenize_fn(cfg: DataConfig, tokenizer: Any) -> Callable[[dict[str, list], 
         return ids, labels, status
 
     def text(batch: dict[str, list], samples: list[str]) -> dict[str, list]:
+        for where, value in zip(samples, batch[f["text"]], strict=True):
+            if not isinstance(value, str):
+                got = "None: the sample lacks it, or it is null" if value is None else f"{value!r:.200}"
+                raise DataError(
+                    f"{where}: field {f['text']!r} must be a string (got {got}); fix or remove the "
+                    "sample, or name the text's column with data.fields, e.g. {text: content}"
+                )
         out: dict[str, list] = {"input_ids": [], "labels": [], "status": []}
         for ids in tokenizer(batch[f["text"]])["input_ids"]:
             ids = ids + ([eos] if eos is not None else [])

@@ -804,6 +804,17 @@ def test_a_sample_of_the_wrong_type_is_named_by_its_place_in_its_source(gpt2_bas
         r"lists of messages .*\(got 'a', None",
     ):
         prepared(tmp_path, gpt2_base, path=str(completions), format="completion")
+    texts = tmp_path / "t.jsonl"
+    texts.write_text('{"text": "fine"}\n{"text": 5}\n')
+    with pytest.raises(
+        DataError, match=rf"^sample 1 of {re.escape(str(texts))}: field 'text' must be a string \(got 5\)"
+    ):
+        prepared(tmp_path, gpt2_base, path=str(texts))
+    texts.write_text('{"text": "fine"}\n{"content": "the text under another key"}\n')  # (its text: None)
+    with pytest.raises(
+        DataError, match=r"sample 1 of .*: field 'text' must be a string \(got None: the sample lacks it"
+    ):
+        prepared(tmp_path, gpt2_base, path=str(texts))
     chats = tmp_path / "m.jsonl"
     fine = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}'
     chats.write_text(f'{fine}\n{fine}\n{fine}\n{{"messages": "hi"}}\n')
