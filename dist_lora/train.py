@@ -166,10 +166,11 @@ def check_launch(cfg: RunConfig) -> None:
         )
 
 
-def schedule(t: TrainConfig, rows: int) -> TrainConfig:
+def schedule(t: TrainConfig, rows: int, *, warns: bool = True) -> TrainConfig:
     """``t`` with the run's length and warm-up in steps: ``max_steps`` from ``epochs`` (enough global batches to
     see every one of ``rows`` training rows ``epochs`` times; the last may run into the next pass, as a step is
-    always a whole global batch), ``warmup_steps`` from ``warmup_ratio`` (ceil, as HF Trainer)."""
+    always a whole global batch), ``warmup_steps`` from ``warmup_ratio`` (ceil, as HF Trainer). ``warns``: say so
+    where the warm-up takes the whole run (rank 0's)."""
     if t.epochs is not None:
         steps = max(1, math.ceil(t.epochs * rows / t.global_batch_size))
         log.info(
@@ -184,6 +185,16 @@ def schedule(t: TrainConfig, rows: int) -> TrainConfig:
         t = replace(t, max_steps=steps)
     if t.warmup_ratio:
         t = replace(t, warmup_steps=math.ceil(t.warmup_ratio * t.max_steps))
+    if warns and t.warmup_steps >= t.max_steps:
+        log.warning(
+            "train.warmup_steps=%d covers the whole run of %d steps: the learning rate rises to %g at the last step "
+            "(train.lr=%g) and the %s schedule never starts; shorten the warm-up (e.g. train.warmup_ratio=0.05)",
+            t.warmup_steps,
+            t.max_steps,
+            lr_at(t.max_steps - 1, t),
+            t.lr,
+            t.lr_schedule,
+        )
     return t
 
 
@@ -405,7 +416,8 @@ class Trainer:
         # the text of data.chat_template the samples were rendered with, saved with each step: its file may change,
         # or not be where the step is read; merge and generate use it (the base's own template is in the base)
         self.chat_template: str | None = tokenizer.chat_template if cfg.data.chat_template else None
-        t = schedule(t, len(self.data))  # the run's length and warm-up in steps (epochs: known now that the rows are)
+        # the run's length and warm-up in steps (epochs: known now that the rows are)
+        t = schedule(t, len(self.data), warns=self.rank == 0)
         self.cfg = cfg = replace(cfg, train=t)
         with collection_paused():  # a build makes ~10^5 objects: no full collections over the imported libraries
             plan = self._build_model(cfg)

@@ -341,6 +341,25 @@ def test_lr_schedule():
         config_from_dict({**raw, "train": {"min_lr_ratio": 2}})
 
 
+def test_a_warm_up_that_covers_the_whole_run_is_a_warning(caplog):
+    """A warm-up as long as the run (a config shortened for a try, warmup_steps kept) never reaches train.lr, or
+    reaches it only at the last step: said once, by the rank that logs, with the peak the run reaches."""
+    from dist_lora.train import schedule
+
+    with caplog.at_level(logging.WARNING, logger="dist_lora"):
+        schedule(TrainConfig(max_steps=4, lr=0.02, warmup_steps=10), rows=100)
+    assert "train.warmup_steps=10 covers the whole run of 4 steps: the learning rate rises to 0.008 " in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dist_lora"):
+        schedule(TrainConfig(max_steps=4, warmup_steps=10), rows=100, warns=False)  # (a rank but 0)
+        schedule(TrainConfig(max_steps=4, warmup_steps=3), rows=100)
+        schedule(TrainConfig(max_steps=40, warmup_ratio=0.5), rows=100)
+    assert caplog.text == ""
+    with caplog.at_level(logging.WARNING, logger="dist_lora"):
+        schedule(TrainConfig(epochs=1, global_batch_size=8, warmup_steps=5), rows=32)  # (4 steps, known from the rows)
+    assert "train.warmup_steps=5 covers the whole run of 4 steps" in caplog.text
+
+
 @pytest.mark.parametrize(("max_steps", "warmup", "ratio", "floor"), [(100, 10, 0.2, 0.0), (37, 3, 0.1, 0.1)])
 def test_wsd_equals_transformers_get_wsd_schedule_after_the_warm_up(max_steps, warmup, ratio, floor):
     """lr_schedule wsd against transformers' own get_wsd_schedule (cosine decay, the same stable and decay steps),
