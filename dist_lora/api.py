@@ -211,9 +211,13 @@ def _check_optimizer_state(
     optimizer that will take it: its field names and each tensor's step. Rank 0 only."""
     state, manifest = loaded.state, loaded.manifest
     steps: dict[str, float] = {}
+    if not state.optim and manifest.get("optimizer"):  # saved before the optimizer's first step: no state to restore
+        log.info("%s was saved before its optimizer's first step: the optimizer starts without state", loaded.url)
+        return [], steps
     if not state.optim:
         raise CheckpointError(
-            f"{loaded.url} holds no optimizer state (optimizer.safetensors); load it without an optimizer"
+            f"{loaded.url} holds no optimizer state (optimizer.safetensors), as it was saved without an optimizer; "
+            "load it without one (the optimizer's state then starts afresh)"
         )
     names = sorted({f for entry in state.optim.values() for f in entry} - {"step"})  # every tensor has them all
     for k, shape in expected.items():

@@ -206,7 +206,7 @@ def serialize_step(state: AdapterState, meta: StepMeta) -> dict[str, bytes]:
         "num_adapter_elements": sum(t.numel() for t in weights.values()),
         "world_size": meta.world_size,
         "backend": meta.backend,
-        **({"optimizer": meta.optimizer} if state.optim and meta.optimizer else {}),
+        **({"optimizer": meta.optimizer} if meta.optimizer else {}),  # (saved with one: even before its 1st step)
         "base_fingerprint": meta.fingerprint,
         "files": {name: _file_entry(data) for name, data in files.items()},
     }

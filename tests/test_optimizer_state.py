@@ -87,6 +87,23 @@ def test_state_that_cannot_be_sharded_by_element_is_refused_naming_it(gpt2_base,
     dist_lora.save_checkpoint(model, str(tmp_path / "no-optimizer"), step=1)  # the fix the message names works
 
 
+def test_a_step_saved_before_the_optimizers_first_step_resumes_with_it(gpt2_base, tmp_path):
+    """A loop that saves before it trains (step 0, its set-up tried) resumes from that step with its optimizer:
+    the step records the optimizer, which had no state to save, and training from it equals training from the
+    start. It was refused ("holds no optimizer state"). A step saved with no optimizer still refuses one."""
+    model, optimizer = model_and_optimizer(gpt2_base, OPTIMIZERS["adamw"][0])
+    url = dist_lora.save_checkpoint(model, str(tmp_path), step=0, optimizer=optimizer)
+    assert not (Path(url) / "optimizer.safetensors").exists()
+    assert json.loads((Path(url) / "manifest.json").read_text())["optimizer"] == "AdamW"
+    uninterrupted = train(model, optimizer, 2)
+    model2, optimizer2 = model_and_optimizer(gpt2_base, OPTIMIZERS["adamw"][0])
+    dist_lora.load_checkpoint(model2, url, optimizer=optimizer2)
+    assert not optimizer2.state and train(model2, optimizer2, 2) == uninterrupted
+    alone = dist_lora.save_checkpoint(model, str(tmp_path / "alone"), step=2)
+    with pytest.raises(CheckpointError, match=r"holds no optimizer state .*, as it was saved without an optimizer"):
+        dist_lora.load_checkpoint(model2, alone, optimizer=optimizer2)
+
+
 def test_loading_into_another_optimizer_class_says_so(gpt2_base, tmp_path, caplog):
     model, optimizer = model_and_optimizer(gpt2_base, OPTIMIZERS["adamw"][0])
     train(model, optimizer, 1)
