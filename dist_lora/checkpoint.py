@@ -597,6 +597,9 @@ def list_steps(storage: Storage, verify: bool = True, evals: bool = False) -> li
     return sorted(infos, key=lambda s: s.step)
 
 
+STEP_FILES = frozenset({MANIFEST_NAME, OPTIMIZER_NAME, *REQUIRED_FILES})
+
+
 def no_step_error(storage: Storage) -> CheckpointError:
     """The error of a URL given as a step or a checkpoint dir that holds no committed, verified step, saying what is
     there instead: nothing, a file, a model or a PEFT adapter saved otherwise, or steps none of which verifies."""
@@ -607,7 +610,10 @@ def no_step_error(storage: Storage) -> CheckpointError:
     if kind is None:
         why = "it does not exist"
     elif kind != "directory":
-        why, fix = "it is a file", f"pass the step directory that holds it, {url.rsplit('/', 1)[0]}"
+        why = "it is a file"
+        holder, _, name = url.rpartition("/")
+        if holder and name in STEP_FILES:  # (one of a step's files: its directory is the step)
+            fix = f"pass the step directory that holds it, {holder}"
     elif steps:
         why, fix = f"{len(steps)} step(s) there, none committed and verifying", f"dist-lora ls {url} says why"
     elif "config.json" in names:

@@ -191,7 +191,11 @@ def test_a_url_that_holds_no_step_says_what_it_holds_instead(storage_url):
         ),
         "other": ({"notes.txt": b"x"}, "no step-* in it; pass a checkpoint dir"),
         "broken": ({f"{step_name(5)}/adapter_config.json": b"{}"}, "1 step(s) there, none committed and verifying"),
-        "model/config.json": ({}, "it is a file; pass the step directory that holds it, "),
+        "model/config.json": ({}, "it is a file; pass a checkpoint dir (checkpoint.dir of a run) or one of its steps"),
+        "peft/adapter_model.safetensors": (
+            {},
+            f"it is a file; pass the step directory that holds it, {Storage(f'{url}/peft', options).url}",
+        ),
     }
     for name, (files, _) in cases.items():
         for rel, data in files.items():
