@@ -38,6 +38,11 @@ class Sampling:
             (self.max_new_tokens >= 1, f"max_new_tokens must be at least 1 (got {self.max_new_tokens})"),
             (self.temperature >= 0, f"temperature must be >= 0, 0 for greedy decoding (got {self.temperature})"),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1] (got {self.top_p})"),
+            (
+                self.temperature > 0 or self.top_p == 1,
+                f"top_p={self.top_p} samples from the nucleus, and decoding is greedy (temperature 0, the default): "
+                "give a temperature above 0 too, or drop top_p",
+            ),
         ]
         for ok, message in problems:
             if not ok:

@@ -303,6 +303,7 @@ def test_bad_settings_are_refused_naming_them(gpt2_base, llama_base, tmp_path):
         (Sampling(max_new_tokens=0), "max_new_tokens must be at least 1"),
         (Sampling(temperature=-1), "temperature must be >= 0"),
         (Sampling(temperature=1, top_p=0), r"top_p must be in \(0, 1\]"),
+        (Sampling(top_p=0.9), r"top_p=0.9 samples from the nucleus, and decoding is greedy \(temperature 0"),
     ):
         with pytest.raises(ValueError, match=message):
             generate(step, ["x"], sampling=sampling)
