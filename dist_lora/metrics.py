@@ -144,6 +144,17 @@ class MetricsLog:
                 self.tb.add_scalar(tag, value, step)
         self._to_wandb(scalars, step)
 
+    def started(self, **fields: Any) -> None:
+        """A fresh run begins (nothing resumed): a ``start`` event, from which ``dist-lora plot`` reads the file as
+        this run's alone. A file an earlier run wrote keeps its rows, before this event; the log says so."""
+        if self.path is not None and self.path.is_file() and self.path.stat().st_size:
+            log.info(
+                "train.metrics_file %s holds an earlier run's rows: this run's follow its start event (dist-lora plot "
+                "draws this run alone)",
+                self.path,
+            )
+        self.event("start", step=0, **fields)
+
     def resumed(self, step: int, **fields: Any) -> None:
         """The run goes on from ``step``: a ``resume`` event, and TensorBoard's scalars past it from an earlier
         attempt (logged after its last save, before it died) hidden, as TensorBoard does after a restart

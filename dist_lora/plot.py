@@ -27,12 +27,15 @@ class Metrics:
 
 
 def read_metrics(path: Path) -> Metrics:
-    """A metrics JSONL written by the trainer, read as :class:`Metrics`; events other than resumes, evaluations
-    and failed saves are left out."""
+    """A metrics JSONL written by the trainer, read as :class:`Metrics`: the rows of its last run, after the last
+    ``start`` event (a fresh run; the rows of an earlier run that wrote the same file are before it); events other
+    than resumes, evaluations and failed saves are left out."""
     out = Metrics()
     for _, row in jsonl_rows(path):
         event = row.get("event")
-        if event == "resume":
+        if event == "start":
+            out = Metrics()
+        elif event == "resume":
             resumed = row["step"]
             out.superseded += [r for r in out.steps if r["step"] > resumed]
             out.steps = [r for r in out.steps if r["step"] <= resumed]

@@ -557,6 +557,8 @@ class Trainer:
             loaded=loaded,
         )
         if state is None:
+            if self.writes:
+                self.metrics_log.started(dir=ck.dir, world_size=self.world, backend=self.backend.name)
             if self.cfg.lora.init_from and self.writes:
                 self.start_from(self.cfg.lora.init_from)
             return None

@@ -492,13 +492,15 @@ def test_the_plot_draws_steps_a_resume_went_back_past_apart_from_the_run(tmp_pat
     """An attempt logged steps 1-7, its save of step 6 failed, and it died; the run resumed from step 4 and logged
     5-9, then from step 8 after another death: the run's curve is steps 1-4, the second attempt's 5-8 and the third
     one's 9; the first attempt's 5-7 and the second's 9 are superseded, and the failed save (of a superseded step)
-    is not marked on the run's step 6."""
+    is not marked on the run's step 6. An earlier run's rows in the same file, before the run's start, are not
+    drawn."""
     from dist_lora.plot import read_metrics
 
     def attempt(name: str, steps: range) -> list[dict]:
         return [{"step": s, "loss": 6 - s / 10, "attempt": name} for s in steps]
 
-    rows = [*attempt("a", range(1, 6)), {"event": "save_failed", "step": 6, "error": "OSError"}, *attempt("a", [6, 7])]
+    rows = [*attempt("an earlier run", range(1, 12)), {"event": "resume", "step": 3}, {"event": "start", "step": 0}]
+    rows += [*attempt("a", range(1, 6)), {"event": "save_failed", "step": 6, "error": "OSError"}, *attempt("a", [6, 7])]
     rows += [{"event": "eval", "step": 6, "eval_loss": 5.0}, {"event": "resume", "step": 4, "backend": "fsdp"}]
     rows += [*attempt("b", range(5, 10)), {"event": "resume", "step": 8}, *attempt("c", [9])]
     metrics = tmp_path / "metrics.jsonl"

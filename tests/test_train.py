@@ -1434,6 +1434,32 @@ def test_report_to_names_only_installed_sinks(tmp_path, monkeypatch):
     assert "tensorboard, whose logs go beside train.metrics_file: set train.metrics_file" in str(e.value)
 
 
+def test_a_fresh_run_marks_its_start_in_a_metrics_file_an_earlier_run_wrote(gpt2_base, tmp_path, caplog):
+    """Two runs (another checkpoint dir, nothing to resume) given one metrics file: the second appends after a
+    ``start`` event and says so, the first's rows are kept, and ``dist-lora plot`` reads the second run alone,
+    its resume included (the two runs' steps 1-4 were drawn as one curve going back on itself)."""
+    from dist_lora.plot import read_metrics
+    from dist_lora.train import train
+
+    metrics = tmp_path / "metrics.jsonl"
+    with caplog.at_level(logging.INFO, logger="dist_lora.metrics"):
+        train(single_run(gpt2_base, tmp_path / "a", f"train.metrics_file={metrics}", "train.report_to=[]"))
+        assert "holds an earlier run's rows" not in caplog.text
+        second = ("train.lr=0.05", f"train.metrics_file={metrics}", "train.report_to=[]")
+        train(single_run(gpt2_base, tmp_path / "b", *second, "train.stop_at_step=4"))
+    assert f"train.metrics_file {metrics} holds an earlier run's rows: this run's follow its start event" in caplog.text
+    train(single_run(gpt2_base, tmp_path / "b", *second))  # (a resume: no start event)
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    starts = [r for r in rows if r.get("event") == "start"]
+    assert [(r["dir"], r["world_size"], r["backend"]) for r in starts] == [
+        (str(tmp_path / d), 1, "single") for d in "ab"
+    ]
+    assert [r["step"] for r in rows if "loss" in r and "event" not in r] == [*range(1, 7), *range(1, 7)]
+    read = read_metrics(metrics)
+    assert [r["step"] for r in read.steps] == list(range(1, 7)) and [r["step"] for r in read.resumes] == [4]
+    assert max(r["lr"] for r in read.steps) == pytest.approx(0.05)  # the second run's (the first's peak: 0.02)
+
+
 def test_a_metrics_file_that_cannot_be_written_does_not_stop_rank_0(tmp_path, caplog):
     """Rank 0 writes metrics alone, between collectives: an error there is logged once, never raised."""
     from dist_lora.metrics import MetricsLog
