@@ -927,13 +927,49 @@ def check_checkpoint(c: CheckpointConfig, prefix: str = "checkpoint.") -> Checkp
     return c
 
 
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A key given twice in one YAML mapping."""
+
+
+class _UniqueKeys(yaml.SafeLoader):
+    """yaml's safe loader, where a key given twice in one mapping is an error: PyYAML keeps the last one silently
+    (a second ``lora:`` section, or ``{r: 8, r: 16}``, replaced the first), and YAML itself requires unique keys.
+    A merge key's (``<<: *defaults``) keys may still be set again after it."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # (its keys come first: the mapping's own set them again)
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise DuplicateKeyError(
+                    None,
+                    None,
+                    f"key {key!r} is given twice in one mapping (first on line {seen[key] + 1}); YAML keeps one of "
+                    "them silently: keep one",
+                    key_node.start_mark,
+                )
+            if isinstance(key, typing.Hashable):
+                seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+def yaml_load(source: str | typing.TextIO) -> Any:
+    """YAML text (or an open file, which its errors name) as Python values, a key given twice in one mapping
+    refused (:class:`_UniqueKeys`)."""
+    return yaml.load(source, Loader=_UniqueKeys)  # (a SafeLoader)
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """``a.b=value`` -> (["a", "b"], value), the value typed by YAML (``3e-4`` -> float, ``[a, b]`` -> list)."""
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.lr=3e-4")
     key, raw = item.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml_load(raw) if raw.strip() else ""
+    except DuplicateKeyError as e:
+        raise ConfigError(f"override {item!r}: {e.problem}") from e
     except yaml.YAMLError as e:
         where = f" ({e.problem})" if isinstance(e, yaml.MarkedYAMLError) and e.problem else ""
         raise ConfigError(
@@ -982,7 +1018,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
             )
         raise ConfigError(problem)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        with path.open() as f:
+            data = yaml_load(f) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {e}") from e
     if not isinstance(data, dict):

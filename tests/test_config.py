@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_lora.config import ConfigError, config_from_dict, load_config, parse_override
+from dist_lora.config import ConfigError, config_from_dict, load_config, parse_override, yaml_load
 from dist_lora.train import grad_accum_steps
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -200,6 +200,27 @@ def test_missing_file_and_bad_yaml(tmp_path):
     bad.write_text("model: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_a_key_given_twice_is_an_error_naming_both_lines(tmp_path):
+    """PyYAML keeps the last of two equal keys silently: a second ``lora:`` section (a block pasted from another
+    config) replaced the first whole, and ``{lr: 0.1, lr: 0.2}`` trained at 0.2. A merge key's keys may be set
+    again after it, as YAML means them."""
+    config = tmp_path / "run.yaml"
+    head = "model: {name_or_path: base}\ndata: {path: corpus.txt}\ncheckpoint: {dir: ckpt}\n"
+    config.write_text(f"{head}lora: {{target_modules: [c_attn]}}\ntrain: {{lr: 0.1}}\nlora: {{r: 16}}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(config)
+    assert str(e.value).startswith(
+        f"{config} is not valid YAML: key 'lora' is given twice in one mapping (first on line 4); YAML keeps one of "
+        f'them silently: keep one\n  in "{config}", line 6'
+    )
+    config.write_text(f"{head}lora: {{target_modules: [c_attn]}}\ntrain: {{lr: 0.1, seed: 3, lr: 0.2}}\n")
+    with pytest.raises(ConfigError, match="key 'lr' is given twice in one mapping"):
+        load_config(config)
+    with pytest.raises(ConfigError, match=r"^override 'lora.rank_pattern=\{a: 1, a: 2\}': key 'a' is given twice"):
+        load_config(ROOT / "configs" / "tiny.yaml", ["lora.rank_pattern={a: 1, a: 2}"])
+    assert yaml_load("x: &d {lr: 0.1, seed: 3}\ntrain: {<<: *d, lr: 0.2}")["train"] == {"lr": 0.2, "seed": 3}
 
 
 def test_global_batch_must_divide():

@@ -250,6 +250,10 @@ def test_a_json_that_is_not_an_object_is_named(tmp_path):
     path = write(tmp_path, [1, 2])  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match=r"a DeepSpeed config is a JSON object, not \[1, 2\]"):
         load_config(TINY, ["parallel.backend=deepspeed", f"parallel.deepspeed_config={path}"])
+    twice = tmp_path / "twice.json"  # (json keeps the last silently; DeepSpeed's own reader refuses it)
+    twice.write_text('{"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}, "stage": 2}}')
+    with pytest.raises(ConfigError, match=r"twice.json: key 'stage' is given twice in one object"):
+        load_config(TINY, ["parallel.backend=deepspeed", f"parallel.deepspeed_config={twice}"])
 
 
 @pytest.mark.multiproc

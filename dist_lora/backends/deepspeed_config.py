@@ -29,11 +29,22 @@ REDUCE_BUCKET_ELEMENTS = 500_000_000
 _MISSING = object()
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's pairs as a dict, where a key given twice is an error, as DeepSpeed's own reader has it
+    (``json`` keeps the last one silently)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"key {key!r} is given twice in one object (JSON keeps one of them silently): keep one")
+        out[key] = value
+    return out
+
+
 def read_json(path: str) -> dict[str, Any]:
     try:
         with open(path) as f:
-            data = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+            data = json.load(f, object_pairs_hook=_unique_keys)
+    except (OSError, ValueError) as e:  # (json.JSONDecodeError is a ValueError)
         raise ValueError(f"parallel.deepspeed_config {path}: {e}") from e
     if not isinstance(data, dict):
         raise ValueError(f"parallel.deepspeed_config {path}: a DeepSpeed config is a JSON object, not {data!r}")
