@@ -187,6 +187,23 @@ def test_overrides_are_typed_by_yaml(tmp_path):
     )
 
 
+def test_an_override_the_shell_cut_at_a_space_is_given_back_whole_and_quoted():
+    """``dist-lora train CONFIG data.fields={text: body}`` unquoted reaches us as two arguments; the error was the
+    YAML error of ``{text:``, whose hint (quote ``{text:`` as text) was wrong."""
+    tiny = ROOT / "configs" / "tiny.yaml"
+    with pytest.raises(ConfigError) as e:
+        load_config(tiny, ["train.lr=0.1", "data.fields={text:", "body}", "train.seed=3"])
+    assert str(e.value) == (
+        "override 'data.fields={text:' was cut at a space by the shell ('body}' came as an argument of its own): "
+        "quote the whole override, 'data.fields={text: body}'"
+    )
+    with pytest.raises(ConfigError, match=r"\('c_fc,' 'c_proj\]' came as arguments of their own\): quote the whole"):
+        load_config(tiny, ["lora.target_modules=[c_attn,", "c_fc,", "c_proj]"])
+    with pytest.raises(ConfigError, match="is not valid YAML"):  # (no argument after it completes it)
+        load_config(tiny, ["lora.target_modules=[c_attn,", "train.lr=0.1"])
+    assert load_config(tiny, ["lora.target_modules=[c_attn, c_fc]"]).lora.target_modules == ["c_attn", "c_fc"]
+
+
 def test_missing_file_and_bad_yaml(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
