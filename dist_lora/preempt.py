@@ -1,7 +1,8 @@
-"""Graceful stop on SIGTERM / SIGUSR1: finish the current step, save collectively, exit 0.
+"""Graceful stop on SIGTERM / SIGUSR1 / SIGINT: finish the current step, save collectively, exit 0.
 
 Clusters warn before they take a job away: Kubernetes and SLURM send SIGTERM, SLURM's ``--signal`` sends SIGUSR1
-ahead of the time limit. The handler only records the signal; after every step the ranks agree (one tiny
+ahead of the time limit; Ctrl-C in a terminal sends SIGINT to every process of the job at once (and a launcher
+forwards it again). The handler only records the signal; after every step the ranks agree (one tiny
 all-reduce, shared with the loss) whether any of them was signalled, so they all stop after the same step. A
 second signal while the checkpoint is being written changes nothing: the save goes on, and a step is committed
 whole or not at all. Nor does one that comes after it, while the process leaves: a rank that was asked to stop keeps
@@ -21,13 +22,19 @@ from types import FrameType
 
 log = logging.getLogger(__name__)
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+KEPT_AFTER_A_STOP = (signal.SIGTERM, signal.SIGUSR1)
+"""The signals whose handler stays after a stop, while the process leaves (launchers and clusters repeat them).
+SIGINT's previous handler comes back: a process that goes on after training (a notebook's kernel) can be
+interrupted again."""
 
 
 class StopRequest:
     """Records stop signals while installed (main thread only); ``requested`` says whether one arrived. Leaving the
     block restores the previous handlers, unless a stop was requested: then the process is on its way out, and its
-    handlers stay, recording (and logging) any further signal instead of letting its default action kill it."""
+    SIGTERM and SIGUSR1 handlers stay, recording (and logging) any further signal instead of letting its default
+    action kill it. A SIGINT the process was started ignoring (a background job of a script) stays ignored."""
 
     def __init__(self, signals: tuple[signal.Signals, ...] = STOP_SIGNALS):
         self.signals = signals
@@ -41,7 +48,13 @@ class StopRequest:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         sig = signal.Signals(signum)
         if self.received is None:
-            log.warning("%s received: finishing this step, saving a checkpoint, then exiting", sig.name)
+            log.warning(
+                "%s received: finishing this step, saving a checkpoint, then exiting%s",
+                sig.name,
+                " (another Ctrl-C changes nothing; kill -9 stops at once, without the save)"
+                if sig == signal.SIGINT
+                else "",
+            )
         else:
             log.warning("%s received again: already stopping (a checkpoint commits whole or not at all)", sig.name)
         self.received = sig
@@ -49,15 +62,17 @@ class StopRequest:
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
             for sig in self.signals:
+                if sig == signal.SIGINT and signal.getsignal(sig) == signal.SIG_IGN:
+                    continue
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.requested:
-            return
-        for sig, previous in self._previous.items():
+        for sig, previous in list(self._previous.items()):
+            if self.requested and sig in KEPT_AFTER_A_STOP:
+                continue
             signal.signal(sig, previous)  # type: ignore[arg-type]
-        self._previous.clear()
+            del self._previous[sig]
 
 
 @dataclass

@@ -4,7 +4,9 @@
 # SIGTERM / SIGUSR1 / SIGINT sent to the script go to the training ranks (the `python -m dist_lora` processes
 # under the launcher), not to the launcher: each rank finishes its step, the ranks save a checkpoint together,
 # and exit 0. Launchers that get the signal themselves kill their workers instead (torchrun after 30 s, the
-# deepspeed launcher at once), which is what this avoids.
+# deepspeed launcher at once), which is what this avoids: the launcher runs in a session of its own, so that
+# Ctrl-C in a terminal (SIGINT to the terminal's foreground process group) reaches the script alone. Before any
+# rank has started (a rendezvous that waits), the signal goes to the launcher, which then stops.
 
 # need_config "$@": the scripts take CONFIG.yaml [key=value ...]
 need_config() {
@@ -20,8 +22,9 @@ is_rank() {
   local prev="" arg
   while IFS= read -r -d '' arg; do
     if [[ $prev == "-m" ]]; then
-      [[ $arg == "dist_lora" ]]
-      return
+      # (an explicit status: a bare `return` in a trap handler, where this runs, returns the status of the command
+      # the trap interrupted, `wait`'s 128+N, and no rank would ever be found)
+      [[ $arg == "dist_lora" ]] && return 0 || return 1
     fi
     prev=$arg
   done < "/proc/$1/cmdline" 2>/dev/null
@@ -39,21 +42,37 @@ dist_lora_ranks() {
   done
 }
 
+# forward_signal RECEIVED SENT: the script got RECEIVED; the ranks get SENT (Ctrl-C's SIGINT goes on as SIGTERM, the
+# same stop to a rank: a launcher started in the background, the deepspeed launcher's ranks too, ignores SIGINT).
+# Before any rank started, the launcher's whole session gets SIGTERM, and stops.
 forward_signal() {
-  local sig=$1 rank
-  echo "[launch] $sig received: forwarding it to the ranks (they finish the step, save, and exit)" >&2
-  for rank in $(dist_lora_ranks "$launcher_pid"); do
-    kill -s "$sig" "$rank" 2>/dev/null || true
+  local received=$1 sent=$2 rank ranks
+  launcher_pid=${launcher_pid:-$!}  # (a signal between the launcher's start and the assignment of its PID)
+  if [[ -z $launcher_pid ]]; then
+    echo "[launch] $received received before the launcher started: exiting" >&2
+    exit 130
+  fi
+  ranks=$(dist_lora_ranks "$launcher_pid")
+  if [[ -z $ranks ]]; then
+    echo "[launch] $received received before any rank started: stopping the launcher" >&2
+    kill -s TERM -- "-$launcher_pid" 2>/dev/null || true
+    return
+  fi
+  echo "[launch] $received received: sending $sent to the ranks (they finish the step, save, and exit)" >&2
+  for rank in $ranks; do
+    kill -s "$sent" "$rank" 2>/dev/null || true
   done
 }
 
-# run_forwarding CMD...: run CMD in the background, forward stop signals, return CMD's exit status.
+# run_forwarding CMD...: run CMD in the background in a session of its own, forward stop signals, return CMD's
+# exit status.
 run_forwarding() {
-  "$@" &
+  launcher_pid=""
+  trap 'forward_signal TERM TERM' TERM
+  trap 'forward_signal USR1 USR1' USR1
+  trap 'forward_signal INT TERM' INT
+  setsid "$@" &
   launcher_pid=$!
-  trap 'forward_signal TERM' TERM
-  trap 'forward_signal USR1' USR1
-  trap 'forward_signal INT' INT
   local status=0
   while true; do
     wait "$launcher_pid" && status=0 || status=$?

@@ -8,7 +8,7 @@
 #   HOSTFILE      a DeepSpeed hostfile ("host slots=N" per line) for several nodes; the launcher reaches them by ssh
 #   MASTER_ADDR   default 127.0.0.1 on one node; with HOSTFILE, DeepSpeed's: the first host's address
 #   MASTER_PORT   default a free port on one node; with HOSTFILE, DeepSpeed's: 29500
-# SIGTERM / SIGUSR1 to this script: the ranks on this node save a checkpoint together and exit 0.
+# SIGTERM / SIGUSR1 / SIGINT (Ctrl-C) to this script: the ranks on this node save a checkpoint together and exit 0.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=launch/common.sh

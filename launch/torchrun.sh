@@ -12,7 +12,7 @@
 #   RDZV_ENDPOINT   host:port of a c10d rendezvous (elastic and multi-node); RDZV_ID names the job (default dist-lora)
 #   MAX_RESTARTS    times torchrun restarts the workers after a failure (default 0; elastic jobs: e.g. 3)
 # The run resumes from its newest verified checkpoint (checkpoint.resume: auto), so a restart at another size
-# continues where the last one stopped. SIGTERM / SIGUSR1 to this script: the ranks save and exit 0.
+# continues where the last one stopped. SIGTERM / SIGUSR1 / SIGINT (Ctrl-C) to this script: the ranks save and exit 0.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=launch/common.sh

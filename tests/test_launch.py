@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from dist_lora.demo import corpus_path
 from dist_lora.preempt import STOP_SIGNALS, StopRequest
-from tests.dist_utils import ROOT, failure_report, launch_env
+from tests.dist_utils import ROOT, failure_report, free_port, launch_env
 
 LAUNCH = ROOT / "launch"
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -272,7 +272,6 @@ def test_two_nodes_launched_as_slurm_launches_them_train_hsdp_with_one_replica_g
     RDZV_ENDPOINT), two ranks a node, ``parallel.replicate: nodes`` (configs/llama70b-hsdp.yaml's layout): the log
     names 2 replica groups sharding over 2 ranks, and the run's losses and adapter equal a one-node FSDP run over
     the same 4 ranks (HSDP's replicas all-reduce what FSDP's reduce-scatter over 4 reduces)."""
-    from tests.dist_utils import free_port
 
     def args(name: str, *extra: str) -> list[str]:
         extra = ("train.max_steps=3", "parallel.backend=fsdp", "lora.dropout=0.0", *extra)
@@ -379,6 +378,57 @@ def test_sigterm_saves_the_current_step_and_exits_zero(gpt2_base, tmp_path):
     assert set(committed(ckpt)) == {last, last + 2}
 
 
+@pytest.mark.multiproc
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("script", ["torchrun.sh", "deepspeed.sh"])
+def test_ctrl_c_on_a_launch_script_saves_the_step_and_exits_zero(script, gpt2_base, tmp_path):
+    """Ctrl-C in a terminal: SIGINT to every process of the foreground group. The launcher runs in a session of its
+    own, so only the script gets it, and the ranks get SIGTERM (the deepspeed launcher's ranks ignore SIGINT,
+    which they inherit ignored from a launcher started in the background). The launchers got it too, and the
+    deepspeed launcher killed its ranks at once; and the script's search for ranks, run in its trap handler, found
+    none, as its test's `return` gave the status of the `wait` the trap cut short."""
+    env = {**launch_env(), "NPROC_PER_NODE": "2", "NUM_GPUS": "2", "PYTHONFAULTHANDLER": "1"}
+    ckpt, metrics = tmp_path / "ckpt", tmp_path / "m.jsonl"
+    backend = "parallel.backend=fsdp" if script == "torchrun.sh" else "parallel.zero_stage=2"
+    args = run_args(gpt2_base, ckpt, metrics, "train.max_steps=100000", "checkpoint.every_steps=0", backend)
+    proc = subprocess.Popen(
+        ["bash", str(LAUNCH / script), *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # (a terminal's job: its own process group, which Ctrl-C signals whole)
+    )
+    wait_for(lambda: len(steps_done(metrics)) >= 3, proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    output = communicate_or_report(proc, timeout=120)
+    assert proc.returncode == 0, output
+    assert "[launch] INT received: sending TERM to the ranks" in output
+    assert list(committed(ckpt)) == [steps_done(metrics)[-1]]
+
+
+@pytest.mark.timeout(120)
+def test_ctrl_c_before_any_rank_started_stops_the_launcher(tmp_path):
+    """A launcher still waiting at its rendezvous (for a second node that never comes) has no rank to tell: the
+    script stops the launcher's whole session, and nothing is left running."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    env = {**launch_env(), "NNODES": "2", "NPROC_PER_NODE": "1", "RDZV_ENDPOINT": endpoint}
+    proc = subprocess.Popen(
+        ["bash", str(LAUNCH / "torchrun.sh"), str(TINY)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    launcher = ["pgrep", "-f", f"rdzv-endpoint {endpoint}"]  # (the launcher, in its own session)
+    wait_for(lambda: subprocess.run(launcher, capture_output=True).returncode == 0, proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    output = communicate_or_report(proc, timeout=60)
+    assert proc.returncode != 0 and "[launch] INT received before any rank started: stopping the launcher" in output
+    assert subprocess.run(launcher, capture_output=True, text=True).stdout == "", output
+
+
 def test_a_rank_asked_to_stop_survives_stop_signals_until_it_exits():
     """A rank that was asked to stop and left the training loop must not die of a stop signal repeated while it
     exits (once in CI, the launch script forwarded a SIGUSR1 after the ranks had saved: both died of it, exit -10,
@@ -399,13 +449,63 @@ def test_a_rank_asked_to_stop_survives_stop_signals_until_it_exits():
     assert "received again: already stopping" in out.stderr
 
 
-def test_leaving_the_block_without_a_stop_restores_the_previous_handlers():
+@pytest.fixture
+def sigint_default():
+    """SIGINT handled as Python handles it by default (KeyboardInterrupt), whatever the test runner was given."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_leaving_the_block_without_a_stop_restores_the_previous_handlers(sigint_default):
     before = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     stop = StopRequest()
     with stop:
         assert all(signal.getsignal(sig) == stop._handle for sig in STOP_SIGNALS)
     assert not stop.requested
     assert {sig: signal.getsignal(sig) for sig in STOP_SIGNALS} == before
+
+
+def test_after_a_ctrl_c_stop_sigint_is_given_back_and_an_ignored_one_stays_ignored(sigint_default):
+    """After a stop, SIGTERM's and SIGUSR1's handlers stay (the process is leaving; launchers repeat them), while
+    SIGINT's previous handler comes back, so that a process that goes on (a notebook's kernel after train()) can be
+    interrupted again. A process started with SIGINT ignored (a background job of a script) keeps ignoring it."""
+    stop = StopRequest()
+    with stop:
+        signal.raise_signal(signal.SIGINT)  # (Ctrl-C: recorded, no KeyboardInterrupt)
+    assert stop.received == signal.SIGINT
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert all(signal.getsignal(sig) == stop._handle for sig in (signal.SIGTERM, signal.SIGUSR1))
+    for sig, previous in stop._previous.items():  # (this process goes on: the test's own handlers back)
+        signal.signal(sig, previous)  # type: ignore[arg-type]
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with StopRequest():
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+
+@pytest.mark.timeout(300)
+def test_ctrl_c_saves_the_current_step_and_exits_zero(gpt2_base, tmp_path):
+    """``dist-lora train`` in a terminal, stopped by Ctrl-C (SIGINT, twice, as a terminal and a launcher give it):
+    the step is saved and the command exits 0. It was a KeyboardInterrupt traceback and every step since the last
+    save lost (exit -2), while the launch scripts said they forward SIGINT for a save."""
+    ckpt, metrics = tmp_path / "ckpt", tmp_path / "m.jsonl"
+    args = run_args(gpt2_base, ckpt, metrics, "train.max_steps=100000", "checkpoint.every_steps=0")
+    proc = subprocess.Popen(
+        ["dist-lora", "train", *args],
+        env=launch_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # (a terminal's foreground job)
+    )
+    wait_for(lambda: len(steps_done(metrics)) >= 3, proc)
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)
+    output = communicate_or_report(proc, timeout=120)
+    assert proc.returncode == 0, output
+    assert "SIGINT received: finishing this step, saving a checkpoint, then exiting (another Ctrl-C" in output
+    assert list(committed(ckpt)) == [steps_done(metrics)[-1]]
 
 
 @pytest.mark.reliability(
