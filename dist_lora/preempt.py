@@ -47,7 +47,8 @@ class StopRequest:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         sig = signal.Signals(signum)
-        if self.received is None:
+        first, self.received = self.received is None, sig  # (set before logging: a signal may arrive within it)
+        if first:
             log.warning(
                 "%s received: finishing this step, saving a checkpoint, then exiting%s",
                 sig.name,
@@ -57,7 +58,6 @@ class StopRequest:
             )
         else:
             log.warning("%s received again: already stopping (a checkpoint commits whole or not at all)", sig.name)
-        self.received = sig
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
