@@ -942,7 +942,9 @@ class _UniqueKeys(yaml.SafeLoader):
             if key_node.tag == "tag:yaml.org,2002:merge":  # (its keys come first: the mapping's own set them again)
                 continue
             key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, typing.Hashable) and key in seen:
+            if not isinstance(key, typing.Hashable):  # (yaml's own construct_mapping names it)
+                continue
+            if key in seen:
                 raise DuplicateKeyError(
                     None,
                     None,
@@ -950,8 +952,7 @@ class _UniqueKeys(yaml.SafeLoader):
                     "them silently: keep one",
                     key_node.start_mark,
                 )
-            if isinstance(key, typing.Hashable):
-                seen[key] = key_node.start_mark.line
+            seen[key] = key_node.start_mark.line
         return super().construct_mapping(node, deep)
 
 

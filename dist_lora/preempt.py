@@ -49,12 +49,11 @@ class StopRequest:
         sig = signal.Signals(signum)
         first, self.received = self.received is None, sig  # (set before logging: a signal may arrive within it)
         if first:
+            ctrl_c = " (another Ctrl-C changes nothing; kill -9 stops at once, without the save)"
             log.warning(
                 "%s received: finishing this step, saving a checkpoint, then exiting%s",
                 sig.name,
-                " (another Ctrl-C changes nothing; kill -9 stops at once, without the save)"
-                if sig == signal.SIGINT
-                else "",
+                ctrl_c if sig == signal.SIGINT else "",
             )
         else:
             log.warning("%s received again: already stopping (a checkpoint commits whole or not at all)", sig.name)

@@ -557,10 +557,10 @@ class Trainer:
             loaded=loaded,
         )
         if state is None:
-            if self.writes:
+            if self.writes:  # a fresh run
                 self.metrics_log.started(dir=ck.dir, world_size=self.world, backend=self.backend.name)
-            if self.cfg.lora.init_from and self.writes:
-                self.start_from(self.cfg.lora.init_from)
+                if self.cfg.lora.init_from:
+                    self.start_from(self.cfg.lora.init_from)
             return None
         url = self.resumed_from = state["checkpoint_url"]
         if "step" not in state:  # (an evaluation of an adapter PEFT saved: no run, no settings to compare)

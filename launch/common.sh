@@ -47,7 +47,7 @@ dist_lora_ranks() {
 # Before any rank started, the launcher's whole session gets SIGTERM, and stops.
 forward_signal() {
   local received=$1 sent=$2 rank ranks
-  launcher_pid=${launcher_pid:-$!}  # (a signal between the launcher's start and the assignment of its PID)
+  launcher_pid=${launcher_pid:-${!:-}}  # (a signal between the launcher's start and the assignment of its PID)
   if [[ -z $launcher_pid ]]; then
     echo "[launch] $received received before the launcher started: exiting" >&2
     exit 130
