@@ -65,13 +65,15 @@ forward_signal() {
 }
 
 # run_forwarding CMD...: run CMD in the background in a session of its own, forward stop signals, return CMD's
-# exit status.
+# exit status. CMD starts with SIGUSR1 ignored: SLURM's --signal reaches every process of the job step (under
+# proctrack/cgroup), and a launcher, which has no handler for it, would die of it (exit 138: no requeue) while its
+# ranks save; the ranks set their own handler.
 run_forwarding() {
   launcher_pid=""
   trap 'forward_signal TERM TERM' TERM
   trap 'forward_signal USR1 USR1' USR1
   trap 'forward_signal INT TERM' INT
-  setsid "$@" &
+  (trap '' USR1 && exec setsid "$@") &
   launcher_pid=$!
   local status=0
   while true; do

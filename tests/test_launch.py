@@ -407,6 +407,34 @@ def test_ctrl_c_on_a_launch_script_saves_the_step_and_exits_zero(script, gpt2_ba
     assert list(committed(ckpt)) == [steps_done(metrics)[-1]]
 
 
+@pytest.mark.multiproc
+@pytest.mark.timeout(300)
+def test_sigusr1_to_every_process_of_the_job_as_slurm_sends_it_saves_and_exits_zero(gpt2_base, tmp_path):
+    """SLURM's ``--signal=USR1@120`` reaches every process of the job step (proctrack/cgroup): the launcher too,
+    which has no handler for it and died of it (exit 138) while its ranks saved, so slurm.sbatch did not requeue
+    the job. The launcher now starts with SIGUSR1 ignored; the ranks set their own handler."""
+    env = {**launch_env(), "NPROC_PER_NODE": "2"}
+    ckpt, metrics = tmp_path / "ckpt", tmp_path / "m.jsonl"
+    args = run_args(
+        gpt2_base, ckpt, metrics, "train.max_steps=100000", "checkpoint.every_steps=0", "parallel.backend=fsdp"
+    )
+    proc = subprocess.Popen(
+        ["bash", str(LAUNCH / "torchrun.sh"), *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    wait_for(lambda: len(steps_done(metrics)) >= 3, proc)
+    job = [proc.pid, *descendants(proc.pid)]
+    for pid in job:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGUSR1)
+    output = communicate_or_report(proc, timeout=120)
+    assert proc.returncode == 0, output
+    assert len(job) >= 4 and list(committed(ckpt)) == [steps_done(metrics)[-1]]  # (script, launcher, 2 ranks)
+
+
 @pytest.mark.timeout(120)
 def test_ctrl_c_before_any_rank_started_stops_the_launcher(tmp_path):
     """A launcher still waiting at its rendezvous (for a second node that never comes) has no rank to tell: the
