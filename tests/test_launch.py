@@ -12,6 +12,7 @@ import sys
 import time
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -98,6 +99,13 @@ def wait_for(predicate, proc: subprocess.Popen, timeout: float = 180) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("timed out waiting for the job")
         time.sleep(0.05)
+
+
+def training_job(cmd: list[str], env: dict[str, str], metrics: Path, **popen: Any) -> subprocess.Popen:
+    """``cmd`` started, its output piped, once its metrics file shows 3 steps: a job in the middle of its run."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+    wait_for(lambda: len(steps_done(metrics)) >= 3, proc)
+    return proc
 
 
 # ------------------------------------------------------------------------------------------------ linting
@@ -331,14 +339,7 @@ def test_sigterm_saves_the_current_step_and_exits_zero(gpt2_base, tmp_path):
     args = run_args(
         gpt2_base, ckpt, metrics, "train.max_steps=100000", "parallel.backend=fsdp", "checkpoint.every_steps=0"
     )
-    proc = subprocess.Popen(
-        ["bash", str(LAUNCH / "torchrun.sh"), *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    wait_for(lambda: len(steps_done(metrics)) >= 3, proc)
+    proc = training_job(["bash", str(LAUNCH / "torchrun.sh"), *args], env, metrics)
     proc.send_signal(signal.SIGTERM)
     for _ in range(20):  # more signals while the ranks stop and save: nothing may break
         time.sleep(0.01)
@@ -391,15 +392,8 @@ def test_ctrl_c_on_a_launch_script_saves_the_step_and_exits_zero(script, gpt2_ba
     ckpt, metrics = tmp_path / "ckpt", tmp_path / "m.jsonl"
     backend = "parallel.backend=fsdp" if script == "torchrun.sh" else "parallel.zero_stage=2"
     args = run_args(gpt2_base, ckpt, metrics, "train.max_steps=100000", "checkpoint.every_steps=0", backend)
-    proc = subprocess.Popen(
-        ["bash", str(LAUNCH / script), *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,  # (a terminal's job: its own process group, which Ctrl-C signals whole)
-    )
-    wait_for(lambda: len(steps_done(metrics)) >= 3, proc)
+    # (a terminal's job: its own process group, which Ctrl-C signals whole)
+    proc = training_job(["bash", str(LAUNCH / script), *args], env, metrics, start_new_session=True)
     os.killpg(proc.pid, signal.SIGINT)
     output = communicate_or_report(proc, timeout=120)
     assert proc.returncode == 0, output
@@ -418,14 +412,7 @@ def test_sigusr1_to_every_process_of_the_job_as_slurm_sends_it_saves_and_exits_z
     args = run_args(
         gpt2_base, ckpt, metrics, "train.max_steps=100000", "checkpoint.every_steps=0", "parallel.backend=fsdp"
     )
-    proc = subprocess.Popen(
-        ["bash", str(LAUNCH / "torchrun.sh"), *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    wait_for(lambda: len(steps_done(metrics)) >= 3, proc)
+    proc = training_job(["bash", str(LAUNCH / "torchrun.sh"), *args], env, metrics)
     job = [proc.pid, *descendants(proc.pid)]
     for pid in job:
         with contextlib.suppress(ProcessLookupError):
@@ -519,15 +506,11 @@ def test_ctrl_c_saves_the_current_step_and_exits_zero(gpt2_base, tmp_path):
     save lost (exit -2), while the launch scripts said they forward SIGINT for a save."""
     ckpt, metrics = tmp_path / "ckpt", tmp_path / "m.jsonl"
     args = run_args(gpt2_base, ckpt, metrics, "train.max_steps=100000", "checkpoint.every_steps=0")
-    proc = subprocess.Popen(
-        ["dist-lora", "train", *args],
-        env=launch_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # (a terminal's foreground job)
-    )
-    wait_for(lambda: len(steps_done(metrics)) >= 3, proc)
+
+    def as_in_a_terminal() -> None:  # (a terminal's foreground job takes SIGINT's default action)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    proc = training_job(["dist-lora", "train", *args], launch_env(), metrics, preexec_fn=as_in_a_terminal)
     proc.send_signal(signal.SIGINT)
     proc.send_signal(signal.SIGINT)
     output = communicate_or_report(proc, timeout=120)
