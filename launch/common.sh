@@ -1,7 +1,7 @@
 # shellcheck shell=bash
 # Sourced by the launch scripts: run a launcher in the background and forward stop signals to the ranks.
 #
-# SIGTERM / SIGUSR1 / SIGINT sent to the script go to the training ranks (the `python -m dist_lora` processes
+# SIGTERM / SIGUSR1 / SIGINT / SIGHUP sent to the script go to the training ranks (the `python -m dist_lora` processes
 # under the launcher), not to the launcher: each rank finishes its step, the ranks save a checkpoint together,
 # and exit 0. Launchers that get the signal themselves kill their workers instead (torchrun after 30 s, the
 # deepspeed launcher at once), which is what this avoids: the launcher runs in a session of its own, so that
@@ -42,8 +42,9 @@ dist_lora_ranks() {
   done
 }
 
-# forward_signal RECEIVED SENT: the script got RECEIVED; the ranks get SENT (Ctrl-C's SIGINT goes on as SIGTERM, the
-# same stop to a rank: a launcher started in the background, the deepspeed launcher's ranks too, ignores SIGINT).
+# forward_signal RECEIVED SENT: the script got RECEIVED; the ranks get SENT (Ctrl-C's SIGINT and a closed terminal's
+# SIGHUP go on as SIGTERM, the same stop to a rank: a launcher started in the background, the deepspeed launcher's
+# ranks too, ignores SIGINT).
 # Before any rank started, the launcher's whole session gets SIGTERM, and stops.
 forward_signal() {
   local received=$1 sent=$2 rank ranks
@@ -73,6 +74,7 @@ run_forwarding() {
   trap 'forward_signal TERM TERM' TERM
   trap 'forward_signal USR1 USR1' USR1
   trap 'forward_signal INT TERM' INT
+  trap 'forward_signal HUP TERM' HUP # (a terminal closed, an ssh session lost: the launcher has a session of its own)
   (trap '' USR1 && exec setsid "$@") &
   launcher_pid=$!
   local status=0

@@ -101,6 +101,13 @@ def wait_for(predicate, proc: subprocess.Popen, timeout: float = 180) -> None:
         time.sleep(0.05)
 
 
+def as_in_a_terminal() -> None:
+    """In a child before its exec: SIGINT at its default action, as a terminal's foreground job has it, whatever
+    this process inherited (a test run started as a background job of a script ignores SIGINT, and bash cannot trap
+    a signal ignored at its entry)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def training_job(cmd: list[str], env: dict[str, str], metrics: Path, **popen: Any) -> subprocess.Popen:
     """``cmd`` started, its output piped, once its metrics file shows 3 steps: a job in the middle of its run."""
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
@@ -381,23 +388,30 @@ def test_sigterm_saves_the_current_step_and_exits_zero(gpt2_base, tmp_path):
 
 @pytest.mark.multiproc
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("script", ["torchrun.sh", "deepspeed.sh"])
-def test_ctrl_c_on_a_launch_script_saves_the_step_and_exits_zero(script, gpt2_base, tmp_path):
+@pytest.mark.parametrize(
+    ("script", "sig"),
+    [("torchrun.sh", signal.SIGINT), ("deepspeed.sh", signal.SIGINT), ("torchrun.sh", signal.SIGHUP)],
+    ids=["torchrun-ctrl-c", "deepspeed-ctrl-c", "torchrun-terminal-closed"],
+)
+def test_ctrl_c_on_a_launch_script_saves_the_step_and_exits_zero(script, sig, gpt2_base, tmp_path):
     """Ctrl-C in a terminal: SIGINT to every process of the foreground group. The launcher runs in a session of its
     own, so only the script gets it, and the ranks get SIGTERM (the deepspeed launcher's ranks ignore SIGINT,
     which they inherit ignored from a launcher started in the background). The launchers got it too, and the
     deepspeed launcher killed its ranks at once; and the script's search for ranks, run in its trap handler, found
-    none, as its test's `return` gave the status of the `wait` the trap cut short."""
+    none, as its test's `return` gave the status of the `wait` the trap cut short. A closed terminal (SIGHUP to
+    the group) saves too: in a session of its own, the launcher would not get it, and would train on orphaned."""
     env = {**launch_env(), "NPROC_PER_NODE": "2", "NUM_GPUS": "2", "PYTHONFAULTHANDLER": "1"}
     ckpt, metrics = tmp_path / "ckpt", tmp_path / "m.jsonl"
     backend = "parallel.backend=fsdp" if script == "torchrun.sh" else "parallel.zero_stage=2"
     args = run_args(gpt2_base, ckpt, metrics, "train.max_steps=100000", "checkpoint.every_steps=0", backend)
     # (a terminal's job: its own process group, which Ctrl-C signals whole)
-    proc = training_job(["bash", str(LAUNCH / script), *args], env, metrics, start_new_session=True)
-    os.killpg(proc.pid, signal.SIGINT)
+    proc = training_job(
+        ["bash", str(LAUNCH / script), *args], env, metrics, start_new_session=True, preexec_fn=as_in_a_terminal
+    )
+    os.killpg(proc.pid, sig)
     output = communicate_or_report(proc, timeout=120)
     assert proc.returncode == 0, output
-    assert "[launch] INT received: sending TERM to the ranks" in output
+    assert f"[launch] {sig.name.removeprefix('SIG')} received: sending TERM to the ranks" in output
     assert list(committed(ckpt)) == [steps_done(metrics)[-1]]
 
 
@@ -435,6 +449,7 @@ def test_ctrl_c_before_any_rank_started_stops_the_launcher(tmp_path):
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
+        preexec_fn=as_in_a_terminal,
     )
     launcher = ["pgrep", "-f", f"rdzv-endpoint {endpoint}"]  # (the launcher, in its own session)
     wait_for(lambda: subprocess.run(launcher, capture_output=True).returncode == 0, proc)
@@ -506,10 +521,6 @@ def test_ctrl_c_saves_the_current_step_and_exits_zero(gpt2_base, tmp_path):
     save lost (exit -2), while the launch scripts said they forward SIGINT for a save."""
     ckpt, metrics = tmp_path / "ckpt", tmp_path / "m.jsonl"
     args = run_args(gpt2_base, ckpt, metrics, "train.max_steps=100000", "checkpoint.every_steps=0")
-
-    def as_in_a_terminal() -> None:  # (a terminal's foreground job takes SIGINT's default action)
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-
     proc = training_job(["dist-lora", "train", *args], launch_env(), metrics, preexec_fn=as_in_a_terminal)
     proc.send_signal(signal.SIGINT)
     proc.send_signal(signal.SIGINT)
