@@ -2,6 +2,7 @@
 
 import json
 import logging
+import signal
 from pathlib import Path
 
 import pytest
@@ -128,12 +129,13 @@ def test_mark_sharded_refuses_a_model_without_fsdp2_shards(gpt2_base):
     assert not model.is_distributed_loading_by_transformers
 
 
-def test_every_minutes_and_stop_after_minutes_follow_rank_0s_clock_on_every_rank(gpt2_base, tmp_path):
+def test_every_minutes_stop_after_minutes_and_a_stop_signal_are_agreed_by_every_rank(gpt2_base, tmp_path):
     """every_minutes=2.5 on 2 processes under ZeRO-2, the Trainer's step saves out of reach (save_steps 100; it
     still saves its last step, 8): with rank 0's clock at a minute a step and rank 1's stopped, both ranks save
     steps 3 and 6, each save restarting the clock (a rank-0-only save would hang rank 1 out of the gather); every
     step committed, the Trainer's own checkpoint not written. stop_after_minutes=2.5 on the same clocks: both
-    ranks stop after step 3 and save it."""
+    ranks stop after step 3 and save it. SIGTERM to rank 1 alone as step 3 begins: both ranks stop after it and
+    save it (stop_on_signals)."""
     ckpt = tmp_path / "ckpt"
     spec = {"base": str(gpt2_base), "ckpt": str(ckpt), "out": str(tmp_path / "a"), "engine": "zero2"}
     timed = {"every_minutes": 2.5, "clocks": [1.0, 0.0]}
@@ -158,6 +160,12 @@ def test_every_minutes_and_stop_after_minutes_follow_rank_0s_clock_on_every_rank
     )
     assert result["global_step"] == 3 and result["saves"] == [3]
     assert [s.step for s in list_steps(Storage(str(tmp_path / "limit"))) if s.status == "committed"] == [3]
+    signalled = {**spec, "ckpt": str(tmp_path / "signal"), "out": str(tmp_path / "c"), "signal": [1, 3]}
+    result = run(
+        2, {**signalled, "max_steps": MAX_STEPS, "save_steps": 100, "stop_at": None, "grad_accum": 1, "batch": 2}
+    )
+    assert result["global_step"] == 3 and result["saves"] == [3]  # (rank 1's SIGTERM: both stop after step 3)
+    assert [s.step for s in list_steps(Storage(str(tmp_path / "signal"))) if s.status == "committed"] == [3]
     with pytest.raises(ValueError, match=r"every_minutes must be > 0 \(got -1\)"):
         DistLoraCallback(str(tmp_path / "x"), every_minutes=-1)
     with pytest.raises(ValueError, match=r"stop_after_minutes must be > 0 or None \(got 0\)"):
@@ -241,6 +249,37 @@ def test_a_step_keeps_its_own_log_and_evaluation_and_a_resume_continues_the_hist
     assert [e["step"] for e in second.state.log_history if "loss" in e] == [1, 2, 3, 4, 5, 6]
     assert [e["step"] for e in second.state.log_history if "eval_loss" in e] == [2, 4, 6]
     assert not (tmp_path / "hf").exists() or not list((tmp_path / "hf").glob("checkpoint-*"))
+
+
+def test_a_stop_signal_ends_training_after_the_step_in_hand_saved_and_a_resume_goes_on(gpt2_base, tmp_path):
+    """SIGTERM (Kubernetes' warning) during step 3 of 6, saves every 2: the Trainer stops after step 3, which is
+    saved; a resume trains 4-6. Without it the signal's default action ended the process, and steps since the last
+    save were lost. ``stop_on_signals=False`` leaves the handlers as they were."""
+    from transformers import TrainerCallback
+
+    class SignalAtStep3(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 2:  # (step 3 begins)
+                signal.raise_signal(signal.SIGTERM)
+
+    trainer, callback = in_process_trainer(gpt2_base, tmp_path, "auto", 6)
+    trainer.add_callback(SignalAtStep3())
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        trainer.train()
+    finally:
+        assert callback.stop is not None
+        for sig, previous in callback.stop._previous.items():  # (kept after a stop, as the process would leave)
+            signal.signal(sig, previous)
+    assert trainer.state.global_step == 3 and callback.stop.received == signal.SIGTERM
+    assert callback.last_saved == 3 and (tmp_path / "ckpt" / "step-00000003" / "manifest.json").is_file()
+    resumed, callback = in_process_trainer(gpt2_base, tmp_path, "auto", 6)
+    resumed.train()
+    assert callback.resumed_from.endswith("step-00000003") and resumed.state.global_step == 6
+    assert signal.getsignal(signal.SIGTERM) == before  # (no stop: the handlers given back at the end of training)
+
+    plain = DistLoraCallback(str(tmp_path / "plain"), stop_on_signals=False)
+    assert plain.stop is None
 
 
 def test_save_total_limit_keeps_the_newest_steps_and_a_run_that_saves_nothing_says_so(gpt2_base, tmp_path, caplog):

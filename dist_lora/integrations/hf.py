@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 from typing import Any
 
 import torch
@@ -34,12 +35,15 @@ from dist_lora.checkpointer import Checkpointer
 from dist_lora.config import CheckpointConfig, check_checkpoint
 from dist_lora.distributed import sum_over_ranks
 from dist_lora.lora import infer_bias_mode
-from dist_lora.preempt import JobClock
+from dist_lora.preempt import JobClock, StopRequest
 from dist_lora.storage import RetryPolicy
 
 log = logging.getLogger(__name__)
 
 HF_STATE_KEY = "hf_trainer_state"
+
+CLUSTER_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+"""The signals ``stop_on_signals`` takes as a stop: a cluster's warnings, not Ctrl-C."""
 
 __all__ = ["DistLoraCallback", "mark_sharded"]
 
@@ -61,6 +65,10 @@ class DistLoraCallback(TrainerCallback):
             start), by rank 0's clock, agreed by every rank in one tiny all-reduce per step (only when set).
         stop_after_minutes: stop training, with a checkpoint, after the step that ends this many minutes after the
             first step's start, by rank 0's clock (agreed as every_minutes is): a job in a time-limited slot.
+        stop_on_signals: SIGTERM and SIGUSR1 (Kubernetes' and SLURM's warnings) on any rank while training end it
+            after the step in hand, saved on every rank, as the trainer's do (agreed in one tiny all-reduce per
+            step); False: their default action. Ctrl-C stays the Trainer's KeyboardInterrupt (a notebook's
+            interrupt too: a train() that raises never reaches on_train_end, where the handlers are given back).
         keep_last: keep only the newest N committed steps (None: the Trainer's save_total_limit, if set; else all).
         async_save: write and upload in the background; training waits only for the gather.
         storage_options: fsspec options (``{"endpoint_url": ..., "key": ...}`` for S3).
@@ -79,6 +87,7 @@ class DistLoraCallback(TrainerCallback):
         every_steps: int | None = None,
         every_minutes: float | None = None,
         stop_after_minutes: float | None = None,
+        stop_on_signals: bool = True,
         keep_last: int | None = None,
         async_save: bool = True,
         storage_options: dict[str, Any] | None = None,
@@ -111,6 +120,7 @@ class DistLoraCallback(TrainerCallback):
         )
         self.every_steps = every_steps
         self.clock = JobClock(every_minutes, stop_after_minutes)  # rank 0's decides
+        self.stop = StopRequest(CLUSTER_SIGNALS) if stop_on_signals else None  # (installed while training)
         self.checkpointer = Checkpointer(check_checkpoint(self.config, prefix=""))  # names each bad argument
         self.resumed_from: str | None = None
         self.last_saved: int | None = None
@@ -151,6 +161,8 @@ class DistLoraCallback(TrainerCallback):
         except BaseException:
             self.checkpointer.release_lease()  # a run that fails to start leaves the dir free
             raise
+        if self.stop is not None:
+            self.stop.__enter__()
 
     def _begin(self, args: TrainingArguments, state: TrainerState, kwargs: dict[str, Any]) -> None:
         """:meth:`on_train_begin` once the lease is held: the engine found, the newest step loaded."""
@@ -257,6 +269,8 @@ class DistLoraCallback(TrainerCallback):
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        if self.stop is not None:
+            self.stop.__exit__(None, None, None)  # (after a stop, a repeated SIGTERM while the process leaves is kept)
         self._save_pending(state, kwargs)
         self.checkpointer.wait()  # it commits (or fails) before train() returns
         if self._keep_best:
@@ -299,7 +313,7 @@ class DistLoraCallback(TrainerCallback):
         control.should_save = False  # ours replaces the Trainer's own checkpoint
         if self.every_steps is not None:
             asked = state.global_step % self.every_steps == 0 or state.global_step >= state.max_steps
-        due, out_of_time = self._clock_says(args)
+        due, out_of_time, signalled = self._agreed(args)
         said = args.process_index == 0  # (every rank acts on them; one says so)
         if due and not asked and said:
             log.info("step %d: every_minutes=%g have passed since the last save: saving it", state.global_step, due)
@@ -311,7 +325,11 @@ class DistLoraCallback(TrainerCallback):
                     state.global_step,
                     out_of_time,
                 )
-        self._pending |= asked or bool(due) or bool(out_of_time)
+        if signalled:
+            control.should_training_stop = True
+            if said:
+                log.warning("step %d: stopping on a stop signal, with a checkpoint", state.global_step)
+        self._pending |= asked or bool(due) or bool(out_of_time) or signalled
 
     def _save_pending(self, state: TrainerState, kwargs: dict[str, Any]) -> None:
         """Save the step asked for at its end, now that the Trainer has logged and evaluated it (as HF's own
@@ -325,16 +343,19 @@ class DistLoraCallback(TrainerCallback):
                 state, kwargs["model"], kwargs["optimizer"], kwargs.get("lr_scheduler"), kwargs.get("processing_class")
             )
 
-    def _clock_says(self, args: TrainingArguments) -> tuple[float, float]:
-        """Rank 0's clock, told to every rank in one tiny all-reduce (each rank calls this as often): every_minutes
-        if that long has passed since the last save, and stop_after_minutes if that long has since training began
-        (0 for no)."""
+    def _agreed(self, args: TrainingArguments) -> tuple[float, float, bool]:
+        """Rank 0's clock and every rank's stop signals, told to every rank in one tiny all-reduce (each rank calls
+        this as often): every_minutes if that long has passed since the last save, stop_after_minutes if that long
+        has since training began (0 for no), and whether a stop signal came to any rank."""
         every, limit = self.clock.every_minutes or 0.0, self.clock.stop_after_minutes or 0.0
-        if not every and not limit:
-            return 0.0, 0.0
+        if not every and not limit and self.stop is None:
+            return 0.0, 0.0, False
         rank = args.process_index
-        saves, stops = sum_over_ranks([float(self.clock.save_due(rank)), float(self.clock.out_of_time(rank))])
-        return every if saves else 0.0, limit if stops else 0.0
+        signalled = self.stop is not None and self.stop.requested
+        saves, stops, signals = sum_over_ranks(
+            [float(self.clock.save_due(rank)), float(self.clock.out_of_time(rank)), float(signalled)]
+        )
+        return every if saves else 0.0, limit if stops else 0.0, signals > 0
 
     def save(
         self, state: TrainerState, model: Any, optimizer: Any, lr_scheduler: Any = None, processing_class: Any = None

@@ -4,7 +4,7 @@ argv[1] is JSON: {"base": dir, "ckpt": dir, "out": dir, "engine": "zero3" | "zer
 "fsdp2-sharded" | "fsdp2-unmarked" | "none", "max_steps": N, "save_steps": K, "stop_at": S | null, "grad_accum": G,
 "batch": B}, and optionally "best": true (evaluate at each save, load the best step at the end), "every_minutes": M or
 "stop_after_minutes": M with "clocks": [minutes a step on rank 0, on rank 1, ...] (the callback's clock, driven by
-the global step). Rank 0 writes
+the global step), or "signal": [rank, step] (that rank sends itself SIGTERM as that step begins). Rank 0 writes
 out/begin_adapter.safetensors (the adapter as loaded, before any step), out/end_adapter.safetensors and
 out/result.json. "fsdp2-unmarked" shards by hand as "fsdp2" does but does not mark the model: each rank writes
 out/refused-{rank}.json, the callback's errors given to Trainer(...) and installed after it, then marks it and
@@ -14,6 +14,7 @@ trains.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -81,6 +82,17 @@ def full_adapter(peft_model) -> dict[str, torch.Tensor] | None:
         full[name] = t.float().cpu().contiguous()
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     return get_peft_model_state_dict(peft_model, state_dict=full) if rank == 0 else None
+
+
+class SignalAt(TrainerCallback):
+    """SIGTERM to this process as step ``step`` begins (a cluster's warning to one rank)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.step - 1:
+            signal.raise_signal(signal.SIGTERM)
 
 
 class Probe(TrainerCallback):
@@ -175,7 +187,11 @@ def main() -> None:
         mark_sharded(model)  # as transformers marks its own: the Trainer neither wraps nor shards it again
     probe = Probe(out, spec.get("stop_at"))
     evals = Blocks(8, 16, base.config.vocab_size) if best else None
-    trainer = Trainer(model=model, args=args, train_dataset=data, eval_dataset=evals, callbacks=[probe])
+    callbacks: list[TrainerCallback] = [probe]
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    if spec.get("signal") and spec["signal"][0] == rank:
+        callbacks.append(SignalAt(spec["signal"][1]))
+    trainer = Trainer(model=model, args=args, train_dataset=data, eval_dataset=evals, callbacks=callbacks)
     every = spec["save_steps"] if spec["engine"].startswith("fsdp2") and not best else None  # (HF cannot save them)
     callback = DistLoraCallback.install(  # after the probe: it sees the stop
         trainer,
@@ -189,7 +205,6 @@ def main() -> None:
         callback.clock.read = lambda: trainer.state.global_step * minutes * 60
     model.get_base_model().transformer.wte.register_forward_pre_hook(probe.record, with_kwargs=True)
     trainer.train()
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     (out / f"seen-{rank}.json").write_text(json.dumps(probe.seen))
     if spec["engine"] == "fsdp2-sharded":  # each replica group's own copy of the adapter, to compare across them
         local = {n: p.to_local().detach().clone() for n, p in model.named_parameters() if p.requires_grad}
