@@ -62,7 +62,7 @@ class DistLoraCallback(TrainerCallback):
             (for ``save_strategy="no"``, which HF requires of models it cannot checkpoint itself). None: save when
             the Trainer would.
         every_minutes: also save the step that ends this many minutes after the last save (or the first step's
-            start), by rank 0's clock, agreed by every rank in one tiny all-reduce per step (only when set).
+            start), by rank 0's clock, agreed by every rank in one tiny all-reduce per step.
         stop_after_minutes: stop training, with a checkpoint, after the step that ends this many minutes after the
             first step's start, by rank 0's clock (agreed as every_minutes is): a job in a time-limited slot.
         stop_on_signals: SIGTERM and SIGUSR1 (Kubernetes' and SLURM's warnings) on any rank while training end it
@@ -120,7 +120,8 @@ class DistLoraCallback(TrainerCallback):
         )
         self.every_steps = every_steps
         self.clock = JobClock(every_minutes, stop_after_minutes)  # rank 0's decides
-        self.stop = StopRequest(CLUSTER_SIGNALS) if stop_on_signals else None  # (installed while training)
+        self.stop_on_signals = stop_on_signals
+        self.stop: StopRequest | None = None  # this train()'s, installed while it trains
         self.checkpointer = Checkpointer(check_checkpoint(self.config, prefix=""))  # names each bad argument
         self.resumed_from: str | None = None
         self.last_saved: int | None = None
@@ -161,8 +162,8 @@ class DistLoraCallback(TrainerCallback):
         except BaseException:
             self.checkpointer.release_lease()  # a run that fails to start leaves the dir free
             raise
-        if self.stop is not None:
-            self.stop.__enter__()
+        if self.stop_on_signals:  # (a fresh one for each train(): an earlier one's stop is not this one's)
+            self.stop = StopRequest(CLUSTER_SIGNALS).__enter__()
 
     def _begin(self, args: TrainingArguments, state: TrainerState, kwargs: dict[str, Any]) -> None:
         """:meth:`on_train_begin` once the lease is held: the engine found, the newest step loaded."""
@@ -348,7 +349,7 @@ class DistLoraCallback(TrainerCallback):
         this as often): every_minutes if that long has passed since the last save, stop_after_minutes if that long
         has since training began (0 for no), and whether a stop signal came to any rank."""
         every, limit = self.clock.every_minutes or 0.0, self.clock.stop_after_minutes or 0.0
-        if not every and not limit and self.stop is None:
+        if not every and not limit and not self.stop_on_signals:
             return 0.0, 0.0, False
         rank = args.process_index
         signalled = self.stop is not None and self.stop.requested
