@@ -630,6 +630,13 @@ def check_fits(r: Report, cfg: RunConfig, device_gb: float) -> None:
     need, p = device_bytes(r), cfg.parallel
     if need > device_gb * 1e9:
         ways = ["more ranks to shard over (FSDP2, ZeRO-3)"]
+        lay = layout(cfg, r.world, r.ranks_per_node)
+        if lay.engine == "fsdp" and lay.world > lay.shards:  # HSDP: a whole copy of the base per replica group
+            ways.insert(
+                0,
+                f"fewer replica groups (parallel.replicate={p.replicate} keeps {lay.world // lay.shards} copies of the "
+                f"base, each sharded over {lay.shards} ranks; parallel.replicate: 1 shards it over all {lay.world})",
+            )
         if p.keep_base_gathered:
             ways.insert(0, "parallel.keep_base_gathered: false")
         if r.gathered_bytes_per_rank and p.backend == "deepspeed":
@@ -637,7 +644,7 @@ def check_fits(r: Report, cfg: RunConfig, device_gb: float) -> None:
                 "a lower stage3_max_live_parameters in parallel.deepspeed_config (what ZeRO-3's prefetching may keep "
                 "gathered; DeepSpeed's default is 1e9 elements)"
             )
-            if not layout(cfg, r.world, r.ranks_per_node).zero.get("stage3_allgather_sequential"):
+            if not lay.zero.get("stage3_allgather_sequential"):
                 ways.append(
                     "stage3_allgather_sequential: true in its zero_optimization (each parameter gathered into a "
                     "buffer of its own, not a shared one that it is then copied out of; a collective per parameter)"

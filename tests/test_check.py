@@ -493,6 +493,24 @@ def test_what_zero3_gathers_is_not_modelled_where_it_cannot_be_followed(gpt2_bas
         check_fits(r, cfg, 1e-6)  # (DDP offloads nothing)
 
 
+def test_an_hsdp_layout_that_does_not_fit_names_fewer_replica_groups_first(gpt2_base, tmp_path):
+    """HSDP keeps a whole copy of the base per replica group: the first way out is fewer of them (the 70B config's
+    replicate: nodes on 4 nodes of 8 holds 17.6 GB of frozen base a rank, replicate: 1 holds 4.4 GB), not only
+    "more ranks", which do not shrink a rank's share while each node shards alone."""
+    cfg = tiny(gpt2_base, tmp_path, "parallel.backend=fsdp", "parallel.replicate=nodes")
+    r = check_run(cfg, world=4, data=False, nproc_per_node=2)
+    with pytest.raises(ConfigError) as refused:
+        check_fits(r, cfg, (device_bytes(r) - 1) / 1e9)
+    assert "try fewer replica groups (parallel.replicate=nodes keeps 2 copies of the base, each sharded over 2 " in (
+        str(refused.value)
+    )
+    assert "parallel.replicate: 1 shards it over all 4), or more ranks to shard over" in str(refused.value)
+    flat = tiny(gpt2_base, tmp_path, "parallel.backend=fsdp")  # (one group: sharded over every rank already)
+    r = check_run(flat, world=4, data=False)
+    with pytest.raises(ConfigError, match=r"before any activation: try more ranks to shard over \(FSDP2, ZeRO-3\)"):
+        check_fits(r, flat, (device_bytes(r) - 1) / 1e9)
+
+
 def test_a_zero3_layout_that_does_not_fit_names_the_limit_on_what_it_prefetches(gpt2_base, tmp_path):
     """ZeRO-3's figure counts in --device-memory, and the ways out are DeepSpeed's: its live-parameter limit,
     gathering each parameter into a buffer of its own (unless the JSON already does) and offloading, not NF4 (QLoRA
