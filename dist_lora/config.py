@@ -988,30 +988,36 @@ def _is_yaml(text: str) -> bool:
     return True
 
 
-def _check_not_split(overrides: list[str]) -> None:
-    """An override the shell cut at a space (``data.fields={text: body}`` unquoted: ``data.fields={text:`` and
-    ``body}``) is an error that gives the whole override quoted, rather than the YAML error of its first part."""
-    for i, item in enumerate(overrides):
-        raw = item.partition("=")[2]
-        if not raw.lstrip().startswith(("{", "[")) or _is_yaml(raw):
-            continue
-        for j in range(i + 1, len(overrides)):
-            if "=" in overrides[j].split(":", 1)[0]:  # the next override (key=value; a value's own '=' after ':')
-                break
-            joined = " ".join(overrides[i : j + 1])
-            if _is_yaml(joined.partition("=")[2]):
-                rest = overrides[i + 1 : j + 1]
-                came = "an argument of its own" if len(rest) == 1 else "arguments of their own"
-                raise ConfigError(
-                    f"override {item!r} was cut at a space by the shell ({' '.join(map(repr, rest))} came as {came}): "
-                    f"quote the whole override, '{joined}'"
-                )
+def _cut_by_the_shell(overrides: list[str], i: int) -> ConfigError | None:
+    """Where ``overrides[i]``'s value did not parse: the error of an override the shell cut at a space
+    (``data.fields={text: body}`` unquoted: ``data.fields={text:`` and ``body}``), giving it back whole and quoted,
+    if the arguments after it complete it; None otherwise."""
+    item = overrides[i]
+    if not item.partition("=")[2].lstrip().startswith(("{", "[")):
+        return None
+    for j in range(i + 1, len(overrides)):
+        if "=" in overrides[j].split(":", 1)[0]:  # the next override (key=value; a value's own '=' after ':')
+            return None
+        joined = " ".join(overrides[i : j + 1])
+        if _is_yaml(joined.partition("=")[2]):
+            rest = overrides[i + 1 : j + 1]
+            came = "an argument of its own" if len(rest) == 1 else "arguments of their own"
+            return ConfigError(
+                f"override {item!r} was cut at a space by the shell ({' '.join(map(repr, rest))} came as {came}): "
+                f"quote the whole override, '{joined}'"
+            )
+    return None
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    _check_not_split(overrides)
-    for item in overrides:
-        path, value = parse_override(item)
+    for i, item in enumerate(overrides):
+        try:
+            path, value = parse_override(item)
+        except ConfigError:
+            cut = _cut_by_the_shell(overrides, i)
+            if cut is not None:
+                raise cut from None
+            raise
         node = data
         for part in path[:-1]:
             child = node.setdefault(part, {})
